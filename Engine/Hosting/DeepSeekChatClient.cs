@@ -28,6 +28,9 @@ public sealed class DeepSeekChatClient : IChatClient
     /// <summary>The provider name in <see cref="ChatClientMetadata"/>.</summary>
     public const string ProviderName = "DeepSeekCuda";
 
+    // Compact JSON, as tool-call arguments are written by the models and by OpenAI-style APIs.
+    private static readonly JsonSerializerOptions CompactJson = new(AIJsonUtilities.DefaultOptions) { WriteIndented = false };
+
     private readonly TextGenerator _generator;
     private readonly DeepSeekChatClientOptions _options;
     private readonly ILogger _logger;
@@ -187,7 +190,7 @@ public sealed class DeepSeekChatClient : IChatClient
             else if (m.Role == ChatRole.Assistant)
             {
                 var calls = m.Contents.OfType<FunctionCallContent>()
-                    .Select(c => new ChatToolCall(c.Name, JsonSerializer.Serialize(c.Arguments ?? new Dictionary<string, object?>(), AIJsonUtilities.DefaultOptions)))
+                    .Select(c => new ChatToolCall(c.Name, JsonSerializer.Serialize(c.Arguments ?? new Dictionary<string, object?>(), CompactJson)))
                     .ToList();
                 if (calls.Count > 0)
                 {
@@ -213,7 +216,7 @@ public sealed class DeepSeekChatClient : IChatClient
                         null => string.Empty,
                         string s => s,
                         JsonElement { ValueKind: JsonValueKind.String } e => e.GetString() ?? string.Empty,
-                        var o => JsonSerializer.Serialize(o, AIJsonUtilities.DefaultOptions),
+                        var o => JsonSerializer.Serialize(o, CompactJson),
                     }));
                 }
             }
