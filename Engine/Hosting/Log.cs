@@ -1,0 +1,18 @@
+using Microsoft.Extensions.Logging;
+
+namespace DeepSeekCuda.Hosting;
+
+internal static partial class Log
+{
+    [LoggerMessage(EventId = 1, Level = LogLevel.Information, Message = "Generation started: model {ModelId}, {PromptTokens} prompt tokens, max {MaxTokens} tokens, temperature {Temperature}")]
+    public static partial void GenerationStarted(ILogger logger, string modelId, int promptTokens, int? maxTokens, float temperature);
+
+    [LoggerMessage(EventId = 2, Level = LogLevel.Information, Message = "Generation finished ({FinishReason}): {PromptTokens} prompt tokens, {GeneratedTokens} generated in {ElapsedSeconds:F2} s, time to first token {TimeToFirstTokenSeconds:F2} s, {TokensPerSecond:F2} tokens/s")]
+    public static partial void GenerationFinished(ILogger logger, string finishReason, int promptTokens, int generatedTokens, double elapsedSeconds, double timeToFirstTokenSeconds, double tokensPerSecond);
+
+    [LoggerMessage(EventId = 3, Level = LogLevel.Warning, Message = "Generation ended early (cancelled or failed) after {GeneratedTokens} tokens and {ElapsedSeconds:F2} s")]
+    public static partial void GenerationAborted(ILogger logger, int generatedTokens, double elapsedSeconds);
+
+    [LoggerMessage(EventId = 4, Level = LogLevel.Debug, Message = "Waiting for the model: another generation is running")]
+    public static partial void WaitingForModel(ILogger logger);
+}

@@ -1,0 +1,177 @@
+namespace DeepSeekCuda.Inference;
+
+/// <summary>
+/// Chooses the next token from float32 logits: greedy, or temperature sampling restricted by top-k then
+/// top-p (each applied to the probabilities left by the previous step). Holds the seeded random
+/// generator and scratch buffers, so one sampler serves one generation, from one thread.
+/// </summary>
+public sealed class Sampler
+{
+    private readonly float _temperature;
+    private readonly int _topK;
+    private readonly float _topP;
+    private readonly Xoshiro256 _rng;
+    private float[] _probs = [];
+    private int[] _order = [];
+
+    /// <summary>Creates a sampler for <paramref name="options"/> (validated here).</summary>
+    public Sampler(SamplingOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
+        _temperature = options.IsGreedy ? 0 : options.EffectiveTemperature;
+        _topK = options.TopK ?? 0;
+        _topP = options.EffectiveTopP;
+        _rng = new Xoshiro256(unchecked((ulong)(options.Seed ?? Random.Shared.NextInt64(long.MinValue, long.MaxValue))));
+    }
+
+    /// <summary>The index of the largest logit, the lowest such index on ties; NaN never wins.</summary>
+    public static int ArgMax(ReadOnlySpan<float> logits)
+    {
+        if (logits.IsEmpty)
+        {
+            throw new ArgumentException("no logits", nameof(logits));
+        }
+
+        var best = 0;
+        var bestValue = float.NegativeInfinity;
+        for (var i = 0; i < logits.Length; i++)
+        {
+            if (logits[i] > bestValue)
+            {
+                bestValue = logits[i];
+                best = i;
+            }
+        }
+
+        return best;
+    }
+
+    /// <summary>Draws a token id from <paramref name="logits"/>.</summary>
+    public int Sample(ReadOnlySpan<float> logits)
+    {
+        if (_temperature <= 0)
+        {
+            return ArgMax(logits);
+        }
+
+        var n = logits.Length;
+        if (_probs.Length < n)
+        {
+            _probs = new float[n];
+            _order = new int[n];
+        }
+
+        var max = logits[ArgMax(logits)];
+        if (!float.IsFinite(max))
+        {
+            return ArgMax(logits); // all -inf (or NaN): nothing to weigh
+        }
+
+        // Unnormalized softmax; the largest entry is exactly 1, so the sum is at least 1.
+        var probs = _probs.AsSpan(0, n);
+        var invT = 1f / _temperature;
+        double total = 0;
+        for (var i = 0; i < n; i++)
+        {
+            var p = logits[i] > float.NegativeInfinity ? MathF.Exp((logits[i] - max) * invT) : 0f;
+            probs[i] = float.IsNaN(p) ? 0f : p;
+            total += probs[i];
+        }
+
+        var limitK = _topK > 0 && _topK < n;
+        var limitP = _topP < 1f;
+        if (!limitK && !limitP)
+        {
+            return Draw(probs, total);
+        }
+
+        // Candidates by falling probability, lowest id first among equals, so truncation is deterministic.
+        var order = _order.AsSpan(0, n);
+        var count = 0;
+        for (var i = 0; i < n; i++)
+        {
+            if (probs[i] > 0)
+            {
+                order[count++] = i;
+            }
+        }
+
+        order = order[..count];
+        order.Sort(new ByProbability(_probs));
+        if (limitK && count > _topK)
+        {
+            order = order[.._topK];
+        }
+
+        double kept = 0;
+        foreach (var id in order)
+        {
+            kept += probs[id];
+        }
+
+        if (limitP)
+        {
+            // Keep the smallest prefix whose mass reaches top-p of what top-k left; at least one token.
+            var threshold = _topP * kept;
+            double cumulative = 0;
+            var keep = 0;
+            while (keep < order.Length)
+            {
+                cumulative += probs[order[keep++]];
+                if (cumulative >= threshold)
+                {
+                    break;
+                }
+            }
+
+            order = order[..keep];
+            kept = cumulative;
+        }
+
+        var u = _rng.NextDouble() * kept;
+        double acc = 0;
+        foreach (var id in order)
+        {
+            acc += probs[id];
+            if (u < acc)
+            {
+                return id;
+            }
+        }
+
+        return order[^1]; // rounding left u at the very top
+    }
+
+    private int Draw(ReadOnlySpan<float> probs, double total)
+    {
+        var u = _rng.NextDouble() * total;
+        double acc = 0;
+        var last = 0;
+        for (var i = 0; i < probs.Length; i++)
+        {
+            if (probs[i] <= 0)
+            {
+                continue;
+            }
+
+            acc += probs[i];
+            last = i;
+            if (u < acc)
+            {
+                return i;
+            }
+        }
+
+        return last;
+    }
+
+    private readonly struct ByProbability(float[] probs) : IComparer<int>
+    {
+        public int Compare(int a, int b)
+        {
+            var c = probs[b].CompareTo(probs[a]);
+            return c != 0 ? c : a.CompareTo(b);
+        }
+    }
+}
