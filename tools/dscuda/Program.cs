@@ -1,1 +1,1 @@
-return 0;
+return await DeepSeekCuda.Cli.CliApp.RunAsync(args, Console.Out, Console.Error);

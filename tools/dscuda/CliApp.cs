@@ -1,0 +1,62 @@
+using System.CommandLine;
+using DeepSeekCuda.Cli.Commands;
+using DeepSeekCuda.Loader;
+
+namespace DeepSeekCuda.Cli;
+
+/// <summary>
+/// The <c>dscuda</c> command line, callable in-process (the tests drive it this way). A user error (bad
+/// checkpoint, bad argument, missing file) is one line on stderr and exit code 1; an unexpected
+/// internal error exits 2 and prints its stack only with DSCUDA_DEBUG=1.
+/// </summary>
+public static class CliApp
+{
+    /// <summary>Builds the root command with every subcommand.</summary>
+    public static RootCommand CreateRoot() => new("DeepSeekCuda: run DeepSeek-V3/R1 checkpoints from .NET")
+    {
+        InspectCommand.Create(),
+        LogitsCommand.Create(),
+        MakeModelCommand.Create(),
+    };
+
+    /// <summary>Parses and runs <paramref name="args"/>, writing to the given streams; returns the exit code.</summary>
+    public static async Task<int> RunAsync(string[] args, TextWriter output, TextWriter error, CancellationToken cancellationToken = default)
+    {
+        var parse = CreateRoot().Parse(args);
+        var invocation = new InvocationConfiguration { EnableDefaultExceptionHandler = false, Output = output, Error = error };
+        try
+        {
+            return await parse.InvokeAsync(invocation, cancellationToken);
+        }
+        catch (Exception e) when (IsUserError(e))
+        {
+            await error.WriteLineAsync($"dscuda: error: {OneLine(e.Message)}");
+            return 1;
+        }
+        catch (OperationCanceledException)
+        {
+            await error.WriteLineAsync("dscuda: cancelled");
+            return 130;
+        }
+        catch (Exception e)
+        {
+            await error.WriteLineAsync($"dscuda: internal error: {e.GetType().Name}: {OneLine(e.Message)}");
+            await error.WriteLineAsync(Environment.GetEnvironmentVariable("DSCUDA_DEBUG") == "1"
+                ? e.ToString()
+                : "(set DSCUDA_DEBUG=1 for the stack trace)");
+            return 2;
+        }
+    }
+
+    private static bool IsUserError(Exception e) =>
+        e is CheckpointException or UserErrorException or FileNotFoundException or DirectoryNotFoundException
+            or UnauthorizedAccessException or FormatException or InvalidDataException or ArgumentException
+            or IOException;
+
+    // A mismatch report lists many tensors over several lines; keep them, but indent so the first line
+    // still reads as the error.
+    private static string OneLine(string message) => message.ReplaceLineEndings(Environment.NewLine + "  ");
+}
+
+/// <summary>A mistake in how the tool was called, reported as one line.</summary>
+public sealed class UserErrorException(string message) : Exception(message);
