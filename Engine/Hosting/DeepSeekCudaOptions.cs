@@ -5,8 +5,8 @@ namespace DeepSeekCuda.Hosting;
 
 /// <summary>
 /// What <see cref="ServiceCollectionExtensions.AddDeepSeekCuda"/> needs: how to get the model and
-/// tokenizer, and the chat client's settings. Give either <see cref="ModelFactory"/>, or
-/// <see cref="ModelPath"/> with <see cref="Loader"/>; the factory wins when both are set.
+/// tokenizer, and the chat client's settings. Give <see cref="ModelPath"/> (optionally with a
+/// custom <see cref="Loader"/>) or <see cref="ModelFactory"/>; the factory wins when both are set.
 /// </summary>
 public sealed class DeepSeekCudaOptions
 {
@@ -16,7 +16,7 @@ public sealed class DeepSeekCudaOptions
     /// <summary>A model folder handed to <see cref="Loader"/>.</summary>
     public string? ModelPath { get; set; }
 
-    /// <summary>Loads the model and tokenizer from <see cref="ModelPath"/>.</summary>
+    /// <summary>Loads the model and tokenizer from <see cref="ModelPath"/>; default: <see cref="LocalModel.Load"/> on the CPU backend.</summary>
     public Func<string, (ILanguageModel Model, ITokenizer Tokenizer)>? Loader { get; set; }
 
     /// <summary>Template, default sampling, model id and reasoning parsing of the chat client.</summary>
@@ -29,11 +29,19 @@ public sealed class DeepSeekCudaOptions
             return ModelFactory(services);
         }
 
-        if (Loader is not null && !string.IsNullOrEmpty(ModelPath))
+        if (!string.IsNullOrEmpty(ModelPath))
         {
-            return Loader(ModelPath);
+            if (Loader is not null)
+            {
+                return Loader(ModelPath);
+            }
+
+            var local = LocalModel.Load(ModelPath);
+            Chat.TemplateKind = local.TemplateKind;
+            // The container disposes the model it was given: hand it the LocalModel, which owns the backend too.
+            return (local, local.Tokenizer);
         }
 
-        throw new InvalidOperationException("DeepSeekCuda: set ModelFactory, or ModelPath and Loader");
+        throw new InvalidOperationException("DeepSeekCuda: set ModelPath (a checkpoint folder) or ModelFactory");
     }
 }

@@ -41,6 +41,18 @@ public static class DemoModel
         }
     }
 
+    /// <summary>Writes the demo checkpoint (weights and tokenizer) into a new folder <paramref name="directory"/>.</summary>
+    public static void WriteTo(string directory)
+    {
+        var config = Config;
+        SyntheticCheckpoint.Write(directory, config, Seed);
+        var tokens = DemoTokenizer.Write(directory, config.VocabSize);
+        if (tokens > config.VocabSize)
+        {
+            throw new InvalidOperationException($"demo tokenizer has {tokens} tokens, the model {config.VocabSize}");
+        }
+    }
+
     /// <summary>Returns the demo checkpoint folder, creating it first if needed.</summary>
     /// <param name="created">Whether this call wrote it.</param>
     public static string Ensure(out bool created)
@@ -58,14 +70,7 @@ public static class DemoModel
         var staging = Path.Combine(CacheRoot, $"{Version}.tmp-{Environment.ProcessId}-{Guid.NewGuid():N}");
         try
         {
-            var config = Config;
-            SyntheticCheckpoint.Write(staging, config, Seed);
-            var tokens = DemoTokenizer.Write(staging, config.VocabSize);
-            if (tokens > config.VocabSize)
-            {
-                throw new InvalidOperationException($"demo tokenizer has {tokens} tokens, the model {config.VocabSize}");
-            }
-
+            WriteTo(staging);
             try
             {
                 Directory.Move(staging, dir);

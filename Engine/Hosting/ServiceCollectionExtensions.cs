@@ -14,16 +14,16 @@ public static class ServiceCollectionExtensions
     /// disposed with the container. A logger comes from <see cref="ILoggerFactory"/> and the meter from
     /// <see cref="IMeterFactory"/> when the container has them.
     /// </summary>
-    /// <exception cref="ArgumentException">Neither a model factory nor a path with a loader was configured.</exception>
+    /// <exception cref="ArgumentException">Neither a model path nor a model factory was configured.</exception>
     public static IServiceCollection AddDeepSeekCuda(this IServiceCollection services, Action<DeepSeekCudaOptions> configure)
     {
         ArgumentNullException.ThrowIfNull(services);
         ArgumentNullException.ThrowIfNull(configure);
         var options = new DeepSeekCudaOptions();
         configure(options);
-        if (options.ModelFactory is null && (options.Loader is null || string.IsNullOrEmpty(options.ModelPath)))
+        if (options.ModelFactory is null && string.IsNullOrEmpty(options.ModelPath))
         {
-            throw new ArgumentException("DeepSeekCuda: set ModelFactory, or ModelPath and Loader", nameof(configure));
+            throw new ArgumentException("DeepSeekCuda: set ModelPath (a checkpoint folder) or ModelFactory", nameof(configure));
         }
 
         options.Chat.DefaultSampling.Validate();

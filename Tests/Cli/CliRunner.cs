@@ -7,11 +7,13 @@ internal static class CliRunner
 {
     public sealed record Result(int ExitCode, string Output, string Error);
 
-    public static Result Run(params string[] args)
+    public static Result Run(params string[] args) => RunWithInput("", args);
+
+    public static Result RunWithInput(string input, params string[] args)
     {
         var output = new StringWriter();
         var error = new StringWriter();
-        var code = CliApp.RunAsync(args, output, error).GetAwaiter().GetResult();
+        var code = CliApp.RunAsync(args, new StringReader(input), output, error).GetAwaiter().GetResult();
         return new Result(code, output.ToString(), error.ToString());
     }
 }

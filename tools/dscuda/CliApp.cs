@@ -12,17 +12,19 @@ namespace DeepSeekCuda.Cli;
 public static class CliApp
 {
     /// <summary>Builds the root command with every subcommand.</summary>
-    public static RootCommand CreateRoot() => new("DeepSeekCuda: run DeepSeek-V3/R1 checkpoints from .NET")
+    public static RootCommand CreateRoot(TextReader input) => new("DeepSeekCuda: run DeepSeek-V3/R1 checkpoints from .NET")
     {
+        GenerateCommand.Create(),
+        ChatCommand.Create(input),
         InspectCommand.Create(),
         LogitsCommand.Create(),
         MakeModelCommand.Create(),
     };
 
     /// <summary>Parses and runs <paramref name="args"/>, writing to the given streams; returns the exit code.</summary>
-    public static async Task<int> RunAsync(string[] args, TextWriter output, TextWriter error, CancellationToken cancellationToken = default)
+    public static async Task<int> RunAsync(string[] args, TextReader input, TextWriter output, TextWriter error, CancellationToken cancellationToken = default)
     {
-        var parse = CreateRoot().Parse(args);
+        var parse = CreateRoot(input).Parse(args);
         var invocation = new InvocationConfiguration { EnableDefaultExceptionHandler = false, Output = output, Error = error };
         try
         {

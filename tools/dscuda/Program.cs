@@ -1,1 +1,1 @@
-return await DeepSeekCuda.Cli.CliApp.RunAsync(args, Console.Out, Console.Error);
+return await DeepSeekCuda.Cli.CliApp.RunAsync(args, Console.In, Console.Out, Console.Error);

@@ -1,0 +1,151 @@
+using System.Diagnostics;
+using System.Text.Json;
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Text;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace DeepSeekCuda.Hosting;
+
+/// <summary>How <see cref="LocalModel.Load"/> runs a checkpoint.</summary>
+public sealed record LocalModelOptions
+{
+    /// <summary>Arithmetic of the CPU backend.</summary>
+    public CpuNumerics Numerics { get; init; } = CpuNumerics.Float32;
+
+    /// <summary>Longest session (prompt and output); null: the model's default.</summary>
+    public int? MaxSequenceLength { get; init; }
+
+    /// <summary>Chat format; null: detected from tokenizer_config.json (R1 when its template forces <c>&lt;think&gt;</c>, else V3).</summary>
+    public ChatTemplateKind? TemplateKind { get; init; }
+}
+
+/// <summary>
+/// A checkpoint folder made ready to chat with: the validated checkpoint on a backend, its tokenizer and
+/// its chat format. The one call a service or tool needs:
+/// <code>
+/// using var local = LocalModel.Load("/models/DeepSeek-R1");
+/// IChatClient client = local.CreateChatClient();
+/// </code>
+/// </summary>
+public sealed class LocalModel : ILanguageModel
+{
+    private readonly IBackend _backend;
+
+    private LocalModel(string directory, DeepSeekModel model, BpeTokenizer tokenizer, ChatTemplateKind kind, IBackend backend)
+    {
+        Directory = directory;
+        Model = model;
+        Tokenizer = tokenizer;
+        TemplateKind = kind;
+        _backend = backend;
+    }
+
+    /// <summary>The checkpoint folder.</summary>
+    public string Directory { get; }
+
+    /// <summary>The model.</summary>
+    public DeepSeekModel Model { get; }
+
+    /// <summary>The checkpoint's tokenizer.</summary>
+    public BpeTokenizer Tokenizer { get; }
+
+    /// <summary>The chat format the checkpoint expects.</summary>
+    public ChatTemplateKind TemplateKind { get; }
+
+    /// <summary>
+    /// Validates and loads <paramref name="directory"/> (config, shards, tokenizer.json) onto the CPU
+    /// backend. Everything is checked before weights are read; a failure leaves nothing loaded.
+    /// </summary>
+    /// <exception cref="CheckpointException">The checkpoint is missing, corrupt or does not match its config.</exception>
+    /// <exception cref="TokenizerFormatException">tokenizer.json is missing or malformed.</exception>
+    public static LocalModel Load(string directory, LocalModelOptions? options = null, IProgress<double>? progress = null, ILogger? logger = null)
+    {
+        options ??= new LocalModelOptions();
+        logger ??= NullLogger.Instance;
+        var started = Stopwatch.StartNew();
+        using var checkpoint = Checkpoint.Open(directory);
+        var tokenizer = BpeTokenizer.Load(checkpoint.Directory);
+        if (tokenizer.VocabSize > checkpoint.Config.VocabSize)
+        {
+            throw new CheckpointException(
+                $"{checkpoint.Directory}: tokenizer has {tokenizer.VocabSize} tokens, more than the model's vocab_size {checkpoint.Config.VocabSize}",
+                checkpoint.Directory);
+        }
+
+        progress?.Report(0.05);
+        var backend = new CpuBackend(options.Numerics);
+        try
+        {
+            var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = options.MaxSequenceLength });
+            progress?.Report(1.0);
+            var kind = options.TemplateKind ?? DetectTemplate(checkpoint.Directory);
+            logger.LogInformation("Loaded {Directory}: {Bytes} bytes of weights in {Seconds:F2} s ({Config}), {Template} chat format",
+                checkpoint.Directory, checkpoint.TotalTensorBytes, started.Elapsed.TotalSeconds, checkpoint.Config, kind);
+            return new LocalModel(checkpoint.Directory, model, tokenizer, kind, backend);
+        }
+        catch
+        {
+            backend.Dispose();
+            throw;
+        }
+    }
+
+    /// <inheritdoc />
+    public int VocabSize => Model.VocabSize;
+
+    /// <inheritdoc />
+    public int MaxSequenceLength => Model.MaxSequenceLength;
+
+    /// <inheritdoc />
+    public IModelSession CreateSession() => Model.CreateSession();
+
+    /// <summary>A chat client over this model (it does not own the model: dispose this object when done).</summary>
+    public DeepSeekChatClient CreateChatClient(DeepSeekChatClientOptions? options = null, ILogger<DeepSeekChatClient>? logger = null)
+    {
+        options ??= new DeepSeekChatClientOptions
+        {
+            TemplateKind = TemplateKind,
+            ModelId = Path.GetFileName(Directory.TrimEnd(Path.DirectorySeparatorChar)),
+        };
+
+        return new DeepSeekChatClient(Model, Tokenizer, options, logger);
+    }
+
+    /// <summary>R1's template ends the generation prompt with a forced <c>&lt;think&gt;</c>; V3's does not.</summary>
+    internal static ChatTemplateKind DetectTemplate(string directory)
+    {
+        var path = Path.Combine(directory, "tokenizer_config.json");
+        if (!File.Exists(path))
+        {
+            return ChatTemplateKind.R1;
+        }
+
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllBytes(path));
+            if (doc.RootElement.TryGetProperty("chat_template", out var template) && template.ValueKind == JsonValueKind.String)
+            {
+                return template.GetString()!.Contains("<think>", StringComparison.Ordinal) ? ChatTemplateKind.R1 : ChatTemplateKind.V3;
+            }
+        }
+        catch (JsonException e)
+        {
+            throw new TokenizerFormatException(path, $"not valid JSON: {e.Message}", e);
+        }
+
+        // No template: our own demo and synthetic models, which are R1-style.
+        return ChatTemplateKind.R1;
+    }
+
+    /// <summary>Releases the model and its backend.</summary>
+    public void Dispose()
+    {
+        Model.Dispose();
+        _backend.Dispose();
+    }
+}

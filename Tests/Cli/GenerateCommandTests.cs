@@ -1,0 +1,53 @@
+using DeepSeekCuda.Hosting;
+
+namespace DeepSeekCuda.Tests.Cli;
+
+[TestClass]
+public sealed class GenerateCommandTests
+{
+    private static string _dir = null!;
+
+    [ClassInitialize]
+    public static void Init(TestContext _)
+    {
+        _dir = Path.Combine(Path.GetTempPath(), "dscuda-cli-demo-" + Guid.NewGuid().ToString("N"));
+        DemoModel.WriteTo(_dir);
+    }
+
+    [ClassCleanup]
+    public static void Cleanup() => Directory.Delete(_dir, true);
+
+    [TestMethod]
+    public void SeededGenerationIsReproducibleWithReasoningUnderItsHeading()
+    {
+        string[] args = ["generate", "--model", _dir, "--prompt", "Why is the sky blue?", "--max-tokens", "16", "--seed", "5", "--temperature", "0.9"];
+        var first = CliRunner.Run(args);
+        var second = CliRunner.Run(args);
+        Assert.AreEqual(0, first.ExitCode, first.Error);
+        Assert.AreEqual(first.Output, second.Output);
+        // R1 format forces <think>: generation starts inside reasoning, shown under a heading when not a terminal.
+        StringAssert.StartsWith(first.Output, "Reasoning:\n");
+        StringAssert.Contains(first.Error, "16 generated");
+        StringAssert.Contains(first.Error, "finish: length");
+    }
+
+    [TestMethod]
+    public void ChatKeepsHistoryAcrossTurns()
+    {
+        var r = CliRunner.RunWithInput("Hello\nAnd then?\n/exit\n", "chat", "--model", _dir, "--max-tokens", "4", "--temperature", "0");
+        Assert.AreEqual(0, r.ExitCode, r.Error);
+        var usage = r.Error.Split('\n').Where(l => l.StartsWith('[')).ToArray();
+        Assert.HasCount(2, usage, r.Error);
+        var promptTokens = usage.Select(l => int.Parse(l[1..l.IndexOf(' ')], System.Globalization.CultureInfo.InvariantCulture)).ToArray();
+        // The second prompt holds the first exchange too.
+        Assert.IsGreaterThan(promptTokens[0] + 4, promptTokens[1], r.Error);
+    }
+
+    [TestMethod]
+    public void CudaDeviceIsRefusedClearly()
+    {
+        var r = CliRunner.Run("generate", "--model", _dir, "--prompt", "x", "--device", "cuda");
+        Assert.AreEqual(1, r.ExitCode);
+        StringAssert.Contains(r.Error, "--device cuda");
+    }
+}
