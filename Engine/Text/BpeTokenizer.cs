@@ -17,7 +17,7 @@ public sealed partial class BpeTokenizer : ITokenizer
     private const int MaxCachedPieceLength = 64;
 
     /// <summary>Bound on cached pieces; past it, new pieces are encoded without being remembered.</summary>
-    private const int CacheCapacity = 200_000;
+    private const int CacheCapacity = 100_000;
 
     private readonly Dictionary<string, int> _vocab;
     private readonly Dictionary<string, int> _addedByContent;
@@ -104,6 +104,7 @@ public sealed partial class BpeTokenizer : ITokenizer
     public int MergeCount => _merges.Count;
 
     /// <inheritdoc />
+    /// <remarks>Unpaired surrogates, which have no UTF-8 form, are encoded as U+FFFD.</remarks>
     public int[] Encode(string text, bool addBos)
     {
         ArgumentNullException.ThrowIfNull(text);
@@ -288,6 +289,15 @@ public sealed partial class BpeTokenizer : ITokenizer
                 ArrayPool<byte>.Shared.Return(rentedBytes);
             }
         }
+    }
+
+    /// <summary>BPE of one pre-token through a chosen merge loop, bypassing the cache (for tests).</summary>
+    internal int[] BpeWith(string piece, bool heap)
+    {
+        var bytes = Encoding.UTF8.GetBytes(piece);
+        var symbols = bytes.Select(b => _byteToId[b]).ToArray();
+        var count = heap ? MergeLarge(symbols) : MergeSmall(symbols);
+        return symbols.AsSpan(0, count).ToArray();
     }
 
     private long MergeOf(int left, int right) =>

@@ -25,19 +25,25 @@ internal abstract class PreTokenizerStep
 internal sealed class RegexSplitStep : PreTokenizerStep
 {
     private readonly Regex _bmp;
-    private readonly Regex _astral;
+
+    // The exact form has long surrogate-pair alternations that take a while to compile, and much
+    // text never needs it; it is built on first use.
+    private readonly Lazy<Regex> _astral;
     private readonly bool _removeMatches;
 
     public RegexSplitStep(string onigPattern, bool removeMatches)
     {
         _bmp = CodePointRegex.Compile(CodePointRegex.Translate(onigPattern, astral: false));
-        _astral = CodePointRegex.Compile(CodePointRegex.Translate(onigPattern, astral: true));
+        _astral = new Lazy<Regex>(
+            () => CodePointRegex.Compile(CodePointRegex.Translate(onigPattern, astral: true)),
+            LazyThreadSafetyMode.ExecutionAndPublication);
         _removeMatches = removeMatches;
     }
 
     public override void Apply(TextPiece piece, bool hasSurrogates, List<TextPiece> output)
     {
-        var regex = hasSurrogates ? _astral : _bmp;
+        // Checking each piece keeps astral characters in one place from slowing the whole text.
+        var regex = hasSurrogates && piece.Span.ContainsAnyInRange('\uD800', '\uDFFF') ? _astral.Value : _bmp;
         var last = 0;
         foreach (var m in regex.EnumerateMatches(piece.Span))
         {

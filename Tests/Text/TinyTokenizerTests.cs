@@ -92,3 +92,36 @@ public sealed class TinyTokenizerTests
         Assert.IsNull(noConfig.BosId);
     }
 }
+
+[TestClass]
+public sealed class MergeLoopTests
+{
+    [TestMethod]
+    public void HeapAndScanMergeLoopsAgree()
+    {
+        // The short-piece scan and the long-piece heap must give identical merges; compare them on
+        // varied real pieces from the shared cases and on synthetic long words.
+        var tokenizer = TokenizerFixtures.DeepSeek;
+        var rng = new Random(1234);
+        var words = TokenizerFixtures.Cases.SelectMany(c => c.Text.Split(' ', '\n')).Where(w => w.Length > 0).ToList();
+        for (var i = 0; i < 200; i++)
+        {
+            words.Add(new string(Enumerable.Range(0, rng.Next(20, 120)).Select(_ => (char)('a' + rng.Next(26))).ToArray()));
+        }
+
+        foreach (var w in words)
+        {
+            CollectionAssert.AreEqual(tokenizer.BpeWith(w, heap: false), tokenizer.BpeWith(w, heap: true), w);
+        }
+    }
+
+    [TestMethod]
+    public void ByteLevelPrefixSpaceAppliesToEachTextSegment()
+    {
+        var pre = new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = true, ["use_regex"] = true };
+        var added = new JsonArray(TinyTokenizer.Added(300, "<x>"));
+        var t = TinyTokenizer.Build(TinyTokenizer.Document([("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o")], false, pre, added));
+        CollectionAssert.AreEqual(new[] { 32, 259 }, t.Encode("hello", addBos: false));
+        CollectionAssert.AreEqual(new[] { 32, 259, 300, 32, 259 }, t.Encode("hello<x>hello", addBos: false));
+    }
+}

@@ -1,0 +1,7 @@
+using System.CommandLine;
+using DeepSeekCuda.Bench.Benches;
+
+// One subcommand per bench; each lives in Benches/.
+var root = new RootCommand("DeepSeekCuda benchmarks");
+root.Subcommands.Add(TokenizerBench.Create());
+return root.Parse(args).Invoke();
