@@ -17,6 +17,7 @@ public static class CliApp
         GenerateCommand.Create(),
         ChatCommand.Create(input),
         InspectCommand.Create(),
+        TokenizeCommand.Create(input),
         LogitsCommand.Create(),
         MakeModelCommand.Create(),
     };

@@ -1,5 +1,4 @@
 using System.CommandLine;
-using System.Text;
 using DeepSeekCuda.Text;
 
 namespace DeepSeekCuda.Cli.Commands;
@@ -11,7 +10,7 @@ namespace DeepSeekCuda.Cli.Commands;
 /// </summary>
 internal static class TokenizeCommand
 {
-    public static Command Create()
+    public static Command Create(TextReader input)
     {
         var tokenizerOption = new Option<string>("--tokenizer")
         {
@@ -20,26 +19,15 @@ internal static class TokenizeCommand
         };
         var command = new Command("tokenize", "Encode JSON lines {\"text\": ...} from stdin to id arrays on stdout");
         command.Options.Add(tokenizerOption);
-        command.SetAction(parseResult => Run(parseResult.GetValue(tokenizerOption)!));
-        return command;
-    }
-
-    private static int Run(string folder)
-    {
-        try
+        command.SetAction(parse =>
         {
-            var tokenizer = BpeTokenizer.Load(folder);
-            var utf8 = new UTF8Encoding(encoderShouldEmitUTF8Identifier: false);
-            using var input = new StreamReader(Console.OpenStandardInput(), utf8);
-            using var output = new StreamWriter(Console.OpenStandardOutput(), utf8) { AutoFlush = false };
+            // Errors (missing folder, malformed tokenizer.json, a bad input line) are reported by CliApp as one line.
+            var tokenizer = BpeTokenizer.Load(parse.GetValue(tokenizerOption)!);
+            var output = parse.InvocationConfiguration.Output;
             JsonLinesTokenizer.Run(input, output, tokenizer);
+            output.Flush();
             return 0;
-        }
-        catch (Exception ex) when (ex is IOException or TokenizerFormatException or InvalidDataException or UnauthorizedAccessException)
-        {
-            // DirectoryNotFound/FileNotFound are IOExceptions; their messages already name the path.
-            Console.Error.WriteLine($"dscuda tokenize: {ex.Message}");
-            return 1;
-        }
+        });
+        return command;
     }
 }
