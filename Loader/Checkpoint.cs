@@ -220,7 +220,12 @@ public sealed class Checkpoint : IDisposable
     public float[] ReadFloat32(string name)
     {
         var info = Get(name);
-        var result = new float[checked((int)info.ElementCount)];
+        if (info.ElementCount > Array.MaxLength)
+        {
+            throw new CheckpointException($"{info.FilePath}: tensor '{name}' has {info.ElementCount} elements, more than one array holds; read it in parts", info.FilePath, name);
+        }
+
+        var result = new float[info.ElementCount];
         ReadFloat32(name, result);
         return result;
     }
@@ -347,6 +352,11 @@ public sealed class Checkpoint : IDisposable
         catch (JsonException e)
         {
             throw new CheckpointException($"{indexPath}: not valid JSON: {e.Message}", indexPath, null, e);
+        }
+        catch (InvalidOperationException e)
+        {
+            // JsonElement throws this for invalid UTF-8 or a lone surrogate escape inside a string it decodes.
+            throw new CheckpointException($"{indexPath}: holds a JSON string that is not valid text: {e.Message}", indexPath, null, e);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {

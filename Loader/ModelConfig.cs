@@ -142,7 +142,8 @@ public sealed record ModelConfig
         JsonObject root;
         try
         {
-            root = JsonNode.Parse(json) as JsonObject
+            // Duplicate keys would make JsonObject throw ArgumentException later; refuse them while parsing.
+            root = JsonNode.Parse(json, null, new JsonDocumentOptions { AllowDuplicateProperties = false }) as JsonObject
                 ?? throw new ModelConfigException(path, "(root)", "config is not a JSON object");
         }
         catch (JsonException e)
@@ -150,6 +151,19 @@ public sealed record ModelConfig
             throw new ModelConfigException(path, "(root)", $"not valid JSON: {e.Message}", e);
         }
 
+        try
+        {
+            return ParseObject(root, path);
+        }
+        catch (InvalidOperationException e)
+        {
+            // JsonNode throws this when it unescapes a lone surrogate ("\ud800") in a key or string.
+            throw new ModelConfigException(path, "(root)", $"holds a JSON string that is not valid UTF-16: {e.Message}", e);
+        }
+    }
+
+    private static ModelConfig ParseObject(JsonObject root, string? path)
+    {
         var r = new FieldReader(root, path);
         var config = new ModelConfig
         {
@@ -243,6 +257,16 @@ public sealed record ModelConfig
         Positive(NumExpertsPerTok, "num_experts_per_tok");
         Positive(MoeLayerFreq, "moe_layer_freq");
         Positive(MaxPositionEmbeddings, "max_position_embeddings");
+        // Tensor shapes are products of these; a 32-bit overflow would silently give nonsense shapes.
+        Check((long)NumAttentionHeads * ((long)QkNopeHeadDim + QkRopeHeadDim) <= int.MaxValue, "num_attention_heads",
+            $"{NumAttentionHeads} heads of qk_head_dim {(long)QkNopeHeadDim + QkRopeHeadDim} overflow a 32-bit width");
+        Check((long)NumAttentionHeads * ((long)QkNopeHeadDim + VHeadDim) <= int.MaxValue, "num_attention_heads",
+            $"{NumAttentionHeads} heads of k_nope + v width {(long)QkNopeHeadDim + VHeadDim} overflow a 32-bit width");
+        Check((long)KvLoraRank + QkRopeHeadDim <= int.MaxValue, "kv_lora_rank", $"{KvLoraRank} + qk_rope_head_dim overflows a 32-bit width");
+        Check((long)NSharedExperts * MoeIntermediateSize <= int.MaxValue, "n_shared_experts",
+            $"{NSharedExperts} shared experts of width {MoeIntermediateSize} overflow a 32-bit width");
+        Check((long)NumHiddenLayers + NumNextNPredictLayers <= int.MaxValue, "num_nextn_predict_layers",
+            $"{NumNextNPredictLayers} MTP layers after {NumHiddenLayers} overflow the layer index");
         Check(NumExpertsPerTok <= NRoutedExperts, "num_experts_per_tok",
             $"{NumExpertsPerTok} exceeds n_routed_experts {NRoutedExperts}");
         Check(NRoutedExperts % NGroup == 0, "n_group", $"{NGroup} does not divide n_routed_experts {NRoutedExperts}");

@@ -137,6 +137,7 @@ public sealed unsafe class SafetensorsFile : IDisposable
             : throw new CheckpointException($"{FilePath}: no tensor '{name}'", FilePath, name);
 
     /// <summary>The raw bytes of <paramref name="tensor"/> (a span over the mapping: valid until disposal).</summary>
+    /// <exception cref="CheckpointException">The tensor exceeds 2 GiB, more than a span can address.</exception>
     public ReadOnlySpan<byte> GetBytes(TensorInfo tensor)
     {
         if (!string.Equals(tensor.FilePath, FilePath, StringComparison.Ordinal))
@@ -151,7 +152,13 @@ public sealed unsafe class SafetensorsFile : IDisposable
         }
 
         ObjectDisposedException.ThrowIf(_base is null, this);
-        return new ReadOnlySpan<byte>(_base + _dataStart + tensor.Begin, checked((int)tensor.ByteLength));
+        if (tensor.ByteLength > int.MaxValue)
+        {
+            throw new CheckpointException(
+                $"{FilePath}: tensor '{tensor.Name}' has {tensor.ByteLength} bytes; a span holds at most {int.MaxValue}", FilePath, tensor.Name);
+        }
+
+        return new ReadOnlySpan<byte>(_base + _dataStart + tensor.Begin, (int)tensor.ByteLength);
     }
 
     /// <summary>The raw bytes of the tensor named <paramref name="name"/>.</summary>
@@ -210,40 +217,54 @@ public sealed unsafe class SafetensorsFile : IDisposable
 
         using (doc)
         {
-            if (doc.RootElement.ValueKind != JsonValueKind.Object)
+            try
             {
-                throw new SafetensorsFormatException(path, null, $"header is a JSON {doc.RootElement.ValueKind}, not an object");
+                return ParseRoot(path, doc.RootElement, dataLength);
             }
-
-            var tensors = ImmutableDictionary.CreateBuilder<string, TensorInfo>(StringComparer.Ordinal);
-            var metadata = ImmutableDictionary<string, string>.Empty;
-            var seenMetadata = false;
-            foreach (var property in doc.RootElement.EnumerateObject())
+            catch (InvalidOperationException e)
             {
-                if (property.Name == "__metadata__")
-                {
-                    if (seenMetadata)
-                    {
-                        throw new SafetensorsFormatException(path, null, "'__metadata__' appears twice");
-                    }
-
-                    seenMetadata = true;
-                    metadata = ParseMetadata(path, property.Value);
-                    continue;
-                }
-
-                if (tensors.ContainsKey(property.Name))
-                {
-                    throw new SafetensorsFormatException(path, property.Name, "appears twice in the header");
-                }
-
-                tensors.Add(property.Name, ParseTensor(path, property.Name, property.Value, dataLength));
+                // JsonElement refuses to unescape a lone surrogate ("\ud800") in a name or string value.
+                throw new SafetensorsFormatException(path, null, $"header holds a JSON string that is not valid UTF-16: {e.Message}", e);
             }
-
-            var result = tensors.ToImmutable();
-            CheckOverlaps(path, result.Values);
-            return (result, metadata);
         }
+    }
+
+    private static (ImmutableDictionary<string, TensorInfo> Tensors, ImmutableDictionary<string, string> Metadata) ParseRoot(
+        string path, JsonElement root, long dataLength)
+    {
+        if (root.ValueKind != JsonValueKind.Object)
+        {
+            throw new SafetensorsFormatException(path, null, $"header is a JSON {root.ValueKind}, not an object");
+        }
+
+        var tensors = ImmutableDictionary.CreateBuilder<string, TensorInfo>(StringComparer.Ordinal);
+        var metadata = ImmutableDictionary<string, string>.Empty;
+        var seenMetadata = false;
+        foreach (var property in root.EnumerateObject())
+        {
+            if (property.Name == "__metadata__")
+            {
+                if (seenMetadata)
+                {
+                    throw new SafetensorsFormatException(path, null, "'__metadata__' appears twice");
+                }
+
+                seenMetadata = true;
+                metadata = ParseMetadata(path, property.Value);
+                continue;
+            }
+
+            if (tensors.ContainsKey(property.Name))
+            {
+                throw new SafetensorsFormatException(path, property.Name, "appears twice in the header");
+            }
+
+            tensors.Add(property.Name, ParseTensor(path, property.Name, property.Value, dataLength));
+        }
+
+        var result = tensors.ToImmutable();
+        CheckOverlaps(path, result.Values);
+        return (result, metadata);
     }
 
     private static ImmutableDictionary<string, string> ParseMetadata(string path, JsonElement element)

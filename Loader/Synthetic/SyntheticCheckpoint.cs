@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
@@ -17,13 +18,14 @@ namespace DeepSeekCuda.Loader.Synthetic;
 /// linear N(0, g²/in) times a per-block factor 2^U(-1,1) (g = 1; 0.3 for o_proj and dense/shared
 /// down_proj; 0.15 for routed experts' down_proj), norms 1 + 0.1·N(0,1), correction bias 0.2·N(0,1),
 /// embedding N(0,1), lm_head N(0, 4/D), gate N(0, 9/D), eh_proj N(0, 1/(2D)); the MTP embedding and
-/// head are copies of the main ones. Each tensor has its own random stream (seed and tensor name), so
-/// any tensor can be redrawn alone with <see cref="DrawFloat"/>. Data is generated and written a block
-/// row at a time: presets of many gigabytes never sit in memory.
+/// head are copies of the main ones. Each block row of a linear weight and each 1M-element chunk of
+/// another tensor has its own random stream (seed, tensor name, piece index), so any tensor can be
+/// redrawn alone with <see cref="DrawFloat"/> and pieces are drawn in parallel. Data is generated and
+/// written a window of pieces at a time: presets of many gigabytes never sit in memory.
 /// </remarks>
 public static class SyntheticCheckpoint
 {
-    // Rows of a non-linear tensor generated per chunk: bounds memory for [V, D] embeddings.
+    // Elements of a non-linear tensor drawn per piece: bounds memory for [V, D] embeddings.
     private const int ChunkElements = 1 << 20;
 
     /// <summary>The shard file name the release uses for shard <paramref name="shard"/> (1-based) of <paramref name="count"/>.</summary>
@@ -78,32 +80,18 @@ public static class SyntheticCheckpoint
                 }
 
                 var writer = writers[shardOf[tensor.Name]];
-                if (recipe.Kind == Kind.Linear)
+                var scaleWriter = tensor.DType == DType.F8_E4M3 ? writers[shardOf[LinearSpec.ScaleName(tensor.Name)]] : null;
+                var pieces = Pieces(config, seed, recipe, tensor);
+                foreach (var (data, scales) in InOrder(pieces.Count, i => Encode(config, tensor, pieces.Draw(i))))
                 {
-                    var scaleWriter = tensor.DType == DType.F8_E4M3 ? writers[shardOf[LinearSpec.ScaleName(tensor.Name)]] : null;
-                    foreach (var stripe in LinearStripes(config, seed, recipe))
+                    writer.Write(tensor.Name, data);
+                    if (scales is not null)
                     {
-                        WriteStripe(config, tensor, stripe, writer, scaleWriter);
-                        done += (long)stripe.Length * DTypes.SizeOf(tensor.DType);
-                        progress?.Report((double)done / total);
+                        scaleWriter!.Write<float>(LinearSpec.ScaleName(tensor.Name), scales);
                     }
-                }
-                else
-                {
-                    foreach (var chunk in Chunks(seed, recipe, tensor.Shape.Aggregate(1L, (a, b) => a * b)))
-                    {
-                        if (tensor.DType == DType.F32)
-                        {
-                            writer.Write<float>(tensor.Name, chunk);
-                        }
-                        else
-                        {
-                            writer.Write<ushort>(tensor.Name, chunk.Select(BFloat16.FromFloat).ToArray());
-                        }
 
-                        done += (long)chunk.Length * DTypes.SizeOf(tensor.DType);
-                        progress?.Report((double)done / total);
-                    }
+                    done += data.Length;
+                    progress?.Report((double)done / total);
                 }
             }
 
@@ -141,20 +129,11 @@ public static class SyntheticCheckpoint
             throw new ArgumentException($"'{name}' is not a drawn tensor of this config", nameof(name));
         }
 
+        var pieces = Pieces(config, seed, recipe, tensor);
         var result = new List<float>();
-        if (recipe.Kind == Kind.Linear)
+        for (var i = 0; i < pieces.Count; i++)
         {
-            foreach (var stripe in LinearStripes(config, seed, recipe))
-            {
-                result.AddRange(stripe);
-            }
-        }
-        else
-        {
-            foreach (var chunk in Chunks(seed, recipe, tensor.Shape.Aggregate(1L, (a, b) => a * b)))
-            {
-                result.AddRange(chunk);
-            }
+            result.AddRange(pieces.Draw(i));
         }
 
         return [.. result];
@@ -310,65 +289,99 @@ public static class SyntheticCheckpoint
         return r;
     }
 
-    /// <summary>The values of a non-linear tensor, in row-major chunks.</summary>
-    private static IEnumerable<float[]> Chunks(int seed, Recipe recipe, long count)
+    /// <summary>A tensor's values as independent row-major pieces: piece i is <c>Draw(i)</c>.</summary>
+    private readonly record struct PieceSet(int Count, Func<int, float[]> Draw);
+
+    /// <summary>
+    /// Splits a tensor into pieces with their own random streams (tensor stream and piece index), so
+    /// pieces can be drawn in parallel and any one redrawn alone: a linear weight by block rows (the
+    /// block factors of the row, then its values), any other tensor by chunks of elements.
+    /// </summary>
+    private static PieceSet Pieces(ModelConfig config, int seed, Recipe recipe, ExpectedTensor tensor)
     {
-        var rng = new SeededRandom(seed, recipe.Stream);
-        for (long start = 0; start < count; start += ChunkElements)
+        if (recipe.Kind == Kind.Linear)
         {
-            var chunk = new float[(int)Math.Min(ChunkElements, count - start)];
-            for (var i = 0; i < chunk.Length; i++)
+            var (blockRows, blockCols) = Blocks(config);
+            var gridCols = CheckpointLayout.CeilDiv(recipe.In, blockCols);
+            return new PieceSet(CheckpointLayout.CeilDiv(recipe.Out, blockRows), stripe =>
             {
-                chunk[i] = (float)(recipe.Mean + recipe.Std * rng.NextNormal());
+                var rng = new SeededRandom(seed, $"{recipe.Stream}#{stripe}");
+                var factors = new double[gridCols];
+                for (var b = 0; b < gridCols; b++)
+                {
+                    factors[b] = Math.Pow(2.0, 2.0 * rng.NextDouble() - 1.0) * recipe.Std;
+                }
+
+                var rows = Math.Min(blockRows, recipe.Out - stripe * blockRows);
+                var values = new float[rows * recipe.In];
+                for (var r = 0; r < rows; r++)
+                {
+                    for (var col = 0; col < recipe.In; col++)
+                    {
+                        values[r * recipe.In + col] = (float)(rng.NextNormal() * factors[col / blockCols]);
+                    }
+                }
+
+                return values;
+            });
+        }
+
+        var count = tensor.Shape.Aggregate(1L, (a, b) => a * b);
+        return new PieceSet((int)((count + ChunkElements - 1) / ChunkElements), chunk =>
+        {
+            var rng = new SeededRandom(seed, $"{recipe.Stream}#{chunk}");
+            var values = new float[(int)Math.Min(ChunkElements, count - (long)chunk * ChunkElements)];
+            for (var i = 0; i < values.Length; i++)
+            {
+                values[i] = (float)(recipe.Mean + recipe.Std * rng.NextNormal());
             }
 
-            yield return chunk;
-        }
+            return values;
+        });
     }
 
-    /// <summary>A linear weight one block row at a time: the block factors of the row, then its values row-major.</summary>
-    private static IEnumerable<float[]> LinearStripes(ModelConfig config, int seed, Recipe recipe)
+    /// <summary>Results of <paramref name="produce"/> for 0..count-1 in order, computed a window at a time in parallel.</summary>
+    private static IEnumerable<T> InOrder<T>(int count, Func<int, T> produce)
     {
-        var (blockRows, blockCols) = Blocks(config);
-        var rng = new SeededRandom(seed, recipe.Stream);
-        var gridCols = CheckpointLayout.CeilDiv(recipe.In, blockCols);
-        var factors = new double[gridCols];
-        for (var r0 = 0; r0 < recipe.Out; r0 += blockRows)
+        var window = Math.Max(2, Environment.ProcessorCount);
+        for (var start = 0; start < count; start += window)
         {
-            var rows = Math.Min(blockRows, recipe.Out - r0);
-            for (var b = 0; b < gridCols; b++)
+            var results = new T[Math.Min(window, count - start)];
+            var first = start;
+            Parallel.For(0, results.Length, i => results[i] = produce(first + i));
+            foreach (var r in results)
             {
-                factors[b] = Math.Pow(2.0, 2.0 * rng.NextDouble() - 1.0) * recipe.Std;
+                yield return r;
             }
-
-            var stripe = new float[rows * recipe.In];
-            for (var r = 0; r < rows; r++)
-            {
-                for (var col = 0; col < recipe.In; col++)
-                {
-                    stripe[r * recipe.In + col] = (float)(rng.NextNormal() * factors[col / blockCols]);
-                }
-            }
-
-            yield return stripe;
         }
     }
 
     private static (int Rows, int Cols) Blocks(ModelConfig config) =>
         config.Quantization is { } q ? (q.BlockRows, q.BlockCols) : (128, 128);
 
-    /// <summary>Stores one block row: FP8 codes plus its row of scales (scale = block amax / 448), or BF16.</summary>
-    private static void WriteStripe(ModelConfig config, ExpectedTensor tensor, float[] stripe, SafetensorsWriter writer, SafetensorsWriter? scaleWriter)
+    /// <summary>
+    /// Stored bytes of one piece: F32 as is, BF16 rounded to nearest even, FP8 as e4m3(w / scale) with
+    /// its row of block scales (scale = block amax / 448, float32), as the release's quantizer.
+    /// </summary>
+    private static (byte[] Data, float[]? Scales) Encode(ModelConfig config, ExpectedTensor tensor, float[] values)
     {
-        if (tensor.DType != DType.F8_E4M3)
+        switch (tensor.DType)
         {
-            writer.Write<ushort>(tensor.Name, stripe.Select(BFloat16.FromFloat).ToArray());
-            return;
+            case DType.F32:
+                return (MemoryMarshal.AsBytes(values.AsSpan()).ToArray(), null);
+            case DType.BF16:
+                var halves = new ushort[values.Length];
+                for (var i = 0; i < values.Length; i++)
+                {
+                    halves[i] = BFloat16.FromFloat(values[i]);
+                }
+
+                return (MemoryMarshal.AsBytes(halves.AsSpan()).ToArray(), null);
         }
 
         var (_, blockCols) = Blocks(config);
         var cols = (int)tensor.Shape[1];
-        var rows = stripe.Length / cols;
+        var rows = values.Length / cols;
         var gridCols = CheckpointLayout.CeilDiv(cols, blockCols);
         var scales = new float[gridCols];
         for (var r = 0; r < rows; r++)
@@ -376,7 +389,7 @@ public static class SyntheticCheckpoint
             for (var col = 0; col < cols; col++)
             {
                 var b = col / blockCols;
-                scales[b] = Math.Max(scales[b], Math.Abs(stripe[r * cols + col]));
+                scales[b] = Math.Max(scales[b], Math.Abs(values[r * cols + col]));
             }
         }
 
@@ -386,17 +399,16 @@ public static class SyntheticCheckpoint
             scales[b] = scales[b] > 0 ? scales[b] / Fp8E4M3.MaxValue : 1f;
         }
 
-        var codes = new byte[stripe.Length];
+        var codes = new byte[values.Length];
         for (var r = 0; r < rows; r++)
         {
             for (var col = 0; col < cols; col++)
             {
-                codes[r * cols + col] = Fp8E4M3.FromFloat(stripe[r * cols + col] / scales[col / blockCols]);
+                codes[r * cols + col] = Fp8E4M3.FromFloat(values[r * cols + col] / scales[col / blockCols]);
             }
         }
 
-        writer.Write(tensor.Name, codes);
-        scaleWriter!.Write<float>(LinearSpec.ScaleName(tensor.Name), scales);
+        return (codes, scales);
     }
 
     /// <summary>Tensors in shard order: embedding, layer by layer (each weight just before its scale), final norm, lm_head.</summary>

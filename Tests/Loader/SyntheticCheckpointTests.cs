@@ -215,6 +215,31 @@ public sealed class SyntheticCheckpointTests
         Assert.ThrowsExactly<ArgumentException>(() => ModelPresets.ByName("deepseek-v3-slice0"));
     }
 
+    [TestMethod]
+    public void RefusesImpossibleShardCountsAndUnknownTensorsWithoutWritingShards()
+    {
+        using var dir = new TempDir();
+        var tooMany = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => SyntheticCheckpoint.Write(dir.Path, ModelPresets.Tiny, Seed, shards: 10_000));
+        Assert.AreEqual("shards", tooMany.ParamName);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => SyntheticCheckpoint.Write(dir.Path, ModelPresets.Tiny, Seed, shards: 0));
+        Assert.IsEmpty(Directory.GetFileSystemEntries(dir.Path));
+
+        Assert.Contains("'model.layers.0.mlp.gate.weight'",
+            Assert.ThrowsExactly<ArgumentException>(() => SyntheticCheckpoint.DrawFloat(ModelPresets.Tiny, Seed, "model.layers.0.mlp.gate.weight")).Message,
+            "layer 0 is dense: it has no router");
+        Assert.ThrowsExactly<ArgumentException>(() => SyntheticCheckpoint.DrawFloat(ModelPresets.Tiny, Seed, "model.layers.0.self_attn.o_proj.weight_scale_inv"));
+        Assert.AreEqual("model-00007-of-00163.safetensors", SyntheticCheckpoint.ShardFileName(7, 163));
+    }
+
+    [TestMethod]
+    public void InvalidConfigIsRefusedBeforeAnythingIsWritten()
+    {
+        using var dir = new TempDir();
+        var e = Assert.ThrowsExactly<ModelConfigException>(() => SyntheticCheckpoint.Write(dir.Path, ModelPresets.Tiny with { NGroup = 5 }, Seed));
+        Assert.AreEqual("n_group", e.Field);
+        Assert.IsEmpty(Directory.GetFileSystemEntries(dir.Path));
+    }
+
     /// <summary>Progress&lt;T&gt; posts to the thread pool; tests need the calls in order and complete.</summary>
     private sealed class SyncProgress(Action<double> report) : IProgress<double>
     {
