@@ -12,9 +12,11 @@ namespace DeepSeekCuda.Hosting;
 public static class DemoModel
 {
     /// <summary>Bump when the demo's contents change, so old caches are not reused.</summary>
-    private const string Version = "demo-v1";
+    private const string Version = "demo-v2";
 
-    private const int Seed = 20250101;
+    // Chosen so that the first token after R1's generation prompt is unlikely to be EOS (p < 0.001):
+    // random weights give EOS a high logit for some seeds, and a demo that stops at once shows nothing.
+    private const int Seed = 1;
 
     /// <summary>The demo's config: the tiny preset with a vocabulary sized for the demo tokenizer.</summary>
     public static ModelConfig Config => (ModelPresets.Tiny with { VocabSize = 512, BosTokenId = 0, EosTokenId = 1 }).Validate();
