@@ -247,8 +247,8 @@ public sealed class DeepSeekSession : IModelSession
         else
         {
             var gate = layer.Gate!;
-            using var routing = new RoutingScope(_b.AllocateRouting(t, gate.Options.Experts, gate.Options.TopK));
-            _b.MoeGate(f, gate, routing.Value);
+            using var routing = _b.AllocateRouting(t, gate.Options.Experts, gate.Options.TopK);
+            _b.MoeGate(f, gate, routing);
             if (observer is not null)
             {
                 Observe(observer, name + "gate_in", f);
@@ -256,13 +256,13 @@ public sealed class DeepSeekSession : IModelSession
                 var scores = new float[t * o.Experts];
                 var idx = new int[t * o.TopK];
                 var w = new float[t * o.TopK];
-                _b.DownloadRouting(routing.Value, scores, idx, w);
+                _b.DownloadRouting(routing, scores, idx, w);
                 observer(new Intermediate(name + "gate_scores", t, o.Experts, scores, null));
                 observer(new Intermediate(name + "topk_idx", t, o.TopK, null, idx));
                 observer(new Intermediate(name + "topk_weight", t, o.TopK, w, null));
             }
 
-            _b.MoeExperts(f, routing.Value, layer.Experts!, y);
+            _b.MoeExperts(f, routing, layer.Experts!, y);
         }
 
         Observe(observer, name + "ffn_out", y);
@@ -296,14 +296,12 @@ public sealed class DeepSeekSession : IModelSession
     /// <summary>Releases the session's caches.</summary>
     public void Dispose()
     {
+        foreach (var cache in _caches)
+        {
+            cache.Dispose();
+        }
+
+        _mtpCache?.Dispose();
         _lastHidden.Dispose();
-    }
-
-    /// <summary>Routing handles are not tensors; this keeps the using-pattern uniform for a GPU backend that pools them.</summary>
-    private readonly struct RoutingScope(Routing value) : IDisposable
-    {
-        public Routing Value { get; } = value;
-
-        public void Dispose() => (Value as IDisposable)?.Dispose();
     }
 }
