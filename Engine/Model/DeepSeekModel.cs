@@ -36,7 +36,7 @@ public sealed class DeepSeekModel : ILanguageModel
     /// <inheritdoc />
     public int MaxSequenceLength { get; }
 
-    /// <summary>Whether the MTP module was loaded (<see cref="DeepSeekSession.MtpForward"/> works).</summary>
+    /// <summary>Whether the MTP module was loaded (<c>DeepSeekSession.MtpForward</c> works).</summary>
     public bool HasMtp => Mtp is not null;
 
     internal MlaDims Dims { get; }

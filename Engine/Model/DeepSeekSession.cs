@@ -35,7 +35,7 @@ public sealed class DeepSeekSession : IModelSession
     /// <inheritdoc />
     public int Length { get; private set; }
 
-    /// <summary>Positions held by the MTP layer's cache (fed in order through <see cref="MtpForward"/>).</summary>
+    /// <summary>Positions held by the MTP layer's cache (fed in order through <c>MtpForward</c>).</summary>
     public int MtpLength { get; private set; }
 
     /// <inheritdoc />
@@ -95,12 +95,20 @@ public sealed class DeepSeekSession : IModelSession
     }
 
     /// <summary>
+    /// One MTP step: the draft logits [vocab] for the token after <paramref name="nextToken"/>, from the main
+    /// model's hidden after the final norm at <paramref name="position"/> (see the multi-position overload).
+    /// </summary>
+    public float[] MtpForward(ReadOnlySpan<float> hidden, int nextToken, int position) =>
+        MtpForward(hidden, [nextToken], position);
+
+    /// <summary>
     /// The MTP module (MODEL.md §6) for n consecutive positions start .. start+n−1: for each, the main
     /// model's hidden after the final norm at that position (<paramref name="hiddens"/> [n, D]) and the
     /// token that follows it (<paramref name="nextTokens"/> [n]); returns the draft logits for the token
     /// after that, [n, vocab]. Concatenation is [embedding ; hidden]; the MTP layer runs at the hidden's
     /// position with its own latent cache, so positions must be fed in order (start ≤ <see cref="MtpLength"/>;
-    /// a smaller start overwrites, as after a rollback).
+    /// a smaller start overwrites, as after a rollback). vLLM's zeroing of the embedding at position 0 is
+    /// not applied: it is a serving convention, not part of the module (MODEL.md §6, UNCONFIRMED items).
     /// </summary>
     public float[] MtpForward(ReadOnlySpan<float> hiddens, ReadOnlySpan<int> nextTokens, int startPosition, Action<Intermediate>? observer = null)
     {
