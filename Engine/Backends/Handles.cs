@@ -1,11 +1,30 @@
 namespace DeepSeekCuda.Backends;
 
 /// <summary>
+/// Anything a backend allocates (activations, weights, caches, routing buffers). The CPU backend's
+/// resources are plain managed arrays; a GPU backend frees device memory on disposal.
+/// </summary>
+public abstract class BackendResource : IDisposable
+{
+    /// <summary>Releases the backend memory.</summary>
+    public void Dispose()
+    {
+        Dispose(true);
+        GC.SuppressFinalize(this);
+    }
+
+    /// <summary>Releases the backend memory; nothing to do for managed storage.</summary>
+    protected virtual void Dispose(bool disposing)
+    {
+    }
+}
+
+/// <summary>
 /// An activation matrix owned by a backend: <see cref="Rows"/> tokens (or other rows) of
 /// <see cref="Cols"/> values, row-major. Host code never sees its storage; it moves data with
 /// <see cref="IBackend.Upload"/> and <see cref="IBackend.Download"/>.
 /// </summary>
-public abstract class Tensor : IDisposable
+public abstract class Tensor : BackendResource
 {
     /// <summary>Creates the shape part of a handle.</summary>
     protected Tensor(int rows, int cols)
@@ -27,22 +46,10 @@ public abstract class Tensor : IDisposable
 
     /// <inheritdoc />
     public override string ToString() => $"[{Rows}, {Cols}]";
-
-    /// <summary>Releases backend memory; the CPU backend leaves it to the GC.</summary>
-    public void Dispose()
-    {
-        Dispose(true);
-        GC.SuppressFinalize(this);
-    }
-
-    /// <summary>Releases backend memory.</summary>
-    protected virtual void Dispose(bool disposing)
-    {
-    }
 }
 
 /// <summary>A linear weight W [Out, In] (<c>y = x·Wᵀ</c>) in the backend's storage format.</summary>
-public abstract class LinearWeight(int outFeatures, int inFeatures, bool fp8)
+public abstract class LinearWeight(int outFeatures, int inFeatures, bool fp8) : BackendResource
 {
     /// <summary>Rows of W.</summary>
     public int Out { get; } = outFeatures;
@@ -55,7 +62,7 @@ public abstract class LinearWeight(int outFeatures, int inFeatures, bool fp8)
 }
 
 /// <summary>An RMSNorm weight [Width].</summary>
-public abstract class NormWeight(int width, float epsilon)
+public abstract class NormWeight(int width, float epsilon) : BackendResource
 {
     /// <summary>Elements.</summary>
     public int Width { get; } = width;
@@ -65,7 +72,7 @@ public abstract class NormWeight(int width, float epsilon)
 }
 
 /// <summary>An embedding table [Rows, Width].</summary>
-public abstract class EmbeddingWeight(int rows, int width)
+public abstract class EmbeddingWeight(int rows, int width) : BackendResource
 {
     /// <summary>Vocabulary rows.</summary>
     public int Rows { get; } = rows;
@@ -84,7 +91,7 @@ public abstract class EmbeddingWeight(int rows, int width)
 public sealed record GateOptions(int Experts, int Groups, int GroupsKept, int TopK, bool Normalize, float ScalingFactor);
 
 /// <summary>A MoE router: weight [E, D] and the selection-only correction bias [E].</summary>
-public abstract class GateWeight(int width, GateOptions options)
+public abstract class GateWeight(int width, GateOptions options) : BackendResource
 {
     /// <summary>Input width D.</summary>
     public int Width { get; } = width;
@@ -94,7 +101,7 @@ public abstract class GateWeight(int width, GateOptions options)
 }
 
 /// <summary>The routed experts of one MoE layer (each gate, up, down) and its shared experts.</summary>
-public abstract class ExpertWeights(int experts, int width, int expertWidth, int sharedWidth)
+public abstract class ExpertWeights(int experts, int width, int expertWidth, int sharedWidth) : BackendResource
 {
     /// <summary>Routed experts.</summary>
     public int Experts { get; } = experts;
@@ -110,7 +117,7 @@ public abstract class ExpertWeights(int experts, int width, int expertWidth, int
 }
 
 /// <summary>Per-token routing decisions: sigmoid scores [T, E], chosen experts [T, k] and their weights [T, k].</summary>
-public abstract class Routing(int tokens, int experts, int topK)
+public abstract class Routing(int tokens, int experts, int topK) : BackendResource
 {
     /// <summary>Tokens routed.</summary>
     public int Tokens { get; } = tokens;
@@ -123,7 +130,7 @@ public abstract class Routing(int tokens, int experts, int topK)
 }
 
 /// <summary>Precomputed rotary table: cos and sin of position × inv_freq[pair], [Positions, Pairs].</summary>
-public abstract class RopeTable(int positions, int pairs)
+public abstract class RopeTable(int positions, int pairs) : BackendResource
 {
     /// <summary>Positions covered (0 .. Positions−1).</summary>
     public int Positions { get; } = positions;
@@ -137,7 +144,7 @@ public abstract class RopeTable(int positions, int pairs)
 /// the rotated shared key (qk_rope_head_dim). Addressed by absolute position, so a paged implementation
 /// can map positions to blocks behind the same calls.
 /// </summary>
-public abstract class LatentCache(int capacity, int latentDim, int ropeDim)
+public abstract class LatentCache(int capacity, int latentDim, int ropeDim) : BackendResource
 {
     /// <summary>Positions it can hold.</summary>
     public int Capacity { get; } = capacity;

@@ -4,7 +4,7 @@ using DeepSeekCuda.Loader;
 namespace DeepSeekCuda.Model;
 
 /// <summary>One decoder layer's weights (main or MTP): MLA plus a dense MLP or a MoE.</summary>
-internal sealed class DecoderLayer
+internal sealed class DecoderLayer : IDisposable
 {
     public required int Index { get; init; }
     public required NormWeight InputNorm { get; init; }
@@ -52,5 +52,14 @@ internal sealed class DecoderLayer
                     config.NSharedExperts > 0 ? n.SharedExpert : null)
                 : null,
         };
+    }
+
+    public void Dispose()
+    {
+        BackendResource?[] all = [InputNorm, PostAttentionNorm, QA, QANorm, QB, KvA, KvANorm, KvB, O, Gate, Experts, .. Dense ?? []];
+        foreach (var r in all)
+        {
+            r?.Dispose();
+        }
     }
 }

@@ -36,7 +36,7 @@ public sealed class DeepSeekModel : ILanguageModel
     /// <inheritdoc />
     public int MaxSequenceLength { get; }
 
-    /// <summary>Whether the MTP module was loaded (<see cref="DeepSeekSession.MtpForward"/> works).</summary>
+    /// <summary>Whether the MTP module was loaded (<c>DeepSeekSession.MtpForward</c> works).</summary>
     public bool HasMtp => Mtp is not null;
 
     internal MlaDims Dims { get; }
@@ -129,14 +129,24 @@ public sealed class DeepSeekModel : ILanguageModel
         return session.ForwardAll(tokens, observer);
     }
 
-    /// <summary>Weights belong to the backend; nothing to release here beyond what the GC reclaims.</summary>
+    /// <summary>Releases the weights held by the backend (the backend itself belongs to the caller).</summary>
     public void Dispose()
     {
+        Embed.Dispose();
+        Head.Dispose();
+        FinalNorm.Dispose();
+        Rope.Dispose();
+        foreach (var layer in Layers)
+        {
+            layer.Dispose();
+        }
+
+        Mtp?.Dispose();
     }
 }
 
 /// <summary>The MTP module's weights (MODEL.md §6): norms, eh_proj, a full decoder layer, the head norm.</summary>
-internal sealed class MtpWeights
+internal sealed class MtpWeights : IDisposable
 {
     public required NormWeight ENorm { get; init; }
     public required NormWeight HNorm { get; init; }
@@ -159,5 +169,14 @@ internal sealed class MtpWeights
             Layer = DecoderLayer.Load(checkpoint, backend, config, index),
             HeadNorm = backend.UploadNorm(checkpoint, n.MtpHeadNorm, d, eps),
         };
+    }
+
+    public void Dispose()
+    {
+        ENorm.Dispose();
+        HNorm.Dispose();
+        EhProj.Dispose();
+        Layer.Dispose();
+        HeadNorm.Dispose();
     }
 }

@@ -35,7 +35,7 @@ public sealed class DeepSeekSession : IModelSession
     /// <inheritdoc />
     public int Length { get; private set; }
 
-    /// <summary>Positions held by the MTP layer's cache (fed in order through <see cref="MtpForward"/>).</summary>
+    /// <summary>Positions held by the MTP layer's cache (fed in order through <c>MtpForward</c>).</summary>
     public int MtpLength { get; private set; }
 
     /// <inheritdoc />
@@ -95,12 +95,20 @@ public sealed class DeepSeekSession : IModelSession
     }
 
     /// <summary>
+    /// One MTP step: the draft logits [vocab] for the token after <paramref name="nextToken"/>, from the main
+    /// model's hidden after the final norm at <paramref name="position"/> (see the multi-position overload).
+    /// </summary>
+    public float[] MtpForward(ReadOnlySpan<float> hidden, int nextToken, int position) =>
+        MtpForward(hidden, [nextToken], position);
+
+    /// <summary>
     /// The MTP module (MODEL.md §6) for n consecutive positions start .. start+n−1: for each, the main
     /// model's hidden after the final norm at that position (<paramref name="hiddens"/> [n, D]) and the
     /// token that follows it (<paramref name="nextTokens"/> [n]); returns the draft logits for the token
     /// after that, [n, vocab]. Concatenation is [embedding ; hidden]; the MTP layer runs at the hidden's
     /// position with its own latent cache, so positions must be fed in order (start ≤ <see cref="MtpLength"/>;
-    /// a smaller start overwrites, as after a rollback).
+    /// a smaller start overwrites, as after a rollback). vLLM's zeroing of the embedding at position 0 is
+    /// not applied: it is a serving convention, not part of the module (MODEL.md §6, UNCONFIRMED items).
     /// </summary>
     public float[] MtpForward(ReadOnlySpan<float> hiddens, ReadOnlySpan<int> nextTokens, int startPosition, Action<Intermediate>? observer = null)
     {
@@ -247,8 +255,8 @@ public sealed class DeepSeekSession : IModelSession
         else
         {
             var gate = layer.Gate!;
-            using var routing = new RoutingScope(_b.AllocateRouting(t, gate.Options.Experts, gate.Options.TopK));
-            _b.MoeGate(f, gate, routing.Value);
+            using var routing = _b.AllocateRouting(t, gate.Options.Experts, gate.Options.TopK);
+            _b.MoeGate(f, gate, routing);
             if (observer is not null)
             {
                 Observe(observer, name + "gate_in", f);
@@ -256,13 +264,13 @@ public sealed class DeepSeekSession : IModelSession
                 var scores = new float[t * o.Experts];
                 var idx = new int[t * o.TopK];
                 var w = new float[t * o.TopK];
-                _b.DownloadRouting(routing.Value, scores, idx, w);
+                _b.DownloadRouting(routing, scores, idx, w);
                 observer(new Intermediate(name + "gate_scores", t, o.Experts, scores, null));
                 observer(new Intermediate(name + "topk_idx", t, o.TopK, null, idx));
                 observer(new Intermediate(name + "topk_weight", t, o.TopK, w, null));
             }
 
-            _b.MoeExperts(f, routing.Value, layer.Experts!, y);
+            _b.MoeExperts(f, routing, layer.Experts!, y);
         }
 
         Observe(observer, name + "ffn_out", y);
@@ -296,14 +304,12 @@ public sealed class DeepSeekSession : IModelSession
     /// <summary>Releases the session's caches.</summary>
     public void Dispose()
     {
+        foreach (var cache in _caches)
+        {
+            cache.Dispose();
+        }
+
+        _mtpCache?.Dispose();
         _lastHidden.Dispose();
-    }
-
-    /// <summary>Routing handles are not tensors; this keeps the using-pattern uniform for a GPU backend that pools them.</summary>
-    private readonly struct RoutingScope(Routing value) : IDisposable
-    {
-        public Routing Value { get; } = value;
-
-        public void Dispose() => (Value as IDisposable)?.Dispose();
     }
 }

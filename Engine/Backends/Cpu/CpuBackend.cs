@@ -323,7 +323,20 @@ public sealed class CpuBackend : IBackend
         void Block(int b)
         {
             var end = Math.Min(outF, (b + 1) * perBlock);
-            for (var o = b * perBlock; o < end; o++)
+            var o = b * perBlock;
+            Span<float> four = stackalloc float[4];
+            // Four weight rows per pass over the tokens: each x load feeds four dot products.
+            for (; o + 4 <= end && rows > 1; o += 4)
+            {
+                var w4 = w.Data.AsSpan(o * inF, 4 * inF);
+                for (var t = 0; t < rows; t++)
+                {
+                    Kernels.Dot4(x.AsSpan(t * inF, inF), w4, four);
+                    four.CopyTo(y.AsSpan(t * outF + o, 4));
+                }
+            }
+
+            for (; o < end; o++)
             {
                 var wr = w.Data.AsSpan(o * inF, inF);
                 for (var t = 0; t < rows; t++)
