@@ -12,7 +12,10 @@ typedef int i32;
 typedef long long i64;
 
 #define DSC_DEVICE __device__ __forceinline__
-#define DSC_STATIC_ASSERT_OFFSET(T, f, n) static_assert(__builtin_offsetof(T, f) == (n), #T "." #f " offset differs from C#")
+// NVRTC 11.8's front end has no __builtin_offsetof (and there is no <cstddef>); the classic null-pointer
+// form is accepted as a constant expression by it, which is all the layout checks need.
+#define DSC_OFFSETOF(T, f) ((unsigned long long)&(((T*)0)->f))
+#define DSC_STATIC_ASSERT_OFFSET(T, f, n) static_assert(DSC_OFFSETOF(T, f) == (n), #T "." #f " offset differs from C#")
 
 constexpr float kFp8E4M3Max = 448.0f;
 

@@ -120,7 +120,7 @@ public sealed unsafe class NvrtcCompiler
         sb.Append("#include \"").Append(family).Append(".cu\"\n");
         foreach (var k in instances)
         {
-            sb.Append("template __global__ void ").Append(k.NameExpression).Append("(const ").Append(k.ParamsType).Append(");\n");
+            sb.Append("template __global__ void ").Append(k.NameExpression).Append("(const __grid_constant__ ").Append(k.ParamsType).Append(");\n");
         }
 
         return sb.ToString();
