@@ -1,0 +1,655 @@
+using System.Numerics.Tensors;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Numerics;
+
+namespace DeepSeekCuda.Backends.Cpu;
+
+/// <summary>Numerics of the CPU backend.</summary>
+public enum CpuNumerics
+{
+    /// <summary>Float32 everywhere with dequantized weights: the reference semantics (fixture tolerance (i)).</summary>
+    Float32,
+
+    /// <summary>
+    /// What the GPU computes: every stored activation rounded to BF16, and activations quantized to FP8
+    /// per token per 128 channels before each FP8-weight GEMM (fixture tolerance (ii)). Accumulation,
+    /// norms, softmax, gating and logits stay fp32.
+    /// </summary>
+    GpuEmulation,
+}
+
+/// <summary>
+/// The reference implementation of <see cref="IBackend"/>: float32 on the CPU, SIMD through
+/// <see cref="TensorPrimitives"/> and threads over output rows, tokens and heads. Deterministic: every
+/// sum has a fixed order regardless of scheduling.
+/// </summary>
+public sealed class CpuBackend : IBackend
+{
+    private readonly bool _emulate;
+    private readonly ParallelOptions _parallel;
+
+    /// <summary>Creates a CPU backend.</summary>
+    /// <param name="numerics">Float32 (reference) or GPU emulation.</param>
+    /// <param name="maxDegreeOfParallelism">Threads to use; null for all cores.</param>
+    public CpuBackend(CpuNumerics numerics = CpuNumerics.Float32, int? maxDegreeOfParallelism = null)
+    {
+        Numerics = numerics;
+        _emulate = numerics == CpuNumerics.GpuEmulation;
+        _parallel = new ParallelOptions { MaxDegreeOfParallelism = maxDegreeOfParallelism ?? Environment.ProcessorCount };
+    }
+
+    /// <summary>The numerics mode.</summary>
+    public CpuNumerics Numerics { get; }
+
+    /// <summary>Activation group width of the FP8 quantization in <see cref="CpuNumerics.GpuEmulation"/>.</summary>
+    public int ActivationGroupSize { get; init; } = ActivationQuant.DefaultGroupSize;
+
+    /// <summary>Scale format of the FP8 quantization in <see cref="CpuNumerics.GpuEmulation"/>.</summary>
+    public ScaleFormat ActivationScaleFormat { get; init; } = ScaleFormat.Float32;
+
+    /// <inheritdoc />
+    public string Name => $"cpu ({Numerics})";
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+    }
+
+    // ---------------------------------------------------------------- memory
+
+    /// <inheritdoc />
+    public Tensor Allocate(int rows, int cols) => new CpuTensor(rows, cols);
+
+    /// <inheritdoc />
+    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols)
+    {
+        var t = new CpuTensor(rows, cols);
+        if (values.Length != t.Data.Length)
+        {
+            throw new ArgumentException($"{values.Length} values for a [{rows}, {cols}] tensor", nameof(values));
+        }
+
+        values.CopyTo(t.Data);
+        return t;
+    }
+
+    /// <inheritdoc />
+    public void Download(Tensor tensor, Span<float> destination) => T(tensor).Data.CopyTo(destination);
+
+    /// <inheritdoc />
+    public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count)
+    {
+        CpuTensor s = T(source), d = T(destination);
+        if (s.Cols != d.Cols || sourceRow < 0 || destinationRow < 0 || count < 0 || sourceRow + count > s.Rows || destinationRow + count > d.Rows)
+        {
+            throw new ArgumentException($"cannot copy {count} rows from {s} at {sourceRow} to {d} at {destinationRow}");
+        }
+
+        s.Data.AsSpan(sourceRow * s.Cols, count * s.Cols).CopyTo(d.Data.AsSpan(destinationRow * d.Cols));
+    }
+
+    // ---------------------------------------------------------------- weights
+
+    /// <inheritdoc />
+    public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec) => LoadLinear(checkpoint, spec);
+
+    /// <inheritdoc />
+    public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon) =>
+        new CpuNormWeight(width, epsilon, Read(checkpoint, name, width));
+
+    /// <inheritdoc />
+    public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width) =>
+        new CpuEmbeddingWeight(rows, width, Read(checkpoint, name, rows, width));
+
+    /// <inheritdoc />
+    public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width) =>
+        new CpuLinearWeight(vocab, width, false, Read(checkpoint, name, vocab, width));
+
+    /// <inheritdoc />
+    public GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options)
+    {
+        if (options.Experts % options.Groups != 0 || options.GroupsKept > options.Groups || options.TopK > options.Experts / options.Groups * options.GroupsKept)
+        {
+            throw new ArgumentException($"unsupported routing {options}", nameof(options));
+        }
+
+        return new CpuGateWeight(width, options, Read(checkpoint, weight, options.Experts, width), Read(checkpoint, bias, options.Experts));
+    }
+
+    /// <inheritdoc />
+    public ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared)
+    {
+        var routed = new CpuMlp[experts.Count];
+        // Experts are independent tensors; dequantizing them in parallel is the bulk of load time.
+        Parallel.For(0, experts.Count, _parallel, e => routed[e] = LoadMlp(checkpoint, experts[e]));
+        var sharedMlp = shared is null ? null : LoadMlp(checkpoint, shared);
+        var first = routed.Length > 0 ? routed[0] : sharedMlp ?? throw new ArgumentException("no experts", nameof(experts));
+        return new CpuExpertWeights(routed, sharedMlp, first.Gate.In, routed.Length > 0 ? routed[0].Gate.Out : 0);
+    }
+
+    /// <inheritdoc />
+    public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs)
+    {
+        if (cos.Length != positions * pairs || sin.Length != positions * pairs)
+        {
+            throw new ArgumentException($"cos/sin must be [{positions}, {pairs}]");
+        }
+
+        return new CpuRopeTable(positions, pairs, cos.ToArray(), sin.ToArray());
+    }
+
+    /// <inheritdoc />
+    public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => new CpuLatentCache(capacity, latentDim, ropeDim);
+
+    /// <inheritdoc />
+    public Routing AllocateRouting(int tokens, int experts, int topK) => new CpuRouting(tokens, experts, topK);
+
+    /// <inheritdoc />
+    public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights)
+    {
+        var r = (CpuRouting)routing;
+        if (!scores.IsEmpty)
+        {
+            r.Scores.CopyTo(scores);
+        }
+
+        if (!indices.IsEmpty)
+        {
+            r.Indices.CopyTo(indices);
+        }
+
+        if (!weights.IsEmpty)
+        {
+            r.Weights.CopyTo(weights);
+        }
+    }
+
+    private static CpuLinearWeight LoadLinear(Checkpoint checkpoint, LinearSpec spec)
+    {
+        var info = checkpoint.Get(spec.Weight);
+        var fp8 = info.DType == DType.F8_E4M3;
+        return new CpuLinearWeight(spec.Out, spec.In, fp8, Read(checkpoint, spec.Weight, spec.Out, spec.In));
+    }
+
+    private static CpuMlp LoadMlp(Checkpoint checkpoint, LinearSpec[] mlp)
+    {
+        if (mlp.Length != 3)
+        {
+            throw new ArgumentException("an MLP is [gate, up, down]", nameof(mlp));
+        }
+
+        return new CpuMlp(LoadLinear(checkpoint, mlp[0]), LoadLinear(checkpoint, mlp[1]), LoadLinear(checkpoint, mlp[2]));
+    }
+
+    private static float[] Read(Checkpoint checkpoint, string name, params int[] shape)
+    {
+        var info = checkpoint.Get(name);
+        if (info.Shape.Length != shape.Length || !info.Shape.Select(s => (int)s).SequenceEqual(shape))
+        {
+            throw new CheckpointException(
+                $"{checkpoint.Directory}: tensor '{name}' has shape {info.ShapeText}, the model needs {TensorInfo.FormatShape(shape.Select(s => (long)s))}",
+                checkpoint.Directory, name);
+        }
+
+        return checkpoint.ReadFloat32(name);
+    }
+
+    // ---------------------------------------------------------------- elementwise and norms
+
+    /// <inheritdoc />
+    public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output)
+    {
+        var w = (CpuEmbeddingWeight)table;
+        var o = T(output);
+        Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
+        for (var t = 0; t < ids.Length; t++)
+        {
+            var id = ids[t];
+            if ((uint)id >= (uint)w.Rows)
+            {
+                throw new ArgumentOutOfRangeException(nameof(ids), id, $"token id outside 0..{w.Rows - 1}");
+            }
+
+            w.Data.AsSpan(id * w.Width, w.Width).CopyTo(o.Row(t));
+        }
+
+        Store(o.Data);
+    }
+
+    /// <inheritdoc />
+    public void RmsNorm(Tensor x, NormWeight weight, Tensor output)
+    {
+        CpuTensor a = T(x), o = T(output);
+        var w = (CpuNormWeight)weight;
+        Require(a.Cols == w.Width && o.Cols == w.Width && a.Rows == o.Rows, "rmsnorm shapes");
+        for (var t = 0; t < a.Rows; t++)
+        {
+            NormRow(a.Row(t), w.Data, w.Epsilon, o.Row(t));
+        }
+
+        Store(o.Data);
+    }
+
+    /// <inheritdoc />
+    public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
+    {
+        CpuTensor r = T(residual), d = T(delta);
+        Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
+        TensorPrimitives.Add(r.Data, d.Data, r.Data);
+        Store(r.Data);
+        RmsNorm(residual, weight, normed);
+    }
+
+    private static void NormRow(ReadOnlySpan<float> x, ReadOnlySpan<float> w, float eps, Span<float> y)
+    {
+        // mean(x²) and rsqrt in fp32, as F.rms_norm upcasts; the weight multiplies the normalized value.
+        var meanSquare = TensorPrimitives.SumOfSquares(x) / x.Length;
+        var r = 1f / MathF.Sqrt(meanSquare + eps);
+        TensorPrimitives.Multiply(x, r, y);
+        TensorPrimitives.Multiply(y, w, y);
+    }
+
+    /// <inheritdoc />
+    public void SiluMul(Tensor gate, Tensor up, Tensor output)
+    {
+        CpuTensor g = T(gate), u = T(up), o = T(output);
+        Require(g.Data.Length == u.Data.Length && g.Data.Length == o.Data.Length, "silu-mul shapes");
+        SiluMulSpan(g.Data, u.Data, o.Data);
+        Store(o.Data);
+    }
+
+    private static void SiluMulSpan(ReadOnlySpan<float> g, ReadOnlySpan<float> u, Span<float> o)
+    {
+        for (var i = 0; i < o.Length; i++)
+        {
+            var z = g[i];
+            o[i] = z / (1f + MathF.Exp(-z)) * u[i];
+        }
+    }
+
+    /// <inheritdoc />
+    public void ConcatColumns(Tensor a, Tensor b, Tensor output)
+    {
+        CpuTensor x = T(a), y = T(b), o = T(output);
+        Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
+        for (var t = 0; t < o.Rows; t++)
+        {
+            x.Row(t).CopyTo(o.Row(t));
+            y.Row(t).CopyTo(o.Row(t)[x.Cols..]);
+        }
+    }
+
+    // ---------------------------------------------------------------- GEMM
+
+    /// <inheritdoc />
+    public void Linear(Tensor x, LinearWeight weight, Tensor y)
+    {
+        CpuTensor a = T(x), o = T(y);
+        var w = (CpuLinearWeight)weight;
+        Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
+        var input = _emulate && w.Fp8 ? QuantizeRows(a.Data, a.Rows, a.Cols) : a.Data;
+        Gemm(input, a.Rows, w, o.Data, parallel: true);
+        Store(o.Data);
+    }
+
+    /// <inheritdoc />
+    public void Logits(Tensor x, LinearWeight head, Tensor logits)
+    {
+        CpuTensor a = T(x), o = T(logits);
+        var w = (CpuLinearWeight)head;
+        Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
+        Gemm(a.Data, a.Rows, w, o.Data, parallel: true);
+    }
+
+    /// <summary>The activation copy an FP8 GEMM sees: each row quantized and dequantized per group.</summary>
+    private float[] QuantizeRows(float[] x, int rows, int cols)
+    {
+        var q = (float[])x.Clone();
+        for (var t = 0; t < rows; t++)
+        {
+            ActivationQuant.QuantizeDequantize(q.AsSpan(t * cols, cols), ActivationGroupSize, ActivationScaleFormat);
+        }
+
+        return q;
+    }
+
+    /// <summary>y[t, o] = x[t, :]·W[o, :] for t &lt; rows; fp32 dot products; parallel over output row blocks.</summary>
+    private void Gemm(float[] x, int rows, CpuLinearWeight w, float[] y, bool parallel)
+    {
+        int outF = w.Out, inF = w.In;
+        var blocks = parallel ? Math.Min(outF, Math.Max(1, _parallel.MaxDegreeOfParallelism * 4)) : 1;
+        var perBlock = (outF + blocks - 1) / blocks;
+
+        void Block(int b)
+        {
+            var end = Math.Min(outF, (b + 1) * perBlock);
+            for (var o = b * perBlock; o < end; o++)
+            {
+                var wr = w.Data.AsSpan(o * inF, inF);
+                for (var t = 0; t < rows; t++)
+                {
+                    y[t * outF + o] = TensorPrimitives.Dot(x.AsSpan(t * inF, inF), wr);
+                }
+            }
+        }
+
+        // Small products are not worth a thread hop.
+        if (blocks == 1 || (long)rows * outF * inF < 32_768)
+        {
+            for (var b = 0; b < blocks; b++)
+            {
+                Block(b);
+            }
+        }
+        else
+        {
+            Parallel.For(0, blocks, _parallel, Block);
+        }
+    }
+
+    // ---------------------------------------------------------------- RoPE and the latent cache
+
+    /// <inheritdoc />
+    public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
+    {
+        var a = T(x);
+        var r = (CpuRopeTable)rope;
+        Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
+        CheckPositions(r, startPosition, a.Rows);
+        var heads = a.Cols / headStride;
+        for (var t = 0; t < a.Rows; t++)
+        {
+            var row = a.Row(t);
+            for (var h = 0; h < heads; h++)
+            {
+                Rotate(row.Slice(h * headStride + ropeOffset, 2 * r.Pairs), r, startPosition + t);
+            }
+        }
+
+        Store(a.Data);
+    }
+
+    /// <inheritdoc />
+    public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition)
+    {
+        var a = T(kv);
+        var c = (CpuLatentCache)cache;
+        var norm = (CpuNormWeight)latentNorm;
+        var r = (CpuRopeTable)rope;
+        int latent = c.LatentDim, ropeDim = c.RopeDim;
+        Require(a.Cols == latent + ropeDim && norm.Width == latent && ropeDim == 2 * r.Pairs, "latent append shapes");
+        if (startPosition < 0 || startPosition + a.Rows > c.Capacity)
+        {
+            throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + a.Rows - 1} exceed the cache capacity {c.Capacity}");
+        }
+
+        CheckPositions(r, startPosition, a.Rows);
+        for (var t = 0; t < a.Rows; t++)
+        {
+            var p = startPosition + t;
+            var row = a.Row(t);
+            var dstLatent = c.Latent.AsSpan(p * latent, latent);
+            NormRow(row[..latent], norm.Data, norm.Epsilon, dstLatent);
+            var dstRope = c.Rope.AsSpan(p * ropeDim, ropeDim);
+            row[latent..].CopyTo(dstRope);
+            Rotate(dstRope, r, p);
+            Store(dstLatent);
+            Store(dstRope);
+        }
+    }
+
+    private static void Rotate(Span<float> x, CpuRopeTable r, int position)
+    {
+        // Interleaved pairs (x[2i], x[2i+1]) = x[2i] + j·x[2i+1], times e^{j·angle_i}: the checkpoint's layout.
+        var cos = r.Cos.AsSpan(position * r.Pairs, r.Pairs);
+        var sin = r.Sin.AsSpan(position * r.Pairs, r.Pairs);
+        for (var i = 0; i < r.Pairs; i++)
+        {
+            float x0 = x[2 * i], x1 = x[2 * i + 1];
+            x[2 * i] = x0 * cos[i] - x1 * sin[i];
+            x[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+
+    private static void CheckPositions(CpuRopeTable r, int start, int count)
+    {
+        if (start < 0 || start + count > r.Positions)
+        {
+            throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + count - 1} exceed the rotary table (0..{r.Positions - 1})");
+        }
+    }
+
+    // ---------------------------------------------------------------- MLA
+
+    /// <inheritdoc />
+    public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
+    {
+        var (qt, c, w, o) = CheckAttention(q, cache, kvB, dims, startPosition, output);
+        var keys = startPosition + qt.Rows;
+        int lora = dims.KvLora, ropeDim = dims.QkRope, kvbRow = dims.KvBHead * dims.Heads;
+
+        // [keys, H·(nope + v)]: per-head k_nope and v decompressed from every cached latent.
+        var latents = new float[keys * lora];
+        c.Latent.AsSpan(0, keys * lora).CopyTo(latents);
+        var u = new float[keys * kvbRow];
+        Gemm(_emulate && w.Fp8 ? QuantizeRows(latents, keys, lora) : latents, keys, w, u, parallel: true);
+        Store(u);
+
+        Parallel.For(0, qt.Rows * dims.Heads, _parallel, job =>
+        {
+            int t = job / dims.Heads, h = job % dims.Heads;
+            var visible = startPosition + t + 1;
+            var qh = qt.Data.AsSpan(t * qt.Cols + h * dims.QkHead, dims.QkHead);
+            var qNope = qh[..dims.QkNope];
+            var qPe = qh[dims.QkNope..];
+            var p = new float[visible];
+            for (var j = 0; j < visible; j++)
+            {
+                var k = u.AsSpan(j * kvbRow + h * dims.KvBHead, dims.QkNope);
+                p[j] = (TensorPrimitives.Dot(qNope, k) + TensorPrimitives.Dot(qPe, c.Rope.AsSpan(j * ropeDim, ropeDim))) * scale;
+            }
+
+            Softmax(p);
+            var oh = o.Data.AsSpan(t * o.Cols + h * dims.V, dims.V);
+            oh.Clear();
+            for (var j = 0; j < visible; j++)
+            {
+                TensorPrimitives.MultiplyAdd(u.AsSpan(j * kvbRow + h * dims.KvBHead + dims.QkNope, dims.V), p[j], oh, oh);
+            }
+
+            Store(oh);
+        });
+    }
+
+    /// <inheritdoc />
+    public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
+    {
+        var (qt, c, w, o) = CheckAttention(q, cache, kvB, dims, startPosition, output);
+        int lora = dims.KvLora, ropeDim = dims.QkRope;
+
+        Parallel.For(0, qt.Rows * dims.Heads, _parallel, job =>
+        {
+            int t = job / dims.Heads, h = job % dims.Heads;
+            var visible = startPosition + t + 1;
+            var qh = qt.Data.AsSpan(t * qt.Cols + h * dims.QkHead, dims.QkHead);
+            var qPe = qh[dims.QkNope..];
+
+            // q̃[c] = Σ_d q_nope[d]·W_UK[h, d, c]: the query folded into latent space.
+            var folded = new float[lora];
+            for (var d = 0; d < dims.QkNope; d++)
+            {
+                TensorPrimitives.MultiplyAdd(w.Row(h * dims.KvBHead + d), qh[d], folded, folded);
+            }
+
+            Store(folded);
+            var p = new float[visible];
+            for (var j = 0; j < visible; j++)
+            {
+                p[j] = (TensorPrimitives.Dot(folded, c.Latent.AsSpan(j * lora, lora))
+                        + TensorPrimitives.Dot(qPe, c.Rope.AsSpan(j * ropeDim, ropeDim))) * scale;
+            }
+
+            Softmax(p);
+
+            // ō = Σ_j P[j]·C[j], then O[d] = W_UV[h, d, :]·ō.
+            var latentSum = new float[lora];
+            for (var j = 0; j < visible; j++)
+            {
+                TensorPrimitives.MultiplyAdd(c.Latent.AsSpan(j * lora, lora), p[j], latentSum, latentSum);
+            }
+
+            Store(latentSum);
+            var oh = o.Data.AsSpan(t * o.Cols + h * dims.V, dims.V);
+            for (var d = 0; d < dims.V; d++)
+            {
+                oh[d] = TensorPrimitives.Dot(latentSum, w.Row(h * dims.KvBHead + dims.QkNope + d));
+            }
+
+            Store(oh);
+        });
+    }
+
+    private (CpuTensor Q, CpuLatentCache Cache, CpuLinearWeight KvB, CpuTensor Output) CheckAttention(
+        Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, Tensor output)
+    {
+        CpuTensor qt = T(q), o = T(output);
+        var c = (CpuLatentCache)cache;
+        var w = (CpuLinearWeight)kvB;
+        Require(qt.Cols == dims.Heads * dims.QkHead, $"q {qt} is not [T, {dims.Heads}·{dims.QkHead}]");
+        Require(o.Rows == qt.Rows && o.Cols == dims.Heads * dims.V, $"attention output {o} is not [{qt.Rows}, {dims.Heads}·{dims.V}]");
+        Require(w.Out == dims.Heads * dims.KvBHead && w.In == dims.KvLora, "kv_b shape");
+        Require(c.LatentDim == dims.KvLora && c.RopeDim == dims.QkRope, "cache widths");
+        if (startPosition < 0 || startPosition + qt.Rows > c.Capacity)
+        {
+            throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + qt.Rows - 1} exceed the cache capacity {c.Capacity}");
+        }
+
+        return (qt, c, w, o);
+    }
+
+    /// <summary>Softmax in fp32 with the maximum subtracted; BF16-rounded probabilities under emulation (the GPU feeds bf16 P to P·V).</summary>
+    private void Softmax(Span<float> x)
+    {
+        var max = TensorPrimitives.Max(x);
+        TensorPrimitives.Subtract(x, max, x);
+        TensorPrimitives.Exp(x, x);
+        var sum = TensorPrimitives.Sum(x);
+        TensorPrimitives.Divide(x, sum, x);
+        Store(x);
+    }
+
+    // ---------------------------------------------------------------- MoE
+
+    /// <inheritdoc />
+    public void MoeGate(Tensor x, GateWeight gate, Routing routing)
+    {
+        var a = T(x);
+        var g = (CpuGateWeight)gate;
+        var r = (CpuRouting)routing;
+        var opt = g.Options;
+        Require(a.Cols == g.Width && r.Tokens == a.Rows && r.Experts == opt.Experts && r.TopK == opt.TopK, "gate shapes");
+        Parallel.For(0, a.Rows, _parallel, t => Router.Route(a.Row(t), g.Weight, g.Bias, opt,
+            r.Scores.AsSpan(t * opt.Experts, opt.Experts), r.Indices.AsSpan(t * opt.TopK, opt.TopK), r.Weights.AsSpan(t * opt.TopK, opt.TopK)));
+    }
+
+    /// <inheritdoc />
+    public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y)
+    {
+        CpuTensor a = T(x), o = T(y);
+        var r = (CpuRouting)routing;
+        var ew = (CpuExpertWeights)experts;
+        int tokens = a.Rows, width = a.Cols, k = r.TopK;
+        Require(o.Rows == tokens && o.Cols == width && r.Tokens == tokens && ew.Width == width && r.Experts == ew.Experts, "MoE shapes");
+
+        // Token slots (t, j) per expert, in token order, so every sum below has a fixed order.
+        var slotsOf = new List<int>[ew.Experts];
+        for (var s = 0; s < tokens * k; s++)
+        {
+            var e = r.Indices[s];
+            (slotsOf[e] ??= []).Add(s);
+        }
+
+        // [T·k, D]: each chosen expert's output per token slot, combined afterwards.
+        var slotOut = new float[tokens * k * width];
+        for (var e = 0; e < ew.Experts; e++)
+        {
+            if (slotsOf[e] is not { } slots)
+            {
+                continue;
+            }
+
+            var xe = new float[slots.Count * width];
+            for (var i = 0; i < slots.Count; i++)
+            {
+                a.Row(slots[i] / k).CopyTo(xe.AsSpan(i * width));
+            }
+
+            var ye = RunMlp(ew.Routed[e], xe, slots.Count);
+            for (var i = 0; i < slots.Count; i++)
+            {
+                ye.AsSpan(i * width, width).CopyTo(slotOut.AsSpan(slots[i] * width));
+            }
+        }
+
+        var shared = ew.Shared is null ? null : RunMlp(ew.Shared, a.Data, tokens);
+        for (var t = 0; t < tokens; t++)
+        {
+            var yt = o.Row(t);
+            yt.Clear();
+            for (var j = 0; j < k; j++)
+            {
+                var s = t * k + j;
+                TensorPrimitives.MultiplyAdd(slotOut.AsSpan(s * width, width), r.Weights[s], yt, yt);
+            }
+
+            if (shared is not null)
+            {
+                TensorPrimitives.Add(yt, shared.AsSpan(t * width, width), yt);
+            }
+        }
+
+        Store(o.Data);
+    }
+
+    /// <summary>down(silu(gate·x) ⊙ up·x) for <paramref name="rows"/> rows of x.</summary>
+    private float[] RunMlp(CpuMlp mlp, float[] x, int rows)
+    {
+        var width = mlp.Gate.Out;
+        var input = _emulate && mlp.Gate.Fp8 ? QuantizeRows(x, rows, mlp.Gate.In) : x;
+        var g = new float[rows * width];
+        var u = new float[rows * width];
+        Gemm(input, rows, mlp.Gate, g, parallel: true);
+        Gemm(input, rows, mlp.Up, u, parallel: true);
+        Store(g);
+        Store(u);
+        var h = new float[rows * width];
+        SiluMulSpan(g, u, h);
+        Store(h);
+        var y = new float[rows * mlp.Down.Out];
+        Gemm(_emulate && mlp.Down.Fp8 ? QuantizeRows(h, rows, width) : h, rows, mlp.Down, y, parallel: true);
+        Store(y);
+        return y;
+    }
+
+    // ---------------------------------------------------------------- helpers
+
+    /// <summary>Rounds to BF16 where the GPU would store BF16; nothing in float32 mode.</summary>
+    private void Store(Span<float> values)
+    {
+        if (_emulate)
+        {
+            BFloat16.Round(values);
+        }
+    }
+
+    private static CpuTensor T(Tensor t) =>
+        t as CpuTensor ?? throw new ArgumentException($"tensor {t} does not belong to the CPU backend", nameof(t));
+
+    private static void Require(bool ok, string what)
+    {
+        if (!ok)
+        {
+            throw new ArgumentException($"shape mismatch: {what}");
+        }
+    }
+}

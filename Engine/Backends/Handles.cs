@@ -1,0 +1,165 @@
+namespace DeepSeekCuda.Backends;
+
+/// <summary>
+/// An activation matrix owned by a backend: <see cref="Rows"/> tokens (or other rows) of
+/// <see cref="Cols"/> values, row-major. Host code never sees its storage; it moves data with
+/// <see cref="IBackend.Upload"/> and <see cref="IBackend.Download"/>.
+/// </summary>
+public abstract class Tensor : IDisposable
+{
+    /// <summary>Creates the shape part of a handle.</summary>
+    protected Tensor(int rows, int cols)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        ArgumentOutOfRangeException.ThrowIfNegative(cols);
+        Rows = rows;
+        Cols = cols;
+    }
+
+    /// <summary>Rows (tokens).</summary>
+    public int Rows { get; }
+
+    /// <summary>Values per row.</summary>
+    public int Cols { get; }
+
+    /// <summary>Rows × cols.</summary>
+    public long Length => (long)Rows * Cols;
+
+    /// <inheritdoc />
+    public override string ToString() => $"[{Rows}, {Cols}]";
+
+    /// <summary>Releases backend memory; the CPU backend leaves it to the GC.</summary>
+    public void Dispose()
+    {
+        Dispose(true);
+        GC.SuppressFinalize(this);
+    }
+
+    /// <summary>Releases backend memory.</summary>
+    protected virtual void Dispose(bool disposing)
+    {
+    }
+}
+
+/// <summary>A linear weight W [Out, In] (<c>y = x·Wᵀ</c>) in the backend's storage format.</summary>
+public abstract class LinearWeight(int outFeatures, int inFeatures, bool fp8)
+{
+    /// <summary>Rows of W.</summary>
+    public int Out { get; } = outFeatures;
+
+    /// <summary>Columns of W.</summary>
+    public int In { get; } = inFeatures;
+
+    /// <summary>Stored as FP8 with block scales in the checkpoint (its GEMM quantizes activations on a GPU).</summary>
+    public bool Fp8 { get; } = fp8;
+}
+
+/// <summary>An RMSNorm weight [Width].</summary>
+public abstract class NormWeight(int width, float epsilon)
+{
+    /// <summary>Elements.</summary>
+    public int Width { get; } = width;
+
+    /// <summary>The epsilon inside the rsqrt.</summary>
+    public float Epsilon { get; } = epsilon;
+}
+
+/// <summary>An embedding table [Rows, Width].</summary>
+public abstract class EmbeddingWeight(int rows, int width)
+{
+    /// <summary>Vocabulary rows.</summary>
+    public int Rows { get; } = rows;
+
+    /// <summary>Width of a row.</summary>
+    public int Width { get; } = width;
+}
+
+/// <summary>Routing hyper-parameters of a MoE gate (MODEL.md §5).</summary>
+/// <param name="Experts">Routed experts E.</param>
+/// <param name="Groups">Expert groups (n_group).</param>
+/// <param name="GroupsKept">Groups kept per token (topk_group).</param>
+/// <param name="TopK">Experts per token.</param>
+/// <param name="Normalize">Renormalize the chosen weights (norm_topk_prob).</param>
+/// <param name="ScalingFactor">routed_scaling_factor.</param>
+public sealed record GateOptions(int Experts, int Groups, int GroupsKept, int TopK, bool Normalize, float ScalingFactor);
+
+/// <summary>A MoE router: weight [E, D] and the selection-only correction bias [E].</summary>
+public abstract class GateWeight(int width, GateOptions options)
+{
+    /// <summary>Input width D.</summary>
+    public int Width { get; } = width;
+
+    /// <summary>Routing rule.</summary>
+    public GateOptions Options { get; } = options;
+}
+
+/// <summary>The routed experts of one MoE layer (each gate, up, down) and its shared experts.</summary>
+public abstract class ExpertWeights(int experts, int width, int expertWidth, int sharedWidth)
+{
+    /// <summary>Routed experts.</summary>
+    public int Experts { get; } = experts;
+
+    /// <summary>Model width D.</summary>
+    public int Width { get; } = width;
+
+    /// <summary>Hidden width of a routed expert.</summary>
+    public int ExpertWidth { get; } = expertWidth;
+
+    /// <summary>Hidden width of the shared experts (0 when there are none).</summary>
+    public int SharedWidth { get; } = sharedWidth;
+}
+
+/// <summary>Per-token routing decisions: sigmoid scores [T, E], chosen experts [T, k] and their weights [T, k].</summary>
+public abstract class Routing(int tokens, int experts, int topK)
+{
+    /// <summary>Tokens routed.</summary>
+    public int Tokens { get; } = tokens;
+
+    /// <summary>Routed experts E.</summary>
+    public int Experts { get; } = experts;
+
+    /// <summary>Experts per token.</summary>
+    public int TopK { get; } = topK;
+}
+
+/// <summary>Precomputed rotary table: cos and sin of position × inv_freq[pair], [Positions, Pairs].</summary>
+public abstract class RopeTable(int positions, int pairs)
+{
+    /// <summary>Positions covered (0 .. Positions−1).</summary>
+    public int Positions { get; } = positions;
+
+    /// <summary>Rotated pairs (qk_rope_head_dim / 2).</summary>
+    public int Pairs { get; } = pairs;
+}
+
+/// <summary>
+/// One layer's MLA latent cache of one sequence: per position the normalized latent (kv_lora_rank) and
+/// the rotated shared key (qk_rope_head_dim). Addressed by absolute position, so a paged implementation
+/// can map positions to blocks behind the same calls.
+/// </summary>
+public abstract class LatentCache(int capacity, int latentDim, int ropeDim)
+{
+    /// <summary>Positions it can hold.</summary>
+    public int Capacity { get; } = capacity;
+
+    /// <summary>Latent width (kv_lora_rank).</summary>
+    public int LatentDim { get; } = latentDim;
+
+    /// <summary>Rotated key width (qk_rope_head_dim).</summary>
+    public int RopeDim { get; } = ropeDim;
+}
+
+/// <summary>The head geometry of MLA (MODEL.md §3).</summary>
+/// <param name="Heads">Attention heads H.</param>
+/// <param name="QkNope">Non-rotary q/k width per head.</param>
+/// <param name="QkRope">Rotary q/k width (shared k_pe).</param>
+/// <param name="V">Value width per head.</param>
+/// <param name="KvLora">Latent width.</param>
+public readonly record struct MlaDims(int Heads, int QkNope, int QkRope, int V, int KvLora)
+{
+    /// <summary>q/k width per head: nope + rope.</summary>
+    public int QkHead => QkNope + QkRope;
+
+    /// <summary>kv_b rows per head: k_nope + v.</summary>
+    public int KvBHead => QkNope + V;
+}

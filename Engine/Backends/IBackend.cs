@@ -1,0 +1,125 @@
+using DeepSeekCuda.Loader;
+
+namespace DeepSeekCuda.Backends;
+
+/// <summary>
+/// The DeepSeek-V3 forward pass's operations at fused-kernel granularity. <c>Engine/Model</c> drives any
+/// implementation through this interface only; <see cref="Cpu.CpuBackend"/> is the executable
+/// specification that GPU kernels are tested against. All activations live in backend-owned
+/// <see cref="Tensor"/> handles; shapes are [rows, cols] with rows = tokens unless stated.
+/// Calls are asynchronous on a GPU backend: only <see cref="Download"/> and the routing download wait.
+/// </summary>
+public interface IBackend : IDisposable
+{
+    /// <summary>Human-readable name (and numerics mode).</summary>
+    string Name { get; }
+
+    // ---- memory ----
+
+    /// <summary>A new zero-filled activation tensor.</summary>
+    Tensor Allocate(int rows, int cols);
+
+    /// <summary>A new tensor holding <paramref name="values"/> (row-major, rows × cols).</summary>
+    Tensor Upload(ReadOnlySpan<float> values, int rows, int cols);
+
+    /// <summary>Copies a tensor to the host (row-major).</summary>
+    void Download(Tensor tensor, Span<float> destination);
+
+    /// <summary>Copies <paramref name="count"/> rows of <paramref name="source"/> from <paramref name="sourceRow"/> into <paramref name="destination"/> at <paramref name="destinationRow"/>.</summary>
+    void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count);
+
+    // ---- weights ----
+
+    /// <summary>
+    /// Uploads a linear weight. FP8 weights keep their e4m3 codes and block scales on a GPU backend; the
+    /// CPU backend dequantizes them to float32 (e4m3 × block scale).
+    /// </summary>
+    LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec);
+
+    /// <summary>Uploads an RMSNorm weight.</summary>
+    NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon);
+
+    /// <summary>Uploads an embedding table [rows, width] (also usable as a tied output head through <see cref="UploadHead"/>).</summary>
+    EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width);
+
+    /// <summary>Uploads an unquantized output head [vocab, width] (lm_head, BF16 in the checkpoint).</summary>
+    LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width);
+
+    /// <summary>Uploads a MoE router (weight [E, D], BF16; correction bias [E], F32).</summary>
+    GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options);
+
+    /// <summary>Uploads a layer's routed experts (each [gate, up, down]) and its shared experts (or null).</summary>
+    ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared);
+
+    /// <summary>Uploads a rotary table: <paramref name="cos"/> and <paramref name="sin"/> [positions, pairs].</summary>
+    RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs);
+
+    /// <summary>An empty latent cache for one layer of one sequence.</summary>
+    LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim);
+
+    /// <summary>A routing buffer for <paramref name="tokens"/> tokens.</summary>
+    Routing AllocateRouting(int tokens, int experts, int topK);
+
+    /// <summary>Copies routing decisions to the host; any destination may be empty to skip it.</summary>
+    /// <param name="routing">The routing.</param>
+    /// <param name="scores">[T, E] sigmoid scores before the bias.</param>
+    /// <param name="indices">[T, k] experts in descending biased score (ties: lower index first).</param>
+    /// <param name="weights">[T, k] their combine weights.</param>
+    void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights);
+
+    // ---- operations ----
+
+    /// <summary>output[t] = table[ids[t]]. output [T, width].</summary>
+    void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output);
+
+    /// <summary>output = x · rsqrt(mean(x²) + eps) ⊙ w, per row (fp32).</summary>
+    void RmsNorm(Tensor x, NormWeight weight, Tensor output);
+
+    /// <summary>Fused residual step: residual += delta, then normed = RmsNorm(residual).</summary>
+    void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed);
+
+    /// <summary>y = x·Wᵀ. x [T, In], y [T, Out].</summary>
+    void Linear(Tensor x, LinearWeight weight, Tensor y);
+
+    /// <summary>logits = x·Headᵀ in fp32, never rounded. x [T, D], logits [T, V].</summary>
+    void Logits(Tensor x, LinearWeight head, Tensor logits);
+
+    /// <summary>output = silu(gate) ⊙ up, elementwise.</summary>
+    void SiluMul(Tensor gate, Tensor up, Tensor output);
+
+    /// <summary>output = [a | b] along columns (MTP's [embedding ; hidden]).</summary>
+    void ConcatColumns(Tensor a, Tensor b, Tensor output);
+
+    /// <summary>
+    /// Rotates, in every row t (position <paramref name="startPosition"/> + t), the interleaved pairs
+    /// (x[2i], x[2i+1]) of each head's rotary slice: columns h·<paramref name="headStride"/> +
+    /// <paramref name="ropeOffset"/> + [0, 2·Pairs) for h in 0 .. Cols/headStride.
+    /// </summary>
+    void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset);
+
+    /// <summary>
+    /// Writes tokens at positions start .. start+T−1 into the latent cache: the latent part of
+    /// <paramref name="kv"/> [T, latent + rope] normalized with <paramref name="latentNorm"/>, and its
+    /// rope part rotated (one shared key for all heads).
+    /// </summary>
+    void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition);
+
+    /// <summary>
+    /// MLA in the naive form: decompress per-head k_nope and v for cache positions 0 .. start+T−1 through
+    /// kv_b, causal softmax (query at position p sees keys ≤ p). q [T, H·qk_head] already rotated;
+    /// output [T, H·v].
+    /// </summary>
+    void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output);
+
+    /// <summary>
+    /// MLA in the absorbed form: q_nope folded through W_UK, scored against cached latents and rotated keys,
+    /// latents summed with the probabilities, unfolded through W_UV. Same inputs and result as the naive form.
+    /// </summary>
+    void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output);
+
+    /// <summary>MoE routing of x [T, D] (fp32 sigmoid, bias for selection only, group limit, top-k; MODEL.md §5).</summary>
+    void MoeGate(Tensor x, GateWeight gate, Routing routing);
+
+    /// <summary>y = Σ_j w_j·Expert_j(x) + Shared(x), accumulated in fp32. x, y [T, D].</summary>
+    void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y);
+}

@@ -1,0 +1,56 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Loader;
+
+namespace DeepSeekCuda.Model;
+
+/// <summary>One decoder layer's weights (main or MTP): MLA plus a dense MLP or a MoE.</summary>
+internal sealed class DecoderLayer
+{
+    public required int Index { get; init; }
+    public required NormWeight InputNorm { get; init; }
+    public required NormWeight PostAttentionNorm { get; init; }
+
+    /// <summary>q_a_proj, or null when q_b is a full-width q_proj.</summary>
+    public required LinearWeight? QA { get; init; }
+    public required NormWeight? QANorm { get; init; }
+    public required LinearWeight QB { get; init; }
+    public required LinearWeight KvA { get; init; }
+    public required NormWeight KvANorm { get; init; }
+    public required LinearWeight KvB { get; init; }
+    public required LinearWeight O { get; init; }
+
+    /// <summary>Dense MLP [gate, up, down], or null for MoE layers.</summary>
+    public required LinearWeight[]? Dense { get; init; }
+    public required GateWeight? Gate { get; init; }
+    public required ExpertWeights? Experts { get; init; }
+
+    public static DecoderLayer Load(Checkpoint checkpoint, IBackend backend, ModelConfig config, int index)
+    {
+        var n = CheckpointLayout.Layer(config, index);
+        var eps = (float)config.RmsNormEps;
+        NormWeight Norm(string name, int width) => backend.UploadNorm(checkpoint, name, width, eps);
+        LinearWeight Lin(LinearSpec spec) => backend.UploadLinear(checkpoint, spec);
+
+        var gateOptions = new GateOptions(config.NRoutedExperts, config.NGroup, config.TopkGroup, config.NumExpertsPerTok,
+            config.NormTopkProb, (float)config.RoutedScalingFactor);
+        return new DecoderLayer
+        {
+            Index = index,
+            InputNorm = Norm(n.InputNorm, config.HiddenSize),
+            PostAttentionNorm = Norm(n.PostAttentionNorm, config.HiddenSize),
+            QA = n.QA is { } qa ? Lin(qa) : null,
+            QANorm = n.QANorm is { } qn ? Norm(qn, config.QLoraRank!.Value) : null,
+            QB = Lin(n.QB),
+            KvA = Lin(n.KvA),
+            KvANorm = Norm(n.KvANorm, config.KvLoraRank),
+            KvB = Lin(n.KvB),
+            O = Lin(n.O),
+            Dense = n.IsMoe ? null : [.. n.DenseMlp.Select(Lin)],
+            Gate = n.IsMoe ? backend.UploadGate(checkpoint, n.Gate, n.GateBias, config.HiddenSize, gateOptions) : null,
+            Experts = n.IsMoe
+                ? backend.UploadExperts(checkpoint, [.. Enumerable.Range(0, config.NRoutedExperts).Select(n.Expert)],
+                    config.NSharedExperts > 0 ? n.SharedExpert : null)
+                : null,
+        };
+    }
+}

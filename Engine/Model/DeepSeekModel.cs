@@ -1,0 +1,163 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Loader;
+
+namespace DeepSeekCuda.Model;
+
+/// <summary>
+/// The DeepSeek-V3/R1 forward pass (MODEL.md §3–§6) over any <see cref="IBackend"/>: embedding, MLA with a
+/// latent KV cache, dense MLP or group-limited MoE, final norm and lm_head, plus the MTP module.
+/// Weights live in the backend; this class only sequences backend operations.
+/// </summary>
+public sealed class DeepSeekModel : ILanguageModel
+{
+    private DeepSeekModel(IBackend backend, ModelConfig config, ModelOptions options, int maxSequenceLength)
+    {
+        Backend = backend;
+        Config = config;
+        Options = options;
+        MaxSequenceLength = maxSequenceLength;
+        Dims = new MlaDims(config.NumAttentionHeads, config.QkNopeHeadDim, config.QkRopeHeadDim, config.VHeadDim, config.KvLoraRank);
+        Scale = (float)config.SoftmaxScale;
+    }
+
+    /// <summary>The model's config.</summary>
+    public ModelConfig Config { get; }
+
+    /// <summary>The options it was loaded with.</summary>
+    public ModelOptions Options { get; }
+
+    /// <summary>The backend that holds the weights and runs the operations (owned by the caller).</summary>
+    public IBackend Backend { get; }
+
+    /// <inheritdoc />
+    public int VocabSize => Config.VocabSize;
+
+    /// <inheritdoc />
+    public int MaxSequenceLength { get; }
+
+    /// <summary>Whether the MTP module was loaded (<see cref="DeepSeekSession.MtpForward"/> works).</summary>
+    public bool HasMtp => Mtp is not null;
+
+    internal MlaDims Dims { get; }
+    internal float Scale { get; }
+    internal EmbeddingWeight Embed { get; private init; } = null!;
+    internal NormWeight FinalNorm { get; private init; } = null!;
+    internal LinearWeight Head { get; private init; } = null!;
+    internal RopeTable Rope { get; private init; } = null!;
+    internal DecoderLayer[] Layers { get; private init; } = [];
+    internal MtpWeights? Mtp { get; private init; }
+
+    /// <summary>
+    /// Uploads every weight of <paramref name="checkpoint"/> to <paramref name="backend"/> (each read once)
+    /// and builds the rotary table. The checkpoint may be disposed afterwards.
+    /// </summary>
+    /// <exception cref="NotSupportedException">The config asks for something this engine does not implement.</exception>
+    /// <exception cref="CheckpointException">A tensor is missing or has the wrong shape.</exception>
+    public static DeepSeekModel Load(Checkpoint checkpoint, IBackend backend, ModelOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(checkpoint);
+        ArgumentNullException.ThrowIfNull(backend);
+        options ??= new ModelOptions();
+        var config = checkpoint.Config;
+        CheckSupported(config);
+        var maxLength = options.MaxSequenceLength ?? Math.Min(config.MaxPositionEmbeddings, ModelOptions.DefaultMaxSequenceLength);
+        if (maxLength < 1 || maxLength > config.MaxPositionEmbeddings)
+        {
+            throw new ArgumentOutOfRangeException(nameof(options), maxLength, $"MaxSequenceLength must be within 1..max_position_embeddings ({config.MaxPositionEmbeddings})");
+        }
+
+        var (cos, sin) = YarnRope.Table(config, maxLength);
+        var embed = backend.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, config.HiddenSize);
+        var head = backend.UploadHead(checkpoint, config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead,
+            config.VocabSize, config.HiddenSize);
+        var eps = (float)config.RmsNormEps;
+        var layers = new DecoderLayer[config.NumHiddenLayers];
+        for (var i = 0; i < layers.Length; i++)
+        {
+            layers[i] = DecoderLayer.Load(checkpoint, backend, config, i);
+        }
+
+        MtpWeights? mtp = null;
+        if (options.LoadMtp && config.NumNextNPredictLayers > 0)
+        {
+            // Only the first MTP layer: V3/R1 ship one, and one draft token is what speculative decoding uses.
+            mtp = MtpWeights.Load(checkpoint, backend, config, config.NumHiddenLayers);
+        }
+
+        return new DeepSeekModel(backend, config, options, maxLength)
+        {
+            Embed = embed,
+            Head = head,
+            FinalNorm = backend.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, config.HiddenSize, eps),
+            Rope = backend.UploadRope(cos, sin, maxLength, config.QkRopeHeadDim / 2),
+            Layers = layers,
+            Mtp = mtp,
+        };
+    }
+
+    private static void CheckSupported(ModelConfig config)
+    {
+        if (config.NRoutedExperts % config.NGroup != 0)
+        {
+            throw new NotSupportedException($"n_group {config.NGroup} does not divide n_routed_experts {config.NRoutedExperts}");
+        }
+
+        if (config.QkRopeHeadDim % 2 != 0)
+        {
+            throw new NotSupportedException($"qk_rope_head_dim {config.QkRopeHeadDim} is odd; RoPE rotates pairs");
+        }
+
+        if (config.Quantization is { } q && (q.BlockRows <= 0 || q.BlockCols <= 0))
+        {
+            throw new NotSupportedException($"weight_block_size [{q.BlockRows}, {q.BlockCols}] is not supported");
+        }
+    }
+
+    /// <summary>Starts an empty session with its own latent caches (main layers and MTP).</summary>
+    public DeepSeekSession CreateSession() => new(this);
+
+    IModelSession ILanguageModel.CreateSession() => CreateSession();
+
+    /// <summary>
+    /// Logits at every position of one prefill of <paramref name="tokens"/> from position 0 (for
+    /// <c>dscuda logits</c> and tests): [tokens, vocab], row-major.
+    /// </summary>
+    public float[] ComputeLogits(ReadOnlySpan<int> tokens, Action<Intermediate>? observer = null)
+    {
+        using var session = CreateSession();
+        return session.ForwardAll(tokens, observer);
+    }
+
+    /// <summary>Weights belong to the backend; nothing to release here beyond what the GC reclaims.</summary>
+    public void Dispose()
+    {
+    }
+}
+
+/// <summary>The MTP module's weights (MODEL.md §6): norms, eh_proj, a full decoder layer, the head norm.</summary>
+internal sealed class MtpWeights
+{
+    public required NormWeight ENorm { get; init; }
+    public required NormWeight HNorm { get; init; }
+    public required LinearWeight EhProj { get; init; }
+    public required DecoderLayer Layer { get; init; }
+    public required NormWeight HeadNorm { get; init; }
+
+    public static MtpWeights Load(Checkpoint checkpoint, IBackend backend, ModelConfig config, int index)
+    {
+        var n = CheckpointLayout.Layer(config, index);
+        var eps = (float)config.RmsNormEps;
+        var d = config.HiddenSize;
+        // The MTP embedding and head are copies of the main model's (README_WEIGHTS: shared parameters);
+        // the main ones are used instead of holding two more [V, D] tables.
+        return new MtpWeights
+        {
+            ENorm = backend.UploadNorm(checkpoint, n.MtpEnorm, d, eps),
+            HNorm = backend.UploadNorm(checkpoint, n.MtpHnorm, d, eps),
+            EhProj = backend.UploadLinear(checkpoint, new LinearSpec(n.MtpEhProj, d, 2 * d, Quantized: false)),
+            Layer = DecoderLayer.Load(checkpoint, backend, config, index),
+            HeadNorm = backend.UploadNorm(checkpoint, n.MtpHeadNorm, d, eps),
+        };
+    }
+}

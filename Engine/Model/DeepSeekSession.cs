@@ -1,0 +1,309 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Inference;
+
+namespace DeepSeekCuda.Model;
+
+/// <summary>
+/// One sequence of a <see cref="DeepSeekModel"/>: a latent cache per layer (and one for the MTP layer),
+/// its length, and the last token's hidden state after the final norm (the MTP module's input).
+/// Multi-token calls may start at any position (chunked prefill); a query at position p sees keys ≤ p.
+/// Not thread-safe; sessions are independent of each other.
+/// </summary>
+public sealed class DeepSeekSession : IModelSession
+{
+    private readonly DeepSeekModel _model;
+    private readonly IBackend _b;
+    private readonly LatentCache[] _caches;
+    private readonly LatentCache? _mtpCache;
+    private readonly Tensor _lastHidden;
+
+    internal DeepSeekSession(DeepSeekModel model)
+    {
+        _model = model;
+        _b = model.Backend;
+        var c = model.Config;
+        _caches = new LatentCache[model.Layers.Length];
+        for (var i = 0; i < _caches.Length; i++)
+        {
+            _caches[i] = _b.AllocateLatentCache(model.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim);
+        }
+
+        _mtpCache = model.HasMtp ? _b.AllocateLatentCache(model.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim) : null;
+        _lastHidden = _b.Allocate(1, c.HiddenSize);
+    }
+
+    /// <inheritdoc />
+    public int Length { get; private set; }
+
+    /// <summary>Positions held by the MTP layer's cache (fed in order through <see cref="MtpForward"/>).</summary>
+    public int MtpLength { get; private set; }
+
+    /// <inheritdoc />
+    public void Forward(ReadOnlySpan<int> tokens, Span<float> lastLogits)
+    {
+        if (lastLogits.Length < _model.VocabSize)
+        {
+            throw new ArgumentException($"lastLogits holds {lastLogits.Length} values; the vocabulary has {_model.VocabSize}", nameof(lastLogits));
+        }
+
+        using var normed = RunLayers(tokens, null);
+        using var last = _b.Allocate(1, _model.Config.HiddenSize);
+        _b.CopyRows(normed, normed.Rows - 1, last, 0, 1);
+        using var logits = _b.Allocate(1, _model.VocabSize);
+        _b.Logits(last, _model.Head, logits);
+        _b.Download(logits, lastLogits[.._model.VocabSize]);
+    }
+
+    /// <summary>
+    /// Runs <paramref name="tokens"/> at positions <see cref="Length"/>.. and returns the logits of every
+    /// position, [tokens, vocab] row-major. <paramref name="observer"/>, when given, receives the named
+    /// intermediates (fixture names: embed, layer{i}.attn_out, ..., final_norm).
+    /// </summary>
+    public float[] ForwardAll(ReadOnlySpan<int> tokens, Action<Intermediate>? observer = null)
+    {
+        using var normed = RunLayers(tokens, observer);
+        using var logits = _b.Allocate(normed.Rows, _model.VocabSize);
+        _b.Logits(normed, _model.Head, logits);
+        var result = new float[logits.Length];
+        _b.Download(logits, result);
+        return result;
+    }
+
+    /// <summary>The last processed token's hidden state after the final norm, [hidden_size] (the MTP module's h_i).</summary>
+    public float[] GetLastHidden()
+    {
+        if (Length == 0)
+        {
+            throw new InvalidOperationException("the session is empty");
+        }
+
+        var h = new float[_model.Config.HiddenSize];
+        _b.Download(_lastHidden, h);
+        return h;
+    }
+
+    /// <summary>
+    /// Forgets positions ≥ <paramref name="length"/> (speculative-decoding rollback); later calls overwrite
+    /// them. The MTP cache is cut to the same length when it is longer.
+    /// </summary>
+    public void Truncate(int length)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(length, Length);
+        Length = length;
+        MtpLength = Math.Min(MtpLength, length);
+    }
+
+    /// <summary>
+    /// The MTP module (MODEL.md §6) for n consecutive positions start .. start+n−1: for each, the main
+    /// model's hidden after the final norm at that position (<paramref name="hiddens"/> [n, D]) and the
+    /// token that follows it (<paramref name="nextTokens"/> [n]); returns the draft logits for the token
+    /// after that, [n, vocab]. Concatenation is [embedding ; hidden]; the MTP layer runs at the hidden's
+    /// position with its own latent cache, so positions must be fed in order (start ≤ <see cref="MtpLength"/>;
+    /// a smaller start overwrites, as after a rollback).
+    /// </summary>
+    public float[] MtpForward(ReadOnlySpan<float> hiddens, ReadOnlySpan<int> nextTokens, int startPosition, Action<Intermediate>? observer = null)
+    {
+        var mtp = _model.Mtp ?? throw new InvalidOperationException("the model was loaded without an MTP layer");
+        var c = _model.Config;
+        var n = nextTokens.Length;
+        if (n == 0 || hiddens.Length != n * c.HiddenSize)
+        {
+            throw new ArgumentException($"need one hidden of {c.HiddenSize} values per next token ({n} tokens, {hiddens.Length} values)");
+        }
+
+        if (startPosition < 0 || startPosition > MtpLength || startPosition + n > _model.MaxSequenceLength)
+        {
+            throw new ArgumentOutOfRangeException(nameof(startPosition), startPosition,
+                $"MTP positions must continue its cache (length {MtpLength}) within {_model.MaxSequenceLength}");
+        }
+
+        CheckIds(nextTokens);
+        using var e = _b.Allocate(n, c.HiddenSize);
+        _b.Embedding(_model.Embed, nextTokens, e);
+        _b.RmsNorm(e, mtp.ENorm, e);
+        using var h = _b.Upload(hiddens, n, c.HiddenSize);
+        _b.RmsNorm(h, mtp.HNorm, h);
+        using var eh = _b.Allocate(n, 2 * c.HiddenSize);
+        _b.ConcatColumns(e, h, eh);
+        using var z = _b.Allocate(n, c.HiddenSize);
+        _b.Linear(eh, mtp.EhProj, z);
+        using var a = _b.Allocate(n, c.HiddenSize);
+        _b.RmsNorm(z, mtp.Layer.InputNorm, a);
+        using var normed = _b.Allocate(n, c.HiddenSize);
+        RunLayer(mtp.Layer, z, a, _mtpCache!, startPosition, mtp.HeadNorm, normed, observer, "mtp.");
+        MtpLength = startPosition + n;
+        using var logits = _b.Allocate(n, _model.VocabSize);
+        _b.Logits(normed, _model.Head, logits);
+        var result = new float[logits.Length];
+        _b.Download(logits, result);
+        return result;
+    }
+
+    /// <summary>Embedding, every layer and the final norm; returns the normed hidden [T, D] and advances <see cref="Length"/>.</summary>
+    private Tensor RunLayers(ReadOnlySpan<int> tokens, Action<Intermediate>? observer)
+    {
+        var c = _model.Config;
+        var count = tokens.Length;
+        if (count == 0)
+        {
+            throw new ArgumentException("no tokens", nameof(tokens));
+        }
+
+        if (Length + count > _model.MaxSequenceLength)
+        {
+            throw new ArgumentException($"{Length} + {count} tokens exceed the maximum sequence length {_model.MaxSequenceLength}", nameof(tokens));
+        }
+
+        CheckIds(tokens);
+        var start = Length;
+        using var h = _b.Allocate(count, c.HiddenSize); // [T, D] residual stream
+        _b.Embedding(_model.Embed, tokens, h);
+        Observe(observer, "embed", h);
+
+        var normed = _b.Allocate(count, c.HiddenSize); // [T, D] input of the next norm-consumer
+        _b.RmsNorm(h, _model.Layers[0].InputNorm, normed);
+        for (var i = 0; i < _model.Layers.Length; i++)
+        {
+            var next = i + 1 < _model.Layers.Length ? _model.Layers[i + 1].InputNorm : _model.FinalNorm;
+            var nextNormed = _b.Allocate(count, c.HiddenSize);
+            RunLayer(_model.Layers[i], h, normed, _caches[i], start, next, nextNormed, observer, "");
+            normed.Dispose();
+            normed = nextNormed;
+        }
+
+        Observe(observer, "final_norm", normed);
+        _b.CopyRows(normed, count - 1, _lastHidden, 0, 1);
+        Length = start + count;
+        return normed;
+    }
+
+    /// <summary>
+    /// One decoder layer: h += MLA(a); h += FFN(post_norm(h)); then nextNormed = nextNorm(h).
+    /// <paramref name="a"/> is input_layernorm(h), computed by the previous fused residual step.
+    /// </summary>
+    private void RunLayer(DecoderLayer layer, Tensor h, Tensor a, LatentCache cache, int start, NormWeight nextNorm, Tensor nextNormed,
+        Action<Intermediate>? observer, string prefix)
+    {
+        var c = _model.Config;
+        var dims = _model.Dims;
+        var t = h.Rows;
+        var name = $"{prefix}layer{layer.Index}.";
+
+        // ---- MLA ----
+        using var q = _b.Allocate(t, dims.Heads * dims.QkHead); // [T, H·(nope + rope)]
+        if (layer.QA is { } qa)
+        {
+            using var cq = _b.Allocate(t, qa.Out); // [T, q_lora_rank]
+            _b.Linear(a, qa, cq);
+            _b.RmsNorm(cq, layer.QANorm!, cq);
+            _b.Linear(cq, layer.QB, q);
+        }
+        else
+        {
+            _b.Linear(a, layer.QB, q);
+        }
+
+        _b.ApplyRope(q, _model.Rope, start, dims.QkHead, dims.QkNope);
+        using (var kv = _b.Allocate(t, c.KvCacheDim)) // [T, kv_lora_rank + rope]
+        {
+            _b.Linear(a, layer.KvA, kv);
+            _b.AppendLatent(kv, layer.KvANorm, _model.Rope, cache, start);
+        }
+
+        using var attn = _b.Allocate(t, dims.Heads * dims.V); // [T, H·v]
+        var form = _model.Options.Attention switch
+        {
+            AttentionForm.Auto => t > 1 ? AttentionForm.Naive : AttentionForm.Absorbed,
+            var chosen => chosen,
+        };
+        if (form == AttentionForm.Naive)
+        {
+            _b.MlaAttentionNaive(q, cache, layer.KvB, dims, start, _model.Scale, attn);
+        }
+        else
+        {
+            _b.MlaAttentionAbsorbed(q, cache, layer.KvB, dims, start, _model.Scale, attn);
+        }
+
+        using var attnOut = _b.Allocate(t, c.HiddenSize);
+        _b.Linear(attn, layer.O, attnOut);
+        Observe(observer, name + "attn_out", attnOut);
+
+        using var f = _b.Allocate(t, c.HiddenSize); // [T, D] post_attention_layernorm(h)
+        _b.AddRmsNorm(h, attnOut, layer.PostAttentionNorm, f);
+
+        // ---- FFN ----
+        using var y = _b.Allocate(t, c.HiddenSize);
+        if (layer.Dense is { } mlp)
+        {
+            using var g = _b.Allocate(t, mlp[0].Out);
+            using var u = _b.Allocate(t, mlp[1].Out);
+            _b.Linear(f, mlp[0], g);
+            _b.Linear(f, mlp[1], u);
+            _b.SiluMul(g, u, g);
+            _b.Linear(g, mlp[2], y);
+        }
+        else
+        {
+            var gate = layer.Gate!;
+            using var routing = new RoutingScope(_b.AllocateRouting(t, gate.Options.Experts, gate.Options.TopK));
+            _b.MoeGate(f, gate, routing.Value);
+            if (observer is not null)
+            {
+                Observe(observer, name + "gate_in", f);
+                var o = gate.Options;
+                var scores = new float[t * o.Experts];
+                var idx = new int[t * o.TopK];
+                var w = new float[t * o.TopK];
+                _b.DownloadRouting(routing.Value, scores, idx, w);
+                observer(new Intermediate(name + "gate_scores", t, o.Experts, scores, null));
+                observer(new Intermediate(name + "topk_idx", t, o.TopK, null, idx));
+                observer(new Intermediate(name + "topk_weight", t, o.TopK, w, null));
+            }
+
+            _b.MoeExperts(f, routing.Value, layer.Experts!, y);
+        }
+
+        Observe(observer, name + "ffn_out", y);
+        _b.AddRmsNorm(h, y, nextNorm, nextNormed);
+        Observe(observer, name + "out", h);
+    }
+
+    private void CheckIds(ReadOnlySpan<int> tokens)
+    {
+        foreach (var id in tokens)
+        {
+            if ((uint)id >= (uint)_model.VocabSize)
+            {
+                throw new ArgumentException($"token id {id} is outside the vocabulary (0..{_model.VocabSize - 1})", nameof(tokens));
+            }
+        }
+    }
+
+    private void Observe(Action<Intermediate>? observer, string name, Tensor tensor)
+    {
+        if (observer is null)
+        {
+            return;
+        }
+
+        var values = new float[tensor.Length];
+        _b.Download(tensor, values);
+        observer(new Intermediate(name, tensor.Rows, tensor.Cols, values, null));
+    }
+
+    /// <summary>Releases the session's caches.</summary>
+    public void Dispose()
+    {
+        _lastHidden.Dispose();
+    }
+
+    /// <summary>Routing handles are not tensors; this keeps the using-pattern uniform for a GPU backend that pools them.</summary>
+    private readonly struct RoutingScope(Routing value) : IDisposable
+    {
+        public Routing Value { get; } = value;
+
+        public void Dispose() => (Value as IDisposable)?.Dispose();
+    }
+}

@@ -1,0 +1,42 @@
+namespace DeepSeekCuda.Model;
+
+/// <summary>Which MLA formulation a forward uses (both give the same result in exact arithmetic).</summary>
+public enum AttentionForm
+{
+    /// <summary>Naive for multi-token calls (prefill), absorbed for single-token decode steps.</summary>
+    Auto,
+
+    /// <summary>Decompress per-head K/V through kv_b (compute-bound; good for long prefill).</summary>
+    Naive,
+
+    /// <summary>Fold kv_b into the query and output (MQA over the latent cache; good for decode).</summary>
+    Absorbed,
+}
+
+/// <summary>Options of <see cref="DeepSeekModel.Load"/>.</summary>
+public sealed record ModelOptions
+{
+    /// <summary>Default cap of <see cref="MaxSequenceLength"/>: the latent cache is allocated per session up front.</summary>
+    public const int DefaultMaxSequenceLength = 4096;
+
+    /// <summary>MLA formulation.</summary>
+    public AttentionForm Attention { get; init; } = AttentionForm.Auto;
+
+    /// <summary>
+    /// Longest session (prompt plus generated); null for min(max_position_embeddings,
+    /// <see cref="DefaultMaxSequenceLength"/>). Sizes the rotary table and every session's caches.
+    /// </summary>
+    public int? MaxSequenceLength { get; init; }
+
+    /// <summary>Load the MTP layer when the checkpoint has one (needs its weights' memory).</summary>
+    public bool LoadMtp { get; init; } = true;
+}
+
+/// <summary>A named intermediate of a forward, named as in the fixtures (<c>layer1.gate_scores</c>).</summary>
+/// <param name="Name">Stage name: embed, layer{i}.attn_out, layer{i}.ffn_out, layer{i}.out, layer{i}.gate_in,
+/// layer{i}.gate_scores, layer{i}.topk_idx, layer{i}.topk_weight, final_norm (MTP stages are prefixed mtp.).</param>
+/// <param name="Rows">Tokens.</param>
+/// <param name="Cols">Values per token.</param>
+/// <param name="Values">Row-major values, or null for index tensors.</param>
+/// <param name="Indices">Row-major indices (topk_idx), or null.</param>
+public sealed record Intermediate(string Name, int Rows, int Cols, float[]? Values, int[]? Indices);

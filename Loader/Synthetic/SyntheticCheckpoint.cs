@@ -1,0 +1,484 @@
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using DeepSeekCuda.Loader.Numerics;
+
+namespace DeepSeekCuda.Loader.Synthetic;
+
+/// <summary>
+/// Writes a random-weight checkpoint for any <see cref="ModelConfig"/> in the exact release layout:
+/// <c>config.json</c>, <c>model-0000k-of-0000n.safetensors</c> shards, <c>model.safetensors.index.json</c>,
+/// every tensor of <see cref="CheckpointLayout.Expected"/> (MTP layers included), FP8 linear weights
+/// block-quantized like the release. Same config and seed give byte-identical files.
+/// </summary>
+/// <remarks>
+/// Weights are drawn like the tiny-a fixture's (fixtures README, <c>reference.json → checkpoint.init</c>):
+/// linear N(0, g²/in) times a per-block factor 2^U(-1,1) (g = 1; 0.3 for o_proj and dense/shared
+/// down_proj; 0.15 for routed experts' down_proj), norms 1 + 0.1·N(0,1), correction bias 0.2·N(0,1),
+/// embedding N(0,1), lm_head N(0, 4/D), gate N(0, 9/D), eh_proj N(0, 1/(2D)); the MTP embedding and
+/// head are copies of the main ones. Each tensor has its own random stream (seed and tensor name), so
+/// any tensor can be redrawn alone with <see cref="DrawFloat"/>. Data is generated and written a block
+/// row at a time: presets of many gigabytes never sit in memory.
+/// </remarks>
+public static class SyntheticCheckpoint
+{
+    // Rows of a non-linear tensor generated per chunk: bounds memory for [V, D] embeddings.
+    private const int ChunkElements = 1 << 20;
+
+    /// <summary>The shard file name the release uses for shard <paramref name="shard"/> (1-based) of <paramref name="count"/>.</summary>
+    public static string ShardFileName(int shard, int count) =>
+        string.Create(CultureInfo.InvariantCulture, $"model-{shard:D5}-of-{count:D5}.safetensors");
+
+    /// <summary>Writes the checkpoint into <paramref name="directory"/> (created if missing; existing files of the same names are replaced).</summary>
+    /// <param name="directory">Target folder.</param>
+    /// <param name="config">The architecture; validated first.</param>
+    /// <param name="seed">Seed of every random draw.</param>
+    /// <param name="shards">Number of safetensors shards (at least 1). With 2 or more, the first cut falls between a weight and its scale, as in the release.</param>
+    /// <param name="progress">Receives the fraction of tensor bytes written, 0 to 1.</param>
+    /// <exception cref="ArgumentOutOfRangeException">Fewer than one shard, or more shards than the model has cut points.</exception>
+    public static void Write(string directory, ModelConfig config, int seed, int shards = 2, IProgress<double>? progress = null)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentOutOfRangeException.ThrowIfLessThan(shards, 1);
+        config.Validate();
+        directory = Path.GetFullPath(directory);
+        Directory.CreateDirectory(directory);
+
+        var order = ShardOrder(config);
+        var cuts = Cuts(config, order, shards);
+        var shardOf = new Dictionary<string, int>(StringComparer.Ordinal);
+        for (var s = 0; s < shards; s++)
+        {
+            for (var i = cuts[s]; i < cuts[s + 1]; i++)
+            {
+                shardOf[order[i].Name] = s;
+            }
+        }
+
+        var total = order.Sum(t => ByteLength(t));
+        long done = 0;
+        var writers = new SafetensorsWriter[shards];
+        try
+        {
+            for (var s = 0; s < shards; s++)
+            {
+                writers[s] = new SafetensorsWriter(
+                    Path.Combine(directory, ShardFileName(s + 1, shards)),
+                    order.Skip(cuts[s]).Take(cuts[s + 1] - cuts[s]).Select(t => (t.Name, t.DType, t.Shape.ToArray())));
+            }
+
+            var recipes = Recipes(config);
+            foreach (var tensor in order)
+            {
+                var recipe = recipes[tensor.Name];
+                if (recipe.Kind == Kind.Scale)
+                {
+                    continue; // written together with its weight
+                }
+
+                var writer = writers[shardOf[tensor.Name]];
+                if (recipe.Kind == Kind.Linear)
+                {
+                    var scaleWriter = tensor.DType == DType.F8_E4M3 ? writers[shardOf[LinearSpec.ScaleName(tensor.Name)]] : null;
+                    foreach (var stripe in LinearStripes(config, seed, recipe))
+                    {
+                        WriteStripe(config, tensor, stripe, writer, scaleWriter);
+                        done += (long)stripe.Length * DTypes.SizeOf(tensor.DType);
+                        progress?.Report((double)done / total);
+                    }
+                }
+                else
+                {
+                    foreach (var chunk in Chunks(seed, recipe, tensor.Shape.Aggregate(1L, (a, b) => a * b)))
+                    {
+                        if (tensor.DType == DType.F32)
+                        {
+                            writer.Write<float>(tensor.Name, chunk);
+                        }
+                        else
+                        {
+                            writer.Write<ushort>(tensor.Name, chunk.Select(BFloat16.FromFloat).ToArray());
+                        }
+
+                        done += (long)chunk.Length * DTypes.SizeOf(tensor.DType);
+                        progress?.Report((double)done / total);
+                    }
+                }
+            }
+
+            foreach (var w in writers)
+            {
+                w.Commit();
+            }
+        }
+        finally
+        {
+            foreach (var w in writers)
+            {
+                w?.Dispose();
+            }
+        }
+
+        WriteText(Path.Combine(directory, Checkpoint.IndexFileName), IndexJson(order, shardOf, shards, total));
+        WriteText(Path.Combine(directory, Checkpoint.ConfigFileName), ConfigJson(config));
+        progress?.Report(1.0);
+    }
+
+    /// <summary>
+    /// The float32 values drawn for tensor <paramref name="name"/> before storage: the exact values a BF16
+    /// or F32 tensor stores after rounding, and the weight an FP8 tensor approximates (scales are not
+    /// drawn; they follow from the weight).
+    /// </summary>
+    /// <exception cref="ArgumentException">The config implies no such tensor, or it is a scale.</exception>
+    public static float[] DrawFloat(ModelConfig config, int seed, string name)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        var tensor = CheckpointLayout.Expected(config).FirstOrDefault(t => t.Name == name);
+        var recipes = Recipes(config);
+        if (tensor is null || !recipes.TryGetValue(name, out var recipe) || recipe.Kind == Kind.Scale)
+        {
+            throw new ArgumentException($"'{name}' is not a drawn tensor of this config", nameof(name));
+        }
+
+        var result = new List<float>();
+        if (recipe.Kind == Kind.Linear)
+        {
+            foreach (var stripe in LinearStripes(config, seed, recipe))
+            {
+                result.AddRange(stripe);
+            }
+        }
+        else
+        {
+            foreach (var chunk in Chunks(seed, recipe, tensor.Shape.Aggregate(1L, (a, b) => a * b)))
+            {
+                result.AddRange(chunk);
+            }
+        }
+
+        return [.. result];
+    }
+
+    /// <summary>The <c>config.json</c> text for <paramref name="config"/>: every field the loader reads, under the HF names, plus the release's usual extras.</summary>
+    public static string ConfigJson(ModelConfig config)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        var fields = new SortedDictionary<string, JsonNode?>(StringComparer.Ordinal)
+        {
+            ["architectures"] = new JsonArray("DeepseekV3ForCausalLM"),
+            ["attention_bias"] = false,
+            ["attention_dropout"] = 0.0,
+            ["bos_token_id"] = config.BosTokenId,
+            ["eos_token_id"] = config.EosTokenId,
+            ["first_k_dense_replace"] = config.FirstKDenseReplace,
+            ["hidden_act"] = "silu",
+            ["hidden_size"] = config.HiddenSize,
+            ["initializer_range"] = 0.02,
+            ["intermediate_size"] = config.IntermediateSize,
+            ["kv_lora_rank"] = config.KvLoraRank,
+            ["max_position_embeddings"] = config.MaxPositionEmbeddings,
+            ["model_type"] = "deepseek_v3",
+            ["moe_intermediate_size"] = config.MoeIntermediateSize,
+            ["moe_layer_freq"] = config.MoeLayerFreq,
+            ["n_group"] = config.NGroup,
+            ["n_routed_experts"] = config.NRoutedExperts,
+            ["n_shared_experts"] = config.NSharedExperts,
+            ["norm_topk_prob"] = config.NormTopkProb,
+            ["num_attention_heads"] = config.NumAttentionHeads,
+            ["num_experts_per_tok"] = config.NumExpertsPerTok,
+            ["num_hidden_layers"] = config.NumHiddenLayers,
+            ["num_key_value_heads"] = config.NumAttentionHeads,
+            ["num_nextn_predict_layers"] = config.NumNextNPredictLayers,
+            ["q_lora_rank"] = config.QLoraRank,
+            ["qk_nope_head_dim"] = config.QkNopeHeadDim,
+            ["qk_rope_head_dim"] = config.QkRopeHeadDim,
+            ["rms_norm_eps"] = Number(config.RmsNormEps),
+            ["rope_theta"] = Number(config.RopeTheta),
+            ["routed_scaling_factor"] = Number(config.RoutedScalingFactor),
+            ["scoring_func"] = "sigmoid",
+            ["tie_word_embeddings"] = config.TieWordEmbeddings,
+            ["topk_group"] = config.TopkGroup,
+            ["topk_method"] = "noaux_tc",
+            ["torch_dtype"] = "bfloat16",
+            ["use_cache"] = true,
+            ["v_head_dim"] = config.VHeadDim,
+            ["vocab_size"] = config.VocabSize,
+        };
+
+        fields["rope_scaling"] = config.RopeScaling is { } y
+            ? new JsonObject
+            {
+                ["beta_fast"] = Number(y.BetaFast),
+                ["beta_slow"] = Number(y.BetaSlow),
+                ["factor"] = Number(y.Factor),
+                ["mscale"] = y.MScale,
+                ["mscale_all_dim"] = y.MScaleAllDim,
+                ["original_max_position_embeddings"] = y.OriginalMaxPositionEmbeddings,
+                ["type"] = "yarn",
+            }
+            : null;
+        if (config.Quantization is { } q)
+        {
+            fields["quantization_config"] = new JsonObject
+            {
+                ["activation_scheme"] = q.ActivationScheme,
+                ["fmt"] = "e4m3",
+                ["quant_method"] = "fp8",
+                ["weight_block_size"] = new JsonArray(q.BlockRows, q.BlockCols),
+            };
+        }
+
+        var root = new JsonObject();
+        foreach (var (key, value) in fields)
+        {
+            root[key] = value;
+        }
+
+        return root.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n";
+    }
+
+    // Integral values as JSON integers (as the release writes factor 40, theta 10000); others round-trip exactly.
+    private static JsonNode Number(double value) =>
+        value == Math.Floor(value) && Math.Abs(value) < 1e15 ? JsonValue.Create((long)value) : JsonValue.Create(value);
+
+    private enum Kind { Normal, Norm, Linear, Scale }
+
+    /// <summary>How one tensor is drawn: from stream <see cref="Stream"/>, N(Mean, Std²) (linear: per-block factor too).</summary>
+    private sealed record Recipe(Kind Kind, string Stream, double Std, double Mean = 0, int Out = 0, int In = 0);
+
+    private static Dictionary<string, Recipe> Recipes(ModelConfig c)
+    {
+        var r = new Dictionary<string, Recipe>(StringComparer.Ordinal);
+        double d = c.HiddenSize;
+        var headStream = c.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead;
+        var headStd = c.TieWordEmbeddings ? 1.0 : 2.0 / Math.Sqrt(d);
+        r[CheckpointLayout.Embedding] = new(Kind.Normal, CheckpointLayout.Embedding, 1.0);
+        r[CheckpointLayout.FinalNorm] = new(Kind.Norm, CheckpointLayout.FinalNorm, 0.1, 1.0);
+        r[CheckpointLayout.LmHead] = new(Kind.Normal, headStream, headStd);
+
+        void Linear(LinearSpec l, double g)
+        {
+            r[l.Weight] = new(Kind.Linear, l.Weight, g / Math.Sqrt(l.In), 0, l.Out, l.In);
+            r[l.Scale] = new(Kind.Scale, l.Scale, 0);
+        }
+
+        void Norm(string name) => r[name] = new(Kind.Norm, name, 0.1, 1.0);
+
+        for (var i = 0; i < c.StoredLayerCount; i++)
+        {
+            var n = CheckpointLayout.Layer(c, i);
+            Norm(n.InputNorm);
+            Norm(n.PostAttentionNorm);
+            if (n.QA is { } qa)
+            {
+                Linear(qa, 1);
+                Norm(n.QANorm!);
+            }
+
+            Linear(n.QB, 1);
+            Linear(n.KvA, 1);
+            Norm(n.KvANorm);
+            Linear(n.KvB, 1);
+            Linear(n.O, 0.3);
+            var dense = n.DenseMlp;
+            Linear(dense[0], 1);
+            Linear(dense[1], 1);
+            Linear(dense[2], 0.3);
+            r[n.Gate] = new(Kind.Normal, n.Gate, 3.0 / Math.Sqrt(d));
+            r[n.GateBias] = new(Kind.Normal, n.GateBias, 0.2);
+            for (var e = 0; e < c.NRoutedExperts; e++)
+            {
+                var x = n.Expert(e);
+                Linear(x[0], 1);
+                Linear(x[1], 1);
+                Linear(x[2], 0.15);
+            }
+
+            var shared = n.SharedExpert;
+            Linear(shared[0], 1);
+            Linear(shared[1], 1);
+            Linear(shared[2], 0.3);
+            r[n.MtpEmbedding] = new(Kind.Normal, CheckpointLayout.Embedding, 1.0);
+            Norm(n.MtpEnorm);
+            Norm(n.MtpHnorm);
+            r[n.MtpEhProj] = new(Kind.Normal, n.MtpEhProj, 1.0 / Math.Sqrt(2 * d));
+            Norm(n.MtpHeadNorm);
+            r[n.MtpHead] = new(Kind.Normal, headStream, headStd);
+        }
+
+        return r;
+    }
+
+    /// <summary>The values of a non-linear tensor, in row-major chunks.</summary>
+    private static IEnumerable<float[]> Chunks(int seed, Recipe recipe, long count)
+    {
+        var rng = new SeededRandom(seed, recipe.Stream);
+        for (long start = 0; start < count; start += ChunkElements)
+        {
+            var chunk = new float[(int)Math.Min(ChunkElements, count - start)];
+            for (var i = 0; i < chunk.Length; i++)
+            {
+                chunk[i] = (float)(recipe.Mean + recipe.Std * rng.NextNormal());
+            }
+
+            yield return chunk;
+        }
+    }
+
+    /// <summary>A linear weight one block row at a time: the block factors of the row, then its values row-major.</summary>
+    private static IEnumerable<float[]> LinearStripes(ModelConfig config, int seed, Recipe recipe)
+    {
+        var (blockRows, blockCols) = Blocks(config);
+        var rng = new SeededRandom(seed, recipe.Stream);
+        var gridCols = CheckpointLayout.CeilDiv(recipe.In, blockCols);
+        var factors = new double[gridCols];
+        for (var r0 = 0; r0 < recipe.Out; r0 += blockRows)
+        {
+            var rows = Math.Min(blockRows, recipe.Out - r0);
+            for (var b = 0; b < gridCols; b++)
+            {
+                factors[b] = Math.Pow(2.0, 2.0 * rng.NextDouble() - 1.0) * recipe.Std;
+            }
+
+            var stripe = new float[rows * recipe.In];
+            for (var r = 0; r < rows; r++)
+            {
+                for (var col = 0; col < recipe.In; col++)
+                {
+                    stripe[r * recipe.In + col] = (float)(rng.NextNormal() * factors[col / blockCols]);
+                }
+            }
+
+            yield return stripe;
+        }
+    }
+
+    private static (int Rows, int Cols) Blocks(ModelConfig config) =>
+        config.Quantization is { } q ? (q.BlockRows, q.BlockCols) : (128, 128);
+
+    /// <summary>Stores one block row: FP8 codes plus its row of scales (scale = block amax / 448), or BF16.</summary>
+    private static void WriteStripe(ModelConfig config, ExpectedTensor tensor, float[] stripe, SafetensorsWriter writer, SafetensorsWriter? scaleWriter)
+    {
+        if (tensor.DType != DType.F8_E4M3)
+        {
+            writer.Write<ushort>(tensor.Name, stripe.Select(BFloat16.FromFloat).ToArray());
+            return;
+        }
+
+        var (_, blockCols) = Blocks(config);
+        var cols = (int)tensor.Shape[1];
+        var rows = stripe.Length / cols;
+        var gridCols = CheckpointLayout.CeilDiv(cols, blockCols);
+        var scales = new float[gridCols];
+        for (var r = 0; r < rows; r++)
+        {
+            for (var col = 0; col < cols; col++)
+            {
+                var b = col / blockCols;
+                scales[b] = Math.Max(scales[b], Math.Abs(stripe[r * cols + col]));
+            }
+        }
+
+        for (var b = 0; b < gridCols; b++)
+        {
+            // An all-zero block keeps scale 1 so w / scale stays 0 rather than NaN.
+            scales[b] = scales[b] > 0 ? scales[b] / Fp8E4M3.MaxValue : 1f;
+        }
+
+        var codes = new byte[stripe.Length];
+        for (var r = 0; r < rows; r++)
+        {
+            for (var col = 0; col < cols; col++)
+            {
+                codes[r * cols + col] = Fp8E4M3.FromFloat(stripe[r * cols + col] / scales[col / blockCols]);
+            }
+        }
+
+        writer.Write(tensor.Name, codes);
+        scaleWriter!.Write<float>(LinearSpec.ScaleName(tensor.Name), scales);
+    }
+
+    /// <summary>Tensors in shard order: embedding, layer by layer (each weight just before its scale), final norm, lm_head.</summary>
+    private static List<ExpectedTensor> ShardOrder(ModelConfig config)
+    {
+        var expected = CheckpointLayout.Expected(config);
+        var tail = new[] { CheckpointLayout.FinalNorm, CheckpointLayout.LmHead };
+        return [.. expected.Where(t => !tail.Contains(t.Name)), .. expected.Where(t => tail.Contains(t.Name))];
+    }
+
+    private static long ByteLength(ExpectedTensor t) => t.Shape.Aggregate((long)DTypes.SizeOf(t.DType), (a, b) => a * b);
+
+    /// <summary>
+    /// Start index of each shard in <paramref name="order"/> (plus the end): near equal bytes, each cut
+    /// moved forward to fall between an FP8 weight and its scale so that pair spans two shards, as in the release.
+    /// </summary>
+    private static int[] Cuts(ModelConfig config, List<ExpectedTensor> order, int shards)
+    {
+        var cuts = new int[shards + 1];
+        cuts[shards] = order.Count;
+        var total = order.Sum(ByteLength);
+        var before = new long[order.Count + 1];
+        for (var i = 0; i < order.Count; i++)
+        {
+            before[i + 1] = before[i] + ByteLength(order[i]);
+        }
+
+        bool Splits(int i) => order[i - 1].DType == DType.F8_E4M3 && order[i].Name == LinearSpec.ScaleName(order[i - 1].Name);
+
+        for (var k = 1; k < shards; k++)
+        {
+            var target = (long)((double)total * k / shards);
+            var first = cuts[k - 1] + 1;
+            while (first < order.Count && before[first] < target)
+            {
+                first++;
+            }
+
+            var cut = first;
+            while (cut < order.Count && config.Quantization is not null && !Splits(cut))
+            {
+                cut++;
+            }
+
+            cuts[k] = cut < order.Count ? cut : first;
+            if (cuts[k] >= order.Count)
+            {
+                throw new ArgumentOutOfRangeException(nameof(shards), shards, $"the config's {order.Count} tensors cannot fill {shards} non-empty shards");
+            }
+        }
+
+        return cuts;
+    }
+
+    private static string IndexJson(List<ExpectedTensor> order, Dictionary<string, int> shardOf, int shards, long total)
+    {
+        var map = new JsonObject();
+        foreach (var t in order.OrderBy(t => t.Name, StringComparer.Ordinal))
+        {
+            map[t.Name] = ShardFileName(shardOf[t.Name] + 1, shards);
+        }
+
+        var root = new JsonObject
+        {
+            ["metadata"] = new JsonObject { ["total_size"] = total },
+            ["weight_map"] = map,
+        };
+        return root.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n";
+    }
+
+    /// <summary>Writes through a temporary file and a rename, so a reader never sees half a file.</summary>
+    private static void WriteText(string path, string text)
+    {
+        var temp = Path.Combine(Path.GetDirectoryName(path)!, $".{Path.GetFileName(path)}.{Guid.NewGuid():N}.tmp");
+        try
+        {
+            File.WriteAllText(temp, text, new UTF8Encoding(false));
+            File.Move(temp, path, overwrite: true);
+        }
+        finally
+        {
+            File.Delete(temp);
+        }
+    }
+}
