@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Loader;
+using DeepSeekCuda.Model;
 
 namespace DeepSeekCuda.Kernels;
 
@@ -21,7 +22,7 @@ public struct RopeParams
 
 /// <summary>
 /// Rotary embedding on interleaved pairs, in place, with a YaRN-corrected frequency table computed on the
-/// host (<see cref="YarnInverseFrequencies(ModelConfig)"/>) and uploaded once.
+/// host (<see cref="InverseFrequencies(ModelConfig)"/>) and uploaded once.
 /// </summary>
 public sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -40,54 +41,8 @@ public sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : Kern
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() => [Instance(ElementType.F32), Instance(ElementType.BF16)];
 
-    /// <summary>The model's inverse frequencies (YaRN-corrected when rope_scaling is yarn).</summary>
-    public static float[] YarnInverseFrequencies(ModelConfig config) =>
-        config.RopeScaling is { } s
-            ? YarnInverseFrequencies(config.QkRopeHeadDim, config.RopeTheta, s.Factor, s.OriginalMaxPositionEmbeddings, s.BetaFast, s.BetaSlow)
-            : YarnInverseFrequencies(config.QkRopeHeadDim, config.RopeTheta, 1, 1, 32, 1);
-
-    /// <summary>
-    /// Static YaRN (MODEL.md 4), computed in float32 in the order of the official
-    /// <c>precompute_freqs_cis</c>: f_i = 1 / θ^(2i/dim), ramp between floor(d(β_fast)) and ceil(d(β_slow)),
-    /// inv_f = f/factor·(1 − smooth) + f·smooth with smooth = 1 − ramp. A factor of 1 leaves f unchanged.
-    /// </summary>
-    public static float[] YarnInverseFrequencies(int ropeDim, double theta, double factor, int originalMax, double betaFast, double betaSlow)
-    {
-        if (ropeDim <= 0 || ropeDim % 2 != 0)
-        {
-            throw new ArgumentOutOfRangeException(nameof(ropeDim), "rope dimension must be positive and even");
-        }
-
-        var pairs = ropeDim / 2;
-        var f = new float[pairs];
-        for (var i = 0; i < pairs; i++)
-        {
-            f[i] = 1.0f / MathF.Pow((float)theta, (2 * i) / (float)ropeDim);
-        }
-
-        if (factor <= 1)
-        {
-            return f;
-        }
-
-        double D(double rotations) => ropeDim * Math.Log(originalMax / (rotations * 2 * Math.PI)) / (2 * Math.Log(theta));
-        double low = Math.Max(Math.Floor(D(betaFast)), 0);
-        double high = Math.Min(Math.Ceiling(D(betaSlow)), ropeDim - 1);
-        if (low == high)
-        {
-            high += 0.001;
-        }
-
-        var fac = (float)factor;
-        for (var i = 0; i < pairs; i++)
-        {
-            var ramp = Math.Clamp((i - (float)low) / ((float)high - (float)low), 0f, 1f);
-            var smooth = 1f - ramp;
-            f[i] = f[i] / fac * (1f - smooth) + f[i] * smooth;
-        }
-
-        return f;
-    }
+    /// <summary>The model's inverse frequencies (YaRN-corrected), from the one implementation in <see cref="YarnRope"/>.</summary>
+    public static float[] InverseFrequencies(ModelConfig config) => YarnRope.InverseFrequencies(config);
 
     /// <summary>
     /// Rotates the rope slice of every head of every token in place: slice = x[t·tokenStride + h·headStride
