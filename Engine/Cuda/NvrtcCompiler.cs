@@ -1,0 +1,316 @@
+using System.Runtime.InteropServices;
+using System.Security.Cryptography;
+using System.Text;
+using DeepSeekCuda.Cuda.Native;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace DeepSeekCuda.Cuda;
+
+/// <summary>
+/// What NVRTC compiles for: <c>sm_XY</c>/<c>sm_90a</c> give CUBIN (NVRTC runs ptxas), <c>compute_XY</c>
+/// gives PTX that the driver compiles at load.
+/// </summary>
+public readonly record struct KernelTarget(string Arch)
+{
+    /// <summary>Whether the output is CUBIN (else PTX).</summary>
+    public bool IsCubin => Arch.StartsWith("sm_", StringComparison.Ordinal);
+
+    /// <inheritdoc />
+    public override string ToString() => Arch;
+}
+
+/// <summary>One template instantiation to compile: the kernel's name expression and its parameter struct.</summary>
+/// <param name="NameExpression">e.g. <c>rmsnorm_kernel&lt;256, 1, 0, 1&gt;</c>.</param>
+/// <param name="ParamsType">The CUDA parameter struct the kernel takes by value.</param>
+public readonly record struct KernelInstance(string NameExpression, string ParamsType);
+
+/// <summary>A compiled image with the mangled names of its kernels.</summary>
+public sealed record CompiledKernel(
+    string Family, string Arch, bool IsPtx, byte[] Image, IReadOnlyDictionary<string, string> LoweredNames, string Log, bool FromCache);
+
+/// <summary>
+/// Compiles kernel families with NVRTC. A specialization is a tiny generated source that includes the
+/// family and explicitly instantiates templates; mangled names come back through name expressions.
+/// Needs no GPU: CI compiles every family with it.
+/// </summary>
+public sealed unsafe class NvrtcCompiler
+{
+    private readonly KernelCache? _cache;
+    private readonly ILogger _logger;
+    private readonly bool _lineInfo;
+    private readonly string? _dumpDir;
+    private int _invocations;
+
+    /// <summary>Creates a compiler over <paramref name="sources"/> (default: the embedded ones).</summary>
+    /// <param name="sources">Kernel sources.</param>
+    /// <param name="cache">Disk cache, or null to always compile.</param>
+    /// <param name="logger">Receives NVRTC warnings.</param>
+    public NvrtcCompiler(KernelSources? sources = null, KernelCache? cache = null, ILogger? logger = null)
+    {
+        Sources = sources ?? KernelSources.Embedded;
+        _cache = cache;
+        _logger = logger ?? NullLogger.Instance;
+        _lineInfo = Environment.GetEnvironmentVariable("DSCUDA_LINEINFO") == "1";
+        _dumpDir = Environment.GetEnvironmentVariable("DSCUDA_DUMP_DIR") is { Length: > 0 } d ? d : null;
+    }
+
+    /// <summary>The sources this compiler reads.</summary>
+    public KernelSources Sources { get; }
+
+    /// <summary>How many times NVRTC actually ran (cache hits do not count).</summary>
+    public int NvrtcInvocations => Volatile.Read(ref _invocations);
+
+    private static readonly Lazy<(int Major, int Minor)> VersionLazy = new(() =>
+    {
+        NativeLibraries.RequireNvrtc();
+        int major, minor;
+        NvrtcCheck.Check(NvrtcApi.nvrtcVersion(&major, &minor));
+        return (major, minor);
+    });
+
+    /// <summary>The loaded NVRTC's version; throws <see cref="CudaUnavailableException"/> without NVRTC.</summary>
+    public static (int Major, int Minor) Version => VersionLazy.Value;
+
+    /// <summary>Whether NVRTC can be loaded, and if not, why.</summary>
+    public static bool IsAvailable(out string reason) => NativeLibraries.TryNvrtc(out _, out reason);
+
+    /// <summary>
+    /// The best target for a device: <c>sm_90a</c> on Hopper where NVRTC knows it (12.0+), else the
+    /// device's own <c>sm_XY</c> when NVRTC lists it, else PTX for the newest architecture NVRTC knows
+    /// below the device, which the driver compiles forward.
+    /// </summary>
+    public static KernelTarget TargetFor(int major, int minor)
+    {
+        var (vmaj, _) = Version;
+        var cc = major * 10 + minor;
+        if (cc == 90 && vmaj >= 12)
+        {
+            return new KernelTarget("sm_90a");
+        }
+
+        var archs = NvrtcApi.SupportedArchs();
+        if (archs.Contains(cc))
+        {
+            return new KernelTarget($"sm_{cc}");
+        }
+
+        var below = archs.Where(a => a <= cc).DefaultIfEmpty(80).Max();
+        return new KernelTarget($"compute_{below}");
+    }
+
+    /// <summary>The options every compilation uses (without the architecture).</summary>
+    public IReadOnlyList<string> BaseOptions()
+    {
+        // No --use_fast_math: kernels must match the CPU reference (true division, accurate exp/sin/cos).
+        var o = new List<string> { "-std=c++17", "-default-device" };
+        if (_lineInfo)
+        {
+            o.Add("-lineinfo");
+        }
+
+        return o;
+    }
+
+    /// <summary>The generated translation unit for <paramref name="instances"/> of <paramref name="family"/>.</summary>
+    public static string GenerateSource(string family, IReadOnlyList<KernelInstance> instances)
+    {
+        var sb = new StringBuilder();
+        sb.Append("// generated by DeepSeekCuda.NvrtcCompiler\n");
+        sb.Append("#include \"").Append(family).Append(".cu\"\n");
+        foreach (var k in instances)
+        {
+            sb.Append("template __global__ void ").Append(k.NameExpression).Append("(const __grid_constant__ ").Append(k.ParamsType).Append(");\n");
+        }
+
+        return sb.ToString();
+    }
+
+    /// <summary>
+    /// Compiles <paramref name="instances"/> of <paramref name="family"/> for <paramref name="target"/>,
+    /// through the disk cache when there is one.
+    /// </summary>
+    public CompiledKernel Compile(string family, IReadOnlyList<KernelInstance> instances, KernelTarget target, IEnumerable<string>? extraOptions = null)
+    {
+        var source = GenerateSource(family, instances);
+        return CompileSource(family, source, instances.Select(i => i.NameExpression).ToArray(), target, extraOptions);
+    }
+
+    /// <summary>Compiles a generated source (already including its family) with the given name expressions.</summary>
+    public CompiledKernel CompileSource(string family, string source, IReadOnlyList<string> nameExpressions, KernelTarget target, IEnumerable<string>? extraOptions = null)
+    {
+        _ = Sources.Family(family);
+        var options = BaseOptions().Concat(extraOptions ?? []).Append($"--gpu-architecture={target.Arch}").ToArray();
+        if (_cache is null)
+        {
+            return Run(family, source, nameExpressions, target, options);
+        }
+
+        var key = CacheKey(family, source, options, target);
+        return _cache.GetOrAdd(family, key, target, () => Run(family, source, nameExpressions, target, options));
+    }
+
+    /// <summary>
+    /// SHA-256 of the family name, the generated source, the family and every header, the sorted options,
+    /// the architecture and the NVRTC version: any change that can change the image changes the key.
+    /// </summary>
+    public string CacheKey(string family, string source, IEnumerable<string> options, KernelTarget target)
+    {
+        var (maj, min) = Version;
+        var sb = new StringBuilder();
+        sb.Append("family\0").Append(family).Append('\0');
+        sb.Append("source\0").Append(source).Append('\0');
+        foreach (var (name, text) in Sources.Files)
+        {
+            if (name.EndsWith(".cuh", StringComparison.Ordinal) || name == family + ".cu")
+            {
+                sb.Append("file\0").Append(name).Append('\0').Append(text).Append('\0');
+            }
+        }
+
+        foreach (var o in options.Order(StringComparer.Ordinal))
+        {
+            sb.Append("option\0").Append(o).Append('\0');
+        }
+
+        sb.Append("arch\0").Append(target.Arch).Append('\0');
+        sb.Append("nvrtc\0").Append(maj).Append('.').Append(min);
+        return Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(sb.ToString())));
+    }
+
+    private CompiledKernel Run(string family, string source, IReadOnlyList<string> nameExpressions, KernelTarget target, string[] options)
+    {
+        NativeLibraries.RequireNvrtc();
+        Interlocked.Increment(ref _invocations);
+        var headers = Sources.Files.ToArray();
+        using var strings = new Utf8Strings();
+        var headerPtrs = stackalloc byte*[headers.Length];
+        var namePtrs = stackalloc byte*[headers.Length];
+        for (var i = 0; i < headers.Length; i++)
+        {
+            headerPtrs[i] = strings.Add(headers[i].Value);
+            namePtrs[i] = strings.Add(headers[i].Key);
+        }
+
+        IntPtr program;
+        NvrtcCheck.Check(NvrtcApi.nvrtcCreateProgram(&program, strings.Add(source), strings.Add(family + ".generated.cu"), headers.Length, headerPtrs, namePtrs));
+        try
+        {
+            var exprPtrs = new byte*[nameExpressions.Count];
+            for (var i = 0; i < nameExpressions.Count; i++)
+            {
+                exprPtrs[i] = strings.Add(nameExpressions[i]);
+                NvrtcCheck.Check(NvrtcApi.nvrtcAddNameExpression(program, exprPtrs[i]));
+            }
+
+            var optPtrs = stackalloc byte*[options.Length];
+            for (var i = 0; i < options.Length; i++)
+            {
+                optPtrs[i] = strings.Add(options[i]);
+            }
+
+            var result = NvrtcApi.nvrtcCompileProgram(program, options.Length, optPtrs);
+            var log = ProgramLog(program);
+            var specialization = string.Join("; ", nameExpressions);
+            Dump(family, source, log, null, target);
+            if (result == NvrtcResult.Compilation)
+            {
+                throw new KernelCompileException(family, specialization, target.Arch, log);
+            }
+
+            NvrtcCheck.Check(result, "nvrtcCompileProgram");
+            if (log.Length > 0)
+            {
+                _logger.LogWarning("NVRTC warnings compiling {Family} ({Specialization}) for {Arch}:\n{Log}", family, specialization, target.Arch, log);
+            }
+
+            byte[] image;
+            nuint size;
+            if (target.IsCubin)
+            {
+                NvrtcCheck.Check(NvrtcApi.nvrtcGetCUBINSize(program, &size));
+                image = new byte[size];
+                fixed (byte* p = image)
+                {
+                    NvrtcCheck.Check(NvrtcApi.nvrtcGetCUBIN(program, p));
+                }
+            }
+            else
+            {
+                NvrtcCheck.Check(NvrtcApi.nvrtcGetPTXSize(program, &size));
+                image = new byte[size];
+                fixed (byte* p = image)
+                {
+                    NvrtcCheck.Check(NvrtcApi.nvrtcGetPTX(program, p));
+                }
+
+                Dump(family, source, log, image, target);
+            }
+
+            var lowered = new Dictionary<string, string>(StringComparer.Ordinal);
+            for (var i = 0; i < nameExpressions.Count; i++)
+            {
+                byte* name;
+                NvrtcCheck.Check(NvrtcApi.nvrtcGetLoweredName(program, exprPtrs[i], &name));
+                lowered[nameExpressions[i]] = Marshal.PtrToStringUTF8((IntPtr)name)!;
+            }
+
+            return new CompiledKernel(family, target.Arch, !target.IsCubin, image, lowered, log, FromCache: false);
+        }
+        finally
+        {
+            NvrtcCheck.Check(NvrtcApi.nvrtcDestroyProgram(&program));
+        }
+    }
+
+    private static string ProgramLog(IntPtr program)
+    {
+        nuint size;
+        NvrtcCheck.Check(NvrtcApi.nvrtcGetProgramLogSize(program, &size));
+        var buffer = new byte[size];
+        fixed (byte* p = buffer)
+        {
+            NvrtcCheck.Check(NvrtcApi.nvrtcGetProgramLog(program, p));
+        }
+
+        return Encoding.UTF8.GetString(buffer).TrimEnd('\0', '\n', ' ');
+    }
+
+    private void Dump(string family, string source, string log, byte[]? ptx, KernelTarget target)
+    {
+        if (_dumpDir is null)
+        {
+            return;
+        }
+
+        Directory.CreateDirectory(_dumpDir);
+        var stem = Path.Combine(_dumpDir, $"{family}.{target.Arch}.{Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(source)))[..12]}");
+        File.WriteAllText(stem + ".cu", source);
+        File.WriteAllText(stem + ".log", log);
+        if (ptx is not null)
+        {
+            File.WriteAllBytes(stem + ".ptx", ptx.AsSpan().TrimEnd((byte)0).ToArray());
+        }
+    }
+
+    /// <summary>NUL-terminated UTF-8 copies in unmanaged memory for the duration of one compilation.</summary>
+    private sealed class Utf8Strings : IDisposable
+    {
+        private readonly List<IntPtr> _allocations = [];
+
+        public byte* Add(string s)
+        {
+            var p = Marshal.StringToCoTaskMemUTF8(s);
+            _allocations.Add(p);
+            return (byte*)p;
+        }
+
+        public void Dispose()
+        {
+            foreach (var p in _allocations)
+            {
+                Marshal.FreeCoTaskMem(p);
+            }
+        }
+    }
+}

@@ -1,0 +1,77 @@
+using System.Runtime.InteropServices;
+using DeepSeekCuda.Cuda;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>Mirror of <c>RmsNormParams</c> in Kernels/rmsnorm.cu.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct RmsNormParams
+{
+    public ulong X;
+    public ulong Residual;
+    public ulong Weight;
+    public ulong Y;
+    public long XStride;
+    public long ResidualStride;
+    public long YStride;
+    public int Rows;
+    public int Dim;
+    public float Eps;
+    public int Pad0;
+}
+
+/// <summary>
+/// RMSNorm, fp32 math, bf16 weight: <c>y = x / sqrt(mean(x²) + eps) · w</c>; the fused form adds the
+/// update into the fp32 residual stream first (<c>h += x; y = norm(h)</c>). One block per row.
+/// </summary>
+public sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+{
+    /// <summary>Kernels/rmsnorm.cu.</summary>
+    public const string FamilyName = "rmsnorm";
+
+    /// <summary>CUDA name of the params struct.</summary>
+    public const string ParamsType = "RmsNormParams";
+
+    private static readonly int[] BlockSizes = [128, 256, 512];
+
+    /// <summary>The block size for a row width: enough threads that each handles at most ~16 elements.</summary>
+    public static int BlockFor(int dim) => dim <= 512 ? 128 : dim <= 4096 ? 256 : 512;
+
+    /// <summary>The specialization for a shape and types.</summary>
+    public static KernelInstance Instance(int block, bool fused, ElementType input, ElementType output) =>
+        new($"rmsnorm_kernel<{block}, {(fused ? 1 : 0)}, {Flag(input)}, {Flag(output)}>", ParamsType);
+
+    /// <summary>Every specialization the launcher can request.</summary>
+    public static IReadOnlyList<KernelInstance> AllInstances() =>
+        [.. from b in BlockSizes from f in new[] { false, true } from i in Enum.GetValues<ElementType>() from o in Enum.GetValues<ElementType>() select Instance(b, f, i, o)];
+
+    /// <summary>y[r] = RMSNorm(x[r]) · w for <paramref name="rows"/> rows of <paramref name="dim"/>.</summary>
+    public void Launch(CudaStream stream, ulong x, ElementType xType, ulong weight, ulong y, ElementType yType, int rows, int dim, float eps,
+        long xStride = -1, long yStride = -1) =>
+        Run(stream, fused: false, x, xType, 0, weight, y, yType, rows, dim, eps, xStride, 0, yStride);
+
+    /// <summary>h[r] += x[r] (fp32 residual, written back), then y[r] = RMSNorm(h[r]) · w.</summary>
+    public void LaunchFused(CudaStream stream, ulong residual, ulong x, ElementType xType, ulong weight, ulong y, ElementType yType, int rows, int dim,
+        float eps, long xStride = -1, long residualStride = -1, long yStride = -1) =>
+        Run(stream, fused: true, x, xType, residual, weight, y, yType, rows, dim, eps, xStride, residualStride, yStride);
+
+    private void Run(CudaStream stream, bool fused, ulong x, ElementType xType, ulong residual, ulong weight, ulong y, ElementType yType,
+        int rows, int dim, float eps, long xStride, long residualStride, long yStride)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dim);
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        if (rows == 0)
+        {
+            return;
+        }
+
+        var p = new RmsNormParams
+        {
+            X = x, Residual = residual, Weight = weight, Y = y,
+            XStride = xStride < 0 ? dim : xStride, ResidualStride = residualStride < 0 ? dim : residualStride, YStride = yStride < 0 ? dim : yStride,
+            Rows = rows, Dim = dim, Eps = eps,
+        };
+        var block = BlockFor(dim);
+        Get(Instance(block, fused, xType, yType)).Launch(new Dim3((uint)rows), block, 0, stream, in p);
+    }
+}

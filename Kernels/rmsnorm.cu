@@ -1,0 +1,53 @@
+// RMSNorm over the last dimension, fp32 math (MODEL.md 9): y = x * (1 / sqrt(mean(x^2) + eps)) * w.
+// Fused variant: h += x (the residual add) first, h written back in fp32, then y = norm(h).
+// One block per row; the row is read twice (sum of squares, then scale) because at the model's widths
+// (<= 7168 floats) the second read hits L1/L2.
+#pragma once
+#include "common.cuh"
+
+struct RmsNormParams
+{
+    const void* x;        // [rows, x_stride] input (IN_BF16 ? bf16 : f32); fused: the update added to h
+    float* residual;      // [rows, residual_stride] fp32 residual stream h (fused only, else null)
+    const u16* weight;    // [dim] bf16
+    void* y;              // [rows, y_stride] output (OUT_BF16 ? bf16 : f32)
+    i64 x_stride;         // elements between rows
+    i64 residual_stride;
+    i64 y_stride;
+    i32 rows;
+    i32 dim;
+    float eps;
+    i32 pad0;
+};
+
+template <int BLOCK, int FUSE_RESIDUAL, int IN_BF16, int OUT_BF16>
+__global__ void __launch_bounds__(BLOCK) rmsnorm_kernel(const __grid_constant__ RmsNormParams p)
+{
+    typedef typename ElemOf<IN_BF16>::type TIn;
+    typedef typename ElemOf<OUT_BF16>::type TOut;
+    __shared__ float scratch[32];
+    const i64 row = blockIdx.x;
+    if (row >= p.rows) return;
+    const TIn* x = (const TIn*)p.x + row * p.x_stride;
+    TOut* y = (TOut*)p.y + row * p.y_stride;
+    float* h = FUSE_RESIDUAL ? p.residual + row * p.residual_stride : nullptr;
+
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < p.dim; i += BLOCK)
+    {
+        float v = load_f32<TIn>(x, i);
+        if (FUSE_RESIDUAL)
+        {
+            v = h[i] + v;
+            h[i] = v; // the same thread reads it back below: no barrier needed
+        }
+        ss = fmaf(v, v, ss);
+    }
+    ss = block_sum<BLOCK>(ss, scratch);
+    const float inv = 1.0f / sqrtf(ss / (float)p.dim + p.eps);
+    for (int i = threadIdx.x; i < p.dim; i += BLOCK)
+    {
+        float v = FUSE_RESIDUAL ? h[i] : load_f32<TIn>(x, i);
+        store_f32<TOut>(y, i, v * inv * bf16_to_float(p.weight[i]));
+    }
+}

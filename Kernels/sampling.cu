@@ -1,0 +1,193 @@
+// Token selection on the GPU, one block per row of logits.
+// argmax: the largest logit, the lowest index on ties; NaN logits are ignored; a row of only NaN gives -1
+// (which the embedding turns into a NaN row, so the fault is visible).
+// sample: temperature, top-k, top-p, then a seeded draw:
+//   w_i = exp((l_i - max) / T) over the kept set; top-k keeps logits >= the k-th largest (ties at the
+//   threshold are all kept); top-p then keeps logits >= the largest threshold whose kept mass is >= p of
+//   the top-k mass; u = uniform(seed, step, row) in [0, 1); the token is the first kept index (in index
+//   order) where the running mass exceeds u * total. Masses are fp32 sums in a block order, so a draw
+//   within rounding of a boundary may differ from a CPU sum: tests allow that.
+//   temperature <= 0 means argmax.
+#pragma once
+#include "common.cuh"
+
+struct SamplingParams
+{
+    const float* logits;  // [rows, logits_stride]
+    i32* out_ids;         // [rows]
+    i64 logits_stride;
+    u64 seed;
+    u64 step;             // decode step: a new draw per step with the same seed
+    i32 rows;
+    i32 vocab;
+    float temperature;    // <= 0: greedy
+    i32 top_k;            // <= 0 or >= vocab: off
+    float top_p;          // >= 1: off
+    i32 pad0;
+};
+
+DSC_DEVICE u64 splitmix64(u64 x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+// Mirrored by SamplingKernel.Uniform in C#.
+DSC_DEVICE float sampling_uniform(u64 seed, u64 step, u32 row)
+{
+    const u64 h = splitmix64(seed ^ splitmix64(step * 0x10000ull + row));
+    return (float)(u32)(h >> 40) * (1.0f / 16777216.0f);
+}
+
+// Order-preserving map of a non-NaN float to an unsigned key.
+DSC_DEVICE u32 order_key(float f)
+{
+    const u32 b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+template <int BLOCK>
+DSC_DEVICE void block_argmax(const float* l, int vocab, float* sv, int* si, float& best_v, int& best_i)
+{
+    float bv = -f32_inf();
+    int bi = -1;
+    for (int i = threadIdx.x; i < vocab; i += BLOCK)
+    {
+        const float v = l[i];
+        if (!is_nan(v) && (bi < 0 || v > bv)) { bv = v; bi = i; } // ascending i: first wins ties
+    }
+    sv[threadIdx.x] = bv;
+    si[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = BLOCK / 2; s > 0; s >>= 1)
+    {
+        if (threadIdx.x < s)
+        {
+            const float ov = sv[threadIdx.x + s];
+            const int oi = si[threadIdx.x + s];
+            const float mv = sv[threadIdx.x];
+            const int mi = si[threadIdx.x];
+            if (oi >= 0 && (mi < 0 || ov > mv || (ov == mv && oi < mi))) { sv[threadIdx.x] = ov; si[threadIdx.x] = oi; }
+        }
+        __syncthreads();
+    }
+    best_v = sv[0];
+    best_i = si[0];
+    __syncthreads();
+}
+
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) argmax_kernel(const __grid_constant__ SamplingParams p)
+{
+    __shared__ float sv[BLOCK];
+    __shared__ int si[BLOCK];
+    const int row = blockIdx.x;
+    if (row >= p.rows) return;
+    float bv;
+    int bi;
+    block_argmax<BLOCK>(p.logits + (i64)row * p.logits_stride, p.vocab, sv, si, bv, bi);
+    if (threadIdx.x == 0) p.out_ids[row] = bi;
+}
+
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) sample_kernel(const __grid_constant__ SamplingParams p)
+{
+    __shared__ float sv[BLOCK];
+    __shared__ int si[BLOCK];
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    if (row >= p.rows) return;
+    const float* l = p.logits + (i64)row * p.logits_stride;
+    float maxv;
+    int maxi;
+    block_argmax<BLOCK>(l, p.vocab, sv, si, maxv, maxi);
+    if (p.temperature <= 0.0f || maxi < 0)
+    {
+        if (threadIdx.x == 0) p.out_ids[row] = maxi;
+        return;
+    }
+    const float inv_t = 1.0f / p.temperature;
+
+    // Top-k threshold: the largest key t with count(key >= t) >= k, built bit by bit from the top.
+    u32 thr = 0;
+    if (p.top_k > 0 && p.top_k < p.vocab)
+    {
+        for (int bit = 31; bit >= 0; bit--)
+        {
+            const u32 cand = thr | (1u << bit);
+            float cnt = 0.0f;
+            for (int i = threadIdx.x; i < p.vocab; i += BLOCK)
+                if (!is_nan(l[i]) && order_key(l[i]) >= cand) cnt += 1.0f;
+            if (block_sum<BLOCK>(cnt, scratch) >= (float)p.top_k) thr = cand;
+        }
+    }
+
+    // Top-p threshold over the top-k survivors, the same way with probability mass.
+    if (p.top_p < 1.0f)
+    {
+        float total = 0.0f;
+        for (int i = threadIdx.x; i < p.vocab; i += BLOCK)
+            if (!is_nan(l[i]) && order_key(l[i]) >= thr) total += expf((l[i] - maxv) * inv_t);
+        total = block_sum<BLOCK>(total, scratch);
+        const float need = p.top_p * total;
+        // mass(key >= max(thr, t)) falls as t grows, so the largest t with mass >= need is found bit by bit.
+        u32 pthr = 0;
+        for (int bit = 31; bit >= 0; bit--)
+        {
+            const u32 cand = pthr | (1u << bit);
+            float mass = 0.0f;
+            for (int i = threadIdx.x; i < p.vocab; i += BLOCK)
+                if (!is_nan(l[i]) && order_key(l[i]) >= cand && order_key(l[i]) >= thr) mass += expf((l[i] - maxv) * inv_t);
+            if (block_sum<BLOCK>(mass, scratch) >= need) pthr = cand;
+        }
+        thr = max(thr, pthr);
+    }
+
+    // Draw: each thread owns a contiguous chunk so the running mass follows index order.
+    const int chunk = (p.vocab + BLOCK - 1) / BLOCK;
+    const int lo = min(p.vocab, (int)threadIdx.x * chunk), hi = min(p.vocab, lo + chunk);
+    float mine = 0.0f;
+    for (int i = lo; i < hi; i++)
+        if (!is_nan(l[i]) && order_key(l[i]) >= thr) mine += expf((l[i] - maxv) * inv_t);
+    sv[threadIdx.x] = mine;
+    __syncthreads();
+    __shared__ float target_s;
+    __shared__ int owner_s;
+    if (threadIdx.x == 0)
+    {
+        float total = 0.0f;
+        for (int t = 0; t < BLOCK; t++) total += sv[t];
+        const float target = sampling_uniform(p.seed, p.step, (u32)row) * total;
+        float acc = 0.0f;
+        int owner = -1;
+        for (int t = 0; t < BLOCK; t++)
+        {
+            if (sv[t] > 0.0f) owner = t;
+            if (sv[t] > 0.0f && acc + sv[t] > target) break;
+            acc += sv[t];
+        }
+        target_s = target - acc;
+        owner_s = owner;
+    }
+    __syncthreads();
+    if (owner_s < 0)
+    {
+        if (threadIdx.x == 0) p.out_ids[row] = maxi;
+        return;
+    }
+    if ((int)threadIdx.x == owner_s)
+    {
+        float acc = 0.0f;
+        int pick = -1;
+        for (int i = lo; i < hi; i++)
+        {
+            if (is_nan(l[i]) || order_key(l[i]) < thr) continue;
+            pick = i; // the last kept index stands in when rounding leaves the target past the end
+            acc += expf((l[i] - maxv) * inv_t);
+            if (acc > target_s) break;
+        }
+        p.out_ids[row] = pick >= 0 ? pick : maxi;
+    }
+}

@@ -1,0 +1,354 @@
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Kernels;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Cuda;
+
+/// <summary>Each kernel against the CPU backend on fresh random inputs, ragged shapes included.</summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class KernelGpuTests : GpuTestBase
+{
+    private static readonly ElementType[] Types = [ElementType.F32, ElementType.BF16];
+
+    // bf16 outputs: the GPU rounds its own fp32 result, which can differ from the CPU's by one bf16 step.
+    private static double Rtol(ElementType t) => t == ElementType.BF16 ? 1.0 / 128 : 1e-5;
+
+    public static IEnumerable<object[]> RowShapes => [[1, 256], [7, 7168], [33, 100], [3, 1000], [2, 129]];
+
+    [TestMethod]
+    [DynamicData(nameof(RowShapes))]
+    public void RmsNormMatchesCpuBackend(int rows, int dim)
+    {
+        using var k = new RmsNormKernel(Device, Compiler);
+        var cpu = new CpuBackend();
+        foreach (var inT in Types)
+        {
+            foreach (var outT in Types)
+            {
+                foreach (var fused in new[] { false, true })
+                {
+                    var r = Rng(rows * 31 + dim + (int)inT * 7 + (int)outT * 3 + (fused ? 1 : 0));
+                    var x = Normal(r, rows * dim, 2f);
+                    if (rows > 2)
+                    {
+                        x[dim + 3] = float.NaN;
+                        x[2 * dim + 5] = float.PositiveInfinity;
+                    }
+
+                    var w = Normal(r, dim, 0.1f).Select(v => 1 + v).ToArray();
+                    var h = Normal(r, rows * dim);
+                    using var xd = Upload(x, inT);
+                    using var wd = Upload(w, ElementType.BF16);
+                    using var hd = Upload(h, ElementType.F32);
+                    using var yd = Poisoned((long)rows * dim, outT);
+                    var weight = new CpuNormWeight(dim, 1e-6f, w);
+                    var yRef = cpu.Allocate(rows, dim);
+                    if (fused)
+                    {
+                        k.LaunchFused(Stream, hd.Pointer, xd.Pointer, inT, wd.Pointer, yd.Pointer, outT, rows, dim, 1e-6f);
+                        var hRef = cpu.Upload(h, rows, dim);
+                        cpu.AddRmsNorm(hRef, cpu.Upload(x, rows, dim), weight, yRef);
+                        var hExp = new float[rows * dim];
+                        cpu.Download(hRef, hExp);
+                        Tolerance.AssertClose(Read(hd, ElementType.F32, Stream), hExp, 0, 0, $"residual {rows}x{dim} {inT}");
+                    }
+                    else
+                    {
+                        k.Launch(Stream, xd.Pointer, inT, wd.Pointer, yd.Pointer, outT, rows, dim, 1e-6f);
+                        cpu.RmsNorm(cpu.Upload(x, rows, dim), weight, yRef);
+                    }
+
+                    var expected = new float[rows * dim];
+                    cpu.Download(yRef, expected);
+                    Tolerance.AssertClose(Read(yd, outT, Stream), AsStored(expected, outT), 1e-5, Rtol(outT),
+                        $"rmsnorm {rows}x{dim} in {inT} out {outT} fused {fused}");
+                }
+            }
+        }
+    }
+
+    public static IEnumerable<object[]> QuantShapes => [[5, 300], [3, 7168], [1, 128], [2, 129], [64, 512]];
+
+    [TestMethod]
+    [DynamicData(nameof(QuantShapes))]
+    public void ActQuantMatchesCpuExactly(int rows, int cols)
+    {
+        using var k = new ActQuantKernel(Device, Compiler);
+        foreach (var inT in Types)
+        {
+            foreach (var ue8m0 in new[] { false, true })
+            {
+                var r = Rng(rows * 7 + cols);
+                var x = Normal(r, rows * cols, 3f);
+                for (var i = 0; i < x.Length; i += 97)
+                {
+                    x[i] *= 1e-6f; // tiny groups exercise the 1e-4 amax floor
+                }
+
+                var groups = ActQuantKernel.GroupsFor(cols);
+                using var xd = Upload(x, inT);
+                using var qd = DeviceBuffer<byte>.Allocate(Device, (long)rows * cols);
+                using var sd = DeviceBuffer<float>.Allocate(Device, (long)rows * groups);
+                qd.Fill8(0x7F, Stream);
+                sd.Fill32(NaNPattern, Stream);
+                k.Launch(Stream, xd.Pointer, inT, qd.Pointer, sd.Pointer, rows, cols, ue8m0);
+                AssertQuant(x, rows, cols, ue8m0, qd.ToArray(Stream), sd.ToArray(Stream), $"{rows}x{cols} {inT} ue8m0 {ue8m0}");
+            }
+        }
+    }
+
+    private static void AssertQuant(float[] x, int rows, int cols, bool ue8m0, byte[] codes, float[] scales, string what)
+    {
+        var groups = ActQuantKernel.GroupsFor(cols);
+        var qRef = new byte[cols];
+        var sRef = new float[groups];
+        for (var row = 0; row < rows; row++)
+        {
+            ActivationQuant.Quantize(x.AsSpan(row * cols, cols), qRef, sRef, 128, ue8m0 ? ScaleFormat.Ue8m0 : ScaleFormat.Float32);
+            for (var g = 0; g < groups; g++)
+            {
+                Assert.AreEqual(BitConverter.SingleToInt32Bits(sRef[g]), BitConverter.SingleToInt32Bits(scales[row * groups + g]),
+                    $"{what}: scale [{row}, {g}] {scales[row * groups + g]:R} vs {sRef[g]:R}");
+            }
+
+            for (var c = 0; c < cols; c++)
+            {
+                Assert.AreEqual(qRef[c], codes[row * cols + c], $"{what}: code [{row}, {c}] of x = {x[row * cols + c]:R}");
+            }
+        }
+    }
+
+    [TestMethod]
+    public void ActQuantMatchesTheFixtureCodesAndScales()
+    {
+        using var k = new ActQuantKernel(Device, Compiler);
+        using var reference = SafetensorsFile.Open(Path.Combine(SharedData.TinyA, "reference.safetensors"));
+        foreach (var (prefix, ue8m0) in new[] { ("actq", false), ("actq_ue8m0", true) })
+        {
+            var x = reference.GetSpan<float>(reference.Get(prefix + ".x")).ToArray();
+            var codes = reference.GetSpan<long>(reference.Get(prefix + ".codes")).ToArray();
+            var scale = reference.GetSpan<float>(reference.Get(prefix + ".scale")).ToArray();
+            int rows = 8, cols = x.Length / 8, groups = ActQuantKernel.GroupsFor(cols);
+            using var xd = Upload(x, ElementType.F32);
+            using var qd = DeviceBuffer<byte>.Allocate(Device, x.Length);
+            using var sd = DeviceBuffer<float>.Allocate(Device, rows * groups);
+            qd.Fill8(0x7F, Stream);
+            sd.Fill32(NaNPattern, Stream);
+            k.Launch(Stream, xd.Pointer, ElementType.F32, qd.Pointer, sd.Pointer, rows, cols, ue8m0);
+            var q = qd.ToArray(Stream);
+            var s = sd.ToArray(Stream);
+            for (var i = 0; i < s.Length; i++)
+            {
+                Assert.AreEqual(BitConverter.SingleToInt32Bits(scale[i]), BitConverter.SingleToInt32Bits(s[i]), $"{prefix}.scale[{i}]");
+            }
+
+            for (var i = 0; i < q.Length; i++)
+            {
+                Assert.AreEqual(codes[i], q[i], $"{prefix}.codes[{i}] (x = {x[i]:R})");
+            }
+        }
+    }
+
+    public static IEnumerable<object[]> RopeShapes => [[1, 4, 0], [7, 4, 60], [33, 1, 2000], [130, 3, 0]];
+
+    [TestMethod]
+    [DynamicData(nameof(RopeShapes))]
+    public void RopeMatchesCpuBackend(int tokens, int heads, int start)
+    {
+        var config = ModelConfig.Load(Path.Combine(SharedData.TinyAModel, "config.json"));
+        int pairs = config.QkRopeHeadDim / 2, headStride = config.QkHeadDim, ropeOffset = config.QkNopeHeadDim;
+        using var k = new RopeKernel(Device, Compiler);
+        var cpu = new CpuBackend();
+        var (cos, sin) = YarnRope.Table(config, start + tokens);
+        var table = cpu.UploadRope(cos, sin, start + tokens, pairs);
+        using var inv = DeviceBuffer<float>.From(Device, RopeKernel.InverseFrequencies(config));
+        using var pos = DeviceBuffer<int>.From(Device, Enumerable.Range(start, tokens).ToArray());
+        foreach (var t in Types)
+        {
+            var x = Normal(Rng(tokens + heads + start), tokens * heads * headStride);
+            using var xd = Upload(x, t);
+            k.Launch(Stream, xd.Pointer, t, pos.Pointer, inv.Pointer, pairs, tokens, heads, heads * headStride, headStride, ropeOffset);
+            var xr = cpu.Upload(x, tokens, heads * headStride);
+            cpu.ApplyRope(xr, table, start, headStride, ropeOffset);
+            var expected = new float[x.Length];
+            cpu.Download(xr, expected);
+            var actual = Read(xd, t, Stream);
+            // The nope part must be untouched bit for bit; the rope part within sin/cos rounding.
+            Tolerance.AssertClose(actual, AsStored(expected, t), 2e-5, Rtol(t), $"rope {tokens}x{heads} from {start} {t}");
+        }
+    }
+
+    public static IEnumerable<object[]> SiluShapes => [[1, 128], [7, 2048], [3, 1000], [65, 129]];
+
+    [TestMethod]
+    [DynamicData(nameof(SiluShapes))]
+    public void SiluMulMatchesCpuBackend(int rows, int cols)
+    {
+        using var k = new SiluMulKernel(Device, Compiler);
+        var cpu = new CpuBackend();
+        foreach (var inT in Types)
+        {
+            foreach (var outT in Types)
+            {
+                var r = Rng(rows * cols + (int)inT);
+                var g = Normal(r, rows * cols, 4f);
+                var u = Normal(r, rows * cols);
+                g[0] = float.NaN;
+                u[Math.Min(1, u.Length - 1)] = float.PositiveInfinity;
+                using var gd = Upload(g, inT);
+                using var ud = Upload(u, inT);
+                using var od = Poisoned((long)rows * cols, outT);
+                k.Launch(Stream, gd.Pointer, ud.Pointer, inT, od.Pointer, outT, rows, cols);
+                var o = cpu.Allocate(rows, cols);
+                cpu.SiluMul(cpu.Upload(g, rows, cols), cpu.Upload(u, rows, cols), o);
+                var expected = new float[rows * cols];
+                cpu.Download(o, expected);
+                Tolerance.AssertClose(Read(od, outT, Stream), AsStored(expected, outT), 1e-6, Rtol(outT) * 2, $"silu_mul {rows}x{cols} {inT}->{outT}");
+            }
+        }
+    }
+
+    [TestMethod]
+    public void EmbeddingGathersRowsExactlyAndPoisonsBadIds()
+    {
+        const int vocab = 1000, dim = 300;
+        using var k = new EmbeddingKernel(Device, Compiler);
+        var table = Normal(Rng(5), vocab * dim);
+        using var td = Upload(table, ElementType.BF16); // table now holds the bf16 values
+        int[] ids = [0, 999, 17, 17, 500, vocab, -1];
+        using var idd = DeviceBuffer<int>.From(Device, ids);
+        foreach (var outT in Types)
+        {
+            using var od = Poisoned((long)ids.Length * dim, outT);
+            k.Launch(Stream, idd.Pointer, td.Pointer, vocab, dim, od.Pointer, outT, ids.Length);
+            var o = Read(od, outT, Stream);
+            for (var t = 0; t < ids.Length; t++)
+            {
+                for (var i = 0; i < dim; i++)
+                {
+                    var expected = ids[t] is >= 0 and < vocab ? table[ids[t] * dim + i] : float.NaN;
+                    Assert.AreEqual(expected, o[t * dim + i], $"out[{t}, {i}] (id {ids[t]}, {outT})");
+                }
+            }
+        }
+    }
+
+    [TestMethod]
+    public void ArgmaxTakesTheLowestIndexOnTiesAndIgnoresNaN()
+    {
+        const int vocab = 129280;
+        using var k = new SamplingKernel(Device, Compiler);
+        var rows = 6;
+        var logits = Normal(Rng(9), rows * vocab);
+        logits[0 * vocab + 500] = 50; logits[0 * vocab + 70000] = 50;                 // tie: 500
+        logits[1 * vocab + 129279] = 60;                                               // last index
+        logits[2 * vocab + 3] = float.NaN; logits[2 * vocab + 4] = 70;                // NaN ignored
+        for (var i = 0; i < vocab; i++) { logits[3 * vocab + i] = float.NaN; }         // all NaN: -1
+        for (var i = 0; i < vocab; i++) { logits[4 * vocab + i] = 1f; }                // all equal: 0
+        logits[5 * vocab + 1] = float.PositiveInfinity;
+        using var ld = DeviceBuffer<float>.From(Device, logits);
+        using var ids = DeviceBuffer<int>.Allocate(Device, rows);
+        ids.Fill32(0xDEADBEEF, Stream);
+        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, new SamplingOptions());
+        CollectionAssert.AreEqual(new[] { 500, 129279, 4, -1, 0, 1 }, ids.ToArray(Stream));
+    }
+
+    [TestMethod]
+    public void SamplingIsSeededAndStaysInTheTopKTopPSet()
+    {
+        const int vocab = 32000, rows = 64;
+        using var k = new SamplingKernel(Device, Compiler);
+        var logits = Normal(Rng(11), rows * vocab, 3f);
+        using var ld = DeviceBuffer<float>.From(Device, logits);
+        using var ids = DeviceBuffer<int>.Allocate(Device, rows);
+        var options = new SamplingOptions(Temperature: 0.8f, TopK: 50, TopP: 0.9f, Seed: 1234);
+        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, options, step: 3);
+        var a = ids.ToArray(Stream);
+        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, options, step: 3);
+        CollectionAssert.AreEqual(a, ids.ToArray(Stream), "same seed and step, same draw");
+        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, options with { Seed = 99 }, step: 3);
+        CollectionAssert.AreNotEqual(a, ids.ToArray(Stream), "another seed draws differently");
+
+        for (var row = 0; row < rows; row++)
+        {
+            var l = logits.AsSpan(row * vocab, vocab).ToArray();
+            var order = Enumerable.Range(0, vocab).OrderByDescending(i => l[i]).ToArray();
+            var kth = l[order[options.TopK - 1]];
+            var kept = order.Where(i => l[i] >= kth).ToArray();
+            var w = kept.Select(i => Math.Exp((l[i] - l[order[0]]) / options.Temperature)).ToArray();
+            double total = w.Sum(), acc = 0;
+            var allowed = new HashSet<int>();
+            for (var j = 0; j < kept.Length; j++)
+            {
+                allowed.Add(kept[j]);
+                acc += w[j];
+                if (acc >= options.TopP * total * (1 + 1e-5))
+                {
+                    break;
+                }
+            }
+
+            Assert.Contains(a[row], allowed, $"row {row}: token {a[row]} outside the top-k/top-p set");
+        }
+
+        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, options with { TopK = 1 }, step: 0);
+        var greedy = ids.ToArray(Stream);
+        for (var row = 0; row < rows; row++)
+        {
+            var l = logits.AsSpan(row * vocab, vocab);
+            Assert.AreEqual(l.IndexOf(System.Numerics.Tensors.TensorPrimitives.Max(l)), greedy[row], "top-k 1 is greedy");
+        }
+    }
+
+    [TestMethod]
+    public void SamplingFrequenciesFollowTheSoftmax()
+    {
+        // 4096 rows of the same 8 logits: each row is an independent draw (row index is in the counter).
+        const int vocab = 8, rows = 4096;
+        float[] row = [0f, 1f, 2f, 0.5f, -1f, 1.5f, -3f, 2f];
+        var logits = Enumerable.Range(0, rows).SelectMany(_ => row).ToArray();
+        using var k = new SamplingKernel(Device, Compiler);
+        using var ld = DeviceBuffer<float>.From(Device, logits);
+        using var ids = DeviceBuffer<int>.Allocate(Device, rows);
+        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, new SamplingOptions(Temperature: 1f, Seed: 7));
+        var counts = new int[vocab];
+        foreach (var id in ids.ToArray(Stream))
+        {
+            counts[id]++;
+        }
+
+        var z = row.Sum(v => Math.Exp(v));
+        for (var i = 0; i < vocab; i++)
+        {
+            var p = Math.Exp(row[i]) / z;
+            var sigma = Math.Sqrt(rows * p * (1 - p));
+            Assert.IsLessThan(5 * sigma + 1, Math.Abs(counts[i] - rows * p), $"token {i}: {counts[i]} draws, expected {rows * p:F0}");
+        }
+    }
+
+    [TestMethod]
+    public void GraphReplaysCapturedKernelsAndArenaCarvesAlignedViews()
+    {
+        using var arena = new DeviceArena(Device, 1 << 20);
+        var a = arena.Take<float>(1000);
+        var b = arena.Take<float>(1000);
+        Assert.AreEqual(0UL, b.Pointer % DeviceArena.Alignment);
+        var x = Normal(Rng(3), 1000);
+        a.Upload(x);
+        using var k = new SiluMulKernel(Device, Compiler);
+        k.Launch(Stream, a.Pointer, a.Pointer, ElementType.F32, b.Pointer, ElementType.F32, 1, 1000); // compile and load outside capture
+        b.Fill32(NaNPattern, Stream);
+        using var graph = CudaGraph.Capture(Stream, s => k.Launch(s, a.Pointer, a.Pointer, ElementType.F32, b.Pointer, ElementType.F32, 1, 1000));
+        Assert.IsTrue(float.IsNaN(b.ToArray(Stream)[0]), "capture does not run the work");
+        graph.Launch(Stream);
+        var y = b.ToArray(Stream);
+        for (var i = 0; i < x.Length; i++)
+        {
+            Assert.AreEqual(x[i] / (1 + MathF.Exp(-x[i])) * x[i], y[i], 1e-5f * Math.Max(1, Math.Abs(y[i])));
+        }
+    }
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs on the GPU server from inside the bundle pack.sh made: the GPU tests, then the benchmarks, writing
+# logs, the TRX report and gpu-tests.json into OUTDIR.
+#   ./run.sh OUTDIR
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+outdir="${1:?usage: run.sh OUTDIR}"
+mkdir -p "$outdir"
+outdir="$(cd "$outdir" && pwd)"
+export DSCUDA_SHARED="${DSCUDA_SHARED:-$here/shared}"
+export DSCUDA_KERNEL_CACHE="${DSCUDA_KERNEL_CACHE:-$outdir/kernel-cache}"
+exe="$here/tests/DeepSeekCuda.Tests"
+
+device="none"; driver="none"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  device="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)"
+  driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1)"
+  nvidia-smi > "$outdir/nvidia-smi.txt" 2>&1
+fi
+commit="$(head -n1 "$here/COMMIT" 2>/dev/null || echo unknown)"
+date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+
+# MSTest runner (Microsoft.Testing.Platform) options: --filter takes the VSTest filter syntax.
+"$exe" --filter "TestCategory=Gpu" --report-trx --report-trx-filename gpu-tests.trx --results-directory "$outdir" \
+  --output Detailed > "$outdir/gpu-tests.log" 2>&1
+rc=$?
+
+trx="$outdir/gpu-tests.trx"
+python3 - "$trx" "$outdir/gpu-tests.json" "$device" "$driver" "$commit" "$date" "$rc" <<'PY'
+import json, sys, xml.etree.ElementTree as ET
+trx, out, device, driver, commit, date, rc = sys.argv[1:]
+passed = failed = skipped = 0; failures = []
+try:
+    ns = {"t": "http://microsoft.com/schemas/VisualStudio/TeamTest/2010"}
+    for r in ET.parse(trx).getroot().iter("{%s}UnitTestResult" % ns["t"]):
+        o = r.get("outcome")
+        if o == "Passed": passed += 1
+        elif o in ("Failed", "Error", "Timeout", "Aborted"): failed += 1; failures.append(r.get("testName"))
+        else: skipped += 1  # NotExecuted / Inconclusive: no device or a test that could not run
+except Exception as e:
+    failures.append("no TRX report (%s); see gpu-tests.log, exit code %s" % (e, rc)); failed += 1
+json.dump({"device": device, "driver": driver, "commit": commit, "date": date, "passed": passed, "failed": failed,
+           "skipped": skipped, "failures": failures}, open(out, "w"), indent=2)
+print(open(out).read())
+PY
+
+# Benchmarks join here once run-bench exists (bench/results/ gets their output).
+if [ -x "$here/bench/run-bench" ]; then
+  "$here/bench/run-bench" --out "$outdir/bench" > "$outdir/bench.log" 2>&1 || echo "run-bench failed, see bench.log"
+fi
+exit $rc
