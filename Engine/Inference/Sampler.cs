@@ -1,3 +1,4 @@
+using DeepSeekCuda.Loader.Numerics;
 namespace DeepSeekCuda.Inference;
 
 /// <summary>

@@ -305,7 +305,7 @@ public static class SyntheticCheckpoint
             var gridCols = CheckpointLayout.CeilDiv(recipe.In, blockCols);
             return new PieceSet(CheckpointLayout.CeilDiv(recipe.Out, blockRows), stripe =>
             {
-                var rng = new SeededRandom(seed, $"{recipe.Stream}#{stripe}");
+                var rng = Xoshiro256.ForStream(seed, $"{recipe.Stream}#{stripe}");
                 var factors = new double[gridCols];
                 for (var b = 0; b < gridCols; b++)
                 {
@@ -329,7 +329,7 @@ public static class SyntheticCheckpoint
         var count = tensor.Shape.Aggregate(1L, (a, b) => a * b);
         return new PieceSet((int)((count + ChunkElements - 1) / ChunkElements), chunk =>
         {
-            var rng = new SeededRandom(seed, $"{recipe.Stream}#{chunk}");
+            var rng = Xoshiro256.ForStream(seed, $"{recipe.Stream}#{chunk}");
             var values = new float[(int)Math.Min(ChunkElements, count - (long)chunk * ChunkElements)];
             for (var i = 0; i < values.Length; i++)
             {

@@ -1,3 +1,4 @@
+using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Inference;
 
 namespace DeepSeekCuda.Tests.Inference;
