@@ -182,6 +182,7 @@ public sealed unsafe class NvrtcCompiler
     {
         NativeLibraries.RequireNvrtc();
         Interlocked.Increment(ref _invocations);
+        var started = System.Diagnostics.Stopwatch.GetTimestamp();
         var headers = Sources.Files.ToArray();
         using var strings = new Utf8Strings();
         var headerPtrs = stackalloc byte*[headers.Length];
@@ -255,6 +256,8 @@ public sealed unsafe class NvrtcCompiler
                 lowered[nameExpressions[i]] = Marshal.PtrToStringUTF8((IntPtr)name)!;
             }
 
+            _logger.LogInformation("Compiled {Family} for {Arch} ({Format}, {Bytes} bytes) in {Milliseconds:F0} ms",
+                family, target.Arch, target.IsCubin ? "CUBIN" : "PTX", image.Length, System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalMilliseconds);
             return new CompiledKernel(family, target.Arch, !target.IsCubin, image, lowered, log, FromCache: false);
         }
         finally
