@@ -35,9 +35,14 @@ public sealed class DeepSeekChatClient : IChatClient
     private readonly DeepSeekChatClientOptions _options;
     private readonly ILogger _logger;
     private readonly DeepSeekCudaMetrics _metrics;
+    // Never disposed: it has no wait handle (AvailableWaitHandle is not used), and a request still in
+    // flight when the client is disposed must be able to release it.
     private readonly SemaphoreSlim _gate = new(1, 1);
+    private readonly Lock _state = new();
     private readonly bool _disposeModel;
-    private int _disposed;
+    private bool _disposed;
+    private bool _running;
+    private int _released;
 
     /// <summary>Creates a chat client.</summary>
     /// <param name="model">The model.</param>
@@ -106,7 +111,7 @@ public sealed class DeepSeekChatClient : IChatClient
     public IAsyncEnumerable<ChatResponseUpdate> GetStreamingResponseAsync(IEnumerable<ChatMessage> messages, ChatOptions? options = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(messages);
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed), this);
         var turns = ToTurns(messages, options);
         var sampling = ToSampling(options);
         sampling.Validate();
@@ -145,16 +150,38 @@ public sealed class DeepSeekChatClient : IChatClient
         return serviceType == typeof(DeepSeekCudaMetrics) ? _metrics : null;
     }
 
-    /// <inheritdoc/>
+    /// <summary>
+    /// Disposes the client (and the model, when it owns it). A request already generating finishes first:
+    /// the model is released when it ends, never under a running forward pass. Requests still queued, and
+    /// any later ones, throw <see cref="ObjectDisposedException"/>.
+    /// </summary>
     public void Dispose()
     {
-        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        lock (_state)
+        {
+            if (_disposed)
+            {
+                return;
+            }
+
+            _disposed = true;
+            if (_running)
+            {
+                return; // the running request releases everything when it ends
+            }
+        }
+
+        ReleaseResources();
+    }
+
+    private void ReleaseResources()
+    {
+        if (Interlocked.Exchange(ref _released, 1) != 0)
         {
             return;
         }
 
         _metrics.Dispose();
-        _gate.Dispose();
         if (_disposeModel)
         {
             _generator.Model.Dispose();
@@ -263,6 +290,19 @@ public sealed class DeepSeekChatClient : IChatClient
         }
 
         await _gate.WaitAsync(ct).ConfigureAwait(false);
+        bool disposedWhileQueued;
+        lock (_state)
+        {
+            disposedWhileQueued = _disposed;
+            _running = !disposedWhileQueued;
+        }
+
+        if (disposedWhileQueued)
+        {
+            _gate.Release();
+            throw new ObjectDisposedException(nameof(DeepSeekChatClient));
+        }
+
         var responseId = Guid.NewGuid().ToString("N");
         var createdAt = DateTimeOffset.UtcNow;
         var start = Stopwatch.GetTimestamp();
@@ -315,7 +355,18 @@ public sealed class DeepSeekChatClient : IChatClient
                 Log.GenerationAborted(_logger, generated, Stopwatch.GetElapsedTime(start).TotalSeconds);
             }
 
+            bool disposedWhileRunning;
+            lock (_state)
+            {
+                _running = false;
+                disposedWhileRunning = _disposed;
+            }
+
             _gate.Release();
+            if (disposedWhileRunning)
+            {
+                ReleaseResources();
+            }
         }
     }
 

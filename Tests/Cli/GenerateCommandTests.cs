@@ -44,6 +44,23 @@ public sealed class GenerateCommandTests
     }
 
     [TestMethod]
+    [DataRow("--temperature", "-1", "temperature must be >= 0")]
+    [DataRow("--top-p", "2", "top-p must be in (0, 1]")]
+    [DataRow("--top-p", "0", "top-p must be in (0, 1]")]
+    [DataRow("--top-k", "-3", "top-k must be >= 0")]
+    [DataRow("--stop", "", "stop sequences must not be empty")]
+    public void BadSamplingFlagIsOneLineNamingTheFlag_BeforeAnyModelIsLoaded(string flag, string value, string reason)
+    {
+        // The folder does not exist: reaching the loader would report that instead of the flag.
+        var missing = Path.Combine(Path.GetTempPath(), "dscuda-no-such-model-" + Guid.NewGuid().ToString("N"));
+        var r = CliRunner.Run("generate", "--model", missing, "--prompt", "x", flag, value);
+        Assert.AreEqual(1, r.ExitCode, r.Error);
+        var shownValue = value.Length == 0 ? "\"\"" : value;
+        Assert.AreEqual($"dscuda: error: {flag} {shownValue}: {reason}{Environment.NewLine}", r.Error);
+        Assert.AreEqual("", r.Output);
+    }
+
+    [TestMethod]
     public void CudaDeviceIsRefusedClearly()
     {
         var r = CliRunner.Run("generate", "--model", _dir, "--prompt", "x", "--device", "cuda");

@@ -159,6 +159,52 @@ public sealed class ChatClientTests
     }
 
     [TestMethod]
+    public async Task DisposeMidStream_RunningRequestFinishes_ModelReleasedAfterIt_LaterRequestsThrow()
+    {
+        var model = FakeModel.Bigram(seed: 7, eosLogit: float.NegativeInfinity);
+        var forwardsOnDisposedModel = 0;
+        model.OnForward = _ =>
+        {
+            if (model.Disposed)
+            {
+                Interlocked.Increment(ref forwardsOnDisposedModel);
+            }
+        };
+        var client = new DeepSeekChatClient(model, Tok, new DeepSeekChatClientOptions { ModelId = "fake" }, disposeModel: true);
+        var text = "";
+        ChatFinishReason? finish = null;
+        var n = 0;
+        await foreach (var u in client.GetStreamingResponseAsync(Hi, new ChatOptions { Seed = 1, MaxOutputTokens = 10 }))
+        {
+            if (++n == 2)
+            {
+                client.Dispose();
+                Assert.IsFalse(model.Disposed, "the model was disposed under a running request");
+            }
+
+            text += string.Concat(u.Contents.Select(c => c switch { TextContent t => t.Text, TextReasoningContent r => r.Text, _ => "" }));
+            finish ??= u.FinishReason;
+        }
+
+        Assert.AreEqual(0, forwardsOnDisposedModel);
+        Assert.AreEqual(ChatFinishReason.Length, finish);
+        Assert.AreEqual(10, text.Length); // the bigram writes one ASCII character per token
+        Assert.IsTrue(model.Disposed, "the model was not released when the running request ended");
+        await Assert.ThrowsAsync<ObjectDisposedException>(() => client.GetResponseAsync(Hi));
+    }
+
+    [TestMethod]
+    public async Task DisposeWhileIdle_ReleasesModelAtOnce()
+    {
+        var model = FakeModel.Bigram(seed: 7);
+        var client = new DeepSeekChatClient(model, Tok, disposeModel: true);
+        client.Dispose();
+        client.Dispose();
+        Assert.IsTrue(model.Disposed);
+        await Assert.ThrowsAsync<ObjectDisposedException>(() => client.GetResponseAsync(Hi));
+    }
+
+    [TestMethod]
     public void GetService_ReturnsSelfAndMetadata()
     {
         var model = FakeModel.Bigram(1);

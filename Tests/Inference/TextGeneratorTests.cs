@@ -105,6 +105,29 @@ public sealed class TextGeneratorTests
     }
 
     [TestMethod]
+    public void PromptLongerThanContext_ThrowsAtTheCall_NamingTheLimit_NoSession()
+    {
+        var prompt = Prompt("abcdef"); // 7 tokens
+        var model = FakeModel.Scripted(Bytes("x"), prompt.Length, maxSequenceLength: 6);
+        var e = Assert.ThrowsExactly<ArgumentException>(() => new TextGenerator(model, Tok).GenerateAsync(prompt, SamplingOptions.Greedy));
+        Assert.AreEqual("promptIds", e.ParamName);
+        StringAssert.Contains(e.Message, "7 tokens");
+        StringAssert.Contains(e.Message, "holds 6");
+        Assert.AreEqual(0, model.SessionsCreated);
+    }
+
+    [TestMethod]
+    public async Task PromptFillingTheContext_GeneratesExactlyOneToken()
+    {
+        var prompt = Prompt("abcde"); // 6 tokens
+        var model = FakeModel.Scripted(Bytes("xyz"), prompt.Length, maxSequenceLength: 6);
+        var result = await new TextGenerator(model, Tok).GenerateTextAsync(prompt, SamplingOptions.Greedy);
+        Assert.AreEqual("x", result.Text);
+        Assert.AreEqual(FinishReason.Length, result.FinishReason);
+        Assert.AreEqual(1, model.ForwardCalls);
+    }
+
+    [TestMethod]
     public async Task ReasoningStartInside_SplitsOnPlainTextTag()
     {
         var prompt = Prompt("q");

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using DeepSeekCuda.Inference;
 using Microsoft.Extensions.AI;
 
 namespace DeepSeekCuda.Cli;
@@ -32,6 +33,36 @@ internal sealed class SamplingArguments
         }
 
         var stops = parse.GetValue(_stop);
+
+        // Checked here, before the model is loaded (minutes for a real checkpoint), by the same rules the
+        // chat client applies, and reported as one line naming the flag.
+        var check = new SamplingOptions
+        {
+            Temperature = parse.GetValue(_temperature),
+            TopP = parse.GetValue(_topP),
+            TopK = parse.GetValue(_topK),
+            MaxTokens = maxTokens,
+            StopSequences = stops,
+        };
+        try
+        {
+            check.Validate();
+        }
+        catch (ArgumentException e)
+        {
+            var (flag, value) = e.ParamName switch
+            {
+                nameof(SamplingOptions.Temperature) => ("--temperature", (object?)check.Temperature),
+                nameof(SamplingOptions.TopP) => ("--top-p", check.TopP),
+                nameof(SamplingOptions.TopK) => ("--top-k", check.TopK),
+                nameof(SamplingOptions.StopSequences) => ("--stop", "\"\""),
+                _ => ("--max-tokens", maxTokens),
+            };
+            var reason = e.Message.Split('\n')[0];
+            var cut = reason.IndexOf(" (Parameter '", StringComparison.Ordinal);
+            throw new UserErrorException($"{flag} {value}: {(cut >= 0 ? reason[..cut] : reason)}");
+        }
+
         return new ChatOptions
         {
             MaxOutputTokens = maxTokens,
