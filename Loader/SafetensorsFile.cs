@@ -121,11 +121,16 @@ public sealed unsafe class SafetensorsFile : IDisposable
             view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
             return new SafetensorsFile(path, length, dataStart, tensors, metadata, map, view, p + view.PointerOffset);
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (Exception e)
         {
             view?.Dispose();
             map?.Dispose();
-            throw new CheckpointException($"{path}: cannot map: {e.Message}", path, null, e);
+            if (e is IOException or UnauthorizedAccessException)
+            {
+                throw new CheckpointException($"{path}: cannot map: {e.Message}", path, null, e);
+            }
+
+            throw;
         }
     }
 

@@ -13,7 +13,10 @@ public sealed class DeepSeekCudaOptions
     /// <summary>Builds the model and tokenizer from the container (first resolution of the chat client).</summary>
     public Func<IServiceProvider, (ILanguageModel Model, ITokenizer Tokenizer)>? ModelFactory { get; set; }
 
-    /// <summary>A model folder handed to <see cref="Loader"/>.</summary>
+    /// <summary>
+    /// A checkpoint folder. Loaded with <see cref="LocalModel.Load"/> unless <see cref="Loader"/> is set; the
+    /// chat format (R1 or V3) is then detected from the checkpoint and replaces <c>Chat.TemplateKind</c>.
+    /// </summary>
     public string? ModelPath { get; set; }
 
     /// <summary>Loads the model and tokenizer from <see cref="ModelPath"/>; default: <see cref="LocalModel.Load"/> on the CPU backend.</summary>
@@ -36,8 +39,14 @@ public sealed class DeepSeekCudaOptions
                 return Loader(ModelPath);
             }
 
+            // The checkpoint says which chat format it expects (R1 or V3); a folder name is a better
+            // model id than the generic default.
             var local = LocalModel.Load(ModelPath);
             Chat.TemplateKind = local.TemplateKind;
+            if (Chat.ModelId == new DeepSeekChatClientOptions().ModelId)
+            {
+                Chat.ModelId = Path.GetFileName(local.Directory.TrimEnd(Path.DirectorySeparatorChar));
+            }
             // The container disposes the model it was given: hand it the LocalModel, which owns the backend too.
             return (local, local.Tokenizer);
         }

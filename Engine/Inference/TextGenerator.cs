@@ -135,7 +135,9 @@ public sealed class TextGenerator
                         break;
                     }
 
-                    var bytes = _tokenizer.GetTokenBytes(next);
+                    // Special tokens (chat markers, BOS) are control, not text: like Hugging Face's
+                    // skip_special_tokens. R1's <think>/</think> are non-special added tokens and stay.
+                    var bytes = _tokenizer.IsSpecial(next) ? ReadOnlySpan<byte>.Empty : _tokenizer.GetTokenBytes(next);
                     if (chars.Length < bytes.Length + 4)
                     {
                         chars = new char[bytes.Length + 4];

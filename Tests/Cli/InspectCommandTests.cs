@@ -64,3 +64,21 @@ public sealed class InspectCommandTests
         }
     }
 }
+
+[TestClass]
+public sealed class CliParseErrorTests
+{
+    [TestMethod]
+    [DataRow(new[] { "logits", "--tokens", "0,1" }, "--out")]
+    [DataRow(new[] { "inspect", "--no-such-option" }, "--no-such-option")]
+    [DataRow(new[] { "frobnicate" }, "frobnicate")]
+    public void ParseErrorsAreOneLineNamingTheProblem(string[] args, string named)
+    {
+        var r = CliRunner.Run(args);
+        Assert.AreEqual(1, r.ExitCode);
+        Assert.AreEqual(1, r.Error.TrimEnd().Split('\n').Length, r.Error);
+        StringAssert.StartsWith(r.Error, "dscuda: error: ");
+        StringAssert.Contains(r.Error, named);
+        StringAssert.Contains(r.Error, "--help");
+    }
+}

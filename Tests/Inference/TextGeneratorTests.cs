@@ -28,6 +28,25 @@ public sealed class TextGeneratorTests
     }
 
     [TestMethod]
+    public async Task SpecialTokensAreNotText_ThinkTagsAre()
+    {
+        // A (special) chat marker in the output is counted and reported by id, but prints nothing;
+        // R1's non-special <think>/</think> stay text for the reasoning parser.
+        var prompt = Prompt("q");
+        int[] script = [.. Bytes("ab"), FakeTokenizer.AssistantId, .. Bytes("c"), FakeTokenizer.EndThink, .. Bytes("d")];
+        var model = FakeModel.Scripted(script, prompt.Length);
+        var updates = new List<GenerationUpdate>();
+        await foreach (var u in new TextGenerator(model, Tok).GenerateAsync(prompt, SamplingOptions.Greedy))
+        {
+            updates.Add(u);
+        }
+
+        Assert.AreEqual("abc</think>d", string.Concat(updates.Select(u => u.Text)));
+        Assert.IsTrue(updates.Any(u => u.TokenId == FakeTokenizer.AssistantId && u.Text.Length == 0));
+        Assert.AreEqual(script.Length + 1, updates[^1].Usage.GeneratedTokens);
+    }
+
+    [TestMethod]
     public async Task Scripted_MultiByteCharacters_StreamIntact_EndsOnEos()
     {
         const string Out = "héllo € 😀!";

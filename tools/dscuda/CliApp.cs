@@ -26,6 +26,17 @@ public static class CliApp
     public static async Task<int> RunAsync(string[] args, TextReader input, TextWriter output, TextWriter error, CancellationToken cancellationToken = default)
     {
         var parse = CreateRoot(input).Parse(args);
+        if (parse.Errors.Count > 0)
+        {
+            // System.CommandLine would print each error on its own line and then the whole help text; say
+            // the problems in one line and where the usage is.
+            var command = string.Join(' ', parse.CommandResult.Command.Name is var n && n == parse.RootCommandResult.Command.Name
+                ? ["dscuda"] : new[] { "dscuda", n });
+            var problems = string.Join("; ", parse.Errors.Select(e => e.Message.ReplaceLineEndings(" ")).Distinct());
+            await error.WriteLineAsync($"dscuda: error: {problems} (see '{command} --help')");
+            return 1;
+        }
+
         var invocation = new InvocationConfiguration { EnableDefaultExceptionHandler = false, Output = output, Error = error };
         try
         {
