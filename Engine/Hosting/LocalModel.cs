@@ -77,12 +77,10 @@ public sealed class LocalModel : ILanguageModel
                 checkpoint.Directory);
         }
 
-        progress?.Report(0.05);
         var backend = new CpuBackend(options.Numerics);
         try
         {
-            var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = options.MaxSequenceLength });
-            progress?.Report(1.0);
+            var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = options.MaxSequenceLength }, progress);
             var kind = options.TemplateKind ?? DetectTemplate(checkpoint.Directory);
             logger.LogInformation("Loaded {Directory}: {Bytes} bytes of weights in {Seconds:F2} s ({Config}), {Template} chat format",
                 checkpoint.Directory, checkpoint.TotalTensorBytes, started.Elapsed.TotalSeconds, checkpoint.Config, kind);

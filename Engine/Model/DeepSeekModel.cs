@@ -52,9 +52,13 @@ public sealed class DeepSeekModel : ILanguageModel
     /// Uploads every weight of <paramref name="checkpoint"/> to <paramref name="backend"/> (each read once)
     /// and builds the rotary table. The checkpoint may be disposed afterwards.
     /// </summary>
+    /// <param name="checkpoint">The opened, validated checkpoint.</param>
+    /// <param name="backend">Where the weights go.</param>
+    /// <param name="options">Attention form, context length, MTP.</param>
+    /// <param name="progress">Receives the fraction of layers loaded, from 0 to 1.</param>
     /// <exception cref="NotSupportedException">The config asks for something this engine does not implement.</exception>
     /// <exception cref="CheckpointException">A tensor is missing or has the wrong shape.</exception>
-    public static DeepSeekModel Load(Checkpoint checkpoint, IBackend backend, ModelOptions? options = null)
+    public static DeepSeekModel Load(Checkpoint checkpoint, IBackend backend, ModelOptions? options = null, IProgress<double>? progress = null)
     {
         ArgumentNullException.ThrowIfNull(checkpoint);
         ArgumentNullException.ThrowIfNull(backend);
@@ -76,6 +80,8 @@ public sealed class DeepSeekModel : ILanguageModel
         for (var i = 0; i < layers.Length; i++)
         {
             layers[i] = DecoderLayer.Load(checkpoint, backend, config, i);
+            // Layers hold nearly all the bytes; the MTP layer counts as one more.
+            progress?.Report((i + 1.0) / (layers.Length + 1));
         }
 
         MtpWeights? mtp = null;
@@ -85,6 +91,7 @@ public sealed class DeepSeekModel : ILanguageModel
             mtp = MtpWeights.Load(checkpoint, backend, config, config.NumHiddenLayers);
         }
 
+        progress?.Report(1.0);
         return new DeepSeekModel(backend, config, options, maxLength)
         {
             Embed = embed,
