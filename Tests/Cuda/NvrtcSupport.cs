@@ -19,6 +19,7 @@ internal static partial class NvrtcSupport
         [RopeKernel.FamilyName] = RopeKernel.AllInstances(),
         [SiluMulKernel.FamilyName] = SiluMulKernel.AllInstances(),
         [SamplingKernel.FamilyName] = SamplingKernel.AllInstances(),
+        [MoeGateKernel.FamilyName] = MoeGateKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -30,6 +31,7 @@ internal static partial class NvrtcSupport
         (typeof(RopeParams), RopeKernel.ParamsType, RopeKernel.FamilyName),
         (typeof(SiluMulParams), SiluMulKernel.ParamsType, SiluMulKernel.FamilyName),
         (typeof(SamplingParams), SamplingKernel.ParamsType, SamplingKernel.FamilyName),
+        (typeof(MoeGateParams), MoeGateKernel.ParamsType, MoeGateKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>
