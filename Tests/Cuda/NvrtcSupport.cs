@@ -20,6 +20,7 @@ internal static partial class NvrtcSupport
         [SiluMulKernel.FamilyName] = SiluMulKernel.AllInstances(),
         [SamplingKernel.FamilyName] = SamplingKernel.AllInstances(),
         [MoeGateKernel.FamilyName] = MoeGateKernel.AllInstances(),
+        [MoeDispatchKernel.FamilyName] = MoeDispatchKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -32,6 +33,7 @@ internal static partial class NvrtcSupport
         (typeof(SiluMulParams), SiluMulKernel.ParamsType, SiluMulKernel.FamilyName),
         (typeof(SamplingParams), SamplingKernel.ParamsType, SamplingKernel.FamilyName),
         (typeof(MoeGateParams), MoeGateKernel.ParamsType, MoeGateKernel.FamilyName),
+        (typeof(MoeDispatchParams), MoeDispatchKernel.ParamsType, MoeDispatchKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>
