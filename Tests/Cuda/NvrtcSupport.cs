@@ -19,6 +19,8 @@ internal static partial class NvrtcSupport
         [RopeKernel.FamilyName] = RopeKernel.AllInstances(),
         [SiluMulKernel.FamilyName] = SiluMulKernel.AllInstances(),
         [SamplingKernel.FamilyName] = SamplingKernel.AllInstances(),
+        [MoeGateKernel.FamilyName] = MoeGateKernel.AllInstances(),
+        [MoeDispatchKernel.FamilyName] = MoeDispatchKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -30,6 +32,8 @@ internal static partial class NvrtcSupport
         (typeof(RopeParams), RopeKernel.ParamsType, RopeKernel.FamilyName),
         (typeof(SiluMulParams), SiluMulKernel.ParamsType, SiluMulKernel.FamilyName),
         (typeof(SamplingParams), SamplingKernel.ParamsType, SamplingKernel.FamilyName),
+        (typeof(MoeGateParams), MoeGateKernel.ParamsType, MoeGateKernel.FamilyName),
+        (typeof(MoeDispatchParams), MoeDispatchKernel.ParamsType, MoeDispatchKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>

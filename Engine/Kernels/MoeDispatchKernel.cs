@@ -1,0 +1,152 @@
+using System.Runtime.InteropServices;
+using DeepSeekCuda.Cuda;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>Mirror of <c>MoeDispatchParams</c> in Kernels/moe_dispatch.cu.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct MoeDispatchParams
+{
+    public ulong TopkIdx;
+    public ulong NumTokens;
+    public ulong Counts;
+    public ulong Offsets;
+    public ulong Perm;
+    public ulong Inv;
+    public ulong Hist;
+    public int Tokens;
+    public int TMax;
+    public int K;
+    public int Tile;
+    public int RowsMax;
+    public int Chunks;
+}
+
+/// <summary>The expert-contiguous layout of one batch's routed token slots (see <see cref="MoeDispatch"/>).</summary>
+/// <param name="Counts">[E] slots per expert.</param>
+/// <param name="Offsets">[E + 1] padded exclusive offsets; Offsets[E] is the number of rows in use.</param>
+/// <param name="Perm">[rowsMax] row → slot (token · k + j), −1 for padding and unused rows.</param>
+/// <param name="Inv">[tMax · k] slot → row, −1 for entries outside [0, E) and tokens past the count.</param>
+public sealed record MoeDispatchLayout(int[] Counts, int[] Offsets, int[] Perm, int[] Inv);
+
+/// <summary>
+/// CPU reference of the MoE dispatch (pure C#, no CUDA). Slot s = token · k + j of topk_idx [tokens, k].
+/// Each expert e owns rows [Offsets[e], Offsets[e + 1]): first its Counts[e] slots in increasing s (by
+/// token, then slot), then padding up to a multiple of <c>tile</c>. Expert ids outside [0, E) are not routed.
+/// </summary>
+public static class MoeDispatch
+{
+    /// <summary>Rows the permutation needs for any routing of up to <paramref name="tMax"/> tokens.</summary>
+    public static int RowsMax(int tMax, int k, int experts, int tile) => checked((tMax * k) + (experts * (tile - 1)));
+
+    /// <summary>The layout of <paramref name="tokens"/> tokens, perm sized for <paramref name="tMax"/> tokens (default: tokens).</summary>
+    public static MoeDispatchLayout Compute(ReadOnlySpan<int> topkIdx, int tokens, int k, int experts, int tile, int tMax = -1)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(experts);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(tile);
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        tMax = tMax < 0 ? tokens : tMax;
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(tokens, tMax);
+        ArgumentOutOfRangeException.ThrowIfLessThan(topkIdx.Length, tokens * k);
+        var n = tokens * k;
+        var counts = new int[experts];
+        for (var s = 0; s < n; s++)
+        {
+            if ((uint)topkIdx[s] < (uint)experts)
+            {
+                counts[topkIdx[s]]++;
+            }
+        }
+
+        var offsets = new int[experts + 1];
+        for (var e = 0; e < experts; e++)
+        {
+            offsets[e + 1] = offsets[e] + ((counts[e] + tile - 1) / tile * tile);
+        }
+
+        var perm = new int[RowsMax(tMax, k, experts, tile)];
+        Array.Fill(perm, -1);
+        var inv = new int[tMax * k];
+        Array.Fill(inv, -1);
+        var next = offsets[..experts];
+        for (var s = 0; s < n; s++)
+        {
+            var e = topkIdx[s];
+            if ((uint)e < (uint)experts)
+            {
+                var row = next[e]++;
+                perm[row] = s;
+                inv[s] = row;
+            }
+        }
+
+        return new MoeDispatchLayout(counts, offsets, perm, inv);
+    }
+}
+
+/// <summary>
+/// MoE dispatch on the GPU: counts, padded offsets, permutation and inverse exactly as <see cref="MoeDispatch"/>,
+/// deterministically (no order-dependent atomics) in three launches whose grids depend only on t_max, so the
+/// sequence can be captured in a CUDA graph; the live token count may be read from device memory.
+/// </summary>
+public sealed class MoeDispatchKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+{
+    /// <summary>Kernels/moe_dispatch.cu.</summary>
+    public const string FamilyName = "moe_dispatch";
+
+    /// <summary>CUDA name of the params struct.</summary>
+    public const string ParamsType = "MoeDispatchParams";
+
+    /// <summary>Threads per block.</summary>
+    public const int Block = 256;
+
+    /// <summary>Token slots per block of the count and scatter launches.</summary>
+    public const int Chunk = 4096;
+
+    /// <summary>Expert counts of the known models: V3 256, tiny-a 16, Tiny preset 12.</summary>
+    public static IReadOnlyList<int> KnownExperts => [256, 16, 12];
+
+    /// <summary>The three specializations (count, scan, scatter) for an expert count.</summary>
+    public static (KernelInstance Count, KernelInstance Scan, KernelInstance Scatter) Instances(int experts) =>
+        (new($"moe_dispatch_count<{experts}, {Block}, {Chunk}>", ParamsType),
+         new($"moe_dispatch_scan<{experts}, {Block}, {Chunk}>", ParamsType),
+         new($"moe_dispatch_scatter<{experts}, {Block}, {Chunk}>", ParamsType));
+
+    /// <summary>Every specialization of the known expert counts.</summary>
+    public static IReadOnlyList<KernelInstance> AllInstances() =>
+        [.. KnownExperts.SelectMany(e => { var (c, s, x) = Instances(e); return new[] { c, s, x }; })];
+
+    /// <summary>Blocks of the count and scatter launches for a capacity.</summary>
+    public static int Chunks(int tMax, int k) => Math.Max(1, checked((tMax * k) + Chunk - 1) / Chunk);
+
+    /// <summary>Int32 elements of the workspace for a capacity.</summary>
+    public static long WorkspaceInts(int tMax, int k, int experts) => (long)Chunks(tMax, k) * experts;
+
+    /// <summary>
+    /// Builds the layout for <paramref name="tokens"/> tokens of topkIdx [tMax, k] (or for the int32 count at
+    /// <paramref name="numTokens"/> when it is not 0, clamped to tMax). Buffers (int32): counts [E], offsets [E + 1],
+    /// perm [<see cref="MoeDispatch.RowsMax"/>], inv [tMax · k], workspace [<see cref="WorkspaceInts"/>].
+    /// </summary>
+    public void Launch(CudaStream stream, ulong topkIdx, int tokens, int tMax, int k, int experts, int tile,
+        ulong counts, ulong offsets, ulong perm, ulong inv, ulong workspace, ulong numTokens = 0)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(tMax);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(experts);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(experts, 1024); // the scatter's [warps][E] table and running bases fit in 48 KiB of shared memory
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(tile);
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(tokens, tMax);
+        var p = new MoeDispatchParams
+        {
+            TopkIdx = topkIdx, NumTokens = numTokens, Counts = counts, Offsets = offsets, Perm = perm, Inv = inv, Hist = workspace,
+            Tokens = tokens, TMax = tMax, K = k, Tile = tile, RowsMax = MoeDispatch.RowsMax(tMax, k, experts, tile), Chunks = Chunks(tMax, k),
+        };
+        var (count, scan, scatter) = Instances(experts);
+        var grid = new Dim3((uint)p.Chunks);
+        Get(count).Launch(grid, Block, 0, stream, in p);
+        Get(scan).Launch(new Dim3(1), Block, 0, stream, in p);
+        Get(scatter).Launch(grid, Block, 0, stream, in p);
+    }
+}

@@ -1,0 +1,107 @@
+using System.Runtime.InteropServices;
+using DeepSeekCuda.Cuda;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>Mirror of <c>MoeGateParams</c> in Kernels/moe_gate.cu.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct MoeGateParams
+{
+    public ulong X;
+    public ulong Weight;
+    public ulong Bias;
+    public ulong TopkIdx;
+    public ulong TopkWeight;
+    public ulong Scores;
+    public long XStride;
+    public int Tokens;
+    public int Normalize;
+    public float Scaling;
+    public int Pad0;
+}
+
+/// <summary>The compile-time shape of a gate: experts E, width D, groups, groups kept, experts per token k.</summary>
+public readonly record struct MoeGateShape(int Experts, int Width, int Groups, int GroupsKept, int TopK)
+{
+    /// <summary>DeepSeek-V3/R1: 256 experts over 7168, top-8 in 4 of 8 groups.</summary>
+    public static MoeGateShape V3 => new(256, 7168, 8, 4, 8);
+
+    /// <summary>The tiny-a fixture: 16 experts over 256, top-4 in 2 of 4 groups.</summary>
+    public static MoeGateShape TinyA => new(16, 256, 4, 2, 4);
+
+    /// <summary>The Tiny synthetic preset: 12 experts over 192, top-3 in 2 of 3 groups.</summary>
+    public static MoeGateShape TinyPreset => new(12, 192, 3, 2, 3);
+
+    /// <summary>The shapes <see cref="MoeGateKernel.AllInstances"/> lists (any valid shape compiles on demand).</summary>
+    public static IReadOnlyList<MoeGateShape> Known => [V3, TinyA, TinyPreset];
+
+    /// <summary>Throws unless the kernel's static_asserts will hold.</summary>
+    public void Validate()
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(Experts);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(Experts, 1024);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(Width);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(Width, 8192, nameof(Width)); // fp32 copy of x in 48 KiB static shared memory with the scores
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(Groups);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(Groups, 32);
+        if (Experts % Groups != 0 || GroupsKept < 1 || GroupsKept > Groups || TopK < 1 || TopK > Experts / Groups * GroupsKept)
+        {
+            throw new ArgumentException($"invalid gate shape {this}");
+        }
+    }
+}
+
+/// <summary>
+/// DeepSeek-V3 noaux_tc gating on the GPU (MODEL.md §5), the same decisions as the CPU <c>Router</c>:
+/// fp32 logits against the bf16 gate weight, sigmoid, bias-corrected group-limited top-k with ties to the
+/// lower index, weights from the unbiased scores, normalized and scaled. One block per token; E, D, groups,
+/// groups kept and k are template constants. Feed it the fp32 gate input (a bf16 input is accepted but
+/// loses exactness against the reference).
+/// </summary>
+public sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+{
+    /// <summary>Kernels/moe_gate.cu.</summary>
+    public const string FamilyName = "moe_gate";
+
+    /// <summary>CUDA name of the params struct.</summary>
+    public const string ParamsType = "MoeGateParams";
+
+    /// <summary>Threads per block: 32 warps for the full-width gate (3.7 MB of weight per token), 8 otherwise.</summary>
+    public static int BlockFor(MoeGateShape s) => (long)s.Experts * s.Width >= 1 << 20 ? 1024 : 256;
+
+    /// <summary>The specialization for a shape and input type.</summary>
+    public static KernelInstance Instance(MoeGateShape s, ElementType input) =>
+        new($"moe_gate_kernel<{s.Experts}, {s.Width}, {s.Groups}, {s.GroupsKept}, {s.TopK}, {BlockFor(s)}, {Flag(input)}>", ParamsType);
+
+    /// <summary>Every specialization of the known shapes.</summary>
+    public static IReadOnlyList<KernelInstance> AllInstances() =>
+        [.. from s in MoeGateShape.Known from t in Enum.GetValues<ElementType>() select Instance(s, t)];
+
+    /// <summary>
+    /// Routes <paramref name="tokens"/> rows of x: topkIdx [tokens, k] int32 (best first), topkWeight [tokens, k] f32,
+    /// and, when <paramref name="scores"/> is not 0, the unbiased sigmoid scores [tokens, E] f32.
+    /// </summary>
+    public void Launch(CudaStream stream, MoeGateShape shape, ulong x, ElementType xType, ulong weight, ulong bias, int tokens,
+        ulong topkIdx, ulong topkWeight, bool normalize, float scaling, ulong scores = 0, long xStride = -1)
+    {
+        shape.Validate();
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        if (tokens == 0)
+        {
+            return;
+        }
+
+        if (shape.Width % 8 == 0 && weight % 16 != 0)
+        {
+            throw new ArgumentException("the gate weight must be 16-byte aligned", nameof(weight));
+        }
+
+        var p = new MoeGateParams
+        {
+            X = x, Weight = weight, Bias = bias, TopkIdx = topkIdx, TopkWeight = topkWeight, Scores = scores,
+            XStride = xStride < 0 ? shape.Width : xStride, Tokens = tokens, Normalize = normalize ? 1 : 0, Scaling = scaling,
+        };
+        var block = BlockFor(shape);
+        Get(Instance(shape, xType)).Launch(new Dim3((uint)tokens), block, 0, stream, in p);
+    }
+}

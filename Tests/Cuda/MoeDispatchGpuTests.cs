@@ -1,0 +1,71 @@
+using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Kernels;
+
+namespace DeepSeekCuda.Tests.Cuda;
+
+/// <summary>The dispatch kernels against the CPU reference <see cref="MoeDispatch"/>, bit for bit, outputs poisoned first.</summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class MoeDispatchGpuTests : GpuTestBase
+{
+    public static IEnumerable<object[]> Cases =>
+        from tokens in new[] { 1, 7, 1000, 4096 }
+        from shape in new[] { (256, 8), (16, 4), (12, 3) }
+        from skewed in new[] { false, true }
+        select new object[] { tokens, shape.Item1, shape.Item2, skewed };
+
+    [TestMethod]
+    [DynamicData(nameof(Cases))]
+    public void MatchesCpuReference(int tokens, int experts, int k, bool skewed)
+    {
+        using var kernel = new MoeDispatchKernel(Device, Compiler);
+        foreach (var (tile, tMax, deviceCount) in new[] { (1, tokens, false), (64, tokens + 5, false), (128, tokens + 1000, true) })
+        {
+            var idx = MoeDispatchReferenceTests.Routing(new Random(tokens + experts * 3 + tile + (skewed ? 17 : 0)), tMax, k, experts, skewed);
+            var what = $"{tokens} tokens (capacity {tMax}), {experts}/{k}, skewed {skewed}, tile {tile}, device count {deviceCount}";
+            var expected = MoeDispatch.Compute(idx, tokens, k, experts, tile, tMax);
+            MoeDispatchReferenceTests.AssertInvariants(expected, idx, tokens, k, experts, tile, what);
+
+            using var idxD = DeviceBuffer<int>.From(Device, idx, Stream);
+            using var countD = DeviceBuffer<int>.From(Device, [tokens], Stream);
+            using var counts = Poison(experts);
+            using var offsets = Poison(experts + 1);
+            using var perm = Poison(MoeDispatch.RowsMax(tMax, k, experts, tile));
+            using var inv = Poison(tMax * k);
+            using var work = Poison(MoeDispatchKernel.WorkspaceInts(tMax, k, experts));
+            kernel.Launch(Stream, idxD.Pointer, deviceCount ? 0 : tokens, tMax, k, experts, tile, counts.Pointer, offsets.Pointer, perm.Pointer,
+                inv.Pointer, work.Pointer, deviceCount ? countD.Pointer : 0);
+
+            CollectionAssert.AreEqual(expected.Counts, counts.ToArray(Stream), $"{what}: counts");
+            CollectionAssert.AreEqual(expected.Offsets, offsets.ToArray(Stream), $"{what}: offsets");
+            CollectionAssert.AreEqual(expected.Perm, perm.ToArray(Stream), $"{what}: perm");
+            CollectionAssert.AreEqual(expected.Inv, inv.ToArray(Stream), $"{what}: inv");
+        }
+    }
+
+    [TestMethod]
+    public void OutOfRangeEntriesAreSkipped()
+    {
+        using var kernel = new MoeDispatchKernel(Device, Compiler);
+        int[] idx = [1, -1, 16, 0, 3, 3];
+        var expected = MoeDispatch.Compute(idx, 3, 2, 16, 4);
+        using var idxD = DeviceBuffer<int>.From(Device, idx, Stream);
+        using var counts = Poison(16);
+        using var offsets = Poison(17);
+        using var perm = Poison(MoeDispatch.RowsMax(3, 2, 16, 4));
+        using var inv = Poison(6);
+        using var work = Poison(MoeDispatchKernel.WorkspaceInts(3, 2, 16));
+        kernel.Launch(Stream, idxD.Pointer, 3, 3, 2, 16, 4, counts.Pointer, offsets.Pointer, perm.Pointer, inv.Pointer, work.Pointer);
+        CollectionAssert.AreEqual(expected.Counts, counts.ToArray(Stream));
+        CollectionAssert.AreEqual(expected.Offsets, offsets.ToArray(Stream));
+        CollectionAssert.AreEqual(expected.Perm, perm.ToArray(Stream));
+        CollectionAssert.AreEqual(expected.Inv, inv.ToArray(Stream));
+    }
+
+    private DeviceBuffer<int> Poison(long n)
+    {
+        var b = DeviceBuffer<int>.Allocate(Device, n);
+        b.Fill32(NaNPattern, Stream);
+        return b;
+    }
+}
