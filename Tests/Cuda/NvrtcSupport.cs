@@ -19,6 +19,8 @@ internal static partial class NvrtcSupport
         [RopeKernel.FamilyName] = RopeKernel.AllInstances(),
         [SiluMulKernel.FamilyName] = SiluMulKernel.AllInstances(),
         [SamplingKernel.FamilyName] = SamplingKernel.AllInstances(),
+        [Fp8GemmKernel.GemvFamily] = Fp8GemmKernel.AllGemvInstances(),
+        [Fp8GemmKernel.MmaFamily] = Fp8GemmKernel.AllMmaInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -30,6 +32,7 @@ internal static partial class NvrtcSupport
         (typeof(RopeParams), RopeKernel.ParamsType, RopeKernel.FamilyName),
         (typeof(SiluMulParams), SiluMulKernel.ParamsType, SiluMulKernel.FamilyName),
         (typeof(SamplingParams), SamplingKernel.ParamsType, SamplingKernel.FamilyName),
+        (typeof(Fp8GemmParams), Fp8GemmKernel.ParamsType, Fp8GemmKernel.GemvFamily), // shared with fp8_gemm_mma (fp8_gemm.cuh)
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>
