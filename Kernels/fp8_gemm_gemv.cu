@@ -4,7 +4,7 @@
 // Layout: one warp per output column n (a weight row, K contiguous bytes), WARPS warps per block, so each
 // block streams WARPS weight rows. Per iteration a lane takes 16 consecutive bytes (one 16-byte load; a
 // warp covers 512 bytes = four 128-blocks) and UNROLL iterations are loaded before any is used, so
-// UNROLL 16-byte loads per lane are in flight. A lane's 16 bytes never straddle a 128-block (16 | 128), so
+// kGemvUnroll 16-byte loads per lane are in flight. A lane's 16 bytes never straddle a 128-block (16 | 128), so
 // its fp32 partial dot of 16 products is scaled by sa[m, kb] * sb[n/128, kb] and added to an fp32
 // accumulator: the promotion to scaled fp32 happens every 16 of K (the issue asks for at least every 128).
 // MT activation rows are processed per weight load (the weight bytes are reused from registers); blockIdx.z
@@ -20,7 +20,7 @@
 #pragma once
 #include "fp8_gemm.cuh"
 
-constexpr int kGemvUnroll = 4;
+constexpr int kGemvUnroll = 2;
 
 template <int N, int K, int MT, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) fp8_gemv_kernel(const __grid_constant__ Fp8GemmParams p)

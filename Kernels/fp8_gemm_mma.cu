@@ -34,7 +34,7 @@ DSC_DEVICE u32 smem_u32(const u8* p) { return *(const u32*)p; }
 // Two e4m3 codes -> two bf16 packed low/high (exact widening; NaN stays NaN).
 DSC_DEVICE u32 e4m3x2_to_bf16x2(u8 lo, u8 hi)
 {
-    return (__float_as_uint(e4m3_to_float(lo)) >> 16) | (__float_as_uint(e4m3_to_float(hi)) & 0xffff0000u);
+    return (__float_as_uint(e4m3_fast(lo)) >> 16) | (__float_as_uint(e4m3_fast(hi)) & 0xffff0000u);
 }
 #endif
 

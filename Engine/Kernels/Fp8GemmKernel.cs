@@ -68,7 +68,7 @@ public sealed class Fp8GemmKernel : IDisposable
     public const int GemvStep = 512;
 
     /// <summary>Activation rows per gemv weight pass, by M.</summary>
-    public static readonly int[] GemvRowTiles = [1, 2, 4, 8];
+    public static readonly int[] GemvRowTiles = [1, 4];
 
     /// <summary>Output tile of the mma kernel.</summary>
     public const int MmaTile = 64;
