@@ -21,6 +21,8 @@ internal static partial class NvrtcSupport
         [SamplingKernel.FamilyName] = SamplingKernel.AllInstances(),
         [MoeGateKernel.FamilyName] = MoeGateKernel.AllInstances(),
         [MoeDispatchKernel.FamilyName] = MoeDispatchKernel.AllInstances(),
+        [Fp8GemmKernel.GemvFamily] = Fp8GemmKernel.AllGemvInstances(),
+        [Fp8GemmKernel.MmaFamily] = Fp8GemmKernel.AllMmaInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -34,6 +36,7 @@ internal static partial class NvrtcSupport
         (typeof(SamplingParams), SamplingKernel.ParamsType, SamplingKernel.FamilyName),
         (typeof(MoeGateParams), MoeGateKernel.ParamsType, MoeGateKernel.FamilyName),
         (typeof(MoeDispatchParams), MoeDispatchKernel.ParamsType, MoeDispatchKernel.FamilyName),
+        (typeof(Fp8GemmParams), Fp8GemmKernel.ParamsType, Fp8GemmKernel.GemvFamily), // shared with fp8_gemm_mma (fp8_gemm.cuh)
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>

@@ -1,0 +1,247 @@
+using System.Runtime.InteropServices;
+using DeepSeekCuda.Cuda;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>Mirror of <c>Fp8GemmParams</c> in Kernels/fp8_gemm.cuh (shared by fp8_gemm_gemv and fp8_gemm_mma).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct Fp8GemmParams
+{
+    public ulong XCodes;
+    public ulong XScales;
+    public ulong W;
+    public ulong WScales;
+    public ulong Y;
+    public ulong Residual;
+    public ulong Partial;
+    public long XStride;
+    public long XScalesStride;
+    public long YStride;
+    public long ResidualStride;
+    public int M;
+    public int OutBf16;
+    public int Splits;
+    public int SplitK;
+}
+
+/// <summary>Which kernel computes an FP8 GEMM.</summary>
+public enum Fp8GemmPath
+{
+    /// <summary>By M: <see cref="Gemv"/> up to <see cref="Fp8GemmKernel.GemvMaxM"/> rows, <see cref="Mma"/> above.</summary>
+    Auto = 0,
+
+    /// <summary>The memory-bound decode kernel (Kernels/fp8_gemm_gemv.cu), split-K when N is small.</summary>
+    Gemv = 1,
+
+    /// <summary>The mma.sync tensor-core kernel (Kernels/fp8_gemm_mma.cu).</summary>
+    Mma = 2,
+}
+
+/// <summary>
+/// FP8 e4m3 GEMM with 128x128 block scales: <c>Y[M,N] = X[M,K]·Wᵀ</c> (+ residual), W e4m3 [N,K] with fp32
+/// weight_scale_inv [⌈N/128⌉, ⌈K/128⌉], X pre-quantized by <see cref="ActQuantKernel"/> (e4m3 codes
+/// [M,K] and fp32 scales [M,⌈K/128⌉], float32 scale format). FP32 accumulation, promoted at least every
+/// 128 of K; BF16 or FP32 output. N and K are compiled in (one specialization per weight shape), M is a
+/// run-time argument. Owns the split-K workspace: one launcher per stream.
+/// </summary>
+public sealed class Fp8GemmKernel : IDisposable
+{
+    /// <summary>Kernels/fp8_gemm_gemv.cu.</summary>
+    public const string GemvFamily = "fp8_gemm_gemv";
+
+    /// <summary>Kernels/fp8_gemm_mma.cu.</summary>
+    public const string MmaFamily = "fp8_gemm_mma";
+
+    /// <summary>CUDA name of the params struct (Kernels/fp8_gemm.cuh).</summary>
+    public const string ParamsType = "Fp8GemmParams";
+
+    /// <summary>Scale block edge (both operands).</summary>
+    public const int Block = 128;
+
+    /// <summary>Warps (output columns) per gemv block.</summary>
+    public const int GemvWarps = 8;
+
+    /// <summary>Largest M the automatic choice sends to the gemv kernel (a first guess: to be tuned on a GPU).</summary>
+    public const int GemvMaxM = 64;
+
+    /// <summary>K bytes a gemv warp covers per iteration; split-K boundaries are multiples of it.</summary>
+    public const int GemvStep = 512;
+
+    /// <summary>Activation rows per gemv weight pass, by M.</summary>
+    public static readonly int[] GemvRowTiles = [1, 4];
+
+    /// <summary>Output tile of the mma kernel.</summary>
+    public const int MmaTile = 64;
+
+    /// <summary>
+    /// The DeepSeek-V3 linear shapes (N, K): q_a, q_b (128 heads x 192), kv_a (512 + 64), kv_b (128 x 256
+    /// from 512), o_proj, dense gate/up and down, expert gate/up and down (the shared expert has the same),
+    /// plus DeepGEMM's fused q_a+kv_a (2112) and 4096x7168.
+    /// </summary>
+    public static readonly (int N, int K)[] DeepSeekV3Shapes =
+    [
+        (1536, 7168), (24576, 1536), (576, 7168), (32768, 512), (7168, 16384),
+        (18432, 7168), (7168, 18432), (2048, 7168), (7168, 2048), (2112, 7168), (4096, 7168),
+    ];
+
+    /// <summary>Shapes with N and/or K not multiples of 128 (and K not a multiple of 16) the tests use.</summary>
+    public static readonly (int N, int K)[] RaggedShapes = [(300, 200), (129, 1000), (1000, 129), (72, 72), (200, 640), (129, 4100)];
+
+    private readonly GemvLauncher _gemv;
+    private readonly MmaLauncher _mma;
+    private DeviceBuffer<float>? _workspace;
+
+    /// <summary>Creates the launcher on <paramref name="device"/>.</summary>
+    public Fp8GemmKernel(CudaDevice device, NvrtcCompiler compiler)
+    {
+        Device = device;
+        _gemv = new GemvLauncher(device, compiler);
+        _mma = new MmaLauncher(device, compiler);
+    }
+
+    /// <summary>The device.</summary>
+    public CudaDevice Device { get; }
+
+    /// <summary>Scale blocks along <paramref name="n"/> elements.</summary>
+    public static int BlocksFor(int n) => (n + Block - 1) / Block;
+
+    /// <summary>The gemv specialization for a shape and a row tile.</summary>
+    public static KernelInstance GemvInstance(int n, int k, int rowTile) =>
+        new($"fp8_gemv_kernel<{n}, {k}, {rowTile}, {GemvWarps}>", ParamsType);
+
+    /// <summary>The split-K reduction for an N.</summary>
+    public static KernelInstance ReduceInstance(int n) => new($"fp8_gemv_reduce_kernel<{n}>", ParamsType);
+
+    /// <summary>The mma specialization for a shape.</summary>
+    public static KernelInstance MmaInstance(int n, int k) => new($"fp8_gemm_mma_kernel<{n}, {k}>", ParamsType);
+
+    /// <summary>Every gemv-family specialization the launcher requests for <paramref name="shapes"/>.</summary>
+    public static IReadOnlyList<KernelInstance> GemvInstances(IEnumerable<(int N, int K)> shapes) =>
+        [.. shapes.SelectMany(s => GemvRowTiles.Select(t => GemvInstance(s.N, s.K, t))),
+            .. shapes.Select(s => s.N).Distinct().Select(ReduceInstance)];
+
+    /// <summary>Every mma-family specialization the launcher requests for <paramref name="shapes"/>.</summary>
+    public static IReadOnlyList<KernelInstance> MmaInstances(IEnumerable<(int N, int K)> shapes) =>
+        [.. shapes.Select(s => MmaInstance(s.N, s.K))];
+
+    /// <summary>The gemv specializations of the DeepSeek-V3 and ragged shapes.</summary>
+    public static IReadOnlyList<KernelInstance> AllGemvInstances() => GemvInstances(DeepSeekV3Shapes.Concat(RaggedShapes).Distinct());
+
+    /// <summary>The mma specializations of the DeepSeek-V3 and ragged shapes.</summary>
+    public static IReadOnlyList<KernelInstance> AllMmaInstances() => MmaInstances(DeepSeekV3Shapes.Concat(RaggedShapes).Distinct());
+
+    /// <summary>The path <see cref="Fp8GemmPath.Auto"/> takes for <paramref name="m"/> rows.</summary>
+    public static Fp8GemmPath Choose(int m) => m <= GemvMaxM ? Fp8GemmPath.Gemv : Fp8GemmPath.Mma;
+
+    /// <summary>Smallest gemv row tile holding <paramref name="m"/> rows (the largest when none does).</summary>
+    public static int RowTileFor(int m) => GemvRowTiles.FirstOrDefault(t => t >= m, GemvRowTiles[^1]);
+
+    /// <summary>
+    /// K splits for the gemv kernel: 1 when the blocks already cover the GPU about twice, otherwise enough
+    /// splits (each at least 4 warp steps of K) to reach that, at most 16.
+    /// </summary>
+    public static int SplitsFor(int m, int n, int k, int multiprocessors)
+    {
+        var blocks = (long)Math.Max(1, (n + GemvWarps - 1) / GemvWarps) * ((m + RowTileFor(m) - 1) / RowTileFor(m));
+        var target = 2L * multiprocessors;
+        var maxByK = Math.Max(1, k / (4 * GemvStep));
+        if (blocks >= target || maxByK == 1)
+        {
+            return 1;
+        }
+
+        return (int)Math.Min(Math.Min(16, maxByK), (target + blocks - 1) / blocks);
+    }
+
+    /// <summary>
+    /// y[m, n] = Σ_kb sa[m,kb]·sb[n/128,kb]·Σ e4m3(xq)·e4m3(w) (+ residual[m, n]) for m &lt; <paramref name="m"/>.
+    /// Strides are in elements; -1 means dense. <paramref name="residual"/> 0: none; it may equal <paramref name="y"/>.
+    /// Pointers to codes and weights must be 16-byte aligned (device allocations are).
+    /// </summary>
+    public void Launch(CudaStream stream, ulong xCodes, ulong xScales, ulong w, ulong wScales, ulong y, ElementType yType, int m, int n, int k,
+        ulong residual = 0, Fp8GemmPath path = Fp8GemmPath.Auto, long xStride = -1, long xScalesStride = -1, long yStride = -1, long residualStride = -1)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(n);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
+        if (m <= 0)
+        {
+            return;
+        }
+
+        if ((w & 15) != 0)
+        {
+            throw new ArgumentException("FP8 weights must be 16-byte aligned", nameof(w));
+        }
+
+        var p = new Fp8GemmParams
+        {
+            XCodes = xCodes, XScales = xScales, W = w, WScales = wScales, Y = y, Residual = residual,
+            XStride = xStride < 0 ? k : xStride, XScalesStride = xScalesStride < 0 ? BlocksFor(k) : xScalesStride,
+            YStride = yStride < 0 ? n : yStride, ResidualStride = residualStride < 0 ? n : residualStride,
+            M = m, OutBf16 = yType == ElementType.BF16 ? 1 : 0, Splits = 1, SplitK = RoundUp(k, GemvStep),
+        };
+        if (path == Fp8GemmPath.Auto)
+        {
+            path = Choose(m);
+        }
+
+        if (path == Fp8GemmPath.Mma)
+        {
+            _mma.Run(stream, in p, n, k);
+            return;
+        }
+
+        var tile = RowTileFor(m);
+        var splits = SplitsFor(m, n, k, Device.MultiprocessorCount);
+        if (splits > 1)
+        {
+            p.SplitK = RoundUp((k + splits - 1) / splits, GemvStep);
+            p.Splits = (k + p.SplitK - 1) / p.SplitK;
+        }
+
+        if (p.Splits > 1)
+        {
+            var need = (long)p.Splits * m * n;
+            if (_workspace is null || _workspace.Length < need)
+            {
+                stream.Synchronize(); // the old workspace may still be in use by queued work
+                _workspace?.Dispose();
+                _workspace = DeviceBuffer<float>.Allocate(Device, need);
+            }
+
+            p.Partial = _workspace.Pointer;
+        }
+
+        _gemv.Run(stream, in p, n, k, tile);
+    }
+
+    private static int RoundUp(int v, int to) => (v + to - 1) / to * to;
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        _gemv.Dispose();
+        _mma.Dispose();
+        _workspace?.Dispose();
+        _workspace = null;
+    }
+
+    private sealed class GemvLauncher(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, GemvFamily)
+    {
+        public void Run(CudaStream stream, in Fp8GemmParams p, int n, int k, int tile)
+        {
+            var grid = new Dim3(Blocks(n, GemvWarps), (uint)p.Splits, Blocks(p.M, tile));
+            Get(GemvInstance(n, k, tile)).Launch(grid, GemvWarps * 32, 0, stream, in p);
+            if (p.Splits > 1)
+            {
+                Get(ReduceInstance(n)).Launch(new Dim3(Blocks((long)p.M * n, 256)), 256, 0, stream, in p);
+            }
+        }
+    }
+
+    private sealed class MmaLauncher(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, MmaFamily)
+    {
+        public void Run(CudaStream stream, in Fp8GemmParams p, int n, int k) =>
+            Get(MmaInstance(n, k)).Launch(new Dim3(Blocks(n, MmaTile), Blocks(p.M, MmaTile)), 128, 0, stream, in p);
+    }
+}

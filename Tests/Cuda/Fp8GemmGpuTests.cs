@@ -1,0 +1,146 @@
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Kernels;
+using DeepSeekCuda.Loader.Numerics;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Cuda;
+
+/// <summary>
+/// The FP8 block-scaled GEMM (both paths) against the CPU on fresh random data: act_quant on the GPU
+/// (bit-exact to the CPU rule, KernelGpuTests) feeds the GEMM, so both sides see identical quantized inputs.
+/// Without a device every test ends Inconclusive (GpuTestBase).
+/// </summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class Fp8GemmGpuTests : GpuTestBase
+{
+    // FP32 output vs a double-precision reference over the same codes and scales: only the fp32
+    // accumulation order and the fp32 rounding of each partial dot and of sa·sb differ. The rounding error
+    // of an fp32 sum of K terms with random signs grows like eps·sqrt(K) relative to the result
+    // (eps = 6e-8; K ≤ 7168 gives ≤ 5e-6), so rms_rel ≤ 1e-5 holds with margin yet catches any wrong
+    // element, scale or block (those give errors of order 1).
+    private const double F32RmsRel = 1e-5;
+
+    // BF16 output vs the CPU backend in GpuEmulation (which rounds its fp32 result to bf16 too): the two fp32
+    // results differ by ~1e-6 relative, which can move a rounding tie by one bf16 step (2^-8 relative).
+    private const double Bf16Rtol = 1.0 / 128;
+
+    public static IEnumerable<object[]> Cases =>
+        from shape in new[] { (300, 200), (129, 1000), (1000, 129), (72, 72), (200, 640), (129, 4100) }
+        from m in new[] { 1, 3, 127, 129 }
+        select new object[] { m, shape.Item1, shape.Item2 };
+
+    [TestMethod]
+    [DynamicData(nameof(Cases))]
+    public void MatchesCpuOnRaggedShapes(int m, int n, int k) => Check(m, n, k);
+
+    [TestMethod]
+    [DataRow(1, 576, 7168)]  // kv_a, gemv with split-K
+    [DataRow(3, 1536, 7168)] // q_a
+    [DataRow(4, 32768, 512)] // kv_b
+    [DataRow(129, 2048, 7168)] // expert gate/up, mma
+    public void MatchesCpuOnDeepSeekShapes(int m, int n, int k) => Check(m, n, k);
+
+    private void Check(int m, int n, int k)
+    {
+        using var gemm = new Fp8GemmKernel(Device, Compiler);
+        using var quant = new ActQuantKernel(Device, Compiler);
+        var r = Rng(m * 7919 + n * 31 + k);
+        int kb = Fp8GemmKernel.BlocksFor(k), nb = Fp8GemmKernel.BlocksFor(n);
+
+        var x = Normal(r, m * k, 2f);
+        if (m >= 3)
+        {
+            x[k + 5] = float.NaN;                 // row 1 becomes NaN everywhere
+            x[2 * k + k / 2] = float.PositiveInfinity; // row 2 too (scale Inf)
+        }
+
+        var codes = new byte[(long)n * k];
+        r.NextBytes(codes);
+        for (var i = 0; i < codes.Length; i++)
+        {
+            if ((codes[i] & 0x7F) == 0x7F)
+            {
+                codes[i] ^= 1; // no NaN codes except the one below
+            }
+        }
+
+        codes[(long)(n / 2) * k + k - 1] = 0x7F; // one NaN weight: column n/2 becomes NaN
+        var sb = new float[nb * kb];
+        for (var i = 0; i < sb.Length; i++)
+        {
+            sb[i] = (float)(1e-3 * (0.5 + r.NextDouble()));
+        }
+
+        // CPU side: the activations the GPU sees (bf16) quantized by the official rule, weights dequantized.
+        using var xd = Upload(x, ElementType.BF16); // rounds x in place to bf16
+        var xq = new byte[(long)m * k];
+        var sa = new float[m * kb];
+        for (var t = 0; t < m; t++)
+        {
+            ActivationQuant.Quantize(x.AsSpan(t * k, k), xq.AsSpan(t * k, k), sa.AsSpan(t * kb, kb));
+        }
+
+        var exact = new float[m * n];
+        for (var t = 0; t < m; t++)
+        {
+            for (var o = 0; o < n; o++)
+            {
+                double sum = 0;
+                for (var b = 0; b < kb; b++)
+                {
+                    double part = 0;
+                    for (var c = b * 128; c < Math.Min(k, (b + 1) * 128); c++)
+                    {
+                        part += (double)Fp8E4M3.ToFloat(xq[t * k + c]) * Fp8E4M3.ToFloat(codes[(long)o * k + c]);
+                    }
+
+                    sum += part * sa[t * kb + b] * sb[o / 128 * kb + b];
+                }
+
+                exact[t * n + o] = (float)sum;
+            }
+        }
+
+        var w = new float[(long)n * k];
+        Dequantize.Fp8Blocks(codes, sb, n, k, 128, 128, w);
+        var cpu = new CpuBackend(CpuNumerics.GpuEmulation);
+        var yCpu = cpu.Allocate(m, n);
+        cpu.Linear(cpu.Upload(x, m, k), new CpuLinearWeight(n, k, true, w), yCpu);
+        var emulated = new float[m * n];
+        cpu.Download(yCpu, emulated);
+
+        var residual = Normal(r, m * n);
+        using var wd = DeviceBuffer<byte>.From(Device, codes);
+        using var sbd = DeviceBuffer<float>.From(Device, sb);
+        using var xqd = DeviceBuffer<byte>.Allocate(Device, (long)m * k);
+        using var sad = DeviceBuffer<float>.Allocate(Device, (long)m * kb);
+        quant.Launch(Stream, xd.Pointer, ElementType.BF16, xqd.Pointer, sad.Pointer, m, k);
+
+        foreach (var path in new[] { Fp8GemmPath.Gemv, Fp8GemmPath.Mma })
+        {
+            var what = $"{path} M={m} N={n} K={k}";
+            using (var y = Poisoned((long)m * n, ElementType.F32))
+            {
+                gemm.Launch(Stream, xqd.Pointer, sad.Pointer, wd.Pointer, sbd.Pointer, y.Pointer, ElementType.F32, m, n, k, path: path);
+                Tolerance.AssertRmsRel(Read(y, ElementType.F32, Stream), exact, F32RmsRel, what + " f32");
+            }
+
+            using (var y = Poisoned((long)m * n, ElementType.BF16))
+            {
+                gemm.Launch(Stream, xqd.Pointer, sad.Pointer, wd.Pointer, sbd.Pointer, y.Pointer, ElementType.BF16, m, n, k, path: path);
+                Tolerance.AssertClose(Read(y, ElementType.BF16, Stream), emulated, 1e-6, Bf16Rtol, what + " bf16 vs CpuBackend GpuEmulation");
+            }
+
+            // In-place residual epilogue (y += X·Wᵀ), fp32.
+            var res = (float[])residual.Clone();
+            using (var y = Upload(res, ElementType.F32))
+            {
+                gemm.Launch(Stream, xqd.Pointer, sad.Pointer, wd.Pointer, sbd.Pointer, y.Pointer, ElementType.F32, m, n, k, residual: y.Pointer, path: path);
+                var expected = exact.Select((v, i) => v + res[i]).ToArray();
+                Tolerance.AssertRmsRel(Read(y, ElementType.F32, Stream), expected, F32RmsRel, what + " residual");
+            }
+        }
+    }
+}
