@@ -24,6 +24,7 @@ public sealed class Checkpoint : IDisposable
     public const string ConfigFileName = "config.json";
 
     private readonly ImmutableArray<SafetensorsFile> _shards;
+    private readonly Dictionary<string, SafetensorsFile> _shardByPath;
 
     private Checkpoint(string directory, ModelConfig config, ImmutableArray<SafetensorsFile> shards,
         ImmutableDictionary<string, TensorInfo> tensors)
@@ -31,6 +32,7 @@ public sealed class Checkpoint : IDisposable
         Directory = directory;
         Config = config;
         _shards = shards;
+        _shardByPath = shards.ToDictionary(x => x.FilePath, StringComparer.Ordinal);
         Tensors = tensors;
     }
 
@@ -106,6 +108,7 @@ public sealed class Checkpoint : IDisposable
             }
 
             var problems = new List<string>();
+            var reported = new HashSet<string>(StringComparer.Ordinal);
             var tensors = ImmutableDictionary.CreateBuilder<string, TensorInfo>(StringComparer.Ordinal);
             foreach (var file in shards)
             {
@@ -117,6 +120,7 @@ public sealed class Checkpoint : IDisposable
                         problems.Add(weightMap.TryGetValue(name, out var other)
                             ? $"{name}: stored in {shardName} but the index maps it to {other}"
                             : $"{name}: stored in {shardName} but missing from {IndexFileName}");
+                        reported.Add(name);
                         continue;
                     }
 
@@ -131,7 +135,7 @@ public sealed class Checkpoint : IDisposable
             {
                 foreach (var (name, shard) in weightMap)
                 {
-                    if (!tensors.ContainsKey(name) && !problems.Any(p => p.StartsWith(name + ":", StringComparison.Ordinal)))
+                    if (!tensors.ContainsKey(name) && !reported.Contains(name))
                     {
                         problems.Add($"{name}: the index maps it to {shard}, which does not hold it");
                     }
@@ -308,18 +312,10 @@ public sealed class Checkpoint : IDisposable
         Dequantize.Fp8Blocks(codes, scales, rows, cols, block.BlockRows, block.BlockCols, destination);
     }
 
-    private SafetensorsFile ShardOf(TensorInfo info)
-    {
-        foreach (var shard in _shards)
-        {
-            if (ReferenceEquals(shard.FilePath, info.FilePath) || shard.FilePath == info.FilePath)
-            {
-                return shard;
-            }
-        }
-
-        throw new InvalidOperationException($"tensor '{info.Name}' refers to {info.FilePath}, which this checkpoint did not open");
-    }
+    private SafetensorsFile ShardOf(TensorInfo info) =>
+        _shardByPath.TryGetValue(info.FilePath, out var shard)
+            ? shard
+            : throw new InvalidOperationException($"tensor '{info.Name}' refers to {info.FilePath}, which this checkpoint did not open");
 
     private static ImmutableDictionary<string, string> ReadIndex(string indexPath)
     {

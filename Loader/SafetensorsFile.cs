@@ -150,7 +150,6 @@ public sealed unsafe class SafetensorsFile : IDisposable
             throw new ArgumentException($"tensor '{tensor.Name}' belongs to {tensor.FilePath}, not {FilePath}", nameof(tensor));
         }
 
-        ObjectDisposedException.ThrowIf(_base is null && _view is not null, this);
         if (tensor.ByteLength == 0)
         {
             return ReadOnlySpan<byte>.Empty;

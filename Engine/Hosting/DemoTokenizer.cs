@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
+using DeepSeekCuda.Text;
 
 namespace DeepSeekCuda.Hosting;
 
@@ -34,7 +35,7 @@ internal static class DemoTokenizer
     /// <summary>Writes tokenizer.json and tokenizer_config.json into <paramref name="directory"/>; returns the vocabulary size.</summary>
     public static int Write(string directory, int vocabSize)
     {
-        var byteChars = ByteToUnicode();
+        var byteChars = ByteLevel.ByteToChar;
         var vocab = new List<string> { Bos, Eos, "<｜▁pad▁｜>" };
         vocab.AddRange(Enumerable.Range(0, 256).Select(b => byteChars[b].ToString()));
         var mergeBudget = vocabSize - vocab.Count - TrailingAdded.Length;
@@ -151,19 +152,5 @@ internal static class DemoTokenizer
         }
 
         return merges;
-    }
-
-    /// <summary>GPT-2's reversible byte → printable character table used by byte-level BPE.</summary>
-    private static char[] ByteToUnicode()
-    {
-        var table = new char[256];
-        var next = 256;
-        for (var b = 0; b < 256; b++)
-        {
-            var printable = b is >= '!' and <= '~' or >= 0xA1 and <= 0xAC or >= 0xAE and <= 0xFF;
-            table[b] = printable ? (char)b : (char)next++;
-        }
-
-        return table;
     }
 }

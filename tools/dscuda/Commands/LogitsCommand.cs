@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
 
@@ -48,7 +49,7 @@ internal static class LogitsCommand
             var logits = net.ComputeLogits(ids);
             SafetensorsWriter.WriteFile(path, [("logits", new long[] { ids.Length, vocab }, logits)]);
             parse.InvocationConfiguration.Output.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"wrote {path}: logits [{ids.Length}, {vocab}] ({backend.Numerics}); last position argmax {ArgMax(logits.AsSpan((ids.Length - 1) * vocab, vocab))}"));
+                $"wrote {path}: logits [{ids.Length}, {vocab}] ({backend.Numerics}); last position argmax {Sampler.ArgMax(logits.AsSpan((ids.Length - 1) * vocab, vocab))}"));
             return 0;
         });
         return command;
@@ -67,19 +68,5 @@ internal static class LogitsCommand
         }
 
         return ids;
-    }
-
-    private static int ArgMax(ReadOnlySpan<float> row)
-    {
-        var best = 0;
-        for (var i = 1; i < row.Length; i++)
-        {
-            if (row[i] > row[best])
-            {
-                best = i;
-            }
-        }
-
-        return best;
     }
 }
