@@ -29,6 +29,22 @@ public static unsafe class Cuda
         }
     }
 
+    /// <summary>The CUDA version the installed driver supports, as "major.minor" (null when CUDA is unavailable).</summary>
+    public static string? DriverVersion
+    {
+        get
+        {
+            if (!IsAvailable)
+            {
+                return null;
+            }
+
+            int v;
+            CudaCheck.Driver(CuDriver.cuDriverGetVersion(&v));
+            return $"{v / 1000}.{v % 1000 / 10}";
+        }
+    }
+
     /// <summary>Throws <see cref="CudaUnavailableException"/> with the reason when CUDA cannot be used.</summary>
     public static void EnsureAvailable()
     {

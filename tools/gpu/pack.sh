@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Publishes the test project self-contained for linux-x64 (no .NET needed on the GPU server) together
+# Publishes the test project and run-bench self-contained for linux-x64 (no .NET needed on the GPU server) together
 # with the shared fixtures into gpu-bundle/, and packs it as gpu-bundle.tar.gz (both ignored by git). The
 # tarball is what travels (well under the device tool's 64 MiB carry limit; the unpacked folder is not):
 #   carry gpu-bundle.tar.gz, then on the server: tar xzf gpu-bundle.tar.gz && gpu-bundle/run.sh OUTDIR
@@ -20,6 +20,13 @@ if [ "$trim" = "1" ]; then
          -p:TrimmerRootAssembly=DeepSeekCuda.Tests)
 fi
 dotnet publish "$repo/Tests/DeepSeekCuda.Tests.csproj" "${args[@]}"
+# run-bench beside it, trimmed on its own (its roots differ from the tests').
+bench_args=(-c Release -r linux-x64 --self-contained -p:InvariantGlobalization=true -p:GenerateDocumentationFile=false -o "$out/bench")
+if [ "$trim" = "1" ]; then
+  bench_args+=(-p:PublishTrimmed=true -p:TrimMode=partial -p:SuppressTrimAnalysisWarnings=true -p:TreatWarningsAsErrors=false)
+fi
+rm -rf "$repo"/tools/run-bench/obj/Release/net10.0/linux-x64 "$repo"/tools/run-bench/bin/Release/net10.0/linux-x64
+dotnet publish "$repo/tools/run-bench/run-bench.csproj" "${bench_args[@]}"
 
 # Only what the tests read: fixtures and tokenizers.
 mkdir -p "$out/shared"

@@ -44,8 +44,10 @@ json.dump({"device": device, "driver": driver, "commit": commit, "date": date, "
 print(open(out).read())
 PY
 
-# Benchmarks join here once run-bench exists (bench/results/ gets their output).
-if [ -x "$here/bench/run-bench" ]; then
-  "$here/bench/run-bench" --out "$outdir/bench" > "$outdir/bench.log" 2>&1 || echo "run-bench failed, see bench.log"
+# Then every GPU bench (one JSON file each under OUTDIR/bench; commit them under bench/results/).
+# RUN_BENCH_ARGS adds options (for example --quick); RUN_BENCH=0 skips the benches.
+if [ "${RUN_BENCH:-1}" = "1" ] && [ -x "$here/bench/run-bench" ]; then
+  DSCUDA_COMMIT="$commit" "$here/bench/run-bench" all --out "$outdir/bench" ${RUN_BENCH_ARGS:-} 2>&1 | tee "$outdir/bench.log" | tail -n 5 \
+    || echo "run-bench failed, see bench.log"
 fi
 exit $rc

@@ -1,8 +1,18 @@
 using System.CommandLine;
 using DeepSeekCuda.Bench.Benches;
+using DeepSeekCuda.Bench.Harness;
 
-// One subcommand per bench; each lives in Benches/.
+// One subcommand per bench; each lives in Benches/. GPU benches also run together under `all`.
+GpuBenchSpec[] gpuBenches =
+[
+    new("gemm", "FP8 block-scaled GEMM vs same-run baselines", GemmBench.Run),
+];
+
 var root = new RootCommand("DeepSeekCuda benchmarks");
 root.Subcommands.Add(TokenizerBench.Create());
-root.Subcommands.Add(GemmBench.Create());
+foreach (var command in GpuCommands.Create(gpuBenches))
+{
+    root.Subcommands.Add(command);
+}
+
 return root.Parse(args).Invoke();
