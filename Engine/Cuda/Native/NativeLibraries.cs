@@ -4,10 +4,11 @@ using System.Runtime.InteropServices;
 namespace DeepSeekCuda.Cuda.Native;
 
 /// <summary>
-/// Finds the CUDA driver and NVRTC at run time. The P/Invoke declarations name logical libraries
-/// (<see cref="Driver"/>, <see cref="Nvrtc"/>); the resolver maps them to the first candidate file that
-/// loads, so one build runs against CUDA 11.8, 12 or 13 and a machine without CUDA gets a clear
-/// <see cref="CudaUnavailableException"/> instead of <see cref="DllNotFoundException"/>.
+/// Finds the CUDA driver, NVRTC, cuBLAS and cuBLASLt at run time. The P/Invoke declarations name logical
+/// libraries (<see cref="Driver"/>, <see cref="Nvrtc"/>, <see cref="Cublas"/>, <see cref="CublasLt"/>); the
+/// resolver maps them to the first candidate file that loads, so one build runs against CUDA 11.8, 12 or 13
+/// and a machine without CUDA gets a clear <see cref="CudaUnavailableException"/> (or, for the BLAS
+/// libraries, <see cref="Blas.CublasUnavailableException"/>) instead of <see cref="DllNotFoundException"/>.
 /// </summary>
 public static class NativeLibraries
 {
@@ -17,12 +18,26 @@ public static class NativeLibraries
     /// <summary>Logical name of NVRTC in the declarations.</summary>
     public const string Nvrtc = "dscuda-nvrtc";
 
+    /// <summary>Logical name of cuBLAS in the declarations (used only for baselines).</summary>
+    public const string Cublas = "dscuda-cublas";
+
+    /// <summary>Logical name of cuBLASLt in the declarations (used only for baselines).</summary>
+    public const string CublasLt = "dscuda-cublaslt";
+
     private static readonly string[] DriverFiles = ["libcuda.so.1", "libcuda.so"];
     private static readonly string[] NvrtcFiles = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2", "libnvrtc.so"];
+
+    /// <summary>cuBLAS sonames probed, newest first.</summary>
+    public static readonly IReadOnlyList<string> CublasFiles = ["libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"];
+
+    /// <summary>cuBLASLt sonames probed, newest first.</summary>
+    public static readonly IReadOnlyList<string> CublasLtFiles = ["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11", "libcublasLt.so"];
 
     // The only process-wide state: the lazily loaded handles (and why a load failed).
     private static readonly Lazy<LoadResult> DriverLib = new(() => Load(DriverFiles, "the NVIDIA driver (libcuda.so.1)"));
     private static readonly Lazy<LoadResult> NvrtcLib = new(() => Load(NvrtcFiles, "NVRTC (libnvrtc.so.13/.12/.11.2; on Debian: apt-get install libnvrtc11.2 libnvrtc-builtins11.8)"));
+    private static readonly Lazy<LoadResult> CublasLib = new(() => Load(CublasFiles, "cuBLAS (libcublas.so.13/.12/.11; part of the CUDA toolkit, or on Debian: apt-get install libcublas12)"));
+    private static readonly Lazy<LoadResult> CublasLtLib = new(() => Load(CublasLtFiles, "cuBLASLt (libcublasLt.so.13/.12/.11; part of the CUDA toolkit, or on Debian: apt-get install libcublaslt12)"));
 
     private readonly record struct LoadResult(IntPtr Handle, string? Path, string? Error);
 
@@ -42,6 +57,8 @@ public static class NativeLibraries
     {
         Driver => DriverLib.Value.Handle,
         Nvrtc => NvrtcLib.Value.Handle,
+        Cublas => CublasLib.Value.Handle,
+        CublasLt => CublasLtLib.Value.Handle,
         _ => IntPtr.Zero,
     };
 
@@ -50,6 +67,26 @@ public static class NativeLibraries
 
     /// <summary>Whether NVRTC loaded; <paramref name="reason"/> says why not.</summary>
     public static bool TryNvrtc(out IntPtr handle, out string reason) => Try(NvrtcLib.Value, out handle, out reason);
+
+    /// <summary>Whether cuBLAS loaded; <paramref name="reason"/> says why not (naming every file tried).</summary>
+    public static bool TryCublas(out IntPtr handle, out string reason) => Try(CublasLib.Value, out handle, out reason);
+
+    /// <summary>Whether cuBLASLt loaded; <paramref name="reason"/> says why not (naming every file tried).</summary>
+    public static bool TryCublasLt(out IntPtr handle, out string reason) => Try(CublasLtLib.Value, out handle, out reason);
+
+    /// <summary>The file cuBLAS was loaded from, or null.</summary>
+    public static string? CublasPath => CublasLib.Value.Path;
+
+    /// <summary>The file cuBLASLt was loaded from, or null.</summary>
+    public static string? CublasLtPath => CublasLtLib.Value.Path;
+
+    /// <summary>Throws <see cref="Blas.CublasUnavailableException"/> when cuBLAS cannot be loaded.</summary>
+    public static IntPtr RequireCublas() =>
+        TryCublas(out var h, out var reason) ? h : throw new Blas.CublasUnavailableException("cublas", reason);
+
+    /// <summary>Throws <see cref="Blas.CublasUnavailableException"/> when cuBLASLt cannot be loaded.</summary>
+    public static IntPtr RequireCublasLt() =>
+        TryCublasLt(out var h, out var reason) ? h : throw new Blas.CublasUnavailableException("cublasLt", reason);
 
     /// <summary>The file NVRTC was loaded from, or null.</summary>
     public static string? NvrtcPath => NvrtcLib.Value.Path;
@@ -73,7 +110,7 @@ public static class NativeLibraries
         return handle != IntPtr.Zero;
     }
 
-    private static LoadResult Load(string[] files, string what)
+    private static LoadResult Load(IReadOnlyList<string> files, string what)
     {
         var tried = new List<string>();
         foreach (var dir in SearchDirectories())
