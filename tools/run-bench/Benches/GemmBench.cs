@@ -1,5 +1,6 @@
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Cuda.Blas;
 using DeepSeekCuda.Kernels;
 
 namespace DeepSeekCuda.Bench.Benches;
@@ -7,36 +8,121 @@ namespace DeepSeekCuda.Bench.Benches;
 /// <summary>
 /// FP8 block-scaled GEMM (<see cref="Fp8GemmKernel"/>, automatic gemv/mma choice) on every DeepSeek-V3
 /// linear shape at M = 1 … 4096 (DeepGEMM's published shapes are among them), inputs and weights rotated
-/// over enough copies to exceed L2. Baseline measured in the same run: device-to-device copy bandwidth;
-/// ratio = time the copy needs for the kernel's bytes / kernel time.
+/// over enough copies to exceed L2. Baselines measured in the same run, one row each:
+/// <list type="bullet">
+/// <item><c>copy</c>: device-to-device copy bandwidth; ratio = time the copy needs for the kernel's bytes / kernel time.</item>
+/// <item><c>cublas_bf16</c>: cuBLAS BF16 GEMM (FP32 accumulation) on the same M, N, K with BF16 inputs
+/// (twice the weight bytes); ratio = cuBLAS time / our time.</item>
+/// <item><c>cublaslt_fp8_block</c> (cuBLASLt 12.9+: 1×128 activation and 128×128 weight scales, our
+/// semantics) or <c>cublaslt_fp8_tensor</c> (older: one scale per tensor, less work than ours) on the same
+/// FP8 buffers; ratio = cuBLASLt time / our time.</item>
+/// </list>
+/// Plus <c>cublas_bf16</c> on the lm_head shape (N = 129280, K = 7168, BF16 weights) against <c>copy</c>: we have
+/// no BF16 GEMM of our own, so this row says how close the library gets to the bandwidth bound a future
+/// lm_head kernel aims at. Without cuBLAS the bench prints one line and reports the copy rows only.
 /// </summary>
 internal static class GemmBench
 {
     private static readonly int[] Ms = [1, 4, 16, 64, 128, 512, 4096];
+    private static readonly int[] HeadMs = [1, 4, 16, 64, 128];
+    private const int HeadN = 129280;
+    private const int HeadK = 7168;
 
     public static BenchReport Run(GpuBench gpu, bool quick)
     {
         var report = new BenchReport(gpu);
         using var gemm = new Fp8GemmKernel(gpu.Device, gpu.Compiler);
+        using var blas = OpenCublas(gpu.Device);
+        using var lt = OpenCublasLt(gpu.Device);
+        var scaling = lt?.PreferredScaling ?? Fp8Scaling.Tensor;
         foreach (var (n, k) in Fp8GemmKernel.DeepSeekV3Shapes)
         {
             foreach (var m in quick ? [1, 64, 4096] : Ms)
             {
-                var us = Time(gpu, gemm, m, n, k);
-                var bytes = (double)n * k + (double)m * k + m * Fp8GemmKernel.BlocksFor(k) * 4.0 + (double)m * n * 2 + Fp8GemmKernel.BlocksFor(n) * Fp8GemmKernel.BlocksFor(k) * 4.0;
                 var shape = new Dictionary<string, object> { ["M"] = m, ["N"] = n, ["K"] = k };
-                report.Add(new BenchResult("fp8_gemm", shape, us, 2.0 * m * n * k / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "copy", gpu.CopyUs(bytes)));
+                var bytes = (double)n * k + (double)m * k + m * Fp8GemmKernel.BlocksFor(k) * 4.0 + (double)m * n * 2 + Fp8GemmKernel.BlocksFor(n) * Fp8GemmKernel.BlocksFor(k) * 4.0;
+                var flops = 2.0 * m * n * k;
+                using var inputs = new Fp8Inputs(gpu, m, n, k);
+                var us = gpu.Measure(i => gemm.Launch(gpu.Stream, inputs.X(i), inputs.XScales, inputs.W(i), inputs.WScales, inputs.Y, ElementType.BF16, m, n, k));
+                var row = (string baseline, double baselineUs) => new BenchResult("fp8_gemm", shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, baseline, baselineUs);
+                report.Add(row("copy", gpu.CopyUs(bytes)));
+                if (blas is not null && Baseline("cublas_bf16", m, n, k, () => TimeCublasBf16(gpu, blas, m, n, k)) is { } bf16Us)
+                {
+                    report.Add(row("cublas_bf16", bf16Us));
+                }
+
+                if (lt is not null && Baseline(CublasLtHandle.BaselineName(scaling), m, n, k, () => TimeCublasLtFp8(gpu, lt, inputs, scaling)) is { } fp8Us)
+                {
+                    report.Add(row(CublasLtHandle.BaselineName(scaling), fp8Us));
+                }
+            }
+        }
+
+        if (blas is not null)
+        {
+            foreach (var m in quick ? [1, 64] : HeadMs)
+            {
+                if (Baseline("cublas_bf16", m, HeadN, HeadK, () => TimeCublasBf16(gpu, blas, m, HeadN, HeadK)) is { } us)
+                {
+                    var bytes = 2.0 * ((double)HeadN * HeadK + (double)m * HeadK + (double)m * HeadN);
+                    var shape = new Dictionary<string, object> { ["M"] = m, ["N"] = HeadN, ["K"] = HeadK, ["op"] = "lm_head" };
+                    report.Add(new BenchResult("cublas_bf16", shape, us, 2.0 * m * HeadN * HeadK / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "copy", gpu.CopyUs(bytes)));
+                }
             }
         }
 
         return report;
     }
 
-    private static double Time(GpuBench gpu, Fp8GemmKernel gemm, int m, int n, int k)
+    private static CublasHandle? OpenCublas(CudaDevice device)
     {
-        var stream = gpu.Stream;
-        var kb = Fp8GemmKernel.BlocksFor(k);
-        var copies = gpu.Copies((long)n * k + (long)m * k);
+        try
+        {
+            var h = new CublasHandle(device);
+            Console.WriteLine($"cuBLAS {h.Version} ({CublasHandle.LibraryPath})");
+            return h;
+        }
+        catch (CublasUnavailableException e)
+        {
+            Console.WriteLine($"run-bench gemm: no cublas_bf16 baseline: {e.Message}");
+            return null;
+        }
+    }
+
+    private static CublasLtHandle? OpenCublasLt(CudaDevice device)
+    {
+        try
+        {
+            var h = new CublasLtHandle(device);
+            var scaling = h.PreferredScaling;
+            Console.WriteLine($"cuBLASLt {h.Version} ({CublasLtHandle.LibraryPath}): FP8 baseline {CublasLtHandle.BaselineName(scaling)}"
+                + (scaling == Fp8Scaling.Tensor ? $" (block scaling needs cuBLASLt >= {CublasLtHandle.BlockScalingVersion})" : ""));
+            return h;
+        }
+        catch (CublasUnavailableException e)
+        {
+            Console.WriteLine($"run-bench gemm: no cublaslt_fp8 baseline: {e.Message}");
+            return null;
+        }
+    }
+
+    /// <summary>Times one baseline; a shape the library refuses is skipped with the reason printed, never fatal.</summary>
+    private static double? Baseline(string name, int m, int n, int k, Func<double> time)
+    {
+        try
+        {
+            return time();
+        }
+        catch (Exception e) when (e is CublasException or ArgumentException)
+        {
+            Console.WriteLine($"skip {name} M={m} N={n} K={k}: {e.Message}");
+            return null;
+        }
+    }
+
+    private static double TimeCublasBf16(GpuBench gpu, CublasHandle blas, int m, int n, int k)
+    {
+        var copies = gpu.Copies(2L * ((long)n * k + (long)m * k));
         var buffers = new List<IDisposable>();
         try
         {
@@ -44,26 +130,19 @@ internal static class GemmBench
             var x = new ulong[copies];
             for (var c = 0; c < copies; c++)
             {
-                var wb = DeviceBuffer<byte>.Allocate(gpu.Device, (long)n * k);
-                var xb = DeviceBuffer<byte>.Allocate(gpu.Device, (long)m * k);
-                wb.Fill8(0x38, stream); // 1.0
-                xb.Fill8(0x38, stream);
+                var wb = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)n * k);
+                var xb = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)m * k);
                 buffers.Add(wb);
                 buffers.Add(xb);
+                wb.Fill32(0x3C003C00u, gpu.Stream); // bf16 2^-7 pairs: sums stay far from overflow
+                xb.Fill32(0x3C003C00u, gpu.Stream);
                 w[c] = wb.Pointer;
                 x[c] = xb.Pointer;
             }
 
-            var sa = DeviceBuffer<float>.Allocate(gpu.Device, (long)m * kb);
-            var sb = DeviceBuffer<float>.Allocate(gpu.Device, (long)Fp8GemmKernel.BlocksFor(n) * kb);
             var y = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)m * n);
-            buffers.Add(sa);
-            buffers.Add(sb);
             buffers.Add(y);
-            sa.Fill32(0x3c000000, stream); // 2^-7
-            sb.Fill32(0x3c000000, stream);
-            return gpu.Measure(i =>
-                gemm.Launch(stream, x[i % copies], sa.Pointer, w[i % copies], sb.Pointer, y.Pointer, ElementType.BF16, m, n, k));
+            return gpu.Measure(i => blas.GemmBf16(gpu.Stream, x[i % copies], w[i % copies], y.Pointer, m, n, k));
         }
         finally
         {
@@ -71,6 +150,89 @@ internal static class GemmBench
             {
                 b.Dispose();
             }
+        }
+    }
+
+    private static double TimeCublasLtFp8(GpuBench gpu, CublasLtHandle lt, Fp8Inputs inputs, Fp8Scaling scaling)
+    {
+        // The scale buffers are filled with one value, so the [M, kb] buffer our kernel reads serves as
+        // cuBLASLt's [kb, M] one, and its first float as a per-tensor scale.
+        return gpu.Measure(i => lt.MatmulFp8(gpu.Stream, inputs.X(i), inputs.XScales, inputs.W(i), inputs.WScales, inputs.Y,
+            inputs.M, inputs.N, inputs.K, scaling));
+    }
+
+    /// <summary>FP8 codes (all 1.0) rotated over enough copies to exceed L2, constant scales 2^-7, a BF16 output.</summary>
+    private sealed class Fp8Inputs : IDisposable
+    {
+        private readonly List<IDisposable> _buffers = [];
+        private readonly ulong[] _w;
+        private readonly ulong[] _x;
+
+        public Fp8Inputs(GpuBench gpu, int m, int n, int k)
+        {
+            (M, N, K) = (m, n, k);
+            var stream = gpu.Stream;
+            var kb = Fp8GemmKernel.BlocksFor(k);
+            var copies = gpu.Copies((long)n * k + (long)m * k);
+            _w = new ulong[copies];
+            _x = new ulong[copies];
+            try
+            {
+                for (var c = 0; c < copies; c++)
+                {
+                    var wb = Add(DeviceBuffer<byte>.Allocate(gpu.Device, (long)n * k));
+                    var xb = Add(DeviceBuffer<byte>.Allocate(gpu.Device, (long)m * k));
+                    wb.Fill8(0x38, stream); // 1.0
+                    xb.Fill8(0x38, stream);
+                    _w[c] = wb.Pointer;
+                    _x[c] = xb.Pointer;
+                }
+
+                var sa = Add(DeviceBuffer<float>.Allocate(gpu.Device, (long)m * kb));
+                var sb = Add(DeviceBuffer<float>.Allocate(gpu.Device, (long)Fp8GemmKernel.BlocksFor(n) * kb));
+                var y = Add(DeviceBuffer<ushort>.Allocate(gpu.Device, (long)m * n));
+                sa.Fill32(0x3c000000, stream); // 2^-7
+                sb.Fill32(0x3c000000, stream);
+                (XScales, WScales, Y) = (sa.Pointer, sb.Pointer, y.Pointer);
+            }
+            catch
+            {
+                Dispose();
+                throw;
+            }
+        }
+
+        public int M { get; }
+
+        public int N { get; }
+
+        public int K { get; }
+
+        public ulong XScales { get; }
+
+        public ulong WScales { get; }
+
+        public ulong Y { get; }
+
+        public ulong X(int run) => _x[run % _x.Length];
+
+        public ulong W(int run) => _w[run % _w.Length];
+
+        public void Dispose()
+        {
+            foreach (var b in _buffers)
+            {
+                b.Dispose();
+            }
+
+            _buffers.Clear();
+        }
+
+        private T Add<T>(T buffer)
+            where T : IDisposable
+        {
+            _buffers.Add(buffer);
+            return buffer;
         }
     }
 }
