@@ -56,16 +56,7 @@ public sealed class Fp8GemmGpuTests : GpuTestBase
             x[2 * k + k / 2] = float.PositiveInfinity; // row 2 too (scale Inf)
         }
 
-        var codes = new byte[(long)n * k];
-        r.NextBytes(codes);
-        for (var i = 0; i < codes.Length; i++)
-        {
-            if ((codes[i] & 0x7F) == 0x7F)
-            {
-                codes[i] ^= 1; // no NaN codes except the one below
-            }
-        }
-
+        var codes = Fp8GemmReference.RandomCodes(r, (long)n * k); // no NaN codes except the one below
         codes[(long)(n / 2) * k + k - 1] = 0x7F; // one NaN weight: column n/2 becomes NaN
         var sb = new float[nb * kb];
         for (var i = 0; i < sb.Length; i++)
@@ -82,26 +73,7 @@ public sealed class Fp8GemmGpuTests : GpuTestBase
             ActivationQuant.Quantize(x.AsSpan(t * k, k), xq.AsSpan(t * k, k), sa.AsSpan(t * kb, kb));
         }
 
-        var exact = new float[m * n];
-        for (var t = 0; t < m; t++)
-        {
-            for (var o = 0; o < n; o++)
-            {
-                double sum = 0;
-                for (var b = 0; b < kb; b++)
-                {
-                    double part = 0;
-                    for (var c = b * 128; c < Math.Min(k, (b + 1) * 128); c++)
-                    {
-                        part += (double)Fp8E4M3.ToFloat(xq[t * k + c]) * Fp8E4M3.ToFloat(codes[(long)o * k + c]);
-                    }
-
-                    sum += part * sa[t * kb + b] * sb[o / 128 * kb + b];
-                }
-
-                exact[t * n + o] = (float)sum;
-            }
-        }
+        var exact = Fp8GemmReference.Exact(xq, sa, codes, sb, m, n, k);
 
         var w = new float[(long)n * k];
         Dequantize.Fp8Blocks(codes, sb, n, k, 128, 128, w);

@@ -20,6 +20,10 @@ public sealed unsafe class CublasHandle : IDisposable
         IntPtr h;
         CublasCheck.Check(CublasApi.cublasCreate(&h), "cublas", device.Ordinal);
         _handle = h;
+
+        // FP32 accumulation all the way, as our kernels do: the baseline must not win by rounding split-K
+        // partial sums to BF16.
+        CublasCheck.Check(CublasApi.cublasSetMathMode(h, CublasApi.MathDisallowReducedPrecisionReduction), "cublas", device.Ordinal);
         int version;
         CublasCheck.Check(CublasApi.cublasGetVersion(h, &version), "cublas", device.Ordinal);
         Version = version;
@@ -38,7 +42,7 @@ public sealed unsafe class CublasHandle : IDisposable
 
     /// <summary>
     /// <c>y[m,n] = x[m,k] · w[n,k]ᵀ</c>, all BF16, row-major and dense, accumulated in FP32
-    /// (CUBLAS_COMPUTE_32F), queued on <paramref name="stream"/>. The column-major call is
+    /// (CUBLAS_COMPUTE_32F, FP32 split-K reductions), queued on <paramref name="stream"/>. The column-major call is
     /// <see cref="ColumnMajorGemm.ForLinear"/>.
     /// </summary>
     public void GemmBf16(CudaStream stream, ulong x, ulong w, ulong y, int m, int n, int k)

@@ -104,6 +104,26 @@ public sealed unsafe class CublasLtHandle : IDisposable
     }
 
     /// <summary>
+    /// Rewrites activation scales from ActQuantKernel's layout [m, kb] (row-major, a token's blocks
+    /// contiguous) into the [kb, m] layout block scaling reads (a block's tokens contiguous).
+    /// </summary>
+    public static void ToTokenMajor(ReadOnlySpan<float> scales, int m, int kb, Span<float> destination)
+    {
+        if (scales.Length < (long)m * kb || destination.Length < (long)m * kb)
+        {
+            throw new ArgumentException($"need {(long)m * kb} scales for m={m}, kb={kb}");
+        }
+
+        for (var t = 0; t < m; t++)
+        {
+            for (var b = 0; b < kb; b++)
+            {
+                destination[b * m + t] = scales[t * kb + b];
+            }
+        }
+    }
+
+    /// <summary>
     /// <c>y[m,n] = (x[m,k] · xScale) · (w[n,k] · wScale)ᵀ</c>: e4m3 inputs, FP32 accumulation, BF16 output, all
     /// row-major and dense, queued on <paramref name="stream"/> (column-major mapping:
     /// <see cref="ColumnMajorGemm.ForLinear"/>; cuBLASLt's A is the weight, B the activations).
@@ -112,7 +132,8 @@ public sealed unsafe class CublasLtHandle : IDisposable
     /// <item><see cref="Fp8Scaling.Tensor"/>: <paramref name="xScales"/> and <paramref name="wScales"/> each point at one float.</item>
     /// <item><see cref="Fp8Scaling.Block"/>: <paramref name="wScales"/> is the checkpoint's weight_scale_inv
     /// [ceil(n/128), ceil(k/128)] row-major; <paramref name="xScales"/> is [ceil(k/128), m] with the tokens
-    /// contiguous (entry (t, b) at b·m + t), i.e. the transpose of what ActQuantKernel writes.</item>
+    /// contiguous (entry (t, b) at b·m + t), i.e. the transpose of what ActQuantKernel writes
+    /// (<see cref="ToTokenMajor"/>).</item>
     /// </list>
     /// Throws <see cref="ArgumentException"/> for shapes <see cref="Fp8Unsupported"/> names and
     /// <see cref="CublasException"/> when cuBLASLt has no algorithm (CUBLAS_STATUS_NOT_SUPPORTED) or fails.

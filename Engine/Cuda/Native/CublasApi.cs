@@ -110,10 +110,17 @@ public static unsafe partial class CublasApi
     /// <summary>CUBLAS_GEMM_DEFAULT: let cuBLAS choose (tensor cores where the types allow).</summary>
     public const int GemmDefault = -1;
 
+    /// <summary>
+    /// cublasMath_t CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION: split-K partial sums are reduced in the
+    /// compute type (FP32), not rounded to the BF16 output type first.
+    /// </summary>
+    public const int MathDisallowReducedPrecisionReduction = 16;
+
     [LibraryImport(Lib, EntryPoint = "cublasCreate_v2")] public static partial CublasStatus cublasCreate(IntPtr* handle);
     [LibraryImport(Lib, EntryPoint = "cublasDestroy_v2")] public static partial CublasStatus cublasDestroy(IntPtr handle);
     [LibraryImport(Lib, EntryPoint = "cublasSetStream_v2")] public static partial CublasStatus cublasSetStream(IntPtr handle, IntPtr stream);
     [LibraryImport(Lib, EntryPoint = "cublasGetVersion_v2")] public static partial CublasStatus cublasGetVersion(IntPtr handle, int* version);
+    [LibraryImport(Lib)] public static partial CublasStatus cublasSetMathMode(IntPtr handle, int mode);
 
     [LibraryImport(Lib)]
     public static partial CublasStatus cublasGemmEx(IntPtr handle, CublasOperation transa, CublasOperation transb, int m, int n, int k,
