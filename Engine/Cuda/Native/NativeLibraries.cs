@@ -36,8 +36,14 @@ public static class NativeLibraries
     // The only process-wide state: the lazily loaded handles (and why a load failed).
     private static readonly Lazy<LoadResult> DriverLib = new(() => Load(DriverFiles, "the NVIDIA driver (libcuda.so.1)"));
     private static readonly Lazy<LoadResult> NvrtcLib = new(() => Load(NvrtcFiles, "NVRTC (libnvrtc.so.13/.12/.11.2; on Debian: apt-get install libnvrtc11.2 libnvrtc-builtins11.8)"));
-    private static readonly Lazy<LoadResult> CublasLib = new(() => Load(CublasFiles, "cuBLAS (libcublas.so.13/.12/.11; part of the CUDA toolkit, or on Debian: apt-get install libcublas12)"));
-    private static readonly Lazy<LoadResult> CublasLtLib = new(() => Load(CublasLtFiles, "cuBLASLt (libcublasLt.so.13/.12/.11; part of the CUDA toolkit, or on Debian: apt-get install libcublaslt12)"));
+    private static readonly Lazy<LoadResult> CublasLib = new(() =>
+    {
+        // libcublas needs libcublasLt: loading Lt first (by full path where it was found outside the loader's
+        // path) lets the dependency resolve by soname even when the CUDA folder is not in LD_LIBRARY_PATH.
+        _ = CublasLtLib!.Value;
+        return Load(CublasFiles, "cuBLAS (libcublas.so.13/.12/.11; part of the CUDA toolkit; Debian non-free has libcublas11 for CUDA 11.8)");
+    });
+    private static readonly Lazy<LoadResult> CublasLtLib = new(() => Load(CublasLtFiles, "cuBLASLt (libcublasLt.so.13/.12/.11; part of the CUDA toolkit; Debian non-free has libcublaslt11 for CUDA 11.8)"));
 
     private readonly record struct LoadResult(IntPtr Handle, string? Path, string? Error);
 
