@@ -84,7 +84,7 @@ public sealed class ScheduledRequest
     /// <summary>Whether this request decodes speculatively.</summary>
     public bool Speculative { get; }
 
-    /// <summary>Generated tokens as they are sampled; completes when the request ends (with the exception when it fails).</summary>
+    /// <summary>Generated tokens as they are sampled; completes when the request ends (with its exception when it fails, an <see cref="OperationCanceledException"/> when cancelled).</summary>
     public ChannelReader<int> Output => _output.Reader;
 
     /// <summary>The result; cancelled when <see cref="Cancel"/> removed the request.</summary>
@@ -139,7 +139,7 @@ public sealed class ScheduledRequest
 
     internal void Abort(Exception? error)
     {
-        _output.Writer.TryComplete(error);
+        _output.Writer.TryComplete(error ?? new OperationCanceledException($"request {Id} was cancelled"));
         if (error is null)
         {
             _done.TrySetCanceled();

@@ -96,7 +96,8 @@ public sealed class SessionStepRunner : IStepRunner
 
             if (state.Drafts || entry.LogitRows > 1)
             {
-                var session = (DeepSeekSession)state.Session;
+                var session = state.Session as DeepSeekSession
+                    ?? throw new NotSupportedException($"slot {entry.Slot}: {entry.LogitRows} logit rows need a DeepSeekModel session");
                 var d = _deepSeek!.Config.HiddenSize;
                 var hiddens = state.Drafts ? new float[tokens.Length * d] : [];
                 var rows = session.Forward(tokens, Math.Max(1, entry.LogitRows), hiddens);
