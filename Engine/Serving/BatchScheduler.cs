@@ -228,6 +228,11 @@ public sealed class BatchScheduler : IDisposable
 
         var request = new ScheduledRequest(this, Interlocked.Increment(ref _nextId), [.. prompt], sampling, _speculative);
         _submitted.Enqueue(request);
+        if (Volatile.Read(ref _disposed))
+        {
+            request.Abort(new ObjectDisposedException(nameof(BatchScheduler))); // raced with Dispose, which may have drained the queue already
+        }
+
         Wake();
         return request;
     }
@@ -271,7 +276,7 @@ public sealed class BatchScheduler : IDisposable
     /// One scheduling step: drop cancelled requests, admit waiting ones, run one forward over every
     /// running request, sample, verify drafts, draft again, and retire finished requests.
     /// </summary>
-    /// <returns>Whether a forward ran (false: nothing to do).</returns>
+    /// <returns>Whether there may be more to do at once (a forward ran, or requests wait to be admitted); false: idle.</returns>
     public bool Step()
     {
         lock (_stepLock)
@@ -287,7 +292,8 @@ public sealed class BatchScheduler : IDisposable
             var batch = BuildBatch(out var owners);
             if (batch.Count == 0)
             {
-                return false;
+                // Growth failures retired or preempted everyone: come back to admit the waiting.
+                return _waiting.Count > 0;
             }
 
             var rows = batch.Sum(e => e.LogitRows);
@@ -570,7 +576,21 @@ public sealed class BatchScheduler : IDisposable
 
         var v = _runner.VocabSize;
         var draftLogits = new float[drafting.Count * v];
-        _runner.Draft([.. drafting.Select(r => new DraftSequence(r.Slot, r.Tokens[^1]))], draftLogits);
+        try
+        {
+            _runner.Draft([.. drafting.Select(r => new DraftSequence(r.Slot, r.Tokens[^1]))], draftLogits);
+        }
+        catch (Exception e)
+        {
+            // Their MTP state is unknown now: end them, keep the others.
+            foreach (var r in drafting)
+            {
+                Retire(r, null, e);
+            }
+
+            throw;
+        }
+
         for (var i = 0; i < drafting.Count; i++)
         {
             var row = draftLogits.AsSpan(i * v, v);
