@@ -9,7 +9,10 @@ namespace DeepSeekCuda.Serving;
 /// <summary>Options of <see cref="BatchScheduler"/>.</summary>
 public sealed record SchedulerOptions
 {
-    /// <summary>Most tokens fed in one step, all requests together; prompts longer than what is left are prefilled in chunks.</summary>
+    /// <summary>
+    /// Token budget of one step: the decode tokens of every running request come first (always), prompt
+    /// chunks fill what is left, so a prompt longer than that is prefilled over several steps.
+    /// </summary>
     public int MaxTokensPerStep { get; init; } = 512;
 
     /// <summary>Most requests holding a slot (running) at once.</summary>

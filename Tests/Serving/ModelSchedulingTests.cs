@@ -257,6 +257,33 @@ public sealed class ModelSchedulingTests
         Tolerance.AssertMaxRel(draft, Reference(model, [.. prompt, next, corrected]), 1e-4, "draft after a rollback");
     }
 
+    [TestMethod]
+    public void ForwardWithHiddensMatchesOnePrefillAndItsFinalNorm()
+    {
+        var model = s_tiny;
+        int v = model.VocabSize, d = model.Config.HiddenSize;
+        var ids = Prompt(v, 40, 3);
+        float[] finalNorm = [];
+        var all = model.ComputeLogits(ids, x =>
+        {
+            if (x.Name == "final_norm")
+            {
+                finalNorm = x.Values!;
+            }
+        });
+        using var session = model.CreateSession();
+        var hiddens = new float[25 * d];
+        var first = session.Forward(ids.AsSpan(0, 25), 2, hiddens);
+        var second = session.Forward(ids.AsSpan(25), 3, []);
+        Assert.AreEqual(40, session.Length);
+        Tolerance.AssertMaxRel(hiddens, finalNorm.AsSpan(0, 25 * d), 1e-5, "hiddens of the first chunk");
+        Tolerance.AssertMaxRel(first, all.AsSpan(23 * v, 2 * v), 1e-4, "last two logit rows of the first chunk");
+        Tolerance.AssertMaxRel(second, all.AsSpan(37 * v, 3 * v), 1e-4, "last three logit rows of the second chunk");
+        Tolerance.AssertMaxRel(session.GetLastHidden(), finalNorm.AsSpan(39 * d, d), 1e-4, "last hidden");
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => session.Forward(ids.AsSpan(0, 2), 3, []));
+        Assert.ThrowsExactly<ArgumentException>(() => session.Forward(ids.AsSpan(0, 2), 1, new float[d]));
+    }
+
     /// <summary>Draft logits for the token after the last of <paramref name="tokens"/>: main hiddens of all but the last, MTP over all positions.</summary>
     private static float[] Reference(DeepSeekModel model, int[] tokens)
     {
