@@ -205,7 +205,8 @@ public sealed class BatchSchedulerTests
         var model = FakeModel.Bigram(11, eosLogit: 3f);
         var blocks = new KvBlockManager(32, 4, 8);
         var runner = new OracleStepRunner(model, blocks, length => length % 3 != 0);
-        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { EosId = Eos });
+        var log = new ListLogger<BatchScheduler>();
+        var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { EosId = Eos }, log);
         Assert.IsTrue(scheduler.SpeculativeDecoding, "on by default when the runner can draft");
         var prompt = Printable(new Random(3), 70);
         foreach (var options in new[] { SamplingOptions.Greedy with { MaxTokens = 120 }, new SamplingOptions { Seed = 9, MaxTokens = 120 } })
@@ -218,9 +219,27 @@ public sealed class BatchSchedulerTests
             Assert.IsGreaterThan(0L, c.Accepted);
             Assert.IsLessThan(c.Drafted, c.Accepted);
             Assert.IsLessThan(c.GeneratedTokens, c.Steps, "accepted drafts save steps");
+            Assert.IsTrue(log.Messages.Any(m => m.StartsWith($"Request {r.Id} finished", StringComparison.Ordinal)), "each request's acceptance is logged");
         }
 
         Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+        var total = scheduler.Counters;
+        scheduler.Dispose();
+        var summary = log.Messages.Last();
+        StringAssert.StartsWith(summary, $"Speculative decoding: {total.GeneratedTokens} tokens in {total.Steps} steps, MTP drafts {total.Drafted}, accepted {total.Accepted}");
+        TestContext.WriteLine(summary);
+    }
+
+    private sealed class ListLogger<T> : Microsoft.Extensions.Logging.ILogger<T>
+    {
+        public List<string> Messages { get; } = [];
+
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception,
+            Func<TState, Exception?, string> formatter) => Messages.Add(formatter(state, exception));
     }
 
     [TestMethod]
