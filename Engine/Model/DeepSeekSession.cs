@@ -69,6 +69,37 @@ public sealed class DeepSeekSession : IModelSession
         return result;
     }
 
+    /// <summary>
+    /// Runs <paramref name="tokens"/> at positions <see cref="Length"/>.. and returns the logits of the last
+    /// <paramref name="logitRows"/> positions, [logitRows, vocab] row-major (a speculative verify step wants
+    /// two). When <paramref name="hiddens"/> is not empty it receives every position's hidden state after
+    /// the final norm, [tokens, hidden_size]: the MTP module's inputs.
+    /// </summary>
+    public float[] Forward(ReadOnlySpan<int> tokens, int logitRows, Span<float> hiddens)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(logitRows, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(logitRows, tokens.Length);
+        var d = _model.Config.HiddenSize;
+        if (!hiddens.IsEmpty && hiddens.Length != tokens.Length * d)
+        {
+            throw new ArgumentException($"hiddens holds {hiddens.Length} values; {tokens.Length} tokens need {tokens.Length * d}", nameof(hiddens));
+        }
+
+        using var normed = RunLayers(tokens, null);
+        if (!hiddens.IsEmpty)
+        {
+            _b.Download(normed, hiddens);
+        }
+
+        using var tail = _b.Allocate(logitRows, d);
+        _b.CopyRows(normed, normed.Rows - logitRows, tail, 0, logitRows);
+        using var logits = _b.Allocate(logitRows, _model.VocabSize);
+        _b.Logits(tail, _model.Head, logits);
+        var result = new float[logits.Length];
+        _b.Download(logits, result);
+        return result;
+    }
+
     /// <summary>The last processed token's hidden state after the final norm, [hidden_size] (the MTP module's h_i).</summary>
     public float[] GetLastHidden()
     {

@@ -1,0 +1,678 @@
+using System.Collections.Concurrent;
+using System.Threading.Channels;
+using DeepSeekCuda.Inference;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace DeepSeekCuda.Serving;
+
+/// <summary>Options of <see cref="BatchScheduler"/>.</summary>
+public sealed record SchedulerOptions
+{
+    /// <summary>
+    /// Token budget of one step: the decode tokens of every running request come first (always), prompt
+    /// chunks fill what is left, so a prompt longer than that is prefilled over several steps.
+    /// </summary>
+    public int MaxTokensPerStep { get; init; } = 512;
+
+    /// <summary>Most requests holding a slot (running) at once.</summary>
+    public int MaxBatch { get; init; } = 64;
+
+    /// <summary>The end-of-sequence token, which ends a request; null: none.</summary>
+    public int? EosId { get; init; }
+
+    /// <summary>Logits at and past this id are never sampled (a tokenizer smaller than the model's padded vocabulary); null: none masked.</summary>
+    public int? SamplingVocabSize { get; init; }
+
+    /// <summary>
+    /// MTP speculative decoding: the MTP module drafts one token, the next step verifies it with the main
+    /// model. Null (default): on when the runner can draft. Output is the main model's own sample either
+    /// way; under greedy sampling it equals plain decoding.
+    /// </summary>
+    public bool? SpeculativeDecoding { get; init; }
+
+    internal void Validate()
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(MaxTokensPerStep, 1, nameof(MaxTokensPerStep));
+        ArgumentOutOfRangeException.ThrowIfLessThan(MaxBatch, 1, nameof(MaxBatch));
+        if (SamplingVocabSize is < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(SamplingVocabSize), SamplingVocabSize, "must be >= 1");
+        }
+    }
+}
+
+/// <summary>Counters of a scheduler or of one request.</summary>
+/// <param name="Steps">Forward passes that ended with sampling (for a request: one per step it produced tokens in).</param>
+/// <param name="GeneratedTokens">Tokens produced (EOS included).</param>
+/// <param name="Drafted">Drafts verified. A draft whose request ended at the token before it is not counted.</param>
+/// <param name="Accepted">Drafts equal to the main model's choice; each adds one token to its step. GeneratedTokens = Steps + Accepted.</param>
+public readonly record struct DecodeCounters(long Steps, long GeneratedTokens, long Drafted, long Accepted)
+{
+    /// <summary>Accepted / Drafted (0 when nothing was drafted).</summary>
+    public double AcceptanceRate => Drafted == 0 ? 0 : (double)Accepted / Drafted;
+}
+
+/// <summary>A finished request.</summary>
+/// <param name="Tokens">The generated tokens (EOS included when it ended the request).</param>
+/// <param name="FinishReason">Why it ended.</param>
+/// <param name="Counters">Its steps, drafts and acceptances.</param>
+public sealed record ScheduledResult(IReadOnlyList<int> Tokens, FinishReason FinishReason, DecodeCounters Counters);
+
+/// <summary>A request submitted to a <see cref="BatchScheduler"/>: its token stream and its completion.</summary>
+public sealed class ScheduledRequest
+{
+    private readonly Channel<int> _output = Channel.CreateUnbounded<int>(new UnboundedChannelOptions { SingleWriter = true });
+    private readonly TaskCompletionSource<ScheduledResult> _done = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly BatchScheduler _owner;
+    private volatile bool _cancelRequested;
+
+    internal ScheduledRequest(BatchScheduler owner, long id, int[] prompt, SamplingOptions sampling, bool speculative)
+    {
+        _owner = owner;
+        Id = id;
+        PromptLength = prompt.Length;
+        Tokens = [.. prompt];
+        Sampler = new Sampler(sampling);
+        MaxTokens = sampling.MaxTokens ?? int.MaxValue;
+        Speculative = speculative;
+    }
+
+    /// <summary>Submission order.</summary>
+    public long Id { get; }
+
+    /// <summary>Tokens of the prompt.</summary>
+    public int PromptLength { get; }
+
+    /// <summary>Whether this request decodes speculatively.</summary>
+    public bool Speculative { get; }
+
+    /// <summary>Generated tokens as they are sampled; completes when the request ends (with its exception when it fails, an <see cref="OperationCanceledException"/> when cancelled).</summary>
+    public ChannelReader<int> Output => _output.Reader;
+
+    /// <summary>The result; cancelled when <see cref="Cancel"/> removed the request.</summary>
+    public Task<ScheduledResult> Completion => _done.Task;
+
+    /// <summary>
+    /// Removes the request: its blocks and slot return to the pool before the next step starts (at once when
+    /// the scheduler is idle), and <see cref="Completion"/> is cancelled.
+    /// </summary>
+    public void Cancel()
+    {
+        _cancelRequested = true;
+        _owner.Wake();
+    }
+
+    internal bool CancelRequested => _cancelRequested;
+
+    internal List<int> Tokens { get; }
+
+    internal Sampler Sampler { get; }
+
+    internal int MaxTokens { get; }
+
+    internal int Generated => Tokens.Count - PromptLength;
+
+    /// <summary>Tokens in the cache; Tokens[Fed..] are still to be fed.</summary>
+    internal int Fed { get; set; }
+
+    internal int Slot { get; set; } = -1;
+
+    internal int? Draft { get; set; }
+
+    internal long Steps { get; set; }
+
+    internal long Drafted { get; set; }
+
+    internal long Accepted { get; set; }
+
+    internal DecodeCounters Counters => new(Steps, Generated, Drafted, Accepted);
+
+    internal void Emit(int token)
+    {
+        Tokens.Add(token);
+        _output.Writer.TryWrite(token);
+    }
+
+    internal void Finish(FinishReason reason)
+    {
+        _output.Writer.TryComplete();
+        _done.TrySetResult(new ScheduledResult(Tokens[PromptLength..], reason, Counters));
+    }
+
+    internal void Abort(Exception? error)
+    {
+        _output.Writer.TryComplete(error ?? new OperationCanceledException($"request {Id} was cancelled"));
+        if (error is null)
+        {
+            _done.TrySetCanceled();
+        }
+        else
+        {
+            _done.TrySetException(error);
+        }
+    }
+}
+
+/// <summary>
+/// Continuous batching over an <see cref="IStepRunner"/>: requests join and leave between steps; a step
+/// advances every running request in decode by one token (two with an accepted MTP draft) and spends
+/// what is left of the token budget on prompt chunks, oldest request first. Admission takes a slot and
+/// the prompt's cache blocks from the <see cref="KvBlockManager"/>; decode growth takes one more block at
+/// each 64-token boundary; when the pool runs dry the newest running request is preempted (its blocks
+/// freed, its tokens so far re-prefilled later, so its output does not change). Sampling is per request.
+/// </summary>
+/// <remarks>
+/// <see cref="Step"/> runs one step on the caller's thread (tests drive it directly); <see cref="RunAsync"/>
+/// loops on a worker thread, sleeping while idle. <see cref="Submit"/> and <see cref="ScheduledRequest.Cancel"/>
+/// may be called from any thread.
+/// </remarks>
+public sealed class BatchScheduler : IDisposable
+{
+    private readonly IStepRunner _runner;
+    private readonly KvBlockManager _blocks;
+    private readonly SchedulerOptions _options;
+    private readonly ILogger _logger;
+    private readonly bool _speculative;
+    private readonly ConcurrentQueue<ScheduledRequest> _submitted = new();
+    private readonly LinkedList<ScheduledRequest> _waiting = new();
+    private readonly List<ScheduledRequest> _running = [];
+    private readonly Lock _stepLock = new();
+    private readonly SemaphoreSlim _wake = new(0);
+    private float[] _logits = [];
+    private long _nextId;
+    private long _steps, _generated, _drafted, _accepted, _preemptions;
+    private bool _disposed;
+
+    /// <summary>Creates a scheduler. The runner and the block manager are not owned.</summary>
+    public BatchScheduler(IStepRunner runner, KvBlockManager blocks, SchedulerOptions? options = null, ILogger<BatchScheduler>? logger = null)
+    {
+        _runner = runner ?? throw new ArgumentNullException(nameof(runner));
+        _blocks = blocks ?? throw new ArgumentNullException(nameof(blocks));
+        _options = options ?? new SchedulerOptions();
+        _options.Validate();
+        _logger = (ILogger?)logger ?? NullLogger.Instance;
+        if (_options.SpeculativeDecoding == true && !runner.CanDraft)
+        {
+            throw new ArgumentException("SpeculativeDecoding is on but the runner cannot draft (no MTP module)", nameof(options));
+        }
+
+        _speculative = _options.SpeculativeDecoding ?? runner.CanDraft;
+    }
+
+    /// <summary>Whether requests decode speculatively with the MTP draft.</summary>
+    public bool SpeculativeDecoding => _speculative;
+
+    /// <summary>The block pool.</summary>
+    public KvBlockManager Blocks => _blocks;
+
+    /// <summary>Totals over every request so far (finished or not).</summary>
+    public DecodeCounters Counters => new(Interlocked.Read(ref _steps), Interlocked.Read(ref _generated), Interlocked.Read(ref _drafted), Interlocked.Read(ref _accepted));
+
+    /// <summary>Requests preempted so far (blocks taken back for another request's growth; they resume by prefilling again).</summary>
+    public long Preemptions => Interlocked.Read(ref _preemptions);
+
+    /// <summary>Requests holding a slot.</summary>
+    public int RunningCount { get { lock (_stepLock) { return _running.Count; } } }
+
+    /// <summary>Queues a request; it is admitted at a step boundary when a slot and its prompt's blocks are free.</summary>
+    /// <exception cref="ArgumentException">Empty prompt, or one that no request slot can ever hold.</exception>
+    public ScheduledRequest Submit(IReadOnlyList<int> prompt, SamplingOptions? sampling = null)
+    {
+        ArgumentNullException.ThrowIfNull(prompt);
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        sampling ??= new SamplingOptions();
+        sampling.Validate();
+        var limit = Math.Min(_runner.MaxSequenceLength, _blocks.MaxTokensPerRequest);
+        if (prompt.Count == 0 || prompt.Count > limit)
+        {
+            throw new ArgumentException($"the prompt has {prompt.Count} tokens; a request holds 1..{limit}", nameof(prompt));
+        }
+
+        var request = new ScheduledRequest(this, Interlocked.Increment(ref _nextId), [.. prompt], sampling, _speculative);
+        _submitted.Enqueue(request);
+        if (Volatile.Read(ref _disposed))
+        {
+            request.Abort(new ObjectDisposedException(nameof(BatchScheduler))); // raced with Dispose, which may have drained the queue already
+        }
+
+        Wake();
+        return request;
+    }
+
+    /// <summary>Runs <see cref="Step"/> until <paramref name="cancellationToken"/> fires, waiting while there is nothing to do.</summary>
+    public Task RunAsync(CancellationToken cancellationToken) => Task.Factory.StartNew(() =>
+    {
+        while (!cancellationToken.IsCancellationRequested)
+        {
+            bool worked;
+            try
+            {
+                worked = Step();
+            }
+            catch (ObjectDisposedException)
+            {
+                return;
+            }
+            catch (Exception e)
+            {
+                // Step already failed the requests of the batch; the others go on.
+                Log.StepFailed(_logger, e);
+                continue;
+            }
+
+            if (!worked)
+            {
+                try
+                {
+                    _wake.Wait(cancellationToken);
+                }
+                catch (OperationCanceledException)
+                {
+                    return;
+                }
+            }
+        }
+    }, cancellationToken, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+
+    /// <summary>
+    /// One scheduling step: drop cancelled requests, admit waiting ones, run one forward over every
+    /// running request, sample, verify drafts, draft again, and retire finished requests.
+    /// </summary>
+    /// <returns>Whether there may be more to do at once (a forward ran, or requests wait to be admitted); false: idle.</returns>
+    public bool Step()
+    {
+        lock (_stepLock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            DropCancelled();
+            Admit();
+            if (_running.Count == 0)
+            {
+                return false;
+            }
+
+            var batch = BuildBatch(out var owners);
+            if (batch.Count == 0)
+            {
+                // Growth failures retired or preempted everyone: come back to admit the waiting.
+                return _waiting.Count > 0;
+            }
+
+            var rows = batch.Sum(e => e.LogitRows);
+            var v = _runner.VocabSize;
+            if (_logits.Length < rows * v)
+            {
+                _logits = new float[rows * v];
+            }
+
+            try
+            {
+                _runner.Forward(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(batch), _logits);
+            }
+            catch (Exception e)
+            {
+                // A failed forward leaves the caches of this batch unknown: fail its requests, keep the others.
+                foreach (var r in owners)
+                {
+                    Retire(r, null, e);
+                }
+
+                throw;
+            }
+
+            var finished = new List<(ScheduledRequest, FinishReason)>();
+            var offset = 0;
+            for (var i = 0; i < batch.Count; i++)
+            {
+                var r = owners[i];
+                var entry = batch[i];
+                r.Fed += entry.Tokens.Length;
+                if (entry.LogitRows > 0 && Sample(r, entry, offset, v) is { } reason)
+                {
+                    finished.Add((r, reason));
+                }
+
+                offset += entry.LogitRows * v;
+            }
+
+            foreach (var (r, reason) in finished)
+            {
+                Retire(r, reason, null);
+            }
+
+            DraftNext();
+            return true;
+        }
+    }
+
+    internal void Wake()
+    {
+        // Bounded wake-ups: one pending release is enough to end a wait.
+        if (_wake.CurrentCount == 0)
+        {
+            _wake.Release();
+        }
+    }
+
+    private void DropCancelled()
+    {
+        for (var node = _waiting.First; node is not null;)
+        {
+            var next = node.Next;
+            if (node.Value.CancelRequested)
+            {
+                node.Value.Abort(null);
+                _waiting.Remove(node);
+            }
+
+            node = next;
+        }
+
+        foreach (var r in _running.Where(r => r.CancelRequested).ToList())
+        {
+            Retire(r, null, null);
+        }
+    }
+
+    private void Admit()
+    {
+        while (_submitted.TryDequeue(out var r))
+        {
+            if (r.CancelRequested)
+            {
+                r.Abort(null);
+                continue;
+            }
+
+            _waiting.AddLast(r);
+        }
+
+        // First come, first served: a request that does not fit blocks the ones behind it (no starvation).
+        while (_waiting.First is { } node && _running.Count < _options.MaxBatch)
+        {
+            var r = node.Value;
+            if (!_blocks.TryAdmit(r.Tokens.Count, out var slot))
+            {
+                if (_running.Count == 0)
+                {
+                    // Nothing will ever free blocks for it.
+                    _waiting.RemoveFirst();
+                    r.Abort(new KvCacheFullException($"request {r.Id} needs {KvBlockManager.BlocksFor(r.Tokens.Count)} blocks; the pool has {_blocks.FreeBlocks}"));
+                    continue;
+                }
+
+                break;
+            }
+
+            _waiting.RemoveFirst();
+            r.Slot = slot;
+            r.Fed = 0;
+            _runner.Open(slot, r.Speculative);
+            _running.Add(r);
+        }
+    }
+
+    private List<StepSequence> BuildBatch(out List<ScheduledRequest> owners)
+    {
+        var batch = new List<StepSequence>();
+        var inStep = new List<ScheduledRequest>();
+        owners = inStep;
+        var budget = _options.MaxTokensPerStep;
+
+        // Decode first: every request with one token left to feed advances (with its draft, if any).
+        foreach (var r in _running.ToList())
+        {
+            if (r.Slot < 0 || r.Tokens.Count - r.Fed != 1)
+            {
+                continue;
+            }
+
+            var count = r.Draft is null ? 1 : 2;
+            while (r.Slot >= 0 && !_blocks.TryReserve(r.Slot, r.Fed + count))
+            {
+                if (count == 2)
+                {
+                    r.Draft = null; // verify nothing rather than preempt someone for a draft
+                    count = 1;
+                }
+                else if (_running.LastOrDefault(o => o != r && !inStep.Contains(o)) is { } victim)
+                {
+                    Preempt(victim);
+                }
+                else if (inStep.Count > 0)
+                {
+                    Preempt(r); // the requests already in this step will free blocks as they finish
+                }
+                else
+                {
+                    Retire(r, null, new KvCacheFullException(
+                        $"request {r.Id} cannot grow to {r.Fed + count} tokens: the pool has {_blocks.TotalBlocks} blocks"));
+                }
+            }
+
+            if (r.Slot < 0)
+            {
+                continue;
+            }
+
+            int[] tokens = r.Draft is { } d ? [r.Tokens[^1], d] : [r.Tokens[^1]];
+            batch.Add(new StepSequence(r.Slot, r.Fed, tokens, count));
+            owners.Add(r);
+            budget -= count;
+        }
+
+        // Then prompt chunks (admission reserved their blocks), oldest first, within the budget left.
+        foreach (var r in _running)
+        {
+            var left = r.Tokens.Count - r.Fed;
+            if (budget <= 0)
+            {
+                break;
+            }
+
+            if (r.Slot < 0 || left <= 1)
+            {
+                continue;
+            }
+
+            var chunk = Math.Min(left, budget);
+            batch.Add(new StepSequence(r.Slot, r.Fed, r.Tokens.GetRange(r.Fed, chunk).ToArray(), chunk == left ? 1 : 0));
+            owners.Add(r);
+            budget -= chunk;
+        }
+
+        return batch;
+    }
+
+    /// <summary>Frees <paramref name="victim"/>'s slot and blocks and queues it first, to be prefilled again with its tokens so far.</summary>
+    private void Preempt(ScheduledRequest victim)
+    {
+        _runner.Close(victim.Slot);
+        _blocks.Free(victim.Slot);
+        victim.Slot = -1;
+        victim.Fed = 0;
+        victim.Draft = null;
+        _running.Remove(victim);
+        _waiting.AddFirst(victim);
+        Interlocked.Increment(ref _preemptions);
+    }
+
+    /// <summary>Samples the step's tokens for <paramref name="r"/>; returns the finish reason when it ended.</summary>
+    private FinishReason? Sample(ScheduledRequest r, StepSequence entry, int offset, int v)
+    {
+        r.Steps++;
+        Interlocked.Increment(ref _steps);
+        var draft = entry.LogitRows == 2 ? r.Draft : null;
+        r.Draft = null;
+        var first = Choose(r, offset, v);
+        if (draft is { } d)
+        {
+            if (first == d)
+            {
+                if (Emit(r, first) is { } early)
+                {
+                    return early; // ended at the draft itself: the verification was moot, counted as neither
+                }
+
+                r.Drafted++;
+                r.Accepted++;
+                Interlocked.Increment(ref _drafted);
+                Interlocked.Increment(ref _accepted);
+                return Emit(r, Choose(r, offset + v, v));
+            }
+
+            r.Drafted++;
+            Interlocked.Increment(ref _drafted);
+            r.Fed--;
+            _runner.Truncate(r.Slot, r.Fed);
+            _blocks.Truncate(r.Slot, r.Fed);
+        }
+
+        return Emit(r, first);
+    }
+
+    private int Choose(ScheduledRequest r, int offset, int v)
+    {
+        var row = _logits.AsSpan(offset, v);
+        if (_options.SamplingVocabSize is { } limit && limit < v)
+        {
+            row[limit..].Fill(float.NegativeInfinity);
+        }
+
+        return r.Sampler.Sample(row);
+    }
+
+    private FinishReason? Emit(ScheduledRequest r, int token)
+    {
+        r.Emit(token);
+        Interlocked.Increment(ref _generated);
+        if (token == _options.EosId)
+        {
+            return FinishReason.EndOfSequence;
+        }
+
+        // The next step would feed the token just sampled at position Count - 1.
+        if (r.Generated >= r.MaxTokens || r.Tokens.Count > _runner.MaxSequenceLength || r.Tokens.Count > _blocks.MaxTokensPerRequest)
+        {
+            return FinishReason.Length;
+        }
+
+        return null;
+    }
+
+    private void DraftNext()
+    {
+        if (!_speculative)
+        {
+            return;
+        }
+
+        var drafting = _running.Where(r => r.Speculative && r.Slot >= 0 && r.Tokens.Count - r.Fed == 1
+            // A verify step feeds two tokens and yields up to two: pointless when one more is all that is allowed.
+            && r.Generated + 2 <= r.MaxTokens && r.Tokens.Count + 1 <= _runner.MaxSequenceLength
+            && r.Tokens.Count + 1 <= _blocks.MaxTokensPerRequest).ToList();
+        if (drafting.Count == 0)
+        {
+            return;
+        }
+
+        var v = _runner.VocabSize;
+        var draftLogits = new float[drafting.Count * v];
+        try
+        {
+            _runner.Draft([.. drafting.Select(r => new DraftSequence(r.Slot, r.Tokens[^1]))], draftLogits);
+        }
+        catch (Exception e)
+        {
+            // Their MTP state is unknown now: end them, keep the others.
+            foreach (var r in drafting)
+            {
+                Retire(r, null, e);
+            }
+
+            throw;
+        }
+
+        for (var i = 0; i < drafting.Count; i++)
+        {
+            var row = draftLogits.AsSpan(i * v, v);
+            if (_options.SamplingVocabSize is { } limit && limit < v)
+            {
+                row[limit..].Fill(float.NegativeInfinity);
+            }
+
+            drafting[i].Draft = Sampler.ArgMax(row);
+        }
+    }
+
+    private void Retire(ScheduledRequest r, FinishReason? reason, Exception? error)
+    {
+        if (r.Slot >= 0)
+        {
+            _runner.Close(r.Slot);
+            _blocks.Free(r.Slot);
+            r.Slot = -1;
+        }
+
+        _running.Remove(r);
+        if (reason is { } finish)
+        {
+            if (r.Speculative)
+            {
+                Log.SpeculativeRequestFinished(_logger, r.Id, r.Generated, r.Steps, r.Drafted, r.Accepted, r.Counters.AcceptanceRate);
+            }
+
+            r.Finish(finish);
+        }
+        else
+        {
+            r.Abort(error);
+        }
+    }
+
+    /// <summary>Cancels every queued and running request and returns their blocks.</summary>
+    public void Dispose()
+    {
+        lock (_stepLock)
+        {
+            if (_disposed)
+            {
+                return;
+            }
+
+            _disposed = true;
+            foreach (var r in _running.ToList())
+            {
+                Retire(r, null, null);
+            }
+
+            foreach (var r in _waiting.Concat(_submitted))
+            {
+                r.Abort(null);
+            }
+
+            _waiting.Clear();
+            _submitted.Clear();
+            var c = Counters;
+            if (c.Drafted > 0)
+            {
+                Log.SpeculativeTotals(_logger, c.GeneratedTokens, c.Steps, c.Drafted, c.Accepted, c.AcceptanceRate);
+            }
+        }
+
+        Wake();
+    }
+}
+
+internal static partial class Log
+{
+    [LoggerMessage(EventId = 100, Level = LogLevel.Error, Message = "A scheduler step failed; its requests were ended")]
+    public static partial void StepFailed(ILogger logger, Exception exception);
+
+    [LoggerMessage(EventId = 101, Level = LogLevel.Debug, Message = "Request {Id} finished: {Tokens} tokens in {Steps} steps, MTP drafts {Drafted}, accepted {Accepted} ({AcceptanceRate:P1})")]
+    public static partial void SpeculativeRequestFinished(ILogger logger, long id, int tokens, long steps, long drafted, long accepted, double acceptanceRate);
+
+    [LoggerMessage(EventId = 102, Level = LogLevel.Information, Message = "Speculative decoding: {Tokens} tokens in {Steps} steps, MTP drafts {Drafted}, accepted {Accepted} ({AcceptanceRate:P1})")]
+    public static partial void SpeculativeTotals(ILogger logger, long tokens, long steps, long drafted, long accepted, double acceptanceRate);
+}

@@ -1,0 +1,69 @@
+namespace DeepSeekCuda.Serving;
+
+/// <summary>One request's part of a step: feed <paramref name="Tokens"/> at positions <paramref name="Position"/>.. of slot <paramref name="Slot"/>.</summary>
+/// <param name="Slot">The request's row of the block table (<see cref="KvBlockManager"/>).</param>
+/// <param name="Position">Tokens already in the slot's cache; the first token goes here.</param>
+/// <param name="Tokens">A prefill chunk, one decode token, or a decode token and its draft.</param>
+/// <param name="LogitRows">Logits wanted for the last this many tokens (0 for a prefill chunk that does not finish the prompt).</param>
+public readonly record struct StepSequence(int Slot, int Position, ReadOnlyMemory<int> Tokens, int LogitRows);
+
+/// <summary>One request to draft for: the token sampled last, not yet in the cache.</summary>
+/// <param name="Slot">The request's slot.</param>
+/// <param name="NextToken">The token that follows the slot's last cached position.</param>
+public readonly record struct DraftSequence(int Slot, int NextToken);
+
+/// <summary>
+/// What <see cref="BatchScheduler"/> needs from a model: a batched forward over request slots, and the
+/// MTP draft. The scheduler owns admission, the block table and sampling; a runner only computes.
+/// </summary>
+/// <remarks>
+/// <para>The CPU runner (<see cref="SessionStepRunner"/>) keeps one model session per slot and runs the
+/// batch's requests one after another. A GPU runner (batched, paged, graph-replayed) implements the same
+/// contract over the scheduler's <see cref="KvBlockManager"/>:</para>
+/// <list type="bullet">
+/// <item><see cref="Open"/>/<see cref="Close"/>/<see cref="Truncate"/> touch no device memory: the cache
+/// lives in the pool's blocks, addressed by <see cref="KvBlockManager.Table"/> (int32 [slots, blocks per
+/// request], position p of slot s in block table[s, p/64], row p%64), which the runner uploads before
+/// each <see cref="Forward"/>. The scheduler has already reserved blocks for every position a step writes.</item>
+/// <item><see cref="Forward"/> flattens the batch into one token stream [Σ tokens] with per-token
+/// (slot, position) metadata, runs every layer once over it, and computes logits only for the requested
+/// rows. A decode-only batch (every entry 1 token, or 2 with a draft) of a size seen before replays its
+/// captured CUDA graph; mixed prefill/decode batches run eagerly.</item>
+/// <item>A runner that drafts keeps each position's final hidden state on the device until
+/// <see cref="Draft"/> has consumed it; <see cref="Truncate"/> discards those of dropped positions.</item>
+/// </list>
+/// Calls come from one thread at a time.
+/// </remarks>
+public interface IStepRunner : IDisposable
+{
+    /// <summary>Rows of the logits.</summary>
+    int VocabSize { get; }
+
+    /// <summary>Most tokens one slot can hold.</summary>
+    int MaxSequenceLength { get; }
+
+    /// <summary>Whether <see cref="Draft"/> works (the model has an MTP module).</summary>
+    bool CanDraft { get; }
+
+    /// <summary>A new request takes <paramref name="slot"/> with an empty cache; <paramref name="drafts"/>: it will call <see cref="Draft"/>.</summary>
+    void Open(int slot, bool drafts);
+
+    /// <summary>The request in <paramref name="slot"/> is gone (finished, cancelled or preempted).</summary>
+    void Close(int slot);
+
+    /// <summary>Forgets positions ≥ <paramref name="length"/> of <paramref name="slot"/> (a rejected draft).</summary>
+    void Truncate(int slot, int length);
+
+    /// <summary>
+    /// Runs one step. <paramref name="logits"/> receives, in batch order, each entry's
+    /// <see cref="StepSequence.LogitRows"/> rows of [VocabSize] float32 logits.
+    /// </summary>
+    void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits);
+
+    /// <summary>
+    /// Runs the MTP module over every position of each slot it has not yet seen (the last one followed by
+    /// <see cref="DraftSequence.NextToken"/>) and writes, per entry, the draft logits [VocabSize] for the
+    /// token after NextToken.
+    /// </summary>
+    void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits);
+}

@@ -1,0 +1,300 @@
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Inference;
+
+namespace DeepSeekCuda.Tests.Serving;
+
+/// <summary>
+/// The scheduler over fake models whose logits are a pure function of the history, so every request's
+/// output can be recomputed alone (<see cref="Alone.Run"/>) and compared token for token.
+/// </summary>
+[TestClass]
+public sealed class BatchSchedulerTests
+{
+    private const int Eos = FakeTokenizer.Eos;
+
+    public TestContext TestContext { get; set; } = null!;
+
+    private static int[] Printable(Random rng, int length) => [.. Enumerable.Range(0, length).Select(_ => rng.Next(32, 127))];
+
+    private static List<int> Drain(BatchScheduler scheduler, ScheduledRequest request)
+    {
+        while (!request.Completion.IsCompleted)
+        {
+            Assert.IsTrue(scheduler.Step(), "work remains while a request is open");
+        }
+
+        return [.. request.Completion.Result.Tokens];
+    }
+
+    [TestMethod]
+    public void StaggeredArrivalsGiveEachRequestItsAloneOutput()
+    {
+        var model = FakeModel.Bigram(5, maxSequenceLength: 400, eosLogit: 3.5f);
+        var blocks = new KvBlockManager(64, 8, 7);
+        using var runner = new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 40, EosId = Eos });
+        var rng = new Random(1);
+        var prompts = new[] { 3, 17, 64, 65, 90, 1, 130 }.Select(n => Printable(rng, n)).ToArray();
+        var options = prompts.Select((_, i) => i % 2 == 0
+            ? new SamplingOptions { Temperature = 0, MaxTokens = 30 + i }
+            : new SamplingOptions { Temperature = 0.9f, TopK = 20, TopP = 0.9f, Seed = 100 + i, MaxTokens = 40 }).ToArray();
+        var requests = new List<ScheduledRequest>();
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            requests.Add(scheduler.Submit(prompts[i], options[i]));
+            for (var s = 0; s < i % 3; s++)
+            {
+                scheduler.Step();
+            }
+        }
+
+        while (requests.Any(r => !r.Completion.IsCompleted))
+        {
+            Assert.IsTrue(scheduler.Step());
+        }
+
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            CollectionAssert.AreEqual(Alone.Run(model, prompts[i], options[i], Eos), requests[i].Completion.Result.Tokens.ToArray(), $"request {i}");
+            var c = requests[i].Completion.Result.Counters;
+            Assert.AreEqual(c.Steps, c.GeneratedTokens, "one token per step without drafts");
+        }
+
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+        Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots);
+        Assert.AreEqual(model.SessionsCreated, model.SessionsDisposed);
+        Assert.IsFalse(scheduler.Step(), "idle");
+    }
+
+    [TestMethod]
+    public void StreamedTokensEqualTheResult()
+    {
+        var model = FakeModel.Bigram(2, eosLogit: 3f);
+        using var runner = new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, new KvBlockManager(16, 2, 8), new SchedulerOptions { EosId = Eos });
+        var r = scheduler.Submit([72, 105], SamplingOptions.Greedy with { MaxTokens = 50 });
+        var tokens = Drain(scheduler, r);
+        CollectionAssert.AreEqual(tokens, r.Output.ReadAllAsync().ToBlockingEnumerable().ToArray());
+        Assert.IsTrue(r.Output.Completion.IsCompleted);
+    }
+
+    [TestMethod]
+    public void CancellationReturnsEveryBlock()
+    {
+        var model = FakeModel.Bigram(3); // EOS logit -1 never wins under greedy: requests run until cancelled
+        var blocks = new KvBlockManager(40, 4, 16);
+        using var runner = new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxBatch = 3, MaxTokensPerStep = 64, EosId = Eos });
+        var rng = new Random(2);
+        var requests = Enumerable.Range(0, 5).Select(i => scheduler.Submit(Printable(rng, 30 + 20 * i), SamplingOptions.Greedy)).ToList();
+        for (var s = 0; s < 70; s++)
+        {
+            scheduler.Step();
+        }
+
+        Assert.AreEqual(3, scheduler.RunningCount, "MaxBatch running, two waiting");
+        Assert.IsLessThan(blocks.TotalBlocks, blocks.FreeBlocks, "the running requests hold blocks");
+
+        requests[1].Cancel(); // running, mid-generation
+        requests[4].Cancel(); // waiting, never admitted
+        scheduler.Step();
+        foreach (var i in new[] { 1, 4 })
+        {
+            Assert.IsTrue(requests[i].Completion.IsCanceled, $"request {i}");
+            while (requests[i].Output.TryRead(out _))
+            {
+            }
+
+            Assert.IsTrue(requests[i].Output.Completion.IsCanceled, "the token stream ends cancelled");
+        }
+
+        Assert.AreEqual(3, scheduler.RunningCount, "request 3 took the freed slot");
+        var held = Enumerable.Range(0, blocks.MaxRequests).Where(blocks.IsActive).Sum(s => blocks.Blocks(s).Length);
+        Assert.AreEqual(blocks.TotalBlocks - held, blocks.FreeBlocks);
+
+        foreach (var r in requests)
+        {
+            r.Cancel();
+        }
+
+        Assert.IsFalse(scheduler.Step(), "nothing left to run");
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+        Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots);
+        Assert.IsTrue(requests.All(r => r.Completion.IsCanceled));
+        Assert.AreEqual(model.SessionsCreated, model.SessionsDisposed, "every session closed");
+    }
+
+    /// <summary>
+    /// Many requests from many threads on a pool too small for all of them at once: growth preempts the
+    /// newest request, which later prefills again; every output still equals its alone run.
+    /// </summary>
+    [TestMethod]
+    [DataRow(false)]
+    [DataRow(true)]
+    public async Task ManyConcurrentRequestsWithPreemption(bool speculative)
+    {
+        var model = FakeModel.Bigram(7, maxSequenceLength: 300, eosLogit: 2.5f);
+        var blocks = new KvBlockManager(24, 16, 5);
+        IStepRunner runner = speculative
+            ? new OracleStepRunner(model, blocks, length => length % 3 != 0)
+            : new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxBatch = 16, MaxTokensPerStep = 96, EosId = Eos, SpeculativeDecoding = speculative });
+        using var stop = new CancellationTokenSource();
+        var loop = scheduler.RunAsync(stop.Token);
+        var cases = Enumerable.Range(0, 64).Select(i =>
+        {
+            var rng = new Random(1000 + i);
+            var prompt = Printable(rng, rng.Next(20, 101));
+            var options = i % 2 == 0
+                ? new SamplingOptions { Temperature = 0, MaxTokens = rng.Next(30, 151) }
+                : new SamplingOptions { Temperature = 0.7f, TopP = 0.95f, Seed = i, MaxTokens = rng.Next(30, 151) };
+            return (prompt, options);
+        }).ToArray();
+
+        var results = await Task.WhenAll(cases.Select(c => Task.Run(async () =>
+        {
+            var r = scheduler.Submit(c.prompt, c.options);
+            var streamed = new List<int>();
+            await foreach (var t in r.Output.ReadAllAsync())
+            {
+                streamed.Add(t);
+            }
+
+            var result = await r.Completion;
+            CollectionAssert.AreEqual(result.Tokens.ToArray(), streamed.ToArray());
+            return result;
+        })));
+        await stop.CancelAsync();
+        await loop;
+
+        for (var i = 0; i < cases.Length; i++)
+        {
+            CollectionAssert.AreEqual(Alone.Run(model, cases[i].prompt, cases[i].options, Eos), results[i].Tokens.ToArray(), $"request {i}");
+            var c = results[i].Counters;
+            Assert.AreEqual(c.Steps + c.Accepted, c.GeneratedTokens, $"request {i}: tokens = steps + accepted");
+            Assert.IsLessThanOrEqualTo(c.Drafted, c.Accepted);
+        }
+
+        var total = scheduler.Counters;
+        Assert.AreEqual(results.Sum(r => (long)r.Tokens.Count), total.GeneratedTokens);
+        Assert.AreEqual(total.Steps + total.Accepted, total.GeneratedTokens);
+        Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+        Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots);
+        if (speculative)
+        {
+            Assert.IsGreaterThan(0L, total.Accepted);
+            Assert.IsLessThan(total.Drafted, total.Accepted, "some drafts were wrong");
+            Assert.IsGreaterThan(1, ((OracleStepRunner)runner).LargestBatch);
+            Assert.IsGreaterThan(0, ((OracleStepRunner)runner).Truncations);
+        }
+        else
+        {
+            Assert.AreEqual(0L, total.Drafted);
+            Assert.AreEqual(model.SessionsCreated, model.SessionsDisposed);
+        }
+
+        TestContext.WriteLine($"steps {total.Steps}, tokens {total.GeneratedTokens}, drafted {total.Drafted}, accepted {total.Accepted} ({total.AcceptanceRate:P1}), preemptions {scheduler.Preemptions}");
+        runner.Dispose();
+    }
+
+    [TestMethod]
+    public void OracleDraftsAreAcceptedAndRejectedWithoutChangingTheOutput()
+    {
+        var model = FakeModel.Bigram(11, eosLogit: 3f);
+        var blocks = new KvBlockManager(32, 4, 8);
+        var runner = new OracleStepRunner(model, blocks, length => length % 3 != 0);
+        var log = new ListLogger<BatchScheduler>();
+        var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { EosId = Eos }, log);
+        Assert.IsTrue(scheduler.SpeculativeDecoding, "on by default when the runner can draft");
+        var prompt = Printable(new Random(3), 70);
+        foreach (var options in new[] { SamplingOptions.Greedy with { MaxTokens = 120 }, new SamplingOptions { Seed = 9, MaxTokens = 120 } })
+        {
+            var r = scheduler.Submit(prompt, options);
+            var tokens = Drain(scheduler, r);
+            CollectionAssert.AreEqual(Alone.Run(model, prompt, options, Eos), tokens);
+            var c = r.Completion.Result.Counters;
+            Assert.AreEqual(c.Steps + c.Accepted, c.GeneratedTokens);
+            Assert.IsGreaterThan(0L, c.Accepted);
+            Assert.IsLessThan(c.Drafted, c.Accepted);
+            Assert.IsLessThan(c.GeneratedTokens, c.Steps, "accepted drafts save steps");
+            Assert.IsTrue(log.Messages.Any(m => m.StartsWith($"Request {r.Id} finished", StringComparison.Ordinal)), "each request's acceptance is logged");
+        }
+
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+        var total = scheduler.Counters;
+        scheduler.Dispose();
+        var summary = log.Messages.Last();
+        StringAssert.StartsWith(summary, $"Speculative decoding: {total.GeneratedTokens} tokens in {total.Steps} steps, MTP drafts {total.Drafted}, accepted {total.Accepted}");
+        TestContext.WriteLine(summary);
+    }
+
+    private sealed class ListLogger<T> : Microsoft.Extensions.Logging.ILogger<T>
+    {
+        public List<string> Messages { get; } = [];
+
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception,
+            Func<TState, Exception?, string> formatter) => Messages.Add(formatter(state, exception));
+    }
+
+    [TestMethod]
+    public void AWaitingRequestCanceledBeforeAdmissionNeverRuns()
+    {
+        var model = FakeModel.Bigram(1);
+        using var runner = new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, new KvBlockManager(8, 2, 4), new SchedulerOptions { EosId = Eos });
+        var r = scheduler.Submit([65, 66], SamplingOptions.Greedy);
+        r.Cancel();
+        Assert.IsFalse(scheduler.Step());
+        Assert.IsTrue(r.Completion.IsCanceled);
+        Assert.AreEqual(0, model.SessionsCreated);
+    }
+
+    [TestMethod]
+    public void APromptLargerThanThePoolFailsWithKvCacheFull()
+    {
+        var model = FakeModel.Bigram(1);
+        using var runner = new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, new KvBlockManager(2, 2, 4), new SchedulerOptions { EosId = Eos });
+        var r = scheduler.Submit(Printable(new Random(1), 200), SamplingOptions.Greedy);
+        scheduler.Step();
+        var e = Assert.ThrowsExactly<AggregateException>(() => r.Completion.Wait());
+        Assert.IsInstanceOfType<KvCacheFullException>(e.InnerException);
+    }
+
+    [TestMethod]
+    public void ContextLimitEndsARequestAsPlainDecodingDoes()
+    {
+        var model = FakeModel.Bigram(4, maxSequenceLength: 70);
+        using var runner = new SessionStepRunner(model);
+        var blocks = new KvBlockManager(8, 2, 2);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { EosId = Eos });
+        var prompt = Printable(new Random(5), 60);
+        var r = scheduler.Submit(prompt, SamplingOptions.Greedy);
+        var tokens = Drain(scheduler, r);
+        Assert.AreEqual(FinishReason.Length, r.Completion.Result.FinishReason);
+        CollectionAssert.AreEqual(Alone.Run(model, prompt, SamplingOptions.Greedy, Eos), tokens);
+        Assert.AreEqual(11, tokens.Count, "the 70th position is fed; the token sampled there is the last");
+    }
+
+    [TestMethod]
+    public void BadRequestsAndOptionsAreRejected()
+    {
+        var model = FakeModel.Bigram(1, maxSequenceLength: 100);
+        using var runner = new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, new KvBlockManager(8, 2, 4), new SchedulerOptions());
+        Assert.ThrowsExactly<ArgumentException>(() => scheduler.Submit([]));
+        Assert.ThrowsExactly<ArgumentException>(() => scheduler.Submit(new int[101]), "longer than the context");
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => scheduler.Submit([1], new SamplingOptions { Temperature = -1 }));
+        Assert.IsFalse(scheduler.SpeculativeDecoding, "a plain model cannot draft");
+        Assert.ThrowsExactly<ArgumentException>(() => new BatchScheduler(runner, new KvBlockManager(8, 2, 4), new SchedulerOptions { SpeculativeDecoding = true }));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new BatchScheduler(runner, new KvBlockManager(8, 2, 4), new SchedulerOptions { MaxTokensPerStep = 0 }));
+        scheduler.Dispose();
+        Assert.ThrowsExactly<ObjectDisposedException>(() => scheduler.Submit([1]));
+    }
+}

@@ -1,0 +1,343 @@
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Serving;
+
+/// <summary>
+/// The scheduler and MTP speculative decoding on a real DeepSeek-V3-architecture model: the Tiny preset
+/// (synthetic weights, one MTP layer) and tiny-a (the official reference's fixture model, MTP included).
+/// Each request's greedy output is compared with plain token-by-token decoding of that request alone.
+/// </summary>
+[TestClass]
+public sealed class ModelSchedulingTests
+{
+    private const int MaxLength = 256;
+    private static readonly CpuBackend s_backend = new();
+    private static string s_root = null!;
+    private static Checkpoint s_tinyCheckpoint = null!;
+    private static DeepSeekModel s_tiny = null!;
+    private static DeepSeekModel s_tinyNoMtp = null!;
+
+    public TestContext TestContext { get; set; } = null!;
+
+    [ClassInitialize]
+    public static void Init(TestContext _)
+    {
+        s_root = Path.Combine(Path.GetTempPath(), "dscuda-serving-" + Guid.NewGuid().ToString("N"));
+        SyntheticCheckpoint.Write(s_root, ModelPresets.Tiny, seed: 23);
+        s_tinyCheckpoint = Checkpoint.Open(s_root);
+        s_tiny = DeepSeekModel.Load(s_tinyCheckpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
+        s_tinyNoMtp = DeepSeekModel.Load(s_tinyCheckpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength, LoadMtp = false });
+    }
+
+    [ClassCleanup]
+    public static void Cleanup()
+    {
+        s_tiny.Dispose();
+        s_tinyNoMtp.Dispose();
+        s_tinyCheckpoint.Dispose();
+        s_backend.Dispose();
+        try
+        {
+            Directory.Delete(s_root, recursive: true);
+        }
+        catch (IOException)
+        {
+            // Mapped shards may still be open on some platforms; the temp cleaner gets them.
+        }
+    }
+
+    private static int[] Prompt(int vocab, int length, int salt) =>
+        [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
+
+    /// <summary>Plain decoding alone: one prefill, then one token per forward, argmax (lowest id on ties).</summary>
+    private static List<int> GreedyAlone(DeepSeekModel model, int[] prompt, int maxTokens, int eos)
+    {
+        using var session = model.CreateSession();
+        var logits = new float[model.VocabSize];
+        session.Forward(prompt, logits);
+        var output = new List<int>();
+        while (true)
+        {
+            var y = Sampler.ArgMax(logits);
+            output.Add(y);
+            if (y == eos || output.Count >= maxTokens || prompt.Length + output.Count > model.MaxSequenceLength)
+            {
+                return output;
+            }
+
+            session.Forward([y], logits);
+        }
+    }
+
+    private static List<ScheduledResult> RunStaggered(DeepSeekModel model, bool? speculative, int[][] prompts, int maxTokens, int maxTokensPerStep,
+        out BatchScheduler scheduler, out KvBlockManager blocks, Func<int, bool>? forceRightDrafts = null)
+    {
+        blocks = new KvBlockManager(48, 8, KvBlockManager.BlocksFor(MaxLength));
+        IStepRunner runner = forceRightDrafts is null ? new SessionStepRunner(model) : new RightDraftRunner(model, forceRightDrafts);
+        scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
+        {
+            MaxTokensPerStep = maxTokensPerStep,
+            EosId = model.Config.EosTokenId,
+            SpeculativeDecoding = speculative,
+        });
+        var requests = new List<ScheduledRequest>();
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            requests.Add(scheduler.Submit(prompts[i], SamplingOptions.Greedy with { MaxTokens = maxTokens }));
+            scheduler.Step(); // staggered: each arrives while the earlier ones are mid-prefill or decoding
+        }
+
+        while (requests.Any(r => !r.Completion.IsCompleted))
+        {
+            Assert.IsTrue(scheduler.Step());
+        }
+
+        runner.Dispose();
+        return [.. requests.Select(r => r.Completion.Result)];
+    }
+
+    [TestMethod]
+    [DataRow(false)]
+    [DataRow(true)]
+    public void StaggeredBatchEqualsEachRequestAlone(bool speculative)
+    {
+        var model = s_tiny;
+        int[][] prompts = [.. new[] { 9, 40, 1, 70, 23 }.Select((n, i) => Prompt(model.VocabSize, n, i))];
+        var results = RunStaggered(model, speculative, prompts, maxTokens: 24, maxTokensPerStep: 32, out var scheduler, out var blocks);
+        using (scheduler)
+        {
+            Assert.AreEqual(speculative, scheduler.SpeculativeDecoding);
+            for (var i = 0; i < prompts.Length; i++)
+            {
+                CollectionAssert.AreEqual(GreedyAlone(model, prompts[i], 24, model.Config.EosTokenId), results[i].Tokens.ToArray(), $"request {i}");
+            }
+
+            CheckCounters(scheduler, results, speculative);
+            Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+        }
+    }
+
+    /// <summary>
+    /// The synthetic MTP layer's random weights almost never guess right, so acceptance is forced: the
+    /// runner is the real one (sessions, hiddens, MTP passes, rollbacks), but the draft it returns is the
+    /// main model's true greedy token at two of three positions. Accepted drafts keep both verified
+    /// positions in the real cache; the output must still equal plain decoding.
+    /// </summary>
+    [TestMethod]
+    public void AcceptedDraftsKeepTheRealCacheExact()
+    {
+        var model = s_tiny;
+        int[][] prompts = [.. new[] { 20, 3, 45 }.Select((n, i) => Prompt(model.VocabSize, n, 60 + i))];
+        var results = RunStaggered(model, true, prompts, maxTokens: 30, maxTokensPerStep: 24, out var scheduler, out var blocks, length => length % 3 != 0);
+        using (scheduler)
+        {
+            for (var i = 0; i < prompts.Length; i++)
+            {
+                CollectionAssert.AreEqual(GreedyAlone(model, prompts[i], 30, model.Config.EosTokenId), results[i].Tokens.ToArray(), $"request {i}");
+            }
+
+            CheckCounters(scheduler, results, true);
+            var c = scheduler.Counters;
+            Assert.IsGreaterThan(0L, c.Accepted);
+            Assert.IsLessThan(c.Drafted, c.Accepted);
+            Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+        }
+    }
+
+    /// <summary>The real runner, with each draft replaced by the main model's greedy token (recomputed alone) where <c>right(length)</c>.</summary>
+    private sealed class RightDraftRunner(DeepSeekModel model, Func<int, bool> right) : IStepRunner
+    {
+        private readonly SessionStepRunner _inner = new(model);
+        private readonly Dictionary<int, List<int>> _fed = [];
+
+        public int VocabSize => _inner.VocabSize;
+
+        public int MaxSequenceLength => _inner.MaxSequenceLength;
+
+        public bool CanDraft => _inner.CanDraft;
+
+        public void Open(int slot, bool drafts)
+        {
+            _inner.Open(slot, drafts);
+            _fed[slot] = [];
+        }
+
+        public void Close(int slot)
+        {
+            _inner.Close(slot);
+            _fed.Remove(slot);
+        }
+
+        public void Truncate(int slot, int length)
+        {
+            _inner.Truncate(slot, length);
+            _fed[slot].RemoveRange(length, _fed[slot].Count - length);
+        }
+
+        public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+        {
+            _inner.Forward(batch, logits);
+            foreach (var e in batch)
+            {
+                _fed[e.Slot].AddRange(e.Tokens.ToArray());
+            }
+        }
+
+        public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits)
+        {
+            _inner.Draft(batch, logits); // keeps the MTP bookkeeping real
+            var v = VocabSize;
+            for (var i = 0; i < batch.Length; i++)
+            {
+                List<int> history = [.. _fed[batch[i].Slot], batch[i].NextToken];
+                if (!right(history.Count))
+                {
+                    continue; // the MTP layer's own (almost always wrong) draft
+                }
+
+                using var session = model.CreateSession();
+                var row = new float[v];
+                session.Forward([.. history], row);
+                var target = logits.Slice(i * v, v);
+                target.Clear();
+                target[Sampler.ArgMax(row)] = 1;
+            }
+        }
+
+        public void Dispose() => _inner.Dispose();
+    }
+
+    [TestMethod]
+    public void SpeculativeDecodingIsOnByDefaultOnlyWithMtpWeights()
+    {
+        using var withMtp = new SessionStepRunner(s_tiny);
+        using var without = new SessionStepRunner(s_tinyNoMtp);
+        Assert.IsTrue(withMtp.CanDraft);
+        Assert.IsFalse(without.CanDraft);
+        using var on = new BatchScheduler(withMtp, new KvBlockManager(4, 1, 4));
+        using var off = new BatchScheduler(without, new KvBlockManager(4, 1, 4));
+        using var forcedOff = new BatchScheduler(withMtp, new KvBlockManager(4, 1, 4), new SchedulerOptions { SpeculativeDecoding = false });
+        Assert.IsTrue(on.SpeculativeDecoding);
+        Assert.IsFalse(off.SpeculativeDecoding);
+        Assert.IsFalse(forcedOff.SpeculativeDecoding);
+    }
+
+    /// <summary>
+    /// The runner's incremental MTP bookkeeping (hiddens kept across prefill chunks, consumed by drafts,
+    /// dropped by a rollback) against one MTP pass over the whole sequence from a fresh session.
+    /// </summary>
+    [TestMethod]
+    public void RunnerDraftsEqualOneMtpPassOverTheWholeSequence()
+    {
+        var model = s_tiny;
+        var v = model.VocabSize;
+        var prompt = Prompt(v, 50, 7);
+        using var runner = new SessionStepRunner(model);
+        runner.Open(3, drafts: true);
+        var logits = new float[2 * v];
+        runner.Forward([new StepSequence(3, 0, prompt[..30], 0)], logits);
+        runner.Forward([new StepSequence(3, 30, prompt[30..], 1)], logits);
+        var next = Sampler.ArgMax(logits.AsSpan(0, v));
+        var draft = new float[v];
+        runner.Draft([new DraftSequence(3, next)], draft);
+        Tolerance.AssertMaxRel(draft, Reference(model, [.. prompt, next]), 1e-4, "draft after a chunked prefill");
+
+        // Verify [next, wrong draft], reject it, roll back one position, and draft from the corrected token.
+        var wrong = (Sampler.ArgMax(draft) + 1) % v;
+        runner.Forward([new StepSequence(3, 50, new[] { next, wrong }, 2)], logits);
+        var corrected = Sampler.ArgMax(logits.AsSpan(0, v));
+        runner.Truncate(3, 51);
+        runner.Draft([new DraftSequence(3, corrected)], draft);
+        Tolerance.AssertMaxRel(draft, Reference(model, [.. prompt, next, corrected]), 1e-4, "draft after a rollback");
+    }
+
+    [TestMethod]
+    public void ForwardWithHiddensMatchesOnePrefillAndItsFinalNorm()
+    {
+        var model = s_tiny;
+        int v = model.VocabSize, d = model.Config.HiddenSize;
+        var ids = Prompt(v, 40, 3);
+        float[] finalNorm = [];
+        var all = model.ComputeLogits(ids, x =>
+        {
+            if (x.Name == "final_norm")
+            {
+                finalNorm = x.Values!;
+            }
+        });
+        using var session = model.CreateSession();
+        var hiddens = new float[25 * d];
+        var first = session.Forward(ids.AsSpan(0, 25), 2, hiddens);
+        var second = session.Forward(ids.AsSpan(25), 3, []);
+        Assert.AreEqual(40, session.Length);
+        Tolerance.AssertMaxRel(hiddens, finalNorm.AsSpan(0, 25 * d), 1e-5, "hiddens of the first chunk");
+        Tolerance.AssertMaxRel(first, all.AsSpan(23 * v, 2 * v), 1e-4, "last two logit rows of the first chunk");
+        Tolerance.AssertMaxRel(second, all.AsSpan(37 * v, 3 * v), 1e-4, "last three logit rows of the second chunk");
+        Tolerance.AssertMaxRel(session.GetLastHidden(), finalNorm.AsSpan(39 * d, d), 1e-4, "last hidden");
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => session.Forward(ids.AsSpan(0, 2), 3, []));
+        Assert.ThrowsExactly<ArgumentException>(() => session.Forward(ids.AsSpan(0, 2), 1, new float[d]));
+    }
+
+    /// <summary>Draft logits for the token after the last of <paramref name="tokens"/>: main hiddens of all but the last, MTP over all positions.</summary>
+    private static float[] Reference(DeepSeekModel model, int[] tokens)
+    {
+        int v = model.VocabSize, d = model.Config.HiddenSize, n = tokens.Length - 1;
+        using var session = model.CreateSession();
+        var hiddens = new float[n * d];
+        session.Forward(tokens.AsSpan(0, n), 1, hiddens);
+        var all = session.MtpForward(hiddens, tokens.AsSpan(1), 0);
+        return all[((n - 1) * v)..];
+    }
+
+    [TestMethod]
+    public void TinyAGreedySpeculativeEqualsPlainDecoding()
+    {
+        // The fixture model's MTP layer is the reference's own; acceptance depends on its random weights.
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var model = DeepSeekModel.Load(checkpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
+        Assert.IsTrue(model.HasMtp);
+        int[][] prompts = [.. new[] { 12, 33, 5 }.Select((n, i) => Prompt(model.VocabSize, n, 40 + i))];
+        var results = RunStaggered(model, true, prompts, maxTokens: 20, maxTokensPerStep: 64, out var scheduler, out _);
+        using (scheduler)
+        {
+            for (var i = 0; i < prompts.Length; i++)
+            {
+                CollectionAssert.AreEqual(GreedyAlone(model, prompts[i], 20, model.Config.EosTokenId), results[i].Tokens.ToArray(), $"request {i}");
+            }
+
+            CheckCounters(scheduler, results, true);
+        }
+    }
+
+    private void CheckCounters(BatchScheduler scheduler, List<ScheduledResult> results, bool speculative)
+    {
+        foreach (var r in results)
+        {
+            var c = r.Counters;
+            Assert.AreEqual(r.Tokens.Count, c.GeneratedTokens);
+            Assert.AreEqual(c.Steps + c.Accepted, c.GeneratedTokens, "tokens = steps + accepted");
+            Assert.IsLessThanOrEqualTo(c.Drafted, c.Accepted);
+        }
+
+        var total = scheduler.Counters;
+        Assert.AreEqual(results.Sum(r => r.Counters.Drafted), total.Drafted);
+        Assert.AreEqual(results.Sum(r => r.Counters.Accepted), total.Accepted);
+        Assert.AreEqual(total.Steps + total.Accepted, total.GeneratedTokens);
+        if (speculative)
+        {
+            Assert.IsGreaterThan(0L, total.Drafted, "drafts were verified");
+        }
+        else
+        {
+            Assert.AreEqual(0L, total.Drafted);
+        }
+
+        TestContext.WriteLine($"{total.GeneratedTokens} tokens in {total.Steps} steps; drafted {total.Drafted}, accepted {total.Accepted} ({total.AcceptanceRate:P1})");
+    }
+}

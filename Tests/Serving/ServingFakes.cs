@@ -1,0 +1,104 @@
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Inference;
+
+namespace DeepSeekCuda.Tests.Serving;
+
+/// <summary>
+/// An <see cref="IStepRunner"/> over a <see cref="FakeModel"/>'s logits function with an oracle draft: the
+/// draft is the model's own greedy choice where <paramref name="draftRight"/> says so, else a different
+/// token, so tests control acceptance exactly. Checks on every forward that the scheduler reserved cache
+/// blocks for each position it writes and fed positions in order.
+/// </summary>
+internal sealed class OracleStepRunner(FakeModel model, KvBlockManager blocks, Func<int, bool> draftRight) : IStepRunner
+{
+    private readonly Dictionary<int, List<int>> _slots = [];
+
+    public int VocabSize => model.VocabSize;
+
+    public int MaxSequenceLength => model.MaxSequenceLength;
+
+    public bool CanDraft => true;
+
+    public int LargestBatch { get; private set; }
+
+    public int Truncations { get; private set; }
+
+    public void Open(int slot, bool drafts) => _slots.Add(slot, []);
+
+    public void Close(int slot) => Assert.IsTrue(_slots.Remove(slot), $"slot {slot} closed twice");
+
+    public void Truncate(int slot, int length)
+    {
+        Truncations++;
+        var h = _slots[slot];
+        h.RemoveRange(length, h.Count - length);
+    }
+
+    public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+    {
+        LargestBatch = Math.Max(LargestBatch, batch.Length);
+        var v = VocabSize;
+        var offset = 0;
+        var row = new float[v];
+        foreach (var e in batch)
+        {
+            var h = _slots[e.Slot];
+            Assert.AreEqual(h.Count, e.Position, "positions are fed in order");
+            Assert.IsGreaterThanOrEqualTo(e.Position + e.Tokens.Length, blocks.Capacity(e.Slot), "blocks reserved before the write");
+            h.AddRange(e.Tokens.ToArray());
+            for (var r = 0; r < e.LogitRows; r++)
+            {
+                model.LogitsOf(h[..(h.Count - e.LogitRows + r + 1)], row);
+                row.CopyTo(logits.Slice(offset, v));
+                offset += v;
+            }
+        }
+    }
+
+    public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits)
+    {
+        var v = VocabSize;
+        var row = new float[v];
+        for (var i = 0; i < batch.Length; i++)
+        {
+            List<int> h = [.. _slots[batch[i].Slot], batch[i].NextToken];
+            model.LogitsOf(h, row);
+            var best = Sampler.ArgMax(row);
+            var draft = draftRight(h.Count) ? best : (best + 1) % v;
+            var target = logits.Slice(i * v, v);
+            target.Clear();
+            target[draft] = 1;
+        }
+    }
+
+    public void Dispose()
+    {
+    }
+}
+
+internal static class Alone
+{
+    /// <summary>
+    /// Plain decoding of one request, written without the scheduler: sample from the logits of the whole
+    /// history, stop at EOS, at <see cref="SamplingOptions.MaxTokens"/>, or when the next token would not fit.
+    /// </summary>
+    public static List<int> Run(FakeModel model, int[] prompt, SamplingOptions options, int eos)
+    {
+        var sampler = new Sampler(options);
+        var history = new List<int>(prompt);
+        var logits = new float[model.VocabSize];
+        var output = new List<int>();
+        while (true)
+        {
+            model.LogitsOf(history, logits);
+            var y = sampler.Sample(logits);
+            output.Add(y);
+            history.Add(y);
+            if (y == eos || output.Count >= (options.MaxTokens ?? int.MaxValue) || history.Count > model.MaxSequenceLength)
+            {
+                return output;
+            }
+        }
+    }
+}
