@@ -76,3 +76,124 @@ DSC_DEVICE float fp8_dot4(u32 a, u32 b, float acc)
     for (int j = 0; j < 4; j++) acc = fmaf(e4m3_fast((a >> (8 * j)) & 0xffu), e4m3_fast((b >> (8 * j)) & 0xffu), acc);
     return acc;
 }
+
+// ---- mma.sync building blocks (fp8_gemm_mma.cu, moe_grouped_gemm.cu) ----
+// A 64 x 128 (M or N by one K scale block) operand tile lives in shared memory, rows kMmaRow bytes apart;
+// 4 warps (2 x 2) each own a 32 x 32 output quarter.
+//   FP8 path  (__CUDA_ARCH__ >= 890 and NVRTC >= 12.4, the first PTX ISA with FP8 mma.sync):
+//             mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 straight on the codes.
+//   BF16 path (sm_80, and any target compiled by an older NVRTC such as 11.8): every e4m3 value is exact
+//             in bf16 (3 mantissa bits, exponents 2^-9..2^8), so codes are widened to bf16 and
+//             mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 computes the same exact products.
+constexpr int kMmaBM = 64;
+constexpr int kMmaBN = 64;
+constexpr int kMmaPad = 16; // bytes of padding per shared row (keeps 16-byte alignment, spreads banks)
+constexpr int kMmaRow = kFp8Block + kMmaPad;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890 && defined(__CUDACC_VER_MAJOR__) && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define DSC_FP8_MMA 1
+#else
+#define DSC_FP8_MMA 0
+#endif
+
+DSC_DEVICE u32 smem_u32(const u8* p) { return *(const u32*)p; }
+
+#if !DSC_FP8_MMA
+// Two e4m3 codes -> two bf16 packed low/high (exact widening; NaN stays NaN).
+DSC_DEVICE u32 e4m3x2_to_bf16x2(u8 lo, u8 hi)
+{
+    return (__float_as_uint(e4m3_fast(lo)) >> 16) | (__float_as_uint(e4m3_fast(hi)) & 0xffff0000u);
+}
+#endif
+
+// Stages one 64-row x 128-byte K block of an operand into shared memory s (rows kMmaRow apart) with 128
+// threads, 4 chunks of 16 bytes each: row(r) is row r's first byte or null for a zero row; bytes at or
+// past kend read as zero. vec: 16-byte loads allowed (rows 16-byte aligned, K a multiple of 16).
+template <typename RowFn>
+DSC_DEVICE void fp8_mma_stage(u8* s, int tid, int kbase, int kend, bool vec, RowFn row)
+{
+#pragma unroll
+    for (int c = 0; c < 4; c++)
+    {
+        const int chunk = tid + c * 128;
+        const int r = chunk >> 3, kc = (chunk & 7) * 16;
+        const u8* src = row(r);
+        *(uint4*)&s[r * kMmaRow + kc] = src ? fp8_load16(src, kbase + kc, kend, vec) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// part = this warp's 32 x 32 quarter (rows wm*32.., columns wn*32..) of As · Bsᵀ over one staged 128-wide
+// K block, from zero (the caller scales it and promotes it to fp32 accumulators).
+// Accumulator layout of m16n8: c0, c1 at row g, columns 2t, 2t+1; c2, c3 at row g + 8 (g = lane/4, t = lane%4).
+DSC_DEVICE void fp8_mma_block(const u8* As, const u8* Bs, int wm, int wn, int lane, float part[2][4][4])
+{
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) part[a][b][c] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < kFp8Block; ks += 32)
+    {
+#if DSC_FP8_MMA
+        u32 af[2][4], bfr[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+        {
+            const u8* a0 = &As[(wm * 32 + mi * 16 + g) * kMmaRow + ks + t * 4];
+            af[mi][0] = smem_u32(a0);
+            af[mi][1] = smem_u32(a0 + 8 * kMmaRow);
+            af[mi][2] = smem_u32(a0 + 16);
+            af[mi][3] = smem_u32(a0 + 8 * kMmaRow + 16);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+        {
+            const u8* b0 = &Bs[(wn * 32 + ni * 8 + g) * kMmaRow + ks + t * 4];
+            bfr[ni][0] = smem_u32(b0);
+            bfr[ni][1] = smem_u32(b0 + 16);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++)
+                asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                             : "+f"(part[mi][ni][0]), "+f"(part[mi][ni][1]), "+f"(part[mi][ni][2]), "+f"(part[mi][ni][3])
+                             : "r"(af[mi][0]), "r"(af[mi][1]), "r"(af[mi][2]), "r"(af[mi][3]), "r"(bfr[ni][0]), "r"(bfr[ni][1]));
+#else
+#pragma unroll
+        for (int kh = 0; kh < 32; kh += 16)
+        {
+            const int kk = ks + kh + t * 2;
+            u32 af[2][4], bfr[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+            {
+                const u8* a0 = &As[(wm * 32 + mi * 16 + g) * kMmaRow + kk];
+                const u8* a1 = a0 + 8 * kMmaRow;
+                af[mi][0] = e4m3x2_to_bf16x2(a0[0], a0[1]);
+                af[mi][1] = e4m3x2_to_bf16x2(a1[0], a1[1]);
+                af[mi][2] = e4m3x2_to_bf16x2(a0[8], a0[9]);
+                af[mi][3] = e4m3x2_to_bf16x2(a1[8], a1[9]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++)
+            {
+                const u8* b0 = &Bs[(wn * 32 + ni * 8 + g) * kMmaRow + kk];
+                bfr[ni][0] = e4m3x2_to_bf16x2(b0[0], b0[1]);
+                bfr[ni][1] = e4m3x2_to_bf16x2(b0[8], b0[9]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++)
+                    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                                 : "+f"(part[mi][ni][0]), "+f"(part[mi][ni][1]), "+f"(part[mi][ni][2]), "+f"(part[mi][ni][3])
+                                 : "r"(af[mi][0]), "r"(af[mi][1]), "r"(af[mi][2]), "r"(af[mi][3]), "r"(bfr[ni][0]), "r"(bfr[ni][1]));
+        }
+#endif
+    }
+}

@@ -6,6 +6,7 @@ using DeepSeekCuda.Bench.Harness;
 GpuBenchSpec[] gpuBenches =
 [
     new("gemm", "FP8 block-scaled GEMM vs same-run baselines", GemmBench.Run),
+    new("moe", "DeepSeek-V3 MoE layer (grouped FP8 experts) vs same-run baselines", MoeBench.Run),
 ];
 
 var root = new RootCommand("DeepSeekCuda benchmarks");

@@ -1,0 +1,319 @@
+using System.Runtime.InteropServices;
+using DeepSeekCuda.Cuda;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>Mirror of <c>MoeGroupedGemmParams</c> in Kernels/moe_grouped_gemm.cu.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct MoeGroupedGemmParams
+{
+    public ulong XCodes;
+    public ulong XScales;
+    public ulong W;
+    public ulong WScales;
+    public ulong Y;
+    public ulong Counts;
+    public ulong Offsets;
+    public ulong Gather;
+    public long XStride;
+    public long XScalesStride;
+    public long YStride;
+    public int Experts;
+    public int Capacity;
+    public int GatherDiv;
+    public int Pad0;
+}
+
+/// <summary>Mirror of <c>MoeMaskedLayoutParams</c> in Kernels/moe_grouped_gemm.cu.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct MoeMaskedLayoutParams
+{
+    public ulong TopkIdx;
+    public ulong Counts;
+    public ulong Offsets;
+    public ulong Perm;
+    public ulong Inv;
+    public ulong Gather;
+    public ulong Minv;
+    public int Experts;
+    public int Capacity;
+    public int Slots;
+    public int Pad0;
+}
+
+/// <summary>How the grouped expert GEMM finds each expert's rows.</summary>
+public enum MoeGroupedLayout
+{
+    /// <summary>
+    /// Prefill: expert e owns rows [offsets[e], offsets[e] + counts[e]) of one array, offsets padded to
+    /// multiples of <see cref="MoeGroupedGemmKernel.Tile"/> (the dispatch's tile), so no tile straddles two experts.
+    /// </summary>
+    Contiguous = 0,
+
+    /// <summary>Decode: expert e owns the fixed slot [e·capacity, (e + 1)·capacity), live up to min(counts[e], capacity).</summary>
+    Masked = 1,
+}
+
+/// <summary>
+/// One layer's routed experts as stacked FP8 e4m3 weights with fp32 128x128 block scales (device pointers):
+/// <c>W13</c> [E, 2·I, H] = each expert's [gate; up], <c>W13Scales</c> [E, 2·⌈I/128⌉, ⌈H/128⌉] (gate's scale rows,
+/// then up's), <c>W2</c> [E, H, I] the down projections, <c>W2Scales</c> [E, ⌈H/128⌉, ⌈I/128⌉].
+/// </summary>
+/// <param name="W13">Gate and up codes.</param>
+/// <param name="W13Scales">Their weight_scale_inv blocks.</param>
+/// <param name="W2">Down codes.</param>
+/// <param name="W2Scales">Their weight_scale_inv blocks.</param>
+/// <param name="Experts">E.</param>
+/// <param name="Hidden">H, the model width.</param>
+/// <param name="Inter">I, each expert's intermediate width.</param>
+public sealed record MoeExpertStack(ulong W13, ulong W13Scales, ulong W2, ulong W2Scales, int Experts, int Hidden, int Inter)
+{
+    /// <summary>Bytes of one expert's codes (gate, up and down).</summary>
+    public long ExpertBytes => 3L * Hidden * Inter;
+
+    /// <summary>Float32 scale blocks of one expert's W13.</summary>
+    public long W13ScaleCount => 2L * Fp8GemmKernel.BlocksFor(Inter) * Fp8GemmKernel.BlocksFor(Hidden);
+
+    /// <summary>Float32 scale blocks of one expert's W2.</summary>
+    public long W2ScaleCount => (long)Fp8GemmKernel.BlocksFor(Hidden) * Fp8GemmKernel.BlocksFor(Inter);
+}
+
+/// <summary>
+/// Grouped FP8 expert GEMM (Kernels/moe_grouped_gemm.cu): every expert's rows times its own block-scaled
+/// weights in one launch, either gate/up fused with SiLU(gate)·up in the epilogue (BF16 h [rows, I]) or the
+/// down projection (BF16 [rows, H]). Activations are pre-quantized by <see cref="ActQuantKernel"/>; the
+/// gate/up pass can read them through the dispatch's permutation (row → token slot) without a permuted copy.
+/// N and K are compiled in; token counts and routing are run-time (device) data.
+/// </summary>
+public sealed class MoeGroupedGemmKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+{
+    /// <summary>Kernels/moe_grouped_gemm.cu.</summary>
+    public const string FamilyName = "moe_grouped_gemm";
+
+    /// <summary>CUDA name of the GEMM params struct.</summary>
+    public const string ParamsType = "MoeGroupedGemmParams";
+
+    /// <summary>CUDA name of the masked-layout params struct.</summary>
+    public const string MaskedLayoutParamsType = "MoeMaskedLayoutParams";
+
+    /// <summary>Rows per tile: the contiguous layout's offsets must be padded to a multiple of it (dispatch tile).</summary>
+    public const int Tile = 64;
+
+    /// <summary>Output columns per block of the gate/up pass (gate and up rows share the 64-row weight tile).</summary>
+    public const int SwigluColumns = 32;
+
+    /// <summary>Output columns per block of the down pass.</summary>
+    public const int DownColumns = 64;
+
+    /// <summary>Expert (hidden, inter) shapes of the known models: V3, tiny-a, the Tiny preset.</summary>
+    public static IReadOnlyList<(int Hidden, int Inter)> KnownShapes => [(7168, 2048), (256, 128), (192, 96)];
+
+    /// <summary>Shapes with widths that are not multiples of 128 (or 16) the tests use.</summary>
+    public static IReadOnlyList<(int Hidden, int Inter)> RaggedShapes => [(200, 72), (136, 100)];
+
+    /// <summary>The gate/up (SwiGLU) specialization for a shape and layout.</summary>
+    public static KernelInstance GateUpInstance(int hidden, int inter, MoeGroupedLayout layout) =>
+        new($"moe_grouped_gemm_kernel<{2 * inter}, {hidden}, 1, {(int)layout}>", ParamsType);
+
+    /// <summary>The down specialization for a shape and layout.</summary>
+    public static KernelInstance DownInstance(int hidden, int inter, MoeGroupedLayout layout) =>
+        new($"moe_grouped_gemm_kernel<{hidden}, {inter}, 0, {(int)layout}>", ParamsType);
+
+    /// <summary>The masked-layout builder.</summary>
+    public static KernelInstance MaskedLayoutInstance { get; } = new("moe_masked_layout_kernel<256>", MaskedLayoutParamsType);
+
+    /// <summary>Every specialization for <paramref name="shapes"/>.</summary>
+    public static IReadOnlyList<KernelInstance> Instances(IEnumerable<(int Hidden, int Inter)> shapes) =>
+        [.. from s in shapes from l in Enum.GetValues<MoeGroupedLayout>() from i in new[] { GateUpInstance(s.Hidden, s.Inter, l), DownInstance(s.Hidden, s.Inter, l) } select i,
+            MaskedLayoutInstance];
+
+    /// <summary>Every specialization of the known and ragged shapes.</summary>
+    public static IReadOnlyList<KernelInstance> AllInstances() => Instances(KnownShapes.Concat(RaggedShapes));
+
+    /// <summary>
+    /// Upper bound of the contiguous layout's rows in use for <paramref name="tokens"/> tokens: every slot, plus
+    /// at most <c>tile − 1</c> padding rows for each expert that can receive a slot (at most min(E, tokens·k)).
+    /// The grid and the down pass's activation quantization cover this many rows, not the t_max-sized perm.
+    /// </summary>
+    public static int RowsBound(int tokens, int k, int experts, int tile = Tile)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        var slots = checked(tokens * k);
+        return checked(slots + (Math.Min(experts, slots) * (tile - 1)));
+    }
+
+    /// <summary>
+    /// The expert a contiguous tile starting at <paramref name="row0"/> belongs to, as the kernel finds it (the last e
+    /// with offsets[e] ≤ row0), or −1 when the tile lies past offsets[E].
+    /// </summary>
+    public static int ExpertOfTile(ReadOnlySpan<int> offsets, int row0)
+    {
+        var experts = offsets.Length - 1;
+        if (row0 >= offsets[experts])
+        {
+            return -1;
+        }
+
+        int lo = 0, hi = experts - 1;
+        while (lo < hi)
+        {
+            var mid = (lo + hi + 1) >> 1;
+            if (offsets[mid] <= row0)
+            {
+                lo = mid;
+            }
+            else
+            {
+                hi = mid - 1;
+            }
+        }
+
+        return lo;
+    }
+
+    /// <summary>
+    /// The contiguous tile schedule the kernel runs for a dispatch layout: per tile of <see cref="Tile"/> rows its expert and
+    /// live rows (tiles with none are skipped). Throws when an offset is not a multiple of the tile (a tile would straddle
+    /// two experts) or a count does not fit its expert's rows.
+    /// </summary>
+    public static IReadOnlyList<(int Row0, int Expert, int Live)> Schedule(ReadOnlySpan<int> counts, ReadOnlySpan<int> offsets, int rows)
+    {
+        ValidateContiguous(counts, offsets);
+        var tiles = new List<(int, int, int)>();
+        for (var row0 = 0; row0 < rows; row0 += Tile)
+        {
+            var e = ExpertOfTile(offsets, row0);
+            if (e < 0)
+            {
+                continue;
+            }
+
+            var live = Math.Min(Tile, offsets[e] + counts[e] - row0);
+            if (live > 0)
+            {
+                tiles.Add((row0, e, live));
+            }
+        }
+
+        return tiles;
+    }
+
+    /// <summary>Throws unless offsets are ascending multiples of <see cref="Tile"/> that hold each expert's count.</summary>
+    public static void ValidateContiguous(ReadOnlySpan<int> counts, ReadOnlySpan<int> offsets)
+    {
+        if (offsets.Length != counts.Length + 1 || offsets[0] != 0)
+        {
+            throw new ArgumentException($"offsets must be [E + 1] = {counts.Length + 1} values starting at 0", nameof(offsets));
+        }
+
+        for (var e = 0; e < counts.Length; e++)
+        {
+            if (offsets[e] % Tile != 0 || offsets[e + 1] < offsets[e] + counts[e] || counts[e] < 0)
+            {
+                throw new ArgumentException(
+                    $"expert {e}: rows [{offsets[e]}, {offsets[e + 1]}) for {counts[e]} slots; the contiguous layout needs offsets padded to multiples of the tile ({Tile}): dispatch with tile {Tile}",
+                    nameof(offsets));
+            }
+        }
+    }
+
+    /// <summary>
+    /// Throws unless a masked capacity holds every token: a token routes to an expert at most once, so capacity ≥ tokens
+    /// never drops a slot.
+    /// </summary>
+    public static void CheckCapacity(int capacity, int tokens)
+    {
+        if (capacity < tokens)
+        {
+            throw new ArgumentOutOfRangeException(nameof(capacity), capacity,
+                $"masked MoE capacity {capacity} is below the token count {tokens}: an expert chosen by every token would drop slots");
+        }
+    }
+
+    /// <summary>
+    /// h = SiLU(x·gateᵀ)·(x·upᵀ) per expert, bf16 [rows, I] at the grouped rows. <paramref name="gather"/> 0: activation row =
+    /// grouped row; otherwise the dispatch perm (row → slot, activation row = slot / <paramref name="gatherDiv"/>).
+    /// Contiguous: <paramref name="rows"/> bounds the tiles launched (<see cref="RowsBound"/>), offsets [E + 1] padded to
+    /// <see cref="Tile"/>. Masked: rows of expert e at e·capacity, <paramref name="rows"/> ignored.
+    /// </summary>
+    public void GateUp(CudaStream stream, MoeExpertStack w, MoeGroupedLayout layout, ulong xCodes, ulong xScales, ulong h,
+        ulong counts, ulong offsets, ulong gather, int gatherDiv, int rows, int capacity, long xStride = -1, long xScalesStride = -1) =>
+        Run(stream, GateUpInstance(w.Hidden, w.Inter, layout), layout, w.Experts, w.W13, w.W13Scales, xCodes, xScales, h, counts, offsets, gather,
+            gatherDiv, rows, capacity, Blocks(w.Inter, SwigluColumns), xStride < 0 ? w.Hidden : xStride,
+            xScalesStride < 0 ? Fp8GemmKernel.BlocksFor(w.Hidden) : xScalesStride, w.Inter);
+
+    /// <summary>
+    /// y = hq·downᵀ per expert, bf16 [rows, H] at the grouped rows, from h's FP8 codes [rows, I] (activation row = grouped row).
+    /// </summary>
+    public void Down(CudaStream stream, MoeExpertStack w, MoeGroupedLayout layout, ulong hCodes, ulong hScales, ulong y,
+        ulong counts, ulong offsets, int rows, int capacity) =>
+        Run(stream, DownInstance(w.Hidden, w.Inter, layout), layout, w.Experts, w.W2, w.W2Scales, hCodes, hScales, y, counts, offsets, 0, 1,
+            rows, capacity, Blocks(w.Hidden, DownColumns), w.Inter, Fp8GemmKernel.BlocksFor(w.Inter), w.Hidden);
+
+    /// <summary>
+    /// Masked layout from a contiguous dispatch: gather [E·capacity] (masked row → slot, −1 empty) and minv [tMax·k]
+    /// (slot → masked row, −1 when not routed). Needs capacity ≥ the live token count (see <see cref="CheckCapacity"/>).
+    /// </summary>
+    public void MaskedLayout(CudaStream stream, ulong topkIdx, ulong counts, ulong offsets, ulong perm, ulong inv, int experts, int capacity,
+        int tMax, int k, ulong gather, ulong minv)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(capacity);
+        var p = new MoeMaskedLayoutParams
+        {
+            TopkIdx = topkIdx, Counts = counts, Offsets = offsets, Perm = perm, Inv = inv, Gather = gather, Minv = minv,
+            Experts = experts, Capacity = capacity, Slots = checked(tMax * k),
+        };
+        Get(MaskedLayoutInstance).Launch(new Dim3(Blocks(Math.Max((long)experts * capacity, p.Slots), 256)), 256, 0, stream, in p);
+    }
+
+    private void Run(CudaStream stream, KernelInstance instance, MoeGroupedLayout layout, int experts, ulong w, ulong wScales, ulong xCodes,
+        ulong xScales, ulong y, ulong counts, ulong offsets, ulong gather, int gatherDiv, int rows, int capacity, uint columnBlocks,
+        long xStride, long xScalesStride, long yStride)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(experts);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(gatherDiv);
+        if ((w & 15) != 0)
+        {
+            throw new ArgumentException("FP8 weights must be 16-byte aligned", nameof(w));
+        }
+
+        uint rowTiles;
+        uint z = 1;
+        if (layout == MoeGroupedLayout.Masked)
+        {
+            ArgumentOutOfRangeException.ThrowIfNegativeOrZero(capacity);
+            rowTiles = Blocks(capacity, Tile);
+            z = (uint)experts;
+            if (z > 65535)
+            {
+                throw new ArgumentOutOfRangeException(nameof(experts), experts, "the masked layout puts experts on grid.z: at most 65535");
+            }
+        }
+        else
+        {
+            if (offsets == 0)
+            {
+                throw new ArgumentException("the contiguous layout needs the dispatch offsets", nameof(offsets));
+            }
+
+            if (rows <= 0)
+            {
+                return;
+            }
+
+            rowTiles = Blocks(rows, Tile);
+        }
+
+        if (rowTiles > 65535)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rows), rows, $"grid.y holds at most 65535 row tiles of {Tile} rows");
+        }
+
+        var p = new MoeGroupedGemmParams
+        {
+            XCodes = xCodes, XScales = xScales, W = w, WScales = wScales, Y = y, Counts = counts, Offsets = offsets, Gather = gather,
+            XStride = xStride, XScalesStride = xScalesStride, YStride = yStride, Experts = experts, Capacity = capacity, GatherDiv = gatherDiv,
+        };
+        Get(instance).Launch(new Dim3(columnBlocks, rowTiles, z), 128, 0, stream, in p);
+    }
+}

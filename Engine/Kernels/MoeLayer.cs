@@ -1,0 +1,245 @@
+using DeepSeekCuda.Cuda;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>One FP8 e4m3 linear weight on the device: codes [Out, In] and fp32 weight_scale_inv [⌈Out/128⌉, ⌈In/128⌉].</summary>
+/// <param name="W">Codes.</param>
+/// <param name="Scales">Block scales.</param>
+/// <param name="Out">Output features (rows).</param>
+/// <param name="In">Input features (columns).</param>
+public readonly record struct Fp8Linear(ulong W, ulong Scales, int Out, int In);
+
+/// <summary>The shared expert's SwiGLU MLP: gate and up [Is, H], down [H, Is] (Is = n_shared_experts · moe_intermediate_size).</summary>
+/// <param name="Gate">gate_proj.</param>
+/// <param name="Up">up_proj.</param>
+/// <param name="Down">down_proj.</param>
+public sealed record MoeSharedExpert(Fp8Linear Gate, Fp8Linear Up, Fp8Linear Down);
+
+/// <summary>
+/// A DeepSeek-V3 MoE layer on the GPU, composed from the kernel launchers: gate → dispatch → act quant → grouped gate/up
+/// (SiLU·up fused) → act quant → grouped down → combine (+ shared expert through <see cref="Fp8GemmKernel"/>, + residual).
+/// Owns every intermediate buffer, sized once for <see cref="MaxTokens"/> tokens, so a forward pass allocates nothing and
+/// synchronizes nothing (capturable for a fixed token count). Numerics follow CpuBackend.MoeExperts in GpuEmulation: x
+/// quantized once per token per 128 (the routed and shared experts read the same codes), gate/up/h/expert outputs
+/// bf16, combine in fp32. One instance per stream.
+/// </summary>
+public sealed class MoeLayer : IDisposable
+{
+    /// <summary>Token counts up to which <see cref="MoeGroupedLayout.Masked"/> is the automatic choice (capacity = tokens).</summary>
+    public const int MaskedMaxTokens = 16;
+
+    private readonly MoeGateKernel _gate;
+    private readonly MoeDispatchKernel _dispatch;
+    private readonly ActQuantKernel _quant;
+    private readonly MoeGroupedGemmKernel _grouped;
+    private readonly MoeCombineKernel _combine;
+    private readonly Fp8GemmKernel _gemm;
+    private readonly SiluMulKernel _siluMul;
+    private readonly List<IDisposable> _buffers = [];
+    private readonly DeviceBuffer<int> _counts, _offsets, _perm, _inv, _hist, _maskedGather, _maskedInv;
+    private readonly DeviceBuffer<byte> _xCodes, _hCodes;
+    private readonly DeviceBuffer<float> _xScales, _hScales;
+    private readonly DeviceBuffer<ushort> _h, _expertOut;
+    private readonly DeviceBuffer<ushort>? _sGate, _sUp, _sH, _sOut;
+    private readonly DeviceBuffer<byte>? _sHCodes;
+    private readonly DeviceBuffer<float>? _sHScales;
+
+    /// <summary>Creates the layer's launchers and buffers on <paramref name="device"/>.</summary>
+    /// <param name="device">The device.</param>
+    /// <param name="compiler">The NVRTC compiler (and cache).</param>
+    /// <param name="gate">Routing shape: E, H, groups, groups kept, top-k.</param>
+    /// <param name="inter">Each routed expert's intermediate width I.</param>
+    /// <param name="sharedInter">The shared expert's intermediate width, 0 for none.</param>
+    /// <param name="maxTokens">Most tokens one call handles.</param>
+    public MoeLayer(CudaDevice device, NvrtcCompiler compiler, MoeGateShape gate, int inter, int sharedInter, int maxTokens)
+    {
+        gate.Validate();
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(inter);
+        ArgumentOutOfRangeException.ThrowIfNegative(sharedInter);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxTokens);
+        Device = device;
+        Shape = gate;
+        Inter = inter;
+        SharedInter = sharedInter;
+        MaxTokens = maxTokens;
+        _gate = new MoeGateKernel(device, compiler);
+        _dispatch = new MoeDispatchKernel(device, compiler);
+        _quant = new ActQuantKernel(device, compiler);
+        _grouped = new MoeGroupedGemmKernel(device, compiler);
+        _combine = new MoeCombineKernel(device, compiler);
+        _gemm = new Fp8GemmKernel(device, compiler);
+        _siluMul = new SiluMulKernel(device, compiler);
+
+        int e = gate.Experts, k = gate.TopK, h = gate.Width, t = maxTokens;
+        var rows = Math.Max(MoeGroupedGemmKernel.RowsBound(t, k, e), checked(e * Math.Min(t, MaskedMaxTokens)));
+        TopkIdx = Own(DeviceBuffer<int>.Allocate(device, (long)t * k));
+        TopkWeight = Own(DeviceBuffer<float>.Allocate(device, (long)t * k));
+        _counts = Own(DeviceBuffer<int>.Allocate(device, e));
+        _offsets = Own(DeviceBuffer<int>.Allocate(device, e + 1));
+        _perm = Own(DeviceBuffer<int>.Allocate(device, MoeDispatch.RowsMax(t, k, e, MoeGroupedGemmKernel.Tile)));
+        _inv = Own(DeviceBuffer<int>.Allocate(device, (long)t * k));
+        _hist = Own(DeviceBuffer<int>.Allocate(device, MoeDispatchKernel.WorkspaceInts(t, k, e)));
+        _maskedGather = Own(DeviceBuffer<int>.Allocate(device, (long)e * Math.Min(t, MaskedMaxTokens)));
+        _maskedInv = Own(DeviceBuffer<int>.Allocate(device, (long)t * k));
+        _xCodes = Own(DeviceBuffer<byte>.Allocate(device, (long)t * h));
+        _xScales = Own(DeviceBuffer<float>.Allocate(device, (long)t * ActQuantKernel.GroupsFor(h)));
+        _h = Own(DeviceBuffer<ushort>.Allocate(device, (long)rows * inter));
+        _hCodes = Own(DeviceBuffer<byte>.Allocate(device, (long)rows * inter));
+        _hScales = Own(DeviceBuffer<float>.Allocate(device, (long)rows * ActQuantKernel.GroupsFor(inter)));
+        _expertOut = Own(DeviceBuffer<ushort>.Allocate(device, (long)rows * h));
+        if (sharedInter > 0)
+        {
+            _sGate = Own(DeviceBuffer<ushort>.Allocate(device, (long)t * sharedInter));
+            _sUp = Own(DeviceBuffer<ushort>.Allocate(device, (long)t * sharedInter));
+            _sH = Own(DeviceBuffer<ushort>.Allocate(device, (long)t * sharedInter));
+            _sHCodes = Own(DeviceBuffer<byte>.Allocate(device, (long)t * sharedInter));
+            _sHScales = Own(DeviceBuffer<float>.Allocate(device, (long)t * ActQuantKernel.GroupsFor(sharedInter)));
+            _sOut = Own(DeviceBuffer<ushort>.Allocate(device, (long)t * h));
+        }
+    }
+
+    /// <summary>The device.</summary>
+    public CudaDevice Device { get; }
+
+    /// <summary>Routing shape.</summary>
+    public MoeGateShape Shape { get; }
+
+    /// <summary>Routed expert intermediate width.</summary>
+    public int Inter { get; }
+
+    /// <summary>Shared expert intermediate width (0: none).</summary>
+    public int SharedInter { get; }
+
+    /// <summary>Most tokens per call.</summary>
+    public int MaxTokens { get; }
+
+    /// <summary>The routing of the last <see cref="Forward"/>: expert ids [tokens, k] (int32, best first).</summary>
+    public DeviceBuffer<int> TopkIdx { get; }
+
+    /// <summary>The routing weights of the last <see cref="Forward"/> [tokens, k] (f32).</summary>
+    public DeviceBuffer<float> TopkWeight { get; }
+
+    /// <summary>The layout <paramref name="layout"/> resolves to for <paramref name="tokens"/> tokens (null: automatic).</summary>
+    public static MoeGroupedLayout Choose(int tokens, MoeGroupedLayout? layout) =>
+        layout ?? (tokens <= MaskedMaxTokens ? MoeGroupedLayout.Masked : MoeGroupedLayout.Contiguous);
+
+    /// <summary>
+    /// The whole layer for <paramref name="tokens"/> rows of x [tokens, H] (bf16 or f32): routes with the gate
+    /// (weight bf16 [E, H], bias f32 [E]) into <see cref="TopkIdx"/>/<see cref="TopkWeight"/>, then <see cref="Experts"/>.
+    /// </summary>
+    public void Forward(CudaStream stream, ulong x, ElementType xType, int tokens, ulong gateWeight, ulong gateBias, bool normalize, float scaling,
+        MoeExpertStack experts, MoeSharedExpert? shared, ulong y, ElementType yType, ulong residual = 0, MoeGroupedLayout? layout = null)
+    {
+        CheckTokens(tokens);
+        _gate.Launch(stream, Shape, x, xType, gateWeight, gateBias, tokens, TopkIdx.Pointer, TopkWeight.Pointer, normalize, scaling);
+        Experts(stream, x, xType, tokens, TopkIdx.Pointer, TopkWeight.Pointer, experts, shared, y, yType, residual, layout);
+    }
+
+    /// <summary>
+    /// The experts for a given routing (topkIdx int32 [tokens, k], topkWeight f32 [tokens, k]): y [tokens, H] =
+    /// Σ_j w·expert_j(x) (+ shared(x)) (+ residual), bf16 or f32; residual has y's type and may equal y.
+    /// </summary>
+    public void Experts(CudaStream stream, ulong x, ElementType xType, int tokens, ulong topkIdx, ulong topkWeight, MoeExpertStack experts,
+        MoeSharedExpert? shared, ulong y, ElementType yType, ulong residual = 0, MoeGroupedLayout? layout = null)
+    {
+        CheckTokens(tokens);
+        if (tokens == 0)
+        {
+            return;
+        }
+
+        int e = Shape.Experts, k = Shape.TopK, h = Shape.Width;
+        if (experts.Experts != e || experts.Hidden != h || experts.Inter != Inter)
+        {
+            throw new ArgumentException($"expert stack [{experts.Experts} x ({experts.Hidden}, {experts.Inter})] does not match the layer [{e} x ({h}, {Inter})]", nameof(experts));
+        }
+
+        if ((shared is null) != (SharedInter == 0) || (shared is not null && (shared.Gate.Out != SharedInter || shared.Gate.In != h || shared.Up.Out != SharedInter
+            || shared.Up.In != h || shared.Down.Out != h || shared.Down.In != SharedInter)))
+        {
+            throw new ArgumentException($"shared expert does not match the layer's width {SharedInter}", nameof(shared));
+        }
+
+        var mode = Choose(tokens, layout);
+        _dispatch.Launch(stream, topkIdx, tokens, MaxTokens, k, e, MoeGroupedGemmKernel.Tile, _counts.Pointer, _offsets.Pointer, _perm.Pointer,
+            _inv.Pointer, _hist.Pointer);
+        _quant.Launch(stream, x, xType, _xCodes.Pointer, _xScales.Pointer, tokens, h);
+
+        int rows, capacity;
+        ulong gather, inv;
+        if (mode == MoeGroupedLayout.Masked)
+        {
+            if (tokens > Math.Min(MaxTokens, MaskedMaxTokens))
+            {
+                throw new ArgumentOutOfRangeException(nameof(tokens), tokens, $"the masked layout's buffers hold at most {Math.Min(MaxTokens, MaskedMaxTokens)} tokens (capacity = tokens)");
+            }
+
+            capacity = tokens;
+            MoeGroupedGemmKernel.CheckCapacity(capacity, tokens);
+            rows = e * capacity;
+            _grouped.MaskedLayout(stream, topkIdx, _counts.Pointer, _offsets.Pointer, _perm.Pointer, _inv.Pointer, e, capacity, MaxTokens, k,
+                _maskedGather.Pointer, _maskedInv.Pointer);
+            gather = _maskedGather.Pointer;
+            inv = _maskedInv.Pointer;
+        }
+        else
+        {
+            capacity = 0;
+            rows = MoeGroupedGemmKernel.RowsBound(tokens, k, e);
+            gather = _perm.Pointer;
+            inv = _inv.Pointer;
+        }
+
+        _grouped.GateUp(stream, experts, mode, _xCodes.Pointer, _xScales.Pointer, _h.Pointer, _counts.Pointer, _offsets.Pointer, gather, k, rows, capacity);
+        _quant.Launch(stream, _h.Pointer, ElementType.BF16, _hCodes.Pointer, _hScales.Pointer, rows, Inter);
+        _grouped.Down(stream, experts, mode, _hCodes.Pointer, _hScales.Pointer, _expertOut.Pointer, _counts.Pointer, _offsets.Pointer, rows, capacity);
+
+        ulong sharedOut = 0;
+        if (shared is not null)
+        {
+            var si = SharedInter;
+            _gemm.Launch(stream, _xCodes.Pointer, _xScales.Pointer, shared.Gate.W, shared.Gate.Scales, _sGate!.Pointer, ElementType.BF16, tokens, si, h);
+            _gemm.Launch(stream, _xCodes.Pointer, _xScales.Pointer, shared.Up.W, shared.Up.Scales, _sUp!.Pointer, ElementType.BF16, tokens, si, h);
+            _siluMul.Launch(stream, _sGate.Pointer, _sUp.Pointer, ElementType.BF16, _sH!.Pointer, ElementType.BF16, tokens, si);
+            _quant.Launch(stream, _sH.Pointer, ElementType.BF16, _sHCodes!.Pointer, _sHScales!.Pointer, tokens, si);
+            _gemm.Launch(stream, _sHCodes.Pointer, _sHScales.Pointer, shared.Down.W, shared.Down.Scales, _sOut!.Pointer, ElementType.BF16, tokens, h, si);
+            sharedOut = _sOut.Pointer;
+        }
+
+        _combine.Launch(stream, _expertOut.Pointer, inv, topkWeight, sharedOut, residual, y, yType, tokens, k, h);
+    }
+
+    private void CheckTokens(int tokens)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        if (tokens > MaxTokens)
+        {
+            throw new ArgumentOutOfRangeException(nameof(tokens), tokens, $"the layer's buffers hold at most {MaxTokens} tokens (maxTokens)");
+        }
+    }
+
+    private DeviceBuffer<T> Own<T>(DeviceBuffer<T> b)
+        where T : unmanaged
+    {
+        _buffers.Add(b);
+        return b;
+    }
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        _gate.Dispose();
+        _dispatch.Dispose();
+        _quant.Dispose();
+        _grouped.Dispose();
+        _combine.Dispose();
+        _gemm.Dispose();
+        _siluMul.Dispose();
+        foreach (var b in _buffers)
+        {
+            b.Dispose();
+        }
+
+        _buffers.Clear();
+    }
+}
