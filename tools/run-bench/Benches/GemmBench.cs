@@ -74,7 +74,8 @@ internal static class GemmBench
         return report;
     }
 
-    private static CublasHandle? OpenCublas(CudaDevice device)
+    /// <summary>A cuBLAS handle, or null (with one line naming <paramref name="baseline"/> and why) when cuBLAS cannot be loaded.</summary>
+    internal static CublasHandle? OpenCublas(CudaDevice device, string bench = "gemm", string baseline = "cublas_bf16")
     {
         try
         {
@@ -84,7 +85,7 @@ internal static class GemmBench
         }
         catch (CublasUnavailableException e)
         {
-            Console.WriteLine($"run-bench gemm: no cublas_bf16 baseline: {e.Message}");
+            Console.WriteLine($"run-bench {bench}: no {baseline} baseline: {e.Message}");
             return null;
         }
     }

@@ -1,5 +1,6 @@
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Cuda.Blas;
 using DeepSeekCuda.Kernels;
 
 namespace DeepSeekCuda.Bench.Benches;
@@ -14,7 +15,7 @@ namespace DeepSeekCuda.Bench.Benches;
 /// same experts; the experts read the seeded routing.
 /// Rows: bench <c>moe_layer</c>, shape {tokens, routing}; GB/s over the touched weights (routed experts with at least one
 /// token + the shared expert + the gate), TFLOP/s of the layer's GEMMs. Baselines measured in the same run: <c>copy</c>
-/// (copy bandwidth over the touched weight bytes) and <c>cublas_bf16_loop</c> (<see cref="CublasBf16LoopUs"/>).
+/// (copy bandwidth over the touched weight bytes) and <c>cublas_bf16_loop</c> (<see cref="CublasLoop"/>).
 /// </summary>
 internal static class MoeBench
 {
@@ -70,6 +71,7 @@ internal static class MoeBench
             var scratchW = Own(DeviceBuffer<float>.Allocate(device, (long)maxTokens * TopK));
             using var gateKernel = new MoeGateKernel(device, gpu.Compiler);
             using var layer = new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens);
+            using var cublasLoop = CublasLoop.TryCreate(gpu, maxTokens * TopK);
 
             foreach (var tokens in quick ? [1, 64, 4096] : Tokens)
             {
@@ -93,7 +95,7 @@ internal static class MoeBench
                     var flops = (2.0 * tokens * TopK * 3 * Hidden * Inter) + (2.0 * tokens * 3 * Hidden * Inter) + (2.0 * tokens * Experts * Hidden);
                     var shape = new Dictionary<string, object> { ["tokens"] = tokens, ["routing"] = skewed ? "skewed" : "uniform" };
                     report.Add(new BenchResult("moe_layer", shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "copy", gpu.CopyUs(bytes)));
-                    if (CublasBf16LoopUs(gpu, idx, tokens) is { } cublasUs)
+                    if (cublasLoop?.Time(gpu, idx) is { } cublasUs)
                     {
                         report.Add(new BenchResult("moe_layer", shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "cublas_bf16_loop", cublasUs));
                     }
@@ -111,22 +113,90 @@ internal static class MoeBench
         return report;
     }
 
-    // ===================================================================================================================
-    // BASELINE PLUG-IN POINT: cublas_bf16_loop. The only place that baseline goes; it waits for the cuBLAS bindings
-    // (Engine/Cuda/Blas/CublasHandle.cs, row-major GemmBf16(stream, x, w, y, m, n, k), being written in another branch).
-    // When they land: allocate BF16 copies of the routed experts' weights (W13 [E, 4096, 7168], W2 [E, 7168, 2048]: 22.5 GB)
-    // and bf16 activations once, then time with gpu.Measure, for each expert e with c_e > 0 tokens (counts from idx):
-    //     blas.GemmBf16(stream, xe, w13e, h13e, c_e, 2 * Inter, Hidden);   // gate and up
-    //     blas.GemmBf16(stream, he, w2e, ye, c_e, Hidden, Inter);          // down
-    // (the same expert GEMMs one expert at a time; SiLU, permutation and combine left out, which favours the baseline).
-    // Until then it returns null and MoeBench reports only the copy baseline.
-    // ===================================================================================================================
-    private static double? CublasBf16LoopUs(GpuBench gpu, int[] idx, int tokens)
+    /// <summary>
+    /// The <c>cublas_bf16_loop</c> baseline: the same routed-expert GEMMs through cuBLAS BF16 (FP32 accumulation), one
+    /// expert at a time — for each expert with c tokens, gate;up as one [c, 2·I] GEMM over K = H, then down [c, H] over
+    /// K = I. SiLU, the permutation, the gate, the shared expert and the combine are left out, which favours the baseline.
+    /// BF16 copies of all 256 experts' weights (22.5 GB) are allocated once per run.
+    /// </summary>
+    private sealed class CublasLoop : IDisposable
     {
-        _ = gpu;
-        _ = idx;
-        _ = tokens;
-        return null;
+        private readonly CublasHandle _blas;
+        private readonly DeviceBuffer<ushort> _w13, _w2, _x, _h, _y;
+
+        private CublasLoop(GpuBench gpu, CublasHandle blas, int maxRows)
+        {
+            _blas = blas;
+            var device = gpu.Device;
+            _w13 = DeviceBuffer<ushort>.Allocate(device, (long)Experts * 2 * Inter * Hidden);
+            _w2 = DeviceBuffer<ushort>.Allocate(device, (long)Experts * Hidden * Inter);
+            _x = DeviceBuffer<ushort>.Allocate(device, (long)maxRows * Hidden);
+            _h = DeviceBuffer<ushort>.Allocate(device, (long)maxRows * 2 * Inter);
+            _y = DeviceBuffer<ushort>.Allocate(device, (long)maxRows * Hidden);
+            foreach (var b in new[] { _w13, _w2, _x })
+            {
+                b.Fill32(0x3c003c00u, gpu.Stream); // bf16 2^-7: finite throughout
+            }
+        }
+
+        /// <summary>The loop, or null (one line saying why) when cuBLAS cannot be loaded or the weights do not fit.</summary>
+        public static CublasLoop? TryCreate(GpuBench gpu, int maxRows)
+        {
+            if (GemmBench.OpenCublas(gpu.Device, "moe", "cublas_bf16_loop") is not { } blas)
+            {
+                return null;
+            }
+
+            try
+            {
+                return new CublasLoop(gpu, blas, maxRows);
+            }
+            catch (CudaException e)
+            {
+                blas.Dispose();
+                Console.WriteLine($"run-bench moe: no cublas_bf16_loop baseline: {e.Message}");
+                return null;
+            }
+        }
+
+        /// <summary>Median µs of the per-expert loop for the routing <paramref name="idx"/> [tokens, k].</summary>
+        public double Time(GpuBench gpu, int[] idx)
+        {
+            var counts = new int[Experts];
+            foreach (var e in idx)
+            {
+                counts[e]++;
+            }
+
+            return gpu.Measure(_ =>
+            {
+                long row = 0;
+                for (var e = 0; e < Experts; e++)
+                {
+                    var c = counts[e];
+                    if (c == 0)
+                    {
+                        continue;
+                    }
+
+                    var w13 = _w13.Pointer + ((ulong)e * 2 * Inter * Hidden * 2);
+                    var w2 = _w2.Pointer + ((ulong)e * Hidden * Inter * 2);
+                    _blas.GemmBf16(gpu.Stream, _x.Pointer + ((ulong)row * Hidden * 2), w13, _h.Pointer + ((ulong)row * 2 * Inter * 2), c, 2 * Inter, Hidden);
+                    _blas.GemmBf16(gpu.Stream, _h.Pointer + ((ulong)row * 2 * Inter * 2), w2, _y.Pointer + ((ulong)row * Hidden * 2), c, Hidden, Inter);
+                    row += c;
+                }
+            });
+        }
+
+        public void Dispose()
+        {
+            foreach (var b in new[] { _w13, _w2, _x, _h, _y })
+            {
+                b.Dispose();
+            }
+
+            _blas.Dispose();
+        }
     }
 
     /// <summary>
