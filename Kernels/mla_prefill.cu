@@ -38,6 +38,29 @@ constexpr int kMlaPageRows = 64;
 
 DSC_DEVICE u32 ld_u32(const u16* p) { return *(const u32*)p; }
 DSC_DEVICE void st_u32(u16* p, u32 v) { *(u32*)p = v; }
+// VEC bf16 values (2 or 8) from global to shared memory, or zeros; both addresses VEC-aligned.
+template <int VEC> DSC_DEVICE void copy_vec(u16* dst, const u16* src, bool valid);
+template <> DSC_DEVICE void copy_vec<2>(u16* dst, const u16* src, bool valid) { *(u32*)dst = valid ? *(const u32*)src : 0u; }
+template <> DSC_DEVICE void copy_vec<8>(u16* dst, const u16* src, bool valid)
+{
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (valid) v = *(const uint4*)src;
+    *(uint4*)dst = v;
+}
+
+// VEC bf16 values from global memory as VEC/2 packed pairs (low half = lower index), or zeros.
+template <int VEC> DSC_DEVICE void load_pairs(u32 (&w)[VEC / 2], const u16* src, bool valid);
+template <> DSC_DEVICE void load_pairs<2>(u32 (&w)[1], const u16* src, bool valid) { w[0] = valid ? *(const u32*)src : 0u; }
+template <> DSC_DEVICE void load_pairs<8>(u32 (&w)[4], const u16* src, bool valid)
+{
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (valid) v = *(const uint4*)src;
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+}
+
 DSC_DEVICE u32 pack_bf16x2(float lo, float hi) { return (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16); }
 
 DSC_DEVICE void mma_bf16_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1)
@@ -80,6 +103,8 @@ __global__ void __launch_bounds__(128) mla_prefill_attn_kernel(const __grid_cons
     static_assert(DN % 2 == 0 && DR % 2 == 0 && DV % 2 == 0 && LORA % 2 == 0, "widths must be even (bf16 pairs)");
     static_assert((BN * QS + DVP * VS) * 2 <= 48 * 1024, "q.k / v head dims too large for static shared memory");
     constexpr float kLog2e = 1.4426950408889634f;
+    // 16-byte loads when every segment (q, k_nope, v, k_pe after the latent) starts and ends on 8 values.
+    constexpr int VEC = (DN % 8 == 0 && DR % 8 == 0 && DV % 8 == 0 && LORA % 8 == 0) ? 8 : 2;
 
     __shared__ __align__(16) u16 sk[BN * QS];   // the Q tile first, then each K tile [key][dim]
     __shared__ __align__(16) u16 sv[DVP * VS];  // V tile transposed [dim][key]
@@ -96,12 +121,11 @@ __global__ void __launch_bounds__(128) mla_prefill_attn_kernel(const __grid_cons
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
 
     // ---- Q tile -> shared -> registers (A fragments), rows beyond the chunk zero.
-    for (int i = threadIdx.x; i < BM * (DQKP / 2); i += 128)
+    for (int i = threadIdx.x; i < BM * (DQKP / VEC); i += 128)
     {
-        const int row = i / (DQKP / 2), c = 2 * (i % (DQKP / 2));
-        u32 v = 0;
-        if (row < rows && c < DQK) v = ld_u32(p.q + ((i64)(q0 + m0 + row) * heads + h) * DQK + c);
-        st_u32(&sk[row * QS + c], v);
+        const int row = i / (DQKP / VEC), c = VEC * (i % (DQKP / VEC));
+        const bool valid = row < rows && c < DQK;
+        copy_vec<VEC>(&sk[row * QS + c], p.q + ((i64)(q0 + m0 + (valid ? row : 0)) * heads + h) * DQK + (valid ? c : 0), valid);
     }
     __syncthreads();
     u32 qf[DQKP / 16][4];
@@ -137,26 +161,28 @@ __global__ void __launch_bounds__(128) mla_prefill_attn_kernel(const __grid_cons
         const int k0 = kt * BN;
         const i64 block = table[kt];
         // ---- K tile [key][k_nope | k_pe | 0] and V tile transposed; keys >= kend are zero (never read).
-        for (int i = threadIdx.x; i < BN * (DQKP / 2); i += 128)
+        for (int i = threadIdx.x; i < BN * (DQKP / VEC); i += 128)
         {
-            const int key = i / (DQKP / 2), c = 2 * (i % (DQKP / 2));
+            const int key = i / (DQKP / VEC), c = VEC * (i % (DQKP / VEC));
             const int j = k0 + key;
-            u32 v = 0;
-            if (j < kend)
-            {
-                if (c < DN) v = ld_u32(p.kv + ((i64)(kv0 + j) * heads + h) * (DN + DV) + c);
-                else if (c < DQK) v = ld_u32(p.cache + (block * kMlaPageRows + key) * (LORA + DR) + LORA + (c - DN));
-            }
-            st_u32(&sk[key * QS + c], v);
+            const bool nope = c < DN;
+            const bool valid = j < kend && c < DQK;
+            const u16* src = nope ? p.kv + ((i64)(kv0 + j) * heads + h) * (DN + DV) + c
+                                  : p.cache + (block * kMlaPageRows + key) * (LORA + DR) + LORA + (c - DN);
+            copy_vec<VEC>(&sk[key * QS + c], src, valid);
         }
-        for (int i = threadIdx.x; i < BN * (DVP / 2); i += 128)
+        for (int i = threadIdx.x; i < BN * (DVP / VEC); i += 128)
         {
-            const int key = i % BN, c = 2 * (i / BN);   // consecutive threads take consecutive keys: fewer bank conflicts on the transposed store
+            const int key = i % BN, c = VEC * (i / BN);   // consecutive threads take consecutive keys: fewer bank conflicts on the transposed store
             const int j = k0 + key;
-            u32 v = 0;
-            if (j < kend && c < DV) v = ld_u32(p.kv + ((i64)(kv0 + j) * heads + h) * (DN + DV) + DN + c);
-            sv[c * VS + key] = (u16)(v & 0xffffu);
-            sv[(c + 1) * VS + key] = (u16)(v >> 16);
+            u32 w[VEC / 2];
+            load_pairs<VEC>(w, p.kv + ((i64)(kv0 + j) * heads + h) * (DN + DV) + DN + c, j < kend && c < DV);
+#pragma unroll
+            for (int e = 0; e < VEC / 2; e++)
+            {
+                sv[(c + 2 * e) * VS + key] = (u16)(w[e] & 0xffffu);
+                sv[(c + 2 * e + 1) * VS + key] = (u16)(w[e] >> 16);
+            }
         }
         __syncthreads();
 

@@ -102,7 +102,8 @@ public readonly record struct MlaPrefillShape(int QkNope, int QkRope, int V, int
 /// For a chunk over a long cached prefix the decompression (131,072·H·N) is paid per chunk, and naive
 /// wins when T·N·H·(1,088 − 320) &gt; 131,072·H·N, i.e. chunks longer than about 170 tokens; shorter chunks
 /// and decode belong to the absorbed kernel (mla_decode). Hence naive here. The kernel has no cp.async
-/// pipelining or ldmatrix yet (plain 32-bit loads into padded shared memory): correct first, to be tuned on a GPU.
+/// pipelining or ldmatrix yet (16-byte loads into padded shared memory, one K/V tile at a time; 206 registers,
+/// 43 KiB of shared memory for V3 under ptxas, no spills): correct first, to be tuned on a GPU.
 /// </para>
 /// </summary>
 public sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
@@ -180,6 +181,11 @@ public sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler) 
         }
 
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxBlocks);
+        if ((q | cache | kv | output) % 16 != 0)
+        {
+            throw new ArgumentException("q, cache, kv and output must be 16-byte aligned (the kernel loads 8 bf16 at a time)");
+        }
+
         if (!float.IsFinite(scale) || scale <= 0)
         {
             throw new ArgumentOutOfRangeException(nameof(scale), scale, "the softmax scale must be positive and finite");
