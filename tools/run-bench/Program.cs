@@ -6,6 +6,7 @@ using DeepSeekCuda.Bench.Harness;
 GpuBenchSpec[] gpuBenches =
 [
     new("gemm", "FP8 block-scaled GEMM vs same-run baselines", GemmBench.Run),
+    new("mla_prefill", "MLA prefill attention (naive, V3 heads) vs same-run copy", MlaPrefillBench.Run),
 ];
 
 var root = new RootCommand("DeepSeekCuda benchmarks");
