@@ -43,7 +43,7 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
         Check(MlaPrefillShape.TinyPreset, 3, ModelPresets.Tiny.SoftmaxScale, [(250, 65), (64, 64), (1, 130), (127, 1), (200, 3)], seed: 2);
 
     [TestMethod]
-    public void NaNReachesExactlyTheQueriesThatSeeIt() =>
+    public void NonFiniteValuesReachExactlyTheQueriesThatSeeThem() =>
         Check(MlaPrefillShape.TinyPreset, 3, ModelPresets.Tiny.SoftmaxScale, [(10, 90), (0, 70)], seed: 3, injectNaN: true);
 
     [TestMethod]
@@ -114,6 +114,9 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
             cache[RowOf(nanReq, nanPos) + lora + 1] = float.NaN;
             // And one q element (last request, its first query, head heads-1): that (token, head) row is NaN.
             q[(cuQ[nReq - 1] * heads + heads - 1) * qkHead + 3] = float.NaN;
+            // And +Inf in head 0 of the same query: ±Inf scores (NaN where a k_nope is 0), whose softmax is
+            // NaN on both sides (Inf − Inf, or −Inf − (−Inf) when every visible score is −Inf).
+            q[cuQ[nReq - 1] * heads * qkHead + 5] = float.PositiveInfinity;
         }
 
         // kv_b: fp8 codes of normal values with 128x128 block scales ~ 1/sqrt(latent), so kv ~ N(0, 1).
@@ -202,6 +205,8 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
             Assert.IsTrue(float.IsNaN(expected[(nanPos - s0) * heads * dv]), "reference: the NaN key's own query is NaN");
             Assert.IsTrue(float.IsFinite(expected[(nanPos - s0 - 1) * heads * dv]), "reference: the query before the NaN key is finite");
             Assert.IsTrue(l0 > 0);
+            Assert.IsTrue(float.IsNaN(expected[cuQ[nReq - 1] * heads * dv]), "reference: the query with an Inf element is NaN in head 0");
+            Assert.IsTrue(float.IsFinite(expected[(cuQ[nReq - 1] * heads + 1) * dv]) || heads - 1 == 1, "reference: head 1 of that query is finite");
         }
 
         Tolerance.AssertClose(got, expected, Atol, Rtol, what);
