@@ -244,7 +244,10 @@ __global__ void __launch_bounds__(128) mla_prefill_attn_kernel(const __grid_cons
                 lB += s[nt][2] + s[nt][3];
             }
 
-            // O += P V: the S accumulators of key columns 16kk..16kk+15 are exactly the A fragment.
+            // O += P V: the S accumulators of key columns 16kk..16kk+15 are exactly the A fragment. A masked
+            // key enters as P = 0, so a non-finite v of a future key in the same tile would still reach
+            // earlier rows through 0·NaN (as in FlashAttention); k_pe/q non-finites are masked exactly.
+            // Keys past kend are zero-filled, so nothing outside the context is ever read.
 #pragma unroll
             for (int kk = 0; kk < BN / 16; kk++)
             {
