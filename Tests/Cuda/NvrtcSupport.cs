@@ -25,6 +25,7 @@ internal static partial class NvrtcSupport
         [Fp8GemmKernel.MmaFamily] = Fp8GemmKernel.AllMmaInstances(),
         [MoeGroupedGemmKernel.FamilyName] = MoeGroupedGemmKernel.AllInstances(),
         [MoeCombineKernel.FamilyName] = MoeCombineKernel.AllInstances(),
+        [MlaPrefillKernel.FamilyName] = MlaPrefillKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -42,6 +43,7 @@ internal static partial class NvrtcSupport
         (typeof(MoeGroupedGemmParams), MoeGroupedGemmKernel.ParamsType, MoeGroupedGemmKernel.FamilyName),
         (typeof(MoeMaskedLayoutParams), MoeGroupedGemmKernel.MaskedLayoutParamsType, MoeGroupedGemmKernel.FamilyName),
         (typeof(MoeCombineParams), MoeCombineKernel.ParamsType, MoeCombineKernel.FamilyName),
+        (typeof(MlaPrefillParams), MlaPrefillKernel.ParamsType, MlaPrefillKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>
