@@ -23,6 +23,8 @@ internal static partial class NvrtcSupport
         [MoeDispatchKernel.FamilyName] = MoeDispatchKernel.AllInstances(),
         [Fp8GemmKernel.GemvFamily] = Fp8GemmKernel.AllGemvInstances(),
         [Fp8GemmKernel.MmaFamily] = Fp8GemmKernel.AllMmaInstances(),
+        [MlaCacheKernel.FamilyName] = MlaCacheKernel.AllInstances(),
+        [MlaDecodeKernel.FamilyName] = MlaDecodeKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -37,6 +39,9 @@ internal static partial class NvrtcSupport
         (typeof(MoeGateParams), MoeGateKernel.ParamsType, MoeGateKernel.FamilyName),
         (typeof(MoeDispatchParams), MoeDispatchKernel.ParamsType, MoeDispatchKernel.FamilyName),
         (typeof(Fp8GemmParams), Fp8GemmKernel.ParamsType, Fp8GemmKernel.GemvFamily), // shared with fp8_gemm_mma (fp8_gemm.cuh)
+        (typeof(MlaCacheParams), MlaCacheKernel.ParamsType, MlaCacheKernel.FamilyName),
+        (typeof(MlaDecodeParams), MlaDecodeKernel.ParamsType, MlaDecodeKernel.FamilyName),
+        (typeof(MlaProjParams), MlaDecodeKernel.ProjParamsType, MlaDecodeKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>
