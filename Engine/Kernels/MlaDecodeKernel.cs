@@ -73,6 +73,9 @@ public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) :
     /// <summary>Fewest cached tokens a split should own: below this the combine and per-block setup dominate.</summary>
     public const int MinTokensPerSplit = 256;
 
+    /// <summary>Wave efficiency (busy block slots / all slots over the waves) at which <see cref="SplitCount"/> stops adding splits.</summary>
+    public const double GoodWaveEfficiency = 0.9;
+
     /// <summary>Largest qk_nope_head_dim the fold takes (kMlaMaxNope).</summary>
     public const int MaxNope = 256;
 
@@ -102,9 +105,10 @@ public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) :
 
     /// <summary>
     /// KV splits per request. <paramref name="blocksPerSplit"/> = batch × row groups blocks exist without splitting;
-    /// <paramref name="slots"/> = SMs × resident blocks per SM. Picks the split count (at most <see cref="MaxSplits"/>,
-    /// and at most one per <see cref="MinTokensPerSplit"/> tokens of <paramref name="contextHint"/>) that best fills
-    /// whole waves, preferring fewer splits when two fill equally (each split costs a combine read and write).
+    /// <paramref name="slots"/> = SMs × resident blocks per SM. Picks the fewest splits (at most <see cref="MaxSplits"/>,
+    /// and at most one per <see cref="MinTokensPerSplit"/> tokens of <paramref name="contextHint"/>) whose waves are at
+    /// least <see cref="GoodWaveEfficiency"/> busy, else the count that fills waves best (each split re-reads the
+    /// block's queries and adds a partial write and a combine read).
     /// A pure function of its arguments, so a captured graph sees the same choice at every replay.
     /// </summary>
     public static int SplitCount(int blocksPerSplit, int slots, int contextHint)
@@ -113,17 +117,21 @@ public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) :
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(slots);
         var cap = Math.Clamp(contextHint / MinTokensPerSplit, 1, MaxSplits);
         int best = 1;
-        var bestScore = double.NegativeInfinity;
+        var bestEfficiency = 0.0;
         for (var s = 1; s <= cap; s++)
         {
             var blocks = (long)blocksPerSplit * s;
             var waves = (blocks + slots - 1) / slots;
             var efficiency = (double)blocks / (waves * slots);
-            var score = efficiency - 0.01 * s;
-            if (score > bestScore + 1e-9)
+            if (efficiency >= GoodWaveEfficiency)
+            {
+                return s;
+            }
+
+            if (efficiency > bestEfficiency + 1e-9)
             {
                 best = s;
-                bestScore = score;
+                bestEfficiency = efficiency;
             }
         }
 
