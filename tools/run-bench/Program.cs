@@ -6,6 +6,7 @@ using DeepSeekCuda.Bench.Harness;
 GpuBenchSpec[] gpuBenches =
 [
     new("gemm", "FP8 block-scaled GEMM vs same-run baselines", GemmBench.Run),
+    new("mla", "MLA decode attention (paged latent cache, split-KV) on FlashMLA shapes vs same-run copy", MlaBench.Run),
 ];
 
 var root = new RootCommand("DeepSeekCuda benchmarks");
