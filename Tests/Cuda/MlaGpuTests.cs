@@ -50,7 +50,7 @@ public sealed class MlaGpuTests : GpuTestBase
     }
 
     [TestMethod]
-    public void NaNInOneRequestsCacheStaysInThatRequest() =>
+    public void NaNAndInfInTheCacheStayInTheirRowsAsOnTheCpu() =>
         Run(ModelPresets.Tiny, 3, [40, 100, 7], 2, ElementType.BF16, seed: 5, nanRequest: 1);
 
     private void Run(ModelConfig config, int heads, int[] lengths, int qTokens, ElementType type, int seed, int nanRequest)
@@ -135,10 +135,15 @@ public sealed class MlaGpuTests : GpuTestBase
 
         if (nanRequest >= 0)
         {
-            // Key 0 is visible to every query of the request.
+            // Key 0 is visible to every query of a request. A NaN latent value poisons every score and value of request
+            // nanRequest; +Inf in a rope value of the next request makes a row's score at key 0 +Inf (whole row NaN, as
+            // softmax gives inf - inf) or -Inf (weight 0, the row stays finite) by the sign of the row's q_pe element.
             var offset = PagedLatentCache.RowOffset(table, maxBlocks, nanRequest, 0, d) + 3;
             paged[offset] = 0x7FC0;
             gathered[nanRequest][3] = float.NaN;
+            offset = PagedLatentCache.RowOffset(table, maxBlocks, nanRequest + 1, 0, d) + lora + 1;
+            paged[offset] = 0x7F80;
+            gathered[nanRequest + 1][lora + 1] = float.PositiveInfinity;
             cache.Upload(MemoryMarshal.AsBytes(paged.AsSpan()), Stream);
         }
 
@@ -210,10 +215,12 @@ public sealed class MlaGpuTests : GpuTestBase
             Tolerance.AssertMaxRel(outHost, refOut, 3e-2, $"attention output {sw}");
             if (nanRequest >= 0)
             {
-                for (var q = 0; q < batch; q++)
+                for (var row = 0; row < rowsTotal; row++)
                 {
-                    var part = outHost.AsSpan(q * qTokens * heads * v, qTokens * heads * v).ToArray();
-                    Assert.AreEqual(q == nanRequest ? part.Length : 0, part.Count(float.IsNaN), $"NaN outputs of request {q} {sw}");
+                    var q = row / (qTokens * heads);
+                    var expectNaN = q == nanRequest || (q == nanRequest + 1 && qAbsHost[row * d + lora + 1] > 0);
+                    var nans = outHost.AsSpan(row * v, v).ToArray().Count(float.IsNaN);
+                    Assert.AreEqual(expectNaN ? v : 0, nans, $"NaN outputs of request {q} row {row} {sw}");
                 }
             }
         }
