@@ -65,7 +65,7 @@ public readonly record struct MlaPrefillShape(int QkNope, int QkRope, int V, int
         }
 
         int qkp = (QkHead + 15) / 16 * 16, vp = (V + 7) / 8 * 8;
-        if ((MlaPrefillKernel.PageRows * (qkp + 8) + vp * (MlaPrefillKernel.PageRows + 8)) * 2 > 48 * 1024)
+        if ((PagedLatentCache.BlockSize * (qkp + 8) + vp * (PagedLatentCache.BlockSize + 8)) * 2 > 48 * 1024)
         {
             throw new ArgumentException($"MLA prefill head dims too large for the kernel's 48 KiB of static shared memory: {this}");
         }
@@ -114,8 +114,6 @@ public sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler) 
     /// <summary>CUDA name of the params struct.</summary>
     public const string ParamsType = "MlaPrefillParams";
 
-    /// <summary>Tokens per cache block (also the key tile of the attention kernel).</summary>
-    public const int PageRows = 64;
 
     /// <summary>Query rows per attention block (4 warps × 16).</summary>
     public const int QueryTile = 64;
@@ -203,9 +201,9 @@ public sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler) 
     private static void CheckBlocks(int maxBlocks, int maxContext)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxBlocks);
-        if ((long)maxBlocks * PageRows < maxContext)
+        if ((long)maxBlocks * PagedLatentCache.BlockSize < maxContext)
         {
-            throw new ArgumentOutOfRangeException(nameof(maxBlocks), $"{maxBlocks} blocks of {PageRows} rows cannot hold a context of {maxContext} tokens");
+            throw new ArgumentOutOfRangeException(nameof(maxBlocks), $"{maxBlocks} blocks of {PagedLatentCache.BlockSize} rows cannot hold a context of {maxContext} tokens");
         }
     }
 }

@@ -14,7 +14,7 @@ public sealed class KvCacheFullException(string message) : Exception(message);
 public sealed class KvBlockManager
 {
     /// <summary>Tokens per cache block.</summary>
-    public const int BlockTokens = 64;
+    public const int BlockTokens = Kernels.PagedLatentCache.BlockSize;
 
     private readonly int[] _table;       // [MaxRequests, MaxBlocksPerRequest]
     private readonly int[] _blockCount;  // blocks owned per slot; -1: slot unused

@@ -64,7 +64,7 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
         var scale = (float)scaleD;
         var r = Rng(seed);
         int nReq = requests.Length, lora = shape.KvLora, ropeDim = shape.QkRope, row = shape.CacheRow;
-        int qkHead = shape.QkHead, kvHead = shape.KvHead, dv = shape.V, page = MlaPrefillKernel.PageRows;
+        int qkHead = shape.QkHead, kvHead = shape.KvHead, dv = shape.V, page = PagedLatentCache.BlockSize;
 
         var ctx = requests.Select(q => q.Start + q.Len).ToArray();
         var cuQ = new int[nReq + 1];
@@ -76,8 +76,8 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
         }
 
         // Blocks: each request's blocks drawn from a random permutation, plus spare blocks nobody owns.
-        var maxBlocks = ctx.Max(c => (c + page - 1) / page) + 1;
-        var used = ctx.Sum(c => (c + page - 1) / page);
+        var maxBlocks = ctx.Max(c => PagedLatentCache.BlocksFor(c)) + 1;
+        var used = ctx.Sum(c => PagedLatentCache.BlocksFor(c));
         var numBlocks = used + 3;
         var perm = Enumerable.Range(0, numBlocks).ToArray();
         r.Shuffle(perm);
@@ -86,7 +86,7 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
         var next = 0;
         for (var i = 0; i < nReq; i++)
         {
-            for (var b = 0; b < (ctx[i] + page - 1) / page; b++)
+            for (var b = 0; b < PagedLatentCache.BlocksFor(ctx[i]); b++)
             {
                 table[i * maxBlocks + b] = perm[next++];
             }
@@ -95,7 +95,7 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
         // The paged cache: NaN everywhere, then each context row random (latent, rotated k_pe).
         var cache = new float[(long)numBlocks * page * row];
         Array.Fill(cache, float.NaN);
-        long RowOf(int req, int pos) => ((long)table[req * maxBlocks + pos / page] * page + pos % page) * row;
+        long RowOf(int req, int pos) => PagedLatentCache.RowOffset(table, maxBlocks, req, pos, row);
         for (var i = 0; i < nReq; i++)
         {
             for (var j = 0; j < ctx[i]; j++)

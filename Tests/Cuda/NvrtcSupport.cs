@@ -26,6 +26,8 @@ internal static partial class NvrtcSupport
         [MoeGroupedGemmKernel.FamilyName] = MoeGroupedGemmKernel.AllInstances(),
         [MoeCombineKernel.FamilyName] = MoeCombineKernel.AllInstances(),
         [MlaPrefillKernel.FamilyName] = MlaPrefillKernel.AllInstances(),
+        [MlaCacheKernel.FamilyName] = MlaCacheKernel.AllInstances(),
+        [MlaDecodeKernel.FamilyName] = MlaDecodeKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -44,6 +46,9 @@ internal static partial class NvrtcSupport
         (typeof(MoeMaskedLayoutParams), MoeGroupedGemmKernel.MaskedLayoutParamsType, MoeGroupedGemmKernel.FamilyName),
         (typeof(MoeCombineParams), MoeCombineKernel.ParamsType, MoeCombineKernel.FamilyName),
         (typeof(MlaPrefillParams), MlaPrefillKernel.ParamsType, MlaPrefillKernel.FamilyName),
+        (typeof(MlaCacheParams), MlaCacheKernel.ParamsType, MlaCacheKernel.FamilyName),
+        (typeof(MlaDecodeParams), MlaDecodeKernel.ParamsType, MlaDecodeKernel.FamilyName),
+        (typeof(MlaProjParams), MlaDecodeKernel.ProjParamsType, MlaDecodeKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>

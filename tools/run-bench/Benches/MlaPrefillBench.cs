@@ -42,7 +42,7 @@ internal static class MlaPrefillBench
     private static double Time(GpuBench gpu, MlaPrefillKernel kernel, MlaPrefillShape s, int batch, int len)
     {
         var stream = gpu.Stream;
-        var blocksPer = (len + MlaPrefillKernel.PageRows - 1) / MlaPrefillKernel.PageRows;
+        var blocksPer = PagedLatentCache.BlocksFor(len);
         var table = new int[batch * blocksPer];
         for (var i = 0; i < table.Length; i++)
         {

@@ -1,0 +1,292 @@
+using System.Collections.Concurrent;
+using System.Runtime.InteropServices;
+using DeepSeekCuda.Cuda;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>Mirror of <c>MlaDecodeParams</c> in Kernels/mla_decode.cu (decode and combine).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct MlaDecodeParams
+{
+    public ulong Q;
+    public ulong Cache;
+    public ulong BlockTable;
+    public ulong Lengths;
+    public ulong Out;
+    public ulong Lse;
+    public ulong OPartial;
+    public ulong LsePartial;
+    public float Scale;
+    public int Batch;
+    public int Heads;
+    public int QTokens;
+    public int MaxBlocks;
+    public int Splits;
+}
+
+/// <summary>Mirror of <c>MlaProjParams</c> in Kernels/mla_decode.cu (fold and unfold through kv_b).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct MlaProjParams
+{
+    public ulong X;
+    public ulong W;
+    public ulong Y;
+    public int Tokens;
+    public int Heads;
+    public int Nope;
+    public int V;
+}
+
+/// <summary>The decode kernel's tiling: <see cref="Rows"/> query rows per block in <see cref="ColumnWarps"/> column groups.</summary>
+public readonly record struct MlaDecodeTiling(int Rows, int ColumnWarps)
+{
+    /// <summary>Threads per block: 32 per warp, Rows/16 × ColumnWarps warps.</summary>
+    public int Threads => Rows / 16 * ColumnWarps * 32;
+}
+
+/// <summary>
+/// MLA decode in the absorbed form over the paged latent cache (<see cref="PagedLatentCache"/>), as
+/// <c>CpuBackend.MlaAttentionAbsorbed</c>: <see cref="Fold"/> (q_nope through W_UK), <see cref="Decode"/>
+/// (tensor-core attention with Flash-Decoding KV splits, then an LSE combine), <see cref="Unfold"/> (through
+/// W_UV to the V heads; o_proj stays with the FP8 GEMM). kv_b is used dequantized to BF16 ([heads·(nope + v),
+/// latent], the checkpoint's row order), as the official absorb path does.
+/// </summary>
+public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+{
+    private readonly ConcurrentDictionary<string, bool> _sharedSet = new(StringComparer.Ordinal);
+
+    /// <summary>Kernels/mla_decode.cu.</summary>
+    public const string FamilyName = "mla_decode";
+
+    /// <summary>CUDA name of the decode/combine params struct.</summary>
+    public const string ParamsType = "MlaDecodeParams";
+
+    /// <summary>CUDA name of the fold/unfold params struct.</summary>
+    public const string ProjParamsType = "MlaProjParams";
+
+    /// <summary>Tokens per pipeline stage of the decode kernel (kMlaTile).</summary>
+    public const int Tile = 32;
+
+    /// <summary>Most KV splits per request (kMlaMaxSplits).</summary>
+    public const int MaxSplits = 64;
+
+    /// <summary>Fewest cached tokens a split should own: below this the combine and per-block setup dominate.</summary>
+    public const int MinTokensPerSplit = 256;
+
+    /// <summary>Wave efficiency (busy block slots / all slots over the waves) at which <see cref="SplitCount"/> stops adding splits.</summary>
+    public const double GoodWaveEfficiency = 0.9;
+
+    /// <summary>Largest qk_nope_head_dim the fold takes (kMlaMaxNope).</summary>
+    public const int MaxNope = 256;
+
+    private const int ProjTokens = 8;
+    private const int ProjBlock = 128;
+    private const int CombineBlock = 128;
+
+    /// <summary>
+    /// 64 query rows per block when a request has more than 32 (s_q·heads), so each cache stage feeds up to 64
+    /// rows of tensor-core work; otherwise 16. Column groups split the DV output columns over warps (4 when the
+    /// block has one row group, to keep 4 warps; 2 with four row groups: 8 warps, 128 accumulators per thread).
+    /// </summary>
+    public static MlaDecodeTiling TilingFor(LatentShape shape, int heads, int qTokens)
+    {
+        var rows = heads * qTokens > 32 ? 64 : 16;
+        var n8 = shape.Latent / 8;
+        var wc = rows == 16 && n8 % 4 == 0 ? 4 : n8 % 2 == 0 ? 2 : 1;
+        return new MlaDecodeTiling(rows, wc);
+    }
+
+    /// <summary>Dynamic shared memory of a decode block; mirrors MlaDecodeGeometry::SMEM.</summary>
+    public static int SharedBytes(LatentShape shape, MlaDecodeTiling t)
+    {
+        int dp = shape.RowWidth + 8, pp = Tile + 8;
+        return 2 * (t.Rows * dp + 2 * Tile * dp + t.Rows * pp) + 4 * t.Rows * t.ColumnWarps;
+    }
+
+    /// <summary>
+    /// KV splits per request. <paramref name="blocksPerSplit"/> = batch × row groups blocks exist without splitting;
+    /// <paramref name="slots"/> = SMs × resident blocks per SM. Picks the fewest splits (at most <see cref="MaxSplits"/>,
+    /// and at most one per <see cref="MinTokensPerSplit"/> tokens of <paramref name="contextHint"/>) whose waves are at
+    /// least <see cref="GoodWaveEfficiency"/> busy, else the count that fills waves best (each split re-reads the
+    /// block's queries and adds a partial write and a combine read).
+    /// A pure function of its arguments, so a captured graph sees the same choice at every replay.
+    /// </summary>
+    public static int SplitCount(int blocksPerSplit, int slots, int contextHint)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(blocksPerSplit);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(slots);
+        var cap = Math.Clamp(contextHint / MinTokensPerSplit, 1, MaxSplits);
+        int best = 1;
+        var bestEfficiency = 0.0;
+        for (var s = 1; s <= cap; s++)
+        {
+            var blocks = (long)blocksPerSplit * s;
+            var waves = (blocks + slots - 1) / slots;
+            var efficiency = (double)blocks / (waves * slots);
+            if (efficiency >= GoodWaveEfficiency)
+            {
+                return s;
+            }
+
+            if (efficiency > bestEfficiency + 1e-9)
+            {
+                best = s;
+                bestEfficiency = efficiency;
+            }
+        }
+
+        return best;
+    }
+
+    /// <summary>Row groups per request: ceil(s_q·heads / rows per block).</summary>
+    public static int RowGroups(int heads, int qTokens, MlaDecodeTiling t) => (heads * qTokens + t.Rows - 1) / t.Rows;
+
+    /// <summary>The split count this device would use for a batch (<see cref="SplitCount"/> with its SMs and occupancy).</summary>
+    public int DefaultSplits(LatentShape shape, int batch, int heads, int qTokens, int contextHint)
+    {
+        var t = TilingFor(shape, heads, qTokens);
+        var perSm = Math.Max(1, Math.Min(Device.SharedMemoryPerMultiprocessor / (SharedBytes(shape, t) + 1024), 2048 / t.Threads));
+        return SplitCount(batch * RowGroups(heads, qTokens, t), Device.MultiprocessorCount * perSm, contextHint);
+    }
+
+    /// <summary>Workspace bytes for <paramref name="splits"/> splits: fp32 partial outputs then their LSEs (0 for one split).</summary>
+    public static long WorkspaceBytes(LatentShape shape, int batch, int heads, int qTokens, int splits) =>
+        splits <= 1 ? 0 : (long)splits * batch * heads * qTokens * (shape.Latent + 1) * 4;
+
+    /// <summary>The decode specialization for a shape, tiling and query type.</summary>
+    public static KernelInstance DecodeInstance(LatentShape s, MlaDecodeTiling t, ElementType qType) =>
+        new($"mla_decode_kernel<{s.Latent}, {s.Rope}, {t.Rows}, {t.ColumnWarps}, {Flag(qType)}>", ParamsType);
+
+    /// <summary>The combine specialization.</summary>
+    public static KernelInstance CombineInstance(LatentShape s) => new($"mla_combine_kernel<{s.Latent}>", ParamsType);
+
+    /// <summary>The fold specialization for a q type (q_abs is BF16, the decode kernel's tensor-core input).</summary>
+    public static KernelInstance FoldInstance(LatentShape s, ElementType qType) =>
+        new($"mla_fold_kernel<{s.Latent}, {s.Rope}, {Flag(qType)}>", ProjParamsType);
+
+    /// <summary>The unfold specialization for an output type.</summary>
+    public static KernelInstance UnfoldInstance(LatentShape s, ElementType outType) =>
+        new($"mla_unfold_kernel<{s.Latent}, {Flag(outType)}>", ProjParamsType);
+
+    /// <summary>Every specialization of the known shapes (both tilings, both q types).</summary>
+    public static IReadOnlyList<KernelInstance> AllInstances()
+    {
+        var list = new List<KernelInstance>();
+        foreach (var s in LatentShape.Known)
+        {
+            foreach (var t in new[] { TilingFor(s, 16, 1), TilingFor(s, 128, 1) }.Distinct())
+            {
+                foreach (var q in Enum.GetValues<ElementType>())
+                {
+                    list.Add(DecodeInstance(s, t, q));
+                }
+            }
+
+            list.Add(CombineInstance(s));
+            foreach (var e in Enum.GetValues<ElementType>())
+            {
+                list.Add(FoldInstance(s, e));
+                list.Add(UnfoldInstance(s, e));
+            }
+        }
+
+        return list;
+    }
+
+    /// <summary>
+    /// q_abs [tokens, heads, latent + rope] (BF16) from q [tokens, heads, nope + rope] (the rope part already
+    /// rotated): the latent part is q_nope · W_UK[h], the rope part is copied. kvB: [heads·(nope + v), latent] BF16.
+    /// </summary>
+    public void Fold(CudaStream stream, LatentShape shape, ulong q, ElementType qType, ulong kvB, int tokens, int heads, int nope, int v, ulong qAbs)
+    {
+        shape.Validate();
+        CheckProj(tokens, heads, nope, v);
+        if (tokens == 0)
+        {
+            return;
+        }
+
+        var p = new MlaProjParams { X = q, W = kvB, Y = qAbs, Tokens = tokens, Heads = heads, Nope = nope, V = v };
+        Get(FoldInstance(shape, qType)).Launch(new Dim3((uint)heads, Blocks(tokens, ProjTokens)), ProjBlock, 0, stream, in p);
+    }
+
+    /// <summary>output [tokens, heads, v] = W_UV[h] · latent[tokens, heads, latent] (fp32 input, F32 or BF16 output).</summary>
+    public void Unfold(CudaStream stream, LatentShape shape, ulong latent, ulong kvB, int tokens, int heads, int nope, int v, ulong output, ElementType outType)
+    {
+        shape.Validate();
+        CheckProj(tokens, heads, nope, v);
+        if (tokens == 0)
+        {
+            return;
+        }
+
+        var p = new MlaProjParams { X = latent, W = kvB, Y = output, Tokens = tokens, Heads = heads, Nope = nope, V = v };
+        Get(UnfoldInstance(shape, outType)).Launch(new Dim3((uint)heads, Blocks(tokens, ProjTokens)), ProjBlock, 0, stream, in p);
+    }
+
+    /// <summary>
+    /// Attention of <paramref name="batch"/> requests' absorbed queries qAbs [batch, qTokens, heads, latent + rope]
+    /// (16-byte aligned) over the paged cache: outLatent [batch, qTokens, heads, latent] fp32 and lse [batch,
+    /// qTokens, heads] fp32 (natural log of Σ exp(scale·score)). Device lengths must be ≥ qTokens (this step's
+    /// tokens are already appended); query i of request r sits at position len_r − qTokens + i. With
+    /// <paramref name="splits"/> &gt; 1, <paramref name="workspace"/> must hold <see cref="WorkspaceBytes"/>.
+    /// </summary>
+    public void Decode(CudaStream stream, LatentShape shape, ulong qAbs, ElementType qType, ulong cache, ulong blockTable, ulong lengths,
+        int batch, int heads, int qTokens, int maxBlocks, float scale, ulong outLatent, ulong lse, int splits = 1, ulong workspace = 0)
+    {
+        shape.Validate();
+        ArgumentOutOfRangeException.ThrowIfNegative(batch);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(heads);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxBlocks);
+        ArgumentOutOfRangeException.ThrowIfLessThan(qTokens, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(qTokens, 2);
+        ArgumentOutOfRangeException.ThrowIfLessThan(splits, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(splits, MaxSplits);
+        if (qAbs % 16 != 0 || cache % 16 != 0)
+        {
+            throw new ArgumentException("q_abs and the cache must be 16-byte aligned (the kernel moves rows in 16-byte pieces)");
+        }
+
+        if (splits > 1 && workspace == 0)
+        {
+            throw new ArgumentException($"{splits} splits need a workspace of {WorkspaceBytes(shape, batch, heads, qTokens, splits)} bytes", nameof(workspace));
+        }
+
+        if (batch == 0)
+        {
+            return;
+        }
+
+        var t = TilingFor(shape, heads, qTokens);
+        var partials = (long)splits * batch * heads * qTokens * shape.Latent * 4;
+        var p = new MlaDecodeParams
+        {
+            Q = qAbs, Cache = cache, BlockTable = blockTable, Lengths = lengths, Out = outLatent, Lse = lse,
+            OPartial = splits > 1 ? workspace : 0, LsePartial = splits > 1 ? workspace + (ulong)partials : 0,
+            Scale = scale, Batch = batch, Heads = heads, QTokens = qTokens, MaxBlocks = maxBlocks, Splits = splits,
+        };
+        var instance = DecodeInstance(shape, t, qType);
+        var kernel = Get(instance);
+        var smem = SharedBytes(shape, t);
+        if (smem > 48 * 1024 && !_sharedSet.ContainsKey(instance.NameExpression))
+        {
+            kernel.SetMaxDynamicSharedMemory(smem);
+            _sharedSet[instance.NameExpression] = true;
+        }
+
+        kernel.Launch(new Dim3((uint)RowGroups(heads, qTokens, t), (uint)splits, (uint)batch), t.Threads, (uint)smem, stream, in p);
+        if (splits > 1)
+        {
+            Get(CombineInstance(shape)).Launch(new Dim3((uint)(heads * qTokens), (uint)batch), CombineBlock, 0, stream, in p);
+        }
+    }
+
+    private static void CheckProj(int tokens, int heads, int nope, int v)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(heads);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(nope);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(nope, MaxNope);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(v);
+    }
+}
