@@ -58,7 +58,7 @@ internal static class MlaPrefillBench
         long tokens = (long)batch * len;
         using var tableD = DeviceBuffer<int>.From(gpu.Device, table, stream);
         using var cuD = DeviceBuffer<int>.From(gpu.Device, cu, stream); // fresh prompts: cuQ = cuKv
-        using var cache = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)table.Length * MlaPrefillKernel.PageRows * s.CacheRow);
+        using var cache = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)table.Length * PagedLatentCache.BlockSize * s.CacheRow);
         using var q = DeviceBuffer<ushort>.Allocate(gpu.Device, tokens * Heads * s.QkHead);
         using var kv = DeviceBuffer<ushort>.Allocate(gpu.Device, tokens * Heads * s.KvHead);
         using var output = DeviceBuffer<ushort>.Allocate(gpu.Device, tokens * Heads * s.V);
