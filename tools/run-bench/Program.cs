@@ -6,6 +6,7 @@ using DeepSeekCuda.Bench.Harness;
 GpuBenchSpec[] gpuBenches =
 [
     new("gemm", "FP8 block-scaled GEMM vs same-run baselines", GemmBench.Run),
+    new("load", "Weight upload of a synthetic checkpoint vs same-run file read and pinned H2D copy", LoadBench.Run),
 ];
 
 var root = new RootCommand("DeepSeekCuda benchmarks");
