@@ -114,7 +114,6 @@ public sealed unsafe class CudaStagingCopier : IStagingCopier, IDisposable
         {
             // Copies may still read the slots (a failed or cancelled upload): wait before freeing them. A
             // context already gone has no copies left.
-            Device.MakeCurrent();
             CudaCheck.Release(CuDriver.cuStreamSynchronize(_stream.Handle), Device.Ordinal);
         }
 
