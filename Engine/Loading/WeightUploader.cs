@@ -31,7 +31,9 @@ public sealed record WeightUploadOptions
 /// <param name="Shards">Shards read.</param>
 /// <param name="Chunks">Staging chunks used.</param>
 /// <param name="Seconds">Wall time from the first read to the last copy done.</param>
-public sealed record UploadReport(long Bytes, int Tensors, int Shards, int Chunks, double Seconds)
+/// <param name="ReadSeconds">Of <paramref name="Seconds"/>, time the host spent copying out of the mapped shards (file reads included).</param>
+/// <param name="WaitSeconds">Of <paramref name="Seconds"/>, time the host spent waiting for copies to the device: large when the copy, not the read, bounds the load.</param>
+public sealed record UploadReport(long Bytes, int Tensors, int Shards, int Chunks, double Seconds, double ReadSeconds, double WaitSeconds)
 {
     /// <summary>Throughput in GB/s (10^9 bytes).</summary>
     public double GigabytesPerSecond => Seconds > 0 ? Bytes / Seconds / 1e9 : 0;
@@ -82,6 +84,8 @@ public static partial class WeightUploader
         logger ??= NullLogger.Instance;
         LogStarting(logger, plan.TotalBytes / 1e9, plan.TensorCount, plan.Shards.Length, plan.Chunks.Length, plan.ChunkBytes >> 20, plan.Slots);
         var clock = Stopwatch.StartNew();
+        var reading = new Stopwatch();
+        var waiting = new Stopwatch();
         var chunks = plan.Chunks;
         long completed = 0;
         try
@@ -90,7 +94,9 @@ public static partial class WeightUploader
             {
                 cancellationToken.ThrowIfCancellationRequested();
                 var chunk = chunks[i];
+                waiting.Start();
                 copier.WaitForSlot(chunk.Slot);
+                waiting.Stop();
                 if (i >= plan.Slots)
                 {
                     // The slot's previous chunk is done, and the stream runs in order: so is every earlier one.
@@ -98,7 +104,9 @@ public static partial class WeightUploader
                     progress?.Report((double)completed / plan.TotalBytes);
                 }
 
+                reading.Start();
                 Fill(checkpoint, chunk, copier.Slot(chunk.Slot), options.ReadThreads, options.ReadSliceBytes);
+                reading.Stop();
                 foreach (var piece in chunk.Pieces)
                 {
                     copier.Copy(chunk.Slot, piece.StagingOffset, piece.Destination, piece.Length);
@@ -107,7 +115,9 @@ public static partial class WeightUploader
                 copier.Queued(chunk.Slot);
             }
 
+            waiting.Start();
             copier.Finish();
+            waiting.Stop();
         }
         catch (Exception e)
         {
@@ -118,8 +128,9 @@ public static partial class WeightUploader
         }
 
         progress?.Report(1.0);
-        var report = new UploadReport(plan.TotalBytes, plan.TensorCount, plan.Shards.Length, chunks.Length, clock.Elapsed.TotalSeconds);
-        LogFinished(logger, report.Bytes / 1e9, report.Tensors, report.Seconds, report.GigabytesPerSecond);
+        var report = new UploadReport(plan.TotalBytes, plan.TensorCount, plan.Shards.Length, chunks.Length, clock.Elapsed.TotalSeconds,
+            reading.Elapsed.TotalSeconds, waiting.Elapsed.TotalSeconds);
+        LogFinished(logger, report.Bytes / 1e9, report.Tensors, report.Seconds, report.GigabytesPerSecond, report.ReadSeconds, report.WaitSeconds);
         return report;
     }
 
@@ -185,8 +196,8 @@ public static partial class WeightUploader
     [LoggerMessage(EventId = 100, Level = LogLevel.Debug, Message = "Uploading {Gigabytes:F2} GB of weights: {Tensors} tensors from {Shards} shards in {Chunks} chunks of {ChunkMiB} MiB over {Slots} pinned slots")]
     private static partial void LogStarting(ILogger logger, double gigabytes, int tensors, int shards, int chunks, int chunkMiB, int slots);
 
-    [LoggerMessage(EventId = 101, Level = LogLevel.Information, Message = "Uploaded {Gigabytes:F2} GB of weights ({Tensors} tensors) in {Seconds:F2} s: {GigabytesPerSecond:F2} GB/s")]
-    private static partial void LogFinished(ILogger logger, double gigabytes, int tensors, double seconds, double gigabytesPerSecond);
+    [LoggerMessage(EventId = 101, Level = LogLevel.Information, Message = "Uploaded {Gigabytes:F2} GB of weights ({Tensors} tensors) in {Seconds:F2} s: {GigabytesPerSecond:F2} GB/s (reading {ReadSeconds:F2} s, waiting for copies {WaitSeconds:F2} s)")]
+    private static partial void LogFinished(ILogger logger, double gigabytes, int tensors, double seconds, double gigabytesPerSecond, double readSeconds, double waitSeconds);
 
     [LoggerMessage(EventId = 102, Level = LogLevel.Warning, Message = "Weight upload {Outcome} after {Gigabytes:F2} GB and {Seconds:F2} s")]
     private static partial void LogAborted(ILogger logger, string outcome, double gigabytes, double seconds);

@@ -201,6 +201,8 @@ public sealed class WeightUploaderTests
         Assert.AreEqual(checkpoint.Tensors.Count, report.Tensors);
         Assert.AreEqual(3, report.Shards);
         Assert.AreEqual(plan.Chunks.Length, report.Chunks);
+        Assert.IsTrue(report.ReadSeconds > 0 && report.WaitSeconds >= 0 && report.ReadSeconds + report.WaitSeconds <= report.Seconds,
+            $"read {report.ReadSeconds} s + wait {report.WaitSeconds} s inside {report.Seconds} s");
         Assert.IsNotEmpty(progress.Values);
         CollectionAssert.AreEqual(progress.Values.Order().ToList(), progress.Values, "progress not monotonic");
         Assert.IsTrue(progress.Values.All(v => v is >= 0 and <= 1), "progress outside [0, 1]");

@@ -68,10 +68,13 @@ internal static partial class LoadBench
                     dropped &= !cold || DropCache(files);
                     return TimeRead(files) * tensorBytes / fileBytes;
                 });
+                UploadReport? last = null;
                 var loadUs = Median(runs, () =>
                 {
                     dropped &= !cold || DropCache(files);
-                    return TimeLoad(gpu, dir, arena);
+                    var (us, upload) = TimeLoad(gpu, dir, arena);
+                    last = upload;
+                    return us;
                 });
                 var shape = new Dictionary<string, object>
                 {
@@ -82,6 +85,8 @@ internal static partial class LoadBench
                 var gbs = tensorBytes / (loadUs * 1e-6) / 1e9;
                 report.Add(new BenchResult("load", shape, loadUs, 0, gbs, "read", readUs));
                 report.Add(new BenchResult("load", shape, loadUs, 0, gbs, "h2d", h2dUs));
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"  {shape["cache"]}: read {tensorBytes / (readUs * 1e-6) / 1e9:F1} GB/s; last load {last!.GigabytesPerSecond:F1} GB/s inside the pipeline, host reading {last.ReadSeconds:F2} s, waiting for copies {last.WaitSeconds:F2} s of {last.Seconds:F2} s"));
             }
 
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
@@ -124,15 +129,15 @@ internal static partial class LoadBench
         return clock.Elapsed.TotalMicroseconds;
     }
 
-    /// <summary>Microseconds of one whole upload, checkpoint opened and closed around it (so the maps start cold too).</summary>
-    private static double TimeLoad(GpuBench gpu, string dir, DeviceArena arena)
+    /// <summary>Microseconds of one whole upload, checkpoint opened and closed around it (so the maps start cold too), and the pipeline's own report.</summary>
+    private static (double Us, UploadReport Report) TimeLoad(GpuBench gpu, string dir, DeviceArena arena)
     {
         var clock = Stopwatch.StartNew();
         using var checkpoint = Checkpoint.Open(dir);
         arena.Reset();
         var (_, targets) = WeightUploader.PlaceInArena(arena, checkpoint.Tensors.Values.OrderBy(t => t.Name, StringComparer.Ordinal));
-        WeightUploader.Upload(gpu.Device, checkpoint, targets);
-        return clock.Elapsed.TotalMicroseconds;
+        var upload = WeightUploader.Upload(gpu.Device, checkpoint, targets);
+        return (clock.Elapsed.TotalMicroseconds, upload);
     }
 
     /// <summary>Event-timed microseconds of pinned host-to-device copies totalling <paramref name="bytes"/>, into the arena.</summary>
