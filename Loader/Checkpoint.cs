@@ -217,6 +217,9 @@ public sealed class Checkpoint : IDisposable
         return ShardOf(info).GetBytes(info);
     }
 
+    /// <summary>Bytes <c>[start, start + length)</c> of <paramref name="tensor"/>, a span over its mapped shard (each shard is mapped once, at open).</summary>
+    public ReadOnlySpan<byte> GetBytes(TensorInfo tensor, long start, int length) => ShardOf(tensor).GetBytes(tensor, start, length);
+
     /// <summary>
     /// Reads <paramref name="name"/> as float32: BF16/F16/F32/F64 widened; an F8_E4M3 weight dequantized
     /// with its <c>weight_scale_inv</c> block grid (looked up by name, possibly in another shard).

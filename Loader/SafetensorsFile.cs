@@ -169,6 +169,32 @@ public sealed unsafe class SafetensorsFile : IDisposable
     public ReadOnlySpan<byte> GetBytes(string name) => GetBytes(Get(name));
 
     /// <summary>
+    /// Bytes <c>[start, start + length)</c> of <paramref name="tensor"/>, a span over the mapping: the way to
+    /// read a tensor in pieces (tensors of any size, chunked uploads).
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">The range is not inside the tensor.</exception>
+    public ReadOnlySpan<byte> GetBytes(TensorInfo tensor, long start, int length)
+    {
+        if (!string.Equals(tensor.FilePath, FilePath, StringComparison.Ordinal))
+        {
+            throw new ArgumentException($"tensor '{tensor.Name}' belongs to {tensor.FilePath}, not {FilePath}", nameof(tensor));
+        }
+
+        if (start < 0 || length < 0 || start + length > tensor.ByteLength)
+        {
+            throw new ArgumentOutOfRangeException(nameof(start), $"[{start}, {start + length}) outside tensor '{tensor.Name}' of {tensor.ByteLength} bytes");
+        }
+
+        if (length == 0)
+        {
+            return ReadOnlySpan<byte>.Empty;
+        }
+
+        ObjectDisposedException.ThrowIf(_base is null, this);
+        return new ReadOnlySpan<byte>(_base + _dataStart + tensor.Begin + start, length);
+    }
+
+    /// <summary>
     /// The bytes of <paramref name="tensor"/> as elements of <typeparamref name="T"/>; its size must equal
     /// the dtype's. x86-64 and ARM64 allow the unaligned reads this can imply.
     /// </summary>

@@ -6,9 +6,10 @@ using DeepSeekCuda.Bench.Harness;
 GpuBenchSpec[] gpuBenches =
 [
     new("gemm", "FP8 block-scaled GEMM vs same-run baselines", GemmBench.Run),
-    new("moe", "DeepSeek-V3 MoE layer (grouped FP8 experts) vs same-run baselines", MoeBench.Run),
-    new("mla_prefill", "MLA prefill attention (naive, V3 heads) vs same-run copy", MlaPrefillBench.Run),
     new("mla", "MLA decode attention (paged latent cache, split-KV) on FlashMLA shapes vs same-run copy", MlaBench.Run),
+    new("mla_prefill", "MLA prefill attention (naive, V3 heads) vs same-run copy", MlaPrefillBench.Run),
+    new("moe", "DeepSeek-V3 MoE layer (grouped FP8 experts) vs same-run baselines", MoeBench.Run),
+    new("load", "Weight upload of a synthetic checkpoint vs same-run file read and pinned H2D copy", LoadBench.Run),
 ];
 
 var root = new RootCommand("DeepSeekCuda benchmarks");
