@@ -23,6 +23,7 @@ internal static partial class NvrtcSupport
         [MoeDispatchKernel.FamilyName] = MoeDispatchKernel.AllInstances(),
         [Fp8GemmKernel.GemvFamily] = Fp8GemmKernel.AllGemvInstances(),
         [Fp8GemmKernel.MmaFamily] = Fp8GemmKernel.AllMmaInstances(),
+        [AllReduceKernel.FamilyName] = AllReduceKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -37,6 +38,7 @@ internal static partial class NvrtcSupport
         (typeof(MoeGateParams), MoeGateKernel.ParamsType, MoeGateKernel.FamilyName),
         (typeof(MoeDispatchParams), MoeDispatchKernel.ParamsType, MoeDispatchKernel.FamilyName),
         (typeof(Fp8GemmParams), Fp8GemmKernel.ParamsType, Fp8GemmKernel.GemvFamily), // shared with fp8_gemm_mma (fp8_gemm.cuh)
+        (typeof(AllReduceParams), AllReduceKernel.ParamsType, AllReduceKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>
