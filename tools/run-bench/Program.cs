@@ -6,6 +6,7 @@ using DeepSeekCuda.Bench.Harness;
 GpuBenchSpec[] gpuBenches =
 [
     new("gemm", "FP8 block-scaled GEMM vs same-run baselines", GemmBench.Run),
+    new("allreduce", "P2P all-reduce over logical ranks of one GPU vs same-run copy", AllReduceBench.Run),
 ];
 
 var root = new RootCommand("DeepSeekCuda benchmarks");
