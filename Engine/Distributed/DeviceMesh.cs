@@ -253,7 +253,7 @@ public sealed class DeviceMesh : IDisposable
             if (_ranks[d].Error.ToArray(_ranks[d].Stream)[0] != 0)
             {
                 throw new InvalidOperationException(
-                    $"all-reduce on rank {d} of {Ranks} timed out at a barrier after {TimeoutCycles} cycles (a peer never arrived: are all ranks' kernels resident at once?)");
+                    $"all-reduce on rank {d} of {Ranks} timed out at a barrier after {TimeoutCycles} cycles (a peer never arrived: are all ranks' kernels resident at once? With logical ranks on one GPU, every rank's stream needs its own hardware queue: CUDA_DEVICE_MAX_CONNECTIONS must exceed the streams in use)");
             }
         }
     }
@@ -262,60 +262,84 @@ public sealed class DeviceMesh : IDisposable
     {
         var size = type == ElementType.F32 ? 4 : 2;
         var bytes = count * size;
-        var host = new byte[Ranks][];
-        for (var d = 0; d < Ranks; d++)
+        var staged = new PinnedBuffer<byte>[Ranks];
+        PinnedBuffer<byte>? result = null;
+        try
         {
-            var r = _ranks[d];
-            r.Device.MakeCurrent();
-            host[d] = new byte[bytes];
-            DeviceBuffer<byte>.View(r.Device, inputs[d], bytes).Download(host[d], r.Stream); // waits for the rank's queued work
-        }
+            // Every rank's input to pinned host memory, each after that rank's queued work.
+            for (var d = 0; d < Ranks; d++)
+            {
+                var r = _ranks[d];
+                r.Device.MakeCurrent();
+                staged[d] = new PinnedBuffer<byte>(r.Device, bytes);
+                staged[d].CopyFrom(DeviceBuffer<byte>.View(r.Device, inputs[d], bytes), r.Stream);
+            }
 
-        // The reference order: float32, rank 0 first.
-        var sum = new float[count];
-        var part = new float[count];
-        for (var d = 0; d < Ranks; d++)
-        {
-            var target = d == 0 ? sum : part;
+            foreach (var r in _ranks)
+            {
+                r.Device.MakeCurrent();
+                r.Stream.Synchronize();
+            }
+
+            // The reference order: float32, rank 0 first, rounded once.
+            var sum = new float[count];
+            var part = new float[count];
+            for (var d = 0; d < Ranks; d++)
+            {
+                var target = d == 0 ? sum : part;
+                if (type == ElementType.F32)
+                {
+                    MemoryMarshal.Cast<byte, float>(staged[d].Span).CopyTo(target);
+                }
+                else
+                {
+                    BFloat16.Decode(MemoryMarshal.Cast<byte, ushort>(staged[d].Span), target);
+                }
+
+                if (d > 0)
+                {
+                    for (var i = 0; i < count; i++)
+                    {
+                        sum[i] += part[i];
+                    }
+                }
+            }
+
+            // One portable pinned result, copied to every rank's output.
+            result = new PinnedBuffer<byte>(_ranks[0].Device, bytes);
             if (type == ElementType.F32)
             {
-                MemoryMarshal.Cast<byte, float>(host[d]).CopyTo(target);
+                MemoryMarshal.AsBytes(sum.AsSpan()).CopyTo(result.Span);
             }
             else
             {
-                BFloat16.Decode(MemoryMarshal.Cast<byte, ushort>(host[d]), target);
-            }
-
-            if (d > 0)
-            {
+                var bits = MemoryMarshal.Cast<byte, ushort>(result.Span);
                 for (var i = 0; i < count; i++)
                 {
-                    sum[i] += part[i];
+                    bits[i] = BFloat16.FromFloat(sum[i]);
                 }
             }
-        }
 
-        byte[] result;
-        if (type == ElementType.F32)
-        {
-            result = MemoryMarshal.AsBytes(sum.AsSpan()).ToArray();
-        }
-        else
-        {
-            var bits = new ushort[count];
-            for (var i = 0; i < count; i++)
+            for (var d = 0; d < Ranks; d++)
             {
-                bits[i] = BFloat16.FromFloat(sum[i]);
+                var r = _ranks[d];
+                r.Device.MakeCurrent();
+                result.CopyTo(DeviceBuffer<byte>.View(r.Device, outputs[d], bytes), r.Stream);
             }
 
-            result = MemoryMarshal.AsBytes(bits.AsSpan()).ToArray();
+            foreach (var r in _ranks)
+            {
+                r.Device.MakeCurrent();
+                r.Stream.Synchronize(); // before the pinned buffers are released
+            }
         }
-
-        for (var d = 0; d < Ranks; d++)
+        finally
         {
-            var r = _ranks[d];
-            r.Device.MakeCurrent();
-            DeviceBuffer<byte>.View(r.Device, outputs[d], bytes).Upload(result, r.Stream);
+            result?.Dispose();
+            foreach (var b in staged)
+            {
+                b?.Dispose();
+            }
         }
     }
 

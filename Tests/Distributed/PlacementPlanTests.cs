@@ -42,7 +42,7 @@ public sealed class PlacementPlanTests
         var maxLayer = Enumerable.Range(0, config.NumHiddenLayers).Max(i => LayerBytes(config, i));
         var head = 2L * config.VocabSize * config.HiddenSize;
         Assert.IsTrue(bytes.Max() <= bytes.Sum() / n + maxLayer + head, $"stage bytes {string.Join(", ", bytes)}");
-        Assert.AreEqual(0, plan.HeadDevice == n - 1 ? 0 : 1);
+        Assert.AreEqual(n - 1, plan.HeadDevice);
     }
 
     [TestMethod]
