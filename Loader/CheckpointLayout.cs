@@ -21,6 +21,89 @@ public sealed record LinearSpec(string Weight, int Out, int In, bool Quantized)
 
     /// <summary>The scale tensor of a weight: <c>X.weight</c> → <c>X.weight_scale_inv</c>.</summary>
     public static string ScaleName(string weight) => weight + "_scale_inv";
+
+    /// <summary>
+    /// Rows and columns of the stored tensor this spec takes, when it is a slice (tensor parallelism);
+    /// null for the whole tensor. <see cref="Out"/> and <see cref="In"/> are then the slice's shape.
+    /// </summary>
+    public TensorSlice? Slice { get; init; }
+
+    /// <summary>The stored shape [rows, cols] (the whole tensor's, also for a slice).</summary>
+    public (int Rows, int Cols) StoredShape => Slice is { } s ? (s.StoredRows, s.StoredCols) : (Out, In);
+
+    /// <summary>
+    /// This weight restricted to rows [<paramref name="rowStart"/>, +<paramref name="rows"/>) and columns
+    /// [<paramref name="colStart"/>, +<paramref name="cols"/>) of the stored tensor.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">The range leaves the stored tensor, or this is already a slice.</exception>
+    public LinearSpec Sliced(int rowStart, int rows, int colStart, int cols)
+    {
+        if (Slice is not null)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rowStart), $"{Weight} is already a slice");
+        }
+
+        var slice = new TensorSlice(Out, In, rowStart, rows, colStart, cols);
+        return new LinearSpec(Weight, rows, cols, Quantized) { Slice = slice };
+    }
+}
+
+/// <summary>A rectangle [RowStart, +Rows) × [ColStart, +Cols) of a stored [StoredRows, StoredCols] matrix.</summary>
+public sealed record TensorSlice
+{
+    /// <summary>Creates a slice and checks it lies inside the stored matrix.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">It does not.</exception>
+    public TensorSlice(int storedRows, int storedCols, int rowStart, int rows, int colStart, int cols)
+    {
+        if (rowStart < 0 || rows < 1 || rowStart + rows > storedRows || colStart < 0 || cols < 1 || colStart + cols > storedCols)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rowStart),
+                $"slice rows {rowStart}+{rows}, cols {colStart}+{cols} is outside a [{storedRows}, {storedCols}] tensor");
+        }
+
+        (StoredRows, StoredCols, RowStart, Rows, ColStart, Cols) = (storedRows, storedCols, rowStart, rows, colStart, cols);
+    }
+
+    /// <summary>Rows of the stored matrix.</summary>
+    public int StoredRows { get; }
+
+    /// <summary>Columns of the stored matrix.</summary>
+    public int StoredCols { get; }
+
+    /// <summary>First row taken.</summary>
+    public int RowStart { get; }
+
+    /// <summary>Rows taken.</summary>
+    public int Rows { get; }
+
+    /// <summary>First column taken.</summary>
+    public int ColStart { get; }
+
+    /// <summary>Columns taken.</summary>
+    public int Cols { get; }
+
+    /// <summary>Whether it takes the whole matrix.</summary>
+    public bool IsWhole => Rows == StoredRows && Cols == StoredCols;
+
+    /// <summary>Copies the slice out of the row-major stored matrix <paramref name="stored"/>.</summary>
+    public float[] Extract(ReadOnlySpan<float> stored)
+    {
+        if (stored.Length != (long)StoredRows * StoredCols)
+        {
+            throw new ArgumentException($"{stored.Length} values for a [{StoredRows}, {StoredCols}] tensor", nameof(stored));
+        }
+
+        var result = new float[(long)Rows * Cols];
+        for (var r = 0; r < Rows; r++)
+        {
+            stored.Slice((RowStart + r) * StoredCols + ColStart, Cols).CopyTo(result.AsSpan(r * Cols, Cols));
+        }
+
+        return result;
+    }
+
+    /// <inheritdoc />
+    public override string ToString() => $"[{RowStart}:{RowStart + Rows}, {ColStart}:{ColStart + Cols}] of [{StoredRows}, {StoredCols}]";
 }
 
 /// <summary>

@@ -48,7 +48,11 @@ public interface IBackend : IDisposable
     /// <summary>Uploads a MoE router (weight [E, D], BF16; correction bias [E], F32).</summary>
     GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options);
 
-    /// <summary>Uploads a layer's routed experts (each [gate, up, down]) and its shared experts (or null).</summary>
+    /// <summary>
+    /// Uploads a layer's routed experts (each [gate, up, down]) and its shared experts (or null). An empty
+    /// entry is an expert this device does not hold (expert parallelism): tokens routed to it get no
+    /// contribution here. A spec may be a slice (<see cref="LinearSpec.Slice"/>: tensor-parallel shared MLP).
+    /// </summary>
     ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared);
 
     /// <summary>Uploads a rotary table: <paramref name="cos"/> and <paramref name="sin"/> [positions, pairs].</summary>

@@ -24,13 +24,15 @@ internal sealed class DecoderLayer : IDisposable
     public required GateWeight? Gate { get; init; }
     public required ExpertWeights? Experts { get; init; }
 
-    public static DecoderLayer Load(Checkpoint checkpoint, IBackend backend, ModelConfig config, int index)
+    /// <summary>Uploads layer <paramref name="index"/>, or only <paramref name="shard"/>'s part of it (tensor/expert parallelism).</summary>
+    public static DecoderLayer Load(Checkpoint checkpoint, IBackend backend, ModelConfig config, int index, LayerShard? shard = null)
     {
         var n = CheckpointLayout.Layer(config, index);
         var eps = (float)config.RmsNormEps;
         NormWeight Norm(string name, int width) => backend.UploadNorm(checkpoint, name, width, eps);
         LinearWeight Lin(LinearSpec spec) => backend.UploadLinear(checkpoint, spec);
 
+        var attention = shard is null ? (n.QB, n.KvB, n.O) : shard.Attention(config, n);
         var gateOptions = new GateOptions(config.NRoutedExperts, config.NGroup, config.TopkGroup, config.NumExpertsPerTok,
             config.NormTopkProb, (float)config.RoutedScalingFactor);
         return new DecoderLayer
@@ -40,16 +42,19 @@ internal sealed class DecoderLayer : IDisposable
             PostAttentionNorm = Norm(n.PostAttentionNorm, config.HiddenSize),
             QA = n.QA is { } qa ? Lin(qa) : null,
             QANorm = n.QANorm is { } qn ? Norm(qn, config.QLoraRank!.Value) : null,
-            QB = Lin(n.QB),
+            QB = Lin(attention.QB),
             KvA = Lin(n.KvA),
             KvANorm = Norm(n.KvANorm, config.KvLoraRank),
-            KvB = Lin(n.KvB),
-            O = Lin(n.O),
-            Dense = n.IsMoe ? null : [.. n.DenseMlp.Select(Lin)],
+            KvB = Lin(attention.KvB),
+            O = Lin(attention.O),
+            Dense = n.IsMoe ? null : [.. (shard is null ? n.DenseMlp : LayerShard.SliceMlp(n.DenseMlp, shard.Dense)).Select(Lin)],
             Gate = n.IsMoe ? backend.UploadGate(checkpoint, n.Gate, n.GateBias, config.HiddenSize, gateOptions) : null,
             Experts = n.IsMoe
-                ? backend.UploadExperts(checkpoint, [.. Enumerable.Range(0, config.NRoutedExperts).Select(n.Expert)],
-                    config.NSharedExperts > 0 ? n.SharedExpert : null)
+                ? backend.UploadExperts(checkpoint,
+                    [.. Enumerable.Range(0, config.NRoutedExperts).Select(e => shard is null || shard.HoldsExpert(e) ? n.Expert(e) : [])],
+                    config.NSharedExperts == 0 ? null
+                    : shard is null ? n.SharedExpert
+                    : shard.Shared.Count > 0 ? LayerShard.SliceMlp(n.SharedExpert, shard.Shared) : null)
                 : null,
         };
     }

@@ -103,7 +103,7 @@ public sealed class DeepSeekModel : ILanguageModel
         };
     }
 
-    private static void CheckSupported(ModelConfig config)
+    internal static void CheckSupported(ModelConfig config)
     {
         if (config.NRoutedExperts % config.NGroup != 0)
         {

@@ -16,6 +16,7 @@ public sealed class DeepSeekSession : IModelSession
     private readonly LatentCache[] _caches;
     private readonly LatentCache? _mtpCache;
     private readonly Tensor _lastHidden;
+    private readonly LayerContext _context;
 
     internal DeepSeekSession(DeepSeekModel model)
     {
@@ -30,6 +31,7 @@ public sealed class DeepSeekSession : IModelSession
 
         _mtpCache = model.HasMtp ? _b.AllocateLatentCache(model.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim) : null;
         _lastHidden = _b.Allocate(1, c.HiddenSize);
+        _context = new LayerContext(_b, c, model.Rope, model.Dims, model.Scale, model.Options.Attention);
     }
 
     /// <inheritdoc />
@@ -224,86 +226,14 @@ public sealed class DeepSeekSession : IModelSession
     private void RunLayer(DecoderLayer layer, Tensor h, Tensor a, LatentCache cache, int start, NormWeight nextNorm, Tensor nextNormed,
         Action<Intermediate>? observer, string prefix)
     {
-        var c = _model.Config;
-        var dims = _model.Dims;
-        var t = h.Rows;
         var name = $"{prefix}layer{layer.Index}.";
-
-        // ---- MLA ----
-        using var q = _b.Allocate(t, dims.Heads * dims.QkHead); // [T, H·(nope + rope)]
-        if (layer.QA is { } qa)
-        {
-            using var cq = _b.Allocate(t, qa.Out); // [T, q_lora_rank]
-            _b.Linear(a, qa, cq);
-            _b.RmsNorm(cq, layer.QANorm!, cq);
-            _b.Linear(cq, layer.QB, q);
-        }
-        else
-        {
-            _b.Linear(a, layer.QB, q);
-        }
-
-        _b.ApplyRope(q, _model.Rope, start, dims.QkHead, dims.QkNope);
-        using (var kv = _b.Allocate(t, c.KvCacheDim)) // [T, kv_lora_rank + rope]
-        {
-            _b.Linear(a, layer.KvA, kv);
-            _b.AppendLatent(kv, layer.KvANorm, _model.Rope, cache, start);
-        }
-
-        using var attn = _b.Allocate(t, dims.Heads * dims.V); // [T, H·v]
-        var form = _model.Options.Attention switch
-        {
-            AttentionForm.Auto => t > 1 ? AttentionForm.Naive : AttentionForm.Absorbed,
-            var chosen => chosen,
-        };
-        if (form == AttentionForm.Naive)
-        {
-            _b.MlaAttentionNaive(q, cache, layer.KvB, dims, start, _model.Scale, attn);
-        }
-        else
-        {
-            _b.MlaAttentionAbsorbed(q, cache, layer.KvB, dims, start, _model.Scale, attn);
-        }
-
-        using var attnOut = _b.Allocate(t, c.HiddenSize);
-        _b.Linear(attn, layer.O, attnOut);
+        using var attnOut = LayerSteps.Attention(_context, layer, a, cache, start);
         Observe(observer, name + "attn_out", attnOut);
 
-        using var f = _b.Allocate(t, c.HiddenSize); // [T, D] post_attention_layernorm(h)
+        using var f = _b.Allocate(h.Rows, _model.Config.HiddenSize); // [T, D] post_attention_layernorm(h)
         _b.AddRmsNorm(h, attnOut, layer.PostAttentionNorm, f);
 
-        // ---- FFN ----
-        using var y = _b.Allocate(t, c.HiddenSize);
-        if (layer.Dense is { } mlp)
-        {
-            using var g = _b.Allocate(t, mlp[0].Out);
-            using var u = _b.Allocate(t, mlp[1].Out);
-            _b.Linear(f, mlp[0], g);
-            _b.Linear(f, mlp[1], u);
-            _b.SiluMul(g, u, g);
-            _b.Linear(g, mlp[2], y);
-        }
-        else
-        {
-            var gate = layer.Gate!;
-            using var routing = _b.AllocateRouting(t, gate.Options.Experts, gate.Options.TopK);
-            _b.MoeGate(f, gate, routing);
-            if (observer is not null)
-            {
-                Observe(observer, name + "gate_in", f);
-                var o = gate.Options;
-                var scores = new float[t * o.Experts];
-                var idx = new int[t * o.TopK];
-                var w = new float[t * o.TopK];
-                _b.DownloadRouting(routing, scores, idx, w);
-                observer(new Intermediate(name + "gate_scores", t, o.Experts, scores, null));
-                observer(new Intermediate(name + "topk_idx", t, o.TopK, null, idx));
-                observer(new Intermediate(name + "topk_weight", t, o.TopK, w, null));
-            }
-
-            _b.MoeExperts(f, routing, layer.Experts!, y);
-        }
-
+        using var y = LayerSteps.Ffn(_context, layer, f, observer, name);
         Observe(observer, name + "ffn_out", y);
         _b.AddRmsNorm(h, y, nextNorm, nextNormed);
         Observe(observer, name + "out", h);
@@ -320,17 +250,7 @@ public sealed class DeepSeekSession : IModelSession
         }
     }
 
-    private void Observe(Action<Intermediate>? observer, string name, Tensor tensor)
-    {
-        if (observer is null)
-        {
-            return;
-        }
-
-        var values = new float[tensor.Length];
-        _b.Download(tensor, values);
-        observer(new Intermediate(name, tensor.Rows, tensor.Cols, values, null));
-    }
+    private void Observe(Action<Intermediate>? observer, string name, Tensor tensor) => LayerSteps.Observe(_b, observer, name, tensor);
 
     /// <summary>Releases the session's caches.</summary>
     public void Dispose()

@@ -28,6 +28,7 @@ internal static partial class NvrtcSupport
         [MlaPrefillKernel.FamilyName] = MlaPrefillKernel.AllInstances(),
         [MlaCacheKernel.FamilyName] = MlaCacheKernel.AllInstances(),
         [MlaDecodeKernel.FamilyName] = MlaDecodeKernel.AllInstances(),
+        [AllReduceKernel.FamilyName] = AllReduceKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -49,6 +50,7 @@ internal static partial class NvrtcSupport
         (typeof(MlaCacheParams), MlaCacheKernel.ParamsType, MlaCacheKernel.FamilyName),
         (typeof(MlaDecodeParams), MlaDecodeKernel.ParamsType, MlaDecodeKernel.FamilyName),
         (typeof(MlaProjParams), MlaDecodeKernel.ProjParamsType, MlaDecodeKernel.FamilyName),
+        (typeof(AllReduceParams), AllReduceKernel.ParamsType, AllReduceKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>

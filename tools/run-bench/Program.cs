@@ -10,6 +10,7 @@ GpuBenchSpec[] gpuBenches =
     new("mla_prefill", "MLA prefill attention (naive, V3 heads) vs same-run copy", MlaPrefillBench.Run),
     new("moe", "DeepSeek-V3 MoE layer (grouped FP8 experts) vs same-run baselines", MoeBench.Run),
     new("load", "Weight upload of a synthetic checkpoint vs same-run file read and pinned H2D copy", LoadBench.Run),
+    new("allreduce", "P2P all-reduce over logical ranks of one GPU vs same-run copy", AllReduceBench.Run),
 ];
 
 var root = new RootCommand("DeepSeekCuda benchmarks");

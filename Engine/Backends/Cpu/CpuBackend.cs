@@ -119,12 +119,14 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared)
     {
-        var routed = new CpuMlp[experts.Count];
+        var routed = new CpuMlp?[experts.Count];
         // Experts are independent tensors; dequantizing them in parallel is the bulk of load time.
-        Parallel.For(0, experts.Count, _parallel, e => routed[e] = LoadMlp(checkpoint, experts[e]));
+        // An empty entry is an expert another device holds (expert parallelism): it contributes nothing here.
+        Parallel.For(0, experts.Count, _parallel, e => routed[e] = experts[e].Length == 0 ? null : LoadMlp(checkpoint, experts[e]));
         var sharedMlp = shared is null ? null : LoadMlp(checkpoint, shared);
-        var first = routed.Length > 0 ? routed[0] : sharedMlp ?? throw new ArgumentException("no experts", nameof(experts));
-        return new CpuExpertWeights(routed, sharedMlp, first.Gate.In, routed.Length > 0 ? routed[0].Gate.Out : 0);
+        var firstRouted = routed.FirstOrDefault(m => m is not null);
+        var first = firstRouted ?? sharedMlp ?? throw new ArgumentException("no experts", nameof(experts));
+        return new CpuExpertWeights(routed, sharedMlp, first.Gate.In, firstRouted?.Gate.Out ?? 0);
     }
 
     /// <inheritdoc />
@@ -168,7 +170,9 @@ public sealed class CpuBackend : IBackend
     {
         var info = checkpoint.Get(spec.Weight);
         var fp8 = info.DType == DType.F8_E4M3;
-        return new CpuLinearWeight(spec.Out, spec.In, fp8, Read(checkpoint, spec.Weight, spec.Out, spec.In));
+        var (rows, cols) = spec.StoredShape;
+        var stored = Read(checkpoint, spec.Weight, rows, cols);
+        return new CpuLinearWeight(spec.Out, spec.In, fp8, spec.Slice is { IsWhole: false } slice ? slice.Extract(stored) : stored);
     }
 
     private static CpuMlp LoadMlp(Checkpoint checkpoint, LinearSpec[] mlp)
@@ -586,7 +590,7 @@ public sealed class CpuBackend : IBackend
         var slotOut = new float[tokens * k * width];
         for (var e = 0; e < ew.Experts; e++)
         {
-            if (slotsOf[e] is not { } slots)
+            if (slotsOf[e] is not { } slots || ew.Routed[e] is not { } mlp)
             {
                 continue;
             }
@@ -597,7 +601,7 @@ public sealed class CpuBackend : IBackend
                 a.Row(slots[i] / k).CopyTo(xe.AsSpan(i * width));
             }
 
-            var ye = RunMlp(ew.Routed[e], xe, slots.Count);
+            var ye = RunMlp(mlp, xe, slots.Count);
             for (var i = 0; i < slots.Count; i++)
             {
                 ye.AsSpan(i * width, width).CopyTo(slotOut.AsSpan(slots[i] * width));

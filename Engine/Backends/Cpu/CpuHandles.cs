@@ -37,10 +37,11 @@ internal sealed class CpuGateWeight(int width, GateOptions options, float[] weig
 /// <summary>One SwiGLU MLP: gate [W, D], up [W, D], down [D, W].</summary>
 internal sealed record CpuMlp(CpuLinearWeight Gate, CpuLinearWeight Up, CpuLinearWeight Down);
 
-internal sealed class CpuExpertWeights(CpuMlp[] experts, CpuMlp? shared, int width, int expertWidth)
+internal sealed class CpuExpertWeights(CpuMlp?[] experts, CpuMlp? shared, int width, int expertWidth)
     : ExpertWeights(experts.Length, width, expertWidth, shared?.Gate.Out ?? 0)
 {
-    public CpuMlp[] Routed { get; } = experts;
+    /// <summary>Routed experts by index; null where another device holds the expert.</summary>
+    public CpuMlp?[] Routed { get; } = experts;
 
     public CpuMlp? Shared { get; } = shared;
 }

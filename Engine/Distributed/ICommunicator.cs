@@ -1,0 +1,144 @@
+using DeepSeekCuda.Backends;
+
+namespace DeepSeekCuda.Distributed;
+
+/// <summary>
+/// Collectives and point-to-point copies over the devices of one process. Calls take the tensors of
+/// all participating devices at once (tensor r lives on device r): one host thread drives every device,
+/// which is how a single-process NCCL communicator is used too (a group call per collective, one
+/// <c>ncclAllReduce</c> per rank on that rank's stream). On a GPU the calls are enqueued, not waited
+/// for; <see cref="Barrier"/> orders them against host code.
+/// </summary>
+public interface ICommunicator : IDisposable
+{
+    /// <summary>Devices N.</summary>
+    int DeviceCount { get; }
+
+    /// <summary>The backend of device <paramref name="device"/>.</summary>
+    IBackend Device(int device);
+
+    /// <summary>
+    /// tensors[r] ← Σ_d tensors[d] on every device r, summed in device order 0, 1, …, N−1 so that every
+    /// device ends with identical values. All tensors have the same shape; tensors[r] lives on device r.
+    /// </summary>
+    void AllReduceSum(IReadOnlyList<Tensor> tensors);
+
+    /// <summary>Copies <paramref name="source"/> (on <paramref name="sourceDevice"/>) into <paramref name="destination"/> (on <paramref name="destinationDevice"/>), same shape.</summary>
+    void Copy(Tensor source, int sourceDevice, Tensor destination, int destinationDevice);
+
+    /// <summary>Waits until every operation enqueued so far on every device has finished.</summary>
+    void Barrier();
+}
+
+/// <summary>Traffic counted by a communicator (tests and diagnostics).</summary>
+/// <param name="AllReduces">All-reduce calls.</param>
+/// <param name="AllReduceBytes">Payload bytes per device summed over all-reduce calls (float32 on the host).</param>
+/// <param name="Copies">Device-to-device copies.</param>
+/// <param name="CopyBytes">Bytes moved by copies.</param>
+public readonly record struct CommunicatorStats(long AllReduces, long AllReduceBytes, long Copies, long CopyBytes);
+
+/// <summary>
+/// <see cref="ICommunicator"/> over simulated devices (any <see cref="IBackend"/>s, typically one
+/// <c>CpuBackend</c> per device): data moves through host memory with <see cref="IBackend.Download"/> and
+/// <see cref="IBackend.Upload"/>. The reference semantics of the GPU all-reduce: fp32 sum in device order.
+/// </summary>
+public sealed class HostCommunicator : ICommunicator
+{
+    private readonly IBackend[] _devices;
+    private long _allReduces, _allReduceBytes, _copies, _copyBytes;
+
+    /// <summary>Creates a communicator over <paramref name="devices"/> (not owned).</summary>
+    public HostCommunicator(IReadOnlyList<IBackend> devices)
+    {
+        ArgumentNullException.ThrowIfNull(devices);
+        if (devices.Count == 0)
+        {
+            throw new ArgumentException("no devices", nameof(devices));
+        }
+
+        _devices = [.. devices];
+    }
+
+    /// <inheritdoc />
+    public int DeviceCount => _devices.Length;
+
+    /// <summary>Traffic so far.</summary>
+    public CommunicatorStats Stats => new(_allReduces, _allReduceBytes, _copies, _copyBytes);
+
+    /// <inheritdoc />
+    public IBackend Device(int device) => _devices[device];
+
+    /// <inheritdoc />
+    public void AllReduceSum(IReadOnlyList<Tensor> tensors)
+    {
+        ArgumentNullException.ThrowIfNull(tensors);
+        if (tensors.Count != _devices.Length)
+        {
+            throw new ArgumentException($"{tensors.Count} tensors for {_devices.Length} devices", nameof(tensors));
+        }
+
+        var first = tensors[0];
+        foreach (var t in tensors)
+        {
+            if (t.Rows != first.Rows || t.Cols != first.Cols)
+            {
+                throw new ArgumentException($"all-reduce of tensors with different shapes: {first} and {t}", nameof(tensors));
+            }
+        }
+
+        var sum = new float[first.Length];
+        var part = new float[first.Length];
+        _devices[0].Download(tensors[0], sum);
+        for (var d = 1; d < _devices.Length; d++)
+        {
+            _devices[d].Download(tensors[d], part);
+            for (var i = 0; i < sum.Length; i++)
+            {
+                sum[i] += part[i];
+            }
+        }
+
+        for (var d = 0; d < _devices.Length; d++)
+        {
+            Write(d, sum, tensors[d]);
+        }
+
+        _allReduces++;
+        _allReduceBytes += first.Length * sizeof(float);
+    }
+
+    /// <inheritdoc />
+    public void Copy(Tensor source, int sourceDevice, Tensor destination, int destinationDevice)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        ArgumentNullException.ThrowIfNull(destination);
+        if (source.Rows != destination.Rows || source.Cols != destination.Cols)
+        {
+            throw new ArgumentException($"copy of {source} into {destination}");
+        }
+
+        var values = new float[source.Length];
+        _devices[sourceDevice].Download(source, values);
+        Write(destinationDevice, values, destination);
+        _copies++;
+        _copyBytes += source.Length * sizeof(float);
+    }
+
+    /// <inheritdoc />
+    /// <remarks>Host backends run every call to completion, so there is nothing to wait for.</remarks>
+    public void Barrier()
+    {
+    }
+
+    private void Write(int device, float[] values, Tensor destination)
+    {
+        var b = _devices[device];
+        using var staged = b.Upload(values, destination.Rows, destination.Cols);
+        b.CopyRows(staged, 0, destination, 0, destination.Rows);
+    }
+
+    /// <summary>Nothing to release: the backends belong to the caller.</summary>
+    public void Dispose()
+    {
+    }
+}

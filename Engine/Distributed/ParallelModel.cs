@@ -1,0 +1,185 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Model;
+
+namespace DeepSeekCuda.Distributed;
+
+/// <summary>
+/// A DeepSeek-V3 model spread over the devices of an <see cref="ICommunicator"/> by a
+/// <see cref="PlacementPlan"/>: each device's <see cref="IBackend"/> holds only what the plan gives it,
+/// and the forward pass runs the same layer steps as <see cref="DeepSeekModel"/> on each device, with a
+/// copy of the hidden state between pipeline stages or an all-reduce after o_proj and after the FFN under
+/// tensor/expert parallelism. The MTP module is not run here (yet).
+/// </summary>
+public sealed class ParallelModel : ILanguageModel
+{
+    private ParallelModel(PlacementPlan plan, ICommunicator communicator, ModelOptions options, int maxLength, DeviceWeights[] devices)
+    {
+        Plan = plan;
+        Communicator = communicator;
+        Options = options;
+        MaxSequenceLength = maxLength;
+        Devices = devices;
+    }
+
+    /// <summary>The placement.</summary>
+    public PlacementPlan Plan { get; }
+
+    /// <summary>The devices and their collectives (owned by the caller).</summary>
+    public ICommunicator Communicator { get; }
+
+    /// <summary>The model's config.</summary>
+    public ModelConfig Config => Plan.Config;
+
+    /// <summary>The options it was loaded with (MTP is never loaded).</summary>
+    public ModelOptions Options { get; }
+
+    /// <inheritdoc />
+    public int VocabSize => Config.VocabSize;
+
+    /// <inheritdoc />
+    public int MaxSequenceLength { get; }
+
+    internal DeviceWeights[] Devices { get; }
+
+    /// <summary>Uploads to each device of <paramref name="communicator"/> what <paramref name="plan"/> places on it.</summary>
+    /// <exception cref="ArgumentException">The plan is for another config or device count.</exception>
+    /// <exception cref="NotSupportedException">The config asks for something the engine does not implement.</exception>
+    /// <exception cref="CheckpointException">A tensor is missing or has the wrong shape.</exception>
+    public static ParallelModel Load(Checkpoint checkpoint, PlacementPlan plan, ICommunicator communicator, ModelOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(checkpoint);
+        ArgumentNullException.ThrowIfNull(plan);
+        ArgumentNullException.ThrowIfNull(communicator);
+        options ??= new ModelOptions();
+        var config = checkpoint.Config;
+        if (plan.Config != config)
+        {
+            throw new ArgumentException("the plan was made for another config", nameof(plan));
+        }
+
+        if (plan.DeviceCount != communicator.DeviceCount)
+        {
+            throw new ArgumentException($"the plan is for {plan.DeviceCount} devices, the communicator has {communicator.DeviceCount}", nameof(plan));
+        }
+
+        DeepSeekModel.CheckSupported(config);
+        var maxLength = options.MaxSequenceLength ?? Math.Min(config.MaxPositionEmbeddings, ModelOptions.DefaultMaxSequenceLength);
+        if (maxLength < 1 || maxLength > config.MaxPositionEmbeddings)
+        {
+            throw new ArgumentOutOfRangeException(nameof(options), maxLength, $"MaxSequenceLength must be within 1..max_position_embeddings ({config.MaxPositionEmbeddings})");
+        }
+
+        var (cos, sin) = YarnRope.Table(config, maxLength);
+        var eps = (float)config.RmsNormEps;
+        var d = config.HiddenSize;
+        var dims = new MlaDims(config.NumAttentionHeads, config.QkNopeHeadDim, config.QkRopeHeadDim, config.VHeadDim, config.KvLoraRank);
+        var devices = new DeviceWeights[plan.DeviceCount];
+        try
+        {
+            for (var r = 0; r < devices.Length; r++)
+            {
+                var b = communicator.Device(r);
+                var shard = plan.Shard(r);
+                var (start, count) = plan.Stages[r];
+                var rope = b.UploadRope(cos, sin, maxLength, config.QkRopeHeadDim / 2);
+                var w = devices[r] = new DeviceWeights(b, config.NumHiddenLayers)
+                {
+                    Rope = rope,
+                    Context = new LayerContext(b, config, rope, shard is null ? dims : dims with { Heads = shard.Heads }, (float)config.SoftmaxScale,
+                        options.Attention),
+                };
+                var holdsEmbedding = shard is not null || start == 0;
+                var holdsHead = r == plan.HeadDevice;
+                if (holdsEmbedding)
+                {
+                    w.Embed = b.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, d);
+                }
+
+                if (shard is not null || holdsHead)
+                {
+                    w.FinalNorm = b.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, d, eps);
+                }
+
+                if (holdsHead)
+                {
+                    w.Head = b.UploadHead(checkpoint, config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead, config.VocabSize, d);
+                }
+
+                for (var i = start; i < start + count; i++)
+                {
+                    w.Layers[i] = DecoderLayer.Load(checkpoint, b, config, i, shard);
+                }
+
+                if (shard is null && start + count < config.NumHiddenLayers)
+                {
+                    w.NextStageNorm = b.UploadNorm(checkpoint, CheckpointLayout.Layer(config, start + count).InputNorm, d, eps);
+                }
+            }
+        }
+        catch
+        {
+            foreach (var w in devices)
+            {
+                w?.Dispose();
+            }
+
+            throw;
+        }
+
+        return new ParallelModel(plan, communicator, options, maxLength, devices);
+    }
+
+    /// <summary>Starts an empty session (latent caches on the devices that run each layer).</summary>
+    public ParallelSession CreateSession() => new(this);
+
+    IModelSession ILanguageModel.CreateSession() => CreateSession();
+
+    /// <summary>Logits at every position of one prefill of <paramref name="tokens"/> from position 0: [tokens, vocab].</summary>
+    public float[] ComputeLogits(ReadOnlySpan<int> tokens)
+    {
+        using var session = CreateSession();
+        return session.ForwardAll(tokens);
+    }
+
+    /// <summary>Releases the weights on every device (the backends belong to the caller).</summary>
+    public void Dispose()
+    {
+        foreach (var w in Devices)
+        {
+            w.Dispose();
+        }
+    }
+}
+
+/// <summary>What one device holds of a <see cref="ParallelModel"/>.</summary>
+internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
+{
+    public IBackend Backend { get; } = backend;
+    public required RopeTable Rope { get; init; }
+    public required LayerContext Context { get; init; }
+    public EmbeddingWeight? Embed { get; set; }
+    public NormWeight? FinalNorm { get; set; }
+    public LinearWeight? Head { get; set; }
+
+    /// <summary>The next stage's first input_layernorm (pipeline stages but the last).</summary>
+    public NormWeight? NextStageNorm { get; set; }
+
+    /// <summary>Layers by index; null where another device runs the layer.</summary>
+    public DecoderLayer?[] Layers { get; } = new DecoderLayer?[layers];
+
+    public void Dispose()
+    {
+        BackendResource?[] all = [Rope, Embed, FinalNorm, Head, NextStageNorm];
+        foreach (var r in all)
+        {
+            r?.Dispose();
+        }
+
+        foreach (var layer in Layers)
+        {
+            layer?.Dispose();
+        }
+    }
+}

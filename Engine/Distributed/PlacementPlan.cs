@@ -1,0 +1,509 @@
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Model;
+
+namespace DeepSeekCuda.Distributed;
+
+/// <summary>How a model is split across devices.</summary>
+public enum PlacementKind
+{
+    /// <summary>
+    /// Contiguous layer ranges per device, balanced by bytes; the embedding on the first, the final norm and
+    /// lm_head on the last. The hidden state crosses each stage boundary once per forward pass.
+    /// </summary>
+    Pipeline,
+
+    /// <summary>
+    /// Every layer on every device: attention heads and the dense/shared MLP columns split (tensor
+    /// parallel), routed experts split (expert parallel), an all-reduce after o_proj and after the FFN.
+    /// </summary>
+    TensorExpertParallel,
+}
+
+/// <summary>Which device holds routed expert e under <see cref="PlacementKind.TensorExpertParallel"/>.</summary>
+public enum ExpertAssignment
+{
+    /// <summary>Expert e on device e mod N: each expert group spreads over all devices, so group-limited routing loads them evenly.</summary>
+    RoundRobin,
+
+    /// <summary>Contiguous ranges: experts [d·E/N, (d+1)·E/N) on device d.</summary>
+    Contiguous,
+}
+
+/// <summary>One checkpoint tensor (or a slice of it) placed on one device.</summary>
+/// <param name="Tensor">Checkpoint tensor name (<see cref="CheckpointLayout"/>).</param>
+/// <param name="Device">Device index.</param>
+/// <param name="Slice">The rectangle of a 2-D tensor the device holds; null for the whole tensor.</param>
+/// <param name="Bytes">Stored bytes of what the device holds (checkpoint dtype).</param>
+public sealed record TensorPlacement(string Tensor, int Device, TensorSlice? Slice, long Bytes);
+
+/// <summary>A plan that cannot work for the model and device count (the message names the numbers).</summary>
+public sealed class PlacementException(string message) : InvalidOperationException(message);
+
+/// <summary>
+/// Which device gets which checkpoint tensor, or which slice of it. Pure: computed from the config and
+/// the device count, no I/O. Choices (see DESIGN.md "Several GPUs"):
+/// <list type="bullet">
+/// <item>Tensor/expert parallel: heads are split contiguously (H mod N must be 0); each device holds its
+/// heads' rows of q_b and kv_b and columns of o_proj, and the <b>whole</b> latent cache: MLA's latent
+/// (kv_lora_rank + rope per token) is shared by all heads, so every device computes the replicated
+/// q_a/kv_a projections and appends the same latent; the cache is small (576 values per token per layer)
+/// and splitting it would cost a collective inside attention. Routed experts are split by
+/// <see cref="ExpertAssignment"/>; the dense MLP and the shared experts are split by hidden columns
+/// (gate/up rows, down columns, ragged when N does not divide the width), so their outputs are partial
+/// sums completed by the same all-reduce as the routed experts'. Norms, q_a, kv_a, the router and the
+/// embedding are replicated; lm_head lives on device 0 (every device has the same hidden state after the
+/// last all-reduce).</item>
+/// <item>Pipeline: each device holds whole layers; a stage also holds the next stage's first
+/// input_layernorm (it computes that norm in its last fused residual step).</item>
+/// <item>MTP: placed only when asked (like a last layer); its copies of the embedding and head are never
+/// loaded (the main ones serve, README_WEIGHTS: shared parameters).</item>
+/// </list>
+/// </summary>
+public sealed class PlacementPlan
+{
+    private readonly LayerShard?[] _shards;
+    private readonly List<TensorPlacement>[] _byDevice;
+
+    private PlacementPlan(ModelConfig config, PlacementKind kind, int devices, bool includeMtp, (int Start, int Count)[] stages,
+        LayerShard?[] shards, List<TensorPlacement> placements, Dictionary<string, string> skipped)
+    {
+        Config = config;
+        Kind = kind;
+        DeviceCount = devices;
+        IncludesMtp = includeMtp;
+        Stages = stages;
+        _shards = shards;
+        Placements = placements;
+        Skipped = skipped;
+        _byDevice = [.. Enumerable.Range(0, devices).Select(d => placements.Where(p => p.Device == d).ToList())];
+    }
+
+    /// <summary>The model config.</summary>
+    public ModelConfig Config { get; }
+
+    /// <summary>Pipeline or tensor/expert parallel.</summary>
+    public PlacementKind Kind { get; }
+
+    /// <summary>Devices N.</summary>
+    public int DeviceCount { get; }
+
+    /// <summary>Whether the MTP layer is placed.</summary>
+    public bool IncludesMtp { get; }
+
+    /// <summary>Main layers each device runs (start, count): disjoint ranges for a pipeline, all layers on every device otherwise.</summary>
+    public IReadOnlyList<(int Start, int Count)> Stages { get; }
+
+    /// <summary>Every placement, in layer order.</summary>
+    public IReadOnlyList<TensorPlacement> Placements { get; }
+
+    /// <summary>Checkpoint tensors placed nowhere, with the reason.</summary>
+    public IReadOnlyDictionary<string, string> Skipped { get; }
+
+    /// <summary>The device that holds lm_head and produces logits.</summary>
+    public int HeadDevice => Kind == PlacementKind.Pipeline ? DeviceCount - 1 : 0;
+
+    /// <summary>The device that holds the MTP layer under a pipeline (the last one).</summary>
+    public int MtpDevice => DeviceCount - 1;
+
+    /// <summary>The part of every layer <paramref name="device"/> holds under tensor/expert parallelism; null for a pipeline (whole layers).</summary>
+    public LayerShard? Shard(int device) => _shards[device];
+
+    /// <summary>What <paramref name="device"/> holds.</summary>
+    public IReadOnlyList<TensorPlacement> On(int device) => _byDevice[device];
+
+    /// <summary>Stored bytes placed on <paramref name="device"/> (weights only; the KV cache and activations come on top).</summary>
+    public long BytesOn(int device) => _byDevice[device].Sum(p => p.Bytes);
+
+    /// <summary>
+    /// The placements grouped by the shard file that holds each tensor, in the checkpoint's shard order:
+    /// a loader that walks this reads each shard once, sequentially, and fans each tensor out to its devices.
+    /// </summary>
+    public IReadOnlyList<(string Shard, IReadOnlyList<TensorPlacement> Placements)> LoadOrder(Checkpoint checkpoint)
+    {
+        ArgumentNullException.ThrowIfNull(checkpoint);
+        var order = checkpoint.ShardFiles.Select((f, i) => (f, i)).ToDictionary(x => x.f, x => x.i);
+        return
+        [
+            .. Placements.GroupBy(p => checkpoint.Get(p.Tensor).FilePath)
+                .OrderBy(g => order.GetValueOrDefault(g.Key, int.MaxValue))
+                .Select(g => (g.Key, (IReadOnlyList<TensorPlacement>)[.. g])),
+        ];
+    }
+
+    /// <summary>
+    /// The planner: one device runs the whole model; otherwise tensor/expert parallel when the heads
+    /// divide and it fits (it is what makes several GPUs decode faster), else a pipeline when that fits.
+    /// </summary>
+    /// <param name="config">The model.</param>
+    /// <param name="devices">Devices N (1..8 on one server; any positive count is planned).</param>
+    /// <param name="deviceMemoryBytes">Memory of each device.</param>
+    /// <param name="weightFraction">Share of each device's memory the weights may take (the rest: KV cache, activations, workspace).</param>
+    /// <exception cref="PlacementException">No plan fits; the message gives the bytes per device each plan needs.</exception>
+    public static PlacementPlan Choose(ModelConfig config, int devices, long deviceMemoryBytes, double weightFraction = 0.9)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentOutOfRangeException.ThrowIfLessThan(devices, 1);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(deviceMemoryBytes);
+        if (weightFraction is <= 0 or > 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(weightFraction), weightFraction, "must be in (0, 1]");
+        }
+
+        var budget = (long)(deviceMemoryBytes * weightFraction);
+        var reasons = new List<string>();
+        if (devices > 1)
+        {
+            try
+            {
+                var tp = TensorExpertParallel(config, devices);
+                var need = Enumerable.Range(0, devices).Max(tp.BytesOn);
+                if (need <= budget)
+                {
+                    return tp;
+                }
+
+                reasons.Add($"tensor/expert parallel needs {need} bytes on a device");
+            }
+            catch (PlacementException e)
+            {
+                reasons.Add("tensor/expert parallel: " + e.Message);
+            }
+        }
+
+        try
+        {
+            var pp = Pipeline(config, devices);
+            var need = Enumerable.Range(0, devices).Max(pp.BytesOn);
+            if (need <= budget)
+            {
+                return pp;
+            }
+
+            reasons.Add($"pipeline needs {need} bytes on a device");
+        }
+        catch (PlacementException e)
+        {
+            reasons.Add("pipeline: " + e.Message);
+        }
+
+        throw new PlacementException(
+            $"no placement of the model on {devices} device(s) of {deviceMemoryBytes} bytes fits in the weight budget of {budget} bytes ({weightFraction:P0}): {string.Join("; ", reasons)}");
+    }
+
+    /// <summary>A pipeline: contiguous layer ranges balanced by stored bytes (the embedding counts with the first layer, norm and lm_head with the last).</summary>
+    /// <exception cref="PlacementException">Fewer main layers than devices.</exception>
+    public static PlacementPlan Pipeline(ModelConfig config, int devices, bool includeMtp = false)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentOutOfRangeException.ThrowIfLessThan(devices, 1);
+        var layers = config.NumHiddenLayers;
+        if (layers < devices)
+        {
+            throw new PlacementException($"a pipeline over {devices} devices needs at least {devices} layers; the model has {layers}");
+        }
+
+        var b = new Builder(config, includeMtp);
+        var weight = new long[layers];
+        for (var i = 0; i < layers; i++)
+        {
+            weight[i] = b.Expected.Values.Where(t => t.Layer == i).Sum(Builder.StoredBytes);
+        }
+
+        weight[0] += Builder.StoredBytes(b.Expected[CheckpointLayout.Embedding]);
+        weight[layers - 1] += Builder.StoredBytes(b.Expected[CheckpointLayout.FinalNorm])
+                              + (config.TieWordEmbeddings ? 0 : Builder.StoredBytes(b.Expected[CheckpointLayout.LmHead]))
+                              + (includeMtp ? b.MtpBytes() : 0);
+        var stages = Partition(weight, devices);
+
+        b.Whole(CheckpointLayout.Embedding, 0);
+        for (var d = 0; d < devices; d++)
+        {
+            var (start, count) = stages[d];
+            for (var i = start; i < start + count; i++)
+            {
+                b.WholeLayer(i, d);
+            }
+
+            if (d + 1 < devices)
+            {
+                // The stage's last fused residual step computes the next stage's first input norm.
+                b.Whole(CheckpointLayout.Layer(config, start + count).InputNorm, d);
+            }
+        }
+
+        b.Whole(CheckpointLayout.FinalNorm, devices - 1);
+        if (!config.TieWordEmbeddings)
+        {
+            b.Whole(CheckpointLayout.LmHead, devices - 1);
+        }
+        else
+        {
+            b.Whole(CheckpointLayout.Embedding, devices - 1);
+        }
+
+        if (includeMtp)
+        {
+            foreach (var i in b.MtpLayers())
+            {
+                b.WholeLayer(i, devices - 1);
+            }
+        }
+
+        return b.Build(PlacementKind.Pipeline, devices, stages, new LayerShard?[devices]);
+    }
+
+    /// <summary>Tensor parallel attention and dense/shared MLP with expert parallel MoE (see the class remarks).</summary>
+    /// <exception cref="PlacementException">The heads do not divide by N, or there are fewer experts or MLP columns than devices.</exception>
+    public static PlacementPlan TensorExpertParallel(ModelConfig config, int devices, ExpertAssignment experts = ExpertAssignment.RoundRobin,
+        bool includeMtp = false)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentOutOfRangeException.ThrowIfLessThan(devices, 1);
+        var heads = config.NumAttentionHeads;
+        if (heads % devices != 0)
+        {
+            throw new PlacementException($"{heads} attention heads do not divide across {devices} devices (tensor parallel attention splits heads evenly)");
+        }
+
+        var moe = Enumerable.Range(0, config.NumHiddenLayers).Any(config.IsMoeLayer);
+        if (moe && config.NRoutedExperts < devices)
+        {
+            throw new PlacementException($"{config.NRoutedExperts} routed experts cannot be spread over {devices} devices (expert parallelism needs at least one per device)");
+        }
+
+        var dense = Enumerable.Range(0, config.NumHiddenLayers).Any(i => !config.IsMoeLayer(i));
+        if (dense && config.IntermediateSize < devices)
+        {
+            throw new PlacementException($"the dense MLP's {config.IntermediateSize} columns cannot be split over {devices} devices");
+        }
+
+        if (moe && config.NSharedExperts > 0 && config.SharedIntermediateSize < devices)
+        {
+            throw new PlacementException($"the shared experts' {config.SharedIntermediateSize} columns cannot be split over {devices} devices");
+        }
+
+        var shards = new LayerShard?[devices];
+        for (var d = 0; d < devices; d++)
+        {
+            var held = Enumerable.Range(0, config.NRoutedExperts).Where(e => experts == ExpertAssignment.RoundRobin
+                ? e % devices == d
+                : Split(config.NRoutedExperts, devices, d) is var r && e >= r.Start && e < r.Start + r.Count).ToArray();
+            shards[d] = new LayerShard(d * heads / devices, heads / devices, held, Split(config.IntermediateSize, devices, d),
+                config.NSharedExperts > 0 ? Split(config.SharedIntermediateSize, devices, d) : (0, 0));
+        }
+
+        var b = new Builder(config, includeMtp);
+        for (var d = 0; d < devices; d++)
+        {
+            b.Whole(CheckpointLayout.Embedding, d);
+            b.Whole(CheckpointLayout.FinalNorm, d);
+            for (var i = 0; i < config.NumHiddenLayers; i++)
+            {
+                b.ShardedLayer(i, d, shards[d]!);
+            }
+
+            if (includeMtp)
+            {
+                foreach (var i in b.MtpLayers())
+                {
+                    b.ShardedLayer(i, d, shards[d]!);
+                }
+            }
+        }
+
+        if (!config.TieWordEmbeddings)
+        {
+            b.Whole(CheckpointLayout.LmHead, 0);
+        }
+
+        var all = Enumerable.Repeat((0, config.NumHiddenLayers), devices).ToArray();
+        return b.Build(PlacementKind.TensorExpertParallel, devices, all, shards);
+    }
+
+    /// <summary>Part <paramref name="index"/> of <paramref name="count"/> items split into <paramref name="parts"/> ragged ranges (sizes differ by at most one).</summary>
+    internal static (int Start, int Count) Split(int count, int parts, int index)
+    {
+        var start = (int)((long)count * index / parts);
+        var end = (int)((long)count * (index + 1) / parts);
+        return (start, end - start);
+    }
+
+    /// <summary>Contiguous ranges of <paramref name="weight"/> into exactly <paramref name="parts"/> non-empty parts minimizing the largest sum.</summary>
+    internal static (int Start, int Count)[] Partition(IReadOnlyList<long> weight, int parts)
+    {
+        long lo = weight.Max(), hi = weight.Sum();
+        while (lo < hi)
+        {
+            var mid = lo + (hi - lo) / 2;
+            if (Cut(weight, parts, mid).Count <= parts)
+            {
+                hi = mid;
+            }
+            else
+            {
+                lo = mid + 1;
+            }
+        }
+
+        var ranges = Cut(weight, parts, lo);
+        if (ranges.Count != parts)
+        {
+            throw new InvalidOperationException($"partition produced {ranges.Count} parts for {parts}");
+        }
+
+        return [.. ranges];
+    }
+
+    /// <summary>Greedy cuts under <paramref name="capacity"/>, also cutting whenever the items left only just cover the parts left.</summary>
+    private static List<(int Start, int Count)> Cut(IReadOnlyList<long> weight, int parts, long capacity)
+    {
+        var ranges = new List<(int Start, int Count)>();
+        int start = 0;
+        long sum = 0;
+        for (var i = 0; i < weight.Count; i++)
+        {
+            // Items i.. must still fill the parts after the current one.
+            var mustCut = weight.Count - i <= parts - ranges.Count - 1;
+            if (i > start && (sum + weight[i] > capacity || mustCut))
+            {
+                ranges.Add((start, i - start));
+                start = i;
+                sum = 0;
+            }
+
+            sum += weight[i];
+        }
+
+        ranges.Add((start, weight.Count - start));
+        return ranges;
+    }
+
+    /// <summary>Accumulates placements and checks every tensor against the checkpoint's expected list.</summary>
+    private sealed class Builder
+    {
+        private readonly ModelConfig _c;
+        private readonly bool _mtp;
+        private readonly List<TensorPlacement> _placements = [];
+
+        public Builder(ModelConfig config, bool includeMtp)
+        {
+            _c = config;
+            _mtp = includeMtp;
+            Expected = CheckpointLayout.Expected(config).ToDictionary(t => t.Name);
+        }
+
+        public Dictionary<string, ExpectedTensor> Expected { get; }
+
+        public static long StoredBytes(ExpectedTensor t) => t.Shape.Aggregate(1L, (a, s) => a * s) * DTypes.SizeOf(t.DType);
+
+        public IEnumerable<int> MtpLayers() => Enumerable.Range(_c.NumHiddenLayers, _c.NumNextNPredictLayers);
+
+        public long MtpBytes() => MtpLayers().Sum(i => MtpLayerTensors(i).Sum(n => StoredBytes(Expected[n])));
+
+        /// <summary>The MTP layer's own tensors: everything stored under its prefix but its embedding and head copies.</summary>
+        private IEnumerable<string> MtpLayerTensors(int i)
+        {
+            var n = CheckpointLayout.Layer(_c, i);
+            return Expected.Values.Where(t => t.Layer == i && t.Name != n.MtpEmbedding && t.Name != n.MtpHead).Select(t => t.Name);
+        }
+
+        public void Whole(string name, int device) => _placements.Add(new TensorPlacement(name, device, null, StoredBytes(Expected[name])));
+
+        public void WholeLayer(int layer, int device)
+        {
+            var n = CheckpointLayout.Layer(_c, layer);
+            foreach (var t in Expected.Values.Where(t => t.Layer == layer))
+            {
+                if (n.IsMtp && (t.Name == n.MtpEmbedding || t.Name == n.MtpHead))
+                {
+                    continue;
+                }
+
+                Whole(t.Name, device);
+            }
+        }
+
+        public void ShardedLayer(int layer, int device, LayerShard shard)
+        {
+            var n = CheckpointLayout.Layer(_c, layer);
+            var sliced = new List<LinearSpec>();
+            var (qb, kvb, o) = shard.Attention(_c, n);
+            sliced.AddRange([qb, kvb, o]);
+            if (n.IsMoe)
+            {
+                foreach (var e in shard.Experts)
+                {
+                    foreach (var spec in n.Expert(e))
+                    {
+                        Linear(spec, device);
+                    }
+                }
+
+                if (_c.NSharedExperts > 0)
+                {
+                    sliced.AddRange(LayerShard.SliceMlp(n.SharedExpert, shard.Shared));
+                }
+            }
+            else
+            {
+                sliced.AddRange(LayerShard.SliceMlp(n.DenseMlp, shard.Dense));
+            }
+
+            foreach (var spec in sliced)
+            {
+                Linear(spec, device);
+            }
+
+            // Replicated: everything of the layer that is neither sliced nor a routed expert.
+            var taken = new HashSet<string>(sliced.SelectMany(s => new[] { s.Weight, s.Scale }));
+            var expertPrefix = CheckpointLayout.LayerPrefix(layer) + "mlp.experts.";
+            foreach (var t in Expected.Values.Where(t => t.Layer == layer))
+            {
+                if (taken.Contains(t.Name) || t.Name.StartsWith(expertPrefix, StringComparison.Ordinal)
+                    || (n.IsMtp && (t.Name == n.MtpEmbedding || t.Name == n.MtpHead)))
+                {
+                    continue;
+                }
+
+                Whole(t.Name, device);
+            }
+        }
+
+        /// <summary>A linear weight (whole or slice) and, when FP8, the block rows/columns of its scale grid that cover the slice.</summary>
+        private void Linear(LinearSpec spec, int device)
+        {
+            var w = Expected[spec.Weight];
+            var s = spec.Slice;
+            var size = DTypes.SizeOf(w.DType);
+            _placements.Add(new TensorPlacement(spec.Weight, device, s is { IsWhole: false } ? s : null, (long)spec.Out * spec.In * size));
+            if (Expected.TryGetValue(spec.Scale, out var scale) && _c.Quantization is { } q)
+            {
+                if (s is null or { IsWhole: true })
+                {
+                    Whole(spec.Scale, device);
+                    return;
+                }
+
+                int r0 = s.RowStart / q.BlockRows, r1 = CheckpointLayout.CeilDiv(s.RowStart + s.Rows, q.BlockRows);
+                int c0 = s.ColStart / q.BlockCols, c1 = CheckpointLayout.CeilDiv(s.ColStart + s.Cols, q.BlockCols);
+                var grid = new TensorSlice((int)scale.Shape[0], (int)scale.Shape[1], r0, r1 - r0, c0, c1 - c0);
+                _placements.Add(new TensorPlacement(spec.Scale, device, grid.IsWhole ? null : grid, (long)grid.Rows * grid.Cols * DTypes.SizeOf(scale.DType)));
+            }
+        }
+
+        public PlacementPlan Build(PlacementKind kind, int devices, (int Start, int Count)[] stages, LayerShard?[] shards)
+        {
+            var placed = _placements.Select(p => p.Tensor).ToHashSet();
+            var skipped = new Dictionary<string, string>();
+            foreach (var name in Expected.Keys.Where(n => !placed.Contains(n)))
+            {
+                var t = Expected[name];
+                skipped[name] = t.Layer >= _c.NumHiddenLayers
+                    ? _mtp ? "MTP copy of the main embedding/head (the main one serves)" : "MTP layer not placed"
+                    : throw new InvalidOperationException($"placement plan left '{name}' on no device");
+            }
+
+            return new PlacementPlan(_c, kind, devices, _mtp, stages, shards, _placements, skipped);
+        }
+    }
+}

@@ -1,0 +1,230 @@
+using DeepSeekCuda.Distributed;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Synthetic;
+
+namespace DeepSeekCuda.Tests.Distributed;
+
+/// <summary>Placement plans are pure: every tensor placed, bytes balanced, slices cover each tensor exactly, clear errors.</summary>
+[TestClass]
+public sealed class PlacementPlanTests
+{
+    public static IEnumerable<object[]> DeviceCounts => [[1], [2], [4], [8]];
+
+    [TestMethod]
+    [DynamicData(nameof(DeviceCounts))]
+    public void PipelinePlacesEveryTensorOnceInBalancedContiguousStages(int n)
+    {
+        var config = ModelPresets.DeepSeekV3;
+        var plan = PlacementPlan.Pipeline(config, n);
+        AssertEveryTensorPlaced(plan);
+
+        // Stages: contiguous, disjoint, covering 0..L-1 in order.
+        var next = 0;
+        foreach (var (start, count) in plan.Stages)
+        {
+            Assert.AreEqual(next, start);
+            Assert.IsTrue(count >= 1);
+            next = start + count;
+        }
+
+        Assert.AreEqual(config.NumHiddenLayers, next);
+
+        // Main-layer tensors sit on exactly one device; only the boundary input norms are on two.
+        var boundaryNorms = plan.Stages.Skip(1).Select(s => CheckpointLayout.Layer(config, s.Start).InputNorm).ToHashSet();
+        foreach (var group in plan.Placements.GroupBy(p => p.Tensor))
+        {
+            Assert.AreEqual(boundaryNorms.Contains(group.Key) ? 2 : 1, group.Count(), group.Key);
+            Assert.IsTrue(group.All(p => p.Slice is null), group.Key);
+        }
+
+        // Balanced: contiguous stages cannot beat the mean by less than one layer; the optimal partition is within that.
+        var bytes = Enumerable.Range(0, n).Select(plan.BytesOn).ToArray();
+        var maxLayer = Enumerable.Range(0, config.NumHiddenLayers).Max(i => LayerBytes(config, i));
+        var head = 2L * config.VocabSize * config.HiddenSize;
+        Assert.IsTrue(bytes.Max() <= bytes.Sum() / n + maxLayer + head, $"stage bytes {string.Join(", ", bytes)}");
+        Assert.AreEqual(n - 1, plan.HeadDevice);
+    }
+
+    [TestMethod]
+    [DynamicData(nameof(DeviceCounts))]
+    public void TensorExpertParallelSlicesTileEachTensorAndBalanceBytes(int n)
+    {
+        var config = ModelPresets.DeepSeekV3;
+        var plan = PlacementPlan.TensorExpertParallel(config, n);
+        AssertEveryTensorPlaced(plan);
+        var expected = CheckpointLayout.Expected(config).ToDictionary(t => t.Name);
+
+        foreach (var group in plan.Placements.GroupBy(p => p.Tensor))
+        {
+            var t = expected[group.Key];
+            var devices = group.Select(p => p.Device).ToArray();
+            Assert.AreEqual(devices.Length, devices.Distinct().Count(), $"{group.Key} placed twice on a device");
+            if (group.All(p => p.Slice is null))
+            {
+                // Whole tensors: replicated on every device, or on one (lm_head, a routed expert).
+                Assert.IsTrue(devices.Length == n || devices.Length == 1, $"{group.Key} on {devices.Length} devices");
+                continue;
+            }
+
+            // Sliced weights tile the tensor exactly (scale grids cover it, overlapping only at partial blocks).
+            Assert.AreEqual(n, devices.Length, group.Key);
+            if (t.DType == DType.F32)
+            {
+                continue;
+            }
+
+            // Disjoint rectangles whose areas add up to the whole tensor tile it exactly.
+            var slices = group.Select(p => p.Slice!).ToArray();
+            Assert.AreEqual(t.Shape[0] * t.Shape[1], slices.Sum(s => (long)s.Rows * s.Cols), $"{group.Key}: slices do not add up");
+            for (var i = 0; i < slices.Length; i++)
+            {
+                for (var j = i + 1; j < slices.Length; j++)
+                {
+                    TensorSlice a = slices[i], b = slices[j];
+                    var overlap = a.RowStart < b.RowStart + b.Rows && b.RowStart < a.RowStart + a.Rows
+                                  && a.ColStart < b.ColStart + b.Cols && b.ColStart < a.ColStart + a.Cols;
+                    Assert.IsFalse(overlap, $"{group.Key}: {a} and {b} overlap");
+                }
+            }
+        }
+
+        // Every routed expert on exactly one device, e mod N.
+        var n3 = CheckpointLayout.Layer(config, 3);
+        for (var e = 0; e < config.NRoutedExperts; e++)
+        {
+            var on = plan.Placements.Where(p => p.Tensor == n3.Expert(e)[0].Weight).Select(p => p.Device).ToArray();
+            CollectionAssert.AreEqual(new[] { e % n }, on);
+        }
+
+        // For V3 every slice is 128-aligned, so FP8 block scales split cleanly (a GPU keeps the codes as they are).
+        foreach (var p in plan.Placements.Where(p => p.Slice is not null && expected[p.Tensor].DType == DType.F8_E4M3))
+        {
+            Assert.IsTrue(p.Slice!.RowStart % 128 == 0 && p.Slice.ColStart % 128 == 0 && p.Slice.Rows % 128 == 0 && p.Slice.Cols % 128 == 0, $"{p.Tensor} {p.Slice}");
+        }
+
+        // Balance: replicated embedding/norms/q_a/kv_a/router are equal everywhere; lm_head (1.85 GB) is the
+        // only imbalance, under 5% of a device's ~85 GB at N = 8 and less at smaller N.
+        var bytes = Enumerable.Range(0, n).Select(plan.BytesOn).ToArray();
+        Assert.IsTrue(bytes.Max() <= bytes.Min() * 1.05, $"device bytes {string.Join(", ", bytes)}");
+        Assert.AreEqual(n > 1 ? 2L * config.VocabSize * config.HiddenSize : 0, bytes[0] - bytes[^1]);
+    }
+
+    [TestMethod]
+    public void ContiguousExpertsAndRaggedWidthsOnTinyPreset()
+    {
+        var config = ModelPresets.Tiny; // 3 heads, 12 experts, dense width 320, shared width 192
+        var plan = PlacementPlan.TensorExpertParallel(config, 3, ExpertAssignment.Contiguous, includeMtp: true);
+        AssertEveryTensorPlaced(plan);
+        CollectionAssert.AreEqual(new[] { 4, 5, 6, 7 }, plan.Shard(1)!.Experts.ToArray());
+        Assert.AreEqual(320, Enumerable.Range(0, 3).Sum(d => plan.Shard(d)!.Dense.Count));
+        // With MTP placed, only its copies of the embedding and head are left out.
+        var mtp = CheckpointLayout.Layer(config, config.NumHiddenLayers);
+        CollectionAssert.AreEquivalent(new[] { mtp.MtpEmbedding, mtp.MtpHead }, plan.Skipped.Keys.ToArray());
+    }
+
+    [TestMethod]
+    public void ImpossiblePlansNameTheNumbers()
+    {
+        var v3 = ModelPresets.DeepSeekV3;
+        var heads = Assert.ThrowsExactly<PlacementException>(() => PlacementPlan.TensorExpertParallel(v3, 3));
+        StringAssert.Contains(heads.Message, "128 attention heads");
+        StringAssert.Contains(heads.Message, "3 devices");
+
+        var layers = Assert.ThrowsExactly<PlacementException>(() => PlacementPlan.Pipeline(ModelPresets.Tiny, 4));
+        StringAssert.Contains(layers.Message, "4 devices");
+        StringAssert.Contains(layers.Message, "has 3");
+
+        var experts = Assert.ThrowsExactly<PlacementException>(() => PlacementPlan.TensorExpertParallel(ModelPresets.Tiny with { NumAttentionHeads = 16 }, 16));
+        StringAssert.Contains(experts.Message, "12 routed experts");
+
+        // 671B does not fit on one 80 GB device, nor on two; the message gives the bytes needed.
+        var memory = Assert.ThrowsExactly<PlacementException>(() => PlacementPlan.Choose(v3, 2, 80L << 30));
+        StringAssert.Contains(memory.Message, "bytes on a device");
+    }
+
+    [TestMethod]
+    public void PlannerPrefersTensorExpertParallelWhenItFits()
+    {
+        var v3 = ModelPresets.DeepSeekV3;
+        Assert.AreEqual(PlacementKind.TensorExpertParallel, PlacementPlan.Choose(v3, 8, 141L << 30).Kind); // 8 × H200
+        Assert.AreEqual(PlacementKind.Pipeline, PlacementPlan.Choose(ModelPresets.Tiny, 1, 1L << 30).Kind);
+        // Heads 3 do not divide by 2: the planner falls back to a pipeline.
+        Assert.AreEqual(PlacementKind.Pipeline, PlacementPlan.Choose(ModelPresets.Tiny, 2, 1L << 30).Kind);
+    }
+
+    [TestMethod]
+    public void PartitionIsOptimalOnSmallCases()
+    {
+        // Brute force over all cut positions: the planner's largest stage equals the best possible.
+        var rng = new Random(5);
+        for (var trial = 0; trial < 200; trial++)
+        {
+            var count = rng.Next(1, 9);
+            var parts = rng.Next(1, count + 1);
+            var w = Enumerable.Range(0, count).Select(_ => (long)rng.Next(1, 100)).ToArray();
+            var ranges = PlacementPlan.Partition(w, parts);
+            Assert.AreEqual(parts, ranges.Length);
+            Assert.AreEqual(count, ranges.Sum(r => r.Count));
+            var got = ranges.Max(r => w.Skip(r.Start).Take(r.Count).Sum());
+            Assert.AreEqual(BestMax(w, 0, parts), got, string.Join(",", w) + " / " + parts);
+        }
+
+        static long BestMax(long[] w, int from, int parts)
+        {
+            if (parts == 1)
+            {
+                return w.Skip(from).Sum();
+            }
+
+            var best = long.MaxValue;
+            for (var end = from + 1; end <= w.Length - parts + 1; end++)
+            {
+                best = Math.Min(best, Math.Max(w[from..end].Sum(), BestMax(w, end, parts - 1)));
+            }
+
+            return best;
+        }
+    }
+
+    [TestMethod]
+    public void LoadOrderVisitsEachShardOnce()
+    {
+        var dir = Path.Combine(Path.GetTempPath(), "dscuda-plan-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            SyntheticCheckpoint.Write(dir, ModelPresets.Tiny, 3, shards: 3);
+            using var checkpoint = Checkpoint.Open(dir);
+            var plan = PlacementPlan.TensorExpertParallel(ModelPresets.Tiny, 3);
+            var order = plan.LoadOrder(checkpoint);
+            Assert.AreEqual(order.Count, order.Select(o => o.Shard).Distinct().Count());
+            CollectionAssert.AreEqual(checkpoint.ShardFiles.Where(f => order.Any(o => o.Shard == f)).ToArray(), order.Select(o => o.Shard).ToArray());
+            Assert.AreEqual(plan.Placements.Count, order.Sum(o => o.Placements.Count));
+            foreach (var (shard, placements) in order)
+            {
+                Assert.IsTrue(placements.All(p => checkpoint.Get(p.Tensor).FilePath == shard));
+            }
+        }
+        finally
+        {
+            Directory.Delete(dir, true);
+        }
+    }
+
+    private static void AssertEveryTensorPlaced(PlacementPlan plan)
+    {
+        var placed = plan.Placements.Select(p => p.Tensor).ToHashSet();
+        foreach (var t in CheckpointLayout.Expected(plan.Config))
+        {
+            Assert.IsTrue(placed.Contains(t.Name) ^ plan.Skipped.ContainsKey(t.Name), $"{t.Name}: placed {placed.Contains(t.Name)}, skipped {plan.Skipped.ContainsKey(t.Name)}");
+            if (t.Layer < plan.Config.NumHiddenLayers)
+            {
+                Assert.IsTrue(placed.Contains(t.Name), t.Name);
+            }
+        }
+
+        Assert.IsTrue(plan.Placements.All(p => p.Device >= 0 && p.Device < plan.DeviceCount && p.Bytes > 0));
+    }
+
+    private static long LayerBytes(ModelConfig config, int layer) =>
+        CheckpointLayout.Expected(config).Where(t => t.Layer == layer).Sum(t => t.Shape.Aggregate(1L, (a, s) => a * s) * DTypes.SizeOf(t.DType));
+}

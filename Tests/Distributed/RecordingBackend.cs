@@ -1,0 +1,92 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Loader;
+
+namespace DeepSeekCuda.Tests.Distributed;
+
+/// <summary>
+/// A simulated device: forwards every call to an inner backend and records which checkpoint tensors (and
+/// which slices of them) the device received, so tests can hold loading to the placement plan.
+/// </summary>
+internal sealed class RecordingBackend(IBackend inner) : IBackend
+{
+    private readonly List<(string Tensor, TensorSlice? Slice)> _received = [];
+
+    /// <summary>Every weight uploaded: tensor name and slice (null for the whole tensor). Scale grids come with their FP8 weight.</summary>
+    public IReadOnlyList<(string Tensor, TensorSlice? Slice)> Received => _received;
+
+    public string Name => "recording " + inner.Name;
+
+    public Tensor Allocate(int rows, int cols) => inner.Allocate(rows, cols);
+    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols) => inner.Upload(values, rows, cols);
+    public void Download(Tensor tensor, Span<float> destination) => inner.Download(tensor, destination);
+    public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
+        inner.CopyRows(source, sourceRow, destination, destinationRow, count);
+
+    public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
+    {
+        Record(spec);
+        return inner.UploadLinear(checkpoint, spec);
+    }
+
+    public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon)
+    {
+        _received.Add((name, null));
+        return inner.UploadNorm(checkpoint, name, width, epsilon);
+    }
+
+    public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width)
+    {
+        _received.Add((name, null));
+        return inner.UploadEmbedding(checkpoint, name, rows, width);
+    }
+
+    public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width)
+    {
+        _received.Add((name, null));
+        return inner.UploadHead(checkpoint, name, vocab, width);
+    }
+
+    public GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options)
+    {
+        _received.Add((weight, null));
+        _received.Add((bias, null));
+        return inner.UploadGate(checkpoint, weight, bias, width, options);
+    }
+
+    public ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared)
+    {
+        foreach (var spec in experts.SelectMany(e => e).Concat(shared ?? []))
+        {
+            Record(spec);
+        }
+
+        return inner.UploadExperts(checkpoint, experts, shared);
+    }
+
+    public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs) => inner.UploadRope(cos, sin, positions, pairs);
+    public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => inner.AllocateLatentCache(capacity, latentDim, ropeDim);
+    public Routing AllocateRouting(int tokens, int experts, int topK) => inner.AllocateRouting(tokens, experts, topK);
+    public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights) =>
+        inner.DownloadRouting(routing, scores, indices, weights);
+    public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output) => inner.Embedding(table, ids, output);
+    public void RmsNorm(Tensor x, NormWeight weight, Tensor output) => inner.RmsNorm(x, weight, output);
+    public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed) => inner.AddRmsNorm(residual, delta, weight, normed);
+    public void Linear(Tensor x, LinearWeight weight, Tensor y) => inner.Linear(x, weight, y);
+    public void Logits(Tensor x, LinearWeight head, Tensor logits) => inner.Logits(x, head, logits);
+    public void SiluMul(Tensor gate, Tensor up, Tensor output) => inner.SiluMul(gate, up, output);
+    public void ConcatColumns(Tensor a, Tensor b, Tensor output) => inner.ConcatColumns(a, b, output);
+    public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset) =>
+        inner.ApplyRope(x, rope, startPosition, headStride, ropeOffset);
+    public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition) =>
+        inner.AppendLatent(kv, latentNorm, rope, cache, startPosition);
+    public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output) =>
+        inner.MlaAttentionNaive(q, cache, kvB, dims, startPosition, scale, output);
+    public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output) =>
+        inner.MlaAttentionAbsorbed(q, cache, kvB, dims, startPosition, scale, output);
+    public void MoeGate(Tensor x, GateWeight gate, Routing routing) => inner.MoeGate(x, gate, routing);
+    public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y) => inner.MoeExperts(x, routing, experts, y);
+
+    public void Dispose() => inner.Dispose();
+
+    private void Record(LinearSpec spec) => _received.Add((spec.Weight, spec.Slice is { IsWhole: false } s ? s : null));
+}
