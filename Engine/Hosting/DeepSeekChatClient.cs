@@ -4,6 +4,7 @@ using System.Runtime.CompilerServices;
 using System.Text;
 using System.Text.Json;
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Serving;
 using DeepSeekCuda.Text;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.Logging;
@@ -17,9 +18,12 @@ namespace DeepSeekCuda.Hosting;
 /// <see cref="TextReasoningContent"/> and the answer as <see cref="TextContent"/>.
 /// </summary>
 /// <remarks>
-/// Requests run one at a time: the CPU backend uses every core for a single sequence, so concurrent
-/// requests would only slow each other down and multiply KV-cache memory. Callers queue on a
-/// semaphore (cancellable while waiting). Batching several sequences arrives with the GPU engine.
+/// Every request is submitted to one shared <see cref="BatchScheduler"/> (continuous batching): concurrent
+/// calls join and leave the running batch between steps, up to <see cref="DeepSeekChatClientOptions.MaxBatch"/>
+/// at once, and each one's output is what it would be alone. Cancelling a call removes its request and
+/// returns its cache blocks before the call's enumeration ends. The step runner does the model work: by
+/// default a <see cref="SessionStepRunner"/> (one session per request, run one after another, as the CPU
+/// backend needs); a batched GPU runner plugs in through the constructor.
 /// Tool definitions in <see cref="ChatOptions.Tools"/> are not rendered (the DeepSeek templates have no
 /// slot for them) and tool calls in the output are not parsed; past calls and results are rendered.
 /// </remarks>
@@ -35,13 +39,13 @@ public sealed class DeepSeekChatClient : IChatClient
     private readonly DeepSeekChatClientOptions _options;
     private readonly ILogger _logger;
     private readonly DeepSeekCudaMetrics _metrics;
-    // Never disposed: it has no wait handle (AvailableWaitHandle is not used), and a request still in
-    // flight when the client is disposed must be able to release it.
-    private readonly SemaphoreSlim _gate = new(1, 1);
+    private readonly IStepRunner _runner;
+    private readonly BatchScheduler _scheduler;
+    private readonly CancellationTokenSource _stopScheduler = new();
     private readonly Lock _state = new();
     private readonly bool _disposeModel;
     private bool _disposed;
-    private bool _running;
+    private int _active;
     private int _released;
 
     /// <summary>Creates a chat client.</summary>
@@ -51,22 +55,58 @@ public sealed class DeepSeekChatClient : IChatClient
     /// <param name="logger">Receives generation start/finish events.</param>
     /// <param name="meterFactory">Creates the "DeepSeekCuda" meter; null for a meter owned by this client.</param>
     /// <param name="disposeModel">Dispose <paramref name="model"/> with this client.</param>
-    public DeepSeekChatClient(ILanguageModel model, ITokenizer tokenizer, DeepSeekChatClientOptions? options = null, ILogger<DeepSeekChatClient>? logger = null, IMeterFactory? meterFactory = null, bool disposeModel = false)
+    /// <param name="stepRunner">
+    /// Runs the scheduler's steps over <paramref name="model"/>; owned by this client (disposed with it).
+    /// Null: a <see cref="SessionStepRunner"/> over <paramref name="model"/>.
+    /// </param>
+    /// <exception cref="ArgumentException">Speculative decoding is required but the runner cannot draft.</exception>
+    public DeepSeekChatClient(ILanguageModel model, ITokenizer tokenizer, DeepSeekChatClientOptions? options = null, ILogger<DeepSeekChatClient>? logger = null, IMeterFactory? meterFactory = null, bool disposeModel = false, IStepRunner? stepRunner = null)
     {
-        _generator = new TextGenerator(model, tokenizer);
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(tokenizer);
         _options = options ?? new DeepSeekChatClientOptions();
-        _options.DefaultSampling.Validate();
+        _options.Validate();
         _logger = (ILogger?)logger ?? NullLogger.Instance;
+        _runner = stepRunner ?? new SessionStepRunner(model);
+        try
+        {
+            // The CPU runner's sessions hold their own caches: the pool is bookkeeping there, sized so
+            // that MaxBatch full-length requests fit unless the options say otherwise.
+            var blocksPerRequest = KvBlockManager.BlocksFor(_runner.MaxSequenceLength);
+            var blocks = new KvBlockManager(_options.KvCacheBlocks ?? checked(_options.MaxBatch * blocksPerRequest), _options.MaxBatch, blocksPerRequest);
+            _scheduler = new BatchScheduler(_runner, blocks, TextGenerator.SchedulerOptionsFor(tokenizer, new SchedulerOptions
+            {
+                MaxBatch = _options.MaxBatch,
+                MaxTokensPerStep = _options.MaxTokensPerStep,
+                SpeculativeDecoding = _options.SpeculativeDecoding,
+            }), _logger);
+        }
+        catch
+        {
+            if (stepRunner is null)
+            {
+                _runner.Dispose();
+            }
+
+            throw;
+        }
+
+        _generator = new TextGenerator(model, tokenizer, _scheduler);
         _metrics = new DeepSeekCudaMetrics(_options.ModelId, meterFactory);
+        _metrics.ObserveScheduler(_scheduler);
         _disposeModel = disposeModel;
         Metadata = new ChatClientMetadata(ProviderName, providerUri: null, defaultModelId: _options.ModelId);
+        _ = _scheduler.RunAsync(_stopScheduler.Token); // ends at ReleaseResources; a failed step is logged and fails only its requests
     }
 
     /// <summary>Provider "DeepSeekCuda" and the configured model id.</summary>
     public ChatClientMetadata Metadata { get; }
 
-    /// <summary>The generator, for callers that want token-level control.</summary>
+    /// <summary>The generator, for callers that want token-level control (its calls run on <see cref="Scheduler"/> too).</summary>
     public TextGenerator Generator => _generator;
+
+    /// <summary>The scheduler every request of this client runs on: its counters, running requests and block pool.</summary>
+    public BatchScheduler Scheduler => _scheduler;
 
     /// <inheritdoc/>
     public async Task<ChatResponse> GetResponseAsync(IEnumerable<ChatMessage> messages, ChatOptions? options = null, CancellationToken cancellationToken = default)
@@ -147,13 +187,18 @@ public sealed class DeepSeekChatClient : IChatClient
             return _generator.Tokenizer;
         }
 
+        if (serviceType == typeof(BatchScheduler))
+        {
+            return _scheduler;
+        }
+
         return serviceType == typeof(DeepSeekCudaMetrics) ? _metrics : null;
     }
 
     /// <summary>
-    /// Disposes the client (and the model, when it owns it). A request already generating finishes first:
-    /// the model is released when it ends, never under a running forward pass. Requests still queued, and
-    /// any later ones, throw <see cref="ObjectDisposedException"/>.
+    /// Disposes the client (and the model, when it owns it). Requests already submitted (running or
+    /// waiting for a slot) finish first: the scheduler, the runner and the model are released when the last
+    /// one ends, never under a running forward pass. Later requests throw <see cref="ObjectDisposedException"/>.
     /// </summary>
     public void Dispose()
     {
@@ -165,9 +210,9 @@ public sealed class DeepSeekChatClient : IChatClient
             }
 
             _disposed = true;
-            if (_running)
+            if (_active > 0)
             {
-                return; // the running request releases everything when it ends
+                return; // the last request releases everything when it ends
             }
         }
 
@@ -181,6 +226,11 @@ public sealed class DeepSeekChatClient : IChatClient
             return;
         }
 
+        // Dispose takes the step lock, so it waits for a step in flight; the loop then sees the disposed
+        // scheduler (or the stop token) and ends without touching the runner again.
+        _stopScheduler.Cancel();
+        _scheduler.Dispose();
+        _runner.Dispose();
         _metrics.Dispose();
         if (_disposeModel)
         {
@@ -284,23 +334,15 @@ public sealed class DeepSeekChatClient : IChatClient
         var reasoningMode = !_options.ParseReasoning ? ReasoningMode.None
             : _options.TemplateKind == ChatTemplateKind.R1 ? ReasoningMode.StartInReasoning : ReasoningMode.Detect;
 
-        if (_gate.CurrentCount == 0)
-        {
-            Log.WaitingForModel(_logger);
-        }
-
-        await _gate.WaitAsync(ct).ConfigureAwait(false);
-        bool disposedWhileQueued;
         lock (_state)
         {
-            disposedWhileQueued = _disposed;
-            _running = !disposedWhileQueued;
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            _active++;
         }
 
-        if (disposedWhileQueued)
+        if (_scheduler.RunningCount >= _options.MaxBatch)
         {
-            _gate.Release();
-            throw new ObjectDisposedException(nameof(DeepSeekChatClient));
+            Log.WaitingForSlot(_logger, _options.MaxBatch);
         }
 
         var responseId = Guid.NewGuid().ToString("N");
@@ -355,15 +397,13 @@ public sealed class DeepSeekChatClient : IChatClient
                 Log.GenerationAborted(_logger, generated, Stopwatch.GetElapsedTime(start).TotalSeconds);
             }
 
-            bool disposedWhileRunning;
+            bool releaseNow;
             lock (_state)
             {
-                _running = false;
-                disposedWhileRunning = _disposed;
+                releaseNow = --_active == 0 && _disposed;
             }
 
-            _gate.Release();
-            if (disposedWhileRunning)
+            if (releaseNow)
             {
                 ReleaseResources();
             }

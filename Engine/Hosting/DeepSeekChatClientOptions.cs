@@ -20,4 +20,42 @@ public sealed class DeepSeekChatClientOptions
     /// recognized only if the model writes one at the start of its answer.
     /// </summary>
     public bool ParseReasoning { get; set; } = true;
+
+    /// <summary>
+    /// Most requests decoding together (continuous batching: the rest wait for a slot). Default 16. Each
+    /// running request holds its own cache; on the CPU backend that is a full-length session per request.
+    /// </summary>
+    public int MaxBatch { get; set; } = 16;
+
+    /// <summary>
+    /// Token budget of one scheduler step: every running request's decode token first, then prompt chunks
+    /// (long prompts are prefilled over several steps, interleaved with the others' decoding). Default 512.
+    /// </summary>
+    public int MaxTokensPerStep { get; set; } = 512;
+
+    /// <summary>
+    /// MTP speculative decoding (the MTP module drafts a token, the next step verifies it). Null (default):
+    /// on when the model has an MTP module; true: required. Output does not change either way (the main
+    /// model's own samples, drawn in the same order); only the speed does.
+    /// </summary>
+    public bool? SpeculativeDecoding { get; set; }
+
+    /// <summary>
+    /// Cache blocks (64 tokens each) shared by all requests. Null (default): enough for
+    /// <see cref="MaxBatch"/> requests of the model's full context, so no request is ever preempted. With
+    /// fewer, a request that cannot grow preempts the newest one, which is re-prefilled later (its output
+    /// does not change).
+    /// </summary>
+    public int? KvCacheBlocks { get; set; }
+
+    internal void Validate()
+    {
+        DefaultSampling.Validate();
+        ArgumentOutOfRangeException.ThrowIfLessThan(MaxBatch, 1, nameof(MaxBatch));
+        ArgumentOutOfRangeException.ThrowIfLessThan(MaxTokensPerStep, 1, nameof(MaxTokensPerStep));
+        if (KvCacheBlocks is < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(KvCacheBlocks), KvCacheBlocks, "must be >= 1");
+        }
+    }
 }

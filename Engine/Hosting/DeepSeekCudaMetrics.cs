@@ -3,7 +3,8 @@ using System.Diagnostics.Metrics;
 namespace DeepSeekCuda.Hosting;
 
 /// <summary>
-/// The "DeepSeekCuda" meter: time to first token, decode throughput, tokens in and out. One instance per
+/// The "DeepSeekCuda" meter: time to first token, decode throughput, tokens in and out, and the scheduler's
+/// batch size and MTP acceptance (observed when collected). One instance per
 /// chat client (no static meter), created through <see cref="IMeterFactory"/> when the host has one so
 /// the host owns its lifetime and scope.
 /// </summary>
@@ -23,6 +24,21 @@ public sealed class DeepSeekCudaMetrics : IDisposable
 
     /// <summary>Counter: tokens generated.</summary>
     public const string TokensOutName = "deepseekcuda.tokens.output";
+
+    /// <summary>Gauge: requests holding a batch slot of the scheduler (the running batch size).</summary>
+    public const string RunningRequestsName = "deepseekcuda.batch.running";
+
+    /// <summary>Counter: scheduler steps that sampled (a request's share of a forward pass counts once per request).</summary>
+    public const string DecodeStepsName = "deepseekcuda.decode.steps";
+
+    /// <summary>Counter: MTP drafts verified by the main model.</summary>
+    public const string DraftedName = "deepseekcuda.mtp.drafted";
+
+    /// <summary>Counter: MTP drafts accepted (each one a token gained without its own step).</summary>
+    public const string AcceptedName = "deepseekcuda.mtp.accepted";
+
+    /// <summary>Gauge: accepted / drafted MTP drafts since the client started (0 before any draft).</summary>
+    public const string AcceptanceRateName = "deepseekcuda.mtp.acceptance_rate";
 
     private readonly Meter _meter;
     private readonly bool _ownsMeter;
@@ -53,6 +69,19 @@ public sealed class DeepSeekCudaMetrics : IDisposable
 
     /// <summary>Generated tokens.</summary>
     public Counter<long> TokensOut { get; }
+
+    /// <summary>
+    /// Adds the scheduler's instruments, read at collection time from its counters: running requests,
+    /// steps, MTP drafts, acceptances and their rate. Tokens per step = output tokens / steps.
+    /// </summary>
+    internal void ObserveScheduler(Serving.BatchScheduler scheduler)
+    {
+        _meter.CreateObservableGauge(RunningRequestsName, () => new Measurement<int>(scheduler.RunningCount, _modelTag), "{request}", "Requests holding a batch slot");
+        _meter.CreateObservableCounter(DecodeStepsName, () => new Measurement<long>(scheduler.Counters.Steps, _modelTag), "{step}", "Per-request decode steps that sampled");
+        _meter.CreateObservableCounter(DraftedName, () => new Measurement<long>(scheduler.Counters.Drafted, _modelTag), "{token}", "MTP drafts verified");
+        _meter.CreateObservableCounter(AcceptedName, () => new Measurement<long>(scheduler.Counters.Accepted, _modelTag), "{token}", "MTP drafts accepted");
+        _meter.CreateObservableGauge(AcceptanceRateName, () => new Measurement<double>(scheduler.Counters.AcceptanceRate, _modelTag), null, "Accepted / drafted MTP drafts");
+    }
 
     internal void RecordFirstToken(double seconds) => TimeToFirstToken.Record(seconds, _modelTag);
 

@@ -22,7 +22,7 @@ public sealed class DeepSeekCudaOptions
     /// <summary>Loads the model and tokenizer from <see cref="ModelPath"/>; default: <see cref="LocalModel.Load"/> on the CPU backend.</summary>
     public Func<string, (ILanguageModel Model, ITokenizer Tokenizer)>? Loader { get; set; }
 
-    /// <summary>Template, default sampling, model id and reasoning parsing of the chat client.</summary>
+    /// <summary>Template, default sampling, model id, reasoning parsing and batching (MaxBatch, MaxTokensPerStep, SpeculativeDecoding, KvCacheBlocks) of the chat client.</summary>
     public DeepSeekChatClientOptions Chat { get; } = new();
 
     internal (ILanguageModel Model, ITokenizer Tokenizer) Load(IServiceProvider services)

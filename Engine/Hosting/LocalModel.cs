@@ -5,6 +5,7 @@ using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
+using DeepSeekCuda.Serving;
 using DeepSeekCuda.Text;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
@@ -111,8 +112,14 @@ public sealed class LocalModel : ILanguageModel
             ModelId = Path.GetFileName(Directory.TrimEnd(Path.DirectorySeparatorChar)),
         };
 
-        return new DeepSeekChatClient(Model, Tokenizer, options, logger);
+        return new DeepSeekChatClient(Model, Tokenizer, options, logger, stepRunner: CreateStepRunner());
     }
+
+    /// <summary>
+    /// The step runner a chat client's scheduler drives (owned by the caller): one session per request
+    /// on this model's backend, with MTP drafting when the checkpoint has the module.
+    /// </summary>
+    public IStepRunner CreateStepRunner() => new SessionStepRunner(Model);
 
     /// <summary>R1's template ends the generation prompt with a forced <c>&lt;think&gt;</c>; V3's does not.</summary>
     internal static ChatTemplateKind DetectTemplate(string directory)

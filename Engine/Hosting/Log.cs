@@ -13,6 +13,6 @@ internal static partial class Log
     [LoggerMessage(EventId = 3, Level = LogLevel.Warning, Message = "Generation ended early (cancelled or failed) after {GeneratedTokens} tokens and {ElapsedSeconds:F2} s")]
     public static partial void GenerationAborted(ILogger logger, int generatedTokens, double elapsedSeconds);
 
-    [LoggerMessage(EventId = 4, Level = LogLevel.Debug, Message = "Waiting for the model: another generation is running")]
-    public static partial void WaitingForModel(ILogger logger);
+    [LoggerMessage(EventId = 4, Level = LogLevel.Debug, Message = "Waiting for a batch slot: {MaxBatch} requests are running")]
+    public static partial void WaitingForSlot(ILogger logger, int maxBatch);
 }

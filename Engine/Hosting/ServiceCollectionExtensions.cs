@@ -26,7 +26,7 @@ public static class ServiceCollectionExtensions
             throw new ArgumentException("DeepSeekCuda: set ModelPath (a checkpoint folder) or ModelFactory", nameof(configure));
         }
 
-        options.Chat.DefaultSampling.Validate();
+        options.Chat.Validate();
         services.AddSingleton(options);
         services.AddSingleton(sp =>
         {
@@ -37,7 +37,8 @@ public static class ServiceCollectionExtensions
                 options.Chat,
                 sp.GetService<ILoggerFactory>()?.CreateLogger<DeepSeekChatClient>(),
                 sp.GetService<IMeterFactory>(),
-                disposeModel: true);
+                disposeModel: true,
+                stepRunner: model is LocalModel local ? local.CreateStepRunner() : null);
         });
         services.AddSingleton<IChatClient>(sp => sp.GetRequiredService<DeepSeekChatClient>());
         return services;

@@ -1,28 +1,76 @@
 using System.Runtime.CompilerServices;
 using System.Text;
+using DeepSeekCuda.Serving;
 using DeepSeekCuda.Text;
 
 namespace DeepSeekCuda.Inference;
 
 /// <summary>
-/// Autoregressive generation over an <see cref="ILanguageModel"/>: prefill the prompt, then sample and
-/// feed back one token at a time, streaming the decoded text. Each call owns a fresh model session,
-/// disposed when the enumeration ends, so calls do not share state; whether the model tolerates
-/// concurrent sessions is the model's business (the chat client serializes them).
+/// Autoregressive generation over an <see cref="ILanguageModel"/>, streaming the decoded text: UTF-8
+/// reassembly, special tokens skipped, stop sequences, reasoning split. Tokens come from one of two
+/// sources, and the text handling is the same for both:
+/// <list type="bullet">
+/// <item>without a scheduler, each call owns a fresh model session (prefill, then one token per forward),
+/// disposed when the enumeration ends, so calls do not share state;</item>
+/// <item>with a <see cref="BatchScheduler"/>, each call is a request of that scheduler: concurrent calls
+/// share its steps (continuous batching), and each one's tokens are those it would get alone.</item>
+/// </list>
 /// </summary>
 public sealed class TextGenerator
 {
     private readonly ILanguageModel _model;
     private readonly ITokenizer _tokenizer;
     private readonly string? _bosText;
+    private readonly BatchScheduler? _scheduler;
 
-    /// <summary>Creates a generator for <paramref name="model"/> and <paramref name="tokenizer"/>.</summary>
+    /// <summary>Creates a generator for <paramref name="model"/> and <paramref name="tokenizer"/>; each call runs its own session.</summary>
     public TextGenerator(ILanguageModel model, ITokenizer tokenizer)
+        : this(model, tokenizer, null)
+    {
+    }
+
+    /// <summary>
+    /// Creates a generator whose calls are requests of <paramref name="scheduler"/> (not owned), which must
+    /// be running (<see cref="BatchScheduler.RunAsync"/>) over <paramref name="model"/>, with the
+    /// tokenizer's EOS as <see cref="SchedulerOptions.EosId"/> and, when the model's vocabulary is padded
+    /// past the tokenizer's, the tokenizer's size as <see cref="SchedulerOptions.SamplingVocabSize"/>
+    /// (<see cref="SchedulerOptionsFor"/> gives both). Null: each call runs its own session.
+    /// </summary>
+    /// <exception cref="ArgumentException">The scheduler's EOS or sampling vocabulary does not match the tokenizer.</exception>
+    public TextGenerator(ILanguageModel model, ITokenizer tokenizer, BatchScheduler? scheduler)
     {
         _model = model ?? throw new ArgumentNullException(nameof(model));
         _tokenizer = tokenizer ?? throw new ArgumentNullException(nameof(tokenizer));
         _bosText = tokenizer.BosId is { } bos ? Encoding.UTF8.GetString(tokenizer.GetTokenBytes(bos)) : null;
+        if (scheduler is not null)
+        {
+            var o = scheduler.Options;
+            if (o.EosId != tokenizer.EosId)
+            {
+                throw new ArgumentException($"the scheduler ends requests at token {o.EosId?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "none"}, the tokenizer's EOS is {tokenizer.EosId?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "none"}", nameof(scheduler));
+            }
+
+            if (tokenizer.VocabSize < model.VocabSize && (o.SamplingVocabSize ?? model.VocabSize) > tokenizer.VocabSize)
+            {
+                throw new ArgumentException($"the scheduler samples ids up to {o.SamplingVocabSize ?? model.VocabSize}, past the tokenizer's {tokenizer.VocabSize}", nameof(scheduler));
+            }
+        }
+
+        _scheduler = scheduler;
     }
+
+    /// <summary>
+    /// Scheduler options that match <paramref name="tokenizer"/> (<see cref="SchedulerOptions.EosId"/>,
+    /// <see cref="SchedulerOptions.SamplingVocabSize"/>) on top of <paramref name="options"/>.
+    /// </summary>
+    public static SchedulerOptions SchedulerOptionsFor(ITokenizer tokenizer, SchedulerOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(tokenizer);
+        return (options ?? new SchedulerOptions()) with { EosId = tokenizer.EosId, SamplingVocabSize = tokenizer.VocabSize };
+    }
+
+    /// <summary>The scheduler the calls run on; null when each call runs its own session.</summary>
+    public BatchScheduler? Scheduler => _scheduler;
 
     /// <summary>The model.</summary>
     public ILanguageModel Model => _model;
@@ -46,11 +94,14 @@ public sealed class TextGenerator
         => GenerateAsync(EncodePrompt(prompt), options, reasoning, cancellationToken);
 
     /// <summary>
-    /// Streams the continuation of <paramref name="promptIds"/>. Model work runs on the thread pool, so an
-    /// awaiting caller's thread is never blocked by a forward pass. The last update carries the finish reason.
+    /// Streams the continuation of <paramref name="promptIds"/>. Model work runs on the thread pool (or the
+    /// scheduler's thread), so an awaiting caller's thread is never blocked by a forward pass. The last
+    /// update carries the finish reason. With a scheduler, the request is submitted at the first
+    /// <c>MoveNextAsync</c> and cancelled when the enumeration ends early.
     /// </summary>
     /// <exception cref="ArgumentException">Empty prompt, or a prompt that leaves no room in the context.</exception>
-    /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> was cancelled; checked before every model step.</exception>
+    /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> was cancelled; checked before every token
+    /// (with a scheduler, the request is removed and its cache blocks are free when the exception arrives).</exception>
     public IAsyncEnumerable<GenerationUpdate> GenerateAsync(IReadOnlyList<int> promptIds, SamplingOptions? options = null, ReasoningMode reasoning = ReasoningMode.None, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(promptIds);
@@ -61,9 +112,10 @@ public sealed class TextGenerator
             throw new ArgumentException("the prompt has no tokens", nameof(promptIds));
         }
 
-        if (promptIds.Count > _model.MaxSequenceLength)
+        var limit = _scheduler is null ? _model.MaxSequenceLength : Math.Min(_model.MaxSequenceLength, _scheduler.Blocks.MaxTokensPerRequest);
+        if (promptIds.Count > limit)
         {
-            throw new ArgumentException($"the prompt has {promptIds.Count} tokens; the context holds {_model.MaxSequenceLength}", nameof(promptIds));
+            throw new ArgumentException($"the prompt has {promptIds.Count} tokens; the context holds {limit}", nameof(promptIds));
         }
 
         // Validation above runs at the call, not at the first MoveNextAsync.
@@ -101,116 +153,173 @@ public sealed class TextGenerator
     private async IAsyncEnumerable<GenerationUpdate> Run(int[] prompt, SamplingOptions options, ReasoningMode reasoningMode, [EnumeratorCancellation] CancellationToken ct)
     {
         ct.ThrowIfCancellationRequested();
-        var sampler = new Sampler(options);
+        var tokens = _scheduler is null ? SessionTokens(prompt, options, ct) : ScheduledTokens(_scheduler, prompt, options, ct);
         var stops = new StopSequenceMatcher(options.StopSequences ?? []);
         var parser = reasoningMode == ReasoningMode.None ? null : new ReasoningParser(reasoningMode == ReasoningMode.StartInReasoning);
         var defaultKind = reasoningMode == ReasoningMode.StartInReasoning ? TextKind.Reasoning : TextKind.Answer;
         var utf8 = new UTF8Encoding(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: false).GetDecoder();
         var chars = new char[64];
         var eos = _tokenizer.EosId;
-        var maxTokens = options.MaxTokens ?? int.MaxValue;
-        var maxLength = _model.MaxSequenceLength;
-        var tokenizerVocab = _tokenizer.VocabSize;
-        var logits = new float[_model.VocabSize];
         var generated = 0;
-        FinishReason finish;
+        var finish = FinishReason.Length; // the source ran out: max tokens or a full context
         var updates = new List<GenerationUpdate>();
 
-        var session = _model.CreateSession();
+        // Disposing the source (any exit: end, stop sequence, cancellation, error) ends its session or its
+        // scheduled request, so a consumer that stops early never leaves model work or cache blocks behind.
+        var source = tokens.GetAsyncEnumerator(ct);
         try
         {
-            if (maxTokens == 0)
+            while (await source.MoveNextAsync().ConfigureAwait(false))
             {
-                finish = FinishReason.Length;
-            }
-            else
-            {
-                var next = await Task.Run(() => Step(session, prompt, logits, sampler, tokenizerVocab), ct).ConfigureAwait(false);
-                while (true)
+                var next = source.Current;
+                generated++;
+                if (next == eos)
                 {
-                    generated++;
-                    if (next == eos)
-                    {
-                        finish = FinishReason.EndOfSequence;
-                        break;
-                    }
-
-                    // Special tokens (chat markers, BOS) are control, not text: like Hugging Face's
-                    // skip_special_tokens. R1's <think>/</think> are non-special added tokens and stay.
-                    var bytes = _tokenizer.IsSpecial(next) ? ReadOnlySpan<byte>.Empty : _tokenizer.GetTokenBytes(next);
-                    if (chars.Length < bytes.Length + 4)
-                    {
-                        chars = new char[bytes.Length + 4];
-                    }
-
-                    var text = new string(chars, 0, utf8.GetChars(bytes, chars, flush: false));
-                    var emit = stops.Push(text);
-                    updates.Clear();
-                    Route(updates, next, emit, parser, defaultKind, new GenerationUsage(prompt.Length, generated));
-                    foreach (var u in updates)
-                    {
-                        yield return u;
-                    }
-
-                    if (stops.Stopped)
-                    {
-                        finish = FinishReason.Stop;
-                        break;
-                    }
-
-                    if (generated >= maxTokens || session.Length + 1 > maxLength)
-                    {
-                        finish = FinishReason.Length;
-                        break;
-                    }
-
-                    ct.ThrowIfCancellationRequested();
-                    var fed = next;
-                    next = await Task.Run(() => Step(session, [fed], logits, sampler, tokenizerVocab), ct).ConfigureAwait(false);
-                }
-            }
-
-            // End of stream: an incomplete UTF-8 sequence becomes U+FFFD, which may still complete a stop sequence.
-            var usage = new GenerationUsage(prompt.Length, generated);
-            updates.Clear();
-            if (!stops.Stopped)
-            {
-                var tail = new string(chars, 0, utf8.GetChars([], chars, flush: true));
-                var emit = stops.Push(tail);
-                if (stops.Stopped)
-                {
-                    finish = FinishReason.Stop;
-                }
-                else
-                {
-                    emit += stops.Flush();
+                    finish = FinishReason.EndOfSequence;
+                    break;
                 }
 
-                Route(updates, null, emit, parser, defaultKind, usage);
-            }
-
-            if (parser is not null)
-            {
-                foreach (var s in parser.Flush())
+                // Special tokens (chat markers, BOS) are control, not text: like Hugging Face's
+                // skip_special_tokens. R1's <think>/</think> are non-special added tokens and stay.
+                var bytes = _tokenizer.IsSpecial(next) ? ReadOnlySpan<byte>.Empty : _tokenizer.GetTokenBytes(next);
+                if (chars.Length < bytes.Length + 4)
                 {
-                    updates.Add(new GenerationUpdate(null, s.Text, s.Kind, null, usage));
+                    chars = new char[bytes.Length + 4];
                 }
-            }
 
-            foreach (var u in updates)
-            {
-                if (u.Text.Length > 0)
+                var text = new string(chars, 0, utf8.GetChars(bytes, chars, flush: false));
+                var emit = stops.Push(text);
+                updates.Clear();
+                Route(updates, next, emit, parser, defaultKind, new GenerationUsage(prompt.Length, generated));
+                foreach (var u in updates)
                 {
                     yield return u;
                 }
-            }
 
-            var finalKind = parser is null ? defaultKind : parser.InReasoning ? TextKind.Reasoning : TextKind.Answer;
-            yield return new GenerationUpdate(finish == FinishReason.EndOfSequence ? eos : null, string.Empty, finalKind, finish, usage);
+                if (stops.Stopped)
+                {
+                    finish = FinishReason.Stop;
+                    break;
+                }
+            }
         }
         finally
         {
-            session.Dispose();
+            await source.DisposeAsync().ConfigureAwait(false);
+        }
+
+        // End of stream: an incomplete UTF-8 sequence becomes U+FFFD, which may still complete a stop sequence.
+        var usage = new GenerationUsage(prompt.Length, generated);
+        updates.Clear();
+        if (!stops.Stopped)
+        {
+            var tail = new string(chars, 0, utf8.GetChars([], chars, flush: true));
+            var emit = stops.Push(tail);
+            if (stops.Stopped)
+            {
+                finish = FinishReason.Stop;
+            }
+            else
+            {
+                emit += stops.Flush();
+            }
+
+            Route(updates, null, emit, parser, defaultKind, usage);
+        }
+
+        if (parser is not null)
+        {
+            foreach (var s in parser.Flush())
+            {
+                updates.Add(new GenerationUpdate(null, s.Text, s.Kind, null, usage));
+            }
+        }
+
+        foreach (var u in updates)
+        {
+            if (u.Text.Length > 0)
+            {
+                yield return u;
+            }
+        }
+
+        var finalKind = parser is null ? defaultKind : parser.InReasoning ? TextKind.Reasoning : TextKind.Answer;
+        yield return new GenerationUpdate(finish == FinishReason.EndOfSequence ? eos : null, string.Empty, finalKind, finish, usage);
+    }
+
+    /// <summary>
+    /// The token source of a generator without a scheduler: its own session, prefill then one token per
+    /// forward on the thread pool. Yields each sampled token; ends after EOS, at max tokens or a full context.
+    /// </summary>
+    private async IAsyncEnumerable<int> SessionTokens(int[] prompt, SamplingOptions options, [EnumeratorCancellation] CancellationToken ct)
+    {
+        var maxTokens = options.MaxTokens ?? int.MaxValue;
+        var maxLength = _model.MaxSequenceLength;
+        var tokenizerVocab = _tokenizer.VocabSize;
+        var eos = _tokenizer.EosId;
+        var sampler = new Sampler(options);
+        var logits = new float[_model.VocabSize];
+        using var session = _model.CreateSession();
+        if (maxTokens == 0)
+        {
+            yield break;
+        }
+
+        var next = await Task.Run(() => Step(session, prompt, logits, sampler, tokenizerVocab), ct).ConfigureAwait(false);
+        var generated = 0;
+        while (true)
+        {
+            generated++;
+            yield return next;
+            if (next == eos || generated >= maxTokens || session.Length + 1 > maxLength)
+            {
+                yield break;
+            }
+
+            ct.ThrowIfCancellationRequested();
+            var fed = next;
+            next = await Task.Run(() => Step(session, [fed], logits, sampler, tokenizerVocab), ct).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>
+    /// The token source of a scheduled generator: the request's output stream. Cancellation, and disposal
+    /// before the request ended (a stop sequence), cancel the request, and the enumeration ends only once the
+    /// scheduler has removed it, so its cache blocks are free again when the caller sees the end.
+    /// </summary>
+    private static async IAsyncEnumerable<int> ScheduledTokens(BatchScheduler scheduler, int[] prompt, SamplingOptions options, [EnumeratorCancellation] CancellationToken ct)
+    {
+        if (options.MaxTokens == 0)
+        {
+            yield break;
+        }
+
+        var request = scheduler.Submit(prompt, options);
+        try
+        {
+            using var registration = ct.Register(request.Cancel);
+            var output = request.Output;
+            while (true)
+            {
+                // Checked per token, not only per wait: tokens may already be buffered.
+                ct.ThrowIfCancellationRequested();
+                if (output.TryRead(out var token))
+                {
+                    yield return token;
+                }
+                else if (!await output.WaitToReadAsync(ct).ConfigureAwait(false))
+                {
+                    yield break;
+                }
+            }
+        }
+        finally
+        {
+            if (!request.Completion.IsCompleted)
+            {
+                request.Cancel();
+                await ((Task)request.Completion).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            }
         }
     }
 

@@ -183,9 +183,14 @@ public sealed class BatchScheduler : IDisposable
     private long _nextId;
     private long _steps, _generated, _drafted, _accepted, _preemptions;
     private bool _disposed;
+    private int _runningCount;
 
     /// <summary>Creates a scheduler. The runner and the block manager are not owned.</summary>
-    public BatchScheduler(IStepRunner runner, KvBlockManager blocks, SchedulerOptions? options = null, ILogger<BatchScheduler>? logger = null)
+    /// <param name="runner">Does the model work.</param>
+    /// <param name="blocks">The cache block pool and block table.</param>
+    /// <param name="options">Batch and step limits, EOS, speculative decoding.</param>
+    /// <param name="logger">Receives failed steps and speculative-decoding totals (an <see cref="ILogger{BatchScheduler}"/> or a host component's logger).</param>
+    public BatchScheduler(IStepRunner runner, KvBlockManager blocks, SchedulerOptions? options = null, ILogger? logger = null)
     {
         _runner = runner ?? throw new ArgumentNullException(nameof(runner));
         _blocks = blocks ?? throw new ArgumentNullException(nameof(blocks));
@@ -206,14 +211,17 @@ public sealed class BatchScheduler : IDisposable
     /// <summary>The block pool.</summary>
     public KvBlockManager Blocks => _blocks;
 
+    /// <summary>The options it was created with.</summary>
+    public SchedulerOptions Options => _options;
+
     /// <summary>Totals over every request so far (finished or not).</summary>
     public DecodeCounters Counters => new(Interlocked.Read(ref _steps), Interlocked.Read(ref _generated), Interlocked.Read(ref _drafted), Interlocked.Read(ref _accepted));
 
     /// <summary>Requests preempted so far (blocks taken back for another request's growth; they resume by prefilling again).</summary>
     public long Preemptions => Interlocked.Read(ref _preemptions);
 
-    /// <summary>Requests holding a slot.</summary>
-    public int RunningCount { get { lock (_stepLock) { return _running.Count; } } }
+    /// <summary>Requests holding a slot (read without waiting for a step in flight: as of the last change).</summary>
+    public int RunningCount => Volatile.Read(ref _runningCount);
 
     /// <summary>Queues a request; it is admitted at a step boundary when a slot and its prompt's blocks are free.</summary>
     /// <exception cref="ArgumentException">Empty prompt, or one that no request slot can ever hold.</exception>
@@ -410,6 +418,7 @@ public sealed class BatchScheduler : IDisposable
             r.Fed = 0;
             _runner.Open(slot, r.Speculative);
             _running.Add(r);
+            Volatile.Write(ref _runningCount, _running.Count);
         }
     }
 
@@ -494,6 +503,7 @@ public sealed class BatchScheduler : IDisposable
         victim.Fed = 0;
         victim.Draft = null;
         _running.Remove(victim);
+        Volatile.Write(ref _runningCount, _running.Count);
         _waiting.AddFirst(victim);
         Interlocked.Increment(ref _preemptions);
     }
@@ -616,6 +626,7 @@ public sealed class BatchScheduler : IDisposable
         }
 
         _running.Remove(r);
+        Volatile.Write(ref _runningCount, _running.Count);
         if (reason is { } finish)
         {
             if (r.Speculative)

@@ -139,22 +139,34 @@ public sealed class ChatClientTests
         Assert.AreEqual(ChatFinishReason.Length, again.FinishReason);
     }
 
+    /// <summary>Concurrent requests share the scheduler's batch up to MaxBatch sessions at once; MaxBatch 1 serializes them.</summary>
     [TestMethod]
-    public async Task ConcurrentRequests_RunOneAtATime()
+    [DataRow(1)]
+    [DataRow(16)]
+    public async Task ConcurrentRequests_RunUpToMaxBatchAtOnce(int maxBatch)
     {
         var model = FakeModel.Bigram(seed: 6, eosLogit: float.NegativeInfinity);
         var maxActive = 0;
         model.OnForward = _ =>
         {
-            // Sessions alive at once = created - disposed; with the gate it never exceeds one.
+            // Sessions alive at once = created - disposed (the runner opens one per admitted request).
             var alive = model.SessionsCreated - model.SessionsDisposed;
             maxActive = Math.Max(maxActive, alive);
             Thread.Sleep(1);
         };
-        using var client = Client(model);
+        using var client = new DeepSeekChatClient(model, Tok, new DeepSeekChatClientOptions { ModelId = "fake", MaxBatch = maxBatch });
         var tasks = Enumerable.Range(0, 4).Select(i => client.GetResponseAsync(Hi, new ChatOptions { Seed = i, MaxOutputTokens = 5 })).ToArray();
         await Task.WhenAll(tasks);
-        Assert.AreEqual(1, maxActive);
+        if (maxBatch == 1)
+        {
+            Assert.AreEqual(1, maxActive);
+        }
+        else
+        {
+            // Submission is synchronous in GetResponseAsync, so the later three join while the first decodes.
+            Assert.IsGreaterThan(1, maxActive);
+        }
+
         Assert.AreEqual(4, model.SessionsDisposed);
     }
 
