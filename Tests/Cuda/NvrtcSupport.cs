@@ -28,6 +28,8 @@ internal static partial class NvrtcSupport
         [MlaPrefillKernel.FamilyName] = MlaPrefillKernel.AllInstances(),
         [MlaCacheKernel.FamilyName] = MlaCacheKernel.AllInstances(),
         [MlaDecodeKernel.FamilyName] = MlaDecodeKernel.AllInstances(),
+        [Bf16GemmKernel.FamilyName] = Bf16GemmKernel.AllInstances(),
+        [BackendGlueKernel.FamilyName] = BackendGlueKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -49,6 +51,8 @@ internal static partial class NvrtcSupport
         (typeof(MlaCacheParams), MlaCacheKernel.ParamsType, MlaCacheKernel.FamilyName),
         (typeof(MlaDecodeParams), MlaDecodeKernel.ParamsType, MlaDecodeKernel.FamilyName),
         (typeof(MlaProjParams), MlaDecodeKernel.ProjParamsType, MlaDecodeKernel.FamilyName),
+        (typeof(Bf16GemmParams), Bf16GemmKernel.ParamsType, Bf16GemmKernel.FamilyName),
+        (typeof(BackendGlueParams), BackendGlueKernel.ParamsType, BackendGlueKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>
