@@ -44,7 +44,8 @@ public sealed record CudaBackendOptions
 /// differences inside the end-to-end bound. <see cref="MlaAttentionNaive"/> always uses the prefill kernel.</item>
 /// <item><b>MoE</b>: routed experts must be FP8 (the grouped GEMM's format); they are stacked at upload.</item>
 /// </list>
-/// Calls are asynchronous on the stream; <see cref="Download"/> and <see cref="DownloadRouting"/> wait.
+/// Calls are asynchronous on the stream; <see cref="Download"/> and <see cref="DownloadRouting"/> wait. Calls from several
+/// threads are serialized (one lock): the backend is safe to share, not parallel.
 /// </summary>
 public sealed class CudaBackend : IBackend
 {
@@ -66,6 +67,7 @@ public sealed class CudaBackend : IBackend
     private readonly Dictionary<(int E, int H, int I, int S, int K), MoeLayer> _moe = [];
     private readonly Scratch _ints, _codes, _scales, _qAbs, _outLatent, _lse, _workspace, _latent, _kv, _qBf16, _outBf16, _kvCodes, _kvScales;
     private readonly Scratch[] _scratch;
+    private readonly Lock _sync = new();
     private bool _disposed;
 
     /// <summary>
@@ -144,10 +146,20 @@ public sealed class CudaBackend : IBackend
     public CudaStream Stream => _stream;
 
     /// <summary>Waits for the queued work.</summary>
-    public void Synchronize() => _stream.Synchronize();
+    public void Synchronize()
+    {
+        using var scope = Enter();
+        _stream.Synchronize();
+    }
 
     /// <summary>Frees the backend's scratch and MoE buffers (they grow again on demand).</summary>
     public void Trim()
+    {
+        using var scope = Enter();
+        TrimCore();
+    }
+
+    private void TrimCore()
     {
         _stream.Synchronize();
         foreach (var s in _scratch)
@@ -166,6 +178,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void Dispose()
     {
+        using var scope = _sync.EnterScope();
         if (_disposed)
         {
             return;
@@ -175,7 +188,7 @@ public sealed class CudaBackend : IBackend
         _device.MakeCurrent();
         try
         {
-            Trim();
+            TrimCore();
         }
         catch (CudaException)
         {
@@ -200,7 +213,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public Tensor Allocate(int rows, int cols)
     {
-        Enter();
+        using var scope = Enter();
         var t = new CudaTensor(_device, rows, cols);
         if (t.Length > 0)
         {
@@ -213,7 +226,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols)
     {
-        Enter();
+        using var scope = Enter();
         if (values.Length != (long)rows * cols)
         {
             throw new ArgumentException($"{values.Length} values for a [{rows}, {cols}] tensor", nameof(values));
@@ -227,7 +240,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void Download(Tensor tensor, Span<float> destination)
     {
-        Enter();
+        using var scope = Enter();
         var t = T(tensor);
         if (destination.Length < t.Length)
         {
@@ -240,7 +253,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count)
     {
-        Enter();
+        using var scope = Enter();
         CudaTensor s = T(source), d = T(destination);
         if (s.Cols != d.Cols || sourceRow < 0 || destinationRow < 0 || count < 0 || sourceRow + count > s.Rows || destinationRow + count > d.Rows)
         {
@@ -255,7 +268,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
     {
-        Enter();
+        using var scope = Enter();
         var info = CheckShape(checkpoint, spec.Weight, spec.Out, spec.In);
         if (info.DType != DType.F8_E4M3)
         {
@@ -284,7 +297,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon)
     {
-        Enter();
+        using var scope = Enter();
         CheckShape(checkpoint, name, width);
         return new CudaNormWeight(width, epsilon, UploadBf16(checkpoint, name));
     }
@@ -292,7 +305,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width)
     {
-        Enter();
+        using var scope = Enter();
         CheckShape(checkpoint, name, rows, width);
         return new CudaEmbeddingWeight(rows, width, UploadBf16(checkpoint, name));
     }
@@ -300,7 +313,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width)
     {
-        Enter();
+        using var scope = Enter();
         CheckShape(checkpoint, name, vocab, width);
         var w = new CudaLinearWeight(vocab, width, fp8: false);
         w.Bf16 = w.Owned.Own(UploadBf16(checkpoint, name));
@@ -310,7 +323,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options)
     {
-        Enter();
+        using var scope = Enter();
         var shape = new MoeGateShape(options.Experts, width, options.Groups, options.GroupsKept, options.TopK);
         try
         {
@@ -338,7 +351,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared)
     {
-        Enter();
+        using var scope = Enter();
         if (experts.Count == 0)
         {
             throw new NotSupportedException("a MoE layer without routed experts");
@@ -418,7 +431,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs)
     {
-        Enter();
+        using var scope = Enter();
         if (cos.Length != positions * pairs || sin.Length != positions * pairs)
         {
             throw new ArgumentException($"cos/sin must be [{positions}, {pairs}]");
@@ -431,21 +444,21 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim)
     {
-        Enter();
+        using var scope = Enter();
         return new CudaLatentCache(_device, _stream, capacity, latentDim, ropeDim);
     }
 
     /// <inheritdoc />
     public Routing AllocateRouting(int tokens, int experts, int topK)
     {
-        Enter();
+        using var scope = Enter();
         return new CudaRouting(_device, tokens, experts, topK);
     }
 
     /// <inheritdoc />
     public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights)
     {
-        Enter();
+        using var scope = Enter();
         var r = (CudaRouting)routing;
         if (!scores.IsEmpty)
         {
@@ -504,7 +517,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output)
     {
-        Enter();
+        using var scope = Enter();
         var w = (CudaEmbeddingWeight)table;
         var o = T(output);
         Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
@@ -523,7 +536,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void RmsNorm(Tensor x, NormWeight weight, Tensor output)
     {
-        Enter();
+        using var scope = Enter();
         CudaTensor a = T(x), o = T(output);
         var w = (CudaNormWeight)weight;
         Require(a.Cols == w.Width && o.Cols == w.Width && a.Rows == o.Rows, "rmsnorm shapes");
@@ -539,7 +552,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
     {
-        Enter();
+        using var scope = Enter();
         CudaTensor r = T(residual), d = T(delta), o = T(normed);
         var w = (CudaNormWeight)weight;
         Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
@@ -552,7 +565,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void SiluMul(Tensor gate, Tensor up, Tensor output)
     {
-        Enter();
+        using var scope = Enter();
         CudaTensor g = T(gate), u = T(up), o = T(output);
         Require(g.Length == u.Length && g.Length == o.Length, "silu-mul shapes");
         if (o.Length == 0)
@@ -574,7 +587,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void ConcatColumns(Tensor a, Tensor b, Tensor output)
     {
-        Enter();
+        using var scope = Enter();
         CudaTensor x = T(a), y = T(b), o = T(output);
         Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
         _glue.Copy(_stream, x.Pointer, x.Cols, o.Pointer, o.Cols, o.Rows, x.Cols);
@@ -586,7 +599,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void Linear(Tensor x, LinearWeight weight, Tensor y)
     {
-        Enter();
+        using var scope = Enter();
         CudaTensor a = T(x), o = T(y);
         var w = (CudaLinearWeight)weight;
         Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
@@ -597,7 +610,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void Logits(Tensor x, LinearWeight head, Tensor logits)
     {
-        Enter();
+        using var scope = Enter();
         CudaTensor a = T(x), o = T(logits);
         var w = (CudaLinearWeight)head;
         Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
@@ -635,7 +648,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
     {
-        Enter();
+        using var scope = Enter();
         var a = T(x);
         var r = (CudaRopeTable)rope;
         Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
@@ -647,7 +660,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition)
     {
-        Enter();
+        using var scope = Enter();
         var a = T(kv);
         var c = (CudaLatentCache)cache;
         var norm = (CudaNormWeight)latentNorm;
@@ -682,7 +695,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
     {
-        Enter();
+        using var scope = Enter();
         var (qt, c, w, o) = CheckAttention(q, cache, kvB, dims, startPosition, output);
         Prefill(qt, c, w, dims, startPosition, scale, o);
     }
@@ -690,7 +703,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
     {
-        Enter();
+        using var scope = Enter();
         var (qt, c, w, o) = CheckAttention(q, cache, kvB, dims, startPosition, output);
         if (qt.Rows > 2)
         {
@@ -780,7 +793,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void MoeGate(Tensor x, GateWeight gate, Routing routing)
     {
-        Enter();
+        using var scope = Enter();
         var a = T(x);
         var g = (CudaGateWeight)gate;
         var r = (CudaRouting)routing;
@@ -793,7 +806,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y)
     {
-        Enter();
+        using var scope = Enter();
         CudaTensor a = T(x), o = T(y);
         var r = (CudaRouting)routing;
         var ew = (CudaExpertWeights)experts;
@@ -819,10 +832,25 @@ public sealed class CudaBackend : IBackend
 
     // ---------------------------------------------------------------- helpers
 
-    private void Enter()
+    /// <summary>
+    /// Serializes callers (the scratch buffers and staged arguments are shared; the stream orders the device work) and
+    /// makes the device current on the calling thread.
+    /// </summary>
+    private Lock.Scope Enter()
     {
-        ObjectDisposedException.ThrowIf(_disposed, this);
-        _device.MakeCurrent();
+        var scope = _sync.EnterScope();
+        try
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            _device.MakeCurrent();
+        }
+        catch
+        {
+            scope.Dispose();
+            throw;
+        }
+
+        return scope;
     }
 
     /// <summary>Stages small int32 arguments on the stream (ordered after the work that read the previous ones).</summary>
