@@ -15,6 +15,9 @@ namespace DeepSeekCuda.Hosting;
 /// <summary>How <see cref="LocalModel.Load"/> runs a checkpoint.</summary>
 public sealed record LocalModelOptions
 {
+    /// <summary>Where to run: Auto picks the CUDA backend when it can be used (see <see cref="BackendSelection"/>).</summary>
+    public ComputeDevice Device { get; init; } = ComputeDevice.Auto;
+
     /// <summary>Arithmetic of the CPU backend.</summary>
     public CpuNumerics Numerics { get; init; } = CpuNumerics.Float32;
 
@@ -59,11 +62,12 @@ public sealed class LocalModel : ILanguageModel
     public ChatTemplateKind TemplateKind { get; }
 
     /// <summary>
-    /// Validates and loads <paramref name="directory"/> (config, shards, tokenizer.json) onto the CPU
-    /// backend. Everything is checked before weights are read; a failure leaves nothing loaded.
+    /// Validates and loads <paramref name="directory"/> (config, shards, tokenizer.json) onto the backend
+    /// <see cref="LocalModelOptions.Device"/> selects. Everything is checked before weights are read; a failure leaves nothing loaded.
     /// </summary>
     /// <exception cref="CheckpointException">The checkpoint is missing, corrupt or does not match its config.</exception>
     /// <exception cref="TokenizerFormatException">tokenizer.json is missing or malformed.</exception>
+    /// <exception cref="DeepSeekCuda.Cuda.CudaUnavailableException">CUDA was requested and cannot be used.</exception>
     public static LocalModel Load(string directory, LocalModelOptions? options = null, IProgress<double>? progress = null, ILogger? logger = null)
     {
         options ??= new LocalModelOptions();
@@ -78,7 +82,7 @@ public sealed class LocalModel : ILanguageModel
                 checkpoint.Directory);
         }
 
-        var backend = new CpuBackend(options.Numerics);
+        var backend = BackendSelection.Create(options.Device, options.Numerics, logger);
         try
         {
             var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = options.MaxSequenceLength }, progress);

@@ -29,6 +29,8 @@ internal static partial class NvrtcSupport
         [MlaCacheKernel.FamilyName] = MlaCacheKernel.AllInstances(),
         [MlaDecodeKernel.FamilyName] = MlaDecodeKernel.AllInstances(),
         [AllReduceKernel.FamilyName] = AllReduceKernel.AllInstances(),
+        [Bf16GemmKernel.FamilyName] = Bf16GemmKernel.AllInstances(),
+        [BackendGlueKernel.FamilyName] = BackendGlueKernel.AllInstances(),
     };
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
@@ -51,6 +53,8 @@ internal static partial class NvrtcSupport
         (typeof(MlaDecodeParams), MlaDecodeKernel.ParamsType, MlaDecodeKernel.FamilyName),
         (typeof(MlaProjParams), MlaDecodeKernel.ProjParamsType, MlaDecodeKernel.FamilyName),
         (typeof(AllReduceParams), AllReduceKernel.ParamsType, AllReduceKernel.FamilyName),
+        (typeof(Bf16GemmParams), Bf16GemmKernel.ParamsType, Bf16GemmKernel.FamilyName),
+        (typeof(BackendGlueParams), BackendGlueKernel.ParamsType, BackendGlueKernel.FamilyName),
     ];
 
     /// <summary>Fails (never skips) when NVRTC is missing: CI installs it, so a missing library is a broken setup.</summary>

@@ -1,4 +1,6 @@
 using System.CommandLine;
+using DeepSeekCuda.Backends.Cuda;
+using DeepSeekCuda.Hosting;
 
 namespace DeepSeekCuda.Cli;
 
@@ -16,12 +18,25 @@ internal static class DeviceOption
         return option;
     }
 
-    /// <summary>This build runs models on the CPU backend only; asking for CUDA is an error, not a silent fallback.</summary>
-    public static void RequireCpu(string? device)
+    /// <summary>
+    /// The backend choice of an option value: <c>cuda</c> must be usable here (an error with the reason, not a
+    /// silent fallback), <c>auto</c> picks CUDA when it is, else the CPU.
+    /// </summary>
+    public static ComputeDevice Parse(string? device)
     {
-        if (device == "cuda")
+        switch (device)
         {
-            throw new UserErrorException("--device cuda: this build has no CUDA backend for whole models yet; use --device cpu");
+            case "cpu":
+                return ComputeDevice.Cpu;
+            case "cuda":
+                if (!CudaBackend.IsSupported(out var reason))
+                {
+                    throw new UserErrorException($"--device cuda: {reason}; use --device cpu");
+                }
+
+                return ComputeDevice.Cuda;
+            default:
+                return ComputeDevice.Auto;
         }
     }
 }

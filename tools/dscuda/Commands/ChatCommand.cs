@@ -1,4 +1,5 @@
 using System.CommandLine;
+using DeepSeekCuda.Hosting;
 using Microsoft.Extensions.AI;
 
 namespace DeepSeekCuda.Cli.Commands;
@@ -16,11 +17,11 @@ internal static class ChatCommand
         sampling.AddTo(command);
         command.SetAction(async (parse, cancellationToken) =>
         {
-            DeviceOption.RequireCpu(parse.GetValue(device));
+            var computeDevice = DeviceOption.Parse(parse.GetValue(device));
             var options = sampling.ToChatOptions(parse);
             var output = parse.InvocationConfiguration.Output;
             var log = parse.InvocationConfiguration.Error;
-            using var local = ModelLoading.Load(parse.GetValue(model), log);
+            using var local = ModelLoading.Load(parse.GetValue(model), log, computeDevice);
             using var client = local.CreateChatClient();
             var renderer = ChatRenderer.For(output, log);
             var history = new List<ChatMessage>();

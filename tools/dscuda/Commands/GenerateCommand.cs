@@ -18,10 +18,10 @@ internal static class GenerateCommand
         sampling.AddTo(command);
         command.SetAction(async (parse, cancellationToken) =>
         {
-            DeviceOption.RequireCpu(parse.GetValue(device));
+            var computeDevice = DeviceOption.Parse(parse.GetValue(device));
             var options = sampling.ToChatOptions(parse);
             var log = parse.InvocationConfiguration.Error;
-            using var local = ModelLoading.Load(parse.GetValue(model), log);
+            using var local = ModelLoading.Load(parse.GetValue(model), log, computeDevice);
             using var client = local.CreateChatClient();
             var messages = new List<ChatMessage>();
             if (parse.GetValue(system) is { Length: > 0 } s)

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
@@ -30,7 +31,7 @@ internal static class LogitsCommand
         {
             var ids = ParseTokens(parse.GetValue(tokens)!);
             var path = Path.GetFullPath(parse.GetValue(output)!);
-            DeviceOption.RequireCpu(parse.GetValue(device));
+            var computeDevice = DeviceOption.Parse(parse.GetValue(device));
             var dir = ModelOption.Resolve(parse.GetValue(model), parse.InvocationConfiguration.Error);
             using var checkpoint = Checkpoint.Open(dir);
             var vocab = checkpoint.Config.VocabSize;
@@ -44,12 +45,12 @@ internal static class LogitsCommand
                 throw new UserErrorException($"{ids.Length} tokens exceed max_position_embeddings {checkpoint.Config.MaxPositionEmbeddings}");
             }
 
-            using var backend = new CpuBackend(parse.GetValue(numerics));
+            using var backend = BackendSelection.Create(computeDevice, parse.GetValue(numerics));
             using var net = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = Math.Max(ids.Length, 1), LoadMtp = false });
             var logits = net.ComputeLogits(ids);
             SafetensorsWriter.WriteFile(path, [("logits", new long[] { ids.Length, vocab }, logits)]);
             parse.InvocationConfiguration.Output.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"wrote {path}: logits [{ids.Length}, {vocab}] ({backend.Numerics}); last position argmax {Sampler.ArgMax(logits.AsSpan((ids.Length - 1) * vocab, vocab))}"));
+                $"wrote {path}: logits [{ids.Length}, {vocab}] ({backend.Name}); last position argmax {Sampler.ArgMax(logits.AsSpan((ids.Length - 1) * vocab, vocab))}"));
             return 0;
         });
         return command;

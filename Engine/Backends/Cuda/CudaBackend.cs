@@ -1,0 +1,898 @@
+using System.Runtime.InteropServices;
+using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Kernels;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Numerics;
+using CudaRt = DeepSeekCuda.Cuda.Cuda;
+
+namespace DeepSeekCuda.Backends.Cuda;
+
+/// <summary>Options of <see cref="CudaBackend"/>.</summary>
+public sealed record CudaBackendOptions
+{
+    /// <summary>The CUDA device ordinal.</summary>
+    public int Device { get; init; }
+
+    /// <summary>Tokens per MoE launch: longer calls run in chunks of this many (rows are independent; sizes the MoE buffers).</summary>
+    public int MaxMoeTokens { get; init; } = 512;
+
+    /// <summary>The compiled-kernel cache folder; null for <see cref="KernelCache.DefaultDirectory"/>.</summary>
+    public string? KernelCacheDirectory { get; init; }
+}
+
+/// <summary>
+/// <see cref="IBackend"/> on one CUDA device and one stream, composed from the kernel launchers of
+/// <c>Engine/Kernels</c>. Numerics are those of <see cref="Cpu.CpuBackend"/> in
+/// <see cref="Cpu.CpuNumerics.GpuEmulation"/>, its tight reference:
+/// <list type="bullet">
+/// <item><b>Activations</b>: every <see cref="Tensor"/> is <b>f32 storage</b> on the device, and every operation
+/// rounds its output to BF16 values exactly where the CPU emulation does (its <c>Store</c>: embedding, norms, linears,
+/// SiLU·up, RoPE, attention outputs, MoE output, the residual), so a tensor holds the same BF16 values it would in
+/// BF16 storage; logits and routing stay fp32 and are never rounded; <see cref="Upload"/> keeps values as given
+/// (as the CPU backend). Internal operands of the MLA kernels (q and the attention output of the prefill kernel,
+/// q_abs, the gathered latents, decompressed k/v, the paged cache) are BF16 scratch.</item>
+/// <item><b>Weights</b>: FP8 linears stay e4m3 codes + fp32 128x128 block scales (raw checkpoint bytes); their
+/// GEMM quantizes the activation per token per 128 channels (<see cref="ActQuantKernel"/>, fp32 scales) as the
+/// emulation does. BF16 linears (lm_head, BF16 checkpoints) run through <see cref="Bf16GemmKernel"/> (fp32
+/// accumulation) and are never converted to FP8. Norm, embedding and gate weights are BF16 on the device: a
+/// checkpoint tensor whose values are not exactly BF16 is refused (<see cref="NotSupportedException"/>) rather
+/// than silently rounded.</item>
+/// <item><b>MLA</b>: <see cref="MlaAttentionAbsorbed"/> uses the decode kernel (fold, split-KV decode, unfold) for
+/// T ≤ 2 query rows, and the prefill kernel (naive form, the same result in exact arithmetic) above; its kv_b is a
+/// BF16 dequantized copy (e4m3 × scale rounded to BF16) where the emulation keeps it fp32, and the absorbed path's
+/// latent sum reaches the unfold unrounded (fp32) where the emulation rounds it: both are small, documented
+/// differences inside the end-to-end bound. <see cref="MlaAttentionNaive"/> always uses the prefill kernel.</item>
+/// <item><b>MoE</b>: routed experts must be FP8 (the grouped GEMM's format); they are stacked at upload.</item>
+/// </list>
+/// Calls are asynchronous on the stream; <see cref="Download"/> and <see cref="DownloadRouting"/> wait. Calls from several
+/// threads are serialized (one lock): the backend is safe to share, not parallel.
+/// </summary>
+public sealed class CudaBackend : IBackend
+{
+    private readonly CudaDevice _device;
+    private readonly CudaStream _stream;
+    private readonly NvrtcCompiler _compiler;
+    private readonly CudaBackendOptions _options;
+    private readonly EmbeddingKernel _embedding;
+    private readonly RmsNormKernel _norm;
+    private readonly ActQuantKernel _quant;
+    private readonly Fp8GemmKernel _fp8;
+    private readonly Bf16GemmKernel _bf16;
+    private readonly SiluMulKernel _siluMul;
+    private readonly BackendGlueKernel _glue;
+    private readonly MoeGateKernel _gate;
+    private readonly MlaCacheKernel _cache;
+    private readonly MlaDecodeKernel _decode;
+    private readonly MlaPrefillKernel _prefill;
+    private readonly Dictionary<(int E, int H, int I, int S, int K), MoeLayer> _moe = [];
+    private readonly Scratch _ints, _codes, _scales, _qAbs, _outLatent, _lse, _workspace, _latent, _kv, _qBf16, _outBf16, _kvCodes, _kvScales;
+    private readonly Scratch[] _scratch;
+    private readonly Lock _sync = new();
+    private bool _disposed;
+
+    /// <summary>
+    /// Opens the device, creates the stream and the NVRTC compiler (kernels compile on first use, through the disk cache).
+    /// </summary>
+    /// <exception cref="CudaUnavailableException">No usable CUDA device or driver, or NVRTC cannot be loaded (the reason says which).</exception>
+    public CudaBackend(CudaBackendOptions? options = null)
+    {
+        _options = options ?? new CudaBackendOptions();
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(_options.MaxMoeTokens);
+        if (!IsSupported(out var reason))
+        {
+            throw new CudaUnavailableException(reason);
+        }
+
+        _device = CudaDevice.Open(_options.Device);
+        try
+        {
+            _stream = new CudaStream(_device);
+        }
+        catch
+        {
+            _device.Dispose();
+            throw;
+        }
+
+        _compiler = new NvrtcCompiler(cache: new KernelCache(_options.KernelCacheDirectory ?? KernelCache.DefaultDirectory));
+        _embedding = new EmbeddingKernel(_device, _compiler);
+        _norm = new RmsNormKernel(_device, _compiler);
+        _quant = new ActQuantKernel(_device, _compiler);
+        _fp8 = new Fp8GemmKernel(_device, _compiler);
+        _bf16 = new Bf16GemmKernel(_device, _compiler);
+        _siluMul = new SiluMulKernel(_device, _compiler);
+        _glue = new BackendGlueKernel(_device, _compiler);
+        _gate = new MoeGateKernel(_device, _compiler);
+        _cache = new MlaCacheKernel(_device, _compiler);
+        _decode = new MlaDecodeKernel(_device, _compiler);
+        _prefill = new MlaPrefillKernel(_device, _compiler);
+        _scratch =
+        [
+            _ints = new Scratch(this), _codes = new Scratch(this), _scales = new Scratch(this), _qAbs = new Scratch(this),
+            _outLatent = new Scratch(this), _lse = new Scratch(this), _workspace = new Scratch(this), _latent = new Scratch(this),
+            _kv = new Scratch(this), _qBf16 = new Scratch(this), _outBf16 = new Scratch(this), _kvCodes = new Scratch(this), _kvScales = new Scratch(this),
+        ];
+    }
+
+    /// <summary>
+    /// Whether a CUDA backend can be created here: the driver reports a device and NVRTC loads. Asked without
+    /// throwing; <paramref name="reason"/> says why not.
+    /// </summary>
+    public static bool IsSupported(out string reason)
+    {
+        if (!CudaRt.IsAvailable)
+        {
+            reason = $"CUDA unavailable: {CudaRt.UnavailableReason}";
+            return false;
+        }
+
+        if (!NvrtcCompiler.IsAvailable(out var nvrtc))
+        {
+            reason = $"NVRTC unavailable: {nvrtc}";
+            return false;
+        }
+
+        reason = "";
+        return true;
+    }
+
+    /// <inheritdoc />
+    public string Name => $"cuda:{_device.Ordinal} {_device.Name} (f32 storage of bf16 values, fp8 activations)";
+
+    /// <summary>The device.</summary>
+    public CudaDevice Device => _device;
+
+    /// <summary>The stream every operation is queued on.</summary>
+    public CudaStream Stream => _stream;
+
+    /// <summary>Waits for the queued work.</summary>
+    public void Synchronize()
+    {
+        using var scope = Enter();
+        _stream.Synchronize();
+    }
+
+    /// <summary>Frees the backend's scratch and MoE buffers (they grow again on demand).</summary>
+    public void Trim()
+    {
+        using var scope = Enter();
+        TrimCore();
+    }
+
+    private void TrimCore()
+    {
+        _stream.Synchronize();
+        foreach (var s in _scratch)
+        {
+            s.Free();
+        }
+
+        foreach (var m in _moe.Values)
+        {
+            m.Dispose();
+        }
+
+        _moe.Clear();
+    }
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        using var scope = _sync.EnterScope();
+        if (_disposed)
+        {
+            return;
+        }
+
+        _disposed = true;
+        _device.MakeCurrent();
+        try
+        {
+            TrimCore();
+        }
+        catch (CudaException)
+        {
+            // A failed launch leaves a sticky error: free what can be freed anyway.
+            foreach (var s in _scratch)
+            {
+                s.Free();
+            }
+        }
+
+        foreach (var l in new IDisposable[] { _embedding, _norm, _quant, _fp8, _bf16, _siluMul, _glue, _gate, _cache, _decode, _prefill })
+        {
+            l.Dispose();
+        }
+
+        _stream.Dispose();
+        _device.Dispose();
+    }
+
+    // ---------------------------------------------------------------- memory
+
+    /// <inheritdoc />
+    public Tensor Allocate(int rows, int cols)
+    {
+        using var scope = Enter();
+        var t = new CudaTensor(_device, rows, cols);
+        if (t.Length > 0)
+        {
+            t.Buffer.Fill32(0, _stream);
+        }
+
+        return t;
+    }
+
+    /// <inheritdoc />
+    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols)
+    {
+        using var scope = Enter();
+        if (values.Length != (long)rows * cols)
+        {
+            throw new ArgumentException($"{values.Length} values for a [{rows}, {cols}] tensor", nameof(values));
+        }
+
+        var t = new CudaTensor(_device, rows, cols);
+        t.Buffer.Upload(values, _stream);
+        return t;
+    }
+
+    /// <inheritdoc />
+    public void Download(Tensor tensor, Span<float> destination)
+    {
+        using var scope = Enter();
+        var t = T(tensor);
+        if (destination.Length < t.Length)
+        {
+            throw new ArgumentException($"destination holds {destination.Length} values; {t} has {t.Length}", nameof(destination));
+        }
+
+        t.Buffer.Download(destination[..(int)t.Length], _stream);
+    }
+
+    /// <inheritdoc />
+    public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count)
+    {
+        using var scope = Enter();
+        CudaTensor s = T(source), d = T(destination);
+        if (s.Cols != d.Cols || sourceRow < 0 || destinationRow < 0 || count < 0 || sourceRow + count > s.Rows || destinationRow + count > d.Rows)
+        {
+            throw new ArgumentException($"cannot copy {count} rows from {s} at {sourceRow} to {d} at {destinationRow}");
+        }
+
+        _glue.Copy(_stream, s.Row(sourceRow), s.Cols, d.Row(destinationRow), d.Cols, count, s.Cols);
+    }
+
+    // ---------------------------------------------------------------- weights
+
+    /// <inheritdoc />
+    public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
+    {
+        using var scope = Enter();
+        var info = CheckShape(checkpoint, spec.Weight, spec.Out, spec.In);
+        if (info.DType != DType.F8_E4M3)
+        {
+            var w = new CudaLinearWeight(spec.Out, spec.In, fp8: false);
+            w.Bf16 = w.Owned.Own(UploadBf16(checkpoint, spec.Weight));
+            return w;
+        }
+
+        if (checkpoint.Config.Quantization is { } q && (q.BlockRows != Fp8GemmKernel.Block || q.BlockCols != Fp8GemmKernel.Block))
+        {
+            throw new NotSupportedException($"weight_block_size [{q.BlockRows}, {q.BlockCols}]: the FP8 GEMM kernels take 128x128 blocks");
+        }
+
+        var scale = CheckShape(checkpoint, spec.Scale, Fp8GemmKernel.BlocksFor(spec.Out), Fp8GemmKernel.BlocksFor(spec.In));
+        if (scale.DType != DType.F32)
+        {
+            throw new NotSupportedException($"'{spec.Scale}' is {scale.DType}; the FP8 GEMM kernels take F32 block scales");
+        }
+
+        var weight = new CudaLinearWeight(spec.Out, spec.In, fp8: true);
+        weight.Owned.Own(weight.Codes = DeviceBuffer<byte>.From(_device, checkpoint.GetBytes(spec.Weight), _stream));
+        weight.Owned.Own(weight.Scales = DeviceBuffer<float>.From(_device, MemoryMarshal.Cast<byte, float>(checkpoint.GetBytes(spec.Scale)), _stream));
+        return weight;
+    }
+
+    /// <inheritdoc />
+    public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon)
+    {
+        using var scope = Enter();
+        CheckShape(checkpoint, name, width);
+        return new CudaNormWeight(width, epsilon, UploadBf16(checkpoint, name));
+    }
+
+    /// <inheritdoc />
+    public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width)
+    {
+        using var scope = Enter();
+        CheckShape(checkpoint, name, rows, width);
+        return new CudaEmbeddingWeight(rows, width, UploadBf16(checkpoint, name));
+    }
+
+    /// <inheritdoc />
+    public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width)
+    {
+        using var scope = Enter();
+        CheckShape(checkpoint, name, vocab, width);
+        var w = new CudaLinearWeight(vocab, width, fp8: false);
+        w.Bf16 = w.Owned.Own(UploadBf16(checkpoint, name));
+        return w;
+    }
+
+    /// <inheritdoc />
+    public GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options)
+    {
+        using var scope = Enter();
+        var shape = new MoeGateShape(options.Experts, width, options.Groups, options.GroupsKept, options.TopK);
+        try
+        {
+            shape.Validate();
+        }
+        catch (ArgumentException e)
+        {
+            throw new ArgumentException($"unsupported routing {options} over width {width}: {e.Message}", nameof(options), e);
+        }
+
+        CheckShape(checkpoint, weight, options.Experts, width);
+        CheckShape(checkpoint, bias, options.Experts);
+        var w = UploadBf16(checkpoint, weight);
+        try
+        {
+            return new CudaGateWeight(width, options, shape, w, DeviceBuffer<float>.From(_device, checkpoint.ReadFloat32(bias), _stream));
+        }
+        catch
+        {
+            w.Dispose();
+            throw;
+        }
+    }
+
+    /// <inheritdoc />
+    public ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared)
+    {
+        using var scope = Enter();
+        if (experts.Count == 0)
+        {
+            throw new NotSupportedException("a MoE layer without routed experts");
+        }
+
+        foreach (var mlp in experts.Append(shared ?? experts[0]))
+        {
+            if (mlp.Length != 3)
+            {
+                throw new ArgumentException("an MLP is [gate, up, down]", nameof(experts));
+            }
+        }
+
+        int h = experts[0][0].In, inter = experts[0][0].Out, e = experts.Count;
+        var layout = new ExpertStackLayout(e, h, inter);
+        var result = new CudaExpertWeights(e, h, inter, shared?[0].Out ?? 0);
+        try
+        {
+            var w13 = result.Owned.Own(DeviceBuffer<byte>.Allocate(_device, layout.W13Length));
+            var w13s = result.Owned.Own(DeviceBuffer<float>.Allocate(_device, layout.W13ScaleLength));
+            var w2 = result.Owned.Own(DeviceBuffer<byte>.Allocate(_device, layout.W2Length));
+            var w2s = result.Owned.Own(DeviceBuffer<float>.Allocate(_device, layout.W2ScaleLength));
+            for (var i = 0; i < e; i++)
+            {
+                var (gate, up, down) = (experts[i][0], experts[i][1], experts[i][2]);
+                if (gate.Out != inter || gate.In != h || up.Out != inter || up.In != h || down.Out != h || down.In != inter)
+                {
+                    throw new ArgumentException($"expert {i} is not [{inter}, {h}] / [{h}, {inter}] like expert 0", nameof(experts));
+                }
+
+                UploadFp8Part(checkpoint, gate, w13, layout.Gate(i), w13s, layout.GateScales(i));
+                UploadFp8Part(checkpoint, up, w13, layout.Up(i), w13s, layout.UpScales(i));
+                UploadFp8Part(checkpoint, down, w2, layout.Down(i), w2s, layout.DownScales(i));
+            }
+
+            result.Stack = new MoeExpertStack(w13.Pointer, w13s.Pointer, w2.Pointer, w2s.Pointer, e, h, inter);
+            if (shared is not null)
+            {
+                result.Shared = new MoeSharedExpert(SharedPart(checkpoint, shared[0], result), SharedPart(checkpoint, shared[1], result), SharedPart(checkpoint, shared[2], result));
+            }
+
+            return result;
+        }
+        catch
+        {
+            result.Dispose();
+            throw;
+        }
+    }
+
+    private void UploadFp8Part(Checkpoint checkpoint, LinearSpec spec, DeviceBuffer<byte> codes, long codesOffset, DeviceBuffer<float> scales, long scalesOffset)
+    {
+        var info = CheckShape(checkpoint, spec.Weight, spec.Out, spec.In);
+        if (info.DType != DType.F8_E4M3)
+        {
+            throw new NotSupportedException($"'{spec.Weight}' is {info.DType}: the grouped expert GEMM takes FP8 e4m3 experts only");
+        }
+
+        var s = CheckShape(checkpoint, spec.Scale, Fp8GemmKernel.BlocksFor(spec.Out), Fp8GemmKernel.BlocksFor(spec.In));
+        if (s.DType != DType.F32)
+        {
+            throw new NotSupportedException($"'{spec.Scale}' is {s.DType}; the FP8 kernels take F32 block scales");
+        }
+
+        codes.Upload(checkpoint.GetBytes(spec.Weight), _stream, codesOffset);
+        scales.Upload(MemoryMarshal.Cast<byte, float>(checkpoint.GetBytes(spec.Scale)), _stream, scalesOffset);
+    }
+
+    private Fp8Linear SharedPart(Checkpoint checkpoint, LinearSpec spec, CudaExpertWeights owner)
+    {
+        var codes = owner.Owned.Own(DeviceBuffer<byte>.Allocate(_device, (long)spec.Out * spec.In));
+        var scales = owner.Owned.Own(DeviceBuffer<float>.Allocate(_device, (long)Fp8GemmKernel.BlocksFor(spec.Out) * Fp8GemmKernel.BlocksFor(spec.In)));
+        UploadFp8Part(checkpoint, spec, codes, 0, scales, 0);
+        return new Fp8Linear(codes.Pointer, scales.Pointer, spec.Out, spec.In);
+    }
+
+    /// <inheritdoc />
+    public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs)
+    {
+        using var scope = Enter();
+        if (cos.Length != positions * pairs || sin.Length != positions * pairs)
+        {
+            throw new ArgumentException($"cos/sin must be [{positions}, {pairs}]");
+        }
+
+        var c = DeviceBuffer<float>.From(_device, cos, _stream);
+        return new CudaRopeTable(positions, pairs, c, DeviceBuffer<float>.From(_device, sin, _stream));
+    }
+
+    /// <inheritdoc />
+    public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim)
+    {
+        using var scope = Enter();
+        return new CudaLatentCache(_device, _stream, capacity, latentDim, ropeDim);
+    }
+
+    /// <inheritdoc />
+    public Routing AllocateRouting(int tokens, int experts, int topK)
+    {
+        using var scope = Enter();
+        return new CudaRouting(_device, tokens, experts, topK);
+    }
+
+    /// <inheritdoc />
+    public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights)
+    {
+        using var scope = Enter();
+        var r = (CudaRouting)routing;
+        if (!scores.IsEmpty)
+        {
+            r.Scores.Download(scores[..(int)r.Scores.Length], _stream);
+        }
+
+        if (!indices.IsEmpty)
+        {
+            r.Indices.Download(indices[..(int)r.Indices.Length], _stream);
+        }
+
+        if (!weights.IsEmpty)
+        {
+            r.Weights.Download(weights[..(int)r.Weights.Length], _stream);
+        }
+    }
+
+    /// <summary>Uploads a tensor as BF16: raw bits when the checkpoint stores BF16, otherwise only if every value is exactly a BF16.</summary>
+    private DeviceBuffer<ushort> UploadBf16(Checkpoint checkpoint, string name)
+    {
+        var info = checkpoint.Get(name);
+        if (info.DType == DType.BF16)
+        {
+            return DeviceBuffer<ushort>.From(_device, MemoryMarshal.Cast<byte, ushort>(checkpoint.GetBytes(name)), _stream);
+        }
+
+        var values = checkpoint.ReadFloat32(name);
+        var bits = new ushort[values.Length];
+        for (var i = 0; i < values.Length; i++)
+        {
+            bits[i] = BFloat16.FromFloat(values[i]);
+            if (BFloat16.ToFloat(bits[i]) != values[i] && !float.IsNaN(values[i]))
+            {
+                throw new NotSupportedException($"'{name}' is {info.DType} with values that are not BF16 (element {i}: {values[i]}); the CUDA kernels take this weight as BF16 and would round it");
+            }
+        }
+
+        return DeviceBuffer<ushort>.From(_device, bits, _stream);
+    }
+
+    private static TensorInfo CheckShape(Checkpoint checkpoint, string name, params int[] shape)
+    {
+        var info = checkpoint.Get(name);
+        if (info.Shape.Length != shape.Length || !info.Shape.Select(s => (int)s).SequenceEqual(shape))
+        {
+            throw new CheckpointException(
+                $"{checkpoint.Directory}: tensor '{name}' has shape {info.ShapeText}, the model needs {TensorInfo.FormatShape(shape.Select(s => (long)s))}",
+                checkpoint.Directory, name);
+        }
+
+        return info;
+    }
+
+    // ---------------------------------------------------------------- elementwise and norms
+
+    /// <inheritdoc />
+    public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output)
+    {
+        using var scope = Enter();
+        var w = (CudaEmbeddingWeight)table;
+        var o = T(output);
+        Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
+        foreach (var id in ids)
+        {
+            if ((uint)id >= (uint)w.Rows)
+            {
+                throw new ArgumentOutOfRangeException(nameof(ids), id, $"token id outside 0..{w.Rows - 1}");
+            }
+        }
+
+        var d = UploadInts(ids);
+        _embedding.Launch(_stream, d, w.Data.Pointer, w.Rows, w.Width, o.Pointer, ElementType.F32, ids.Length);
+    }
+
+    /// <inheritdoc />
+    public void RmsNorm(Tensor x, NormWeight weight, Tensor output)
+    {
+        using var scope = Enter();
+        CudaTensor a = T(x), o = T(output);
+        var w = (CudaNormWeight)weight;
+        Require(a.Cols == w.Width && o.Cols == w.Width && a.Rows == o.Rows, "rmsnorm shapes");
+        Norm(a, w, o);
+    }
+
+    private void Norm(CudaTensor a, CudaNormWeight w, CudaTensor o)
+    {
+        _norm.Launch(_stream, a.Pointer, ElementType.F32, w.Data.Pointer, o.Pointer, ElementType.F32, a.Rows, a.Cols, w.Epsilon);
+        _glue.Round(_stream, o.Pointer, o.Length);
+    }
+
+    /// <inheritdoc />
+    public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
+    {
+        using var scope = Enter();
+        CudaTensor r = T(residual), d = T(delta), o = T(normed);
+        var w = (CudaNormWeight)weight;
+        Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
+        Require(r.Cols == w.Width && o.Cols == w.Width && r.Rows == o.Rows, "rmsnorm shapes");
+        // Not RmsNormKernel's fused form: that keeps the residual in fp32, the emulation rounds it to BF16 first.
+        _glue.AddRound(_stream, r.Pointer, d.Pointer, r.Length);
+        Norm(r, w, o);
+    }
+
+    /// <inheritdoc />
+    public void SiluMul(Tensor gate, Tensor up, Tensor output)
+    {
+        using var scope = Enter();
+        CudaTensor g = T(gate), u = T(up), o = T(output);
+        Require(g.Length == u.Length && g.Length == o.Length, "silu-mul shapes");
+        if (o.Length == 0)
+        {
+            return;
+        }
+
+        // As one row of all elements in slices (the kernel's grid.x), so any shape and row count fits.
+        const int slice = 1 << 24;
+        for (long first = 0; first < o.Length; first += slice)
+        {
+            var n = (int)Math.Min(slice, o.Length - first);
+            _siluMul.Launch(_stream, g.Buffer.At(first), u.Buffer.At(first), ElementType.F32, o.Buffer.At(first), ElementType.F32, 1, n);
+        }
+
+        _glue.Round(_stream, o.Pointer, o.Length);
+    }
+
+    /// <inheritdoc />
+    public void ConcatColumns(Tensor a, Tensor b, Tensor output)
+    {
+        using var scope = Enter();
+        CudaTensor x = T(a), y = T(b), o = T(output);
+        Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
+        _glue.Copy(_stream, x.Pointer, x.Cols, o.Pointer, o.Cols, o.Rows, x.Cols);
+        _glue.Copy(_stream, y.Pointer, y.Cols, o.Buffer.At(x.Cols), o.Cols, o.Rows, y.Cols);
+    }
+
+    // ---------------------------------------------------------------- GEMM
+
+    /// <inheritdoc />
+    public void Linear(Tensor x, LinearWeight weight, Tensor y)
+    {
+        using var scope = Enter();
+        CudaTensor a = T(x), o = T(y);
+        var w = (CudaLinearWeight)weight;
+        Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
+        Gemm(a.Pointer, ElementType.F32, a.Rows, w, o.Pointer, ElementType.F32);
+        _glue.Round(_stream, o.Pointer, o.Length);
+    }
+
+    /// <inheritdoc />
+    public void Logits(Tensor x, LinearWeight head, Tensor logits)
+    {
+        using var scope = Enter();
+        CudaTensor a = T(x), o = T(logits);
+        var w = (CudaLinearWeight)head;
+        Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
+        if (w.Fp8)
+        {
+            // The CPU backend multiplies an FP8 head unquantized; the FP8 GEMM would quantize the activation.
+            throw new NotSupportedException("an FP8 output head (lm_head is BF16 in every supported checkpoint)");
+        }
+
+        _bf16.Launch(_stream, a.Pointer, ElementType.F32, w.Bf16!.Pointer, o.Pointer, ElementType.F32, a.Rows, w.Out, w.In);
+    }
+
+    /// <summary>y = x·Wᵀ for <paramref name="m"/> rows: FP8 weights through act quant + the FP8 GEMM, BF16 weights through the BF16 GEMM.</summary>
+    private void Gemm(ulong x, ElementType xType, int m, CudaLinearWeight w, ulong y, ElementType yType, Scratch? codes = null, Scratch? scales = null)
+    {
+        if (m == 0)
+        {
+            return;
+        }
+
+        if (!w.Fp8)
+        {
+            _bf16.Launch(_stream, x, xType, w.Bf16!.Pointer, y, yType, m, w.Out, w.In);
+            return;
+        }
+
+        var c = (codes ?? _codes).Get((long)m * w.In);
+        var s = (scales ?? _scales).Get((long)m * ActQuantKernel.GroupsFor(w.In) * 4);
+        _quant.Launch(_stream, x, xType, c, s, m, w.In);
+        _fp8.Launch(_stream, c, s, w.Codes!.Pointer, w.Scales!.Pointer, y, yType, m, w.Out, w.In);
+    }
+
+    // ---------------------------------------------------------------- RoPE and the latent cache
+
+    /// <inheritdoc />
+    public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
+    {
+        using var scope = Enter();
+        var a = T(x);
+        var r = (CudaRopeTable)rope;
+        Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
+        CheckPositions(r, startPosition, a.Rows);
+        _glue.Rope(_stream, a.Pointer, a.Rows, a.Cols, r.Cos.Pointer, r.Sin.Pointer, r.Pairs, startPosition, a.Cols / headStride, headStride, ropeOffset);
+        _glue.Round(_stream, a.Pointer, a.Length);
+    }
+
+    /// <inheritdoc />
+    public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition)
+    {
+        using var scope = Enter();
+        var a = T(kv);
+        var c = (CudaLatentCache)cache;
+        var norm = (CudaNormWeight)latentNorm;
+        var r = (CudaRopeTable)rope;
+        Require(a.Cols == c.LatentDim + c.RopeDim && norm.Width == c.LatentDim && c.RopeDim == 2 * r.Pairs, "latent append shapes");
+        if (startPosition < 0 || startPosition + a.Rows > c.Capacity)
+        {
+            throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + a.Rows - 1} exceed the cache capacity {c.Capacity}");
+        }
+
+        CheckPositions(r, startPosition, a.Rows);
+        if (a.Rows == 0)
+        {
+            return;
+        }
+
+        var args = UploadInts(CudaBackendLayout.AppendArguments(startPosition, a.Rows));
+        _cache.Append(_stream, c.Shape, a.Pointer, ElementType.F32, a.Cols, norm.Data.Pointer, norm.Epsilon, r.Cos.Pointer, r.Sin.Pointer, r.Positions,
+            args, args + (ulong)(4 * a.Rows), a.Rows, c.BlockTable.Pointer, c.MaxBlocks, c.Cache.Pointer);
+    }
+
+    private static void CheckPositions(CudaRopeTable r, int start, int count)
+    {
+        if (start < 0 || start + count > r.Positions)
+        {
+            throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + count - 1} exceed the rotary table (0..{r.Positions - 1})");
+        }
+    }
+
+    // ---------------------------------------------------------------- MLA
+
+    /// <inheritdoc />
+    public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
+    {
+        using var scope = Enter();
+        var (qt, c, w, o) = CheckAttention(q, cache, kvB, dims, startPosition, output);
+        Prefill(qt, c, w, dims, startPosition, scale, o);
+    }
+
+    /// <inheritdoc />
+    public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
+    {
+        using var scope = Enter();
+        var (qt, c, w, o) = CheckAttention(q, cache, kvB, dims, startPosition, output);
+        if (qt.Rows > 2)
+        {
+            // The decode kernel takes s_q ≤ 2; longer chunks take the prefill kernel (the naive form, equal in exact arithmetic).
+            Prefill(qt, c, w, dims, startPosition, scale, o);
+            return;
+        }
+
+        if (qt.Rows == 0)
+        {
+            return;
+        }
+
+        int tokens = qt.Rows, heads = dims.Heads, context = startPosition + tokens;
+        var shape = c.Shape;
+        var kvB16 = Bf16Of(w);
+        var qAbs = _qAbs.Get((long)tokens * heads * shape.RowWidth * 2);
+        _decode.Fold(_stream, shape, qt.Pointer, ElementType.F32, kvB16, tokens, heads, dims.QkNope, dims.V, qAbs);
+        var lengths = UploadInts([context]);
+        var splits = _decode.DefaultSplits(shape, 1, heads, tokens, context);
+        var bytes = MlaDecodeKernel.WorkspaceBytes(shape, 1, heads, tokens, splits);
+        var workspace = bytes > 0 ? _workspace.Get(bytes) : 0;
+        var latent = _outLatent.Get((long)tokens * heads * shape.Latent * 4);
+        var lse = _lse.Get((long)tokens * heads * 4);
+        _decode.Decode(_stream, shape, qAbs, ElementType.BF16, c.Cache.Pointer, c.BlockTable.Pointer, lengths, 1, heads, tokens, c.MaxBlocks, scale,
+            latent, lse, splits, workspace);
+        _decode.Unfold(_stream, shape, latent, kvB16, tokens, heads, dims.QkNope, dims.V, o.Pointer, ElementType.F32);
+        _glue.Round(_stream, o.Pointer, o.Length);
+    }
+
+    /// <summary>The naive form through the prefill kernels: gather latents, kv_b GEMM to BF16 k_nope|v, causal flash attention.</summary>
+    private void Prefill(CudaTensor qt, CudaLatentCache c, CudaLinearWeight w, MlaDims dims, int startPosition, float scale, CudaTensor o)
+    {
+        int tokens = qt.Rows, context = startPosition + tokens;
+        if (tokens == 0)
+        {
+            return;
+        }
+
+        var shape = MlaPrefillShape.From(dims);
+        var cu = UploadInts([0, tokens, 0, context]);
+        ulong cuQ = cu, cuKv = cu + 8;
+        var latent = _latent.Get((long)context * dims.KvLora * 2);
+        _prefill.Gather(_stream, shape, c.Cache.Pointer, c.BlockTable.Pointer, c.MaxBlocks, cuKv, 1, context, latent);
+        var kv = _kv.Get((long)context * w.Out * 2);
+        Gemm(latent, ElementType.BF16, context, w, kv, ElementType.BF16, _kvCodes, _kvScales);
+        var q16 = _qBf16.Get(qt.Length * 2);
+        _glue.Convert(_stream, qt.Pointer, ElementType.F32, q16, ElementType.BF16, qt.Length);
+        var out16 = _outBf16.Get(o.Length * 2);
+        _prefill.Attention(_stream, shape, dims.Heads, q16, c.Cache.Pointer, c.BlockTable.Pointer, c.MaxBlocks, cuQ, cuKv, kv, 1, tokens, scale, out16);
+        _glue.Convert(_stream, out16, ElementType.BF16, o.Pointer, ElementType.F32, o.Length);
+    }
+
+    /// <summary>kv_b as BF16 [H·(nope + v), latent]: the weight itself, or (once) its FP8 codes dequantized.</summary>
+    private ulong Bf16Of(CudaLinearWeight w)
+    {
+        if (w.Bf16 is null)
+        {
+            var b = w.Owned.Own(DeviceBuffer<ushort>.Allocate(_device, (long)w.Out * w.In));
+            _glue.Dequantize(_stream, w.Codes!.Pointer, w.Scales!.Pointer, w.Out, w.In, b.Pointer);
+            w.Bf16 = b;
+        }
+
+        return w.Bf16.Pointer;
+    }
+
+    private static (CudaTensor Q, CudaLatentCache Cache, CudaLinearWeight KvB, CudaTensor Output) CheckAttention(
+        Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, Tensor output)
+    {
+        CudaTensor qt = T(q), o = T(output);
+        var c = (CudaLatentCache)cache;
+        var w = (CudaLinearWeight)kvB;
+        Require(qt.Cols == dims.Heads * dims.QkHead, $"q {qt} is not [T, {dims.Heads}·{dims.QkHead}]");
+        Require(o.Rows == qt.Rows && o.Cols == dims.Heads * dims.V, $"attention output {o} is not [{qt.Rows}, {dims.Heads}·{dims.V}]");
+        Require(w.Out == dims.Heads * dims.KvBHead && w.In == dims.KvLora, "kv_b shape");
+        Require(c.LatentDim == dims.KvLora && c.RopeDim == dims.QkRope, "cache widths");
+        if (startPosition < 0 || startPosition + qt.Rows > c.Capacity)
+        {
+            throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + qt.Rows - 1} exceed the cache capacity {c.Capacity}");
+        }
+
+        return (qt, c, w, o);
+    }
+
+    // ---------------------------------------------------------------- MoE
+
+    /// <inheritdoc />
+    public void MoeGate(Tensor x, GateWeight gate, Routing routing)
+    {
+        using var scope = Enter();
+        var a = T(x);
+        var g = (CudaGateWeight)gate;
+        var r = (CudaRouting)routing;
+        var opt = g.Options;
+        Require(a.Cols == g.Width && r.Tokens == a.Rows && r.Experts == opt.Experts && r.TopK == opt.TopK, "gate shapes");
+        _gate.Launch(_stream, g.Shape, a.Pointer, ElementType.F32, g.Weight.Pointer, g.Bias.Pointer, a.Rows, r.Indices.Pointer, r.Weights.Pointer,
+            opt.Normalize, opt.ScalingFactor, r.Scores.Pointer);
+    }
+
+    /// <inheritdoc />
+    public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y)
+    {
+        using var scope = Enter();
+        CudaTensor a = T(x), o = T(y);
+        var r = (CudaRouting)routing;
+        var ew = (CudaExpertWeights)experts;
+        int tokens = a.Rows, width = a.Cols, k = r.TopK;
+        Require(o.Rows == tokens && o.Cols == width && r.Tokens == tokens && ew.Width == width && r.Experts == ew.Experts, "MoE shapes");
+        var key = (ew.Experts, width, ew.ExpertWidth, ew.SharedWidth, k);
+        if (!_moe.TryGetValue(key, out var layer))
+        {
+            // Only the experts half of MoeLayer is used: its gate shape needs E, H and k; groups do not matter here.
+            layer = new MoeLayer(_device, _compiler, new MoeGateShape(ew.Experts, width, 1, 1, k), ew.ExpertWidth, ew.SharedWidth, _options.MaxMoeTokens);
+            _moe[key] = layer;
+        }
+
+        for (var first = 0; first < tokens; first += layer.MaxTokens)
+        {
+            var n = Math.Min(layer.MaxTokens, tokens - first);
+            layer.Experts(_stream, a.Row(first), ElementType.F32, n, r.Indices.At((long)first * k), r.Weights.At((long)first * k), ew.Stack, ew.Shared,
+                o.Row(first), ElementType.F32);
+        }
+
+        _glue.Round(_stream, o.Pointer, o.Length);
+    }
+
+    // ---------------------------------------------------------------- helpers
+
+    /// <summary>
+    /// Serializes callers (the scratch buffers and staged arguments are shared; the stream orders the device work) and
+    /// makes the device current on the calling thread.
+    /// </summary>
+    private Lock.Scope Enter()
+    {
+        var scope = _sync.EnterScope();
+        try
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            _device.MakeCurrent();
+        }
+        catch
+        {
+            scope.Dispose();
+            throw;
+        }
+
+        return scope;
+    }
+
+    /// <summary>Stages small int32 arguments on the stream (ordered after the work that read the previous ones).</summary>
+    private ulong UploadInts(ReadOnlySpan<int> values)
+    {
+        var p = _ints.Get(Math.Max(4, values.Length * 4L));
+        DeviceBuffer<int>.View(_device, p, values.Length).Upload(values, _stream);
+        return p;
+    }
+
+    private static CudaTensor T(Tensor t) =>
+        t as CudaTensor ?? throw new ArgumentException($"tensor {t} does not belong to the CUDA backend", nameof(t));
+
+    private static void Require(bool ok, string what)
+    {
+        if (!ok)
+        {
+            throw new ArgumentException($"shape mismatch: {what}");
+        }
+    }
+
+    /// <summary>A growable device scratch buffer (256-byte aligned); growing waits for the queued work that may still read the old one.</summary>
+    private sealed class Scratch(CudaBackend owner)
+    {
+        private DeviceBuffer<byte>? _buffer;
+
+        public ulong Get(long bytes)
+        {
+            if (_buffer is null || _buffer.Length < bytes)
+            {
+                owner._stream.Synchronize();
+                _buffer?.Dispose();
+                _buffer = DeviceBuffer<byte>.Allocate(owner._device, Math.Max(bytes, 2 * (_buffer?.Length ?? 0)));
+            }
+
+            return _buffer.Pointer;
+        }
+
+        public void Free()
+        {
+            _buffer?.Dispose();
+            _buffer = null;
+        }
+    }
+}

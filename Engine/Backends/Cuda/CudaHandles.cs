@@ -1,0 +1,261 @@
+using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Kernels;
+
+namespace DeepSeekCuda.Backends.Cuda;
+
+/// <summary>Device buffers a handle owns; disposing the handle frees them (once).</summary>
+internal sealed class DeviceOwnership
+{
+    private readonly List<IDisposable> _owned = [];
+
+    public T Own<T>(T buffer)
+        where T : IDisposable
+    {
+        _owned.Add(buffer);
+        return buffer;
+    }
+
+    public void Free()
+    {
+        foreach (var b in _owned)
+        {
+            b.Dispose();
+        }
+
+        _owned.Clear();
+    }
+}
+
+/// <summary>An activation: f32 storage on the device (values BF16-rounded wherever CpuBackend's GpuEmulation rounds).</summary>
+internal sealed class CudaTensor : Tensor
+{
+    public CudaTensor(CudaDevice device, int rows, int cols)
+        : base(rows, cols)
+    {
+        Buffer = DeviceBuffer<float>.Allocate(device, (long)rows * cols);
+    }
+
+    public DeviceBuffer<float> Buffer { get; }
+
+    public ulong Pointer => Buffer.Pointer;
+
+    /// <summary>Address of row <paramref name="row"/>.</summary>
+    public ulong Row(long row) => Buffer.At(row * Cols);
+
+    protected override void Dispose(bool disposing) => Buffer.Dispose();
+}
+
+/// <summary>
+/// A linear weight: FP8 e4m3 codes [Out, In] with fp32 128x128 block scales, or BF16 [Out, In]. An FP8 kv_b gets a
+/// BF16 dequantized copy on first use by the absorbed MLA (the decode kernel's operand).
+/// </summary>
+internal sealed class CudaLinearWeight(int outFeatures, int inFeatures, bool fp8) : LinearWeight(outFeatures, inFeatures, fp8)
+{
+    public DeviceOwnership Owned { get; } = new();
+
+    /// <summary>FP8 codes (null for a BF16 weight).</summary>
+    public DeviceBuffer<byte>? Codes { get; set; }
+
+    /// <summary>weight_scale_inv [⌈Out/128⌉, ⌈In/128⌉] (null for a BF16 weight).</summary>
+    public DeviceBuffer<float>? Scales { get; set; }
+
+    /// <summary>The BF16 weight, or the dequantized copy of an FP8 one once made.</summary>
+    public DeviceBuffer<ushort>? Bf16 { get; set; }
+
+    protected override void Dispose(bool disposing) => Owned.Free();
+}
+
+internal sealed class CudaNormWeight(int width, float epsilon, DeviceBuffer<ushort> data) : NormWeight(width, epsilon)
+{
+    /// <summary>BF16 [Width].</summary>
+    public DeviceBuffer<ushort> Data { get; } = data;
+
+    protected override void Dispose(bool disposing) => Data.Dispose();
+}
+
+internal sealed class CudaEmbeddingWeight(int rows, int width, DeviceBuffer<ushort> data) : EmbeddingWeight(rows, width)
+{
+    /// <summary>BF16 [Rows, Width].</summary>
+    public DeviceBuffer<ushort> Data { get; } = data;
+
+    protected override void Dispose(bool disposing) => Data.Dispose();
+}
+
+internal sealed class CudaGateWeight(int width, GateOptions options, MoeGateShape shape, DeviceBuffer<ushort> weight, DeviceBuffer<float> bias)
+    : GateWeight(width, options)
+{
+    public MoeGateShape Shape { get; } = shape;
+
+    /// <summary>BF16 [E, D].</summary>
+    public DeviceBuffer<ushort> Weight { get; } = weight;
+
+    /// <summary>F32 [E].</summary>
+    public DeviceBuffer<float> Bias { get; } = bias;
+
+    protected override void Dispose(bool disposing)
+    {
+        Weight.Dispose();
+        Bias.Dispose();
+    }
+}
+
+/// <summary>Routed experts stacked in the <see cref="MoeExpertStack"/> layout and the shared expert as three FP8 linears.</summary>
+internal sealed class CudaExpertWeights(int experts, int width, int expertWidth, int sharedWidth) : ExpertWeights(experts, width, expertWidth, sharedWidth)
+{
+    public DeviceOwnership Owned { get; } = new();
+
+    public MoeExpertStack Stack { get; set; } = null!;
+
+    public MoeSharedExpert? Shared { get; set; }
+
+    protected override void Dispose(bool disposing) => Owned.Free();
+}
+
+internal sealed class CudaRouting : Routing
+{
+    public CudaRouting(CudaDevice device, int tokens, int experts, int topK)
+        : base(tokens, experts, topK)
+    {
+        Scores = DeviceBuffer<float>.Allocate(device, (long)tokens * experts);
+        Indices = DeviceBuffer<int>.Allocate(device, (long)tokens * topK);
+        Weights = DeviceBuffer<float>.Allocate(device, (long)tokens * topK);
+    }
+
+    /// <summary>[T, E] f32.</summary>
+    public DeviceBuffer<float> Scores { get; }
+
+    /// <summary>[T, k] int32.</summary>
+    public DeviceBuffer<int> Indices { get; }
+
+    /// <summary>[T, k] f32.</summary>
+    public DeviceBuffer<float> Weights { get; }
+
+    protected override void Dispose(bool disposing)
+    {
+        Scores.Dispose();
+        Indices.Dispose();
+        Weights.Dispose();
+    }
+}
+
+internal sealed class CudaRopeTable(int positions, int pairs, DeviceBuffer<float> cos, DeviceBuffer<float> sin) : RopeTable(positions, pairs)
+{
+    /// <summary>[positions, pairs] f32.</summary>
+    public DeviceBuffer<float> Cos { get; } = cos;
+
+    /// <summary>[positions, pairs] f32.</summary>
+    public DeviceBuffer<float> Sin { get; } = sin;
+
+    protected override void Dispose(bool disposing)
+    {
+        Cos.Dispose();
+        Sin.Dispose();
+    }
+}
+
+/// <summary>
+/// One sequence's latent cache of one layer in the paged layout (<see cref="PagedLatentCache"/>): BF16
+/// [blocks, 64, latent + rope] with its own one-row block table (identity order).
+/// </summary>
+internal sealed class CudaLatentCache : LatentCache
+{
+    public CudaLatentCache(CudaDevice device, CudaStream stream, int capacity, int latentDim, int ropeDim)
+        : base(capacity, latentDim, ropeDim)
+    {
+        Shape = new LatentShape(latentDim, ropeDim).Validate();
+        var table = CudaBackendLayout.IdentityBlockTable(capacity);
+        MaxBlocks = table.Length;
+        Cache = DeviceBuffer<ushort>.Allocate(device, PagedLatentCache.Bytes(MaxBlocks, Shape) / 2);
+        // Rows are only read at positions already appended; zero them anyway so nothing stale is ever visible.
+        Cache.Fill8(0, stream);
+        BlockTable = DeviceBuffer<int>.From(device, table, stream);
+    }
+
+    public LatentShape Shape { get; }
+
+    /// <summary>Blocks of the one request (= the block table's row length).</summary>
+    public int MaxBlocks { get; }
+
+    /// <summary>BF16 [MaxBlocks, 64, latent + rope].</summary>
+    public DeviceBuffer<ushort> Cache { get; }
+
+    /// <summary>int32 [1, MaxBlocks].</summary>
+    public DeviceBuffer<int> BlockTable { get; }
+
+    protected override void Dispose(bool disposing)
+    {
+        Cache.Dispose();
+        BlockTable.Dispose();
+    }
+}
+
+/// <summary>The host-side layout rules of <see cref="CudaBackend"/> (pure functions, unit-tested without a GPU).</summary>
+public static class CudaBackendLayout
+{
+    /// <summary>The block table of a one-sequence cache of <paramref name="capacity"/> positions: blocks 0 .. ⌈capacity/64⌉ − 1 in order.</summary>
+    public static int[] IdentityBlockTable(int capacity)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(capacity);
+        return [.. Enumerable.Range(0, PagedLatentCache.BlocksFor(capacity))];
+    }
+
+    /// <summary>
+    /// The append kernel's per-token int32 arguments for <paramref name="count"/> tokens of one sequence from
+    /// <paramref name="start"/>: request ids (all 0) then positions start .. start + count − 1, in one array.
+    /// </summary>
+    public static int[] AppendArguments(int start, int count)
+    {
+        var a = new int[2 * count];
+        for (var t = 0; t < count; t++)
+        {
+            a[count + t] = start + t;
+        }
+
+        return a;
+    }
+}
+
+/// <summary>
+/// Element offsets of one expert's parts in the stacked routed-expert arrays of <see cref="MoeExpertStack"/>:
+/// W13 [E, 2·I, H] (gate rows, then up rows), W13 scales [E, 2·⌈I/128⌉, ⌈H/128⌉] (gate's, then up's), W2 [E, H, I],
+/// W2 scales [E, ⌈H/128⌉, ⌈I/128⌉].
+/// </summary>
+/// <param name="Experts">E.</param>
+/// <param name="Hidden">H.</param>
+/// <param name="Inter">I.</param>
+public readonly record struct ExpertStackLayout(int Experts, int Hidden, int Inter)
+{
+    private long InterBlocks => Fp8GemmKernel.BlocksFor(Inter);
+
+    private long HiddenBlocks => Fp8GemmKernel.BlocksFor(Hidden);
+
+    /// <summary>Bytes of W13.</summary>
+    public long W13Length => 2L * Experts * Inter * Hidden;
+
+    /// <summary>Bytes of W2.</summary>
+    public long W2Length => (long)Experts * Hidden * Inter;
+
+    /// <summary>Floats of W13's scales.</summary>
+    public long W13ScaleLength => 2L * Experts * InterBlocks * HiddenBlocks;
+
+    /// <summary>Floats of W2's scales.</summary>
+    public long W2ScaleLength => Experts * HiddenBlocks * InterBlocks;
+
+    /// <summary>Expert e's gate_proj codes in W13.</summary>
+    public long Gate(int e) => 2L * e * Inter * Hidden;
+
+    /// <summary>Expert e's up_proj codes in W13.</summary>
+    public long Up(int e) => Gate(e) + (long)Inter * Hidden;
+
+    /// <summary>Expert e's down_proj codes in W2.</summary>
+    public long Down(int e) => (long)e * Hidden * Inter;
+
+    /// <summary>Expert e's gate_proj scales in W13's scales.</summary>
+    public long GateScales(int e) => 2L * e * InterBlocks * HiddenBlocks;
+
+    /// <summary>Expert e's up_proj scales in W13's scales.</summary>
+    public long UpScales(int e) => GateScales(e) + InterBlocks * HiddenBlocks;
+
+    /// <summary>Expert e's down_proj scales in W2's scales.</summary>
+    public long DownScales(int e) => e * HiddenBlocks * InterBlocks;
+}

@@ -1,0 +1,110 @@
+using System.Runtime.InteropServices;
+using DeepSeekCuda.Cuda;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>Mirror of <c>BackendGlueParams</c> in Kernels/backend_glue.cu.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct BackendGlueParams
+{
+    public ulong X;
+    public ulong Y;
+    public ulong Out;
+    public ulong Cos;
+    public ulong Sin;
+    public long N;
+    public long XStride;
+    public long OutStride;
+    public int Rows;
+    public int Cols;
+    public int Start;
+    public int Heads;
+    public int HeadStride;
+    public int RopeOffset;
+    public int Pairs;
+    public int ScaleCols;
+}
+
+/// <summary>
+/// The small elementwise kernels of <c>CudaBackend</c> (Kernels/backend_glue.cu) where a launcher's contract does
+/// not fit <c>IBackend</c>: BF16 rounding of f32 storage, the rounded residual add, f32↔bf16 conversion, strided
+/// row copies, RoPE from the uploaded cos/sin table, and FP8 block dequantization to BF16.
+/// </summary>
+public sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+{
+    /// <summary>Kernels/backend_glue.cu.</summary>
+    public const string FamilyName = "backend_glue";
+
+    /// <summary>CUDA name of the params struct.</summary>
+    public const string ParamsType = "BackendGlueParams";
+
+    /// <summary>Threads per block.</summary>
+    public const int Block = 256;
+
+    private const long MaxGrid = 65535;
+
+    private static readonly KernelInstance RoundInstance = new($"glue_round_kernel<{Block}>", ParamsType);
+    private static readonly KernelInstance AddRoundInstance = new($"glue_add_round_kernel<{Block}>", ParamsType);
+    private static readonly KernelInstance CopyInstance = new($"glue_copy_kernel<{Block}>", ParamsType);
+    private static readonly KernelInstance RopeInstance = new($"glue_rope_kernel<{Block}>", ParamsType);
+    private static readonly KernelInstance DequantInstance = new($"glue_dequant_kernel<{Block}>", ParamsType);
+
+    /// <summary>The conversion between storage types.</summary>
+    public static KernelInstance ConvertInstance(ElementType input, ElementType output) =>
+        new($"glue_convert_kernel<{Block}, {Flag(input)}, {Flag(output)}>", ParamsType);
+
+    /// <summary>Every specialization the launcher can request.</summary>
+    public static IReadOnlyList<KernelInstance> AllInstances() =>
+        [RoundInstance, AddRoundInstance, CopyInstance, RopeInstance, DequantInstance,
+            ConvertInstance(ElementType.F32, ElementType.BF16), ConvertInstance(ElementType.BF16, ElementType.F32)];
+
+    /// <summary>values[i] = bf16(values[i]) for <paramref name="n"/> f32 values, in place.</summary>
+    public void Round(CudaStream stream, ulong values, long n) => Run(stream, RoundInstance, n, new BackendGlueParams { Out = values, N = n });
+
+    /// <summary>residual[i] = bf16(residual[i] + delta[i]) for <paramref name="n"/> f32 values.</summary>
+    public void AddRound(CudaStream stream, ulong residual, ulong delta, long n) =>
+        Run(stream, AddRoundInstance, n, new BackendGlueParams { Out = residual, X = delta, N = n });
+
+    /// <summary>output[i] = input[i] for <paramref name="n"/> values, converting f32 → bf16 (round to nearest even) or bf16 → f32.</summary>
+    public void Convert(CudaStream stream, ulong input, ElementType inType, ulong output, ElementType outType, long n)
+    {
+        if (inType == outType)
+        {
+            throw new ArgumentException("a conversion needs two different types");
+        }
+
+        Run(stream, ConvertInstance(inType, outType), n, new BackendGlueParams { X = input, Out = output, N = n });
+    }
+
+    /// <summary>output[r·outStride + c] = input[r·inStride + c] for f32 rows × cols.</summary>
+    public void Copy(CudaStream stream, ulong input, long inStride, ulong output, long outStride, int rows, int cols) =>
+        Run(stream, CopyInstance, (long)rows * cols, new BackendGlueParams { X = input, XStride = inStride, Out = output, OutStride = outStride, Rows = rows, Cols = cols });
+
+    /// <summary>
+    /// Rotates in place, for rows t of f32 x [rows, cols] at position start + t, each head h's pairs at columns
+    /// h·headStride + ropeOffset + 2i with cos/sin [positions, pairs] (no rounding: follow with <see cref="Round"/>).
+    /// </summary>
+    public void Rope(CudaStream stream, ulong x, int rows, int cols, ulong cos, ulong sin, int pairs, int start, int heads, int headStride, int ropeOffset) =>
+        Run(stream, RopeInstance, (long)rows * heads * pairs, new BackendGlueParams
+        {
+            Out = x, Rows = rows, Cols = cols, Cos = cos, Sin = sin, Pairs = pairs, Start = start, Heads = heads, HeadStride = headStride, RopeOffset = ropeOffset,
+        });
+
+    /// <summary>output bf16 [rows, cols] = e4m3(codes) × scales[r/128, c/128] (scales f32 [⌈rows/128⌉, ⌈cols/128⌉]).</summary>
+    public void Dequantize(CudaStream stream, ulong codes, ulong scales, int rows, int cols, ulong output) =>
+        Run(stream, DequantInstance, (long)rows * cols, new BackendGlueParams
+        {
+            X = codes, Y = scales, Out = output, Rows = rows, Cols = cols, ScaleCols = (cols + 127) / 128,
+        });
+
+    private void Run(CudaStream stream, KernelInstance instance, long work, in BackendGlueParams p)
+    {
+        if (work <= 0)
+        {
+            return;
+        }
+
+        // Grid-stride loops: at most 65535 blocks, each thread takes several elements beyond that.
+        Get(instance).Launch(new Dim3((uint)Math.Min(MaxGrid, Blocks(work, Block))), Block, 0, stream, in p);
+    }
+}

@@ -1,0 +1,74 @@
+using System.Runtime.InteropServices;
+using DeepSeekCuda.Cuda;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>Mirror of <c>Bf16GemmParams</c> in Kernels/bf16_gemm.cu.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct Bf16GemmParams
+{
+    public ulong X;
+    public ulong W;
+    public ulong Y;
+    public long XStride;
+    public long YStride;
+    public int M;
+    public int N;
+    public int K;
+    public int Pad0;
+}
+
+/// <summary>
+/// GEMM with a BF16 weight (Kernels/bf16_gemm.cu): <c>Y[M,N] = X[M,K]·Wᵀ</c>, W bf16 [N, K], X f32 or bf16,
+/// FP32 accumulation, f32 or bf16 output. For the unquantized linears (lm_head, BF16 checkpoints); weights are
+/// never converted to FP8. One warp per output column and 1 or 4 activation rows.
+/// </summary>
+public sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+{
+    /// <summary>Kernels/bf16_gemm.cu.</summary>
+    public const string FamilyName = "bf16_gemm";
+
+    /// <summary>CUDA name of the params struct.</summary>
+    public const string ParamsType = "Bf16GemmParams";
+
+    /// <summary>Warps (output columns) per block.</summary>
+    public const int Warps = 8;
+
+    /// <summary>Activation rows per weight pass.</summary>
+    public static readonly int[] RowTiles = [1, 4];
+
+    /// <summary>The specialization for a row tile and types.</summary>
+    public static KernelInstance Instance(int rows, ElementType input, ElementType output) =>
+        new($"bf16_gemm_kernel<{rows}, {Warps}, {Flag(input)}, {Flag(output)}>", ParamsType);
+
+    /// <summary>Every specialization the launcher can request.</summary>
+    public static IReadOnlyList<KernelInstance> AllInstances() =>
+        [.. from r in RowTiles from i in Enum.GetValues<ElementType>() from o in Enum.GetValues<ElementType>() select Instance(r, i, o)];
+
+    /// <summary>y[m, n] = Σ_k x[m, k]·w[n, k] for m &lt; <paramref name="m"/>. Strides in elements; -1 means dense.</summary>
+    public void Launch(CudaStream stream, ulong x, ElementType xType, ulong w, ulong y, ElementType yType, int m, int n, int k,
+        long xStride = -1, long yStride = -1)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(n);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
+        if (m <= 0)
+        {
+            return;
+        }
+
+        var tile = m == 1 ? 1 : 4;
+        var p = new Bf16GemmParams { X = x, W = w, Y = y, XStride = xStride < 0 ? k : xStride, YStride = yStride < 0 ? n : yStride, M = m, N = n, K = k };
+        var rowBlocks = Blocks(m, tile);
+        // grid.y holds at most 65535 row blocks: larger M runs in slices.
+        for (long first = 0; first < rowBlocks; first += 65535)
+        {
+            var blocks = (uint)Math.Min(65535, rowBlocks - first);
+            var slice = p;
+            var row = first * tile;
+            slice.X = x + (ulong)(row * p.XStride * (xType == ElementType.BF16 ? 2 : 4));
+            slice.Y = y + (ulong)(row * p.YStride * (yType == ElementType.BF16 ? 2 : 4));
+            slice.M = (int)Math.Min(m - row, (long)blocks * tile);
+            Get(Instance(tile, xType, yType)).Launch(new Dim3(Blocks(n, Warps), blocks), Warps * 32, 0, stream, in slice);
+        }
+    }
+}

@@ -1,0 +1,101 @@
+// Small elementwise kernels CudaBackend needs where a launcher's contract does not fit IBackend
+// (Engine/Backends/Cuda/CudaBackend.cs keeps activations as f32 holding bf16-rounded values):
+//   glue_round_kernel      out[i] = bf16(out[i])                 (the CPU emulation's Store)
+//   glue_add_round_kernel  out[i] = bf16(out[i] + x[i])          (the residual update of AddRmsNorm)
+//   glue_convert_kernel    out[i] = x[i] between f32 and bf16    (bf16 operands of the MLA kernels)
+//   glue_copy_kernel       out[r, c] = x[r, c] with row strides  (CopyRows, ConcatColumns)
+//   glue_rope_kernel       interleaved-pair rotation from the uploaded cos/sin table, in place, f32
+//   glue_dequant_kernel    out bf16 [rows, cols] = e4m3(x) * scale[r/128, c/128]  (kv_b for the absorbed MLA)
+#pragma once
+#include "common.cuh"
+
+struct BackendGlueParams
+{
+    const void* x;      // input (see each kernel)
+    const void* y;      // second input: block scales of glue_dequant_kernel
+    void* out;          // output
+    const float* cos;   // [positions, pairs] (glue_rope_kernel)
+    const float* sin;   // [positions, pairs]
+    i64 n;              // elements of the 1-D kernels
+    i64 x_stride;       // row strides in elements (glue_copy_kernel)
+    i64 out_stride;
+    i32 rows;
+    i32 cols;           // row width (glue_rope_kernel: the row stride of out)
+    i32 start;          // position of row 0 (glue_rope_kernel)
+    i32 heads;
+    i32 head_stride;
+    i32 rope_offset;
+    i32 pairs;
+    i32 scale_cols;     // scale blocks per row of glue_dequant_kernel
+};
+
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) glue_round_kernel(const __grid_constant__ BackendGlueParams p)
+{
+    float* o = (float*)p.out;
+    for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < p.n; i += (i64)gridDim.x * BLOCK)
+        o[i] = bf16_to_float(float_to_bf16(o[i]));
+}
+
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) glue_add_round_kernel(const __grid_constant__ BackendGlueParams p)
+{
+    float* o = (float*)p.out;
+    const float* a = (const float*)p.x;
+    for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < p.n; i += (i64)gridDim.x * BLOCK)
+        o[i] = bf16_to_float(float_to_bf16(__fadd_rn(o[i], a[i])));
+}
+
+template <int BLOCK, int IN_BF16, int OUT_BF16>
+__global__ void __launch_bounds__(BLOCK) glue_convert_kernel(const __grid_constant__ BackendGlueParams p)
+{
+    typedef typename ElemOf<IN_BF16>::type TIn;
+    typedef typename ElemOf<OUT_BF16>::type TOut;
+    for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < p.n; i += (i64)gridDim.x * BLOCK)
+        store_f32<TOut>((TOut*)p.out, i, load_f32<TIn>((const TIn*)p.x, i));
+}
+
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) glue_copy_kernel(const __grid_constant__ BackendGlueParams p)
+{
+    const i64 total = (i64)p.rows * p.cols;
+    for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < total; i += (i64)gridDim.x * BLOCK)
+    {
+        const i64 r = i / p.cols, c = i % p.cols;
+        ((float*)p.out)[r * p.out_stride + c] = ((const float*)p.x)[r * p.x_stride + c];
+    }
+}
+
+// One thread per (row, head, pair). Products and the sum are rounded separately (no FMA contraction), as
+// CpuBackend.Rotate computes them.
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) glue_rope_kernel(const __grid_constant__ BackendGlueParams p)
+{
+    const i64 total = (i64)p.rows * p.heads * p.pairs;
+    for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < total; i += (i64)gridDim.x * BLOCK)
+    {
+        const i64 t = i / ((i64)p.heads * p.pairs);
+        const i32 rem = (i32)(i % ((i64)p.heads * p.pairs));
+        const i32 h = rem / p.pairs, k = rem % p.pairs;
+        const i64 pos = (i64)p.start + t;
+        const float c = p.cos[pos * p.pairs + k], s = p.sin[pos * p.pairs + k];
+        float* v = (float*)p.out + t * p.cols + (i64)h * p.head_stride + p.rope_offset + 2 * k;
+        const float x0 = v[0], x1 = v[1];
+        v[0] = __fadd_rn(__fmul_rn(x0, c), -__fmul_rn(x1, s));
+        v[1] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+    }
+}
+
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) glue_dequant_kernel(const __grid_constant__ BackendGlueParams p)
+{
+    const i64 total = (i64)p.rows * p.cols;
+    const u8* codes = (const u8*)p.x;
+    const float* scales = (const float*)p.y;
+    for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < total; i += (i64)gridDim.x * BLOCK)
+    {
+        const i64 r = i / p.cols, c = i % p.cols;
+        const float s = scales[(r / 128) * p.scale_cols + c / 128];
+        ((u16*)p.out)[i] = float_to_bf16(__fmul_rn(e4m3_to_float(codes[i]), s));
+    }
+}

@@ -1,0 +1,379 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Backends.Cuda;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Numerics;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Cuda;
+
+/// <summary>
+/// Every <see cref="IBackend"/> operation of <see cref="CudaBackend"/> against <see cref="CpuBackend"/> in
+/// <see cref="CpuNumerics.GpuEmulation"/> (its tight reference: the same BF16 rounding points and FP8 activation
+/// quantization), through the interface only, with tiny-a's real weights (FP8 linears, BF16 head, norms, gate,
+/// experts) and fresh random inputs (seed logged). One harness (<see cref="Both"/>) runs an operation on both
+/// backends; outputs are poisoned with NaN before the GPU writes them; NaN positions must agree.
+/// Tolerances, by what differs between the two: only the summation order of fp32 sums, so a BF16-rounded result
+/// may land one BF16 step (2⁻⁷ relative) apart; FP8 GEMMs may additionally see an activation code one e4m3 step
+/// apart where x/s is computed differently; MLA adds BF16 probabilities in the tensor-core P·V and (absorbed) a
+/// BF16 copy of kv_b.
+/// </summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class CudaBackendGpuTests : GpuTestBase
+{
+    private const double Bf16Step = 1.0 / 128;
+
+    private Checkpoint _checkpoint = null!;
+    private CudaBackend _cuda = null!;
+    private CpuBackend _cpu = null!;
+    private Random _rng = null!;
+
+    public TestContext TestContext { get; set; } = null!;
+
+    [TestInitialize]
+    public void OpenBackends()
+    {
+        _checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        _cuda = new CudaBackend();
+        _cpu = new CpuBackend(CpuNumerics.GpuEmulation);
+        var seed = Environment.TickCount;
+        TestContext.WriteLine($"seed {seed}");
+        _rng = new Random(seed);
+    }
+
+    [TestCleanup]
+    public void CloseBackends()
+    {
+        _cuda?.Dispose();
+        _cpu?.Dispose();
+        _checkpoint?.Dispose();
+    }
+
+    private ModelConfig Config => _checkpoint.Config;
+
+    private int QLora => Config.QLoraRank ?? throw new InvalidOperationException("tiny-a has q_lora_rank");
+
+    /// <summary>Random values already BF16 (what activations hold), so Upload means the same on both backends.</summary>
+    private float[] Bf16Normal(int n, float scale = 1f)
+    {
+        var a = Normal(_rng, n, scale);
+        BFloat16.Round(a);
+        return a;
+    }
+
+    private static LinearSpec Fp8(string weight, int outF, int inF) => new(weight, outF, inF, true);
+
+    // ------------------------------------------------------------------ the harness
+
+    /// <summary>Resources of one backend for one run of an operation, disposed after it.</summary>
+    private sealed class Scope(IBackend backend) : IDisposable
+    {
+        private readonly List<IDisposable> _owned = [];
+
+        public IBackend B => backend;
+
+        public T Own<T>(T resource)
+            where T : IDisposable
+        {
+            _owned.Add(resource);
+            return resource;
+        }
+
+        public Tensor In(float[] values, int rows, int cols) => Own(backend.Upload(values, rows, cols));
+
+        /// <summary>An output poisoned with NaN, so an element the backend does not write cannot pass.</summary>
+        public Tensor Out(int rows, int cols) => Own(backend.Upload(Enumerable.Repeat(float.NaN, rows * cols).ToArray(), rows, cols));
+
+        public float[] Read(Tensor t)
+        {
+            var a = new float[t.Length];
+            backend.Download(t, a);
+            return a;
+        }
+
+        public void Dispose()
+        {
+            for (var i = _owned.Count - 1; i >= 0; i--)
+            {
+                _owned[i].Dispose();
+            }
+        }
+    }
+
+    /// <summary>Runs <paramref name="op"/> on the CUDA backend and on the reference; returns both outputs.</summary>
+    private (float[][] Cuda, float[][] Cpu) Both(Func<Scope, float[][]> op)
+    {
+        float[][] got, want;
+        using (var s = new Scope(_cuda))
+        {
+            got = op(s);
+        }
+
+        using (var s = new Scope(_cpu))
+        {
+            want = op(s);
+        }
+
+        Assert.HasCount(want.Length, got);
+        return (got, want);
+    }
+
+    private static void Exact(string what, float[] got, float[] want)
+    {
+        Assert.HasCount(want.Length, got, what);
+        for (var i = 0; i < want.Length; i++)
+        {
+            if (!(got[i].Equals(want[i]) || (float.IsNaN(got[i]) && float.IsNaN(want[i]))))
+            {
+                Assert.Fail($"{what}: [{i}] cuda {got[i]:g9} vs cpu {want[i]:g9}");
+            }
+        }
+    }
+
+    private void Close(string what, float[] got, float[] want, double relToMax, double rtol, double rmsRel = double.PositiveInfinity)
+    {
+        var c = Tolerance.Compare(got, want, what);
+        var maxRef = want.Where(float.IsFinite).Select(Math.Abs).DefaultIfEmpty(0f).Max();
+        Tolerance.AssertClose(got, want, Math.Max(1e-6, relToMax * maxRef), rtol, what);
+        if (!double.IsPositiveInfinity(rmsRel))
+        {
+            Tolerance.AssertRmsRel(got, want, rmsRel, what);
+        }
+
+        TestContext.WriteLine(Tolerance.Describe(what, c));
+    }
+
+    // ------------------------------------------------------------------ memory, embedding, norms, elementwise
+
+    [TestMethod]
+    public void EmbeddingCopyRowsAndConcatAreExact()
+    {
+        int vocab = Config.VocabSize, d = Config.HiddenSize;
+        int[] ids = [0, vocab - 1, .. Enumerable.Range(0, 13).Select(_ => _rng.Next(vocab)), 5, 5];
+        var a = Bf16Normal(7 * 100);
+        var b = Bf16Normal(7 * 28);
+        var (got, want) = Both(s =>
+        {
+            var table = s.Own(s.B.UploadEmbedding(_checkpoint, "model.embed_tokens.weight", vocab, d));
+            var e = s.Out(ids.Length, d);
+            s.B.Embedding(table, ids, e);
+            var src = s.In(a, 7, 100);
+            var dst = s.Out(9, 100);
+            s.B.CopyRows(src, 2, dst, 3, 4);
+            var cat = s.Out(7, 128);
+            s.B.ConcatColumns(src, s.In(b, 7, 28), cat);
+            var zero = s.Own(s.B.Allocate(3, 5));
+            return [s.Read(e), s.Read(dst), s.Read(cat), s.Read(zero)];
+        });
+        Exact("embedding", got[0], want[0]);
+        Exact("copy rows (untouched rows stay NaN)", got[1], want[1]);
+        Exact("concat", got[2], want[2]);
+        Exact("allocate zero-fills", got[3], want[3]);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() =>
+        {
+            using var s = new Scope(_cuda);
+            s.B.Embedding(s.Own(s.B.UploadEmbedding(_checkpoint, "model.embed_tokens.weight", vocab, d)), [vocab], s.Out(1, d));
+        });
+    }
+
+    [TestMethod]
+    [DataRow(1)]
+    [DataRow(7)]
+    [DataRow(300)]
+    public void NormsAndSiluMulMatchWithinOneBf16Step(int rows)
+    {
+        var d = Config.HiddenSize;
+        var x = Bf16Normal(rows * d, 3f);
+        var delta = Bf16Normal(rows * d);
+        var g = Bf16Normal(rows * d, 4f);
+        var u = Bf16Normal(rows * d);
+        // A NaN in one input row: the norm's whole row and SiLU's one element must be NaN on both.
+        x[Math.Min(rows - 1, 3) * d + 5] = float.NaN;
+        g[rows * d / 2] = float.NaN;
+        u[rows * d - 1] = float.PositiveInfinity;
+        var (got, want) = Both(s =>
+        {
+            var w = s.Own(s.B.UploadNorm(_checkpoint, "model.layers.0.input_layernorm.weight", d, (float)Config.RmsNormEps));
+            var xt = s.In(x, rows, d);
+            var n1 = s.Out(rows, d);
+            s.B.RmsNorm(xt, w, n1);
+            var residual = s.In(x, rows, d);
+            var n2 = s.Out(rows, d);
+            s.B.AddRmsNorm(residual, s.In(delta, rows, d), w, n2);
+            var h = s.Out(rows, d);
+            s.B.SiluMul(s.In(g, rows, d), s.In(u, rows, d), h);
+            return [s.Read(n1), s.Read(residual), s.Read(n2), s.Read(h)];
+        });
+        Close("rmsnorm", got[0], want[0], 1e-6, Bf16Step);
+        Exact("residual after AddRmsNorm (one fp32 add, one rounding)", got[1], want[1]);
+        Close("add+rmsnorm", got[2], want[2], 1e-6, Bf16Step);
+        Close("silu·up", got[3], want[3], 1e-6, Bf16Step);
+    }
+
+    [TestMethod]
+    [DataRow(1, 0)]
+    [DataRow(5, 17)]
+    [DataRow(70, 100)]
+    public void RopeMatches(int rows, int start)
+    {
+        int heads = Config.NumAttentionHeads, qk = Config.QkNopeHeadDim + Config.QkRopeHeadDim, pairs = Config.QkRopeHeadDim / 2;
+        var (cos, sin) = YarnRope.Table(Config, 256);
+        var q = Bf16Normal(rows * heads * qk);
+        var (got, want) = Both(s =>
+        {
+            var rope = s.Own(s.B.UploadRope(cos, sin, 256, pairs));
+            var t = s.In(q, rows, heads * qk);
+            s.B.ApplyRope(t, rope, start, qk, Config.QkNopeHeadDim);
+            return [s.Read(t)];
+        });
+        Close("rope", got[0], want[0], 1e-6, Bf16Step);
+    }
+
+    // ------------------------------------------------------------------ GEMMs
+
+    [TestMethod]
+    [DataRow(1)]
+    [DataRow(4)]
+    [DataRow(5)]
+    [DataRow(64)]
+    [DataRow(65)]
+    [DataRow(130)]
+    public void Fp8LinearMatches(int rows)
+    {
+        // q_b [512, 192] (K not a multiple of 128) and the dense down_proj [256, 512]: the gemv path up to 64 rows, mma above.
+        var q = Bf16Normal(rows * QLora);
+        var h = Bf16Normal(rows * Config.IntermediateSize, 0.5f);
+        var (got, want) = Both(s =>
+        {
+            var qb = s.Own(s.B.UploadLinear(_checkpoint, Fp8("model.layers.0.self_attn.q_b_proj.weight", 512, QLora)));
+            var down = s.Own(s.B.UploadLinear(_checkpoint, Fp8("model.layers.0.mlp.down_proj.weight", Config.HiddenSize, Config.IntermediateSize)));
+            Assert.IsTrue(qb.Fp8 && down.Fp8);
+            var y1 = s.Out(rows, 512);
+            s.B.Linear(s.In(q, rows, QLora), qb, y1);
+            var y2 = s.Out(rows, Config.HiddenSize);
+            s.B.Linear(s.In(h, rows, Config.IntermediateSize), down, y2);
+            return [s.Read(y1), s.Read(y2)];
+        });
+        Close($"q_b x{rows}", got[0], want[0], 0.01, 2 * Bf16Step, rmsRel: 4e-3);
+        Close($"down x{rows}", got[1], want[1], 0.01, 2 * Bf16Step, rmsRel: 4e-3);
+    }
+
+    [TestMethod]
+    [DataRow(1)]
+    [DataRow(3)]
+    [DataRow(9)]
+    public void Bf16LinearAndLogitsMatch(int rows)
+    {
+        int vocab = Config.VocabSize, d = Config.HiddenSize;
+        var x = Bf16Normal(rows * d);
+        var (got, want) = Both(s =>
+        {
+            var head = s.Own(s.B.UploadHead(_checkpoint, "lm_head.weight", vocab, d));
+            Assert.IsFalse(head.Fp8);
+            var xt = s.In(x, rows, d);
+            var logits = s.Out(rows, vocab);
+            s.B.Logits(xt, head, logits);
+            var y = s.Out(rows, vocab);
+            s.B.Linear(xt, head, y);
+            return [s.Read(logits), s.Read(y)];
+        });
+        // Logits are fp32 and never rounded: only the summation order differs.
+        Close($"logits x{rows}", got[0], want[0], 1e-5, 1e-4);
+        Close($"bf16 linear x{rows}", got[1], want[1], 1e-5, Bf16Step);
+    }
+
+    // ------------------------------------------------------------------ MLA
+
+    /// <summary>
+    /// Appends a sequence in chunks (1 through a block boundary), and after each chunk runs both attention forms for the
+    /// chunk's queries: the absorbed form takes the decode kernel for 1–2 rows and the prefill kernel above.
+    /// </summary>
+    [TestMethod]
+    public void LatentCacheAndBothAttentionFormsMatch()
+    {
+        var dims = new MlaDims(Config.NumAttentionHeads, Config.QkNopeHeadDim, Config.QkRopeHeadDim, Config.VHeadDim, Config.KvLoraRank);
+        int[] chunks = [5, 2, 1, 1, 72, 2, 3];
+        var total = chunks.Sum();
+        var capacity = 96;
+        var (cos, sin) = YarnRope.Table(Config, capacity);
+        var kv = Bf16Normal(total * (dims.KvLora + dims.QkRope));
+        var q = Bf16Normal(total * dims.Heads * dims.QkHead);
+        var scale = (float)Config.SoftmaxScale;
+        var (got, want) = Both(s =>
+        {
+            var norm = s.Own(s.B.UploadNorm(_checkpoint, "model.layers.0.self_attn.kv_a_layernorm.weight", dims.KvLora, (float)Config.RmsNormEps));
+            var kvB = s.Own(s.B.UploadLinear(_checkpoint, Fp8("model.layers.0.self_attn.kv_b_proj.weight", dims.Heads * dims.KvBHead, dims.KvLora)));
+            var rope = s.Own(s.B.UploadRope(cos, sin, capacity, dims.QkRope / 2));
+            var cache = s.Own(s.B.AllocateLatentCache(capacity, dims.KvLora, dims.QkRope));
+            var outputs = new List<float[]>();
+            var start = 0;
+            foreach (var n in chunks)
+            {
+                var kvt = s.In(kv.AsSpan(start * (dims.KvLora + dims.QkRope), n * (dims.KvLora + dims.QkRope)).ToArray(), n, dims.KvLora + dims.QkRope);
+                s.B.AppendLatent(kvt, norm, rope, cache, start);
+                var qt = s.In(q.AsSpan(start * dims.Heads * dims.QkHead, n * dims.Heads * dims.QkHead).ToArray(), n, dims.Heads * dims.QkHead);
+                var naive = s.Out(n, dims.Heads * dims.V);
+                s.B.MlaAttentionNaive(qt, cache, kvB, dims, start, scale, naive);
+                var absorbed = s.Out(n, dims.Heads * dims.V);
+                s.B.MlaAttentionAbsorbed(qt, cache, kvB, dims, start, scale, absorbed);
+                outputs.Add(s.Read(naive));
+                outputs.Add(s.Read(absorbed));
+                start += n;
+            }
+
+            return [.. outputs];
+        });
+        for (var i = 0; i < got.Length; i++)
+        {
+            var what = $"chunk {i / 2} ({chunks[i / 2]} rows) {(i % 2 == 0 ? "naive" : "absorbed")}";
+            Close(what, got[i], want[i], 0.03, 0.05, rmsRel: 0.02);
+        }
+    }
+
+    // ------------------------------------------------------------------ MoE
+
+    [TestMethod]
+    [DataRow(1)]
+    [DataRow(3)]
+    [DataRow(16)]
+    [DataRow(17)]
+    [DataRow(40)]
+    [DataRow(600)]
+    public void GateAndExpertsMatch(int tokens)
+    {
+        int d = Config.HiddenSize, e = Config.NRoutedExperts, k = Config.NumExpertsPerTok, inter = Config.MoeIntermediateSize;
+        var options = new GateOptions(e, Config.NGroup, Config.TopkGroup, k, Config.NormTopkProb, (float)Config.RoutedScalingFactor);
+        var x = Bf16Normal(tokens * d);
+        LinearSpec[] Mlp(string prefix, int width) =>
+            [Fp8(prefix + ".gate_proj.weight", width, d), Fp8(prefix + ".up_proj.weight", width, d), Fp8(prefix + ".down_proj.weight", d, width)];
+        var experts = Enumerable.Range(0, e).Select(i => Mlp($"model.layers.1.mlp.experts.{i}", inter)).ToArray();
+        var shared = Mlp("model.layers.1.mlp.shared_experts", inter * Config.NSharedExperts);
+        var scores = new float[2][];
+        var indices = new int[2][];
+        var weights = new float[2][];
+        var run = 0;
+        var (got, want) = Both(s =>
+        {
+            var gate = s.Own(s.B.UploadGate(_checkpoint, "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias", d, options));
+            var ew = s.Own(s.B.UploadExperts(_checkpoint, experts, shared));
+            var routing = s.Own(s.B.AllocateRouting(tokens, e, k));
+            var xt = s.In(x, tokens, d);
+            s.B.MoeGate(xt, gate, routing);
+            scores[run] = new float[tokens * e];
+            indices[run] = new int[tokens * k];
+            weights[run] = new float[tokens * k];
+            s.B.DownloadRouting(routing, scores[run], indices[run], weights[run]);
+            run++;
+            var y = s.Out(tokens, d);
+            s.B.MoeExperts(xt, routing, ew, y);
+            return [s.Read(y)];
+        });
+        // fp32 gate logits differ only by summation order; a top-k flip would need two biased scores within ~1e-6.
+        CollectionAssert.AreEqual(indices[1], indices[0], "routed experts");
+        Close("gate scores", scores[0], scores[1], 1e-6, 1e-5);
+        Close("routing weights", weights[0], weights[1], 1e-6, 1e-5);
+        Close($"moe x{tokens}", got[0], want[0], 0.01, 2 * Bf16Step, rmsRel: 5e-3);
+    }
+}
