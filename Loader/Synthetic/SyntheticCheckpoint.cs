@@ -38,8 +38,11 @@ public static class SyntheticCheckpoint
     /// <param name="seed">Seed of every random draw.</param>
     /// <param name="shards">Number of safetensors shards (at least 1). With 2 or more, the first cut falls between a weight and its scale, as in the release.</param>
     /// <param name="progress">Receives the fraction of tensor bytes written, 0 to 1.</param>
+    /// <param name="fill">How values are made: <see cref="SyntheticFill.Random"/> (the documented draws) or
+    /// <see cref="SyntheticFill.Pattern"/> (windows of one drawn template, for benchmarks of full-width slices).</param>
     /// <exception cref="ArgumentOutOfRangeException">Fewer than one shard, or more shards than the model has cut points.</exception>
-    public static void Write(string directory, ModelConfig config, int seed, int shards = 2, IProgress<double>? progress = null)
+    public static void Write(string directory, ModelConfig config, int seed, int shards = 2, IProgress<double>? progress = null,
+        SyntheticFill fill = SyntheticFill.Random)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentOutOfRangeException.ThrowIfLessThan(shards, 1);
@@ -81,8 +84,11 @@ public static class SyntheticCheckpoint
 
                 var writer = writers[shardOf[tensor.Name]];
                 var scaleWriter = tensor.DType == DType.F8_E4M3 ? writers[shardOf[LinearSpec.ScaleName(tensor.Name)]] : null;
-                var pieces = Pieces(config, seed, recipe, tensor);
-                foreach (var (data, scales) in InOrder(pieces.Count, i => Encode(config, tensor, pieces.Draw(i))))
+                var pieces = fill == SyntheticFill.Pattern ? PatternPieces(config, seed, recipe, tensor) : Pieces(config, seed, recipe, tensor);
+                Func<int, (byte[] Data, float[]? Scales)> encode = fill == SyntheticFill.Pattern && recipe.Kind == Kind.Linear
+                    ? i => PatternCodes(config, seed, recipe, tensor, i)
+                    : i => Encode(config, tensor, pieces.Draw(i));
+                foreach (var (data, scales) in InOrder(pieces.Count, encode))
                 {
                     writer.Write(tensor.Name, data);
                     if (scales is not null)
@@ -340,6 +346,115 @@ public static class SyntheticCheckpoint
         });
     }
 
+    // Template of the pattern fill: 4 Mi standard normal values, drawn once per seed.
+    private const int TemplateLength = 1 << 22;
+
+    // Pattern fill: an FP8 code of the template is z · 448 / PatternAmax (saturated), so the block scale is std · PatternAmax / 448.
+    private const double PatternAmax = 4.5;
+
+    private static readonly Lock TemplateLock = new();
+    private static (int Seed, float[] Normals, byte[] Codes)? _template;
+
+    private static (float[] Normals, byte[] Codes) Template(int seed)
+    {
+        lock (TemplateLock)
+        {
+            if (_template is not { } t || t.Seed != seed)
+            {
+                var rng = Xoshiro256.ForStream(seed, "pattern-template");
+                var normals = new float[TemplateLength];
+                var codes = new byte[TemplateLength];
+                for (var i = 0; i < normals.Length; i++)
+                {
+                    normals[i] = (float)rng.NextNormal();
+                    codes[i] = Fp8E4M3.FromFloat((float)Math.Clamp(normals[i] * Fp8E4M3.MaxValue / PatternAmax, -Fp8E4M3.MaxValue, Fp8E4M3.MaxValue));
+                }
+
+                _template = t = (seed, normals, codes);
+            }
+
+            return (t.Normals, t.Codes);
+        }
+    }
+
+    /// <summary>Where piece <paramref name="piece"/> of a tensor starts reading the template (a hash of stream and piece).</summary>
+    private static int TemplateOffset(string stream, int piece)
+    {
+        var h = 14695981039346656037UL;
+        foreach (var ch in stream)
+        {
+            h = (h ^ ch) * 1099511628211UL;
+        }
+
+        h = (h ^ (ulong)piece) * 0x9E3779B97F4A7C15UL;
+        return (int)((h >> 20) & (TemplateLength - 1));
+    }
+
+    /// <summary>
+    /// Pattern fill of a non-linear tensor: the same chunks as <see cref="Pieces"/>, each a window of the template's
+    /// normals (wrapping) scaled to the recipe's mean and std.
+    /// </summary>
+    private static PieceSet PatternPieces(ModelConfig config, int seed, Recipe recipe, ExpectedTensor tensor)
+    {
+        if (recipe.Kind == Kind.Linear)
+        {
+            return new PieceSet(CheckpointLayout.CeilDiv(recipe.Out, Blocks(config).Rows), _ => []);
+        }
+
+        var (normals, _) = Template(seed);
+        var count = tensor.Shape.Aggregate(1L, (a, b) => a * b);
+        return new PieceSet((int)((count + ChunkElements - 1) / ChunkElements), chunk =>
+        {
+            var values = new float[(int)Math.Min(ChunkElements, count - (long)chunk * ChunkElements)];
+            var at = TemplateOffset(recipe.Stream, chunk);
+            for (var i = 0; i < values.Length; i++)
+            {
+                values[i] = (float)(recipe.Mean + recipe.Std * normals[(at + i) & (TemplateLength - 1)]);
+            }
+
+            return values;
+        });
+    }
+
+    /// <summary>
+    /// Pattern fill of block row <paramref name="stripe"/> of an FP8 linear: a window of the template's codes (wrapping)
+    /// and one block scale std · 4.5 / 448 for the whole row, so values are N(0, std²) clipped at 4.5 σ, without
+    /// per-element drawing or quantization.
+    /// </summary>
+    private static (byte[] Data, float[]? Scales) PatternCodes(ModelConfig config, int seed, Recipe recipe, ExpectedTensor tensor, int stripe)
+    {
+        var (blockRows, blockCols) = Blocks(config);
+        var rows = Math.Min(blockRows, recipe.Out - stripe * blockRows);
+        var length = rows * recipe.In;
+        if (tensor.DType != DType.F8_E4M3)
+        {
+            var floats = new float[length];
+            var (normals, _) = Template(seed);
+            var start = TemplateOffset(recipe.Stream, stripe);
+            for (var i = 0; i < length; i++)
+            {
+                floats[i] = (float)(recipe.Std * normals[(start + i) & (TemplateLength - 1)]);
+            }
+
+            return Encode(config, tensor, floats);
+        }
+
+        var (_, codes) = Template(seed);
+        var data = new byte[length];
+        var at = TemplateOffset(recipe.Stream, stripe);
+        for (var done = 0; done < length;)
+        {
+            var n = Math.Min(length - done, TemplateLength - at);
+            codes.AsSpan(at, n).CopyTo(data.AsSpan(done));
+            done += n;
+            at = 0;
+        }
+
+        var scales = new float[CheckpointLayout.CeilDiv(recipe.In, blockCols)];
+        Array.Fill(scales, (float)(recipe.Std * PatternAmax / Fp8E4M3.MaxValue));
+        return (data, scales);
+    }
+
     /// <summary>Results of <paramref name="produce"/> for 0..count-1 in order, computed a window at a time in parallel.</summary>
     private static IEnumerable<T> InOrder<T>(int count, Func<int, T> produce)
     {
@@ -493,4 +608,18 @@ public static class SyntheticCheckpoint
             File.Delete(temp);
         }
     }
+}
+
+/// <summary>How <see cref="SyntheticCheckpoint.Write"/> makes values.</summary>
+public enum SyntheticFill
+{
+    /// <summary>Every value drawn from its own stream (the documented recipes; <see cref="SyntheticCheckpoint.DrawFloat"/> redraws them).</summary>
+    Random,
+
+    /// <summary>
+    /// Windows of one template of drawn values, at offsets hashed from tensor and piece: the same distributions (FP8
+    /// linears without per-block factors, clipped at 4.5 σ), written at disk speed. For benchmarks, where only shapes,
+    /// magnitudes and routing spread matter; <see cref="SyntheticCheckpoint.DrawFloat"/> does not describe these values.
+    /// </summary>
+    Pattern,
 }

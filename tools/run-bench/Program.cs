@@ -11,6 +11,7 @@ GpuBenchSpec[] gpuBenches =
     new("moe", "DeepSeek-V3 MoE layer (grouped FP8 experts) vs same-run baselines", MoeBench.Run),
     new("load", "Weight upload of a synthetic checkpoint vs same-run file read and pinned H2D copy", LoadBench.Run),
     new("allreduce", "P2P all-reduce over logical ranks of one GPU vs same-run copy", AllReduceBench.Run),
+    new("e2e", "End-to-end prefill and decode (tiny, full-width V3 slice) vs the bandwidth floor; 61-layer 8-GPU projection", E2eBench.Run),
 ];
 
 var root = new RootCommand("DeepSeekCuda benchmarks");

@@ -1,0 +1,260 @@
+using System.Diagnostics;
+using System.Globalization;
+using DeepSeekCuda.Backends.Cuda;
+using DeepSeekCuda.Bench.Harness;
+using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Numerics;
+using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Serving;
+
+namespace DeepSeekCuda.Bench.Benches;
+
+/// <summary>
+/// End to end on <see cref="CudaBackend"/> through <see cref="DeepSeekModel"/> and <see cref="DeepSeekSession"/>: the
+/// <c>tiny</c> preset (random fill) and a full-width DeepSeek-V3 slice (<see cref="ModelPresets.DeepSeekV3Slice"/>:
+/// layer 0 dense, the rest MoE; 2 layers by default, <c>$DSCUDA_E2E_LAYERS</c> to change; weights written with
+/// <see cref="SyntheticFill.Pattern"/> into a folder under <c>$DSCUDA_E2E_DIR</c> or the current directory, deleted
+/// right after loading). Per context (1K and 16K; quick: 1K; clamped below the preset's max positions):
+/// <list type="bullet">
+/// <item><c>e2e_prefill</c>: prefill of the whole context from an empty cache (chunks of 4096 tokens), host wall time
+/// with the last logits downloaded; tflops from <see cref="StepCost.PrefillFlops"/>; baseline <c>floor</c> =
+/// <see cref="StepCost.PrefillBytes"/> at the same-run copy bandwidth (prefill is compute-bound: expect a low ratio).</item>
+/// <item><c>e2e_decode</c>: one decode step per sequence at that context, batch 1, 8, 32, 128 (quick: 1, 8); host wall
+/// time of the whole step with its logits downloaded, median of the runs; baseline <c>floor</c> =
+/// <see cref="StepCost.DecodeBytes"/> at the same-run copy bandwidth, so ratio = floor / measured. The engine runs one
+/// sequence per session: batch B is B steps one after another (shape <c>runner=sequential</c>), each rewound to the
+/// same context, until the batched runner lands; the floor is that of a real batch (weights and experts read once).</item>
+/// <item>host overhead at batch 1: the step re-run with <see cref="OpTimingBackend"/> recording, GPU time = sum of the
+/// operations' event spans, host overhead = wall − GPU time, per layer; printed, not a row.</item>
+/// <item><c>e2e_projection</c> (slice only, batch 1): <see cref="DecodeProjection.Project"/> of the per-layer times to
+/// 61 layers (3 dense + 58 MoE) on 8 GPUs, all-reduce cost <c>$DSCUDA_E2E_ALLREDUCE_US</c> (default 20 µs); baseline
+/// <c>floor</c> = the full model's <see cref="StepCost.DecodeBytes"/> / 8 at this GPU's copy bandwidth. Its
+/// assumptions are printed.</item>
+/// </list>
+/// L2 is not flushed: a step reads gigabytes (slice) or is launch-bound (tiny).
+/// </summary>
+internal static class E2eBench
+{
+    private const int PrefillChunk = 4096;
+
+    public static BenchReport Run(GpuBench gpu, bool quick)
+    {
+        var report = new BenchReport(gpu);
+        var layers = Environment.GetEnvironmentVariable("DSCUDA_E2E_LAYERS") is { Length: > 0 } l ? int.Parse(l, CultureInfo.InvariantCulture) : 2;
+        var allReduceUs = Environment.GetEnvironmentVariable("DSCUDA_E2E_ALLREDUCE_US") is { Length: > 0 } a ? double.Parse(a, CultureInfo.InvariantCulture) : 20;
+        int[] contexts = quick ? [1024] : [1024, 16384];
+        int[] batches = quick ? [1, 8] : [1, 8, 32, 128];
+        Console.WriteLine("note: batch > 1 is that many single-sequence steps one after another (runner=sequential) until the batched GPU runner lands; its floor is a real batch's");
+        RunModel(gpu, report, "tiny", ModelPresets.Tiny, SyntheticFill.Random, contexts, batches, quick, null);
+        RunModel(gpu, report, $"deepseek-v3-slice{layers}", ModelPresets.DeepSeekV3Slice(layers), SyntheticFill.Pattern, contexts, batches, quick,
+            new DeploymentPlan(AllReduceUs: allReduceUs));
+        return report;
+    }
+
+    private static void RunModel(GpuBench gpu, BenchReport report, string name, ModelConfig config, SyntheticFill fill, int[] contexts, int[] batches,
+        bool quick, DeploymentPlan? plan)
+    {
+        var usable = contexts.Select(c => Math.Min(c, config.MaxPositionEmbeddings - 1)).Distinct().ToArray();
+        var capacity = Math.Min(usable.Max() + 1, config.MaxPositionEmbeddings);
+        var root = Environment.GetEnvironmentVariable("DSCUDA_E2E_DIR") is { Length: > 0 } env ? env : Environment.CurrentDirectory;
+        var dir = Path.Combine(root, ".e2e-bench-" + Guid.NewGuid().ToString("N")[..8]);
+        OpTimingBackend? backend = null;
+        DeepSeekModel? model = null;
+        try
+        {
+            var clock = Stopwatch.StartNew();
+            SyntheticCheckpoint.Write(dir, config, seed: 1, shards: 1, fill: fill);
+            var written = clock.Elapsed.TotalSeconds;
+            clock.Restart();
+            backend = new OpTimingBackend(new CudaBackend(new CudaBackendOptions { Device = gpu.Device.Ordinal }));
+            using (var checkpoint = Checkpoint.Open(dir))
+            {
+                model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = capacity, LoadMtp = false });
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"{name}: {checkpoint.TotalTensorBytes / 1e9:F2} GB of weights ({fill} fill) written in {written:F1} s, loaded in {clock.Elapsed.TotalSeconds:F1} s"));
+            }
+
+            Directory.Delete(dir, recursive: true);
+            var rng = Xoshiro256.ForStream(1, "e2e-tokens");
+            foreach (var context in usable)
+            {
+                var prompt = Enumerable.Range(0, context).Select(_ => (int)(rng.NextUInt64() % (ulong)config.VocabSize)).ToArray();
+                using var session = model.CreateSession();
+                var logits = new float[config.VocabSize];
+                Prefill(session, prompt, logits); // warm-up: compiles kernels, grows scratch
+                var prefillUs = Median(quick || context > 4096 ? 1 : 3, () =>
+                {
+                    session.Truncate(0);
+                    var t = Stopwatch.StartNew();
+                    Prefill(session, prompt, logits);
+                    return t.Elapsed.TotalMicroseconds;
+                });
+                var prefillBytes = StepCost.PrefillBytes(config, context);
+                report.Add(new BenchResult("e2e_prefill", Shape(name, config, 1, context, "single"), prefillUs,
+                    StepCost.PrefillFlops(config, context) / (prefillUs * 1e-6) / 1e12, prefillBytes / (prefillUs * 1e-6) / 1e9, "floor", gpu.CopyUs(prefillBytes)));
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  prefill {context} tokens: {context / (prefillUs * 1e-6):F0} tokens/s"));
+
+                void Step(int token)
+                {
+                    session.Truncate(context);
+                    session.Forward([token], logits);
+                }
+
+                for (var i = 0; i < 3; i++)
+                {
+                    Step(i);
+                }
+
+                double batch1Us = 0;
+                foreach (var batch in batches)
+                {
+                    var runs = Math.Clamp(64 / batch, 3, gpu.Runs);
+                    var us = Median(runs, () =>
+                    {
+                        var t = Stopwatch.StartNew();
+                        for (var b = 0; b < batch; b++)
+                        {
+                            Step((int)(rng.NextUInt64() % (ulong)config.VocabSize));
+                        }
+
+                        return t.Elapsed.TotalMicroseconds;
+                    });
+                    batch1Us = batch == 1 ? us : batch1Us;
+                    var bytes = StepCost.DecodeBytes(config, batch, context);
+                    report.Add(new BenchResult("e2e_decode", Shape(name, config, batch, context, batch == 1 ? "single" : "sequential"), us, 0,
+                        bytes / (us * 1e-6) / 1e9, "floor", gpu.CopyUs(bytes)));
+                }
+
+                var parts = HostSplit(backend, gpu.Runs, () => Step((int)(rng.NextUInt64() % (ulong)config.VocabSize)));
+                var gpuUs = parts.Values.Sum(p => p.GpuUs);
+                var wallUs = parts.Values.Sum(p => p.WallUs);
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"  decode batch 1, context {context}: wall {batch1Us:F0} µs; recorded run: GPU {gpuUs:F0} µs, host overhead {wallUs - gpuUs:F0} µs ({(wallUs - gpuUs) / wallUs:P0} of {wallUs:F0} µs with recording)"));
+                foreach (var (part, p) in parts)
+                {
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"    {(part < 0 ? "embedding+head" : $"layer {part} ({(config.IsMoeLayer(part) ? "MoE" : "dense")})"),-18} GPU {p.GpuUs,8:F0} µs  host overhead {p.WallUs - p.GpuUs,8:F0} µs"));
+                }
+
+                if (plan is not null)
+                {
+                    Project(gpu, report, config, plan, context, parts, batch1Us);
+                }
+            }
+        }
+        finally
+        {
+            model?.Dispose();
+            backend?.Dispose();
+            if (Directory.Exists(dir))
+            {
+                Directory.Delete(dir, recursive: true);
+            }
+        }
+    }
+
+    private static void Prefill(DeepSeekSession session, int[] prompt, float[] logits)
+    {
+        for (var at = 0; at < prompt.Length; at += PrefillChunk)
+        {
+            session.Forward(prompt.AsSpan(at, Math.Min(PrefillChunk, prompt.Length - at)), logits);
+        }
+    }
+
+    /// <summary>
+    /// Per part, median over <paramref name="runs"/> recorded steps of GPU and host wall µs, host overhead scaled so
+    /// the parts' total matches an unrecorded step's overhead (recording adds its own host time).
+    /// </summary>
+    private static SortedDictionary<int, (double GpuUs, double WallUs)> HostSplit(OpTimingBackend backend, int runs, Action step)
+    {
+        var samples = new List<SortedDictionary<int, (double GpuUs, double WallUs)>>();
+        backend.Recording = true;
+        try
+        {
+            for (var r = 0; r < runs; r++)
+            {
+                step();
+                samples.Add(backend.Collect(Stopwatch.GetTimestamp()));
+            }
+        }
+        finally
+        {
+            backend.Recording = false;
+        }
+
+        var result = new SortedDictionary<int, (double GpuUs, double WallUs)>();
+        foreach (var part in samples[0].Keys)
+        {
+            var gpus = samples.Select(s => s[part].GpuUs).Order().ToArray();
+            var walls = samples.Select(s => s[part].WallUs).Order().ToArray();
+            result[part] = (gpus[runs / 2], walls[runs / 2]);
+        }
+
+        return result;
+    }
+
+    private static void Project(GpuBench gpu, BenchReport report, ModelConfig slice, DeploymentPlan plan, int context,
+        SortedDictionary<int, (double GpuUs, double WallUs)> parts, double batch1Us)
+    {
+        // Host overhead of the recorded run scaled to the unrecorded step's: wall(unrecorded) − GPU, spread as recorded.
+        var gpuUs = parts.Values.Sum(p => p.GpuUs);
+        var recordedOverhead = parts.Values.Sum(p => Math.Max(0, p.WallUs - p.GpuUs));
+        var k = recordedOverhead > 0 ? Math.Max(0, batch1Us - gpuUs) / recordedOverhead : 0;
+        (double Gpu, double Host) Mean(Func<int, bool> which)
+        {
+            var sel = parts.Where(p => p.Key >= 0 && which(p.Key)).Select(p => p.Value).ToArray();
+            return sel.Length == 0 ? (0, 0) : (sel.Average(p => p.GpuUs), sel.Average(p => Math.Max(0, p.WallUs - p.GpuUs)) * k);
+        }
+
+        var dense = Mean(l => !slice.IsMoeLayer(l));
+        var moe = Mean(slice.IsMoeLayer);
+        var outer = parts.TryGetValue(-1, out var o) ? (o.GpuUs, Math.Max(0, o.WallUs - o.GpuUs) * k) : (0, 0);
+        if (moe.Gpu == 0 || dense.Gpu == 0)
+        {
+            Console.WriteLine("  projection needs a dense and an MoE layer (DSCUDA_E2E_LAYERS >= 2)");
+            return;
+        }
+
+        var measured = new LayerStepTimes(dense.Gpu, dense.Host, moe.Gpu, moe.Host, outer.Item1, outer.Item2);
+        var p = DecodeProjection.Project(measured, plan);
+        var full = ModelPresets.DeepSeekV3;
+        var floorUs = gpu.CopyUs(StepCost.DecodeBytes(full, 1, context) / plan.Gpus);
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"  projection, {plan.DenseLayers + plan.MoeLayers} layers on {plan.Gpus} GPUs, batch 1, context {context}: {p.StepUs:F0} µs/step ({1e6 / p.StepUs:F1} tokens/s) = GPU {p.GpuUs:F0} + host {p.HostUs:F0} + all-reduce {p.CommUs:F0}; floor {floorUs:F0} µs"));
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"    from: dense layer GPU {dense.Gpu:F0} + host {dense.Host:F0} µs, MoE layer GPU {moe.Gpu:F0} + host {moe.Host:F0} µs, embedding+head GPU {outer.Item1:F0} + host {outer.Item2:F0} µs"));
+        foreach (var line in plan.Assumptions)
+        {
+            Console.WriteLine("    assumes: " + line);
+        }
+
+        var shape = new Dictionary<string, object>
+        {
+            ["model"] = "deepseek-v3",
+            ["batch"] = 1,
+            ["context"] = context,
+            ["layers"] = plan.DenseLayers + plan.MoeLayers,
+            ["gpus"] = plan.Gpus,
+            ["from_layers"] = slice.NumHiddenLayers,
+            ["allreduce_us"] = plan.AllReduceUs,
+        };
+        report.Add(new BenchResult("e2e_projection", shape, p.StepUs, 0, StepCost.DecodeBytes(full, 1, context) / plan.Gpus / (p.StepUs * 1e-6) / 1e9, "floor", floorUs));
+    }
+
+    private static Dictionary<string, object> Shape(string model, ModelConfig config, int batch, int context, string runner) => new()
+    {
+        ["model"] = model,
+        ["batch"] = batch,
+        ["context"] = context,
+        ["layers"] = config.NumHiddenLayers,
+        ["runner"] = runner,
+    };
+
+    private static double Median(int runs, Func<double> measure)
+    {
+        var us = Enumerable.Range(0, runs).Select(_ => measure()).Order().ToArray();
+        return us[runs / 2];
+    }
+}
