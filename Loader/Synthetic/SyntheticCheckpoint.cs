@@ -74,6 +74,7 @@ public static class SyntheticCheckpoint
             }
 
             var recipes = Recipes(config);
+            var template = fill == SyntheticFill.Pattern ? PatternTemplate.Draw(seed) : null;
             foreach (var tensor in order)
             {
                 var recipe = recipes[tensor.Name];
@@ -84,9 +85,9 @@ public static class SyntheticCheckpoint
 
                 var writer = writers[shardOf[tensor.Name]];
                 var scaleWriter = tensor.DType == DType.F8_E4M3 ? writers[shardOf[LinearSpec.ScaleName(tensor.Name)]] : null;
-                var pieces = fill == SyntheticFill.Pattern ? PatternPieces(config, seed, recipe, tensor) : Pieces(config, seed, recipe, tensor);
-                Func<int, (byte[] Data, float[]? Scales)> encode = fill == SyntheticFill.Pattern && recipe.Kind == Kind.Linear
-                    ? i => PatternCodes(config, seed, recipe, tensor, i)
+                var pieces = template is not null ? PatternPieces(config, template, recipe, tensor) : Pieces(config, seed, recipe, tensor);
+                Func<int, (byte[] Data, float[]? Scales)> encode = template is not null && recipe.Kind == Kind.Linear
+                    ? i => PatternCodes(config, template, recipe, tensor, i)
                     : i => Encode(config, tensor, pieces.Draw(i));
                 foreach (var (data, scales) in InOrder(pieces.Count, encode))
                 {
@@ -352,28 +353,21 @@ public static class SyntheticCheckpoint
     // Pattern fill: an FP8 code of the template is z · 448 / PatternAmax (saturated), so the block scale is std · PatternAmax / 448.
     private const double PatternAmax = 4.5;
 
-    private static readonly Lock TemplateLock = new();
-    private static (int Seed, float[] Normals, byte[] Codes)? _template;
-
-    private static (float[] Normals, byte[] Codes) Template(int seed)
+    /// <summary>The pattern fill's template: standard normals and their FP8 codes at scale 4.5 / 448.</summary>
+    private sealed record PatternTemplate(float[] Normals, byte[] Codes)
     {
-        lock (TemplateLock)
+        public static PatternTemplate Draw(int seed)
         {
-            if (_template is not { } t || t.Seed != seed)
+            var rng = Xoshiro256.ForStream(seed, "pattern-template");
+            var normals = new float[TemplateLength];
+            var codes = new byte[TemplateLength];
+            for (var i = 0; i < normals.Length; i++)
             {
-                var rng = Xoshiro256.ForStream(seed, "pattern-template");
-                var normals = new float[TemplateLength];
-                var codes = new byte[TemplateLength];
-                for (var i = 0; i < normals.Length; i++)
-                {
-                    normals[i] = (float)rng.NextNormal();
-                    codes[i] = Fp8E4M3.FromFloat((float)Math.Clamp(normals[i] * Fp8E4M3.MaxValue / PatternAmax, -Fp8E4M3.MaxValue, Fp8E4M3.MaxValue));
-                }
-
-                _template = t = (seed, normals, codes);
+                normals[i] = (float)rng.NextNormal();
+                codes[i] = Fp8E4M3.FromFloat((float)Math.Clamp(normals[i] * Fp8E4M3.MaxValue / PatternAmax, -Fp8E4M3.MaxValue, Fp8E4M3.MaxValue));
             }
 
-            return (t.Normals, t.Codes);
+            return new PatternTemplate(normals, codes);
         }
     }
 
@@ -394,14 +388,14 @@ public static class SyntheticCheckpoint
     /// Pattern fill of a non-linear tensor: the same chunks as <see cref="Pieces"/>, each a window of the template's
     /// normals (wrapping) scaled to the recipe's mean and std.
     /// </summary>
-    private static PieceSet PatternPieces(ModelConfig config, int seed, Recipe recipe, ExpectedTensor tensor)
+    private static PieceSet PatternPieces(ModelConfig config, PatternTemplate template, Recipe recipe, ExpectedTensor tensor)
     {
         if (recipe.Kind == Kind.Linear)
         {
             return new PieceSet(CheckpointLayout.CeilDiv(recipe.Out, Blocks(config).Rows), _ => []);
         }
 
-        var (normals, _) = Template(seed);
+        var normals = template.Normals;
         var count = tensor.Shape.Aggregate(1L, (a, b) => a * b);
         return new PieceSet((int)((count + ChunkElements - 1) / ChunkElements), chunk =>
         {
@@ -421,7 +415,7 @@ public static class SyntheticCheckpoint
     /// and one block scale std · 4.5 / 448 for the whole row, so values are N(0, std²) clipped at 4.5 σ, without
     /// per-element drawing or quantization.
     /// </summary>
-    private static (byte[] Data, float[]? Scales) PatternCodes(ModelConfig config, int seed, Recipe recipe, ExpectedTensor tensor, int stripe)
+    private static (byte[] Data, float[]? Scales) PatternCodes(ModelConfig config, PatternTemplate template, Recipe recipe, ExpectedTensor tensor, int stripe)
     {
         var (blockRows, blockCols) = Blocks(config);
         var rows = Math.Min(blockRows, recipe.Out - stripe * blockRows);
@@ -429,7 +423,7 @@ public static class SyntheticCheckpoint
         if (tensor.DType != DType.F8_E4M3)
         {
             var floats = new float[length];
-            var (normals, _) = Template(seed);
+            var normals = template.Normals;
             var start = TemplateOffset(recipe.Stream, stripe);
             for (var i = 0; i < length; i++)
             {
@@ -439,7 +433,7 @@ public static class SyntheticCheckpoint
             return Encode(config, tensor, floats);
         }
 
-        var (_, codes) = Template(seed);
+        var codes = template.Codes;
         var data = new byte[length];
         var at = TemplateOffset(recipe.Stream, stripe);
         for (var done = 0; done < length;)

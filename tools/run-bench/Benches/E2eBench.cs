@@ -127,6 +127,8 @@ internal static class E2eBench
                     var bytes = StepCost.DecodeBytes(config, batch, context);
                     report.Add(new BenchResult("e2e_decode", Shape(name, config, batch, context, batch == 1 ? "single" : "sequential"), us, 0,
                         bytes / (us * 1e-6) / 1e9, "floor", gpu.CopyUs(bytes)));
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"  decode batch {batch}, context {context}: {us / 1000:F2} ms per step of the batch, {batch / (us * 1e-6):F1} tokens/s; floor {bytes / 1e9:F2} GB"));
                 }
 
                 var parts = HostSplit(backend, gpu.Runs, () => Step((int)(rng.NextUInt64() % (ulong)config.VocabSize)));
