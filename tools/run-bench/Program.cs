@@ -13,6 +13,9 @@ GpuBenchSpec[] gpuBenches =
     new("allreduce", "P2P all-reduce over logical ranks of one GPU vs same-run copy", AllReduceBench.Run),
 ];
 
+// Logical ranks on one GPU (allreduce) need a hardware queue per stream: set CUDA_DEVICE_MAX_CONNECTIONS before CUDA initializes.
+DeepSeekCuda.Distributed.CudaParallel.ConfigureConnections();
+
 var root = new RootCommand("DeepSeekCuda benchmarks");
 root.Subcommands.Add(TokenizerBench.Create());
 foreach (var command in GpuCommands.Create(gpuBenches))
