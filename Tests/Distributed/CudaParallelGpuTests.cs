@@ -17,7 +17,7 @@ namespace DeepSeekCuda.Tests.Distributed;
 /// <see cref="ParallelModel"/> on N logical CUDA devices of one GPU (<see cref="CudaParallel.Logical"/>: one
 /// <see cref="CudaBackend"/> per rank on the rank's mesh stream, <see cref="CudaCommunicator"/>) against the single-device
 /// <see cref="CudaBackend"/> <see cref="DeepSeekModel"/>, on tiny-a and on a synthetic 8-head, 8-layer model whose shards
-/// fall on the FP8 128x128 scale grid. A pipeline runs the very same kernels on the same values in the same order (the
+/// fall on the FP8 128x128 scale grid (N = 1..4 for both plans; pipelines also 3 and 8 ranks). A pipeline runs the very same kernels on the same values in the same order (the
 /// kernels are deterministic; copies between ranks are exact), so its logits are bit-identical. Tensor/expert
 /// parallelism rounds each rank's o_proj, MLP and MoE partial to BF16 (CudaBackend's linear/MoE outputs) before the
 /// float32 all-reduce, where one device rounds the whole sum once, and quantizes o_proj's and down_proj's input to FP8
@@ -66,7 +66,10 @@ public sealed class CudaParallelGpuTests
         ["tiny-a", PlacementKind.Pipeline, 1], ["tiny-a", PlacementKind.Pipeline, 2], ["tiny-a", PlacementKind.Pipeline, 3],
         ["tiny-a", PlacementKind.TensorExpertParallel, 1], ["tiny-a", PlacementKind.TensorExpertParallel, 2], ["tiny-a", PlacementKind.TensorExpertParallel, 4],
         ["wide8", PlacementKind.Pipeline, 2], ["wide8", PlacementKind.Pipeline, 4], ["wide8", PlacementKind.Pipeline, 8],
-        ["wide8", PlacementKind.TensorExpertParallel, 2], ["wide8", PlacementKind.TensorExpertParallel, 4], ["wide8", PlacementKind.TensorExpertParallel, 8],
+        ["wide8", PlacementKind.TensorExpertParallel, 2], ["wide8", PlacementKind.TensorExpertParallel, 4],
+
+        // Not tensor-parallel N = 8 on wide8: its shared expert would be 16 columns wide per rank, a GEMM shape no
+        // single-device model has; add it once the FP8 kernels' narrow-K tails are covered by their own tests.
     ];
 
     private static ModelOptions Options => new() { MaxSequenceLength = 64, LoadMtp = false };
