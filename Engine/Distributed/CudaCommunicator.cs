@@ -20,6 +20,8 @@ namespace DeepSeekCuda.Distributed;
 /// copies between non-peer GPUs and all-reduces the kernels do not cover (staged through pinned host memory by the
 /// mesh), growing the all-reduce input buffer (the old one is freed after its rank's queue drains), and
 /// <see cref="Barrier"/>, which also surfaces an all-reduce that timed out at a device-side barrier.
+/// A source tensor may be disposed right after <see cref="Copy"/> returns (as <see cref="ParallelSession"/> does): its
+/// memory, if reused, is next written on the source's or the destination's stream, both ordered after the copy.
 /// </para>
 /// With logical ranks on one GPU every rank's stream needs its own hardware queue, or a spinning all-reduce block
 /// can wait behind a peer that never starts (it then times out, see <see cref="DeviceMesh.TimeoutCycles"/>): set
