@@ -7,6 +7,9 @@ public static unsafe class Cuda
 {
     private static readonly Lazy<string?> Problem = new(Probe);
 
+    /// <summary>Whether this process has asked the driver to initialize (cuInit) through this class yet.</summary>
+    internal static bool InitializationAttempted => Problem.IsValueCreated;
+
     /// <summary>True when the driver loads, initializes and reports at least one device.</summary>
     public static bool IsAvailable => Problem.Value is null;
 

@@ -26,6 +26,9 @@ public sealed unsafe class CudaStream : IDisposable
     /// <summary>Waits for the work queued so far.</summary>
     public void Synchronize() => CudaCheck.Driver(CuDriver.cuStreamSynchronize(Handle), Device.Ordinal);
 
+    /// <summary>Makes work queued on this stream after this call wait until <paramref name="evt"/> (as last recorded) has happened; the host does not wait.</summary>
+    public void Wait(CudaEvent evt) => CudaCheck.Driver(CuDriver.cuStreamWaitEvent(Handle, evt.Handle, 0), Device.Ordinal);
+
     /// <inheritdoc />
     public void Dispose()
     {

@@ -8,7 +8,9 @@ namespace DeepSeekCuda.Distributed;
 /// One sequence of a <see cref="ParallelModel"/>. Each layer runs on the devices that hold it (one
 /// pipeline stage, or every device); where several run it, their partial attention and FFN outputs are
 /// all-reduced before the residual add, so every device carries the same residual stream. Between
-/// pipeline stages the residual and its normed copy move with the communicator. Not thread-safe.
+/// pipeline stages the residual and its normed copy move with the communicator. Each call ends with the
+/// communicator's <see cref="ICommunicator.Barrier"/> after the logits are downloaded (the host waits for them anyway), so a
+/// collective that failed on the device (a timed-out all-reduce barrier) surfaces here. Not thread-safe.
 /// </summary>
 public sealed class ParallelSession : IModelSession
 {
@@ -61,6 +63,7 @@ public sealed class ParallelSession : IModelSession
             using var logits = b.Allocate(1, _model.VocabSize);
             b.Logits(last, w.Head!, logits);
             b.Download(logits, lastLogits[.._model.VocabSize]);
+            _comm.Barrier();
         }
     }
 
@@ -75,6 +78,7 @@ public sealed class ParallelSession : IModelSession
             b.Logits(normed, w.Head!, logits);
             var result = new float[logits.Length];
             b.Download(logits, result);
+            _comm.Barrier();
             return result;
         }
     }

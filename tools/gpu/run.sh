@@ -9,6 +9,9 @@ mkdir -p "$outdir"
 outdir="$(cd "$outdir" && pwd)"
 export DSCUDA_SHARED="${DSCUDA_SHARED:-$here/shared}"
 export DSCUDA_KERNEL_CACHE="${DSCUDA_KERNEL_CACHE:-$outdir/kernel-cache}"
+# Logical ranks on one GPU (DeviceMesh.Logical, CudaParallel.Logical) need a hardware queue per stream, else an
+# all-reduce block can spin behind a peer queued after it until its timeout; the driver reads this at cuInit.
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-32}"
 exe="$here/tests/DeepSeekCuda.Tests"
 
 device="none"; driver="none"

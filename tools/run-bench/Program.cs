@@ -14,6 +14,9 @@ GpuBenchSpec[] gpuBenches =
     new("e2e", "End-to-end prefill and decode (tiny, full-width V3 slice) vs the bandwidth floor; 61-layer 8-GPU projection", E2eBench.Run),
 ];
 
+// Logical ranks on one GPU (allreduce) need a hardware queue per stream: set CUDA_DEVICE_MAX_CONNECTIONS before CUDA initializes.
+DeepSeekCuda.Distributed.CudaParallel.ConfigureConnections();
+
 var root = new RootCommand("DeepSeekCuda benchmarks");
 root.Subcommands.Add(TokenizerBench.Create());
 foreach (var command in GpuCommands.Create(gpuBenches))

@@ -68,6 +68,7 @@ public sealed class CudaBackend : IBackend
     private readonly Scratch _ints, _codes, _scales, _qAbs, _outLatent, _lse, _workspace, _latent, _kv, _qBf16, _outBf16, _kvCodes, _kvScales;
     private readonly Scratch[] _scratch;
     private readonly Lock _sync = new();
+    private readonly bool _ownsStream;
     private bool _disposed;
 
     /// <summary>
@@ -75,6 +76,15 @@ public sealed class CudaBackend : IBackend
     /// </summary>
     /// <exception cref="CudaUnavailableException">No usable CUDA device or driver, or NVRTC cannot be loaded (the reason says which).</exception>
     public CudaBackend(CudaBackendOptions? options = null)
+        : this(options, null)
+    {
+    }
+
+    /// <summary>
+    /// A backend that queues its work on <paramref name="stream"/> (borrowed, not disposed: a <see cref="Distributed.DeviceMesh"/>
+    /// rank's stream, so the rank's collectives follow its compute in one queue), or on a stream of its own when null.
+    /// </summary>
+    internal CudaBackend(CudaBackendOptions? options, CudaStream? stream)
     {
         _options = options ?? new CudaBackendOptions();
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(_options.MaxMoeTokens);
@@ -86,7 +96,13 @@ public sealed class CudaBackend : IBackend
         _device = CudaDevice.Open(_options.Device);
         try
         {
-            _stream = new CudaStream(_device);
+            if (stream is not null && stream.Device.Handle != _device.Handle)
+            {
+                throw new ArgumentException($"the stream belongs to device {stream.Device.Ordinal}, the backend to device {_device.Ordinal}", nameof(stream));
+            }
+
+            _ownsStream = stream is null;
+            _stream = stream ?? new CudaStream(_device);
         }
         catch
         {
@@ -144,6 +160,12 @@ public sealed class CudaBackend : IBackend
 
     /// <summary>The stream every operation is queued on.</summary>
     public CudaStream Stream => _stream;
+
+    /// <summary>Whether <paramref name="tensor"/> is an activation of this backend (allocated on its device).</summary>
+    internal bool Holds(Tensor tensor) => tensor is CudaTensor t && t.Buffer.Device == _device;
+
+    /// <summary>The device address of an activation's f32 storage (for collectives on the tensor's own device).</summary>
+    internal static ulong PointerOf(Tensor tensor) => T(tensor).Pointer;
 
     /// <summary>Waits for the queued work.</summary>
     public void Synchronize()
@@ -204,7 +226,11 @@ public sealed class CudaBackend : IBackend
             l.Dispose();
         }
 
-        _stream.Dispose();
+        if (_ownsStream)
+        {
+            _stream.Dispose();
+        }
+
         _device.Dispose();
     }
 
@@ -269,11 +295,12 @@ public sealed class CudaBackend : IBackend
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
     {
         using var scope = Enter();
-        var info = CheckShape(checkpoint, spec.Weight, spec.Out, spec.In);
+        var (rows, cols) = spec.StoredShape;
+        var info = CheckShape(checkpoint, spec.Weight, rows, cols);
         if (info.DType != DType.F8_E4M3)
         {
             var w = new CudaLinearWeight(spec.Out, spec.In, fp8: false);
-            w.Bf16 = w.Owned.Own(UploadBf16(checkpoint, spec.Weight));
+            w.Bf16 = w.Owned.Own(UploadBf16(checkpoint, spec.Weight, spec.Slice));
             return w;
         }
 
@@ -282,16 +309,56 @@ public sealed class CudaBackend : IBackend
             throw new NotSupportedException($"weight_block_size [{q.BlockRows}, {q.BlockCols}]: the FP8 GEMM kernels take 128x128 blocks");
         }
 
-        var scale = CheckShape(checkpoint, spec.Scale, Fp8GemmKernel.BlocksFor(spec.Out), Fp8GemmKernel.BlocksFor(spec.In));
-        if (scale.DType != DType.F32)
+        var weight = new CudaLinearWeight(spec.Out, spec.In, fp8: true);
+        try
         {
-            throw new NotSupportedException($"'{spec.Scale}' is {scale.DType}; the FP8 GEMM kernels take F32 block scales");
+            ReadFp8(checkpoint, spec, "the FP8 GEMM kernels", (codes, scales) =>
+            {
+                weight.Owned.Own(weight.Codes = DeviceBuffer<byte>.From(_device, codes, _stream));
+                weight.Owned.Own(weight.Scales = DeviceBuffer<float>.From(_device, scales, _stream));
+            });
+        }
+        catch
+        {
+            weight.Dispose();
+            throw;
         }
 
-        var weight = new CudaLinearWeight(spec.Out, spec.In, fp8: true);
-        weight.Owned.Own(weight.Codes = DeviceBuffer<byte>.From(_device, checkpoint.GetBytes(spec.Weight), _stream));
-        weight.Owned.Own(weight.Scales = DeviceBuffer<float>.From(_device, MemoryMarshal.Cast<byte, float>(checkpoint.GetBytes(spec.Scale)), _stream));
         return weight;
+    }
+
+    private delegate void Fp8Sink(ReadOnlySpan<byte> codes, ReadOnlySpan<float> scales);
+
+    /// <summary>
+    /// Hands an FP8 weight's codes [Out, In] and block scales [⌈Out/128⌉, ⌈In/128⌉] to <paramref name="sink"/> as the kernels
+    /// take them: the stored tensors (straight from the checkpoint), or a slice of them re-gridded exactly
+    /// (<see cref="CudaBackendLayout.SliceScales"/>; a slice the 128x128 grid cannot express is refused).
+    /// </summary>
+    private static void ReadFp8(Checkpoint checkpoint, LinearSpec spec, string user, Fp8Sink sink)
+    {
+        var (rows, cols) = spec.StoredShape;
+        var info = CheckShape(checkpoint, spec.Weight, rows, cols);
+        if (info.DType != DType.F8_E4M3)
+        {
+            throw new NotSupportedException($"'{spec.Weight}' is {info.DType}: {user} take FP8 e4m3 weights only");
+        }
+
+        var s = CheckShape(checkpoint, spec.Scale, Fp8GemmKernel.BlocksFor(rows), Fp8GemmKernel.BlocksFor(cols));
+        if (s.DType != DType.F32)
+        {
+            throw new NotSupportedException($"'{spec.Scale}' is {s.DType}; {user} take F32 block scales");
+        }
+
+        var codes = checkpoint.GetBytes(spec.Weight);
+        var scales = MemoryMarshal.Cast<byte, float>(checkpoint.GetBytes(spec.Scale));
+        if (spec.Slice is { IsWhole: false } slice)
+        {
+            sink(CudaBackendLayout.Extract(codes, slice), CudaBackendLayout.SliceScales(scales, slice, spec.Weight));
+        }
+        else
+        {
+            sink(codes, scales);
+        }
     }
 
     /// <inheritdoc />
@@ -357,7 +424,10 @@ public sealed class CudaBackend : IBackend
             throw new NotSupportedException("a MoE layer without routed experts");
         }
 
-        foreach (var mlp in experts.Append(shared ?? experts[0]))
+        // An empty entry is an expert another device holds (expert parallelism). Its slot of the stack stays
+        // zero (codes and scales), so a token routed to it gets an exact zero contribution here: the grouped
+        // GEMM has no expert map, so the stack keeps all E slots (no memory saved on the device yet).
+        foreach (var mlp in experts.Where(m => m.Length != 0).Concat(shared is null ? [] : [shared]))
         {
             if (mlp.Length != 3)
             {
@@ -365,7 +435,8 @@ public sealed class CudaBackend : IBackend
             }
         }
 
-        int h = experts[0][0].In, inter = experts[0][0].Out, e = experts.Count;
+        var held = experts.FirstOrDefault(m => m.Length != 0) ?? throw new ArgumentException("none of the routed experts is held here", nameof(experts));
+        int h = held[0].In, inter = held[0].Out, e = experts.Count;
         var layout = new ExpertStackLayout(e, h, inter);
         var result = new CudaExpertWeights(e, h, inter, shared?[0].Out ?? 0);
         try
@@ -374,12 +445,25 @@ public sealed class CudaBackend : IBackend
             var w13s = result.Owned.Own(DeviceBuffer<float>.Allocate(_device, layout.W13ScaleLength));
             var w2 = result.Owned.Own(DeviceBuffer<byte>.Allocate(_device, layout.W2Length));
             var w2s = result.Owned.Own(DeviceBuffer<float>.Allocate(_device, layout.W2ScaleLength));
+            if (experts.Any(m => m.Length == 0))
+            {
+                w13.Fill8(0, _stream);
+                w13s.Fill32(0, _stream);
+                w2.Fill8(0, _stream);
+                w2s.Fill32(0, _stream);
+            }
+
             for (var i = 0; i < e; i++)
             {
+                if (experts[i].Length == 0)
+                {
+                    continue;
+                }
+
                 var (gate, up, down) = (experts[i][0], experts[i][1], experts[i][2]);
                 if (gate.Out != inter || gate.In != h || up.Out != inter || up.In != h || down.Out != h || down.In != inter)
                 {
-                    throw new ArgumentException($"expert {i} is not [{inter}, {h}] / [{h}, {inter}] like expert 0", nameof(experts));
+                    throw new ArgumentException($"expert {i} is not [{inter}, {h}] / [{h}, {inter}] like the first held expert", nameof(experts));
                 }
 
                 UploadFp8Part(checkpoint, gate, w13, layout.Gate(i), w13s, layout.GateScales(i));
@@ -404,20 +488,11 @@ public sealed class CudaBackend : IBackend
 
     private void UploadFp8Part(Checkpoint checkpoint, LinearSpec spec, DeviceBuffer<byte> codes, long codesOffset, DeviceBuffer<float> scales, long scalesOffset)
     {
-        var info = CheckShape(checkpoint, spec.Weight, spec.Out, spec.In);
-        if (info.DType != DType.F8_E4M3)
+        ReadFp8(checkpoint, spec, "the grouped expert GEMM and the shared expert", (c, sc) =>
         {
-            throw new NotSupportedException($"'{spec.Weight}' is {info.DType}: the grouped expert GEMM takes FP8 e4m3 experts only");
-        }
-
-        var s = CheckShape(checkpoint, spec.Scale, Fp8GemmKernel.BlocksFor(spec.Out), Fp8GemmKernel.BlocksFor(spec.In));
-        if (s.DType != DType.F32)
-        {
-            throw new NotSupportedException($"'{spec.Scale}' is {s.DType}; the FP8 kernels take F32 block scales");
-        }
-
-        codes.Upload(checkpoint.GetBytes(spec.Weight), _stream, codesOffset);
-        scales.Upload(MemoryMarshal.Cast<byte, float>(checkpoint.GetBytes(spec.Scale)), _stream, scalesOffset);
+            codes.Upload(c, _stream, codesOffset);
+            scales.Upload(sc, _stream, scalesOffset);
+        });
     }
 
     private Fp8Linear SharedPart(Checkpoint checkpoint, LinearSpec spec, CudaExpertWeights owner)
@@ -477,12 +552,15 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <summary>Uploads a tensor as BF16: raw bits when the checkpoint stores BF16, otherwise only if every value is exactly a BF16.</summary>
-    private DeviceBuffer<ushort> UploadBf16(Checkpoint checkpoint, string name)
+    private DeviceBuffer<ushort> UploadBf16(Checkpoint checkpoint, string name, TensorSlice? slice = null)
     {
         var info = checkpoint.Get(name);
         if (info.DType == DType.BF16)
         {
-            return DeviceBuffer<ushort>.From(_device, MemoryMarshal.Cast<byte, ushort>(checkpoint.GetBytes(name)), _stream);
+            var stored = MemoryMarshal.Cast<byte, ushort>(checkpoint.GetBytes(name));
+            return slice is { IsWhole: false }
+                ? DeviceBuffer<ushort>.From(_device, CudaBackendLayout.Extract(stored, slice), _stream)
+                : DeviceBuffer<ushort>.From(_device, stored, _stream);
         }
 
         var values = checkpoint.ReadFloat32(name);
@@ -496,7 +574,7 @@ public sealed class CudaBackend : IBackend
             }
         }
 
-        return DeviceBuffer<ushort>.From(_device, bits, _stream);
+        return DeviceBuffer<ushort>.From(_device, slice is { IsWhole: false } ? CudaBackendLayout.Extract<ushort>(bits, slice) : bits, _stream);
     }
 
     private static TensorInfo CheckShape(Checkpoint checkpoint, string name, params int[] shape)

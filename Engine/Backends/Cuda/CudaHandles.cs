@@ -1,5 +1,6 @@
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Kernels;
+using DeepSeekCuda.Loader;
 
 namespace DeepSeekCuda.Backends.Cuda;
 
@@ -212,6 +213,65 @@ public static class CudaBackendLayout
         }
 
         return a;
+    }
+
+    /// <summary>The rectangle <paramref name="slice"/> of a row-major stored matrix, row-major.</summary>
+    /// <exception cref="ArgumentException"><paramref name="stored"/> is not [StoredRows, StoredCols].</exception>
+    public static T[] Extract<T>(ReadOnlySpan<T> stored, TensorSlice slice)
+    {
+        ArgumentNullException.ThrowIfNull(slice);
+        if (stored.Length != (long)slice.StoredRows * slice.StoredCols)
+        {
+            throw new ArgumentException($"{stored.Length} values for a [{slice.StoredRows}, {slice.StoredCols}] tensor", nameof(stored));
+        }
+
+        var result = new T[(long)slice.Rows * slice.Cols];
+        for (var r = 0; r < slice.Rows; r++)
+        {
+            stored.Slice((int)((long)(slice.RowStart + r) * slice.StoredCols + slice.ColStart), slice.Cols).CopyTo(result.AsSpan(r * slice.Cols, slice.Cols));
+        }
+
+        return result;
+    }
+
+    /// <summary>
+    /// The 128x128 block scales of an FP8 weight's <paramref name="slice"/> on the slice's own grid, from the stored
+    /// grid <paramref name="scales"/> [⌈StoredRows/128⌉, ⌈StoredCols/128⌉]. Exact (no requantization) when, in rows
+    /// and in columns, the slice starts on a block edge or lies inside one stored block: then each of its blocks is
+    /// (part of) one stored block and keeps that block's scale.
+    /// </summary>
+    /// <exception cref="NotSupportedException">The slice cuts stored blocks in a way the slice's grid cannot express (<paramref name="weight"/> names it).</exception>
+    public static float[] SliceScales(ReadOnlySpan<float> scales, TensorSlice slice, string weight)
+    {
+        ArgumentNullException.ThrowIfNull(slice);
+        const int b = Fp8GemmKernel.Block;
+        int storedRowBlocks = Fp8GemmKernel.BlocksFor(slice.StoredRows), storedColBlocks = Fp8GemmKernel.BlocksFor(slice.StoredCols);
+        if (scales.Length != (long)storedRowBlocks * storedColBlocks)
+        {
+            throw new ArgumentException($"{scales.Length} scales for a [{storedRowBlocks}, {storedColBlocks}] grid", nameof(scales));
+        }
+
+        var firstRow = FirstBlock(slice.RowStart, slice.Rows, "rows");
+        var firstCol = FirstBlock(slice.ColStart, slice.Cols, "columns");
+        int rowBlocks = Fp8GemmKernel.BlocksFor(slice.Rows), colBlocks = Fp8GemmKernel.BlocksFor(slice.Cols);
+        var result = new float[rowBlocks * colBlocks];
+        for (var i = 0; i < rowBlocks; i++)
+        {
+            scales.Slice((firstRow + i) * storedColBlocks + firstCol, colBlocks).CopyTo(result.AsSpan(i * colBlocks, colBlocks));
+        }
+
+        return result;
+
+        int FirstBlock(int start, int count, string what)
+        {
+            if (start % b != 0 && start / b != (start + count - 1) / b)
+            {
+                throw new NotSupportedException(
+                    $"'{weight}' slice {slice}: its {what} start at {start}, inside a {b}-wide FP8 scale block, and cross into the next; the FP8 kernels' {b}x{b} scale grid cannot express that slice without requantizing");
+            }
+
+            return start / b;
+        }
     }
 }
 

@@ -107,6 +107,7 @@ public static unsafe partial class CuDriver
     [LibraryImport(Lib)] public static partial CuResult cuStreamCreate(IntPtr* stream, uint flags);
     [LibraryImport(Lib, EntryPoint = "cuStreamDestroy_v2")] public static partial CuResult cuStreamDestroy(IntPtr stream);
     [LibraryImport(Lib)] public static partial CuResult cuStreamSynchronize(IntPtr stream);
+    [LibraryImport(Lib)] public static partial CuResult cuStreamWaitEvent(IntPtr stream, IntPtr evt, uint flags);
     [LibraryImport(Lib, EntryPoint = "cuStreamBeginCapture_v2")] public static partial CuResult cuStreamBeginCapture(IntPtr stream, int mode);
     [LibraryImport(Lib)] public static partial CuResult cuStreamEndCapture(IntPtr stream, IntPtr* graph);
 

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Distributed;
@@ -13,7 +14,9 @@ namespace DeepSeekCuda.Bench.Benches;
 /// stream's completion (median of the runs; launches of all N kernels included, as in the decode loop).
 /// Bytes = what all ranks read and write together; baseline = the same run's device copy of those bytes.
 /// On one GPU every rank shares its HBM, so the ratio says how close the kernels come to memory speed;
-/// NVLink numbers need a multi-GPU server.
+/// NVLink numbers need a multi-GPU server. Rows with algorithm "communicator-f32" time the path ParallelModel takes
+/// (<see cref="CudaCommunicator.AllReduceSum"/> over <see cref="CudaParallel.Logical"/>: f32 tensors reduced in place
+/// after a copy into the input buffer, algorithm by size) at decode sizes; their bytes add that copy.
 /// </summary>
 internal static class AllReduceBench
 {
@@ -42,7 +45,66 @@ internal static class AllReduceBench
             }
         }
 
+        // The path ParallelModel takes on CUDA (CudaCommunicator.AllReduceSum): f32 activations reduced in place, so each
+        // rank first copies its tensor into the communicator's input buffer; the algorithm is chosen by size. Decode sizes.
+        foreach (var ranks in quick ? [2] : new[] { 2, 4, 8 })
+        {
+            using var gpus = CudaParallel.Logical(ranks, new CudaBackendOptions { Device = gpu.Device.Ordinal });
+            foreach (var batch in quick ? [1L] : DecodeBatches)
+            {
+                var count = 7168 * batch;
+                var bytes = count * 4;
+                var us = TimeCommunicator(gpu, gpus, (int)batch);
+                var moved = (AllReduceKernel.Choose(bytes) == AllReduceAlgorithm.OneShot
+                    ? (double)ranks * (ranks + 1) * bytes
+                    : (double)ranks * bytes * (2.0 + (ranks - 1.0) / ranks) + (double)bytes * (ranks - 1)) + 2.0 * ranks * bytes;
+                var shape = new Dictionary<string, object> { ["devices"] = ranks, ["bytes"] = bytes, ["algorithm"] = "communicator-f32" };
+                report.Add(new BenchResult("allreduce", shape, us, 0, moved / (us * 1e-6) / 1e9, "copy", gpu.CopyUs(moved)));
+            }
+        }
+
         return report;
+    }
+
+    private static double TimeCommunicator(GpuBench gpu, CudaParallel gpus, int rows)
+    {
+        var comm = gpus.Communicator;
+        var tensors = Enumerable.Range(0, comm.DeviceCount).Select(r => comm.Backend(r).Upload(new float[rows * 7168], rows, 7168)).ToArray();
+        try
+        {
+            void Call()
+            {
+                comm.AllReduceSum(tensors);
+                foreach (var b in gpus.Backends)
+                {
+                    b.Synchronize();
+                }
+            }
+
+            for (var i = 0; i < 3; i++)
+            {
+                Call();
+            }
+
+            var us = new double[gpu.Runs];
+            for (var i = 0; i < us.Length; i++)
+            {
+                var sw = Stopwatch.StartNew();
+                Call();
+                us[i] = sw.Elapsed.TotalMicroseconds;
+            }
+
+            comm.Barrier(); // fails the bench if a barrier timed out
+            Array.Sort(us);
+            return us[us.Length / 2];
+        }
+        finally
+        {
+            foreach (var t in tensors)
+            {
+                t.Dispose();
+            }
+        }
     }
 
     private static double Time(GpuBench gpu, DeviceMesh mesh, long count, AllReduceAlgorithm algorithm)
