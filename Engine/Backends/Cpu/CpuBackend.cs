@@ -205,7 +205,7 @@ public sealed class CpuBackend : IBackend
     {
         var w = (CpuEmbeddingWeight)table;
         var o = T(output);
-        Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
+        ShapeCheck.Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
         for (var t = 0; t < ids.Length; t++)
         {
             var id = ids[t];
@@ -225,7 +225,7 @@ public sealed class CpuBackend : IBackend
     {
         CpuTensor a = T(x), o = T(output);
         var w = (CpuNormWeight)weight;
-        Require(a.Cols == w.Width && o.Cols == w.Width && a.Rows == o.Rows, "rmsnorm shapes");
+        ShapeCheck.Require(a.Cols == w.Width && o.Cols == w.Width && a.Rows == o.Rows, "rmsnorm shapes");
         for (var t = 0; t < a.Rows; t++)
         {
             NormRow(a.Row(t), w.Data, w.Epsilon, o.Row(t));
@@ -238,7 +238,7 @@ public sealed class CpuBackend : IBackend
     public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
     {
         CpuTensor r = T(residual), d = T(delta);
-        Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
+        ShapeCheck.Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
         TensorPrimitives.Add(r.Data, d.Data, r.Data);
         Store(r.Data);
         RmsNorm(residual, weight, normed);
@@ -257,7 +257,7 @@ public sealed class CpuBackend : IBackend
     public void SiluMul(Tensor gate, Tensor up, Tensor output)
     {
         CpuTensor g = T(gate), u = T(up), o = T(output);
-        Require(g.Data.Length == u.Data.Length && g.Data.Length == o.Data.Length, "silu-mul shapes");
+        ShapeCheck.Require(g.Data.Length == u.Data.Length && g.Data.Length == o.Data.Length, "silu-mul shapes");
         SiluMulSpan(g.Data, u.Data, o.Data);
         Store(o.Data);
     }
@@ -275,7 +275,7 @@ public sealed class CpuBackend : IBackend
     public void ConcatColumns(Tensor a, Tensor b, Tensor output)
     {
         CpuTensor x = T(a), y = T(b), o = T(output);
-        Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
+        ShapeCheck.Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
         for (var t = 0; t < o.Rows; t++)
         {
             x.Row(t).CopyTo(o.Row(t));
@@ -290,7 +290,7 @@ public sealed class CpuBackend : IBackend
     {
         CpuTensor a = T(x), o = T(y);
         var w = (CpuLinearWeight)weight;
-        Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
+        ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
         var input = _emulate && w.Fp8 ? QuantizeRows(a.Data, a.Rows, a.Cols) : a.Data;
         Gemm(input, a.Rows, w, o.Data, parallel: true);
         Store(o.Data);
@@ -301,7 +301,7 @@ public sealed class CpuBackend : IBackend
     {
         CpuTensor a = T(x), o = T(logits);
         var w = (CpuLinearWeight)head;
-        Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
+        ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
         Gemm(a.Data, a.Rows, w, o.Data, parallel: true);
     }
 
@@ -371,7 +371,7 @@ public sealed class CpuBackend : IBackend
     {
         var a = T(x);
         var r = (CpuRopeTable)rope;
-        Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
+        ShapeCheck.Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
         CheckPositions(r, startPosition, a.Rows);
         var heads = a.Cols / headStride;
         for (var t = 0; t < a.Rows; t++)
@@ -394,7 +394,7 @@ public sealed class CpuBackend : IBackend
         var norm = (CpuNormWeight)latentNorm;
         var r = (CpuRopeTable)rope;
         int latent = c.LatentDim, ropeDim = c.RopeDim;
-        Require(a.Cols == latent + ropeDim && norm.Width == latent && ropeDim == 2 * r.Pairs, "latent append shapes");
+        ShapeCheck.Require(a.Cols == latent + ropeDim && norm.Width == latent && ropeDim == 2 * r.Pairs, "latent append shapes");
         if (startPosition < 0 || startPosition + a.Rows > c.Capacity)
         {
             throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + a.Rows - 1} exceed the cache capacity {c.Capacity}");
@@ -529,18 +529,10 @@ public sealed class CpuBackend : IBackend
     private (CpuTensor Q, CpuLatentCache Cache, CpuLinearWeight KvB, CpuTensor Output) CheckAttention(
         Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, Tensor output)
     {
+        ShapeCheck.Attention(q, cache, kvB, dims, startPosition, output);
         CpuTensor qt = T(q), o = T(output);
         var c = (CpuLatentCache)cache;
         var w = (CpuLinearWeight)kvB;
-        Require(qt.Cols == dims.Heads * dims.QkHead, $"q {qt} is not [T, {dims.Heads}·{dims.QkHead}]");
-        Require(o.Rows == qt.Rows && o.Cols == dims.Heads * dims.V, $"attention output {o} is not [{qt.Rows}, {dims.Heads}·{dims.V}]");
-        Require(w.Out == dims.Heads * dims.KvBHead && w.In == dims.KvLora, "kv_b shape");
-        Require(c.LatentDim == dims.KvLora && c.RopeDim == dims.QkRope, "cache widths");
-        if (startPosition < 0 || startPosition + qt.Rows > c.Capacity)
-        {
-            throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + qt.Rows - 1} exceed the cache capacity {c.Capacity}");
-        }
-
         return (qt, c, w, o);
     }
 
@@ -564,7 +556,7 @@ public sealed class CpuBackend : IBackend
         var g = (CpuGateWeight)gate;
         var r = (CpuRouting)routing;
         var opt = g.Options;
-        Require(a.Cols == g.Width && r.Tokens == a.Rows && r.Experts == opt.Experts && r.TopK == opt.TopK, "gate shapes");
+        ShapeCheck.Require(a.Cols == g.Width && r.Tokens == a.Rows && r.Experts == opt.Experts && r.TopK == opt.TopK, "gate shapes");
         Parallel.For(0, a.Rows, _parallel, t => Router.Route(a.Row(t), g.Weight, g.Bias, opt,
             r.Scores.AsSpan(t * opt.Experts, opt.Experts), r.Indices.AsSpan(t * opt.TopK, opt.TopK), r.Weights.AsSpan(t * opt.TopK, opt.TopK)));
     }
@@ -576,7 +568,7 @@ public sealed class CpuBackend : IBackend
         var r = (CpuRouting)routing;
         var ew = (CpuExpertWeights)experts;
         int tokens = a.Rows, width = a.Cols, k = r.TopK;
-        Require(o.Rows == tokens && o.Cols == width && r.Tokens == tokens && ew.Width == width && r.Experts == ew.Experts, "MoE shapes");
+        ShapeCheck.Require(o.Rows == tokens && o.Cols == width && r.Tokens == tokens && ew.Width == width && r.Experts == ew.Experts, "MoE shapes");
 
         // Token slots (t, j) per expert, in token order, so every sum below has a fixed order.
         var slotsOf = new List<int>[ew.Experts];
@@ -661,12 +653,4 @@ public sealed class CpuBackend : IBackend
 
     private static CpuTensor T(Tensor t) =>
         t as CpuTensor ?? throw new ArgumentException($"tensor {t} does not belong to the CPU backend", nameof(t));
-
-    private static void Require(bool ok, string what)
-    {
-        if (!ok)
-        {
-            throw new ArgumentException($"shape mismatch: {what}");
-        }
-    }
 }

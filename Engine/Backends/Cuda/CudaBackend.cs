@@ -598,7 +598,7 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter();
         var w = (CudaEmbeddingWeight)table;
         var o = T(output);
-        Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
+        ShapeCheck.Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
         foreach (var id in ids)
         {
             if ((uint)id >= (uint)w.Rows)
@@ -617,7 +617,7 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter();
         CudaTensor a = T(x), o = T(output);
         var w = (CudaNormWeight)weight;
-        Require(a.Cols == w.Width && o.Cols == w.Width && a.Rows == o.Rows, "rmsnorm shapes");
+        ShapeCheck.Require(a.Cols == w.Width && o.Cols == w.Width && a.Rows == o.Rows, "rmsnorm shapes");
         Norm(a, w, o);
     }
 
@@ -633,8 +633,8 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter();
         CudaTensor r = T(residual), d = T(delta), o = T(normed);
         var w = (CudaNormWeight)weight;
-        Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
-        Require(r.Cols == w.Width && o.Cols == w.Width && r.Rows == o.Rows, "rmsnorm shapes");
+        ShapeCheck.Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
+        ShapeCheck.Require(r.Cols == w.Width && o.Cols == w.Width && r.Rows == o.Rows, "rmsnorm shapes");
         // Not RmsNormKernel's fused form: that keeps the residual in fp32, the emulation rounds it to BF16 first.
         _glue.AddRound(_stream, r.Pointer, d.Pointer, r.Length);
         Norm(r, w, o);
@@ -645,7 +645,7 @@ public sealed class CudaBackend : IBackend
     {
         using var scope = Enter();
         CudaTensor g = T(gate), u = T(up), o = T(output);
-        Require(g.Length == u.Length && g.Length == o.Length, "silu-mul shapes");
+        ShapeCheck.Require(g.Length == u.Length && g.Length == o.Length, "silu-mul shapes");
         if (o.Length == 0)
         {
             return;
@@ -667,7 +667,7 @@ public sealed class CudaBackend : IBackend
     {
         using var scope = Enter();
         CudaTensor x = T(a), y = T(b), o = T(output);
-        Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
+        ShapeCheck.Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
         _glue.Copy(_stream, x.Pointer, x.Cols, o.Pointer, o.Cols, o.Rows, x.Cols);
         _glue.Copy(_stream, y.Pointer, y.Cols, o.Buffer.At(x.Cols), o.Cols, o.Rows, y.Cols);
     }
@@ -680,7 +680,7 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter();
         CudaTensor a = T(x), o = T(y);
         var w = (CudaLinearWeight)weight;
-        Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
+        ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
         Gemm(a.Pointer, ElementType.F32, a.Rows, w, o.Pointer, ElementType.F32);
         _glue.Round(_stream, o.Pointer, o.Length);
     }
@@ -691,7 +691,7 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter();
         CudaTensor a = T(x), o = T(logits);
         var w = (CudaLinearWeight)head;
-        Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
+        ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
         if (w.Fp8)
         {
             // The CPU backend multiplies an FP8 head unquantized; the FP8 GEMM would quantize the activation.
@@ -729,7 +729,7 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter();
         var a = T(x);
         var r = (CudaRopeTable)rope;
-        Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
+        ShapeCheck.Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
         CheckPositions(r, startPosition, a.Rows);
         _glue.Rope(_stream, a.Pointer, a.Rows, a.Cols, r.Cos.Pointer, r.Sin.Pointer, r.Pairs, startPosition, a.Cols / headStride, headStride, ropeOffset);
         _glue.Round(_stream, a.Pointer, a.Length);
@@ -743,7 +743,7 @@ public sealed class CudaBackend : IBackend
         var c = (CudaLatentCache)cache;
         var norm = (CudaNormWeight)latentNorm;
         var r = (CudaRopeTable)rope;
-        Require(a.Cols == c.LatentDim + c.RopeDim && norm.Width == c.LatentDim && c.RopeDim == 2 * r.Pairs, "latent append shapes");
+        ShapeCheck.Require(a.Cols == c.LatentDim + c.RopeDim && norm.Width == c.LatentDim && c.RopeDim == 2 * r.Pairs, "latent append shapes");
         if (startPosition < 0 || startPosition + a.Rows > c.Capacity)
         {
             throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + a.Rows - 1} exceed the cache capacity {c.Capacity}");
@@ -851,18 +851,10 @@ public sealed class CudaBackend : IBackend
     private static (CudaTensor Q, CudaLatentCache Cache, CudaLinearWeight KvB, CudaTensor Output) CheckAttention(
         Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, Tensor output)
     {
+        ShapeCheck.Attention(q, cache, kvB, dims, startPosition, output);
         CudaTensor qt = T(q), o = T(output);
         var c = (CudaLatentCache)cache;
         var w = (CudaLinearWeight)kvB;
-        Require(qt.Cols == dims.Heads * dims.QkHead, $"q {qt} is not [T, {dims.Heads}·{dims.QkHead}]");
-        Require(o.Rows == qt.Rows && o.Cols == dims.Heads * dims.V, $"attention output {o} is not [{qt.Rows}, {dims.Heads}·{dims.V}]");
-        Require(w.Out == dims.Heads * dims.KvBHead && w.In == dims.KvLora, "kv_b shape");
-        Require(c.LatentDim == dims.KvLora && c.RopeDim == dims.QkRope, "cache widths");
-        if (startPosition < 0 || startPosition + qt.Rows > c.Capacity)
-        {
-            throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + qt.Rows - 1} exceed the cache capacity {c.Capacity}");
-        }
-
         return (qt, c, w, o);
     }
 
@@ -876,7 +868,7 @@ public sealed class CudaBackend : IBackend
         var g = (CudaGateWeight)gate;
         var r = (CudaRouting)routing;
         var opt = g.Options;
-        Require(a.Cols == g.Width && r.Tokens == a.Rows && r.Experts == opt.Experts && r.TopK == opt.TopK, "gate shapes");
+        ShapeCheck.Require(a.Cols == g.Width && r.Tokens == a.Rows && r.Experts == opt.Experts && r.TopK == opt.TopK, "gate shapes");
         _gate.Launch(_stream, g.Shape, a.Pointer, ElementType.F32, g.Weight.Pointer, g.Bias.Pointer, a.Rows, r.Indices.Pointer, r.Weights.Pointer,
             opt.Normalize, opt.ScalingFactor, r.Scores.Pointer);
     }
@@ -889,7 +881,7 @@ public sealed class CudaBackend : IBackend
         var r = (CudaRouting)routing;
         var ew = (CudaExpertWeights)experts;
         int tokens = a.Rows, width = a.Cols, k = r.TopK;
-        Require(o.Rows == tokens && o.Cols == width && r.Tokens == tokens && ew.Width == width && r.Experts == ew.Experts, "MoE shapes");
+        ShapeCheck.Require(o.Rows == tokens && o.Cols == width && r.Tokens == tokens && ew.Width == width && r.Experts == ew.Experts, "MoE shapes");
         var key = (ew.Experts, width, ew.ExpertWidth, ew.SharedWidth, k);
         if (!_moe.TryGetValue(key, out var layer))
         {
@@ -942,13 +934,6 @@ public sealed class CudaBackend : IBackend
     private static CudaTensor T(Tensor t) =>
         t as CudaTensor ?? throw new ArgumentException($"tensor {t} does not belong to the CUDA backend", nameof(t));
 
-    private static void Require(bool ok, string what)
-    {
-        if (!ok)
-        {
-            throw new ArgumentException($"shape mismatch: {what}");
-        }
-    }
 
     /// <summary>A growable device scratch buffer (256-byte aligned); growing waits for the queued work that may still read the old one.</summary>
     private sealed class Scratch(CudaBackend owner)

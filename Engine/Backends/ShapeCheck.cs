@@ -1,0 +1,27 @@
+namespace DeepSeekCuda.Backends;
+
+/// <summary>The argument checks every backend applies before an operation, so that all of them refuse the same inputs with the same messages.</summary>
+internal static class ShapeCheck
+{
+    /// <summary>Throws <see cref="ArgumentException"/> "shape mismatch: <paramref name="what"/>" unless <paramref name="ok"/>.</summary>
+    public static void Require(bool ok, string what)
+    {
+        if (!ok)
+        {
+            throw new ArgumentException($"shape mismatch: {what}");
+        }
+    }
+
+    /// <summary>The MLA attention contract of <see cref="IBackend.MlaAttentionNaive"/> and <see cref="IBackend.MlaAttentionAbsorbed"/>.</summary>
+    public static void Attention(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, Tensor output)
+    {
+        Require(q.Cols == dims.Heads * dims.QkHead, $"q {q} is not [T, {dims.Heads}·{dims.QkHead}]");
+        Require(output.Rows == q.Rows && output.Cols == dims.Heads * dims.V, $"attention output {output} is not [{q.Rows}, {dims.Heads}·{dims.V}]");
+        Require(kvB.Out == dims.Heads * dims.KvBHead && kvB.In == dims.KvLora, "kv_b shape");
+        Require(cache.LatentDim == dims.KvLora && cache.RopeDim == dims.QkRope, "cache widths");
+        if (startPosition < 0 || startPosition + q.Rows > cache.Capacity)
+        {
+            throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + q.Rows - 1} exceed the cache capacity {cache.Capacity}");
+        }
+    }
+}
