@@ -48,6 +48,13 @@ public sealed class Checkpoint : IDisposable
     /// <summary>Shard file paths, in index order.</summary>
     public IEnumerable<string> ShardFiles => _shards.Select(s => s.FilePath);
 
+    /// <summary>
+    /// Test instrumentation: called with the tensor and the byte range (start, length within the tensor)
+    /// each time a read method hands out or decodes tensor bytes (an FP8 weight's scale grid counts as a
+    /// read of the scale tensor). Null in production.
+    /// </summary>
+    internal Action<TensorInfo, long, long>? ReadObserver { get; set; }
+
     /// <summary>Total bytes of tensor data.</summary>
     public long TotalTensorBytes => Tensors.Values.Sum(t => t.ByteLength);
 
@@ -214,11 +221,16 @@ public sealed class Checkpoint : IDisposable
     public ReadOnlySpan<byte> GetBytes(string name)
     {
         var info = Get(name);
+        ReadObserver?.Invoke(info, 0, info.ByteLength);
         return ShardOf(info).GetBytes(info);
     }
 
     /// <summary>Bytes <c>[start, start + length)</c> of <paramref name="tensor"/>, a span over its mapped shard (each shard is mapped once, at open).</summary>
-    public ReadOnlySpan<byte> GetBytes(TensorInfo tensor, long start, int length) => ShardOf(tensor).GetBytes(tensor, start, length);
+    public ReadOnlySpan<byte> GetBytes(TensorInfo tensor, long start, int length)
+    {
+        ReadObserver?.Invoke(tensor, start, length);
+        return ShardOf(tensor).GetBytes(tensor, start, length);
+    }
 
     /// <summary>
     /// Reads <paramref name="name"/> as float32: BF16/F16/F32/F64 widened; an F8_E4M3 weight dequantized
@@ -246,6 +258,7 @@ public sealed class Checkpoint : IDisposable
             throw new ArgumentException($"destination holds {destination.Length} floats; '{name}' has {info.ElementCount}", nameof(destination));
         }
 
+        ReadObserver?.Invoke(info, 0, info.ByteLength);
         var bytes = ShardOf(info).GetBytes(info);
         var n = (int)info.ElementCount;
         switch (info.DType)
@@ -311,6 +324,7 @@ public sealed class Checkpoint : IDisposable
                 scale.FilePath, scaleName);
         }
 
+        ReadObserver?.Invoke(scale, 0, scale.ByteLength);
         var scales = MemoryMarshal.Cast<byte, float>(ShardOf(scale).GetBytes(scale));
         Dequantize.Fp8Blocks(codes, scales, rows, cols, block.BlockRows, block.BlockCols, destination);
     }
