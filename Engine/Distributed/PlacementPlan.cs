@@ -115,8 +115,9 @@ public sealed class PlacementPlan
     public long BytesOn(int device) => _byDevice[device].Sum(p => p.Bytes);
 
     /// <summary>
-    /// The placements grouped by the shard file that holds each tensor, in the checkpoint's shard order:
-    /// a loader that walks this reads each shard once, sequentially, and fans each tensor out to its devices.
+    /// The placements grouped by the shard file that holds each tensor, in the checkpoint's shard order, and
+    /// within a shard in file order (by the tensor's first byte, then by device): a loader that walks this
+    /// reads each shard once, front to back, and fans each tensor out to its devices while its bytes are hot.
     /// </summary>
     public IReadOnlyList<(string Shard, IReadOnlyList<TensorPlacement> Placements)> LoadOrder(Checkpoint checkpoint)
     {
@@ -126,7 +127,7 @@ public sealed class PlacementPlan
         [
             .. Placements.GroupBy(p => checkpoint.Get(p.Tensor).FilePath)
                 .OrderBy(g => order.GetValueOrDefault(g.Key, int.MaxValue))
-                .Select(g => (g.Key, (IReadOnlyList<TensorPlacement>)[.. g])),
+                .Select(g => (g.Key, (IReadOnlyList<TensorPlacement>)[.. g.OrderBy(p => checkpoint.Get(p.Tensor).Begin).ThenBy(p => p.Device)])),
         ];
     }
 

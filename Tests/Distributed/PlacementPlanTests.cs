@@ -202,6 +202,10 @@ public sealed class PlacementPlanTests
             foreach (var (shard, placements) in order)
             {
                 Assert.IsTrue(placements.All(p => checkpoint.Get(p.Tensor).FilePath == shard));
+
+                // File order within the shard, then device order for a tensor placed on several devices.
+                var keys = placements.Select(p => (checkpoint.Get(p.Tensor).Begin, p.Device)).ToArray();
+                CollectionAssert.AreEqual(keys.Order().ToArray(), keys, $"{shard}: not in file order");
             }
         }
         finally
