@@ -43,7 +43,14 @@ public sealed class ParallelModel : ILanguageModel
 
     internal DeviceWeights[] Devices { get; }
 
-    /// <summary>Uploads to each device of <paramref name="communicator"/> what <paramref name="plan"/> places on it.</summary>
+    /// <summary>
+    /// Uploads to each device of <paramref name="communicator"/> what <paramref name="plan"/> places on it, following
+    /// <see cref="PlacementPlan.LoadOrder"/>: load units (a layer, or the embedding, final norm or lm_head; see
+    /// <see cref="LoadUnit"/>) in shard order and file order of their first tensor, each unit uploaded to all its
+    /// devices back to back. So the mapped shards are walked forward once at unit granularity, and a tensor several
+    /// devices need is read from disk once and from the page cache for the other devices (each device's backend still
+    /// reads and converts its own copy from the mapped checkpoint; there is no device-to-device fan-out here).
+    /// </summary>
     /// <exception cref="ArgumentException">The plan is for another config or device count.</exception>
     /// <exception cref="NotSupportedException">The config asks for something the engine does not implement.</exception>
     /// <exception cref="CheckpointException">A tensor is missing or has the wrong shape.</exception>
@@ -78,6 +85,7 @@ public sealed class ParallelModel : ILanguageModel
         var devices = new DeviceWeights[plan.DeviceCount];
         try
         {
+            var uploads = new List<(string Unit, Action Upload)>();
             for (var r = 0; r < devices.Length; r++)
             {
                 var b = communicator.Device(r);
@@ -94,28 +102,39 @@ public sealed class ParallelModel : ILanguageModel
                 var holdsHead = r == plan.HeadDevice;
                 if (holdsEmbedding)
                 {
-                    w.Embed = b.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, d);
+                    uploads.Add((CheckpointLayout.Embedding, () => w.Embed = b.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, d)));
                 }
 
                 if (shard is not null || holdsHead)
                 {
-                    w.FinalNorm = b.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, d, eps);
+                    uploads.Add((CheckpointLayout.FinalNorm, () => w.FinalNorm = b.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, d, eps)));
                 }
 
                 if (holdsHead)
                 {
-                    w.Head = b.UploadHead(checkpoint, config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead, config.VocabSize, d);
+                    var head = config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead;
+                    uploads.Add((head, () => w.Head = b.UploadHead(checkpoint, head, config.VocabSize, d)));
                 }
 
                 for (var i = start; i < start + count; i++)
                 {
-                    w.Layers[i] = DecoderLayer.Load(checkpoint, b, config, i, shard);
+                    var layer = i;
+                    uploads.Add((CheckpointLayout.LayerPrefix(layer), () => w.Layers[layer] = DecoderLayer.Load(checkpoint, b, config, layer, shard)));
                 }
 
                 if (shard is null && start + count < config.NumHiddenLayers)
                 {
-                    w.NextStageNorm = b.UploadNorm(checkpoint, CheckpointLayout.Layer(config, start + count).InputNorm, d, eps);
+                    var next = start + count;
+                    uploads.Add((CheckpointLayout.LayerPrefix(next),
+                        () => w.NextStageNorm = b.UploadNorm(checkpoint, CheckpointLayout.Layer(config, next).InputNorm, d, eps)));
                 }
+            }
+
+            // Unit-major, device-minor (see LoadUnit): OrderBy is stable, so a unit's uploads keep device order.
+            var rank = UnitRanks(checkpoint, plan);
+            foreach (var (_, upload) in uploads.OrderBy(u => rank.GetValueOrDefault(u.Unit, int.MaxValue)))
+            {
+                upload();
             }
         }
         catch
@@ -129,6 +148,41 @@ public sealed class ParallelModel : ILanguageModel
         }
 
         return new ParallelModel(plan, communicator, options, maxLength, devices);
+    }
+
+    /// <summary>
+    /// The load unit of checkpoint tensor <paramref name="tensor"/>: its layer (<see cref="CheckpointLayout.LayerPrefix"/>,
+    /// scales included) or, outside the layers, the tensor itself (the embedding, also when it serves as the tied head;
+    /// the final norm; lm_head). <see cref="Load"/> uploads unit by unit, in file order of each unit's first tensor
+    /// (<see cref="PlacementPlan.LoadOrder"/>), and within a unit to every device that needs it back to back, so a
+    /// byte that several devices read is faulted in from disk by the first and read from the page cache by the rest,
+    /// as long as the page cache holds one unit (one layer).
+    /// </summary>
+    internal static string LoadUnit(string tensor)
+    {
+        const string layers = "model.layers.";
+        if (!tensor.StartsWith(layers, StringComparison.Ordinal))
+        {
+            return tensor;
+        }
+
+        var dot = tensor.IndexOf('.', layers.Length);
+        return dot < 0 ? tensor : tensor[..(dot + 1)];
+    }
+
+    /// <summary>Each load unit's position: where its first tensor comes in <see cref="PlacementPlan.LoadOrder"/> (shard order, then file order).</summary>
+    private static Dictionary<string, int> UnitRanks(Checkpoint checkpoint, PlacementPlan plan)
+    {
+        var rank = new Dictionary<string, int>(StringComparer.Ordinal);
+        foreach (var (_, placements) in plan.LoadOrder(checkpoint))
+        {
+            foreach (var p in placements)
+            {
+                rank.TryAdd(LoadUnit(p.Tensor), rank.Count);
+            }
+        }
+
+        return rank;
     }
 
     /// <summary>Starts an empty session (latent caches on the devices that run each layer).</summary>

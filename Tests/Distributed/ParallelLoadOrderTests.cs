@@ -1,0 +1,166 @@
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Distributed;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Distributed;
+
+/// <summary>
+/// <see cref="ParallelModel.Load"/> follows <see cref="PlacementPlan.LoadOrder"/>: every read of checkpoint bytes
+/// (recorded by <see cref="Checkpoint.ReadObserver"/>, the scale grid of an FP8 weight included) is attributed to its
+/// load unit (a layer, or the embedding, final norm, lm_head), and the trace must visit each unit in one contiguous
+/// run (all its devices back to back: a re-read of a tensor by another device comes right after the first read, so
+/// from the page cache), units in shard order and file order of their first tensor, and every tensor the plan places
+/// must be read. Logits must match the single-device model as in <see cref="ParallelModelTests"/>.
+/// Models: tiny-a (2 shards, 3 layers) and a synthetic 4-shard model with 8 layers and a tied head.
+/// </summary>
+[TestClass]
+public sealed class ParallelLoadOrderTests
+{
+    private static readonly int[] s_prompt = [0, 17, 42, 99, 7, 230, 5, 11];
+    private static string s_root = null!;
+    private static readonly Dictionary<string, string> s_dirs = [];
+
+    /// <summary>8 heads, 16 experts, 8 layers (one dense), tied embedding/head, written as 4 shards.</summary>
+    private static ModelConfig Tied8 { get; } = (ModelPresets.Tiny with
+    {
+        NumAttentionHeads = 8,
+        NumHiddenLayers = 8,
+        NRoutedExperts = 16,
+        NGroup = 4,
+        TopkGroup = 2,
+        NumExpertsPerTok = 4,
+        NSharedExperts = 1,
+        NumNextNPredictLayers = 0,
+        TieWordEmbeddings = true,
+        MaxPositionEmbeddings = 256,
+    }).Validate();
+
+    public static IEnumerable<object[]> Cases =>
+    [
+        ["tiny-a", PlacementKind.Pipeline, 1], ["tiny-a", PlacementKind.Pipeline, 2], ["tiny-a", PlacementKind.Pipeline, 3],
+        ["tiny-a", PlacementKind.TensorExpertParallel, 1], ["tiny-a", PlacementKind.TensorExpertParallel, 2], ["tiny-a", PlacementKind.TensorExpertParallel, 4],
+        ["tied8x4", PlacementKind.Pipeline, 1], ["tied8x4", PlacementKind.Pipeline, 2], ["tied8x4", PlacementKind.Pipeline, 4],
+        ["tied8x4", PlacementKind.TensorExpertParallel, 1], ["tied8x4", PlacementKind.TensorExpertParallel, 2], ["tied8x4", PlacementKind.TensorExpertParallel, 4],
+    ];
+
+    [ClassInitialize]
+    public static void Init(TestContext _)
+    {
+        s_root = Path.Combine(Path.GetTempPath(), "dscuda-loadorder-" + Guid.NewGuid().ToString("N"));
+        SyntheticCheckpoint.Write(Path.Combine(s_root, "tied8x4"), Tied8, 23, shards: 4);
+        s_dirs["tiny-a"] = SharedData.TinyAModel;
+        s_dirs["tied8x4"] = Path.Combine(s_root, "tied8x4");
+    }
+
+    [ClassCleanup]
+    public static void Cleanup() => Directory.Delete(s_root, true);
+
+    private static ModelOptions Options => new() { MaxSequenceLength = 64, LoadMtp = false };
+
+    [TestMethod]
+    [DynamicData(nameof(Cases))]
+    public void LoadWalksShardsInOrderAndReadsEachUnitOnce(string model, PlacementKind kind, int n)
+    {
+        // A checkpoint of its own: the observer must see this load's reads only.
+        using var checkpoint = Checkpoint.Open(s_dirs[model]);
+        var shardIndex = checkpoint.ShardFiles.Select((f, i) => (f, i)).ToDictionary(x => x.f, x => x.i);
+        Assert.AreEqual(model == "tiny-a" ? 2 : 4, shardIndex.Count, "shards");
+        var reads = new List<(TensorInfo Tensor, long Start, long Length)>();
+        checkpoint.ReadObserver = (t, start, length) =>
+        {
+            // The CPU backend dequantizes a layer's experts on several threads.
+            lock (reads)
+            {
+                reads.Add((t, start, length));
+            }
+        };
+        var devices = Enumerable.Range(0, n).Select(_ => new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2))).ToArray();
+        var comm = new HostCommunicator(devices);
+        var plan = kind == PlacementKind.Pipeline ? PlacementPlan.Pipeline(checkpoint.Config, n) : PlacementPlan.TensorExpertParallel(checkpoint.Config, n);
+        ParallelModel? parallel = null;
+        try
+        {
+            parallel = ParallelModel.Load(checkpoint, plan, comm, Options);
+            checkpoint.ReadObserver = null;
+            var what = $"{model} {kind} N={n}";
+
+            // Runs of consecutive reads of one unit: each unit exactly once.
+            var runs = new List<(string Unit, List<TensorInfo> Tensors)>();
+            foreach (var (t, _, _) in reads)
+            {
+                var unit = ParallelModel.LoadUnit(t.Name);
+                if (runs.Count == 0 || runs[^1].Unit != unit)
+                {
+                    runs.Add((unit, []));
+                }
+
+                runs[^1].Tensors.Add(t);
+            }
+
+            var repeated = runs.GroupBy(r => r.Unit).Where(g => g.Count() > 1).Select(g => g.Key).ToArray();
+            Assert.IsEmpty(repeated, $"{what}: units read in more than one run: {string.Join(", ", repeated)}");
+
+            // Units in file order: (shard, first byte) of each run's first tensor in the file strictly increases,
+            // so the shards are visited in order, each in one stretch.
+            var starts = runs.Select(r => r.Tensors.Select(t => (Shard: shardIndex[t.FilePath], t.Begin)).Min()).ToArray();
+            for (var k = 1; k < starts.Length; k++)
+            {
+                Assert.IsTrue(starts[k].CompareTo(starts[k - 1]) > 0,
+                    $"{what}: unit {runs[k].Unit} starts at {starts[k]}, before {runs[k - 1].Unit} at {starts[k - 1]}");
+            }
+
+            var shardsVisited = starts.Select(s => s.Shard).Distinct().ToArray();
+            CollectionAssert.AreEqual(shardsVisited.Order().ToArray(), shardsVisited, $"{what}: shards out of order");
+
+            // Every tensor the plan places is read (scales with their FP8 weights), and nothing else.
+            var placed = plan.Placements.Select(p => p.Tensor).ToHashSet();
+            var read = reads.Select(r => r.Tensor.Name).ToHashSet();
+            Assert.IsTrue(placed.SetEquals(read),
+                $"{what}: placed but not read: {string.Join(", ", placed.Except(read).Take(5))}; read but not placed: {string.Join(", ", read.Except(placed).Take(5))}");
+
+            // Each device received exactly its placements (as ParallelModelTests checks for the old order). As sets:
+            // with a tied head the head device receives the embedding twice (as table and as head), which the
+            // pipeline plan lists twice and the tensor/expert parallel plan once.
+            for (var d = 0; d < n; d++)
+            {
+                var planned = plan.On(d).Where(p => !p.Tensor.EndsWith("_scale_inv", StringComparison.Ordinal))
+                    .Select(p => p.Slice is null ? p.Tensor : $"{p.Tensor} {p.Slice}").Distinct().Order().ToArray();
+                var received = devices[d].Received.Select(r => r.Slice is null ? r.Tensor : $"{r.Tensor} {r.Slice}").Distinct().Order().ToArray();
+                CollectionAssert.AreEqual(planned, received, $"{what}: device {d}");
+            }
+
+            // What a byte read once means here: re-reads by other devices stay inside the unit's run. Report the
+            // page-cache window this needs (the largest unit) against the bytes handed out.
+            var window = runs.Max(r => r.Tensors.DistinctBy(t => t.Name).Sum(t => t.ByteLength));
+            var distinct = reads.DistinctBy(r => r.Tensor.Name).Sum(r => r.Tensor.ByteLength);
+            Console.WriteLine($"{what}: {runs.Count} units over {shardsVisited.Length} shards; {reads.Sum(r => r.Length)} bytes handed out, "
+                + $"{distinct} distinct; largest unit {window} bytes");
+
+            // Logits as before: the single-device model, exact for a pipeline (same operations in the same
+            // order), within ParallelModelTests' 1e-5 for tensor/expert parallelism (regrouped partial sums).
+            using var single = DeepSeekModel.Load(checkpoint, new CpuBackend(), Options);
+            var expected = single.ComputeLogits(s_prompt);
+            var actual = parallel.ComputeLogits(s_prompt);
+            if (kind == PlacementKind.Pipeline || n == 1)
+            {
+                CollectionAssert.AreEqual(expected, actual, $"{what}: logits differ");
+            }
+            else
+            {
+                Tolerance.AssertMaxRel(actual, expected, 1e-5, $"{what} logits");
+            }
+        }
+        finally
+        {
+            parallel?.Dispose();
+            comm.Dispose();
+            foreach (var d in devices)
+            {
+                d.Dispose();
+            }
+        }
+    }
+}
