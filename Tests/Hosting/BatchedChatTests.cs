@@ -4,6 +4,7 @@ using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Inference;
+using DeepSeekCuda.Tests.Support;
 using DeepSeekCuda.Text;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.DependencyInjection;
@@ -425,26 +426,6 @@ public sealed class BatchedChatTests
             inner.Dispose();
             _gate.Dispose();
             Entered.Dispose();
-        }
-    }
-
-    private sealed class TestMeterFactory : IMeterFactory
-    {
-        public List<Meter> Created { get; } = [];
-
-        public Meter Create(MeterOptions options)
-        {
-            var m = new Meter(options.Name, options.Version, options.Tags, scope: this);
-            Created.Add(m);
-            return m;
-        }
-
-        public void Dispose()
-        {
-            foreach (var m in Created)
-            {
-                m.Dispose();
-            }
         }
     }
 }

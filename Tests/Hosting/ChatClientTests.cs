@@ -2,6 +2,7 @@ using System.Diagnostics.Metrics;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Tests.Inference;
+using DeepSeekCuda.Tests.Support;
 using DeepSeekCuda.Text;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.DependencyInjection;
@@ -321,25 +322,5 @@ public sealed class ChatClientTests
     public void DependencyInjection_WithoutModelSource_Throws()
     {
         Assert.ThrowsExactly<ArgumentException>(() => new ServiceCollection().AddDeepSeekCuda(_ => { }));
-    }
-
-    private sealed class TestMeterFactory : IMeterFactory
-    {
-        public List<Meter> Created { get; } = [];
-
-        public Meter Create(MeterOptions options)
-        {
-            var m = new Meter(options.Name, options.Version, options.Tags, scope: this);
-            Created.Add(m);
-            return m;
-        }
-
-        public void Dispose()
-        {
-            foreach (var m in Created)
-            {
-                m.Dispose();
-            }
-        }
     }
 }
