@@ -81,22 +81,10 @@ internal static class AllReduceBench
                 }
             }
 
-            for (var i = 0; i < 3; i++)
-            {
-                Call();
-            }
-
-            var us = new double[gpu.Runs];
-            for (var i = 0; i < us.Length; i++)
-            {
-                var sw = Stopwatch.StartNew();
-                Call();
-                us[i] = sw.Elapsed.TotalMicroseconds;
-            }
+            var us = gpu.MeasureHost(Call);
 
             comm.Barrier(); // fails the bench if a barrier timed out
-            Array.Sort(us);
-            return us[us.Length / 2];
+            return us;
         }
         finally
         {
@@ -131,22 +119,10 @@ internal static class AllReduceBench
                 }
             }
 
-            for (var i = 0; i < 3; i++)
-            {
-                Call();
-            }
-
-            var us = new double[gpu.Runs];
-            for (var i = 0; i < us.Length; i++)
-            {
-                var sw = Stopwatch.StartNew();
-                Call();
-                us[i] = sw.Elapsed.TotalMicroseconds;
-            }
+            var us = gpu.MeasureHost(Call);
 
             mesh.Synchronize(); // fails the bench if a barrier timed out
-            Array.Sort(us);
-            return us[us.Length / 2];
+            return us;
         }
         finally
         {

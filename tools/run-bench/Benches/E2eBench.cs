@@ -86,7 +86,7 @@ internal static class E2eBench
                 using var session = model.CreateSession();
                 var logits = new float[config.VocabSize];
                 Prefill(session, prompt, logits); // warm-up: compiles kernels, grows scratch
-                var prefillUs = Median(quick || context > 4096 ? 1 : 3, () =>
+                var prefillUs = GpuBench.Median(quick || context > 4096 ? 1 : 3, () =>
                 {
                     session.Truncate(0);
                     var t = Stopwatch.StartNew();
@@ -113,7 +113,7 @@ internal static class E2eBench
                 foreach (var batch in batches)
                 {
                     var runs = Math.Clamp(64 / batch, 3, gpu.Runs);
-                    var us = Median(runs, () =>
+                    var us = GpuBench.Median(runs, () =>
                     {
                         var t = Stopwatch.StartNew();
                         for (var b = 0; b < batch; b++)
@@ -256,9 +256,4 @@ internal static class E2eBench
         ["runner"] = runner,
     };
 
-    private static double Median(int runs, Func<double> measure)
-    {
-        var us = Enumerable.Range(0, runs).Select(_ => measure()).Order().ToArray();
-        return us[runs / 2];
-    }
 }

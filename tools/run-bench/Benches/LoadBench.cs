@@ -59,17 +59,17 @@ internal static partial class LoadBench
             }
 
             using var arena = new DeviceArena(gpu.Device, WeightUploader.ArenaBytes(tensors));
-            var h2dUs = Median(runs, () => TimeH2d(gpu, arena, tensorBytes));
+            var h2dUs = GpuBench.Median(runs, () => TimeH2d(gpu, arena, tensorBytes));
             foreach (var cold in new[] { true, false })
             {
                 var dropped = true;
-                var readUs = Median(runs, () =>
+                var readUs = GpuBench.Median(runs, () =>
                 {
                     dropped &= !cold || DropCache(files);
                     return TimeRead(files) * tensorBytes / fileBytes;
                 });
                 UploadReport? last = null;
-                var loadUs = Median(runs, () =>
+                var loadUs = GpuBench.Median(runs, () =>
                 {
                     dropped &= !cold || DropCache(files);
                     var (us, upload) = TimeLoad(gpu, dir, arena);
@@ -107,11 +107,6 @@ internal static partial class LoadBench
         return report;
     }
 
-    private static double Median(int runs, Func<double> measure)
-    {
-        var us = Enumerable.Range(0, runs).Select(_ => measure()).Order().ToArray();
-        return us[runs / 2];
-    }
 
     /// <summary>Microseconds to read every file front to back (no parsing, no copy beyond the read).</summary>
     private static double TimeRead(string[] files)

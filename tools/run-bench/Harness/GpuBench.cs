@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using DeepSeekCuda.Cuda;
 using CudaRt = DeepSeekCuda.Cuda.Cuda;
 
@@ -74,19 +75,42 @@ internal sealed class GpuBench : IDisposable
 
         using var start = new CudaEvent(Device);
         using var stop = new CudaEvent(Device);
-        var us = new double[Runs];
-        for (var r = 0; r < Runs; r++)
+        var r = 0;
+        return Median(Runs, () =>
         {
             _flush.Fill8((byte)r, Stream);
             start.Record(Stream);
-            call(r);
+            call(r++);
             stop.Record(Stream);
             stop.Synchronize();
-            us[r] = stop.ElapsedSince(start) * 1000.0;
+            return stop.ElapsedSince(start) * 1000.0;
+        });
+    }
+
+    /// <summary>
+    /// Median host wall-clock microseconds of <paramref name="call"/>, which must wait for its own work (for
+    /// operations spanning several streams or the host), over <see cref="Runs"/> runs after three warm-up calls.
+    /// </summary>
+    public double MeasureHost(Action call)
+    {
+        for (var i = 0; i < 3; i++)
+        {
+            call();
         }
 
-        Array.Sort(us);
-        return us[Runs / 2];
+        return Median(Runs, () =>
+        {
+            var clock = Stopwatch.StartNew();
+            call();
+            return clock.Elapsed.TotalMicroseconds;
+        });
+    }
+
+    /// <summary>The median of <paramref name="runs"/> values of <paramref name="measure"/>.</summary>
+    public static double Median(int runs, Func<double> measure)
+    {
+        var values = Enumerable.Range(0, runs).Select(_ => measure()).Order().ToArray();
+        return values[runs / 2];
     }
 
     /// <inheritdoc />
