@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Cuda;
