@@ -38,29 +38,6 @@ public sealed class CudaParallelGpuTests
 
     public TestContext TestContext { get; set; } = null!;
 
-    /// <summary>tiny-a's shapes (head dims 64/64/64, hidden 256) with 8 heads and 8 layers (one dense): every shard of N = 2, 4, 8 is FP8-grid aligned.</summary>
-    private static ModelConfig Wide8 { get; } = (ModelPresets.Tiny with
-    {
-        VocabSize = 1024,
-        HiddenSize = 256,
-        IntermediateSize = 512,
-        MoeIntermediateSize = 128,
-        NumHiddenLayers = 8,
-        NumNextNPredictLayers = 0,
-        NumAttentionHeads = 8,
-        NSharedExperts = 1,
-        NRoutedExperts = 16,
-        KvLoraRank = 128,
-        QLoraRank = 192,
-        QkRopeHeadDim = 64,
-        QkNopeHeadDim = 64,
-        VHeadDim = 64,
-        NGroup = 4,
-        TopkGroup = 2,
-        NumExpertsPerTok = 4,
-        MaxPositionEmbeddings = 256,
-    }).Validate();
-
     public static IEnumerable<object[]> Cases =>
     [
         ["tiny-a", PlacementKind.Pipeline, 1], ["tiny-a", PlacementKind.Pipeline, 2], ["tiny-a", PlacementKind.Pipeline, 3],
@@ -83,7 +60,7 @@ public sealed class CudaParallelGpuTests
             return; // every test ends Inconclusive: nothing to write
         }
 
-        SyntheticCheckpoint.Write(Path.Combine(s_root, "wide8"), Wide8, 23);
+        SyntheticCheckpoint.Write(Path.Combine(s_root, "wide8"), DistributedModels.Wide8Fp8Aligned, 23);
         s_models["tiny-a"] = Checkpoint.Open(SharedData.TinyAModel);
         s_models["wide8"] = Checkpoint.Open(Path.Combine(s_root, "wide8"));
     }

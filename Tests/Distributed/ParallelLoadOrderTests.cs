@@ -23,21 +23,6 @@ public sealed class ParallelLoadOrderTests
     private static string s_root = null!;
     private static readonly Dictionary<string, string> s_dirs = [];
 
-    /// <summary>8 heads, 16 experts, 8 layers (one dense), tied embedding/head, written as 4 shards.</summary>
-    private static ModelConfig Tied8 { get; } = (ModelPresets.Tiny with
-    {
-        NumAttentionHeads = 8,
-        NumHiddenLayers = 8,
-        NRoutedExperts = 16,
-        NGroup = 4,
-        TopkGroup = 2,
-        NumExpertsPerTok = 4,
-        NSharedExperts = 1,
-        NumNextNPredictLayers = 0,
-        TieWordEmbeddings = true,
-        MaxPositionEmbeddings = 256,
-    }).Validate();
-
     public static IEnumerable<object[]> Cases =>
     [
         ["tiny-a", PlacementKind.Pipeline, 1], ["tiny-a", PlacementKind.Pipeline, 2], ["tiny-a", PlacementKind.Pipeline, 3],
@@ -50,7 +35,7 @@ public sealed class ParallelLoadOrderTests
     public static void Init(TestContext _)
     {
         s_root = Path.Combine(Path.GetTempPath(), "dscuda-loadorder-" + Guid.NewGuid().ToString("N"));
-        SyntheticCheckpoint.Write(Path.Combine(s_root, "tied8x4"), Tied8, 23, shards: 4);
+        SyntheticCheckpoint.Write(Path.Combine(s_root, "tied8x4"), DistributedModels.Tied8, 23, shards: 4);
         s_dirs["tiny-a"] = SharedData.TinyAModel;
         s_dirs["tied8x4"] = Path.Combine(s_root, "tied8x4");
     }

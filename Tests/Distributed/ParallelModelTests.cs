@@ -24,20 +24,6 @@ public sealed class ParallelModelTests
     private static readonly Dictionary<string, (Checkpoint Checkpoint, DeepSeekModel Single)> s_models = [];
     private static string s_root = null!;
 
-    /// <summary>8 heads, 16 experts in 4 groups, 8 layers (one dense): every N of 1, 2, 4, 8 divides.</summary>
-    private static ModelConfig Wide8 { get; } = (ModelPresets.Tiny with
-    {
-        NumAttentionHeads = 8,
-        NumHiddenLayers = 8,
-        NRoutedExperts = 16,
-        NGroup = 4,
-        TopkGroup = 2,
-        NumExpertsPerTok = 4,
-        NSharedExperts = 1,
-        NumNextNPredictLayers = 0,
-        MaxPositionEmbeddings = 256,
-    }).Validate();
-
     public static IEnumerable<object[]> Cases =>
     [
         ["tiny-a", PlacementKind.Pipeline, 1], ["tiny-a", PlacementKind.Pipeline, 2], ["tiny-a", PlacementKind.Pipeline, 3],
@@ -50,7 +36,7 @@ public sealed class ParallelModelTests
     public static void Init(TestContext _)
     {
         s_root = Path.Combine(Path.GetTempPath(), "dscuda-parallel-" + Guid.NewGuid().ToString("N"));
-        SyntheticCheckpoint.Write(Path.Combine(s_root, "wide8"), Wide8, 21);
+        SyntheticCheckpoint.Write(Path.Combine(s_root, "wide8"), DistributedModels.Wide8, 21);
         foreach (var (name, dir) in new[] { ("tiny-a", SharedData.TinyAModel), ("wide8", Path.Combine(s_root, "wide8")) })
         {
             var checkpoint = Checkpoint.Open(dir);

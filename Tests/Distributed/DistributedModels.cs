@@ -1,0 +1,42 @@
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Synthetic;
+
+namespace DeepSeekCuda.Tests.Distributed;
+
+/// <summary>The synthetic configurations the multi-device tests split: heads and experts divisible by N = 1, 2, 4, 8.</summary>
+internal static class DistributedModels
+{
+    /// <summary>8 heads, 16 experts in 4 groups, 8 layers (one dense): every N of 1, 2, 4, 8 divides.</summary>
+    public static ModelConfig Wide8 { get; } = (ModelPresets.Tiny with
+    {
+        NumAttentionHeads = 8,
+        NumHiddenLayers = 8,
+        NRoutedExperts = 16,
+        NGroup = 4,
+        TopkGroup = 2,
+        NumExpertsPerTok = 4,
+        NSharedExperts = 1,
+        NumNextNPredictLayers = 0,
+        MaxPositionEmbeddings = 256,
+    }).Validate();
+
+    /// <summary><see cref="Wide8"/> with the output head tied to the embedding.</summary>
+    public static ModelConfig Tied8 { get; } = (Wide8 with { TieWordEmbeddings = true }).Validate();
+
+    /// <summary>
+    /// <see cref="Wide8"/> at tiny-a's shapes (head dims 64/64/64, hidden 256): every tensor-parallel shard of N = 2, 4, 8
+    /// falls on the FP8 128×128 scale grid, as the CUDA backend requires.
+    /// </summary>
+    public static ModelConfig Wide8Fp8Aligned { get; } = (Wide8 with
+    {
+        VocabSize = 1024,
+        HiddenSize = 256,
+        IntermediateSize = 512,
+        MoeIntermediateSize = 128,
+        KvLoraRank = 128,
+        QLoraRank = 192,
+        QkRopeHeadDim = 64,
+        QkNopeHeadDim = 64,
+        VHeadDim = 64,
+    }).Validate();
+}
