@@ -117,12 +117,7 @@ public sealed class CudaParallelGpuTests
             TestContext.WriteLine(Tolerance.Describe($"{model} {kind} N={n}", c));
         }
 
-        // Traffic as on the host: a pipeline copies the residual and its normed copy once per boundary; tensor/expert
-        // parallelism all-reduces twice per layer.
-        var stats = gpus.Communicator.Stats;
-        var layers = checkpoint.Config.NumHiddenLayers;
-        Assert.AreEqual(kind == PlacementKind.Pipeline ? 2 * (n - 1) : 0, stats.Copies);
-        Assert.AreEqual(kind == PlacementKind.TensorExpertParallel && n > 1 ? 2 * layers : 0, stats.AllReduces);
+        DistributedModels.AssertTraffic(gpus.Communicator.Stats, kind, n, checkpoint.Config.NumHiddenLayers);
     }
 
     [TestMethod]

@@ -1,3 +1,4 @@
+using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 
@@ -39,4 +40,15 @@ internal static class DistributedModels
         QkNopeHeadDim = 64,
         VHeadDim = 64,
     }).Validate();
+
+    /// <summary>
+    /// The traffic one forward pass of <paramref name="layers"/> layers must cause: a pipeline copies the residual and
+    /// its normed copy once per stage boundary; tensor/expert parallelism all-reduces twice per layer (after o_proj and
+    /// after the FFN).
+    /// </summary>
+    public static void AssertTraffic(CommunicatorStats stats, PlacementKind kind, int n, int layers)
+    {
+        Assert.AreEqual(kind == PlacementKind.Pipeline ? 2 * (n - 1) : 0, stats.Copies, "copies");
+        Assert.AreEqual(kind == PlacementKind.TensorExpertParallel && n > 1 ? 2 * layers : 0, stats.AllReduces, "all-reduces");
+    }
 }

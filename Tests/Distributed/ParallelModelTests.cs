@@ -77,12 +77,7 @@ public sealed class ParallelModelTests
             Console.WriteLine(Tolerance.Describe($"{model} {kind} N={n}", c));
         }
 
-        // Traffic: a pipeline copies the residual and its normed copy once per boundary; tensor/expert
-        // parallelism all-reduces twice per layer.
-        var stats = run.Communicator.Stats;
-        var layers = checkpoint.Config.NumHiddenLayers;
-        Assert.AreEqual(kind == PlacementKind.Pipeline ? 2 * (n - 1) : 0, stats.Copies);
-        Assert.AreEqual(kind == PlacementKind.TensorExpertParallel && n > 1 ? 2 * layers : 0, stats.AllReduces);
+        DistributedModels.AssertTraffic(run.Communicator.Stats, kind, n, checkpoint.Config.NumHiddenLayers);
     }
 
     [TestMethod]
