@@ -96,23 +96,7 @@ public sealed class ParallelSession : IModelSession
     {
         var c = _model.Config;
         var count = tokens.Length;
-        if (count == 0)
-        {
-            throw new ArgumentException("no tokens", nameof(tokens));
-        }
-
-        if (Length + count > _model.MaxSequenceLength)
-        {
-            throw new ArgumentException($"{Length} + {count} tokens exceed the maximum sequence length {_model.MaxSequenceLength}", nameof(tokens));
-        }
-
-        foreach (var id in tokens)
-        {
-            if ((uint)id >= (uint)_model.VocabSize)
-            {
-                throw new ArgumentException($"token id {id} is outside the vocabulary (0..{_model.VocabSize - 1})", nameof(tokens));
-            }
-        }
+        LayerSteps.CheckStep(tokens, Length, _model.MaxSequenceLength, _model.VocabSize);
 
         var start = Length;
         var devices = _model.Devices;

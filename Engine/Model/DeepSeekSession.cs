@@ -159,7 +159,7 @@ public sealed class DeepSeekSession : IModelSession
                 $"MTP positions must continue its cache (length {MtpLength}) within {_model.MaxSequenceLength}");
         }
 
-        CheckIds(nextTokens);
+        LayerSteps.CheckIds(nextTokens, _model.VocabSize);
         using var e = _b.Allocate(n, c.HiddenSize);
         _b.Embedding(_model.Embed, nextTokens, e);
         _b.RmsNorm(e, mtp.ENorm, e);
@@ -186,17 +186,7 @@ public sealed class DeepSeekSession : IModelSession
     {
         var c = _model.Config;
         var count = tokens.Length;
-        if (count == 0)
-        {
-            throw new ArgumentException("no tokens", nameof(tokens));
-        }
-
-        if (Length + count > _model.MaxSequenceLength)
-        {
-            throw new ArgumentException($"{Length} + {count} tokens exceed the maximum sequence length {_model.MaxSequenceLength}", nameof(tokens));
-        }
-
-        CheckIds(tokens);
+        LayerSteps.CheckStep(tokens, Length, _model.MaxSequenceLength, _model.VocabSize);
         var start = Length;
         using var h = _b.Allocate(count, c.HiddenSize); // [T, D] residual stream
         _b.Embedding(_model.Embed, tokens, h);
@@ -237,17 +227,6 @@ public sealed class DeepSeekSession : IModelSession
         Observe(observer, name + "ffn_out", y);
         _b.AddRmsNorm(h, y, nextNorm, nextNormed);
         Observe(observer, name + "out", h);
-    }
-
-    private void CheckIds(ReadOnlySpan<int> tokens)
-    {
-        foreach (var id in tokens)
-        {
-            if ((uint)id >= (uint)_model.VocabSize)
-            {
-                throw new ArgumentException($"token id {id} is outside the vocabulary (0..{_model.VocabSize - 1})", nameof(tokens));
-            }
-        }
     }
 
     private void Observe(Action<Intermediate>? observer, string name, Tensor tensor) => LayerSteps.Observe(_b, observer, name, tensor);

@@ -20,6 +20,37 @@ internal sealed record LayerContext(IBackend Backend, ModelConfig Config, RopeTa
 /// </summary>
 internal static class LayerSteps
 {
+    /// <summary>
+    /// Refuses a forward step before anything runs: no tokens, more than <paramref name="maxSequenceLength"/> positions
+    /// after the <paramref name="length"/> already cached, or an id outside the vocabulary.
+    /// </summary>
+    public static void CheckStep(ReadOnlySpan<int> tokens, int length, int maxSequenceLength, int vocabSize)
+    {
+        if (tokens.Length == 0)
+        {
+            throw new ArgumentException("no tokens", nameof(tokens));
+        }
+
+        if (length + tokens.Length > maxSequenceLength)
+        {
+            throw new ArgumentException($"{length} + {tokens.Length} tokens exceed the maximum sequence length {maxSequenceLength}", nameof(tokens));
+        }
+
+        CheckIds(tokens, vocabSize);
+    }
+
+    /// <summary>Throws when an id of <paramref name="tokens"/> is outside the vocabulary.</summary>
+    public static void CheckIds(ReadOnlySpan<int> tokens, int vocabSize)
+    {
+        foreach (var id in tokens)
+        {
+            if ((uint)id >= (uint)vocabSize)
+            {
+                throw new ArgumentException($"token id {id} is outside the vocabulary (0..{vocabSize - 1})", nameof(tokens));
+            }
+        }
+    }
+
     /// <summary>MLA of <paramref name="a"/> = input_layernorm(h) at positions start..: appends to the latent cache, returns o_proj's output [T, D].</summary>
     public static Tensor Attention(LayerContext x, DecoderLayer layer, Tensor a, LatentCache cache, int start)
     {

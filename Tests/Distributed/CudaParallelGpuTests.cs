@@ -31,7 +31,7 @@ namespace DeepSeekCuda.Tests.Distributed;
 [TestCategory("Gpu")]
 public sealed class CudaParallelGpuTests
 {
-    private const double TensorParallelRmsRel = 0.05;
+    private const double TensorParallelRmsRel = CudaModelGpuTests.EmulationRmsRel;
     private static readonly int[] s_prompt = [0, 17, 42, 99, 7, 230, 5, 11];
     private static readonly Dictionary<string, Checkpoint> s_models = [];
     private static string s_root = null!;
