@@ -1,14 +1,17 @@
 using System.Reflection;
 using System.Runtime.InteropServices;
+using System.Text;
 
 namespace DeepSeekCuda.Cuda.Native;
 
 /// <summary>
 /// Finds the CUDA driver, NVRTC, cuBLAS and cuBLASLt at run time. The P/Invoke declarations name logical
 /// libraries (<see cref="Driver"/>, <see cref="Nvrtc"/>, <see cref="Cublas"/>, <see cref="CublasLt"/>); the
-/// resolver maps them to the first candidate file that loads, so one build runs against CUDA 11.8, 12 or 13
-/// and a machine without CUDA gets a clear <see cref="CudaUnavailableException"/> (or, for the BLAS
-/// libraries, <see cref="Blas.CublasUnavailableException"/>) instead of <see cref="DllNotFoundException"/>.
+/// resolver maps them to the first candidate file that loads, so one build runs against CUDA 12.4 to 13 wherever
+/// it is installed (a CUDA toolkit, a Python wheel, the folder <c>tools/cuda/toolchain.sh</c> fills), and a
+/// machine without CUDA gets a clear <see cref="CudaUnavailableException"/> (or, for the BLAS libraries,
+/// <see cref="Blas.CublasUnavailableException"/>) naming every place looked, instead of
+/// <see cref="DllNotFoundException"/>.
 /// </summary>
 public static class NativeLibraries
 {
@@ -24,8 +27,27 @@ public static class NativeLibraries
     /// <summary>Logical name of cuBLASLt in the declarations (used only for baselines).</summary>
     public const string CublasLt = "dscuda-cublaslt";
 
+    /// <summary>
+    /// Environment variable naming the folder (or a <c>:</c>-separated list of folders) that holds the CUDA
+    /// libraries; searched before every other place.
+    /// </summary>
+    public const string LibraryFolderVariable = "DSCUDA_CUDA_LIB";
+
+    /// <summary>
+    /// Environment variable overriding <see cref="ToolchainDirectory"/> (the script honours it too).
+    /// </summary>
+    public const string ToolchainVariable = "DSCUDA_TOOLCHAIN";
+
+    /// <summary>
+    /// The oldest NVRTC accepted: the version CI compiles every kernel with (<c>tools/cuda/toolchain.sh</c>).
+    /// An older one is skipped like a missing one, so a newer copy elsewhere still wins.
+    /// </summary>
+    public static (int Major, int Minor) NvrtcMinimum { get; } = (12, 4);
+
     private static readonly string[] DriverFiles = ["libcuda.so.1", "libcuda.so"];
-    private static readonly string[] NvrtcFiles = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2", "libnvrtc.so"];
+
+    // Newest major first. NvrtcMinimum is 12.4, so no 11.x soname, and no bare libnvrtc.so (a dev symlink).
+    private static readonly string[] NvrtcFiles = ["libnvrtc.so.13", "libnvrtc.so.12"];
 
     /// <summary>cuBLAS sonames probed, newest first.</summary>
     public static readonly IReadOnlyList<string> CublasFiles = ["libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"];
@@ -33,19 +55,40 @@ public static class NativeLibraries
     /// <summary>cuBLASLt sonames probed, newest first.</summary>
     public static readonly IReadOnlyList<string> CublasLtFiles = ["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11", "libcublasLt.so"];
 
+    // Wheel layouts under site-packages: CUDA 13 puts every library in one folder, CUDA 12 one per package.
+    private static readonly string[] WheelLayouts = ["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib", "nvidia/cublas/lib"];
+
+    private const string LoaderOrigin = "the dynamic loader's search (LD_LIBRARY_PATH, ld.so.cache)";
+    private const string WheelOrigin = "Python wheel";
+    private const string ToolchainOrigin = "tools/cuda/toolchain.sh";
+    private const string LibraryFolderOrigin = "$" + LibraryFolderVariable;
+
     // The only process-wide state: the lazily loaded handles (and why a load failed).
-    private static readonly Lazy<LoadResult> DriverLib = new(() => Load(DriverFiles, "the NVIDIA driver (libcuda.so.1)"));
-    private static readonly Lazy<LoadResult> NvrtcLib = new(() => Load(NvrtcFiles, "NVRTC (libnvrtc.so.13/.12/.11.2; on Debian: apt-get install libnvrtc11.2 libnvrtc-builtins11.8)"));
+    private static readonly Lazy<LoadResult> DriverLib = new(() =>
+        Load(DriverDirectories(), DriverFiles, "the NVIDIA driver", "Fix: install the NVIDIA driver (a GPU machine), or use the CPU backend."));
+    private static readonly Lazy<LoadResult> NvrtcLib = new(() =>
+        LoadNvrtc(SearchDirectories(Environment.GetEnvironmentVariable).ToList(), ToolchainDirectory, NvrtcMinimum));
     private static readonly Lazy<LoadResult> CublasLib = new(() =>
     {
         // libcublas needs libcublasLt: loading Lt first (by full path where it was found outside the loader's
         // path) lets the dependency resolve by soname even when the CUDA folder is not in LD_LIBRARY_PATH.
         _ = CublasLtLib!.Value;
-        return Load(CublasFiles, "cuBLAS (libcublas.so.13/.12/.11; part of the CUDA toolkit; Debian non-free has libcublas11 for CUDA 11.8)");
+        return Load(SearchDirectories(Environment.GetEnvironmentVariable).ToList(), CublasFiles, "cuBLAS", BlasFix("libcublas.so"));
     });
-    private static readonly Lazy<LoadResult> CublasLtLib = new(() => Load(CublasLtFiles, "cuBLASLt (libcublasLt.so.13/.12/.11; part of the CUDA toolkit; Debian non-free has libcublaslt11 for CUDA 11.8)"));
+    private static readonly Lazy<LoadResult> CublasLtLib = new(() =>
+        Load(SearchDirectories(Environment.GetEnvironmentVariable).ToList(), CublasLtFiles, "cuBLASLt", BlasFix("libcublasLt.so")));
 
-    private readonly record struct LoadResult(IntPtr Handle, string? Path, string? Error);
+    /// <summary>A loaded library (or zero) and the file it came from, else why nothing loaded.</summary>
+    internal readonly record struct LoadResult(IntPtr Handle, string? Path, string? Error);
+
+    /// <summary>A folder to look in (<see cref="Path"/> null: the dynamic loader's own search) and why it is on the list.</summary>
+    internal readonly record struct SearchFolder(string? Path, string? Origin)
+    {
+        /// <summary>Named by the user in <see cref="LibraryFolderVariable"/>: every soname there comes first.</summary>
+        public bool IsExplicit => Origin == LibraryFolderOrigin;
+
+        public override string ToString() => Path is null ? LoaderOrigin : Origin is null ? Path : $"{Path} ({Origin})";
+    }
 
     static NativeLibraries()
     {
@@ -68,10 +111,318 @@ public static class NativeLibraries
         _ => IntPtr.Zero,
     };
 
+    /// <summary>
+    /// The folder <c>tools/cuda/toolchain.sh</c> fills with NVRTC 12.4 (<c>lib/</c>) and ptxas, cuobjdump and
+    /// nvdisasm (<c>bin/</c>): <c>$DSCUDA_TOOLCHAIN</c>, else <c>$XDG_CACHE_HOME/deepseekcuda/cuda-12.4</c>, else
+    /// <c>~/.cache/deepseekcuda/cuda-12.4</c>. Its <c>lib/</c> is the last place NVRTC and cuBLAS are looked for.
+    /// </summary>
+    public static string ToolchainDirectory => ToolchainDirectoryFor(Environment.GetEnvironmentVariable);
+
+    /// <summary><see cref="ToolchainDirectory"/> for a given environment (the script's rule; empty counts as unset).</summary>
+    internal static string ToolchainDirectoryFor(Func<string, string?> env)
+    {
+        if (NonEmpty(env(ToolchainVariable)) is { } explicitDir)
+        {
+            return explicitDir;
+        }
+
+        var cache = NonEmpty(env("XDG_CACHE_HOME")) ?? Path.Combine(Home(env), ".cache");
+        return Path.Combine(cache, "deepseekcuda", "cuda-12.4");
+    }
+
+    /// <summary>
+    /// Where NVRTC and cuBLAS are looked for, in order: <c>$DSCUDA_CUDA_LIB</c> (each folder of the list), the
+    /// dynamic loader's own search, <c>$CUDA_PATH</c> and <c>$CUDA_HOME</c> (lib64, lib), <c>/usr/local/cuda/lib64</c>,
+    /// the CUDA 12/13 Python wheel folders that exist, <c>/usr/lib/x86_64-linux-gnu</c>, <c>/usr/lib/wsl/lib</c>, and
+    /// last the toolchain folder. Reads the environment only through <paramref name="env"/>; the file system only to
+    /// list the python3* folders.
+    /// </summary>
+    internal static IEnumerable<SearchFolder> SearchDirectories(Func<string, string?> env)
+    {
+        var seen = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var folder in Unfiltered())
+        {
+            if (folder.Path is null || seen.Add(Path.TrimEndingDirectorySeparator(Path.GetFullPath(folder.Path))))
+            {
+                yield return folder;
+            }
+        }
+
+        IEnumerable<SearchFolder> Unfiltered()
+        {
+            foreach (var dir in (env(LibraryFolderVariable) ?? "").Split(':', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+            {
+                yield return new SearchFolder(dir, LibraryFolderOrigin);
+            }
+
+            yield return new SearchFolder(null, null);
+            foreach (var variable in new[] { "CUDA_PATH", "CUDA_HOME" })
+            {
+                if (NonEmpty(env(variable)) is { } root)
+                {
+                    yield return new SearchFolder(Path.Combine(root, "lib64"), "$" + variable);
+                    yield return new SearchFolder(Path.Combine(root, "lib"), "$" + variable);
+                }
+            }
+
+            yield return new SearchFolder("/usr/local/cuda/lib64", null);
+            foreach (var site in SitePackages(env))
+            {
+                foreach (var layout in WheelLayouts)
+                {
+                    var lib = Path.Combine(site, layout);
+                    if (Directory.Exists(lib))
+                    {
+                        yield return new SearchFolder(lib, WheelOrigin);
+                    }
+                }
+            }
+
+            yield return new SearchFolder("/usr/lib/x86_64-linux-gnu", null);
+            yield return new SearchFolder("/usr/lib/wsl/lib", null);
+            yield return new SearchFolder(Path.Combine(ToolchainDirectoryFor(env), "lib"), ToolchainOrigin);
+        }
+    }
+
+    /// <summary>site-packages folders that may hold NVIDIA's wheels: virtualenv, conda, system, user.</summary>
+    private static IEnumerable<string> SitePackages(Func<string, string?> env)
+    {
+        foreach (var prefix in new[] { NonEmpty(env("VIRTUAL_ENV")), NonEmpty(env("CONDA_PREFIX")) })
+        {
+            if (prefix is not null)
+            {
+                foreach (var python in PythonFolders(Path.Combine(prefix, "lib")))
+                {
+                    yield return Path.Combine(python, "site-packages");
+                }
+            }
+        }
+
+        foreach (var lib in new[] { "/usr/local/lib", "/usr/lib" })
+        {
+            foreach (var python in PythonFolders(lib))
+            {
+                yield return Path.Combine(python, "dist-packages");
+                yield return Path.Combine(python, "site-packages");
+            }
+        }
+
+        foreach (var python in PythonFolders(Path.Combine(Home(env), ".local", "lib")))
+        {
+            yield return Path.Combine(python, "site-packages");
+        }
+    }
+
+    private static IEnumerable<string> PythonFolders(string lib) =>
+        Directory.Exists(lib) ? Directory.EnumerateDirectories(lib, "python3*").Order(StringComparer.Ordinal) : [];
+
+    /// <summary>The driver lives where the loader looks, or in the two folders drivers install into.</summary>
+    private static List<SearchFolder> DriverDirectories() =>
+        [new(null, null), new("/usr/lib/x86_64-linux-gnu", null), new("/usr/lib/wsl/lib", null)];
+
+    /// <summary>
+    /// The order files are tried in. Every soname in the user's own folders (<c>$DSCUDA_CUDA_LIB</c>) comes first:
+    /// they said where. Elsewhere the newest major wins across all folders: a <c>.so.13</c> anywhere before a
+    /// <c>.so.12</c> anywhere, folders in search order within one soname.
+    /// </summary>
+    internal static IEnumerable<(SearchFolder Folder, string File)> Candidates(IReadOnlyList<SearchFolder> folders, IReadOnlyList<string> files)
+    {
+        foreach (var folder in folders.Where(f => f.IsExplicit))
+        {
+            foreach (var file in files)
+            {
+                yield return (folder, file);
+            }
+        }
+
+        foreach (var file in files)
+        {
+            foreach (var folder in folders.Where(f => !f.IsExplicit))
+            {
+                yield return (folder, file);
+            }
+        }
+    }
+
+    /// <summary>
+    /// The <c>libnvrtc-builtins.so.MAJOR.*</c> file NVRTC of <paramref name="major"/> opens by soname when it
+    /// compiles, or null: the soname (<c>.so.12.4</c>) over the full version (<c>.so.12.4.127</c>), the newest minor first.
+    /// </summary>
+    internal static string? BuiltinsFor(string folder, int major)
+    {
+        if (!Directory.Exists(folder))
+        {
+            return null;
+        }
+
+        var prefix = $"libnvrtc-builtins.so.{major}.";
+        return Directory.EnumerateFiles(folder, prefix + "*")
+            .Select(path => (path, parts: Path.GetFileName(path)[prefix.Length..].Split('.')))
+            .Where(c => c.parts.All(p => int.TryParse(p, out _)))
+            .OrderBy(c => c.parts.Length)
+            .ThenByDescending(c => int.Parse(c.parts[0]))
+            .Select(c => c.path)
+            .FirstOrDefault();
+    }
+
+    /// <summary>
+    /// Loads NVRTC <paramref name="minimum"/> (<see cref="NvrtcMinimum"/>) or newer from <paramref name="folders"/>:
+    /// preloads its builtins from the same folder, then rejects (and frees) an older library.
+    /// </summary>
+    internal static LoadResult LoadNvrtc(IReadOnlyList<SearchFolder> folders, string toolchainDirectory, (int Major, int Minor) minimum)
+    {
+        var (minMajor, minMinor) = minimum;
+        return Load(folders, NvrtcFiles, $"NVRTC {minMajor}.{minMinor} or newer",
+            $"Fix: run tools/cuda/toolchain.sh (fetches NVRTC 12.4 into {toolchainDirectory}) " +
+            $"or set {LibraryFolderVariable} to the folder holding libnvrtc.so.12/13.",
+            beforeLoad: PreloadBuiltins,
+            reject: TooOld);
+
+        // NVRTC dlopens libnvrtc-builtins.so.X.Y by soname at its first compile, which fails unless the folder is on
+        // the loader's path; loaded here first, the soname is already resolved. The handle stays loaded for the process.
+        static void PreloadBuiltins(string folder, string file)
+        {
+            var major = int.Parse(file[(file.LastIndexOf('.') + 1)..]);
+            if (BuiltinsFor(folder, major) is { } builtins)
+            {
+                NativeLibrary.TryLoad(builtins, out _);
+            }
+        }
+
+        unsafe string? TooOld(IntPtr handle, string path)
+        {
+            if (!NativeLibrary.TryGetExport(handle, "nvrtcVersion", out var export))
+            {
+                return $"{path} has no nvrtcVersion export";
+            }
+
+            int major, minor;
+            var version = (delegate* unmanaged<int*, int*, NvrtcResult>)export;
+            if (version(&major, &minor) != NvrtcResult.Success)
+            {
+                return $"nvrtcVersion failed in {path}";
+            }
+
+            return (major, minor).CompareTo(minimum) < 0
+                ? $"NVRTC {major}.{minor} at {path} is older than {minMajor}.{minMinor}, the oldest version CI compiles with"
+                : null;
+        }
+    }
+
+    /// <summary>
+    /// Tries <see cref="Candidates"/> in order and returns the first that loads and is not rejected; else an
+    /// error naming, folder by folder, every file tried and why it was passed over, then <paramref name="fix"/>.
+    /// </summary>
+    internal static LoadResult Load(IReadOnlyList<SearchFolder> folders, IReadOnlyList<string> files, string what, string fix,
+        Action<string, string>? beforeLoad = null, Func<IntPtr, string, string?>? reject = null)
+    {
+        var outcomes = new Dictionary<SearchFolder, List<(string File, string Why)>>();
+        foreach (var (folder, file) in Candidates(folders, files))
+        {
+            var list = outcomes.TryGetValue(folder, out var l) ? l : outcomes[folder] = [];
+            var path = folder.Path is null ? file : Path.Combine(folder.Path, file);
+            if (folder.Path is not null)
+            {
+                if (!Directory.Exists(folder.Path))
+                {
+                    continue; // reported once per folder
+                }
+
+                if (!File.Exists(path))
+                {
+                    list.Add((file, "not found"));
+                    continue;
+                }
+
+                beforeLoad?.Invoke(folder.Path, file);
+            }
+
+            if (!TryLoad(path, out var handle, out var failure))
+            {
+                list.Add((file, failure));
+                continue;
+            }
+
+            if (reject?.Invoke(handle, path) is { } why)
+            {
+                NativeLibrary.Free(handle);
+                list.Add((file, why));
+                continue;
+            }
+
+            return new LoadResult(handle, path, null);
+        }
+
+        return new LoadResult(IntPtr.Zero, null, Describe(folders, files, what, fix, outcomes));
+    }
+
+    private static bool TryLoad(string path, out IntPtr handle, out string failure)
+    {
+        try
+        {
+            handle = NativeLibrary.Load(path);
+            failure = "";
+            return true;
+        }
+        catch (DllNotFoundException e)
+        {
+            // .NET's message ends with dlerror's text on its own line: "<path>: invalid ELF header".
+            var dlerror = e.Message.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).LastOrDefault() ?? e.Message;
+            handle = IntPtr.Zero;
+            failure = dlerror.Contains("cannot open shared object file: No such file or directory", StringComparison.Ordinal)
+                ? "not found"
+                : $"failed to load ({dlerror})";
+            return false;
+        }
+    }
+
+    private static string Describe(IReadOnlyList<SearchFolder> folders, IReadOnlyList<string> files, string what, string fix,
+        Dictionary<SearchFolder, List<(string File, string Why)>> outcomes)
+    {
+        var text = new StringBuilder($"{what} ({string.Join(", ", files)}) could not be loaded. Looked in:");
+        foreach (var folder in folders.Distinct())
+        {
+            text.Append("\n  ").Append(folder).Append(": ");
+            if (folder.Path is not null && !Directory.Exists(folder.Path))
+            {
+                text.Append("no such folder");
+                continue;
+            }
+
+            var tried = outcomes.GetValueOrDefault(folder) ?? [];
+            var notFound = tried.Where(t => t.Why == "not found").Select(t => t.File).ToList();
+            var reasons = tried.Where(t => t.Why != "not found").Select(t => $"{t.File}: {t.Why}").ToList();
+            if (notFound.Count > 0)
+            {
+                reasons.Insert(0, $"{string.Join(", ", notFound)} not found");
+            }
+
+            text.Append(string.Join("; ", reasons));
+        }
+
+        // Wheel folders are listed only where they exist; on the full search (the one ending in the toolchain
+        // folder) say they were looked for.
+        if (!folders.Any(f => f.Origin == WheelOrigin) && folders.Any(f => f.Origin == ToolchainOrigin))
+        {
+            text.Append($"\n  no Python wheel folder ({string.Join(", ", WheelLayouts)} in site-packages of $VIRTUAL_ENV, " +
+                        "$CONDA_PREFIX, /usr/local/lib/python3*, /usr/lib/python3*, ~/.local/lib/python3*)");
+        }
+
+        return text.Append('\n').Append(fix).ToString();
+    }
+
+    private static string BlasFix(string file) =>
+        $"Fix: install the CUDA toolkit's {file}.12/13 (or pip install nvidia-cublas-cu12) or set {LibraryFolderVariable} to its folder.";
+
+    private static string? NonEmpty(string? value) => string.IsNullOrEmpty(value) ? null : value;
+
+    private static string Home(Func<string, string?> env) =>
+        NonEmpty(env("HOME")) ?? Environment.GetFolderPath(Environment.SpecialFolder.UserProfile);
+
     /// <summary>Whether the driver library loaded; <paramref name="reason"/> says why not.</summary>
     public static bool TryDriver(out IntPtr handle, out string reason) => Try(DriverLib.Value, out handle, out reason);
 
-    /// <summary>Whether NVRTC loaded; <paramref name="reason"/> says why not.</summary>
+    /// <summary>Whether NVRTC (12.4 or newer) loaded; <paramref name="reason"/> says why not.</summary>
     public static bool TryNvrtc(out IntPtr handle, out string reason) => Try(NvrtcLib.Value, out handle, out reason);
 
     /// <summary>Whether cuBLAS loaded; <paramref name="reason"/> says why not (naming every file tried).</summary>
@@ -114,48 +465,5 @@ public static class NativeLibraries
         handle = r.Handle;
         reason = r.Error ?? "";
         return handle != IntPtr.Zero;
-    }
-
-    private static LoadResult Load(IReadOnlyList<string> files, string what)
-    {
-        var tried = new List<string>();
-        foreach (var dir in SearchDirectories())
-        {
-            foreach (var file in files)
-            {
-                var path = dir is null ? file : System.IO.Path.Combine(dir, file);
-                if (dir is not null && !File.Exists(path))
-                {
-                    continue;
-                }
-
-                tried.Add(path);
-                if (NativeLibrary.TryLoad(path, out var handle))
-                {
-                    return new LoadResult(handle, path, null);
-                }
-            }
-        }
-
-        return new LoadResult(IntPtr.Zero, null,
-            $"{what} could not be loaded (tried {string.Join(", ", tried.Distinct())}; searched the loader path, $CUDA_PATH, $CUDA_HOME, /usr/local/cuda/lib64, /usr/lib/x86_64-linux-gnu)");
-    }
-
-    private static IEnumerable<string?> SearchDirectories()
-    {
-        yield return null; // the dynamic loader's own search (LD_LIBRARY_PATH, ld.so.cache)
-        foreach (var env in new[] { "CUDA_PATH", "CUDA_HOME" })
-        {
-            var root = Environment.GetEnvironmentVariable(env);
-            if (!string.IsNullOrEmpty(root))
-            {
-                yield return System.IO.Path.Combine(root, "lib64");
-                yield return System.IO.Path.Combine(root, "lib");
-            }
-        }
-
-        yield return "/usr/local/cuda/lib64";
-        yield return "/usr/lib/x86_64-linux-gnu";
-        yield return "/usr/lib/wsl/lib";
     }
 }
