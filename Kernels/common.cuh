@@ -12,9 +12,10 @@ typedef int i32;
 typedef long long i64;
 
 #define DSC_DEVICE __device__ __forceinline__
-// NVRTC 11.8's front end has no __builtin_offsetof (and there is no <cstddef>); the classic null-pointer
-// form is accepted as a constant expression by it, which is all the layout checks need.
-#define DSC_OFFSETOF(T, f) ((unsigned long long)&(((T*)0)->f))
+// NVRTC has no <cstddef> and no __builtin_offsetof, and from 12.0 on it no longer takes the null-pointer
+// form as a constant expression. __INTADDR__ is the EDG front end's own offsetof primitive: it turns the
+// address arithmetic into an integral constant expression.
+#define DSC_OFFSETOF(T, f) ((unsigned long long)__INTADDR__(&(((T*)0)->f)))
 #define DSC_STATIC_ASSERT_OFFSET(T, f, n) static_assert(DSC_OFFSETOF(T, f) == (n), #T "." #f " offset differs from C#")
 
 constexpr float kFp8E4M3Max = 448.0f;

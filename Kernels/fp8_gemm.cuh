@@ -79,31 +79,61 @@ DSC_DEVICE float fp8_dot4(u32 a, u32 b, float acc)
 
 // ---- mma.sync building blocks (fp8_gemm_mma.cu, moe_grouped_gemm.cu) ----
 // A 64 x 128 (M or N by one K scale block) operand tile lives in shared memory, rows kMmaRow bytes apart;
-// 4 warps (2 x 2) each own a 32 x 32 output quarter.
-//   FP8 path  (__CUDA_ARCH__ >= 890 and NVRTC >= 12.4, the first PTX ISA with FP8 mma.sync):
-//             mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 straight on the codes.
-//   BF16 path (sm_80, and any target compiled by an older NVRTC such as 11.8): every e4m3 value is exact
-//             in bf16 (3 mantissa bits, exponents 2^-9..2^8), so codes are widened to bf16 and
-//             mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 computes the same exact products.
+// 4 warps (2 x 2) each own a 32 x 32 output quarter. Two paths, chosen by the target alone:
+//   FP8 path (sm_89 and sm_120: FP8 mma.sync in hardware):
+//            mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 straight on the codes.
+//   F16 path (every other target, sm_90/sm_90a included): Hopper has FP8 only in wgmma; its ptxas
+//            emulates an FP8 mma.sync, and NVRTC 12.4's emulation of the accumulating form drops the
+//            accumulator (it returns twice the last 32-wide K slice). Every e4m3 value is exact in f16
+//            (3 mantissa bits, exponents 2^-9..2^8), so the codes are widened explicitly and
+//            mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 computes the same exact products.
+//            Widening: cvt.rn.f16x2.e4m3x2 where the ISA has it (sm_89+), arithmetic on sm_80.
+// Both paths pass the accumulator as a separate input operand, never in place ("+f").
+// The static resource gate (KernelInspector) fails any image with an FP8 mma.sync for a target that
+// would emulate it.
 constexpr int kMmaBM = 64;
 constexpr int kMmaBN = 64;
 constexpr int kMmaPad = 16; // bytes of padding per shared row (keeps 16-byte alignment, spreads banks)
 constexpr int kMmaRow = kFp8Block + kMmaPad;
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890 && defined(__CUDACC_VER_MAJOR__) && \
-    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 890 || (__CUDA_ARCH__ >= 1200 && __CUDA_ARCH__ < 1300))
 #define DSC_FP8_MMA 1
 #else
 #define DSC_FP8_MMA 0
 #endif
 
 DSC_DEVICE u32 smem_u32(const u8* p) { return *(const u32*)p; }
+DSC_DEVICE u16 smem_u16(const u8* p) { return *(const u16*)p; }
 
-#if !DSC_FP8_MMA
-// Two e4m3 codes -> two bf16 packed low/high (exact widening; NaN stays NaN).
-DSC_DEVICE u32 e4m3x2_to_bf16x2(u8 lo, u8 hi)
+// d = a * b + c for one m16n8 tile; c and d are separate operands.
+DSC_DEVICE void mma_f16_16816(float d[4], const u32 a[4], const u32 b[2], const float c[4])
 {
-    return (__float_as_uint(e4m3_fast(lo)) >> 16) | (__float_as_uint(e4m3_fast(hi)) & 0xffff0000u);
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+#if DSC_FP8_MMA
+DSC_DEVICE void mma_e4m3_16832(float d[4], const u32 a[4], const u32 b[2], const float c[4])
+{
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+#else
+// Two e4m3 codes (element k in the low byte, k + 1 in the high byte) -> f16x2 (k low, k + 1 high), exact;
+// NaN stays NaN.
+DSC_DEVICE u32 e4m3x2_to_f16x2(u16 codes)
+{
+    u32 h;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(codes));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h) : "f"(e4m3_fast(codes >> 8)), "f"(e4m3_fast(codes & 0xffu)));
+#endif
+    return h;
 }
 #endif
 
@@ -135,10 +165,11 @@ DSC_DEVICE void fp8_mma_block(const u8* As, const u8* Bs, int wm, int wn, int la
         for (int b = 0; b < 4; b++)
 #pragma unroll
             for (int c = 0; c < 4; c++) part[a][b][c] = 0.0f;
+#if DSC_FP8_MMA
+    // m16n8k32 on the codes: A registers hold 4 consecutive k of rows g / g+8, at k and k+16.
 #pragma unroll
     for (int ks = 0; ks < kFp8Block; ks += 32)
     {
-#if DSC_FP8_MMA
         u32 af[2][4], bfr[4][2];
 #pragma unroll
         for (int mi = 0; mi < 2; mi++)
@@ -159,41 +190,36 @@ DSC_DEVICE void fp8_mma_block(const u8* As, const u8* Bs, int wm, int wn, int la
 #pragma unroll
         for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-            for (int ni = 0; ni < 4; ni++)
-                asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                             : "+f"(part[mi][ni][0]), "+f"(part[mi][ni][1]), "+f"(part[mi][ni][2]), "+f"(part[mi][ni][3])
-                             : "r"(af[mi][0]), "r"(af[mi][1]), "r"(af[mi][2]), "r"(af[mi][3]), "r"(bfr[ni][0]), "r"(bfr[ni][1]));
-#else
-#pragma unroll
-        for (int kh = 0; kh < 32; kh += 16)
-        {
-            const int kk = ks + kh + t * 2;
-            u32 af[2][4], bfr[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++)
-            {
-                const u8* a0 = &As[(wm * 32 + mi * 16 + g) * kMmaRow + kk];
-                const u8* a1 = a0 + 8 * kMmaRow;
-                af[mi][0] = e4m3x2_to_bf16x2(a0[0], a0[1]);
-                af[mi][1] = e4m3x2_to_bf16x2(a1[0], a1[1]);
-                af[mi][2] = e4m3x2_to_bf16x2(a0[8], a0[9]);
-                af[mi][3] = e4m3x2_to_bf16x2(a1[8], a1[9]);
-            }
-#pragma unroll
-            for (int ni = 0; ni < 4; ni++)
-            {
-                const u8* b0 = &Bs[(wn * 32 + ni * 8 + g) * kMmaRow + kk];
-                bfr[ni][0] = e4m3x2_to_bf16x2(b0[0], b0[1]);
-                bfr[ni][1] = e4m3x2_to_bf16x2(b0[8], b0[9]);
-            }
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++)
-                    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                                 : "+f"(part[mi][ni][0]), "+f"(part[mi][ni][1]), "+f"(part[mi][ni][2]), "+f"(part[mi][ni][3])
-                                 : "r"(af[mi][0]), "r"(af[mi][1]), "r"(af[mi][2]), "r"(af[mi][3]), "r"(bfr[ni][0]), "r"(bfr[ni][1]));
-        }
-#endif
+            for (int ni = 0; ni < 4; ni++) mma_e4m3_16832(part[mi][ni], af[mi], bfr[ni], part[mi][ni]);
     }
+#else
+    // m16n8k16 on widened codes: A registers hold 2 consecutive k of rows g / g+8, at k and k+8.
+#pragma unroll
+    for (int ks = 0; ks < kFp8Block; ks += 16)
+    {
+        const int kk = ks + t * 2;
+        u32 af[2][4], bfr[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+        {
+            const u8* a0 = &As[(wm * 32 + mi * 16 + g) * kMmaRow + kk];
+            const u8* a1 = a0 + 8 * kMmaRow;
+            af[mi][0] = e4m3x2_to_f16x2(smem_u16(a0));
+            af[mi][1] = e4m3x2_to_f16x2(smem_u16(a1));
+            af[mi][2] = e4m3x2_to_f16x2(smem_u16(a0 + 8));
+            af[mi][3] = e4m3x2_to_f16x2(smem_u16(a1 + 8));
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+        {
+            const u8* b0 = &Bs[(wn * 32 + ni * 8 + g) * kMmaRow + kk];
+            bfr[ni][0] = e4m3x2_to_f16x2(smem_u16(b0));
+            bfr[ni][1] = e4m3x2_to_f16x2(smem_u16(b0 + 8));
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) mma_f16_16816(part[mi][ni], af[mi], bfr[ni], part[mi][ni]);
+    }
+#endif
 }
