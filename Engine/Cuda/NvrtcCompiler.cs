@@ -23,11 +23,22 @@ public readonly record struct KernelTarget(string Arch)
 /// <summary>One template instantiation to compile: the kernel's name expression and its parameter struct.</summary>
 /// <param name="NameExpression">e.g. <c>rmsnorm_kernel&lt;256, 1, 0, 1&gt;</c>.</param>
 /// <param name="ParamsType">The CUDA parameter struct the kernel takes by value.</param>
-public readonly record struct KernelInstance(string NameExpression, string ParamsType);
+public readonly record struct KernelInstance(string NameExpression, string ParamsType)
+{
+    /// <summary>Dynamic shared memory the launcher gives every block of this specialization (bytes).</summary>
+    public int DynamicSharedBytes { get; init; }
+}
 
 /// <summary>A compiled image with the mangled names of its kernels.</summary>
 public sealed record CompiledKernel(
-    string Family, string Arch, bool IsPtx, byte[] Image, IReadOnlyDictionary<string, string> LoweredNames, string Log, bool FromCache);
+    string Family, string Arch, bool IsPtx, byte[] Image, IReadOnlyDictionary<string, string> LoweredNames, string Log, bool FromCache)
+{
+    /// <summary>
+    /// The PTX NVRTC produced on the way to a CUBIN (what ptxas was given), for inspection; null for PTX
+    /// images (the image is the PTX) and for images read from the cache.
+    /// </summary>
+    public string? Ptx { get; init; }
+}
 
 /// <summary>
 /// Compiles kernel families with NVRTC. A specialization is a tiny generated source that includes the
@@ -76,15 +87,15 @@ public sealed unsafe class NvrtcCompiler
     public static bool IsAvailable(out string reason) => NativeLibraries.TryNvrtc(out _, out reason);
 
     /// <summary>
-    /// The best target for a device: <c>sm_90a</c> on Hopper where NVRTC knows it (12.0+), else the
-    /// device's own <c>sm_XY</c> when NVRTC lists it, else PTX for the newest architecture NVRTC knows
-    /// below the device, which the driver compiles forward.
+    /// The best target for a device: <c>sm_90a</c> on Hopper, else the device's own <c>sm_XY</c> when
+    /// NVRTC lists it, else PTX for the newest architecture NVRTC knows below the device, which the driver
+    /// compiles forward.
     /// </summary>
     public static KernelTarget TargetFor(int major, int minor)
     {
-        var (vmaj, _) = Version;
+        _ = Version; // loads NVRTC (12.4 or newer) or throws CudaUnavailableException
         var cc = major * 10 + minor;
-        if (cc == 90 && vmaj >= 12)
+        if (cc == 90)
         {
             return new KernelTarget("sm_90a");
         }
@@ -225,10 +236,11 @@ public sealed unsafe class NvrtcCompiler
                 _logger.LogWarning("NVRTC warnings compiling {Family} ({Specialization}) for {Arch}:\n{Log}", family, specialization, target.Arch, log);
             }
 
+            var ptx = ReadPtx(program);
             byte[] image;
-            nuint size;
             if (target.IsCubin)
             {
+                nuint size;
                 NvrtcCheck.Check(NvrtcApi.nvrtcGetCUBINSize(program, &size));
                 image = new byte[size];
                 fixed (byte* p = image)
@@ -238,15 +250,10 @@ public sealed unsafe class NvrtcCompiler
             }
             else
             {
-                NvrtcCheck.Check(NvrtcApi.nvrtcGetPTXSize(program, &size));
-                image = new byte[size];
-                fixed (byte* p = image)
-                {
-                    NvrtcCheck.Check(NvrtcApi.nvrtcGetPTX(program, p));
-                }
-
-                Dump(family, source, log, image, target);
+                image = ptx;
             }
+
+            Dump(family, source, log, ptx, target);
 
             var lowered = new Dictionary<string, string>(StringComparer.Ordinal);
             for (var i = 0; i < nameExpressions.Count; i++)
@@ -258,12 +265,29 @@ public sealed unsafe class NvrtcCompiler
 
             _logger.LogInformation("Compiled {Family} for {Arch} ({Format}, {Bytes} bytes) in {Milliseconds:F0} ms",
                 family, target.Arch, target.IsCubin ? "CUBIN" : "PTX", image.Length, System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalMilliseconds);
-            return new CompiledKernel(family, target.Arch, !target.IsCubin, image, lowered, log, FromCache: false);
+            return new CompiledKernel(family, target.Arch, !target.IsCubin, image, lowered, log, FromCache: false)
+            {
+                Ptx = target.IsCubin ? Encoding.UTF8.GetString(ptx.AsSpan().TrimEnd((byte)0)) : null,
+            };
         }
         finally
         {
             NvrtcCheck.Check(NvrtcApi.nvrtcDestroyProgram(&program));
         }
+    }
+
+    // NVRTC keeps the PTX of a CUBIN compile too (it is what ptxas was given).
+    private static byte[] ReadPtx(IntPtr program)
+    {
+        nuint size;
+        NvrtcCheck.Check(NvrtcApi.nvrtcGetPTXSize(program, &size));
+        var ptx = new byte[size];
+        fixed (byte* p = ptx)
+        {
+            NvrtcCheck.Check(NvrtcApi.nvrtcGetPTX(program, p));
+        }
+
+        return ptx;
     }
 
     private static string ProgramLog(IntPtr program)

@@ -87,10 +87,17 @@ public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) :
     /// 64 query rows per block when a request has more than 32 (s_q·heads), so each cache stage feeds up to 64
     /// rows of tensor-core work; otherwise 16. Column groups split the DV output columns over warps (4 when the
     /// block has one row group, to keep 4 warps; 2 with four row groups: 8 warps, 128 accumulators per thread).
+    /// A 64-row block needs more shared memory than some devices give one block (V3: 152 KiB; Ada and consumer
+    /// parts allow 99 KiB), so it is taken only where it fits in <paramref name="maxSharedPerBlock"/>.
     /// </summary>
-    public static MlaDecodeTiling TilingFor(LatentShape shape, int heads, int qTokens)
+    public static MlaDecodeTiling TilingFor(LatentShape shape, int heads, int qTokens, int maxSharedPerBlock)
     {
-        var rows = heads * qTokens > 32 ? 64 : 16;
+        var t = Tiling(shape, heads * qTokens > 32 ? 64 : 16);
+        return t.Rows == 64 && SharedBytes(shape, t) > maxSharedPerBlock ? Tiling(shape, 16) : t;
+    }
+
+    private static MlaDecodeTiling Tiling(LatentShape shape, int rows)
+    {
         var n8 = shape.Latent / 8;
         var wc = rows == 16 && n8 % 4 == 0 ? 4 : n8 % 2 == 0 ? 2 : 1;
         return new MlaDecodeTiling(rows, wc);
@@ -144,7 +151,7 @@ public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) :
     /// <summary>The split count this device would use for a batch (<see cref="SplitCount"/> with its SMs and occupancy).</summary>
     public int DefaultSplits(LatentShape shape, int batch, int heads, int qTokens, int contextHint)
     {
-        var t = TilingFor(shape, heads, qTokens);
+        var t = TilingFor(shape, heads, qTokens, Device.SharedMemoryPerBlockOptin);
         var perSm = Math.Max(1, Math.Min(Device.SharedMemoryPerMultiprocessor / (SharedBytes(shape, t) + 1024), 2048 / t.Threads));
         return SplitCount(batch * RowGroups(heads, qTokens, t), Device.MultiprocessorCount * perSm, contextHint);
     }
@@ -155,7 +162,7 @@ public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) :
 
     /// <summary>The decode specialization for a shape, tiling and query type.</summary>
     public static KernelInstance DecodeInstance(LatentShape s, MlaDecodeTiling t, ElementType qType) =>
-        new($"mla_decode_kernel<{s.Latent}, {s.Rope}, {t.Rows}, {t.ColumnWarps}, {Flag(qType)}>", ParamsType);
+        new($"mla_decode_kernel<{s.Latent}, {s.Rope}, {t.Rows}, {t.ColumnWarps}, {Flag(qType)}>", ParamsType) { DynamicSharedBytes = SharedBytes(s, t) };
 
     /// <summary>The combine specialization.</summary>
     public static KernelInstance CombineInstance(LatentShape s) => new($"mla_combine_kernel<{s.Latent}>", ParamsType);
@@ -168,13 +175,16 @@ public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) :
     public static KernelInstance UnfoldInstance(LatentShape s, ElementType outType) =>
         new($"mla_unfold_kernel<{s.Latent}, {Flag(outType)}>", ProjParamsType);
 
-    /// <summary>Every specialization of the known shapes (both tilings, both q types).</summary>
-    public static IReadOnlyList<KernelInstance> AllInstances()
+    /// <summary>
+    /// Every specialization of the known shapes a device allowing <paramref name="maxSharedPerBlock"/> bytes of
+    /// shared memory per block can launch (both tilings where they fit, both q types).
+    /// </summary>
+    public static IReadOnlyList<KernelInstance> AllInstances(int maxSharedPerBlock)
     {
         var list = new List<KernelInstance>();
         foreach (var s in LatentShape.Known)
         {
-            foreach (var t in new[] { TilingFor(s, 16, 1), TilingFor(s, 128, 1) }.Distinct())
+            foreach (var t in new[] { TilingFor(s, 16, 1, maxSharedPerBlock), TilingFor(s, 128, 1, maxSharedPerBlock) }.Distinct())
             {
                 foreach (var q in Enum.GetValues<ElementType>())
                 {
@@ -257,7 +267,7 @@ public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) :
             return;
         }
 
-        var t = TilingFor(shape, heads, qTokens);
+        var t = TilingFor(shape, heads, qTokens, Device.SharedMemoryPerBlockOptin);
         var partials = (long)splits * batch * heads * qTokens * shape.Latent * 4;
         var p = new MlaDecodeParams
         {

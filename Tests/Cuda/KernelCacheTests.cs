@@ -25,7 +25,7 @@ public sealed class KernelCacheTests
         }
     }
 
-    private static IReadOnlyList<KernelInstance> Rope => NvrtcSupport.Families["rope"];
+    private static IReadOnlyList<KernelInstance> Rope => NvrtcSupport.Instances("rope");
 
     [TestMethod]
     public void SecondCompileIsAHitWithoutNvrtc()

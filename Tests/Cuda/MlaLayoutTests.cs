@@ -9,6 +9,9 @@ namespace DeepSeekCuda.Tests.Cuda;
 [TestClass]
 public sealed class MlaLayoutTests
 {
+    // Shared memory one block may opt in to (CUDA's per-compute-capability table): H100/H200, A100, L40S/RTX 4090.
+    private const int H100 = 227 * 1024, A100 = 163 * 1024, Ada = 99 * 1024;
+
     // Two requests with out-of-order physical blocks: r0 → [3, 0], r1 → [1, 2].
     private static readonly int[] Table = [3, 0, 1, 2];
 
@@ -83,11 +86,14 @@ public sealed class MlaLayoutTests
     [TestMethod]
     public void TilingPicksRowsAndColumnGroups()
     {
-        Assert.AreEqual(new MlaDecodeTiling(16, 4), MlaDecodeKernel.TilingFor(LatentShape.V3, 16, 1));
-        Assert.AreEqual(new MlaDecodeTiling(16, 4), MlaDecodeKernel.TilingFor(LatentShape.V3, 16, 2));
-        Assert.AreEqual(new MlaDecodeTiling(64, 2), MlaDecodeKernel.TilingFor(LatentShape.V3, 32, 2));
-        Assert.AreEqual(new MlaDecodeTiling(64, 2), MlaDecodeKernel.TilingFor(LatentShape.V3, 128, 1));
-        Assert.AreEqual(new MlaDecodeTiling(16, 2), MlaDecodeKernel.TilingFor(LatentShape.TinyPreset, 3, 2)); // 80 = 10 column tiles of 8
+        Assert.AreEqual(new MlaDecodeTiling(16, 4), MlaDecodeKernel.TilingFor(LatentShape.V3, 16, 1, H100));
+        Assert.AreEqual(new MlaDecodeTiling(16, 4), MlaDecodeKernel.TilingFor(LatentShape.V3, 16, 2, H100));
+        Assert.AreEqual(new MlaDecodeTiling(64, 2), MlaDecodeKernel.TilingFor(LatentShape.V3, 32, 2, H100));
+        Assert.AreEqual(new MlaDecodeTiling(64, 2), MlaDecodeKernel.TilingFor(LatentShape.V3, 128, 1, H100));
+        Assert.AreEqual(new MlaDecodeTiling(16, 2), MlaDecodeKernel.TilingFor(LatentShape.TinyPreset, 3, 2, H100)); // 80 = 10 column tiles of 8
+        // The 64-row block needs 152 KiB: where a block may have only 99 KiB (Ada) the 16-row tiling serves every head count.
+        Assert.AreEqual(new MlaDecodeTiling(16, 4), MlaDecodeKernel.TilingFor(LatentShape.V3, 128, 1, Ada));
+        Assert.AreEqual(new MlaDecodeTiling(64, 2), MlaDecodeKernel.TilingFor(LatentShape.V3, 128, 1, A100));
         Assert.AreEqual(4, MlaDecodeKernel.RowGroups(128, 2, new MlaDecodeTiling(64, 2)));
         Assert.AreEqual(1, MlaDecodeKernel.RowGroups(3, 2, new MlaDecodeTiling(16, 2)));
         Assert.AreEqual(256, new MlaDecodeTiling(64, 2).Threads);
@@ -99,7 +105,7 @@ public sealed class MlaLayoutTests
         {
             foreach (var h in new[] { 1, 16, 128 })
             {
-                Assert.IsLessThanOrEqualTo(166_912, MlaDecodeKernel.SharedBytes(s, MlaDecodeKernel.TilingFor(s, h, 2)));
+                Assert.IsLessThanOrEqualTo(166_912, MlaDecodeKernel.SharedBytes(s, MlaDecodeKernel.TilingFor(s, h, 2, A100)));
             }
         }
     }
@@ -142,7 +148,7 @@ public sealed class MlaLayoutTests
         var source = "#include \"mla_decode.cu\"\n";
         foreach (var s in LatentShape.Known)
         {
-            foreach (var t in new[] { MlaDecodeKernel.TilingFor(s, 16, 1), MlaDecodeKernel.TilingFor(s, 128, 1) })
+            foreach (var t in new[] { MlaDecodeKernel.TilingFor(s, 16, 1, H100), MlaDecodeKernel.TilingFor(s, 128, 1, H100) })
             {
                 source += $"static_assert(MlaDecodeGeometry<{s.Latent}, {s.Rope}, {t.Rows}, {t.ColumnWarps}>::SMEM == {MlaDecodeKernel.SharedBytes(s, t)}, \"smem\");\n" +
                           $"static_assert(MlaDecodeGeometry<{s.Latent}, {s.Rope}, {t.Rows}, {t.ColumnWarps}>::THREADS == {t.Threads}, \"threads\");\n";

@@ -1,5 +1,8 @@
 using System.Text.RegularExpressions;
+using System.Collections.Concurrent;
 using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Cuda.Inspection;
+using DeepSeekCuda.Cuda.Native;
 using DeepSeekCuda.Kernels;
 
 namespace DeepSeekCuda.Tests.Cuda;
@@ -7,31 +10,42 @@ namespace DeepSeekCuda.Tests.Cuda;
 /// <summary>What the NVRTC tests share: the families and their specializations, and the NVRTC guard.</summary>
 internal static partial class NvrtcSupport
 {
-    /// <summary>The targets CI checks: PTX for Ampere and Hopper, CUBIN for Hopper (NVRTC runs ptxas).</summary>
-    public static readonly string[] Targets = ["compute_80", "compute_90", "sm_90"];
+    /// <summary>The targets CI compiles every specialization for, to CUBIN: the report's default targets.</summary>
+    public static IReadOnlyList<string> Targets => KernelReport.DefaultTargets;
 
-    /// <summary>Every family with every specialization its launcher can request.</summary>
-    public static IReadOnlyDictionary<string, IReadOnlyList<KernelInstance>> Families { get; } = new Dictionary<string, IReadOnlyList<KernelInstance>>
-    {
-        [EmbeddingKernel.FamilyName] = EmbeddingKernel.AllInstances(),
-        [RmsNormKernel.FamilyName] = RmsNormKernel.AllInstances(),
-        [ActQuantKernel.FamilyName] = ActQuantKernel.AllInstances(),
-        [RopeKernel.FamilyName] = RopeKernel.AllInstances(),
-        [SiluMulKernel.FamilyName] = SiluMulKernel.AllInstances(),
-        [SamplingKernel.FamilyName] = SamplingKernel.AllInstances(),
-        [MoeGateKernel.FamilyName] = MoeGateKernel.AllInstances(),
-        [MoeDispatchKernel.FamilyName] = MoeDispatchKernel.AllInstances(),
-        [Fp8GemmKernel.GemvFamily] = Fp8GemmKernel.AllGemvInstances(),
-        [Fp8GemmKernel.MmaFamily] = Fp8GemmKernel.AllMmaInstances(),
-        [MoeGroupedGemmKernel.FamilyName] = MoeGroupedGemmKernel.AllInstances(),
-        [MoeCombineKernel.FamilyName] = MoeCombineKernel.AllInstances(),
-        [MlaPrefillKernel.FamilyName] = MlaPrefillKernel.AllInstances(),
-        [MlaCacheKernel.FamilyName] = MlaCacheKernel.AllInstances(),
-        [MlaDecodeKernel.FamilyName] = MlaDecodeKernel.AllInstances(),
-        [AllReduceKernel.FamilyName] = AllReduceKernel.AllInstances(),
-        [Bf16GemmKernel.FamilyName] = Bf16GemmKernel.AllInstances(),
-        [BackendGlueKernel.FamilyName] = BackendGlueKernel.AllInstances(),
-    };
+    /// <summary>Every family name.</summary>
+    public static IReadOnlyList<string> FamilyNames => KernelCatalog.Names;
+
+    /// <summary>Test data: every (family, target) pair CI compiles and gates.</summary>
+    public static IEnumerable<object[]> FamilyTargets =>
+        from f in FamilyNames from t in Targets select new object[] { f, t };
+
+    private static readonly ConcurrentDictionary<string, IReadOnlyDictionary<string, IReadOnlyList<KernelInstance>>> Catalogs = new();
+
+    /// <summary>The specializations the launcher of <paramref name="family"/> can request on <paramref name="arch"/>.</summary>
+    public static IReadOnlyList<KernelInstance> Instances(string family, string arch = "sm_90a") =>
+        Catalogs.GetOrAdd(arch, KernelCatalog.For)[family];
+
+    private static readonly ConcurrentDictionary<(string Family, string Arch), Lazy<CompiledKernel>> CompiledImages = new();
+    private static readonly ConcurrentDictionary<(string Family, string Arch), Lazy<IReadOnlyList<KernelResources>>> Inspected = new();
+
+    /// <summary>
+    /// Every specialization of <paramref name="family"/> compiled for <paramref name="arch"/>, once per test run
+    /// (the compile tests and the resource gate read the same image), without the disk cache so the PTX comes too.
+    /// </summary>
+    public static CompiledKernel Compiled(string family, string arch) =>
+        CompiledImages.GetOrAdd((family, arch), key => new Lazy<CompiledKernel>(() =>
+            new NvrtcCompiler().Compile(key.Family, Instances(key.Family, key.Arch), new KernelTarget(key.Arch)))).Value;
+
+    /// <summary>The resources of <see cref="Compiled"/>'s kernels, read with cuobjdump (once per test run).</summary>
+    public static IReadOnlyList<KernelResources> Resources(string family, string arch) =>
+        Inspected.GetOrAdd((family, arch), key => new Lazy<IReadOnlyList<KernelResources>>(() =>
+            CubinInspector.Inspect(Compiled(key.Family, key.Arch), Instances(key.Family, key.Arch), Tools))).Value;
+
+    private static readonly Lazy<CudaBinaryTools> ToolsLazy = new(CudaBinaryTools.Find);
+
+    /// <summary>cuobjdump (tools/cuda/toolchain.sh fetches it); a missing tool fails the test, never skips it.</summary>
+    public static CudaBinaryTools Tools => ToolsLazy.Value;
 
     /// <summary>Every params struct: C# type, CUDA name, family.</summary>
     public static readonly (Type Type, string CudaName, string Family)[] ParamStructs =
@@ -62,8 +76,8 @@ internal static partial class NvrtcSupport
     {
         if (!NvrtcCompiler.IsAvailable(out var reason))
         {
-            Assert.Fail("NVRTC is required for the kernel compile tests and was not found. Install it " +
-                        "(Debian: add 'contrib non-free' to the apt sources, then apt-get install libnvrtc11.2 libnvrtc-builtins11.8). " + reason);
+            Assert.Fail("NVRTC 12.4 or newer is required for the kernel compile tests and was not found. Run tools/cuda/toolchain.sh (fetches NVRTC 12.4 into " +
+                        NativeLibraries.ToolchainDirectory + ", installs nothing) or set DSCUDA_CUDA_LIB to the folder holding libnvrtc.so.12/13. " + reason);
         }
     }
 

@@ -19,6 +19,7 @@ DeepSeekCuda.Distributed.CudaParallel.ConfigureConnections();
 
 var root = new RootCommand("DeepSeekCuda benchmarks");
 root.Subcommands.Add(TokenizerBench.Create());
+root.Subcommands.Add(KernelsReport.Create());
 foreach (var command in GpuCommands.Create(gpuBenches))
 {
     root.Subcommands.Add(command);

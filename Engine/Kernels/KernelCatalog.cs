@@ -1,0 +1,41 @@
+using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Cuda.Inspection;
+
+namespace DeepSeekCuda.Kernels;
+
+/// <summary>
+/// Every kernel family with every specialization its launcher can request on a target: what CI compiles for
+/// each target and what the static resource report (<see cref="KernelReport"/>) inspects.
+/// </summary>
+public static class KernelCatalog
+{
+    /// <summary>The family names (each a <c>Kernels/&lt;family&gt;.cu</c> file with one launcher).</summary>
+    public static IReadOnlyList<string> Names { get; } = [.. For("sm_90a").Keys.Order(StringComparer.Ordinal)];
+
+    /// <summary>Family name to the specializations its launcher can request on <paramref name="arch"/>.</summary>
+    public static IReadOnlyDictionary<string, IReadOnlyList<KernelInstance>> For(string arch)
+    {
+        var limits = ArchLimits.For(arch);
+        return new Dictionary<string, IReadOnlyList<KernelInstance>>
+        {
+            [EmbeddingKernel.FamilyName] = EmbeddingKernel.AllInstances(),
+            [RmsNormKernel.FamilyName] = RmsNormKernel.AllInstances(),
+            [ActQuantKernel.FamilyName] = ActQuantKernel.AllInstances(),
+            [RopeKernel.FamilyName] = RopeKernel.AllInstances(),
+            [SiluMulKernel.FamilyName] = SiluMulKernel.AllInstances(),
+            [SamplingKernel.FamilyName] = SamplingKernel.AllInstances(),
+            [MoeGateKernel.FamilyName] = MoeGateKernel.AllInstances(),
+            [MoeDispatchKernel.FamilyName] = MoeDispatchKernel.AllInstances(),
+            [Fp8GemmKernel.GemvFamily] = Fp8GemmKernel.AllGemvInstances(),
+            [Fp8GemmKernel.MmaFamily] = Fp8GemmKernel.AllMmaInstances(),
+            [MoeGroupedGemmKernel.FamilyName] = MoeGroupedGemmKernel.AllInstances(),
+            [MoeCombineKernel.FamilyName] = MoeCombineKernel.AllInstances(),
+            [MlaPrefillKernel.FamilyName] = MlaPrefillKernel.AllInstances(),
+            [MlaCacheKernel.FamilyName] = MlaCacheKernel.AllInstances(),
+            [MlaDecodeKernel.FamilyName] = MlaDecodeKernel.AllInstances(limits.MaxSharedPerBlock),
+            [AllReduceKernel.FamilyName] = AllReduceKernel.AllInstances(),
+            [Bf16GemmKernel.FamilyName] = Bf16GemmKernel.AllInstances(),
+            [BackendGlueKernel.FamilyName] = BackendGlueKernel.AllInstances(),
+        };
+    }
+}
