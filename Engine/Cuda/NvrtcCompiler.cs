@@ -34,8 +34,9 @@ public sealed record CompiledKernel(
     string Family, string Arch, bool IsPtx, byte[] Image, IReadOnlyDictionary<string, string> LoweredNames, string Log, bool FromCache)
 {
     /// <summary>
-    /// The PTX NVRTC produced on the way to a CUBIN (what ptxas was given), for inspection; null for PTX
-    /// images (the image is the PTX) and for images read from the cache.
+    /// The PTX NVRTC produced on the way to a CUBIN (what ptxas was given), for inspection: kept only by a
+    /// compiler created with <c>keepPtx</c>; null otherwise, for PTX images (the image is the PTX) and for
+    /// images read from the cache.
     /// </summary>
     public string? Ptx { get; init; }
 }
@@ -51,14 +52,18 @@ public sealed unsafe class NvrtcCompiler
     private readonly ILogger _logger;
     private readonly bool _lineInfo;
     private readonly string? _dumpDir;
+    private readonly bool _keepPtx;
     private int _invocations;
 
     /// <summary>Creates a compiler over <paramref name="sources"/> (default: the embedded ones).</summary>
     /// <param name="sources">Kernel sources.</param>
     /// <param name="cache">Disk cache, or null to always compile.</param>
     /// <param name="logger">Receives NVRTC warnings.</param>
-    public NvrtcCompiler(KernelSources? sources = null, KernelCache? cache = null, ILogger? logger = null)
+    /// <param name="keepPtx">Keep the PTX of CUBIN compiles in <see cref="CompiledKernel.Ptx"/> (the resource report
+    /// reads it; the engine does not, and a loaded module holds its image for its lifetime).</param>
+    public NvrtcCompiler(KernelSources? sources = null, KernelCache? cache = null, ILogger? logger = null, bool keepPtx = false)
     {
+        _keepPtx = keepPtx;
         Sources = sources ?? KernelSources.Embedded;
         _cache = cache;
         _logger = logger ?? NullLogger.Instance;
@@ -224,9 +229,9 @@ public sealed unsafe class NvrtcCompiler
             var result = NvrtcApi.nvrtcCompileProgram(program, options.Length, optPtrs);
             var log = ProgramLog(program);
             var specialization = string.Join("; ", nameExpressions);
-            Dump(family, source, log, null, target);
             if (result == NvrtcResult.Compilation)
             {
+                Dump(family, source, log, null, target);
                 throw new KernelCompileException(family, specialization, target.Arch, log);
             }
 
@@ -236,7 +241,7 @@ public sealed unsafe class NvrtcCompiler
                 _logger.LogWarning("NVRTC warnings compiling {Family} ({Specialization}) for {Arch}:\n{Log}", family, specialization, target.Arch, log);
             }
 
-            var ptx = ReadPtx(program);
+            var ptx = !target.IsCubin || _keepPtx || _dumpDir is not null ? ReadPtx(program) : null;
             byte[] image;
             if (target.IsCubin)
             {
@@ -250,7 +255,7 @@ public sealed unsafe class NvrtcCompiler
             }
             else
             {
-                image = ptx;
+                image = ptx!;
             }
 
             Dump(family, source, log, ptx, target);
@@ -267,7 +272,7 @@ public sealed unsafe class NvrtcCompiler
                 family, target.Arch, target.IsCubin ? "CUBIN" : "PTX", image.Length, System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalMilliseconds);
             return new CompiledKernel(family, target.Arch, !target.IsCubin, image, lowered, log, FromCache: false)
             {
-                Ptx = target.IsCubin ? Encoding.UTF8.GetString(ptx.AsSpan().TrimEnd((byte)0)) : null,
+                Ptx = target.IsCubin && _keepPtx ? Encoding.UTF8.GetString(ptx.AsSpan().TrimEnd((byte)0)) : null,
             };
         }
         finally

@@ -277,7 +277,7 @@ public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) :
         };
         var instance = DecodeInstance(shape, t, qType);
         var kernel = Get(instance);
-        var smem = SharedBytes(shape, t);
+        var smem = instance.DynamicSharedBytes;
         if (smem > 48 * 1024 && !_sharedSet.ContainsKey(instance.NameExpression))
         {
             kernel.SetMaxDynamicSharedMemory(smem);

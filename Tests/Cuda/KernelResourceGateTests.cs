@@ -108,7 +108,7 @@ public sealed class KernelResourceGateTests
         var family = Path.GetFileNameWithoutExtension(file);
         var sources = KernelSources.Embedded.With(file, source);
         KernelInstance[] instances = [new(kernel, "PlantedParams")];
-        var compiled = new NvrtcCompiler(sources).Compile(family, instances, new KernelTarget(arch));
+        var compiled = new NvrtcCompiler(sources, keepPtx: true).Compile(family, instances, new KernelTarget(arch));
         return CubinInspector.Inspect(compiled, instances, NvrtcSupport.Tools);
     }
 
@@ -147,7 +147,7 @@ public sealed class KernelResourceGateTests
     public void TheReportRoundTripsAsJsonAndPrintsATable()
     {
         NvrtcSupport.RequireNvrtc();
-        var report = KernelReport.Build(new NvrtcCompiler(), NvrtcSupport.Tools, ["silu_mul"], ["sm_90a"]);
+        var report = KernelReport.Build(new NvrtcCompiler(keepPtx: true), NvrtcSupport.Tools, ["silu_mul"], ["sm_90a"]);
         Assert.HasCount(NvrtcSupport.Instances("silu_mul").Count, report.Kernels);
         Assert.IsEmpty(report.Violations);
         var back = KernelReport.FromJson(report.ToJson());

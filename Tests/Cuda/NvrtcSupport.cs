@@ -35,7 +35,7 @@ internal static partial class NvrtcSupport
     /// </summary>
     public static CompiledKernel Compiled(string family, string arch) =>
         CompiledImages.GetOrAdd((family, arch), key => new Lazy<CompiledKernel>(() =>
-            new NvrtcCompiler().Compile(key.Family, Instances(key.Family, key.Arch), new KernelTarget(key.Arch)))).Value;
+            new NvrtcCompiler(keepPtx: true).Compile(key.Family, Instances(key.Family, key.Arch), new KernelTarget(key.Arch)))).Value;
 
     /// <summary>The resources of <see cref="Compiled"/>'s kernels, read with cuobjdump (once per test run).</summary>
     public static IReadOnlyList<KernelResources> Resources(string family, string arch) =>

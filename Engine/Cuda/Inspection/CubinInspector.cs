@@ -42,7 +42,7 @@ public static partial class CubinInspector
     {
         if (compiled.IsPtx || compiled.Ptx is null)
         {
-            throw new ArgumentException($"{compiled.Family} {compiled.Arch}: inspection needs a fresh CUBIN compile with its PTX (not PTX, not a cache hit)", nameof(compiled));
+            throw new ArgumentException($"{compiled.Family} {compiled.Arch}: inspection needs a fresh CUBIN compile with its PTX (a compiler with keepPtx, no cache hit)", nameof(compiled));
         }
 
         var limits = ArchLimits.For(compiled.Arch);

@@ -59,30 +59,33 @@ public sealed class CudaBinaryTools
     }
 
     /// <summary>Runs cuobjdump with <paramref name="option"/> (e.g. <c>-sass</c>) over a CUBIN file and returns its output.</summary>
-    public string Dump(string option, string cubinPath)
+    public string Dump(string option, string cubinPath) => Run(option, cubinPath);
+
+    /// <summary>The tool's version line (<c>Cuda compilation tools, release ...</c> of <c>cuobjdump --version</c>).</summary>
+    public string Version()
+    {
+        var text = Run("--version");
+        return text.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+            .LastOrDefault(l => l.StartsWith("Cuda compilation tools", StringComparison.Ordinal)) ?? text.Trim();
+    }
+
+    private string Run(params string[] arguments)
     {
         var psi = new ProcessStartInfo(Cuobjdump) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        psi.ArgumentList.Add(option);
-        psi.ArgumentList.Add(cubinPath);
+        foreach (var a in arguments)
+        {
+            psi.ArgumentList.Add(a);
+        }
+
         using var process = Process.Start(psi) ?? throw new InvalidOperationException($"could not start {Cuobjdump}");
         var stderr = process.StandardError.ReadToEndAsync();
         var stdout = process.StandardOutput.ReadToEnd();
         process.WaitForExit();
         if (process.ExitCode != 0)
         {
-            throw new InvalidOperationException($"{Cuobjdump} {option} {cubinPath} failed with exit code {process.ExitCode}: {stderr.Result.Trim()}");
+            throw new InvalidOperationException($"{Cuobjdump} {string.Join(' ', arguments)} failed with exit code {process.ExitCode}: {stderr.Result.Trim()}");
         }
 
         return stdout;
-    }
-
-    /// <summary>The tool's version line (<c>cuobjdump --version</c>, last line).</summary>
-    public string Version()
-    {
-        var psi = new ProcessStartInfo(Cuobjdump, "--version") { RedirectStandardOutput = true, UseShellExecute = false };
-        using var process = Process.Start(psi) ?? throw new InvalidOperationException($"could not start {Cuobjdump}");
-        var text = process.StandardOutput.ReadToEnd();
-        process.WaitForExit();
-        return text.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).LastOrDefault(l => l.StartsWith("Cuda compilation tools", StringComparison.Ordinal)) ?? text.Trim();
     }
 }

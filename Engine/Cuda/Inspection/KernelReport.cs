@@ -29,7 +29,7 @@ public sealed record KernelReport(string Nvrtc, string Cuobjdump, IReadOnlyList<
     public IEnumerable<string> Violations => Kernels.SelectMany(k => k.Violations);
 
     /// <summary>Compiles and inspects the <paramref name="families"/> of the catalog for each of <paramref name="targets"/>.</summary>
-    /// <param name="compiler">A compiler without a cache (inspection needs the PTX of each compile).</param>
+    /// <param name="compiler">A compiler with <c>keepPtx</c> and without a cache (inspection needs the PTX of each compile).</param>
     /// <param name="tools">cuobjdump.</param>
     /// <param name="families">Family names (see <see cref="KernelCatalog.Names"/>); each with the specializations
     /// its launcher can request on the target (<see cref="KernelCatalog.For"/>).</param>

@@ -63,20 +63,22 @@ public static class NativeLibraries
     private const string ToolchainOrigin = "tools/cuda/toolchain.sh";
     private const string LibraryFolderOrigin = "$" + LibraryFolderVariable;
 
-    // The only process-wide state: the lazily loaded handles (and why a load failed).
+    // The only process-wide state: the lazily loaded handles (and why a load failed), and the folder list the
+    // three CUDA libraries share (read from the environment and the file system once).
+    private static readonly Lazy<List<SearchFolder>> LibraryFolders = new(() => SearchDirectories(Environment.GetEnvironmentVariable).ToList());
     private static readonly Lazy<LoadResult> DriverLib = new(() =>
         Load(DriverDirectories(), DriverFiles, "the NVIDIA driver", "Fix: install the NVIDIA driver (a GPU machine), or use the CPU backend."));
     private static readonly Lazy<LoadResult> NvrtcLib = new(() =>
-        LoadNvrtc(SearchDirectories(Environment.GetEnvironmentVariable).ToList(), ToolchainDirectory, NvrtcMinimum));
+        LoadNvrtc(LibraryFolders.Value, ToolchainDirectory, NvrtcMinimum));
     private static readonly Lazy<LoadResult> CublasLib = new(() =>
     {
         // libcublas needs libcublasLt: loading Lt first (by full path where it was found outside the loader's
         // path) lets the dependency resolve by soname even when the CUDA folder is not in LD_LIBRARY_PATH.
         _ = CublasLtLib!.Value;
-        return Load(SearchDirectories(Environment.GetEnvironmentVariable).ToList(), CublasFiles, "cuBLAS", BlasFix("libcublas.so"));
+        return Load(LibraryFolders.Value, CublasFiles, "cuBLAS", BlasFix("libcublas.so"));
     });
     private static readonly Lazy<LoadResult> CublasLtLib = new(() =>
-        Load(SearchDirectories(Environment.GetEnvironmentVariable).ToList(), CublasLtFiles, "cuBLASLt", BlasFix("libcublasLt.so")));
+        Load(LibraryFolders.Value, CublasLtFiles, "cuBLASLt", BlasFix("libcublasLt.so")));
 
     /// <summary>A loaded library (or zero) and the file it came from, else why nothing loaded.</summary>
     internal readonly record struct LoadResult(IntPtr Handle, string? Path, string? Error);

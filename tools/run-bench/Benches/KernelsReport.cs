@@ -49,7 +49,7 @@ internal static class KernelsReport
             }
 
             var families = only.Length == 0 ? KernelCatalog.Names : only;
-            report = KernelReport.Build(new NvrtcCompiler(), CudaBinaryTools.Find(), families, targets, step => Console.Error.WriteLine($"compiling {step}"));
+            report = KernelReport.Build(new NvrtcCompiler(keepPtx: true), CudaBinaryTools.Find(), families, targets, step => Console.Error.WriteLine($"compiling {step}"));
         }
         catch (Exception e) when (e is ArgumentException or FileNotFoundException or CudaUnavailableException or KernelCompileException or InvalidOperationException)
         {
