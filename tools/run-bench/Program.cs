@@ -20,6 +20,16 @@ DeepSeekCuda.Distributed.CudaParallel.ConfigureConnections();
 var root = new RootCommand("DeepSeekCuda benchmarks");
 root.Subcommands.Add(TokenizerBench.Create());
 root.Subcommands.Add(KernelsReport.Create());
+root.Subcommands.Add(Preflight.Create());
+var list = new Command("list", "The GPU benches' names, one per line, in the order `all` runs them (tools/gpu/device_run.py reads it)");
+list.SetAction(_ =>
+{
+    foreach (var bench in gpuBenches)
+    {
+        Console.WriteLine(bench.Name);
+    }
+});
+root.Subcommands.Add(list);
 foreach (var command in GpuCommands.Create(gpuBenches))
 {
     root.Subcommands.Add(command);

@@ -219,8 +219,9 @@ public static class NativeLibraries
         Directory.Exists(lib) ? Directory.EnumerateDirectories(lib, "python3*").Order(StringComparer.Ordinal) : [];
 
     /// <summary>The driver lives where the loader looks, or in the two folders drivers install into.</summary>
+    // /usr/local/nvidia/lib64: where NVIDIA's container runtime mounts the driver when LD_LIBRARY_PATH does not name it.
     private static List<SearchFolder> DriverDirectories() =>
-        [new(null, null), new("/usr/lib/x86_64-linux-gnu", null), new("/usr/lib/wsl/lib", null)];
+        [new(null, null), new("/usr/lib/x86_64-linux-gnu", null), new("/usr/local/nvidia/lib64", null), new("/usr/local/nvidia/lib", null), new("/usr/lib/wsl/lib", null)];
 
     /// <summary>
     /// The order files are tried in. Every soname in the user's own folders (<c>$DSCUDA_CUDA_LIB</c>) comes first:
@@ -446,6 +447,9 @@ public static class NativeLibraries
     /// <summary>Throws <see cref="Blas.CublasUnavailableException"/> when cuBLASLt cannot be loaded.</summary>
     public static IntPtr RequireCublasLt() =>
         TryCublasLt(out var h, out var reason) ? h : throw new Blas.CublasUnavailableException("cublasLt", reason);
+
+    /// <summary>The file the driver library was loaded from (a soname when the dynamic loader found it), or null.</summary>
+    public static string? DriverPath => DriverLib.Value.Path;
 
     /// <summary>The file NVRTC was loaded from, or null.</summary>
     public static string? NvrtcPath => NvrtcLib.Value.Path;

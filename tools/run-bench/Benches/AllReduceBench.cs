@@ -22,9 +22,8 @@ internal static class AllReduceBench
     private static readonly long[] DecodeBatches = [1, 8, 32, 128];
     private static readonly long[] PrefillBytes = [4L << 20, 16L << 20, 64L << 20];
 
-    public static BenchReport Run(GpuBench gpu, bool quick)
+    public static void Run(GpuBench gpu, bool quick, BenchReport report)
     {
-        var report = new BenchReport(gpu);
         var sizes = DecodeBatches.Select(b => 7168 * b * 2).Concat(PrefillBytes).ToArray();
         foreach (var ranks in quick ? [2, 8] : new[] { 2, 4, 8 })
         {
@@ -61,8 +60,6 @@ internal static class AllReduceBench
                 report.Add(new BenchResult("allreduce", shape, us, 0, moved / (us * 1e-6) / 1e9, "copy", gpu.CopyUs(moved)));
             }
         }
-
-        return report;
     }
 
     private static double TimeCommunicator(GpuBench gpu, CudaParallel gpus, int rows)

@@ -28,9 +28,8 @@ internal static class GemmBench
     private const int HeadN = 129280;
     private const int HeadK = 7168;
 
-    public static BenchReport Run(GpuBench gpu, bool quick)
+    public static void Run(GpuBench gpu, bool quick, BenchReport report)
     {
-        var report = new BenchReport(gpu);
         using var gemm = new Fp8GemmKernel(gpu.Device, gpu.Compiler);
         using var blas = OpenCublas(gpu.Device);
         using var lt = OpenCublasLt(gpu.Device);
@@ -70,8 +69,6 @@ internal static class GemmBench
                 }
             }
         }
-
-        return report;
     }
 
     /// <summary>A cuBLAS handle, or null (with one line naming <paramref name="baseline"/> and why) when cuBLAS cannot be loaded.</summary>

@@ -33,9 +33,8 @@ internal static partial class LoadBench
     private const int ReadBufferBytes = 64 << 20;
     private const int H2dBufferBytes = 256 << 20;
 
-    public static BenchReport Run(GpuBench gpu, bool quick)
+    public static void Run(GpuBench gpu, bool quick, BenchReport report)
     {
-        var report = new BenchReport(gpu);
         var config = quick ? ModelPresets.DeepSeekV3Slice(1) with { VocabSize = 16384 } : ModelPresets.DeepSeekV3Slice(1);
         var shards = quick ? 2 : 4;
         var runs = quick ? 1 : 3;
@@ -103,10 +102,7 @@ internal static partial class LoadBench
                 // Writing failed before the folder existed.
             }
         }
-
-        return report;
     }
-
 
     /// <summary>Microseconds to read every file front to back (no parsing, no copy beyond the read).</summary>
     private static double TimeRead(string[] files)

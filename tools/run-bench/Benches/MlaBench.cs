@@ -15,9 +15,8 @@ internal static class MlaBench
 {
     private const int Batch = 128;
 
-    public static BenchReport Run(GpuBench gpu, bool quick)
+    public static void Run(GpuBench gpu, bool quick, BenchReport report)
     {
-        var report = new BenchReport(gpu);
         using var dec = new MlaDecodeKernel(gpu.Device, gpu.Compiler);
         var shape = LatentShape.V3;
         foreach (var context in quick ? [4096] : new[] { 4096, 8192 })
@@ -36,8 +35,6 @@ internal static class MlaBench
                 }
             }
         }
-
-        return report;
     }
 
     private static int[] Lengths(int mean, int minimum)

@@ -17,9 +17,8 @@ internal static class MlaPrefillBench
 {
     private const int Heads = 128;
 
-    public static BenchReport Run(GpuBench gpu, bool quick)
+    public static void Run(GpuBench gpu, bool quick, BenchReport report)
     {
-        var report = new BenchReport(gpu);
         using var kernel = new MlaPrefillKernel(gpu.Device, gpu.Compiler);
         foreach (var len in quick ? [1024, 4096] : new[] { 1024, 4096, 16384 })
         {
@@ -35,8 +34,6 @@ internal static class MlaPrefillBench
                     bytes / (us * 1e-6) / 1e9, "copy", gpu.CopyUs(bytes)));
             }
         }
-
-        return report;
     }
 
     private static double Time(GpuBench gpu, MlaPrefillKernel kernel, MlaPrefillShape s, int batch, int len)

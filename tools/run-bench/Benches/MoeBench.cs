@@ -22,9 +22,8 @@ internal static class MoeBench
     private const int Hidden = 7168, Inter = 2048, Experts = 256, TopK = 8;
     private static readonly int[] Tokens = [1, 8, 64, 512, 4096];
 
-    public static BenchReport Run(GpuBench gpu, bool quick)
+    public static void Run(GpuBench gpu, bool quick, BenchReport report)
     {
-        var report = new BenchReport(gpu);
         var stream = gpu.Stream;
         var device = gpu.Device;
         var gate = MoeGateShape.V3;
@@ -109,8 +108,6 @@ internal static class MoeBench
                 b.Dispose();
             }
         }
-
-        return report;
     }
 
     /// <summary>

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text;
 using System.Text.Json;
+using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Text;
 
 namespace DeepSeekCuda.Bench.Benches;
@@ -50,7 +51,7 @@ internal static class TokenizerBench
             ("english", Repeat([English], " ")),
         };
 
-        var results = new List<Dictionary<string, object>>();
+        var results = new List<TokenizerRow>();
         Console.WriteLine($"{"corpus",-22} {"MB",6} {"tokens",10} {"median MB/s",12} {"best MB/s",10} {"Mtok/s",8}");
         foreach (var (name, text) in corpora)
         {
@@ -69,29 +70,14 @@ internal static class TokenizerBench
             var median = megabytes / seconds[Runs / 2];
             var best = megabytes / seconds[0];
             Console.WriteLine($"{name,-22} {megabytes,6:F2} {tokens,10} {median,12:F1} {best,10:F1} {tokens / seconds[Runs / 2] / 1e6,8:F2}");
-            results.Add(new Dictionary<string, object>
-            {
-                ["corpus"] = name,
-                ["megabytes"] = Math.Round(megabytes, 3),
-                ["tokens"] = tokens,
-                ["runs"] = Runs,
-                ["median_mb_per_s"] = Math.Round(median, 2),
-                ["best_mb_per_s"] = Math.Round(best, 2),
-            });
+            results.Add(new TokenizerRow(name, Math.Round(megabytes, 3), tokens, Runs, Math.Round(median, 2), Math.Round(best, 2)));
         }
 
         if (outDir is not null)
         {
             Directory.CreateDirectory(outDir);
-            var json = JsonSerializer.Serialize(new Dictionary<string, object>
-            {
-                ["bench"] = "tokenizer_encode",
-                ["threads"] = 1,
-                ["machine"] = Environment.MachineName,
-                ["processors"] = Environment.ProcessorCount,
-                ["runtime"] = System.Runtime.InteropServices.RuntimeInformation.FrameworkDescription,
-                ["results"] = results,
-            }, new JsonSerializerOptions { WriteIndented = true });
+            var json = JsonSerializer.Serialize(new TokenizerFile("tokenizer_encode", 1, Environment.MachineName, Environment.ProcessorCount,
+                System.Runtime.InteropServices.RuntimeInformation.FrameworkDescription, results), BenchJson.Default.TokenizerFile);
             File.WriteAllText(Path.Combine(outDir, "tokenizer_encode.json"), json);
         }
 

@@ -46,8 +46,25 @@ internal sealed class BenchReport(GpuBench gpu)
         _results.Add(result);
     }
 
-    /// <summary>Writes <c>OUTDIR/NAME.json</c> when an output folder was asked for.</summary>
-    public void Write(string? outDir, string name)
+    /// <summary>
+    /// Writes <c>OUTDIR/NAME.json</c> when an output folder was asked for, with <paramref name="error"/> (null: the
+    /// bench ran to the end) and the rows measured so far.
+    /// </summary>
+    public void Write(string? outDir, string name, string? error = null)
+    {
+        var (major, minor) = NvrtcCompiler.Version;
+        WriteFile(outDir, name, new BenchFile(gpu.Device.Name, CudaRt.DriverVersion, $"nvrtc {major}.{minor}", Commit, Now,
+            Math.Round(gpu.CopyGbs, 1), [.. _results.Select(Row)], error));
+    }
+
+    /// <summary>Writes <c>OUTDIR/NAME.json</c> for a bench that could not start (no device): no rows, and why.</summary>
+    public static void WriteNotRun(string? outDir, string name, string error) =>
+        WriteFile(outDir, name, new BenchFile(null, null, null, Commit, Now, null, [], error));
+
+    private static BenchRow Row(BenchResult r) => new(r.Bench, r.Shape, Math.Round(r.Us, 2), Math.Round(r.Tflops, 3), Math.Round(r.Gbs, 1),
+        r.Baseline, Math.Round(r.BaselineUs, 2), Math.Round(r.Ratio, 4));
+
+    private static void WriteFile(string? outDir, string name, BenchFile file)
     {
         if (outDir is null)
         {
@@ -55,31 +72,16 @@ internal sealed class BenchReport(GpuBench gpu)
         }
 
         Directory.CreateDirectory(outDir);
-        var (major, minor) = NvrtcCompiler.Version;
-        var json = JsonSerializer.Serialize(new Dictionary<string, object?>
-        {
-            ["device"] = gpu.Device.Name,
-            ["driver"] = CudaRt.DriverVersion,
-            ["cuda"] = $"nvrtc {major}.{minor}",
-            ["commit"] = Git("rev-parse --short HEAD") ?? Environment.GetEnvironmentVariable("DSCUDA_COMMIT"),
-            ["date"] = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", CultureInfo.InvariantCulture),
-            ["copy_gbs"] = Math.Round(gpu.CopyGbs, 1),
-            ["results"] = _results.Select(r => new Dictionary<string, object>
-            {
-                ["bench"] = r.Bench,
-                ["shape"] = r.Shape,
-                ["us"] = Math.Round(r.Us, 2),
-                ["tflops"] = Math.Round(r.Tflops, 3),
-                ["gbs"] = Math.Round(r.Gbs, 1),
-                ["baseline"] = r.Baseline,
-                ["baseline_us"] = Math.Round(r.BaselineUs, 2),
-                ["ratio"] = Math.Round(r.Ratio, 4),
-            }),
-        }, new JsonSerializerOptions { WriteIndented = true });
         var path = Path.Combine(outDir, name + ".json");
-        File.WriteAllText(path, json);
+        File.WriteAllText(path, JsonSerializer.Serialize(file, BenchJson.Default.BenchFile));
         Console.WriteLine($"wrote {path}");
     }
+
+    private static string Now => DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", CultureInfo.InvariantCulture);
+
+    /// <summary>The commit measured: <c>$DSCUDA_COMMIT</c> (the GPU bundle sets it; it has no git), else git's.</summary>
+    internal static string? Commit =>
+        Environment.GetEnvironmentVariable("DSCUDA_COMMIT") is { Length: > 0 } c ? c : Git("rev-parse --short HEAD");
 
     private static string? Git(string args)
     {

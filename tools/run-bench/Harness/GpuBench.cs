@@ -40,17 +40,33 @@ internal sealed class GpuBench : IDisposable
 
     /// <summary>
     /// Opens device <paramref name="ordinal"/> and measures the copy bandwidth, or prints one line and returns
-    /// null when there is no CUDA device (the bench then reports no numbers).
+    /// null with <paramref name="reason"/> when there is no CUDA device (the bench then reports no numbers).
     /// </summary>
-    public static GpuBench? TryOpen(string bench, int ordinal, int runs)
+    public static GpuBench? TryOpen(string bench, int ordinal, int runs, out string reason)
     {
+        reason = "";
         if (!CudaRt.IsAvailable)
         {
-            Console.Error.WriteLine($"run-bench {bench}: no CUDA device ({CudaRt.UnavailableReason}); nothing measured");
+            reason = $"no CUDA device: {CudaRt.UnavailableReason}";
+            Console.Error.WriteLine($"run-bench {bench}: {reason}; nothing measured");
             return null;
         }
 
-        var gpu = new GpuBench(CudaDevice.Open(ordinal), runs);
+        CudaDevice? device = null;
+        GpuBench gpu;
+        try
+        {
+            device = CudaDevice.Open(ordinal);
+            gpu = new GpuBench(device, runs);
+        }
+        catch (Exception e) when (e is CudaException or ArgumentOutOfRangeException)
+        {
+            device?.Dispose();
+            reason = $"device {ordinal} could not be opened: {e.Message}";
+            Console.Error.WriteLine($"run-bench {bench}: {reason}; nothing measured");
+            return null;
+        }
+
         Console.WriteLine($"device {gpu.Device.Name}, driver CUDA {CudaRt.DriverVersion}, copy {gpu.CopyGbs:F0} GB/s (read + write)");
         return gpu;
     }
