@@ -26,12 +26,14 @@ public static unsafe class CudaCheck
 
     /// <summary>
     /// Checks the result of a release call (free, destroy, unload). A context that is already gone
-    /// (driver shut down, context destroyed) has taken the resource with it, so those results are not
-    /// errors here; any other failure throws.
+    /// (driver shut down, context destroyed) has taken the resource with it, and a context a kernel fault
+    /// left unusable (<see cref="IsContextCorrupted"/>) answers every later call with that fault, which the
+    /// call that met it first has already reported: neither is an error here (a release in a <c>Dispose</c>
+    /// on the way out of that first exception must not replace it). Any other failure throws.
     /// </summary>
     public static void Release(CuResult result, int device = -1, [CallerArgumentExpression(nameof(result))] string call = "")
     {
-        if (!IsContextGone(result))
+        if (!IsContextGone(result) && !IsContextCorrupted(result))
         {
             Driver(result, device, call);
         }
@@ -40,6 +42,15 @@ public static unsafe class CudaCheck
     /// <summary>Results that mean the owning context no longer exists.</summary>
     public static bool IsContextGone(CuResult result) =>
         result is CuResult.Deinitialized or CuResult.InvalidContext or (CuResult)709 /* CONTEXT_IS_DESTROYED */;
+
+    /// <summary>
+    /// The sticky faults: a kernel accessed an illegal or misaligned address, ran an illegal instruction, overflowed
+    /// its stack, timed out or failed. The driver answers every later call in that context with the same error; only
+    /// a new process gets a working context back.
+    /// </summary>
+    public static bool IsContextCorrupted(CuResult result) => result is CuResult.IllegalAddress or CuResult.LaunchTimeout
+        or CuResult.HardwareStackError or CuResult.IllegalInstruction or CuResult.MisalignedAddress or CuResult.InvalidAddressSpace
+        or CuResult.InvalidPc or CuResult.LaunchFailed;
 
     /// <summary>
     /// Name and text of a CUresult, asked of the driver (it knows codes newer than this build); without a
@@ -75,7 +86,9 @@ public static unsafe class CudaCheck
         CuResult.InvalidContext => ("CUDA_ERROR_INVALID_CONTEXT", "invalid device context"),
         CuResult.NotFound => ("CUDA_ERROR_NOT_FOUND", "named symbol not found"),
         CuResult.NotReady => ("CUDA_ERROR_NOT_READY", "device not ready"),
+        CuResult.IllegalAddress => ("CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"),
         CuResult.LaunchOutOfResources => ("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES", "too many resources requested for launch"),
+        CuResult.MisalignedAddress => ("CUDA_ERROR_MISALIGNED_ADDRESS", "misaligned address"),
         CuResult.LaunchFailed => ("CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"),
         _ => ($"CUresult {(int)result}", "unknown error (driver not loaded)"),
     };

@@ -48,13 +48,32 @@ public sealed class BindingTests
     }
 
     [TestMethod]
-    public void ReleaseToleratesAContextThatIsGoneButNotOtherErrors()
+    public void ReleaseToleratesAContextThatIsGoneOrFaultedButNotOtherErrors()
     {
         CudaCheck.Release(CuResult.Deinitialized);
         CudaCheck.Release(CuResult.InvalidContext);
         CudaCheck.Release((CuResult)709);
         CudaCheck.Release(CuResult.Success);
+        // A sticky fault was reported by the call that met it; a Dispose on the way out must not replace that exception.
+        CudaCheck.Release(CuResult.IllegalAddress);
+        CudaCheck.Release(CuResult.MisalignedAddress);
+        CudaCheck.Release(CuResult.LaunchFailed);
         Assert.ThrowsExactly<CudaException>(() => CudaCheck.Release(CuResult.InvalidValue));
+        Assert.ThrowsExactly<CudaException>(() => CudaCheck.Release(CuResult.OutOfMemory));
+    }
+
+    [TestMethod]
+    public void StickyFaultsAreTheDriversContextCorruptingCodes()
+    {
+        // CUDA_ERROR_ILLEGAL_ADDRESS 700, LAUNCH_TIMEOUT 702, HARDWARE_STACK_ERROR 714 … LAUNCH_FAILED 719 (cuda.h).
+        int[] sticky = [700, 702, 714, 715, 716, 717, 718, 719];
+        foreach (var code in Enumerable.Range(0, 1000))
+        {
+            Assert.AreEqual(sticky.Contains(code), CudaCheck.IsContextCorrupted((CuResult)code), $"CUresult {code}");
+        }
+
+        // Not sticky: a launch asking for too many resources fails alone; the context stays usable.
+        Assert.IsFalse(CudaCheck.IsContextCorrupted(CuResult.LaunchOutOfResources));
     }
 
     [TestMethod]

@@ -30,8 +30,6 @@ public sealed class CudaBackendGpuTests : GpuTestBase
     private CpuBackend _cpu = null!;
     private Random _rng = null!;
 
-    public TestContext TestContext { get; set; } = null!;
-
     [TestInitialize]
     public void OpenBackends()
     {

@@ -1,12 +1,12 @@
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Kernels;
 using DeepSeekCuda.Loader.Numerics;
-using CudaRt = DeepSeekCuda.Cuda.Cuda;
 
 namespace DeepSeekCuda.Tests.Cuda;
 
 /// <summary>
-/// Base of the GPU tests: without a device every test ends Inconclusive with the reason (never a pass).
+/// Base of the GPU tests: without a device every test ends Inconclusive with the reason (never a pass), and after a
+/// kernel fault the later tests of the process name the test that caused it (<see cref="GpuGuard"/>).
 /// Outputs are poisoned with NaN before each launch so an element the kernel skips cannot pass.
 /// </summary>
 public abstract class GpuTestBase
@@ -19,27 +19,38 @@ public abstract class GpuTestBase
 
     protected NvrtcCompiler Compiler { get; private set; } = null!;
 
+    public TestContext TestContext { get; set; } = null!;
+
     protected static Random Rng(int seed) => new(seed);
 
     [TestInitialize]
     public void OpenDevice()
     {
-        if (!CudaRt.IsAvailable)
-        {
-            Assert.Inconclusive($"no CUDA device: {CudaRt.UnavailableReason}");
-        }
-
-        NvrtcSupport.RequireNvrtc();
+        GpuGuard.Require();
         Device = CudaDevice.Open();
         Stream = new CudaStream(Device);
         Compiler = new NvrtcCompiler(cache: new KernelCache(KernelCache.DefaultDirectory));
     }
 
+    /// <summary>Releases the stream and the device even when one release throws, then checks for a sticky fault.</summary>
     [TestCleanup]
     public void CloseDevice()
     {
-        Stream?.Dispose();
-        Device?.Dispose();
+        try
+        {
+            Stream?.Dispose();
+        }
+        finally
+        {
+            try
+            {
+                Device?.Dispose();
+            }
+            finally
+            {
+                GpuGuard.After(TestContext);
+            }
+        }
     }
 
     protected static float[] Normal(Random r, int n, float scale = 1f)

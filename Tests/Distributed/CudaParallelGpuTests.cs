@@ -81,15 +81,10 @@ public sealed class CudaParallelGpuTests
     }
 
     [TestInitialize]
-    public void RequireDevice()
-    {
-        if (!CudaRt.IsAvailable)
-        {
-            Assert.Inconclusive($"no CUDA device: {CudaRt.UnavailableReason}");
-        }
+    public void RequireDevice() => GpuGuard.Require();
 
-        NvrtcSupport.RequireNvrtc();
-    }
+    [TestCleanup]
+    public void CheckContext() => GpuGuard.After(TestContext);
 
     [TestMethod]
     [DynamicData(nameof(Cases))]

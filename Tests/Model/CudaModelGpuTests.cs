@@ -4,7 +4,6 @@ using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Tests.Cuda;
 using DeepSeekCuda.Tests.Support;
-using CudaRt = DeepSeekCuda.Cuda.Cuda;
 
 namespace DeepSeekCuda.Tests.Model;
 
@@ -29,15 +28,10 @@ public sealed class CudaModelGpuTests
     public TestContext TestContext { get; set; } = null!;
 
     [TestInitialize]
-    public void RequireDevice()
-    {
-        if (!CudaRt.IsAvailable)
-        {
-            Assert.Inconclusive($"no CUDA device: {CudaRt.UnavailableReason}");
-        }
+    public void RequireDevice() => GpuGuard.Require();
 
-        NvrtcSupport.RequireNvrtc();
-    }
+    [TestCleanup]
+    public void CheckContext() => GpuGuard.After(TestContext);
 
     [TestMethod]
     public void LogitsWithinToleranceTwoAndCloseToTheEmulation()

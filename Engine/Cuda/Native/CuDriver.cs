@@ -16,7 +16,14 @@ public enum CuResult
     InvalidContext = 201,
     NotFound = 500,
     NotReady = 600,
+    IllegalAddress = 700,
     LaunchOutOfResources = 701,
+    LaunchTimeout = 702,
+    HardwareStackError = 714,
+    IllegalInstruction = 715,
+    MisalignedAddress = 716,
+    InvalidAddressSpace = 717,
+    InvalidPc = 718,
     LaunchFailed = 719,
 }
 
