@@ -10,7 +10,7 @@ public static class TestAssembly
     /// <summary>
     /// Before any test can initialize the CUDA driver: give every stream its own hardware queue
     /// (CUDA_DEVICE_MAX_CONNECTIONS = 32 unless the environment set it), which the logical-rank all-reduce tests need
-    /// (see <see cref="CudaParallel.ConfigureConnections"/>); tools/gpu/run.sh also exports it.
+    /// (see <see cref="CudaParallel.ConfigureConnections"/>); tools/gpu/device-run.sh also exports it.
     /// Without a device, says once why every <c>Gpu</c> test will report Inconclusive (the README's test command
     /// shows only failed tests one by one, so the skipped count in the summary has its reason here).
     /// </summary>

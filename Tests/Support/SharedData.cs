@@ -7,6 +7,7 @@ namespace DeepSeekCuda.Tests.Support;
 internal static class SharedData
 {
     private static readonly Lazy<string> Root = new(Find);
+    private static readonly Lazy<string> CheckoutRoot = new(FindCheckout);
 
     public static string Dir => Root.Value;
 
@@ -18,6 +19,9 @@ internal static class SharedData
 
     public static string Tokenizer => Path.Combine(Dir, "tokenizers", "deepseek-v3");
 
+    /// <summary>The checkout the test binaries were built in (the folder holding DeepSeekCuda.sln).</summary>
+    public static string Checkout => CheckoutRoot.Value;
+
     private static string Find()
     {
         var env = Environment.GetEnvironmentVariable("DSCUDA_SHARED");
@@ -26,14 +30,17 @@ internal static class SharedData
             return Directory.Exists(env) ? env : throw new DirectoryNotFoundException($"DSCUDA_SHARED='{env}' does not exist");
         }
 
+        var shared = Path.GetFullPath(Path.Combine(FindCheckout(), "..", "shared"));
+        return Directory.Exists(shared) ? shared : throw new DirectoryNotFoundException($"shared test data not found at {shared} (set DSCUDA_SHARED)");
+    }
+
+    private static string FindCheckout()
+    {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
         {
             if (File.Exists(Path.Combine(dir.FullName, "DeepSeekCuda.sln")))
             {
-                var shared = Path.GetFullPath(Path.Combine(dir.FullName, "..", "shared"));
-                return Directory.Exists(shared)
-                    ? shared
-                    : throw new DirectoryNotFoundException($"shared test data not found at {shared} (set DSCUDA_SHARED)");
+                return dir.FullName;
             }
         }
 

@@ -1,4 +1,5 @@
 using System.Text.Json;
+using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Text;
 
@@ -10,18 +11,7 @@ namespace DeepSeekCuda.Tests.Text;
 [TestClass]
 public sealed class HfFuzzCasesTests
 {
-    private static string DataFile()
-    {
-        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
-        {
-            if (File.Exists(Path.Combine(dir.FullName, "DeepSeekCuda.sln")))
-            {
-                return Path.Combine(dir.FullName, "Tests", "Text", "Data", "hf-fuzz-cases.jsonl");
-            }
-        }
-
-        throw new DirectoryNotFoundException("DeepSeekCuda.sln not found above the test binaries");
-    }
+    private static string DataFile() => Path.Combine(SharedData.Checkout, "Tests", "Text", "Data", "hf-fuzz-cases.jsonl");
 
     [TestMethod]
     public void EncodeMatchesHuggingFaceOnFuzzCases()
