@@ -224,6 +224,7 @@ public sealed class DeviceRunScoringTests
         var env = new Dictionary<string, string?>
         {
             ["DSCUDA_BUNDLE"] = bundle,
+            ["TMPDIR"] = dir.Path, // the script's work folder, left behind by the killed run, goes with the test's
             ["PATH"] = fakeBin + ":" + Environment.GetEnvironmentVariable("PATH"),
             ["DSCUDA_DEADLINE_S"] = "120", ["DSCUDA_CLASS_S"] = "6", ["DSCUDA_TEST_S"] = "3", ["DSCUDA_TESTS_UNTIL_S"] = "90",
             ["DSCUDA_SANITIZER_CLASSES"] = "3", ["DSCUDA_SANITIZER_S"] = "10", ["DSCUDA_BENCH_S"] = "4", ["DSCUDA_KERNELS_S"] = "10",

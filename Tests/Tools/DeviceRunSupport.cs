@@ -56,20 +56,42 @@ internal static partial class DeviceRunSupport
         using var p = Process.Start(info)!;
         var output = new System.Text.StringBuilder();
         var gate = new object();
-        p.OutputDataReceived += (_, e) => { lock (gate) { output.AppendLine(e.Data); } };
-        p.ErrorDataReceived += (_, e) => { lock (gate) { output.AppendLine(e.Data); } };
+        var outClosed = new TaskCompletionSource();
+        var errClosed = new TaskCompletionSource();
+        p.OutputDataReceived += (_, e) => Collect(e.Data, outClosed);
+        p.ErrorDataReceived += (_, e) => Collect(e.Data, errClosed);
         p.BeginOutputReadLine();
         p.BeginErrorReadLine();
         if (!p.WaitForExit(timeout))
         {
             p.Kill(entireProcessTree: true);
-            Assert.Fail($"{file} {string.Join(' ', args)} did not finish within {timeout.TotalSeconds:F0} s; output so far:\n{output}");
+            Assert.Fail($"{file} {string.Join(' ', args)} did not finish within {timeout.TotalSeconds:F0} s; output so far:\n{Text()}");
         }
 
-        p.WaitForExit();
-        lock (gate)
+        // A process the command left behind (a build server) can hold the pipes open: wait for their end a little, not forever.
+        Task.WaitAll([outClosed.Task, errClosed.Task], TimeSpan.FromSeconds(10));
+        return new ProcessResult(p.ExitCode, Text(), clock.Elapsed);
+
+        void Collect(string? line, TaskCompletionSource closed)
         {
-            return new ProcessResult(p.ExitCode, output.ToString(), clock.Elapsed);
+            if (line is null)
+            {
+                closed.TrySetResult();
+                return;
+            }
+
+            lock (gate)
+            {
+                output.AppendLine(line);
+            }
+        }
+
+        string Text()
+        {
+            lock (gate)
+            {
+                return output.ToString();
+            }
         }
     }
 

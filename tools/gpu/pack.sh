@@ -14,6 +14,10 @@ out="$dest/gpu-bundle"
 shared="${DSCUDA_SHARED:-$repo/../shared}"
 trim="${DSCUDA_TRIM:-1}"
 
+# No build server or reused MSBuild node may outlive the publish: one would keep the caller's output pipe open
+# (a test that runs this script would wait for its end forever).
+export MSBUILDDISABLENODEREUSE=1 DOTNET_CLI_USE_MSBUILD_SERVER=0 UseSharedCompilation=false
+
 rm -rf "$out"
 # A previous publish with other trimming settings leaves trimmed assemblies that an incremental publish reuses.
 rm -rf "$repo"/Tests/obj/Release/net10.0/linux-x64 "$repo"/Tests/bin/Release/net10.0/linux-x64
