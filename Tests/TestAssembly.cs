@@ -1,3 +1,4 @@
+using DeepSeekCuda.Cuda.Native;
 using DeepSeekCuda.Distributed;
 using CudaRt = DeepSeekCuda.Cuda.Cuda;
 
@@ -22,7 +23,7 @@ public static class TestAssembly
         {
             // The process's own stderr: MSTest captures Console per test, and this line belongs to the whole run.
             using var stderr = new StreamWriter(Console.OpenStandardError());
-            var reason = CudaRt.UnavailableReason!.Split('\n')[0].Split(". Looked in")[0].TrimEnd('.', ':', ' ');
+            var reason = NativeLibraries.Headline(CudaRt.UnavailableReason!);
             stderr.WriteLine($"No CUDA device ({reason}): every TestCategory=Gpu test reports Inconclusive, counted as skipped below.");
         }
     }

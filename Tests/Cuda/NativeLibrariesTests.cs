@@ -58,6 +58,15 @@ public sealed class NativeLibrariesTests
     }
 
     [TestMethod]
+    public void HeadlineIsTheReasonsFirstLineWithoutItsFolderList()
+    {
+        var reason = NativeLibraries.Load([new(Path.Combine(_root, "none"), null)], ["libnothing.so.1"], "libnothing", "Fix: none.").Error!;
+        Assert.AreEqual("libnothing (libnothing.so.1) could not be loaded", NativeLibraries.Headline(reason), reason);
+        Assert.AreEqual("cuInit failed: CUDA_ERROR_NO_DEVICE: no CUDA-capable device is detected",
+            NativeLibraries.Headline("cuInit failed: CUDA_ERROR_NO_DEVICE: no CUDA-capable device is detected\nmore"));
+    }
+
+    [TestMethod]
     public void WithoutTheVariablesTheLoaderSearchIsFirstAndAFolderNamedTwiceIsSearchedOnce()
     {
         var env = Env(("CUDA_PATH", "/opt/cuda"), ("CUDA_HOME", "/opt/x/../cuda/"), ("HOME", "/home/u"));

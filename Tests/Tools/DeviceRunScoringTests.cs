@@ -166,15 +166,7 @@ public sealed class DeviceRunScoringTests
         // Listed hanging class first: the script's order puts the simplest kernels (KernelGpuTests) first, multi-rank ones last.
         var (env, outDir) = FakeRun(dir, ("CudaParallelGpuTests", ["A", "B"]), ("KernelGpuTests", ["A", "B (1,2)"]));
         env["DSCUDA_CLASS_S"] = "100";
-        var info = new ProcessStartInfo("bash") { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true };
-        info.ArgumentList.Add(Script);
-        info.ArgumentList.Add(outDir);
-        foreach (var (k, v) in env)
-        {
-            info.Environment[k] = v;
-        }
-
-        using var p = Process.Start(info)!;
+        using var p = Process.Start(StartInfo("bash", [Script, outDir], env))!;
         p.OutputDataReceived += (_, _) => { };
         p.ErrorDataReceived += (_, _) => { };
         p.BeginOutputReadLine();

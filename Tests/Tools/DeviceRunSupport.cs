@@ -18,10 +18,10 @@ internal static partial class DeviceRunSupport
     public sealed record ProcessResult(int ExitCode, string Output, TimeSpan Elapsed);
 
     /// <summary>
-    /// Runs a command to its end (or kills it at <paramref name="timeout"/> and fails), output and error together;
-    /// <paramref name="env"/> sets variables, a null value removes one.
+    /// A redirected start of <paramref name="file"/>: <paramref name="env"/> sets variables, a null value removes one, and
+    /// no MSBuild variable of the build that launched these tests reaches a nested dotnet publish.
     /// </summary>
-    public static ProcessResult Run(string file, IEnumerable<string> args, IReadOnlyDictionary<string, string?> env, TimeSpan timeout, string? cwd = null)
+    public static ProcessStartInfo StartInfo(string file, IEnumerable<string> args, IReadOnlyDictionary<string, string?> env)
     {
         var info = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         foreach (var a in args)
@@ -29,7 +29,6 @@ internal static partial class DeviceRunSupport
             info.ArgumentList.Add(a);
         }
 
-        // A nested dotnet publish must not inherit the MSBuild of the build that launched these tests.
         foreach (var key in info.Environment.Keys.Where(k => k.StartsWith("MSBuild", StringComparison.OrdinalIgnoreCase)).ToList())
         {
             info.Environment.Remove(key);
@@ -47,11 +46,13 @@ internal static partial class DeviceRunSupport
             }
         }
 
-        if (cwd is not null)
-        {
-            info.WorkingDirectory = cwd;
-        }
+        return info;
+    }
 
+    /// <summary>Runs a command to its end (or kills it at <paramref name="timeout"/> and fails), output and error together.</summary>
+    public static ProcessResult Run(string file, IEnumerable<string> args, IReadOnlyDictionary<string, string?> env, TimeSpan timeout)
+    {
+        var info = StartInfo(file, args, env);
         var clock = Stopwatch.StartNew();
         using var p = Process.Start(info)!;
         var output = new System.Text.StringBuilder();

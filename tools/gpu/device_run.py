@@ -68,8 +68,8 @@ class Run:
     def __init__(self, out):
         self.out = os.path.abspath(out)
         os.makedirs(self.out, exist_ok=True)
-        self.repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self.bundle = os.path.abspath(os.environ.get("DSCUDA_BUNDLE") or os.path.join(self.repo, "gpu-bundle"))
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.bundle = os.path.abspath(os.environ.get("DSCUDA_BUNDLE") or os.path.join(repo, "gpu-bundle"))
         self.work = tempfile.mkdtemp(prefix="dscuda-device-run-")
         self.results = os.path.join(self.work, "results")
         os.makedirs(self.results)
@@ -123,14 +123,14 @@ class Run:
         end = self.deadline - self.reserve if until is None else min(until, self.deadline - self.reserve)
         return end - now()
 
-    def call(self, args, log_path, timeout, env=None, cwd=None):
+    def call(self, args, log_path, timeout):
         """Runs args in its own process group, output to log_path; kills the group at timeout. (rc, seconds, timed_out)."""
         started = time.monotonic()
         with open(log_path, "ab") as sink:
             sink.write(("$ " + " ".join(args) + "\n").encode())
             sink.flush()
             try:
-                p = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=env or self.env, cwd=cwd or self.work,
+                p = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
                                      start_new_session=True)
             except OSError as e:
                 sink.write(f"could not start: {e}\n".encode())

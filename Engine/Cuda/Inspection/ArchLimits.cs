@@ -35,6 +35,9 @@ public sealed record ArchLimits(
         new("sm_120", 48, 32, 65536, 100 * 1024, 99 * 1024, HasFp8MmaSync: true),
     ];
 
+    /// <summary>Whether <paramref name="arch"/> has a table entry (<see cref="For"/> does not throw).</summary>
+    public static bool IsKnown(string arch) => Known.Any(k => k.Arch == arch);
+
     /// <summary>The limits of <paramref name="arch"/>; throws for a target without a table entry.</summary>
     public static ArchLimits For(string arch) =>
         Known.FirstOrDefault(k => k.Arch == arch)

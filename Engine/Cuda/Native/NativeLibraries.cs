@@ -58,6 +58,7 @@ public static class NativeLibraries
     // Wheel layouts under site-packages: CUDA 13 puts every library in one folder, CUDA 12 one per package.
     private static readonly string[] WheelLayouts = ["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib", "nvidia/cublas/lib"];
 
+    private const string LookedIn = "Looked in:";
     private const string LoaderOrigin = "the dynamic loader's search (LD_LIBRARY_PATH, ld.so.cache)";
     private const string WheelOrigin = "Python wheel";
     private const string ToolchainOrigin = "tools/cuda/toolchain.sh";
@@ -382,7 +383,7 @@ public static class NativeLibraries
     private static string Describe(IReadOnlyList<SearchFolder> folders, IReadOnlyList<string> files, string what, string fix,
         Dictionary<SearchFolder, List<(string File, string Why)>> outcomes)
     {
-        var text = new StringBuilder($"{what} ({string.Join(", ", files)}) could not be loaded. Looked in:");
+        var text = new StringBuilder($"{what} ({string.Join(", ", files)}) could not be loaded. {LookedIn}");
         foreach (var folder in folders.Distinct())
         {
             text.Append("\n  ").Append(folder).Append(": ");
@@ -447,6 +448,16 @@ public static class NativeLibraries
     /// <summary>Throws <see cref="Blas.CublasUnavailableException"/> when cuBLASLt cannot be loaded.</summary>
     public static IntPtr RequireCublasLt() =>
         TryCublasLt(out var h, out var reason) ? h : throw new Blas.CublasUnavailableException("cublasLt", reason);
+
+    /// <summary>
+    /// The first line of a reason this class gave (or any text), without the "Looked in:" that introduces its list of
+    /// searched folders: "the NVIDIA driver (libcuda.so.1, libcuda.so) could not be loaded".
+    /// </summary>
+    public static string Headline(string reason)
+    {
+        var line = reason.Split('\n')[0].TrimEnd();
+        return line.EndsWith(LookedIn, StringComparison.Ordinal) ? line[..^LookedIn.Length].TrimEnd(' ', '.') : line;
+    }
 
     /// <summary>The file the driver library was loaded from (a soname when the dynamic loader found it), or null.</summary>
     public static string? DriverPath => DriverLib.Value.Path;

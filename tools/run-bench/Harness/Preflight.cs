@@ -4,6 +4,7 @@ using System.Globalization;
 using System.Runtime.InteropServices;
 using System.Text.Json;
 using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Cuda.Inspection;
 using DeepSeekCuda.Cuda.Native;
 using DeepSeekCuda.Kernels;
 using CudaRt = DeepSeekCuda.Cuda.Cuda;
@@ -81,7 +82,7 @@ internal static class Preflight
         var deviceError = CudaRt.UnavailableReason;
         if (deviceError is not null)
         {
-            problems.Add($"no CUDA device: {FirstLine(deviceError)}");
+            problems.Add($"no CUDA device: {NativeLibraries.Headline(deviceError)}");
         }
 
         var nvrtc = NativeLibraries.TryNvrtc(out _, out var nvrtcError)
@@ -89,7 +90,7 @@ internal static class Preflight
             : new LibraryFinding(null, null, nvrtcError);
         if (nvrtc.Error is not null)
         {
-            problems.Add($"no NVRTC: {FirstLine(nvrtc.Error)}");
+            problems.Add($"no NVRTC: {NativeLibraries.Headline(nvrtc.Error)}");
         }
 
         var cublasLt = NativeLibraries.TryCublasLt(out _, out var ltError)
@@ -100,7 +101,7 @@ internal static class Preflight
             : new LibraryFinding(null, null, blasError);
         if (cublas.Error is not null)
         {
-            problems.Add($"no cuBLAS (the baselines of run-bench and the cuBLAS tests need it): {FirstLine(cublas.Error)}");
+            problems.Add($"no cuBLAS (the baselines of run-bench and the cuBLAS tests need it): {NativeLibraries.Headline(cublas.Error)}");
         }
 
         var devices = deviceError is null ? Devices() : [];
@@ -152,7 +153,7 @@ internal static class Preflight
             }));
         }
 
-        problems.AddRange(smoke.Where(s => !s.Ok).Select(s => $"{s.Step}: {FirstLine(s.Detail)}"));
+        problems.AddRange(smoke.Where(s => !s.Ok).Select(s => $"{s.Step}: {NativeLibraries.Headline(s.Detail)}"));
         var report = new PreflightReport(
             DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", CultureInfo.InvariantCulture), BenchReport.Commit, Environment.MachineName,
             RuntimeInformation.FrameworkDescription, driver, Try(() => CudaRt.DriverVersion), deviceError, devices, nvrtc, cublas, cublasLt, smoke, problems);
@@ -181,22 +182,9 @@ internal static class Preflight
         return list;
     }
 
-    /// <summary>The family's specializations for <paramref name="arch"/> (a PTX target's for sm_80, the smallest limits).</summary>
+    /// <summary>The family's specializations for <paramref name="arch"/> (sm_80's, the smallest limits, for a target without a table entry).</summary>
     private static IReadOnlyList<KernelInstance> Instances(string family, string arch) =>
-        KernelCatalog.For(arch.StartsWith("sm_", StringComparison.Ordinal) && ArchLimitsKnown(arch) ? arch : "sm_80")[family];
-
-    private static bool ArchLimitsKnown(string arch)
-    {
-        try
-        {
-            _ = DeepSeekCuda.Cuda.Inspection.ArchLimits.For(arch);
-            return true;
-        }
-        catch (ArgumentException)
-        {
-            return false;
-        }
-    }
+        KernelCatalog.For(ArchLimits.IsKnown(arch) ? arch : "sm_80")[family];
 
     private static SmokeFinding Step(string what, Func<string> step)
     {
@@ -244,26 +232,19 @@ internal static class Preflight
     /// <summary>cublasLtGetVersion's major·10000 + minor·100 + patch as "major.minor.patch".</summary>
     internal static string VersionText(long version) => $"{version / 10000}.{version / 100 % 100}.{version % 100}";
 
-    /// <summary>The first line, without the "Looked in:" that introduces the engine's list of searched folders.</summary>
-    private static string FirstLine(string text)
-    {
-        var line = text.Split('\n')[0].TrimEnd();
-        return line.EndsWith("Looked in:", StringComparison.Ordinal) ? line[..^"Looked in:".Length].TrimEnd(' ', '.') : line;
-    }
-
     private static void Print(PreflightReport r)
     {
-        static string Lib(LibraryFinding l) => l.Error is null ? $"{l.Path} ({l.Version ?? "version unknown"})" : $"not found: {FirstLine(l.Error)}";
+        static string Lib(LibraryFinding l) => l.Error is null ? $"{l.Path} ({l.Version ?? "version unknown"})" : $"not found: {NativeLibraries.Headline(l.Error)}";
         Console.WriteLine($"driver:   {Lib(r.Driver)}{(r.DriverCuda is null ? "" : $", CUDA {r.DriverCuda}")}");
         Console.WriteLine(r.Devices.Count == 0
-            ? $"devices:  none ({FirstLine(r.DeviceError ?? "the driver reports no device")})"
+            ? $"devices:  none ({NativeLibraries.Headline(r.DeviceError ?? "the driver reports no device")})"
             : $"devices:  {string.Join("; ", r.Devices.Select(d => $"{d.Ordinal}: {d.Name} {d.Arch}, {d.Multiprocessors} SMs, {d.MemoryMib} MiB, target {d.Target}"))}");
         Console.WriteLine($"nvrtc:    {Lib(r.Nvrtc)}");
         Console.WriteLine($"cublas:   {Lib(r.Cublas)}");
         Console.WriteLine($"cublasLt: {Lib(r.CublasLt)}");
         foreach (var s in r.Smoke)
         {
-            Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"smoke:    {(s.Ok ? "ok  " : "FAIL")} {s.Step} ({s.Ms:F0} ms): {FirstLine(s.Detail)}"));
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"smoke:    {(s.Ok ? "ok  " : "FAIL")} {s.Step} ({s.Ms:F0} ms): {NativeLibraries.Headline(s.Detail)}"));
         }
 
         Console.WriteLine(r.Ok ? "preflight: ok" : $"preflight: {r.Problems.Count} problem(s)\n  " + string.Join("\n  ", r.Problems));
