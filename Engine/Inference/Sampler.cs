@@ -48,7 +48,60 @@ public sealed class Sampler
         return best;
     }
 
-    /// <summary>Draws a token id from <paramref name="logits"/>.</summary>
+    /// <summary>
+    /// Masks ids at and past <paramref name="vocabLimit"/> (a model vocabulary padded past the tokenizer's)
+    /// to -infinity, in place. The one place where the padded rows are removed.
+    /// </summary>
+    public static void MaskPadding(Span<float> logits, int vocabLimit)
+    {
+        if (vocabLimit < logits.Length)
+        {
+            logits[Math.Max(vocabLimit, 0)..].Fill(float.NegativeInfinity);
+        }
+    }
+
+    /// <summary>
+    /// Chooses the next token from one row of the model's logits: the padded ids past
+    /// <paramref name="vocabLimit"/> are masked, and a row with a NaN or +infinite logit below it, or with no
+    /// finite logit at all, is refused, so broken numerics end the request with an error instead of a token.
+    /// -infinity is a legitimate logit: it means "impossible" (a mask), and is never drawn.
+    /// </summary>
+    /// <exception cref="NonFiniteLogitsException">A logit below <paramref name="vocabLimit"/> is NaN or +infinity, or all are -infinity.</exception>
+    public int SampleModelRow(Span<float> logits, int vocabLimit)
+    {
+        MaskPadding(logits, vocabLimit);
+        var real = logits[..Math.Min(vocabLimit, logits.Length)];
+        if (real.IsEmpty)
+        {
+            throw new ArgumentOutOfRangeException(nameof(vocabLimit), vocabLimit, "no token id is left to sample");
+        }
+
+        var bad = -1;
+        var broken = 0;
+        var possible = false;
+        for (var i = 0; i < real.Length; i++)
+        {
+            var x = real[i];
+            if (float.IsNaN(x) || float.IsPositiveInfinity(x))
+            {
+                broken++;
+                bad = bad < 0 ? i : bad;
+            }
+            else
+            {
+                possible |= x > float.NegativeInfinity;
+            }
+        }
+
+        if (broken > 0 || !possible)
+        {
+            throw new NonFiniteLogitsException(bad, bad < 0 ? float.NegativeInfinity : real[bad], broken > 0 ? broken : real.Length, real.Length);
+        }
+
+        return Sample(logits);
+    }
+
+    /// <summary>Draws a token id from <paramref name="logits"/> (any values: NaN is never drawn; all -infinity or NaN falls back to argmax).</summary>
     public int Sample(ReadOnlySpan<float> logits)
     {
         if (_temperature <= 0)
@@ -71,7 +124,7 @@ public sealed class Sampler
 
         // Unnormalized softmax; the largest entry is exactly 1, so the sum is at least 1.
         var probs = _probs.AsSpan(0, n);
-        var invT = 1f / _temperature;
+        var invT = 1f / _temperature; // finite: greedy below SamplingOptions.GreedyBelowTemperature
         double total = 0;
         for (var i = 0; i < n; i++)
         {
@@ -175,4 +228,17 @@ public sealed class Sampler
             return c != 0 ? c : a.CompareTo(b);
         }
     }
+}
+
+/// <summary>The model produced a NaN or +infinite logit, or only -infinity: broken weights or numerics, never a token to emit.</summary>
+public sealed class NonFiniteLogitsException(int tokenId, float value, int count, int vocab)
+    : InvalidOperationException(tokenId < 0
+        ? $"the model's logits are all -infinity ({vocab} ids): no token is possible; the weights or the numerics are broken"
+        : $"the model's logits are not finite: {count} of {vocab} are NaN or +infinity (first: id {tokenId} = {value}); the weights or the numerics are broken")
+{
+    /// <summary>The first token id whose logit is NaN or +infinity; -1 when every logit is -infinity.</summary>
+    public int TokenId { get; } = tokenId;
+
+    /// <summary>How many of the row's logits are NaN or +infinity (all of them when every one is -infinity).</summary>
+    public int Count { get; } = count;
 }

@@ -13,7 +13,13 @@ public sealed record SamplingOptions
     /// <summary>R1's recommended nucleus threshold.</summary>
     public const float DefaultTopP = 0.95f;
 
-    /// <summary>Softmax temperature; 0 means greedy (argmax, lowest id on ties). Null: <see cref="DefaultTemperature"/>.</summary>
+    /// <summary>
+    /// Temperatures below this sample greedily, as vLLM does (its sampling epsilon): the softmax is argmax
+    /// there for any real logits, and 1/T stays finite above it, so every finite temperature has a defined result.
+    /// </summary>
+    public const float GreedyBelowTemperature = 1e-5f;
+
+    /// <summary>Softmax temperature; 0 (or anything below <see cref="GreedyBelowTemperature"/>) means greedy (argmax, lowest id on ties). Null: <see cref="DefaultTemperature"/>.</summary>
     public float? Temperature { get; init; }
 
     /// <summary>Keep only the k most likely tokens; null or 0: no limit.</summary>
@@ -41,14 +47,14 @@ public sealed record SamplingOptions
     public float EffectiveTopP => TopP ?? DefaultTopP;
 
     /// <summary>Whether decoding is deterministic argmax regardless of the seed.</summary>
-    public bool IsGreedy => EffectiveTemperature <= 0 || TopK == 1;
+    public bool IsGreedy => EffectiveTemperature < GreedyBelowTemperature || TopK == 1;
 
     /// <summary>Throws when a value is out of range.</summary>
     public void Validate()
     {
-        if (Temperature is { } t && (float.IsNaN(t) || t < 0))
+        if (Temperature is { } t && (!float.IsFinite(t) || t < 0))
         {
-            throw new ArgumentOutOfRangeException(nameof(Temperature), t, "temperature must be >= 0");
+            throw new ArgumentOutOfRangeException(nameof(Temperature), t, "temperature must be finite and >= 0");
         }
 
         if (TopP is { } p && (float.IsNaN(p) || p <= 0 || p > 1))

@@ -326,14 +326,7 @@ public sealed class TextGenerator
     private static int Step(IModelSession session, ReadOnlySpan<int> tokens, float[] logits, Sampler sampler, int tokenizerVocab)
     {
         session.Forward(tokens, logits);
-
-        // The model's vocabulary may be padded past the tokenizer's; those rows mean nothing.
-        if (tokenizerVocab < logits.Length)
-        {
-            logits.AsSpan(tokenizerVocab).Fill(float.NegativeInfinity);
-        }
-
-        return sampler.Sample(logits);
+        return sampler.SampleModelRow(logits, tokenizerVocab);
     }
 
     private static void Route(List<GenerationUpdate> updates, int? tokenId, string text, ReasoningParser? parser, TextKind defaultKind, GenerationUsage usage)

@@ -237,7 +237,21 @@ public sealed class BatchScheduler : IDisposable
             throw new ArgumentException($"the prompt has {prompt.Count} tokens; a request holds 1..{limit}", nameof(prompt));
         }
 
+        // Checked here, not in the forward: a bad id there would fail every request batched with this one.
+        for (var i = 0; i < prompt.Count; i++)
+        {
+            if ((uint)prompt[i] >= (uint)_runner.VocabSize)
+            {
+                throw new ArgumentOutOfRangeException(nameof(prompt), prompt[i], $"prompt token {i} is not an id of the model's vocabulary (0..{_runner.VocabSize - 1})");
+            }
+        }
+
         var request = new ScheduledRequest(this, Interlocked.Increment(ref _nextId), [.. prompt], sampling, _speculative);
+        if (request.MaxTokens == 0)
+        {
+            request.Finish(FinishReason.Length); // nothing to generate: it never takes a slot
+            return request;
+        }
         _submitted.Enqueue(request);
         if (Volatile.Read(ref _disposed))
         {
@@ -329,24 +343,37 @@ public sealed class BatchScheduler : IDisposable
                 throw;
             }
 
-            var finished = new List<(ScheduledRequest, FinishReason)>();
+            var finished = new List<(ScheduledRequest Request, FinishReason? Reason, Exception? Error)>();
             var offset = 0;
             for (var i = 0; i < batch.Count; i++)
             {
                 var r = owners[i];
                 var entry = batch[i];
                 r.Fed += entry.Tokens.Length;
-                if (entry.LogitRows > 0 && Sample(r, entry, offset, v) is { } reason)
+                if (entry.LogitRows > 0)
                 {
-                    finished.Add((r, reason));
+                    try
+                    {
+                        if (Sample(r, entry, offset, v) is { } reason)
+                        {
+                            finished.Add((r, reason, null));
+                        }
+                    }
+                    catch (Exception e)
+                    {
+                        // Its own logits or sampler failed (non-finite logits): it ends alone, with its error;
+                        // the step, the other requests and their positions go on as if it had not come.
+                        Log.RequestFailed(_logger, r.Id, e);
+                        finished.Add((r, null, e));
+                    }
                 }
 
                 offset += entry.LogitRows * v;
             }
 
-            foreach (var (r, reason) in finished)
+            foreach (var (r, reason, error) in finished)
             {
-                Retire(r, reason, null);
+                Retire(r, reason, error);
             }
 
             DraftNext();
@@ -544,13 +571,7 @@ public sealed class BatchScheduler : IDisposable
 
     private int Choose(ScheduledRequest r, int offset, int v)
     {
-        var row = _logits.AsSpan(offset, v);
-        if (_options.SamplingVocabSize is { } limit && limit < v)
-        {
-            row[limit..].Fill(float.NegativeInfinity);
-        }
-
-        return r.Sampler.Sample(row);
+        return r.Sampler.SampleModelRow(_logits.AsSpan(offset, v), _options.SamplingVocabSize ?? v);
     }
 
     private FinishReason? Emit(ScheduledRequest r, int token)
@@ -606,12 +627,9 @@ public sealed class BatchScheduler : IDisposable
 
         for (var i = 0; i < drafting.Count; i++)
         {
+            // A draft is only a guess the next step verifies: no finiteness check needed here.
             var row = draftLogits.AsSpan(i * v, v);
-            if (_options.SamplingVocabSize is { } limit && limit < v)
-            {
-                row[limit..].Fill(float.NegativeInfinity);
-            }
-
+            Sampler.MaskPadding(row, _options.SamplingVocabSize ?? v);
             drafting[i].Draft = Sampler.ArgMax(row);
         }
     }
@@ -680,6 +698,9 @@ internal static partial class Log
 {
     [LoggerMessage(EventId = 100, Level = LogLevel.Error, Message = "A scheduler step failed; its requests were ended")]
     public static partial void StepFailed(ILogger logger, Exception exception);
+
+    [LoggerMessage(EventId = 103, Level = LogLevel.Warning, Message = "Request {Id} failed and was ended alone; the rest of its step went on")]
+    public static partial void RequestFailed(ILogger logger, long id, Exception exception);
 
     [LoggerMessage(EventId = 101, Level = LogLevel.Debug, Message = "Request {Id} finished: {Tokens} tokens in {Steps} steps, MTP drafts {Drafted}, accepted {Accepted} ({AcceptanceRate:P1})")]
     public static partial void SpeculativeRequestFinished(ILogger logger, long id, int tokens, long steps, long drafted, long accepted, double acceptanceRate);

@@ -136,4 +136,98 @@ public sealed class SamplerTests
         Assert.IsFalse(o.IsGreedy);
         Assert.IsTrue(new SamplingOptions { Temperature = 0 }.IsGreedy);
     }
+
+    [TestMethod]
+    [DataRow(1e-39f, 0.95f)]
+    [DataRow(1e-39f, 1f)]
+    [DataRow(float.Epsilon, 0.5f)]
+    [DataRow(1e-30f, 1f)]
+    [DataRow(9.9e-6f, 0.95f)]
+    public void TemperatureBelowTheGreedyThreshold_IsArgmax_NeverAnError(float temperature, float topP)
+    {
+        // The largest logit is not at id 0, so "token 0 by accident" cannot pass.
+        float[] logits = [0.5f, -1f, 3.25f, 3.2f, 2f];
+        var options = new SamplingOptions { Temperature = temperature, TopP = topP, Seed = 5 };
+        Assert.IsTrue(options.IsGreedy);
+        var sampler = new Sampler(options);
+        for (var i = 0; i < 100; i++)
+        {
+            Assert.AreEqual(2, sampler.Sample(logits));
+        }
+    }
+
+    [TestMethod]
+    public void TemperatureJustAboveTheGreedyThreshold_StillSamples_WithFiniteWeights()
+    {
+        // At T = 1e-5 a logit gap of 1e-6 still weighs e^-0.1: both ids must come up.
+        float[] logits = [0f, 1f, 1f - 1e-6f, -5f];
+        var sampler = new Sampler(new SamplingOptions { Temperature = 1e-5f, TopP = 1f, Seed = 9 });
+        var counts = new int[logits.Length];
+        for (var i = 0; i < 4000; i++)
+        {
+            counts[sampler.Sample(logits)]++;
+        }
+
+        Assert.AreEqual(0, counts[0] + counts[3]);
+        Assert.IsGreaterThan(1000, counts[1]);
+        Assert.IsGreaterThan(1000, counts[2]);
+    }
+
+    [TestMethod]
+    [DataRow(float.PositiveInfinity)]
+    [DataRow(float.NaN)]
+    [DataRow(-0.1f)]
+    public void NonFiniteOrNegativeTemperature_IsRefusedByName(float temperature)
+    {
+        var e = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new Sampler(new SamplingOptions { Temperature = temperature }));
+        Assert.AreEqual("Temperature", e.ParamName);
+    }
+
+    [TestMethod]
+    [DataRow(float.NaN)]
+    [DataRow(float.PositiveInfinity)]
+    public void ModelRow_WithANaNOrInfiniteLogit_IsAnError_NeverAToken(float bad)
+    {
+        var logits = new float[10];
+        logits[3] = 2f;
+        logits[6] = bad;
+        logits[7] = bad;
+        foreach (var options in new[] { SamplingOptions.Greedy, new SamplingOptions { Seed = 1 }, new SamplingOptions { Seed = 1, TopP = 1f } })
+        {
+            var e = Assert.ThrowsExactly<NonFiniteLogitsException>(() => new Sampler(options).SampleModelRow(logits.ToArray(), 10));
+            Assert.AreEqual(6, e.TokenId);
+            Assert.AreEqual(2, e.Count);
+        }
+    }
+
+    [TestMethod]
+    public void ModelRow_MinusInfinityIsAMask_ButAllMinusInfinityIsAnError()
+    {
+        float[] masked = [float.NegativeInfinity, -3f, float.NegativeInfinity, -4f];
+        var sampler = new Sampler(new SamplingOptions { Temperature = 2f, Seed = 4 });
+        for (var i = 0; i < 100; i++)
+        {
+            Assert.IsTrue(sampler.SampleModelRow(masked.ToArray(), 4) is 1 or 3);
+        }
+
+        // Past the limit stays masked whatever it holds; below it nothing is possible.
+        float[] impossible = [float.NegativeInfinity, float.NegativeInfinity, 5f];
+        var e = Assert.ThrowsExactly<NonFiniteLogitsException>(() => sampler.SampleModelRow(impossible, 2));
+        Assert.AreEqual(-1, e.TokenId);
+        StringAssert.Contains(e.Message, "all -infinity");
+    }
+
+    [TestMethod]
+    public void ModelRow_MasksThePaddedVocabulary_AndIgnoresWhatIsThere()
+    {
+        // Padding past the tokenizer holds garbage (here NaN and the largest value): never drawn, never an error.
+        float[] logits = [0f, 1f, 0.5f, float.NaN, 100f];
+        var sampler = new Sampler(new SamplingOptions { Temperature = 1f, TopP = 1f, Seed = 3 });
+        for (var i = 0; i < 200; i++)
+        {
+            var row = logits.ToArray();
+            Assert.IsLessThan(3, sampler.SampleModelRow(row, 3));
+            Assert.IsTrue(float.IsNegativeInfinity(row[3]) && float.IsNegativeInfinity(row[4]), "masked in place");
+        }
+    }
 }

@@ -297,4 +297,103 @@ public sealed class BatchSchedulerTests
         scheduler.Dispose();
         Assert.ThrowsExactly<ObjectDisposedException>(() => scheduler.Submit([1]));
     }
+
+    [TestMethod]
+    [DataRow(false)]
+    [DataRow(true)]
+    public void PoisonRequestsEndAlone_AndTheOtherRequestsAreUnchanged(bool speculative)
+    {
+        // Two prompt markers (ids below the printable range, valid model inputs) make the logits NaN:
+        // at once, or after the request has produced a few tokens.
+        const int PoisonAtOnce = 7, PoisonLater = 8, LaterAt = 25;
+        var clean = FakeModel.Bigram(21, eosLogit: 2f);
+        var model = new FakeModel(clean.VocabSize, clean.MaxSequenceLength, (h, logits) =>
+        {
+            clean.LogitsOf(h, logits);
+            if (h[0] == PoisonAtOnce || (h[0] == PoisonLater && h.Count >= LaterAt))
+            {
+                logits[40] = float.NaN;
+            }
+        });
+        var blocks = new KvBlockManager(80, 64, 2);
+        using IStepRunner runner = speculative ? new OracleStepRunner(model, blocks, length => length % 2 == 0) : new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { EosId = Eos, MaxBatch = 64, MaxTokensPerStep = 256 });
+        var rng = new Random(17);
+        var poisoned = new Dictionary<int, int> { [5] = PoisonAtOnce, [33] = PoisonLater, [62] = PoisonAtOnce };
+        var prompts = Enumerable.Range(0, 64).Select(i =>
+        {
+            var p = Printable(rng, 20);
+            if (poisoned.TryGetValue(i, out var marker))
+            {
+                p[0] = marker;
+            }
+
+            return p;
+        }).ToArray();
+
+        // A temperature that underflows 1/T in float is greedy now, never an error.
+        var options = Enumerable.Range(0, 64).Select(i => (i % 4) switch
+        {
+            0 => SamplingOptions.Greedy with { MaxTokens = 30 },
+            1 => new SamplingOptions { Temperature = 1e-39f, TopP = 0.95f, Seed = i, MaxTokens = 30 },
+            2 => new SamplingOptions { Temperature = 1e-39f, TopP = 1f, Seed = i, MaxTokens = 30 },
+            _ => new SamplingOptions { Temperature = 0.8f, TopP = 0.9f, Seed = i, MaxTokens = 30 },
+        }).ToArray();
+
+        // Ids outside the vocabulary are refused at the door; nothing of them reaches a step.
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => scheduler.Submit([65, model.VocabSize]));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => scheduler.Submit([-1, 65]));
+        var requests = prompts.Select((p, i) => scheduler.Submit(p, options[i])).ToArray();
+        var steps = 0;
+        while (requests.Any(r => !r.Completion.IsCompleted))
+        {
+            Assert.IsTrue(scheduler.Step());
+            Assert.IsLessThan(1000, ++steps);
+        }
+
+        for (var i = 0; i < requests.Length; i++)
+        {
+            var completion = requests[i].Completion;
+            if (poisoned.ContainsKey(i))
+            {
+                Assert.IsTrue(completion.IsFaulted, $"request {i} is poisoned");
+                Assert.IsInstanceOfType<NonFiniteLogitsException>(completion.Exception!.InnerException, $"request {i}");
+                var streamed = new List<int>();
+                while (requests[i].Output.TryRead(out var t))
+                {
+                    streamed.Add(t);
+                }
+
+                var expected = poisoned[i] == PoisonAtOnce ? 0 : LaterAt - 20;
+                Assert.AreEqual(expected, streamed.Count, $"request {i} streams its good tokens, then ends");
+                continue;
+            }
+
+            var reference = (i % 4) is 1 or 2 ? SamplingOptions.Greedy with { MaxTokens = 30 } : options[i];
+            CollectionAssert.AreEqual(Alone.Run(model, prompts[i], reference, Eos), completion.Result.Tokens.ToArray(), $"request {i}");
+        }
+
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks, "every block back");
+        Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots, "every slot back");
+        Assert.AreEqual(0, scheduler.RunningCount);
+        Assert.IsFalse(scheduler.Step(), "idle");
+        if (!speculative)
+        {
+            Assert.AreEqual(model.SessionsCreated, model.SessionsDisposed);
+        }
+    }
+
+    [TestMethod]
+    public void MaxTokensZero_FinishesAtOnce_WithoutTakingASlot()
+    {
+        var model = FakeModel.Bigram(1);
+        using var runner = new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, new KvBlockManager(8, 2, 4), new SchedulerOptions { EosId = Eos });
+        var r = scheduler.Submit([65, 66], SamplingOptions.Greedy with { MaxTokens = 0 });
+        Assert.IsTrue(r.Completion.IsCompletedSuccessfully);
+        Assert.AreEqual(0, r.Completion.Result.Tokens.Count);
+        Assert.AreEqual(FinishReason.Length, r.Completion.Result.FinishReason);
+        Assert.IsFalse(scheduler.Step(), "nothing was queued");
+        Assert.AreEqual(0, model.SessionsCreated);
+    }
 }
