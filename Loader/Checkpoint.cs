@@ -23,6 +23,12 @@ public sealed class Checkpoint : IDisposable
     /// <summary>Name of the config file.</summary>
     public const string ConfigFileName = "config.json";
 
+    /// <summary>How many more tensors than the checkpoint holds a config may imply before the comparison stops at once.</summary>
+    public const int MaxMissingListed = 10_000;
+
+    /// <summary>The largest shard index read (DeepSeek-V3's is about 9 MB).</summary>
+    public const long MaxIndexBytes = 256L << 20;
+
     private readonly ImmutableArray<SafetensorsFile> _shards;
     private readonly Dictionary<string, SafetensorsFile> _shardByPath;
 
@@ -111,7 +117,7 @@ public sealed class Checkpoint : IDisposable
         {
             foreach (var shard in shardNames)
             {
-                shards.Add(SafetensorsFile.Open(Path.Combine(directory, shard)));
+                shards.Add(SafetensorsFile.Open(Path.Combine(directory, shard), directory));
             }
 
             var problems = new List<string>();
@@ -177,7 +183,18 @@ public sealed class Checkpoint : IDisposable
     public static List<string> Validate(ModelConfig config, IReadOnlyDictionary<string, TensorInfo> tensors)
     {
         var problems = new List<string>();
-        var expected = CheckpointLayout.Expected(config);
+
+        // Bounded by what the checkpoint holds: a config that implies far more tensors is refused in one
+        // line instead of listing (and building) billions of missing names.
+        var expected = CheckpointLayout.Expected(config, tensors.Count + MaxMissingListed);
+        if (expected is null)
+        {
+            problems.Add($"config.json implies more than {tensors.Count + MaxMissingListed} tensors ({config.NumHiddenLayers} layers, "
+                + $"{config.NumNextNPredictLayers} MTP layers, {config.NRoutedExperts} routed experts each) but the checkpoint holds {tensors.Count}: "
+                + "the config does not describe this checkpoint");
+            return problems;
+        }
+
         var expectedNames = new HashSet<string>(StringComparer.Ordinal);
         foreach (var e in expected)
         {
@@ -222,14 +239,31 @@ public sealed class Checkpoint : IDisposable
     {
         var info = Get(name);
         ReadObserver?.Invoke(info, 0, info.ByteLength);
-        return ShardOf(info).GetBytes(info);
+        return Finite(info, 0, ShardOf(info).GetBytes(info));
     }
 
     /// <summary>Bytes <c>[start, start + length)</c> of <paramref name="tensor"/>, a span over its mapped shard (each shard is mapped once, at open).</summary>
+    /// <exception cref="NonFiniteWeightException">A float element in the range is NaN or infinite.</exception>
     public ReadOnlySpan<byte> GetBytes(TensorInfo tensor, long start, int length)
     {
         ReadObserver?.Invoke(tensor, start, length);
-        return ShardOf(tensor).GetBytes(tensor, start, length);
+        return Finite(tensor, start, ShardOf(tensor).GetBytes(tensor, start, length));
+    }
+
+    /// <summary>
+    /// Every read hands out only finite weights: a NaN or infinity in a weight, scale or norm would make
+    /// every logit NaN, so it is found here, while the bytes pass anyway, and named.
+    /// </summary>
+    private static ReadOnlySpan<byte> Finite(TensorInfo tensor, long start, ReadOnlySpan<byte> bytes)
+    {
+        var size = DTypes.SizeOf(tensor.DType);
+        var skip = (int)((size - start % size) % size); // a chunk may start inside an element
+        if (skip < bytes.Length && NonFinite.IndexOf(bytes[skip..], tensor.DType) is var i and >= 0)
+        {
+            throw new NonFiniteWeightException(tensor, (start + skip) / size + i);
+        }
+
+        return bytes;
     }
 
     /// <summary>
@@ -259,7 +293,7 @@ public sealed class Checkpoint : IDisposable
         }
 
         ReadObserver?.Invoke(info, 0, info.ByteLength);
-        var bytes = ShardOf(info).GetBytes(info);
+        var bytes = Finite(info, 0, ShardOf(info).GetBytes(info));
         var n = (int)info.ElementCount;
         switch (info.DType)
         {
@@ -325,7 +359,7 @@ public sealed class Checkpoint : IDisposable
         }
 
         ReadObserver?.Invoke(scale, 0, scale.ByteLength);
-        var scales = MemoryMarshal.Cast<byte, float>(ShardOf(scale).GetBytes(scale));
+        var scales = MemoryMarshal.Cast<byte, float>(Finite(scale, 0, ShardOf(scale).GetBytes(scale)));
         Dequantize.Fp8Blocks(codes, scales, rows, cols, block.BlockRows, block.BlockCols, destination);
     }
 
@@ -338,7 +372,7 @@ public sealed class Checkpoint : IDisposable
     {
         try
         {
-            using var doc = JsonDocument.Parse(File.ReadAllBytes(indexPath));
+            using var doc = JsonDocument.Parse(ModelFiles.ReadAllBytes(indexPath, Path.GetDirectoryName(indexPath)!, MaxIndexBytes));
             if (doc.RootElement.ValueKind != JsonValueKind.Object
                 || !doc.RootElement.TryGetProperty("weight_map", out var map) || map.ValueKind != JsonValueKind.Object)
             {

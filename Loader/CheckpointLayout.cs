@@ -128,12 +128,40 @@ public static class CheckpointLayout
     public static LayerNames Layer(ModelConfig config, int layer) => new(config, layer);
 
     /// <summary>Every tensor the checkpoint must hold for <paramref name="config"/>, MTP layers included.</summary>
-    public static IReadOnlyList<ExpectedTensor> Expected(ModelConfig config)
+    public static IReadOnlyList<ExpectedTensor> Expected(ModelConfig config) => Expected(config, int.MaxValue)!;
+
+    /// <summary>
+    /// <see cref="Expected(ModelConfig)"/>, or null as soon as the list would pass <paramref name="maxCount"/>
+    /// entries: a small config.json can claim billions of tensors (layers times experts), and what has to be
+    /// compared with a checkpoint's real tensors must stop long before that.
+    /// </summary>
+    public static IReadOnlyList<ExpectedTensor>? Expected(ModelConfig config, int maxCount)
+    {
+        try
+        {
+            return ExpectedUpTo(config, maxCount);
+        }
+        catch (TooManyTensors)
+        {
+            return null;
+        }
+    }
+
+    private sealed class TooManyTensors : Exception;
+
+    private static List<ExpectedTensor> ExpectedUpTo(ModelConfig config, int maxCount)
     {
         var list = new List<ExpectedTensor>();
         long v = config.VocabSize, d = config.HiddenSize;
-        void Add(string name, DType dtype, int layer, params long[] shape) =>
+        void Add(string name, DType dtype, int layer, params long[] shape)
+        {
+            if (list.Count >= maxCount)
+            {
+                throw new TooManyTensors();
+            }
+
             list.Add(new ExpectedTensor(name, dtype, [.. shape], layer));
+        }
 
         void AddLinear(LinearSpec linear, int layer)
         {

@@ -77,3 +77,18 @@ public sealed class CheckpointMismatchException : CheckpointException
         return string.Join(Environment.NewLine, [head, .. lines, .. tail]);
     }
 }
+
+/// <summary>A weight tensor holds a NaN or infinity: the checkpoint is corrupt, and would give NaN logits.</summary>
+public sealed class NonFiniteWeightException : CheckpointException
+{
+    /// <summary>Creates the exception for element <paramref name="index"/> of <paramref name="tensor"/>.</summary>
+    public NonFiniteWeightException(TensorInfo tensor, long index)
+        : base($"{tensor.FilePath}: tensor '{tensor.Name}' ({tensor.DType} {tensor.ShapeText}): element {index} is NaN or infinite; the checkpoint is corrupt",
+            tensor.FilePath, tensor.Name)
+    {
+        ElementIndex = index;
+    }
+
+    /// <summary>The first non-finite element (flat index).</summary>
+    public long ElementIndex { get; }
+}

@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 
@@ -118,23 +119,34 @@ public sealed record ModelConfig
         }
     }
 
+    /// <summary>
+    /// The largest routed_scaling_factor accepted (DeepSeek-V3: 2.5). The routed experts' weights are
+    /// probabilities times this factor; far beyond it the BF16 residual stream overflows.
+    /// </summary>
+    public const double MaxRoutedScalingFactor = 1000;
+
     /// <summary>Reads and validates <c>config.json</c>.</summary>
     /// <exception cref="ModelConfigException">A field is missing, mistyped or invalid.</exception>
-    /// <exception cref="CheckpointException">The file is missing or unreadable.</exception>
+    /// <exception cref="CheckpointException">The file is missing, unreadable, not a regular file of its folder, or over <see cref="MaxFileBytes"/>.</exception>
     public static ModelConfig Load(string path)
     {
+        path = Path.GetFullPath(path);
+        var bytes = ModelFiles.ReadAllBytes(path, Path.GetDirectoryName(path)!, MaxFileBytes);
         string text;
         try
         {
-            text = File.ReadAllText(path);
+            text = new UTF8Encoding(false, true).GetString(bytes);
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (DecoderFallbackException e)
         {
-            throw new CheckpointException($"{path}: cannot read config: {e.Message}", path, null, e);
+            throw new ModelConfigException(path, "(root)", $"not valid UTF-8 (at byte {e.Index})", e);
         }
 
         return Parse(text, path);
     }
+
+    /// <summary>The largest config.json read (DeepSeek-V3's is under 2 KB).</summary>
+    public const long MaxFileBytes = 1 << 20;
 
     /// <summary>Parses and validates config JSON; <paramref name="path"/> names it in errors.</summary>
     public static ModelConfig Parse(string json, string? path = null)
@@ -149,6 +161,11 @@ public sealed record ModelConfig
         catch (JsonException e)
         {
             throw new ModelConfigException(path, "(root)", $"not valid JSON: {e.Message}", e);
+        }
+        catch (InvalidOperationException e)
+        {
+            // The duplicate-key check unescapes every key: a lone surrogate ("\ud800") in one throws this.
+            throw new ModelConfigException(path, "(root)", $"holds a JSON key that is not valid UTF-16: {e.Message}", e);
         }
 
         try
@@ -275,21 +292,28 @@ public sealed record ModelConfig
             $"{TopkGroup} groups of {NRoutedExperts / NGroup} experts hold fewer than num_experts_per_tok {NumExpertsPerTok}");
         Check(FirstKDenseReplace >= 0 && FirstKDenseReplace <= NumHiddenLayers, "first_k_dense_replace",
             $"{FirstKDenseReplace} is outside 0..num_hidden_layers ({NumHiddenLayers})");
-        Check(double.IsFinite(RoutedScalingFactor) && RoutedScalingFactor > 0, "routed_scaling_factor",
-            $"must be a positive number, is {RoutedScalingFactor}");
-        Check(double.IsFinite(RmsNormEps) && RmsNormEps > 0, "rms_norm_eps", $"must be a positive number, is {RmsNormEps}");
-        Check(double.IsFinite(RopeTheta) && RopeTheta > 1, "rope_theta", $"must be a number above 1, is {RopeTheta}");
+        // The engine computes in float32: a value that passes as a double but overflows there (or scales
+        // activations past BF16's range) loads "valid" and then gives NaN logits, so bound it here.
+        Check(double.IsFinite(RoutedScalingFactor) && RoutedScalingFactor > 0 && RoutedScalingFactor <= MaxRoutedScalingFactor, "routed_scaling_factor",
+            $"must be in (0, {MaxRoutedScalingFactor}], is {RoutedScalingFactor}");
+        Check(double.IsFinite(RmsNormEps) && RmsNormEps > 0 && RmsNormEps <= 1 && (float)RmsNormEps > 0, "rms_norm_eps",
+            $"must be in (0, 1] and not vanish in float32, is {RmsNormEps}");
+        Check(double.IsFinite(RopeTheta) && RopeTheta > 1 && RopeTheta <= float.MaxValue && (float)RopeTheta > 1, "rope_theta",
+            $"must be above 1 in float32 and finite there, is {RopeTheta}");
         Check(BosTokenId >= 0 && BosTokenId < VocabSize, "bos_token_id", $"{BosTokenId} is outside the vocabulary (0..{VocabSize - 1})");
         Check(EosTokenId >= 0 && EosTokenId < VocabSize, "eos_token_id", $"{EosTokenId} is outside the vocabulary (0..{VocabSize - 1})");
         if (RopeScaling is { } y)
         {
-            Check(double.IsFinite(y.Factor) && y.Factor >= 1, "rope_scaling.factor", $"must be at least 1, is {y.Factor}");
+            Check(double.IsFinite(y.Factor) && y.Factor >= 1 && y.Factor <= float.MaxValue, "rope_scaling.factor",
+                $"must be at least 1 and finite in float32, is {y.Factor}");
             Check(y.OriginalMaxPositionEmbeddings > 0, "rope_scaling.original_max_position_embeddings",
                 $"must be positive, is {y.OriginalMaxPositionEmbeddings}");
             Check(double.IsFinite(y.BetaFast) && y.BetaFast > 0, "rope_scaling.beta_fast", $"must be positive, is {y.BetaFast}");
             Check(double.IsFinite(y.BetaSlow) && y.BetaSlow > 0, "rope_scaling.beta_slow", $"must be positive, is {y.BetaSlow}");
             Check(double.IsFinite(y.MScaleAllDim) && y.MScaleAllDim >= 0, "rope_scaling.mscale_all_dim",
                 $"must not be negative, is {y.MScaleAllDim}");
+            Check(float.IsFinite((float)SoftmaxScale) && (float)SoftmaxScale > 0, "rope_scaling.mscale_all_dim",
+                $"with factor {y.Factor} gives the softmax scale {SoftmaxScale}, not a positive float32");
         }
 
         if (Quantization is { } fp8)

@@ -9,7 +9,7 @@ namespace DeepSeekCuda.Loader;
 /// <summary>
 /// A safetensors file, memory-mapped read-only: tensor bytes are spans over the mapping, never copied.
 /// Opening validates the whole header (length, UTF-8 JSON, dtypes, shapes against byte ranges, ranges
-/// inside the data section, no overlaps) and throws <see cref="SafetensorsFormatException"/> naming the
+/// that tile the data section exactly: no overlap, hole or trailing byte) and throws <see cref="SafetensorsFormatException"/> naming the
 /// file and tensor on the first violation.
 /// </summary>
 /// <remarks>
@@ -22,15 +22,17 @@ public sealed unsafe class SafetensorsFile : IDisposable
     /// <summary>Headers beyond this are refused (the format's reference implementation uses 100 MB).</summary>
     public const long MaxHeaderBytes = 100_000_000;
 
+    private readonly FileStream _file;
     private readonly MemoryMappedFile? _map;
     private readonly MemoryMappedViewAccessor? _view;
     private byte* _base;
     private readonly long _dataStart;
 
-    private SafetensorsFile(string path, long fileLength, long dataStart, ImmutableDictionary<string, TensorInfo> tensors,
+    private SafetensorsFile(string path, FileStream file, long fileLength, long dataStart, ImmutableDictionary<string, TensorInfo> tensors,
         ImmutableDictionary<string, string> metadata, MemoryMappedFile? map, MemoryMappedViewAccessor? view, byte* basePointer)
     {
         FilePath = path;
+        _file = file;
         FileLength = fileLength;
         _dataStart = dataStart;
         Tensors = tensors;
@@ -56,82 +58,80 @@ public sealed unsafe class SafetensorsFile : IDisposable
     public ImmutableDictionary<string, string> Metadata { get; }
 
     /// <summary>Opens and validates <paramref name="path"/>.</summary>
+    /// <param name="path">The file.</param>
+    /// <param name="modelFolder">The folder a symbolic link may point into (<see cref="ModelFiles"/>); null: the file's own folder.</param>
     /// <exception cref="SafetensorsFormatException">The file breaks the format.</exception>
-    /// <exception cref="CheckpointException">The file cannot be read.</exception>
-    public static SafetensorsFile Open(string path)
+    /// <exception cref="CheckpointException">The file cannot be read, or is not a regular file of the model folder.</exception>
+    public static SafetensorsFile Open(string path, string? modelFolder = null)
     {
         path = Path.GetFullPath(path);
-        long length;
-        byte[] header;
-        try
-        {
-            using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1, FileOptions.None);
-            length = stream.Length;
-            if (length < 8)
-            {
-                throw new SafetensorsFormatException(path, null, $"file is {length} bytes, shorter than the 8-byte header length");
-            }
-
-            Span<byte> prefix = stackalloc byte[8];
-            stream.ReadExactly(prefix);
-            var n = BitConverter.ToUInt64(prefix);
-            if (n > (ulong)(length - 8))
-            {
-                throw new SafetensorsFormatException(path, null, $"header length {n} runs past the end of the file ({length - 8} bytes after the length)");
-            }
-
-            if (n > MaxHeaderBytes)
-            {
-                throw new SafetensorsFormatException(path, null, $"header length {n} exceeds the limit of {MaxHeaderBytes} bytes");
-            }
-
-            if (n < 2)
-            {
-                throw new SafetensorsFormatException(path, null, $"header length {n} is too short for a JSON object");
-            }
-
-            header = new byte[(int)n];
-            stream.ReadExactly(header);
-        }
-        catch (IOException e) when (e is FileNotFoundException or DirectoryNotFoundException)
-        {
-            throw new CheckpointException($"{path}: file not found", path, null, e);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new CheckpointException($"{path}: cannot read: {e.Message}", path, null, e);
-        }
-
-        var dataStart = 8 + header.LongLength;
-        var (tensors, metadata) = ParseHeader(path, header, length - dataStart);
-
-        if (length == dataStart)
-        {
-            // Nothing to map (only empty tensors); a zero-length mapping is not allowed.
-            return new SafetensorsFile(path, length, dataStart, tensors, metadata, null, null, null);
-        }
-
+        var file = ModelFiles.OpenRead(path, modelFolder ?? Path.GetDirectoryName(path)!, long.MaxValue);
         MemoryMappedFile? map = null;
         MemoryMappedViewAccessor? view = null;
         try
         {
-            map = MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0, MemoryMappedFileAccess.Read);
+            var length = file.Length;
+            var header = ReadHeaderBytes(path, file, length);
+            var dataStart = 8 + header.LongLength;
+            var (tensors, metadata) = ParseHeader(path, header, length - dataStart);
+            if (length == dataStart)
+            {
+                // Nothing to map (only empty tensors); a zero-length mapping is not allowed.
+                return new SafetensorsFile(path, file, length, dataStart, tensors, metadata, null, null, null);
+            }
+
+            // The mapping shares the open handle, so a later size check sees this very file (not a replacement).
+            map = MemoryMappedFile.CreateFromFile(file, null, 0, MemoryMappedFileAccess.Read, HandleInheritability.None, leaveOpen: true);
             view = map.CreateViewAccessor(0, 0, MemoryMappedFileAccess.Read);
             byte* p = null;
             view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
-            return new SafetensorsFile(path, length, dataStart, tensors, metadata, map, view, p + view.PointerOffset);
+            return new SafetensorsFile(path, file, length, dataStart, tensors, metadata, map, view, p + view.PointerOffset);
         }
         catch (Exception e)
         {
             view?.Dispose();
             map?.Dispose();
+            file.Dispose();
             if (e is IOException or UnauthorizedAccessException)
             {
-                throw new CheckpointException($"{path}: cannot map: {e.Message}", path, null, e);
+                throw new CheckpointException($"{path}: cannot read: {e.Message}", path, null, e);
             }
 
             throw;
         }
+    }
+
+    private static byte[] ReadHeaderBytes(string path, FileStream stream, long length)
+    {
+        if (length < 8)
+        {
+            throw new SafetensorsFormatException(path, null, $"file is {length} bytes, shorter than the 8-byte header length");
+        }
+
+        Span<byte> prefix = stackalloc byte[8];
+        stream.ReadExactly(prefix);
+        var n = BitConverter.ToUInt64(prefix);
+
+        // The value is not quoted when implausible: for a file that is not safetensors at all, it would be
+        // the file's first 8 bytes, shown to whoever reads the error.
+        if (n > (ulong)(length - 8))
+        {
+            throw new SafetensorsFormatException(path, null, $"the header length runs past the end of the file ({length} bytes): not a safetensors file, or a truncated one");
+        }
+
+        if (n > MaxHeaderBytes)
+        {
+            throw new SafetensorsFormatException(path, null, $"the header length exceeds the limit of {MaxHeaderBytes} bytes");
+        }
+
+        if (n < 2)
+        {
+            throw new SafetensorsFormatException(path, null, $"header length {n} is too short for a JSON object");
+        }
+
+        var header = new byte[(int)n];
+        stream.ReadExactly(header);
+        return header;
     }
 
     /// <summary>The tensor named <paramref name="name"/>.</summary>
@@ -156,6 +156,7 @@ public sealed unsafe class SafetensorsFile : IDisposable
         }
 
         ObjectDisposedException.ThrowIf(_base is null, this);
+        CheckNotTruncated(tensor);
         if (tensor.ByteLength > int.MaxValue)
         {
             throw new CheckpointException(
@@ -191,7 +192,23 @@ public sealed unsafe class SafetensorsFile : IDisposable
         }
 
         ObjectDisposedException.ThrowIf(_base is null, this);
+        CheckNotTruncated(tensor);
         return new ReadOnlySpan<byte>(_base + _dataStart + tensor.Begin + start, length);
+    }
+
+    /// <summary>
+    /// Touching a mapped page past the end of a file truncated while open kills the process (SIGBUS), so
+    /// every read first asks the open file its size (one fstat). A truncation after this check, while the
+    /// span is in use, cannot be caught: shards must not be rewritten while a model is loaded.
+    /// </summary>
+    private void CheckNotTruncated(TensorInfo tensor)
+    {
+        var now = RandomAccess.GetLength(_file.SafeFileHandle);
+        if (now < _dataStart + tensor.End)
+        {
+            throw new CheckpointException(
+                $"{FilePath}: the file was truncated while open ({now} bytes now, {FileLength} at open); tensor '{tensor.Name}' is gone", FilePath, tensor.Name);
+        }
     }
 
     /// <summary>
@@ -219,6 +236,7 @@ public sealed unsafe class SafetensorsFile : IDisposable
 
         _view?.Dispose();
         _map?.Dispose();
+        _file.Dispose();
     }
 
     /// <summary>Parses and validates a header; exposed for the fuzz tests.</summary>
@@ -293,7 +311,7 @@ public sealed unsafe class SafetensorsFile : IDisposable
         }
 
         var result = tensors.ToImmutable();
-        CheckOverlaps(path, result.Values);
+        CheckCoverage(path, result.Values, dataLength);
         return (result, metadata);
     }
 
@@ -414,18 +432,37 @@ public sealed unsafe class SafetensorsFile : IDisposable
             ? v
             : throw new SafetensorsFormatException(path, name, $"data offset {element.GetRawText()} is not a non-negative integer");
 
-    private static void CheckOverlaps(string path, IEnumerable<TensorInfo> tensors)
+    /// <summary>
+    /// The tensors must tile the data section exactly, as the format's reference reader requires: no
+    /// overlap, no hole, no trailing bytes. A header length off by a few bytes then fails here instead of
+    /// shifting every tensor.
+    /// </summary>
+    private static void CheckCoverage(string path, IEnumerable<TensorInfo> tensors, long dataLength)
     {
         TensorInfo? previous = null;
-        foreach (var t in tensors.Where(t => t.ByteLength > 0).OrderBy(t => t.Begin).ThenBy(t => t.End))
+        long offset = 0;
+        foreach (var t in tensors.OrderBy(t => t.Begin).ThenBy(t => t.End).ThenBy(t => t.Name, StringComparer.Ordinal))
         {
-            if (previous is not null && t.Begin < previous.End)
+            if (t.Begin < offset)
             {
                 throw new SafetensorsFormatException(path, t.Name,
-                    $"data_offsets [{t.Begin}, {t.End}] overlap tensor '{previous.Name}' at [{previous.Begin}, {previous.End}]");
+                    $"data_offsets [{t.Begin}, {t.End}] overlap tensor '{previous!.Name}' at [{previous.Begin}, {previous.End}]");
             }
 
+            if (t.Begin > offset)
+            {
+                throw new SafetensorsFormatException(path, t.Name,
+                    $"data_offsets [{t.Begin}, {t.End}] leave a hole of {t.Begin - offset} bytes after {(previous is null ? "the start of the data section" : $"tensor '{previous.Name}'")}");
+            }
+
+            offset = t.End;
             previous = t;
+        }
+
+        if (offset != dataLength)
+        {
+            throw new SafetensorsFormatException(path, previous?.Name,
+                $"the tensors end at byte {offset} of a {dataLength}-byte data section: {dataLength - offset} bytes belong to no tensor (or the header length is wrong)");
         }
     }
 }

@@ -35,6 +35,17 @@ public static class YarnRope
             }
         }
 
+        // Extreme but individually valid rope_scaling values can meet in 0/0 or inf/inf (the correction range):
+        // refuse them at load rather than rotate by NaN.
+        for (var i = 0; i < pairs; i++)
+        {
+            if (!float.IsFinite(result[i]) || result[i] < 0 || result[i] > 1)
+            {
+                throw new ModelConfigException(null, config.RopeScaling is null ? "rope_theta" : "rope_scaling",
+                    $"gives rotary frequency {result[i]} for pair {i} (theta {config.RopeTheta}); it must be a finite number in [0, 1]");
+            }
+        }
+
         return result;
     }
 

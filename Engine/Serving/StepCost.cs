@@ -12,7 +12,7 @@ public sealed record LayerBytes(int Layer, bool IsMoe, long FixedBytes, long Exp
 
 /// <summary>
 /// The memory-bandwidth floor and the arithmetic of a forward step of a DeepSeek-V3-architecture model, from
-/// its config only (tensor shapes and dtypes of <see cref="CheckpointLayout.Expected"/>, main layers only, no MTP).
+/// its config only (tensor shapes and dtypes of <see cref="CheckpointLayout.Expected(ModelConfig)"/>, main layers only, no MTP).
 /// Decode step of B sequences, each with C cached positions, under uniform routing:
 /// <code>
 /// bytes(B, C) = Σ_layers [ fixed_l + expert_l · U(B) ]           (U(B) = 0 for a dense layer)

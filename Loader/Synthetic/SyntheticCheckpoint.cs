@@ -10,7 +10,7 @@ namespace DeepSeekCuda.Loader.Synthetic;
 /// <summary>
 /// Writes a random-weight checkpoint for any <see cref="ModelConfig"/> in the exact release layout:
 /// <c>config.json</c>, <c>model-0000k-of-0000n.safetensors</c> shards, <c>model.safetensors.index.json</c>,
-/// every tensor of <see cref="CheckpointLayout.Expected"/> (MTP layers included), FP8 linear weights
+/// every tensor of <see cref="CheckpointLayout.Expected(ModelConfig)"/> (MTP layers included), FP8 linear weights
 /// block-quantized like the release. Same config and seed give byte-identical files.
 /// </summary>
 /// <remarks>

@@ -44,7 +44,7 @@ public sealed class GenerateCommandTests
     }
 
     [TestMethod]
-    [DataRow("--temperature", "-1", "temperature must be >= 0")]
+    [DataRow("--temperature", "-1", "temperature must be finite and >= 0")]
     [DataRow("--top-p", "2", "top-p must be in (0, 1]")]
     [DataRow("--top-p", "0", "top-p must be in (0, 1]")]
     [DataRow("--top-k", "-3", "top-k must be >= 0")]

@@ -47,7 +47,7 @@ public sealed class ModelConfigTests
         Fails(j => j["first_k_dense_replace"] = 4, "first_k_dense_replace", "outside 0..num_hidden_layers (3)");
         Fails(j => j["qk_rope_head_dim"] = 63, "qk_rope_head_dim", "must be even");
         Fails(j => j["eos_token_id"] = 1024, "eos_token_id", "outside the vocabulary");
-        Fails(j => j["rms_norm_eps"] = 0, "rms_norm_eps", "must be a positive number");
+        Fails(j => j["rms_norm_eps"] = 0, "rms_norm_eps", "must be in (0, 1]");
         Fails(j => j["num_attention_heads"] = 100_000_000, "num_attention_heads", "overflow a 32-bit width");
     }
 
@@ -94,7 +94,7 @@ public sealed class ModelConfigTests
         Fails(j => j["hidden_size"] = 3e10, "hidden_size", "is not a 32-bit integer");
         Fails(j => j["rope_theta"] = "10000", "rope_theta", "is not a number");
         Fails(j => j["norm_topk_prob"] = 1, "norm_topk_prob", "is not a boolean");
-        Fails(j => j["rope_theta"] = 1, "rope_theta", "must be a number above 1, is 1");
+        Fails(j => j["rope_theta"] = 1, "rope_theta", "must be above 1 in float32 and finite there, is 1");
     }
 
     [TestMethod]
@@ -132,6 +132,38 @@ public sealed class ModelConfigTests
         Assert.Contains("not valid UTF-16", surrogate.Message);
         Assert.AreEqual("(root)", Assert.ThrowsExactly<ModelConfigException>(() => ModelConfig.Parse("{\"vocab_size\": ", Path)).Field);
         Assert.Contains("not a JSON object", Assert.ThrowsExactly<ModelConfigException>(() => ModelConfig.Parse("[1]", Path)).Message);
+    }
+
+    [TestMethod]
+    public void ALoneSurrogateInAnyKeyOrStringOfTheConfig_IsAConfigError()
+    {
+        // Every key, and every string value, of the real config in turn: an escape JSON allows and UTF-16 does not.
+        var text = Base().ToJsonString();
+        var strings = System.Text.RegularExpressions.Regex.Matches(text, "\"[^\"]*\"").Select(m => m.Index).Distinct().ToList();
+        Assert.IsGreaterThan(40, strings.Count);
+        var refusedOrIgnored = 0;
+        foreach (var at in strings)
+        {
+            foreach (var escape in new[] { "\\ud800", "\\udfff", "\\ud800\\u0041" })
+            {
+                // A key, or a value the config reads, is refused; a value nothing reads (architectures) may pass.
+                var bad = text.Insert(at + 1, escape);
+                var isKey = text[(at + 1)..].IndexOf('"', StringComparison.Ordinal) is var end && text[at + 1 + end + 1] == ':';
+                try
+                {
+                    ModelConfig.Parse(bad, Path);
+                    Assert.IsFalse(isKey, bad);
+                    refusedOrIgnored++;
+                }
+                catch (ModelConfigException e)
+                {
+                    Assert.Contains(Path, e.Message);
+                    refusedOrIgnored++;
+                }
+            }
+        }
+
+        Assert.AreEqual(strings.Count * 3, refusedOrIgnored);
     }
 
     [TestMethod]

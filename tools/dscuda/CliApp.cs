@@ -65,7 +65,7 @@ public static class CliApp
     private static bool IsUserError(Exception e) =>
         e is CheckpointException or UserErrorException or FileNotFoundException or DirectoryNotFoundException
             or UnauthorizedAccessException or FormatException or InvalidDataException or ArgumentException
-            or IOException;
+            or IOException or DeepSeekCuda.Inference.NonFiniteLogitsException;
 
     // A mismatch report lists many tensors over several lines; keep them, but indent so the first line
     // still reads as the error.

@@ -1,0 +1,185 @@
+using System.Runtime.InteropServices;
+
+namespace DeepSeekCuda.Loader;
+
+/// <summary>
+/// Opens the files of a model folder without trusting them: each must be a regular file (never a FIFO,
+/// device, socket or folder, which would block or read forever), no larger than a limit named by the
+/// caller, and a symbolic link must end inside the model folder, or, for a Hugging Face hub snapshot
+/// (<c>.../snapshots/REV/</c>), inside that repository's <c>blobs</c> folder, which is where the hub's
+/// links point. Refusals are <see cref="CheckpointException"/>s naming the file and the rule, never
+/// anything read from the file.
+/// </summary>
+/// <remarks>
+/// The checks run on the path before it is opened; a file swapped between the check and the open
+/// (a race with someone who can already write the folder) is not covered.
+/// </remarks>
+public static partial class ModelFiles
+{
+    /// <summary>Checks <paramref name="path"/> and opens it for reading.</summary>
+    /// <param name="path">The file.</param>
+    /// <param name="modelFolder">The folder whose files may be read; links must end inside it (or the hub's blobs).</param>
+    /// <param name="maxBytes">The largest size accepted for this kind of file.</param>
+    /// <exception cref="CheckpointException">Missing, not a regular file, too large, a link out of the folder, or unreadable.</exception>
+    public static FileStream OpenRead(string path, string modelFolder, long maxBytes)
+    {
+        path = Path.GetFullPath(path);
+        Check(path, modelFolder, maxBytes);
+        try
+        {
+            return new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1, FileOptions.None);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new CheckpointException($"{path}: cannot read: {e.Message}", path, null, e);
+        }
+    }
+
+    /// <summary>Checks <paramref name="path"/> as <see cref="OpenRead"/> does and reads all of it.</summary>
+    public static byte[] ReadAllBytes(string path, string modelFolder, long maxBytes)
+    {
+        using var stream = OpenRead(path, modelFolder, maxBytes);
+        try
+        {
+            // The length was bounded by Check; a file that grew since is read up to the limit and refused.
+            var bytes = new byte[stream.Length];
+            stream.ReadExactly(bytes);
+            if (stream.ReadByte() >= 0)
+            {
+                throw new CheckpointException($"{stream.Name}: changed size while being read", stream.Name);
+            }
+
+            return bytes;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new CheckpointException($"{stream.Name}: cannot read: {e.Message}", stream.Name, null, e);
+        }
+    }
+
+    /// <summary>
+    /// Throws unless <paramref name="path"/> is (or links, inside the allowed folders, to) a regular file of
+    /// at most <paramref name="maxBytes"/> bytes.
+    /// </summary>
+    /// <exception cref="CheckpointException">It is not.</exception>
+    public static void Check(string path, string modelFolder, long maxBytes)
+    {
+        path = Path.GetFullPath(path);
+        var info = new FileInfo(path);
+        if (info.LinkTarget is null && !info.Exists && !Directory.Exists(path))
+        {
+            throw new CheckpointException($"{path}: file not found", path);
+        }
+
+        if (!OperatingSystem.IsLinux())
+        {
+            CheckPortable(path, info, maxBytes);
+            return;
+        }
+
+        var real = RealPath(path) ?? throw new CheckpointException($"{path}: file not found (a link to nothing)", path);
+        if (real != path && !IsInsideAllowedFolders(real, modelFolder))
+        {
+            throw new CheckpointException(
+                $"{path}: a symbolic link to {real}, outside the model folder; links may end only inside {modelFolder}{(HubBlobs(modelFolder) is { } b ? $" or {b}" : "")}",
+                path);
+        }
+
+        if (Statx(AtFdCwd, real, 0, StatxType | StatxSize, out var st) != 0)
+        {
+            var errno = Marshal.GetLastPInvokeError();
+            throw new CheckpointException($"{path}: cannot read its type (errno {errno})", path);
+        }
+
+        var type = st.Mode & FileTypeMask;
+        if (type != RegularFile)
+        {
+            throw new CheckpointException($"{path}: not a regular file (it is {TypeName(type)}); a model folder holds only regular files", path);
+        }
+
+        if ((long)st.Size > maxBytes)
+        {
+            throw new CheckpointException($"{path}: {st.Size} bytes, over the limit of {maxBytes} for this file", path);
+        }
+    }
+
+    private static void CheckPortable(string path, FileInfo info, long maxBytes)
+    {
+        if (!info.Exists)
+        {
+            throw new CheckpointException($"{path}: not a regular file", path);
+        }
+
+        if (info.Length > maxBytes)
+        {
+            throw new CheckpointException($"{path}: {info.Length} bytes, over the limit of {maxBytes} for this file", path);
+        }
+    }
+
+    private static bool IsInsideAllowedFolders(string real, string modelFolder)
+    {
+        static bool Under(string file, string? folder) =>
+            folder is not null && file.StartsWith(folder.EndsWith('/') ? folder : folder + "/", StringComparison.Ordinal);
+
+        return Under(real, RealPath(Path.GetFullPath(modelFolder))) || Under(real, HubBlobs(modelFolder) is { } b ? RealPath(b) : null);
+    }
+
+    /// <summary>The hub cache's blobs folder of a snapshot folder (<c>REPO/snapshots/REV</c> → <c>REPO/blobs</c>), when it is one.</summary>
+    private static string? HubBlobs(string modelFolder)
+    {
+        var full = Path.TrimEndingDirectorySeparator(Path.GetFullPath(modelFolder));
+        var snapshots = Path.GetDirectoryName(full);
+        return snapshots is not null && Path.GetFileName(snapshots) == "snapshots" && Path.GetDirectoryName(snapshots) is { } repo
+            ? Path.Combine(repo, "blobs")
+            : null;
+    }
+
+    private static string TypeName(int type) => type switch
+    {
+        0x1000 => "a FIFO",
+        0x2000 => "a character device",
+        0x4000 => "a folder",
+        0x6000 => "a block device",
+        0xC000 => "a socket",
+        _ => $"file type 0x{type:x}",
+    };
+
+    private static string? RealPath(string path)
+    {
+        var p = RealPathNative(path, IntPtr.Zero);
+        if (p == IntPtr.Zero)
+        {
+            return null;
+        }
+
+        try
+        {
+            return Marshal.PtrToStringUTF8(p);
+        }
+        finally
+        {
+            Free(p);
+        }
+    }
+
+    private const int AtFdCwd = -100;
+    private const uint StatxType = 0x1, StatxSize = 0x200;
+    private const int FileTypeMask = 0xF000, RegularFile = 0x8000;
+
+    /// <summary>Linux <c>struct statx</c>: the same layout on every architecture, unlike <c>struct stat</c>.</summary>
+    [StructLayout(LayoutKind.Explicit, Size = 256)]
+    private struct StatxBuffer
+    {
+        [FieldOffset(28)] public ushort Mode;
+        [FieldOffset(40)] public ulong Size;
+    }
+
+    [LibraryImport("libc.so.6", EntryPoint = "statx", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int Statx(int dirfd, string path, int flags, uint mask, out StatxBuffer buffer);
+
+    [LibraryImport("libc.so.6", EntryPoint = "realpath", StringMarshalling = StringMarshalling.Utf8)]
+    private static partial IntPtr RealPathNative(string path, IntPtr resolved);
+
+    [LibraryImport("libc.so.6", EntryPoint = "free")]
+    private static partial void Free(IntPtr p);
+}
