@@ -184,7 +184,7 @@ public static partial class WeightUploader
         {
             var destination = (nint)basePointer;
             var length = slot.Length;
-            Parallel.For(0, slices.Count, new ParallelOptions { MaxDegreeOfParallelism = threads }, i =>
+            ParallelLoad.For(0, slices.Count, new ParallelOptions { MaxDegreeOfParallelism = threads }, i =>
             {
                 var (p, offset, bytes) = slices[i];
                 var target = new Span<byte>((byte*)destination, length).Slice(p.StagingOffset + offset, bytes);

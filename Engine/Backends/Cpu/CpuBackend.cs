@@ -122,7 +122,7 @@ public sealed class CpuBackend : IBackend
         var routed = new CpuMlp?[experts.Count];
         // Experts are independent tensors; dequantizing them in parallel is the bulk of load time.
         // An empty entry is an expert another device holds (expert parallelism): it contributes nothing here.
-        Parallel.For(0, experts.Count, _parallel, e => routed[e] = experts[e].Length == 0 ? null : LoadMlp(checkpoint, experts[e]));
+        DeepSeekCuda.Loading.ParallelLoad.For(0, experts.Count, _parallel, e => routed[e] = experts[e].Length == 0 ? null : LoadMlp(checkpoint, experts[e]));
         var sharedMlp = shared is null ? null : LoadMlp(checkpoint, shared);
         var firstRouted = routed.FirstOrDefault(m => m is not null);
         var first = firstRouted ?? sharedMlp ?? throw new ArgumentException("no experts", nameof(experts));
