@@ -143,7 +143,7 @@ public sealed partial class BpeTokenizer
 
     private static Dictionary<ulong, long> ReadMerges(JsonElement model, Dictionary<string, int> vocab, string file)
     {
-        var merges = new Dictionary<ulong, long>();
+        var merges = new Dictionary<ulong, long>(PairComparer.Instance);
         if (!model.TryGetProperty("merges", out var mergesElement) || mergesElement.ValueKind == JsonValueKind.Null)
         {
             return merges;

@@ -300,6 +300,21 @@ public sealed partial class BpeTokenizer : ITokenizer
         return symbols.AsSpan(0, count).ToArray();
     }
 
+    /// <summary>
+    /// Hashes a merge key (left id &lt;&lt; 32 | right id). The default hash of a 64-bit integer is its
+    /// halves XORed, which is 0 for every "x x" merge (hundreds in DeepSeek-V3's table), so those all
+    /// collided and a run of one repeated character cost 30-100x normal text per byte.
+    /// </summary>
+    private sealed class PairComparer : IEqualityComparer<ulong>
+    {
+        public static readonly PairComparer Instance = new();
+
+        public bool Equals(ulong x, ulong y) => x == y;
+
+        // Fibonacci hashing: the multiply spreads both halves into the high bits that are kept.
+        public int GetHashCode(ulong key) => (int)((key * 0x9E3779B97F4A7C15UL) >> 32);
+    }
+
     private long MergeOf(int left, int right) =>
         _merges.TryGetValue(((ulong)(uint)left << 32) | (uint)right, out var v) ? v : long.MaxValue;
 
