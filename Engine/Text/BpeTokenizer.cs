@@ -114,7 +114,7 @@ public sealed partial class BpeTokenizer : ITokenizer
             ids.Add(BosId ?? throw new InvalidOperationException("this tokenizer has no BOS token (tokenizer_config.json bos_token)"));
         }
 
-        EncodeInto(text, ids);
+        EncodeInto(text, ids, addedTokens: true);
         return ids.ToArray();
     }
 
@@ -169,7 +169,24 @@ public sealed partial class BpeTokenizer : ITokenizer
         }
     }
 
-    private void EncodeInto(string text, List<int> ids)
+    /// <inheritdoc />
+    /// <remarks>Unpaired surrogates, which have no UTF-8 form, are encoded as U+FFFD.</remarks>
+    public int[] EncodeLiteral(string text)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        var ids = new List<int>(text.Length / 3 + 2);
+        EncodeInto(text, ids, addedTokens: false);
+        return ids.ToArray();
+    }
+
+    /// <inheritdoc />
+    public int? AddedTokenId(string content)
+    {
+        ArgumentNullException.ThrowIfNull(content);
+        return _addedByContent.TryGetValue(content, out var id) ? id : null;
+    }
+
+    private void EncodeInto(string text, List<int> ids, bool addedTokens)
     {
         if (text.Length == 0)
         {
@@ -184,11 +201,17 @@ public sealed partial class BpeTokenizer : ITokenizer
             text = ReplaceLoneSurrogates(text);
         }
 
+        var a = new List<TextPiece>();
+        var b = new List<TextPiece>();
+        if (!addedTokens)
+        {
+            EncodeOrdinary(new TextPiece(text, 0, text.Length), hasSurrogates, ids, a, b);
+            return;
+        }
+
         var segments = new List<Segment>();
         var textSegments = new List<Segment>();
         _rawAdded.Split(text, 0, text.Length, segments);
-        var a = new List<TextPiece>();
-        var b = new List<TextPiece>();
         foreach (var seg in segments)
         {
             if (seg.Id >= 0)
@@ -204,15 +227,21 @@ public sealed partial class BpeTokenizer : ITokenizer
                 if (inner.Id >= 0)
                 {
                     ids.Add(inner.Id);
-                    continue;
                 }
-
-                var pieces = _preTokenizer.Split(new TextPiece(text, inner.Start, inner.Length), hasSurrogates, a, b);
-                foreach (var piece in pieces)
+                else
                 {
-                    EncodePiece(piece.Span, ids);
+                    EncodeOrdinary(new TextPiece(text, inner.Start, inner.Length), hasSurrogates, ids, a, b);
                 }
             }
+        }
+    }
+
+    /// <summary>Pre-tokenizes and BPE-encodes text holding no added token; <paramref name="a"/> and <paramref name="b"/> are scratch lists.</summary>
+    private void EncodeOrdinary(TextPiece text, bool hasSurrogates, List<int> ids, List<TextPiece> a, List<TextPiece> b)
+    {
+        foreach (var piece in _preTokenizer.Split(text, hasSurrogates, a, b))
+        {
+            EncodePiece(piece.Span, ids);
         }
     }
 
