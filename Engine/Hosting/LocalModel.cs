@@ -139,7 +139,7 @@ public sealed class LocalModel : ILanguageModel
             using var doc = JsonDocument.Parse(File.ReadAllBytes(path));
             if (doc.RootElement.TryGetProperty("chat_template", out var template) && template.ValueKind == JsonValueKind.String)
             {
-                return template.GetString()!.Contains("<think>", StringComparison.Ordinal) ? ChatTemplateKind.R1 : ChatTemplateKind.V3;
+                return BpeTokenizer.ReadString(template, path, "chat_template").Contains("<think>", StringComparison.Ordinal) ? ChatTemplateKind.R1 : ChatTemplateKind.V3;
             }
         }
         catch (JsonException e)

@@ -93,14 +93,17 @@ public sealed partial class BpeTokenizer
         }
 
         var vocab = new Dictionary<string, int>(StringComparer.Ordinal);
+        var index = 0;
         foreach (var entry in vocabElement.EnumerateObject())
         {
+            var token = ReadString(() => entry.Name, file, $"model.vocab entry #{index}");
             if (entry.Value.ValueKind != JsonValueKind.Number || !entry.Value.TryGetInt32(out var id) || id < 0)
             {
-                throw new TokenizerFormatException(file, $"model.vocab entry '{entry.Name}' has no valid id");
+                throw new TokenizerFormatException(file, $"model.vocab entry '{token}' has no valid id");
             }
 
-            vocab[entry.Name] = id;
+            vocab[token] = id;
+            index++;
         }
 
         var byteToId = new int[256];
@@ -129,7 +132,7 @@ public sealed partial class BpeTokenizer
 
         foreach (var name in new[] { "continuing_subword_prefix", "end_of_word_suffix" })
         {
-            if (model.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.String && v.GetString()!.Length > 0)
+            if (model.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.String && ReadString(v, file, "model." + name).Length > 0)
             {
                 throw new TokenizerFormatException(file, $"model.{name} is not supported");
             }
@@ -161,10 +164,11 @@ public sealed partial class BpeTokenizer
             if (entry.ValueKind == JsonValueKind.String)
             {
                 // Byte-level tokens never hold a real space, so "a b" splits unambiguously.
-                var parts = entry.GetString()!.Split(' ');
+                var merge = ReadString(entry, file, $"model.merges[{rank}]");
+                var parts = merge.Split(' ');
                 if (parts.Length != 2)
                 {
-                    throw new TokenizerFormatException(file, $"bad merge entry #{rank}: '{entry.GetString()}' is not two tokens separated by one space");
+                    throw new TokenizerFormatException(file, $"bad merge entry #{rank}: '{merge}' is not two tokens separated by one space");
                 }
 
                 (left, right) = (parts[0], parts[1]);
@@ -172,7 +176,7 @@ public sealed partial class BpeTokenizer
             else if (entry.ValueKind == JsonValueKind.Array && entry.GetArrayLength() == 2
                      && entry[0].ValueKind == JsonValueKind.String && entry[1].ValueKind == JsonValueKind.String)
             {
-                (left, right) = (entry[0].GetString()!, entry[1].GetString()!);
+                (left, right) = (ReadString(entry[0], file, $"model.merges[{rank}][0]"), ReadString(entry[1], file, $"model.merges[{rank}][1]"));
             }
             else
             {
@@ -222,7 +226,7 @@ public sealed partial class BpeTokenizer
 
             list.Add(new AddedToken(
                 id,
-                contentEl.GetString()!,
+                ReadString(contentEl, file, $"added_tokens[{index}].content"),
                 Flag(t, "special", false),
                 Flag(t, "single_word", false),
                 Flag(t, "lstrip", false),
@@ -339,11 +343,11 @@ public sealed partial class BpeTokenizer
         string regex;
         if (pattern.TryGetProperty("Regex", out var r) && r.ValueKind == JsonValueKind.String)
         {
-            regex = r.GetString()!;
+            regex = ReadString(r, file, where + ".pattern.Regex");
         }
         else if (pattern.TryGetProperty("String", out var s) && s.ValueKind == JsonValueKind.String)
         {
-            regex = System.Text.RegularExpressions.Regex.Escape(s.GetString()!);
+            regex = System.Text.RegularExpressions.Regex.Escape(ReadString(s, file, where + ".pattern.String"));
         }
         else
         {
@@ -367,7 +371,30 @@ public sealed partial class BpeTokenizer
             return null;
         }
 
-        return v.ValueKind == JsonValueKind.String ? v.GetString() : throw new TokenizerFormatException(file, $"{where} is not a string");
+        return v.ValueKind == JsonValueKind.String ? ReadString(v, file, where) : throw new TokenizerFormatException(file, $"{where} is not a string");
+    }
+
+    /// <summary>
+    /// Reads a JSON string value. System.Text.Json refuses an escaped unpaired surrogate (<c>"\ud800"</c>),
+    /// which no UTF-8 text can hold, with an <see cref="InvalidOperationException"/> naming neither file nor
+    /// field; this names both.
+    /// </summary>
+    /// <exception cref="TokenizerFormatException">The string holds an unpaired surrogate.</exception>
+    internal static string ReadString(JsonElement value, string file, string where) => ReadString(() => value.GetString()!, file, where);
+
+    /// <summary>What a JSON string holding an escaped unpaired surrogate is told, after the field's name.</summary>
+    internal const string UnpairedSurrogate = "holds an unpaired surrogate escape (\\uD800-\\uDFFF), which is not Unicode text";
+
+    private static string ReadString(Func<string> read, string file, string where)
+    {
+        try
+        {
+            return read();
+        }
+        catch (InvalidOperationException ex)
+        {
+            throw new TokenizerFormatException(file, $"{where} {UnpairedSurrogate}", ex);
+        }
     }
 
     private void ApplyConfig(JsonElement config, string file)
@@ -395,8 +422,8 @@ public sealed partial class BpeTokenizer
 
         string? content = v.ValueKind switch
         {
-            JsonValueKind.String => v.GetString(),
-            JsonValueKind.Object when v.TryGetProperty("content", out var c) && c.ValueKind == JsonValueKind.String => c.GetString(),
+            JsonValueKind.String => ReadString(v, file, name),
+            JsonValueKind.Object when v.TryGetProperty("content", out var c) && c.ValueKind == JsonValueKind.String => ReadString(c, file, name + ".content"),
             _ => throw new TokenizerFormatException(file, $"{name} is neither a string nor an object with a string content"),
         };
         return TokenToId(content!) ?? throw new TokenizerFormatException(file, $"{name} '{content}' is not a token of tokenizer.json");
