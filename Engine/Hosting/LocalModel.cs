@@ -136,7 +136,7 @@ public sealed class LocalModel : ILanguageModel
 
         try
         {
-            using var doc = JsonDocument.Parse(File.ReadAllBytes(path));
+            using var doc = JsonDocument.Parse(BpeTokenizer.ReadFile(path)); // size-checked: a FIFO or device must not hang the load
             if (doc.RootElement.TryGetProperty("chat_template", out var template) && template.ValueKind == JsonValueKind.String)
             {
                 return BpeTokenizer.ReadString(template, path, "chat_template").Contains("<think>", StringComparison.Ordinal) ? ChatTemplateKind.R1 : ChatTemplateKind.V3;

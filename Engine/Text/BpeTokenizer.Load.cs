@@ -1,9 +1,28 @@
+using System.Text;
 using System.Text.Json;
 
 namespace DeepSeekCuda.Text;
 
 public sealed partial class BpeTokenizer
 {
+    /// <summary>
+    /// The largest tokenizer.json or tokenizer_config.json read, checked before reading (DeepSeek-V3's
+    /// tokenizer.json is about 8 MB): a bigger file is refused rather than held in memory several times over.
+    /// </summary>
+    public const long MaxFileBytes = 256L << 20;
+
+    /// <summary>
+    /// The largest token id accepted, whatever the vocabulary size (DeepSeek-V3's largest is 129,279):
+    /// per-id tables are sized by the largest id, so one huge id in a file would allocate gigabytes.
+    /// </summary>
+    public const int MaxTokenId = 4 << 20;
+
+    /// <summary>
+    /// Ids may leave gaps (DeepSeek-V3 leaves a few hundred), but the largest id may be at most this many
+    /// past the number of vocabulary and added entries, so tables stay proportional to the file.
+    /// </summary>
+    public const int MaxIdGap = 1 << 16;
+
     /// <summary>
     /// Loads <c>tokenizer.json</c> and, if present, <c>tokenizer_config.json</c> from <paramref name="folder"/>.
     /// </summary>
@@ -25,8 +44,44 @@ public sealed partial class BpeTokenizer
         }
 
         var configPath = Path.Combine(folder, "tokenizer_config.json");
-        var config = File.Exists(configPath) ? File.ReadAllText(configPath) : null;
-        return Build(File.ReadAllText(tokenizerPath), tokenizerPath, config, configPath);
+        var config = File.Exists(configPath) ? ReadFile(configPath) : null;
+        return Build(ReadFile(tokenizerPath), tokenizerPath, config, configPath);
+    }
+
+    /// <summary>
+    /// Reads a tokenizer file whose size is checked first: at most <see cref="MaxFileBytes"/>, and not 0,
+    /// which is what a FIFO, a device such as /dev/zero, or a /proc file reports (reading a FIFO would
+    /// wait for a writer, reading /dev/zero would never end). Links are followed to what they name.
+    /// </summary>
+    internal static string ReadFile(string path)
+    {
+        var info = new FileInfo(path);
+        if (info.LinkTarget is not null)
+        {
+            info = info.ResolveLinkTarget(returnFinalTarget: true) as FileInfo ?? info;
+        }
+
+        var length = info.Length;
+        if (length == 0)
+        {
+            const string Problem = "empty or not a regular file (a FIFO or device reports size 0); not read";
+            throw new TokenizerFormatException(path, info.FullName == Path.GetFullPath(path) ? Problem : $"links to {info.FullName}: {Problem}");
+        }
+
+        if (length > MaxFileBytes)
+        {
+            throw new TokenizerFormatException(path, $"{length} bytes, over the {MaxFileBytes}-byte limit for a tokenizer file; not read");
+        }
+
+        using var stream = new FileStream(info.FullName, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1, FileOptions.SequentialScan);
+        var bytes = new byte[length];
+        if (stream.ReadAtLeast(bytes, bytes.Length, throwOnEndOfStream: false) != length || stream.ReadByte() >= 0)
+        {
+            throw new TokenizerFormatException(path, "the file changed size while being read");
+        }
+
+        // As File.ReadAllText: a UTF-8 byte order mark is not part of the text.
+        return Encoding.UTF8.GetString(bytes.AsSpan().StartsWith(Encoding.UTF8.Preamble) ? bytes.AsSpan(Encoding.UTF8.Preamble.Length) : bytes);
     }
 
     /// <summary>Builds a tokenizer from the text of tokenizer.json and optionally tokenizer_config.json.</summary>
@@ -118,9 +173,32 @@ public sealed partial class BpeTokenizer
 
         var merges = ReadMerges(model, vocab, file);
         var added = ReadAddedTokens(root, file);
+        CheckIdRange(vocab, added, file);
         CheckNormalizer(root, file);
         var preTokenizer = ReadPreTokenizer(root, file);
         return new BpeTokenizer(vocab, merges, byteToId, added, preTokenizer, ignoreMerges);
+    }
+
+    /// <summary>Bounds the largest id before tables sized by it are allocated (<see cref="MaxTokenId"/>, <see cref="MaxIdGap"/>).</summary>
+    private static void CheckIdRange(Dictionary<string, int> vocab, List<AddedToken> added, string file)
+    {
+        var limit = (int)Math.Min(MaxTokenId, (long)vocab.Count + added.Count + MaxIdGap);
+        var why = $"over the limit {limit} ({vocab.Count} vocabulary and {added.Count} added entries plus {MaxIdGap}, at most {MaxTokenId})";
+        foreach (var (token, id) in vocab)
+        {
+            if (id > limit)
+            {
+                throw new TokenizerFormatException(file, $"model.vocab entry '{token}' has id {id}, {why}");
+            }
+        }
+
+        for (var i = 0; i < added.Count; i++)
+        {
+            if (added[i].Id > limit)
+            {
+                throw new TokenizerFormatException(file, $"added_tokens[{i}].id is {added[i].Id}, {why}");
+            }
+        }
     }
 
     private static void CheckUnsupportedModelOptions(JsonElement model, string file)
@@ -312,7 +390,7 @@ public sealed partial class BpeTokenizer
 
                 break;
             case "ByteLevel":
-                steps.Add(new ByteLevelStep(Flag(pt, "add_prefix_space", false), Flag(pt, "use_regex", true)));
+                steps.Add(new ByteLevelStep(Flag(pt, "add_prefix_space", false), Flag(pt, "use_regex", true), file, where));
                 break;
             case "Split":
                 steps.Add(ReadSplit(pt, where, file));
@@ -356,7 +434,7 @@ public sealed partial class BpeTokenizer
 
         try
         {
-            return new RegexSplitStep(regex, behavior == "Removed");
+            return new RegexSplitStep(regex, behavior == "Removed", file, where);
         }
         catch (ArgumentException ex)
         {

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Text.Json.Nodes;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Tests.Cli;
@@ -7,9 +8,10 @@ using DeepSeekCuda.Text;
 namespace DeepSeekCuda.Tests.Text;
 
 /// <summary>
-/// Issue 19, tokenizer files and text input: an escaped unpaired surrogate (<c>"\ud800"</c>) anywhere a
-/// string is read (class 4) is a <see cref="TokenizerFormatException"/> or a bad line naming file and field,
-/// never an internal error.
+/// Issue 19, tokenizer files and text input. Class 2: every size the file sets (the file's own, its ids, the
+/// time its regexes may take) is bounded before it is trusted, and a FIFO or device does not hang the load.
+/// Class 4: an escaped unpaired surrogate (<c>"\ud800"</c>) anywhere a string is read is a
+/// <see cref="TokenizerFormatException"/> or a bad line naming file and field, never an internal error.
 /// </summary>
 [TestClass]
 public sealed class HostileTokenizerFileTests
@@ -103,6 +105,114 @@ public sealed class HostileTokenizerFileTests
             var ex = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => t.Decode([0, id]));
             Assert.AreEqual("id", ex.ParamName);
             Assert.AreEqual(id, ex.ActualValue);
+        }
+    }
+
+    [TestMethod]
+    public void HugeVocabularyId_IsRefusedBeforeAnyTableIsSized()
+    {
+        // 256 bytes, the merge "he" and "xyz": 258 entries, so ids up to 258 + MaxIdGap are allowed.
+        var limit = 258 + BpeTokenizer.MaxIdGap;
+        var doc = TinyTokenizer.Document([("h", "e")], arrayMerges: false);
+        doc["model"]!["vocab"]!["xyz"] = limit;
+        Assert.AreEqual(limit + 1, BpeTokenizer.FromJson(doc.ToJsonString()).VocabSize);
+
+        doc["model"]!["vocab"]!["xyz"] = 2_000_000_000;
+        var ex = Assert.ThrowsExactly<TokenizerFormatException>(() => BpeTokenizer.FromJson(doc.ToJsonString()));
+        StringAssert.StartsWith(ex.Problem, $"model.vocab entry 'xyz' has id 2000000000, over the limit {limit} (258 vocabulary and 0 added entries");
+    }
+
+    [TestMethod]
+    public void HugeAddedTokenId_IsRefused()
+    {
+        var doc = TinyTokenizer.Document([("h", "e")], arrayMerges: false, addedTokens: [TinyTokenizer.Added(300, "<a>"), TinyTokenizer.Added(int.MaxValue, "<b>")]);
+        var ex = Assert.ThrowsExactly<TokenizerFormatException>(() => BpeTokenizer.FromJson(doc.ToJsonString()));
+        StringAssert.StartsWith(ex.Problem, $"added_tokens[1].id is {int.MaxValue}, over the limit {257 + 2 + BpeTokenizer.MaxIdGap}");
+    }
+
+    [TestMethod]
+    public void TokenizerFileOverTheSizeLimit_IsRefusedUnread()
+    {
+        WithFolder(dir =>
+        {
+            // A sparse file: the limit is checked on the size, so nothing is read or written at this size.
+            var path = Path.Combine(dir, "tokenizer.json");
+            using (var f = File.Create(path))
+            {
+                f.SetLength(BpeTokenizer.MaxFileBytes + 1);
+            }
+
+            var ex = Assert.ThrowsExactly<TokenizerFormatException>(() => BpeTokenizer.Load(dir));
+            Assert.AreEqual(path, ex.File);
+            Assert.AreEqual($"{BpeTokenizer.MaxFileBytes + 1} bytes, over the {BpeTokenizer.MaxFileBytes}-byte limit for a tokenizer file; not read", ex.Problem);
+        });
+    }
+
+    [TestMethod]
+    [DataRow("tokenizer.json", "fifo")]
+    [DataRow("tokenizer.json", "/dev/zero")]
+    [DataRow("tokenizer_config.json", "fifo")]
+    [DataRow("tokenizer_config.json", "/dev/zero")]
+    public void SpecialFiles_AreRefusedWithoutHanging(string name, string kind)
+    {
+        WithFolder(dir =>
+        {
+            File.WriteAllText(Path.Combine(dir, "tokenizer.json"), TinyTokenizer.Document([("h", "e")], arrayMerges: false).ToJsonString());
+            var path = Path.Combine(dir, name);
+            File.Delete(path);
+            if (kind == "fifo")
+            {
+                using var mkfifo = Process.Start("mkfifo", path);
+                mkfifo.WaitForExit();
+                Assert.AreEqual(0, mkfifo.ExitCode, "mkfifo failed");
+            }
+            else
+            {
+                File.CreateSymbolicLink(path, kind);
+            }
+
+            // Opening a FIFO blocks until a writer comes, and /dev/zero never ends: bound the wait.
+            var load = Task.Run(() => BpeTokenizer.Load(dir));
+            Assert.AreSame(load, Task.WhenAny(load, Task.Delay(TimeSpan.FromSeconds(20))).Result, $"loading with {name} a {kind} hung");
+            var ex = load.Exception?.InnerException as TokenizerFormatException;
+            Assert.IsNotNull(ex, $"expected a TokenizerFormatException, got {load.Exception?.InnerException?.GetType().Name ?? "success"}");
+            Assert.AreEqual(path, ex.File);
+            Assert.AreEqual((kind == "fifo" ? "" : $"links to {kind}: ") + "empty or not a regular file (a FIFO or device reports size 0); not read", ex.Problem);
+            if (name == "tokenizer_config.json")
+            {
+                Assert.ThrowsExactly<TokenizerFormatException>(() => LocalModel.DetectTemplate(dir));
+            }
+        });
+    }
+
+    [TestMethod]
+    public void CatastrophicSplitPattern_IsRefusedPlainlyWithinItsTimeout()
+    {
+        // (a+)+$ on "aaa...ab" tries every way of cutting the run of a's: 2^40 steps for 40 of them.
+        var step = new RegexSplitStep("(a+)+$", removeMatches: false, "tokenizer.json", "pre_tokenizer.pretokenizers[0]", TimeSpan.FromMilliseconds(200));
+        var text = new string('a', 40) + "b";
+        var clock = Stopwatch.StartNew();
+        var ex = Assert.ThrowsExactly<TokenizerFormatException>(() => step.Apply(new TextPiece(text, 0, text.Length), hasSurrogates: false, []));
+        Assert.IsLessThan(10.0, clock.Elapsed.TotalSeconds);
+        Assert.AreEqual("tokenizer.json", ex.File);
+        StringAssert.StartsWith(ex.Problem, "pre_tokenizer.pretokenizers[0]: the pattern '(a+)+$' ran over 0.2 s on a piece of 41 characters");
+
+        // The same pattern where it is harmless still splits.
+        var pieces = new List<TextPiece>();
+        step.Apply(new TextPiece("baaa", 0, 4), hasSurrogates: false, pieces);
+        CollectionAssert.AreEqual(new[] { "b", "aaa" }, pieces.Select(p => p.Span.ToString()).ToArray());
+    }
+
+    private static void WithFolder(Action<string> test)
+    {
+        var dir = Directory.CreateTempSubdirectory("dscuda-hostile-").FullName;
+        try
+        {
+            test(dir);
+        }
+        finally
+        {
+            Directory.Delete(dir, true);
         }
     }
 }
