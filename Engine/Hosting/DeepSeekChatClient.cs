@@ -327,10 +327,8 @@ public sealed class DeepSeekChatClient : IChatClient
 
     private async IAsyncEnumerable<ChatResponseUpdate> Stream(List<ChatTurn> turns, SamplingOptions sampling, [EnumeratorCancellation] CancellationToken ct)
     {
-        var prompt = ChatTemplate.Render(turns, new ChatTemplateOptions { Kind = _options.TemplateKind });
-
-        // The rendered text carries BOS as text; encoding must not add another.
-        var ids = _generator.Tokenizer.Encode(prompt, addBos: false);
+        // Only the template's markers become control tokens: message text that spells one stays text.
+        var ids = _generator.EncodeChat(turns, new ChatTemplateOptions { Kind = _options.TemplateKind });
         var reasoningMode = !_options.ParseReasoning ? ReasoningMode.None
             : _options.TemplateKind == ChatTemplateKind.R1 ? ReasoningMode.StartInReasoning : ReasoningMode.Detect;
 

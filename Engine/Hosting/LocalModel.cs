@@ -136,22 +136,16 @@ public sealed class LocalModel : ILanguageModel
 
         try
         {
-            using var doc = JsonDocument.Parse(ModelFiles.ReadAllBytes(path, directory, 64L << 20));
+            using var doc = JsonDocument.Parse(BpeTokenizer.ReadFile(path)); // checked: a FIFO or device must not hang the load
             if (doc.RootElement.TryGetProperty("chat_template", out var template) && template.ValueKind == JsonValueKind.String)
             {
-                return template.GetString()!.Contains("<think>", StringComparison.Ordinal) ? ChatTemplateKind.R1 : ChatTemplateKind.V3;
+                return BpeTokenizer.ReadString(template, path, "chat_template").Contains("<think>", StringComparison.Ordinal) ? ChatTemplateKind.R1 : ChatTemplateKind.V3;
             }
         }
         catch (JsonException e)
         {
             throw new TokenizerFormatException(path, $"not valid JSON: {e.Message}", e);
         }
-        catch (InvalidOperationException e)
-        {
-            // JsonElement refuses to decode a lone surrogate escape ("\ud800").
-            throw new TokenizerFormatException(path, $"field 'chat_template' is not valid text: {e.Message}", e);
-        }
-
         // No template: our own demo and synthetic models, which are R1-style.
         return ChatTemplateKind.R1;
     }

@@ -23,6 +23,10 @@ public sealed class TextGenerator
     private readonly string? _bosText;
     private readonly BatchScheduler? _scheduler;
 
+    // The longest token's bytes: a text of B UTF-8 bytes needs at least B / _maxTokenBytes tokens, which
+    // refuses an over-long prompt before encoding it (see ThrowIfSurelyTooLong).
+    private readonly int _maxTokenBytes;
+
     /// <summary>Creates a generator for <paramref name="model"/> and <paramref name="tokenizer"/>; each call runs its own session.</summary>
     public TextGenerator(ILanguageModel model, ITokenizer tokenizer)
         : this(model, tokenizer, null)
@@ -42,6 +46,12 @@ public sealed class TextGenerator
         _model = model ?? throw new ArgumentNullException(nameof(model));
         _tokenizer = tokenizer ?? throw new ArgumentNullException(nameof(tokenizer));
         _bosText = tokenizer.BosId is { } bos ? Encoding.UTF8.GetString(tokenizer.GetTokenBytes(bos)) : null;
+        _maxTokenBytes = 1;
+        for (var id = 0; id < tokenizer.VocabSize; id++)
+        {
+            _maxTokenBytes = Math.Max(_maxTokenBytes, tokenizer.GetTokenBytes(id).Length);
+        }
+
         if (scheduler is not null)
         {
             var o = scheduler.Options;
@@ -89,6 +99,25 @@ public sealed class TextGenerator
         return _tokenizer.Encode(prompt, addBos: _tokenizer.AddBosToken && !hasBos);
     }
 
+    /// <summary>
+    /// Encodes a conversation with <see cref="ChatTemplate.Encode(ITokenizer, IReadOnlyList{ChatTurn}, ChatTemplateOptions?)"/>
+    /// (only the template's markers become control tokens), refusing first, without encoding, a prompt
+    /// whose UTF-8 length alone proves it longer than the context.
+    /// </summary>
+    /// <exception cref="ArgumentException">The prompt cannot fit in the context.</exception>
+    public int[] EncodeChat(IReadOnlyList<ChatTurn> turns, ChatTemplateOptions? options = null)
+    {
+        var segments = ChatTemplate.RenderSegments(turns, options);
+        long bytes = 0;
+        foreach (var s in segments)
+        {
+            bytes += Encoding.UTF8.GetByteCount(s.Text);
+        }
+
+        ThrowIfSurelyTooLong(bytes, nameof(turns));
+        return ChatTemplate.Encode(segments, _tokenizer);
+    }
+
     /// <summary>Streams the continuation of a text prompt (encoded by <see cref="EncodePrompt"/>).</summary>
     public IAsyncEnumerable<GenerationUpdate> GenerateAsync(string prompt, SamplingOptions? options = null, ReasoningMode reasoning = ReasoningMode.None, CancellationToken cancellationToken = default)
         => GenerateAsync(EncodePrompt(prompt), options, reasoning, cancellationToken);
@@ -112,10 +141,9 @@ public sealed class TextGenerator
             throw new ArgumentException("the prompt has no tokens", nameof(promptIds));
         }
 
-        var limit = _scheduler is null ? _model.MaxSequenceLength : Math.Min(_model.MaxSequenceLength, _scheduler.Blocks.MaxTokensPerRequest);
-        if (promptIds.Count > limit)
+        if (promptIds.Count > ContextLimit)
         {
-            throw new ArgumentException($"the prompt has {promptIds.Count} tokens; the context holds {limit}", nameof(promptIds));
+            throw new ArgumentException($"the prompt has {promptIds.Count} tokens; the context holds {ContextLimit}", nameof(promptIds));
         }
 
         // Validation above runs at the call, not at the first MoveNextAsync.
@@ -149,6 +177,25 @@ public sealed class TextGenerator
     /// <summary>Generates to the end from a text prompt and returns the whole result.</summary>
     public Task<GenerationResult> GenerateTextAsync(string prompt, SamplingOptions? options = null, ReasoningMode reasoning = ReasoningMode.None, CancellationToken cancellationToken = default)
         => GenerateTextAsync(EncodePrompt(prompt), options, reasoning, cancellationToken);
+
+    /// <summary>The most prompt tokens a call accepts: the model's context, or less when the scheduler's requests hold fewer.</summary>
+    private int ContextLimit => _scheduler is null ? _model.MaxSequenceLength : Math.Min(_model.MaxSequenceLength, _scheduler.Blocks.MaxTokensPerRequest);
+
+    /// <summary>
+    /// Refuses a chat prompt of <paramref name="utf8Bytes"/> bytes that needs more tokens than the context
+    /// holds even if every token were the longest: each marker is one token of its own bytes, and
+    /// <see cref="ITokenizer.EncodeLiteral"/> never yields fewer token bytes than the text's UTF-8, so this
+    /// never refuses a prompt that would fit. (Not for raw prompts: an added token with lstrip/rstrip
+    /// absorbs any amount of whitespace.)
+    /// </summary>
+    private void ThrowIfSurelyTooLong(long utf8Bytes, string parameter)
+    {
+        var atLeast = (utf8Bytes + _maxTokenBytes - 1) / _maxTokenBytes;
+        if (atLeast > ContextLimit)
+        {
+            throw new ArgumentException($"the prompt has at least {atLeast} tokens ({utf8Bytes} UTF-8 bytes, at most {_maxTokenBytes} per token); the context holds {ContextLimit}", parameter);
+        }
+    }
 
     private async IAsyncEnumerable<GenerationUpdate> Run(int[] prompt, SamplingOptions options, ReasoningMode reasoningMode, [EnumeratorCancellation] CancellationToken ct)
     {

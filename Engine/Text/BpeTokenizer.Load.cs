@@ -1,9 +1,29 @@
+using System.Text;
 using System.Text.Json;
+using DeepSeekCuda.Loader;
 
 namespace DeepSeekCuda.Text;
 
 public sealed partial class BpeTokenizer
 {
+    /// <summary>
+    /// The largest tokenizer.json or tokenizer_config.json read, checked before reading (DeepSeek-V3's
+    /// tokenizer.json is about 8 MB): a bigger file is refused rather than held in memory several times over.
+    /// </summary>
+    public const long MaxFileBytes = 256L << 20;
+
+    /// <summary>
+    /// The largest token id accepted, whatever the vocabulary size (DeepSeek-V3's largest is 129,279):
+    /// per-id tables are sized by the largest id, so one huge id in a file would allocate gigabytes.
+    /// </summary>
+    public const int MaxTokenId = 4 << 20;
+
+    /// <summary>
+    /// Ids may leave gaps (DeepSeek-V3 leaves a few hundred), but the largest id may be at most this many
+    /// past the number of vocabulary and added entries, so tables stay proportional to the file.
+    /// </summary>
+    public const int MaxIdGap = 1 << 16;
+
     /// <summary>
     /// Loads <c>tokenizer.json</c> and, if present, <c>tokenizer_config.json</c> from <paramref name="folder"/>.
     /// </summary>
@@ -25,8 +45,31 @@ public sealed partial class BpeTokenizer
         }
 
         var configPath = Path.Combine(folder, "tokenizer_config.json");
-        var config = File.Exists(configPath) ? File.ReadAllText(configPath) : null;
-        return Build(File.ReadAllText(tokenizerPath), tokenizerPath, config, configPath);
+        var config = File.Exists(configPath) ? ReadFile(configPath) : null;
+        return Build(ReadFile(tokenizerPath), tokenizerPath, config, configPath);
+    }
+
+    /// <summary>
+    /// Reads a tokenizer file as <see cref="ModelFiles"/> allows (a regular file of at most
+    /// <see cref="MaxFileBytes"/>, a link only into its own folder or the hub's blobs; a FIFO or
+    /// /dev/zero would hang or never end), refusals as <see cref="TokenizerFormatException"/>s.
+    /// </summary>
+    internal static string ReadFile(string path)
+    {
+        path = Path.GetFullPath(path);
+        byte[] bytes;
+        try
+        {
+            bytes = ModelFiles.ReadAllBytes(path, Path.GetDirectoryName(path)!, MaxFileBytes);
+        }
+        catch (CheckpointException e)
+        {
+            var problem = e.Message.StartsWith(path + ": ", StringComparison.Ordinal) ? e.Message[(path.Length + 2)..] : e.Message;
+            throw new TokenizerFormatException(path, problem, e);
+        }
+
+        // As File.ReadAllText: a UTF-8 byte order mark is not part of the text.
+        return Encoding.UTF8.GetString(bytes.AsSpan().StartsWith(Encoding.UTF8.Preamble) ? bytes.AsSpan(Encoding.UTF8.Preamble.Length) : bytes);
     }
 
     /// <summary>Builds a tokenizer from the text of tokenizer.json and optionally tokenizer_config.json.</summary>
@@ -93,14 +136,17 @@ public sealed partial class BpeTokenizer
         }
 
         var vocab = new Dictionary<string, int>(StringComparer.Ordinal);
+        var index = 0;
         foreach (var entry in vocabElement.EnumerateObject())
         {
+            var token = ReadString(() => entry.Name, file, $"model.vocab entry #{index}");
             if (entry.Value.ValueKind != JsonValueKind.Number || !entry.Value.TryGetInt32(out var id) || id < 0)
             {
-                throw new TokenizerFormatException(file, $"model.vocab entry '{entry.Name}' has no valid id");
+                throw new TokenizerFormatException(file, $"model.vocab entry '{token}' has no valid id");
             }
 
-            vocab[entry.Name] = id;
+            vocab[token] = id;
+            index++;
         }
 
         var byteToId = new int[256];
@@ -115,9 +161,32 @@ public sealed partial class BpeTokenizer
 
         var merges = ReadMerges(model, vocab, file);
         var added = ReadAddedTokens(root, file);
+        CheckIdRange(vocab, added, file);
         CheckNormalizer(root, file);
         var preTokenizer = ReadPreTokenizer(root, file);
         return new BpeTokenizer(vocab, merges, byteToId, added, preTokenizer, ignoreMerges);
+    }
+
+    /// <summary>Bounds the largest id before tables sized by it are allocated (<see cref="MaxTokenId"/>, <see cref="MaxIdGap"/>).</summary>
+    private static void CheckIdRange(Dictionary<string, int> vocab, List<AddedToken> added, string file)
+    {
+        var limit = (int)Math.Min(MaxTokenId, (long)vocab.Count + added.Count + MaxIdGap);
+        var why = $"over the limit {limit} ({vocab.Count} vocabulary and {added.Count} added entries plus {MaxIdGap}, at most {MaxTokenId})";
+        foreach (var (token, id) in vocab)
+        {
+            if (id > limit)
+            {
+                throw new TokenizerFormatException(file, $"model.vocab entry '{token}' has id {id}, {why}");
+            }
+        }
+
+        for (var i = 0; i < added.Count; i++)
+        {
+            if (added[i].Id > limit)
+            {
+                throw new TokenizerFormatException(file, $"added_tokens[{i}].id is {added[i].Id}, {why}");
+            }
+        }
     }
 
     private static void CheckUnsupportedModelOptions(JsonElement model, string file)
@@ -129,7 +198,7 @@ public sealed partial class BpeTokenizer
 
         foreach (var name in new[] { "continuing_subword_prefix", "end_of_word_suffix" })
         {
-            if (model.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.String && v.GetString()!.Length > 0)
+            if (model.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.String && ReadString(v, file, "model." + name).Length > 0)
             {
                 throw new TokenizerFormatException(file, $"model.{name} is not supported");
             }
@@ -143,7 +212,7 @@ public sealed partial class BpeTokenizer
 
     private static Dictionary<ulong, long> ReadMerges(JsonElement model, Dictionary<string, int> vocab, string file)
     {
-        var merges = new Dictionary<ulong, long>();
+        var merges = new Dictionary<ulong, long>(PairComparer.Instance);
         if (!model.TryGetProperty("merges", out var mergesElement) || mergesElement.ValueKind == JsonValueKind.Null)
         {
             return merges;
@@ -161,10 +230,11 @@ public sealed partial class BpeTokenizer
             if (entry.ValueKind == JsonValueKind.String)
             {
                 // Byte-level tokens never hold a real space, so "a b" splits unambiguously.
-                var parts = entry.GetString()!.Split(' ');
+                var merge = ReadString(entry, file, $"model.merges[{rank}]");
+                var parts = merge.Split(' ');
                 if (parts.Length != 2)
                 {
-                    throw new TokenizerFormatException(file, $"bad merge entry #{rank}: '{entry.GetString()}' is not two tokens separated by one space");
+                    throw new TokenizerFormatException(file, $"bad merge entry #{rank}: '{merge}' is not two tokens separated by one space");
                 }
 
                 (left, right) = (parts[0], parts[1]);
@@ -172,7 +242,7 @@ public sealed partial class BpeTokenizer
             else if (entry.ValueKind == JsonValueKind.Array && entry.GetArrayLength() == 2
                      && entry[0].ValueKind == JsonValueKind.String && entry[1].ValueKind == JsonValueKind.String)
             {
-                (left, right) = (entry[0].GetString()!, entry[1].GetString()!);
+                (left, right) = (ReadString(entry[0], file, $"model.merges[{rank}][0]"), ReadString(entry[1], file, $"model.merges[{rank}][1]"));
             }
             else
             {
@@ -222,7 +292,7 @@ public sealed partial class BpeTokenizer
 
             list.Add(new AddedToken(
                 id,
-                contentEl.GetString()!,
+                ReadString(contentEl, file, $"added_tokens[{index}].content"),
                 Flag(t, "special", false),
                 Flag(t, "single_word", false),
                 Flag(t, "lstrip", false),
@@ -308,7 +378,7 @@ public sealed partial class BpeTokenizer
 
                 break;
             case "ByteLevel":
-                steps.Add(new ByteLevelStep(Flag(pt, "add_prefix_space", false), Flag(pt, "use_regex", true)));
+                steps.Add(new ByteLevelStep(Flag(pt, "add_prefix_space", false), Flag(pt, "use_regex", true), file, where));
                 break;
             case "Split":
                 steps.Add(ReadSplit(pt, where, file));
@@ -339,11 +409,11 @@ public sealed partial class BpeTokenizer
         string regex;
         if (pattern.TryGetProperty("Regex", out var r) && r.ValueKind == JsonValueKind.String)
         {
-            regex = r.GetString()!;
+            regex = ReadString(r, file, where + ".pattern.Regex");
         }
         else if (pattern.TryGetProperty("String", out var s) && s.ValueKind == JsonValueKind.String)
         {
-            regex = System.Text.RegularExpressions.Regex.Escape(s.GetString()!);
+            regex = System.Text.RegularExpressions.Regex.Escape(ReadString(s, file, where + ".pattern.String"));
         }
         else
         {
@@ -352,7 +422,7 @@ public sealed partial class BpeTokenizer
 
         try
         {
-            return new RegexSplitStep(regex, behavior == "Removed");
+            return new RegexSplitStep(regex, behavior == "Removed", file, where);
         }
         catch (ArgumentException ex)
         {
@@ -367,7 +437,30 @@ public sealed partial class BpeTokenizer
             return null;
         }
 
-        return v.ValueKind == JsonValueKind.String ? v.GetString() : throw new TokenizerFormatException(file, $"{where} is not a string");
+        return v.ValueKind == JsonValueKind.String ? ReadString(v, file, where) : throw new TokenizerFormatException(file, $"{where} is not a string");
+    }
+
+    /// <summary>
+    /// Reads a JSON string value. System.Text.Json refuses an escaped unpaired surrogate (<c>"\ud800"</c>),
+    /// which no UTF-8 text can hold, with an <see cref="InvalidOperationException"/> naming neither file nor
+    /// field; this names both.
+    /// </summary>
+    /// <exception cref="TokenizerFormatException">The string holds an unpaired surrogate.</exception>
+    internal static string ReadString(JsonElement value, string file, string where) => ReadString(() => value.GetString()!, file, where);
+
+    /// <summary>What a JSON string holding an escaped unpaired surrogate is told, after the field's name.</summary>
+    internal const string UnpairedSurrogate = "holds an unpaired surrogate escape (\\uD800-\\uDFFF), which is not Unicode text";
+
+    private static string ReadString(Func<string> read, string file, string where)
+    {
+        try
+        {
+            return read();
+        }
+        catch (InvalidOperationException ex)
+        {
+            throw new TokenizerFormatException(file, $"{where} {UnpairedSurrogate}", ex);
+        }
     }
 
     private void ApplyConfig(JsonElement config, string file)
@@ -395,8 +488,8 @@ public sealed partial class BpeTokenizer
 
         string? content = v.ValueKind switch
         {
-            JsonValueKind.String => v.GetString(),
-            JsonValueKind.Object when v.TryGetProperty("content", out var c) && c.ValueKind == JsonValueKind.String => c.GetString(),
+            JsonValueKind.String => ReadString(v, file, name),
+            JsonValueKind.Object when v.TryGetProperty("content", out var c) && c.ValueKind == JsonValueKind.String => ReadString(c, file, name + ".content"),
             _ => throw new TokenizerFormatException(file, $"{name} is neither a string nor an object with a string content"),
         };
         return TokenToId(content!) ?? throw new TokenizerFormatException(file, $"{name} '{content}' is not a token of tokenizer.json");

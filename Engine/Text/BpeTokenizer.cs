@@ -114,7 +114,7 @@ public sealed partial class BpeTokenizer : ITokenizer
             ids.Add(BosId ?? throw new InvalidOperationException("this tokenizer has no BOS token (tokenizer_config.json bos_token)"));
         }
 
-        EncodeInto(text, ids);
+        EncodeInto(text, ids, addedTokens: true);
         return ids.ToArray();
     }
 
@@ -169,7 +169,24 @@ public sealed partial class BpeTokenizer : ITokenizer
         }
     }
 
-    private void EncodeInto(string text, List<int> ids)
+    /// <inheritdoc />
+    /// <remarks>Unpaired surrogates, which have no UTF-8 form, are encoded as U+FFFD.</remarks>
+    public int[] EncodeLiteral(string text)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        var ids = new List<int>(text.Length / 3 + 2);
+        EncodeInto(text, ids, addedTokens: false);
+        return ids.ToArray();
+    }
+
+    /// <inheritdoc />
+    public int? AddedTokenId(string content)
+    {
+        ArgumentNullException.ThrowIfNull(content);
+        return _addedByContent.TryGetValue(content, out var id) ? id : null;
+    }
+
+    private void EncodeInto(string text, List<int> ids, bool addedTokens)
     {
         if (text.Length == 0)
         {
@@ -184,11 +201,17 @@ public sealed partial class BpeTokenizer : ITokenizer
             text = ReplaceLoneSurrogates(text);
         }
 
+        var a = new List<TextPiece>();
+        var b = new List<TextPiece>();
+        if (!addedTokens)
+        {
+            EncodeOrdinary(new TextPiece(text, 0, text.Length), hasSurrogates, ids, a, b);
+            return;
+        }
+
         var segments = new List<Segment>();
         var textSegments = new List<Segment>();
         _rawAdded.Split(text, 0, text.Length, segments);
-        var a = new List<TextPiece>();
-        var b = new List<TextPiece>();
         foreach (var seg in segments)
         {
             if (seg.Id >= 0)
@@ -204,15 +227,21 @@ public sealed partial class BpeTokenizer : ITokenizer
                 if (inner.Id >= 0)
                 {
                     ids.Add(inner.Id);
-                    continue;
                 }
-
-                var pieces = _preTokenizer.Split(new TextPiece(text, inner.Start, inner.Length), hasSurrogates, a, b);
-                foreach (var piece in pieces)
+                else
                 {
-                    EncodePiece(piece.Span, ids);
+                    EncodeOrdinary(new TextPiece(text, inner.Start, inner.Length), hasSurrogates, ids, a, b);
                 }
             }
+        }
+    }
+
+    /// <summary>Pre-tokenizes and BPE-encodes text holding no added token; <paramref name="a"/> and <paramref name="b"/> are scratch lists.</summary>
+    private void EncodeOrdinary(TextPiece text, bool hasSurrogates, List<int> ids, List<TextPiece> a, List<TextPiece> b)
+    {
+        foreach (var piece in _preTokenizer.Split(text, hasSurrogates, a, b))
+        {
+            EncodePiece(piece.Span, ids);
         }
     }
 
@@ -298,6 +327,21 @@ public sealed partial class BpeTokenizer : ITokenizer
         var symbols = bytes.Select(b => _byteToId[b]).ToArray();
         var count = heap ? MergeLarge(symbols) : MergeSmall(symbols);
         return symbols.AsSpan(0, count).ToArray();
+    }
+
+    /// <summary>
+    /// Hashes a merge key (left id &lt;&lt; 32 | right id). The default hash of a 64-bit integer is its
+    /// halves XORed, which is 0 for every "x x" merge (hundreds in DeepSeek-V3's table), so those all
+    /// collided and a run of one repeated character cost 30-100x normal text per byte.
+    /// </summary>
+    private sealed class PairComparer : IEqualityComparer<ulong>
+    {
+        public static readonly PairComparer Instance = new();
+
+        public bool Equals(ulong x, ulong y) => x == y;
+
+        // Fibonacci hashing: the multiply spreads both halves into the high bits that are kept.
+        public int GetHashCode(ulong key) => (int)((key * 0x9E3779B97F4A7C15UL) >> 32);
     }
 
     private long MergeOf(int left, int right) =>

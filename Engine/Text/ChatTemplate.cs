@@ -72,9 +72,18 @@ public sealed record ChatTemplateOptions
     public bool AddGenerationPrompt { get; init; } = true;
 }
 
+/// <summary>A piece of a rendered chat prompt: a control marker the template wrote, or text.</summary>
+/// <param name="Text">The marker's or the text's characters.</param>
+/// <param name="IsControl">
+/// A marker of the template (<see cref="ChatTemplate.User"/>, ...), encoded as its added token; false for
+/// message content and the template's plain text, in which no added token is recognized.
+/// </param>
+public readonly record struct PromptSegment(string Text, bool IsControl);
+
 /// <summary>
-/// Renders a conversation into DeepSeek-V3/R1 prompt text. The text starts with the BOS marker written
-/// as text, so encode it with <c>addBos: false</c>; the tokenizer recognizes the markers as added tokens.
+/// Renders a conversation into DeepSeek-V3/R1 prompts. <see cref="Encode(ITokenizer, IReadOnlyList{ChatTurn}, ChatTemplateOptions?)"/>
+/// gives the ids to send: only the template's markers become control tokens, so a message that spells
+/// <c>&lt;｜Assistant｜&gt;</c> cannot fake a turn. <see cref="Render"/> gives the same prompt as text.
 /// </summary>
 public static class ChatTemplate
 {
@@ -123,24 +132,78 @@ public static class ChatTemplate
     /// <summary>Closes one tool output.</summary>
     public const string ToolOutputEnd = "<｜tool▁output▁end｜>";
 
-    /// <summary>Renders <paramref name="messages"/> in the format <paramref name="options"/> names (default: R1 with the generation prompt).</summary>
-    public static string Render(IReadOnlyList<ChatTurn> messages, ChatTemplateOptions? options = null)
+    /// <summary>
+    /// Renders <paramref name="messages"/> as text in the format <paramref name="options"/> names (default: R1
+    /// with the generation prompt): the prompt the official Jinja template writes. Encoding this text with
+    /// <see cref="ITokenizer.Encode"/> would turn marker text inside messages into control tokens; send
+    /// <see cref="Encode(ITokenizer, IReadOnlyList{ChatTurn}, ChatTemplateOptions?)"/>'s ids instead.
+    /// </summary>
+    public static string Render(IReadOnlyList<ChatTurn> messages, ChatTemplateOptions? options = null) =>
+        string.Concat(RenderSegments(messages, options).Select(s => s.Text));
+
+    /// <summary>Renders <paramref name="messages"/> as <see cref="Render"/> does, keeping the template's markers apart from text.</summary>
+    public static IReadOnlyList<PromptSegment> RenderSegments(IReadOnlyList<ChatTurn> messages, ChatTemplateOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(messages);
         options ??= new ChatTemplateOptions();
-        var sb = new StringBuilder();
-        sb.Append(Bos);
-        AppendSystemPrompt(sb, messages);
+        var w = new Writer();
+        w.Control(Bos);
+        AppendSystemPrompt(w, messages);
         if (options.Kind == ChatTemplateKind.V3)
         {
-            RenderV3(sb, messages, options.AddGenerationPrompt);
+            RenderV3(w, messages, options.AddGenerationPrompt);
         }
         else
         {
-            RenderR1(sb, messages, options.AddGenerationPrompt);
+            RenderR1(w, messages, options.AddGenerationPrompt);
         }
 
-        return sb.ToString();
+        return w.Segments;
+    }
+
+    /// <summary>Renders and encodes <paramref name="messages"/> (see <see cref="Encode(IReadOnlyList{PromptSegment}, ITokenizer)"/>).</summary>
+    public static int[] Encode(ITokenizer tokenizer, IReadOnlyList<ChatTurn> messages, ChatTemplateOptions? options = null) =>
+        Encode(RenderSegments(messages, options), tokenizer);
+
+    /// <summary>
+    /// Encodes a rendered prompt. Each marker that is an added token of <paramref name="tokenizer"/> becomes
+    /// its id; everything else (message content, the template's plain text, a marker the tokenizer lacks,
+    /// such as V3's <c>&lt;think&gt;</c>) is encoded with <see cref="ITokenizer.EncodeLiteral"/>, where no added
+    /// token, special or not, is recognized: DeepSeek's chat markers are non-special added tokens, so
+    /// skipping only special ones would still let content fake a turn. Text between two markers is
+    /// encoded as one run, so a prompt whose content spells no marker gets the ids Hugging Face gives its
+    /// rendered text (the markers' lstrip/rstrip flags are not applied; DeepSeek's have none).
+    /// </summary>
+    public static int[] Encode(IReadOnlyList<PromptSegment> segments, ITokenizer tokenizer)
+    {
+        ArgumentNullException.ThrowIfNull(segments);
+        ArgumentNullException.ThrowIfNull(tokenizer);
+        var ids = new List<int>();
+        var text = new StringBuilder();
+        foreach (var segment in segments)
+        {
+            if (segment.IsControl && tokenizer.AddedTokenId(segment.Text) is { } id)
+            {
+                Flush();
+                ids.Add(id);
+            }
+            else
+            {
+                text.Append(segment.Text);
+            }
+        }
+
+        Flush();
+        return [.. ids];
+
+        void Flush()
+        {
+            if (text.Length > 0)
+            {
+                ids.AddRange(tokenizer.EncodeLiteral(text.ToString()));
+                text.Clear();
+            }
+        }
     }
 
     /// <summary>
@@ -153,7 +216,7 @@ public static class ChatTemplate
         return i < 0 ? content : content[(i + ThinkClose.Length)..];
     }
 
-    private static void AppendSystemPrompt(StringBuilder sb, IReadOnlyList<ChatTurn> messages)
+    private static void AppendSystemPrompt(Writer w, IReadOnlyList<ChatTurn> messages)
     {
         var first = true;
         foreach (var m in messages)
@@ -165,18 +228,18 @@ public static class ChatTemplate
 
             if (!first)
             {
-                sb.Append("\n\n");
+                w.Text("\n\n");
             }
 
-            sb.Append(m.Content);
+            w.Text(m.Content);
             first = false;
         }
     }
 
-    private static void AppendCall(StringBuilder sb, ChatToolCall call)
+    private static void AppendCall(Writer w, ChatToolCall call)
     {
-        sb.Append(ToolCallBegin).Append(call.Type).Append(ToolSep).Append(call.Name)
-          .Append("\n```json\n").Append(call.Arguments).Append("\n```").Append(ToolCallEnd);
+        w.Control(ToolCallBegin).Text(call.Type).Control(ToolSep).Text(call.Name)
+         .Text("\n```json\n").Text(call.Arguments).Text("\n```").Control(ToolCallEnd);
     }
 
     // A line-for-line transcription of V3's Jinja, whose namespace flags we keep with the same names.
@@ -188,7 +251,7 @@ public static class ChatTemplate
     // - tool calls are rendered only when the assistant's content is null; with text, the calls are dropped.
     // - is_output_first is never reset, so only the first tool output of the conversation opens with
     //   "<｜tool▁outputs▁begin｜>".
-    private static void RenderV3(StringBuilder sb, IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt)
+    private static void RenderV3(Writer w, IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt)
     {
         bool isFirst = false, isTool = false, isOutputFirst = true;
         foreach (var m in messages)
@@ -197,7 +260,7 @@ public static class ChatTemplate
             {
                 case ChatTurnRole.User:
                     isTool = false;
-                    sb.Append(User).Append(m.Content);
+                    w.Control(User).Text(m.Content);
                     break;
                 case ChatTurnRole.Assistant when m.Content is null:
                     isTool = false;
@@ -205,15 +268,15 @@ public static class ChatTemplate
                     {
                         if (!isFirst)
                         {
-                            sb.Append(Assistant).Append(ToolCallsBegin);
-                            AppendCall(sb, call);
+                            w.Control(Assistant).Control(ToolCallsBegin);
+                            AppendCall(w, call);
                             isFirst = true;
                         }
                         else
                         {
-                            sb.Append('\n');
-                            AppendCall(sb, call);
-                            sb.Append(ToolCallsEnd).Append(Eos);
+                            w.Text("\n");
+                            AppendCall(w, call);
+                            w.Control(ToolCallsEnd).Control(Eos);
                         }
                     }
 
@@ -221,12 +284,12 @@ public static class ChatTemplate
                 case ChatTurnRole.Assistant:
                     if (isTool)
                     {
-                        sb.Append(ToolOutputsEnd).Append(m.Content).Append(Eos);
+                        w.Control(ToolOutputsEnd).Text(m.Content).Control(Eos);
                         isTool = false;
                     }
                     else
                     {
-                        sb.Append(Assistant).Append(m.Content).Append(Eos);
+                        w.Control(Assistant).Text(m.Content).Control(Eos);
                     }
 
                     break;
@@ -234,12 +297,12 @@ public static class ChatTemplate
                     isTool = true;
                     if (isOutputFirst)
                     {
-                        sb.Append(ToolOutputsBegin).Append(ToolOutputBegin).Append(m.Content).Append(ToolOutputEnd);
+                        w.Control(ToolOutputsBegin).Control(ToolOutputBegin).Text(m.Content).Control(ToolOutputEnd);
                         isOutputFirst = false;
                     }
                     else
                     {
-                        sb.Append('\n').Append(ToolOutputBegin).Append(m.Content).Append(ToolOutputEnd);
+                        w.Text("\n").Control(ToolOutputBegin).Text(m.Content).Control(ToolOutputEnd);
                     }
 
                     break;
@@ -248,12 +311,12 @@ public static class ChatTemplate
 
         if (isTool)
         {
-            sb.Append(ToolOutputsEnd);
+            w.Control(ToolOutputsEnd);
         }
 
         if (addGenerationPrompt && !isTool)
         {
-            sb.Append(Assistant);
+            w.Control(Assistant);
         }
     }
 
@@ -261,7 +324,7 @@ public static class ChatTemplate
     // tool-call message opens with <｜Assistant｜> and closes with <｜tool▁calls▁end｜><｜end▁of▁sentence｜>;
     // each run of tool results opens with <｜tool▁outputs▁begin｜>) we follow it rather than V3's
     // never-reset flags. Outputs within a run are separated by "\n" as in both published templates.
-    private static void RenderR1(StringBuilder sb, IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt)
+    private static void RenderR1(Writer w, IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt)
     {
         var isTool = false;
         foreach (var m in messages)
@@ -270,48 +333,48 @@ public static class ChatTemplate
             {
                 case ChatTurnRole.User:
                     isTool = false;
-                    sb.Append(User).Append(m.Content);
+                    w.Control(User).Text(m.Content);
                     break;
                 case ChatTurnRole.Assistant when m.ToolCalls is { Count: > 0 }:
                     isTool = false;
-                    sb.Append(Assistant).Append(m.Content).Append(ToolCallsBegin);
+                    w.Control(Assistant).Text(m.Content).Control(ToolCallsBegin);
                     for (var i = 0; i < m.ToolCalls.Count; i++)
                     {
                         if (i > 0)
                         {
-                            sb.Append('\n');
+                            w.Text("\n");
                         }
 
-                        AppendCall(sb, m.ToolCalls[i]);
+                        AppendCall(w, m.ToolCalls[i]);
                     }
 
-                    sb.Append(ToolCallsEnd).Append(Eos);
+                    w.Control(ToolCallsEnd).Control(Eos);
                     break;
                 case ChatTurnRole.Assistant:
                     // Reasoning is stripped after tool results too: R1 must never see its own past thoughts.
                     var content = StripReasoning(m.Content ?? string.Empty);
                     if (isTool)
                     {
-                        sb.Append(ToolOutputsEnd).Append(content).Append(Eos);
+                        w.Control(ToolOutputsEnd).Text(content).Control(Eos);
                         isTool = false;
                     }
                     else
                     {
-                        sb.Append(Assistant).Append(content).Append(Eos);
+                        w.Control(Assistant).Text(content).Control(Eos);
                     }
 
                     break;
                 case ChatTurnRole.Tool:
                     if (!isTool)
                     {
-                        sb.Append(ToolOutputsBegin);
+                        w.Control(ToolOutputsBegin);
                     }
                     else
                     {
-                        sb.Append('\n');
+                        w.Text("\n");
                     }
 
-                    sb.Append(ToolOutputBegin).Append(m.Content).Append(ToolOutputEnd);
+                    w.Control(ToolOutputBegin).Text(m.Content).Control(ToolOutputEnd);
                     isTool = true;
                     break;
             }
@@ -319,12 +382,34 @@ public static class ChatTemplate
 
         if (isTool)
         {
-            sb.Append(ToolOutputsEnd);
+            w.Control(ToolOutputsEnd);
         }
 
         if (addGenerationPrompt && !isTool)
         {
-            sb.Append(Assistant).Append(ThinkOpen).Append('\n');
+            w.Control(Assistant).Control(ThinkOpen).Text("\n");
+        }
+    }
+
+    /// <summary>Collects the segments of a prompt; empty text is dropped, so each segment holds something.</summary>
+    private sealed class Writer
+    {
+        public List<PromptSegment> Segments { get; } = [];
+
+        public Writer Control(string marker)
+        {
+            Segments.Add(new PromptSegment(marker, IsControl: true));
+            return this;
+        }
+
+        public Writer Text(string? text)
+        {
+            if (!string.IsNullOrEmpty(text))
+            {
+                Segments.Add(new PromptSegment(text, IsControl: false));
+            }
+
+            return this;
         }
     }
 }

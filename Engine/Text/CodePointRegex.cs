@@ -96,9 +96,13 @@ internal static class CodePointRegex
         return sb.ToString();
     }
 
-    /// <summary>Builds the compiled regex for a translated pattern.</summary>
-    public static Regex Compile(string translated) =>
-        new(translated, RegexOptions.Compiled | RegexOptions.CultureInvariant);
+    /// <summary>
+    /// Builds the compiled regex for a translated pattern. Patterns come from tokenizer files and .NET's
+    /// engine backtracks, so each match gives up after <paramref name="matchTimeout"/> (the non-backtracking
+    /// engine would need no timeout but has no lookarounds, which DeepSeek's and GPT-2's patterns use).
+    /// </summary>
+    public static Regex Compile(string translated, TimeSpan matchTimeout) =>
+        new(translated, RegexOptions.Compiled | RegexOptions.CultureInvariant, matchTimeout);
 
     // Text: the item as .NET class syntax (BMP semantics); PositiveText: the non-negated form,
     // for hoisting a top-level negation into the class.

@@ -57,6 +57,12 @@ public static class JsonLinesTokenizer
         {
             throw new InvalidDataException($"line {lineNumber}: invalid JSON ({ex.Message})", ex);
         }
+        catch (InvalidOperationException ex)
+        {
+            // An escaped unpaired surrogate ("\ud800") names no Unicode character; refused rather than
+            // replaced, since the JSON reader cannot give the rest of the string without it.
+            throw new InvalidDataException($"line {lineNumber}: \"text\" {BpeTokenizer.UnpairedSurrogate}", ex);
+        }
 
         throw new InvalidDataException($"line {lineNumber}: expected a JSON object with a string \"text\"");
     }

@@ -24,23 +24,53 @@ internal abstract class PreTokenizerStep
 /// </summary>
 internal sealed class RegexSplitStep : PreTokenizerStep
 {
+    /// <summary>
+    /// How long one match may run. A sound pattern scans even a megabyte-long piece in milliseconds; a
+    /// pattern that backtracks catastrophically (<c>(a+)+$</c>) would run for hours.
+    /// </summary>
+    public static readonly TimeSpan DefaultMatchTimeout = TimeSpan.FromSeconds(10);
+
     private readonly Regex _bmp;
 
     // The exact form has long surrogate-pair alternations that take a while to compile, and much
     // text never needs it; it is built on first use.
     private readonly Lazy<Regex> _astral;
     private readonly bool _removeMatches;
+    private readonly string _pattern;
+    private readonly string _file;
+    private readonly string _where;
 
-    public RegexSplitStep(string onigPattern, bool removeMatches)
+    /// <param name="onigPattern">The pattern as written in the file.</param>
+    /// <param name="removeMatches">Drop the matches (behavior Removed) instead of keeping them as pieces.</param>
+    /// <param name="file">The tokenizer file, and <paramref name="where"/> the step in it, named by a timeout.</param>
+    /// <param name="where">The step's path in the file, e.g. <c>pre_tokenizer.pretokenizers[2]</c>.</param>
+    /// <param name="matchTimeout">How long one match may run; null for <see cref="DefaultMatchTimeout"/>.</param>
+    public RegexSplitStep(string onigPattern, bool removeMatches, string file, string where, TimeSpan? matchTimeout = null)
     {
-        _bmp = CodePointRegex.Compile(CodePointRegex.Translate(onigPattern, astral: false));
+        var timeout = matchTimeout ?? DefaultMatchTimeout;
+        _bmp = CodePointRegex.Compile(CodePointRegex.Translate(onigPattern, astral: false), timeout);
         _astral = new Lazy<Regex>(
-            () => CodePointRegex.Compile(CodePointRegex.Translate(onigPattern, astral: true)),
+            () => CodePointRegex.Compile(CodePointRegex.Translate(onigPattern, astral: true), timeout),
             LazyThreadSafetyMode.ExecutionAndPublication);
         _removeMatches = removeMatches;
+        _pattern = onigPattern;
+        _file = file;
+        _where = where;
     }
 
     public override void Apply(TextPiece piece, bool hasSurrogates, List<TextPiece> output)
+    {
+        try
+        {
+            Split(piece, hasSurrogates, output);
+        }
+        catch (RegexMatchTimeoutException ex)
+        {
+            throw new TokenizerFormatException(_file, $"{_where}: the pattern '{_pattern}' ran over {ex.MatchTimeout.TotalSeconds:0.###} s on a piece of {piece.Length} characters (it backtracks catastrophically); this tokenizer cannot encode that text", ex);
+        }
+    }
+
+    private void Split(TextPiece piece, bool hasSurrogates, List<TextPiece> output)
     {
         // Checking each piece keeps astral characters in one place from slowing the whole text.
         var regex = hasSurrogates && piece.Span.ContainsAnyInRange('\uD800', '\uDFFF') ? _astral.Value : _bmp;
@@ -84,10 +114,10 @@ internal sealed class ByteLevelStep : PreTokenizerStep
     private readonly bool _addPrefixSpace;
     private readonly RegexSplitStep? _split;
 
-    public ByteLevelStep(bool addPrefixSpace, bool useRegex)
+    public ByteLevelStep(bool addPrefixSpace, bool useRegex, string file, string where)
     {
         _addPrefixSpace = addPrefixSpace;
-        _split = useRegex ? new RegexSplitStep(Gpt2Pattern, removeMatches: false) : null;
+        _split = useRegex ? new RegexSplitStep(Gpt2Pattern, removeMatches: false, file, where) : null;
     }
 
     public override void Apply(TextPiece piece, bool hasSurrogates, List<TextPiece> output)

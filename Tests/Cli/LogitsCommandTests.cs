@@ -34,19 +34,20 @@ public sealed class LogitsCommandTests
         }
     }
 
+    /// <summary>Every malformed or out-of-range id is a one-line user error (exit 1), never an internal error (issue 19, class 4).</summary>
     [TestMethod]
-    public void RejectsATokenOutsideTheVocabulary()
+    [DataRow("0,x7", "'x7' (entry 1) is not a non-negative integer token id")]
+    [DataRow("0,abc", "'abc' (entry 1) is not a non-negative integer token id")]
+    [DataRow("99999999999", "'99999999999' (entry 0) is not a non-negative integer token id")]
+    [DataRow("-1", "'-1' (entry 0) is not a non-negative integer token id")]
+    [DataRow("0,,1", "'' (entry 1) is not a non-negative integer token id")]
+    [DataRow("0,1024", "token 1024 is outside the vocabulary (0..1023)")]
+    [DataRow("99999999", "token 99999999 is outside the vocabulary (0..1023)")]
+    [DataRow("2147483647", "token 2147483647 is outside the vocabulary (0..1023)")]
+    public void RejectsBadTokenIds(string tokens, string expected)
     {
-        var r = CliRunner.Run("logits", "--model", SharedData.TinyAModel, "--tokens", "0,1024", "--out", Path.Combine(Path.GetTempPath(), "unused.safetensors"));
-        Assert.AreEqual(1, r.ExitCode);
-        StringAssert.Contains(r.Error, "token 1024 is outside the vocabulary (0..1023)");
-    }
-
-    [TestMethod]
-    public void RejectsAMalformedTokenList()
-    {
-        var r = CliRunner.Run("logits", "--model", SharedData.TinyAModel, "--tokens", "0,x7", "--out", Path.Combine(Path.GetTempPath(), "unused.safetensors"));
-        Assert.AreEqual(1, r.ExitCode);
-        StringAssert.Contains(r.Error, "'x7' (entry 1)");
+        var r = CliRunner.Run("logits", "--model", SharedData.TinyAModel, "--tokens", tokens, "--out", Path.Combine(Path.GetTempPath(), "unused.safetensors"), "--device", "cpu");
+        Assert.AreEqual(1, r.ExitCode, r.Error);
+        StringAssert.Contains(r.Error, expected);
     }
 }

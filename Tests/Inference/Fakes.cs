@@ -14,6 +14,8 @@ internal sealed class FakeTokenizer : ITokenizer
 
     private static readonly string[] Added = [ChatTemplate.Bos, ChatTemplate.Eos, ChatTemplate.ThinkOpen, ChatTemplate.ThinkClose, ChatTemplate.User, ChatTemplate.Assistant];
 
+    private int _literalCalls;
+
     public int VocabSize => 256 + Added.Length;
 
     public int? BosId => Bos;
@@ -22,7 +24,20 @@ internal sealed class FakeTokenizer : ITokenizer
 
     public bool AddBosToken => true;
 
-    public int[] Encode(string text, bool addBos)
+    public int[] Encode(string text, bool addBos) => Encode(text, addBos, addedTokens: true);
+
+    /// <summary>How many times <see cref="EncodeLiteral"/> ran (a refusal by length must come before it).</summary>
+    public int LiteralCalls => Volatile.Read(ref _literalCalls);
+
+    public int[] EncodeLiteral(string text)
+    {
+        Interlocked.Increment(ref _literalCalls);
+        return Encode(text, addBos: false, addedTokens: false);
+    }
+
+    public int? AddedTokenId(string content) => TokenToId(content);
+
+    private static int[] Encode(string text, bool addBos, bool addedTokens)
     {
         var ids = new List<int>();
         if (addBos)
@@ -34,7 +49,7 @@ internal sealed class FakeTokenizer : ITokenizer
         while (i < text.Length)
         {
             var match = -1;
-            for (var a = 0; a < Added.Length; a++)
+            for (var a = 0; addedTokens && a < Added.Length; a++)
             {
                 if (text.AsSpan(i).StartsWith(Added[a], StringComparison.Ordinal) && (match < 0 || Added[a].Length > Added[match].Length))
                 {

@@ -15,7 +15,7 @@ public sealed class ChatTemplateTests
     private static readonly ChatTemplateOptions R1 = new() { Kind = ChatTemplateKind.R1 };
 
     [TestMethod]
-    public void V3_RendersEverySharedCaseExactly()
+    public void V3_RendersAndEncodesEverySharedCaseExactly()
     {
         using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(SharedData.Tokenizer, "chat-template-cases.json")));
         var cases = doc.RootElement.GetProperty("cases");
@@ -35,6 +35,8 @@ public sealed class ChatTemplateTests
                 return new ChatTurn(role, m.GetProperty("content").GetString());
             }).ToList();
             Assert.AreEqual(c.GetProperty("text").GetString(), ChatTemplate.Render(turns, V3));
+            var ids = c.GetProperty("ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+            CollectionAssert.AreEqual(ids, ChatTemplate.Encode(TokenizerFixtures.DeepSeek, turns, V3));
         }
     }
 

@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Tests.Text;
 public sealed class CodePointRegexTests
 {
     private static string FirstMatch(string pattern, string input) =>
-        CodePointRegex.Compile(CodePointRegex.Translate(pattern, astral: true)).Match(input).Value;
+        CodePointRegex.Compile(CodePointRegex.Translate(pattern, astral: true), RegexSplitStep.DefaultMatchTimeout).Match(input).Value;
 
     [TestMethod]
     public void CategoriesMatchAstralCodePoints()
