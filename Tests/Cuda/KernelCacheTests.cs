@@ -1,4 +1,6 @@
+using System.Security.Cryptography;
 using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Cuda.Native;
 
 namespace DeepSeekCuda.Tests.Cuda;
 
@@ -56,20 +58,44 @@ public sealed class KernelCacheTests
     {
         var compiler = new NvrtcCompiler();
         var source = NvrtcCompiler.GenerateSource("rope", Rope);
+        string[] names = [.. Rope.Select(i => i.NameExpression)];
         string[] options = ["-std=c++17", "-default-device"];
-        var key = compiler.CacheKey("rope", source, options, Ptx);
+        const string Nvrtc = "12.4 libnvrtc.so.12.4.127 sha256:00";
+        var key = compiler.CacheKey("rope", source, names, options, Ptx, Nvrtc);
 
-        Assert.AreEqual(key, compiler.CacheKey("rope", source, options.Reverse(), Ptx), "options are sorted before hashing");
-        Assert.AreNotEqual(key, compiler.CacheKey("rope", source, [.. options, "-lineinfo"], Ptx));
-        Assert.AreNotEqual(key, compiler.CacheKey("rope", source, options, new KernelTarget("compute_90")));
-        Assert.AreNotEqual(key, compiler.CacheKey("rope", source + "\n", options, Ptx));
+        Assert.AreNotEqual(key, compiler.CacheKey("rope", source, names, options.Reverse(), Ptx, Nvrtc),
+            "options keep their order: NVRTC lets a later option override an earlier one");
+        Assert.AreNotEqual(key, compiler.CacheKey("rope", source, names, [.. options, "-lineinfo"], Ptx, Nvrtc));
+        Assert.AreNotEqual(key, compiler.CacheKey("rope", source, names, options, new KernelTarget("compute_90"), Nvrtc));
+        Assert.AreNotEqual(key, compiler.CacheKey("rope", source + "\n", names, options, Ptx, Nvrtc));
+        Assert.AreNotEqual(key, compiler.CacheKey("rope", source, names[..1], options, Ptx, Nvrtc), "the names looked up in the image");
+        Assert.AreNotEqual(key, compiler.CacheKey("rope", source, names, options, Ptx, "12.4 libnvrtc.so.12.4.99 sha256:00"), "NVRTC's patch level");
+        Assert.AreNotEqual(key, compiler.CacheKey("rope", source, names, options, Ptx, "12.4 libnvrtc.so.12 sha256:01"), "NVRTC's bytes");
 
         var headerChanged = new NvrtcCompiler(KernelSources.Embedded.With("common.cuh", KernelSources.Embedded.Files["common.cuh"] + "\n// changed\n"));
-        Assert.AreNotEqual(key, headerChanged.CacheKey("rope", source, options, Ptx));
+        Assert.AreNotEqual(key, headerChanged.CacheKey("rope", source, names, options, Ptx, Nvrtc));
         var familyChanged = new NvrtcCompiler(KernelSources.Embedded.With("rope.cu", KernelSources.Embedded.Files["rope.cu"] + "\n// changed\n"));
-        Assert.AreNotEqual(key, familyChanged.CacheKey("rope", source, options, Ptx));
+        Assert.AreNotEqual(key, familyChanged.CacheKey("rope", source, names, options, Ptx, Nvrtc));
         var otherFamilyChanged = new NvrtcCompiler(KernelSources.Embedded.With("rmsnorm.cu", KernelSources.Embedded.Files["rmsnorm.cu"] + "\n// changed\n"));
-        Assert.AreEqual(key, otherFamilyChanged.CacheKey("rope", source, options, Ptx), "another family's source does not invalidate this one");
+        Assert.AreEqual(key, otherFamilyChanged.CacheKey("rope", source, names, options, Ptx, Nvrtc), "another family's source does not invalidate this one");
+    }
+
+    [TestMethod]
+    public void NvrtcIdentityIsTheLoadedLibrarysRealFileAndItsHash()
+    {
+        var loaded = NativeLibraries.NvrtcPath!;
+        var link = File.ResolveLinkTarget(loaded, returnFinalTarget: true);
+        var real = link?.FullName ?? Path.GetFullPath(loaded);
+        Assert.AreEqual(real, NativeLibraries.NvrtcFile);
+        var (major, minor) = NvrtcCompiler.Version;
+        if (link is not null)
+        {
+            // A toolkit's (and tools/cuda/toolchain.sh's) libnvrtc.so.12 links to libnvrtc.so.12.4.127: the key names the patch level.
+            StringAssert.StartsWith(Path.GetFileName(real), $"libnvrtc.so.{major}.{minor}.", "the real file carries the patch level");
+        }
+
+        using var file = File.OpenRead(real);
+        Assert.AreEqual($"{major}.{minor} {Path.GetFileName(real)} sha256:{Convert.ToHexStringLower(SHA256.HashData(file))}", NvrtcCompiler.LibraryIdentity);
     }
 
     [TestMethod]
