@@ -203,9 +203,20 @@ public sealed unsafe class NvrtcCompiler
 
     /// <summary>
     /// SHA-256 of the family name, the generated source, the name expressions, the family and every header, the
-    /// options in their order, the architecture and the NVRTC identity (<see cref="LibraryIdentity"/>): any change
-    /// that can change the image, or the names looked up in it, changes the key.
+    /// options in their order, the architecture and the loaded NVRTC (<see cref="LibraryIdentity"/>): any change that
+    /// can change the image, or the names looked up in it, changes the key.
     /// </summary>
+    /// <param name="family">The kernel family.</param>
+    /// <param name="source">The generated source.</param>
+    /// <param name="options">Every option, the architecture's included, in the order NVRTC is given them.</param>
+    /// <param name="target">The target.</param>
+    /// <param name="nameExpressions">The names looked up in the image (<see cref="Compile"/>: the instances' name
+    /// expressions); the key of a <see cref="CompileSource"/> entry needs the same ones.</param>
+    public string CacheKey(string family, string source, IEnumerable<string> options, KernelTarget target, IEnumerable<string>? nameExpressions = null) =>
+        CacheKey(family, source, nameExpressions ?? [], options, target,
+            LibraryIdentity ?? throw new InvalidOperationException($"The loaded NVRTC's file ({NativeLibraries.NvrtcPath}) could not be identified, so it has no cache key."));
+
+    /// <summary><see cref="CacheKey(string, string, IEnumerable{string}, KernelTarget, IEnumerable{string})"/> with the NVRTC identity given.</summary>
     internal string CacheKey(string family, string source, IEnumerable<string> nameExpressions, IEnumerable<string> options, KernelTarget target, string nvrtc)
     {
         var sb = new StringBuilder();
