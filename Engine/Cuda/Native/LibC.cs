@@ -51,6 +51,26 @@ internal static unsafe partial class LibC
         Environment.SetEnvironmentVariable(name, value);
     }
 
+    [LibraryImport(Lib, EntryPoint = "rename", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
+    private static partial int RenameNative(string from, string to);
+
+    /// <summary>
+    /// Renames whatever is at <paramref name="from"/> (a file, folder, link or FIFO; a link is never followed) to
+    /// <paramref name="to"/> in one atomic step; false when nothing is at <paramref name="from"/>. .NET splits this by
+    /// type (<see cref="File.Move(string, string)"/>, <see cref="Directory.Move"/>) and checks the type first, which is
+    /// a race of its own when another process may replace the entry in between.
+    /// </summary>
+    public static bool Rename(string from, string to)
+    {
+        if (RenameNative(from, to) == 0)
+        {
+            return true;
+        }
+
+        var errno = Marshal.GetLastPInvokeError();
+        return errno == Enoent ? false : throw new IOException($"rename({from}, {to}) failed: {Marshal.GetPInvokeErrorMessage(errno)}");
+    }
+
     // statx, not lstat: struct statx has one layout on every architecture (struct stat differs between x86-64 and
     // arm64). glibc has it since 2.28.
     [LibraryImport(Lib, EntryPoint = "statx", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
