@@ -88,6 +88,34 @@ public sealed unsafe class NvrtcCompiler
     /// <summary>The loaded NVRTC's version; throws <see cref="CudaUnavailableException"/> without NVRTC.</summary>
     public static (int Major, int Minor) Version => VersionLazy.Value;
 
+    private static readonly Lazy<string?> LibraryIdentityLazy = new(() =>
+    {
+        var (major, minor) = Version;
+        if (NativeLibraries.NvrtcFile is not { } file)
+        {
+            return null;
+        }
+
+        try
+        {
+            using var stream = File.OpenRead(file);
+            return $"{major}.{minor} {Path.GetFileName(file)} sha256:{Convert.ToHexStringLower(SHA256.HashData(stream))}";
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return null;
+        }
+    });
+
+    /// <summary>
+    /// The loaded NVRTC as the cache key records it: <see cref="Version"/>, the real file's name
+    /// (<see cref="NativeLibraries.NvrtcFile"/>, e.g. <c>libnvrtc.so.12.4.127</c>) and the SHA-256 of that file.
+    /// nvrtcVersion gives only major.minor and a Python wheel's file name carries no patch level, so the file's bytes
+    /// are what tell two patch releases apart (hashing the 60 MB library takes about 0.2 s, once per process). Null
+    /// when the file cannot be found or read: the compiler then runs without its cache rather than risk a wrong hit.
+    /// </summary>
+    public static string? LibraryIdentity => LibraryIdentityLazy.Value;
+
     /// <summary>Whether NVRTC can be loaded, and if not, why.</summary>
     public static bool IsAvailable(out string reason) => NativeLibraries.TryNvrtc(out _, out reason);
 
@@ -162,20 +190,43 @@ public sealed unsafe class NvrtcCompiler
             return Run(family, source, nameExpressions, target, options);
         }
 
-        var key = CacheKey(family, source, options, target);
+        if (LibraryIdentity is not { } nvrtc)
+        {
+            _logger.LogWarning("Kernel cache not used for {Family}: the loaded NVRTC's file could not be identified ({Path})",
+                family, NativeLibraries.NvrtcPath);
+            return Run(family, source, nameExpressions, target, options);
+        }
+
+        var key = CacheKey(family, source, nameExpressions, options, target, nvrtc);
         return _cache.GetOrAdd(family, key, target, () => Run(family, source, nameExpressions, target, options));
     }
 
     /// <summary>
-    /// SHA-256 of the family name, the generated source, the family and every header, the sorted options,
-    /// the architecture and the NVRTC version: any change that can change the image changes the key.
+    /// SHA-256 of the family name, the generated source, the name expressions, the family and every header, the
+    /// options in their order, the architecture and the loaded NVRTC (<see cref="LibraryIdentity"/>): any change that
+    /// can change the image, or the names looked up in it, changes the key.
     /// </summary>
-    public string CacheKey(string family, string source, IEnumerable<string> options, KernelTarget target)
+    /// <param name="family">The kernel family.</param>
+    /// <param name="source">The generated source.</param>
+    /// <param name="options">Every option, the architecture's included, in the order NVRTC is given them.</param>
+    /// <param name="target">The target.</param>
+    /// <param name="nameExpressions">The names looked up in the image (<see cref="Compile"/>: the instances' name
+    /// expressions); the key of a <see cref="CompileSource"/> entry needs the same ones.</param>
+    public string CacheKey(string family, string source, IEnumerable<string> options, KernelTarget target, IEnumerable<string>? nameExpressions = null) =>
+        CacheKey(family, source, nameExpressions ?? [], options, target,
+            LibraryIdentity ?? throw new InvalidOperationException($"The loaded NVRTC's file ({NativeLibraries.NvrtcPath}) could not be identified, so it has no cache key."));
+
+    /// <summary><see cref="CacheKey(string, string, IEnumerable{string}, KernelTarget, IEnumerable{string})"/> with the NVRTC identity given.</summary>
+    internal string CacheKey(string family, string source, IEnumerable<string> nameExpressions, IEnumerable<string> options, KernelTarget target, string nvrtc)
     {
-        var (maj, min) = Version;
         var sb = new StringBuilder();
         sb.Append("family\0").Append(family).Append('\0');
         sb.Append("source\0").Append(source).Append('\0');
+        foreach (var n in nameExpressions)
+        {
+            sb.Append("name\0").Append(n).Append('\0');
+        }
+
         foreach (var (name, text) in Sources.Files)
         {
             if (name.EndsWith(".cuh", StringComparison.Ordinal) || name == family + ".cu")
@@ -184,13 +235,15 @@ public sealed unsafe class NvrtcCompiler
             }
         }
 
-        foreach (var o in options.Order(StringComparer.Ordinal))
+        // In their order, not sorted: NVRTC reads options left to right and a later one wins (-O3 then -O0, -DX=1
+        // then -DX=2, a second --gpu-architecture), so two orders of one set can compile to different images.
+        foreach (var o in options)
         {
             sb.Append("option\0").Append(o).Append('\0');
         }
 
         sb.Append("arch\0").Append(target.Arch).Append('\0');
-        sb.Append("nvrtc\0").Append(maj).Append('.').Append(min);
+        sb.Append("nvrtc\0").Append(nvrtc);
         return Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(sb.ToString())));
     }
 

@@ -2,6 +2,7 @@ using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Loading;
 using DeepSeekCuda.Tests.Loader;
+using DeepSeekCuda.Tests.Support;
 using Microsoft.Extensions.Logging;
 
 namespace DeepSeekCuda.Tests.Loading;
@@ -121,18 +122,6 @@ public sealed class WeightUploaderTests
             Values.Add(value);
             OnReport?.Invoke(value);
         }
-    }
-
-    private sealed class ListLogger : ILogger
-    {
-        public List<(LogLevel Level, string Message)> Entries { get; } = [];
-
-        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
-
-        public bool IsEnabled(LogLevel logLevel) => true;
-
-        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
-            Entries.Add((logLevel, formatter(state, exception)));
     }
 
     /// <summary>Every tensor, placed 256-aligned from <see cref="DeviceBase"/> in name order (not file order, on purpose).</summary>

@@ -465,6 +465,50 @@ public static class NativeLibraries
     /// <summary>The file NVRTC was loaded from, or null.</summary>
     public static string? NvrtcPath => NvrtcLib.Value.Path;
 
+    private static readonly Lazy<string?> NvrtcFileLazy = new(() =>
+        TryNvrtc(out var handle, out _) && NativeLibrary.TryGetExport(handle, "nvrtcVersion", out var export) ? MappedFile(export) : null);
+
+    /// <summary>
+    /// The real file the loaded NVRTC was mapped from, all symbolic links resolved (e.g.
+    /// <c>libnvrtc.so.12.4.127</c> behind <see cref="NvrtcPath"/>'s <c>libnvrtc.so.12</c>, which is a bare soname when
+    /// the dynamic loader found it). Null without NVRTC, without <c>/proc</c>, or when the file was replaced after it
+    /// was loaded (its bytes are then no longer the ones running).
+    /// </summary>
+    public static string? NvrtcFile => NvrtcFileLazy.Value;
+
+    /// <summary>
+    /// The file mapped at <paramref name="address"/> in this process, from <c>/proc/self/maps</c> (the kernel writes the
+    /// path with links resolved); null when none is, or the file was deleted or replaced since.
+    /// </summary>
+    internal static string? MappedFile(IntPtr address)
+    {
+        const string Deleted = " (deleted)";
+        var at = (ulong)address;
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/self/maps"))
+            {
+                // start-end perms offset dev inode path (the path may hold spaces)
+                var fields = line.Split(' ', 6, StringSplitOptions.RemoveEmptyEntries);
+                var range = fields[0].Split('-');
+                if (fields.Length == 6 && range.Length == 2
+                    && ulong.TryParse(range[0], System.Globalization.NumberStyles.HexNumber, null, out var start)
+                    && ulong.TryParse(range[1], System.Globalization.NumberStyles.HexNumber, null, out var end)
+                    && at >= start && at < end)
+                {
+                    var path = fields[5].TrimStart();
+                    return path.StartsWith('/') && !path.EndsWith(Deleted, StringComparison.Ordinal) ? path : null;
+                }
+            }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // No /proc (or not readable): the caller goes without the file.
+        }
+
+        return null;
+    }
+
     /// <summary>Throws <see cref="CudaUnavailableException"/> when the driver cannot be loaded.</summary>
     public static IntPtr RequireDriver() =>
         TryDriver(out var h, out var reason) ? h : throw new CudaUnavailableException(reason);
