@@ -1,5 +1,3 @@
-using System.Runtime.InteropServices;
-
 namespace DeepSeekCuda.Loader;
 
 /// <summary>
@@ -14,7 +12,7 @@ namespace DeepSeekCuda.Loader;
 /// The checks run on the path before it is opened; a file swapped between the check and the open
 /// (a race with someone who can already write the folder) is not covered.
 /// </remarks>
-public static partial class ModelFiles
+public static class ModelFiles
 {
     /// <summary>Checks <paramref name="path"/> and opens it for reading.</summary>
     /// <param name="path">The file.</param>
@@ -77,7 +75,7 @@ public static partial class ModelFiles
             return;
         }
 
-        var real = RealPath(path) ?? throw new CheckpointException($"{path}: file not found (a link to nothing)", path);
+        var real = FileStatus.RealPath(path) ?? throw new CheckpointException($"{path}: file not found (a link to nothing)", path);
         if (real != path && !IsInsideAllowedFolders(real, modelFolder))
         {
             throw new CheckpointException(
@@ -85,19 +83,22 @@ public static partial class ModelFiles
                 path);
         }
 
-        if (Statx(AtFdCwd, real, 0, StatxType | StatxSize, out var st) != 0)
+        (FileKind Kind, long Size) st;
+        try
         {
-            var errno = Marshal.GetLastPInvokeError();
-            throw new CheckpointException($"{path}: cannot read its type (errno {errno})", path);
+            st = FileStatus.Stat(real);
+        }
+        catch (IOException e)
+        {
+            throw new CheckpointException($"{path}: cannot read its type: {e.Message}", path, null, e);
         }
 
-        var type = st.Mode & FileTypeMask;
-        if (type != RegularFile)
+        if (st.Kind != FileKind.Regular)
         {
-            throw new CheckpointException($"{path}: not a regular file (it is {TypeName(type)}); a model folder holds only regular files", path);
+            throw new CheckpointException($"{path}: not a regular file (it is {FileStatus.Describe(st.Kind)}); a model folder holds only regular files", path);
         }
 
-        if ((long)st.Size > maxBytes)
+        if (st.Size > maxBytes)
         {
             throw new CheckpointException($"{path}: {st.Size} bytes, over the limit of {maxBytes} for this file", path);
         }
@@ -121,7 +122,7 @@ public static partial class ModelFiles
         static bool Under(string file, string? folder) =>
             folder is not null && file.StartsWith(folder.EndsWith('/') ? folder : folder + "/", StringComparison.Ordinal);
 
-        return Under(real, RealPath(Path.GetFullPath(modelFolder))) || Under(real, HubBlobs(modelFolder) is { } b ? RealPath(b) : null);
+        return Under(real, FileStatus.RealPath(Path.GetFullPath(modelFolder))) || Under(real, HubBlobs(modelFolder) is { } b ? FileStatus.RealPath(b) : null);
     }
 
     /// <summary>The hub cache's blobs folder of a snapshot folder (<c>REPO/snapshots/REV</c> → <c>REPO/blobs</c>), when it is one.</summary>
@@ -133,53 +134,4 @@ public static partial class ModelFiles
             ? Path.Combine(repo, "blobs")
             : null;
     }
-
-    private static string TypeName(int type) => type switch
-    {
-        0x1000 => "a FIFO",
-        0x2000 => "a character device",
-        0x4000 => "a folder",
-        0x6000 => "a block device",
-        0xC000 => "a socket",
-        _ => $"file type 0x{type:x}",
-    };
-
-    private static string? RealPath(string path)
-    {
-        var p = RealPathNative(path, IntPtr.Zero);
-        if (p == IntPtr.Zero)
-        {
-            return null;
-        }
-
-        try
-        {
-            return Marshal.PtrToStringUTF8(p);
-        }
-        finally
-        {
-            Free(p);
-        }
-    }
-
-    private const int AtFdCwd = -100;
-    private const uint StatxType = 0x1, StatxSize = 0x200;
-    private const int FileTypeMask = 0xF000, RegularFile = 0x8000;
-
-    /// <summary>Linux <c>struct statx</c>: the same layout on every architecture, unlike <c>struct stat</c>.</summary>
-    [StructLayout(LayoutKind.Explicit, Size = 256)]
-    private struct StatxBuffer
-    {
-        [FieldOffset(28)] public ushort Mode;
-        [FieldOffset(40)] public ulong Size;
-    }
-
-    [LibraryImport("libc.so.6", EntryPoint = "statx", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
-    private static partial int Statx(int dirfd, string path, int flags, uint mask, out StatxBuffer buffer);
-
-    [LibraryImport("libc.so.6", EntryPoint = "realpath", StringMarshalling = StringMarshalling.Utf8)]
-    private static partial IntPtr RealPathNative(string path, IntPtr resolved);
-
-    [LibraryImport("libc.so.6", EntryPoint = "free")]
-    private static partial void Free(IntPtr p);
 }

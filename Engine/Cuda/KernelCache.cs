@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Security.Cryptography;
 using System.Text;
 using DeepSeekCuda.Cuda.Native;
+using DeepSeekCuda.Loader;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 
@@ -123,7 +124,7 @@ public sealed class KernelCache
     {
         try
         {
-            switch (LibC.Lstat(path).Kind)
+            switch (FileStatus.Lstat(path).Kind)
             {
                 case FileKind.Missing:
                     problem = null;
@@ -221,7 +222,7 @@ public sealed class KernelCache
     /// </summary>
     private static byte[]? ReadBounded(string path, long max, out string? problem)
     {
-        var (kind, size) = LibC.Lstat(path);
+        var (kind, size) = FileStatus.Lstat(path);
         problem = kind != FileKind.Regular ? $"{Path.GetFileName(path)} is {(kind == FileKind.Missing ? "missing" : "not a regular file")}"
             : size > max ? $"{Path.GetFileName(path)} has {size} bytes, more than the {max} expected"
             : null;
@@ -352,7 +353,7 @@ public sealed class KernelCache
     {
         try
         {
-            switch (LibC.Lstat(path).Kind)
+            switch (FileStatus.Lstat(path).Kind)
             {
                 case FileKind.Missing:
                     break; // never created, or put back in place

@@ -3,6 +3,7 @@ using System.Runtime.Versioning;
 using System.Security.Cryptography;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Cuda.Native;
+using DeepSeekCuda.Loader;
 using DeepSeekCuda.Tests.Support;
 using Microsoft.Extensions.Logging;
 
@@ -299,7 +300,7 @@ public sealed partial class KernelCacheTests
         var miss = WithinSeconds(30, () => Lookup(cache));
         Assert.AreEqual(1, cache.Rebuilt);
         AssertRebuiltThenHit(cache, miss);
-        Assert.AreEqual(FileKind.Regular, LibC.Lstat(path).Kind);
+        Assert.AreEqual(FileKind.Regular, FileStatus.Lstat(path).Kind);
     }
 
     [TestMethod]

@@ -103,7 +103,7 @@ public sealed class HostileFileTests
         Replace(dir.File(name), p => Run("mkfifo", p));
         var e = Throws<CheckpointException>(() => Checkpoint.Open(dir.Path).Dispose());
         Assert.AreEqual(dir.File(name), e.FilePath);
-        StringAssert.Contains(e.Message, "not a regular file (it is a FIFO)");
+        StringAssert.Contains(e.Message, "not a regular file (it is a FIFO, socket or device)");
     }
 
     [TestMethod]
@@ -138,7 +138,7 @@ public sealed class HostileFileTests
         Run("mkfifo", dir.File("real/pipe"));
         Replace(config, p => File.CreateSymbolicLink(p, "real/pipe"));
         var e = Throws<CheckpointException>(() => Checkpoint.Open(dir.Path).Dispose());
-        StringAssert.Contains(e.Message, "not a regular file (it is a FIFO)");
+        StringAssert.Contains(e.Message, "not a regular file (it is a FIFO, socket or device)");
     }
 
     [TestMethod]

@@ -1,6 +1,7 @@
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Inference;
+using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Serving;
 
@@ -205,7 +206,7 @@ public sealed class BatchSchedulerTests
         var model = FakeModel.Bigram(11, eosLogit: 3f);
         var blocks = new KvBlockManager(32, 4, 8);
         var runner = new OracleStepRunner(model, blocks, length => length % 3 != 0);
-        var log = new ListLogger<BatchScheduler>();
+        var log = new ListLogger();
         var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { EosId = Eos }, log);
         Assert.IsTrue(scheduler.SpeculativeDecoding, "on by default when the runner can draft");
         var prompt = Printable(new Random(3), 70);
@@ -219,27 +220,15 @@ public sealed class BatchSchedulerTests
             Assert.IsGreaterThan(0L, c.Accepted);
             Assert.IsLessThan(c.Drafted, c.Accepted);
             Assert.IsLessThan(c.GeneratedTokens, c.Steps, "accepted drafts save steps");
-            Assert.IsTrue(log.Messages.Any(m => m.StartsWith($"Request {r.Id} finished", StringComparison.Ordinal)), "each request's acceptance is logged");
+            Assert.IsTrue(log.Entries.Any(e => e.Message.StartsWith($"Request {r.Id} finished", StringComparison.Ordinal)), "each request's acceptance is logged");
         }
 
         Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
         var total = scheduler.Counters;
         scheduler.Dispose();
-        var summary = log.Messages.Last();
+        var summary = log.Entries.Last().Message;
         StringAssert.StartsWith(summary, $"Speculative decoding: {total.GeneratedTokens} tokens in {total.Steps} steps, MTP drafts {total.Drafted}, accepted {total.Accepted}");
         TestContext.WriteLine(summary);
-    }
-
-    private sealed class ListLogger<T> : Microsoft.Extensions.Logging.ILogger<T>
-    {
-        public List<string> Messages { get; } = [];
-
-        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
-
-        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
-
-        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception,
-            Func<TState, Exception?, string> formatter) => Messages.Add(formatter(state, exception));
     }
 
     [TestMethod]

@@ -177,7 +177,7 @@ public sealed class HostileTokenizerFileTests
             var ex = load.Exception?.InnerException as TokenizerFormatException;
             Assert.IsNotNull(ex, $"expected a TokenizerFormatException, got {load.Exception?.InnerException?.GetType().Name ?? "success"}");
             Assert.AreEqual(path, ex.File);
-            Assert.AreEqual(kind == "fifo" ? "not a regular file (it is a FIFO); a model folder holds only regular files" : $"a symbolic link to {kind}, outside the model folder; links may end only inside {dir}", ex.Problem);
+            Assert.AreEqual(kind == "fifo" ? "not a regular file (it is a FIFO, socket or device); a model folder holds only regular files" : $"a symbolic link to {kind}, outside the model folder; links may end only inside {dir}", ex.Problem);
             if (name == "tokenizer_config.json")
             {
                 Assert.ThrowsExactly<TokenizerFormatException>(() => LocalModel.DetectTemplate(dir));
