@@ -79,6 +79,22 @@ internal static unsafe partial class FileStatus
         }
     }
 
+    /// <summary>
+    /// Reads exactly <paramref name="length"/> bytes, the size checked before opening, from <paramref name="stream"/>;
+    /// an <see cref="IOException"/> when the file holds fewer or more by now.
+    /// </summary>
+    public static byte[] ReadExactly(FileStream stream, long length)
+    {
+        var bytes = new byte[length];
+        stream.ReadExactly(bytes);
+        if (stream.ReadByte() >= 0)
+        {
+            throw new IOException("the file changed size while being read");
+        }
+
+        return bytes;
+    }
+
     /// <summary>A short name of a kind, for messages.</summary>
     public static string Describe(FileKind kind) => kind switch
     {

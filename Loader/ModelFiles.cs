@@ -23,6 +23,28 @@ public static class ModelFiles
     {
         path = Path.GetFullPath(path);
         Check(path, modelFolder, maxBytes);
+        return Open(path);
+    }
+
+    /// <summary>Checks <paramref name="path"/> as <see cref="OpenRead"/> does and reads all of it.</summary>
+    public static byte[] ReadAllBytes(string path, string modelFolder, long maxBytes)
+    {
+        path = Path.GetFullPath(path);
+        var size = CheckedSize(path, modelFolder, maxBytes);
+        using var stream = Open(path);
+        try
+        {
+            // The size checked, not the size now: a file that grew since is refused, not read past the limit.
+            return FileStatus.ReadExactly(stream, size);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new CheckpointException($"{path}: cannot read: {e.Message}", path, null, e);
+        }
+    }
+
+    private static FileStream Open(string path)
+    {
         try
         {
             return new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1, FileOptions.None);
@@ -33,49 +55,23 @@ public static class ModelFiles
         }
     }
 
-    /// <summary>Checks <paramref name="path"/> as <see cref="OpenRead"/> does and reads all of it.</summary>
-    public static byte[] ReadAllBytes(string path, string modelFolder, long maxBytes)
-    {
-        using var stream = OpenRead(path, modelFolder, maxBytes);
-        try
-        {
-            // The length was bounded by Check; a file that grew since is read up to the limit and refused.
-            var bytes = new byte[stream.Length];
-            stream.ReadExactly(bytes);
-            if (stream.ReadByte() >= 0)
-            {
-                throw new CheckpointException($"{stream.Name}: changed size while being read", stream.Name);
-            }
-
-            return bytes;
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new CheckpointException($"{stream.Name}: cannot read: {e.Message}", stream.Name, null, e);
-        }
-    }
-
     /// <summary>
     /// Throws unless <paramref name="path"/> is (or links, inside the allowed folders, to) a regular file of
     /// at most <paramref name="maxBytes"/> bytes.
     /// </summary>
     /// <exception cref="CheckpointException">It is not.</exception>
-    public static void Check(string path, string modelFolder, long maxBytes)
-    {
-        path = Path.GetFullPath(path);
-        var info = new FileInfo(path);
-        if (info.LinkTarget is null && !info.Exists && !Directory.Exists(path))
-        {
-            throw new CheckpointException($"{path}: file not found", path);
-        }
+    public static void Check(string path, string modelFolder, long maxBytes) => CheckedSize(Path.GetFullPath(path), modelFolder, maxBytes);
 
+    /// <summary><see cref="Check"/> on a full path, returning the file's size.</summary>
+    private static long CheckedSize(string path, string modelFolder, long maxBytes)
+    {
         if (!OperatingSystem.IsLinux())
         {
-            CheckPortable(path, info, maxBytes);
-            return;
+            return CheckPortable(path, new FileInfo(path), maxBytes);
         }
 
-        var real = FileStatus.RealPath(path) ?? throw new CheckpointException($"{path}: file not found (a link to nothing)", path);
+        var real = FileStatus.RealPath(path) ?? throw new CheckpointException(
+            new FileInfo(path).LinkTarget is null ? $"{path}: file not found" : $"{path}: file not found (a link to nothing)", path);
         if (real != path && !IsInsideAllowedFolders(real, modelFolder))
         {
             throw new CheckpointException(
@@ -102,19 +98,23 @@ public static class ModelFiles
         {
             throw new CheckpointException($"{path}: {st.Size} bytes, over the limit of {maxBytes} for this file", path);
         }
+
+        return st.Size;
     }
 
-    private static void CheckPortable(string path, FileInfo info, long maxBytes)
+    private static long CheckPortable(string path, FileInfo info, long maxBytes)
     {
         if (!info.Exists)
         {
-            throw new CheckpointException($"{path}: not a regular file", path);
+            throw new CheckpointException(Directory.Exists(path) ? $"{path}: not a regular file" : $"{path}: file not found", path);
         }
 
         if (info.Length > maxBytes)
         {
             throw new CheckpointException($"{path}: {info.Length} bytes, over the limit of {maxBytes} for this file", path);
         }
+
+        return info.Length;
     }
 
     private static bool IsInsideAllowedFolders(string real, string modelFolder)

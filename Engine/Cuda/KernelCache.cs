@@ -232,15 +232,7 @@ public sealed class KernelCache
         }
 
         using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1);
-        var bytes = new byte[size];
-        stream.ReadExactly(bytes);
-        if (stream.ReadByte() != -1)
-        {
-            problem = $"{Path.GetFileName(path)} grew while read";
-            return null;
-        }
-
-        return bytes;
+        return FileStatus.ReadExactly(stream, size); // a size changed since is an IOException: TryRead's miss
     }
 
     private void Store(string path, string family, string key, KernelTarget target, CompiledKernel compiled)

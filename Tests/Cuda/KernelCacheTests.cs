@@ -33,9 +33,6 @@ public sealed partial class KernelCacheTests
         }
     }
 
-    [LibraryImport("libc.so.6", EntryPoint = "mkfifo", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
-    private static partial int MkFifo(string path, uint mode);
-
     /// <summary>A stand-in image (bytes that depend on <paramref name="seed"/>), its names and log.</summary>
     private static CompiledKernel Fake(int seed = 1) => new("rope", Ptx.Arch, IsPtx: true,
         [.. Enumerable.Range(0, 4099).Select(i => (byte)(i * 31 + seed))],
@@ -296,7 +293,7 @@ public sealed partial class KernelCacheTests
         var entry = Populated(out var cache);
         var path = Path.Combine(entry, file);
         File.Delete(path);
-        Assert.AreEqual(0, MkFifo(path, Convert.ToUInt32("644", 8)), $"mkfifo failed: {Marshal.GetLastPInvokeError()}");
+        Fifo.Create(path);
         var miss = WithinSeconds(30, () => Lookup(cache));
         Assert.AreEqual(1, cache.Rebuilt);
         AssertRebuiltThenHit(cache, miss);

@@ -6,6 +6,7 @@ using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Model;
+using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Loader;
 
@@ -34,13 +35,6 @@ public sealed class HostileFileTests
         var task = Task.Run(() => Assert.ThrowsExactly<T>(action));
         Assert.IsTrue(task.Wait(Patience), "it hung");
         return task.Result;
-    }
-
-    private static void Run(string file, params string[] args)
-    {
-        using var p = Process.Start(new ProcessStartInfo(file, args) { RedirectStandardError = true })!;
-        p.WaitForExit();
-        Assert.AreEqual(0, p.ExitCode, $"{file} {string.Join(' ', args)}: {p.StandardError.ReadToEnd()}");
     }
 
     private static void Replace(string path, Action<string> make)
@@ -100,7 +94,7 @@ public sealed class HostileFileTests
     public void AFifoInThePlaceOfAModelFile_IsRefusedAtOnce(string name)
     {
         using var dir = Valid();
-        Replace(dir.File(name), p => Run("mkfifo", p));
+        Replace(dir.File(name), Fifo.Create);
         var e = Throws<CheckpointException>(() => Checkpoint.Open(dir.Path).Dispose());
         Assert.AreEqual(dir.File(name), e.FilePath);
         StringAssert.Contains(e.Message, "not a regular file (it is a FIFO, socket or device)");
@@ -135,7 +129,7 @@ public sealed class HostileFileTests
             Assert.AreEqual(ModelPresets.Tiny.HiddenSize, c.Config.HiddenSize);
         }
 
-        Run("mkfifo", dir.File("real/pipe"));
+        Fifo.Create(dir.File("real/pipe"));
         Replace(config, p => File.CreateSymbolicLink(p, "real/pipe"));
         var e = Throws<CheckpointException>(() => Checkpoint.Open(dir.Path).Dispose());
         StringAssert.Contains(e.Message, "not a regular file (it is a FIFO, socket or device)");

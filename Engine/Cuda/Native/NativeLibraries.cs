@@ -465,8 +465,7 @@ public static class NativeLibraries
     /// <summary>The file NVRTC was loaded from, or null.</summary>
     public static string? NvrtcPath => NvrtcLib.Value.Path;
 
-    private static readonly Lazy<string?> NvrtcFileLazy = new(() =>
-        TryNvrtc(out var handle, out _) && NativeLibrary.TryGetExport(handle, "nvrtcVersion", out var export) ? MappedFile(export) : null);
+    private static readonly Lazy<string?> NvrtcFileLazy = new(() => TryNvrtc(out var handle, out _) ? FileOf(handle, "nvrtcVersion") : null);
 
     /// <summary>
     /// The real file the loaded NVRTC was mapped from, all symbolic links resolved (e.g.
@@ -475,6 +474,13 @@ public static class NativeLibraries
     /// was loaded (its bytes are then no longer the ones running).
     /// </summary>
     public static string? NvrtcFile => NvrtcFileLazy.Value;
+
+    /// <summary>
+    /// The real file a loaded library was mapped from, found by one of its exports (<see cref="MappedFile"/>); null
+    /// when the export is missing or the file cannot be told.
+    /// </summary>
+    public static string? FileOf(IntPtr library, string export) =>
+        NativeLibrary.TryGetExport(library, export, out var address) ? MappedFile(address) : null;
 
     /// <summary>
     /// The file mapped at <paramref name="address"/> in this process, from <c>/proc/self/maps</c> (the kernel writes the

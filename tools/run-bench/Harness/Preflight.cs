@@ -76,8 +76,8 @@ internal static class Preflight
         var problems = new List<string>();
         var smoke = new List<SmokeFinding>();
 
-        var driver = NativeLibraries.TryDriver(out _, out var driverError)
-            ? new LibraryFinding(MappedFile(NativeLibraries.DriverPath), null, null)
+        var driver = NativeLibraries.TryDriver(out var driverHandle, out var driverError)
+            ? new LibraryFinding(NativeLibraries.FileOf(driverHandle, "cuInit") ?? NativeLibraries.DriverPath, null, null)
             : new LibraryFinding(null, null, driverError);
         var deviceError = CudaRt.UnavailableReason;
         if (deviceError is not null)
@@ -86,18 +86,18 @@ internal static class Preflight
         }
 
         var nvrtc = NativeLibraries.TryNvrtc(out _, out var nvrtcError)
-            ? new LibraryFinding(MappedFile(NativeLibraries.NvrtcPath), Try(() => $"{NvrtcCompiler.Version.Major}.{NvrtcCompiler.Version.Minor}"), null)
+            ? new LibraryFinding(NativeLibraries.NvrtcFile ?? NativeLibraries.NvrtcPath, Try(() => $"{NvrtcCompiler.Version.Major}.{NvrtcCompiler.Version.Minor}"), null)
             : new LibraryFinding(null, null, nvrtcError);
         if (nvrtc.Error is not null)
         {
             problems.Add($"no NVRTC: {NativeLibraries.Headline(nvrtc.Error)}");
         }
 
-        var cublasLt = NativeLibraries.TryCublasLt(out _, out var ltError)
-            ? new LibraryFinding(MappedFile(NativeLibraries.CublasLtPath), Try(() => VersionText((long)CublasLtApi.cublasLtGetVersion())), null)
+        var cublasLt = NativeLibraries.TryCublasLt(out var ltHandle, out var ltError)
+            ? new LibraryFinding(NativeLibraries.FileOf(ltHandle, "cublasLtGetVersion") ?? NativeLibraries.CublasLtPath, Try(() => VersionText((long)CublasLtApi.cublasLtGetVersion())), null)
             : new LibraryFinding(null, null, ltError);
-        var cublas = NativeLibraries.TryCublas(out _, out var blasError)
-            ? new LibraryFinding(MappedFile(NativeLibraries.CublasPath), cublasLt.Version, null)
+        var cublas = NativeLibraries.TryCublas(out var blasHandle, out var blasError)
+            ? new LibraryFinding(NativeLibraries.FileOf(blasHandle, "cublasCreate_v2") ?? NativeLibraries.CublasPath, cublasLt.Version, null)
             : new LibraryFinding(null, null, blasError);
         if (cublas.Error is not null)
         {
@@ -210,23 +210,6 @@ internal static class Preflight
         {
             return null;
         }
-    }
-
-    /// <summary>
-    /// The file a loaded library maps (<c>/proc/self/maps</c>): a library the dynamic loader found is known by its soname
-    /// alone (<c>libnvrtc.so.13</c>), and which file that was is the point of a preflight.
-    /// </summary>
-    internal static string? MappedFile(string? loaded)
-    {
-        if (loaded is null || Path.IsPathRooted(loaded) || !File.Exists("/proc/self/maps"))
-        {
-            return loaded;
-        }
-
-        var mapped = File.ReadLines("/proc/self/maps")
-            .Select(line => line.IndexOf('/', StringComparison.Ordinal) is var i and >= 0 ? line[i..] : null)
-            .FirstOrDefault(path => path is not null && Path.GetFileName(path).StartsWith(loaded, StringComparison.Ordinal));
-        return mapped ?? loaded;
     }
 
     /// <summary>cublasLtGetVersion's major·10000 + minor·100 + patch as "major.minor.patch".</summary>
