@@ -61,7 +61,7 @@ public sealed class PackageTests
               <packageSources>
                 <clear />
                 <add key="feed" value="{feed}" />
-                <add key="cache" value="{MachineNuGetCache()}" />
+                <add key="cache" value="{MachineNuGetCache(env)}" />
               </packageSources>
             </configuration>
             """);
@@ -191,10 +191,17 @@ public sealed class PackageTests
     private static string Summary(ChatResponse response) =>
         Convert.ToBase64String(System.Text.Encoding.UTF8.GetBytes(string.Concat(response.Messages.SelectMany(m => m.Contents).Select(c => c switch { TextReasoningContent r => "R:" + r.Text, TextContent t => "T:" + t.Text, _ => "" }))));
 
-    private static string MachineNuGetCache() =>
-        Environment.GetEnvironmentVariable("NUGET_PACKAGES") is { Length: > 0 } p
-            ? p
-            : Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".nuget", "packages");
+    /// <summary>The NuGet cache the checkout's own restore used, as NuGet reports it (NUGET_PACKAGES, a config's globalPackagesFolder, the default).</summary>
+    private string MachineNuGetCache(IReadOnlyDictionary<string, string?> env)
+    {
+        var list = Dotnet(["nuget", "locals", "global-packages", "--list"], env);
+        Assert.AreEqual(0, list.ExitCode, list.Output);
+        var line = list.Output.Split('\n').Select(l => l.Trim()).FirstOrDefault(l => l.StartsWith("global-packages:", StringComparison.Ordinal));
+        Assert.IsNotNull(line, list.Output);
+        var folder = line["global-packages:".Length..].Trim();
+        Assert.IsTrue(Directory.Exists(folder), list.Output);
+        return folder;
+    }
 
     private ProcessResult Dotnet(string[] args, IReadOnlyDictionary<string, string?> env)
     {
