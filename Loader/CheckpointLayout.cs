@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Loader;
 /// <param name="DType">Stored element type.</param>
 /// <param name="Shape">Stored shape.</param>
 /// <param name="Layer">Stored layer index, or -1 for model-level tensors.</param>
-public sealed record ExpectedTensor(string Name, DType DType, ImmutableArray<long> Shape, int Layer);
+internal sealed record ExpectedTensor(string Name, DType DType, ImmutableArray<long> Shape, int Layer);
 
 /// <summary>A linear layer <c>y = x·Wᵀ</c> with W [Out, In]; FP8 ones carry a block-scale grid.</summary>
 /// <param name="Weight">Name of the weight tensor.</param>
@@ -110,7 +110,7 @@ public sealed record TensorSlice
 /// The one table from checkpoint tensor names to the model's weights, and the full list of tensors a
 /// config implies (release layout, MODEL.md §2). Nothing else spells tensor names.
 /// </summary>
-public static class CheckpointLayout
+internal static class CheckpointLayout
 {
     /// <summary>Token embedding [V, D].</summary>
     public const string Embedding = "model.embed_tokens.weight";

@@ -36,7 +36,7 @@ public enum DType
 }
 
 /// <summary>Names and sizes of <see cref="DType"/> values as the safetensors header writes them.</summary>
-public static class DTypes
+internal static class DTypes
 {
     /// <summary>Bytes per element.</summary>
     public static int SizeOf(DType dtype) => dtype switch

@@ -12,7 +12,7 @@ namespace DeepSeekCuda.Loader;
 /// The checks run on the path before it is opened; a file swapped between the check and the open
 /// (a race with someone who can already write the folder) is not covered.
 /// </remarks>
-public static class ModelFiles
+internal static class ModelFiles
 {
     /// <summary>Checks <paramref name="path"/> and opens it for reading.</summary>
     /// <param name="path">The file.</param>

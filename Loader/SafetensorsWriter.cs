@@ -20,7 +20,7 @@ namespace DeepSeekCuda.Loader;
 /// once every tensor is complete; disposing an uncommitted writer deletes it, so a failed write never
 /// leaves a half-written file under the destination name.
 /// </remarks>
-public sealed class SafetensorsWriter : IDisposable
+internal sealed class SafetensorsWriter : IDisposable
 {
     private readonly Dictionary<string, int> _index;
     private readonly long[] _written;

@@ -3,7 +3,7 @@ using DeepSeekCuda.Cuda.Native;
 namespace DeepSeekCuda.Cuda;
 
 /// <summary>Whether CUDA can be used on this machine, asked without throwing.</summary>
-public static unsafe class Cuda
+internal static unsafe class Cuda
 {
     private static readonly Lazy<string?> Problem = new(Probe);
 

@@ -5,7 +5,7 @@ using DeepSeekCuda.Cuda.Native;
 namespace DeepSeekCuda.Cuda;
 
 /// <summary>The one check for driver API results.</summary>
-public static unsafe class CudaCheck
+internal static unsafe class CudaCheck
 {
     /// <summary>Throws <see cref="CudaException"/> unless <paramref name="result"/> is success.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -95,7 +95,7 @@ public static unsafe class CudaCheck
 }
 
 /// <summary>The one check for NVRTC results.</summary>
-public static unsafe class NvrtcCheck
+internal static unsafe class NvrtcCheck
 {
     /// <summary>Throws <see cref="CudaException"/> unless <paramref name="result"/> is success.</summary>
     public static void Check(NvrtcResult result, [CallerArgumentExpression(nameof(result))] string call = "")

@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Cuda;
 /// One GPU with its primary context retained for the lifetime of this object. Properties are read from
 /// the device once, so launchers can size their geometry and shared memory from them.
 /// </summary>
-public sealed unsafe class CudaDevice : IDisposable
+internal sealed unsafe class CudaDevice : IDisposable
 {
     private IntPtr _context;
 

@@ -5,14 +5,14 @@ using DeepSeekCuda.Cuda.Native;
 namespace DeepSeekCuda.Cuda;
 
 /// <summary>Grid or block dimensions.</summary>
-public readonly record struct Dim3(uint X, uint Y = 1, uint Z = 1)
+internal readonly record struct Dim3(uint X, uint Y = 1, uint Z = 1)
 {
     /// <summary>A 1-D size.</summary>
     public static implicit operator Dim3(int x) => new(checked((uint)x));
 }
 
 /// <summary>A loaded CUBIN or PTX image with the kernels found in it.</summary>
-public sealed unsafe class CudaModule : IDisposable
+internal sealed unsafe class CudaModule : IDisposable
 {
     private IntPtr _handle;
 
@@ -79,7 +79,7 @@ public sealed unsafe class CudaModule : IDisposable
 /// One kernel function. Every kernel of ours takes a single parameter struct by value, so a launch passes
 /// one pointer to that struct: no boxing, no allocation, no synchronization.
 /// </summary>
-public sealed unsafe class CudaKernel
+internal sealed unsafe class CudaKernel
 {
     internal CudaKernel(CudaModule module, string name, IntPtr function)
     {

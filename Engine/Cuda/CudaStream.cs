@@ -3,7 +3,7 @@ using DeepSeekCuda.Cuda.Native;
 namespace DeepSeekCuda.Cuda;
 
 /// <summary>A non-blocking stream on one device.</summary>
-public sealed unsafe class CudaStream : IDisposable
+internal sealed unsafe class CudaStream : IDisposable
 {
     private IntPtr _handle;
 
@@ -42,7 +42,7 @@ public sealed unsafe class CudaStream : IDisposable
 }
 
 /// <summary>An event for ordering and timing.</summary>
-public sealed unsafe class CudaEvent : IDisposable
+internal sealed unsafe class CudaEvent : IDisposable
 {
     private IntPtr _handle;
 
@@ -91,7 +91,7 @@ public sealed unsafe class CudaEvent : IDisposable
 /// <summary>
 /// A CUDA graph captured from a stream and instantiated, replayed with one launch (the decode step).
 /// </summary>
-public sealed unsafe class CudaGraph : IDisposable
+internal sealed unsafe class CudaGraph : IDisposable
 {
     private IntPtr _graph;
     private IntPtr _exec;

@@ -4,7 +4,7 @@ using DeepSeekCuda.Cuda.Native;
 namespace DeepSeekCuda.Cuda;
 
 /// <summary>Typed device memory. Owned buffers free on dispose; views over an arena do not.</summary>
-public sealed unsafe class DeviceBuffer<T> : IDisposable
+internal sealed unsafe class DeviceBuffer<T> : IDisposable
     where T : unmanaged
 {
     private ulong _pointer;
@@ -165,7 +165,7 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable
 }
 
 /// <summary>Page-locked host memory: the staging end of asynchronous copies.</summary>
-public sealed unsafe class PinnedBuffer<T> : IDisposable
+internal sealed unsafe class PinnedBuffer<T> : IDisposable
     where T : unmanaged
 {
     private T* _pointer;
@@ -218,7 +218,7 @@ public sealed unsafe class PinnedBuffer<T> : IDisposable
 }
 
 /// <summary>Pins existing host memory (cuMemHostRegister) for the lifetime of this object.</summary>
-public sealed unsafe class HostRegistration : IDisposable
+internal sealed unsafe class HostRegistration : IDisposable
 {
     private void* _pointer;
 
@@ -251,7 +251,7 @@ public sealed unsafe class HostRegistration : IDisposable
 /// into aligned views, reset between steps. Nothing is allocated inside the decode loop, so steps can be
 /// captured into a graph.
 /// </summary>
-public sealed class DeviceArena : IDisposable
+internal sealed class DeviceArena : IDisposable
 {
     /// <summary>Every view starts on this boundary (enough for 16-byte vector access and TMA).</summary>
     public const int Alignment = 256;

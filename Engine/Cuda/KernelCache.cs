@@ -25,7 +25,7 @@ namespace DeepSeekCuda.Cuda;
 /// or fails; only a process killed mid-store leaves one behind.</item>
 /// </list>
 /// </summary>
-public sealed class KernelCache
+internal sealed class KernelCache
 {
     /// <summary>The largest image, names or log file the cache reads or writes (bytes); a larger image runs uncached.</summary>
     public const long MaxFileBytes = 256L << 20;

@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Cuda;
 /// They travel as embedded resources of the engine and are handed to NVRTC as in-memory headers, so no
 /// CUDA toolkit headers or files on disk are involved.
 /// </summary>
-public sealed class KernelSources
+internal sealed class KernelSources
 {
     private const string Prefix = "Kernels/";
 

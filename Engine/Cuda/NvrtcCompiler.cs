@@ -11,7 +11,7 @@ namespace DeepSeekCuda.Cuda;
 /// What NVRTC compiles for: <c>sm_XY</c>/<c>sm_90a</c> give CUBIN (NVRTC runs ptxas), <c>compute_XY</c>
 /// gives PTX that the driver compiles at load.
 /// </summary>
-public readonly record struct KernelTarget(string Arch)
+internal readonly record struct KernelTarget(string Arch)
 {
     /// <summary>Whether the output is CUBIN (else PTX).</summary>
     public bool IsCubin => Arch.StartsWith("sm_", StringComparison.Ordinal);
@@ -23,14 +23,14 @@ public readonly record struct KernelTarget(string Arch)
 /// <summary>One template instantiation to compile: the kernel's name expression and its parameter struct.</summary>
 /// <param name="NameExpression">e.g. <c>rmsnorm_kernel&lt;256, 1, 0, 1&gt;</c>.</param>
 /// <param name="ParamsType">The CUDA parameter struct the kernel takes by value.</param>
-public readonly record struct KernelInstance(string NameExpression, string ParamsType)
+internal readonly record struct KernelInstance(string NameExpression, string ParamsType)
 {
     /// <summary>Dynamic shared memory the launcher gives every block of this specialization (bytes).</summary>
     public int DynamicSharedBytes { get; init; }
 }
 
 /// <summary>A compiled image with the mangled names of its kernels.</summary>
-public sealed record CompiledKernel(
+internal sealed record CompiledKernel(
     string Family, string Arch, bool IsPtx, byte[] Image, IReadOnlyDictionary<string, string> LoweredNames, string Log, bool FromCache)
 {
     /// <summary>
@@ -46,7 +46,7 @@ public sealed record CompiledKernel(
 /// family and explicitly instantiates templates; mangled names come back through name expressions.
 /// Needs no GPU: CI compiles every family with it.
 /// </summary>
-public sealed unsafe class NvrtcCompiler
+internal sealed unsafe class NvrtcCompiler
 {
     private readonly KernelCache? _cache;
     private readonly ILogger _logger;

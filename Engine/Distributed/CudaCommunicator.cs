@@ -28,7 +28,7 @@ namespace DeepSeekCuda.Distributed;
 /// <c>CUDA_DEVICE_MAX_CONNECTIONS</c> to at least the streams in use (32 is the maximum) before CUDA initializes
 /// (<see cref="CudaParallel.ConfigureConnections"/>).
 /// </summary>
-public sealed class CudaCommunicator : ICommunicator
+internal sealed class CudaCommunicator : ICommunicator
 {
     private readonly DeviceMesh _mesh;
     private readonly CudaBackend[] _devices;

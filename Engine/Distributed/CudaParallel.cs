@@ -46,13 +46,13 @@ public sealed class CudaParallel : IDisposable
     }
 
     /// <summary>The ranks' mesh.</summary>
-    public DeviceMesh Mesh { get; }
+    internal DeviceMesh Mesh { get; }
 
     /// <summary>Rank r's backend.</summary>
     public IReadOnlyList<CudaBackend> Backends => _backends;
 
     /// <summary>The communicator to pass to <see cref="ParallelModel.Load"/>.</summary>
-    public CudaCommunicator Communicator { get; }
+    internal CudaCommunicator Communicator { get; }
 
     /// <summary>
     /// Sets <see cref="ConnectionsVariable"/> to <see cref="MaxConnections"/> in the process environment if nothing set it,

@@ -14,7 +14,7 @@ namespace DeepSeekCuda.Distributed;
 /// when every pair is a peer and N is 2, 4 or 8; otherwise it falls back to copies staged through pinned
 /// host memory with the sum on the host (same rank order, same bits), as do copies between non-peers.
 /// </summary>
-public sealed class DeviceMesh : IDisposable
+internal sealed class DeviceMesh : IDisposable
 {
     private readonly Rank[] _ranks;
     private readonly bool[,] _peer;

@@ -20,7 +20,7 @@ public enum ComputeDevice
 }
 
 /// <summary>Turns a <see cref="ComputeDevice"/> choice into a backend, saying which and why.</summary>
-public static class BackendSelection
+internal static class BackendSelection
 {
     /// <summary>The device <paramref name="device"/> resolves to here, with the reason (Auto: whether CUDA is usable).</summary>
     public static ComputeDevice Resolve(ComputeDevice device, out string reason)

@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Inference;
 /// top-p (each applied to the probabilities left by the previous step). Holds the seeded random
 /// generator and scratch buffers, so one sampler serves one generation, from one thread.
 /// </summary>
-public sealed class Sampler
+internal sealed class Sampler
 {
     private readonly float _temperature;
     private readonly int _topK;

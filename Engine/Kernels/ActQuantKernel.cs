@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>ActQuantParams</c> in Kernels/act_quant.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct ActQuantParams
+internal struct ActQuantParams
 {
     public ulong X;
     public ulong Codes;
@@ -24,7 +24,7 @@ public struct ActQuantParams
 /// (<c>s = max(amax, 1e-4) / 448</c>, optionally rounded up to a power of two for UE8M0 configs;
 /// <c>q = e4m3(x / s)</c>); a narrower last group when the width is not a multiple of 128.
 /// </summary>
-public sealed class ActQuantKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class ActQuantKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/act_quant.cu.</summary>
     public const string FamilyName = "act_quant";

@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>AllReduceParams</c> in Kernels/allreduce.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public unsafe struct AllReduceParams
+internal unsafe struct AllReduceParams
 {
     /// <summary>Each rank's input pointer, rank order.</summary>
     public fixed ulong Inputs[AllReduceKernel.MaxRanks];
@@ -34,7 +34,7 @@ public unsafe struct AllReduceParams
 }
 
 /// <summary>The two all-reduce kernels.</summary>
-public enum AllReduceAlgorithm
+internal enum AllReduceAlgorithm
 {
     /// <summary>Each rank reads every peer's whole input: lowest latency, for small (decode) messages.</summary>
     OneShot,
@@ -48,7 +48,7 @@ public enum AllReduceAlgorithm
 /// that rank's stream with the same grid and epoch; <see cref="Distributed.DeviceMesh"/> drives it. The sum is float32
 /// in rank order, so every rank's output is bit-identical and equals the host reference summed the same way.
 /// </summary>
-public sealed class AllReduceKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class AllReduceKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     private readonly ConcurrentDictionary<string, bool> _warm = new(StringComparer.Ordinal);
 

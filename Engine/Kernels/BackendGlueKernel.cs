@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>BackendGlueParams</c> in Kernels/backend_glue.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct BackendGlueParams
+internal struct BackendGlueParams
 {
     public ulong X;
     public ulong Y;
@@ -30,7 +30,7 @@ public struct BackendGlueParams
 /// not fit <c>IBackend</c>: BF16 rounding of f32 storage, the rounded residual add, f32↔bf16 conversion, strided
 /// row copies, RoPE from the uploaded cos/sin table, and FP8 block dequantization to BF16.
 /// </summary>
-public sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/backend_glue.cu.</summary>
     public const string FamilyName = "backend_glue";

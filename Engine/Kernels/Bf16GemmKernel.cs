@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>Bf16GemmParams</c> in Kernels/bf16_gemm.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct Bf16GemmParams
+internal struct Bf16GemmParams
 {
     public ulong X;
     public ulong W;
@@ -23,7 +23,7 @@ public struct Bf16GemmParams
 /// FP32 accumulation, f32 or bf16 output. For the unquantized linears (lm_head, BF16 checkpoints); weights are
 /// never converted to FP8. One warp per output column and 1 or 4 activation rows.
 /// </summary>
-public sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/bf16_gemm.cu.</summary>
     public const string FamilyName = "bf16_gemm";

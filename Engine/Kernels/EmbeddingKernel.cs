@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>EmbeddingParams</c> in Kernels/embedding.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct EmbeddingParams
+internal struct EmbeddingParams
 {
     public ulong Ids;
     public ulong Table;
@@ -18,7 +18,7 @@ public struct EmbeddingParams
 }
 
 /// <summary>Gathers bf16 embedding rows for int32 token ids; an out-of-range id gives a NaN row.</summary>
-public sealed class EmbeddingKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class EmbeddingKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/embedding.cu.</summary>
     public const string FamilyName = "embedding";

@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>Fp8GemmParams</c> in Kernels/fp8_gemm.cuh (shared by fp8_gemm_gemv and fp8_gemm_mma).</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct Fp8GemmParams
+internal struct Fp8GemmParams
 {
     public ulong XCodes;
     public ulong XScales;
@@ -25,7 +25,7 @@ public struct Fp8GemmParams
 }
 
 /// <summary>Which kernel computes an FP8 GEMM.</summary>
-public enum Fp8GemmPath
+internal enum Fp8GemmPath
 {
     /// <summary>By M: <see cref="Gemv"/> up to <see cref="Fp8GemmKernel.GemvMaxM"/> rows, <see cref="Mma"/> above.</summary>
     Auto = 0,
@@ -44,7 +44,7 @@ public enum Fp8GemmPath
 /// 128 of K; BF16 or FP32 output. N and K are compiled in (one specialization per weight shape), M is a
 /// run-time argument. Owns the split-K workspace: one launcher per stream.
 /// </summary>
-public sealed class Fp8GemmKernel : IDisposable
+internal sealed class Fp8GemmKernel : IDisposable
 {
     /// <summary>Kernels/fp8_gemm_gemv.cu.</summary>
     public const string GemvFamily = "fp8_gemm_gemv";

@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Kernels;
 /// Every kernel family with every specialization its launcher can request on a target: what CI compiles for
 /// each target and what the static resource report (<see cref="KernelReport"/>) inspects.
 /// </summary>
-public static class KernelCatalog
+internal static class KernelCatalog
 {
     /// <summary>The family names (each a <c>Kernels/&lt;family&gt;.cu</c> file with one launcher).</summary>
     public static IReadOnlyList<string> Names { get; } = [.. For("sm_90a").Keys.Order(StringComparer.Ordinal)];

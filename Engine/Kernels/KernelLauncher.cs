@@ -4,7 +4,7 @@ using DeepSeekCuda.Cuda;
 namespace DeepSeekCuda.Kernels;
 
 /// <summary>Storage type of an activation tensor.</summary>
-public enum ElementType
+internal enum ElementType
 {
     /// <summary>IEEE float32.</summary>
     F32 = 0,
@@ -17,7 +17,7 @@ public enum ElementType
 /// Base of the per-family launchers: compiles each specialization on first use (through the disk cache),
 /// loads it on the launcher's device and keeps it. Subclasses own geometry and argument packing.
 /// </summary>
-public abstract class KernelLauncher : IDisposable
+internal abstract class KernelLauncher : IDisposable
 {
     private readonly ConcurrentDictionary<string, Lazy<(CudaModule Module, CudaKernel Kernel)>> _loaded = new(StringComparer.Ordinal);
 

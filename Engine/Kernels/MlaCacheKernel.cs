@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>MlaCacheParams</c> in Kernels/mla_cache.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct MlaCacheParams
+internal struct MlaCacheParams
 {
     public ulong Kv;
     public ulong NormWeight;
@@ -27,7 +27,7 @@ public struct MlaCacheParams
 /// kv_a_layernorm weight and RoPE of k_pe at the token's position, written as BF16 to the slot that the token's
 /// (request, position) resolves to through the block table. Same semantics as <c>CpuBackend.AppendLatent</c>.
 /// </summary>
-public sealed class MlaCacheKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MlaCacheKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/mla_cache.cu.</summary>
     public const string FamilyName = "mla_cache";

@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>MlaDecodeParams</c> in Kernels/mla_decode.cu (decode and combine).</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct MlaDecodeParams
+internal struct MlaDecodeParams
 {
     public ulong Q;
     public ulong Cache;
@@ -26,7 +26,7 @@ public struct MlaDecodeParams
 
 /// <summary>Mirror of <c>MlaProjParams</c> in Kernels/mla_decode.cu (fold and unfold through kv_b).</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct MlaProjParams
+internal struct MlaProjParams
 {
     public ulong X;
     public ulong W;
@@ -38,7 +38,7 @@ public struct MlaProjParams
 }
 
 /// <summary>The decode kernel's tiling: <see cref="Rows"/> query rows per block in <see cref="ColumnWarps"/> column groups.</summary>
-public readonly record struct MlaDecodeTiling(int Rows, int ColumnWarps)
+internal readonly record struct MlaDecodeTiling(int Rows, int ColumnWarps)
 {
     /// <summary>Threads per block: 32 per warp, Rows/16 × ColumnWarps warps.</summary>
     public int Threads => Rows / 16 * ColumnWarps * 32;
@@ -51,7 +51,7 @@ public readonly record struct MlaDecodeTiling(int Rows, int ColumnWarps)
 /// W_UV to the V heads; o_proj stays with the FP8 GEMM). kv_b is used dequantized to BF16 ([heads·(nope + v),
 /// latent], the checkpoint's row order), as the official absorb path does.
 /// </summary>
-public sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     private readonly ConcurrentDictionary<string, bool> _sharedSet = new(StringComparer.Ordinal);
 

@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>MlaPrefillParams</c> in Kernels/mla_prefill.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct MlaPrefillParams
+internal struct MlaPrefillParams
 {
     public ulong Q;
     public ulong Cache;
@@ -26,7 +26,7 @@ public struct MlaPrefillParams
 /// The compile-time head geometry of MLA prefill: q_nope/k_nope width, rope width, v width, latent width
 /// (kv_lora_rank). Heads are a run-time argument.
 /// </summary>
-public readonly record struct MlaPrefillShape(int QkNope, int QkRope, int V, int KvLora)
+internal readonly record struct MlaPrefillShape(int QkNope, int QkRope, int V, int KvLora)
 {
     /// <summary>DeepSeek-V3/R1: 128 + 64 q.k, v 128, latent 512.</summary>
     public static MlaPrefillShape V3 => new(128, 64, 128, 512);
@@ -106,7 +106,7 @@ public readonly record struct MlaPrefillShape(int QkNope, int QkRope, int V, int
 /// 43 KiB of shared memory for V3 under ptxas, no spills): correct first, to be tuned on a GPU.
 /// </para>
 /// </summary>
-public sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/mla_prefill.cu.</summary>
     public const string FamilyName = "mla_prefill";

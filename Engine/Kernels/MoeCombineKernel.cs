@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>MoeCombineParams</c> in Kernels/moe_combine.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct MoeCombineParams
+internal struct MoeCombineParams
 {
     public ulong ExpertOut;
     public ulong Inv;
@@ -28,7 +28,7 @@ public struct MoeCombineParams
 /// fp32 in that fixed order, one rounding at the store (deterministic, no atomics). expert_out and shared are bf16;
 /// residual has y's type and may alias y.
 /// </summary>
-public sealed class MoeCombineKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MoeCombineKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/moe_combine.cu.</summary>
     public const string FamilyName = "moe_combine";

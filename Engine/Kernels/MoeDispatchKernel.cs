@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>MoeDispatchParams</c> in Kernels/moe_dispatch.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct MoeDispatchParams
+internal struct MoeDispatchParams
 {
     public ulong TopkIdx;
     public ulong NumTokens;
@@ -27,14 +27,14 @@ public struct MoeDispatchParams
 /// <param name="Offsets">[E + 1] padded exclusive offsets; Offsets[E] is the number of rows in use.</param>
 /// <param name="Perm">[rowsMax] row → slot (token · k + j), −1 for padding and unused rows.</param>
 /// <param name="Inv">[tMax · k] slot → row, −1 for entries outside [0, E) and tokens past the count.</param>
-public sealed record MoeDispatchLayout(int[] Counts, int[] Offsets, int[] Perm, int[] Inv);
+internal sealed record MoeDispatchLayout(int[] Counts, int[] Offsets, int[] Perm, int[] Inv);
 
 /// <summary>
 /// CPU reference of the MoE dispatch (pure C#, no CUDA). Slot s = token · k + j of topk_idx [tokens, k].
 /// Each expert e owns rows [Offsets[e], Offsets[e + 1]): first its Counts[e] slots in increasing s (by
 /// token, then slot), then padding up to a multiple of <c>tile</c>. Expert ids outside [0, E) are not routed.
 /// </summary>
-public static class MoeDispatch
+internal static class MoeDispatch
 {
     /// <summary>Rows the permutation needs for any routing of up to <paramref name="tMax"/> tokens.</summary>
     public static int RowsMax(int tMax, int k, int experts, int tile) => checked((tMax * k) + (experts * (tile - 1)));
@@ -90,7 +90,7 @@ public static class MoeDispatch
 /// deterministically (no order-dependent atomics) in three launches whose grids depend only on t_max, so the
 /// sequence can be captured in a CUDA graph; the live token count may be read from device memory.
 /// </summary>
-public sealed class MoeDispatchKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MoeDispatchKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/moe_dispatch.cu.</summary>
     public const string FamilyName = "moe_dispatch";

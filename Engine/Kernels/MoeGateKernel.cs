@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>MoeGateParams</c> in Kernels/moe_gate.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct MoeGateParams
+internal struct MoeGateParams
 {
     public ulong X;
     public ulong Weight;
@@ -21,7 +21,7 @@ public struct MoeGateParams
 }
 
 /// <summary>The compile-time shape of a gate: experts E, width D, groups, groups kept, experts per token k.</summary>
-public readonly record struct MoeGateShape(int Experts, int Width, int Groups, int GroupsKept, int TopK)
+internal readonly record struct MoeGateShape(int Experts, int Width, int Groups, int GroupsKept, int TopK)
 {
     /// <summary>DeepSeek-V3/R1: 256 experts over 7168, top-8 in 4 of 8 groups.</summary>
     public static MoeGateShape V3 => new(256, 7168, 8, 4, 8);
@@ -58,7 +58,7 @@ public readonly record struct MoeGateShape(int Experts, int Width, int Groups, i
 /// groups kept and k are template constants. Feed it the fp32 gate input (a bf16 input is accepted but
 /// loses exactness against the reference).
 /// </summary>
-public sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/moe_gate.cu.</summary>
     public const string FamilyName = "moe_gate";

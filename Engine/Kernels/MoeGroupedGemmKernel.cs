@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>MoeGroupedGemmParams</c> in Kernels/moe_grouped_gemm.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct MoeGroupedGemmParams
+internal struct MoeGroupedGemmParams
 {
     public ulong XCodes;
     public ulong XScales;
@@ -26,7 +26,7 @@ public struct MoeGroupedGemmParams
 
 /// <summary>Mirror of <c>MoeMaskedLayoutParams</c> in Kernels/moe_grouped_gemm.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct MoeMaskedLayoutParams
+internal struct MoeMaskedLayoutParams
 {
     public ulong TopkIdx;
     public ulong Counts;
@@ -42,7 +42,7 @@ public struct MoeMaskedLayoutParams
 }
 
 /// <summary>How the grouped expert GEMM finds each expert's rows.</summary>
-public enum MoeGroupedLayout
+internal enum MoeGroupedLayout
 {
     /// <summary>
     /// Prefill: expert e owns rows [offsets[e], offsets[e] + counts[e]) of one array, offsets padded to
@@ -66,7 +66,7 @@ public enum MoeGroupedLayout
 /// <param name="Experts">E.</param>
 /// <param name="Hidden">H, the model width.</param>
 /// <param name="Inter">I, each expert's intermediate width.</param>
-public sealed record MoeExpertStack(ulong W13, ulong W13Scales, ulong W2, ulong W2Scales, int Experts, int Hidden, int Inter)
+internal sealed record MoeExpertStack(ulong W13, ulong W13Scales, ulong W2, ulong W2Scales, int Experts, int Hidden, int Inter)
 {
     /// <summary>Bytes of one expert's codes (gate, up and down).</summary>
     public long ExpertBytes => 3L * Hidden * Inter;
@@ -85,7 +85,7 @@ public sealed record MoeExpertStack(ulong W13, ulong W13Scales, ulong W2, ulong 
 /// gate/up pass can read them through the dispatch's permutation (row → token slot) without a permuted copy.
 /// N and K are compiled in; token counts and routing are run-time (device) data.
 /// </summary>
-public sealed class MoeGroupedGemmKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MoeGroupedGemmKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/moe_grouped_gemm.cu.</summary>
     public const string FamilyName = "moe_grouped_gemm";

@@ -7,13 +7,13 @@ namespace DeepSeekCuda.Kernels;
 /// <param name="Scales">Block scales.</param>
 /// <param name="Out">Output features (rows).</param>
 /// <param name="In">Input features (columns).</param>
-public readonly record struct Fp8Linear(ulong W, ulong Scales, int Out, int In);
+internal readonly record struct Fp8Linear(ulong W, ulong Scales, int Out, int In);
 
 /// <summary>The shared expert's SwiGLU MLP: gate and up [Is, H], down [H, Is] (Is = n_shared_experts · moe_intermediate_size).</summary>
 /// <param name="Gate">gate_proj.</param>
 /// <param name="Up">up_proj.</param>
 /// <param name="Down">down_proj.</param>
-public sealed record MoeSharedExpert(Fp8Linear Gate, Fp8Linear Up, Fp8Linear Down);
+internal sealed record MoeSharedExpert(Fp8Linear Gate, Fp8Linear Up, Fp8Linear Down);
 
 /// <summary>
 /// A DeepSeek-V3 MoE layer on the GPU, composed from the kernel launchers: gate → dispatch → act quant → grouped gate/up
@@ -23,7 +23,7 @@ public sealed record MoeSharedExpert(Fp8Linear Gate, Fp8Linear Up, Fp8Linear Dow
 /// quantized once per token per 128 (the routed and shared experts read the same codes), gate/up/h/expert outputs
 /// bf16, combine in fp32. One instance per stream.
 /// </summary>
-public sealed class MoeLayer : IDisposable
+internal sealed class MoeLayer : IDisposable
 {
     /// <summary>Token counts up to which <see cref="MoeGroupedLayout.Masked"/> is the automatic choice (capacity = tokens).</summary>
     public const int MaskedMaxTokens = 16;

@@ -4,7 +4,7 @@ namespace DeepSeekCuda.Kernels;
 /// The widths of one cached token row: <see cref="Latent"/> normalized latent values (kv_lora_rank) followed by
 /// <see cref="Rope"/> rotated shared-key values (qk_rope_head_dim).
 /// </summary>
-public readonly record struct LatentShape(int Latent, int Rope)
+internal readonly record struct LatentShape(int Latent, int Rope)
 {
     /// <summary>DeepSeek-V3/R1: 512 + 64 = 576.</summary>
     public static LatentShape V3 => new(512, 64);
@@ -47,7 +47,7 @@ public readonly record struct LatentShape(int Latent, int Rope)
 /// position p to physical block <c>blockTable[r·maxBlocks + p/64]</c>, row <c>p % 64</c>; per-request lengths are
 /// int32 <c>[requests]</c>. The functions here are the host-side statement of that layout.
 /// </summary>
-public static class PagedLatentCache
+internal static class PagedLatentCache
 {
     /// <summary>Tokens per block.</summary>
     public const int BlockSize = 64;

@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>RmsNormParams</c> in Kernels/rmsnorm.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct RmsNormParams
+internal struct RmsNormParams
 {
     public ulong X;
     public ulong Residual;
@@ -24,7 +24,7 @@ public struct RmsNormParams
 /// RMSNorm, fp32 math, bf16 weight: <c>y = x / sqrt(mean(x²) + eps) · w</c>; the fused form adds the
 /// update into the fp32 residual stream first (<c>h += x; y = norm(h)</c>). One block per row.
 /// </summary>
-public sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/rmsnorm.cu.</summary>
     public const string FamilyName = "rmsnorm";

@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>RopeParams</c> in Kernels/rope.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct RopeParams
+internal struct RopeParams
 {
     public ulong X;
     public ulong Positions;
@@ -24,7 +24,7 @@ public struct RopeParams
 /// Rotary embedding on interleaved pairs, in place, with a YaRN-corrected frequency table computed on the
 /// host (<see cref="InverseFrequencies(ModelConfig)"/>) and uploaded once.
 /// </summary>
-public sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/rope.cu.</summary>
     public const string FamilyName = "rope";

@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>SamplingParams</c> in Kernels/sampling.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct SamplingParams
+internal struct SamplingParams
 {
     public ulong Logits;
     public ulong OutIds;
@@ -25,13 +25,13 @@ public struct SamplingParams
 /// <param name="TopK">Keep the k largest logits (ties at the threshold kept); &lt;= 0 is off.</param>
 /// <param name="TopP">Keep the smallest top set with at least this probability mass; &gt;= 1 is off.</param>
 /// <param name="Seed">Seed of the counter-based generator; a draw depends only on (seed, step, row).</param>
-public readonly record struct SamplingOptions(float Temperature = 0, int TopK = 0, float TopP = 1, ulong Seed = 0);
+internal readonly record struct SamplingKernelOptions(float Temperature = 0, int TopK = 0, float TopP = 1, ulong Seed = 0);
 
 /// <summary>
 /// Greedy (argmax, lowest index on ties, NaN ignored) and seeded temperature/top-k/top-p sampling, one
 /// block per row, writing int32 ids on the device (no host round trip inside the decode loop).
 /// </summary>
-public sealed class SamplingKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class SamplingKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/sampling.cu.</summary>
     public const string FamilyName = "sampling";
@@ -52,7 +52,7 @@ public sealed class SamplingKernel(CudaDevice device, NvrtcCompiler compiler) : 
     public static IReadOnlyList<KernelInstance> AllInstances() => [Argmax, Sample];
 
     /// <summary>Picks one id per row of logits [rows, vocab] into <paramref name="outIds"/>.</summary>
-    public void Launch(CudaStream stream, ulong logits, int rows, int vocab, ulong outIds, in SamplingOptions options, ulong step = 0, long logitsStride = -1)
+    public void Launch(CudaStream stream, ulong logits, int rows, int vocab, ulong outIds, in SamplingKernelOptions options, ulong step = 0, long logitsStride = -1)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(vocab);
         if (rows <= 0)

@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Kernels;
 
 /// <summary>Mirror of <c>SiluMulParams</c> in Kernels/silu_mul.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public struct SiluMulParams
+internal struct SiluMulParams
 {
     public ulong Gate;
     public ulong Up;
@@ -18,7 +18,7 @@ public struct SiluMulParams
 }
 
 /// <summary><c>out = silu(gate) · up</c> elementwise in fp32 (the MLP's SwiGLU).</summary>
-public sealed class SiluMulKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class SiluMulKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/silu_mul.cu.</summary>
     public const string FamilyName = "silu_mul";

@@ -9,7 +9,7 @@ namespace DeepSeekCuda.Loading;
 /// done. Copies run in order on the stream while the host fills the next slot, which is the overlap.
 /// Disposal waits for queued copies before freeing the pinned memory (a DMA never reads freed memory).
 /// </summary>
-public sealed unsafe class CudaStagingCopier : IStagingCopier, IDisposable
+internal sealed unsafe class CudaStagingCopier : IStagingCopier, IDisposable
 {
     private readonly PinnedBuffer<byte>[] _slots;
     private readonly CudaEvent[] _done;

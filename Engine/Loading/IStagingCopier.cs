@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Loading;
 /// use a fake that copies into host arrays. Calls come from one thread, in the order
 /// <c>WaitForSlot(s)</c>, fill <c>Slot(s)</c>, <c>Copy(s, ..)</c>…, <c>Queued(s)</c>, and finally <see cref="Finish"/>.
 /// </summary>
-public interface IStagingCopier
+internal interface IStagingCopier
 {
     /// <summary>Number of staging slots.</summary>
     int Slots { get; }

@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Loading;
 /// <summary>Where one checkpoint tensor goes: its raw bytes are copied to <paramref name="Destination"/> (a device address).</summary>
 /// <param name="Name">Checkpoint tensor name.</param>
 /// <param name="Destination">Device address of the first byte; the caller owns the memory (at least the tensor's byte length).</param>
-public readonly record struct WeightTarget(string Name, ulong Destination);
+internal readonly record struct WeightTarget(string Name, ulong Destination);
 
 /// <summary>
 /// One contiguous byte range of one tensor: bytes <c>[TensorOffset, TensorOffset + Length)</c> of
@@ -19,7 +19,7 @@ public readonly record struct WeightTarget(string Name, ulong Destination);
 /// <param name="Length">Bytes (at least 1).</param>
 /// <param name="StagingOffset">First byte within the staging slot.</param>
 /// <param name="Destination">Device address the range goes to.</param>
-public readonly record struct UploadPiece(TensorInfo Tensor, int Shard, long TensorOffset, int Length, int StagingOffset, ulong Destination)
+internal readonly record struct UploadPiece(TensorInfo Tensor, int Shard, long TensorOffset, int Length, int StagingOffset, ulong Destination)
 {
     /// <summary>Offset of the first byte in the shard's data section (what orders the reads).</summary>
     public long SourceOffset => Tensor.Begin + TensorOffset;
@@ -30,7 +30,7 @@ public readonly record struct UploadPiece(TensorInfo Tensor, int Shard, long Ten
 /// <param name="Slot">Staging slot: <c>Index % slots</c>, so consecutive chunks alternate and the fill of one overlaps the copy of the previous.</param>
 /// <param name="Bytes">Bytes used in the slot (the chunk size except for the last chunk).</param>
 /// <param name="Pieces">The ranges, in read order.</param>
-public sealed record UploadChunk(int Index, int Slot, int Bytes, ImmutableArray<UploadPiece> Pieces);
+internal sealed record UploadChunk(int Index, int Slot, int Bytes, ImmutableArray<UploadPiece> Pieces);
 
 /// <summary>
 /// The schedule of a weight upload, pure (no file or device is touched): the requested tensors in shard
@@ -39,7 +39,7 @@ public sealed record UploadChunk(int Index, int Slot, int Bytes, ImmutableArray<
 /// once, front to back; small tensors share a chunk; a tensor larger than a chunk spans several; every
 /// chunk but the last is full; zero-length tensors need no piece.
 /// </summary>
-public sealed class UploadPlan
+internal sealed class UploadPlan
 {
     private UploadPlan(ImmutableArray<string> shards, ImmutableArray<UploadChunk> chunks, int chunkBytes, int slots, long totalBytes, int tensors)
     {

@@ -7,7 +7,7 @@ using Microsoft.Extensions.Logging.Abstractions;
 namespace DeepSeekCuda.Loading;
 
 /// <summary>How a weight upload stages its bytes.</summary>
-public sealed record WeightUploadOptions
+internal sealed record WeightUploadOptions
 {
     /// <summary>Bytes per staging slot (one chunk). 64 MiB keeps per-copy overhead negligible and pinned memory small.</summary>
     public int ChunkBytes { get; init; } = 64 << 20;
@@ -33,7 +33,7 @@ public sealed record WeightUploadOptions
 /// <param name="Seconds">Wall time from the first read to the last copy done.</param>
 /// <param name="ReadSeconds">Of <paramref name="Seconds"/>, time the host spent copying out of the mapped shards (file reads included).</param>
 /// <param name="WaitSeconds">Of <paramref name="Seconds"/>, time the host spent waiting for copies to the device: large when the copy, not the read, bounds the load.</param>
-public sealed record UploadReport(long Bytes, int Tensors, int Shards, int Chunks, double Seconds, double ReadSeconds, double WaitSeconds)
+internal sealed record UploadReport(long Bytes, int Tensors, int Shards, int Chunks, double Seconds, double ReadSeconds, double WaitSeconds)
 {
     /// <summary>Throughput in GB/s (10^9 bytes).</summary>
     public double GigabytesPerSecond => Seconds > 0 ? Bytes / Seconds / 1e9 : 0;
@@ -46,7 +46,7 @@ public sealed record UploadReport(long Bytes, int Tensors, int Shards, int Chunk
 /// <c>weight_scale_inv</c> stays float32, BF16 stays BF16; a backend that wants another layout converts
 /// on the device after the upload.
 /// </summary>
-public static partial class WeightUploader
+internal static partial class WeightUploader
 {
     /// <summary>
     /// Uploads <paramref name="targets"/> to <paramref name="device"/> through a <see cref="CudaStagingCopier"/>

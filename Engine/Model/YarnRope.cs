@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Model;
 /// every position (also below original_max_position_embeddings), amplitude 1 (mscale² lives in the
 /// softmax scale). Plain RoPE when the config has no rope_scaling.
 /// </summary>
-public static class YarnRope
+internal static class YarnRope
 {
     /// <summary>inv_freq of each of the qk_rope_head_dim/2 pairs, rounded to float32 as the reference stores it.</summary>
     public static float[] InverseFrequencies(ModelConfig config)

@@ -12,7 +12,7 @@ namespace DeepSeekCuda.Serving;
 /// <param name="MoeHostUs">Host overhead of one MoE layer.</param>
 /// <param name="OuterGpuUs">GPU time outside the layers: embedding, final norm, lm_head.</param>
 /// <param name="OuterHostUs">Host overhead outside the layers (the logits download included).</param>
-public sealed record LayerStepTimes(double DenseGpuUs, double DenseHostUs, double MoeGpuUs, double MoeHostUs, double OuterGpuUs, double OuterHostUs);
+internal sealed record LayerStepTimes(double DenseGpuUs, double DenseHostUs, double MoeGpuUs, double MoeHostUs, double OuterGpuUs, double OuterHostUs);
 
 /// <summary>
 /// How the full model is laid out for <see cref="DecodeProjection.Project"/>: every layer on every GPU, attention,
@@ -24,7 +24,7 @@ public sealed record LayerStepTimes(double DenseGpuUs, double DenseHostUs, doubl
 /// <param name="AllReducesPerLayer">All-reduces of the hidden state per layer (after attention and after the FFN: 2).</param>
 /// <param name="AllReduceUs">Microseconds of one all-reduce of one step's hidden rows over <paramref name="Gpus"/> GPUs (a parameter: the allreduce bench or NVLink numbers).</param>
 /// <param name="ParallelEfficiency">Fraction of perfect division the GPU time reaches (1: time / Gpus; load imbalance of experts and smaller GEMMs lower it).</param>
-public sealed record DeploymentPlan(int Gpus = 8, int DenseLayers = 3, int MoeLayers = 58, int AllReducesPerLayer = 2, double AllReduceUs = 20, double ParallelEfficiency = 1)
+internal sealed record DeploymentPlan(int Gpus = 8, int DenseLayers = 3, int MoeLayers = 58, int AllReducesPerLayer = 2, double AllReduceUs = 20, double ParallelEfficiency = 1)
 {
     /// <summary>The plan's assumptions in words, one per line.</summary>
     public IReadOnlyList<string> Assumptions =>
@@ -43,10 +43,10 @@ public sealed record DeploymentPlan(int Gpus = 8, int DenseLayers = 3, int MoeLa
 /// <param name="GpuUs">GPU time on the critical path (layers and the outer ops, divided).</param>
 /// <param name="HostUs">Host overhead (not divided).</param>
 /// <param name="CommUs">All-reduces.</param>
-public sealed record ProjectedStep(double StepUs, double GpuUs, double HostUs, double CommUs);
+internal sealed record ProjectedStep(double StepUs, double GpuUs, double HostUs, double CommUs);
 
 /// <summary>Extrapolates per-layer step times measured on a slice to the full model on several GPUs.</summary>
-public static class DecodeProjection
+internal static class DecodeProjection
 {
     /// <summary>
     /// step = [dense·DenseGpu + moe·MoeGpu + OuterGpu] / (gpus · efficiency)

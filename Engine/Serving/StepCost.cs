@@ -8,7 +8,7 @@ namespace DeepSeekCuda.Serving;
 /// <param name="FixedBytes">Read by every step whatever the routing: norms, attention linears with their block scales,
 /// the dense MLP or the router, its bias and the shared expert.</param>
 /// <param name="ExpertBytes">One routed expert (gate, up, down and their scales); 0 for a dense layer.</param>
-public sealed record LayerBytes(int Layer, bool IsMoe, long FixedBytes, long ExpertBytes);
+internal sealed record LayerBytes(int Layer, bool IsMoe, long FixedBytes, long ExpertBytes);
 
 /// <summary>
 /// The memory-bandwidth floor and the arithmetic of a forward step of a DeepSeek-V3-architecture model, from
@@ -26,7 +26,7 @@ public sealed record LayerBytes(int Layer, bool IsMoe, long FixedBytes, long Exp
 /// A prefill of T tokens is the same formula with U(T) and the latent cache written, not read:
 /// T · L · (kv_lora_rank + qk_rope_head_dim) · 2, and one logits row (lm_head read once).
 /// </summary>
-public static class StepCost
+internal static class StepCost
 {
     /// <summary>The main layers' weight bytes.</summary>
     public static IReadOnlyList<LayerBytes> Layers(ModelConfig config)

@@ -8,7 +8,7 @@ namespace DeepSeekCuda.Text;
 /// <c>{"text": "..."}</c>; each output line is the JSON array of its ids (no BOS, no special
 /// tokens added). Kept in the engine so it is testable without the CLI.
 /// </summary>
-public static class JsonLinesTokenizer
+internal static class JsonLinesTokenizer
 {
     /// <summary>Processes all lines of <paramref name="input"/>; returns the number of lines written.</summary>
     /// <exception cref="InvalidDataException">A line is not a JSON object with a string "text"; the message names the line.</exception>

@@ -3,7 +3,7 @@ using System.Runtime.CompilerServices;
 namespace DeepSeekCuda.Loader.Numerics;
 
 /// <summary>bfloat16 as raw bits: the upper half of a float32.</summary>
-public static class BFloat16
+internal static class BFloat16
 {
     /// <summary>Widens exactly.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

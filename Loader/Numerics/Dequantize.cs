@@ -1,7 +1,7 @@
 namespace DeepSeekCuda.Loader.Numerics;
 
 /// <summary>FP8 block dequantization: W[r,c] = e4m3(q[r,c]) × scale_inv[r/bR, c/bC], in float32.</summary>
-public static class Dequantize
+internal static class Dequantize
 {
     /// <summary>Dequantizes a [rows, cols] e4m3 matrix with its [⌈rows/bR⌉, ⌈cols/bC⌉] scale grid; edge blocks may be partial.</summary>
     public static void Fp8Blocks(ReadOnlySpan<byte> codes, ReadOnlySpan<float> scaleInv, int rows, int cols,

@@ -4,7 +4,7 @@ namespace DeepSeekCuda.Loader.Numerics;
 /// The e4m3fn 8-bit float of DeepSeek-V3's weights: sign, 4 exponent bits with bias 7, 3 mantissa bits;
 /// subnormals m·2^-9; no infinities; 0x7F and 0xFF are NaN; largest finite 448.
 /// </summary>
-public static class Fp8E4M3
+internal static class Fp8E4M3
 {
     /// <summary>Largest finite magnitude.</summary>
     public const float MaxValue = 448f;

@@ -9,7 +9,7 @@ namespace DeepSeekCuda.Loader.Numerics;
 /// its exponent bits are all ones (e4m3fn has no infinity; its only NaN is S.1111.111, so there all seven
 /// magnitude bits are ones). One vectorized AND and compare per element, done as the bytes are read.
 /// </summary>
-public static class NonFinite
+internal static class NonFinite
 {
     /// <summary>
     /// The index of the first element of <paramref name="bytes"/> (as <paramref name="dtype"/>) that is NaN

@@ -5,7 +5,7 @@ namespace DeepSeekCuda.Loader.Numerics;
 /// generator, so a seed gives the same draws on every platform and .NET version (System.Random's
 /// algorithm is not a documented contract). Used for synthetic checkpoints and seeded sampling.
 /// </summary>
-public sealed class Xoshiro256
+internal sealed class Xoshiro256
 {
     private ulong _s0, _s1, _s2, _s3;
     private double _spare;

@@ -4,7 +4,7 @@ using System.Text.RegularExpressions;
 namespace DeepSeekCuda.Loader.Synthetic;
 
 /// <summary>Named DeepSeek-V3-architecture configs for synthetic checkpoints, tests and benchmarks.</summary>
-public static partial class ModelPresets
+internal static partial class ModelPresets
 {
     /// <summary>
     /// A tiny model (forward passes in milliseconds) shaped unlike tiny-a on purpose: hidden 192 and most

@@ -23,7 +23,7 @@ namespace DeepSeekCuda.Loader.Synthetic;
 /// redrawn alone with <see cref="DrawFloat"/> and pieces are drawn in parallel. Data is generated and
 /// written a window of pieces at a time: presets of many gigabytes never sit in memory.
 /// </remarks>
-public static class SyntheticCheckpoint
+internal static class SyntheticCheckpoint
 {
     // Elements of a non-linear tensor drawn per piece: bounds memory for [V, D] embeddings.
     private const int ChunkElements = 1 << 20;
@@ -605,7 +605,7 @@ public static class SyntheticCheckpoint
 }
 
 /// <summary>How <see cref="SyntheticCheckpoint.Write"/> makes values.</summary>
-public enum SyntheticFill
+internal enum SyntheticFill
 {
     /// <summary>Every value drawn from its own stream (the documented recipes; <see cref="SyntheticCheckpoint.DrawFloat"/> redraws them).</summary>
     Random,

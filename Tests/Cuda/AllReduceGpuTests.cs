@@ -22,12 +22,14 @@ public sealed class AllReduceGpuTests : GpuTestBase
         from ranks in new[] { 2, 4, 8 }
         from type in new[] { ElementType.F32, ElementType.BF16 }
         from algorithm in new[] { AllReduceAlgorithm.OneShot, AllReduceAlgorithm.TwoStep }
-        select new object[] { ranks, type, algorithm };
+        select new object[] { ranks, type.ToString(), algorithm.ToString() };
 
     [TestMethod]
     [DynamicData(nameof(Cases))]
-    public void SumsExactlyInRankOrderOnEveryRank(int ranks, ElementType type, AllReduceAlgorithm algorithm)
+    public void SumsExactlyInRankOrderOnEveryRank(int ranks, string typeName, string algorithmName)
     {
+        var type = Enum.Parse<ElementType>(typeName);
+        var algorithm = Enum.Parse<AllReduceAlgorithm>(algorithmName);
         using var mesh = DeviceMesh.Logical(Device, ranks, Compiler);
         Assert.IsTrue(mesh.AllPeers && mesh.UsesKernels, mesh.Topology());
         foreach (var count in s_sizes)

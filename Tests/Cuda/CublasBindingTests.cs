@@ -157,13 +157,14 @@ public sealed class CublasBindingTests
     }
 
     [TestMethod]
-    [DataRow(120900L, Fp8Scaling.Block, "cublaslt_fp8_block")]
-    [DataRow(120903L, Fp8Scaling.Block, "cublaslt_fp8_block")]
-    [DataRow(130100L, Fp8Scaling.Block, "cublaslt_fp8_block")]
-    [DataRow(120805L, Fp8Scaling.Tensor, "cublaslt_fp8_tensor")]
-    [DataRow(110000L, Fp8Scaling.Tensor, "cublaslt_fp8_tensor")]
-    public void BlockScalingFromCublasLt129(long version, Fp8Scaling scaling, string baseline)
+    [DataRow(120900L, nameof(Fp8Scaling.Block), "cublaslt_fp8_block")]
+    [DataRow(120903L, nameof(Fp8Scaling.Block), "cublaslt_fp8_block")]
+    [DataRow(130100L, nameof(Fp8Scaling.Block), "cublaslt_fp8_block")]
+    [DataRow(120805L, nameof(Fp8Scaling.Tensor), "cublaslt_fp8_tensor")]
+    [DataRow(110000L, nameof(Fp8Scaling.Tensor), "cublaslt_fp8_tensor")]
+    public void BlockScalingFromCublasLt129(long version, string scalingName, string baseline)
     {
+        var scaling = Enum.Parse<Fp8Scaling>(scalingName);
         Assert.AreEqual(scaling, CublasLtHandle.ScalingFor(version));
         Assert.AreEqual(baseline, CublasLtHandle.BaselineName(CublasLtHandle.ScalingFor(version)));
     }

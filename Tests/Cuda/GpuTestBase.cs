@@ -13,11 +13,11 @@ public abstract class GpuTestBase
 {
     protected const uint NaNPattern = 0x7FC00000;
 
-    protected CudaDevice Device { get; private set; } = null!;
+    private protected CudaDevice Device { get; private set; } = null!;
 
-    protected CudaStream Stream { get; private set; } = null!;
+    private protected CudaStream Stream { get; private set; } = null!;
 
-    protected NvrtcCompiler Compiler { get; private set; } = null!;
+    private protected NvrtcCompiler Compiler { get; private set; } = null!;
 
     public TestContext TestContext { get; set; } = null!;
 
@@ -65,7 +65,7 @@ public abstract class GpuTestBase
     }
 
     /// <summary>Uploads values as F32 or BF16 (rounding <paramref name="values"/> in place to what the GPU sees).</summary>
-    protected DeviceBuffer<byte> Upload(float[] values, ElementType type)
+    private protected DeviceBuffer<byte> Upload(float[] values, ElementType type)
     {
         if (type == ElementType.F32)
         {
@@ -86,7 +86,7 @@ public abstract class GpuTestBase
         return d;
     }
 
-    protected DeviceBuffer<byte> Poisoned(long elements, ElementType type)
+    private protected DeviceBuffer<byte> Poisoned(long elements, ElementType type)
     {
         var b = DeviceBuffer<byte>.Allocate(Device, elements * (type == ElementType.F32 ? 4 : 2));
         // bf16 NaN 0x7FC0 twice is the same 32-bit pattern as f32 0x7FC07FC0: NaN either way.
@@ -94,7 +94,7 @@ public abstract class GpuTestBase
         return b;
     }
 
-    protected static float[] Read(DeviceBuffer<byte> b, ElementType type, CudaStream stream)
+    private protected static float[] Read(DeviceBuffer<byte> b, ElementType type, CudaStream stream)
     {
         var bytes = b.ToArray(stream);
         if (type == ElementType.F32)
@@ -109,7 +109,7 @@ public abstract class GpuTestBase
     }
 
     /// <summary>Rounds a reference to what a bf16 output can hold.</summary>
-    protected static float[] AsStored(float[] reference, ElementType type)
+    private protected static float[] AsStored(float[] reference, ElementType type)
     {
         if (type == ElementType.F32)
         {

@@ -253,7 +253,7 @@ public sealed class KernelGpuTests : GpuTestBase
         using var ld = DeviceBuffer<float>.From(Device, logits);
         using var ids = DeviceBuffer<int>.Allocate(Device, rows);
         ids.Fill32(0xDEADBEEF, Stream);
-        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, new SamplingOptions());
+        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, new SamplingKernelOptions());
         CollectionAssert.AreEqual(new[] { 500, 129279, 4, -1, 0, 1 }, ids.ToArray(Stream));
     }
 
@@ -265,7 +265,7 @@ public sealed class KernelGpuTests : GpuTestBase
         var logits = Normal(Rng(11), rows * vocab, 3f);
         using var ld = DeviceBuffer<float>.From(Device, logits);
         using var ids = DeviceBuffer<int>.Allocate(Device, rows);
-        var options = new SamplingOptions(Temperature: 0.8f, TopK: 50, TopP: 0.9f, Seed: 1234);
+        var options = new SamplingKernelOptions(Temperature: 0.8f, TopK: 50, TopP: 0.9f, Seed: 1234);
         k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, options, step: 3);
         var a = ids.ToArray(Stream);
         k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, options, step: 3);
@@ -314,7 +314,7 @@ public sealed class KernelGpuTests : GpuTestBase
         using var k = new SamplingKernel(Device, Compiler);
         using var ld = DeviceBuffer<float>.From(Device, logits);
         using var ids = DeviceBuffer<int>.Allocate(Device, rows);
-        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, new SamplingOptions(Temperature: 1f, Seed: 7));
+        k.Launch(Stream, ld.Pointer, rows, vocab, ids.Pointer, new SamplingKernelOptions(Temperature: 1f, Seed: 7));
         var counts = new int[vocab];
         foreach (var id in ids.ToArray(Stream))
         {

@@ -17,12 +17,13 @@ public sealed class MoeGateGpuTests : GpuTestBase
         from s in MoeGateShape.Known.Append(new MoeGateShape(10, 100, 5, 3, 4))
         from tokens in new[] { 1, 7, 129 }
         from input in new[] { ElementType.F32, ElementType.BF16 }
-        select new object[] { s.Experts, s.Width, s.Groups, s.GroupsKept, s.TopK, tokens, input };
+        select new object[] { s.Experts, s.Width, s.Groups, s.GroupsKept, s.TopK, tokens, input.ToString() };
 
     [TestMethod]
     [DynamicData(nameof(Cases))]
-    public void MatchesRouterOnRandomInputs(int experts, int width, int groups, int kept, int k, int tokens, ElementType input)
+    public void MatchesRouterOnRandomInputs(int experts, int width, int groups, int kept, int k, int tokens, string inputName)
     {
+        var input = Enum.Parse<ElementType>(inputName);
         var shape = new MoeGateShape(experts, width, groups, kept, k);
         var options = new GateOptions(experts, groups, kept, k, Normalize: true, ScalingFactor: 2.5f);
         var r = Rng(experts * 1000 + width + tokens + (int)input);

@@ -3,7 +3,7 @@ using DeepSeekCuda.Loader.Numerics;
 namespace DeepSeekCuda.Backends.Cpu;
 
 /// <summary>How an activation-quantization scale is stored.</summary>
-public enum ScaleFormat
+internal enum ScaleFormat
 {
     /// <summary>s = max(amax, 1e-4) / 448 as float32 (DeepSeek-V3/R1).</summary>
     Float32,
@@ -18,7 +18,7 @@ public enum ScaleFormat
 /// least 1e-4; s = amax / 448; q = e4m3(x / s) with round-to-nearest-even and saturation. The division
 /// is deliberate: multiplying by 1/s moves rare ties by one code.
 /// </summary>
-public static class ActivationQuant
+internal static class ActivationQuant
 {
     /// <summary>The official group width along K.</summary>
     public const int DefaultGroupSize = 128;

@@ -45,7 +45,7 @@ public sealed class CpuBackend : IBackend
     public int ActivationGroupSize { get; init; } = ActivationQuant.DefaultGroupSize;
 
     /// <summary>Scale format of the FP8 quantization in <see cref="CpuNumerics.GpuEmulation"/>.</summary>
-    public ScaleFormat ActivationScaleFormat { get; init; } = ScaleFormat.Float32;
+    internal ScaleFormat ActivationScaleFormat { get; init; } = ScaleFormat.Float32;
 
     /// <inheritdoc />
     public string Name => $"cpu ({Numerics})";

@@ -156,10 +156,10 @@ public sealed class CudaBackend : IBackend
     public string Name => $"cuda:{_device.Ordinal} {_device.Name} (f32 storage of bf16 values, fp8 activations)";
 
     /// <summary>The device.</summary>
-    public CudaDevice Device => _device;
+    internal CudaDevice Device => _device;
 
     /// <summary>The stream every operation is queued on.</summary>
-    public CudaStream Stream => _stream;
+    internal CudaStream Stream => _stream;
 
     /// <summary>Whether <paramref name="tensor"/> is an activation of this backend (allocated on its device).</summary>
     internal bool Holds(Tensor tensor) => tensor is CudaTensor t && t.Buffer.Device == _device;

@@ -191,7 +191,7 @@ internal sealed class CudaLatentCache : LatentCache
 }
 
 /// <summary>The host-side layout rules of <see cref="CudaBackend"/> (pure functions, unit-tested without a GPU).</summary>
-public static class CudaBackendLayout
+internal static class CudaBackendLayout
 {
     /// <summary>The block table of a one-sequence cache of <paramref name="capacity"/> positions: blocks 0 .. ⌈capacity/64⌉ − 1 in order.</summary>
     public static int[] IdentityBlockTable(int capacity)
@@ -283,7 +283,7 @@ public static class CudaBackendLayout
 /// <param name="Experts">E.</param>
 /// <param name="Hidden">H.</param>
 /// <param name="Inter">I.</param>
-public readonly record struct ExpertStackLayout(int Experts, int Hidden, int Inter)
+internal readonly record struct ExpertStackLayout(int Experts, int Hidden, int Inter)
 {
     private long InterBlocks => Fp8GemmKernel.BlocksFor(Inter);
 

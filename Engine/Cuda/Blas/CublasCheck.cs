@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Cuda.Blas;
 /// A cuBLAS or cuBLASLt call failed. <see cref="CudaException.ErrorName"/> is the status name
 /// (CUBLAS_STATUS_NOT_SUPPORTED, ...), <see cref="CudaException.Call"/> the call as written.
 /// </summary>
-public sealed class CublasException(string api, CublasStatus status, string call, int device)
+internal sealed class CublasException(string api, CublasStatus status, string call, int device)
     : CudaException(api, (int)status, CublasCheck.Name(status), CublasCheck.Text(status), call, device)
 {
     /// <summary>The status the library returned.</summary>
@@ -18,7 +18,7 @@ public sealed class CublasException(string api, CublasStatus status, string call
 /// cuBLAS or cuBLASLt cannot be loaded here. They serve only as baselines, so callers report this and go on
 /// without them; the message names every file tried.
 /// </summary>
-public sealed class CublasUnavailableException(string library, string reason) : Exception(reason)
+internal sealed class CublasUnavailableException(string library, string reason) : Exception(reason)
 {
     /// <summary>"cublas" or "cublasLt".</summary>
     public string Library { get; } = library;
@@ -28,7 +28,7 @@ public sealed class CublasUnavailableException(string library, string reason) : 
 }
 
 /// <summary>The one check for cuBLAS and cuBLASLt results.</summary>
-public static class CublasCheck
+internal static class CublasCheck
 {
     /// <summary>Throws <see cref="CublasException"/> unless <paramref name="status"/> is success.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Cuda.Blas;
 /// itself never calls cuBLAS. Construction throws <see cref="CublasUnavailableException"/> (naming the files
 /// tried) when libcublas cannot be loaded.
 /// </summary>
-public sealed unsafe class CublasHandle : IDisposable
+internal sealed unsafe class CublasHandle : IDisposable
 {
     private IntPtr _handle;
 

@@ -3,7 +3,7 @@ using DeepSeekCuda.Cuda.Native;
 namespace DeepSeekCuda.Cuda.Blas;
 
 /// <summary>How the FP8 inputs of <see cref="CublasLtHandle.MatmulFp8"/> are scaled.</summary>
-public enum Fp8Scaling
+internal enum Fp8Scaling
 {
     /// <summary>One float per tensor (A/B_SCALE_POINTER, every cuBLASLt with FP8): bench name <c>cublaslt_fp8_tensor</c>.</summary>
     Tensor,
@@ -20,7 +20,7 @@ public enum Fp8Scaling
 /// never calls it). Owns a workspace and caches one plan (descriptors, layouts, heuristic algorithm) per
 /// shape and scaling, so a timed call costs only attribute sets and <c>cublasLtMatmul</c>. Not thread-safe.
 /// </summary>
-public sealed unsafe class CublasLtHandle : IDisposable
+internal sealed unsafe class CublasLtHandle : IDisposable
 {
     /// <summary>Workspace offered to cuBLASLt (its recommendation for Hopper).</summary>
     public const long WorkspaceBytes = 32L << 20;

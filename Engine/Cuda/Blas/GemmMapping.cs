@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Cuda.Blas;
 /// The arguments of one column-major BLAS GEMM <c>C[M,N] = op(A)[M,K] · op(B)[K,N]</c>, where a matrix stored
 /// column-major with leading dimension <c>ld</c> holds element (i, j) at <c>i + j·ld</c>.
 /// </summary>
-public readonly record struct ColumnMajorGemm(CublasOperation TransA, CublasOperation TransB, int M, int N, int K, int Lda, int Ldb, int Ldc)
+internal readonly record struct ColumnMajorGemm(CublasOperation TransA, CublasOperation TransB, int M, int N, int K, int Lda, int Ldb, int Ldc)
 {
     /// <summary>
     /// The column-major call that computes the engine's row-major linear layer <c>Y[m,n] = X[m,k] · W[n,k]ᵀ</c>

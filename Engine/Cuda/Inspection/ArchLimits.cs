@@ -13,7 +13,7 @@ namespace DeepSeekCuda.Cuda.Inspection;
 /// <param name="SharedPerSm">Shared memory per SM available to blocks (bytes).</param>
 /// <param name="MaxSharedPerBlock">Shared memory one block may opt in to (static + dynamic, bytes).</param>
 /// <param name="HasFp8MmaSync">Whether the hardware runs FP8 <c>mma.sync</c> (else ptxas emulates it).</param>
-public sealed record ArchLimits(
+internal sealed record ArchLimits(
     string Arch, int MaxWarpsPerSm, int MaxBlocksPerSm, int RegistersPerSm, int SharedPerSm, int MaxSharedPerBlock, bool HasFp8MmaSync)
 {
     /// <summary>Static shared memory per block on every target (larger needs dynamic shared memory).</summary>

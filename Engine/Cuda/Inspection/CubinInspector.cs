@@ -18,7 +18,7 @@ namespace DeepSeekCuda.Cuda.Inspection;
 /// <param name="Limiter">What limits <paramref name="BlocksPerSm"/>.</param>
 /// <param name="TensorOps">Tensor-core instructions in the SASS by class (HMMA, QMMA, HGMMA, QGMMA, IMMA, ...).</param>
 /// <param name="PtxFp8Mma">FP8 <c>mma.sync</c> instructions in the PTX ptxas was given.</param>
-public sealed record KernelResources(
+internal sealed record KernelResources(
     string Family, string Arch, string Kernel, string Mangled, int Registers, int StackBytes, int LocalBytes,
     int StaticSharedBytes, int DynamicSharedBytes, int MaxThreads, int BlocksPerSm, string Limiter,
     IReadOnlyDictionary<string, int> TensorOps, int PtxFp8Mma)
@@ -35,7 +35,7 @@ public sealed record KernelResources(
 /// produced for it, and returns each kernel's <see cref="KernelResources"/>. The parsers are pure functions
 /// of the tools' text so they are tested on their own.
 /// </summary>
-public static partial class CubinInspector
+internal static partial class CubinInspector
 {
     /// <summary>Inspects every specialization of <paramref name="compiled"/> (a CUBIN with its PTX).</summary>
     public static IReadOnlyList<KernelResources> Inspect(CompiledKernel compiled, IReadOnlyList<KernelInstance> instances, CudaBinaryTools tools)

@@ -8,7 +8,7 @@ namespace DeepSeekCuda.Cuda.Inspection;
 /// Looked for in <c>$DSCUDA_CUDA_BIN</c>, the <c>PATH</c>, <c>$CUDA_HOME/bin</c>, <c>$CUDA_PATH/bin</c>,
 /// <c>/usr/local/cuda/bin</c>, and the folder <c>tools/cuda/toolchain.sh</c> fills.
 /// </summary>
-public sealed class CudaBinaryTools
+internal sealed class CudaBinaryTools
 {
     private CudaBinaryTools(string cuobjdump) => Cuobjdump = cuobjdump;
 

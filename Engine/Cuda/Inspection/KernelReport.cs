@@ -6,7 +6,7 @@ using DeepSeekCuda.Kernels;
 namespace DeepSeekCuda.Cuda.Inspection;
 
 /// <summary>One row of the report: a kernel's resources on one target and the rules it breaks.</summary>
-public sealed record KernelReportRow(
+internal sealed record KernelReportRow(
     string Family, string Arch, string Kernel, string Mangled, int Registers, int StackBytes, int LocalBytes,
     int StaticSharedBytes, int DynamicSharedBytes, int MaxThreads, int BlocksPerSm, string Limiter,
     IReadOnlyDictionary<string, int> TensorOps, int PtxFp8Mma, IReadOnlyList<string> Violations);
@@ -20,7 +20,7 @@ public sealed record KernelReportRow(
 /// <param name="Cuobjdump">The cuobjdump that read them (path and version).</param>
 /// <param name="Targets">The compile targets.</param>
 /// <param name="Kernels">One row per (specialization, target).</param>
-public sealed record KernelReport(string Nvrtc, string Cuobjdump, IReadOnlyList<string> Targets, IReadOnlyList<KernelReportRow> Kernels)
+internal sealed record KernelReport(string Nvrtc, string Cuobjdump, IReadOnlyList<string> Targets, IReadOnlyList<KernelReportRow> Kernels)
 {
     /// <summary>What CI checks: the architecture Hopper runs, plain sm_90, Ada (FP8 mma.sync) and Ampere.</summary>
     public static IReadOnlyList<string> DefaultTargets { get; } = ["sm_90a", "sm_90", "sm_89", "sm_80"];

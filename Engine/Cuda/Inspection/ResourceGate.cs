@@ -4,7 +4,7 @@ namespace DeepSeekCuda.Cuda.Inspection;
 /// The static rules every compiled kernel must meet before a GPU sees it. A violation is a sentence naming
 /// the kernel, the target and the number; the allow-lists below are the only exceptions, each with its reason.
 /// </summary>
-public static class ResourceGate
+internal static class ResourceGate
 {
     /// <summary>
     /// The one place a kernel may keep a stack frame or local memory: each entry names the kernel template, the
@@ -82,4 +82,4 @@ public static class ResourceGate
 /// <param name="Arch">The target it applies to, or null for every target.</param>
 /// <param name="MaxBytes">Most stack plus local bytes per thread allowed.</param>
 /// <param name="Reason">Why, in words a reviewer can check against the SASS.</param>
-public sealed record LocalMemoryException(string Template, string? Arch, int MaxBytes, string Reason);
+internal sealed record LocalMemoryException(string Template, string? Arch, int MaxBytes, string Reason);

@@ -3,7 +3,7 @@ using System.Runtime.InteropServices;
 namespace DeepSeekCuda.Cuda.Native;
 
 /// <summary>CUresult codes the engine names itself (the driver names the rest through cuGetErrorName).</summary>
-public enum CuResult
+internal enum CuResult
 {
     Success = 0,
     InvalidValue = 1,
@@ -28,7 +28,7 @@ public enum CuResult
 }
 
 /// <summary>CUdevice_attribute values read by <see cref="CudaDevice"/>.</summary>
-public enum CuDeviceAttribute
+internal enum CuDeviceAttribute
 {
     MaxThreadsPerBlock = 1,
     MaxSharedMemoryPerBlock = 8,
@@ -47,7 +47,7 @@ public enum CuDeviceAttribute
 }
 
 /// <summary>CUfunction_attribute values.</summary>
-public enum CuFunctionAttribute
+internal enum CuFunctionAttribute
 {
     MaxThreadsPerBlock = 0,
     SharedSizeBytes = 1,
@@ -63,7 +63,7 @@ public enum CuFunctionAttribute
 /// Thin declarations of the CUDA driver API (the <c>_v2</c> entry points where the driver exports them).
 /// Every call returns a CUresult that callers pass to <see cref="CudaCheck.Driver"/>.
 /// </summary>
-public static unsafe partial class CuDriver
+internal static unsafe partial class CuDriver
 {
     static CuDriver() => NativeLibraries.EnsureResolver();
 

@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Cuda.Native;
 // checked against the cuBLASLt enum listings (cublasLtMatmulDescAttributes_t, cublasLtMatmulMatrixScale_t).
 
 /// <summary>cublasStatus_t (shared by cuBLAS and cuBLASLt).</summary>
-public enum CublasStatus
+internal enum CublasStatus
 {
     Success = 0,
     NotInitialized = 1,
@@ -21,7 +21,7 @@ public enum CublasStatus
 }
 
 /// <summary>cublasOperation_t.</summary>
-public enum CublasOperation
+internal enum CublasOperation
 {
     /// <summary>CUBLAS_OP_N: the matrix as stored (column-major).</summary>
     N = 0,
@@ -31,7 +31,7 @@ public enum CublasOperation
 }
 
 /// <summary>cudaDataType_t values the baselines use.</summary>
-public enum CudaDataType
+internal enum CudaDataType
 {
     R32F = 0,
     R16BF = 14,
@@ -39,14 +39,14 @@ public enum CudaDataType
 }
 
 /// <summary>cublasComputeType_t values the baselines use.</summary>
-public enum CublasComputeType
+internal enum CublasComputeType
 {
     /// <summary>CUBLAS_COMPUTE_32F: FP32 accumulation (no TF32 down-conversion).</summary>
     Compute32F = 68,
 }
 
 /// <summary>cublasLtMatmulDescAttributes_t values the baselines set.</summary>
-public enum CublasLtMatmulDescAttribute
+internal enum CublasLtMatmulDescAttribute
 {
     TransA = 3,
     TransB = 4,
@@ -61,7 +61,7 @@ public enum CublasLtMatmulDescAttribute
 }
 
 /// <summary>cublasLtMatmulMatrixScale_t: how a scale pointer is read.</summary>
-public enum CublasLtMatrixScale
+internal enum CublasLtMatrixScale
 {
     /// <summary>One float for the whole matrix (the default).</summary>
     Scalar32F = 0,
@@ -74,7 +74,7 @@ public enum CublasLtMatrixScale
 }
 
 /// <summary>cublasLtMatmulPreferenceAttributes_t values the baselines set.</summary>
-public enum CublasLtPreferenceAttribute
+internal enum CublasLtPreferenceAttribute
 {
     /// <summary>CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES (uint64).</summary>
     MaxWorkspaceBytes = 1,
@@ -82,7 +82,7 @@ public enum CublasLtPreferenceAttribute
 
 /// <summary>cublasLtMatmulHeuristicResult_t: 64-byte opaque algo, workspace size, state, waves, reserved.</summary>
 [StructLayout(LayoutKind.Sequential)]
-public unsafe struct CublasLtHeuristicResult
+internal unsafe struct CublasLtHeuristicResult
 {
     /// <summary>cublasLtMatmulAlgo_t (uint64_t data[8]).</summary>
     public fixed ulong Algo[8];
@@ -101,7 +101,7 @@ public unsafe struct CublasLtHeuristicResult
 }
 
 /// <summary>Thin declarations of the few cuBLAS calls the BF16 baseline needs. Each returns a status for <see cref="Blas.CublasCheck"/>.</summary>
-public static unsafe partial class CublasApi
+internal static unsafe partial class CublasApi
 {
     static CublasApi() => NativeLibraries.EnsureResolver();
 
@@ -129,7 +129,7 @@ public static unsafe partial class CublasApi
 }
 
 /// <summary>Thin declarations of the cuBLASLt calls the FP8 baseline needs.</summary>
-public static unsafe partial class CublasLtApi
+internal static unsafe partial class CublasLtApi
 {
     static CublasLtApi() => NativeLibraries.EnsureResolver();
 

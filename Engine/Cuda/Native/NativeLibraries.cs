@@ -13,7 +13,7 @@ namespace DeepSeekCuda.Cuda.Native;
 /// <see cref="Blas.CublasUnavailableException"/>) naming every place looked, instead of
 /// <see cref="DllNotFoundException"/>.
 /// </summary>
-public static class NativeLibraries
+internal static class NativeLibraries
 {
     /// <summary>Logical name of the driver API library in the declarations.</summary>
     public const string Driver = "dscuda-driver";

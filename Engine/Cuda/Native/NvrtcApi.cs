@@ -3,7 +3,7 @@ using System.Runtime.InteropServices;
 namespace DeepSeekCuda.Cuda.Native;
 
 /// <summary>NVRTC result codes.</summary>
-public enum NvrtcResult
+internal enum NvrtcResult
 {
     Success = 0,
     OutOfMemory = 1,
@@ -20,7 +20,7 @@ public enum NvrtcResult
 }
 
 /// <summary>Thin declarations of NVRTC. Strings travel as NUL-terminated UTF-8.</summary>
-public static unsafe partial class NvrtcApi
+internal static unsafe partial class NvrtcApi
 {
     static NvrtcApi() => NativeLibraries.EnsureResolver();
 

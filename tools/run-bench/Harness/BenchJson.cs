@@ -10,9 +10,19 @@ namespace DeepSeekCuda.Bench.Harness;
 internal sealed record BenchFile(
     string? Device, string? Driver, string? Cuda, string? Commit, string Date, double? CopyGbs, IReadOnlyList<BenchRow> Results, string? Error);
 
-/// <summary>One row of <see cref="BenchFile.Results"/>; <see cref="Ratio"/> = baseline_us / us.</summary>
+/// <summary>
+/// One row of <see cref="BenchFile.Results"/>; <see cref="Ratio"/> = baseline_us / us. The end-to-end CPU bench adds
+/// the mean and sample standard deviation of tokens/s over its repetitions; other benches leave them out of the file.
+/// </summary>
 internal sealed record BenchRow(
-    string Bench, IReadOnlyDictionary<string, object> Shape, double Us, double Tflops, double Gbs, string Baseline, double BaselineUs, double Ratio);
+    string Bench, IReadOnlyDictionary<string, object> Shape, double Us, double Tflops, double Gbs, string Baseline, double BaselineUs, double Ratio)
+{
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    public double? TokensPerS { get; init; }
+
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    public double? TokensPerSSd { get; init; }
+}
 
 /// <summary><c>run-bench tokenizer</c>'s file.</summary>
 internal sealed record TokenizerFile(string Bench, int Threads, string Machine, int Processors, string Runtime, IReadOnlyList<TokenizerRow> Results);

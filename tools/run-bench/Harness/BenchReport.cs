@@ -64,7 +64,7 @@ internal sealed class BenchReport(GpuBench gpu)
     private static BenchRow Row(BenchResult r) => new(r.Bench, r.Shape, Math.Round(r.Us, 2), Math.Round(r.Tflops, 3), Math.Round(r.Gbs, 1),
         r.Baseline, Math.Round(r.BaselineUs, 2), Math.Round(r.Ratio, 4));
 
-    private static void WriteFile(string? outDir, string name, BenchFile file)
+    internal static void WriteFile(string? outDir, string name, BenchFile file)
     {
         if (outDir is null)
         {
@@ -77,7 +77,7 @@ internal sealed class BenchReport(GpuBench gpu)
         Console.WriteLine($"wrote {path}");
     }
 
-    private static string Now => DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", CultureInfo.InvariantCulture);
+    internal static string Now => DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", CultureInfo.InvariantCulture);
 
     /// <summary>The commit measured: <c>$DSCUDA_COMMIT</c> (the GPU bundle sets it; it has no git), else git's.</summary>
     internal static string? Commit =>
