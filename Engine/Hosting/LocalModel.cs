@@ -35,6 +35,9 @@ public sealed record LocalModelOptions
     /// </summary>
     public int ConcurrentSessions { get; init; } = 16;
 
+    /// <summary>Creates the backend instead of <see cref="BackendSelection"/> (tests observe what a failed load disposes).</summary>
+    internal Func<IBackend>? BackendFactory { get; init; }
+
     /// <summary>Folder holding tokenizer.json (and tokenizer_config.json) when the checkpoint folder has none; null: the checkpoint folder.</summary>
     public string? TokenizerDirectory { get; init; }
 
@@ -107,7 +110,7 @@ public sealed class LocalModel : ILanguageModel
         }
 
         cancellationToken.ThrowIfCancellationRequested();
-        var backend = BackendSelection.Create(options.Device, options.Numerics, logger);
+        var backend = options.BackendFactory?.Invoke() ?? BackendSelection.Create(options.Device, options.Numerics, logger);
         try
         {
             var mtp = checkpoint.Config.NumNextNPredictLayers > 0;

@@ -60,7 +60,11 @@ public sealed class DeepSeekModel : ILanguageModel
     /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> fired; nothing stays allocated.</exception>
     /// <exception cref="NotSupportedException">The config asks for something this engine does not implement.</exception>
     /// <exception cref="CheckpointException">A tensor is missing or has the wrong shape.</exception>
-    public static DeepSeekModel Load(Checkpoint checkpoint, IBackend backend, ModelOptions? options = null, IProgress<double>? progress = null, CancellationToken cancellationToken = default)
+    public static DeepSeekModel Load(Checkpoint checkpoint, IBackend backend, ModelOptions? options = null, IProgress<double>? progress = null, CancellationToken cancellationToken = default) =>
+        LoadTracked(checkpoint, backend, options, progress, [], cancellationToken);
+
+    /// <summary><see cref="Load(Checkpoint, IBackend, ModelOptions?, IProgress{double}?, CancellationToken)"/>, keeping in <paramref name="loaded"/> what it uploads (tests check a cancelled load disposed all of it).</summary>
+    internal static DeepSeekModel LoadTracked(Checkpoint checkpoint, IBackend backend, ModelOptions? options, IProgress<double>? progress, List<IDisposable> loaded, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(checkpoint);
         ArgumentNullException.ThrowIfNull(backend);
@@ -77,7 +81,6 @@ public sealed class DeepSeekModel : ILanguageModel
         var (cos, sin) = YarnRope.Table(config, maxLength);
         // Everything uploaded so far, disposed in reverse if the load is cancelled or fails part way
         // (a GPU backend would otherwise keep the memory until the backend itself goes).
-        var loaded = new List<IDisposable>();
         try
         {
             var embed = Track(loaded, backend.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, config.HiddenSize));
