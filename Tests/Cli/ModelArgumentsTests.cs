@@ -86,6 +86,30 @@ public sealed partial class ModelArgumentsTests
         StringAssert.Contains(bad.Error, "maybe");
     }
 
+    [TestMethod]
+    public void MtpOnWithoutAnMtpModuleIsOneLineNamingTheOption_AutoDecodesPlainly()
+    {
+        var dir = Path.Combine(Path.GetTempPath(), "dscuda-cli-no-mtp-" + Guid.NewGuid().ToString("N"));
+        DeepSeekCuda.Loader.Synthetic.SyntheticCheckpoint.Write(dir, DemoModel.Config with { NumNextNPredictLayers = 0 }, seed: 1);
+        DemoTokenizer.Write(dir, DemoModel.Config.VocabSize);
+        try
+        {
+            string[] common = ["generate", "--model", dir, "--prompt", "x", "--max-tokens", "6", "--temperature", "0", "-v"];
+            var on = CliRunner.Run([.. common, "--mtp", "on"]);
+            Assert.AreEqual(1, on.ExitCode);
+            Assert.AreEqual($"dscuda: error: --mtp on: {dir} has no MTP module (num_nextn_predict_layers is 0); use --mtp auto or off",
+                on.Error.Split('\n', StringSplitOptions.RemoveEmptyEntries)[^1]);
+            var auto = CliRunner.Run(common);
+            Assert.AreEqual(0, auto.ExitCode, auto.Error);
+            StringAssert.Contains(auto.Error, "6 generated");
+            Assert.DoesNotContain("Speculative decoding:", auto.Error);
+        }
+        finally
+        {
+            Directory.Delete(dir, true);
+        }
+    }
+
     /// <summary>
     /// tiny-a ships weights without a tokenizer. The shared DeepSeek-V3 tokenizer (128815 tokens) does not fit
     /// its 1024-token vocabulary and is refused; the demo's byte-level tokenizer (512) does, and

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using DeepSeekCuda.Hosting;
+using DeepSeekCuda.Loader;
 using DeepSeekCuda.Serving;
 using Microsoft.Extensions.Logging;
 
@@ -93,6 +94,16 @@ internal sealed class ModelArguments
             ConcurrentSessions = concurrentRequests,
             TokenizerDirectory = tokenizer,
         };
+        if (mtp == SpeculativeDecodingMode.On)
+        {
+            // Before the weights are read (minutes for a real checkpoint): opening reads config and headers only.
+            using var checkpoint = Checkpoint.Open(dir);
+            if (checkpoint.Config.NumNextNPredictLayers == 0)
+            {
+                throw new UserErrorException($"--mtp on: {dir} has no MTP module (num_nextn_predict_layers is 0); use --mtp auto or off");
+            }
+        }
+
         LocalModel? local = null;
         try
         {
@@ -108,12 +119,6 @@ internal sealed class ModelArguments
         {
             // Test fixtures and some conversions ship the weights alone.
             throw new UserErrorException($"{e.Message}: give the folder that has it with --tokenizer DIR");
-        }
-
-        if (mtp == SpeculativeDecodingMode.On && !local!.Model.HasMtp)
-        {
-            local.Dispose();
-            throw new UserErrorException($"--mtp on: {dir} has no MTP module (num_nextn_predict_layers is 0); use --mtp auto or off");
         }
 
         return local!;
