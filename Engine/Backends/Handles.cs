@@ -9,9 +9,13 @@ public abstract class BackendResource : IDisposable
     /// <summary>Releases the backend memory.</summary>
     public void Dispose()
     {
+        IsDisposed = true;
         Dispose(true);
         GC.SuppressFinalize(this);
     }
+
+    /// <summary>Whether <see cref="Dispose()"/> was called (tests check that failed loads release what they uploaded).</summary>
+    internal bool IsDisposed { get; private set; }
 
     /// <summary>Releases the backend memory; nothing to do for managed storage.</summary>
     protected virtual void Dispose(bool disposing)

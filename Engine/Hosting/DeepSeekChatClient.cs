@@ -59,7 +59,7 @@ public sealed class DeepSeekChatClient : IChatClient
     /// Runs the scheduler's steps over <paramref name="model"/>; owned by this client (disposed with it).
     /// Null: a <see cref="SessionStepRunner"/> over <paramref name="model"/>.
     /// </param>
-    /// <exception cref="ArgumentException">Speculative decoding is required but the runner cannot draft.</exception>
+    /// <exception cref="ArgumentException">Speculative decoding is On but the runner cannot draft.</exception>
     public DeepSeekChatClient(ILanguageModel model, ITokenizer tokenizer, DeepSeekChatClientOptions? options = null, ILogger<DeepSeekChatClient>? logger = null, IMeterFactory? meterFactory = null, bool disposeModel = false, IStepRunner? stepRunner = null)
     {
         ArgumentNullException.ThrowIfNull(model);
@@ -79,6 +79,8 @@ public sealed class DeepSeekChatClient : IChatClient
                 MaxBatch = _options.MaxBatch,
                 MaxTokensPerStep = _options.MaxTokensPerStep,
                 SpeculativeDecoding = _options.SpeculativeDecoding,
+                AutoWindow = _options.SpeculativeAutoWindow,
+                AutoMinAcceptanceRate = _options.SpeculativeAutoMinAcceptanceRate,
             }), _logger);
         }
         catch

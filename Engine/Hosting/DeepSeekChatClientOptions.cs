@@ -1,4 +1,5 @@
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Serving;
 using DeepSeekCuda.Text;
 
 namespace DeepSeekCuda.Hosting;
@@ -34,11 +35,19 @@ public sealed class DeepSeekChatClientOptions
     public int MaxTokensPerStep { get; set; } = 512;
 
     /// <summary>
-    /// MTP speculative decoding (the MTP module drafts a token, the next step verifies it). Null (default):
-    /// on when the model has an MTP module; true: required. Output does not change either way (the main
-    /// model's own samples, drawn in the same order); only the speed does.
+    /// MTP speculative decoding (the MTP module drafts a token, the next step verifies it). Auto (default):
+    /// drafts when the model has an MTP module and stops for good after a window of
+    /// <see cref="SpeculativeAutoWindow"/> drafts accepted less often than
+    /// <see cref="SpeculativeAutoMinAcceptanceRate"/>; On: required (an error without the module); Off: never.
+    /// Output does not change in any mode (the main model's own samples, drawn in the same order); only the speed does.
     /// </summary>
-    public bool? SpeculativeDecoding { get; set; }
+    public SpeculativeDecodingMode SpeculativeDecoding { get; set; } = SpeculativeDecodingMode.Auto;
+
+    /// <summary>Auto mode: drafts per judgement window. Default 64.</summary>
+    public int SpeculativeAutoWindow { get; set; } = 64;
+
+    /// <summary>Auto mode: the acceptance rate a window must reach to keep drafting. Default 0.3.</summary>
+    public double SpeculativeAutoMinAcceptanceRate { get; set; } = 0.3;
 
     /// <summary>
     /// Cache blocks (64 tokens each) shared by all requests. Null (default): enough for
@@ -53,6 +62,16 @@ public sealed class DeepSeekChatClientOptions
         DefaultSampling.Validate();
         ArgumentOutOfRangeException.ThrowIfLessThan(MaxBatch, 1, nameof(MaxBatch));
         ArgumentOutOfRangeException.ThrowIfLessThan(MaxTokensPerStep, 1, nameof(MaxTokensPerStep));
+        ArgumentOutOfRangeException.ThrowIfLessThan(SpeculativeAutoWindow, 1, nameof(SpeculativeAutoWindow));
+        if (!(SpeculativeAutoMinAcceptanceRate is >= 0 and <= 1))
+        {
+            throw new ArgumentOutOfRangeException(nameof(SpeculativeAutoMinAcceptanceRate), SpeculativeAutoMinAcceptanceRate, "must be within 0..1");
+        }
+
+        if (!Enum.IsDefined(SpeculativeDecoding))
+        {
+            throw new ArgumentOutOfRangeException(nameof(SpeculativeDecoding), SpeculativeDecoding, "not a SpeculativeDecodingMode");
+        }
         if (KvCacheBlocks is < 1)
         {
             throw new ArgumentOutOfRangeException(nameof(KvCacheBlocks), KvCacheBlocks, "must be >= 1");

@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Text.Json;
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
@@ -21,8 +22,24 @@ public sealed record LocalModelOptions
     /// <summary>Arithmetic of the CPU backend.</summary>
     public CpuNumerics Numerics { get; init; } = CpuNumerics.Float32;
 
-    /// <summary>Longest session (prompt and output); null: the model's default.</summary>
+    /// <summary>
+    /// Longest session (prompt and output). Null (default): sized by <see cref="ContextSize"/> from
+    /// max_position_embeddings and the memory left for <see cref="ConcurrentSessions"/> sessions' caches.
+    /// A value above either limit is refused (an <see cref="ArgumentOutOfRangeException"/> naming the limit).
+    /// </summary>
     public int? MaxSequenceLength { get; init; }
+
+    /// <summary>
+    /// Requests expected to hold a session at once, for sizing the default context: a chat client's
+    /// <see cref="DeepSeekChatClientOptions.MaxBatch"/> (default 16, the same). A tool that runs one request at a time says 1.
+    /// </summary>
+    public int ConcurrentSessions { get; init; } = 16;
+
+    /// <summary>Creates the backend instead of <see cref="BackendSelection"/> (tests observe what a failed load disposes).</summary>
+    internal Func<IBackend>? BackendFactory { get; init; }
+
+    /// <summary>Folder holding tokenizer.json (and tokenizer_config.json) when the checkpoint folder has none; null: the checkpoint folder.</summary>
+    public string? TokenizerDirectory { get; init; }
 
     /// <summary>Chat format; null: detected from tokenizer_config.json (R1 when its template forces <c>&lt;think&gt;</c>, else V3).</summary>
     public ChatTemplateKind? TemplateKind { get; init; }
@@ -63,30 +80,46 @@ public sealed class LocalModel : ILanguageModel
 
     /// <summary>
     /// Validates and loads <paramref name="directory"/> (config, shards, tokenizer.json) onto the backend
-    /// <see cref="LocalModelOptions.Device"/> selects. Everything is checked before weights are read; a failure leaves nothing loaded.
+    /// <see cref="LocalModelOptions.Device"/> selects. Everything is checked before weights are read; a failure
+    /// or a cancellation leaves nothing loaded (the backend is disposed).
     /// </summary>
+    /// <param name="directory">The checkpoint folder.</param>
+    /// <param name="options">Device, numerics, context length, tokenizer folder, chat format.</param>
+    /// <param name="progress">Receives the fraction of the weights loaded.</param>
+    /// <param name="logger">Receives the backend choice, the context length with its reason, and the "Loaded ..." summary.</param>
+    /// <param name="cancellationToken">Checked between layers while weights load.</param>
     /// <exception cref="CheckpointException">The checkpoint is missing, corrupt or does not match its config.</exception>
     /// <exception cref="TokenizerFormatException">tokenizer.json is missing or malformed.</exception>
     /// <exception cref="DeepSeekCuda.Cuda.CudaUnavailableException">CUDA was requested and cannot be used.</exception>
-    public static LocalModel Load(string directory, LocalModelOptions? options = null, IProgress<double>? progress = null, ILogger? logger = null)
+    /// <exception cref="ArgumentOutOfRangeException">MaxSequenceLength is above max_position_embeddings or what memory holds (ParamName <c>MaxSequenceLength</c>).</exception>
+    /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> fired.</exception>
+    public static LocalModel Load(string directory, LocalModelOptions? options = null, IProgress<double>? progress = null, ILogger? logger = null, CancellationToken cancellationToken = default)
     {
         options ??= new LocalModelOptions();
         logger ??= NullLogger.Instance;
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.ConcurrentSessions, 1, nameof(LocalModelOptions.ConcurrentSessions));
         var started = Stopwatch.StartNew();
         using var checkpoint = Checkpoint.Open(directory);
-        var tokenizer = BpeTokenizer.Load(checkpoint.Directory);
+        var tokenizerDirectory = options.TokenizerDirectory ?? checkpoint.Directory;
+        var tokenizer = BpeTokenizer.Load(tokenizerDirectory);
         if (tokenizer.VocabSize > checkpoint.Config.VocabSize)
         {
             throw new CheckpointException(
-                $"{checkpoint.Directory}: tokenizer has {tokenizer.VocabSize} tokens, more than the model's vocab_size {checkpoint.Config.VocabSize}",
+                $"{Path.Combine(tokenizerDirectory, "tokenizer.json")}: tokenizer has {tokenizer.VocabSize} tokens, more than the model's vocab_size {checkpoint.Config.VocabSize} ({checkpoint.Directory})",
                 checkpoint.Directory);
         }
 
-        var backend = BackendSelection.Create(options.Device, options.Numerics, logger);
+        cancellationToken.ThrowIfCancellationRequested();
+        var backend = options.BackendFactory?.Invoke() ?? BackendSelection.Create(options.Device, options.Numerics, logger);
         try
         {
-            var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = options.MaxSequenceLength }, progress);
-            var kind = options.TemplateKind ?? DetectTemplate(checkpoint.Directory);
+            var mtp = checkpoint.Config.NumNextNPredictLayers > 0;
+            var context = backend is CudaBackend cuda
+                ? ContextSize.ChooseForGpu(checkpoint.Config, cuda.Device.MemoryInfo().Free, options.ConcurrentSessions, mtp, options.MaxSequenceLength)
+                : ContextSize.ChooseForCpu(checkpoint.Config, ContextSize.AvailableHostBytes(), options.ConcurrentSessions, mtp, options.MaxSequenceLength);
+            Log.ContextChosen(logger, context.Tokens, context.Reason);
+            var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);
+            var kind = options.TemplateKind ?? DetectTemplate(tokenizerDirectory);
             logger.LogInformation("Loaded {Directory}: {Bytes} bytes of weights in {Seconds:F2} s ({Config}), {Template} chat format",
                 checkpoint.Directory, checkpoint.TotalTensorBytes, started.Elapsed.TotalSeconds, checkpoint.Config, kind);
             return new LocalModel(checkpoint.Directory, model, tokenizer, kind, backend);

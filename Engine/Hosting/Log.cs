@@ -15,4 +15,7 @@ internal static partial class Log
 
     [LoggerMessage(EventId = 4, Level = LogLevel.Debug, Message = "Waiting for a batch slot: {MaxBatch} requests are running")]
     public static partial void WaitingForSlot(ILogger logger, int maxBatch);
+
+    [LoggerMessage(EventId = 5, Level = LogLevel.Information, Message = "Context length {Tokens} tokens per request: {Reason}")]
+    public static partial void ContextChosen(ILogger logger, int tokens, string reason);
 }

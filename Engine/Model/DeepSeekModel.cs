@@ -56,9 +56,15 @@ public sealed class DeepSeekModel : ILanguageModel
     /// <param name="backend">Where the weights go.</param>
     /// <param name="options">Attention form, context length, MTP.</param>
     /// <param name="progress">Receives the fraction of layers loaded, from 0 to 1.</param>
+    /// <param name="cancellationToken">Checked between tensor groups (embedding, each layer, the MTP layer); a cancelled load disposes what it loaded.</param>
+    /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> fired; nothing stays allocated.</exception>
     /// <exception cref="NotSupportedException">The config asks for something this engine does not implement.</exception>
     /// <exception cref="CheckpointException">A tensor is missing or has the wrong shape.</exception>
-    public static DeepSeekModel Load(Checkpoint checkpoint, IBackend backend, ModelOptions? options = null, IProgress<double>? progress = null)
+    public static DeepSeekModel Load(Checkpoint checkpoint, IBackend backend, ModelOptions? options = null, IProgress<double>? progress = null, CancellationToken cancellationToken = default) =>
+        LoadTracked(checkpoint, backend, options, progress, [], cancellationToken);
+
+    /// <summary><see cref="Load(Checkpoint, IBackend, ModelOptions?, IProgress{double}?, CancellationToken)"/>, keeping in <paramref name="loaded"/> what it uploads (tests check a cancelled load disposed all of it).</summary>
+    internal static DeepSeekModel LoadTracked(Checkpoint checkpoint, IBackend backend, ModelOptions? options, IProgress<double>? progress, List<IDisposable> loaded, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(checkpoint);
         ArgumentNullException.ThrowIfNull(backend);
@@ -71,36 +77,62 @@ public sealed class DeepSeekModel : ILanguageModel
             throw new ArgumentOutOfRangeException(nameof(options), maxLength, $"MaxSequenceLength must be within 1..max_position_embeddings ({config.MaxPositionEmbeddings})");
         }
 
+        cancellationToken.ThrowIfCancellationRequested();
         var (cos, sin) = YarnRope.Table(config, maxLength);
-        var embed = backend.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, config.HiddenSize);
-        var head = backend.UploadHead(checkpoint, config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead,
-            config.VocabSize, config.HiddenSize);
-        var eps = (float)config.RmsNormEps;
-        var layers = new DecoderLayer[config.NumHiddenLayers];
-        for (var i = 0; i < layers.Length; i++)
+        // Everything uploaded so far, disposed in reverse if the load is cancelled or fails part way
+        // (a GPU backend would otherwise keep the memory until the backend itself goes).
+        try
         {
-            layers[i] = DecoderLayer.Load(checkpoint, backend, config, i);
-            // Layers hold nearly all the bytes; the MTP layer counts as one more.
-            progress?.Report((i + 1.0) / (layers.Length + 1));
-        }
+            var embed = Track(loaded, backend.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, config.HiddenSize));
+            var head = Track(loaded, backend.UploadHead(checkpoint, config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead,
+                config.VocabSize, config.HiddenSize));
+            var eps = (float)config.RmsNormEps;
+            var layers = new DecoderLayer[config.NumHiddenLayers];
+            for (var i = 0; i < layers.Length; i++)
+            {
+                cancellationToken.ThrowIfCancellationRequested();
+                layers[i] = Track(loaded, DecoderLayer.Load(checkpoint, backend, config, i));
+                // Layers hold nearly all the bytes; the MTP layer counts as one more.
+                progress?.Report((i + 1.0) / (layers.Length + 1));
+            }
 
-        MtpWeights? mtp = null;
-        if (options.LoadMtp && config.NumNextNPredictLayers > 0)
-        {
-            // Only the first MTP layer: V3/R1 ship one, and one draft token is what speculative decoding uses.
-            mtp = MtpWeights.Load(checkpoint, backend, config, config.NumHiddenLayers);
-        }
+            MtpWeights? mtp = null;
+            if (options.LoadMtp && config.NumNextNPredictLayers > 0)
+            {
+                cancellationToken.ThrowIfCancellationRequested();
+                // Only the first MTP layer: V3/R1 ship one, and one draft token is what speculative decoding uses.
+                mtp = Track(loaded, MtpWeights.Load(checkpoint, backend, config, config.NumHiddenLayers));
+            }
 
-        progress?.Report(1.0);
-        return new DeepSeekModel(backend, config, options, maxLength)
+            var finalNorm = Track(loaded, backend.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, config.HiddenSize, eps));
+            var rope = Track(loaded, backend.UploadRope(cos, sin, maxLength, config.QkRopeHeadDim / 2));
+            cancellationToken.ThrowIfCancellationRequested();
+            progress?.Report(1.0);
+            return new DeepSeekModel(backend, config, options, maxLength)
+            {
+                Embed = embed,
+                Head = head,
+                FinalNorm = finalNorm,
+                Rope = rope,
+                Layers = layers,
+                Mtp = mtp,
+            };
+        }
+        catch
         {
-            Embed = embed,
-            Head = head,
-            FinalNorm = backend.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, config.HiddenSize, eps),
-            Rope = backend.UploadRope(cos, sin, maxLength, config.QkRopeHeadDim / 2),
-            Layers = layers,
-            Mtp = mtp,
-        };
+            for (var i = loaded.Count - 1; i >= 0; i--)
+            {
+                loaded[i].Dispose();
+            }
+
+            throw;
+        }
+    }
+
+    private static T Track<T>(List<IDisposable> loaded, T item) where T : IDisposable
+    {
+        loaded.Add(item);
+        return item;
     }
 
     internal static void CheckSupported(ModelConfig config)

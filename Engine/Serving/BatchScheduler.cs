@@ -26,20 +26,63 @@ public sealed record SchedulerOptions
 
     /// <summary>
     /// MTP speculative decoding: the MTP module drafts one token, the next step verifies it with the main
-    /// model. Null (default): on when the runner can draft. Output is the main model's own sample either
-    /// way; under greedy sampling it equals plain decoding.
+    /// model. Default <see cref="SpeculativeDecodingMode.Auto"/>. Output is the main model's own sample in
+    /// every mode; under greedy sampling it equals plain decoding. Only the speed changes.
     /// </summary>
-    public bool? SpeculativeDecoding { get; init; }
+    public SpeculativeDecodingMode SpeculativeDecoding { get; init; } = SpeculativeDecodingMode.Auto;
+
+    /// <summary>
+    /// <see cref="SpeculativeDecodingMode.Auto"/>: drafts verified per judgement window (over all requests).
+    /// After each full window whose acceptance rate is below <see cref="AutoMinAcceptanceRate"/>, drafting stops
+    /// for good. Default 64.
+    /// </summary>
+    public int AutoWindow { get; init; } = 64;
+
+    /// <summary>
+    /// <see cref="SpeculativeDecodingMode.Auto"/>: the acceptance rate a window must reach to keep drafting.
+    /// Default 0.3: a verify step feeds two tokens and the MTP layer runs once more per step, so below
+    /// about a third accepted the drafts cost more than the steps they save (on the CPU backend the random
+    /// demo model's 0% made decoding 3-7 times slower).
+    /// </summary>
+    public double AutoMinAcceptanceRate { get; init; } = 0.3;
 
     internal void Validate()
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(MaxTokensPerStep, 1, nameof(MaxTokensPerStep));
         ArgumentOutOfRangeException.ThrowIfLessThan(MaxBatch, 1, nameof(MaxBatch));
+        ArgumentOutOfRangeException.ThrowIfLessThan(AutoWindow, 1, nameof(AutoWindow));
+        if (!(AutoMinAcceptanceRate is >= 0 and <= 1))
+        {
+            throw new ArgumentOutOfRangeException(nameof(AutoMinAcceptanceRate), AutoMinAcceptanceRate, "must be within 0..1");
+        }
+
+        if (!Enum.IsDefined(SpeculativeDecoding))
+        {
+            throw new ArgumentOutOfRangeException(nameof(SpeculativeDecoding), SpeculativeDecoding, "not a SpeculativeDecodingMode");
+        }
+
         if (SamplingVocabSize is < 1)
         {
             throw new ArgumentOutOfRangeException(nameof(SamplingVocabSize), SamplingVocabSize, "must be >= 1");
         }
     }
+}
+
+/// <summary>Whether a <see cref="BatchScheduler"/> drafts with the model's MTP module.</summary>
+public enum SpeculativeDecodingMode
+{
+    /// <summary>
+    /// Draft when the runner can (the model has an MTP module), and stop drafting for good once a window of
+    /// drafts (<see cref="SchedulerOptions.AutoWindow"/>) is accepted less often than
+    /// <see cref="SchedulerOptions.AutoMinAcceptanceRate"/>. Without an MTP module: plain decoding.
+    /// </summary>
+    Auto,
+
+    /// <summary>Always draft; the scheduler refuses a runner that cannot.</summary>
+    On,
+
+    /// <summary>Never draft.</summary>
+    Off,
 }
 
 /// <summary>Counters of a scheduler or of one request.</summary>
@@ -84,8 +127,8 @@ public sealed class ScheduledRequest
     /// <summary>Tokens of the prompt.</summary>
     public int PromptLength { get; }
 
-    /// <summary>Whether this request decodes speculatively.</summary>
-    public bool Speculative { get; }
+    /// <summary>Whether this request decodes speculatively (false from its next admission or step on, once Auto stopped drafting).</summary>
+    public bool Speculative { get; internal set; }
 
     /// <summary>Generated tokens as they are sampled; completes when the request ends (with its exception when it fails, an <see cref="OperationCanceledException"/> when cancelled).</summary>
     public ChannelReader<int> Output => _output.Reader;
@@ -173,7 +216,9 @@ public sealed class BatchScheduler : IDisposable
     private readonly KvBlockManager _blocks;
     private readonly SchedulerOptions _options;
     private readonly ILogger _logger;
-    private readonly bool _speculative;
+    private volatile bool _drafting;
+    private bool _stopDraftingSlots;
+    private long _windowDrafted, _windowAccepted;
     private readonly ConcurrentQueue<ScheduledRequest> _submitted = new();
     private readonly LinkedList<ScheduledRequest> _waiting = new();
     private readonly List<ScheduledRequest> _running = [];
@@ -197,16 +242,24 @@ public sealed class BatchScheduler : IDisposable
         _options = options ?? new SchedulerOptions();
         _options.Validate();
         _logger = (ILogger?)logger ?? NullLogger.Instance;
-        if (_options.SpeculativeDecoding == true && !runner.CanDraft)
+        if (_options.SpeculativeDecoding == SpeculativeDecodingMode.On && !runner.CanDraft)
         {
-            throw new ArgumentException("SpeculativeDecoding is on but the runner cannot draft (no MTP module)", nameof(options));
+            throw new ArgumentException("SpeculativeDecoding is On but the runner cannot draft (no MTP module)", nameof(options));
         }
 
-        _speculative = _options.SpeculativeDecoding ?? runner.CanDraft;
+        _drafting = _options.SpeculativeDecoding switch
+        {
+            SpeculativeDecodingMode.On => true,
+            SpeculativeDecodingMode.Auto => runner.CanDraft,
+            _ => false,
+        };
     }
 
-    /// <summary>Whether requests decode speculatively with the MTP draft.</summary>
-    public bool SpeculativeDecoding => _speculative;
+    /// <summary>
+    /// Whether requests draft with the MTP module now: the mode's choice at creation, false from the moment
+    /// <see cref="SpeculativeDecodingMode.Auto"/> judged the drafts not worth their cost.
+    /// </summary>
+    public bool SpeculativeDecoding => _drafting;
 
     /// <summary>The block pool.</summary>
     public KvBlockManager Blocks => _blocks;
@@ -246,7 +299,7 @@ public sealed class BatchScheduler : IDisposable
             }
         }
 
-        var request = new ScheduledRequest(this, Interlocked.Increment(ref _nextId), [.. prompt], sampling, _speculative);
+        var request = new ScheduledRequest(this, Interlocked.Increment(ref _nextId), [.. prompt], sampling, _drafting);
         if (request.MaxTokens == 0)
         {
             request.Finish(FinishReason.Length); // nothing to generate: it never takes a slot
@@ -443,6 +496,7 @@ public sealed class BatchScheduler : IDisposable
             _waiting.RemoveFirst();
             r.Slot = slot;
             r.Fed = 0;
+            r.Speculative &= _drafting; // submitted (or preempted) before Auto stopped drafting
             _runner.Open(slot, r.Speculative);
             _running.Add(r);
             Volatile.Write(ref _runningCount, _running.Count);
@@ -556,11 +610,13 @@ public sealed class BatchScheduler : IDisposable
                 r.Accepted++;
                 Interlocked.Increment(ref _drafted);
                 Interlocked.Increment(ref _accepted);
+                Judge(accepted: true);
                 return Emit(r, Choose(r, offset + v, v));
             }
 
             r.Drafted++;
             Interlocked.Increment(ref _drafted);
+            Judge(accepted: false);
             r.Fed--;
             _runner.Truncate(r.Slot, r.Fed);
             _blocks.Truncate(r.Slot, r.Fed);
@@ -592,9 +648,51 @@ public sealed class BatchScheduler : IDisposable
         return null;
     }
 
+    /// <summary>Auto: counts a verified draft into the window and stops drafting after a poor window.</summary>
+    private void Judge(bool accepted)
+    {
+        if (_options.SpeculativeDecoding != SpeculativeDecodingMode.Auto || !_drafting)
+        {
+            return;
+        }
+
+        _windowDrafted++;
+        _windowAccepted += accepted ? 1 : 0;
+        if (_windowDrafted < _options.AutoWindow)
+        {
+            return;
+        }
+
+        var rate = (double)_windowAccepted / _windowDrafted;
+        if (rate < _options.AutoMinAcceptanceRate)
+        {
+            // Other requests of this step still verify the drafts they carry (their fed tokens depend on
+            // it); DraftNext makes no new ones, and tells the runner at the end of the step.
+            _drafting = false;
+            _stopDraftingSlots = true;
+            Log.SpeculativeDecodingStopped(_logger, _windowAccepted, _windowDrafted, rate, _options.AutoMinAcceptanceRate);
+        }
+
+        _windowDrafted = 0;
+        _windowAccepted = 0;
+    }
+
     private void DraftNext()
     {
-        if (!_speculative)
+        if (_stopDraftingSlots)
+        {
+            _stopDraftingSlots = false;
+            foreach (var r in _running.Where(r => r.Speculative))
+            {
+                r.Speculative = false;
+                if (r.Slot >= 0)
+                {
+                    _runner.StopDrafting(r.Slot);
+                }
+            }
+        }
+
+        if (!_drafting)
         {
             return;
         }
@@ -704,6 +802,9 @@ internal static partial class Log
 
     [LoggerMessage(EventId = 101, Level = LogLevel.Debug, Message = "Request {Id} finished: {Tokens} tokens in {Steps} steps, MTP drafts {Drafted}, accepted {Accepted} ({AcceptanceRate:P1})")]
     public static partial void SpeculativeRequestFinished(ILogger logger, long id, int tokens, long steps, long drafted, long accepted, double acceptanceRate);
+
+    [LoggerMessage(EventId = 104, Level = LogLevel.Information, Message = "MTP drafting switched off (speculative decoding auto): {Accepted} of the last {Drafted} drafts accepted ({AcceptanceRate:P1}), below {Threshold:P0}")]
+    public static partial void SpeculativeDecodingStopped(ILogger logger, long accepted, long drafted, double acceptanceRate, double threshold);
 
     [LoggerMessage(EventId = 102, Level = LogLevel.Information, Message = "Speculative decoding: {Tokens} tokens in {Steps} steps, MTP drafts {Drafted}, accepted {Accepted} ({AcceptanceRate:P1})")]
     public static partial void SpeculativeTotals(ILogger logger, long tokens, long steps, long drafted, long accepted, double acceptanceRate);

@@ -48,6 +48,14 @@ public interface IStepRunner : IDisposable
     /// <summary>A new request takes <paramref name="slot"/> with an empty cache; <paramref name="drafts"/>: it will call <see cref="Draft"/>.</summary>
     void Open(int slot, bool drafts);
 
+    /// <summary>
+    /// The request in <paramref name="slot"/>, opened to draft, will not call <see cref="Draft"/> again (the
+    /// scheduler stopped drafting): drop what was kept for drafting. Default: nothing to drop.
+    /// </summary>
+    void StopDrafting(int slot)
+    {
+    }
+
     /// <summary>The request in <paramref name="slot"/> is gone (finished, cancelled or preempted).</summary>
     void Close(int slot);
 

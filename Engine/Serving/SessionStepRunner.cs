@@ -56,6 +56,16 @@ public sealed class SessionStepRunner : IStepRunner
     }
 
     /// <inheritdoc />
+    public void StopDrafting(int slot)
+    {
+        // Undrafted hiddens would otherwise pile up for the rest of the request ([hidden_size] per token).
+        var state = Get(slot);
+        state.Drafts = false;
+        state.PendingTokens.Clear();
+        state.PendingHiddens.Clear();
+    }
+
+    /// <inheritdoc />
     public void Truncate(int slot, int length)
     {
         var state = Get(slot);
@@ -182,7 +192,7 @@ public sealed class SessionStepRunner : IStepRunner
     {
         public IModelSession Session { get; } = session;
 
-        public bool Drafts { get; } = drafts;
+        public bool Drafts { get; set; } = drafts;
 
         /// <summary>First position whose hidden the MTP module has not consumed.</summary>
         public int PendingStart { get; set; }

@@ -8,6 +8,7 @@ using DeepSeekCuda.Tests.Support;
 using DeepSeekCuda.Text;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 
 namespace DeepSeekCuda.Tests.Hosting;
 
@@ -121,13 +122,14 @@ public sealed class BatchedChatTests
     }
 
     [TestMethod]
-    [DataRow(null, DisplayName = "speculative: auto (on: the demo has an MTP layer)")]
-    [DataRow(false, DisplayName = "speculative: off")]
-    public async Task DemoModel_ConcurrentChats_EqualEachAlone_StreamingAndNot(bool? speculative)
+    [DataRow(SpeculativeDecodingMode.Auto, DisplayName = "speculative: auto (on at first: the demo has an MTP layer)")]
+    [DataRow(SpeculativeDecodingMode.On, DisplayName = "speculative: on")]
+    [DataRow(SpeculativeDecodingMode.Off, DisplayName = "speculative: off")]
+    public async Task DemoModel_ConcurrentChats_EqualEachAlone_StreamingAndNot(SpeculativeDecodingMode speculative)
     {
         var runner = new GatedRunner(s_local.CreateStepRunner());
         using var client2 = new DeepSeekChatClient(s_local, s_local.Tokenizer, new DeepSeekChatClientOptions { MaxBatch = 16, SpeculativeDecoding = speculative }, stepRunner: runner);
-        Assert.AreEqual(speculative ?? true, client2.Scheduler.SpeculativeDecoding);
+        Assert.AreEqual(speculative != SpeculativeDecodingMode.Off, client2.Scheduler.SpeculativeDecoding);
 
         // Greedy for all; seeded sampling (each request its own seed) for a second round of the same prompts.
         ChatOptions Greedy() => new() { Temperature = 0, MaxOutputTokens = 14 };
@@ -153,7 +155,7 @@ public sealed class BatchedChatTests
         }
 
         var counters = client2.Scheduler.Counters;
-        Assert.AreEqual(speculative ?? true, counters.Drafted > 0, "drafts were verified exactly when speculative decoding is on");
+        Assert.AreEqual(speculative != SpeculativeDecodingMode.Off, counters.Drafted > 0, "drafts were verified exactly when speculative decoding is on");
         Assert.AreEqual(client2.Scheduler.Blocks.TotalBlocks, client2.Scheduler.Blocks.FreeBlocks);
         Assert.AreEqual(0, client2.Scheduler.RunningCount);
     }
@@ -382,6 +384,60 @@ public sealed class BatchedChatTests
     }
 
     /// <summary>
+    /// Auto on the demo model, whose random MTP layer almost never guesses right: drafting stops after the
+    /// first window of drafts, which is logged, and the output equals plain decoding (Off) token for token,
+    /// both for the request that was drafting when the switch came and for one submitted afterwards.
+    /// </summary>
+    [TestMethod]
+    public void DemoModel_AutoStopsDraftingAfterOneWindow_OutputUnchanged()
+    {
+        const int Window = 16;
+        var prompt = s_local.Tokenizer.Encode(ChatTemplate.Render([ChatTurn.User("Why is the sky blue?")], new ChatTemplateOptions { Kind = ChatTemplateKind.R1 }), addBos: false);
+        var sampling = SamplingOptions.Greedy with { MaxTokens = 48 };
+        int[] Run(SpeculativeDecodingMode mode, ListLogger log, out BatchScheduler scheduler, out DecodeCounters first, out DecodeCounters second)
+        {
+            var runner = s_local.CreateStepRunner();
+            var blocks = new KvBlockManager(8, 2, KvBlockManager.BlocksFor(runner.MaxSequenceLength));
+            scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { SpeculativeDecoding = mode, AutoWindow = Window }, log);
+            var a = scheduler.Submit(prompt, sampling);
+            while (scheduler.Step())
+            {
+            }
+
+            var b = scheduler.Submit(prompt, sampling);
+            while (scheduler.Step())
+            {
+            }
+
+            first = a.Completion.Result.Counters;
+            second = b.Completion.Result.Counters;
+            Assert.IsFalse(b.Speculative, "a request submitted after the switch does not draft");
+            CollectionAssert.AreEqual(a.Completion.Result.Tokens.ToArray(), b.Completion.Result.Tokens.ToArray());
+            var tokens = a.Completion.Result.Tokens.ToArray();
+            scheduler.Dispose();
+            runner.Dispose();
+            return tokens;
+        }
+
+        var plainLog = new ListLogger();
+        var plain = Run(SpeculativeDecodingMode.Off, plainLog, out _, out var plainCounters, out _);
+        Assert.AreEqual(0L, plainCounters.Drafted);
+        var log = new ListLogger();
+        var auto = Run(SpeculativeDecodingMode.Auto, log, out var scheduler, out var firstCounters, out var secondCounters);
+
+        Assert.AreEqual(48, plain.Length, "long enough to pass the window (no EOS before 48 tokens)");
+        CollectionAssert.AreEqual(plain, auto, "auto gives plain decoding's greedy output");
+        Assert.AreEqual((long)Window, firstCounters.Drafted, "exactly one window of drafts was verified, then none");
+        Assert.IsLessThan(0.3 * Window, (double)firstCounters.Accepted, "the demo's MTP layer guesses badly");
+        Assert.AreEqual(0L, secondCounters.Drafted);
+        Assert.IsFalse(scheduler.SpeculativeDecoding);
+        var switched = log.Entries.Single(e => e.Message.StartsWith("MTP drafting switched off", StringComparison.Ordinal));
+        Assert.AreEqual(LogLevel.Information, switched.Level);
+        StringAssert.Contains(switched.Message, $"{firstCounters.Accepted} of the last {Window} drafts accepted");
+        Assert.IsFalse(plainLog.Entries.Any(e => e.Message.StartsWith("MTP drafting", StringComparison.Ordinal)));
+    }
+
+    /// <summary>
     /// Delegates to a real runner; the first <see cref="Forward"/> waits until <see cref="Open()"/> (so every
     /// request submitted meanwhile joins the second step), and the largest batch is recorded.
     /// </summary>
@@ -408,6 +464,8 @@ public sealed class BatchedChatTests
         public void Close(int slot) => inner.Close(slot);
 
         public void Truncate(int slot, int length) => inner.Truncate(slot, length);
+
+        public void StopDrafting(int slot) => inner.StopDrafting(slot);
 
         public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
         {

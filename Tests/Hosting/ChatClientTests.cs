@@ -319,8 +319,12 @@ public sealed class ChatClientTests
     }
 
     [TestMethod]
-    public void DependencyInjection_WithoutModelSource_Throws()
+    public void DependencyInjection_WithoutModelSource_FailsOnFirstUseNamingTheField()
     {
-        Assert.ThrowsExactly<ArgumentException>(() => new ServiceCollection().AddDeepSeekCuda(_ => { }));
+        var services = new ServiceCollection();
+        services.AddDeepSeekCuda(_ => { });
+        using var provider = services.BuildServiceProvider();
+        var e = Assert.ThrowsExactly<Microsoft.Extensions.Options.OptionsValidationException>(() => provider.GetRequiredService<IChatClient>());
+        StringAssert.Contains(e.Message, "DeepSeekCudaOptions.ModelPath: set a checkpoint folder (or DeepSeekCudaOptions.ModelFactory)");
     }
 }

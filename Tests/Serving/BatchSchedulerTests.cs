@@ -140,7 +140,7 @@ public sealed class BatchSchedulerTests
         IStepRunner runner = speculative
             ? new OracleStepRunner(model, blocks, length => length % 3 != 0)
             : new SessionStepRunner(model);
-        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxBatch = 16, MaxTokensPerStep = 96, EosId = Eos, SpeculativeDecoding = speculative });
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxBatch = 16, MaxTokensPerStep = 96, EosId = Eos, SpeculativeDecoding = speculative ? SpeculativeDecodingMode.On : SpeculativeDecodingMode.Off });
         using var stop = new CancellationTokenSource();
         var loop = scheduler.RunAsync(stop.Token);
         var cases = Enumerable.Range(0, 64).Select(i =>
@@ -231,6 +231,80 @@ public sealed class BatchSchedulerTests
         TestContext.WriteLine(summary);
     }
 
+    /// <summary>
+    /// Auto with drafts that are never right: after exactly one window of verified drafts drafting stops
+    /// (logged once, the runner told for the running slot), and a later request does not draft. Outputs
+    /// equal plain decoding throughout.
+    /// </summary>
+    [TestMethod]
+    public void AutoStopsDraftingAfterAWindowBelowTheThreshold()
+    {
+        var model = FakeModel.Bigram(13);
+        var blocks = new KvBlockManager(32, 4, 8);
+        var runner = new OracleStepRunner(model, blocks, _ => false);
+        var log = new ListLogger();
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { AutoWindow = 8, AutoMinAcceptanceRate = 0.3 }, log);
+        Assert.IsTrue(scheduler.SpeculativeDecoding, "auto starts drafting when the runner can");
+        var prompt = Printable(new Random(5), 30);
+        var options = SamplingOptions.Greedy with { MaxTokens = 60 };
+        var first = scheduler.Submit(prompt, options);
+        var tokens = Drain(scheduler, first);
+        CollectionAssert.AreEqual(Alone.Run(model, prompt, options, Eos), tokens);
+        Assert.AreEqual(60, tokens.Count, "long enough for several windows");
+        var c = first.Completion.Result.Counters;
+        Assert.AreEqual(8L, c.Drafted, "one window, then no more drafts");
+        Assert.AreEqual(0L, c.Accepted);
+        Assert.AreEqual(8, runner.Truncations, "each rejected draft rolled back once");
+        Assert.IsFalse(scheduler.SpeculativeDecoding);
+        Assert.HasCount(1, runner.StoppedDrafting, "the running request's slot was told once");
+        StringAssert.StartsWith(log.Entries.Single(e => e.Message.StartsWith("MTP drafting", StringComparison.Ordinal)).Message,
+            "MTP drafting switched off (speculative decoding auto): 0 of the last 8 drafts accepted");
+
+        var second = scheduler.Submit(prompt, options);
+        Assert.IsFalse(second.Speculative);
+        CollectionAssert.AreEqual(tokens, Drain(scheduler, second));
+        Assert.AreEqual(0L, second.Completion.Result.Counters.Drafted);
+    }
+
+    /// <summary>
+    /// Auto with drafts right at two positions of three (a rate of about 0.67, above 0.3): every window
+    /// keeps drafting to the end, nothing is logged about a switch, and the output equals plain decoding.
+    /// Off with the same runner never drafts.
+    /// </summary>
+    [TestMethod]
+    public void AutoKeepsDraftingWhileDraftsAreAccepted()
+    {
+        var model = FakeModel.Bigram(13);
+        var prompt = Printable(new Random(5), 30);
+        var options = SamplingOptions.Greedy with { MaxTokens = 120 };
+        var expected = Alone.Run(model, prompt, options, Eos);
+        foreach (var mode in new[] { SpeculativeDecodingMode.Auto, SpeculativeDecodingMode.Off })
+        {
+            var blocks = new KvBlockManager(32, 4, 8);
+            var runner = new OracleStepRunner(model, blocks, length => length % 3 != 0);
+            var log = new ListLogger();
+            using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { SpeculativeDecoding = mode, AutoWindow = 8 }, log);
+            var r = scheduler.Submit(prompt, options);
+            CollectionAssert.AreEqual(expected, Drain(scheduler, r), mode.ToString());
+            var c = r.Completion.Result.Counters;
+            if (mode == SpeculativeDecodingMode.Auto)
+            {
+                Assert.IsTrue(scheduler.SpeculativeDecoding);
+                Assert.IsGreaterThan(3 * 8L, c.Drafted, "drafting went on past several windows");
+                Assert.IsGreaterThan(0.3, c.AcceptanceRate);
+                // A verify step yields at most two tokens and the last one or two steps cannot draft.
+                Assert.IsGreaterThanOrEqualTo(c.Steps - 3, c.Drafted, "every step but the first and the last few verified a draft");
+                Assert.IsEmpty(runner.StoppedDrafting);
+                Assert.IsFalse(log.Entries.Any(e => e.Message.StartsWith("MTP drafting", StringComparison.Ordinal)));
+            }
+            else
+            {
+                Assert.IsFalse(scheduler.SpeculativeDecoding);
+                Assert.AreEqual(0L, c.Drafted);
+            }
+        }
+    }
+
     [TestMethod]
     public void AWaitingRequestCanceledBeforeAdmissionNeverRuns()
     {
@@ -281,7 +355,7 @@ public sealed class BatchSchedulerTests
         Assert.ThrowsExactly<ArgumentException>(() => scheduler.Submit(new int[101]), "longer than the context");
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => scheduler.Submit([1], new SamplingOptions { Temperature = -1 }));
         Assert.IsFalse(scheduler.SpeculativeDecoding, "a plain model cannot draft");
-        Assert.ThrowsExactly<ArgumentException>(() => new BatchScheduler(runner, new KvBlockManager(8, 2, 4), new SchedulerOptions { SpeculativeDecoding = true }));
+        Assert.ThrowsExactly<ArgumentException>(() => new BatchScheduler(runner, new KvBlockManager(8, 2, 4), new SchedulerOptions { SpeculativeDecoding = SpeculativeDecodingMode.On }));
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new BatchScheduler(runner, new KvBlockManager(8, 2, 4), new SchedulerOptions { MaxTokensPerStep = 0 }));
         scheduler.Dispose();
         Assert.ThrowsExactly<ObjectDisposedException>(() => scheduler.Submit([1]));

@@ -75,7 +75,7 @@ public sealed class ModelSchedulingTests
         }
     }
 
-    private static List<ScheduledResult> RunStaggered(DeepSeekModel model, bool? speculative, int[][] prompts, int maxTokens, int maxTokensPerStep,
+    private static List<ScheduledResult> RunStaggered(DeepSeekModel model, bool speculative, int[][] prompts, int maxTokens, int maxTokensPerStep,
         out BatchScheduler scheduler, out KvBlockManager blocks, Func<int, bool>? forceRightDrafts = null)
     {
         blocks = new KvBlockManager(48, 8, KvBlockManager.BlocksFor(MaxLength));
@@ -84,7 +84,8 @@ public sealed class ModelSchedulingTests
         {
             MaxTokensPerStep = maxTokensPerStep,
             EosId = model.Config.EosTokenId,
-            SpeculativeDecoding = speculative,
+            // On, not Auto: the random MTP layer would be switched off within these runs.
+            SpeculativeDecoding = speculative ? SpeculativeDecodingMode.On : SpeculativeDecodingMode.Off,
         });
         var requests = new List<ScheduledRequest>();
         for (var i = 0; i < prompts.Length; i++)
@@ -222,7 +223,7 @@ public sealed class ModelSchedulingTests
         Assert.IsFalse(without.CanDraft);
         using var on = new BatchScheduler(withMtp, new KvBlockManager(4, 1, 4));
         using var off = new BatchScheduler(without, new KvBlockManager(4, 1, 4));
-        using var forcedOff = new BatchScheduler(withMtp, new KvBlockManager(4, 1, 4), new SchedulerOptions { SpeculativeDecoding = false });
+        using var forcedOff = new BatchScheduler(withMtp, new KvBlockManager(4, 1, 4), new SchedulerOptions { SpeculativeDecoding = SpeculativeDecodingMode.Off });
         Assert.IsTrue(on.SpeculativeDecoding);
         Assert.IsFalse(off.SpeculativeDecoding);
         Assert.IsFalse(forcedOff.SpeculativeDecoding);

@@ -24,6 +24,10 @@ internal sealed class OracleStepRunner(FakeModel model, KvBlockManager blocks, F
 
     public int Truncations { get; private set; }
 
+    public List<int> StoppedDrafting { get; } = [];
+
+    public void StopDrafting(int slot) => StoppedDrafting.Add(slot);
+
     public void Open(int slot, bool drafts) => _slots.Add(slot, []);
 
     public void Close(int slot) => Assert.IsTrue(_slots.Remove(slot), $"slot {slot} closed twice");

@@ -12,15 +12,24 @@ namespace DeepSeekCuda.Cli;
 public static class CliApp
 {
     /// <summary>Builds the root command with every subcommand.</summary>
-    public static RootCommand CreateRoot(TextReader input) => new("DeepSeekCuda: run DeepSeek-V3/R1 checkpoints from .NET")
+    public static RootCommand CreateRoot(TextReader input)
     {
-        GenerateCommand.Create(),
-        ChatCommand.Create(input),
-        InspectCommand.Create(),
-        TokenizeCommand.Create(input),
-        LogitsCommand.Create(),
-        MakeModelCommand.Create(),
-    };
+        var root = new RootCommand("DeepSeekCuda: run DeepSeek-V3/R1 checkpoints from .NET")
+        {
+            GenerateCommand.Create(),
+            ChatCommand.Create(input),
+            InspectCommand.Create(),
+            TokenizeCommand.Create(input),
+            LogitsCommand.Create(),
+            MakeModelCommand.Create(),
+        };
+        foreach (var option in CliLogging.CreateOptions())
+        {
+            root.Add(option); // recursive: valid after any command
+        }
+
+        return root;
+    }
 
     /// <summary>Parses and runs <paramref name="args"/>, writing to the given streams; returns the exit code.</summary>
     public static async Task<int> RunAsync(string[] args, TextReader input, TextWriter output, TextWriter error, CancellationToken cancellationToken = default)

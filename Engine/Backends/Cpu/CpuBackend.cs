@@ -51,9 +51,10 @@ public sealed class CpuBackend : IBackend
     public string Name => $"cpu ({Numerics})";
 
     /// <inheritdoc />
-    public void Dispose()
-    {
-    }
+    public void Dispose() => IsDisposed = true; // managed storage: nothing to free
+
+    /// <summary>Whether <see cref="Dispose"/> was called (tests check that failed loads dispose their backend).</summary>
+    internal bool IsDisposed { get; private set; }
 
     // ---------------------------------------------------------------- memory
 

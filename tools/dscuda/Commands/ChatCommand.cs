@@ -1,6 +1,7 @@
 using System.CommandLine;
 using DeepSeekCuda.Hosting;
 using Microsoft.Extensions.AI;
+using Microsoft.Extensions.Logging;
 
 namespace DeepSeekCuda.Cli.Commands;
 
@@ -9,20 +10,21 @@ internal static class ChatCommand
 {
     public static Command Create(TextReader input)
     {
-        var model = ModelOption.Create();
+        var model = new ModelArguments();
         var system = new Option<string?>("--system") { Description = "A system prompt" };
-        var device = DeviceOption.Create();
         var sampling = new SamplingArguments();
-        var command = new Command("chat", "Chat interactively (history kept; /reset, /exit)") { model, system, device };
+        var command = new Command("chat", "Chat interactively (history kept; /reset, /exit)") { system };
+        model.AddTo(command);
         sampling.AddTo(command);
         command.SetAction(async (parse, cancellationToken) =>
         {
-            var computeDevice = DeviceOption.Parse(parse.GetValue(device));
+            model.Device(parse); // an unusable --device cuda is refused before anything is read
             var options = sampling.ToChatOptions(parse);
             var output = parse.InvocationConfiguration.Output;
             var log = parse.InvocationConfiguration.Error;
-            using var local = ModelLoading.Load(parse.GetValue(model), log, computeDevice);
-            using var client = local.CreateChatClient();
+            using var loggers = CliLogging.CreateFactory(parse);
+            using var local = model.Load(parse, log, loggers, cancellationToken: cancellationToken);
+            using var client = local.CreateChatClient(model.ChatClientOptions(parse, local), loggers.CreateLogger<DeepSeekChatClient>());
             var renderer = ChatRenderer.For(output, log);
             var history = new List<ChatMessage>();
             if (parse.GetValue(system) is { Length: > 0 } s)

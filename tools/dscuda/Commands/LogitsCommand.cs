@@ -14,10 +14,9 @@ internal static class LogitsCommand
 {
     public static Command Create()
     {
-        var model = ModelOption.Create();
+        var model = new ModelArguments(generation: false);
         var tokens = new Option<string>("--tokens", "-t") { Description = "Comma-separated token ids, e.g. 0,17,42", Required = true };
         var output = new Option<string>("--out", "-o") { Description = "Safetensors file to write (F32 tensor 'logits' [tokens, vocab])", Required = true };
-        var device = DeviceOption.Create();
         var numerics = new Option<CpuNumerics>("--numerics")
         {
             Description = "CPU arithmetic: Float32 (reference) or GpuEmulation (BF16 storage, FP8 activation quantization)",
@@ -25,14 +24,15 @@ internal static class LogitsCommand
         };
         var command = new Command("logits", "Run one prefill and write the logits of every position")
         {
-            model, tokens, output, device, numerics,
+            tokens, output, numerics,
         };
+        model.AddTo(command);
         command.SetAction(parse =>
         {
             var ids = ParseTokens(parse.GetValue(tokens)!);
             var path = Path.GetFullPath(parse.GetValue(output)!);
-            var computeDevice = DeviceOption.Parse(parse.GetValue(device));
-            var dir = ModelOption.Resolve(parse.GetValue(model), parse.InvocationConfiguration.Error);
+            var computeDevice = model.Device(parse);
+            var dir = model.ModelDirectory(parse, parse.InvocationConfiguration.Error);
             using var checkpoint = Checkpoint.Open(dir);
             var vocab = checkpoint.Config.VocabSize;
             foreach (var id in ids.Where(id => id >= vocab))
@@ -45,7 +45,8 @@ internal static class LogitsCommand
                 throw new UserErrorException($"{ids.Length} tokens exceed max_position_embeddings {checkpoint.Config.MaxPositionEmbeddings}");
             }
 
-            using var backend = BackendSelection.Create(computeDevice, parse.GetValue(numerics));
+            using var loggers = CliLogging.CreateFactory(parse);
+            using var backend = BackendSelection.Create(computeDevice, parse.GetValue(numerics), loggers.CreateLogger("DeepSeekCuda.Cli.Logits"));
             using var net = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = Math.Max(ids.Length, 1), LoadMtp = false });
             var logits = net.ComputeLogits(ids);
             SafetensorsWriter.WriteFile(path, [("logits", new long[] { ids.Length, vocab }, logits)]);

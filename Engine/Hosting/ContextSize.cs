@@ -1,0 +1,166 @@
+using System.Globalization;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Serving;
+
+namespace DeepSeekCuda.Hosting;
+
+/// <summary>A context length (tokens per request) and why it was chosen.</summary>
+/// <param name="Tokens">Longest request: prompt and output together.</param>
+/// <param name="Limit">The most the model and the memory allow (Tokens is at most this).</param>
+/// <param name="Reason">One sentence: which bound decided and the numbers behind it.</param>
+public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason);
+
+/// <summary>
+/// Sizes the context length from the model's <c>max_position_embeddings</c> and the memory left for the
+/// latent caches of the requests that run at once. The rule, per backend:
+/// <list type="bullet">
+/// <item>CPU: each session allocates a full-length float32 latent cache per layer (and one for the MTP
+/// layer) up front, <c>(layers + mtp) × (kv_lora_rank + qk_rope_head_dim) × 4</c> bytes per token. The
+/// weights are held as float32 (4 bytes per parameter, an upper bound for what the CPU backend keeps);
+/// <see cref="CpuCacheFraction"/> of what the available host memory has left beside them goes to the
+/// caches of <c>sessions</c> concurrent requests. The rest is for activations, the runtime and the machine.</item>
+/// <item>CUDA: <see cref="MemoryPlanner.Plan"/> on the device's free memory (weights, activation arena,
+/// reserve, then BF16 cache blocks); the blocks left are shared by <c>sessions</c> full-length requests.</item>
+/// </list>
+/// The result is a whole number of 64-token cache blocks, at most <c>max_position_embeddings</c>, and never
+/// below <see cref="MinimumTokens"/> (or the model's maximum when that is smaller).
+/// </summary>
+public static class ContextSize
+{
+    /// <summary>Share of the host memory left beside the weights that the CPU sessions' caches may take.</summary>
+    public const double CpuCacheFraction = 0.5;
+
+    /// <summary>The shortest context chosen automatically: below this a reasoning model cannot say much.</summary>
+    public const int MinimumTokens = 256;
+
+    /// <summary>Latent cache bytes one CPU session holds per token of context (float32, every layer, the MTP layer too when loaded).</summary>
+    public static long CpuBytesPerToken(ModelConfig config, bool mtp)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        var layers = config.NumHiddenLayers + (mtp && config.NumNextNPredictLayers > 0 ? 1 : 0);
+        return (long)layers * config.KvCacheDim * sizeof(float);
+    }
+
+    /// <summary>Host bytes the CPU backend's float32 weights take (an upper bound: every parameter at 4 bytes).</summary>
+    public static long CpuWeightBytes(ModelConfig config, bool mtp)
+    {
+        var stats = CheckpointStats.Compute(config);
+        return (stats.MainParameters + (mtp ? stats.MtpParameters : 0)) * sizeof(float);
+    }
+
+    /// <summary>
+    /// The context for the CPU backend with <paramref name="availableHostBytes"/> of host memory available
+    /// before loading, for <paramref name="sessions"/> requests at once.
+    /// </summary>
+    /// <param name="config">The model.</param>
+    /// <param name="availableHostBytes">Free host memory now (see <see cref="AvailableHostBytes"/>).</param>
+    /// <param name="sessions">Requests holding a session at once (a chat client's MaxBatch).</param>
+    /// <param name="mtp">Whether the MTP layer is loaded (one more cache per session).</param>
+    /// <param name="requested">An explicit length: checked against the limit instead of chosen; null to choose.</param>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="requested"/> is above the limit (ParamName <c>MaxSequenceLength</c>).</exception>
+    public static ContextSizeChoice ChooseForCpu(ModelConfig config, long availableHostBytes, int sessions, bool mtp, int? requested = null)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentOutOfRangeException.ThrowIfLessThan(sessions, 1);
+        var weights = CpuWeightBytes(config, mtp);
+        var budget = (long)(Math.Max(0, availableHostBytes - weights) * CpuCacheFraction);
+        var perToken = CpuBytesPerToken(config, mtp) * sessions;
+        var fit = budget / perToken;
+        var why = string.Create(CultureInfo.InvariantCulture,
+            $"{sessions} concurrent session(s) x {CpuBytesPerToken(config, mtp)} bytes per token of float32 latent cache in {Percent(CpuCacheFraction)} of the {Gib(availableHostBytes)} GiB of available host memory less {Gib(weights)} GiB of float32 weights");
+        return Decide(config, fit, why, requested);
+    }
+
+    /// <summary>
+    /// The context for the CUDA backend with <paramref name="freeDeviceBytes"/> free on the device, for
+    /// <paramref name="sessions"/> requests at once, as <see cref="MemoryPlanner.Plan"/> lays the memory out.
+    /// </summary>
+    /// <exception cref="InsufficientDeviceMemoryException">The weights, arena and reserve do not fit with even one cache block per request.</exception>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="requested"/> is above the limit (ParamName <c>MaxSequenceLength</c>).</exception>
+    public static ContextSizeChoice ChooseForGpu(ModelConfig config, long freeDeviceBytes, int sessions, bool mtp, int? requested = null)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentOutOfRangeException.ThrowIfLessThan(sessions, 1);
+        var plan = MemoryPlanner.Plan(config, [freeDeviceBytes], new MemoryPlanOptions
+        {
+            MaxBatch = sessions,
+            MaxSequenceLength = KvBlockManager.BlockTokens * sessions, // the planner's minimum: one block per request
+            MaxTokensPerStep = 512,
+            DraftTokens = mtp ? 1 : 0,
+            IncludeMtp = mtp,
+        });
+        var fit = (long)plan.KvBlocks / sessions * KvBlockManager.BlockTokens;
+        var why = string.Create(CultureInfo.InvariantCulture,
+            $"{sessions} concurrent session(s) sharing {plan.KvBlocks} cache blocks of 64 tokens that the memory planner fits in {Gib(freeDeviceBytes)} GiB free on the device beside {Gib(plan.Devices[0].WeightBytes)} GiB of weights");
+        return Decide(config, fit, why, requested);
+    }
+
+    /// <summary>
+    /// Memory available to this process now: the smaller of the GC's limit (a container's memory limit
+    /// or the physical memory) and, on Linux, /proc/meminfo's MemAvailable.
+    /// </summary>
+    public static long AvailableHostBytes()
+    {
+        var available = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/meminfo"))
+            {
+                if (line.StartsWith("MemAvailable:", StringComparison.Ordinal)
+                    && long.TryParse(line["MemAvailable:".Length..].Trim().Split(' ')[0], NumberStyles.None, CultureInfo.InvariantCulture, out var kib))
+                {
+                    available = Math.Min(available, kib * 1024);
+                    break;
+                }
+            }
+        }
+        catch (IOException)
+        {
+            // Not Linux: the GC's figure alone.
+        }
+        catch (UnauthorizedAccessException)
+        {
+        }
+
+        return available;
+    }
+
+    private static ContextSizeChoice Decide(ModelConfig config, long fit, string why, int? requested)
+    {
+        var maxPositions = config.MaxPositionEmbeddings;
+        var blocks = fit / KvBlockManager.BlockTokens * KvBlockManager.BlockTokens;
+        var memoryLimit = (int)Math.Min(blocks, int.MaxValue);
+        var limit = Math.Min(maxPositions, memoryLimit);
+        if (requested is { } r)
+        {
+            if (r < 1 || r > maxPositions)
+            {
+                throw new ArgumentOutOfRangeException("MaxSequenceLength", r, $"must be within 1..{maxPositions} (max_position_embeddings)");
+            }
+
+            if (r > memoryLimit)
+            {
+                throw new ArgumentOutOfRangeException("MaxSequenceLength", r, $"{r} tokens do not fit: the limit is {memoryLimit} ({why})");
+            }
+
+            return new ContextSizeChoice(r, limit, "requested");
+        }
+
+        var floor = Math.Min(maxPositions, MinimumTokens);
+        if (limit >= maxPositions)
+        {
+            return new ContextSizeChoice(maxPositions, limit, $"max_position_embeddings {maxPositions}; memory would allow {memoryLimit} ({why})");
+        }
+
+        if (limit < floor)
+        {
+            return new ContextSizeChoice(floor, limit, $"the minimum of {floor}, above what memory allows, {memoryLimit} ({why}): expect to run out of memory with that many requests at once");
+        }
+
+        return new ContextSizeChoice(limit, limit, $"memory: {why}; max_position_embeddings is {maxPositions}");
+    }
+
+    private static string Gib(long bytes) => (bytes / (double)(1L << 30)).ToString("F2", CultureInfo.InvariantCulture);
+
+    private static string Percent(double fraction) => (fraction * 100).ToString("F0", CultureInfo.InvariantCulture) + "%";
+}

@@ -1,0 +1,131 @@
+using DeepSeekCuda.Hosting;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Hosting;
+
+/// <summary>The default context length rule (<see cref="ContextSize"/>) on made-up memory sizes, and its use by <see cref="LocalModel.Load"/>.</summary>
+[TestClass]
+public sealed class ContextSizeTests
+{
+    // The demo's shape (3 layers + 1 MTP layer, kv_lora_rank 80 + qk_rope_head_dim 16) with R1's 163840 positions.
+    private static readonly ModelConfig Long = DemoModel.Config with { MaxPositionEmbeddings = 163840 };
+
+    // Worked out by hand from the config: 4 caches x 96 values x 4 bytes.
+    private const long PerTokenPerSession = 4 * 96 * 4;
+
+    private static long Weights => ContextSize.CpuWeightBytes(Long, mtp: true);
+
+    [TestMethod]
+    public void CpuBytesPerTokenIsEveryLayersFloat32LatentAndRotatedKey()
+    {
+        Assert.AreEqual(PerTokenPerSession, ContextSize.CpuBytesPerToken(Long, mtp: true));
+        Assert.AreEqual(3 * 96 * 4L, ContextSize.CpuBytesPerToken(Long, mtp: false));
+        var stats = CheckpointStats.Compute(Long);
+        Assert.AreEqual(4 * (stats.MainParameters + stats.MtpParameters), Weights);
+    }
+
+    [TestMethod]
+    public void CpuPlentyOfMemoryGivesMaxPositionEmbeddings()
+    {
+        var choice = ContextSize.ChooseForCpu(Long, 1L << 40, sessions: 16, mtp: true);
+        Assert.AreEqual(163840, choice.Tokens);
+        StringAssert.StartsWith(choice.Reason, "max_position_embeddings 163840");
+    }
+
+    [TestMethod]
+    public void CpuMemoryBoundIsHalfOfWhatTheWeightsLeaveSplitOverSessionsInWholeBlocks()
+    {
+        // Half of what is left beside the weights holds 4 sessions of exactly 1000 tokens: 960 in 64-token blocks.
+        var available = Weights + 2 * (4 * PerTokenPerSession * 1000) + 1;
+        var choice = ContextSize.ChooseForCpu(Long, available, sessions: 4, mtp: true);
+        Assert.AreEqual(960, choice.Tokens);
+        Assert.AreEqual(960, choice.Limit);
+        StringAssert.StartsWith(choice.Reason, "memory: 4 concurrent session(s) x 1536 bytes per token");
+
+        // One session in the same memory: four times the tokens (4000 -> 3968).
+        Assert.AreEqual(3968, ContextSize.ChooseForCpu(Long, available, sessions: 1, mtp: true).Tokens);
+
+        // A model whose positions are fewer than memory allows keeps its own maximum.
+        Assert.AreEqual(512, ContextSize.ChooseForCpu(Long with { MaxPositionEmbeddings = 512 }, available, 4, true).Tokens);
+    }
+
+    [TestMethod]
+    public void CpuTooLittleMemoryFallsBackToTheMinimumAndSaysSo()
+    {
+        var choice = ContextSize.ChooseForCpu(Long, Weights / 2, sessions: 16, mtp: true);
+        Assert.AreEqual(ContextSize.MinimumTokens, choice.Tokens);
+        Assert.AreEqual(0, choice.Limit);
+        StringAssert.Contains(choice.Reason, "expect to run out of memory");
+    }
+
+    [TestMethod]
+    public void ExplicitLengthsAboveALimitAreRefusedNamingIt()
+    {
+        var available = Weights + 2 * (4 * PerTokenPerSession * 1000) + 1;
+        Assert.AreEqual(900, ContextSize.ChooseForCpu(Long, available, 4, true, requested: 900).Tokens);
+        var memory = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => ContextSize.ChooseForCpu(Long, available, 4, true, requested: 1024));
+        Assert.AreEqual("MaxSequenceLength", memory.ParamName);
+        StringAssert.Contains(memory.Message, "the limit is 960");
+        var positions = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => ContextSize.ChooseForCpu(Long, 1L << 40, 4, true, requested: 163841));
+        StringAssert.Contains(positions.Message, "1..163840 (max_position_embeddings)");
+    }
+
+    /// <summary>On the GPU the planner is the reference: the chosen length fits every session at full length, one block more does not.</summary>
+    [TestMethod]
+    [DataRow(600L << 20, 1)]
+    [DataRow(600L << 20, 16)]
+    [DataRow(700L << 20, 7)]
+    public void GpuChoiceIsTheLargestTheMemoryPlannerFitsForEverySession(long free, int sessions)
+    {
+        var choice = ContextSize.ChooseForGpu(Long, free, sessions, mtp: true);
+        Assert.AreEqual(0, choice.Tokens % KvBlockManager.BlockTokens);
+        Assert.IsLessThan(Long.MaxPositionEmbeddings, choice.Tokens, "memory, not the positions, bounds these");
+        int FullLengthRequests(int tokens)
+        {
+            try
+            {
+                return MemoryPlanner.Plan(Long, [free], new MemoryPlanOptions
+                {
+                    MaxBatch = sessions, MaxSequenceLength = tokens, MaxTokensPerStep = 512, DraftTokens = 1, IncludeMtp = true,
+                }).FullLengthRequests;
+            }
+            catch (InsufficientDeviceMemoryException)
+            {
+                return 0; // not even one request of that length
+            }
+        }
+
+        Assert.IsGreaterThanOrEqualTo(sessions, FullLengthRequests(choice.Tokens));
+        Assert.IsLessThan(sessions, FullLengthRequests(choice.Tokens + KvBlockManager.BlockTokens));
+    }
+
+    [TestMethod]
+    public void GpuWithoutRoomForTheWeightsIsThePlannersError()
+    {
+        Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => ContextSize.ChooseForGpu(DemoModel.Config, 1L << 10, 1, true));
+    }
+
+    [TestMethod]
+    public void LocalModelSizesTheContextAndLogsWhy()
+    {
+        var dir = DemoModel.Ensure(out _);
+        var log = new ListLogger();
+        using (var local = LocalModel.Load(dir, new LocalModelOptions { Device = ComputeDevice.Cpu }, logger: log))
+        {
+            // The demo has 1024 positions; this machine's memory holds far more than 16 demo sessions of them.
+            Assert.AreEqual(1024, local.MaxSequenceLength);
+        }
+
+        var line = log.Entries.Single(e => e.Message.StartsWith("Context length", StringComparison.Ordinal));
+        StringAssert.StartsWith(line.Message, "Context length 1024 tokens per request: max_position_embeddings 1024; memory would allow ");
+        using (var shorter = LocalModel.Load(dir, new LocalModelOptions { Device = ComputeDevice.Cpu, MaxSequenceLength = 300 }))
+        {
+            Assert.AreEqual(300, shorter.MaxSequenceLength);
+        }
+
+        var e = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => LocalModel.Load(dir, new LocalModelOptions { Device = ComputeDevice.Cpu, MaxSequenceLength = 1025 }));
+        Assert.AreEqual("MaxSequenceLength", e.ParamName);
+    }
+}
