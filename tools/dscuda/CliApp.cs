@@ -20,6 +20,7 @@ public static class CliApp
         TokenizeCommand.Create(input),
         LogitsCommand.Create(),
         MakeModelCommand.Create(),
+        ServeCommand.Create(),
     };
 
     /// <summary>Parses and runs <paramref name="args"/>, writing to the given streams; returns the exit code.</summary>
@@ -37,7 +38,16 @@ public static class CliApp
             return 1;
         }
 
-        var invocation = new InvocationConfiguration { EnableDefaultExceptionHandler = false, Output = output, Error = error };
+        // On Ctrl+C or SIGTERM the action's token is cancelled; System.CommandLine abandons an action still running
+        // after ProcessTerminationTimeout (2 s by default). `serve` drains its running requests first (up to
+        // ChatServerOptions.DrainTimeout), so allow that; the other commands end as soon as they are cancelled.
+        var invocation = new InvocationConfiguration
+        {
+            EnableDefaultExceptionHandler = false,
+            Output = output,
+            Error = error,
+            ProcessTerminationTimeout = new Server.ChatServerOptions().DrainTimeout + TimeSpan.FromSeconds(10),
+        };
         try
         {
             return await parse.InvokeAsync(invocation, cancellationToken);
