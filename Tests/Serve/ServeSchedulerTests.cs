@@ -115,6 +115,37 @@ public sealed class ServeSchedulerTests
     }
 
     [TestMethod]
+    public async Task StepFailureAfterTheFirstChunk_EndsThatStreamWithAnErrorEvent_AndTheServerGoesOn()
+    {
+        // The prompt takes one forward, the first token's chunk goes out, and the fourth forward throws.
+        await using var server = await TestServer.StartAsync(failForward: 4);
+        var (events, done) = await server.StreamAsync(TestServer.Body("hi", 10, ",\"stream\":true"));
+        Assert.IsFalse(done, "a failed stream does not end with [DONE]");
+        Assert.IsGreaterThan(1, events.Count, "chunks went out before the failure");
+        var error = events[^1]["error"];
+        Assert.IsNotNull(error, events[^1].ToJsonString());
+        Assert.AreEqual("server_error", (string?)error["type"]);
+        StringAssert.Contains((string?)error["message"], "injected step failure");
+        Assert.AreEqual(0, server.Client.Scheduler.RunningCount);
+        Assert.AreEqual(server.Client.Scheduler.Blocks.TotalBlocks, server.Client.Scheduler.Blocks.FreeBlocks);
+
+        var (status, body) = await server.ChatAsync(TestServer.Body("hi", 3));
+        Assert.AreEqual(HttpStatusCode.OK, status, body?.ToJsonString());
+        Assert.AreEqual(3, (int)body!["usage"]!["completion_tokens"]!);
+    }
+
+    [TestMethod]
+    public async Task StepFailureBeforeAnyOutput_IsA500WithOpenAIsErrorObject()
+    {
+        await using var server = await TestServer.StartAsync(failForward: 1);
+        var (status, body) = await server.ChatAsync(TestServer.Body("hi", 3));
+        Assert.AreEqual(HttpStatusCode.InternalServerError, status);
+        Assert.AreEqual("server_error", (string?)body!["error"]!["type"]);
+        (status, body) = await server.ChatAsync(TestServer.Body("hi", 3));
+        Assert.AreEqual(HttpStatusCode.OK, status, body?.ToJsonString());
+    }
+
+    [TestMethod]
     public async Task Metrics_ArePrometheusText_FromTheDeepSeekCudaMeter()
     {
         await using var server = await TestServer.StartAsync();

@@ -21,17 +21,22 @@ internal static class ServeModel
 
     public static LocalModel Local => Demo.Value;
 
-    /// <summary>A chat client of the demo; with <paramref name="stepDelay"/>, every forward takes at least that long (a request that stays running).</summary>
-    public static DeepSeekChatClient CreateClient(ChatTemplateKind kind = ChatTemplateKind.R1, int maxBatch = 16, TimeSpan? stepDelay = null)
+    /// <summary>
+    /// A chat client of the demo; with <paramref name="stepDelay"/>, every forward takes at least that long (a request
+    /// that stays running); with <paramref name="failForward"/>, that forward (counted from 1) throws, once.
+    /// </summary>
+    public static DeepSeekChatClient CreateClient(ChatTemplateKind kind = ChatTemplateKind.R1, int maxBatch = 16, TimeSpan? stepDelay = null, int? failForward = null)
     {
         var options = new DeepSeekChatClientOptions { ModelId = Id, TemplateKind = kind, MaxBatch = maxBatch };
-        return stepDelay is { } delay
-            ? new DeepSeekChatClient(Local, Local.Tokenizer, options, stepRunner: new SlowRunner(Local.CreateStepRunner(), delay))
+        return stepDelay is not null || failForward is not null
+            ? new DeepSeekChatClient(Local, Local.Tokenizer, options, stepRunner: new TestRunner(Local.CreateStepRunner(), stepDelay ?? TimeSpan.Zero, failForward ?? 0))
             : Local.CreateChatClient(options);
     }
 
-    private sealed class SlowRunner(IStepRunner inner, TimeSpan delay) : IStepRunner
+    private sealed class TestRunner(IStepRunner inner, TimeSpan delay, int failForward) : IStepRunner
     {
+        private int _forwards;
+
         public int VocabSize => inner.VocabSize;
 
         public int MaxSequenceLength => inner.MaxSequenceLength;
@@ -47,6 +52,11 @@ internal static class ServeModel
         public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
         {
             Thread.Sleep(delay);
+            if (Interlocked.Increment(ref _forwards) == failForward)
+            {
+                throw new InvalidOperationException("injected step failure");
+            }
+
             inner.Forward(batch, logits);
         }
 
@@ -78,9 +88,9 @@ internal sealed class TestServer : IAsyncDisposable
 
     public HttpClient Http { get; }
 
-    public static async Task<TestServer> StartAsync(ChatTemplateKind kind = ChatTemplateKind.R1, string? apiKey = null, int maxBatch = 16, TimeSpan? stepDelay = null)
+    public static async Task<TestServer> StartAsync(ChatTemplateKind kind = ChatTemplateKind.R1, string? apiKey = null, int maxBatch = 16, TimeSpan? stepDelay = null, int? failForward = null)
     {
-        var client = ServeModel.CreateClient(kind, maxBatch, stepDelay);
+        var client = ServeModel.CreateClient(kind, maxBatch, stepDelay, failForward);
         var server = ChatServer.Create(new ChatServerOptions { Port = 0, ApiKey = apiKey }, client);
         var address = await server.StartAsync();
         await server.Ready;
