@@ -2,6 +2,7 @@ using System.Buffers;
 using System.Text;
 using System.Text.Json;
 using Microsoft.AspNetCore.Http;
+using DeepSeekCuda.Inference;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.Logging;
 
@@ -51,9 +52,19 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
     public static OpenAIErrorException? FromEngine(Exception e) => e switch
     {
         OpenAIErrorException o => o,
-        // The only argument the engine checks after our validation is the prompt: empty or over the context.
-        ArgumentException a => new OpenAIErrorException(StatusCodes.Status400BadRequest, a.Message.Split('\n')[0].Split(" (Parameter '")[0], "messages",
-            a.Message.Contains("context", StringComparison.Ordinal) ? "context_length_exceeded" : null),
+        // After our validation the engine's own checks are the prompt's (empty, over the context) and, as a second
+        // line, the sampling options'; the message keeps its first line without .NET's "(Parameter ...)" tail.
+        ArgumentException a => new OpenAIErrorException(StatusCodes.Status400BadRequest, a.Message.Split('\n')[0].Split(" (Parameter '")[0],
+            a.ParamName switch
+            {
+                nameof(SamplingOptions.Temperature) => "temperature",
+                nameof(SamplingOptions.TopP) => "top_p",
+                nameof(SamplingOptions.TopK) => "top_k",
+                nameof(SamplingOptions.MaxTokens) => "max_tokens",
+                nameof(SamplingOptions.StopSequences) => "stop",
+                _ => "messages",
+            },
+            a.Message.Contains("the context holds", StringComparison.Ordinal) ? "context_length_exceeded" : null),
         NotSupportedException n => new OpenAIErrorException(StatusCodes.Status400BadRequest, n.Message, null, "unsupported_parameter"),
         _ => null,
     };
@@ -132,12 +143,21 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
         var streams = new IAsyncEnumerator<ChatResponseUpdate>[request.N];
         try
         {
-            for (var i = 0; i < streams.Length; i++)
+            Task<bool>[] firsts;
+            try
             {
-                streams[i] = client.GetStreamingResponseAsync(request.Messages, request.OptionsFor(i), abort.Token).GetAsyncEnumerator(abort.Token);
+                for (var i = 0; i < streams.Length; i++)
+                {
+                    // Options are checked here, synchronously, by the chat client.
+                    streams[i] = client.GetStreamingResponseAsync(request.Messages, request.OptionsFor(i), abort.Token).GetAsyncEnumerator(abort.Token);
+                }
+            }
+            catch (Exception e) when (FromEngine(e) is { } refused)
+            {
+                throw refused;
             }
 
-            var firsts = streams.Select(s => s.MoveNextAsync().AsTask()).ToArray();
+            firsts = streams.Select(s => s.MoveNextAsync().AsTask()).ToArray();
             try
             {
                 await Task.WhenAll(firsts);
@@ -182,7 +202,7 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
                     // Output has gone out: the status line cannot change any more, so the stream ends with an error event.
                     if (Interlocked.Exchange(ref failed, 1) == 0)
                     {
-                        Log.StreamFailed(logger, e);
+                        ServerLog.StreamFailed(logger, e);
                         await abort.CancelAsync();
                         try
                         {

@@ -149,7 +149,7 @@ public sealed class ChatServer : IAsyncDisposable
         var modelId = _options.ModelId ?? client.GetService<ChatClientMetadata>()?.DefaultModelId ?? "default";
         var metrics = client.GetService<DeepSeekCudaMetrics>() is { } m ? new PrometheusExporter(m.Meter) : null;
         _ready = new Loaded(client, modelId, new ChatCompletionsEndpoint(client, modelId, _logger), metrics);
-        Log.Ready(_logger, modelId);
+        ServerLog.Ready(_logger, modelId);
     }
 
     private void Map(WebApplication app)
@@ -188,7 +188,7 @@ public sealed class ChatServer : IAsyncDisposable
         }
         catch (Exception e) when (!context.Response.HasStarted)
         {
-            Log.RequestFailed(_logger, context.Request.Path, e);
+            ServerLog.RequestFailed(_logger, context.Request.Path, e);
             await OpenAIError.RespondAsync(context, StatusCodes.Status500InternalServerError, $"internal error: {e.Message}", "server_error", null, null);
         }
     }
@@ -275,7 +275,7 @@ public sealed class ChatServer : IAsyncDisposable
 }
 
 /// <summary>The server's log events.</summary>
-internal static partial class Log
+internal static partial class ServerLog
 {
     [LoggerMessage(1, LogLevel.Information, "serving model {ModelId}")]
     public static partial void Ready(ILogger logger, string modelId);
