@@ -21,21 +21,29 @@ public sealed class ServeOpenAIClientTests
     private static TestServer s_server = null!;
     private static ChatClient s_openai = null!;
 
+    // The reference: a chat client of its own (its own scheduler and sessions), called directly, not over HTTP.
+    private static DeepSeekCuda.Hosting.DeepSeekChatClient s_reference = null!;
+
     [ClassInitialize]
     public static async Task Init(TestContext _)
     {
+        s_reference = ServeModel.CreateClient(ChatTemplateKind.V3);
         s_server = await TestServer.StartAsync(ChatTemplateKind.V3);
         s_openai = new ChatClient(ServeModel.Id, new ApiKeyCredential("unused"), new OpenAIClientOptions { Endpoint = s_server.V1 });
     }
 
     [ClassCleanup]
-    public static async Task Cleanup() => await s_server.DisposeAsync();
+    public static async Task Cleanup()
+    {
+        await s_server.DisposeAsync();
+        s_reference.Dispose();
+    }
 
     private const string Question = "Why is the sky blue?";
 
     private static async Task<(string Text, ChatResponse Response)> DirectAsync(ChatOptions options)
     {
-        var response = await s_server.Client.GetResponseAsync([new ChatMessage(ChatRole.User, Question)], options);
+        var response = await s_reference.GetResponseAsync([new ChatMessage(ChatRole.User, Question)], options);
         return (string.Concat(response.Messages.SelectMany(m => m.Contents).OfType<TextContent>().Select(t => t.Text)), response);
     }
 

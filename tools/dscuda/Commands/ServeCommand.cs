@@ -38,6 +38,11 @@ internal static class ServeCommand
                 throw new UserErrorException($"--port must be in 0..65535, is {parse.GetValue(port)}");
             }
 
+            if (parse.GetValue(host) is var h && h != "localhost" && !System.Net.IPAddress.TryParse(h, out _))
+            {
+                throw new UserErrorException($"--host must be an IP address or localhost, is '{h}'");
+            }
+
             var options = new ChatServerOptions
             {
                 Host = parse.GetValue(host)!,
