@@ -171,7 +171,7 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
             context.Response.ContentType = "text/event-stream";
             context.Response.Headers.CacheControl = "no-cache";
             var usages = new UsageDetails?[streams.Length];
-            var gate = new SemaphoreSlim(1, 1);
+            using var gate = new SemaphoreSlim(1, 1); // one event at a time on the wire; choices interleave by event
             for (var i = 0; i < streams.Length; i++)
             {
                 await WriteEventAsync(context, gate, json => WriteChunk(json, id, created, request, i, j =>

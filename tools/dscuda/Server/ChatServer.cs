@@ -39,7 +39,7 @@ public sealed class ChatServer : IAsyncDisposable
     private volatile Loaded? _ready;
     private int _stopped;
 
-    private sealed record Loaded(IChatClient Client, string ModelId, ChatCompletionsEndpoint Completions, PrometheusExporter? Metrics);
+    private sealed record Loaded(IChatClient Client, string ModelId, long Created, ChatCompletionsEndpoint Completions, PrometheusExporter? Metrics);
 
     private ChatServer(ChatServerOptions options, Func<CancellationToken, IChatClient> load, bool ownsClient, ILoggerProvider? logs)
     {
@@ -148,7 +148,7 @@ public sealed class ChatServer : IAsyncDisposable
         var client = _load(_stopping.Token);
         var modelId = _options.ModelId ?? client.GetService<ChatClientMetadata>()?.DefaultModelId ?? "default";
         var metrics = client.GetService<DeepSeekCudaMetrics>() is { } m ? new PrometheusExporter(m.Meter) : null;
-        _ready = new Loaded(client, modelId, new ChatCompletionsEndpoint(client, modelId, _logger), metrics);
+        _ready = new Loaded(client, modelId, DateTimeOffset.UtcNow.ToUnixTimeSeconds(), new ChatCompletionsEndpoint(client, modelId, _logger), metrics);
         ServerLog.Ready(_logger, modelId);
     }
 
@@ -244,7 +244,7 @@ public sealed class ChatServer : IAsyncDisposable
         json.WriteStartObject();
         json.WriteString("id", ready.ModelId);
         json.WriteString("object", "model");
-        json.WriteNumber("created", 0);
+        json.WriteNumber("created", ready.Created); // when this server loaded it
         json.WriteString("owned_by", "dscuda");
         json.WriteEndObject();
         if (id is null)
