@@ -46,6 +46,7 @@ public sealed class ServeBadRequestTests
         ["max_tokens 0", $"{{{M},{Msgs},\"max_tokens\":0}}", 400, "max_tokens"],
         ["max_tokens negative", $"{{{M},{Msgs},\"max_tokens\":-5}}", 400, "max_tokens"],
         ["max_completion_tokens 0", $"{{{M},{Msgs},\"max_completion_tokens\":0}}", 400, "max_completion_tokens"],
+        ["max_tokens and max_completion_tokens differ", $"{{{M},{Msgs},\"max_tokens\":3,\"max_completion_tokens\":4}}", 400, "max_tokens"],
         ["max_tokens a string", $"{{{M},{Msgs},\"max_tokens\":\"ten\"}}", 400, "max_tokens"],
         ["max_tokens fractional", $"{{{M},{Msgs},\"max_tokens\":2.5}}", 400, "max_tokens"],
         ["temperature a string", $"{{{M},{Msgs},\"temperature\":\"hot\"}}", 400, "temperature"],

@@ -73,6 +73,35 @@ public sealed class ServeHttpTests
     }
 
     [TestMethod]
+    public async Task Conversation_WithDeveloperRole_TextParts_AndPastReasoning_IsTheSameConversationForTheChatClient()
+    {
+        const string body = """
+            {"model":"demo","max_completion_tokens":6,"temperature":0,"messages":[
+              {"role":"system","content":"Be brief."},
+              {"role":"developer","content":[{"type":"text","text":"Answer "},{"type":"text","text":"in English."}]},
+              {"role":"user","content":"Hi"},
+              {"role":"assistant","content":"Hello!","reasoning_content":"greet back"},
+              {"role":"assistant","content":null,"reasoning_content":null},
+              {"role":"user","content":"Why is the sky blue?"}]}
+            """;
+        var (status, json) = await s_server.ChatAsync(body);
+        Assert.AreEqual(HttpStatusCode.OK, status, json?.ToJsonString());
+        ChatMessage[] same =
+        [
+            new(ChatRole.System, "Be brief."),
+            new(ChatRole.System, "Answer in English."),
+            new(ChatRole.User, "Hi"),
+            new(ChatRole.Assistant, "Hello!"),
+            new(ChatRole.Assistant, ""),
+            new(ChatRole.User, "Why is the sky blue?"),
+        ];
+        var direct = await s_server.Client.GetResponseAsync(same, new ChatOptions { Temperature = 0, MaxOutputTokens = 6 });
+        var reasoning = string.Concat(direct.Messages.SelectMany(m => m.Contents).OfType<TextReasoningContent>().Select(r => r.Text));
+        Assert.AreEqual(reasoning, (string?)json!["choices"]![0]!["message"]!["reasoning_content"]);
+        Assert.AreEqual(direct.Usage!.InputTokenCount, (long)json["usage"]!["prompt_tokens"]!, "the same prompt tokens");
+    }
+
+    [TestMethod]
     public async Task N_RunsSeededChoices_EachTheRequestWithSeedPlusIndex()
     {
         const string sampled = ",\"top_p\":1,\"seed\":77";
