@@ -24,8 +24,11 @@ namespace DeepSeekCuda.Hosting;
 /// returns its cache blocks before the call's enumeration ends. The step runner does the model work: by
 /// default a <see cref="SessionStepRunner"/> (one session per request, run one after another, as the CPU
 /// backend needs); a batched GPU runner plugs in through the constructor.
-/// Tool definitions in <see cref="ChatOptions.Tools"/> are not rendered (the DeepSeek templates have no
-/// slot for them) and tool calls in the output are not parsed; past calls and results are rendered.
+/// Options the engine cannot honour are refused before any work, never silently dropped: tool definitions
+/// in <see cref="ChatOptions.Tools"/> (the DeepSeek templates have no slot for them, and tool calls in the
+/// output are not parsed), a <see cref="ChatOptions.ResponseFormat"/> other than text, and non-zero
+/// <see cref="ChatOptions.FrequencyPenalty"/> or <see cref="ChatOptions.PresencePenalty"/> throw
+/// <see cref="NotSupportedException"/> naming the option. Past calls and results in the messages are rendered.
 /// </remarks>
 public sealed class DeepSeekChatClient : IChatClient
 {
@@ -154,6 +157,7 @@ public sealed class DeepSeekChatClient : IChatClient
     {
         ArgumentNullException.ThrowIfNull(messages);
         ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed), this);
+        ThrowIfUnsupported(options);
         var turns = ToTurns(messages, options);
         var sampling = ToSampling(options);
         sampling.Validate();
@@ -306,6 +310,35 @@ public sealed class DeepSeekChatClient : IChatClient
         }
 
         return turns;
+    }
+
+    /// <summary>Refuses the options the engine would otherwise ignore, naming the first one found.</summary>
+    internal static void ThrowIfUnsupported(ChatOptions? options)
+    {
+        if (options is null)
+        {
+            return;
+        }
+
+        if (options.Tools is { Count: > 0 })
+        {
+            throw new NotSupportedException($"{nameof(ChatOptions)}.{nameof(ChatOptions.Tools)} is not supported: the model is not given tool definitions and tool calls are not parsed");
+        }
+
+        if (options.ResponseFormat is not (null or ChatResponseFormatText))
+        {
+            throw new NotSupportedException($"{nameof(ChatOptions)}.{nameof(ChatOptions.ResponseFormat)} other than text is not supported: output is not constrained");
+        }
+
+        if (options.FrequencyPenalty is { } f && f != 0)
+        {
+            throw new NotSupportedException($"{nameof(ChatOptions)}.{nameof(ChatOptions.FrequencyPenalty)} is not supported (only 0)");
+        }
+
+        if (options.PresencePenalty is { } p && p != 0)
+        {
+            throw new NotSupportedException($"{nameof(ChatOptions)}.{nameof(ChatOptions.PresencePenalty)} is not supported (only 0)");
+        }
     }
 
     private SamplingOptions ToSampling(ChatOptions? options)

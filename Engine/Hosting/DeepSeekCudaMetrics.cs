@@ -40,6 +40,12 @@ public sealed class DeepSeekCudaMetrics : IDisposable
     /// <summary>Gauge: accepted / drafted MTP drafts since the client started (0 before any draft).</summary>
     public const string AcceptanceRateName = "deepseekcuda.mtp.acceptance_rate";
 
+    /// <summary>Gauge: KV cache blocks free in the scheduler's pool.</summary>
+    public const string KvBlocksFreeName = "deepseekcuda.kv.blocks_free";
+
+    /// <summary>Gauge: KV cache blocks held by requests.</summary>
+    public const string KvBlocksUsedName = "deepseekcuda.kv.blocks_used";
+
     private readonly Meter _meter;
     private readonly bool _ownsMeter;
     private readonly KeyValuePair<string, object?> _modelTag;
@@ -58,6 +64,12 @@ public sealed class DeepSeekCudaMetrics : IDisposable
         TokensOut = _meter.CreateCounter<long>(TokensOutName, "{token}", "Tokens generated");
     }
 
+    /// <summary>
+    /// The meter these instruments belong to, so that an exporter (the server's <c>/metrics</c>) can listen to this
+    /// client's instruments only, where several clients share the meter name in one process.
+    /// </summary>
+    public Meter Meter => _meter;
+
     /// <summary>Time to first token, seconds.</summary>
     public Histogram<double> TimeToFirstToken { get; }
 
@@ -72,7 +84,7 @@ public sealed class DeepSeekCudaMetrics : IDisposable
 
     /// <summary>
     /// Adds the scheduler's instruments, read at collection time from its counters: running requests,
-    /// steps, MTP drafts, acceptances and their rate. Tokens per step = output tokens / steps.
+    /// steps, KV cache blocks free and used, MTP drafts, acceptances and their rate. Tokens per step = output tokens / steps.
     /// </summary>
     internal void ObserveScheduler(Serving.BatchScheduler scheduler)
     {
@@ -80,6 +92,9 @@ public sealed class DeepSeekCudaMetrics : IDisposable
         _meter.CreateObservableCounter(DecodeStepsName, () => new Measurement<long>(scheduler.Counters.Steps, _modelTag), "{step}", "Per-request decode steps that sampled");
         _meter.CreateObservableCounter(DraftedName, () => new Measurement<long>(scheduler.Counters.Drafted, _modelTag), "{token}", "MTP drafts verified");
         _meter.CreateObservableCounter(AcceptedName, () => new Measurement<long>(scheduler.Counters.Accepted, _modelTag), "{token}", "MTP drafts accepted");
+        var blocks = scheduler.Blocks;
+        _meter.CreateObservableGauge(KvBlocksFreeName, () => new Measurement<int>(blocks.FreeBlocks, _modelTag), "{block}", "KV cache blocks free");
+        _meter.CreateObservableGauge(KvBlocksUsedName, () => new Measurement<int>(blocks.TotalBlocks - blocks.FreeBlocks, _modelTag), "{block}", "KV cache blocks held by requests");
         _meter.CreateObservableGauge(AcceptanceRateName, () => new Measurement<double>(scheduler.Counters.AcceptanceRate, _modelTag), null, "Accepted / drafted MTP drafts");
     }
 

@@ -22,6 +22,7 @@ public static class CliApp
             TokenizeCommand.Create(input),
             LogitsCommand.Create(),
             MakeModelCommand.Create(),
+            ServeCommand.Create(),
         };
         foreach (var option in CliLogging.CreateOptions())
         {
@@ -46,7 +47,16 @@ public static class CliApp
             return 1;
         }
 
-        var invocation = new InvocationConfiguration { EnableDefaultExceptionHandler = false, Output = output, Error = error };
+        // On Ctrl+C or SIGTERM the action's token is cancelled; System.CommandLine abandons an action still running
+        // after ProcessTerminationTimeout (2 s by default). `serve` drains its running requests first (up to
+        // ChatServerOptions.DrainTimeout), so allow that; the other commands end as soon as they are cancelled.
+        var invocation = new InvocationConfiguration
+        {
+            EnableDefaultExceptionHandler = false,
+            Output = output,
+            Error = error,
+            ProcessTerminationTimeout = new Server.ChatServerOptions().DrainTimeout + TimeSpan.FromSeconds(10),
+        };
         try
         {
             return await parse.InvokeAsync(invocation, cancellationToken);

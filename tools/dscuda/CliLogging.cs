@@ -48,22 +48,28 @@ internal static class CliLogging
     /// written on the caller's thread keeps its place among the tool's own stderr lines.
     /// </summary>
     public static ILoggerFactory CreateFactory(ParseResult parse) =>
-        LoggerFactory.Create(b => b.SetMinimumLevel(LevelOf(parse)).AddProvider(new WriterLoggerProvider(parse.InvocationConfiguration.Error)));
+        LoggerFactory.Create(b => b.SetMinimumLevel(LevelOf(parse)).AddProvider(CreateProvider(parse)));
 
-    private sealed class WriterLoggerProvider(TextWriter writer) : ILoggerProvider
+    /// <summary>
+    /// The same lines as a provider that applies the level itself, for a host that builds its own logging (the
+    /// server's ASP.NET Core host, whose default minimum would otherwise let its information lines through).
+    /// </summary>
+    public static ILoggerProvider CreateProvider(ParseResult parse) => new WriterLoggerProvider(parse.InvocationConfiguration.Error, LevelOf(parse));
+
+    private sealed class WriterLoggerProvider(TextWriter writer, LogLevel minimum) : ILoggerProvider
     {
-        public ILogger CreateLogger(string categoryName) => new WriterLogger(writer, categoryName);
+        public ILogger CreateLogger(string categoryName) => new WriterLogger(writer, categoryName, minimum);
 
         public void Dispose()
         {
         }
     }
 
-    private sealed class WriterLogger(TextWriter writer, string category) : ILogger
+    private sealed class WriterLogger(TextWriter writer, string category, LogLevel minimum) : ILogger
     {
         public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
 
-        public bool IsEnabled(LogLevel logLevel) => logLevel != LogLevel.None;
+        public bool IsEnabled(LogLevel logLevel) => logLevel != LogLevel.None && logLevel >= minimum;
 
         public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
         {
@@ -77,6 +83,11 @@ internal static class CliLogging
                 LogLevel.Error => "fail",
                 _ => "crit",
             };
+            if (!IsEnabled(logLevel))
+            {
+                return;
+            }
+
             var text = formatter(state, exception) + (exception is null ? "" : " (" + exception.GetType().Name + ": " + exception.Message + ")");
             lock (writer)
             {

@@ -1,0 +1,160 @@
+using System.Net;
+using System.Net.Http.Headers;
+using System.Text;
+using System.Text.Json.Nodes;
+using DeepSeekCuda.Cli.Server;
+using DeepSeekCuda.Hosting;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Text;
+
+namespace DeepSeekCuda.Tests.Serve;
+
+/// <summary>
+/// The demo checkpoint loaded once for every <c>Serve</c> test class (the tests run one at a time), and a server over
+/// a chat client of it on a loopback port: real Kestrel, real HTTP.
+/// </summary>
+internal static class ServeModel
+{
+    public const string Id = "demo";
+
+    private static readonly Lazy<LocalModel> Demo = new(() => LocalModel.Load(DemoModel.Ensure(out _)));
+
+    public static LocalModel Local => Demo.Value;
+
+    /// <summary>
+    /// A chat client of the demo; with <paramref name="stepDelay"/>, every forward takes at least that long (a request
+    /// that stays running); with <paramref name="failForward"/>, that forward (counted from 1) throws, once.
+    /// </summary>
+    public static DeepSeekChatClient CreateClient(ChatTemplateKind kind = ChatTemplateKind.R1, int maxBatch = 16, TimeSpan? stepDelay = null, int? failForward = null)
+    {
+        var options = new DeepSeekChatClientOptions { ModelId = Id, TemplateKind = kind, MaxBatch = maxBatch };
+        return stepDelay is not null || failForward is not null
+            ? new DeepSeekChatClient(Local, Local.Tokenizer, options, stepRunner: new TestRunner(Local.CreateStepRunner(), stepDelay ?? TimeSpan.Zero, failForward ?? 0))
+            : Local.CreateChatClient(options);
+    }
+
+    private sealed class TestRunner(IStepRunner inner, TimeSpan delay, int failForward) : IStepRunner
+    {
+        private int _forwards;
+
+        public int VocabSize => inner.VocabSize;
+
+        public int MaxSequenceLength => inner.MaxSequenceLength;
+
+        public bool CanDraft => inner.CanDraft;
+
+        public void Open(int slot, bool drafts) => inner.Open(slot, drafts);
+
+        public void Close(int slot) => inner.Close(slot);
+
+        public void Truncate(int slot, int length) => inner.Truncate(slot, length);
+
+        public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+        {
+            Thread.Sleep(delay);
+            if (Interlocked.Increment(ref _forwards) == failForward)
+            {
+                throw new InvalidOperationException("injected step failure");
+            }
+
+            inner.Forward(batch, logits);
+        }
+
+        public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => inner.Draft(batch, logits);
+
+        public void Dispose() => inner.Dispose();
+    }
+}
+
+/// <summary>A <see cref="ChatServer"/> on 127.0.0.1:0 over a chat client this object owns, with an HTTP client pointed at it.</summary>
+internal sealed class TestServer : IAsyncDisposable
+{
+    private TestServer(DeepSeekChatClient client, ChatServer server, Uri address)
+    {
+        Client = client;
+        Server = server;
+        Address = address;
+        Http = new HttpClient { BaseAddress = address, Timeout = TimeSpan.FromSeconds(60) };
+    }
+
+    public DeepSeekChatClient Client { get; }
+
+    public ChatServer Server { get; }
+
+    public Uri Address { get; }
+
+    /// <summary>The OpenAI base URL: the address with <c>/v1</c>.</summary>
+    public Uri V1 => new(Address, "/v1");
+
+    public HttpClient Http { get; }
+
+    public static async Task<TestServer> StartAsync(ChatTemplateKind kind = ChatTemplateKind.R1, string? apiKey = null, int maxBatch = 16, TimeSpan? stepDelay = null, int? failForward = null)
+    {
+        var client = ServeModel.CreateClient(kind, maxBatch, stepDelay, failForward);
+        var server = ChatServer.Create(new ChatServerOptions { Port = 0, ApiKey = apiKey }, client);
+        var address = await server.StartAsync();
+        await server.Ready;
+        return new TestServer(client, server, address);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        Http.Dispose();
+        await Server.DisposeAsync();
+        Client.Dispose();
+    }
+
+    /// <summary>POSTs a JSON body to /v1/chat/completions; returns the status and the parsed body.</summary>
+    public Task<(HttpStatusCode Status, JsonNode? Body)> ChatAsync(string json, string? apiKey = null) => PostAsync(Http, "/v1/chat/completions", json, apiKey);
+
+    public static async Task<(HttpStatusCode Status, JsonNode? Body)> PostAsync(HttpClient http, string path, string json, string? apiKey = null)
+    {
+        using var request = new HttpRequestMessage(HttpMethod.Post, path) { Content = new StringContent(json, Encoding.UTF8, "application/json") };
+        if (apiKey is not null)
+        {
+            request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", apiKey);
+        }
+
+        using var response = await http.SendAsync(request);
+        var text = await response.Content.ReadAsStringAsync();
+        return (response.StatusCode, text.Length == 0 ? null : JsonNode.Parse(text));
+    }
+
+    /// <summary>POSTs a streaming request and returns the JSON of every <c>data:</c> event, and whether <c>[DONE]</c> ended it.</summary>
+    public async Task<(List<JsonNode> Events, bool Done)> StreamAsync(string json)
+    {
+        using var request = new HttpRequestMessage(HttpMethod.Post, "/v1/chat/completions") { Content = new StringContent(json, Encoding.UTF8, "application/json") };
+        using var response = await Http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
+        Assert.AreEqual(HttpStatusCode.OK, response.StatusCode, await response.Content.ReadAsStringAsync());
+        Assert.AreEqual("text/event-stream", response.Content.Headers.ContentType?.MediaType);
+        var events = new List<JsonNode>();
+        var done = false;
+        using var reader = new StreamReader(await response.Content.ReadAsStreamAsync());
+        while (await reader.ReadLineAsync() is { } line)
+        {
+            if (!line.StartsWith("data: ", StringComparison.Ordinal))
+            {
+                Assert.AreEqual("", line, "an SSE event is one data line and a blank line");
+                continue;
+            }
+
+            Assert.IsFalse(done, "an event after [DONE]");
+            var data = line["data: ".Length..];
+            if (data == "[DONE]")
+            {
+                done = true;
+            }
+            else
+            {
+                events.Add(JsonNode.Parse(data)!);
+            }
+        }
+
+        return (events, done);
+    }
+
+    /// <summary>The request body of a chat completion of one user message (greedy unless told), with <paramref name="extra"/> fields appended.</summary>
+    public static string Body(string prompt, int maxTokens, string extra = "", double temperature = 0) =>
+        new JsonObject { ["model"] = ServeModel.Id, ["messages"] = new JsonArray(new JsonObject { ["role"] = "user", ["content"] = prompt }), ["temperature"] = temperature, ["max_tokens"] = maxTokens }
+            .ToJsonString()[..^1] + extra + "}";
+}
