@@ -61,6 +61,11 @@ public sealed class ChatServer : IAsyncDisposable
             builder.Logging.AddProvider(logs);
         }
 
+        // ASP.NET Core logs four information lines per request; -v is for what the engine and this server decide.
+        // Its warnings and errors still come through.
+        builder.Logging.AddFilter((category, level) => level >= LogLevel.Warning
+            || category?.StartsWith("Microsoft.AspNetCore", StringComparison.Ordinal) != true);
+
         builder.WebHost.UseKestrel(k => k.Listen(address, options.Port));
         builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = options.DrainTimeout);
         // The caller (the CLI's cancellation token, or a test) decides when to stop, not the console's Ctrl+C.
