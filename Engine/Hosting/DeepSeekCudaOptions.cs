@@ -58,9 +58,7 @@ public sealed class DeepSeekCudaOptions
         }
         catch (ArgumentException e)
         {
-            var reason = e.Message.Split('\n')[0];
-            var cut = reason.IndexOf(" (Parameter '", StringComparison.Ordinal);
-            return $"DeepSeekCudaOptions.Chat.{e.ParamName}: {(cut >= 0 ? reason[..cut] : reason)}";
+            return $"DeepSeekCudaOptions.Chat.{e.ParamName}: {e.Reason()}";
         }
 
         return null;

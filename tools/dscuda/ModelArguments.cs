@@ -111,9 +111,7 @@ internal sealed class ModelArguments
         }
         catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(LocalModelOptions.MaxSequenceLength))
         {
-            var reason = e.Message.Split('\n')[0];
-            var cut = reason.IndexOf(" (Parameter '", StringComparison.Ordinal);
-            throw new UserErrorException($"--ctx-size {ctx}: {(cut >= 0 ? reason[..cut] : reason)}");
+            throw new UserErrorException($"--ctx-size {ctx}: {e.Reason()}");
         }
         catch (FileNotFoundException e) when (tokenizer is null && Path.GetFileName(e.FileName) == "tokenizer.json")
         {

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Inference;
 using Microsoft.Extensions.AI;
 
@@ -58,9 +59,7 @@ internal sealed class SamplingArguments
                 nameof(SamplingOptions.StopSequences) => ("--stop", "\"\""),
                 _ => ("--max-tokens", maxTokens),
             };
-            var reason = e.Message.Split('\n')[0];
-            var cut = reason.IndexOf(" (Parameter '", StringComparison.Ordinal);
-            throw new UserErrorException($"{flag} {value}: {(cut >= 0 ? reason[..cut] : reason)}");
+            throw new UserErrorException($"{flag} {value}: {e.Reason()}");
         }
 
         return new ChatOptions

@@ -2,6 +2,7 @@ using System.Buffers;
 using System.Text;
 using System.Text.Json;
 using Microsoft.AspNetCore.Http;
+using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Inference;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.Logging;
@@ -54,7 +55,7 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
         OpenAIErrorException o => o,
         // After our validation the engine's own checks are the prompt's (empty, over the context) and, as a second
         // line, the sampling options'; the message keeps its first line without .NET's "(Parameter ...)" tail.
-        ArgumentException a => new OpenAIErrorException(StatusCodes.Status400BadRequest, a.Message.Split('\n')[0].Split(" (Parameter '")[0],
+        ArgumentException a => new OpenAIErrorException(StatusCodes.Status400BadRequest, a.Reason(),
             a.ParamName switch
             {
                 nameof(SamplingOptions.Temperature) => "temperature",
