@@ -43,7 +43,7 @@ internal static class ServeCommand
                 throw new UserErrorException($"--port must be in 0..65535, is {parse.GetValue(port)}");
             }
 
-            if (parse.GetValue(host) is var h && h != "localhost" && !System.Net.IPAddress.TryParse(h, out _))
+            if (parse.GetValue(host) is var h && !ChatServer.TryParseHost(h!, out _))
             {
                 throw new UserErrorException($"--host must be an IP address or localhost, is '{h}'");
             }

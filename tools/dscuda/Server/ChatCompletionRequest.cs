@@ -126,18 +126,9 @@ internal sealed class ChatCompletionRequest
             throw OpenAIErrorException.Invalid("temperature", $"must be between 0 and 2, is {temperature}");
         }
 
+        // top_p and top_k ranges are the engine's own (SamplingOptions.Validate, before any work); the endpoint names the field.
         var topP = Number(root, "top_p");
-        if (topP is <= 0 or > 1)
-        {
-            throw OpenAIErrorException.Invalid("top_p", $"must be in (0, 1], is {topP}");
-        }
-
         var topK = Int(root, "top_k");
-        if (topK is < 0)
-        {
-            throw OpenAIErrorException.Invalid("top_k", $"must be at least 0, is {topK}");
-        }
-
         long? seed = null;
         if (Present(root, "seed", out var s))
         {

@@ -266,9 +266,19 @@ public sealed class ChatServer : IAsyncDisposable
     });
 
     private static IPAddress ParseHost(string host) =>
-        host == "localhost" ? IPAddress.Loopback
-        : IPAddress.TryParse(host, out var address) ? address
-        : throw new ArgumentException($"--host must be an IP address or localhost, is '{host}'", nameof(host));
+        TryParseHost(host, out var address) ? address : throw new ArgumentException($"--host must be an IP address or localhost, is '{host}'", nameof(host));
+
+    /// <summary>The address <paramref name="host"/> names: an IP address, or <c>localhost</c> (the IPv4 loopback).</summary>
+    internal static bool TryParseHost(string host, out IPAddress address)
+    {
+        if (host == "localhost")
+        {
+            address = IPAddress.Loopback;
+            return true;
+        }
+
+        return IPAddress.TryParse(host, out address!);
+    }
 
     /// <summary>A host lifetime that leaves signals to the caller.</summary>
     private sealed class CallerLifetime : IHostLifetime
