@@ -50,11 +50,10 @@ public interface IStepRunner : IDisposable
 
     /// <summary>
     /// The request in <paramref name="slot"/>, opened to draft, will not call <see cref="Draft"/> again (the
-    /// scheduler stopped drafting): drop what was kept for drafting. Default: nothing to drop.
+    /// scheduler stopped drafting): drop what was kept for drafting. No default body: a runner that wraps
+    /// another must pass it on, or the inner one keeps what it holds for drafts for the rest of the request.
     /// </summary>
-    void StopDrafting(int slot)
-    {
-    }
+    void StopDrafting(int slot);
 
     /// <summary>The request in <paramref name="slot"/> is gone (finished, cancelled or preempted).</summary>
     void Close(int slot);

@@ -49,6 +49,8 @@ internal static class ServeModel
 
         public void Truncate(int slot, int length) => inner.Truncate(slot, length);
 
+        public void StopDrafting(int slot) => inner.StopDrafting(slot);
+
         public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
         {
             Thread.Sleep(delay);

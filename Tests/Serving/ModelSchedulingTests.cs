@@ -175,6 +175,8 @@ public sealed class ModelSchedulingTests
             _fed.Remove(slot);
         }
 
+        public void StopDrafting(int slot) => _inner.StopDrafting(slot);
+
         public void Truncate(int slot, int length)
         {
             _inner.Truncate(slot, length);

@@ -5,6 +5,7 @@ using System.Runtime.InteropServices;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Hosting;
+using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Model;
@@ -133,7 +134,7 @@ internal static class CpuE2eBench
                 for (var i = 0; i < tokens.Length; i++)
                 {
                     session.Forward([next], logits);
-                    next = tokens[i] = ArgMax(logits);
+                    next = tokens[i] = Sampler.ArgMax(logits);
                 }
 
                 return tokens;
@@ -176,20 +177,6 @@ internal static class CpuE2eBench
     {
         var rng = new Random(1);
         return [.. Enumerable.Range(0, tokens).Select(_ => rng.Next(config.VocabSize))];
-    }
-
-    private static int ArgMax(ReadOnlySpan<float> values)
-    {
-        var best = 0;
-        for (var i = 1; i < values.Length; i++)
-        {
-            if (values[i] > values[best])
-            {
-                best = i;
-            }
-        }
-
-        return best;
     }
 
     /// <summary>Seconds of each of <paramref name="runs"/> timed calls, after one untimed call when <paramref name="warmUp"/>.</summary>
