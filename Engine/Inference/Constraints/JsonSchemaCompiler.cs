@@ -1,0 +1,358 @@
+using System.Text.Encodings.Web;
+using System.Text.Json;
+
+namespace DeepSeekCuda.Inference.Constraints;
+
+/// <summary>
+/// Compiles the supported subset of JSON Schema to grammar nodes (see <see cref="Grammar.JsonSchema"/>). A
+/// keyword that would constrain values and is not enforced is refused with its JSON pointer, never ignored.
+/// </summary>
+internal sealed class JsonSchemaCompiler(JsonElement root)
+{
+    /// <summary>Keywords that only describe; they never change what is valid.</summary>
+    private static readonly HashSet<string> Annotations = new(StringComparer.Ordinal)
+    {
+        "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly", "writeOnly",
+        "$defs", "definitions",
+    };
+
+    private static readonly HashSet<string> Handled = new(StringComparer.Ordinal)
+    {
+        "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "$ref",
+    };
+
+    private static readonly string[] AllTypes = ["object", "array", "string", "number", "integer", "boolean", "null"];
+
+    private static readonly JsonWriterOptions CompactWriter = new() { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping, Indented = false };
+
+    private readonly Dictionary<string, RefRule> _refs = new(StringComparer.Ordinal);
+    private readonly JsonElement _root = root.Clone();
+
+    public Node Compile() => Compile(_root, "#");
+
+    private Node Compile(JsonElement schema, string path)
+    {
+        switch (schema.ValueKind)
+        {
+            case JsonValueKind.True:
+                return JsonNodes.Value;
+            case JsonValueKind.False:
+                throw new ArgumentException($"the schema at '{path}' is false: no value matches it", nameof(schema));
+            case JsonValueKind.Object:
+                break;
+            default:
+                throw new ArgumentException($"the schema at '{path}' is a {schema.ValueKind}, not an object or boolean", nameof(schema));
+        }
+
+        foreach (var p in schema.EnumerateObject())
+        {
+            if (!Handled.Contains(p.Name) && !Annotations.Contains(p.Name))
+            {
+                throw new NotSupportedException($"JSON Schema keyword '{p.Name}' at '{Pointer(path, p.Name)}' is not supported by constrained decoding (it would not be enforced)");
+            }
+        }
+
+        if (schema.TryGetProperty("$ref", out var reference))
+        {
+            foreach (var p in schema.EnumerateObject())
+            {
+                if (p.Name != "$ref" && Handled.Contains(p.Name))
+                {
+                    throw new NotSupportedException($"JSON Schema keyword '{p.Name}' beside '$ref' at '{Pointer(path, p.Name)}' is not supported");
+                }
+            }
+
+            return Reference(reference, Pointer(path, "$ref"));
+        }
+
+        var types = Types(schema, path);
+        if (schema.TryGetProperty("const", out var constant))
+        {
+            return Values([constant], types, Pointer(path, "const"));
+        }
+
+        if (schema.TryGetProperty("enum", out var values))
+        {
+            if (values.ValueKind != JsonValueKind.Array)
+            {
+                throw new ArgumentException($"'enum' at '{Pointer(path, "enum")}' is not an array", nameof(schema));
+            }
+
+            return Values([.. values.EnumerateArray()], types, Pointer(path, "enum"));
+        }
+
+        var anyOf = schema.TryGetProperty("anyOf", out var a) ? ("anyOf", a) : schema.TryGetProperty("oneOf", out var o) ? ("oneOf", o) : default;
+        if (anyOf.Item1 is not null)
+        {
+            if (schema.TryGetProperty("anyOf", out _) && schema.TryGetProperty("oneOf", out _))
+            {
+                throw new NotSupportedException($"'anyOf' and 'oneOf' together at '{path}' are not supported");
+            }
+
+            foreach (var p in schema.EnumerateObject())
+            {
+                if (p.Name != anyOf.Item1 && Handled.Contains(p.Name))
+                {
+                    throw new NotSupportedException($"JSON Schema keyword '{p.Name}' beside '{anyOf.Item1}' at '{Pointer(path, p.Name)}' is not supported");
+                }
+            }
+
+            var keyword = Pointer(path, anyOf.Item1);
+            if (anyOf.Item2.ValueKind != JsonValueKind.Array || anyOf.Item2.GetArrayLength() == 0)
+            {
+                throw new ArgumentException($"'{anyOf.Item1}' at '{keyword}' is not a non-empty array", nameof(schema));
+            }
+
+            return new ChoiceRule([.. anyOf.Item2.EnumerateArray().Select((s, i) => Compile(s, $"{keyword}/{i}"))]);
+        }
+
+        var alternatives = types.Select(t => Typed(schema, t, path)).ToArray();
+        return alternatives.Length == 1 ? alternatives[0] : new ChoiceRule(alternatives);
+    }
+
+    /// <summary>The types the schema allows: its <c>type</c>, else those its keywords imply, else all.</summary>
+    private static string[] Types(JsonElement schema, string path)
+    {
+        if (schema.TryGetProperty("type", out var type))
+        {
+            var names = type.ValueKind switch
+            {
+                JsonValueKind.String => [type.GetString()!],
+                JsonValueKind.Array => type.EnumerateArray().Select(t => t.ValueKind == JsonValueKind.String ? t.GetString()! : "").ToArray(),
+                _ => [""],
+            };
+            foreach (var n in names)
+            {
+                if (!AllTypes.Contains(n))
+                {
+                    throw new ArgumentException($"'type' at '{Pointer(path, "type")}' names '{n}', not a JSON Schema type", nameof(schema));
+                }
+            }
+
+            if (names.Length == 0)
+            {
+                throw new ArgumentException($"'type' at '{Pointer(path, "type")}' is empty: no value matches", nameof(schema));
+            }
+
+            // An integer is a number; writing integers for ["number", "integer"] would be narrower than needed.
+            return names.Contains("number") ? [.. names.Where(n => n != "integer").Distinct()] : [.. names.Distinct()];
+        }
+
+        if (schema.TryGetProperty("properties", out _) || schema.TryGetProperty("required", out _) || schema.TryGetProperty("additionalProperties", out _))
+        {
+            return ["object"];
+        }
+
+        if (schema.TryGetProperty("items", out _) || schema.TryGetProperty("minItems", out _) || schema.TryGetProperty("maxItems", out _))
+        {
+            return ["array"];
+        }
+
+        return [.. AllTypes.Where(t => t != "integer")];
+    }
+
+    private Node Typed(JsonElement schema, string type, string path) => type switch
+    {
+        "object" => Object(schema, path),
+        "array" => Array(schema, path),
+        "string" => JsonStringLeaf.Instance,
+        "number" => JsonNumberLeaf.Number,
+        "integer" => JsonNumberLeaf.Integer,
+        "boolean" => new ChoiceRule([JsonNodes.True, JsonNodes.False]),
+        _ => JsonNodes.Null,
+    };
+
+    private Node Object(JsonElement schema, string path)
+    {
+        var required = new HashSet<string>(StringComparer.Ordinal);
+        if (schema.TryGetProperty("required", out var req))
+        {
+            if (req.ValueKind != JsonValueKind.Array || req.EnumerateArray().Any(r => r.ValueKind != JsonValueKind.String))
+            {
+                throw new ArgumentException($"'required' at '{Pointer(path, "required")}' is not an array of strings", nameof(schema));
+            }
+
+            required.UnionWith(req.EnumerateArray().Select(r => r.GetString()!));
+        }
+
+        var hasAdditional = schema.TryGetProperty("additionalProperties", out var additional);
+        if (!schema.TryGetProperty("properties", out var properties))
+        {
+            if (required.Count > 0)
+            {
+                throw new NotSupportedException($"'required' without 'properties' at '{Pointer(path, "required")}' is not supported");
+            }
+
+            // No declared properties: a map whose values match additionalProperties (any value when absent).
+            return !hasAdditional || additional.ValueKind == JsonValueKind.True ? JsonNodes.Object
+                : additional.ValueKind == JsonValueKind.False ? new ObjectRule([])
+                : JsonNodes.MapOf(Compile(additional, Pointer(path, "additionalProperties")));
+        }
+
+        if (properties.ValueKind != JsonValueKind.Object)
+        {
+            throw new ArgumentException($"'properties' at '{Pointer(path, "properties")}' is not an object", nameof(schema));
+        }
+
+        if (hasAdditional && additional.ValueKind is not (JsonValueKind.True or JsonValueKind.False or JsonValueKind.Object))
+        {
+            throw new ArgumentException($"'additionalProperties' at '{Pointer(path, "additionalProperties")}' is not a schema", nameof(schema));
+        }
+
+        // Only the declared properties are written (valid whatever additionalProperties says); a schema given for
+        // additional ones is still checked, so a malformed one is reported.
+        if (hasAdditional && additional.ValueKind == JsonValueKind.Object)
+        {
+            Compile(additional, Pointer(path, "additionalProperties"));
+        }
+
+        var list = new List<ObjectProperty>();
+        var propertiesPath = Pointer(path, "properties");
+        foreach (var p in properties.EnumerateObject())
+        {
+            list.Add(new ObjectProperty(Serialize(JsonSerializer.SerializeToElement(p.Name)), Compile(p.Value, Pointer(propertiesPath, p.Name)), required.Contains(p.Name)));
+        }
+
+        foreach (var r in required)
+        {
+            if (!list.Any(p => p.Required && JsonSerializer.Deserialize<string>(p.Key) == r))
+            {
+                throw new ArgumentException($"'required' at '{Pointer(path, "required")}' names '{r}', which is not in 'properties' (only declared properties are written)", nameof(schema));
+            }
+        }
+
+        return new ObjectRule([.. list]);
+    }
+
+    private Node Array(JsonElement schema, string path)
+    {
+        var min = Count(schema, "minItems", path) ?? 0;
+        var max = Count(schema, "maxItems", path) ?? ArrayRule.Unbounded;
+        if (min > max)
+        {
+            throw new ArgumentException($"'minItems' ({min}) is above 'maxItems' ({max}) at '{path}': no array matches", nameof(schema));
+        }
+
+        if (min >= ArrayRule.Unbounded)
+        {
+            throw new NotSupportedException($"'minItems' at '{Pointer(path, "minItems")}' is above {ArrayRule.Unbounded - 1}");
+        }
+
+        Node item = JsonNodes.Value;
+        if (schema.TryGetProperty("items", out var items))
+        {
+            if (items.ValueKind == JsonValueKind.Array)
+            {
+                throw new NotSupportedException($"tuple 'items' (an array of schemas) at '{Pointer(path, "items")}' is not supported");
+            }
+
+            if (items.ValueKind == JsonValueKind.False)
+            {
+                if (min > 0)
+                {
+                    throw new ArgumentException($"'items' at '{Pointer(path, "items")}' is false but 'minItems' is {min}: no array matches", nameof(schema));
+                }
+
+                return new ArrayRule(JsonNodes.Value, 0, 0);
+            }
+
+            item = Compile(items, Pointer(path, "items"));
+        }
+
+        return new ArrayRule(item, min, Math.Min(max, ArrayRule.Unbounded));
+    }
+
+    private static int? Count(JsonElement schema, string keyword, string path)
+    {
+        if (!schema.TryGetProperty(keyword, out var value))
+        {
+            return null;
+        }
+
+        if (value.ValueKind != JsonValueKind.Number || !value.TryGetDecimal(out var d) || d < 0 || d != decimal.Truncate(d))
+        {
+            throw new ArgumentException($"'{keyword}' at '{Pointer(path, keyword)}' is not a non-negative integer", nameof(schema));
+        }
+
+        return d >= ArrayRule.Unbounded ? ArrayRule.Unbounded : (int)d;
+    }
+
+    /// <summary>Exactly one of <paramref name="values"/> (an enum or const), written compactly; those not of an allowed type are dropped.</summary>
+    private static Node Values(JsonElement[] values, string[] types, string path)
+    {
+        var kept = values.Where(v => types.Any(t => IsOfType(v, t))).Select(v => (Node)new LiteralLeaf(Serialize(v))).ToArray();
+        if (kept.Length == 0)
+        {
+            throw new ArgumentException($"no value of '{path}' has an allowed type: nothing matches", nameof(values));
+        }
+
+        return kept.Length == 1 ? kept[0] : new ChoiceRule(kept);
+    }
+
+    private static bool IsOfType(JsonElement v, string type) => type switch
+    {
+        "object" => v.ValueKind == JsonValueKind.Object,
+        "array" => v.ValueKind == JsonValueKind.Array,
+        "string" => v.ValueKind == JsonValueKind.String,
+        "number" => v.ValueKind == JsonValueKind.Number,
+        "integer" => v.ValueKind == JsonValueKind.Number && v.TryGetDecimal(out var d) && d == decimal.Truncate(d),
+        "boolean" => v.ValueKind is JsonValueKind.True or JsonValueKind.False,
+        _ => v.ValueKind == JsonValueKind.Null,
+    };
+
+    private static byte[] Serialize(JsonElement value)
+    {
+        using var buffer = new MemoryStream();
+        using (var writer = new Utf8JsonWriter(buffer, CompactWriter))
+        {
+            value.WriteTo(writer);
+        }
+
+        return buffer.ToArray();
+    }
+
+    private Node Reference(JsonElement reference, string path)
+    {
+        var target = reference.ValueKind == JsonValueKind.String ? reference.GetString()! : "";
+        if (!target.StartsWith('#'))
+        {
+            throw new NotSupportedException($"'$ref' at '{path}' is '{target}': only local references ('#/...') are supported");
+        }
+
+        if (_refs.TryGetValue(target, out var known))
+        {
+            return known;
+        }
+
+        var node = Resolve(target, path);
+        var rule = new RefRule();
+        _refs[target] = rule;
+        rule.Target = Compile(node, target);
+        return rule;
+    }
+
+    private JsonElement Resolve(string target, string path)
+    {
+        var current = _root;
+        foreach (var raw in target.Length <= 1 ? [] : target[1..].TrimStart('/').Split('/'))
+        {
+            var token = Uri.UnescapeDataString(raw).Replace("~1", "/", StringComparison.Ordinal).Replace("~0", "~", StringComparison.Ordinal);
+            if (current.ValueKind == JsonValueKind.Object && current.TryGetProperty(token, out var child))
+            {
+                current = child;
+            }
+            else if (current.ValueKind == JsonValueKind.Array && int.TryParse(token, out var index) && index >= 0 && index < current.GetArrayLength())
+            {
+                current = current[index];
+            }
+            else
+            {
+                throw new ArgumentException($"'$ref' at '{path}' points to '{target}', which the schema does not have", nameof(target));
+            }
+        }
+
+        return current;
+    }
+
+    private static string Pointer(string path, string token) => $"{path}/{token.Replace("~", "~0", StringComparison.Ordinal).Replace("/", "~1", StringComparison.Ordinal)}";
+}
