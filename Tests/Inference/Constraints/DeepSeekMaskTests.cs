@@ -1,0 +1,115 @@
+using System.Text.Json;
+using DeepSeekCuda.Inference.Constraints;
+using DeepSeekCuda.Tests.Text;
+
+namespace DeepSeekCuda.Tests.Inference.Constraints;
+
+/// <summary>
+/// On the real DeepSeek-V3 vocabulary (129K ids, multi-byte and partial-UTF-8 pieces): the trie-walked and
+/// cached masks equal a brute-force reference that steps every id's bytes through the automaton, and the
+/// tokenizer's own encoding of a valid document is allowed at every step.
+/// </summary>
+[TestClass]
+public sealed class DeepSeekMaskTests
+{
+    internal const string Schema = """
+        {"type":"object","properties":{
+          "name":{"type":"string"},
+          "age":{"type":"integer"},
+          "score":{"type":"number"},
+          "mood":{"enum":["happy","sad"]},
+          "tags":{"type":"array","items":{"type":"string"},"maxItems":5},
+          "home":{"type":"object","properties":{"city":{"type":"string"},"zip":{"type":["integer","null"]}},"required":["city","zip"]},
+          "active":{"type":"boolean"}},
+         "required":["name","age","score","mood","tags","home","active"]}
+        """;
+
+    internal const string Document = """
+        {"name": "Zoë \"Z\" Ångström 日本語 😀", "age": 42, "score": -0.5e+3, "mood": "happy",
+         "tags": ["a\\nb", "\u00e9t\u00e9", "x"], "home": {"city": "Zürich", "zip": null}, "active": true}
+        """;
+
+    [TestMethod]
+    public void MaskEqualsBruteForceAlongADocument()
+    {
+        var tokenizer = TokenizerFixtures.DeepSeek;
+        using var doc = JsonDocument.Parse(Schema);
+        var c = new GrammarConstraint(Grammar.JsonSchema(doc.RootElement), Vocabularies.DeepSeek);
+        var ids = tokenizer.EncodeLiteral(Document.Trim());
+        var logits = new float[tokenizer.VocabSize];
+        var checkedStates = 0;
+        for (var i = 0; i < ids.Length; i++)
+        {
+            if (i % 5 == 0 || i == ids.Length - 1)
+            {
+                ConstrainedRun.AssertMaskMatchesReference(c.Compiled, c.State!, tokenizer, $"before token {i} ({JsonSerializer.Serialize(tokenizer.Decode([ids[i]]))})");
+                checkedStates++;
+            }
+
+            Array.Clear(logits);
+            c.Mask(logits);
+            Assert.IsFalse(float.IsNegativeInfinity(logits[ids[i]]), $"the tokenizer's own token {i} {JsonSerializer.Serialize(tokenizer.Decode([ids[i]]))} is masked");
+            c.Advance(ids[i]);
+        }
+
+        Assert.IsTrue(c.IsComplete);
+        ConstrainedRun.AssertMaskMatchesReference(c.Compiled, c.State!, tokenizer, "at the end");
+        Array.Clear(logits);
+        c.Mask(logits);
+        Assert.AreEqual(1, logits.Count(l => !float.IsNegativeInfinity(l)), "complete object: only EOS");
+        Assert.IsFalse(float.IsNegativeInfinity(logits[tokenizer.EosId!.Value]));
+        Assert.IsGreaterThan(8, checkedStates);
+    }
+
+    [TestMethod]
+    public void MaskEqualsBruteForceForOtherGrammars()
+    {
+        var tokenizer = TokenizerFixtures.DeepSeek;
+        var tool = Grammar.Sequence(Grammar.ControlToken("<｜tool▁calls▁begin｜>"), Grammar.Literal("function<｜tool▁sep｜>get_weather\n```json\n"), Grammar.JsonObject(), Grammar.Literal("\n```"));
+        var x = new Expander();
+        (Grammar Grammar, string Prefix)[] cases =
+        [
+            (Grammar.JsonValue(), ""),
+            (Grammar.JsonValue(), "[1, {\"a\": \"b"),
+            (Grammar.JsonValue(), "\"\\u00"),
+            (Grammar.JsonValue(), "\"\\ud83d"),
+            (Grammar.JsonValue(), "-12.5"),
+            (Grammar.JsonValue(), "[\n   "),
+            (Grammar.JsonValue(), "\"日"),
+            (tool, ""),
+            (Grammar.Sequence(Grammar.Literal("Answer: "), Grammar.Choice(Grammar.Literal("yes"), Grammar.Literal("no")), Grammar.FreeText()), "Answer: y"),
+        ];
+        foreach (var (grammar, prefix) in cases)
+        {
+            var compiled = grammar.CompileFor(Vocabularies.DeepSeek);
+            var state = compiled.Start.Step(System.Text.Encoding.UTF8.GetBytes(prefix), x)!;
+            Assert.IsNotNull(state, prefix);
+            ConstrainedRun.AssertMaskMatchesReference(compiled, state, tokenizer, $"after {JsonSerializer.Serialize(prefix)}");
+        }
+
+        // The tool-call grammar on its own tokens: the added token first, then the literal however it is split.
+        var begin = tokenizer.AddedTokenId("<｜tool▁calls▁begin｜>")!.Value;
+        var c = new GrammarConstraint(tool, Vocabularies.DeepSeek);
+        var logits = new float[tokenizer.VocabSize];
+        c.Mask(logits);
+        Assert.AreEqual(1, logits.Count(l => !float.IsNegativeInfinity(l)));
+        c.Advance(begin);
+        var sep = tokenizer.AddedTokenId("<｜tool▁sep｜>")!.Value;
+        c.Mask(logits);
+        Assert.IsTrue(float.IsNegativeInfinity(logits[sep]), "a Literal spelling an added token is bytes, not the added id");
+    }
+
+    [TestMethod]
+    public void RandomGenerationOnDeepSeekIsValid()
+    {
+        var tokenizer = TokenizerFixtures.DeepSeek;
+        using var doc = JsonDocument.Parse("""{"type":"object","properties":{"ok":{"type":"boolean"},"n":{"type":"integer"},"c":{"enum":["red","green"]}},"required":["ok","n","c"]}""");
+        var grammar = Grammar.JsonSchema(doc.RootElement);
+        for (var seed = 0; seed < 3; seed++)
+        {
+            var (text, _) = ConstrainedRun.Generate(new GrammarConstraint(grammar, Vocabularies.DeepSeek), tokenizer, seed, maxSteps: 200, closeAfter: 10);
+            using var parsed = JsonDocument.Parse(text);
+            Assert.IsNull(SchemaValidator.Validate(parsed.RootElement, doc.RootElement), System.Text.Encoding.UTF8.GetString(text));
+        }
+    }
+}
