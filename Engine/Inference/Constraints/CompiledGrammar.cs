@@ -77,7 +77,27 @@ internal sealed class CompiledGrammar
             }
         }
 
-        Walk(state, 0, v.Trie.Count, 0, mask, new Expander());
+        var x = new Expander();
+        if (state.Stacks is [{ Node: JsonStringLeaf } inString])
+        {
+            // Inside a string most of the vocabulary is allowed: take what the string alone decides from the
+            // vocabulary's cache and walk only the subtrees of tokens that close the string.
+            var local = v.StringMask(inString.Data);
+            mask.CopyFrom(local.Accepted);
+            foreach (var (node, prefix) in local.Uncertain)
+            {
+                var depth = prefix.Length - 1;
+                if (state.Step(prefix.AsSpan(0, depth), x) is { } before)
+                {
+                    Walk(before, node, v.Trie.End[node], depth, mask, x);
+                }
+            }
+        }
+        else
+        {
+            Walk(state, 0, v.Trie.Count, 0, mask, x);
+        }
+
         mask.Seal();
         if (mask.AllowedCount == 0)
         {
@@ -92,7 +112,7 @@ internal sealed class CompiledGrammar
     /// whole trie) whose bytes after depth <paramref name="baseDepth"/> <paramref name="state"/> accepts, stepping
     /// the state once per trie edge and skipping a rejected node's subtree.
     /// </summary>
-    private void Walk(AutomatonState state, int from, int to, int baseDepth, TokenMask mask, Expander x)
+    internal void Walk(AutomatonState state, int from, int to, int baseDepth, TokenMask mask, Expander x)
     {
         var trie = Vocabulary.Trie;
         var states = new AutomatonState[trie.MaxDepth + 1];

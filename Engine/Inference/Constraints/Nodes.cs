@@ -207,6 +207,21 @@ internal sealed class ControlTokenLeaf(int id) : Leaf
     public override bool CanContinue(int data) => true;
 }
 
+/// <summary>
+/// Stands for an unknown context below a leaf (<see cref="TokenVocabulary.StringMask"/>): it accepts every byte and
+/// never ends, so reaching it marks a token whose verdict depends on that context.
+/// </summary>
+internal sealed class HoleLeaf : Leaf
+{
+    public static readonly HoleLeaf Instance = new();
+
+    public override int Step(int data, byte b) => 0;
+
+    public override bool CanFinish(int data) => false;
+
+    public override bool CanContinue(int data) => true;
+}
+
 /// <summary>Anything: every byte and every token, and it may end anywhere.</summary>
 internal sealed class FreeTextLeaf : Leaf
 {

@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using System.Runtime.CompilerServices;
 using System.Text;
 using DeepSeekCuda.Text;
@@ -16,6 +17,7 @@ public sealed class TokenVocabulary
     private readonly byte[][] _bytes;
     private readonly bool[] _added;
     private readonly Dictionary<string, int> _addedByContent;
+    private readonly ConcurrentDictionary<int, LocalMask> _stringMasks = new();
 
     private TokenVocabulary(byte[][] bytes, bool[] added, Dictionary<string, int> addedByContent, int? eosId)
     {
@@ -90,6 +92,64 @@ public sealed class TokenVocabulary
 
     /// <summary>The id of the added token whose content is <paramref name="content"/>, or null.</summary>
     internal int? AddedTokenId(string content) => _addedByContent.TryGetValue(content, out var id) ? id : null;
+
+    /// <summary>
+    /// What a JSON string in lexer state <paramref name="data"/> decides on its own, whatever grammar it is in:
+    /// the ids it accepts without ending, and the trie subtrees of ids that end it (those depend on what follows
+    /// the string). Computed once per state (a string has a few dozen) by a walk over a stack whose rest is a
+    /// placeholder accepting anything; shared by every grammar on this vocabulary.
+    /// </summary>
+    internal LocalMask StringMask(int data) => _stringMasks.GetOrAdd(data, d => LocalMask.Compute(this, new Frame(JsonStringLeaf.Instance, d, new Frame(HoleLeaf.Instance, 0, null))));
+}
+
+/// <summary>The part of a mask one leaf decides alone (<see cref="TokenVocabulary.StringMask"/>).</summary>
+internal sealed class LocalMask(TokenMask accepted, (int Node, byte[] Prefix)[] uncertain)
+{
+    /// <summary>Ids accepted without leaving the leaf.</summary>
+    public TokenMask Accepted => accepted;
+
+    /// <summary>Trie nodes where the leaf ends (with the bytes from the root to the node): their subtrees depend on the context.</summary>
+    public (int Node, byte[] Prefix)[] Uncertain => uncertain;
+
+    public static LocalMask Compute(TokenVocabulary vocabulary, Frame top)
+    {
+        var trie = vocabulary.Trie;
+        var x = new Expander();
+        var accepted = new TokenMask(vocabulary.Size);
+        var uncertain = new List<(int, byte[])>();
+        var states = new AutomatonState[trie.MaxDepth + 1];
+        var path = new byte[trie.MaxDepth];
+        states[0] = new AutomatonState([top]);
+        var i = 0;
+        while (i < trie.Count)
+        {
+            var d = trie.Depth[i];
+            path[d - 1] = trie.Label[i];
+            var next = states[d - 1].Step(trie.Label[i], x);
+            if (next is null)
+            {
+                i = trie.End[i];
+                continue;
+            }
+
+            if (next.Stacks.Any(s => s.Node is HoleLeaf))
+            {
+                uncertain.Add((i, path[..d]));
+                i = trie.End[i];
+                continue;
+            }
+
+            states[d] = next;
+            for (var t = trie.TokenHead[i]; t >= 0; t = trie.NextSame[t])
+            {
+                accepted.Allow(t);
+            }
+
+            i++;
+        }
+
+        return new LocalMask(accepted.Seal(), [.. uncertain]);
+    }
 }
 
 /// <summary>
@@ -211,6 +271,15 @@ internal sealed class TokenMask(int size)
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public bool IsAllowed(int id) => (_bits[id >> 6] & (1UL << (id & 63))) != 0;
 
+    /// <summary>Allows every id <paramref name="other"/> allows (same vocabulary).</summary>
+    public void CopyFrom(TokenMask other)
+    {
+        for (var w = 0; w < _bits.Length; w++)
+        {
+            _bits[w] |= other._bits[w];
+        }
+    }
+
     public void AllowAll()
     {
         Array.Fill(_bits, ulong.MaxValue);
@@ -272,11 +341,28 @@ internal sealed class TokenMask(int size)
             return;
         }
 
-        for (var id = 0; id < n; id++)
+        for (var w = 0; w * 64 < n; w++)
         {
-            if (!IsAllowed(id))
+            var bits = _bits[w];
+            var start = w * 64;
+            var count = Math.Min(64, n - start);
+            if (bits == ulong.MaxValue && count == 64)
             {
-                logits[id] = float.NegativeInfinity;
+                continue;
+            }
+
+            if (bits == 0)
+            {
+                logits.Slice(start, count).Fill(float.NegativeInfinity);
+                continue;
+            }
+
+            for (var b = 0; b < count; b++)
+            {
+                if ((bits & (1UL << b)) == 0)
+                {
+                    logits[start + b] = float.NegativeInfinity;
+                }
             }
         }
 

@@ -127,6 +127,9 @@ internal static class ConstraintBench
                 continue;
             }
 
+            var slowest = Enumerable.Range(0, ids.Length).MaxBy(i => cold[i].Mask);
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"pass {r}: slowest Mask {cold[slowest].Mask:F0} µs, before token {slowest} {JsonSerializer.Serialize(tokenizer.Decode([ids[slowest]]))} after {JsonSerializer.Serialize(tokenizer.Decode(ids.AsSpan(Math.Max(0, slowest - 4), Math.Min(4, slowest))))}"));
             for (var i = 0; i < ids.Length; i++)
             {
                 (misses[i] ? firstUs : cachedUs).Add(cold[i].Mask);
