@@ -30,15 +30,17 @@ public abstract class Grammar
     /// <summary>
     /// A JSON value valid against <paramref name="schema"/>, from a subset of JSON Schema (2020-12 and draft 7
     /// spellings): <c>type</c> (one or an array), <c>properties</c>, <c>required</c>, <c>additionalProperties</c>,
-    /// <c>items</c>, <c>minItems</c>, <c>maxItems</c>, <c>enum</c>, <c>const</c>, <c>anyOf</c>, <c>oneOf</c>, and
-    /// <c>$ref</c> to a local JSON pointer (<c>#/$defs/...</c>, recursion allowed). Annotations (<c>title</c>,
+    /// <c>items</c>, <c>minItems</c>, <c>maxItems</c>, <c>enum</c>, <c>const</c>, <c>anyOf</c>, <c>oneOf</c>,
+    /// <c>format</c> <c>date-time</c>, <c>date</c> and <c>uuid</c> (as .NET writes <see cref="DateTime"/>,
+    /// <see cref="DateOnly"/> and <see cref="Guid"/>), and <c>$ref</c> to a local JSON pointer (<c>#/$defs/...</c>,
+    /// <c>#/properties/...</c>; recursion allowed). Annotations (<c>title</c>,
     /// <c>description</c>, <c>default</c>, <c>examples</c>, <c>$schema</c>, <c>$id</c>, ...) are ignored.
     /// Objects with <c>properties</c> are written with only those properties, in the schema's order;
     /// <c>oneOf</c> is enforced as <c>anyOf</c> (exact when its alternatives are disjoint).
     /// </summary>
     /// <param name="schema">The schema.</param>
     /// <exception cref="NotSupportedException">A keyword that constrains values but is not enforced (<c>pattern</c>,
-    /// <c>format</c>, <c>minimum</c>, <c>minLength</c>, <c>allOf</c>, ...); the message names it and its JSON pointer.</exception>
+    /// another <c>format</c>, <c>minimum</c>, <c>minLength</c>, <c>allOf</c>, ...); the message names it and its JSON pointer.</exception>
     /// <exception cref="ArgumentException">A schema that is malformed or that nothing can match; the message names the JSON pointer.</exception>
     public static Grammar JsonSchema(JsonElement schema) => new NodeGrammar(new JsonSchemaCompiler(schema).Compile());
 

@@ -18,7 +18,7 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
 
     private static readonly HashSet<string> Handled = new(StringComparer.Ordinal)
     {
-        "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "$ref",
+        "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "$ref", "format",
     };
 
     private static readonly string[] AllTypes = ["object", "array", "string", "number", "integer", "boolean", "null"];
@@ -155,12 +155,29 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
     {
         "object" => Object(schema, path),
         "array" => Array(schema, path),
-        "string" => JsonStringLeaf.Instance,
+        "string" => String(schema, path),
         "number" => JsonNumberLeaf.Number,
         "integer" => JsonNumberLeaf.Integer,
         "boolean" => new ChoiceRule([JsonNodes.True, JsonNodes.False]),
         _ => JsonNodes.Null,
     };
+
+    /// <summary>A string, in the schema's <c>format</c> when it has one of those enforced (<see cref="FormatStringLeaf"/>).</summary>
+    private static Node String(JsonElement schema, string path)
+    {
+        if (!schema.TryGetProperty("format", out var format))
+        {
+            return JsonStringLeaf.Instance;
+        }
+
+        return (format.ValueKind == JsonValueKind.String ? format.GetString() : null) switch
+        {
+            "date-time" => FormatStringLeaf.DateTime,
+            "date" => FormatStringLeaf.Date,
+            "uuid" => FormatStringLeaf.Uuid,
+            var other => throw new NotSupportedException($"JSON Schema keyword 'format' at '{Pointer(path, "format")}' is '{other}': only 'date-time', 'date' and 'uuid' are enforced"),
+        };
+    }
 
     private Node Object(JsonElement schema, string path)
     {

@@ -388,3 +388,138 @@ internal static class JsonNodes
         return new SequenceRule([Lit("{"), ws, new ChoiceRule([Lit("}"), new SequenceRule(member)])]);
     }
 }
+
+/// <summary>
+/// A JSON string in one of the formats JSON Schema names and .NET serializes often: <c>date-time</c> (RFC 3339:
+/// <c>YYYY-MM-DDTHH:MM:SS[.fraction]</c> then <c>Z</c> or <c>±HH:MM</c>), <c>date</c> (<c>YYYY-MM-DD</c>) and
+/// <c>uuid</c> (8-4-4-4-12 hex digits). Dates are real calendar dates (month lengths, leap years, year 0001 to
+/// 9999), seconds 00-59, at most 7 fraction digits, offsets up to ±14:00: what System.Text.Json reads as
+/// <see cref="DateTime"/>, <see cref="DateTimeOffset"/>, <see cref="DateOnly"/> and <see cref="Guid"/>.
+/// </summary>
+internal sealed class FormatStringLeaf : Leaf
+{
+    public static readonly FormatStringLeaf DateTime = new(FormatKind.DateTime), Date = new(FormatKind.Date), Uuid = new(FormatKind.Uuid);
+
+    // data: phase in bits 0-5; while the date is read, the year mod 400 in bits 6-14, "every year digit so far is 0"
+    // in bit 15 and the month (its tens while the month is read) in bits 16-19; a scratch value in bits 20-22.
+    private const int Quote = 0, Year1 = 1, Year4 = 4, Dash1 = 5, Month1 = 6, Month2 = 7, Dash2 = 8, Day1 = 9, Day2 = 10, T = 11,
+        Hour1 = 12, Hour2 = 13, Colon1 = 14, Minute1 = 15, Minute2 = 16, Colon2 = 17, Second1 = 18, Second2 = 19, AfterSeconds = 20,
+        Fraction = 21, OffsetHour1 = 22, OffsetHour2 = 23, OffsetColon = 24, OffsetMinute1 = 25, OffsetMinute2 = 26, EndQuote = 27, Closed = 28;
+
+    private const int UuidLength = 36;
+
+    private readonly FormatKind _kind;
+
+    private FormatStringLeaf(FormatKind kind) => _kind = kind;
+
+    private enum FormatKind
+    {
+        DateTime,
+        Date,
+        Uuid,
+    }
+
+    public override int Step(int data, byte b) => _kind == FormatKind.Uuid ? StepUuid(data, b) : StepDate(data, b);
+
+    public override bool CanFinish(int data) => (data & 63) == (_kind == FormatKind.Uuid ? UuidLength + 2 : Closed);
+
+    public override bool CanContinue(int data) => !CanFinish(data);
+
+    // data is the position: 0 before the opening quote, 1..36 the characters, 37 the closing quote, 38 done.
+    private static int StepUuid(int pos, byte b)
+    {
+        if (pos == 0 || pos == UuidLength + 1)
+        {
+            return b == '"' ? pos + 1 : -1;
+        }
+
+        if (pos > UuidLength + 1)
+        {
+            return -1;
+        }
+
+        var ok = pos is 9 or 14 or 19 or 24 ? b == '-' : char.IsAsciiHexDigit((char)b);
+        return ok ? pos + 1 : -1;
+    }
+
+    private int StepDate(int data, byte b)
+    {
+        var phase = data & 63;
+        var y400 = (data >> 6) & 511;
+        var yearZero = (data >> 15) & 1;
+        var month = (data >> 16) & 15;
+        var scratch = (data >> 20) & 7;
+        var d = b - '0';
+        var digit = b is >= (byte)'0' and <= (byte)'9';
+        int Pack(int p, int y = 0, int z = 0, int m = 0, int s = 0) => p | (y << 6) | (z << 15) | (m << 16) | (s << 20);
+        switch (phase)
+        {
+            case Quote:
+                return b == '"' ? Pack(Year1, 0, 1) : -1;
+            case >= Year1 and < Year4:
+                return digit ? Pack(phase + 1, ((y400 * 10) + d) % 400, yearZero & (d == 0 ? 1 : 0)) : -1;
+            case Year4:
+                return digit && !(yearZero == 1 && d == 0) ? Pack(Dash1, ((y400 * 10) + d) % 400) : -1;
+            case Dash1:
+                return b == '-' ? Pack(Month1, y400) : -1;
+            case Month1:
+                return b is (byte)'0' or (byte)'1' ? Pack(Month2, y400, 0, d) : -1;
+            case Month2:
+                return digit && (month == 0 ? d >= 1 : d <= 2) ? Pack(Dash2, y400, 0, (month * 10) + d) : -1;
+            case Dash2:
+                return b == '-' ? Pack(Day1, y400, 0, month) : -1;
+            case Day1:
+                return digit && d <= DaysIn(month, y400) / 10 ? Pack(Day2, y400, 0, month, d) : -1;
+            case Day2:
+                var day = (scratch * 10) + d;
+                return digit && day >= 1 && day <= DaysIn(month, y400) ? Pack(_kind == FormatKind.Date ? EndQuote : T) : -1;
+            case T:
+                return b == 'T' ? Pack(Hour1) : -1;
+            case Hour1:
+                return digit && d <= 2 ? Pack(Hour2, s: d) : -1;
+            case Hour2:
+                return digit && (scratch < 2 || d <= 3) ? Pack(Colon1) : -1;
+            case Colon1:
+            case Colon2:
+                return b == ':' ? Pack(phase + 1) : -1;
+            case Minute1:
+            case Second1:
+                return digit && d <= 5 ? Pack(phase + 1) : -1;
+            case Minute2:
+            case Second2:
+                return digit ? Pack(phase + 1) : -1;
+            case AfterSeconds:
+                return b == '.' ? Pack(Fraction) : Offset(b);
+            case Fraction:
+                if (digit)
+                {
+                    return scratch < 7 ? Pack(Fraction, s: scratch + 1) : -1;
+                }
+
+                return scratch > 0 ? Offset(b) : -1;
+            case OffsetHour1:
+                return digit && d <= 1 ? Pack(OffsetHour2, s: d) : -1;
+            case OffsetHour2:
+                return digit && (scratch == 0 || d <= 4) ? Pack(OffsetColon, s: scratch == 1 && d == 4 ? 1 : 0) : -1;
+            case OffsetColon:
+                return b == ':' ? Pack(OffsetMinute1, s: scratch) : -1;
+            case OffsetMinute1:
+                return digit && (scratch == 1 ? d == 0 : d <= 5) ? Pack(OffsetMinute2, s: scratch) : -1;
+            case OffsetMinute2:
+                return digit && (scratch == 0 || d == 0) ? Pack(EndQuote) : -1;
+            case EndQuote:
+                return b == '"' ? Pack(Closed) : -1;
+            default:
+                return -1;
+        }
+
+        static int Offset(byte b) => b == 'Z' ? EndQuote : b is (byte)'+' or (byte)'-' ? OffsetHour1 : -1;
+    }
+
+    private static int DaysIn(int month, int yearMod400) => month switch
+    {
+        2 => (yearMod400 % 4 == 0 && yearMod400 % 100 != 0) || yearMod400 == 0 ? 29 : 28,
+        4 or 6 or 9 or 11 => 30,
+        _ => 31,
+    };
+}

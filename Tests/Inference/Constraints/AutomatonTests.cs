@@ -160,4 +160,66 @@ public sealed class AutomatonTests
         Assert.AreEqual(Verdict.Rejected, Run(g, "{\"name\":\"x\",\"extra\""), "undeclared property");
         Assert.AreEqual(Verdict.Prefix, Run(g, "{\"name\":\"x\",\"tags\":[\"a\"]"));
     }
+
+    private static Grammar Format(string format)
+    {
+        using var doc = JsonDocument.Parse($$"""{"type":"string","format":"{{format}}"}""");
+        return Grammar.JsonSchema(doc.RootElement);
+    }
+
+    [TestMethod]
+    [DataRow("\"2024-02-29T23:59:59.1234567+14:00\"")]
+    [DataRow("\"0001-01-01T00:00:00Z\"")]
+    [DataRow("\"9999-12-31T23:59:59-13:59\"")]
+    [DataRow("\"2000-02-29T12:30:00.5Z\"")]
+    public void DateTimesAccepted(string text) => Assert.AreEqual(Verdict.Complete, Run(Format("date-time"), text), text);
+
+    [TestMethod]
+    [DataRow("\"2023-02-29T00:00:00Z\"")]
+    [DataRow("\"1900-02-29T00:00:00Z\"")]
+    [DataRow("\"0000-01-01T00:00:00Z\"")]
+    [DataRow("\"2024-04-31T00:00:00Z\"")]
+    [DataRow("\"2024-13-01T00:00:00Z\"")]
+    [DataRow("\"2024-00-01T00:00:00Z\"")]
+    [DataRow("\"2024-01-00T00:00:00Z\"")]
+    [DataRow("\"2024-01-01T24:00:00Z\"")]
+    [DataRow("\"2024-01-01T00:60:00Z\"")]
+    [DataRow("\"2024-01-01T00:00:60Z\"")]
+    [DataRow("\"2024-01-01T00:00:00\"")]
+    [DataRow("\"2024-01-01T00:00:00.Z\"")]
+    [DataRow("\"2024-01-01T00:00:00.12345678Z\"")]
+    [DataRow("\"2024-01-01T00:00:00+14:30\"")]
+    [DataRow("\"2024-01-01T00:00:00+15:00\"")]
+    [DataRow("\"2024-01-01t00:00:00Z\"")]
+    [DataRow("\"2024-01-01 00:00:00Z\"")]
+    public void BadDateTimesRejected(string text) => Assert.AreEqual(Verdict.Rejected, Run(Format("date-time"), text), text);
+
+    [TestMethod]
+    public void DatesAreExactlyTheCalendar()
+    {
+        var date = Format("date");
+        foreach (var year in new[] { "0001", "1900", "2000", "2023", "2024", "2100", "9999", "0000" })
+        {
+            for (var month = 0; month < 20; month++)
+            {
+                for (var day = 0; day < 40; day++)
+                {
+                    var text = $"{year}-{month:00}-{day:00}";
+                    var valid = DateOnly.TryParseExact(text, "yyyy-MM-dd", System.Globalization.CultureInfo.InvariantCulture, System.Globalization.DateTimeStyles.None, out _);
+                    Assert.AreEqual(valid ? Verdict.Complete : Verdict.Rejected, Run(date, $"\"{text}\""), text);
+                }
+            }
+        }
+    }
+
+    [TestMethod]
+    public void Uuids()
+    {
+        var uuid = Format("uuid");
+        Assert.AreEqual(Verdict.Complete, Run(uuid, $"\"{Guid.NewGuid():D}\""));
+        Assert.AreEqual(Verdict.Complete, Run(uuid, "\"0AF3E1B2-ffff-4000-8000-00000000000a\""));
+        Assert.AreEqual(Verdict.Rejected, Run(uuid, $"\"{Guid.NewGuid():N}\""));
+        Assert.AreEqual(Verdict.Rejected, Run(uuid, "\"0af3e1b2-ffff-4000-8000-00000000000g\""));
+        Assert.AreEqual(Verdict.Rejected, Run(uuid, "\"0af3e1b2-ffff-4000-8000-00000000000a0\""));
+    }
 }

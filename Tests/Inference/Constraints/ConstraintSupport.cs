@@ -1,5 +1,6 @@
 using System.Text;
 using System.Text.Json;
+using System.Text.RegularExpressions;
 using DeepSeekCuda.Inference.Constraints;
 using DeepSeekCuda.Tests.Text;
 using DeepSeekCuda.Text;
@@ -246,6 +247,11 @@ internal static class SchemaValidator
             }
         }
 
+        if (schema.TryGetProperty("format", out var format) && value.ValueKind == JsonValueKind.String && !HasFormat(value, format.GetString()!))
+        {
+            return $"{at}: {value.GetRawText()} is not a {format.GetString()}";
+        }
+
         if (schema.TryGetProperty("const", out var c) && !JsonElement.DeepEquals(c, value))
         {
             return $"{at}: not the const";
@@ -323,6 +329,19 @@ internal static class SchemaValidator
         }
 
         return null;
+    }
+
+    /// <summary>The shape by RFC 3339 (date-time requires an offset) and the value by .NET's own parsers.</summary>
+    private static bool HasFormat(JsonElement v, string format)
+    {
+        var s = v.GetString()!;
+        return format switch
+        {
+            "date-time" => Regex.IsMatch(s, @"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$") && v.TryGetDateTimeOffset(out _) && v.TryGetDateTime(out _),
+            "date" => DateOnly.TryParseExact(s, "yyyy-MM-dd", System.Globalization.CultureInfo.InvariantCulture, System.Globalization.DateTimeStyles.None, out _),
+            "uuid" => Guid.TryParseExact(s, "D", out _),
+            _ => throw new NotSupportedException(format),
+        };
     }
 
     private static bool HasType(JsonElement v, string t) => t switch

@@ -15,7 +15,8 @@ public sealed class SchemaErrorTests
 
     [TestMethod]
     [DataRow("""{"type":"object","properties":{"name":{"type":"string","pattern":"^a"}}}""", "'pattern'", "#/properties/name/pattern")]
-    [DataRow("""{"type":"string","format":"date-time"}""", "'format'", "#/format")]
+    [DataRow("""{"type":"string","format":"email"}""", "'format'", "#/format")]
+    [DataRow("""{"type":"object","properties":{"t":{"type":"string","format":"time"}}}""", "'format'", "#/properties/t/format")]
     [DataRow("""{"type":"integer","minimum":0}""", "'minimum'", "#/minimum")]
     [DataRow("""{"type":"array","items":{"type":"string","minLength":1}}""", "'minLength'", "#/items/minLength")]
     [DataRow("""{"allOf":[{"type":"string"}]}""", "'allOf'", "#/allOf")]

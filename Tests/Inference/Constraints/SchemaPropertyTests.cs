@@ -41,6 +41,10 @@ public sealed class SchemaPropertyTests
         ["ref", """{"$defs":{"pt":{"type":"object","properties":{"x":{"type":"number"},"y":{"type":"number"}},"required":["x","y"]}},"type":"object","properties":{"from":{"$ref":"#/$defs/pt"},"to":{"$ref":"#/$defs/pt"}},"required":["from","to"]}"""],
         ["definitions", """{"definitions":{"c":{"enum":["a","b"]}},"type":"array","items":{"$ref":"#/definitions/c"}}"""],
         ["recursive ref", """{"$defs":{"node":{"type":"object","properties":{"v":{"type":"integer"},"kids":{"type":"array","items":{"$ref":"#/$defs/node"},"maxItems":2}},"required":["v"]}},"$ref":"#/$defs/node"}"""],
+        ["date-time", """{"type":"string","format":"date-time"}"""],
+        ["date", """{"type":"string","format":"date"}"""],
+        ["uuid", """{"type":["string","null"],"format":"uuid"}"""],
+        ["formats in an object", """{"type":"object","properties":{"when":{"type":"string","format":"date-time"},"id":{"type":"string","format":"uuid"},"on":{"type":"string","format":"date"}},"required":["when","id","on"]}"""],
         ["nullable object", """{"type":["object","null"],"properties":{"a":{"type":["integer","null"]}},"required":["a"]}"""],
     ];
 
@@ -115,7 +119,8 @@ public sealed class SchemaPropertyTests
         Sad,
     }
 
-    private sealed record Person(string Name, int Age, double Height, bool Active, Mood Mood, List<string> Tags, Address Home, Address? Work, int? Score, List<Address> Past);
+    private sealed record Person(string Name, int Age, double Height, bool Active, Mood Mood, List<string> Tags, Address Home, Address? Work, int? Score, List<Address> Past,
+        Mood? Maybe, Dictionary<string, int> Counts, DateTime When, DateTimeOffset At, DateOnly On, Guid Id, long Big, float Small, decimal Money);
 
     [TestMethod]
     public void SchemasFromAIJsonUtilitiesAreAccepted()
