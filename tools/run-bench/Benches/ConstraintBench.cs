@@ -20,8 +20,9 @@ namespace DeepSeekCuda.Bench.Benches;
 /// Rows: <c>constraint_vocab</c> (one build), <c>constraint_first_mask</c> (mean over the steps whose state had no
 /// cached mask: one trie walk), <c>constraint_cached_mask</c> (mean over the steps served from the cache, in a second
 /// pass with the cache warm), <c>constraint_token</c> (mean Mask + Advance per token of a cold pass: what a request
-/// with a new schema pays). Baseline <c>cpu_step</c>: one decode step of the embedded demo model on the CPU backend
-/// in the same run (a tiny model: a floor for what a step costs, not DeepSeek-V3's step), so ratio = step µs / µs.
+/// with a new schema pays). Baseline <c>cpu_step</c>: one decode step of the embedded demo model (or <c>--model</c>) on
+/// the CPU backend in the same run (a tiny model: a floor for what a step costs, not DeepSeek-V3's step), so ratio =
+/// step µs / µs; without a baseline (<c>--no-baseline</c>) the rows say <c>none</c> and ratio 0.
 /// </summary>
 internal static class ConstraintBench
 {
@@ -64,26 +65,27 @@ internal static class ConstraintBench
         var tokenizerOption = new Option<string>("--tokenizer") { Description = "Folder holding tokenizer.json (DeepSeek-V3's)", Required = true };
         var reps = new Option<int>("--reps") { Description = "Cold passes over the document, each with a new grammar (default 3)", DefaultValueFactory = _ => 3 };
         var baseline = new Option<bool>("--no-baseline") { Description = "Skip the CPU model step baseline" };
+        var model = new Option<string>("--model") { Description = "Checkpoint folder of the baseline's CPU model (default: the embedded demo model)", DefaultValueFactory = _ => "demo" };
         var outOption = new Option<string?>("--out") { Description = "Folder to write constraint.json into" };
         var command = new Command(Name, "Constrained decoding mask time per token on a real vocabulary (vocabulary build, first mask, cached mask)");
-        foreach (var o in new Option[] { tokenizerOption, reps, baseline, outOption })
+        foreach (var o in new Option[] { tokenizerOption, reps, baseline, model, outOption })
         {
             command.Options.Add(o);
         }
 
-        command.SetAction(p => Run(p.GetValue(tokenizerOption)!, p.GetValue(reps), !p.GetValue(baseline), p.GetValue(outOption)));
+        command.SetAction(p => Run(p.GetValue(tokenizerOption)!, p.GetValue(reps), p.GetValue(baseline) ? null : p.GetValue(model)!, p.GetValue(outOption)));
         return command;
     }
 
     /// <summary>Measures, prints a table, writes <c>OUT/constraint.json</c>; 0 when it ran to the end, 1 with the error in the file.</summary>
-    internal static int Run(string tokenizerFolder, int repetitions, bool withBaseline, string? outDir)
+    internal static int Run(string tokenizerFolder, int repetitions, string? baselineModel, string? outDir)
     {
         var rows = new List<BenchRow>();
         string? error = null;
         try
         {
             ArgumentOutOfRangeException.ThrowIfNegativeOrZero(repetitions, "--reps");
-            Measure(BpeTokenizer.Load(tokenizerFolder), repetitions, withBaseline, rows);
+            Measure(BpeTokenizer.Load(tokenizerFolder), repetitions, baselineModel, rows);
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
@@ -96,9 +98,9 @@ internal static class ConstraintBench
         return error is null ? 0 : 1;
     }
 
-    private static void Measure(ITokenizer tokenizer, int repetitions, bool withBaseline, List<BenchRow> rows)
+    private static void Measure(ITokenizer tokenizer, int repetitions, string? baselineModel, List<BenchRow> rows)
     {
-        var stepUs = withBaseline ? CpuStepUs() : 0;
+        var stepUs = baselineModel is null ? 0 : CpuStepUs(baselineModel == "demo" ? DemoModel.Ensure(out _) : baselineModel);
         var clock = Stopwatch.StartNew();
         var vocabulary = TokenVocabulary.Create(tokenizer);
         var vocabUs = clock.Elapsed.TotalMicroseconds;
@@ -182,10 +184,10 @@ internal static class ConstraintBench
         return times;
     }
 
-    /// <summary>The mean decode step of the demo model on the CPU backend, one thread, µs (8 steps after 2 warm-up).</summary>
-    private static double CpuStepUs()
+    /// <summary>The mean decode step of a model (the demo model by default) on the CPU backend, one thread, µs (8 steps after 2 warm-up).</summary>
+    private static double CpuStepUs(string folder)
     {
-        using var checkpoint = Checkpoint.Open(DemoModel.Ensure(out _));
+        using var checkpoint = Checkpoint.Open(folder);
         using var backend = new CpuBackend(CpuNumerics.Float32, 1);
         using var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = 16, LoadMtp = false });
         using var session = model.CreateSession();
