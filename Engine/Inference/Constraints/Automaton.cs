@@ -221,6 +221,17 @@ internal sealed class AutomatonState : IEquatable<AutomatonState>
     /// <summary>The state after byte <paramref name="b"/>, or null when no parse accepts it.</summary>
     public AutomatonState? Step(byte b, Expander x)
     {
+        if (Stacks is [{ Node: Leaf only } single])
+        {
+            // One parse whose leaf stays in the same state and cannot end there (most bytes inside a string): the
+            // state is unchanged, so the trie walk steps through such subtrees without allocating.
+            var same = only.Step(single.Data, b);
+            if (same == single.Data && !only.CanFinish(same))
+            {
+                return this;
+            }
+        }
+
         foreach (var s in Stacks)
         {
             var leaf = (Leaf)s.Node;

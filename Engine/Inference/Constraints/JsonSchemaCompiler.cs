@@ -26,6 +26,10 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
     private static readonly JsonWriterOptions CompactWriter = new() { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping, Indented = false };
 
     private readonly Dictionary<string, RefRule> _refs = new(StringComparer.Ordinal);
+
+    // References being compiled with nothing consumed since they were entered: one of them reached again would
+    // recurse without input. Objects and arrays consume their bracket first, so their members start afresh.
+    private HashSet<string> _unconsumed = new(StringComparer.Ordinal);
     private readonly JsonElement _root = root.Clone();
 
     public Node Compile() => Compile(_root, "#");
@@ -153,14 +157,28 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
 
     private Node Typed(JsonElement schema, string type, string path) => type switch
     {
-        "object" => Object(schema, path),
-        "array" => Array(schema, path),
+        "object" => AfterInput(() => Object(schema, path)),
+        "array" => AfterInput(() => Array(schema, path)),
         "string" => String(schema, path),
         "number" => JsonNumberLeaf.Number,
         "integer" => JsonNumberLeaf.Integer,
         "boolean" => new ChoiceRule([JsonNodes.True, JsonNodes.False]),
         _ => JsonNodes.Null,
     };
+
+    private Node AfterInput(Func<Node> compile)
+    {
+        var saved = _unconsumed;
+        _unconsumed = new HashSet<string>(StringComparer.Ordinal);
+        try
+        {
+            return compile();
+        }
+        finally
+        {
+            _unconsumed = saved;
+        }
+    }
 
     /// <summary>A string, in the schema's <c>format</c> when it has one of those enforced (<see cref="FormatStringLeaf"/>).</summary>
     private static Node String(JsonElement schema, string path)
@@ -338,13 +356,20 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
 
         if (_refs.TryGetValue(target, out var known))
         {
+            if (_unconsumed.Contains(target))
+            {
+                throw new NotSupportedException($"'$ref' at '{path}' refers back to '{target}' before any input is consumed (left recursion)");
+            }
+
             return known;
         }
 
         var node = Resolve(target, path);
         var rule = new RefRule();
         _refs[target] = rule;
+        _unconsumed.Add(target);
         rule.Target = Compile(node, target);
+        _unconsumed.Remove(target);
         return rule;
     }
 

@@ -30,6 +30,8 @@ public sealed class SchemaErrorTests
     [DataRow("""{"type":"array","items":[{"type":"string"}]}""", "tuple 'items'", "#/items")]
     [DataRow("""{"type":"object","properties":{"a/b":{"type":"string","const":"x","if":{}}}}""", "'if'", "#/properties/a~1b/if")]
     [DataRow("""{"type":"string","anyOf":[{"type":"string"}]}""", "'type' beside 'anyOf'", "#/type")]
+    [DataRow("""{"$defs":{"a":{"anyOf":[{"$ref":"#/$defs/a"},{"type":"null"}]}},"$ref":"#/$defs/a"}""", "left recursion", "#/$defs/a/anyOf/0/$ref")]
+    [DataRow("""{"type":"object","properties":{"x":{"$ref":"#/properties/x"}}}""", "left recursion", "#/properties/x/$ref")]
     public void UnenforcedKeywordsAreRefused(string schema, string keyword, string pointer)
     {
         var e = Assert.ThrowsExactly<NotSupportedException>(() => Compile(schema));
