@@ -243,14 +243,16 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
 
         var list = new List<ObjectProperty>();
         var propertiesPath = Pointer(path, "properties");
+        var names = new HashSet<string>(StringComparer.Ordinal);
         foreach (var p in properties.EnumerateObject())
         {
-            list.Add(new ObjectProperty(Serialize(JsonSerializer.SerializeToElement(p.Name)), Compile(p.Value, Pointer(propertiesPath, p.Name)), required.Contains(p.Name)));
+            names.Add(p.Name);
+            list.Add(new ObjectProperty(SerializeString(p.Name), Compile(p.Value, Pointer(propertiesPath, p.Name)), required.Contains(p.Name)));
         }
 
         foreach (var r in required)
         {
-            if (!list.Any(p => p.Required && JsonSerializer.Deserialize<string>(p.Key) == r))
+            if (!names.Contains(r))
             {
                 throw new ArgumentException($"'required' at '{Pointer(path, "required")}' names '{r}', which is not in 'properties' (only declared properties are written)", nameof(schema));
             }
@@ -341,6 +343,18 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
         using (var writer = new Utf8JsonWriter(buffer, CompactWriter))
         {
             value.WriteTo(writer);
+        }
+
+        return buffer.ToArray();
+    }
+
+    /// <summary>A property name as JSON text (quoted, escaped as <see cref="Serialize"/> escapes), without reflection-based serialization (the tools are trimmed).</summary>
+    private static byte[] SerializeString(string text)
+    {
+        using var buffer = new MemoryStream();
+        using (var writer = new Utf8JsonWriter(buffer, CompactWriter))
+        {
+            writer.WriteStringValue(text);
         }
 
         return buffer.ToArray();

@@ -30,6 +30,35 @@ public sealed class DeepSeekMaskTests
         """;
 
     [TestMethod]
+    public void VocabularySeparatesAddedTokensFromTheTrie()
+    {
+        var tokenizer = TokenizerFixtures.DeepSeek;
+        var v = Vocabularies.DeepSeek;
+        var added = tokenizer.AddedTokens.Select(a => a.Id).Distinct().Order().ToArray();
+        CollectionAssert.AreEqual(added, v.AddedIds, "special or not (the tool-call markers are not special), every added token is one indivisible id");
+        Assert.IsTrue(tokenizer.AddedTokens.Any(a => !a.Special), "the fixture has non-special added tokens");
+
+        // Every other id with bytes is in the trie exactly once, under its own bytes.
+        var seen = new int[tokenizer.VocabSize];
+        var trie = v.Trie;
+        var path = new byte[trie.MaxDepth];
+        for (var i = 0; i < trie.Count; i++)
+        {
+            path[trie.Depth[i] - 1] = trie.Label[i];
+            for (var t = trie.TokenHead[i]; t >= 0; t = trie.NextSame[t])
+            {
+                seen[t]++;
+                CollectionAssert.AreEqual(tokenizer.GetTokenBytes(t).ToArray(), path[..trie.Depth[i]], $"id {t}");
+            }
+        }
+
+        for (var id = 0; id < tokenizer.VocabSize; id++)
+        {
+            Assert.AreEqual(v.IsAdded(id) || tokenizer.GetTokenBytes(id).IsEmpty ? 0 : 1, seen[id], $"id {id}");
+        }
+    }
+
+    [TestMethod]
     public void MaskEqualsBruteForceAlongADocument()
     {
         var tokenizer = TokenizerFixtures.DeepSeek;

@@ -131,7 +131,7 @@ internal static class ConstraintBench
 
             var slowest = Enumerable.Range(0, ids.Length).MaxBy(i => cold[i].Mask);
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"pass {r}: slowest Mask {cold[slowest].Mask:F0} µs, before token {slowest} {JsonSerializer.Serialize(tokenizer.Decode([ids[slowest]]))} after {JsonSerializer.Serialize(tokenizer.Decode(ids.AsSpan(Math.Max(0, slowest - 4), Math.Min(4, slowest))))}"));
+                $"pass {r}: slowest Mask {cold[slowest].Mask:F0} µs, before token {slowest} {JsonSerializer.Serialize(tokenizer.Decode([ids[slowest]]), BenchJson.Default.String)} after {JsonSerializer.Serialize(tokenizer.Decode(ids.AsSpan(Math.Max(0, slowest - 4), Math.Min(4, slowest))), BenchJson.Default.String)}"));
             for (var i = 0; i < ids.Length; i++)
             {
                 (misses[i] ? firstUs : cachedUs).Add(cold[i].Mask);
