@@ -36,7 +36,8 @@ public abstract class Grammar
     /// <c>#/properties/...</c>; recursion allowed). Annotations (<c>title</c>,
     /// <c>description</c>, <c>default</c>, <c>examples</c>, <c>$schema</c>, <c>$id</c>, ...) are ignored.
     /// Objects with <c>properties</c> are written with only those properties, in the schema's order;
-    /// <c>oneOf</c> is enforced as <c>anyOf</c> (exact when its alternatives are disjoint).
+    /// <c>oneOf</c> is accepted when its alternatives are provably disjoint (types, const/enum values, or a required
+    /// const property of objects: a tagged union), and refused otherwise.
     /// </summary>
     /// <param name="schema">The schema.</param>
     /// <exception cref="NotSupportedException">A keyword that constrains values but is not enforced (<c>pattern</c>,

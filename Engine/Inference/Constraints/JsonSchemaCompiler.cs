@@ -107,12 +107,111 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
                 throw new ArgumentException($"'{anyOf.Item1}' at '{keyword}' is not a non-empty array", nameof(schema));
             }
 
-            return new ChoiceRule([.. anyOf.Item2.EnumerateArray().Select((s, i) => Compile(s, $"{keyword}/{i}"))]);
+            var choices = anyOf.Item2.EnumerateArray().ToArray();
+            var compiled = new ChoiceRule([.. choices.Select((s, i) => Compile(s, $"{keyword}/{i}"))]);
+            if (anyOf.Item1 == "oneOf")
+            {
+                CheckDisjoint(choices, keyword);
+            }
+
+            return compiled;
         }
 
         var alternatives = types.Select(t => Typed(schema, t, path)).ToArray();
         return alternatives.Length == 1 ? alternatives[0] : new ChoiceRule(alternatives);
     }
+
+    /// <summary>
+    /// <c>oneOf</c> is enforced as <c>anyOf</c>, which is exact only when no value matches two alternatives. Accepted
+    /// when every pair is provably disjoint: different JSON types (integer counts as a number), different const/enum
+    /// values, or objects that both require a property whose const/enum values differ (a tagged union); refused
+    /// otherwise rather than enforced loosely.
+    /// </summary>
+    private void CheckDisjoint(JsonElement[] choices, string keyword)
+    {
+        var shapes = choices.Select(c => Shape(c, 0)).ToArray();
+        for (var i = 0; i < shapes.Length; i++)
+        {
+            for (var j = i + 1; j < shapes.Length; j++)
+            {
+                if (!Disjoint(shapes[i], shapes[j]))
+                {
+                    throw new NotSupportedException($"'oneOf' at '{keyword}': alternatives {i} and {j} may both match one value, which constrained decoding cannot rule out (use anyOf, or make them differ in type, const/enum, or a required const property)");
+                }
+            }
+        }
+    }
+
+    /// <summary>What a schema can match, coarsely: its JSON types, its values when it is a const/enum, its object tags.</summary>
+    private sealed record SchemaShape(HashSet<string> Types, JsonElement[]? Values, Dictionary<string, JsonElement[]> Tags);
+
+    private SchemaShape Shape(JsonElement schema, int depth)
+    {
+        if (schema.ValueKind != JsonValueKind.Object || depth > 32)
+        {
+            return new SchemaShape([.. AllTypes.Where(t => t != "integer")], null, []);
+        }
+
+        if (schema.TryGetProperty("$ref", out var r) && r.ValueKind == JsonValueKind.String)
+        {
+            return Shape(Resolve(r.GetString()!, "#"), depth + 1);
+        }
+
+        var values = schema.TryGetProperty("const", out var c) ? [c] : schema.TryGetProperty("enum", out var e) ? e.EnumerateArray().ToArray() : null;
+        if (values is not null)
+        {
+            return new SchemaShape([.. values.Select(KindOf)], values, []);
+        }
+
+        foreach (var k in new[] { "anyOf", "oneOf" })
+        {
+            if (schema.TryGetProperty(k, out var alts))
+            {
+                return new SchemaShape([.. alts.EnumerateArray().SelectMany(a => Shape(a, depth + 1).Types)], null, []);
+            }
+        }
+
+        var tags = new Dictionary<string, JsonElement[]>(StringComparer.Ordinal);
+        if (schema.TryGetProperty("properties", out var props) && props.ValueKind == JsonValueKind.Object && schema.TryGetProperty("required", out var req) && req.ValueKind == JsonValueKind.Array)
+        {
+            foreach (var name in req.EnumerateArray().Where(n => n.ValueKind == JsonValueKind.String).Select(n => n.GetString()!))
+            {
+                if (props.TryGetProperty(name, out var ps) && Shape(ps, depth + 1).Values is { } tagValues)
+                {
+                    tags[name] = tagValues;
+                }
+            }
+        }
+
+        return new SchemaShape([.. Types(schema, "#").Select(t => t == "integer" ? "number" : t)], null, tags);
+    }
+
+    private static bool Disjoint(SchemaShape a, SchemaShape b)
+    {
+        if (!a.Types.Overlaps(b.Types))
+        {
+            return true;
+        }
+
+        if (a.Values is not null && b.Values is not null)
+        {
+            return !a.Values.Any(x => b.Values.Any(y => JsonElement.DeepEquals(x, y)));
+        }
+
+        // Both may be objects: disjoint when they are only objects and a tag both require has no value in common.
+        var objectsOnly = a.Types.SetEquals(["object"]) && b.Types.SetEquals(["object"]);
+        return objectsOnly && a.Tags.Any(t => b.Tags.TryGetValue(t.Key, out var other) && !t.Value.Any(x => other.Any(y => JsonElement.DeepEquals(x, y))));
+    }
+
+    private static string KindOf(JsonElement v) => v.ValueKind switch
+    {
+        JsonValueKind.Object => "object",
+        JsonValueKind.Array => "array",
+        JsonValueKind.String => "string",
+        JsonValueKind.Number => "number",
+        JsonValueKind.True or JsonValueKind.False => "boolean",
+        _ => "null",
+    };
 
     /// <summary>The types the schema allows: its <c>type</c>, else those its keywords imply, else all.</summary>
     private static string[] Types(JsonElement schema, string path)

@@ -32,6 +32,11 @@ public sealed class SchemaErrorTests
     [DataRow("""{"type":"string","anyOf":[{"type":"string"}]}""", "'type' beside 'anyOf'", "#/type")]
     [DataRow("""{"$defs":{"a":{"anyOf":[{"$ref":"#/$defs/a"},{"type":"null"}]}},"$ref":"#/$defs/a"}""", "left recursion", "#/$defs/a/anyOf/0/$ref")]
     [DataRow("""{"type":"object","properties":{"x":{"$ref":"#/properties/x"}}}""", "left recursion", "#/properties/x/$ref")]
+    [DataRow("""{"oneOf":[{"type":"number"},{"type":"integer"}]}""", "alternatives 0 and 1", "#/oneOf")]
+    [DataRow("""{"oneOf":[{"type":"string"},{"type":"null"},{"enum":["x"]}]}""", "alternatives 0 and 2", "#/oneOf")]
+    [DataRow("""{"oneOf":[{"type":"object","properties":{"k":{"const":1}},"required":["k"]},{"type":"object","properties":{"k":{"enum":[2,1]}},"required":["k"]}]}""", "alternatives 0 and 1", "#/oneOf")]
+    [DataRow("""{"oneOf":[{"type":"object","properties":{"k":{"const":1}}},{"type":"object","properties":{"k":{"const":2}}}]}""", "alternatives 0 and 1", "#/oneOf")]
+    [DataRow("""{"oneOf":[{},{"type":"null"}]}""", "alternatives 0 and 1", "#/oneOf")]
     public void UnenforcedKeywordsAreRefused(string schema, string keyword, string pointer)
     {
         var e = Assert.ThrowsExactly<NotSupportedException>(() => Compile(schema));

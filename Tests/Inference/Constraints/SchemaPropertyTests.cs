@@ -38,6 +38,8 @@ public sealed class SchemaPropertyTests
         ["any array", """{"type":"array"}"""],
         ["anyOf", """{"anyOf":[{"type":"string"},{"type":"object","properties":{"k":{"const":1}},"required":["k"]},{"type":"null"}]}"""],
         ["oneOf", """{"oneOf":[{"type":"integer"},{"type":"string"},{"type":"array","items":{"type":"boolean"}}]}"""],
+        ["oneOf tagged union", """{"oneOf":[{"type":"object","properties":{"kind":{"const":"circle"},"r":{"type":"number"}},"required":["kind","r"]},{"type":"object","properties":{"kind":{"enum":["square","box"]},"side":{"type":"number"}},"required":["kind","side"]},{"type":"null"}]}"""],
+        ["oneOf values", """{"oneOf":[{"enum":["a","b"]},{"const":"c"},{"$ref":"#/$defs/d"}],"$defs":{"d":{"enum":["d",1]}}}"""],
         ["ref", """{"$defs":{"pt":{"type":"object","properties":{"x":{"type":"number"},"y":{"type":"number"}},"required":["x","y"]}},"type":"object","properties":{"from":{"$ref":"#/$defs/pt"},"to":{"$ref":"#/$defs/pt"}},"required":["from","to"]}"""],
         ["definitions", """{"definitions":{"c":{"enum":["a","b"]}},"type":"array","items":{"$ref":"#/definitions/c"}}"""],
         ["recursive ref", """{"$defs":{"node":{"type":"object","properties":{"v":{"type":"integer"},"kids":{"type":"array","items":{"$ref":"#/$defs/node"},"maxItems":2}},"required":["v"]}},"$ref":"#/$defs/node"}"""],
