@@ -141,4 +141,62 @@ public sealed class DeepSeekMaskTests
             Assert.IsNull(SchemaValidator.Validate(parsed.RootElement, doc.RootElement), System.Text.Encoding.UTF8.GetString(text));
         }
     }
+
+    [TestMethod]
+    public void StartAfterMaskEqualsBruteForce()
+    {
+        // R1 style: reasoning, then "</think>" (an added token in some checkpoints, plain bytes in this tokenizer's
+        // text), then the constrained answer. Before the marker, an id is refused only when it would end the marker
+        // and go on with bytes the grammar's start rejects.
+        var tokenizer = TokenizerFixtures.DeepSeek;
+        var grammar = Grammar.JsonObject();
+        var c = new GrammarConstraint(grammar, Vocabularies.DeepSeek, startAfter: "</think>");
+        var start = grammar.CompileFor(Vocabularies.DeepSeek).Start;
+        var x = new Expander();
+        var marker = "</think>"u8.ToArray();
+        var text = new List<byte>();
+        var logits = new float[tokenizer.VocabSize];
+        var ids = tokenizer.EncodeLiteral("Okay, the user wants JSON. </th").Concat(tokenizer.EncodeLiteral("ink>")).ToArray();
+        var blockedSomewhere = false;
+        foreach (var id in ids)
+        {
+            Array.Clear(logits);
+            c.Mask(logits);
+            for (var t = 0; t < tokenizer.VocabSize; t++)
+            {
+                var joined = text.Concat(tokenizer.GetTokenBytes(t).ToArray()).ToArray();
+                var at = joined.AsSpan().IndexOf(marker);
+                var expected = at < 0 || start.Step(joined.AsSpan(at + marker.Length), x) is not null;
+                blockedSomewhere |= !expected;
+                Assert.AreEqual(expected, !float.IsNegativeInfinity(logits[t]), $"after {JsonSerializer.Serialize(System.Text.Encoding.UTF8.GetString([.. text]))}: id {t} {JsonSerializer.Serialize(tokenizer.Decode([t]))}");
+            }
+
+            Assert.IsFalse(c.IsStarted);
+            c.Advance(id);
+            text.AddRange(tokenizer.GetTokenBytes(id).ToArray());
+        }
+
+        Assert.IsTrue(blockedSomewhere, "some token ends the marker with bytes JSON cannot start with");
+        Assert.IsTrue(c.IsStarted);
+        Array.Clear(logits);
+        c.Mask(logits);
+        Assert.IsFalse(float.IsNegativeInfinity(logits[tokenizer.EncodeLiteral("{")[0]]));
+        Assert.IsTrue(float.IsNegativeInfinity(logits[tokenizer.EosId!.Value]));
+    }
+
+    [TestMethod]
+    public void ConcurrentRequestsShareOneGrammar()
+    {
+        using var doc = JsonDocument.Parse(Schema);
+        var grammar = Grammar.JsonSchema(doc.RootElement);
+        var tokenizer = new PieceTokenizer();
+        var texts = new byte[16][];
+        Parallel.For(0, texts.Length, seed => texts[seed] = ConstrainedRun.Generate(new GrammarConstraint(grammar, Vocabularies.Pieces), tokenizer, seed, closeAfter: 30).Text);
+        for (var seed = 0; seed < texts.Length; seed++)
+        {
+            using var parsed = JsonDocument.Parse(texts[seed]);
+            Assert.IsNull(SchemaValidator.Validate(parsed.RootElement, doc.RootElement), System.Text.Encoding.UTF8.GetString(texts[seed]));
+            CollectionAssert.AreEqual(texts[seed], ConstrainedRun.Generate(new GrammarConstraint(grammar, Vocabularies.Pieces), tokenizer, seed, closeAfter: 30).Text, "the same seed alone gives the same text");
+        }
+    }
 }
