@@ -5,8 +5,11 @@ namespace DeepSeekCuda.Inference.Constraints;
 /// sentence of the grammar are allowed; added tokens only where <see cref="Grammar.ControlToken"/> or
 /// <see cref="Grammar.FreeText"/> allows them; end of sentence only once a sentence is complete (and then it is
 /// the only id allowed if the grammar cannot go on). The mask of each automaton state is computed by one walk
-/// of the vocabulary's trie and cached with the grammar, so a state seen before (the inside of a string, by
-/// any request) costs one pass over the logits.
+/// of the vocabulary's trie and cached with the <see cref="Grammar"/> instance (bounded), so a state seen before
+/// costs one pass over the logits; reuse one instance for the requests of one schema to share that cache. Inside
+/// JSON strings, where most of the vocabulary is allowed, what the string alone decides is cached on the
+/// <see cref="TokenVocabulary"/> for every grammar, and only tokens that close the string are walked in context.
+/// One instance serves one generation, from one thread at a time.
 /// </summary>
 public sealed class GrammarConstraint : ITokenConstraint
 {
@@ -28,6 +31,7 @@ public sealed class GrammarConstraint : ITokenConstraint
     /// grammar rejects is not allowed.
     /// </param>
     /// <exception cref="ArgumentException">The grammar names an added token the vocabulary lacks.</exception>
+    /// <exception cref="InvalidOperationException">The grammar matches nothing (an empty <see cref="Grammar.Choice"/>).</exception>
     public GrammarConstraint(Grammar grammar, TokenVocabulary vocabulary, string? startAfter = null)
     {
         ArgumentNullException.ThrowIfNull(grammar);

@@ -333,12 +333,8 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
             throw new ArgumentException($"'additionalProperties' at '{Pointer(path, "additionalProperties")}' is not a schema", nameof(schema));
         }
 
-        // Only the declared properties are written (valid whatever additionalProperties says); a schema given for
-        // additional ones is still checked, so a malformed one is reported.
-        if (hasAdditional && additional.ValueKind == JsonValueKind.Object)
-        {
-            Compile(additional, Pointer(path, "additionalProperties"));
-        }
+        // Only the declared properties are written, which is valid whatever additionalProperties says, so a schema
+        // given for additional ones is never used (nor refused for keywords it could not enforce).
 
         var list = new List<ObjectProperty>();
         var propertiesPath = Pointer(path, "properties");
@@ -353,7 +349,7 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
         {
             if (!names.Contains(r))
             {
-                throw new ArgumentException($"'required' at '{Pointer(path, "required")}' names '{r}', which is not in 'properties' (only declared properties are written)", nameof(schema));
+                throw new NotSupportedException($"'required' at '{Pointer(path, "required")}' names '{r}', which is not in 'properties' (only declared properties are written)");
             }
         }
 

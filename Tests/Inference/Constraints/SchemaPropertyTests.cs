@@ -30,6 +30,7 @@ public sealed class SchemaPropertyTests
         ["type array 2", """{"type":["integer","boolean","array"],"items":{"type":"null"},"maxItems":3}"""],
         ["object", """{"type":"object","properties":{"a":{"type":"string"},"b":{"type":"integer"},"c":{"type":"boolean"}},"required":["b"],"additionalProperties":false}"""],
         ["nested object", """{"type":"object","properties":{"p":{"type":"object","properties":{"q":{"type":"array","items":{"type":"object","properties":{"r":{"type":"number"}},"required":["r"]}}},"required":["q"]},"s":{"type":"string"}},"required":["p","s"]}"""],
+        ["declared and additional", """{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"],"additionalProperties":{"type":"string","format":"email"}}"""],
         ["empty object", """{"type":"object","properties":{}}"""],
         ["map", """{"type":"object","additionalProperties":{"type":"integer"}}"""],
         ["closed map", """{"type":"object","additionalProperties":false}"""],
