@@ -19,13 +19,13 @@ public abstract class Grammar
     }
 
     /// <summary>
-    /// Any JSON value, without whitespace before or after it; inside it whitespace is allowed where JSON
-    /// allows it, at most 32 bytes in a row.
+    /// Any JSON value. Whitespace is allowed where JSON allows it (before and after the value too, so a model may
+    /// open with a blank line), at most 32 bytes in a row, so a constrained model cannot loop on whitespace.
     /// </summary>
-    public static Grammar JsonValue() => new NodeGrammar(JsonNodes.Value);
+    public static Grammar JsonValue() => new NodeGrammar(JsonNodes.Text(JsonNodes.Value));
 
     /// <summary>A JSON object (OpenAI's <c>response_format: json_object</c>), otherwise as <see cref="JsonValue"/>.</summary>
-    public static Grammar JsonObject() => new NodeGrammar(JsonNodes.Object);
+    public static Grammar JsonObject() => new NodeGrammar(JsonNodes.Text(JsonNodes.Object));
 
     /// <summary>
     /// A JSON value valid against <paramref name="schema"/>, from a subset of JSON Schema (2020-12 and draft 7
@@ -35,7 +35,7 @@ public abstract class Grammar
     /// <see cref="DateOnly"/> and <see cref="Guid"/>), and <c>$ref</c> to a local JSON pointer (<c>#/$defs/...</c>,
     /// <c>#/properties/...</c>; recursion allowed). Annotations (<c>title</c>,
     /// <c>description</c>, <c>default</c>, <c>examples</c>, <c>$schema</c>, <c>$id</c>, ...) are ignored.
-    /// Objects with <c>properties</c> are written with only those properties, in the schema's order;
+    /// Whitespace as in <see cref="JsonValue"/>. Objects with <c>properties</c> are written with only those properties, in the schema's order;
     /// <c>oneOf</c> is accepted when its alternatives are provably disjoint (types, const/enum values, or a required
     /// const property of objects: a tagged union), and refused otherwise.
     /// </summary>
@@ -43,7 +43,7 @@ public abstract class Grammar
     /// <exception cref="NotSupportedException">A keyword that constrains values but is not enforced (<c>pattern</c>,
     /// another <c>format</c>, <c>minimum</c>, <c>minLength</c>, <c>allOf</c>, ...); the message names it and its JSON pointer.</exception>
     /// <exception cref="ArgumentException">A schema that is malformed or that nothing can match; the message names the JSON pointer.</exception>
-    public static Grammar JsonSchema(JsonElement schema) => new NodeGrammar(new JsonSchemaCompiler(schema).Compile());
+    public static Grammar JsonSchema(JsonElement schema) => new NodeGrammar(JsonNodes.Text(new JsonSchemaCompiler(schema).Compile()));
 
     /// <summary>Exactly the UTF-8 bytes of <paramref name="text"/>, however tokenized (no added token matches it).</summary>
     /// <param name="text">The text.</param>

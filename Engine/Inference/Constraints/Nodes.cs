@@ -378,6 +378,9 @@ internal static class JsonNodes
 
     public static LiteralLeaf Lit(string text) => new(System.Text.Encoding.UTF8.GetBytes(text));
 
+    /// <summary>A JSON text (RFC 8259's <c>ws value ws</c>): <paramref name="value"/> with optional whitespace around it.</summary>
+    public static Node Text(Node value) => new SequenceRule([WhitespaceLeaf.Instance, value, WhitespaceLeaf.Instance]);
+
     /// <summary>A JSON object with any keys, each value matching <paramref name="value"/>.</summary>
     public static Node MapOf(Node value)
     {

@@ -38,6 +38,8 @@ public sealed class AutomatonTests
     [DataRow("1e9")]
     [DataRow("[[[[[[[[[[1]]]]]]]]]]")]
     [DataRow("{\n  \"a\": [\n    1\n  ]\n}")]
+    [DataRow(" 1")]
+    [DataRow("\n\n{}\n")]
     public void CompleteJson(string text)
     {
         Assert.AreEqual(Verdict.Complete, Run(Grammar.JsonValue(), text), text);
@@ -78,8 +80,6 @@ public sealed class AutomatonTests
     [DataRow("\"a\nb\"")]
     [DataRow("truex")]
     [DataRow("nul l")]
-    [DataRow(" 1")]
-    [DataRow("1 ")]
     [DataRow("{}}")]
     [DataRow("NaN")]
     public void RejectedJson(string text) => Assert.AreEqual(Verdict.Rejected, Run(Grammar.JsonValue(), text), text);
@@ -112,6 +112,9 @@ public sealed class AutomatonTests
         Assert.AreEqual(Verdict.Complete, Run(Grammar.JsonValue(), within));
         Assert.AreEqual(Verdict.Rejected, Run(Grammar.JsonValue(), beyond));
         Assert.AreEqual(Verdict.Complete, Run(Grammar.JsonValue(), "[" + new string(' ', WhitespaceLeaf.MaxRun) + "1," + new string(' ', WhitespaceLeaf.MaxRun) + "2]"), "each run counts separately");
+        Assert.AreEqual(Verdict.Complete, Run(Grammar.JsonObject(), new string('\n', WhitespaceLeaf.MaxRun) + "{}" + new string(' ', WhitespaceLeaf.MaxRun)), "before and after the value");
+        Assert.AreEqual(Verdict.Rejected, Run(Grammar.JsonObject(), new string('\n', WhitespaceLeaf.MaxRun + 1) + "{}"));
+        Assert.AreEqual(Verdict.Rejected, Run(Grammar.JsonObject(), "{}" + new string(' ', WhitespaceLeaf.MaxRun + 1)));
     }
 
     [TestMethod]

@@ -41,7 +41,14 @@ public sealed class GrammarConstraintTests
         c.Advance(Piece("null"));
         c.Advance('}');
         Assert.IsTrue(c.IsComplete);
-        CollectionAssert.AreEquivalent(new[] { Eos }, Allowed(c).ToArray(), "complete and nothing can follow: only EOS");
+        CollectionAssert.AreEquivalent(new[] { Eos, ' ', '\t', '\n', '\r', Piece("\n"), Piece("\n  "), Piece("  "), Piece("\t") }, Allowed(c).ToArray(), "complete: EOS, or whitespace after the JSON");
+        var end = new GrammarConstraint(Grammar.Sequence(Grammar.JsonObject(), Grammar.Literal("!")), Vocabularies.Pieces);
+        foreach (var id in new[] { (int)'{', '}', '!' })
+        {
+            end.Advance(id);
+        }
+
+        CollectionAssert.AreEquivalent(new[] { Eos }, Allowed(end).ToArray(), "complete and nothing can follow: only EOS");
         c.Advance(Eos);
     }
 
@@ -109,7 +116,8 @@ public sealed class GrammarConstraintTests
         Assert.IsTrue(c.IsStarted);
         var allowed = Allowed(c);
         Assert.Contains('{', allowed);
-        Assert.DoesNotContain('\n', allowed);
+        Assert.Contains('\n', allowed, "JSON may start with whitespace");
+        Assert.DoesNotContain('[', allowed);
         Assert.DoesNotContain(Eos, allowed);
     }
 
@@ -118,7 +126,8 @@ public sealed class GrammarConstraintTests
     {
         var c = new GrammarConstraint(Grammar.JsonObject(), Vocabularies.Pieces, startAfter: "</think>");
         var before = Allowed(c);
-        Assert.DoesNotContain(Piece("</think>\n\n{"), before, "it would end the marker and go on with bytes the grammar rejects");
+        Assert.Contains(Piece("</think>\n\n{"), before, "ends the marker, then a blank line and the object");
+        Assert.Contains(Piece("ink>x"), before, "cannot end the marker from here, so it is free text");
         Assert.Contains(Piece("</think>"), before);
         c.Advance(Piece("</th"));
         var mid = Allowed(c);
