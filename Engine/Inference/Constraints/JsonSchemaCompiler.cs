@@ -72,7 +72,7 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
         var types = Types(schema, path);
         if (schema.TryGetProperty("const", out var constant))
         {
-            return Values([constant], types, Pointer(path, "const"));
+            return Values([constant], types, String(schema, path), Pointer(path, "const"));
         }
 
         if (schema.TryGetProperty("enum", out var values))
@@ -82,7 +82,7 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
                 throw new ArgumentException($"'enum' at '{Pointer(path, "enum")}' is not an array", nameof(schema));
             }
 
-            return Values([.. values.EnumerateArray()], types, Pointer(path, "enum"));
+            return Values([.. values.EnumerateArray()], types, String(schema, path), Pointer(path, "enum"));
         }
 
         var anyOf = schema.TryGetProperty("anyOf", out var a) ? ("anyOf", a) : schema.TryGetProperty("oneOf", out var o) ? ("oneOf", o) : default;
@@ -410,12 +410,20 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
     }
 
     /// <summary>Exactly one of <paramref name="values"/> (an enum or const), written compactly; those not of an allowed type are dropped.</summary>
-    private static Node Values(JsonElement[] values, string[] types, string path)
+    /// <remarks>String values must also match the schema's <c>format</c> (<paramref name="strings"/>, its string grammar).</remarks>
+    private static Node Values(JsonElement[] values, string[] types, Node strings, string path)
     {
-        var kept = values.Where(v => types.Any(t => IsOfType(v, t))).Select(v => (Node)new LiteralLeaf(Serialize(v))).ToArray();
+        var x = new Expander();
+        var stringStart = AutomatonState.Start(strings);
+        var kept = values
+            .Where(v => types.Any(t => IsOfType(v, t)))
+            .Select(Serialize)
+            .Where(bytes => bytes[0] != '"' || stringStart.Step(bytes, x) is { IsComplete: true })
+            .Select(bytes => (Node)new LiteralLeaf(bytes))
+            .ToArray();
         if (kept.Length == 0)
         {
-            throw new ArgumentException($"no value of '{path}' has an allowed type: nothing matches", nameof(values));
+            throw new ArgumentException($"no value of '{path}' has an allowed type (and format): nothing matches", nameof(values));
         }
 
         return kept.Length == 1 ? kept[0] : new ChoiceRule(kept);

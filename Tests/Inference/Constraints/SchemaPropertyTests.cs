@@ -25,6 +25,7 @@ public sealed class SchemaPropertyTests
         ["no type", """{"description":"any value"}"""],
         ["enum", """{"enum":["red","green","say \"hi\"",1,2.5,null,true,{"a":[1,"é"]},[]]}"""],
         ["typed enum", """{"type":"string","enum":["a","b",3]}"""],
+        ["enum with format", """{"type":"string","format":"date","enum":["2024-02-29","2023-02-29","soon"]}"""],
         ["const", """{"const":{"x":"é\"\n","y":[1,2]}}"""],
         ["type array", """{"type":["string","null"]}"""],
         ["type array 2", """{"type":["integer","boolean","array"],"items":{"type":"null"},"maxItems":3}"""],
