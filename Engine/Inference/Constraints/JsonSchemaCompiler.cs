@@ -72,6 +72,11 @@ internal sealed class JsonSchemaCompiler(JsonElement root)
         var types = Types(schema, path);
         if (schema.TryGetProperty("const", out var constant))
         {
+            if (schema.TryGetProperty("enum", out var also) && !(also.ValueKind == JsonValueKind.Array && also.EnumerateArray().Any(e => JsonElement.DeepEquals(e, constant))))
+            {
+                throw new ArgumentException($"'const' at '{Pointer(path, "const")}' is not one of 'enum': nothing matches", nameof(schema));
+            }
+
             return Values([constant], types, String(schema, path), Pointer(path, "const"));
         }
 

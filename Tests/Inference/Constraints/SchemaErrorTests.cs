@@ -53,6 +53,7 @@ public sealed class SchemaErrorTests
     [DataRow("""{"type":"object","properties":{"a":false}}""", "#/properties/a")]
     [DataRow("""{"type":"string","enum":[1,2]}""", "#/enum")]
     [DataRow("""{"anyOf":[]}""", "#/anyOf")]
+    [DataRow("""{"const":1,"enum":[2,3]}""", "#/const")]
     [DataRow("""{"type":"string","format":"uuid","const":"not-a-uuid"}""", "#/const")]
     [DataRow("3", "'#'")]
     public void MalformedSchemasAreArgumentErrors(string schema, string pointer)
