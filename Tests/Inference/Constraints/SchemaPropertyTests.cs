@@ -115,6 +115,22 @@ public sealed class SchemaPropertyTests
         CollectionAssert.IsSubsetOf(expected, seen.ToArray(), $"seen: {string.Join(", ", seen.Order())}");
     }
 
+    [TestMethod]
+    public void EveryArrayLengthIsReachable()
+    {
+        using var doc = JsonDocument.Parse("""{"type":"array","items":{"enum":[1,2]},"minItems":1,"maxItems":4}""");
+        var grammar = Grammar.JsonSchema(doc.RootElement);
+        var lengths = new HashSet<int>();
+        for (var seed = 0; seed < 100; seed++)
+        {
+            var (text, _) = ConstrainedRun.Generate(new GrammarConstraint(grammar, Vocabularies.Pieces), new PieceTokenizer(), seed, closeAfter: 400);
+            using var parsed = AssertValid(text, doc.RootElement, $"seed {seed}");
+            lengths.Add(parsed.RootElement.GetArrayLength());
+        }
+
+        CollectionAssert.AreEquivalent(new[] { 1, 2, 3, 4 }, lengths.ToArray());
+    }
+
     private sealed record Address(string Street, string City, int? Zip);
 
     private enum Mood
