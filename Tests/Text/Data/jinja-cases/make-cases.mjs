@@ -27,7 +27,7 @@ const noParameters = { name: 'get_time', description: 'Current UTC time.' };
 const bare = { name: 'ping' };
 const nested = {
   name: 'create_event',
-  description: 'Creates an event.\nQuotes " and backslashes \\ and a tab\t and a control \u0001 stay escaped.',
+  description: 'Creates an event.\nQuotes " and backslashes \\ and a tab\t, \r, \b, \f and a control \u0001 \u001f stay escaped; / \u007f \u2028 \u00a0 do not.',
   parameters: {
     type: 'object',
     properties: {
@@ -41,6 +41,8 @@ const nested = {
     required: ['title', 'attendees'],
   },
 };
+// Members in an unusual order stay in it (tojson does not sort keys).
+const ordered = { name: 'ordered', description: '', parameters: { required: ['z'], properties: { z: { type: 'integer' }, a: { type: 'string' } }, type: 'object' } };
 const unicode = {
   name: 'translate_文本',
   description: 'Traduit le texte — 翻译文本 😀 (ünïcödé, 한국어, עברית)',
@@ -48,7 +50,7 @@ const unicode = {
 };
 const toolSets = {
   weather: [weather], noDescription: [noDescription], noParameters: [noParameters], bare: [bare],
-  nested: [nested], unicode: [unicode], several: [weather, noDescription, noParameters, bare, nested, unicode],
+  nested: [nested], unicode: [unicode], several: [weather, noDescription, noParameters, bare, nested, unicode], ordered: [ordered, bare],
 };
 
 const call = (name, args, type = 'function') => ({ type, function: { name, arguments: args } });
@@ -78,7 +80,7 @@ const conversations = {
 
 const plan = [
   ['user', 'weather'], ['user', 'noDescription'], ['user', 'noParameters'], ['user', 'bare'], ['user', 'nested'], ['user', 'unicode'], ['user', 'several'],
-  ['system_user', 'weather'], ['system_user', 'several'], ['two_systems', 'bare'], ['system_only', 'noParameters'],
+  ['system_user', 'weather'], ['user', 'ordered'], ['system_user', 'several'], ['two_systems', 'bare'], ['system_only', 'noParameters'],
   ['one_call_result_answer', 'weather'], ['several_calls_results', 'several'], ['calls_with_text', 'noDescription'], ['results_then_user', 'noParameters'],
   ['ends_on_result', 'bare'], ['two_rounds', 'several'], ['unicode_turns', 'unicode'], ['custom_type', 'nested'],
 ];
