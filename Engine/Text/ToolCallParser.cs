@@ -49,6 +49,11 @@ public sealed record ToolCallCompleted(int Index, string Name, string Arguments,
 /// dropped except the markers, the fences and the whitespace between calls: a block or call that breaks
 /// off before its name is complete is given back as text, and invalid arguments are reported with
 /// <see cref="ToolCallCompleted.ArgumentsValid"/> false. Nothing throws.
+/// <para>
+/// Feed it the answer text, after <see cref="ReasoningParser"/> has taken out R1's reasoning: a block
+/// the model only thinks about is not a call. Only a block opened by <c>&lt;｜tool▁calls▁begin｜&gt;</c> is
+/// recognized. One instance per stream; not thread-safe.
+/// </para>
 /// </remarks>
 public sealed class ToolCallParser
 {
