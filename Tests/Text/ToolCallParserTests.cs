@@ -263,6 +263,24 @@ public sealed class ToolCallParserTests
     }
 
     [TestMethod]
+    public void RoundTrip_EveryToolCallTurnOfTheTemplateCases()
+    {
+        var turns = ToolTemplateCasesTests.Cases.SelectMany(c => c.Turns).Where(t => t.ToolCalls is { Count: > 0 }).Distinct().ToList();
+        Assert.IsGreaterThanOrEqualTo(5, turns.Count);
+        foreach (var turn in turns)
+        {
+            var prompt = ChatTemplate.Render([turn], new ChatTemplateOptions { Kind = ChatTemplateKind.R1, AddGenerationPrompt = false });
+            var body = prompt[(prompt.IndexOf(ChatTemplate.Assistant, StringComparison.Ordinal) + ChatTemplate.Assistant.Length)..^ChatTemplate.Eos.Length];
+            var events = Parse(body);
+            CollectionAssert.AreEqual(
+                turn.ToolCalls!.Select((c, i) => new ToolCallCompleted(i, c.Name, c.Arguments.Length == 0 ? "{}" : c.Arguments, c.Type, true)).ToArray(),
+                Completed(events).ToArray(),
+                body);
+            Assert.AreEqual(turn.Content ?? string.Empty, string.Concat(events.OfType<ToolCallText>().Select(t => t.Text)));
+        }
+    }
+
+    [TestMethod]
     public void Flush_ResetsForANewStream()
     {
         var parser = new ToolCallParser();

@@ -14,7 +14,8 @@ public sealed class ToolTemplateCasesTests
 {
     private static readonly Lazy<ToolCase[]> LazyCases = new(LoadCases);
 
-    private static ToolCase[] Cases => LazyCases.Value;
+    /// <summary>The cases, for other tests that want realistic conversations.</summary>
+    internal static ToolCase[] Cases => LazyCases.Value;
 
     [TestMethod]
     public void CasesCoverBothKindsAndBothGenerationModes()
@@ -135,7 +136,7 @@ public sealed class ToolTemplateCasesTests
         return [.. doc.RootElement.GetProperty("cases").EnumerateArray().Select(ToolCase.From)];
     }
 
-    private sealed record ToolCase(string Name, IReadOnlyList<ChatTurn> Turns, ChatTemplateOptions Options, string Head, string ToolBlock, string? Text, string? OfficialText, bool ContentSpellsMarker)
+    internal sealed record ToolCase(string Name, IReadOnlyList<ChatTurn> Turns, ChatTemplateOptions Options, string Head, string ToolBlock, string? Text, string? OfficialText, bool ContentSpellsMarker)
     {
         public static ToolCase From(JsonElement c)
         {
