@@ -387,7 +387,7 @@ public sealed class DeepSeekChatClient : IChatClient
         try
         {
             Log.GenerationStarted(_logger, _options.ModelId, ids.Length, sampling.MaxTokens, sampling.IsGreedy ? 0 : sampling.EffectiveTemperature);
-            await foreach (var u in _generator.GenerateAsync(ids, sampling, reasoningMode, ct).ConfigureAwait(false))
+            await foreach (var u in _generator.GenerateAsync(ids, sampling, reasoningMode, cancellationToken: ct).ConfigureAwait(false))
             {
                 if (firstToken == 0 && u.Usage.GeneratedTokens > 0)
                 {

@@ -3,11 +3,13 @@ namespace DeepSeekCuda.Inference;
 
 /// <summary>
 /// Chooses the next token from float32 logits: greedy, or temperature sampling restricted by top-k then
-/// top-p (each applied to the probabilities left by the previous step). Holds the seeded random
-/// generator and scratch buffers, so one sampler serves one generation, from one thread.
+/// top-p (each applied to the probabilities left by the previous step), from the ids a
+/// <see cref="ITokenConstraint"/> allows when there is one. Holds the seeded random generator, the
+/// constraint's state and scratch buffers, so one sampler serves one generation, from one thread.
 /// </summary>
 internal sealed class Sampler
 {
+    private readonly ITokenConstraint? _constraint;
     private readonly float _temperature;
     private readonly int _topK;
     private readonly float _topP;
@@ -15,11 +17,12 @@ internal sealed class Sampler
     private float[] _probs = [];
     private int[] _order = [];
 
-    /// <summary>Creates a sampler for <paramref name="options"/> (validated here).</summary>
-    public Sampler(SamplingOptions options)
+    /// <summary>Creates a sampler for <paramref name="options"/> (validated here), restricted by <paramref name="constraint"/> when given.</summary>
+    public Sampler(SamplingOptions options, ITokenConstraint? constraint = null)
     {
         ArgumentNullException.ThrowIfNull(options);
         options.Validate();
+        _constraint = constraint;
         _temperature = options.IsGreedy ? 0 : options.EffectiveTemperature;
         _topK = options.TopK ?? 0;
         _topP = options.EffectiveTopP;
@@ -64,9 +67,12 @@ internal sealed class Sampler
     /// Chooses the next token from one row of the model's logits: the padded ids past
     /// <paramref name="vocabLimit"/> are masked, and a row with a NaN or +infinite logit below it, or with no
     /// finite logit at all, is refused, so broken numerics end the request with an error instead of a token.
-    /// -infinity is a legitimate logit: it means "impossible" (a mask), and is never drawn.
+    /// -infinity is a legitimate logit: it means "impossible" (a mask), and is never drawn. The constraint,
+    /// if any, masks the row after that check (so broken numerics are never hidden by it), and is advanced
+    /// past the token drawn.
     /// </summary>
     /// <exception cref="NonFiniteLogitsException">A logit below <paramref name="vocabLimit"/> is NaN or +infinity, or all are -infinity.</exception>
+    /// <exception cref="InvalidOperationException">The constraint allows none of the ids the model made possible.</exception>
     public int SampleModelRow(Span<float> logits, int vocabLimit)
     {
         MaskPadding(logits, vocabLimit);
@@ -98,7 +104,20 @@ internal sealed class Sampler
             throw new NonFiniteLogitsException(bad, bad < 0 ? float.NegativeInfinity : real[bad], broken > 0 ? broken : real.Length, real.Length);
         }
 
-        return Sample(logits);
+        if (_constraint is null)
+        {
+            return Sample(logits);
+        }
+
+        _constraint.Mask(real);
+        if (!float.IsFinite(real[ArgMax(real)]))
+        {
+            throw new InvalidOperationException($"the output constraint ({_constraint.GetType().Name}) allows none of the {real.Length} token ids the model made possible");
+        }
+
+        var id = Sample(real);
+        _constraint.Advance(id);
+        return id;
     }
 
     /// <summary>Draws a token id from <paramref name="logits"/> (any values: NaN is never drawn; all -infinity or NaN falls back to argmax).</summary>

@@ -120,18 +120,19 @@ public sealed class TextGenerator
 
     /// <summary>Streams the continuation of a text prompt (encoded by <see cref="EncodePrompt"/>).</summary>
     public IAsyncEnumerable<GenerationUpdate> GenerateAsync(string prompt, SamplingOptions? options = null, ReasoningMode reasoning = ReasoningMode.None, CancellationToken cancellationToken = default)
-        => GenerateAsync(EncodePrompt(prompt), options, reasoning, cancellationToken);
+        => GenerateAsync(EncodePrompt(prompt), options, reasoning, cancellationToken: cancellationToken);
 
     /// <summary>
     /// Streams the continuation of <paramref name="promptIds"/>. Model work runs on the thread pool (or the
     /// scheduler's thread), so an awaiting caller's thread is never blocked by a forward pass. The last
     /// update carries the finish reason. With a scheduler, the request is submitted at the first
-    /// <c>MoveNextAsync</c> and cancelled when the enumeration ends early.
+    /// <c>MoveNextAsync</c> and cancelled when the enumeration ends early. With <paramref name="constraint"/>
+    /// (one instance per call: it holds the call's state), only the ids it allows are sampled.
     /// </summary>
     /// <exception cref="ArgumentException">Empty prompt, or a prompt that leaves no room in the context.</exception>
     /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> was cancelled; checked before every token
     /// (with a scheduler, the request is removed and its cache blocks are free when the exception arrives).</exception>
-    public IAsyncEnumerable<GenerationUpdate> GenerateAsync(IReadOnlyList<int> promptIds, SamplingOptions? options = null, ReasoningMode reasoning = ReasoningMode.None, CancellationToken cancellationToken = default)
+    public IAsyncEnumerable<GenerationUpdate> GenerateAsync(IReadOnlyList<int> promptIds, SamplingOptions? options = null, ReasoningMode reasoning = ReasoningMode.None, ITokenConstraint? constraint = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(promptIds);
         options ??= new SamplingOptions();
@@ -147,18 +148,18 @@ public sealed class TextGenerator
         }
 
         // Validation above runs at the call, not at the first MoveNextAsync.
-        return Run(promptIds.ToArray(), options, reasoning, cancellationToken);
+        return Run(promptIds.ToArray(), options, reasoning, constraint, cancellationToken);
     }
 
     /// <summary>Generates to the end and returns the whole result.</summary>
-    public async Task<GenerationResult> GenerateTextAsync(IReadOnlyList<int> promptIds, SamplingOptions? options = null, ReasoningMode reasoning = ReasoningMode.None, CancellationToken cancellationToken = default)
+    public async Task<GenerationResult> GenerateTextAsync(IReadOnlyList<int> promptIds, SamplingOptions? options = null, ReasoningMode reasoning = ReasoningMode.None, ITokenConstraint? constraint = null, CancellationToken cancellationToken = default)
     {
         var all = new StringBuilder();
         var reasoningText = new StringBuilder();
         var answer = new StringBuilder();
         var ids = new List<int>();
         GenerationUpdate? last = null;
-        await foreach (var u in GenerateAsync(promptIds, options, reasoning, cancellationToken).ConfigureAwait(false))
+        await foreach (var u in GenerateAsync(promptIds, options, reasoning, constraint, cancellationToken).ConfigureAwait(false))
         {
             // A token whose text splits into several segments yields several updates; count it once.
             if (u.TokenId is { } id && ids.Count < u.Usage.GeneratedTokens)
@@ -176,7 +177,7 @@ public sealed class TextGenerator
 
     /// <summary>Generates to the end from a text prompt and returns the whole result.</summary>
     public Task<GenerationResult> GenerateTextAsync(string prompt, SamplingOptions? options = null, ReasoningMode reasoning = ReasoningMode.None, CancellationToken cancellationToken = default)
-        => GenerateTextAsync(EncodePrompt(prompt), options, reasoning, cancellationToken);
+        => GenerateTextAsync(EncodePrompt(prompt), options, reasoning, cancellationToken: cancellationToken);
 
     /// <summary>The most prompt tokens a call accepts: the model's context, or less when the scheduler's requests hold fewer.</summary>
     private int ContextLimit => _scheduler is null ? _model.MaxSequenceLength : Math.Min(_model.MaxSequenceLength, _scheduler.Blocks.MaxTokensPerRequest);
@@ -197,10 +198,10 @@ public sealed class TextGenerator
         }
     }
 
-    private async IAsyncEnumerable<GenerationUpdate> Run(int[] prompt, SamplingOptions options, ReasoningMode reasoningMode, [EnumeratorCancellation] CancellationToken ct)
+    private async IAsyncEnumerable<GenerationUpdate> Run(int[] prompt, SamplingOptions options, ReasoningMode reasoningMode, ITokenConstraint? constraint, [EnumeratorCancellation] CancellationToken ct)
     {
         ct.ThrowIfCancellationRequested();
-        var tokens = _scheduler is null ? SessionTokens(prompt, options, ct) : ScheduledTokens(_scheduler, prompt, options, ct);
+        var tokens = _scheduler is null ? SessionTokens(prompt, options, constraint, ct) : ScheduledTokens(_scheduler, prompt, options, constraint, ct);
         var stops = new StopSequenceMatcher(options.StopSequences ?? []);
         var parser = reasoningMode == ReasoningMode.None ? null : new ReasoningParser(reasoningMode == ReasoningMode.StartInReasoning);
         var defaultKind = reasoningMode == ReasoningMode.StartInReasoning ? TextKind.Reasoning : TextKind.Answer;
@@ -298,13 +299,13 @@ public sealed class TextGenerator
     /// The token source of a generator without a scheduler: its own session, prefill then one token per
     /// forward on the thread pool. Yields each sampled token; ends after EOS, at max tokens or a full context.
     /// </summary>
-    private async IAsyncEnumerable<int> SessionTokens(int[] prompt, SamplingOptions options, [EnumeratorCancellation] CancellationToken ct)
+    private async IAsyncEnumerable<int> SessionTokens(int[] prompt, SamplingOptions options, ITokenConstraint? constraint, [EnumeratorCancellation] CancellationToken ct)
     {
         var maxTokens = options.MaxTokens ?? int.MaxValue;
         var maxLength = _model.MaxSequenceLength;
         var tokenizerVocab = _tokenizer.VocabSize;
         var eos = _tokenizer.EosId;
-        var sampler = new Sampler(options);
+        var sampler = new Sampler(options, constraint);
         var logits = new float[_model.VocabSize];
         using var session = _model.CreateSession();
         if (maxTokens == 0)
@@ -334,14 +335,14 @@ public sealed class TextGenerator
     /// before the request ended (a stop sequence), cancel the request, and the enumeration ends only once the
     /// scheduler has removed it, so its cache blocks are free again when the caller sees the end.
     /// </summary>
-    private static async IAsyncEnumerable<int> ScheduledTokens(BatchScheduler scheduler, int[] prompt, SamplingOptions options, [EnumeratorCancellation] CancellationToken ct)
+    private static async IAsyncEnumerable<int> ScheduledTokens(BatchScheduler scheduler, int[] prompt, SamplingOptions options, ITokenConstraint? constraint, [EnumeratorCancellation] CancellationToken ct)
     {
         if (options.MaxTokens == 0)
         {
             yield break;
         }
 
-        var request = scheduler.Submit(prompt, options);
+        var request = scheduler.Submit(prompt, options, constraint);
         try
         {
             using var registration = ct.Register(request.Cancel);

@@ -110,13 +110,13 @@ public sealed class ScheduledRequest
     private readonly BatchScheduler _owner;
     private volatile bool _cancelRequested;
 
-    internal ScheduledRequest(BatchScheduler owner, long id, int[] prompt, SamplingOptions sampling, bool speculative)
+    internal ScheduledRequest(BatchScheduler owner, long id, int[] prompt, SamplingOptions sampling, ITokenConstraint? constraint, bool speculative)
     {
         _owner = owner;
         Id = id;
         PromptLength = prompt.Length;
         Tokens = [.. prompt];
-        Sampler = new Sampler(sampling);
+        Sampler = new Sampler(sampling, constraint);
         MaxTokens = sampling.MaxTokens ?? int.MaxValue;
         Speculative = speculative;
     }
@@ -276,9 +276,13 @@ public sealed class BatchScheduler : IDisposable
     /// <summary>Requests holding a slot (read without waiting for a step in flight: as of the last change).</summary>
     public int RunningCount => Volatile.Read(ref _runningCount);
 
-    /// <summary>Queues a request; it is admitted at a step boundary when a slot and its prompt's blocks are free.</summary>
+    /// <summary>
+    /// Queues a request; it is admitted at a step boundary when a slot and its prompt's blocks are free. With
+    /// <paramref name="constraint"/> (this request's own instance), only the ids it allows are sampled; an MTP
+    /// draft is still proposed unconstrained, and verification keeps only what the constrained sample agrees with.
+    /// </summary>
     /// <exception cref="ArgumentException">Empty prompt, or one that no request slot can ever hold.</exception>
-    public ScheduledRequest Submit(IReadOnlyList<int> prompt, SamplingOptions? sampling = null)
+    public ScheduledRequest Submit(IReadOnlyList<int> prompt, SamplingOptions? sampling = null, ITokenConstraint? constraint = null)
     {
         ArgumentNullException.ThrowIfNull(prompt);
         ObjectDisposedException.ThrowIf(_disposed, this);
@@ -299,7 +303,7 @@ public sealed class BatchScheduler : IDisposable
             }
         }
 
-        var request = new ScheduledRequest(this, Interlocked.Increment(ref _nextId), [.. prompt], sampling, _drafting);
+        var request = new ScheduledRequest(this, Interlocked.Increment(ref _nextId), [.. prompt], sampling, constraint, _drafting);
         if (request.MaxTokens == 0)
         {
             request.Finish(FinishReason.Length); // nothing to generate: it never takes a slot

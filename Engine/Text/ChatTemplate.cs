@@ -70,6 +70,15 @@ public sealed record ChatTemplateOptions
 
     /// <summary>Append the assistant prefix the model continues from (Jinja's <c>add_generation_prompt</c>). Default true.</summary>
     public bool AddGenerationPrompt { get; init; } = true;
+
+    /// <summary>
+    /// The functions the model may call, written after the system prompt as <see cref="ToolFormat"/> says
+    /// (even when there is no system message). Null or empty: the prompt is unchanged, byte for byte.
+    /// </summary>
+    public IReadOnlyList<ChatToolDefinition>? Tools { get; init; }
+
+    /// <summary>The convention <see cref="Tools"/> are written in. Default <see cref="ToolPromptFormat.Sglang"/>.</summary>
+    public ToolPromptFormat ToolFormat { get; init; } = ToolPromptFormat.Sglang;
 }
 
 /// <summary>A piece of a rendered chat prompt: a control marker the template wrote, or text.</summary>
@@ -149,6 +158,11 @@ public static class ChatTemplate
         var w = new Writer();
         w.Control(Bos);
         AppendSystemPrompt(w, messages);
+        if (options.Tools is { Count: > 0 } tools)
+        {
+            AppendTools(w, tools, options.ToolFormat);
+        }
+
         if (options.Kind == ChatTemplateKind.V3)
         {
             RenderV3(w, messages, options.AddGenerationPrompt);
@@ -233,6 +247,28 @@ public static class ChatTemplate
 
             w.Text(m.Content);
             first = false;
+        }
+    }
+
+    // ToolPromptFormat.Sglang: the tool block of sglang's tool_chat_template_deepseekr1.jinja, quirks kept
+    // ("valid.## Tools", the blank line before the first tool). Its markers are the template's, so they are
+    // control tokens as in Hugging Face's encoding of the rendered text; the tools' JSON is text, so a
+    // description that spells a marker cannot open a call.
+    private static void AppendTools(Writer w, IReadOnlyList<ChatToolDefinition> tools, ToolPromptFormat format)
+    {
+        if (format != ToolPromptFormat.Sglang)
+        {
+            throw new ArgumentOutOfRangeException(nameof(format), format, "unknown tool prompt format");
+        }
+
+        w.Text("\n\nYou are a helpful assistant with tool calling capabilities. When a tool call is needed, you MUST use the following format to issue the call:\n")
+         .Control(ToolCallsBegin).Control(ToolCallBegin).Text("function").Control(ToolSep)
+         .Text("FUNCTION_NAME\n```json\n{\"param1\": \"value1\", \"param2\": \"value2\"}\n```")
+         .Control(ToolCallEnd).Control(ToolCallsEnd)
+         .Text("\n\nMake sure the JSON is valid.## Tools\n\n### Function\n\nYou have the following functions available:\n\n");
+        foreach (var tool in tools)
+        {
+            w.Text("\n```json\n").Text(TemplateJson.Tool(tool)).Text("\n```\n");
         }
     }
 
