@@ -1,9 +1,11 @@
+using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Diagnostics.Metrics;
 using System.Runtime.CompilerServices;
 using System.Text;
 using System.Text.Json;
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Inference.Constraints;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Text;
 using Microsoft.Extensions.AI;
@@ -15,7 +17,8 @@ namespace DeepSeekCuda.Hosting;
 /// <summary>
 /// <see cref="IChatClient"/> over a local DeepSeek-V3/R1 model: renders the conversation with
 /// <see cref="ChatTemplate"/>, generates with <see cref="TextGenerator"/>, and returns reasoning as
-/// <see cref="TextReasoningContent"/> and the answer as <see cref="TextContent"/>.
+/// <see cref="TextReasoningContent"/>, the answer as <see cref="TextContent"/> and the model's tool calls as
+/// <see cref="FunctionCallContent"/>.
 /// </summary>
 /// <remarks>
 /// Every request is submitted to one shared <see cref="BatchScheduler"/> (continuous batching): concurrent
@@ -24,11 +27,15 @@ namespace DeepSeekCuda.Hosting;
 /// returns its cache blocks before the call's enumeration ends. The step runner does the model work: by
 /// default a <see cref="SessionStepRunner"/> (one session per request, run one after another, as the CPU
 /// backend needs); a batched GPU runner plugs in through the constructor.
-/// Options the engine cannot honour are refused before any work, never silently dropped: tool definitions
-/// in <see cref="ChatOptions.Tools"/> (the DeepSeek templates have no slot for them, and tool calls in the
-/// output are not parsed), a <see cref="ChatOptions.ResponseFormat"/> other than text, and non-zero
-/// <see cref="ChatOptions.FrequencyPenalty"/> or <see cref="ChatOptions.PresencePenalty"/> throw
-/// <see cref="NotSupportedException"/> naming the option. Past calls and results in the messages are rendered.
+/// Functions in <see cref="ChatOptions.Tools"/> are described to the model in the system prompt (vLLM's
+/// DeepSeek-V3 tool convention, see <see cref="ChatTemplateOptions.Tools"/>) and the calls it writes come back as
+/// <see cref="FunctionCallContent"/> (arguments that are not a JSON object carry the parse error in
+/// <see cref="FunctionCallContent.Exception"/>), with <see cref="ChatFinishReason.ToolCalls"/>; so
+/// Microsoft.Extensions.AI's function-invocation middleware runs them. <see cref="ChatOptions.ToolMode"/> and a JSON
+/// <see cref="ChatOptions.ResponseFormat"/> are enforced by constrained decoding (see <c>ChatRequestPlan</c>).
+/// Options the engine cannot honour are refused before any work, never silently dropped: tools other than
+/// functions, a response schema the grammar cannot enforce, and non-zero <see cref="ChatOptions.FrequencyPenalty"/>
+/// or <see cref="ChatOptions.PresencePenalty"/> throw <see cref="NotSupportedException"/> naming the option.
 /// </remarks>
 public sealed class DeepSeekChatClient : IChatClient
 {
@@ -47,6 +54,8 @@ public sealed class DeepSeekChatClient : IChatClient
     private readonly CancellationTokenSource _stopScheduler = new();
     private readonly Lock _state = new();
     private readonly bool _disposeModel;
+    private readonly Lazy<TokenVocabulary> _vocabulary; // built at the first constrained request
+    private readonly ConcurrentDictionary<string, ChatRequestPlan> _plans = new(StringComparer.Ordinal);
     private bool _disposed;
     private int _active;
     private int _released;
@@ -97,6 +106,7 @@ public sealed class DeepSeekChatClient : IChatClient
         }
 
         _generator = new TextGenerator(model, tokenizer, _scheduler);
+        _vocabulary = new Lazy<TokenVocabulary>(() => TokenVocabulary.Create(tokenizer));
         _metrics = new DeepSeekCudaMetrics(_options.ModelId, meterFactory);
         _metrics.ObserveScheduler(_scheduler);
         _disposeModel = disposeModel;
@@ -118,6 +128,7 @@ public sealed class DeepSeekChatClient : IChatClient
     {
         var reasoning = new StringBuilder();
         var answer = new StringBuilder();
+        var calls = new List<FunctionCallContent>();
         var response = new ChatResponse { ModelId = _options.ModelId };
         await foreach (var update in GetStreamingResponseAsync(messages, options, cancellationToken).ConfigureAwait(false))
         {
@@ -134,6 +145,9 @@ public sealed class DeepSeekChatClient : IChatClient
                     case TextContent t:
                         answer.Append(t.Text);
                         break;
+                    case FunctionCallContent c:
+                        calls.Add(c);
+                        break;
                     case UsageContent u:
                         response.Usage = u.Details;
                         break;
@@ -147,7 +161,13 @@ public sealed class DeepSeekChatClient : IChatClient
             contents.Add(new TextReasoningContent(reasoning.ToString()));
         }
 
-        contents.Add(new TextContent(answer.ToString()));
+        if (calls.Count == 0 || !string.IsNullOrWhiteSpace(answer.ToString()))
+        {
+            // Beside tool calls, the blank lines R1 writes after </think> are not an answer.
+            contents.Add(new TextContent(answer.ToString()));
+        }
+
+        contents.AddRange(calls);
         response.Messages.Add(new ChatMessage(ChatRole.Assistant, contents) { MessageId = response.ResponseId, CreatedAt = response.CreatedAt });
         return response;
     }
@@ -159,9 +179,14 @@ public sealed class DeepSeekChatClient : IChatClient
         ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed), this);
         ThrowIfUnsupported(options);
         var turns = ToTurns(messages, options);
+        // R1's generation prompt opens a think block; after tool outputs the templates add no generation prompt,
+        // and the model answers (or thinks, in a block it opens itself) right after them.
+        var startsInReasoning = _options.TemplateKind == ChatTemplateKind.R1 && turns is not [.., { Role: ChatTurnRole.Tool }];
+        var plan = ChatRequestPlan.Create(options, _generator.Tokenizer, startsInReasoning, _plans);
         var sampling = ToSampling(options);
         sampling.Validate();
-        return Stream(turns, sampling, cancellationToken);
+        var reasoning = !_options.ParseReasoning ? ReasoningMode.None : startsInReasoning ? ReasoningMode.StartInReasoning : ReasoningMode.Detect;
+        return Stream(turns, sampling, plan, reasoning, cancellationToken);
     }
 
     /// <inheritdoc/>
@@ -320,16 +345,6 @@ public sealed class DeepSeekChatClient : IChatClient
             return;
         }
 
-        if (options.Tools is { Count: > 0 })
-        {
-            throw new NotSupportedException($"{nameof(ChatOptions)}.{nameof(ChatOptions.Tools)} is not supported: the model is not given tool definitions and tool calls are not parsed");
-        }
-
-        if (options.ResponseFormat is not (null or ChatResponseFormatText))
-        {
-            throw new NotSupportedException($"{nameof(ChatOptions)}.{nameof(ChatOptions.ResponseFormat)} other than text is not supported: output is not constrained");
-        }
-
         if (options.FrequencyPenalty is { } f && f != 0)
         {
             throw new NotSupportedException($"{nameof(ChatOptions)}.{nameof(ChatOptions.FrequencyPenalty)} is not supported (only 0)");
@@ -360,12 +375,12 @@ public sealed class DeepSeekChatClient : IChatClient
         };
     }
 
-    private async IAsyncEnumerable<ChatResponseUpdate> Stream(List<ChatTurn> turns, SamplingOptions sampling, [EnumeratorCancellation] CancellationToken ct)
+    private async IAsyncEnumerable<ChatResponseUpdate> Stream(List<ChatTurn> turns, SamplingOptions sampling, ChatRequestPlan plan, ReasoningMode reasoningMode, [EnumeratorCancellation] CancellationToken ct)
     {
         // Only the template's markers become control tokens: message text that spells one stays text.
-        var ids = _generator.EncodeChat(turns, new ChatTemplateOptions { Kind = _options.TemplateKind });
-        var reasoningMode = !_options.ParseReasoning ? ReasoningMode.None
-            : _options.TemplateKind == ChatTemplateKind.R1 ? ReasoningMode.StartInReasoning : ReasoningMode.Detect;
+        var ids = _generator.EncodeChat(turns, new ChatTemplateOptions { Kind = _options.TemplateKind, Tools = plan.Tools });
+        var constraint = plan.CreateConstraint(_vocabulary);
+        var toolCalls = plan.ParseToolCalls ? new ToolCallReader() : null;
 
         lock (_state)
         {
@@ -387,7 +402,7 @@ public sealed class DeepSeekChatClient : IChatClient
         try
         {
             Log.GenerationStarted(_logger, _options.ModelId, ids.Length, sampling.MaxTokens, sampling.IsGreedy ? 0 : sampling.EffectiveTemperature);
-            await foreach (var u in _generator.GenerateAsync(ids, sampling, reasoningMode, cancellationToken: ct).ConfigureAwait(false))
+            await foreach (var u in _generator.GenerateAsync(ids, sampling, reasoningMode, constraint, ct).ConfigureAwait(false))
             {
                 if (firstToken == 0 && u.Usage.GeneratedTokens > 0)
                 {
@@ -398,12 +413,22 @@ public sealed class DeepSeekChatClient : IChatClient
                 generated = u.Usage.GeneratedTokens;
                 if (u.Text.Length > 0)
                 {
-                    AIContent content = u.Kind == TextKind.Reasoning ? new TextReasoningContent(u.Text) : new TextContent(u.Text);
-                    yield return NewUpdate(responseId, createdAt, [content]);
+                    List<AIContent> contents = u.Kind == TextKind.Reasoning ? [new TextReasoningContent(u.Text)]
+                        : toolCalls is null ? [new TextContent(u.Text)]
+                        : toolCalls.Push(u.Text);
+                    if (contents.Count > 0)
+                    {
+                        yield return NewUpdate(responseId, createdAt, contents);
+                    }
                 }
 
                 if (u.FinishReason is { } finish)
                 {
+                    if (toolCalls?.Flush() is { Count: > 0 } rest)
+                    {
+                        yield return NewUpdate(responseId, createdAt, rest);
+                    }
+
                     var end = Stopwatch.GetTimestamp();
                     var decodeSeconds = firstToken == 0 ? 0 : Stopwatch.GetElapsedTime(firstToken, end).TotalSeconds;
                     var tokensPerSecond = generated > 1 && decodeSeconds > 0 ? (generated - 1) / decodeSeconds : 0;
@@ -418,7 +443,9 @@ public sealed class DeepSeekChatClient : IChatClient
                         TotalTokenCount = u.Usage.TotalTokens,
                     };
                     var last = NewUpdate(responseId, createdAt, [new UsageContent(usage)]);
-                    last.FinishReason = finish == Inference.FinishReason.Length ? ChatFinishReason.Length : ChatFinishReason.Stop;
+                    last.FinishReason = finish == Inference.FinishReason.Length ? ChatFinishReason.Length
+                        : toolCalls is { Calls: > 0 } ? ChatFinishReason.ToolCalls
+                        : ChatFinishReason.Stop;
                     yield return last;
                 }
             }

@@ -5,7 +5,7 @@ using Microsoft.Extensions.AI;
 namespace DeepSeekCuda.Tests.Hosting;
 
 /// <summary>
-/// Options the engine would ignore are refused by the chat client before any model work, naming the option
+/// Options the engine would ignore or cannot enforce are refused by the chat client before any model work, naming the option
 /// (the server refuses the same ones as 400s; a library caller must not get them silently dropped either).
 /// </summary>
 [TestClass]
@@ -13,8 +13,8 @@ public sealed class ChatClientUnsupportedOptionsTests
 {
     public static IEnumerable<object[]> Unsupported =>
     [
-        ["Tools", new ChatOptions { Tools = [AIFunctionFactory.Create(() => 1, "one")] }],
-        ["ResponseFormat", new ChatOptions { ResponseFormat = ChatResponseFormat.Json }],
+        ["Tools", new ChatOptions { Tools = [new HostedWebSearchTool()] }],
+        ["ResponseFormat", new ChatOptions { ResponseFormat = ChatResponseFormat.ForJsonSchema(System.Text.Json.JsonDocument.Parse("{\"not\":{\"type\":\"string\"}}").RootElement, "unenforceable") }],
         ["FrequencyPenalty", new ChatOptions { FrequencyPenalty = 0.5f }],
         ["PresencePenalty", new ChatOptions { PresencePenalty = -1f }],
     ];
