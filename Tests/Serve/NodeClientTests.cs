@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Tests.Serve;
 /// <summary>
 /// The <c>openai</c> npm package (the version pinned in Tests/Clients/node/package-lock.json) as a real client of the
 /// server: whole and streamed completions, DeepSeek's <c>reasoning_content</c>, usage, and a bad request seen as a 400
-/// <c>APIError</c> naming the field. Needs node and npm; the package is installed once with <c>npm ci</c> into the
+/// <c>APIError</c> naming the field; tool calls both ways and a json_schema response format. Needs node and npm; the package is installed once with <c>npm ci</c> into the
 /// (git-ignored) node_modules beside the script. Without node, npm or the registry the test fails saying so: it
 /// never passes or skips silently.
 /// </summary>
@@ -69,8 +69,8 @@ public sealed class NodeClientTests
         }
     }
 
-    [TestMethod]
-    public async Task OpenAINpmPackage_StreamsAndNot_AndSeesA400WithTheParam()
+    /// <summary>The client folder, with the pinned openai package installed (once, with <c>npm ci</c>).</summary>
+    private static async Task<string> InstalledClientDirAsync()
     {
         var dir = ClientDir;
         if (!File.Exists(Path.Combine(dir, "node_modules", "openai", "package.json")))
@@ -82,7 +82,49 @@ public sealed class NodeClientTests
             }
         }
 
+        return dir;
+    }
+
+    [TestMethod]
+    public async Task OpenAINpmPackage_GetsToolCalls_SendsToolResults_AndJsonSchemaOutput()
+    {
+        var dir = await InstalledClientDirAsync();
+        await using var scripted = await TestServer.StartAsync(script: ServeToolTests.Script);
+        await using var free = await TestServer.StartAsync(DeepSeekCuda.Text.ChatTemplateKind.V3);
+        var run = await RunAsync("node", dir, TimeSpan.FromMinutes(2), "tools.mjs", scripted.V1.ToString(), free.V1.ToString(), ServeModel.Id);
+        Assert.AreEqual(0, run.Code, $"node tools.mjs failed:\n{run.Error}\n{run.Output}");
+        var seen = JsonNode.Parse(run.Output.Trim().Split('\n')[^1])!;
+
+        var whole = seen["whole"]!;
+        Assert.AreEqual("tool_calls", (string?)whole["finish"]);
+        Assert.IsNull(whole["content"], "a message of tool calls only has null content");
+        var call = whole["toolCalls"]!.AsArray().Single()!;
+        Assert.AreEqual("function", (string?)call["type"]);
+        Assert.AreEqual("get_weather", (string?)call["function"]!["name"]);
+        Assert.AreEqual(ServeToolTests.Arguments, (string?)call["function"]!["arguments"]);
+
+        var streamed = seen["streamed"]!;
+        Assert.AreEqual("tool_calls", (string?)streamed["finish"]);
+        var streamedCall = streamed["calls"]!.AsArray().Single()!;
+        Assert.AreEqual("get_weather", (string?)streamedCall["name"]);
+        Assert.AreEqual(ServeToolTests.Arguments, (string?)streamedCall["arguments"]);
+        StringAssert.StartsWith((string?)streamedCall["id"], "call_");
+
+        Assert.AreEqual("stop", (string?)seen["answer"]!["finish"]);
+        Assert.AreEqual("It is sunny for 2 days in Paris.", (string?)seen["answer"]!["content"]);
+
+        Assert.AreEqual("stop", (string?)seen["json"]!["finish"]);
+        var json = JsonNode.Parse((string)seen["json"]!["content"]!)!.AsObject();
+        CollectionAssert.AreEqual(new[] { "unit", "windy" }, json.Select(p => p.Key).ToArray());
+        CollectionAssert.Contains(new[] { "celsius", "fahrenheit" }, (string?)json["unit"]);
+    }
+
+    [TestMethod]
+    public async Task OpenAINpmPackage_StreamsAndNot_AndSeesA400WithTheParam()
+    {
+        var dir = await InstalledClientDirAsync();
         await using var server = await TestServer.StartAsync();
+
         var run = await RunAsync("node", dir, TimeSpan.FromMinutes(2), "client.mjs", server.V1.ToString(), ServeModel.Id);
         Assert.AreEqual(0, run.Code, $"node client.mjs failed:\n{run.Error}\n{run.Output}");
         var seen = JsonNode.Parse(run.Output.Trim().Split('\n')[^1])!;

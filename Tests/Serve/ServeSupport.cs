@@ -25,12 +25,101 @@ internal static class ServeModel
     /// A chat client of the demo; with <paramref name="stepDelay"/>, every forward takes at least that long (a request
     /// that stays running); with <paramref name="failForward"/>, that forward (counted from 1) throws, once.
     /// </summary>
-    public static DeepSeekChatClient CreateClient(ChatTemplateKind kind = ChatTemplateKind.R1, int maxBatch = 16, TimeSpan? stepDelay = null, int? failForward = null)
+    /// <remarks>
+    /// With <paramref name="script"/>, the demo is made to write script(prompt text), then EOS (its greedy choice is
+    /// forced; see <see cref="ScriptedRunner"/>).
+    /// </remarks>
+    public static DeepSeekChatClient CreateClient(ChatTemplateKind kind = ChatTemplateKind.R1, int maxBatch = 16, TimeSpan? stepDelay = null, int? failForward = null, Func<string, string>? script = null)
     {
         var options = new DeepSeekChatClientOptions { ModelId = Id, TemplateKind = kind, MaxBatch = maxBatch };
+        if (script is not null)
+        {
+            return new DeepSeekChatClient(Local, Local.Tokenizer, options, stepRunner: new ScriptedRunner(Local.CreateStepRunner(), Local.Tokenizer, script));
+        }
+
         return stepDelay is not null || failForward is not null
             ? new DeepSeekChatClient(Local, Local.Tokenizer, options, stepRunner: new TestRunner(Local.CreateStepRunner(), stepDelay ?? TimeSpan.Zero, failForward ?? 0))
             : Local.CreateChatClient(options);
+    }
+
+    /// <summary>
+    /// Runs the demo, then forces each logit row so that the model writes script(prompt text) and EOS. The prompt is
+    /// the history up to the last generation prompt (<c>&lt;｜Assistant｜&gt;</c>, with R1's <c>&lt;think&gt;\n</c>) or
+    /// the tool outputs that end it; the output so far is the script's own first tokens.
+    /// </summary>
+    private sealed class ScriptedRunner(IStepRunner inner, ITokenizer tokenizer, Func<string, string> script) : IStepRunner
+    {
+        private readonly Dictionary<int, List<int>> _histories = [];
+
+        public int VocabSize => inner.VocabSize;
+
+        public int MaxSequenceLength => inner.MaxSequenceLength;
+
+        public bool CanDraft => false;
+
+        public void Open(int slot, bool drafts)
+        {
+            _histories[slot] = [];
+            inner.Open(slot, drafts);
+        }
+
+        public void Close(int slot)
+        {
+            _histories.Remove(slot);
+            inner.Close(slot);
+        }
+
+        public void Truncate(int slot, int length)
+        {
+            var h = _histories[slot];
+            h.RemoveRange(length, h.Count - length);
+            inner.Truncate(slot, length);
+        }
+
+        public void StopDrafting(int slot) => inner.StopDrafting(slot);
+
+        public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+        {
+            inner.Forward(batch, logits);
+            var offset = 0;
+            foreach (var e in batch)
+            {
+                var h = _histories[e.Slot];
+                h.AddRange(e.Tokens.ToArray());
+                for (var r = 0; r < e.LogitRows; r++)
+                {
+                    var row = logits.Slice(offset, VocabSize);
+                    row.Clear();
+                    row[Next(h[..(h.Count - e.LogitRows + r + 1)])] = 100f;
+                    offset += VocabSize;
+                }
+            }
+        }
+
+        public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => throw new NotSupportedException();
+
+        public void Dispose() => inner.Dispose();
+
+        private int Next(List<int> history)
+        {
+            for (var k = 0; k < history.Count; k++)
+            {
+                var prompt = tokenizer.Decode(history.GetRange(0, history.Count - k).ToArray());
+                if (!prompt.EndsWith(ChatTemplate.Assistant, StringComparison.Ordinal) && !prompt.EndsWith(ChatTemplate.Assistant + ChatTemplate.ThinkOpen + "\n", StringComparison.Ordinal)
+                    && !prompt.EndsWith(ChatTemplate.ToolOutputsEnd, StringComparison.Ordinal))
+                {
+                    continue;
+                }
+
+                var ids = tokenizer.Encode(script(prompt), addBos: false);
+                if (history.Skip(history.Count - k).SequenceEqual(ids.Take(k)))
+                {
+                    return k < ids.Length ? ids[k] : tokenizer.EosId!.Value;
+                }
+            }
+
+            throw new InvalidOperationException("the history is not a prompt followed by the script");
+        }
     }
 
     private sealed class TestRunner(IStepRunner inner, TimeSpan delay, int failForward) : IStepRunner
@@ -90,9 +179,12 @@ internal sealed class TestServer : IAsyncDisposable
 
     public HttpClient Http { get; }
 
-    public static async Task<TestServer> StartAsync(ChatTemplateKind kind = ChatTemplateKind.R1, string? apiKey = null, int maxBatch = 16, TimeSpan? stepDelay = null, int? failForward = null)
+    public static Task<TestServer> StartAsync(ChatTemplateKind kind = ChatTemplateKind.R1, string? apiKey = null, int maxBatch = 16, TimeSpan? stepDelay = null, int? failForward = null, Func<string, string>? script = null) =>
+        StartAsync(ServeModel.CreateClient(kind, maxBatch, stepDelay, failForward, script), apiKey);
+
+    /// <summary>A server over <paramref name="client"/>, which the returned object owns.</summary>
+    public static async Task<TestServer> StartAsync(DeepSeekChatClient client, string? apiKey = null)
     {
-        var client = ServeModel.CreateClient(kind, maxBatch, stepDelay, failForward);
         var server = ChatServer.Create(new ChatServerOptions { Port = 0, ApiKey = apiKey }, client);
         var address = await server.StartAsync();
         await server.Ready;

@@ -10,12 +10,14 @@ namespace DeepSeekCuda.Cli.Server;
 /// </summary>
 /// <remarks>
 /// Policy (the engine must not silently drop what a client asked for):
-/// fields the engine honours are mapped to <see cref="ChatOptions"/>; fields it cannot honour are refused with 400
-/// when set to anything but their neutral value (penalties 0, <c>response_format</c> text, <c>logprobs</c> false,
-/// empty <c>tools</c>/<c>functions</c>/<c>logit_bias</c>, <c>tool_choice</c> "none", <c>store</c> false);
+/// fields the engine honours are mapped to <see cref="ChatOptions"/> (<c>tools</c> of type function,
+/// <c>tool_choice</c>, <c>response_format</c> text, json_object and json_schema among them) and the messages'
+/// <c>tool_calls</c> and <c>tool_call_id</c> to function call and result contents; fields it cannot honour are
+/// refused with 400 when set to anything but their neutral value (penalties 0, <c>logprobs</c> false, empty
+/// <c>functions</c>/<c>logit_bias</c> (the deprecated function fields: use <c>tools</c>), <c>store</c> false);
 /// <c>user</c>, <c>metadata</c> and <c>parallel_tool_calls</c> are accepted and have no effect on the output
-/// (labels for the caller's own bookkeeping; no tools run here); any other field is refused as unrecognized,
-/// as OpenAI does.
+/// (labels for the caller's own bookkeeping; the model may write several calls either way); any other field is
+/// refused as unrecognized, as OpenAI does.
 /// </remarks>
 internal sealed class ChatCompletionRequest
 {
@@ -141,6 +143,7 @@ internal sealed class ChatCompletionRequest
             throw OpenAIErrorException.Invalid("n", $"must be between 1 and {MaxChoices}, is {n}");
         }
 
+        var tools = ParseTools(root);
         return new ChatCompletionRequest
         {
             Messages = ParseMessages(root),
@@ -156,6 +159,9 @@ internal sealed class ChatCompletionRequest
                 TopK = topK,
                 Seed = seed,
                 StopSequences = ParseStop(root),
+                Tools = tools.Count > 0 ? tools : null,
+                ToolMode = ParseToolChoice(root, tools),
+                ResponseFormat = ParseResponseFormat(root),
             },
         };
     }
@@ -180,29 +186,14 @@ internal sealed class ChatCompletionRequest
             }
         }
 
-        if (Present(root, "response_format", out var format))
+        if (Present(root, "functions", out var functions) && (functions.ValueKind != JsonValueKind.Array || functions.GetArrayLength() > 0))
         {
-            var type = format.ValueKind == JsonValueKind.Object ? String(format, "type", "response_format.type") : throw WrongType("response_format", "an object");
-            if (type != "text")
-            {
-                throw OpenAIErrorException.Unsupported("response_format", $"output is not constrained (only {{\"type\": \"text\"}}), got type '{type}'");
-            }
+            throw OpenAIErrorException.Unsupported("functions", "the deprecated 'functions' field is not supported; give the functions in 'tools'");
         }
 
-        foreach (var list in (string[])["tools", "functions"])
+        if (Present(root, "function_call", out var functionCall) && !(functionCall.ValueKind == JsonValueKind.String && functionCall.GetString() == "none"))
         {
-            if (Present(root, list, out var value) && (value.ValueKind != JsonValueKind.Array || value.GetArrayLength() > 0))
-            {
-                throw OpenAIErrorException.Unsupported(list, "tool definitions are not given to the model and tool calls are not parsed");
-            }
-        }
-
-        foreach (var choice in (string[])["tool_choice", "function_call"])
-        {
-            if (Present(root, choice, out var value) && !(value.ValueKind == JsonValueKind.String && value.GetString() == "none"))
-            {
-                throw OpenAIErrorException.Unsupported(choice, "no tools are available (only \"none\" is accepted)");
-            }
+            throw OpenAIErrorException.Unsupported("function_call", "the deprecated 'function_call' field is not supported; use 'tool_choice'");
         }
 
         if (Present(root, "logit_bias", out var bias) && (bias.ValueKind != JsonValueKind.Object || bias.EnumerateObject().Any()))
@@ -224,6 +215,172 @@ internal sealed class ChatCompletionRequest
         if (Present(root, "metadata", out var metadata) && metadata.ValueKind != JsonValueKind.Object)
         {
             throw WrongType("metadata", "an object");
+        }
+    }
+
+    /// <summary>OpenAI's rule for function names: letters, digits, underscores and dashes, at most 64.</summary>
+    private static bool IsFunctionName(string name) =>
+        name.Length is > 0 and <= 64 && name.All(c => char.IsAsciiLetterOrDigit(c) || c is '_' or '-');
+
+    private static List<AITool> ParseTools(JsonElement root)
+    {
+        var tools = new List<AITool>();
+        if (!Present(root, "tools", out var list))
+        {
+            return tools;
+        }
+
+        if (list.ValueKind != JsonValueKind.Array)
+        {
+            throw WrongType("tools", "an array");
+        }
+
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        var i = 0;
+        foreach (var tool in list.EnumerateArray())
+        {
+            var at = $"tools[{i++}]";
+            Object(tool, at, "type", "function");
+            var type = String(tool, "type", at + ".type") ?? throw OpenAIErrorException.Invalid(at + ".type", $"'{at}.type' is required");
+            if (type != "function")
+            {
+                throw OpenAIErrorException.Unsupported(at + ".type", $"tool type '{type}' (only function)");
+            }
+
+            if (!Present(tool, "function", out var function))
+            {
+                throw OpenAIErrorException.Invalid(at + ".function", $"'{at}.function' is required");
+            }
+
+            Object(function, at + ".function", "name", "description", "parameters", "strict");
+            var name = String(function, "name", at + ".function.name") ?? throw OpenAIErrorException.Invalid(at + ".function.name", $"'{at}.function.name' is required");
+            if (!IsFunctionName(name))
+            {
+                throw OpenAIErrorException.Invalid(at + ".function.name", $"'{name}' is not a valid function name (letters, digits, '_' and '-', at most 64)");
+            }
+
+            if (!names.Add(name))
+            {
+                throw OpenAIErrorException.Invalid(at + ".function.name", $"function '{name}' is defined twice");
+            }
+
+            var description = String(function, "description", at + ".function.description");
+            Bool(function, "strict", at + ".function.strict");
+            JsonElement parameters;
+            if (Present(function, "parameters", out var p))
+            {
+                parameters = p.ValueKind == JsonValueKind.Object ? p.Clone() : throw WrongType(at + ".function.parameters", "a JSON Schema object");
+            }
+            else
+            {
+                // OpenAI: omitting parameters defines a function with an empty parameter list.
+                parameters = JsonDocument.Parse("""{"type":"object","properties":{}}""").RootElement.Clone();
+            }
+
+            tools.Add(AIFunctionFactory.CreateDeclaration(name, description, parameters));
+        }
+
+        return tools;
+    }
+
+    private static ChatToolMode? ParseToolChoice(JsonElement root, List<AITool> tools)
+    {
+        if (!Present(root, "tool_choice", out var choice))
+        {
+            return null;
+        }
+
+        if (choice.ValueKind == JsonValueKind.String)
+        {
+            var mode = choice.GetString();
+            return mode switch
+            {
+                "none" => ChatToolMode.None,
+                "auto" => ChatToolMode.Auto,
+                "required" when tools.Count > 0 => ChatToolMode.RequireAny,
+                "required" => throw OpenAIErrorException.Invalid("tool_choice", "'tool_choice' \"required\" needs at least one tool in 'tools'"),
+                _ => throw OpenAIErrorException.Invalid("tool_choice", $"unknown tool_choice '{mode}' (none, auto, required, or a function)"),
+            };
+        }
+
+        if (choice.ValueKind != JsonValueKind.Object)
+        {
+            throw WrongType("tool_choice", "a string or an object");
+        }
+
+        Object(choice, "tool_choice", "type", "function");
+        if (String(choice, "type", "tool_choice.type") != "function")
+        {
+            throw OpenAIErrorException.Invalid("tool_choice.type", "'tool_choice.type' must be \"function\"");
+        }
+
+        if (!Present(choice, "function", out var function))
+        {
+            throw OpenAIErrorException.Invalid("tool_choice.function", "'tool_choice.function' is required");
+        }
+
+        Object(function, "tool_choice.function", "name");
+        var name = String(function, "name", "tool_choice.function.name") ?? throw OpenAIErrorException.Invalid("tool_choice.function.name", "'tool_choice.function.name' is required");
+        if (!tools.Any(t => t.Name == name))
+        {
+            throw OpenAIErrorException.Invalid("tool_choice.function.name", $"function '{name}' is not among 'tools'");
+        }
+
+        return ChatToolMode.RequireSpecific(name);
+    }
+
+    private static ChatResponseFormat? ParseResponseFormat(JsonElement root)
+    {
+        if (!Present(root, "response_format", out var format))
+        {
+            return null;
+        }
+
+        Object(format, "response_format", "type", "json_schema");
+        var type = String(format, "type", "response_format.type") ?? throw OpenAIErrorException.Invalid("response_format.type", "'response_format.type' is required");
+        switch (type)
+        {
+            case "text":
+                return ChatResponseFormat.Text;
+            case "json_object":
+                return ChatResponseFormat.Json;
+            case "json_schema":
+                if (!Present(format, "json_schema", out var js))
+                {
+                    throw OpenAIErrorException.Invalid("response_format.json_schema", "'response_format.json_schema' is required with type json_schema");
+                }
+
+                Object(js, "response_format.json_schema", "name", "description", "schema", "strict");
+                var name = String(js, "name", "response_format.json_schema.name") ?? throw OpenAIErrorException.Invalid("response_format.json_schema.name", "'response_format.json_schema.name' is required");
+                var description = String(js, "description", "response_format.json_schema.description");
+                Bool(js, "strict", "response_format.json_schema.strict");
+                if (!Present(js, "schema", out var schema))
+                {
+                    return ChatResponseFormat.Json; // no schema: any JSON object, as OpenAI
+                }
+
+                return schema.ValueKind == JsonValueKind.Object
+                    ? ChatResponseFormat.ForJsonSchema(schema.Clone(), name, description)
+                    : throw WrongType("response_format.json_schema.schema", "a JSON Schema object");
+            default:
+                throw OpenAIErrorException.Invalid("response_format.type", $"unknown response_format type '{type}' (text, json_object, json_schema)");
+        }
+    }
+
+    /// <summary>Checks that <paramref name="value"/> is an object whose members are all among <paramref name="known"/>.</summary>
+    private static void Object(JsonElement value, string at, params string[] known)
+    {
+        if (value.ValueKind != JsonValueKind.Object)
+        {
+            throw WrongType(at, "an object");
+        }
+
+        foreach (var p in value.EnumerateObject())
+        {
+            if (!known.Contains(p.Name))
+            {
+                throw OpenAIErrorException.Invalid($"{at}.{p.Name}", $"Unrecognized request argument supplied: {at}.{p.Name}", "unrecognized_argument");
+            }
         }
     }
 
@@ -254,24 +411,33 @@ internal sealed class ChatCompletionRequest
                 throw WrongType(at, "an object");
             }
 
+            var role = String(m, "role", at + ".role") ?? throw OpenAIErrorException.Invalid(at + ".role", $"'{at}.role' is required");
             foreach (var p in m.EnumerateObject())
             {
-                if (p.Name is not ("role" or "content" or "reasoning_content"))
+                var known = p.Name is "role" or "content" || (p.Name is "reasoning_content" or "tool_calls" && role == "assistant") || (p.Name == "tool_call_id" && role == "tool");
+                if (!known)
                 {
-                    // name, tool_calls, tool_call_id, ...: the templates have no place for them.
+                    // name, function_call, ...: the templates have no place for them.
                     throw OpenAIErrorException.Invalid($"{at}.{p.Name}", $"Unrecognized message field: {at}.{p.Name}", "unrecognized_argument");
                 }
             }
 
-            var role = String(m, "role", at + ".role") ?? throw OpenAIErrorException.Invalid(at + ".role", $"'{at}.role' is required");
             var chatRole = role switch
             {
                 "system" or "developer" => ChatRole.System,
                 "user" => ChatRole.User,
                 "assistant" => ChatRole.Assistant,
-                "tool" or "function" => throw OpenAIErrorException.Unsupported(at + ".role", $"role '{role}': tools are not supported"),
-                _ => throw OpenAIErrorException.Invalid(at + ".role", $"unknown role '{role}' (system, developer, user, assistant)"),
+                "tool" => ChatRole.Tool,
+                "function" => throw OpenAIErrorException.Unsupported(at + ".role", "the deprecated role 'function' is not supported; use 'tool'"),
+                _ => throw OpenAIErrorException.Invalid(at + ".role", $"unknown role '{role}' (system, developer, user, assistant, tool)"),
             };
+
+            if (chatRole == ChatRole.Tool)
+            {
+                var callId = String(m, "tool_call_id", at + ".tool_call_id") ?? throw OpenAIErrorException.Invalid(at + ".tool_call_id", $"'{at}.tool_call_id' is required");
+                list.Add(new ChatMessage(ChatRole.Tool, [new FunctionResultContent(callId, Content(m, at, chatRole))]));
+                continue;
+            }
 
             var contents = new List<AIContent>();
             // Past reasoning is kept as reasoning: the chat client drops it, as R1's template does.
@@ -280,11 +446,69 @@ internal sealed class ChatCompletionRequest
                 contents.Add(new TextReasoningContent(reasoning));
             }
 
-            contents.Add(new TextContent(Content(m, at, chatRole)));
+            var calls = chatRole == ChatRole.Assistant ? ParseToolCalls(m, at) : [];
+            var text = Content(m, at, chatRole);
+            if (text.Length > 0 || calls.Count == 0)
+            {
+                contents.Add(new TextContent(text));
+            }
+
+            contents.AddRange(calls);
             list.Add(new ChatMessage(chatRole, contents));
         }
 
         return list;
+    }
+
+    private static List<FunctionCallContent> ParseToolCalls(JsonElement message, string at)
+    {
+        var calls = new List<FunctionCallContent>();
+        if (!Present(message, "tool_calls", out var list))
+        {
+            return calls;
+        }
+
+        if (list.ValueKind != JsonValueKind.Array)
+        {
+            throw WrongType(at + ".tool_calls", "an array");
+        }
+
+        var i = 0;
+        foreach (var call in list.EnumerateArray())
+        {
+            var callAt = $"{at}.tool_calls[{i++}]";
+            Object(call, callAt, "id", "type", "function");
+            var id = String(call, "id", callAt + ".id") ?? throw OpenAIErrorException.Invalid(callAt + ".id", $"'{callAt}.id' is required");
+            if (String(call, "type", callAt + ".type") is { } type && type != "function")
+            {
+                throw OpenAIErrorException.Unsupported(callAt + ".type", $"tool call type '{type}' (only function)");
+            }
+
+            if (!Present(call, "function", out var function))
+            {
+                throw OpenAIErrorException.Invalid(callAt + ".function", $"'{callAt}.function' is required");
+            }
+
+            Object(function, callAt + ".function", "name", "arguments");
+            var name = String(function, "name", callAt + ".function.name") ?? throw OpenAIErrorException.Invalid(callAt + ".function.name", $"'{callAt}.function.name' is required");
+            var arguments = String(function, "arguments", callAt + ".function.arguments") ?? "{}";
+            Dictionary<string, object?> parsed;
+            try
+            {
+                using var doc = JsonDocument.Parse(arguments.Length == 0 ? "{}" : arguments);
+                parsed = doc.RootElement.ValueKind == JsonValueKind.Object
+                    ? doc.RootElement.EnumerateObject().ToDictionary(p => p.Name, p => (object?)p.Value.Clone(), StringComparer.Ordinal)
+                    : throw OpenAIErrorException.Invalid(callAt + ".function.arguments", $"'{callAt}.function.arguments' must be a JSON object");
+            }
+            catch (JsonException e)
+            {
+                throw OpenAIErrorException.Invalid(callAt + ".function.arguments", $"'{callAt}.function.arguments' is not valid JSON: {e.Message}");
+            }
+
+            calls.Add(new FunctionCallContent(id, name, parsed));
+        }
+
+        return calls;
     }
 
     private static string Content(JsonElement message, string at, ChatRole role)

@@ -66,7 +66,9 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
                 _ => "messages",
             },
             a.Message.Contains("the context holds", StringComparison.Ordinal) ? "context_length_exceeded" : null),
-        NotSupportedException n => new OpenAIErrorException(StatusCodes.Status400BadRequest, n.Message, null, "unsupported_parameter"),
+        NotSupportedException n => new OpenAIErrorException(StatusCodes.Status400BadRequest, n.Message,
+            n.Message.Contains(nameof(ChatOptions.ResponseFormat), StringComparison.Ordinal) ? "response_format" : n.Message.Contains(nameof(ChatOptions.Tools), StringComparison.Ordinal) ? "tools" : null,
+            "unsupported_parameter"),
         _ => null,
     };
 
@@ -111,11 +113,32 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
             {
                 var contents = responses[i].Messages.SelectMany(m => m.Contents).ToList();
                 var reasoning = string.Concat(contents.OfType<TextReasoningContent>().Select(r => r.Text));
+                var text = string.Concat(contents.OfType<TextContent>().Select(t => t.Text));
+                var calls = contents.OfType<FunctionCallContent>().ToList();
                 json.WriteStartObject();
                 json.WriteNumber("index", i);
                 json.WriteStartObject("message");
                 json.WriteString("role", "assistant");
-                json.WriteString("content", string.Concat(contents.OfType<TextContent>().Select(t => t.Text)));
+                if (text.Length == 0 && calls.Count > 0)
+                {
+                    json.WriteNull("content"); // as OpenAI: a message of tool calls only has no content
+                }
+                else
+                {
+                    json.WriteString("content", text);
+                }
+
+                if (calls.Count > 0)
+                {
+                    json.WriteStartArray("tool_calls");
+                    foreach (var call in calls)
+                    {
+                        WriteToolCall(json, call, null);
+                    }
+
+                    json.WriteEndArray();
+                }
+
                 if (reasoning.Length > 0)
                 {
                     json.WriteString("reasoning_content", reasoning);
@@ -172,6 +195,7 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
             context.Response.ContentType = "text/event-stream";
             context.Response.Headers.CacheControl = "no-cache";
             var usages = new UsageDetails?[streams.Length];
+            var callCounts = new int[streams.Length];
             using var gate = new SemaphoreSlim(1, 1); // one event at a time on the wire; choices interleave by event
             for (var i = 0; i < streams.Length; i++)
             {
@@ -190,7 +214,7 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
                     var more = firsts[index].Result;
                     while (more)
                     {
-                        await WriteUpdateAsync(context, gate, request, id, created, index, stream.Current, usages);
+                        await WriteUpdateAsync(context, gate, request, id, created, index, stream.Current, usages, callCounts);
                         more = await stream.MoveNextAsync();
                     }
                 }
@@ -257,12 +281,22 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
         }
     }
 
-    private async Task WriteUpdateAsync(HttpContext context, SemaphoreSlim gate, ChatCompletionRequest request, string id, long created, int index, ChatResponseUpdate update, UsageDetails?[] usages)
+    private async Task WriteUpdateAsync(HttpContext context, SemaphoreSlim gate, ChatCompletionRequest request, string id, long created, int index, ChatResponseUpdate update, UsageDetails?[] usages, int[] callCounts)
     {
         foreach (var content in update.Contents)
         {
             switch (content)
             {
+                case FunctionCallContent call:
+                    // Each call goes out whole, in one delta, once the model has finished writing it.
+                    var callIndex = callCounts[index]++;
+                    await WriteEventAsync(context, gate, json => WriteChunk(json, id, created, request, index, j =>
+                    {
+                        j.WriteStartArray("tool_calls");
+                        WriteToolCall(j, call, callIndex);
+                        j.WriteEndArray();
+                    }, null));
+                    break;
                 case TextReasoningContent r when r.Text.Length > 0:
                     await WriteEventAsync(context, gate, json => WriteChunk(json, id, created, request, index, j => j.WriteString("reasoning_content", r.Text), null));
                     break;
@@ -355,5 +389,30 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
     }
 
     private static string FinishReason(ChatFinishReason? reason) =>
-        reason == ChatFinishReason.Length ? "length" : reason == ChatFinishReason.ContentFilter ? "content_filter" : "stop";
+        reason == ChatFinishReason.Length ? "length"
+        : reason == ChatFinishReason.ContentFilter ? "content_filter"
+        : reason == ChatFinishReason.ToolCalls ? "tool_calls"
+        : "stop";
+
+    /// <summary>
+    /// One tool call as OpenAI writes it; <paramref name="index"/> is set in a streamed delta. The arguments are the
+    /// model's own text where the chat client kept it (<see cref="AIContent.RawRepresentation"/>), so a call whose
+    /// arguments do not parse still reaches the client as written.
+    /// </summary>
+    private static void WriteToolCall(Utf8JsonWriter json, FunctionCallContent call, int? index)
+    {
+        json.WriteStartObject();
+        if (index is { } i)
+        {
+            json.WriteNumber("index", i);
+        }
+
+        json.WriteString("id", call.CallId);
+        json.WriteString("type", "function");
+        json.WriteStartObject("function");
+        json.WriteString("name", call.Name);
+        json.WriteString("arguments", call.RawRepresentation as string ?? JsonSerializer.Serialize(call.Arguments ?? new Dictionary<string, object?>(), AIJsonUtilities.DefaultOptions));
+        json.WriteEndObject();
+        json.WriteEndObject();
+    }
 }
