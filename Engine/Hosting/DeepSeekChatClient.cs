@@ -27,7 +27,7 @@ namespace DeepSeekCuda.Hosting;
 /// returns its cache blocks before the call's enumeration ends. The step runner does the model work: by
 /// default a <see cref="SessionStepRunner"/> (one session per request, run one after another, as the CPU
 /// backend needs); a batched GPU runner plugs in through the constructor.
-/// Functions in <see cref="ChatOptions.Tools"/> are described to the model in the system prompt (vLLM's
+/// Functions in <see cref="ChatOptions.Tools"/> are described to the model in the system prompt (SGLang's
 /// DeepSeek-V3 tool convention, see <see cref="ChatTemplateOptions.Tools"/>) and the calls it writes come back as
 /// <see cref="FunctionCallContent"/> (arguments that are not a JSON object carry the parse error in
 /// <see cref="FunctionCallContent.Exception"/>), with <see cref="ChatFinishReason.ToolCalls"/>; so
