@@ -56,27 +56,7 @@ public sealed class ConstrainedSchedulingTests
     private static List<int> AloneMasked(FakeModel model, int[] prompt, SamplingOptions options, int minLength)
     {
         var constraint = new AlternatingConstraint(minLength);
-        var sampler = new Sampler(options);
-        var history = new List<int>(prompt);
-        var logits = new float[model.VocabSize];
-        var output = new List<int>();
-        while (true)
-        {
-            model.LogitsOf(history, logits);
-            for (var id = 0; id < logits.Length; id++)
-            {
-                logits[id] = constraint.Allows(id) ? logits[id] : float.NegativeInfinity;
-            }
-
-            var y = sampler.Sample(logits);
-            constraint.Advanced.Add(y);
-            output.Add(y);
-            history.Add(y);
-            if (y == Eos || output.Count >= (options.MaxTokens ?? int.MaxValue) || history.Count > model.MaxSequenceLength)
-            {
-                return output;
-            }
-        }
+        return Alone.Run(model, prompt, options, Eos, constraint.Allows, constraint.Advanced.Add);
     }
 
     [TestMethod]

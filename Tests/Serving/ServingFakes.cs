@@ -86,8 +86,10 @@ internal static class Alone
     /// <summary>
     /// Plain decoding of one request, written without the scheduler: sample from the logits of the whole
     /// history, stop at EOS, at <see cref="SamplingOptions.MaxTokens"/>, or when the next token would not fit.
+    /// With <paramref name="allows"/>, the ids it refuses are set to -infinity before sampling, and
+    /// <paramref name="emitted"/> hears each token (a constraint's reference, written without one).
     /// </summary>
-    public static List<int> Run(FakeModel model, int[] prompt, SamplingOptions options, int eos)
+    public static List<int> Run(FakeModel model, int[] prompt, SamplingOptions options, int eos, Func<int, bool>? allows = null, Action<int>? emitted = null)
     {
         var sampler = new Sampler(options);
         var history = new List<int>(prompt);
@@ -96,7 +98,13 @@ internal static class Alone
         while (true)
         {
             model.LogitsOf(history, logits);
+            for (var id = 0; allows is not null && id < logits.Length; id++)
+            {
+                logits[id] = allows(id) ? logits[id] : float.NegativeInfinity;
+            }
+
             var y = sampler.Sample(logits);
+            emitted?.Invoke(y);
             output.Add(y);
             history.Add(y);
             if (y == eos || output.Count >= (options.MaxTokens ?? int.MaxValue) || history.Count > model.MaxSequenceLength)

@@ -22,18 +22,7 @@ public sealed class ChatTemplateTests
         Assert.IsGreaterThan(0, cases.GetArrayLength());
         foreach (var c in cases.EnumerateArray())
         {
-            var turns = c.GetProperty("messages").EnumerateArray().Select(m =>
-            {
-                var role = m.GetProperty("role").GetString() switch
-                {
-                    "system" => ChatTurnRole.System,
-                    "user" => ChatTurnRole.User,
-                    "assistant" => ChatTurnRole.Assistant,
-                    "tool" => ChatTurnRole.Tool,
-                    var r => throw new InvalidDataException(r),
-                };
-                return new ChatTurn(role, m.GetProperty("content").GetString());
-            }).ToList();
+            var turns = c.GetProperty("messages").EnumerateArray().Select(ToolTemplateCasesTests.ToolCase.Turn).ToList();
             Assert.AreEqual(c.GetProperty("text").GetString(), ChatTemplate.Render(turns, V3));
             var ids = c.GetProperty("ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
             CollectionAssert.AreEqual(ids, ChatTemplate.Encode(TokenizerFixtures.DeepSeek, turns, V3));

@@ -173,7 +173,8 @@ public sealed class ToolTemplateCasesTests
             _ => [],
         };
 
-        private static ChatTurn Turn(JsonElement m)
+        /// <summary>A message of a case file (ours or the tokenizer's chat-template cases) as a template turn.</summary>
+        internal static ChatTurn Turn(JsonElement m)
         {
             var content = m.GetProperty("content").ValueKind == JsonValueKind.Null ? null : m.GetProperty("content").GetString();
             IReadOnlyList<ChatToolCall>? calls = m.TryGetProperty("tool_calls", out var tc)
