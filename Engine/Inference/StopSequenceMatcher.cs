@@ -1,3 +1,5 @@
+using DeepSeekCuda.Text;
+
 namespace DeepSeekCuda.Inference;
 
 /// <summary>
@@ -41,14 +43,7 @@ internal sealed class StopSequenceMatcher(IReadOnlyList<string> stops)
         var hold = 0;
         foreach (var stop in stops)
         {
-            for (var n = Math.Min(stop.Length - 1, pending.Length); n > hold; n--)
-            {
-                if (pending.AsSpan(pending.Length - n).SequenceEqual(stop.AsSpan(0, n)))
-                {
-                    hold = n;
-                    break;
-                }
-            }
+            hold = Math.Max(hold, PartialMarker.SuffixLength(pending, stop));
         }
 
         _pending = pending[(pending.Length - hold)..];

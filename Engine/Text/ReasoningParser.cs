@@ -95,7 +95,7 @@ public sealed class ReasoningParser
                         continue;
                     }
 
-                    var hold = PartialTagSuffix(text, ChatTemplate.ThinkClose);
+                    var hold = PartialMarker.SuffixLength(text, ChatTemplate.ThinkClose);
                     Emit(output, TextKind.Reasoning, text[..^hold]);
                     _pending.Remove(0, text.Length - hold);
                     return;
@@ -129,20 +129,6 @@ public sealed class ReasoningParser
                 }
             }
         }
-    }
-
-    /// <summary>Length of the longest proper suffix of <paramref name="text"/> that begins <paramref name="tag"/>.</summary>
-    private static int PartialTagSuffix(string text, string tag)
-    {
-        for (var n = Math.Min(tag.Length - 1, text.Length); n > 0; n--)
-        {
-            if (text.AsSpan(text.Length - n).SequenceEqual(tag.AsSpan(0, n)))
-            {
-                return n;
-            }
-        }
-
-        return 0;
     }
 
     private static void Emit(List<TextSegment> output, TextKind kind, string text)

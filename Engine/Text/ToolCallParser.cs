@@ -168,7 +168,7 @@ public sealed class ToolCallParser
         var begin = text.IndexOf(ChatTemplate.ToolCallsBegin, StringComparison.Ordinal);
         if (begin < 0)
         {
-            var hold = PartialSuffix(text, ChatTemplate.ToolCallsBegin);
+            var hold = PartialMarker.SuffixLength(text, ChatTemplate.ToolCallsBegin);
             EmitText(output, text[..^hold]);
             _pending.Remove(0, text.Length - hold);
             return false;
@@ -519,20 +519,6 @@ public sealed class ToolCallParser
     /// <summary>Whether <paramref name="text"/> is a proper prefix of <paramref name="marker"/>.</summary>
     private static bool IsPrefixOf(ReadOnlySpan<char> text, string marker) =>
         text.Length < marker.Length && marker.AsSpan().StartsWith(text, StringComparison.Ordinal);
-
-    /// <summary>Length of the longest proper suffix of <paramref name="text"/> that begins <paramref name="marker"/>.</summary>
-    private static int PartialSuffix(string text, string marker)
-    {
-        for (var n = Math.Min(marker.Length - 1, text.Length); n > 0; n--)
-        {
-            if (text.AsSpan(text.Length - n).SequenceEqual(marker.AsSpan(0, n)))
-            {
-                return n;
-            }
-        }
-
-        return 0;
-    }
 
     private static void EmitText(List<ToolCallEvent> output, string text)
     {
