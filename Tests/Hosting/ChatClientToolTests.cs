@@ -74,14 +74,14 @@ public sealed class ChatClientToolTests
 
     /// <summary>
     /// A model of seeded random logits over every byte (JSON punctuation that ends a value a little favoured, so
-    /// strings end), EOS a little less likely; with the R1 template it closes its reasoning after
-    /// <paramref name="thinkTokens"/> tokens.
+    /// strings end), EOS a little less likely, the same logits in every process; with the R1 template it closes its
+    /// reasoning after <paramref name="thinkTokens"/> tokens (and never ends before).
     /// </summary>
     internal static FakeModel RandomBytes(int seed, int thinkTokens = 6) => new(Tok.VocabSize, 4096, (history, logits) =>
     {
         var start = Math.Max(GenerationStart(history), 2);
         var step = history.Count - start;
-        var rng = new Random(HashCode.Combine(seed, step, history[^1]));
+        var rng = new Random(unchecked((seed * 1_000_003) + (step * 8191) + history[^1])); // not HashCode: that is seeded per process
         Array.Fill(logits, float.NegativeInfinity);
         for (var b = 0; b < 256; b++)
         {
@@ -91,7 +91,9 @@ public sealed class ChatClientToolTests
         logits[FakeTokenizer.Eos] = 1f;
         if (history[start - 1] == '\n' && history[start - 2] == FakeTokenizer.Think)
         {
+            // Reasoning: no EOS before it is closed, so there is always an answer to constrain.
             logits[FakeTokenizer.EndThink] = step == thinkTokens ? 50f : float.NegativeInfinity;
+            logits[FakeTokenizer.Eos] = step <= thinkTokens ? float.NegativeInfinity : 1f;
         }
     });
 
