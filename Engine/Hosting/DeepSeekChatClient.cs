@@ -161,10 +161,11 @@ public sealed class DeepSeekChatClient : IChatClient
             contents.Add(new TextReasoningContent(reasoning.ToString()));
         }
 
-        if (calls.Count == 0 || !string.IsNullOrWhiteSpace(answer.ToString()))
+        var text = answer.ToString();
+        if (calls.Count == 0 || !string.IsNullOrWhiteSpace(text))
         {
             // Beside tool calls, the blank lines R1 writes after </think> are not an answer.
-            contents.Add(new TextContent(answer.ToString()));
+            contents.Add(new TextContent(text));
         }
 
         contents.AddRange(calls);

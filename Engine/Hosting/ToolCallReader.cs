@@ -49,8 +49,12 @@ internal sealed class ToolCallReader
         return contents;
     }
 
-    /// <summary>A JSON object's members as <see cref="JsonElement"/> values (what AIFunction binds from); empty text is no arguments.</summary>
-    private static Dictionary<string, object?> ParseArguments(string json)
+    /// <summary>
+    /// Tool-call arguments (a JSON object) as its members' <see cref="JsonElement"/> values, what AIFunction binds
+    /// from; empty text is no arguments. The server reads a client's past calls with it too.
+    /// </summary>
+    /// <exception cref="JsonException">Not JSON, or not an object.</exception>
+    internal static Dictionary<string, object?> ParseArguments(string json)
     {
         if (string.IsNullOrWhiteSpace(json))
         {

@@ -110,12 +110,13 @@ internal sealed class Sampler
         }
 
         _constraint.Mask(real);
-        if (!float.IsFinite(real[ArgMax(real)]))
+        var id = Sample(real);
+        if (float.IsNegativeInfinity(real[id]))
         {
+            // Sample draws an impossible id only when every id is impossible: no second pass over the row to know it.
             throw new InvalidOperationException($"the output constraint ({_constraint.GetType().Name}) allows none of the {real.Length} token ids the model made possible");
         }
 
-        var id = Sample(real);
         _constraint.Advance(id);
         return id;
     }
