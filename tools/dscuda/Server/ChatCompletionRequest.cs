@@ -1,4 +1,5 @@
 using System.Text.Json;
+using DeepSeekCuda.Hosting;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.AI;
 
@@ -93,18 +94,7 @@ internal sealed class ChatCompletionRequest
                 throw OpenAIErrorException.Invalid("stream_options", "'stream_options' is only allowed when 'stream' is true");
             }
 
-            if (so.ValueKind != JsonValueKind.Object)
-            {
-                throw WrongType("stream_options", "an object");
-            }
-
-            foreach (var p in so.EnumerateObject())
-            {
-                if (p.Name != "include_usage")
-                {
-                    throw OpenAIErrorException.Invalid($"stream_options.{p.Name}", $"Unrecognized request argument supplied: stream_options.{p.Name}", "unrecognized_argument");
-                }
-            }
+            Object(so, "stream_options", "include_usage");
 
             includeUsage = Bool(so, "include_usage", "stream_options.include_usage") ?? false;
         }
@@ -218,6 +208,9 @@ internal sealed class ChatCompletionRequest
         }
     }
 
+    /// <summary>OpenAI: omitting <c>parameters</c> defines a function with an empty parameter list.</summary>
+    private static readonly JsonElement NoParameters = JsonDocument.Parse("""{"type":"object","properties":{}}""").RootElement.Clone();
+
     /// <summary>OpenAI's rule for function names: letters, digits, underscores and dashes, at most 64.</summary>
     private static bool IsFunctionName(string name) =>
         name.Length is > 0 and <= 64 && name.All(c => char.IsAsciiLetterOrDigit(c) || c is '_' or '-');
@@ -273,8 +266,7 @@ internal sealed class ChatCompletionRequest
             }
             else
             {
-                // OpenAI: omitting parameters defines a function with an empty parameter list.
-                parameters = JsonDocument.Parse("""{"type":"object","properties":{}}""").RootElement.Clone();
+                parameters = NoParameters;
             }
 
             tools.Add(AIFunctionFactory.CreateDeclaration(name, description, parameters));
@@ -491,18 +483,14 @@ internal sealed class ChatCompletionRequest
 
             Object(function, callAt + ".function", "name", "arguments");
             var name = String(function, "name", callAt + ".function.name") ?? throw OpenAIErrorException.Invalid(callAt + ".function.name", $"'{callAt}.function.name' is required");
-            var arguments = String(function, "arguments", callAt + ".function.arguments") ?? "{}";
             Dictionary<string, object?> parsed;
             try
             {
-                using var doc = JsonDocument.Parse(arguments.Length == 0 ? "{}" : arguments);
-                parsed = doc.RootElement.ValueKind == JsonValueKind.Object
-                    ? doc.RootElement.EnumerateObject().ToDictionary(p => p.Name, p => (object?)p.Value.Clone(), StringComparer.Ordinal)
-                    : throw OpenAIErrorException.Invalid(callAt + ".function.arguments", $"'{callAt}.function.arguments' must be a JSON object");
+                parsed = ToolCallReader.ParseArguments(String(function, "arguments", callAt + ".function.arguments") ?? string.Empty);
             }
             catch (JsonException e)
             {
-                throw OpenAIErrorException.Invalid(callAt + ".function.arguments", $"'{callAt}.function.arguments' is not valid JSON: {e.Message}");
+                throw OpenAIErrorException.Invalid(callAt + ".function.arguments", $"'{callAt}.function.arguments' must be a JSON object: {e.Message}");
             }
 
             calls.Add(new FunctionCallContent(id, name, parsed));

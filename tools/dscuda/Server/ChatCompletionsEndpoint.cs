@@ -66,8 +66,9 @@ internal sealed class ChatCompletionsEndpoint(IChatClient client, string modelId
                 _ => "messages",
             },
             a.Message.Contains("the context holds", StringComparison.Ordinal) ? "context_length_exceeded" : null),
+        // Tools and penalties were checked here already; what the engine still refuses is a schema it cannot enforce.
         NotSupportedException n => new OpenAIErrorException(StatusCodes.Status400BadRequest, n.Message,
-            n.Message.Contains(nameof(ChatOptions.ResponseFormat), StringComparison.Ordinal) ? "response_format" : n.Message.Contains(nameof(ChatOptions.Tools), StringComparison.Ordinal) ? "tools" : null,
+            n.Message.Contains(nameof(ChatOptions.ResponseFormat), StringComparison.Ordinal) ? "response_format" : null,
             "unsupported_parameter"),
         _ => null,
     };
