@@ -1,4 +1,3 @@
-using System.CommandLine;
 using System.Text.Json;
 using DeepSeekCuda.Bench.Benches;
 using DeepSeekCuda.Hosting;
@@ -22,15 +21,8 @@ public sealed class ConstraintBenchTests
         var model = Path.Combine(dir.Path, "demo");
         DemoModel.WriteTo(model);
         var outDir = Path.Combine(dir.Path, "out");
-        var root = new RootCommand { ConstraintBench.Create() };
-        var code = root.Parse(["constraint", "--tokenizer", SharedData.Tokenizer, "--reps", "1", "--model", model, "--out", outDir]).Invoke();
-        Assert.AreEqual(0, code);
-
-        using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(outDir, "constraint.json")));
+        using var doc = BenchFile.Run(ConstraintBench.Create(), ["constraint", "--tokenizer", SharedData.Tokenizer, "--reps", "1", "--model", model, "--out", outDir], outDir, "constraint.json");
         var file = doc.RootElement;
-        CollectionAssert.AreEquivalent(new[] { "device", "driver", "cuda", "commit", "date", "copy_gbs", "results", "error" },
-            file.EnumerateObject().Select(p => p.Name).ToArray());
-        Assert.AreEqual(JsonValueKind.Null, file.GetProperty("error").ValueKind);
         var rows = file.GetProperty("results").EnumerateArray().ToArray();
         CollectionAssert.AreEqual(new[] { "constraint_vocab", "constraint_first_mask", "constraint_cached_mask", "constraint_token" },
             rows.Select(r => r.GetProperty("bench").GetString()).ToArray());
