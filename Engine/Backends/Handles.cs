@@ -145,8 +145,8 @@ public abstract class RopeTable(int positions, int pairs) : BackendResource
 
 /// <summary>
 /// One layer's MLA latent cache of one sequence: per position the normalized latent (kv_lora_rank) and
-/// the rotated shared key (qk_rope_head_dim). Addressed by absolute position, so a paged implementation
-/// can map positions to blocks behind the same calls.
+/// the rotated shared key (qk_rope_head_dim). Addressed by absolute position: a cache of its own
+/// (<see cref="IBackend.AllocateLatentCache"/>) or one request's rows of a shared pool (<see cref="IBackend.PagedCache"/>).
 /// </summary>
 public abstract class LatentCache(int capacity, int latentDim, int ropeDim) : BackendResource
 {
@@ -158,6 +158,36 @@ public abstract class LatentCache(int capacity, int latentDim, int ropeDim) : Ba
 
     /// <summary>Rotated key width (qk_rope_head_dim).</summary>
     public int RopeDim { get; } = ropeDim;
+}
+
+/// <summary>
+/// One layer's shared paged latent pool: <see cref="Blocks"/> blocks of 64 token rows, each row the normalized
+/// latent (<see cref="LatentDim"/>) then the rotated shared key (<see cref="RopeDim"/>). Requests reach their rows
+/// through a <see cref="BlockTable"/> (<see cref="IBackend.PagedCache"/>).
+/// </summary>
+public abstract class LatentPool(int blocks, int latentDim, int ropeDim) : BackendResource
+{
+    /// <summary>Blocks in the pool.</summary>
+    public int Blocks { get; } = blocks;
+
+    /// <summary>Latent width (kv_lora_rank).</summary>
+    public int LatentDim { get; } = latentDim;
+
+    /// <summary>Rotated key width (qk_rope_head_dim).</summary>
+    public int RopeDim { get; } = ropeDim;
+}
+
+/// <summary>
+/// A block table in the backend's memory: int32 [<see cref="Requests"/>, <see cref="MaxBlocksPerRequest"/>], position p
+/// of request r in block <c>table[r, p / 64]</c>, row <c>p % 64</c>; −1 where no block is assigned.
+/// </summary>
+public abstract class BlockTable(int requests, int maxBlocksPerRequest) : BackendResource
+{
+    /// <summary>Rows (request slots).</summary>
+    public int Requests { get; } = requests;
+
+    /// <summary>Columns: blocks of the longest request.</summary>
+    public int MaxBlocksPerRequest { get; } = maxBlocksPerRequest;
 }
 
 /// <summary>The head geometry of MLA (MODEL.md §3).</summary>

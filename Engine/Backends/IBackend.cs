@@ -25,6 +25,13 @@ public interface IBackend : IDisposable
     /// <summary>Copies a tensor to the host (row-major).</summary>
     void Download(Tensor tensor, Span<float> destination);
 
+    /// <summary>
+    /// Rows <paramref name="firstRow"/> .. <paramref name="firstRow"/> + <paramref name="rows"/> − 1 of <paramref name="tensor"/>
+    /// as a tensor of their own that shares its storage: no allocation, disposing the view frees nothing, and it is
+    /// valid while <paramref name="tensor"/> is. A step runner carves each step's activations out of tensors sized once.
+    /// </summary>
+    Tensor View(Tensor tensor, int firstRow, int rows);
+
     /// <summary>Copies <paramref name="count"/> rows of <paramref name="source"/> from <paramref name="sourceRow"/> into <paramref name="destination"/> at <paramref name="destinationRow"/>.</summary>
     void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count);
 
@@ -61,7 +68,24 @@ public interface IBackend : IDisposable
     /// <summary>An empty latent cache for one layer of one sequence.</summary>
     LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim);
 
-    /// <summary>A routing buffer for <paramref name="tokens"/> tokens.</summary>
+    /// <summary>One layer's shared paged latent pool of <paramref name="blocks"/> blocks of 64 positions.</summary>
+    LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim);
+
+    /// <summary>A block table [<paramref name="requests"/>, <paramref name="maxBlocksPerRequest"/>], every entry −1.</summary>
+    BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest);
+
+    /// <summary>Copies <paramref name="entries"/> (row-major, the whole table) into <paramref name="table"/>; operations queued later see it.</summary>
+    void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table);
+
+    /// <summary>
+    /// Request <paramref name="request"/>'s cache: its rows of <paramref name="pool"/> through row <paramref name="request"/>
+    /// of <paramref name="table"/>, usable wherever a <see cref="LatentCache"/> is (capacity
+    /// MaxBlocksPerRequest · 64). A view: no allocation, disposing it frees nothing. Positions read or written
+    /// must lie in blocks the table assigns when the operation runs.
+    /// </summary>
+    LatentCache PagedCache(LatentPool pool, BlockTable table, int request);
+
+    /// <summary>A routing buffer for up to <paramref name="tokens"/> tokens (<see cref="MoeGate"/> and <see cref="MoeExperts"/> use its first T).</summary>
     Routing AllocateRouting(int tokens, int experts, int topK);
 
     /// <summary>Copies routing decisions to the host; any destination may be empty to skip it.</summary>
@@ -121,9 +145,9 @@ public interface IBackend : IDisposable
     /// </summary>
     void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output);
 
-    /// <summary>MoE routing of x [T, D] (fp32 sigmoid, bias for selection only, group limit, top-k; MODEL.md §5).</summary>
+    /// <summary>MoE routing of x [T, D] into the first T tokens of <paramref name="routing"/> (fp32 sigmoid, bias for selection only, group limit, top-k; MODEL.md §5).</summary>
     void MoeGate(Tensor x, GateWeight gate, Routing routing);
 
-    /// <summary>y = Σ_j w_j·Expert_j(x) + Shared(x), accumulated in fp32. x, y [T, D].</summary>
+    /// <summary>y = Σ_j w_j·Expert_j(x) + Shared(x), accumulated in fp32, with the first T tokens of <paramref name="routing"/>. x, y [T, D].</summary>
     void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y);
 }

@@ -24,4 +24,29 @@ internal static class ShapeCheck
             throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + q.Rows - 1} exceed the cache capacity {cache.Capacity}");
         }
     }
+
+    /// <summary>The contract of <see cref="IBackend.View"/>.</summary>
+    public static void View(Tensor tensor, int firstRow, int rows)
+    {
+        if (firstRow < 0 || rows < 0 || (long)firstRow + rows > tensor.Rows)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rows), $"rows {firstRow}..{firstRow + rows - 1} are not rows of {tensor}");
+        }
+    }
+
+    /// <summary>The contract of <see cref="IBackend.PagedCache"/>.</summary>
+    public static void PagedCache(LatentPool pool, BlockTable table, int request)
+    {
+        ArgumentNullException.ThrowIfNull(pool);
+        ArgumentNullException.ThrowIfNull(table);
+        if ((uint)request >= (uint)table.Requests)
+        {
+            throw new ArgumentOutOfRangeException(nameof(request), request, $"the block table has rows 0..{table.Requests - 1}");
+        }
+    }
+
+    /// <summary>The routing contract of <see cref="IBackend.MoeGate"/> and <see cref="IBackend.MoeExperts"/>: room for the T tokens, the layer's E and k.</summary>
+    public static void Routing(Routing routing, int tokens, int experts, int topK) =>
+        Require(routing.Tokens >= tokens && routing.Experts == experts && routing.TopK == topK,
+            $"routing [{routing.Tokens} tokens, {routing.Experts} experts, top {routing.TopK}] for {tokens} tokens of {experts} experts, top {topK}");
 }

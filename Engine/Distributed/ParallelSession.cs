@@ -166,7 +166,9 @@ public sealed class ParallelSession : IModelSession
             for (var k = 0; k < run.Length; k++)
             {
                 var r = run[k];
-                attnOut[k] = LayerSteps.Attention(devices[r].Context, devices[r].Layers[i]!, normed[r]!, _caches[r][i]!, start);
+                var x = devices[r].Context;
+                attnOut[k] = LayerSteps.Attention(x, devices[r].Layers[i]!, normed[r]!, [new Segment(_caches[r][i]!, start, 0, normed[r]!.Rows)],
+                    new FreshActivations(x.Backend));
             }
 
             Reduce(attnOut);
@@ -177,7 +179,7 @@ public sealed class ParallelSession : IModelSession
                 var layer = devices[r].Layers[i]!;
                 // post_attention_layernorm(h) goes into the normed buffer: the layer's input norm is consumed.
                 b.AddRmsNorm(h[r]!, attnOut[k], layer.PostAttentionNorm, normed[r]!);
-                y[k] = LayerSteps.Ffn(devices[r].Context, layer, normed[r]!, null, "");
+                y[k] = LayerSteps.Ffn(devices[r].Context, layer, normed[r]!, new FreshActivations(devices[r].Context.Backend), null, "");
             }
 
             Reduce(y);

@@ -69,7 +69,7 @@ public sealed class DeepSeekChatClient : IChatClient
     /// <param name="disposeModel">Dispose <paramref name="model"/> with this client.</param>
     /// <param name="stepRunner">
     /// Runs the scheduler's steps over <paramref name="model"/>; owned by this client (disposed with it).
-    /// Null: a <see cref="SessionStepRunner"/> over <paramref name="model"/>.
+    /// Null: <see cref="StepRunners.For"/> <paramref name="model"/>.
     /// </param>
     /// <exception cref="ArgumentException">Speculative decoding is On but the runner cannot draft.</exception>
     public DeepSeekChatClient(ILanguageModel model, ITokenizer tokenizer, DeepSeekChatClientOptions? options = null, ILogger<DeepSeekChatClient>? logger = null, IMeterFactory? meterFactory = null, bool disposeModel = false, IStepRunner? stepRunner = null)
@@ -79,11 +79,11 @@ public sealed class DeepSeekChatClient : IChatClient
         _options = options ?? new DeepSeekChatClientOptions();
         _options.Validate();
         _logger = (ILogger?)logger ?? NullLogger.Instance;
-        _runner = stepRunner ?? new SessionStepRunner(model);
+        _runner = stepRunner ?? StepRunners.For(model);
         try
         {
-            // The CPU runner's sessions hold their own caches: the pool is bookkeeping there, sized so
-            // that MaxBatch full-length requests fit unless the options say otherwise.
+            // Sized so that MaxBatch full-length requests fit unless the options say otherwise (the context
+            // size was chosen for that many); a paged runner allocates the pool when the scheduler attaches it.
             var blocksPerRequest = KvBlockManager.BlocksFor(_runner.MaxSequenceLength);
             var blocks = new KvBlockManager(_options.KvCacheBlocks ?? checked(_options.MaxBatch * blocksPerRequest), _options.MaxBatch, blocksPerRequest);
             _scheduler = new BatchScheduler(_runner, blocks, TextGenerator.SchedulerOptionsFor(tokenizer, new SchedulerOptions

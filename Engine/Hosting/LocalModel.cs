@@ -153,10 +153,10 @@ public sealed class LocalModel : ILanguageModel
     }
 
     /// <summary>
-    /// The step runner a chat client's scheduler drives (owned by the caller): one session per request
-    /// on this model's backend, with MTP drafting when the checkpoint has the module.
+    /// The step runner a chat client's scheduler drives (owned by the caller; <see cref="StepRunners.For"/>): batched
+    /// and paged on this model's backend, with MTP drafting when the checkpoint has the module.
     /// </summary>
-    public IStepRunner CreateStepRunner() => new SessionStepRunner(Model);
+    public IStepRunner CreateStepRunner() => StepRunners.For(Model);
 
     /// <summary>R1's template ends the generation prompt with a forced <c>&lt;think&gt;</c>; V3's does not.</summary>
     internal static ChatTemplateKind DetectTemplate(string directory)

@@ -17,6 +17,7 @@ public sealed class DeepSeekSession : IModelSession
     private readonly LatentCache? _mtpCache;
     private readonly Tensor _lastHidden;
     private readonly LayerContext _context;
+    private readonly FreshActivations _activations;
 
     internal DeepSeekSession(DeepSeekModel model)
     {
@@ -32,6 +33,7 @@ public sealed class DeepSeekSession : IModelSession
         _mtpCache = model.HasMtp ? _b.AllocateLatentCache(model.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim) : null;
         _lastHidden = _b.Allocate(1, c.HiddenSize);
         _context = new LayerContext(_b, c, model.Rope, model.Dims, model.Scale, model.Options.Attention);
+        _activations = new FreshActivations(_b);
     }
 
     /// <inheritdoc />
@@ -160,19 +162,9 @@ public sealed class DeepSeekSession : IModelSession
         }
 
         LayerSteps.CheckIds(nextTokens, _model.VocabSize);
-        using var e = _b.Allocate(n, c.HiddenSize);
-        _b.Embedding(_model.Embed, nextTokens, e);
-        _b.RmsNorm(e, mtp.ENorm, e);
         using var h = _b.Upload(hiddens, n, c.HiddenSize);
-        _b.RmsNorm(h, mtp.HNorm, h);
-        using var eh = _b.Allocate(n, 2 * c.HiddenSize);
-        _b.ConcatColumns(e, h, eh);
-        using var z = _b.Allocate(n, c.HiddenSize);
-        _b.Linear(eh, mtp.EhProj, z);
-        using var a = _b.Allocate(n, c.HiddenSize);
-        _b.RmsNorm(z, mtp.Layer.InputNorm, a);
         using var normed = _b.Allocate(n, c.HiddenSize);
-        RunLayer(mtp.Layer, z, a, _mtpCache!, startPosition, mtp.HeadNorm, normed, observer, "mtp.");
+        LayerSteps.Mtp(_context, mtp, _model.Embed, h, nextTokens, [new Segment(_mtpCache!, startPosition, 0, n)], _activations, normed, observer);
         MtpLength = startPosition + n;
         using var logits = _b.Allocate(n, _model.VocabSize);
         _b.Logits(normed, _model.Head, logits);
@@ -198,7 +190,7 @@ public sealed class DeepSeekSession : IModelSession
         {
             var next = i + 1 < _model.Layers.Length ? _model.Layers[i + 1].InputNorm : _model.FinalNorm;
             var nextNormed = _b.Allocate(count, c.HiddenSize);
-            RunLayer(_model.Layers[i], h, normed, _caches[i], start, next, nextNormed, observer, "");
+            LayerSteps.Layer(_context, _model.Layers[i], h, normed, [new Segment(_caches[i], start, 0, count)], _activations, next, nextNormed, observer, "");
             normed.Dispose();
             normed = nextNormed;
         }
@@ -207,26 +199,6 @@ public sealed class DeepSeekSession : IModelSession
         _b.CopyRows(normed, count - 1, _lastHidden, 0, 1);
         Length = start + count;
         return normed;
-    }
-
-    /// <summary>
-    /// One decoder layer: h += MLA(a); h += FFN(post_norm(h)); then nextNormed = nextNorm(h).
-    /// <paramref name="a"/> is input_layernorm(h), computed by the previous fused residual step.
-    /// </summary>
-    private void RunLayer(DecoderLayer layer, Tensor h, Tensor a, LatentCache cache, int start, NormWeight nextNorm, Tensor nextNormed,
-        Action<Intermediate>? observer, string prefix)
-    {
-        var name = $"{prefix}layer{layer.Index}.";
-        using var attnOut = LayerSteps.Attention(_context, layer, a, cache, start);
-        Observe(observer, name + "attn_out", attnOut);
-
-        using var f = _b.Allocate(h.Rows, _model.Config.HiddenSize); // [T, D] post_attention_layernorm(h)
-        _b.AddRmsNorm(h, attnOut, layer.PostAttentionNorm, f);
-
-        using var y = LayerSteps.Ffn(_context, layer, f, observer, name);
-        Observe(observer, name + "ffn_out", y);
-        _b.AddRmsNorm(h, y, nextNorm, nextNormed);
-        Observe(observer, name + "out", h);
     }
 
     private void Observe(Action<Intermediate>? observer, string name, Tensor tensor) => LayerSteps.Observe(_b, observer, name, tensor);

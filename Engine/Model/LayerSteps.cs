@@ -51,16 +51,41 @@ internal static class LayerSteps
         }
     }
 
-    /// <summary>MLA of <paramref name="a"/> = input_layernorm(h) at positions start..: appends to the latent cache, returns o_proj's output [T, D].</summary>
-    public static Tensor Attention(LayerContext x, DecoderLayer layer, Tensor a, LatentCache cache, int start)
+    /// <summary>
+    /// One decoder layer over a token stream: h += MLA(a); h += FFN(post_norm(h)); then nextNormed = nextNorm(h).
+    /// <paramref name="a"/> is input_layernorm(h), computed by the previous fused residual step; each segment's rows
+    /// attend over its own cache.
+    /// </summary>
+    public static void Layer(LayerContext x, DecoderLayer layer, Tensor h, Tensor a, ReadOnlySpan<Segment> segments, Activations ws,
+        NormWeight nextNorm, Tensor nextNormed, Action<Intermediate>? observer, string prefix)
+    {
+        var b = x.Backend;
+        var name = $"{prefix}layer{layer.Index}.";
+        using var attnOut = Attention(x, layer, a, segments, ws);
+        Observe(b, observer, name + "attn_out", attnOut);
+
+        using var f = ws.Take(Activation.FfnInput, h.Rows, x.Config.HiddenSize); // post_attention_layernorm(h)
+        b.AddRmsNorm(h, attnOut, layer.PostAttentionNorm, f);
+
+        using var y = Ffn(x, layer, f, ws, observer, name);
+        Observe(b, observer, name + "ffn_out", y);
+        b.AddRmsNorm(h, y, nextNorm, nextNormed);
+        Observe(b, observer, name + "out", h);
+    }
+
+    /// <summary>
+    /// MLA of <paramref name="a"/> = input_layernorm(h): the projections over every row at once, then per segment
+    /// RoPE at its positions, the append to its cache and attention over it; returns o_proj's output [T, D].
+    /// </summary>
+    public static Tensor Attention(LayerContext x, DecoderLayer layer, Tensor a, ReadOnlySpan<Segment> segments, Activations ws)
     {
         var b = x.Backend;
         var dims = x.Dims;
         var t = a.Rows;
-        using var q = b.Allocate(t, dims.Heads * dims.QkHead); // [T, H·(nope + rope)]
+        using var q = ws.Take(Activation.Query, t, dims.Heads * dims.QkHead); // [T, H·(nope + rope)]
         if (layer.QA is { } qa)
         {
-            using var cq = b.Allocate(t, qa.Out); // [T, q_lora_rank]
+            using var cq = ws.Take(Activation.QueryLatent, t, qa.Out); // [T, q_lora_rank]
             b.Linear(a, qa, cq);
             b.RmsNorm(cq, layer.QANorm!, cq);
             b.Linear(cq, layer.QB, q);
@@ -70,43 +95,53 @@ internal static class LayerSteps
             b.Linear(a, layer.QB, q);
         }
 
-        b.ApplyRope(q, x.Rope, start, dims.QkHead, dims.QkNope);
-        using (var kv = b.Allocate(t, x.Config.KvCacheDim)) // [T, kv_lora_rank + rope]
+        using (var kv = ws.Take(Activation.KeyValue, t, x.Config.KvCacheDim)) // [T, kv_lora_rank + rope]
         {
             b.Linear(a, layer.KvA, kv);
-            b.AppendLatent(kv, layer.KvANorm, x.Rope, cache, start);
+            foreach (var s in segments)
+            {
+                using var qs = b.View(q, s.FirstRow, s.Rows);
+                b.ApplyRope(qs, x.Rope, s.Start, dims.QkHead, dims.QkNope);
+                using var kvs = b.View(kv, s.FirstRow, s.Rows);
+                b.AppendLatent(kvs, layer.KvANorm, x.Rope, s.Cache, s.Start);
+            }
         }
 
-        using var attn = b.Allocate(t, dims.Heads * dims.V); // [T, H·v]
-        var form = x.Attention switch
+        using var attn = ws.Take(Activation.AttentionOutput, t, dims.Heads * dims.V); // [T, H·v]
+        foreach (var s in segments)
         {
-            AttentionForm.Auto => t > 1 ? AttentionForm.Naive : AttentionForm.Absorbed,
-            var chosen => chosen,
-        };
-        if (form == AttentionForm.Naive)
-        {
-            b.MlaAttentionNaive(q, cache, layer.KvB, dims, start, x.Scale, attn);
-        }
-        else
-        {
-            b.MlaAttentionAbsorbed(q, cache, layer.KvB, dims, start, x.Scale, attn);
+            using var qs = b.View(q, s.FirstRow, s.Rows);
+            using var os = b.View(attn, s.FirstRow, s.Rows);
+            var form = x.Attention switch
+            {
+                AttentionForm.Auto => s.Rows > 1 ? AttentionForm.Naive : AttentionForm.Absorbed,
+                var chosen => chosen,
+            };
+            if (form == AttentionForm.Naive)
+            {
+                b.MlaAttentionNaive(qs, s.Cache, layer.KvB, dims, s.Start, x.Scale, os);
+            }
+            else
+            {
+                b.MlaAttentionAbsorbed(qs, s.Cache, layer.KvB, dims, s.Start, x.Scale, os);
+            }
         }
 
-        var attnOut = b.Allocate(t, x.Config.HiddenSize);
+        var attnOut = ws.Take(Activation.AttentionProjection, t, x.Config.HiddenSize);
         b.Linear(attn, layer.O, attnOut);
         return attnOut;
     }
 
     /// <summary>The dense MLP or the MoE of <paramref name="f"/> = post_attention_layernorm(h); returns [T, D].</summary>
-    public static Tensor Ffn(LayerContext x, DecoderLayer layer, Tensor f, Action<Intermediate>? observer, string name)
+    public static Tensor Ffn(LayerContext x, DecoderLayer layer, Tensor f, Activations ws, Action<Intermediate>? observer, string name)
     {
         var b = x.Backend;
         var t = f.Rows;
-        var y = b.Allocate(t, x.Config.HiddenSize);
+        var y = ws.Take(Activation.FfnOutput, t, x.Config.HiddenSize);
         if (layer.Dense is { } mlp)
         {
-            using var g = b.Allocate(t, mlp[0].Out);
-            using var u = b.Allocate(t, mlp[1].Out);
+            using var g = ws.Take(Activation.MlpGate, t, mlp[0].Out);
+            using var u = ws.Take(Activation.MlpUp, t, mlp[1].Out);
             b.Linear(f, mlp[0], g);
             b.Linear(f, mlp[1], u);
             b.SiluMul(g, u, g);
@@ -115,23 +150,48 @@ internal static class LayerSteps
         }
 
         var gate = layer.Gate!;
-        using var routing = b.AllocateRouting(t, gate.Options.Experts, gate.Options.TopK);
-        b.MoeGate(f, gate, routing);
+        using var routing = ws.TakeRouting(t, gate.Options.Experts, gate.Options.TopK);
+        b.MoeGate(f, gate, routing.Value);
         if (observer is not null)
         {
             Observe(b, observer, name + "gate_in", f);
             var o = gate.Options;
-            var scores = new float[t * o.Experts];
-            var idx = new int[t * o.TopK];
-            var w = new float[t * o.TopK];
-            b.DownloadRouting(routing, scores, idx, w);
-            observer(new Intermediate(name + "gate_scores", t, o.Experts, scores, null));
-            observer(new Intermediate(name + "topk_idx", t, o.TopK, null, idx));
-            observer(new Intermediate(name + "topk_weight", t, o.TopK, w, null));
+            var scores = new float[routing.Value.Tokens * o.Experts];
+            var idx = new int[routing.Value.Tokens * o.TopK];
+            var w = new float[routing.Value.Tokens * o.TopK];
+            b.DownloadRouting(routing.Value, scores, idx, w);
+            observer(new Intermediate(name + "gate_scores", t, o.Experts, scores[..(t * o.Experts)], null));
+            observer(new Intermediate(name + "topk_idx", t, o.TopK, null, idx[..(t * o.TopK)]));
+            observer(new Intermediate(name + "topk_weight", t, o.TopK, w[..(t * o.TopK)], null));
         }
 
-        b.MoeExperts(f, routing, layer.Experts!, y);
+        b.MoeExperts(f, routing.Value, layer.Experts!, y);
         return y;
+    }
+
+    /// <summary>
+    /// The MTP module (MODEL.md §6) over a token stream: for each row the main model's hidden after the final norm
+    /// (<paramref name="hiddens"/> [T, D]) and the token that follows it; writes the head-normed output [T, D] to
+    /// <paramref name="normed"/>, each segment's rows running at its positions over its MTP cache.
+    /// </summary>
+    public static void Mtp(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
+        ReadOnlySpan<Segment> segments, Activations ws, Tensor normed, Action<Intermediate>? observer)
+    {
+        var b = x.Backend;
+        var n = nextTokens.Length;
+        var d = x.Config.HiddenSize;
+        using var e = ws.Take(Activation.MtpEmbedding, n, d);
+        b.Embedding(embed, nextTokens, e);
+        b.RmsNorm(e, mtp.ENorm, e);
+        using var h = ws.Take(Activation.MtpHidden, n, d);
+        b.RmsNorm(hiddens, mtp.HNorm, h);
+        using var eh = ws.Take(Activation.MtpConcat, n, 2 * d);
+        b.ConcatColumns(e, h, eh);
+        using var z = ws.Take(Activation.MtpResidual, n, d);
+        b.Linear(eh, mtp.EhProj, z);
+        using var a = ws.Take(Activation.MtpNormed, n, d);
+        b.RmsNorm(z, mtp.Layer.InputNorm, a);
+        Layer(x, mtp.Layer, z, a, segments, ws, mtp.HeadNorm, normed, observer, "mtp.");
     }
 
     /// <summary>Hands a copy of <paramref name="tensor"/> to <paramref name="observer"/>, when there is one.</summary>

@@ -253,7 +253,16 @@ public sealed class BatchScheduler : IDisposable
             SpeculativeDecodingMode.Auto => runner.CanDraft,
             _ => false,
         };
+
+        runner.Attach(blocks, MaxTokensPerStep(_options, blocks, _drafting));
     }
+
+    /// <summary>
+    /// The most tokens one step feeds: decode rows come first (every running request, one token, two with a
+    /// draft) even past the budget, and prompt chunks only fill what the budget leaves.
+    /// </summary>
+    internal static int MaxTokensPerStep(SchedulerOptions options, KvBlockManager blocks, bool drafting) =>
+        Math.Max(options.MaxTokensPerStep, Math.Min(options.MaxBatch, blocks.MaxRequests) * (drafting ? 2 : 1));
 
     /// <summary>
     /// Whether requests draft with the MTP module now: the mode's choice at creation, false from the moment

@@ -17,9 +17,9 @@ public readonly record struct DraftSequence(int Slot, int NextToken);
 /// MTP draft. The scheduler owns admission, the block table and sampling; a runner only computes.
 /// </summary>
 /// <remarks>
-/// <para>The CPU runner (<see cref="SessionStepRunner"/>) keeps one model session per slot and runs the
-/// batch's requests one after another. A GPU runner (batched, paged, graph-replayed) implements the same
-/// contract over the scheduler's <see cref="KvBlockManager"/>:</para>
+/// <para><see cref="SessionStepRunner"/> keeps one model session per slot and runs the batch's requests one after
+/// another (any <see cref="Inference.ILanguageModel"/>). <see cref="PagedStepRunner"/> implements the contract over
+/// the scheduler's <see cref="KvBlockManager"/>, on any backend:</para>
 /// <list type="bullet">
 /// <item><see cref="Open"/>/<see cref="Close"/>/<see cref="Truncate"/> touch no device memory: the cache
 /// lives in the pool's blocks, addressed by <see cref="KvBlockManager.Table"/> (int32 [slots, blocks per
@@ -27,10 +27,10 @@ public readonly record struct DraftSequence(int Slot, int NextToken);
 /// each <see cref="Forward"/>. The scheduler has already reserved blocks for every position a step writes.</item>
 /// <item><see cref="Forward"/> flattens the batch into one token stream [Σ tokens] with per-token
 /// (slot, position) metadata, runs every layer once over it, and computes logits only for the requested
-/// rows. A decode-only batch (every entry 1 token, or 2 with a draft) of a size seen before replays its
-/// captured CUDA graph; mixed prefill/decode batches run eagerly.</item>
-/// <item>A runner that drafts keeps each position's final hidden state on the device until
-/// <see cref="Draft"/> has consumed it; <see cref="Truncate"/> discards those of dropped positions.</item>
+/// rows. (Still to come on the GPU: a decode-only batch of a size seen before replays a captured CUDA graph.)</item>
+/// <item>A runner that drafts keeps the final hidden state of each position whose MTP input is not yet
+/// certain on the device until <see cref="Draft"/> has consumed it; <see cref="Truncate"/> discards those of
+/// dropped positions.</item>
 /// </list>
 /// Calls come from one thread at a time.
 /// </remarks>
@@ -44,6 +44,14 @@ public interface IStepRunner : IDisposable
 
     /// <summary>Whether <see cref="Draft"/> works (the model has an MTP module).</summary>
     bool CanDraft { get; }
+
+    /// <summary>
+    /// Called once by the scheduler before any other call: the block manager whose table addresses the cache
+    /// (the scheduler changes it between steps; a paged runner uploads it before each step and sizes its pools
+    /// to <see cref="KvBlockManager.TotalBlocks"/>), and the most tokens one <see cref="Forward"/> will feed,
+    /// all entries together (a runner sizes its step buffers to it).
+    /// </summary>
+    void Attach(KvBlockManager blocks, int maxTokensPerStep);
 
     /// <summary>A new request takes <paramref name="slot"/> with an empty cache; <paramref name="drafts"/>: it will call <see cref="Draft"/>.</summary>
     void Open(int slot, bool drafts);

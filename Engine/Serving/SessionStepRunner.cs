@@ -31,6 +31,10 @@ public sealed class SessionStepRunner : IStepRunner
     public bool CanDraft => _deepSeek?.HasMtp == true;
 
     /// <inheritdoc />
+    /// <remarks>Each session holds its own cache: the block table is bookkeeping only here.</remarks>
+    public void Attach(KvBlockManager blocks, int maxTokensPerStep) => ArgumentNullException.ThrowIfNull(blocks);
+
+    /// <inheritdoc />
     public void Open(int slot, bool drafts)
     {
         if (_slots.ContainsKey(slot))

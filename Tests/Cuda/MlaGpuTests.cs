@@ -123,8 +123,8 @@ public sealed class MlaGpuTests : GpuTestBase
             var expected = new float[len * d];
             for (var p = 0; p < len; p++)
             {
-                c.Latent.AsSpan(p * lora, lora).CopyTo(expected.AsSpan(p * d));
-                c.Rope.AsSpan(p * rope, rope).CopyTo(expected.AsSpan(p * d + lora));
+                c.Latent(p).CopyTo(expected.AsSpan(p * d));
+                c.Rope(p).CopyTo(expected.AsSpan(p * d + lora));
             }
 
             BFloat16.Round(expected);
@@ -171,8 +171,8 @@ public sealed class MlaGpuTests : GpuTestBase
             var c = new CpuLatentCache(len, lora, rope);
             for (var p = 0; p < len; p++)
             {
-                gathered[q].AsSpan(p * d, lora).CopyTo(c.Latent.AsSpan(p * lora));
-                gathered[q].AsSpan(p * d + lora, rope).CopyTo(c.Rope.AsSpan(p * rope));
+                gathered[q].AsSpan(p * d, lora).CopyTo(c.Latent(p, write: true));
+                gathered[q].AsSpan(p * d + lora, rope).CopyTo(c.Rope(p, write: true));
             }
 
             var qRows = cpu.Upload(qv.AsSpan(q * qTokens * heads * (nope + rope), qTokens * heads * (nope + rope)), qTokens, heads * (nope + rope));

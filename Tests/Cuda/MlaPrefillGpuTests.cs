@@ -187,8 +187,8 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
             var lc = new CpuLatentCache(ctx[i], lora, ropeDim);
             for (var j = 0; j < ctx[i]; j++)
             {
-                cache.AsSpan((int)RowOf(i, j), lora).CopyTo(lc.Latent.AsSpan(j * lora));
-                cache.AsSpan((int)RowOf(i, j) + lora, ropeDim).CopyTo(lc.Rope.AsSpan(j * ropeDim));
+                cache.AsSpan((int)RowOf(i, j), lora).CopyTo(lc.Latent(j, write: true));
+                cache.AsSpan((int)RowOf(i, j) + lora, ropeDim).CopyTo(lc.Rope(j, write: true));
             }
 
             var qt = cpu.Upload(q.AsSpan(cuQ[i] * heads * qkHead, len * heads * qkHead), len, heads * qkHead);

@@ -21,6 +21,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public void Download(Tensor tensor, Span<float> destination) => inner.Download(tensor, destination);
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
         inner.CopyRows(source, sourceRow, destination, destinationRow, count);
+    public Tensor View(Tensor tensor, int firstRow, int rows) => inner.View(tensor, firstRow, rows);
 
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
     {
@@ -65,6 +66,14 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
     public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs) => inner.UploadRope(cos, sin, positions, pairs);
     public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => inner.AllocateLatentCache(capacity, latentDim, ropeDim);
+
+    public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) => inner.AllocateLatentPool(blocks, latentDim, ropeDim);
+
+    public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest) => inner.AllocateBlockTable(requests, maxBlocksPerRequest);
+
+    public void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table) => inner.UploadBlockTable(entries, table);
+
+    public LatentCache PagedCache(LatentPool pool, BlockTable table, int request) => inner.PagedCache(pool, table, request);
     public Routing AllocateRouting(int tokens, int experts, int topK) => inner.AllocateRouting(tokens, experts, topK);
     public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights) =>
         inner.DownloadRouting(routing, scores, indices, weights);

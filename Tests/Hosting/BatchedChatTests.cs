@@ -459,6 +459,8 @@ public sealed class BatchedChatTests
 
         public void Open() => _gate.Set();
 
+        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
+
         public void Open(int slot, bool drafts) => inner.Open(slot, drafts);
 
         public void Close(int slot) => inner.Close(slot);

@@ -57,6 +57,8 @@ internal static class ServeModel
 
         public bool CanDraft => false;
 
+        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
+
         public void Open(int slot, bool drafts)
         {
             _histories[slot] = [];
@@ -131,6 +133,8 @@ internal static class ServeModel
         public int MaxSequenceLength => inner.MaxSequenceLength;
 
         public bool CanDraft => inner.CanDraft;
+
+        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
 
         public void Open(int slot, bool drafts) => inner.Open(slot, drafts);
 

@@ -163,6 +163,8 @@ public sealed class ModelSchedulingTests
 
         public bool CanDraft => _inner.CanDraft;
 
+        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => _inner.Attach(blocks, maxTokensPerStep);
+
         public void Open(int slot, bool drafts)
         {
             _inner.Open(slot, drafts);

@@ -28,6 +28,16 @@ internal sealed class OracleStepRunner(FakeModel model, KvBlockManager blocks, F
 
     public void StopDrafting(int slot) => StoppedDrafting.Add(slot);
 
+    /// <summary>The bound the scheduler promised at <see cref="Attach"/>; every forward is checked against it.</summary>
+    public int MaxTokensPerStep { get; private set; }
+
+    public void Attach(KvBlockManager attached, int maxTokensPerStep)
+    {
+        Assert.AreSame(blocks, attached);
+        Assert.AreEqual(0, MaxTokensPerStep, "attached twice");
+        MaxTokensPerStep = maxTokensPerStep;
+    }
+
     public void Open(int slot, bool drafts) => _slots.Add(slot, []);
 
     public void Close(int slot) => Assert.IsTrue(_slots.Remove(slot), $"slot {slot} closed twice");
@@ -42,6 +52,13 @@ internal sealed class OracleStepRunner(FakeModel model, KvBlockManager blocks, F
     public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
     {
         LargestBatch = Math.Max(LargestBatch, batch.Length);
+        var tokens = 0;
+        foreach (var e in batch)
+        {
+            tokens += e.Tokens.Length;
+        }
+
+        Assert.IsLessThanOrEqualTo(MaxTokensPerStep, tokens, "a step feeds no more tokens than the scheduler promised at Attach");
         var v = VocabSize;
         var offset = 0;
         var row = new float[v];

@@ -86,7 +86,15 @@ public sealed class CpuBackend : IBackend
             throw new ArgumentException($"cannot copy {count} rows from {s} at {sourceRow} to {d} at {destinationRow}");
         }
 
-        s.Data.AsSpan(sourceRow * s.Cols, count * s.Cols).CopyTo(d.Data.AsSpan(destinationRow * d.Cols));
+        s.Data.Slice(sourceRow * s.Cols, count * s.Cols).CopyTo(d.Data[(destinationRow * d.Cols)..]);
+    }
+
+    /// <inheritdoc />
+    public Tensor View(Tensor tensor, int firstRow, int rows)
+    {
+        var t = T(tensor);
+        ShapeCheck.View(t, firstRow, rows);
+        return t.View(firstRow, rows);
     }
 
     // ---------------------------------------------------------------- weights
@@ -143,6 +151,40 @@ public sealed class CpuBackend : IBackend
 
     /// <inheritdoc />
     public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => new CpuLatentCache(capacity, latentDim, ropeDim);
+
+    /// <inheritdoc />
+    public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(blocks);
+        return new CpuLatentPool(blocks, latentDim, ropeDim);
+    }
+
+    /// <inheritdoc />
+    public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(requests, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxBlocksPerRequest, 1);
+        return new CpuBlockTable(requests, maxBlocksPerRequest);
+    }
+
+    /// <inheritdoc />
+    public void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table)
+    {
+        var t = (CpuBlockTable)table;
+        if (entries.Length != t.Entries.Length)
+        {
+            throw new ArgumentException($"{entries.Length} entries for a [{t.Requests}, {t.MaxBlocksPerRequest}] block table", nameof(entries));
+        }
+
+        entries.CopyTo(t.Entries);
+    }
+
+    /// <inheritdoc />
+    public LatentCache PagedCache(LatentPool pool, BlockTable table, int request)
+    {
+        ShapeCheck.PagedCache(pool, table, request);
+        return new CpuLatentCache((CpuLatentPool)pool, (CpuBlockTable)table, request);
+    }
 
     /// <inheritdoc />
     public Routing AllocateRouting(int tokens, int experts, int topK) => new CpuRouting(tokens, experts, topK);
@@ -292,8 +334,8 @@ public sealed class CpuBackend : IBackend
         CpuTensor a = T(x), o = T(y);
         var w = (CpuLinearWeight)weight;
         ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
-        var input = _emulate && w.Fp8 ? QuantizeRows(a.Data, a.Rows, a.Cols) : a.Data;
-        Gemm(input, a.Rows, w, o.Data, parallel: true);
+        ReadOnlyMemory<float> input = _emulate && w.Fp8 ? QuantizeRows(a.Data, a.Rows, a.Cols) : a.Memory;
+        Gemm(input, a.Rows, w, o.Memory, parallel: true);
         Store(o.Data);
     }
 
@@ -303,13 +345,13 @@ public sealed class CpuBackend : IBackend
         CpuTensor a = T(x), o = T(logits);
         var w = (CpuLinearWeight)head;
         ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
-        Gemm(a.Data, a.Rows, w, o.Data, parallel: true);
+        Gemm(a.Memory, a.Rows, w, o.Memory, parallel: true);
     }
 
     /// <summary>The activation copy an FP8 GEMM sees: each row quantized and dequantized per group.</summary>
-    private float[] QuantizeRows(float[] x, int rows, int cols)
+    private float[] QuantizeRows(ReadOnlySpan<float> x, int rows, int cols)
     {
-        var q = (float[])x.Clone();
+        var q = x.ToArray();
         for (var t = 0; t < rows; t++)
         {
             ActivationQuant.QuantizeDequantize(q.AsSpan(t * cols, cols), ActivationGroupSize, ActivationScaleFormat);
@@ -319,7 +361,7 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <summary>y[t, o] = x[t, :]·W[o, :] for t &lt; rows; fp32 dot products; parallel over output row blocks.</summary>
-    private void Gemm(float[] x, int rows, CpuLinearWeight w, float[] y, bool parallel)
+    private void Gemm(ReadOnlyMemory<float> xMemory, int rows, CpuLinearWeight w, Memory<float> yMemory, bool parallel)
     {
         int outF = w.Out, inF = w.In;
         var blocks = parallel ? Math.Min(outF, Math.Max(1, _parallel.MaxDegreeOfParallelism * 4)) : 1;
@@ -330,14 +372,16 @@ public sealed class CpuBackend : IBackend
             var end = Math.Min(outF, (b + 1) * perBlock);
             var o = b * perBlock;
             Span<float> four = stackalloc float[4];
+            ReadOnlySpan<float> x = xMemory.Span;
+            var y = yMemory.Span;
             // Four weight rows per pass over the tokens: each x load feeds four dot products.
             for (; o + 4 <= end && rows > 1; o += 4)
             {
                 var w4 = w.Data.AsSpan(o * inF, 4 * inF);
                 for (var t = 0; t < rows; t++)
                 {
-                    Kernels.Dot4(x.AsSpan(t * inF, inF), w4, four);
-                    four.CopyTo(y.AsSpan(t * outF + o, 4));
+                    Kernels.Dot4(x.Slice(t * inF, inF), w4, four);
+                    four.CopyTo(y.Slice(t * outF + o, 4));
                 }
             }
 
@@ -346,7 +390,7 @@ public sealed class CpuBackend : IBackend
                 var wr = w.Data.AsSpan(o * inF, inF);
                 for (var t = 0; t < rows; t++)
                 {
-                    y[t * outF + o] = TensorPrimitives.Dot(x.AsSpan(t * inF, inF), wr);
+                    y[t * outF + o] = TensorPrimitives.Dot(x.Slice(t * inF, inF), wr);
                 }
             }
         }
@@ -406,9 +450,9 @@ public sealed class CpuBackend : IBackend
         {
             var p = startPosition + t;
             var row = a.Row(t);
-            var dstLatent = c.Latent.AsSpan(p * latent, latent);
+            var dstLatent = c.Latent(p, write: true);
             NormRow(row[..latent], norm.Data, norm.Epsilon, dstLatent);
-            var dstRope = c.Rope.AsSpan(p * ropeDim, ropeDim);
+            var dstRope = c.Rope(p, write: true);
             row[latent..].CopyTo(dstRope);
             Rotate(dstRope, r, p);
             Store(dstLatent);
@@ -448,7 +492,11 @@ public sealed class CpuBackend : IBackend
 
         // [keys, H·(nope + v)]: per-head k_nope and v decompressed from every cached latent.
         var latents = new float[keys * lora];
-        c.Latent.AsSpan(0, keys * lora).CopyTo(latents);
+        for (var j = 0; j < keys; j++)
+        {
+            c.Latent(j).CopyTo(latents.AsSpan(j * lora));
+        }
+
         var u = new float[keys * kvbRow];
         Gemm(_emulate && w.Fp8 ? QuantizeRows(latents, keys, lora) : latents, keys, w, u, parallel: true);
         Store(u);
@@ -457,18 +505,18 @@ public sealed class CpuBackend : IBackend
         {
             int t = job / dims.Heads, h = job % dims.Heads;
             var visible = startPosition + t + 1;
-            var qh = qt.Data.AsSpan(t * qt.Cols + h * dims.QkHead, dims.QkHead);
+            var qh = qt.Row(t).Slice(h * dims.QkHead, dims.QkHead);
             var qNope = qh[..dims.QkNope];
             var qPe = qh[dims.QkNope..];
             var p = new float[visible];
             for (var j = 0; j < visible; j++)
             {
                 var k = u.AsSpan(j * kvbRow + h * dims.KvBHead, dims.QkNope);
-                p[j] = (TensorPrimitives.Dot(qNope, k) + TensorPrimitives.Dot(qPe, c.Rope.AsSpan(j * ropeDim, ropeDim))) * scale;
+                p[j] = (TensorPrimitives.Dot(qNope, k) + TensorPrimitives.Dot(qPe, c.Rope(j))) * scale;
             }
 
             Softmax(p);
-            var oh = o.Data.AsSpan(t * o.Cols + h * dims.V, dims.V);
+            var oh = o.Row(t).Slice(h * dims.V, dims.V);
             oh.Clear();
             for (var j = 0; j < visible; j++)
             {
@@ -489,7 +537,7 @@ public sealed class CpuBackend : IBackend
         {
             int t = job / dims.Heads, h = job % dims.Heads;
             var visible = startPosition + t + 1;
-            var qh = qt.Data.AsSpan(t * qt.Cols + h * dims.QkHead, dims.QkHead);
+            var qh = qt.Row(t).Slice(h * dims.QkHead, dims.QkHead);
             var qPe = qh[dims.QkNope..];
 
             // q̃[c] = Σ_d q_nope[d]·W_UK[h, d, c]: the query folded into latent space.
@@ -503,8 +551,7 @@ public sealed class CpuBackend : IBackend
             var p = new float[visible];
             for (var j = 0; j < visible; j++)
             {
-                p[j] = (TensorPrimitives.Dot(folded, c.Latent.AsSpan(j * lora, lora))
-                        + TensorPrimitives.Dot(qPe, c.Rope.AsSpan(j * ropeDim, ropeDim))) * scale;
+                p[j] = (TensorPrimitives.Dot(folded, c.Latent(j)) + TensorPrimitives.Dot(qPe, c.Rope(j))) * scale;
             }
 
             Softmax(p);
@@ -513,11 +560,11 @@ public sealed class CpuBackend : IBackend
             var latentSum = new float[lora];
             for (var j = 0; j < visible; j++)
             {
-                TensorPrimitives.MultiplyAdd(c.Latent.AsSpan(j * lora, lora), p[j], latentSum, latentSum);
+                TensorPrimitives.MultiplyAdd(c.Latent(j), p[j], latentSum, latentSum);
             }
 
             Store(latentSum);
-            var oh = o.Data.AsSpan(t * o.Cols + h * dims.V, dims.V);
+            var oh = o.Row(t).Slice(h * dims.V, dims.V);
             for (var d = 0; d < dims.V; d++)
             {
                 oh[d] = TensorPrimitives.Dot(latentSum, w.Row(h * dims.KvBHead + dims.QkNope + d));
@@ -557,7 +604,8 @@ public sealed class CpuBackend : IBackend
         var g = (CpuGateWeight)gate;
         var r = (CpuRouting)routing;
         var opt = g.Options;
-        ShapeCheck.Require(a.Cols == g.Width && r.Tokens == a.Rows && r.Experts == opt.Experts && r.TopK == opt.TopK, "gate shapes");
+        ShapeCheck.Require(a.Cols == g.Width, "gate input width");
+        ShapeCheck.Routing(r, a.Rows, opt.Experts, opt.TopK);
         Parallel.For(0, a.Rows, _parallel, t => Router.Route(a.Row(t), g.Weight, g.Bias, opt,
             r.Scores.AsSpan(t * opt.Experts, opt.Experts), r.Indices.AsSpan(t * opt.TopK, opt.TopK), r.Weights.AsSpan(t * opt.TopK, opt.TopK)));
     }
@@ -569,7 +617,8 @@ public sealed class CpuBackend : IBackend
         var r = (CpuRouting)routing;
         var ew = (CpuExpertWeights)experts;
         int tokens = a.Rows, width = a.Cols, k = r.TopK;
-        ShapeCheck.Require(o.Rows == tokens && o.Cols == width && r.Tokens == tokens && ew.Width == width && r.Experts == ew.Experts, "MoE shapes");
+        ShapeCheck.Require(o.Rows == tokens && o.Cols == width && ew.Width == width, "MoE shapes");
+        ShapeCheck.Routing(r, tokens, ew.Experts, k);
 
         // Token slots (t, j) per expert, in token order, so every sum below has a fixed order.
         var slotsOf = new List<int>[ew.Experts];
@@ -601,7 +650,7 @@ public sealed class CpuBackend : IBackend
             }
         }
 
-        var shared = ew.Shared is null ? null : RunMlp(ew.Shared, a.Data, tokens);
+        var shared = ew.Shared is null ? null : RunMlp(ew.Shared, a.Memory, tokens);
         for (var t = 0; t < tokens; t++)
         {
             var yt = o.Row(t);
@@ -622,10 +671,10 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <summary>down(silu(gate·x) ⊙ up·x) for <paramref name="rows"/> rows of x.</summary>
-    private float[] RunMlp(CpuMlp mlp, float[] x, int rows)
+    private float[] RunMlp(CpuMlp mlp, ReadOnlyMemory<float> x, int rows)
     {
         var width = mlp.Gate.Out;
-        var input = _emulate && mlp.Gate.Fp8 ? QuantizeRows(x, rows, mlp.Gate.In) : x;
+        var input = _emulate && mlp.Gate.Fp8 ? QuantizeRows(x.Span, rows, mlp.Gate.In) : x;
         var g = new float[rows * width];
         var u = new float[rows * width];
         Gemm(input, rows, mlp.Gate, g, parallel: true);

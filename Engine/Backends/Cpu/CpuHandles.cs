@@ -1,10 +1,38 @@
+using DeepSeekCuda.Kernels;
+
 namespace DeepSeekCuda.Backends.Cpu;
 
-internal sealed class CpuTensor(int rows, int cols) : Tensor(rows, cols)
+/// <summary>An activation: rows × cols floats of a managed array, from <see cref="Offset"/> (a view shares its owner's array).</summary>
+internal sealed class CpuTensor : Tensor
 {
-    public float[] Data { get; } = new float[checked(rows * cols)];
+    public CpuTensor(int rows, int cols)
+        : this(new float[checked(rows * cols)], 0, rows, cols)
+    {
+    }
 
-    public Span<float> Row(int row) => Data.AsSpan(row * Cols, Cols);
+    private CpuTensor(float[] buffer, int offset, int rows, int cols)
+        : base(rows, cols)
+    {
+        Buffer = buffer;
+        Offset = offset;
+    }
+
+    /// <summary>The array the values live in (shared by views).</summary>
+    public float[] Buffer { get; }
+
+    /// <summary>Index of the first value in <see cref="Buffer"/>.</summary>
+    public int Offset { get; }
+
+    /// <summary>The values, row-major.</summary>
+    public Span<float> Data => Buffer.AsSpan(Offset, (int)Length);
+
+    /// <summary>The values, for work split over threads.</summary>
+    public Memory<float> Memory => Buffer.AsMemory(Offset, (int)Length);
+
+    public Span<float> Row(int row) => Buffer.AsSpan(Offset + row * Cols, Cols);
+
+    /// <summary>Rows <paramref name="firstRow"/> .. + <paramref name="rows"/> − 1, sharing the array.</summary>
+    public CpuTensor View(int firstRow, int rows) => new(Buffer, Offset + firstRow * Cols, rows, Cols);
 }
 
 internal sealed class CpuLinearWeight(int outFeatures, int inFeatures, bool fp8, float[] data) : LinearWeight(outFeatures, inFeatures, fp8)
@@ -67,11 +95,96 @@ internal sealed class CpuRopeTable(int positions, int pairs, float[] cos, float[
     public float[] Sin { get; } = sin;
 }
 
-internal sealed class CpuLatentCache(int capacity, int latentDim, int ropeDim) : LatentCache(capacity, latentDim, ropeDim)
+/// <summary>
+/// One layer's paged latent pool: per block 64 rows of latent + rope floats. A block's array is made when a row of it
+/// is first written (host memory; a pool sized for many long requests costs only what is used).
+/// </summary>
+internal sealed class CpuLatentPool(int blocks, int latentDim, int ropeDim) : LatentPool(blocks, latentDim, ropeDim)
 {
-    /// <summary>[capacity, latent]: normalized latents.</summary>
-    public float[] Latent { get; } = new float[checked(capacity * latentDim)];
+    private readonly float[]?[] _blocks = new float[]?[blocks];
 
-    /// <summary>[capacity, rope]: rotated shared keys.</summary>
-    public float[] Rope { get; } = new float[checked(capacity * ropeDim)];
+    /// <summary>Row <paramref name="row"/> of block <paramref name="block"/>: latent then rope.</summary>
+    public Span<float> Row(int block, int row, bool write)
+    {
+        if ((uint)block >= (uint)Blocks)
+        {
+            throw new InvalidOperationException($"block {block} is not a block of the pool (0..{Blocks - 1})");
+        }
+
+        var data = _blocks[block];
+        if (data is null)
+        {
+            if (!write)
+            {
+                throw new InvalidOperationException($"block {block} of the latent pool is read before any row of it was written");
+            }
+
+            data = _blocks[block] = new float[PagedLatentCache.BlockSize * (LatentDim + RopeDim)];
+        }
+
+        var width = LatentDim + RopeDim;
+        return data.AsSpan(row * width, width);
+    }
+}
+
+/// <summary>A block table: int32 [requests, maxBlocksPerRequest] in a managed array.</summary>
+internal sealed class CpuBlockTable : BlockTable
+{
+    public CpuBlockTable(int requests, int maxBlocksPerRequest)
+        : base(requests, maxBlocksPerRequest)
+    {
+        Entries = new int[checked(requests * maxBlocksPerRequest)];
+        Entries.AsSpan().Fill(-1);
+    }
+
+    public int[] Entries { get; }
+}
+
+/// <summary>
+/// A latent cache: the rows of one request of a pool, through one row of a block table. A cache of its own is a
+/// pool of ⌈capacity / 64⌉ blocks with the identity table.
+/// </summary>
+internal sealed class CpuLatentCache : LatentCache
+{
+    private readonly CpuLatentPool _pool;
+    private readonly int[] _table;
+    private readonly int _row;
+
+    public CpuLatentCache(int capacity, int latentDim, int ropeDim)
+        : base(capacity, latentDim, ropeDim)
+    {
+        var blocks = PagedLatentCache.BlocksFor(capacity);
+        _pool = new CpuLatentPool(blocks, latentDim, ropeDim);
+        _table = [.. Enumerable.Range(0, blocks)];
+    }
+
+    public CpuLatentCache(CpuLatentPool pool, CpuBlockTable table, int request)
+        : base(table.MaxBlocksPerRequest * PagedLatentCache.BlockSize, pool.LatentDim, pool.RopeDim)
+    {
+        _pool = pool;
+        _table = table.Entries;
+        _row = request * table.MaxBlocksPerRequest;
+    }
+
+    /// <summary>The normalized latent of position <paramref name="position"/> [latent].</summary>
+    public Span<float> Latent(int position, bool write = false) => RowOf(position, write)[..LatentDim];
+
+    /// <summary>The rotated shared key of position <paramref name="position"/> [rope].</summary>
+    public Span<float> Rope(int position, bool write = false) => RowOf(position, write)[LatentDim..];
+
+    private Span<float> RowOf(int position, bool write)
+    {
+        if ((uint)position >= (uint)Capacity)
+        {
+            throw new ArgumentOutOfRangeException(nameof(position), position, $"the cache holds positions 0..{Capacity - 1}");
+        }
+
+        var block = _table[_row + position / PagedLatentCache.BlockSize];
+        if (block < 0)
+        {
+            throw new InvalidOperationException($"position {position} lies in no block of the table");
+        }
+
+        return _pool.Row(block, position % PagedLatentCache.BlockSize, write);
+    }
 }

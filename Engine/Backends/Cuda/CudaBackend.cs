@@ -289,6 +289,14 @@ public sealed class CudaBackend : IBackend
         _glue.Copy(_stream, s.Row(sourceRow), s.Cols, d.Row(destinationRow), d.Cols, count, s.Cols);
     }
 
+    /// <inheritdoc />
+    public Tensor View(Tensor tensor, int firstRow, int rows)
+    {
+        var t = T(tensor);
+        ShapeCheck.View(t, firstRow, rows);
+        return t.View(firstRow, rows);
+    }
+
     // ---------------------------------------------------------------- weights
 
     /// <inheritdoc />
@@ -521,6 +529,43 @@ public sealed class CudaBackend : IBackend
     {
         using var scope = Enter();
         return new CudaLatentCache(_device, _stream, capacity, latentDim, ropeDim);
+    }
+
+    /// <inheritdoc />
+    public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(blocks);
+        using var scope = Enter();
+        return new CudaLatentPool(_device, _stream, blocks, latentDim, ropeDim);
+    }
+
+    /// <inheritdoc />
+    public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(requests, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxBlocksPerRequest, 1);
+        using var scope = Enter();
+        return new CudaBlockTable(_device, _stream, requests, maxBlocksPerRequest);
+    }
+
+    /// <inheritdoc />
+    public void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table)
+    {
+        using var scope = Enter();
+        var t = (CudaBlockTable)table;
+        if (entries.Length != t.Entries.Length)
+        {
+            throw new ArgumentException($"{entries.Length} entries for a [{t.Requests}, {t.MaxBlocksPerRequest}] block table", nameof(entries));
+        }
+
+        t.Entries.Upload(entries, _stream);
+    }
+
+    /// <inheritdoc />
+    public LatentCache PagedCache(LatentPool pool, BlockTable table, int request)
+    {
+        ShapeCheck.PagedCache(pool, table, request);
+        return new CudaLatentCache((CudaLatentPool)pool, (CudaBlockTable)table, request);
     }
 
     /// <inheritdoc />
@@ -757,7 +802,7 @@ public sealed class CudaBackend : IBackend
 
         var args = UploadInts(CudaBackendLayout.AppendArguments(startPosition, a.Rows));
         _cache.Append(_stream, c.Shape, a.Pointer, ElementType.F32, a.Cols, norm.Data.Pointer, norm.Epsilon, r.Cos.Pointer, r.Sin.Pointer, r.Positions,
-            args, args + (ulong)(4 * a.Rows), a.Rows, c.BlockTable.Pointer, c.MaxBlocks, c.Cache.Pointer);
+            args, args + (ulong)(4 * a.Rows), a.Rows, c.TablePointer, c.MaxBlocks, c.CachePointer);
     }
 
     private static void CheckPositions(CudaRopeTable r, int start, int count)
@@ -806,7 +851,7 @@ public sealed class CudaBackend : IBackend
         var workspace = bytes > 0 ? _workspace.Get(bytes) : 0;
         var latent = _outLatent.Get((long)tokens * heads * shape.Latent * 4);
         var lse = _lse.Get((long)tokens * heads * 4);
-        _decode.Decode(_stream, shape, qAbs, ElementType.BF16, c.Cache.Pointer, c.BlockTable.Pointer, lengths, 1, heads, tokens, c.MaxBlocks, scale,
+        _decode.Decode(_stream, shape, qAbs, ElementType.BF16, c.CachePointer, c.TablePointer, lengths, 1, heads, tokens, c.MaxBlocks, scale,
             latent, lse, splits, workspace);
         _decode.Unfold(_stream, shape, latent, kvB16, tokens, heads, dims.QkNope, dims.V, o.Pointer, ElementType.F32);
         _glue.Round(_stream, o.Pointer, o.Length);
@@ -825,13 +870,13 @@ public sealed class CudaBackend : IBackend
         var cu = UploadInts([0, tokens, 0, context]);
         ulong cuQ = cu, cuKv = cu + 8;
         var latent = _latent.Get((long)context * dims.KvLora * 2);
-        _prefill.Gather(_stream, shape, c.Cache.Pointer, c.BlockTable.Pointer, c.MaxBlocks, cuKv, 1, context, latent);
+        _prefill.Gather(_stream, shape, c.CachePointer, c.TablePointer, c.MaxBlocks, cuKv, 1, context, latent);
         var kv = _kv.Get((long)context * w.Out * 2);
         Gemm(latent, ElementType.BF16, context, w, kv, ElementType.BF16, _kvCodes, _kvScales);
         var q16 = _qBf16.Get(qt.Length * 2);
         _glue.Convert(_stream, qt.Pointer, ElementType.F32, q16, ElementType.BF16, qt.Length);
         var out16 = _outBf16.Get(o.Length * 2);
-        _prefill.Attention(_stream, shape, dims.Heads, q16, c.Cache.Pointer, c.BlockTable.Pointer, c.MaxBlocks, cuQ, cuKv, kv, 1, tokens, scale, out16);
+        _prefill.Attention(_stream, shape, dims.Heads, q16, c.CachePointer, c.TablePointer, c.MaxBlocks, cuQ, cuKv, kv, 1, tokens, scale, out16);
         _glue.Convert(_stream, out16, ElementType.BF16, o.Pointer, ElementType.F32, o.Length);
     }
 
@@ -868,7 +913,8 @@ public sealed class CudaBackend : IBackend
         var g = (CudaGateWeight)gate;
         var r = (CudaRouting)routing;
         var opt = g.Options;
-        ShapeCheck.Require(a.Cols == g.Width && r.Tokens == a.Rows && r.Experts == opt.Experts && r.TopK == opt.TopK, "gate shapes");
+        ShapeCheck.Require(a.Cols == g.Width, "gate input width");
+        ShapeCheck.Routing(r, a.Rows, opt.Experts, opt.TopK);
         _gate.Launch(_stream, g.Shape, a.Pointer, ElementType.F32, g.Weight.Pointer, g.Bias.Pointer, a.Rows, r.Indices.Pointer, r.Weights.Pointer,
             opt.Normalize, opt.ScalingFactor, r.Scores.Pointer);
     }
@@ -881,7 +927,8 @@ public sealed class CudaBackend : IBackend
         var r = (CudaRouting)routing;
         var ew = (CudaExpertWeights)experts;
         int tokens = a.Rows, width = a.Cols, k = r.TopK;
-        ShapeCheck.Require(o.Rows == tokens && o.Cols == width && r.Tokens == tokens && ew.Width == width && r.Experts == ew.Experts, "MoE shapes");
+        ShapeCheck.Require(o.Rows == tokens && o.Cols == width && ew.Width == width, "MoE shapes");
+        ShapeCheck.Routing(r, tokens, ew.Experts, k);
         var key = (ew.Experts, width, ew.ExpertWidth, ew.SharedWidth, k);
         if (!_moe.TryGetValue(key, out var layer))
         {

@@ -31,9 +31,14 @@ internal sealed class DeviceOwnership
 internal sealed class CudaTensor : Tensor
 {
     public CudaTensor(CudaDevice device, int rows, int cols)
+        : this(DeviceBuffer<float>.Allocate(device, (long)rows * cols), rows, cols)
+    {
+    }
+
+    private CudaTensor(DeviceBuffer<float> buffer, int rows, int cols)
         : base(rows, cols)
     {
-        Buffer = DeviceBuffer<float>.Allocate(device, (long)rows * cols);
+        Buffer = buffer;
     }
 
     public DeviceBuffer<float> Buffer { get; }
@@ -42,6 +47,10 @@ internal sealed class CudaTensor : Tensor
 
     /// <summary>Address of row <paramref name="row"/>.</summary>
     public ulong Row(long row) => Buffer.At(row * Cols);
+
+    /// <summary>Rows <paramref name="firstRow"/> .. + <paramref name="rows"/> − 1 over the same memory (disposing the view frees nothing).</summary>
+    public CudaTensor View(int firstRow, int rows) =>
+        new(DeviceBuffer<float>.View(Buffer.Device, Row(firstRow), (long)rows * Cols), rows, Cols);
 
     protected override void Dispose(bool disposing) => Buffer.Dispose();
 }
@@ -154,39 +163,90 @@ internal sealed class CudaRopeTable(int positions, int pairs, DeviceBuffer<float
     }
 }
 
-/// <summary>
-/// One sequence's latent cache of one layer in the paged layout (<see cref="PagedLatentCache"/>): BF16
-/// [blocks, 64, latent + rope] with its own one-row block table (identity order).
-/// </summary>
-internal sealed class CudaLatentCache : LatentCache
+/// <summary>One layer's shared paged latent pool (<see cref="PagedLatentCache"/>): BF16 [blocks, 64, latent + rope].</summary>
+internal sealed class CudaLatentPool : LatentPool
 {
-    public CudaLatentCache(CudaDevice device, CudaStream stream, int capacity, int latentDim, int ropeDim)
-        : base(capacity, latentDim, ropeDim)
+    public CudaLatentPool(CudaDevice device, CudaStream stream, int blocks, int latentDim, int ropeDim)
+        : base(blocks, latentDim, ropeDim)
     {
         Shape = new LatentShape(latentDim, ropeDim).Validate();
-        var table = CudaBackendLayout.IdentityBlockTable(capacity);
-        MaxBlocks = table.Length;
-        Cache = DeviceBuffer<ushort>.Allocate(device, PagedLatentCache.Bytes(MaxBlocks, Shape) / 2);
+        Cache = DeviceBuffer<ushort>.Allocate(device, Math.Max(1, PagedLatentCache.Bytes(blocks, Shape) / 2));
         // Rows are only read at positions already appended; zero them anyway so nothing stale is ever visible.
         Cache.Fill8(0, stream);
-        BlockTable = DeviceBuffer<int>.From(device, table, stream);
     }
 
     public LatentShape Shape { get; }
 
-    /// <summary>Blocks of the one request (= the block table's row length).</summary>
-    public int MaxBlocks { get; }
-
-    /// <summary>BF16 [MaxBlocks, 64, latent + rope].</summary>
     public DeviceBuffer<ushort> Cache { get; }
 
-    /// <summary>int32 [1, MaxBlocks].</summary>
-    public DeviceBuffer<int> BlockTable { get; }
+    protected override void Dispose(bool disposing) => Cache.Dispose();
+}
+
+/// <summary>A block table: int32 [requests, maxBlocksPerRequest] on the device.</summary>
+internal sealed class CudaBlockTable : BlockTable
+{
+    public CudaBlockTable(CudaDevice device, CudaStream stream, int requests, int maxBlocksPerRequest)
+        : base(requests, maxBlocksPerRequest)
+    {
+        var entries = new int[checked(requests * maxBlocksPerRequest)];
+        entries.AsSpan().Fill(-1);
+        Entries = DeviceBuffer<int>.From(device, entries, stream);
+    }
+
+    public DeviceBuffer<int> Entries { get; }
+
+    protected override void Dispose(bool disposing) => Entries.Dispose();
+}
+
+/// <summary>
+/// One request's latent cache of one layer in the paged layout (<see cref="PagedLatentCache"/>): the kernels see a
+/// one-request block table (<see cref="TablePointer"/>, <see cref="MaxBlocks"/> entries) over a pool. A cache of its own
+/// owns a pool of ⌈capacity / 64⌉ blocks and the identity table; a paged view owns nothing.
+/// </summary>
+internal sealed class CudaLatentCache : LatentCache
+{
+    private readonly IDisposable[] _owned;
+
+    public CudaLatentCache(CudaDevice device, CudaStream stream, int capacity, int latentDim, int ropeDim)
+        : base(capacity, latentDim, ropeDim)
+    {
+        var table = CudaBackendLayout.IdentityBlockTable(capacity);
+        var pool = new CudaLatentPool(device, stream, table.Length, latentDim, ropeDim);
+        var tableBuffer = DeviceBuffer<int>.From(device, table, stream);
+        _owned = [pool, tableBuffer];
+        Shape = pool.Shape;
+        MaxBlocks = table.Length;
+        CachePointer = pool.Cache.Pointer;
+        TablePointer = tableBuffer.Pointer;
+    }
+
+    public CudaLatentCache(CudaLatentPool pool, CudaBlockTable table, int request)
+        : base(table.MaxBlocksPerRequest * PagedLatentCache.BlockSize, pool.LatentDim, pool.RopeDim)
+    {
+        _owned = [];
+        Shape = pool.Shape;
+        MaxBlocks = table.MaxBlocksPerRequest;
+        CachePointer = pool.Cache.Pointer;
+        TablePointer = table.Entries.At((long)request * table.MaxBlocksPerRequest);
+    }
+
+    public LatentShape Shape { get; }
+
+    /// <summary>Entries of the request's block-table row.</summary>
+    public int MaxBlocks { get; }
+
+    /// <summary>The pool: BF16 [blocks, 64, latent + rope].</summary>
+    public ulong CachePointer { get; }
+
+    /// <summary>The request's row of the block table: int32 [MaxBlocks].</summary>
+    public ulong TablePointer { get; }
 
     protected override void Dispose(bool disposing)
     {
-        Cache.Dispose();
-        BlockTable.Dispose();
+        foreach (var owned in _owned)
+        {
+            owned.Dispose();
+        }
     }
 }
 

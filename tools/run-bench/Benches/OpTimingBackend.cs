@@ -127,6 +127,8 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
         Op(null, () => inner.CopyRows(source, sourceRow, destination, destinationRow, count));
 
+    public Tensor View(Tensor tensor, int firstRow, int rows) => inner.View(tensor, firstRow, rows);
+
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec) => Owned(inner.UploadLinear(checkpoint, spec), spec.Weight);
 
     public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon) => inner.UploadNorm(checkpoint, name, width, epsilon);
@@ -145,6 +147,14 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
     public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs) => inner.UploadRope(cos, sin, positions, pairs);
 
     public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => inner.AllocateLatentCache(capacity, latentDim, ropeDim);
+
+    public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) => inner.AllocateLatentPool(blocks, latentDim, ropeDim);
+
+    public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest) => inner.AllocateBlockTable(requests, maxBlocksPerRequest);
+
+    public void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table) => inner.UploadBlockTable(entries, table);
+
+    public LatentCache PagedCache(LatentPool pool, BlockTable table, int request) => inner.PagedCache(pool, table, request);
 
     public Routing AllocateRouting(int tokens, int experts, int topK) => Op(null, () => inner.AllocateRouting(tokens, experts, topK));
 

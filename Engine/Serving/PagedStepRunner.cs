@@ -1,0 +1,524 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Model;
+
+namespace DeepSeekCuda.Serving;
+
+/// <summary>
+/// The batched, paged <see cref="IStepRunner"/> of a <see cref="DeepSeekModel"/> on one backend. A step flattens its
+/// entries into one token stream: embedding, every projection, norm, MoE and the head run once over all rows; RoPE,
+/// the cache append and attention run per entry over its rows of one shared latent pool per layer, addressed through
+/// the scheduler's <see cref="KvBlockManager"/> table (uploaded before each step). Intermediates are views of tensors
+/// sized once for the most tokens a step feeds (<see cref="Attach"/>): after the first steps, a step allocates nothing
+/// on the backend. Logits are computed only for the rows asked for.
+/// </summary>
+/// <remarks>
+/// <para>MTP: a position's draft input is its final hidden state and the token after it. Where that token is already
+/// fed and certain (a prompt token, or a sampled one), the MTP layer runs over the position in the same step, which
+/// fills its cache; the last position of an entry, and both positions of a verify entry (its second token is a draft
+/// that may be rejected), wait on the device (at most two rows per slot) for <see cref="Draft"/> or the next step.</para>
+/// <para>Still to come on the GPU: one graph per decode batch size, sampling on the device, BF16 activations.</para>
+/// </remarks>
+public sealed class PagedStepRunner : IStepRunner
+{
+    /// <summary>Pending MTP rows a slot can hold: the two positions of a verify step.</summary>
+    private const int PendingRows = 2;
+
+    private readonly DeepSeekModel _model;
+    private readonly IBackend _b;
+    private readonly LayerContext _context;
+    private readonly List<IDisposable> _owned = [];
+    private KvBlockManager? _blocks;
+    private BlockTable _table = null!;
+    private LatentCache[][] _caches = [];   // [layer][slot]: views of the layer's pool
+    private LatentCache[] _mtpCaches = [];  // [slot]
+    private ActivationArena _arena = null!; // the main stream
+    private ActivationArena _mtpArena = null!;
+    private ActivationArena _headArena = null!;
+    private Tensor? _pending;               // [slots · 2, D]
+    private SlotState?[] _slots = [];
+    private int[] _stream = [];
+    private int[] _mtpTokens = [];
+    private Segment[] _segments = [];
+    private int _stamp;                     // batch checks so far (duplicate slots)
+
+    /// <summary>Creates a runner over <paramref name="model"/> (not owned: the caller disposes it). Nothing is allocated before <see cref="Attach"/>.</summary>
+    public PagedStepRunner(DeepSeekModel model)
+    {
+        _model = model ?? throw new ArgumentNullException(nameof(model));
+        _b = model.Backend;
+        _context = new LayerContext(_b, model.Config, model.Rope, model.Dims, model.Scale, model.Options.Attention);
+    }
+
+    /// <inheritdoc />
+    public int VocabSize => _model.VocabSize;
+
+    /// <inheritdoc />
+    public int MaxSequenceLength => _model.MaxSequenceLength;
+
+    /// <inheritdoc />
+    public bool CanDraft => _model.HasMtp;
+
+    /// <summary>The most tokens one step may feed (0 before <see cref="Attach"/>).</summary>
+    public int MaxTokensPerStep => _blocks is null ? 0 : _arena.MaxRows;
+
+    /// <summary>Step buffers allocated on the backend so far (they stop growing once every kind of step has run once).</summary>
+    public int ArenaAllocations => _blocks is null ? 0 : _arena.Allocations + _mtpArena.Allocations + _headArena.Allocations;
+
+    /// <inheritdoc />
+    /// <remarks>Allocates one latent pool of <see cref="KvBlockManager.TotalBlocks"/> blocks per layer (and one for the MTP layer) and the block table.</remarks>
+    public void Attach(KvBlockManager blocks, int maxTokensPerStep)
+    {
+        ArgumentNullException.ThrowIfNull(blocks);
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxTokensPerStep, 1);
+        if (_blocks is not null)
+        {
+            throw new InvalidOperationException("the runner is already attached to a block manager");
+        }
+
+        var c = _model.Config;
+        var slots = blocks.MaxRequests;
+        try
+        {
+            _table = Own(_b.AllocateBlockTable(slots, blocks.MaxBlocksPerRequest));
+            _caches = new LatentCache[_model.Layers.Length][];
+            for (var i = 0; i < _caches.Length; i++)
+            {
+                _caches[i] = Views(Own(_b.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim)), slots);
+            }
+
+            if (_model.HasMtp)
+            {
+                _mtpCaches = Views(Own(_b.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim)), slots);
+                _pending = Own(_b.Allocate(slots * PendingRows, c.HiddenSize));
+            }
+
+            _arena = Own(new ActivationArena(_b, maxTokensPerStep));
+            _mtpArena = Own(new ActivationArena(_b, maxTokensPerStep + slots * PendingRows));
+            _headArena = Own(new ActivationArena(_b, slots * PendingRows));
+        }
+        catch
+        {
+            DisposeOwned();
+            throw;
+        }
+
+        _slots = new SlotState?[slots];
+        _stream = new int[maxTokensPerStep];
+        _mtpTokens = new int[maxTokensPerStep + slots * PendingRows];
+        _segments = new Segment[slots];
+        _blocks = blocks;
+    }
+
+    private LatentCache[] Views(LatentPool pool, int slots)
+    {
+        var views = new LatentCache[slots];
+        for (var s = 0; s < slots; s++)
+        {
+            views[s] = _b.PagedCache(pool, _table, s);
+        }
+
+        return views;
+    }
+
+    private T Own<T>(T resource)
+        where T : IDisposable
+    {
+        _owned.Add(resource);
+        return resource;
+    }
+
+    /// <inheritdoc />
+    public void Open(int slot, bool drafts)
+    {
+        Attached();
+        if ((uint)slot >= (uint)_slots.Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(slot), slot, $"slots are 0..{_slots.Length - 1}");
+        }
+
+        if (_slots[slot] is not null)
+        {
+            throw new InvalidOperationException($"slot {slot} is already open");
+        }
+
+        if (drafts && !CanDraft)
+        {
+            throw new InvalidOperationException("the model has no MTP module to draft with");
+        }
+
+        _slots[slot] = new SlotState { Drafts = drafts };
+    }
+
+    /// <inheritdoc />
+    public void Close(int slot)
+    {
+        if ((uint)slot < (uint)_slots.Length)
+        {
+            _slots[slot] = null;
+        }
+    }
+
+    /// <inheritdoc />
+    public void StopDrafting(int slot)
+    {
+        var state = Get(slot);
+        state.Drafts = false;
+        state.PendingCount = 0;
+    }
+
+    /// <inheritdoc />
+    public void Truncate(int slot, int length)
+    {
+        var state = Get(slot);
+        if (length < 0 || length > state.Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(length), length, $"slot {slot} holds {state.Length} tokens");
+        }
+
+        if (state.Drafts)
+        {
+            if (length < state.MtpLength)
+            {
+                // The MTP cache would need inputs already consumed; rollback is at most one draft.
+                throw new InvalidOperationException($"cannot truncate slot {slot} to {length}: the MTP cache already holds {state.MtpLength} positions");
+            }
+
+            state.PendingCount = Math.Min(state.PendingCount, length - state.MtpLength);
+        }
+
+        state.Length = length;
+    }
+
+    /// <inheritdoc />
+    public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+    {
+        var blocks = Attached();
+        var (tokens, logitRows) = CheckBatch(batch, blocks);
+        var v = VocabSize;
+        if (logits.Length < (long)logitRows * v)
+        {
+            throw new ArgumentException($"logits holds {logits.Length} values; {logitRows} rows need {(long)logitRows * v}", nameof(logits));
+        }
+
+        if (tokens == 0)
+        {
+            return;
+        }
+
+        var d = _model.Config.HiddenSize;
+        var stream = _stream.AsSpan(0, tokens);
+        var row = 0;
+        foreach (var e in batch)
+        {
+            e.Tokens.Span.CopyTo(stream[row..]);
+            row += e.Tokens.Length;
+        }
+
+        _b.UploadBlockTable(blocks.Table, _table);
+        using var h = _arena.Take(Activation.Residual, tokens, d);
+        _b.Embedding(_model.Embed, stream, h);
+        var normed = _arena.Take(Activation.NormedEven, tokens, d);
+        try
+        {
+            _b.RmsNorm(h, _model.Layers[0].InputNorm, normed);
+            for (var i = 0; i < _model.Layers.Length; i++)
+            {
+                var next = i + 1 < _model.Layers.Length ? _model.Layers[i + 1].InputNorm : _model.FinalNorm;
+                var nextNormed = _arena.Take(i % 2 == 0 ? Activation.NormedOdd : Activation.NormedEven, tokens, d);
+                LayerSteps.Layer(_context, _model.Layers[i], h, normed, Segments(batch, _caches[i]), _arena, next, nextNormed, null, "");
+                normed.Dispose();
+                normed = nextNormed;
+            }
+
+            // normed: every row's hidden after the final norm.
+            if (CanDraft)
+            {
+                AdvanceMtp(batch, normed);
+            }
+
+            if (logitRows > 0)
+            {
+                using var headIn = _headArena.Take(Activation.HeadInput, logitRows, d);
+                var r = 0;
+                row = 0;
+                foreach (var e in batch)
+                {
+                    _b.CopyRows(normed, row + e.Tokens.Length - e.LogitRows, headIn, r, e.LogitRows);
+                    r += e.LogitRows;
+                    row += e.Tokens.Length;
+                }
+
+                Head(headIn, logits);
+            }
+        }
+        finally
+        {
+            normed.Dispose();
+        }
+
+        foreach (var e in batch)
+        {
+            _slots[e.Slot]!.Length += e.Tokens.Length;
+        }
+    }
+
+    /// <inheritdoc />
+    public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits)
+    {
+        var blocks = Attached();
+        var v = VocabSize;
+        if (logits.Length < (long)batch.Length * v)
+        {
+            throw new ArgumentException($"logits holds {logits.Length} values; {batch.Length} drafts need {(long)batch.Length * v}", nameof(logits));
+        }
+
+        var rows = 0;
+        var stamp = ++_stamp;
+        for (var i = 0; i < batch.Length; i++)
+        {
+            var (slot, next) = batch[i];
+            var state = Get(slot);
+            if (!state.Drafts)
+            {
+                throw new InvalidOperationException($"slot {slot} was opened without drafting");
+            }
+
+            if (state.PendingCount == 0)
+            {
+                throw new InvalidOperationException($"slot {slot}: no new position to draft from");
+            }
+
+            if (state.Stamp == stamp)
+            {
+                throw new ArgumentException($"slot {slot} appears twice in the draft batch", nameof(batch));
+            }
+
+            state.Stamp = stamp;
+            LayerSteps.CheckIds([next], VocabSize);
+            rows += state.PendingCount;
+        }
+
+        if (batch.Length == 0)
+        {
+            return;
+        }
+
+        var d = _model.Config.HiddenSize;
+        _b.UploadBlockTable(blocks.Table, _table);
+        using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
+        var row = 0;
+        for (var i = 0; i < batch.Length; i++)
+        {
+            var (slot, next) = batch[i];
+            var state = _slots[slot]!;
+            var c = state.PendingCount;
+            _b.CopyRows(_pending!, slot * PendingRows, input, row, c);
+            for (var p = 0; p < c; p++)
+            {
+                _mtpTokens[row + p] = p + 1 < c ? state.PendingTokens[p + 1] : next;
+            }
+
+            _segments[i] = new Segment(_mtpCaches[slot], state.MtpLength, row, c);
+            row += c;
+        }
+
+        using var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
+        LayerSteps.Mtp(_context, _model.Mtp!, _model.Embed, input, _mtpTokens.AsSpan(0, rows), _segments.AsSpan(0, batch.Length), _mtpArena, output, null);
+        using var headIn = _headArena.Take(Activation.HeadInput, batch.Length, d);
+        for (var i = 0; i < batch.Length; i++)
+        {
+            var s = _segments[i];
+            _b.CopyRows(output, s.FirstRow + s.Rows - 1, headIn, i, 1);
+            var state = _slots[batch[i].Slot]!;
+            state.MtpLength += state.PendingCount;
+            state.PendingCount = 0;
+        }
+
+        Head(headIn, logits);
+    }
+
+    /// <summary>Checks every entry before anything runs; returns the stream's tokens and the logit rows asked for.</summary>
+    private (int Tokens, int LogitRows) CheckBatch(ReadOnlySpan<StepSequence> batch, KvBlockManager blocks)
+    {
+        long tokens = 0, logitRows = 0;
+        var stamp = ++_stamp;
+        foreach (var e in batch)
+        {
+            var state = Get(e.Slot);
+            var n = e.Tokens.Length;
+            if (state.Stamp == stamp)
+            {
+                throw new ArgumentException($"slot {e.Slot} appears twice in the batch", nameof(batch));
+            }
+
+            state.Stamp = stamp;
+            if (state.Length != e.Position)
+            {
+                throw new InvalidOperationException($"slot {e.Slot} holds {state.Length} tokens, the step feeds position {e.Position}");
+            }
+
+            if (e.LogitRows < 0 || e.LogitRows > n)
+            {
+                throw new ArgumentException($"slot {e.Slot}: {e.LogitRows} logit rows for {n} tokens", nameof(batch));
+            }
+
+            if (state.Drafts && e.LogitRows > PendingRows)
+            {
+                throw new ArgumentException($"slot {e.Slot}: {e.LogitRows} logit rows; a drafting slot verifies at most one draft", nameof(batch));
+            }
+
+            LayerSteps.CheckStep(e.Tokens.Span, e.Position, MaxSequenceLength, VocabSize);
+            if (blocks.Capacity(e.Slot) < e.Position + n)
+            {
+                throw new InvalidOperationException($"slot {e.Slot} has cache blocks for {blocks.Capacity(e.Slot)} tokens; the step writes up to position {e.Position + n - 1}");
+            }
+
+            tokens += n;
+            logitRows += e.LogitRows;
+        }
+
+        if (tokens > _arena.MaxRows)
+        {
+            throw new ArgumentException($"the step feeds {tokens} tokens; the runner was attached for at most {_arena.MaxRows}", nameof(batch));
+        }
+
+        if (logitRows > _headArena.MaxRows)
+        {
+            throw new ArgumentException($"the step asks for {logitRows} logit rows; the runner computes at most {_headArena.MaxRows} (two per slot)", nameof(batch));
+        }
+
+        return ((int)tokens, (int)logitRows);
+    }
+
+    /// <summary>Segments of the stream in batch order over the slots' caches of one layer.</summary>
+    private ReadOnlySpan<Segment> Segments(ReadOnlySpan<StepSequence> batch, LatentCache[] caches)
+    {
+        var row = 0;
+        for (var i = 0; i < batch.Length; i++)
+        {
+            var e = batch[i];
+            _segments[i] = new Segment(caches[e.Slot], e.Position, row, e.Tokens.Length);
+            row += e.Tokens.Length;
+        }
+
+        return _segments.AsSpan(0, batch.Length);
+    }
+
+    /// <summary>
+    /// Runs the MTP layer over every drafting slot's positions whose next token this step made certain (the rows
+    /// pending from before, then this entry's rows but its uncertain tail), and keeps that tail pending.
+    /// </summary>
+    private void AdvanceMtp(ReadOnlySpan<StepSequence> batch, Tensor hiddens)
+    {
+        var rows = 0;
+        foreach (var e in batch)
+        {
+            if (_slots[e.Slot]!.Drafts)
+            {
+                rows += _slots[e.Slot]!.PendingCount + e.Tokens.Length - Tail(e);
+            }
+        }
+
+        var d = _model.Config.HiddenSize;
+        using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
+        var row = 0;
+        var streamRow = 0;
+        var segments = 0;
+        foreach (var e in batch)
+        {
+            var state = _slots[e.Slot]!;
+            var n = e.Tokens.Length;
+            if (state.Drafts)
+            {
+                var c = state.PendingCount;
+                var keep = Tail(e);
+                var tokens = e.Tokens.Span;
+                var count = c + n - keep;
+                if (count > 0)
+                {
+                    // Fed at positions MtpLength..: the pending tokens, then this entry's; row r's next token is fed at r + 1.
+                    _b.CopyRows(_pending!, e.Slot * PendingRows, input, row, c);
+                    _b.CopyRows(hiddens, streamRow, input, row + c, n - keep);
+                    for (var r = 0; r < count; r++)
+                    {
+                        var fed = r + 1;
+                        _mtpTokens[row + r] = fed < c ? state.PendingTokens[fed] : tokens[fed - c];
+                    }
+
+                    _segments[segments++] = new Segment(_mtpCaches[e.Slot], state.MtpLength, row, count);
+                    row += count;
+                    state.MtpLength += count;
+                }
+
+                _b.CopyRows(hiddens, streamRow + n - keep, _pending!, e.Slot * PendingRows, keep);
+                tokens[(n - keep)..].CopyTo(state.PendingTokens);
+                state.PendingCount = keep;
+            }
+
+            streamRow += n;
+        }
+
+        if (rows > 0)
+        {
+            // Only the MTP cache is wanted here; the draft logits come from Draft.
+            using var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
+            LayerSteps.Mtp(_context, _model.Mtp!, _model.Embed, input, _mtpTokens.AsSpan(0, rows), _segments.AsSpan(0, segments), _mtpArena, output, null);
+        }
+    }
+
+    /// <summary>Positions of an entry whose next token is not yet certain: the last one, or every verified one.</summary>
+    private static int Tail(StepSequence e) => Math.Max(1, e.LogitRows);
+
+    /// <summary>Logits of <paramref name="headIn"/>'s rows, downloaded into <paramref name="logits"/>.</summary>
+    private void Head(Tensor headIn, Span<float> logits)
+    {
+        using var result = _headArena.Take(Activation.Logits, headIn.Rows, VocabSize);
+        _b.Logits(headIn, _model.Head, result);
+        _b.Download(result, logits[..(int)result.Length]);
+    }
+
+    private KvBlockManager Attached() =>
+        _blocks ?? throw new InvalidOperationException("the runner is not attached to a block manager yet (the scheduler attaches it)");
+
+    private SlotState Get(int slot) =>
+        (uint)slot < (uint)_slots.Length && _slots[slot] is { } state ? state : throw new InvalidOperationException($"slot {slot} is not open");
+
+    /// <summary>Frees the pools, the block table and the step buffers.</summary>
+    public void Dispose()
+    {
+        DisposeOwned();
+        _blocks = null;
+        _slots = [];
+    }
+
+    private void DisposeOwned()
+    {
+        for (var i = _owned.Count - 1; i >= 0; i--)
+        {
+            _owned[i].Dispose();
+        }
+
+        _owned.Clear();
+    }
+
+    private sealed class SlotState
+    {
+        public bool Drafts { get; set; }
+
+        /// <summary>Positions in the cache.</summary>
+        public int Length { get; set; }
+
+        /// <summary>Positions in the MTP layer's cache.</summary>
+        public int MtpLength { get; set; }
+
+        /// <summary>Positions MtpLength .. + PendingCount − 1 (the last ones fed) wait with their hidden in the pending rows.</summary>
+        public int PendingCount { get; set; }
+
+        /// <summary>The tokens fed at the pending positions.</summary>
+        public int[] PendingTokens { get; } = new int[PendingRows];
+
+        /// <summary>The last batch check that saw the slot (duplicate entries).</summary>
+        public int Stamp { get; set; }
+    }
+}
