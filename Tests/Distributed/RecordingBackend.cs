@@ -5,7 +5,8 @@ namespace DeepSeekCuda.Tests.Distributed;
 
 /// <summary>
 /// A simulated device: forwards every call to an inner backend and records which checkpoint tensors (and
-/// which slices of them) the device received, so tests can hold loading to the placement plan.
+/// which slices of them) the device received, so tests can hold loading to the placement plan, and counts
+/// the calls that allocate backend memory (a step runner's steps must make none after warm-up).
 /// </summary>
 internal sealed class RecordingBackend(IBackend inner) : IBackend
 {
@@ -14,10 +15,21 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// <summary>Every weight uploaded: tensor name and slice (null for the whole tensor). Scale grids come with their FP8 weight.</summary>
     public IReadOnlyList<(string Tensor, TensorSlice? Slice)> Received => _received;
 
+    private int _allocations;
+
     public string Name => "recording " + inner.Name;
 
-    public Tensor Allocate(int rows, int cols) => inner.Allocate(rows, cols);
-    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols) => inner.Upload(values, rows, cols);
+    /// <summary>Calls so far that allocate backend memory: Allocate, Upload, and the Allocate* of caches, pools, tables and routing.</summary>
+    public int Allocations => _allocations;
+
+    private T Counted<T>(T resource)
+    {
+        _allocations++;
+        return resource;
+    }
+
+    public Tensor Allocate(int rows, int cols) => Counted(inner.Allocate(rows, cols));
+    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols) => Counted(inner.Upload(values, rows, cols));
     public void Download(Tensor tensor, Span<float> destination) => inner.Download(tensor, destination);
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
         inner.CopyRows(source, sourceRow, destination, destinationRow, count);
@@ -65,16 +77,16 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     }
 
     public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs) => inner.UploadRope(cos, sin, positions, pairs);
-    public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => inner.AllocateLatentCache(capacity, latentDim, ropeDim);
+    public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => Counted(inner.AllocateLatentCache(capacity, latentDim, ropeDim));
 
-    public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) => inner.AllocateLatentPool(blocks, latentDim, ropeDim);
+    public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) => Counted(inner.AllocateLatentPool(blocks, latentDim, ropeDim));
 
-    public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest) => inner.AllocateBlockTable(requests, maxBlocksPerRequest);
+    public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest) => Counted(inner.AllocateBlockTable(requests, maxBlocksPerRequest));
 
     public void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table) => inner.UploadBlockTable(entries, table);
 
     public LatentCache PagedCache(LatentPool pool, BlockTable table, int request) => inner.PagedCache(pool, table, request);
-    public Routing AllocateRouting(int tokens, int experts, int topK) => inner.AllocateRouting(tokens, experts, topK);
+    public Routing AllocateRouting(int tokens, int experts, int topK) => Counted(inner.AllocateRouting(tokens, experts, topK));
     public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights) =>
         inner.DownloadRouting(routing, scores, indices, weights);
     public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output) => inner.Embedding(table, ids, output);

@@ -11,7 +11,8 @@ namespace DeepSeekCuda.Tests.Serving;
 /// <summary>
 /// The scheduler and MTP speculative decoding on a real DeepSeek-V3-architecture model: the Tiny preset
 /// (synthetic weights, one MTP layer) and tiny-a (the official reference's fixture model, MTP included).
-/// Each request's greedy output is compared with plain token-by-token decoding of that request alone.
+/// Each request's greedy output is compared with plain token-by-token decoding of that request alone (a
+/// <see cref="DeepSeekSession"/>), for both runners: <see cref="SessionStepRunner"/> and <see cref="PagedStepRunner"/>.
 /// </summary>
 [TestClass]
 public sealed class ModelSchedulingTests
@@ -75,11 +76,19 @@ public sealed class ModelSchedulingTests
         }
     }
 
-    private static List<ScheduledResult> RunStaggered(DeepSeekModel model, bool speculative, int[][] prompts, int maxTokens, int maxTokensPerStep,
+    /// <summary>A runner of the kind named: "session" or "paged".</summary>
+    internal static IStepRunner Runner(string kind, DeepSeekModel model) => kind switch
+    {
+        "session" => new SessionStepRunner(model),
+        "paged" => new PagedStepRunner(model),
+        _ => throw new ArgumentException(kind, nameof(kind)),
+    };
+
+    private static List<ScheduledResult> RunStaggered(string kind, DeepSeekModel model, bool speculative, int[][] prompts, int maxTokens, int maxTokensPerStep,
         out BatchScheduler scheduler, out KvBlockManager blocks, Func<int, bool>? forceRightDrafts = null)
     {
         blocks = new KvBlockManager(48, 8, KvBlockManager.BlocksFor(MaxLength));
-        IStepRunner runner = forceRightDrafts is null ? new SessionStepRunner(model) : new RightDraftRunner(model, forceRightDrafts);
+        var runner = forceRightDrafts is null ? Runner(kind, model) : new RightDraftRunner(Runner(kind, model), model, forceRightDrafts);
         scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
         {
             MaxTokensPerStep = maxTokensPerStep,
@@ -104,13 +113,15 @@ public sealed class ModelSchedulingTests
     }
 
     [TestMethod]
-    [DataRow(false)]
-    [DataRow(true)]
-    public void StaggeredBatchEqualsEachRequestAlone(bool speculative)
+    [DataRow("session", false)]
+    [DataRow("session", true)]
+    [DataRow("paged", false)]
+    [DataRow("paged", true)]
+    public void StaggeredBatchEqualsEachRequestAlone(string kind, bool speculative)
     {
         var model = s_tiny;
         int[][] prompts = [.. new[] { 9, 40, 1, 70, 23 }.Select((n, i) => Prompt(model.VocabSize, n, i))];
-        var results = RunStaggered(model, speculative, prompts, maxTokens: 24, maxTokensPerStep: 32, out var scheduler, out var blocks);
+        var results = RunStaggered(kind, model, speculative, prompts, maxTokens: 24, maxTokensPerStep: 32, out var scheduler, out var blocks);
         using (scheduler)
         {
             Assert.AreEqual(speculative, scheduler.SpeculativeDecoding);
@@ -131,11 +142,13 @@ public sealed class ModelSchedulingTests
     /// positions in the real cache; the output must still equal plain decoding.
     /// </summary>
     [TestMethod]
-    public void AcceptedDraftsKeepTheRealCacheExact()
+    [DataRow("session")]
+    [DataRow("paged")]
+    public void AcceptedDraftsKeepTheRealCacheExact(string kind)
     {
         var model = s_tiny;
         int[][] prompts = [.. new[] { 20, 3, 45 }.Select((n, i) => Prompt(model.VocabSize, n, 60 + i))];
-        var results = RunStaggered(model, true, prompts, maxTokens: 30, maxTokensPerStep: 24, out var scheduler, out var blocks, length => length % 3 != 0);
+        var results = RunStaggered(kind, model, true, prompts, maxTokens: 30, maxTokensPerStep: 24, out var scheduler, out var blocks, length => length % 3 != 0);
         using (scheduler)
         {
             for (var i = 0; i < prompts.Length; i++)
@@ -152,9 +165,9 @@ public sealed class ModelSchedulingTests
     }
 
     /// <summary>The real runner, with each draft replaced by the main model's greedy token (recomputed alone) where <c>right(length)</c>.</summary>
-    private sealed class RightDraftRunner(DeepSeekModel model, Func<int, bool> right) : IStepRunner
+    private sealed class RightDraftRunner(IStepRunner inner, DeepSeekModel model, Func<int, bool> right) : IStepRunner
     {
-        private readonly SessionStepRunner _inner = new(model);
+        private readonly IStepRunner _inner = inner;
         private readonly Dictionary<int, List<int>> _fed = [];
 
         public int VocabSize => _inner.VocabSize;
@@ -238,28 +251,50 @@ public sealed class ModelSchedulingTests
     /// dropped by a rollback) against one MTP pass over the whole sequence from a fresh session.
     /// </summary>
     [TestMethod]
-    public void RunnerDraftsEqualOneMtpPassOverTheWholeSequence()
+    [DataRow("session")]
+    [DataRow("paged")]
+    public void RunnerDraftsEqualOneMtpPassOverTheWholeSequence(string kind)
     {
         var model = s_tiny;
         var v = model.VocabSize;
         var prompt = Prompt(v, 50, 7);
-        using var runner = new SessionStepRunner(model);
-        runner.Open(3, drafts: true);
+        using var runner = Runner(kind, model);
+        var blocks = new KvBlockManager(8, 4, 4);
+        runner.Attach(blocks, 64);
+        blocks.Admit(1); // slot 0 taken by another request: the one under test sits in slot 1
+        var slot = blocks.Admit(60);
+        runner.Open(slot, drafts: true);
         var logits = new float[2 * v];
-        runner.Forward([new StepSequence(3, 0, prompt[..30], 0)], logits);
-        runner.Forward([new StepSequence(3, 30, prompt[30..], 1)], logits);
+        runner.Forward([new StepSequence(slot, 0, prompt[..30], 0)], logits);
+        runner.Forward([new StepSequence(slot, 30, prompt[30..], 1)], logits);
         var next = Sampler.ArgMax(logits.AsSpan(0, v));
         var draft = new float[v];
-        runner.Draft([new DraftSequence(3, next)], draft);
+        runner.Draft([new DraftSequence(slot, next)], draft);
         Tolerance.AssertMaxRel(draft, Reference(model, [.. prompt, next]), 1e-4, "draft after a chunked prefill");
 
         // Verify [next, wrong draft], reject it, roll back one position, and draft from the corrected token.
         var wrong = (Sampler.ArgMax(draft) + 1) % v;
-        runner.Forward([new StepSequence(3, 50, new[] { next, wrong }, 2)], logits);
+        runner.Forward([new StepSequence(slot, 50, new[] { next, wrong }, 2)], logits);
         var corrected = Sampler.ArgMax(logits.AsSpan(0, v));
-        runner.Truncate(3, 51);
-        runner.Draft([new DraftSequence(3, corrected)], draft);
+        runner.Truncate(slot, 51);
+        runner.Draft([new DraftSequence(slot, corrected)], draft);
         Tolerance.AssertMaxRel(draft, Reference(model, [.. prompt, next, corrected]), 1e-4, "draft after a rollback");
+
+        // Verify [corrected, right draft] and accept both: the next draft continues from both verified positions.
+        var right = GreedyNext(model, [.. prompt, next, corrected]);
+        runner.Forward([new StepSequence(slot, 51, new[] { corrected, right }, 2)], logits);
+        Assert.AreEqual(right, Sampler.ArgMax(logits.AsSpan(0, v)), "the right draft is the main model's own token");
+        var after = Sampler.ArgMax(logits.AsSpan(v, v));
+        runner.Draft([new DraftSequence(slot, after)], draft);
+        Tolerance.AssertMaxRel(draft, Reference(model, [.. prompt, next, corrected, right, after]), 1e-4, "draft after an accepted draft");
+    }
+
+    private static int GreedyNext(DeepSeekModel model, int[] tokens)
+    {
+        using var session = model.CreateSession();
+        var row = new float[model.VocabSize];
+        session.Forward(tokens, row);
+        return Sampler.ArgMax(row);
     }
 
     [TestMethod]
@@ -301,14 +336,16 @@ public sealed class ModelSchedulingTests
     }
 
     [TestMethod]
-    public void TinyAGreedySpeculativeEqualsPlainDecoding()
+    [DataRow("session")]
+    [DataRow("paged")]
+    public void TinyAGreedySpeculativeEqualsPlainDecoding(string kind)
     {
         // The fixture model's MTP layer is the reference's own; acceptance depends on its random weights.
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var model = DeepSeekModel.Load(checkpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
         Assert.IsTrue(model.HasMtp);
         int[][] prompts = [.. new[] { 12, 33, 5 }.Select((n, i) => Prompt(model.VocabSize, n, 40 + i))];
-        var results = RunStaggered(model, true, prompts, maxTokens: 20, maxTokensPerStep: 64, out var scheduler, out _);
+        var results = RunStaggered(kind, model, true, prompts, maxTokens: 20, maxTokensPerStep: 64, out var scheduler, out _);
         using (scheduler)
         {
             for (var i = 0; i < prompts.Length; i++)

@@ -1,0 +1,395 @@
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Distributed;
+using DeepSeekCuda.Tests.Model;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Serving;
+
+/// <summary>
+/// <see cref="PagedStepRunner"/> on the CPU backend: the official reference through batched, paged steps; seeded
+/// sampling, preemption and cancellation under the scheduler against each request alone (a <see cref="DeepSeekSession"/>);
+/// no backend allocation in a step after warm-up; refused steps that change nothing.
+/// </summary>
+[TestClass]
+public sealed class PagedStepRunnerTests
+{
+    private const int MaxLength = 256;
+    private static string s_root = null!;
+    private static Checkpoint s_checkpoint = null!;
+    private static CpuBackend s_backend = null!;
+    private static DeepSeekModel s_tiny = null!;
+
+    public TestContext TestContext { get; set; } = null!;
+
+    [ClassInitialize]
+    public static void Init(TestContext _)
+    {
+        s_root = Path.Combine(Path.GetTempPath(), "dscuda-paged-" + Guid.NewGuid().ToString("N"));
+        SyntheticCheckpoint.Write(s_root, ModelPresets.Tiny, seed: 29);
+        s_checkpoint = Checkpoint.Open(s_root);
+        s_backend = new CpuBackend();
+        s_tiny = DeepSeekModel.Load(s_checkpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
+    }
+
+    [ClassCleanup]
+    public static void Cleanup()
+    {
+        s_tiny.Dispose();
+        s_checkpoint.Dispose();
+        s_backend.Dispose();
+        try
+        {
+            Directory.Delete(s_root, recursive: true);
+        }
+        catch (IOException)
+        {
+            // Mapped shards may still be open on some platforms; the temp cleaner gets them.
+        }
+    }
+
+    private static int[] Prompt(int vocab, int length, int salt) =>
+        [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
+
+    /// <summary>
+    /// tiny-a's three reference prompts in one batch, two tokens per entry per step with both logit rows: every
+    /// position's logits against the official reference (tolerance (i)); then their greedy continuations decoded
+    /// together, ids exact and step logits within the same tolerance.
+    /// </summary>
+    [TestMethod]
+    [DataRow(AttentionForm.Auto)]
+    [DataRow(AttentionForm.Absorbed)]
+    public void TinyAReferenceThroughBatchedPagedSteps(AttentionForm form)
+    {
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var reference = new TinyAReference();
+        using var backend = new CpuBackend();
+        using var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { Attention = form, MaxSequenceLength = MaxLength });
+        var v = model.VocabSize;
+        var prompts = TinyAReference.Prompts.ToArray();
+        var ids = prompts.Select(reference.Ids).ToArray();
+        var blocks = new KvBlockManager(32, 4, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        runner.Attach(blocks, 16);
+        blocks.Admit(1); // slot 0 holds another request: the ones under test use later slots and interleaved blocks
+        var slots = new int[prompts.Length];
+        var got = new float[prompts.Length][];
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            slots[i] = blocks.Admit(1);
+            runner.Open(slots[i], drafts: false);
+            got[i] = new float[ids[i].Length * v];
+        }
+
+        var fed = new int[prompts.Length];
+        var logits = new float[2 * prompts.Length * v];
+        while (fed.Select((f, i) => f < ids[i].Length).Any(x => x))
+        {
+            var batch = new List<StepSequence>();
+            var owners = new List<int>();
+            for (var i = 0; i < prompts.Length; i++)
+            {
+                var n = Math.Min(2, ids[i].Length - fed[i]);
+                if (n > 0)
+                {
+                    blocks.Reserve(slots[i], fed[i] + n);
+                    batch.Add(new StepSequence(slots[i], fed[i], ids[i][fed[i]..(fed[i] + n)], n));
+                    owners.Add(i);
+                }
+            }
+
+            runner.Forward(batch.ToArray(), logits);
+            var offset = 0;
+            for (var k = 0; k < batch.Count; k++)
+            {
+                var i = owners[k];
+                var n = batch[k].Tokens.Length;
+                logits.AsSpan(offset, n * v).CopyTo(got[i].AsSpan(fed[i] * v));
+                offset += n * v;
+                fed[i] += n;
+            }
+        }
+
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            var c = Tolerance.AssertMaxRel(got[i], reference.F32(prompts[i] + ".logits"), 1e-4, $"{prompts[i]}.logits, batched paged steps ({form})");
+            TestContext.WriteLine(Tolerance.Describe($"{prompts[i]}.logits ({form})", c));
+        }
+
+        // Greedy continuations together: step j feeds each prompt's greedy token j - 1.
+        var greedy = prompts.Select(reference.Greedy).ToArray();
+        var steps = new float[prompts.Length][];
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            steps[i] = new float[greedy[i].Length * v];
+            got[i].AsSpan((ids[i].Length - 1) * v, v).CopyTo(steps[i]);
+            Assert.AreEqual(greedy[i][0], Sampler.ArgMax(steps[i].AsSpan(0, v)), $"{prompts[i]} greedy id 0");
+        }
+
+        for (var j = 1; j < greedy.Max(g => g.Length); j++)
+        {
+            var owners = Enumerable.Range(0, prompts.Length).Where(i => j < greedy[i].Length).ToArray();
+            foreach (var i in owners)
+            {
+                blocks.Reserve(slots[i], fed[i] + 1);
+            }
+
+            runner.Forward([.. owners.Select(i => new StepSequence(slots[i], fed[i]++, new[] { greedy[i][j - 1] }, 1))], logits);
+            for (var k = 0; k < owners.Length; k++)
+            {
+                var i = owners[k];
+                logits.AsSpan(k * v, v).CopyTo(steps[i].AsSpan(j * v));
+                Assert.AreEqual(greedy[i][j], Sampler.ArgMax(steps[i].AsSpan(j * v, v)), $"{prompts[i]} greedy id {j}");
+            }
+        }
+
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            Tolerance.AssertMaxRel(steps[i], reference.F32(prompts[i] + ".step_logits"), 1e-4, $"{prompts[i]}.step_logits, decoded together ({form})");
+        }
+    }
+
+    private static List<ScheduledResult> Run(IStepRunner runner, KvBlockManager blocks, SchedulerOptions options, (int[] Prompt, SamplingOptions Sampling)[] requests,
+        out BatchScheduler scheduler, Action<BatchScheduler, List<ScheduledRequest>, int>? eachStep = null)
+    {
+        scheduler = new BatchScheduler(runner, blocks, options);
+        var submitted = new List<ScheduledRequest>();
+        var step = 0;
+        foreach (var (prompt, sampling) in requests)
+        {
+            submitted.Add(scheduler.Submit(prompt, sampling));
+            scheduler.Step(); // staggered: each arrives while the earlier ones are mid-prefill or decoding
+            eachStep?.Invoke(scheduler, submitted, step++);
+        }
+
+        while (submitted.Any(r => !r.Completion.IsCompleted))
+        {
+            scheduler.Step();
+            eachStep?.Invoke(scheduler, submitted, step++);
+        }
+
+        return [.. submitted.Select(r => r.Completion.IsCompletedSuccessfully ? r.Completion.Result : null!)];
+    }
+
+    /// <summary>Plain decoding of one request alone on a session: prefill, then one token per forward, sampled as the scheduler samples.</summary>
+    private static List<int> AloneOnASession(DeepSeekModel model, int[] prompt, SamplingOptions options)
+    {
+        using var session = model.CreateSession();
+        var sampler = new Sampler(options);
+        var logits = new float[model.VocabSize];
+        session.Forward(prompt, logits);
+        var output = new List<int>();
+        while (true)
+        {
+            var y = sampler.SampleModelRow(logits, model.VocabSize);
+            output.Add(y);
+            if (y == model.Config.EosTokenId || output.Count >= options.MaxTokens || prompt.Length + output.Count > model.MaxSequenceLength)
+            {
+                return output;
+            }
+
+            session.Forward([y], logits);
+        }
+    }
+
+    /// <summary>
+    /// Seeded sampling and greedy requests on a pool too small for all of them: growth preempts requests, which
+    /// prefill again later; every output equals its request alone, and every block comes back.
+    /// </summary>
+    [TestMethod]
+    [DataRow(false)]
+    [DataRow(true)]
+    public void SeededSamplingUnderPreemptionEqualsEachRequestAlone(bool speculative)
+    {
+        var model = s_tiny;
+        var rng = new Random(5);
+        var requests = Enumerable.Range(0, 6).Select(i =>
+        {
+            var prompt = Prompt(model.VocabSize, rng.Next(5, 90), 100 + i);
+            var sampling = i % 3 == 0
+                ? SamplingOptions.Greedy with { MaxTokens = rng.Next(20, 60) }
+                : new SamplingOptions { Temperature = 0.8f, TopP = 0.95f, Seed = 17 + i, MaxTokens = rng.Next(20, 60) };
+            return (prompt, sampling);
+        }).ToArray();
+        var blocks = new KvBlockManager(7, 6, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        var results = Run(runner, blocks, new SchedulerOptions
+        {
+            MaxTokensPerStep = 24,
+            EosId = model.Config.EosTokenId,
+            SpeculativeDecoding = speculative ? SpeculativeDecodingMode.On : SpeculativeDecodingMode.Off,
+        }, requests, out var scheduler);
+        using (scheduler)
+        {
+            for (var i = 0; i < requests.Length; i++)
+            {
+                CollectionAssert.AreEqual(AloneOnASession(model, requests[i].prompt, requests[i].sampling), results[i].Tokens.ToArray(), $"request {i}");
+            }
+
+            Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");
+            Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+            Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots);
+            TestContext.WriteLine($"preemptions {scheduler.Preemptions}, drafted {scheduler.Counters.Drafted}, accepted {scheduler.Counters.Accepted}");
+        }
+    }
+
+    /// <summary>Requests cancelled mid-prefill, mid-decode and while waiting: their blocks come back, and the others' outputs are their alone outputs.</summary>
+    [TestMethod]
+    public void CancellationReturnsEveryBlockAndLeavesTheOthersExact()
+    {
+        var model = s_tiny;
+        var requests = new[] { 70, 12, 40, 9 }.Select((n, i) => (Prompt(model.VocabSize, n, 200 + i), SamplingOptions.Greedy with { MaxTokens = 40 })).ToArray();
+        var blocks = new KvBlockManager(40, 3, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        var cancelled = new HashSet<int>();
+        List<ScheduledRequest> all = [];
+        var results = Run(runner, blocks, new SchedulerOptions { MaxBatch = 3, MaxTokensPerStep = 16, EosId = model.Config.EosTokenId }, requests, out var scheduler,
+            (s, submitted, step) =>
+            {
+                all = submitted;
+                if (step == 1)
+                {
+                    submitted[0].Cancel(); // its 70-token prompt is still being prefilled in 16-token chunks
+                    cancelled.Add(0);
+                }
+
+                if (step == 4)
+                {
+                    Assert.IsGreaterThan(0, submitted[1].Generated, "request 1 is decoding");
+                    submitted[1].Cancel();
+                    cancelled.Add(1);
+                }
+
+                if (step == 5 && submitted.Count == 4 && !submitted[3].Completion.IsCompleted)
+                {
+                    submitted[3].Cancel();
+                    cancelled.Add(3);
+                }
+            });
+        using (scheduler)
+        {
+            for (var i = 0; i < requests.Length; i++)
+            {
+                if (!cancelled.Contains(i))
+                {
+                    CollectionAssert.AreEqual(AloneOnASession(model, requests[i].Item1, requests[i].Item2), results[i].Tokens.ToArray(), $"request {i}");
+                }
+            }
+
+            foreach (var i in cancelled)
+            {
+                Assert.IsTrue(all[i].Completion.IsCanceled, $"request {i} ends cancelled");
+            }
+
+            Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+            Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots);
+        }
+    }
+
+    /// <summary>
+    /// The allocation-counting double: after one request has warmed the runner up (chunked prefill, decode, drafts,
+    /// verification), a staggered batch with preemption and speculative decoding makes no backend allocation at all.
+    /// </summary>
+    [TestMethod]
+    public void StepsAfterWarmUpAllocateNothingOnTheBackend()
+    {
+        var counting = new RecordingBackend(new CpuBackend());
+        using var model = DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+        var blocks = new KvBlockManager(5, 4, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        var options = new SchedulerOptions { MaxTokensPerStep = 32, EosId = model.Config.EosTokenId, SpeculativeDecoding = SpeculativeDecodingMode.On };
+        using var scheduler = new BatchScheduler(runner, blocks, options);
+        var attached = counting.Allocations;
+        var warm = scheduler.Submit(Prompt(model.VocabSize, 40, 1), SamplingOptions.Greedy with { MaxTokens = 6 });
+        while (!warm.Completion.IsCompleted)
+        {
+            scheduler.Step();
+        }
+
+        var warmedUp = counting.Allocations;
+        Assert.IsGreaterThan(attached, warmedUp, "the first steps allocate the step buffers");
+        Assert.AreEqual(warmedUp - attached, runner.ArenaAllocations, "every allocation of the warm-up is a step buffer");
+
+        var requests = new[] { 60, 3, 33, 90, 17 }.Select((n, i) => scheduler.Submit(Prompt(model.VocabSize, n, 300 + i), SamplingOptions.Greedy with { MaxTokens = 30 })).ToList();
+        var steps = 0;
+        while (requests.Any(r => !r.Completion.IsCompleted))
+        {
+            scheduler.Step();
+            steps++;
+            Assert.AreEqual(warmedUp, counting.Allocations, $"step {steps} allocated on the backend");
+        }
+
+        Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");
+        Assert.IsGreaterThan(0L, scheduler.Counters.Drafted);
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+        TestContext.WriteLine($"{steps} steps, {warmedUp - attached} step buffers, {attached} allocations at load and attach");
+    }
+
+    /// <summary>A refused step names what is wrong and changes nothing: the same slot then runs as if it had not come.</summary>
+    [TestMethod]
+    public void RefusedStepsNameTheProblemAndChangeNothing()
+    {
+        var model = s_tiny;
+        var v = model.VocabSize;
+        var prompt = Prompt(v, 20, 9);
+        using var runner = new PagedStepRunner(model);
+        var logits = new float[4 * v];
+        var early = Assert.ThrowsExactly<InvalidOperationException>(() => runner.Open(0, drafts: false));
+        StringAssert.Contains(early.Message, "not attached");
+
+        var blocks = new KvBlockManager(8, 2, 4);
+        runner.Attach(blocks, 16);
+        Assert.ThrowsExactly<InvalidOperationException>(() => runner.Attach(blocks, 16));
+        var a = blocks.Admit(20);
+        var b = blocks.Admit(5);
+        runner.Open(a, drafts: true);
+        runner.Open(b, drafts: false);
+
+        void Refused<T>(string expected, StepSequence[] batch)
+            where T : Exception
+        {
+            var e = Assert.ThrowsExactly<T>(() => runner.Forward(batch, logits));
+            StringAssert.Contains(e.Message, expected);
+        }
+
+        Refused<InvalidOperationException>("feeds position 3", [new StepSequence(a, 3, prompt[..4], 1)]);
+        Refused<ArgumentException>("appears twice", [new StepSequence(a, 0, prompt[..4], 1), new StepSequence(a, 0, prompt[..4], 1)]);
+        Refused<ArgumentException>("outside the vocabulary", [new StepSequence(a, 0, new[] { 1, v }, 1)]);
+        Refused<ArgumentException>("5 logit rows for 4 tokens", [new StepSequence(a, 0, prompt[..4], 5)]);
+        Refused<ArgumentException>("a drafting slot verifies at most one draft", [new StepSequence(a, 0, prompt[..4], 3)]);
+        Refused<InvalidOperationException>("cache blocks for 5 tokens", [new StepSequence(b, 0, prompt[..6], 1)]);
+        Refused<ArgumentException>("at most 16", [new StepSequence(a, 0, prompt[..17], 1)]);
+        Refused<InvalidOperationException>("slot 5 is not open", [new StepSequence(5, 0, prompt[..2], 1)]);
+        Assert.ThrowsExactly<InvalidOperationException>(() => runner.Draft([new DraftSequence(b, 1)], logits), "a slot opened without drafting");
+        Assert.ThrowsExactly<InvalidOperationException>(() => runner.Draft([new DraftSequence(a, 1)], logits), "nothing fed yet");
+
+        // After all of that, the slots run as fresh ones: the logits equal a session's.
+        runner.Forward([new StepSequence(a, 0, prompt[..10], 1), new StepSequence(b, 0, prompt[..5], 1)], logits);
+        runner.Forward([new StepSequence(a, 10, prompt[10..], 1)], logits.AsSpan(2 * v));
+        using var alone = model.CreateSession();
+        var expected = new float[v];
+        alone.Forward(prompt[..5], expected);
+        Tolerance.AssertMaxRel(logits.AsSpan(v, v), expected, 1e-5, "slot b after the refusals");
+        using var whole = model.CreateSession();
+        whole.Forward(prompt, expected);
+        Tolerance.AssertMaxRel(logits.AsSpan(2 * v, v), expected, 1e-5, "slot a after the refusals");
+
+        runner.Truncate(a, 20);
+        var below = Assert.ThrowsExactly<InvalidOperationException>(() => runner.Truncate(a, 10));
+        StringAssert.Contains(below.Message, "MTP cache already holds 19 positions");
+    }
+
+    [TestMethod]
+    public void StepBoundCoversDecodeRowsAndPromptChunks()
+    {
+        var blocks = new KvBlockManager(8, 4, 4);
+        Assert.AreEqual(512, BatchScheduler.MaxTokensPerStep(new SchedulerOptions(), blocks, drafting: true), "the budget when it is larger");
+        Assert.AreEqual(8, BatchScheduler.MaxTokensPerStep(new SchedulerOptions { MaxTokensPerStep = 3 }, blocks, drafting: true), "4 slots, a token and a draft each");
+        Assert.AreEqual(4, BatchScheduler.MaxTokensPerStep(new SchedulerOptions { MaxTokensPerStep = 3 }, blocks, drafting: false));
+        Assert.AreEqual(6, BatchScheduler.MaxTokensPerStep(new SchedulerOptions { MaxTokensPerStep = 3, MaxBatch = 3 }, blocks, drafting: true), "MaxBatch below the slots");
+    }
+}
