@@ -1,5 +1,4 @@
 using System.Runtime.InteropServices;
-using DeepSeekCuda.Backends;
 using DeepSeekCuda.Cuda;
 
 namespace DeepSeekCuda.Kernels;
@@ -40,8 +39,6 @@ internal readonly record struct MlaPrefillShape(int QkNope, int QkRope, int V, i
     /// <summary>The shapes <see cref="MlaPrefillKernel.AllInstances"/> lists (any valid shape compiles on demand).</summary>
     public static IReadOnlyList<MlaPrefillShape> Known => [V3, TinyA, TinyPreset];
 
-    /// <summary>The shape of a model's attention dims.</summary>
-    public static MlaPrefillShape From(MlaDims d) => new(d.QkNope, d.QkRope, d.V, d.KvLora);
 
     /// <summary>Row width of the paged latent cache: latent then rotated k_pe.</summary>
     public int CacheRow => KvLora + QkRope;

@@ -1,7 +1,6 @@
 using System.Runtime.InteropServices;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Loader;
-using DeepSeekCuda.Model;
 
 namespace DeepSeekCuda.Kernels;
 
@@ -22,7 +21,7 @@ internal struct RopeParams
 
 /// <summary>
 /// Rotary embedding on interleaved pairs, in place, with a YaRN-corrected frequency table computed on the
-/// host (<see cref="InverseFrequencies(ModelConfig)"/>) and uploaded once.
+/// host (<c>YarnRope.InverseFrequencies</c>) and uploaded once.
 /// </summary>
 internal sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -40,9 +39,6 @@ internal sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : Ke
 
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() => [Instance(ElementType.F32), Instance(ElementType.BF16)];
-
-    /// <summary>The model's inverse frequencies (YaRN-corrected), from the one implementation in <see cref="YarnRope"/>.</summary>
-    public static float[] InverseFrequencies(ModelConfig config) => YarnRope.InverseFrequencies(config);
 
     /// <summary>
     /// Rotates the rope slice of every head of every token in place: slice = x[t·tokenStride + h·headStride

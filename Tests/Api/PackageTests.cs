@@ -4,6 +4,7 @@ using System.Reflection.PortableExecutable;
 using System.Xml.Linq;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Cli;
 using DeepSeekCuda.Tests.Loader;
 using DeepSeekCuda.Tests.Support;
@@ -106,6 +107,7 @@ public sealed class PackageTests
         File.WriteAllText(Path.Combine(consumer, "Program.cs"), $$"""
             using DeepSeekCuda.Hosting;
             using DeepSeekCuda.Inference;
+            using DeepSeekCuda.Serving;
             using Microsoft.Extensions.AI;
 
             using var local = LocalModel.Load(DemoModel.Ensure(out _));

@@ -165,7 +165,7 @@ public sealed class KernelGpuTests : GpuTestBase
         var cpu = new CpuBackend();
         var (cos, sin) = YarnRope.Table(config, start + tokens);
         var table = cpu.UploadRope(cos, sin, start + tokens, pairs);
-        using var inv = DeviceBuffer<float>.From(Device, RopeKernel.InverseFrequencies(config));
+        using var inv = DeviceBuffer<float>.From(Device, YarnRope.InverseFrequencies(config));
         using var pos = DeviceBuffer<int>.From(Device, Enumerable.Range(start, tokens).ToArray());
         foreach (var t in Types)
         {

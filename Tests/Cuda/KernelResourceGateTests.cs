@@ -1,5 +1,6 @@
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Cuda.Inspection;
+using DeepSeekCuda.Kernels;
 
 namespace DeepSeekCuda.Tests.Cuda;
 

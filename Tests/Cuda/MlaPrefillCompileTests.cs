@@ -1,4 +1,5 @@
 using DeepSeekCuda.Backends;
+using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Kernels;
 using DeepSeekCuda.Loader.Synthetic;
@@ -43,8 +44,8 @@ public sealed class MlaPrefillCompileTests
             s.Validate();
         }
 
-        Assert.AreEqual(MlaPrefillShape.V3, MlaPrefillShape.From(new MlaDims(128, 128, 64, 128, 512)));
-        Assert.AreEqual(MlaPrefillShape.TinyPreset, MlaPrefillShape.From(new MlaDims(3, ModelPresets.Tiny.QkNopeHeadDim,
+        Assert.AreEqual(MlaPrefillShape.V3, CudaBackendLayout.PrefillShape(new MlaDims(128, 128, 64, 128, 512)));
+        Assert.AreEqual(MlaPrefillShape.TinyPreset, CudaBackendLayout.PrefillShape(new MlaDims(3, ModelPresets.Tiny.QkNopeHeadDim,
             ModelPresets.Tiny.QkRopeHeadDim, ModelPresets.Tiny.VHeadDim, ModelPresets.Tiny.KvLoraRank)));
         Assert.ThrowsExactly<ArgumentException>(() => new MlaPrefillShape(31, 16, 40, 80).Validate());
         Assert.ThrowsExactly<ArgumentException>(() => new MlaPrefillShape(32, 16, 40, 81).Validate());

@@ -1,6 +1,7 @@
 using System.Diagnostics.Metrics;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Inference;
 using DeepSeekCuda.Tests.Support;
 using DeepSeekCuda.Text;

@@ -1,5 +1,6 @@
 using System.Text;
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Serving;
 using DeepSeekCuda.Text;
 
 namespace DeepSeekCuda.Tests.Inference;

@@ -866,7 +866,7 @@ public sealed class CudaBackend : IBackend
             return;
         }
 
-        var shape = MlaPrefillShape.From(dims);
+        var shape = CudaBackendLayout.PrefillShape(dims);
         var cu = UploadInts([0, tokens, 0, context]);
         ulong cuQ = cu, cuKv = cu + 8;
         var latent = _latent.Get((long)context * dims.KvLora * 2);

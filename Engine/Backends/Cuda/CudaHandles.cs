@@ -253,6 +253,9 @@ internal sealed class CudaLatentCache : LatentCache
 /// <summary>The host-side layout rules of <see cref="CudaBackend"/> (pure functions, unit-tested without a GPU).</summary>
 internal static class CudaBackendLayout
 {
+    /// <summary>The prefill kernel's shape of a model's attention dims.</summary>
+    public static MlaPrefillShape PrefillShape(MlaDims d) => new(d.QkNope, d.QkRope, d.V, d.KvLora);
+
     /// <summary>The block table of a one-sequence cache of <paramref name="capacity"/> positions: blocks 0 .. ⌈capacity/64⌉ − 1 in order.</summary>
     public static int[] IdentityBlockTable(int capacity)
     {

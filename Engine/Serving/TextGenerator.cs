@@ -1,9 +1,9 @@
 using System.Runtime.CompilerServices;
 using System.Text;
-using DeepSeekCuda.Serving;
+using DeepSeekCuda.Inference;
 using DeepSeekCuda.Text;
 
-namespace DeepSeekCuda.Inference;
+namespace DeepSeekCuda.Serving;
 
 /// <summary>
 /// Autoregressive generation over an <see cref="ILanguageModel"/>, streaming the decoded text: UTF-8

@@ -1,9 +1,10 @@
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Serialization;
-using DeepSeekCuda.Kernels;
+using DeepSeekCuda.Cuda;
+using DeepSeekCuda.Cuda.Inspection;
 
-namespace DeepSeekCuda.Cuda.Inspection;
+namespace DeepSeekCuda.Kernels;
 
 /// <summary>One row of the report: a kernel's resources on one target and the rules it breaks.</summary>
 internal sealed record KernelReportRow(
