@@ -30,7 +30,7 @@ FAILED = {"Failed", "Error", "Timeout", "Aborted"}
 # order of FIRST (a class named in neither runs after FIRST's, by name). A fault late in the run then costs least.
 FIRST = ["KernelGpuTests", "Bf16GemmGpuTests", "Fp8GemmGpuTests", "MoeGateGpuTests", "MoeDispatchGpuTests",
          "MoeGroupedGemmGpuTests", "MlaGpuTests", "MlaPrefillGpuTests", "CublasGpuTests", "WeightUploadGpuTests"]
-LAST = ["CudaBackendGpuTests", "AllReduceGpuTests", "CudaModelGpuTests", "CudaParallelGpuTests"]
+LAST = ["CudaBackendGpuTests", "AllReduceGpuTests", "CudaModelGpuTests", "PagedStepRunnerGpuTests", "CudaParallelGpuTests"]
 EXIT_OK, EXIT_FAILED, EXIT_NO_DEVICE = 0, 1, 3
 
 

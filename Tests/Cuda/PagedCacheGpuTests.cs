@@ -1,0 +1,342 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Backends.Cuda;
+using DeepSeekCuda.Kernels;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Numerics;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Cuda;
+
+/// <summary>
+/// <see cref="CudaBackend"/>'s tensor views, latent pools, block tables and paged cache views against
+/// <see cref="CpuBackend"/> in <see cref="CpuNumerics.GpuEmulation"/>, with tiny-a's kv_b (FP8) and latent norm and
+/// fresh random inputs (seed logged): three requests appended in decode (1 and 2 rows) and prefill chunks into one pool
+/// through a permuted block table that grows between steps must attend as the same requests over contiguous caches on
+/// the CPU; a view written by Linear changes only its rows; a table uploaded between two launches is the one the second
+/// launch reads. Outputs are poisoned with NaN before the GPU writes them. Tolerances are those of
+/// <see cref="CudaBackendGpuTests"/> for the same operations.
+/// </summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class PagedCacheGpuTests : GpuTestBase
+{
+    private const double Bf16Step = 1.0 / 128;
+
+    private Checkpoint _checkpoint = null!;
+    private CudaBackend _cuda = null!;
+    private CpuBackend _cpu = null!;
+    private Random _rng = null!;
+    private int _seed;
+
+    [TestInitialize]
+    public void OpenBackends()
+    {
+        _checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        _cuda = new CudaBackend();
+        _cpu = new CpuBackend(CpuNumerics.GpuEmulation);
+        _seed = Environment.TickCount;
+        TestContext.WriteLine($"seed {_seed}");
+        _rng = new Random(_seed);
+    }
+
+    [TestCleanup]
+    public void CloseBackends()
+    {
+        _cuda?.Dispose();
+        _cpu?.Dispose();
+        _checkpoint?.Dispose();
+    }
+
+    private ModelConfig Config => _checkpoint.Config;
+
+    private MlaDims Dims => new(Config.NumAttentionHeads, Config.QkNopeHeadDim, Config.QkRopeHeadDim, Config.VHeadDim, Config.KvLoraRank);
+
+    private float[] Bf16Normal(int n, float scale = 1f)
+    {
+        var a = Normal(_rng, n, scale);
+        BFloat16.Round(a);
+        return a;
+    }
+
+    private static float[] Read(IBackend b, Tensor t)
+    {
+        var a = new float[t.Length];
+        b.Download(t, a);
+        return a;
+    }
+
+    private static Tensor Poisoned(IBackend b, int rows, int cols) => b.Upload(Enumerable.Repeat(float.NaN, rows * cols).ToArray(), rows, cols);
+
+    private void Close(string what, float[] got, float[] want, double relToMax, double rtol, double rmsRel)
+    {
+        what = $"{what} (seed {_seed})";
+        var maxRef = want.Where(float.IsFinite).Select(Math.Abs).DefaultIfEmpty(0f).Max();
+        Tolerance.AssertClose(got, want, Math.Max(1e-6, relToMax * maxRef), rtol, what);
+        var c = Tolerance.AssertRmsRel(got, want, rmsRel, what);
+        TestContext.WriteLine(Tolerance.Describe(what, c));
+    }
+
+    /// <summary>Layer 0's latent norm (kv_a_layernorm) on one backend.</summary>
+    private NormWeight LatentNorm(IBackend b) =>
+        b.UploadNorm(_checkpoint, "model.layers.0.self_attn.kv_a_layernorm.weight", Dims.KvLora, (float)Config.RmsNormEps);
+
+    /// <summary>Layer 0's kv_b (FP8) on one backend.</summary>
+    private LinearWeight KvB(IBackend b) =>
+        b.UploadLinear(_checkpoint, new LinearSpec("model.layers.0.self_attn.kv_b_proj.weight", Dims.Heads * Dims.KvBHead, Dims.KvLora, true));
+
+    /// <summary>One chunk of one request: its kv rows and queries, the same on both backends.</summary>
+    private sealed record Chunk(int Request, int Start, int Rows, float[] Kv, float[] Q);
+
+    /// <summary>
+    /// Request lengths 70 and 130 cross block boundaries, 23 does not; chunks of 1 and 2 rows take the absorbed decode
+    /// kernel, longer ones the prefill kernel over a cached prefix. Requests take turns, so their blocks interleave in
+    /// the pool; each request's new blocks come from a permuted free list, and the whole table is uploaded (without a
+    /// synchronization) before each chunk.
+    /// </summary>
+    [TestMethod]
+    public void PagedAttentionThroughAPermutedTableMatchesContiguousCachesOnTheCpu()
+    {
+        var dims = Dims;
+        int lora = dims.KvLora, rope = dims.QkRope, row = lora + rope, qWidth = dims.Heads * dims.QkHead, oWidth = dims.Heads * dims.V;
+        int[] lengths = [70, 130, 23];
+        int[][] chunkSizes = [[5, 1, 2, 60, 1, 1], [64, 2, 1, 40, 23], [1, 1, 2, 19]];
+        var maxLength = lengths.Max();
+        var maxBlocks = PagedLatentCache.BlocksFor(maxLength) + 1;
+        var poolBlocks = lengths.Sum(PagedLatentCache.BlocksFor) + 2;
+        var (cos, sin) = YarnRope.Table(Config, maxLength);
+        var scale = (float)Config.SoftmaxScale;
+
+        // The schedule: round-robin over requests, one chunk each, with the table as it stands before each chunk.
+        var schedule = new List<(Chunk Chunk, int[] Table)>();
+        var entries = Enumerable.Repeat(-1, lengths.Length * maxBlocks).ToArray();
+        var free = new Queue<int>(Enumerable.Range(0, poolBlocks).OrderBy(_ => _rng.Next()));
+        var position = new int[lengths.Length];
+        var next = new int[lengths.Length];
+        while (Enumerable.Range(0, lengths.Length).Any(q => next[q] < chunkSizes[q].Length))
+        {
+            for (var q = 0; q < lengths.Length; q++)
+            {
+                if (next[q] == chunkSizes[q].Length)
+                {
+                    continue;
+                }
+
+                var n = chunkSizes[q][next[q]++];
+                for (var blk = PagedLatentCache.BlocksFor(position[q]); blk < PagedLatentCache.BlocksFor(position[q] + n); blk++)
+                {
+                    entries[q * maxBlocks + blk] = free.Dequeue();
+                }
+
+                schedule.Add((new Chunk(q, position[q], n, Bf16Normal(n * row), Bf16Normal(n * qWidth)), (int[])entries.Clone()));
+                position[q] += n;
+            }
+        }
+
+        CollectionAssert.AreEqual(lengths, position);
+        TestContext.WriteLine($"table [{string.Join(",", entries)}]");
+
+        // CUDA: one pool, paged views, the table uploaded before each chunk.
+        var got = new List<float[]>();
+        {
+            using var norm = LatentNorm(_cuda);
+            using var kvB = KvB(_cuda);
+            using var ropeTable = _cuda.UploadRope(cos, sin, maxLength, rope / 2);
+            using var pool = _cuda.AllocateLatentPool(poolBlocks, lora, rope);
+            using var table = _cuda.AllocateBlockTable(lengths.Length, maxBlocks);
+            var caches = Enumerable.Range(0, lengths.Length).Select(q => _cuda.PagedCache(pool, table, q)).ToArray();
+            var outputs = new List<Tensor>();
+            foreach (var (c, t) in schedule)
+            {
+                _cuda.UploadBlockTable(t, table);
+                using var kv = _cuda.Upload(c.Kv, c.Rows, row);
+                using var qt = _cuda.Upload(c.Q, c.Rows, qWidth);
+                _cuda.AppendLatent(kv, norm, ropeTable, caches[c.Request], c.Start);
+                var naive = Poisoned(_cuda, c.Rows, oWidth);
+                var absorbed = Poisoned(_cuda, c.Rows, oWidth);
+                _cuda.MlaAttentionNaive(qt, caches[c.Request], kvB, dims, c.Start, scale, naive);
+                _cuda.MlaAttentionAbsorbed(qt, caches[c.Request], kvB, dims, c.Start, scale, absorbed);
+                outputs.Add(naive);
+                outputs.Add(absorbed);
+            }
+
+            got.AddRange(outputs.Select(o => Read(_cuda, o)));
+            foreach (var o in outputs)
+            {
+                o.Dispose();
+            }
+
+            foreach (var c in caches)
+            {
+                c.Dispose();
+            }
+        }
+
+        // CPU emulation: a contiguous cache per request.
+        var want = new List<float[]>();
+        {
+            using var norm = LatentNorm(_cpu);
+            using var kvB = KvB(_cpu);
+            using var ropeTable = _cpu.UploadRope(cos, sin, maxLength, rope / 2);
+            var caches = lengths.Select(l => _cpu.AllocateLatentCache(l, lora, rope)).ToArray();
+            foreach (var (c, _) in schedule)
+            {
+                using var kv = _cpu.Upload(c.Kv, c.Rows, row);
+                using var qt = _cpu.Upload(c.Q, c.Rows, qWidth);
+                _cpu.AppendLatent(kv, norm, ropeTable, caches[c.Request], c.Start);
+                using var naive = _cpu.Allocate(c.Rows, oWidth);
+                using var absorbed = _cpu.Allocate(c.Rows, oWidth);
+                _cpu.MlaAttentionNaive(qt, caches[c.Request], kvB, dims, c.Start, scale, naive);
+                _cpu.MlaAttentionAbsorbed(qt, caches[c.Request], kvB, dims, c.Start, scale, absorbed);
+                want.Add(Read(_cpu, naive));
+                want.Add(Read(_cpu, absorbed));
+            }
+
+            foreach (var c in caches)
+            {
+                c.Dispose();
+            }
+        }
+
+        for (var i = 0; i < got.Count; i++)
+        {
+            var c = schedule[i / 2].Chunk;
+            var what = $"request {c.Request} positions {c.Start}..{c.Start + c.Rows - 1} {(i % 2 == 0 ? "naive" : "absorbed")}";
+            Close(what, got[i], want[i], 0.03, 0.05, rmsRel: 0.02);
+        }
+    }
+
+    [TestMethod]
+    public void LinearIntoAViewChangesOnlyItsRows()
+    {
+        var qLora = Config.QLoraRank ?? throw new InvalidOperationException("tiny-a has q_lora_rank");
+        const int Out = 512;
+        var x = Bf16Normal(3 * qLora);
+        var before = Bf16Normal(6 * Out);
+        var spec = new LinearSpec("model.layers.0.self_attn.q_b_proj.weight", Out, qLora, true);
+
+        float[] parent, viewed;
+        using (var w = _cuda.UploadLinear(_checkpoint, spec))
+        using (var xt = _cuda.Upload(x, 3, qLora))
+        using (var y = _cuda.Upload(before, 6, Out))
+        using (var view = _cuda.View(y, 2, 3))
+        {
+            Assert.AreEqual(3, view.Rows);
+            _cuda.Linear(xt, w, view);
+            parent = Read(_cuda, y);
+            viewed = Read(_cuda, view);
+        }
+
+        float[] reference;
+        using (var w = _cpu.UploadLinear(_checkpoint, spec))
+        using (var xt = _cpu.Upload(x, 3, qLora))
+        using (var y = _cpu.Allocate(3, Out))
+        {
+            _cpu.Linear(xt, w, y);
+            reference = Read(_cpu, y);
+        }
+
+        for (var i = 0; i < parent.Length; i++)
+        {
+            var r = i / Out;
+            if (r is < 2 or > 4 && BitConverter.SingleToInt32Bits(parent[i]) != BitConverter.SingleToInt32Bits(before[i]))
+            {
+                Assert.Fail($"row {r} outside the view changed at column {i % Out}: {before[i]:g9} → {parent[i]:g9}");
+            }
+        }
+
+        CollectionAssert.AreEqual(parent.AsSpan(2 * Out, 3 * Out).ToArray(), viewed, "the view downloads the parent's rows 2..4");
+        Close("q_b into rows 2..4", viewed, reference, 0.01, 2 * Bf16Step, rmsRel: 4e-3);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() =>
+        {
+            using var t = _cuda.Allocate(6, 4);
+            _cuda.View(t, 4, 3);
+        });
+    }
+
+    /// <summary>
+    /// One host array for the table, changed in place between uploads, and no synchronization anywhere: table A puts the
+    /// request in block 1, B in block 3, each appended with different rows; attention launched after re-uploading A must
+    /// see A's rows and after B B's. A copy that ran late (or read the host array late) would show the other's.
+    /// </summary>
+    [TestMethod]
+    public void AnUploadedTableIsTheOneTheNextLaunchReads()
+    {
+        var dims = Dims;
+        int lora = dims.KvLora, rope = dims.QkRope, row = lora + rope, qWidth = dims.Heads * dims.QkHead, oWidth = dims.Heads * dims.V;
+        const int Length = 40;
+        var (cos, sin) = YarnRope.Table(Config, Length);
+        var scale = (float)Config.SoftmaxScale;
+        var kvA = Bf16Normal(Length * row);
+        var kvB2 = Bf16Normal(Length * row);
+        var q = Bf16Normal(2 * qWidth);
+
+        float[][] got;
+        {
+            using var norm = LatentNorm(_cuda);
+            using var kvB = KvB(_cuda);
+            using var ropeTable = _cuda.UploadRope(cos, sin, Length, rope / 2);
+            using var pool = _cuda.AllocateLatentPool(4, lora, rope);
+            using var table = _cuda.AllocateBlockTable(2, 2);
+            using var cache = _cuda.PagedCache(pool, table, 1);
+            using var a = _cuda.Upload(kvA, Length, row);
+            using var b = _cuda.Upload(kvB2, Length, row);
+            using var qt = _cuda.Upload(q, 2, qWidth);
+            var entries = new[] { 0, -1, 1, -1 };
+            _cuda.UploadBlockTable(entries, table);
+            _cuda.AppendLatent(a, norm, ropeTable, cache, 0);
+            entries[2] = 3;
+            _cuda.UploadBlockTable(entries, table);
+            _cuda.AppendLatent(b, norm, ropeTable, cache, 0);
+            var outputs = new List<Tensor>();
+            foreach (var block in new[] { 1, 3 })
+            {
+                entries[2] = block;
+                _cuda.UploadBlockTable(entries, table);
+                var naive = Poisoned(_cuda, 2, oWidth);
+                var absorbed = Poisoned(_cuda, 2, oWidth);
+                _cuda.MlaAttentionNaive(qt, cache, kvB, dims, Length - 2, scale, naive);
+                _cuda.MlaAttentionAbsorbed(qt, cache, kvB, dims, Length - 2, scale, absorbed);
+                outputs.Add(naive);
+                outputs.Add(absorbed);
+            }
+
+            got = [.. outputs.Select(o => Read(_cuda, o))];
+            foreach (var o in outputs)
+            {
+                o.Dispose();
+            }
+        }
+
+        var want = new float[4][];
+        {
+            using var norm = LatentNorm(_cpu);
+            using var kvB = KvB(_cpu);
+            using var ropeTable = _cpu.UploadRope(cos, sin, Length, rope / 2);
+            using var qt = _cpu.Upload(q, 2, qWidth);
+            var i = 0;
+            foreach (var kv in new[] { kvA, kvB2 })
+            {
+                using var cache = _cpu.AllocateLatentCache(Length, lora, rope);
+                using var kvt = _cpu.Upload(kv, Length, row);
+                _cpu.AppendLatent(kvt, norm, ropeTable, cache, 0);
+                using var naive = _cpu.Allocate(2, oWidth);
+                using var absorbed = _cpu.Allocate(2, oWidth);
+                _cpu.MlaAttentionNaive(qt, cache, kvB, dims, Length - 2, scale, naive);
+                _cpu.MlaAttentionAbsorbed(qt, cache, kvB, dims, Length - 2, scale, absorbed);
+                want[i++] = Read(_cpu, naive);
+                want[i++] = Read(_cpu, absorbed);
+            }
+        }
+
+        // The two tables must give clearly different outputs, or this test could not tell them apart.
+        var apart = Tolerance.Compare(want[2], want[0], "B vs A");
+        Assert.IsGreaterThan(0.2, apart.RmsRel, Tolerance.Describe("the outputs over A's and B's rows differ", apart));
+        string[] names = ["table A naive", "table A absorbed", "table B naive", "table B absorbed"];
+        for (var i = 0; i < names.Length; i++)
+        {
+            Close(names[i], got[i], want[i], 0.03, 0.05, rmsRel: 0.02);
+        }
+    }
+}

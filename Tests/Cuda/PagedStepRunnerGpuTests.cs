@@ -1,0 +1,114 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Backends.Cuda;
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Cuda;
+
+/// <summary>
+/// <see cref="PagedStepRunner"/> on <see cref="CudaBackend"/> with tiny-a under <see cref="BatchScheduler"/>: eight
+/// concurrent greedy requests of different lengths, prompts prefilled in chunks (a small step budget), give each request
+/// the ids it gets alone through the same runner type on the same backend, and the ids plain session decoding on the CPU
+/// backend in <see cref="CpuNumerics.GpuEmulation"/> gives it (no runner, no scheduler, no paging); every block is back
+/// afterwards.
+/// </summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class PagedStepRunnerGpuTests
+{
+    private const int MaxLength = 256;
+    private const int MaxTokens = 12;
+    private const int StepBudget = 24;
+
+    public TestContext TestContext { get; set; } = null!;
+
+    [TestInitialize]
+    public void RequireDevice() => GpuGuard.Require();
+
+    [TestCleanup]
+    public void CheckContext() => GpuGuard.After(TestContext);
+
+    private static int[] Prompt(int vocab, int length, int salt) =>
+        [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
+
+    /// <summary>Runs <paramref name="prompts"/> concurrently (all submitted before the first step) through a fresh paged runner; checks every block comes back.</summary>
+    private static int[][] Run(DeepSeekModel model, int[][] prompts, string what)
+    {
+        var blocks = new KvBlockManager(8 * KvBlockManager.BlocksFor(MaxLength), 8, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
+        {
+            MaxTokensPerStep = StepBudget,
+            EosId = model.Config.EosTokenId,
+            // Plain decoding: what is compared is the paged batch, not the drafts (greedy output is the same either way).
+            SpeculativeDecoding = SpeculativeDecodingMode.Off,
+        });
+        var requests = prompts.Select(p => scheduler.Submit(p, SamplingOptions.Greedy with { MaxTokens = MaxTokens })).ToList();
+        var steps = 0;
+        while (requests.Any(r => !r.Completion.IsCompleted))
+        {
+            Assert.IsTrue(scheduler.Step(), $"{what}: work remains while a request is open");
+            Assert.IsLessThan(10_000, ++steps, $"{what}: the run ends");
+        }
+
+        Assert.IsFalse(scheduler.Step(), $"{what}: idle after the run");
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks, $"{what}: every block is back");
+        Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots, $"{what}: every slot is back");
+        return [.. requests.Select(r => r.Completion.Result.Tokens.ToArray())];
+    }
+
+    /// <summary>The independent reference: one session per request (no runner, no scheduler), one prefill, then argmax per token.</summary>
+    private static int[] GreedySession(DeepSeekModel model, int[] prompt)
+    {
+        using var session = model.CreateSession();
+        var logits = new float[model.VocabSize];
+        session.Forward(prompt, logits);
+        var output = new List<int>();
+        while (true)
+        {
+            var y = Sampler.ArgMax(logits);
+            output.Add(y);
+            if (y == model.Config.EosTokenId || output.Count >= MaxTokens)
+            {
+                return [.. output];
+            }
+
+            session.Forward([y], logits);
+        }
+    }
+
+    [TestMethod]
+    public void EightConcurrentGreedyRequestsEqualEachAloneAndTheEmulation()
+    {
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var cuda = new CudaBackend();
+        using var cpu = new CpuBackend(CpuNumerics.GpuEmulation);
+        var options = new ModelOptions { MaxSequenceLength = MaxLength };
+        using var model = DeepSeekModel.Load(checkpoint, cuda, options);
+        using var emulated = DeepSeekModel.Load(checkpoint, cpu, options);
+        // 1 and 2 fit in one step with the decode rows; 24 fills the budget exactly; 25, 64, 65, 90 and 130 are prefilled
+        // over several steps (a chunk per step, beside the others' decode rows) and cross 64-position blocks.
+        int[] lengths = [1, 2, 24, 25, 64, 65, 90, 130];
+        var prompts = lengths.Select((n, i) => Prompt(model.VocabSize, n, i)).ToArray();
+
+        var batch = Run(model, prompts, "cuda batch");
+        var alone = prompts.Select((p, i) => Run(model, [p], $"cuda alone {i}")[0]).ToArray();
+        var emulation = prompts.Select(p => GreedySession(emulated, p)).ToArray();
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            TestContext.WriteLine($"request {i} ({lengths[i]} tokens): batch [{string.Join(",", batch[i])}] alone [{string.Join(",", alone[i])}] " +
+                                  $"emulation [{string.Join(",", emulation[i])}]");
+        }
+
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            Assert.IsNotEmpty(alone[i], $"request {i} generates");
+            CollectionAssert.AreEqual(alone[i], batch[i], $"request {i} ({lengths[i]} prompt tokens): batched vs alone on CUDA");
+            CollectionAssert.AreEqual(emulation[i], alone[i], $"request {i} ({lengths[i]} prompt tokens): CUDA paged runner vs CPU emulation session");
+        }
+    }
+}
