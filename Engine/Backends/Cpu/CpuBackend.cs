@@ -580,6 +580,7 @@ public sealed class CpuBackend : IBackend
         ShapeCheck.Attention(q, cache, kvB, dims, startPosition, output);
         CpuTensor qt = T(q), o = T(output);
         var c = (CpuLatentCache)cache;
+        c.CheckReadable(startPosition + q.Rows);
         var w = (CpuLinearWeight)kvB;
         return (qt, c, w, o);
     }

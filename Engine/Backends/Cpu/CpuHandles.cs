@@ -172,6 +172,20 @@ internal sealed class CpuLatentCache : LatentCache
     /// <summary>The rotated shared key of position <paramref name="position"/> [rope].</summary>
     public Span<float> Rope(int position, bool write = false) => RowOf(position, write)[LatentDim..];
 
+    /// <summary>Throws unless positions 0 .. <paramref name="count"/> − 1 lie in written blocks (checked before threads read them).</summary>
+    public void CheckReadable(int count)
+    {
+        for (var p = 0; p < count; p += PagedLatentCache.BlockSize)
+        {
+            RowOf(p, write: false);
+        }
+
+        if (count > 0)
+        {
+            RowOf(count - 1, write: false);
+        }
+    }
+
     private Span<float> RowOf(int position, bool write)
     {
         if ((uint)position >= (uint)Capacity)
