@@ -12,7 +12,7 @@ namespace DeepSeekCuda.Tests.Serving;
 /// The scheduler and MTP speculative decoding on a real DeepSeek-V3-architecture model: the Tiny preset
 /// (synthetic weights, one MTP layer) and tiny-a (the official reference's fixture model, MTP included).
 /// Each request's greedy output is compared with plain token-by-token decoding of that request alone (a
-/// <see cref="DeepSeekSession"/>), for both runners: <see cref="SessionStepRunner"/> and <see cref="PagedStepRunner"/>.
+/// <see cref="DeepSeekSession"/>): <see cref="PagedStepRunner"/> throughout, and <see cref="SessionStepRunner"/> where it applies (no drafts).
 /// </summary>
 [TestClass]
 public sealed class ModelSchedulingTests
@@ -114,7 +114,6 @@ public sealed class ModelSchedulingTests
 
     [TestMethod]
     [DataRow("session", false)]
-    [DataRow("session", true)]
     [DataRow("paged", false)]
     [DataRow("paged", true)]
     public void StaggeredBatchEqualsEachRequestAlone(string kind, bool speculative)
@@ -142,7 +141,6 @@ public sealed class ModelSchedulingTests
     /// positions in the real cache; the output must still equal plain decoding.
     /// </summary>
     [TestMethod]
-    [DataRow("session")]
     [DataRow("paged")]
     public void AcceptedDraftsKeepTheRealCacheExact(string kind)
     {
@@ -234,13 +232,16 @@ public sealed class ModelSchedulingTests
     [TestMethod]
     public void SpeculativeDecodingIsOnByDefaultOnlyWithMtpWeights()
     {
-        using var withMtp = new SessionStepRunner(s_tiny);
-        using var without = new SessionStepRunner(s_tinyNoMtp);
+        using var withMtp = new PagedStepRunner(s_tiny);
+        using var without = new PagedStepRunner(s_tinyNoMtp);
+        using var sessions = new SessionStepRunner(s_tiny);
+        Assert.IsFalse(sessions.CanDraft, "the session runner never drafts");
         Assert.IsTrue(withMtp.CanDraft);
         Assert.IsFalse(without.CanDraft);
         using var on = new BatchScheduler(withMtp, new KvBlockManager(4, 1, 4));
         using var off = new BatchScheduler(without, new KvBlockManager(4, 1, 4));
-        using var forcedOff = new BatchScheduler(withMtp, new KvBlockManager(4, 1, 4), new SchedulerOptions { SpeculativeDecoding = SpeculativeDecodingMode.Off });
+        using var again = new PagedStepRunner(s_tiny); // a runner serves one scheduler (Attach)
+        using var forcedOff = new BatchScheduler(again, new KvBlockManager(4, 1, 4), new SchedulerOptions { SpeculativeDecoding = SpeculativeDecodingMode.Off });
         Assert.IsTrue(on.SpeculativeDecoding);
         Assert.IsFalse(off.SpeculativeDecoding);
         Assert.IsFalse(forcedOff.SpeculativeDecoding);
@@ -251,7 +252,6 @@ public sealed class ModelSchedulingTests
     /// dropped by a rollback) against one MTP pass over the whole sequence from a fresh session.
     /// </summary>
     [TestMethod]
-    [DataRow("session")]
     [DataRow("paged")]
     public void RunnerDraftsEqualOneMtpPassOverTheWholeSequence(string kind)
     {
@@ -336,7 +336,6 @@ public sealed class ModelSchedulingTests
     }
 
     [TestMethod]
-    [DataRow("session")]
     [DataRow("paged")]
     public void TinyAGreedySpeculativeEqualsPlainDecoding(string kind)
     {
