@@ -1,12 +1,18 @@
+using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Bench.Benches;
+using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Tests.Loader;
+using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Tools;
 
 /// <summary>
 /// The CPU-checkable pieces of <c>run-bench e2e</c> (the bench itself needs a GPU): the pool a slot needs, which
 /// (batch, context) combinations are measured and why the others are skipped, and how the slots are prefilled in
-/// steps of at most one chunk.
+/// steps of at most one chunk, and the bench's slots driven on the CPU backend: a batched decode step gives each
+/// slot the logits a session gives it alone, and rewinding makes every run the same.
 /// </summary>
 [TestClass]
 public sealed class E2eBenchTests
@@ -77,5 +83,47 @@ public sealed class E2eBenchTests
         Assert.IsTrue(next.All(n => n == tokens), string.Join(",", next));
         // Packed: every step but the last is a full chunk.
         Assert.IsTrue(steps.SkipLast(1).All(s => s.Sum(e => e.Count) == chunk));
+    }
+
+    [TestMethod]
+    public void BatchedDecodeOfPrefilledSlotsMatchesEachSessionAloneAndRepeats()
+    {
+        const int context = 40;
+        using var dir = new TempDir();
+        SyntheticCheckpoint.Write(dir.Path, ModelPresets.Tiny, seed: 5);
+        using var checkpoint = Checkpoint.Open(dir.Path);
+        using var backend = new CpuBackend();
+        using var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = context + 1, LoadMtp = false });
+        var v = model.VocabSize;
+        var rng = new Random(5);
+        var prompt = Enumerable.Range(0, context).Select(_ => rng.Next(v)).ToArray();
+        int[] next = [3, v - 1, 11];
+
+        // Chunks of 32: slot 0 alone in two steps, then slots 1 and 2 packed into steps of 32 tokens across them.
+        using var paged = new E2eBench.PagedSlots(model, context, maxBatch: 3, prompt, chunk: 32);
+        paged.Prefill(1);
+        var prefilled = paged.Logits.AsSpan(0, v).ToArray();
+        Assert.IsGreaterThan(0, paged.PrefillFirst());
+        Tolerance.AssertMaxRel(paged.Logits.AsSpan(0, v), prefilled, 0, "slot 0 prefilled again");
+        paged.Prefill(3);
+        Assert.AreEqual(3, paged.Count);
+
+        Assert.IsGreaterThan(0, paged.Decode(next));
+        var first = paged.Logits.AsSpan(0, 3 * v).ToArray();
+        paged.Decode(next);
+        Tolerance.AssertMaxRel(paged.Logits.AsSpan(0, 3 * v), first, 0, "the same step after a rewind");
+        paged.Decode(next.AsSpan(0, 1));
+        Tolerance.AssertMaxRel(paged.Logits.AsSpan(0, v), first.AsSpan(0, v), 1e-5, "batch 1 after batch 3");
+
+        using var session = model.CreateSession();
+        var alone = new float[v];
+        session.Forward(prompt, alone);
+        Tolerance.AssertMaxRel(prefilled, alone, 1e-5, "prefill logits");
+        for (var b = 0; b < next.Length; b++)
+        {
+            session.Truncate(context);
+            session.Forward([next[b]], alone);
+            Tolerance.AssertMaxRel(first.AsSpan(b * v, v), alone, 1e-5, $"slot {b} decoded in the batch");
+        }
     }
 }

@@ -135,47 +135,9 @@ internal static class E2eBench
             return;
         }
 
-        var maxBatch = fit.Max();
-        var perSlot = KvBlockManager.BlocksFor(context + 1);
-        var blocks = new KvBlockManager(maxBatch * perSlot, maxBatch, perSlot);
-        using var runner = new PagedStepRunner(model);
-        runner.Attach(blocks, Math.Max(PrefillChunk, maxBatch));
-        var logits = new float[(long)maxBatch * config.VocabSize];
-        var slots = new List<int>();
-
-        // Prefills slots[from..] from an empty cache, packed into steps of at most PrefillChunk tokens; each slot's
-        // last position asks for its logits, so the last step downloads and the time is the host's wall time.
-        void Prefill(int from)
-        {
-            foreach (var step in PrefillSteps(slots.Count - from, context, PrefillChunk))
-            {
-                var entries = step.Select(e => new StepSequence(slots[from + e.Slot], e.Position, prompt.AsMemory(e.Position, e.Count),
-                    e.Position + e.Count == context ? 1 : 0)).ToArray();
-                runner.Forward(entries, logits);
-            }
-        }
-
-        void Open(int count)
-        {
-            while (slots.Count < count)
-            {
-                var slot = blocks.Admit(context + 1);
-                runner.Open(slot, drafts: false);
-                slots.Add(slot);
-            }
-        }
-
-        Open(1);
-        Prefill(0); // warm-up: compiles kernels, grows the step buffers
-        var prefillUs = GpuBench.Median(quick || context > 4096 ? 1 : 3, () =>
-        {
-            runner.Truncate(slots[0], 0);
-            blocks.Truncate(slots[0], 0);
-            blocks.Reserve(slots[0], context + 1);
-            var t = Stopwatch.StartNew();
-            Prefill(0);
-            return t.Elapsed.TotalMicroseconds;
-        });
+        using var paged = new PagedSlots(model, context, fit.Max(), prompt, PrefillChunk);
+        paged.Prefill(1); // warm-up: compiles kernels, grows the step buffers
+        var prefillUs = GpuBench.Median(quick || context > 4096 ? 1 : 3, paged.PrefillFirst);
         var prefillBytes = StepCost.PrefillBytes(config, context);
         report.Add(new BenchResult("e2e_prefill", Shape(name, config, 1, context), prefillUs,
             StepCost.PrefillFlops(config, context) / (prefillUs * 1e-6) / 1e12, prefillBytes / (prefillUs * 1e-6) / 1e9, "floor", gpu.CopyUs(prefillBytes)));
@@ -184,40 +146,25 @@ internal static class E2eBench
         (fit, skipped) = FitBatches(fit, slotBytes, poolBudget, prefillUs * 1e-6, prefillBudget);
         Skipped(context, skipped, "estimated from the prefill above; a batched prefill reads the weights once per step, so it is an upper bound");
 
-        // One decode step of the first `batch` slots, 1 token each at position `context`, then every slot rewound.
-        var entries = new StepSequence[maxBatch];
-        var tokens = new int[maxBatch][];
+        var tokens = new int[fit.Length == 0 ? 0 : fit.Max()];
         double Decode(int batch)
         {
             for (var b = 0; b < batch; b++)
             {
-                tokens[b] ??= new int[1];
-                tokens[b][0] = (int)(rng.NextUInt64() % (ulong)config.VocabSize);
-                entries[b] = new StepSequence(slots[b], context, tokens[b], 1);
-                blocks.Reserve(slots[b], context + 1);
+                tokens[b] = (int)(rng.NextUInt64() % (ulong)config.VocabSize);
             }
 
-            var t = Stopwatch.StartNew();
-            runner.Forward(entries.AsSpan(0, batch), logits);
-            var us = t.Elapsed.TotalMicroseconds;
-            for (var b = 0; b < batch; b++)
-            {
-                runner.Truncate(slots[b], context);
-                blocks.Truncate(slots[b], context);
-            }
-
-            return us;
+            return paged.Decode(tokens.AsSpan(0, batch));
         }
 
         double batch1Us = 0;
         foreach (var batch in fit)
         {
-            if (slots.Count < batch)
+            if (paged.Count < batch)
             {
-                var from = slots.Count;
-                Open(batch);
+                var from = paged.Count;
                 var t = Stopwatch.StartNew();
-                Prefill(from);
+                paged.Prefill(batch);
                 Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
                     $"  prefilled slots {from}..{batch - 1} to {context} tokens together in {t.Elapsed.TotalSeconds:F1} s"));
             }
@@ -342,6 +289,111 @@ internal static class E2eBench
         }
 
         return steps;
+    }
+
+    /// <summary>
+    /// Slots of one context on a <see cref="PagedStepRunner"/> of their own (any backend): a pool of
+    /// <c>maxBatch</c> slots of context + 1 tokens, slots prefilled with one prompt, and decode steps of
+    /// the first B slots at position context, rewound after each so every step sees the same context.
+    /// </summary>
+    internal sealed class PagedSlots : IDisposable
+    {
+        private readonly int _context;
+        private readonly int[] _prompt;
+        private readonly int _chunk;
+        private readonly KvBlockManager _blocks;
+        private readonly PagedStepRunner _runner;
+        private readonly List<int> _slots = [];
+        private readonly StepSequence[] _entries;
+        private readonly int[][] _tokens;
+
+        public PagedSlots(DeepSeekModel model, int context, int maxBatch, int[] prompt, int chunk)
+        {
+            ArgumentOutOfRangeException.ThrowIfNotEqual(prompt.Length, context);
+            _context = context;
+            _prompt = prompt;
+            _chunk = chunk;
+            var perSlot = KvBlockManager.BlocksFor(context + 1);
+            _blocks = new KvBlockManager(maxBatch * perSlot, maxBatch, perSlot);
+            _runner = new PagedStepRunner(model);
+            _runner.Attach(_blocks, Math.Max(chunk, maxBatch));
+            Logits = new float[(long)maxBatch * model.VocabSize];
+            _entries = new StepSequence[maxBatch];
+            _tokens = [.. Enumerable.Range(0, maxBatch).Select(_ => new int[1])];
+        }
+
+        /// <summary>Slots open and prefilled.</summary>
+        public int Count => _slots.Count;
+
+        /// <summary>The last step's logits: one row per entry that asked, in batch order.</summary>
+        public float[] Logits { get; }
+
+        /// <summary>
+        /// Opens slots up to <paramref name="count"/> and prefills the new ones together, packed into steps of at most
+        /// the chunk (<see cref="PrefillSteps"/>); each slot's last position asks for its logits, so the last step
+        /// downloads and the host's wall time covers the GPU's work.
+        /// </summary>
+        public void Prefill(int count)
+        {
+            var from = _slots.Count;
+            while (_slots.Count < count)
+            {
+                var slot = _blocks.Admit(_context + 1);
+                _runner.Open(slot, drafts: false);
+                _slots.Add(slot);
+            }
+
+            Feed(from);
+        }
+
+        /// <summary>Empties the first slot and prefills it again; host wall µs of the prefill.</summary>
+        public double PrefillFirst()
+        {
+            _runner.Truncate(_slots[0], 0);
+            _blocks.Truncate(_slots[0], 0);
+            _blocks.Reserve(_slots[0], _context + 1);
+            var t = Stopwatch.StartNew();
+            Feed(0, count: 1);
+            return t.Elapsed.TotalMicroseconds;
+        }
+
+        /// <summary>
+        /// One batched step of the first <c>tokens.Length</c> slots, one token each at position context, their logits
+        /// downloaded into <see cref="Logits"/>; then every slot is rewound to the context. Host wall µs of the step.
+        /// </summary>
+        public double Decode(ReadOnlySpan<int> tokens)
+        {
+            var batch = tokens.Length;
+            for (var b = 0; b < batch; b++)
+            {
+                _tokens[b][0] = tokens[b];
+                _entries[b] = new StepSequence(_slots[b], _context, _tokens[b], 1);
+                _blocks.Reserve(_slots[b], _context + 1); // the scheduler reserves before the step, too
+            }
+
+            var t = Stopwatch.StartNew();
+            _runner.Forward(_entries.AsSpan(0, batch), Logits);
+            var us = t.Elapsed.TotalMicroseconds;
+            for (var b = 0; b < batch; b++)
+            {
+                _runner.Truncate(_slots[b], _context);
+                _blocks.Truncate(_slots[b], _context);
+            }
+
+            return us;
+        }
+
+        private void Feed(int from, int? count = null)
+        {
+            foreach (var step in PrefillSteps((count ?? _slots.Count - from), _context, _chunk))
+            {
+                var entries = step.Select(e => new StepSequence(_slots[from + e.Slot], e.Position, _prompt.AsMemory(e.Position, e.Count),
+                    e.Position + e.Count == _context ? 1 : 0)).ToArray();
+                _runner.Forward(entries, Logits);
+            }
+        }
+
+        public void Dispose() => _runner.Dispose();
     }
 
     /// <summary>
