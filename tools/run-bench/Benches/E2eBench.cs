@@ -305,7 +305,7 @@ internal static class E2eBench
         private readonly PagedStepRunner _runner;
         private readonly List<int> _slots = [];
         private readonly StepSequence[] _entries;
-        private readonly int[][] _tokens;
+        private readonly int[] _tokens;
 
         public PagedSlots(DeepSeekModel model, int context, int maxBatch, int[] prompt, int chunk)
         {
@@ -319,7 +319,7 @@ internal static class E2eBench
             _runner.Attach(_blocks, Math.Max(chunk, maxBatch));
             Logits = new float[(long)maxBatch * model.VocabSize];
             _entries = new StepSequence[maxBatch];
-            _tokens = [.. Enumerable.Range(0, maxBatch).Select(_ => new int[1])];
+            _tokens = new int[maxBatch];
         }
 
         /// <summary>Slots open and prefilled.</summary>
@@ -366,8 +366,8 @@ internal static class E2eBench
             var batch = tokens.Length;
             for (var b = 0; b < batch; b++)
             {
-                _tokens[b][0] = tokens[b];
-                _entries[b] = new StepSequence(_slots[b], _context, _tokens[b], 1);
+                _tokens[b] = tokens[b];
+                _entries[b] = new StepSequence(_slots[b], _context, _tokens.AsMemory(b, 1), 1);
                 _blocks.Reserve(_slots[b], _context + 1); // the scheduler reserves before the step, too
             }
 
@@ -385,7 +385,7 @@ internal static class E2eBench
 
         private void Feed(int from, int? count = null)
         {
-            foreach (var step in PrefillSteps((count ?? _slots.Count - from), _context, _chunk))
+            foreach (var step in PrefillSteps(count ?? _slots.Count - from, _context, _chunk))
             {
                 var entries = step.Select(e => new StepSequence(_slots[from + e.Slot], e.Position, _prompt.AsMemory(e.Position, e.Count),
                     e.Position + e.Count == _context ? 1 : 0)).ToArray();
