@@ -12,22 +12,29 @@ using DeepSeekCuda.Serving;
 namespace DeepSeekCuda.Bench.Benches;
 
 /// <summary>
-/// End to end on <see cref="CudaBackend"/> through <see cref="DeepSeekModel"/> and <see cref="DeepSeekSession"/>: the
-/// <c>tiny</c> preset (random fill) and a full-width DeepSeek-V3 slice (<see cref="ModelPresets.DeepSeekV3Slice"/>:
-/// layer 0 dense, the rest MoE; 2 layers by default, <c>$DSCUDA_E2E_LAYERS</c> to change; weights written with
-/// <see cref="SyntheticFill.Pattern"/> into a folder under <c>$DSCUDA_E2E_DIR</c> or the current directory, deleted
-/// right after loading; quick: 32 routed experts and a 16384-token vocabulary, about 2.5 GB instead of 16 GB). Per
-/// context (1K and 16K; quick: 1K; clamped below the preset's max positions):
+/// End to end on <see cref="CudaBackend"/> through <see cref="DeepSeekModel"/> and a <see cref="PagedStepRunner"/> (the
+/// scheduler's runner, driven here without a scheduler): the <c>tiny</c> preset (random fill) and a full-width
+/// DeepSeek-V3 slice (<see cref="ModelPresets.DeepSeekV3Slice"/>: layer 0 dense, the rest MoE; 2 layers by default,
+/// <c>$DSCUDA_E2E_LAYERS</c> to change; weights written with <see cref="SyntheticFill.Pattern"/> into a folder under
+/// <c>$DSCUDA_E2E_DIR</c> or the current directory, deleted right after loading; quick: 32 routed experts and a
+/// 16384-token vocabulary, about 2.5 GB instead of 16 GB). Per context (1K and 16K; quick: 1K; clamped below the
+/// preset's max positions) one runner is attached whose latent pool (one per layer) holds the largest batch that fits:
+/// B slots of context + 1 tokens in whole 64-token blocks (<see cref="SlotCacheBytes"/>). A batch is skipped, with the
+/// reason printed, when its cache would take more than half the free device memory, or when prefilling its slots,
+/// estimated as B times one slot's measured prefill, would take more than 60 s (quick: 15 s) (<see cref="FitBatches"/>).
 /// <list type="bullet">
-/// <item><c>e2e_prefill</c>: prefill of the whole context from an empty cache (chunks of 4096 tokens), host wall time
-/// with the last logits downloaded; tflops from <see cref="StepCost.PrefillFlops"/>; baseline <c>floor</c> =
+/// <item><c>e2e_prefill</c>: prefill of the whole context into one empty slot (steps of at most 4096 tokens), host
+/// wall time with the last logits downloaded; tflops from <see cref="StepCost.PrefillFlops"/>; baseline <c>floor</c> =
 /// <see cref="StepCost.PrefillBytes"/> at the same-run copy bandwidth (prefill is compute-bound: expect a low ratio).</item>
-/// <item><c>e2e_decode</c>: one decode step per sequence at that context, batch 1, 8, 32, 128 (quick: 1, 8); host wall
-/// time of the whole step with its logits downloaded, median of the runs; baseline <c>floor</c> =
-/// <see cref="StepCost.DecodeBytes"/> at the same-run copy bandwidth, so ratio = floor / measured. The engine runs one
-/// sequence per session: batch B is B steps one after another (shape <c>runner=sequential</c>), each rewound to the
-/// same context, until the batched runner lands; the floor is that of a real batch (weights and experts read once).</item>
-/// <item>host overhead at batch 1: the step re-run with <see cref="OpTimingBackend"/> recording, GPU time = sum of the
+/// <item><c>e2e_decode</c>: one batched step of B entries (batch 1, 8, 32, 128; quick: 1, 8), one token each at that
+/// context and the logits of each downloaded, all B in one <see cref="PagedStepRunner.Forward"/> (one token stream,
+/// weights read once, attention per entry over its paged cache; shape <c>runner=paged</c> for every batch, 1
+/// included); host wall time of the whole step, median of the runs, every slot rewound after each run
+/// (<see cref="PagedStepRunner.Truncate"/> and <see cref="KvBlockManager.Truncate"/>) so each run is at the same
+/// context. The slots a batch adds are first prefilled with the same prompt, packed into steps of at most 4096 tokens
+/// (<see cref="PrefillSteps"/>). Baseline <c>floor</c> = <see cref="StepCost.DecodeBytes"/> at the same-run copy
+/// bandwidth, so ratio = floor / measured.</item>
+/// <item>host overhead at batch 1: the runner's batch-1 decode step re-run with <see cref="OpTimingBackend"/> recording, GPU time = sum of the
 /// operations' event spans, host overhead = wall − GPU time, per layer; printed, not a row. A span counts the gaps
 /// between the kernels of one operation as GPU time, so the overhead is a lower bound.</item>
 /// <item><c>e2e_projection</c> (slice only, batch 1): <see cref="DecodeProjection.Project"/> of the per-layer times to
@@ -43,13 +50,18 @@ internal static class E2eBench
     private const int QuickExperts = 32;
     private const int QuickVocab = 16384;
 
+    /// <summary>The most prefill a context may take to set up its batches (estimated from one slot's).</summary>
+    private const double PrefillBudgetSeconds = 60;
+
+    private const double QuickPrefillBudgetSeconds = 15;
+
     public static void Run(GpuBench gpu, bool quick, BenchReport report)
     {
         var layers = Environment.GetEnvironmentVariable("DSCUDA_E2E_LAYERS") is { Length: > 0 } l ? int.Parse(l, CultureInfo.InvariantCulture) : 2;
         var allReduceUs = Environment.GetEnvironmentVariable("DSCUDA_E2E_ALLREDUCE_US") is { Length: > 0 } a ? double.Parse(a, CultureInfo.InvariantCulture) : 20;
         int[] contexts = quick ? [1024] : [1024, 16384];
         int[] batches = quick ? [1, 8] : [1, 8, 32, 128];
-        Console.WriteLine("note: batch > 1 is that many single-sequence steps one after another (runner=sequential) until the batched GPU runner lands; its floor is a real batch's");
+        Console.WriteLine("note: decode at batch B is one batched, paged step of B sequences through PagedStepRunner (runner=paged); the slots are prefilled to the context first");
         // The slice first: it is the measurement that matters, and a failure stops the bench loudly either way.
         var slice = ModelPresets.DeepSeekV3Slice(layers);
         if (quick)
@@ -92,69 +104,7 @@ internal static class E2eBench
             foreach (var context in usable)
             {
                 var prompt = Enumerable.Range(0, context).Select(_ => (int)(rng.NextUInt64() % (ulong)config.VocabSize)).ToArray();
-                using var session = model.CreateSession();
-                var logits = new float[config.VocabSize];
-                Prefill(session, prompt, logits); // warm-up: compiles kernels, grows scratch
-                var prefillUs = GpuBench.Median(quick || context > 4096 ? 1 : 3, () =>
-                {
-                    session.Truncate(0);
-                    var t = Stopwatch.StartNew();
-                    Prefill(session, prompt, logits);
-                    return t.Elapsed.TotalMicroseconds;
-                });
-                var prefillBytes = StepCost.PrefillBytes(config, context);
-                report.Add(new BenchResult("e2e_prefill", Shape(name, config, 1, context, "single"), prefillUs,
-                    StepCost.PrefillFlops(config, context) / (prefillUs * 1e-6) / 1e12, prefillBytes / (prefillUs * 1e-6) / 1e9, "floor", gpu.CopyUs(prefillBytes)));
-                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  prefill {context} tokens: {context / (prefillUs * 1e-6):F0} tokens/s"));
-
-                void Step(int token)
-                {
-                    session.Truncate(context);
-                    session.Forward([token], logits);
-                }
-
-                for (var i = 0; i < 3; i++)
-                {
-                    Step(i);
-                }
-
-                double batch1Us = 0;
-                foreach (var batch in batches)
-                {
-                    var runs = Math.Clamp(64 / batch, 3, gpu.Runs);
-                    var us = GpuBench.Median(runs, () =>
-                    {
-                        var t = Stopwatch.StartNew();
-                        for (var b = 0; b < batch; b++)
-                        {
-                            Step((int)(rng.NextUInt64() % (ulong)config.VocabSize));
-                        }
-
-                        return t.Elapsed.TotalMicroseconds;
-                    });
-                    batch1Us = batch == 1 ? us : batch1Us;
-                    var bytes = StepCost.DecodeBytes(config, batch, context);
-                    report.Add(new BenchResult("e2e_decode", Shape(name, config, batch, context, batch == 1 ? "single" : "sequential"), us, 0,
-                        bytes / (us * 1e-6) / 1e9, "floor", gpu.CopyUs(bytes)));
-                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                        $"  decode batch {batch}, context {context}: {us / 1000:F2} ms per step of the batch, {batch / (us * 1e-6):F1} tokens/s; floor {bytes / 1e9:F2} GB"));
-                }
-
-                var parts = HostSplit(backend, gpu.Runs, () => Step((int)(rng.NextUInt64() % (ulong)config.VocabSize)));
-                var gpuUs = parts.Values.Sum(p => p.GpuUs);
-                var wallUs = parts.Values.Sum(p => p.WallUs);
-                Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"  decode batch 1, context {context}: wall {batch1Us:F0} µs; recorded run: GPU {gpuUs:F0} µs, host overhead ≥ {wallUs - gpuUs:F0} µs ({(wallUs - gpuUs) / wallUs:P0} of {wallUs:F0} µs with recording; GPU time = Σ operation event spans)"));
-                foreach (var (part, p) in parts)
-                {
-                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                        $"    {(part < 0 ? "embedding+head" : $"layer {part} ({(config.IsMoeLayer(part) ? "MoE" : "dense")})"),-18} GPU {p.GpuUs,8:F0} µs  host overhead {p.WallUs - p.GpuUs,8:F0} µs"));
-                }
-
-                if (plan is not null)
-                {
-                    Project(gpu, report, config, plan, context, parts, batch1Us);
-                }
+                RunContext(gpu, report, name, config, backend, model, context, prompt, batches, quick, plan, rng);
             }
         }
         finally
@@ -168,12 +118,282 @@ internal static class E2eBench
         }
     }
 
-    private static void Prefill(DeepSeekSession session, int[] prompt, float[] logits)
+    /// <summary>
+    /// One context: a runner whose pool holds the largest batch that fits, the prefill row (slot 0), then per batch
+    /// that fits the prefill budget the slots it adds prefilled together, and one decode step of every slot timed.
+    /// </summary>
+    private static void RunContext(GpuBench gpu, BenchReport report, string name, ModelConfig config, OpTimingBackend backend, DeepSeekModel model,
+        int context, int[] prompt, int[] batches, bool quick, DeploymentPlan? plan, Xoshiro256 rng)
     {
-        for (var at = 0; at < prompt.Length; at += PrefillChunk)
+        var slotBytes = SlotCacheBytes(config, context);
+        var poolBudget = gpu.Device.MemoryInfo().Free / 2;
+        var prefillBudget = quick ? QuickPrefillBudgetSeconds : PrefillBudgetSeconds;
+        var (fit, skipped) = FitBatches(batches, slotBytes, poolBudget, null, prefillBudget);
+        Skipped(context, skipped, "the pool may take half the free device memory");
+        if (fit.Length == 0)
         {
-            session.Forward(prompt.AsSpan(at, Math.Min(PrefillChunk, prompt.Length - at)), logits);
+            return;
         }
+
+        using var paged = new PagedSlots(model, context, fit.Max(), prompt, PrefillChunk);
+        paged.Prefill(1); // warm-up: compiles kernels, grows the step buffers
+        var prefillUs = GpuBench.Median(quick || context > 4096 ? 1 : 3, paged.PrefillFirst);
+        var prefillBytes = StepCost.PrefillBytes(config, context);
+        report.Add(new BenchResult("e2e_prefill", Shape(name, config, 1, context), prefillUs,
+            StepCost.PrefillFlops(config, context) / (prefillUs * 1e-6) / 1e12, prefillBytes / (prefillUs * 1e-6) / 1e9, "floor", gpu.CopyUs(prefillBytes)));
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  prefill {context} tokens: {context / (prefillUs * 1e-6):F0} tokens/s"));
+
+        (fit, skipped) = FitBatches(fit, slotBytes, poolBudget, prefillUs * 1e-6, prefillBudget);
+        Skipped(context, skipped, "estimated from the prefill above; a batched prefill reads the weights once per step, so it is an upper bound");
+
+        var tokens = new int[fit.Length == 0 ? 0 : fit.Max()];
+        double Decode(int batch)
+        {
+            for (var b = 0; b < batch; b++)
+            {
+                tokens[b] = (int)(rng.NextUInt64() % (ulong)config.VocabSize);
+            }
+
+            return paged.Decode(tokens.AsSpan(0, batch));
+        }
+
+        double batch1Us = 0;
+        foreach (var batch in fit)
+        {
+            if (paged.Count < batch)
+            {
+                var from = paged.Count;
+                var t = Stopwatch.StartNew();
+                paged.Prefill(batch);
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"  prefilled slots {from}..{batch - 1} to {context} tokens together in {t.Elapsed.TotalSeconds:F1} s"));
+            }
+
+            for (var i = 0; i < 3; i++)
+            {
+                Decode(batch);
+            }
+
+            var us = GpuBench.Median(gpu.Runs, () => Decode(batch));
+            batch1Us = batch == 1 ? us : batch1Us;
+            var bytes = StepCost.DecodeBytes(config, batch, context);
+            report.Add(new BenchResult("e2e_decode", Shape(name, config, batch, context), us, 0,
+                bytes / (us * 1e-6) / 1e9, "floor", gpu.CopyUs(bytes)));
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"  decode batch {batch}, context {context}: {us / 1000:F2} ms per step of the batch, {batch / (us * 1e-6):F1} tokens/s; floor {bytes / 1e9:F2} GB"));
+        }
+
+        if (!fit.Contains(1))
+        {
+            Console.WriteLine($"  context {context}: no batch-1 step, so no host overhead split or projection");
+            return;
+        }
+
+        var parts = HostSplit(backend, gpu.Runs, () => Decode(1));
+        var gpuUs = parts.Values.Sum(p => p.GpuUs);
+        var wallUs = parts.Values.Sum(p => p.WallUs);
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"  decode batch 1, context {context}: wall {batch1Us:F0} µs; recorded run: GPU {gpuUs:F0} µs, host overhead ≥ {wallUs - gpuUs:F0} µs ({(wallUs - gpuUs) / wallUs:P0} of {wallUs:F0} µs with recording; GPU time = Σ operation event spans)"));
+        foreach (var (part, p) in parts)
+        {
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"    {(part < 0 ? "embedding+head" : $"layer {part} ({(config.IsMoeLayer(part) ? "MoE" : "dense")})"),-18} GPU {p.GpuUs,8:F0} µs  host overhead {p.WallUs - p.GpuUs,8:F0} µs"));
+        }
+
+        if (plan is not null)
+        {
+            Project(gpu, report, config, plan, context, parts, batch1Us);
+        }
+    }
+
+    private static void Skipped(int context, string[] skipped, string why)
+    {
+        foreach (var s in skipped)
+        {
+            Console.WriteLine($"  context {context}: skipped {s} ({why})");
+        }
+    }
+
+    /// <summary>Latent cache bytes of one slot holding <paramref name="context"/> tokens and the decoded one, over all layers, in whole blocks.</summary>
+    internal static long SlotCacheBytes(ModelConfig config, int context) =>
+        (long)KvBlockManager.BlocksFor(context + 1) * KvBlockManager.BlockTokens * MemoryPlanner.KvBytesPerTokenPerLayer(config) * config.NumHiddenLayers;
+
+    /// <summary>
+    /// The batches (in the given order) whose slots' cache fits <paramref name="poolBudgetBytes"/> and, once a slot's
+    /// prefill time is known, whose prefill (that many single-slot prefills) fits <paramref name="prefillBudgetSeconds"/>;
+    /// the rest as "batch B: why" lines.
+    /// </summary>
+    internal static (int[] Fit, string[] Skipped) FitBatches(IEnumerable<int> batches, long slotBytes, long poolBudgetBytes,
+        double? prefillSecondsPerSlot, double prefillBudgetSeconds)
+    {
+        var fit = new List<int>();
+        var skipped = new List<string>();
+        foreach (var b in batches)
+        {
+            var bytes = b * slotBytes;
+            var seconds = b * prefillSecondsPerSlot;
+            if (bytes > poolBudgetBytes)
+            {
+                skipped.Add(string.Create(CultureInfo.InvariantCulture,
+                    $"batch {b}: its cache is {bytes / 1e9:F2} GB ({b} × {slotBytes / 1e6:F1} MB), over the {poolBudgetBytes / 1e9:F2} GB budget"));
+            }
+            else if (seconds > prefillBudgetSeconds)
+            {
+                skipped.Add(string.Create(CultureInfo.InvariantCulture,
+                    $"batch {b}: prefilling {b} slot{(b == 1 ? "" : "s")} takes about {seconds:F0} s ({b} × {prefillSecondsPerSlot:F2} s), over the {prefillBudgetSeconds:F0} s budget"));
+            }
+            else
+            {
+                fit.Add(b);
+            }
+        }
+
+        return ([.. fit], [.. skipped]);
+    }
+
+    /// <summary>
+    /// The steps of a prefill of <paramref name="slots"/> slots from position 0 to <paramref name="tokens"/>: each
+    /// step a list of (slot, position, count) of at most <paramref name="chunk"/> tokens in all, a slot at most once
+    /// per step; slots are filled in order, a step taking the next slot's first tokens where the last one ends short.
+    /// </summary>
+    internal static List<(int Slot, int Position, int Count)[]> PrefillSteps(int slots, int tokens, int chunk)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(slots);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(tokens);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(chunk);
+        var steps = new List<(int Slot, int Position, int Count)[]>();
+        var slot = 0;
+        var position = 0;
+        while (slot < slots)
+        {
+            var step = new List<(int Slot, int Position, int Count)>();
+            var room = chunk;
+            while (room > 0 && slot < slots)
+            {
+                var n = Math.Min(room, tokens - position);
+                step.Add((slot, position, n));
+                room -= n;
+                position += n;
+                if (position == tokens)
+                {
+                    slot++;
+                    position = 0;
+                }
+                else
+                {
+                    break; // the slot continues in the next step
+                }
+            }
+
+            steps.Add([.. step]);
+        }
+
+        return steps;
+    }
+
+    /// <summary>
+    /// Slots of one context on a <see cref="PagedStepRunner"/> of their own (any backend): a pool of
+    /// <c>maxBatch</c> slots of context + 1 tokens, slots prefilled with one prompt, and decode steps of
+    /// the first B slots at position context, rewound after each so every step sees the same context.
+    /// </summary>
+    internal sealed class PagedSlots : IDisposable
+    {
+        private readonly int _context;
+        private readonly int[] _prompt;
+        private readonly int _chunk;
+        private readonly KvBlockManager _blocks;
+        private readonly PagedStepRunner _runner;
+        private readonly List<int> _slots = [];
+        private readonly StepSequence[] _entries;
+        private readonly int[] _tokens;
+
+        public PagedSlots(DeepSeekModel model, int context, int maxBatch, int[] prompt, int chunk)
+        {
+            ArgumentOutOfRangeException.ThrowIfNotEqual(prompt.Length, context);
+            _context = context;
+            _prompt = prompt;
+            _chunk = chunk;
+            var perSlot = KvBlockManager.BlocksFor(context + 1);
+            _blocks = new KvBlockManager(maxBatch * perSlot, maxBatch, perSlot);
+            _runner = new PagedStepRunner(model);
+            _runner.Attach(_blocks, Math.Max(chunk, maxBatch));
+            Logits = new float[(long)maxBatch * model.VocabSize];
+            _entries = new StepSequence[maxBatch];
+            _tokens = new int[maxBatch];
+        }
+
+        /// <summary>Slots open and prefilled.</summary>
+        public int Count => _slots.Count;
+
+        /// <summary>The last step's logits: one row per entry that asked, in batch order.</summary>
+        public float[] Logits { get; }
+
+        /// <summary>
+        /// Opens slots up to <paramref name="count"/> and prefills the new ones together, packed into steps of at most
+        /// the chunk (<see cref="PrefillSteps"/>); each slot's last position asks for its logits, so the last step
+        /// downloads and the host's wall time covers the GPU's work.
+        /// </summary>
+        public void Prefill(int count)
+        {
+            var from = _slots.Count;
+            while (_slots.Count < count)
+            {
+                var slot = _blocks.Admit(_context + 1);
+                _runner.Open(slot, drafts: false);
+                _slots.Add(slot);
+            }
+
+            Feed(from);
+        }
+
+        /// <summary>Empties the first slot and prefills it again; host wall µs of the prefill.</summary>
+        public double PrefillFirst()
+        {
+            _runner.Truncate(_slots[0], 0);
+            _blocks.Truncate(_slots[0], 0);
+            _blocks.Reserve(_slots[0], _context + 1);
+            var t = Stopwatch.StartNew();
+            Feed(0, count: 1);
+            return t.Elapsed.TotalMicroseconds;
+        }
+
+        /// <summary>
+        /// One batched step of the first <c>tokens.Length</c> slots, one token each at position context, their logits
+        /// downloaded into <see cref="Logits"/>; then every slot is rewound to the context. Host wall µs of the step.
+        /// </summary>
+        public double Decode(ReadOnlySpan<int> tokens)
+        {
+            var batch = tokens.Length;
+            for (var b = 0; b < batch; b++)
+            {
+                _tokens[b] = tokens[b];
+                _entries[b] = new StepSequence(_slots[b], _context, _tokens.AsMemory(b, 1), 1);
+                _blocks.Reserve(_slots[b], _context + 1); // the scheduler reserves before the step, too
+            }
+
+            var t = Stopwatch.StartNew();
+            _runner.Forward(_entries.AsSpan(0, batch), Logits);
+            var us = t.Elapsed.TotalMicroseconds;
+            for (var b = 0; b < batch; b++)
+            {
+                _runner.Truncate(_slots[b], _context);
+                _blocks.Truncate(_slots[b], _context);
+            }
+
+            return us;
+        }
+
+        private void Feed(int from, int? count = null)
+        {
+            foreach (var step in PrefillSteps(count ?? _slots.Count - from, _context, _chunk))
+            {
+                var entries = step.Select(e => new StepSequence(_slots[from + e.Slot], e.Position, _prompt.AsMemory(e.Position, e.Count),
+                    e.Position + e.Count == _context ? 1 : 0)).ToArray();
+                _runner.Forward(entries, Logits);
+            }
+        }
+
+        public void Dispose() => _runner.Dispose();
     }
 
     /// <summary>
@@ -257,13 +477,13 @@ internal static class E2eBench
         report.Add(new BenchResult("e2e_projection", shape, p.StepUs, 0, StepCost.DecodeBytes(full, 1, context) / plan.Gpus / (p.StepUs * 1e-6) / 1e9, "floor", floorUs));
     }
 
-    private static Dictionary<string, object> Shape(string model, ModelConfig config, int batch, int context, string runner) => new()
+    private static Dictionary<string, object> Shape(string model, ModelConfig config, int batch, int context) => new()
     {
         ["model"] = model,
         ["batch"] = batch,
         ["context"] = context,
         ["layers"] = config.NumHiddenLayers,
         ["experts"] = config.NRoutedExperts,
-        ["runner"] = runner,
+        ["runner"] = "paged",
     };
 }
