@@ -95,17 +95,13 @@ internal static class LayerSteps
             b.Linear(a, layer.QB, q);
         }
 
-        using (var kv = ws.Take(Activation.KeyValue, t, x.Config.KvCacheDim)) // [T, kv_lora_rank + rope]
+        foreach (var s in segments)
         {
-            b.Linear(a, layer.KvA, kv);
-            foreach (var s in segments)
-            {
-                using var qs = b.View(q, s.FirstRow, s.Rows);
-                b.ApplyRope(qs, x.Rope, s.Start, dims.QkHead, dims.QkNope);
-                using var kvs = b.View(kv, s.FirstRow, s.Rows);
-                b.AppendLatent(kvs, layer.KvANorm, x.Rope, s.Cache, s.Start);
-            }
+            using var qs = b.View(q, s.FirstRow, s.Rows);
+            b.ApplyRope(qs, x.Rope, s.Start, dims.QkHead, dims.QkNope);
         }
+
+        AppendLatents(x, layer, a, segments, ws);
 
         using var attn = ws.Take(Activation.AttentionOutput, t, dims.Heads * dims.V); // [T, H·v]
         foreach (var s in segments)
@@ -130,6 +126,19 @@ internal static class LayerSteps
         var attnOut = ws.Take(Activation.AttentionProjection, t, x.Config.HiddenSize);
         b.Linear(attn, layer.O, attnOut);
         return attnOut;
+    }
+
+    /// <summary>kv_a of every row of <paramref name="a"/>, each segment's rows appended to its cache (normalized latent, rotated key).</summary>
+    public static void AppendLatents(LayerContext x, DecoderLayer layer, Tensor a, ReadOnlySpan<Segment> segments, Activations ws)
+    {
+        var b = x.Backend;
+        using var kv = ws.Take(Activation.KeyValue, a.Rows, x.Config.KvCacheDim); // [T, kv_lora_rank + rope]
+        b.Linear(a, layer.KvA, kv);
+        foreach (var s in segments)
+        {
+            using var kvs = b.View(kv, s.FirstRow, s.Rows);
+            b.AppendLatent(kvs, layer.KvANorm, x.Rope, s.Cache, s.Start);
+        }
     }
 
     /// <summary>The dense MLP or the MoE of <paramref name="f"/> = post_attention_layernorm(h); returns [T, D].</summary>
@@ -177,6 +186,33 @@ internal static class LayerSteps
     public static void Mtp(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
         ReadOnlySpan<Segment> segments, Activations ws, Tensor normed, Action<Intermediate>? observer)
     {
+        var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, ws);
+        using (z)
+        using (a)
+        {
+            Layer(x, mtp.Layer, z, a, segments, ws, mtp.HeadNorm, normed, observer, "mtp.");
+        }
+    }
+
+    /// <summary>
+    /// Only the MTP layer's cache rows of <see cref="Mtp"/>'s inputs: what later positions attend over, for positions
+    /// whose own draft is never asked for (the layer's attention, MoE and head are skipped).
+    /// </summary>
+    public static void MtpAppend(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
+        ReadOnlySpan<Segment> segments, Activations ws)
+    {
+        var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, ws);
+        using (z)
+        using (a)
+        {
+            AppendLatents(x, mtp.Layer, a, segments, ws);
+        }
+    }
+
+    /// <summary>The MTP layer's residual input z = eh_proj([norm(embed(next)) ; norm(hidden)]) and its input norm a.</summary>
+    private static (Tensor Z, Tensor A) MtpLayerInput(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
+        Activations ws)
+    {
         var b = x.Backend;
         var n = nextTokens.Length;
         var d = x.Config.HiddenSize;
@@ -187,11 +223,11 @@ internal static class LayerSteps
         b.RmsNorm(hiddens, mtp.HNorm, h);
         using var eh = ws.Take(Activation.MtpConcat, n, 2 * d);
         b.ConcatColumns(e, h, eh);
-        using var z = ws.Take(Activation.MtpResidual, n, d);
+        var z = ws.Take(Activation.MtpResidual, n, d);
         b.Linear(eh, mtp.EhProj, z);
-        using var a = ws.Take(Activation.MtpNormed, n, d);
+        var a = ws.Take(Activation.MtpNormed, n, d);
         b.RmsNorm(z, mtp.Layer.InputNorm, a);
-        Layer(x, mtp.Layer, z, a, segments, ws, mtp.HeadNorm, normed, observer, "mtp.");
+        return (z, a);
     }
 
     /// <summary>Hands a copy of <paramref name="tensor"/> to <paramref name="observer"/>, when there is one.</summary>

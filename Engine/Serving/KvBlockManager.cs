@@ -62,6 +62,9 @@ public sealed class KvBlockManager
     /// <summary>The whole block table, int32 [MaxRequests, MaxBlocksPerRequest] row-major (what a GPU step uploads).</summary>
     public ReadOnlySpan<int> Table => _table;
 
+    /// <summary>Changes of <see cref="Table"/> so far: a runner copies the table only when this moved.</summary>
+    public long Version { get; private set; }
+
     /// <summary>Blocks needed to hold <paramref name="tokens"/> tokens.</summary>
     public static int BlocksFor(int tokens) => (int)(((long)tokens + BlockTokens - 1) / BlockTokens);
 
@@ -139,6 +142,11 @@ public sealed class KvBlockManager
             _table[row + have + i] = _freeBlocks.Pop();
         }
 
+        if (need > 0)
+        {
+            Version++;
+        }
+
         _blockCount[slot] = Math.Max(have, have + need);
         _capacity[slot] = Math.Max(_capacity[slot], tokens);
         return true;
@@ -169,6 +177,11 @@ public sealed class KvBlockManager
         {
             _freeBlocks.Push(_table[row + i]);
             _table[row + i] = -1;
+        }
+
+        if (freed > 0)
+        {
+            Version++;
         }
 
         _blockCount[slot] = keep;

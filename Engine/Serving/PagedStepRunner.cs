@@ -41,6 +41,7 @@ public sealed class PagedStepRunner : IStepRunner
     private int[] _mtpTokens = [];
     private Segment[] _segments = [];
     private int _stamp;                     // batch checks so far (duplicate slots)
+    private long _tableVersion = -1;        // the block manager's Version last uploaded
 
     /// <summary>Creates a runner over <paramref name="model"/> (not owned: the caller disposes it). Nothing is allocated before <see cref="Attach"/>.</summary>
     public PagedStepRunner(DeepSeekModel model)
@@ -215,7 +216,7 @@ public sealed class PagedStepRunner : IStepRunner
             row += e.Tokens.Length;
         }
 
-        _b.UploadBlockTable(blocks.Table, _table);
+        UploadTable(blocks);
         using var h = _arena.Take(Activation.Residual, tokens, d);
         _b.Embedding(_model.Embed, stream, h);
         var normed = _arena.Take(Activation.NormedEven, tokens, d);
@@ -305,7 +306,7 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         var d = _model.Config.HiddenSize;
-        _b.UploadBlockTable(blocks.Table, _table);
+        UploadTable(blocks);
         using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
         var row = 0;
         for (var i = 0; i < batch.Length; i++)
@@ -336,6 +337,16 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         Head(headIn, logits);
+    }
+
+    /// <summary>Copies the block table to the backend when it changed since the last copy.</summary>
+    private void UploadTable(KvBlockManager blocks)
+    {
+        if (_tableVersion != blocks.Version)
+        {
+            _b.UploadBlockTable(blocks.Table, _table);
+            _tableVersion = blocks.Version;
+        }
     }
 
     /// <summary>Checks every entry before anything runs; returns the stream's tokens and the logit rows asked for.</summary>
@@ -461,9 +472,8 @@ public sealed class PagedStepRunner : IStepRunner
 
         if (rows > 0)
         {
-            // Only the MTP cache is wanted here; the draft logits come from Draft.
-            using var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
-            LayerSteps.Mtp(_context, _model.Mtp!, _model.Embed, input, _mtpTokens.AsSpan(0, rows), _segments.AsSpan(0, segments), _mtpArena, output, null);
+            // These positions' drafts are never asked for: only their rows of the MTP layer's cache are needed.
+            LayerSteps.MtpAppend(_context, _model.Mtp!, _model.Embed, input, _mtpTokens.AsSpan(0, rows), _segments.AsSpan(0, segments), _mtpArena);
         }
     }
 

@@ -22,6 +22,9 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// <summary>Calls so far that allocate backend memory: Allocate, Upload, and the Allocate* of caches, pools, tables and routing.</summary>
     public int Allocations => _allocations;
 
+    /// <summary>Block tables copied to the backend so far.</summary>
+    public int TableUploads { get; private set; }
+
     private T Counted<T>(T resource)
     {
         _allocations++;
@@ -83,7 +86,11 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
     public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest) => Counted(inner.AllocateBlockTable(requests, maxBlocksPerRequest));
 
-    public void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table) => inner.UploadBlockTable(entries, table);
+    public void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table)
+    {
+        TableUploads++;
+        inner.UploadBlockTable(entries, table);
+    }
 
     public LatentCache PagedCache(LatentPool pool, BlockTable table, int request) => inner.PagedCache(pool, table, request);
     public Routing AllocateRouting(int tokens, int experts, int topK) => Counted(inner.AllocateRouting(tokens, experts, topK));

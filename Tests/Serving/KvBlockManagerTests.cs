@@ -82,6 +82,40 @@ public sealed class KvBlockManagerTests
     }
 
     [TestMethod]
+    public void VersionMovesExactlyWhenTheTableChanges()
+    {
+        var m = new KvBlockManager(4, 3, 4);
+        var table = m.Table.ToArray();
+        var version = m.Version;
+        void Check(string what)
+        {
+            var changed = !m.Table.SequenceEqual(table);
+            Assert.AreEqual(changed, m.Version != version, what);
+            table = m.Table.ToArray();
+            version = m.Version;
+        }
+
+        var s = m.Admit(10);
+        Check("admission takes a block");
+        m.Reserve(s, 64);
+        Check("growth within the block");
+        m.Reserve(s, 65);
+        Check("growth into a second block");
+        Assert.IsFalse(m.TryAdmit(200, out _));
+        Check("a refused admission");
+        m.Truncate(s, 65);
+        Check("a truncation that frees nothing");
+        m.Truncate(s, 30);
+        Check("a truncation that frees a block");
+        var empty = m.Admit(0);
+        Check("admitting an empty request");
+        m.Free(empty);
+        Check("freeing a slot without blocks");
+        m.Free(s);
+        Check("freeing a slot with a block");
+    }
+
+    [TestMethod]
     public void TruncateReturnsSurplusBlocks()
     {
         var m = new KvBlockManager(8, 1, 8);

@@ -311,6 +311,7 @@ public sealed class PagedStepRunnerTests
         }
 
         var warmedUp = counting.Allocations;
+        var uploadsAtStart = counting.TableUploads;
         Assert.IsGreaterThan(attached, warmedUp, "the first steps allocate the step buffers");
         Assert.AreEqual(warmedUp - attached, runner.ArenaAllocations, "every allocation of the warm-up is a step buffer");
 
@@ -322,6 +323,8 @@ public sealed class PagedStepRunnerTests
             steps++;
             Assert.AreEqual(warmedUp, counting.Allocations, $"step {steps} allocated on the backend");
         }
+
+        Assert.IsLessThan(steps, counting.TableUploads - uploadsAtStart, "steps whose table did not change do not copy it");
 
         Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");
         Assert.IsGreaterThan(0L, scheduler.Counters.Drafted);
