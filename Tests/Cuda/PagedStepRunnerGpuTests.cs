@@ -5,6 +5,7 @@ using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Serving;
 using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Cuda;
@@ -61,26 +62,6 @@ public sealed class PagedStepRunnerGpuTests
         return [.. requests.Select(r => r.Completion.Result.Tokens.ToArray())];
     }
 
-    /// <summary>The independent reference: one session per request (no runner, no scheduler), one prefill, then argmax per token.</summary>
-    private static int[] GreedySession(DeepSeekModel model, int[] prompt)
-    {
-        using var session = model.CreateSession();
-        var logits = new float[model.VocabSize];
-        session.Forward(prompt, logits);
-        var output = new List<int>();
-        while (true)
-        {
-            var y = Sampler.ArgMax(logits);
-            output.Add(y);
-            if (y == model.Config.EosTokenId || output.Count >= MaxTokens)
-            {
-                return [.. output];
-            }
-
-            session.Forward([y], logits);
-        }
-    }
-
     [TestMethod]
     public void EightConcurrentGreedyRequestsEqualEachAloneAndTheEmulation()
     {
@@ -97,7 +78,7 @@ public sealed class PagedStepRunnerGpuTests
 
         var batch = Run(model, prompts, "cuda batch");
         var alone = prompts.Select((p, i) => Run(model, [p], $"cuda alone {i}")[0]).ToArray();
-        var emulation = prompts.Select(p => GreedySession(emulated, p)).ToArray();
+        var emulation = prompts.Select(p => Alone.Run(emulated, p, SamplingOptions.Greedy with { MaxTokens = MaxTokens }).ToArray()).ToArray();
         for (var i = 0; i < prompts.Length; i++)
         {
             TestContext.WriteLine($"request {i} ({lengths[i]} tokens): batch [{string.Join(",", batch[i])}] alone [{string.Join(",", alone[i])}] " +

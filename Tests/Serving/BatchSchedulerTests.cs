@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Tests.Serving;
 
 /// <summary>
 /// The scheduler over fake models whose logits are a pure function of the history, so every request's
-/// output can be recomputed alone (<see cref="Alone.Run"/>) and compared token for token.
+/// output can be recomputed alone (<see cref="Alone.Run(FakeModel, int[], SamplingOptions, int, Func{int, bool}?, Action{int}?)"/>) and compared token for token.
 /// </summary>
 [TestClass]
 public sealed class BatchSchedulerTests

@@ -53,29 +53,6 @@ public sealed class ModelSchedulingTests
         }
     }
 
-    private static int[] Prompt(int vocab, int length, int salt) =>
-        [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
-
-    /// <summary>Plain decoding alone: one prefill, then one token per forward, argmax (lowest id on ties).</summary>
-    private static List<int> GreedyAlone(DeepSeekModel model, int[] prompt, int maxTokens, int eos)
-    {
-        using var session = model.CreateSession();
-        var logits = new float[model.VocabSize];
-        session.Forward(prompt, logits);
-        var output = new List<int>();
-        while (true)
-        {
-            var y = Sampler.ArgMax(logits);
-            output.Add(y);
-            if (y == eos || output.Count >= maxTokens || prompt.Length + output.Count > model.MaxSequenceLength)
-            {
-                return output;
-            }
-
-            session.Forward([y], logits);
-        }
-    }
-
     /// <summary>A runner of the kind named: "session" or "paged".</summary>
     internal static IStepRunner Runner(string kind, DeepSeekModel model) => kind switch
     {
@@ -119,14 +96,14 @@ public sealed class ModelSchedulingTests
     public void StaggeredBatchEqualsEachRequestAlone(string kind, bool speculative)
     {
         var model = s_tiny;
-        int[][] prompts = [.. new[] { 9, 40, 1, 70, 23 }.Select((n, i) => Prompt(model.VocabSize, n, i))];
+        int[][] prompts = [.. new[] { 9, 40, 1, 70, 23 }.Select((n, i) => SyntheticPrompts.Make(model.VocabSize, n, i))];
         var results = RunStaggered(kind, model, speculative, prompts, maxTokens: 24, maxTokensPerStep: 32, out var scheduler, out var blocks);
         using (scheduler)
         {
             Assert.AreEqual(speculative, scheduler.SpeculativeDecoding);
             for (var i = 0; i < prompts.Length; i++)
             {
-                CollectionAssert.AreEqual(GreedyAlone(model, prompts[i], 24, model.Config.EosTokenId), results[i].Tokens.ToArray(), $"request {i}");
+                CollectionAssert.AreEqual(Alone.Run(model, prompts[i], SamplingOptions.Greedy with { MaxTokens = 24 }), results[i].Tokens.ToArray(), $"request {i}");
             }
 
             CheckCounters(scheduler, results, speculative);
@@ -145,13 +122,13 @@ public sealed class ModelSchedulingTests
     public void AcceptedDraftsKeepTheRealCacheExact(string kind)
     {
         var model = s_tiny;
-        int[][] prompts = [.. new[] { 20, 3, 45 }.Select((n, i) => Prompt(model.VocabSize, n, 60 + i))];
+        int[][] prompts = [.. new[] { 20, 3, 45 }.Select((n, i) => SyntheticPrompts.Make(model.VocabSize, n, 60 + i))];
         var results = RunStaggered(kind, model, true, prompts, maxTokens: 30, maxTokensPerStep: 24, out var scheduler, out var blocks, length => length % 3 != 0);
         using (scheduler)
         {
             for (var i = 0; i < prompts.Length; i++)
             {
-                CollectionAssert.AreEqual(GreedyAlone(model, prompts[i], 30, model.Config.EosTokenId), results[i].Tokens.ToArray(), $"request {i}");
+                CollectionAssert.AreEqual(Alone.Run(model, prompts[i], SamplingOptions.Greedy with { MaxTokens = 30 }), results[i].Tokens.ToArray(), $"request {i}");
             }
 
             CheckCounters(scheduler, results, true);
@@ -257,7 +234,7 @@ public sealed class ModelSchedulingTests
     {
         var model = s_tiny;
         var v = model.VocabSize;
-        var prompt = Prompt(v, 50, 7);
+        var prompt = SyntheticPrompts.Make(v, 50, 7);
         using var runner = Runner(kind, model);
         var blocks = new KvBlockManager(8, 4, 4);
         runner.Attach(blocks, 64);
@@ -302,7 +279,7 @@ public sealed class ModelSchedulingTests
     {
         var model = s_tiny;
         int v = model.VocabSize, d = model.Config.HiddenSize;
-        var ids = Prompt(v, 40, 3);
+        var ids = SyntheticPrompts.Make(v, 40, 3);
         float[] finalNorm = [];
         var all = model.ComputeLogits(ids, x =>
         {
@@ -343,13 +320,13 @@ public sealed class ModelSchedulingTests
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var model = DeepSeekModel.Load(checkpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
         Assert.IsTrue(model.HasMtp);
-        int[][] prompts = [.. new[] { 12, 33, 5 }.Select((n, i) => Prompt(model.VocabSize, n, 40 + i))];
+        int[][] prompts = [.. new[] { 12, 33, 5 }.Select((n, i) => SyntheticPrompts.Make(model.VocabSize, n, 40 + i))];
         var results = RunStaggered(kind, model, true, prompts, maxTokens: 20, maxTokensPerStep: 64, out var scheduler, out _);
         using (scheduler)
         {
             for (var i = 0; i < prompts.Length; i++)
             {
-                CollectionAssert.AreEqual(GreedyAlone(model, prompts[i], 20, model.Config.EosTokenId), results[i].Tokens.ToArray(), $"request {i}");
+                CollectionAssert.AreEqual(Alone.Run(model, prompts[i], SamplingOptions.Greedy with { MaxTokens = 20 }), results[i].Tokens.ToArray(), $"request {i}");
             }
 
             CheckCounters(scheduler, results, true);

@@ -52,9 +52,6 @@ public sealed class PagedStepRunnerTests
         }
     }
 
-    private static int[] Prompt(int vocab, int length, int salt) =>
-        [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
-
     /// <summary>
     /// tiny-a's three reference prompts in one batch, two tokens per entry per step with both logit rows: every
     /// position's logits against the official reference (tolerance (i)); then their greedy continuations decoded
@@ -175,27 +172,6 @@ public sealed class PagedStepRunnerTests
         return [.. submitted.Select(r => r.Completion.IsCompletedSuccessfully ? r.Completion.Result : null!)];
     }
 
-    /// <summary>Plain decoding of one request alone on a session: prefill, then one token per forward, sampled as the scheduler samples.</summary>
-    private static List<int> AloneOnASession(DeepSeekModel model, int[] prompt, SamplingOptions options)
-    {
-        using var session = model.CreateSession();
-        var sampler = new Sampler(options);
-        var logits = new float[model.VocabSize];
-        session.Forward(prompt, logits);
-        var output = new List<int>();
-        while (true)
-        {
-            var y = sampler.SampleModelRow(logits, model.VocabSize);
-            output.Add(y);
-            if (y == model.Config.EosTokenId || output.Count >= options.MaxTokens || prompt.Length + output.Count > model.MaxSequenceLength)
-            {
-                return output;
-            }
-
-            session.Forward([y], logits);
-        }
-    }
-
     /// <summary>
     /// Seeded sampling and greedy requests on a pool too small for all of them: growth preempts requests, which
     /// prefill again later; every output equals its request alone, and every block comes back.
@@ -209,7 +185,7 @@ public sealed class PagedStepRunnerTests
         var rng = new Random(5);
         var requests = Enumerable.Range(0, 6).Select(i =>
         {
-            var prompt = Prompt(model.VocabSize, rng.Next(5, 90), 100 + i);
+            var prompt = SyntheticPrompts.Make(model.VocabSize, rng.Next(5, 90), 100 + i);
             var sampling = i % 3 == 0
                 ? SamplingOptions.Greedy with { MaxTokens = rng.Next(20, 60) }
                 : new SamplingOptions { Temperature = 0.8f, TopP = 0.95f, Seed = 17 + i, MaxTokens = rng.Next(20, 60) };
@@ -227,7 +203,7 @@ public sealed class PagedStepRunnerTests
         {
             for (var i = 0; i < requests.Length; i++)
             {
-                CollectionAssert.AreEqual(AloneOnASession(model, requests[i].prompt, requests[i].sampling), results[i].Tokens.ToArray(), $"request {i}");
+                CollectionAssert.AreEqual(Alone.Run(model, requests[i].prompt, requests[i].sampling), results[i].Tokens.ToArray(), $"request {i}");
             }
 
             Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");
@@ -242,7 +218,7 @@ public sealed class PagedStepRunnerTests
     public void CancellationReturnsEveryBlockAndLeavesTheOthersExact()
     {
         var model = s_tiny;
-        var requests = new[] { 70, 12, 40, 9 }.Select((n, i) => (Prompt(model.VocabSize, n, 200 + i), SamplingOptions.Greedy with { MaxTokens = 40 })).ToArray();
+        var requests = new[] { 70, 12, 40, 9 }.Select((n, i) => (SyntheticPrompts.Make(model.VocabSize, n, 200 + i), SamplingOptions.Greedy with { MaxTokens = 40 })).ToArray();
         var blocks = new KvBlockManager(40, 3, KvBlockManager.BlocksFor(MaxLength));
         using var runner = new PagedStepRunner(model);
         var cancelled = new HashSet<int>();
@@ -276,7 +252,7 @@ public sealed class PagedStepRunnerTests
             {
                 if (!cancelled.Contains(i))
                 {
-                    CollectionAssert.AreEqual(AloneOnASession(model, requests[i].Item1, requests[i].Item2), results[i].Tokens.ToArray(), $"request {i}");
+                    CollectionAssert.AreEqual(Alone.Run(model, requests[i].Item1, requests[i].Item2), results[i].Tokens.ToArray(), $"request {i}");
                 }
             }
 
@@ -304,7 +280,7 @@ public sealed class PagedStepRunnerTests
         var options = new SchedulerOptions { MaxTokensPerStep = 32, EosId = model.Config.EosTokenId, SpeculativeDecoding = SpeculativeDecodingMode.On };
         using var scheduler = new BatchScheduler(runner, blocks, options);
         var attached = counting.Allocations;
-        var warm = scheduler.Submit(Prompt(model.VocabSize, 40, 1), SamplingOptions.Greedy with { MaxTokens = 6 });
+        var warm = scheduler.Submit(SyntheticPrompts.Make(model.VocabSize, 40, 1), SamplingOptions.Greedy with { MaxTokens = 6 });
         while (!warm.Completion.IsCompleted)
         {
             scheduler.Step();
@@ -315,7 +291,7 @@ public sealed class PagedStepRunnerTests
         Assert.IsGreaterThan(attached, warmedUp, "the first steps allocate the step buffers");
         Assert.AreEqual(warmedUp - attached, runner.ArenaAllocations, "every allocation of the warm-up is a step buffer");
 
-        var requests = new[] { 60, 3, 33, 90, 17 }.Select((n, i) => scheduler.Submit(Prompt(model.VocabSize, n, 300 + i), SamplingOptions.Greedy with { MaxTokens = 30 })).ToList();
+        var requests = new[] { 60, 3, 33, 90, 17 }.Select((n, i) => scheduler.Submit(SyntheticPrompts.Make(model.VocabSize, n, 300 + i), SamplingOptions.Greedy with { MaxTokens = 30 })).ToList();
         var steps = 0;
         while (requests.Any(r => !r.Completion.IsCompleted))
         {
@@ -338,7 +314,7 @@ public sealed class PagedStepRunnerTests
     {
         var model = s_tiny;
         var v = model.VocabSize;
-        var prompt = Prompt(v, 20, 9);
+        var prompt = SyntheticPrompts.Make(v, 20, 9);
         using var runner = new PagedStepRunner(model);
         var logits = new float[4 * v];
         var early = Assert.ThrowsExactly<InvalidOperationException>(() => runner.Open(0, drafts: false));

@@ -1,4 +1,5 @@
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Inference;
 
@@ -98,8 +99,40 @@ internal sealed class OracleStepRunner(FakeModel model, KvBlockManager blocks, F
     }
 }
 
+/// <summary>Prompts of synthetic ids that differ by salt (no tokenizer needed).</summary>
+internal static class SyntheticPrompts
+{
+    public static int[] Make(int vocab, int length, int salt) =>
+        [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
+}
+
 internal static class Alone
 {
+    /// <summary>
+    /// A real model's reference, written without a runner or scheduler: one session, one prefill, then one token
+    /// per forward, sampled as the scheduler samples; stops at the model's EOS, at <see cref="SamplingOptions.MaxTokens"/>,
+    /// or when the next token would not fit.
+    /// </summary>
+    public static List<int> Run(DeepSeekModel model, int[] prompt, SamplingOptions options)
+    {
+        using var session = model.CreateSession();
+        var sampler = new Sampler(options);
+        var logits = new float[model.VocabSize];
+        session.Forward(prompt, logits);
+        var output = new List<int>();
+        while (true)
+        {
+            var y = sampler.SampleModelRow(logits, model.VocabSize);
+            output.Add(y);
+            if (y == model.Config.EosTokenId || output.Count >= (options.MaxTokens ?? int.MaxValue) || prompt.Length + output.Count > model.MaxSequenceLength)
+            {
+                return output;
+            }
+
+            session.Forward([y], logits);
+        }
+    }
+
     /// <summary>
     /// Plain decoding of one request, written without the scheduler: sample from the logits of the whole
     /// history, stop at EOS, at <see cref="SamplingOptions.MaxTokens"/>, or when the next token would not fit.
