@@ -23,8 +23,8 @@ public readonly record struct DraftSequence(int Slot, int NextToken);
 /// <list type="bullet">
 /// <item><see cref="Open"/>/<see cref="Close"/>/<see cref="Truncate"/> touch no device memory: the cache
 /// lives in the pool's blocks, addressed by <see cref="KvBlockManager.Table"/> (int32 [slots, blocks per
-/// request], position p of slot s in block table[s, p/64], row p%64), which the runner uploads before
-/// each <see cref="Forward"/>. The scheduler has already reserved blocks for every position a step writes.</item>
+/// request], position p of slot s in block table[s, p/64], row p%64), which the runner copies to the device
+/// before a step when <see cref="KvBlockManager.Version"/> moved. The scheduler has already reserved blocks for every position a step writes.</item>
 /// <item><see cref="Forward"/> flattens the batch into one token stream [Σ tokens] with per-token
 /// (slot, position) metadata, runs every layer once over it, and computes logits only for the requested
 /// rows. (Still to come on the GPU: a decode-only batch of a size seen before replays a captured CUDA graph.)</item>

@@ -8,7 +8,7 @@ namespace DeepSeekCuda.Serving;
 /// The batched, paged <see cref="IStepRunner"/> of a <see cref="DeepSeekModel"/> on one backend. A step flattens its
 /// entries into one token stream: embedding, every projection, norm, MoE and the head run once over all rows; RoPE,
 /// the cache append and attention run per entry over its rows of one shared latent pool per layer, addressed through
-/// the scheduler's <see cref="KvBlockManager"/> table (uploaded before each step). Intermediates are views of tensors
+/// the scheduler's <see cref="KvBlockManager"/> table (copied to the backend before a step when it changed). Intermediates are views of tensors
 /// sized once for the most tokens a step feeds (<see cref="Attach"/>): after the first steps, a step allocates nothing
 /// on the backend. Logits are computed only for the rows asked for.
 /// </summary>
