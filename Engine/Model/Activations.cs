@@ -1,4 +1,5 @@
 using DeepSeekCuda.Backends;
+using DeepSeekCuda.Loader;
 
 namespace DeepSeekCuda.Model;
 
@@ -72,42 +73,129 @@ internal sealed class FreshActivations(IBackend backend) : Activations
     public override Taken<Routing> TakeRouting(int tokens, int experts, int topK) => new(backend.AllocateRouting(tokens, experts, topK), owned: true);
 }
 
-/// <summary>
-/// One tensor of <see cref="MaxRows"/> rows per (activation, width), allocated the first time it is taken; every
-/// take is a view of its first rows. After a step that took each of them, steps allocate nothing.
-/// </summary>
-internal sealed class ActivationArena(IBackend backend, int maxRows) : Activations, IDisposable
+/// <summary>What an arena holds: tensors by (activation, width) and routing buffers by (experts, top-k), each for MaxRows rows.</summary>
+internal sealed record ArenaPlan(IReadOnlyList<(Activation Which, int Cols)> Tensors, IReadOnlyList<(int Experts, int TopK)> Routings)
 {
+    /// <summary>
+    /// The main stream of a step: the residual stream and its two normed ping-pong buffers, and what
+    /// <see cref="LayerSteps.Layer"/> takes over the model's main layers (dense and MoE).
+    /// </summary>
+    public static ArenaPlan Main(ModelConfig config)
+    {
+        var d = config.HiddenSize;
+        var layers = Enumerable.Range(0, config.NumHiddenLayers).Select(config.IsMoeLayer).Distinct();
+        return Combine([(Activation.Residual, d), (Activation.NormedEven, d), (Activation.NormedOdd, d)], [.. layers.Select(moe => Layer(config, moe))]);
+    }
+
+    /// <summary>The MTP stream: the module's inputs (<see cref="LayerSteps.Mtp"/>) and its decoder layer's buffers.</summary>
+    public static ArenaPlan Mtp(ModelConfig config)
+    {
+        var d = config.HiddenSize;
+        return Combine(
+            [(Activation.MtpInput, d), (Activation.MtpEmbedding, d), (Activation.MtpHidden, d), (Activation.MtpConcat, 2 * d),
+                (Activation.MtpResidual, d), (Activation.MtpNormed, d), (Activation.MtpOutput, d)],
+            [Layer(config, config.IsMoeLayer(config.NumHiddenLayers))]);
+    }
+
+    /// <summary>The head: the rows whose logits are wanted and their fp32 logits.</summary>
+    public static ArenaPlan Head(ModelConfig config) =>
+        new([(Activation.HeadInput, config.HiddenSize), (Activation.Logits, config.VocabSize)], []);
+
+    /// <summary>One decoder layer of <see cref="LayerSteps.Layer"/>: MLA, then the dense MLP or the MoE.</summary>
+    private static ArenaPlan Layer(ModelConfig c, bool moe)
+    {
+        List<(Activation, int)> t =
+        [
+            (Activation.Query, c.NumAttentionHeads * c.QkHeadDim),
+            (Activation.KeyValue, c.KvCacheDim),
+            (Activation.AttentionOutput, c.NumAttentionHeads * c.VHeadDim),
+            (Activation.AttentionProjection, c.HiddenSize),
+            (Activation.FfnInput, c.HiddenSize),
+            (Activation.FfnOutput, c.HiddenSize),
+        ];
+        if (c.QLoraRank is { } qLora)
+        {
+            t.Add((Activation.QueryLatent, qLora));
+        }
+
+        if (!moe)
+        {
+            t.Add((Activation.MlpGate, c.IntermediateSize));
+            t.Add((Activation.MlpUp, c.IntermediateSize));
+        }
+
+        return new(t, moe ? [(c.NRoutedExperts, c.NumExpertsPerTok)] : []);
+    }
+
+    private static ArenaPlan Combine(IReadOnlyList<(Activation, int)> own, IReadOnlyList<ArenaPlan> parts) =>
+        new([.. own.Concat(parts.SelectMany(p => p.Tensors)).Distinct()], [.. parts.SelectMany(p => p.Routings).Distinct()]);
+}
+
+/// <summary>
+/// Every buffer of an <see cref="ArenaPlan"/>, allocated for <see cref="MaxRows"/> rows when the arena is made; every
+/// take is a view of one's first rows, so a step allocates nothing. Taking what the plan lacks is a bug and throws.
+/// </summary>
+internal sealed class ActivationArena : Activations, IDisposable
+{
+    private readonly IBackend _backend;
     private readonly Dictionary<(Activation, int), Tensor> _tensors = [];
     private readonly Dictionary<(int, int), Routing> _routings = [];
+    private readonly HashSet<object> _taken = [];
+
+    public ActivationArena(IBackend backend, int maxRows, ArenaPlan plan)
+    {
+        _backend = backend;
+        MaxRows = maxRows;
+        try
+        {
+            foreach (var key in plan.Tensors)
+            {
+                _tensors[key] = backend.Allocate(maxRows, key.Cols);
+            }
+
+            foreach (var key in plan.Routings)
+            {
+                _routings[key] = backend.AllocateRouting(maxRows, key.Experts, key.TopK);
+            }
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
 
     /// <summary>The most rows a take may ask for.</summary>
-    public int MaxRows { get; } = maxRows;
+    public int MaxRows { get; }
 
-    /// <summary>Tensors and routing buffers allocated so far.</summary>
-    public int Allocations => _tensors.Count + _routings.Count;
+    /// <summary>Planned buffers no take has asked for yet (a plan that holds more than steps use).</summary>
+    public IEnumerable<string> Unused =>
+        _tensors.Keys.Where(k => !_taken.Contains(k)).Select(k => $"{k.Item1} [{k.Item2}]")
+            .Concat(_routings.Keys.Where(k => !_taken.Contains(k)).Select(k => $"routing [{k.Item1} experts, top {k.Item2}]"));
 
     public override Tensor Take(Activation which, int rows, int cols)
     {
         Check(which.ToString(), rows);
-        if (!_tensors.TryGetValue((which, cols), out var tensor))
+        var key = (which, cols);
+        if (!_tensors.TryGetValue(key, out var tensor))
         {
-            tensor = backend.Allocate(MaxRows, cols);
-            _tensors[(which, cols)] = tensor;
+            throw new InvalidOperationException($"{which} [{cols}] is not in the step arena's plan");
         }
 
-        return backend.View(tensor, 0, rows);
+        _taken.Add(key);
+        return _backend.View(tensor, 0, rows);
     }
 
     public override Taken<Routing> TakeRouting(int tokens, int experts, int topK)
     {
         Check("routing", tokens);
-        if (!_routings.TryGetValue((experts, topK), out var routing))
+        var key = (experts, topK);
+        if (!_routings.TryGetValue(key, out var routing))
         {
-            routing = backend.AllocateRouting(MaxRows, experts, topK);
-            _routings[(experts, topK)] = routing;
+            throw new InvalidOperationException($"routing [{experts} experts, top {topK}] is not in the step arena's plan");
         }
 
+        _taken.Add(key);
         return new(routing, owned: false);
     }
 

@@ -8,9 +8,9 @@ namespace DeepSeekCuda.Serving;
 /// The batched, paged <see cref="IStepRunner"/> of a <see cref="DeepSeekModel"/> on one backend. A step flattens its
 /// entries into one token stream: embedding, every projection, norm, MoE and the head run once over all rows; RoPE,
 /// the cache append and attention run per entry over its rows of one shared latent pool per layer, addressed through
-/// the scheduler's <see cref="KvBlockManager"/> table (copied to the backend before a step when it changed). Intermediates are views of tensors
-/// sized once for the most tokens a step feeds (<see cref="Attach"/>): after the first steps, a step allocates nothing
-/// on the backend. Logits are computed only for the rows asked for.
+/// the scheduler's <see cref="KvBlockManager"/> table (copied to the backend before a step when it changed). Intermediates are views of
+/// buffers planned from the model's config and allocated at <see cref="Attach"/> for the most tokens a step feeds: a step
+/// allocates nothing on the backend. Logits are computed only for the rows asked for.
 /// </summary>
 /// <remarks>
 /// <para>MTP: a position's draft input is its final hidden state and the token after it. Where that token is already
@@ -63,11 +63,14 @@ public sealed class PagedStepRunner : IStepRunner
     /// <summary>The most tokens one step may feed (0 before <see cref="Attach"/>).</summary>
     public int MaxTokensPerStep => _blocks is null ? 0 : _arena.MaxRows;
 
-    /// <summary>Step buffers allocated on the backend so far (they stop growing once every kind of step has run once).</summary>
-    public int ArenaAllocations => _blocks is null ? 0 : _arena.Allocations + _mtpArena.Allocations + _headArena.Allocations;
+    /// <summary>Step buffers no step has used yet (tests: the plan holds nothing that steps do not use).</summary>
+    internal IEnumerable<string> UnusedStepBuffers => _blocks is null ? [] : _arena.Unused.Concat(_mtpArena.Unused).Concat(_headArena.Unused);
 
     /// <inheritdoc />
-    /// <remarks>Allocates one latent pool of <see cref="KvBlockManager.TotalBlocks"/> blocks per layer (and one for the MTP layer) and the block table.</remarks>
+    /// <remarks>
+    /// Allocates everything the runner will use: one latent pool of <see cref="KvBlockManager.TotalBlocks"/> blocks per layer
+    /// (and one for the MTP layer), the block table, and the step buffers for <paramref name="maxTokensPerStep"/> rows.
+    /// </remarks>
     public void Attach(KvBlockManager blocks, int maxTokensPerStep)
     {
         ArgumentNullException.ThrowIfNull(blocks);
@@ -94,9 +97,9 @@ public sealed class PagedStepRunner : IStepRunner
                 _pending = Own(_b.Allocate(slots * PendingRows, c.HiddenSize));
             }
 
-            _arena = Own(new ActivationArena(_b, maxTokensPerStep));
-            _mtpArena = Own(new ActivationArena(_b, maxTokensPerStep + slots * PendingRows));
-            _headArena = Own(new ActivationArena(_b, slots * PendingRows));
+            _arena = Own(new ActivationArena(_b, maxTokensPerStep, ArenaPlan.Main(c)));
+            _mtpArena = Own(new ActivationArena(_b, _model.HasMtp ? maxTokensPerStep + slots * PendingRows : 0, _model.HasMtp ? ArenaPlan.Mtp(c) : new ArenaPlan([], [])));
+            _headArena = Own(new ActivationArena(_b, slots * PendingRows, ArenaPlan.Head(c)));
         }
         catch
         {
