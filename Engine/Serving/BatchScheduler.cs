@@ -273,6 +273,9 @@ public sealed class BatchScheduler : IDisposable
     /// <summary>The block pool.</summary>
     public KvBlockManager Blocks => _blocks;
 
+    /// <summary>The most tokens a request holds, prompt and output: the runner's context or a block-table row, whichever is less.</summary>
+    public int ContextLimit => Math.Min(_runner.MaxSequenceLength, _blocks.MaxTokensPerRequest);
+
     /// <summary>The options it was created with.</summary>
     public SchedulerOptions Options => _options;
 
@@ -297,7 +300,7 @@ public sealed class BatchScheduler : IDisposable
         ObjectDisposedException.ThrowIf(_disposed, this);
         sampling ??= new SamplingOptions();
         sampling.Validate();
-        var limit = Math.Min(_runner.MaxSequenceLength, _blocks.MaxTokensPerRequest);
+        var limit = ContextLimit;
         if (prompt.Count == 0 || prompt.Count > limit)
         {
             throw new ArgumentException($"the prompt has {prompt.Count} tokens; a request holds 1..{limit}", nameof(prompt));
@@ -653,7 +656,7 @@ public sealed class BatchScheduler : IDisposable
         }
 
         // The next step would feed the token just sampled at position Count - 1.
-        if (r.Generated >= r.MaxTokens || r.Tokens.Count > _runner.MaxSequenceLength || r.Tokens.Count > _blocks.MaxTokensPerRequest)
+        if (r.Generated >= r.MaxTokens || r.Tokens.Count > ContextLimit)
         {
             return FinishReason.Length;
         }
@@ -712,8 +715,7 @@ public sealed class BatchScheduler : IDisposable
 
         var drafting = _running.Where(r => r.Speculative && r.Slot >= 0 && r.Tokens.Count - r.Fed == 1
             // A verify step feeds two tokens and yields up to two: pointless when one more is all that is allowed.
-            && r.Generated + 2 <= r.MaxTokens && r.Tokens.Count + 1 <= _runner.MaxSequenceLength
-            && r.Tokens.Count + 1 <= _blocks.MaxTokensPerRequest).ToList();
+            && r.Generated + 2 <= r.MaxTokens && r.Tokens.Count + 1 <= ContextLimit).ToList();
         if (drafting.Count == 0)
         {
             return;

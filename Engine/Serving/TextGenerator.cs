@@ -180,7 +180,7 @@ public sealed class TextGenerator
         => GenerateTextAsync(EncodePrompt(prompt), options, reasoning, cancellationToken: cancellationToken);
 
     /// <summary>The most prompt tokens a call accepts: the model's context, or less when the scheduler's requests hold fewer.</summary>
-    private int ContextLimit => _scheduler is null ? _model.MaxSequenceLength : Math.Min(_model.MaxSequenceLength, _scheduler.Blocks.MaxTokensPerRequest);
+    private int ContextLimit => _scheduler?.ContextLimit ?? _model.MaxSequenceLength;
 
     /// <summary>
     /// Refuses a chat prompt of <paramref name="utf8Bytes"/> bytes that needs more tokens than the context
