@@ -7,13 +7,14 @@ namespace DeepSeekCuda.Serving;
 
 /// <summary>
 /// Autoregressive generation over an <see cref="ILanguageModel"/>, streaming the decoded text: UTF-8
-/// reassembly, special tokens skipped, stop sequences, reasoning split. Tokens come from one of two
-/// sources, and the text handling is the same for both:
+/// reassembly, special tokens skipped, stop sequences, reasoning split. Tokens always come from a
+/// <see cref="BatchScheduler"/>:
 /// <list type="bullet">
-/// <item>without a scheduler, each call owns a fresh model session (prefill, then one token per forward),
-/// disposed when the enumeration ends, so calls do not share state;</item>
-/// <item>with a <see cref="BatchScheduler"/>, each call is a request of that scheduler: concurrent calls
-/// share its steps (continuous batching), and each one's tokens are those it would get alone.</item>
+/// <item>given one, each call is a request of that scheduler: concurrent calls share its steps (continuous
+/// batching), and each one's tokens are those it would get alone;</item>
+/// <item>without, each call runs on a scheduler of its own (one request, the model's whole context, the runner
+/// <see cref="StepRunners.For"/> picks), disposed with its runner when the enumeration ends, so calls do not
+/// share state.</item>
 /// </list>
 /// </summary>
 public sealed class TextGenerator
@@ -27,7 +28,7 @@ public sealed class TextGenerator
     // refuses an over-long prompt before encoding it (see ThrowIfSurelyTooLong).
     private readonly int _maxTokenBytes;
 
-    /// <summary>Creates a generator for <paramref name="model"/> and <paramref name="tokenizer"/>; each call runs its own session.</summary>
+    /// <summary>Creates a generator for <paramref name="model"/> and <paramref name="tokenizer"/>; each call runs on a scheduler of its own.</summary>
     public TextGenerator(ILanguageModel model, ITokenizer tokenizer)
         : this(model, tokenizer, null)
     {
@@ -38,7 +39,7 @@ public sealed class TextGenerator
     /// be running (<see cref="BatchScheduler.RunAsync"/>) over <paramref name="model"/>, with the
     /// tokenizer's EOS as <see cref="SchedulerOptions.EosId"/> and, when the model's vocabulary is padded
     /// past the tokenizer's, the tokenizer's size as <see cref="SchedulerOptions.SamplingVocabSize"/>
-    /// (<see cref="SchedulerOptionsFor"/> gives both). Null: each call runs its own session.
+    /// (<see cref="SchedulerOptionsFor"/> gives both). Null: each call runs on a scheduler of its own.
     /// </summary>
     /// <exception cref="ArgumentException">The scheduler's EOS or sampling vocabulary does not match the tokenizer.</exception>
     public TextGenerator(ILanguageModel model, ITokenizer tokenizer, BatchScheduler? scheduler)
@@ -79,7 +80,7 @@ public sealed class TextGenerator
         return (options ?? new SchedulerOptions()) with { EosId = tokenizer.EosId, SamplingVocabSize = tokenizer.VocabSize };
     }
 
-    /// <summary>The scheduler the calls run on; null when each call runs its own session.</summary>
+    /// <summary>The scheduler the calls run on; null when each call runs on one of its own.</summary>
     public BatchScheduler? Scheduler => _scheduler;
 
     /// <summary>The model.</summary>
@@ -201,7 +202,7 @@ public sealed class TextGenerator
     private async IAsyncEnumerable<GenerationUpdate> Run(int[] prompt, SamplingOptions options, ReasoningMode reasoningMode, ITokenConstraint? constraint, [EnumeratorCancellation] CancellationToken ct)
     {
         ct.ThrowIfCancellationRequested();
-        var tokens = _scheduler is null ? SessionTokens(prompt, options, constraint, ct) : ScheduledTokens(_scheduler, prompt, options, constraint, ct);
+        var tokens = _scheduler is null ? OwnScheduledTokens(prompt, options, constraint, ct) : ScheduledTokens(_scheduler, prompt, options, constraint, ct);
         var stops = new StopSequenceMatcher(options.StopSequences ?? []);
         var parser = reasoningMode == ReasoningMode.None ? null : new ReasoningParser(reasoningMode == ReasoningMode.StartInReasoning);
         var defaultKind = reasoningMode == ReasoningMode.StartInReasoning ? TextKind.Reasoning : TextKind.Answer;
@@ -212,8 +213,8 @@ public sealed class TextGenerator
         var finish = FinishReason.Length; // the source ran out: max tokens or a full context
         var updates = new List<GenerationUpdate>();
 
-        // Disposing the source (any exit: end, stop sequence, cancellation, error) ends its session or its
-        // scheduled request, so a consumer that stops early never leaves model work or cache blocks behind.
+        // Disposing the source (any exit: end, stop sequence, cancellation, error) ends its scheduled request
+        // (and a scheduler of the call's own), so a consumer that stops early never leaves model work or cache blocks behind.
         var source = tokens.GetAsyncEnumerator(ct);
         try
         {
@@ -296,37 +297,33 @@ public sealed class TextGenerator
     }
 
     /// <summary>
-    /// The token source of a generator without a scheduler: its own session, prefill then one token per
-    /// forward on the thread pool. Yields each sampled token; ends after EOS, at max tokens or a full context.
+    /// The token source of a generator without a scheduler: a scheduler of the call's own (one request slot, blocks
+    /// for the model's whole context), stepped on a worker thread until the enumeration ends, then disposed with its runner.
     /// </summary>
-    private async IAsyncEnumerable<int> SessionTokens(int[] prompt, SamplingOptions options, ITokenConstraint? constraint, [EnumeratorCancellation] CancellationToken ct)
+    private async IAsyncEnumerable<int> OwnScheduledTokens(int[] prompt, SamplingOptions options, ITokenConstraint? constraint, [EnumeratorCancellation] CancellationToken ct)
     {
-        var maxTokens = options.MaxTokens ?? int.MaxValue;
-        var maxLength = _model.MaxSequenceLength;
-        var tokenizerVocab = _tokenizer.VocabSize;
-        var eos = _tokenizer.EosId;
-        var sampler = new Sampler(options, constraint);
-        var logits = new float[_model.VocabSize];
-        using var session = _model.CreateSession();
-        if (maxTokens == 0)
+        if (options.MaxTokens == 0)
         {
             yield break;
         }
 
-        var next = await Task.Run(() => Step(session, prompt, logits, sampler, tokenizerVocab), ct).ConfigureAwait(false);
-        var generated = 0;
-        while (true)
+        var blocksPerRequest = KvBlockManager.BlocksFor(_model.MaxSequenceLength);
+        using var runner = StepRunners.For(_model);
+        using var scheduler = new BatchScheduler(runner, new KvBlockManager(blocksPerRequest, 1, blocksPerRequest),
+            SchedulerOptionsFor(_tokenizer, new SchedulerOptions { MaxBatch = 1 }));
+        using var stop = new CancellationTokenSource();
+        var loop = scheduler.RunAsync(stop.Token);
+        try
         {
-            generated++;
-            yield return next;
-            if (next == eos || generated >= maxTokens || session.Length + 1 > maxLength)
+            await foreach (var token in ScheduledTokens(scheduler, prompt, options, constraint, ct).ConfigureAwait(false))
             {
-                yield break;
+                yield return token;
             }
-
-            ct.ThrowIfCancellationRequested();
-            var fed = next;
-            next = await Task.Run(() => Step(session, [fed], logits, sampler, tokenizerVocab), ct).ConfigureAwait(false);
+        }
+        finally
+        {
+            await stop.CancelAsync().ConfigureAwait(false);
+            await loop.ConfigureAwait(false);
         }
     }
 
@@ -369,12 +366,6 @@ public sealed class TextGenerator
                 await ((Task)request.Completion).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
             }
         }
-    }
-
-    private static int Step(IModelSession session, ReadOnlySpan<int> tokens, float[] logits, Sampler sampler, int tokenizerVocab)
-    {
-        session.Forward(tokens, logits);
-        return sampler.SampleModelRow(logits, tokenizerVocab);
     }
 
     private static void Route(List<GenerationUpdate> updates, int? tokenId, string text, ReasoningParser? parser, TextKind defaultKind, GenerationUsage usage)
