@@ -355,6 +355,31 @@ public sealed class PagedStepRunnerTests
         StringAssert.Contains(below.Message, "MTP cache already holds 19 positions");
     }
 
+    /// <summary>DeepSeek-V3's step buffers, by hand from config.json's numbers: what each arena allocates per row.</summary>
+    [TestMethod]
+    public void ArenaPlansOfDeepSeekV3()
+    {
+        var c = ModelPresets.DeepSeekV3;
+        static string[] Names(ArenaPlan p) =>
+            [.. p.Tensors.Select(t => $"{t.Which} {t.Cols}").Order(StringComparer.Ordinal), .. p.Routings.Select(r => $"routing {r.Experts}x{r.TopK}")];
+
+        // 3 dense layers then MoE: both FFN kinds; q through q_lora (1536); 128 heads of 192 (q) and 128 (v).
+        CollectionAssert.AreEqual(new[]
+        {
+            "AttentionOutput 16384", "AttentionProjection 7168", "FfnInput 7168", "FfnOutput 7168", "KeyValue 576", "MlpGate 18432", "MlpUp 18432",
+            "NormedEven 7168", "NormedOdd 7168", "Query 24576", "QueryLatent 1536", "Residual 7168", "routing 256x8",
+        }, Names(ArenaPlan.Main(c)));
+
+        // The MTP layer (index 61) is a MoE layer: no dense MLP buffers.
+        CollectionAssert.AreEqual(new[]
+        {
+            "AttentionOutput 16384", "AttentionProjection 7168", "FfnInput 7168", "FfnOutput 7168", "KeyValue 576", "MtpConcat 14336", "MtpEmbedding 7168",
+            "MtpHidden 7168", "MtpInput 7168", "MtpNormed 7168", "MtpOutput 7168", "MtpResidual 7168", "Query 24576", "QueryLatent 1536", "routing 256x8",
+        }, Names(ArenaPlan.Mtp(c)));
+
+        CollectionAssert.AreEqual(new[] { "HeadInput 7168", "Logits 129280" }, Names(ArenaPlan.Head(c)));
+    }
+
     [TestMethod]
     public void StepBoundCoversDecodeRowsAndPromptChunks()
     {
