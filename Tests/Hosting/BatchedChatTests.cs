@@ -4,6 +4,7 @@ using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Inference;
+using DeepSeekCuda.Tests.Serving;
 using DeepSeekCuda.Tests.Support;
 using DeepSeekCuda.Text;
 using Microsoft.Extensions.AI;
@@ -441,7 +442,7 @@ public sealed class BatchedChatTests
     /// Delegates to a real runner; the first <see cref="Forward"/> waits until <see cref="Open()"/> (so every
     /// request submitted meanwhile joins the second step), and the largest batch is recorded.
     /// </summary>
-    private sealed class GatedRunner(IStepRunner inner) : IStepRunner
+    private sealed class GatedRunner(IStepRunner inner) : DelegatingStepRunner(inner)
     {
         private readonly ManualResetEventSlim _gate = new(false);
         private int _largest;
@@ -451,39 +452,21 @@ public sealed class BatchedChatTests
 
         public int LargestBatch => Volatile.Read(ref _largest);
 
-        public int VocabSize => inner.VocabSize;
-
-        public int MaxSequenceLength => inner.MaxSequenceLength;
-
-        public bool CanDraft => inner.CanDraft;
-
         public void Open() => _gate.Set();
 
-        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
-
-        public void Open(int slot, bool drafts) => inner.Open(slot, drafts);
-
-        public void Close(int slot) => inner.Close(slot);
-
-        public void Truncate(int slot, int length) => inner.Truncate(slot, length);
-
-        public void StopDrafting(int slot) => inner.StopDrafting(slot);
-
-        public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+        public override void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
         {
             Entered.Set();
 
             // Bounded: a broken test fails on its assertions rather than hanging the run.
             _gate.Wait(TimeSpan.FromSeconds(30));
             Volatile.Write(ref _largest, Math.Max(_largest, batch.Length));
-            inner.Forward(batch, logits);
+            Inner.Forward(batch, logits);
         }
 
-        public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => inner.Draft(batch, logits);
-
-        public void Dispose()
+        public override void Dispose()
         {
-            inner.Dispose();
+            Inner.Dispose();
             _gate.Dispose();
             Entered.Dispose();
         }

@@ -5,6 +5,7 @@ using System.Text.Json.Nodes;
 using DeepSeekCuda.Cli.Server;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Serving;
 using DeepSeekCuda.Text;
 
 namespace DeepSeekCuda.Tests.Serve;
@@ -47,42 +48,34 @@ internal static class ServeModel
     /// the history up to the last generation prompt (<c>&lt;｜Assistant｜&gt;</c>, with R1's <c>&lt;think&gt;\n</c>) or
     /// the tool outputs that end it; the output so far is the script's own first tokens.
     /// </summary>
-    private sealed class ScriptedRunner(IStepRunner inner, ITokenizer tokenizer, Func<string, string> script) : IStepRunner
+    private sealed class ScriptedRunner(IStepRunner inner, ITokenizer tokenizer, Func<string, string> script) : DelegatingStepRunner(inner)
     {
         private readonly Dictionary<int, List<int>> _histories = [];
 
-        public int VocabSize => inner.VocabSize;
+        public override bool CanDraft => false;
 
-        public int MaxSequenceLength => inner.MaxSequenceLength;
-
-        public bool CanDraft => false;
-
-        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
-
-        public void Open(int slot, bool drafts)
+        public override void Open(int slot, bool drafts)
         {
             _histories[slot] = [];
-            inner.Open(slot, drafts);
+            Inner.Open(slot, drafts);
         }
 
-        public void Close(int slot)
+        public override void Close(int slot)
         {
             _histories.Remove(slot);
-            inner.Close(slot);
+            Inner.Close(slot);
         }
 
-        public void Truncate(int slot, int length)
+        public override void Truncate(int slot, int length)
         {
             var h = _histories[slot];
             h.RemoveRange(length, h.Count - length);
-            inner.Truncate(slot, length);
+            Inner.Truncate(slot, length);
         }
 
-        public void StopDrafting(int slot) => inner.StopDrafting(slot);
-
-        public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+        public override void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
         {
-            inner.Forward(batch, logits);
+            Inner.Forward(batch, logits);
             var offset = 0;
             foreach (var e in batch)
             {
@@ -98,9 +91,7 @@ internal static class ServeModel
             }
         }
 
-        public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => throw new NotSupportedException();
-
-        public void Dispose() => inner.Dispose();
+        public override void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => throw new NotSupportedException();
 
         private int Next(List<int> history)
         {
@@ -124,27 +115,11 @@ internal static class ServeModel
         }
     }
 
-    private sealed class TestRunner(IStepRunner inner, TimeSpan delay, int failForward) : IStepRunner
+    private sealed class TestRunner(IStepRunner inner, TimeSpan delay, int failForward) : DelegatingStepRunner(inner)
     {
         private int _forwards;
 
-        public int VocabSize => inner.VocabSize;
-
-        public int MaxSequenceLength => inner.MaxSequenceLength;
-
-        public bool CanDraft => inner.CanDraft;
-
-        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
-
-        public void Open(int slot, bool drafts) => inner.Open(slot, drafts);
-
-        public void Close(int slot) => inner.Close(slot);
-
-        public void Truncate(int slot, int length) => inner.Truncate(slot, length);
-
-        public void StopDrafting(int slot) => inner.StopDrafting(slot);
-
-        public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+        public override void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
         {
             Thread.Sleep(delay);
             if (Interlocked.Increment(ref _forwards) == failForward)
@@ -152,12 +127,8 @@ internal static class ServeModel
                 throw new InvalidOperationException("injected step failure");
             }
 
-            inner.Forward(batch, logits);
+            Inner.Forward(batch, logits);
         }
-
-        public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => inner.Draft(batch, logits);
-
-        public void Dispose() => inner.Dispose();
     }
 }
 

@@ -140,51 +140,40 @@ public sealed class ModelSchedulingTests
     }
 
     /// <summary>The real runner, with each draft replaced by the main model's greedy token (recomputed alone) where <c>right(length)</c>.</summary>
-    private sealed class RightDraftRunner(IStepRunner inner, DeepSeekModel model, Func<int, bool> right) : IStepRunner
+    private sealed class RightDraftRunner(IStepRunner inner, DeepSeekModel model, Func<int, bool> right) : DelegatingStepRunner(inner)
     {
-        private readonly IStepRunner _inner = inner;
         private readonly Dictionary<int, List<int>> _fed = [];
 
-        public int VocabSize => _inner.VocabSize;
-
-        public int MaxSequenceLength => _inner.MaxSequenceLength;
-
-        public bool CanDraft => _inner.CanDraft;
-
-        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => _inner.Attach(blocks, maxTokensPerStep);
-
-        public void Open(int slot, bool drafts)
+        public override void Open(int slot, bool drafts)
         {
-            _inner.Open(slot, drafts);
+            Inner.Open(slot, drafts);
             _fed[slot] = [];
         }
 
-        public void Close(int slot)
+        public override void Close(int slot)
         {
-            _inner.Close(slot);
+            Inner.Close(slot);
             _fed.Remove(slot);
         }
 
-        public void StopDrafting(int slot) => _inner.StopDrafting(slot);
-
-        public void Truncate(int slot, int length)
+        public override void Truncate(int slot, int length)
         {
-            _inner.Truncate(slot, length);
+            Inner.Truncate(slot, length);
             _fed[slot].RemoveRange(length, _fed[slot].Count - length);
         }
 
-        public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+        public override void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
         {
-            _inner.Forward(batch, logits);
+            Inner.Forward(batch, logits);
             foreach (var e in batch)
             {
                 _fed[e.Slot].AddRange(e.Tokens.ToArray());
             }
         }
 
-        public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits)
+        public override void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits)
         {
-            _inner.Draft(batch, logits); // keeps the MTP bookkeeping real
+            Inner.Draft(batch, logits); // keeps the MTP bookkeeping real
             var v = VocabSize;
             for (var i = 0; i < batch.Length; i++)
             {
@@ -202,8 +191,6 @@ public sealed class ModelSchedulingTests
                 target[Sampler.ArgMax(row)] = 1;
             }
         }
-
-        public void Dispose() => _inner.Dispose();
     }
 
     [TestMethod]

@@ -99,6 +99,34 @@ internal sealed class OracleStepRunner(FakeModel model, KvBlockManager blocks, F
     }
 }
 
+/// <summary>An <see cref="IStepRunner"/> that passes every call to <paramref name="inner"/> (owned); tests override what they watch or change.</summary>
+internal abstract class DelegatingStepRunner(IStepRunner inner) : IStepRunner
+{
+    protected IStepRunner Inner => inner;
+
+    public virtual int VocabSize => inner.VocabSize;
+
+    public virtual int MaxSequenceLength => inner.MaxSequenceLength;
+
+    public virtual bool CanDraft => inner.CanDraft;
+
+    public virtual void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
+
+    public virtual void Open(int slot, bool drafts) => inner.Open(slot, drafts);
+
+    public virtual void Close(int slot) => inner.Close(slot);
+
+    public virtual void StopDrafting(int slot) => inner.StopDrafting(slot);
+
+    public virtual void Truncate(int slot, int length) => inner.Truncate(slot, length);
+
+    public virtual void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits) => inner.Forward(batch, logits);
+
+    public virtual void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => inner.Draft(batch, logits);
+
+    public virtual void Dispose() => inner.Dispose();
+}
+
 /// <summary>Prompts of synthetic ids that differ by salt (no tokenizer needed).</summary>
 internal static class SyntheticPrompts
 {
