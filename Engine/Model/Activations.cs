@@ -140,7 +140,8 @@ internal sealed class ActivationArena : Activations, IDisposable
     private readonly IBackend _backend;
     private readonly Dictionary<(Activation, int), Tensor> _tensors = [];
     private readonly Dictionary<(int, int), Routing> _routings = [];
-    private readonly HashSet<object> _taken = [];
+    private readonly HashSet<(Activation, int)> _takenTensors = [];
+    private readonly HashSet<(int, int)> _takenRoutings = [];
 
     public ActivationArena(IBackend backend, int maxRows, ArenaPlan plan)
     {
@@ -170,8 +171,8 @@ internal sealed class ActivationArena : Activations, IDisposable
 
     /// <summary>Planned buffers no take has asked for yet (a plan that holds more than steps use).</summary>
     public IEnumerable<string> Unused =>
-        _tensors.Keys.Where(k => !_taken.Contains(k)).Select(k => $"{k.Item1} [{k.Item2}]")
-            .Concat(_routings.Keys.Where(k => !_taken.Contains(k)).Select(k => $"routing [{k.Item1} experts, top {k.Item2}]"));
+        _tensors.Keys.Where(k => !_takenTensors.Contains(k)).Select(k => $"{k.Item1} [{k.Item2}]")
+            .Concat(_routings.Keys.Where(k => !_takenRoutings.Contains(k)).Select(k => $"routing [{k.Item1} experts, top {k.Item2}]"));
 
     public override Tensor Take(Activation which, int rows, int cols)
     {
@@ -182,7 +183,7 @@ internal sealed class ActivationArena : Activations, IDisposable
             throw new InvalidOperationException($"{which} [{cols}] is not in the step arena's plan");
         }
 
-        _taken.Add(key);
+        _takenTensors.Add(key);
         return _backend.View(tensor, 0, rows);
     }
 
@@ -195,7 +196,7 @@ internal sealed class ActivationArena : Activations, IDisposable
             throw new InvalidOperationException($"routing [{experts} experts, top {topK}] is not in the step arena's plan");
         }
 
-        _taken.Add(key);
+        _takenRoutings.Add(key);
         return new(routing, owned: false);
     }
 
