@@ -24,6 +24,14 @@ DSC_DEVICE float f32_inf() { return __int_as_float(0x7f800000); }
 DSC_DEVICE float f32_nan() { return __int_as_float(0x7fc00000); }
 DSC_DEVICE bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
 
+// The shared-window address of a generic pointer into shared memory (what shared-memory PTX operands take).
+DSC_DEVICE u32 smem_addr(const void* p)
+{
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
 // ---- bfloat16 -------------------------------------------------------------------------------------
 
 DSC_DEVICE float bf16_to_float(u16 b) { return __uint_as_float(((u32)b) << 16); }

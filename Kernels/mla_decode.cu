@@ -52,16 +52,9 @@ constexpr int kMlaMaxNope = 256;
 
 // ---- tensor-core helpers -------------------------------------------------------------------------
 
-DSC_DEVICE u32 mla_smem_addr(const void* p)
-{
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
 DSC_DEVICE void mla_cp_async16(void* smem, const void* gmem)
 {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(mla_smem_addr(smem)), "l"(gmem) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
 }
 
 DSC_DEVICE void mla_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -72,23 +65,23 @@ DSC_DEVICE void mla_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :
 DSC_DEVICE void mla_ldsm_x4(u32 (&r)[4], const u16* p)
 {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(mla_smem_addr(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
 
 DSC_DEVICE void mla_ldsm_x2(u32& r0, u32& r1, const u16* p)
 {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(mla_smem_addr(p)));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
 }
 
 DSC_DEVICE void mla_ldsm_x4_trans(u32 (&r)[4], const u16* p)
 {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(mla_smem_addr(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
 
 DSC_DEVICE void mla_ldsm_x2_trans(u32& r0, u32& r1, const u16* p)
 {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(mla_smem_addr(p)));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
 }
 
 DSC_DEVICE void mla_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1)

@@ -42,13 +42,34 @@ internal abstract class KernelLauncher : IDisposable
     /// <summary>The architecture compiled for.</summary>
     public KernelTarget Target { get; }
 
-    /// <summary>The loaded kernel of one specialization, compiling it the first time.</summary>
+    /// <summary>Dynamic shared memory a kernel may take without opting in.</summary>
+    public const int DefaultDynamicSharedLimit = 48 * 1024;
+
+    /// <summary>
+    /// The loaded kernel of one specialization, compiling it the first time; one that launches with more than
+    /// <see cref="DefaultDynamicSharedLimit"/> of dynamic shared memory is opted in to its
+    /// <see cref="KernelInstance.DynamicSharedBytes"/> as it loads.
+    /// </summary>
     protected CudaKernel Get(KernelInstance instance) =>
         _loaded.GetOrAdd(instance.NameExpression, _ => new Lazy<(CudaModule, CudaKernel)>(() =>
         {
             var image = Compiler.Compile(Family, [instance], Target);
             var module = new CudaModule(Device, image);
-            return (module, module.GetKernel(instance.NameExpression));
+            try
+            {
+                var kernel = module.GetKernel(instance.NameExpression);
+                if (instance.DynamicSharedBytes > DefaultDynamicSharedLimit)
+                {
+                    kernel.SetMaxDynamicSharedMemory(instance.DynamicSharedBytes);
+                }
+
+                return (module, kernel);
+            }
+            catch
+            {
+                module.Dispose();
+                throw;
+            }
         })).Value.Kernel;
 
     /// <summary>Number of blocks to cover <paramref name="n"/> items with <paramref name="per"/> per block.</summary>

@@ -1,4 +1,3 @@
-using System.Collections.Concurrent;
 using System.Runtime.InteropServices;
 using DeepSeekCuda.Cuda;
 
@@ -53,8 +52,6 @@ internal readonly record struct MlaDecodeTiling(int Rows, int ColumnWarps)
 /// </summary>
 internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
-    private readonly ConcurrentDictionary<string, bool> _sharedSet = new(StringComparer.Ordinal);
-
     /// <summary>Kernels/mla_decode.cu.</summary>
     public const string FamilyName = "mla_decode";
 
@@ -276,15 +273,7 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler)
             Scale = scale, Batch = batch, Heads = heads, QTokens = qTokens, MaxBlocks = maxBlocks, Splits = splits,
         };
         var instance = DecodeInstance(shape, t, qType);
-        var kernel = Get(instance);
-        var smem = instance.DynamicSharedBytes;
-        if (smem > 48 * 1024 && !_sharedSet.ContainsKey(instance.NameExpression))
-        {
-            kernel.SetMaxDynamicSharedMemory(smem);
-            _sharedSet[instance.NameExpression] = true;
-        }
-
-        kernel.Launch(new Dim3((uint)RowGroups(heads, qTokens, t), (uint)splits, (uint)batch), t.Threads, (uint)smem, stream, in p);
+        Get(instance).Launch(new Dim3((uint)RowGroups(heads, qTokens, t), (uint)splits, (uint)batch), t.Threads, (uint)instance.DynamicSharedBytes, stream, in p);
         if (splits > 1)
         {
             Get(CombineInstance(shape)).Launch(new Dim3((uint)(heads * qTokens), (uint)batch), CombineBlock, 0, stream, in p);
