@@ -24,6 +24,18 @@ internal struct Fp8GemmParams
     public int SplitK;
 }
 
+/// <summary>Mirror of <c>Fp8WgmmaParams</c> in Kernels/fp8_gemm_wgmma.cu (64-byte aligned there, hence the size).</summary>
+[StructLayout(LayoutKind.Sequential, Size = 384)]
+internal struct Fp8WgmmaParams
+{
+    public TensorMap XMap;
+    public TensorMap WMap;
+    public Fp8GemmParams Gemm;
+    public int TilesM;
+    public int TilesN;
+    public int GroupM;
+}
+
 /// <summary>Which kernel computes an FP8 GEMM.</summary>
 internal enum Fp8GemmPath
 {
@@ -35,6 +47,12 @@ internal enum Fp8GemmPath
 
     /// <summary>The mma.sync tensor-core kernel (Kernels/fp8_gemm_mma.cu).</summary>
     Mma = 2,
+
+    /// <summary>
+    /// The Hopper kernel (Kernels/fp8_gemm_wgmma.cu: wgmma, TMA, warp specialization, persistent grid); sm_90a only,
+    /// K and the activation row stride multiples of 16 bytes (<see cref="Fp8GemmKernel.WgmmaRefusal"/>).
+    /// </summary>
+    Wgmma = 3,
 }
 
 /// <summary>
@@ -73,6 +91,27 @@ internal sealed class Fp8GemmKernel : IDisposable
     /// <summary>Output tile of the mma kernel.</summary>
     public const int MmaTile = 64;
 
+    /// <summary>Kernels/fp8_gemm_wgmma.cu.</summary>
+    public const string WgmmaFamily = "fp8_gemm_wgmma";
+
+    /// <summary>CUDA name of the wgmma kernel's params struct.</summary>
+    public const string WgmmaParamsType = "Fp8WgmmaParams";
+
+    /// <summary>Output tile edge (M and N) of the wgmma kernel.</summary>
+    public const int WgmmaTileEdge = 128;
+
+    /// <summary>Pipeline stages of the wgmma kernel (a 128 x 128-byte box of each operand per stage).</summary>
+    public const int WgmmaStages = 6;
+
+    /// <summary>Threads per wgmma block: two consumer warpgroups and the producer's.</summary>
+    public const int WgmmaThreads = 384;
+
+    /// <summary>M tiles per group of the wgmma kernel's tile order (<see cref="WgmmaTileAt"/>).</summary>
+    public const int WgmmaGroupM = 16;
+
+    /// <summary>Dynamic shared memory of a wgmma block: the stages, 1 KiB to align them to 1024 bytes, two mbarriers per stage.</summary>
+    public const int WgmmaSharedBytes = 1024 + WgmmaStages * 2 * WgmmaTileEdge * Block + 2 * WgmmaStages * 8;
+
     /// <summary>
     /// The DeepSeek-V3 linear shapes (N, K): q_a, q_b (128 heads x 192), kv_a (512 + 64), kv_b (128 x 256
     /// from 512), o_proj, dense gate/up and down, expert gate/up and down (the shared expert has the same),
@@ -85,22 +124,33 @@ internal sealed class Fp8GemmKernel : IDisposable
     ];
 
     /// <summary>Shapes with N and/or K not multiples of 128 (and K not a multiple of 16) the tests use.</summary>
-    public static readonly (int N, int K)[] RaggedShapes = [(300, 200), (129, 1000), (1000, 129), (72, 72), (200, 640), (129, 4100)];
+    /// <remarks>(300, 208) and (1000, 1040) have K a multiple of 16 but not of 128: the wgmma kernel runs them with a partial last K box.</remarks>
+    public static readonly (int N, int K)[] RaggedShapes = [(300, 200), (129, 1000), (1000, 129), (72, 72), (200, 640), (129, 4100), (300, 208), (1000, 1040)];
 
     private readonly GemvLauncher _gemv;
     private readonly MmaLauncher _mma;
+    private readonly WgmmaLauncher? _wgmma;
     private DeviceBuffer<float>? _workspace;
 
     /// <summary>Creates the launcher on <paramref name="device"/>.</summary>
-    public Fp8GemmKernel(CudaDevice device, NvrtcCompiler compiler)
+    /// <param name="device">The device.</param>
+    /// <param name="compiler">The compiler.</param>
+    /// <param name="preferWgmma">Whether <see cref="Fp8GemmPath.Auto"/> takes the Hopper kernel where it can run (not yet
+    /// confirmed on a GPU, so off by default); <see cref="Fp8GemmPath.Wgmma"/> can be asked for either way.</param>
+    public Fp8GemmKernel(CudaDevice device, NvrtcCompiler compiler, bool preferWgmma = false)
     {
         Device = device;
         _gemv = new GemvLauncher(device, compiler);
         _mma = new MmaLauncher(device, compiler);
+        _wgmma = HasWgmma(device.Target) ? new WgmmaLauncher(device, compiler) : null;
+        PreferWgmma = preferWgmma && _wgmma is not null;
     }
 
     /// <summary>The device.</summary>
     public CudaDevice Device { get; }
+
+    /// <summary>Whether <see cref="Fp8GemmPath.Auto"/> sends rows above <see cref="GemvMaxM"/> to the wgmma kernel when it can run them.</summary>
+    public bool PreferWgmma { get; }
 
     /// <summary>Scale blocks along <paramref name="n"/> elements.</summary>
     public static int BlocksFor(int n) => (n + Block - 1) / Block;
@@ -130,8 +180,55 @@ internal sealed class Fp8GemmKernel : IDisposable
     /// <summary>The mma specializations of the DeepSeek-V3 and ragged shapes.</summary>
     public static IReadOnlyList<KernelInstance> AllMmaInstances() => MmaInstances(DeepSeekV3Shapes.Concat(RaggedShapes).Distinct());
 
-    /// <summary>The path <see cref="Fp8GemmPath.Auto"/> takes for <paramref name="m"/> rows.</summary>
-    public static Fp8GemmPath Choose(int m) => m <= GemvMaxM ? Fp8GemmPath.Gemv : Fp8GemmPath.Mma;
+    /// <summary>The wgmma specialization for a shape.</summary>
+    public static KernelInstance WgmmaInstance(int n, int k) =>
+        new($"fp8_gemm_wgmma_kernel<{n}, {k}>", WgmmaParamsType) { DynamicSharedBytes = WgmmaSharedBytes };
+
+    /// <summary>The wgmma specializations of the DeepSeek-V3 and ragged shapes whose K the kernel takes (a multiple of 16).</summary>
+    public static IReadOnlyList<KernelInstance> AllWgmmaInstances() =>
+        [.. DeepSeekV3Shapes.Concat(RaggedShapes).Distinct().Where(s => s.K % 16 == 0).Select(s => WgmmaInstance(s.N, s.K))];
+
+    /// <summary>Whether <paramref name="target"/> runs the wgmma kernel: sm_90a, the only target with wgmma and TMA.</summary>
+    public static bool HasWgmma(KernelTarget target) => target.Arch == "sm_90a";
+
+    /// <summary>Why the wgmma kernel cannot run a GEMM, or null when it can.</summary>
+    /// <param name="target">The compile target of the device.</param>
+    /// <param name="k">K.</param>
+    /// <param name="xStride">Bytes between activation rows.</param>
+    /// <param name="xCodes">The activation codes' address.</param>
+    public static string? WgmmaRefusal(KernelTarget target, int k, long xStride, ulong xCodes) =>
+        !HasWgmma(target) ? $"it needs sm_90a (wgmma and TMA), the device compiles for {target.Arch}"
+        : k % 16 != 0 ? $"K = {k} is not a multiple of 16 (TMA row strides are whole 16-byte units)"
+        : xStride % 16 != 0 ? $"the activation row stride {xStride} B is not a multiple of 16"
+        : (xCodes & 15) != 0 ? $"the activation codes at 0x{xCodes:x} are not 16-byte aligned"
+        : null;
+
+    /// <summary>
+    /// The path <see cref="Fp8GemmPath.Auto"/> takes for <paramref name="m"/> rows: gemv up to <see cref="GemvMaxM"/>,
+    /// above it the wgmma kernel when <paramref name="wgmma"/> (preferred and able to run the call), else mma.
+    /// </summary>
+    public static Fp8GemmPath Choose(int m, bool wgmma = false) =>
+        m <= GemvMaxM ? Fp8GemmPath.Gemv : wgmma ? Fp8GemmPath.Wgmma : Fp8GemmPath.Mma;
+
+    /// <summary>
+    /// Tile <paramref name="t"/> of the wgmma kernel's persistent order (fp8_wgmma_tile in Kernels/fp8_gemm_wgmma.cu):
+    /// groups of <paramref name="groupM"/> M tiles (fewer in the last group), M fastest inside a group, then N.
+    /// </summary>
+    public static (int M, int N) WgmmaTileAt(int t, int tilesM, int tilesN, int groupM)
+    {
+        var perGroup = groupM * tilesN;
+        var g = t / perGroup;
+        var first = g * groupM;
+        var rows = Math.Min(groupM, tilesM - first);
+        var r = t - g * perGroup;
+        return (first + r % rows, r / rows);
+    }
+
+    /// <summary>Blocks of the wgmma kernel's persistent grid: one per SM, no more than there are tiles.</summary>
+    public static int WgmmaGrid(int m, int n, int multiprocessors) =>
+        (int)Math.Min((long)WgmmaTiles(m) * WgmmaTiles(n), multiprocessors);
+
+    private static int WgmmaTiles(int rows) => (rows + WgmmaTileEdge - 1) / WgmmaTileEdge;
 
     /// <summary>Smallest gemv row tile holding <paramref name="m"/> rows (the largest when none does).</summary>
     public static int RowTileFor(int m) => GemvRowTiles.FirstOrDefault(t => t >= m, GemvRowTiles[^1]);
@@ -182,12 +279,23 @@ internal sealed class Fp8GemmKernel : IDisposable
         };
         if (path == Fp8GemmPath.Auto)
         {
-            path = Choose(m);
+            path = Choose(m, PreferWgmma && WgmmaRefusal(Device.Target, k, p.XStride, xCodes) is null);
         }
 
         if (path == Fp8GemmPath.Mma)
         {
             _mma.Run(stream, in p, n, k);
+            return;
+        }
+
+        if (path == Fp8GemmPath.Wgmma)
+        {
+            if (WgmmaRefusal(Device.Target, k, p.XStride, xCodes) is { } why)
+            {
+                throw new ArgumentException($"FP8 GEMM M={m} N={n} K={k}: the wgmma kernel cannot run it: {why}", nameof(path));
+            }
+
+            _wgmma!.Run(stream, in p, n, k);
             return;
         }
 
@@ -222,6 +330,7 @@ internal sealed class Fp8GemmKernel : IDisposable
     {
         _gemv.Dispose();
         _mma.Dispose();
+        _wgmma?.Dispose();
         _workspace?.Dispose();
         _workspace = null;
     }
@@ -243,5 +352,25 @@ internal sealed class Fp8GemmKernel : IDisposable
     {
         public void Run(CudaStream stream, in Fp8GemmParams p, int n, int k) =>
             Get(MmaInstance(n, k)).Launch(new Dim3(Blocks(n, MmaTile), Blocks(p.M, MmaTile)), 128, 0, stream, in p);
+    }
+
+    private sealed class WgmmaLauncher(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, WgmmaFamily)
+    {
+        public void Run(CudaStream stream, in Fp8GemmParams p, int n, int k)
+        {
+            // The maps hold the activation pointer and M, so they are encoded per call (host only, about a microsecond).
+            var what = $"FP8 GEMM M={p.M} N={n} K={k}";
+            var wp = new Fp8WgmmaParams
+            {
+                XMap = new TmaTile2D(p.XCodes, k, p.M, p.XStride, Block, WgmmaTileEdge, TmaSwizzle.Swizzle128B).Encode(what + " activation codes", Device.Ordinal),
+                WMap = new TmaTile2D(p.W, k, n, k, Block, WgmmaTileEdge, TmaSwizzle.Swizzle128B).Encode(what + " weight codes", Device.Ordinal),
+                Gemm = p,
+                TilesM = WgmmaTiles(p.M),
+                TilesN = WgmmaTiles(n),
+                GroupM = WgmmaGroupM,
+            };
+            var instance = WgmmaInstance(n, k);
+            Get(instance).Launch(new Dim3((uint)WgmmaGrid(p.M, n, Device.MultiprocessorCount)), WgmmaThreads, (uint)instance.DynamicSharedBytes, stream, in wp);
+        }
     }
 }

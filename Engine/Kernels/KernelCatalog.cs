@@ -12,11 +12,14 @@ internal static class KernelCatalog
     /// <summary>The family names (each a <c>Kernels/&lt;family&gt;.cu</c> file with one launcher).</summary>
     public static IReadOnlyList<string> Names { get; } = [.. For("sm_90a").Keys.Order(StringComparer.Ordinal)];
 
-    /// <summary>Family name to the specializations its launcher can request on <paramref name="arch"/>.</summary>
+    /// <summary>
+    /// Family name to the specializations its launcher can request on <paramref name="arch"/>. A family only one
+    /// architecture runs (the wgmma GEMM: sm_90a) is absent on the others.
+    /// </summary>
     public static IReadOnlyDictionary<string, IReadOnlyList<KernelInstance>> For(string arch)
     {
         var limits = ArchLimits.For(arch);
-        return new Dictionary<string, IReadOnlyList<KernelInstance>>
+        var families = new Dictionary<string, IReadOnlyList<KernelInstance>>
         {
             [EmbeddingKernel.FamilyName] = EmbeddingKernel.AllInstances(),
             [RmsNormKernel.FamilyName] = RmsNormKernel.AllInstances(),
@@ -37,5 +40,11 @@ internal static class KernelCatalog
             [Bf16GemmKernel.FamilyName] = Bf16GemmKernel.AllInstances(),
             [BackendGlueKernel.FamilyName] = BackendGlueKernel.AllInstances(),
         };
+        if (Fp8GemmKernel.HasWgmma(new KernelTarget(arch)))
+        {
+            families[Fp8GemmKernel.WgmmaFamily] = Fp8GemmKernel.AllWgmmaInstances();
+        }
+
+        return families;
     }
 }

@@ -45,7 +45,11 @@ internal sealed record KernelReport(string Nvrtc, string Cuobjdump, IReadOnlyLis
             var catalog = KernelCatalog.For(arch);
             foreach (var family in families.Order(StringComparer.Ordinal))
             {
-                var instances = catalog[family];
+                if (!catalog.TryGetValue(family, out var instances))
+                {
+                    continue; // a family this target does not run
+                }
+
                 progress?.Invoke($"{family} {arch}");
                 var compiled = compiler.Compile(family, instances, new KernelTarget(arch));
                 rows.AddRange(CubinInspector.Inspect(compiled, instances, tools).Select(Row));

@@ -7,7 +7,7 @@ using DeepSeekCuda.Tests.Support;
 namespace DeepSeekCuda.Tests.Cuda;
 
 /// <summary>
-/// The FP8 block-scaled GEMM (both paths) against the CPU on fresh random data: act_quant on the GPU
+/// The FP8 block-scaled GEMM (every path: gemv, mma, and wgmma on sm_90a) against the CPU on fresh random data: act_quant on the GPU
 /// (bit-exact to the CPU rule, KernelGpuTests) feeds the GEMM, so both sides see identical quantized inputs.
 /// Without a device every test ends Inconclusive (GpuTestBase).
 /// </summary>
@@ -26,6 +26,14 @@ public sealed class Fp8GemmGpuTests : GpuTestBase
     // results differ by ~1e-6 relative, which can move a rounding tie by one bf16 step (2^-8 relative).
     private const double Bf16Rtol = 1.0 / 128;
 
+    // The wgmma path: Hopper's FP8 tensor cores add the products of a K block with about 14 bits of mantissa
+    // (DeepSeek-V3 report 3.3.2), not fp32; the kernel promotes every 128 of K, so each block's partial carries a
+    // relative error of at most a few 2^-14 (4 accumulations per block) and the whole sum ~1e-4 rms. 2e-3 leaves
+    // margin and still fails any wrong element, scale or block (errors of order 1: one wrong column of 128 alone
+    // gives ~0.09). Its BF16 output adds bf16 rounding (~1e-3 rms) on top, against the same emulated reference.
+    private const double WgmmaF32RmsRel = 2e-3;
+    private const double WgmmaBf16RmsRel = 1e-2;
+
     public static IEnumerable<object[]> Cases =>
         from shape in new[] { (300, 200), (129, 1000), (1000, 129), (72, 72), (200, 640), (129, 4100) }
         from m in new[] { 1, 3, 127, 129 }
@@ -42,7 +50,39 @@ public sealed class Fp8GemmGpuTests : GpuTestBase
     [DataRow(129, 2048, 7168)] // expert gate/up, mma
     public void MatchesCpuOnDeepSeekShapes(int m, int n, int k) => Check(m, n, k);
 
-    private void Check(int m, int n, int k)
+    /// <summary>
+    /// The Hopper kernel on the rows the issue names (one tile row, part of one, several, and 4095: 32 tile rows, the last
+    /// one short) over DeepSeek-V3 shapes (N = 576 and 2112 end inside a tile) and ragged ones (K a multiple of 16, not of 128).
+    /// The other rows above run it too, wherever it can run (sm_90a and K a multiple of 16).
+    /// </summary>
+    [TestMethod]
+    [DataRow(1, 2112, 7168)]
+    [DataRow(3, 576, 7168)]
+    [DataRow(17, 1536, 7168)]
+    [DataRow(64, 7168, 2048)]
+    [DataRow(129, 4096, 7168)]
+    [DataRow(129, 300, 208)]
+    [DataRow(4095, 1000, 1040)]
+    public void WgmmaMatchesCpuOnRaggedRows(int m, int n, int k)
+    {
+        if (!Fp8GemmKernel.HasWgmma(Device.Target))
+        {
+            Assert.Inconclusive($"the wgmma kernel needs sm_90a; this device compiles for {Device.Target}");
+        }
+
+        Check(m, n, k, [Fp8GemmPath.Wgmma]);
+    }
+
+    /// <summary>The launcher refuses a call the wgmma kernel cannot run, naming why, before anything is launched.</summary>
+    [TestMethod]
+    public void WgmmaRefusesWhatItCannotRun()
+    {
+        using var gemm = new Fp8GemmKernel(Device, Compiler);
+        var e = Assert.ThrowsExactly<ArgumentException>(() => gemm.Launch(Stream, 0, 0, 0, 0, 0, ElementType.F32, 130, 300, 200, path: Fp8GemmPath.Wgmma));
+        StringAssert.Contains(e.Message, Fp8GemmKernel.HasWgmma(Device.Target) ? "K = 200 is not a multiple of 16" : "needs sm_90a");
+    }
+
+    private void Check(int m, int n, int k, Fp8GemmPath[]? only = null)
     {
         using var gemm = new Fp8GemmKernel(Device, Compiler);
         using var quant = new ActQuantKernel(Device, Compiler);
@@ -90,19 +130,29 @@ public sealed class Fp8GemmGpuTests : GpuTestBase
         using var sad = DeviceBuffer<float>.Allocate(Device, (long)m * kb);
         quant.Launch(Stream, xd.Pointer, ElementType.BF16, xqd.Pointer, sad.Pointer, m, k);
 
-        foreach (var path in new[] { Fp8GemmPath.Gemv, Fp8GemmPath.Mma })
+        var paths = only ?? [Fp8GemmPath.Gemv, Fp8GemmPath.Mma, .. Fp8GemmKernel.WgmmaRefusal(Device.Target, k, k, xqd.Pointer) is null ? [Fp8GemmPath.Wgmma] : Array.Empty<Fp8GemmPath>()];
+        foreach (var path in paths)
         {
             var what = $"{path} M={m} N={n} K={k}";
+            var f32 = path == Fp8GemmPath.Wgmma ? WgmmaF32RmsRel : F32RmsRel;
             using (var y = Poisoned((long)m * n, ElementType.F32))
             {
                 gemm.Launch(Stream, xqd.Pointer, sad.Pointer, wd.Pointer, sbd.Pointer, y.Pointer, ElementType.F32, m, n, k, path: path);
-                Tolerance.AssertRmsRel(Read(y, ElementType.F32, Stream), exact, F32RmsRel, what + " f32");
+                Tolerance.AssertRmsRel(Read(y, ElementType.F32, Stream), exact, f32, what + " f32");
             }
 
             using (var y = Poisoned((long)m * n, ElementType.BF16))
             {
                 gemm.Launch(Stream, xqd.Pointer, sad.Pointer, wd.Pointer, sbd.Pointer, y.Pointer, ElementType.BF16, m, n, k, path: path);
-                Tolerance.AssertClose(Read(y, ElementType.BF16, Stream), emulated, 1e-6, Bf16Rtol, what + " bf16 vs CpuBackend GpuEmulation");
+                var bf16 = Read(y, ElementType.BF16, Stream);
+                if (path == Fp8GemmPath.Wgmma)
+                {
+                    Tolerance.AssertRmsRel(bf16, emulated, WgmmaBf16RmsRel, what + " bf16 vs CpuBackend GpuEmulation");
+                }
+                else
+                {
+                    Tolerance.AssertClose(bf16, emulated, 1e-6, Bf16Rtol, what + " bf16 vs CpuBackend GpuEmulation");
+                }
             }
 
             // In-place residual epilogue (y += X·Wᵀ), fp32.
@@ -111,7 +161,7 @@ public sealed class Fp8GemmGpuTests : GpuTestBase
             {
                 gemm.Launch(Stream, xqd.Pointer, sad.Pointer, wd.Pointer, sbd.Pointer, y.Pointer, ElementType.F32, m, n, k, residual: y.Pointer, path: path);
                 var expected = exact.Select((v, i) => v + res[i]).ToArray();
-                Tolerance.AssertRmsRel(Read(y, ElementType.F32, Stream), expected, F32RmsRel, what + " residual");
+                Tolerance.AssertRmsRel(Read(y, ElementType.F32, Stream), expected, f32, what + " residual");
             }
         }
     }

@@ -19,7 +19,7 @@ internal static class Fp8GemmReference
         Fp8E4M3.Decode(xq, x);
         Fp8E4M3.Decode(codes, w);
         var y = new float[m * n];
-        for (var t = 0; t < m; t++)
+        Parallel.For(0, m, t =>
         {
             for (var o = 0; o < n; o++)
             {
@@ -37,7 +37,7 @@ internal static class Fp8GemmReference
 
                 y[t * n + o] = (float)sum;
             }
-        }
+        });
 
         return y;
     }

@@ -34,7 +34,7 @@ public sealed class KernelResourceGateTests
     public void EveryLocalMemoryExceptionIsStillNeeded()
     {
         NvrtcSupport.RequireNvrtc();
-        var all = (from f in NvrtcSupport.FamilyNames from t in NvrtcSupport.Targets from r in NvrtcSupport.Resources(f, t) select r).ToList();
+        var all = NvrtcSupport.Pairs.SelectMany(p => NvrtcSupport.Resources(p.Family, p.Arch)).ToList();
         foreach (var e in ResourceGate.LocalMemoryAllowed)
         {
             Assert.IsFalse(string.IsNullOrWhiteSpace(e.Reason));
@@ -70,6 +70,40 @@ public sealed class KernelResourceGateTests
                     Assert.AreEqual(0, r.PtxFp8Mma, $"{r.Kernel} on {arch}: FP8 mma.sync in the PTX");
                 }
             }
+        }
+    }
+
+    /// <summary>
+    /// The Hopper GEMM is what it claims on sm_90a: FP8 wgmma (QGMMA, m64n128k32, four per 128-wide K block), no
+    /// other tensor-core instruction, TMA loads on mbarriers, register reconfiguration, no local memory, and one
+    /// 384-thread block with its six 32 KiB stages resident per SM.
+    /// </summary>
+    [TestMethod]
+    public void TheHopperGemmRunsOnWgmmaAndTma()
+    {
+        NvrtcSupport.RequireNvrtc();
+        var rows = NvrtcSupport.Resources(Fp8GemmKernel.WgmmaFamily, "sm_90a");
+        Assert.HasCount(NvrtcSupport.Instances(Fp8GemmKernel.WgmmaFamily).Count, rows);
+        foreach (var r in rows)
+        {
+            var qgmma = r.TensorOps.GetValueOrDefault("QGMMA");
+            Assert.IsTrue(qgmma > 0 && qgmma % 4 == 0, $"{r.Kernel}: {qgmma} QGMMA, expected a positive multiple of 4");
+            Assert.HasCount(1, r.TensorOps, $"{r.Kernel}: {string.Join(", ", r.TensorOps.Select(o => $"{o.Key} x{o.Value}"))}");
+            Assert.AreEqual(0, r.StackBytes + r.LocalBytes, r.Kernel);
+            Assert.AreEqual(Fp8GemmKernel.WgmmaThreads, r.MaxThreads, r.Kernel);
+            Assert.AreEqual(Fp8GemmKernel.WgmmaSharedBytes, r.DynamicSharedBytes, r.Kernel);
+            Assert.AreEqual(1, r.BlocksPerSm, $"{r.Kernel}: limited by {r.Limiter}");
+            Assert.IsEmpty(ResourceGate.Violations(r));
+        }
+
+        var ptx = NvrtcSupport.Compiled(Fp8GemmKernel.WgmmaFamily, "sm_90a").Ptx!;
+        foreach (var instruction in new[]
+                 {
+                     "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3", "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes",
+                     "mbarrier.arrive.expect_tx", "mbarrier.try_wait.parity", "setmaxnreg.dec.sync.aligned.u32 40", "setmaxnreg.inc.sync.aligned.u32 232",
+                 })
+        {
+            StringAssert.Contains(ptx, instruction);
         }
     }
 

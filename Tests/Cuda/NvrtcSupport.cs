@@ -16,9 +16,12 @@ internal static partial class NvrtcSupport
     /// <summary>Every family name.</summary>
     public static IReadOnlyList<string> FamilyNames => KernelCatalog.Names;
 
-    /// <summary>Test data: every (family, target) pair CI compiles and gates.</summary>
-    public static IEnumerable<object[]> FamilyTargets =>
-        from f in FamilyNames from t in Targets select new object[] { f, t };
+    /// <summary>Every (family, target) pair CI compiles and gates: a family only on the targets that run it.</summary>
+    public static IEnumerable<(string Family, string Arch)> Pairs =>
+        from f in FamilyNames from t in Targets where KernelCatalog.For(t).ContainsKey(f) select (f, t);
+
+    /// <summary>Test data: <see cref="Pairs"/>.</summary>
+    public static IEnumerable<object[]> FamilyTargets => Pairs.Select(p => new object[] { p.Family, p.Arch });
 
     private static readonly ConcurrentDictionary<string, IReadOnlyDictionary<string, IReadOnlyList<KernelInstance>>> Catalogs = new();
 
@@ -59,6 +62,7 @@ internal static partial class NvrtcSupport
         (typeof(MoeGateParams), MoeGateKernel.ParamsType, MoeGateKernel.FamilyName),
         (typeof(MoeDispatchParams), MoeDispatchKernel.ParamsType, MoeDispatchKernel.FamilyName),
         (typeof(Fp8GemmParams), Fp8GemmKernel.ParamsType, Fp8GemmKernel.GemvFamily), // shared with fp8_gemm_mma (fp8_gemm.cuh)
+        (typeof(Fp8WgmmaParams), Fp8GemmKernel.WgmmaParamsType, Fp8GemmKernel.WgmmaFamily),
         (typeof(MoeGroupedGemmParams), MoeGroupedGemmKernel.ParamsType, MoeGroupedGemmKernel.FamilyName),
         (typeof(MoeMaskedLayoutParams), MoeGroupedGemmKernel.MaskedLayoutParamsType, MoeGroupedGemmKernel.FamilyName),
         (typeof(MoeCombineParams), MoeCombineKernel.ParamsType, MoeCombineKernel.FamilyName),

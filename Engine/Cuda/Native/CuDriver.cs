@@ -111,6 +111,10 @@ internal static unsafe partial class CuDriver
     public static partial CuResult cuLaunchKernel(IntPtr function, uint gridX, uint gridY, uint gridZ, uint blockX, uint blockY, uint blockZ,
         uint sharedMemBytes, IntPtr stream, void** kernelParams, void** extra);
 
+    [LibraryImport(Lib)]
+    public static partial CuResult cuTensorMapEncodeTiled(TensorMap* tensorMap, int dataType, uint rank, ulong globalAddress, ulong* globalDim,
+        ulong* globalStrides, uint* boxDim, uint* elementStrides, int interleave, int swizzle, int l2Promotion, int oobFill);
+
     [LibraryImport(Lib)] public static partial CuResult cuStreamCreate(IntPtr* stream, uint flags);
     [LibraryImport(Lib, EntryPoint = "cuStreamDestroy_v2")] public static partial CuResult cuStreamDestroy(IntPtr stream);
     [LibraryImport(Lib)] public static partial CuResult cuStreamSynchronize(IntPtr stream);
