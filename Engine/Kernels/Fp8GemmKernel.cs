@@ -149,6 +149,9 @@ internal sealed class Fp8GemmKernel : IDisposable
     /// <summary>The device.</summary>
     public CudaDevice Device { get; }
 
+    /// <summary>Whether the device runs the wgmma kernel (<see cref="Fp8GemmPath.Wgmma"/>): sm_90a.</summary>
+    public bool Wgmma => _wgmma is not null;
+
     /// <summary>Whether <see cref="Fp8GemmPath.Auto"/> sends rows above <see cref="GemvMaxM"/> to the wgmma kernel when it can run them.</summary>
     public bool PreferWgmma { get; }
 

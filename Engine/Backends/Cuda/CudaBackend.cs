@@ -18,6 +18,13 @@ public sealed record CudaBackendOptions
 
     /// <summary>The compiled-kernel cache folder; null for <see cref="KernelCache.DefaultDirectory"/>.</summary>
     public string? KernelCacheDirectory { get; init; }
+
+    /// <summary>
+    /// On Hopper (sm_90a), run FP8 GEMMs of more than 64 rows on the wgmma + TMA kernel (Kernels/fp8_gemm_wgmma.cu)
+    /// instead of the mma.sync kernel. Off by default: no GPU has yet confirmed it against the CPU reference.
+    /// Ignored on other GPUs.
+    /// </summary>
+    public bool HopperFp8Gemm { get; init; }
 }
 
 /// <summary>
@@ -114,7 +121,7 @@ public sealed class CudaBackend : IBackend
         _embedding = new EmbeddingKernel(_device, _compiler);
         _norm = new RmsNormKernel(_device, _compiler);
         _quant = new ActQuantKernel(_device, _compiler);
-        _fp8 = new Fp8GemmKernel(_device, _compiler);
+        _fp8 = new Fp8GemmKernel(_device, _compiler, _options.HopperFp8Gemm);
         _bf16 = new Bf16GemmKernel(_device, _compiler);
         _siluMul = new SiluMulKernel(_device, _compiler);
         _glue = new BackendGlueKernel(_device, _compiler);

@@ -6,9 +6,10 @@ using DeepSeekCuda.Kernels;
 namespace DeepSeekCuda.Bench.Benches;
 
 /// <summary>
-/// FP8 block-scaled GEMM (<see cref="Fp8GemmKernel"/>, automatic gemv/mma choice) on every DeepSeek-V3
-/// linear shape at M = 1 … 4096 (DeepGEMM's published shapes are among them), inputs and weights rotated
-/// over enough copies to exceed L2. Baselines measured in the same run, one row each:
+/// FP8 block-scaled GEMM (<see cref="Fp8GemmKernel"/>: <c>fp8_gemm</c>, the automatic gemv/mma choice, and on Hopper
+/// <c>fp8_gemm_wgmma</c>, the wgmma kernel, for M above the gemv's rows) on every DeepSeek-V3 linear shape at
+/// M = 1 … 4096 (DeepGEMM's published shapes are among them), inputs and weights rotated over enough copies to
+/// exceed L2. Baselines measured in the same run, one row each:
 /// <list type="bullet">
 /// <item><c>copy</c>: device-to-device copy bandwidth; ratio = time the copy needs for the kernel's bytes / kernel time.</item>
 /// <item><c>cublas_bf16</c>: cuBLAS BF16 GEMM (FP32 accumulation) on the same M, N, K with BF16 inputs
@@ -42,17 +43,31 @@ internal static class GemmBench
                 var bytes = (double)n * k + (double)m * k + m * Fp8GemmKernel.BlocksFor(k) * 4.0 + (double)m * n * 2 + Fp8GemmKernel.BlocksFor(n) * Fp8GemmKernel.BlocksFor(k) * 4.0;
                 var flops = 2.0 * m * n * k;
                 using var inputs = new Fp8Inputs(gpu, m, n, k);
-                var us = gpu.Measure(i => gemm.Launch(gpu.Stream, inputs.X(i), inputs.XScales, inputs.W(i), inputs.WScales, inputs.Y, ElementType.BF16, m, n, k));
-                var row = (string baseline, double baselineUs) => new BenchResult("fp8_gemm", shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, baseline, baselineUs);
-                report.Add(row("copy", gpu.CopyUs(bytes)));
+                var baselines = new List<(string Name, double Us)> { ("copy", gpu.CopyUs(bytes)) };
                 if (blas is not null && Baseline("cublas_bf16", m, n, k, () => TimeCublasBf16(gpu, blas, m, n, k)) is { } bf16Us)
                 {
-                    report.Add(row("cublas_bf16", bf16Us));
+                    baselines.Add(("cublas_bf16", bf16Us));
                 }
 
                 if (lt is not null && Baseline(CublasLtHandle.BaselineName(scaling), m, n, k, () => TimeCublasLtFp8(gpu, lt, inputs, scaling)) is { } fp8Us)
                 {
-                    report.Add(row(CublasLtHandle.BaselineName(scaling), fp8Us));
+                    baselines.Add((CublasLtHandle.BaselineName(scaling), fp8Us));
+                }
+
+                // The automatic choice, and on Hopper the wgmma kernel where the choice does not take it yet (above the gemv's rows).
+                var paths = new List<(string Name, Fp8GemmPath Path)> { ("fp8_gemm", Fp8GemmPath.Auto) };
+                if (gemm.Wgmma && m > Fp8GemmKernel.GemvMaxM && !gemm.PreferWgmma)
+                {
+                    paths.Add(("fp8_gemm_wgmma", Fp8GemmPath.Wgmma));
+                }
+
+                foreach (var (name, path) in paths)
+                {
+                    var us = gpu.Measure(i => gemm.Launch(gpu.Stream, inputs.X(i), inputs.XScales, inputs.W(i), inputs.WScales, inputs.Y, ElementType.BF16, m, n, k, path: path));
+                    foreach (var (baseline, baselineUs) in baselines)
+                    {
+                        report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, baseline, baselineUs));
+                    }
                 }
             }
         }
