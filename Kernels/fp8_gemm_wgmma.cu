@@ -3,41 +3,54 @@
 // Y = X·Wᵀ with 1x128 activation and 128x128 weight scales, BF16 or FP32 output, optional residual).
 //
 // Block: 384 threads in three warpgroups.
-//   - Warpgroups 0 and 1 (consumers) each own 64 rows of a 128 x 128 output tile. Per 128-wide K block (one
-//     scale block) a consumer waits for the stage, runs 4 wgmma m64n128k32 from zero into `part`, releases
-//     the stage, and promotes: acc += part * sa[row, kb] * sb[n / 128, kb] in fp32 on the CUDA cores. The
-//     tensor cores accumulate FP8 products with fewer bits than fp32 (about 14, DeepSeek-V3 report 3.3.2),
-//     so promoting every 128 of K is what keeps the result close to an fp32 sum.
+//   - Warpgroups 0 and 1 (consumers) each own 64 rows of the wgmma's A side. Per 128-wide K block (one scale
+//     block) a consumer waits for the stage, runs 4 wgmma k32 from zero into `part`, releases the stage, and
+//     promotes: acc += part * sa[m, kb] * sb[n / 128, kb] in fp32 on the CUDA cores. The tensor cores add
+//     FP8 products with fewer bits than fp32 (about 14, DeepSeek-V3 report 3.3.2), so promoting every 128 of
+//     K is what keeps the result close to an fp32 sum.
 //   - Warpgroup 2 (producer) gives its registers to the consumers (setmaxnreg) and one of its threads issues
-//     the TMA loads: per stage a 128 x 128-byte box of the activation codes and one of the weight codes, both
-//     with the 128-byte swizzle wgmma reads (hopper.cuh), completing on the stage's full barrier. Boxes past
-//     M, N or K read zeros, so ragged shapes need no special path; K and the activation row stride must be
-//     multiples of 16 bytes (TMA strides), which the launcher checks before choosing this kernel.
-// Persistent grid: one block per SM walks the tiles blockIdx.x, blockIdx.x + gridDim.x, ... in the grouped
-// order of fp8_wgmma_tile; the pipeline runs on across tiles, so the next tile's loads overlap this tile's
-// epilogue. N and K are template constants, M is a run-time value.
+//     the TMA loads: per stage a box of the activation codes and one of the weight codes, 128 bytes of K
+//     wide, with the 128-byte swizzle wgmma reads (hopper.cuh), completing on the stage's full barrier.
+//     Boxes past M, N or K read zeros, so ragged shapes need no special path; K and the activation row stride
+//     must be multiples of 16 bytes (TMA strides), which the launcher checks before choosing these kernels.
+// Two variants share that pipeline (the launcher picks one by M, Fp8GemmKernel.WgmmaVariantFor):
+//   - prefill (fp8_gemm_wgmma_kernel, M above 64): 128 x 128 output tiles, A = activations, B = weights,
+//     m64n128k32; a persistent grid walks the tiles in the grouped order of fp8_wgmma_tile, the pipeline
+//     running on across tiles so the next tile's loads overlap this tile's epilogue.
+//   - decode (fp8_gemm_wgmma_decode_kernel, M up to 64): A and B swapped so the weight is the wide side:
+//     A = 128 weight rows, B = the (at most) 64 activation rows, m64n64k32. Each weight byte is read once;
+//     the tensor cores have ~4x the time the weight stream takes, so padding M to 64 costs nothing. When the
+//     weight tiles cannot fill the GPU, K is split (work unit = weight tile x K split) and fp32 partials go to
+//     a workspace that fp8_gemv_reduce_kernel sums in a fixed order (deterministic, as the gemv's split-K).
+// N and K are template constants, M is a run-time value.
 #pragma once
 #include "fp8_gemm.cuh"
 #include "hopper.cuh"
 
-constexpr int kWgmmaTile = 128;      // tile edge in M and N; BK = kFp8Block
-constexpr int kWgmmaStages = 6;
+constexpr int kWgmmaTile = 128;       // prefill tile edge in M and N; the decode weight tile; BK = kFp8Block
+constexpr int kWgmmaDecodeRows = 64;  // most activation rows of the decode variant (its wgmma N)
 constexpr int kWgmmaThreads = 384;
 constexpr int kWgmmaConsumerWarps = 8;
-constexpr int kWgmmaBoxBytes = kWgmmaTile * kFp8Block;          // one operand's box per stage (16 KiB)
-constexpr int kWgmmaStageBytes = 2 * kWgmmaBoxBytes;
-// Dynamic shared memory: the stages (1024-byte aligned for the swizzle, hence 1 KiB of slack) and two
-// 8-byte mbarriers per stage. Mirrored by Fp8GemmKernel.WgmmaSharedBytes.
+constexpr int kWgmmaBoxBytes = kWgmmaTile * kFp8Block;                              // a 128-row box (16 KiB)
+constexpr int kWgmmaStages = 6;
+constexpr int kWgmmaStageBytes = 2 * kWgmmaBoxBytes;                                // prefill: X box + W box
+constexpr int kWgmmaDecodeStages = 8;
+constexpr int kWgmmaDecodeStageBytes = kWgmmaBoxBytes + kWgmmaDecodeRows * kFp8Block; // decode: W box + X box
+// Dynamic shared memory: the stages (1024-byte aligned for the swizzle, hence 1 KiB of slack) and two 8-byte
+// mbarriers per stage. Mirrored by Fp8GemmKernel.WgmmaSharedBytes / WgmmaDecodeSharedBytes.
 constexpr int kWgmmaSharedBytes = 1024 + kWgmmaStages * kWgmmaStageBytes + 2 * kWgmmaStages * 8;
+constexpr int kWgmmaDecodeSharedBytes = 1024 + kWgmmaDecodeStages * kWgmmaDecodeStageBytes + 2 * kWgmmaDecodeStages * 8;
+static_assert(kWgmmaDecodeStageBytes % 1024 == 0, "every box must stay 1024-byte aligned");
 
 struct Fp8WgmmaParams
 {
-    TmaMap x_map;        // activation codes: dims {K, m}, row stride x_stride, box {128, 128}, 128-byte swizzle
-    TmaMap w_map;        // weight codes: dims {K, N}, row stride K, box {128, 128}, 128-byte swizzle
-    Fp8GemmParams gemm;  // scales, output, residual, strides, m, out_bf16 (code pointers and split-K fields unused)
-    i32 tiles_m;         // ceil(m / 128)
+    TmaMap x_map;        // activation codes: dims {K, m}, row stride x_stride, box {128, 128 (prefill) or 64 (decode)}
+    TmaMap w_map;        // weight codes: dims {K, N}, row stride K, box {128, 128}; both with the 128-byte swizzle
+    Fp8GemmParams gemm;  // scales, output, residual, strides, m, out_bf16; decode split-K: partial, splits,
+                         // split_k (K per split, a multiple of 128); the code pointers are unused
+    i32 tiles_m;         // prefill: ceil(m / 128); decode: 1
     i32 tiles_n;         // ceil(N / 128)
-    i32 group_m;         // M tiles per group of the tile order
+    i32 group_m;         // prefill: M tiles per group of the tile order
 };
 
 struct WgmmaTileIndex
@@ -46,7 +59,7 @@ struct WgmmaTileIndex
     int n;
 };
 
-// Tile t of the persistent order: groups of group_m M tiles; inside a group M runs fastest, then N. Blocks
+// Tile t of the prefill order: groups of group_m M tiles; inside a group M runs fastest, then N. Blocks
 // running at the same time then share a few weight tiles and a few activation tiles in L2 instead of each
 // streaming its own. The last group may hold fewer M tiles. constexpr, so the tests check it against its C#
 // mirror (Fp8GemmKernel.WgmmaTileAt) at compile time.
@@ -60,6 +73,66 @@ __device__ constexpr WgmmaTileIndex fp8_wgmma_tile(int t, int tiles_m, int tiles
     return WgmmaTileIndex{first + r % rows, r / rows};
 }
 
+// The stage ring: stage s's boxes at base + s * STAGE_BYTES, its full and empty mbarriers after the stages.
+// Producer and consumers each keep their own copy and advance it in the same order.
+template <int STAGES, int STAGE_BYTES>
+struct WgmmaRing
+{
+    u32 base;
+    int stage;
+    u32 phase;
+
+    DSC_DEVICE u32 smem() const { return base + stage * STAGE_BYTES; }
+    DSC_DEVICE u32 full() const { return base + STAGES * STAGE_BYTES + 8 * stage; }
+    DSC_DEVICE u32 empty() const { return base + STAGES * STAGE_BYTES + 8 * (STAGES + stage); }
+    DSC_DEVICE void next()
+    {
+        if (++stage == STAGES)
+        {
+            stage = 0;
+            phase ^= 1u;
+        }
+    }
+
+    // Aligns the dynamic shared memory to 1024 bytes and, with the whole block, initializes the barriers:
+    // full completes on the producer's one arrive plus the stage's bytes, empty on one arrive per consumer warp.
+    static DSC_DEVICE WgmmaRing open(u8* dynamic_smem)
+    {
+        WgmmaRing r{(smem_addr(dynamic_smem) + 1023u) & ~1023u, 0, 0u};
+        if (threadIdx.x == 0)
+        {
+            for (int s = 0; s < STAGES; s++)
+            {
+                mbar_init(r.base + STAGES * STAGE_BYTES + 8 * s, 1);
+                mbar_init(r.base + STAGES * STAGE_BYTES + 8 * (STAGES + s), kWgmmaConsumerWarps);
+            }
+            mbar_fence_init();
+        }
+        __syncthreads();
+        return r;
+    }
+};
+
+// The consumer's rows of the A side (row and row + 8 of its 64) and columns of the B side (8 j + col, + 1).
+DSC_DEVICE int wgmma_consumer_row() { return (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + ((threadIdx.x & 31) >> 2); }
+DSC_DEVICE int wgmma_consumer_col() { return 2 * (threadIdx.x & 3); }
+
+// Loads `blocks` K blocks starting at kb0 of one work unit: A box at (kb, a_row), B box at (kb, b_row), each
+// stage completing stage_bytes on its full barrier.
+template <int STAGES, int STAGE_BYTES>
+DSC_DEVICE void wgmma_produce(WgmmaRing<STAGES, STAGE_BYTES>& ring, const TmaMap* a_map, i32 a_row, const TmaMap* b_map, i32 b_row,
+                              int kb0, int blocks)
+{
+    for (int kb = kb0; kb < kb0 + blocks; kb++)
+    {
+        mbar_wait(ring.empty(), ring.phase ^ 1u);
+        mbar_arrive_expect_tx(ring.full(), STAGE_BYTES);
+        tma_load_2d(ring.smem(), a_map, ring.full(), kb * kFp8Block, a_row);
+        tma_load_2d(ring.smem() + kWgmmaBoxBytes, b_map, ring.full(), kb * kFp8Block, b_row);
+        ring.next();
+    }
+}
+
 template <int N, int K>
 __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const __grid_constant__ Fp8WgmmaParams p)
 {
@@ -67,54 +140,27 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const 
     constexpr int KB = (K + kFp8Block - 1) / kFp8Block;
     static_assert(kWgmmaTile == kFp8Block, "a tile's columns must share one weight-scale block");
     extern __shared__ u8 wgmma_smem[];
-    const u32 base = (smem_addr(wgmma_smem) + 1023u) & ~1023u;
-    const u32 bars = base + kWgmmaStages * kWgmmaStageBytes;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    auto ring = WgmmaRing<kWgmmaStages, kWgmmaStageBytes>::open(wgmma_smem);
     const int tiles = p.tiles_m * p.tiles_n;
 
-    if (tid == 0)
-    {
-        for (int s = 0; s < kWgmmaStages; s++)
-        {
-            mbar_init(bars + 8 * s, 1);                                          // full: the producer's arrive + bytes
-            mbar_init(bars + 8 * (kWgmmaStages + s), kWgmmaConsumerWarps);       // empty: one arrive per consumer warp
-        }
-        mbar_fence_init();
-    }
-    __syncthreads();
-
-    if (warp >= kWgmmaConsumerWarps)
+    if (threadIdx.x >= kWgmmaConsumerWarps * 32)
     {
         warpgroup_registers_dec<40>();
-        if (tid != kWgmmaConsumerWarps * 32) return;
+        if (threadIdx.x != kWgmmaConsumerWarps * 32) return;
         tma_prefetch_map(&p.x_map);
         tma_prefetch_map(&p.w_map);
-        int stage = 0;
-        u32 phase = 0;
         for (int t = blockIdx.x; t < tiles; t += gridDim.x)
         {
             const WgmmaTileIndex tile = fp8_wgmma_tile(t, p.tiles_m, p.tiles_n, p.group_m);
-            for (int kb = 0; kb < KB; kb++)
-            {
-                const u32 full = bars + 8 * stage, empty = bars + 8 * (kWgmmaStages + stage);
-                const u32 a = base + stage * kWgmmaStageBytes;
-                mbar_wait(empty, phase ^ 1u);
-                mbar_arrive_expect_tx(full, kWgmmaStageBytes);
-                tma_load_2d(a, &p.x_map, full, kb * kFp8Block, tile.m * kWgmmaTile);
-                tma_load_2d(a + kWgmmaBoxBytes, &p.w_map, full, kb * kFp8Block, tile.n * kWgmmaTile);
-                if (++stage == kWgmmaStages) { stage = 0; phase ^= 1u; }
-            }
+            wgmma_produce(ring, &p.x_map, tile.m * kWgmmaTile, &p.w_map, tile.n * kWgmmaTile, 0, KB);
         }
         return;
     }
 
     warpgroup_registers_inc<232>();
-    const int wg = warp >> 2;
-    const int row = wg * 64 + (warp & 3) * 16 + (lane >> 2); // this thread's rows in the tile: row and row + 8
-    const int col = 2 * (lane & 3);                           // and columns 8 * j + col, + 1 (j < 16)
+    const int row = wgmma_consumer_row(), col = wgmma_consumer_col();
+    const int lane = threadIdx.x & 31;
     const Fp8GemmParams& g = p.gemm;
-    int stage = 0;
-    u32 phase = 0;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x)
     {
         const WgmmaTileIndex tile = fp8_wgmma_tile(t, p.tiles_m, p.tiles_n, p.group_m);
@@ -133,10 +179,9 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const 
             const float wscale = sb[kb];
             const float s0 = in0 ? sa0[kb] * wscale : 0.0f;
             const float s1 = in1 ? sa1[kb] * wscale : 0.0f;
-            const u32 full = bars + 8 * stage, empty = bars + 8 * (kWgmmaStages + stage);
-            const u32 a = base + stage * kWgmmaStageBytes + wg * 64 * kFp8Block;
-            const u32 b = base + stage * kWgmmaStageBytes + kWgmmaBoxBytes;
-            mbar_wait(full, phase);
+            const u32 a = ring.smem() + (threadIdx.x >> 7) * 64 * kFp8Block;
+            const u32 b = ring.smem() + kWgmmaBoxBytes;
+            mbar_wait(ring.full(), ring.phase);
 #pragma unroll
             for (int i = 0; i < 64; i++) wgmma_fence_operand(part[i]);
             wgmma_fence();
@@ -147,8 +192,8 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const 
 #pragma unroll
             for (int i = 0; i < 64; i++) wgmma_fence_operand(part[i]);
             wgmma_wait<0>();
-            if (lane == 0) mbar_arrive(empty);
-            if (++stage == kWgmmaStages) { stage = 0; phase ^= 1u; }
+            if (lane == 0) mbar_arrive(ring.empty());
+            ring.next();
 
             // Promote: registers 4j, 4j+1 are row `row`, 4j+2, 4j+3 row `row + 8`.
 #pragma unroll
@@ -172,6 +217,103 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const 
                 if (in0) fp8_gemm_store(g, m0, n, acc[4 * j + c]);
                 if (in1) fp8_gemm_store(g, m1, n, acc[4 * j + 2 + c]);
             }
+        }
+    }
+#endif
+}
+
+template <int N, int K>
+__global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_decode_kernel(const __grid_constant__ Fp8WgmmaParams p)
+{
+#if DSC_HOPPER
+    constexpr int KB = (K + kFp8Block - 1) / kFp8Block;
+    extern __shared__ u8 wgmma_smem[];
+    auto ring = WgmmaRing<kWgmmaDecodeStages, kWgmmaDecodeStageBytes>::open(wgmma_smem);
+    const Fp8GemmParams& g = p.gemm;
+    const int split_blocks = g.split_k / kFp8Block;
+    const int units = p.tiles_n * g.splits;
+
+    if (threadIdx.x >= kWgmmaConsumerWarps * 32)
+    {
+        warpgroup_registers_dec<40>();
+        if (threadIdx.x != kWgmmaConsumerWarps * 32) return;
+        tma_prefetch_map(&p.x_map);
+        tma_prefetch_map(&p.w_map);
+        for (int u = blockIdx.x; u < units; u += gridDim.x)
+        {
+            const int tn = u / g.splits, kb0 = (u % g.splits) * split_blocks;
+            wgmma_produce(ring, &p.w_map, tn * kWgmmaTile, &p.x_map, 0, kb0, min(split_blocks, KB - kb0));
+        }
+        return;
+    }
+
+    warpgroup_registers_inc<232>();
+    const int row = wgmma_consumer_row(), col = wgmma_consumer_col();
+    const int lane = threadIdx.x & 31;
+    for (int u = blockIdx.x; u < units; u += gridDim.x)
+    {
+        const int tn = u / g.splits, split = u % g.splits, kb0 = split * split_blocks;
+        const int kb1 = min(KB, kb0 + split_blocks);
+        const float* sb = g.w_scales + (i64)tn * KB;
+
+        // Registers 4j + 2h + c: weight row `row + 8h`, activation row 8j + col + c.
+        float acc[32], part[32];
+#pragma unroll
+        for (int i = 0; i < 32; i++) acc[i] = 0.0f;
+
+        for (int kb = kb0; kb < kb1; kb++)
+        {
+            const float wscale = sb[kb];
+            float s[16];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+                {
+                    const int m = 8 * j + col + c;
+                    s[2 * j + c] = m < g.m ? g.x_scales[(i64)m * g.x_scales_stride + kb] * wscale : 0.0f;
+                }
+            const u32 a = ring.smem() + (threadIdx.x >> 7) * 64 * kFp8Block;
+            const u32 b = ring.smem() + kWgmmaBoxBytes;
+            mbar_wait(ring.full(), ring.phase);
+#pragma unroll
+            for (int i = 0; i < 32; i++) wgmma_fence_operand(part[i]);
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < kFp8Block / 32; ks++)
+                wgmma_m64n64k32_e4m3(part, wgmma_desc_sw128(a + 32 * ks), wgmma_desc_sw128(b + 32 * ks), ks > 0 ? 1u : 0u);
+            wgmma_commit();
+#pragma unroll
+            for (int i = 0; i < 32; i++) wgmma_fence_operand(part[i]);
+            wgmma_wait<0>();
+            if (lane == 0) mbar_arrive(ring.empty());
+            ring.next();
+
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+#pragma unroll
+                    for (int c = 0; c < 2; c++)
+                        acc[4 * j + 2 * h + c] = fmaf(part[4 * j + 2 * h + c], s[2 * j + c], acc[4 * j + 2 * h + c]);
+        }
+
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+        {
+            const int n = tn * kWgmmaTile + row + 8 * h;
+            if (n >= N) continue;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+                {
+                    const int m = 8 * j + col + c;
+                    if (m >= g.m) continue;
+                    const float v = acc[4 * j + 2 * h + c];
+                    if (g.partial) g.partial[((i64)split * g.m + m) * N + n] = v;
+                    else fp8_gemm_store(g, m, n, v);
+                }
         }
     }
 #endif

@@ -49,8 +49,9 @@ internal enum Fp8GemmPath
     Mma = 2,
 
     /// <summary>
-    /// The Hopper kernel (Kernels/fp8_gemm_wgmma.cu: wgmma, TMA, warp specialization, persistent grid); sm_90a only,
-    /// K and the activation row stride multiples of 16 bytes (<see cref="Fp8GemmKernel.WgmmaRefusal"/>).
+    /// The Hopper kernels (Kernels/fp8_gemm_wgmma.cu: wgmma, TMA, warp specialization, persistent grid), the decode
+    /// variant up to <see cref="Fp8GemmKernel.WgmmaDecodeRows"/> rows, the prefill one above; sm_90a only, K and the
+    /// activation row stride multiples of 16 bytes (<see cref="Fp8GemmKernel.WgmmaRefusal"/>).
     /// </summary>
     Wgmma = 3,
 }
@@ -97,11 +98,17 @@ internal sealed class Fp8GemmKernel : IDisposable
     /// <summary>CUDA name of the wgmma kernel's params struct.</summary>
     public const string WgmmaParamsType = "Fp8WgmmaParams";
 
-    /// <summary>Output tile edge (M and N) of the wgmma kernel.</summary>
+    /// <summary>Output tile edge (M and N) of the wgmma prefill kernel; weight rows per tile of the decode one.</summary>
     public const int WgmmaTileEdge = 128;
 
-    /// <summary>Pipeline stages of the wgmma kernel (a 128 x 128-byte box of each operand per stage).</summary>
+    /// <summary>Pipeline stages of the wgmma prefill kernel (a 128 x 128-byte box of each operand per stage).</summary>
     public const int WgmmaStages = 6;
+
+    /// <summary>Most rows the wgmma decode kernel takes (its wgmma N: weights and activations swapped).</summary>
+    public const int WgmmaDecodeRows = 64;
+
+    /// <summary>Pipeline stages of the wgmma decode kernel (128 weight rows and 64 activation rows of 128 bytes per stage).</summary>
+    public const int WgmmaDecodeStages = 8;
 
     /// <summary>Threads per wgmma block: two consumer warpgroups and the producer's.</summary>
     public const int WgmmaThreads = 384;
@@ -111,6 +118,9 @@ internal sealed class Fp8GemmKernel : IDisposable
 
     /// <summary>Dynamic shared memory of a wgmma block: the stages, 1 KiB to align them to 1024 bytes, two mbarriers per stage.</summary>
     public const int WgmmaSharedBytes = 1024 + WgmmaStages * 2 * WgmmaTileEdge * Block + 2 * WgmmaStages * 8;
+
+    /// <summary>Dynamic shared memory of a wgmma decode block, laid out as <see cref="WgmmaSharedBytes"/>.</summary>
+    public const int WgmmaDecodeSharedBytes = 1024 + WgmmaDecodeStages * (WgmmaTileEdge + WgmmaDecodeRows) * Block + 2 * WgmmaDecodeStages * 8;
 
     /// <summary>
     /// The DeepSeek-V3 linear shapes (N, K): q_a, q_b (128 heads x 192), kv_a (512 + 64), kv_b (128 x 256
@@ -187,9 +197,16 @@ internal sealed class Fp8GemmKernel : IDisposable
     public static KernelInstance WgmmaInstance(int n, int k) =>
         new($"fp8_gemm_wgmma_kernel<{n}, {k}>", WgmmaParamsType) { DynamicSharedBytes = WgmmaSharedBytes };
 
-    /// <summary>The wgmma specializations of the DeepSeek-V3 and ragged shapes whose K the kernel takes (a multiple of 16).</summary>
+    /// <summary>The wgmma decode specialization for a shape.</summary>
+    public static KernelInstance WgmmaDecodeInstance(int n, int k) =>
+        new($"fp8_gemm_wgmma_decode_kernel<{n}, {k}>", WgmmaParamsType) { DynamicSharedBytes = WgmmaDecodeSharedBytes };
+
+    /// <summary>
+    /// The wgmma specializations (prefill and decode) of the DeepSeek-V3 and ragged shapes whose K the kernels take
+    /// (a multiple of 16).
+    /// </summary>
     public static IReadOnlyList<KernelInstance> AllWgmmaInstances() =>
-        [.. DeepSeekV3Shapes.Concat(RaggedShapes).Distinct().Where(s => s.K % 16 == 0).Select(s => WgmmaInstance(s.N, s.K))];
+        [.. DeepSeekV3Shapes.Concat(RaggedShapes).Distinct().Where(s => s.K % 16 == 0).SelectMany(s => new[] { WgmmaInstance(s.N, s.K), WgmmaDecodeInstance(s.N, s.K) })];
 
     /// <summary>Whether <paramref name="target"/> runs the wgmma kernel: sm_90a, the only target with wgmma and TMA.</summary>
     public static bool HasWgmma(KernelTarget target) => target.Arch == "sm_90a";
@@ -207,11 +224,28 @@ internal sealed class Fp8GemmKernel : IDisposable
         : null;
 
     /// <summary>
-    /// The path <see cref="Fp8GemmPath.Auto"/> takes for <paramref name="m"/> rows: gemv up to <see cref="GemvMaxM"/>,
-    /// above it the wgmma kernel when <paramref name="wgmma"/> (preferred and able to run the call), else mma.
+    /// The path <see cref="Fp8GemmPath.Auto"/> takes for <paramref name="m"/> rows: the wgmma kernels when
+    /// <paramref name="wgmma"/> (preferred and able to run the call), else gemv up to <see cref="GemvMaxM"/> rows and mma above.
     /// </summary>
     public static Fp8GemmPath Choose(int m, bool wgmma = false) =>
-        m <= GemvMaxM ? Fp8GemmPath.Gemv : wgmma ? Fp8GemmPath.Wgmma : Fp8GemmPath.Mma;
+        wgmma ? Fp8GemmPath.Wgmma : m <= GemvMaxM ? Fp8GemmPath.Gemv : Fp8GemmPath.Mma;
+
+    /// <summary>Whether <see cref="Fp8GemmPath.Wgmma"/> runs <paramref name="m"/> rows on the decode variant (else the prefill one).</summary>
+    public static bool WgmmaDecodes(int m) => m <= WgmmaDecodeRows;
+
+    /// <summary>
+    /// K splits of the wgmma decode kernel and the 128-wide K blocks of each: none while the weight tiles alone give
+    /// every SM a block; otherwise as many splits as keep tiles x splits within one block per SM, rounded so every
+    /// split holds the same number of blocks but the last.
+    /// </summary>
+    public static (int Splits, int BlocksPerSplit) WgmmaDecodeSplits(int n, int k, int multiprocessors)
+    {
+        var tiles = WgmmaTiles(n);
+        var kb = BlocksFor(k);
+        var wanted = Math.Clamp(multiprocessors / tiles, 1, kb);
+        var per = (kb + wanted - 1) / wanted;
+        return ((kb + per - 1) / per, per);
+    }
 
     /// <summary>
     /// Tile <paramref name="t"/> of the wgmma kernel's persistent order (fp8_wgmma_tile in Kernels/fp8_gemm_wgmma.cu):
@@ -227,7 +261,7 @@ internal sealed class Fp8GemmKernel : IDisposable
         return (first + r % rows, r / rows);
     }
 
-    /// <summary>Blocks of the wgmma kernel's persistent grid: one per SM, no more than there are tiles.</summary>
+    /// <summary>Blocks of the wgmma prefill kernel's persistent grid: one per SM, no more than there are tiles.</summary>
     public static int WgmmaGrid(int m, int n, int multiprocessors) =>
         (int)Math.Min((long)WgmmaTiles(m) * WgmmaTiles(n), multiprocessors);
 
@@ -298,7 +332,22 @@ internal sealed class Fp8GemmKernel : IDisposable
                 throw new ArgumentException($"FP8 GEMM M={m} N={n} K={k}: the wgmma kernel cannot run it: {why}", nameof(path));
             }
 
-            _wgmma!.Run(stream, in p, n, k);
+            if (!WgmmaDecodes(m))
+            {
+                _wgmma!.Run(stream, in p, n, k);
+                return;
+            }
+
+            var (wgmmaSplits, perSplit) = WgmmaDecodeSplits(n, k, Device.MultiprocessorCount);
+            p.Splits = wgmmaSplits;
+            p.SplitK = perSplit * Block;
+            p.Partial = Workspace(stream, p.Splits, m, n);
+            _wgmma!.RunDecode(stream, in p, n, k);
+            if (p.Splits > 1)
+            {
+                _gemv.Reduce(stream, in p, n);
+            }
+
             return;
         }
 
@@ -310,20 +359,27 @@ internal sealed class Fp8GemmKernel : IDisposable
             p.Splits = (k + p.SplitK - 1) / p.SplitK;
         }
 
-        if (p.Splits > 1)
-        {
-            var need = (long)p.Splits * m * n;
-            if (_workspace is null || _workspace.Length < need)
-            {
-                stream.Synchronize(); // the old workspace may still be in use by queued work
-                _workspace?.Dispose();
-                _workspace = DeviceBuffer<float>.Allocate(Device, need);
-            }
+        p.Partial = Workspace(stream, p.Splits, m, n);
+        _gemv.Run(stream, in p, n, k, tile);
+    }
 
-            p.Partial = _workspace.Pointer;
+    /// <summary>The split-K workspace for <paramref name="splits"/> fp32 partials of [m, n], grown as needed; 0 without a split.</summary>
+    private ulong Workspace(CudaStream stream, int splits, int m, int n)
+    {
+        if (splits <= 1)
+        {
+            return 0;
         }
 
-        _gemv.Run(stream, in p, n, k, tile);
+        var need = (long)splits * m * n;
+        if (_workspace is null || _workspace.Length < need)
+        {
+            stream.Synchronize(); // the old workspace may still be in use by queued work
+            _workspace?.Dispose();
+            _workspace = DeviceBuffer<float>.Allocate(Device, need);
+        }
+
+        return _workspace.Pointer;
     }
 
     private static int RoundUp(int v, int to) => (v + to - 1) / to * to;
@@ -346,9 +402,13 @@ internal sealed class Fp8GemmKernel : IDisposable
             Get(GemvInstance(n, k, tile)).Launch(grid, GemvWarps * 32, 0, stream, in p);
             if (p.Splits > 1)
             {
-                Get(ReduceInstance(n)).Launch(new Dim3(Blocks((long)p.M * n, 256)), 256, 0, stream, in p);
+                Reduce(stream, in p, n);
             }
         }
+
+        /// <summary>Sums the split-K partials in split order and applies the epilogue (the gemv's and the wgmma decode's).</summary>
+        public void Reduce(CudaStream stream, in Fp8GemmParams p, int n) =>
+            Get(ReduceInstance(n)).Launch(new Dim3(Blocks((long)p.M * n, 256)), 256, 0, stream, in p);
     }
 
     private sealed class MmaLauncher(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, MmaFamily)
@@ -361,19 +421,32 @@ internal sealed class Fp8GemmKernel : IDisposable
     {
         public void Run(CudaStream stream, in Fp8GemmParams p, int n, int k)
         {
-            // The maps hold the activation pointer and M, so they are encoded per call (host only, about a microsecond).
+            var wp = Params(in p, n, k, WgmmaTileEdge, WgmmaTiles(p.M));
+            var instance = WgmmaInstance(n, k);
+            Get(instance).Launch(new Dim3((uint)WgmmaGrid(p.M, n, Device.MultiprocessorCount)), WgmmaThreads, (uint)instance.DynamicSharedBytes, stream, in wp);
+        }
+
+        public void RunDecode(CudaStream stream, in Fp8GemmParams p, int n, int k)
+        {
+            var wp = Params(in p, n, k, WgmmaDecodeRows, 1);
+            var units = wp.TilesN * p.Splits;
+            var instance = WgmmaDecodeInstance(n, k);
+            Get(instance).Launch(new Dim3((uint)Math.Min(units, Device.MultiprocessorCount)), WgmmaThreads, (uint)instance.DynamicSharedBytes, stream, in wp);
+        }
+
+        // The maps hold the activation pointer and M, so they are encoded per call (host only, about a microsecond).
+        private Fp8WgmmaParams Params(in Fp8GemmParams p, int n, int k, int activationBox, int tilesM)
+        {
             var what = $"FP8 GEMM M={p.M} N={n} K={k}";
-            var wp = new Fp8WgmmaParams
+            return new Fp8WgmmaParams
             {
-                XMap = new TmaTile2D(p.XCodes, k, p.M, p.XStride, Block, WgmmaTileEdge, TmaSwizzle.Swizzle128B).Encode(what + " activation codes", Device.Ordinal),
+                XMap = new TmaTile2D(p.XCodes, k, p.M, p.XStride, Block, activationBox, TmaSwizzle.Swizzle128B).Encode(what + " activation codes", Device.Ordinal),
                 WMap = new TmaTile2D(p.W, k, n, k, Block, WgmmaTileEdge, TmaSwizzle.Swizzle128B).Encode(what + " weight codes", Device.Ordinal),
                 Gemm = p,
-                TilesM = WgmmaTiles(p.M),
+                TilesM = tilesM,
                 TilesN = WgmmaTiles(n),
                 GroupM = WgmmaGroupM,
             };
-            var instance = WgmmaInstance(n, k);
-            Get(instance).Launch(new Dim3((uint)WgmmaGrid(p.M, n, Device.MultiprocessorCount)), WgmmaThreads, (uint)instance.DynamicSharedBytes, stream, in wp);
         }
     }
 }

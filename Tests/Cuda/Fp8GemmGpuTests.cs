@@ -51,15 +51,19 @@ public sealed class Fp8GemmGpuTests : GpuTestBase
     public void MatchesCpuOnDeepSeekShapes(int m, int n, int k) => Check(m, n, k);
 
     /// <summary>
-    /// The Hopper kernel on the rows the issue names (one tile row, part of one, several, and 4095: 32 tile rows, the last
-    /// one short) over DeepSeek-V3 shapes (N = 576 and 2112 end inside a tile) and ragged ones (K a multiple of 16, not of 128).
-    /// The other rows above run it too, wherever it can run (sm_90a and K a multiple of 16).
+    /// The Hopper kernels on the rows the issue names: the decode variant (weights as the wide side, with and without a
+    /// K split) up to 64 rows, the prefill variant above (one tile row, part of one, several, and 4095: 32 tile rows, the
+    /// last one short), over DeepSeek-V3 shapes (N = 576 and 2112 end inside a tile) and ragged ones (K a multiple of 16,
+    /// not of 128). The tests above run them too, wherever they can run (sm_90a and K a multiple of 16).
     /// </summary>
     [TestMethod]
-    [DataRow(1, 2112, 7168)]
-    [DataRow(3, 576, 7168)]
+    [DataRow(1, 2112, 7168)]   // decode variant, K split 7 ways
+    [DataRow(2, 7168, 18432)]  // decode, split 2 ways
+    [DataRow(3, 576, 7168)]    // decode, split 19 ways
+    [DataRow(5, 300, 208)]     // decode, ragged N and K
     [DataRow(17, 1536, 7168)]
-    [DataRow(64, 7168, 2048)]
+    [DataRow(64, 7168, 2048)]  // decode, the most rows it takes
+    [DataRow(65, 2048, 7168)]  // prefill, one tile row
     [DataRow(129, 4096, 7168)]
     [DataRow(129, 300, 208)]
     [DataRow(4095, 1000, 1040)]

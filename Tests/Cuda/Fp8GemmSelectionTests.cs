@@ -15,19 +15,40 @@ public sealed class Fp8GemmSelectionTests
     private static readonly KernelTarget Hopper = new("sm_90a");
 
     [TestMethod]
-    public void DecodeRowsTakeTheGemvAndPrefillRowsTheMmaUnlessTheHopperKernelIsPreferred()
+    public void DecodeRowsTakeTheGemvAndPrefillRowsTheMmaUnlessTheHopperKernelsArePreferred()
     {
         foreach (var m in new[] { 1, 3, 17, 64 })
         {
-            Assert.AreEqual(Fp8GemmPath.Gemv, Fp8GemmKernel.Choose(m), $"M={m}");
-            Assert.AreEqual(Fp8GemmPath.Gemv, Fp8GemmKernel.Choose(m, wgmma: true), $"M={m}, wgmma preferred: decode stays on the gemv");
+            Assert.AreEqual(Fp8GemmPath.Gemv, Fp8GemmKernel.Choose(m), $"M={m}: the verified kernel stays the default");
+            Assert.AreEqual(Fp8GemmPath.Wgmma, Fp8GemmKernel.Choose(m, wgmma: true), $"M={m}, wgmma preferred");
+            Assert.IsTrue(Fp8GemmKernel.WgmmaDecodes(m), $"M={m} runs on the decode variant (weights as the wide side)");
         }
 
         foreach (var m in new[] { 65, 129, 4095 })
         {
             Assert.AreEqual(Fp8GemmPath.Mma, Fp8GemmKernel.Choose(m), $"M={m}: the verified kernel stays the default");
             Assert.AreEqual(Fp8GemmPath.Wgmma, Fp8GemmKernel.Choose(m, wgmma: true), $"M={m}, wgmma preferred");
+            Assert.IsFalse(Fp8GemmKernel.WgmmaDecodes(m), $"M={m} runs on the prefill variant");
         }
+    }
+
+    [TestMethod]
+    [DataRow(576, 7168, 132, 19, 3)]    // kv_a: 5 weight tiles, K split 19 ways
+    [DataRow(2112, 7168, 132, 7, 8)]    // fused q_a + kv_a: 17 tiles
+    [DataRow(7168, 18432, 132, 2, 72)]  // dense down: 56 tiles
+    [DataRow(7168, 2048, 132, 2, 8)]    // expert down
+    [DataRow(24576, 1536, 132, 1, 12)]  // q_b: 192 tiles fill the GPU alone
+    [DataRow(32768, 512, 132, 1, 4)]
+    [DataRow(300, 208, 132, 2, 1)]      // K of two blocks, the last partial
+    [DataRow(576, 7168, 1, 1, 56)]
+    public void TheDecodeVariantSplitsKOnlyWhereTheWeightTilesLeaveSmsIdle(int n, int k, int sms, int splits, int perSplit)
+    {
+        var (s, per) = Fp8GemmKernel.WgmmaDecodeSplits(n, k, sms);
+        Assert.AreEqual((splits, perSplit), (s, per), $"N={n} K={k} on {sms} SMs");
+        var blocks = Fp8GemmKernel.BlocksFor(k);
+        var tiles = (n + 127) / 128;
+        Assert.IsTrue(s * per >= blocks && (s - 1) * per < blocks, "every split holds at least one K block, together all of them");
+        Assert.IsTrue(tiles * s <= Math.Max(sms, tiles), "no more work units than SMs unless the tiles alone exceed them");
     }
 
     [TestMethod]
@@ -59,8 +80,12 @@ public sealed class Fp8GemmSelectionTests
         var expected = Fp8GemmKernel.DeepSeekV3Shapes.Concat(Fp8GemmKernel.RaggedShapes).Distinct().Where(s => s.K % 16 == 0).ToList();
         Assert.IsTrue(Fp8GemmKernel.DeepSeekV3Shapes.All(expected.Contains));
         Assert.IsTrue(expected.Any(s => s.K % 128 != 0) && expected.Any(s => s.N % 128 != 0), "ragged K and N are compiled too");
-        CollectionAssert.AreEquivalent(expected.Select(s => $"fp8_gemm_wgmma_kernel<{s.N}, {s.K}>").ToList(), instances.Select(i => i.NameExpression).ToList());
-        Assert.IsTrue(instances.All(i => i.DynamicSharedBytes == Fp8GemmKernel.WgmmaSharedBytes && i.ParamsType == Fp8GemmKernel.WgmmaParamsType));
+        CollectionAssert.AreEquivalent(
+            expected.SelectMany(s => new[] { $"fp8_gemm_wgmma_kernel<{s.N}, {s.K}>", $"fp8_gemm_wgmma_decode_kernel<{s.N}, {s.K}>" }).ToList(),
+            instances.Select(i => i.NameExpression).ToList());
+        Assert.IsTrue(instances.All(i => i.ParamsType == Fp8GemmKernel.WgmmaParamsType));
+        Assert.IsTrue(instances.All(i => i.DynamicSharedBytes == (i.NameExpression.Contains("decode", StringComparison.Ordinal)
+            ? Fp8GemmKernel.WgmmaDecodeSharedBytes : Fp8GemmKernel.WgmmaSharedBytes)));
     }
 
     public static IEnumerable<object[]> Grids =>
@@ -120,6 +145,9 @@ public sealed class Fp8GemmSelectionTests
         sb.Append($"static_assert(kWgmmaStages == {Fp8GemmKernel.WgmmaStages}, \"stages differ from C#\");\n");
         sb.Append($"static_assert(kWgmmaThreads == {Fp8GemmKernel.WgmmaThreads}, \"threads differ from C#\");\n");
         sb.Append($"static_assert(kWgmmaTile == {Fp8GemmKernel.WgmmaTileEdge}, \"tile differs from C#\");\n");
+        sb.Append($"static_assert(kWgmmaDecodeSharedBytes == {Fp8GemmKernel.WgmmaDecodeSharedBytes}, \"decode shared bytes differ from C#\");\n");
+        sb.Append($"static_assert(kWgmmaDecodeStages == {Fp8GemmKernel.WgmmaDecodeStages}, \"decode stages differ from C#\");\n");
+        sb.Append($"static_assert(kWgmmaDecodeRows == {Fp8GemmKernel.WgmmaDecodeRows}, \"decode rows differ from C#\");\n");
         foreach (var g in Grids)
         {
             int tilesM = (int)g[0], tilesN = (int)g[1], groupM = (int)g[2];

@@ -20,9 +20,9 @@ public sealed record CudaBackendOptions
     public string? KernelCacheDirectory { get; init; }
 
     /// <summary>
-    /// On Hopper (sm_90a), run FP8 GEMMs of more than 64 rows on the wgmma + TMA kernel (Kernels/fp8_gemm_wgmma.cu)
-    /// instead of the mma.sync kernel. Off by default: no GPU has yet confirmed it against the CPU reference.
-    /// Ignored on other GPUs.
+    /// On Hopper (sm_90a), run the FP8 linears on the wgmma + TMA kernels (Kernels/fp8_gemm_wgmma.cu: decode variant up
+    /// to 64 rows, prefill above) instead of the gemv and mma.sync kernels. Off by default: no GPU has yet confirmed
+    /// them against the CPU reference. Ignored on other GPUs and for shapes they cannot run (K not a multiple of 16).
     /// </summary>
     public bool HopperFp8Gemm { get; init; }
 }

@@ -31,7 +31,7 @@ internal static class ResourceGate
     public static string? RequiredTensorOp(string template, ArchLimits arch) => template switch
     {
         "fp8_gemm_mma_kernel" or "moe_grouped_gemm_kernel" => arch.HasFp8MmaSync ? "QMMA" : "HMMA",
-        "fp8_gemm_wgmma_kernel" => "QGMMA",
+        "fp8_gemm_wgmma_kernel" or "fp8_gemm_wgmma_decode_kernel" => "QGMMA",
         "mla_decode_kernel" or "mla_prefill_attn_kernel" => "HMMA",
         _ => null,
     };

@@ -7,7 +7,7 @@ namespace DeepSeekCuda.Bench.Benches;
 
 /// <summary>
 /// FP8 block-scaled GEMM (<see cref="Fp8GemmKernel"/>: <c>fp8_gemm</c>, the automatic gemv/mma choice, and on Hopper
-/// <c>fp8_gemm_wgmma</c>, the wgmma kernel, for M above the gemv's rows) on every DeepSeek-V3 linear shape at
+/// <c>fp8_gemm_wgmma</c>, the wgmma kernels: decode variant up to 64 rows, prefill above) on every DeepSeek-V3 linear shape at
 /// M = 1 … 4096 (DeepGEMM's published shapes are among them), inputs and weights rotated over enough copies to
 /// exceed L2. Baselines measured in the same run, one row each:
 /// <list type="bullet">
@@ -54,9 +54,9 @@ internal static class GemmBench
                     baselines.Add((CublasLtHandle.BaselineName(scaling), fp8Us));
                 }
 
-                // The automatic choice, and on Hopper the wgmma kernel where the choice does not take it yet (above the gemv's rows).
+                // The automatic choice, and on Hopper the wgmma kernels while the choice does not take them yet.
                 var paths = new List<(string Name, Fp8GemmPath Path)> { ("fp8_gemm", Fp8GemmPath.Auto) };
-                if (gemm.Wgmma && m > Fp8GemmKernel.GemvMaxM && !gemm.PreferWgmma)
+                if (gemm.Wgmma && !gemm.PreferWgmma)
                 {
                     paths.Add(("fp8_gemm_wgmma", Fp8GemmPath.Wgmma));
                 }
