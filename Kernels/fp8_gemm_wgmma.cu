@@ -11,6 +11,8 @@
 //   - Warpgroup 2 (producer) gives its registers to the consumers (setmaxnreg) and one of its threads issues
 //     the TMA loads: per stage a box of the activation codes and one of the weight codes, 128 bytes of K
 //     wide, with the 128-byte swizzle wgmma reads (hopper.cuh), completing on the stage's full barrier.
+//     Its waits carry a watchdog (hopper.cuh), and it waits for the last stages to be released before it
+//     exits, so a pipeline that deadlocks traps within seconds instead of hanging the GPU.
 //     Boxes past M, N or K read zeros, so ragged shapes need no special path; K and the activation row stride
 //     must be multiples of 16 bytes (TMA strides), which the launcher checks before choosing these kernels.
 // Two variants share that pipeline (the launcher picks one by M, Fp8GemmKernel.WgmmaVariantFor):
@@ -125,10 +127,23 @@ DSC_DEVICE void wgmma_produce(WgmmaRing<STAGES, STAGE_BYTES>& ring, const TmaMap
 {
     for (int kb = kb0; kb < kb0 + blocks; kb++)
     {
-        mbar_wait(ring.empty(), ring.phase ^ 1u);
+        mbar_wait_watchdog(ring.empty(), ring.phase ^ 1u);
         mbar_arrive_expect_tx(ring.full(), STAGE_BYTES);
         tma_load_2d(ring.smem(), a_map, ring.full(), kb * kFp8Block, a_row);
         tma_load_2d(ring.smem() + kWgmmaBoxBytes, b_map, ring.full(), kb * kFp8Block, b_row);
+        ring.next();
+    }
+}
+
+// After its last load the producer waits, watchdog armed, until the consumers have released every stage: a
+// consumer that waits forever on a load then trips the producer's watchdog even when the producer has nothing
+// left to load.
+template <int STAGES, int STAGE_BYTES>
+DSC_DEVICE void wgmma_drain(WgmmaRing<STAGES, STAGE_BYTES>& ring)
+{
+    for (int s = 0; s < STAGES; s++)
+    {
+        mbar_wait_watchdog(ring.empty(), ring.phase ^ 1u);
         ring.next();
     }
 }
@@ -154,6 +169,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const 
             const WgmmaTileIndex tile = fp8_wgmma_tile(t, p.tiles_m, p.tiles_n, p.group_m);
             wgmma_produce(ring, &p.x_map, tile.m * kWgmmaTile, &p.w_map, tile.n * kWgmmaTile, 0, KB);
         }
+        wgmma_drain(ring);
         return;
     }
 
@@ -244,6 +260,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_decode_kernel
             const int tn = u / g.splits, kb0 = (u % g.splits) * split_blocks;
             wgmma_produce(ring, &p.w_map, tn * kWgmmaTile, &p.x_map, 0, kb0, min(split_blocks, KB - kb0));
         }
+        wgmma_drain(ring);
         return;
     }
 

@@ -43,17 +43,47 @@ DSC_DEVICE void mbar_arrive_expect_tx(u32 bar, u32 bytes)
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
 
+DSC_DEVICE bool mbar_try_wait(u32 bar, u32 parity)
+{
+    u32 done;
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+    return done != 0;
+}
+
+DSC_DEVICE u64 global_timer_ns()
+{
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // Waits until the phase of parity `parity` has completed.
 DSC_DEVICE void mbar_wait(u32 bar, u32 parity)
 {
-    u32 done;
-    do
+    while (!mbar_try_wait(bar, parity))
     {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(bar), "r"(parity)
-                     : "memory");
-    } while (!done);
+    }
+}
+
+// A wait on one barrier longer than this traps: a pipeline that can never complete (a wrong byte count, a lost
+// arrive) then ends its launch with an error the host reports, instead of holding the GPU until the process dies.
+// No healthy stage takes a thousandth of it.
+constexpr u64 kMbarWatchdogNs = 20ull * 1000 * 1000 * 1000;
+
+// mbar_wait with the watchdog. The producer's waits carry it (it has registers to spare; the consumers' hot loop
+// has none): when the consumers are stuck, the producer is stuck too, on a stage they never release.
+DSC_DEVICE void mbar_wait_watchdog(u32 bar, u32 parity)
+{
+    if (mbar_try_wait(bar, parity)) return;
+    const u64 start = global_timer_ns();
+    for (u32 i = 1;; i++)
+    {
+        if (mbar_try_wait(bar, parity)) return;
+        if ((i & 1023u) == 0 && global_timer_ns() - start > kMbarWatchdogNs) __trap();
+    }
 }
 
 // ---- TMA ------------------------------------------------------------------------------------------------

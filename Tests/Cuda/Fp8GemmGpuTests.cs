@@ -7,86 +7,32 @@ using DeepSeekCuda.Tests.Support;
 namespace DeepSeekCuda.Tests.Cuda;
 
 /// <summary>
-/// The FP8 block-scaled GEMM (every path: gemv, mma, and wgmma on sm_90a) against the CPU on fresh random data: act_quant on the GPU
-/// (bit-exact to the CPU rule, KernelGpuTests) feeds the GEMM, so both sides see identical quantized inputs.
-/// Without a device every test ends Inconclusive (GpuTestBase).
+/// What the FP8 GEMM GPU tests share: one check of any path against the CPU on fresh random data. act_quant on the GPU
+/// (bit-exact to the CPU rule, KernelGpuTests) feeds the GEMM, so both sides see identical quantized inputs. Without a
+/// device every test ends Inconclusive (GpuTestBase).
 /// </summary>
-[TestClass]
-[TestCategory("Gpu")]
-public sealed class Fp8GemmGpuTests : GpuTestBase
+public abstract class Fp8GemmGpuChecks : GpuTestBase
 {
     // FP32 output vs a double-precision reference over the same codes and scales: only the fp32
     // accumulation order and the fp32 rounding of each partial dot and of sa·sb differ. The rounding error
     // of an fp32 sum of K terms with random signs grows like eps·sqrt(K) relative to the result
     // (eps = 6e-8; K ≤ 7168 gives ≤ 5e-6), so rms_rel ≤ 1e-5 holds with margin yet catches any wrong
     // element, scale or block (those give errors of order 1).
-    private const double F32RmsRel = 1e-5;
+    private protected const double F32RmsRel = 1e-5;
 
     // BF16 output vs the CPU backend in GpuEmulation (which rounds its fp32 result to bf16 too): the two fp32
     // results differ by ~1e-6 relative, which can move a rounding tie by one bf16 step (2^-8 relative).
-    private const double Bf16Rtol = 1.0 / 128;
+    private protected const double Bf16Rtol = 1.0 / 128;
 
     // The wgmma path: Hopper's FP8 tensor cores add the products of a K block with about 14 bits of mantissa
     // (DeepSeek-V3 report 3.3.2), not fp32; the kernel promotes every 128 of K, so each block's partial carries a
     // relative error of at most a few 2^-14 (4 accumulations per block) and the whole sum ~1e-4 rms. 2e-3 leaves
     // margin and still fails any wrong element, scale or block (errors of order 1: one wrong column of 128 alone
     // gives ~0.09). Its BF16 output adds bf16 rounding (~1e-3 rms) on top, against the same emulated reference.
-    private const double WgmmaF32RmsRel = 2e-3;
-    private const double WgmmaBf16RmsRel = 1e-2;
+    private protected const double WgmmaF32RmsRel = 2e-3;
+    private protected const double WgmmaBf16RmsRel = 1e-2;
 
-    public static IEnumerable<object[]> Cases =>
-        from shape in new[] { (300, 200), (129, 1000), (1000, 129), (72, 72), (200, 640), (129, 4100) }
-        from m in new[] { 1, 3, 127, 129 }
-        select new object[] { m, shape.Item1, shape.Item2 };
-
-    [TestMethod]
-    [DynamicData(nameof(Cases))]
-    public void MatchesCpuOnRaggedShapes(int m, int n, int k) => Check(m, n, k);
-
-    [TestMethod]
-    [DataRow(1, 576, 7168)]  // kv_a, gemv with split-K
-    [DataRow(3, 1536, 7168)] // q_a
-    [DataRow(4, 32768, 512)] // kv_b
-    [DataRow(129, 2048, 7168)] // expert gate/up, mma
-    public void MatchesCpuOnDeepSeekShapes(int m, int n, int k) => Check(m, n, k);
-
-    /// <summary>
-    /// The Hopper kernels on the rows the issue names: the decode variant (weights as the wide side, with and without a
-    /// K split) up to 64 rows, the prefill variant above (one tile row, part of one, several, and 4095: 32 tile rows, the
-    /// last one short), over DeepSeek-V3 shapes (N = 576 and 2112 end inside a tile) and ragged ones (K a multiple of 16,
-    /// not of 128). The tests above run them too, wherever they can run (sm_90a and K a multiple of 16).
-    /// </summary>
-    [TestMethod]
-    [DataRow(1, 2112, 7168)]   // decode variant, K split 7 ways
-    [DataRow(2, 7168, 18432)]  // decode, split 2 ways
-    [DataRow(3, 576, 7168)]    // decode, split 19 ways
-    [DataRow(5, 300, 208)]     // decode, ragged N and K
-    [DataRow(17, 1536, 7168)]
-    [DataRow(64, 7168, 2048)]  // decode, the most rows it takes
-    [DataRow(65, 2048, 7168)]  // prefill, one tile row
-    [DataRow(129, 4096, 7168)]
-    [DataRow(129, 300, 208)]
-    [DataRow(4095, 1000, 1040)]
-    public void WgmmaMatchesCpuOnRaggedRows(int m, int n, int k)
-    {
-        if (!Fp8GemmKernel.HasWgmma(Device.Target))
-        {
-            Assert.Inconclusive($"the wgmma kernel needs sm_90a; this device compiles for {Device.Target}");
-        }
-
-        Check(m, n, k, [Fp8GemmPath.Wgmma]);
-    }
-
-    /// <summary>The launcher refuses a call the wgmma kernel cannot run, naming why, before anything is launched.</summary>
-    [TestMethod]
-    public void WgmmaRefusesWhatItCannotRun()
-    {
-        using var gemm = new Fp8GemmKernel(Device, Compiler);
-        var e = Assert.ThrowsExactly<ArgumentException>(() => gemm.Launch(Stream, 0, 0, 0, 0, 0, ElementType.F32, 130, 300, 200, path: Fp8GemmPath.Wgmma));
-        StringAssert.Contains(e.Message, Fp8GemmKernel.HasWgmma(Device.Target) ? "K = 200 is not a multiple of 16" : "needs sm_90a");
-    }
-
-    private void Check(int m, int n, int k, Fp8GemmPath[]? only = null)
+    private protected void Check(int m, int n, int k, IReadOnlyList<Fp8GemmPath> paths)
     {
         using var gemm = new Fp8GemmKernel(Device, Compiler);
         using var quant = new ActQuantKernel(Device, Compiler);
@@ -134,7 +80,6 @@ public sealed class Fp8GemmGpuTests : GpuTestBase
         using var sad = DeviceBuffer<float>.Allocate(Device, (long)m * kb);
         quant.Launch(Stream, xd.Pointer, ElementType.BF16, xqd.Pointer, sad.Pointer, m, k);
 
-        var paths = only ?? [Fp8GemmPath.Gemv, Fp8GemmPath.Mma, .. Fp8GemmKernel.WgmmaRefusal(Device.Target, k, k, xqd.Pointer) is null ? [Fp8GemmPath.Wgmma] : Array.Empty<Fp8GemmPath>()];
         foreach (var path in paths)
         {
             var what = $"{path} M={m} N={n} K={k}";
@@ -167,6 +112,92 @@ public sealed class Fp8GemmGpuTests : GpuTestBase
                 var expected = exact.Select((v, i) => v + res[i]).ToArray();
                 Tolerance.AssertRmsRel(Read(y, ElementType.F32, Stream), expected, f32, what + " residual");
             }
+        }
+    }
+}
+
+/// <summary>The FP8 block-scaled GEMM's verified paths, gemv and mma.</summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class Fp8GemmGpuTests : Fp8GemmGpuChecks
+{
+    private static readonly Fp8GemmPath[] Paths = [Fp8GemmPath.Gemv, Fp8GemmPath.Mma];
+
+    public static IEnumerable<object[]> Cases =>
+        from shape in new[] { (300, 200), (129, 1000), (1000, 129), (72, 72), (200, 640), (129, 4100) }
+        from m in new[] { 1, 3, 127, 129 }
+        select new object[] { m, shape.Item1, shape.Item2 };
+
+    [TestMethod]
+    [DynamicData(nameof(Cases))]
+    public void MatchesCpuOnRaggedShapes(int m, int n, int k) => Check(m, n, k, Paths);
+
+    [TestMethod]
+    [DataRow(1, 576, 7168)]  // kv_a, gemv with split-K
+    [DataRow(3, 1536, 7168)] // q_a
+    [DataRow(4, 32768, 512)] // kv_b
+    [DataRow(129, 2048, 7168)] // expert gate/up, mma
+    public void MatchesCpuOnDeepSeekShapes(int m, int n, int k) => Check(m, n, k, Paths);
+}
+
+/// <summary>
+/// The Hopper kernels (Fp8GemmPath.Wgmma, sm_90a), in a class of their own so that a fault in them, not yet run on a
+/// GPU, cannot fail the verified paths' tests (each GPU test class runs in its own process on the device).
+/// </summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class Fp8WgmmaGpuTests : Fp8GemmGpuChecks
+{
+    /// <summary>
+    /// The rows the issue names: the decode variant (weights as the wide side, with and without a K split) up to 64
+    /// rows, the prefill variant above (one tile row, part of one, several, and 4095: 32 tile rows, the last one
+    /// short), over DeepSeek-V3 shapes (N = 576 and 2112 end inside a tile) and ragged ones (K a multiple of 16, not
+    /// of 128).
+    /// </summary>
+    [TestMethod]
+    [DataRow(1, 2112, 7168)]   // decode variant, K split 7 ways
+    [DataRow(2, 7168, 18432)]  // decode, split 2 ways
+    [DataRow(3, 576, 7168)]    // decode, split 19 ways
+    [DataRow(5, 300, 208)]     // decode, ragged N and K
+    [DataRow(17, 1536, 7168)]
+    [DataRow(64, 7168, 2048)]  // decode, the most rows it takes
+    [DataRow(65, 2048, 7168)]  // prefill, one tile row
+    [DataRow(129, 4096, 7168)]
+    [DataRow(129, 300, 208)]
+    [DataRow(4095, 1000, 1040)]
+    public void MatchesCpuOnRaggedRows(int m, int n, int k)
+    {
+        RequireHopper();
+        Check(m, n, k, [Fp8GemmPath.Wgmma]);
+    }
+
+    /// <summary>The ragged shapes of <see cref="Fp8GemmGpuTests"/> the Hopper kernels take (K a multiple of 16).</summary>
+    [TestMethod]
+    [DataRow(1, 200, 640)]
+    [DataRow(127, 200, 640)]
+    [DataRow(129, 1000, 1040)]
+    [DataRow(3, 2048, 7168)]
+    [DataRow(4, 32768, 512)]
+    public void MatchesCpuOnMoreShapes(int m, int n, int k)
+    {
+        RequireHopper();
+        Check(m, n, k, [Fp8GemmPath.Wgmma]);
+    }
+
+    /// <summary>The launcher refuses a call the wgmma kernel cannot run, naming why, before anything is launched.</summary>
+    [TestMethod]
+    public void RefusesWhatItCannotRun()
+    {
+        using var gemm = new Fp8GemmKernel(Device, Compiler);
+        var e = Assert.ThrowsExactly<ArgumentException>(() => gemm.Launch(Stream, 0, 0, 0, 0, 0, ElementType.F32, 130, 300, 200, path: Fp8GemmPath.Wgmma));
+        StringAssert.Contains(e.Message, Fp8GemmKernel.HasWgmma(Device.Target) ? "K = 200 is not a multiple of 16" : "needs sm_90a");
+    }
+
+    private void RequireHopper()
+    {
+        if (!Fp8GemmKernel.HasWgmma(Device.Target))
+        {
+            Assert.Inconclusive($"the wgmma kernels need sm_90a; this device compiles for {Device.Target}");
         }
     }
 }

@@ -27,10 +27,12 @@ TRX_NS = "{http://microsoft.com/schemas/VisualStudio/TeamTest/2010}"
 PASSED = {"Passed"}
 FAILED = {"Failed", "Error", "Timeout", "Aborted"}
 # Classes that need the most of the device or many ranks run last, in this order; every other class runs first in the
-# order of FIRST (a class named in neither runs after FIRST's, by name). A fault late in the run then costs least.
+# order of FIRST (a class named in neither runs after FIRST's, by name). A fault late in the run then costs least, so
+# the kernels no GPU has confirmed yet (the Hopper GEMMs) come at the very end.
 FIRST = ["KernelGpuTests", "Bf16GemmGpuTests", "Fp8GemmGpuTests", "MoeGateGpuTests", "MoeDispatchGpuTests",
          "MoeGroupedGemmGpuTests", "MlaGpuTests", "MlaPrefillGpuTests", "CublasGpuTests", "WeightUploadGpuTests"]
-LAST = ["CudaBackendGpuTests", "AllReduceGpuTests", "CudaModelGpuTests", "PagedStepRunnerGpuTests", "CudaParallelGpuTests"]
+LAST = ["CudaBackendGpuTests", "AllReduceGpuTests", "CudaModelGpuTests", "PagedStepRunnerGpuTests", "CudaParallelGpuTests",
+        "Fp8WgmmaGpuTests"]
 EXIT_OK, EXIT_FAILED, EXIT_NO_DEVICE = 0, 1, 3
 
 
