@@ -75,46 +75,6 @@ __device__ constexpr WgmmaTileIndex fp8_wgmma_tile(int t, int tiles_m, int tiles
     return WgmmaTileIndex{first + r % rows, r / rows};
 }
 
-// The stage ring: stage s's boxes at base + s * STAGE_BYTES, its full and empty mbarriers after the stages.
-// Producer and consumers each keep their own copy and advance it in the same order.
-template <int STAGES, int STAGE_BYTES>
-struct WgmmaRing
-{
-    u32 base;
-    int stage;
-    u32 phase;
-
-    DSC_DEVICE u32 smem() const { return base + stage * STAGE_BYTES; }
-    DSC_DEVICE u32 full() const { return base + STAGES * STAGE_BYTES + 8 * stage; }
-    DSC_DEVICE u32 empty() const { return base + STAGES * STAGE_BYTES + 8 * (STAGES + stage); }
-    DSC_DEVICE void next()
-    {
-        if (++stage == STAGES)
-        {
-            stage = 0;
-            phase ^= 1u;
-        }
-    }
-
-    // Aligns the dynamic shared memory to 1024 bytes and, with the whole block, initializes the barriers:
-    // full completes on the producer's one arrive plus the stage's bytes, empty on one arrive per consumer warp.
-    static DSC_DEVICE WgmmaRing open(u8* dynamic_smem)
-    {
-        WgmmaRing r{(smem_addr(dynamic_smem) + 1023u) & ~1023u, 0, 0u};
-        if (threadIdx.x == 0)
-        {
-            for (int s = 0; s < STAGES; s++)
-            {
-                mbar_init(r.base + STAGES * STAGE_BYTES + 8 * s, 1);
-                mbar_init(r.base + STAGES * STAGE_BYTES + 8 * (STAGES + s), kWgmmaConsumerWarps);
-            }
-            mbar_fence_init();
-        }
-        __syncthreads();
-        return r;
-    }
-};
-
 // The consumer's rows of the A side (row and row + 8 of its 64) and columns of the B side (8 j + col, + 1).
 DSC_DEVICE int wgmma_consumer_row() { return (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + ((threadIdx.x & 31) >> 2); }
 DSC_DEVICE int wgmma_consumer_col() { return 2 * (threadIdx.x & 3); }
@@ -135,19 +95,6 @@ DSC_DEVICE void wgmma_produce(WgmmaRing<STAGES, STAGE_BYTES>& ring, const TmaMap
     }
 }
 
-// After its last load the producer waits, watchdog armed, until the consumers have released every stage: a
-// consumer that waits forever on a load then trips the producer's watchdog even when the producer has nothing
-// left to load.
-template <int STAGES, int STAGE_BYTES>
-DSC_DEVICE void wgmma_drain(WgmmaRing<STAGES, STAGE_BYTES>& ring)
-{
-    for (int s = 0; s < STAGES; s++)
-    {
-        mbar_wait_watchdog(ring.empty(), ring.phase ^ 1u);
-        ring.next();
-    }
-}
-
 template <int N, int K>
 __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const __grid_constant__ Fp8WgmmaParams p)
 {
@@ -155,7 +102,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const 
     constexpr int KB = (K + kFp8Block - 1) / kFp8Block;
     static_assert(kWgmmaTile == kFp8Block, "a tile's columns must share one weight-scale block");
     extern __shared__ u8 wgmma_smem[];
-    auto ring = WgmmaRing<kWgmmaStages, kWgmmaStageBytes>::open(wgmma_smem);
+    auto ring = WgmmaRing<kWgmmaStages, kWgmmaStageBytes>::open(wgmma_smem, 1, kWgmmaConsumerWarps);
     const int tiles = p.tiles_m * p.tiles_n;
 
     if (threadIdx.x >= kWgmmaConsumerWarps * 32)
@@ -244,7 +191,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_decode_kernel
 #if DSC_HOPPER
     constexpr int KB = (K + kFp8Block - 1) / kFp8Block;
     extern __shared__ u8 wgmma_smem[];
-    auto ring = WgmmaRing<kWgmmaDecodeStages, kWgmmaDecodeStageBytes>::open(wgmma_smem);
+    auto ring = WgmmaRing<kWgmmaDecodeStages, kWgmmaDecodeStageBytes>::open(wgmma_smem, 1, kWgmmaConsumerWarps);
     const Fp8GemmParams& g = p.gemm;
     const int split_blocks = g.split_k / kFp8Block;
     const int units = p.tiles_n * g.splits;

@@ -99,6 +99,33 @@ DSC_DEVICE void tma_load_2d(u32 dst, const TmaMap* map, u32 bar, i32 c0, i32 c1)
                  : "memory");
 }
 
+// The 3-D form: the box at (c0 innermost, c1, c2).
+DSC_DEVICE void tma_load_3d(u32 dst, const TmaMap* map, u32 bar, i32 c0, i32 c1, i32 c2)
+{
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+                 : "memory");
+}
+
+// ---- cp.async into a pipeline stage (rows TMA cannot address, e.g. gathered ones) --------------------------
+
+// Copies `bytes` (0 or 16) from global src to shared dst and zero-fills the rest of the 16 bytes.
+DSC_DEVICE void cp_async16_zfill(u32 dst, const void* src, u32 bytes)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
+// Arrives on `bar` once this thread's earlier cp.async have landed; counted in the barrier's arrivals (noinc).
+DSC_DEVICE void cp_async_arrive(u32 bar) { asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory"); }
+
+// Orders shared memory written through the generic proxy (st.shared, cp.async) before the async proxy (wgmma)
+// reads it; the reader executes it after the barrier that says the data has landed.
+DSC_DEVICE void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// The offset of 16-byte chunk `chunk` of row `row` in a box stored with the 128-byte swizzle (128-byte rows):
+// the chunk index is XORed with the row's position in its 8-row atom, as TMA writes it and wgmma reads it.
+DSC_DEVICE u32 swizzle128_offset(int row, int chunk) { return (u32)(row * 128 + ((chunk ^ (row & 7)) << 4)); }
+
 // ---- wgmma ----------------------------------------------------------------------------------------------
 
 // Shared-memory matrix descriptor of a K-major operand tile stored as TMA's 128-byte swizzle writes it: rows of
@@ -158,6 +185,62 @@ DSC_DEVICE void wgmma_m64n64k32_e4m3(float d[32], u64 a_desc, u64 b_desc, u32 ac
                    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
                    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
                  : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+}
+
+// ---- the stage ring of a warp-specialized pipeline --------------------------------------------------------
+
+// Stage s's operand boxes at base + s * STAGE_BYTES, its full and empty mbarriers after the stages. Producer
+// and consumers each keep their own copy and advance it in the same order.
+template <int STAGES, int STAGE_BYTES>
+struct WgmmaRing
+{
+    u32 base;
+    int stage;
+    u32 phase;
+
+    DSC_DEVICE u32 smem() const { return base + stage * STAGE_BYTES; }
+    DSC_DEVICE u32 full() const { return base + STAGES * STAGE_BYTES + 8 * stage; }
+    DSC_DEVICE u32 empty() const { return base + STAGES * STAGE_BYTES + 8 * (STAGES + stage); }
+    DSC_DEVICE void next()
+    {
+        if (++stage == STAGES)
+        {
+            stage = 0;
+            phase ^= 1u;
+        }
+    }
+
+    // Aligns the dynamic shared memory to 1024 bytes (the swizzle's alignment; the block needs 1 KiB of slack)
+    // and, with the whole block, initializes the barriers: full completes on `full_arrivals` arrives plus the
+    // stage's transaction bytes, empty on `empty_arrivals` (one per consumer warp).
+    static DSC_DEVICE WgmmaRing open(u8* dynamic_smem, u32 full_arrivals, u32 empty_arrivals)
+    {
+        WgmmaRing r{(smem_addr(dynamic_smem) + 1023u) & ~1023u, 0, 0u};
+        if (threadIdx.x == 0)
+        {
+            for (int s = 0; s < STAGES; s++)
+            {
+                mbar_init(r.base + STAGES * STAGE_BYTES + 8 * s, full_arrivals);
+                mbar_init(r.base + STAGES * STAGE_BYTES + 8 * (STAGES + s), empty_arrivals);
+            }
+            mbar_fence_init();
+        }
+        __syncthreads();
+        return r;
+    }
+};
+
+// After its last load the producer waits, watchdog armed, until the consumers have released every stage: a
+// consumer that waits forever on a load then trips the producer's watchdog even when the producer has nothing
+// left to load.
+template <int STAGES, int STAGE_BYTES>
+DSC_DEVICE void wgmma_drain(WgmmaRing<STAGES, STAGE_BYTES>& ring)
+{
+    for (int s = 0; s < STAGES; s++)
+    {
+        mbar_wait_watchdog(ring.empty(), ring.phase ^ 1u);
+        ring.next();
+    }
 }
 
 // ---- register reconfiguration (every thread of a warpgroup executes these together) ------------------------

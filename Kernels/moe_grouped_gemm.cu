@@ -24,53 +24,9 @@
 // Rows outside an expert's live range are never written: the next stages read only live rows.
 #pragma once
 #include "fp8_gemm.cuh"
+#include "moe_grouped.cuh"
 
-struct MoeGroupedGemmParams
-{
-    const u8* x_codes;      // e4m3 activation codes, activation row a at x_codes + a * x_stride
-    const float* x_scales;  // [.., x_scales_stride] one per 128 channels
-    const u8* w;            // [E, N, K] e4m3
-    const float* w_scales;  // [E, SROWS, ceil(K/128)]
-    u16* y;                 // bf16 [rows, y_stride], row = grouped row
-    const i32* counts;      // [E] live rows per expert
-    const i32* offsets;     // contiguous: [E + 1] first row per expert (multiples of 64); masked: unused
-    const i32* gather;      // null: activation row = grouped row; else gather[row] / gather_div (< 0: no row)
-    i64 x_stride;
-    i64 x_scales_stride;
-    i64 y_stride;
-    i32 experts;
-    i32 capacity;           // masked: rows per expert slot
-    i32 gather_div;         // top-k (slot -> token)
-    i32 pad0;
-};
-
-// Resolves this block's expert and grouped row range; false when the tile holds no live row.
-template <int MASKED>
-DSC_DEVICE bool moe_tile(const MoeGroupedGemmParams& p, int& e, int& row0, int& live)
-{
-    if (MASKED)
-    {
-        e = blockIdx.z;
-        const int cnt = min(p.counts[e], p.capacity);
-        const int r = blockIdx.y * kMmaBM;
-        row0 = e * p.capacity + r;
-        live = min(kMmaBM, cnt - r);
-        return live > 0;
-    }
-    row0 = blockIdx.y * kMmaBM;
-    if (row0 >= p.offsets[p.experts]) return false;
-    // Last e with offsets[e] <= row0 (empty experts share their offset with the next one).
-    int lo = 0, hi = p.experts - 1;
-    while (lo < hi)
-    {
-        const int mid = (lo + hi + 1) >> 1;
-        if (p.offsets[mid] <= row0) lo = mid;
-        else hi = mid - 1;
-    }
-    e = lo;
-    live = min(kMmaBM, p.offsets[e] + p.counts[e] - row0);
-    return live > 0;
-}
+static_assert(kMoeTile == kMmaBM, "a grouped tile is one mma tile of rows");
 
 template <int N, int K, int SWIGLU, int MASKED>
 __global__ void __launch_bounds__(128) moe_grouped_gemm_kernel(const __grid_constant__ MoeGroupedGemmParams p)
@@ -97,21 +53,7 @@ __global__ void __launch_bounds__(128) moe_grouped_gemm_kernel(const __grid_cons
     const bool wvec = (K % 16) == 0;
     const bool xvec = wvec && (p.x_stride % 16) == 0 && ((u64)p.x_codes & 15u) == 0;
 
-    for (int r = tid; r < kMmaBM; r += 128)
-    {
-        i64 a = -1;
-        if (r < live)
-        {
-            const int gr = row0 + r;
-            if (!p.gather) a = gr;
-            else
-            {
-                const int s = p.gather[gr];
-                a = s < 0 ? -1 : s / p.gather_div;
-            }
-        }
-        s_arow[r] = a;
-    }
+    for (int r = tid; r < kMmaBM; r += 128) s_arow[r] = moe_activation_row(p, row0, r, live);
     __syncthreads();
 
     // Weight row of B-tile row r (-1: past the weight), and its scale row.

@@ -20,16 +20,27 @@ internal enum TmaSwizzle
 }
 
 /// <summary>
-/// A 2-D byte tensor in device memory as a TMA tile source: <paramref name="Inner"/> bytes per row (the contiguous
+/// A byte tensor in device memory as a TMA tile source: <paramref name="Inner"/> bytes per row (the contiguous
 /// dimension), <paramref name="Outer"/> rows <paramref name="RowStride"/> bytes apart, copied in boxes of
-/// <paramref name="BoxInner"/> x <paramref name="BoxOuter"/>. <see cref="Check"/> applies the driver's rules for
-/// <c>cuTensorMapEncodeTiled</c> with a message naming the broken one, so a bad shape fails before the driver
-/// answers with a bare CUDA_ERROR_INVALID_VALUE; <see cref="Encode"/> asks the driver for the map.
+/// <paramref name="BoxInner"/> x <paramref name="BoxOuter"/>; with <see cref="Planes"/> set, a stack of that many such
+/// matrices <see cref="PlaneStride"/> bytes apart (3-D, boxes one matrix deep), which keeps each matrix's edge: a box
+/// past its last row reads zeros, not the next matrix. <see cref="Problem"/> applies the driver's rules for
+/// <c>cuTensorMapEncodeTiled</c> with a message naming the broken one, so a bad shape fails before the driver answers
+/// with a bare CUDA_ERROR_INVALID_VALUE; <see cref="Encode"/> asks the driver for the map.
 /// </summary>
-internal readonly record struct TmaTile2D(ulong Address, long Inner, long Outer, long RowStride, int BoxInner, int BoxOuter, TmaSwizzle Swizzle)
+internal readonly record struct TmaTile(ulong Address, long Inner, long Outer, long RowStride, int BoxInner, int BoxOuter, TmaSwizzle Swizzle)
 {
     /// <summary>Most elements along one box edge.</summary>
     public const int MaxBox = 256;
+
+    /// <summary>Matrices in a 3-D tile, 0 for a 2-D one.</summary>
+    public long Planes { get; init; }
+
+    /// <summary>Bytes between the matrices of a 3-D tile.</summary>
+    public long PlaneStride { get; init; }
+
+    /// <summary>2 or 3: the <c>cp.async.bulk.tensor</c> form the kernel must use.</summary>
+    public int Rank => Planes > 0 ? 3 : 2;
 
     /// <summary>The first rule this tile breaks, or null when the driver will take it.</summary>
     public string? Problem()
@@ -39,14 +50,19 @@ internal readonly record struct TmaTile2D(ulong Address, long Inner, long Outer,
             return $"address 0x{Address:x} is not 16-byte aligned";
         }
 
-        if (Inner <= 0 || Outer <= 0 || Inner > uint.MaxValue || Outer > uint.MaxValue)
+        if (Inner <= 0 || Outer <= 0 || Inner > uint.MaxValue || Outer > uint.MaxValue || Planes < 0 || Planes > uint.MaxValue)
         {
-            return $"dimensions {Inner} x {Outer} must be from 1 to 2^32";
+            return $"dimensions {Inner} x {Outer}{(Planes != 0 ? $" x {Planes}" : "")} must be from 1 to 2^32";
         }
 
         if (RowStride % 16 != 0 || RowStride < Inner || RowStride >= 1L << 40)
         {
             return $"row stride {RowStride} B must be a multiple of 16 B, at least the row's {Inner} B and below 2^40";
+        }
+
+        if (Planes > 0 && (PlaneStride % 16 != 0 || PlaneStride < RowStride * Outer || PlaneStride >= 1L << 40))
+        {
+            return $"plane stride {PlaneStride} B must be a multiple of 16 B, at least the matrix's {RowStride * Outer} B and below 2^40";
         }
 
         if (BoxInner <= 0 || BoxOuter <= 0 || BoxInner > MaxBox || BoxOuter > MaxBox)
@@ -84,12 +100,12 @@ internal readonly record struct TmaTile2D(ulong Address, long Inner, long Outer,
     {
         Check(what);
         var map = default(TensorMap);
-        var dims = stackalloc ulong[2] { (ulong)Inner, (ulong)Outer };
-        var strides = stackalloc ulong[1] { (ulong)RowStride };
-        var box = stackalloc uint[2] { (uint)BoxInner, (uint)BoxOuter };
-        var elementStrides = stackalloc uint[2] { 1, 1 };
+        var dims = stackalloc ulong[3] { (ulong)Inner, (ulong)Outer, (ulong)Math.Max(1, Planes) };
+        var strides = stackalloc ulong[2] { (ulong)RowStride, (ulong)PlaneStride };
+        var box = stackalloc uint[3] { (uint)BoxInner, (uint)BoxOuter, 1 };
+        var elementStrides = stackalloc uint[3] { 1, 1, 1 };
         const int uint8 = 0, noInterleave = 0, l2Promotion256 = 3, zeroFill = 0;
-        CudaCheck.Driver(CuDriver.cuTensorMapEncodeTiled(&map, uint8, 2, Address, dims, strides, box, elementStrides, noInterleave, (int)Swizzle,
+        CudaCheck.Driver(CuDriver.cuTensorMapEncodeTiled(&map, uint8, (uint)Rank, Address, dims, strides, box, elementStrides, noInterleave, (int)Swizzle,
             l2Promotion256, zeroFill), device, $"cuTensorMapEncodeTiled ({what})");
         return map;
     }

@@ -440,8 +440,8 @@ internal sealed class Fp8GemmKernel : IDisposable
             var what = $"FP8 GEMM M={p.M} N={n} K={k}";
             return new Fp8WgmmaParams
             {
-                XMap = new TmaTile2D(p.XCodes, k, p.M, p.XStride, Block, activationBox, TmaSwizzle.Swizzle128B).Encode(what + " activation codes", Device.Ordinal),
-                WMap = new TmaTile2D(p.W, k, n, k, Block, WgmmaTileEdge, TmaSwizzle.Swizzle128B).Encode(what + " weight codes", Device.Ordinal),
+                XMap = new TmaTile(p.XCodes, k, p.M, p.XStride, Block, activationBox, TmaSwizzle.Swizzle128B).Encode(what + " activation codes", Device.Ordinal),
+                WMap = new TmaTile(p.W, k, n, k, Block, WgmmaTileEdge, TmaSwizzle.Swizzle128B).Encode(what + " weight codes", Device.Ordinal),
                 Gemm = p,
                 TilesM = tilesM,
                 TilesN = WgmmaTiles(n),

@@ -43,6 +43,7 @@ internal static class KernelCatalog
         if (Fp8GemmKernel.HasWgmma(new KernelTarget(arch)))
         {
             families[Fp8GemmKernel.WgmmaFamily] = Fp8GemmKernel.AllWgmmaInstances();
+            families[MoeGroupedGemmKernel.WgmmaFamily] = MoeGroupedGemmKernel.AllWgmmaInstances();
         }
 
         return families;

@@ -79,7 +79,7 @@ internal abstract class KernelLauncher : IDisposable
     protected static int Flag(ElementType t) => t == ElementType.BF16 ? 1 : 0;
 
     /// <inheritdoc />
-    public void Dispose()
+    public virtual void Dispose()
     {
         foreach (var l in _loaded.Values)
         {

@@ -24,6 +24,14 @@ internal struct MoeGroupedGemmParams
     public int Pad0;
 }
 
+/// <summary>Mirror of <c>MoeWgmmaParams</c> in Kernels/moe_grouped_gemm_wgmma.cu (64-byte aligned there, hence the size).</summary>
+[StructLayout(LayoutKind.Sequential, Size = 256)]
+internal struct MoeWgmmaParams
+{
+    public TensorMap WMap;
+    public MoeGroupedGemmParams G;
+}
+
 /// <summary>Mirror of <c>MoeMaskedLayoutParams</c> in Kernels/moe_grouped_gemm.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
 internal struct MoeMaskedLayoutParams
@@ -85,7 +93,7 @@ internal sealed record MoeExpertStack(ulong W13, ulong W13Scales, ulong W2, ulon
 /// gate/up pass can read them through the dispatch's permutation (row → token slot) without a permuted copy.
 /// N and K are compiled in; token counts and routing are run-time (device) data.
 /// </summary>
-internal sealed class MoeGroupedGemmKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MoeGroupedGemmKernel : KernelLauncher
 {
     /// <summary>Kernels/moe_grouped_gemm.cu.</summary>
     public const string FamilyName = "moe_grouped_gemm";
@@ -118,6 +126,66 @@ internal sealed class MoeGroupedGemmKernel(CudaDevice device, NvrtcCompiler comp
     /// <summary>The down specialization for a shape and layout.</summary>
     public static KernelInstance DownInstance(int hidden, int inter, MoeGroupedLayout layout) =>
         new($"moe_grouped_gemm_kernel<{hidden}, {inter}, 0, {(int)layout}>", ParamsType);
+
+    /// <summary>Kernels/moe_grouped_gemm_wgmma.cu: the Hopper kernels (sm_90a), same semantics.</summary>
+    public const string WgmmaFamily = "moe_grouped_gemm_wgmma";
+
+    /// <summary>CUDA name of the Hopper kernels' params struct.</summary>
+    public const string WgmmaParamsType = "MoeWgmmaParams";
+
+    /// <summary>Output columns per block of the Hopper gate/up pass (256 weight rows: gate and up of 128 columns).</summary>
+    public const int WgmmaSwigluColumns = 128;
+
+    /// <summary>Output columns per block of the Hopper down pass.</summary>
+    public const int WgmmaDownColumns = 256;
+
+    /// <summary>Pipeline stages of the Hopper kernels (64 activation rows and 256 weight rows of 128 bytes each).</summary>
+    public const int WgmmaStages = 5;
+
+    /// <summary>Threads per Hopper block: two consumer warpgroups and the producer's.</summary>
+    public const int WgmmaThreads = 384;
+
+    /// <summary>Dynamic shared memory of a Hopper block: the stages, 1 KiB to align them, two mbarriers per stage.</summary>
+    public const int WgmmaSharedBytes = 1024 + WgmmaStages * (Tile + 4 * 64) * Fp8GemmKernel.Block + 2 * WgmmaStages * 8;
+
+    private readonly WgmmaLauncher? _wgmma;
+
+    /// <summary>Creates the launcher on <paramref name="device"/>.</summary>
+    /// <param name="device">The device.</param>
+    /// <param name="compiler">The compiler.</param>
+    /// <param name="preferWgmma">Run the passes on the Hopper kernels where they can (sm_90a, K and the activation row
+    /// stride multiples of 16); not yet confirmed on a GPU, so off by default.</param>
+    public MoeGroupedGemmKernel(CudaDevice device, NvrtcCompiler compiler, bool preferWgmma = false)
+        : base(device, compiler, FamilyName)
+    {
+        _wgmma = preferWgmma && Fp8GemmKernel.HasWgmma(device.Target) ? new WgmmaLauncher(device, compiler) : null;
+    }
+
+    /// <summary>Whether the passes run on the Hopper kernels where they can.</summary>
+    public bool PreferWgmma => _wgmma is not null;
+
+    /// <summary>The Hopper gate/up specialization for a shape and layout.</summary>
+    public static KernelInstance WgmmaGateUpInstance(int hidden, int inter, MoeGroupedLayout layout) =>
+        new($"moe_grouped_gemm_wgmma_kernel<{2 * inter}, {hidden}, 1, {(int)layout}>", WgmmaParamsType) { DynamicSharedBytes = WgmmaSharedBytes };
+
+    /// <summary>The Hopper down specialization for a shape and layout.</summary>
+    public static KernelInstance WgmmaDownInstance(int hidden, int inter, MoeGroupedLayout layout) =>
+        new($"moe_grouped_gemm_wgmma_kernel<{hidden}, {inter}, 0, {(int)layout}>", WgmmaParamsType) { DynamicSharedBytes = WgmmaSharedBytes };
+
+    /// <summary>Every Hopper specialization of the known and ragged shapes whose widths it takes (multiples of 16).</summary>
+    public static IReadOnlyList<KernelInstance> AllWgmmaInstances() =>
+        [.. from s in KnownShapes.Concat(RaggedShapes)
+            where s.Hidden % 16 == 0 && s.Inter % 16 == 0
+            from l in Enum.GetValues<MoeGroupedLayout>()
+            from i in new[] { WgmmaGateUpInstance(s.Hidden, s.Inter, l), WgmmaDownInstance(s.Hidden, s.Inter, l) }
+            select i];
+
+    /// <summary>
+    /// Whether a pass runs on the Hopper kernel: preferred, and able to (<see cref="Fp8GemmKernel.WgmmaRefusal"/>: sm_90a,
+    /// <paramref name="k"/> and the activation row stride multiples of 16, the codes 16-byte aligned); else on mma.sync.
+    /// </summary>
+    public static bool UsesWgmma(bool prefer, KernelTarget target, int k, long xStride, ulong xCodes) =>
+        prefer && Fp8GemmKernel.WgmmaRefusal(target, k, xStride, xCodes) is null;
 
     /// <summary>The masked-layout builder.</summary>
     public static KernelInstance MaskedLayoutInstance { get; } = new("moe_masked_layout_kernel<256>", MaskedLayoutParamsType);
@@ -238,17 +306,16 @@ internal sealed class MoeGroupedGemmKernel(CudaDevice device, NvrtcCompiler comp
     /// </summary>
     public void GateUp(CudaStream stream, MoeExpertStack w, MoeGroupedLayout layout, ulong xCodes, ulong xScales, ulong h,
         ulong counts, ulong offsets, ulong gather, int gatherDiv, int rows, int capacity, long xStride = -1, long xScalesStride = -1) =>
-        Run(stream, GateUpInstance(w.Hidden, w.Inter, layout), layout, w.Experts, w.W13, w.W13Scales, xCodes, xScales, h, counts, offsets, gather,
-            gatherDiv, rows, capacity, Blocks(w.Inter, SwigluColumns), xStride < 0 ? w.Hidden : xStride,
-            xScalesStride < 0 ? Fp8GemmKernel.BlocksFor(w.Hidden) : xScalesStride, w.Inter);
+        Run(stream, swiglu: true, w.Hidden, w.Inter, layout, w.Experts, w.W13, w.W13Scales, xCodes, xScales, h, counts, offsets, gather,
+            gatherDiv, rows, capacity, xStride < 0 ? w.Hidden : xStride, xScalesStride < 0 ? Fp8GemmKernel.BlocksFor(w.Hidden) : xScalesStride, w.Inter);
 
     /// <summary>
     /// y = hq·downᵀ per expert, bf16 [rows, H] at the grouped rows, from h's FP8 codes [rows, I] (activation row = grouped row).
     /// </summary>
     public void Down(CudaStream stream, MoeExpertStack w, MoeGroupedLayout layout, ulong hCodes, ulong hScales, ulong y,
         ulong counts, ulong offsets, int rows, int capacity) =>
-        Run(stream, DownInstance(w.Hidden, w.Inter, layout), layout, w.Experts, w.W2, w.W2Scales, hCodes, hScales, y, counts, offsets, 0, 1,
-            rows, capacity, Blocks(w.Hidden, DownColumns), w.Inter, Fp8GemmKernel.BlocksFor(w.Inter), w.Hidden);
+        Run(stream, swiglu: false, w.Hidden, w.Inter, layout, w.Experts, w.W2, w.W2Scales, hCodes, hScales, y, counts, offsets, 0, 1,
+            rows, capacity, w.Inter, Fp8GemmKernel.BlocksFor(w.Inter), w.Hidden);
 
     /// <summary>
     /// Masked layout from a contiguous dispatch: gather [E·capacity] (masked row → slot, −1 empty) and minv [tMax·k]
@@ -266,8 +333,8 @@ internal sealed class MoeGroupedGemmKernel(CudaDevice device, NvrtcCompiler comp
         Get(MaskedLayoutInstance).Launch(new Dim3(Blocks(Math.Max((long)experts * capacity, p.Slots), 256)), 256, 0, stream, in p);
     }
 
-    private void Run(CudaStream stream, KernelInstance instance, MoeGroupedLayout layout, int experts, ulong w, ulong wScales, ulong xCodes,
-        ulong xScales, ulong y, ulong counts, ulong offsets, ulong gather, int gatherDiv, int rows, int capacity, uint columnBlocks,
+    private void Run(CudaStream stream, bool swiglu, int hidden, int inter, MoeGroupedLayout layout, int experts, ulong w, ulong wScales, ulong xCodes,
+        ulong xScales, ulong y, ulong counts, ulong offsets, ulong gather, int gatherDiv, int rows, int capacity,
         long xStride, long xScalesStride, long yStride)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(experts);
@@ -314,6 +381,36 @@ internal sealed class MoeGroupedGemmKernel(CudaDevice device, NvrtcCompiler comp
             XCodes = xCodes, XScales = xScales, W = w, WScales = wScales, Y = y, Counts = counts, Offsets = offsets, Gather = gather,
             XStride = xStride, XScalesStride = xScalesStride, YStride = yStride, Experts = experts, Capacity = capacity, GatherDiv = gatherDiv,
         };
+        int n = swiglu ? 2 * inter : hidden, k = swiglu ? hidden : inter;
+        if (_wgmma is not null && UsesWgmma(PreferWgmma, Device.Target, k, xStride, xCodes))
+        {
+            var columns = Blocks(swiglu ? inter : hidden, swiglu ? WgmmaSwigluColumns : WgmmaDownColumns);
+            _wgmma.Run(stream, swiglu ? WgmmaGateUpInstance(hidden, inter, layout) : WgmmaDownInstance(hidden, inter, layout),
+                new Dim3(columns, rowTiles, z), in p, n, k);
+            return;
+        }
+
+        var instance = swiglu ? GateUpInstance(hidden, inter, layout) : DownInstance(hidden, inter, layout);
+        var columnBlocks = swiglu ? Blocks(inter, SwigluColumns) : Blocks(hidden, DownColumns);
         Get(instance).Launch(new Dim3(columnBlocks, rowTiles, z), 128, 0, stream, in p);
+    }
+
+    /// <inheritdoc />
+    public override void Dispose()
+    {
+        _wgmma?.Dispose();
+        base.Dispose();
+    }
+
+    private sealed class WgmmaLauncher(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, WgmmaFamily)
+    {
+        public void Run(CudaStream stream, KernelInstance instance, Dim3 grid, in MoeGroupedGemmParams p, int n, int k)
+        {
+            // The weights [E, N, K] as a 3-D map, so a box past an expert's N rows reads zeros instead of the next expert.
+            var map = new TmaTile(p.W, k, n, k, Fp8GemmKernel.Block, 64, TmaSwizzle.Swizzle128B) { Planes = p.Experts, PlaneStride = (long)n * k }
+                .Encode($"grouped expert GEMM N={n} K={k} weight codes", Device.Ordinal);
+            var wp = new MoeWgmmaParams { WMap = map, G = p };
+            Get(instance).Launch(grid, WgmmaThreads, (uint)instance.DynamicSharedBytes, stream, in wp);
+        }
     }
 }

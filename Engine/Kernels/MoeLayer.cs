@@ -51,7 +51,9 @@ internal sealed class MoeLayer : IDisposable
     /// <param name="inter">Each routed expert's intermediate width I.</param>
     /// <param name="sharedInter">The shared expert's intermediate width, 0 for none.</param>
     /// <param name="maxTokens">Most tokens one call handles.</param>
-    public MoeLayer(CudaDevice device, NvrtcCompiler compiler, MoeGateShape gate, int inter, int sharedInter, int maxTokens)
+    /// <param name="hopperGemm">Run the expert GEMMs (grouped and shared) on the Hopper wgmma kernels where they can run;
+    /// not yet confirmed on a GPU, so off by default (<see cref="Backends.Cuda.CudaBackendOptions.HopperFp8Gemm"/>).</param>
+    public MoeLayer(CudaDevice device, NvrtcCompiler compiler, MoeGateShape gate, int inter, int sharedInter, int maxTokens, bool hopperGemm = false)
     {
         gate.Validate();
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(inter);
@@ -65,9 +67,9 @@ internal sealed class MoeLayer : IDisposable
         _gate = new MoeGateKernel(device, compiler);
         _dispatch = new MoeDispatchKernel(device, compiler);
         _quant = new ActQuantKernel(device, compiler);
-        _grouped = new MoeGroupedGemmKernel(device, compiler);
+        _grouped = new MoeGroupedGemmKernel(device, compiler, hopperGemm);
         _combine = new MoeCombineKernel(device, compiler);
-        _gemm = new Fp8GemmKernel(device, compiler);
+        _gemm = new Fp8GemmKernel(device, compiler, hopperGemm);
         _siluMul = new SiluMulKernel(device, compiler);
 
         int e = gate.Experts, k = gate.TopK, h = gate.Width, t = maxTokens;

@@ -5,9 +5,10 @@ using DeepSeekCuda.Kernels;
 namespace DeepSeekCuda.Tests.Cuda;
 
 /// <summary>
-/// The FP8 GEMM's choices that need no GPU: which kernel a call takes, when the Hopper kernel refuses one, the
-/// Hopper kernel's persistent tile order and grid, and the TMA rules its tensor maps must meet. The tile order and
-/// the kernel's constants are also checked against the CUDA source itself, by compile-time asserts under NVRTC.
+/// The FP8 GEMMs' choices that need no GPU: which kernel a call takes (dense and grouped expert GEMMs), when the Hopper
+/// kernels refuse one, the Hopper kernel's persistent tile order and grid, and the TMA rules their tensor maps must meet.
+/// The tile order and the kernels' constants are also checked against the CUDA sources themselves, by compile-time asserts
+/// under NVRTC.
 /// </summary>
 [TestClass]
 public sealed class Fp8GemmSelectionTests
@@ -114,6 +115,28 @@ public sealed class Fp8GemmSelectionTests
     }
 
     [TestMethod]
+    public void TheExpertGemmsTakeTheHopperKernelsOnlyWhenPreferredAndAble()
+    {
+        Assert.IsTrue(MoeGroupedGemmKernel.UsesWgmma(true, Hopper, 7168, 7168, 0x1000), "V3 gate/up");
+        Assert.IsTrue(MoeGroupedGemmKernel.UsesWgmma(true, Hopper, 2048, 2048, 0x1000), "V3 down");
+        Assert.IsFalse(MoeGroupedGemmKernel.UsesWgmma(false, Hopper, 7168, 7168, 0x1000), "not preferred: the verified kernel");
+        Assert.IsFalse(MoeGroupedGemmKernel.UsesWgmma(true, new KernelTarget("sm_90"), 7168, 7168, 0x1000), "no wgmma on plain sm_90");
+        Assert.IsFalse(MoeGroupedGemmKernel.UsesWgmma(true, Hopper, 200, 200, 0x1000), "hidden 200: K not a multiple of 16");
+        Assert.IsFalse(MoeGroupedGemmKernel.UsesWgmma(true, Hopper, 72, 72, 0x1000), "inter 72");
+
+        Assert.IsFalse(KernelCatalog.For("sm_90").ContainsKey(MoeGroupedGemmKernel.WgmmaFamily));
+        var names = KernelCatalog.For("sm_90a")[MoeGroupedGemmKernel.WgmmaFamily].Select(i => i.NameExpression).ToList();
+        foreach (var layout in new[] { 0, 1 })
+        {
+            CollectionAssert.Contains(names, $"moe_grouped_gemm_wgmma_kernel<4096, 7168, 1, {layout}>", "V3 gate/up");
+            CollectionAssert.Contains(names, $"moe_grouped_gemm_wgmma_kernel<7168, 2048, 0, {layout}>", "V3 down");
+        }
+
+        Assert.HasCount(8 * 2 - 4, names, "V3, tiny-a and the Tiny preset, both passes and layouts; the ragged shapes (widths not multiples of 16) stay on mma.sync");
+        Assert.IsTrue(KernelCatalog.For("sm_90a")[MoeGroupedGemmKernel.WgmmaFamily].All(i => i.DynamicSharedBytes == MoeGroupedGemmKernel.WgmmaSharedBytes));
+    }
+
+    [TestMethod]
     public void ThePersistentGridHasOneBlockPerSmAndNoMoreThanTheTiles()
     {
         Assert.AreEqual(1, Fp8GemmKernel.WgmmaGrid(1, 100, 132));
@@ -136,6 +159,15 @@ public sealed class Fp8GemmSelectionTests
         var e = Assert.ThrowsExactly<KernelCompileException>(() =>
             new NvrtcCompiler().CompileSource(Fp8GemmKernel.WgmmaFamily, AgreementSource(wrongBy: 1), [], new KernelTarget("compute_90")));
         StringAssert.Contains(e.Log, "tile order differs from C#");
+
+        var moe = $"#include \"{MoeGroupedGemmKernel.WgmmaFamily}.cu\"\n" +
+                  $"static_assert(kMoeWgmmaSharedBytes == {MoeGroupedGemmKernel.WgmmaSharedBytes}, \"shared bytes differ from C#\");\n" +
+                  $"static_assert(kMoeWgmmaStages == {MoeGroupedGemmKernel.WgmmaStages}, \"stages differ from C#\");\n" +
+                  $"static_assert(kMoeWgmmaThreads == {MoeGroupedGemmKernel.WgmmaThreads}, \"threads differ from C#\");\n" +
+                  $"static_assert(kMoeWgmmaSwigluColumns == {MoeGroupedGemmKernel.WgmmaSwigluColumns}, \"gate/up columns differ from C#\");\n" +
+                  $"static_assert(kMoeWgmmaDownColumns == {MoeGroupedGemmKernel.WgmmaDownColumns}, \"down columns differ from C#\");\n" +
+                  $"static_assert(kMoeTile == {MoeGroupedGemmKernel.Tile}, \"tile differs from C#\");\n";
+        Assert.IsNotEmpty(new NvrtcCompiler().CompileSource(MoeGroupedGemmKernel.WgmmaFamily, moe, [], new KernelTarget("compute_90")).Image);
     }
 
     private static string AgreementSource(int wrongBy)
@@ -165,7 +197,7 @@ public sealed class Fp8GemmSelectionTests
     [TestMethod]
     public void ATmaTileMeetsTheDriversRules()
     {
-        var ok = new TmaTile2D(0x10000, 7168, 4095, 7168, 128, 128, TmaSwizzle.Swizzle128B);
+        var ok = new TmaTile(0x10000, 7168, 4095, 7168, 128, 128, TmaSwizzle.Swizzle128B);
         Assert.IsNull(ok.Problem());
         Assert.IsNull((ok with { Outer = 1 }).Problem(), "a box larger than the tensor reads zeros past its end");
         Assert.IsNull((ok with { Inner = 208, RowStride = 208 }).Problem(), "K a multiple of 16, not of 128");
@@ -179,6 +211,13 @@ public sealed class Fp8GemmSelectionTests
         StringAssert.Contains((ok with { BoxInner = 120 }).Problem(), "multiple of 16 B");
         StringAssert.Contains((ok with { BoxInner = 256, Swizzle = TmaSwizzle.Swizzle128B }).Problem(), "exceeds the 128 B of the 128-byte swizzle");
         Assert.IsNull((ok with { BoxInner = 256, Swizzle = TmaSwizzle.None }).Problem());
+
+        var stack = new TmaTile(0x10000, 7168, 4096, 7168, 128, 64, TmaSwizzle.Swizzle128B) { Planes = 256, PlaneStride = 4096L * 7168 };
+        Assert.AreEqual(2, ok.Rank);
+        Assert.AreEqual(3, stack.Rank);
+        Assert.IsNull(stack.Problem());
+        StringAssert.Contains((stack with { PlaneStride = 4096L * 7168 - 16 }).Problem(), "plane stride 29360112 B must be a multiple of 16 B, at least the matrix's 29360128 B");
+        StringAssert.Contains((stack with { PlaneStride = 4096L * 7168 + 8 }).Problem(), "multiple of 16 B");
 
         var e = Assert.ThrowsExactly<ArgumentException>(() => (ok with { RowStride = 7176 }).Check("FP8 GEMM M=3 N=576 K=7168 activation codes"));
         StringAssert.StartsWith(e.Message, "FP8 GEMM M=3 N=576 K=7168 activation codes: not a TMA tile source: row stride 7176 B");

@@ -84,26 +84,55 @@ public sealed class KernelResourceGateTests
         NvrtcSupport.RequireNvrtc();
         var rows = NvrtcSupport.Resources(Fp8GemmKernel.WgmmaFamily, "sm_90a");
         Assert.HasCount(NvrtcSupport.Instances(Fp8GemmKernel.WgmmaFamily).Count, rows);
+        AssertWgmmaRows(rows, r => r.Template == "fp8_gemm_wgmma_decode_kernel" ? Fp8GemmKernel.WgmmaDecodeSharedBytes : Fp8GemmKernel.WgmmaSharedBytes);
+
+        var ptx = NvrtcSupport.Compiled(Fp8GemmKernel.WgmmaFamily, "sm_90a").Ptx!;
+        foreach (var instruction in new[]
+                 {
+                     "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3", "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3",
+                     "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes",
+                     "mbarrier.arrive.expect_tx", "mbarrier.try_wait.parity", "setmaxnreg.dec.sync.aligned.u32 40", "setmaxnreg.inc.sync.aligned.u32 232",
+                 })
+        {
+            StringAssert.Contains(ptx, instruction);
+        }
+    }
+
+    /// <summary>
+    /// The Hopper expert GEMMs likewise: QGMMA only, the weights by 3-D TMA (one expert deep), the gathered activation rows by
+    /// cp.async arriving on the stage barrier, and the proxy fence that lets wgmma read what cp.async wrote.
+    /// </summary>
+    [TestMethod]
+    public void TheHopperExpertGemmRunsOnWgmmaTmaAndCpAsync()
+    {
+        NvrtcSupport.RequireNvrtc();
+        var rows = NvrtcSupport.Resources(MoeGroupedGemmKernel.WgmmaFamily, "sm_90a");
+        Assert.HasCount(NvrtcSupport.Instances(MoeGroupedGemmKernel.WgmmaFamily).Count, rows);
+        AssertWgmmaRows(rows, _ => MoeGroupedGemmKernel.WgmmaSharedBytes);
+        var ptx = NvrtcSupport.Compiled(MoeGroupedGemmKernel.WgmmaFamily, "sm_90a").Ptx!;
+        foreach (var instruction in new[]
+                 {
+                     "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3", "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes",
+                     "cp.async.cg.shared.global", "cp.async.mbarrier.arrive.noinc.shared::cta.b64", "fence.proxy.async.shared::cta",
+                     "setmaxnreg.dec.sync.aligned.u32 56", "setmaxnreg.inc.sync.aligned.u32 224",
+                 })
+        {
+            StringAssert.Contains(ptx, instruction);
+        }
+    }
+
+    private static void AssertWgmmaRows(IReadOnlyList<KernelResources> rows, Func<KernelResources, int> sharedBytes)
+    {
         foreach (var r in rows)
         {
             var qgmma = r.TensorOps.GetValueOrDefault("QGMMA");
             Assert.IsTrue(qgmma > 0 && qgmma % 4 == 0, $"{r.Kernel}: {qgmma} QGMMA, expected a positive multiple of 4");
             Assert.HasCount(1, r.TensorOps, $"{r.Kernel}: {string.Join(", ", r.TensorOps.Select(o => $"{o.Key} x{o.Value}"))}");
             Assert.AreEqual(0, r.StackBytes + r.LocalBytes, r.Kernel);
-            Assert.AreEqual(Fp8GemmKernel.WgmmaThreads, r.MaxThreads, r.Kernel);
-            Assert.AreEqual(r.Template == "fp8_gemm_wgmma_decode_kernel" ? Fp8GemmKernel.WgmmaDecodeSharedBytes : Fp8GemmKernel.WgmmaSharedBytes, r.DynamicSharedBytes, r.Kernel);
+            Assert.AreEqual(384, r.MaxThreads, r.Kernel);
+            Assert.AreEqual(sharedBytes(r), r.DynamicSharedBytes, r.Kernel);
             Assert.AreEqual(1, r.BlocksPerSm, $"{r.Kernel}: limited by {r.Limiter}");
             Assert.IsEmpty(ResourceGate.Violations(r));
-        }
-
-        var ptx = NvrtcSupport.Compiled(Fp8GemmKernel.WgmmaFamily, "sm_90a").Ptx!;
-        foreach (var instruction in new[]
-                 {
-                     "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3", "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3", "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes",
-                     "mbarrier.arrive.expect_tx", "mbarrier.try_wait.parity", "setmaxnreg.dec.sync.aligned.u32 40", "setmaxnreg.inc.sync.aligned.u32 232",
-                 })
-        {
-            StringAssert.Contains(ptx, instruction);
         }
     }
 

@@ -65,6 +65,7 @@ internal static partial class NvrtcSupport
         (typeof(Fp8WgmmaParams), Fp8GemmKernel.WgmmaParamsType, Fp8GemmKernel.WgmmaFamily),
         (typeof(MoeGroupedGemmParams), MoeGroupedGemmKernel.ParamsType, MoeGroupedGemmKernel.FamilyName),
         (typeof(MoeMaskedLayoutParams), MoeGroupedGemmKernel.MaskedLayoutParamsType, MoeGroupedGemmKernel.FamilyName),
+        (typeof(MoeWgmmaParams), MoeGroupedGemmKernel.WgmmaParamsType, MoeGroupedGemmKernel.WgmmaFamily),
         (typeof(MoeCombineParams), MoeCombineKernel.ParamsType, MoeCombineKernel.FamilyName),
         (typeof(MlaPrefillParams), MlaPrefillKernel.ParamsType, MlaPrefillKernel.FamilyName),
         (typeof(MlaCacheParams), MlaCacheKernel.ParamsType, MlaCacheKernel.FamilyName),

@@ -20,9 +20,10 @@ public sealed record CudaBackendOptions
     public string? KernelCacheDirectory { get; init; }
 
     /// <summary>
-    /// On Hopper (sm_90a), run the FP8 linears on the wgmma + TMA kernels (Kernels/fp8_gemm_wgmma.cu: decode variant up
-    /// to 64 rows, prefill above) instead of the gemv and mma.sync kernels. Off by default: no GPU has yet confirmed
-    /// them against the CPU reference. Ignored on other GPUs and for shapes they cannot run (K not a multiple of 16).
+    /// On Hopper (sm_90a), run the FP8 linears and the MoE experts on the wgmma + TMA kernels (Kernels/fp8_gemm_wgmma.cu:
+    /// decode variant up to 64 rows, prefill above; Kernels/moe_grouped_gemm_wgmma.cu) instead of the gemv and mma.sync
+    /// kernels. Off by default: no GPU has yet confirmed them against the CPU reference. Ignored on other GPUs and for
+    /// shapes they cannot run (K not a multiple of 16).
     /// </summary>
     public bool HopperFp8Gemm { get; init; }
 }
@@ -940,7 +941,8 @@ public sealed class CudaBackend : IBackend
         if (!_moe.TryGetValue(key, out var layer))
         {
             // Only the experts half of MoeLayer is used: its gate shape needs E, H and k; groups do not matter here.
-            layer = new MoeLayer(_device, _compiler, new MoeGateShape(ew.Experts, width, 1, 1, k), ew.ExpertWidth, ew.SharedWidth, _options.MaxMoeTokens);
+            layer = new MoeLayer(_device, _compiler, new MoeGateShape(ew.Experts, width, 1, 1, k), ew.ExpertWidth, ew.SharedWidth, _options.MaxMoeTokens,
+                _options.HopperFp8Gemm);
             _moe[key] = layer;
         }
 

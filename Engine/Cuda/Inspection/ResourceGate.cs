@@ -26,12 +26,12 @@ internal static class ResourceGate
     /// <summary>
     /// Kernels whose work is tensor-core work: their SASS must hold the named instruction class, so a change that
     /// falls off the tensor cores (or onto an emulated path) fails here. FP8 GEMMs use QMMA where the hardware
-    /// has FP8 <c>mma.sync</c> and HMMA on widened codes elsewhere; the Hopper GEMM, FP8 wgmma (QGMMA).
+    /// has FP8 <c>mma.sync</c> and HMMA on widened codes elsewhere; the Hopper GEMMs, FP8 wgmma (QGMMA).
     /// </summary>
     public static string? RequiredTensorOp(string template, ArchLimits arch) => template switch
     {
         "fp8_gemm_mma_kernel" or "moe_grouped_gemm_kernel" => arch.HasFp8MmaSync ? "QMMA" : "HMMA",
-        "fp8_gemm_wgmma_kernel" or "fp8_gemm_wgmma_decode_kernel" => "QGMMA",
+        "fp8_gemm_wgmma_kernel" or "fp8_gemm_wgmma_decode_kernel" or "moe_grouped_gemm_wgmma_kernel" => "QGMMA",
         "mla_decode_kernel" or "mla_prefill_attn_kernel" => "HMMA",
         _ => null,
     };
