@@ -13,7 +13,8 @@ namespace DeepSeekCuda.Bench.Benches;
 /// skewed (95% of tokens on one hot expert, the rest among a quarter of the experts). The gate kernel runs in every timed
 /// call (its cost counts) but writes to a scratch buffer, because constant synthetic weights would route every token to the
 /// same experts; the experts read the seeded routing.
-/// Rows: bench <c>moe_layer</c>, shape {tokens, routing}; GB/s over the touched weights (routed experts with at least one
+/// Rows: bench <c>moe_layer</c> (the verified kernels) and on Hopper <c>moe_layer_wgmma</c> (the expert GEMMs on the wgmma
+/// kernels), shape {tokens, routing}; GB/s over the touched weights (routed experts with at least one
 /// token + the shared expert + the gate), TFLOP/s of the layer's GEMMs. Baselines measured in the same run: <c>copy</c>
 /// (copy bandwidth over the touched weight bytes) and <c>cublas_bf16_loop</c> (<see cref="CublasLoop"/>).
 /// </summary>
@@ -70,6 +71,7 @@ internal static class MoeBench
             var scratchW = Own(DeviceBuffer<float>.Allocate(device, (long)maxTokens * TopK));
             using var gateKernel = new MoeGateKernel(device, gpu.Compiler);
             using var layer = new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens);
+            using var hopper = Fp8GemmKernel.HasWgmma(device.Target) ? new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens, hopperGemm: true) : null;
             using var cublasLoop = CublasLoop.TryCreate(gpu, maxTokens * TopK);
 
             foreach (var tokens in quick ? [1, 64, 4096] : Tokens)
@@ -80,23 +82,34 @@ internal static class MoeBench
                     var wts = Enumerable.Repeat(1f / TopK, tokens * TopK).ToArray();
                     using var idxD = DeviceBuffer<int>.From(device, idx, stream);
                     using var wD = DeviceBuffer<float>.From(device, wts, stream);
-                    var us = gpu.Measure(_ =>
-                    {
-                        gateKernel.Launch(stream, gate, x.Pointer, ElementType.BF16, gateW.Pointer, gateB.Pointer, tokens, scratchIdx.Pointer, scratchW.Pointer,
-                            normalize: true, scaling: 2.5f);
-                        layer.Experts(stream, x.Pointer, ElementType.BF16, tokens, idxD.Pointer, wD.Pointer, stack, shared, y.Pointer, ElementType.BF16,
-                            residual: x.Pointer);
-                    });
-
                     var touched = idx.Distinct().Count();
                     var expertBytes = 3.0 * Hidden * Inter;
                     var bytes = ((touched + 1) * expertBytes) + (2.0 * Experts * Hidden);
                     var flops = (2.0 * tokens * TopK * 3 * Hidden * Inter) + (2.0 * tokens * 3 * Hidden * Inter) + (2.0 * tokens * Experts * Hidden);
                     var shape = new Dictionary<string, object> { ["tokens"] = tokens, ["routing"] = skewed ? "skewed" : "uniform" };
-                    report.Add(new BenchResult("moe_layer", shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "copy", gpu.CopyUs(bytes)));
-                    if (cublasLoop?.Time(gpu, idx) is { } cublasUs)
+                    var copyUs = gpu.CopyUs(bytes);
+                    var cublasUs = cublasLoop?.Time(gpu, idx);
+
+                    // The layer on the verified kernels, and on Hopper on the wgmma kernels, against the same baselines.
+                    foreach (var (name, l) in new[] { ("moe_layer", layer), ("moe_layer_wgmma", hopper) })
                     {
-                        report.Add(new BenchResult("moe_layer", shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "cublas_bf16_loop", cublasUs));
+                        if (l is null)
+                        {
+                            continue;
+                        }
+
+                        var us = gpu.Measure(_ =>
+                        {
+                            gateKernel.Launch(stream, gate, x.Pointer, ElementType.BF16, gateW.Pointer, gateB.Pointer, tokens, scratchIdx.Pointer, scratchW.Pointer,
+                                normalize: true, scaling: 2.5f);
+                            l.Experts(stream, x.Pointer, ElementType.BF16, tokens, idxD.Pointer, wD.Pointer, stack, shared, y.Pointer, ElementType.BF16,
+                                residual: x.Pointer);
+                        });
+                        report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "copy", copyUs));
+                        if (cublasUs is { } c)
+                        {
+                            report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "cublas_bf16_loop", c));
+                        }
                     }
                 }
             }
