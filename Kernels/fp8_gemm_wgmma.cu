@@ -145,16 +145,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const 
             const u32 a = ring.smem() + (threadIdx.x >> 7) * 64 * kFp8Block;
             const u32 b = ring.smem() + kWgmmaBoxBytes;
             mbar_wait(ring.full(), ring.phase);
-#pragma unroll
-            for (int i = 0; i < 64; i++) wgmma_fence_operand(part[i]);
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < kFp8Block / 32; ks++)
-                wgmma_m64n128k32_e4m3(part, wgmma_desc_sw128(a + 32 * ks), wgmma_desc_sw128(b + 32 * ks), ks > 0 ? 1u : 0u);
-            wgmma_commit();
-#pragma unroll
-            for (int i = 0; i < 64; i++) wgmma_fence_operand(part[i]);
-            wgmma_wait<0>();
+            wgmma_k128_e4m3<128>(part, a, b);
             if (lane == 0) mbar_arrive(ring.empty());
             ring.next();
 
@@ -240,16 +231,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_decode_kernel
             const u32 a = ring.smem() + (threadIdx.x >> 7) * 64 * kFp8Block;
             const u32 b = ring.smem() + kWgmmaBoxBytes;
             mbar_wait(ring.full(), ring.phase);
-#pragma unroll
-            for (int i = 0; i < 32; i++) wgmma_fence_operand(part[i]);
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < kFp8Block / 32; ks++)
-                wgmma_m64n64k32_e4m3(part, wgmma_desc_sw128(a + 32 * ks), wgmma_desc_sw128(b + 32 * ks), ks > 0 ? 1u : 0u);
-            wgmma_commit();
-#pragma unroll
-            for (int i = 0; i < 32; i++) wgmma_fence_operand(part[i]);
-            wgmma_wait<0>();
+            wgmma_k128_e4m3<kWgmmaDecodeRows>(part, a, b);
             if (lane == 0) mbar_arrive(ring.empty());
             ring.next();
 

@@ -187,6 +187,28 @@ DSC_DEVICE void wgmma_m64n64k32_e4m3(float d[32], u64 a_desc, u64 b_desc, u32 ac
                  : "l"(a_desc), "l"(b_desc), "r"(accumulate));
 }
 
+// part (N / 2 registers) = A[64 x 128] · B[N x 128]ᵀ over one whole 128-byte swizzled row of K: four wgmma k32 from
+// zero, committed and waited for. a and b are the operand tiles' shared addresses (1024-byte aligned); the register
+// layout is that of wgmma_m64n128k32_e4m3.
+template <int N>
+DSC_DEVICE void wgmma_k128_e4m3(float (&part)[N / 2], u32 a, u32 b)
+{
+    static_assert(N == 128 || N == 64, "the m64n128k32 and m64n64k32 forms");
+#pragma unroll
+    for (int i = 0; i < N / 2; i++) wgmma_fence_operand(part[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++)
+    {
+        if constexpr (N == 128) wgmma_m64n128k32_e4m3(part, wgmma_desc_sw128(a + 32 * ks), wgmma_desc_sw128(b + 32 * ks), ks > 0 ? 1u : 0u);
+        else wgmma_m64n64k32_e4m3(part, wgmma_desc_sw128(a + 32 * ks), wgmma_desc_sw128(b + 32 * ks), ks > 0 ? 1u : 0u);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < N / 2; i++) wgmma_fence_operand(part[i]);
+    wgmma_wait<0>();
+}
+
 // ---- the stage ring of a warp-specialized pipeline --------------------------------------------------------
 
 // Stage s's operand boxes at base + s * STAGE_BYTES, its full and empty mbarriers after the stages. Producer

@@ -129,16 +129,7 @@ __global__ void __launch_bounds__(kMoeWgmmaThreads, 1) moe_grouped_gemm_wgmma_ke
         const u32 b = ring.smem() + kMoeWgmmaABytes + wg * 2 * kMoeWgmmaBoxRows * kFp8Block;
         mbar_wait(ring.full(), ring.phase);
         fence_proxy_async_shared();
-#pragma unroll
-        for (int i = 0; i < 64; i++) wgmma_fence_operand(part[i]);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kFp8Block / 32; ks++)
-            wgmma_m64n128k32_e4m3(part, wgmma_desc_sw128(a + 32 * ks), wgmma_desc_sw128(b + 32 * ks), ks > 0 ? 1u : 0u);
-        wgmma_commit();
-#pragma unroll
-        for (int i = 0; i < 64; i++) wgmma_fence_operand(part[i]);
-        wgmma_wait<0>();
+        wgmma_k128_e4m3<128>(part, a, b);
         if (lane == 0) mbar_arrive(ring.empty());
         ring.next();
 
