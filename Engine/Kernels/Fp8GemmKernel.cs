@@ -145,7 +145,7 @@ internal sealed class Fp8GemmKernel : IDisposable
     /// <summary>Creates the launcher on <paramref name="device"/>.</summary>
     /// <param name="device">The device.</param>
     /// <param name="compiler">The compiler.</param>
-    /// <param name="preferWgmma">Whether <see cref="Fp8GemmPath.Auto"/> takes the Hopper kernel where it can run (not yet
+    /// <param name="preferWgmma">Whether <see cref="Fp8GemmPath.Auto"/> takes the Hopper kernels where they can run (not yet
     /// confirmed on a GPU, so off by default); <see cref="Fp8GemmPath.Wgmma"/> can be asked for either way.</param>
     public Fp8GemmKernel(CudaDevice device, NvrtcCompiler compiler, bool preferWgmma = false)
     {
@@ -159,10 +159,10 @@ internal sealed class Fp8GemmKernel : IDisposable
     /// <summary>The device.</summary>
     public CudaDevice Device { get; }
 
-    /// <summary>Whether the device runs the wgmma kernel (<see cref="Fp8GemmPath.Wgmma"/>): sm_90a.</summary>
+    /// <summary>Whether the device runs the wgmma kernels (<see cref="Fp8GemmPath.Wgmma"/>): sm_90a.</summary>
     public bool Wgmma => _wgmma is not null;
 
-    /// <summary>Whether <see cref="Fp8GemmPath.Auto"/> sends rows above <see cref="GemvMaxM"/> to the wgmma kernel when it can run them.</summary>
+    /// <summary>Whether <see cref="Fp8GemmPath.Auto"/> sends every call the wgmma kernels can run to them (<see cref="Choose"/>).</summary>
     public bool PreferWgmma { get; }
 
     /// <summary>Scale blocks along <paramref name="n"/> elements.</summary>
