@@ -149,15 +149,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) fp8_gemm_wgmma_kernel(const 
             if (lane == 0) mbar_arrive(ring.empty());
             ring.next();
 
-            // Promote: registers 4j, 4j+1 are row `row`, 4j+2, 4j+3 row `row + 8`.
-#pragma unroll
-            for (int j = 0; j < 16; j++)
-            {
-                acc[4 * j] = fmaf(part[4 * j], s0, acc[4 * j]);
-                acc[4 * j + 1] = fmaf(part[4 * j + 1], s0, acc[4 * j + 1]);
-                acc[4 * j + 2] = fmaf(part[4 * j + 2], s1, acc[4 * j + 2]);
-                acc[4 * j + 3] = fmaf(part[4 * j + 3], s1, acc[4 * j + 3]);
-            }
+            wgmma_promote_n128(acc, part, s0, s1, s0, s1); // one weight-scale block covers the tile's 128 columns
         }
 
 #pragma unroll

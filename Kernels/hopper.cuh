@@ -209,6 +209,22 @@ DSC_DEVICE void wgmma_k128_e4m3(float (&part)[N / 2], u32 a, u32 b)
     wgmma_wait<0>();
 }
 
+// acc += part * scale over an m64n128 fragment (wgmma_m64n128k32_e4m3's layout): registers 4j, 4j+1 are the thread's
+// first row, 4j+2, 4j+3 its row + 8; columns 8j.. take the _lo scales for j < 8 and the _hi ones above (a K block's
+// per-row activation scale times the weight scale of those 64 columns). fp32 fma, the promotion of each K block.
+DSC_DEVICE void wgmma_promote_n128(float (&acc)[64], const float (&part)[64], float s0_lo, float s1_lo, float s0_hi, float s1_hi)
+{
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+    {
+        const float s0 = j < 8 ? s0_lo : s0_hi, s1 = j < 8 ? s1_lo : s1_hi;
+        acc[4 * j] = fmaf(part[4 * j], s0, acc[4 * j]);
+        acc[4 * j + 1] = fmaf(part[4 * j + 1], s0, acc[4 * j + 1]);
+        acc[4 * j + 2] = fmaf(part[4 * j + 2], s1, acc[4 * j + 2]);
+        acc[4 * j + 3] = fmaf(part[4 * j + 3], s1, acc[4 * j + 3]);
+    }
+}
+
 // ---- the stage ring of a warp-specialized pipeline --------------------------------------------------------
 
 // Stage s's operand boxes at base + s * STAGE_BYTES, its full and empty mbarriers after the stages. Producer

@@ -133,17 +133,8 @@ __global__ void __launch_bounds__(kMoeWgmmaThreads, 1) moe_grouped_gemm_wgmma_ke
         if (lane == 0) mbar_arrive(ring.empty());
         ring.next();
 
-        // Registers 4j + c: row r0, 4j + 2 + c: row r1; column 8j + col + c of the warpgroup's 128 (j >= 8: up rows).
-#pragma unroll
-        for (int j = 0; j < 16; j++)
-        {
-            const float wj = j < 8 ? w_lo : w_hi;
-            const float s0 = x0 * wj, s1 = x1 * wj;
-            acc[4 * j] = fmaf(part[4 * j], s0, acc[4 * j]);
-            acc[4 * j + 1] = fmaf(part[4 * j + 1], s0, acc[4 * j + 1]);
-            acc[4 * j + 2] = fmaf(part[4 * j + 2], s1, acc[4 * j + 2]);
-            acc[4 * j + 3] = fmaf(part[4 * j + 3], s1, acc[4 * j + 3]);
-        }
+        // Rows r0 and r1; columns 0-63 of the warpgroup's 128 take w_lo (gate, or down's), 64-127 w_hi (up, or down's again).
+        wgmma_promote_n128(acc, part, x0 * w_lo, x1 * w_lo, x0 * w_hi, x1 * w_hi);
     }
 
 #pragma unroll

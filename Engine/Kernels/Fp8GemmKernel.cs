@@ -211,17 +211,39 @@ internal sealed class Fp8GemmKernel : IDisposable
     /// <summary>Whether <paramref name="target"/> runs the wgmma kernel: sm_90a, the only target with wgmma and TMA.</summary>
     public static bool HasWgmma(KernelTarget target) => target.Arch == "sm_90a";
 
+    /// <summary>Whether the wgmma kernels can run a GEMM (<see cref="WgmmaRefusal"/> says why not); allocates nothing.</summary>
+    public static bool WgmmaRuns(KernelTarget target, int k, long xStride, ulong xCodes) => Blocker(target, k, xStride, xCodes) == WgmmaBlocker.None;
+
     /// <summary>Why the wgmma kernel cannot run a GEMM, or null when it can.</summary>
     /// <param name="target">The compile target of the device.</param>
     /// <param name="k">K.</param>
     /// <param name="xStride">Bytes between activation rows.</param>
     /// <param name="xCodes">The activation codes' address.</param>
-    public static string? WgmmaRefusal(KernelTarget target, int k, long xStride, ulong xCodes) =>
-        !HasWgmma(target) ? $"it needs sm_90a (wgmma and TMA), the device compiles for {target.Arch}"
-        : k % 16 != 0 ? $"K = {k} is not a multiple of 16 (TMA row strides are whole 16-byte units)"
-        : xStride % 16 != 0 ? $"the activation row stride {xStride} B is not a multiple of 16"
-        : (xCodes & 15) != 0 ? $"the activation codes at 0x{xCodes:x} are not 16-byte aligned"
-        : null;
+    public static string? WgmmaRefusal(KernelTarget target, int k, long xStride, ulong xCodes) => Blocker(target, k, xStride, xCodes) switch
+    {
+        WgmmaBlocker.Target => $"it needs sm_90a (wgmma and TMA), the device compiles for {target.Arch}",
+        WgmmaBlocker.K => $"K = {k} is not a multiple of 16 (TMA row strides are whole 16-byte units)",
+        WgmmaBlocker.Stride => $"the activation row stride {xStride} B is not a multiple of 16",
+        WgmmaBlocker.Alignment => $"the activation codes at 0x{xCodes:x} are not 16-byte aligned",
+        _ => null,
+    };
+
+    // The one list of the wgmma kernels' requirements, first unmet one first.
+    private static WgmmaBlocker Blocker(KernelTarget target, int k, long xStride, ulong xCodes) =>
+        !HasWgmma(target) ? WgmmaBlocker.Target
+        : k % 16 != 0 ? WgmmaBlocker.K
+        : xStride % 16 != 0 ? WgmmaBlocker.Stride
+        : (xCodes & 15) != 0 ? WgmmaBlocker.Alignment
+        : WgmmaBlocker.None;
+
+    private enum WgmmaBlocker
+    {
+        None,
+        Target,
+        K,
+        Stride,
+        Alignment,
+    }
 
     /// <summary>
     /// The path <see cref="Fp8GemmPath.Auto"/> takes for <paramref name="m"/> rows: the wgmma kernels when
@@ -316,7 +338,7 @@ internal sealed class Fp8GemmKernel : IDisposable
         };
         if (path == Fp8GemmPath.Auto)
         {
-            path = Choose(m, PreferWgmma && WgmmaRefusal(Device.Target, k, p.XStride, xCodes) is null);
+            path = Choose(m, PreferWgmma && WgmmaRuns(Device.Target, k, p.XStride, xCodes));
         }
 
         if (path == Fp8GemmPath.Mma)
@@ -327,9 +349,9 @@ internal sealed class Fp8GemmKernel : IDisposable
 
         if (path == Fp8GemmPath.Wgmma)
         {
-            if (WgmmaRefusal(Device.Target, k, p.XStride, xCodes) is { } why)
+            if (!WgmmaRuns(Device.Target, k, p.XStride, xCodes))
             {
-                throw new ArgumentException($"FP8 GEMM M={m} N={n} K={k}: the wgmma kernel cannot run it: {why}", nameof(path));
+                throw new ArgumentException($"FP8 GEMM M={m} N={n} K={k}: the wgmma kernel cannot run it: {WgmmaRefusal(Device.Target, k, p.XStride, xCodes)}", nameof(path));
             }
 
             if (!WgmmaDecodes(m))

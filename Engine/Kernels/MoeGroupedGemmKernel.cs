@@ -185,7 +185,7 @@ internal sealed class MoeGroupedGemmKernel : KernelLauncher
     /// <paramref name="k"/> and the activation row stride multiples of 16, the codes 16-byte aligned); else on mma.sync.
     /// </summary>
     public static bool UsesWgmma(bool prefer, KernelTarget target, int k, long xStride, ulong xCodes) =>
-        prefer && Fp8GemmKernel.WgmmaRefusal(target, k, xStride, xCodes) is null;
+        prefer && Fp8GemmKernel.WgmmaRuns(target, k, xStride, xCodes);
 
     /// <summary>The masked-layout builder.</summary>
     public static KernelInstance MaskedLayoutInstance { get; } = new("moe_masked_layout_kernel<256>", MaskedLayoutParamsType);
@@ -382,10 +382,10 @@ internal sealed class MoeGroupedGemmKernel : KernelLauncher
             XStride = xStride, XScalesStride = xScalesStride, YStride = yStride, Experts = experts, Capacity = capacity, GatherDiv = gatherDiv,
         };
         int n = swiglu ? 2 * inter : hidden, k = swiglu ? hidden : inter;
-        if (_wgmma is not null && UsesWgmma(PreferWgmma, Device.Target, k, xStride, xCodes))
+        if (UsesWgmma(PreferWgmma, Device.Target, k, xStride, xCodes))
         {
             var columns = Blocks(swiglu ? inter : hidden, swiglu ? WgmmaSwigluColumns : WgmmaDownColumns);
-            _wgmma.Run(stream, swiglu ? WgmmaGateUpInstance(hidden, inter, layout) : WgmmaDownInstance(hidden, inter, layout),
+            _wgmma!.Run(stream, swiglu ? WgmmaGateUpInstance(hidden, inter, layout) : WgmmaDownInstance(hidden, inter, layout),
                 new Dim3(columns, rowTiles, z), in p, n, k);
             return;
         }
