@@ -33,7 +33,7 @@ public sealed class BatchedChatTests
     [ClassInitialize]
     public static void Init(TestContext _)
     {
-        s_dir = Path.Combine(Path.GetTempPath(), "dscuda-batched-" + Guid.NewGuid().ToString("N"));
+        s_dir = TempFolder.NewPath("dscuda-batched");
         DemoModel.WriteTo(s_dir);
         s_local = LocalModel.Load(s_dir);
     }
@@ -42,14 +42,7 @@ public sealed class BatchedChatTests
     public static void Cleanup()
     {
         s_local.Dispose();
-        try
-        {
-            Directory.Delete(s_dir, true);
-        }
-        catch (IOException)
-        {
-            // Mapped shards may still be open on some platforms; the temp cleaner gets them.
-        }
+        TempFolder.DeleteBestEffort(s_dir);
     }
 
     private static readonly string[] Questions =

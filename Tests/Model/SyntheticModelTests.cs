@@ -90,7 +90,7 @@ public sealed class SyntheticModelTests
     [ClassInitialize]
     public static void Init(TestContext _)
     {
-        s_root = Path.Combine(Path.GetTempPath(), "dscuda-model-" + Guid.NewGuid().ToString("N"));
+        s_root = TempFolder.NewPath("dscuda-model");
         var seed = 11;
         foreach (var (name, config) in Configs())
         {
@@ -114,14 +114,7 @@ public sealed class SyntheticModelTests
         }
 
         s_backend.Dispose();
-        try
-        {
-            Directory.Delete(s_root, recursive: true);
-        }
-        catch (IOException)
-        {
-            // Mapped shards may still be open on some platforms; the temp cleaner gets them.
-        }
+        TempFolder.DeleteBestEffort(s_root);
     }
 
     /// <summary>A prompt longer than the YaRN original length of each config, ids spread over the vocabulary.</summary>

@@ -29,7 +29,7 @@ public sealed class ModelSchedulingTests
     [ClassInitialize]
     public static void Init(TestContext _)
     {
-        s_root = Path.Combine(Path.GetTempPath(), "dscuda-serving-" + Guid.NewGuid().ToString("N"));
+        s_root = TempFolder.NewPath("dscuda-serving");
         SyntheticCheckpoint.Write(s_root, ModelPresets.Tiny, seed: 23);
         s_tinyCheckpoint = Checkpoint.Open(s_root);
         s_tiny = DeepSeekModel.Load(s_tinyCheckpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
@@ -43,14 +43,7 @@ public sealed class ModelSchedulingTests
         s_tinyNoMtp.Dispose();
         s_tinyCheckpoint.Dispose();
         s_backend.Dispose();
-        try
-        {
-            Directory.Delete(s_root, recursive: true);
-        }
-        catch (IOException)
-        {
-            // Mapped shards may still be open on some platforms; the temp cleaner gets them.
-        }
+        TempFolder.DeleteBestEffort(s_root);
     }
 
     /// <summary>A runner of the kind named: "session" or "paged".</summary>

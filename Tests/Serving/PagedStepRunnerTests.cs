@@ -29,7 +29,7 @@ public sealed class PagedStepRunnerTests
     [ClassInitialize]
     public static void Init(TestContext _)
     {
-        s_root = Path.Combine(Path.GetTempPath(), "dscuda-paged-" + Guid.NewGuid().ToString("N"));
+        s_root = TempFolder.NewPath("dscuda-paged");
         SyntheticCheckpoint.Write(s_root, ModelPresets.Tiny, seed: 29);
         s_checkpoint = Checkpoint.Open(s_root);
         s_backend = new CpuBackend();
@@ -42,14 +42,7 @@ public sealed class PagedStepRunnerTests
         s_tiny.Dispose();
         s_checkpoint.Dispose();
         s_backend.Dispose();
-        try
-        {
-            Directory.Delete(s_root, recursive: true);
-        }
-        catch (IOException)
-        {
-            // Mapped shards may still be open on some platforms; the temp cleaner gets them.
-        }
+        TempFolder.DeleteBestEffort(s_root);
     }
 
     /// <summary>
