@@ -21,45 +21,9 @@ namespace DeepSeekCuda.Tests.Cuda;
 /// </summary>
 [TestClass]
 [TestCategory("Gpu")]
-public sealed class CudaBackendGpuTests : GpuTestBase
+public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
 {
-    private const double Bf16Step = 1.0 / 128;
-
-    private Checkpoint _checkpoint = null!;
-    private CudaBackend _cuda = null!;
-    private CpuBackend _cpu = null!;
-    private Random _rng = null!;
-
-    [TestInitialize]
-    public void OpenBackends()
-    {
-        _checkpoint = Checkpoint.Open(SharedData.TinyAModel);
-        _cuda = new CudaBackend();
-        _cpu = new CpuBackend(CpuNumerics.GpuEmulation);
-        var seed = Environment.TickCount;
-        TestContext.WriteLine($"seed {seed}");
-        _rng = new Random(seed);
-    }
-
-    [TestCleanup]
-    public void CloseBackends()
-    {
-        _cuda?.Dispose();
-        _cpu?.Dispose();
-        _checkpoint?.Dispose();
-    }
-
-    private ModelConfig Config => _checkpoint.Config;
-
     private int QLora => Config.QLoraRank ?? throw new InvalidOperationException("tiny-a has q_lora_rank");
-
-    /// <summary>Random values already BF16 (what activations hold), so Upload means the same on both backends.</summary>
-    private float[] Bf16Normal(int n, float scale = 1f)
-    {
-        var a = Normal(_rng, n, scale);
-        BFloat16.Round(a);
-        return a;
-    }
 
     private static LinearSpec Fp8(string weight, int outF, int inF) => new(weight, outF, inF, true);
 
@@ -104,12 +68,12 @@ public sealed class CudaBackendGpuTests : GpuTestBase
     private (float[][] Cuda, float[][] Cpu) Both(Func<Scope, float[][]> op)
     {
         float[][] got, want;
-        using (var s = new Scope(_cuda))
+        using (var s = new Scope(Cuda))
         {
             got = op(s);
         }
 
-        using (var s = new Scope(_cpu))
+        using (var s = new Scope(Cpu))
         {
             want = op(s);
         }
@@ -149,12 +113,12 @@ public sealed class CudaBackendGpuTests : GpuTestBase
     public void EmbeddingCopyRowsAndConcatAreExact()
     {
         int vocab = Config.VocabSize, d = Config.HiddenSize;
-        int[] ids = [0, vocab - 1, .. Enumerable.Range(0, 13).Select(_ => _rng.Next(vocab)), 5, 5];
+        int[] ids = [0, vocab - 1, .. Enumerable.Range(0, 13).Select(_ => Random.Next(vocab)), 5, 5];
         var a = Bf16Normal(7 * 100);
         var b = Bf16Normal(7 * 28);
         var (got, want) = Both(s =>
         {
-            var table = s.Own(s.B.UploadEmbedding(_checkpoint, "model.embed_tokens.weight", vocab, d));
+            var table = s.Own(s.B.UploadEmbedding(Checkpoint, "model.embed_tokens.weight", vocab, d));
             var e = s.Out(ids.Length, d);
             s.B.Embedding(table, ids, e);
             var src = s.In(a, 7, 100);
@@ -171,8 +135,8 @@ public sealed class CudaBackendGpuTests : GpuTestBase
         Exact("allocate zero-fills", got[3], want[3]);
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() =>
         {
-            using var s = new Scope(_cuda);
-            s.B.Embedding(s.Own(s.B.UploadEmbedding(_checkpoint, "model.embed_tokens.weight", vocab, d)), [vocab], s.Out(1, d));
+            using var s = new Scope(Cuda);
+            s.B.Embedding(s.Own(s.B.UploadEmbedding(Checkpoint, "model.embed_tokens.weight", vocab, d)), [vocab], s.Out(1, d));
         });
     }
 
@@ -193,7 +157,7 @@ public sealed class CudaBackendGpuTests : GpuTestBase
         u[rows * d - 1] = float.PositiveInfinity;
         var (got, want) = Both(s =>
         {
-            var w = s.Own(s.B.UploadNorm(_checkpoint, "model.layers.0.input_layernorm.weight", d, (float)Config.RmsNormEps));
+            var w = s.Own(s.B.UploadNorm(Checkpoint, "model.layers.0.input_layernorm.weight", d, (float)Config.RmsNormEps));
             var xt = s.In(x, rows, d);
             var n1 = s.Out(rows, d);
             s.B.RmsNorm(xt, w, n1);
@@ -245,8 +209,8 @@ public sealed class CudaBackendGpuTests : GpuTestBase
         var h = Bf16Normal(rows * Config.IntermediateSize, 0.5f);
         var (got, want) = Both(s =>
         {
-            var qb = s.Own(s.B.UploadLinear(_checkpoint, Fp8("model.layers.0.self_attn.q_b_proj.weight", 512, QLora)));
-            var down = s.Own(s.B.UploadLinear(_checkpoint, Fp8("model.layers.0.mlp.down_proj.weight", Config.HiddenSize, Config.IntermediateSize)));
+            var qb = s.Own(s.B.UploadLinear(Checkpoint, Fp8("model.layers.0.self_attn.q_b_proj.weight", 512, QLora)));
+            var down = s.Own(s.B.UploadLinear(Checkpoint, Fp8("model.layers.0.mlp.down_proj.weight", Config.HiddenSize, Config.IntermediateSize)));
             Assert.IsTrue(qb.Fp8 && down.Fp8);
             var y1 = s.Out(rows, 512);
             s.B.Linear(s.In(q, rows, QLora), qb, y1);
@@ -268,7 +232,7 @@ public sealed class CudaBackendGpuTests : GpuTestBase
         var x = Bf16Normal(rows * d);
         var (got, want) = Both(s =>
         {
-            var head = s.Own(s.B.UploadHead(_checkpoint, "lm_head.weight", vocab, d));
+            var head = s.Own(s.B.UploadHead(Checkpoint, "lm_head.weight", vocab, d));
             Assert.IsFalse(head.Fp8);
             var xt = s.In(x, rows, d);
             var logits = s.Out(rows, vocab);
@@ -301,8 +265,8 @@ public sealed class CudaBackendGpuTests : GpuTestBase
         var scale = (float)Config.SoftmaxScale;
         var (got, want) = Both(s =>
         {
-            var norm = s.Own(s.B.UploadNorm(_checkpoint, "model.layers.0.self_attn.kv_a_layernorm.weight", dims.KvLora, (float)Config.RmsNormEps));
-            var kvB = s.Own(s.B.UploadLinear(_checkpoint, Fp8("model.layers.0.self_attn.kv_b_proj.weight", dims.Heads * dims.KvBHead, dims.KvLora)));
+            var norm = s.Own(s.B.UploadNorm(Checkpoint, "model.layers.0.self_attn.kv_a_layernorm.weight", dims.KvLora, (float)Config.RmsNormEps));
+            var kvB = s.Own(s.B.UploadLinear(Checkpoint, Fp8("model.layers.0.self_attn.kv_b_proj.weight", dims.Heads * dims.KvBHead, dims.KvLora)));
             var rope = s.Own(s.B.UploadRope(cos, sin, capacity, dims.QkRope / 2));
             var cache = s.Own(s.B.AllocateLatentCache(capacity, dims.KvLora, dims.QkRope));
             var outputs = new List<float[]>();
@@ -354,8 +318,8 @@ public sealed class CudaBackendGpuTests : GpuTestBase
         var run = 0;
         var (got, want) = Both(s =>
         {
-            var gate = s.Own(s.B.UploadGate(_checkpoint, "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias", d, options));
-            var ew = s.Own(s.B.UploadExperts(_checkpoint, experts, shared));
+            var gate = s.Own(s.B.UploadGate(Checkpoint, "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias", d, options));
+            var ew = s.Own(s.B.UploadExperts(Checkpoint, experts, shared));
             var routing = s.Own(s.B.AllocateRouting(tokens, e, k));
             var xt = s.In(x, tokens, d);
             s.B.MoeGate(xt, gate, routing);

@@ -20,45 +20,9 @@ namespace DeepSeekCuda.Tests.Cuda;
 /// </summary>
 [TestClass]
 [TestCategory("Gpu")]
-public sealed class PagedCacheGpuTests : GpuTestBase
+public sealed class PagedCacheGpuTests : TinyABackendsGpuTests
 {
-    private const double Bf16Step = 1.0 / 128;
-
-    private Checkpoint _checkpoint = null!;
-    private CudaBackend _cuda = null!;
-    private CpuBackend _cpu = null!;
-    private Random _rng = null!;
-    private int _seed;
-
-    [TestInitialize]
-    public void OpenBackends()
-    {
-        _checkpoint = Checkpoint.Open(SharedData.TinyAModel);
-        _cuda = new CudaBackend();
-        _cpu = new CpuBackend(CpuNumerics.GpuEmulation);
-        _seed = Environment.TickCount;
-        TestContext.WriteLine($"seed {_seed}");
-        _rng = new Random(_seed);
-    }
-
-    [TestCleanup]
-    public void CloseBackends()
-    {
-        _cuda?.Dispose();
-        _cpu?.Dispose();
-        _checkpoint?.Dispose();
-    }
-
-    private ModelConfig Config => _checkpoint.Config;
-
     private MlaDims Dims => new(Config.NumAttentionHeads, Config.QkNopeHeadDim, Config.QkRopeHeadDim, Config.VHeadDim, Config.KvLoraRank);
-
-    private float[] Bf16Normal(int n, float scale = 1f)
-    {
-        var a = Normal(_rng, n, scale);
-        BFloat16.Round(a);
-        return a;
-    }
 
     private static float[] Read(IBackend b, Tensor t)
     {
@@ -71,7 +35,7 @@ public sealed class PagedCacheGpuTests : GpuTestBase
 
     private void Close(string what, float[] got, float[] want, double relToMax, double rtol, double rmsRel)
     {
-        what = $"{what} (seed {_seed})";
+        what = $"{what} (seed {Seed})";
         var maxRef = want.Where(float.IsFinite).Select(Math.Abs).DefaultIfEmpty(0f).Max();
         Tolerance.AssertClose(got, want, Math.Max(1e-6, relToMax * maxRef), rtol, what);
         var c = Tolerance.AssertRmsRel(got, want, rmsRel, what);
@@ -80,11 +44,11 @@ public sealed class PagedCacheGpuTests : GpuTestBase
 
     /// <summary>Layer 0's latent norm (kv_a_layernorm) on one backend.</summary>
     private NormWeight LatentNorm(IBackend b) =>
-        b.UploadNorm(_checkpoint, "model.layers.0.self_attn.kv_a_layernorm.weight", Dims.KvLora, (float)Config.RmsNormEps);
+        b.UploadNorm(Checkpoint, "model.layers.0.self_attn.kv_a_layernorm.weight", Dims.KvLora, (float)Config.RmsNormEps);
 
     /// <summary>Layer 0's kv_b (FP8) on one backend.</summary>
     private LinearWeight KvB(IBackend b) =>
-        b.UploadLinear(_checkpoint, new LinearSpec("model.layers.0.self_attn.kv_b_proj.weight", Dims.Heads * Dims.KvBHead, Dims.KvLora, true));
+        b.UploadLinear(Checkpoint, new LinearSpec("model.layers.0.self_attn.kv_b_proj.weight", Dims.Heads * Dims.KvBHead, Dims.KvLora, true));
 
     /// <summary>One chunk of one request: its kv rows and queries, the same on both backends.</summary>
     private sealed record Chunk(int Request, int Start, int Rows, float[] Kv, float[] Q);
@@ -111,7 +75,7 @@ public sealed class PagedCacheGpuTests : GpuTestBase
         // The schedule: round-robin over requests, one chunk each, with the table as it stands before each chunk.
         var schedule = new List<(Chunk Chunk, int[] Table)>();
         var entries = Enumerable.Repeat(-1, lengths.Length * maxBlocks).ToArray();
-        var free = new Queue<int>(Enumerable.Range(0, poolBlocks).OrderBy(_ => _rng.Next()));
+        var free = new Queue<int>(Enumerable.Range(0, poolBlocks).OrderBy(_ => Random.Next()));
         var position = new int[lengths.Length];
         var next = new int[lengths.Length];
         while (Enumerable.Range(0, lengths.Length).Any(q => next[q] < chunkSizes[q].Length))
@@ -140,28 +104,28 @@ public sealed class PagedCacheGpuTests : GpuTestBase
         // CUDA: one pool, paged views, the table uploaded before each chunk.
         var got = new List<float[]>();
         {
-            using var norm = LatentNorm(_cuda);
-            using var kvB = KvB(_cuda);
-            using var ropeTable = _cuda.UploadRope(cos, sin, maxLength, rope / 2);
-            using var pool = _cuda.AllocateLatentPool(poolBlocks, lora, rope);
-            using var table = _cuda.AllocateBlockTable(lengths.Length, maxBlocks);
-            var caches = Enumerable.Range(0, lengths.Length).Select(q => _cuda.PagedCache(pool, table, q)).ToArray();
+            using var norm = LatentNorm(Cuda);
+            using var kvB = KvB(Cuda);
+            using var ropeTable = Cuda.UploadRope(cos, sin, maxLength, rope / 2);
+            using var pool = Cuda.AllocateLatentPool(poolBlocks, lora, rope);
+            using var table = Cuda.AllocateBlockTable(lengths.Length, maxBlocks);
+            var caches = Enumerable.Range(0, lengths.Length).Select(q => Cuda.PagedCache(pool, table, q)).ToArray();
             var outputs = new List<Tensor>();
             foreach (var (c, t) in schedule)
             {
-                _cuda.UploadBlockTable(t, table);
-                using var kv = _cuda.Upload(c.Kv, c.Rows, row);
-                using var qt = _cuda.Upload(c.Q, c.Rows, qWidth);
-                _cuda.AppendLatent(kv, norm, ropeTable, caches[c.Request], c.Start);
-                var naive = Poisoned(_cuda, c.Rows, oWidth);
-                var absorbed = Poisoned(_cuda, c.Rows, oWidth);
-                _cuda.MlaAttentionNaive(qt, caches[c.Request], kvB, dims, c.Start, scale, naive);
-                _cuda.MlaAttentionAbsorbed(qt, caches[c.Request], kvB, dims, c.Start, scale, absorbed);
+                Cuda.UploadBlockTable(t, table);
+                using var kv = Cuda.Upload(c.Kv, c.Rows, row);
+                using var qt = Cuda.Upload(c.Q, c.Rows, qWidth);
+                Cuda.AppendLatent(kv, norm, ropeTable, caches[c.Request], c.Start);
+                var naive = Poisoned(Cuda, c.Rows, oWidth);
+                var absorbed = Poisoned(Cuda, c.Rows, oWidth);
+                Cuda.MlaAttentionNaive(qt, caches[c.Request], kvB, dims, c.Start, scale, naive);
+                Cuda.MlaAttentionAbsorbed(qt, caches[c.Request], kvB, dims, c.Start, scale, absorbed);
                 outputs.Add(naive);
                 outputs.Add(absorbed);
             }
 
-            got.AddRange(outputs.Select(o => Read(_cuda, o)));
+            got.AddRange(outputs.Select(o => Read(Cuda, o)));
             foreach (var o in outputs)
             {
                 o.Dispose();
@@ -176,21 +140,21 @@ public sealed class PagedCacheGpuTests : GpuTestBase
         // CPU emulation: a contiguous cache per request.
         var want = new List<float[]>();
         {
-            using var norm = LatentNorm(_cpu);
-            using var kvB = KvB(_cpu);
-            using var ropeTable = _cpu.UploadRope(cos, sin, maxLength, rope / 2);
-            var caches = lengths.Select(l => _cpu.AllocateLatentCache(l, lora, rope)).ToArray();
+            using var norm = LatentNorm(Cpu);
+            using var kvB = KvB(Cpu);
+            using var ropeTable = Cpu.UploadRope(cos, sin, maxLength, rope / 2);
+            var caches = lengths.Select(l => Cpu.AllocateLatentCache(l, lora, rope)).ToArray();
             foreach (var (c, _) in schedule)
             {
-                using var kv = _cpu.Upload(c.Kv, c.Rows, row);
-                using var qt = _cpu.Upload(c.Q, c.Rows, qWidth);
-                _cpu.AppendLatent(kv, norm, ropeTable, caches[c.Request], c.Start);
-                using var naive = _cpu.Allocate(c.Rows, oWidth);
-                using var absorbed = _cpu.Allocate(c.Rows, oWidth);
-                _cpu.MlaAttentionNaive(qt, caches[c.Request], kvB, dims, c.Start, scale, naive);
-                _cpu.MlaAttentionAbsorbed(qt, caches[c.Request], kvB, dims, c.Start, scale, absorbed);
-                want.Add(Read(_cpu, naive));
-                want.Add(Read(_cpu, absorbed));
+                using var kv = Cpu.Upload(c.Kv, c.Rows, row);
+                using var qt = Cpu.Upload(c.Q, c.Rows, qWidth);
+                Cpu.AppendLatent(kv, norm, ropeTable, caches[c.Request], c.Start);
+                using var naive = Cpu.Allocate(c.Rows, oWidth);
+                using var absorbed = Cpu.Allocate(c.Rows, oWidth);
+                Cpu.MlaAttentionNaive(qt, caches[c.Request], kvB, dims, c.Start, scale, naive);
+                Cpu.MlaAttentionAbsorbed(qt, caches[c.Request], kvB, dims, c.Start, scale, absorbed);
+                want.Add(Read(Cpu, naive));
+                want.Add(Read(Cpu, absorbed));
             }
 
             foreach (var c in caches)
@@ -217,24 +181,24 @@ public sealed class PagedCacheGpuTests : GpuTestBase
         var spec = new LinearSpec("model.layers.0.self_attn.q_b_proj.weight", Out, qLora, true);
 
         float[] parent, viewed;
-        using (var w = _cuda.UploadLinear(_checkpoint, spec))
-        using (var xt = _cuda.Upload(x, 3, qLora))
-        using (var y = _cuda.Upload(before, 6, Out))
-        using (var view = _cuda.View(y, 2, 3))
+        using (var w = Cuda.UploadLinear(Checkpoint, spec))
+        using (var xt = Cuda.Upload(x, 3, qLora))
+        using (var y = Cuda.Upload(before, 6, Out))
+        using (var view = Cuda.View(y, 2, 3))
         {
             Assert.AreEqual(3, view.Rows);
-            _cuda.Linear(xt, w, view);
-            parent = Read(_cuda, y);
-            viewed = Read(_cuda, view);
+            Cuda.Linear(xt, w, view);
+            parent = Read(Cuda, y);
+            viewed = Read(Cuda, view);
         }
 
         float[] reference;
-        using (var w = _cpu.UploadLinear(_checkpoint, spec))
-        using (var xt = _cpu.Upload(x, 3, qLora))
-        using (var y = _cpu.Allocate(3, Out))
+        using (var w = Cpu.UploadLinear(Checkpoint, spec))
+        using (var xt = Cpu.Upload(x, 3, qLora))
+        using (var y = Cpu.Allocate(3, Out))
         {
-            _cpu.Linear(xt, w, y);
-            reference = Read(_cpu, y);
+            Cpu.Linear(xt, w, y);
+            reference = Read(Cpu, y);
         }
 
         for (var i = 0; i < parent.Length; i++)
@@ -250,8 +214,8 @@ public sealed class PagedCacheGpuTests : GpuTestBase
         Close("q_b into rows 2..4", viewed, reference, 0.01, 2 * Bf16Step, rmsRel: 4e-3);
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() =>
         {
-            using var t = _cuda.Allocate(6, 4);
-            _cuda.View(t, 4, 3);
+            using var t = Cuda.Allocate(6, 4);
+            Cuda.View(t, 4, 3);
         });
     }
 
@@ -274,35 +238,35 @@ public sealed class PagedCacheGpuTests : GpuTestBase
 
         float[][] got;
         {
-            using var norm = LatentNorm(_cuda);
-            using var kvB = KvB(_cuda);
-            using var ropeTable = _cuda.UploadRope(cos, sin, Length, rope / 2);
-            using var pool = _cuda.AllocateLatentPool(4, lora, rope);
-            using var table = _cuda.AllocateBlockTable(2, 2);
-            using var cache = _cuda.PagedCache(pool, table, 1);
-            using var a = _cuda.Upload(kvA, Length, row);
-            using var b = _cuda.Upload(kvB2, Length, row);
-            using var qt = _cuda.Upload(q, 2, qWidth);
+            using var norm = LatentNorm(Cuda);
+            using var kvB = KvB(Cuda);
+            using var ropeTable = Cuda.UploadRope(cos, sin, Length, rope / 2);
+            using var pool = Cuda.AllocateLatentPool(4, lora, rope);
+            using var table = Cuda.AllocateBlockTable(2, 2);
+            using var cache = Cuda.PagedCache(pool, table, 1);
+            using var a = Cuda.Upload(kvA, Length, row);
+            using var b = Cuda.Upload(kvB2, Length, row);
+            using var qt = Cuda.Upload(q, 2, qWidth);
             var entries = new[] { 0, -1, 1, -1 };
-            _cuda.UploadBlockTable(entries, table);
-            _cuda.AppendLatent(a, norm, ropeTable, cache, 0);
+            Cuda.UploadBlockTable(entries, table);
+            Cuda.AppendLatent(a, norm, ropeTable, cache, 0);
             entries[2] = 3;
-            _cuda.UploadBlockTable(entries, table);
-            _cuda.AppendLatent(b, norm, ropeTable, cache, 0);
+            Cuda.UploadBlockTable(entries, table);
+            Cuda.AppendLatent(b, norm, ropeTable, cache, 0);
             var outputs = new List<Tensor>();
             foreach (var block in new[] { 1, 3 })
             {
                 entries[2] = block;
-                _cuda.UploadBlockTable(entries, table);
-                var naive = Poisoned(_cuda, 2, oWidth);
-                var absorbed = Poisoned(_cuda, 2, oWidth);
-                _cuda.MlaAttentionNaive(qt, cache, kvB, dims, Length - 2, scale, naive);
-                _cuda.MlaAttentionAbsorbed(qt, cache, kvB, dims, Length - 2, scale, absorbed);
+                Cuda.UploadBlockTable(entries, table);
+                var naive = Poisoned(Cuda, 2, oWidth);
+                var absorbed = Poisoned(Cuda, 2, oWidth);
+                Cuda.MlaAttentionNaive(qt, cache, kvB, dims, Length - 2, scale, naive);
+                Cuda.MlaAttentionAbsorbed(qt, cache, kvB, dims, Length - 2, scale, absorbed);
                 outputs.Add(naive);
                 outputs.Add(absorbed);
             }
 
-            got = [.. outputs.Select(o => Read(_cuda, o))];
+            got = [.. outputs.Select(o => Read(Cuda, o))];
             foreach (var o in outputs)
             {
                 o.Dispose();
@@ -311,22 +275,22 @@ public sealed class PagedCacheGpuTests : GpuTestBase
 
         var want = new float[4][];
         {
-            using var norm = LatentNorm(_cpu);
-            using var kvB = KvB(_cpu);
-            using var ropeTable = _cpu.UploadRope(cos, sin, Length, rope / 2);
-            using var qt = _cpu.Upload(q, 2, qWidth);
+            using var norm = LatentNorm(Cpu);
+            using var kvB = KvB(Cpu);
+            using var ropeTable = Cpu.UploadRope(cos, sin, Length, rope / 2);
+            using var qt = Cpu.Upload(q, 2, qWidth);
             var i = 0;
             foreach (var kv in new[] { kvA, kvB2 })
             {
-                using var cache = _cpu.AllocateLatentCache(Length, lora, rope);
-                using var kvt = _cpu.Upload(kv, Length, row);
-                _cpu.AppendLatent(kvt, norm, ropeTable, cache, 0);
-                using var naive = _cpu.Allocate(2, oWidth);
-                using var absorbed = _cpu.Allocate(2, oWidth);
-                _cpu.MlaAttentionNaive(qt, cache, kvB, dims, Length - 2, scale, naive);
-                _cpu.MlaAttentionAbsorbed(qt, cache, kvB, dims, Length - 2, scale, absorbed);
-                want[i++] = Read(_cpu, naive);
-                want[i++] = Read(_cpu, absorbed);
+                using var cache = Cpu.AllocateLatentCache(Length, lora, rope);
+                using var kvt = Cpu.Upload(kv, Length, row);
+                Cpu.AppendLatent(kvt, norm, ropeTable, cache, 0);
+                using var naive = Cpu.Allocate(2, oWidth);
+                using var absorbed = Cpu.Allocate(2, oWidth);
+                Cpu.MlaAttentionNaive(qt, cache, kvB, dims, Length - 2, scale, naive);
+                Cpu.MlaAttentionAbsorbed(qt, cache, kvB, dims, Length - 2, scale, absorbed);
+                want[i++] = Read(Cpu, naive);
+                want[i++] = Read(Cpu, absorbed);
             }
         }
 
