@@ -105,8 +105,13 @@ internal readonly record struct TmaTile(ulong Address, long Inner, long Outer, l
         var box = stackalloc uint[3] { (uint)BoxInner, (uint)BoxOuter, 1 };
         var elementStrides = stackalloc uint[3] { 1, 1, 1 };
         const int uint8 = 0, noInterleave = 0, l2Promotion256 = 3, zeroFill = 0;
-        CudaCheck.Driver(CuDriver.cuTensorMapEncodeTiled(&map, uint8, (uint)Rank, Address, dims, strides, box, elementStrides, noInterleave, (int)Swizzle,
-            l2Promotion256, zeroFill), device, $"cuTensorMapEncodeTiled ({what})");
+        var result = CuDriver.cuTensorMapEncodeTiled(&map, uint8, (uint)Rank, Address, dims, strides, box, elementStrides, noInterleave, (int)Swizzle,
+            l2Promotion256, zeroFill);
+        if (result != CuResult.Success)
+        {
+            CudaCheck.Driver(result, device, $"cuTensorMapEncodeTiled ({what}: {Inner} x {Outer}{(Planes > 0 ? $" x {Planes}" : "")} B at 0x{Address:x})");
+        }
+
         return map;
     }
 }

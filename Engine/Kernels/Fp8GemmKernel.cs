@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using System.Runtime.InteropServices;
 using DeepSeekCuda.Cuda;
 
@@ -441,6 +442,9 @@ internal sealed class Fp8GemmKernel : IDisposable
 
     private sealed class WgmmaLauncher(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, WgmmaFamily)
     {
+        // A weight's map depends only on its pointer and shape: encoded on its first GEMM, not on every one.
+        private readonly ConcurrentDictionary<(ulong W, int N, int K), TensorMap> _weightMaps = new();
+
         public void Run(CudaStream stream, in Fp8GemmParams p, int n, int k)
         {
             var wp = Params(in p, n, k, WgmmaTileEdge, WgmmaTiles(p.M));
@@ -456,14 +460,15 @@ internal sealed class Fp8GemmKernel : IDisposable
             Get(instance).Launch(new Dim3((uint)Math.Min(units, Device.MultiprocessorCount)), WgmmaThreads, (uint)instance.DynamicSharedBytes, stream, in wp);
         }
 
-        // The maps hold the activation pointer and M, so they are encoded per call (host only, about a microsecond).
+        // The activation map holds the activation pointer and M, so it is encoded per call (host only, about a microsecond).
         private Fp8WgmmaParams Params(in Fp8GemmParams p, int n, int k, int activationBox, int tilesM)
         {
-            var what = $"FP8 GEMM M={p.M} N={n} K={k}";
+            var w = p.W;
             return new Fp8WgmmaParams
             {
-                XMap = new TmaTile(p.XCodes, k, p.M, p.XStride, Block, activationBox, TmaSwizzle.Swizzle128B).Encode(what + " activation codes", Device.Ordinal),
-                WMap = new TmaTile(p.W, k, n, k, Block, WgmmaTileEdge, TmaSwizzle.Swizzle128B).Encode(what + " weight codes", Device.Ordinal),
+                XMap = new TmaTile(p.XCodes, k, p.M, p.XStride, Block, activationBox, TmaSwizzle.Swizzle128B).Encode("FP8 GEMM activation codes", Device.Ordinal),
+                WMap = _weightMaps.GetOrAdd((w, n, k), key =>
+                    new TmaTile(key.W, key.K, key.N, key.K, Block, WgmmaTileEdge, TmaSwizzle.Swizzle128B).Encode("FP8 GEMM weight codes", Device.Ordinal)),
                 Gemm = p,
                 TilesM = tilesM,
                 TilesN = WgmmaTiles(n),

@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using System.Runtime.InteropServices;
 using DeepSeekCuda.Cuda;
 
@@ -404,11 +405,15 @@ internal sealed class MoeGroupedGemmKernel : KernelLauncher
 
     private sealed class WgmmaLauncher(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, WgmmaFamily)
     {
+        private readonly ConcurrentDictionary<(ulong W, int N, int K, int E), TensorMap> _maps = new();
+
         public void Run(CudaStream stream, KernelInstance instance, Dim3 grid, in MoeGroupedGemmParams p, int n, int k)
         {
-            // The weights [E, N, K] as a 3-D map, so a box past an expert's N rows reads zeros instead of the next expert.
-            var map = new TmaTile(p.W, k, n, k, Fp8GemmKernel.Block, 64, TmaSwizzle.Swizzle128B) { Planes = p.Experts, PlaneStride = (long)n * k }
-                .Encode($"grouped expert GEMM N={n} K={k} weight codes", Device.Ordinal);
+            // The weights [E, N, K] as a 3-D map, so a box past an expert's N rows reads zeros instead of the next expert;
+            // encoded on the stack's first pass, not on every one.
+            var map = _maps.GetOrAdd((p.W, n, k, p.Experts), key =>
+                new TmaTile(key.W, key.K, key.N, key.K, Fp8GemmKernel.Block, 64, TmaSwizzle.Swizzle128B) { Planes = key.E, PlaneStride = (long)key.N * key.K }
+                    .Encode("grouped expert GEMM weight codes", Device.Ordinal));
             var wp = new MoeWgmmaParams { WMap = map, G = p };
             Get(instance).Launch(grid, WgmmaThreads, (uint)instance.DynamicSharedBytes, stream, in wp);
         }
