@@ -13,7 +13,7 @@
 // having completed the phase of parity 1, so the producer's first wait (parity 1) on an empty barrier
 // returns at once.
 #pragma once
-#include "common.cuh"
+#include "mma_sync.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define DSC_HOPPER 1
@@ -108,12 +108,6 @@ DSC_DEVICE void tma_load_3d(u32 dst, const TmaMap* map, u32 bar, i32 c0, i32 c1,
 }
 
 // ---- cp.async into a pipeline stage (rows TMA cannot address, e.g. gathered ones) --------------------------
-
-// Copies `bytes` (0 or 16) from global src to shared dst and zero-fills the rest of the 16 bytes.
-DSC_DEVICE void cp_async16_zfill(u32 dst, const void* src, u32 bytes)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
 
 // Arrives on `bar` once this thread's earlier cp.async have landed; counted in the barrier's arrivals (noinc).
 DSC_DEVICE void cp_async_arrive(u32 bar) { asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory"); }

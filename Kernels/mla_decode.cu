@@ -11,7 +11,7 @@
 // Scores and values go through mma.sync m16n8k16 BF16 tensor cores with fp32 accumulation (sm_80+, PTX 7.0+);
 // the softmax runs in fp32 (base-2 exponent, max subtracted); P is rounded to BF16 for the P·V product.
 #pragma once
-#include "common.cuh"
+#include "mma_sync.cuh"
 
 struct MlaDecodeParams
 {
@@ -49,49 +49,6 @@ constexpr int kMlaMaxSplits = 64;          // MlaDecodeKernel.MaxSplits
 constexpr int kMlaProjBlock = 128;
 constexpr int kMlaProjTokens = 8;
 constexpr int kMlaMaxNope = 256;
-
-// ---- tensor-core helpers -------------------------------------------------------------------------
-
-DSC_DEVICE void mla_cp_async16(void* smem, const void* gmem)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
-}
-
-DSC_DEVICE void mla_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-DSC_DEVICE void mla_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
-DSC_DEVICE void mla_ldsm_x4(u32 (&r)[4], const u16* p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-
-DSC_DEVICE void mla_ldsm_x2(u32& r0, u32& r1, const u16* p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
-}
-
-DSC_DEVICE void mla_ldsm_x4_trans(u32 (&r)[4], const u16* p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-
-DSC_DEVICE void mla_ldsm_x2_trans(u32& r0, u32& r1, const u16* p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
-}
-
-DSC_DEVICE void mla_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-DSC_DEVICE u32 mla_pack_bf16(float lo, float hi) { return (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16); }
 
 // ---- decode --------------------------------------------------------------------------------------
 
@@ -147,10 +104,10 @@ __global__ void __launch_bounds__(MlaDecodeGeometry<DV, DR, M, WC>::THREADS) mla
         {
             const int j = idx / C8, c8 = idx % C8;
             // Rows past the split stay finite zeros: masked scores meet them in P·V as 0 · 0.
-            if (start + j < kend) mla_cp_async16(dst + j * DP + c8 * 8, src + (i64)j * D + c8 * 8);
+            if (start + j < kend) cp_async16(dst + j * DP + c8 * 8, src + (i64)j * D + c8 * 8);
             else *(uint4*)(dst + j * DP + c8 * 8) = make_uint4(0, 0, 0, 0);
         }
-        mla_cp_async_commit();
+        cp_async_commit();
     };
 
     if (ntiles > 0) load_stage(0, 0);
@@ -170,7 +127,7 @@ __global__ void __launch_bounds__(MlaDecodeGeometry<DV, DR, M, WC>::THREADS) mla
             else
             {
                 const float4 a = *(const float4*)((const float*)p.q + off), b = *(const float4*)((const float*)p.q + off + 4);
-                v = make_uint4(mla_pack_bf16(a.x, a.y), mla_pack_bf16(a.z, a.w), mla_pack_bf16(b.x, b.y), mla_pack_bf16(b.z, b.w));
+                v = make_uint4(pack_bf16x2(a.x, a.y), pack_bf16x2(a.z, a.w), pack_bf16x2(b.x, b.y), pack_bf16x2(b.z, b.w));
             }
         }
         *(uint4*)(qs + m * DP + c8 * 8) = v;
@@ -197,11 +154,11 @@ __global__ void __launch_bounds__(MlaDecodeGeometry<DV, DR, M, WC>::THREADS) mla
         if (it + 1 < ntiles)
         {
             load_stage(it + 1, (it + 1) & 1);
-            mla_cp_async_wait<1>();
+            cp_async_wait<1>();
         }
         else
         {
-            mla_cp_async_wait<0>();
+            cp_async_wait<0>();
         }
         __syncthreads();
         const u16* kt = ks + (it & 1) * kMlaTile * DP;
@@ -217,20 +174,20 @@ __global__ void __launch_bounds__(MlaDecodeGeometry<DV, DR, M, WC>::THREADS) mla
         for (int kk = 0; kk < KS; kk++)
         {
             u32 a[4];
-            mla_ldsm_x4(a, qa + kk * 16);
+            ldsm_x4(a, qa + kk * 16);
 #pragma unroll
             for (int n = 0; n + 1 < NS; n += 2)
             {
                 u32 b[4];
-                mla_ldsm_x4(b, kb + n * 8 * DP + kk * 16);
-                mla_mma(s[n], a, b[0], b[1]);
-                mla_mma(s[n + 1], a, b[2], b[3]);
+                ldsm_x4(b, kb + n * 8 * DP + kk * 16);
+                mma_bf16_16816(s[n], a, b[0], b[1]);
+                mma_bf16_16816(s[n + 1], a, b[2], b[3]);
             }
             if (NS % 2 == 1)
             {
                 u32 b0, b1;
-                mla_ldsm_x2(b0, b1, kb - ((lane >> 4) & 1) * 8 * DP + (NS - 1) * 8 * DP + kk * 16);
-                mla_mma(s[NS - 1], a, b0, b1);
+                ldsm_x2(b0, b1, kb - ((lane >> 4) & 1) * 8 * DP + (NS - 1) * 8 * DP + kk * 16);
+                mma_bf16_16816(s[NS - 1], a, b0, b1);
             }
         }
 
@@ -278,7 +235,7 @@ __global__ void __launch_bounds__(MlaDecodeGeometry<DV, DR, M, WC>::THREADS) mla
             {
                 const float p0 = exp2f(s[n][2 * h] - base[h]), p1 = exp2f(s[n][2 * h + 1] - base[h]);
                 lrow[h] += p0 + p1;
-                *(u32*)(ps + (wr * 16 + g + 8 * h) * PP + wc * TN + n * 8 + 2 * t4) = mla_pack_bf16(p0, p1);
+                *(u32*)(ps + (wr * 16 + g + 8 * h) * PP + wc * TN + n * 8 + 2 * t4) = pack_bf16x2(p0, p1);
             }
         __syncthreads();
 
@@ -289,20 +246,20 @@ __global__ void __launch_bounds__(MlaDecodeGeometry<DV, DR, M, WC>::THREADS) mla
         for (int kk = 0; kk < kMlaTile / 16; kk++)
         {
             u32 a[4];
-            mla_ldsm_x4(a, pa + kk * 16);
+            ldsm_x4(a, pa + kk * 16);
 #pragma unroll
             for (int n = 0; n + 1 < NO; n += 2)
             {
                 u32 b[4];
-                mla_ldsm_x4_trans(b, vb + kk * 16 * DP + n * 8);
-                mla_mma(o[n], a, b[0], b[1]);
-                mla_mma(o[n + 1], a, b[2], b[3]);
+                ldsm_x4_trans(b, vb + kk * 16 * DP + n * 8);
+                mma_bf16_16816(o[n], a, b[0], b[1]);
+                mma_bf16_16816(o[n + 1], a, b[2], b[3]);
             }
             if (NO % 2 == 1)
             {
                 u32 b0, b1;
-                mla_ldsm_x2_trans(b0, b1, vb - (lane >> 4) * 8 + kk * 16 * DP + (NO - 1) * 8);
-                mla_mma(o[NO - 1], a, b0, b1);
+                ldsm_x2_trans(b0, b1, vb - (lane >> 4) * 8 + kk * 16 * DP + (NO - 1) * 8);
+                mma_bf16_16816(o[NO - 1], a, b0, b1);
             }
         }
         __syncthreads();  // the next iteration's cp.async overwrites this stage; P and red are rewritten

@@ -16,7 +16,7 @@
 //                              (DN + DR wide) and V (kv scratch, DV wide), flash-attention style.
 // Between them the caller runs kv_b (act_quant + fp8_gemm) to produce kv = [cu_kv[R], heads, DN + DV].
 #pragma once
-#include "common.cuh"
+#include "mma_sync.cuh"
 
 struct MlaPrefillParams
 {
@@ -59,15 +59,6 @@ template <> DSC_DEVICE void load_pairs<8>(u32 (&w)[4], const u16* src, bool vali
     w[1] = v.y;
     w[2] = v.z;
     w[3] = v.w;
-}
-
-DSC_DEVICE u32 pack_bf16x2(float lo, float hi) { return (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16); }
-
-DSC_DEVICE void mma_bf16_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Grid (min(max context, 65535), requests), 128 threads: one context row per block iteration.
