@@ -38,6 +38,7 @@ internal static class KernelCatalog
             [MlaDecodeKernel.FamilyName] = MlaDecodeKernel.AllInstances(limits.MaxSharedPerBlock),
             [AllReduceKernel.FamilyName] = AllReduceKernel.AllInstances(),
             [Bf16GemmKernel.FamilyName] = Bf16GemmKernel.AllInstances(),
+            [Bf16MmaKernel.FamilyName] = Bf16MmaKernel.AllInstances(),
             [BackendGlueKernel.FamilyName] = BackendGlueKernel.AllInstances(),
         };
         if (Fp8GemmKernel.HasWgmma(new KernelTarget(arch)))

@@ -74,6 +74,34 @@ public sealed class KernelResourceGateTests
     }
 
     /// <summary>
+    /// The tensor-core BF16 GEMM is what it claims on every target: 32 BF16 HMMA per 32-wide K stage (2 k16 steps x 2 x 8
+    /// m16n8 tiles per warp), twice that with an f32 activation (its hi and lo terms), no other tensor-core instruction,
+    /// no local memory, the dynamic shared memory the launcher asks for, and two blocks resident per SM where an SM has
+    /// 164 KiB or more of shared memory (Ada's 100 KiB hold one block with an f32 activation).
+    /// </summary>
+    [TestMethod]
+    [DataRow("sm_90a")]
+    [DataRow("sm_80")]
+    [DataRow("sm_89")]
+    public void TheBf16GemmRunsOnTheTensorCores(string arch)
+    {
+        NvrtcSupport.RequireNvrtc();
+        var rows = NvrtcSupport.Resources(Bf16MmaKernel.FamilyName, arch);
+        Assert.HasCount(8, rows);
+        foreach (var r in rows)
+        {
+            var bf16A = r.Kernel.StartsWith("bf16_gemm_mma_kernel<1,", StringComparison.Ordinal);
+            Assert.AreEqual(bf16A ? 32 : 64, r.TensorOps.GetValueOrDefault("HMMA"), $"{r.Kernel} on {arch}");
+            Assert.HasCount(1, r.TensorOps, $"{r.Kernel}: {string.Join(", ", r.TensorOps.Select(o => $"{o.Key} x{o.Value}"))}");
+            Assert.AreEqual(0, r.StackBytes + r.LocalBytes, r.Kernel);
+            Assert.AreEqual(Bf16MmaKernel.SharedBytes(bf16A ? ElementType.BF16 : ElementType.F32, r.Kernel.Contains(", 1, ", StringComparison.Ordinal)),
+                r.DynamicSharedBytes, r.Kernel);
+            var fits = ArchLimits.For(arch).SharedPerSm >= 164 * 1024 || bf16A ? 2 : 1;
+            Assert.IsGreaterThanOrEqualTo(fits, r.BlocksPerSm, $"{r.Kernel} on {arch}: limited by {r.Limiter}");
+        }
+    }
+
+    /// <summary>
     /// The Hopper GEMMs are what they claim on sm_90a: FP8 wgmma (QGMMA: m64n128k32 for prefill, m64n64k32 for decode,
     /// four per 128-wide K block), no other tensor-core instruction, TMA loads on mbarriers, register reconfiguration,
     /// no local memory, and one 384-thread block with its stages resident per SM.

@@ -73,6 +73,7 @@ internal static partial class NvrtcSupport
         (typeof(MlaProjParams), MlaDecodeKernel.ProjParamsType, MlaDecodeKernel.FamilyName),
         (typeof(AllReduceParams), AllReduceKernel.ParamsType, AllReduceKernel.FamilyName),
         (typeof(Bf16GemmParams), Bf16GemmKernel.ParamsType, Bf16GemmKernel.FamilyName),
+        (typeof(Bf16MmaParams), Bf16MmaKernel.ParamsType, Bf16MmaKernel.FamilyName),
         (typeof(BackendGlueParams), BackendGlueKernel.ParamsType, BackendGlueKernel.FamilyName),
     ];
 
