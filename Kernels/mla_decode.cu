@@ -6,6 +6,8 @@
 //                       Flash-Decoding: each split writes a normalized partial output and its log-sum-exp
 //   mla_combine_kernel  merges the splits by their LSEs (skipped when there is one split)
 //   mla_unfold_kernel   out[t, h] = W_UV[h] · latent_out[t, h] (the V head), before o_proj (the FP8 GEMM)
+// Fold and unfold can instead run as one tensor-core GEMM per head (Kernels/bf16_gemm_mma.cu, MlaDecodeKernel);
+// mla_fold_rope_kernel then copies q_pe into q_abs.
 // Query rows of a request are (query i, head h) pairs, row = i·heads + h; query i sits at position
 // len - s_q + i and sees keys 0..its position (causal between the s_q queries of one MTP step).
 // Scores and values go through mma.sync m16n8k16 BF16 tensor cores with fp32 accumulation (sm_80+, PTX 7.0+);
@@ -380,6 +382,22 @@ __global__ void __launch_bounds__(kMlaProjBlock) mla_fold_kernel(const __grid_co
         }
         for (int e = threadIdx.x; e < DR; e += kMlaProjBlock)
             yr[DV + e] = float_to_bf16(load_f32<T>(x, ((i64)(t0 + tt) * p.heads + h) * qw + p.nope + e));
+    }
+}
+
+// The rope half of q_abs when the tensor-core GEMM (Kernels/bf16_gemm_mma.cu) computes the latent half: q_abs[t, h,
+// DV + e] = bf16(q_pe[t, h, e]), the same values mla_fold_kernel stores. A grid-stride loop over every element.
+template <int DV, int DR, int XBF16>
+__global__ void __launch_bounds__(kMlaProjBlock) mla_fold_rope_kernel(const __grid_constant__ MlaProjParams p)
+{
+    typedef typename ElemOf<XBF16>::type T;
+    const i64 total = (i64)p.tokens * p.heads * DR;
+    const int qw = p.nope + DR;
+    for (i64 i = (i64)blockIdx.x * kMlaProjBlock + threadIdx.x; i < total; i += (i64)gridDim.x * kMlaProjBlock)
+    {
+        const i64 row = i / DR;
+        const int e = (int)(i % DR);
+        ((u16*)p.y)[row * (DV + DR) + DV + e] = float_to_bf16(load_f32<T>((const T*)p.x, row * qw + p.nope + e));
     }
 }
 

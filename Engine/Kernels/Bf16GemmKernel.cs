@@ -21,10 +21,16 @@ internal struct Bf16GemmParams
 /// <summary>
 /// GEMM with a BF16 weight (Kernels/bf16_gemm.cu): <c>Y[M,N] = X[M,K]·Wᵀ</c>, W bf16 [N, K], X f32 or bf16,
 /// FP32 accumulation, f32 or bf16 output. For the unquantized linears (lm_head, BF16 checkpoints); weights are
-/// never converted to FP8. One warp per output column and 1 or 4 activation rows.
+/// never converted to FP8. One warp per output column and 1 or 4 activation rows; given a
+/// <paramref name="tensorCores"/> launcher (not owned), calls of <see cref="TensorCoreMinRows"/> rows or more that it can run
+/// go to the tensor-core GEMM instead, which reads the weight once per 64 rows rather than once per 4.
 /// </summary>
-internal sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler, Bf16MmaKernel? tensorCores = null)
+    : KernelLauncher(device, compiler, FamilyName)
 {
+    /// <summary>Fewest rows sent to the tensor cores: below, the warp kernel already reads the weight once (lm_head in decode).</summary>
+    public const int TensorCoreMinRows = 5;
+
     /// <summary>Kernels/bf16_gemm.cu.</summary>
     public const string FamilyName = "bf16_gemm";
 
@@ -45,6 +51,9 @@ internal sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler) 
     public static IReadOnlyList<KernelInstance> AllInstances() =>
         [.. from r in RowTiles from i in Enum.GetValues<ElementType>() from o in Enum.GetValues<ElementType>() select Instance(r, i, o)];
 
+    /// <summary>Whether a call of <paramref name="p"/>.M rows goes to the tensor cores when a tensor-core launcher is given.</summary>
+    public static bool TakesTensorCores(in Bf16MmaProblem p) => p.M >= TensorCoreMinRows && Bf16MmaKernel.Runs(p);
+
     /// <summary>y[m, n] = Σ_k x[m, k]·w[n, k] for m &lt; <paramref name="m"/>. Strides in elements; -1 means dense.</summary>
     public void Launch(CudaStream stream, ulong x, ElementType xType, ulong w, ulong y, ElementType yType, int m, int n, int k,
         long xStride = -1, long yStride = -1)
@@ -53,6 +62,13 @@ internal sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler) 
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
         if (m <= 0)
         {
+            return;
+        }
+
+        var problem = new Bf16MmaProblem(x, xType, xStride < 0 ? k : xStride, w, false, k, y, yType, yStride < 0 ? n : yStride, m, n, k);
+        if (tensorCores is not null && TakesTensorCores(problem))
+        {
+            tensorCores.Launch(stream, problem);
             return;
         }
 

@@ -48,9 +48,12 @@ internal readonly record struct MlaDecodeTiling(int Rows, int ColumnWarps)
 /// <c>CpuBackend.MlaAttentionAbsorbed</c>: <see cref="Fold"/> (q_nope through W_UK), <see cref="Decode"/>
 /// (tensor-core attention with Flash-Decoding KV splits, then an LSE combine), <see cref="Unfold"/> (through
 /// W_UV to the V heads; o_proj stays with the FP8 GEMM). kv_b is used dequantized to BF16 ([heads·(nope + v),
-/// latent], the checkpoint's row order), as the official absorb path does.
+/// latent], the checkpoint's row order), as the official absorb path does. Given a <paramref name="tensorCores"/> launcher
+/// (not owned), fold and unfold run as one tensor-core GEMM per head where it can run the operands (W_UK read as a
+/// [nope, latent] operand, W_UV as [v, latent]); the CUDA-core kernels otherwise.
 /// </summary>
-internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler, Bf16MmaKernel? tensorCores = null)
+    : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/mla_decode.cu.</summary>
     public const string FamilyName = "mla_decode";
@@ -168,6 +171,10 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler)
     public static KernelInstance FoldInstance(LatentShape s, ElementType qType) =>
         new($"mla_fold_kernel<{s.Latent}, {s.Rope}, {Flag(qType)}>", ProjParamsType);
 
+    /// <summary>The q_pe copy that completes a tensor-core fold, for a q type.</summary>
+    public static KernelInstance FoldRopeInstance(LatentShape s, ElementType qType) =>
+        new($"mla_fold_rope_kernel<{s.Latent}, {s.Rope}, {Flag(qType)}>", ProjParamsType);
+
     /// <summary>The unfold specialization for an output type.</summary>
     public static KernelInstance UnfoldInstance(LatentShape s, ElementType outType) =>
         new($"mla_unfold_kernel<{s.Latent}, {Flag(outType)}>", ProjParamsType);
@@ -193,6 +200,7 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler)
             foreach (var e in Enum.GetValues<ElementType>())
             {
                 list.Add(FoldInstance(s, e));
+                list.Add(FoldRopeInstance(s, e));
                 list.Add(UnfoldInstance(s, e));
             }
         }
@@ -214,8 +222,36 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler)
         }
 
         var p = new MlaProjParams { X = q, W = kvB, Y = qAbs, Tokens = tokens, Heads = heads, Nope = nope, V = v };
+        var gemm = FoldProblem(shape, q, qType, kvB, tokens, heads, nope, v, qAbs);
+        if (tensorCores is not null && Bf16MmaKernel.Runs(gemm))
+        {
+            tensorCores.Launch(stream, gemm);
+            var copies = (long)tokens * heads * shape.Rope;
+            Get(FoldRopeInstance(shape, qType)).Launch(new Dim3((uint)Math.Min(Blocks(copies, ProjBlock), 4096)), ProjBlock, 0, stream, in p);
+            return;
+        }
+
         Get(FoldInstance(shape, qType)).Launch(new Dim3((uint)heads, Blocks(tokens, ProjTokens)), ProjBlock, 0, stream, in p);
     }
+
+    /// <summary>
+    /// The fold's latent half as one GEMM per head (batch = heads): q_nope [tokens, nope] (row stride heads·(nope + rope))
+    /// times W_UK[h] [nope, latent] (kv_b's rows h·(nope + v) ..), into q_abs's first latent columns.
+    /// </summary>
+    public static Bf16MmaProblem FoldProblem(LatentShape shape, ulong q, ElementType qType, ulong kvB, int tokens, int heads, int nope, int v, ulong qAbs)
+    {
+        var qw = nope + shape.Rope;
+        return new Bf16MmaProblem(q, qType, (long)heads * qw, kvB, true, shape.Latent, qAbs, ElementType.BF16, (long)heads * shape.RowWidth,
+            tokens, shape.Latent, nope) { Batch = heads, ABatch = qw, BBatch = (long)(nope + v) * shape.Latent, YBatch = shape.RowWidth };
+    }
+
+    /// <summary>
+    /// The unfold as one GEMM per head: latent [tokens, latent] (row stride heads·latent, fp32) times W_UV[h]ᵀ, W_UV[h]
+    /// [v, latent] being kv_b's rows h·(nope + v) + nope ..; into output [tokens, heads, v].
+    /// </summary>
+    public static Bf16MmaProblem UnfoldProblem(LatentShape shape, ulong latent, ulong kvB, int tokens, int heads, int nope, int v, ulong output, ElementType outType) =>
+        new(latent, ElementType.F32, (long)heads * shape.Latent, kvB + (ulong)((long)nope * shape.Latent * 2), false, shape.Latent, output, outType,
+            (long)heads * v, tokens, v, shape.Latent) { Batch = heads, ABatch = shape.Latent, BBatch = (long)(nope + v) * shape.Latent, YBatch = v };
 
     /// <summary>output [tokens, heads, v] = W_UV[h] · latent[tokens, heads, latent] (fp32 input, F32 or BF16 output).</summary>
     public void Unfold(CudaStream stream, LatentShape shape, ulong latent, ulong kvB, int tokens, int heads, int nope, int v, ulong output, ElementType outType)
@@ -224,6 +260,13 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler)
         CheckProj(tokens, heads, nope, v);
         if (tokens == 0)
         {
+            return;
+        }
+
+        var gemm = UnfoldProblem(shape, latent, kvB, tokens, heads, nope, v, output, outType);
+        if (tensorCores is not null && Bf16MmaKernel.Runs(gemm))
+        {
+            tensorCores.Launch(stream, gemm);
             return;
         }
 

@@ -17,7 +17,7 @@ internal struct MoeGateParams
     public int Tokens;
     public int Normalize;
     public float Scaling;
-    public int Pad0;
+    public int LogitSplits;
 }
 
 /// <summary>The compile-time shape of a gate: experts E, width D, groups, groups kept, experts per token k.</summary>
@@ -57,8 +57,13 @@ internal readonly record struct MoeGateShape(int Experts, int Width, int Groups,
 /// lower index, weights from the unbiased scores, normalized and scaled. One block per token; E, D, groups,
 /// groups kept and k are template constants. Feed it the fp32 gate input (a bf16 input is accepted but
 /// loses exactness against the reference).
+/// Given a <paramref name="tensorCores"/> launcher (not owned) and a workspace of <see cref="WorkspaceBytes"/>, the logits
+/// come instead from the tensor-core GEMM (split over K to fill the SMs; the f32 input kept to 2⁻¹⁷ by its hi + lo
+/// terms) and <c>moe_route_kernel</c> adds the splits in order and makes the same decisions: the weight is read once
+/// per 64 tokens rather than once per token.
 /// </summary>
-internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
+internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler, Bf16MmaKernel? tensorCores = null)
+    : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/moe_gate.cu.</summary>
     public const string FamilyName = "moe_gate";
@@ -73,16 +78,36 @@ internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler) :
     public static KernelInstance Instance(MoeGateShape s, ElementType input) =>
         new($"moe_gate_kernel<{s.Experts}, {s.Width}, {s.Groups}, {s.GroupsKept}, {s.TopK}, {BlockFor(s)}, {Flag(input)}>", ParamsType);
 
+    /// <summary>Tokens per block of the route kernel (kMoeRouteWarps: one warp each).</summary>
+    public const int RouteWarps = 4;
+
+    /// <summary>The route kernel (decisions from GEMM logits) for a shape.</summary>
+    public static KernelInstance RouteInstance(MoeGateShape s) =>
+        new($"moe_route_kernel<{s.Experts}, {s.Groups}, {s.GroupsKept}, {s.TopK}>", ParamsType);
+
     /// <summary>Every specialization of the known shapes.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() =>
-        [.. from s in MoeGateShape.Known from t in Enum.GetValues<ElementType>() select Instance(s, t)];
+        [.. from s in MoeGateShape.Known from t in Enum.GetValues<ElementType>() select Instance(s, t), .. MoeGateShape.Known.Select(RouteInstance)];
+
+    /// <summary>Whether the logits come from the tensor-core GEMM (a launcher was given).</summary>
+    public bool UsesTensorCores => tensorCores is not null;
+
+    /// <summary>K splits of the tensor-core logits for <paramref name="tokens"/> tokens on this device.</summary>
+    public int LogitSplits(MoeGateShape shape, int tokens) =>
+        Bf16MmaKernel.SplitsFor(tokens, shape.Experts, shape.Width, 1, Device.MultiprocessorCount);
+
+    /// <summary>Workspace bytes <see cref="Launch"/> needs for <paramref name="tokens"/>: the partial logits on tensor cores, else 0.</summary>
+    public long WorkspaceBytes(MoeGateShape shape, int tokens) =>
+        tensorCores is null || tokens <= 0 ? 0 : (long)LogitSplits(shape, tokens) * tokens * shape.Experts * 4;
 
     /// <summary>
     /// Routes <paramref name="tokens"/> rows of x: topkIdx [tokens, k] int32 (best first), topkWeight [tokens, k] f32,
-    /// and, when <paramref name="scores"/> is not 0, the unbiased sigmoid scores [tokens, E] f32.
+    /// and, when <paramref name="scores"/> is not 0, the unbiased sigmoid scores [tokens, E] f32. With tensor cores and a
+    /// <paramref name="workspace"/> of <see cref="WorkspaceBytes"/>, the logits come from the tensor-core GEMM when it can
+    /// run the operands (else, and without a workspace, from the one-block-per-token kernel).
     /// </summary>
     public void Launch(CudaStream stream, MoeGateShape shape, ulong x, ElementType xType, ulong weight, ulong bias, int tokens,
-        ulong topkIdx, ulong topkWeight, bool normalize, float scaling, ulong scores = 0, long xStride = -1)
+        ulong topkIdx, ulong topkWeight, bool normalize, float scaling, ulong scores = 0, long xStride = -1, ulong workspace = 0)
     {
         shape.Validate();
         ArgumentOutOfRangeException.ThrowIfNegative(tokens);
@@ -101,6 +126,20 @@ internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler) :
             X = x, Weight = weight, Bias = bias, TopkIdx = topkIdx, TopkWeight = topkWeight, Scores = scores,
             XStride = xStride < 0 ? shape.Width : xStride, Tokens = tokens, Normalize = normalize ? 1 : 0, Scaling = scaling,
         };
+        if (tensorCores is not null && workspace != 0)
+        {
+            var splits = LogitSplits(shape, tokens);
+            var logits = new Bf16MmaProblem(x, xType, p.XStride, weight, false, shape.Width, workspace, ElementType.F32, shape.Experts,
+                tokens, shape.Experts, shape.Width) { Splits = splits, YSplit = (long)tokens * shape.Experts };
+            if (Bf16MmaKernel.Runs(logits))
+            {
+                tensorCores.Launch(stream, logits);
+                var route = p with { X = workspace, Weight = 0, XStride = logits.YSplit, LogitSplits = splits };
+                Get(RouteInstance(shape)).Launch(new Dim3(Blocks(tokens, RouteWarps)), RouteWarps * 32, 0, stream, in route);
+                return;
+            }
+        }
+
         var block = BlockFor(shape);
         Get(Instance(shape, xType)).Launch(new Dim3((uint)tokens), block, 0, stream, in p);
     }

@@ -245,7 +245,7 @@ public sealed class MlaGpuTests : GpuTestBase
 
     /// <summary>q_abs = [q_nope · W_UK | q_pe] in fp64 against the kernel's BF16 store: one BF16 rounding (2^-8 relative, with
     /// an absolute floor for sums that cancel).</summary>
-    private static void AssertFold(float[] q, float[] w, float[] qAbs, int heads, int nope, int v, LatentShape shape, string what)
+    internal static void AssertFold(float[] q, float[] w, float[] qAbs, int heads, int nope, int v, LatentShape shape, string what)
     {
         int qw = nope + shape.Rope, d = shape.RowWidth;
         var expected = new float[qAbs.Length];

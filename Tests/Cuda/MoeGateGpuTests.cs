@@ -8,14 +8,53 @@ using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Cuda;
 
-/// <summary>The gate kernel against the CPU Router on fresh random data and against the reference's own routing of tiny-a.</summary>
+/// <summary>The one-block-per-token gate kernel.</summary>
 [TestClass]
 [TestCategory("Gpu")]
-public sealed class MoeGateGpuTests : GpuTestBase
+public sealed class MoeGateGpuTests : MoeGateGpuChecks
 {
+    private protected override bool TensorCores => false;
+}
+
+/// <summary>
+/// The router on tensor cores: logits from the BF16 GEMM split over K, routed by moe_route_kernel (a shape the GEMM
+/// cannot run, D = 100, shows the fallback to the gate kernel). A class of its own so that the device run takes it after
+/// the verified kernels.
+/// </summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class MoeGateTensorCoreGpuTests : MoeGateGpuChecks
+{
+    private protected override bool TensorCores => true;
+}
+
+/// <summary>The gate against the CPU Router on fresh random data and against the reference's own routing of tiny-a.</summary>
+public abstract class MoeGateGpuChecks : GpuTestBase
+{
+    private protected abstract bool TensorCores { get; }
+
+    private Bf16MmaKernel? _mma;
+
+    private MoeGateKernel NewKernel()
+    {
+        _mma ??= TensorCores ? new Bf16MmaKernel(Device, Compiler) : null;
+        return new MoeGateKernel(Device, Compiler, _mma);
+    }
+
+    [TestCleanup]
+    public void DisposeTensorCores()
+    {
+        _mma?.Dispose();
+        _mma = null;
+    }
+
+    /// <summary>The workspace the kernel asks for (a 4-byte placeholder when none).</summary>
+    private DeviceBuffer<byte> Workspace(MoeGateKernel kernel, MoeGateShape shape, int tokens) =>
+        DeviceBuffer<byte>.Allocate(Device, Math.Max(4, kernel.WorkspaceBytes(shape, tokens)));
+
     public static IEnumerable<object[]> Cases =>
         from s in MoeGateShape.Known.Append(new MoeGateShape(10, 100, 5, 3, 4))
-        from tokens in new[] { 1, 7, 129 }
+        from tokens in new[] { 1, 7, 129, 300 }
         from input in new[] { ElementType.F32, ElementType.BF16 }
         select new object[] { s.Experts, s.Width, s.Groups, s.GroupsKept, s.TopK, tokens, input.ToString() };
 
@@ -30,7 +69,9 @@ public sealed class MoeGateGpuTests : GpuTestBase
         var x = Normal(r, tokens * width);
         var w = Normal(r, experts * width, 1f / MathF.Sqrt(width));
         var bias = Normal(r, experts, 0.05f);
-        using var kernel = new MoeGateKernel(Device, Compiler);
+        using var kernel = NewKernel();
+        Assert.AreEqual(TensorCores, kernel.WorkspaceBytes(shape, tokens) > 0);
+        using var workspace = Workspace(kernel, shape, tokens);
         using var xd = Upload(x, input); // rounds x to bf16 in place when the input is bf16
         using var wd = Upload(w, ElementType.BF16);
         using var bd = Upload(bias, ElementType.F32);
@@ -38,7 +79,8 @@ public sealed class MoeGateGpuTests : GpuTestBase
         idxD.Fill32(NaNPattern, Stream);
         using var wOut = Poisoned(tokens * k, ElementType.F32);
         using var scoresD = Poisoned((long)tokens * experts, ElementType.F32);
-        kernel.Launch(Stream, shape, xd.Pointer, input, wd.Pointer, bd.Pointer, tokens, idxD.Pointer, wOut.Pointer, true, 2.5f, scoresD.Pointer);
+        kernel.Launch(Stream, shape, xd.Pointer, input, wd.Pointer, bd.Pointer, tokens, idxD.Pointer, wOut.Pointer, true, 2.5f, scoresD.Pointer,
+            workspace: TensorCores ? workspace.Pointer : 0);
         var idx = idxD.ToArray(Stream);
         var weights = Read(wOut, ElementType.F32, Stream);
         var scores = Read(scoresD, ElementType.F32, Stream);
@@ -100,7 +142,7 @@ public sealed class MoeGateGpuTests : GpuTestBase
     {
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var reference = new TinyAReference();
-        using var kernel = new MoeGateKernel(Device, Compiler);
+        using var kernel = NewKernel();
         var c = checkpoint.Config;
         var shape = new MoeGateShape(c.NRoutedExperts, c.HiddenSize, c.NGroup, c.TopkGroup, c.NumExpertsPerTok);
         var layers = 0;
@@ -117,12 +159,13 @@ public sealed class MoeGateGpuTests : GpuTestBase
             using var xd = Upload(gateIn, ElementType.F32);
             using var wd = Upload(checkpoint.ReadFloat32(names.Gate), ElementType.BF16);
             using var bd = Upload(checkpoint.ReadFloat32(names.GateBias), ElementType.F32);
+            using var workspace = Workspace(kernel, shape, tokens);
             using var idxD = DeviceBuffer<int>.Allocate(Device, tokens * shape.TopK);
             idxD.Fill32(NaNPattern, Stream);
             using var wOut = Poisoned(tokens * shape.TopK, ElementType.F32);
             using var scoresD = Poisoned((long)tokens * shape.Experts, ElementType.F32);
             kernel.Launch(Stream, shape, xd.Pointer, ElementType.F32, wd.Pointer, bd.Pointer, tokens, idxD.Pointer, wOut.Pointer,
-                c.NormTopkProb, (float)c.RoutedScalingFactor, scoresD.Pointer);
+                c.NormTopkProb, (float)c.RoutedScalingFactor, scoresD.Pointer, workspace: TensorCores ? workspace.Pointer : 0);
             Tolerance.AssertClose(Read(scoresD, ElementType.F32, Stream), reference.F32($"p1.layer{i}.gate_scores"), 1e-5, 0, $"layer{i}.gate_scores");
             RoutingAssert.SameExpertsAndWeights(idxD.ToArray(Stream), Read(wOut, ElementType.F32, Stream), reference.I64($"p1.layer{i}.topk_idx"),
                 reference.F32($"p1.layer{i}.topk_weight"), shape.TopK, 1e-4, $"GPU gate layer{i}");

@@ -26,6 +26,15 @@ public sealed record CudaBackendOptions
     /// shapes they cannot run (K not a multiple of 16).
     /// </summary>
     public bool HopperFp8Gemm { get; init; }
+
+    /// <summary>
+    /// Run the BF16 products on the mma.sync tensor-core GEMM (Kernels/bf16_gemm_mma.cu, sm_80 and later): lm_head for
+    /// more than 4 rows, the router logits (then routed from them), and MLA's fold and unfold as one GEMM per head,
+    /// instead of the CUDA-core kernels that read their weights once per 1-8 rows. Off by default: no GPU has yet
+    /// confirmed the kernel against the CPU reference. Shapes it cannot run (K not a multiple of 8) stay on the
+    /// CUDA-core kernels.
+    /// </summary>
+    public bool TensorCoreBf16Gemm { get; init; }
 }
 
 /// <summary>
@@ -42,7 +51,8 @@ public sealed record CudaBackendOptions
 /// <item><b>Weights</b>: FP8 linears stay e4m3 codes + fp32 128x128 block scales (raw checkpoint bytes); their
 /// GEMM quantizes the activation per token per 128 channels (<see cref="ActQuantKernel"/>, fp32 scales) as the
 /// emulation does. BF16 linears (lm_head, BF16 checkpoints) run through <see cref="Bf16GemmKernel"/> (fp32
-/// accumulation) and are never converted to FP8. Norm, embedding and gate weights are BF16 on the device: a
+/// accumulation; with <see cref="CudaBackendOptions.TensorCoreBf16Gemm"/>, on tensor cores above 4 rows) and are never
+/// converted to FP8. Norm, embedding and gate weights are BF16 on the device: a
 /// checkpoint tensor whose values are not exactly BF16 is refused (<see cref="NotSupportedException"/>) rather
 /// than silently rounded.</item>
 /// <item><b>MLA</b>: <see cref="MlaAttentionAbsorbed"/> uses the decode kernel (fold, split-KV decode, unfold) for
@@ -66,6 +76,7 @@ public sealed class CudaBackend : IBackend
     private readonly ActQuantKernel _quant;
     private readonly Fp8GemmKernel _fp8;
     private readonly Bf16GemmKernel _bf16;
+    private readonly Bf16MmaKernel? _mma;
     private readonly SiluMulKernel _siluMul;
     private readonly BackendGlueKernel _glue;
     private readonly MoeGateKernel _gate;
@@ -73,7 +84,7 @@ public sealed class CudaBackend : IBackend
     private readonly MlaDecodeKernel _decode;
     private readonly MlaPrefillKernel _prefill;
     private readonly Dictionary<(int E, int H, int I, int S, int K), MoeLayer> _moe = [];
-    private readonly Scratch _ints, _codes, _scales, _qAbs, _outLatent, _lse, _workspace, _latent, _kv, _qBf16, _outBf16, _kvCodes, _kvScales;
+    private readonly Scratch _ints, _codes, _scales, _qAbs, _outLatent, _lse, _workspace, _latent, _kv, _qBf16, _outBf16, _kvCodes, _kvScales, _logits;
     private readonly Scratch[] _scratch;
     private readonly Lock _sync = new();
     private readonly bool _ownsStream;
@@ -123,18 +134,20 @@ public sealed class CudaBackend : IBackend
         _norm = new RmsNormKernel(_device, _compiler);
         _quant = new ActQuantKernel(_device, _compiler);
         _fp8 = new Fp8GemmKernel(_device, _compiler, _options.HopperFp8Gemm);
-        _bf16 = new Bf16GemmKernel(_device, _compiler);
+        _mma = _options.TensorCoreBf16Gemm ? new Bf16MmaKernel(_device, _compiler) : null;
+        _bf16 = new Bf16GemmKernel(_device, _compiler, _mma);
         _siluMul = new SiluMulKernel(_device, _compiler);
         _glue = new BackendGlueKernel(_device, _compiler);
-        _gate = new MoeGateKernel(_device, _compiler);
+        _gate = new MoeGateKernel(_device, _compiler, _mma);
         _cache = new MlaCacheKernel(_device, _compiler);
-        _decode = new MlaDecodeKernel(_device, _compiler);
+        _decode = new MlaDecodeKernel(_device, _compiler, _mma);
         _prefill = new MlaPrefillKernel(_device, _compiler);
         _scratch =
         [
             _ints = new Scratch(this), _codes = new Scratch(this), _scales = new Scratch(this), _qAbs = new Scratch(this),
             _outLatent = new Scratch(this), _lse = new Scratch(this), _workspace = new Scratch(this), _latent = new Scratch(this),
             _kv = new Scratch(this), _qBf16 = new Scratch(this), _outBf16 = new Scratch(this), _kvCodes = new Scratch(this), _kvScales = new Scratch(this),
+            _logits = new Scratch(this),
         ];
     }
 
@@ -229,9 +242,9 @@ public sealed class CudaBackend : IBackend
             }
         }
 
-        foreach (var l in new IDisposable[] { _embedding, _norm, _quant, _fp8, _bf16, _siluMul, _glue, _gate, _cache, _decode, _prefill })
+        foreach (var l in new IDisposable?[] { _embedding, _norm, _quant, _fp8, _bf16, _mma, _siluMul, _glue, _gate, _cache, _decode, _prefill })
         {
-            l.Dispose();
+            l?.Dispose();
         }
 
         if (_ownsStream)
@@ -923,8 +936,9 @@ public sealed class CudaBackend : IBackend
         var opt = g.Options;
         ShapeCheck.Require(a.Cols == g.Width, "gate input width");
         ShapeCheck.Routing(r, a.Rows, opt.Experts, opt.TopK);
+        var bytes = _gate.WorkspaceBytes(g.Shape, a.Rows);
         _gate.Launch(_stream, g.Shape, a.Pointer, ElementType.F32, g.Weight.Pointer, g.Bias.Pointer, a.Rows, r.Indices.Pointer, r.Weights.Pointer,
-            opt.Normalize, opt.ScalingFactor, r.Scores.Pointer);
+            opt.Normalize, opt.ScalingFactor, r.Scores.Pointer, workspace: bytes > 0 ? _logits.Get(bytes) : 0);
     }
 
     /// <inheritdoc />
