@@ -227,8 +227,11 @@ __global__ void __launch_bounds__(kBf16MmaThreads, 1) bf16_gemm_mma_kernel(const
     {
         cp_async_wait<S - 2>();
         const int st = kt % S;
-        // The barrier publishes stage st to every warp and frees stage (kt - 1) % S for the refill below.
-        const bool with_lo = A_BF16 ? (__syncthreads(), false) : __syncthreads_or((lo_bits >> st) & 1u) != 0;
+        // The barrier publishes stage st to every warp and frees stage (kt - 1) % S for the refill below; for an f32
+        // activation it also tells every thread whether any lo part of stage st is non-zero.
+        bool with_lo = false;
+        if (A_BF16) __syncthreads();
+        else with_lo = __syncthreads_or((lo_bits >> st) & 1u) != 0;
         const int nk = kt + S - 1, ns = nk % S;
         float4 r[A_LOADS];
         if (nk < ktiles)

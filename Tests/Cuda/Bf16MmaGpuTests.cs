@@ -1,5 +1,11 @@
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Kernels;
+using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Numerics;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Tests.Model;
+using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Cuda;
 
@@ -9,7 +15,8 @@ namespace DeepSeekCuda.Tests.Cuda;
 /// activation and output types, batches with strided operands (the fold and unfold layouts), split-K partials, and
 /// f32 activations that are BF16 values in one half of K and not in the other (the per-stage skip of the lo products
 /// must not lose the other half). NaN-poisoned outputs; a NaN activation makes its row NaN. Then its callers:
-/// lm_head above 4 rows, and MLA's fold and unfold on the V3 and tiny shapes.
+/// lm_head above 4 rows, MLA's fold and unfold on the V3 and tiny shapes, and tiny-a on a CudaBackend that takes the
+/// tensor cores everywhere it can (prefill logits and greedy decoding against the CPU emulation).
 /// </summary>
 [TestClass]
 [TestCategory("Gpu")]
@@ -200,6 +207,30 @@ public sealed class Bf16MmaGpuTests : GpuTestBase
                     }
                 }
             }
+        }
+    }
+
+    [TestMethod]
+    public void TinyAOnTheTensorCoresStaysWithTheEmulation()
+    {
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var reference = new TinyAReference();
+        using var cuda = new CudaBackend(new CudaBackendOptions { TensorCoreBf16Gemm = true });
+        using var cpu = new CpuBackend(CpuNumerics.GpuEmulation);
+        using var model = DeepSeekModel.Load(checkpoint, cuda);
+        using var emulated = DeepSeekModel.Load(checkpoint, cpu);
+        foreach (var prompt in TinyAReference.Prompts)
+        {
+            // Prefill: lm_head over every position and the router over the prompt on the tensor cores.
+            var ids = reference.Ids(prompt);
+            var e = Tolerance.AssertRmsRel(model.ComputeLogits(ids), emulated.ComputeLogits(ids), CudaModelGpuTests.EmulationRmsRel,
+                $"{prompt}.logits (tensor cores vs cpu emulation)");
+            TestContext.WriteLine(Tolerance.Describe($"{prompt}.logits tensor cores vs emulation", e));
+
+            // Decode: one-token router (split over K), fold and unfold per head.
+            var steps = reference.Greedy(prompt).Length;
+            CollectionAssert.AreEqual(CudaModelGpuTests.Greedy(emulated, ids, steps), CudaModelGpuTests.Greedy(model, ids, steps),
+                $"{prompt}: greedy ids (tensor cores vs cpu emulation)");
         }
     }
 }

@@ -179,7 +179,7 @@ public sealed class CudaModelGpuTests
         Assert.AreEqual(before, after, "device free memory after disposing the model (and its session)");
     }
 
-    private static int[] Greedy(DeepSeekModel model, int[] prompt, int steps)
+    internal static int[] Greedy(DeepSeekModel model, int[] prompt, int steps)
     {
         using var session = model.CreateSession();
         var logits = new float[model.VocabSize];
