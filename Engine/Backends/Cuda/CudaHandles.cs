@@ -4,8 +4,8 @@ using DeepSeekCuda.Loader;
 
 namespace DeepSeekCuda.Backends.Cuda;
 
-/// <summary>Device buffers a handle owns; disposing the handle frees them (once).</summary>
-internal sealed class DeviceOwnership
+/// <summary>Device buffers a handle (or a bench run) owns; disposing the owner frees them (once).</summary>
+internal sealed class DeviceOwnership : IDisposable
 {
     private readonly List<IDisposable> _owned = [];
 
@@ -25,6 +25,9 @@ internal sealed class DeviceOwnership
 
         _owned.Clear();
     }
+
+    /// <inheritdoc />
+    public void Dispose() => Free();
 }
 
 /// <summary>An activation: f32 storage on the device (values BF16-rounded wherever CpuBackend's GpuEmulation rounds).</summary>

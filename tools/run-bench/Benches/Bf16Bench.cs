@@ -1,6 +1,6 @@
+using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Cuda;
-using DeepSeekCuda.Cuda.Blas;
 using DeepSeekCuda.Kernels;
 
 namespace DeepSeekCuda.Bench.Benches;
@@ -31,126 +31,91 @@ internal static class Bf16Bench
     {
         var device = gpu.Device;
         var stream = gpu.Stream;
-        var owned = new List<IDisposable>();
-        DeviceBuffer<T> Own<T>(DeviceBuffer<T> b)
-            where T : unmanaged
+        using var owned = new DeviceOwnership();
+        using var mma = new Bf16MmaKernel(device, gpu.Compiler);
+        using var warp = new Bf16GemmKernel(device, gpu.Compiler);
+        using var gatePlain = new MoeGateKernel(device, gpu.Compiler);
+        using var gateMma = new MoeGateKernel(device, gpu.Compiler, mma);
+        using var mlaPlain = new MlaDecodeKernel(device, gpu.Compiler);
+        using var mlaMma = new MlaDecodeKernel(device, gpu.Compiler, mma);
+        using var blas = GemmBench.OpenCublas(device, "bf16");
+        var shape = LatentShape.V3;
+        var gate = MoeGateShape.V3;
+        int headMax = HeadMs[^1], gateMax = GateTokens[^1], mlaMax = MlaTokens[^1];
+
+        var head = owned.Own(DeviceBuffer<ushort>.Allocate(device, (long)HeadN * Hidden));
+        var gateW = owned.Own(DeviceBuffer<ushort>.Allocate(device, (long)gate.Experts * Hidden));
+        var gateB = owned.Own(DeviceBuffer<float>.Allocate(device, gate.Experts));
+        var kvB = owned.Own(DeviceBuffer<ushort>.Allocate(device, (long)Heads * (Nope + V) * shape.Latent));
+        var x = owned.Own(DeviceBuffer<float>.Allocate(device, (long)Math.Max(headMax, gateMax) * Hidden));
+        var logits = owned.Own(DeviceBuffer<float>.Allocate(device, (long)headMax * HeadN));
+        var idx = owned.Own(DeviceBuffer<int>.Allocate(device, (long)gateMax * gate.TopK));
+        var wts = owned.Own(DeviceBuffer<float>.Allocate(device, (long)gateMax * gate.TopK));
+        var gateWork = owned.Own(DeviceBuffer<byte>.Allocate(device, Math.Max(4, GateTokens.Max(t => gateMma.WorkspaceBytes(gate, t)))));
+        var q = owned.Own(DeviceBuffer<float>.Allocate(device, (long)mlaMax * Heads * (Nope + shape.Rope)));
+        var qAbs = owned.Own(DeviceBuffer<ushort>.Allocate(device, (long)mlaMax * Heads * shape.RowWidth));
+        var latent = owned.Own(DeviceBuffer<float>.Allocate(device, (long)mlaMax * Heads * shape.Latent));
+        var outV = owned.Own(DeviceBuffer<float>.Allocate(device, (long)mlaMax * Heads * V));
+        foreach (var b in new[] { head, gateW, kvB })
         {
-            owned.Add(b);
-            return b;
+            b.Fill32(0x3C003C00u, stream); // bf16 2^-7 pairs
         }
 
-        try
+        foreach (var b in new[] { x, q, latent })
         {
-            using var mma = new Bf16MmaKernel(device, gpu.Compiler);
-            using var warp = new Bf16GemmKernel(device, gpu.Compiler);
-            using var gatePlain = new MoeGateKernel(device, gpu.Compiler);
-            using var gateMma = new MoeGateKernel(device, gpu.Compiler, mma);
-            using var mlaPlain = new MlaDecodeKernel(device, gpu.Compiler);
-            using var mlaMma = new MlaDecodeKernel(device, gpu.Compiler, mma);
-            using var blas = GemmBench.OpenCublas(device, "bf16");
-            var shape = LatentShape.V3;
-            var gate = MoeGateShape.V3;
-            int headMax = HeadMs[^1], gateMax = GateTokens[^1], mlaMax = MlaTokens[^1];
+            b.Fill32(0x3F800000u, stream); // f32 1.0: BF16 values, as CudaBackend's activations
+        }
 
-            var head = Own(DeviceBuffer<ushort>.Allocate(device, (long)HeadN * Hidden));
-            var gateW = Own(DeviceBuffer<ushort>.Allocate(device, (long)gate.Experts * Hidden));
-            var gateB = Own(DeviceBuffer<float>.Allocate(device, gate.Experts));
-            var kvB = Own(DeviceBuffer<ushort>.Allocate(device, (long)Heads * (Nope + V) * shape.Latent));
-            var x = Own(DeviceBuffer<float>.Allocate(device, (long)Math.Max(headMax, gateMax) * Hidden));
-            var logits = Own(DeviceBuffer<float>.Allocate(device, (long)headMax * HeadN));
-            var idx = Own(DeviceBuffer<int>.Allocate(device, (long)gateMax * gate.TopK));
-            var wts = Own(DeviceBuffer<float>.Allocate(device, (long)gateMax * gate.TopK));
-            var gateWork = Own(DeviceBuffer<byte>.Allocate(device, Math.Max(4, GateTokens.Max(t => gateMma.WorkspaceBytes(gate, t)))));
-            var q = Own(DeviceBuffer<float>.Allocate(device, (long)mlaMax * Heads * (Nope + shape.Rope)));
-            var qAbs = Own(DeviceBuffer<ushort>.Allocate(device, (long)mlaMax * Heads * shape.RowWidth));
-            var latent = Own(DeviceBuffer<float>.Allocate(device, (long)mlaMax * Heads * shape.Latent));
-            var outV = Own(DeviceBuffer<float>.Allocate(device, (long)mlaMax * Heads * V));
-            foreach (var b in new[] { head, gateW, kvB })
+        gateB.Fill32(0, stream);
+
+        // (name, shape, bytes, flops, call, tensor cores, extra baselines)
+        var cases = new List<(string Name, Dictionary<string, object> Shape, double Bytes, double Flops, Action Call, bool Mma, (string, double)[] Extra)>();
+        foreach (var m in quick ? [1, 64] : HeadMs)
+        {
+            var s = new Dictionary<string, object> { ["M"] = m, ["N"] = HeadN, ["K"] = Hidden, ["op"] = "lm_head" };
+            var bytes = 2.0 * HeadN * Hidden + 4.0 * m * Hidden + 4.0 * m * HeadN;
+            var flops = 2.0 * m * HeadN * Hidden;
+            (string, double)[] extra = blas is not null && GemmBench.Baseline("cublas_bf16", m, HeadN, Hidden,
+                () => GemmBench.TimeCublasBf16(gpu, blas, m, HeadN, Hidden)) is { } cublasUs ? [("cublas_bf16", cublasUs)] : [];
+            cases.Add(("bf16_gemm", s, bytes, flops, () => warp.Launch(stream, x.Pointer, ElementType.F32, head.Pointer, logits.Pointer, ElementType.F32, m, HeadN, Hidden), false, extra));
+            var p = new Bf16MmaProblem(x.Pointer, ElementType.F32, Hidden, head.Pointer, false, Hidden, logits.Pointer, ElementType.F32, HeadN, m, HeadN, Hidden);
+            cases.Add(("bf16_gemm_mma", s, bytes, flops, () => mma.Launch(stream, p), true, extra));
+        }
+
+        foreach (var t in quick ? [1, 64, 4096] : GateTokens)
+        {
+            var s = new Dictionary<string, object> { ["tokens"] = t, ["E"] = gate.Experts, ["D"] = Hidden, ["op"] = "router" };
+            var bytes = 2.0 * gate.Experts * Hidden + 4.0 * t * Hidden + 8.0 * t * gate.TopK;
+            var flops = 2.0 * t * gate.Experts * Hidden;
+            void Gate(MoeGateKernel k, ulong work) => k.Launch(stream, gate, x.Pointer, ElementType.F32, gateW.Pointer, gateB.Pointer, t, idx.Pointer, wts.Pointer,
+                normalize: true, scaling: 2.5f, workspace: work);
+            cases.Add(("moe_gate", s, bytes, flops, () => Gate(gatePlain, 0), false, []));
+            cases.Add(("moe_gate_mma", s, bytes, flops, () => Gate(gateMma, gateWork.Pointer), true, []));
+        }
+
+        foreach (var t in quick ? [1, 64] : MlaTokens)
+        {
+            var s = new Dictionary<string, object> { ["tokens"] = t, ["heads"] = Heads, ["latent"] = shape.Latent };
+            var w = 2.0 * Heads * Nope * shape.Latent; // W_UK and W_UV are the same size
+            var foldBytes = w + 4.0 * t * Heads * (Nope + shape.Rope) + 2.0 * t * Heads * shape.RowWidth;
+            var unfoldBytes = w + 4.0 * t * Heads * shape.Latent + 4.0 * t * Heads * V;
+            var flops = 2.0 * t * Heads * Nope * shape.Latent;
+            foreach (var (k, suffix, tc) in new[] { (mlaPlain, "", false), (mlaMma, "_mma", true) })
             {
-                b.Fill32(0x3C003C00u, stream); // bf16 2^-7 pairs
-            }
-
-            foreach (var b in new[] { x, q, latent })
-            {
-                b.Fill32(0x3F800000u, stream); // f32 1.0: BF16 values, as CudaBackend's activations
-            }
-
-            gateB.Fill32(0, stream);
-
-            // (name, shape, bytes, flops, call, tensor cores, extra baselines)
-            var cases = new List<(string Name, Dictionary<string, object> Shape, double Bytes, double Flops, Action Call, bool Mma, (string, double)[] Extra)>();
-            foreach (var m in quick ? [1, 64] : HeadMs)
-            {
-                var s = new Dictionary<string, object> { ["M"] = m, ["N"] = HeadN, ["K"] = Hidden, ["op"] = "lm_head" };
-                var bytes = 2.0 * HeadN * Hidden + 4.0 * m * Hidden + 4.0 * m * HeadN;
-                var flops = 2.0 * m * HeadN * Hidden;
-                var extra = blas is null ? [] : Cublas(gpu, blas, m);
-                cases.Add(("bf16_gemm", s, bytes, flops, () => warp.Launch(stream, x.Pointer, ElementType.F32, head.Pointer, logits.Pointer, ElementType.F32, m, HeadN, Hidden), false, extra));
-                var p = new Bf16MmaProblem(x.Pointer, ElementType.F32, Hidden, head.Pointer, false, Hidden, logits.Pointer, ElementType.F32, HeadN, m, HeadN, Hidden);
-                cases.Add(("bf16_gemm_mma", s, bytes, flops, () => mma.Launch(stream, p), true, extra));
-            }
-
-            foreach (var t in quick ? [1, 64, 4096] : GateTokens)
-            {
-                var s = new Dictionary<string, object> { ["tokens"] = t, ["E"] = gate.Experts, ["D"] = Hidden, ["op"] = "router" };
-                var bytes = 2.0 * gate.Experts * Hidden + 4.0 * t * Hidden + 8.0 * t * gate.TopK;
-                var flops = 2.0 * t * gate.Experts * Hidden;
-                void Gate(MoeGateKernel k, ulong work) => k.Launch(stream, gate, x.Pointer, ElementType.F32, gateW.Pointer, gateB.Pointer, t, idx.Pointer, wts.Pointer,
-                    normalize: true, scaling: 2.5f, workspace: work);
-                cases.Add(("moe_gate", s, bytes, flops, () => Gate(gatePlain, 0), false, []));
-                cases.Add(("moe_gate_mma", s, bytes, flops, () => Gate(gateMma, gateWork.Pointer), true, []));
-            }
-
-            foreach (var t in quick ? [1, 64] : MlaTokens)
-            {
-                var s = new Dictionary<string, object> { ["tokens"] = t, ["heads"] = Heads, ["latent"] = shape.Latent };
-                var w = 2.0 * Heads * Nope * shape.Latent; // W_UK and W_UV are the same size
-                var foldBytes = w + 4.0 * t * Heads * (Nope + shape.Rope) + 2.0 * t * Heads * shape.RowWidth;
-                var unfoldBytes = w + 4.0 * t * Heads * shape.Latent + 4.0 * t * Heads * V;
-                var flops = 2.0 * t * Heads * Nope * shape.Latent;
-                foreach (var (k, suffix, tc) in new[] { (mlaPlain, "", false), (mlaMma, "_mma", true) })
-                {
-                    cases.Add(("mla_fold" + suffix, s, foldBytes, flops,
-                        () => k.Fold(stream, shape, q.Pointer, ElementType.F32, kvB.Pointer, t, Heads, Nope, V, qAbs.Pointer), tc, []));
-                    cases.Add(("mla_unfold" + suffix, s, unfoldBytes, flops,
-                        () => k.Unfold(stream, shape, latent.Pointer, kvB.Pointer, t, Heads, Nope, V, outV.Pointer, ElementType.F32), tc, []));
-                }
-            }
-
-            foreach (var c in cases.OrderBy(c => c.Mma))
-            {
-                var us = gpu.Measure(_ => c.Call());
-                foreach (var (baseline, baselineUs) in c.Extra.Prepend(("copy", gpu.CopyUs(c.Bytes))))
-                {
-                    report.Add(new BenchResult(c.Name, c.Shape, us, c.Flops / (us * 1e-6) / 1e12, c.Bytes / (us * 1e-6) / 1e9, baseline, baselineUs));
-                }
+                cases.Add(("mla_fold" + suffix, s, foldBytes, flops,
+                    () => k.Fold(stream, shape, q.Pointer, ElementType.F32, kvB.Pointer, t, Heads, Nope, V, qAbs.Pointer), tc, []));
+                cases.Add(("mla_unfold" + suffix, s, unfoldBytes, flops,
+                    () => k.Unfold(stream, shape, latent.Pointer, kvB.Pointer, t, Heads, Nope, V, outV.Pointer, ElementType.F32), tc, []));
             }
         }
-        finally
-        {
-            foreach (var b in owned)
-            {
-                b.Dispose();
-            }
-        }
-    }
 
-    // cuBLAS BF16 on the lm_head shape (BF16 activations), as one more baseline of the lm_head rows.
-    private static (string, double)[] Cublas(GpuBench gpu, CublasHandle blas, int m)
-    {
-        using var w = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)HeadN * Hidden);
-        using var x = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)m * Hidden);
-        using var y = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)m * HeadN);
-        w.Fill32(0x3C003C00u, gpu.Stream);
-        x.Fill32(0x3C003C00u, gpu.Stream);
-        try
+        foreach (var c in cases.OrderBy(c => c.Mma))
         {
-            return [("cublas_bf16", gpu.Measure(_ => blas.GemmBf16(gpu.Stream, x.Pointer, w.Pointer, y.Pointer, m, HeadN, Hidden)))];
-        }
-        catch (Exception e) when (e is CublasException or ArgumentException)
-        {
-            Console.WriteLine($"skip cublas_bf16 M={m}: {e.Message}");
-            return [];
+            var us = gpu.Measure(_ => c.Call());
+            foreach (var (baseline, baselineUs) in c.Extra.Prepend(("copy", gpu.CopyUs(c.Bytes))))
+            {
+                report.Add(new BenchResult(c.Name, c.Shape, us, c.Flops / (us * 1e-6) / 1e12, c.Bytes / (us * 1e-6) / 1e9, baseline, baselineUs));
+            }
         }
     }
 }

@@ -1,3 +1,4 @@
+using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Cuda.Blas;
@@ -127,7 +128,7 @@ internal static class GemmBench
     }
 
     /// <summary>Times one baseline; a shape the library refuses is skipped with the reason printed, never fatal.</summary>
-    private static double? Baseline(string name, int m, int n, int k, Func<double> time)
+    internal static double? Baseline(string name, int m, int n, int k, Func<double> time)
     {
         try
         {
@@ -140,37 +141,24 @@ internal static class GemmBench
         }
     }
 
-    private static double TimeCublasBf16(GpuBench gpu, CublasHandle blas, int m, int n, int k)
+    internal static double TimeCublasBf16(GpuBench gpu, CublasHandle blas, int m, int n, int k)
     {
         var copies = gpu.Copies(2L * ((long)n * k + (long)m * k));
-        var buffers = new List<IDisposable>();
-        try
+        using var owned = new DeviceOwnership();
+        var w = new ulong[copies];
+        var x = new ulong[copies];
+        for (var c = 0; c < copies; c++)
         {
-            var w = new ulong[copies];
-            var x = new ulong[copies];
-            for (var c = 0; c < copies; c++)
-            {
-                var wb = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)n * k);
-                var xb = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)m * k);
-                buffers.Add(wb);
-                buffers.Add(xb);
-                wb.Fill32(0x3C003C00u, gpu.Stream); // bf16 2^-7 pairs: sums stay far from overflow
-                xb.Fill32(0x3C003C00u, gpu.Stream);
-                w[c] = wb.Pointer;
-                x[c] = xb.Pointer;
-            }
+            var wb = owned.Own(DeviceBuffer<ushort>.Allocate(gpu.Device, (long)n * k));
+            var xb = owned.Own(DeviceBuffer<ushort>.Allocate(gpu.Device, (long)m * k));
+            wb.Fill32(0x3C003C00u, gpu.Stream); // bf16 2^-7 pairs: sums stay far from overflow
+            xb.Fill32(0x3C003C00u, gpu.Stream);
+            w[c] = wb.Pointer;
+            x[c] = xb.Pointer;
+        }
 
-            var y = DeviceBuffer<ushort>.Allocate(gpu.Device, (long)m * n);
-            buffers.Add(y);
-            return gpu.Measure(i => blas.GemmBf16(gpu.Stream, x[i % copies], w[i % copies], y.Pointer, m, n, k));
-        }
-        finally
-        {
-            foreach (var b in buffers)
-            {
-                b.Dispose();
-            }
-        }
+        var y = owned.Own(DeviceBuffer<ushort>.Allocate(gpu.Device, (long)m * n));
+        return gpu.Measure(i => blas.GemmBf16(gpu.Stream, x[i % copies], w[i % copies], y.Pointer, m, n, k));
     }
 
     private static double TimeCublasLtFp8(GpuBench gpu, CublasLtHandle lt, Fp8Inputs inputs, Fp8Scaling scaling)
@@ -184,7 +172,7 @@ internal static class GemmBench
     /// <summary>FP8 codes (all 1.0) rotated over enough copies to exceed L2, constant scales 2^-7, a BF16 output.</summary>
     private sealed class Fp8Inputs : IDisposable
     {
-        private readonly List<IDisposable> _buffers = [];
+        private readonly DeviceOwnership _buffers = new();
         private readonly ulong[] _w;
         private readonly ulong[] _x;
 
@@ -238,21 +226,9 @@ internal static class GemmBench
 
         public ulong W(int run) => _w[run % _w.Length];
 
-        public void Dispose()
-        {
-            foreach (var b in _buffers)
-            {
-                b.Dispose();
-            }
-
-            _buffers.Clear();
-        }
+        public void Dispose() => _buffers.Dispose();
 
         private T Add<T>(T buffer)
-            where T : IDisposable
-        {
-            _buffers.Add(buffer);
-            return buffer;
-        }
+            where T : IDisposable => _buffers.Own(buffer);
     }
 }

@@ -1,3 +1,4 @@
+using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Cuda.Blas;
@@ -30,100 +31,83 @@ internal static class MoeBench
         var gate = MoeGateShape.V3;
         int hb = Fp8GemmKernel.BlocksFor(Hidden), ib = Fp8GemmKernel.BlocksFor(Inter);
         var maxTokens = Tokens[^1];
-        var owned = new List<IDisposable>();
-        DeviceBuffer<T> Own<T>(DeviceBuffer<T> b)
-            where T : unmanaged
+        using var owned = new DeviceOwnership();
+        // Codes 0x38 = 1.0, scales 2^-7, bf16 activations 1.0: finite everywhere; the values do not change the work.
+        var w13 = owned.Own(DeviceBuffer<byte>.Allocate(device, (long)Experts * 2 * Inter * Hidden));
+        var w2 = owned.Own(DeviceBuffer<byte>.Allocate(device, (long)Experts * Hidden * Inter));
+        var s13 = owned.Own(DeviceBuffer<float>.Allocate(device, (long)Experts * 2 * ib * hb));
+        var s2 = owned.Own(DeviceBuffer<float>.Allocate(device, (long)Experts * hb * ib));
+        w13.Fill8(0x38, stream);
+        w2.Fill8(0x38, stream);
+        s13.Fill32(0x3c000000, stream);
+        s2.Fill32(0x3c000000, stream);
+        var stack = new MoeExpertStack(w13.Pointer, s13.Pointer, w2.Pointer, s2.Pointer, Experts, Hidden, Inter);
+        Fp8Linear Linear(int n, int k)
         {
-            owned.Add(b);
-            return b;
+            var w = owned.Own(DeviceBuffer<byte>.Allocate(device, (long)n * k));
+            var s = owned.Own(DeviceBuffer<float>.Allocate(device, (long)Fp8GemmKernel.BlocksFor(n) * Fp8GemmKernel.BlocksFor(k)));
+            w.Fill8(0x38, stream);
+            s.Fill32(0x3c000000, stream);
+            return new Fp8Linear(w.Pointer, s.Pointer, n, k);
         }
 
-        try
+        var shared = new MoeSharedExpert(Linear(Inter, Hidden), Linear(Inter, Hidden), Linear(Hidden, Inter));
+        var gateW = owned.Own(DeviceBuffer<ushort>.Allocate(device, (long)Experts * Hidden));
+        var gateB = owned.Own(DeviceBuffer<float>.Allocate(device, Experts));
+        gateW.Fill32(0x3c003c00u, stream); // bf16 2^-7
+        gateB.Fill32(0, stream);
+        var x = owned.Own(DeviceBuffer<ushort>.Allocate(device, (long)maxTokens * Hidden));
+        var y = owned.Own(DeviceBuffer<ushort>.Allocate(device, (long)maxTokens * Hidden));
+        x.Fill32(0x3f803f80u, stream);
+        var scratchIdx = owned.Own(DeviceBuffer<int>.Allocate(device, (long)maxTokens * TopK));
+        var scratchW = owned.Own(DeviceBuffer<float>.Allocate(device, (long)maxTokens * TopK));
+        using var gateKernel = new MoeGateKernel(device, gpu.Compiler);
+        using var layer = new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens);
+        using var hopper = Fp8GemmKernel.HasWgmma(device.Target) ? new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens, hopperGemm: true) : null;
+        using var cublasLoop = CublasLoop.TryCreate(gpu, maxTokens * TopK);
+
+        // The layer on the verified kernels over every case first, then on Hopper on the wgmma kernels: a fault in the kernels
+        // no GPU has confirmed then cannot cost the verified rows. Baselines are timed once per case.
+        var baselines = new Dictionary<(int Tokens, bool Skewed), (double Copy, double? Cublas)>();
+        foreach (var (name, l) in new[] { ("moe_layer", layer), ("moe_layer_wgmma", hopper) })
         {
-            // Codes 0x38 = 1.0, scales 2^-7, bf16 activations 1.0: finite everywhere; the values do not change the work.
-            var w13 = Own(DeviceBuffer<byte>.Allocate(device, (long)Experts * 2 * Inter * Hidden));
-            var w2 = Own(DeviceBuffer<byte>.Allocate(device, (long)Experts * Hidden * Inter));
-            var s13 = Own(DeviceBuffer<float>.Allocate(device, (long)Experts * 2 * ib * hb));
-            var s2 = Own(DeviceBuffer<float>.Allocate(device, (long)Experts * hb * ib));
-            w13.Fill8(0x38, stream);
-            w2.Fill8(0x38, stream);
-            s13.Fill32(0x3c000000, stream);
-            s2.Fill32(0x3c000000, stream);
-            var stack = new MoeExpertStack(w13.Pointer, s13.Pointer, w2.Pointer, s2.Pointer, Experts, Hidden, Inter);
-            Fp8Linear Linear(int n, int k)
+            if (l is null)
             {
-                var w = Own(DeviceBuffer<byte>.Allocate(device, (long)n * k));
-                var s = Own(DeviceBuffer<float>.Allocate(device, (long)Fp8GemmKernel.BlocksFor(n) * Fp8GemmKernel.BlocksFor(k)));
-                w.Fill8(0x38, stream);
-                s.Fill32(0x3c000000, stream);
-                return new Fp8Linear(w.Pointer, s.Pointer, n, k);
+                continue;
             }
 
-            var shared = new MoeSharedExpert(Linear(Inter, Hidden), Linear(Inter, Hidden), Linear(Hidden, Inter));
-            var gateW = Own(DeviceBuffer<ushort>.Allocate(device, (long)Experts * Hidden));
-            var gateB = Own(DeviceBuffer<float>.Allocate(device, Experts));
-            gateW.Fill32(0x3c003c00u, stream); // bf16 2^-7
-            gateB.Fill32(0, stream);
-            var x = Own(DeviceBuffer<ushort>.Allocate(device, (long)maxTokens * Hidden));
-            var y = Own(DeviceBuffer<ushort>.Allocate(device, (long)maxTokens * Hidden));
-            x.Fill32(0x3f803f80u, stream);
-            var scratchIdx = Own(DeviceBuffer<int>.Allocate(device, (long)maxTokens * TopK));
-            var scratchW = Own(DeviceBuffer<float>.Allocate(device, (long)maxTokens * TopK));
-            using var gateKernel = new MoeGateKernel(device, gpu.Compiler);
-            using var layer = new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens);
-            using var hopper = Fp8GemmKernel.HasWgmma(device.Target) ? new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens, hopperGemm: true) : null;
-            using var cublasLoop = CublasLoop.TryCreate(gpu, maxTokens * TopK);
-
-            // The layer on the verified kernels over every case first, then on Hopper on the wgmma kernels: a fault in the kernels
-            // no GPU has confirmed then cannot cost the verified rows. Baselines are timed once per case.
-            var baselines = new Dictionary<(int Tokens, bool Skewed), (double Copy, double? Cublas)>();
-            foreach (var (name, l) in new[] { ("moe_layer", layer), ("moe_layer_wgmma", hopper) })
+            foreach (var tokens in quick ? [1, 64, 4096] : Tokens)
             {
-                if (l is null)
+                foreach (var skewed in new[] { false, true })
                 {
-                    continue;
-                }
-
-                foreach (var tokens in quick ? [1, 64, 4096] : Tokens)
-                {
-                    foreach (var skewed in new[] { false, true })
+                    var idx = Routing(new Random(1234 + tokens + (skewed ? 1 : 0)), tokens, skewed);
+                    var wts = Enumerable.Repeat(1f / TopK, tokens * TopK).ToArray();
+                    using var idxD = DeviceBuffer<int>.From(device, idx, stream);
+                    using var wD = DeviceBuffer<float>.From(device, wts, stream);
+                    var touched = idx.Distinct().Count();
+                    var expertBytes = 3.0 * Hidden * Inter;
+                    var bytes = ((touched + 1) * expertBytes) + (2.0 * Experts * Hidden);
+                    var flops = (2.0 * tokens * TopK * 3 * Hidden * Inter) + (2.0 * tokens * 3 * Hidden * Inter) + (2.0 * tokens * Experts * Hidden);
+                    var shape = new Dictionary<string, object> { ["tokens"] = tokens, ["routing"] = skewed ? "skewed" : "uniform" };
+                    if (!baselines.TryGetValue((tokens, skewed), out var b))
                     {
-                        var idx = Routing(new Random(1234 + tokens + (skewed ? 1 : 0)), tokens, skewed);
-                        var wts = Enumerable.Repeat(1f / TopK, tokens * TopK).ToArray();
-                        using var idxD = DeviceBuffer<int>.From(device, idx, stream);
-                        using var wD = DeviceBuffer<float>.From(device, wts, stream);
-                        var touched = idx.Distinct().Count();
-                        var expertBytes = 3.0 * Hidden * Inter;
-                        var bytes = ((touched + 1) * expertBytes) + (2.0 * Experts * Hidden);
-                        var flops = (2.0 * tokens * TopK * 3 * Hidden * Inter) + (2.0 * tokens * 3 * Hidden * Inter) + (2.0 * tokens * Experts * Hidden);
-                        var shape = new Dictionary<string, object> { ["tokens"] = tokens, ["routing"] = skewed ? "skewed" : "uniform" };
-                        if (!baselines.TryGetValue((tokens, skewed), out var b))
-                        {
-                            b = (gpu.CopyUs(bytes), cublasLoop?.Time(gpu, idx));
-                            baselines[(tokens, skewed)] = b;
-                        }
+                        b = (gpu.CopyUs(bytes), cublasLoop?.Time(gpu, idx));
+                        baselines[(tokens, skewed)] = b;
+                    }
 
-                        var us = gpu.Measure(_ =>
-                        {
-                            gateKernel.Launch(stream, gate, x.Pointer, ElementType.BF16, gateW.Pointer, gateB.Pointer, tokens, scratchIdx.Pointer, scratchW.Pointer,
-                                normalize: true, scaling: 2.5f);
-                            l.Experts(stream, x.Pointer, ElementType.BF16, tokens, idxD.Pointer, wD.Pointer, stack, shared, y.Pointer, ElementType.BF16,
-                                residual: x.Pointer);
-                        });
-                        report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "copy", b.Copy));
-                        if (b.Cublas is { } cublasUs)
-                        {
-                            report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "cublas_bf16_loop", cublasUs));
-                        }
+                    var us = gpu.Measure(_ =>
+                    {
+                        gateKernel.Launch(stream, gate, x.Pointer, ElementType.BF16, gateW.Pointer, gateB.Pointer, tokens, scratchIdx.Pointer, scratchW.Pointer,
+                            normalize: true, scaling: 2.5f);
+                        l.Experts(stream, x.Pointer, ElementType.BF16, tokens, idxD.Pointer, wD.Pointer, stack, shared, y.Pointer, ElementType.BF16,
+                            residual: x.Pointer);
+                    });
+                    report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "copy", b.Copy));
+                    if (b.Cublas is { } cublasUs)
+                    {
+                        report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "cublas_bf16_loop", cublasUs));
                     }
                 }
-            }
-        }
-        finally
-        {
-            foreach (var b in owned)
-            {
-                b.Dispose();
             }
         }
     }
