@@ -89,9 +89,6 @@ internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler, B
     public static IReadOnlyList<KernelInstance> AllInstances() =>
         [.. from s in MoeGateShape.Known from t in Enum.GetValues<ElementType>() select Instance(s, t), .. MoeGateShape.Known.Select(RouteInstance)];
 
-    /// <summary>Whether the logits come from the tensor-core GEMM (a launcher was given).</summary>
-    public bool UsesTensorCores => tensorCores is not null;
-
     /// <summary>K splits of the tensor-core logits for <paramref name="tokens"/> tokens on this device.</summary>
     public int LogitSplits(MoeGateShape shape, int tokens) =>
         Bf16MmaKernel.SplitsFor(tokens, shape.Experts, shape.Width, 1, Device.MultiprocessorCount);

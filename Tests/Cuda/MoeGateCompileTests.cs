@@ -23,9 +23,9 @@ public sealed class MoeGateCompileTests
         NvrtcSupport.RequireNvrtc();
         var s = new MoeGateShape(experts, width, groups, kept, k);
         s.Validate();
-        var instances = new[] { MoeGateKernel.Instance(s, ElementType.F32), MoeGateKernel.Instance(s, ElementType.BF16) };
+        var instances = new[] { MoeGateKernel.Instance(s, ElementType.F32), MoeGateKernel.Instance(s, ElementType.BF16), MoeGateKernel.RouteInstance(s) };
         var compiled = new NvrtcCompiler().Compile(MoeGateKernel.FamilyName, instances, new KernelTarget("sm_90"));
-        Assert.HasCount(2, compiled.LoweredNames);
+        Assert.HasCount(3, compiled.LoweredNames);
     }
 
     [TestMethod]
@@ -37,6 +37,20 @@ public sealed class MoeGateCompileTests
         var bad = new KernelInstance("moe_gate_kernel<12, 192, 3, 1, 5, 256, 0>", MoeGateKernel.ParamsType);
         var e = Assert.ThrowsExactly<KernelCompileException>(() => new NvrtcCompiler().Compile(MoeGateKernel.FamilyName, [bad], new KernelTarget("compute_80")));
         StringAssert.Contains(e.Log, "k experts must exist in the kept groups");
+
+        // The route kernel shares the selection and its asserts.
+        var route = MoeGateKernel.RouteInstance(new MoeGateShape(12, 192, 3, 1, 5));
+        e = Assert.ThrowsExactly<KernelCompileException>(() => new NvrtcCompiler().Compile(MoeGateKernel.FamilyName, [route], new KernelTarget("compute_80")));
+        StringAssert.Contains(e.Log, "k experts must exist in the kept groups");
+    }
+
+    [TestMethod]
+    [TestCategory("Nvrtc")]
+    public void TheRouteKernelTakesAsManyTokensPerBlockAsTheLauncherCounts()
+    {
+        NvrtcSupport.RequireNvrtc();
+        var source = $"#include \"{MoeGateKernel.FamilyName}.cu\"\nstatic_assert(kMoeRouteWarps == {MoeGateKernel.RouteWarps}, \"route warps differ from C#\");\n";
+        Assert.IsNotEmpty(new NvrtcCompiler().CompileSource(MoeGateKernel.FamilyName, source, [], new KernelTarget("compute_80")).Image);
     }
 
     [TestMethod]
