@@ -65,11 +65,14 @@ internal sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler, 
             return;
         }
 
-        var problem = new Bf16MmaProblem(x, xType, xStride < 0 ? k : xStride, w, false, k, y, yType, yStride < 0 ? n : yStride, m, n, k);
-        if (tensorCores is not null && TakesTensorCores(problem))
+        if (tensorCores is not null)
         {
-            tensorCores.Launch(stream, problem);
-            return;
+            var problem = new Bf16MmaProblem(x, xType, xStride < 0 ? k : xStride, w, false, k, y, yType, yStride < 0 ? n : yStride, m, n, k);
+            if (TakesTensorCores(problem))
+            {
+                tensorCores.Launch(stream, problem);
+                return;
+            }
         }
 
         var tile = m == 1 ? 1 : 4;

@@ -205,14 +205,23 @@ internal sealed class Bf16MmaKernel(CudaDevice device, NvrtcCompiler compiler) :
     /// <summary>Runs <paramref name="p"/> on <paramref name="stream"/>; throws, naming the unmet requirement, when it cannot.</summary>
     public void Launch(CudaStream stream, in Bf16MmaProblem p)
     {
-        if (!Runs(p))
+        if (!TryLaunch(stream, p))
         {
             throw new ArgumentException($"BF16 tensor-core GEMM M={p.M} N={p.N} K={p.K}: {Refusal(p)}", nameof(p));
+        }
+    }
+
+    /// <summary>Runs <paramref name="p"/> when the kernel can (<see cref="Runs"/>) and says whether it did; launches nothing otherwise.</summary>
+    public bool TryLaunch(CudaStream stream, in Bf16MmaProblem p)
+    {
+        if (!Runs(p))
+        {
+            return false;
         }
 
         if (p.M == 0)
         {
-            return;
+            return true;
         }
 
         var args = new Bf16MmaParams
@@ -222,5 +231,6 @@ internal sealed class Bf16MmaKernel(CudaDevice device, NvrtcCompiler compiler) :
         };
         var instance = Instance(p.AType, p.BKMajor, p.YType);
         Get(instance).Launch(new Dim3(Blocks(p.N, TileN), Blocks(p.M, TileM), (uint)(p.Batch * p.Splits)), Threads, (uint)instance.DynamicSharedBytes, stream, in args);
+        return true;
     }
 }

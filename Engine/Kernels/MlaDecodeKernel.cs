@@ -222,10 +222,8 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
         }
 
         var p = new MlaProjParams { X = q, W = kvB, Y = qAbs, Tokens = tokens, Heads = heads, Nope = nope, V = v };
-        var gemm = FoldProblem(shape, q, qType, kvB, tokens, heads, nope, v, qAbs);
-        if (tensorCores is not null && Bf16MmaKernel.Runs(gemm))
+        if (tensorCores?.TryLaunch(stream, FoldProblem(shape, q, qType, kvB, tokens, heads, nope, v, qAbs)) == true)
         {
-            tensorCores.Launch(stream, gemm);
             var copies = (long)tokens * heads * shape.Rope;
             Get(FoldRopeInstance(shape, qType)).Launch(new Dim3((uint)Math.Min(Blocks(copies, ProjBlock), 4096)), ProjBlock, 0, stream, in p);
             return;
@@ -263,10 +261,8 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
             return;
         }
 
-        var gemm = UnfoldProblem(shape, latent, kvB, tokens, heads, nope, v, output, outType);
-        if (tensorCores is not null && Bf16MmaKernel.Runs(gemm))
+        if (tensorCores?.TryLaunch(stream, UnfoldProblem(shape, latent, kvB, tokens, heads, nope, v, output, outType)) == true)
         {
-            tensorCores.Launch(stream, gemm);
             return;
         }
 

@@ -128,9 +128,8 @@ internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler, B
             var splits = LogitSplits(shape, tokens);
             var logits = new Bf16MmaProblem(x, xType, p.XStride, weight, false, shape.Width, workspace, ElementType.F32, shape.Experts,
                 tokens, shape.Experts, shape.Width) { Splits = splits, YSplit = (long)tokens * shape.Experts };
-            if (Bf16MmaKernel.Runs(logits))
+            if (tensorCores.TryLaunch(stream, logits))
             {
-                tensorCores.Launch(stream, logits);
                 var route = p with { X = workspace, Weight = 0, XStride = logits.YSplit, LogitSplits = splits };
                 Get(RouteInstance(shape)).Launch(new Dim3(Blocks(tokens, RouteWarps)), RouteWarps * 32, 0, stream, in route);
                 return;
