@@ -20,14 +20,14 @@ public sealed class Fp8GemmSelectionTests
     {
         foreach (var m in new[] { 1, 3, 17, 64 })
         {
-            Assert.AreEqual(Fp8GemmPath.Gemv, Fp8GemmKernel.Choose(m), $"M={m}: the verified kernel stays the default");
+            Assert.AreEqual(Fp8GemmPath.Gemv, Fp8GemmKernel.Choose(m), $"M={m}: the gemv kernel stays the default until a GPU confirms wgmma");
             Assert.AreEqual(Fp8GemmPath.Wgmma, Fp8GemmKernel.Choose(m, wgmma: true), $"M={m}, wgmma preferred");
             Assert.IsTrue(Fp8GemmKernel.WgmmaDecodes(m), $"M={m} runs on the decode variant (weights as the wide side)");
         }
 
         foreach (var m in new[] { 65, 129, 4095 })
         {
-            Assert.AreEqual(Fp8GemmPath.Mma, Fp8GemmKernel.Choose(m), $"M={m}: the verified kernel stays the default");
+            Assert.AreEqual(Fp8GemmPath.Mma, Fp8GemmKernel.Choose(m), $"M={m}: the mma.sync kernel stays the default until a GPU confirms wgmma");
             Assert.AreEqual(Fp8GemmPath.Wgmma, Fp8GemmKernel.Choose(m, wgmma: true), $"M={m}, wgmma preferred");
             Assert.IsFalse(Fp8GemmKernel.WgmmaDecodes(m), $"M={m} runs on the prefill variant");
         }
@@ -119,7 +119,7 @@ public sealed class Fp8GemmSelectionTests
     {
         Assert.IsTrue(MoeGroupedGemmKernel.UsesWgmma(true, Hopper, 7168, 7168, 0x1000), "V3 gate/up");
         Assert.IsTrue(MoeGroupedGemmKernel.UsesWgmma(true, Hopper, 2048, 2048, 0x1000), "V3 down");
-        Assert.IsFalse(MoeGroupedGemmKernel.UsesWgmma(false, Hopper, 7168, 7168, 0x1000), "not preferred: the verified kernel");
+        Assert.IsFalse(MoeGroupedGemmKernel.UsesWgmma(false, Hopper, 7168, 7168, 0x1000), "not preferred: the default mma.sync kernel");
         Assert.IsFalse(MoeGroupedGemmKernel.UsesWgmma(true, new KernelTarget("sm_90"), 7168, 7168, 0x1000), "no wgmma on plain sm_90");
         Assert.IsFalse(MoeGroupedGemmKernel.UsesWgmma(true, Hopper, 200, 200, 0x1000), "hidden 200: K not a multiple of 16");
         Assert.IsFalse(MoeGroupedGemmKernel.UsesWgmma(true, Hopper, 72, 72, 0x1000), "inter 72");

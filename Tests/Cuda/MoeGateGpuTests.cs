@@ -19,7 +19,7 @@ public sealed class MoeGateGpuTests : MoeGateGpuChecks
 /// <summary>
 /// The router on tensor cores: logits from the BF16 GEMM split over K, routed by moe_route_kernel (a shape the GEMM
 /// cannot run, D = 100, shows the fallback to the gate kernel). A class of its own so that the device run takes it after
-/// the verified kernels.
+/// the default kernels.
 /// </summary>
 [TestClass]
 [TestCategory("Gpu")]

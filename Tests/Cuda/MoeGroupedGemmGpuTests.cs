@@ -11,7 +11,7 @@ namespace DeepSeekCuda.Tests.Cuda;
 /// grouped down, shared expert, combine) against <see cref="CpuBackend.MoeExperts"/> in GpuEmulation numerics on fresh
 /// random FP8 weights, activations and routings (uniform, and skewed: most tokens on one expert, a quarter of the experts
 /// idle). Outputs are poisoned with NaN first. Without a device every test ends Inconclusive (GpuTestBase). The tests run
-/// twice: on the verified mma.sync kernels (<see cref="MoeGroupedGemmGpuTests"/>) and on the Hopper wgmma kernels
+/// twice: on the default mma.sync kernels (<see cref="MoeGroupedGemmGpuTests"/>) and on the Hopper wgmma kernels
 /// (<see cref="MoeWgmmaGpuTests"/>).
 /// </summary>
 public abstract class MoeExpertGpuChecks : GpuTestBase
@@ -287,7 +287,7 @@ public abstract class MoeExpertGpuChecks : GpuTestBase
     }
 }
 
-/// <summary>The MoE expert path on the verified mma.sync kernels.</summary>
+/// <summary>The MoE expert path on the default mma.sync kernels.</summary>
 [TestClass]
 [TestCategory("Gpu")]
 public sealed class MoeGroupedGemmGpuTests : MoeExpertGpuChecks
@@ -297,7 +297,7 @@ public sealed class MoeGroupedGemmGpuTests : MoeExpertGpuChecks
 
 /// <summary>
 /// The same tests with the expert GEMMs (grouped and shared) on the Hopper wgmma kernels, in a class of their own so
-/// that a fault in them, not yet run on a GPU, cannot fail the verified kernels' tests. The presets whose widths are
+/// that a fault in them, not yet run on a GPU, cannot fail the default kernels' tests. The presets whose widths are
 /// not multiples of 16 (ragged) run on mma.sync here too.
 /// </summary>
 [TestClass]

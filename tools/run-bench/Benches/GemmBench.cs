@@ -37,7 +37,7 @@ internal static class GemmBench
         using var lt = OpenCublasLt(gpu.Device);
         var scaling = lt?.PreferredScaling ?? Fp8Scaling.Tensor;
         // The automatic choice over every shape first, then on Hopper the wgmma kernels while the choice does not take them
-        // yet: a fault in the kernels no GPU has confirmed then cannot cost the verified rows. Baselines are timed once per shape.
+        // yet: a fault in the kernels no GPU has confirmed then cannot cost the default kernels' rows. Baselines are timed once per shape.
         var paths = new List<(string Name, Fp8GemmPath Path)> { ("fp8_gemm", Fp8GemmPath.Auto) };
         if (gemm.Wgmma && !gemm.PreferWgmma)
         {

@@ -14,7 +14,7 @@ namespace DeepSeekCuda.Bench.Benches;
 /// skewed (95% of tokens on one hot expert, the rest among a quarter of the experts). The gate kernel runs in every timed
 /// call (its cost counts) but writes to a scratch buffer, because constant synthetic weights would route every token to the
 /// same experts; the experts read the seeded routing.
-/// Rows: bench <c>moe_layer</c> (the verified kernels) and on Hopper <c>moe_layer_wgmma</c> (the expert GEMMs on the wgmma
+/// Rows: bench <c>moe_layer</c> (the default kernels) and on Hopper <c>moe_layer_wgmma</c> (the expert GEMMs on the wgmma
 /// kernels), shape {tokens, routing}; GB/s over the touched weights (routed experts with at least one
 /// token + the shared expert + the gate), TFLOP/s of the layer's GEMMs. Baselines measured in the same run: <c>copy</c>
 /// (copy bandwidth over the touched weight bytes) and <c>cublas_bf16_loop</c> (<see cref="CublasLoop"/>).
@@ -66,8 +66,8 @@ internal static class MoeBench
         using var hopper = Fp8GemmKernel.HasWgmma(device.Target) ? new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens, hopperGemm: true) : null;
         using var cublasLoop = CublasLoop.TryCreate(gpu, maxTokens * TopK);
 
-        // The layer on the verified kernels over every case first, then on Hopper on the wgmma kernels: a fault in the kernels
-        // no GPU has confirmed then cannot cost the verified rows. Baselines are timed once per case.
+        // The layer on the default kernels over every case first, then on Hopper on the wgmma kernels: a fault in the kernels
+        // no GPU has confirmed then cannot cost the default kernels' rows. Baselines are timed once per case.
         var baselines = new Dictionary<(int Tokens, bool Skewed), (double Copy, double? Cublas)>();
         foreach (var (name, l) in new[] { ("moe_layer", layer), ("moe_layer_wgmma", hopper) })
         {
