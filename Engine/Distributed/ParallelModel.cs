@@ -10,9 +10,10 @@ namespace DeepSeekCuda.Distributed;
 /// <see cref="PlacementPlan"/>: each device's <see cref="IBackend"/> holds only what the plan gives it,
 /// and the forward pass runs the same layer steps as <see cref="DeepSeekModel"/> on each device, with a
 /// copy of the hidden state between pipeline stages or an all-reduce after o_proj and after the FFN under
-/// tensor/expert parallelism. The MTP module is not run here (yet).
+/// tensor/expert parallelism. A chat client or scheduler serves it batched and paged through <see cref="Serving.PagedStepRunner"/>
+/// (<see cref="Serving.StepRunners.For"/>); its sessions run one sequence. The MTP module is not run here (yet).
 /// </summary>
-public sealed class ParallelModel : ILanguageModel
+public sealed class ParallelModel : ILanguageModel, IPagedModel
 {
     private ParallelModel(PlacementPlan plan, ICommunicator communicator, ModelOptions options, int maxLength, DeviceWeights[] devices)
     {
@@ -21,6 +22,8 @@ public sealed class ParallelModel : ILanguageModel
         Options = options;
         MaxSequenceLength = maxLength;
         Devices = devices;
+        Layout = new DeviceLayout(plan.Config, maxLength, devices, plan.HeadDevice,
+            new Collectives(communicator.AllReduceSum, communicator.Copy, communicator.Barrier), mtp: null, plan.Shard);
     }
 
     /// <summary>The placement.</summary>
@@ -42,6 +45,12 @@ public sealed class ParallelModel : ILanguageModel
     public int MaxSequenceLength { get; }
 
     internal DeviceWeights[] Devices { get; }
+
+    /// <summary>The devices' weights as the layer steps walk them (which devices run each layer).</summary>
+    internal DeviceLayout Layout { get; }
+
+    /// <inheritdoc />
+    DeviceLayout IPagedModel.Layout => Layout;
 
     /// <summary>
     /// Uploads to each device of <paramref name="communicator"/> what <paramref name="plan"/> places on it, following
@@ -203,37 +212,6 @@ public sealed class ParallelModel : ILanguageModel
         foreach (var w in Devices)
         {
             w.Dispose();
-        }
-    }
-}
-
-/// <summary>What one device holds of a <see cref="ParallelModel"/>.</summary>
-internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
-{
-    public IBackend Backend { get; } = backend;
-    public required RopeTable Rope { get; init; }
-    public required LayerContext Context { get; init; }
-    public EmbeddingWeight? Embed { get; set; }
-    public NormWeight? FinalNorm { get; set; }
-    public LinearWeight? Head { get; set; }
-
-    /// <summary>The next stage's first input_layernorm (pipeline stages but the last).</summary>
-    public NormWeight? NextStageNorm { get; set; }
-
-    /// <summary>Layers by index; null where another device runs the layer.</summary>
-    public DecoderLayer?[] Layers { get; } = new DecoderLayer?[layers];
-
-    public void Dispose()
-    {
-        BackendResource?[] all = [Rope, Embed, FinalNorm, Head, NextStageNorm];
-        foreach (var r in all)
-        {
-            r?.Dispose();
-        }
-
-        foreach (var layer in Layers)
-        {
-            layer?.Dispose();
         }
     }
 }

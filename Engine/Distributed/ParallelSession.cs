@@ -25,7 +25,7 @@ public sealed class ParallelSession : IModelSession
         _comm = model.Communicator;
         var c = model.Config;
         var devices = model.Devices;
-        _runners = new int[c.NumHiddenLayers][];
+        _runners = model.Layout.Runners;
         _caches = new LatentCache?[devices.Length][];
         for (var r = 0; r < devices.Length; r++)
         {
@@ -34,7 +34,6 @@ public sealed class ParallelSession : IModelSession
 
         for (var i = 0; i < c.NumHiddenLayers; i++)
         {
-            _runners[i] = [.. Enumerable.Range(0, devices.Length).Where(r => devices[r].Layers[i] is not null)];
             foreach (var r in _runners[i])
             {
                 // Every device running a layer keeps that layer's whole latent cache (see PlacementPlan).
@@ -156,56 +155,18 @@ public sealed class ParallelSession : IModelSession
     /// <summary>Layer <paramref name="i"/> on devices <paramref name="run"/>: h += MLA; h += FFN; normed ← next norm(h).</summary>
     private void RunLayer(int i, int[] run, Tensor?[] h, Tensor?[] normed, int start)
     {
-        var c = _model.Config;
         var devices = _model.Devices;
-        var last = i + 1 == c.NumHiddenLayers;
-        var attnOut = new Tensor[run.Length];
-        var y = new Tensor[run.Length];
-        try
+        var parts = new LayerPart[run.Length];
+        for (var k = 0; k < run.Length; k++)
         {
-            for (var k = 0; k < run.Length; k++)
-            {
-                var r = run[k];
-                var x = devices[r].Context;
-                attnOut[k] = LayerSteps.Attention(x, devices[r].Layers[i]!, normed[r]!, [new Segment(_caches[r][i]!, start, 0, normed[r]!.Rows)],
-                    new FreshActivations(x.Backend));
-            }
-
-            Reduce(attnOut);
-            for (var k = 0; k < run.Length; k++)
-            {
-                var r = run[k];
-                var b = devices[r].Backend;
-                var layer = devices[r].Layers[i]!;
-                // post_attention_layernorm(h) goes into the normed buffer: the layer's input norm is consumed.
-                b.AddRmsNorm(h[r]!, attnOut[k], layer.PostAttentionNorm, normed[r]!);
-                y[k] = LayerSteps.Ffn(devices[r].Context, layer, normed[r]!, new FreshActivations(devices[r].Context.Backend), null, "");
-            }
-
-            Reduce(y);
-            for (var k = 0; k < run.Length; k++)
-            {
-                var r = run[k];
-                var w = devices[r];
-                var next = last ? w.FinalNorm! : w.Layers[i + 1]?.InputNorm ?? w.NextStageNorm!;
-                w.Backend.AddRmsNorm(h[r]!, y[k], next, normed[r]!);
-            }
+            var r = run[k];
+            var w = devices[r];
+            // The layer's input norm is consumed by its attention: its buffer receives the next norm.
+            parts[k] = new LayerPart(w.Context, w.Layers[i]!, h[r]!, normed[r]!, new[] { new Segment(_caches[r][i]!, start, 0, normed[r]!.Rows) },
+                new FreshActivations(w.Backend), w.NormAfter(i), normed[r]!);
         }
-        finally
-        {
-            foreach (var t in attnOut.Concat(y))
-            {
-                t?.Dispose();
-            }
-        }
-    }
 
-    private void Reduce(Tensor[] partials)
-    {
-        if (partials.Length > 1)
-        {
-            _comm.AllReduceSum(partials);
-        }
+        LayerSteps.Layer(parts, _comm.AllReduceSum, null, "");
     }
 
     private static void Release(Tensor?[] h, Tensor?[] normed, int r)

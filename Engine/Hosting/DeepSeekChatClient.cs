@@ -25,8 +25,8 @@ namespace DeepSeekCuda.Hosting;
 /// calls join and leave the running batch between steps, up to <see cref="DeepSeekChatClientOptions.MaxBatch"/>
 /// at once, and each one's output is what it would be alone. Cancelling a call removes its request and
 /// returns its cache blocks before the call's enumeration ends. The step runner does the model work: by
-/// default a <see cref="SessionStepRunner"/> (one session per request, run one after another, as the CPU
-/// backend needs); a batched GPU runner plugs in through the constructor.
+/// default the one <see cref="StepRunners.For"/> picks (batched and paged for the DeepSeek models, on one device or
+/// several); another plugs in through the constructor.
 /// Functions in <see cref="ChatOptions.Tools"/> are described to the model in the system prompt (SGLang's
 /// DeepSeek-V3 tool convention, see <see cref="ChatTemplateOptions.Tools"/>) and the calls it writes come back as
 /// <see cref="FunctionCallContent"/> (arguments that are not a JSON object carry the parse error in

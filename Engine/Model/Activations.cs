@@ -77,14 +77,15 @@ internal sealed class FreshActivations(IBackend backend) : Activations
 internal sealed record ArenaPlan(IReadOnlyList<(Activation Which, int Cols)> Tensors, IReadOnlyList<(int Experts, int TopK)> Routings)
 {
     /// <summary>
-    /// The main stream of a step: the residual stream and its two normed ping-pong buffers, and what
-    /// <see cref="LayerSteps.Layer"/> takes over the model's main layers (dense and MoE).
+    /// The main stream of a step on a device that runs <paramref name="layers"/> (all of them by default), whole or as
+    /// <paramref name="shard"/>: the residual stream and its two normed ping-pong buffers, and what a decoder layer's
+    /// steps (<see cref="LayerSteps"/>) take over those layers (dense and MoE).
     /// </summary>
-    public static ArenaPlan Main(ModelConfig config)
+    public static ArenaPlan Main(ModelConfig config, IEnumerable<int>? layers = null, LayerShard? shard = null)
     {
         var d = config.HiddenSize;
-        var layers = Enumerable.Range(0, config.NumHiddenLayers).Select(config.IsMoeLayer).Distinct();
-        return Combine([(Activation.Residual, d), (Activation.NormedEven, d), (Activation.NormedOdd, d)], [.. layers.Select(moe => Layer(config, moe))]);
+        var kinds = (layers ?? Enumerable.Range(0, config.NumHiddenLayers)).Select(config.IsMoeLayer).Distinct();
+        return Combine([(Activation.Residual, d), (Activation.NormedEven, d), (Activation.NormedOdd, d)], [.. kinds.Select(moe => Layer(config, moe, shard))]);
     }
 
     /// <summary>The MTP stream: the module's inputs (<see cref="LayerSteps.Mtp"/>) and its decoder layer's buffers.</summary>
@@ -94,21 +95,22 @@ internal sealed record ArenaPlan(IReadOnlyList<(Activation Which, int Cols)> Ten
         return Combine(
             [(Activation.MtpInput, d), (Activation.MtpEmbedding, d), (Activation.MtpHidden, d), (Activation.MtpConcat, 2 * d),
                 (Activation.MtpResidual, d), (Activation.MtpNormed, d), (Activation.MtpOutput, d)],
-            [Layer(config, config.IsMoeLayer(config.NumHiddenLayers))]);
+            [Layer(config, config.IsMoeLayer(config.NumHiddenLayers), null)]);
     }
 
     /// <summary>The head: the rows whose logits are wanted and their fp32 logits.</summary>
     public static ArenaPlan Head(ModelConfig config) =>
         new([(Activation.HeadInput, config.HiddenSize), (Activation.Logits, config.VocabSize)], []);
 
-    /// <summary>One decoder layer of <see cref="LayerSteps.Layer"/>: MLA, then the dense MLP or the MoE.</summary>
-    private static ArenaPlan Layer(ModelConfig c, bool moe)
+    /// <summary>One decoder layer: MLA, then the dense MLP or the MoE; a shard's heads and dense MLP columns only.</summary>
+    private static ArenaPlan Layer(ModelConfig c, bool moe, LayerShard? shard)
     {
+        var heads = shard?.Heads ?? c.NumAttentionHeads;
         List<(Activation, int)> t =
         [
-            (Activation.Query, c.NumAttentionHeads * c.QkHeadDim),
+            (Activation.Query, heads * c.QkHeadDim),
             (Activation.KeyValue, c.KvCacheDim),
-            (Activation.AttentionOutput, c.NumAttentionHeads * c.VHeadDim),
+            (Activation.AttentionOutput, heads * c.VHeadDim),
             (Activation.AttentionProjection, c.HiddenSize),
             (Activation.FfnInput, c.HiddenSize),
             (Activation.FfnOutput, c.HiddenSize),
@@ -120,8 +122,9 @@ internal sealed record ArenaPlan(IReadOnlyList<(Activation Which, int Cols)> Ten
 
         if (!moe)
         {
-            t.Add((Activation.MlpGate, c.IntermediateSize));
-            t.Add((Activation.MlpUp, c.IntermediateSize));
+            var width = shard?.Dense.Count ?? c.IntermediateSize;
+            t.Add((Activation.MlpGate, width));
+            t.Add((Activation.MlpUp, width));
         }
 
         return new(t, moe ? [(c.NRoutedExperts, c.NumExpertsPerTok)] : []);

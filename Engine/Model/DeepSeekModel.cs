@@ -9,8 +9,10 @@ namespace DeepSeekCuda.Model;
 /// latent KV cache, dense MLP or group-limited MoE, final norm and lm_head, plus the MTP module.
 /// Weights live in the backend; this class only sequences backend operations.
 /// </summary>
-public sealed class DeepSeekModel : ILanguageModel
+public sealed class DeepSeekModel : ILanguageModel, IPagedModel
 {
+    private DeviceLayout? _layout;
+
     private DeepSeekModel(IBackend backend, ModelConfig config, ModelOptions options, int maxSequenceLength)
     {
         Backend = backend;
@@ -47,6 +49,24 @@ public sealed class DeepSeekModel : ILanguageModel
     internal RopeTable Rope { get; private init; } = null!;
     internal DecoderLayer[] Layers { get; private init; } = [];
     internal MtpWeights? Mtp { get; private init; }
+
+    /// <inheritdoc />
+    /// <remarks>A view of this model's weights as a layout of one device (disposing the model disposes them; the layout owns nothing).</remarks>
+    DeviceLayout IPagedModel.Layout => _layout ??= OneDevice();
+
+    private DeviceLayout OneDevice()
+    {
+        var device = new DeviceWeights(Backend, Layers.Length)
+        {
+            Rope = Rope,
+            Context = new LayerContext(Backend, Config, Rope, Dims, Scale, Options.Attention),
+            Embed = Embed,
+            FinalNorm = FinalNorm,
+            Head = Head,
+        };
+        Layers.CopyTo(device.Layers, 0);
+        return new DeviceLayout(Config, MaxSequenceLength, [device], headDevice: 0, collectives: null, Mtp, shard: _ => null);
+    }
 
     /// <summary>
     /// Uploads every weight of <paramref name="checkpoint"/> to <paramref name="backend"/> (each read once)

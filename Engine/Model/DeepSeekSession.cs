@@ -164,7 +164,7 @@ public sealed class DeepSeekSession : IModelSession
         LayerSteps.CheckIds(nextTokens, _model.VocabSize);
         using var h = _b.Upload(hiddens, n, c.HiddenSize);
         using var normed = _b.Allocate(n, c.HiddenSize);
-        LayerSteps.Mtp(_context, mtp, _model.Embed, h, nextTokens, [new Segment(_mtpCache!, startPosition, 0, n)], _activations, normed, observer);
+        LayerSteps.Mtp(_context, mtp, _model.Embed, h, nextTokens, new[] { new Segment(_mtpCache!, startPosition, 0, n) }, _activations, normed, observer);
         MtpLength = startPosition + n;
         using var logits = _b.Allocate(n, _model.VocabSize);
         _b.Logits(normed, _model.Head, logits);
@@ -190,7 +190,7 @@ public sealed class DeepSeekSession : IModelSession
         {
             var next = i + 1 < _model.Layers.Length ? _model.Layers[i + 1].InputNorm : _model.FinalNorm;
             var nextNormed = _b.Allocate(count, c.HiddenSize);
-            LayerSteps.Layer(_context, _model.Layers[i], h, normed, [new Segment(_caches[i], start, 0, count)], _activations, next, nextNormed, observer, "");
+            LayerSteps.Layer(_context, _model.Layers[i], h, normed, new[] { new Segment(_caches[i], start, 0, count) }, _activations, next, nextNormed, observer, "");
             normed.Dispose();
             normed = nextNormed;
         }

@@ -12,6 +12,18 @@ namespace DeepSeekCuda.Model;
 /// <param name="Attention">Attention form option.</param>
 internal sealed record LayerContext(IBackend Backend, ModelConfig Config, RopeTable Rope, MlaDims Dims, float Scale, AttentionForm Attention);
 
+/// <summary>What one device runs of a decoder layer (<see cref="LayerSteps.Layer(ReadOnlySpan{LayerPart}, Action{IReadOnlyList{Tensor}}?, Action{Intermediate}?, string)"/>).</summary>
+/// <param name="X">The device's context.</param>
+/// <param name="Layer">The layer's weights on the device (the whole layer, or its shard).</param>
+/// <param name="H">The residual stream [T, D] on the device.</param>
+/// <param name="A">input_layernorm(h) [T, D].</param>
+/// <param name="Segments">Each sequence's rows of the stream over the device's cache of the layer.</param>
+/// <param name="Ws">Where the device's intermediates come from.</param>
+/// <param name="NextNorm">The norm after the layer (the next layer's input norm, or the final norm).</param>
+/// <param name="NextNormed">Receives nextNorm(h) [T, D]; may be <paramref name="A"/>, which the layer no longer needs by then.</param>
+internal readonly record struct LayerPart(LayerContext X, DecoderLayer Layer, Tensor H, Tensor A, ReadOnlyMemory<Segment> Segments, Activations Ws,
+    NormWeight NextNorm, Tensor NextNormed);
+
 /// <summary>
 /// The two halves of a decoder layer, shared by the single-device session and the parallel one: each
 /// returns the layer's contribution to the residual stream. On a device holding a <see cref="LayerShard"/>
@@ -52,25 +64,78 @@ internal static class LayerSteps
     }
 
     /// <summary>
-    /// One decoder layer over a token stream: h += MLA(a); h += FFN(post_norm(h)); then nextNormed = nextNorm(h).
+    /// One decoder layer over a token stream on one device: h += MLA(a); h += FFN(post_norm(h)); then nextNormed = nextNorm(h).
     /// <paramref name="a"/> is input_layernorm(h), computed by the previous fused residual step; each segment's rows
     /// attend over its own cache.
     /// </summary>
-    public static void Layer(LayerContext x, DecoderLayer layer, Tensor h, Tensor a, ReadOnlySpan<Segment> segments, Activations ws,
-        NormWeight nextNorm, Tensor nextNormed, Action<Intermediate>? observer, string prefix)
+    public static void Layer(LayerContext x, DecoderLayer layer, Tensor h, Tensor a, ReadOnlyMemory<Segment> segments, Activations ws,
+        NormWeight nextNorm, Tensor nextNormed, Action<Intermediate>? observer, string prefix) =>
+        Layer([new LayerPart(x, layer, h, a, segments, ws, nextNorm, nextNormed)], null, observer, prefix);
+
+    /// <summary>
+    /// One decoder layer on every device that runs it (<see cref="Layer(LayerContext, DecoderLayer, Tensor, Tensor, ReadOnlyMemory{Segment}, Activations, NormWeight, Tensor, Action{Intermediate}?, string)"/>
+    /// on each part): where several devices each hold a shard of the layer, their attention outputs and then their FFN
+    /// outputs are partial sums that <paramref name="allReduceSum"/> completes before each device's residual add, so every
+    /// device carries the same residual stream. <paramref name="observer"/> sees the first part's (completed) tensors.
+    /// </summary>
+    public static void Layer(ReadOnlySpan<LayerPart> parts, Action<IReadOnlyList<Tensor>>? allReduceSum, Action<Intermediate>? observer, string prefix)
     {
-        var b = x.Backend;
-        var name = $"{prefix}layer{layer.Index}.";
-        using var attnOut = Attention(x, layer, a, segments, ws);
-        Observe(b, observer, name + "attn_out", attnOut);
+        var n = parts.Length;
+        if (n > 1 && allReduceSum is null)
+        {
+            throw new ArgumentException($"{n} devices run the layer and there is no all-reduce", nameof(allReduceSum));
+        }
 
-        using var f = ws.Take(Activation.FfnInput, h.Rows, x.Config.HiddenSize); // post_attention_layernorm(h)
-        b.AddRmsNorm(h, attnOut, layer.PostAttentionNorm, f);
+        var first = parts[0];
+        var name = $"{prefix}layer{first.Layer.Index}.";
+        var attnOut = new Tensor[n];
+        var f = new Tensor[n];
+        var y = new Tensor[n];
+        try
+        {
+            for (var k = 0; k < n; k++)
+            {
+                var p = parts[k];
+                attnOut[k] = Attention(p.X, p.Layer, p.A, p.Segments.Span, p.Ws);
+            }
 
-        using var y = Ffn(x, layer, f, ws, observer, name);
-        Observe(b, observer, name + "ffn_out", y);
-        b.AddRmsNorm(h, y, nextNorm, nextNormed);
-        Observe(b, observer, name + "out", h);
+            Reduce(allReduceSum, attnOut);
+            Observe(first.X.Backend, observer, name + "attn_out", attnOut[0]);
+            for (var k = 0; k < n; k++)
+            {
+                var p = parts[k];
+                f[k] = p.Ws.Take(Activation.FfnInput, p.H.Rows, p.X.Config.HiddenSize); // post_attention_layernorm(h)
+                p.X.Backend.AddRmsNorm(p.H, attnOut[k], p.Layer.PostAttentionNorm, f[k]);
+                y[k] = Ffn(p.X, p.Layer, f[k], p.Ws, k == 0 ? observer : null, name);
+            }
+
+            Reduce(allReduceSum, y);
+            Observe(first.X.Backend, observer, name + "ffn_out", y[0]);
+            for (var k = 0; k < n; k++)
+            {
+                var p = parts[k];
+                p.X.Backend.AddRmsNorm(p.H, y[k], p.NextNorm, p.NextNormed);
+            }
+
+            Observe(first.X.Backend, observer, name + "out", first.H);
+        }
+        finally
+        {
+            for (var k = n - 1; k >= 0; k--)
+            {
+                y[k]?.Dispose();
+                f[k]?.Dispose();
+                attnOut[k]?.Dispose();
+            }
+        }
+    }
+
+    private static void Reduce(Action<IReadOnlyList<Tensor>>? allReduceSum, Tensor[] partials)
+    {
+        if (partials.Length > 1)
+        {
+            allReduceSum!(partials);
+        }
     }
 
     /// <summary>
@@ -184,7 +249,7 @@ internal static class LayerSteps
     /// <paramref name="normed"/>, each segment's rows running at its positions over its MTP cache.
     /// </summary>
     public static void Mtp(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
-        ReadOnlySpan<Segment> segments, Activations ws, Tensor normed, Action<Intermediate>? observer)
+        ReadOnlyMemory<Segment> segments, Activations ws, Tensor normed, Action<Intermediate>? observer)
     {
         var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, ws);
         using (z)

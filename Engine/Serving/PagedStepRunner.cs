@@ -5,15 +5,17 @@ using DeepSeekCuda.Model;
 namespace DeepSeekCuda.Serving;
 
 /// <summary>
-/// The batched, paged <see cref="IStepRunner"/> of a <see cref="DeepSeekModel"/> on one backend. A step flattens its
-/// entries into one token stream: embedding, every projection, norm, MoE and the head run once over all rows; RoPE,
-/// the cache append and attention run per entry over its rows of one shared latent pool per layer, addressed through
-/// the scheduler's <see cref="KvBlockManager"/> table (copied to the backend before a step when it changed). Intermediates are views of
-/// buffers planned from the model's config and allocated at <see cref="Attach"/> for the most tokens a step feeds: a step
-/// allocates nothing on the backend. Logits are computed only for the rows asked for.
+/// The batched, paged <see cref="IStepRunner"/> of a DeepSeek model: a <see cref="DeepSeekModel"/> on one backend, or a
+/// multi-device model (<see cref="StepRunners.For"/>) whose layers run on pipeline stages or, sharded, on every device with
+/// all-reduces between the halves of each layer. A step flattens its entries into one token stream: embedding, every
+/// projection, norm, MoE and the head run once over all rows; RoPE, the cache append and attention run per entry over its
+/// rows of one shared latent pool per layer (on every device that runs the layer), addressed through the scheduler's
+/// <see cref="KvBlockManager"/> table (copied to each device before a step when it changed). Intermediates are views of
+/// buffers planned from the model's config (per device: its layers, its shard) and allocated at <see cref="Attach"/> for
+/// the most tokens a step feeds: a step allocates nothing on a backend. Logits are computed only for the rows asked for.
 /// </summary>
 /// <remarks>
-/// <para>MTP: a position's draft input is its final hidden state and the token after it. Where that token is already
+/// <para>MTP (a one-device model): a position's draft input is its final hidden state and the token after it. Where that token is already
 /// fed and certain (a prompt token, or a sampled one), the MTP layer runs over the position in the same step, which
 /// fills its cache; the last position of an entry, and both positions of a verify entry (its second token is a draft
 /// that may be rejected), wait on the device (at most two rows per slot) for <see cref="Draft"/> or the next step.</para>
@@ -24,47 +26,51 @@ public sealed class PagedStepRunner : IStepRunner
     /// <summary>Pending MTP rows a slot can hold: the two positions of a verify step.</summary>
     private const int PendingRows = 2;
 
-    private readonly DeepSeekModel _model;
-    private readonly IBackend _b;
-    private readonly LayerContext _context;
+    private readonly DeviceLayout _layout;
+    private readonly Device[] _devices;
+    private readonly Device _head;          // lm_head and the MTP module
     private readonly List<IDisposable> _owned = [];
     private KvBlockManager? _blocks;
-    private BlockTable _table = null!;
-    private LatentCache[][] _caches = [];   // [layer][slot]: views of the layer's pool
     private LatentCache[] _mtpCaches = [];  // [slot]
-    private ActivationArena _arena = null!; // the main stream
     private ActivationArena _mtpArena = null!;
     private ActivationArena _headArena = null!;
     private Tensor? _pending;               // [slots · 2, D]
     private SlotState?[] _slots = [];
     private int[] _stream = [];
     private int[] _mtpTokens = [];
-    private Segment[] _segments = [];
+    private Segment[] _mtpSegments = [];
+    private int _maxTokens;
     private int _stamp;                     // batch checks so far (duplicate slots)
     private long _tableVersion = -1;        // the block manager's Version last uploaded
 
     /// <summary>Creates a runner over <paramref name="model"/> (not owned: the caller disposes it). Nothing is allocated before <see cref="Attach"/>.</summary>
     public PagedStepRunner(DeepSeekModel model)
+        : this(((IPagedModel)(model ?? throw new ArgumentNullException(nameof(model)))).Layout)
     {
-        _model = model ?? throw new ArgumentNullException(nameof(model));
-        _b = model.Backend;
-        _context = new LayerContext(_b, model.Config, model.Rope, model.Dims, model.Scale, model.Options.Attention);
+    }
+
+    internal PagedStepRunner(DeviceLayout layout)
+    {
+        _layout = layout;
+        _devices = [.. layout.Devices.Select(w => new Device(w))];
+        _head = _devices[layout.HeadDevice];
     }
 
     /// <inheritdoc />
-    public int VocabSize => _model.VocabSize;
+    public int VocabSize => _layout.Config.VocabSize;
 
     /// <inheritdoc />
-    public int MaxSequenceLength => _model.MaxSequenceLength;
+    public int MaxSequenceLength => _layout.MaxSequenceLength;
 
     /// <inheritdoc />
-    public bool CanDraft => _model.HasMtp;
+    public bool CanDraft => _layout.Mtp is not null;
 
     /// <summary>The most tokens one step may feed (0 before <see cref="Attach"/>).</summary>
-    public int MaxTokensPerStep => _blocks is null ? 0 : _arena.MaxRows;
+    public int MaxTokensPerStep => _blocks is null ? 0 : _maxTokens;
 
     /// <summary>Step buffers no step has used yet (tests: the plan holds nothing that steps do not use).</summary>
-    internal IEnumerable<string> UnusedStepBuffers => _blocks is null ? [] : _arena.Unused.Concat(_mtpArena.Unused).Concat(_headArena.Unused);
+    internal IEnumerable<string> UnusedStepBuffers =>
+        _blocks is null ? [] : _devices.SelectMany((d, r) => d.Arena.Unused.Select(u => $"device {r}: {u}")).Concat(_mtpArena.Unused).Concat(_headArena.Unused);
 
     /// <inheritdoc />
     /// <remarks>
@@ -80,26 +86,36 @@ public sealed class PagedStepRunner : IStepRunner
             throw new InvalidOperationException("the runner is already attached to a block manager");
         }
 
-        var c = _model.Config;
+        var c = _layout.Config;
         var slots = blocks.MaxRequests;
+        var drafts = CanDraft;
         try
         {
-            _table = Own(_b.AllocateBlockTable(slots, blocks.MaxBlocksPerRequest));
-            _caches = new LatentCache[_model.Layers.Length][];
-            for (var i = 0; i < _caches.Length; i++)
+            for (var r = 0; r < _devices.Length; r++)
             {
-                _caches[i] = Views(Own(_b.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim)), slots);
+                var d = _devices[r];
+                var b = d.W.Backend;
+                d.Table = Own(b.AllocateBlockTable(slots, blocks.MaxBlocksPerRequest));
+                d.Caches = new LatentCache[]?[c.NumHiddenLayers];
+                var held = Enumerable.Range(0, c.NumHiddenLayers).Where(i => d.W.Layers[i] is not null).ToArray();
+                foreach (var i in held)
+                {
+                    d.Caches[i] = Views(d, Own(b.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim)), slots);
+                }
+
+                d.Arena = Own(new ActivationArena(b, maxTokensPerStep, ArenaPlan.Main(c, held, _layout.Shard(r))));
+                d.Segments = new Segment[slots];
             }
 
-            if (_model.HasMtp)
+            var hb = _head.W.Backend;
+            if (drafts)
             {
-                _mtpCaches = Views(Own(_b.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim)), slots);
-                _pending = Own(_b.Allocate(slots * PendingRows, c.HiddenSize));
+                _mtpCaches = Views(_head, Own(hb.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim)), slots);
+                _pending = Own(hb.Allocate(slots * PendingRows, c.HiddenSize));
             }
 
-            _arena = Own(new ActivationArena(_b, maxTokensPerStep, ArenaPlan.Main(c)));
-            _mtpArena = Own(new ActivationArena(_b, _model.HasMtp ? maxTokensPerStep + slots * PendingRows : 0, _model.HasMtp ? ArenaPlan.Mtp(c) : new ArenaPlan([], [])));
-            _headArena = Own(new ActivationArena(_b, slots * PendingRows, ArenaPlan.Head(c)));
+            _mtpArena = Own(new ActivationArena(hb, drafts ? maxTokensPerStep + slots * PendingRows : 0, drafts ? ArenaPlan.Mtp(c) : new ArenaPlan([], [])));
+            _headArena = Own(new ActivationArena(hb, slots * PendingRows, ArenaPlan.Head(c)));
         }
         catch
         {
@@ -110,16 +126,17 @@ public sealed class PagedStepRunner : IStepRunner
         _slots = new SlotState?[slots];
         _stream = new int[maxTokensPerStep];
         _mtpTokens = new int[maxTokensPerStep + slots * PendingRows];
-        _segments = new Segment[slots];
+        _mtpSegments = new Segment[slots];
+        _maxTokens = maxTokensPerStep;
         _blocks = blocks;
     }
 
-    private LatentCache[] Views(LatentPool pool, int slots)
+    private static LatentCache[] Views(Device d, LatentPool pool, int slots)
     {
         var views = new LatentCache[slots];
         for (var s = 0; s < slots; s++)
         {
-            views[s] = _b.PagedCache(pool, _table, s);
+            views[s] = d.W.Backend.PagedCache(pool, d.Table, s);
         }
 
         return views;
@@ -210,7 +227,6 @@ public sealed class PagedStepRunner : IStepRunner
             return;
         }
 
-        var d = _model.Config.HiddenSize;
         var stream = _stream.AsSpan(0, tokens);
         var row = 0;
         foreach (var e in batch)
@@ -220,22 +236,11 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         UploadTable(blocks);
-        using var h = _arena.Take(Activation.Residual, tokens, d);
-        _b.Embedding(_model.Embed, stream, h);
-        var normed = _arena.Take(Activation.NormedEven, tokens, d);
         try
         {
-            _b.RmsNorm(h, _model.Layers[0].InputNorm, normed);
-            for (var i = 0; i < _model.Layers.Length; i++)
-            {
-                var next = i + 1 < _model.Layers.Length ? _model.Layers[i + 1].InputNorm : _model.FinalNorm;
-                var nextNormed = _arena.Take(i % 2 == 0 ? Activation.NormedOdd : Activation.NormedEven, tokens, d);
-                LayerSteps.Layer(_context, _model.Layers[i], h, normed, Segments(batch, _caches[i]), _arena, next, nextNormed, null, "");
-                normed.Dispose();
-                normed = nextNormed;
-            }
+            var normed = RunLayers(batch, stream);
 
-            // normed: every row's hidden after the final norm.
+            // normed: every row's hidden after the final norm, on the head device.
             if (CanDraft)
             {
                 AdvanceMtp(batch, normed);
@@ -243,12 +248,12 @@ public sealed class PagedStepRunner : IStepRunner
 
             if (logitRows > 0)
             {
-                using var headIn = _headArena.Take(Activation.HeadInput, logitRows, d);
+                using var headIn = _headArena.Take(Activation.HeadInput, logitRows, _layout.Config.HiddenSize);
                 var r = 0;
                 row = 0;
                 foreach (var e in batch)
                 {
-                    _b.CopyRows(normed, row + e.Tokens.Length - e.LogitRows, headIn, r, e.LogitRows);
+                    _head.W.Backend.CopyRows(normed, row + e.Tokens.Length - e.LogitRows, headIn, r, e.LogitRows);
                     r += e.LogitRows;
                     row += e.Tokens.Length;
                 }
@@ -258,13 +263,82 @@ public sealed class PagedStepRunner : IStepRunner
         }
         finally
         {
-            normed.Dispose();
+            foreach (var d in _devices)
+            {
+                d.Release();
+            }
         }
 
         foreach (var e in batch)
         {
             _slots[e.Slot]!.Length += e.Tokens.Length;
         }
+    }
+
+    /// <summary>
+    /// Embedding, every layer on the devices that run it (handing the stream from one pipeline stage to the next), and the
+    /// final norm: returns the head device's normed stream [T, D]. The devices' stream views stay taken until <see cref="Device.Release"/>.
+    /// </summary>
+    private Tensor RunLayers(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<int> stream)
+    {
+        var c = _layout.Config;
+        var t = stream.Length;
+        var active = _layout.Runners[0];
+        foreach (var r in active)
+        {
+            var d = _devices[r];
+            var b = d.W.Backend;
+            d.H = d.Arena.Take(Activation.Residual, t, c.HiddenSize);
+            b.Embedding(d.W.Embed!, stream, d.H);
+            d.Normed = d.Arena.Take(Activation.NormedEven, t, c.HiddenSize);
+            b.RmsNorm(d.H, d.W.Layers[0]!.InputNorm, d.Normed);
+        }
+
+        for (var i = 0; i < c.NumHiddenLayers; i++)
+        {
+            var run = _layout.Runners[i];
+            if (!run.AsSpan().SequenceEqual(active))
+            {
+                HandOver(i, active, run, t);
+                active = run;
+            }
+
+            var parts = new LayerPart[run.Length];
+            for (var k = 0; k < run.Length; k++)
+            {
+                var d = _devices[run[k]];
+                var next = d.Arena.Take(i % 2 == 0 ? Activation.NormedOdd : Activation.NormedEven, t, c.HiddenSize);
+                parts[k] = new LayerPart(d.W.Context, d.W.Layers[i]!, d.H!, d.Normed!, Segments(batch, d, i), d.Arena, d.W.NormAfter(i), next);
+            }
+
+            LayerSteps.Layer(parts, _layout.Collectives?.AllReduceSum, null, "");
+            for (var k = 0; k < run.Length; k++)
+            {
+                var d = _devices[run[k]];
+                d.Normed!.Dispose();
+                d.Normed = parts[k].NextNormed;
+            }
+        }
+
+        return _head.Normed ?? throw new InvalidOperationException($"the head device {_layout.HeadDevice} does not run the last layer");
+    }
+
+    /// <summary>A pipeline boundary before layer <paramref name="i"/>: one stage hands the residual stream and its normed copy to the next.</summary>
+    private void HandOver(int i, int[] from, int[] to, int tokens)
+    {
+        if (from.Length != 1 || to.Length != 1)
+        {
+            throw new InvalidOperationException($"layer {i} changes from devices [{string.Join(",", from)}] to [{string.Join(",", to)}]");
+        }
+
+        var (source, target) = (_devices[from[0]], _devices[to[0]]);
+        var d = _layout.Config.HiddenSize;
+        target.H = target.Arena.Take(Activation.Residual, tokens, d);
+        target.Normed = target.Arena.Take(i % 2 == 0 ? Activation.NormedEven : Activation.NormedOdd, tokens, d);
+        var copy = _layout.Collectives!.Copy;
+        copy(source.H!, from[0], target.H, to[0]);
+        copy(source.Normed!, from[0], target.Normed, to[0]);
+        source.Release();
     }
 
     /// <inheritdoc />
@@ -308,7 +382,8 @@ public sealed class PagedStepRunner : IStepRunner
             return;
         }
 
-        var d = _model.Config.HiddenSize;
+        var d = _layout.Config.HiddenSize;
+        var b = _head.W.Backend;
         UploadTable(blocks);
         using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
         var row = 0;
@@ -317,23 +392,23 @@ public sealed class PagedStepRunner : IStepRunner
             var (slot, next) = batch[i];
             var state = _slots[slot]!;
             var c = state.PendingCount;
-            _b.CopyRows(_pending!, slot * PendingRows, input, row, c);
+            b.CopyRows(_pending!, slot * PendingRows, input, row, c);
             for (var p = 0; p < c; p++)
             {
                 _mtpTokens[row + p] = p + 1 < c ? state.PendingTokens[p + 1] : next;
             }
 
-            _segments[i] = new Segment(_mtpCaches[slot], state.MtpLength, row, c);
+            _mtpSegments[i] = new Segment(_mtpCaches[slot], state.MtpLength, row, c);
             row += c;
         }
 
         using var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
-        LayerSteps.Mtp(_context, _model.Mtp!, _model.Embed, input, _mtpTokens.AsSpan(0, rows), _segments.AsSpan(0, batch.Length), _mtpArena, output, null);
+        LayerSteps.Mtp(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _mtpSegments.AsMemory(0, batch.Length), _mtpArena, output, null);
         using var headIn = _headArena.Take(Activation.HeadInput, batch.Length, d);
         for (var i = 0; i < batch.Length; i++)
         {
-            var s = _segments[i];
-            _b.CopyRows(output, s.FirstRow + s.Rows - 1, headIn, i, 1);
+            var s = _mtpSegments[i];
+            b.CopyRows(output, s.FirstRow + s.Rows - 1, headIn, i, 1);
             var state = _slots[batch[i].Slot]!;
             state.MtpLength += state.PendingCount;
             state.PendingCount = 0;
@@ -347,7 +422,11 @@ public sealed class PagedStepRunner : IStepRunner
     {
         if (_tableVersion != blocks.Version)
         {
-            _b.UploadBlockTable(blocks.Table, _table);
+            foreach (var d in _devices)
+            {
+                d.W.Backend.UploadBlockTable(blocks.Table, d.Table);
+            }
+
             _tableVersion = blocks.Version;
         }
     }
@@ -392,9 +471,9 @@ public sealed class PagedStepRunner : IStepRunner
             logitRows += e.LogitRows;
         }
 
-        if (tokens > _arena.MaxRows)
+        if (tokens > _maxTokens)
         {
-            throw new ArgumentException($"the step feeds {tokens} tokens; the runner was attached for at most {_arena.MaxRows}", nameof(batch));
+            throw new ArgumentException($"the step feeds {tokens} tokens; the runner was attached for at most {_maxTokens}", nameof(batch));
         }
 
         if (logitRows > _headArena.MaxRows)
@@ -405,18 +484,19 @@ public sealed class PagedStepRunner : IStepRunner
         return ((int)tokens, (int)logitRows);
     }
 
-    /// <summary>Segments of the stream in batch order over the slots' caches of one layer.</summary>
-    private ReadOnlySpan<Segment> Segments(ReadOnlySpan<StepSequence> batch, LatentCache[] caches)
+    /// <summary>Segments of the stream in batch order over the slots' caches of layer <paramref name="layer"/> on device <paramref name="d"/>.</summary>
+    private static ReadOnlyMemory<Segment> Segments(ReadOnlySpan<StepSequence> batch, Device d, int layer)
     {
+        var caches = d.Caches[layer]!;
         var row = 0;
         for (var i = 0; i < batch.Length; i++)
         {
             var e = batch[i];
-            _segments[i] = new Segment(caches[e.Slot], e.Position, row, e.Tokens.Length);
+            d.Segments[i] = new Segment(caches[e.Slot], e.Position, row, e.Tokens.Length);
             row += e.Tokens.Length;
         }
 
-        return _segments.AsSpan(0, batch.Length);
+        return d.Segments.AsMemory(0, batch.Length);
     }
 
     /// <summary>
@@ -434,7 +514,8 @@ public sealed class PagedStepRunner : IStepRunner
             }
         }
 
-        var d = _model.Config.HiddenSize;
+        var d = _layout.Config.HiddenSize;
+        var b = _head.W.Backend;
         using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
         var row = 0;
         var streamRow = 0;
@@ -452,20 +533,20 @@ public sealed class PagedStepRunner : IStepRunner
                 if (count > 0)
                 {
                     // Fed at positions MtpLength..: the pending tokens, then this entry's; row r's next token is fed at r + 1.
-                    _b.CopyRows(_pending!, e.Slot * PendingRows, input, row, c);
-                    _b.CopyRows(hiddens, streamRow, input, row + c, n - keep);
+                    b.CopyRows(_pending!, e.Slot * PendingRows, input, row, c);
+                    b.CopyRows(hiddens, streamRow, input, row + c, n - keep);
                     for (var r = 0; r < count; r++)
                     {
                         var fed = r + 1;
                         _mtpTokens[row + r] = fed < c ? state.PendingTokens[fed] : tokens[fed - c];
                     }
 
-                    _segments[segments++] = new Segment(_mtpCaches[e.Slot], state.MtpLength, row, count);
+                    _mtpSegments[segments++] = new Segment(_mtpCaches[e.Slot], state.MtpLength, row, count);
                     row += count;
                     state.MtpLength += count;
                 }
 
-                _b.CopyRows(hiddens, streamRow + n - keep, _pending!, e.Slot * PendingRows, keep);
+                b.CopyRows(hiddens, streamRow + n - keep, _pending!, e.Slot * PendingRows, keep);
                 tokens[(n - keep)..].CopyTo(state.PendingTokens);
                 state.PendingCount = keep;
             }
@@ -476,19 +557,24 @@ public sealed class PagedStepRunner : IStepRunner
         if (rows > 0)
         {
             // These positions' drafts are never asked for: only their rows of the MTP layer's cache are needed.
-            LayerSteps.MtpAppend(_context, _model.Mtp!, _model.Embed, input, _mtpTokens.AsSpan(0, rows), _segments.AsSpan(0, segments), _mtpArena);
+            LayerSteps.MtpAppend(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _mtpSegments.AsSpan(0, segments), _mtpArena);
         }
     }
 
     /// <summary>Positions of an entry whose next token is not yet certain: the last one, or every verified one.</summary>
     private static int Tail(StepSequence e) => Math.Max(1, e.LogitRows);
 
-    /// <summary>Logits of <paramref name="headIn"/>'s rows, downloaded into <paramref name="logits"/>.</summary>
+    /// <summary>
+    /// Logits of <paramref name="headIn"/>'s rows, downloaded into <paramref name="logits"/>; then, over several devices, the
+    /// collectives' barrier (the host waits for the logits anyway), so a collective that failed on a device surfaces in this step.
+    /// </summary>
     private void Head(Tensor headIn, Span<float> logits)
     {
+        var b = _head.W.Backend;
         using var result = _headArena.Take(Activation.Logits, headIn.Rows, VocabSize);
-        _b.Logits(headIn, _model.Head, result);
-        _b.Download(result, logits[..(int)result.Length]);
+        b.Logits(headIn, _head.W.Head!, result);
+        b.Download(result, logits[..(int)result.Length]);
+        _layout.Collectives?.Barrier();
     }
 
     private KvBlockManager Attached() =>
@@ -533,5 +619,32 @@ public sealed class PagedStepRunner : IStepRunner
 
         /// <summary>The last batch check that saw the slot (duplicate entries).</summary>
         public int Stamp { get; set; }
+    }
+
+    /// <summary>What the runner keeps on one device: its block table, its views of the pools of the layers it runs, its step buffers.</summary>
+    private sealed class Device(DeviceWeights weights)
+    {
+        public DeviceWeights W { get; } = weights;
+        public BlockTable Table { get; set; } = null!;
+
+        /// <summary>[layer][slot]; null for a layer the device does not run.</summary>
+        public LatentCache[]?[] Caches { get; set; } = [];
+
+        public ActivationArena Arena { get; set; } = null!;
+        public Segment[] Segments { get; set; } = [];
+
+        /// <summary>The step's residual stream and its normed copy while the device runs layers (views of the arena).</summary>
+        public Tensor? H { get; set; }
+
+        public Tensor? Normed { get; set; }
+
+        /// <summary>Gives back the stream's views.</summary>
+        public void Release()
+        {
+            H?.Dispose();
+            Normed?.Dispose();
+            H = null;
+            Normed = null;
+        }
     }
 }

@@ -3,10 +3,10 @@ using DeepSeekCuda.Inference;
 namespace DeepSeekCuda.Serving;
 
 /// <summary>
-/// <see cref="IStepRunner"/> over per-sequence sessions of any <see cref="ILanguageModel"/> (the multi-device model,
-/// test models): each slot holds its own session, with its own cache, and a step runs its entries one after
-/// another. It does not draft, and an entry asks for at most one logit row. A <see cref="Model.DeepSeekModel"/> on
-/// one device runs batched and paged through <see cref="PagedStepRunner"/> instead (<see cref="StepRunners.For"/>).
+/// <see cref="IStepRunner"/> over per-sequence sessions of any <see cref="ILanguageModel"/> (test models, and the
+/// reference a batched runner is tested against): each slot holds its own session, with its own cache, and a step runs
+/// its entries one after another. It does not draft, and an entry asks for at most one logit row. The DeepSeek models,
+/// on one device or several, run batched and paged through <see cref="PagedStepRunner"/> instead (<see cref="StepRunners.For"/>).
 /// </summary>
 public sealed class SessionStepRunner : IStepRunner
 {

@@ -7,12 +7,12 @@ namespace DeepSeekCuda.Serving;
 public static class StepRunners
 {
     /// <summary>
-    /// A <see cref="PagedStepRunner"/> for a <see cref="DeepSeekModel"/> (one device, any backend); a
-    /// <see cref="SessionStepRunner"/> for any other model (the multi-device model, test models). The model is not owned.
+    /// A <see cref="PagedStepRunner"/> for a DeepSeek model: a <see cref="DeepSeekModel"/> (one device, any backend) or the
+    /// multi-device model (<c>ParallelModel</c>); a <see cref="SessionStepRunner"/> for any other model (test models). The model is not owned.
     /// </summary>
     public static IStepRunner For(ILanguageModel model)
     {
         ArgumentNullException.ThrowIfNull(model);
-        return model is DeepSeekModel deepSeek ? new PagedStepRunner(deepSeek) : new SessionStepRunner(model);
+        return model is IPagedModel paged ? new PagedStepRunner(paged.Layout) : new SessionStepRunner(model);
     }
 }

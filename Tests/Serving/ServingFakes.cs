@@ -141,7 +141,10 @@ internal static class Alone
     /// per forward, sampled as the scheduler samples; stops at the model's EOS, at <see cref="SamplingOptions.MaxTokens"/>,
     /// or when the next token would not fit.
     /// </summary>
-    public static List<int> Run(DeepSeekModel model, int[] prompt, SamplingOptions options)
+    public static List<int> Run(DeepSeekModel model, int[] prompt, SamplingOptions options) => Run(model, model.Config.EosTokenId, prompt, options);
+
+    /// <summary>The same for any model (the multi-device one): <paramref name="eos"/> ends the request.</summary>
+    public static List<int> Run(ILanguageModel model, int eos, int[] prompt, SamplingOptions options)
     {
         using var session = model.CreateSession();
         var sampler = new Sampler(options);
@@ -152,7 +155,7 @@ internal static class Alone
         {
             var y = sampler.SampleModelRow(logits, model.VocabSize);
             output.Add(y);
-            if (y == model.Config.EosTokenId || output.Count >= (options.MaxTokens ?? int.MaxValue) || prompt.Length + output.Count > model.MaxSequenceLength)
+            if (y == eos || output.Count >= (options.MaxTokens ?? int.MaxValue) || prompt.Length + output.Count > model.MaxSequenceLength)
             {
                 return output;
             }

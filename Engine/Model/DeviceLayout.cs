@@ -1,0 +1,126 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Loader;
+
+namespace DeepSeekCuda.Model;
+
+/// <summary>What one device holds of a model: the weights it runs and the context its layer steps need.</summary>
+internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
+{
+    public IBackend Backend { get; } = backend;
+    public required RopeTable Rope { get; init; }
+    public required LayerContext Context { get; init; }
+
+    /// <summary>The embedding table, on the devices that run the first layer.</summary>
+    public EmbeddingWeight? Embed { get; set; }
+
+    /// <summary>The final norm, on the devices that run the last layer.</summary>
+    public NormWeight? FinalNorm { get; set; }
+
+    /// <summary>lm_head, on the head device.</summary>
+    public LinearWeight? Head { get; set; }
+
+    /// <summary>The next stage's first input_layernorm (pipeline stages but the last).</summary>
+    public NormWeight? NextStageNorm { get; set; }
+
+    /// <summary>Layers by index; null where another device runs the layer.</summary>
+    public DecoderLayer?[] Layers { get; } = new DecoderLayer?[layers];
+
+    /// <summary>The norm that follows layer <paramref name="i"/> on this device: the next layer's input norm, the next stage's, or the final one.</summary>
+    public NormWeight NormAfter(int i) =>
+        (i + 1 == Layers.Length ? FinalNorm : Layers[i + 1]?.InputNorm ?? NextStageNorm)
+        ?? throw new InvalidOperationException($"the device runs layer {i} but holds no norm to follow it");
+
+    public void Dispose()
+    {
+        BackendResource?[] all = [Rope, Embed, FinalNorm, Head, NextStageNorm];
+        foreach (var r in all)
+        {
+            r?.Dispose();
+        }
+
+        foreach (var layer in Layers)
+        {
+            layer?.Dispose();
+        }
+    }
+}
+
+/// <summary>
+/// The collectives a model spread over devices needs between its layer steps (a communicator's, for
+/// <see cref="DeviceLayout"/>; the Model layer does not know the communicator itself).
+/// </summary>
+/// <param name="AllReduceSum">tensors[r] ← Σ tensors, in device order, on every device (tensor r on device r).</param>
+/// <param name="Copy">Copies a tensor from one device into a same-shaped tensor on another.</param>
+/// <param name="Barrier">Waits for every device's queued work (a failed collective surfaces here).</param>
+internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, Action<Tensor, int, Tensor, int> Copy, Action Barrier);
+
+/// <summary>
+/// A model's weights over its devices, as a step runner walks them: which devices run each layer (one pipeline stage,
+/// or every device of a tensor/expert-parallel plan, whose partial outputs the collectives all-reduce), which device
+/// computes the logits, and the MTP module when it is loaded (on the head device). One device is a layout of one.
+/// </summary>
+internal sealed class DeviceLayout
+{
+    public DeviceLayout(ModelConfig config, int maxSequenceLength, IReadOnlyList<DeviceWeights> devices, int headDevice, Collectives? collectives,
+        MtpWeights? mtp, Func<int, LayerShard?> shard)
+    {
+        if (devices.Count > 1 && collectives is null)
+        {
+            throw new ArgumentException($"{devices.Count} devices and no collectives", nameof(collectives));
+        }
+
+        Config = config;
+        MaxSequenceLength = maxSequenceLength;
+        Devices = devices;
+        HeadDevice = headDevice;
+        Collectives = collectives;
+        Mtp = mtp;
+        Shard = shard;
+        Runners = new int[config.NumHiddenLayers][];
+        for (var i = 0; i < Runners.Length; i++)
+        {
+            Runners[i] = [.. Enumerable.Range(0, devices.Count).Where(r => devices[r].Layers[i] is not null)];
+            if (Runners[i].Length == 0)
+            {
+                throw new ArgumentException($"no device runs layer {i}", nameof(devices));
+            }
+        }
+
+        var head = devices[headDevice];
+        if (head.Head is null || head.FinalNorm is null || !Runners[^1].Contains(headDevice))
+        {
+            throw new ArgumentException($"device {headDevice} does not run the last layer and hold the final norm and lm_head", nameof(headDevice));
+        }
+
+        if (mtp is not null && head.Embed is null)
+        {
+            throw new ArgumentException($"the MTP module needs the embedding on the head device {headDevice}", nameof(mtp));
+        }
+    }
+
+    public ModelConfig Config { get; }
+
+    public int MaxSequenceLength { get; }
+
+    public IReadOnlyList<DeviceWeights> Devices { get; }
+
+    /// <summary>The device that holds lm_head (and the MTP module).</summary>
+    public int HeadDevice { get; }
+
+    /// <summary>Null for one device.</summary>
+    public Collectives? Collectives { get; }
+
+    public MtpWeights? Mtp { get; }
+
+    /// <summary>The part of every layer device r holds under tensor/expert parallelism; null where it holds whole layers.</summary>
+    public Func<int, LayerShard?> Shard { get; }
+
+    /// <summary>[layer] → the devices that run it, ascending.</summary>
+    public int[][] Runners { get; }
+}
+
+/// <summary>A model a <c>PagedStepRunner</c> can run: its weights laid out over one device or several.</summary>
+internal interface IPagedModel
+{
+    DeviceLayout Layout { get; }
+}

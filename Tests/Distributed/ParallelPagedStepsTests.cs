@@ -1,0 +1,316 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Distributed;
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Serving;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Distributed;
+
+/// <summary>
+/// The multi-device model served batched and paged: <see cref="StepRunners.For"/> gives a <see cref="ParallelModel"/> the
+/// same <see cref="PagedStepRunner"/> as one device, run here on N simulated devices (one float32 <see cref="CpuBackend"/>
+/// each). Its step logits are held to the single-device runner's on the same steps (a pipeline bit for bit; tensor/expert
+/// parallelism within max_rel 1e-5, as <see cref="ParallelModelTests"/> explains), each step makes exactly one pass's
+/// traffic, scheduled requests equal each request alone on a <see cref="ParallelSession"/>, and no step allocates on any device.
+/// </summary>
+[TestClass]
+public sealed class ParallelPagedStepsTests
+{
+    private const int MaxLength = 160;
+    private const double TensorParallelMaxRel = 1e-5;
+    private static readonly Dictionary<string, (Checkpoint Checkpoint, DeepSeekModel Single)> s_models = [];
+    private static readonly CpuBackend s_backend = new();
+    private static string s_root = null!;
+
+    public TestContext TestContext { get; set; } = null!;
+
+    public static IEnumerable<object[]> Cases =>
+    [
+        ["tiny-a", PlacementKind.Pipeline, 3], ["tiny-a", PlacementKind.TensorExpertParallel, 2],
+        ["wide8", PlacementKind.Pipeline, 4], ["wide8", PlacementKind.TensorExpertParallel, 4], ["wide8", PlacementKind.TensorExpertParallel, 8],
+    ];
+
+    [ClassInitialize]
+    public static void Init(TestContext _)
+    {
+        s_root = TempFolder.NewPath("dscuda-parallel-paged");
+        SyntheticCheckpoint.Write(Path.Combine(s_root, "wide8"), DistributedModels.Wide8, 31);
+        foreach (var (name, dir) in new[] { ("tiny-a", SharedData.TinyAModel), ("wide8", Path.Combine(s_root, "wide8")) })
+        {
+            var checkpoint = Checkpoint.Open(dir);
+            s_models[name] = (checkpoint, DeepSeekModel.Load(checkpoint, s_backend, Options));
+        }
+    }
+
+    [ClassCleanup]
+    public static void Cleanup()
+    {
+        foreach (var (checkpoint, single) in s_models.Values)
+        {
+            single.Dispose();
+            checkpoint.Dispose();
+        }
+
+        s_backend.Dispose();
+        TempFolder.DeleteBestEffort(s_root);
+    }
+
+    private static ModelOptions Options => new() { MaxSequenceLength = MaxLength, LoadMtp = false };
+
+    /// <summary>
+    /// Three requests prefilled together in chunks of up to 4 tokens (the logits of each chunk's last two), then decoded
+    /// together greedily, through the parallel model's runner and the single-device runner side by side: the same logits
+    /// (exactly for a pipeline), and each step one forward pass's traffic: 2 copies per stage boundary, or 2 all-reduces per layer.
+    /// </summary>
+    [TestMethod]
+    [DynamicData(nameof(Cases))]
+    public void StepLogitsMatchTheSingleDeviceRunner(string model, PlacementKind kind, int n)
+    {
+        var (checkpoint, single) = s_models[model];
+        using var run = Rig.Load(checkpoint, kind, n, recordOnly: false);
+        using var parallel = StepRunners.For(run.Model);
+        Assert.IsInstanceOfType<PagedStepRunner>(parallel);
+        using var alone = new PagedStepRunner(single);
+        var v = single.VocabSize;
+        var blocks = new KvBlockManager(12, 4, KvBlockManager.BlocksFor(MaxLength));
+        parallel.Attach(blocks, 16);
+        alone.Attach(blocks, 16);
+        blocks.Admit(1); // slot 0 stays empty: the requests use later slots and interleaved blocks
+        int[][] prompts = [SyntheticPrompts.Make(v, 13, 1), SyntheticPrompts.Make(v, 5, 2), SyntheticPrompts.Make(v, 9, 3)];
+        var slots = prompts.Select(_ => blocks.Admit(1)).ToArray();
+        foreach (var s in slots)
+        {
+            parallel.Open(s, drafts: false);
+            alone.Open(s, drafts: false);
+        }
+
+        var fed = new int[prompts.Length];
+        var next = new int[prompts.Length];
+        var expected = new float[16 * v];
+        var actual = new float[16 * v];
+        var steps = 0;
+        while (fed.Select((f, i) => f < prompts[i].Length).Any(x => x))
+        {
+            var batch = new List<StepSequence>();
+            for (var i = 0; i < prompts.Length; i++)
+            {
+                var count = Math.Min(4, prompts[i].Length - fed[i]);
+                if (count > 0)
+                {
+                    blocks.Reserve(slots[i], fed[i] + count);
+                    batch.Add(new StepSequence(slots[i], fed[i], prompts[i][fed[i]..(fed[i] + count)], Math.Min(2, count)));
+                    fed[i] += count;
+                }
+            }
+
+            Step(batch, $"prefill step {steps}");
+        }
+
+        for (var j = 0; j < 6; j++)
+        {
+            for (var i = 0; i < prompts.Length; i++)
+            {
+                blocks.Reserve(slots[i], fed[i] + 1);
+            }
+
+            Step([.. Enumerable.Range(0, prompts.Length).Select(i => new StepSequence(slots[i], fed[i]++, new[] { next[i] }, 1))], $"decode step {j}");
+        }
+
+        var stats = run.Communicator.Stats;
+        Assert.AreEqual(kind == PlacementKind.Pipeline ? 2L * (n - 1) * steps : 0, stats.Copies, "copies: two per stage boundary per step");
+        Assert.AreEqual(kind == PlacementKind.TensorExpertParallel ? 2L * checkpoint.Config.NumHiddenLayers * steps : 0, stats.AllReduces, "all-reduces: two per layer per step");
+
+        void Step(List<StepSequence> batch, string what)
+        {
+            var rows = batch.Sum(e => e.LogitRows);
+            alone.Forward(batch.ToArray(), expected);
+            parallel.Forward(batch.ToArray(), actual);
+            var want = expected.AsSpan(0, rows * v).ToArray();
+            var got = actual.AsSpan(0, rows * v).ToArray();
+            if (kind == PlacementKind.Pipeline)
+            {
+                CollectionAssert.AreEqual(want, got, $"{model} {kind} N={n} {what}: logits differ");
+            }
+            else
+            {
+                Tolerance.AssertMaxRel(got, want, TensorParallelMaxRel, $"{model} {kind} N={n} {what}");
+            }
+
+            // Each entry's last row gives its next greedy token (the last prefill step's rows end every prompt).
+            var row = 0;
+            foreach (var e in batch)
+            {
+                row += e.LogitRows;
+                var i = Array.IndexOf(slots, e.Slot);
+                next[i] = Sampler.ArgMax(expected.AsSpan((row - 1) * v, v));
+                Assert.AreEqual(next[i], Sampler.ArgMax(actual.AsSpan((row - 1) * v, v)), $"{what}: greedy token of request {i}");
+            }
+
+            steps++;
+        }
+    }
+
+    /// <summary>
+    /// Greedy and seeded-sampling requests arriving while others prefill in chunks or decode, on a pool too small for all of
+    /// them (growth preempts): each output equals its request alone on a session of the same parallel model, and every block
+    /// and slot comes back.
+    /// </summary>
+    [TestMethod]
+    [DataRow("wide8", PlacementKind.TensorExpertParallel, 4)]
+    [DataRow("wide8", PlacementKind.Pipeline, 3)]
+    [DataRow("tiny-a", PlacementKind.TensorExpertParallel, 2)]
+    public void ScheduledRequestsEqualEachRequestAlone(string model, PlacementKind kind, int n)
+    {
+        var (checkpoint, _) = s_models[model];
+        using var run = Rig.Load(checkpoint, kind, n, recordOnly: false);
+        var parallel = run.Model;
+        var eos = checkpoint.Config.EosTokenId;
+        var rng = new Random(11);
+        var requests = Enumerable.Range(0, 6).Select(i =>
+        {
+            var prompt = SyntheticPrompts.Make(parallel.VocabSize, rng.Next(5, 90), 400 + i);
+            var sampling = i % 3 == 0
+                ? SamplingOptions.Greedy with { MaxTokens = rng.Next(20, 60) }
+                : new SamplingOptions { Temperature = 0.9f, TopP = 0.9f, Seed = 5 + i, MaxTokens = rng.Next(20, 60) };
+            return (Prompt: prompt, Sampling: sampling);
+        }).ToArray();
+        var blocks = new KvBlockManager(5, 5, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = StepRunners.For(parallel);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 24, EosId = eos });
+        var submitted = new List<ScheduledRequest>();
+        foreach (var (prompt, sampling) in requests)
+        {
+            submitted.Add(scheduler.Submit(prompt, sampling));
+            scheduler.Step();
+        }
+
+        while (submitted.Any(r => !r.Completion.IsCompleted))
+        {
+            Assert.IsTrue(scheduler.Step());
+        }
+
+        for (var i = 0; i < requests.Length; i++)
+        {
+            CollectionAssert.AreEqual(Alone.Run(parallel, eos, requests[i].Prompt, requests[i].Sampling), submitted[i].Completion.Result.Tokens.ToArray(),
+                $"{model} {kind} N={n}: request {i}");
+        }
+
+        Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+        Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots);
+        TestContext.WriteLine($"{model} {kind} N={n}: preemptions {scheduler.Preemptions}");
+    }
+
+    /// <summary>
+    /// Once attached, no step allocates on any device: the step buffers planned per device (its layers, its shard's heads
+    /// and MLP columns) are exactly those the steps use, and each device's block table is copied only when it changed.
+    /// The simulated all-reduce and copies stage through host memory on the devices' inner backends, outside the count.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.TensorExpertParallel, 4)]
+    [DataRow(PlacementKind.Pipeline, 3)]
+    public void StepsAllocateNothingOnAnyDevice(PlacementKind kind, int n)
+    {
+        var (checkpoint, _) = s_models["wide8"];
+        using var run = Rig.Load(checkpoint, kind, n, recordOnly: true);
+        var blocks = new KvBlockManager(5, 4, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = StepRunners.For(run.Model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 24, EosId = checkpoint.Config.EosTokenId });
+        var attached = run.Devices.Select(d => d.Allocations).ToArray();
+        var requests = new[] { 50, 3, 33, 70, 17 }.Select((len, i) =>
+            scheduler.Submit(SyntheticPrompts.Make(run.Model.VocabSize, len, 500 + i), SamplingOptions.Greedy with { MaxTokens = 30 })).ToList();
+        var steps = 0;
+        while (requests.Any(r => !r.Completion.IsCompleted))
+        {
+            scheduler.Step();
+            steps++;
+            for (var d = 0; d < n; d++)
+            {
+                Assert.AreEqual(attached[d], run.Devices[d].Allocations, $"step {steps} allocated on device {d}");
+            }
+        }
+
+        CollectionAssert.AreEqual(Array.Empty<string>(), ((PagedStepRunner)runner).UnusedStepBuffers.ToArray(), "planned step buffers that no step used");
+        for (var d = 0; d < n; d++)
+        {
+            Assert.IsLessThan(steps, run.Devices[d].TableUploads, $"device {d}: steps whose table did not change do not copy it");
+            Assert.IsGreaterThan(0, run.Devices[d].TableUploads, $"device {d} received the table");
+        }
+
+        Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+    }
+
+    /// <summary>DeepSeek-V3's step buffers on one device of 8 under tensor/expert parallelism, and on a pipeline stage of MoE layers only, by hand from config.json's numbers.</summary>
+    [TestMethod]
+    public void ArenaPlansOfDeepSeekV3OnADeviceOfEight()
+    {
+        var c = ModelPresets.DeepSeekV3;
+        static string[] Names(ArenaPlan p) =>
+            [.. p.Tensors.Select(t => $"{t.Which} {t.Cols}").Order(StringComparer.Ordinal), .. p.Routings.Select(r => $"routing {r.Experts}x{r.TopK}")];
+
+        // 128 heads / 8 = 16 of 192 (q) and 128 (v); the dense MLP's 18432 columns / 8 = 2304; the router is replicated.
+        var shard = PlacementPlan.TensorExpertParallel(c, 8).Shard(3);
+        CollectionAssert.AreEqual(new[]
+        {
+            "AttentionOutput 2048", "AttentionProjection 7168", "FfnInput 7168", "FfnOutput 7168", "KeyValue 576", "MlpGate 2304", "MlpUp 2304",
+            "NormedEven 7168", "NormedOdd 7168", "Query 3072", "QueryLatent 1536", "Residual 7168", "routing 256x8",
+        }, Names(ArenaPlan.Main(c, null, shard)));
+
+        // A stage of layers 40..47 (all MoE): whole heads, no dense MLP buffers.
+        CollectionAssert.AreEqual(new[]
+        {
+            "AttentionOutput 16384", "AttentionProjection 7168", "FfnInput 7168", "FfnOutput 7168", "KeyValue 576",
+            "NormedEven 7168", "NormedOdd 7168", "Query 24576", "QueryLatent 1536", "Residual 7168", "routing 256x8",
+        }, Names(ArenaPlan.Main(c, Enumerable.Range(40, 8))));
+    }
+
+    /// <summary>
+    /// N recording CPU devices, the parallel model and its host communicator. With <c>recordOnly</c> the collectives run
+    /// on the inner backends, so the recording devices count only what the model and the runner allocate.
+    /// </summary>
+    private sealed class Rig : IDisposable
+    {
+        public required RecordingBackend[] Devices { get; init; }
+        public required HostCommunicator Communicator { get; init; }
+        public required ParallelModel Model { get; init; }
+
+        public static Rig Load(Checkpoint checkpoint, PlacementKind kind, int n, bool recordOnly)
+        {
+            var inner = Enumerable.Range(0, n).Select(_ => (IBackend)new CpuBackend(maxDegreeOfParallelism: 2)).ToArray();
+            var recording = inner.Select(b => new RecordingBackend(b)).ToArray();
+            var host = new HostCommunicator(recordOnly ? inner : recording);
+            var plan = kind == PlacementKind.Pipeline ? PlacementPlan.Pipeline(checkpoint.Config, n) : PlacementPlan.TensorExpertParallel(checkpoint.Config, n);
+            ICommunicator comm = recordOnly ? new SeenThrough(recording, host) : host;
+            return new Rig { Devices = recording, Communicator = host, Model = ParallelModel.Load(checkpoint, plan, comm, Options) };
+        }
+
+        public void Dispose()
+        {
+            Model.Dispose();
+            Communicator.Dispose();
+            foreach (var d in Devices)
+            {
+                d.Dispose();
+            }
+        }
+    }
+
+    /// <summary>A communicator whose devices are the recording backends and whose collectives are another's.</summary>
+    private sealed class SeenThrough(IBackend[] devices, ICommunicator collectives) : ICommunicator
+    {
+        public int DeviceCount => devices.Length;
+        public IBackend Device(int device) => devices[device];
+        public void AllReduceSum(IReadOnlyList<Tensor> tensors) => collectives.AllReduceSum(tensors);
+        public void Copy(Tensor source, int sourceDevice, Tensor destination, int destinationDevice) => collectives.Copy(source, sourceDevice, destination, destinationDevice);
+        public void Barrier() => collectives.Barrier();
+        public void Dispose()
+        {
+        }
+    }
+}
