@@ -6,6 +6,7 @@ using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Model;
+using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Model;
 using DeepSeekCuda.Tests.Cuda;
 using DeepSeekCuda.Tests.Support;
@@ -155,6 +156,48 @@ public sealed class CudaParallelGpuTests
 
         TestContext.WriteLine($"{model} {kind} N={n}: argmax agreement {agree}/{steps}");
         Assert.IsGreaterThanOrEqualTo(steps - 2, agree, $"{model} {kind} N={n}: greedy argmax agreement (teacher-forced)");
+    }
+
+    /// <summary>
+    /// The multi-device model served through <see cref="PagedStepRunner"/> (<see cref="StepRunners.For"/>: per-rank pools,
+    /// tables and step buffers, stage hand-overs and all-reduces on views of them) against the single-device runner on the
+    /// same batched, paged steps (<see cref="SideBySide"/>), teacher-forced on its greedy tokens: a pipeline bit for bit,
+    /// tensor/expert parallelism within the bound above (tiny-a only: its greedy margins are far above that rounding);
+    /// greedy tokens equal.
+    /// </summary>
+    [TestMethod]
+    [DataRow("tiny-a", PlacementKind.Pipeline, 3)]
+    [DataRow("tiny-a", PlacementKind.TensorExpertParallel, 2)]
+    [DataRow("wide8", PlacementKind.Pipeline, 4)]
+    public void BatchedPagedStepsMatchTheSingleDeviceRunner(string model, PlacementKind kind, int n)
+    {
+        var checkpoint = s_models[model];
+        SideBySide.Trace expected;
+        using (var cuda = new CudaBackend())
+        using (var single = DeepSeekModel.Load(checkpoint, cuda, Options))
+        using (var alone = new PagedStepRunner(single))
+        {
+            expected = SideBySide.Run(alone);
+        }
+
+        using var gpus = CudaParallel.Logical(n);
+        using var parallel = gpus.Load(checkpoint, Plan(checkpoint, kind, n), Options);
+        using var runner = StepRunners.For(parallel);
+        Assert.IsInstanceOfType<PagedStepRunner>(runner);
+        var actual = SideBySide.Run(runner, follow: expected);
+        SideBySide.Compare(expected, actual, (want, got, step) =>
+        {
+            Assert.IsTrue(got.All(float.IsFinite), $"{model} {kind} N={n} {step}: non-finite logits");
+            if (kind == PlacementKind.Pipeline)
+            {
+                CollectionAssert.AreEqual(want, got, $"{model} {kind} N={n} {step}: logits differ");
+            }
+            else
+            {
+                var c = Tolerance.AssertRmsRel(got, want, TensorParallelRmsRel, $"{model} {kind} N={n} {step}");
+                TestContext.WriteLine(Tolerance.Describe($"{model} {kind} N={n} {step}", c));
+            }
+        });
     }
 
     [TestMethod]

@@ -63,9 +63,9 @@ public sealed class ParallelPagedStepsTests
     private static ModelOptions Options => new() { MaxSequenceLength = MaxLength, LoadMtp = false };
 
     /// <summary>
-    /// Three requests prefilled together in chunks of up to 4 tokens (the logits of each chunk's last two), then decoded
-    /// together greedily, through the parallel model's runner and the single-device runner side by side: the same logits
-    /// (exactly for a pipeline), and each step one forward pass's traffic: 2 copies per stage boundary, or 2 all-reduces per layer.
+    /// The parallel model's runner and the single-device runner through the same batched, paged steps (<see cref="SideBySide"/>:
+    /// chunked prefill of three requests together, then decoding them together): the same logits (exactly for a pipeline) and
+    /// greedy tokens, and each step one forward pass's traffic: 2 copies per stage boundary, or 2 all-reduces per layer.
     /// </summary>
     [TestMethod]
     [DynamicData(nameof(Cases))]
@@ -76,62 +76,10 @@ public sealed class ParallelPagedStepsTests
         using var parallel = StepRunners.For(run.Model);
         Assert.IsInstanceOfType<PagedStepRunner>(parallel);
         using var alone = new PagedStepRunner(single);
-        var v = single.VocabSize;
-        var blocks = new KvBlockManager(12, 4, KvBlockManager.BlocksFor(MaxLength));
-        parallel.Attach(blocks, 16);
-        alone.Attach(blocks, 16);
-        blocks.Admit(1); // slot 0 stays empty: the requests use later slots and interleaved blocks
-        int[][] prompts = [SyntheticPrompts.Make(v, 13, 1), SyntheticPrompts.Make(v, 5, 2), SyntheticPrompts.Make(v, 9, 3)];
-        var slots = prompts.Select(_ => blocks.Admit(1)).ToArray();
-        foreach (var s in slots)
+        var expected = SideBySide.Run(alone);
+        var actual = SideBySide.Run(parallel, follow: expected);
+        SideBySide.Compare(expected, actual, (want, got, what) =>
         {
-            parallel.Open(s, drafts: false);
-            alone.Open(s, drafts: false);
-        }
-
-        var fed = new int[prompts.Length];
-        var next = new int[prompts.Length];
-        var expected = new float[16 * v];
-        var actual = new float[16 * v];
-        var steps = 0;
-        while (fed.Select((f, i) => f < prompts[i].Length).Any(x => x))
-        {
-            var batch = new List<StepSequence>();
-            for (var i = 0; i < prompts.Length; i++)
-            {
-                var count = Math.Min(4, prompts[i].Length - fed[i]);
-                if (count > 0)
-                {
-                    blocks.Reserve(slots[i], fed[i] + count);
-                    batch.Add(new StepSequence(slots[i], fed[i], prompts[i][fed[i]..(fed[i] + count)], Math.Min(2, count)));
-                    fed[i] += count;
-                }
-            }
-
-            Step(batch, $"prefill step {steps}");
-        }
-
-        for (var j = 0; j < 6; j++)
-        {
-            for (var i = 0; i < prompts.Length; i++)
-            {
-                blocks.Reserve(slots[i], fed[i] + 1);
-            }
-
-            Step([.. Enumerable.Range(0, prompts.Length).Select(i => new StepSequence(slots[i], fed[i]++, new[] { next[i] }, 1))], $"decode step {j}");
-        }
-
-        var stats = run.Communicator.Stats;
-        Assert.AreEqual(kind == PlacementKind.Pipeline ? 2L * (n - 1) * steps : 0, stats.Copies, "copies: two per stage boundary per step");
-        Assert.AreEqual(kind == PlacementKind.TensorExpertParallel ? 2L * checkpoint.Config.NumHiddenLayers * steps : 0, stats.AllReduces, "all-reduces: two per layer per step");
-
-        void Step(List<StepSequence> batch, string what)
-        {
-            var rows = batch.Sum(e => e.LogitRows);
-            alone.Forward(batch.ToArray(), expected);
-            parallel.Forward(batch.ToArray(), actual);
-            var want = expected.AsSpan(0, rows * v).ToArray();
-            var got = actual.AsSpan(0, rows * v).ToArray();
             if (kind == PlacementKind.Pipeline)
             {
                 CollectionAssert.AreEqual(want, got, $"{model} {kind} N={n} {what}: logits differ");
@@ -140,19 +88,12 @@ public sealed class ParallelPagedStepsTests
             {
                 Tolerance.AssertMaxRel(got, want, TensorParallelMaxRel, $"{model} {kind} N={n} {what}");
             }
+        });
 
-            // Each entry's last row gives its next greedy token (the last prefill step's rows end every prompt).
-            var row = 0;
-            foreach (var e in batch)
-            {
-                row += e.LogitRows;
-                var i = Array.IndexOf(slots, e.Slot);
-                next[i] = Sampler.ArgMax(expected.AsSpan((row - 1) * v, v));
-                Assert.AreEqual(next[i], Sampler.ArgMax(actual.AsSpan((row - 1) * v, v)), $"{what}: greedy token of request {i}");
-            }
-
-            steps++;
-        }
+        var stats = run.Communicator.Stats;
+        var steps = actual.Steps.Count;
+        Assert.AreEqual(kind == PlacementKind.Pipeline ? 2L * (n - 1) * steps : 0, stats.Copies, "copies: two per stage boundary per step");
+        Assert.AreEqual(kind == PlacementKind.TensorExpertParallel ? 2L * checkpoint.Config.NumHiddenLayers * steps : 0, stats.AllReduces, "all-reduces: two per layer per step");
     }
 
     /// <summary>
