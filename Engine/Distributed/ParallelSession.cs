@@ -16,7 +16,7 @@ public sealed class ParallelSession : IModelSession
 {
     private readonly ParallelModel _model;
     private readonly ICommunicator _comm;
-    private readonly int[][] _runners; // [layer] → devices that run it
+    private readonly FreshActivations[] _activations; // [device]
     private readonly LatentCache?[][] _caches; // [device][layer]
 
     internal ParallelSession(ParallelModel model)
@@ -25,7 +25,7 @@ public sealed class ParallelSession : IModelSession
         _comm = model.Communicator;
         var c = model.Config;
         var devices = model.Devices;
-        _runners = model.Layout.Runners;
+        _activations = [.. devices.Select(w => new FreshActivations(w.Backend))];
         _caches = new LatentCache?[devices.Length][];
         for (var r = 0; r < devices.Length; r++)
         {
@@ -34,7 +34,7 @@ public sealed class ParallelSession : IModelSession
 
         for (var i = 0; i < c.NumHiddenLayers; i++)
         {
-            foreach (var r in _runners[i])
+            foreach (var r in model.Layout.Runners[i])
             {
                 // Every device running a layer keeps that layer's whole latent cache (see PlacementPlan).
                 _caches[r][i] = devices[r].Backend.AllocateLatentCache(model.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim);
@@ -90,91 +90,15 @@ public sealed class ParallelSession : IModelSession
         Length = length;
     }
 
-    /// <summary>Embedding, every layer, final norm; returns the head device's backend and the normed hidden [T, D] on it.</summary>
+    /// <summary>Embedding, every layer, final norm (<see cref="ModelPass"/>); returns the head device's backend and the normed hidden [T, D] on it.</summary>
     private (IBackend Backend, Tensor Normed) RunLayers(ReadOnlySpan<int> tokens)
     {
-        var c = _model.Config;
         var count = tokens.Length;
         LayerSteps.CheckStep(tokens, Length, _model.MaxSequenceLength, _model.VocabSize);
-
         var start = Length;
-        var devices = _model.Devices;
-        var n = devices.Length;
-        var h = new Tensor?[n]; // [T, D] residual stream, on the devices running the current layer
-        var normed = new Tensor?[n]; // [T, D] input_layernorm(h) of the current layer
-        try
-        {
-            var active = _runners[0];
-            foreach (var r in active)
-            {
-                var b = devices[r].Backend;
-                h[r] = b.Allocate(count, c.HiddenSize);
-                b.Embedding(devices[r].Embed!, tokens, h[r]!);
-                normed[r] = b.Allocate(count, c.HiddenSize);
-                b.RmsNorm(h[r]!, devices[r].Layers[0]!.InputNorm, normed[r]!);
-            }
-
-            for (var i = 0; i < c.NumHiddenLayers; i++)
-            {
-                var run = _runners[i];
-                if (!run.SequenceEqual(active))
-                {
-                    // Pipeline boundary: one stage hands the residual and its normed copy to the next.
-                    if (active.Length != 1 || run.Length != 1)
-                    {
-                        throw new InvalidOperationException($"layer {i} changes from devices [{string.Join(",", active)}] to [{string.Join(",", run)}]");
-                    }
-
-                    int from = active[0], to = run[0];
-                    var b = devices[to].Backend;
-                    (h[to], normed[to]) = (b.Allocate(count, c.HiddenSize), b.Allocate(count, c.HiddenSize));
-                    _comm.Copy(h[from]!, from, h[to]!, to);
-                    _comm.Copy(normed[from]!, from, normed[to]!, to);
-                    Release(h, normed, from);
-                    active = run;
-                }
-
-                RunLayer(i, run, h, normed, start);
-            }
-
-            var head = _model.Plan.HeadDevice;
-            var result = normed[head] ?? throw new InvalidOperationException($"the head device {head} does not run the last layer");
-            normed[head] = null;
-            Length = start + count;
-            return (devices[head].Backend, result);
-        }
-        finally
-        {
-            for (var r = 0; r < n; r++)
-            {
-                Release(h, normed, r);
-            }
-        }
-    }
-
-    /// <summary>Layer <paramref name="i"/> on devices <paramref name="run"/>: h += MLA; h += FFN; normed ← next norm(h).</summary>
-    private void RunLayer(int i, int[] run, Tensor?[] h, Tensor?[] normed, int start)
-    {
-        var devices = _model.Devices;
-        var parts = new LayerPart[run.Length];
-        for (var k = 0; k < run.Length; k++)
-        {
-            var r = run[k];
-            var w = devices[r];
-            // The layer's input norm is consumed by its attention: its buffer receives the next norm.
-            parts[k] = new LayerPart(w.Context, w.Layers[i]!, h[r]!, normed[r]!, new[] { new Segment(_caches[r][i]!, start, 0, normed[r]!.Rows) },
-                new FreshActivations(w.Backend), w.NormAfter(i), normed[r]!);
-        }
-
-        LayerSteps.Layer(parts, _comm.AllReduceSum, null, "");
-    }
-
-    private static void Release(Tensor?[] h, Tensor?[] normed, int r)
-    {
-        h[r]?.Dispose();
-        normed[r]?.Dispose();
-        h[r] = null;
-        normed[r] = null;
+        var normed = ModelPass.Run(_model.Layout, tokens, _activations, (r, i) => new[] { new Segment(_caches[r][i]!, start, 0, count) }, null);
+        Length = start + count;
+        return (_model.Devices[_model.Plan.HeadDevice].Backend, normed);
     }
 
     /// <summary>Releases the caches on every device.</summary>

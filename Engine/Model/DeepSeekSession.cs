@@ -16,6 +16,7 @@ public sealed class DeepSeekSession : IModelSession
     private readonly LatentCache[] _caches;
     private readonly LatentCache? _mtpCache;
     private readonly Tensor _lastHidden;
+    private readonly DeviceLayout _layout;
     private readonly LayerContext _context;
     private readonly FreshActivations _activations;
 
@@ -32,7 +33,8 @@ public sealed class DeepSeekSession : IModelSession
 
         _mtpCache = model.HasMtp ? _b.AllocateLatentCache(model.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim) : null;
         _lastHidden = _b.Allocate(1, c.HiddenSize);
-        _context = new LayerContext(_b, c, model.Rope, model.Dims, model.Scale, model.Options.Attention);
+        _layout = ((IPagedModel)model).Layout;
+        _context = _layout.Devices[0].Context;
         _activations = new FreshActivations(_b);
     }
 
@@ -173,35 +175,17 @@ public sealed class DeepSeekSession : IModelSession
         return result;
     }
 
-    /// <summary>Embedding, every layer and the final norm; returns the normed hidden [T, D] and advances <see cref="Length"/>.</summary>
+    /// <summary>Embedding, every layer and the final norm (<see cref="ModelPass"/>); returns the normed hidden [T, D] and advances <see cref="Length"/>.</summary>
     private Tensor RunLayers(ReadOnlySpan<int> tokens, Action<Intermediate>? observer)
     {
-        var c = _model.Config;
         var count = tokens.Length;
         LayerSteps.CheckStep(tokens, Length, _model.MaxSequenceLength, _model.VocabSize);
         var start = Length;
-        using var h = _b.Allocate(count, c.HiddenSize); // [T, D] residual stream
-        _b.Embedding(_model.Embed, tokens, h);
-        Observe(observer, "embed", h);
-
-        var normed = _b.Allocate(count, c.HiddenSize); // [T, D] input of the next norm-consumer
-        _b.RmsNorm(h, _model.Layers[0].InputNorm, normed);
-        for (var i = 0; i < _model.Layers.Length; i++)
-        {
-            var next = i + 1 < _model.Layers.Length ? _model.Layers[i + 1].InputNorm : _model.FinalNorm;
-            var nextNormed = _b.Allocate(count, c.HiddenSize);
-            LayerSteps.Layer(_context, _model.Layers[i], h, normed, new[] { new Segment(_caches[i], start, 0, count) }, _activations, next, nextNormed, observer, "");
-            normed.Dispose();
-            normed = nextNormed;
-        }
-
-        Observe(observer, "final_norm", normed);
+        var normed = ModelPass.Run(_layout, tokens, [_activations], (_, i) => new[] { new Segment(_caches[i], start, 0, count) }, observer);
         _b.CopyRows(normed, count - 1, _lastHidden, 0, 1);
         Length = start + count;
         return normed;
     }
-
-    private void Observe(Action<Intermediate>? observer, string name, Tensor tensor) => LayerSteps.Observe(_b, observer, name, tensor);
 
     /// <summary>Releases the session's caches.</summary>
     public void Dispose()

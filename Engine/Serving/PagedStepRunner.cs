@@ -39,6 +39,10 @@ public sealed class PagedStepRunner : IStepRunner
     private int[] _stream = [];
     private int[] _mtpTokens = [];
     private Segment[] _mtpSegments = [];
+    private Activations[] _arenas = [];     // [device]: the main stream's step buffers
+    private (int Slot, int Position, int FirstRow, int Rows)[] _entries = []; // the running step's entries
+    private int _batch;                     // how many
+    private readonly SegmentsOf _segmentsOf;
     private int _maxTokens;
     private int _stamp;                     // batch checks so far (duplicate slots)
     private long _tableVersion = -1;        // the block manager's Version last uploaded
@@ -54,6 +58,7 @@ public sealed class PagedStepRunner : IStepRunner
         _layout = layout;
         _devices = [.. layout.Devices.Select(w => new Device(w))];
         _head = _devices[layout.HeadDevice];
+        _segmentsOf = Segments;
     }
 
     /// <inheritdoc />
@@ -127,6 +132,8 @@ public sealed class PagedStepRunner : IStepRunner
         _stream = new int[maxTokensPerStep];
         _mtpTokens = new int[maxTokensPerStep + slots * PendingRows];
         _mtpSegments = new Segment[slots];
+        _arenas = [.. _devices.Select(d => d.Arena)];
+        _entries = new (int, int, int, int)[slots];
         _maxTokens = maxTokensPerStep;
         _blocks = blocks;
     }
@@ -236,11 +243,18 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         UploadTable(blocks);
-        try
+        _batch = batch.Length;
+        row = 0;
+        for (var i = 0; i < batch.Length; i++)
         {
-            var normed = RunLayers(batch, stream);
+            var e = batch[i];
+            _entries[i] = (e.Slot, e.Position, row, e.Tokens.Length);
+            row += e.Tokens.Length;
+        }
 
-            // normed: every row's hidden after the final norm, on the head device.
+        // Every row's hidden after the final norm, on the head device.
+        using (var normed = ModelPass.Run(_layout, stream, _arenas, _segmentsOf, null))
+        {
             if (CanDraft)
             {
                 AdvanceMtp(batch, normed);
@@ -261,84 +275,11 @@ public sealed class PagedStepRunner : IStepRunner
                 Head(headIn, logits);
             }
         }
-        finally
-        {
-            foreach (var d in _devices)
-            {
-                d.Release();
-            }
-        }
 
         foreach (var e in batch)
         {
             _slots[e.Slot]!.Length += e.Tokens.Length;
         }
-    }
-
-    /// <summary>
-    /// Embedding, every layer on the devices that run it (handing the stream from one pipeline stage to the next), and the
-    /// final norm: returns the head device's normed stream [T, D]. The devices' stream views stay taken until <see cref="Device.Release"/>.
-    /// </summary>
-    private Tensor RunLayers(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<int> stream)
-    {
-        var c = _layout.Config;
-        var t = stream.Length;
-        var active = _layout.Runners[0];
-        foreach (var r in active)
-        {
-            var d = _devices[r];
-            var b = d.W.Backend;
-            d.H = d.Arena.Take(Activation.Residual, t, c.HiddenSize);
-            b.Embedding(d.W.Embed!, stream, d.H);
-            d.Normed = d.Arena.Take(Activation.NormedEven, t, c.HiddenSize);
-            b.RmsNorm(d.H, d.W.Layers[0]!.InputNorm, d.Normed);
-        }
-
-        for (var i = 0; i < c.NumHiddenLayers; i++)
-        {
-            var run = _layout.Runners[i];
-            if (!run.AsSpan().SequenceEqual(active))
-            {
-                HandOver(i, active, run, t);
-                active = run;
-            }
-
-            var parts = new LayerPart[run.Length];
-            for (var k = 0; k < run.Length; k++)
-            {
-                var d = _devices[run[k]];
-                var next = d.Arena.Take(i % 2 == 0 ? Activation.NormedOdd : Activation.NormedEven, t, c.HiddenSize);
-                parts[k] = new LayerPart(d.W.Context, d.W.Layers[i]!, d.H!, d.Normed!, Segments(batch, d, i), d.Arena, d.W.NormAfter(i), next);
-            }
-
-            LayerSteps.Layer(parts, _layout.Collectives?.AllReduceSum, null, "");
-            for (var k = 0; k < run.Length; k++)
-            {
-                var d = _devices[run[k]];
-                d.Normed!.Dispose();
-                d.Normed = parts[k].NextNormed;
-            }
-        }
-
-        return _head.Normed ?? throw new InvalidOperationException($"the head device {_layout.HeadDevice} does not run the last layer");
-    }
-
-    /// <summary>A pipeline boundary before layer <paramref name="i"/>: one stage hands the residual stream and its normed copy to the next.</summary>
-    private void HandOver(int i, int[] from, int[] to, int tokens)
-    {
-        if (from.Length != 1 || to.Length != 1)
-        {
-            throw new InvalidOperationException($"layer {i} changes from devices [{string.Join(",", from)}] to [{string.Join(",", to)}]");
-        }
-
-        var (source, target) = (_devices[from[0]], _devices[to[0]]);
-        var d = _layout.Config.HiddenSize;
-        target.H = target.Arena.Take(Activation.Residual, tokens, d);
-        target.Normed = target.Arena.Take(i % 2 == 0 ? Activation.NormedEven : Activation.NormedOdd, tokens, d);
-        var copy = _layout.Collectives!.Copy;
-        copy(source.H!, from[0], target.H, to[0]);
-        copy(source.Normed!, from[0], target.Normed, to[0]);
-        source.Release();
     }
 
     /// <inheritdoc />
@@ -484,19 +425,18 @@ public sealed class PagedStepRunner : IStepRunner
         return ((int)tokens, (int)logitRows);
     }
 
-    /// <summary>Segments of the stream in batch order over the slots' caches of layer <paramref name="layer"/> on device <paramref name="d"/>.</summary>
-    private static ReadOnlyMemory<Segment> Segments(ReadOnlySpan<StepSequence> batch, Device d, int layer)
+    /// <summary>The step's entries in batch order over their slots' caches of layer <paramref name="layer"/> on device <paramref name="device"/>.</summary>
+    private ReadOnlyMemory<Segment> Segments(int device, int layer)
     {
+        var d = _devices[device];
         var caches = d.Caches[layer]!;
-        var row = 0;
-        for (var i = 0; i < batch.Length; i++)
+        for (var i = 0; i < _batch; i++)
         {
-            var e = batch[i];
-            d.Segments[i] = new Segment(caches[e.Slot], e.Position, row, e.Tokens.Length);
-            row += e.Tokens.Length;
+            var (slot, position, firstRow, rows) = _entries[i];
+            d.Segments[i] = new Segment(caches[slot], position, firstRow, rows);
         }
 
-        return d.Segments.AsMemory(0, batch.Length);
+        return d.Segments.AsMemory(0, _batch);
     }
 
     /// <summary>
@@ -632,19 +572,5 @@ public sealed class PagedStepRunner : IStepRunner
 
         public ActivationArena Arena { get; set; } = null!;
         public Segment[] Segments { get; set; } = [];
-
-        /// <summary>The step's residual stream and its normed copy while the device runs layers (views of the arena).</summary>
-        public Tensor? H { get; set; }
-
-        public Tensor? Normed { get; set; }
-
-        /// <summary>Gives back the stream's views.</summary>
-        public void Release()
-        {
-            H?.Dispose();
-            Normed?.Dispose();
-            H = null;
-            Normed = null;
-        }
     }
 }
