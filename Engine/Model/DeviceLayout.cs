@@ -55,7 +55,7 @@ internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
 internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, Action<Tensor, int, Tensor, int> Copy, Action Barrier);
 
 /// <summary>
-/// A model's weights over its devices, as a step runner walks them: which devices run each layer (one pipeline stage,
+/// A model's weights over its devices, as a forward pass walks them (<see cref="ModelPass"/>): which devices run each layer (one pipeline stage,
 /// or every device of a tensor/expert-parallel plan, whose partial outputs the collectives all-reduce), which device
 /// computes the logits, and the MTP module when it is loaded (on the head device). One device is a layout of one.
 /// </summary>

@@ -25,8 +25,8 @@ internal readonly record struct LayerPart(LayerContext X, DecoderLayer Layer, Te
     NormWeight NextNorm, Tensor NextNormed);
 
 /// <summary>
-/// The two halves of a decoder layer, shared by the single-device session and the parallel one: each
-/// returns the layer's contribution to the residual stream. On a device holding a <see cref="LayerShard"/>
+/// A decoder layer's steps, shared by every forward pass (<see cref="ModelPass"/>, the MTP module): its two halves
+/// each return the layer's contribution to the residual stream. On a device holding a <see cref="LayerShard"/>
 /// the contribution is a partial sum (its heads' columns of o_proj; its experts and MLP columns), which the
 /// caller completes with an all-reduce before the residual add.
 /// </summary>

@@ -29,6 +29,7 @@ public sealed class PagedStepRunner : IStepRunner
     private readonly DeviceLayout _layout;
     private readonly Device[] _devices;
     private readonly Device _head;          // lm_head and the MTP module
+    private readonly SegmentsOf _segmentsOf;
     private readonly List<IDisposable> _owned = [];
     private KvBlockManager? _blocks;
     private LatentCache[] _mtpCaches = [];  // [slot]
@@ -42,7 +43,6 @@ public sealed class PagedStepRunner : IStepRunner
     private Activations[] _arenas = [];     // [device]: the main stream's step buffers
     private (int Slot, int Position, int FirstRow, int Rows)[] _entries = []; // the running step's entries
     private int _batch;                     // how many
-    private readonly SegmentsOf _segmentsOf;
     private int _maxTokens;
     private int _stamp;                     // batch checks so far (duplicate slots)
     private long _tableVersion = -1;        // the block manager's Version last uploaded
@@ -234,23 +234,19 @@ public sealed class PagedStepRunner : IStepRunner
             return;
         }
 
+        // The token stream, and each entry's rows of it (the segments every layer's attention reads).
         var stream = _stream.AsSpan(0, tokens);
         var row = 0;
-        foreach (var e in batch)
-        {
-            e.Tokens.Span.CopyTo(stream[row..]);
-            row += e.Tokens.Length;
-        }
-
-        UploadTable(blocks);
-        _batch = batch.Length;
-        row = 0;
         for (var i = 0; i < batch.Length; i++)
         {
             var e = batch[i];
+            e.Tokens.Span.CopyTo(stream[row..]);
             _entries[i] = (e.Slot, e.Position, row, e.Tokens.Length);
             row += e.Tokens.Length;
         }
+
+        _batch = batch.Length;
+        UploadTable(blocks);
 
         // Every row's hidden after the final norm, on the head device.
         using (var normed = ModelPass.Run(_layout, stream, _arenas, _segmentsOf, null))

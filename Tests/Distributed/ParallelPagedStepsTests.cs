@@ -111,15 +111,7 @@ public sealed class ParallelPagedStepsTests
         using var run = Rig.Load(checkpoint, kind, n, recordOnly: false);
         var parallel = run.Model;
         var eos = checkpoint.Config.EosTokenId;
-        var rng = new Random(11);
-        var requests = Enumerable.Range(0, 6).Select(i =>
-        {
-            var prompt = SyntheticPrompts.Make(parallel.VocabSize, rng.Next(5, 90), 400 + i);
-            var sampling = i % 3 == 0
-                ? SamplingOptions.Greedy with { MaxTokens = rng.Next(20, 60) }
-                : new SamplingOptions { Temperature = 0.9f, TopP = 0.9f, Seed = 5 + i, MaxTokens = rng.Next(20, 60) };
-            return (Prompt: prompt, Sampling: sampling);
-        }).ToArray();
+        var requests = SyntheticPrompts.Mixed(parallel.VocabSize, seed: 11, salt: 400, temperature: 0.9f, topP: 0.9f, samplingSeed: 5);
         var blocks = new KvBlockManager(5, 5, KvBlockManager.BlocksFor(MaxLength));
         using var runner = StepRunners.For(parallel);
         using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 24, EosId = eos });

@@ -175,15 +175,7 @@ public sealed class PagedStepRunnerTests
     public void SeededSamplingUnderPreemptionEqualsEachRequestAlone(bool speculative)
     {
         var model = s_tiny;
-        var rng = new Random(5);
-        var requests = Enumerable.Range(0, 6).Select(i =>
-        {
-            var prompt = SyntheticPrompts.Make(model.VocabSize, rng.Next(5, 90), 100 + i);
-            var sampling = i % 3 == 0
-                ? SamplingOptions.Greedy with { MaxTokens = rng.Next(20, 60) }
-                : new SamplingOptions { Temperature = 0.8f, TopP = 0.95f, Seed = 17 + i, MaxTokens = rng.Next(20, 60) };
-            return (prompt, sampling);
-        }).ToArray();
+        var requests = SyntheticPrompts.Mixed(model.VocabSize, seed: 5, salt: 100, temperature: 0.8f, topP: 0.95f, samplingSeed: 17);
         var blocks = new KvBlockManager(7, 6, KvBlockManager.BlocksFor(MaxLength));
         using var runner = new PagedStepRunner(model);
         var results = Run(runner, blocks, new SchedulerOptions
@@ -196,7 +188,7 @@ public sealed class PagedStepRunnerTests
         {
             for (var i = 0; i < requests.Length; i++)
             {
-                CollectionAssert.AreEqual(Alone.Run(model, requests[i].prompt, requests[i].sampling), results[i].Tokens.ToArray(), $"request {i}");
+                CollectionAssert.AreEqual(Alone.Run(model, requests[i].Prompt, requests[i].Sampling), results[i].Tokens.ToArray(), $"request {i}");
             }
 
             Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");

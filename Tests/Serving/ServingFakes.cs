@@ -132,6 +132,24 @@ internal static class SyntheticPrompts
 {
     public static int[] Make(int vocab, int length, int salt) =>
         [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
+
+    /// <summary>
+    /// Six requests drawn from <paramref name="seed"/>: prompts of 5..89 tokens (salts <paramref name="salt"/>..+5), 20..59 new
+    /// tokens each; every third greedy, the others sampled at <paramref name="temperature"/> and <paramref name="topP"/> with
+    /// seeds <paramref name="samplingSeed"/>..+5.
+    /// </summary>
+    public static (int[] Prompt, SamplingOptions Sampling)[] Mixed(int vocab, int seed, int salt, float temperature, float topP, int samplingSeed)
+    {
+        var rng = new Random(seed);
+        return [.. Enumerable.Range(0, 6).Select(i =>
+        {
+            var prompt = Make(vocab, rng.Next(5, 90), salt + i);
+            var sampling = i % 3 == 0
+                ? SamplingOptions.Greedy with { MaxTokens = rng.Next(20, 60) }
+                : new SamplingOptions { Temperature = temperature, TopP = topP, Seed = samplingSeed + i, MaxTokens = rng.Next(20, 60) };
+            return (prompt, sampling);
+        })];
+    }
 }
 
 internal static class Alone
