@@ -23,7 +23,7 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
         MaxSequenceLength = maxLength;
         Devices = devices;
         Layout = new DeviceLayout(plan.Config, maxLength, devices, plan.HeadDevice,
-            new Collectives(communicator.AllReduceSum, communicator.Copy, communicator.Barrier), mtp: null, plan.Shard);
+            new Collectives(communicator.AllReduceSum, communicator.Copy, communicator.Barrier), mtp: null);
     }
 
     /// <summary>The placement.</summary>
@@ -106,6 +106,7 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
                     Rope = rope,
                     Context = new LayerContext(b, config, rope, shard is null ? dims : dims with { Heads = shard.Heads }, (float)config.SoftmaxScale,
                         options.Attention),
+                    Shard = shard,
                 };
                 var holdsEmbedding = shard is not null || start == 0;
                 var holdsHead = r == plan.HeadDevice;

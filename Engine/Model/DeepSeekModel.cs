@@ -65,7 +65,7 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
             Head = Head,
         };
         Layers.CopyTo(device.Layers, 0);
-        return new DeviceLayout(Config, MaxSequenceLength, [device], headDevice: 0, collectives: null, Mtp, shard: _ => null);
+        return new DeviceLayout(Config, MaxSequenceLength, [device], headDevice: 0, collectives: null, Mtp);
     }
 
     /// <summary>

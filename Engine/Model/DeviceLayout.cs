@@ -10,6 +10,9 @@ internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
     public required RopeTable Rope { get; init; }
     public required LayerContext Context { get; init; }
 
+    /// <summary>The part of every layer the device holds under tensor/expert parallelism; null where it holds whole layers.</summary>
+    public LayerShard? Shard { get; init; }
+
     /// <summary>The embedding table, on the devices that run the first layer.</summary>
     public EmbeddingWeight? Embed { get; set; }
 
@@ -62,7 +65,7 @@ internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, A
 internal sealed class DeviceLayout
 {
     public DeviceLayout(ModelConfig config, int maxSequenceLength, IReadOnlyList<DeviceWeights> devices, int headDevice, Collectives? collectives,
-        MtpWeights? mtp, Func<int, LayerShard?> shard)
+        MtpWeights? mtp)
     {
         if (devices.Count > 1 && collectives is null)
         {
@@ -75,7 +78,6 @@ internal sealed class DeviceLayout
         HeadDevice = headDevice;
         Collectives = collectives;
         Mtp = mtp;
-        Shard = shard;
         Runners = new int[config.NumHiddenLayers][];
         for (var i = 0; i < Runners.Length; i++)
         {
@@ -111,9 +113,6 @@ internal sealed class DeviceLayout
     public Collectives? Collectives { get; }
 
     public MtpWeights? Mtp { get; }
-
-    /// <summary>The part of every layer device r holds under tensor/expert parallelism; null where it holds whole layers.</summary>
-    public Func<int, LayerShard?> Shard { get; }
 
     /// <summary>[layer] → the devices that run it, ascending.</summary>
     public int[][] Runners { get; }

@@ -20,7 +20,7 @@ internal sealed record LayerContext(IBackend Backend, ModelConfig Config, RopeTa
 /// <param name="Segments">Each sequence's rows of the stream over the device's cache of the layer.</param>
 /// <param name="Ws">Where the device's intermediates come from.</param>
 /// <param name="NextNorm">The norm after the layer (the next layer's input norm, or the final norm).</param>
-/// <param name="NextNormed">Receives nextNorm(h) [T, D]; may be <paramref name="A"/>, which the layer no longer needs by then.</param>
+/// <param name="NextNormed">Receives nextNorm(h) [T, D].</param>
 internal readonly record struct LayerPart(LayerContext X, DecoderLayer Layer, Tensor H, Tensor A, ReadOnlyMemory<Segment> Segments, Activations Ws,
     NormWeight NextNorm, Tensor NextNormed);
 

@@ -27,6 +27,7 @@ internal static class ModelPass
         var (t, d) = (tokens.Length, c.HiddenSize);
         var h = new Tensor?[devices.Count];      // [T, D] the residual stream, on the devices running the current layer
         var normed = new Tensor?[devices.Count]; // [T, D] the current layer's input_layernorm(h)
+        var all = new LayerPart[devices.Count];   // each layer's parts: its first run.Length
         try
         {
             var active = layout.Runners[0];
@@ -49,7 +50,7 @@ internal static class ModelPass
                     active = run;
                 }
 
-                var parts = new LayerPart[run.Length];
+                var parts = all.AsSpan(0, run.Length);
                 for (var k = 0; k < run.Length; k++)
                 {
                     var r = run[k];

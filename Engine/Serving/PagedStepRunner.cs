@@ -96,9 +96,8 @@ public sealed class PagedStepRunner : IStepRunner
         var drafts = CanDraft;
         try
         {
-            for (var r = 0; r < _devices.Length; r++)
+            foreach (var d in _devices)
             {
-                var d = _devices[r];
                 var b = d.W.Backend;
                 d.Table = Own(b.AllocateBlockTable(slots, blocks.MaxBlocksPerRequest));
                 d.Caches = new LatentCache[]?[c.NumHiddenLayers];
@@ -108,7 +107,7 @@ public sealed class PagedStepRunner : IStepRunner
                     d.Caches[i] = Views(d, Own(b.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim)), slots);
                 }
 
-                d.Arena = Own(new ActivationArena(b, maxTokensPerStep, ArenaPlan.Main(c, held, _layout.Shard(r))));
+                d.Arena = Own(new ActivationArena(b, maxTokensPerStep, ArenaPlan.Main(c, held, d.W.Shard)));
                 d.Segments = new Segment[slots];
             }
 

@@ -63,7 +63,7 @@ public sealed class ParallelModelTests
     public void LogitsMatchTheSingleDeviceModel(string model, PlacementKind kind, int n)
     {
         var (checkpoint, single) = s_models[model];
-        using var run = Run.Load(checkpoint, kind, n);
+        using var run = SimulatedDevices.Load(checkpoint, kind, n, Options);
         var expected = single.ComputeLogits(s_prompt);
         var actual = run.Model.ComputeLogits(s_prompt);
         if (kind == PlacementKind.Pipeline || n == 1)
@@ -85,7 +85,7 @@ public sealed class ParallelModelTests
     public void GreedyDecodeIsIdentical(string model, PlacementKind kind, int n)
     {
         var (checkpoint, single) = s_models[model];
-        using var run = Run.Load(checkpoint, kind, n);
+        using var run = SimulatedDevices.Load(checkpoint, kind, n, Options);
         using var a = single.CreateSession();
         using var b = run.Model.CreateSession();
         var la = new float[single.VocabSize];
@@ -108,7 +108,7 @@ public sealed class ParallelModelTests
     public void EachDeviceReceivesExactlyWhatThePlanPlaces(string model, PlacementKind kind, int n)
     {
         var (checkpoint, _) = s_models[model];
-        using var run = Run.Load(checkpoint, kind, n);
+        using var run = SimulatedDevices.Load(checkpoint, kind, n, Options);
         for (var d = 0; d < n; d++)
         {
             // The CPU backend dequantizes FP8 with the scale grid as it reads the weight, so scale placements
@@ -127,7 +127,7 @@ public sealed class ParallelModelTests
     public void ChunkedPrefillAndTruncateFollowTheSingleDeviceSession()
     {
         var (checkpoint, single) = s_models["wide8"];
-        using var run = Run.Load(checkpoint, PlacementKind.TensorExpertParallel, 4);
+        using var run = SimulatedDevices.Load(checkpoint, PlacementKind.TensorExpertParallel, 4, Options);
         using var b = run.Model.CreateSession();
         b.ForwardAll(s_prompt.AsSpan(0, 3));
         var rest = b.ForwardAll(s_prompt.AsSpan(3));
@@ -185,34 +185,5 @@ public sealed class ParallelModelTests
         }
 
         return best;
-    }
-
-    /// <summary>N recording CPU devices, their communicator, the plan and the loaded model.</summary>
-    private sealed class Run : IDisposable
-    {
-        public required RecordingBackend[] Devices { get; init; }
-        public required HostCommunicator Communicator { get; init; }
-        public required PlacementPlan Plan { get; init; }
-        public required ParallelModel Model { get; init; }
-
-        public static Run Load(Checkpoint checkpoint, PlacementKind kind, int n)
-        {
-            var devices = Enumerable.Range(0, n).Select(_ => new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2))).ToArray();
-            var comm = new HostCommunicator(devices);
-            var plan = kind == PlacementKind.Pipeline
-                ? PlacementPlan.Pipeline(checkpoint.Config, n)
-                : PlacementPlan.TensorExpertParallel(checkpoint.Config, n);
-            return new Run { Devices = devices, Communicator = comm, Plan = plan, Model = ParallelModel.Load(checkpoint, plan, comm, Options) };
-        }
-
-        public void Dispose()
-        {
-            Model.Dispose();
-            Communicator.Dispose();
-            foreach (var d in Devices)
-            {
-                d.Dispose();
-            }
-        }
     }
 }

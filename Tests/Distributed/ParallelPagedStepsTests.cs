@@ -1,4 +1,3 @@
-using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Inference;
@@ -72,7 +71,7 @@ public sealed class ParallelPagedStepsTests
     public void StepLogitsMatchTheSingleDeviceRunner(string model, PlacementKind kind, int n)
     {
         var (checkpoint, single) = s_models[model];
-        using var run = Rig.Load(checkpoint, kind, n, recordOnly: false);
+        using var run = SimulatedDevices.Load(checkpoint, kind, n, Options);
         using var parallel = StepRunners.For(run.Model);
         Assert.IsInstanceOfType<PagedStepRunner>(parallel);
         using var alone = new PagedStepRunner(single);
@@ -108,7 +107,7 @@ public sealed class ParallelPagedStepsTests
     public void ScheduledRequestsEqualEachRequestAlone(string model, PlacementKind kind, int n)
     {
         var (checkpoint, _) = s_models[model];
-        using var run = Rig.Load(checkpoint, kind, n, recordOnly: false);
+        using var run = SimulatedDevices.Load(checkpoint, kind, n, Options);
         var parallel = run.Model;
         var eos = checkpoint.Config.EosTokenId;
         var requests = SyntheticPrompts.Mixed(parallel.VocabSize, seed: 11, salt: 400, temperature: 0.9f, topP: 0.9f, samplingSeed: 5);
@@ -150,7 +149,7 @@ public sealed class ParallelPagedStepsTests
     public void StepsAllocateNothingOnAnyDevice(PlacementKind kind, int n)
     {
         var (checkpoint, _) = s_models["wide8"];
-        using var run = Rig.Load(checkpoint, kind, n, recordOnly: true);
+        using var run = SimulatedDevices.Load(checkpoint, kind, n, Options, uncountedCollectives: true);
         var blocks = new KvBlockManager(5, 4, KvBlockManager.BlocksFor(MaxLength));
         using var runner = StepRunners.For(run.Model);
         using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 24, EosId = checkpoint.Config.EosTokenId });
@@ -201,49 +200,5 @@ public sealed class ParallelPagedStepsTests
             "AttentionOutput 16384", "AttentionProjection 7168", "FfnInput 7168", "FfnOutput 7168", "KeyValue 576",
             "NormedEven 7168", "NormedOdd 7168", "Query 24576", "QueryLatent 1536", "Residual 7168", "routing 256x8",
         }, Names(ArenaPlan.Main(c, Enumerable.Range(40, 8))));
-    }
-
-    /// <summary>
-    /// N recording CPU devices, the parallel model and its host communicator. With <c>recordOnly</c> the collectives run
-    /// on the inner backends, so the recording devices count only what the model and the runner allocate.
-    /// </summary>
-    private sealed class Rig : IDisposable
-    {
-        public required RecordingBackend[] Devices { get; init; }
-        public required HostCommunicator Communicator { get; init; }
-        public required ParallelModel Model { get; init; }
-
-        public static Rig Load(Checkpoint checkpoint, PlacementKind kind, int n, bool recordOnly)
-        {
-            var inner = Enumerable.Range(0, n).Select(_ => (IBackend)new CpuBackend(maxDegreeOfParallelism: 2)).ToArray();
-            var recording = inner.Select(b => new RecordingBackend(b)).ToArray();
-            var host = new HostCommunicator(recordOnly ? inner : recording);
-            var plan = kind == PlacementKind.Pipeline ? PlacementPlan.Pipeline(checkpoint.Config, n) : PlacementPlan.TensorExpertParallel(checkpoint.Config, n);
-            ICommunicator comm = recordOnly ? new SeenThrough(recording, host) : host;
-            return new Rig { Devices = recording, Communicator = host, Model = ParallelModel.Load(checkpoint, plan, comm, Options) };
-        }
-
-        public void Dispose()
-        {
-            Model.Dispose();
-            Communicator.Dispose();
-            foreach (var d in Devices)
-            {
-                d.Dispose();
-            }
-        }
-    }
-
-    /// <summary>A communicator whose devices are the recording backends and whose collectives are another's.</summary>
-    private sealed class SeenThrough(IBackend[] devices, ICommunicator collectives) : ICommunicator
-    {
-        public int DeviceCount => devices.Length;
-        public IBackend Device(int device) => devices[device];
-        public void AllReduceSum(IReadOnlyList<Tensor> tensors) => collectives.AllReduceSum(tensors);
-        public void Copy(Tensor source, int sourceDevice, Tensor destination, int destinationDevice) => collectives.Copy(source, sourceDevice, destination, destinationDevice);
-        public void Barrier() => collectives.Barrier();
-        public void Dispose()
-        {
-        }
     }
 }
