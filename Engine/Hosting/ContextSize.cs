@@ -1,4 +1,5 @@
 using System.Globalization;
+using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Serving;
 
@@ -19,7 +20,7 @@ public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason);
 /// weights are held as float32 (4 bytes per parameter, an upper bound for what the CPU backend keeps);
 /// <see cref="CpuCacheFraction"/> of what the available host memory has left beside them goes to the
 /// caches of <c>sessions</c> concurrent requests. The rest is for activations, the runtime and the machine.</item>
-/// <item>CUDA: <see cref="MemoryPlanner.Plan"/> on the device's free memory (weights, activation arena,
+/// <item>CUDA: <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{long}, MemoryPlanOptions?)"/> on the device's free memory (weights, activation arena,
 /// reserve, then BF16 cache blocks); the blocks left are shared by <c>sessions</c> full-length requests.</item>
 /// </list>
 /// The result is a whole number of 64-token cache blocks, at most <c>max_position_embeddings</c>, and never
@@ -73,7 +74,7 @@ public static class ContextSize
 
     /// <summary>
     /// The context for the CUDA backend with <paramref name="freeDeviceBytes"/> free on the device, for
-    /// <paramref name="sessions"/> requests at once, as <see cref="MemoryPlanner.Plan"/> lays the memory out.
+    /// <paramref name="sessions"/> requests at once, as <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{long}, MemoryPlanOptions?)"/> lays the memory out.
     /// </summary>
     /// <exception cref="InsufficientDeviceMemoryException">The weights, arena and reserve do not fit with even one cache block per request.</exception>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="requested"/> is above the limit (ParamName <c>MaxSequenceLength</c>).</exception>
@@ -81,19 +82,52 @@ public static class ContextSize
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentOutOfRangeException.ThrowIfLessThan(sessions, 1);
-        var plan = MemoryPlanner.Plan(config, [freeDeviceBytes], new MemoryPlanOptions
-        {
-            MaxBatch = sessions,
-            MaxSequenceLength = KvBlockManager.BlockTokens * sessions, // the planner's minimum: one block per request
-            MaxTokensPerStep = 512,
-            DraftTokens = mtp ? 1 : 0,
-            IncludeMtp = mtp,
-        });
+        var plan = MemoryPlanner.Plan(config, [freeDeviceBytes], GpuPlanOptions(sessions, mtp));
         var fit = (long)plan.KvBlocks / sessions * KvBlockManager.BlockTokens;
         var why = string.Create(CultureInfo.InvariantCulture,
             $"{sessions} concurrent session(s) sharing {plan.KvBlocks} cache blocks of 64 tokens that the memory planner fits in {Gib(freeDeviceBytes)} GiB free on the device beside {Gib(plan.Devices[0].WeightBytes)} GiB of weights");
         return Decide(config, fit, why, requested);
     }
+
+    /// <summary>
+    /// The context for a model spread over several devices by <paramref name="plan"/>, with <paramref name="freeBytes"/>
+    /// free on each before loading, for <paramref name="sessions"/> requests at once: <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{DeviceShare}, MemoryPlanOptions?)"/>
+    /// over each device's share (its weights; the latent caches of the layers it runs, every layer under tensor parallelism;
+    /// the logits where lm_head runs). The multi-device model has no MTP layer.
+    /// </summary>
+    /// <param name="config">The model.</param>
+    /// <param name="plan">The placement.</param>
+    /// <param name="freeBytes">Free bytes per device, in the plan's device order.</param>
+    /// <param name="sessions">Requests holding a session at once.</param>
+    /// <param name="fullExpertStacks">The backend stacks all E expert slots on every device (<see cref="PlacementPlan.BytesOn(int, bool)"/>).</param>
+    /// <param name="requested">An explicit length: checked against the limit instead of chosen; null to choose.</param>
+    /// <exception cref="InsufficientDeviceMemoryException">Some device cannot hold its weights, arena and reserve with one cache block per request.</exception>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="requested"/> is above the limit (ParamName <c>MaxSequenceLength</c>).</exception>
+    public static ContextSizeChoice ChooseForDevices(ModelConfig config, PlacementPlan plan, IReadOnlyList<long> freeBytes, int sessions, bool fullExpertStacks,
+        int? requested = null)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(plan);
+        ArgumentNullException.ThrowIfNull(freeBytes);
+        ArgumentOutOfRangeException.ThrowIfLessThan(sessions, 1);
+        if (freeBytes.Count != plan.DeviceCount)
+        {
+            throw new ArgumentException($"{freeBytes.Count} free-byte counts for a plan of {plan.DeviceCount} devices", nameof(freeBytes));
+        }
+
+        var shares = Enumerable.Range(0, plan.DeviceCount).Select(d => new DeviceShare(freeBytes[d], plan.BytesOn(d, fullExpertStacks),
+            plan.Stages[d].Start, plan.Stages[d].Count, plan.Stages[d].Count, d == plan.HeadDevice)).ToArray();
+        var memory = MemoryPlanner.Plan(config, shares, GpuPlanOptions(sessions, mtp: false));
+        var fit = (long)memory.KvBlocks / sessions * KvBlockManager.BlockTokens;
+        // The device that bounds the pool: the fewest blocks in what it has left.
+        var tightest = memory.Devices.MinBy(d => (d.FreeBytes - d.WeightBytes - d.ActivationBytes - d.ReserveBytes) / Math.Max(1, d.CacheLayers))!;
+        var why = string.Create(CultureInfo.InvariantCulture,
+            $"{sessions} concurrent session(s) sharing {memory.KvBlocks} cache blocks of 64 tokens that the memory planner fits on each of {plan.DeviceCount} devices ({PlacementName(plan.Kind)}); the tightest, device {tightest.Device}, has {Gib(tightest.FreeBytes)} GiB free beside {Gib(tightest.WeightBytes)} GiB of weights and {tightest.CacheLayers} layers' caches");
+        return Decide(config, fit, why, requested);
+    }
+
+    /// <summary>How a placement kind reads in log lines and messages.</summary>
+    public static string PlacementName(PlacementKind kind) => kind == PlacementKind.Pipeline ? "pipeline" : "tensor/expert parallel";
 
     /// <summary>
     /// Memory available to this process now: the smaller of the GC's limit (a container's memory limit
@@ -124,6 +158,15 @@ public static class ContextSize
 
         return available;
     }
+
+    private static MemoryPlanOptions GpuPlanOptions(int sessions, bool mtp) => new()
+    {
+        MaxBatch = sessions,
+        MaxSequenceLength = KvBlockManager.BlockTokens * sessions, // the planner's minimum: one block per request
+        MaxTokensPerStep = 512,
+        DraftTokens = mtp ? 1 : 0,
+        IncludeMtp = mtp,
+    };
 
     private static ContextSizeChoice Decide(ModelConfig config, long fit, string why, int? requested)
     {

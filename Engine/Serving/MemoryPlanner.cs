@@ -58,6 +58,15 @@ public sealed record MemoryPlanOptions
     }
 }
 
+/// <summary>What one device holds before its memory is planned (<see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{DeviceShare}, MemoryPlanOptions?)"/>).</summary>
+/// <param name="FreeBytes">Free bytes on the device before the weights are loaded.</param>
+/// <param name="WeightBytes">Weight bytes the device will hold.</param>
+/// <param name="FirstLayer">First main layer it runs.</param>
+/// <param name="Layers">Main layers it runs.</param>
+/// <param name="CacheLayers">Latent caches it holds (under tensor parallelism every layer's: the latent is shared by all heads).</param>
+/// <param name="ComputesLogits">Whether lm_head runs here (the fp32 logits buffer).</param>
+public sealed record DeviceShare(long FreeBytes, long WeightBytes, int FirstLayer, int Layers, int CacheLayers, bool ComputesLogits);
+
 /// <summary>One device's share of a <see cref="MemoryPlan"/>.</summary>
 /// <param name="Device">Device index (position in the free-bytes list).</param>
 /// <param name="FirstLayer">First main layer placed here.</param>
@@ -75,7 +84,7 @@ public sealed record DeviceMemoryPlan(int Device, int FirstLayer, int Layers, in
     public long PlannedBytes => WeightBytes + ActivationBytes + ReserveBytes + KvBytes;
 }
 
-/// <summary>The outcome of <see cref="MemoryPlanner.Plan"/>.</summary>
+/// <summary>The outcome of <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{long}, MemoryPlanOptions?)"/>.</summary>
 /// <param name="Devices">Per device.</param>
 /// <param name="TokensPerStep">Rows of the activation arena: max(MaxTokensPerStep, MaxBatch·(1 + DraftTokens)).</param>
 /// <param name="LogitRows">Rows of the fp32 logits buffer: MaxBatch·(1 + DraftTokens).</param>
@@ -159,24 +168,11 @@ public static class MemoryPlanner
             throw new ArgumentException($"need 1..{config.NumHiddenLayers} devices (one layer each at least), got {devices}", nameof(freeBytes));
         }
 
-        if (freeBytes.Any(b => b < 0))
-        {
-            throw new ArgumentOutOfRangeException(nameof(freeBytes), "free bytes must be >= 0");
-        }
-
         options.Validate(config.NumHiddenLayers, devices);
         var split = options.LayersPerDevice ?? EvenSplit(config.NumHiddenLayers, devices);
         var mtp = options.IncludeMtp && config.NumNextNPredictLayers > 0;
         var layerBytes = LayerWeightBytes(config, out var embedBytes, out var tailBytes);
-        var logitRows = checked(options.MaxBatch * (1 + options.DraftTokens));
-        var tokens = Math.Max(options.MaxTokensPerStep, logitRows);
-        var kvPerTokenLayer = KvBytesPerTokenPerLayer(config);
-        var blockBytesPerLayer = kvPerTokenLayer * KvBlockManager.BlockTokens;
-        var blocksPerRequest = KvBlockManager.BlocksFor(options.MaxSequenceLength);
-
-        var partial = new (int First, int Layers, int CacheLayers, long Weights, long Arena, long Reserve)[devices];
-        var shortfalls = new List<DeviceMemoryShortfall>();
-        var blocks = long.MaxValue;
+        var shares = new DeviceShare[devices];
         var first = 0;
         for (var d = 0; d < devices; d++)
         {
@@ -204,22 +200,64 @@ public static class MemoryPlanner
                 }
             }
 
-            var arena = ActivationArenaBytes(config, tokens, last ? logitRows : 0, options.MaxBatch * (1 + options.DraftTokens), options.AttentionSplits);
-            var reserve = Math.Max(options.MinReserveBytes, (long)(freeBytes[d] * options.ReserveFraction));
-            var perBlock = blockBytesPerLayer * cacheLayers;
+            shares[d] = new DeviceShare(freeBytes[d], weights, first, split[d], cacheLayers, ComputesLogits: last);
+            first += split[d];
+        }
+
+        return Plan(config, shares, options);
+    }
+
+    /// <summary>
+    /// Plans devices whose weights are already placed (any placement: a pipeline, or tensor/expert parallel shards that
+    /// each hold every layer's latent cache): per device the activation arena, the reserve and the latent cache from what
+    /// is left beside its <see cref="DeviceShare.WeightBytes"/>, as whole blocks every device can hold.
+    /// <see cref="MemoryPlanOptions.LayersPerDevice"/> and <see cref="MemoryPlanOptions.IncludeMtp"/> are the shares' business and ignored here.
+    /// </summary>
+    /// <exception cref="InsufficientDeviceMemoryException">Some device cannot hold its weights, the arena, the reserve and the cache of one full-length request.</exception>
+    /// <exception cref="ArgumentException">Bad options, no devices, or a share with negative bytes or layers.</exception>
+    public static MemoryPlan Plan(ModelConfig config, IReadOnlyList<DeviceShare> devices, MemoryPlanOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(devices);
+        options ??= new MemoryPlanOptions();
+        if (devices.Count == 0)
+        {
+            throw new ArgumentException("no devices", nameof(devices));
+        }
+
+        if (devices.Any(d => d.FreeBytes < 0 || d.WeightBytes < 0 || d.Layers < 0 || d.CacheLayers < 0))
+        {
+            throw new ArgumentOutOfRangeException(nameof(devices), "free bytes, weight bytes and layer counts must be >= 0");
+        }
+
+        (options with { LayersPerDevice = null }).Validate(config.NumHiddenLayers, devices.Count);
+        var logitRows = checked(options.MaxBatch * (1 + options.DraftTokens));
+        var tokens = Math.Max(options.MaxTokensPerStep, logitRows);
+        var kvPerTokenLayer = KvBytesPerTokenPerLayer(config);
+        var blockBytesPerLayer = kvPerTokenLayer * KvBlockManager.BlockTokens;
+        var blocksPerRequest = KvBlockManager.BlocksFor(options.MaxSequenceLength);
+
+        var partial = new (long Arena, long Reserve)[devices.Count];
+        var shortfalls = new List<DeviceMemoryShortfall>();
+        var blocks = long.MaxValue;
+        for (var d = 0; d < devices.Count; d++)
+        {
+            var share = devices[d];
+            var arena = ActivationArenaBytes(config, tokens, share.ComputesLogits ? logitRows : 0, logitRows, options.AttentionSplits);
+            var reserve = Math.Max(options.MinReserveBytes, (long)(share.FreeBytes * options.ReserveFraction));
+            var perBlock = blockBytesPerLayer * share.CacheLayers;
             var minKv = perBlock * blocksPerRequest;
-            var left = freeBytes[d] - weights - arena - reserve;
+            var left = share.FreeBytes - share.WeightBytes - arena - reserve;
             if (left < minKv)
             {
-                shortfalls.Add(new DeviceMemoryShortfall(d, weights + arena + reserve + minKv, freeBytes[d], weights, arena, minKv, reserve));
+                shortfalls.Add(new DeviceMemoryShortfall(d, share.WeightBytes + arena + reserve + minKv, share.FreeBytes, share.WeightBytes, arena, minKv, reserve));
             }
-            else
+            else if (perBlock > 0)
             {
                 blocks = Math.Min(blocks, left / perBlock);
             }
 
-            partial[d] = (first, split[d], cacheLayers, weights, arena, reserve);
-            first += split[d];
+            partial[d] = (arena, reserve);
         }
 
         if (shortfalls.Count > 0)
@@ -229,8 +267,8 @@ public static class MemoryPlanner
 
         // The block table is int32 and one pool index addresses a block on every device.
         var kvBlocks = (int)Math.Min(blocks, int.MaxValue);
-        var plans = partial.Select((p, d) => new DeviceMemoryPlan(d, p.First, p.Layers, p.CacheLayers, freeBytes[d], p.Weights, p.Arena, p.Reserve,
-            blockBytesPerLayer * p.CacheLayers * kvBlocks)).ToArray();
+        var plans = devices.Select((s, d) => new DeviceMemoryPlan(d, s.FirstLayer, s.Layers, s.CacheLayers, s.FreeBytes, s.WeightBytes, partial[d].Arena,
+            partial[d].Reserve, blockBytesPerLayer * s.CacheLayers * kvBlocks)).ToArray();
         return new MemoryPlan(plans, tokens, logitRows, kvPerTokenLayer, kvBlocks, blocksPerRequest);
     }
 

@@ -153,6 +153,30 @@ public sealed class PlacementPlanTests
     }
 
     [TestMethod]
+    public void FullExpertStacksCountTheZeroSlotsOfEveryExpertHeldElsewhere()
+    {
+        // V3's routed expert, worked from the config: gate, up [2048, 7168] and down [7168, 2048] FP8 codes plus
+        // their f32 block scales (16 x 56 blocks each); 58 MoE layers; 256 experts, 32 per device of 8.
+        var v3 = ModelPresets.DeepSeekV3;
+        const long expert = 3 * (2048L * 7168 + 16 * 56 * 4);
+        const long moeLayers = 58;
+        var tp = PlacementPlan.TensorExpertParallel(v3, 8);
+        for (var d = 0; d < 8; d++)
+        {
+            Assert.AreEqual(tp.BytesOn(d) + (256 - 32) * expert * moeLayers, tp.BytesOn(d, fullExpertStacks: true), $"device {d}");
+        }
+
+        // A pipeline stage holds whole layers: every expert of its layers is its own.
+        var pp = PlacementPlan.Pipeline(v3, 8);
+        Assert.IsTrue(Enumerable.Range(0, 8).All(d => pp.BytesOn(d, fullExpertStacks: true) == pp.BytesOn(d)));
+
+        // On 8 x H200 the full stacks (656 GB of experts per device) rule tensor/expert parallelism out: a pipeline fits.
+        Assert.AreEqual(PlacementKind.Pipeline, PlacementPlan.Choose(v3, 8, 141L << 30, fullExpertStacks: true).Kind);
+        var none = Assert.ThrowsExactly<PlacementException>(() => PlacementPlan.Choose(v3, 4, 141L << 30, fullExpertStacks: true));
+        StringAssert.Contains(none.Message, $"tensor/expert parallel needs {Enumerable.Range(0, 4).Max(d => PlacementPlan.TensorExpertParallel(v3, 4).BytesOn(d, true))} bytes");
+    }
+
+    [TestMethod]
     public void PartitionIsOptimalOnSmallCases()
     {
         // Brute force over all cut positions: the planner's largest stage equals the best possible.

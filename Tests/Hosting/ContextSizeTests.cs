@@ -1,5 +1,7 @@
+using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Support;
 
@@ -99,6 +101,32 @@ public sealed class ContextSizeTests
 
         Assert.IsGreaterThanOrEqualTo(sessions, FullLengthRequests(choice.Tokens));
         Assert.IsLessThan(sessions, FullLengthRequests(choice.Tokens + KvBlockManager.BlockTokens));
+    }
+
+    /// <summary>Over several devices the planner runs on each device's share of the placement, and the tightest device bounds the pool.</summary>
+    [TestMethod]
+    public void SeveralDevicesGiveTheLargestLengthTheTightestDeviceHoldsForEverySession()
+    {
+        var v3 = ModelPresets.DeepSeekV3;
+        var plan = PlacementPlan.Pipeline(v3, 8);
+        var free = Enumerable.Repeat(139L << 30, 8).ToArray();
+        free[5] = 100L << 30; // another process holds memory on one GPU
+        var choice = ContextSize.ChooseForDevices(v3, plan, free, sessions: 16, fullExpertStacks: true);
+        var shares = Enumerable.Range(0, 8).Select(d => new DeviceShare(free[d], plan.BytesOn(d), plan.Stages[d].Start, plan.Stages[d].Count,
+            plan.Stages[d].Count, d == 7)).ToArray();
+        int FullLengthRequests(int tokens) => MemoryPlanner.Plan(v3, shares,
+            new MemoryPlanOptions { MaxBatch = 16, MaxSequenceLength = tokens, MaxTokensPerStep = 512 }).FullLengthRequests;
+        Assert.AreEqual(0, choice.Tokens % KvBlockManager.BlockTokens);
+        Assert.IsGreaterThanOrEqualTo(16, FullLengthRequests(choice.Tokens));
+        Assert.IsLessThan(16, FullLengthRequests(choice.Tokens + KvBlockManager.BlockTokens));
+        StringAssert.Contains(choice.Reason, "fits on each of 8 devices (pipeline); the tightest, device 5, has 100.00 GiB free");
+
+        // Tensor/expert parallel with CudaBackend's full expert stacks does not fit: the planner names the devices short of it.
+        var tp = PlacementPlan.TensorExpertParallel(v3, 8);
+        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => ContextSize.ChooseForDevices(v3, tp, free, 16, fullExpertStacks: true));
+        Assert.HasCount(8, e.Shortfalls);
+        Assert.IsTrue(e.Shortfalls.All(s => s.Dominant == "weights" && s.WeightBytes == tp.BytesOn(s.Device, true)));
+        Assert.ThrowsExactly<ArgumentException>(() => ContextSize.ChooseForDevices(v3, tp, free[..4], 16, true));
     }
 
     [TestMethod]

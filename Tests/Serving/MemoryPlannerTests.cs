@@ -180,10 +180,39 @@ public sealed class MemoryPlannerTests
     }
 
     [TestMethod]
+    public void SharesPlanEachDeviceBesideItsOwnWeightsAndCaches()
+    {
+        // Two devices of a tensor-parallel split: each holds half the weights and every layer's cache; only device 0 computes logits.
+        var config = ModelPresets.Tiny;
+        var options = new MemoryPlanOptions { MaxBatch = 4, MaxSequenceLength = 640, MaxTokensPerStep = 256 };
+        long free = 1L << 30, weights = 10L << 20;
+        var plan = MemoryPlanner.Plan(config, [new DeviceShare(free, weights, 0, 3, 3, true), new DeviceShare(free, weights + (1 << 20), 0, 3, 3, false)], options);
+        var block = MemoryPlanner.KvBytesPerTokenPerLayer(config) * KvBlockManager.BlockTokens;
+        long Arena(int logitRows) => MemoryPlanner.ActivationArenaBytes(config, 256, logitRows, 4, options.AttentionSplits);
+        var reserve = Math.Max(options.MinReserveBytes, (long)(free * options.ReserveFraction));
+        var left0 = free - weights - Arena(4) - reserve;
+        var left1 = free - weights - (1 << 20) - Arena(0) - reserve;
+        Assert.AreEqual(Math.Min(left0, left1) / (3 * block), plan.KvBlocks);
+        Assert.AreEqual(Arena(4), plan.Devices[0].ActivationBytes);
+        Assert.AreEqual(Arena(0), plan.Devices[1].ActivationBytes);
+        Assert.IsTrue(plan.Devices.All(d => d.CacheLayers == 3 && d.KvBytes == 3 * block * plan.KvBlocks));
+
+        // The pipeline overload is this one over the shares its split implies.
+        var split = MemoryPlanner.Plan(config, [free, free], options with { LayersPerDevice = [1, 2] });
+        Assert.AreEqual(split.KvBlocks, MemoryPlanner.Plan(config, [.. split.Devices.Select((d, i) =>
+            new DeviceShare(d.FreeBytes, d.WeightBytes, d.FirstLayer, d.Layers, d.CacheLayers, ComputesLogits: i == 1))], options).KvBlocks);
+
+        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() =>
+            MemoryPlanner.Plan(config, [new DeviceShare(free, weights, 0, 3, 3, true), new DeviceShare(free, free, 0, 3, 3, false)], options));
+        Assert.AreEqual(1, e.Shortfalls.Single().Device);
+        Assert.AreEqual("weights", e.Shortfalls.Single().Dominant);
+    }
+
+    [TestMethod]
     public void BadArgumentsAreRejected()
     {
         var tiny = ModelPresets.Tiny;
-        Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(tiny, []));
+        Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(tiny, Array.Empty<long>()));
         Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(tiny, [1L << 30, 1L << 30, 1L << 30, 1L << 30]), "more devices than layers");
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MemoryPlanner.Plan(tiny, [-1]));
         Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(tiny, [1L << 30, 1L << 30], new MemoryPlanOptions { LayersPerDevice = [1, 1] }));
