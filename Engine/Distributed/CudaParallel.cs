@@ -164,8 +164,9 @@ public sealed class CudaParallel : IDisposable
     }
 
     /// <summary>Loads <paramref name="checkpoint"/> over these ranks as <paramref name="plan"/> places it (<see cref="ParallelModel.Load"/>).</summary>
-    public ParallelModel Load(Checkpoint checkpoint, PlacementPlan plan, ModelOptions? options = null) =>
-        ParallelModel.Load(checkpoint, plan, Communicator, options);
+    public ParallelModel Load(Checkpoint checkpoint, PlacementPlan plan, ModelOptions? options = null, IProgress<double>? progress = null,
+        CancellationToken cancellationToken = default) =>
+        ParallelModel.Load(checkpoint, plan, Communicator, options, progress, cancellationToken);
 
     /// <summary>Waits for every rank, then frees the backends' scratch and the communicator's buffers (they grow again on demand).</summary>
     public void Trim()

@@ -60,10 +60,18 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
     /// devices need is read from disk once and from the page cache for the other devices (each device's backend still
     /// reads and converts its own copy from the mapped checkpoint; there is no device-to-device fan-out here).
     /// </summary>
+    /// <param name="checkpoint">The opened, validated checkpoint.</param>
+    /// <param name="plan">What goes where.</param>
+    /// <param name="communicator">The devices (owned by the caller).</param>
+    /// <param name="options">Attention form, context length (MTP is never loaded here).</param>
+    /// <param name="progress">Receives the fraction of the placed weight bytes uploaded, from 0 to 1.</param>
+    /// <param name="cancellationToken">Checked before each upload (a layer, or the embedding, norm or head, on one device); a cancelled load disposes what it loaded.</param>
     /// <exception cref="ArgumentException">The plan is for another config or device count.</exception>
     /// <exception cref="NotSupportedException">The config asks for something the engine does not implement.</exception>
     /// <exception cref="CheckpointException">A tensor is missing or has the wrong shape.</exception>
-    public static ParallelModel Load(Checkpoint checkpoint, PlacementPlan plan, ICommunicator communicator, ModelOptions? options = null)
+    /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> fired; nothing stays allocated.</exception>
+    public static ParallelModel Load(Checkpoint checkpoint, PlacementPlan plan, ICommunicator communicator, ModelOptions? options = null,
+        IProgress<double>? progress = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(checkpoint);
         ArgumentNullException.ThrowIfNull(plan);
@@ -94,9 +102,10 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
         var devices = new DeviceWeights[plan.DeviceCount];
         try
         {
-            var uploads = new List<(string Unit, Action Upload)>();
+            var uploads = new List<(int Device, string Unit, Action Upload)>();
             for (var r = 0; r < devices.Length; r++)
             {
+                cancellationToken.ThrowIfCancellationRequested();
                 var b = communicator.Device(r);
                 var shard = plan.Shard(r);
                 var (start, count) = plan.Stages[r];
@@ -112,40 +121,50 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
                 var holdsHead = r == plan.HeadDevice;
                 if (holdsEmbedding)
                 {
-                    uploads.Add((CheckpointLayout.Embedding, () => w.Embed = b.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, d)));
+                    uploads.Add((r, CheckpointLayout.Embedding, () => w.Embed = b.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, d)));
                 }
 
                 if (shard is not null || holdsHead)
                 {
-                    uploads.Add((CheckpointLayout.FinalNorm, () => w.FinalNorm = b.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, d, eps)));
+                    uploads.Add((r, CheckpointLayout.FinalNorm, () => w.FinalNorm = b.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, d, eps)));
                 }
 
                 if (holdsHead)
                 {
                     var head = config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead;
-                    uploads.Add((head, () => w.Head = b.UploadHead(checkpoint, head, config.VocabSize, d)));
+                    uploads.Add((r, head, () => w.Head = b.UploadHead(checkpoint, head, config.VocabSize, d)));
                 }
 
                 for (var i = start; i < start + count; i++)
                 {
                     var layer = i;
-                    uploads.Add((CheckpointLayout.LayerPrefix(layer), () => w.Layers[layer] = DecoderLayer.Load(checkpoint, b, config, layer, shard)));
+                    uploads.Add((r, CheckpointLayout.LayerPrefix(layer), () => w.Layers[layer] = DecoderLayer.Load(checkpoint, b, config, layer, shard)));
                 }
 
                 if (shard is null && start + count < config.NumHiddenLayers)
                 {
                     var next = start + count;
-                    uploads.Add((CheckpointLayout.LayerPrefix(next),
+                    uploads.Add((r, CheckpointLayout.LayerPrefix(next),
                         () => w.NextStageNorm = b.UploadNorm(checkpoint, CheckpointLayout.Layer(config, next).InputNorm, d, eps)));
                 }
             }
 
             // Unit-major, device-minor (see LoadUnit): OrderBy is stable, so a unit's uploads keep device order.
             var rank = UnitRanks(checkpoint, plan);
-            foreach (var (_, upload) in uploads.OrderBy(u => rank.GetValueOrDefault(u.Unit, int.MaxValue)))
+            var ordered = uploads.OrderBy(u => rank.GetValueOrDefault(u.Unit, int.MaxValue)).ToList();
+            var bytes = UnitBytes(plan);
+            var total = Math.Max(1, ordered.Sum(u => bytes.GetValueOrDefault((u.Device, u.Unit))));
+            long done = 0;
+            foreach (var (device, unit, upload) in ordered)
             {
+                cancellationToken.ThrowIfCancellationRequested();
                 upload();
+                done += bytes.GetValueOrDefault((device, unit));
+                progress?.Report((double)done / total);
             }
+
+            cancellationToken.ThrowIfCancellationRequested();
+            progress?.Report(1.0);
         }
         catch
         {
@@ -178,6 +197,19 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
 
         var dot = tensor.IndexOf('.', layers.Length);
         return dot < 0 ? tensor : tensor[..(dot + 1)];
+    }
+
+    /// <summary>Placed bytes per (device, load unit): what each upload adds to the load's progress.</summary>
+    private static Dictionary<(int Device, string Unit), long> UnitBytes(PlacementPlan plan)
+    {
+        var bytes = new Dictionary<(int, string), long>();
+        foreach (var p in plan.Placements)
+        {
+            var key = (p.Device, LoadUnit(p.Tensor));
+            bytes[key] = bytes.GetValueOrDefault(key) + p.Bytes;
+        }
+
+        return bytes;
     }
 
     /// <summary>Each load unit's position: where its first tensor comes in <see cref="PlacementPlan.LoadOrder"/> (shard order, then file order).</summary>

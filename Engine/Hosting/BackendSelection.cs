@@ -49,12 +49,18 @@ internal static class BackendSelection
     /// Creates the backend for <paramref name="device"/> and logs the choice. <paramref name="numerics"/> applies to the
     /// CPU backend (the CUDA backend's numerics are fixed: what <see cref="CpuNumerics.GpuEmulation"/> emulates).
     /// </summary>
+    /// <param name="device">Where to run.</param>
+    /// <param name="numerics">The CPU backend's arithmetic.</param>
+    /// <param name="logger">Receives the choice.</param>
+    /// <param name="gpu">The CUDA device ordinal; null: <see cref="CudaBackendOptions.Device"/>'s default.</param>
     /// <exception cref="DeepSeekCuda.Cuda.CudaUnavailableException">CUDA was requested explicitly and cannot be used.</exception>
-    public static IBackend Create(ComputeDevice device, CpuNumerics numerics = CpuNumerics.Float32, ILogger? logger = null)
+    public static IBackend Create(ComputeDevice device, CpuNumerics numerics = CpuNumerics.Float32, ILogger? logger = null, int? gpu = null)
     {
         logger ??= NullLogger.Instance;
         var chosen = Resolve(device, out var reason);
-        IBackend backend = chosen == ComputeDevice.Cuda ? new CudaBackend() : new CpuBackend(numerics);
+        IBackend backend = chosen == ComputeDevice.Cuda
+            ? new CudaBackend(gpu is { } ordinal ? new CudaBackendOptions { Device = ordinal } : new CudaBackendOptions())
+            : new CpuBackend(numerics);
         logger.LogInformation("Backend {Backend} ({Reason})", backend.Name, reason);
         return backend;
     }

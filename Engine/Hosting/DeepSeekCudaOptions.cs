@@ -24,8 +24,9 @@ public sealed class DeepSeekCudaOptions
     public Func<string, (ILanguageModel Model, ITokenizer Tokenizer)>? Loader { get; set; }
 
     /// <summary>
-    /// How <see cref="LocalModel.Load"/> runs <see cref="ModelPath"/>: device (default Auto), numerics, context
-    /// length (default: sized from max_position_embeddings and memory), tokenizer folder. Its
+    /// How <see cref="LocalModel.Load"/> runs <see cref="ModelPath"/>: device (default Auto), the GPUs and how the
+    /// model is spread over several, numerics, context length (default: sized from max_position_embeddings and
+    /// memory), tokenizer folder. Its
     /// <see cref="LocalModelOptions.ConcurrentSessions"/> is replaced by <c>Chat.MaxBatch</c>.
     /// </summary>
     public LocalModelOptions LoadOptions { get; set; } = new();
@@ -50,6 +51,15 @@ public sealed class DeepSeekCudaOptions
         if (LoadOptions is null)
         {
             return "DeepSeekCudaOptions.LoadOptions: must not be null";
+        }
+
+        try
+        {
+            LoadOptions.CheckGpus();
+        }
+        catch (ArgumentException e)
+        {
+            return $"DeepSeekCudaOptions.LoadOptions.{e.ParamName}: {e.Reason()}";
         }
 
         try

@@ -3,7 +3,9 @@ using System.Text.Json;
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Backends.Cuda;
+using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Kernels;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
@@ -35,8 +37,46 @@ public sealed record LocalModelOptions
     /// </summary>
     public int ConcurrentSessions { get; init; } = 16;
 
+    /// <summary>
+    /// The GPUs (CUDA device ordinals) to run on. Null (default): GPU 0 when the CUDA backend runs. One ordinal: that GPU.
+    /// Several (at most 8, each listed once): the model is spread over them, one rank per GPU, as <see cref="Placement"/>
+    /// says (<see cref="ParallelModel"/>), which is how a model larger than one GPU (DeepSeek-V3/R1) runs. Needs the CUDA
+    /// backend: refused with <see cref="ComputeDevice.Cpu"/>, and <see cref="ComputeDevice.Auto"/> then requires CUDA.
+    /// </summary>
+    public IReadOnlyList<int>? Gpus { get; init; }
+
+    /// <summary>
+    /// How a model on several GPUs is spread; null (default): <see cref="PlacementPlan.Choose"/> on the GPUs' free memory
+    /// (tensor/expert parallel when it fits, else a pipeline). Ignored on one device.
+    /// </summary>
+    public PlacementKind? Placement { get; init; }
+
     /// <summary>Creates the backend instead of <see cref="BackendSelection"/> (tests observe what a failed load disposes).</summary>
     internal Func<IBackend>? BackendFactory { get; init; }
+
+    /// <summary>Creates the devices of a load over several <see cref="Gpus"/> instead of CUDA (tests: simulated devices that declare their free bytes).</summary>
+    internal Func<int, DeviceGroup>? DevicesFactory { get; init; }
+
+    /// <summary>Refuses a <see cref="Gpus"/> list that names no GPU, one twice, a negative ordinal or more than 8, or one with the CPU backend.</summary>
+    internal void CheckGpus()
+    {
+        if (Gpus is not { } gpus)
+        {
+            return;
+        }
+
+        var list = $"[{string.Join(", ", gpus)}]";
+        var problem = gpus.Count == 0 ? "lists no GPU (leave it null for the default)"
+            : gpus.Count > AllReduceKernel.MaxRanks ? $"lists {gpus.Count} GPUs; at most {AllReduceKernel.MaxRanks} run one model"
+            : gpus.FirstOrDefault(g => g < 0) is var n && n < 0 ? $"names GPU {n}, which is not a device ordinal"
+            : gpus.GroupBy(g => g).FirstOrDefault(g => g.Count() > 1) is { } twice ? $"names GPU {twice.Key} twice"
+            : Device == ComputeDevice.Cpu ? "needs the CUDA backend, and Device is Cpu"
+            : null;
+        if (problem is not null)
+        {
+            throw new ArgumentException($"{list} {problem}", nameof(Gpus));
+        }
+    }
 
     /// <summary>Folder holding tokenizer.json (and tokenizer_config.json) when the checkpoint folder has none; null: the checkpoint folder.</summary>
     public string? TokenizerDirectory { get; init; }
@@ -55,22 +95,26 @@ public sealed record LocalModelOptions
 /// </summary>
 public sealed class LocalModel : ILanguageModel
 {
-    private readonly IBackend _backend;
+    private readonly IDisposable _devices;
 
-    private LocalModel(string directory, DeepSeekModel model, BpeTokenizer tokenizer, ChatTemplateKind kind, IBackend backend)
+    private LocalModel(string directory, ILanguageModel model, PlacementPlan? placement, BpeTokenizer tokenizer, ChatTemplateKind kind, IDisposable devices)
     {
         Directory = directory;
         Model = model;
+        Placement = placement;
         Tokenizer = tokenizer;
         TemplateKind = kind;
-        _backend = backend;
+        _devices = devices;
     }
 
     /// <summary>The checkpoint folder.</summary>
     public string Directory { get; }
 
-    /// <summary>The model.</summary>
-    public DeepSeekModel Model { get; }
+    /// <summary>The model: a <see cref="DeepSeekModel"/> on one device, a <see cref="ParallelModel"/> over several.</summary>
+    public ILanguageModel Model { get; }
+
+    /// <summary>Where the weights went over several devices; null on one.</summary>
+    public PlacementPlan? Placement { get; }
 
     /// <summary>The checkpoint's tokenizer.</summary>
     public BpeTokenizer Tokenizer { get; }
@@ -80,11 +124,12 @@ public sealed class LocalModel : ILanguageModel
 
     /// <summary>
     /// Validates and loads <paramref name="directory"/> (config, shards, tokenizer.json) onto the backend
-    /// <see cref="LocalModelOptions.Device"/> selects. Everything is checked before weights are read; a failure
-    /// or a cancellation leaves nothing loaded (the backend is disposed).
+    /// <see cref="LocalModelOptions.Device"/> selects, or spread over the <see cref="LocalModelOptions.Gpus"/> when it
+    /// lists several. Everything is checked before weights are read; a failure or a cancellation leaves nothing
+    /// loaded (the backends are disposed).
     /// </summary>
     /// <param name="directory">The checkpoint folder.</param>
-    /// <param name="options">Device, numerics, context length, tokenizer folder, chat format.</param>
+    /// <param name="options">Device, GPUs and placement, numerics, context length, tokenizer folder, chat format.</param>
     /// <param name="progress">Receives the fraction of the weights loaded.</param>
     /// <param name="logger">Receives the backend choice, the context length with its reason, and the "Loaded ..." summary.</param>
     /// <param name="cancellationToken">Checked between layers while weights load.</param>
@@ -92,12 +137,16 @@ public sealed class LocalModel : ILanguageModel
     /// <exception cref="TokenizerFormatException">tokenizer.json is missing or malformed.</exception>
     /// <exception cref="DeepSeekCuda.Cuda.CudaUnavailableException">CUDA was requested and cannot be used.</exception>
     /// <exception cref="ArgumentOutOfRangeException">MaxSequenceLength is above max_position_embeddings or what memory holds (ParamName <c>MaxSequenceLength</c>).</exception>
+    /// <exception cref="ArgumentException">A bad <see cref="LocalModelOptions.Gpus"/> list (ParamName <c>Gpus</c>), checked before anything is read.</exception>
+    /// <exception cref="PlacementException">The model does not fit the GPUs, or the requested placement cannot split it.</exception>
+    /// <exception cref="InsufficientDeviceMemoryException">A device cannot hold its weights with a cache for the concurrent sessions.</exception>
     /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> fired.</exception>
     public static LocalModel Load(string directory, LocalModelOptions? options = null, IProgress<double>? progress = null, ILogger? logger = null, CancellationToken cancellationToken = default)
     {
         options ??= new LocalModelOptions();
         logger ??= NullLogger.Instance;
         ArgumentOutOfRangeException.ThrowIfLessThan(options.ConcurrentSessions, 1, nameof(LocalModelOptions.ConcurrentSessions));
+        options.CheckGpus();
         var started = Stopwatch.StartNew();
         using var checkpoint = Checkpoint.Open(directory);
         var tokenizerDirectory = options.TokenizerDirectory ?? checkpoint.Directory;
@@ -110,7 +159,12 @@ public sealed class LocalModel : ILanguageModel
         }
 
         cancellationToken.ThrowIfCancellationRequested();
-        var backend = options.BackendFactory?.Invoke() ?? BackendSelection.Create(options.Device, options.Numerics, logger);
+        if (options.Gpus is { Count: > 1 } gpus)
+        {
+            return LoadSpread(checkpoint, tokenizer, tokenizerDirectory, options, gpus.Count, progress, logger, started, cancellationToken);
+        }
+
+        var backend = options.BackendFactory?.Invoke() ?? BackendSelection.Create(options.Gpus is null ? options.Device : ComputeDevice.Cuda, options.Numerics, logger, options.Gpus?[0]);
         try
         {
             var mtp = checkpoint.Config.NumNextNPredictLayers > 0;
@@ -119,16 +173,54 @@ public sealed class LocalModel : ILanguageModel
                 : ContextSize.ChooseForCpu(checkpoint.Config, ContextSize.AvailableHostBytes(), options.ConcurrentSessions, mtp, options.MaxSequenceLength);
             Log.ContextChosen(logger, context.Tokens, context.Reason);
             var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);
-            var kind = options.TemplateKind ?? DetectTemplate(tokenizerDirectory);
-            logger.LogInformation("Loaded {Directory}: {Bytes} bytes of weights in {Seconds:F2} s ({Config}), {Template} chat format",
-                checkpoint.Directory, checkpoint.TotalTensorBytes, started.Elapsed.TotalSeconds, checkpoint.Config, kind);
-            return new LocalModel(checkpoint.Directory, model, tokenizer, kind, backend);
+            return Loaded(checkpoint, model, placement: null, tokenizer, tokenizerDirectory, options, new Owned(model, backend), logger, started);
         }
         catch
         {
             backend.Dispose();
             throw;
         }
+    }
+
+    /// <summary>
+    /// The load over several devices: the CUDA ranks (or the test factory's devices), a placement that fits their free
+    /// memory, the context their memory leaves, then <see cref="ParallelModel.Load"/>. A failure disposes the devices.
+    /// </summary>
+    private static LocalModel LoadSpread(Checkpoint checkpoint, BpeTokenizer tokenizer, string tokenizerDirectory, LocalModelOptions options, int count,
+        IProgress<double>? progress, ILogger logger, Stopwatch started, CancellationToken cancellationToken)
+    {
+        var group = options.DevicesFactory?.Invoke(count) ?? DeviceGroup.Cuda(options.Gpus!);
+        try
+        {
+            Log.DevicesOpened(logger, count, group.Description);
+            var config = checkpoint.Config;
+            var plan = options.Placement switch
+            {
+                PlacementKind.Pipeline => PlacementPlan.Pipeline(config, count),
+                PlacementKind.TensorExpertParallel => PlacementPlan.TensorExpertParallel(config, count),
+                _ => PlacementPlan.Choose(config, count, group.FreeBytes.Min(), fullExpertStacks: group.FullExpertStacks),
+            };
+            Log.PlacementChosen(logger, ContextSize.PlacementName(plan.Kind), count, options.Placement is null ? "auto" : "requested",
+                string.Join(", ", Enumerable.Range(0, count).Select(d => $"{plan.BytesOn(d, group.FullExpertStacks) / (double)(1L << 30):F2}")));
+            var context = ContextSize.ChooseForDevices(config, plan, group.FreeBytes, options.ConcurrentSessions, group.FullExpertStacks, options.MaxSequenceLength);
+            Log.ContextChosen(logger, context.Tokens, context.Reason);
+            var model = ParallelModel.Load(checkpoint, plan, group.Communicator, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);
+            return Loaded(checkpoint, model, plan, tokenizer, tokenizerDirectory, options, new Owned(model, group.Owner), logger, started);
+        }
+        catch
+        {
+            group.Owner.Dispose();
+            throw;
+        }
+    }
+
+    private static LocalModel Loaded(Checkpoint checkpoint, ILanguageModel model, PlacementPlan? placement, BpeTokenizer tokenizer, string tokenizerDirectory,
+        LocalModelOptions options, IDisposable devices, ILogger logger, Stopwatch started)
+    {
+        var kind = options.TemplateKind ?? DetectTemplate(tokenizerDirectory);
+        logger.LogInformation("Loaded {Directory}: {Bytes} bytes of weights in {Seconds:F2} s ({Config}), {Template} chat format",
+            checkpoint.Directory, checkpoint.TotalTensorBytes, started.Elapsed.TotalSeconds, checkpoint.Config, kind);
+        return new LocalModel(checkpoint.Directory, model, placement, tokenizer, kind, devices);
     }
 
     /// <inheritdoc />
@@ -183,10 +275,45 @@ public sealed class LocalModel : ILanguageModel
         return ChatTemplateKind.R1;
     }
 
-    /// <summary>Releases the model and its backend.</summary>
-    public void Dispose()
+    /// <summary>Releases the model and its backends.</summary>
+    public void Dispose() => _devices.Dispose();
+
+    /// <summary>The model, then what holds its devices (a model's weights go before the backends they live on).</summary>
+    private sealed class Owned(IDisposable model, IDisposable devices) : IDisposable
     {
-        Model.Dispose();
-        _backend.Dispose();
+        public void Dispose()
+        {
+            model.Dispose();
+            devices.Dispose();
+        }
+    }
+}
+
+/// <summary>The devices of a load over several GPUs: their communicator, what owns them, and what each has free.</summary>
+/// <param name="Communicator">The devices and their collectives.</param>
+/// <param name="Owner">Disposes the devices (and the communicator).</param>
+/// <param name="FreeBytes">Free memory per device before the weights load.</param>
+/// <param name="FullExpertStacks">The backends stack all E expert slots on every device (<see cref="PlacementPlan.BytesOn(int, bool)"/>).</param>
+/// <param name="Description">For the log: which devices.</param>
+internal sealed record DeviceGroup(ICommunicator Communicator, IDisposable Owner, IReadOnlyList<long> FreeBytes, bool FullExpertStacks, string Description)
+{
+    /// <summary>One CUDA rank per GPU of <paramref name="gpus"/> (<see cref="CudaParallel.Devices"/>).</summary>
+    /// <exception cref="DeepSeekCuda.Cuda.CudaUnavailableException">CUDA cannot be used here.</exception>
+    public static DeviceGroup Cuda(IReadOnlyList<int> gpus) => Of(CudaParallel.Devices(gpus));
+
+    /// <summary>The ranks of <paramref name="parallel"/> (owned from here on; disposed if this throws).</summary>
+    public static DeviceGroup Of(CudaParallel parallel)
+    {
+        try
+        {
+            var free = parallel.Backends.Select(b => b.Device.MemoryInfo().Free).ToArray();
+            var names = string.Join(", ", parallel.Backends.Select((b, r) => $"rank {r}: GPU {b.Device.Ordinal} {b.Device.Name}"));
+            return new DeviceGroup(parallel.Communicator, parallel, free, FullExpertStacks: true, names);
+        }
+        catch
+        {
+            parallel.Dispose();
+            throw;
+        }
     }
 }

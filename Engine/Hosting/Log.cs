@@ -18,4 +18,10 @@ internal static partial class Log
 
     [LoggerMessage(EventId = 5, Level = LogLevel.Information, Message = "Context length {Tokens} tokens per request: {Reason}")]
     public static partial void ContextChosen(ILogger logger, int tokens, string reason);
+
+    [LoggerMessage(EventId = 6, Level = LogLevel.Information, Message = "Devices: {Count} ({Devices})")]
+    public static partial void DevicesOpened(ILogger logger, int count, string devices);
+
+    [LoggerMessage(EventId = 7, Level = LogLevel.Information, Message = "Placement {Placement} over {Count} devices ({Why}): {GibPerDevice} GiB of weights per device")]
+    public static partial void PlacementChosen(ILogger logger, string placement, int count, string why, string gibPerDevice);
 }

@@ -15,6 +15,11 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// <summary>Every weight uploaded: tensor name and slice (null for the whole tensor). Scale grids come with their FP8 weight.</summary>
     public IReadOnlyList<(string Tensor, TensorSlice? Slice)> Received => _received;
 
+    private readonly List<BackendResource> _weights = [];
+
+    /// <summary>Every weight handle this device returned, in upload order (tests check that a cancelled load disposed them all).</summary>
+    public IReadOnlyList<BackendResource> Weights => _weights;
+
     private int _allocations;
 
     public string Name => "recording " + inner.Name;
@@ -24,6 +29,13 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
     /// <summary>Block tables copied to the backend so far.</summary>
     public int TableUploads { get; private set; }
+
+    private T Kept<T>(T weight)
+        where T : BackendResource
+    {
+        _weights.Add(weight);
+        return weight;
+    }
 
     private T Counted<T>(T resource)
     {
@@ -41,32 +53,32 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
     {
         Record(spec);
-        return inner.UploadLinear(checkpoint, spec);
+        return Kept(inner.UploadLinear(checkpoint, spec));
     }
 
     public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon)
     {
         _received.Add((name, null));
-        return inner.UploadNorm(checkpoint, name, width, epsilon);
+        return Kept(inner.UploadNorm(checkpoint, name, width, epsilon));
     }
 
     public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width)
     {
         _received.Add((name, null));
-        return inner.UploadEmbedding(checkpoint, name, rows, width);
+        return Kept(inner.UploadEmbedding(checkpoint, name, rows, width));
     }
 
     public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width)
     {
         _received.Add((name, null));
-        return inner.UploadHead(checkpoint, name, vocab, width);
+        return Kept(inner.UploadHead(checkpoint, name, vocab, width));
     }
 
     public GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options)
     {
         _received.Add((weight, null));
         _received.Add((bias, null));
-        return inner.UploadGate(checkpoint, weight, bias, width, options);
+        return Kept(inner.UploadGate(checkpoint, weight, bias, width, options));
     }
 
     public ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared)
@@ -76,10 +88,10 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
             Record(spec);
         }
 
-        return inner.UploadExperts(checkpoint, experts, shared);
+        return Kept(inner.UploadExperts(checkpoint, experts, shared));
     }
 
-    public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs) => inner.UploadRope(cos, sin, positions, pairs);
+    public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs) => Kept(inner.UploadRope(cos, sin, positions, pairs));
     public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => Counted(inner.AllocateLatentCache(capacity, latentDim, ropeDim));
 
     public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) => Counted(inner.AllocateLatentPool(blocks, latentDim, ropeDim));

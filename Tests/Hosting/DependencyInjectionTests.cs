@@ -58,6 +58,7 @@ public sealed class DependencyInjectionTests
     [DataRow("MaxBatch", "DeepSeekCudaOptions.Chat.MaxBatch")]
     [DataRow("ModelPath", "DeepSeekCudaOptions.ModelPath: set a checkpoint folder")]
     [DataRow("AutoRate", "DeepSeekCudaOptions.Chat.SpeculativeAutoMinAcceptanceRate")]
+    [DataRow("Gpus", "DeepSeekCudaOptions.LoadOptions.Gpus: [0, 0] names GPU 0 twice")]
     public async Task BadOptionsFailAtHostStartNamingTheField(string broken, string expected)
     {
         using var host = new HostBuilder().ConfigureServices(services => services.AddDeepSeekCuda(o =>
@@ -71,6 +72,10 @@ public sealed class DependencyInjectionTests
             else if (broken == "AutoRate")
             {
                 o.Chat.SpeculativeAutoMinAcceptanceRate = 1.5;
+            }
+            else if (broken == "Gpus")
+            {
+                o.LoadOptions = new LocalModelOptions { Gpus = [0, 0] };
             }
         })).Build();
         var e = await Assert.ThrowsExactlyAsync<OptionsValidationException>(() => host.StartAsync());

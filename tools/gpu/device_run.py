@@ -32,6 +32,7 @@ FAILED = {"Failed", "Error", "Timeout", "Aborted"}
 FIRST = ["KernelGpuTests", "Bf16GemmGpuTests", "Fp8GemmGpuTests", "MoeGateGpuTests", "MoeDispatchGpuTests",
          "MoeGroupedGemmGpuTests", "MlaGpuTests", "MlaPrefillGpuTests", "CublasGpuTests", "WeightUploadGpuTests"]
 LAST = ["CudaBackendGpuTests", "AllReduceGpuTests", "CudaModelGpuTests", "PagedStepRunnerGpuTests", "CudaParallelGpuTests",
+        "LocalModelDevicesGpuTests",
         "Bf16MmaGpuTests", "MoeGateTensorCoreGpuTests", "Fp8WgmmaGpuTests", "MoeWgmmaGpuTests"]
 EXIT_OK, EXIT_FAILED, EXIT_NO_DEVICE = 0, 1, 3
 
