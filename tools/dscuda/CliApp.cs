@@ -84,7 +84,9 @@ public static class CliApp
     private static bool IsUserError(Exception e) =>
         e is CheckpointException or UserErrorException or FileNotFoundException or DirectoryNotFoundException
             or UnauthorizedAccessException or FormatException or InvalidDataException or ArgumentException
-            or IOException or DeepSeekCuda.Inference.NonFiniteLogitsException;
+            or IOException or DeepSeekCuda.Inference.NonFiniteLogitsException
+            // The model does not fit the hardware: the message says what each device needs and has.
+            or DeepSeekCuda.Serving.InsufficientDeviceMemoryException or DeepSeekCuda.Distributed.PlacementException;
 
     // A mismatch report lists many tensors over several lines; keep them, but indent so the first line
     // still reads as the error.

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Serving;
@@ -8,7 +9,7 @@ namespace DeepSeekCuda.Cli;
 
 /// <summary>
 /// The options of every command that loads a model to generate with: <c>--model</c>, <c>--tokenizer</c>,
-/// <c>--device</c>, <c>--ctx-size</c>, <c>--mtp</c>, with <see cref="Load"/> and <see cref="ChatClientOptions"/>
+/// <c>--device</c>, <c>--gpus</c>, <c>--placement</c>, <c>--ctx-size</c>, <c>--mtp</c>, with <see cref="Load"/> and <see cref="ChatClientOptions"/>
 /// so a command needs one call for each. <c>logits</c> takes only <c>--model</c> and <c>--device</c>
 /// (<c>generation: false</c>): it runs one prefill of a length it knows, without tokenizer or MTP.
 /// </summary>
@@ -16,6 +17,8 @@ internal sealed class ModelArguments
 {
     private readonly Option<string?> _model = ModelOption.Create();
     private readonly Option<string> _device = DeviceOption.Create();
+    private readonly Option<string?> _gpus = GpuOption.CreateGpus();
+    private readonly Option<string> _placement = GpuOption.CreatePlacement();
     private readonly Option<string?> _tokenizer = new("--tokenizer")
     {
         Description = "Folder with tokenizer.json (and tokenizer_config.json) when the checkpoint folder has none",
@@ -46,6 +49,8 @@ internal sealed class ModelArguments
         command.Add(_device);
         if (_generation)
         {
+            command.Add(_gpus);
+            command.Add(_placement);
             command.Add(_tokenizer);
             command.Add(_ctxSize);
             command.Add(_mtp);
@@ -57,6 +62,22 @@ internal sealed class ModelArguments
 
     /// <summary>The backend --device asks for (cuda must be usable here).</summary>
     public ComputeDevice Device(ParseResult parse) => DeviceOption.Parse(parse.GetValue(_device));
+
+    /// <summary>
+    /// The backend --device asks for and the GPUs --gpus names (null: not given), both checked: cuda or a GPU list must be
+    /// usable here, and a GPU list goes with --device auto or cuda.
+    /// </summary>
+    public (ComputeDevice Device, IReadOnlyList<int>? Gpus) Devices(ParseResult parse)
+    {
+        var device = Device(parse);
+        var given = parse.GetValue(_gpus);
+        if (given is not null && device == ComputeDevice.Cpu)
+        {
+            throw new UserErrorException($"--gpus {given}: runs on the CUDA backend; drop --device cpu or --gpus");
+        }
+
+        return (device, GpuOption.Parse(given));
+    }
 
     /// <summary>The speculative decoding --mtp asks for.</summary>
     public SpeculativeDecodingMode Mtp(ParseResult parse) => parse.GetValue(_mtp) switch
@@ -83,13 +104,16 @@ internal sealed class ModelArguments
             throw new UserErrorException($"--ctx-size {ctx}: must be at least 1");
         }
 
-        var device = Device(parse);
+        var (device, gpus) = _generation ? Devices(parse) : (Device(parse), null);
+        var placement = GpuOption.Placement(parse.GetValue(_placement));
         var mtp = Mtp(parse);
         var dir = ModelDirectory(parse, log);
         var tokenizer = parse.GetValue(_tokenizer) is { Length: > 0 } t ? t : null;
         var options = new LocalModelOptions
         {
             Device = device,
+            Gpus = gpus,
+            Placement = placement,
             MaxSequenceLength = ctx,
             ConcurrentSessions = concurrentRequests,
             TokenizerDirectory = tokenizer,
@@ -112,6 +136,14 @@ internal sealed class ModelArguments
         catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(LocalModelOptions.MaxSequenceLength))
         {
             throw new UserErrorException($"--ctx-size {ctx}: {e.Reason()}");
+        }
+        catch (ArgumentException e) when (e.ParamName == nameof(LocalModelOptions.Gpus))
+        {
+            throw new UserErrorException($"--gpus {parse.GetValue(_gpus)}: {e.Reason()}");
+        }
+        catch (PlacementException e)
+        {
+            throw new UserErrorException($"--gpus {parse.GetValue(_gpus)} --placement {parse.GetValue(_placement)}: {e.Message}");
         }
         catch (FileNotFoundException e) when (tokenizer is null && Path.GetFileName(e.FileName) == "tokenizer.json")
         {

@@ -35,7 +35,7 @@ internal static class ServeCommand
         model.AddTo(command);
         command.SetAction(async (parse, cancellationToken) =>
         {
-            model.Device(parse); // an unusable --device cuda is refused before the port is bound
+            model.Devices(parse); // an unusable --device cuda or --gpus list is refused before the port is bound
             var output = parse.InvocationConfiguration.Output;
             var log = parse.InvocationConfiguration.Error;
             if (parse.GetValue(port) is < 0 or > 65535)
