@@ -22,6 +22,8 @@ public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason);
 /// caches of <c>sessions</c> concurrent requests. The rest is for activations, the runtime and the machine.</item>
 /// <item>CUDA: <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{long}, MemoryPlanOptions?)"/> on the device's free memory (weights, activation arena,
 /// reserve, then BF16 cache blocks); the blocks left are shared by <c>sessions</c> full-length requests.</item>
+/// <item>Several devices: the same planner over each device's share of the placement (<see cref="ChooseForDevices"/>);
+/// one block index addresses a block on every device, so the device with the least room bounds the pool.</item>
 /// </list>
 /// The result is a whole number of 64-token cache blocks, at most <c>max_position_embeddings</c>, and never
 /// below <see cref="MinimumTokens"/> (or the model's maximum when that is smaller).
