@@ -1,7 +1,6 @@
 using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Tests.Cuda;
-using Microsoft.Extensions.AI;
 using CudaRt = DeepSeekCuda.Cuda.Cuda;
 
 namespace DeepSeekCuda.Tests.Hosting;
@@ -39,19 +38,7 @@ public sealed class LocalModelDevicesGpuTests
     [TestCleanup]
     public void CheckContext() => GpuGuard.After(TestContext);
 
-    private static (string Text, int Tokens) Answer(LocalModel local)
-    {
-        using var client = local.CreateChatClient();
-        var response = client.GetResponseAsync([new ChatMessage(ChatRole.User, "Why is the sky blue?")],
-            new ChatOptions { Temperature = 0, MaxOutputTokens = MaxTokens }).GetAwaiter().GetResult();
-        var text = string.Concat(response.Messages.SelectMany(m => m.Contents).Select(c => c switch
-        {
-            TextReasoningContent r => "[r]" + r.Text,
-            TextContent t => "[a]" + t.Text,
-            _ => "",
-        }));
-        return (text, (int)(response.Usage?.OutputTokenCount ?? 0));
-    }
+    private static (string Text, int Tokens) Answer(LocalModel local) => LocalModelDevicesTests.Answer(local, MaxTokens);
 
     private static (string Text, int Tokens) OneGpu()
     {

@@ -35,19 +35,25 @@ public sealed class LocalModelDevicesTests
     [ClassCleanup]
     public static void Cleanup() => Directory.Delete(s_dir, true);
 
-    private static string Answer(LocalModel local)
+    /// <summary>
+    /// The greedy answer of <paramref name="local"/> to one question, reasoning and answer parts marked (the demo is R1-style:
+    /// most of a short answer is reasoning), and the tokens generated.
+    /// </summary>
+    internal static (string Text, int Tokens) Answer(LocalModel local, int maxTokens)
     {
-        // The demo is R1-style: most of a short answer is reasoning, so both parts count.
         using var client = local.CreateChatClient();
         var response = client.GetResponseAsync([new ChatMessage(ChatRole.User, "Why is the sky blue?")],
-            new ChatOptions { Temperature = 0, MaxOutputTokens = 20 }).GetAwaiter().GetResult();
-        return string.Concat(response.Messages.SelectMany(m => m.Contents).Select(c => c switch
+            new ChatOptions { Temperature = 0, MaxOutputTokens = maxTokens }).GetAwaiter().GetResult();
+        var text = string.Concat(response.Messages.SelectMany(m => m.Contents).Select(c => c switch
         {
             TextReasoningContent r => "[r]" + r.Text,
             TextContent t => "[a]" + t.Text,
             _ => "",
         }));
+        return (text, (int)(response.Usage?.OutputTokenCount ?? 0));
     }
+
+    private static string Answer(LocalModel local) => Answer(local, 20).Text;
 
     /// <summary>N recording CPU devices and their host communicator, each declaring <paramref name="free"/> bytes free.</summary>
     private sealed class Simulated(long free = FreeBytes, bool fullExpertStacks = false)
