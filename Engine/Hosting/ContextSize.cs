@@ -97,18 +97,15 @@ public static class ContextSize
     /// over each device's share (its weights; the latent caches of the layers it runs, every layer under tensor parallelism;
     /// the logits where lm_head runs). The multi-device model has no MTP layer.
     /// </summary>
-    /// <param name="config">The model.</param>
-    /// <param name="plan">The placement.</param>
+    /// <param name="plan">The placement (and the model's config).</param>
     /// <param name="freeBytes">Free bytes per device, in the plan's device order.</param>
     /// <param name="sessions">Requests holding a session at once.</param>
     /// <param name="fullExpertStacks">The backend stacks all E expert slots on every device (<see cref="PlacementPlan.BytesOn(int, bool)"/>).</param>
     /// <param name="requested">An explicit length: checked against the limit instead of chosen; null to choose.</param>
     /// <exception cref="InsufficientDeviceMemoryException">Some device cannot hold its weights, arena and reserve with one cache block per request.</exception>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="requested"/> is above the limit (ParamName <c>MaxSequenceLength</c>).</exception>
-    public static ContextSizeChoice ChooseForDevices(ModelConfig config, PlacementPlan plan, IReadOnlyList<long> freeBytes, int sessions, bool fullExpertStacks,
-        int? requested = null)
+    public static ContextSizeChoice ChooseForDevices(PlacementPlan plan, IReadOnlyList<long> freeBytes, int sessions, bool fullExpertStacks, int? requested = null)
     {
-        ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(plan);
         ArgumentNullException.ThrowIfNull(freeBytes);
         ArgumentOutOfRangeException.ThrowIfLessThan(sessions, 1);
@@ -119,6 +116,7 @@ public static class ContextSize
 
         var shares = Enumerable.Range(0, plan.DeviceCount).Select(d => new DeviceShare(freeBytes[d], plan.BytesOn(d, fullExpertStacks),
             plan.Stages[d].Start, plan.Stages[d].Count, plan.Stages[d].Count, d == plan.HeadDevice)).ToArray();
+        var config = plan.Config;
         var memory = MemoryPlanner.Plan(config, shares, GpuPlanOptions(sessions, mtp: false));
         var fit = (long)memory.KvBlocks / sessions * KvBlockManager.BlockTokens;
         // The device that bounds the pool: the fewest blocks in what it has left.
@@ -129,7 +127,7 @@ public static class ContextSize
     }
 
     /// <summary>How a placement kind reads in log lines and messages.</summary>
-    public static string PlacementName(PlacementKind kind) => kind == PlacementKind.Pipeline ? "pipeline" : "tensor/expert parallel";
+    internal static string PlacementName(PlacementKind kind) => kind == PlacementKind.Pipeline ? "pipeline" : "tensor/expert parallel";
 
     /// <summary>
     /// Memory available to this process now: the smaller of the GC's limit (a container's memory limit

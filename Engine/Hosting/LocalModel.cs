@@ -202,7 +202,7 @@ public sealed class LocalModel : ILanguageModel
             };
             Log.PlacementChosen(logger, ContextSize.PlacementName(plan.Kind), count, options.Placement is null ? "auto" : "requested",
                 string.Join(", ", Enumerable.Range(0, count).Select(d => $"{plan.BytesOn(d, group.FullExpertStacks) / (double)(1L << 30):F2}")));
-            var context = ContextSize.ChooseForDevices(config, plan, group.FreeBytes, options.ConcurrentSessions, group.FullExpertStacks, options.MaxSequenceLength);
+            var context = ContextSize.ChooseForDevices(plan, group.FreeBytes, options.ConcurrentSessions, group.FullExpertStacks, options.MaxSequenceLength);
             Log.ContextChosen(logger, context.Tokens, context.Reason);
             var model = ParallelModel.Load(checkpoint, plan, group.Communicator, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);
             return Loaded(checkpoint, model, plan, tokenizer, tokenizerDirectory, options, new Owned(model, group.Owner), logger, started);

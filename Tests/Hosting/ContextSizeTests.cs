@@ -111,7 +111,7 @@ public sealed class ContextSizeTests
         var plan = PlacementPlan.Pipeline(v3, 8);
         var free = Enumerable.Repeat(139L << 30, 8).ToArray();
         free[5] = 100L << 30; // another process holds memory on one GPU
-        var choice = ContextSize.ChooseForDevices(v3, plan, free, sessions: 16, fullExpertStacks: true);
+        var choice = ContextSize.ChooseForDevices(plan, free, sessions: 16, fullExpertStacks: true);
         var shares = Enumerable.Range(0, 8).Select(d => new DeviceShare(free[d], plan.BytesOn(d), plan.Stages[d].Start, plan.Stages[d].Count,
             plan.Stages[d].Count, d == 7)).ToArray();
         int FullLengthRequests(int tokens) => MemoryPlanner.Plan(v3, shares,
@@ -123,10 +123,10 @@ public sealed class ContextSizeTests
 
         // Tensor/expert parallel with CudaBackend's full expert stacks does not fit: the planner names the devices short of it.
         var tp = PlacementPlan.TensorExpertParallel(v3, 8);
-        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => ContextSize.ChooseForDevices(v3, tp, free, 16, fullExpertStacks: true));
+        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => ContextSize.ChooseForDevices(tp, free, 16, fullExpertStacks: true));
         Assert.HasCount(8, e.Shortfalls);
         Assert.IsTrue(e.Shortfalls.All(s => s.Dominant == "weights" && s.WeightBytes == tp.BytesOn(s.Device, true)));
-        Assert.ThrowsExactly<ArgumentException>(() => ContextSize.ChooseForDevices(v3, tp, free[..4], 16, true));
+        Assert.ThrowsExactly<ArgumentException>(() => ContextSize.ChooseForDevices(tp, free[..4], 16, true));
     }
 
     [TestMethod]
