@@ -125,6 +125,7 @@ public sealed class PlacementPlan
             ? BytesOn(device)
             : BytesOn(device) + Placements.Where(p => p.Device != device && IsRoutedExpert(p.Tensor)).Sum(p => p.Bytes);
 
+    /// <summary>Whether <paramref name="tensor"/> belongs to a routed expert (<c>model.layers.{i}.mlp.experts.{e}.…</c>, scales included).</summary>
     private static bool IsRoutedExpert(string tensor) =>
         tensor.StartsWith("model.layers.", StringComparison.Ordinal) && tensor.Contains(".mlp.experts.", StringComparison.Ordinal);
 
@@ -473,10 +474,9 @@ public sealed class PlacementPlan
 
             // Replicated: everything of the layer that is neither sliced nor a routed expert.
             var taken = new HashSet<string>(sliced.SelectMany(s => new[] { s.Weight, s.Scale }));
-            var expertPrefix = CheckpointLayout.LayerPrefix(layer) + "mlp.experts.";
             foreach (var t in Expected.Values.Where(t => t.Layer == layer))
             {
-                if (taken.Contains(t.Name) || t.Name.StartsWith(expertPrefix, StringComparison.Ordinal)
+                if (taken.Contains(t.Name) || IsRoutedExpert(t.Name)
                     || (n.IsMtp && (t.Name == n.MtpEmbedding || t.Name == n.MtpHead)))
                 {
                     continue;

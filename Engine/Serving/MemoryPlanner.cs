@@ -168,6 +168,11 @@ public static class MemoryPlanner
             throw new ArgumentException($"need 1..{config.NumHiddenLayers} devices (one layer each at least), got {devices}", nameof(freeBytes));
         }
 
+        if (freeBytes.Any(b => b < 0))
+        {
+            throw new ArgumentOutOfRangeException(nameof(freeBytes), "free bytes must be >= 0");
+        }
+
         options.Validate(config.NumHiddenLayers, devices);
         var split = options.LayersPerDevice ?? EvenSplit(config.NumHiddenLayers, devices);
         var mtp = options.IncludeMtp && config.NumNextNPredictLayers > 0;
@@ -204,7 +209,7 @@ public static class MemoryPlanner
             first += split[d];
         }
 
-        return Plan(config, shares, options);
+        return PlanShares(config, shares, options);
     }
 
     /// <summary>
@@ -231,6 +236,12 @@ public static class MemoryPlanner
         }
 
         (options with { LayersPerDevice = null }).Validate(config.NumHiddenLayers, devices.Count);
+        return PlanShares(config, devices, options);
+    }
+
+    /// <summary>The plan over validated shares and options (both overloads' common part).</summary>
+    private static MemoryPlan PlanShares(ModelConfig config, IReadOnlyList<DeviceShare> devices, MemoryPlanOptions options)
+    {
         var logitRows = checked(options.MaxBatch * (1 + options.DraftTokens));
         var tokens = Math.Max(options.MaxTokensPerStep, logitRows);
         var kvPerTokenLayer = KvBytesPerTokenPerLayer(config);
