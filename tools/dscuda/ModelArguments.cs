@@ -104,7 +104,7 @@ internal sealed class ModelArguments
             throw new UserErrorException($"--ctx-size {ctx}: must be at least 1");
         }
 
-        var (device, gpus) = _generation ? Devices(parse) : (Device(parse), null);
+        var (device, gpus) = Devices(parse);
         var placement = GpuOption.Placement(parse.GetValue(_placement));
         var mtp = Mtp(parse);
         var dir = ModelDirectory(parse, log);
