@@ -7,6 +7,13 @@
 //                  slot); -1 for the padding rows up to offsets[e + 1] and for every row >= offsets[E]
 //   inv[s]       = the row of slot s; -1 for an ignored entry and for slots of tokens >= the token count
 //
+// Expert parallelism: a device holds a stack of E local expert slots out of the model's map_experts, and
+// expert_map [map_experts] gives each global expert its slot (-1: held by another device). With a map,
+// the count pass translates every live slot's expert (local_idx[s] = map[topk_idx[s]], -1 for ids
+// outside [0, map_experts) and for experts held elsewhere) and everything after it (scatter, the masked
+// layout) reads local_idx: the slots another device serves are not routed here, so the combine skips them
+// and the all-reduce adds that device's share. Without a map (null), topk_idx holds local ids already.
+//
 // Deterministic without ordered atomics, three launches with grids fixed by t_max (capturable in a
 // CUDA graph; the live token count may come from device memory through num_tokens):
 //   1. moe_dispatch_count   one block per CHUNK slots: per-chunk histogram hist[chunk][E] (shared-memory
@@ -24,6 +31,8 @@
 struct MoeDispatchParams
 {
     const i32* topk_idx;    // [t_max, k] experts per token slot (int32)
+    const i32* expert_map;  // null, or [map_experts] global expert -> local slot, -1 when held elsewhere
+    i32* local_idx;         // with a map: [t_max, k] the slots' local experts, written by the count pass
     const i32* num_tokens;  // device token count (clamped to t_max), or null to use `tokens`
     i32* counts;            // [E] slots per expert
     i32* offsets;           // [E + 1] padded exclusive offsets
@@ -36,6 +45,8 @@ struct MoeDispatchParams
     i32 tile;               // each expert's rows are padded to a multiple of this (1 = no padding)
     i32 rows_max;           // length of perm: >= t_max * k + E * (tile - 1)
     i32 chunks;             // ceil(t_max * k / CHUNK), the grid of count and scatter
+    i32 map_experts;        // length of expert_map (the model's routed experts); 0 without a map
+    i32 pad0;
 };
 
 DSC_DEVICE int dispatch_slots(const MoeDispatchParams& p)
@@ -56,7 +67,12 @@ __global__ void __launch_bounds__(BLOCK) moe_dispatch_count(const __grid_constan
     const int end = base + CHUNK < n ? base + CHUNK : n;
     for (int s = base + threadIdx.x; s < end; s += BLOCK)
     {
-        const int e = p.topk_idx[s];
+        int e = p.topk_idx[s];
+        if (p.expert_map)
+        {
+            e = e >= 0 && e < p.map_experts ? p.expert_map[e] : -1;
+            p.local_idx[s] = e;
+        }
         if (e >= 0 && e < E) atomicAdd(&h[e], 1);
     }
     __syncthreads();
@@ -147,7 +163,7 @@ __global__ void __launch_bounds__(BLOCK) moe_dispatch_scatter(const __grid_const
     for (int r0 = base; r0 < base + CHUNK && r0 < cap; r0 += BLOCK) // uniform over the block
     {
         const int s = r0 + threadIdx.x;
-        const int e = s < n ? p.topk_idx[s] : -1;
+        const int e = s < n ? (p.expert_map ? p.local_idx[s] : p.topk_idx[s]) : -1;
         const bool ok = e >= 0 && e < E;
         const unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
         const unsigned below = peers & ((1u << lane) - 1u);

@@ -114,17 +114,6 @@ public sealed class PlacementPlan
     /// <summary>Stored bytes placed on <paramref name="device"/> (weights only; the KV cache and activations come on top).</summary>
     public long BytesOn(int device) => _byDevice[device].Sum(p => p.Bytes);
 
-    /// <summary>
-    /// Weight bytes <paramref name="device"/> holds on a backend that keeps each MoE layer's routed experts as one stack
-    /// of all E slots when <paramref name="fullExpertStacks"/> is set: <see cref="BytesOn(int)"/> plus, under tensor/expert
-    /// parallelism, the (zero) slots of the experts other devices hold. CudaBackend stores them so until its grouped
-    /// GEMM takes an expert map; the CPU backend keeps only its own experts.
-    /// </summary>
-    public long BytesOn(int device, bool fullExpertStacks) =>
-        !fullExpertStacks || Kind == PlacementKind.Pipeline
-            ? BytesOn(device)
-            : BytesOn(device) + Placements.Where(p => p.Device != device && IsRoutedExpert(p.Tensor)).Sum(p => p.Bytes);
-
     /// <summary>Whether <paramref name="tensor"/> belongs to a routed expert (<c>model.layers.{i}.mlp.experts.{e}.…</c>, scales included).</summary>
     private static bool IsRoutedExpert(string tensor) =>
         tensor.StartsWith("model.layers.", StringComparison.Ordinal) && tensor.Contains(".mlp.experts.", StringComparison.Ordinal);
@@ -154,10 +143,8 @@ public sealed class PlacementPlan
     /// <param name="devices">Devices N (1..8 on one server; any positive count is planned).</param>
     /// <param name="deviceMemoryBytes">Memory of each device.</param>
     /// <param name="weightFraction">Share of each device's memory the weights may take (the rest: KV cache, activations, workspace).</param>
-    /// <param name="fullExpertStacks">Count the weights as a backend that stacks all E expert slots on every device holds them
-    /// (<see cref="BytesOn(int, bool)"/>: CudaBackend).</param>
     /// <exception cref="PlacementException">No plan fits; the message gives the bytes per device each plan needs.</exception>
-    public static PlacementPlan Choose(ModelConfig config, int devices, long deviceMemoryBytes, double weightFraction = 0.9, bool fullExpertStacks = false)
+    public static PlacementPlan Choose(ModelConfig config, int devices, long deviceMemoryBytes, double weightFraction = 0.9)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentOutOfRangeException.ThrowIfLessThan(devices, 1);
@@ -174,7 +161,7 @@ public sealed class PlacementPlan
             try
             {
                 var tp = TensorExpertParallel(config, devices);
-                var need = Enumerable.Range(0, devices).Max(d => tp.BytesOn(d, fullExpertStacks));
+                var need = Enumerable.Range(0, devices).Max(tp.BytesOn);
                 if (need <= budget)
                 {
                     return tp;

@@ -100,11 +100,10 @@ public static class ContextSize
     /// <param name="plan">The placement (and the model's config).</param>
     /// <param name="freeBytes">Free bytes per device, in the plan's device order.</param>
     /// <param name="sessions">Requests holding a session at once.</param>
-    /// <param name="fullExpertStacks">The backend stacks all E expert slots on every device (<see cref="PlacementPlan.BytesOn(int, bool)"/>).</param>
     /// <param name="requested">An explicit length: checked against the limit instead of chosen; null to choose.</param>
     /// <exception cref="InsufficientDeviceMemoryException">Some device cannot hold its weights, arena and reserve with one cache block per request.</exception>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="requested"/> is above the limit (ParamName <c>MaxSequenceLength</c>).</exception>
-    public static ContextSizeChoice ChooseForDevices(PlacementPlan plan, IReadOnlyList<long> freeBytes, int sessions, bool fullExpertStacks, int? requested = null)
+    public static ContextSizeChoice ChooseForDevices(PlacementPlan plan, IReadOnlyList<long> freeBytes, int sessions, int? requested = null)
     {
         ArgumentNullException.ThrowIfNull(plan);
         ArgumentNullException.ThrowIfNull(freeBytes);
@@ -114,7 +113,7 @@ public static class ContextSize
             throw new ArgumentException($"{freeBytes.Count} free-byte counts for a plan of {plan.DeviceCount} devices", nameof(freeBytes));
         }
 
-        var shares = Enumerable.Range(0, plan.DeviceCount).Select(d => new DeviceShare(freeBytes[d], plan.BytesOn(d, fullExpertStacks),
+        var shares = Enumerable.Range(0, plan.DeviceCount).Select(d => new DeviceShare(freeBytes[d], plan.BytesOn(d),
             plan.Stages[d].Start, plan.Stages[d].Count, plan.Stages[d].Count, d == plan.HeadDevice)).ToArray();
         var config = plan.Config;
         var memory = MemoryPlanner.Plan(config, shares, GpuPlanOptions(sessions, mtp: false));

@@ -198,11 +198,11 @@ public sealed class LocalModel : ILanguageModel
             {
                 PlacementKind.Pipeline => PlacementPlan.Pipeline(config, count),
                 PlacementKind.TensorExpertParallel => PlacementPlan.TensorExpertParallel(config, count),
-                _ => PlacementPlan.Choose(config, count, group.FreeBytes.Min(), fullExpertStacks: group.FullExpertStacks),
+                _ => PlacementPlan.Choose(config, count, group.FreeBytes.Min()),
             };
             Log.PlacementChosen(logger, ContextSize.PlacementName(plan.Kind), count, options.Placement is null ? "auto" : "requested",
-                string.Join(", ", Enumerable.Range(0, count).Select(d => $"{plan.BytesOn(d, group.FullExpertStacks) / (double)(1L << 30):F2}")));
-            var context = ContextSize.ChooseForDevices(plan, group.FreeBytes, options.ConcurrentSessions, group.FullExpertStacks, options.MaxSequenceLength);
+                string.Join(", ", Enumerable.Range(0, count).Select(d => $"{plan.BytesOn(d) / (double)(1L << 30):F2}")));
+            var context = ContextSize.ChooseForDevices(plan, group.FreeBytes, options.ConcurrentSessions, options.MaxSequenceLength);
             Log.ContextChosen(logger, context.Tokens, context.Reason);
             var model = ParallelModel.Load(checkpoint, plan, group.Communicator, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);
             return Loaded(checkpoint, model, plan, tokenizer, tokenizerDirectory, options, new Owned(model, group.Owner), logger, started);
@@ -293,9 +293,8 @@ public sealed class LocalModel : ILanguageModel
 /// <param name="Communicator">The devices and their collectives.</param>
 /// <param name="Owner">Disposes the devices (and the communicator).</param>
 /// <param name="FreeBytes">Free memory per device before the weights load.</param>
-/// <param name="FullExpertStacks">The backends stack all E expert slots on every device (<see cref="PlacementPlan.BytesOn(int, bool)"/>).</param>
 /// <param name="Description">For the log: which devices.</param>
-internal sealed record DeviceGroup(ICommunicator Communicator, IDisposable Owner, IReadOnlyList<long> FreeBytes, bool FullExpertStacks, string Description)
+internal sealed record DeviceGroup(ICommunicator Communicator, IDisposable Owner, IReadOnlyList<long> FreeBytes, string Description)
 {
     /// <summary>One CUDA rank per GPU of <paramref name="gpus"/> (<see cref="CudaParallel.Devices"/>).</summary>
     /// <exception cref="DeepSeekCuda.Cuda.CudaUnavailableException">CUDA cannot be used here.</exception>
@@ -308,7 +307,7 @@ internal sealed record DeviceGroup(ICommunicator Communicator, IDisposable Owner
         {
             var free = parallel.Backends.Select(b => b.Device.MemoryInfo().Free).ToArray();
             var names = string.Join(", ", parallel.Backends.Select((b, r) => $"rank {r}: GPU {b.Device.Ordinal} {b.Device.Name}"));
-            return new DeviceGroup(parallel.Communicator, parallel, free, FullExpertStacks: true, names);
+            return new DeviceGroup(parallel.Communicator, parallel, free, names);
         }
         catch
         {

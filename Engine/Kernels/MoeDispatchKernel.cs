@@ -8,6 +8,8 @@ namespace DeepSeekCuda.Kernels;
 internal struct MoeDispatchParams
 {
     public ulong TopkIdx;
+    public ulong ExpertMap;
+    public ulong LocalIdx;
     public ulong NumTokens;
     public ulong Counts;
     public ulong Offsets;
@@ -20,6 +22,8 @@ internal struct MoeDispatchParams
     public int Tile;
     public int RowsMax;
     public int Chunks;
+    public int MapExperts;
+    public int Pad0;
 }
 
 /// <summary>The expert-contiguous layout of one batch's routed token slots (see <see cref="MoeDispatch"/>).</summary>
@@ -38,6 +42,54 @@ internal static class MoeDispatch
 {
     /// <summary>Rows the permutation needs for any routing of up to <paramref name="tMax"/> tokens.</summary>
     public static int RowsMax(int tMax, int k, int experts, int tile) => checked((tMax * k) + (experts * (tile - 1)));
+
+    /// <summary>
+    /// The expert map of a device that holds the routed experts <paramref name="held"/> (ascending, distinct) of
+    /// <paramref name="experts"/>: [experts] global expert → its slot in the device's compact stack (the position in
+    /// <paramref name="held"/>), −1 for an expert another device holds.
+    /// </summary>
+    /// <exception cref="ArgumentException"><paramref name="held"/> is empty, not ascending and distinct, or outside [0, experts).</exception>
+    public static int[] ExpertMap(int experts, IReadOnlyList<int> held)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(experts);
+        if (held.Count == 0)
+        {
+            throw new ArgumentException("a device holds at least one routed expert", nameof(held));
+        }
+
+        var map = new int[experts];
+        Array.Fill(map, -1);
+        for (var slot = 0; slot < held.Count; slot++)
+        {
+            var e = held[slot];
+            if ((uint)e >= (uint)experts || (slot > 0 && e <= held[slot - 1]))
+            {
+                throw new ArgumentException($"held experts must be ascending, distinct and in [0, {experts}); entry {slot} is {e}", nameof(held));
+            }
+
+            map[e] = slot;
+        }
+
+        return map;
+    }
+
+    /// <summary>
+    /// The local experts of the first <paramref name="slots"/> token slots under <paramref name="expertMap"/>: map[g] for a
+    /// global id g in [0, map length), else −1 (not routed here). What the dispatch's count pass writes to local_idx.
+    /// </summary>
+    public static int[] Localize(ReadOnlySpan<int> topkIdx, int slots, ReadOnlySpan<int> expertMap)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(slots);
+        ArgumentOutOfRangeException.ThrowIfLessThan(topkIdx.Length, slots);
+        var local = new int[slots];
+        for (var s = 0; s < slots; s++)
+        {
+            var g = topkIdx[s];
+            local[s] = (uint)g < (uint)expertMap.Length ? expertMap[g] : -1;
+        }
+
+        return local;
+    }
 
     /// <summary>The layout of <paramref name="tokens"/> tokens, perm sized for <paramref name="tMax"/> tokens (default: tokens).</summary>
     public static MoeDispatchLayout Compute(ReadOnlySpan<int> topkIdx, int tokens, int k, int experts, int tile, int tMax = -1)
@@ -104,8 +156,11 @@ internal sealed class MoeDispatchKernel(CudaDevice device, NvrtcCompiler compile
     /// <summary>Token slots per block of the count and scatter launches.</summary>
     public const int Chunk = 4096;
 
-    /// <summary>Expert counts of the known models: V3 256, tiny-a 16, Tiny preset 12.</summary>
-    public static IReadOnlyList<int> KnownExperts => [256, 16, 12];
+    /// <summary>
+    /// Expert counts of the known models: V3 256, tiny-a 16, Tiny preset 12; and the slots of V3's compact stacks under
+    /// expert parallelism over 8 and 4 devices (32, 64). Other counts compile on first use.
+    /// </summary>
+    public static IReadOnlyList<int> KnownExperts => [256, 16, 12, 32, 64];
 
     /// <summary>The three specializations (count, scan, scatter) for an expert count.</summary>
     public static (KernelInstance Count, KernelInstance Scan, KernelInstance Scatter) Instances(int experts) =>
@@ -126,11 +181,21 @@ internal sealed class MoeDispatchKernel(CudaDevice device, NvrtcCompiler compile
     /// <summary>
     /// Builds the layout for <paramref name="tokens"/> tokens of topkIdx [tMax, k] (or for the int32 count at
     /// <paramref name="numTokens"/> when it is not 0, clamped to tMax). Buffers (int32): counts [E], offsets [E + 1],
-    /// perm [<see cref="MoeDispatch.RowsMax"/>], inv [tMax · k], workspace [<see cref="WorkspaceInts"/>].
+    /// perm [<see cref="MoeDispatch.RowsMax"/>], inv [tMax · k], workspace [<see cref="WorkspaceInts"/>]; E is the
+    /// device's expert slots. With <paramref name="expertMap"/> (int32 [<paramref name="mapExperts"/>], global expert →
+    /// slot or −1, <see cref="MoeDispatch.ExpertMap"/>) topkIdx holds global ids and the live slots' local experts are
+    /// written to <paramref name="localIdx"/> (int32 [tMax · k], <see cref="MoeDispatch.Localize"/>), which the layout
+    /// then follows: what the masked layout must read in place of topkIdx.
     /// </summary>
     public void Launch(CudaStream stream, ulong topkIdx, int tokens, int tMax, int k, int experts, int tile,
-        ulong counts, ulong offsets, ulong perm, ulong inv, ulong workspace, ulong numTokens = 0)
+        ulong counts, ulong offsets, ulong perm, ulong inv, ulong workspace, ulong numTokens = 0, ulong expertMap = 0, int mapExperts = 0,
+        ulong localIdx = 0)
     {
+        if (expertMap != 0 && (mapExperts <= 0 || localIdx == 0))
+        {
+            throw new ArgumentException($"an expert map needs its length (mapExperts, {mapExperts}) and a localIdx buffer", nameof(expertMap));
+        }
+
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(tMax);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(experts);
@@ -140,7 +205,7 @@ internal sealed class MoeDispatchKernel(CudaDevice device, NvrtcCompiler compile
         ArgumentOutOfRangeException.ThrowIfGreaterThan(tokens, tMax);
         var p = new MoeDispatchParams
         {
-            TopkIdx = topkIdx, NumTokens = numTokens, Counts = counts, Offsets = offsets, Perm = perm, Inv = inv, Hist = workspace,
+            TopkIdx = topkIdx, ExpertMap = expertMap, LocalIdx = expertMap != 0 ? localIdx : 0, MapExperts = expertMap != 0 ? mapExperts : 0, NumTokens = numTokens, Counts = counts, Offsets = offsets, Perm = perm, Inv = inv, Hist = workspace,
             Tokens = tokens, TMax = tMax, K = k, Tile = tile, RowsMax = MoeDispatch.RowsMax(tMax, k, experts, tile), Chunks = Chunks(tMax, k),
         };
         var (count, scan, scatter) = Instances(experts);

@@ -72,11 +72,25 @@ internal enum MoeGroupedLayout
 /// <param name="W13Scales">Their weight_scale_inv blocks.</param>
 /// <param name="W2">Down codes.</param>
 /// <param name="W2Scales">Their weight_scale_inv blocks.</param>
-/// <param name="Experts">E.</param>
+/// <param name="Experts">E, the slots of the stack.</param>
 /// <param name="Hidden">H, the model width.</param>
 /// <param name="Inter">I, each expert's intermediate width.</param>
+/// <remarks>
+/// Under expert parallelism a device stacks only the experts it holds: <see cref="ExpertMap"/> then points to int32
+/// [<see cref="MapExperts"/>], each of the model's routed experts → its slot here or −1 (<see cref="MoeDispatch.ExpertMap"/>),
+/// and the routing's global ids go through it (<see cref="MoeDispatchKernel"/>). Without a map the slots are the model's experts.
+/// </remarks>
 internal sealed record MoeExpertStack(ulong W13, ulong W13Scales, ulong W2, ulong W2Scales, int Experts, int Hidden, int Inter)
 {
+    /// <summary>Global expert → slot (device int32 [<see cref="MapExperts"/>]), or 0 when the slots are the model's experts.</summary>
+    public ulong ExpertMap { get; init; }
+
+    /// <summary>The model's routed experts, the length of <see cref="ExpertMap"/> (0 without a map).</summary>
+    public int MapExperts { get; init; }
+
+    /// <summary>The routed experts of the model the routing chooses among: <see cref="MapExperts"/> with a map, else <see cref="Experts"/>.</summary>
+    public int RoutedExperts => ExpertMap != 0 ? MapExperts : Experts;
+
     /// <summary>Bytes of one expert's codes (gate, up and down).</summary>
     public long ExpertBytes => 3L * Hidden * Inter;
 

@@ -36,7 +36,7 @@ internal sealed class MoeLayer : IDisposable
     private readonly Fp8GemmKernel _gemm;
     private readonly SiluMulKernel _siluMul;
     private readonly List<IDisposable> _buffers = [];
-    private readonly DeviceBuffer<int> _counts, _offsets, _perm, _inv, _hist, _maskedGather, _maskedInv;
+    private readonly DeviceBuffer<int> _counts, _offsets, _perm, _inv, _hist, _maskedGather, _maskedInv, _localIdx;
     private readonly DeviceBuffer<byte> _xCodes, _hCodes;
     private readonly DeviceBuffer<float> _xScales, _hScales;
     private readonly DeviceBuffer<ushort> _h, _expertOut;
@@ -53,17 +53,23 @@ internal sealed class MoeLayer : IDisposable
     /// <param name="maxTokens">Most tokens one call handles.</param>
     /// <param name="hopperGemm">Run the expert GEMMs (grouped and shared) on the Hopper wgmma kernels where they can run;
     /// not yet confirmed on a GPU, so off by default (<see cref="Backends.Cuda.CudaBackendOptions.HopperFp8Gemm"/>).</param>
-    public MoeLayer(CudaDevice device, NvrtcCompiler compiler, MoeGateShape gate, int inter, int sharedInter, int maxTokens, bool hopperGemm = false)
+    /// <param name="slots">Expert slots of the stacks this layer runs: under expert parallelism the experts the device holds
+    /// (<see cref="MoeExpertStack.ExpertMap"/>); null for all of the gate's E.</param>
+    public MoeLayer(CudaDevice device, NvrtcCompiler compiler, MoeGateShape gate, int inter, int sharedInter, int maxTokens, bool hopperGemm = false,
+        int? slots = null)
     {
         gate.Validate();
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(inter);
         ArgumentOutOfRangeException.ThrowIfNegative(sharedInter);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxTokens);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(slots ?? gate.Experts, nameof(slots));
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(slots ?? gate.Experts, gate.Experts, nameof(slots));
         Device = device;
         Shape = gate;
         Inter = inter;
         SharedInter = sharedInter;
         MaxTokens = maxTokens;
+        Slots = slots ?? gate.Experts;
         _gate = new MoeGateKernel(device, compiler);
         _dispatch = new MoeDispatchKernel(device, compiler);
         _quant = new ActQuantKernel(device, compiler);
@@ -72,7 +78,7 @@ internal sealed class MoeLayer : IDisposable
         _gemm = new Fp8GemmKernel(device, compiler, hopperGemm);
         _siluMul = new SiluMulKernel(device, compiler);
 
-        int e = gate.Experts, k = gate.TopK, h = gate.Width, t = maxTokens;
+        int e = Slots, k = gate.TopK, h = gate.Width, t = maxTokens;
         var rows = Math.Max(MoeGroupedGemmKernel.RowsBound(t, k, e), checked(e * Math.Min(t, MaskedMaxTokens)));
         TopkIdx = Own(DeviceBuffer<int>.Allocate(device, (long)t * k));
         TopkWeight = Own(DeviceBuffer<float>.Allocate(device, (long)t * k));
@@ -83,6 +89,7 @@ internal sealed class MoeLayer : IDisposable
         _hist = Own(DeviceBuffer<int>.Allocate(device, MoeDispatchKernel.WorkspaceInts(t, k, e)));
         _maskedGather = Own(DeviceBuffer<int>.Allocate(device, (long)e * Math.Min(t, MaskedMaxTokens)));
         _maskedInv = Own(DeviceBuffer<int>.Allocate(device, (long)t * k));
+        _localIdx = Own(DeviceBuffer<int>.Allocate(device, (long)t * k));
         _xCodes = Own(DeviceBuffer<byte>.Allocate(device, (long)t * h));
         _xScales = Own(DeviceBuffer<float>.Allocate(device, (long)t * ActQuantKernel.GroupsFor(h)));
         _h = Own(DeviceBuffer<ushort>.Allocate(device, (long)rows * inter));
@@ -115,6 +122,9 @@ internal sealed class MoeLayer : IDisposable
     /// <summary>Most tokens per call.</summary>
     public int MaxTokens { get; }
 
+    /// <summary>Expert slots of the stacks this layer runs (the gate's E unless the device holds a part of them).</summary>
+    public int Slots { get; }
+
     /// <summary>The routing of the last <see cref="Forward"/>: expert ids [tokens, k] (int32, best first).</summary>
     public DeviceBuffer<int> TopkIdx { get; }
 
@@ -139,7 +149,9 @@ internal sealed class MoeLayer : IDisposable
 
     /// <summary>
     /// The experts for a given routing (topkIdx int32 [tokens, k], topkWeight f32 [tokens, k]): y [tokens, H] =
-    /// Σ_j w·expert_j(x) (+ shared(x)) (+ residual), bf16 or f32; residual has y's type and may equal y.
+    /// Σ_j w·expert_j(x) (+ shared(x)) (+ residual), bf16 or f32; residual has y's type and may equal y. With an expert
+    /// map on <paramref name="experts"/> the sum runs over the routed experts this device holds; the others' share comes
+    /// from their devices (the all-reduce after the layer).
     /// </summary>
     public void Experts(CudaStream stream, ulong x, ElementType xType, int tokens, ulong topkIdx, ulong topkWeight, MoeExpertStack experts,
         MoeSharedExpert? shared, ulong y, ElementType yType, ulong residual = 0, MoeGroupedLayout? layout = null)
@@ -150,10 +162,17 @@ internal sealed class MoeLayer : IDisposable
             return;
         }
 
-        int e = Shape.Experts, k = Shape.TopK, h = Shape.Width;
+        int e = Slots, k = Shape.TopK, h = Shape.Width;
         if (experts.Experts != e || experts.Hidden != h || experts.Inter != Inter)
         {
             throw new ArgumentException($"expert stack [{experts.Experts} x ({experts.Hidden}, {experts.Inter})] does not match the layer [{e} x ({h}, {Inter})]", nameof(experts));
+        }
+
+        if (experts.RoutedExperts != Shape.Experts)
+        {
+            throw new ArgumentException(experts.ExpertMap != 0
+                ? $"the stack's expert map covers {experts.MapExperts} experts; the layer routes over {Shape.Experts}"
+                : $"a stack of {e} of the layer's {Shape.Experts} experts needs an expert map", nameof(experts));
         }
 
         if ((shared is null) != (SharedInter == 0) || (shared is not null && (shared.Gate.Out != SharedInter || shared.Gate.In != h || shared.Up.Out != SharedInter
@@ -164,7 +183,8 @@ internal sealed class MoeLayer : IDisposable
 
         var mode = Choose(tokens, layout);
         _dispatch.Launch(stream, topkIdx, tokens, MaxTokens, k, e, MoeGroupedGemmKernel.Tile, _counts.Pointer, _offsets.Pointer, _perm.Pointer,
-            _inv.Pointer, _hist.Pointer);
+            _inv.Pointer, _hist.Pointer, expertMap: experts.ExpertMap, mapExperts: experts.MapExperts, localIdx: _localIdx.Pointer);
+        var localIdx = experts.ExpertMap != 0 ? _localIdx.Pointer : topkIdx;
         _quant.Launch(stream, x, xType, _xCodes.Pointer, _xScales.Pointer, tokens, h);
 
         int rows, capacity;
@@ -179,7 +199,7 @@ internal sealed class MoeLayer : IDisposable
             capacity = tokens;
             MoeGroupedGemmKernel.CheckCapacity(capacity, tokens);
             rows = e * capacity;
-            _grouped.MaskedLayout(stream, topkIdx, _counts.Pointer, _offsets.Pointer, _perm.Pointer, _inv.Pointer, e, capacity, MaxTokens, k,
+            _grouped.MaskedLayout(stream, localIdx, _counts.Pointer, _offsets.Pointer, _perm.Pointer, _inv.Pointer, e, capacity, MaxTokens, k,
                 _maskedGather.Pointer, _maskedInv.Pointer);
             gather = _maskedGather.Pointer;
             inv = _maskedInv.Pointer;

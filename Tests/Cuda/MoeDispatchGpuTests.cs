@@ -62,6 +62,52 @@ public sealed class MoeDispatchGpuTests : GpuTestBase
         CollectionAssert.AreEqual(expected.Inv, inv.ToArray(Stream));
     }
 
+    /// <summary>
+    /// Expert parallelism: the kernels translate the gate's global ids through a device's expert map (V3 round-robin over
+    /// 8 devices, the Tiny preset split unevenly over 5) and lay out its slots as the reference does on the localized ids.
+    /// </summary>
+    [TestMethod]
+    [DataRow(256, 8, 8, 1000)]
+    [DataRow(256, 8, 8, 3)]
+    [DataRow(12, 3, 5, 129)]
+    public void MappedMatchesCpuReference(int experts, int k, int devices, int tokens)
+    {
+        using var kernel = new MoeDispatchKernel(Device, Compiler);
+        const int tile = 64;
+        var tMax = tokens + 7;
+        var idx = MoeDispatchReferenceTests.Routing(new Random(experts + tokens), tMax, k, experts, skewed: false);
+        idx[0] = experts; // out of the map's range: not routed anywhere
+        using var idxD = DeviceBuffer<int>.From(Device, idx, Stream);
+        foreach (var deviceCount in new[] { false, true })
+        {
+            using var countD = DeviceBuffer<int>.From(Device, [tokens], Stream);
+            for (var d = 0; d < devices; d++)
+            {
+                int[] held = [.. Enumerable.Range(0, experts).Where(e => (experts == 256 ? e % devices : e * devices / experts) == d)];
+                var map = MoeDispatch.ExpertMap(experts, held);
+                var local = MoeDispatch.Localize(idx, tokens * k, map);
+                var expected = MoeDispatch.Compute(local, tokens, k, held.Length, tile, tMax);
+                var what = $"{experts}/{k} device {d} of {devices}, {tokens} tokens (capacity {tMax}), device count {deviceCount}";
+
+                using var mapD = DeviceBuffer<int>.From(Device, map, Stream);
+                using var localD = Poison(tMax * k);
+                using var counts = Poison(held.Length);
+                using var offsets = Poison(held.Length + 1);
+                using var perm = Poison(MoeDispatch.RowsMax(tMax, k, held.Length, tile));
+                using var inv = Poison(tMax * k);
+                using var work = Poison(MoeDispatchKernel.WorkspaceInts(tMax, k, held.Length));
+                kernel.Launch(Stream, idxD.Pointer, deviceCount ? 0 : tokens, tMax, k, held.Length, tile, counts.Pointer, offsets.Pointer, perm.Pointer,
+                    inv.Pointer, work.Pointer, deviceCount ? countD.Pointer : 0, expertMap: mapD.Pointer, mapExperts: experts, localIdx: localD.Pointer);
+
+                CollectionAssert.AreEqual(local, localD.ToArray(Stream)[..(tokens * k)], $"{what}: local ids");
+                CollectionAssert.AreEqual(expected.Counts, counts.ToArray(Stream), $"{what}: counts");
+                CollectionAssert.AreEqual(expected.Offsets, offsets.ToArray(Stream), $"{what}: offsets");
+                CollectionAssert.AreEqual(expected.Perm, perm.ToArray(Stream), $"{what}: perm");
+                CollectionAssert.AreEqual(expected.Inv, inv.ToArray(Stream), $"{what}: inv");
+            }
+        }
+    }
+
     private DeviceBuffer<int> Poison(long n)
     {
         var b = DeviceBuffer<int>.Allocate(Device, n);

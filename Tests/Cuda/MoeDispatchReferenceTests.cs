@@ -133,6 +133,69 @@ public sealed class MoeDispatchReferenceTests
         Assert.AreEqual(9, MoeDispatchKernel.Chunks(4097, 8));
         Assert.AreEqual(9L * 256, MoeDispatchKernel.WorkspaceInts(4097, 8, 256));
         Assert.AreEqual(4096 * 8 + (256 * 127), MoeDispatch.RowsMax(4096, 8, 256, 128));
-        Assert.HasCount(3 * 3, MoeDispatchKernel.AllInstances());
+        Assert.HasCount(5 * 3, MoeDispatchKernel.AllInstances());
+    }
+
+    [TestMethod]
+    public void ExpertMapSendsEachHeldExpertToItsSlot()
+    {
+        CollectionAssert.AreEqual(new[] { -1, 0, -1, 1, 2, -1 }, MoeDispatch.ExpertMap(6, [1, 3, 4]));
+        CollectionAssert.AreEqual(new[] { 0, 1, 2 }, MoeDispatch.ExpertMap(3, [0, 1, 2]));
+        foreach (var held in new int[][] { [], [3, 1], [1, 1], [6], [-1] })
+        {
+            var e = Assert.ThrowsExactly<ArgumentException>(() => MoeDispatch.ExpertMap(6, held), string.Join(",", held));
+            Assert.AreEqual("held", e.ParamName);
+        }
+    }
+
+    [TestMethod]
+    public void MappedWorkedExample()
+    {
+        // 3 tokens, k = 2, 6 experts; this device holds experts 1, 3 and 4 (slots 0, 1, 2); tile 2.
+        var map = MoeDispatch.ExpertMap(6, [1, 3, 4]);
+        int[] idx = [3, 0, 4, 3, 1, 5];
+        var local = MoeDispatch.Localize(idx, 6, map);
+        CollectionAssert.AreEqual(new[] { 1, -1, 2, 1, 0, -1 }, local);
+        CollectionAssert.AreEqual(new[] { -1, -1, 0 }, MoeDispatch.Localize([6, -1, 1], 3, map), "ids outside the map are not routed");
+        var l = MoeDispatch.Compute(local, tokens: 3, k: 2, experts: 3, tile: 2);
+        CollectionAssert.AreEqual(new[] { 1, 2, 1 }, l.Counts);
+        CollectionAssert.AreEqual(new[] { 0, 2, 4, 6 }, l.Offsets);
+        // slot 0: slot 4 (expert 1), pad; slot 1: slots 0, 3 (expert 3); slot 2: slot 2 (expert 4), pad; then unused rows.
+        CollectionAssert.AreEqual(new[] { 4, -1, 0, 3, 2, -1, -1, -1, -1 }, l.Perm);
+        CollectionAssert.AreEqual(new[] { 2, -1, 4, 3, 0, -1 }, l.Inv);
+    }
+
+    /// <summary>
+    /// Expert parallelism: V3's 256 experts round-robin over 8 devices (and a contiguous split of the Tiny preset's 12
+    /// over 5, uneven), each device dispatching through its map. Every token slot is served by exactly one device, by
+    /// the expert the gate chose, and each device's layout keeps every invariant over its slots.
+    /// </summary>
+    [TestMethod]
+    [DataRow(256, 8, 8, true)]
+    [DataRow(12, 3, 5, false)]
+    public void MappedDispatchServesEverySlotOnExactlyOneDevice(int experts, int k, int devices, bool roundRobin)
+    {
+        const int tokens = 300, tile = 64;
+        var idx = Routing(new Random(experts + devices), tokens, k, experts, skewed: false);
+        var served = new int[tokens * k];
+        for (var d = 0; d < devices; d++)
+        {
+            int[] held = roundRobin
+                ? [.. Enumerable.Range(0, experts).Where(e => e % devices == d)]
+                : [.. Enumerable.Range(0, experts).Where(e => e * devices / experts == d)];
+            var local = MoeDispatch.Localize(idx, tokens * k, MoeDispatch.ExpertMap(experts, held));
+            var l = MoeDispatch.Compute(local, tokens, k, held.Length, tile);
+            AssertInvariants(l, local, tokens, k, held.Length, tile, $"device {d}");
+            for (var s = 0; s < served.Length; s++)
+            {
+                if (l.Inv[s] >= 0)
+                {
+                    served[s]++;
+                    Assert.AreEqual(idx[s], held[local[s]], $"device {d} slot {s}: the gate's expert");
+                }
+            }
+        }
+
+        Assert.IsTrue(served.All(n => n == 1), "every slot on exactly one device");
     }
 }

@@ -60,6 +60,37 @@ public abstract class MoeExpertGpuChecks : GpuTestBase
         Check(set, gate, 2048, 2048, tokens, skewed, r, $"V3 T={tokens} skewed={skewed}", idx);
     }
 
+    // Expert parallelism: one device's compact stack of the experts it holds (round-robin over the devices), routed through
+    // its expert map, against the CPU backend holding the same experts (the others null: no contribution).
+    [TestMethod]
+    [DataRow("tiny-a", 3, 1, 3)]
+    [DataRow("tiny-a", 129, 2, 3)]
+    [DataRow("tiny", 64, 0, 5)]
+    [DataRow("ragged", 17, 1, 4)]
+    public void ExpertParallelStackMatchesCpuBackendHoldingTheSameExperts(string preset, int tokens, int device, int devices)
+    {
+        var (gate, inter, sharedInter) = Preset(preset);
+        var r = Rng((tokens * 17) + device + devices);
+        int[] held = [.. Enumerable.Range(0, gate.Experts).Where(e => e % devices == device)];
+        using var set = new ExpertSet(this, r, gate.Experts, gate.Width, inter, sharedInter, touched: null, held);
+        Check(set, gate, inter, sharedInter, tokens, skewed: false, r, $"{preset} T={tokens} device {device} of {devices}");
+    }
+
+    // The deployment shape: V3 over 8 devices, device 5's 32 experts (the routing's other 224 are served elsewhere).
+    [TestMethod]
+    [DataRow(3)]
+    [DataRow(64)]
+    public void MatchesCpuBackendAtDeepSeekV3WidthOnOneOfEightDevices(int tokens)
+    {
+        var gate = MoeGateShape.V3;
+        var r = Rng(31 + tokens);
+        var idx = MoeDispatchReferenceTests.Routing(r, tokens, gate.TopK, gate.Experts, skewed: false);
+        int[] held = [.. Enumerable.Range(0, gate.Experts).Where(e => e % 8 == 5)];
+        using var set = new ExpertSet(this, r, gate.Experts, gate.Width, 2048, 2048, new HashSet<int>(idx), held);
+        Assert.AreEqual(32, set.Stack.Experts);
+        Check(set, gate, 2048, 2048, tokens, skewed: false, r, $"V3 T={tokens} device 5 of 8", idx);
+    }
+
     // The whole layer including the gate: the GPU's routing (read back) drives the CPU experts, so near-ties in the
     // gate cannot make the comparison flaky; the gate itself is tested against Router in MoeGateGpuTests.
     [TestMethod]
@@ -108,7 +139,8 @@ public abstract class MoeExpertGpuChecks : GpuTestBase
         using var idxd = DeviceBuffer<int>.From(Device, idx, Stream);
         using var wd = DeviceBuffer<float>.From(Device, wts, Stream);
         var residual = Normal(r, tokens * h);
-        using var layer = new MoeLayer(Device, Compiler, gate, inter, sharedInter, tokens + 3, Hopper); // capacity above the count: the device routing is sized for t_max
+        // Capacity above the count: the device routing is sized for t_max.
+        using var layer = new MoeLayer(Device, Compiler, gate, inter, sharedInter, tokens + 3, Hopper, slots: set.Stack.Experts);
 
         float[]? first = null;
         var layouts = tokens <= MoeLayer.MaskedMaxTokens ? new[] { MoeGroupedLayout.Contiguous, MoeGroupedLayout.Masked } : [MoeGroupedLayout.Contiguous];
@@ -207,24 +239,27 @@ public abstract class MoeExpertGpuChecks : GpuTestBase
     {
         private readonly List<IDisposable> _owned = [];
 
-        public ExpertSet(MoeExpertGpuChecks t, Random r, int experts, int hidden, int inter, int sharedInter, ISet<int>? touched)
+        // held: the experts this device stacks (expert parallelism; the stack gets their map); null for all.
+        public ExpertSet(MoeExpertGpuChecks t, Random r, int experts, int hidden, int inter, int sharedInter, ISet<int>? touched, IReadOnlyList<int>? held = null)
         {
             var device = t.Device;
             var stream = t.Stream;
             int hb = Fp8GemmKernel.BlocksFor(hidden), ib = Fp8GemmKernel.BlocksFor(inter);
             long w13 = 2L * inter * hidden, s13 = 2L * ib * hb, w2 = (long)hidden * inter, s2 = (long)hb * ib;
-            var w13d = Own(DeviceBuffer<byte>.Allocate(device, experts * w13));
-            var s13d = Own(DeviceBuffer<float>.Allocate(device, experts * s13));
-            var w2d = Own(DeviceBuffer<byte>.Allocate(device, experts * w2));
-            var s2d = Own(DeviceBuffer<float>.Allocate(device, experts * s2));
+            var slots = held ?? [.. Enumerable.Range(0, experts)];
+            var w13d = Own(DeviceBuffer<byte>.Allocate(device, slots.Count * w13));
+            var s13d = Own(DeviceBuffer<float>.Allocate(device, slots.Count * s13));
+            var w2d = Own(DeviceBuffer<byte>.Allocate(device, slots.Count * w2));
+            var s2d = Own(DeviceBuffer<float>.Allocate(device, slots.Count * s2));
             w13d.Fill8(0, stream);
             s13d.Fill32(0, stream);
             w2d.Fill8(0, stream);
             s2d.Fill32(0, stream);
-            var mlps = new CpuMlp[experts];
+            var mlps = new CpuMlp?[experts]; // null: held by another device
             CpuMlp? idle = null;
-            for (var e = 0; e < experts; e++)
+            for (var slot = 0; slot < slots.Count; slot++)
             {
+                var e = slots[slot];
                 if (touched is not null && !touched.Contains(e))
                 {
                     // Never routed to: the CPU never evaluates it, the GPU never reads its (zero) weights.
@@ -235,16 +270,20 @@ public abstract class MoeExpertGpuChecks : GpuTestBase
                 var (gc, gs, gw) = RandomFp8(r, inter, hidden);
                 var (uc, us, uw) = RandomFp8(r, inter, hidden);
                 var (dc, ds, dw) = RandomFp8(r, hidden, inter);
-                w13d.Upload(gc, stream, e * w13);
-                w13d.Upload(uc, stream, (e * w13) + ((long)inter * hidden));
-                s13d.Upload(gs, stream, e * s13);
-                s13d.Upload(us, stream, (e * s13) + ((long)ib * hb));
-                w2d.Upload(dc, stream, e * w2);
-                s2d.Upload(ds, stream, e * s2);
+                w13d.Upload(gc, stream, slot * w13);
+                w13d.Upload(uc, stream, (slot * w13) + ((long)inter * hidden));
+                s13d.Upload(gs, stream, slot * s13);
+                s13d.Upload(us, stream, (slot * s13) + ((long)ib * hb));
+                w2d.Upload(dc, stream, slot * w2);
+                s2d.Upload(ds, stream, slot * s2);
                 mlps[e] = new CpuMlp(new CpuLinearWeight(inter, hidden, true, gw), new CpuLinearWeight(inter, hidden, true, uw), new CpuLinearWeight(hidden, inter, true, dw));
             }
 
-            Stack = new MoeExpertStack(w13d.Pointer, s13d.Pointer, w2d.Pointer, s2d.Pointer, experts, hidden, inter);
+            Stack = new MoeExpertStack(w13d.Pointer, s13d.Pointer, w2d.Pointer, s2d.Pointer, slots.Count, hidden, inter);
+            if (held is not null)
+            {
+                Stack = Stack with { ExpertMap = Own(DeviceBuffer<int>.From(device, MoeDispatch.ExpertMap(experts, held), stream)).Pointer, MapExperts = experts };
+            }
             CpuMlp? shared = null;
             if (sharedInter > 0)
             {

@@ -111,7 +111,7 @@ public sealed class ContextSizeTests
         var plan = PlacementPlan.Pipeline(v3, 8);
         var free = Enumerable.Repeat(139L << 30, 8).ToArray();
         free[5] = 100L << 30; // another process holds memory on one GPU
-        var choice = ContextSize.ChooseForDevices(plan, free, sessions: 16, fullExpertStacks: true);
+        var choice = ContextSize.ChooseForDevices(plan, free, sessions: 16);
         var shares = Enumerable.Range(0, 8).Select(d => new DeviceShare(free[d], plan.BytesOn(d), plan.Stages[d].Start, plan.Stages[d].Count,
             plan.Stages[d].Count, d == 7)).ToArray();
         int FullLengthRequests(int tokens) => MemoryPlanner.Plan(v3, shares,
@@ -121,12 +121,19 @@ public sealed class ContextSizeTests
         Assert.IsLessThan(16, FullLengthRequests(choice.Tokens + KvBlockManager.BlockTokens));
         StringAssert.Contains(choice.Reason, "fits on each of 8 devices (pipeline); the tightest, device 5, has 100.00 GiB free");
 
-        // Tensor/expert parallel with CudaBackend's full expert stacks does not fit: the planner names the devices short of it.
+        // Tensor/expert parallel: every device holds every layer's cache; device 0 computes the logits.
         var tp = PlacementPlan.TensorExpertParallel(v3, 8);
-        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => ContextSize.ChooseForDevices(tp, free, 16, fullExpertStacks: true));
-        Assert.HasCount(8, e.Shortfalls);
-        Assert.IsTrue(e.Shortfalls.All(s => s.Dominant == "weights" && s.WeightBytes == tp.BytesOn(s.Device, true)));
-        Assert.ThrowsExactly<ArgumentException>(() => ContextSize.ChooseForDevices(tp, free[..4], 16, true));
+        var tpChoice = ContextSize.ChooseForDevices(tp, free, sessions: 16);
+        var tpShares = Enumerable.Range(0, 8).Select(d => new DeviceShare(free[d], tp.BytesOn(d), 0, 61, 61, d == 0)).ToArray();
+        int TpFullLengthRequests(int tokens) => MemoryPlanner.Plan(v3, tpShares,
+            new MemoryPlanOptions { MaxBatch = 16, MaxSequenceLength = tokens, MaxTokensPerStep = 512 }).FullLengthRequests;
+        Assert.IsGreaterThanOrEqualTo(16, TpFullLengthRequests(tpChoice.Tokens));
+        Assert.IsLessThan(16, TpFullLengthRequests(tpChoice.Tokens + KvBlockManager.BlockTokens));
+        StringAssert.Contains(tpChoice.Reason, "(tensor/expert parallel); the tightest, device 5");
+
+        // A pipeline stage holds a few layers' caches, a tensor-parallel device all of them (the latent cache is not split).
+        Assert.IsLessThan(choice.Tokens, tpChoice.Tokens);
+        Assert.ThrowsExactly<ArgumentException>(() => ContextSize.ChooseForDevices(tp, free[..4], 16));
     }
 
     [TestMethod]

@@ -56,7 +56,7 @@ public sealed class LocalModelDevicesTests
     private static string Answer(LocalModel local) => Answer(local, 20).Text;
 
     /// <summary>N recording CPU devices and their host communicator, each declaring <paramref name="free"/> bytes free.</summary>
-    private sealed class Simulated(long free = FreeBytes, bool fullExpertStacks = false)
+    private sealed class Simulated(long free = FreeBytes)
     {
         public List<RecordingBackend[]> Made { get; } = [];
         public List<Owner> Owners { get; } = [];
@@ -68,7 +68,7 @@ public sealed class LocalModelDevicesTests
             var owner = new Owner(devices, communicator);
             Made.Add(devices);
             Owners.Add(owner);
-            return new DeviceGroup(communicator, owner, Enumerable.Repeat(free, n).ToArray(), fullExpertStacks, $"{n} simulated CPU devices");
+            return new DeviceGroup(communicator, owner, Enumerable.Repeat(free, n).ToArray(), $"{n} simulated CPU devices");
         }
     }
 

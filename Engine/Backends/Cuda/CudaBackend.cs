@@ -60,7 +60,9 @@ public sealed record CudaBackendOptions
 /// BF16 dequantized copy (e4m3 × scale rounded to BF16) where the emulation keeps it fp32, and the absorbed path's
 /// latent sum reaches the unfold unrounded (fp32) where the emulation rounds it: both are small, documented
 /// differences inside the end-to-end bound. <see cref="MlaAttentionNaive"/> always uses the prefill kernel.</item>
-/// <item><b>MoE</b>: routed experts must be FP8 (the grouped GEMM's format); they are stacked at upload.</item>
+/// <item><b>MoE</b>: routed experts must be FP8 (the grouped GEMM's format); they are stacked at upload. Under expert
+/// parallelism the stack holds only this device's experts, with an expert map from the routing's global ids
+/// (<see cref="MoeExpertStack.ExpertMap"/>).</item>
 /// </list>
 /// Calls are asynchronous on the stream; <see cref="Download"/> and <see cref="DownloadRouting"/> wait. Calls from several
 /// threads are serialized (one lock): the backend is safe to share, not parallel.
@@ -83,7 +85,7 @@ public sealed class CudaBackend : IBackend
     private readonly MlaCacheKernel _cache;
     private readonly MlaDecodeKernel _decode;
     private readonly MlaPrefillKernel _prefill;
-    private readonly Dictionary<(int E, int H, int I, int S, int K), MoeLayer> _moe = [];
+    private readonly Dictionary<(int E, int Slots, int H, int I, int S, int K), MoeLayer> _moe = [];
     private readonly Scratch _ints, _codes, _scales, _qAbs, _outLatent, _lse, _workspace, _latent, _kv, _qBf16, _outBf16, _kvCodes, _kvScales, _logits;
     private readonly Scratch[] _scratch;
     private readonly Lock _sync = new();
@@ -453,9 +455,9 @@ public sealed class CudaBackend : IBackend
             throw new NotSupportedException("a MoE layer without routed experts");
         }
 
-        // An empty entry is an expert another device holds (expert parallelism). Its slot of the stack stays
-        // zero (codes and scales), so a token routed to it gets an exact zero contribution here: the grouped
-        // GEMM has no expert map, so the stack keeps all E slots (no memory saved on the device yet).
+        // An empty entry is an expert another device holds (expert parallelism). The stack holds only this device's
+        // experts, in ascending order, and the expert map sends the routing's global ids to their slots (-1: not here), so
+        // a token routed to an expert held elsewhere gets no contribution here; that device's all-reduce share adds it.
         foreach (var mlp in experts.Where(m => m.Length != 0).Concat(shared is null ? [] : [shared]))
         {
             if (mlp.Length != 3)
@@ -464,9 +466,14 @@ public sealed class CudaBackend : IBackend
             }
         }
 
-        var held = experts.FirstOrDefault(m => m.Length != 0) ?? throw new ArgumentException("none of the routed experts is held here", nameof(experts));
-        int h = held[0].In, inter = held[0].Out, e = experts.Count;
-        var layout = new ExpertStackLayout(e, h, inter);
+        int[] held = [.. Enumerable.Range(0, experts.Count).Where(i => experts[i].Length != 0)];
+        if (held.Length == 0)
+        {
+            throw new ArgumentException("none of the routed experts is held here", nameof(experts));
+        }
+
+        int h = experts[held[0]][0].In, inter = experts[held[0]][0].Out, e = experts.Count, slots = held.Length;
+        var layout = new ExpertStackLayout(slots, h, inter);
         var result = new CudaExpertWeights(e, h, inter, shared?[0].Out ?? 0);
         try
         {
@@ -474,33 +481,26 @@ public sealed class CudaBackend : IBackend
             var w13s = result.Owned.Own(DeviceBuffer<float>.Allocate(_device, layout.W13ScaleLength));
             var w2 = result.Owned.Own(DeviceBuffer<byte>.Allocate(_device, layout.W2Length));
             var w2s = result.Owned.Own(DeviceBuffer<float>.Allocate(_device, layout.W2ScaleLength));
-            if (experts.Any(m => m.Length == 0))
+            for (var slot = 0; slot < slots; slot++)
             {
-                w13.Fill8(0, _stream);
-                w13s.Fill32(0, _stream);
-                w2.Fill8(0, _stream);
-                w2s.Fill32(0, _stream);
-            }
-
-            for (var i = 0; i < e; i++)
-            {
-                if (experts[i].Length == 0)
-                {
-                    continue;
-                }
-
+                var i = held[slot];
                 var (gate, up, down) = (experts[i][0], experts[i][1], experts[i][2]);
                 if (gate.Out != inter || gate.In != h || up.Out != inter || up.In != h || down.Out != h || down.In != inter)
                 {
                     throw new ArgumentException($"expert {i} is not [{inter}, {h}] / [{h}, {inter}] like the first held expert", nameof(experts));
                 }
 
-                UploadFp8Part(checkpoint, gate, w13, layout.Gate(i), w13s, layout.GateScales(i));
-                UploadFp8Part(checkpoint, up, w13, layout.Up(i), w13s, layout.UpScales(i));
-                UploadFp8Part(checkpoint, down, w2, layout.Down(i), w2s, layout.DownScales(i));
+                UploadFp8Part(checkpoint, gate, w13, layout.Gate(slot), w13s, layout.GateScales(slot));
+                UploadFp8Part(checkpoint, up, w13, layout.Up(slot), w13s, layout.UpScales(slot));
+                UploadFp8Part(checkpoint, down, w2, layout.Down(slot), w2s, layout.DownScales(slot));
             }
 
-            result.Stack = new MoeExpertStack(w13.Pointer, w13s.Pointer, w2.Pointer, w2s.Pointer, e, h, inter);
+            result.Stack = new MoeExpertStack(w13.Pointer, w13s.Pointer, w2.Pointer, w2s.Pointer, slots, h, inter);
+            if (slots < e)
+            {
+                var map = result.Owned.Own(DeviceBuffer<int>.From(_device, MoeDispatch.ExpertMap(e, held), _stream));
+                result.Stack = result.Stack with { ExpertMap = map.Pointer, MapExperts = e };
+            }
             if (shared is not null)
             {
                 result.Shared = new MoeSharedExpert(SharedPart(checkpoint, shared[0], result), SharedPart(checkpoint, shared[1], result), SharedPart(checkpoint, shared[2], result));
@@ -951,12 +951,12 @@ public sealed class CudaBackend : IBackend
         int tokens = a.Rows, width = a.Cols, k = r.TopK;
         ShapeCheck.Require(o.Rows == tokens && o.Cols == width && ew.Width == width, "MoE shapes");
         ShapeCheck.Routing(r, tokens, ew.Experts, k);
-        var key = (ew.Experts, width, ew.ExpertWidth, ew.SharedWidth, k);
+        var key = (ew.Experts, ew.Stack.Experts, width, ew.ExpertWidth, ew.SharedWidth, k);
         if (!_moe.TryGetValue(key, out var layer))
         {
             // Only the experts half of MoeLayer is used: its gate shape needs E, H and k; groups do not matter here.
             layer = new MoeLayer(_device, _compiler, new MoeGateShape(ew.Experts, width, 1, 1, k), ew.ExpertWidth, ew.SharedWidth, _options.MaxMoeTokens,
-                _options.HopperFp8Gemm);
+                _options.HopperFp8Gemm, slots: ew.Stack.Experts);
             _moe[key] = layer;
         }
 

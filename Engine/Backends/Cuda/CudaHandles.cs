@@ -112,7 +112,10 @@ internal sealed class CudaGateWeight(int width, GateOptions options, MoeGateShap
     }
 }
 
-/// <summary>Routed experts stacked in the <see cref="MoeExpertStack"/> layout and the shared expert as three FP8 linears.</summary>
+/// <summary>
+/// Routed experts stacked in the <see cref="MoeExpertStack"/> layout (this device's experts; <see cref="ExpertWeights.Experts"/>
+/// stays the model's E, which the routing covers) and the shared expert as three FP8 linears.
+/// </summary>
 internal sealed class CudaExpertWeights(int experts, int width, int expertWidth, int sharedWidth) : ExpertWeights(experts, width, expertWidth, sharedWidth)
 {
     public DeviceOwnership Owned { get; } = new();
