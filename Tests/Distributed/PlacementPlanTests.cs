@@ -172,7 +172,7 @@ public sealed class PlacementPlanTests
             Assert.AreEqual(32 * expert, layout.W13Length + layout.W2Length + (4 * (layout.W13ScaleLength + layout.W2ScaleLength)), $"device {d} stack");
         }
 
-        // About 86 GB per device: on 8 x H200 the planner takes tensor/expert parallelism, with room for the cache.
+        // 86.5-88.4 GB per device: on 8 x H200 the planner takes tensor/expert parallelism, with room for the cache.
         Assert.IsLessThan(95L << 30, Enumerable.Range(0, 8).Max(tp.BytesOn));
         Assert.AreEqual(PlacementKind.TensorExpertParallel, PlacementPlan.Choose(v3, 8, 141L << 30).Kind);
     }
