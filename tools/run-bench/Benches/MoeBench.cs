@@ -14,14 +14,16 @@ namespace DeepSeekCuda.Bench.Benches;
 /// skewed (95% of tokens on one hot expert, the rest among a quarter of the experts). The gate kernel runs in every timed
 /// call (its cost counts) but writes to a scratch buffer, because constant synthetic weights would route every token to the
 /// same experts; the experts read the seeded routing.
-/// Rows: bench <c>moe_layer</c> (the default kernels) and on Hopper <c>moe_layer_wgmma</c> (the expert GEMMs on the wgmma
-/// kernels), shape {tokens, routing}; GB/s over the touched weights (routed experts with at least one
-/// token + the shared expert + the gate), TFLOP/s of the layer's GEMMs. Baselines measured in the same run: <c>copy</c>
+/// Rows: bench <c>moe_layer</c> (the default kernels), on Hopper <c>moe_layer_wgmma</c> (the expert GEMMs on the wgmma
+/// kernels), and <c>moe_layer_ep8</c>: one GPU's share of the layer under tensor/expert parallelism over 8 (the default
+/// kernels on a compact stack of the 32 experts e mod 8 = 0 behind an expert map, and 256 of the shared expert's 2048
+/// columns; tokens routed elsewhere only pass through the dispatch), shape {tokens, routing}; GB/s over the touched
+/// weights (this GPU's routed experts with at least one token + its shared expert + the gate), TFLOP/s of its GEMMs. Baselines measured in the same run: <c>copy</c>
 /// (copy bandwidth over the touched weight bytes) and <c>cublas_bf16_loop</c> (<see cref="CublasLoop"/>).
 /// </summary>
 internal static class MoeBench
 {
-    private const int Hidden = 7168, Inter = 2048, Experts = 256, TopK = 8;
+    private const int Hidden = 7168, Inter = 2048, Experts = 256, TopK = 8, EpDevices = 8;
     private static readonly int[] Tokens = [1, 8, 64, 512, 4096];
 
     public static void Run(GpuBench gpu, bool quick, BenchReport report)
@@ -52,6 +54,11 @@ internal static class MoeBench
         }
 
         var shared = new MoeSharedExpert(Linear(Inter, Hidden), Linear(Inter, Hidden), Linear(Hidden, Inter));
+        const int epShared = Inter / EpDevices;
+        var epShares = new MoeSharedExpert(Linear(epShared, Hidden), Linear(epShared, Hidden), Linear(Hidden, epShared));
+        static bool EpHeld(int e) => e % EpDevices == 0;
+        var epMap = owned.Own(DeviceBuffer<int>.From(device, MoeDispatch.ExpertMap(Experts, [.. Enumerable.Range(0, Experts).Where(EpHeld)]), stream));
+        var epStack = stack with { Experts = Experts / EpDevices, ExpertMap = epMap.Pointer, MapExperts = Experts }; // the first 32 slots
         var gateW = owned.Own(DeviceBuffer<ushort>.Allocate(device, (long)Experts * Hidden));
         var gateB = owned.Own(DeviceBuffer<float>.Allocate(device, Experts));
         gateW.Fill32(0x3c003c00u, stream); // bf16 2^-7
@@ -64,12 +71,13 @@ internal static class MoeBench
         using var gateKernel = new MoeGateKernel(device, gpu.Compiler);
         using var layer = new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens);
         using var hopper = Fp8GemmKernel.HasWgmma(device.Target) ? new MoeLayer(device, gpu.Compiler, gate, Inter, Inter, maxTokens, hopperGemm: true) : null;
+        using var ep = new MoeLayer(device, gpu.Compiler, gate, Inter, epShared, maxTokens, slots: Experts / EpDevices);
         using var cublasLoop = CublasLoop.TryCreate(gpu, maxTokens * TopK);
 
         // The layer on the default kernels over every case first, then on Hopper on the wgmma kernels: a fault in the kernels
         // no GPU has confirmed then cannot cost the default kernels' rows. Baselines are timed once per case.
-        var baselines = new Dictionary<(int Tokens, bool Skewed), (double Copy, double? Cublas)>();
-        foreach (var (name, l) in new[] { ("moe_layer", layer), ("moe_layer_wgmma", hopper) })
+        var baselines = new Dictionary<(int Tokens, bool Skewed, bool Ep), (double Copy, double? Cublas)>();
+        foreach (var (name, l, s, sh, epRow) in new[] { ("moe_layer", layer, stack, shared, false), ("moe_layer_wgmma", hopper, stack, shared, false), ("moe_layer_ep8", ep, epStack, epShares, true) })
         {
             if (l is null)
             {
@@ -84,22 +92,24 @@ internal static class MoeBench
                     var wts = Enumerable.Repeat(1f / TopK, tokens * TopK).ToArray();
                     using var idxD = DeviceBuffer<int>.From(device, idx, stream);
                     using var wD = DeviceBuffer<float>.From(device, wts, stream);
-                    var touched = idx.Distinct().Count();
+                    var here = epRow ? [.. idx.Where(EpHeld)] : idx; // the slots this GPU's experts serve
+                    var touched = here.Distinct().Count();
                     var expertBytes = 3.0 * Hidden * Inter;
-                    var bytes = ((touched + 1) * expertBytes) + (2.0 * Experts * Hidden);
-                    var flops = (2.0 * tokens * TopK * 3 * Hidden * Inter) + (2.0 * tokens * 3 * Hidden * Inter) + (2.0 * tokens * Experts * Hidden);
+                    var sharedInter = sh.Gate.Out;
+                    var bytes = (touched * expertBytes) + (3.0 * Hidden * sharedInter) + (2.0 * Experts * Hidden);
+                    var flops = (2.0 * here.Length * 3 * Hidden * Inter) + (2.0 * tokens * 3 * Hidden * sharedInter) + (2.0 * tokens * Experts * Hidden);
                     var shape = new Dictionary<string, object> { ["tokens"] = tokens, ["routing"] = skewed ? "skewed" : "uniform" };
-                    if (!baselines.TryGetValue((tokens, skewed), out var b))
+                    if (!baselines.TryGetValue((tokens, skewed, epRow), out var b))
                     {
-                        b = (gpu.CopyUs(bytes), cublasLoop?.Time(gpu, idx));
-                        baselines[(tokens, skewed)] = b;
+                        b = (gpu.CopyUs(bytes), here.Length > 0 ? cublasLoop?.Time(gpu, here) : null); // no routed GEMM here: no loop to time
+                        baselines[(tokens, skewed, epRow)] = b;
                     }
 
                     var us = gpu.Measure(_ =>
                     {
                         gateKernel.Launch(stream, gate, x.Pointer, ElementType.BF16, gateW.Pointer, gateB.Pointer, tokens, scratchIdx.Pointer, scratchW.Pointer,
                             normalize: true, scaling: 2.5f);
-                        l.Experts(stream, x.Pointer, ElementType.BF16, tokens, idxD.Pointer, wD.Pointer, stack, shared, y.Pointer, ElementType.BF16,
+                        l.Experts(stream, x.Pointer, ElementType.BF16, tokens, idxD.Pointer, wD.Pointer, s, sh, y.Pointer, ElementType.BF16,
                             residual: x.Pointer);
                     });
                     report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "copy", b.Copy));
