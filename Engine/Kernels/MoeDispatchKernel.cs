@@ -205,7 +205,8 @@ internal sealed class MoeDispatchKernel(CudaDevice device, NvrtcCompiler compile
         ArgumentOutOfRangeException.ThrowIfGreaterThan(tokens, tMax);
         var p = new MoeDispatchParams
         {
-            TopkIdx = topkIdx, ExpertMap = expertMap, LocalIdx = expertMap != 0 ? localIdx : 0, MapExperts = expertMap != 0 ? mapExperts : 0, NumTokens = numTokens, Counts = counts, Offsets = offsets, Perm = perm, Inv = inv, Hist = workspace,
+            TopkIdx = topkIdx, NumTokens = numTokens, Counts = counts, Offsets = offsets, Perm = perm, Inv = inv, Hist = workspace,
+            ExpertMap = expertMap, LocalIdx = expertMap != 0 ? localIdx : 0, MapExperts = expertMap != 0 ? mapExperts : 0,
             Tokens = tokens, TMax = tMax, K = k, Tile = tile, RowsMax = MoeDispatch.RowsMax(tMax, k, experts, tile), Chunks = Chunks(tMax, k),
         };
         var (count, scan, scatter) = Instances(experts);

@@ -501,6 +501,7 @@ public sealed class CudaBackend : IBackend
                 var map = result.Owned.Own(DeviceBuffer<int>.From(_device, MoeDispatch.ExpertMap(e, held), _stream));
                 result.Stack = result.Stack with { ExpertMap = map.Pointer, MapExperts = e };
             }
+
             if (shared is not null)
             {
                 result.Shared = new MoeSharedExpert(SharedPart(checkpoint, shared[0], result), SharedPart(checkpoint, shared[1], result), SharedPart(checkpoint, shared[2], result));
