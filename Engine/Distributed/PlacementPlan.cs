@@ -114,10 +114,6 @@ public sealed class PlacementPlan
     /// <summary>Stored bytes placed on <paramref name="device"/> (weights only; the KV cache and activations come on top).</summary>
     public long BytesOn(int device) => _byDevice[device].Sum(p => p.Bytes);
 
-    /// <summary>Whether <paramref name="tensor"/> belongs to a routed expert (<c>model.layers.{i}.mlp.experts.{e}.…</c>, scales included).</summary>
-    private static bool IsRoutedExpert(string tensor) =>
-        tensor.StartsWith("model.layers.", StringComparison.Ordinal) && tensor.Contains(".mlp.experts.", StringComparison.Ordinal);
-
     /// <summary>
     /// The placements grouped by the shard file that holds each tensor, in the checkpoint's shard order, and
     /// within a shard in file order (by the tensor's first byte, then by device): a loader that walks this
@@ -178,7 +174,7 @@ public sealed class PlacementPlan
         try
         {
             var pp = Pipeline(config, devices);
-            var need = Enumerable.Range(0, devices).Max(d => pp.BytesOn(d));
+            var need = Enumerable.Range(0, devices).Max(pp.BytesOn);
             if (need <= budget)
             {
                 return pp;
@@ -461,9 +457,10 @@ public sealed class PlacementPlan
 
             // Replicated: everything of the layer that is neither sliced nor a routed expert.
             var taken = new HashSet<string>(sliced.SelectMany(s => new[] { s.Weight, s.Scale }));
+            var expertPrefix = CheckpointLayout.LayerPrefix(layer) + "mlp.experts.";
             foreach (var t in Expected.Values.Where(t => t.Layer == layer))
             {
-                if (taken.Contains(t.Name) || IsRoutedExpert(t.Name)
+                if (taken.Contains(t.Name) || t.Name.StartsWith(expertPrefix, StringComparison.Ordinal)
                     || (n.IsMtp && (t.Name == n.MtpEmbedding || t.Name == n.MtpHead)))
                 {
                     continue;

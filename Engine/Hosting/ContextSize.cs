@@ -202,7 +202,8 @@ public static class ContextSize
         return new ContextSizeChoice(limit, limit, $"memory: {why}; max_position_embeddings is {maxPositions}");
     }
 
-    private static string Gib(long bytes) => (bytes / (double)(1L << 30)).ToString("F2", CultureInfo.InvariantCulture);
+    /// <summary>Bytes as GiB with two decimals, culture-invariant (log lines and reasons).</summary>
+    internal static string Gib(long bytes) => (bytes / (double)(1L << 30)).ToString("F2", CultureInfo.InvariantCulture);
 
     private static string Percent(double fraction) => (fraction * 100).ToString("F0", CultureInfo.InvariantCulture) + "%";
 }

@@ -201,7 +201,7 @@ public sealed class LocalModel : ILanguageModel
                 _ => PlacementPlan.Choose(config, count, group.FreeBytes.Min()),
             };
             Log.PlacementChosen(logger, ContextSize.PlacementName(plan.Kind), count, options.Placement is null ? "auto" : "requested",
-                string.Join(", ", Enumerable.Range(0, count).Select(d => $"{plan.BytesOn(d) / (double)(1L << 30):F2}")));
+                string.Join(", ", Enumerable.Range(0, count).Select(d => ContextSize.Gib(plan.BytesOn(d)))));
             var context = ContextSize.ChooseForDevices(plan, group.FreeBytes, options.ConcurrentSessions, options.MaxSequenceLength);
             Log.ContextChosen(logger, context.Tokens, context.Reason);
             var model = ParallelModel.Load(checkpoint, plan, group.Communicator, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);

@@ -65,14 +65,11 @@ internal sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler, 
             return;
         }
 
-        if (tensorCores is not null)
+        // TakesTensorCores' rule, with the operands checked once (by TryLaunch).
+        if (tensorCores is not null && m >= TensorCoreMinRows
+            && tensorCores.TryLaunch(stream, new Bf16MmaProblem(x, xType, xStride < 0 ? k : xStride, w, false, k, y, yType, yStride < 0 ? n : yStride, m, n, k)))
         {
-            var problem = new Bf16MmaProblem(x, xType, xStride < 0 ? k : xStride, w, false, k, y, yType, yStride < 0 ? n : yStride, m, n, k);
-            if (TakesTensorCores(problem))
-            {
-                tensorCores.Launch(stream, problem);
-                return;
-            }
+            return;
         }
 
         var tile = m == 1 ? 1 : 4;

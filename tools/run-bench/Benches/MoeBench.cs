@@ -55,7 +55,7 @@ internal static class MoeBench
 
         var shared = new MoeSharedExpert(Linear(Inter, Hidden), Linear(Inter, Hidden), Linear(Hidden, Inter));
         const int epShared = Inter / EpDevices;
-        var epShares = new MoeSharedExpert(Linear(epShared, Hidden), Linear(epShared, Hidden), Linear(Hidden, epShared));
+        var epSharedSlice = new MoeSharedExpert(Linear(epShared, Hidden), Linear(epShared, Hidden), Linear(Hidden, epShared));
         static bool EpHeld(int e) => e % EpDevices == 0;
         var epMap = owned.Own(DeviceBuffer<int>.From(device, MoeDispatch.ExpertMap(Experts, [.. Enumerable.Range(0, Experts).Where(EpHeld)]), stream));
         var epStack = stack with { Experts = Experts / EpDevices, ExpertMap = epMap.Pointer, MapExperts = Experts }; // the first 32 slots
@@ -77,7 +77,7 @@ internal static class MoeBench
         // The layer on the default kernels over every case first, then on Hopper on the wgmma kernels: a fault in the kernels
         // no GPU has confirmed then cannot cost the default kernels' rows. Baselines are timed once per case.
         var baselines = new Dictionary<(int Tokens, bool Skewed, bool Ep), (double Copy, double? Cublas)>();
-        foreach (var (name, l, s, sh, epRow) in new[] { ("moe_layer", layer, stack, shared, false), ("moe_layer_wgmma", hopper, stack, shared, false), ("moe_layer_ep8", ep, epStack, epShares, true) })
+        foreach (var (name, l, s, sh, epRow) in new[] { ("moe_layer", layer, stack, shared, false), ("moe_layer_wgmma", hopper, stack, shared, false), ("moe_layer_ep8", ep, epStack, epSharedSlice, true) })
         {
             if (l is null)
             {
