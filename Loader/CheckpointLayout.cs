@@ -85,18 +85,19 @@ public sealed record TensorSlice
     /// <summary>Whether it takes the whole matrix.</summary>
     public bool IsWhole => Rows == StoredRows && Cols == StoredCols;
 
-    /// <summary>Copies the slice out of the row-major stored matrix <paramref name="stored"/>.</summary>
-    public float[] Extract(ReadOnlySpan<float> stored)
+    /// <summary>Copies the slice out of the row-major stored matrix <paramref name="stored"/>, row-major.</summary>
+    /// <exception cref="ArgumentException"><paramref name="stored"/> is not [StoredRows, StoredCols].</exception>
+    public T[] Extract<T>(ReadOnlySpan<T> stored)
     {
         if (stored.Length != (long)StoredRows * StoredCols)
         {
             throw new ArgumentException($"{stored.Length} values for a [{StoredRows}, {StoredCols}] tensor", nameof(stored));
         }
 
-        var result = new float[(long)Rows * Cols];
+        var result = new T[(long)Rows * Cols];
         for (var r = 0; r < Rows; r++)
         {
-            stored.Slice((RowStart + r) * StoredCols + ColStart, Cols).CopyTo(result.AsSpan(r * Cols, Cols));
+            stored.Slice((int)((long)(RowStart + r) * StoredCols + ColStart), Cols).CopyTo(result.AsSpan(r * Cols, Cols));
         }
 
         return result;
