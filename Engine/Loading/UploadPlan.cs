@@ -9,20 +9,20 @@ namespace DeepSeekCuda.Loading;
 internal readonly record struct WeightTarget(string Name, ulong Destination);
 
 /// <summary>
-/// One contiguous byte range of one tensor: bytes <c>[TensorOffset, TensorOffset + Length)</c> of
-/// <see cref="Tensor"/> travel through staging slot bytes <c>[StagingOffset, StagingOffset + Length)</c>
-/// to <see cref="Destination"/> (already offset by <see cref="TensorOffset"/>).
+/// One contiguous byte range of one weight: bytes <c>[Offset, Offset + Length)</c> of the view <see cref="Source"/>
+/// travel through staging slot bytes <c>[StagingOffset, StagingOffset + Length)</c> to <see cref="Destination"/>
+/// (already offset by <see cref="Offset"/>).
 /// </summary>
-/// <param name="Tensor">The tensor (its shard is <see cref="TensorInfo.FilePath"/>).</param>
-/// <param name="Shard">Index of the shard in the plan's shard order.</param>
-/// <param name="TensorOffset">First byte within the tensor.</param>
+/// <param name="Source">The weight's bytes (a tensor, a rectangle of one, or bytes converted on the host).</param>
+/// <param name="Shard">Index of the view's shard in the plan's shard order; -1 for converted bytes (no shard).</param>
+/// <param name="Offset">First byte within the view.</param>
 /// <param name="Length">Bytes (at least 1).</param>
 /// <param name="StagingOffset">First byte within the staging slot.</param>
 /// <param name="Destination">Device address the range goes to.</param>
-internal readonly record struct UploadPiece(TensorInfo Tensor, int Shard, long TensorOffset, int Length, int StagingOffset, ulong Destination)
+internal readonly record struct UploadPiece(HostView Source, int Shard, long Offset, int Length, int StagingOffset, ulong Destination)
 {
-    /// <summary>Offset of the first byte in the shard's data section (what orders the reads).</summary>
-    public long SourceOffset => Tensor.Begin + TensorOffset;
+    /// <summary>Where the first byte lies in the shard's data section (what orders the reads).</summary>
+    public long SourceOffset => Source.FileOffset(Offset);
 }
 
 /// <summary>One fill of a staging slot: pieces packed back to back from offset 0, then copied out together.</summary>
@@ -33,11 +33,11 @@ internal readonly record struct UploadPiece(TensorInfo Tensor, int Shard, long T
 internal sealed record UploadChunk(int Index, int Slot, int Bytes, ImmutableArray<UploadPiece> Pieces);
 
 /// <summary>
-/// The schedule of a weight upload, pure (no file or device is touched): the requested tensors in shard
-/// order, then file-offset order within a shard, concatenated into one byte stream that is cut into
-/// chunks of <see cref="ChunkBytes"/>; chunk k fills staging slot <c>k % slots</c>. So every shard is read
-/// once, front to back; small tensors share a chunk; a tensor larger than a chunk spans several; every
-/// chunk but the last is full; zero-length tensors need no piece.
+/// The schedule of a weight upload, pure (no file or device is touched): the requested views (bytes converted on
+/// the host first, then by shard order, then file offset within a shard) concatenated into one byte stream that is
+/// cut into chunks of <see cref="ChunkBytes"/>; chunk k fills staging slot <c>k % slots</c>. So every shard is read
+/// once, front to back; small weights share a chunk; a weight larger than a chunk spans several; every chunk but
+/// the last is full; empty views need no piece.
 /// </summary>
 internal sealed class UploadPlan
 {
@@ -51,7 +51,7 @@ internal sealed class UploadPlan
         TensorCount = tensors;
     }
 
-    /// <summary>Shards holding requested tensors, in read order (a subsequence of the checkpoint's shard order).</summary>
+    /// <summary>Shards holding requested views, in read order (a subsequence of the checkpoint's shard order).</summary>
     public ImmutableArray<string> Shards { get; }
 
     /// <summary>The chunks, in order.</summary>
@@ -63,10 +63,10 @@ internal sealed class UploadPlan
     /// <summary>Number of staging slots the chunks rotate over.</summary>
     public int Slots { get; }
 
-    /// <summary>Bytes to upload (sum of the requested tensors' lengths).</summary>
+    /// <summary>Bytes to upload (sum of the requested views' lengths).</summary>
     public long TotalBytes { get; }
 
-    /// <summary>Number of requested tensors (zero-length ones included).</summary>
+    /// <summary>Number of requested views (empty ones included).</summary>
     public int TensorCount { get; }
 
     /// <summary>Plans the upload of <paramref name="targets"/> from <paramref name="checkpoint"/>.</summary>
@@ -75,16 +75,16 @@ internal sealed class UploadPlan
     {
         ArgumentNullException.ThrowIfNull(checkpoint);
         ArgumentNullException.ThrowIfNull(targets);
-        return Create(checkpoint.ShardFiles.ToList(), targets.Select(t => (checkpoint.Get(t.Name), t.Destination)), chunkBytes, slots);
+        return Create(checkpoint.ShardFiles.ToList(), targets.Select(t => (HostView.Of(checkpoint.Get(t.Name)), t.Destination)), chunkBytes, slots);
     }
 
     /// <summary>Plans the upload of <paramref name="requests"/> whose shards appear in <paramref name="shardOrder"/>.</summary>
     /// <param name="shardOrder">Shard file paths in read order.</param>
-    /// <param name="requests">Tensors and their device destinations.</param>
+    /// <param name="requests">Views and their device destinations.</param>
     /// <param name="chunkBytes">Staging slot capacity (at least 1).</param>
     /// <param name="slots">Staging slots (at least 1; 2 is double buffering).</param>
-    /// <exception cref="ArgumentException">A tensor requested twice, a tensor of an unknown shard, or destinations that overlap.</exception>
-    public static UploadPlan Create(IReadOnlyList<string> shardOrder, IEnumerable<(TensorInfo Tensor, ulong Destination)> requests, int chunkBytes, int slots)
+    /// <exception cref="ArgumentException">The same bytes of a tensor requested twice, a tensor of an unknown shard, or destinations that overlap.</exception>
+    public static UploadPlan Create(IReadOnlyList<string> shardOrder, IEnumerable<(HostView Source, ulong Destination)> requests, int chunkBytes, int slots)
     {
         ArgumentNullException.ThrowIfNull(shardOrder);
         ArgumentNullException.ThrowIfNull(requests);
@@ -97,26 +97,28 @@ internal sealed class UploadPlan
             shardIndex.TryAdd(shardOrder[i], i);
         }
 
-        var seen = new HashSet<string>(StringComparer.Ordinal);
-        var ordered = new List<(TensorInfo Tensor, ulong Destination, int Shard)>();
-        foreach (var (tensor, destination) in requests)
+        // The same bytes twice is a placement bug upstream (two rectangles of one tensor are not).
+        var seen = new HashSet<(string, long, long, long, int)>();
+        var ordered = new List<(HostView Source, ulong Destination, int Shard)>();
+        foreach (var (source, destination) in requests)
         {
-            ArgumentNullException.ThrowIfNull(tensor);
-            if (!seen.Add(tensor.Name))
+            ArgumentNullException.ThrowIfNull(source);
+            if (!seen.Add((source.Name, source.Start, source.RowBytes, source.RowStride, source.Rows)))
             {
-                throw new ArgumentException($"tensor '{tensor.Name}' is requested twice", nameof(requests));
+                throw new ArgumentException($"tensor '{source.Name}' is requested twice", nameof(requests));
             }
 
-            if (!shardIndex.TryGetValue(tensor.FilePath, out var shard))
+            var shard = -1;
+            if (source.Tensor is { } tensor && !shardIndex.TryGetValue(tensor.FilePath, out shard))
             {
                 throw new ArgumentException($"tensor '{tensor.Name}' lives in {tensor.FilePath}, which is not among the plan's shards", nameof(requests));
             }
 
-            ordered.Add((tensor, destination, shard));
+            ordered.Add((source, destination, shard));
         }
 
-        CheckDestinationsDisjoint(ordered.Select(r => (r.Tensor, r.Destination)));
-        ordered.Sort((a, b) => a.Shard != b.Shard ? a.Shard.CompareTo(b.Shard) : a.Tensor.Begin.CompareTo(b.Tensor.Begin));
+        CheckDestinationsDisjoint(ordered.Select(r => (r.Source, r.Destination)));
+        ordered.Sort((a, b) => a.Shard != b.Shard ? a.Shard.CompareTo(b.Shard) : a.Source.FileOffset(0).CompareTo(b.Source.FileOffset(0)));
 
         var chunks = ImmutableArray.CreateBuilder<UploadChunk>();
         var pieces = ImmutableArray.CreateBuilder<UploadPiece>();
@@ -133,13 +135,13 @@ internal sealed class UploadPlan
             }
         }
 
-        foreach (var (tensor, destination, shard) in ordered)
+        foreach (var (source, destination, shard) in ordered)
         {
-            total += tensor.ByteLength;
-            for (long offset = 0; offset < tensor.ByteLength;)
+            total += source.Length;
+            for (long offset = 0; offset < source.Length;)
             {
-                var length = (int)Math.Min(chunkBytes - used, tensor.ByteLength - offset);
-                pieces.Add(new UploadPiece(tensor, shard, offset, length, used, destination + (ulong)offset));
+                var length = (int)Math.Min(chunkBytes - used, source.Length - offset);
+                pieces.Add(new UploadPiece(source, shard, offset, length, used, destination + (ulong)offset));
                 used += length;
                 offset += length;
                 if (used == chunkBytes)
@@ -150,20 +152,20 @@ internal sealed class UploadPlan
         }
 
         Close();
-        var shards = ordered.Select(r => r.Shard).Distinct().Select(i => shardOrder[i]).ToImmutableArray();
+        var shards = ordered.Where(r => r.Shard >= 0).Select(r => r.Shard).Distinct().Select(i => shardOrder[i]).ToImmutableArray();
         return new UploadPlan(shards, chunks.ToImmutable(), chunkBytes, slots, total, ordered.Count);
     }
 
-    // Two tensors written over each other would be a placement bug upstream; name both.
-    private static void CheckDestinationsDisjoint(IEnumerable<(TensorInfo Tensor, ulong Destination)> requests)
+    // Two weights written over each other would be a placement bug upstream; name both.
+    private static void CheckDestinationsDisjoint(IEnumerable<(HostView Source, ulong Destination)> requests)
     {
-        (TensorInfo Tensor, ulong Destination)? previous = null;
-        foreach (var r in requests.Where(r => r.Tensor.ByteLength > 0).OrderBy(r => r.Destination))
+        (HostView Source, ulong Destination)? previous = null;
+        foreach (var r in requests.Where(r => r.Source.Length > 0).OrderBy(r => r.Destination))
         {
-            if (previous is { } p && p.Destination + (ulong)p.Tensor.ByteLength > r.Destination)
+            if (previous is { } p && p.Destination + (ulong)p.Source.Length > r.Destination)
             {
                 throw new ArgumentException(
-                    $"destinations overlap: '{p.Tensor.Name}' at 0x{p.Destination:x} ({p.Tensor.ByteLength} bytes) and '{r.Tensor.Name}' at 0x{r.Destination:x}", nameof(requests));
+                    $"destinations overlap: '{p.Source.Name}' at 0x{p.Destination:x} ({p.Source.Length} bytes) and '{r.Source.Name}' at 0x{r.Destination:x}", nameof(requests));
             }
 
             previous = r;

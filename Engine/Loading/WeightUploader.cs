@@ -40,11 +40,11 @@ internal sealed record UploadReport(long Bytes, int Tensors, int Shards, int Chu
 }
 
 /// <summary>
-/// Uploads checkpoint tensors to device memory as raw bytes: each shard is read once, front to back,
-/// through its memory map; bytes go through pinned staging slots with double buffering (the host fills
-/// slot B while slot A's copy runs). Nothing is converted: FP8 e4m3 weights stay FP8, their
-/// <c>weight_scale_inv</c> stays float32, BF16 stays BF16; a backend that wants another layout converts
-/// on the device after the upload.
+/// Uploads weights to device memory: whole checkpoint tensors, or the host views <see cref="WeightReader"/> yields (a
+/// rectangle of a tensor, bytes converted on the host). Each shard is read once, front to back, through its memory
+/// map; bytes go through pinned staging slots with double buffering (the host fills slot B while slot A's copy runs).
+/// Nothing is converted here: FP8 e4m3 weights stay FP8, their <c>weight_scale_inv</c> stays float32, BF16 stays
+/// BF16. The CUDA backend loads every weight this way.
 /// </summary>
 internal static partial class WeightUploader
 {
@@ -165,7 +165,7 @@ internal static partial class WeightUploader
         {
             foreach (var p in chunk.Pieces)
             {
-                checkpoint.GetBytes(p.Tensor, p.TensorOffset, p.Length).CopyTo(slot.Slice(p.StagingOffset, p.Length));
+                p.Source.CopyTo(checkpoint, p.Offset, slot.Slice(p.StagingOffset, p.Length));
             }
 
             return;
@@ -188,7 +188,7 @@ internal static partial class WeightUploader
             {
                 var (p, offset, bytes) = slices[i];
                 var target = new Span<byte>((byte*)destination, length).Slice(p.StagingOffset + offset, bytes);
-                checkpoint.GetBytes(p.Tensor, p.TensorOffset + offset, bytes).CopyTo(target);
+                p.Source.CopyTo(checkpoint, p.Offset + offset, target);
             });
         }
     }

@@ -25,29 +25,31 @@ public sealed class UploadPlanTests
     }
 
     /// <summary>Destinations packed in request order, 256-aligned like the device arena, from a non-zero base.</summary>
-    private static List<(TensorInfo, ulong)> Place(IEnumerable<TensorInfo> tensors)
+    private static List<(HostView, ulong)> Place(IEnumerable<TensorInfo> tensors) => Place(tensors.Select(HostView.Of));
+
+    private static List<(HostView, ulong)> Place(IEnumerable<HostView> views)
     {
         var at = 0x10000UL;
-        var result = new List<(TensorInfo, ulong)>();
-        foreach (var t in tensors)
+        var result = new List<(HostView, ulong)>();
+        foreach (var v in views)
         {
-            result.Add((t, at));
-            at += ((ulong)t.ByteLength + 255) / 256 * 256;
+            result.Add((v, at));
+            at += ((ulong)v.Length + 255) / 256 * 256;
         }
 
         return result;
     }
 
     /// <summary>Every invariant a plan promises, checked from the outside.</summary>
-    private static void AssertValid(UploadPlan plan, IReadOnlyList<(TensorInfo Tensor, ulong Destination)> requests, int chunkBytes, int slots)
+    private static void AssertValid(UploadPlan plan, IReadOnlyList<(HostView Source, ulong Destination)> requests, int chunkBytes, int slots)
     {
-        Assert.AreEqual(requests.Sum(r => r.Tensor.ByteLength), plan.TotalBytes);
+        Assert.AreEqual(requests.Sum(r => r.Source.Length), plan.TotalBytes);
         Assert.AreEqual(requests.Count, plan.TensorCount);
         Assert.AreEqual(chunkBytes, plan.ChunkBytes);
         Assert.AreEqual(slots, plan.Slots);
         Assert.AreEqual((plan.TotalBytes + chunkBytes - 1) / chunkBytes, plan.Chunks.Length, "every chunk but the last is full");
 
-        var covered = new Dictionary<string, List<UploadPiece>>();
+        var covered = new Dictionary<HostView, List<UploadPiece>>();
         (int Shard, long Source)? previous = null;
         for (var k = 0; k < plan.Chunks.Length; k++)
         {
@@ -66,40 +68,39 @@ public sealed class UploadPlanTests
                 Assert.IsGreaterThanOrEqualTo(1, p.Length, "empty piece");
                 Assert.AreEqual(staging, p.StagingOffset, "pieces packed back to back");
                 staging += p.Length;
-                Assert.AreEqual(ShardPaths[p.Shard], p.Tensor.FilePath);
-                // Shards in order, each once, and front to back inside a shard.
+                Assert.AreEqual(p.Source.Tensor is null ? -1 : Array.IndexOf(ShardPaths, p.Source.Tensor.FilePath), p.Shard);
+                // Converted bytes first, then shards in order, each once, and front to back inside a shard.
                 if (previous is { } q)
                 {
-                    Assert.IsTrue(p.Shard > q.Shard || (p.Shard == q.Shard && p.SourceOffset > q.Source),
-                        $"read order broken at {p.Tensor.Name}+{p.TensorOffset}: shard {p.Shard} offset {p.SourceOffset} after shard {q.Shard} offset {q.Source}");
+                    Assert.IsTrue(p.Shard > q.Shard || (p.Shard == q.Shard && (p.Shard < 0 || p.SourceOffset > q.Source)),
+                        $"read order broken at {p.Source.Name}+{p.Offset}: shard {p.Shard} offset {p.SourceOffset} after shard {q.Shard} offset {q.Source}");
                 }
 
                 previous = (p.Shard, p.SourceOffset);
-                covered.TryAdd(p.Tensor.Name, []);
-                covered[p.Tensor.Name].Add(p);
+                covered.TryAdd(p.Source, []);
+                covered[p.Source].Add(p);
             }
 
             Assert.AreEqual(chunk.Bytes, staging);
         }
 
-        foreach (var (tensor, destination) in requests)
+        foreach (var (source, destination) in requests)
         {
-            var pieces = covered.GetValueOrDefault(tensor.Name) ?? [];
+            var pieces = covered.GetValueOrDefault(source) ?? [];
             long at = 0;
-            foreach (var p in pieces.OrderBy(p => p.TensorOffset))
+            foreach (var p in pieces.OrderBy(p => p.Offset))
             {
-                Assert.AreEqual(at, p.TensorOffset, $"{tensor.Name}: gap or overlap at byte {at}");
-                Assert.AreEqual(destination + (ulong)p.TensorOffset, p.Destination, $"{tensor.Name}: destination of byte {at}");
+                Assert.AreEqual(at, p.Offset, $"{source.Name}: gap or overlap at byte {at}");
+                Assert.AreEqual(destination + (ulong)p.Offset, p.Destination, $"{source.Name}: destination of byte {at}");
                 at += p.Length;
             }
 
-            Assert.AreEqual(tensor.ByteLength, at, $"{tensor.Name}: bytes covered");
+            Assert.AreEqual(source.Length, at, $"{source.Name}: bytes covered");
         }
 
-        Assert.IsTrue(covered.Keys.All(requests.Select(r => r.Tensor.Name).Contains), "a piece of an unrequested tensor");
-        CollectionAssert.AreEqual(
-            requests.Where(r => r.Tensor.ByteLength > 0).Select(r => r.Tensor.FilePath).Distinct().OrderBy(p => Array.IndexOf(ShardPaths, p)).ToList(),
-            plan.Shards.Where(s => requests.Any(r => r.Tensor.FilePath == s && r.Tensor.ByteLength > 0)).ToList());
+        Assert.IsTrue(covered.Keys.All(requests.Select(r => r.Source).Contains), "a piece of an unrequested view");
+        var read = requests.Where(r => r.Source is { Tensor: not null, Length: > 0 }).Select(r => r.Source.Tensor!.FilePath).ToHashSet();
+        CollectionAssert.AreEqual(ShardPaths.Where(read.Contains).ToList(), plan.Shards.Where(read.Contains).ToList());
     }
 
     [TestMethod]
@@ -145,7 +146,7 @@ public sealed class UploadPlanTests
         Assert.HasCount(5, plan.Chunks);
         // The big tensor touches every chunk: 990 bytes after the first small one, then full chunks.
         CollectionAssert.AreEqual(new[] { 990, 1000, 1000, 1000, 510 },
-            plan.Chunks.Select(c => c.Pieces.Where(p => p.Tensor.Name == "t1").Sum(p => p.Length)).ToArray());
+            plan.Chunks.Select(c => c.Pieces.Where(p => p.Source.Name == "t1").Sum(p => p.Length)).ToArray());
     }
 
     [TestMethod]
@@ -184,21 +185,57 @@ public sealed class UploadPlanTests
     public void RefusesDuplicatesUnknownShardsOverlapsAndBadSizes()
     {
         var tensors = Layout([10, 20], new Random(4));
-        var dup = Assert.ThrowsExactly<ArgumentException>(() => UploadPlan.Create(ShardPaths, [(tensors[0], 0x1000UL), (tensors[0], 0x2000UL)], 64, 2));
+        var dup = Assert.ThrowsExactly<ArgumentException>(() => UploadPlan.Create(ShardPaths, [(HostView.Of(tensors[0]), 0x1000UL), (HostView.Of(tensors[0]), 0x2000UL)], 64, 2));
         StringAssert.Contains(dup.Message, "'t0' is requested twice");
 
         var stray = tensors[1] with { FilePath = "/elsewhere.safetensors" };
-        var unknown = Assert.ThrowsExactly<ArgumentException>(() => UploadPlan.Create(ShardPaths, [(stray, 0x1000UL)], 64, 2));
+        var unknown = Assert.ThrowsExactly<ArgumentException>(() => UploadPlan.Create(ShardPaths, [(HostView.Of(stray), 0x1000UL)], 64, 2));
         StringAssert.Contains(unknown.Message, "/elsewhere.safetensors");
 
         // t0 is 10 bytes at 0x1000: t1 at 0x1009 overlaps its last byte; at 0x100A it does not.
-        var overlap = Assert.ThrowsExactly<ArgumentException>(() => UploadPlan.Create(ShardPaths, [(tensors[0], 0x1000UL), (tensors[1], 0x1009UL)], 64, 2));
+        var overlap = Assert.ThrowsExactly<ArgumentException>(() => UploadPlan.Create(ShardPaths, [(HostView.Of(tensors[0]), 0x1000UL), (HostView.Of(tensors[1]), 0x1009UL)], 64, 2));
         StringAssert.Contains(overlap.Message, "'t0'");
         StringAssert.Contains(overlap.Message, "'t1'");
-        _ = UploadPlan.Create(ShardPaths, [(tensors[0], 0x1000UL), (tensors[1], 0x100AUL)], 64, 2);
+        _ = UploadPlan.Create(ShardPaths, [(HostView.Of(tensors[0]), 0x1000UL), (HostView.Of(tensors[1]), 0x100AUL)], 64, 2);
 
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => UploadPlan.Create(ShardPaths, [], 0, 2));
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => UploadPlan.Create(ShardPaths, [], 64, 0));
+    }
+
+    /// <summary>
+    /// Views other than whole tensors: bytes converted on the host go first (no shard to read), rectangles are read
+    /// where they lie (a strided piece starts at its run's file offset), two rectangles of one tensor may both be
+    /// requested, and the same rectangle twice may not.
+    /// </summary>
+    [TestMethod]
+    public void RectanglesAndConvertedBytesArePlannedInReadOrder()
+    {
+        List<TensorInfo> tensors =
+        [
+            new("a", DType.U8, [20, 30], 100, 700, ShardPaths[0]),
+            new("b", DType.U8, [10, 8], 0, 80, ShardPaths[1]),
+            new("c", DType.U8, [16, 16], 900, 1156, ShardPaths[0]),
+        ];
+        // Two rectangles of one tensor that do not interleave in the file (columns of the same rows would).
+        var left = HostView.Rectangle(tensors[0], new TensorSlice(20, 30, 2, 5, 0, 12));
+        var right = HostView.Rectangle(tensors[0], new TensorSlice(20, 30, 10, 8, 12, 18));
+        var band = HostView.Rectangle(tensors[2], new TensorSlice(16, 16, 4, 8, 0, 16));
+        var converted = HostView.Converted("n", new byte[70]);
+        var whole = HostView.Of(tensors[1]);
+        var requests = Place(new[] { band, whole, right, converted, left });
+        var plan = UploadPlan.Create(ShardPaths, requests, 64, 2);
+        AssertValid(plan, requests, 64, 2);
+
+        Assert.AreEqual((5, 12L, 30L), (left.Rows, left.RowBytes, left.RowStride));
+        Assert.AreEqual((1, 128L), (band.Rows, band.RowBytes), "whole rows are one run");
+        var pieces = plan.Chunks.SelectMany(c => c.Pieces).ToList();
+        CollectionAssert.AreEqual(new[] { converted, left, right, band, whole }, pieces.Select(p => p.Source).Distinct().ToArray());
+        Assert.AreEqual(-1, pieces[0].Shard);
+        var second = pieces.First(p => p.Source == left && p.Offset > 0);
+        Assert.AreEqual(100 + (2 * 30) + (second.Offset / 12 * 30) + (second.Offset % 12), second.SourceOffset);
+
+        var twice = Assert.ThrowsExactly<ArgumentException>(() => UploadPlan.Create(ShardPaths, Place(new[] { left, HostView.Rectangle(tensors[0], new TensorSlice(20, 30, 2, 5, 0, 12)) }), 64, 2));
+        StringAssert.Contains(twice.Message, "'a' is requested twice");
     }
 
     [TestMethod]
