@@ -5,14 +5,12 @@ using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Cuda.Native;
 using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Kernels;
-using DeepSeekCuda.Loader;
 
 namespace DeepSeekCuda.Tests.Distributed;
 
 /// <summary>
 /// The CUDA communicator's pure glue, without a GPU: its argument rules (typed exceptions naming the device and the
-/// tensor), the refusal without CUDA, the FP8 slice re-gridding that lets CudaBackend hold tensor-parallel shards, and
-/// the CUDA_DEVICE_MAX_CONNECTIONS setting (set by <see cref="TestAssembly"/> before any test touches CUDA).
+/// tensor), the refusal without CUDA, and the CUDA_DEVICE_MAX_CONNECTIONS setting (set by <see cref="TestAssembly"/> before any test touches CUDA).
 /// </summary>
 [TestClass]
 public sealed class CudaCommunicatorTests
@@ -83,57 +81,6 @@ public sealed class CudaCommunicatorTests
         StringAssert.Contains(source.Message, $"{b} does not live on device 0");
         Assert.AreEqual("destination", Assert.ThrowsExactly<ArgumentException>(() => CommunicatorArguments.CheckCopy(a, 0, a, 1, 2, Holds)).ParamName);
         Assert.ThrowsExactly<ArgumentNullException>(() => CommunicatorArguments.CheckCopy(null!, 0, b, 1, 2, Holds));
-    }
-
-    [TestMethod]
-    [DataRow(256, 512, 0, 128, 128, 256)] // block-aligned starts (tiny-a q_b/kv_b by head, N = 2)
-    [DataRow(256, 256, 0, 256, 64, 64)] // columns inside one block (tiny-a o_proj, N = 4)
-    [DataRow(128, 256, 32, 32, 0, 256)] // rows inside one block (tiny-a shared expert gate/up, N = 4)
-    [DataRow(300, 200, 128, 172, 0, 200)] // ragged stored edge
-    [DataRow(512, 320, 384, 100, 128, 64)]
-    public void SliceScalesGiveEveryElementItsStoredBlockScale(int storedRows, int storedCols, int rowStart, int rows, int colStart, int cols)
-    {
-        var slice = new TensorSlice(storedRows, storedCols, rowStart, rows, colStart, cols);
-        int srb = Fp8GemmKernel.BlocksFor(storedRows), scb = Fp8GemmKernel.BlocksFor(storedCols);
-        var rng = new Random(rowStart * 7 + colStart);
-        var scales = Enumerable.Range(0, srb * scb).Select(_ => (float)rng.NextDouble() + 0.5f).ToArray();
-        var sliced = CudaBackendLayout.SliceScales(scales, slice, "w");
-        var cb = Fp8GemmKernel.BlocksFor(cols);
-        Assert.HasCount(Fp8GemmKernel.BlocksFor(rows) * cb, sliced);
-        for (var r = 0; r < rows; r++)
-        {
-            for (var c = 0; c < cols; c++)
-            {
-                var stored = scales[((rowStart + r) / 128 * scb) + ((colStart + c) / 128)];
-                Assert.AreEqual(stored, sliced[(r / 128 * cb) + (c / 128)], 0f, $"element [{r}, {c}] of {slice}");
-            }
-        }
-
-        // The codes: the same rectangle, row-major.
-        var codes = Enumerable.Range(0, storedRows * storedCols).Select(i => (byte)(i * 31 % 251)).ToArray();
-        var part = CudaBackendLayout.Extract<byte>(codes, slice);
-        Assert.HasCount(rows * cols, part);
-        for (var r = 0; r < rows; r += Math.Max(1, rows / 7))
-        {
-            for (var c = 0; c < cols; c++)
-            {
-                Assert.AreEqual(codes[((rowStart + r) * storedCols) + colStart + c], part[(r * cols) + c]);
-            }
-        }
-    }
-
-    [TestMethod]
-    [DataRow(384, 192, 192, 192, 0, 192, "rows start at 192")] // wide8-like q_b heads: 192..384 crosses 256
-    [DataRow(256, 320, 0, 256, 40, 120, "columns start at 40")] // 40..160 crosses 128
-    public void SlicesTheScaleGridCannotExpressAreRefusedByName(int storedRows, int storedCols, int rowStart, int rows, int colStart, int cols, string what)
-    {
-        var slice = new TensorSlice(storedRows, storedCols, rowStart, rows, colStart, cols);
-        var scales = new float[Fp8GemmKernel.BlocksFor(storedRows) * Fp8GemmKernel.BlocksFor(storedCols)];
-        var e = Assert.ThrowsExactly<NotSupportedException>(() => CudaBackendLayout.SliceScales(scales, slice, "model.layers.1.self_attn.q_b_proj.weight"));
-        StringAssert.Contains(e.Message, "model.layers.1.self_attn.q_b_proj.weight");
-        StringAssert.Contains(e.Message, what);
-        Assert.ThrowsExactly<ArgumentException>(() => CudaBackendLayout.SliceScales(new float[scales.Length + 1], slice, "w"));
-        Assert.ThrowsExactly<ArgumentException>(() => CudaBackendLayout.Extract<byte>(new byte[3], slice));
     }
 
     [TestMethod]

@@ -1,3 +1,5 @@
+using DeepSeekCuda.Backends.Cuda;
+using DeepSeekCuda.Kernels;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Loading;
@@ -283,6 +285,134 @@ public sealed class WeightUploaderTests
         TensorInfo T(long bytes) => new("t", DType.U8, [bytes], 0, bytes, "/x");
         Assert.AreEqual(0, WeightUploader.ArenaBytes([T(0)]));
         Assert.AreEqual(256 + 512 + 256, WeightUploader.ArenaBytes([T(1), T(257), T(256)]));
+    }
+
+    /// <summary>
+    /// The CUDA backend's expert load without the driver: held experts' FP8 views placed by
+    /// <see cref="CudaBackendLayout.ExpertStackWrites"/> and uploaded in one pass (small chunks, threaded reads) fill a
+    /// compact stack that, read with the indexing <see cref="MoeExpertStack"/> documents, holds each held expert's
+    /// stored codes and scales in its slot, and nothing else is written.
+    /// </summary>
+    [TestMethod]
+    public void ExpertStackWritesFillTheCompactStackTheGroupedGemmReads()
+    {
+        using var checkpoint = Checkpoint.Open(_dir!.Path);
+        var config = checkpoint.Config;
+        var names = CheckpointLayout.Layer(config, 1);
+        int[] held = [1, 4, 5, 11];
+        int h = config.HiddenSize, inter = config.MoeIntermediateSize, ib = Fp8GemmKernel.BlocksFor(inter), hb = Fp8GemmKernel.BlocksFor(h);
+        var parts = held.Select(e => names.Expert(e)).Select(m => new ExpertParts(Fp8(m[0]), Fp8(m[1]), Fp8(m[2]))).ToArray();
+        var layout = new ExpertStackLayout(held.Length, h, inter);
+        ulong w13 = DeviceBase, w13s = w13 + (ulong)layout.W13Length, w2 = w13s + (ulong)layout.W13ScaleLength * 4, w2s = w2 + (ulong)layout.W2Length;
+        var deviceBytes = (long)(w2s - DeviceBase) + layout.W2ScaleLength * 4;
+        var writes = CudaBackendLayout.ExpertStackWrites(layout, parts, w13, w13s, w2, w2s).ToList();
+        Assert.HasCount(6 * held.Length, writes);
+        Assert.AreEqual(deviceBytes, writes.Sum(w => w.Source.Length), "the writes tile the four arrays (the plan refuses overlaps)");
+
+        var plan = UploadPlan.Create([.. checkpoint.ShardFiles], writes, 3000, 2);
+        var copier = new FakeCopier(2, 3000, deviceBytes);
+        WeightUploader.Upload(checkpoint, plan, copier, new WeightUploadOptions { ChunkBytes = 3000, Slots = 2, ReadThreads = 2, ReadSliceBytes = 700 });
+
+        var device = copier.Device;
+        var stack = new MoeExpertStack(w13, w13s, w2, w2s, held.Length, h, inter);
+        for (var slot = 0; slot < held.Length; slot++)
+        {
+            var mlp = names.Expert(held[slot]);
+            byte[] gate = checkpoint.GetBytes(mlp[0].Weight).ToArray(), up = checkpoint.GetBytes(mlp[1].Weight).ToArray(), down = checkpoint.GetBytes(mlp[2].Weight).ToArray();
+            float[] gs = checkpoint.ReadFloat32(mlp[0].Scale), us = checkpoint.ReadFloat32(mlp[1].Scale), ds = checkpoint.ReadFloat32(mlp[2].Scale);
+            for (var r = 0; r < 2 * inter; r++)
+            {
+                for (var c = 0; c < h; c++)
+                {
+                    var expected = r < inter ? gate[(r * h) + c] : up[((r - inter) * h) + c];
+                    Assert.AreEqual(expected, device[(int)(stack.W13 - DeviceBase) + (((slot * 2 * inter) + r) * h) + c], $"W13[{slot}, {r}, {c}]");
+                }
+            }
+
+            for (var rb = 0; rb < 2 * ib; rb++)
+            {
+                for (var cb = 0; cb < hb; cb++)
+                {
+                    var expected = rb < ib ? gs[(rb * hb) + cb] : us[((rb - ib) * hb) + cb];
+                    Assert.AreEqual(expected, Float(stack.W13Scales, (((slot * 2 * ib) + rb) * hb) + cb), $"W13 scales[{slot}, {rb}, {cb}]");
+                }
+            }
+
+            for (var r = 0; r < h; r++)
+            {
+                for (var c = 0; c < inter; c++)
+                {
+                    Assert.AreEqual(down[(r * inter) + c], device[(int)(stack.W2 - DeviceBase) + (((slot * h) + r) * inter) + c], $"W2[{slot}, {r}, {c}]");
+                }
+            }
+
+            for (var k = 0; k < hb * ib; k++)
+            {
+                Assert.AreEqual(ds[k], Float(stack.W2Scales, (slot * hb * ib) + k), $"W2 scales[{slot}, {k}]");
+            }
+        }
+
+        // A part of another shape is refused before anything is written.
+        var wrong = parts.ToArray();
+        wrong[2] = wrong[2] with { Down = parts[2].Gate };
+        var e = Assert.ThrowsExactly<ArgumentException>(() => CudaBackendLayout.ExpertStackWrites(layout, wrong, w13, w13s, w2, w2s));
+        StringAssert.Contains(e.Message, "slot 2");
+        Assert.ThrowsExactly<ArgumentException>(() => CudaBackendLayout.ExpertStackWrites(layout, parts[..3], w13, w13s, w2, w2s));
+
+        Fp8View Fp8(LinearSpec spec) => WeightReader.Fp8(checkpoint, spec, "the test");
+        float Float(ulong array, int index) => BitConverter.ToSingle(device, (int)(array - DeviceBase) + (4 * index));
+    }
+
+    /// <summary>
+    /// Tensor-parallel slices travel as rectangles: an FP8 weight cut by columns (strided runs) and by rows, with its
+    /// re-gridded scales, and a BF16 norm, uploaded together in small chunks, land on the device as the slice of the
+    /// stored bytes, indexed here by hand.
+    /// </summary>
+    [TestMethod]
+    public void SlicedWeightsLandAsTheirRectangle()
+    {
+        using var checkpoint = Checkpoint.Open(_dir!.Path);
+        var names = CheckpointLayout.Layer(checkpoint.Config, 0);
+        var o = names.O; // [D, H·V] = [192, 120]
+        var (rows, cols) = (o.Out, o.In);
+        var byColumns = WeightReader.Fp8(checkpoint, o.Sliced(0, rows, 64, 56), "the test");
+        var byRows = WeightReader.Fp8(checkpoint, o.Sliced(128, 64, 0, cols), "the test");
+        var norm = WeightReader.Bf16(checkpoint, names.InputNorm, null, "the test", checkpoint.Config.HiddenSize);
+        var views = new[] { byColumns.Codes, byColumns.Scales, byRows.Codes, byRows.Scales, norm };
+        var addresses = new ulong[views.Length];
+        long at = 0;
+        for (var i = 0; i < views.Length; i++)
+        {
+            addresses[i] = DeviceBase + (ulong)at;
+            at += (views[i].Length + 255) / 256 * 256;
+        }
+
+        var copier = new FakeCopier(2, 1000, at);
+        var plan = UploadPlan.Create([.. checkpoint.ShardFiles], views.Zip(addresses), 1000, 2);
+        WeightUploader.Upload(checkpoint, plan, copier, new WeightUploadOptions { ChunkBytes = 1000, Slots = 2, ReadThreads = 2, ReadSliceBytes = 300 });
+
+        var codes = checkpoint.GetBytes(o.Weight).ToArray();
+        var scales = checkpoint.ReadFloat32(o.Scale);
+        var device = copier.Device;
+        Check(0, 0, rows, 64, 56);
+        Check(2, 128, 64, 0, cols);
+        CollectionAssert.AreEqual(checkpoint.GetBytes(names.InputNorm).ToArray(), device.AsSpan((int)(addresses[4] - DeviceBase), (int)norm.Length).ToArray());
+
+        void Check(int view, int rowStart, int r, int colStart, int c)
+        {
+            var codesAt = (int)(addresses[view] - DeviceBase);
+            var scalesAt = (int)(addresses[view + 1] - DeviceBase);
+            var cb = Fp8GemmKernel.BlocksFor(c);
+            for (var i = 0; i < r; i++)
+            {
+                for (var j = 0; j < c; j++)
+                {
+                    Assert.AreEqual(codes[((rowStart + i) * cols) + colStart + j], device[codesAt + (i * c) + j], $"view {view} code [{i}, {j}]");
+                    var stored = scales[((rowStart + i) / 128 * Fp8GemmKernel.BlocksFor(cols)) + ((colStart + j) / 128)];
+                    Assert.AreEqual(stored, BitConverter.ToSingle(device, scalesAt + (4 * ((i / 128 * cb) + (j / 128)))), $"view {view} scale of [{i}, {j}]");
+                }
+            }
+        }
     }
 
     [TestMethod]

@@ -104,15 +104,15 @@ public sealed class CpuBackend : IBackend
 
     /// <inheritdoc />
     public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon) =>
-        new CpuNormWeight(width, epsilon, Read(checkpoint, name, width));
+        new CpuNormWeight(width, epsilon, WeightReader.Float32(checkpoint, name, width));
 
     /// <inheritdoc />
     public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width) =>
-        new CpuEmbeddingWeight(rows, width, Read(checkpoint, name, rows, width));
+        new CpuEmbeddingWeight(rows, width, WeightReader.Float32(checkpoint, name, rows, width));
 
     /// <inheritdoc />
     public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width) =>
-        new CpuLinearWeight(vocab, width, false, Read(checkpoint, name, vocab, width));
+        new CpuLinearWeight(vocab, width, false, WeightReader.Float32(checkpoint, name, vocab, width));
 
     /// <inheritdoc />
     public GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options)
@@ -122,7 +122,7 @@ public sealed class CpuBackend : IBackend
             throw new ArgumentException($"unsupported routing {options}", nameof(options));
         }
 
-        return new CpuGateWeight(width, options, Read(checkpoint, weight, options.Experts, width), Read(checkpoint, bias, options.Experts));
+        return new CpuGateWeight(width, options, WeightReader.Float32(checkpoint, weight, options.Experts, width), WeightReader.Float32(checkpoint, bias, options.Experts));
     }
 
     /// <inheritdoc />
@@ -209,14 +209,8 @@ public sealed class CpuBackend : IBackend
         }
     }
 
-    private static CpuLinearWeight LoadLinear(Checkpoint checkpoint, LinearSpec spec)
-    {
-        var info = checkpoint.Get(spec.Weight);
-        var fp8 = info.DType == DType.F8_E4M3;
-        var (rows, cols) = spec.StoredShape;
-        var stored = Read(checkpoint, spec.Weight, rows, cols);
-        return new CpuLinearWeight(spec.Out, spec.In, fp8, spec.Slice is { IsWhole: false } slice ? slice.Extract(stored) : stored);
-    }
+    private static CpuLinearWeight LoadLinear(Checkpoint checkpoint, LinearSpec spec) =>
+        new(spec.Out, spec.In, checkpoint.Get(spec.Weight).DType == DType.F8_E4M3, WeightReader.Float32(checkpoint, spec));
 
     private static CpuMlp LoadMlp(Checkpoint checkpoint, LinearSpec[] mlp)
     {
@@ -226,19 +220,6 @@ public sealed class CpuBackend : IBackend
         }
 
         return new CpuMlp(LoadLinear(checkpoint, mlp[0]), LoadLinear(checkpoint, mlp[1]), LoadLinear(checkpoint, mlp[2]));
-    }
-
-    private static float[] Read(Checkpoint checkpoint, string name, params int[] shape)
-    {
-        var info = checkpoint.Get(name);
-        if (info.Shape.Length != shape.Length || !info.Shape.Select(s => (int)s).SequenceEqual(shape))
-        {
-            throw new CheckpointException(
-                $"{checkpoint.Directory}: tensor '{name}' has shape {info.ShapeText}, the model needs {TensorInfo.FormatShape(shape.Select(s => (long)s))}",
-                checkpoint.Directory, name);
-        }
-
-        return checkpoint.ReadFloat32(name);
     }
 
     // ---------------------------------------------------------------- elementwise and norms

@@ -1,8 +1,8 @@
-using System.Runtime.InteropServices;
+using System.Runtime.CompilerServices;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Kernels;
 using DeepSeekCuda.Loader;
-using DeepSeekCuda.Loader.Numerics;
+using DeepSeekCuda.Loading;
 using CudaRt = DeepSeekCuda.Cuda.Cuda;
 
 namespace DeepSeekCuda.Backends.Cuda;
@@ -86,6 +86,7 @@ public sealed class CudaBackend : IBackend
     private readonly MlaDecodeKernel _decode;
     private readonly MlaPrefillKernel _prefill;
     private readonly Dictionary<(int E, int Slots, int H, int I, int S, int K), MoeLayer> _moe = [];
+    private CudaStagingCopier? _staging;
     private readonly Scratch _ints, _codes, _scales, _qAbs, _outLatent, _lse, _workspace, _latent, _kv, _qBf16, _outBf16, _kvCodes, _kvScales, _logits;
     private readonly Scratch[] _scratch;
     private readonly Lock _sync = new();
@@ -197,7 +198,7 @@ public sealed class CudaBackend : IBackend
         _stream.Synchronize();
     }
 
-    /// <summary>Frees the backend's scratch and MoE buffers (they grow again on demand).</summary>
+    /// <summary>Frees the backend's scratch and MoE buffers and its weight staging (they come back on demand).</summary>
     public void Trim()
     {
         using var scope = Enter();
@@ -218,6 +219,8 @@ public sealed class CudaBackend : IBackend
         }
 
         _moe.Clear();
+        _staging?.Dispose();
+        _staging = null;
     }
 
     /// <inheritdoc />
@@ -242,6 +245,8 @@ public sealed class CudaBackend : IBackend
             {
                 s.Free();
             }
+
+            _staging?.Dispose();
         }
 
         foreach (var l in new IDisposable?[] { _embedding, _norm, _quant, _fp8, _bf16, _mma, _siluMul, _glue, _gate, _cache, _decode, _prefill })
@@ -327,27 +332,20 @@ public sealed class CudaBackend : IBackend
     {
         using var scope = Enter();
         var (rows, cols) = spec.StoredShape;
-        var info = CheckShape(checkpoint, spec.Weight, rows, cols);
-        if (info.DType != DType.F8_E4M3)
+        if (WeightReader.Require(checkpoint, spec.Weight, rows, cols).DType != DType.F8_E4M3)
         {
             var w = new CudaLinearWeight(spec.Out, spec.In, fp8: false);
-            w.Bf16 = w.Owned.Own(UploadBf16(checkpoint, spec.Weight, spec.Slice));
+            w.Bf16 = w.Owned.Own(Upload<ushort>(checkpoint, WeightReader.Bf16(checkpoint, spec.Weight, spec.Slice, Bf16User, rows, cols)));
             return w;
         }
 
-        if (checkpoint.Config.Quantization is { } q && (q.BlockRows != Fp8GemmKernel.Block || q.BlockCols != Fp8GemmKernel.Block))
-        {
-            throw new NotSupportedException($"weight_block_size [{q.BlockRows}, {q.BlockCols}]: the FP8 GEMM kernels take 128x128 blocks");
-        }
-
+        var view = ReadFp8(checkpoint, spec, "the FP8 GEMM kernels");
         var weight = new CudaLinearWeight(spec.Out, spec.In, fp8: true);
         try
         {
-            ReadFp8(checkpoint, spec, "the FP8 GEMM kernels", (codes, scales) =>
-            {
-                weight.Owned.Own(weight.Codes = DeviceBuffer<byte>.From(_device, codes, _stream));
-                weight.Owned.Own(weight.Scales = DeviceBuffer<float>.From(_device, scales, _stream));
-            });
+            weight.Codes = weight.Owned.Own(DeviceBuffer<byte>.Allocate(_device, view.Codes.Length));
+            weight.Scales = weight.Owned.Own(DeviceBuffer<float>.Allocate(_device, view.Scales.Length / sizeof(float)));
+            Write(checkpoint, [(view.Codes, weight.Codes.Pointer), (view.Scales, weight.Scales.Pointer)]);
         }
         catch
         {
@@ -358,63 +356,41 @@ public sealed class CudaBackend : IBackend
         return weight;
     }
 
-    private delegate void Fp8Sink(ReadOnlySpan<byte> codes, ReadOnlySpan<float> scales);
+    private const string Bf16User = "the CUDA kernels";
 
-    /// <summary>
-    /// Hands an FP8 weight's codes [Out, In] and block scales [⌈Out/128⌉, ⌈In/128⌉] to <paramref name="sink"/> as the kernels
-    /// take them: the stored tensors (straight from the checkpoint), or a slice of them re-gridded exactly
-    /// (<see cref="CudaBackendLayout.SliceScales"/>; a slice the 128x128 grid cannot express is refused).
-    /// </summary>
-    private static void ReadFp8(Checkpoint checkpoint, LinearSpec spec, string user, Fp8Sink sink)
+    /// <summary>An FP8 weight's codes and block scales as the kernels take them (<see cref="WeightReader.Fp8"/>), on the 128x128 grid they need.</summary>
+    private static Fp8View ReadFp8(Checkpoint checkpoint, LinearSpec spec, string user)
     {
-        var (rows, cols) = spec.StoredShape;
-        var info = CheckShape(checkpoint, spec.Weight, rows, cols);
-        if (info.DType != DType.F8_E4M3)
+        var view = WeightReader.Fp8(checkpoint, spec, user);
+        if (view.BlockRows != Fp8GemmKernel.Block || view.BlockCols != Fp8GemmKernel.Block)
         {
-            throw new NotSupportedException($"'{spec.Weight}' is {info.DType}: {user} take FP8 e4m3 weights only");
+            throw new NotSupportedException($"weight_block_size [{view.BlockRows}, {view.BlockCols}]: {user} take {Fp8GemmKernel.Block}x{Fp8GemmKernel.Block} blocks");
         }
 
-        var s = CheckShape(checkpoint, spec.Scale, Fp8GemmKernel.BlocksFor(rows), Fp8GemmKernel.BlocksFor(cols));
-        if (s.DType != DType.F32)
-        {
-            throw new NotSupportedException($"'{spec.Scale}' is {s.DType}; {user} take F32 block scales");
-        }
-
-        var codes = checkpoint.GetBytes(spec.Weight);
-        var scales = MemoryMarshal.Cast<byte, float>(checkpoint.GetBytes(spec.Scale));
-        if (spec.Slice is { IsWhole: false } slice)
-        {
-            sink(CudaBackendLayout.Extract(codes, slice), CudaBackendLayout.SliceScales(scales, slice, spec.Weight));
-        }
-        else
-        {
-            sink(codes, scales);
-        }
+        return view;
     }
 
     /// <inheritdoc />
     public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon)
     {
         using var scope = Enter();
-        CheckShape(checkpoint, name, width);
-        return new CudaNormWeight(width, epsilon, UploadBf16(checkpoint, name));
+        return new CudaNormWeight(width, epsilon, Upload<ushort>(checkpoint, WeightReader.Bf16(checkpoint, name, null, Bf16User, width)));
     }
 
     /// <inheritdoc />
     public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width)
     {
         using var scope = Enter();
-        CheckShape(checkpoint, name, rows, width);
-        return new CudaEmbeddingWeight(rows, width, UploadBf16(checkpoint, name));
+        return new CudaEmbeddingWeight(rows, width, Upload<ushort>(checkpoint, WeightReader.Bf16(checkpoint, name, null, Bf16User, rows, width)));
     }
 
     /// <inheritdoc />
     public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width)
     {
         using var scope = Enter();
-        CheckShape(checkpoint, name, vocab, width);
+        var view = WeightReader.Bf16(checkpoint, name, null, Bf16User, vocab, width);
         var w = new CudaLinearWeight(vocab, width, fp8: false);
-        w.Bf16 = w.Owned.Own(UploadBf16(checkpoint, name));
+        w.Bf16 = w.Owned.Own(Upload<ushort>(checkpoint, view));
         return w;
     }
 
@@ -432,12 +408,12 @@ public sealed class CudaBackend : IBackend
             throw new ArgumentException($"unsupported routing {options} over width {width}: {e.Message}", nameof(options), e);
         }
 
-        CheckShape(checkpoint, weight, options.Experts, width);
-        CheckShape(checkpoint, bias, options.Experts);
-        var w = UploadBf16(checkpoint, weight);
+        var weights = WeightReader.Bf16(checkpoint, weight, null, Bf16User, options.Experts, width);
+        var biases = WeightReader.F32(checkpoint, bias, options.Experts);
+        var w = Upload<ushort>(checkpoint, weights);
         try
         {
-            return new CudaGateWeight(width, options, shape, w, DeviceBuffer<float>.From(_device, checkpoint.ReadFloat32(bias), _stream));
+            return new CudaGateWeight(width, options, shape, w, Upload<float>(checkpoint, biases));
         }
         catch
         {
@@ -472,41 +448,45 @@ public sealed class CudaBackend : IBackend
             throw new ArgumentException("none of the routed experts is held here", nameof(experts));
         }
 
-        int h = experts[held[0]][0].In, inter = experts[held[0]][0].Out, e = experts.Count, slots = held.Length;
-        var layout = new ExpertStackLayout(slots, h, inter);
+        int h = experts[held[0]][0].In, inter = experts[held[0]][0].Out, e = experts.Count;
+        var parts = new ExpertParts[held.Length];
+        for (var slot = 0; slot < held.Length; slot++)
+        {
+            var i = held[slot];
+            var (gate, up, down) = (experts[i][0], experts[i][1], experts[i][2]);
+            if (gate.Out != inter || gate.In != h || up.Out != inter || up.In != h || down.Out != h || down.In != inter)
+            {
+                throw new ArgumentException($"expert {i} is not [{inter}, {h}] / [{h}, {inter}] like the first held expert", nameof(experts));
+            }
+
+            parts[slot] = new ExpertParts(ReadExpert(gate), ReadExpert(up), ReadExpert(down));
+        }
+
+        ExpertParts? sharedParts = shared is null ? null : new ExpertParts(ReadExpert(shared[0]), ReadExpert(shared[1]), ReadExpert(shared[2]));
+        var layout = new ExpertStackLayout(held.Length, h, inter);
         var result = new CudaExpertWeights(e, h, inter, shared?[0].Out ?? 0);
+        List<(HostView Source, ulong Destination)> writes = [];
         try
         {
             var w13 = result.Owned.Own(DeviceBuffer<byte>.Allocate(_device, layout.W13Length));
             var w13s = result.Owned.Own(DeviceBuffer<float>.Allocate(_device, layout.W13ScaleLength));
             var w2 = result.Owned.Own(DeviceBuffer<byte>.Allocate(_device, layout.W2Length));
             var w2s = result.Owned.Own(DeviceBuffer<float>.Allocate(_device, layout.W2ScaleLength));
-            for (var slot = 0; slot < slots; slot++)
-            {
-                var i = held[slot];
-                var (gate, up, down) = (experts[i][0], experts[i][1], experts[i][2]);
-                if (gate.Out != inter || gate.In != h || up.Out != inter || up.In != h || down.Out != h || down.In != inter)
-                {
-                    throw new ArgumentException($"expert {i} is not [{inter}, {h}] / [{h}, {inter}] like the first held expert", nameof(experts));
-                }
-
-                UploadFp8Part(checkpoint, gate, w13, layout.Gate(slot), w13s, layout.GateScales(slot));
-                UploadFp8Part(checkpoint, up, w13, layout.Up(slot), w13s, layout.UpScales(slot));
-                UploadFp8Part(checkpoint, down, w2, layout.Down(slot), w2s, layout.DownScales(slot));
-            }
-
-            result.Stack = new MoeExpertStack(w13.Pointer, w13s.Pointer, w2.Pointer, w2s.Pointer, slots, h, inter);
-            if (slots < e)
+            writes.AddRange(CudaBackendLayout.ExpertStackWrites(layout, parts, w13.Pointer, w13s.Pointer, w2.Pointer, w2s.Pointer));
+            result.Stack = new MoeExpertStack(w13.Pointer, w13s.Pointer, w2.Pointer, w2s.Pointer, held.Length, h, inter);
+            if (held.Length < e)
             {
                 var map = result.Owned.Own(DeviceBuffer<int>.From(_device, MoeDispatch.ExpertMap(e, held), _stream));
                 result.Stack = result.Stack with { ExpertMap = map.Pointer, MapExperts = e };
             }
 
-            if (shared is not null)
+            if (sharedParts is { } sp)
             {
-                result.Shared = new MoeSharedExpert(SharedPart(checkpoint, shared[0], result), SharedPart(checkpoint, shared[1], result), SharedPart(checkpoint, shared[2], result));
+                result.Shared = new MoeSharedExpert(SharedPart(sp.Gate), SharedPart(sp.Up), SharedPart(sp.Down));
             }
 
+            // One upload for the layer's experts: every shard they live in is read once, in file order.
+            Write(checkpoint, writes);
             return result;
         }
         catch
@@ -514,23 +494,17 @@ public sealed class CudaBackend : IBackend
             result.Dispose();
             throw;
         }
-    }
 
-    private void UploadFp8Part(Checkpoint checkpoint, LinearSpec spec, DeviceBuffer<byte> codes, long codesOffset, DeviceBuffer<float> scales, long scalesOffset)
-    {
-        ReadFp8(checkpoint, spec, "the grouped expert GEMM and the shared expert", (c, sc) =>
+        Fp8View ReadExpert(LinearSpec spec) => ReadFp8(checkpoint, spec, "the grouped expert GEMM and the shared expert");
+
+        Fp8Linear SharedPart(Fp8View view)
         {
-            codes.Upload(c, _stream, codesOffset);
-            scales.Upload(sc, _stream, scalesOffset);
-        });
-    }
-
-    private Fp8Linear SharedPart(Checkpoint checkpoint, LinearSpec spec, CudaExpertWeights owner)
-    {
-        var codes = owner.Owned.Own(DeviceBuffer<byte>.Allocate(_device, (long)spec.Out * spec.In));
-        var scales = owner.Owned.Own(DeviceBuffer<float>.Allocate(_device, (long)Fp8GemmKernel.BlocksFor(spec.Out) * Fp8GemmKernel.BlocksFor(spec.In)));
-        UploadFp8Part(checkpoint, spec, codes, 0, scales, 0);
-        return new Fp8Linear(codes.Pointer, scales.Pointer, spec.Out, spec.In);
+            var codes = result.Owned.Own(DeviceBuffer<byte>.Allocate(_device, view.Codes.Length));
+            var scales = result.Owned.Own(DeviceBuffer<float>.Allocate(_device, view.Scales.Length / sizeof(float)));
+            writes.Add((view.Codes, codes.Pointer));
+            writes.Add((view.Scales, scales.Pointer));
+            return new Fp8Linear(codes.Pointer, scales.Pointer, view.Rows, view.Cols);
+        }
     }
 
     /// <inheritdoc />
@@ -618,43 +592,33 @@ public sealed class CudaBackend : IBackend
         }
     }
 
-    /// <summary>Uploads a tensor as BF16: raw bits when the checkpoint stores BF16, otherwise only if every value is exactly a BF16.</summary>
-    private DeviceBuffer<ushort> UploadBf16(Checkpoint checkpoint, string name, TensorSlice? slice = null)
+    /// <summary>
+    /// Copies each view to its device address through the weight uploader: the shards read once each, in file order,
+    /// through pinned staging slots (double buffered) the backend keeps for its loads (<see cref="Trim"/> frees them).
+    /// Returns when every copy has completed.
+    /// </summary>
+    private void Write(Checkpoint checkpoint, IEnumerable<(HostView Source, ulong Destination)> writes)
     {
-        var info = checkpoint.Get(name);
-        if (info.DType == DType.BF16)
-        {
-            var stored = MemoryMarshal.Cast<byte, ushort>(checkpoint.GetBytes(name));
-            return slice is { IsWhole: false }
-                ? DeviceBuffer<ushort>.From(_device, CudaBackendLayout.Extract(stored, slice), _stream)
-                : DeviceBuffer<ushort>.From(_device, stored, _stream);
-        }
-
-        var values = checkpoint.ReadFloat32(name);
-        var bits = new ushort[values.Length];
-        for (var i = 0; i < values.Length; i++)
-        {
-            bits[i] = BFloat16.FromFloat(values[i]);
-            if (BFloat16.ToFloat(bits[i]) != values[i] && !float.IsNaN(values[i]))
-            {
-                throw new NotSupportedException($"'{name}' is {info.DType} with values that are not BF16 (element {i}: {values[i]}); the CUDA kernels take this weight as BF16 and would round it");
-            }
-        }
-
-        return DeviceBuffer<ushort>.From(_device, slice is { IsWhole: false } ? CudaBackendLayout.Extract<ushort>(bits, slice) : bits, _stream);
+        var options = new WeightUploadOptions();
+        _staging ??= new CudaStagingCopier(_device, options.Slots, options.ChunkBytes);
+        WeightUploader.Upload(checkpoint, UploadPlan.Create([.. checkpoint.ShardFiles], writes, _staging.SlotBytes, _staging.Slots), _staging, options);
     }
 
-    private static TensorInfo CheckShape(Checkpoint checkpoint, string name, params int[] shape)
+    /// <summary>A new device buffer holding <paramref name="view"/> (<typeparamref name="T"/> elements).</summary>
+    private DeviceBuffer<T> Upload<T>(Checkpoint checkpoint, HostView view)
+        where T : unmanaged
     {
-        var info = checkpoint.Get(name);
-        if (info.Shape.Length != shape.Length || !info.Shape.Select(s => (int)s).SequenceEqual(shape))
+        var buffer = DeviceBuffer<T>.Allocate(_device, view.Length / Unsafe.SizeOf<T>());
+        try
         {
-            throw new CheckpointException(
-                $"{checkpoint.Directory}: tensor '{name}' has shape {info.ShapeText}, the model needs {TensorInfo.FormatShape(shape.Select(s => (long)s))}",
-                checkpoint.Directory, name);
+            Write(checkpoint, [(view, buffer.Pointer)]);
+            return buffer;
         }
-
-        return info;
+        catch
+        {
+            buffer.Dispose();
+            throw;
+        }
     }
 
     // ---------------------------------------------------------------- elementwise and norms

@@ -284,65 +284,54 @@ internal static class CudaBackendLayout
         return a;
     }
 
-    /// <summary>The rectangle <paramref name="slice"/> of a row-major stored matrix, row-major.</summary>
-    /// <exception cref="ArgumentException"><paramref name="stored"/> is not [StoredRows, StoredCols].</exception>
-    public static T[] Extract<T>(ReadOnlySpan<T> stored, TensorSlice slice)
-    {
-        ArgumentNullException.ThrowIfNull(slice);
-        if (stored.Length != (long)slice.StoredRows * slice.StoredCols)
-        {
-            throw new ArgumentException($"{stored.Length} values for a [{slice.StoredRows}, {slice.StoredCols}] tensor", nameof(stored));
-        }
-
-        var result = new T[(long)slice.Rows * slice.Cols];
-        for (var r = 0; r < slice.Rows; r++)
-        {
-            stored.Slice((int)((long)(slice.RowStart + r) * slice.StoredCols + slice.ColStart), slice.Cols).CopyTo(result.AsSpan(r * slice.Cols, slice.Cols));
-        }
-
-        return result;
-    }
-
     /// <summary>
-    /// The 128x128 block scales of an FP8 weight's <paramref name="slice"/> on the slice's own grid, from the stored
-    /// grid <paramref name="scales"/> [⌈StoredRows/128⌉, ⌈StoredCols/128⌉]. Exact (no requantization) when, in rows
-    /// and in columns, the slice starts on a block edge or lies inside one stored block: then each of its blocks is
-    /// (part of) one stored block and keeps that block's scale.
+    /// Where each held expert's FP8 parts go in a compact stack: slot s's gate and up codes and scales into W13 (gate
+    /// rows first), its down codes and scales into W2, at the offsets of <paramref name="layout"/> from the four base
+    /// addresses. One upload of all of them fills the stack.
     /// </summary>
-    /// <exception cref="NotSupportedException">The slice cuts stored blocks in a way the slice's grid cannot express (<paramref name="weight"/> names it).</exception>
-    public static float[] SliceScales(ReadOnlySpan<float> scales, TensorSlice slice, string weight)
+    /// <exception cref="ArgumentException">A part is not the layout's shape.</exception>
+    public static IEnumerable<(HostView Source, ulong Destination)> ExpertStackWrites(ExpertStackLayout layout, IReadOnlyList<ExpertParts> slots,
+        ulong w13, ulong w13Scales, ulong w2, ulong w2Scales)
     {
-        ArgumentNullException.ThrowIfNull(slice);
-        const int b = Fp8GemmKernel.Block;
-        int storedRowBlocks = Fp8GemmKernel.BlocksFor(slice.StoredRows), storedColBlocks = Fp8GemmKernel.BlocksFor(slice.StoredCols);
-        if (scales.Length != (long)storedRowBlocks * storedColBlocks)
+        ArgumentNullException.ThrowIfNull(slots);
+        if (slots.Count != layout.Experts)
         {
-            throw new ArgumentException($"{scales.Length} scales for a [{storedRowBlocks}, {storedColBlocks}] grid", nameof(scales));
+            throw new ArgumentException($"{slots.Count} experts for a stack of {layout.Experts}", nameof(slots));
         }
 
-        var firstRow = FirstBlock(slice.RowStart, slice.Rows, "rows");
-        var firstCol = FirstBlock(slice.ColStart, slice.Cols, "columns");
-        int rowBlocks = Fp8GemmKernel.BlocksFor(slice.Rows), colBlocks = Fp8GemmKernel.BlocksFor(slice.Cols);
-        var result = new float[rowBlocks * colBlocks];
-        for (var i = 0; i < rowBlocks; i++)
+        var writes = new List<(HostView, ulong)>(6 * slots.Count);
+        for (var e = 0; e < slots.Count; e++)
         {
-            scales.Slice((firstRow + i) * storedColBlocks + firstCol, colBlocks).CopyTo(result.AsSpan(i * colBlocks, colBlocks));
+            var (gate, up, down) = slots[e];
+            Check(gate, layout.Inter, layout.Hidden, e);
+            Check(up, layout.Inter, layout.Hidden, e);
+            Check(down, layout.Hidden, layout.Inter, e);
+            writes.Add((gate.Codes, w13 + (ulong)layout.Gate(e)));
+            writes.Add((gate.Scales, w13Scales + (ulong)(layout.GateScales(e) * sizeof(float))));
+            writes.Add((up.Codes, w13 + (ulong)layout.Up(e)));
+            writes.Add((up.Scales, w13Scales + (ulong)(layout.UpScales(e) * sizeof(float))));
+            writes.Add((down.Codes, w2 + (ulong)layout.Down(e)));
+            writes.Add((down.Scales, w2Scales + (ulong)(layout.DownScales(e) * sizeof(float))));
         }
 
-        return result;
+        return writes;
 
-        int FirstBlock(int start, int count, string what)
+        static void Check(Fp8View part, int rows, int cols, int slot)
         {
-            if (start % b != 0 && start / b != (start + count - 1) / b)
+            if (part.Rows != rows || part.Cols != cols || part.Codes.Length != (long)rows * cols
+                || part.Scales.Length != (long)Fp8GemmKernel.BlocksFor(rows) * Fp8GemmKernel.BlocksFor(cols) * sizeof(float))
             {
-                throw new NotSupportedException(
-                    $"'{weight}' slice {slice}: its {what} start at {start}, inside a {b}-wide FP8 scale block, and cross into the next; the FP8 kernels' {b}x{b} scale grid cannot express that slice without requantizing");
+                throw new ArgumentException($"slot {slot}: '{part.Codes.Name}' is [{part.Rows}, {part.Cols}] ({part.Codes.Length} code and {part.Scales.Length} scale bytes); the stack takes [{rows}, {cols}] on the {Fp8GemmKernel.Block}x{Fp8GemmKernel.Block} grid", nameof(slots));
             }
-
-            return start / b;
         }
     }
 }
+
+/// <summary>One expert's gate, up and down projections as FP8 views (what a stack slot holds).</summary>
+/// <param name="Gate">gate_proj [I, H].</param>
+/// <param name="Up">up_proj [I, H].</param>
+/// <param name="Down">down_proj [H, I].</param>
+internal readonly record struct ExpertParts(Fp8View Gate, Fp8View Up, Fp8View Down);
 
 /// <summary>
 /// Element offsets of one expert's parts in the stacked routed-expert arrays of <see cref="MoeExpertStack"/>:
