@@ -10,7 +10,7 @@ GpuBenchSpec[] gpuBenches =
     new("mla_prefill", "MLA prefill attention (naive, V3 heads) vs same-run copy", MlaPrefillBench.Run),
     new("moe", "DeepSeek-V3 MoE layer (grouped FP8 experts) vs same-run baselines", MoeBench.Run),
     new("bf16", "BF16 products (lm_head, router, MLA fold/unfold): CUDA-core kernels and the tensor-core GEMM vs same-run baselines", Bf16Bench.Run),
-    new("load", "Weight upload of a synthetic checkpoint vs same-run file read and pinned H2D copy", LoadBench.Run),
+    new("load", "Weight upload of a synthetic checkpoint vs same-run file read and pinned H2D copy; the model load on CudaBackend vs the whole upload", LoadBench.Run),
     new("allreduce", "P2P all-reduce over logical ranks of one GPU vs same-run copy", AllReduceBench.Run),
     new("e2e", "End-to-end prefill and decode (tiny, full-width V3 slice) vs the bandwidth floor; 61-layer 8-GPU projection", E2eBench.Run),
 ];

@@ -1,12 +1,14 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Runtime.InteropServices;
+using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Cuda.Native;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Loading;
+using DeepSeekCuda.Model;
 
 namespace DeepSeekCuda.Bench.Benches;
 
@@ -90,6 +92,7 @@ internal static partial class LoadBench
 
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"baselines alone: h2d {tensorBytes / (h2dUs * 1e-6) / 1e9:F1} GB/s (pinned, 256 MiB copies)"));
+            ModelLoad(gpu, dir, config, arena, runs, report);
         }
         finally
         {
@@ -102,6 +105,35 @@ internal static partial class LoadBench
                 // Writing failed before the folder existed.
             }
         }
+    }
+
+    /// <summary>
+    /// Row <c>model_load</c>, warm: the model loaded on a <see cref="CudaBackend"/> the way <c>LocalModel</c> loads it
+    /// (weight by weight through <see cref="WeightReader"/> and the backend's <see cref="WeightUploader"/> staging, the
+    /// MTP layer left out), against the same run's whole-checkpoint upload of the bytes it reads (<c>load</c>, timed
+    /// here again right before, warm as well); ratio = upload time / model load time (1: the per-weight path costs nothing extra).
+    /// </summary>
+    private static void ModelLoad(GpuBench gpu, string dir, ModelConfig config, DeviceArena arena, int runs, BenchReport report)
+    {
+        using var backend = new CudaBackend(new CudaBackendOptions { Device = gpu.Device.Ordinal });
+        var mtp = CheckpointLayout.LayerPrefix(config.NumHiddenLayers);
+        long bytes = 0;
+        var uploadUs = GpuBench.Median(runs, () =>
+        {
+            var (us, upload) = TimeLoad(gpu, dir, arena, t => !t.Name.StartsWith(mtp, StringComparison.Ordinal));
+            bytes = upload.Bytes;
+            return us;
+        });
+        var loadUs = GpuBench.Median(runs, () =>
+        {
+            var clock = Stopwatch.StartNew();
+            using var checkpoint = Checkpoint.Open(dir);
+            using var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = 16, LoadMtp = false });
+            backend.Synchronize();
+            return clock.Elapsed.TotalMicroseconds;
+        });
+        var shape = new Dictionary<string, object> { ["bytes"] = bytes, ["cache"] = "warm", ["layers"] = config.NumHiddenLayers };
+        report.Add(new BenchResult("model_load", shape, loadUs, 0, bytes / (loadUs * 1e-6) / 1e9, "load", uploadUs));
     }
 
     /// <summary>Microseconds to read every file front to back (no parsing, no copy beyond the read).</summary>
@@ -120,13 +152,16 @@ internal static partial class LoadBench
         return clock.Elapsed.TotalMicroseconds;
     }
 
-    /// <summary>Microseconds of one whole upload, checkpoint opened and closed around it (so the maps start cold too), and the pipeline's own report.</summary>
-    private static (double Us, UploadReport Report) TimeLoad(GpuBench gpu, string dir, DeviceArena arena)
+    /// <summary>
+    /// Microseconds of one whole upload (of the tensors <paramref name="take"/> keeps, all by default), checkpoint opened
+    /// and closed around it (so the maps start cold too), and the pipeline's own report.
+    /// </summary>
+    private static (double Us, UploadReport Report) TimeLoad(GpuBench gpu, string dir, DeviceArena arena, Func<TensorInfo, bool>? take = null)
     {
         var clock = Stopwatch.StartNew();
         using var checkpoint = Checkpoint.Open(dir);
         arena.Reset();
-        var (_, targets) = WeightUploader.PlaceInArena(arena, checkpoint.Tensors.Values.OrderBy(t => t.Name, StringComparer.Ordinal));
+        var (_, targets) = WeightUploader.PlaceInArena(arena, checkpoint.Tensors.Values.Where(t => take?.Invoke(t) ?? true).OrderBy(t => t.Name, StringComparer.Ordinal));
         var upload = WeightUploader.Upload(gpu.Device, checkpoint, targets);
         return (clock.Elapsed.TotalMicroseconds, upload);
     }
