@@ -348,7 +348,7 @@ public sealed class Checkpoint : IDisposable
         }
 
         var (rows, cols) = ((int)info.Shape[0], (int)info.Shape[1]);
-        var block = Config.Quantization ?? new Fp8Quantization(128, 128, "dynamic");
+        var block = Config.Quantization ?? Fp8Quantization.Default;
         var gridRows = CheckpointLayout.CeilDiv(rows, block.BlockRows);
         var gridCols = CheckpointLayout.CeilDiv(cols, block.BlockCols);
         if (scale.DType != DType.F32 || scale.Shape.Length != 2 || scale.Shape[0] != gridRows || scale.Shape[1] != gridCols)

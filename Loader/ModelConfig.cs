@@ -15,7 +15,11 @@ public sealed record RopeScaling(
     double MScaleAllDim);
 
 /// <summary>FP8 block quantization of the linear weights (<c>quantization_config</c>).</summary>
-public sealed record Fp8Quantization(int BlockRows, int BlockCols, string ActivationScheme);
+public sealed record Fp8Quantization(int BlockRows, int BlockCols, string ActivationScheme)
+{
+    /// <summary>DeepSeek-V3's: 128x128 blocks, dynamic activation scales (what FP8 weights of a config without <c>quantization_config</c> are read with).</summary>
+    public static Fp8Quantization Default { get; } = new(128, 128, "dynamic");
+}
 
 /// <summary>
 /// A DeepSeek-V3 architecture config as read from Hugging Face <c>config.json</c>. Immutable; every

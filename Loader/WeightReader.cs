@@ -57,7 +57,7 @@ internal static class WeightReader
             throw new NotSupportedException($"'{spec.Weight}' is {info.DType}: {user} take FP8 e4m3 weights only");
         }
 
-        var block = checkpoint.Config.Quantization ?? new Fp8Quantization(128, 128, "dynamic");
+        var block = checkpoint.Config.Quantization ?? Fp8Quantization.Default;
         var (br, bc) = (block.BlockRows, block.BlockCols);
         int gridRows = CheckpointLayout.CeilDiv(rows, br), gridCols = CheckpointLayout.CeilDiv(cols, bc);
         var scale = Require(checkpoint, spec.Scale, gridRows, gridCols);

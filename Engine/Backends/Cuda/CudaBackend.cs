@@ -331,9 +331,9 @@ public sealed class CudaBackend : IBackend
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
     {
         using var scope = Enter();
-        var (rows, cols) = spec.StoredShape;
-        if (WeightReader.Require(checkpoint, spec.Weight, rows, cols).DType != DType.F8_E4M3)
+        if (checkpoint.Get(spec.Weight).DType != DType.F8_E4M3)
         {
+            var (rows, cols) = spec.StoredShape;
             var w = new CudaLinearWeight(spec.Out, spec.In, fp8: false);
             w.Bf16 = w.Owned.Own(Upload<ushort>(checkpoint, WeightReader.Bf16(checkpoint, spec.Weight, spec.Slice, Bf16User, rows, cols)));
             return w;
