@@ -1,28 +1,33 @@
-// Token selection on the GPU, one block per row of logits.
-// argmax: the largest logit, the lowest index on ties; NaN logits are ignored; a row of only NaN gives -1
-// (which the embedding turns into a NaN row, so the fault is visible).
-// sample: temperature, top-k, top-p, then a seeded draw:
-//   w_i = exp((l_i - max) / T) over the kept set; top-k keeps logits >= the k-th largest (ties at the
-//   threshold are all kept); top-p then keeps logits >= the largest threshold whose kept mass is >= p of
-//   the top-k mass; u = uniform(seed, step, row) in [0, 1); the token is the first kept index (in index
-//   order) where the running mass exceeds u * total. Masses are fp32 sums in a block order, so a draw
-//   within rounding of a boundary may differ from a CPU sum: tests allow that.
-//   temperature <= 0 means argmax.
+// Token choice on the GPU, one block per row of logits, each row with its own settings (TokenChoiceRow); only the
+// int32 ids are written. The rule is TokenSampling's in Engine/Backends/TokenChoice.cs (the CPU specification):
+//   a row with vocab_limit <= 0 is not chosen here: -1.
+//   a row with a NaN or +inf logit below vocab_limit, or none above -inf, cannot be sampled: -1 (the host reads it).
+//   temperature <= 0: argmax, the lowest index on ties.
+//   else w_i = exp((l_i - max) / T); top-k keeps logits >= the k-th largest (ties at the threshold kept); top-p then
+//   keeps logits >= the largest threshold whose kept weight is >= p of the top-k weight; u = uniform(seed, draw) in
+//   [0, 1); the token is the first kept index (in index order) whose running weight exceeds u * total (the last kept
+//   index with weight when rounding leaves the target past the end). Weights are fp32 sums in a block order, so a
+//   draw within rounding of a boundary may differ from the CPU's sum: tests allow that.
 #pragma once
 #include "common.cuh"
 
+struct TokenChoiceRow
+{
+    i32 vocab_limit;      // ids >= it are never chosen; <= 0: not chosen here
+    float temperature;    // <= 0: greedy
+    i32 top_k;            // <= 0 or >= vocab_limit: off
+    float top_p;          // >= 1: off
+    u64 seed;
+    u64 draw;             // the request's draw counter
+};
+
 struct SamplingParams
 {
-    const float* logits;  // [rows, logits_stride]
-    i32* out_ids;         // [rows]
+    const float* logits;          // [rows, logits_stride]
+    const TokenChoiceRow* choices; // [rows]
+    i32* out_ids;                  // [rows]
     i64 logits_stride;
-    u64 seed;
-    u64 step;             // decode step: a new draw per step with the same seed
     i32 rows;
-    i32 vocab;
-    float temperature;    // <= 0: greedy
-    i32 top_k;            // <= 0 or >= vocab: off
-    float top_p;          // >= 1: off
     i32 pad0;
 };
 
@@ -34,10 +39,10 @@ DSC_DEVICE u64 splitmix64(u64 x)
     return x ^ (x >> 31);
 }
 
-// Mirrored by SamplingKernel.Uniform in C#.
-DSC_DEVICE float sampling_uniform(u64 seed, u64 step, u32 row)
+// Mirrored by TokenSampling.Uniform in C#.
+DSC_DEVICE float sampling_uniform(u64 seed, u64 draw)
 {
-    const u64 h = splitmix64(seed ^ splitmix64(step * 0x10000ull + row));
+    const u64 h = splitmix64(seed ^ splitmix64(draw));
     return (float)(u32)(h >> 40) * (1.0f / 16777216.0f);
 }
 
@@ -79,78 +84,86 @@ DSC_DEVICE void block_argmax(const float* l, int vocab, float* sv, int* si, floa
 }
 
 template <int BLOCK>
-__global__ void __launch_bounds__(BLOCK) argmax_kernel(const __grid_constant__ SamplingParams p)
-{
-    __shared__ float sv[BLOCK];
-    __shared__ int si[BLOCK];
-    const int row = blockIdx.x;
-    if (row >= p.rows) return;
-    float bv;
-    int bi;
-    block_argmax<BLOCK>(p.logits + (i64)row * p.logits_stride, p.vocab, sv, si, bv, bi);
-    if (threadIdx.x == 0) p.out_ids[row] = bi;
-}
-
-template <int BLOCK>
-__global__ void __launch_bounds__(BLOCK) sample_kernel(const __grid_constant__ SamplingParams p)
+__global__ void __launch_bounds__(BLOCK) choose_kernel(const __grid_constant__ SamplingParams p)
 {
     __shared__ float sv[BLOCK];
     __shared__ int si[BLOCK];
     __shared__ float scratch[32];
     const int row = blockIdx.x;
     if (row >= p.rows) return;
+    const TokenChoiceRow* cr = p.choices + row;
+    const int vocab = cr->vocab_limit;
+    if (vocab <= 0)
+    {
+        if (threadIdx.x == 0) p.out_ids[row] = -1;
+        return;
+    }
     const float* l = p.logits + (i64)row * p.logits_stride;
+    const float temperature = cr->temperature;
+    const int top_k = cr->top_k;
+    const float top_p = cr->top_p;
+
+    // Can the row be sampled? No NaN or +inf, and something above -inf.
+    float bad = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += BLOCK)
+        if (is_nan(l[i]) || l[i] == f32_inf()) bad += 1.0f;
+    bad = block_sum<BLOCK>(bad, scratch);
     float maxv;
     int maxi;
-    block_argmax<BLOCK>(l, p.vocab, sv, si, maxv, maxi);
-    if (p.temperature <= 0.0f || maxi < 0)
+    block_argmax<BLOCK>(l, vocab, sv, si, maxv, maxi);
+    if (bad > 0.0f || maxi < 0 || maxv == -f32_inf())
+    {
+        if (threadIdx.x == 0) p.out_ids[row] = -1;
+        return;
+    }
+    if (temperature <= 0.0f)
     {
         if (threadIdx.x == 0) p.out_ids[row] = maxi;
         return;
     }
-    const float inv_t = 1.0f / p.temperature;
+    const float inv_t = 1.0f / temperature;
 
     // Top-k threshold: the largest key t with count(key >= t) >= k, built bit by bit from the top.
     u32 thr = 0;
-    if (p.top_k > 0 && p.top_k < p.vocab)
+    if (top_k > 0 && top_k < vocab)
     {
         for (int bit = 31; bit >= 0; bit--)
         {
             const u32 cand = thr | (1u << bit);
             float cnt = 0.0f;
-            for (int i = threadIdx.x; i < p.vocab; i += BLOCK)
-                if (!is_nan(l[i]) && order_key(l[i]) >= cand) cnt += 1.0f;
-            if (block_sum<BLOCK>(cnt, scratch) >= (float)p.top_k) thr = cand;
+            for (int i = threadIdx.x; i < vocab; i += BLOCK)
+                if (order_key(l[i]) >= cand) cnt += 1.0f;
+            if (block_sum<BLOCK>(cnt, scratch) >= (float)top_k) thr = cand;
         }
     }
 
-    // Top-p threshold over the top-k survivors, the same way with probability mass.
-    if (p.top_p < 1.0f)
+    // Top-p threshold over the top-k survivors, the same way with weight.
+    if (top_p < 1.0f)
     {
         float total = 0.0f;
-        for (int i = threadIdx.x; i < p.vocab; i += BLOCK)
-            if (!is_nan(l[i]) && order_key(l[i]) >= thr) total += expf((l[i] - maxv) * inv_t);
+        for (int i = threadIdx.x; i < vocab; i += BLOCK)
+            if (order_key(l[i]) >= thr) total += expf((l[i] - maxv) * inv_t);
         total = block_sum<BLOCK>(total, scratch);
-        const float need = p.top_p * total;
-        // mass(key >= max(thr, t)) falls as t grows, so the largest t with mass >= need is found bit by bit.
+        const float need = top_p * total;
+        // weight(key >= max(thr, t)) falls as t grows, so the largest t with weight >= need is found bit by bit.
         u32 pthr = 0;
         for (int bit = 31; bit >= 0; bit--)
         {
             const u32 cand = pthr | (1u << bit);
             float mass = 0.0f;
-            for (int i = threadIdx.x; i < p.vocab; i += BLOCK)
-                if (!is_nan(l[i]) && order_key(l[i]) >= cand && order_key(l[i]) >= thr) mass += expf((l[i] - maxv) * inv_t);
+            for (int i = threadIdx.x; i < vocab; i += BLOCK)
+                if (order_key(l[i]) >= cand && order_key(l[i]) >= thr) mass += expf((l[i] - maxv) * inv_t);
             if (block_sum<BLOCK>(mass, scratch) >= need) pthr = cand;
         }
         thr = max(thr, pthr);
     }
 
-    // Draw: each thread owns a contiguous chunk so the running mass follows index order.
-    const int chunk = (p.vocab + BLOCK - 1) / BLOCK;
-    const int lo = min(p.vocab, (int)threadIdx.x * chunk), hi = min(p.vocab, lo + chunk);
+    // Draw: each thread owns a contiguous chunk so the running weight follows index order.
+    const int chunk = (vocab + BLOCK - 1) / BLOCK;
+    const int lo = min(vocab, (int)threadIdx.x * chunk), hi = min(vocab, lo + chunk);
     float mine = 0.0f;
     for (int i = lo; i < hi; i++)
-        if (!is_nan(l[i]) && order_key(l[i]) >= thr) mine += expf((l[i] - maxv) * inv_t);
+        if (order_key(l[i]) >= thr) mine += expf((l[i] - maxv) * inv_t);
     sv[threadIdx.x] = mine;
     __syncthreads();
     __shared__ float target_s;
@@ -159,7 +172,7 @@ __global__ void __launch_bounds__(BLOCK) sample_kernel(const __grid_constant__ S
     {
         float total = 0.0f;
         for (int t = 0; t < BLOCK; t++) total += sv[t];
-        const float target = sampling_uniform(p.seed, p.step, (u32)row) * total;
+        const float target = sampling_uniform(cr->seed, cr->draw) * total;
         float acc = 0.0f;
         int owner = -1;
         for (int t = 0; t < BLOCK; t++)
@@ -183,9 +196,11 @@ __global__ void __launch_bounds__(BLOCK) sample_kernel(const __grid_constant__ S
         int pick = -1;
         for (int i = lo; i < hi; i++)
         {
-            if (is_nan(l[i]) || order_key(l[i]) < thr) continue;
-            pick = i; // the last kept index stands in when rounding leaves the target past the end
-            acc += expf((l[i] - maxv) * inv_t);
+            if (order_key(l[i]) < thr) continue;
+            const float w = expf((l[i] - maxv) * inv_t);
+            if (w <= 0.0f) continue;
+            pick = i; // the last kept index with weight stands in when rounding leaves the target past the end
+            acc += w;
             if (acc > target_s) break;
         }
         p.out_ids[row] = pick >= 0 ? pick : maxi;

@@ -133,6 +133,13 @@ public abstract class Routing(int tokens, int experts, int topK) : BackendResour
     public int TopK { get; } = topK;
 }
 
+/// <summary>Room to choose tokens from up to <see cref="Rows"/> logit rows (<see cref="IBackend.ChooseTokens"/>).</summary>
+public abstract class TokenChoiceBuffer(int rows) : BackendResource
+{
+    /// <summary>Most rows one call chooses from.</summary>
+    public int Rows { get; } = rows;
+}
+
 /// <summary>Precomputed rotary table: cos and sin of position × inv_freq[pair], [Positions, Pairs].</summary>
 public abstract class RopeTable(int positions, int pairs) : BackendResource
 {

@@ -25,6 +25,26 @@ internal static class ShapeCheck
         }
     }
 
+    /// <summary>The contract of <see cref="IBackend.ChooseTokens"/>.</summary>
+    public static void Choices(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
+    {
+        Require(choices.Length <= logits.Rows, $"{choices.Length} choices for the {logits.Rows} rows of logits {logits}");
+        if (choices.Length > buffer.Rows)
+        {
+            throw new ArgumentOutOfRangeException(nameof(choices), choices.Length, $"the token choice buffer holds {buffer.Rows} rows");
+        }
+
+        Require(tokens.Length >= choices.Length, $"{tokens.Length} token slots for {choices.Length} rows");
+        for (var r = 0; r < choices.Length; r++)
+        {
+            var c = choices[r];
+            if (c.VocabLimit < 0 || c.VocabLimit > logits.Cols || float.IsNaN(c.Temperature) || float.IsNaN(c.TopP))
+            {
+                throw new ArgumentOutOfRangeException(nameof(choices), c, $"row {r}: the vocabulary limit must be 0..{logits.Cols}, temperature and top-p numbers");
+            }
+        }
+    }
+
     /// <summary>The contract of <see cref="IBackend.View"/>.</summary>
     public static void View(Tensor tensor, int firstRow, int rows)
     {

@@ -191,18 +191,28 @@ internal sealed unsafe class PinnedBuffer<T> : IDisposable
     /// <summary>The host memory.</summary>
     public Span<T> Span => _pointer != null ? new Span<T>(_pointer, checked((int)Length)) : throw new ObjectDisposedException(nameof(PinnedBuffer<T>));
 
-    /// <summary>Queues a copy of the whole buffer to <paramref name="destination"/> (no wait).</summary>
-    public void CopyTo(DeviceBuffer<T> destination, CudaStream stream, long offset = 0)
+    /// <summary>Queues a copy of the first <paramref name="count"/> elements (−1: all) to <paramref name="destination"/> at <paramref name="offset"/> (no wait).</summary>
+    public void CopyTo(DeviceBuffer<T> destination, CudaStream stream, long offset = 0, long count = -1)
     {
         _ = Span;
-        CudaCheck.Driver(CuDriver.cuMemcpyHtoDAsync(destination.At(offset), _pointer, (nuint)(Length * sizeof(T)), stream.Handle), Device.Ordinal);
+        CudaCheck.Driver(CuDriver.cuMemcpyHtoDAsync(destination.At(offset), _pointer, Bytes(count), stream.Handle), Device.Ordinal);
     }
 
-    /// <summary>Queues a copy from <paramref name="source"/> into this buffer (no wait).</summary>
-    public void CopyFrom(DeviceBuffer<T> source, CudaStream stream, long offset = 0)
+    /// <summary>Queues a copy of <paramref name="count"/> elements (−1: the whole buffer) from <paramref name="source"/> at <paramref name="offset"/> into this buffer (no wait).</summary>
+    public void CopyFrom(DeviceBuffer<T> source, CudaStream stream, long offset = 0, long count = -1)
     {
         _ = Span;
-        CudaCheck.Driver(CuDriver.cuMemcpyDtoHAsync(_pointer, source.At(offset), (nuint)(Length * sizeof(T)), stream.Handle), Device.Ordinal);
+        CudaCheck.Driver(CuDriver.cuMemcpyDtoHAsync(_pointer, source.At(offset), Bytes(count), stream.Handle), Device.Ordinal);
+    }
+
+    private nuint Bytes(long count)
+    {
+        if (count > Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(count), count, $"the pinned buffer holds {Length} elements");
+        }
+
+        return (nuint)((count < 0 ? Length : count) * sizeof(T));
     }
 
     /// <inheritdoc />

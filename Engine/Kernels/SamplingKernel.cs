@@ -3,33 +3,34 @@ using DeepSeekCuda.Cuda;
 
 namespace DeepSeekCuda.Kernels;
 
+/// <summary>Mirror of <c>TokenChoiceRow</c> in Kernels/sampling.cu: one row's settings.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct TokenChoiceRow
+{
+    public int VocabLimit;
+    public float Temperature;
+    public int TopK;
+    public float TopP;
+    public ulong Seed;
+    public ulong Draw;
+}
+
 /// <summary>Mirror of <c>SamplingParams</c> in Kernels/sampling.cu.</summary>
 [StructLayout(LayoutKind.Sequential)]
 internal struct SamplingParams
 {
     public ulong Logits;
+    public ulong Choices;
     public ulong OutIds;
     public long LogitsStride;
-    public ulong Seed;
-    public ulong Step;
     public int Rows;
-    public int Vocab;
-    public float Temperature;
-    public int TopK;
-    public float TopP;
     public int Pad0;
 }
 
-/// <summary>Sampling settings; temperature 0 is greedy.</summary>
-/// <param name="Temperature">Logits are divided by it; &lt;= 0 means argmax.</param>
-/// <param name="TopK">Keep the k largest logits (ties at the threshold kept); &lt;= 0 is off.</param>
-/// <param name="TopP">Keep the smallest top set with at least this probability mass; &gt;= 1 is off.</param>
-/// <param name="Seed">Seed of the counter-based generator; a draw depends only on (seed, step, row).</param>
-internal readonly record struct SamplingKernelOptions(float Temperature = 0, int TopK = 0, float TopP = 1, ulong Seed = 0);
-
 /// <summary>
-/// Greedy (argmax, lowest index on ties, NaN ignored) and seeded temperature/top-k/top-p sampling, one
-/// block per row, writing int32 ids on the device (no host round trip inside the decode loop).
+/// Token choice on the device, one block per row of logits, each row under its own <see cref="TokenChoiceRow"/>: greedy
+/// (argmax, lowest index on ties) or a seeded temperature/top-k/top-p draw, writing int32 ids (−1: a row not chosen
+/// there, or one that cannot be sampled). The rule is the CPU backend's (Engine/Backends/TokenChoice.cs).
 /// </summary>
 internal sealed class SamplingKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -39,51 +40,28 @@ internal sealed class SamplingKernel(CudaDevice device, NvrtcCompiler compiler) 
     /// <summary>CUDA name of the params struct.</summary>
     public const string ParamsType = "SamplingParams";
 
+    /// <summary>CUDA name of a row's settings.</summary>
+    public const string RowType = "TokenChoiceRow";
+
     /// <summary>Threads per block (one row per block).</summary>
     public const int Block = 1024;
 
-    /// <summary>The argmax specialization.</summary>
-    public static KernelInstance Argmax => new($"argmax_kernel<{Block}>", ParamsType);
-
-    /// <summary>The sampling specialization.</summary>
-    public static KernelInstance Sample => new($"sample_kernel<{Block}>", ParamsType);
+    /// <summary>The one specialization.</summary>
+    public static KernelInstance Choose => new($"choose_kernel<{Block}>", ParamsType);
 
     /// <summary>Every specialization the launcher can request.</summary>
-    public static IReadOnlyList<KernelInstance> AllInstances() => [Argmax, Sample];
+    public static IReadOnlyList<KernelInstance> AllInstances() => [Choose];
 
-    /// <summary>Picks one id per row of logits [rows, vocab] into <paramref name="outIds"/>.</summary>
-    public void Launch(CudaStream stream, ulong logits, int rows, int vocab, ulong outIds, in SamplingKernelOptions options, ulong step = 0, long logitsStride = -1)
+    /// <summary>Chooses one id per row of logits [rows, <paramref name="logitsStride"/>] under <paramref name="choices"/> [rows] into <paramref name="outIds"/> [rows].</summary>
+    public void Launch(CudaStream stream, ulong logits, long logitsStride, ulong choices, int rows, ulong outIds)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(vocab);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(logitsStride);
         if (rows <= 0)
         {
             return;
         }
 
-        var p = new SamplingParams
-        {
-            Logits = logits, OutIds = outIds, LogitsStride = logitsStride < 0 ? vocab : logitsStride, Seed = options.Seed, Step = step,
-            Rows = rows, Vocab = vocab, Temperature = options.Temperature, TopK = options.TopK, TopP = options.TopP,
-        };
-        var kernel = Get(options.Temperature <= 0 ? Argmax : Sample);
-        kernel.Launch(new Dim3((uint)rows), Block, 0, stream, in p);
-    }
-
-    /// <summary>The draw in [0, 1) for (seed, step, row), bit-identical to the kernel's.</summary>
-    public static float Uniform(ulong seed, ulong step, uint row)
-    {
-        var h = SplitMix64(seed ^ SplitMix64(step * 0x10000UL + row));
-        return (uint)(h >> 40) * (1.0f / 16777216.0f);
-    }
-
-    private static ulong SplitMix64(ulong x)
-    {
-        unchecked
-        {
-            x += 0x9E3779B97F4A7C15UL;
-            x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9UL;
-            x = (x ^ (x >> 27)) * 0x94D049BB133111EBUL;
-            return x ^ (x >> 31);
-        }
+        var p = new SamplingParams { Logits = logits, Choices = choices, OutIds = outIds, LogitsStride = logitsStride, Rows = rows };
+        Get(Choose).Launch(new Dim3((uint)rows), Block, 0, stream, in p);
     }
 }

@@ -110,6 +110,42 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
     // ------------------------------------------------------------------ memory, embedding, norms, elementwise
 
     [TestMethod]
+    public void ChosenTokensFollowTheRuleAndOnlyIdsComeBack()
+    {
+        // A view of the middle rows of a larger tensor (as the runner's head arena gives), greedy and seeded rows, a row not
+        // chosen there, an unsampleable one; then more rows than the buffer holds is refused by name.
+        const int v = 4096, rows = 6;
+        var values = Enumerable.Range(0, (rows + 2) * v).Select(_ => (float)(Random.NextDouble() * 10 - 5)).ToArray();
+        values[(1 + 4) * v + 99] = float.NaN;
+        TokenChoice[] choices =
+        [
+            new(v, 0, 0, 1, 0, 0), new(v, 0.7f, 40, 0.9f, (ulong)Seed, 3), new(3000, 1.2f, 0, 1, 5, 8), default,
+            new(v, 0, 0, 1, 0, 0), new(v, 1, 0, 0.5f, 77, 0),
+        ];
+        int[] Run(IBackend b)
+        {
+            using var all = b.Upload(values, rows + 2, v);
+            using var logits = b.View(all, 1, rows);
+            using var buffer = b.AllocateTokenChoices(rows);
+            var tokens = new int[rows];
+            b.ChooseTokens(logits, choices, buffer, tokens);
+            var refused = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.ChooseTokens(all, [.. choices, default, default], buffer, new int[rows + 2]));
+            StringAssert.Contains(refused.Message, $"holds {rows} rows");
+            return tokens;
+        }
+
+        var got = Run(Cuda);
+        var want = Run(Cpu);
+        TestContext.WriteLine($"cuda [{string.Join(", ", got)}], cpu [{string.Join(", ", want)}]");
+        Assert.AreEqual(want[0], got[0], "greedy");
+        Assert.AreEqual(TokenSampling.NotChosen, got[3], "not chosen there");
+        Assert.AreEqual(TokenSampling.NotChosen, got[4], "a NaN row is not sampleable");
+        Assert.IsLessThan(3000, got[2], "the limit");
+        var differ = Enumerable.Range(0, rows).Count(r => got[r] != want[r]);
+        Assert.IsLessThanOrEqualTo(1, differ, "a seeded draw differs only within rounding of a boundary");
+    }
+
+    [TestMethod]
     public void EmbeddingCopyRowsAndConcatAreExact()
     {
         int vocab = Config.VocabSize, d = Config.HiddenSize;

@@ -59,6 +59,7 @@ internal static partial class NvrtcSupport
         (typeof(RopeParams), RopeKernel.ParamsType, RopeKernel.FamilyName),
         (typeof(SiluMulParams), SiluMulKernel.ParamsType, SiluMulKernel.FamilyName),
         (typeof(SamplingParams), SamplingKernel.ParamsType, SamplingKernel.FamilyName),
+        (typeof(TokenChoiceRow), SamplingKernel.RowType, SamplingKernel.FamilyName),
         (typeof(MoeGateParams), MoeGateKernel.ParamsType, MoeGateKernel.FamilyName),
         (typeof(MoeDispatchParams), MoeDispatchKernel.ParamsType, MoeDispatchKernel.FamilyName),
         (typeof(Fp8GemmParams), Fp8GemmKernel.ParamsType, Fp8GemmKernel.GemvFamily), // shared with fp8_gemm_mma (fp8_gemm.cuh)

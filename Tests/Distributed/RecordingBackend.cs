@@ -24,7 +24,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
     public string Name => "recording " + inner.Name;
 
-    /// <summary>Calls so far that allocate backend memory: Allocate, Upload, and the Allocate* of caches, pools, tables and routing.</summary>
+    /// <summary>Calls so far that allocate backend memory: Allocate, Upload, and the Allocate* of caches, pools, tables, routing and token choices.</summary>
     public int Allocations => _allocations;
 
     /// <summary>Block tables copied to the backend so far.</summary>
@@ -45,7 +45,31 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
     public Tensor Allocate(int rows, int cols) => Counted(inner.Allocate(rows, cols));
     public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols) => Counted(inner.Upload(values, rows, cols));
-    public void Download(Tensor tensor, Span<float> destination) => inner.Download(tensor, destination);
+    public void Download(Tensor tensor, Span<float> destination)
+    {
+        DownloadedValues += tensor.Length;
+        inner.Download(tensor, destination);
+    }
+
+    /// <summary>Values copied to the host by <see cref="Download"/> so far.</summary>
+    public long DownloadedValues { get; private set; }
+
+    /// <summary>Rows <see cref="ChooseTokens"/> chose from so far, and how many of them it gave a token.</summary>
+    public (long Rows, long Chosen) Choices { get; private set; }
+
+    public TokenChoiceBuffer AllocateTokenChoices(int rows) => Counted(inner.AllocateTokenChoices(rows));
+
+    public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
+    {
+        inner.ChooseTokens(logits, choices, buffer, tokens);
+        var chosen = 0;
+        foreach (var t in tokens[..choices.Length])
+        {
+            chosen += t >= 0 ? 1 : 0;
+        }
+
+        Choices = (Choices.Rows + choices.Length, Choices.Chosen + chosen);
+    }
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
         inner.CopyRows(source, sourceRow, destination, destinationRow, count);
     public Tensor View(Tensor tensor, int firstRow, int rows) => inner.View(tensor, firstRow, rows);

@@ -68,7 +68,7 @@ public sealed class SamplerTests
     [TestMethod]
     public void Greedy_TopK1_TinyTopP_AllPickArgmax()
     {
-        float[] logits = [0.5f, 2f, 2f, 1.9f, -1f];
+        float[] logits = [0.5f, 2f, 1.95f, 1.9f, -1f];
         foreach (var o in new[] { SamplingOptions.Greedy, new SamplingOptions { Temperature = 1, TopK = 1, Seed = 1 }, new SamplingOptions { Temperature = 1, TopP = 1e-6f, Seed = 2 } })
         {
             var sampler = new Sampler(o);
@@ -77,6 +77,38 @@ public sealed class SamplerTests
                 Assert.AreEqual(1, sampler.Sample(logits));
             }
         }
+    }
+
+    [TestMethod]
+    public void Ties_GreedyTakesTheLowestId_ThresholdsKeepEveryTie()
+    {
+        // Greedy (and top-k 1, which is greedy) takes the lowest of equal maxima; a top-k or top-p threshold that falls on
+        // a tie keeps all of it (the GPU kernel's rule: a threshold is a logit value), and the draw weighs them equally.
+        float[] logits = [0.5f, 2f, 2f, 1.9f, -1f];
+        Assert.AreEqual(1, new Sampler(SamplingOptions.Greedy).Sample(logits));
+        Assert.AreEqual(1, new Sampler(new SamplingOptions { Temperature = 1, TopK = 1, Seed = 1 }).Sample(logits));
+        foreach (var o in new[] { new SamplingOptions { Temperature = 1, TopP = 1e-6f, Seed = 2 }, new SamplingOptions { Temperature = 1, TopK = 2, TopP = 1, Seed = 3 } })
+        {
+            var sampler = new Sampler(o);
+            var counts = new int[logits.Length];
+            for (var i = 0; i < 4000; i++)
+            {
+                counts[sampler.Sample(logits)]++;
+            }
+
+            Assert.AreEqual(4000, counts[1] + counts[2], $"{o}: only the tied maxima");
+            Assert.IsLessThan(5 * Math.Sqrt(1000) + 1, Math.Abs(counts[1] - 2000), $"{o}: the ties weigh equally ({counts[1]} of 4000)");
+        }
+
+        // Top-k 3 over [.., 2, 2, 1.9, ..] keeps exactly {1, 2, 3}; top-k 2 would keep the two tied 2s only (above).
+        var three = new Sampler(new SamplingOptions { Temperature = 1, TopK = 3, TopP = 1, Seed = 4 });
+        var seen = new HashSet<int>();
+        for (var i = 0; i < 2000; i++)
+        {
+            seen.Add(three.Sample(logits));
+        }
+
+        CollectionAssert.AreEquivalent(new[] { 1, 2, 3 }, seen.ToArray());
     }
 
     [TestMethod]

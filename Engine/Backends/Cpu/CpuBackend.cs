@@ -209,6 +209,24 @@ public sealed class CpuBackend : IBackend
         }
     }
 
+    /// <inheritdoc />
+    public TokenChoiceBuffer AllocateTokenChoices(int rows)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(rows, 1);
+        return new CpuTokenChoices(rows);
+    }
+
+    /// <inheritdoc />
+    public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
+    {
+        ShapeCheck.Choices(logits, choices, buffer, tokens);
+        var l = T(logits);
+        for (var r = 0; r < choices.Length; r++)
+        {
+            tokens[r] = TokenSampling.Choose(l.Row(r), choices[r]);
+        }
+    }
+
     private static CpuLinearWeight LoadLinear(Checkpoint checkpoint, LinearSpec spec) =>
         new(spec.Out, spec.In, checkpoint.Get(spec.Weight).DType == DType.F8_E4M3, WeightReader.Float32(checkpoint, spec));
 

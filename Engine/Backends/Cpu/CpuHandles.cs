@@ -86,6 +86,9 @@ internal sealed class CpuRouting(int tokens, int experts, int topK) : Routing(to
     public float[] Weights { get; } = new float[tokens * topK];
 }
 
+/// <summary>The CPU chooses in place: nothing to hold.</summary>
+internal sealed class CpuTokenChoices(int rows) : TokenChoiceBuffer(rows);
+
 internal sealed class CpuRopeTable(int positions, int pairs, float[] cos, float[] sin) : RopeTable(positions, pairs)
 {
     /// <summary>[positions, pairs].</summary>

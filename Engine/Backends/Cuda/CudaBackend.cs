@@ -85,6 +85,7 @@ public sealed class CudaBackend : IBackend
     private readonly MlaCacheKernel _cache;
     private readonly MlaDecodeKernel _decode;
     private readonly MlaPrefillKernel _prefill;
+    private readonly SamplingKernel _sampling;
     private readonly Dictionary<(int E, int Slots, int H, int I, int S, int K), MoeLayer> _moe = [];
     private CudaStagingCopier? _staging;
     private readonly Scratch _ints, _codes, _scales, _qAbs, _outLatent, _lse, _workspace, _latent, _kv, _qBf16, _outBf16, _kvCodes, _kvScales, _logits;
@@ -145,6 +146,7 @@ public sealed class CudaBackend : IBackend
         _cache = new MlaCacheKernel(_device, _compiler);
         _decode = new MlaDecodeKernel(_device, _compiler, _mma);
         _prefill = new MlaPrefillKernel(_device, _compiler);
+        _sampling = new SamplingKernel(_device, _compiler);
         _scratch =
         [
             _ints = new Scratch(this), _codes = new Scratch(this), _scales = new Scratch(this), _qAbs = new Scratch(this),
@@ -249,7 +251,7 @@ public sealed class CudaBackend : IBackend
             _staging?.Dispose();
         }
 
-        foreach (var l in new IDisposable?[] { _embedding, _norm, _quant, _fp8, _bf16, _mma, _siluMul, _glue, _gate, _cache, _decode, _prefill })
+        foreach (var l in new IDisposable?[] { _embedding, _norm, _quant, _fp8, _bf16, _mma, _siluMul, _glue, _gate, _cache, _decode, _prefill, _sampling })
         {
             l?.Dispose();
         }
@@ -590,6 +592,42 @@ public sealed class CudaBackend : IBackend
         {
             r.Weights.Download(weights[..(int)r.Weights.Length], _stream);
         }
+    }
+
+    /// <inheritdoc />
+    /// <remarks>The settings go out and the ids come back through the buffer's pinned ends: one kernel, one synchronization.</remarks>
+    public TokenChoiceBuffer AllocateTokenChoices(int rows)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(rows, 1);
+        using var scope = Enter();
+        return new CudaTokenChoices(_device, rows);
+    }
+
+    /// <inheritdoc />
+    public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
+    {
+        ShapeCheck.Choices(logits, choices, buffer, tokens);
+        using var scope = Enter();
+        var l = T(logits);
+        var b = (CudaTokenChoices)buffer;
+        var n = choices.Length;
+        if (n == 0)
+        {
+            return;
+        }
+
+        var rows = b.HostChoices.Span;
+        for (var r = 0; r < n; r++)
+        {
+            var c = choices[r];
+            rows[r] = new TokenChoiceRow { VocabLimit = c.VocabLimit, Temperature = c.Temperature, TopK = c.TopK, TopP = c.TopP, Seed = c.Seed, Draw = c.Draw };
+        }
+
+        b.HostChoices.CopyTo(b.Choices, _stream, count: n);
+        _sampling.Launch(_stream, l.Pointer, l.Cols, b.Choices.Pointer, n, b.Ids.Pointer);
+        b.HostIds.CopyFrom(b.Ids, _stream, count: n);
+        _stream.Synchronize();
+        b.HostIds.Span[..n].CopyTo(tokens);
     }
 
     /// <summary>

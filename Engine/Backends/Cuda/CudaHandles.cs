@@ -154,6 +154,47 @@ internal sealed class CudaRouting : Routing
     }
 }
 
+/// <summary>A token choice buffer: the rows' settings and ids on the device, and their pinned host ends (one copy each way per call).</summary>
+internal sealed class CudaTokenChoices : TokenChoiceBuffer
+{
+    public CudaTokenChoices(CudaDevice device, int rows)
+        : base(rows)
+    {
+        try
+        {
+            Choices = DeviceBuffer<TokenChoiceRow>.Allocate(device, rows);
+            Ids = DeviceBuffer<int>.Allocate(device, rows);
+            HostChoices = new PinnedBuffer<TokenChoiceRow>(device, rows);
+            HostIds = new PinnedBuffer<int>(device, rows);
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>[rows] the settings the kernel reads.</summary>
+    public DeviceBuffer<TokenChoiceRow> Choices { get; } = null!;
+
+    /// <summary>[rows] int32 ids the kernel writes.</summary>
+    public DeviceBuffer<int> Ids { get; } = null!;
+
+    /// <summary>[rows] pinned: the settings written by the host.</summary>
+    public PinnedBuffer<TokenChoiceRow> HostChoices { get; } = null!;
+
+    /// <summary>[rows] pinned: the ids read by the host.</summary>
+    public PinnedBuffer<int> HostIds { get; } = null!;
+
+    protected override void Dispose(bool disposing)
+    {
+        Choices?.Dispose();
+        Ids?.Dispose();
+        HostChoices?.Dispose();
+        HostIds?.Dispose();
+    }
+}
+
 internal sealed class CudaRopeTable(int positions, int pairs, DeviceBuffer<float> cos, DeviceBuffer<float> sin) : RopeTable(positions, pairs)
 {
     /// <summary>[positions, pairs] f32.</summary>
