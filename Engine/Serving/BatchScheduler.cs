@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Threading.Channels;
+using DeepSeekCuda.Backends;
 using DeepSeekCuda.Inference;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
@@ -225,6 +226,8 @@ public sealed class BatchScheduler : IDisposable
     private readonly Lock _stepLock = new();
     private readonly SemaphoreSlim _wake = new(0);
     private float[] _logits = [];
+    private TokenChoice[] _choices = [];
+    private int[] _chosen = [];
     private long _nextId;
     private long _steps, _generated, _drafted, _accepted, _preemptions;
     private bool _disposed;
@@ -392,14 +395,23 @@ public sealed class BatchScheduler : IDisposable
 
             var rows = batch.Sum(e => e.LogitRows);
             var v = _runner.VocabSize;
-            if (_logits.Length < rows * v)
+            Room(rows, v);
+
+            // Each logit row is chosen where the logits are, under its request's rule, seed and draw counter; a constrained
+            // request's rows, and any row that cannot be sampled, come back as logits for the sampler here.
+            var row = 0;
+            var limit = _options.SamplingVocabSize ?? v;
+            for (var i = 0; i < batch.Count; i++)
             {
-                _logits = new float[rows * v];
+                for (var k = 0; k < batch[i].LogitRows; k++)
+                {
+                    _choices[row++] = owners[i].Sampler.Choice(limit, k);
+                }
             }
 
             try
             {
-                _runner.Forward(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(batch), _logits);
+                _runner.ForwardAndChoose(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(batch), _choices.AsSpan(0, rows), _chosen.AsSpan(0, rows), _logits);
             }
             catch (Exception e)
             {
@@ -413,7 +425,7 @@ public sealed class BatchScheduler : IDisposable
             }
 
             var finished = new List<(ScheduledRequest Request, FinishReason? Reason, Exception? Error)>();
-            var offset = 0;
+            row = 0;
             for (var i = 0; i < batch.Count; i++)
             {
                 var r = owners[i];
@@ -423,7 +435,7 @@ public sealed class BatchScheduler : IDisposable
                 {
                     try
                     {
-                        if (Sample(r, entry, offset, v) is { } reason)
+                        if (Sample(r, entry, row, v) is { } reason)
                         {
                             finished.Add((r, reason, null));
                         }
@@ -437,7 +449,7 @@ public sealed class BatchScheduler : IDisposable
                     }
                 }
 
-                offset += entry.LogitRows * v;
+                row += entry.LogitRows;
             }
 
             foreach (var (r, reason, error) in finished)
@@ -605,14 +617,14 @@ public sealed class BatchScheduler : IDisposable
         Interlocked.Increment(ref _preemptions);
     }
 
-    /// <summary>Samples the step's tokens for <paramref name="r"/>; returns the finish reason when it ended.</summary>
-    private FinishReason? Sample(ScheduledRequest r, StepSequence entry, int offset, int v)
+    /// <summary>Takes the step's tokens for <paramref name="r"/>, whose logit rows start at <paramref name="row"/>; returns the finish reason when it ended.</summary>
+    private FinishReason? Sample(ScheduledRequest r, StepSequence entry, int row, int v)
     {
         r.Steps++;
         Interlocked.Increment(ref _steps);
         var draft = entry.LogitRows == 2 ? r.Draft : null;
         r.Draft = null;
-        var first = Choose(r, offset, v);
+        var first = Choose(r, row, v);
         if (draft is { } d)
         {
             if (first == d)
@@ -627,7 +639,7 @@ public sealed class BatchScheduler : IDisposable
                 Interlocked.Increment(ref _drafted);
                 Interlocked.Increment(ref _accepted);
                 Judge(accepted: true);
-                return Emit(r, Choose(r, offset + v, v));
+                return Emit(r, Choose(r, row + 1, v));
             }
 
             r.Drafted++;
@@ -641,9 +653,11 @@ public sealed class BatchScheduler : IDisposable
         return Emit(r, first);
     }
 
-    private int Choose(ScheduledRequest r, int offset, int v)
+    /// <summary>Row <paramref name="row"/>'s token: the one chosen where the logits are, or one sampled here from the row.</summary>
+    private int Choose(ScheduledRequest r, int row, int v)
     {
-        return r.Sampler.SampleModelRow(_logits.AsSpan(offset, v), _options.SamplingVocabSize ?? v);
+        var id = _chosen[row];
+        return id != TokenSampling.NotChosen ? r.Sampler.Accept(id) : r.Sampler.SampleModelRow(_logits.AsSpan(row * v, v), _options.SamplingVocabSize ?? v);
     }
 
     private FinishReason? Emit(ScheduledRequest r, int token)
@@ -722,10 +736,13 @@ public sealed class BatchScheduler : IDisposable
         }
 
         var v = _runner.VocabSize;
-        var draftLogits = new float[drafting.Count * v];
+        var limit = _options.SamplingVocabSize ?? v;
+        Room(drafting.Count, v);
+        var choices = _choices.AsSpan(0, drafting.Count);
+        choices.Fill(new TokenChoice(limit, 0, 0, 1, 0, 0)); // a draft is the MTP head's greedy token
         try
         {
-            _runner.Draft([.. drafting.Select(r => new DraftSequence(r.Slot, r.Tokens[^1]))], draftLogits);
+            _runner.DraftAndChoose([.. drafting.Select(r => new DraftSequence(r.Slot, r.Tokens[^1]))], choices, _chosen.AsSpan(0, drafting.Count), _logits);
         }
         catch (Exception e)
         {
@@ -740,10 +757,26 @@ public sealed class BatchScheduler : IDisposable
 
         for (var i = 0; i < drafting.Count; i++)
         {
-            // A draft is only a guess the next step verifies: no finiteness check needed here.
-            var row = draftLogits.AsSpan(i * v, v);
-            Sampler.MaskPadding(row, _options.SamplingVocabSize ?? v);
-            drafting[i].Draft = Sampler.ArgMax(row);
+            // A draft is only a guess the next step verifies: a row that cannot be sampled still gives its argmax.
+            if (_chosen[i] == TokenSampling.NotChosen)
+            {
+                var row = _logits.AsSpan(i * v, v);
+                Sampler.MaskPadding(row, limit);
+                _chosen[i] = Sampler.ArgMax(row);
+            }
+
+            drafting[i].Draft = _chosen[i];
+        }
+    }
+
+    /// <summary>Makes the step's host buffers hold <paramref name="rows"/> rows (choices, chosen ids, logits of the rows the host reads).</summary>
+    private void Room(int rows, int v)
+    {
+        if (_choices.Length < rows)
+        {
+            _logits = new float[rows * v];
+            _choices = new TokenChoice[rows];
+            _chosen = new int[rows];
         }
     }
 

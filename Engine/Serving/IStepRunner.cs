@@ -1,3 +1,5 @@
+using DeepSeekCuda.Backends;
+
 namespace DeepSeekCuda.Serving;
 
 /// <summary>One request's part of a step: feed <paramref name="Tokens"/> at positions <paramref name="Position"/>.. of slot <paramref name="Slot"/>.</summary>
@@ -25,9 +27,9 @@ public readonly record struct DraftSequence(int Slot, int NextToken);
 /// lives in the pool's blocks, addressed by <see cref="KvBlockManager.Table"/> (int32 [slots, blocks per
 /// request], position p of slot s in block table[s, p/64], row p%64), which the runner copies to the device
 /// before a step when <see cref="KvBlockManager.Version"/> moved. The scheduler has already reserved blocks for every position a step writes.</item>
-/// <item><see cref="Forward"/> flattens the batch into one token stream [Σ tokens] with per-token
-/// (slot, position) metadata, runs every layer once over it, and computes logits only for the requested
-/// rows. (Still to come on the GPU: a decode-only batch of a size seen before replays a captured CUDA graph.)</item>
+/// <item><see cref="ForwardAndChoose"/> flattens the batch into one token stream [Σ tokens] with per-token
+/// (slot, position) metadata, runs every layer once over it, computes logits only for the requested
+/// rows, and chooses their tokens on the device (only ids come back). (Still to come on the GPU: a decode-only batch of a size seen before replays a captured CUDA graph.)</item>
 /// <item>A runner that drafts keeps the final hidden state of each position whose MTP input is not yet
 /// certain on the device until <see cref="Draft"/> has consumed it; <see cref="Truncate"/> discards those of
 /// dropped positions.</item>
@@ -76,9 +78,62 @@ public interface IStepRunner : IDisposable
     void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits);
 
     /// <summary>
+    /// Runs one step and chooses its tokens where the logits are: <paramref name="choices"/> has one entry per logit row
+    /// (batch order). <paramref name="tokens"/>[r] receives row r's token, or <see cref="TokenSampling.NotChosen"/> (−1) when
+    /// the row was not chosen there (a <c>default</c> choice) or cannot be sampled; the logits of exactly those rows are in
+    /// <paramref name="logits"/> at r·VocabSize (other rows of it may hold anything).
+    /// </summary>
+    /// <remarks>
+    /// This body is for a runner whose logits are on the host anyway: it runs <see cref="Forward"/>
+    /// and chooses with the same rule. A runner on a device chooses there, so only ids come back for the rows it chose.
+    /// </remarks>
+    void ForwardAndChoose(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits)
+    {
+        var rows = 0;
+        foreach (var e in batch)
+        {
+            rows += e.LogitRows;
+        }
+
+        if (choices.Length != rows || tokens.Length < rows)
+        {
+            throw new ArgumentException($"{choices.Length} choices and {tokens.Length} token slots for {rows} logit rows", nameof(choices));
+        }
+
+        Forward(batch, logits);
+        ChooseOnHost(choices, tokens, logits);
+    }
+
+    private void ChooseOnHost(ReadOnlySpan<TokenChoice> choices, Span<int> tokens, ReadOnlySpan<float> logits)
+    {
+        var v = VocabSize;
+        for (var r = 0; r < choices.Length; r++)
+        {
+            tokens[r] = TokenSampling.Choose(logits.Slice(r * v, v), choices[r]);
+        }
+    }
+
+    /// <summary>
     /// Runs the MTP module over every position of each slot it has not yet seen (the last one followed by
     /// <see cref="DraftSequence.NextToken"/>) and writes, per entry, the draft logits [VocabSize] for the
     /// token after NextToken.
     /// </summary>
     void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits);
+
+    /// <summary>
+    /// <see cref="Draft"/> with each entry's draft token chosen where the logits
+    /// are, as <see cref="ForwardAndChoose"/> chooses:
+    /// one choice per entry; <paramref name="tokens"/>[i] or −1 with the entry's logits at i·VocabSize.
+    /// </summary>
+    /// <remarks>This body drafts on the host logits and chooses there with the same rule.</remarks>
+    void DraftAndChoose(ReadOnlySpan<DraftSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits)
+    {
+        if (choices.Length != batch.Length || tokens.Length < batch.Length)
+        {
+            throw new ArgumentException($"{choices.Length} choices and {tokens.Length} token slots for {batch.Length} drafts", nameof(choices));
+        }
+
+        Draft(batch, logits);
+        ChooseOnHost(choices, tokens, logits);
+    }
 }

@@ -19,7 +19,9 @@ namespace DeepSeekCuda.Serving;
 /// fed and certain (a prompt token, or a sampled one), the MTP layer runs over the position in the same step, which
 /// fills its cache; the last position of an entry, and both positions of a verify entry (its second token is a draft
 /// that may be rejected), wait on the device (at most two rows per slot) for <see cref="Draft"/> or the next step.</para>
-/// <para>Still to come on the GPU: one graph per decode batch size, sampling on the device, BF16 activations.</para>
+/// <para>Tokens are chosen on the head's device (<see cref="IBackend.ChooseTokens"/>): a step sends each logit row's settings
+/// and brings back its id, and the logits of only the rows the host must see (a constrained request's, or a broken row).</para>
+/// <para>Still to come on the GPU: one graph per decode batch size, BF16 activations.</para>
 /// </remarks>
 public sealed class PagedStepRunner : IStepRunner
 {
@@ -35,6 +37,7 @@ public sealed class PagedStepRunner : IStepRunner
     private LatentCache[] _mtpCaches = [];  // [slot]
     private ActivationArena _mtpArena = null!;
     private ActivationArena _headArena = null!;
+    private TokenChoiceBuffer? _choices;    // the head device's: settings in, ids out
     private Tensor? _pending;               // [slots · 2, D]
     private SlotState?[] _slots = [];
     private int[] _stream = [];
@@ -120,6 +123,7 @@ public sealed class PagedStepRunner : IStepRunner
 
             _mtpArena = Own(new ActivationArena(hb, drafts ? maxTokensPerStep + slots * PendingRows : 0, drafts ? ArenaPlan.Mtp(c) : new ArenaPlan([], [])));
             _headArena = Own(new ActivationArena(hb, slots * PendingRows, ArenaPlan.Head(c)));
+            _choices = Own(hb.AllocateTokenChoices(slots * PendingRows));
         }
         catch
         {
@@ -218,7 +222,15 @@ public sealed class PagedStepRunner : IStepRunner
     }
 
     /// <inheritdoc />
-    public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+    public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits) => Run(batch, null, default, default, logits);
+
+    /// <inheritdoc />
+    /// <remarks>The head's device chooses (<see cref="IBackend.ChooseTokens"/>): the ids come back, and the logits of only the rows it did not choose.</remarks>
+    public void ForwardAndChoose(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits) =>
+        Run(batch, _choices, choices, tokens, logits);
+
+    /// <summary>One step; <paramref name="chooser"/> null: every logit row is downloaded, else the rows are chosen on the head device.</summary>
+    private void Run(ReadOnlySpan<StepSequence> batch, TokenChoiceBuffer? chooser, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
     {
         var blocks = Attached();
         var (tokens, logitRows) = CheckBatch(batch, blocks);
@@ -226,6 +238,11 @@ public sealed class PagedStepRunner : IStepRunner
         if (logits.Length < (long)logitRows * v)
         {
             throw new ArgumentException($"logits holds {logits.Length} values; {logitRows} rows need {(long)logitRows * v}", nameof(logits));
+        }
+
+        if (chooser is not null && (choices.Length != logitRows || chosen.Length < logitRows))
+        {
+            throw new ArgumentException($"{choices.Length} choices and {chosen.Length} token slots for {logitRows} logit rows", nameof(choices));
         }
 
         if (tokens == 0)
@@ -267,7 +284,7 @@ public sealed class PagedStepRunner : IStepRunner
                     row += e.Tokens.Length;
                 }
 
-                Head(headIn, logits);
+                Head(headIn, chooser, choices, chosen, logits);
             }
         }
 
@@ -278,13 +295,25 @@ public sealed class PagedStepRunner : IStepRunner
     }
 
     /// <inheritdoc />
-    public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits)
+    public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => RunDraft(batch, null, default, default, logits);
+
+    /// <inheritdoc />
+    /// <remarks>The head's device chooses each draft (<see cref="IBackend.ChooseTokens"/>): only ids come back, and the logits of a row it did not choose.</remarks>
+    public void DraftAndChoose(ReadOnlySpan<DraftSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits) =>
+        RunDraft(batch, _choices, choices, tokens, logits);
+
+    private void RunDraft(ReadOnlySpan<DraftSequence> batch, TokenChoiceBuffer? chooser, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
     {
         var blocks = Attached();
         var v = VocabSize;
         if (logits.Length < (long)batch.Length * v)
         {
             throw new ArgumentException($"logits holds {logits.Length} values; {batch.Length} drafts need {(long)batch.Length * v}", nameof(logits));
+        }
+
+        if (chooser is not null && (choices.Length != batch.Length || chosen.Length < batch.Length))
+        {
+            throw new ArgumentException($"{choices.Length} choices and {chosen.Length} token slots for {batch.Length} drafts", nameof(choices));
         }
 
         var rows = 0;
@@ -350,7 +379,7 @@ public sealed class PagedStepRunner : IStepRunner
             state.PendingCount = 0;
         }
 
-        Head(headIn, logits);
+        Head(headIn, chooser, choices, chosen, logits);
     }
 
     /// <summary>Copies the block table to the backend when it changed since the last copy.</summary>
@@ -500,15 +529,34 @@ public sealed class PagedStepRunner : IStepRunner
     private static int Tail(StepSequence e) => Math.Max(1, e.LogitRows);
 
     /// <summary>
-    /// Logits of <paramref name="headIn"/>'s rows, downloaded into <paramref name="logits"/>; then, over several devices, the
-    /// collectives' barrier (the host waits for the logits anyway), so a collective that failed on a device surfaces in this step.
+    /// Logits of <paramref name="headIn"/>'s rows: downloaded into <paramref name="logits"/>, or, with <paramref name="chooser"/>,
+    /// chosen on the head device into <paramref name="chosen"/> with only the rows not chosen there downloaded. Then, over
+    /// several devices, the collectives' barrier (the host waits for the step anyway), so a collective that failed on a
+    /// device surfaces in this step.
     /// </summary>
-    private void Head(Tensor headIn, Span<float> logits)
+    private void Head(Tensor headIn, TokenChoiceBuffer? chooser, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
     {
         var b = _head.W.Backend;
-        using var result = _headArena.Take(Activation.Logits, headIn.Rows, VocabSize);
+        var v = VocabSize;
+        using var result = _headArena.Take(Activation.Logits, headIn.Rows, v);
         b.Logits(headIn, _head.W.Head!, result);
-        b.Download(result, logits[..(int)result.Length]);
+        if (chooser is null)
+        {
+            b.Download(result, logits[..(int)result.Length]);
+        }
+        else
+        {
+            b.ChooseTokens(result, choices, chooser, chosen);
+            for (var r = 0; r < choices.Length; r++)
+            {
+                if (chosen[r] == TokenSampling.NotChosen)
+                {
+                    using var row = b.View(result, r, 1);
+                    b.Download(row, logits.Slice(r * v, v));
+                }
+            }
+        }
+
         _layout.Collectives?.Barrier();
     }
 

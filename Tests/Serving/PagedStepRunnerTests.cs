@@ -286,6 +286,63 @@ public sealed class PagedStepRunnerTests
         TestContext.WriteLine($"{steps} steps, {counting.TableUploads} table copies, {attached - loaded} allocations at attach");
     }
 
+    /// <summary>
+    /// Tokens are chosen where the logits are: steps of greedy and seeded requests, drafts included, bring back ids and no logits; a
+    /// constrained request's rows (here a constraint that allows everything) come back as logits and are sampled on the
+    /// host under the same rule and draw counter, so its tokens equal the unconstrained request's alone.
+    /// </summary>
+    [TestMethod]
+    public void OnlyIdsComeBackUnlessTheHostMustSeeTheRow()
+    {
+        var counting = new RecordingBackend(new CpuBackend());
+        using var model = DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+        var v = model.VocabSize;
+        var blocks = new KvBlockManager(40, 4, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 32, EosId = model.Config.EosTokenId, SpeculativeDecoding = SpeculativeDecodingMode.On });
+        var prompts = new[] { 20, 7, 33 }.Select((n, i) => SyntheticPrompts.Make(v, n, 400 + i)).ToArray();
+        SamplingOptions[] sampling = [SamplingOptions.Greedy with { MaxTokens = 12 }, new() { Temperature = 0.9f, TopK = 20, TopP = 0.9f, Seed = 5, MaxTokens = 12 }];
+        var free = new[] { scheduler.Submit(prompts[0], sampling[0]), scheduler.Submit(prompts[1], sampling[1]) };
+        while (free.Any(r => !r.Completion.IsCompleted))
+        {
+            scheduler.Step();
+        }
+
+        Assert.AreEqual(0L, counting.DownloadedValues, "no logits came back for unconstrained requests, drafts included");
+        Assert.IsGreaterThan(0L, scheduler.Counters.Drafted);
+        Assert.AreEqual(counting.Choices.Rows, counting.Choices.Chosen, "every row was chosen on the backend");
+        for (var i = 0; i < free.Length; i++)
+        {
+            CollectionAssert.AreEqual(Alone.Run(model, prompts[i], sampling[i]), free[i].Completion.Result.Tokens.ToArray(), $"request {i}");
+        }
+
+        // The references above ran sessions on the same backend: count from here.
+        var (downloaded, choices) = (counting.DownloadedValues, counting.Choices);
+        var constrained = scheduler.Submit(prompts[2], sampling[1], new AllowAll());
+        var alongside = scheduler.Submit(prompts[0], sampling[0]);
+        while (!constrained.Completion.IsCompleted || !alongside.Completion.IsCompleted)
+        {
+            scheduler.Step();
+        }
+
+        var hostRows = counting.Choices.Rows - choices.Rows - (counting.Choices.Chosen - choices.Chosen);
+        Assert.AreEqual(hostRows * v, counting.DownloadedValues - downloaded, "exactly the rows not chosen on the backend came back");
+        Assert.IsGreaterThanOrEqualTo(constrained.Completion.Result.Tokens.Count, hostRows, "each of the constrained request's tokens came from a row on the host");
+        CollectionAssert.AreEqual(Alone.Run(model, prompts[2], sampling[1]), constrained.Completion.Result.Tokens.ToArray(), "sampled on the host, the same tokens");
+        CollectionAssert.AreEqual(Alone.Run(model, prompts[0], sampling[0]), alongside.Completion.Result.Tokens.ToArray(), "its neighbour");
+    }
+
+    private sealed class AllowAll : ITokenConstraint
+    {
+        public void Mask(Span<float> logits)
+        {
+        }
+
+        public void Advance(int tokenId)
+        {
+        }
+    }
+
     /// <summary>A refused step names what is wrong and changes nothing: the same slot then runs as if it had not come.</summary>
     [TestMethod]
     public void RefusedStepsNameTheProblemAndChangeNothing()

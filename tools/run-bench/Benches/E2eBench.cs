@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
+using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Bench.Harness;
 using DeepSeekCuda.Cuda;
@@ -27,7 +28,8 @@ namespace DeepSeekCuda.Bench.Benches;
 /// wall time with the last logits downloaded; tflops from <see cref="StepCost.PrefillFlops"/>; baseline <c>floor</c> =
 /// <see cref="StepCost.PrefillBytes"/> at the same-run copy bandwidth (prefill is compute-bound: expect a low ratio).</item>
 /// <item><c>e2e_decode</c>: one batched step of B entries (batch 1, 8, 32, 128; quick: 1, 8), one token each at that
-/// context and the logits of each downloaded, all B in one <see cref="PagedStepRunner.Forward"/> (one token stream,
+/// context and each entry's greedy token chosen on the device (only the ids come back, as under the scheduler), all B in
+/// one <see cref="PagedStepRunner.ForwardAndChoose"/> (one token stream,
 /// weights read once, attention per entry over its paged cache; shape <c>runner=paged</c> for every batch, 1
 /// included); host wall time of the whole step, median of the runs, every slot rewound after each run
 /// (<see cref="PagedStepRunner.Truncate"/>; its blocks stay reserved, so no table is copied) so each run is at the same
@@ -306,6 +308,8 @@ internal static class E2eBench
         private readonly List<int> _slots = [];
         private readonly StepSequence[] _entries;
         private readonly int[] _tokens;
+        private readonly TokenChoice[] _greedy;
+        private readonly int[] _chosen;
 
         public PagedSlots(DeepSeekModel model, int context, int maxBatch, int[] prompt, int chunk)
         {
@@ -320,6 +324,8 @@ internal static class E2eBench
             Logits = new float[(long)maxBatch * model.VocabSize];
             _entries = new StepSequence[maxBatch];
             _tokens = new int[maxBatch];
+            _greedy = [.. Enumerable.Repeat(new TokenChoice(model.VocabSize, 0, 0, 1, 0, 0), maxBatch)];
+            _chosen = new int[maxBatch];
         }
 
         /// <summary>Slots open and prefilled.</summary>
@@ -357,8 +363,8 @@ internal static class E2eBench
         }
 
         /// <summary>
-        /// One batched step of the first <c>tokens.Length</c> slots, one token each at position context, their logits
-        /// downloaded into <see cref="Logits"/>; then every slot is rewound to the context. Host wall µs of the step.
+        /// One batched step of the first <c>tokens.Length</c> slots, one token each at position context, each one's greedy
+        /// token chosen on the device; then every slot is rewound to the context. Host wall µs of the step.
         /// </summary>
         public double Decode(ReadOnlySpan<int> tokens)
         {
@@ -370,7 +376,7 @@ internal static class E2eBench
             }
 
             var t = Stopwatch.StartNew();
-            _runner.Forward(_entries.AsSpan(0, batch), Logits);
+            _runner.ForwardAndChoose(_entries.AsSpan(0, batch), _greedy.AsSpan(0, batch), _chosen, Logits);
             var us = t.Elapsed.TotalMicroseconds;
             // Blocks stay reserved for position context (admission took context + 1), so the rewind changes no table
             // row and the next run copies no table, as a scheduler's steady decode steps do not.
