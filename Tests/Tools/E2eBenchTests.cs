@@ -1,5 +1,6 @@
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Bench.Benches;
+using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Model;
@@ -108,12 +109,19 @@ public sealed class E2eBenchTests
         paged.Prefill(3);
         Assert.AreEqual(3, paged.Count);
 
-        Assert.IsGreaterThan(0, paged.Decode(next));
+        Assert.IsGreaterThan(0, paged.Decode(next, downloadLogits: true));
         var first = paged.Logits.AsSpan(0, 3 * v).ToArray();
-        paged.Decode(next);
+        paged.Decode(next, downloadLogits: true);
         Tolerance.AssertMaxRel(paged.Logits.AsSpan(0, 3 * v), first, 0, "the same step after a rewind");
-        paged.Decode(next.AsSpan(0, 1));
+        paged.Decode(next.AsSpan(0, 1), downloadLogits: true);
         Tolerance.AssertMaxRel(paged.Logits.AsSpan(0, v), first.AsSpan(0, v), 1e-5, "batch 1 after batch 3");
+
+        // The timed step: the same step with each slot's greedy token chosen on the backend, only the ids back.
+        Assert.IsGreaterThan(0, paged.Decode(next));
+        for (var b = 0; b < next.Length; b++)
+        {
+            Assert.AreEqual(Sampler.ArgMax(first.AsSpan(b * v, v)), paged.Chosen[b], $"slot {b}: the greedy id of its logits");
+        }
 
         using var session = model.CreateSession();
         var alone = new float[v];

@@ -334,6 +334,9 @@ internal static class E2eBench
         /// <summary>The last step's logits: one row per entry that asked, in batch order.</summary>
         public float[] Logits { get; }
 
+        /// <summary>The last decode step's greedy ids chosen on the device, in batch order.</summary>
+        public ReadOnlySpan<int> Chosen => _chosen;
+
         /// <summary>
         /// Opens slots up to <paramref name="count"/> and prefills the new ones together, packed into steps of at most
         /// the chunk (<see cref="PrefillSteps"/>); each slot's last position asks for its logits, so the last step
@@ -364,9 +367,10 @@ internal static class E2eBench
 
         /// <summary>
         /// One batched step of the first <c>tokens.Length</c> slots, one token each at position context, each one's greedy
-        /// token chosen on the device; then every slot is rewound to the context. Host wall µs of the step.
+        /// token chosen on the device into <see cref="Chosen"/> (or, with <paramref name="downloadLogits"/>, their logits
+        /// downloaded into <see cref="Logits"/> instead); then every slot is rewound to the context. Host wall µs of the step.
         /// </summary>
-        public double Decode(ReadOnlySpan<int> tokens)
+        public double Decode(ReadOnlySpan<int> tokens, bool downloadLogits = false)
         {
             var batch = tokens.Length;
             for (var b = 0; b < batch; b++)
@@ -376,7 +380,15 @@ internal static class E2eBench
             }
 
             var t = Stopwatch.StartNew();
-            _runner.ForwardAndChoose(_entries.AsSpan(0, batch), _greedy.AsSpan(0, batch), _chosen, Logits);
+            if (downloadLogits)
+            {
+                _runner.Forward(_entries.AsSpan(0, batch), Logits);
+            }
+            else
+            {
+                _runner.ForwardAndChoose(_entries.AsSpan(0, batch), _greedy.AsSpan(0, batch), _chosen, Logits);
+            }
+
             var us = t.Elapsed.TotalMicroseconds;
             // Blocks stay reserved for position context (admission took context + 1), so the rewind changes no table
             // row and the next run copies no table, as a scheduler's steady decode steps do not.
