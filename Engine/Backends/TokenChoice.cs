@@ -16,6 +16,9 @@ public readonly record struct TokenChoice(int VocabLimit, float Temperature, int
 {
     /// <summary>Whether the row is chosen where the logits are.</summary>
     public bool OnDevice => VocabLimit > 0;
+
+    /// <summary>The largest logit below <paramref name="vocabLimit"/>, the lowest id on ties.</summary>
+    public static TokenChoice Greedy(int vocabLimit) => new(vocabLimit, 0, 0, 1, 0, 0);
 }
 
 /// <summary>
@@ -137,11 +140,13 @@ internal static class TokenSampling
             if (limitK && count >= topK)
             {
                 threshold = values[topK - 1];
-                values = values[..topK];
-                while (values.Length < count && sorted[values.Length] == threshold)
+                var kept = topK;
+                while (kept < count && values[kept] == threshold)
                 {
-                    values = sorted[..(values.Length + 1)]; // ties at the threshold stay
+                    kept++; // ties at the threshold stay
                 }
+
+                values = values[..kept];
             }
 
             if (topP < 1f)

@@ -30,9 +30,6 @@ internal sealed class Sampler
         _seed = unchecked((ulong)(options.Seed ?? Random.Shared.NextInt64(long.MinValue, long.MaxValue)));
     }
 
-    /// <summary>Tokens drawn so far (the next draw's counter).</summary>
-    public ulong Draws => _draw;
-
     /// <summary>The index of the largest logit, the lowest such index on ties; NaN never wins.</summary>
     public static int ArgMax(ReadOnlySpan<float> logits) => TokenSampling.ArgMax(logits);
 

@@ -739,7 +739,7 @@ public sealed class BatchScheduler : IDisposable
         var limit = _options.SamplingVocabSize ?? v;
         Room(drafting.Count, v);
         var choices = _choices.AsSpan(0, drafting.Count);
-        choices.Fill(new TokenChoice(limit, 0, 0, 1, 0, 0)); // a draft is the MTP head's greedy token
+        choices.Fill(TokenChoice.Greedy(limit)); // a draft is the MTP head's greedy token
         try
         {
             _runner.DraftAndChoose([.. drafting.Select(r => new DraftSequence(r.Slot, r.Tokens[^1]))], choices, _chosen.AsSpan(0, drafting.Count), _logits);

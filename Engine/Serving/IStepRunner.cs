@@ -95,11 +95,7 @@ public interface IStepRunner : IDisposable
             rows += e.LogitRows;
         }
 
-        if (choices.Length != rows || tokens.Length < rows)
-        {
-            throw new ArgumentException($"{choices.Length} choices and {tokens.Length} token slots for {rows} logit rows", nameof(choices));
-        }
-
+        CheckChoices(choices, tokens, rows, "logit rows");
         Forward(batch, logits);
         ChooseOnHost(choices, tokens, logits);
     }
@@ -128,12 +124,17 @@ public interface IStepRunner : IDisposable
     /// <remarks>This body drafts on the host logits and chooses there with the same rule.</remarks>
     void DraftAndChoose(ReadOnlySpan<DraftSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits)
     {
-        if (choices.Length != batch.Length || tokens.Length < batch.Length)
-        {
-            throw new ArgumentException($"{choices.Length} choices and {tokens.Length} token slots for {batch.Length} drafts", nameof(choices));
-        }
-
+        CheckChoices(choices, tokens, batch.Length, "drafts");
         Draft(batch, logits);
         ChooseOnHost(choices, tokens, logits);
+    }
+
+    /// <summary>The contract of <see cref="ForwardAndChoose"/> and <see cref="DraftAndChoose"/>: one choice per row, a token slot for each.</summary>
+    internal static void CheckChoices(ReadOnlySpan<TokenChoice> choices, Span<int> tokens, int rows, string what)
+    {
+        if (choices.Length != rows || tokens.Length < rows)
+        {
+            throw new ArgumentException($"{choices.Length} choices and {tokens.Length} token slots for {rows} {what}", nameof(choices));
+        }
     }
 }

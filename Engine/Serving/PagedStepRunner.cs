@@ -222,15 +222,15 @@ public sealed class PagedStepRunner : IStepRunner
     }
 
     /// <inheritdoc />
-    public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits) => Run(batch, null, default, default, logits);
+    public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits) => Run(batch, false, default, default, logits);
 
     /// <inheritdoc />
     /// <remarks>The head's device chooses (<see cref="IBackend.ChooseTokens"/>): the ids come back, and the logits of only the rows it did not choose.</remarks>
     public void ForwardAndChoose(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits) =>
-        Run(batch, _choices, choices, tokens, logits);
+        Run(batch, true, choices, tokens, logits);
 
-    /// <summary>One step; <paramref name="chooser"/> null: every logit row is downloaded, else the rows are chosen on the head device.</summary>
-    private void Run(ReadOnlySpan<StepSequence> batch, TokenChoiceBuffer? chooser, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
+    /// <summary>One step; <paramref name="choose"/>: the rows are chosen on the head device, else every logit row is downloaded.</summary>
+    private void Run(ReadOnlySpan<StepSequence> batch, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
     {
         var blocks = Attached();
         var (tokens, logitRows) = CheckBatch(batch, blocks);
@@ -240,9 +240,9 @@ public sealed class PagedStepRunner : IStepRunner
             throw new ArgumentException($"logits holds {logits.Length} values; {logitRows} rows need {(long)logitRows * v}", nameof(logits));
         }
 
-        if (chooser is not null && (choices.Length != logitRows || chosen.Length < logitRows))
+        if (choose)
         {
-            throw new ArgumentException($"{choices.Length} choices and {chosen.Length} token slots for {logitRows} logit rows", nameof(choices));
+            IStepRunner.CheckChoices(choices, chosen, logitRows, "logit rows");
         }
 
         if (tokens == 0)
@@ -284,7 +284,7 @@ public sealed class PagedStepRunner : IStepRunner
                     row += e.Tokens.Length;
                 }
 
-                Head(headIn, chooser, choices, chosen, logits);
+                Head(headIn, choose, choices, chosen, logits);
             }
         }
 
@@ -295,14 +295,14 @@ public sealed class PagedStepRunner : IStepRunner
     }
 
     /// <inheritdoc />
-    public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => RunDraft(batch, null, default, default, logits);
+    public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => RunDraft(batch, false, default, default, logits);
 
     /// <inheritdoc />
     /// <remarks>The head's device chooses each draft (<see cref="IBackend.ChooseTokens"/>): only ids come back, and the logits of a row it did not choose.</remarks>
     public void DraftAndChoose(ReadOnlySpan<DraftSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits) =>
-        RunDraft(batch, _choices, choices, tokens, logits);
+        RunDraft(batch, true, choices, tokens, logits);
 
-    private void RunDraft(ReadOnlySpan<DraftSequence> batch, TokenChoiceBuffer? chooser, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
+    private void RunDraft(ReadOnlySpan<DraftSequence> batch, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
     {
         var blocks = Attached();
         var v = VocabSize;
@@ -311,9 +311,9 @@ public sealed class PagedStepRunner : IStepRunner
             throw new ArgumentException($"logits holds {logits.Length} values; {batch.Length} drafts need {(long)batch.Length * v}", nameof(logits));
         }
 
-        if (chooser is not null && (choices.Length != batch.Length || chosen.Length < batch.Length))
+        if (choose)
         {
-            throw new ArgumentException($"{choices.Length} choices and {chosen.Length} token slots for {batch.Length} drafts", nameof(choices));
+            IStepRunner.CheckChoices(choices, chosen, batch.Length, "drafts");
         }
 
         var rows = 0;
@@ -379,7 +379,7 @@ public sealed class PagedStepRunner : IStepRunner
             state.PendingCount = 0;
         }
 
-        Head(headIn, chooser, choices, chosen, logits);
+        Head(headIn, choose, choices, chosen, logits);
     }
 
     /// <summary>Copies the block table to the backend when it changed since the last copy.</summary>
@@ -529,31 +529,40 @@ public sealed class PagedStepRunner : IStepRunner
     private static int Tail(StepSequence e) => Math.Max(1, e.LogitRows);
 
     /// <summary>
-    /// Logits of <paramref name="headIn"/>'s rows: downloaded into <paramref name="logits"/>, or, with <paramref name="chooser"/>,
-    /// chosen on the head device into <paramref name="chosen"/> with only the rows not chosen there downloaded. Then, over
+    /// Logits of <paramref name="headIn"/>'s rows: downloaded into <paramref name="logits"/>, or, with <paramref name="choose"/>,
+    /// chosen on the head device into <paramref name="chosen"/> with only the rows not chosen there downloaded (a run of
+    /// such rows in one copy). Then, over
     /// several devices, the collectives' barrier (the host waits for the step anyway), so a collective that failed on a
     /// device surfaces in this step.
     /// </summary>
-    private void Head(Tensor headIn, TokenChoiceBuffer? chooser, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
+    private void Head(Tensor headIn, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
     {
         var b = _head.W.Backend;
         var v = VocabSize;
         using var result = _headArena.Take(Activation.Logits, headIn.Rows, v);
         b.Logits(headIn, _head.W.Head!, result);
-        if (chooser is null)
+        if (!choose)
         {
             b.Download(result, logits[..(int)result.Length]);
         }
         else
         {
-            b.ChooseTokens(result, choices, chooser, chosen);
-            for (var r = 0; r < choices.Length; r++)
+            b.ChooseTokens(result, choices, _choices!, chosen);
+            for (var r = 0; r < choices.Length;)
             {
-                if (chosen[r] == TokenSampling.NotChosen)
+                var end = r;
+                while (end < choices.Length && chosen[end] == TokenSampling.NotChosen)
                 {
-                    using var row = b.View(result, r, 1);
-                    b.Download(row, logits.Slice(r * v, v));
+                    end++;
                 }
+
+                if (end > r)
+                {
+                    using var rows = b.View(result, r, end - r);
+                    b.Download(rows, logits.Slice(r * v, (end - r) * v));
+                }
+
+                r = end + 1;
             }
         }
 

@@ -40,7 +40,7 @@ public sealed class TokenSamplingTests
     [TestMethod]
     public void ARowNotAskedForOrNotSampleableIsNotChosen()
     {
-        var greedy = new TokenChoice(4, 0, 0, 1, 0, 0);
+        var greedy = TokenChoice.Greedy(4);
         Assert.AreEqual(2, TokenSampling.Choose([0f, 1f, 3f, -1f], greedy));
         Assert.AreEqual(TokenSampling.NotChosen, TokenSampling.Choose([0f, 1f, 3f, -1f], default), "default: chosen on the host");
         Assert.AreEqual(TokenSampling.NotChosen, TokenSampling.Choose([0f, float.NaN, 3f, -1f], greedy));
@@ -60,7 +60,7 @@ public sealed class TokenSamplingTests
         var cpu = new CpuBackend();
         using var logits = cpu.Upload(values, 4, v);
         using var buffer = cpu.AllocateTokenChoices(4);
-        TokenChoice[] choices = [new(v, 0, 0, 1, 0, 0), new(200, 0.7f, 30, 0.9f, 11, 4), new(v, 1, 0, 1, 11, 5), default];
+        TokenChoice[] choices = [TokenChoice.Greedy(v), new(200, 0.7f, 30, 0.9f, 11, 4), new(v, 1, 0, 1, 11, 5), default];
         var tokens = new int[4];
         cpu.ChooseTokens(logits, choices, buffer, tokens);
         Assert.AreEqual(Array.IndexOf(values, values.AsSpan(0, v).ToArray().Max()), tokens[0]);

@@ -119,8 +119,8 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         values[(1 + 4) * v + 99] = float.NaN;
         TokenChoice[] choices =
         [
-            new(v, 0, 0, 1, 0, 0), new(v, 0.7f, 40, 0.9f, (ulong)Seed, 3), new(3000, 1.2f, 0, 1, 5, 8), default,
-            new(v, 0, 0, 1, 0, 0), new(v, 1, 0, 0.5f, 77, 0),
+            TokenChoice.Greedy(v), new(v, 0.7f, 40, 0.9f, (ulong)Seed, 3), new(3000, 1.2f, 0, 1, 5, 8), default,
+            TokenChoice.Greedy(v), new(v, 1, 0, 0.5f, 77, 0),
         ];
         int[] Run(IBackend b)
         {

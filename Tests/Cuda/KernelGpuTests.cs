@@ -1,5 +1,6 @@
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Kernels;
 using DeepSeekCuda.Loader;
@@ -250,9 +251,6 @@ public sealed class KernelGpuTests : GpuTestBase
         return ids.ToArray(Stream);
     }
 
-    private static TokenChoiceRow Row(TokenChoice c) =>
-        new() { VocabLimit = c.VocabLimit, Temperature = c.Temperature, TopK = c.TopK, TopP = c.TopP, Seed = c.Seed, Draw = c.Draw };
-
     [TestMethod]
     public void ChoiceFollowsTheCpuRuleRowByRow()
     {
@@ -266,7 +264,7 @@ public sealed class KernelGpuTests : GpuTestBase
         {
             choices[r] = (r % 7) switch
             {
-                0 => new TokenChoice(vocab, 0, 0, 1, 0, 0),
+                0 => TokenChoice.Greedy(vocab),
                 1 => new TokenChoice(vocab, 0.6f, 0, 0.95f, 1234, (ulong)r),
                 2 => new TokenChoice(vocab, 1f, 50, 1, 99, (ulong)(r * 3)),
                 3 => new TokenChoice(vocab, 0.8f, 40, 0.9f, 7, 5),
@@ -284,7 +282,7 @@ public sealed class KernelGpuTests : GpuTestBase
         row(28)[77] = float.PositiveInfinity;                                    // +inf: not sampleable
         row(11)[100_001] = float.NaN; row(11)[120_000] = 1e30f;                  // past the limit: ignored
         row(1).Fill(float.NegativeInfinity); row(1)[9] = 0; row(1)[4] = -0.5f;   // -inf is a mask
-        var got = Choose(logits, vocab, [.. choices.Select(Row)]);
+        var got = Choose(logits, vocab, [.. choices.Select(c => CudaBackend.KernelRow(c))]);
 
         var differ = new List<string>();
         for (var r = 0; r < rows; r++)
@@ -318,7 +316,7 @@ public sealed class KernelGpuTests : GpuTestBase
         const int vocab = 8, rows = 4096;
         float[] row = [0f, 1f, 2f, 0.5f, -1f, 1.5f, -3f, 2f];
         var logits = Enumerable.Range(0, rows).SelectMany(_ => row).ToArray();
-        var ids = Choose(logits, vocab, [.. Enumerable.Range(0, rows).Select(r => Row(new TokenChoice(vocab, 1f, 0, 1, 7, (ulong)r)))]);
+        var ids = Choose(logits, vocab, [.. Enumerable.Range(0, rows).Select(r => CudaBackend.KernelRow(new TokenChoice(vocab, 1f, 0, 1, 7, (ulong)r)))]);
         var counts = new int[vocab];
         foreach (var id in ids)
         {

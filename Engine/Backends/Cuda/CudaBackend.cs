@@ -619,8 +619,7 @@ public sealed class CudaBackend : IBackend
         var rows = b.HostChoices.Span;
         for (var r = 0; r < n; r++)
         {
-            var c = choices[r];
-            rows[r] = new TokenChoiceRow { VocabLimit = c.VocabLimit, Temperature = c.Temperature, TopK = c.TopK, TopP = c.TopP, Seed = c.Seed, Draw = c.Draw };
+            rows[r] = KernelRow(choices[r]);
         }
 
         b.HostChoices.CopyTo(b.Choices, _stream, count: n);
@@ -629,6 +628,10 @@ public sealed class CudaBackend : IBackend
         _stream.Synchronize();
         b.HostIds.Span[..n].CopyTo(tokens);
     }
+
+    /// <summary>A row's settings as the sampling kernel reads them.</summary>
+    internal static TokenChoiceRow KernelRow(in TokenChoice c) =>
+        new() { VocabLimit = c.VocabLimit, Temperature = c.Temperature, TopK = c.TopK, TopP = c.TopP, Seed = c.Seed, Draw = c.Draw };
 
     /// <summary>
     /// Copies each view to its device address through the weight uploader: the shards read once each, in file order,

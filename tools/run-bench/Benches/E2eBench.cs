@@ -324,7 +324,7 @@ internal static class E2eBench
             Logits = new float[(long)maxBatch * model.VocabSize];
             _entries = new StepSequence[maxBatch];
             _tokens = new int[maxBatch];
-            _greedy = [.. Enumerable.Repeat(new TokenChoice(model.VocabSize, 0, 0, 1, 0, 0), maxBatch)];
+            _greedy = [.. Enumerable.Repeat(TokenChoice.Greedy(model.VocabSize), maxBatch)];
             _chosen = new int[maxBatch];
         }
 
