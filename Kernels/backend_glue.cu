@@ -4,7 +4,8 @@
 //   glue_add_round_kernel  out[i] = bf16(out[i] + x[i])          (the residual update of AddRmsNorm)
 //   glue_convert_kernel    out[i] = x[i] between f32 and bf16    (bf16 operands of the MLA kernels)
 //   glue_copy_kernel       out[r, c] = x[r, c] with row strides  (CopyRows, ConcatColumns)
-//   glue_rope_kernel       interleaved-pair rotation from the uploaded cos/sin table, in place, f32
+//   glue_rope_kernel       interleaved-pair rotation from the uploaded cos/sin table, in place, f32; row t at
+//                          positions[t] (the step's rows on the device), or at start + t without them
 //   glue_dequant_kernel    out bf16 [rows, cols] = e4m3(x) * scale[r/128, c/128]  (kv_b for the absorbed MLA)
 #pragma once
 #include "common.cuh"
@@ -16,6 +17,7 @@ struct BackendGlueParams
     void* out;          // output
     const float* cos;   // [positions, pairs] (glue_rope_kernel)
     const float* sin;   // [positions, pairs]
+    const i32* positions; // [rows] each row's position (glue_rope_kernel); null: row t at start + t
     i64 n;              // elements of the 1-D kernels
     i64 x_stride;       // row strides in elements (glue_copy_kernel)
     i64 out_stride;
@@ -77,7 +79,7 @@ __global__ void __launch_bounds__(BLOCK) glue_rope_kernel(const __grid_constant_
         const i64 t = i / ((i64)p.heads * p.pairs);
         const i32 rem = (i32)(i % ((i64)p.heads * p.pairs));
         const i32 h = rem / p.pairs, k = rem % p.pairs;
-        const i64 pos = (i64)p.start + t;
+        const i64 pos = p.positions ? (i64)p.positions[t] : (i64)p.start + t;
         const float c = p.cos[pos * p.pairs + k], s = p.sin[pos * p.pairs + k];
         float* v = (float*)p.out + t * p.cols + (i64)h * p.head_stride + p.rope_offset + 2 * k;
         const float x0 = v[0], x1 = v[1];

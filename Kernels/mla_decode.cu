@@ -19,7 +19,8 @@ struct MlaDecodeParams
 {
     const void* q;           // [batch, s_q, heads, DV + DR] absorbed queries (F32 or BF16)
     const u16* cache;        // [num_blocks, 64, DV + DR] BF16 paged latent cache
-    const i32* block_table;  // [batch, max_blocks]
+    const i32* block_table;  // [table rows, max_blocks]
+    const i32* requests;     // [batch] block-table row of each request (the step's slots); null: request r reads row r
     const i32* lengths;      // [batch] cached tokens per request, this step's s_q tokens included (>= s_q)
     float* out;              // [batch, s_q, heads, DV] attention output in latent space (fp32)
     float* lse;              // [batch, s_q, heads] natural-log log-sum-exp of the scaled scores
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(MlaDecodeGeometry<DV, DR, M, WC>::THREADS) mla
     const int ntiles = kend > kbeg ? (kend - kbeg + kMlaTile - 1) / kMlaTile : 0;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const int wr = warp / WC, wc = warp % WC;
-    const i32* table = p.block_table + (i64)r * p.max_blocks;
+    const i32* table = p.block_table + (i64)(p.requests ? p.requests[r] : r) * p.max_blocks;
 
     auto load_stage = [&](int tile, int stage) {
         const int start = kbeg + tile * kMlaTile;

@@ -197,6 +197,67 @@ public abstract class BlockTable(int requests, int maxBlocksPerRequest) : Backen
     public int MaxBlocksPerRequest { get; } = maxBlocksPerRequest;
 }
 
+/// <summary>
+/// Where each row of a step's token stream lives in the backend's memory (<see cref="IBackend.UploadStepRows"/>): row t is
+/// position <c>Positions[t]</c> of block-table row <c>Slots[t]</c>. The row operations (<see cref="IBackend.ApplyRopeRows"/>,
+/// <see cref="IBackend.AppendLatentRows"/>, <see cref="IBackend.MlaAttentionRows"/>) read it where they run, so one call
+/// serves every sequence of a step and the host passes no positions per call.
+/// </summary>
+public abstract class StepRows(int capacity) : BackendResource
+{
+    private readonly int[] _slots = new int[capacity];
+    private readonly int[] _positions = new int[capacity];
+
+    /// <summary>Most rows one upload holds.</summary>
+    public int Capacity { get; } = capacity;
+
+    /// <summary>Rows of the last upload.</summary>
+    public int Count { get; private set; }
+
+    /// <summary>The largest slot of the last upload (−1 when it was empty).</summary>
+    public int MaxSlot { get; private set; } = -1;
+
+    /// <summary>The largest position of the last upload (−1 when it was empty).</summary>
+    public int MaxPosition { get; private set; } = -1;
+
+    /// <summary>The host's copy of the last upload's slots.</summary>
+    public ReadOnlySpan<int> Slots => _slots.AsSpan(0, Count);
+
+    /// <summary>The host's copy of the last upload's positions.</summary>
+    public ReadOnlySpan<int> Positions => _positions.AsSpan(0, Count);
+
+    /// <summary>Checks and keeps a new upload (what a backend's <see cref="IBackend.UploadStepRows"/> does on the host).</summary>
+    internal void Set(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions)
+    {
+        if (slots.Length != positions.Length)
+        {
+            throw new ArgumentException($"{slots.Length} slots and {positions.Length} positions", nameof(positions));
+        }
+
+        if (slots.Length > Capacity)
+        {
+            throw new ArgumentOutOfRangeException(nameof(slots), slots.Length, $"the step rows hold at most {Capacity} rows");
+        }
+
+        int maxSlot = -1, maxPosition = -1;
+        for (var t = 0; t < slots.Length; t++)
+        {
+            if (slots[t] < 0 || positions[t] < 0)
+            {
+                throw new ArgumentOutOfRangeException(nameof(slots), $"row {t}: slot {slots[t]}, position {positions[t]} (both must be ≥ 0)");
+            }
+
+            maxSlot = Math.Max(maxSlot, slots[t]);
+            maxPosition = Math.Max(maxPosition, positions[t]);
+        }
+
+        slots.CopyTo(_slots);
+        positions.CopyTo(_positions);
+        Count = slots.Length;
+        (MaxSlot, MaxPosition) = (maxSlot, maxPosition);
+    }
+}
+
 /// <summary>The head geometry of MLA (MODEL.md §3).</summary>
 /// <param name="Heads">Attention heads H.</param>
 /// <param name="QkNope">Non-rotary q/k width per head.</param>

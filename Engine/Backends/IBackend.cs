@@ -85,6 +85,15 @@ public interface IBackend : IDisposable
     /// </summary>
     LatentCache PagedCache(LatentPool pool, BlockTable table, int request);
 
+    /// <summary>Room for the slot and position of up to <paramref name="capacity"/> rows of a step's token stream (<see cref="StepRows"/>).</summary>
+    StepRows AllocateStepRows(int capacity);
+
+    /// <summary>
+    /// Copies row t's slot <paramref name="slots"/>[t] and position <paramref name="positions"/>[t] into <paramref name="rows"/>;
+    /// operations queued later see them. Refuses a negative value, or more rows than it holds.
+    /// </summary>
+    void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows);
+
     /// <summary>A routing buffer for up to <paramref name="tokens"/> tokens (<see cref="MoeGate"/> and <see cref="MoeExperts"/> use its first T).</summary>
     Routing AllocateRouting(int tokens, int experts, int topK);
 
@@ -138,11 +147,24 @@ public interface IBackend : IDisposable
     void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset);
 
     /// <summary>
+    /// <see cref="ApplyRope"/> with row t of <paramref name="x"/> at position <paramref name="rows"/>.Positions[t] (the first
+    /// x.Rows rows of the last upload).
+    /// </summary>
+    void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset);
+
+    /// <summary>
     /// Writes tokens at positions start .. start+T−1 into the latent cache: the latent part of
     /// <paramref name="kv"/> [T, latent + rope] normalized with <paramref name="latentNorm"/>, and its
     /// rope part rotated (one shared key for all heads).
     /// </summary>
     void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition);
+
+    /// <summary>
+    /// <see cref="AppendLatent"/> of every row: row t of <paramref name="kv"/> goes to position <paramref name="rows"/>.Positions[t]
+    /// of slot Slots[t]'s cache, the rows of <paramref name="pool"/> that <paramref name="table"/> gives it (positions must lie
+    /// in assigned blocks).
+    /// </summary>
+    void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows);
 
     /// <summary>
     /// MLA in the naive form: decompress per-head k_nope and v for cache positions 0 .. start+T−1 through
@@ -156,6 +178,14 @@ public interface IBackend : IDisposable
     /// latents summed with the probabilities, unfolded through W_UV. Same inputs and result as the naive form.
     /// </summary>
     void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output);
+
+    /// <summary>
+    /// MLA in the absorbed form for rows that are each a query of their own: row t of <paramref name="q"/> attends over positions
+    /// 0 .. <paramref name="rows"/>.Positions[t] of slot Slots[t]'s cache (its own key appended before). Row t's output equals
+    /// <see cref="MlaAttentionAbsorbed"/> of row t alone at start position Positions[t] over
+    /// <see cref="PagedCache"/>(pool, table, Slots[t]): one call attends a whole decode batch, a verify step's rows included.
+    /// </summary>
+    void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output);
 
     /// <summary>MoE routing of x [T, D] into the first T tokens of <paramref name="routing"/> (fp32 sigmoid, bias for selection only, group limit, top-k; MODEL.md §5).</summary>
     void MoeGate(Tensor x, GateWeight gate, Routing routing);

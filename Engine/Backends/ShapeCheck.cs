@@ -1,3 +1,5 @@
+using DeepSeekCuda.Kernels;
+
 namespace DeepSeekCuda.Backends;
 
 /// <summary>The argument checks every backend applies before an operation, so that all of them refuse the same inputs with the same messages.</summary>
@@ -15,13 +17,55 @@ internal static class ShapeCheck
     /// <summary>The MLA attention contract of <see cref="IBackend.MlaAttentionNaive"/> and <see cref="IBackend.MlaAttentionAbsorbed"/>.</summary>
     public static void Attention(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, Tensor output)
     {
-        Require(q.Cols == dims.Heads * dims.QkHead, $"q {q} is not [T, {dims.Heads}·{dims.QkHead}]");
-        Require(output.Rows == q.Rows && output.Cols == dims.Heads * dims.V, $"attention output {output} is not [{q.Rows}, {dims.Heads}·{dims.V}]");
-        Require(kvB.Out == dims.Heads * dims.KvBHead && kvB.In == dims.KvLora, "kv_b shape");
-        Require(cache.LatentDim == dims.KvLora && cache.RopeDim == dims.QkRope, "cache widths");
+        Heads(q, kvB, dims, output, cache.LatentDim, cache.RopeDim, "cache");
         if (startPosition < 0 || startPosition + q.Rows > cache.Capacity)
         {
             throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + q.Rows - 1} exceed the cache capacity {cache.Capacity}");
+        }
+    }
+
+    /// <summary>The shapes of <see cref="IBackend.MlaAttentionRows"/> (its rows: <see cref="StepRows(Backends.StepRows, int, BlockTable?, RopeTable?)"/>).</summary>
+    public static void AttentionRows(Tensor q, LatentPool pool, LinearWeight kvB, MlaDims dims, Tensor output) =>
+        Heads(q, kvB, dims, output, pool.LatentDim, pool.RopeDim, "pool");
+
+    private static void Heads(Tensor q, LinearWeight kvB, MlaDims dims, Tensor output, int latentDim, int ropeDim, string cache)
+    {
+        Require(q.Cols == dims.Heads * dims.QkHead, $"q {q} is not [T, {dims.Heads}·{dims.QkHead}]");
+        Require(output.Rows == q.Rows && output.Cols == dims.Heads * dims.V, $"attention output {output} is not [{q.Rows}, {dims.Heads}·{dims.V}]");
+        Require(kvB.Out == dims.Heads * dims.KvBHead && kvB.In == dims.KvLora, "kv_b shape");
+        Require(latentDim == dims.KvLora && ropeDim == dims.QkRope, $"{cache} widths");
+    }
+
+    /// <summary>
+    /// The contract of the row operations (<see cref="IBackend.ApplyRopeRows"/>, <see cref="IBackend.AppendLatentRows"/>,
+    /// <see cref="IBackend.MlaAttentionRows"/>): <paramref name="count"/> rows uploaded, every uploaded slot a row of
+    /// <paramref name="table"/> and every position inside it and inside <paramref name="rope"/> (when given).
+    /// </summary>
+    public static void StepRows(StepRows rows, int count, BlockTable? table, RopeTable? rope)
+    {
+        ArgumentNullException.ThrowIfNull(rows);
+        if (count > rows.Count)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rows), count, $"{count} rows, and the step rows' last upload has {rows.Count}");
+        }
+
+        if (table is not null)
+        {
+            if (rows.MaxSlot >= table.Requests)
+            {
+                throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxSlot, $"slot {rows.MaxSlot} is not a row of the block table (0..{table.Requests - 1})");
+            }
+
+            var capacity = (long)table.MaxBlocksPerRequest * PagedLatentCache.BlockSize;
+            if (rows.MaxPosition >= capacity)
+            {
+                throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxPosition, $"position {rows.MaxPosition} exceeds the cache capacity {capacity}");
+            }
+        }
+
+        if (rope is not null && rows.MaxPosition >= rope.Positions)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxPosition, $"position {rows.MaxPosition} exceeds the rotary table (0..{rope.Positions - 1})");
         }
     }
 

@@ -12,6 +12,7 @@ internal struct BackendGlueParams
     public ulong Out;
     public ulong Cos;
     public ulong Sin;
+    public ulong Positions;
     public long N;
     public long XStride;
     public long OutStride;
@@ -81,13 +82,16 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
         Run(stream, CopyInstance, (long)rows * cols, new BackendGlueParams { X = input, XStride = inStride, Out = output, OutStride = outStride, Rows = rows, Cols = cols });
 
     /// <summary>
-    /// Rotates in place, for rows t of f32 x [rows, cols] at position start + t, each head h's pairs at columns
-    /// h·headStride + ropeOffset + 2i with cos/sin [positions, pairs] (no rounding: follow with <see cref="Round"/>).
+    /// Rotates in place, for rows t of f32 x [rows, cols] at position start + t (or, given <paramref name="positions"/>, a
+    /// device int32 [rows], at positions[t]), each head h's pairs at columns h·headStride + ropeOffset + 2i with cos/sin
+    /// [positions, pairs] (no rounding: follow with <see cref="Round"/>).
     /// </summary>
-    public void Rope(CudaStream stream, ulong x, int rows, int cols, ulong cos, ulong sin, int pairs, int start, int heads, int headStride, int ropeOffset) =>
+    public void Rope(CudaStream stream, ulong x, int rows, int cols, ulong cos, ulong sin, int pairs, int start, int heads, int headStride, int ropeOffset,
+        ulong positions = 0) =>
         Run(stream, RopeInstance, (long)rows * heads * pairs, new BackendGlueParams
         {
-            Out = x, Rows = rows, Cols = cols, Cos = cos, Sin = sin, Pairs = pairs, Start = start, Heads = heads, HeadStride = headStride, RopeOffset = ropeOffset,
+            Out = x, Rows = rows, Cols = cols, Cos = cos, Sin = sin, Positions = positions, Pairs = pairs, Start = start, Heads = heads,
+            HeadStride = headStride, RopeOffset = ropeOffset,
         });
 
     /// <summary>output bf16 [rows, cols] = e4m3(codes) × scales[r/128, c/128] (scales f32 [⌈rows/128⌉, ⌈cols/128⌉]).</summary>

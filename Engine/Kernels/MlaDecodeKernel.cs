@@ -10,6 +10,7 @@ internal struct MlaDecodeParams
     public ulong Q;
     public ulong Cache;
     public ulong BlockTable;
+    public ulong Requests;
     public ulong Lengths;
     public ulong Out;
     public ulong Lse;
@@ -274,11 +275,12 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
     /// Attention of <paramref name="batch"/> requests' absorbed queries qAbs [batch, qTokens, heads, latent + rope]
     /// (16-byte aligned) over the paged cache: outLatent [batch, qTokens, heads, latent] fp32 and lse [batch,
     /// qTokens, heads] fp32 (natural log of Σ exp(scale·score)). Device lengths must be ≥ qTokens (this step's
-    /// tokens are already appended); query i of request r sits at position len_r − qTokens + i. With
+    /// tokens are already appended); query i of request r sits at position len_r − qTokens + i. Request r reads row
+    /// <c>requests[r]</c> of the block table (a device int32 [batch]; 0: row r). With
     /// <paramref name="splits"/> &gt; 1, <paramref name="workspace"/> must hold <see cref="WorkspaceBytes"/>.
     /// </summary>
     public void Decode(CudaStream stream, LatentShape shape, ulong qAbs, ElementType qType, ulong cache, ulong blockTable, ulong lengths,
-        int batch, int heads, int qTokens, int maxBlocks, float scale, ulong outLatent, ulong lse, int splits = 1, ulong workspace = 0)
+        int batch, int heads, int qTokens, int maxBlocks, float scale, ulong outLatent, ulong lse, int splits = 1, ulong workspace = 0, ulong requests = 0)
     {
         shape.Validate();
         ArgumentOutOfRangeException.ThrowIfNegative(batch);
@@ -307,7 +309,7 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
         var partials = (long)splits * batch * heads * qTokens * shape.Latent * 4;
         var p = new MlaDecodeParams
         {
-            Q = qAbs, Cache = cache, BlockTable = blockTable, Lengths = lengths, Out = outLatent, Lse = lse,
+            Q = qAbs, Cache = cache, BlockTable = blockTable, Requests = requests, Lengths = lengths, Out = outLatent, Lse = lse,
             OPartial = splits > 1 ? workspace : 0, LsePartial = splits > 1 ? workspace + (ulong)partials : 0,
             Scale = scale, Batch = batch, Heads = heads, QTokens = qTokens, MaxBlocks = maxBlocks, Splits = splits,
         };

@@ -252,6 +252,107 @@ public sealed class PagedCacheTests
         Assert.AreEqual(chunks.Sum(c => c.Length), steps, "every chunk ran");
     }
 
+    /// <summary>
+    /// One step's rows of three sequences in one stream, out of sequence order (slot 2; slot 0's token and draft, across a block
+    /// boundary; slot 1): RoPE at each row's uploaded position, the append through the permuted table, and attention with each
+    /// row a query of its own equal, bit for bit, the per-sequence calls over caches of the sequences' own (the absorbed form
+    /// over each sequence's rows, as a decode step runs it).
+    /// </summary>
+    [TestMethod]
+    [DataRow(CpuNumerics.Float32)]
+    [DataRow(CpuNumerics.GpuEmulation)]
+    public void RowOperationsOverOneStreamEqualEachSequenceOnItsOwn(CpuNumerics numerics)
+    {
+        const int Seed = 20261205;
+        using var b = new CpuBackend(numerics);
+        var r = new Random(Seed);
+        int lora = Dims.KvLora, rope = Dims.QkRope, width = lora + rope, qWidth = Dims.Heads * Dims.QkHead, oWidth = Dims.Heads * Dims.V;
+        int[] history = [63, 40, 7];   // positions each slot holds before the step
+        int[] slots = [2, 0, 0, 1];    // the step's rows: slot 2, slot 0's token and draft (positions 63 and 64: two blocks), slot 1
+        var positions = new int[slots.Length];
+        var next = (int[])history.Clone();
+        for (var t = 0; t < slots.Length; t++)
+        {
+            positions[t] = next[slots[t]]++;
+        }
+
+        const int Capacity = 128;
+        var pairs = rope / 2;
+        var angles = Enumerable.Range(0, Capacity * pairs).Select(i => (i / pairs + 1) * 0.3 / (1 + i % pairs)).ToArray();
+        using var ropeTable = b.UploadRope([.. angles.Select(a => (float)Math.Cos(a))], [.. angles.Select(a => (float)Math.Sin(a))], Capacity, pairs);
+        var kvNorm = new CpuNormWeight(lora, 1e-6f, [.. Normal(r, lora, 0.1f).Select(v => 1 + v)]);
+        var kvB = new CpuLinearWeight(Dims.Heads * Dims.KvBHead, lora, true, Normal(r, Dims.Heads * Dims.KvBHead * lora, 0.1f));
+        var scale = 1f / MathF.Sqrt(Dims.QkHead);
+
+        // Slot s's blocks: a permuted share of the pool; its history appended both there and into a cache of its own.
+        const int MaxBlocks = 2;
+        using var pool = b.AllocateLatentPool(3 * MaxBlocks, lora, rope);
+        using var table = b.AllocateBlockTable(3, MaxBlocks);
+        int[] entries = [.. Enumerable.Range(0, 3 * MaxBlocks).OrderBy(_ => r.Next())];
+        b.UploadBlockTable(entries, table);
+        var own = history.Select(_ => b.AllocateLatentCache(Capacity, lora, rope)).ToArray();
+        for (var s = 0; s < history.Length; s++)
+        {
+            using var paged = b.PagedCache(pool, table, s);
+            using var kv = b.Upload(Normal(r, history[s] * width, 2f), history[s], width);
+            b.AppendLatent(kv, kvNorm, ropeTable, paged, 0);
+            b.AppendLatent(kv, kvNorm, ropeTable, own[s], 0);
+        }
+
+        var n = slots.Length;
+        var kvValues = Normal(r, n * width, 2f);
+        var qValues = Normal(r, n * qWidth);
+        using var rows = b.AllocateStepRows(8);
+        b.UploadStepRows(slots, positions, rows);
+        CollectionAssert.AreEqual(slots, rows.Slots.ToArray());
+        CollectionAssert.AreEqual(positions, rows.Positions.ToArray());
+
+        // The stream.
+        using var q = b.Upload(qValues, n, qWidth);
+        using var kvRows = b.Upload(kvValues, n, width);
+        using var got = b.Allocate(n, oWidth);
+        b.ApplyRopeRows(q, ropeTable, rows, Dims.QkHead, Dims.QkNope);
+        b.AppendLatentRows(kvRows, kvNorm, ropeTable, pool, table, rows);
+        b.MlaAttentionRows(q, pool, table, rows, kvB, Dims, scale, got);
+
+        // Each sequence on its own: its rows (consecutive positions) through the per-sequence calls.
+        var rotated = new float[n * qWidth];
+        var want = new float[n * oWidth];
+        for (var s = 0; s < history.Length; s++)
+        {
+            var mine = Enumerable.Range(0, n).Where(t => slots[t] == s).ToArray();
+            using var qs = b.Upload([.. mine.SelectMany(t => qValues.AsSpan(t * qWidth, qWidth).ToArray())], mine.Length, qWidth);
+            using var kvs = b.Upload([.. mine.SelectMany(t => kvValues.AsSpan(t * width, width).ToArray())], mine.Length, width);
+            using var os = b.Allocate(mine.Length, oWidth);
+            b.ApplyRope(qs, ropeTable, history[s], Dims.QkHead, Dims.QkNope);
+            b.AppendLatent(kvs, kvNorm, ropeTable, own[s], history[s]);
+            b.MlaAttentionAbsorbed(qs, own[s], kvB, Dims, history[s], scale, os);
+            var (qr, or) = (Read(b, qs), Read(b, os));
+            for (var k = 0; k < mine.Length; k++)
+            {
+                qr.AsSpan(k * qWidth, qWidth).CopyTo(rotated.AsSpan(mine[k] * qWidth));
+                or.AsSpan(k * oWidth, oWidth).CopyTo(want.AsSpan(mine[k] * oWidth));
+            }
+        }
+
+        var what = $"{numerics} seed {Seed}";
+        Bitwise(Read(b, q), rotated, $"{what} rotated q");
+        Assert.IsTrue(want.All(float.IsFinite) && want.Any(v => v != 0), $"{what}: the reference output is finite and not all zero");
+        Bitwise(Read(b, got), want, $"{what} attention");
+        for (var t = 0; t < n; t++)
+        {
+            using var paged = b.PagedCache(pool, table, slots[t]);
+            var (p, c) = ((CpuLatentCache)paged, (CpuLatentCache)own[slots[t]]);
+            Bitwise(p.Latent(positions[t]).ToArray(), c.Latent(positions[t]).ToArray(), $"{what} row {t} latent");
+            Bitwise(p.Rope(positions[t]).ToArray(), c.Rope(positions[t]).ToArray(), $"{what} row {t} rotated key");
+        }
+
+        foreach (var c in own)
+        {
+            c.Dispose();
+        }
+    }
+
     // ------------------------------------------------------------------ refusals
 
     [TestMethod]
@@ -264,6 +365,56 @@ public sealed class PagedCacheTests
         StringAssert.Contains(e.Message, "11");
         Assert.ThrowsExactly<ArgumentException>(() => b.UploadBlockTable(new int[13], table));
         b.UploadBlockTable(new int[12], table);
+    }
+
+    /// <summary>Step rows refuse a negative slot or position, mismatched lengths and more rows than they hold; the row operations refuse rows never uploaded, a slot outside the table, and positions beyond the cache or the rotary table.</summary>
+    [TestMethod]
+    public void StepRowsRefuseWhatTheyCannotAddress()
+    {
+        using var b = new CpuBackend();
+        var r = new Random(5);
+        int lora = Dims.KvLora, rope = Dims.QkRope, width = lora + rope, qWidth = Dims.Heads * Dims.QkHead, oWidth = Dims.Heads * Dims.V;
+        using var rows = b.AllocateStepRows(3);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0, -1], [0, 1], rows));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0], [-2], rows));
+        Assert.ThrowsExactly<ArgumentException>(() => b.UploadStepRows([0, 1], [0], rows));
+        var many = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0, 0, 0, 0], [0, 1, 2, 3], rows));
+        StringAssert.Contains(many.Message, "at most 3 rows");
+        Assert.AreEqual(0, rows.Count, "a refused upload keeps nothing");
+
+        var pairs = rope / 2;
+        using var ropeTable = b.UploadRope(Enumerable.Repeat(1f, 100 * pairs).ToArray(), new float[100 * pairs], 100, pairs);
+        var kvNorm = new CpuNormWeight(lora, 1e-6f, Enumerable.Repeat(1f, lora).ToArray());
+        var kvB = new CpuLinearWeight(Dims.Heads * Dims.KvBHead, lora, false, Normal(r, Dims.Heads * Dims.KvBHead * lora, 0.1f));
+        using var pool = b.AllocateLatentPool(4, lora, rope);
+        using var table = b.AllocateBlockTable(2, 2);
+        b.UploadBlockTable([0, 1, 2, 3], table);
+        using var q = b.Upload(Normal(r, 2 * qWidth), 2, qWidth);
+        using var kv = b.Upload(Normal(r, 2 * width), 2, width);
+        using var o = b.Allocate(2, oWidth);
+
+        b.UploadStepRows([1], [0], rows);
+        var unset = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.ApplyRopeRows(q, ropeTable, rows, Dims.QkHead, Dims.QkNope));
+        StringAssert.Contains(unset.Message, "last upload has 1");
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.AppendLatentRows(kv, kvNorm, ropeTable, pool, table, rows));
+
+        b.UploadStepRows([0, 2], [0, 1], rows);
+        var slot = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.AppendLatentRows(kv, kvNorm, ropeTable, pool, table, rows));
+        StringAssert.Contains(slot.Message, "slot 2");
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.MlaAttentionRows(q, pool, table, rows, kvB, Dims, 0.3f, o));
+
+        b.UploadStepRows([0, 1], [0, 128], rows);
+        var cache = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.AppendLatentRows(kv, kvNorm, ropeTable, pool, table, rows));
+        StringAssert.Contains(cache.Message, "cache capacity 128");
+
+        b.UploadStepRows([0, 1], [0, 100], rows);
+        var angles = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.ApplyRopeRows(q, ropeTable, rows, Dims.QkHead, Dims.QkNope));
+        StringAssert.Contains(angles.Message, "rotary table");
+
+        // In range, the same rows run.
+        b.UploadStepRows([0, 1], [0, 99], rows);
+        b.ApplyRopeRows(q, ropeTable, rows, Dims.QkHead, Dims.QkNope);
+        b.AppendLatentRows(kv, kvNorm, ropeTable, pool, table, rows);
     }
 
     [TestMethod]

@@ -330,6 +330,61 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         }
     }
 
+    /// <summary>
+    /// One decode step's rows of three sequences through a permuted block table over one pool (slot 2; slot 0's token and
+    /// draft across a block boundary; slot 1 at a long context that takes KV splits): RoPE at the uploaded positions, the
+    /// append, and attention with each row a query of its own (the decode kernel reading each row's block-table row).
+    /// </summary>
+    [TestMethod]
+    public void StepRowOperationsMatch()
+    {
+        var dims = new MlaDims(Config.NumAttentionHeads, Config.QkNopeHeadDim, Config.QkRopeHeadDim, Config.VHeadDim, Config.KvLoraRank);
+        int width = dims.KvLora + dims.QkRope, qWidth = dims.Heads * dims.QkHead;
+        int[] history = [63, 700, 9];
+        int[] slots = [2, 0, 0, 1];
+        var positions = new int[slots.Length];
+        var next = (int[])history.Clone();
+        for (var t = 0; t < slots.Length; t++)
+        {
+            positions[t] = next[slots[t]]++;
+        }
+
+        const int MaxBlocks = 12, Capacity = MaxBlocks * 64;
+        var (cos, sin) = YarnRope.Table(Config, Capacity);
+        var kvHistory = history.Select(h => Bf16Normal(h * width)).ToArray();
+        var kv = Bf16Normal(slots.Length * width);
+        var q = Bf16Normal(slots.Length * qWidth);
+        var shuffle = new Random(20261205);
+        int[] entries = [.. Enumerable.Range(0, 3 * MaxBlocks).OrderBy(_ => shuffle.Next())];
+        var scale = (float)Config.SoftmaxScale;
+        TestContext.WriteLine($"rows (slot, position): {string.Join(" ", slots.Select((s, t) => $"({s}, {positions[t]})"))}");
+        var (got, want) = Both(s =>
+        {
+            var norm = s.Own(s.B.UploadNorm(Checkpoint, "model.layers.0.self_attn.kv_a_layernorm.weight", dims.KvLora, (float)Config.RmsNormEps));
+            var kvB = s.Own(s.B.UploadLinear(Checkpoint, Fp8("model.layers.0.self_attn.kv_b_proj.weight", dims.Heads * dims.KvBHead, dims.KvLora)));
+            var rope = s.Own(s.B.UploadRope(cos, sin, Capacity, dims.QkRope / 2));
+            var pool = s.Own(s.B.AllocateLatentPool(3 * MaxBlocks, dims.KvLora, dims.QkRope));
+            var table = s.Own(s.B.AllocateBlockTable(3, MaxBlocks));
+            s.B.UploadBlockTable(entries, table);
+            for (var slot = 0; slot < history.Length; slot++)
+            {
+                var cache = s.Own(s.B.PagedCache(pool, table, slot));
+                s.B.AppendLatent(s.In(kvHistory[slot], history[slot], width), norm, rope, cache, 0);
+            }
+
+            var rows = s.Own(s.B.AllocateStepRows(8));
+            s.B.UploadStepRows(slots, positions, rows);
+            var qt = s.In(q, slots.Length, qWidth);
+            s.B.ApplyRopeRows(qt, rope, rows, dims.QkHead, dims.QkNope);
+            s.B.AppendLatentRows(s.In(kv, slots.Length, width), norm, rope, pool, table, rows);
+            var o = s.Out(slots.Length, dims.Heads * dims.V);
+            s.B.MlaAttentionRows(qt, pool, table, rows, kvB, dims, scale, o);
+            return [s.Read(qt), s.Read(o)];
+        });
+        Close("rope at the rows' positions", got[0], want[0], 1e-6, Bf16Step);
+        Close("attention of the step's rows", got[1], want[1], 0.03, 0.05, rmsRel: 0.02);
+    }
+
     // ------------------------------------------------------------------ MoE
 
     [TestMethod]

@@ -24,7 +24,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
     public string Name => "recording " + inner.Name;
 
-    /// <summary>Calls so far that allocate backend memory: Allocate, Upload, and the Allocate* of caches, pools, tables, routing and token choices.</summary>
+    /// <summary>Calls so far that allocate backend memory: Allocate, Upload, and the Allocate* of caches, pools, tables, routing, token choices and step rows.</summary>
     public int Allocations => _allocations;
 
     /// <summary>Block tables copied to the backend so far.</summary>
@@ -139,14 +139,58 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public void Logits(Tensor x, LinearWeight head, Tensor logits) => inner.Logits(x, head, logits);
     public void SiluMul(Tensor gate, Tensor up, Tensor output) => inner.SiluMul(gate, up, output);
     public void ConcatColumns(Tensor a, Tensor b, Tensor output) => inner.ConcatColumns(a, b, output);
-    public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset) =>
+    public StepRows AllocateStepRows(int capacity) => Counted(inner.AllocateStepRows(capacity));
+    public void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) => inner.UploadStepRows(slots, positions, rows);
+
+    /// <summary>Calls so far of the RoPE, latent append and MLA attention operations, per operation name (a step's launch count per layer).</summary>
+    public IReadOnlyDictionary<string, int> AttentionCalls => _attentionCalls;
+
+    private readonly Dictionary<string, int> _attentionCalls = [];
+
+    private void Call(string op) => _attentionCalls[op] = _attentionCalls.GetValueOrDefault(op) + 1;
+
+    public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
+    {
+        Call(nameof(ApplyRope));
         inner.ApplyRope(x, rope, startPosition, headStride, ropeOffset);
-    public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition) =>
+    }
+
+    public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset)
+    {
+        Call(nameof(ApplyRopeRows));
+        inner.ApplyRopeRows(x, rope, rows, headStride, ropeOffset);
+    }
+
+    public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition)
+    {
+        Call(nameof(AppendLatent));
         inner.AppendLatent(kv, latentNorm, rope, cache, startPosition);
-    public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output) =>
+    }
+
+    public void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows)
+    {
+        Call(nameof(AppendLatentRows));
+        inner.AppendLatentRows(kv, latentNorm, rope, pool, table, rows);
+    }
+
+    public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
+    {
+        Call(nameof(MlaAttentionNaive));
         inner.MlaAttentionNaive(q, cache, kvB, dims, startPosition, scale, output);
-    public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output) =>
+    }
+
+    public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
+    {
+        Call(nameof(MlaAttentionAbsorbed));
         inner.MlaAttentionAbsorbed(q, cache, kvB, dims, startPosition, scale, output);
+    }
+
+    public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output)
+    {
+        Call(nameof(MlaAttentionRows));
+        inner.MlaAttentionRows(q, pool, table, rows, kvB, dims, scale, output);
+    }
+
     public void MoeGate(Tensor x, GateWeight gate, Routing routing) => inner.MoeGate(x, gate, routing);
     public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y) => inner.MoeExperts(x, routing, experts, y);
 

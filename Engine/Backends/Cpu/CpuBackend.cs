@@ -187,6 +187,16 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
+    public StepRows AllocateStepRows(int capacity)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(capacity);
+        return new CpuStepRows(capacity);
+    }
+
+    /// <inheritdoc />
+    public void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) => ((CpuStepRows)rows).Set(slots, positions);
+
+    /// <inheritdoc />
     public Routing AllocateRouting(int tokens, int experts, int topK) => new CpuRouting(tokens, experts, topK);
 
     /// <inheritdoc />
@@ -431,6 +441,34 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
+    /// <remarks>Each row through <see cref="ApplyRope"/> at its position: the specification of the batched kernels.</remarks>
+    public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset)
+    {
+        ShapeCheck.StepRows(rows, x.Rows, null, rope);
+        var positions = rows.Positions;
+        for (var t = 0; t < x.Rows; t++)
+        {
+            using var row = View(x, t, 1);
+            ApplyRope(row, rope, positions[t], headStride, ropeOffset);
+        }
+    }
+
+    /// <inheritdoc />
+    /// <remarks>Each row through <see cref="AppendLatent"/> into its slot's <see cref="PagedCache"/>.</remarks>
+    public void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows)
+    {
+        ShapeCheck.StepRows(rows, kv.Rows, table, rope);
+        var slots = rows.Slots;
+        var positions = rows.Positions;
+        for (var t = 0; t < kv.Rows; t++)
+        {
+            using var row = View(kv, t, 1);
+            using var cache = PagedCache(pool, table, slots[t]);
+            AppendLatent(row, latentNorm, rope, cache, positions[t]);
+        }
+    }
+
+    /// <inheritdoc />
     public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition)
     {
         var a = T(kv);
@@ -571,6 +609,23 @@ public sealed class CpuBackend : IBackend
 
             Store(oh);
         });
+    }
+
+    /// <inheritdoc />
+    /// <remarks>Each row through <see cref="MlaAttentionAbsorbed"/> alone over its slot's <see cref="PagedCache"/>.</remarks>
+    public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output)
+    {
+        ShapeCheck.AttentionRows(q, pool, kvB, dims, output);
+        ShapeCheck.StepRows(rows, q.Rows, table, null);
+        var slots = rows.Slots;
+        var positions = rows.Positions;
+        for (var t = 0; t < q.Rows; t++)
+        {
+            using var qt = View(q, t, 1);
+            using var ot = View(output, t, 1);
+            using var cache = PagedCache(pool, table, slots[t]);
+            MlaAttentionAbsorbed(qt, cache, kvB, dims, positions[t], scale, ot);
+        }
     }
 
     private (CpuTensor Q, CpuLatentCache Cache, CpuLinearWeight KvB, CpuTensor Output) CheckAttention(

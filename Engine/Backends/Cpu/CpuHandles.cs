@@ -89,6 +89,9 @@ internal sealed class CpuRouting(int tokens, int experts, int topK) : Routing(to
 /// <summary>The CPU chooses in place: nothing to hold.</summary>
 internal sealed class CpuTokenChoices(int rows) : TokenChoiceBuffer(rows);
 
+/// <summary>Step rows: the host copy <see cref="StepRows"/> keeps is all the CPU backend needs.</summary>
+internal sealed class CpuStepRows(int capacity) : StepRows(capacity);
+
 internal sealed class CpuRopeTable(int positions, int pairs, float[] cos, float[] sin) : RopeTable(positions, pairs)
 {
     /// <summary>[positions, pairs].</summary>

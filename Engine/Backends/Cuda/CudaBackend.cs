@@ -567,6 +567,21 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
+    public StepRows AllocateStepRows(int capacity)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(capacity);
+        using var scope = Enter();
+        return new CudaStepRows(_device, capacity);
+    }
+
+    /// <inheritdoc />
+    public void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows)
+    {
+        using var scope = Enter();
+        ((CudaStepRows)rows).Upload(slots, positions, _stream);
+    }
+
+    /// <inheritdoc />
     public Routing AllocateRouting(int tokens, int experts, int topK)
     {
         using var scope = Enter();
@@ -799,11 +814,24 @@ public sealed class CudaBackend : IBackend
     public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
     {
         using var scope = Enter();
-        var a = T(x);
         var r = (CudaRopeTable)rope;
+        CheckPositions(r, startPosition, x.Rows);
+        Rope(T(x), r, headStride, ropeOffset, startPosition, 0);
+    }
+
+    /// <inheritdoc />
+    public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset)
+    {
+        using var scope = Enter();
+        ShapeCheck.StepRows(rows, x.Rows, null, rope);
+        Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, 0, ((CudaStepRows)rows).PositionsPointer);
+    }
+
+    /// <summary>The rotation of rows at start + t, or at positions[t] (a device array) when given, then the BF16 rounding.</summary>
+    private void Rope(CudaTensor a, CudaRopeTable r, int headStride, int ropeOffset, int start, ulong positions)
+    {
         ShapeCheck.Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
-        CheckPositions(r, startPosition, a.Rows);
-        _glue.Rope(_stream, a.Pointer, a.Rows, a.Cols, r.Cos.Pointer, r.Sin.Pointer, r.Pairs, startPosition, a.Cols / headStride, headStride, ropeOffset);
+        _glue.Rope(_stream, a.Pointer, a.Rows, a.Cols, r.Cos.Pointer, r.Sin.Pointer, r.Pairs, start, a.Cols / headStride, headStride, ropeOffset, positions);
         _glue.Round(_stream, a.Pointer, a.Length);
     }
 
@@ -813,23 +841,34 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter();
         var a = T(kv);
         var c = (CudaLatentCache)cache;
-        var norm = (CudaNormWeight)latentNorm;
         var r = (CudaRopeTable)rope;
-        ShapeCheck.Require(a.Cols == c.LatentDim + c.RopeDim && norm.Width == c.LatentDim && c.RopeDim == 2 * r.Pairs, "latent append shapes");
         if (startPosition < 0 || startPosition + a.Rows > c.Capacity)
         {
             throw new ArgumentOutOfRangeException(nameof(startPosition), $"positions {startPosition}..{startPosition + a.Rows - 1} exceed the cache capacity {c.Capacity}");
         }
 
         CheckPositions(r, startPosition, a.Rows);
-        if (a.Rows == 0)
-        {
-            return;
-        }
+        var args = a.Rows > 0 ? UploadInts(CudaBackendLayout.AppendArguments(startPosition, a.Rows)) : 0;
+        Append(a, (CudaNormWeight)latentNorm, r, c.Shape, args, args + (ulong)(4 * a.Rows), c.TablePointer, c.MaxBlocks, c.CachePointer);
+    }
 
-        var args = UploadInts(CudaBackendLayout.AppendArguments(startPosition, a.Rows));
-        _cache.Append(_stream, c.Shape, a.Pointer, ElementType.F32, a.Cols, norm.Data.Pointer, norm.Epsilon, r.Cos.Pointer, r.Sin.Pointer, r.Positions,
-            args, args + (ulong)(4 * a.Rows), a.Rows, c.TablePointer, c.MaxBlocks, c.CachePointer);
+    /// <inheritdoc />
+    public void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows)
+    {
+        using var scope = Enter();
+        ShapeCheck.StepRows(rows, kv.Rows, table, rope);
+        var (p, t, s) = ((CudaLatentPool)pool, (CudaBlockTable)table, (CudaStepRows)rows);
+        Append(T(kv), (CudaNormWeight)latentNorm, (CudaRopeTable)rope, p.Shape, s.SlotsPointer, s.PositionsPointer, t.Entries.Pointer, t.MaxBlocksPerRequest,
+            p.Cache.Pointer);
+    }
+
+    /// <summary>Row t of kv to position positions[t] of block-table row requests[t] (device arrays).</summary>
+    private void Append(CudaTensor a, CudaNormWeight norm, CudaRopeTable r, LatentShape shape, ulong requests, ulong positions, ulong table, int maxBlocks,
+        ulong cache)
+    {
+        ShapeCheck.Require(a.Cols == shape.RowWidth && norm.Width == shape.Latent && shape.Rope == 2 * r.Pairs, "latent append shapes");
+        _cache.Append(_stream, shape, a.Pointer, ElementType.F32, a.Cols, norm.Data.Pointer, norm.Epsilon, r.Cos.Pointer, r.Sin.Pointer, r.Positions,
+            requests, positions, a.Rows, table, maxBlocks, cache);
     }
 
     private static void CheckPositions(CudaRopeTable r, int start, int count)
@@ -862,24 +901,47 @@ public sealed class CudaBackend : IBackend
             return;
         }
 
-        if (qt.Rows == 0)
+        if (qt.Rows > 0)
         {
-            return;
+            var context = startPosition + qt.Rows;
+            Absorbed(qt, c.Shape, c.CachePointer, c.TablePointer, c.MaxBlocks, UploadInts([context]), 0, 1, context, w, dims, scale, o);
         }
+    }
 
-        int tokens = qt.Rows, heads = dims.Heads, context = startPosition + tokens;
-        var shape = c.Shape;
+    /// <inheritdoc />
+    /// <remarks>One fold, one decode launch (each row a request of one query: its slot's block-table row, length position + 1), one unfold.</remarks>
+    public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output)
+    {
+        using var scope = Enter();
+        ShapeCheck.AttentionRows(q, pool, kvB, dims, output);
+        ShapeCheck.StepRows(rows, q.Rows, table, null);
+        var (p, t, s) = ((CudaLatentPool)pool, (CudaBlockTable)table, (CudaStepRows)rows);
+        if (q.Rows > 0)
+        {
+            Absorbed(T(q), p.Shape, p.Cache.Pointer, t.Entries.Pointer, t.MaxBlocksPerRequest, s.LengthsPointer, s.SlotsPointer, q.Rows, rows.MaxPosition + 1,
+                (CudaLinearWeight)kvB, dims, scale, T(output));
+        }
+    }
+
+    /// <summary>
+    /// The absorbed form through the decode kernels: fold, attention of <paramref name="batch"/> requests of qt.Rows / batch
+    /// queries each (device lengths; block-table rows from <paramref name="requests"/>, or row r), unfold, BF16 rounding.
+    /// <paramref name="context"/>, the longest request, sizes the KV splits.
+    /// </summary>
+    private void Absorbed(CudaTensor qt, LatentShape shape, ulong cache, ulong table, int maxBlocks, ulong lengths, ulong requests, int batch, int context,
+        CudaLinearWeight w, MlaDims dims, float scale, CudaTensor o)
+    {
+        int tokens = qt.Rows, heads = dims.Heads, qTokens = tokens / batch;
         var kvB16 = Bf16Of(w);
         var qAbs = _qAbs.Get((long)tokens * heads * shape.RowWidth * 2);
         _decode.Fold(_stream, shape, qt.Pointer, ElementType.F32, kvB16, tokens, heads, dims.QkNope, dims.V, qAbs);
-        var lengths = UploadInts([context]);
-        var splits = _decode.DefaultSplits(shape, 1, heads, tokens, context);
-        var bytes = MlaDecodeKernel.WorkspaceBytes(shape, 1, heads, tokens, splits);
+        var splits = _decode.DefaultSplits(shape, batch, heads, qTokens, context);
+        var bytes = MlaDecodeKernel.WorkspaceBytes(shape, batch, heads, qTokens, splits);
         var workspace = bytes > 0 ? _workspace.Get(bytes) : 0;
         var latent = _outLatent.Get((long)tokens * heads * shape.Latent * 4);
         var lse = _lse.Get((long)tokens * heads * 4);
-        _decode.Decode(_stream, shape, qAbs, ElementType.BF16, c.CachePointer, c.TablePointer, lengths, 1, heads, tokens, c.MaxBlocks, scale,
-            latent, lse, splits, workspace);
+        _decode.Decode(_stream, shape, qAbs, ElementType.BF16, cache, table, lengths, batch, heads, qTokens, maxBlocks, scale, latent, lse, splits, workspace,
+            requests);
         _decode.Unfold(_stream, shape, latent, kvB16, tokens, heads, dims.QkNope, dims.V, o.Pointer, ElementType.F32);
         _glue.Round(_stream, o.Pointer, o.Length);
     }

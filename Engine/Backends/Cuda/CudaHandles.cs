@@ -195,6 +195,53 @@ internal sealed class CudaTokenChoices : TokenChoiceBuffer
     }
 }
 
+/// <summary>
+/// Step rows on the device: int32 [3, capacity], the slots, the positions and the lengths (position + 1: the keys a row's
+/// query sees) that the row kernels read. Uploads copy from pageable host memory, so the host may reuse its arrays at once.
+/// </summary>
+internal sealed class CudaStepRows : StepRows
+{
+    private readonly int[] _lengths;
+
+    public CudaStepRows(CudaDevice device, int capacity)
+        : base(capacity)
+    {
+        Data = DeviceBuffer<int>.Allocate(device, Math.Max(1, 3L * capacity));
+        _lengths = new int[capacity];
+    }
+
+    /// <summary>[3, capacity]: slots, positions, lengths.</summary>
+    public DeviceBuffer<int> Data { get; }
+
+    public ulong SlotsPointer => Data.Pointer;
+
+    public ulong PositionsPointer => Data.At(Capacity);
+
+    public ulong LengthsPointer => Data.At(2L * Capacity);
+
+    /// <summary>Keeps the rows on the host (checked) and queues their copy.</summary>
+    public void Upload(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, CudaStream stream)
+    {
+        Set(slots, positions);
+        var n = slots.Length;
+        if (n == 0)
+        {
+            return;
+        }
+
+        for (var t = 0; t < n; t++)
+        {
+            _lengths[t] = positions[t] + 1;
+        }
+
+        Data.Upload(slots, stream);
+        Data.Upload(positions, stream, Capacity);
+        Data.Upload(_lengths.AsSpan(0, n), stream, 2L * Capacity);
+    }
+
+    protected override void Dispose(bool disposing) => Data.Dispose();
+}
+
 internal sealed class CudaRopeTable(int positions, int pairs, DeviceBuffer<float> cos, DeviceBuffer<float> sin) : RopeTable(positions, pairs)
 {
     /// <summary>[positions, pairs] f32.</summary>

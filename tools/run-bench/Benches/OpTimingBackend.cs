@@ -190,6 +190,19 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
     public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition) =>
         Op(null, () => inner.AppendLatent(kv, latentNorm, rope, cache, startPosition));
 
+    public StepRows AllocateStepRows(int capacity) => Op(null, () => inner.AllocateStepRows(capacity));
+
+    public void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) => inner.UploadStepRows(slots, positions, rows);
+
+    public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset) =>
+        Op(null, () => inner.ApplyRopeRows(x, rope, rows, headStride, ropeOffset));
+
+    public void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows) =>
+        Op(null, () => inner.AppendLatentRows(kv, latentNorm, rope, pool, table, rows));
+
+    public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output) =>
+        Op(kvB, () => inner.MlaAttentionRows(q, pool, table, rows, kvB, dims, scale, output));
+
     public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output) =>
         Op(kvB, () => inner.MlaAttentionNaive(q, cache, kvB, dims, startPosition, scale, output));
 
