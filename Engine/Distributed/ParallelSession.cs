@@ -96,7 +96,7 @@ public sealed class ParallelSession : IModelSession
         var count = tokens.Length;
         LayerSteps.CheckStep(tokens, Length, _model.MaxSequenceLength, _model.VocabSize);
         var start = Length;
-        var normed = ModelPass.Run(_model.Layout, tokens, _activations, (r, i) => new[] { new Segment(_caches[r][i]!, start, 0, count) }, null);
+        var normed = ModelPass.Run(_model.Layout, tokens, _activations, (r, i) => new LayerRows(new[] { new Segment(_caches[r][i]!, start, 0, count) }), null);
         Length = start + count;
         return (_model.Devices[_model.Plan.HeadDevice].Backend, normed);
     }

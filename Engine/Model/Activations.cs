@@ -10,6 +10,22 @@ namespace DeepSeekCuda.Model;
 /// <param name="Rows">Rows (tokens) of the sequence in the stream.</param>
 internal readonly record struct Segment(LatentCache Cache, int Start, int FirstRow, int Rows);
 
+/// <summary>
+/// A paged step's rows over one layer's shared pool: every row's slot and position on the device (<see cref="StepRows"/>), so
+/// RoPE and the latent append run once over the whole stream; the first <paramref name="DecodeRows"/> rows, those of
+/// sequences fed at most <see cref="LayerSteps.AbsorbedRows"/> tokens, attend in one call (<see cref="IBackend.MlaAttentionRows"/>).
+/// </summary>
+/// <param name="Pool">The layer's shared latent pool.</param>
+/// <param name="Table">The block table that addresses it.</param>
+/// <param name="Rows">The stream's rows, uploaded for this pass.</param>
+/// <param name="DecodeRows">Leading rows that are decode queries.</param>
+internal readonly record struct PagedRows(LatentPool Pool, BlockTable Table, StepRows Rows, int DecodeRows);
+
+/// <summary>How a pass's rows reach a layer's caches: each sequence's <see cref="Segment"/>, and in a paged step the rows on the device.</summary>
+/// <param name="Segments">Each sequence's rows of the stream over its cache of the layer.</param>
+/// <param name="Paged">In a paged step, every row's address in the layer's pool.</param>
+internal readonly record struct LayerRows(ReadOnlyMemory<Segment> Segments, PagedRows? Paged = null);
+
 /// <summary>The intermediate tensors of a forward pass; two that are alive at once never share a name.</summary>
 internal enum Activation
 {

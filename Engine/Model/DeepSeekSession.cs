@@ -166,7 +166,7 @@ public sealed class DeepSeekSession : IModelSession
         LayerSteps.CheckIds(nextTokens, _model.VocabSize);
         using var h = _b.Upload(hiddens, n, c.HiddenSize);
         using var normed = _b.Allocate(n, c.HiddenSize);
-        LayerSteps.Mtp(_context, mtp, _model.Embed, h, nextTokens, new[] { new Segment(_mtpCache!, startPosition, 0, n) }, _activations, normed, observer);
+        LayerSteps.Mtp(_context, mtp, _model.Embed, h, nextTokens, new LayerRows(new[] { new Segment(_mtpCache!, startPosition, 0, n) }), _activations, normed, observer);
         MtpLength = startPosition + n;
         using var logits = _b.Allocate(n, _model.VocabSize);
         _b.Logits(normed, _model.Head, logits);
@@ -181,7 +181,7 @@ public sealed class DeepSeekSession : IModelSession
         var count = tokens.Length;
         LayerSteps.CheckStep(tokens, Length, _model.MaxSequenceLength, _model.VocabSize);
         var start = Length;
-        var normed = ModelPass.Run(_layout, tokens, [_activations], (_, i) => new[] { new Segment(_caches[i], start, 0, count) }, observer);
+        var normed = ModelPass.Run(_layout, tokens, [_activations], (_, i) => new LayerRows(new[] { new Segment(_caches[i], start, 0, count) }), observer);
         _b.CopyRows(normed, count - 1, _lastHidden, 0, 1);
         Length = start + count;
         return normed;

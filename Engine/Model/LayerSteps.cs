@@ -17,11 +17,11 @@ internal sealed record LayerContext(IBackend Backend, ModelConfig Config, RopeTa
 /// <param name="Layer">The layer's weights on the device (the whole layer, or its shard).</param>
 /// <param name="H">The residual stream [T, D] on the device.</param>
 /// <param name="A">input_layernorm(h) [T, D].</param>
-/// <param name="Segments">Each sequence's rows of the stream over the device's cache of the layer.</param>
+/// <param name="Rows">How the stream's rows reach the device's cache of the layer.</param>
 /// <param name="Ws">Where the device's intermediates come from.</param>
 /// <param name="NextNorm">The norm after the layer (the next layer's input norm, or the final norm).</param>
 /// <param name="NextNormed">Receives nextNorm(h) [T, D].</param>
-internal readonly record struct LayerPart(LayerContext X, DecoderLayer Layer, Tensor H, Tensor A, ReadOnlyMemory<Segment> Segments, Activations Ws,
+internal readonly record struct LayerPart(LayerContext X, DecoderLayer Layer, Tensor H, Tensor A, LayerRows Rows, Activations Ws,
     NormWeight NextNorm, Tensor NextNormed);
 
 /// <summary>
@@ -32,6 +32,9 @@ internal readonly record struct LayerPart(LayerContext X, DecoderLayer Layer, Te
 /// </summary>
 internal static class LayerSteps
 {
+    /// <summary>Most rows of one sequence that <see cref="AttentionForm.Auto"/> attends in the absorbed form (a decode token and its MTP draft).</summary>
+    public const int AbsorbedRows = 2;
+
     /// <summary>
     /// Refuses a forward step before anything runs: no tokens, more than <paramref name="maxSequenceLength"/> positions
     /// after the <paramref name="length"/> already cached, or an id outside the vocabulary.
@@ -65,15 +68,15 @@ internal static class LayerSteps
 
     /// <summary>
     /// One decoder layer over a token stream on one device: h += MLA(a); h += FFN(post_norm(h)); then nextNormed = nextNorm(h).
-    /// <paramref name="a"/> is input_layernorm(h), computed by the previous fused residual step; each segment's rows
+    /// <paramref name="a"/> is input_layernorm(h), computed by the previous fused residual step; each sequence's rows
     /// attend over its own cache.
     /// </summary>
-    public static void Layer(LayerContext x, DecoderLayer layer, Tensor h, Tensor a, ReadOnlyMemory<Segment> segments, Activations ws,
+    public static void Layer(LayerContext x, DecoderLayer layer, Tensor h, Tensor a, LayerRows rows, Activations ws,
         NormWeight nextNorm, Tensor nextNormed, Action<Intermediate>? observer, string prefix) =>
-        Layer([new LayerPart(x, layer, h, a, segments, ws, nextNorm, nextNormed)], null, observer, prefix);
+        Layer([new LayerPart(x, layer, h, a, rows, ws, nextNorm, nextNormed)], null, observer, prefix);
 
     /// <summary>
-    /// One decoder layer on every device that runs it (<see cref="Layer(LayerContext, DecoderLayer, Tensor, Tensor, ReadOnlyMemory{Segment}, Activations, NormWeight, Tensor, Action{Intermediate}?, string)"/>
+    /// One decoder layer on every device that runs it (<see cref="Layer(LayerContext, DecoderLayer, Tensor, Tensor, LayerRows, Activations, NormWeight, Tensor, Action{Intermediate}?, string)"/>
     /// on each part): where several devices each hold a shard of the layer, their attention outputs and then their FFN
     /// outputs are partial sums that <paramref name="allReduceSum"/> completes before each device's residual add, so every
     /// device carries the same residual stream. <paramref name="observer"/> sees the first part's (completed) tensors.
@@ -96,7 +99,7 @@ internal static class LayerSteps
             for (var k = 0; k < n; k++)
             {
                 var p = parts[k];
-                attnOut[k] = Attention(p.X, p.Layer, p.A, p.Segments.Span, p.Ws);
+                attnOut[k] = Attention(p.X, p.Layer, p.A, p.Rows, p.Ws);
             }
 
             Reduce(allReduceSum, attnOut);
@@ -139,10 +142,11 @@ internal static class LayerSteps
     }
 
     /// <summary>
-    /// MLA of <paramref name="a"/> = input_layernorm(h): the projections over every row at once, then per segment
-    /// RoPE at its positions, the append to its cache and attention over it; returns o_proj's output [T, D].
+    /// MLA of <paramref name="a"/> = input_layernorm(h): the projections over every row at once, RoPE at each row's position,
+    /// the append to each sequence's cache and attention over it; returns o_proj's output [T, D]. In a paged step RoPE and the
+    /// append run once over the stream and the leading decode rows attend in one call; other sequences attend one by one.
     /// </summary>
-    public static Tensor Attention(LayerContext x, DecoderLayer layer, Tensor a, ReadOnlySpan<Segment> segments, Activations ws)
+    public static Tensor Attention(LayerContext x, DecoderLayer layer, Tensor a, LayerRows rows, Activations ws)
     {
         var b = x.Backend;
         var dims = x.Dims;
@@ -160,22 +164,43 @@ internal static class LayerSteps
             b.Linear(a, layer.QB, q);
         }
 
-        foreach (var s in segments)
+        if (rows.Paged is { } paged)
         {
-            using var qs = b.View(q, s.FirstRow, s.Rows);
-            b.ApplyRope(qs, x.Rope, s.Start, dims.QkHead, dims.QkNope);
+            b.ApplyRopeRows(q, x.Rope, paged.Rows, dims.QkHead, dims.QkNope);
+        }
+        else
+        {
+            foreach (var s in rows.Segments.Span)
+            {
+                using var qs = b.View(q, s.FirstRow, s.Rows);
+                b.ApplyRope(qs, x.Rope, s.Start, dims.QkHead, dims.QkNope);
+            }
         }
 
-        AppendLatents(x, layer, a, segments, ws);
+        AppendLatents(x, layer, a, rows, ws);
 
         using var attn = ws.Take(Activation.AttentionOutput, t, dims.Heads * dims.V); // [T, H·v]
-        foreach (var s in segments)
+        var batched = 0;
+        if (rows.Paged is { DecodeRows: > 0 } p && x.Attention != AttentionForm.Naive)
         {
+            batched = p.DecodeRows;
+            using var qs = b.View(q, 0, batched);
+            using var os = b.View(attn, 0, batched);
+            b.MlaAttentionRows(qs, p.Pool, p.Table, p.Rows, layer.KvB, dims, x.Scale, os);
+        }
+
+        foreach (var s in rows.Segments.Span)
+        {
+            if (s.FirstRow < batched)
+            {
+                continue;
+            }
+
             using var qs = b.View(q, s.FirstRow, s.Rows);
             using var os = b.View(attn, s.FirstRow, s.Rows);
             var form = x.Attention switch
             {
-                AttentionForm.Auto => s.Rows > 1 ? AttentionForm.Naive : AttentionForm.Absorbed,
+                AttentionForm.Auto => s.Rows > AbsorbedRows ? AttentionForm.Naive : AttentionForm.Absorbed,
                 var chosen => chosen,
             };
             if (form == AttentionForm.Naive)
@@ -193,13 +218,19 @@ internal static class LayerSteps
         return attnOut;
     }
 
-    /// <summary>kv_a of every row of <paramref name="a"/>, each segment's rows appended to its cache (normalized latent, rotated key).</summary>
-    public static void AppendLatents(LayerContext x, DecoderLayer layer, Tensor a, ReadOnlySpan<Segment> segments, Activations ws)
+    /// <summary>kv_a of every row of <paramref name="a"/>, each row appended to its sequence's cache (normalized latent, rotated key).</summary>
+    public static void AppendLatents(LayerContext x, DecoderLayer layer, Tensor a, LayerRows rows, Activations ws)
     {
         var b = x.Backend;
         using var kv = ws.Take(Activation.KeyValue, a.Rows, x.Config.KvCacheDim); // [T, kv_lora_rank + rope]
         b.Linear(a, layer.KvA, kv);
-        foreach (var s in segments)
+        if (rows.Paged is { } paged)
+        {
+            b.AppendLatentRows(kv, layer.KvANorm, x.Rope, paged.Pool, paged.Table, paged.Rows);
+            return;
+        }
+
+        foreach (var s in rows.Segments.Span)
         {
             using var kvs = b.View(kv, s.FirstRow, s.Rows);
             b.AppendLatent(kvs, layer.KvANorm, x.Rope, s.Cache, s.Start);
@@ -246,16 +277,16 @@ internal static class LayerSteps
     /// <summary>
     /// The MTP module (MODEL.md §6) over a token stream: for each row the main model's hidden after the final norm
     /// (<paramref name="hiddens"/> [T, D]) and the token that follows it; writes the head-normed output [T, D] to
-    /// <paramref name="normed"/>, each segment's rows running at its positions over its MTP cache.
+    /// <paramref name="normed"/>, each sequence's rows running at their positions over its MTP cache.
     /// </summary>
     public static void Mtp(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
-        ReadOnlyMemory<Segment> segments, Activations ws, Tensor normed, Action<Intermediate>? observer)
+        LayerRows rows, Activations ws, Tensor normed, Action<Intermediate>? observer)
     {
         var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, ws);
         using (z)
         using (a)
         {
-            Layer(x, mtp.Layer, z, a, segments, ws, mtp.HeadNorm, normed, observer, "mtp.");
+            Layer(x, mtp.Layer, z, a, rows, ws, mtp.HeadNorm, normed, observer, "mtp.");
         }
     }
 
@@ -264,13 +295,13 @@ internal static class LayerSteps
     /// whose own draft is never asked for (the layer's attention, MoE and head are skipped).
     /// </summary>
     public static void MtpAppend(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
-        ReadOnlySpan<Segment> segments, Activations ws)
+        LayerRows rows, Activations ws)
     {
         var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, ws);
         using (z)
         using (a)
         {
-            AppendLatents(x, mtp.Layer, a, segments, ws);
+            AppendLatents(x, mtp.Layer, a, rows, ws);
         }
     }
 

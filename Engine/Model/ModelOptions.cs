@@ -3,7 +3,7 @@ namespace DeepSeekCuda.Model;
 /// <summary>Which MLA formulation a forward uses (both give the same result in exact arithmetic).</summary>
 public enum AttentionForm
 {
-    /// <summary>Naive for multi-token calls (prefill), absorbed for single-token decode steps.</summary>
+    /// <summary>Naive for a sequence fed more than two tokens at once (prefill), absorbed for decode steps (one token, or one with its MTP draft).</summary>
     Auto,
 
     /// <summary>Decompress per-head K/V through kv_b (compute-bound; good for long prefill).</summary>

@@ -2,8 +2,8 @@ using DeepSeekCuda.Backends;
 
 namespace DeepSeekCuda.Model;
 
-/// <summary>The rows of the stream that attend over each cache of layer <paramref name="layer"/> on device <paramref name="device"/>.</summary>
-internal delegate ReadOnlyMemory<Segment> SegmentsOf(int device, int layer);
+/// <summary>How the stream's rows reach the caches of layer <paramref name="layer"/> on device <paramref name="device"/>.</summary>
+internal delegate LayerRows LayerRowsOf(int device, int layer);
 
 /// <summary>
 /// One forward pass of a model's main layers over a token stream, on the devices of its <see cref="DeviceLayout"/>: the
@@ -20,7 +20,7 @@ internal static class ModelPass
     /// disposes it). <paramref name="ws"/>[r] gives device r's intermediates; <paramref name="observer"/>, when given, hears
     /// embed, each layer's attn_out, ffn_out and out (see <see cref="LayerSteps"/>), and final_norm.
     /// </summary>
-    public static Tensor Run(DeviceLayout layout, ReadOnlySpan<int> tokens, IReadOnlyList<Activations> ws, SegmentsOf segments, Action<Intermediate>? observer)
+    public static Tensor Run(DeviceLayout layout, ReadOnlySpan<int> tokens, IReadOnlyList<Activations> ws, LayerRowsOf rows, Action<Intermediate>? observer)
     {
         var c = layout.Config;
         var devices = layout.Devices;
@@ -56,7 +56,7 @@ internal static class ModelPass
                     var r = run[k];
                     var w = devices[r];
                     var next = ws[r].Take(i % 2 == 0 ? Activation.NormedOdd : Activation.NormedEven, t, d);
-                    parts[k] = new LayerPart(w.Context, w.Layers[i]!, h[r]!, normed[r]!, segments(r, i), ws[r], w.NormAfter(i), next);
+                    parts[k] = new LayerPart(w.Context, w.Layers[i]!, h[r]!, normed[r]!, rows(r, i), ws[r], w.NormAfter(i), next);
                 }
 
                 try

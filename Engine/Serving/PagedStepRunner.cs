@@ -7,10 +7,12 @@ namespace DeepSeekCuda.Serving;
 /// <summary>
 /// The batched, paged <see cref="IStepRunner"/> of a DeepSeek model: a <see cref="DeepSeekModel"/> on one backend, or a
 /// multi-device model (<see cref="StepRunners.For"/>) whose layers run on pipeline stages or, sharded, on every device with
-/// all-reduces between the halves of each layer. A step flattens its entries into one token stream: embedding, every
-/// projection, norm, MoE and the head run once over all rows; RoPE, the cache append and attention run per entry over its
-/// rows of one shared latent pool per layer (on every device that runs the layer), addressed through the scheduler's
-/// <see cref="KvBlockManager"/> table (copied to each device before a step when it changed). Intermediates are views of
+/// all-reduces between the halves of each layer. A step flattens its entries into one token stream, decode entries (at most
+/// <see cref="LayerSteps.AbsorbedRows"/> tokens) first: embedding, every projection, norm, MoE and the head run once over all
+/// rows; so do RoPE and the append to one shared latent pool per layer (on every device that runs the layer), each row at
+/// the slot and position the step copies to the device (<see cref="IBackend.UploadStepRows"/>), addressed through the
+/// scheduler's <see cref="KvBlockManager"/> table (copied to each device before a step when it changed). The decode rows
+/// attend in one call per layer (<see cref="IBackend.MlaAttentionRows"/>), each prefill chunk in one of its own. Intermediates are views of
 /// buffers planned from the model's config (per device: its layers, its shard) and allocated at <see cref="Attach"/> for
 /// the most tokens a step feeds: a step allocates nothing on a backend. Logits are computed only for the rows asked for.
 /// </summary>
@@ -31,21 +33,26 @@ public sealed class PagedStepRunner : IStepRunner
     private readonly DeviceLayout _layout;
     private readonly Device[] _devices;
     private readonly Device _head;          // lm_head and the MTP module
-    private readonly SegmentsOf _segmentsOf;
+    private readonly LayerRowsOf _rowsOf;
     private readonly List<IDisposable> _owned = [];
     private KvBlockManager? _blocks;
     private LatentCache[] _mtpCaches = [];  // [slot]
+    private LatentPool _mtpPool = null!;
+    private StepRows _mtpRows = null!;      // the head device's rows of an MTP pass
     private ActivationArena _mtpArena = null!;
     private ActivationArena _headArena = null!;
     private TokenChoiceBuffer? _choices;    // the head device's: settings in, ids out
     private Tensor? _pending;               // [slots · 2, D]
     private SlotState?[] _slots = [];
     private int[] _stream = [];
+    private int[] _rowSlots = [];           // [row] the slot and position of each row of the pass being set up
+    private int[] _rowPositions = [];
     private int[] _mtpTokens = [];
     private Segment[] _mtpSegments = [];
     private Activations[] _arenas = [];     // [device]: the main stream's step buffers
     private (int Slot, int Position, int FirstRow, int Rows)[] _entries = []; // the running step's entries
     private int _batch;                     // how many
+    private int _decodeRows;                // the running step's leading rows of decode entries
     private int _maxTokens;
     private int _stamp;                     // batch checks so far (duplicate slots)
     private long _tableVersion = -1;        // the block manager's Version last uploaded
@@ -61,7 +68,7 @@ public sealed class PagedStepRunner : IStepRunner
         _layout = layout;
         _devices = [.. layout.Devices.Select(w => new Device(w))];
         _head = _devices[layout.HeadDevice];
-        _segmentsOf = Segments;
+        _rowsOf = RowsOf;
     }
 
     /// <inheritdoc />
@@ -104,11 +111,15 @@ public sealed class PagedStepRunner : IStepRunner
                 var b = d.W.Backend;
                 d.Table = Own(b.AllocateBlockTable(slots, blocks.MaxBlocksPerRequest));
                 d.Caches = new LatentCache[]?[c.NumHiddenLayers];
+                d.Pools = new LatentPool?[c.NumHiddenLayers];
                 var held = Enumerable.Range(0, c.NumHiddenLayers).Where(i => d.W.Layers[i] is not null).ToArray();
                 foreach (var i in held)
                 {
-                    d.Caches[i] = Views(d, Own(b.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim)), slots);
+                    d.Pools[i] = Own(b.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim));
+                    d.Caches[i] = Views(d, d.Pools[i]!, slots);
                 }
+
+                d.Rows = Own(b.AllocateStepRows(maxTokensPerStep));
 
                 d.Arena = Own(new ActivationArena(b, maxTokensPerStep, ArenaPlan.Main(c, held, d.W.Shard)));
                 d.Segments = new Segment[slots];
@@ -117,7 +128,9 @@ public sealed class PagedStepRunner : IStepRunner
             var hb = _head.W.Backend;
             if (drafts)
             {
-                _mtpCaches = Views(_head, Own(hb.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim)), slots);
+                _mtpPool = Own(hb.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim));
+                _mtpCaches = Views(_head, _mtpPool, slots);
+                _mtpRows = Own(hb.AllocateStepRows(maxTokensPerStep + slots * PendingRows));
                 _pending = Own(hb.Allocate(slots * PendingRows, c.HiddenSize));
             }
 
@@ -134,6 +147,8 @@ public sealed class PagedStepRunner : IStepRunner
         _slots = new SlotState?[slots];
         _stream = new int[maxTokensPerStep];
         _mtpTokens = new int[maxTokensPerStep + slots * PendingRows];
+        _rowSlots = new int[_mtpTokens.Length];
+        _rowPositions = new int[_mtpTokens.Length];
         _mtpSegments = new Segment[slots];
         _arenas = [.. _devices.Select(d => d.Arena)];
         _entries = new (int, int, int, int)[slots];
@@ -250,22 +265,39 @@ public sealed class PagedStepRunner : IStepRunner
             return;
         }
 
-        // The token stream, and each entry's rows of it (the segments every layer's attention reads).
+        // The token stream, decode entries first (their rows attend in one call), and each entry's rows of it.
         var stream = _stream.AsSpan(0, tokens);
         var row = 0;
-        for (var i = 0; i < batch.Length; i++)
+        foreach (var decode in (ReadOnlySpan<bool>)[true, false])
         {
-            var e = batch[i];
-            e.Tokens.Span.CopyTo(stream[row..]);
-            _entries[i] = (e.Slot, e.Position, row, e.Tokens.Length);
-            row += e.Tokens.Length;
+            for (var i = 0; i < batch.Length; i++)
+            {
+                var e = batch[i];
+                var n = e.Tokens.Length;
+                if ((n <= LayerSteps.AbsorbedRows) == decode)
+                {
+                    e.Tokens.Span.CopyTo(stream[row..]);
+                    _entries[i] = (e.Slot, e.Position, row, n);
+                    SetRows(row, e.Slot, e.Position, n);
+                    row += n;
+                }
+            }
+
+            if (decode)
+            {
+                _decodeRows = row;
+            }
         }
 
         _batch = batch.Length;
         UploadTable(blocks);
+        foreach (var d in _devices)
+        {
+            d.W.Backend.UploadStepRows(_rowSlots.AsSpan(0, tokens), _rowPositions.AsSpan(0, tokens), d.Rows);
+        }
 
         // Every row's hidden after the final norm, on the head device.
-        using (var normed = ModelPass.Run(_layout, stream, _arenas, _segmentsOf, null))
+        using (var normed = ModelPass.Run(_layout, stream, _arenas, _rowsOf, null))
         {
             if (CanDraft)
             {
@@ -276,12 +308,12 @@ public sealed class PagedStepRunner : IStepRunner
             {
                 using var headIn = _headArena.Take(Activation.HeadInput, logitRows, _layout.Config.HiddenSize);
                 var r = 0;
-                row = 0;
-                foreach (var e in batch)
+                for (var i = 0; i < batch.Length; i++)
                 {
-                    _head.W.Backend.CopyRows(normed, row + e.Tokens.Length - e.LogitRows, headIn, r, e.LogitRows);
-                    r += e.LogitRows;
-                    row += e.Tokens.Length;
+                    var (_, _, firstRow, n) = _entries[i];
+                    var wanted = batch[i].LogitRows;
+                    _head.W.Backend.CopyRows(normed, firstRow + n - wanted, headIn, r, wanted);
+                    r += wanted;
                 }
 
                 Head(headIn, choose, choices, chosen, logits);
@@ -291,6 +323,16 @@ public sealed class PagedStepRunner : IStepRunner
         foreach (var e in batch)
         {
             _slots[e.Slot]!.Length += e.Tokens.Length;
+        }
+    }
+
+    /// <summary>Rows <paramref name="first"/>.. of the pass being set up: <paramref name="count"/> positions of <paramref name="slot"/> from <paramref name="position"/>.</summary>
+    private void SetRows(int first, int slot, int position, int count)
+    {
+        _rowSlots.AsSpan(first, count).Fill(slot);
+        for (var r = 0; r < count; r++)
+        {
+            _rowPositions[first + r] = position + r;
         }
     }
 
@@ -364,11 +406,13 @@ public sealed class PagedStepRunner : IStepRunner
             }
 
             _mtpSegments[i] = new Segment(_mtpCaches[slot], state.MtpLength, row, c);
+            SetRows(row, slot, state.MtpLength, c);
             row += c;
         }
 
+        // Every entry has at most two rows: all of them attend in one call.
         using var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
-        LayerSteps.Mtp(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _mtpSegments.AsMemory(0, batch.Length), _mtpArena, output, null);
+        LayerSteps.Mtp(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(batch.Length, rows, rows), _mtpArena, output, null);
         using var headIn = _headArena.Take(Activation.HeadInput, batch.Length, d);
         for (var i = 0; i < batch.Length; i++)
         {
@@ -449,8 +493,8 @@ public sealed class PagedStepRunner : IStepRunner
         return ((int)tokens, (int)logitRows);
     }
 
-    /// <summary>The step's entries in batch order over their slots' caches of layer <paramref name="layer"/> on device <paramref name="device"/>.</summary>
-    private ReadOnlyMemory<Segment> Segments(int device, int layer)
+    /// <summary>The step's rows over the caches of layer <paramref name="layer"/> on device <paramref name="device"/>: each entry's segment (batch order), and every row's address in the layer's pool.</summary>
+    private LayerRows RowsOf(int device, int layer)
     {
         var d = _devices[device];
         var caches = d.Caches[layer]!;
@@ -460,7 +504,17 @@ public sealed class PagedStepRunner : IStepRunner
             d.Segments[i] = new Segment(caches[slot], position, firstRow, rows);
         }
 
-        return d.Segments.AsMemory(0, _batch);
+        return new LayerRows(d.Segments.AsMemory(0, _batch), new PagedRows(d.Pools[layer]!, d.Table, d.Rows, _decodeRows));
+    }
+
+    /// <summary>
+    /// An MTP pass's rows: <paramref name="segments"/> entries of <see cref="_mtpSegments"/>, <paramref name="rows"/> rows of
+    /// <see cref="_rowSlots"/>/<see cref="_rowPositions"/> (uploaded here), the first <paramref name="decodeRows"/> of them decode rows.
+    /// </summary>
+    private LayerRows MtpRows(int segments, int rows, int decodeRows)
+    {
+        _head.W.Backend.UploadStepRows(_rowSlots.AsSpan(0, rows), _rowPositions.AsSpan(0, rows), _mtpRows);
+        return new LayerRows(_mtpSegments.AsMemory(0, segments), new PagedRows(_mtpPool, _head.Table, _mtpRows, decodeRows));
     }
 
     /// <summary>
@@ -482,10 +536,11 @@ public sealed class PagedStepRunner : IStepRunner
         var b = _head.W.Backend;
         using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
         var row = 0;
-        var streamRow = 0;
         var segments = 0;
-        foreach (var e in batch)
+        for (var i = 0; i < batch.Length; i++)
         {
+            var e = batch[i];
+            var streamRow = _entries[i].FirstRow;
             var state = _slots[e.Slot]!;
             var n = e.Tokens.Length;
             if (state.Drafts)
@@ -506,6 +561,7 @@ public sealed class PagedStepRunner : IStepRunner
                     }
 
                     _mtpSegments[segments++] = new Segment(_mtpCaches[e.Slot], state.MtpLength, row, count);
+                    SetRows(row, e.Slot, state.MtpLength, count);
                     row += count;
                     state.MtpLength += count;
                 }
@@ -514,14 +570,12 @@ public sealed class PagedStepRunner : IStepRunner
                 tokens[(n - keep)..].CopyTo(state.PendingTokens);
                 state.PendingCount = keep;
             }
-
-            streamRow += n;
         }
 
         if (rows > 0)
         {
             // These positions' drafts are never asked for: only their rows of the MTP layer's cache are needed.
-            LayerSteps.MtpAppend(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _mtpSegments.AsSpan(0, segments), _mtpArena);
+            LayerSteps.MtpAppend(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, rows, 0), _mtpArena);
         }
     }
 
@@ -613,7 +667,7 @@ public sealed class PagedStepRunner : IStepRunner
         public int Stamp { get; set; }
     }
 
-    /// <summary>What the runner keeps on one device: its block table, its views of the pools of the layers it runs, its step buffers.</summary>
+    /// <summary>What the runner keeps on one device: its block table, the pools of the layers it runs and its views of them, its step rows and buffers.</summary>
     private sealed class Device(DeviceWeights weights)
     {
         public DeviceWeights W { get; } = weights;
@@ -621,6 +675,12 @@ public sealed class PagedStepRunner : IStepRunner
 
         /// <summary>[layer][slot]; null for a layer the device does not run.</summary>
         public LatentCache[]?[] Caches { get; set; } = [];
+
+        /// <summary>[layer] the shared pools behind <see cref="Caches"/>.</summary>
+        public LatentPool?[] Pools { get; set; } = [];
+
+        /// <summary>The main stream's rows of the running step.</summary>
+        public StepRows Rows { get; set; } = null!;
 
         public ActivationArena Arena { get; set; } = null!;
         public Segment[] Segments { get; set; } = [];

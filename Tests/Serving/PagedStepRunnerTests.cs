@@ -53,6 +53,7 @@ public sealed class PagedStepRunnerTests
     [TestMethod]
     [DataRow(AttentionForm.Auto)]
     [DataRow(AttentionForm.Absorbed)]
+    [DataRow(AttentionForm.Naive)]
     public void TinyAReferenceThroughBatchedPagedSteps(AttentionForm form)
     {
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
@@ -340,6 +341,65 @@ public sealed class PagedStepRunnerTests
 
         public void Advance(int tokenId)
         {
+        }
+    }
+
+    /// <summary>
+    /// A step whose prefill chunk is listed first and whose decode entries (a token; a token and its draft) come after: RoPE and
+    /// the latent append run once per layer over every row, the decode rows attend in one call per layer and the chunk in one
+    /// of its own, nothing per entry; the logits come back in batch order and equal each sequence's session fed the same.
+    /// </summary>
+    [TestMethod]
+    public void DecodeRowsAttendInOneCallPerLayerAndLogitsKeepBatchOrder()
+    {
+        var counting = new RecordingBackend(new CpuBackend());
+        using var model = DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+        var v = model.VocabSize;
+        var layers = model.Config.NumHiddenLayers;
+        var blocks = new KvBlockManager(16, 4, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        runner.Attach(blocks, 96);
+        var prompts = new[] { 9, 70, 6, 11 }.Select((n, i) => SyntheticPrompts.Make(v, n, 500 + i)).ToArray();
+        int[] history = [0, 68, 5, 9]; // fed before the step under test; the step feeds the rest (11, 2, 1, 2 tokens)
+        var slots = new int[prompts.Length];
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            slots[i] = blocks.Admit(prompts[i].Length);
+            runner.Open(slots[i], drafts: false);
+        }
+
+        var warm = Enumerable.Range(1, 3).Select(i => new StepSequence(slots[i], 0, prompts[i][..history[i]], 0)).ToArray();
+        runner.Forward(warm, []);
+
+        // Batch order: the prefill chunk (slot 0, 9 tokens), then a verify pair, a single token, another pair; logits for
+        // the chunk's last row and every decode row.
+        StepSequence[] batch = [.. Enumerable.Range(0, prompts.Length).Select(i =>
+            new StepSequence(slots[i], history[i], prompts[i][history[i]..], i == 0 ? 1 : prompts[i].Length - history[i]))];
+        var calls = new Dictionary<string, int>(counting.AttentionCalls);
+        var logits = new float[batch.Sum(e => e.LogitRows) * v];
+        runner.Forward(batch, logits);
+        var step = counting.AttentionCalls.ToDictionary(c => c.Key, c => c.Value - calls.GetValueOrDefault(c.Key));
+        var expected = new Dictionary<string, int>
+        {
+            ["ApplyRopeRows"] = layers, ["AppendLatentRows"] = layers, ["MlaAttentionRows"] = layers, ["MlaAttentionNaive"] = layers,
+        };
+        CollectionAssert.AreEquivalent(expected.ToList(), step.Where(c => c.Value != 0).ToList(),
+            $"calls in the step: {string.Join(", ", step.Where(c => c.Value != 0).Select(c => $"{c.Key} {c.Value}"))}");
+
+        var row = 0;
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            using var session = model.CreateSession();
+            var wanted = batch[i].LogitRows;
+            if (history[i] > 0)
+            {
+                session.Forward(prompts[i][..history[i]], new float[v]);
+            }
+
+            var reference = session.Forward(prompts[i][history[i]..], wanted, default);
+            var c = Tolerance.AssertMaxRel(logits.AsSpan(row * v, wanted * v), reference, 1e-5, $"entry {i} (slot {slots[i]}, {wanted} logit rows)");
+            TestContext.WriteLine(Tolerance.Describe($"entry {i}", c));
+            row += wanted;
         }
     }
 
