@@ -27,6 +27,20 @@ public sealed class PagedCacheTests
         return a;
     }
 
+    /// <summary>
+    /// A layer's attention weights for <paramref name="positions"/> positions: a rotary table of distinct angles, a kv_a norm
+    /// near 1, and kv_b flagged FP8 (GpuEmulation then quantizes the latents fed to it as the GPU's FP8 GEMM does).
+    /// </summary>
+    private static (RopeTable Rope, CpuNormWeight KvNorm, CpuLinearWeight KvB) AttentionWeights(CpuBackend b, Random r, int positions)
+    {
+        var pairs = Dims.QkRope / 2;
+        var angles = Enumerable.Range(0, positions * pairs).Select(i => (i / pairs + 1) * 0.7 / (1 + i % pairs)).ToArray();
+        var rope = b.UploadRope([.. angles.Select(a => (float)Math.Cos(a))], [.. angles.Select(a => (float)Math.Sin(a))], positions, pairs);
+        var kvNorm = new CpuNormWeight(Dims.KvLora, 1e-6f, [.. Normal(r, Dims.KvLora, 0.1f).Select(v => 1 + v)]);
+        var kvB = new CpuLinearWeight(Dims.Heads * Dims.KvBHead, Dims.KvLora, true, Normal(r, Dims.Heads * Dims.KvBHead * Dims.KvLora, 0.1f));
+        return (rope, kvNorm, kvB);
+    }
+
     private static void Bitwise(float[] got, float[] want, string what)
     {
         Assert.HasCount(want.Length, got, what);
@@ -154,12 +168,8 @@ public sealed class PagedCacheTests
         var maxLength = lengths.Max();
         var maxBlocks = PagedLatentCache.BlocksFor(maxLength) + 1;
         var poolBlocks = lengths.Sum(PagedLatentCache.BlocksFor) + 2;
-        var pairs = rope / 2;
-        var angles = Enumerable.Range(0, maxLength * pairs).Select(i => (i / pairs + 1) * 0.7 / (1 + i % pairs)).ToArray();
-        using var ropeTable = b.UploadRope([.. angles.Select(a => (float)Math.Cos(a))], [.. angles.Select(a => (float)Math.Sin(a))], maxLength, pairs);
-        var kvNorm = new CpuNormWeight(lora, 1e-6f, [.. Normal(r, lora, 0.1f).Select(v => 1 + v)]);
-        // FP8-flagged: GpuEmulation quantizes the latents fed to kv_b as the GPU's FP8 GEMM does.
-        var kvB = new CpuLinearWeight(Dims.Heads * Dims.KvBHead, lora, true, Normal(r, Dims.Heads * Dims.KvBHead * lora, 0.1f));
+        var (ropeTable, kvNorm, kvB) = AttentionWeights(b, r, maxLength);
+        using var _ = ropeTable;
         var scale = 1f / MathF.Sqrt(Dims.QkHead);
 
         using var pool = b.AllocateLatentPool(poolBlocks, lora, rope);
@@ -277,11 +287,8 @@ public sealed class PagedCacheTests
         }
 
         const int Capacity = 128;
-        var pairs = rope / 2;
-        var angles = Enumerable.Range(0, Capacity * pairs).Select(i => (i / pairs + 1) * 0.3 / (1 + i % pairs)).ToArray();
-        using var ropeTable = b.UploadRope([.. angles.Select(a => (float)Math.Cos(a))], [.. angles.Select(a => (float)Math.Sin(a))], Capacity, pairs);
-        var kvNorm = new CpuNormWeight(lora, 1e-6f, [.. Normal(r, lora, 0.1f).Select(v => 1 + v)]);
-        var kvB = new CpuLinearWeight(Dims.Heads * Dims.KvBHead, lora, true, Normal(r, Dims.Heads * Dims.KvBHead * lora, 0.1f));
+        var (ropeTable, kvNorm, kvB) = AttentionWeights(b, r, Capacity);
+        using var _ = ropeTable;
         var scale = 1f / MathF.Sqrt(Dims.QkHead);
 
         // Slot s's blocks: a permuted share of the pool; its history appended both there and into a cache of its own.
