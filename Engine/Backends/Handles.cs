@@ -195,6 +195,9 @@ public abstract class BlockTable(int requests, int maxBlocksPerRequest) : Backen
 
     /// <summary>Columns: blocks of the longest request.</summary>
     public int MaxBlocksPerRequest { get; } = maxBlocksPerRequest;
+
+    /// <summary>Positions one row addresses: <see cref="MaxBlocksPerRequest"/> blocks of 64 (a request's cache capacity).</summary>
+    public int Positions => MaxBlocksPerRequest * Kernels.PagedLatentCache.BlockSize;
 }
 
 /// <summary>

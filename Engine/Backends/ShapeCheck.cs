@@ -1,5 +1,3 @@
-using DeepSeekCuda.Kernels;
-
 namespace DeepSeekCuda.Backends;
 
 /// <summary>The argument checks every backend applies before an operation, so that all of them refuse the same inputs with the same messages.</summary>
@@ -56,10 +54,9 @@ internal static class ShapeCheck
                 throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxSlot, $"slot {rows.MaxSlot} is not a row of the block table (0..{table.Requests - 1})");
             }
 
-            var capacity = (long)table.MaxBlocksPerRequest * PagedLatentCache.BlockSize;
-            if (rows.MaxPosition >= capacity)
+            if (rows.MaxPosition >= table.Positions)
             {
-                throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxPosition, $"position {rows.MaxPosition} exceeds the cache capacity {capacity}");
+                throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxPosition, $"position {rows.MaxPosition} exceeds the cache capacity {table.Positions}");
             }
         }
 

@@ -45,6 +45,13 @@ public sealed class PagedStepRunnerTests
         TempFolder.DeleteBestEffort(s_root);
     }
 
+    /// <summary>The synthetic model on a backend that counts its calls (<see cref="RecordingBackend"/> over a CPU backend of its own).</summary>
+    private static DeepSeekModel CountingModel(out RecordingBackend counting)
+    {
+        counting = new RecordingBackend(new CpuBackend());
+        return DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+    }
+
     /// <summary>
     /// tiny-a's three reference prompts in one batch, two tokens per entry per step with both logit rows: every
     /// position's logits against the official reference (tolerance (i)); then their greedy continuations decoded
@@ -260,8 +267,7 @@ public sealed class PagedStepRunnerTests
     [TestMethod]
     public void StepsAllocateNothingOnTheBackend()
     {
-        var counting = new RecordingBackend(new CpuBackend());
-        using var model = DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+        using var model = CountingModel(out var counting);
         var loaded = counting.Allocations;
         var blocks = new KvBlockManager(5, 4, KvBlockManager.BlocksFor(MaxLength));
         using var runner = new PagedStepRunner(model);
@@ -295,8 +301,7 @@ public sealed class PagedStepRunnerTests
     [TestMethod]
     public void OnlyIdsComeBackUnlessTheHostMustSeeTheRow()
     {
-        var counting = new RecordingBackend(new CpuBackend());
-        using var model = DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+        using var model = CountingModel(out var counting);
         var v = model.VocabSize;
         var blocks = new KvBlockManager(40, 4, KvBlockManager.BlocksFor(MaxLength));
         using var runner = new PagedStepRunner(model);
@@ -352,8 +357,7 @@ public sealed class PagedStepRunnerTests
     [TestMethod]
     public void DecodeRowsAttendInOneCallPerLayerAndLogitsKeepBatchOrder()
     {
-        var counting = new RecordingBackend(new CpuBackend());
-        using var model = DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+        using var model = CountingModel(out var counting);
         var v = model.VocabSize;
         var layers = model.Config.NumHiddenLayers;
         var blocks = new KvBlockManager(16, 4, KvBlockManager.BlocksFor(MaxLength));

@@ -165,7 +165,7 @@ internal sealed class CpuLatentCache : LatentCache
     }
 
     public CpuLatentCache(CpuLatentPool pool, CpuBlockTable table, int request)
-        : base(table.MaxBlocksPerRequest * PagedLatentCache.BlockSize, pool.LatentDim, pool.RopeDim)
+        : base(table.Positions, pool.LatentDim, pool.RopeDim)
     {
         _pool = pool;
         _table = table.Entries;

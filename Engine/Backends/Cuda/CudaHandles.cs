@@ -315,7 +315,7 @@ internal sealed class CudaLatentCache : LatentCache
     }
 
     public CudaLatentCache(CudaLatentPool pool, CudaBlockTable table, int request)
-        : base(table.MaxBlocksPerRequest * PagedLatentCache.BlockSize, pool.LatentDim, pool.RopeDim)
+        : base(table.Positions, pool.LatentDim, pool.RopeDim)
     {
         _owned = [];
         Shape = pool.Shape;
