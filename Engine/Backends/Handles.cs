@@ -201,13 +201,15 @@ public abstract class BlockTable(int requests, int maxBlocksPerRequest) : Backen
 }
 
 /// <summary>
-/// Where each row of a step's token stream lives in the backend's memory (<see cref="IBackend.UploadStepRows"/>): row t is
-/// position <c>Positions[t]</c> of block-table row <c>Slots[t]</c>. The row operations (<see cref="IBackend.ApplyRopeRows"/>,
-/// <see cref="IBackend.AppendLatentRows"/>, <see cref="IBackend.MlaAttentionRows"/>) read it where they run, so one call
-/// serves every sequence of a step and the host passes no positions per call.
+/// Each row of a step's token stream in the backend's memory (<see cref="IBackend.UploadStepRows"/>): row t feeds token
+/// <c>Tokens[t]</c> at position <c>Positions[t]</c> of block-table row <c>Slots[t]</c>. The row operations
+/// (<see cref="IBackend.EmbeddingRows"/>, <see cref="IBackend.ApplyRopeRows"/>, <see cref="IBackend.AppendLatentRows"/>,
+/// <see cref="IBackend.MlaAttentionRows"/>) read it where they run, so one call serves every sequence of a step and the
+/// host passes no token, slot or position per call: a step's work after the upload depends on its row count only.
 /// </summary>
 public abstract class StepRows(int capacity) : BackendResource
 {
+    private readonly int[] _tokens = new int[capacity];
     private readonly int[] _slots = new int[capacity];
     private readonly int[] _positions = new int[capacity];
 
@@ -217,11 +219,17 @@ public abstract class StepRows(int capacity) : BackendResource
     /// <summary>Rows of the last upload.</summary>
     public int Count { get; private set; }
 
+    /// <summary>The largest token id of the last upload (−1 when it was empty).</summary>
+    public int MaxToken { get; private set; } = -1;
+
     /// <summary>The largest slot of the last upload (−1 when it was empty).</summary>
     public int MaxSlot { get; private set; } = -1;
 
     /// <summary>The largest position of the last upload (−1 when it was empty).</summary>
     public int MaxPosition { get; private set; } = -1;
+
+    /// <summary>The host's copy of the last upload's tokens.</summary>
+    public ReadOnlySpan<int> Tokens => _tokens.AsSpan(0, Count);
 
     /// <summary>The host's copy of the last upload's slots.</summary>
     public ReadOnlySpan<int> Slots => _slots.AsSpan(0, Count);
@@ -230,34 +238,36 @@ public abstract class StepRows(int capacity) : BackendResource
     public ReadOnlySpan<int> Positions => _positions.AsSpan(0, Count);
 
     /// <summary>Checks and keeps a new upload (what a backend's <see cref="IBackend.UploadStepRows"/> does on the host).</summary>
-    internal void Set(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions)
+    internal void Set(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions)
     {
-        if (slots.Length != positions.Length)
+        if (slots.Length != tokens.Length || positions.Length != tokens.Length)
         {
-            throw new ArgumentException($"{slots.Length} slots and {positions.Length} positions", nameof(positions));
+            throw new ArgumentException($"{tokens.Length} tokens, {slots.Length} slots and {positions.Length} positions", nameof(positions));
         }
 
-        if (slots.Length > Capacity)
+        if (tokens.Length > Capacity)
         {
-            throw new ArgumentOutOfRangeException(nameof(slots), slots.Length, $"the step rows hold at most {Capacity} rows");
+            throw new ArgumentOutOfRangeException(nameof(tokens), tokens.Length, $"the step rows hold at most {Capacity} rows");
         }
 
-        int maxSlot = -1, maxPosition = -1;
-        for (var t = 0; t < slots.Length; t++)
+        int maxToken = -1, maxSlot = -1, maxPosition = -1;
+        for (var t = 0; t < tokens.Length; t++)
         {
-            if (slots[t] < 0 || positions[t] < 0)
+            if (tokens[t] < 0 || slots[t] < 0 || positions[t] < 0)
             {
-                throw new ArgumentOutOfRangeException(nameof(slots), $"row {t}: slot {slots[t]}, position {positions[t]} (both must be ≥ 0)");
+                throw new ArgumentOutOfRangeException(nameof(tokens), $"row {t}: token {tokens[t]}, slot {slots[t]}, position {positions[t]} (each must be ≥ 0)");
             }
 
+            maxToken = Math.Max(maxToken, tokens[t]);
             maxSlot = Math.Max(maxSlot, slots[t]);
             maxPosition = Math.Max(maxPosition, positions[t]);
         }
 
+        tokens.CopyTo(_tokens);
         slots.CopyTo(_slots);
         positions.CopyTo(_positions);
-        Count = slots.Length;
-        (MaxSlot, MaxPosition) = (maxSlot, maxPosition);
+        Count = tokens.Length;
+        (MaxToken, MaxSlot, MaxPosition) = (maxToken, maxSlot, maxPosition);
     }
 }
 

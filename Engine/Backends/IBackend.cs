@@ -85,14 +85,15 @@ public interface IBackend : IDisposable
     /// </summary>
     LatentCache PagedCache(LatentPool pool, BlockTable table, int request);
 
-    /// <summary>Room for the slot and position of up to <paramref name="capacity"/> rows of a step's token stream (<see cref="StepRows"/>).</summary>
+    /// <summary>Room for the token, slot and position of up to <paramref name="capacity"/> rows of a step's token stream (<see cref="StepRows"/>).</summary>
     StepRows AllocateStepRows(int capacity);
 
     /// <summary>
-    /// Copies row t's slot <paramref name="slots"/>[t] and position <paramref name="positions"/>[t] into <paramref name="rows"/>;
-    /// operations queued later see them. Refuses a negative value, or more rows than it holds.
+    /// Copies row t's token <paramref name="tokens"/>[t], slot <paramref name="slots"/>[t] and position
+    /// <paramref name="positions"/>[t] into <paramref name="rows"/>; operations queued later see them. Refuses spans of
+    /// different lengths, a negative value, or more rows than it holds (and then keeps the previous upload).
     /// </summary>
-    void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows);
+    void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows);
 
     /// <summary>A routing buffer for up to <paramref name="tokens"/> tokens (<see cref="MoeGate"/> and <see cref="MoeExperts"/> use its first T).</summary>
     Routing AllocateRouting(int tokens, int experts, int topK);
@@ -120,6 +121,9 @@ public interface IBackend : IDisposable
 
     /// <summary>output[t] = table[ids[t]]. output [T, width].</summary>
     void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output);
+
+    /// <summary><see cref="Embedding"/> of the tokens of <paramref name="rows"/>: output[t] = table[Tokens[t]] for the output's rows, read where it runs.</summary>
+    void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output);
 
     /// <summary>output = x · rsqrt(mean(x²) + eps) ⊙ w, per row (fp32).</summary>
     void RmsNorm(Tensor x, NormWeight weight, Tensor output);

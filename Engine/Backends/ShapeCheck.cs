@@ -66,6 +66,17 @@ internal static class ShapeCheck
         }
     }
 
+    /// <summary>The contract of <see cref="IBackend.EmbeddingRows"/>: the output's rows uploaded, [rows, width], and every uploaded token a row of the table.</summary>
+    public static void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output)
+    {
+        StepRows(rows, output.Rows, null, null);
+        Require(output.Cols == table.Width, $"embedding output {output} is not [T, {table.Width}]");
+        if (rows.MaxToken >= table.Rows)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxToken, $"token id {rows.MaxToken} is not a row of the embedding table (0..{table.Rows - 1})");
+        }
+    }
+
     /// <summary>The contract of <see cref="IBackend.ChooseTokens"/>.</summary>
     public static void Choices(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
     {

@@ -218,6 +218,22 @@ internal static class LayerSteps
         return attnOut;
     }
 
+    /// <summary>
+    /// The embedding of a pass's tokens into <paramref name="output"/>: in a paged pass read from its step rows where the
+    /// backend runs (the host passes no ids), else from <paramref name="tokens"/>.
+    /// </summary>
+    public static void Embed(IBackend b, EmbeddingWeight table, ReadOnlySpan<int> tokens, PagedRows? paged, Tensor output)
+    {
+        if (paged is { } p)
+        {
+            b.EmbeddingRows(table, p.Rows, output);
+        }
+        else
+        {
+            b.Embedding(table, tokens, output);
+        }
+    }
+
     /// <summary>kv_a of every row of <paramref name="a"/>, each row appended to its sequence's cache (normalized latent, rotated key).</summary>
     public static void AppendLatents(LayerContext x, DecoderLayer layer, Tensor a, LayerRows rows, Activations ws)
     {
@@ -282,7 +298,7 @@ internal static class LayerSteps
     public static void Mtp(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
         LayerRows rows, Activations ws, Tensor normed, Action<Intermediate>? observer)
     {
-        var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, ws);
+        var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, rows.Paged, ws);
         using (z)
         using (a)
         {
@@ -297,7 +313,7 @@ internal static class LayerSteps
     public static void MtpAppend(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
         LayerRows rows, Activations ws)
     {
-        var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, ws);
+        var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, rows.Paged, ws);
         using (z)
         using (a)
         {
@@ -307,13 +323,13 @@ internal static class LayerSteps
 
     /// <summary>The MTP layer's residual input z = eh_proj([norm(embed(next)) ; norm(hidden)]) and its input norm a.</summary>
     private static (Tensor Z, Tensor A) MtpLayerInput(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
-        Activations ws)
+        PagedRows? paged, Activations ws)
     {
         var b = x.Backend;
         var n = nextTokens.Length;
         var d = x.Config.HiddenSize;
         using var e = ws.Take(Activation.MtpEmbedding, n, d);
-        b.Embedding(embed, nextTokens, e);
+        Embed(b, embed, nextTokens, paged, e);
         b.RmsNorm(e, mtp.ENorm, e);
         using var h = ws.Take(Activation.MtpHidden, n, d);
         b.RmsNorm(hiddens, mtp.HNorm, h);

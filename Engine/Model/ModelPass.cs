@@ -35,7 +35,7 @@ internal static class ModelPass
             {
                 var w = devices[r];
                 h[r] = ws[r].Take(Activation.Residual, t, d);
-                w.Backend.Embedding(w.Embed!, tokens, h[r]!);
+                LayerSteps.Embed(w.Backend, w.Embed!, tokens, rows(r, 0).Paged, h[r]!);
                 normed[r] = ws[r].Take(Activation.NormedEven, t, d);
                 w.Backend.RmsNorm(h[r]!, w.Layers[0]!.InputNorm, normed[r]!);
             }

@@ -293,7 +293,7 @@ public sealed class PagedStepRunner : IStepRunner
         UploadTable(blocks);
         foreach (var d in _devices)
         {
-            d.W.Backend.UploadStepRows(_rowSlots.AsSpan(0, tokens), _rowPositions.AsSpan(0, tokens), d.Rows);
+            d.W.Backend.UploadStepRows(stream, _rowSlots.AsSpan(0, tokens), _rowPositions.AsSpan(0, tokens), d.Rows);
         }
 
         // Every row's hidden after the final norm, on the head device.
@@ -509,11 +509,12 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>
     /// An MTP pass's rows: <paramref name="segments"/> entries of <see cref="_mtpSegments"/>, <paramref name="rows"/> rows of
-    /// <see cref="_rowSlots"/>/<see cref="_rowPositions"/> (uploaded here), the first <paramref name="decodeRows"/> of them decode rows.
+    /// <see cref="_mtpTokens"/>/<see cref="_rowSlots"/>/<see cref="_rowPositions"/> (uploaded here), the first
+    /// <paramref name="decodeRows"/> of them decode rows.
     /// </summary>
     private LayerRows MtpRows(int segments, int rows, int decodeRows)
     {
-        _head.W.Backend.UploadStepRows(_rowSlots.AsSpan(0, rows), _rowPositions.AsSpan(0, rows), _mtpRows);
+        _head.W.Backend.UploadStepRows(_mtpTokens.AsSpan(0, rows), _rowSlots.AsSpan(0, rows), _rowPositions.AsSpan(0, rows), _mtpRows);
         return new LayerRows(_mtpSegments.AsMemory(0, segments), new PagedRows(_mtpPool, _head.Table, _mtpRows, decodeRows));
     }
 

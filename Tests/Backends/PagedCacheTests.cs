@@ -1,6 +1,7 @@
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Kernels;
+using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Backends;
@@ -309,10 +310,21 @@ public sealed class PagedCacheTests
         var n = slots.Length;
         var kvValues = Normal(r, n * width, 2f);
         var qValues = Normal(r, n * qWidth);
+        const int Vocab = 11, EmbedWidth = 6;
+        var embedValues = Normal(r, Vocab * EmbedWidth);
+        BFloat16.Round(embedValues); // a checkpoint's table is BF16
+        int[] tokens = [.. slots.Select(_ => r.Next(Vocab))];
         using var rows = b.AllocateStepRows(8);
-        b.UploadStepRows(slots, positions, rows);
+        b.UploadStepRows(tokens, slots, positions, rows);
+        CollectionAssert.AreEqual(tokens, rows.Tokens.ToArray());
         CollectionAssert.AreEqual(slots, rows.Slots.ToArray());
         CollectionAssert.AreEqual(positions, rows.Positions.ToArray());
+
+        // The rows' tokens, embedded where the rows are: row t is the table's row tokens[t].
+        using var embed = new CpuEmbeddingWeight(Vocab, EmbedWidth, embedValues);
+        using var embedded = b.Allocate(n, EmbedWidth);
+        b.EmbeddingRows(embed, rows, embedded);
+        Bitwise(Read(b, embedded), [.. tokens.SelectMany(id => embedValues.AsSpan(id * EmbedWidth, EmbedWidth).ToArray())], $"{numerics} embedded rows");
 
         // The stream.
         using var q = b.Upload(qValues, n, qWidth);
@@ -374,7 +386,11 @@ public sealed class PagedCacheTests
         b.UploadBlockTable(new int[12], table);
     }
 
-    /// <summary>Step rows refuse a negative slot or position, mismatched lengths and more rows than they hold; the row operations refuse rows never uploaded, a slot outside the table, and positions beyond the cache or the rotary table.</summary>
+    /// <summary>
+    /// Step rows refuse a negative token, slot or position, mismatched lengths and more rows than they hold, keeping the last
+    /// upload; the row operations refuse rows never uploaded, a token outside the embedding table, a slot outside the block
+    /// table, and positions beyond the cache or the rotary table.
+    /// </summary>
     [TestMethod]
     public void StepRowsRefuseWhatTheyCannotAddress()
     {
@@ -382,12 +398,27 @@ public sealed class PagedCacheTests
         var r = new Random(5);
         int lora = Dims.KvLora, rope = Dims.QkRope, width = lora + rope, qWidth = Dims.Heads * Dims.QkHead, oWidth = Dims.Heads * Dims.V;
         using var rows = b.AllocateStepRows(3);
-        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0, -1], [0, 1], rows));
-        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0], [-2], rows));
-        Assert.ThrowsExactly<ArgumentException>(() => b.UploadStepRows([0, 1], [0], rows));
-        var many = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0, 0, 0, 0], [0, 1, 2, 3], rows));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0, 0], [0, -1], [0, 1], rows));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0], [0], [-2], rows));
+        var token = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([4, -3], [0, 0], [0, 1], rows));
+        StringAssert.Contains(token.Message, "token -3");
+        Assert.ThrowsExactly<ArgumentException>(() => b.UploadStepRows([0, 0], [0, 1], [0], rows));
+        Assert.ThrowsExactly<ArgumentException>(() => b.UploadStepRows([0], [0, 1], [0, 1], rows));
+        var many = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 2, 3], rows));
         StringAssert.Contains(many.Message, "at most 3 rows");
         Assert.AreEqual(0, rows.Count, "a refused upload keeps nothing");
+        b.UploadStepRows([5], [1], [7], rows);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.UploadStepRows([0, 1], [0, 0], [0, -1], rows));
+        Assert.AreEqual((1, 5, 1, 7), (rows.Count, rows.Tokens[0], rows.Slots[0], rows.Positions[0]), "a refused upload keeps the last one");
+
+        using var embed = new CpuEmbeddingWeight(5, 4, Normal(r, 20));
+        using var embedded = b.Allocate(1, 4);
+        var vocab = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.EmbeddingRows(embed, rows, embedded));
+        StringAssert.Contains(vocab.Message, "token id 5");
+        b.UploadStepRows([4], [1], [7], rows);
+        b.EmbeddingRows(embed, rows, embedded);
+        using var two = b.Allocate(2, 4);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.EmbeddingRows(embed, rows, two));
 
         var pairs = rope / 2;
         using var ropeTable = b.UploadRope(Enumerable.Repeat(1f, 100 * pairs).ToArray(), new float[100 * pairs], 100, pairs);
@@ -400,26 +431,26 @@ public sealed class PagedCacheTests
         using var kv = b.Upload(Normal(r, 2 * width), 2, width);
         using var o = b.Allocate(2, oWidth);
 
-        b.UploadStepRows([1], [0], rows);
+        b.UploadStepRows([0], [1], [0], rows);
         var unset = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.ApplyRopeRows(q, ropeTable, rows, Dims.QkHead, Dims.QkNope));
         StringAssert.Contains(unset.Message, "last upload has 1");
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.AppendLatentRows(kv, kvNorm, ropeTable, pool, table, rows));
 
-        b.UploadStepRows([0, 2], [0, 1], rows);
+        b.UploadStepRows([0, 0], [0, 2], [0, 1], rows);
         var slot = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.AppendLatentRows(kv, kvNorm, ropeTable, pool, table, rows));
         StringAssert.Contains(slot.Message, "slot 2");
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.MlaAttentionRows(q, pool, table, rows, kvB, Dims, 0.3f, o));
 
-        b.UploadStepRows([0, 1], [0, 128], rows);
+        b.UploadStepRows([0, 0], [0, 1], [0, 128], rows);
         var cache = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.AppendLatentRows(kv, kvNorm, ropeTable, pool, table, rows));
         StringAssert.Contains(cache.Message, "cache capacity 128");
 
-        b.UploadStepRows([0, 1], [0, 100], rows);
+        b.UploadStepRows([0, 0], [0, 1], [0, 100], rows);
         var angles = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.ApplyRopeRows(q, ropeTable, rows, Dims.QkHead, Dims.QkNope));
         StringAssert.Contains(angles.Message, "rotary table");
 
         // In range, the same rows run.
-        b.UploadStepRows([0, 1], [0, 99], rows);
+        b.UploadStepRows([0, 0], [0, 1], [0, 99], rows);
         b.ApplyRopeRows(q, ropeTable, rows, Dims.QkHead, Dims.QkNope);
         b.AppendLatentRows(kv, kvNorm, ropeTable, pool, table, rows);
     }

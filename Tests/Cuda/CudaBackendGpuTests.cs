@@ -333,7 +333,8 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
     /// <summary>
     /// One decode step's rows of three sequences through a permuted block table over one pool (slot 2; slot 0's token and
     /// draft across a block boundary; slot 1 at a long context that takes KV splits): RoPE at the uploaded positions, the
-    /// append, and attention with each row a query of its own (the decode kernel reading each row's block-table row).
+    /// append, and attention with each row a query of its own (the decode kernel reading each row's block-table row); and
+    /// the rows' tokens embedded from the device copy.
     /// </summary>
     [TestMethod]
     public void StepRowOperationsMatch()
@@ -354,6 +355,7 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         var kvHistory = history.Select(h => Bf16Normal(h * width)).ToArray();
         var kv = Bf16Normal(slots.Length * width);
         var q = Bf16Normal(slots.Length * qWidth);
+        int[] tokens = [Config.VocabSize - 1, .. slots.Skip(1).Select(_ => Random.Next(Config.VocabSize))];
         var shuffle = new Random(20261205);
         int[] entries = [.. Enumerable.Range(0, 3 * MaxBlocks).OrderBy(_ => shuffle.Next())];
         var scale = (float)Config.SoftmaxScale;
@@ -373,16 +375,20 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
             }
 
             var rows = s.Own(s.B.AllocateStepRows(8));
-            s.B.UploadStepRows(slots, positions, rows);
+            s.B.UploadStepRows(tokens, slots, positions, rows);
             var qt = s.In(q, slots.Length, qWidth);
             s.B.ApplyRopeRows(qt, rope, rows, dims.QkHead, dims.QkNope);
             s.B.AppendLatentRows(s.In(kv, slots.Length, width), norm, rope, pool, table, rows);
             var o = s.Out(slots.Length, dims.Heads * dims.V);
             s.B.MlaAttentionRows(qt, pool, table, rows, kvB, dims, scale, o);
-            return [s.Read(qt), s.Read(o)];
+            var embed = s.Own(s.B.UploadEmbedding(Checkpoint, "model.embed_tokens.weight", Config.VocabSize, Config.HiddenSize));
+            var e = s.Out(slots.Length, Config.HiddenSize);
+            s.B.EmbeddingRows(embed, rows, e);
+            return [s.Read(qt), s.Read(o), s.Read(e)];
         });
         Close("rope at the rows' positions", got[0], want[0], 1e-6, Bf16Step);
         Close("attention of the step's rows", got[1], want[1], 0.03, 0.05, rmsRel: 0.02);
+        Exact("the rows' tokens embedded", got[2], want[2]);
     }
 
     // ------------------------------------------------------------------ MoE

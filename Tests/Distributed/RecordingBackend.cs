@@ -5,8 +5,9 @@ namespace DeepSeekCuda.Tests.Distributed;
 
 /// <summary>
 /// A simulated device: forwards every call to an inner backend and records which checkpoint tensors (and
-/// which slices of them) the device received, so tests can hold loading to the placement plan, and counts
-/// the calls that allocate backend memory (a step runner's steps must make none after warm-up).
+/// which slices of them) the device received, so tests can hold loading to the placement plan; counts
+/// the calls that allocate backend memory (a step runner's steps must make none after warm-up); and logs every operation
+/// with the host values it was given (<see cref="Operations"/>: what a CUDA graph of the call would bake in).
 /// </summary>
 internal sealed class RecordingBackend(IBackend inner) : IBackend
 {
@@ -30,17 +31,47 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// <summary>Block tables copied to the backend so far.</summary>
     public int TableUploads { get; private set; }
 
+    private readonly Dictionary<BackendResource, int> _names = new(ReferenceEqualityComparer.Instance);
+    private readonly List<string> _operations = [];
+
+    /// <summary>
+    /// Every operation so far, in call order, as its name and host arguments: a tensor as its shape, a weight, pool, table,
+    /// step rows or other handle this backend returned as <c>#n</c> (its n-th), integers and token ids as their values.
+    /// Memory calls (allocations, uploads, downloads, views) are not operations; <see cref="ChooseTokens"/> is, with its row count.
+    /// </summary>
+    public IReadOnlyList<string> Operations => _operations;
+
+    /// <summary>How many of <see cref="Operations"/> from index <paramref name="first"/> on have each name (an operation's name is the text before its arguments).</summary>
+    public Dictionary<string, int> Calls(int first) =>
+        _operations.Skip(first).GroupBy(o => o[..o.IndexOf('(')]).ToDictionary(g => g.Key, g => g.Count());
+
+    private void Op(string name, params object[] arguments) =>
+        _operations.Add($"{name}({string.Join(", ", arguments.Select(a => a switch
+        {
+            Tensor t => $"[{t.Rows}x{t.Cols}]",
+            BackendResource r => _names.TryGetValue(r, out var n) ? $"#{n}" : r.GetType().Name,
+            _ => a.ToString(),
+        }))})");
+
+    private T Named<T>(T resource)
+        where T : BackendResource
+    {
+        _names.Add(resource, _names.Count);
+        return resource;
+    }
+
     private T Kept<T>(T weight)
         where T : BackendResource
     {
         _weights.Add(weight);
-        return weight;
+        return Named(weight);
     }
 
     private T Counted<T>(T resource)
+        where T : BackendResource
     {
         _allocations++;
-        return resource;
+        return resource is Tensor ? resource : Named(resource);
     }
 
     public Tensor Allocate(int rows, int cols) => Counted(inner.Allocate(rows, cols));
@@ -61,6 +92,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
     public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
     {
+        Op(nameof(ChooseTokens), logits, choices.Length, buffer);
         inner.ChooseTokens(logits, choices, buffer, tokens);
         var chosen = 0;
         foreach (var t in tokens[..choices.Length])
@@ -70,8 +102,12 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
         Choices = (Choices.Rows + choices.Length, Choices.Chosen + chosen);
     }
-    public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
+    public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count)
+    {
+        Op(nameof(CopyRows), source, sourceRow, destination, destinationRow, count);
         inner.CopyRows(source, sourceRow, destination, destinationRow, count);
+    }
+
     public Tensor View(Tensor tensor, int firstRow, int rows) => inner.View(tensor, firstRow, rows);
 
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
@@ -132,67 +168,112 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public Routing AllocateRouting(int tokens, int experts, int topK) => Counted(inner.AllocateRouting(tokens, experts, topK));
     public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights) =>
         inner.DownloadRouting(routing, scores, indices, weights);
-    public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output) => inner.Embedding(table, ids, output);
-    public void RmsNorm(Tensor x, NormWeight weight, Tensor output) => inner.RmsNorm(x, weight, output);
-    public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed) => inner.AddRmsNorm(residual, delta, weight, normed);
-    public void Linear(Tensor x, LinearWeight weight, Tensor y) => inner.Linear(x, weight, y);
-    public void Logits(Tensor x, LinearWeight head, Tensor logits) => inner.Logits(x, head, logits);
-    public void SiluMul(Tensor gate, Tensor up, Tensor output) => inner.SiluMul(gate, up, output);
-    public void ConcatColumns(Tensor a, Tensor b, Tensor output) => inner.ConcatColumns(a, b, output);
+    public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output)
+    {
+        Op(nameof(Embedding), table, string.Join(" ", ids.ToArray()), output);
+        inner.Embedding(table, ids, output);
+    }
+
+    public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output)
+    {
+        Op(nameof(EmbeddingRows), table, rows, output);
+        inner.EmbeddingRows(table, rows, output);
+    }
+
+    public void RmsNorm(Tensor x, NormWeight weight, Tensor output)
+    {
+        Op(nameof(RmsNorm), x, weight, output);
+        inner.RmsNorm(x, weight, output);
+    }
+
+    public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
+    {
+        Op(nameof(AddRmsNorm), residual, delta, weight, normed);
+        inner.AddRmsNorm(residual, delta, weight, normed);
+    }
+
+    public void Linear(Tensor x, LinearWeight weight, Tensor y)
+    {
+        Op(nameof(Linear), x, weight, y);
+        inner.Linear(x, weight, y);
+    }
+
+    public void Logits(Tensor x, LinearWeight head, Tensor logits)
+    {
+        Op(nameof(Logits), x, head, logits);
+        inner.Logits(x, head, logits);
+    }
+
+    public void SiluMul(Tensor gate, Tensor up, Tensor output)
+    {
+        Op(nameof(SiluMul), gate, up, output);
+        inner.SiluMul(gate, up, output);
+    }
+
+    public void ConcatColumns(Tensor a, Tensor b, Tensor output)
+    {
+        Op(nameof(ConcatColumns), a, b, output);
+        inner.ConcatColumns(a, b, output);
+    }
+
     public StepRows AllocateStepRows(int capacity) => Counted(inner.AllocateStepRows(capacity));
-    public void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) => inner.UploadStepRows(slots, positions, rows);
 
-    /// <summary>Calls so far of the RoPE, latent append and MLA attention operations, per operation name (a step's launch count per layer).</summary>
-    public IReadOnlyDictionary<string, int> AttentionCalls => _attentionCalls;
-
-    private readonly Dictionary<string, int> _attentionCalls = [];
-
-    private void Call(string op) => _attentionCalls[op] = _attentionCalls.GetValueOrDefault(op) + 1;
+    public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) =>
+        inner.UploadStepRows(tokens, slots, positions, rows);
 
     public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
     {
-        Call(nameof(ApplyRope));
+        Op(nameof(ApplyRope), x, rope, startPosition, headStride, ropeOffset);
         inner.ApplyRope(x, rope, startPosition, headStride, ropeOffset);
     }
 
     public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset)
     {
-        Call(nameof(ApplyRopeRows));
+        Op(nameof(ApplyRopeRows), x, rope, rows, headStride, ropeOffset);
         inner.ApplyRopeRows(x, rope, rows, headStride, ropeOffset);
     }
 
     public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition)
     {
-        Call(nameof(AppendLatent));
+        Op(nameof(AppendLatent), kv, latentNorm, rope, cache, startPosition);
         inner.AppendLatent(kv, latentNorm, rope, cache, startPosition);
     }
 
     public void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows)
     {
-        Call(nameof(AppendLatentRows));
+        Op(nameof(AppendLatentRows), kv, latentNorm, rope, pool, table, rows);
         inner.AppendLatentRows(kv, latentNorm, rope, pool, table, rows);
     }
 
     public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
     {
-        Call(nameof(MlaAttentionNaive));
+        Op(nameof(MlaAttentionNaive), q, cache, kvB, dims, startPosition, scale, output);
         inner.MlaAttentionNaive(q, cache, kvB, dims, startPosition, scale, output);
     }
 
     public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
     {
-        Call(nameof(MlaAttentionAbsorbed));
+        Op(nameof(MlaAttentionAbsorbed), q, cache, kvB, dims, startPosition, scale, output);
         inner.MlaAttentionAbsorbed(q, cache, kvB, dims, startPosition, scale, output);
     }
 
     public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output)
     {
-        Call(nameof(MlaAttentionRows));
+        Op(nameof(MlaAttentionRows), q, pool, table, rows, kvB, dims, scale, output);
         inner.MlaAttentionRows(q, pool, table, rows, kvB, dims, scale, output);
     }
 
-    public void MoeGate(Tensor x, GateWeight gate, Routing routing) => inner.MoeGate(x, gate, routing);
-    public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y) => inner.MoeExperts(x, routing, experts, y);
+    public void MoeGate(Tensor x, GateWeight gate, Routing routing)
+    {
+        Op(nameof(MoeGate), x, gate, routing);
+        inner.MoeGate(x, gate, routing);
+    }
+
+    public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y)
+    {
+        Op(nameof(MoeExperts), x, routing, experts, y);
+        inner.MoeExperts(x, routing, experts, y);
+    }
 
     public void Dispose() => inner.Dispose();
 

@@ -1,3 +1,4 @@
+using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
@@ -379,10 +380,11 @@ public sealed class PagedStepRunnerTests
         // the chunk's last row and every decode row.
         StepSequence[] batch = [.. Enumerable.Range(0, prompts.Length).Select(i =>
             new StepSequence(slots[i], history[i], prompts[i][history[i]..], i == 0 ? 1 : prompts[i].Length - history[i]))];
-        var calls = new Dictionary<string, int>(counting.AttentionCalls);
+        var first = counting.Operations.Count;
         var logits = new float[batch.Sum(e => e.LogitRows) * v];
         runner.Forward(batch, logits);
-        var step = counting.AttentionCalls.ToDictionary(c => c.Key, c => c.Value - calls.GetValueOrDefault(c.Key));
+        string[] attention = ["ApplyRope", "ApplyRopeRows", "AppendLatent", "AppendLatentRows", "MlaAttentionNaive", "MlaAttentionAbsorbed", "MlaAttentionRows"];
+        var step = counting.Calls(first).Where(c => attention.Contains(c.Key)).ToDictionary();
         var expected = new Dictionary<string, int>
         {
             ["ApplyRopeRows"] = layers, ["AppendLatentRows"] = layers, ["MlaAttentionRows"] = layers, ["MlaAttentionNaive"] = layers,
@@ -405,6 +407,61 @@ public sealed class PagedStepRunnerTests
             TestContext.WriteLine(Tolerance.Describe($"entry {i}", c));
             row += wanted;
         }
+    }
+
+    /// <summary>
+    /// Decode steps of one batch size queue the same operations with the same host values whatever tokens, slots and
+    /// positions their rows hold (other tokens, another order, a slot crossing a block boundary, another slot joining):
+    /// after the step's uploads its work depends on its row count only, as one CUDA graph per batch size needs. The
+    /// embedding reads the tokens from the step rows, never as host ids.
+    /// </summary>
+    [TestMethod]
+    public void DecodeStepsOfOneSizeQueueTheSameOperationsWhateverTheirRows()
+    {
+        using var model = CountingModel(out var counting);
+        var v = model.VocabSize;
+        var blocks = new KvBlockManager(16, 4, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        runner.Attach(blocks, 128);
+        int[] fed = [5, 63, 20, 9]; // slot 1's first decode writes the last position of its first block
+        var slots = new int[fed.Length];
+        for (var i = 0; i < fed.Length; i++)
+        {
+            slots[i] = blocks.Admit(fed[i]);
+            runner.Open(slots[i], drafts: false);
+        }
+
+        runner.Forward([.. Enumerable.Range(0, fed.Length).Select(i => new StepSequence(slots[i], 0, SyntheticPrompts.Make(v, fed[i], 40 + i), 0))], []);
+        var r = new Random(77);
+        string[] Decode(params int[] entries)
+        {
+            var first = counting.Operations.Count;
+            foreach (var i in entries)
+            {
+                blocks.Reserve(slots[i], fed[i] + 1);
+            }
+
+            var tokens = new int[entries.Length];
+            runner.ForwardAndChoose([.. entries.Select(i => new StepSequence(slots[i], fed[i]++, new[] { r.Next(v) }, 1))],
+                [.. entries.Select(_ => TokenChoice.Greedy(v))], tokens, new float[entries.Length * v]);
+            return [.. counting.Operations.Skip(first)];
+        }
+
+        void Same(string[] want, string[] got, string what)
+        {
+            var i = Enumerable.Range(0, Math.Min(want.Length, got.Length)).FirstOrDefault(k => want[k] != got[k], Math.Min(want.Length, got.Length));
+            Assert.IsTrue(want.Length == got.Length && i == want.Length,
+                $"{what}: {want.Length} and {got.Length} operations; the first difference, at {i}: {want.ElementAtOrDefault(i)} vs {got.ElementAtOrDefault(i)}");
+        }
+
+        var a = Decode(0, 1, 2);
+        Same(a, Decode(2, 1, 3), "slots 2, 1, 3 (slot 1 into its second block, slot 3 joining)");
+        Same(a, Decode(3, 0, 1), "slots 3, 0, 1");
+        Assert.AreEqual(1, a.Count(o => o.StartsWith("EmbeddingRows(", StringComparison.Ordinal)), "one embedding of the step rows' tokens");
+        Assert.IsFalse(a.Any(o => o.StartsWith("Embedding(", StringComparison.Ordinal)), "no embedding of host ids");
+        var two = Decode(0, 2);
+        Assert.IsFalse(two.SequenceEqual(a), "a step of another size queues other shapes");
+        TestContext.WriteLine($"a decode step of 3 rows: {a.Length} operations, the first {a[0]}");
     }
 
     /// <summary>A refused step names what is wrong and changes nothing: the same slot then runs as if it had not come.</summary>

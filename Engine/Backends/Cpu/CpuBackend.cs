@@ -194,7 +194,8 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
-    public void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) => ((CpuStepRows)rows).Set(slots, positions);
+    public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) =>
+        ((CpuStepRows)rows).Set(tokens, slots, positions);
 
     /// <inheritdoc />
     public Routing AllocateRouting(int tokens, int experts, int topK) => new CpuRouting(tokens, experts, topK);
@@ -270,6 +271,13 @@ public sealed class CpuBackend : IBackend
         }
 
         Store(o.Data);
+    }
+
+    /// <inheritdoc />
+    public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output)
+    {
+        ShapeCheck.EmbeddingRows(table, rows, output);
+        Embedding(table, rows.Tokens[..output.Rows], output);
     }
 
     /// <inheritdoc />

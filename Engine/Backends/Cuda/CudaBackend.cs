@@ -575,10 +575,10 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
-    public void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows)
+    public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows)
     {
         using var scope = Enter();
-        ((CudaStepRows)rows).Upload(slots, positions, _stream);
+        ((CudaStepRows)rows).Upload(tokens, slots, positions, _stream);
     }
 
     /// <inheritdoc />
@@ -694,8 +694,17 @@ public sealed class CudaBackend : IBackend
             }
         }
 
-        var d = UploadInts(ids);
-        _embedding.Launch(_stream, d, w.Data.Pointer, w.Rows, w.Width, o.Pointer, ElementType.F32, ids.Length);
+        _embedding.Launch(_stream, UploadInts(ids), w.Data.Pointer, w.Rows, w.Width, o.Pointer, ElementType.F32, ids.Length);
+    }
+
+    /// <inheritdoc />
+    public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output)
+    {
+        using var scope = Enter();
+        var w = (CudaEmbeddingWeight)table;
+        var o = T(output);
+        ShapeCheck.EmbeddingRows(w, rows, o);
+        _embedding.Launch(_stream, ((CudaStepRows)rows).TokensPointer, w.Data.Pointer, w.Rows, w.Width, o.Pointer, ElementType.F32, o.Rows);
     }
 
     /// <inheritdoc />

@@ -196,8 +196,9 @@ internal sealed class CudaTokenChoices : TokenChoiceBuffer
 }
 
 /// <summary>
-/// Step rows on the device: int32 [3, capacity], the slots, the positions and the lengths (position + 1: the keys a row's
-/// query sees) that the row kernels read. Uploads copy from pageable host memory, so the host may reuse its arrays at once.
+/// Step rows on the device: int32 [4, capacity], the slots, the positions, the lengths (position + 1: the keys a row's query
+/// sees) and the tokens that the row kernels read. Uploads copy from pageable host memory, so the host may reuse its arrays
+/// at once.
 /// </summary>
 internal sealed class CudaStepRows : StepRows
 {
@@ -206,11 +207,11 @@ internal sealed class CudaStepRows : StepRows
     public CudaStepRows(CudaDevice device, int capacity)
         : base(capacity)
     {
-        Data = DeviceBuffer<int>.Allocate(device, Math.Max(1, 3L * capacity));
+        Data = DeviceBuffer<int>.Allocate(device, Math.Max(1, 4L * capacity));
         _lengths = new int[capacity];
     }
 
-    /// <summary>[3, capacity]: slots, positions, lengths.</summary>
+    /// <summary>[4, capacity]: slots, positions, lengths, tokens.</summary>
     public DeviceBuffer<int> Data { get; }
 
     public ulong SlotsPointer => Data.Pointer;
@@ -219,11 +220,13 @@ internal sealed class CudaStepRows : StepRows
 
     public ulong LengthsPointer => Data.At(2L * Capacity);
 
+    public ulong TokensPointer => Data.At(3L * Capacity);
+
     /// <summary>Keeps the rows on the host (checked) and queues their copy.</summary>
-    public void Upload(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, CudaStream stream)
+    public void Upload(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, CudaStream stream)
     {
-        Set(slots, positions);
-        var n = slots.Length;
+        Set(tokens, slots, positions);
+        var n = tokens.Length;
         if (n == 0)
         {
             return;
@@ -237,6 +240,7 @@ internal sealed class CudaStepRows : StepRows
         Data.Upload(slots, stream);
         Data.Upload(positions, stream, Capacity);
         Data.Upload(_lengths.AsSpan(0, n), stream, 2L * Capacity);
+        Data.Upload(tokens, stream, 3L * Capacity);
     }
 
     protected override void Dispose(bool disposing) => Data.Dispose();

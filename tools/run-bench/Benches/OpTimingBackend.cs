@@ -172,6 +172,8 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
         Op(table, () => inner.Embedding(table, copy, output));
     }
 
+    public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output) => Op(table, () => inner.EmbeddingRows(table, rows, output));
+
     public void RmsNorm(Tensor x, NormWeight weight, Tensor output) => Op(null, () => inner.RmsNorm(x, weight, output));
 
     public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed) => Op(null, () => inner.AddRmsNorm(residual, delta, weight, normed));
@@ -192,7 +194,8 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
 
     public StepRows AllocateStepRows(int capacity) => Op(null, () => inner.AllocateStepRows(capacity));
 
-    public void UploadStepRows(ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) => inner.UploadStepRows(slots, positions, rows);
+    public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) =>
+        inner.UploadStepRows(tokens, slots, positions, rows);
 
     public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset) =>
         Op(null, () => inner.ApplyRopeRows(x, rope, rows, headStride, ropeOffset));
