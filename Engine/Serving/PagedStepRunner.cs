@@ -51,6 +51,7 @@ public sealed class PagedStepRunner : IStepRunner
     private Segment[] _mtpSegments = [];
     private Activations[] _arenas = [];     // [device]: the main stream's step buffers
     private (int Slot, int Position, int FirstRow, int Rows)[] _entries = []; // the running step's entries
+    private (int From, int Rows)[] _headRows = []; // [entry] the rows the head reads, merged into runs in place
     private int _batch;                     // how many
     private int _decodeRows;                // the running step's leading rows of decode entries
     private int _maxTokens;
@@ -152,6 +153,7 @@ public sealed class PagedStepRunner : IStepRunner
         _mtpSegments = new Segment[slots];
         _arenas = [.. _devices.Select(d => d.Arena)];
         _entries = new (int, int, int, int)[slots];
+        _headRows = new (int, int)[slots];
         _maxTokens = maxTokensPerStep;
         _blocks = blocks;
     }
@@ -306,16 +308,13 @@ public sealed class PagedStepRunner : IStepRunner
 
             if (logitRows > 0)
             {
-                using var headIn = _headArena.Take(Activation.HeadInput, logitRows, _layout.Config.HiddenSize);
-                var r = 0;
                 for (var i = 0; i < batch.Length; i++)
                 {
                     var (_, _, firstRow, n) = _entries[i];
-                    var wanted = batch[i].LogitRows;
-                    _head.W.Backend.CopyRows(normed, firstRow + n - wanted, headIn, r, wanted);
-                    r += wanted;
+                    _headRows[i] = (firstRow + n - batch[i].LogitRows, batch[i].LogitRows);
                 }
 
+                using var headIn = HeadInput(normed, batch.Length, logitRows);
                 Head(headIn, choose, choices, chosen, logits);
             }
         }
@@ -413,16 +412,16 @@ public sealed class PagedStepRunner : IStepRunner
         // Every entry has at most two rows: all of them attend in one call.
         using var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
         LayerSteps.Mtp(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(batch.Length, rows, rows), _mtpArena, output, null);
-        using var headIn = _headArena.Take(Activation.HeadInput, batch.Length, d);
         for (var i = 0; i < batch.Length; i++)
         {
             var s = _mtpSegments[i];
-            b.CopyRows(output, s.FirstRow + s.Rows - 1, headIn, i, 1);
+            _headRows[i] = (s.FirstRow + s.Rows - 1, 1);
             var state = _slots[batch[i].Slot]!;
             state.MtpLength += state.PendingCount;
             state.PendingCount = 0;
         }
 
+        using var headIn = HeadInput(output, batch.Length, batch.Length);
         Head(headIn, choose, choices, chosen, logits);
     }
 
@@ -582,6 +581,49 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>Positions of an entry whose next token is not yet certain: the last one, or every verified one.</summary>
     private static int Tail(StepSequence e) => Math.Max(1, e.LogitRows);
+
+    /// <summary>
+    /// The rows of <paramref name="source"/> the head reads, <see cref="_headRows"/>[0 .. <paramref name="entries"/>) in batch
+    /// order (<paramref name="rows"/> in all): a view where they are one run of it (a decode step's, a draft step's of one
+    /// row per slot), else copied into the head's buffer a run at a time.
+    /// </summary>
+    private Tensor HeadInput(Tensor source, int entries, int rows)
+    {
+        var runs = 0;
+        foreach (var (from, count) in _headRows.AsSpan(0, entries))
+        {
+            if (count == 0)
+            {
+                continue;
+            }
+
+            ref var last = ref _headRows[Math.Max(0, runs - 1)];
+            if (runs > 0 && last.From + last.Rows == from)
+            {
+                last.Rows += count;
+            }
+            else
+            {
+                _headRows[runs++] = (from, count);
+            }
+        }
+
+        var b = _head.W.Backend;
+        if (runs == 1)
+        {
+            return b.View(source, _headRows[0].From, rows);
+        }
+
+        var headIn = _headArena.Take(Activation.HeadInput, rows, _layout.Config.HiddenSize);
+        var r = 0;
+        foreach (var (from, count) in _headRows.AsSpan(0, runs))
+        {
+            b.CopyRows(source, from, headIn, r, count);
+            r += count;
+        }
+
+        return headIn;
+    }
 
     /// <summary>
     /// Logits of <paramref name="headIn"/>'s rows: downloaded into <paramref name="logits"/>, or, with <paramref name="choose"/>,

@@ -459,6 +459,7 @@ public sealed class PagedStepRunnerTests
         Same(a, Decode(3, 0, 1), "slots 3, 0, 1");
         Assert.AreEqual(1, a.Count(o => o.StartsWith("EmbeddingRows(", StringComparison.Ordinal)), "one embedding of the step rows' tokens");
         Assert.IsFalse(a.Any(o => o.StartsWith("Embedding(", StringComparison.Ordinal)), "no embedding of host ids");
+        Assert.IsFalse(a.Any(o => o.StartsWith("CopyRows(", StringComparison.Ordinal)), "the head reads the decode rows where they are");
         var two = Decode(0, 2);
         Assert.IsFalse(two.SequenceEqual(a), "a step of another size queues other shapes");
         TestContext.WriteLine($"a decode step of 3 rows: {a.Length} operations, the first {a[0]}");
