@@ -271,6 +271,17 @@ public abstract class StepRows(int capacity) : BackendResource
     }
 }
 
+/// <summary>
+/// Operations recorded once and run again as one (<see cref="IBackend.CaptureGraph"/>, <see cref="IBackend.ReplayGraph"/>; a
+/// CUDA graph on the GPU). A replay reads and writes the backend memory its operations name (tensors, step rows, block
+/// tables, pools) as it is then; host values (shapes, row offsets, weights, KV splits) are those of the capture.
+/// </summary>
+public abstract class StepGraph : BackendResource
+{
+    /// <summary>Operations recorded.</summary>
+    public abstract int Operations { get; }
+}
+
 /// <summary>The head geometry of MLA (MODEL.md §3).</summary>
 /// <param name="Heads">Attention heads H.</param>
 /// <param name="QkNope">Non-rotary q/k width per head.</param>

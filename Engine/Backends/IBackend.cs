@@ -117,6 +117,25 @@ public interface IBackend : IDisposable
     /// </summary>
     void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens);
 
+    // ---- graphs ----
+
+    /// <summary>
+    /// Records, without running them, the operations <paramref name="record"/> calls on this backend from this thread, as a
+    /// <see cref="StepGraph"/> that <see cref="ReplayGraph"/> runs (a CUDA graph on the GPU). A replay reads and writes the
+    /// memory the operations name as it is then (upload a step's rows, then replay), while their host values (shapes, row
+    /// offsets, weights) are the capture's. Only operations over backend memory are recorded: <see cref="CopyRows"/>,
+    /// <see cref="EmbeddingRows"/>, the norms, <see cref="Linear"/>, <see cref="Logits"/>, <see cref="SiluMul"/>,
+    /// <see cref="ConcatColumns"/>, the row operations and MoE; <see cref="View"/> and <see cref="PagedCache"/> make views
+    /// as usual. Anything else (allocation, uploads and downloads, the block table and step rows, routing downloads, token
+    /// choices, <see cref="Embedding"/> of host ids, the per-sequence cache operations, a capture or replay) is refused while
+    /// capturing, with an <see cref="InvalidOperationException"/> naming the call, and the capture is abandoned. Run the
+    /// recorded work once before capturing it: the first run of a shape may compile kernels or size scratch memory.
+    /// </summary>
+    StepGraph CaptureGraph(Action record);
+
+    /// <summary>Runs <paramref name="graph"/>'s operations in their order, after the work queued before (asynchronously on a GPU).</summary>
+    void ReplayGraph(StepGraph graph);
+
     // ---- operations ----
 
     /// <summary>output[t] = table[ids[t]]. output [T, width].</summary>

@@ -142,6 +142,7 @@ internal sealed class Fp8GemmKernel : IDisposable
     private readonly MmaLauncher _mma;
     private readonly WgmmaLauncher? _wgmma;
     private DeviceBuffer<float>? _workspace;
+    private readonly List<DeviceBuffer<float>> _retired = []; // outgrown workspaces a captured graph may still point into
 
     /// <summary>Creates the launcher on <paramref name="device"/>.</summary>
     /// <param name="device">The device.</param>
@@ -364,7 +365,7 @@ internal sealed class Fp8GemmKernel : IDisposable
             var (wgmmaSplits, perSplit) = WgmmaDecodeSplits(n, k, Device.MultiprocessorCount);
             p.Splits = wgmmaSplits;
             p.SplitK = perSplit * Block;
-            p.Partial = Workspace(stream, p.Splits, m, n);
+            p.Partial = Workspace(p.Splits, m, n);
             _wgmma!.RunDecode(stream, in p, n, k);
             if (p.Splits > 1)
             {
@@ -382,12 +383,16 @@ internal sealed class Fp8GemmKernel : IDisposable
             p.Splits = (k + p.SplitK - 1) / p.SplitK;
         }
 
-        p.Partial = Workspace(stream, p.Splits, m, n);
+        p.Partial = Workspace(p.Splits, m, n);
         _gemv.Run(stream, in p, n, k, tile);
     }
 
-    /// <summary>The split-K workspace for <paramref name="splits"/> fp32 partials of [m, n], grown as needed; 0 without a split.</summary>
-    private ulong Workspace(CudaStream stream, int splits, int m, int n)
+    /// <summary>
+    /// The split-K workspace for <paramref name="splits"/> fp32 partials of [m, n]; 0 without a split. It grows at least
+    /// twofold, and an outgrown one is kept until disposal, not freed: queued work or a captured CUDA graph may still
+    /// point into it (what is kept stays below the current size).
+    /// </summary>
+    private ulong Workspace(int splits, int m, int n)
     {
         if (splits <= 1)
         {
@@ -397,9 +402,12 @@ internal sealed class Fp8GemmKernel : IDisposable
         var need = (long)splits * m * n;
         if (_workspace is null || _workspace.Length < need)
         {
-            stream.Synchronize(); // the old workspace may still be in use by queued work
-            _workspace?.Dispose();
-            _workspace = DeviceBuffer<float>.Allocate(Device, need);
+            if (_workspace is not null)
+            {
+                _retired.Add(_workspace);
+            }
+
+            _workspace = DeviceBuffer<float>.Allocate(Device, Math.Max(need, 2 * (_workspace?.Length ?? 0)));
         }
 
         return _workspace.Pointer;
@@ -415,6 +423,12 @@ internal sealed class Fp8GemmKernel : IDisposable
         _wgmma?.Dispose();
         _workspace?.Dispose();
         _workspace = null;
+        foreach (var w in _retired)
+        {
+            w.Dispose();
+        }
+
+        _retired.Clear();
     }
 
     private sealed class GemvLauncher(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, GemvFamily)

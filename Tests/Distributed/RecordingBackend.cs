@@ -216,6 +216,10 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
         inner.ConcatColumns(a, b, output);
     }
 
+    public StepGraph CaptureGraph(Action record) => inner.CaptureGraph(record);
+
+    public void ReplayGraph(StepGraph graph) => inner.ReplayGraph(graph);
+
     public StepRows AllocateStepRows(int capacity) => Counted(inner.AllocateStepRows(capacity));
 
     public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) =>

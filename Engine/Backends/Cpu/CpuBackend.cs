@@ -1,4 +1,5 @@
 using System.Numerics.Tensors;
+using System.Runtime.CompilerServices;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Numerics;
 
@@ -56,14 +57,77 @@ public sealed class CpuBackend : IBackend
     /// <summary>Whether <see cref="Dispose"/> was called (tests check that failed loads dispose their backend).</summary>
     internal bool IsDisposed { get; private set; }
 
+    // ---------------------------------------------------------------- graphs
+
+    private List<Action>? _recording;   // the operations of the graph being captured
+    private int _recorder;              // the capturing thread
+
+    /// <inheritdoc />
+    /// <remarks>Each recorded operation is the call itself, made again at every replay (its checks run then).</remarks>
+    public StepGraph CaptureGraph(Action record)
+    {
+        ArgumentNullException.ThrowIfNull(record);
+        NotCapturing();
+        var operations = new List<Action>();
+        (_recording, _recorder) = (operations, Environment.CurrentManagedThreadId);
+        try
+        {
+            record();
+        }
+        finally
+        {
+            _recording = null;
+        }
+
+        return new CpuStepGraph(this, [.. operations]);
+    }
+
+    /// <inheritdoc />
+    public void ReplayGraph(StepGraph graph)
+    {
+        NotCapturing();
+        var g = graph as CpuStepGraph is { } cpu && cpu.Owner == this ? cpu : throw new ArgumentException($"the graph does not belong to this backend", nameof(graph));
+        ObjectDisposedException.ThrowIf(g.IsDisposed, g);
+        foreach (var operation in g.Recorded)
+        {
+            operation();
+        }
+    }
+
+    /// <summary>While this thread captures a graph: keeps <paramref name="operation"/> (the call being made) for its replays, and says so.</summary>
+    private bool Recorded(Action operation)
+    {
+        if (_recording is null || Environment.CurrentManagedThreadId != _recorder)
+        {
+            return false;
+        }
+
+        _recording.Add(operation);
+        return true;
+    }
+
+    /// <summary>Refuses <paramref name="call"/> while this thread captures a graph (<see cref="CaptureGraph"/>).</summary>
+    private void NotCapturing([CallerMemberName] string call = "")
+    {
+        if (_recording is not null && Environment.CurrentManagedThreadId == _recorder)
+        {
+            throw new InvalidOperationException($"{call} cannot be part of a graph (a graph holds only operations over backend memory: IBackend.CaptureGraph)");
+        }
+    }
+
     // ---------------------------------------------------------------- memory
 
     /// <inheritdoc />
-    public Tensor Allocate(int rows, int cols) => new CpuTensor(rows, cols);
+    public Tensor Allocate(int rows, int cols)
+    {
+        NotCapturing();
+        return new CpuTensor(rows, cols);
+    }
 
     /// <inheritdoc />
     public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols)
     {
+        NotCapturing();
         var t = new CpuTensor(rows, cols);
         if (values.Length != t.Data.Length)
         {
@@ -75,11 +139,20 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
-    public void Download(Tensor tensor, Span<float> destination) => T(tensor).Data.CopyTo(destination);
+    public void Download(Tensor tensor, Span<float> destination)
+    {
+        NotCapturing();
+        T(tensor).Data.CopyTo(destination);
+    }
 
     /// <inheritdoc />
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count)
     {
+        if (Recorded(() => CopyRows(source, sourceRow, destination, destinationRow, count)))
+        {
+            return;
+        }
+
         CpuTensor s = T(source), d = T(destination);
         if (s.Cols != d.Cols || sourceRow < 0 || destinationRow < 0 || count < 0 || sourceRow + count > s.Rows || destinationRow + count > d.Rows)
         {
@@ -100,23 +173,37 @@ public sealed class CpuBackend : IBackend
     // ---------------------------------------------------------------- weights
 
     /// <inheritdoc />
-    public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec) => LoadLinear(checkpoint, spec);
+    public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
+    {
+        NotCapturing();
+        return LoadLinear(checkpoint, spec);
+    }
 
     /// <inheritdoc />
-    public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon) =>
-        new CpuNormWeight(width, epsilon, WeightReader.Float32(checkpoint, name, width));
+    public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon)
+    {
+        NotCapturing();
+        return new CpuNormWeight(width, epsilon, WeightReader.Float32(checkpoint, name, width));
+    }
 
     /// <inheritdoc />
-    public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width) =>
-        new CpuEmbeddingWeight(rows, width, WeightReader.Float32(checkpoint, name, rows, width));
+    public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width)
+    {
+        NotCapturing();
+        return new CpuEmbeddingWeight(rows, width, WeightReader.Float32(checkpoint, name, rows, width));
+    }
 
     /// <inheritdoc />
-    public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width) =>
-        new CpuLinearWeight(vocab, width, false, WeightReader.Float32(checkpoint, name, vocab, width));
+    public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width)
+    {
+        NotCapturing();
+        return new CpuLinearWeight(vocab, width, false, WeightReader.Float32(checkpoint, name, vocab, width));
+    }
 
     /// <inheritdoc />
     public GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options)
     {
+        NotCapturing();
         if (options.Experts % options.Groups != 0 || options.GroupsKept > options.Groups || options.TopK > options.Experts / options.Groups * options.GroupsKept)
         {
             throw new ArgumentException($"unsupported routing {options}", nameof(options));
@@ -128,6 +215,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared)
     {
+        NotCapturing();
         var routed = new CpuMlp?[experts.Count];
         // Experts are independent tensors; dequantizing them in parallel is the bulk of load time.
         // An empty entry is an expert another device holds (expert parallelism): it contributes nothing here.
@@ -141,6 +229,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs)
     {
+        NotCapturing();
         if (cos.Length != positions * pairs || sin.Length != positions * pairs)
         {
             throw new ArgumentException($"cos/sin must be [{positions}, {pairs}]");
@@ -150,11 +239,16 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
-    public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => new CpuLatentCache(capacity, latentDim, ropeDim);
+    public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim)
+    {
+        NotCapturing();
+        return new CpuLatentCache(capacity, latentDim, ropeDim);
+    }
 
     /// <inheritdoc />
     public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim)
     {
+        NotCapturing();
         ArgumentOutOfRangeException.ThrowIfNegative(blocks);
         return new CpuLatentPool(blocks, latentDim, ropeDim);
     }
@@ -162,6 +256,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest)
     {
+        NotCapturing();
         ArgumentOutOfRangeException.ThrowIfLessThan(requests, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(maxBlocksPerRequest, 1);
         return new CpuBlockTable(requests, maxBlocksPerRequest);
@@ -170,6 +265,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table)
     {
+        NotCapturing();
         var t = (CpuBlockTable)table;
         if (entries.Length != t.Entries.Length)
         {
@@ -189,20 +285,29 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public StepRows AllocateStepRows(int capacity)
     {
+        NotCapturing();
         ArgumentOutOfRangeException.ThrowIfNegative(capacity);
         return new CpuStepRows(capacity);
     }
 
     /// <inheritdoc />
-    public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) =>
+    public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows)
+    {
+        NotCapturing();
         ((CpuStepRows)rows).Set(tokens, slots, positions);
+    }
 
     /// <inheritdoc />
-    public Routing AllocateRouting(int tokens, int experts, int topK) => new CpuRouting(tokens, experts, topK);
+    public Routing AllocateRouting(int tokens, int experts, int topK)
+    {
+        NotCapturing();
+        return new CpuRouting(tokens, experts, topK);
+    }
 
     /// <inheritdoc />
     public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights)
     {
+        NotCapturing();
         var r = (CpuRouting)routing;
         if (!scores.IsEmpty)
         {
@@ -223,6 +328,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public TokenChoiceBuffer AllocateTokenChoices(int rows)
     {
+        NotCapturing();
         ArgumentOutOfRangeException.ThrowIfLessThan(rows, 1);
         return new CpuTokenChoices(rows);
     }
@@ -230,6 +336,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
     {
+        NotCapturing();
         ShapeCheck.Choices(logits, choices, buffer, tokens);
         var l = T(logits);
         for (var r = 0; r < choices.Length; r++)
@@ -256,6 +363,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output)
     {
+        NotCapturing();
         var w = (CpuEmbeddingWeight)table;
         var o = T(output);
         ShapeCheck.Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
@@ -276,6 +384,11 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output)
     {
+        if (Recorded(() => EmbeddingRows(table, rows, output)))
+        {
+            return;
+        }
+
         ShapeCheck.EmbeddingRows(table, rows, output);
         Embedding(table, rows.Tokens[..output.Rows], output);
     }
@@ -283,6 +396,11 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void RmsNorm(Tensor x, NormWeight weight, Tensor output)
     {
+        if (Recorded(() => RmsNorm(x, weight, output)))
+        {
+            return;
+        }
+
         CpuTensor a = T(x), o = T(output);
         var w = (CpuNormWeight)weight;
         ShapeCheck.Require(a.Cols == w.Width && o.Cols == w.Width && a.Rows == o.Rows, "rmsnorm shapes");
@@ -297,6 +415,11 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
     {
+        if (Recorded(() => AddRmsNorm(residual, delta, weight, normed)))
+        {
+            return;
+        }
+
         CpuTensor r = T(residual), d = T(delta);
         ShapeCheck.Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
         TensorPrimitives.Add(r.Data, d.Data, r.Data);
@@ -316,6 +439,11 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void SiluMul(Tensor gate, Tensor up, Tensor output)
     {
+        if (Recorded(() => SiluMul(gate, up, output)))
+        {
+            return;
+        }
+
         CpuTensor g = T(gate), u = T(up), o = T(output);
         ShapeCheck.Require(g.Data.Length == u.Data.Length && g.Data.Length == o.Data.Length, "silu-mul shapes");
         SiluMulSpan(g.Data, u.Data, o.Data);
@@ -334,6 +462,11 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void ConcatColumns(Tensor a, Tensor b, Tensor output)
     {
+        if (Recorded(() => ConcatColumns(a, b, output)))
+        {
+            return;
+        }
+
         CpuTensor x = T(a), y = T(b), o = T(output);
         ShapeCheck.Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
         for (var t = 0; t < o.Rows; t++)
@@ -348,6 +481,11 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void Linear(Tensor x, LinearWeight weight, Tensor y)
     {
+        if (Recorded(() => Linear(x, weight, y)))
+        {
+            return;
+        }
+
         CpuTensor a = T(x), o = T(y);
         var w = (CpuLinearWeight)weight;
         ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
@@ -359,6 +497,11 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void Logits(Tensor x, LinearWeight head, Tensor logits)
     {
+        if (Recorded(() => Logits(x, head, logits)))
+        {
+            return;
+        }
+
         CpuTensor a = T(x), o = T(logits);
         var w = (CpuLinearWeight)head;
         ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
@@ -431,6 +574,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
     {
+        NotCapturing();
         var a = T(x);
         var r = (CpuRopeTable)rope;
         ShapeCheck.Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
@@ -452,6 +596,11 @@ public sealed class CpuBackend : IBackend
     /// <remarks>Each row through <see cref="ApplyRope"/> at its position: the specification of the batched kernels.</remarks>
     public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset)
     {
+        if (Recorded(() => ApplyRopeRows(x, rope, rows, headStride, ropeOffset)))
+        {
+            return;
+        }
+
         ShapeCheck.StepRows(rows, x.Rows, null, rope);
         var positions = rows.Positions;
         for (var t = 0; t < x.Rows; t++)
@@ -465,6 +614,11 @@ public sealed class CpuBackend : IBackend
     /// <remarks>Each row through <see cref="AppendLatent"/> into its slot's <see cref="PagedCache"/>.</remarks>
     public void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows)
     {
+        if (Recorded(() => AppendLatentRows(kv, latentNorm, rope, pool, table, rows)))
+        {
+            return;
+        }
+
         ShapeCheck.StepRows(rows, kv.Rows, table, rope);
         var slots = rows.Slots;
         var positions = rows.Positions;
@@ -479,6 +633,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition)
     {
+        NotCapturing();
         var a = T(kv);
         var c = (CpuLatentCache)cache;
         var norm = (CpuNormWeight)latentNorm;
@@ -531,6 +686,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
     {
+        NotCapturing();
         var (qt, c, w, o) = CheckAttention(q, cache, kvB, dims, startPosition, output);
         var keys = startPosition + qt.Rows;
         int lora = dims.KvLora, ropeDim = dims.QkRope, kvbRow = dims.KvBHead * dims.Heads;
@@ -575,6 +731,7 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
     {
+        NotCapturing();
         var (qt, c, w, o) = CheckAttention(q, cache, kvB, dims, startPosition, output);
         int lora = dims.KvLora, ropeDim = dims.QkRope;
 
@@ -623,6 +780,11 @@ public sealed class CpuBackend : IBackend
     /// <remarks>Each row through <see cref="MlaAttentionAbsorbed"/> alone over its slot's <see cref="PagedCache"/>.</remarks>
     public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output)
     {
+        if (Recorded(() => MlaAttentionRows(q, pool, table, rows, kvB, dims, scale, output)))
+        {
+            return;
+        }
+
         ShapeCheck.AttentionRows(q, pool, kvB, dims, output);
         ShapeCheck.StepRows(rows, q.Rows, table, null);
         var slots = rows.Slots;
@@ -663,6 +825,11 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void MoeGate(Tensor x, GateWeight gate, Routing routing)
     {
+        if (Recorded(() => MoeGate(x, gate, routing)))
+        {
+            return;
+        }
+
         var a = T(x);
         var g = (CpuGateWeight)gate;
         var r = (CpuRouting)routing;
@@ -676,6 +843,11 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y)
     {
+        if (Recorded(() => MoeExperts(x, routing, experts, y)))
+        {
+            return;
+        }
+
         CpuTensor a = T(x), o = T(y);
         var r = (CpuRouting)routing;
         var ew = (CpuExpertWeights)experts;

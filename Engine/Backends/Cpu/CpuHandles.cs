@@ -89,6 +89,16 @@ internal sealed class CpuRouting(int tokens, int experts, int topK) : Routing(to
 /// <summary>The CPU chooses in place: nothing to hold.</summary>
 internal sealed class CpuTokenChoices(int rows) : TokenChoiceBuffer(rows);
 
+/// <summary>A CPU graph: the calls recorded, made again in order at each replay.</summary>
+internal sealed class CpuStepGraph(CpuBackend owner, Action[] recorded) : StepGraph
+{
+    public CpuBackend Owner { get; } = owner;
+
+    public Action[] Recorded { get; } = recorded;
+
+    public override int Operations => Recorded.Length;
+}
+
 /// <summary>Step rows: the host copy <see cref="StepRows"/> keeps is all the CPU backend needs.</summary>
 internal sealed class CpuStepRows(int capacity) : StepRows(capacity);
 

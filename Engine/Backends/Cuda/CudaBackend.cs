@@ -93,6 +93,9 @@ public sealed class CudaBackend : IBackend
     private readonly Lock _sync = new();
     private readonly bool _ownsStream;
     private bool _disposed;
+    private bool _capturing;   // a graph is being captured (by the thread holding the lock)
+    private int _recorded;     // operations recorded so far in the capture
+    private int _liveGraphs;   // graphs captured and not yet disposed
 
     /// <summary>
     /// Opens the device, creates the stream and the NVRTC compiler (kernels compile on first use, through the disk cache).
@@ -204,6 +207,11 @@ public sealed class CudaBackend : IBackend
     public void Trim()
     {
         using var scope = Enter();
+        if (_liveGraphs > 0)
+        {
+            throw new InvalidOperationException($"{_liveGraphs} step graphs still point into the scratch memory: dispose them before trimming");
+        }
+
         TrimCore();
     }
 
@@ -309,7 +317,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         CudaTensor s = T(source), d = T(destination);
         if (s.Cols != d.Cols || sourceRow < 0 || destinationRow < 0 || count < 0 || sourceRow + count > s.Rows || destinationRow + count > d.Rows)
         {
@@ -677,6 +685,62 @@ public sealed class CudaBackend : IBackend
         }
     }
 
+    // ---------------------------------------------------------------- graphs
+
+    /// <inheritdoc />
+    /// <remarks>
+    /// Stream capture (thread-local mode) under the backend's lock, so no other thread's work enters the graph. The KV
+    /// splits of <see cref="MlaAttentionRows"/> are those sized for the capture's rows (any split count is exact; a replay
+    /// over longer rows runs with those splits). While graphs live, scratch memory that must grow keeps its old block
+    /// (a graph may point into it) until the last graph is disposed, and <see cref="Trim"/> is refused.
+    /// </remarks>
+    public StepGraph CaptureGraph(Action record)
+    {
+        ArgumentNullException.ThrowIfNull(record);
+        using var scope = Enter();
+        _capturing = true;
+        try
+        {
+            var graph = CudaGraph.Capture(_stream, _ => record());
+            _liveGraphs++;
+            return new CudaStepGraph(this, graph, _recorded);
+        }
+        finally
+        {
+            _capturing = false;
+            _recorded = 0;
+        }
+    }
+
+    /// <inheritdoc />
+    public void ReplayGraph(StepGraph graph)
+    {
+        using var scope = Enter();
+        var g = graph as CudaStepGraph is { } cuda && cuda.Owner == this ? cuda : throw new ArgumentException("the graph does not belong to this backend", nameof(graph));
+        ObjectDisposedException.ThrowIf(g.IsDisposed, g);
+        g.Graph.Launch(_stream);
+    }
+
+    /// <summary>Destroys a graph of this backend after its queued replays; once none lives, frees the scratch blocks kept for graphs.</summary>
+    internal void Release(CudaGraph graph)
+    {
+        using var scope = _sync.EnterScope();
+        if (!_disposed)
+        {
+            _device.MakeCurrent();
+            _stream.Synchronize();
+        }
+
+        graph.Dispose();
+        if (--_liveGraphs == 0)
+        {
+            foreach (var s in _scratch)
+            {
+                s.FreeRetired();
+            }
+        }
+    }
+
     // ---------------------------------------------------------------- elementwise and norms
 
     /// <inheritdoc />
@@ -700,7 +764,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         var w = (CudaEmbeddingWeight)table;
         var o = T(output);
         ShapeCheck.EmbeddingRows(w, rows, o);
@@ -710,7 +774,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void RmsNorm(Tensor x, NormWeight weight, Tensor output)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         CudaTensor a = T(x), o = T(output);
         var w = (CudaNormWeight)weight;
         ShapeCheck.Require(a.Cols == w.Width && o.Cols == w.Width && a.Rows == o.Rows, "rmsnorm shapes");
@@ -726,7 +790,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         CudaTensor r = T(residual), d = T(delta), o = T(normed);
         var w = (CudaNormWeight)weight;
         ShapeCheck.Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
@@ -739,7 +803,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void SiluMul(Tensor gate, Tensor up, Tensor output)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         CudaTensor g = T(gate), u = T(up), o = T(output);
         ShapeCheck.Require(g.Length == u.Length && g.Length == o.Length, "silu-mul shapes");
         if (o.Length == 0)
@@ -761,7 +825,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void ConcatColumns(Tensor a, Tensor b, Tensor output)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         CudaTensor x = T(a), y = T(b), o = T(output);
         ShapeCheck.Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
         _glue.Copy(_stream, x.Pointer, x.Cols, o.Pointer, o.Cols, o.Rows, x.Cols);
@@ -773,7 +837,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void Linear(Tensor x, LinearWeight weight, Tensor y)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         CudaTensor a = T(x), o = T(y);
         var w = (CudaLinearWeight)weight;
         ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
@@ -784,7 +848,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void Logits(Tensor x, LinearWeight head, Tensor logits)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         CudaTensor a = T(x), o = T(logits);
         var w = (CudaLinearWeight)head;
         ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
@@ -831,7 +895,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         ShapeCheck.StepRows(rows, x.Rows, null, rope);
         Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, 0, ((CudaStepRows)rows).PositionsPointer);
     }
@@ -864,7 +928,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         ShapeCheck.StepRows(rows, kv.Rows, table, rope);
         var (p, t, s) = ((CudaLatentPool)pool, (CudaBlockTable)table, (CudaStepRows)rows);
         Append(T(kv), (CudaNormWeight)latentNorm, (CudaRopeTable)rope, p.Shape, s.SlotsPointer, s.PositionsPointer, t.Entries.Pointer, t.MaxBlocksPerRequest,
@@ -921,7 +985,7 @@ public sealed class CudaBackend : IBackend
     /// <remarks>One fold, one decode launch (each row a request of one query: its slot's block-table row, length position + 1), one unfold.</remarks>
     public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         ShapeCheck.AttentionRows(q, pool, kvB, dims, output);
         ShapeCheck.StepRows(rows, q.Rows, table, null);
         var (p, t, s) = ((CudaLatentPool)pool, (CudaBlockTable)table, (CudaStepRows)rows);
@@ -983,6 +1047,7 @@ public sealed class CudaBackend : IBackend
     {
         if (w.Bf16 is null)
         {
+            FirstRunNotCaptured("absorbed attention with this kv_b");
             var b = w.Owned.Own(DeviceBuffer<ushort>.Allocate(_device, (long)w.Out * w.In));
             _glue.Dequantize(_stream, w.Codes!.Pointer, w.Scales!.Pointer, w.Out, w.In, b.Pointer);
             w.Bf16 = b;
@@ -1006,7 +1071,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void MoeGate(Tensor x, GateWeight gate, Routing routing)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         var a = T(x);
         var g = (CudaGateWeight)gate;
         var r = (CudaRouting)routing;
@@ -1021,7 +1086,7 @@ public sealed class CudaBackend : IBackend
     /// <inheritdoc />
     public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y)
     {
-        using var scope = Enter();
+        using var scope = Enter(recordable: true);
         CudaTensor a = T(x), o = T(y);
         var r = (CudaRouting)routing;
         var ew = (CudaExpertWeights)experts;
@@ -1031,6 +1096,7 @@ public sealed class CudaBackend : IBackend
         var key = (ew.Experts, ew.Stack.Experts, width, ew.ExpertWidth, ew.SharedWidth, k);
         if (!_moe.TryGetValue(key, out var layer))
         {
+            FirstRunNotCaptured("MoE experts of this shape");
             // Only the experts half of MoeLayer is used: its gate shape needs E, H and k; groups do not matter here.
             layer = new MoeLayer(_device, _compiler, new MoeGateShape(ew.Experts, width, 1, 1, k), ew.ExpertWidth, ew.SharedWidth, _options.MaxMoeTokens,
                 _options.HopperFp8Gemm, slots: ew.Stack.Experts);
@@ -1051,14 +1117,25 @@ public sealed class CudaBackend : IBackend
 
     /// <summary>
     /// Serializes callers (the scratch buffers and staged arguments are shared; the stream orders the device work) and
-    /// makes the device current on the calling thread.
+    /// makes the device current on the calling thread. While a graph is captured (the capturing thread holds the lock),
+    /// only a <paramref name="recordable"/> operation gets in.
     /// </summary>
-    private Lock.Scope Enter()
+    private Lock.Scope Enter(bool recordable = false, [CallerMemberName] string call = "")
     {
         var scope = _sync.EnterScope();
         try
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
+            if (_capturing)
+            {
+                if (!recordable)
+                {
+                    throw NotRecordable(call);
+                }
+
+                _recorded++;
+            }
+
             _device.MakeCurrent();
         }
         catch
@@ -1070,9 +1147,26 @@ public sealed class CudaBackend : IBackend
         return scope;
     }
 
-    /// <summary>Stages small int32 arguments on the stream (ordered after the work that read the previous ones).</summary>
-    private ulong UploadInts(ReadOnlySpan<int> values)
+    /// <summary>Refuses, while capturing, work that allocates on its first run.</summary>
+    private void FirstRunNotCaptured(string what)
     {
+        if (_capturing)
+        {
+            throw new InvalidOperationException($"{what} has not run before the graph capture (its first run allocates): run the captured work once before capturing it");
+        }
+    }
+
+    private static InvalidOperationException NotRecordable(string call) =>
+        new($"{call} cannot be part of a graph (a graph holds only operations over backend memory: IBackend.CaptureGraph)");
+
+    /// <summary>Stages small int32 arguments on the stream (ordered after the work that read the previous ones).</summary>
+    private ulong UploadInts(ReadOnlySpan<int> values, [CallerMemberName] string call = "")
+    {
+        if (_capturing)
+        {
+            throw NotRecordable(call);
+        }
+
         var p = _ints.Get(Math.Max(4, values.Length * 4L));
         DeviceBuffer<int>.View(_device, p, values.Length).Upload(values, _stream);
         return p;
@@ -1087,20 +1181,47 @@ public sealed class CudaBackend : IBackend
     {
         private DeviceBuffer<byte>? _buffer;
 
+        private readonly List<DeviceBuffer<byte>> _retired = [];
+
         public ulong Get(long bytes)
         {
             if (_buffer is null || _buffer.Length < bytes)
             {
+                if (owner._capturing)
+                {
+                    throw new InvalidOperationException($"scratch memory would grow to {bytes} bytes during a graph capture: run the captured work once before capturing it");
+                }
+
                 owner._stream.Synchronize();
-                _buffer?.Dispose();
+                if (owner._liveGraphs > 0 && _buffer is not null)
+                {
+                    _retired.Add(_buffer); // a live graph may point into it
+                }
+                else
+                {
+                    _buffer?.Dispose();
+                }
+
                 _buffer = DeviceBuffer<byte>.Allocate(owner._device, Math.Max(bytes, 2 * (_buffer?.Length ?? 0)));
             }
 
             return _buffer.Pointer;
         }
 
+        /// <summary>Frees the blocks kept for graphs that are gone (the caller has waited for the stream).</summary>
+        public void FreeRetired()
+        {
+            foreach (var b in _retired)
+            {
+                b.Dispose();
+            }
+
+            _retired.Clear();
+        }
+
         public void Free()
         {
+            FreeRetired();
             _buffer?.Dispose();
             _buffer = null;
         }

@@ -469,3 +469,24 @@ internal readonly record struct ExpertStackLayout(int Experts, int Hidden, int I
     /// <summary>Expert e's down_proj scales in W2's scales.</summary>
     public long DownScales(int e) => e * HiddenBlocks * InterBlocks;
 }
+
+/// <summary>A captured CUDA graph of a backend's stream; disposing it lets the backend free the scratch blocks kept for it.</summary>
+internal sealed class CudaStepGraph(CudaBackend owner, CudaGraph graph, int operations) : StepGraph
+{
+    public CudaBackend Owner { get; } = owner;
+
+    public CudaGraph Graph { get; } = graph;
+
+    private bool _released;
+
+    public override int Operations { get; } = operations;
+
+    protected override void Dispose(bool disposing)
+    {
+        if (!_released)
+        {
+            _released = true;
+            Owner.Release(Graph);
+        }
+    }
+}

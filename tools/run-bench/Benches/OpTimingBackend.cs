@@ -192,6 +192,10 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
     public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition) =>
         Op(null, () => inner.AppendLatent(kv, latentNorm, rope, cache, startPosition));
 
+    public StepGraph CaptureGraph(Action record) => inner.CaptureGraph(record);
+
+    public void ReplayGraph(StepGraph graph) => inner.ReplayGraph(graph);
+
     public StepRows AllocateStepRows(int capacity) => Op(null, () => inner.AllocateStepRows(capacity));
 
     public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) =>

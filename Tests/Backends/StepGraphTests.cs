@@ -1,0 +1,254 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Loader.Numerics;
+using static DeepSeekCuda.Tests.Backends.AttentionTestData;
+
+namespace DeepSeekCuda.Tests.Backends;
+
+/// <summary>
+/// Graphs on the CPU backend, the specification of the CUDA graphs a step runner replays: a capture runs nothing and keeps
+/// the operations over backend memory; each replay runs them over that memory as it is then (new step rows: other tokens,
+/// slots, positions and order), bitwise as the same calls made eagerly; what a graph cannot hold is refused by name, and
+/// the backend then runs as before.
+/// </summary>
+[TestClass]
+public sealed class StepGraphTests
+{
+    private const int Vocab = 23, Width = 32, Slots = 3, MaxBlocks = 2, Positions = MaxBlocks * 64;
+
+    /// <summary>The weights of a decode-shaped step (embedding, norm, q and kv_a projections, attention), shared by every backend.</summary>
+    private sealed record Weights(CpuEmbeddingWeight Embed, CpuNormWeight Norm, CpuLinearWeight Q, CpuLinearWeight KvA, RopeTable Rope,
+        CpuNormWeight KvNorm, CpuLinearWeight KvB);
+
+    /// <summary>One backend's memory for a step of <see cref="Slots"/> rows over a permuted block table.</summary>
+    private sealed class Step : IDisposable
+    {
+        private readonly List<IDisposable> _owned = [];
+
+        public Step(CpuBackend b, int[] entries)
+        {
+            B = b;
+            Rows = Own(b.AllocateStepRows(Slots));
+            Pool = Own(b.AllocateLatentPool(Slots * MaxBlocks, Dims.KvLora, Dims.QkRope));
+            Table = Own(b.AllocateBlockTable(Slots, MaxBlocks));
+            b.UploadBlockTable(entries, Table);
+            H = Own(b.Allocate(Slots, Width));
+            Normed = Own(b.Allocate(Slots, Width));
+            Q = Own(b.Allocate(Slots, Dims.Heads * Dims.QkHead));
+            Kv = Own(b.Allocate(Slots, Dims.KvLora + Dims.QkRope));
+            Attention = Own(b.Allocate(Slots, Dims.Heads * Dims.V));
+            Output = Own(b.Upload(Enumerable.Repeat(float.NaN, (Slots + 1) * Dims.Heads * Dims.V).ToArray(), Slots + 1, Dims.Heads * Dims.V));
+        }
+
+        public CpuBackend B { get; }
+        public StepRows Rows { get; }
+        public LatentPool Pool { get; }
+        public BlockTable Table { get; }
+        public Tensor H { get; }
+        public Tensor Normed { get; }
+        public Tensor Q { get; }
+        public Tensor Kv { get; }
+        public Tensor Attention { get; }
+
+        /// <summary>[Slots + 1, H·v]: row 0 never written, rows 1.. the attention output (through a view).</summary>
+        public Tensor Output { get; }
+
+        private T Own<T>(T resource)
+            where T : IDisposable
+        {
+            _owned.Add(resource);
+            return resource;
+        }
+
+        /// <summary>The step's operations, as a runner queues them: the last through a view made (and disposed) here.</summary>
+        public void Run(Weights w)
+        {
+            B.EmbeddingRows(w.Embed, Rows, H);
+            B.RmsNorm(H, w.Norm, Normed);
+            B.Linear(Normed, w.Q, Q);
+            B.Linear(Normed, w.KvA, Kv);
+            B.ApplyRopeRows(Q, w.Rope, Rows, Dims.QkHead, Dims.QkNope);
+            B.AppendLatentRows(Kv, w.KvNorm, w.Rope, Pool, Table, Rows);
+            B.MlaAttentionRows(Q, Pool, Table, Rows, w.KvB, Dims, 1f / MathF.Sqrt(Dims.QkHead), Attention);
+            using var tail = B.View(Output, 1, Slots);
+            B.CopyRows(Attention, 0, tail, 0, Slots);
+        }
+
+        /// <summary>Every slot's cached latent and rotated key at positions 0 .. <paramref name="length"/> − 1.</summary>
+        public float[] Cache(int length)
+        {
+            var all = new List<float>();
+            for (var s = 0; s < Slots; s++)
+            {
+                using var view = B.PagedCache(Pool, Table, s);
+                var c = (CpuLatentCache)view;
+                for (var p = 0; p < length; p++)
+                {
+                    all.AddRange(c.Latent(p).ToArray());
+                    all.AddRange(c.Rope(p).ToArray());
+                }
+            }
+
+            return [.. all];
+        }
+
+        public void Dispose()
+        {
+            for (var i = _owned.Count - 1; i >= 0; i--)
+            {
+                _owned[i].Dispose();
+            }
+        }
+    }
+
+    private static void Near(float[] want, float[] got, string what)
+    {
+        Assert.HasCount(want.Length, got, what);
+        for (var i = 0; i < want.Length; i++)
+        {
+            Assert.AreEqual(want[i], got[i], 1e-6f * Math.Abs(want[i]), $"{what} [{i}]");
+        }
+    }
+
+    private static Weights MakeWeights(CpuBackend b, Random r)
+    {
+        var embed = Normal(r, Vocab * Width);
+        BFloat16.Round(embed);
+        var (rope, kvNorm, kvB) = AttentionWeights(b, r, Positions);
+        return new Weights(new CpuEmbeddingWeight(Vocab, Width, embed), new CpuNormWeight(Width, 1e-6f, [.. Normal(r, Width, 0.1f).Select(v => 1 + v)]),
+            new CpuLinearWeight(Dims.Heads * Dims.QkHead, Width, true, Normal(r, Dims.Heads * Dims.QkHead * Width, 0.2f)),
+            new CpuLinearWeight(Dims.KvLora + Dims.QkRope, Width, true, Normal(r, (Dims.KvLora + Dims.QkRope) * Width, 0.2f)), rope, kvNorm, kvB);
+    }
+
+    /// <summary>
+    /// A step captured once (after its first rows are uploaded: the capture runs nothing) and replayed for 66 steps, each
+    /// with new rows (random tokens, the slots in a rotating order, positions crossing a block boundary), against the same
+    /// calls made eagerly on another backend: the outputs after every step and the caches at the end are bitwise equal.
+    /// </summary>
+    [TestMethod]
+    [DataRow(CpuNumerics.Float32)]
+    [DataRow(CpuNumerics.GpuEmulation)]
+    public void ReplaysRunTheRecordedOperationsOverTheRowsUploadedSince(CpuNumerics numerics)
+    {
+        const int Seed = 20261205, Steps = 66;
+        var r = new Random(Seed);
+        using CpuBackend graphed = new(numerics), eager = new(numerics);
+        var w = MakeWeights(graphed, r);
+        using var rope = w.Rope;
+        int[] entries = [.. Enumerable.Range(0, Slots * MaxBlocks).OrderBy(_ => r.Next())];
+        using Step g = new(graphed, entries), e = new(eager, entries);
+        StepGraph? graph = null;
+        try
+        {
+            for (var k = 0; k < Steps; k++)
+            {
+                int[] slots = [.. Enumerable.Range(0, Slots).Select(i => (i + k) % Slots)];
+                int[] tokens = [.. slots.Select(_ => r.Next(Vocab))];
+                int[] positions = [.. slots.Select(_ => k)];
+                graphed.UploadStepRows(tokens, slots, positions, g.Rows);
+                eager.UploadStepRows(tokens, slots, positions, e.Rows);
+                if (graph is null)
+                {
+                    graph = graphed.CaptureGraph(() => g.Run(w));
+                    Assert.AreEqual(8, graph.Operations, "operations recorded (the view is not one)");
+                    Assert.IsTrue(Read(graphed, g.Output).All(float.IsNaN), "the capture wrote no output");
+                    var unwritten = Assert.ThrowsExactly<InvalidOperationException>(() => g.Cache(1), "the capture appended nothing");
+                    StringAssert.Contains(unwritten.Message, "read before any row of it was written");
+                }
+
+                graphed.ReplayGraph(graph);
+                e.Run(w);
+                var want = Read(eager, e.Output);
+                Assert.IsTrue(want.Skip(Dims.Heads * Dims.V).All(float.IsFinite) && want.Any(v => v != 0), $"step {k}: the eager output is finite and not all zero");
+                Bitwise(Read(graphed, g.Output), want, $"{numerics} seed {Seed} step {k} (slots {string.Join(",", slots)}, position {k})");
+            }
+
+            Bitwise(g.Cache(Steps), e.Cache(Steps), $"{numerics} caches after {Steps} steps");
+        }
+        finally
+        {
+            graph?.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// Inside a capture, every call a graph cannot hold (memory, host data, per-sequence positions, nested capture or replay)
+    /// is refused naming the call, and the backend then runs eagerly; a graph of another backend, or a disposed one, is
+    /// refused at replay; another thread's calls during a capture run at once and are not recorded.
+    /// </summary>
+    [TestMethod]
+    public void CaptureRefusesWhatAGraphCannotHoldAndLeavesTheBackendAsItWas()
+    {
+        using var b = new CpuBackend();
+        var r = new Random(3);
+        using var x = b.Upload([1, 2, 3, 4], 1, 4);
+        using var y = b.Allocate(1, 4);
+        var norm = new CpuNormWeight(4, 1e-6f, [1, 1, 1, 1]);
+        var expected = new float[] { 1, 2, 3, 4 }.Select(v => v / MathF.Sqrt(7.5f + 1e-6f)).ToArray();
+        using var rows = b.AllocateStepRows(1);
+        using var table = b.AllocateBlockTable(1, 1);
+        using var cache = b.AllocateLatentCache(4, Dims.KvLora, Dims.QkRope);
+        var (rope, kvNorm, kvB) = AttentionWeights(b, r, 4);
+        using var _ = rope;
+        using var q = b.Allocate(1, Dims.Heads * Dims.QkHead);
+        using var kv = b.Allocate(1, Dims.KvLora + Dims.QkRope);
+        using var o = b.Allocate(1, Dims.Heads * Dims.V);
+        using var choices = b.AllocateTokenChoices(1);
+        using var routing = b.AllocateRouting(1, 4, 2);
+        using var empty = b.CaptureGraph(() => { });
+        (string Call, Action Run)[] refused =
+        [
+            ("Allocate", () => b.Allocate(1, 1)),
+            ("Upload", () => b.Upload([1f], 1, 1)),
+            ("Download", () => b.Download(x, new float[4])),
+            ("AllocateStepRows", () => b.AllocateStepRows(1)),
+            ("UploadStepRows", () => b.UploadStepRows([0], [0], [0], rows)),
+            ("UploadBlockTable", () => b.UploadBlockTable([0], table)),
+            ("DownloadRouting", () => b.DownloadRouting(routing, [], new int[2], [])),
+            ("ChooseTokens", () => b.ChooseTokens(x, [TokenChoice.Greedy(4)], choices, new int[1])),
+            ("Embedding", () => b.Embedding(new CpuEmbeddingWeight(2, 4, new float[8]), [1], y)),
+            ("ApplyRope", () => b.ApplyRope(q, rope, 0, Dims.QkHead, Dims.QkNope)),
+            ("AppendLatent", () => b.AppendLatent(kv, kvNorm, rope, cache, 0)),
+            ("MlaAttentionAbsorbed", () => b.MlaAttentionAbsorbed(q, cache, kvB, Dims, 0, 0.25f, o)),
+            ("MlaAttentionNaive", () => b.MlaAttentionNaive(q, cache, kvB, Dims, 0, 0.25f, o)),
+            ("CaptureGraph", () => b.CaptureGraph(() => { })),
+            ("ReplayGraph", () => b.ReplayGraph(empty)),
+        ];
+        foreach (var (call, run) in refused)
+        {
+            var e = Assert.ThrowsExactly<InvalidOperationException>(() => b.CaptureGraph(() =>
+            {
+                b.RmsNorm(x, norm, y);
+                run();
+            }), call);
+            StringAssert.StartsWith(e.Message, $"{call} cannot be part of a graph", call);
+            using var fresh = b.Allocate(1, 4);
+            b.RmsNorm(x, norm, fresh);
+            Near(expected, Read(b, fresh), $"after the refused {call}, calls run at once");
+        }
+
+        Assert.IsTrue(Read(b, y).All(v => v == 0), "no refused capture ran its recorded norm");
+        using (var other = new CpuBackend())
+        {
+            using var foreign = other.CaptureGraph(() => { });
+            Assert.ThrowsExactly<ArgumentException>(() => b.ReplayGraph(foreign));
+        }
+
+        empty.Dispose();
+        Assert.ThrowsExactly<ObjectDisposedException>(() => b.ReplayGraph(empty));
+
+        using var elsewhere = b.Allocate(1, 4);
+        using var graph = b.CaptureGraph(() =>
+        {
+            b.RmsNorm(x, norm, y);
+            var thread = new Thread(() => b.RmsNorm(x, norm, elsewhere));
+            thread.Start();
+            thread.Join();
+        });
+        Assert.AreEqual(1, graph.Operations, "only the capturing thread's call is recorded");
+        Near(expected, Read(b, elsewhere), "another thread's call ran during the capture");
+        Assert.IsTrue(Read(b, y).All(v => v == 0), "the recorded call did not run");
+        b.ReplayGraph(graph);
+        Near(expected, Read(b, y), "the replay ran it");
+    }
+}
