@@ -520,7 +520,11 @@ public sealed class CpuBackend : IBackend
         return q;
     }
 
-    /// <summary>y[t, o] = x[t, :]·W[o, :] for t &lt; rows; fp32 dot products; parallel over output row blocks.</summary>
+    /// <summary>
+    /// y[t, o] = x[t, :]·W[o, :] for t &lt; rows; fp32 dot products; parallel over output row blocks. A row's sums do not
+    /// depend on how many rows come with it (a token gets the same bits alone, in a batch, beside a graph step's padding,
+    /// or in an expert's group of any size).
+    /// </summary>
     private void Gemm(ReadOnlyMemory<float> xMemory, int rows, CpuLinearWeight w, Memory<float> yMemory, bool parallel)
     {
         int outF = w.Out, inF = w.In;
@@ -535,7 +539,7 @@ public sealed class CpuBackend : IBackend
             ReadOnlySpan<float> x = xMemory.Span;
             var y = yMemory.Span;
             // Four weight rows per pass over the tokens: each x load feeds four dot products.
-            for (; o + 4 <= end && rows > 1; o += 4)
+            for (; o + 4 <= end; o += 4)
             {
                 var w4 = w.Data.AsSpan(o * inF, 4 * inF);
                 for (var t = 0; t < rows; t++)
