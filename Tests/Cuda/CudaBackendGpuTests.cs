@@ -397,8 +397,8 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
     /// A decode step of three rows (embedding from the step rows, the q path, RoPE, the latent append, attention over a
     /// permuted block table, o_proj, MoE, logits) run eagerly once, captured as a graph, and replayed over three new uploads
     /// of rows (other tokens, the slots in another order, positions through a block boundary), against the same calls made
-    /// eagerly over a second copy of the step's memory: bitwise equal on each backend (contexts under 512 keep one KV split
-    /// in both), and each replay's logits differ from the last (it read the new rows).
+    /// eagerly over a second copy of the step's memory: bitwise equal on each backend (the rows' attention sizes its KV
+    /// splits from the block table, the same in both), and each replay's logits differ from the last (it read the new rows).
     /// </summary>
     [TestMethod]
     public void GraphReplaysEqualEagerStepsOverNewRows()

@@ -689,10 +689,9 @@ public sealed class CudaBackend : IBackend
 
     /// <inheritdoc />
     /// <remarks>
-    /// Stream capture (thread-local mode) under the backend's lock, so no other thread's work enters the graph. The KV
-    /// splits of <see cref="MlaAttentionRows"/> are those sized for the capture's rows (any split count is exact; a replay
-    /// over longer rows runs with those splits). While graphs live, scratch memory that must grow keeps its old block
-    /// (a graph may point into it) until the last graph is disposed, and <see cref="Trim"/> is refused.
+    /// Stream capture (thread-local mode) under the backend's lock, so no other thread's work enters the graph. While
+    /// graphs live, scratch memory that must grow keeps its old block (a graph may point into it) until the last graph is
+    /// disposed, and <see cref="Trim"/> is refused.
     /// </remarks>
     public StepGraph CaptureGraph(Action record)
     {
@@ -982,7 +981,11 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
-    /// <remarks>One fold, one decode launch (each row a request of one query: its slot's block-table row, length position + 1), one unfold.</remarks>
+    /// <remarks>
+    /// One fold, one decode launch (each row a request of one query: its slot's block-table row, length position + 1), one
+    /// unfold. The KV splits are sized for the longest row the block table addresses, not this call's rows, so the launch
+    /// depends on the row count only and a captured graph serves every context (empty splits end at once).
+    /// </remarks>
     public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output)
     {
         using var scope = Enter(recordable: true);
@@ -991,7 +994,7 @@ public sealed class CudaBackend : IBackend
         var (p, t, s) = ((CudaLatentPool)pool, (CudaBlockTable)table, (CudaStepRows)rows);
         if (q.Rows > 0)
         {
-            Absorbed(T(q), p.Shape, p.Cache.Pointer, t.Entries.Pointer, t.MaxBlocksPerRequest, s.LengthsPointer, s.SlotsPointer, q.Rows, rows.MaxPosition + 1,
+            Absorbed(T(q), p.Shape, p.Cache.Pointer, t.Entries.Pointer, t.MaxBlocksPerRequest, s.LengthsPointer, s.SlotsPointer, q.Rows, t.Positions,
                 (CudaLinearWeight)kvB, dims, scale, T(output));
         }
     }
