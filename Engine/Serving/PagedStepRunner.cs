@@ -23,7 +23,10 @@ namespace DeepSeekCuda.Serving;
 /// that may be rejected), wait on the device (at most two rows per slot) for <see cref="Draft"/> or the next step.</para>
 /// <para>Tokens are chosen on the head's device (<see cref="IBackend.ChooseTokens"/>): a step sends each logit row's settings
 /// and brings back its id, and the logits of only the rows the host must see (a constrained request's, or a broken row).</para>
-/// <para>Still to come on the GPU: one graph per decode batch size, BF16 activations.</para>
+/// <para>Decode graphs (<see cref="DecodeGraphs"/>, off until a GPU has run them): a one-device step of one-token entries is
+/// padded to its bucket (<see cref="DecodeBuckets"/>) with rows of a padding slot whose one block no sequence reads, and
+/// replays the bucket's graph of the main pass and the head after the rows' upload; MTP passes and token choice run after
+/// it as usual. Still to come: BF16 activations.</para>
 /// </remarks>
 public sealed class PagedStepRunner : IStepRunner
 {
@@ -57,6 +60,10 @@ public sealed class PagedStepRunner : IStepRunner
     private int _maxTokens;
     private int _stamp;                     // batch checks so far (duplicate slots)
     private long _tableVersion = -1;        // the block manager's Version last uploaded
+    private int[] _tableEntries = [];       // the block manager's table, then the padding slot's row
+    private int _padSlot;                   // the block-table row of a graph step's padding rows (one block of its own)
+    private int _bucketLimit;               // the largest decode bucket
+    private readonly Dictionary<int, DecodeGraph> _graphs = []; // [bucket]
 
     /// <summary>Creates a runner over <paramref name="model"/> (not owned: the caller disposes it). Nothing is allocated before <see cref="Attach"/>.</summary>
     public PagedStepRunner(DeepSeekModel model)
@@ -81,6 +88,16 @@ public sealed class PagedStepRunner : IStepRunner
     /// <inheritdoc />
     public bool CanDraft => _layout.Mtp is not null;
 
+    /// <summary>
+    /// Whether a one-device decode step (every entry one token, its logits asked for) runs as a graph: its rows padded to
+    /// their bucket (<see cref="DecodeBuckets"/>), the bucket's first step run eagerly and then captured
+    /// (<see cref="IBackend.CaptureGraph"/>), later steps replaying it after the rows' upload. Off until a GPU has run it.
+    /// </summary>
+    internal bool DecodeGraphs { get; init; }
+
+    /// <summary>Graphs captured so far (one per decode bucket used).</summary>
+    internal int CapturedGraphs => _graphs.Count;
+
     /// <summary>The most tokens one step may feed (0 before <see cref="Attach"/>).</summary>
     public int MaxTokensPerStep => _blocks is null ? 0 : _maxTokens;
 
@@ -90,8 +107,9 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <inheritdoc />
     /// <remarks>
-    /// Allocates everything the runner will use: one latent pool of <see cref="KvBlockManager.TotalBlocks"/> blocks per layer
-    /// (and one for the MTP layer), the block table, and the step buffers for <paramref name="maxTokensPerStep"/> rows.
+    /// Allocates everything the runner will use: one latent pool per layer of <see cref="KvBlockManager.TotalBlocks"/> blocks
+    /// and one more for the padding rows of graph steps (and one for the MTP layer, which graphs do not run); the block
+    /// table, with a row more for the padding slot; and the step buffers for <paramref name="maxTokensPerStep"/> rows.
     /// </remarks>
     public void Attach(KvBlockManager blocks, int maxTokensPerStep)
     {
@@ -110,13 +128,13 @@ public sealed class PagedStepRunner : IStepRunner
             foreach (var d in _devices)
             {
                 var b = d.W.Backend;
-                d.Table = Own(b.AllocateBlockTable(slots, blocks.MaxBlocksPerRequest));
+                d.Table = Own(b.AllocateBlockTable(slots + 1, blocks.MaxBlocksPerRequest));
                 d.Caches = new LatentCache[]?[c.NumHiddenLayers];
                 d.Pools = new LatentPool?[c.NumHiddenLayers];
                 var held = Enumerable.Range(0, c.NumHiddenLayers).Where(i => d.W.Layers[i] is not null).ToArray();
                 foreach (var i in held)
                 {
-                    d.Pools[i] = Own(b.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim));
+                    d.Pools[i] = Own(b.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
                     d.Caches[i] = Views(d, d.Pools[i]!, slots);
                 }
 
@@ -154,6 +172,10 @@ public sealed class PagedStepRunner : IStepRunner
         _arenas = [.. _devices.Select(d => d.Arena)];
         _entries = new (int, int, int, int)[slots];
         _headRows = new (int, int)[slots];
+        _padSlot = slots;
+        _tableEntries = Enumerable.Repeat(-1, (slots + 1) * blocks.MaxBlocksPerRequest).ToArray();
+        _tableEntries[slots * blocks.MaxBlocksPerRequest] = blocks.TotalBlocks;
+        _bucketLimit = Math.Min(maxTokensPerStep, slots);
         _maxTokens = maxTokensPerStep;
         _blocks = blocks;
     }
@@ -291,22 +313,36 @@ public sealed class PagedStepRunner : IStepRunner
             }
         }
 
+        // A graph step's padding rows: token 0 at position 0 of the padding slot, whose block no sequence reads.
+        var bucket = BucketOf(batch);
+        var rows = Math.Max(tokens, bucket);
+        _stream.AsSpan(tokens, rows - tokens).Clear();
+        _rowSlots.AsSpan(tokens, rows - tokens).Fill(_padSlot);
+        _rowPositions.AsSpan(tokens, rows - tokens).Clear();
+        _decodeRows += rows - tokens;
         _batch = batch.Length;
         UploadTable(blocks);
         foreach (var d in _devices)
         {
-            d.W.Backend.UploadStepRows(stream, _rowSlots.AsSpan(0, tokens), _rowPositions.AsSpan(0, tokens), d.Rows);
+            d.W.Backend.UploadStepRows(_stream.AsSpan(0, rows), _rowSlots.AsSpan(0, rows), _rowPositions.AsSpan(0, rows), d.Rows);
         }
 
         // Every row's hidden after the final norm, on the head device.
-        using (var normed = ModelPass.Run(_layout, stream, _arenas, _rowsOf, null))
+        var graph = bucket > 0 ? Graph(bucket) : null;
+        var normed = graph?.Normed ?? ModelPass.Run(_layout, stream, _arenas, _rowsOf, null);
+        try
         {
             if (CanDraft)
             {
                 AdvanceMtp(batch, normed);
             }
 
-            if (logitRows > 0)
+            if (graph is not null)
+            {
+                using var result = _head.W.Backend.View(graph.Logits, 0, logitRows);
+                Deliver(result, choose, choices, chosen, logits);
+            }
+            else if (logitRows > 0)
             {
                 for (var i = 0; i < batch.Length; i++)
                 {
@@ -316,6 +352,13 @@ public sealed class PagedStepRunner : IStepRunner
 
                 using var headIn = HeadInput(normed, batch.Length, logitRows);
                 Head(headIn, choose, choices, chosen, logits);
+            }
+        }
+        finally
+        {
+            if (graph is null)
+            {
+                normed.Dispose();
             }
         }
 
@@ -333,6 +376,52 @@ public sealed class PagedStepRunner : IStepRunner
         {
             _rowPositions[first + r] = position + r;
         }
+    }
+
+    /// <summary>The decode bucket a step runs as a graph in, or 0 when it runs eagerly (<see cref="DecodeGraphs"/>).</summary>
+    private int BucketOf(ReadOnlySpan<StepSequence> batch)
+    {
+        if (!DecodeGraphs || _devices.Length != 1 || _head.W.Context.Attention == AttentionForm.Naive)
+        {
+            return 0;
+        }
+
+        foreach (var e in batch)
+        {
+            if (e.Tokens.Length != 1 || e.LogitRows != 1)
+            {
+                return 0;
+            }
+        }
+
+        return DecodeBuckets.For(batch.Length, _bucketLimit);
+    }
+
+    /// <summary>
+    /// Replays the bucket's graph over the rows just uploaded; on the bucket's first step, runs the step eagerly (its first
+    /// run compiles kernels and sizes scratch memory) and then captures it. The graph is the main pass and the head's
+    /// logits of every row (padding too).
+    /// </summary>
+    private DecodeGraph Graph(int bucket)
+    {
+        var b = _head.W.Backend;
+        if (_graphs.TryGetValue(bucket, out var known))
+        {
+            b.ReplayGraph(known.Graph);
+            return known;
+        }
+
+        Tensor normed = null!, logits = null!;
+        void Pass()
+        {
+            normed = ModelPass.Run(_layout, _stream.AsSpan(0, bucket), _arenas, _rowsOf, null);
+            logits = _headArena.Take(Activation.Logits, bucket, VocabSize);
+            b.Logits(normed, _head.W.Head!, logits);
+        }
+
+        Pass();
+        var graph = Own(b.CaptureGraph(Pass));
+        return _graphs[bucket] = new DecodeGraph(graph, normed, logits);
     }
 
     /// <inheritdoc />
@@ -430,9 +519,10 @@ public sealed class PagedStepRunner : IStepRunner
     {
         if (_tableVersion != blocks.Version)
         {
+            blocks.Table.CopyTo(_tableEntries);
             foreach (var d in _devices)
             {
-                d.W.Backend.UploadBlockTable(blocks.Table, d.Table);
+                d.W.Backend.UploadBlockTable(_tableEntries, d.Table);
             }
 
             _tableVersion = blocks.Version;
@@ -634,10 +724,16 @@ public sealed class PagedStepRunner : IStepRunner
     /// </summary>
     private void Head(Tensor headIn, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
     {
+        using var result = _headArena.Take(Activation.Logits, headIn.Rows, VocabSize);
+        _head.W.Backend.Logits(headIn, _head.W.Head!, result);
+        Deliver(result, choose, choices, chosen, logits);
+    }
+
+    /// <summary>The logit rows <paramref name="result"/> to the host: downloaded, or chosen on the head device with only the rows not chosen there downloaded (see <see cref="Head"/>).</summary>
+    private void Deliver(Tensor result, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
+    {
         var b = _head.W.Backend;
         var v = VocabSize;
-        using var result = _headArena.Take(Activation.Logits, headIn.Rows, v);
-        b.Logits(headIn, _head.W.Head!, result);
         if (!choose)
         {
             b.Download(result, logits[..(int)result.Length]);
@@ -689,6 +785,9 @@ public sealed class PagedStepRunner : IStepRunner
 
         _owned.Clear();
     }
+
+    /// <summary>A decode bucket's captured step, and where its replays leave the final-normed rows and their logits.</summary>
+    private sealed record DecodeGraph(StepGraph Graph, Tensor Normed, Tensor Logits);
 
     private sealed class SlotState
     {

@@ -216,9 +216,13 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
         inner.ConcatColumns(a, b, output);
     }
 
-    public StepGraph CaptureGraph(Action record) => inner.CaptureGraph(record);
+    public StepGraph CaptureGraph(Action record) => Named(inner.CaptureGraph(record));
 
-    public void ReplayGraph(StepGraph graph) => inner.ReplayGraph(graph);
+    public void ReplayGraph(StepGraph graph)
+    {
+        Op(nameof(ReplayGraph), graph);
+        inner.ReplayGraph(graph);
+    }
 
     public StepRows AllocateStepRows(int capacity) => Counted(inner.AllocateStepRows(capacity));
 

@@ -465,6 +465,189 @@ public sealed class PagedStepRunnerTests
         TestContext.WriteLine($"a decode step of 3 rows: {a.Length} operations, the first {a[0]}");
     }
 
+    /// <summary>
+    /// Decode steps as graphs (<see cref="PagedStepRunner.DecodeGraphs"/>) against the same calls on a runner that runs them
+    /// eagerly: six requests (two drafting) prefilled, then 14 decode steps whose batches take 1 to 6 slots in changing
+    /// order (buckets 1, 2, 4 and the limit 6, each run eagerly and captured on first use, replayed after; padding rows
+    /// where a batch is smaller than its bucket), greedy and seeded choices, some steps' logits downloaded, and a draft
+    /// after each step for the drafting slots in it: the chosen ids, the downloaded logits and the draft logits are bitwise
+    /// equal.
+    /// </summary>
+    [TestMethod]
+    public void DecodeGraphStepsEqualEagerSteps()
+    {
+        var model = s_tiny;
+        var v = model.VocabSize;
+        PagedStepRunner[] runners = [new(model) { DecodeGraphs = true }, new(model)];
+        try
+        {
+            var managers = runners.Select(r =>
+            {
+                var m = new KvBlockManager(48, 6, KvBlockManager.BlocksFor(MaxLength));
+                r.Attach(m, 192);
+                return m;
+            }).ToArray();
+            int[] lengths = [5, 30, 63, 12, 70, 9];
+            bool[] drafts = [false, true, false, false, true, false];
+            Assert.IsTrue(runners[0].CanDraft, "the synthetic model has an MTP module");
+            var prompts = lengths.Select((n, i) => SyntheticPrompts.Make(v, n, 300 + i)).ToArray();
+            var slots = new int[lengths.Length];
+            var fed = (int[])lengths.Clone();
+            for (var i = 0; i < lengths.Length; i++)
+            {
+                slots[i] = managers[0].Admit(lengths[i] + 16);
+                Assert.AreEqual(slots[i], managers[1].Admit(lengths[i] + 16));
+                foreach (var r in runners)
+                {
+                    r.Open(slots[i], drafts[i]);
+                }
+            }
+
+            var next = new int[lengths.Length];
+            float[] Both(Func<PagedStepRunner, float[]> run, string what)
+            {
+                var (graphed, eager) = (run(runners[0]), run(runners[1]));
+                CollectionAssert.AreEqual(eager, graphed, what);
+                return eager;
+            }
+
+            var prefill = Both(r =>
+            {
+                var l = new float[lengths.Length * v];
+                r.Forward([.. Enumerable.Range(0, lengths.Length).Select(i => new StepSequence(slots[i], 0, prompts[i], 1))], l);
+                return l;
+            }, "prefill logits");
+            for (var i = 0; i < lengths.Length; i++)
+            {
+                next[i] = Sampler.ArgMax(prefill.AsSpan(i * v, v));
+            }
+
+            int[][] steps =
+            [
+                [0], [3, 1], [2, 0, 5], [0, 1, 2, 3, 4, 5], [4], [5, 3, 1, 0], [1, 2], [0, 1, 2, 3, 4], [2], [3, 4, 5], [5, 4, 3, 2, 1, 0],
+                [1, 0], [0, 2, 4], [0, 1, 2, 3, 4, 5],
+            ];
+            for (var k = 0; k < steps.Length; k++)
+            {
+                var who = steps[k];
+                foreach (var m in managers)
+                {
+                    foreach (var i in who)
+                    {
+                        m.Reserve(slots[i], fed[i] + 1);
+                    }
+                }
+
+                StepSequence[] batch = [.. who.Select(i => new StepSequence(slots[i], fed[i], new[] { next[i] }, 1))];
+                var what = $"step {k} (entries {string.Join(",", who)})";
+                if (k % 3 == 2)
+                {
+                    var l = Both(r =>
+                    {
+                        var l = new float[who.Length * v];
+                        r.Forward(batch, l);
+                        return l;
+                    }, $"{what}: logits");
+                    for (var j = 0; j < who.Length; j++)
+                    {
+                        next[who[j]] = Sampler.ArgMax(l.AsSpan(j * v, v));
+                    }
+                }
+                else
+                {
+                    TokenChoice[] choices = [.. who.Select(i => i % 2 == 0 ? TokenChoice.Greedy(v) : new TokenChoice(v, 0.8f, 20, 0.9f, (ulong)(i + 1), (ulong)k))];
+                    var chosen = Both(r =>
+                    {
+                        var t = new int[who.Length];
+                        r.ForwardAndChoose(batch, choices, t, new float[who.Length * v]);
+                        return [.. t.Select(x => (float)x)];
+                    }, $"{what}: chosen ids");
+                    for (var j = 0; j < who.Length; j++)
+                    {
+                        Assert.IsTrue(chosen[j] >= 0, $"{what}: row {j} chosen on the backend");
+                        next[who[j]] = (int)chosen[j];
+                    }
+                }
+
+                foreach (var i in who)
+                {
+                    fed[i]++;
+                }
+
+                DraftSequence[] draft = [.. who.Where(i => drafts[i]).Select(i => new DraftSequence(slots[i], next[i]))];
+                if (draft.Length > 0)
+                {
+                    Both(r =>
+                    {
+                        var l = new float[draft.Length * v];
+                        r.Draft(draft, l);
+                        return l;
+                    }, $"{what}: draft logits");
+                }
+            }
+
+            Assert.AreEqual(4, runners[0].CapturedGraphs, "one graph per bucket used (1, 2, 4, 6)");
+            Assert.AreEqual(0, runners[1].CapturedGraphs);
+        }
+        finally
+        {
+            foreach (var r in runners)
+            {
+                r.Dispose();
+            }
+        }
+    }
+
+    /// <summary>
+    /// A replayed decode step queues the graph and the choice, nothing else, and allocates nothing: the first step of a bucket
+    /// runs eagerly and captures (the step-rows embedding among its operations), a later one of the same bucket in another
+    /// order replays, a smaller bucket captures a graph of its own, and the first bucket replays again.
+    /// </summary>
+    [TestMethod]
+    public void ReplayedDecodeStepsQueueOnlyTheGraphAndTheChoice()
+    {
+        using var model = CountingModel(out var counting);
+        var v = model.VocabSize;
+        var blocks = new KvBlockManager(16, 4, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model) { DecodeGraphs = true };
+        runner.Attach(blocks, 64);
+        int[] fed = [4, 9, 20];
+        var slots = new int[fed.Length];
+        for (var i = 0; i < fed.Length; i++)
+        {
+            slots[i] = blocks.Admit(fed[i] + 8);
+            runner.Open(slots[i], drafts: false);
+        }
+
+        runner.Forward([.. Enumerable.Range(0, fed.Length).Select(i => new StepSequence(slots[i], 0, SyntheticPrompts.Make(v, fed[i], 60 + i), 0))], []);
+        string[] Decode(params int[] who)
+        {
+            var first = counting.Operations.Count;
+            var tokens = new int[who.Length];
+            runner.ForwardAndChoose([.. who.Select(i => new StepSequence(slots[i], fed[i]++, new[] { 7 + i }, 1))], [.. who.Select(_ => TokenChoice.Greedy(v))],
+                tokens, new float[who.Length * v]);
+            Assert.IsTrue(tokens.All(t => t >= 0), "every row chosen");
+            return [.. counting.Operations.Skip(first)];
+        }
+
+        var captured = Decode(0, 1, 2);
+        Assert.AreEqual(1, runner.CapturedGraphs, "the first step of bucket 4 is captured");
+        Assert.IsTrue(captured.Any(o => o.StartsWith("EmbeddingRows(", StringComparison.Ordinal)), "it ran eagerly first");
+        var allocations = counting.Allocations;
+        void Replayed(string[] ops, string what)
+        {
+            Assert.HasCount(2, ops, $"{what}: {string.Join(" ", ops)}");
+            StringAssert.StartsWith(ops[0], "ReplayGraph(#", what);
+            StringAssert.StartsWith(ops[1], "ChooseTokens(", what);
+        }
+
+        Replayed(Decode(2, 0, 1), "the same bucket, another order");
+        Assert.AreEqual(2, Decode(1, 0).Count(o => o.StartsWith("ReplayGraph(", StringComparison.Ordinal)) + runner.CapturedGraphs, "bucket 2: captured, not replayed");
+        Replayed(Decode(0, 2, 1), "bucket 4 again");
+        Replayed(Decode(1, 2), "bucket 2 again");
+        Assert.AreEqual(allocations, counting.Allocations, "no allocation after the captures");
+    }
+
     /// <summary>A refused step names what is wrong and changes nothing: the same slot then runs as if it had not come.</summary>
     [TestMethod]
     public void RefusedStepsNameTheProblemAndChangeNothing()
