@@ -36,11 +36,14 @@ public sealed class PagedStepRunnerGpuTests
     private static int[] Prompt(int vocab, int length, int salt) =>
         [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
 
-    /// <summary>Runs <paramref name="prompts"/> concurrently (all submitted before the first step) through a fresh paged runner; checks every block comes back.</summary>
-    private static int[][] Run(DeepSeekModel model, int[][] prompts, string what)
+    /// <summary>
+    /// Runs <paramref name="prompts"/> concurrently (all submitted before the first step) through a fresh paged runner, its
+    /// decode steps as graphs when <paramref name="graphs"/>; checks every block comes back.
+    /// </summary>
+    private static int[][] Run(DeepSeekModel model, int[][] prompts, string what, bool graphs = false)
     {
         var blocks = new KvBlockManager(8 * KvBlockManager.BlocksFor(MaxLength), 8, KvBlockManager.BlocksFor(MaxLength));
-        using var runner = new PagedStepRunner(model);
+        using var runner = new PagedStepRunner(model) { DecodeGraphs = graphs };
         using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
         {
             MaxTokensPerStep = StepBudget,
@@ -59,6 +62,7 @@ public sealed class PagedStepRunnerGpuTests
         Assert.IsFalse(scheduler.Step(), $"{what}: idle after the run");
         Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks, $"{what}: every block is back");
         Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots, $"{what}: every slot is back");
+        Assert.AreEqual(graphs, runner.CapturedGraphs > 0, $"{what}: {runner.CapturedGraphs} decode graphs captured");
         return [.. requests.Select(r => r.Completion.Result.Tokens.ToArray())];
     }
 
@@ -90,6 +94,27 @@ public sealed class PagedStepRunnerGpuTests
             Assert.IsNotEmpty(alone[i], $"request {i} generates");
             CollectionAssert.AreEqual(alone[i], batch[i], $"request {i} ({lengths[i]} prompt tokens): batched vs alone on CUDA");
             CollectionAssert.AreEqual(emulation[i], alone[i], $"request {i} ({lengths[i]} prompt tokens): CUDA paged runner vs CPU emulation session");
+        }
+    }
+
+    /// <summary>
+    /// The same eight requests with decode steps as CUDA graphs (each bucket's first step run eagerly and captured, later
+    /// ones replayed after the rows' upload, batches padded to their bucket): the ids of eager steps.
+    /// </summary>
+    [TestMethod]
+    public void DecodeGraphStepsGiveTheIdsOfEagerSteps()
+    {
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var cuda = new CudaBackend();
+        using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
+        int[] lengths = [1, 2, 24, 25, 64, 65, 90, 130];
+        var prompts = lengths.Select((n, i) => Prompt(model.VocabSize, n, i)).ToArray();
+        var eager = Run(model, prompts, "eager");
+        var graphed = Run(model, prompts, "graphs", graphs: true);
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            TestContext.WriteLine($"request {i}: eager [{string.Join(",", eager[i])}] graphs [{string.Join(",", graphed[i])}]");
+            CollectionAssert.AreEqual(eager[i], graphed[i], $"request {i} ({lengths[i]} prompt tokens): graph steps vs eager steps");
         }
     }
 }
