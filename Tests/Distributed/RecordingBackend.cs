@@ -38,12 +38,20 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// Every operation so far, in call order, as its name and host arguments: a tensor as its shape, a weight, pool, table,
     /// step rows or other handle this backend returned as <c>#n</c> (its n-th), integers and token ids as their values.
     /// Memory calls (allocations, uploads, downloads, views) are not operations; <see cref="ChooseTokens"/> is, with its row count.
+    /// A graph's operations are logged as it is captured, and each replay as <see cref="ReplayGraph"/>.
     /// </summary>
     public IReadOnlyList<string> Operations => _operations;
 
     /// <summary>How many of <see cref="Operations"/> from index <paramref name="first"/> on have each name (an operation's name is the text before its arguments).</summary>
     public Dictionary<string, int> Calls(int first) =>
         _operations.Skip(first).GroupBy(o => o[..o.IndexOf('(')]).ToDictionary(g => g.Key, g => g.Count());
+
+    /// <summary>Logs the operation, then makes the call.</summary>
+    private void Run(string name, Action call, params object[] arguments)
+    {
+        Op(name, arguments);
+        call();
+    }
 
     private void Op(string name, params object[] arguments) =>
         _operations.Add($"{name}({string.Join(", ", arguments.Select(a => a switch
@@ -102,11 +110,8 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
         Choices = (Choices.Rows + choices.Length, Choices.Chosen + chosen);
     }
-    public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count)
-    {
-        Op(nameof(CopyRows), source, sourceRow, destination, destinationRow, count);
-        inner.CopyRows(source, sourceRow, destination, destinationRow, count);
-    }
+    public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
+        Run(nameof(CopyRows), () => inner.CopyRows(source, sourceRow, destination, destinationRow, count), source, sourceRow, destination, destinationRow, count);
 
     public Tensor View(Tensor tensor, int firstRow, int rows) => inner.View(tensor, firstRow, rows);
 
@@ -174,114 +179,63 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
         inner.Embedding(table, ids, output);
     }
 
-    public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output)
-    {
-        Op(nameof(EmbeddingRows), table, rows, output);
-        inner.EmbeddingRows(table, rows, output);
-    }
+    public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output) =>
+        Run(nameof(EmbeddingRows), () => inner.EmbeddingRows(table, rows, output), table, rows, output);
 
-    public void RmsNorm(Tensor x, NormWeight weight, Tensor output)
-    {
-        Op(nameof(RmsNorm), x, weight, output);
-        inner.RmsNorm(x, weight, output);
-    }
+    public void RmsNorm(Tensor x, NormWeight weight, Tensor output) =>
+        Run(nameof(RmsNorm), () => inner.RmsNorm(x, weight, output), x, weight, output);
 
-    public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
-    {
-        Op(nameof(AddRmsNorm), residual, delta, weight, normed);
-        inner.AddRmsNorm(residual, delta, weight, normed);
-    }
+    public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed) =>
+        Run(nameof(AddRmsNorm), () => inner.AddRmsNorm(residual, delta, weight, normed), residual, delta, weight, normed);
 
-    public void Linear(Tensor x, LinearWeight weight, Tensor y)
-    {
-        Op(nameof(Linear), x, weight, y);
-        inner.Linear(x, weight, y);
-    }
+    public void Linear(Tensor x, LinearWeight weight, Tensor y) =>
+        Run(nameof(Linear), () => inner.Linear(x, weight, y), x, weight, y);
 
-    public void Logits(Tensor x, LinearWeight head, Tensor logits)
-    {
-        Op(nameof(Logits), x, head, logits);
-        inner.Logits(x, head, logits);
-    }
+    public void Logits(Tensor x, LinearWeight head, Tensor logits) =>
+        Run(nameof(Logits), () => inner.Logits(x, head, logits), x, head, logits);
 
-    public void SiluMul(Tensor gate, Tensor up, Tensor output)
-    {
-        Op(nameof(SiluMul), gate, up, output);
-        inner.SiluMul(gate, up, output);
-    }
+    public void SiluMul(Tensor gate, Tensor up, Tensor output) =>
+        Run(nameof(SiluMul), () => inner.SiluMul(gate, up, output), gate, up, output);
 
-    public void ConcatColumns(Tensor a, Tensor b, Tensor output)
-    {
-        Op(nameof(ConcatColumns), a, b, output);
-        inner.ConcatColumns(a, b, output);
-    }
+    public void ConcatColumns(Tensor a, Tensor b, Tensor output) =>
+        Run(nameof(ConcatColumns), () => inner.ConcatColumns(a, b, output), a, b, output);
 
     public StepGraph CaptureGraph(Action record) => Named(inner.CaptureGraph(record));
 
-    public void ReplayGraph(StepGraph graph)
-    {
-        Op(nameof(ReplayGraph), graph);
-        inner.ReplayGraph(graph);
-    }
+    public void ReplayGraph(StepGraph graph) =>
+        Run(nameof(ReplayGraph), () => inner.ReplayGraph(graph), graph);
 
     public StepRows AllocateStepRows(int capacity) => Counted(inner.AllocateStepRows(capacity));
 
     public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) =>
         inner.UploadStepRows(tokens, slots, positions, rows);
 
-    public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
-    {
-        Op(nameof(ApplyRope), x, rope, startPosition, headStride, ropeOffset);
-        inner.ApplyRope(x, rope, startPosition, headStride, ropeOffset);
-    }
+    public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset) =>
+        Run(nameof(ApplyRope), () => inner.ApplyRope(x, rope, startPosition, headStride, ropeOffset), x, rope, startPosition, headStride, ropeOffset);
 
-    public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset)
-    {
-        Op(nameof(ApplyRopeRows), x, rope, rows, headStride, ropeOffset);
-        inner.ApplyRopeRows(x, rope, rows, headStride, ropeOffset);
-    }
+    public void ApplyRopeRows(Tensor x, RopeTable rope, StepRows rows, int headStride, int ropeOffset) =>
+        Run(nameof(ApplyRopeRows), () => inner.ApplyRopeRows(x, rope, rows, headStride, ropeOffset), x, rope, rows, headStride, ropeOffset);
 
-    public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition)
-    {
-        Op(nameof(AppendLatent), kv, latentNorm, rope, cache, startPosition);
-        inner.AppendLatent(kv, latentNorm, rope, cache, startPosition);
-    }
+    public void AppendLatent(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentCache cache, int startPosition) =>
+        Run(nameof(AppendLatent), () => inner.AppendLatent(kv, latentNorm, rope, cache, startPosition), kv, latentNorm, rope, cache, startPosition);
 
-    public void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows)
-    {
-        Op(nameof(AppendLatentRows), kv, latentNorm, rope, pool, table, rows);
-        inner.AppendLatentRows(kv, latentNorm, rope, pool, table, rows);
-    }
+    public void AppendLatentRows(Tensor kv, NormWeight latentNorm, RopeTable rope, LatentPool pool, BlockTable table, StepRows rows) =>
+        Run(nameof(AppendLatentRows), () => inner.AppendLatentRows(kv, latentNorm, rope, pool, table, rows), kv, latentNorm, rope, pool, table, rows);
 
-    public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
-    {
-        Op(nameof(MlaAttentionNaive), q, cache, kvB, dims, startPosition, scale, output);
-        inner.MlaAttentionNaive(q, cache, kvB, dims, startPosition, scale, output);
-    }
+    public void MlaAttentionNaive(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output) =>
+        Run(nameof(MlaAttentionNaive), () => inner.MlaAttentionNaive(q, cache, kvB, dims, startPosition, scale, output), q, cache, kvB, dims, startPosition, scale, output);
 
-    public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output)
-    {
-        Op(nameof(MlaAttentionAbsorbed), q, cache, kvB, dims, startPosition, scale, output);
-        inner.MlaAttentionAbsorbed(q, cache, kvB, dims, startPosition, scale, output);
-    }
+    public void MlaAttentionAbsorbed(Tensor q, LatentCache cache, LinearWeight kvB, MlaDims dims, int startPosition, float scale, Tensor output) =>
+        Run(nameof(MlaAttentionAbsorbed), () => inner.MlaAttentionAbsorbed(q, cache, kvB, dims, startPosition, scale, output), q, cache, kvB, dims, startPosition, scale, output);
 
-    public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output)
-    {
-        Op(nameof(MlaAttentionRows), q, pool, table, rows, kvB, dims, scale, output);
-        inner.MlaAttentionRows(q, pool, table, rows, kvB, dims, scale, output);
-    }
+    public void MlaAttentionRows(Tensor q, LatentPool pool, BlockTable table, StepRows rows, LinearWeight kvB, MlaDims dims, float scale, Tensor output) =>
+        Run(nameof(MlaAttentionRows), () => inner.MlaAttentionRows(q, pool, table, rows, kvB, dims, scale, output), q, pool, table, rows, kvB, dims, scale, output);
 
-    public void MoeGate(Tensor x, GateWeight gate, Routing routing)
-    {
-        Op(nameof(MoeGate), x, gate, routing);
-        inner.MoeGate(x, gate, routing);
-    }
+    public void MoeGate(Tensor x, GateWeight gate, Routing routing) =>
+        Run(nameof(MoeGate), () => inner.MoeGate(x, gate, routing), x, gate, routing);
 
-    public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y)
-    {
-        Op(nameof(MoeExperts), x, routing, experts, y);
-        inner.MoeExperts(x, routing, experts, y);
-    }
+    public void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y) =>
+        Run(nameof(MoeExperts), () => inner.MoeExperts(x, routing, experts, y), x, routing, experts, y);
 
     public void Dispose() => inner.Dispose();
 
