@@ -109,7 +109,8 @@ public sealed class PagedStepRunner : IStepRunner
     /// <remarks>
     /// Allocates everything the runner will use: one latent pool per layer of <see cref="KvBlockManager.TotalBlocks"/> blocks
     /// and one more for the padding rows of graph steps (and one for the MTP layer, which graphs do not run); the block
-    /// table, with a row more for the padding slot; and the step buffers for <paramref name="maxTokensPerStep"/> rows.
+    /// table, with a row more for the padding slot; and the step buffers for <paramref name="maxTokensPerStep"/> rows. (The
+    /// padding block, 64 positions per layer, comes out of <see cref="MemoryPlanner"/>'s reserve.)
     /// </remarks>
     public void Attach(KvBlockManager blocks, int maxTokensPerStep)
     {
