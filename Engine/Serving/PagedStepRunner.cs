@@ -92,8 +92,9 @@ public sealed class PagedStepRunner : IStepRunner
     /// Whether a one-device decode step (every entry one token, its logits asked for) runs as a graph: its rows padded to
     /// their bucket (<see cref="DecodeBuckets"/>), the bucket's first step run eagerly and then captured
     /// (<see cref="IBackend.CaptureGraph"/>), later steps replaying it after the rows' upload. Off until a GPU has run it.
+    /// May change between steps (a bench times both): graphs already captured are kept.
     /// </summary>
-    internal bool DecodeGraphs { get; init; }
+    internal bool DecodeGraphs { get; set; }
 
     /// <summary>Graphs captured so far (one per decode bucket used).</summary>
     internal int CapturedGraphs => _graphs.Count;

@@ -36,6 +36,10 @@ namespace DeepSeekCuda.Bench.Benches;
 /// context. The slots a batch adds are first prefilled with the same prompt, packed into steps of at most 4096 tokens
 /// (<see cref="PrefillSteps"/>). Baseline <c>floor</c> = <see cref="StepCost.DecodeBytes"/> at the same-run copy
 /// bandwidth, so ratio = floor / measured.</item>
+/// <item><c>e2e_decode_graph</c>: the same steps with the runner's decode graphs on (<c>PagedStepRunner.DecodeGraphs</c>: the
+/// first step of the batch runs eagerly and is captured, the timed ones replay it after the rows' upload), against the
+/// same floor; set against <c>e2e_decode</c> of the same shape it shows what graphs save of the host's launch time. A
+/// failed capture is printed and ends the graph rows, not the bench.</item>
 /// <item>host overhead at batch 1: the runner's batch-1 decode step re-run with <see cref="OpTimingBackend"/> recording, GPU time = sum of the
 /// operations' event spans, host overhead = wall − GPU time, per layer; printed, not a row. A span counts the gaps
 /// between the kernels of one operation as GPU time, so the overhead is a lower bound.</item>
@@ -160,6 +164,7 @@ internal static class E2eBench
         }
 
         double batch1Us = 0;
+        var graphs = true;
         foreach (var batch in fit)
         {
             if (paged.Count < batch)
@@ -183,6 +188,10 @@ internal static class E2eBench
                 bytes / (us * 1e-6) / 1e9, "floor", gpu.CopyUs(bytes)));
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"  decode batch {batch}, context {context}: {us / 1000:F2} ms per step of the batch, {batch / (us * 1e-6):F1} tokens/s; floor {bytes / 1e9:F2} GB"));
+            if (graphs)
+            {
+                graphs = TimeGraphs(gpu, report, paged, () => Decode(batch), Shape(name, config, batch, context), bytes, us);
+            }
         }
 
         if (!fit.Contains(1))
@@ -205,6 +214,36 @@ internal static class E2eBench
         if (plan is not null)
         {
             Project(gpu, report, config, plan, context, parts, batch1Us);
+        }
+    }
+
+    /// <summary>
+    /// The decode step with the runner's graphs on: warm-up (the first run captures), then the median of the timed runs as an
+    /// <c>e2e_decode_graph</c> row; graphs off again after. False, with the failure printed, when capturing or replaying failed.
+    /// </summary>
+    private static bool TimeGraphs(GpuBench gpu, BenchReport report, PagedSlots paged, Func<double> decode, Dictionary<string, object> shape, double bytes, double eagerUs)
+    {
+        paged.Graphs = true;
+        try
+        {
+            for (var i = 0; i < 3; i++)
+            {
+                decode();
+            }
+
+            var us = GpuBench.Median(gpu.Runs, decode);
+            report.Add(new BenchResult("e2e_decode_graph", shape, us, 0, bytes / (us * 1e-6) / 1e9, "floor", gpu.CopyUs(bytes)));
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"    with decode graphs: {us / 1000:F2} ms per step ({eagerUs / us:F2}x the eager step's speed)"));
+            return true;
+        }
+        catch (Exception e) when (e is InvalidOperationException or CudaException)
+        {
+            Console.WriteLine($"    decode graphs failed, no more graph rows: {e.GetType().Name}: {e.Message}");
+            return false;
+        }
+        finally
+        {
+            paged.Graphs = false;
         }
     }
 
@@ -330,6 +369,12 @@ internal static class E2eBench
 
         /// <summary>Slots open and prefilled.</summary>
         public int Count => _slots.Count;
+
+        /// <summary>Whether decode steps run as graphs (<see cref="PagedStepRunner.DecodeGraphs"/>).</summary>
+        public bool Graphs
+        {
+            set => _runner.DecodeGraphs = value;
+        }
 
         /// <summary>The last step's logits: one row per entry that asked, in batch order.</summary>
         public float[] Logits { get; }
