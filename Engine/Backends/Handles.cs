@@ -6,9 +6,14 @@ namespace DeepSeekCuda.Backends;
 /// </summary>
 public abstract class BackendResource : IDisposable
 {
-    /// <summary>Releases the backend memory.</summary>
+    /// <summary>Releases the backend memory (once: later calls do nothing).</summary>
     public void Dispose()
     {
+        if (IsDisposed)
+        {
+            return;
+        }
+
         IsDisposed = true;
         Dispose(true);
         GC.SuppressFinalize(this);

@@ -66,6 +66,19 @@ internal static class ShapeCheck
         }
     }
 
+    /// <summary>The contract of <see cref="IBackend.Embedding"/>: output [ids, width], and every id a row of the table.</summary>
+    public static void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output)
+    {
+        Require(output.Rows == ids.Length && output.Cols == table.Width, "embedding output shape");
+        foreach (var id in ids)
+        {
+            if ((uint)id >= (uint)table.Rows)
+            {
+                throw new ArgumentOutOfRangeException(nameof(ids), id, $"token id outside 0..{table.Rows - 1}");
+            }
+        }
+    }
+
     /// <summary>The contract of <see cref="IBackend.EmbeddingRows"/>: the output's rows uploaded, [rows, width], and every uploaded token a row of the table.</summary>
     public static void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output)
     {

@@ -1,6 +1,7 @@
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Loader.Numerics;
+using DeepSeekCuda.Tests.Support;
 using static DeepSeekCuda.Tests.Backends.AttentionTestData;
 
 namespace DeepSeekCuda.Tests.Backends;
@@ -98,15 +99,6 @@ public sealed class StepGraphTests
             {
                 _owned[i].Dispose();
             }
-        }
-    }
-
-    private static void Near(float[] want, float[] got, string what)
-    {
-        Assert.HasCount(want.Length, got, what);
-        for (var i = 0; i < want.Length; i++)
-        {
-            Assert.AreEqual(want[i], got[i], 1e-6f * Math.Abs(want[i]), $"{what} [{i}]");
         }
     }
 
@@ -224,7 +216,7 @@ public sealed class StepGraphTests
             StringAssert.StartsWith(e.Message, $"{call} cannot be part of a graph", call);
             using var fresh = b.Allocate(1, 4);
             b.RmsNorm(x, norm, fresh);
-            Near(expected, Read(b, fresh), $"after the refused {call}, calls run at once");
+            Tolerance.AssertClose(Read(b, fresh), expected, 0, 1e-6, $"after the refused {call}, calls run at once");
         }
 
         Assert.IsTrue(Read(b, y).All(v => v == 0), "no refused capture ran its recorded norm");
@@ -246,9 +238,9 @@ public sealed class StepGraphTests
             thread.Join();
         });
         Assert.AreEqual(1, graph.Operations, "only the capturing thread's call is recorded");
-        Near(expected, Read(b, elsewhere), "another thread's call ran during the capture");
+        Tolerance.AssertClose(Read(b, elsewhere), expected, 0, 1e-6, "another thread's call ran during the capture");
         Assert.IsTrue(Read(b, y).All(v => v == 0), "the recorded call did not run");
         b.ReplayGraph(graph);
-        Near(expected, Read(b, y), "the replay ran it");
+        Tolerance.AssertClose(Read(b, y), expected, 0, 1e-6, "the replay ran it");
     }
 }

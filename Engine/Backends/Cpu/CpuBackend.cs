@@ -364,18 +364,16 @@ public sealed class CpuBackend : IBackend
     public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output)
     {
         NotCapturing();
-        var w = (CpuEmbeddingWeight)table;
-        var o = T(output);
-        ShapeCheck.Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
+        ShapeCheck.Embedding(table, ids, output);
+        Gather((CpuEmbeddingWeight)table, ids, T(output));
+    }
+
+    /// <summary>output[t] = table[ids[t]] for checked ids.</summary>
+    private void Gather(CpuEmbeddingWeight w, ReadOnlySpan<int> ids, CpuTensor o)
+    {
         for (var t = 0; t < ids.Length; t++)
         {
-            var id = ids[t];
-            if ((uint)id >= (uint)w.Rows)
-            {
-                throw new ArgumentOutOfRangeException(nameof(ids), id, $"token id outside 0..{w.Rows - 1}");
-            }
-
-            w.Data.AsSpan(id * w.Width, w.Width).CopyTo(o.Row(t));
+            w.Data.AsSpan(ids[t] * w.Width, w.Width).CopyTo(o.Row(t));
         }
 
         Store(o.Data);
@@ -390,7 +388,7 @@ public sealed class CpuBackend : IBackend
         }
 
         ShapeCheck.EmbeddingRows(table, rows, output);
-        Embedding(table, rows.Tokens[..output.Rows], output);
+        Gather((CpuEmbeddingWeight)table, rows.Tokens[..output.Rows], T(output));
     }
 
     /// <inheritdoc />

@@ -748,15 +748,7 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter();
         var w = (CudaEmbeddingWeight)table;
         var o = T(output);
-        ShapeCheck.Require(o.Rows == ids.Length && o.Cols == w.Width, "embedding output shape");
-        foreach (var id in ids)
-        {
-            if ((uint)id >= (uint)w.Rows)
-            {
-                throw new ArgumentOutOfRangeException(nameof(ids), id, $"token id outside 0..{w.Rows - 1}");
-            }
-        }
-
+        ShapeCheck.Embedding(w, ids, o);
         _embedding.Launch(_stream, UploadInts(ids), w.Data.Pointer, w.Rows, w.Width, o.Pointer, ElementType.F32, ids.Length);
     }
 

@@ -477,16 +477,7 @@ internal sealed class CudaStepGraph(CudaBackend owner, CudaGraph graph, int oper
 
     public CudaGraph Graph { get; } = graph;
 
-    private bool _released;
-
     public override int Operations { get; } = operations;
 
-    protected override void Dispose(bool disposing)
-    {
-        if (!_released)
-        {
-            _released = true;
-            Owner.Release(Graph);
-        }
-    }
+    protected override void Dispose(bool disposing) => Owner.Release(Graph);
 }
