@@ -23,10 +23,11 @@ namespace DeepSeekCuda.Serving;
 /// that may be rejected), wait on the device (at most two rows per slot) for <see cref="Draft"/> or the next step.</para>
 /// <para>Tokens are chosen on the head's device (<see cref="IBackend.ChooseTokens"/>): a step sends each logit row's settings
 /// and brings back its id, and the logits of only the rows the host must see (a constrained request's, or a broken row).</para>
-/// <para>Decode graphs (<see cref="DecodeGraphs"/>, off until a GPU has run them): a one-device step of one-token entries is
-/// padded to its bucket (<see cref="DecodeBuckets"/>) with rows of a padding slot whose one block no sequence reads, and
-/// replays the bucket's graph of the main pass and the head after the rows' upload; MTP passes and token choice run after
-/// it as usual. Still to come: BF16 activations.</para>
+/// <para>Decode graphs (<see cref="DecodeGraphs"/>, off until a GPU has run them): a one-device decode or verify step (entries
+/// of one token, or of a token and the draft it verifies, with logits for each) is padded to its row bucket
+/// (<see cref="DecodeBuckets"/>) with rows of a padding slot whose one block no sequence reads, and replays the bucket's
+/// graph of the main pass and the head after the rows' upload; MTP passes and token choice run after it as usual. Still
+/// to come: BF16 activations.</para>
 /// </remarks>
 public sealed class PagedStepRunner : IStepRunner
 {
@@ -89,8 +90,8 @@ public sealed class PagedStepRunner : IStepRunner
     public bool CanDraft => _layout.Mtp is not null;
 
     /// <summary>
-    /// Whether a one-device decode step (every entry one token, its logits asked for) runs as a graph: its rows padded to
-    /// their bucket (<see cref="DecodeBuckets"/>), the bucket's first step run eagerly and then captured
+    /// Whether a one-device decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> tokens, the
+    /// logits of each asked for) runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>), the bucket's first step run eagerly and then captured
     /// (<see cref="IBackend.CaptureGraph"/>), later steps replaying it after the rows' upload. Off until a GPU has run it.
     /// May change between steps (a bench times both): graphs already captured are kept.
     /// </summary>
@@ -177,7 +178,7 @@ public sealed class PagedStepRunner : IStepRunner
         _padSlot = slots;
         _tableEntries = Enumerable.Repeat(-1, (slots + 1) * blocks.MaxBlocksPerRequest).ToArray();
         _tableEntries[slots * blocks.MaxBlocksPerRequest] = blocks.TotalBlocks;
-        _bucketLimit = Math.Min(maxTokensPerStep, slots);
+        _bucketLimit = Math.Min(maxTokensPerStep, _headArena.MaxRows);
         _maxTokens = maxTokensPerStep;
         _blocks = blocks;
     }
@@ -316,7 +317,7 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         // A graph step's padding rows: token 0 at position 0 of the padding slot, whose block no sequence reads.
-        var bucket = BucketOf(batch);
+        var bucket = BucketOf(batch, tokens);
         var rows = Math.Max(tokens, bucket);
         _stream.AsSpan(tokens, rows - tokens).Clear();
         _rowSlots.AsSpan(tokens, rows - tokens).Fill(_padSlot);
@@ -380,8 +381,12 @@ public sealed class PagedStepRunner : IStepRunner
         }
     }
 
-    /// <summary>The decode bucket a step runs as a graph in, or 0 when it runs eagerly (<see cref="DecodeGraphs"/>).</summary>
-    private int BucketOf(ReadOnlySpan<StepSequence> batch)
+    /// <summary>
+    /// The bucket of <paramref name="tokens"/> rows a step runs as a graph in, or 0 when it runs eagerly
+    /// (<see cref="DecodeGraphs"/>): a decode or verify step, whose entries are at most <see cref="LayerSteps.AbsorbedRows"/>
+    /// tokens each with the logits of every token asked for, so that its logit rows are all its rows in batch order.
+    /// </summary>
+    private int BucketOf(ReadOnlySpan<StepSequence> batch, int tokens)
     {
         if (!DecodeGraphs || _devices.Length != 1 || _head.W.Context.Attention == AttentionForm.Naive)
         {
@@ -390,13 +395,13 @@ public sealed class PagedStepRunner : IStepRunner
 
         foreach (var e in batch)
         {
-            if (e.Tokens.Length != 1 || e.LogitRows != 1)
+            if (e.Tokens.Length > LayerSteps.AbsorbedRows || e.LogitRows != e.Tokens.Length)
             {
                 return 0;
             }
         }
 
-        return DecodeBuckets.For(batch.Length, _bucketLimit);
+        return DecodeBuckets.For(tokens, _bucketLimit);
     }
 
     /// <summary>

@@ -38,9 +38,10 @@ public sealed class PagedStepRunnerGpuTests
 
     /// <summary>
     /// Runs <paramref name="prompts"/> concurrently (all submitted before the first step) through a fresh paged runner, its
-    /// decode steps as graphs when <paramref name="graphs"/>; checks every block comes back.
+    /// decode steps as graphs when <paramref name="graphs"/>, drafting with the MTP module when <paramref name="speculative"/>;
+    /// checks every block comes back.
     /// </summary>
-    private static int[][] Run(DeepSeekModel model, int[][] prompts, string what, bool graphs = false)
+    private static int[][] Run(DeepSeekModel model, int[][] prompts, string what, bool graphs = false, bool speculative = false)
     {
         var blocks = new KvBlockManager(8 * KvBlockManager.BlocksFor(MaxLength), 8, KvBlockManager.BlocksFor(MaxLength));
         using var runner = new PagedStepRunner(model) { DecodeGraphs = graphs };
@@ -48,8 +49,8 @@ public sealed class PagedStepRunnerGpuTests
         {
             MaxTokensPerStep = StepBudget,
             EosId = model.Config.EosTokenId,
-            // Plain decoding: what is compared is the paged batch, not the drafts (greedy output is the same either way).
-            SpeculativeDecoding = SpeculativeDecodingMode.Off,
+            // Plain decoding unless asked: what is compared is the paged batch, not the drafts.
+            SpeculativeDecoding = speculative ? SpeculativeDecodingMode.On : SpeculativeDecodingMode.Off,
         });
         var requests = prompts.Select(p => scheduler.Submit(p, SamplingOptions.Greedy with { MaxTokens = MaxTokens })).ToList();
         var steps = 0;
@@ -99,18 +100,21 @@ public sealed class PagedStepRunnerGpuTests
 
     /// <summary>
     /// The same eight requests with decode steps as CUDA graphs (each bucket's first step run eagerly and captured, later
-    /// ones replayed after the rows' upload, batches padded to their bucket): the ids of eager steps.
+    /// ones replayed after the rows' upload, steps padded to their row bucket): the ids of eager steps. With speculative
+    /// decoding the graphs run the verify steps (each drafting entry a token and its draft) and the MTP passes follow them.
     /// </summary>
     [TestMethod]
-    public void DecodeGraphStepsGiveTheIdsOfEagerSteps()
+    [DataRow(false)]
+    [DataRow(true)]
+    public void DecodeGraphStepsGiveTheIdsOfEagerSteps(bool speculative)
     {
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var cuda = new CudaBackend();
         using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
         int[] lengths = [1, 2, 24, 25, 64, 65, 90, 130];
         var prompts = lengths.Select((n, i) => Prompt(model.VocabSize, n, i)).ToArray();
-        var eager = Run(model, prompts, "eager");
-        var graphed = Run(model, prompts, "graphs", graphs: true);
+        var eager = Run(model, prompts, "eager", speculative: speculative);
+        var graphed = Run(model, prompts, "graphs", graphs: true, speculative: speculative);
         for (var i = 0; i < prompts.Length; i++)
         {
             TestContext.WriteLine($"request {i}: eager [{string.Join(",", eager[i])}] graphs [{string.Join(",", graphed[i])}]");

@@ -176,17 +176,20 @@ public sealed class PagedStepRunnerTests
 
     /// <summary>
     /// Seeded sampling and greedy requests on a pool too small for all of them: growth preempts requests, which
-    /// prefill again later; every output equals its request alone, and every block comes back.
+    /// prefill again later; every output equals its request alone, and every block comes back. So it does with
+    /// speculative decoding (verify steps and drafts), with decode graphs, and with both.
     /// </summary>
     [TestMethod]
-    [DataRow(false)]
-    [DataRow(true)]
-    public void SeededSamplingUnderPreemptionEqualsEachRequestAlone(bool speculative)
+    [DataRow(false, false)]
+    [DataRow(true, false)]
+    [DataRow(false, true)]
+    [DataRow(true, true)]
+    public void SeededSamplingUnderPreemptionEqualsEachRequestAlone(bool speculative, bool graphs)
     {
         var model = s_tiny;
         var requests = SyntheticPrompts.Mixed(model.VocabSize, seed: 5, salt: 100, temperature: 0.8f, topP: 0.95f, samplingSeed: 17);
         var blocks = new KvBlockManager(7, 6, KvBlockManager.BlocksFor(MaxLength));
-        using var runner = new PagedStepRunner(model);
+        using var runner = new PagedStepRunner(model) { DecodeGraphs = graphs };
         var results = Run(runner, blocks, new SchedulerOptions
         {
             MaxTokensPerStep = 24,
@@ -203,7 +206,10 @@ public sealed class PagedStepRunnerTests
             Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");
             Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
             Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots);
-            TestContext.WriteLine($"preemptions {scheduler.Preemptions}, drafted {scheduler.Counters.Drafted}, accepted {scheduler.Counters.Accepted}");
+            Assert.AreEqual(speculative, scheduler.Counters.Drafted > 0, $"{scheduler.Counters.Drafted} drafts");
+            Assert.AreEqual(graphs, runner.CapturedGraphs > 0, $"{runner.CapturedGraphs} decode graphs");
+            TestContext.WriteLine($"preemptions {scheduler.Preemptions}, drafted {scheduler.Counters.Drafted}, accepted {scheduler.Counters.Accepted}, " +
+                                  $"graphs {runner.CapturedGraphs}");
         }
     }
 
@@ -410,10 +416,11 @@ public sealed class PagedStepRunnerTests
     }
 
     /// <summary>
-    /// Decode steps of one batch size queue the same operations with the same host values whatever tokens, slots and
-    /// positions their rows hold (other tokens, another order, a slot crossing a block boundary, another slot joining):
-    /// after the step's uploads its work depends on its row count only, as one CUDA graph per batch size needs. The
-    /// embedding reads the tokens from the step rows, never as host ids.
+    /// Decode and verify steps of one row count queue the same operations with the same host values whatever tokens, slots,
+    /// positions and entries their rows hold (other tokens, another order, a slot crossing a block boundary, another slot
+    /// joining, an entry of a token and a draft in place of two entries): after the step's uploads its work depends on its
+    /// row count only, as one CUDA graph per row bucket needs. The embedding reads the tokens from the step rows, never as
+    /// host ids.
     /// </summary>
     [TestMethod]
     public void DecodeStepsOfOneSizeQueueTheSameOperationsWhateverTheirRows()
@@ -433,19 +440,24 @@ public sealed class PagedStepRunnerTests
 
         runner.Forward([.. Enumerable.Range(0, fed.Length).Select(i => new StepSequence(slots[i], 0, SyntheticPrompts.Make(v, fed[i], 40 + i), 0))], []);
         var r = new Random(77);
-        string[] Decode(params int[] entries)
+        // Entry i feeds one token, or two (a token and a draft, both verified) where i is in verifying.
+        string[] Step(int[] entries, params int[] verifying)
         {
             var first = counting.Operations.Count;
-            foreach (var i in entries)
+            var counts = entries.Select(i => verifying.Contains(i) ? 2 : 1).ToArray();
+            var batch = entries.Select((i, j) => new StepSequence(slots[i], fed[i], Enumerable.Range(0, counts[j]).Select(_ => r.Next(v)).ToArray(), counts[j])).ToArray();
+            for (var j = 0; j < entries.Length; j++)
             {
-                blocks.Reserve(slots[i], fed[i] + 1);
+                blocks.Reserve(slots[entries[j]], fed[entries[j]] += counts[j]);
             }
 
-            var tokens = new int[entries.Length];
-            runner.ForwardAndChoose([.. entries.Select(i => new StepSequence(slots[i], fed[i]++, new[] { r.Next(v) }, 1))],
-                [.. entries.Select(_ => TokenChoice.Greedy(v))], tokens, new float[entries.Length * v]);
+            var rows = counts.Sum();
+            var tokens = new int[rows];
+            runner.ForwardAndChoose(batch, [.. Enumerable.Repeat(TokenChoice.Greedy(v), rows)], tokens, new float[rows * v]);
             return [.. counting.Operations.Skip(first)];
         }
+
+        string[] Decode(params int[] entries) => Step(entries);
 
         void Same(string[] want, string[] got, string what)
         {
@@ -457,6 +469,8 @@ public sealed class PagedStepRunnerTests
         var a = Decode(0, 1, 2);
         Same(a, Decode(2, 1, 3), "slots 2, 1, 3 (slot 1 into its second block, slot 3 joining)");
         Same(a, Decode(3, 0, 1), "slots 3, 0, 1");
+        Same(a, Step([2, 0], 2), "slot 2 verifying a draft, then slot 0");
+        Same(a, Step([3, 1], 1), "slot 3, then slot 1 verifying a draft");
         Assert.AreEqual(1, a.Count(o => o.StartsWith("EmbeddingRows(", StringComparison.Ordinal)), "one embedding of the step rows' tokens");
         Assert.IsFalse(a.Any(o => o.StartsWith("Embedding(", StringComparison.Ordinal)), "no embedding of host ids");
         Assert.IsFalse(a.Any(o => o.StartsWith("CopyRows(", StringComparison.Ordinal)), "the head reads the decode rows where they are");
@@ -466,12 +480,13 @@ public sealed class PagedStepRunnerTests
     }
 
     /// <summary>
-    /// Decode steps as graphs (<see cref="PagedStepRunner.DecodeGraphs"/>) against the same calls on a runner that runs them
-    /// eagerly: six requests (two drafting) prefilled, then 14 decode steps whose batches take 1 to 6 slots in changing
-    /// order (buckets 1, 2, 4 and the limit 6, each run eagerly and captured on first use, replayed after; padding rows
-    /// where a batch is smaller than its bucket), greedy and seeded choices, some steps' logits downloaded, and a draft
-    /// after each step for the drafting slots in it: the chosen ids, the downloaded logits and the draft logits are bitwise
-    /// equal.
+    /// Decode and verify steps as graphs (<see cref="PagedStepRunner.DecodeGraphs"/>) against the same calls on a runner that
+    /// runs them eagerly: six requests (two drafting) prefilled, then 14 steps whose batches take 1 to 6 slots in changing
+    /// order, a drafting slot feeding its last draft after its token (8 rows at most: row buckets 1, 2, 4 and 8, each run
+    /// eagerly and captured on first use, replayed after; padding rows where a step is smaller than its bucket), the draft
+    /// kept on even steps and rejected (truncated) on odd ones, greedy and seeded choices, some steps' logits downloaded,
+    /// and a draft after each step for the drafting slots in it: the chosen ids, the downloaded logits and the draft logits
+    /// are bitwise equal.
     /// </summary>
     [TestMethod]
     public void DecodeGraphStepsEqualEagerSteps()
@@ -527,66 +542,100 @@ public sealed class PagedStepRunnerTests
                 [0], [3, 1], [2, 0, 5], [0, 1, 2, 3, 4, 5], [4], [5, 3, 1, 0], [1, 2], [0, 1, 2, 3, 4], [2], [3, 4, 5], [5, 4, 3, 2, 1, 0],
                 [1, 0], [0, 2, 4], [0, 1, 2, 3, 4, 5],
             ];
+            var drafted = new int?[lengths.Length];
+            int verified = 0, accepted = 0;
             for (var k = 0; k < steps.Length; k++)
             {
                 var who = steps[k];
+                int[][] fedTokens = [.. who.Select(i => drafted[i] is { } d ? new[] { next[i], d } : new[] { next[i] })];
+                var rows = fedTokens.Sum(t => t.Length);
                 foreach (var m in managers)
                 {
-                    foreach (var i in who)
+                    for (var j = 0; j < who.Length; j++)
                     {
-                        m.Reserve(slots[i], fed[i] + 1);
+                        m.Reserve(slots[who[j]], fed[who[j]] + fedTokens[j].Length);
                     }
                 }
 
-                StepSequence[] batch = [.. who.Select(i => new StepSequence(slots[i], fed[i], new[] { next[i] }, 1))];
-                var what = $"step {k} (entries {string.Join(",", who)})";
+                StepSequence[] batch = [.. who.Select((i, j) => new StepSequence(slots[i], fed[i], fedTokens[j], fedTokens[j].Length))];
+                var what = $"step {k} (entries {string.Join(",", who)}, {rows} rows)";
+                var ids = new int[rows];
                 if (k % 3 == 2)
                 {
                     var l = Both(r =>
                     {
-                        var l = new float[who.Length * v];
+                        var l = new float[rows * v];
                         r.Forward(batch, l);
                         return l;
                     }, $"{what}: logits");
-                    for (var j = 0; j < who.Length; j++)
+                    for (var j = 0; j < rows; j++)
                     {
-                        next[who[j]] = Sampler.ArgMax(l.AsSpan(j * v, v));
+                        ids[j] = Sampler.ArgMax(l.AsSpan(j * v, v));
                     }
                 }
                 else
                 {
-                    TokenChoice[] choices = [.. who.Select(i => i % 2 == 0 ? TokenChoice.Greedy(v) : new TokenChoice(v, 0.8f, 20, 0.9f, (ulong)(i + 1), (ulong)k))];
+                    var rowOwners = who.SelectMany((i, j) => Enumerable.Repeat(i, fedTokens[j].Length)).ToArray();
+                    TokenChoice[] choices = [.. rowOwners.Select((i, row) => i % 2 == 0 ? TokenChoice.Greedy(v) : new TokenChoice(v, 0.8f, 20, 0.9f, (ulong)(i + 1), (ulong)(k * 4 + row)))];
                     var chosen = Both(r =>
                     {
-                        var t = new int[who.Length];
-                        r.ForwardAndChoose(batch, choices, t, new float[who.Length * v]);
+                        var t = new int[rows];
+                        r.ForwardAndChoose(batch, choices, t, new float[rows * v]);
                         return [.. t.Select(x => (float)x)];
                     }, $"{what}: chosen ids");
-                    for (var j = 0; j < who.Length; j++)
+                    for (var j = 0; j < rows; j++)
                     {
                         Assert.IsTrue(chosen[j] >= 0, $"{what}: row {j} chosen on the backend");
-                        next[who[j]] = (int)chosen[j];
+                        ids[j] = (int)chosen[j];
                     }
                 }
 
-                foreach (var i in who)
+                // A verified draft is kept on even steps (as if the model had chosen it) and rejected on odd ones: the
+                // slot is truncated to its first fed token, and the next token is the one chosen after it.
+                var row = 0;
+                for (var j = 0; j < who.Length; j++)
                 {
-                    fed[i]++;
+                    var i = who[j];
+                    var keep = fedTokens[j].Length == 1 || k % 2 == 0;
+                    if (fedTokens[j].Length == 2)
+                    {
+                        verified++;
+                        accepted += keep ? 1 : 0;
+                        if (!keep)
+                        {
+                            foreach (var r in runners)
+                            {
+                                r.Truncate(slots[i], fed[i] + 1);
+                            }
+                        }
+                    }
+
+                    var kept = keep ? fedTokens[j].Length : 1;
+                    next[i] = ids[row + kept - 1];
+                    fed[i] += kept;
+                    row += fedTokens[j].Length;
+                    drafted[i] = null;
                 }
 
                 DraftSequence[] draft = [.. who.Where(i => drafts[i]).Select(i => new DraftSequence(slots[i], next[i]))];
                 if (draft.Length > 0)
                 {
-                    Both(r =>
+                    var l = Both(r =>
                     {
                         var l = new float[draft.Length * v];
                         r.Draft(draft, l);
                         return l;
                     }, $"{what}: draft logits");
+                    for (var j = 0; j < draft.Length; j++)
+                    {
+                        drafted[who.Where(i => drafts[i]).ElementAt(j)] = Sampler.ArgMax(l.AsSpan(j * v, v));
+                    }
                 }
             }
 
-            Assert.AreEqual(4, runners[0].CapturedGraphs, "one graph per bucket used (1, 2, 4, 6)");
+            Assert.AreEqual(13, verified, "verify entries in the run");
+            Assert.IsTrue(accepted > 0 && accepted < verified, $"{accepted} of {verified} drafts kept");
+            Assert.AreEqual(4, runners[0].CapturedGraphs, "one graph per row bucket used (1, 2, 4, 8)");
             Assert.AreEqual(0, runners[1].CapturedGraphs);
         }
         finally
@@ -601,7 +650,8 @@ public sealed class PagedStepRunnerTests
     /// <summary>
     /// A replayed decode step queues the graph and the choice, nothing else, and allocates nothing: the first step of a bucket
     /// runs eagerly and captures (the step-rows embedding among its operations), a later one of the same bucket in another
-    /// order replays, a smaller bucket captures a graph of its own, and the first bucket replays again.
+    /// order replays, a smaller bucket captures a graph of its own, and the first bucket replays again; so do verify steps
+    /// (an entry of a token and its draft) of those row counts.
     /// </summary>
     [TestMethod]
     public void ReplayedDecodeStepsQueueOnlyTheGraphAndTheChoice()
@@ -620,15 +670,25 @@ public sealed class PagedStepRunnerTests
         }
 
         runner.Forward([.. Enumerable.Range(0, fed.Length).Select(i => new StepSequence(slots[i], 0, SyntheticPrompts.Make(v, fed[i], 60 + i), 0))], []);
-        string[] Decode(params int[] who)
+        // Entry i feeds one token, or two (a token and a draft, both verified) where i is in verifying.
+        string[] Step(int[] who, params int[] verifying)
         {
             var first = counting.Operations.Count;
-            var tokens = new int[who.Length];
-            runner.ForwardAndChoose([.. who.Select(i => new StepSequence(slots[i], fed[i]++, new[] { 7 + i }, 1))], [.. who.Select(_ => TokenChoice.Greedy(v))],
-                tokens, new float[who.Length * v]);
+            var batch = who.Select(i => new StepSequence(slots[i], fed[i], verifying.Contains(i) ? new[] { 7 + i, 9 + i } : new[] { 7 + i }, 0))
+                .Select(e => e with { LogitRows = e.Tokens.Length }).ToArray();
+            foreach (var e in batch)
+            {
+                fed[Array.IndexOf(slots, e.Slot)] += e.Tokens.Length;
+            }
+
+            var rows = batch.Sum(e => e.LogitRows);
+            var tokens = new int[rows];
+            runner.ForwardAndChoose(batch, [.. Enumerable.Repeat(TokenChoice.Greedy(v), rows)], tokens, new float[rows * v]);
             Assert.IsTrue(tokens.All(t => t >= 0), "every row chosen");
             return [.. counting.Operations.Skip(first)];
         }
+
+        string[] Decode(params int[] who) => Step(who);
 
         var captured = Decode(0, 1, 2);
         Assert.AreEqual(1, runner.CapturedGraphs, "the first step of bucket 4 is captured");
@@ -645,6 +705,8 @@ public sealed class PagedStepRunnerTests
         Assert.AreEqual(2, Decode(1, 0).Count(o => o.StartsWith("ReplayGraph(", StringComparison.Ordinal)) + runner.CapturedGraphs, "bucket 2: captured, not replayed");
         Replayed(Decode(0, 2, 1), "bucket 4 again");
         Replayed(Decode(1, 2), "bucket 2 again");
+        Replayed(Step([2, 1], 1), "bucket 4 from a verify step (slot 1 a token and its draft)");
+        Replayed(Step([0], 0), "bucket 2 from one verify entry");
         Assert.AreEqual(allocations, counting.Allocations, "no allocation after the captures");
     }
 
