@@ -7,6 +7,9 @@
 //   glue_rope_kernel       interleaved-pair rotation from the uploaded cos/sin table, in place, f32; row t at
 //                          positions[t] (the step's rows on the device), or at start + t without them
 //   glue_dequant_kernel    out bf16 [rows, cols] = e4m3(x) * scale[r/128, c/128]  (kv_b for the absorbed MLA)
+//   glue_ring_kernel       f32 rows between a tensor and a ring of ring_rows rows per slot, step row r at ring row
+//                          slots[r] * ring_rows + positions[r] % ring_rows: gathered (out[r] = x[ring row]) or, with
+//                          SCATTER, scattered (out[ring row] = x[r])
 #pragma once
 #include "common.cuh"
 
@@ -17,7 +20,8 @@ struct BackendGlueParams
     void* out;          // output
     const float* cos;   // [positions, pairs] (glue_rope_kernel)
     const float* sin;   // [positions, pairs]
-    const i32* positions; // [rows] each row's position (glue_rope_kernel); null: row t at start + t
+    const i32* positions; // [rows] each row's position (glue_rope_kernel, glue_ring_kernel); null: row t at start + t
+    const i32* slots;   // [rows] each row's slot (glue_ring_kernel)
     i64 n;              // elements of the 1-D kernels
     i64 x_stride;       // row strides in elements (glue_copy_kernel)
     i64 out_stride;
@@ -29,6 +33,7 @@ struct BackendGlueParams
     i32 rope_offset;
     i32 pairs;
     i32 scale_cols;     // scale blocks per row of glue_dequant_kernel
+    i32 ring_rows;      // rows per slot of glue_ring_kernel's ring
 };
 
 template <int BLOCK>
@@ -99,5 +104,20 @@ __global__ void __launch_bounds__(BLOCK) glue_dequant_kernel(const __grid_consta
         const i64 r = i / p.cols, c = i % p.cols;
         const float s = scales[(r / 128) * p.scale_cols + c / 128];
         ((u16*)p.out)[i] = float_to_bf16(__fmul_rn(e4m3_to_float(codes[i]), s));
+    }
+}
+
+template <int BLOCK, int SCATTER>
+__global__ void __launch_bounds__(BLOCK) glue_ring_kernel(const __grid_constant__ BackendGlueParams p)
+{
+    const i64 total = (i64)p.rows * p.cols;
+    for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < total; i += (i64)gridDim.x * BLOCK)
+    {
+        const i64 r = i / p.cols, c = i % p.cols;
+        const i64 g = (i64)p.slots[r] * p.ring_rows + p.positions[r] % p.ring_rows;
+        if (SCATTER)
+            ((float*)p.out)[g * p.cols + c] = ((const float*)p.x)[r * p.cols + c];
+        else
+            ((float*)p.out)[r * p.cols + c] = ((const float*)p.x)[g * p.cols + c];
     }
 }

@@ -35,6 +35,21 @@ public interface IBackend : IDisposable
     /// <summary>Copies <paramref name="count"/> rows of <paramref name="source"/> from <paramref name="sourceRow"/> into <paramref name="destination"/> at <paramref name="destinationRow"/>.</summary>
     void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count);
 
+    /// <summary>
+    /// Row r of <paramref name="output"/> ← the row of <paramref name="ring"/> that holds slot s = <paramref name="rows"/>.Slots[r]
+    /// at position p = <paramref name="rows"/>.Positions[r] (the first output.Rows rows of the last upload): row
+    /// s·<paramref name="ringRows"/> + p mod <paramref name="ringRows"/>. A ring keeps each slot's last
+    /// <paramref name="ringRows"/> positions (a step runner's pending MTP inputs), read and written by the step rows alone.
+    /// </summary>
+    void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output);
+
+    /// <summary>
+    /// The inverse of <see cref="GatherRows"/>: row r of <paramref name="source"/> → the row of <paramref name="ring"/> for
+    /// slot <paramref name="rows"/>.Slots[r] at position <paramref name="rows"/>.Positions[r], for r &lt; source.Rows. Rows
+    /// that address one ring row must hold equal values (which of them lands is not specified).
+    /// </summary>
+    void ScatterRows(Tensor source, StepRows rows, int ringRows, Tensor ring);
+
     // ---- weights ----
 
     /// <summary>

@@ -119,6 +119,26 @@ internal static class ShapeCheck
         }
     }
 
+    /// <summary>
+    /// The contract of <see cref="IBackend.GatherRows"/> and <see cref="IBackend.ScatterRows"/>: <paramref name="other"/>.Rows rows of
+    /// the last upload, every uploaded slot's <paramref name="ringRows"/> rows inside <paramref name="ring"/>, as wide as <paramref name="other"/>.
+    /// </summary>
+    public static void Ring(Tensor ring, int ringRows, StepRows rows, Tensor other)
+    {
+        StepRows(rows, other.Rows, null, null);
+        if (ringRows < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(ringRows), ringRows, "a ring holds at least one row per slot");
+        }
+
+        if ((long)(rows.MaxSlot + 1) * ringRows > ring.Rows)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxSlot, $"slot {rows.MaxSlot} has no rows in {ring}, {ringRows} rows per slot");
+        }
+
+        Require(ring.Cols == other.Cols, $"ring {ring} and rows {other}");
+    }
+
     /// <summary>The contract of <see cref="IBackend.PagedCache"/>.</summary>
     public static void PagedCache(LatentPool pool, BlockTable table, int request)
     {

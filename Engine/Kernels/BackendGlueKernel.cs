@@ -13,6 +13,7 @@ internal struct BackendGlueParams
     public ulong Cos;
     public ulong Sin;
     public ulong Positions;
+    public ulong Slots;
     public long N;
     public long XStride;
     public long OutStride;
@@ -24,12 +25,14 @@ internal struct BackendGlueParams
     public int RopeOffset;
     public int Pairs;
     public int ScaleCols;
+    public int RingRows;
 }
 
 /// <summary>
 /// The small elementwise kernels of <c>CudaBackend</c> (Kernels/backend_glue.cu) where a launcher's contract does
 /// not fit <c>IBackend</c>: BF16 rounding of f32 storage, the rounded residual add, f32↔bf16 conversion, strided
-/// row copies, RoPE from the uploaded cos/sin table, and FP8 block dequantization to BF16.
+/// row copies, RoPE from the uploaded cos/sin table, FP8 block dequantization to BF16, and step rows gathered from or
+/// scattered into a per-slot ring.
 /// </summary>
 internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -49,6 +52,8 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
     private static readonly KernelInstance CopyInstance = new($"glue_copy_kernel<{Block}>", ParamsType);
     private static readonly KernelInstance RopeInstance = new($"glue_rope_kernel<{Block}>", ParamsType);
     private static readonly KernelInstance DequantInstance = new($"glue_dequant_kernel<{Block}>", ParamsType);
+    private static readonly KernelInstance GatherInstance = new($"glue_ring_kernel<{Block}, 0>", ParamsType);
+    private static readonly KernelInstance ScatterInstance = new($"glue_ring_kernel<{Block}, 1>", ParamsType);
 
     /// <summary>The conversion between storage types.</summary>
     public static KernelInstance ConvertInstance(ElementType input, ElementType output) =>
@@ -56,7 +61,7 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
 
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() =>
-        [RoundInstance, AddRoundInstance, CopyInstance, RopeInstance, DequantInstance,
+        [RoundInstance, AddRoundInstance, CopyInstance, RopeInstance, DequantInstance, GatherInstance, ScatterInstance,
             ConvertInstance(ElementType.F32, ElementType.BF16), ConvertInstance(ElementType.BF16, ElementType.F32)];
 
     /// <summary>values[i] = bf16(values[i]) for <paramref name="n"/> f32 values, in place.</summary>
@@ -99,6 +104,18 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
         Run(stream, DequantInstance, (long)rows * cols, new BackendGlueParams
         {
             X = codes, Y = scales, Out = output, Rows = rows, Cols = cols, ScaleCols = (cols + 127) / 128,
+        });
+
+    /// <summary>
+    /// f32 rows × cols between <paramref name="x"/> and <paramref name="output"/>, step row r (device int32
+    /// <paramref name="slots"/>, <paramref name="positions"/>) at ring row slots[r]·ringRows + positions[r] mod ringRows: the
+    /// ring is <paramref name="x"/> (gathered into output row r), or with <paramref name="scatter"/> the output (row r of x
+    /// scattered into it).
+    /// </summary>
+    public void Ring(CudaStream stream, bool scatter, ulong x, ulong output, ulong slots, ulong positions, int rows, int cols, int ringRows) =>
+        Run(stream, scatter ? ScatterInstance : GatherInstance, (long)rows * cols, new BackendGlueParams
+        {
+            X = x, Out = output, Slots = slots, Positions = positions, Rows = rows, Cols = cols, RingRows = ringRows,
         });
 
     private void Run(CudaStream stream, KernelInstance instance, long work, in BackendGlueParams p)

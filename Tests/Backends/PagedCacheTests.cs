@@ -349,6 +349,60 @@ public sealed class PagedCacheTests
     }
 
     /// <summary>
+    /// A ring of rows per slot (<see cref="IBackend.ScatterRows"/>, <see cref="IBackend.GatherRows"/>): each step row lands on
+    /// row slot·ringRows + position mod ringRows, the other ring rows keep their values, and a gather reads them back in
+    /// any order; a slot past the ring, a ring of no rows, another width and rows never uploaded are refused by name.
+    /// </summary>
+    [TestMethod]
+    public void RingRowsLandAtTheirSlotAndPositionAndRefuseWhatTheyCannotAddress()
+    {
+        using var b = new CpuBackend();
+        var r = new Random(8);
+        const int Width = 5, RingRows = 4, Slots = 3;
+        using var rows = b.AllocateStepRows(6);
+        int[] slots = [2, 0, 0, 1, 2], positions = [7, 3, 4, 0, 9];
+        b.UploadStepRows(new int[slots.Length], slots, positions, rows);
+        var before = Normal(r, Slots * RingRows * Width);
+        var values = Normal(r, slots.Length * Width);
+        using var ring = b.Upload(before, Slots * RingRows, Width);
+        using var source = b.Upload(values, slots.Length, Width);
+        b.ScatterRows(source, rows, RingRows, ring);
+        var after = new float[before.Length];
+        b.Download(ring, after);
+        // Ring rows written: slot 2 at 7 and 9 → rows 11 and 9; slot 0 at 3 and 4 → 3 and 0; slot 1 at 0 → 4.
+        int[] landed = [11, 3, 0, 4, 9];
+        var expected = (float[])before.Clone();
+        for (var t = 0; t < landed.Length; t++)
+        {
+            values.AsSpan(t * Width, Width).CopyTo(expected.AsSpan(landed[t] * Width));
+        }
+
+        CollectionAssert.AreEqual(expected, after, "each row at its slot's ring row of its position, the rest unchanged");
+
+        b.UploadStepRows([0, 0, 0], [1, 2, 0], [8, 13, 5], rows);
+        using var gathered = b.Allocate(3, Width);
+        b.GatherRows(ring, RingRows, rows, gathered);
+        var got = new float[3 * Width];
+        b.Download(gathered, got);
+        CollectionAssert.AreEqual(new[] { 4, 9, 1 }.SelectMany(row => expected.Skip(row * Width).Take(Width)).ToArray(), got, "ring rows 4, 9 and 1 read back");
+
+        b.UploadStepRows([0, 0], [0, 3], [0, 0], rows);
+        using var two = b.Allocate(2, Width);
+        var past = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.GatherRows(ring, RingRows, rows, two));
+        StringAssert.Contains(past.Message, "slot 3 has no rows");
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.ScatterRows(two, rows, RingRows, ring));
+        b.UploadStepRows([0, 0], [0, 1], [0, 0], rows);
+        var none = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.GatherRows(ring, 0, rows, two));
+        StringAssert.Contains(none.Message, "at least one row");
+        using var narrow = b.Allocate(2, Width - 1);
+        Assert.ThrowsExactly<ArgumentException>(() => b.ScatterRows(narrow, rows, RingRows, ring));
+        var unset = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.GatherRows(ring, RingRows, rows, gathered));
+        StringAssert.Contains(unset.Message, "last upload has 2");
+        b.Download(ring, after);
+        CollectionAssert.AreEqual(expected, after, "a refused scatter writes nothing");
+    }
+
+    /// <summary>
     /// Step rows refuse a negative token, slot or position, mismatched lengths and more rows than they hold, keeping the last
     /// upload; the row operations refuse rows never uploaded, a token outside the embedding table, a slot outside the block
     /// table, and positions beyond the cache or the rotary table.

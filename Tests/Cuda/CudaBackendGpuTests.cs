@@ -333,8 +333,8 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
     /// <summary>
     /// One decode step's rows of three sequences through a permuted block table over one pool (slot 2; slot 0's token and
     /// draft across a block boundary; slot 1 at a long context that takes KV splits): RoPE at the uploaded positions, the
-    /// append, and attention with each row a query of its own (the decode kernel reading each row's block-table row); and
-    /// the rows' tokens embedded from the device copy.
+    /// append, and attention with each row a query of its own (the decode kernel reading each row's block-table row); the
+    /// rows' tokens embedded from the device copy; and rows scattered into and gathered from a ring of rows per slot.
     /// </summary>
     [TestMethod]
     public void StepRowOperationsMatch()
@@ -356,6 +356,9 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         var kv = Bf16Normal(slots.Length * width);
         var q = Bf16Normal(slots.Length * qWidth);
         int[] tokens = [Config.VocabSize - 1, .. slots.Skip(1).Select(_ => Random.Next(Config.VocabSize))];
+        const int RingRows = 4;
+        var ringValues = Bf16Normal(history.Length * RingRows * Config.HiddenSize);
+        var hiddens = Bf16Normal(slots.Length * Config.HiddenSize);
         var shuffle = new Random(20261205);
         int[] entries = [.. Enumerable.Range(0, 3 * MaxBlocks).OrderBy(_ => shuffle.Next())];
         var scale = (float)Config.SoftmaxScale;
@@ -384,11 +387,17 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
             var embed = s.Own(s.B.UploadEmbedding(Checkpoint, "model.embed_tokens.weight", Config.VocabSize, Config.HiddenSize));
             var e = s.Out(slots.Length, Config.HiddenSize);
             s.B.EmbeddingRows(embed, rows, e);
-            return [s.Read(qt), s.Read(o), s.Read(e)];
+            var ring = s.In(ringValues, history.Length * RingRows, Config.HiddenSize);
+            s.B.ScatterRows(s.In(hiddens, slots.Length, Config.HiddenSize), rows, RingRows, ring);
+            var gathered = s.Out(slots.Length - 1, Config.HiddenSize);
+            s.B.GatherRows(ring, RingRows, rows, gathered);
+            return [s.Read(qt), s.Read(o), s.Read(e), s.Read(ring), s.Read(gathered)];
         });
         Close("rope at the rows' positions", got[0], want[0], 1e-6, Bf16Step);
         Close("attention of the step's rows", got[1], want[1], 0.03, 0.05, rmsRel: 0.02);
         Exact("the rows' tokens embedded", got[2], want[2]);
+        Exact("the rows scattered into a ring of 4 rows per slot", got[3], want[3]);
+        Exact("the first 3 rows gathered from the ring", got[4], want[4]);
     }
 
     // ------------------------------------------------------------------ graphs

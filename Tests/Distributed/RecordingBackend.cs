@@ -113,6 +113,12 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
         Run(nameof(CopyRows), () => inner.CopyRows(source, sourceRow, destination, destinationRow, count), source, sourceRow, destination, destinationRow, count);
 
+    public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output) =>
+        Run(nameof(GatherRows), () => inner.GatherRows(ring, ringRows, rows, output), ring, ringRows, rows, output);
+
+    public void ScatterRows(Tensor source, StepRows rows, int ringRows, Tensor ring) =>
+        Run(nameof(ScatterRows), () => inner.ScatterRows(source, rows, ringRows, ring), source, rows, ringRows, ring);
+
     public Tensor View(Tensor tensor, int firstRow, int rows) => inner.View(tensor, firstRow, rows);
 
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)

@@ -163,6 +163,40 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
+    public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output)
+    {
+        if (Recorded(() => GatherRows(ring, ringRows, rows, output)))
+        {
+            return;
+        }
+
+        ShapeCheck.Ring(ring, ringRows, rows, output);
+        CpuTensor g = T(ring), o = T(output);
+        for (var r = 0; r < o.Rows; r++)
+        {
+            g.Data.Slice(RingRow(rows, r, ringRows) * g.Cols, g.Cols).CopyTo(o.Data[(r * o.Cols)..]);
+        }
+    }
+
+    /// <inheritdoc />
+    public void ScatterRows(Tensor source, StepRows rows, int ringRows, Tensor ring)
+    {
+        if (Recorded(() => ScatterRows(source, rows, ringRows, ring)))
+        {
+            return;
+        }
+
+        ShapeCheck.Ring(ring, ringRows, rows, source);
+        CpuTensor s = T(source), g = T(ring);
+        for (var r = 0; r < s.Rows; r++)
+        {
+            s.Data.Slice(r * s.Cols, s.Cols).CopyTo(g.Data[(RingRow(rows, r, ringRows) * g.Cols)..]);
+        }
+    }
+
+    private static int RingRow(StepRows rows, int r, int ringRows) => rows.Slots[r] * ringRows + rows.Positions[r] % ringRows;
+
+    /// <inheritdoc />
     public Tensor View(Tensor tensor, int firstRow, int rows)
     {
         var t = T(tensor);

@@ -328,6 +328,26 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
+    public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output)
+    {
+        using var scope = Enter(recordable: true);
+        ShapeCheck.Ring(ring, ringRows, rows, output);
+        var s = (CudaStepRows)rows;
+        CudaTensor g = T(ring), o = T(output);
+        _glue.Ring(_stream, scatter: false, g.Pointer, o.Pointer, s.SlotsPointer, s.PositionsPointer, o.Rows, o.Cols, ringRows);
+    }
+
+    /// <inheritdoc />
+    public void ScatterRows(Tensor source, StepRows rows, int ringRows, Tensor ring)
+    {
+        using var scope = Enter(recordable: true);
+        ShapeCheck.Ring(ring, ringRows, rows, source);
+        var s = (CudaStepRows)rows;
+        CudaTensor x = T(source), g = T(ring);
+        _glue.Ring(_stream, scatter: true, x.Pointer, g.Pointer, s.SlotsPointer, s.PositionsPointer, x.Rows, x.Cols, ringRows);
+    }
+
+    /// <inheritdoc />
     public Tensor View(Tensor tensor, int firstRow, int rows)
     {
         var t = T(tensor);

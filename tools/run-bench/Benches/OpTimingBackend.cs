@@ -127,6 +127,12 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
         Op(null, () => inner.CopyRows(source, sourceRow, destination, destinationRow, count));
 
+    public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output) =>
+        Op(null, () => inner.GatherRows(ring, ringRows, rows, output));
+
+    public void ScatterRows(Tensor source, StepRows rows, int ringRows, Tensor ring) =>
+        Op(null, () => inner.ScatterRows(source, rows, ringRows, ring));
+
     public Tensor View(Tensor tensor, int firstRow, int rows) => inner.View(tensor, firstRow, rows);
 
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec) => Owned(inner.UploadLinear(checkpoint, spec), spec.Weight);
