@@ -20,19 +20,31 @@ namespace DeepSeekCuda.Serving;
 /// <para>MTP (a one-device model): a position's draft input is its final hidden state and the token after it. Where that token is already
 /// fed and certain (a prompt token, or a sampled one), the MTP layer runs over the position in the same step, which
 /// fills its cache; the last position of an entry, and both positions of a verify entry (its second token is a draft
-/// that may be rejected), wait on the device (at most two rows per slot) for <see cref="Draft"/> or the next step.</para>
+/// that may be rejected), wait on the device for <see cref="Draft"/> or the next step, in a ring of rows per slot
+/// addressed by position (<see cref="IBackend.ScatterRows"/> writes a step's decode rows there in one call,
+/// <see cref="IBackend.GatherRows"/> reads a draft's inputs). A draft's rows put each slot's last row first, so the head
+/// reads them in place.</para>
 /// <para>Tokens are chosen on the head's device (<see cref="IBackend.ChooseTokens"/>): a step sends each logit row's settings
 /// and brings back its id, and the logits of only the rows the host must see (a constrained request's, or a broken row).</para>
 /// <para>Decode graphs (<see cref="DecodeGraphs"/>, off until a GPU has run them): a one-device decode or verify step (entries
 /// of one token, or of a token and the draft it verifies, with logits for each) is padded to its row bucket
 /// (<see cref="DecodeBuckets"/>) with rows of a padding slot whose one block no sequence reads, and replays the bucket's
-/// graph of the main pass and the head after the rows' upload; MTP passes and token choice run after it as usual. Still
-/// to come: BF16 activations.</para>
+/// graph of the main pass (and the ring's writes) and the head after the rows' upload; token choice runs after it as
+/// usual. A draft likewise replays the graph of its bucket of MTP rows (the gather, the MTP layer and the head). Still
+/// eager: the MTP layer's catch-up over positions left pending by a step without a draft, and prompt chunks.
+/// Still to come: BF16 activations.</para>
 /// </remarks>
 public sealed class PagedStepRunner : IStepRunner
 {
     /// <summary>Pending MTP rows a slot can hold: the two positions of a verify step.</summary>
     private const int PendingRows = 2;
+
+    /// <summary>
+    /// Rows per slot of the ring of final hiddens (<see cref="_pending"/>; position p at row slot·4 + p mod 4): a slot's
+    /// pending positions (at most two, the last ones fed) and the rows a decode or verify step writes (at most two, the
+    /// next ones) are four consecutive positions, so a step never writes over a pending row it may still read.
+    /// </summary>
+    private const int RingRows = 2 * PendingRows;
 
     private readonly DeviceLayout _layout;
     private readonly Device[] _devices;
@@ -46,7 +58,7 @@ public sealed class PagedStepRunner : IStepRunner
     private ActivationArena _mtpArena = null!;
     private ActivationArena _headArena = null!;
     private TokenChoiceBuffer? _choices;    // the head device's: settings in, ids out
-    private Tensor? _pending;               // [slots · 2, D]
+    private Tensor? _pending;               // [(slots + 1) · RingRows, D] the ring, the padding slot's rows last
     private SlotState?[] _slots = [];
     private int[] _stream = [];
     private int[] _rowSlots = [];           // [row] the slot and position of each row of the pass being set up
@@ -65,6 +77,7 @@ public sealed class PagedStepRunner : IStepRunner
     private int _padSlot;                   // the block-table row of a graph step's padding rows (one block of its own)
     private int _bucketLimit;               // the largest decode bucket
     private readonly Dictionary<int, DecodeGraph> _graphs = []; // [bucket]
+    private readonly Dictionary<int, DecodeGraph> _draftGraphs = []; // [bucket]
 
     /// <summary>Creates a runner over <paramref name="model"/> (not owned: the caller disposes it). Nothing is allocated before <see cref="Attach"/>.</summary>
     public PagedStepRunner(DeepSeekModel model)
@@ -97,8 +110,11 @@ public sealed class PagedStepRunner : IStepRunner
     /// </summary>
     internal bool DecodeGraphs { get; set; }
 
-    /// <summary>Graphs captured so far (one per decode bucket used).</summary>
+    /// <summary>Graphs of the main pass captured so far (one per decode bucket used).</summary>
     internal int CapturedGraphs => _graphs.Count;
+
+    /// <summary>Graphs of the draft pass captured so far (one per bucket of MTP rows used).</summary>
+    internal int CapturedDraftGraphs => _draftGraphs.Count;
 
     /// <summary>The most tokens one step may feed (0 before <see cref="Attach"/>).</summary>
     public int MaxTokensPerStep => _blocks is null ? 0 : _maxTokens;
@@ -109,10 +125,11 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <inheritdoc />
     /// <remarks>
-    /// Allocates everything the runner will use: one latent pool per layer of <see cref="KvBlockManager.TotalBlocks"/> blocks
-    /// and one more for the padding rows of graph steps (and one for the MTP layer, which graphs do not run); the block
-    /// table, with a row more for the padding slot; and the step buffers for <paramref name="maxTokensPerStep"/> rows. (The
-    /// padding block, 64 positions per layer, comes out of <see cref="MemoryPlanner"/>'s reserve.)
+    /// Allocates everything the runner will use: one latent pool per layer (and one for the MTP layer) of
+    /// <see cref="KvBlockManager.TotalBlocks"/> blocks and one more for the padding rows of graph steps; the block table,
+    /// with a row more for the padding slot; the ring of pending MTP inputs; and the step buffers for
+    /// <paramref name="maxTokensPerStep"/> rows. (The padding block, 64 positions per layer, comes out of
+    /// <see cref="MemoryPlanner"/>'s reserve.)
     /// </remarks>
     public void Attach(KvBlockManager blocks, int maxTokensPerStep)
     {
@@ -150,10 +167,10 @@ public sealed class PagedStepRunner : IStepRunner
             var hb = _head.W.Backend;
             if (drafts)
             {
-                _mtpPool = Own(hb.AllocateLatentPool(blocks.TotalBlocks, c.KvLoraRank, c.QkRopeHeadDim));
+                _mtpPool = Own(hb.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
                 _mtpCaches = Views(_head, _mtpPool, slots);
                 _mtpRows = Own(hb.AllocateStepRows(maxTokensPerStep + slots * PendingRows));
-                _pending = Own(hb.Allocate(slots * PendingRows, c.HiddenSize));
+                _pending = Own(hb.Allocate((slots + 1) * RingRows, c.HiddenSize));
             }
 
             _mtpArena = Own(new ActivationArena(hb, drafts ? maxTokensPerStep + slots * PendingRows : 0, drafts ? ArenaPlan.Mtp(c) : new ArenaPlan([], [])));
@@ -319,9 +336,7 @@ public sealed class PagedStepRunner : IStepRunner
         // A graph step's padding rows: token 0 at position 0 of the padding slot, whose block no sequence reads.
         var bucket = BucketOf(batch, tokens);
         var rows = Math.Max(tokens, bucket);
-        _stream.AsSpan(tokens, rows - tokens).Clear();
-        _rowSlots.AsSpan(tokens, rows - tokens).Fill(_padSlot);
-        _rowPositions.AsSpan(tokens, rows - tokens).Clear();
+        Pad(_stream, tokens, rows);
         _decodeRows += rows - tokens;
         _batch = batch.Length;
         UploadTable(blocks);
@@ -332,12 +347,12 @@ public sealed class PagedStepRunner : IStepRunner
 
         // Every row's hidden after the final norm, on the head device.
         var graph = bucket > 0 ? Graph(bucket) : null;
-        var normed = graph?.Normed ?? ModelPass.Run(_layout, stream, _arenas, _rowsOf, null);
+        var normed = graph?.Output ?? ModelPass.Run(_layout, stream, _arenas, _rowsOf, null);
         try
         {
             if (CanDraft)
             {
-                AdvanceMtp(batch, normed);
+                AdvanceMtp(batch, normed, scattered: graph is not null);
             }
 
             if (graph is not null)
@@ -371,6 +386,14 @@ public sealed class PagedStepRunner : IStepRunner
         }
     }
 
+    /// <summary>Rows <paramref name="from"/> .. <paramref name="to"/> − 1 of the pass being set up as padding: token 0 at position 0 of the padding slot.</summary>
+    private void Pad(int[] tokens, int from, int to)
+    {
+        tokens.AsSpan(from, to - from).Clear();
+        _rowSlots.AsSpan(from, to - from).Fill(_padSlot);
+        _rowPositions.AsSpan(from, to - from).Clear();
+    }
+
     /// <summary>Rows <paramref name="first"/>.. of the pass being set up: <paramref name="count"/> positions of <paramref name="slot"/> from <paramref name="position"/>.</summary>
     private void SetRows(int first, int slot, int position, int count)
     {
@@ -388,11 +411,6 @@ public sealed class PagedStepRunner : IStepRunner
     /// </summary>
     private int BucketOf(ReadOnlySpan<StepSequence> batch, int tokens)
     {
-        if (!DecodeGraphs || _devices.Length != 1 || _head.W.Context.Attention == AttentionForm.Naive)
-        {
-            return 0;
-        }
-
         foreach (var e in batch)
         {
             if (e.Tokens.Length > LayerSteps.AbsorbedRows || e.LogitRows != e.Tokens.Length)
@@ -401,34 +419,64 @@ public sealed class PagedStepRunner : IStepRunner
             }
         }
 
-        return DecodeBuckets.For(tokens, _bucketLimit);
+        return GraphBucket(tokens);
     }
+
+    /// <summary>The bucket a pass of <paramref name="rows"/> rows that all attend by their step rows runs as a graph in, or 0 when it runs eagerly.</summary>
+    private int GraphBucket(int rows) =>
+        DecodeGraphs && _devices.Length == 1 && _head.W.Context.Attention != AttentionForm.Naive ? DecodeBuckets.For(rows, _bucketLimit) : 0;
 
     /// <summary>
     /// Replays the bucket's graph over the rows just uploaded; on the bucket's first step, runs the step eagerly (its first
-    /// run compiles kernels and sizes scratch memory) and then captures it. The graph is the main pass and the head's
-    /// logits of every row (padding too).
+    /// run compiles kernels and sizes scratch memory) and then captures it. The graph is the main pass, with a drafting
+    /// model every row's final hidden into the ring, and the head's logits of every row (padding too).
     /// </summary>
     private DecodeGraph Graph(int bucket)
     {
         var b = _head.W.Backend;
-        if (_graphs.TryGetValue(bucket, out var known))
+        Tensor normed = null!, logits = null!;
+        return Replay(_graphs, bucket, () =>
+        {
+            normed = ModelPass.Run(_layout, _stream.AsSpan(0, bucket), _arenas, _rowsOf, null);
+            if (CanDraft)
+            {
+                b.ScatterRows(normed, _head.Rows, RingRows, _pending!);
+            }
+
+            logits = _headArena.Take(Activation.Logits, bucket, VocabSize);
+            b.Logits(normed, _head.W.Head!, logits);
+        }, () => (normed, logits));
+    }
+
+    /// <summary>
+    /// The draft graph of a bucket of MTP rows (see <see cref="Graph"/>): the MTP pass over the rows just uploaded, its inputs
+    /// gathered from the ring, and the head's logits of every row.
+    /// </summary>
+    private DecodeGraph DraftGraph(int bucket)
+    {
+        Tensor output = null!, logits = null!;
+        return Replay(_draftGraphs, bucket, () =>
+        {
+            output = DraftPass(bucket, 0);
+            logits = _headArena.Take(Activation.Logits, bucket, VocabSize);
+            _head.W.Backend.Logits(output, _head.W.Head!, logits);
+        }, () => (output, logits));
+    }
+
+    /// <summary>Replays <paramref name="graphs"/>' graph of <paramref name="bucket"/>, or runs <paramref name="pass"/> eagerly and captures it as that graph.</summary>
+    private DecodeGraph Replay(Dictionary<int, DecodeGraph> graphs, int bucket, Action pass, Func<(Tensor Output, Tensor Logits)> results)
+    {
+        var b = _head.W.Backend;
+        if (graphs.TryGetValue(bucket, out var known))
         {
             b.ReplayGraph(known.Graph);
             return known;
         }
 
-        Tensor normed = null!, logits = null!;
-        void Pass()
-        {
-            normed = ModelPass.Run(_layout, _stream.AsSpan(0, bucket), _arenas, _rowsOf, null);
-            logits = _headArena.Take(Activation.Logits, bucket, VocabSize);
-            b.Logits(normed, _head.W.Head!, logits);
-        }
-
-        Pass();
-        var graph = Own(b.CaptureGraph(Pass));
-        return _graphs[bucket] = new DecodeGraph(graph, normed, logits);
+        pass();
+        var graph = Own(b.CaptureGraph(pass));
+        var (output, logits) = results();
+        return graphs[bucket] = new DecodeGraph(graph, output, logits);
     }
 
     /// <inheritdoc />
@@ -484,41 +532,70 @@ public sealed class PagedStepRunner : IStepRunner
             return;
         }
 
-        var d = _layout.Config.HiddenSize;
         var b = _head.W.Backend;
         UploadTable(blocks);
-        using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
-        var row = 0;
+
+        // Pending position MtpLength + p is fed with the token after it: the next pending one's, or next. Where the rows attend
+        // by their step rows (not the naive form), each slot's last row comes first (rows 0 .. B − 1, what the head reads, in
+        // place) and an earlier one after them all; else a slot's rows stay together (its segment of the MTP cache).
+        var headFirst = _head.W.Context.Attention != AttentionForm.Naive;
+        var bucket = headFirst ? GraphBucket(rows) : 0;
+        var total = Math.Max(rows, bucket);
+        int row = 0, earlier = batch.Length;
         for (var i = 0; i < batch.Length; i++)
         {
             var (slot, next) = batch[i];
             var state = _slots[slot]!;
             var c = state.PendingCount;
-            b.CopyRows(_pending!, slot * PendingRows, input, row, c);
             for (var p = 0; p < c; p++)
             {
-                _mtpTokens[row + p] = p + 1 < c ? state.PendingTokens[p + 1] : next;
+                var r = !headFirst ? row + p : p == c - 1 ? i : earlier++;
+                _mtpTokens[r] = p + 1 < c ? state.PendingTokens[p + 1] : next;
+                _rowSlots[r] = slot;
+                _rowPositions[r] = state.MtpLength + p;
             }
 
             _mtpSegments[i] = new Segment(_mtpCaches[slot], state.MtpLength, row, c);
-            SetRows(row, slot, state.MtpLength, c);
+            _headRows[i] = (row + c - 1, 1);
             row += c;
         }
 
-        // Every entry has at most two rows: all of them attend in one call.
-        using var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
-        LayerSteps.Mtp(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(batch.Length, rows, rows), _mtpArena, output, null);
-        for (var i = 0; i < batch.Length; i++)
+        Pad(_mtpTokens, rows, total);
+        UploadMtpRows(total);
+        if (bucket > 0)
         {
-            var s = _mtpSegments[i];
-            _headRows[i] = (s.FirstRow + s.Rows - 1, 1);
-            var state = _slots[batch[i].Slot]!;
+            using var result = b.View(DraftGraph(bucket).Logits, 0, batch.Length);
+            Deliver(result, choose, choices, chosen, logits);
+        }
+        else
+        {
+            using var output = DraftPass(rows, headFirst ? 0 : batch.Length);
+            using var headIn = headFirst ? b.View(output, 0, batch.Length) : HeadInput(output, batch.Length, batch.Length);
+            Head(headIn, choose, choices, chosen, logits);
+        }
+
+        foreach (var (slot, _) in batch)
+        {
+            var state = _slots[slot]!;
             state.MtpLength += state.PendingCount;
             state.PendingCount = 0;
         }
+    }
 
-        using var headIn = HeadInput(output, batch.Length, batch.Length);
-        Head(headIn, choose, choices, chosen, logits);
+    /// <summary>
+    /// The MTP layer over the first <paramref name="rows"/> uploaded MTP rows, its inputs gathered from the ring; returns its
+    /// output [rows, D] (the caller disposes it). <paramref name="segments"/>: entries of <see cref="_mtpSegments"/> (0 where
+    /// every row attends by its step row).
+    /// </summary>
+    private Tensor DraftPass(int rows, int segments)
+    {
+        var b = _head.W.Backend;
+        var d = _layout.Config.HiddenSize;
+        using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
+        b.GatherRows(_pending!, RingRows, _mtpRows, input);
+        var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
+        LayerSteps.Mtp(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, rows), _mtpArena, output, null);
+        return output;
     }
 
     /// <summary>Copies the block table to the backend when it changed since the last copy.</summary>
@@ -603,23 +680,32 @@ public sealed class PagedStepRunner : IStepRunner
         return new LayerRows(d.Segments.AsMemory(0, _batch), new PagedRows(d.Pools[layer]!, d.Table, d.Rows, _decodeRows));
     }
 
-    /// <summary>
-    /// An MTP pass's rows: <paramref name="segments"/> entries of <see cref="_mtpSegments"/>, <paramref name="rows"/> rows of
-    /// <see cref="_mtpTokens"/>/<see cref="_rowSlots"/>/<see cref="_rowPositions"/> (uploaded here), the first
-    /// <paramref name="decodeRows"/> of them decode rows.
-    /// </summary>
-    private LayerRows MtpRows(int segments, int rows, int decodeRows)
-    {
+    /// <summary>Copies <paramref name="rows"/> rows of <see cref="_mtpTokens"/>/<see cref="_rowSlots"/>/<see cref="_rowPositions"/> to the MTP rows.</summary>
+    private void UploadMtpRows(int rows) =>
         _head.W.Backend.UploadStepRows(_mtpTokens.AsSpan(0, rows), _rowSlots.AsSpan(0, rows), _rowPositions.AsSpan(0, rows), _mtpRows);
-        return new LayerRows(_mtpSegments.AsMemory(0, segments), new PagedRows(_mtpPool, _head.Table, _mtpRows, decodeRows));
-    }
+
+    /// <summary>
+    /// An MTP pass's rows over the uploaded MTP rows: <paramref name="segments"/> entries of <see cref="_mtpSegments"/>, the
+    /// first <paramref name="decodeRows"/> rows decode rows.
+    /// </summary>
+    private LayerRows MtpRows(int segments, int decodeRows) =>
+        new(_mtpSegments.AsMemory(0, segments), new PagedRows(_mtpPool, _head.Table, _mtpRows, decodeRows));
 
     /// <summary>
     /// Runs the MTP layer over every drafting slot's positions whose next token this step made certain (the rows
-    /// pending from before, then this entry's rows but its uncertain tail), and keeps that tail pending.
+    /// pending from before, then this entry's rows but its uncertain tail), and keeps that tail pending in the ring:
+    /// the decode rows' final hiddens go there in one call (a graph step's went there inside its graph,
+    /// <paramref name="scattered"/>), a prompt chunk's tail row by row.
     /// </summary>
-    private void AdvanceMtp(ReadOnlySpan<StepSequence> batch, Tensor hiddens)
+    private void AdvanceMtp(ReadOnlySpan<StepSequence> batch, Tensor hiddens, bool scattered)
     {
+        var b = _head.W.Backend;
+        if (!scattered && _decodeRows > 0)
+        {
+            using var decoded = b.View(hiddens, 0, _decodeRows);
+            b.ScatterRows(decoded, _head.Rows, RingRows, _pending!);
+        }
+
         var rows = 0;
         foreach (var e in batch)
         {
@@ -630,7 +716,6 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         var d = _layout.Config.HiddenSize;
-        var b = _head.W.Backend;
         using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
         var row = 0;
         var segments = 0;
@@ -649,7 +734,11 @@ public sealed class PagedStepRunner : IStepRunner
                 if (count > 0)
                 {
                     // Fed at positions MtpLength..: the pending tokens, then this entry's; row r's next token is fed at r + 1.
-                    b.CopyRows(_pending!, e.Slot * PendingRows, input, row, c);
+                    for (var p = 0; p < c; p++)
+                    {
+                        b.CopyRows(_pending!, RingRow(e.Slot, state.MtpLength + p), input, row + p, 1);
+                    }
+
                     b.CopyRows(hiddens, streamRow, input, row + c, n - keep);
                     for (var r = 0; r < count; r++)
                     {
@@ -663,7 +752,14 @@ public sealed class PagedStepRunner : IStepRunner
                     state.MtpLength += count;
                 }
 
-                b.CopyRows(hiddens, streamRow + n - keep, _pending!, e.Slot * PendingRows, keep);
+                if (n > LayerSteps.AbsorbedRows)
+                {
+                    for (var p = n - keep; p < n; p++)
+                    {
+                        b.CopyRows(hiddens, streamRow + p, _pending!, RingRow(e.Slot, e.Position + p), 1);
+                    }
+                }
+
                 tokens[(n - keep)..].CopyTo(state.PendingTokens);
                 state.PendingCount = keep;
             }
@@ -672,9 +768,13 @@ public sealed class PagedStepRunner : IStepRunner
         if (rows > 0)
         {
             // These positions' drafts are never asked for: only their rows of the MTP layer's cache are needed.
-            LayerSteps.MtpAppend(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, rows, 0), _mtpArena);
+            UploadMtpRows(rows);
+            LayerSteps.MtpAppend(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, 0), _mtpArena);
         }
     }
+
+    /// <summary>The ring row that holds <paramref name="slot"/>'s final hidden at <paramref name="position"/>.</summary>
+    private static int RingRow(int slot, int position) => slot * RingRows + position % RingRows;
 
     /// <summary>Positions of an entry whose next token is not yet certain: the last one, or every verified one.</summary>
     private static int Tail(StepSequence e) => Math.Max(1, e.LogitRows);
@@ -793,8 +893,8 @@ public sealed class PagedStepRunner : IStepRunner
         _owned.Clear();
     }
 
-    /// <summary>A decode bucket's captured step, and where its replays leave the final-normed rows and their logits.</summary>
-    private sealed record DecodeGraph(StepGraph Graph, Tensor Normed, Tensor Logits);
+    /// <summary>A bucket's captured pass, and where its replays leave the final-normed rows (main or MTP) and their logits.</summary>
+    private sealed record DecodeGraph(StepGraph Graph, Tensor Output, Tensor Logits);
 
     private sealed class SlotState
     {

@@ -51,6 +51,7 @@ public sealed class ModelSchedulingTests
     {
         "session" => new SessionStepRunner(model),
         "paged" => new PagedStepRunner(model),
+        "paged-graphs" => new PagedStepRunner(model) { DecodeGraphs = true },
         _ => throw new ArgumentException(kind, nameof(kind)),
     };
 
@@ -86,6 +87,7 @@ public sealed class ModelSchedulingTests
     [DataRow("session", false)]
     [DataRow("paged", false)]
     [DataRow("paged", true)]
+    [DataRow("paged-graphs", true)]
     public void StaggeredBatchEqualsEachRequestAlone(string kind, bool speculative)
     {
         var model = s_tiny;
@@ -112,6 +114,7 @@ public sealed class ModelSchedulingTests
     /// </summary>
     [TestMethod]
     [DataRow("paged")]
+    [DataRow("paged-graphs")]
     public void AcceptedDraftsKeepTheRealCacheExact(string kind)
     {
         var model = s_tiny;
@@ -205,45 +208,102 @@ public sealed class ModelSchedulingTests
     }
 
     /// <summary>
-    /// The runner's incremental MTP bookkeeping (hiddens kept across prefill chunks, consumed by drafts,
-    /// dropped by a rollback) against one MTP pass over the whole sequence from a fresh session.
+    /// The runner's incremental MTP bookkeeping (hiddens kept across prefill chunks, consumed by drafts, dropped by a
+    /// rollback) against one MTP pass over the whole sequence from a fresh session, for two requests drafted together:
+    /// after a chunked prefill (one row each), then with one rejecting its draft (one row) and the other accepting it (two
+    /// rows), then the other way round, then after both accepted theirs and took one more plain step before drafting (the
+    /// MTP layer catches up over the two positions left pending). With graphs, the verify steps, that step and the drafts
+    /// replay their graphs.
     /// </summary>
     [TestMethod]
     [DataRow("paged")]
+    [DataRow("paged-graphs")]
     public void RunnerDraftsEqualOneMtpPassOverTheWholeSequence(string kind)
     {
         var model = s_tiny;
         var v = model.VocabSize;
-        var prompt = SyntheticPrompts.Make(v, 50, 7);
+        int[][] prompts = [SyntheticPrompts.Make(v, 50, 7), SyntheticPrompts.Make(v, 37, 8)];
         using var runner = Runner(kind, model);
         var blocks = new KvBlockManager(8, 4, 4);
-        runner.Attach(blocks, 64);
-        blocks.Admit(1); // slot 0 taken by another request: the one under test sits in slot 1
-        var slot = blocks.Admit(60);
-        runner.Open(slot, drafts: true);
-        var logits = new float[2 * v];
-        runner.Forward([new StepSequence(slot, 0, prompt[..30], 0)], logits);
-        runner.Forward([new StepSequence(slot, 30, prompt[30..], 1)], logits);
-        var next = Sampler.ArgMax(logits.AsSpan(0, v));
-        var draft = new float[v];
-        runner.Draft([new DraftSequence(slot, next)], draft);
-        Tolerance.AssertMaxRel(draft, Reference(model, [.. prompt, next]), 1e-4, "draft after a chunked prefill");
+        runner.Attach(blocks, 96);
+        blocks.Admit(1); // slot 0 taken by another request: the ones under test sit in slots 1 and 2
+        var slots = prompts.Select(_ => blocks.Admit(60)).ToArray();
+        foreach (var slot in slots)
+        {
+            runner.Open(slot, drafts: true);
+        }
 
-        // Verify [next, wrong draft], reject it, roll back one position, and draft from the corrected token.
-        var wrong = (Sampler.ArgMax(draft) + 1) % v;
-        runner.Forward([new StepSequence(slot, 50, new[] { next, wrong }, 2)], logits);
-        var corrected = Sampler.ArgMax(logits.AsSpan(0, v));
-        runner.Truncate(slot, 51);
-        runner.Draft([new DraftSequence(slot, corrected)], draft);
-        Tolerance.AssertMaxRel(draft, Reference(model, [.. prompt, next, corrected]), 1e-4, "draft after a rollback");
+        List<int>[] fed = [[.. prompts[0]], [.. prompts[1]]];
+        var logits = new float[4 * v];
+        runner.Forward([new StepSequence(slots[0], 0, prompts[0][..30], 0), new StepSequence(slots[1], 0, prompts[1], 1)], logits);
+        var next = new int[2];
+        next[1] = Sampler.ArgMax(logits.AsSpan(0, v));
+        runner.Forward([new StepSequence(slots[0], 30, prompts[0][30..], 1)], logits);
+        next[0] = Sampler.ArgMax(logits.AsSpan(0, v));
+        var draft = new float[2 * v];
+        void Draft(string what)
+        {
+            runner.Draft([new DraftSequence(slots[0], next[0]), new DraftSequence(slots[1], next[1])], draft);
+            for (var i = 0; i < 2; i++)
+            {
+                Tolerance.AssertMaxRel(draft.AsSpan(i * v, v), Reference(model, [.. fed[i], next[i]]), 1e-4, $"request {i}: draft {what}");
+            }
+        }
 
-        // Verify [corrected, right draft] and accept both: the next draft continues from both verified positions.
-        var right = GreedyNext(model, [.. prompt, next, corrected]);
-        runner.Forward([new StepSequence(slot, 51, new[] { corrected, right }, 2)], logits);
-        Assert.AreEqual(right, Sampler.ArgMax(logits.AsSpan(0, v)), "the right draft is the main model's own token");
-        var after = Sampler.ArgMax(logits.AsSpan(v, v));
-        runner.Draft([new DraftSequence(slot, after)], draft);
-        Tolerance.AssertMaxRel(draft, Reference(model, [.. prompt, next, corrected, right, after]), 1e-4, "draft after an accepted draft");
+        Draft("after a chunked prefill");
+
+        // Verify [next, draft] for both: request `wrong` gets a wrong draft, rolls back a position and goes on from the
+        // corrected token; the other gets the main model's own token and keeps both positions.
+        void Verify(int wrong, string? what)
+        {
+            var drafts = new int[2];
+            for (var i = 0; i < 2; i++)
+            {
+                var right = GreedyNext(model, [.. fed[i], next[i]]);
+                drafts[i] = i == wrong ? (right + 1) % v : right;
+            }
+
+            runner.Forward([.. Enumerable.Range(0, 2).Select(i => new StepSequence(slots[i], fed[i].Count, new[] { next[i], drafts[i] }, 2))], logits);
+            for (var i = 0; i < 2; i++)
+            {
+                var first = Sampler.ArgMax(logits.AsSpan(2 * i * v, v));
+                fed[i].Add(next[i]);
+                if (i == wrong)
+                {
+                    Assert.AreNotEqual(drafts[i], first, $"request {i}: the wrong draft is not the model's token");
+                    runner.Truncate(slots[i], fed[i].Count);
+                    next[i] = first;
+                }
+                else
+                {
+                    Assert.AreEqual(drafts[i], first, $"request {i}: the right draft is the main model's own token");
+                    fed[i].Add(drafts[i]);
+                    next[i] = Sampler.ArgMax(logits.AsSpan((2 * i + 1) * v, v));
+                }
+            }
+
+            if (what is not null)
+            {
+                Draft(what);
+            }
+        }
+
+        Verify(wrong: 0, "after request 0 rejected and request 1 accepted its draft");
+        Verify(wrong: 1, "after request 1 rejected and request 0 accepted its draft");
+        Verify(wrong: -1, null);
+        runner.Forward([.. Enumerable.Range(0, 2).Select(i => new StepSequence(slots[i], fed[i].Count, new[] { next[i] }, 1))], logits);
+        for (var i = 0; i < 2; i++)
+        {
+            fed[i].Add(next[i]);
+            next[i] = Sampler.ArgMax(logits.AsSpan(i * v, v));
+        }
+
+        Draft("after both accepted a draft and took a plain step");
+        if (runner is PagedStepRunner { DecodeGraphs: true } paged)
+        {
+            Assert.AreEqual(2, paged.CapturedGraphs, "the verify steps (4 rows) replay one graph; the plain step (2 rows) has one");
+            Assert.AreEqual(2, paged.CapturedDraftGraphs, "drafts of 2 and of 3 rows (buckets 2 and 4)");
+        }
     }
 
     private static int GreedyNext(DeepSeekModel model, int[] tokens)
@@ -294,6 +354,7 @@ public sealed class ModelSchedulingTests
 
     [TestMethod]
     [DataRow("paged")]
+    [DataRow("paged-graphs")]
     public void TinyAGreedySpeculativeEqualsPlainDecoding(string kind)
     {
         // The fixture model's MTP layer is the reference's own; acceptance depends on its random weights.

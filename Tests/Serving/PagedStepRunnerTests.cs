@@ -710,6 +710,72 @@ public sealed class PagedStepRunnerTests
         Assert.AreEqual(allocations, counting.Allocations, "no allocation after the captures");
     }
 
+    /// <summary>
+    /// With drafting slots, a replayed verify step queues its graph (the main pass, the ring's writes and the logits) and the
+    /// choice, and a replayed draft its own graph (the gather from the ring, the MTP layer and the logits) and the choice,
+    /// nothing else, and nothing is allocated after the captures: drafts of 3 rows (one pending row per slot), 6 (two) and
+    /// 5 (after a rollback) rows, verify steps of 6 rows and a decode step of 3.
+    /// </summary>
+    [TestMethod]
+    public void ReplayedSpeculativeStepsQueueOnlyTheirGraphsAndTheChoices()
+    {
+        using var model = CountingModel(out var counting);
+        var v = model.VocabSize;
+        var blocks = new KvBlockManager(16, 4, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model) { DecodeGraphs = true };
+        runner.Attach(blocks, 64);
+        int[] fed = [4, 9, 20];
+        var slots = new int[fed.Length];
+        for (var i = 0; i < fed.Length; i++)
+        {
+            slots[i] = blocks.Admit(fed[i] + 16);
+            runner.Open(slots[i], drafts: true);
+        }
+
+        runner.Forward([.. Enumerable.Range(0, fed.Length).Select(i => new StepSequence(slots[i], 0, SyntheticPrompts.Make(v, fed[i], 70 + i), 1))],
+            new float[fed.Length * v]);
+        string[] Ops(Action<int[]> run, int rows)
+        {
+            var first = counting.Operations.Count;
+            var tokens = new int[rows];
+            run(tokens);
+            Assert.IsTrue(tokens.All(t => t >= 0), "every row chosen");
+            return [.. counting.Operations.Skip(first)];
+        }
+
+        string[] Draft() => Ops(t => runner.DraftAndChoose([.. slots.Select((s, i) => new DraftSequence(s, 5 + i))], [.. slots.Select(_ => TokenChoice.Greedy(v))],
+            t, new float[slots.Length * v]), slots.Length);
+        string[] Step(int tokens)
+        {
+            var batch = slots.Select((s, i) => new StepSequence(s, fed[i], Enumerable.Range(0, tokens).Select(k => 7 + i + k).ToArray(), tokens)).ToArray();
+            for (var i = 0; i < fed.Length; i++)
+            {
+                fed[i] += tokens;
+            }
+
+            return Ops(t => runner.ForwardAndChoose(batch, [.. Enumerable.Repeat(TokenChoice.Greedy(v), t.Length)], t, new float[t.Length * v]), tokens * slots.Length);
+        }
+
+        void Replayed(string[] ops, string what)
+        {
+            Assert.HasCount(2, ops, $"{what}: {string.Join(" ", ops)}");
+            StringAssert.StartsWith(ops[0], "ReplayGraph(#", what);
+            StringAssert.StartsWith(ops[1], "ChooseTokens(", what);
+        }
+
+        Assert.IsTrue(Draft().Any(o => o.StartsWith("GatherRows(", StringComparison.Ordinal)), "a draft of 3 rows runs eagerly, then is captured");
+        Assert.IsTrue(Step(2).Any(o => o.StartsWith("ScatterRows(", StringComparison.Ordinal)), "a verify step of 6 rows runs eagerly, then is captured");
+        Draft();
+        Assert.AreEqual((1, 2), (runner.CapturedGraphs, runner.CapturedDraftGraphs), "graphs of the main pass (8 rows) and of drafts (4 and 8 rows)");
+        var allocations = counting.Allocations;
+        Replayed(Step(2), "a verify step of 6 rows");
+        runner.Truncate(slots[1], --fed[1]); // slot 1's draft rejected
+        Replayed(Draft(), "a draft of 5 rows (bucket 8)");
+        Assert.AreEqual(2, Step(1).Count(o => o.StartsWith("ReplayGraph(", StringComparison.Ordinal)) + runner.CapturedGraphs, "a decode step of 3 rows: captured");
+        Replayed(Draft(), "a draft of 3 rows (bucket 4)");
+        Assert.AreEqual(allocations, counting.Allocations, "no allocation after the captures");
+    }
+
     /// <summary>A refused step names what is wrong and changes nothing: the same slot then runs as if it had not come.</summary>
     [TestMethod]
     public void RefusedStepsNameTheProblemAndChangeNothing()
