@@ -104,9 +104,10 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>
     /// Whether a one-device decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> tokens, the
-    /// logits of each asked for) runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>), the bucket's first step run eagerly and then captured
-    /// (<see cref="IBackend.CaptureGraph"/>), later steps replaying it after the rows' upload. Off until a GPU has run it.
-    /// May change between steps (a bench times both): graphs already captured are kept.
+    /// logits of each asked for), and a draft, runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>),
+    /// the bucket's first step run eagerly and then captured (<see cref="IBackend.CaptureGraph"/>), later steps replaying it
+    /// after the rows' upload. Off until a GPU has run it. May change between steps (a bench times both): graphs already
+    /// captured are kept.
     /// </summary>
     internal bool DecodeGraphs { get; set; }
 

@@ -658,18 +658,8 @@ public sealed class PagedStepRunnerTests
     {
         using var model = CountingModel(out var counting);
         var v = model.VocabSize;
-        var blocks = new KvBlockManager(16, 4, KvBlockManager.BlocksFor(MaxLength));
-        using var runner = new PagedStepRunner(model) { DecodeGraphs = true };
-        runner.Attach(blocks, 64);
         int[] fed = [4, 9, 20];
-        var slots = new int[fed.Length];
-        for (var i = 0; i < fed.Length; i++)
-        {
-            slots[i] = blocks.Admit(fed[i] + 8);
-            runner.Open(slots[i], drafts: false);
-        }
-
-        runner.Forward([.. Enumerable.Range(0, fed.Length).Select(i => new StepSequence(slots[i], 0, SyntheticPrompts.Make(v, fed[i], 60 + i), 0))], []);
+        using var runner = GraphRunner(model, fed, drafts: false, out var slots);
         // Entry i feeds one token, or two (a token and a draft, both verified) where i is in verifying.
         string[] Step(int[] who, params int[] verifying)
         {
@@ -694,13 +684,6 @@ public sealed class PagedStepRunnerTests
         Assert.AreEqual(1, runner.CapturedGraphs, "the first step of bucket 4 is captured");
         Assert.IsTrue(captured.Any(o => o.StartsWith("EmbeddingRows(", StringComparison.Ordinal)), "it ran eagerly first");
         var allocations = counting.Allocations;
-        void Replayed(string[] ops, string what)
-        {
-            Assert.HasCount(2, ops, $"{what}: {string.Join(" ", ops)}");
-            StringAssert.StartsWith(ops[0], "ReplayGraph(#", what);
-            StringAssert.StartsWith(ops[1], "ChooseTokens(", what);
-        }
-
         Replayed(Decode(2, 0, 1), "the same bucket, another order");
         Assert.AreEqual(2, Decode(1, 0).Count(o => o.StartsWith("ReplayGraph(", StringComparison.Ordinal)) + runner.CapturedGraphs, "bucket 2: captured, not replayed");
         Replayed(Decode(0, 2, 1), "bucket 4 again");
@@ -721,19 +704,8 @@ public sealed class PagedStepRunnerTests
     {
         using var model = CountingModel(out var counting);
         var v = model.VocabSize;
-        var blocks = new KvBlockManager(16, 4, KvBlockManager.BlocksFor(MaxLength));
-        using var runner = new PagedStepRunner(model) { DecodeGraphs = true };
-        runner.Attach(blocks, 64);
         int[] fed = [4, 9, 20];
-        var slots = new int[fed.Length];
-        for (var i = 0; i < fed.Length; i++)
-        {
-            slots[i] = blocks.Admit(fed[i] + 16);
-            runner.Open(slots[i], drafts: true);
-        }
-
-        runner.Forward([.. Enumerable.Range(0, fed.Length).Select(i => new StepSequence(slots[i], 0, SyntheticPrompts.Make(v, fed[i], 70 + i), 1))],
-            new float[fed.Length * v]);
+        using var runner = GraphRunner(model, fed, drafts: true, out var slots);
         string[] Ops(Action<int[]> run, int rows)
         {
             var first = counting.Operations.Count;
@@ -756,13 +728,6 @@ public sealed class PagedStepRunnerTests
             return Ops(t => runner.ForwardAndChoose(batch, [.. Enumerable.Repeat(TokenChoice.Greedy(v), t.Length)], t, new float[t.Length * v]), tokens * slots.Length);
         }
 
-        void Replayed(string[] ops, string what)
-        {
-            Assert.HasCount(2, ops, $"{what}: {string.Join(" ", ops)}");
-            StringAssert.StartsWith(ops[0], "ReplayGraph(#", what);
-            StringAssert.StartsWith(ops[1], "ChooseTokens(", what);
-        }
-
         Assert.IsTrue(Draft().Any(o => o.StartsWith("GatherRows(", StringComparison.Ordinal)), "a draft of 3 rows runs eagerly, then is captured");
         Assert.IsTrue(Step(2).Any(o => o.StartsWith("ScatterRows(", StringComparison.Ordinal)), "a verify step of 6 rows runs eagerly, then is captured");
         Draft();
@@ -774,6 +739,38 @@ public sealed class PagedStepRunnerTests
         Assert.AreEqual(2, Step(1).Count(o => o.StartsWith("ReplayGraph(", StringComparison.Ordinal)) + runner.CapturedGraphs, "a decode step of 3 rows: captured");
         Replayed(Draft(), "a draft of 3 rows (bucket 4)");
         Assert.AreEqual(allocations, counting.Allocations, "no allocation after the captures");
+    }
+
+    /// <summary>
+    /// A runner with decode graphs on over <paramref name="model"/>, attached for 64 rows, with a request per entry of
+    /// <paramref name="fed"/> opened (room for 16 more tokens each) and prefilled to that length, its last logit row asked for
+    /// where it drafts.
+    /// </summary>
+    private static PagedStepRunner GraphRunner(DeepSeekModel model, int[] fed, bool drafts, out int[] slots)
+    {
+        var v = model.VocabSize;
+        var blocks = new KvBlockManager(16, 4, KvBlockManager.BlocksFor(MaxLength));
+        var runner = new PagedStepRunner(model) { DecodeGraphs = true };
+        runner.Attach(blocks, 64);
+        slots = new int[fed.Length];
+        for (var i = 0; i < fed.Length; i++)
+        {
+            slots[i] = blocks.Admit(fed[i] + 16);
+            runner.Open(slots[i], drafts);
+        }
+
+        var logitRows = drafts ? 1 : 0;
+        var prompts = fed.Select((n, i) => SyntheticPrompts.Make(v, n, 60 + i)).ToArray();
+        runner.Forward([.. slots.Select((s, i) => new StepSequence(s, 0, prompts[i], logitRows))], new float[logitRows * fed.Length * v]);
+        return runner;
+    }
+
+    /// <summary>What a replayed step or draft queues: its graph, then the choice.</summary>
+    private static void Replayed(string[] ops, string what)
+    {
+        Assert.HasCount(2, ops, $"{what}: {string.Join(" ", ops)}");
+        StringAssert.StartsWith(ops[0], "ReplayGraph(#", what);
+        StringAssert.StartsWith(ops[1], "ChooseTokens(", what);
     }
 
     /// <summary>A refused step names what is wrong and changes nothing: the same slot then runs as if it had not come.</summary>

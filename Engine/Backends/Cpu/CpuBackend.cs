@@ -165,32 +165,31 @@ public sealed class CpuBackend : IBackend
     /// <inheritdoc />
     public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output)
     {
-        if (Recorded(() => GatherRows(ring, ringRows, rows, output)))
+        if (!Recorded(() => GatherRows(ring, ringRows, rows, output)))
         {
-            return;
-        }
-
-        ShapeCheck.Ring(ring, ringRows, rows, output);
-        CpuTensor g = T(ring), o = T(output);
-        for (var r = 0; r < o.Rows; r++)
-        {
-            g.Data.Slice(RingRow(rows, r, ringRows) * g.Cols, g.Cols).CopyTo(o.Data[(r * o.Cols)..]);
+            Ring(scatter: false, ring, ringRows, rows, output);
         }
     }
 
     /// <inheritdoc />
     public void ScatterRows(Tensor source, StepRows rows, int ringRows, Tensor ring)
     {
-        if (Recorded(() => ScatterRows(source, rows, ringRows, ring)))
+        if (!Recorded(() => ScatterRows(source, rows, ringRows, ring)))
         {
-            return;
+            Ring(scatter: true, ring, ringRows, rows, source);
         }
+    }
 
-        ShapeCheck.Ring(ring, ringRows, rows, source);
-        CpuTensor s = T(source), g = T(ring);
-        for (var r = 0; r < s.Rows; r++)
+    /// <summary>The rows of <paramref name="other"/> read from (gathered) or written to (scattered) <paramref name="ring"/>.</summary>
+    private static void Ring(bool scatter, Tensor ring, int ringRows, StepRows rows, Tensor other)
+    {
+        ShapeCheck.Ring(ring, ringRows, rows, other);
+        CpuTensor g = T(ring), x = T(other);
+        for (var r = 0; r < x.Rows; r++)
         {
-            s.Data.Slice(r * s.Cols, s.Cols).CopyTo(g.Data[(RingRow(rows, r, ringRows) * g.Cols)..]);
+            var ringRow = g.Data.Slice(RingRow(rows, r, ringRows) * g.Cols, g.Cols);
+            var row = x.Data.Slice(r * x.Cols, x.Cols);
+            (scatter ? row : ringRow).CopyTo(scatter ? ringRow : row);
         }
     }
 

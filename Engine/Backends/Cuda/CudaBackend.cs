@@ -328,23 +328,19 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
-    public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output)
-    {
-        using var scope = Enter(recordable: true);
-        ShapeCheck.Ring(ring, ringRows, rows, output);
-        var s = (CudaStepRows)rows;
-        CudaTensor g = T(ring), o = T(output);
-        _glue.Ring(_stream, scatter: false, g.Pointer, o.Pointer, s.SlotsPointer, s.PositionsPointer, o.Rows, o.Cols, ringRows);
-    }
+    public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output) => Ring(scatter: false, ring, ringRows, rows, output);
 
     /// <inheritdoc />
-    public void ScatterRows(Tensor source, StepRows rows, int ringRows, Tensor ring)
+    public void ScatterRows(Tensor source, StepRows rows, int ringRows, Tensor ring) => Ring(scatter: true, ring, ringRows, rows, source);
+
+    /// <summary>The rows of <paramref name="other"/> read from (gathered) or written to (scattered) <paramref name="ring"/>.</summary>
+    private void Ring(bool scatter, Tensor ring, int ringRows, StepRows rows, Tensor other, [CallerMemberName] string call = "")
     {
-        using var scope = Enter(recordable: true);
-        ShapeCheck.Ring(ring, ringRows, rows, source);
+        using var scope = Enter(recordable: true, call);
+        ShapeCheck.Ring(ring, ringRows, rows, other);
         var s = (CudaStepRows)rows;
-        CudaTensor x = T(source), g = T(ring);
-        _glue.Ring(_stream, scatter: true, x.Pointer, g.Pointer, s.SlotsPointer, s.PositionsPointer, x.Rows, x.Cols, ringRows);
+        CudaTensor g = T(ring), x = T(other);
+        _glue.Ring(_stream, scatter, scatter ? x.Pointer : g.Pointer, scatter ? g.Pointer : x.Pointer, s.SlotsPointer, s.PositionsPointer, x.Rows, x.Cols, ringRows);
     }
 
     /// <inheritdoc />
