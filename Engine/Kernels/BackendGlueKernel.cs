@@ -107,15 +107,14 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
         });
 
     /// <summary>
-    /// f32 rows × cols between <paramref name="x"/> and <paramref name="output"/>, step row r (device int32
-    /// <paramref name="slots"/>, <paramref name="positions"/>) at ring row slots[r]·ringRows + positions[r] mod ringRows: the
-    /// ring is <paramref name="x"/> (gathered into output row r), or with <paramref name="scatter"/> the output (row r of x
-    /// scattered into it).
+    /// f32 <paramref name="count"/> × cols between <paramref name="rows"/> and <paramref name="ring"/>, row r (device int32
+    /// <paramref name="slots"/>, <paramref name="positions"/>) at ring row slots[r]·ringRows + positions[r] mod ringRows:
+    /// gathered from the ring into rows, or with <paramref name="scatter"/> scattered from rows into the ring.
     /// </summary>
-    public void Ring(CudaStream stream, bool scatter, ulong x, ulong output, ulong slots, ulong positions, int rows, int cols, int ringRows) =>
-        Run(stream, scatter ? ScatterInstance : GatherInstance, (long)rows * cols, new BackendGlueParams
+    public void Ring(CudaStream stream, bool scatter, ulong ring, ulong rows, ulong slots, ulong positions, int count, int cols, int ringRows) =>
+        Run(stream, scatter ? ScatterInstance : GatherInstance, (long)count * cols, new BackendGlueParams
         {
-            X = x, Out = output, Slots = slots, Positions = positions, Rows = rows, Cols = cols, RingRows = ringRows,
+            X = scatter ? rows : ring, Out = scatter ? ring : rows, Slots = slots, Positions = positions, Rows = count, Cols = cols, RingRows = ringRows,
         });
 
     private void Run(CudaStream stream, KernelInstance instance, long work, in BackendGlueParams p)

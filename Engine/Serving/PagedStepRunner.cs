@@ -435,37 +435,41 @@ public sealed class PagedStepRunner : IStepRunner
     private DecodeGraph Graph(int bucket)
     {
         var b = _head.W.Backend;
-        Tensor normed = null!, logits = null!;
         return Replay(_graphs, bucket, () =>
         {
-            normed = ModelPass.Run(_layout, _stream.AsSpan(0, bucket), _arenas, _rowsOf, null);
+            var normed = ModelPass.Run(_layout, _stream.AsSpan(0, bucket), _arenas, _rowsOf, null);
             if (CanDraft)
             {
                 b.ScatterRows(normed, _head.Rows, RingRows, _pending!);
             }
 
-            logits = _headArena.Take(Activation.Logits, bucket, VocabSize);
-            b.Logits(normed, _head.W.Head!, logits);
-        }, () => (normed, logits));
+            return (normed, Logits(normed));
+        });
     }
 
     /// <summary>
     /// The draft graph of a bucket of MTP rows (see <see cref="Graph"/>): the MTP pass over the rows just uploaded, its inputs
     /// gathered from the ring, and the head's logits of every row.
     /// </summary>
-    private DecodeGraph DraftGraph(int bucket)
+    private DecodeGraph DraftGraph(int bucket) => Replay(_draftGraphs, bucket, () =>
     {
-        Tensor output = null!, logits = null!;
-        return Replay(_draftGraphs, bucket, () =>
-        {
-            output = DraftPass(bucket, 0);
-            logits = _headArena.Take(Activation.Logits, bucket, VocabSize);
-            _head.W.Backend.Logits(output, _head.W.Head!, logits);
-        }, () => (output, logits));
+        var output = DraftPass(bucket, 0);
+        return (output, Logits(output));
+    });
+
+    /// <summary>The head's logits of every row of <paramref name="normed"/>, in the head's buffer (the caller disposes the view).</summary>
+    private Tensor Logits(Tensor normed)
+    {
+        var logits = _headArena.Take(Activation.Logits, normed.Rows, VocabSize);
+        _head.W.Backend.Logits(normed, _head.W.Head!, logits);
+        return logits;
     }
 
-    /// <summary>Replays <paramref name="graphs"/>' graph of <paramref name="bucket"/>, or runs <paramref name="pass"/> eagerly and captures it as that graph.</summary>
-    private DecodeGraph Replay(Dictionary<int, DecodeGraph> graphs, int bucket, Action pass, Func<(Tensor Output, Tensor Logits)> results)
+    /// <summary>
+    /// Replays <paramref name="graphs"/>' graph of <paramref name="bucket"/>, or runs <paramref name="pass"/> eagerly and
+    /// captures it as that graph; a pass returns where it leaves its output and logits.
+    /// </summary>
+    private DecodeGraph Replay(Dictionary<int, DecodeGraph> graphs, int bucket, Func<(Tensor Output, Tensor Logits)> pass)
     {
         var b = _head.W.Backend;
         if (graphs.TryGetValue(bucket, out var known))
@@ -474,9 +478,8 @@ public sealed class PagedStepRunner : IStepRunner
             return known;
         }
 
-        pass();
-        var graph = Own(b.CaptureGraph(pass));
-        var (output, logits) = results();
+        var (output, logits) = pass();
+        var graph = Own(b.CaptureGraph(() => (output, logits) = pass()));
         return graphs[bucket] = new DecodeGraph(graph, output, logits);
     }
 
@@ -556,8 +559,12 @@ public sealed class PagedStepRunner : IStepRunner
                 _rowPositions[r] = state.MtpLength + p;
             }
 
-            _mtpSegments[i] = new Segment(_mtpCaches[slot], state.MtpLength, row, c);
-            _headRows[i] = (row + c - 1, 1);
+            if (!headFirst)
+            {
+                _mtpSegments[i] = new Segment(_mtpCaches[slot], state.MtpLength, row, c);
+                _headRows[i] = (row + c - 1, 1);
+            }
+
             row += c;
         }
 
@@ -832,8 +839,7 @@ public sealed class PagedStepRunner : IStepRunner
     /// </summary>
     private void Head(Tensor headIn, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
     {
-        using var result = _headArena.Take(Activation.Logits, headIn.Rows, VocabSize);
-        _head.W.Backend.Logits(headIn, _head.W.Head!, result);
+        using var result = Logits(headIn);
         Deliver(result, choose, choices, chosen, logits);
     }
 

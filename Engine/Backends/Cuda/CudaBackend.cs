@@ -340,7 +340,7 @@ public sealed class CudaBackend : IBackend
         ShapeCheck.Ring(ring, ringRows, rows, other);
         var s = (CudaStepRows)rows;
         CudaTensor g = T(ring), x = T(other);
-        _glue.Ring(_stream, scatter, scatter ? x.Pointer : g.Pointer, scatter ? g.Pointer : x.Pointer, s.SlotsPointer, s.PositionsPointer, x.Rows, x.Cols, ringRows);
+        _glue.Ring(_stream, scatter, g.Pointer, x.Pointer, s.SlotsPointer, s.PositionsPointer, x.Rows, x.Cols, ringRows);
     }
 
     /// <inheritdoc />
