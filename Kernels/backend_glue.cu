@@ -1,11 +1,8 @@
 // Small elementwise kernels CudaBackend needs where a launcher's contract does not fit IBackend
 // (Engine/Backends/Cuda/CudaBackend.cs keeps activations as f32 holding bf16-rounded values):
 //   glue_round_kernel      out[i] = bf16(out[i])                 (the CPU emulation's Store)
-//   glue_add_round_kernel  out[i] = bf16(out[i] + x[i])          (the residual update of AddRmsNorm)
 //   glue_convert_kernel    out[i] = x[i] between f32 and bf16    (bf16 operands of the MLA kernels)
 //   glue_copy_kernel       out[r, c] = x[r, c] with row strides  (CopyRows, ConcatColumns)
-//   glue_rope_kernel       interleaved-pair rotation from the uploaded cos/sin table, in place, f32; row t at
-//                          positions[t] (the step's rows on the device), or at start + t without them
 //   glue_dequant_kernel    out bf16 [rows, cols] = e4m3(x) * scale[r/128, c/128]  (kv_b for the absorbed MLA)
 //   glue_ring_kernel       f32 rows between a tensor and a ring of ring_rows rows per slot, step row r at ring row
 //                          slots[r] * ring_rows + positions[r] % ring_rows: gathered (out[r] = x[ring row]) or, with
@@ -18,20 +15,13 @@ struct BackendGlueParams
     const void* x;      // input (see each kernel)
     const void* y;      // second input: block scales of glue_dequant_kernel
     void* out;          // output
-    const float* cos;   // [positions, pairs] (glue_rope_kernel)
-    const float* sin;   // [positions, pairs]
-    const i32* positions; // [rows] each row's position (glue_rope_kernel, glue_ring_kernel); null: row t at start + t
+    const i32* positions; // [rows] each row's position (glue_ring_kernel)
     const i32* slots;   // [rows] each row's slot (glue_ring_kernel)
     i64 n;              // elements of the 1-D kernels
     i64 x_stride;       // row strides in elements (glue_copy_kernel)
     i64 out_stride;
     i32 rows;
-    i32 cols;           // row width (glue_rope_kernel: the row stride of out)
-    i32 start;          // position of row 0 (glue_rope_kernel)
-    i32 heads;
-    i32 head_stride;
-    i32 rope_offset;
-    i32 pairs;
+    i32 cols;           // row width
     i32 scale_cols;     // scale blocks per row of glue_dequant_kernel
     i32 ring_rows;      // rows per slot of glue_ring_kernel's ring
 };
@@ -41,16 +31,7 @@ __global__ void __launch_bounds__(BLOCK) glue_round_kernel(const __grid_constant
 {
     float* o = (float*)p.out;
     for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < p.n; i += (i64)gridDim.x * BLOCK)
-        o[i] = bf16_to_float(float_to_bf16(o[i]));
-}
-
-template <int BLOCK>
-__global__ void __launch_bounds__(BLOCK) glue_add_round_kernel(const __grid_constant__ BackendGlueParams p)
-{
-    float* o = (float*)p.out;
-    const float* a = (const float*)p.x;
-    for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < p.n; i += (i64)gridDim.x * BLOCK)
-        o[i] = bf16_to_float(float_to_bf16(__fadd_rn(o[i], a[i])));
+        o[i] = bf16_round(o[i]);
 }
 
 template <int BLOCK, int IN_BF16, int OUT_BF16>
@@ -70,26 +51,6 @@ __global__ void __launch_bounds__(BLOCK) glue_copy_kernel(const __grid_constant_
     {
         const i64 r = i / p.cols, c = i % p.cols;
         ((float*)p.out)[r * p.out_stride + c] = ((const float*)p.x)[r * p.x_stride + c];
-    }
-}
-
-// One thread per (row, head, pair). Products and the sum are rounded separately (no FMA contraction), as
-// CpuBackend.Rotate computes them.
-template <int BLOCK>
-__global__ void __launch_bounds__(BLOCK) glue_rope_kernel(const __grid_constant__ BackendGlueParams p)
-{
-    const i64 total = (i64)p.rows * p.heads * p.pairs;
-    for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < total; i += (i64)gridDim.x * BLOCK)
-    {
-        const i64 t = i / ((i64)p.heads * p.pairs);
-        const i32 rem = (i32)(i % ((i64)p.heads * p.pairs));
-        const i32 h = rem / p.pairs, k = rem % p.pairs;
-        const i64 pos = p.positions ? (i64)p.positions[t] : (i64)p.start + t;
-        const float c = p.cos[pos * p.pairs + k], s = p.sin[pos * p.pairs + k];
-        float* v = (float*)p.out + t * p.cols + (i64)h * p.head_stride + p.rope_offset + 2 * k;
-        const float x0 = v[0], x1 = v[1];
-        v[0] = __fadd_rn(__fmul_rn(x0, c), -__fmul_rn(x1, s));
-        v[1] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
     }
 }
 

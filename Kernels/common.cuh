@@ -57,6 +57,24 @@ template <> DSC_DEVICE void store_f32<u16>(u16* p, i64 i, float v) { p[i] = floa
 template <int BF16> struct ElemOf { typedef float type; };
 template <> struct ElemOf<1> { typedef u16 type; };
 
+// The nearest bf16 value, kept as a float: what an f32 tensor holding bf16-rounded values stores (the CPU
+// backend's GpuEmulation Store).
+DSC_DEVICE float bf16_round(float v) { return bf16_to_float(float_to_bf16(v)); }
+
+// Stores v as T; with ROUND, first rounded to the nearest bf16 value (for f32 storage of bf16 activations; a
+// bf16 store rounds anyway, and rounding twice gives the same bits).
+template <typename T, int ROUND> DSC_DEVICE void store_rounded(T* p, i64 i, float v) { store_f32<T>(p, i, ROUND ? bf16_round(v) : v); }
+
+// ---- rotary embedding -----------------------------------------------------------------------------
+
+// One interleaved pair (x0 + j·x1) times (c + j·s): each product and each sum rounded on its own (no FMA
+// contraction), as CpuBackend.Rotate computes them, so a rotation from the same cos/sin table is exact.
+DSC_DEVICE void rope_pair(float x0, float x1, float c, float s, float& y0, float& y1)
+{
+    y0 = __fadd_rn(__fmul_rn(x0, c), -__fmul_rn(x1, s));
+    y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+}
+
 // ---- FP8 e4m3fn -----------------------------------------------------------------------------------
 
 // Round to nearest even, saturate to +-448, NaN -> 0x7F (Fp8E4M3.FromFloat). Infinities saturate.

@@ -2,7 +2,7 @@
 // [latent | k_pe], write RMSNorm(latent; kv_a_layernorm) and RoPE(k_pe) as BF16 into the paged cache
 // (layout: Engine/Kernels/PagedLatentCache.cs). The same arithmetic as CpuBackend.AppendLatent: mean of
 // squares and rsqrt in fp32, the weight multiplies the normalized value; interleaved pairs
-// (x[2i], x[2i+1]) rotated with the host's cos/sin table (the one YarnRope.Table also gives the CPU).
+// (x[2i], x[2i+1]) rotated by rope_pair with the host's cos/sin table (the one YarnRope.Table also gives the CPU).
 #pragma once
 #include "common.cuh"
 
@@ -65,8 +65,9 @@ __global__ void __launch_bounds__(kMlaCacheBlock) mla_cache_append_kernel(const 
     for (int i = threadIdx.x; i < DR / 2; i += kMlaCacheBlock)
     {
         const float c = p.cos[(i64)pos * (DR / 2) + i], s = p.sin[(i64)pos * (DR / 2) + i];
-        const float x0 = load_f32<T>(x, DV + 2 * i), x1 = load_f32<T>(x, DV + 2 * i + 1);
-        dst[DV + 2 * i] = float_to_bf16(x0 * c - x1 * s);
-        dst[DV + 2 * i + 1] = float_to_bf16(x0 * s + x1 * c);
+        float y0, y1;
+        rope_pair(load_f32<T>(x, DV + 2 * i), load_f32<T>(x, DV + 2 * i + 1), c, s, y0, y1);
+        dst[DV + 2 * i] = float_to_bf16(y0);
+        dst[DV + 2 * i + 1] = float_to_bf16(y1);
     }
 }

@@ -1,5 +1,7 @@
 // RMSNorm over the last dimension, fp32 math (MODEL.md 9): y = x * (1 / sqrt(mean(x^2) + eps)) * w.
 // Fused variant: h += x (the residual add) first, h written back in fp32, then y = norm(h).
+// ROUND (f32 storage holding bf16 values, the CPU GpuEmulation): the fused h is rounded to bf16 after the add,
+// before the norm reads it, and y is rounded to bf16 values (CpuBackend.AddRmsNorm and RmsNorm's Store).
 // One block per row; the row is read twice (sum of squares, then scale) because at the model's widths
 // (<= 7168 floats) the second read hits L1/L2.
 #pragma once
@@ -20,7 +22,7 @@ struct RmsNormParams
     i32 pad0;
 };
 
-template <int BLOCK, int FUSE_RESIDUAL, int IN_BF16, int OUT_BF16>
+template <int BLOCK, int FUSE_RESIDUAL, int IN_BF16, int OUT_BF16, int ROUND>
 __global__ void __launch_bounds__(BLOCK) rmsnorm_kernel(const __grid_constant__ RmsNormParams p)
 {
     typedef typename ElemOf<IN_BF16>::type TIn;
@@ -38,7 +40,8 @@ __global__ void __launch_bounds__(BLOCK) rmsnorm_kernel(const __grid_constant__ 
         float v = load_f32<TIn>(x, i);
         if (FUSE_RESIDUAL)
         {
-            v = h[i] + v;
+            v = __fadd_rn(h[i], v);
+            if (ROUND) v = bf16_round(v);
             h[i] = v; // the same thread reads it back below: no barrier needed
         }
         ss = fmaf(v, v, ss);
@@ -48,6 +51,6 @@ __global__ void __launch_bounds__(BLOCK) rmsnorm_kernel(const __grid_constant__ 
     for (int i = threadIdx.x; i < p.dim; i += BLOCK)
     {
         float v = FUSE_RESIDUAL ? h[i] : load_f32<TIn>(x, i);
-        store_f32<TOut>(y, i, v * inv * bf16_to_float(p.weight[i]));
+        store_rounded<TOut, ROUND>(y, i, v * inv * bf16_to_float(p.weight[i]));
     }
 }

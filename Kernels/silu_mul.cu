@@ -1,4 +1,5 @@
-// SwiGLU's elementwise part: out = silu(gate) * up, silu(g) = g / (1 + exp(-g)), in fp32.
+// SwiGLU's elementwise part: out = silu(gate) * up, silu(g) = g / (1 + exp(-g)), in fp32. ROUND (f32 output holding
+// bf16 values, the CPU GpuEmulation's Store): out rounded to bf16 values.
 #pragma once
 #include "common.cuh"
 
@@ -15,7 +16,7 @@ struct SiluMulParams
 };
 
 // grid = (ceil(cols / BLOCK), rows)
-template <int BLOCK, int IN_BF16, int OUT_BF16>
+template <int BLOCK, int IN_BF16, int OUT_BF16, int ROUND>
 __global__ void __launch_bounds__(BLOCK) silu_mul_kernel(const __grid_constant__ SiluMulParams p)
 {
     typedef typename ElemOf<IN_BF16>::type TIn;
@@ -26,5 +27,5 @@ __global__ void __launch_bounds__(BLOCK) silu_mul_kernel(const __grid_constant__
     const float g = load_f32<TIn>((const TIn*)p.gate + row * p.gate_stride, col);
     const float u = load_f32<TIn>((const TIn*)p.up + row * p.up_stride, col);
     const float s = g / (1.0f + expf(-g));
-    store_f32<TOut>((TOut*)p.out + row * p.out_stride, col, s * u);
+    store_rounded<TOut, ROUND>((TOut*)p.out + row * p.out_stride, col, s * u);
 }

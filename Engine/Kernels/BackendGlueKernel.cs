@@ -10,8 +10,6 @@ internal struct BackendGlueParams
     public ulong X;
     public ulong Y;
     public ulong Out;
-    public ulong Cos;
-    public ulong Sin;
     public ulong Positions;
     public ulong Slots;
     public long N;
@@ -19,20 +17,14 @@ internal struct BackendGlueParams
     public long OutStride;
     public int Rows;
     public int Cols;
-    public int Start;
-    public int Heads;
-    public int HeadStride;
-    public int RopeOffset;
-    public int Pairs;
     public int ScaleCols;
     public int RingRows;
 }
 
 /// <summary>
 /// The small elementwise kernels of <c>CudaBackend</c> (Kernels/backend_glue.cu) where a launcher's contract does
-/// not fit <c>IBackend</c>: BF16 rounding of f32 storage, the rounded residual add, f32↔bf16 conversion, strided
-/// row copies, RoPE from the uploaded cos/sin table, FP8 block dequantization to BF16, and step rows gathered from or
-/// scattered into a per-slot ring.
+/// not fit <c>IBackend</c>: BF16 rounding of f32 storage, f32↔bf16 conversion, strided row copies, FP8 block
+/// dequantization to BF16, and step rows gathered from or scattered into a per-slot ring.
 /// </summary>
 internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -48,9 +40,7 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
     private const long MaxGrid = 65535;
 
     private static readonly KernelInstance RoundInstance = new($"glue_round_kernel<{Block}>", ParamsType);
-    private static readonly KernelInstance AddRoundInstance = new($"glue_add_round_kernel<{Block}>", ParamsType);
     private static readonly KernelInstance CopyInstance = new($"glue_copy_kernel<{Block}>", ParamsType);
-    private static readonly KernelInstance RopeInstance = new($"glue_rope_kernel<{Block}>", ParamsType);
     private static readonly KernelInstance DequantInstance = new($"glue_dequant_kernel<{Block}>", ParamsType);
     private static readonly KernelInstance GatherInstance = new($"glue_ring_kernel<{Block}, 0>", ParamsType);
     private static readonly KernelInstance ScatterInstance = new($"glue_ring_kernel<{Block}, 1>", ParamsType);
@@ -61,15 +51,11 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
 
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() =>
-        [RoundInstance, AddRoundInstance, CopyInstance, RopeInstance, DequantInstance, GatherInstance, ScatterInstance,
+        [RoundInstance, CopyInstance, DequantInstance, GatherInstance, ScatterInstance,
             ConvertInstance(ElementType.F32, ElementType.BF16), ConvertInstance(ElementType.BF16, ElementType.F32)];
 
     /// <summary>values[i] = bf16(values[i]) for <paramref name="n"/> f32 values, in place.</summary>
     public void Round(CudaStream stream, ulong values, long n) => Run(stream, RoundInstance, n, new BackendGlueParams { Out = values, N = n });
-
-    /// <summary>residual[i] = bf16(residual[i] + delta[i]) for <paramref name="n"/> f32 values.</summary>
-    public void AddRound(CudaStream stream, ulong residual, ulong delta, long n) =>
-        Run(stream, AddRoundInstance, n, new BackendGlueParams { Out = residual, X = delta, N = n });
 
     /// <summary>output[i] = input[i] for <paramref name="n"/> values, converting f32 → bf16 (round to nearest even) or bf16 → f32.</summary>
     public void Convert(CudaStream stream, ulong input, ElementType inType, ulong output, ElementType outType, long n)
@@ -85,19 +71,6 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
     /// <summary>output[r·outStride + c] = input[r·inStride + c] for f32 rows × cols.</summary>
     public void Copy(CudaStream stream, ulong input, long inStride, ulong output, long outStride, int rows, int cols) =>
         Run(stream, CopyInstance, (long)rows * cols, new BackendGlueParams { X = input, XStride = inStride, Out = output, OutStride = outStride, Rows = rows, Cols = cols });
-
-    /// <summary>
-    /// Rotates in place, for rows t of f32 x [rows, cols] at position start + t (or, given <paramref name="positions"/>, a
-    /// device int32 [rows], at positions[t]), each head h's pairs at columns h·headStride + ropeOffset + 2i with cos/sin
-    /// [positions, pairs] (no rounding: follow with <see cref="Round"/>).
-    /// </summary>
-    public void Rope(CudaStream stream, ulong x, int rows, int cols, ulong cos, ulong sin, int pairs, int start, int heads, int headStride, int ropeOffset,
-        ulong positions = 0) =>
-        Run(stream, RopeInstance, (long)rows * heads * pairs, new BackendGlueParams
-        {
-            Out = x, Rows = rows, Cols = cols, Cos = cos, Sin = sin, Positions = positions, Pairs = pairs, Start = start, Heads = heads,
-            HeadStride = headStride, RopeOffset = ropeOffset,
-        });
 
     /// <summary>output bf16 [rows, cols] = e4m3(codes) × scales[r/128, c/128] (scales f32 [⌈rows/128⌉, ⌈cols/128⌉]).</summary>
     public void Dequantize(CudaStream stream, ulong codes, ulong scales, int rows, int cols, ulong output) =>

@@ -49,17 +49,21 @@ internal sealed class MlaCacheKernel(CudaDevice device, NvrtcCompiler compiler) 
     /// <summary>
     /// Appends <paramref name="tokens"/> rows of kv ([tokens, kvStride], latent then rope; the kv_a_proj output).
     /// Token t goes to request <c>requests[t]</c> at position <c>positions[t]</c> (device int32 arrays; a negative
-    /// request marks padding, e.g. in a captured graph with fewer live tokens). cos/sin: [tablePositions, rope/2]
-    /// fp32 (<c>YarnRope.Table</c>); normWeight: [latent] BF16. Tokens whose position lies outside the table or the
+    /// request marks padding, e.g. in a captured graph with fewer live tokens). rope: the table of rope/2 pairs
+    /// (<c>YarnRope.Table</c>); normWeight: [latent] BF16. Tokens whose position lies outside the table or the
     /// block table are skipped.
     /// </summary>
     public void Append(CudaStream stream, LatentShape shape, ulong kv, ElementType kvType, long kvStride, ulong normWeight, float eps,
-        ulong cos, ulong sin, int tablePositions, ulong requests, ulong positions, int tokens, ulong blockTable, int maxBlocks, ulong cache)
+        RopeTableView rope, ulong requests, ulong positions, int tokens, ulong blockTable, int maxBlocks, ulong cache)
     {
         shape.Validate();
         ArgumentOutOfRangeException.ThrowIfNegative(tokens);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxBlocks);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(tablePositions);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(rope.Positions);
+        if (2 * rope.Pairs != shape.Rope)
+        {
+            throw new ArgumentException($"a rotary table of {rope.Pairs} pairs for a latent row with {shape.Rope} rope values", nameof(rope));
+        }
         ArgumentOutOfRangeException.ThrowIfLessThan(kvStride, shape.RowWidth);
         if (tokens == 0)
         {
@@ -68,8 +72,8 @@ internal sealed class MlaCacheKernel(CudaDevice device, NvrtcCompiler compiler) 
 
         var p = new MlaCacheParams
         {
-            Kv = kv, NormWeight = normWeight, Cos = cos, Sin = sin, Requests = requests, Positions = positions, BlockTable = blockTable,
-            Cache = cache, KvStride = kvStride, Eps = eps, Tokens = tokens, MaxBlocks = maxBlocks, TablePositions = tablePositions,
+            Kv = kv, NormWeight = normWeight, Cos = rope.Cos, Sin = rope.Sin, Requests = requests, Positions = positions, BlockTable = blockTable,
+            Cache = cache, KvStride = kvStride, Eps = eps, Tokens = tokens, MaxBlocks = maxBlocks, TablePositions = rope.Positions,
         };
         Get(Instance(shape, kvType)).Launch(new Dim3((uint)tokens), Block, 0, stream, in p);
     }

@@ -22,7 +22,8 @@ internal struct RmsNormParams
 
 /// <summary>
 /// RMSNorm, fp32 math, bf16 weight: <c>y = x / sqrt(mean(x²) + eps) · w</c>; the fused form adds the
-/// update into the fp32 residual stream first (<c>h += x; y = norm(h)</c>). One block per row.
+/// update into the fp32 residual stream first (<c>h += x; y = norm(h)</c>). One block per row. Rounded (f32 in and out
+/// only: f32 storage holding bf16 values, as <c>CpuBackend</c>'s GpuEmulation): h rounded to bf16 after the add, y to bf16 values.
 /// </summary>
 internal sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -37,29 +38,38 @@ internal sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) :
     /// <summary>The block size for a row width: enough threads that each handles at most ~16 elements.</summary>
     public static int BlockFor(int dim) => dim <= 512 ? 128 : dim <= 4096 ? 256 : 512;
 
-    /// <summary>The specialization for a shape and types.</summary>
-    public static KernelInstance Instance(int block, bool fused, ElementType input, ElementType output) =>
-        new($"rmsnorm_kernel<{block}, {(fused ? 1 : 0)}, {Flag(input)}, {Flag(output)}>", ParamsType);
+    /// <summary>The specialization for a shape and types; <paramref name="round"/> exists for f32 in and out only.</summary>
+    public static KernelInstance Instance(int block, bool fused, ElementType input, ElementType output, bool round = false) =>
+        new($"rmsnorm_kernel<{block}, {(fused ? 1 : 0)}, {Flag(input)}, {Flag(output)}, {(round ? 1 : 0)}>", ParamsType);
 
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() =>
-        [.. from b in BlockSizes from f in new[] { false, true } from i in Enum.GetValues<ElementType>() from o in Enum.GetValues<ElementType>() select Instance(b, f, i, o)];
+    [
+        .. from b in BlockSizes from f in new[] { false, true } from i in Enum.GetValues<ElementType>() from o in Enum.GetValues<ElementType>()
+            select Instance(b, f, i, o),
+        .. from b in BlockSizes from f in new[] { false, true } select Instance(b, f, ElementType.F32, ElementType.F32, round: true),
+    ];
 
     /// <summary>y[r] = RMSNorm(x[r]) · w for <paramref name="rows"/> rows of <paramref name="dim"/>.</summary>
     public void Launch(CudaStream stream, ulong x, ElementType xType, ulong weight, ulong y, ElementType yType, int rows, int dim, float eps,
-        long xStride = -1, long yStride = -1) =>
-        Run(stream, fused: false, x, xType, 0, weight, y, yType, rows, dim, eps, xStride, 0, yStride);
+        long xStride = -1, long yStride = -1, bool round = false) =>
+        Run(stream, fused: false, x, xType, 0, weight, y, yType, rows, dim, eps, xStride, 0, yStride, round);
 
-    /// <summary>h[r] += x[r] (fp32 residual, written back), then y[r] = RMSNorm(h[r]) · w.</summary>
+    /// <summary>h[r] += x[r] (fp32 residual, written back; rounded: bf16(h[r] + x[r])), then y[r] = RMSNorm(h[r]) · w.</summary>
     public void LaunchFused(CudaStream stream, ulong residual, ulong x, ElementType xType, ulong weight, ulong y, ElementType yType, int rows, int dim,
-        float eps, long xStride = -1, long residualStride = -1, long yStride = -1) =>
-        Run(stream, fused: true, x, xType, residual, weight, y, yType, rows, dim, eps, xStride, residualStride, yStride);
+        float eps, long xStride = -1, long residualStride = -1, long yStride = -1, bool round = false) =>
+        Run(stream, fused: true, x, xType, residual, weight, y, yType, rows, dim, eps, xStride, residualStride, yStride, round);
 
     private void Run(CudaStream stream, bool fused, ulong x, ElementType xType, ulong residual, ulong weight, ulong y, ElementType yType,
-        int rows, int dim, float eps, long xStride, long residualStride, long yStride)
+        int rows, int dim, float eps, long xStride, long residualStride, long yStride, bool round)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dim);
         ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        if (round && (xType != ElementType.F32 || yType != ElementType.F32))
+        {
+            throw new ArgumentException("a rounded RMSNorm reads and writes f32 (f32 storage holding bf16 values)", nameof(round));
+        }
+
         if (rows == 0)
         {
             return;
@@ -72,6 +82,6 @@ internal sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) :
             Rows = rows, Dim = dim, Eps = eps,
         };
         var block = BlockFor(dim);
-        Get(Instance(block, fused, xType, yType)).Launch(new Dim3((uint)rows), block, 0, stream, in p);
+        Get(Instance(block, fused, xType, yType, round)).Launch(new Dim3((uint)rows), block, 0, stream, in p);
     }
 }

@@ -1,6 +1,5 @@
 using System.Runtime.InteropServices;
 using DeepSeekCuda.Cuda;
-using DeepSeekCuda.Loader;
 
 namespace DeepSeekCuda.Kernels;
 
@@ -9,19 +8,28 @@ namespace DeepSeekCuda.Kernels;
 internal struct RopeParams
 {
     public ulong X;
+    public ulong Cos;
+    public ulong Sin;
     public ulong Positions;
-    public ulong InvFreq;
     public long TokenStride;
     public long HeadStride;
     public int Tokens;
     public int Heads;
     public int RopeOffset;
     public int Pairs;
+    public int Start;
+    public int TablePositions;
 }
 
+/// <summary>A rotary table on the device: f32 cos and sin [<paramref name="Positions"/>, <paramref name="Pairs"/>] (<c>YarnRope.Table</c>).</summary>
+internal readonly record struct RopeTableView(ulong Cos, ulong Sin, int Positions, int Pairs);
+
+/// <summary>Where the rope slices of a row lie: <paramref name="Heads"/> slices of 2·pairs values, head h's at h·headStride + ropeOffset.</summary>
+internal readonly record struct RopeLayout(int Heads, long HeadStride, int RopeOffset);
+
 /// <summary>
-/// Rotary embedding on interleaved pairs, in place, with a YaRN-corrected frequency table computed on the
-/// host (<c>YarnRope.InverseFrequencies</c>) and uploaded once.
+/// The engine's one rotary embedding on interleaved pairs, in place, from the host's cos/sin table: bit for bit
+/// <c>CpuBackend.ApplyRope</c> (each product and sum rounded on its own).
 /// </summary>
 internal sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -34,31 +42,52 @@ internal sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : Ke
     /// <summary>Threads per block (one pair each).</summary>
     public const int Block = 256;
 
-    /// <summary>The specialization for a storage type.</summary>
-    public static KernelInstance Instance(ElementType type) => new($"rope_kernel<{Block}, {Flag(type)}>", ParamsType);
-
-    /// <summary>Every specialization the launcher can request.</summary>
-    public static IReadOnlyList<KernelInstance> AllInstances() => [Instance(ElementType.F32), Instance(ElementType.BF16)];
+    private const long MaxGrid = 65535;
 
     /// <summary>
-    /// Rotates the rope slice of every head of every token in place: slice = x[t·tokenStride + h·headStride
-    /// + ropeOffset ..][0 .. 2·pairs). q: heads = H, headStride = qk_head_dim, ropeOffset = nope;
-    /// k_pe: heads = 1, ropeOffset = kv_lora_rank.
+    /// The specialization for a storage type; <paramref name="round"/> (f32 only: f32 storage holding bf16 values) rounds the
+    /// results to bf16 values. A bf16 store rounds anyway.
     /// </summary>
-    public void Launch(CudaStream stream, ulong x, ElementType type, ulong positions, ulong invFreq, int pairs, int tokens, int heads,
-        long tokenStride, long headStride, int ropeOffset)
+    public static KernelInstance Instance(ElementType type, bool round) =>
+        new($"rope_kernel<{Block}, {Flag(type)}, {(round && type == ElementType.F32 ? 1 : 0)}>", ParamsType);
+
+    /// <summary>Every specialization the launcher can request.</summary>
+    public static IReadOnlyList<KernelInstance> AllInstances() =>
+        [Instance(ElementType.F32, round: false), Instance(ElementType.F32, round: true), Instance(ElementType.BF16, round: false)];
+
+    /// <summary>
+    /// Rotates the rope slices of <paramref name="tokens"/> rows of x (row stride <paramref name="tokenStride"/>) in place, row t
+    /// at position positions[t] (a device int32 [tokens]) or, with <paramref name="positions"/> 0, at start + t. q: heads = H,
+    /// headStride = qk_head_dim, ropeOffset = nope. On the device a position outside the table leaves its row as it is; the
+    /// host's <paramref name="start"/> form is checked here.
+    /// </summary>
+    public void Launch(CudaStream stream, ulong x, ElementType type, bool round, long tokenStride, int tokens, RopeLayout layout, RopeTableView table,
+        ulong positions, int start = 0)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(pairs);
-        if (tokens <= 0 || heads <= 0)
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(table.Pairs);
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        if (layout.Heads <= 0 || layout.RopeOffset < 0 || layout.RopeOffset + 2 * table.Pairs > layout.HeadStride ||
+            tokenStride < (layout.Heads - 1) * layout.HeadStride + layout.RopeOffset + 2 * table.Pairs)
+        {
+            throw new ArgumentException($"rope layout {layout} with {table.Pairs} pairs does not fit rows of stride {tokenStride}", nameof(layout));
+        }
+
+        if (positions == 0 && tokens > 0 && (start < 0 || start + tokens > table.Positions))
+        {
+            throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + tokens - 1} exceed the rotary table (0..{table.Positions - 1})");
+        }
+
+        if (tokens == 0)
         {
             return;
         }
 
         var p = new RopeParams
         {
-            X = x, Positions = positions, InvFreq = invFreq, TokenStride = tokenStride, HeadStride = headStride,
-            Tokens = tokens, Heads = heads, RopeOffset = ropeOffset, Pairs = pairs,
+            X = x, Cos = table.Cos, Sin = table.Sin, Positions = positions, TokenStride = tokenStride, HeadStride = layout.HeadStride, Tokens = tokens,
+            Heads = layout.Heads, RopeOffset = layout.RopeOffset, Pairs = table.Pairs, Start = start, TablePositions = table.Positions,
         };
-        Get(Instance(type)).Launch(new Dim3(Blocks((long)tokens * heads * pairs, Block)), Block, 0, stream, in p);
+        var work = (long)tokens * layout.Heads * table.Pairs;
+        Get(Instance(type, round)).Launch(new Dim3((uint)Math.Min(MaxGrid, Blocks(work, Block))), Block, 0, stream, in p);
     }
 }

@@ -29,21 +29,26 @@ internal sealed class SiluMulKernel(CudaDevice device, NvrtcCompiler compiler) :
     /// <summary>Threads per block.</summary>
     public const int Block = 256;
 
-    /// <summary>The specialization for the types.</summary>
-    public static KernelInstance Instance(ElementType input, ElementType output) =>
-        new($"silu_mul_kernel<{Block}, {Flag(input)}, {Flag(output)}>", ParamsType);
+    /// <summary>The specialization for the types; <paramref name="round"/> (f32 output holding bf16 values) exists for f32 in and out only.</summary>
+    public static KernelInstance Instance(ElementType input, ElementType output, bool round = false) =>
+        new($"silu_mul_kernel<{Block}, {Flag(input)}, {Flag(output)}, {(round ? 1 : 0)}>", ParamsType);
 
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() =>
-        [.. from i in Enum.GetValues<ElementType>() from o in Enum.GetValues<ElementType>() select Instance(i, o)];
+        [.. from i in Enum.GetValues<ElementType>() from o in Enum.GetValues<ElementType>() select Instance(i, o), Instance(ElementType.F32, ElementType.F32, round: true)];
 
     /// <summary>
     /// out[r, c] = silu(gate[r, c]) · up[r, c]. For a fused [rows, 2·cols] gate|up tensor pass
-    /// <c>up = gate + cols</c> elements and both strides 2·cols.
+    /// <c>up = gate + cols</c> elements and both strides 2·cols. <paramref name="round"/> (f32 in and out): out rounded to bf16 values.
     /// </summary>
     public void Launch(CudaStream stream, ulong gate, ulong up, ElementType inType, ulong output, ElementType outType, int rows, int cols,
-        long gateStride = -1, long upStride = -1, long outStride = -1)
+        long gateStride = -1, long upStride = -1, long outStride = -1, bool round = false)
     {
+        if (round && (inType != ElementType.F32 || outType != ElementType.F32))
+        {
+            throw new ArgumentException("a rounded SiLU·up reads and writes f32 (f32 storage holding bf16 values)", nameof(round));
+        }
+
         if (rows <= 0 || cols <= 0)
         {
             return;
@@ -60,6 +65,6 @@ internal sealed class SiluMulKernel(CudaDevice device, NvrtcCompiler compiler) :
             GateStride = gateStride < 0 ? cols : gateStride, UpStride = upStride < 0 ? cols : upStride, OutStride = outStride < 0 ? cols : outStride,
             Rows = rows, Cols = cols,
         };
-        Get(Instance(inType, outType)).Launch(new Dim3(Blocks(cols, Block), (uint)rows), Block, 0, stream, in p);
+        Get(Instance(inType, outType, round)).Launch(new Dim3(Blocks(cols, Block), (uint)rows), Block, 0, stream, in p);
     }
 }

@@ -4,6 +4,7 @@ using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Kernels;
 using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Tests.Support;
 
@@ -21,55 +22,71 @@ public sealed class KernelGpuTests : GpuTestBase
 
     public static IEnumerable<object[]> RowShapes => [[1, 256], [7, 7168], [33, 100], [3, 1000], [2, 129]];
 
+    /// <summary>
+    /// Every storage variant, the fused residual add included, and the rounded f32 form the CUDA backend runs (f32 holding
+    /// bf16 values) against the CPU's GpuEmulation: its residual exact, its output bf16 values within one bf16 step.
+    /// </summary>
     [TestMethod]
     [DynamicData(nameof(RowShapes))]
     public void RmsNormMatchesCpuBackend(int rows, int dim)
     {
         using var k = new RmsNormKernel(Device, Compiler);
-        var cpu = new CpuBackend();
-        foreach (var inT in Types)
+        var variants = from inT in Types from outT in Types from fused in new[] { false, true } from round in new[] { false, true }
+            where !round || (inT == ElementType.F32 && outT == ElementType.F32) select (inT, outT, fused, round);
+        foreach (var (inT, outT, fused, round) in variants)
         {
-            foreach (var outT in Types)
+            var cpu = new CpuBackend(round ? CpuNumerics.GpuEmulation : CpuNumerics.Float32);
+            var what = $"rmsnorm {rows}x{dim} in {inT} out {outT} fused {fused} rounded {round}";
+            var r = Rng(rows * 31 + dim + (int)inT * 7 + (int)outT * 3 + (fused ? 1 : 0) + (round ? 11 : 0));
+            var x = Normal(r, rows * dim, 2f);
+            if (rows > 2)
             {
-                foreach (var fused in new[] { false, true })
-                {
-                    var r = Rng(rows * 31 + dim + (int)inT * 7 + (int)outT * 3 + (fused ? 1 : 0));
-                    var x = Normal(r, rows * dim, 2f);
-                    if (rows > 2)
-                    {
-                        x[dim + 3] = float.NaN;
-                        x[2 * dim + 5] = float.PositiveInfinity;
-                    }
-
-                    var w = Normal(r, dim, 0.1f).Select(v => 1 + v).ToArray();
-                    var h = Normal(r, rows * dim);
-                    using var xd = Upload(x, inT);
-                    using var wd = Upload(w, ElementType.BF16);
-                    using var hd = Upload(h, ElementType.F32);
-                    using var yd = Poisoned((long)rows * dim, outT);
-                    var weight = new CpuNormWeight(dim, 1e-6f, w);
-                    var yRef = cpu.Allocate(rows, dim);
-                    if (fused)
-                    {
-                        k.LaunchFused(Stream, hd.Pointer, xd.Pointer, inT, wd.Pointer, yd.Pointer, outT, rows, dim, 1e-6f);
-                        var hRef = cpu.Upload(h, rows, dim);
-                        cpu.AddRmsNorm(hRef, cpu.Upload(x, rows, dim), weight, yRef);
-                        var hExp = new float[rows * dim];
-                        cpu.Download(hRef, hExp);
-                        Tolerance.AssertClose(Read(hd, ElementType.F32, Stream), hExp, 0, 0, $"residual {rows}x{dim} {inT}");
-                    }
-                    else
-                    {
-                        k.Launch(Stream, xd.Pointer, inT, wd.Pointer, yd.Pointer, outT, rows, dim, 1e-6f);
-                        cpu.RmsNorm(cpu.Upload(x, rows, dim), weight, yRef);
-                    }
-
-                    var expected = new float[rows * dim];
-                    cpu.Download(yRef, expected);
-                    Tolerance.AssertClose(Read(yd, outT, Stream), AsStored(expected, outT), 1e-5, Rtol(outT),
-                        $"rmsnorm {rows}x{dim} in {inT} out {outT} fused {fused}");
-                }
+                x[dim + 3] = float.NaN;
+                x[2 * dim + 5] = float.PositiveInfinity;
             }
+
+            var w = Normal(r, dim, 0.1f).Select(v => 1 + v).ToArray();
+            var h = Normal(r, rows * dim);
+            using var xd = Upload(x, inT);
+            using var wd = Upload(w, ElementType.BF16);
+            using var hd = Upload(h, ElementType.F32);
+            using var yd = Poisoned((long)rows * dim, outT);
+            var weight = new CpuNormWeight(dim, 1e-6f, w);
+            var yRef = cpu.Allocate(rows, dim);
+            if (fused)
+            {
+                k.LaunchFused(Stream, hd.Pointer, xd.Pointer, inT, wd.Pointer, yd.Pointer, outT, rows, dim, 1e-6f, round: round);
+                var hRef = cpu.Upload(h, rows, dim);
+                cpu.AddRmsNorm(hRef, cpu.Upload(x, rows, dim), weight, yRef);
+                var hExp = new float[rows * dim];
+                cpu.Download(hRef, hExp);
+                Tolerance.AssertClose(Read(hd, ElementType.F32, Stream), hExp, 0, 0, $"{what}: residual");
+            }
+            else
+            {
+                k.Launch(Stream, xd.Pointer, inT, wd.Pointer, yd.Pointer, outT, rows, dim, 1e-6f, round: round);
+                cpu.RmsNorm(cpu.Upload(x, rows, dim), weight, yRef);
+            }
+
+            var expected = new float[rows * dim];
+            cpu.Download(yRef, expected);
+            var actual = Read(yd, outT, Stream);
+            Tolerance.AssertClose(actual, AsStored(expected, outT), 1e-5, Rtol(round ? ElementType.BF16 : outT), what);
+            if (round)
+            {
+                AssertBf16Values(actual, what);
+            }
+        }
+    }
+
+    /// <summary>Every value of an f32 output that holds bf16 values is one: rounding it again changes no bit.</summary>
+    private static void AssertBf16Values(float[] values, string what)
+    {
+        var rounded = (float[])values.Clone();
+        BFloat16.Round(rounded);
+        for (var i = 0; i < values.Length; i++)
+        {
+            Assert.AreEqual(BitConverter.SingleToInt32Bits(rounded[i]), BitConverter.SingleToInt32Bits(values[i]), $"{what}: [{i}] = {values[i]:R} is not a bf16 value");
         }
     }
 
@@ -157,31 +174,62 @@ public sealed class KernelGpuTests : GpuTestBase
 
     public static IEnumerable<object[]> RopeShapes => [[1, 4, 0], [7, 4, 60], [33, 1, 2000], [130, 3, 0]];
 
+    /// <summary>
+    /// The one RoPE kernel against <c>CpuBackend.ApplyRope</c> from the same table, bit for bit in every storage variant (f32,
+    /// f32 rounded to bf16 values against the GpuEmulation, bf16 storage), rows at start + t and at device positions given
+    /// out of order; a device position outside the table leaves its row untouched.
+    /// </summary>
     [TestMethod]
     [DynamicData(nameof(RopeShapes))]
-    public void RopeMatchesCpuBackend(int tokens, int heads, int start)
+    public void RopeMatchesCpuBackendExactly(int tokens, int heads, int start)
     {
         var config = ModelConfig.Load(Path.Combine(SharedData.TinyAModel, "config.json"));
-        int pairs = config.QkRopeHeadDim / 2, headStride = config.QkHeadDim, ropeOffset = config.QkNopeHeadDim;
+        int pairs = config.QkRopeHeadDim / 2, headStride = config.QkHeadDim, width = heads * headStride;
+        var layout = new RopeLayout(heads, headStride, config.QkNopeHeadDim);
         using var k = new RopeKernel(Device, Compiler);
-        var cpu = new CpuBackend();
-        var (cos, sin) = YarnRope.Table(config, start + tokens);
-        var table = cpu.UploadRope(cos, sin, start + tokens, pairs);
-        using var inv = DeviceBuffer<float>.From(Device, YarnRope.InverseFrequencies(config));
-        using var pos = DeviceBuffer<int>.From(Device, Enumerable.Range(start, tokens).ToArray());
-        foreach (var t in Types)
+        var tablePositions = start + tokens;
+        var (cos, sin) = YarnRope.Table(config, tablePositions);
+        using var cosD = DeviceBuffer<float>.From(Device, cos, Stream);
+        using var sinD = DeviceBuffer<float>.From(Device, sin, Stream);
+        var table = new RopeTableView(cosD.Pointer, sinD.Pointer, tablePositions, pairs);
+        // Device positions: the rows reversed, and the last row (when there are two) past the table.
+        var positions = Enumerable.Range(0, tokens).Select(t => start + tokens - 1 - t).ToArray();
+        if (tokens > 1)
         {
-            var x = Normal(Rng(tokens + heads + start), tokens * heads * headStride);
-            using var xd = Upload(x, t);
-            k.Launch(Stream, xd.Pointer, t, pos.Pointer, inv.Pointer, pairs, tokens, heads, heads * headStride, headStride, ropeOffset);
-            var xr = cpu.Upload(x, tokens, heads * headStride);
-            cpu.ApplyRope(xr, table, start, headStride, ropeOffset);
-            var expected = new float[x.Length];
-            cpu.Download(xr, expected);
-            var actual = Read(xd, t, Stream);
-            // The nope part must be untouched bit for bit; the rope part within sin/cos rounding.
-            Tolerance.AssertClose(actual, AsStored(expected, t), 2e-5, Rtol(t), $"rope {tokens}x{heads} from {start} {t}");
+            positions[^1] = tablePositions;
         }
+
+        using var posD = DeviceBuffer<int>.From(Device, positions, Stream);
+        foreach (var (type, round) in new[] { (ElementType.F32, false), (ElementType.F32, true), (ElementType.BF16, false) })
+        {
+            var cpu = new CpuBackend(round ? CpuNumerics.GpuEmulation : CpuNumerics.Float32);
+            var cpuTable = cpu.UploadRope(cos, sin, tablePositions, pairs);
+            var x = AsStored(Normal(Rng(tokens + heads + start + (int)type), tokens * width), ElementType.BF16); // activations hold bf16 values
+            foreach (var byPosition in new[] { false, true })
+            {
+                var what = $"rope {tokens}x{heads} {(byPosition ? "at device positions" : $"from {start}")} {type} rounded {round}";
+                using var xd = Upload(x, type);
+                k.Launch(Stream, xd.Pointer, type, round, width, tokens, layout, table, byPosition ? posD.Pointer : 0, byPosition ? 0 : start);
+                var expected = (float[])x.Clone();
+                for (var t = 0; t < tokens; t++)
+                {
+                    var p = byPosition ? positions[t] : start + t;
+                    if (p < tablePositions)
+                    {
+                        var row = cpu.Upload(x.AsSpan(t * width, width).ToArray(), 1, width);
+                        cpu.ApplyRope(row, cpuTable, p, headStride, config.QkNopeHeadDim);
+                        cpu.Download(row, expected.AsSpan(t * width, width));
+                    }
+                }
+
+                Tolerance.AssertClose(Read(xd, type, Stream), AsStored(expected, type), 0, 0, what);
+            }
+        }
+
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() =>
+            k.Launch(Stream, 0, ElementType.F32, false, width, tokens, layout, table, positions: 0, start: start + 1));
+        Assert.ThrowsExactly<ArgumentException>(() =>
+            k.Launch(Stream, 0, ElementType.F32, false, width - 1, tokens, layout, table, positions: 0, start: start));
     }
 
     public static IEnumerable<object[]> SiluShapes => [[1, 128], [7, 2048], [3, 1000], [65, 129]];
@@ -192,24 +240,30 @@ public sealed class KernelGpuTests : GpuTestBase
     {
         using var k = new SiluMulKernel(Device, Compiler);
         var cpu = new CpuBackend();
-        foreach (var inT in Types)
+        var variants = from inT in Types from outT in Types from round in new[] { false, true }
+            where !round || (inT == ElementType.F32 && outT == ElementType.F32) select (inT, outT, round);
+        foreach (var (inT, outT, round) in variants)
         {
-            foreach (var outT in Types)
+            var what = $"silu_mul {rows}x{cols} {inT}->{outT} rounded {round}";
+            var r = Rng(rows * cols + (int)inT);
+            var g = Normal(r, rows * cols, 4f);
+            var u = Normal(r, rows * cols);
+            g[0] = float.NaN;
+            u[Math.Min(1, u.Length - 1)] = float.PositiveInfinity;
+            using var gd = Upload(g, inT);
+            using var ud = Upload(u, inT);
+            using var od = Poisoned((long)rows * cols, outT);
+            k.Launch(Stream, gd.Pointer, ud.Pointer, inT, od.Pointer, outT, rows, cols, round: round);
+            var o = cpu.Allocate(rows, cols);
+            cpu.SiluMul(cpu.Upload(g, rows, cols), cpu.Upload(u, rows, cols), o);
+            var expected = new float[rows * cols];
+            cpu.Download(o, expected);
+            var stored = round ? ElementType.BF16 : outT;
+            var actual = Read(od, outT, Stream);
+            Tolerance.AssertClose(actual, AsStored(expected, stored), 1e-6, Rtol(stored) * 2, what);
+            if (round)
             {
-                var r = Rng(rows * cols + (int)inT);
-                var g = Normal(r, rows * cols, 4f);
-                var u = Normal(r, rows * cols);
-                g[0] = float.NaN;
-                u[Math.Min(1, u.Length - 1)] = float.PositiveInfinity;
-                using var gd = Upload(g, inT);
-                using var ud = Upload(u, inT);
-                using var od = Poisoned((long)rows * cols, outT);
-                k.Launch(Stream, gd.Pointer, ud.Pointer, inT, od.Pointer, outT, rows, cols);
-                var o = cpu.Allocate(rows, cols);
-                cpu.SiluMul(cpu.Upload(g, rows, cols), cpu.Upload(u, rows, cols), o);
-                var expected = new float[rows * cols];
-                cpu.Download(o, expected);
-                Tolerance.AssertClose(Read(od, outT, Stream), AsStored(expected, outT), 1e-6, Rtol(outT) * 2, $"silu_mul {rows}x{cols} {inT}->{outT}");
+                AssertBf16Values(actual, what);
             }
         }
     }

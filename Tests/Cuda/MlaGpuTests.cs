@@ -95,7 +95,7 @@ public sealed class MlaGpuTests : GpuTestBase
         // NaN everywhere first: rows the append must write, and unused rows (block tails, spare blocks) that the decode
         // kernel must never read.
         using var cache = Poisoned((long)numBlocks * PagedLatentCache.BlockSize * d, ElementType.BF16);
-        cacheK.Append(Stream, shape, kvD.Pointer, type, d, normD.Pointer, (float)config.RmsNormEps, cosD.Pointer, sinD.Pointer, maxLen,
+        cacheK.Append(Stream, shape, kvD.Pointer, type, d, normD.Pointer, (float)config.RmsNormEps, new RopeTableView(cosD.Pointer, sinD.Pointer, maxLen, rope / 2),
             reqD.Pointer, posD.Pointer, tokens.Length, tableD.Pointer, maxBlocks, cache.Pointer);
         var paged = MemoryMarshal.Cast<byte, ushort>(cache.ToArray(Stream)).ToArray();
 

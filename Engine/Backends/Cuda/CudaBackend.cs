@@ -80,6 +80,7 @@ public sealed class CudaBackend : IBackend
     private readonly Bf16GemmKernel _bf16;
     private readonly Bf16MmaKernel? _mma;
     private readonly SiluMulKernel _siluMul;
+    private readonly RopeKernel _rope;
     private readonly BackendGlueKernel _glue;
     private readonly MoeGateKernel _gate;
     private readonly MlaCacheKernel _cache;
@@ -144,6 +145,7 @@ public sealed class CudaBackend : IBackend
         _mma = _options.TensorCoreBf16Gemm ? new Bf16MmaKernel(_device, _compiler) : null;
         _bf16 = new Bf16GemmKernel(_device, _compiler, _mma);
         _siluMul = new SiluMulKernel(_device, _compiler);
+        _rope = new RopeKernel(_device, _compiler);
         _glue = new BackendGlueKernel(_device, _compiler);
         _gate = new MoeGateKernel(_device, _compiler, _mma);
         _cache = new MlaCacheKernel(_device, _compiler);
@@ -259,7 +261,7 @@ public sealed class CudaBackend : IBackend
             _staging?.Dispose();
         }
 
-        foreach (var l in new IDisposable?[] { _embedding, _norm, _quant, _fp8, _bf16, _mma, _siluMul, _glue, _gate, _cache, _decode, _prefill, _sampling })
+        foreach (var l in new IDisposable?[] { _embedding, _norm, _quant, _fp8, _bf16, _mma, _siluMul, _rope, _glue, _gate, _cache, _decode, _prefill, _sampling })
         {
             l?.Dispose();
         }
@@ -788,11 +790,8 @@ public sealed class CudaBackend : IBackend
         Norm(a, w, o);
     }
 
-    private void Norm(CudaTensor a, CudaNormWeight w, CudaTensor o)
-    {
-        _norm.Launch(_stream, a.Pointer, ElementType.F32, w.Data.Pointer, o.Pointer, ElementType.F32, a.Rows, a.Cols, w.Epsilon);
-        _glue.Round(_stream, o.Pointer, o.Length);
-    }
+    private void Norm(CudaTensor a, CudaNormWeight w, CudaTensor o) =>
+        _norm.Launch(_stream, a.Pointer, ElementType.F32, w.Data.Pointer, o.Pointer, ElementType.F32, a.Rows, a.Cols, w.Epsilon, round: true);
 
     /// <inheritdoc />
     public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
@@ -802,9 +801,9 @@ public sealed class CudaBackend : IBackend
         var w = (CudaNormWeight)weight;
         ShapeCheck.Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
         ShapeCheck.Require(r.Cols == w.Width && o.Cols == w.Width && r.Rows == o.Rows, "rmsnorm shapes");
-        // Not RmsNormKernel's fused form: that keeps the residual in fp32, the emulation rounds it to BF16 first.
-        _glue.AddRound(_stream, r.Pointer, d.Pointer, r.Length);
-        Norm(r, w, o);
+        // The fused form, rounded: residual = bf16(residual + delta), then its norm, in one pass over each row.
+        _norm.LaunchFused(_stream, r.Pointer, d.Pointer, ElementType.F32, w.Data.Pointer, o.Pointer, ElementType.F32, r.Rows, r.Cols, w.Epsilon,
+            round: true);
     }
 
     /// <inheritdoc />
@@ -823,10 +822,8 @@ public sealed class CudaBackend : IBackend
         for (long first = 0; first < o.Length; first += slice)
         {
             var n = (int)Math.Min(slice, o.Length - first);
-            _siluMul.Launch(_stream, g.Buffer.At(first), u.Buffer.At(first), ElementType.F32, o.Buffer.At(first), ElementType.F32, 1, n);
+            _siluMul.Launch(_stream, g.Buffer.At(first), u.Buffer.At(first), ElementType.F32, o.Buffer.At(first), ElementType.F32, 1, n, round: true);
         }
-
-        _glue.Round(_stream, o.Pointer, o.Length);
     }
 
     /// <inheritdoc />
@@ -907,12 +904,12 @@ public sealed class CudaBackend : IBackend
         Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, 0, ((CudaStepRows)rows).PositionsPointer);
     }
 
-    /// <summary>The rotation of rows at start + t, or at positions[t] (a device array) when given, then the BF16 rounding.</summary>
+    /// <summary>The rotation of rows at start + t, or at positions[t] (a device array) when given, rounded to bf16 values.</summary>
     private void Rope(CudaTensor a, CudaRopeTable r, int headStride, int ropeOffset, int start, ulong positions)
     {
         ShapeCheck.Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
-        _glue.Rope(_stream, a.Pointer, a.Rows, a.Cols, r.Cos.Pointer, r.Sin.Pointer, r.Pairs, start, a.Cols / headStride, headStride, ropeOffset, positions);
-        _glue.Round(_stream, a.Pointer, a.Length);
+        _rope.Launch(_stream, a.Pointer, ElementType.F32, round: true, a.Cols, a.Rows, new RopeLayout(a.Cols / headStride, headStride, ropeOffset), r.View,
+            positions, start);
     }
 
     /// <inheritdoc />
@@ -947,8 +944,8 @@ public sealed class CudaBackend : IBackend
         ulong cache)
     {
         ShapeCheck.Require(a.Cols == shape.RowWidth && norm.Width == shape.Latent && shape.Rope == 2 * r.Pairs, "latent append shapes");
-        _cache.Append(_stream, shape, a.Pointer, ElementType.F32, a.Cols, norm.Data.Pointer, norm.Epsilon, r.Cos.Pointer, r.Sin.Pointer, r.Positions,
-            requests, positions, a.Rows, table, maxBlocks, cache);
+        _cache.Append(_stream, shape, a.Pointer, ElementType.F32, a.Cols, norm.Data.Pointer, norm.Epsilon, r.View, requests, positions, a.Rows, table,
+            maxBlocks, cache);
     }
 
     private static void CheckPositions(CudaRopeTable r, int start, int count)

@@ -254,6 +254,9 @@ internal sealed class CudaRopeTable(int positions, int pairs, DeviceBuffer<float
     /// <summary>[positions, pairs] f32.</summary>
     public DeviceBuffer<float> Sin { get; } = sin;
 
+    /// <summary>The table as the kernels take it.</summary>
+    public RopeTableView View => new(Cos.Pointer, Sin.Pointer, Positions, Pairs);
+
     protected override void Dispose(bool disposing)
     {
         Cos.Dispose();

@@ -12,9 +12,6 @@ internal static class ResourceGate
     /// </summary>
     public static IReadOnlyList<LocalMemoryException> LocalMemoryAllowed { get; } =
     [
-        new("rope_kernel", null, 32,
-            "accurate sincosf (the CPU reference's sin/cos) reduces arguments beyond 105615 rad with Payne-Hanek, which keeps a " +
-            "28-byte array on the stack; only positions x inv_freq that large (long contexts) take that branch"),
         new("fp8_gemv_kernel", "sm_80", 8,
             "ptxas 12.4's sm_80 schedule for the 4-row tile spills one register once before the K loop (one STL, two LDL outside it); " +
             "forcing it away with __launch_bounds__(256, 2) would halve the blocks per SM on sm_90a as well"),
@@ -79,7 +76,7 @@ internal static class ResourceGate
 }
 
 /// <summary>A kernel allowed some stack or local memory, and why.</summary>
-/// <param name="Template">Kernel template name, e.g. <c>rope_kernel</c>.</param>
+/// <param name="Template">Kernel template name, e.g. <c>mla_decode_kernel</c>.</param>
 /// <param name="Arch">The target it applies to, or null for every target.</param>
 /// <param name="MaxBytes">Most stack plus local bytes per thread allowed.</param>
 /// <param name="Reason">Why, in words a reviewer can check against the SASS.</param>
