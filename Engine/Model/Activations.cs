@@ -8,7 +8,12 @@ namespace DeepSeekCuda.Model;
 /// <param name="Start">Position of the first row.</param>
 /// <param name="FirstRow">First row in the stream.</param>
 /// <param name="Rows">Rows (tokens) of the sequence in the stream.</param>
-internal readonly record struct Segment(LatentCache Cache, int Start, int FirstRow, int Rows);
+/// <param name="Form">
+/// How the rows attend under <see cref="AttentionForm.Auto"/>: <see cref="AttentionForm.Naive"/> or
+/// <see cref="AttentionForm.Absorbed"/> as the caller decided (<see cref="LayerSteps.NaiveRows"/>), or Auto: as one forward
+/// call over them (naive for more than <see cref="LayerSteps.AbsorbedRows"/> rows).
+/// </param>
+internal readonly record struct Segment(LatentCache Cache, int Start, int FirstRow, int Rows, AttentionForm Form = AttentionForm.Auto);
 
 /// <summary>
 /// A paged step's rows over one layer's shared pool: every row's slot and position on the device (<see cref="StepRows"/>), so

@@ -36,6 +36,18 @@ internal static class LayerSteps
     public const int AbsorbedRows = 2;
 
     /// <summary>
+    /// How many of <paramref name="rows"/> rows fed from <paramref name="position"/> attend in the naive form under
+    /// <see cref="AttentionForm.Auto"/> (the leading ones; the rest absorbed). With the request's prompt length known
+    /// (<paramref name="promptLength"/> ≥ 0), a row's form depends on its position alone, so every cut of a request into steps
+    /// gives the same numbers, and the same as a session fed the prompt at once and then one token at a time: the prompt's rows
+    /// naive when the prompt has more than <see cref="AbsorbedRows"/> tokens, the tokens after it absorbed. Without it (−1),
+    /// the rows attend as one forward call over them: naive when there are more than <see cref="AbsorbedRows"/>.
+    /// </summary>
+    public static int NaiveRows(int position, int rows, int promptLength) => promptLength < 0
+        ? (rows > AbsorbedRows ? rows : 0)
+        : promptLength > AbsorbedRows ? Math.Clamp(promptLength - position, 0, rows) : 0;
+
+    /// <summary>
     /// Refuses a forward step before anything runs: no tokens, more than <paramref name="maxSequenceLength"/> positions
     /// after the <paramref name="length"/> already cached, or an id outside the vocabulary.
     /// </summary>
@@ -198,10 +210,11 @@ internal static class LayerSteps
 
             using var qs = b.View(q, s.FirstRow, s.Rows);
             using var os = b.View(attn, s.FirstRow, s.Rows);
-            var form = x.Attention switch
+            var form = (x.Attention, s.Form) switch
             {
-                AttentionForm.Auto => s.Rows > AbsorbedRows ? AttentionForm.Naive : AttentionForm.Absorbed,
-                var chosen => chosen,
+                (AttentionForm.Auto, AttentionForm.Auto) => s.Rows > AbsorbedRows ? AttentionForm.Naive : AttentionForm.Absorbed,
+                (AttentionForm.Auto, var decided) => decided,
+                (var chosen, _) => chosen,
             };
             if (form == AttentionForm.Naive)
             {

@@ -3,7 +3,11 @@ namespace DeepSeekCuda.Model;
 /// <summary>Which MLA formulation a forward uses (both give the same result in exact arithmetic).</summary>
 public enum AttentionForm
 {
-    /// <summary>Naive for a sequence fed more than two tokens at once (prefill), absorbed for decode steps (one token, or one with its MTP draft).</summary>
+    /// <summary>
+    /// Naive for the rows of a prompt of more than two tokens, absorbed for the tokens decoded after it (one at a time, or one
+    /// with its MTP draft), however a scheduler cuts them into steps; where a forward call does not say which rows are the
+    /// prompt's (a session's), naive when it feeds more than two tokens at once.
+    /// </summary>
     Auto,
 
     /// <summary>Decompress per-head K/V through kv_b (compute-bound; good for long prefill).</summary>

@@ -575,7 +575,7 @@ public sealed class BatchScheduler : IDisposable
             }
 
             int[] tokens = r.Draft is { } d ? [r.Tokens[^1], d] : [r.Tokens[^1]];
-            batch.Add(new StepSequence(r.Slot, r.Fed, tokens, count));
+            batch.Add(new StepSequence(r.Slot, r.Fed, tokens, count, r.PromptLength));
             owners.Add(r);
             budget -= count;
         }
@@ -595,7 +595,7 @@ public sealed class BatchScheduler : IDisposable
             }
 
             var chunk = Math.Min(left, budget);
-            batch.Add(new StepSequence(r.Slot, r.Fed, r.Tokens.GetRange(r.Fed, chunk).ToArray(), chunk == left ? 1 : 0));
+            batch.Add(new StepSequence(r.Slot, r.Fed, r.Tokens.GetRange(r.Fed, chunk).ToArray(), chunk == left ? 1 : 0, r.PromptLength));
             owners.Add(r);
             budget -= chunk;
         }

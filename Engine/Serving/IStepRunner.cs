@@ -7,7 +7,12 @@ namespace DeepSeekCuda.Serving;
 /// <param name="Position">Tokens already in the slot's cache; the first token goes here.</param>
 /// <param name="Tokens">A prefill chunk, one decode token, or a decode token and its draft.</param>
 /// <param name="LogitRows">Logits wanted for the last this many tokens (0 for a prefill chunk that does not finish the prompt).</param>
-public readonly record struct StepSequence(int Slot, int Position, ReadOnlyMemory<int> Tokens, int LogitRows);
+/// <param name="PromptLength">
+/// The request's prompt length, when the caller knows it (≥ 0): positions below it are the prompt's, and each row attends
+/// as its kind does (<see cref="Model.AttentionForm.Auto"/>), however the prompt and the tokens after it are cut into steps,
+/// so a request's numbers do not depend on the batch it ran in. −1: the entry's rows attend as one forward call over them.
+/// </param>
+public readonly record struct StepSequence(int Slot, int Position, ReadOnlyMemory<int> Tokens, int LogitRows, int PromptLength = -1);
 
 /// <summary>One request to draft for: the token sampled last, not yet in the cache.</summary>
 /// <param name="Slot">The request's slot.</param>

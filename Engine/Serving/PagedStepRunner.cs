@@ -8,11 +8,13 @@ namespace DeepSeekCuda.Serving;
 /// The batched, paged <see cref="IStepRunner"/> of a DeepSeek model: a <see cref="DeepSeekModel"/> on one backend, or a
 /// multi-device model (<see cref="StepRunners.For"/>) whose layers run on pipeline stages or, sharded, on every device with
 /// all-reduces between the halves of each layer. A step flattens its entries into one token stream, decode entries (at most
-/// <see cref="LayerSteps.AbsorbedRows"/> tokens) first: embedding, every projection, norm, MoE and the head run once over all
+/// <see cref="LayerSteps.AbsorbedRows"/> tokens, all attending absorbed) first: embedding, every projection, norm, MoE and the head run once over all
 /// rows; so do RoPE and the append to one shared latent pool per layer (on every device that runs the layer), each row at
 /// the slot and position the step copies to the device (<see cref="IBackend.UploadStepRows"/>), addressed through the
 /// scheduler's <see cref="KvBlockManager"/> table (copied to each device before a step when it changed). The decode rows
-/// attend in one call per layer (<see cref="IBackend.MlaAttentionRows"/>), each prefill chunk in one of its own. Intermediates are views of
+/// attend in one call per layer (<see cref="IBackend.MlaAttentionRows"/>), each prefill chunk in one of its own (one per form:
+/// each row's form follows from its position and the request's prompt length, <see cref="LayerSteps.NaiveRows"/>, so a
+/// request's numbers do not depend on how its prompt was cut into steps). Intermediates are views of
 /// buffers planned from the model's config (per device: its layers, its shard) and allocated at <see cref="Attach"/> for
 /// the most tokens a step feeds: a step allocates nothing on a backend. Logits are computed only for the rows asked for.
 /// </summary>
@@ -66,7 +68,7 @@ public sealed class PagedStepRunner : IStepRunner
     private int[] _mtpTokens = [];
     private Segment[] _mtpSegments = [];
     private Activations[] _arenas = [];     // [device]: the main stream's step buffers
-    private (int Slot, int Position, int FirstRow, int Rows)[] _entries = []; // the running step's entries
+    private (int Slot, int Position, int FirstRow, int Rows, int Naive)[] _entries = []; // the running step's entries (Naive: leading rows that attend naive)
     private (int From, int Rows)[] _headRows = []; // [entry] the rows the head reads, merged into runs in place
     private int _batch;                     // how many
     private int _decodeRows;                // the running step's leading rows of decode entries
@@ -103,8 +105,8 @@ public sealed class PagedStepRunner : IStepRunner
     public bool CanDraft => _layout.Mtp is not null;
 
     /// <summary>
-    /// Whether a one-device decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> tokens, the
-    /// logits of each asked for), and a draft, runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>),
+    /// Whether a one-device decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> absorbed tokens,
+    /// the logits of each asked for), and a draft, runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>),
     /// the bucket's first step run eagerly and then captured (<see cref="IBackend.CaptureGraph"/>), later steps replaying it
     /// after the rows' upload. Off until a GPU has run it. May change between steps (a bench times both): graphs already
     /// captured are kept.
@@ -162,7 +164,7 @@ public sealed class PagedStepRunner : IStepRunner
                 d.Rows = Own(b.AllocateStepRows(maxTokensPerStep));
 
                 d.Arena = Own(new ActivationArena(b, maxTokensPerStep, ArenaPlan.Main(c, held, d.W.Shard)));
-                d.Segments = new Segment[slots];
+                d.Segments = new Segment[2 * slots]; // an entry's naive rows and its absorbed rows
             }
 
             var hb = _head.W.Backend;
@@ -191,7 +193,7 @@ public sealed class PagedStepRunner : IStepRunner
         _rowPositions = new int[_mtpTokens.Length];
         _mtpSegments = new Segment[slots];
         _arenas = [.. _devices.Select(d => d.Arena)];
-        _entries = new (int, int, int, int)[slots];
+        _entries = new (int, int, int, int, int)[slots];
         _headRows = new (int, int)[slots];
         _padSlot = slots;
         _tableEntries = Enumerable.Repeat(-1, (slots + 1) * blocks.MaxBlocksPerRequest).ToArray();
@@ -310,7 +312,8 @@ public sealed class PagedStepRunner : IStepRunner
             return;
         }
 
-        // The token stream, decode entries first (their rows attend in one call), and each entry's rows of it.
+        // The token stream, decode entries first (absorbed rows, at most two per entry: they attend in one call), and each
+        // entry's rows of it.
         var stream = _stream.AsSpan(0, tokens);
         var row = 0;
         foreach (var decode in (ReadOnlySpan<bool>)[true, false])
@@ -319,10 +322,11 @@ public sealed class PagedStepRunner : IStepRunner
             {
                 var e = batch[i];
                 var n = e.Tokens.Length;
-                if ((n <= LayerSteps.AbsorbedRows) == decode)
+                var naive = LayerSteps.NaiveRows(e.Position, n, e.PromptLength);
+                if ((naive == 0 && n <= LayerSteps.AbsorbedRows) == decode)
                 {
                     e.Tokens.Span.CopyTo(stream[row..]);
-                    _entries[i] = (e.Slot, e.Position, row, n);
+                    _entries[i] = (e.Slot, e.Position, row, n, naive);
                     SetRows(row, e.Slot, e.Position, n);
                     row += n;
                 }
@@ -365,7 +369,7 @@ public sealed class PagedStepRunner : IStepRunner
             {
                 for (var i = 0; i < batch.Length; i++)
                 {
-                    var (_, _, firstRow, n) = _entries[i];
+                    var (_, _, firstRow, n, _) = _entries[i];
                     _headRows[i] = (firstRow + n - batch[i].LogitRows, batch[i].LogitRows);
                 }
 
@@ -408,13 +412,13 @@ public sealed class PagedStepRunner : IStepRunner
     /// <summary>
     /// The bucket of <paramref name="tokens"/> rows a step runs as a graph in, or 0 when it runs eagerly
     /// (<see cref="DecodeGraphs"/>): a decode or verify step, whose entries are at most <see cref="LayerSteps.AbsorbedRows"/>
-    /// tokens each with the logits of every token asked for, so that its logit rows are all its rows in batch order.
+    /// absorbed tokens each with the logits of every token asked for, so that its logit rows are all its rows in batch order.
     /// </summary>
     private int BucketOf(ReadOnlySpan<StepSequence> batch, int tokens)
     {
         foreach (var e in batch)
         {
-            if (e.Tokens.Length > LayerSteps.AbsorbedRows || e.LogitRows != e.Tokens.Length)
+            if (e.Tokens.Length > LayerSteps.AbsorbedRows || e.LogitRows != e.Tokens.Length || LayerSteps.NaiveRows(e.Position, e.Tokens.Length, e.PromptLength) > 0)
             {
                 return 0;
             }
@@ -646,6 +650,11 @@ public sealed class PagedStepRunner : IStepRunner
                 throw new ArgumentException($"slot {e.Slot}: {e.LogitRows} logit rows for {n} tokens", nameof(batch));
             }
 
+            if (e.PromptLength < -1)
+            {
+                throw new ArgumentException($"slot {e.Slot}: prompt length {e.PromptLength} (−1 when not known)", nameof(batch));
+            }
+
             if (state.Drafts && e.LogitRows > PendingRows)
             {
                 throw new ArgumentException($"slot {e.Slot}: {e.LogitRows} logit rows; a drafting slot verifies at most one draft", nameof(batch));
@@ -674,18 +683,31 @@ public sealed class PagedStepRunner : IStepRunner
         return ((int)tokens, (int)logitRows);
     }
 
-    /// <summary>The step's rows over the caches of layer <paramref name="layer"/> on device <paramref name="device"/>: each entry's segment (batch order), and every row's address in the layer's pool.</summary>
+    /// <summary>
+    /// The step's rows over the caches of layer <paramref name="layer"/> on device <paramref name="device"/>: each entry's
+    /// segments (batch order; its naive rows, then its absorbed rows, each with its form), and every row's address in the
+    /// layer's pool.
+    /// </summary>
     private LayerRows RowsOf(int device, int layer)
     {
         var d = _devices[device];
         var caches = d.Caches[layer]!;
+        var segments = 0;
         for (var i = 0; i < _batch; i++)
         {
-            var (slot, position, firstRow, rows) = _entries[i];
-            d.Segments[i] = new Segment(caches[slot], position, firstRow, rows);
+            var (slot, position, firstRow, rows, naive) = _entries[i];
+            if (naive > 0)
+            {
+                d.Segments[segments++] = new Segment(caches[slot], position, firstRow, naive, AttentionForm.Naive);
+            }
+
+            if (naive < rows)
+            {
+                d.Segments[segments++] = new Segment(caches[slot], position + naive, firstRow + naive, rows - naive, AttentionForm.Absorbed);
+            }
         }
 
-        return new LayerRows(d.Segments.AsMemory(0, _batch), new PagedRows(d.Pools[layer]!, d.Table, d.Rows, _decodeRows));
+        return new LayerRows(d.Segments.AsMemory(0, segments), new PagedRows(d.Pools[layer]!, d.Table, d.Rows, _decodeRows));
     }
 
     /// <summary>Copies <paramref name="rows"/> rows of <see cref="_mtpTokens"/>/<see cref="_rowSlots"/>/<see cref="_rowPositions"/> to the MTP rows.</summary>
@@ -760,8 +782,9 @@ public sealed class PagedStepRunner : IStepRunner
                     state.MtpLength += count;
                 }
 
-                if (n > LayerSteps.AbsorbedRows)
+                if (streamRow >= _decodeRows)
                 {
+                    // Not a decode entry, so not scattered above: the pending tail row by row.
                     for (var p = n - keep; p < n; p++)
                     {
                         b.CopyRows(hiddens, streamRow + p, _pending!, RingRow(e.Slot, e.Position + p), 1);

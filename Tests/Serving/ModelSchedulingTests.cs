@@ -374,6 +374,42 @@ public sealed class ModelSchedulingTests
         }
     }
 
+    /// <summary>
+    /// tiny-a on the CPU's GpuEmulation (the GPU's numbers, where the naive and absorbed attention forms round differently):
+    /// 64 greedy requests of 1 to 137 tokens submitted together under an 88-token step budget, so prompts are cut wherever
+    /// the budget falls, beside decode rows, and a prompt's last token is often fed alone; each gives the ids of its session
+    /// alone (the whole prompt in one forward, then a token at a time). Rows attend by their kind, not by the size of the cut.
+    /// </summary>
+    [TestMethod]
+    public void TinyAEmulationBatchEqualsEachRequestAloneWhereverItsPromptIsCut()
+    {
+        const int Requests = 64, Tokens = 12;
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var backend = new CpuBackend(CpuNumerics.GpuEmulation);
+        using var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = MaxLength });
+        int[] lengths = [1, 2, 24, 25, 64, 65, 90, 130];
+        int[][] prompts = [.. Enumerable.Range(0, Requests).Select(i => SyntheticPrompts.Make(model.VocabSize, lengths[i % lengths.Length] + i / lengths.Length, i))];
+        var blocks = new KvBlockManager(Requests * KvBlockManager.BlocksFor(MaxLength), Requests, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
+        {
+            MaxTokensPerStep = Requests + 24, EosId = model.Config.EosTokenId, SpeculativeDecoding = SpeculativeDecodingMode.Off,
+        });
+        var requests = prompts.Select(p => scheduler.Submit(p, SamplingOptions.Greedy with { MaxTokens = Tokens })).ToList();
+        while (requests.Any(r => !r.Completion.IsCompleted))
+        {
+            Assert.IsTrue(scheduler.Step());
+        }
+
+        for (var i = 0; i < Requests; i++)
+        {
+            CollectionAssert.AreEqual(Alone.Run(model, prompts[i], SamplingOptions.Greedy with { MaxTokens = Tokens }), requests[i].Completion.Result.Tokens.ToArray(),
+                $"request {i} ({prompts[i].Length} prompt tokens)");
+        }
+
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+    }
+
     private void CheckCounters(BatchScheduler scheduler, List<ScheduledResult> results, bool speculative)
     {
         foreach (var r in results)

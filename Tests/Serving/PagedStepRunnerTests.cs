@@ -416,6 +416,65 @@ public sealed class PagedStepRunnerTests
     }
 
     /// <summary>
+    /// A request's numbers do not depend on how its prompt and the tokens after it are cut into steps. tiny-a's weights on the
+    /// CPU's GpuEmulation (where the naive and absorbed forms round differently): a 25-token prompt fed whole, as 24 + 1 (the
+    /// scheduler feeds a prompt's last token alone when that is all that is left), as 3 + 20 + 2 and as 1 + 1 + 23, each then
+    /// decoding two tokens one at a time; and the 27 tokens fed again as a preempted request is, at once or as 20 + 7 (a chunk
+    /// across the prompt's end). The last prompt row's logits and the two decode rows' are bitwise equal in every cut. Told
+    /// nothing of the prompt (−1), the 24 + 1 cut attends its last row absorbed, and its logits differ: the difference guarded.
+    /// </summary>
+    [TestMethod]
+    public void ARequestsNumbersDoNotDependOnHowItIsCutIntoSteps()
+    {
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var backend = new CpuBackend(CpuNumerics.GpuEmulation);
+        using var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = MaxLength });
+        var v = model.VocabSize;
+        var prompt = SyntheticPrompts.Make(v, 25, 41);
+        int[] decoded = [7, 300];
+        int[] all = [.. prompt, .. decoded];
+        var blocks = new KvBlockManager(8, 2, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        runner.Attach(blocks, 32);
+
+        // The logits of rows 24, 25 and 26 (the prompt's last token, then each decoded one): the entries cut the 27 tokens as
+        // given, each asking for its rows among those three.
+        float[] Run(int[] cuts, int promptLength)
+        {
+            var slot = blocks.Admit(all.Length);
+            runner.Open(slot, drafts: false);
+            var logits = new float[3 * v];
+            var fed = 0;
+            foreach (var cut in cuts)
+            {
+                var wanted = Math.Clamp(fed + cut - (prompt.Length - 1), 0, cut);
+                var step = new float[wanted * v];
+                runner.Forward([new StepSequence(slot, fed, all[fed..(fed + cut)], wanted, promptLength)], step);
+                step.CopyTo(logits.AsSpan(Math.Max(0, fed + cut - wanted - (prompt.Length - 1)) * v));
+                fed += cut;
+            }
+
+            runner.Close(slot);
+            blocks.Free(slot);
+            return logits;
+        }
+
+        var whole = Run([25, 1, 1], prompt.Length);
+        foreach (var cuts in new[] { new[] { 24, 1, 1, 1 }, [3, 20, 2, 1, 1], [1, 1, 23, 1, 1], [27], [20, 7] })
+        {
+            var got = Run(cuts, prompt.Length);
+            for (var i = 0; i < got.Length; i++)
+            {
+                Assert.AreEqual(BitConverter.SingleToInt32Bits(whole[i]), BitConverter.SingleToInt32Bits(got[i]),
+                    $"cut {string.Join(" + ", cuts)}: row {24 + i / v}, id {i % v}: {got[i]:R} against {whole[i]:R} fed whole");
+            }
+        }
+
+        var unknown = Run([24, 1, 1, 1], -1);
+        Assert.IsFalse(unknown.AsSpan(0, v).SequenceEqual(whole.AsSpan(0, v)), "the prompt's last row alone, told nothing of the prompt, attends absorbed");
+    }
+
+    /// <summary>
     /// Decode and verify steps of one row count queue the same operations with the same host values whatever tokens, slots,
     /// positions and entries their rows hold (other tokens, another order, a slot crossing a block boundary, another slot
     /// joining, an entry of a token and a draft in place of two entries): after the step's uploads its work depends on its
