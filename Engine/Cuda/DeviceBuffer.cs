@@ -27,6 +27,7 @@ internal sealed unsafe class DeviceBuffer<T> : IDisposable
         if (length > 0)
         {
             CudaCheck.Driver(CuDriver.cuMemAlloc(&p, checked((nuint)(length * sizeof(T)))), device.Ordinal);
+            DriverAllocations.CountDevice(length * sizeof(T));
         }
 
         return new DeviceBuffer<T>(device, p, length, owned: true);
@@ -179,6 +180,7 @@ internal sealed unsafe class PinnedBuffer<T> : IDisposable
         device.MakeCurrent();
         void* p = null;
         CudaCheck.Driver(CuDriver.cuMemHostAlloc(&p, (nuint)Math.Max(1, length * sizeof(T)), CuDriver.HostAllocPortable), device.Ordinal);
+        DriverAllocations.CountPinned(length * sizeof(T));
         _pointer = (T*)p;
     }
 
@@ -306,4 +308,30 @@ internal sealed class DeviceArena : IDisposable
 
     /// <inheritdoc />
     public void Dispose() => _block.Dispose();
+}
+
+/// <summary>
+/// How many times this process has asked the driver for memory (every <c>cuMemAlloc</c> and <c>cuMemHostAlloc</c> goes
+/// through <see cref="DeviceBuffer{T}.Allocate"/> or <see cref="PinnedBuffer{T}"/>), and how many bytes: what proves a
+/// decode loop allocates nothing once warm. Process-wide, over every device.
+/// </summary>
+internal static class DriverAllocations
+{
+    private static long s_device, s_pinned, s_bytes;
+
+    /// <summary>The counts so far: device allocations, pinned host allocations, and their bytes together.</summary>
+    public static (long Device, long Pinned, long Bytes) Snapshot() =>
+        (Interlocked.Read(ref s_device), Interlocked.Read(ref s_pinned), Interlocked.Read(ref s_bytes));
+
+    internal static void CountDevice(long bytes)
+    {
+        Interlocked.Increment(ref s_device);
+        Interlocked.Add(ref s_bytes, bytes);
+    }
+
+    internal static void CountPinned(long bytes)
+    {
+        Interlocked.Increment(ref s_pinned);
+        Interlocked.Add(ref s_bytes, bytes);
+    }
 }

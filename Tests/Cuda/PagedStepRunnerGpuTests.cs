@@ -1,6 +1,7 @@
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Backends.Cuda;
+using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
@@ -11,11 +12,11 @@ using DeepSeekCuda.Tests.Support;
 namespace DeepSeekCuda.Tests.Cuda;
 
 /// <summary>
-/// <see cref="PagedStepRunner"/> on <see cref="CudaBackend"/> with tiny-a under <see cref="BatchScheduler"/>: eight
+/// <see cref="PagedStepRunner"/> on <see cref="CudaBackend"/> with tiny-a under <see cref="BatchScheduler"/>: 1, 8 and 64
 /// concurrent greedy requests of different lengths, prompts prefilled in chunks (a small step budget), give each request
 /// the ids it gets alone through the same runner type on the same backend, and the ids plain session decoding on the CPU
 /// backend in <see cref="CpuNumerics.GpuEmulation"/> gives it (no runner, no scheduler, no paging); every block is back
-/// afterwards.
+/// afterwards. Graph steps give the ids of eager steps, and a warm runner asks the driver for no memory.
 /// </summary>
 [TestClass]
 [TestCategory("Gpu")]
@@ -25,6 +26,10 @@ public sealed class PagedStepRunnerGpuTests
     private const int MaxTokens = 12;
     private const int StepBudget = 24;
 
+    // 1 and 2 fit in one step with the decode rows; 24 fills the budget exactly; 25, 64, 65, 90 and 130 are prefilled over
+    // several steps (a chunk per step, beside the others' decode rows) and cross 64-position blocks.
+    private static readonly int[] Lengths = [1, 2, 24, 25, 64, 65, 90, 130];
+
     public TestContext TestContext { get; set; } = null!;
 
     [TestInitialize]
@@ -33,26 +38,34 @@ public sealed class PagedStepRunnerGpuTests
     [TestCleanup]
     public void CheckContext() => GpuGuard.After(TestContext);
 
-    private static int[] Prompt(int vocab, int length, int salt) =>
-        [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
+    /// <summary><paramref name="count"/> prompts: <see cref="Lengths"/> in turn, each round one token longer than the last.</summary>
+    private static int[][] Prompts(int vocab, int count) => [.. Enumerable.Range(0, count).Select(i => SyntheticPrompts.Make(vocab, Lengths[i % Lengths.Length] + i / Lengths.Length, i))];
 
     /// <summary>
-    /// Runs <paramref name="prompts"/> concurrently (all submitted before the first step) through a fresh paged runner, its
-    /// decode steps as graphs when <paramref name="graphs"/>, drafting with the MTP module when <paramref name="speculative"/>;
-    /// checks every block comes back.
+    /// A paged runner (decode steps as graphs when <paramref name="graphs"/>) under a scheduler with a slot for each of
+    /// <paramref name="requests"/> requests and a step budget of 24 tokens, or, past 8 requests, room for every decode row
+    /// beside a 24-token chunk; drafting with the MTP module when <paramref name="speculative"/>.
     /// </summary>
-    private static int[][] Run(DeepSeekModel model, int[][] prompts, string what, bool graphs = false, bool speculative = false)
+    private static (PagedStepRunner Runner, BatchScheduler Scheduler, KvBlockManager Blocks) Serve(DeepSeekModel model, int requests, bool graphs,
+        bool speculative)
     {
-        var blocks = new KvBlockManager(8 * KvBlockManager.BlocksFor(MaxLength), 8, KvBlockManager.BlocksFor(MaxLength));
-        using var runner = new PagedStepRunner(model) { DecodeGraphs = graphs };
-        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
+        var slots = Math.Max(8, requests);
+        var blocks = new KvBlockManager(slots * KvBlockManager.BlocksFor(MaxLength), slots, KvBlockManager.BlocksFor(MaxLength));
+        var runner = new PagedStepRunner(model) { DecodeGraphs = graphs };
+        var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
         {
-            MaxTokensPerStep = StepBudget,
+            MaxTokensPerStep = requests <= 8 ? StepBudget : requests + StepBudget,
             EosId = model.Config.EosTokenId,
             // Plain decoding unless asked: what is compared is the paged batch, not the drafts.
             SpeculativeDecoding = speculative ? SpeculativeDecodingMode.On : SpeculativeDecodingMode.Off,
         });
-        var requests = prompts.Select(p => scheduler.Submit(p, SamplingOptions.Greedy with { MaxTokens = MaxTokens })).ToList();
+        return (runner, scheduler, blocks);
+    }
+
+    /// <summary>Submits <paramref name="prompts"/> together (before the first step) and steps until every one is done; every block comes back.</summary>
+    private static int[][] Drain(BatchScheduler scheduler, KvBlockManager blocks, int[][] prompts, string what, int maxTokens = MaxTokens)
+    {
+        var requests = prompts.Select(p => scheduler.Submit(p, SamplingOptions.Greedy with { MaxTokens = maxTokens })).ToList();
         var steps = 0;
         while (requests.Any(r => !r.Completion.IsCompleted))
         {
@@ -63,12 +76,27 @@ public sealed class PagedStepRunnerGpuTests
         Assert.IsFalse(scheduler.Step(), $"{what}: idle after the run");
         Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks, $"{what}: every block is back");
         Assert.AreEqual(blocks.MaxRequests, blocks.FreeSlots, $"{what}: every slot is back");
-        Assert.AreEqual(graphs, runner.CapturedGraphs > 0, $"{what}: {runner.CapturedGraphs} decode graphs captured");
         return [.. requests.Select(r => r.Completion.Result.Tokens.ToArray())];
     }
 
+    /// <summary>Runs <paramref name="prompts"/> concurrently through a fresh paged runner (see <see cref="Serve"/>) and returns their ids.</summary>
+    private static int[][] Run(DeepSeekModel model, int[][] prompts, string what, bool graphs = false, bool speculative = false)
+    {
+        var (runner, scheduler, blocks) = Serve(model, prompts.Length, graphs, speculative);
+        using (runner)
+        using (scheduler)
+        {
+            var ids = Drain(scheduler, blocks, prompts, what);
+            Assert.AreEqual(graphs, runner.CapturedGraphs > 0, $"{what}: {runner.CapturedGraphs} decode graphs captured");
+            return ids;
+        }
+    }
+
     [TestMethod]
-    public void EightConcurrentGreedyRequestsEqualEachAloneAndTheEmulation()
+    [DataRow(1)]
+    [DataRow(8)]
+    [DataRow(64)]
+    public void ConcurrentGreedyRequestsEqualEachAloneAndTheEmulation(int count)
     {
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var cuda = new CudaBackend();
@@ -76,30 +104,27 @@ public sealed class PagedStepRunnerGpuTests
         var options = new ModelOptions { MaxSequenceLength = MaxLength };
         using var model = DeepSeekModel.Load(checkpoint, cuda, options);
         using var emulated = DeepSeekModel.Load(checkpoint, cpu, options);
-        // 1 and 2 fit in one step with the decode rows; 24 fills the budget exactly; 25, 64, 65, 90 and 130 are prefilled
-        // over several steps (a chunk per step, beside the others' decode rows) and cross 64-position blocks.
-        int[] lengths = [1, 2, 24, 25, 64, 65, 90, 130];
-        var prompts = lengths.Select((n, i) => Prompt(model.VocabSize, n, i)).ToArray();
+        var prompts = Prompts(model.VocabSize, count);
 
         var batch = Run(model, prompts, "cuda batch");
         var alone = prompts.Select((p, i) => Run(model, [p], $"cuda alone {i}")[0]).ToArray();
         var emulation = prompts.Select(p => Alone.Run(emulated, p, SamplingOptions.Greedy with { MaxTokens = MaxTokens }).ToArray()).ToArray();
         for (var i = 0; i < prompts.Length; i++)
         {
-            TestContext.WriteLine($"request {i} ({lengths[i]} tokens): batch [{string.Join(",", batch[i])}] alone [{string.Join(",", alone[i])}] " +
+            TestContext.WriteLine($"request {i} ({prompts[i].Length} tokens): batch [{string.Join(",", batch[i])}] alone [{string.Join(",", alone[i])}] " +
                                   $"emulation [{string.Join(",", emulation[i])}]");
         }
 
         for (var i = 0; i < prompts.Length; i++)
         {
             Assert.IsNotEmpty(alone[i], $"request {i} generates");
-            CollectionAssert.AreEqual(alone[i], batch[i], $"request {i} ({lengths[i]} prompt tokens): batched vs alone on CUDA");
-            CollectionAssert.AreEqual(emulation[i], alone[i], $"request {i} ({lengths[i]} prompt tokens): CUDA paged runner vs CPU emulation session");
+            CollectionAssert.AreEqual(alone[i], batch[i], $"request {i} ({prompts[i].Length} prompt tokens) of {count}: batched vs alone on CUDA");
+            CollectionAssert.AreEqual(emulation[i], alone[i], $"request {i} ({prompts[i].Length} prompt tokens): CUDA paged runner vs CPU emulation session");
         }
     }
 
     /// <summary>
-    /// The same eight requests with decode steps as CUDA graphs (each bucket's first step run eagerly and captured, later
+    /// The eight requests with decode steps as CUDA graphs (each bucket's first step run eagerly and captured, later
     /// ones replayed after the rows' upload, steps padded to their row bucket): the ids of eager steps. With speculative
     /// decoding the graphs run the verify steps (each drafting entry a token and its draft) and the MTP passes follow them.
     /// </summary>
@@ -111,14 +136,51 @@ public sealed class PagedStepRunnerGpuTests
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var cuda = new CudaBackend();
         using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
-        int[] lengths = [1, 2, 24, 25, 64, 65, 90, 130];
-        var prompts = lengths.Select((n, i) => Prompt(model.VocabSize, n, i)).ToArray();
+        var prompts = Prompts(model.VocabSize, Lengths.Length);
         var eager = Run(model, prompts, "eager", speculative: speculative);
         var graphed = Run(model, prompts, "graphs", graphs: true, speculative: speculative);
         for (var i = 0; i < prompts.Length; i++)
         {
             TestContext.WriteLine($"request {i}: eager [{string.Join(",", eager[i])}] graphs [{string.Join(",", graphed[i])}]");
-            CollectionAssert.AreEqual(eager[i], graphed[i], $"request {i} ({lengths[i]} prompt tokens): graph steps vs eager steps");
+            CollectionAssert.AreEqual(eager[i], graphed[i], $"request {i} ({prompts[i].Length} prompt tokens): graph steps vs eager steps");
+        }
+    }
+
+    /// <summary>
+    /// A warm runner asks the driver for no memory: the eight requests run once through a runner (every kernel loaded, every
+    /// scratch buffer grown, every graph bucket captured), then again through the same runner and scheduler, with decode
+    /// positions running on past two 64-position blocks; not one <c>cuMemAlloc</c> or <c>cuMemHostAlloc</c> happens in the
+    /// second run's steps, and it gives the first run's ids. The first run's allocations are reported.
+    /// </summary>
+    [TestMethod]
+    [DataRow(false, false)]
+    [DataRow(true, false)]
+    [DataRow(true, true)]
+    public void AWarmRunnerAllocatesNoDriverMemory(bool graphs, bool speculative)
+    {
+        const int LongRun = 100;
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var cuda = new CudaBackend();
+        using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
+        var prompts = Prompts(model.VocabSize, Lengths.Length);
+        var (runner, scheduler, blocks) = Serve(model, prompts.Length, graphs, speculative);
+        using (runner)
+        using (scheduler)
+        {
+            var attached = DriverAllocations.Snapshot();
+            var first = Drain(scheduler, blocks, prompts, "warm-up run", LongRun);
+            var warm = DriverAllocations.Snapshot();
+            TestContext.WriteLine($"warm-up run: {warm.Device - attached.Device} cuMemAlloc, {warm.Pinned - attached.Pinned} cuMemHostAlloc, " +
+                                  $"{warm.Bytes - attached.Bytes} bytes; {runner.CapturedGraphs} graphs");
+            var second = Drain(scheduler, blocks, prompts, "warm run", LongRun);
+            var after = DriverAllocations.Snapshot();
+            Assert.AreEqual((0L, 0L, 0L), (after.Device - warm.Device, after.Pinned - warm.Pinned, after.Bytes - warm.Bytes),
+                "driver allocations (device, pinned, bytes) in the warm run's steps");
+            for (var i = 0; i < prompts.Length; i++)
+            {
+                Assert.IsGreaterThan(MaxTokens, second[i].Length, $"request {i} decodes past its first block");
+                CollectionAssert.AreEqual(first[i], second[i], $"request {i}: the warm run gives the warm-up run's ids");
+            }
         }
     }
 }
