@@ -8,8 +8,8 @@ namespace DeepSeekCuda.Serving;
 /// The batched, paged <see cref="IStepRunner"/> of a DeepSeek model: a <see cref="DeepSeekModel"/> on one backend, or a
 /// multi-device model (<see cref="StepRunners.For"/>) whose layers run on pipeline stages or, sharded, on every device with
 /// all-reduces between the halves of each layer. A step flattens its entries into one token stream, decode entries (at most
-/// <see cref="LayerSteps.AbsorbedRows"/> tokens, all attending absorbed) first: embedding, every projection, norm, MoE and the head run once over all
-/// rows; so do RoPE and the append to one shared latent pool per layer (on every device that runs the layer), each row at
+/// <see cref="LayerSteps.AbsorbedRows"/> tokens, all attending absorbed) first: embedding, every projection, norm, MoE and
+/// the head run once over all rows; so do RoPE and the append to one shared latent pool per layer (on every device that runs the layer), each row at
 /// the slot and position the step copies to the device (<see cref="IBackend.UploadStepRows"/>), addressed through the
 /// scheduler's <see cref="KvBlockManager"/> table (copied to each device before a step when it changed). The decode rows
 /// attend in one call per layer (<see cref="IBackend.MlaAttentionRows"/>), each prefill chunk in one of its own (one per form:
@@ -418,7 +418,8 @@ public sealed class PagedStepRunner : IStepRunner
     {
         foreach (var e in batch)
         {
-            if (e.Tokens.Length > LayerSteps.AbsorbedRows || e.LogitRows != e.Tokens.Length || LayerSteps.NaiveRows(e.Position, e.Tokens.Length, e.PromptLength) > 0)
+            var n = e.Tokens.Length;
+            if (n > LayerSteps.AbsorbedRows || e.LogitRows != n || LayerSteps.NaiveRows(e.Position, n, e.PromptLength) > 0)
             {
                 return 0;
             }

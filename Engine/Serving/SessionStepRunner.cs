@@ -5,7 +5,9 @@ namespace DeepSeekCuda.Serving;
 /// <summary>
 /// <see cref="IStepRunner"/> over per-sequence sessions of any <see cref="ILanguageModel"/> (test models, and the
 /// reference a batched runner is tested against): each slot holds its own session, with its own cache, and a step runs
-/// its entries one after another. It does not draft, and an entry asks for at most one logit row. The DeepSeek models,
+/// its entries one after another. It does not draft, and an entry asks for at most one logit row. Each entry is one forward
+/// call of its session, which knows nothing of prompts (<see cref="StepSequence.PromptLength"/> is not read): a DeepSeek
+/// session's rows attend as that call's size decides, so its numbers follow how the scheduler cut the request. The DeepSeek models,
 /// on one device or several, run batched and paged through <see cref="PagedStepRunner"/> instead (<see cref="StepRunners.For"/>).
 /// </summary>
 public sealed class SessionStepRunner : IStepRunner

@@ -26,10 +26,6 @@ public sealed class PagedStepRunnerGpuTests
     private const int MaxTokens = 12;
     private const int StepBudget = 24;
 
-    // 1 and 2 fit in one step with the decode rows; 24 fills the budget exactly; 25, 64, 65, 90 and 130 are prefilled over
-    // several steps (a chunk per step, beside the others' decode rows) and cross 64-position blocks.
-    private static readonly int[] Lengths = [1, 2, 24, 25, 64, 65, 90, 130];
-
     public TestContext TestContext { get; set; } = null!;
 
     [TestInitialize]
@@ -37,9 +33,6 @@ public sealed class PagedStepRunnerGpuTests
 
     [TestCleanup]
     public void CheckContext() => GpuGuard.After(TestContext);
-
-    /// <summary><paramref name="count"/> prompts: <see cref="Lengths"/> in turn, each round one token longer than the last.</summary>
-    private static int[][] Prompts(int vocab, int count) => [.. Enumerable.Range(0, count).Select(i => SyntheticPrompts.Make(vocab, Lengths[i % Lengths.Length] + i / Lengths.Length, i))];
 
     /// <summary>
     /// A paged runner (decode steps as graphs when <paramref name="graphs"/>) under a scheduler with a slot for each of
@@ -104,7 +97,7 @@ public sealed class PagedStepRunnerGpuTests
         var options = new ModelOptions { MaxSequenceLength = MaxLength };
         using var model = DeepSeekModel.Load(checkpoint, cuda, options);
         using var emulated = DeepSeekModel.Load(checkpoint, cpu, options);
-        var prompts = Prompts(model.VocabSize, count);
+        var prompts = SyntheticPrompts.Staggered(model.VocabSize, count);
 
         var batch = Run(model, prompts, "cuda batch");
         var alone = prompts.Select((p, i) => Run(model, [p], $"cuda alone {i}")[0]).ToArray();
@@ -136,7 +129,7 @@ public sealed class PagedStepRunnerGpuTests
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var cuda = new CudaBackend();
         using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
-        var prompts = Prompts(model.VocabSize, Lengths.Length);
+        var prompts = SyntheticPrompts.Staggered(model.VocabSize, 8);
         var eager = Run(model, prompts, "eager", speculative: speculative);
         var graphed = Run(model, prompts, "graphs", graphs: true, speculative: speculative);
         for (var i = 0; i < prompts.Length; i++)
@@ -162,7 +155,7 @@ public sealed class PagedStepRunnerGpuTests
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var cuda = new CudaBackend();
         using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
-        var prompts = Prompts(model.VocabSize, Lengths.Length);
+        var prompts = SyntheticPrompts.Staggered(model.VocabSize, 8);
         var (runner, scheduler, blocks) = Serve(model, prompts.Length, graphs, speculative);
         using (runner)
         using (scheduler)

@@ -387,8 +387,7 @@ public sealed class ModelSchedulingTests
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var backend = new CpuBackend(CpuNumerics.GpuEmulation);
         using var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = MaxLength });
-        int[] lengths = [1, 2, 24, 25, 64, 65, 90, 130];
-        int[][] prompts = [.. Enumerable.Range(0, Requests).Select(i => SyntheticPrompts.Make(model.VocabSize, lengths[i % lengths.Length] + i / lengths.Length, i))];
+        var prompts = SyntheticPrompts.Staggered(model.VocabSize, Requests);
         var blocks = new KvBlockManager(Requests * KvBlockManager.BlocksFor(MaxLength), Requests, KvBlockManager.BlocksFor(MaxLength));
         using var runner = new PagedStepRunner(model);
         using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
@@ -403,8 +402,8 @@ public sealed class ModelSchedulingTests
 
         for (var i = 0; i < Requests; i++)
         {
-            CollectionAssert.AreEqual(Alone.Run(model, prompts[i], SamplingOptions.Greedy with { MaxTokens = Tokens }), requests[i].Completion.Result.Tokens.ToArray(),
-                $"request {i} ({prompts[i].Length} prompt tokens)");
+            var alone = Alone.Run(model, prompts[i], SamplingOptions.Greedy with { MaxTokens = Tokens });
+            CollectionAssert.AreEqual(alone, requests[i].Completion.Result.Tokens.ToArray(), $"request {i} ({prompts[i].Length} prompt tokens)");
         }
 
         Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);

@@ -134,6 +134,16 @@ internal static class SyntheticPrompts
         [.. Enumerable.Range(0, length).Select(i => (int)((i * 7919L + salt * 104729L + 13) % vocab))];
 
     /// <summary>
+    /// <paramref name="count"/> prompts (salts 0..): 1, 2, 24, 25, 64, 65, 90 and 130 tokens in turn, each round one token
+    /// longer than the last, so under a step budget some fit a step, some fill it, and some cross 64-position blocks.
+    /// </summary>
+    public static int[][] Staggered(int vocab, int count)
+    {
+        int[] lengths = [1, 2, 24, 25, 64, 65, 90, 130];
+        return [.. Enumerable.Range(0, count).Select(i => Make(vocab, lengths[i % lengths.Length] + i / lengths.Length, i))];
+    }
+
+    /// <summary>
     /// Six requests drawn from <paramref name="seed"/>: prompts of 5..89 tokens (salts <paramref name="salt"/>..+5), 20..59 new
     /// tokens each; every third greedy, the others sampled at <paramref name="temperature"/> and <paramref name="topP"/> with
     /// seeds <paramref name="samplingSeed"/>..+5.
