@@ -72,7 +72,7 @@ internal sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : Ke
             throw new ArgumentException($"rope layout {layout} with {table.Pairs} pairs does not fit rows of stride {tokenStride}", nameof(layout));
         }
 
-        if (positions == 0 && tokens > 0 && (start < 0 || start + tokens > table.Positions))
+        if (positions == 0 && (start < 0 || start + tokens > table.Positions))
         {
             throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + tokens - 1} exceed the rotary table (0..{table.Positions - 1})");
         }

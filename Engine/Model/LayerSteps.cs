@@ -212,7 +212,7 @@ internal static class LayerSteps
             using var os = b.View(attn, s.FirstRow, s.Rows);
             var form = (x.Attention, s.Form) switch
             {
-                (AttentionForm.Auto, AttentionForm.Auto) => s.Rows > AbsorbedRows ? AttentionForm.Naive : AttentionForm.Absorbed,
+                (AttentionForm.Auto, AttentionForm.Auto) => NaiveRows(s.Start, s.Rows, -1) > 0 ? AttentionForm.Naive : AttentionForm.Absorbed,
                 (AttentionForm.Auto, var decided) => decided,
                 (var chosen, _) => chosen,
             };

@@ -411,15 +411,19 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>
     /// The bucket of <paramref name="tokens"/> rows a step runs as a graph in, or 0 when it runs eagerly
-    /// (<see cref="DecodeGraphs"/>): a decode or verify step, whose entries are at most <see cref="LayerSteps.AbsorbedRows"/>
-    /// absorbed tokens each with the logits of every token asked for, so that its logit rows are all its rows in batch order.
+    /// (<see cref="DecodeGraphs"/>): a decode or verify step, every row a decode row (the stream just laid out) and every
+    /// entry asking for the logits of each of its tokens, so that its logit rows are all its rows in batch order.
     /// </summary>
     private int BucketOf(ReadOnlySpan<StepSequence> batch, int tokens)
     {
+        if (_decodeRows < tokens)
+        {
+            return 0;
+        }
+
         foreach (var e in batch)
         {
-            var n = e.Tokens.Length;
-            if (n > LayerSteps.AbsorbedRows || e.LogitRows != n || LayerSteps.NaiveRows(e.Position, n, e.PromptLength) > 0)
+            if (e.LogitRows != e.Tokens.Length)
             {
                 return 0;
             }

@@ -4,7 +4,6 @@ using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Kernels;
 using DeepSeekCuda.Loader;
-using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Tests.Support;
 
@@ -82,8 +81,7 @@ public sealed class KernelGpuTests : GpuTestBase
     /// <summary>Every value of an f32 output that holds bf16 values is one: rounding it again changes no bit.</summary>
     private static void AssertBf16Values(float[] values, string what)
     {
-        var rounded = (float[])values.Clone();
-        BFloat16.Round(rounded);
+        var rounded = AsStored(values, ElementType.BF16);
         for (var i = 0; i < values.Length; i++)
         {
             Assert.AreEqual(BitConverter.SingleToInt32Bits(rounded[i]), BitConverter.SingleToInt32Bits(values[i]), $"{what}: [{i}] = {values[i]:R} is not a bf16 value");

@@ -891,9 +891,7 @@ public sealed class CudaBackend : IBackend
     public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
     {
         using var scope = Enter();
-        var r = (CudaRopeTable)rope;
-        CheckPositions(r, startPosition, x.Rows);
-        Rope(T(x), r, headStride, ropeOffset, startPosition, 0);
+        Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, startPosition, 0); // the launcher checks the positions against the table
     }
 
     /// <inheritdoc />
