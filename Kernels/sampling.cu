@@ -1,7 +1,9 @@
 // Token choice on the GPU, one block per row of logits, each row with its own settings (TokenChoiceRow); only the
 // int32 ids are written. The rule is TokenSampling's in Engine/Backends/TokenChoice.cs (the CPU specification):
 //   a row with vocab_limit <= 0 is not chosen here: -1.
-//   a row with a NaN or +inf logit below vocab_limit, or none above -inf, cannot be sampled: -1 (the host reads it).
+//   a row with allowed ids (allowed_row >= 0: bit i of its words set = id i allowed) sees every other id as -inf.
+//   a row with a NaN or +inf logit below vocab_limit (allowed or not), or no allowed one above -inf, cannot be sampled:
+//   -1 (the host reads it).
 //   temperature <= 0: argmax, the lowest index on ties.
 //   else w_i = exp((l_i - max) / T); top-k keeps logits >= the k-th largest (ties at the threshold kept); top-p then
 //   keeps logits >= the largest threshold whose kept weight is >= p of the top-k weight; u = uniform(seed, draw) in
@@ -19,14 +21,18 @@ struct TokenChoiceRow
     float top_p;          // >= 1: off
     u64 seed;
     u64 draw;             // the request's draw counter
+    i32 allowed_row;      // its row of SamplingParams::allowed; < 0: every id allowed
+    i32 pad0;
 };
 
 struct SamplingParams
 {
     const float* logits;          // [rows, logits_stride]
     const TokenChoiceRow* choices; // [rows]
+    const u32* allowed;            // [masks, allowed_stride]: bit i of a row's words = id i allowed (the host's u64 words, little-endian)
     i32* out_ids;                  // [rows]
     i64 logits_stride;
+    i64 allowed_stride;            // u32 words per mask row
     i32 rows;
     i32 pad0;
 };
@@ -53,14 +59,20 @@ DSC_DEVICE u32 order_key(float f)
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// Logit i as the draw sees it: -inf where the row's mask (null: none) does not allow i.
+DSC_DEVICE float allowed_logit(const float* l, const u32* mask, int i)
+{
+    return mask == nullptr || ((mask[i >> 5] >> (i & 31)) & 1u) ? l[i] : -f32_inf();
+}
+
 template <int BLOCK>
-DSC_DEVICE void block_argmax(const float* l, int vocab, float* sv, int* si, float& best_v, int& best_i)
+DSC_DEVICE void block_argmax(const float* l, const u32* mask, int vocab, float* sv, int* si, float& best_v, int& best_i)
 {
     float bv = -f32_inf();
     int bi = -1;
     for (int i = threadIdx.x; i < vocab; i += BLOCK)
     {
-        const float v = l[i];
+        const float v = allowed_logit(l, mask, i);
         if (!is_nan(v) && (bi < 0 || v > bv)) { bv = v; bi = i; } // ascending i: first wins ties
     }
     sv[threadIdx.x] = bv;
@@ -99,18 +111,19 @@ __global__ void __launch_bounds__(BLOCK) choose_kernel(const __grid_constant__ S
         return;
     }
     const float* l = p.logits + (i64)row * p.logits_stride;
+    const u32* mask = cr->allowed_row >= 0 ? p.allowed + (i64)cr->allowed_row * p.allowed_stride : nullptr;
     const float temperature = cr->temperature;
     const int top_k = cr->top_k;
     const float top_p = cr->top_p;
 
-    // Can the row be sampled? No NaN or +inf, and something above -inf.
+    // Can the row be sampled? No NaN or +inf (allowed or not: a mask never hides broken numerics), and an allowed id above -inf.
     float bad = 0.0f;
     for (int i = threadIdx.x; i < vocab; i += BLOCK)
         if (is_nan(l[i]) || l[i] == f32_inf()) bad += 1.0f;
     bad = block_sum<BLOCK>(bad, scratch);
     float maxv;
     int maxi;
-    block_argmax<BLOCK>(l, vocab, sv, si, maxv, maxi);
+    block_argmax<BLOCK>(l, mask, vocab, sv, si, maxv, maxi);
     if (bad > 0.0f || maxi < 0 || maxv == -f32_inf())
     {
         if (threadIdx.x == 0) p.out_ids[row] = -1;
@@ -132,7 +145,7 @@ __global__ void __launch_bounds__(BLOCK) choose_kernel(const __grid_constant__ S
             const u32 cand = thr | (1u << bit);
             float cnt = 0.0f;
             for (int i = threadIdx.x; i < vocab; i += BLOCK)
-                if (order_key(l[i]) >= cand) cnt += 1.0f;
+                if (order_key(allowed_logit(l, mask, i)) >= cand) cnt += 1.0f;
             if (block_sum<BLOCK>(cnt, scratch) >= (float)top_k) thr = cand;
         }
     }
@@ -142,7 +155,10 @@ __global__ void __launch_bounds__(BLOCK) choose_kernel(const __grid_constant__ S
     {
         float total = 0.0f;
         for (int i = threadIdx.x; i < vocab; i += BLOCK)
-            if (order_key(l[i]) >= thr) total += expf((l[i] - maxv) * inv_t);
+        {
+            const float x = allowed_logit(l, mask, i);
+            if (order_key(x) >= thr) total += expf((x - maxv) * inv_t);
+        }
         total = block_sum<BLOCK>(total, scratch);
         const float need = top_p * total;
         // weight(key >= max(thr, t)) falls as t grows, so the largest t with weight >= need is found bit by bit.
@@ -152,7 +168,10 @@ __global__ void __launch_bounds__(BLOCK) choose_kernel(const __grid_constant__ S
             const u32 cand = pthr | (1u << bit);
             float mass = 0.0f;
             for (int i = threadIdx.x; i < vocab; i += BLOCK)
-                if (order_key(l[i]) >= cand && order_key(l[i]) >= thr) mass += expf((l[i] - maxv) * inv_t);
+            {
+                const float x = allowed_logit(l, mask, i);
+                if (order_key(x) >= cand && order_key(x) >= thr) mass += expf((x - maxv) * inv_t);
+            }
             if (block_sum<BLOCK>(mass, scratch) >= need) pthr = cand;
         }
         thr = max(thr, pthr);
@@ -163,7 +182,10 @@ __global__ void __launch_bounds__(BLOCK) choose_kernel(const __grid_constant__ S
     const int lo = min(vocab, (int)threadIdx.x * chunk), hi = min(vocab, lo + chunk);
     float mine = 0.0f;
     for (int i = lo; i < hi; i++)
-        if (order_key(l[i]) >= thr) mine += expf((l[i] - maxv) * inv_t);
+    {
+        const float x = allowed_logit(l, mask, i);
+        if (order_key(x) >= thr) mine += expf((x - maxv) * inv_t);
+    }
     sv[threadIdx.x] = mine;
     __syncthreads();
     __shared__ float target_s;
@@ -196,8 +218,9 @@ __global__ void __launch_bounds__(BLOCK) choose_kernel(const __grid_constant__ S
         int pick = -1;
         for (int i = lo; i < hi; i++)
         {
-            if (order_key(l[i]) < thr) continue;
-            const float w = expf((l[i] - maxv) * inv_t);
+            const float x = allowed_logit(l, mask, i);
+            if (order_key(x) < thr) continue;
+            const float w = expf((x - maxv) * inv_t);
             if (w <= 0.0f) continue;
             pick = i; // the last kept index with weight stands in when rounding leaves the target past the end
             acc += w;

@@ -138,11 +138,14 @@ public abstract class Routing(int tokens, int experts, int topK) : BackendResour
     public int TopK { get; } = topK;
 }
 
-/// <summary>Room to choose tokens from up to <see cref="Rows"/> logit rows (<see cref="IBackend.ChooseTokens"/>).</summary>
-public abstract class TokenChoiceBuffer(int rows) : BackendResource
+/// <summary>Room to choose tokens from up to <see cref="Rows"/> logit rows (<see cref="IBackend.ChooseTokens"/>), each row's allowed ids over up to <see cref="Vocab"/> ids.</summary>
+public abstract class TokenChoiceBuffer(int rows, int vocab) : BackendResource
 {
     /// <summary>Most rows one call chooses from.</summary>
     public int Rows { get; } = rows;
+
+    /// <summary>The widest vocabulary limit of a row with allowed ids (<see cref="TokenChoice.Allowed"/>).</summary>
+    public int Vocab { get; } = vocab;
 }
 
 /// <summary>Precomputed rotary table: cos and sin of position × inv_freq[pair], [Positions, Pairs].</summary>

@@ -120,15 +120,19 @@ public interface IBackend : IDisposable
     /// <param name="weights">[T, k] their combine weights.</param>
     void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights);
 
-    /// <summary>Room to choose tokens from up to <paramref name="rows"/> logit rows at once (<see cref="ChooseTokens"/>): the rows' settings in, their ids out.</summary>
-    TokenChoiceBuffer AllocateTokenChoices(int rows);
+    /// <summary>
+    /// Room to choose tokens from up to <paramref name="rows"/> logit rows at once (<see cref="ChooseTokens"/>): the rows' settings
+    /// and allowed ids (<see cref="TokenChoice.Allowed"/>, each over up to <paramref name="vocab"/> ids) in, their ids out.
+    /// </summary>
+    TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab);
 
     /// <summary>
     /// Chooses, where the logits are, one token per row of <paramref name="logits"/> [rows ≥ choices, V] under
-    /// <paramref name="choices"/> (<see cref="TokenSampling"/>'s rule), and waits for the ids: only they come back.
+    /// <paramref name="choices"/> (<see cref="TokenSampling"/>'s rule, among a row's allowed ids when it has them), and waits
+    /// for the ids: only they come back.
     /// <paramref name="tokens"/>[r] is <see cref="TokenSampling.NotChosen"/> (−1) for a row not chosen there (a
-    /// <c>default</c> choice) or one that cannot be sampled (a NaN or +infinite logit below the limit, or nothing above
-    /// −infinity): the caller reads that row's logits.
+    /// <c>default</c> choice) or one that cannot be sampled (a NaN or +infinite logit below the limit, or nothing it allows
+    /// above −infinity): the caller reads that row's logits.
     /// </summary>
     void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens);
 

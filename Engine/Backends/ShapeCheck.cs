@@ -107,6 +107,19 @@ internal static class ShapeCheck
             {
                 throw new ArgumentOutOfRangeException(nameof(choices), c, $"row {r}: the vocabulary limit must be 0..{logits.Cols}, temperature and top-p numbers");
             }
+
+            if (c.Allowed is not null && c.OnDevice)
+            {
+                if (c.MaskProblem() is { } problem)
+                {
+                    throw new ArgumentException($"row {r}: {problem}", nameof(choices));
+                }
+
+                if (c.VocabLimit > buffer.Vocab)
+                {
+                    throw new ArgumentOutOfRangeException(nameof(choices), c, $"row {r}: the token choice buffer holds masks of {buffer.Vocab} ids, not {c.VocabLimit}");
+                }
+            }
         }
     }
 

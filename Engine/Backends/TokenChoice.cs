@@ -12,10 +12,27 @@ namespace DeepSeekCuda.Backends;
 /// <param name="TopP">Then keeps the largest logits whose weight reaches this share of what top-k kept (ties kept); ≥ 1 is off.</param>
 /// <param name="Seed">The request's seed.</param>
 /// <param name="Draw">The request's draw counter: the uniform draw is a function of (Seed, Draw) alone, so a request draws the same tokens whatever batch it runs in.</param>
-public readonly record struct TokenChoice(int VocabLimit, float Temperature, int TopK, float TopP, ulong Seed, ulong Draw)
+/// <param name="Allowed">
+/// When set, the ids that may be chosen, as bits: id i is allowed when bit i mod 64 of Allowed[i / 64] is set (at least
+/// ⌈VocabLimit / 64⌉ words). The others count as −infinity for the draw, as a constraint's mask sets them on the host; the
+/// check for NaN and +infinity still covers every id below the limit. Read when the tokens are chosen. Null: every id.
+/// </param>
+public readonly record struct TokenChoice(int VocabLimit, float Temperature, int TopK, float TopP, ulong Seed, ulong Draw, ulong[]? Allowed = null)
 {
     /// <summary>Whether the row is chosen where the logits are.</summary>
     public bool OnDevice => VocabLimit > 0;
+
+    /// <summary>Words of <see cref="Allowed"/> a mask over <paramref name="vocabLimit"/> ids needs.</summary>
+    public static int MaskWords(int vocabLimit) => (vocabLimit + 63) / 64;
+
+    /// <summary>What is wrong with <see cref="Allowed"/> (too short for the limit), or null.</summary>
+    internal string? MaskProblem() =>
+        Allowed is { } a && a.Length < MaskWords(VocabLimit)
+            ? $"the allowed ids hold {a.Length} words ({a.Length * 64L} ids), fewer than the vocabulary limit {VocabLimit} needs ({MaskWords(VocabLimit)})"
+            : null;
+
+    /// <summary>Whether <paramref name="allowed"/> allows <paramref name="id"/>.</summary>
+    public static bool IsAllowed(ReadOnlySpan<ulong> allowed, int id) => (allowed[id >> 6] & (1UL << (id & 63))) != 0;
 
     /// <summary>The largest logit below <paramref name="vocabLimit"/>, the lowest id on ties.</summary>
     public static TokenChoice Greedy(int vocabLimit) => new(vocabLimit, 0, 0, 1, 0, 0);
@@ -27,8 +44,9 @@ public readonly record struct TokenChoice(int VocabLimit, float Temperature, int
 /// host follows one definition (a GPU sums weights in another order: a draw within rounding of a boundary may differ).
 /// </summary>
 /// <remarks>
-/// <para>A row can be sampled when no logit below the limit is NaN or +infinity and at least one is above −infinity
-/// (−infinity is a mask: never chosen). Otherwise the choice is <see cref="NotChosen"/>, and the caller reads the row.</para>
+/// <para>A row can be sampled when no logit below the limit is NaN or +infinity and at least one it allows
+/// (<see cref="TokenChoice.Allowed"/>) is above −infinity (−infinity is a mask: never chosen). Otherwise the choice is
+/// <see cref="NotChosen"/>, and the caller reads the row. An id the choice does not allow is −infinity from there on.</para>
 /// <para>Weights are w_i = exp((l_i − max) / T). Top-k keeps l_i ≥ the k-th largest logit; top-p then keeps l_i ≥ v*,
 /// the largest logit whose kept weight at or above it reaches p of the top-k weight. With u = <see cref="Uniform"/>(seed,
 /// draw) and W the kept weight, the token is the first kept id, in id order, where the running weight exceeds u·W (the
@@ -53,7 +71,34 @@ internal static class TokenSampling
             return NotChosen;
         }
 
-        return Draw(real, choice.Temperature, choice.TopK, choice.TopP, Uniform(choice.Seed, choice.Draw));
+        if (choice.MaskProblem() is { } problem)
+        {
+            throw new ArgumentException(problem, nameof(choice));
+        }
+
+        var u = Uniform(choice.Seed, choice.Draw);
+        if (choice.Allowed is not { } allowed)
+        {
+            return Draw(real, choice.Temperature, choice.TopK, choice.TopP, u);
+        }
+
+        var rented = ArrayPool<float>.Shared.Rent(real.Length);
+        try
+        {
+            var masked = rented.AsSpan(0, real.Length);
+            var possible = false;
+            for (var i = 0; i < real.Length; i++)
+            {
+                masked[i] = TokenChoice.IsAllowed(allowed, i) ? real[i] : float.NegativeInfinity;
+                possible |= masked[i] > float.NegativeInfinity;
+            }
+
+            return possible ? Draw(masked, choice.Temperature, choice.TopK, choice.TopP, u) : NotChosen;
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(rented);
+        }
     }
 
     /// <summary>

@@ -17,6 +17,8 @@ internal sealed class Sampler
     private readonly float _topP;
     private readonly ulong _seed;
     private ulong _draw;
+    private ulong[]? _allowed;
+    private bool _chosenWithMask;
 
     /// <summary>Creates a sampler for <paramref name="options"/> (validated here), restricted by <paramref name="constraint"/> when given.</summary>
     public Sampler(SamplingOptions options, ITokenConstraint? constraint = null)
@@ -47,21 +49,59 @@ internal sealed class Sampler
 
     /// <summary>
     /// How the token <paramref name="ahead"/> draws after the next one may be chosen where the logits are: the rule, the seed
-    /// and the draw counter; <c>default</c> (chosen on the host) when a constraint must see the row first.
+    /// and the draw counter, and under a constraint the ids it allows next (<see cref="ITokenConstraint.TryWriteAllowed"/>;
+    /// the choice reads them from this sampler's buffer, rewritten by the next call). <c>default</c> (chosen on the host) for
+    /// a constraint that only masks rows, and for a constrained token past the next one (the constraint has not seen the
+    /// tokens before it yet).
     /// </summary>
     public TokenChoice Choice(int vocabLimit, int ahead = 0)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(vocabLimit, 1);
-        return _constraint is not null ? default : new TokenChoice(vocabLimit, _temperature, _topK, _topP, _seed, _draw + (ulong)ahead);
+        ArgumentOutOfRangeException.ThrowIfNegative(ahead);
+        var choice = new TokenChoice(vocabLimit, _temperature, _topK, _topP, _seed, _draw + (ulong)ahead);
+        if (_constraint is null)
+        {
+            return choice;
+        }
+
+        if (ahead > 0)
+        {
+            return default;
+        }
+
+        _chosenWithMask = false;
+        var words = TokenChoice.MaskWords(vocabLimit);
+        if (_allowed is null || _allowed.Length != words)
+        {
+            _allowed = new ulong[words];
+        }
+
+        if (!_constraint.TryWriteAllowed(_allowed))
+        {
+            return default;
+        }
+
+        _chosenWithMask = true;
+        return choice with { Allowed = _allowed };
     }
 
-    /// <summary>Takes <paramref name="id"/>, chosen where the logits are under <see cref="Choice"/>, as the next token drawn.</summary>
+    /// <summary>
+    /// Takes <paramref name="id"/>, chosen where the logits are under <see cref="Choice"/>, as the next token drawn (and moves
+    /// the constraint past it).
+    /// </summary>
+    /// <exception cref="InvalidOperationException">A constrained sampler whose last choice carried no allowed ids: its row must be sampled here.</exception>
     public int Accept(int id)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(id);
         if (_constraint is not null)
         {
-            throw new InvalidOperationException("a constrained sampler chooses on the host: its constraint must see the row");
+            if (!_chosenWithMask)
+            {
+                throw new InvalidOperationException("this constrained token was not chosen among the ids its constraint allows: its row must be sampled on the host");
+            }
+
+            _chosenWithMask = false;
+            _constraint.Advance(id);
         }
 
         _draw++;
@@ -80,6 +120,7 @@ internal sealed class Sampler
     /// <exception cref="InvalidOperationException">The constraint allows none of the ids the model made possible.</exception>
     public int SampleModelRow(Span<float> logits, int vocabLimit)
     {
+        _chosenWithMask = false;
         MaskPadding(logits, vocabLimit);
         var real = logits[..Math.Min(vocabLimit, logits.Length)];
         if (real.IsEmpty)

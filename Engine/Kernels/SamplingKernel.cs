@@ -13,6 +13,8 @@ internal struct TokenChoiceRow
     public float TopP;
     public ulong Seed;
     public ulong Draw;
+    public int AllowedRow;
+    public int Pad0;
 }
 
 /// <summary>Mirror of <c>SamplingParams</c> in Kernels/sampling.cu.</summary>
@@ -21,16 +23,19 @@ internal struct SamplingParams
 {
     public ulong Logits;
     public ulong Choices;
+    public ulong Allowed;
     public ulong OutIds;
     public long LogitsStride;
+    public long AllowedStride;
     public int Rows;
     public int Pad0;
 }
 
 /// <summary>
 /// Token choice on the device, one block per row of logits, each row under its own <see cref="TokenChoiceRow"/>: greedy
-/// (argmax, lowest index on ties) or a seeded temperature/top-k/top-p draw, writing int32 ids (−1: a row not chosen
-/// there, or one that cannot be sampled). The rule is the CPU backend's (Engine/Backends/TokenChoice.cs).
+/// (argmax, lowest index on ties) or a seeded temperature/top-k/top-p draw, among the ids its mask allows when it has one,
+/// writing int32 ids (−1: a row not chosen there, or one that cannot be sampled). The rule is the CPU backend's
+/// (Engine/Backends/TokenChoice.cs).
 /// </summary>
 internal sealed class SamplingKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -52,16 +57,24 @@ internal sealed class SamplingKernel(CudaDevice device, NvrtcCompiler compiler) 
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() => [Choose];
 
-    /// <summary>Chooses one id per row of logits [rows, <paramref name="logitsStride"/>] under <paramref name="choices"/> [rows] into <paramref name="outIds"/> [rows].</summary>
-    public void Launch(CudaStream stream, ulong logits, long logitsStride, ulong choices, int rows, ulong outIds)
+    /// <summary>
+    /// Chooses one id per row of logits [rows, <paramref name="logitsStride"/>] under <paramref name="choices"/> [rows] into
+    /// <paramref name="outIds"/> [rows]; a row whose <see cref="TokenChoiceRow.AllowedRow"/> is m ≥ 0 chooses among the ids
+    /// set in row m of <paramref name="allowed"/> [masks, <paramref name="allowedWords"/> u64 words] (0 when no row has one).
+    /// </summary>
+    public void Launch(CudaStream stream, ulong logits, long logitsStride, ulong choices, int rows, ulong outIds, ulong allowed = 0, long allowedWords = 0)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(logitsStride);
+        ArgumentOutOfRangeException.ThrowIfNegative(allowedWords);
         if (rows <= 0)
         {
             return;
         }
 
-        var p = new SamplingParams { Logits = logits, Choices = choices, OutIds = outIds, LogitsStride = logitsStride, Rows = rows };
+        var p = new SamplingParams
+        {
+            Logits = logits, Choices = choices, Allowed = allowed, OutIds = outIds, LogitsStride = logitsStride, AllowedStride = 2 * allowedWords, Rows = rows,
+        };
         Get(Choose).Launch(new Dim3((uint)rows), Block, 0, stream, in p);
     }
 }

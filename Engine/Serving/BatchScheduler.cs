@@ -397,15 +397,27 @@ public sealed class BatchScheduler : IDisposable
             var v = _runner.VocabSize;
             Room(rows, v);
 
-            // Each logit row is chosen where the logits are, under its request's rule, seed and draw counter; a constrained
-            // request's rows, and any row that cannot be sampled, come back as logits for the sampler here.
+            // Each logit row is chosen where the logits are, under its request's rule, seed and draw counter, and a constrained
+            // request's first row among the ids its constraint allows; the rows a constraint must see first (a verify step's
+            // second row, a constraint that only masks rows) and any row that cannot be sampled come back as logits for the
+            // sampler here.
             var row = 0;
             var limit = _options.SamplingVocabSize ?? v;
+            Exception?[]? refused = null;
             for (var i = 0; i < batch.Count; i++)
             {
-                for (var k = 0; k < batch[i].LogitRows; k++)
+                for (var k = 0; k < batch[i].LogitRows; k++, row++)
                 {
-                    _choices[row++] = owners[i].Sampler.Choice(limit, k);
+                    try
+                    {
+                        _choices[row] = owners[i].Sampler.Choice(limit, k);
+                    }
+                    catch (Exception e)
+                    {
+                        // Its constraint failed to say what it allows: the request ends with that error after the step.
+                        _choices[row] = default;
+                        (refused ??= new Exception?[batch.Count])[i] ??= e;
+                    }
                 }
             }
 
@@ -431,7 +443,12 @@ public sealed class BatchScheduler : IDisposable
                 var r = owners[i];
                 var entry = batch[i];
                 r.Fed += entry.Tokens.Length;
-                if (entry.LogitRows > 0)
+                if (refused?[i] is { } error)
+                {
+                    Log.RequestFailed(_logger, r.Id, error);
+                    finished.Add((r, null, error));
+                }
+                else if (entry.LogitRows > 0)
                 {
                     try
                     {

@@ -178,7 +178,7 @@ public sealed class PagedStepRunner : IStepRunner
 
             _mtpArena = Own(new ActivationArena(hb, drafts ? maxTokensPerStep + slots * PendingRows : 0, drafts ? ArenaPlan.Mtp(c) : new ArenaPlan([], [])));
             _headArena = Own(new ActivationArena(hb, slots * PendingRows, ArenaPlan.Head(c)));
-            _choices = Own(hb.AllocateTokenChoices(slots * PendingRows));
+            _choices = Own(hb.AllocateTokenChoices(slots * PendingRows, VocabSize));
         }
         catch
         {

@@ -185,7 +185,7 @@ public sealed class StepGraphTests
         using var q = b.Allocate(1, Dims.Heads * Dims.QkHead);
         using var kv = b.Allocate(1, Dims.KvLora + Dims.QkRope);
         using var o = b.Allocate(1, Dims.Heads * Dims.V);
-        using var choices = b.AllocateTokenChoices(1);
+        using var choices = b.AllocateTokenChoices(1, 4);
         using var routing = b.AllocateRouting(1, 4, 2);
         using var empty = b.CaptureGraph(() => { });
         (string Call, Action Run)[] refused =

@@ -59,7 +59,7 @@ public sealed class TokenSamplingTests
         values[2 * v + 17] = float.NaN;
         var cpu = new CpuBackend();
         using var logits = cpu.Upload(values, 4, v);
-        using var buffer = cpu.AllocateTokenChoices(4);
+        using var buffer = cpu.AllocateTokenChoices(4, v);
         TokenChoice[] choices = [TokenChoice.Greedy(v), new(200, 0.7f, 30, 0.9f, 11, 4), new(v, 1, 0, 1, 11, 5), default];
         var tokens = new int[4];
         cpu.ChooseTokens(logits, choices, buffer, tokens);
@@ -68,10 +68,79 @@ public sealed class TokenSamplingTests
         Assert.IsLessThan(200, tokens[1]);
         CollectionAssert.AreEqual(new[] { TokenSampling.NotChosen, TokenSampling.NotChosen }, tokens[2..]);
 
-        using var small = cpu.AllocateTokenChoices(2);
+        using var small = cpu.AllocateTokenChoices(2, v);
         var tooMany = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => cpu.ChooseTokens(logits, choices, small, tokens));
         StringAssert.Contains(tooMany.Message, "holds 2 rows");
         var wide = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => cpu.ChooseTokens(logits, [new(v + 1, 0, 0, 1, 0, 0)], buffer, tokens));
         StringAssert.Contains(wide.Message, "row 0");
+    }
+
+    [TestMethod]
+    public void AMaskedRowIsChosenAmongItsAllowedIds()
+    {
+        // 70 ids (two words, the second partial); the mask allows 2, 5, 64 and 69: the largest logit (id 0) is not among them.
+        const int v = 70;
+        var allowed = new ulong[TokenChoice.MaskWords(v)];
+        foreach (var id in new[] { 2, 5, 64, 69 })
+        {
+            allowed[id >> 6] |= 1UL << (id & 63);
+        }
+
+        var row = new float[v];
+        row[0] = 10f;
+        row[2] = 1f;
+        row[5] = 3f;
+        row[64] = 2f;
+        row[69] = float.NegativeInfinity;
+        var greedy = TokenChoice.Greedy(v) with { Allowed = allowed };
+        Assert.AreEqual(5, TokenSampling.Choose(row, greedy), "the largest allowed logit");
+        Assert.AreEqual(0, TokenSampling.Choose(row, TokenChoice.Greedy(v)), "without the mask");
+        Assert.AreEqual(2, TokenSampling.Choose(row, greedy with { VocabLimit = 3, Allowed = [1UL << 2] }), "one word covers a limit of 3");
+
+        // A draw keeps only allowed ids with weight: 2, 5 and 64 (69 is -infinity), each seed and draw.
+        var drawn = new HashSet<int>();
+        for (var d = 0UL; d < 300; d++)
+        {
+            drawn.Add(TokenSampling.Choose(row, new TokenChoice(v, 2f, 0, 1, 9, d, allowed)));
+        }
+
+        CollectionAssert.AreEquivalent(new[] { 2, 5, 64 }, drawn.ToArray());
+
+        // Nothing allowed above -infinity, or a NaN or +infinity anywhere below the limit (allowed or not): not chosen there.
+        var none = row.ToArray();
+        none[2] = none[5] = none[64] = float.NegativeInfinity;
+        Assert.AreEqual(TokenSampling.NotChosen, TokenSampling.Choose(none, greedy));
+        var broken = row.ToArray();
+        broken[1] = float.NaN;
+        Assert.AreEqual(TokenSampling.NotChosen, TokenSampling.Choose(broken, greedy), "a mask never hides broken numerics");
+        broken[1] = float.PositiveInfinity;
+        Assert.AreEqual(TokenSampling.NotChosen, TokenSampling.Choose(broken, greedy));
+    }
+
+    [TestMethod]
+    public void TheCpuBackendChoosesMaskedRowsAndRefusesMasksThatDoNotFit()
+    {
+        const int v = 300;
+        var rng = new Random(5);
+        var values = Enumerable.Range(0, 2 * v).Select(_ => (float)(rng.NextDouble() * 8 - 4)).ToArray();
+        var cpu = new CpuBackend();
+        using var logits = cpu.Upload(values, 2, v);
+        using var buffer = cpu.AllocateTokenChoices(2, v);
+        var odd = new ulong[TokenChoice.MaskWords(v)];
+        Array.Fill(odd, 0xAAAAAAAAAAAAAAAAUL);
+        TokenChoice[] choices = [TokenChoice.Greedy(v) with { Allowed = odd }, new(v, 0.8f, 20, 0.9f, 3, 1, odd)];
+        var tokens = new int[2];
+        cpu.ChooseTokens(logits, choices, buffer, tokens);
+        var oddIds = Enumerable.Range(0, v).Where(i => i % 2 == 1).ToArray();
+        Assert.AreEqual(oddIds.MaxBy(i => values[i]), tokens[0], "the largest odd id's logit");
+        Assert.AreEqual(1, tokens[1] % 2, "a draw among odd ids");
+
+        var shortMask = Assert.ThrowsExactly<ArgumentException>(() => cpu.ChooseTokens(logits, [TokenChoice.Greedy(v) with { Allowed = new ulong[4] }], buffer, tokens));
+        StringAssert.Contains(shortMask.Message, "row 0: the allowed ids hold 4 words (256 ids), fewer than the vocabulary limit 300 needs (5)");
+        using var narrow = cpu.AllocateTokenChoices(2, 100);
+        var wide = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => cpu.ChooseTokens(logits, [TokenChoice.Greedy(v), choices[1]], narrow, tokens));
+        StringAssert.Contains(wide.Message, "row 1: the token choice buffer holds masks of 100 ids, not 300");
+        cpu.ChooseTokens(logits, [TokenChoice.Greedy(100) with { Allowed = odd }], narrow, tokens);
+        Assert.AreEqual(1, tokens[0] % 2, "a mask within the buffer's width");
     }
 }

@@ -126,7 +126,7 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         {
             using var all = b.Upload(values, rows + 2, v);
             using var logits = b.View(all, 1, rows);
-            using var buffer = b.AllocateTokenChoices(rows);
+            using var buffer = b.AllocateTokenChoices(rows, v);
             var tokens = new int[rows];
             b.ChooseTokens(logits, choices, buffer, tokens);
             var refused = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.ChooseTokens(all, [.. choices, default, default], buffer, new int[rows + 2]));
@@ -143,6 +143,50 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         Assert.IsLessThan(3000, got[2], "the limit");
         var differ = Enumerable.Range(0, rows).Count(r => got[r] != want[r]);
         Assert.IsLessThanOrEqualTo(1, differ, "a seeded draw differs only within rounding of a boundary");
+    }
+
+    [TestMethod]
+    public void MaskedRowsAreChosenAmongTheirAllowedIds()
+    {
+        // Masked rows between unmasked ones (the masks packed in row order as they cross), a mask under a smaller limit, a row
+        // not chosen there; then a mask too short and one wider than the buffer's are refused by name.
+        const int v = 4096, rows = 6;
+        var words = TokenChoice.MaskWords(v);
+        var values = Enumerable.Range(0, rows * v).Select(_ => (float)(Random.NextDouble() * 10 - 5)).ToArray();
+        var odd = Enumerable.Repeat(0xAAAAAAAAAAAAAAAAUL, words).ToArray();
+        var band = Enumerable.Range(0, words).Select(w => w is 1 or 2 ? ulong.MaxValue : 0UL).ToArray();
+        TokenChoice[] choices =
+        [
+            TokenChoice.Greedy(v) with { Allowed = odd }, TokenChoice.Greedy(v), new(v, 0.9f, 30, 0.95f, (ulong)Seed, 2, band), default,
+            TokenChoice.Greedy(3000) with { Allowed = band }, new(v, 1.3f, 0, 1, 4, 9, odd),
+        ];
+        int[] Run(IBackend b)
+        {
+            using var logits = b.Upload(values, rows, v);
+            using var buffer = b.AllocateTokenChoices(rows, v);
+            var tokens = new int[rows];
+            b.ChooseTokens(logits, choices, buffer, tokens);
+            var shortMask = Assert.ThrowsExactly<ArgumentException>(() => b.ChooseTokens(logits, [TokenChoice.Greedy(v) with { Allowed = new ulong[words - 1] }], buffer, new int[1]));
+            StringAssert.Contains(shortMask.Message, "row 0: the allowed ids hold");
+            using var narrow = b.AllocateTokenChoices(rows, v / 2);
+            var wide = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.ChooseTokens(logits, choices, narrow, tokens.ToArray()));
+            StringAssert.Contains(wide.Message, $"row 0: the token choice buffer holds masks of {v / 2} ids");
+            return tokens;
+        }
+
+        var got = Run(Cuda);
+        var want = Run(Cpu);
+        TestContext.WriteLine($"cuda [{string.Join(", ", got)}], cpu [{string.Join(", ", want)}]");
+        foreach (var r in new[] { 0, 1, 3, 4 })
+        {
+            Assert.AreEqual(want[r], got[r], $"row {r}: greedy and not-chosen rows follow the rule exactly");
+        }
+
+        Assert.AreEqual(1, got[0] % 2, "an odd id");
+        Assert.IsTrue(got[2] is >= 64 and < 192, $"row 2 drew {got[2]}, outside its band");
+        Assert.IsTrue(got[4] is >= 64 and < 192, $"row 4 chose {got[4]}, outside its band");
+        Assert.AreEqual(1, got[5] % 2, "a draw among odd ids");
+        Assert.IsLessThanOrEqualTo(1, new[] { 2, 5 }.Count(r => got[r] != want[r]), "a seeded draw differs only within rounding of a boundary");
     }
 
     [TestMethod]

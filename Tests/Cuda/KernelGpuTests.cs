@@ -291,15 +291,19 @@ public sealed class KernelGpuTests : GpuTestBase
         }
     }
 
-    /// <summary>Runs the choose kernel over <paramref name="logits"/> [rows, vocab] under <paramref name="choices"/>.</summary>
-    private int[] Choose(float[] logits, int vocab, TokenChoiceRow[] choices)
+    /// <summary>
+    /// Runs the choose kernel over <paramref name="logits"/> [rows, vocab] under <paramref name="choices"/>, a row with allowed
+    /// ids reading them from <paramref name="masks"/> [masks, ⌈vocab / 64⌉ words] at its AllowedRow.
+    /// </summary>
+    private int[] Choose(float[] logits, int vocab, TokenChoiceRow[] choices, ulong[]? masks = null)
     {
         using var k = new SamplingKernel(Device, Compiler);
         using var ld = DeviceBuffer<float>.From(Device, logits);
         using var cd = DeviceBuffer<TokenChoiceRow>.From(Device, choices);
+        using var md = DeviceBuffer<ulong>.From(Device, masks ?? [0UL]);
         using var ids = DeviceBuffer<int>.Allocate(Device, choices.Length);
         ids.Fill32(0xDEADBEEF, Stream);
-        k.Launch(Stream, ld.Pointer, vocab, cd.Pointer, choices.Length, ids.Pointer);
+        k.Launch(Stream, ld.Pointer, vocab, cd.Pointer, choices.Length, ids.Pointer, md.Pointer, TokenChoice.MaskWords(vocab));
         return ids.ToArray(Stream);
     }
 
@@ -359,6 +363,104 @@ public sealed class KernelGpuTests : GpuTestBase
 
         // Sums in another order move a boundary by rounding only: a draw within it may differ, seldom.
         Assert.IsLessThanOrEqualTo(2, differ.Count, string.Join("; ", differ));
+    }
+
+    [TestMethod]
+    public void MaskedChoiceFollowsTheCpuRuleRowByRow()
+    {
+        // Rows of the full vocabulary under masks of every kind: every id, half at random, one in 64, one id, one word's worth
+        // (ids 64..127), none, a mask that leaves out the row's argmax, a NaN and a +inf at ids the mask leaves out (still
+        // unsampleable: a mask never hides broken numerics), allowed ids all -inf; greedy and seeded draws, some rows unmasked.
+        const int vocab = 129280, rows = 40;
+        var words = TokenChoice.MaskWords(vocab);
+        var rng = Rng(12);
+        var logits = Normal(rng, rows * vocab, 3f);
+        var row = (int r) => logits.AsSpan(r * vocab, vocab);
+        var choices = new TokenChoice[rows];
+        var masks = new List<ulong>();
+        var kernelRows = new TokenChoiceRow[rows];
+        for (var r = 0; r < rows; r++)
+        {
+            ulong[]? allowed = (r % 10) switch
+            {
+                0 => null,
+                1 => Enumerable.Repeat(ulong.MaxValue, words).ToArray(),
+                2 => Enumerable.Range(0, words).Select(_ => (ulong)rng.NextInt64() ^ ((ulong)rng.NextInt64() << 1)).ToArray(),
+                3 => Enumerable.Range(0, words).Select(_ => 1UL << rng.Next(64)).ToArray(),
+                4 => OneId(words, rng.Next(vocab)),
+                5 => Enumerable.Range(0, words).Select(w => w == 1 ? ulong.MaxValue : 0UL).ToArray(),
+                6 => new ulong[words],
+                _ => Enumerable.Range(0, words).Select(_ => (ulong)rng.NextInt64() | 1UL).ToArray(),
+            };
+            var settings = (r % 4) switch
+            {
+                0 => TokenChoice.Greedy(vocab),
+                1 => new TokenChoice(vocab, 0.7f, 0, 0.9f, 31, (ulong)r),
+                2 => new TokenChoice(vocab, 1.1f, 40, 1, 5, (ulong)(r * 7)),
+                _ => new TokenChoice(120_000, 1f, 0, 1, 77, 2),
+            };
+            choices[r] = settings with { Allowed = allowed };
+            kernelRows[r] = CudaBackend.KernelRow(choices[r]);
+            if (allowed is not null)
+            {
+                kernelRows[r].AllowedRow = masks.Count / words;
+                masks.AddRange(allowed);
+            }
+        }
+
+        // Rows 7 and 17: the largest logits at ids the mask leaves out; rows 27 and 37: a NaN, a +inf where the mask says no;
+        // row 39: every allowed id -inf.
+        foreach (var r in new[] { 7, 17 })
+        {
+            for (var i = 0; i < vocab; i += 97)
+            {
+                row(r)[i] = TokenChoice.IsAllowed(choices[r].Allowed, i) ? row(r)[i] : 40f;
+            }
+        }
+
+        row(27)[Enumerable.Range(0, vocab).First(i => !TokenChoice.IsAllowed(choices[27].Allowed, i))] = float.NaN;
+        row(37)[Enumerable.Range(0, vocab).First(i => !TokenChoice.IsAllowed(choices[37].Allowed, i))] = float.PositiveInfinity;
+        for (var i = 0; i < vocab; i++)
+        {
+            if (TokenChoice.IsAllowed(choices[39].Allowed, i))
+            {
+                row(39)[i] = float.NegativeInfinity;
+            }
+        }
+
+        var got = Choose(logits, vocab, kernelRows, [.. masks]);
+        var differ = new List<string>();
+        for (var r = 0; r < rows; r++)
+        {
+            var want = TokenSampling.Choose(row(r), choices[r]);
+            if (got[r] >= 0 && choices[r].Allowed is { } allowed)
+            {
+                Assert.IsTrue(TokenChoice.IsAllowed(allowed, got[r]), $"row {r} chose {got[r]}, which its mask leaves out");
+            }
+
+            if (choices[r].Temperature <= 0 || want < 0 || got[r] < 0)
+            {
+                Assert.AreEqual(want, got[r], $"row {r} ({choices[r] with { Allowed = null }}, mask {r % 10}): greedy and unsampleable rows follow the rule exactly");
+            }
+            else if (want != got[r])
+            {
+                differ.Add($"row {r}: cpu {want}, gpu {got[r]}");
+            }
+        }
+
+        Assert.AreEqual(TokenSampling.NotChosen, got[6], "nothing allowed");
+        Assert.AreEqual(TokenSampling.NotChosen, got[27], "a NaN the mask leaves out");
+        Assert.AreEqual(TokenSampling.NotChosen, got[37], "a +inf the mask leaves out");
+        Assert.AreEqual(TokenSampling.NotChosen, got[39], "every allowed id -inf");
+        Assert.IsTrue(got[15] is >= 64 and < 128, $"one word's worth drew {got[15]}");
+        Assert.IsLessThanOrEqualTo(2, differ.Count, string.Join("; ", differ));
+    }
+
+    private static ulong[] OneId(int words, int id)
+    {
+        var mask = new ulong[words];
+        mask[id >> 6] = 1UL << (id & 63);
+        return mask;
     }
 
     [TestMethod]

@@ -96,7 +96,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// <summary>Rows <see cref="ChooseTokens"/> chose from so far, and how many of them it gave a token.</summary>
     public (long Rows, long Chosen) Choices { get; private set; }
 
-    public TokenChoiceBuffer AllocateTokenChoices(int rows) => Counted(inner.AllocateTokenChoices(rows));
+    public TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab) => Counted(inner.AllocateTokenChoices(rows, vocab));
 
     public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
     {

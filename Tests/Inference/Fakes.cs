@@ -249,3 +249,46 @@ internal static class Reference
         return output;
     }
 }
+
+/// <summary>
+/// A test constraint defined by the ids its state allows: it masks rows on the host by <see cref="Allows"/> (counting them),
+/// writes the same ids as bits for the backend's choice unless <paramref name="hostOnly"/>, and refuses to advance past an id
+/// it does not allow.
+/// </summary>
+internal abstract class PredicateConstraint(bool hostOnly) : ITokenConstraint
+{
+    /// <summary>Rows masked on the host.</summary>
+    public int Masks { get; private set; }
+
+    /// <summary>Whether <paramref name="id"/> may come next.</summary>
+    public abstract bool Allows(int id);
+
+    /// <summary>Moves the state past <paramref name="tokenId"/>, an id <see cref="Allows"/> allowed.</summary>
+    protected abstract void Moved(int tokenId);
+
+    public void Mask(Span<float> logits)
+    {
+        Masks++;
+        for (var id = 0; id < logits.Length; id++)
+        {
+            logits[id] = Allows(id) ? logits[id] : float.NegativeInfinity;
+        }
+    }
+
+    public void Advance(int tokenId)
+    {
+        Assert.IsTrue(Allows(tokenId), $"advanced with {tokenId}, which is not allowed");
+        Moved(tokenId);
+    }
+
+    public bool TryWriteAllowed(Span<ulong> allowed)
+    {
+        allowed.Clear();
+        for (var id = 0; !hostOnly && id < allowed.Length * 64; id++)
+        {
+            allowed[id >> 6] |= Allows(id) ? 1UL << (id & 63) : 0;
+        }
+
+        return !hostOnly;
+    }
+}

@@ -1,3 +1,4 @@
+using DeepSeekCuda.Backends;
 using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Inference;
 
@@ -261,5 +262,83 @@ public sealed class SamplerTests
             Assert.IsLessThan(3, sampler.SampleModelRow(row, 3));
             Assert.IsTrue(float.IsNegativeInfinity(row[3]) && float.IsNegativeInfinity(row[4]), "masked in place");
         }
+    }
+
+    /// <summary>Allows, after n tokens, the ids i with (i · 7 + n) mod 5 &lt; 2, and only id 12 after token 11 (a state with one id).</summary>
+    private sealed class StepConstraint(bool bits) : PredicateConstraint(hostOnly: !bits)
+    {
+        private int _last = -1;
+
+        public int Steps { get; private set; }
+
+        public override bool Allows(int id) => _last == 11 ? id == 12 : (id * 7 + Steps) % 5 < 2;
+
+        protected override void Moved(int tokenId)
+        {
+            _last = tokenId;
+            Steps++;
+        }
+    }
+
+    [TestMethod]
+    [DataRow(0f, 0, 1f)]
+    [DataRow(0.9f, 40, 0.95f)]
+    [DataRow(1.4f, 0, 0.6f)]
+    public void AConstrainedTokenChosenWhereTheLogitsAreIsTheOneTheHostWouldSample(float temperature, int topK, float topP)
+    {
+        // Two samplers of one request: one masks each row on the host, the other hands the backend its allowed ids and
+        // accepts what it chooses (here the rule itself, as the CPU backend runs it). Rows are wider than the limit, with
+        // garbage in the padding.
+        const int limit = 300, width = 320;
+        var options = new SamplingOptions { Temperature = temperature, TopK = topK > 0 ? topK : null, TopP = topP, Seed = 21 };
+        var (hostRule, deviceRule) = (new StepConstraint(bits: false), new StepConstraint(bits: true));
+        var (host, device) = (new Sampler(options, hostRule), new Sampler(options, deviceRule));
+        var rng = new Random(8);
+        for (var step = 0; step < 150; step++)
+        {
+            var row = Enumerable.Range(0, width).Select(_ => (float)(rng.NextDouble() * 6 - 3)).ToArray();
+            row[limit + 3] = float.NaN;
+            if (step == 43)
+            {
+                row[11] = 9f; // allowed, and the argmax: the state after it allows only 12
+            }
+
+            var choice = device.Choice(limit);
+            Assert.IsNotNull(choice.Allowed, "a constraint that writes its allowed ids is chosen where the logits are");
+            Assert.AreEqual(TokenChoice.MaskWords(limit), choice.Allowed.Length);
+            Assert.AreEqual(default, device.Choice(limit, ahead: 1), "the token after it waits for the constraint to see this one");
+            var id = TokenSampling.Choose(row, choice);
+            Assert.AreNotEqual(TokenSampling.NotChosen, id);
+            Assert.AreEqual(host.SampleModelRow(row.ToArray(), limit), device.Accept(id), $"step {step}");
+        }
+
+        Assert.AreEqual(150, hostRule.Masks);
+        Assert.AreEqual(0, deviceRule.Masks, "the backend's sampler never masked a row");
+        Assert.AreEqual(hostRule.Steps, deviceRule.Steps);
+    }
+
+    [TestMethod]
+    public void AConstraintThatOnlyMasksRowsIsSampledOnTheHost()
+    {
+        var sampler = new Sampler(new SamplingOptions { Seed = 2 }, new StepConstraint(bits: false));
+        Assert.AreEqual(default, sampler.Choice(100));
+        var e = Assert.ThrowsExactly<InvalidOperationException>(() => sampler.Accept(3));
+        StringAssert.Contains(e.Message, "sampled on the host");
+
+        // A backend choice that cannot be made (nothing allowed above -infinity: the first state allows 0, 3, 5 and 8) comes
+        // back as the row: the host's sampler names the constraint, and an Accept without a new choice is refused.
+        var masked = new Sampler(new SamplingOptions { Seed = 2 }, new StepConstraint(bits: true));
+        var choice = masked.Choice(10);
+        var row = new float[10];
+        foreach (var id in new[] { 0, 3, 5, 8 })
+        {
+            row[id] = float.NegativeInfinity;
+        }
+
+        CollectionAssert.AreEqual(new[] { 0, 3, 5, 8 }, Enumerable.Range(0, 10).Where(id => TokenChoice.IsAllowed(choice.Allowed, id)).ToArray());
+        Assert.AreEqual(TokenSampling.NotChosen, TokenSampling.Choose(row, choice));
+        var none = Assert.ThrowsExactly<InvalidOperationException>(() => masked.SampleModelRow(row, 10));
+        StringAssert.Contains(none.Message, nameof(StepConstraint));
+        Assert.ThrowsExactly<InvalidOperationException>(() => masked.Accept(1));
     }
 }

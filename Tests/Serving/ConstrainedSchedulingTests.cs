@@ -16,40 +16,32 @@ public sealed class ConstrainedSchedulingTests
 
     /// <summary>
     /// Digits after a letter, letters after a digit (the first token: a letter), EOS only once
-    /// <paramref name="minLength"/> tokens are out: the allowed set depends on the state it is advanced through.
+    /// <paramref name="minLength"/> tokens are out: the allowed set depends on the state it is advanced through. With
+    /// <paramref name="bits"/>, it also writes its allowed ids, so its tokens are chosen where the logits are.
     /// </summary>
-    private sealed class AlternatingConstraint(int minLength) : ITokenConstraint
+    private sealed class AlternatingConstraint(int minLength, bool bits = false) : PredicateConstraint(hostOnly: !bits)
     {
         public List<int> Advanced { get; } = [];
 
-        public bool Allows(int id) =>
+        public override bool Allows(int id) =>
             id == Eos ? Advanced.Count >= minLength
             : Advanced.Count == 0 || char.IsAsciiDigit((char)Advanced[^1]) ? char.IsAsciiLetter((char)id)
             : char.IsAsciiDigit((char)id);
 
-        public void Mask(Span<float> logits)
-        {
-            for (var id = 0; id < logits.Length; id++)
-            {
-                if (!Allows(id))
-                {
-                    logits[id] = float.NegativeInfinity;
-                }
-            }
-        }
-
-        public void Advance(int tokenId)
-        {
-            Assert.IsTrue(Allows(tokenId), $"advanced with {tokenId}, which the mask refused");
-            Advanced.Add(tokenId);
-        }
+        protected override void Moved(int tokenId) => Advanced.Add(tokenId);
     }
 
-    private sealed class NothingAllowed : ITokenConstraint
+    private sealed class NothingAllowed(bool bits) : ITokenConstraint
     {
         public void Mask(Span<float> logits) => logits.Fill(float.NegativeInfinity);
 
         public void Advance(int tokenId) => Assert.Fail("nothing was allowed");
+
+        public bool TryWriteAllowed(Span<ulong> allowed)
+        {
+            allowed.Clear();
+            return bits;
+        }
     }
 
     /// <summary>Masked decoding of one request written without the scheduler or <c>SampleModelRow</c>: mask the row, sample, advance.</summary>
@@ -60,9 +52,11 @@ public sealed class ConstrainedSchedulingTests
     }
 
     [TestMethod]
-    [DataRow(false)]
-    [DataRow(true)]
-    public async Task ConstrainedRequestsBatchedWithFreeOnesEqualTheirAloneRuns(bool speculative)
+    [DataRow(false, false)]
+    [DataRow(true, false)]
+    [DataRow(false, true)]
+    [DataRow(true, true)]
+    public async Task ConstrainedRequestsBatchedWithFreeOnesEqualTheirAloneRuns(bool speculative, bool allowedIds)
     {
         var model = FakeModel.Bigram(11, maxSequenceLength: 300, eosLogit: -2f);
         var blocks = new KvBlockManager(14, 12, 5);
@@ -80,7 +74,7 @@ public sealed class ConstrainedSchedulingTests
             return (prompt, options, constrained: i % 4 != 3, minLength: rng.Next(3, 15));
         }).ToArray();
 
-        var constraints = cases.Select(c => c.constrained ? new AlternatingConstraint(c.minLength) : null).ToArray();
+        var constraints = cases.Select(c => c.constrained ? new AlternatingConstraint(c.minLength, allowedIds) : null).ToArray();
         var results = await Task.WhenAll(cases.Select((c, i) => scheduler.Submit(c.prompt, c.options, constraints[i]).Completion));
         await stop.CancelAsync();
         await loop;
@@ -97,6 +91,21 @@ public sealed class ConstrainedSchedulingTests
             CollectionAssert.AreEqual(AloneMasked(model, cases[i].prompt, cases[i].options, cases[i].minLength), tokens, $"constrained request {i}");
             CollectionAssert.AreEqual(tokens, constraints[i]!.Advanced.ToArray(), $"request {i}: the constraint saw exactly the emitted tokens");
             Assert.IsTrue(tokens.Where(t => t != Eos).All(t => char.IsAsciiLetterOrDigit((char)t)), $"request {i}: only allowed ids");
+
+            // Masked on the host: every token, or, with the allowed ids chosen where the logits are, only a verify step's second row.
+            var masks = constraints[i]!.Masks;
+            if (!allowedIds)
+            {
+                Assert.AreEqual(tokens.Length, masks, $"request {i}: every row masked on the host");
+            }
+            else if (!speculative)
+            {
+                Assert.AreEqual(0, masks, $"request {i}: no row masked on the host");
+            }
+            else
+            {
+                Assert.IsLessThan(tokens.Length, masks, $"request {i}: only rows after an accepted draft masked on the host");
+            }
         }
 
         Assert.IsGreaterThan(0L, scheduler.Preemptions, "the pool is too small for every request at once");
@@ -110,13 +119,15 @@ public sealed class ConstrainedSchedulingTests
     }
 
     [TestMethod]
-    public void AConstraintThatAllowsNothingFailsOnlyItsRequest()
+    [DataRow(false)]
+    [DataRow(true)]
+    public void AConstraintThatAllowsNothingFailsOnlyItsRequest(bool allowedIds)
     {
         var model = FakeModel.Bigram(3, eosLogit: 1f);
         var blocks = new KvBlockManager(16, 4, 8);
         using var runner = new SessionStepRunner(model);
         using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { EosId = Eos });
-        var bad = scheduler.Submit([65, 66, 67], SamplingOptions.Greedy with { MaxTokens = 10 }, new NothingAllowed());
+        var bad = scheduler.Submit([65, 66, 67], SamplingOptions.Greedy with { MaxTokens = 10 }, new NothingAllowed(allowedIds));
         var good = scheduler.Submit([65, 66, 67], SamplingOptions.Greedy with { MaxTokens = 10 });
         while (!bad.Completion.IsCompleted || !good.Completion.IsCompleted)
         {
@@ -127,6 +138,57 @@ public sealed class ConstrainedSchedulingTests
         Assert.IsInstanceOfType<InvalidOperationException>(e.InnerException);
         StringAssert.Contains(e.InnerException!.Message, nameof(NothingAllowed));
         CollectionAssert.AreEqual(Alone.Run(model, [65, 66, 67], SamplingOptions.Greedy with { MaxTokens = 10 }, Eos), good.Completion.Result.Tokens.ToArray());
+        Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
+    }
+
+    /// <summary>Allows every id; writing its allowed ids fails from its fourth token on.</summary>
+    private sealed class SpentAfterThree : ITokenConstraint
+    {
+        private int _advanced;
+
+        public void Mask(Span<float> logits)
+        {
+        }
+
+        public void Advance(int tokenId) => _advanced++;
+
+        public bool TryWriteAllowed(Span<ulong> allowed)
+        {
+            if (_advanced == 3)
+            {
+                throw new InvalidOperationException("spent after three tokens");
+            }
+
+            allowed.Fill(ulong.MaxValue);
+            return true;
+        }
+    }
+
+    [TestMethod]
+    public void AConstraintThatFailsToWriteItsAllowedIdsFailsOnlyItsRequest()
+    {
+        var model = FakeModel.Bigram(3, eosLogit: -5f);
+        var blocks = new KvBlockManager(16, 4, 8);
+        using var runner = new SessionStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { EosId = Eos });
+        var options = SamplingOptions.Greedy with { MaxTokens = 10 };
+        var bad = scheduler.Submit([65, 66, 67], options, new SpentAfterThree());
+        var good = scheduler.Submit([65, 66, 68], options);
+        while (!bad.Completion.IsCompleted || !good.Completion.IsCompleted)
+        {
+            scheduler.Step();
+        }
+
+        var e = Assert.ThrowsExactly<AggregateException>(() => bad.Completion.Wait());
+        Assert.AreEqual("spent after three tokens", e.InnerException!.Message);
+        var emitted = new List<int>();
+        while (bad.Output.TryRead(out var token))
+        {
+            emitted.Add(token);
+        }
+
+        CollectionAssert.AreEqual(Alone.Run(model, [65, 66, 67], options with { MaxTokens = 3 }, Eos), emitted, "its three tokens came out first");
+        CollectionAssert.AreEqual(Alone.Run(model, [65, 66, 68], options, Eos), good.Completion.Result.Tokens.ToArray());
         Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks);
     }
 

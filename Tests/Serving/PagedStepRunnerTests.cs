@@ -6,6 +6,7 @@ using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Distributed;
+using DeepSeekCuda.Tests.Inference;
 using DeepSeekCuda.Tests.Model;
 using DeepSeekCuda.Tests.Support;
 
@@ -343,6 +344,49 @@ public sealed class PagedStepRunnerTests
         Assert.IsGreaterThanOrEqualTo(constrained.Completion.Result.Tokens.Count, hostRows, "each of the constrained request's tokens came from a row on the host");
         CollectionAssert.AreEqual(Alone.Run(model, prompts[2], sampling[1]), constrained.Completion.Result.Tokens.ToArray(), "sampled on the host, the same tokens");
         CollectionAssert.AreEqual(Alone.Run(model, prompts[0], sampling[0]), alongside.Completion.Result.Tokens.ToArray(), "its neighbour");
+    }
+
+    /// <summary>After n tokens, only ids i with (i + n) mod 3 = 0, none past the tokenizer's <paramref name="limit"/>.</summary>
+    private sealed class EveryThirdId(int limit, bool hostOnly = false) : PredicateConstraint(hostOnly)
+    {
+        private int _steps;
+
+        public override bool Allows(int id) => id < limit && (id + _steps) % 3 == 0;
+
+        protected override void Moved(int tokenId) => _steps++;
+    }
+
+    /// <summary>
+    /// A constrained request whose constraint writes its allowed ids is chosen on the backend among them, like a free one:
+    /// without drafts no logits come back at all, and its tokens equal the request alone with each row masked on the host.
+    /// </summary>
+    [TestMethod]
+    public void AConstraintsAllowedIdsAreChosenOnTheBackendAndOnlyIdsComeBack()
+    {
+        using var model = CountingModel(out var counting);
+        var v = model.VocabSize;
+        var blocks = new KvBlockManager(40, 4, KvBlockManager.BlocksFor(MaxLength));
+        using var runner = new PagedStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 32, EosId = model.Config.EosTokenId, SpeculativeDecoding = SpeculativeDecodingMode.Off });
+        var prompts = new[] { 20, 7, 33 }.Select((n, i) => SyntheticPrompts.Make(v, n, 700 + i)).ToArray();
+        SamplingOptions[] sampling = [SamplingOptions.Greedy with { MaxTokens = 12 }, new() { Temperature = 0.9f, TopK = 20, TopP = 0.9f, Seed = 5, MaxTokens = 12 }, SamplingOptions.Greedy with { MaxTokens = 12 }];
+        var constraints = new[] { new EveryThirdId(v - 5), new EveryThirdId(v - 5), null };
+        var requests = Enumerable.Range(0, 3).Select(i => scheduler.Submit(prompts[i], sampling[i], constraints[i])).ToArray();
+        while (requests.Any(r => !r.Completion.IsCompleted))
+        {
+            scheduler.Step();
+        }
+
+        Assert.AreEqual(0L, counting.DownloadedValues, "no logits came back, the constrained requests' included");
+        Assert.AreEqual(counting.Choices.Rows, counting.Choices.Chosen, "every row was chosen on the backend");
+        Assert.AreEqual(0, constraints[0]!.Masks + constraints[1]!.Masks, "no row was masked on the host");
+        for (var i = 0; i < requests.Length; i++)
+        {
+            var hostMasked = constraints[i] is null ? null : new EveryThirdId(v - 5, hostOnly: true);
+            var want = Alone.Run(model, prompts[i], sampling[i], hostMasked);
+            CollectionAssert.AreEqual(want, requests[i].Completion.Result.Tokens.ToArray(), $"request {i}");
+            Assert.AreEqual(hostMasked is null ? 0 : want.Count, hostMasked?.Masks ?? 0, "the reference masked every row on the host");
+        }
     }
 
     private sealed class AllowAll : ITokenConstraint

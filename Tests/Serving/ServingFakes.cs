@@ -169,13 +169,15 @@ internal static class Alone
     /// per forward, sampled as the scheduler samples; stops at the model's EOS, at <see cref="SamplingOptions.MaxTokens"/>,
     /// or when the next token would not fit.
     /// </summary>
-    public static List<int> Run(DeepSeekModel model, int[] prompt, SamplingOptions options) => Run(model, model.Config.EosTokenId, prompt, options);
+    /// <remarks>With <paramref name="constraint"/>, each row is masked on the host by it.</remarks>
+    public static List<int> Run(DeepSeekModel model, int[] prompt, SamplingOptions options, ITokenConstraint? constraint = null) =>
+        Run(model, model.Config.EosTokenId, prompt, options, constraint);
 
     /// <summary>The same for any model (the multi-device one): <paramref name="eos"/> ends the request.</summary>
-    public static List<int> Run(ILanguageModel model, int eos, int[] prompt, SamplingOptions options)
+    public static List<int> Run(ILanguageModel model, int eos, int[] prompt, SamplingOptions options, ITokenConstraint? constraint = null)
     {
         using var session = model.CreateSession();
-        var sampler = new Sampler(options);
+        var sampler = new Sampler(options, constraint);
         var logits = new float[model.VocabSize];
         session.Forward(prompt, logits);
         var output = new List<int>();

@@ -359,11 +359,12 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
-    public TokenChoiceBuffer AllocateTokenChoices(int rows)
+    public TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab)
     {
         NotCapturing();
         ArgumentOutOfRangeException.ThrowIfLessThan(rows, 1);
-        return new CpuTokenChoices(rows);
+        ArgumentOutOfRangeException.ThrowIfLessThan(vocab, 1);
+        return new CpuTokenChoices(rows, vocab);
     }
 
     /// <inheritdoc />

@@ -87,7 +87,7 @@ internal sealed class CpuRouting(int tokens, int experts, int topK) : Routing(to
 }
 
 /// <summary>The CPU chooses in place: nothing to hold.</summary>
-internal sealed class CpuTokenChoices(int rows) : TokenChoiceBuffer(rows);
+internal sealed class CpuTokenChoices(int rows, int vocab) : TokenChoiceBuffer(rows, vocab);
 
 /// <summary>A CPU graph: the calls recorded, made again in order at each replay.</summary>
 internal sealed class CpuStepGraph(CpuBackend owner, Action[] recorded) : StepGraph

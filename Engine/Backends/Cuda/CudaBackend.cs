@@ -636,12 +636,16 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
-    /// <remarks>The settings go out and the ids come back through the buffer's pinned ends: one kernel, one synchronization.</remarks>
-    public TokenChoiceBuffer AllocateTokenChoices(int rows)
+    /// <remarks>
+    /// The settings and the masks of the rows that have one go out and the ids come back through the buffer's pinned ends: one
+    /// kernel, one synchronization. The masks take rows · ⌈vocab / 64⌉ · 8 bytes each side (16 KB a row at 129,280 ids).
+    /// </remarks>
+    public TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(rows, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(vocab, 1);
         using var scope = Enter();
-        return new CudaTokenChoices(_device, rows);
+        return new CudaTokenChoices(_device, rows, vocab);
     }
 
     /// <inheritdoc />
@@ -657,22 +661,37 @@ public sealed class CudaBackend : IBackend
             return;
         }
 
+        // The masks of the rows that have one, packed in row order: only they cross.
         var rows = b.HostChoices.Span;
+        var masks = 0;
         for (var r = 0; r < n; r++)
         {
-            rows[r] = KernelRow(choices[r]);
+            var c = choices[r];
+            rows[r] = KernelRow(c);
+            if (c.Allowed is { } allowed && c.OnDevice)
+            {
+                var words = TokenChoice.MaskWords(c.VocabLimit);
+                allowed.AsSpan(0, words).CopyTo(b.HostAllowed.Span.Slice(masks * b.MaskWords, words));
+                rows[r].AllowedRow = masks++;
+            }
         }
 
         b.HostChoices.CopyTo(b.Choices, _stream, count: n);
-        _sampling.Launch(_stream, l.Pointer, l.Cols, b.Choices.Pointer, n, b.Ids.Pointer);
+        if (masks > 0)
+        {
+            b.HostAllowed.CopyTo(b.Allowed, _stream, count: (long)masks * b.MaskWords);
+        }
+
+        _sampling.Launch(_stream, l.Pointer, l.Cols, b.Choices.Pointer, n, b.Ids.Pointer, b.Allowed.Pointer, b.MaskWords);
         b.HostIds.CopyFrom(b.Ids, _stream, count: n);
         _stream.Synchronize();
         b.HostIds.Span[..n].CopyTo(tokens);
     }
 
     /// <summary>A row's settings as the sampling kernel reads them.</summary>
+    /// <remarks>Its allowed ids, if any, are the caller's to place: <see cref="TokenChoiceRow.AllowedRow"/> is −1 (every id) here.</remarks>
     internal static TokenChoiceRow KernelRow(in TokenChoice c) =>
-        new() { VocabLimit = c.VocabLimit, Temperature = c.Temperature, TopK = c.TopK, TopP = c.TopP, Seed = c.Seed, Draw = c.Draw };
+        new() { VocabLimit = c.VocabLimit, Temperature = c.Temperature, TopK = c.TopK, TopP = c.TopP, Seed = c.Seed, Draw = c.Draw, AllowedRow = -1 };
 
     /// <summary>
     /// Copies each view to its device address through the weight uploader: the shards read once each, in file order,

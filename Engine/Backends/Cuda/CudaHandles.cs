@@ -154,18 +154,23 @@ internal sealed class CudaRouting : Routing
     }
 }
 
-/// <summary>A token choice buffer: the rows' settings and ids on the device, and their pinned host ends (one copy each way per call).</summary>
+/// <summary>
+/// A token choice buffer: the rows' settings, their allowed ids and the chosen ids on the device, and their pinned host ends
+/// (the settings and the masks of the rows that have one go out, the ids come back: at most two copies out and one back per call).
+/// </summary>
 internal sealed class CudaTokenChoices : TokenChoiceBuffer
 {
-    public CudaTokenChoices(CudaDevice device, int rows)
-        : base(rows)
+    public CudaTokenChoices(CudaDevice device, int rows, int vocab)
+        : base(rows, vocab)
     {
         try
         {
             Choices = DeviceBuffer<TokenChoiceRow>.Allocate(device, rows);
             Ids = DeviceBuffer<int>.Allocate(device, rows);
+            Allowed = DeviceBuffer<ulong>.Allocate(device, (long)rows * MaskWords);
             HostChoices = new PinnedBuffer<TokenChoiceRow>(device, rows);
             HostIds = new PinnedBuffer<int>(device, rows);
+            HostAllowed = new PinnedBuffer<ulong>(device, (long)rows * MaskWords);
         }
         catch
         {
@@ -180,6 +185,15 @@ internal sealed class CudaTokenChoices : TokenChoiceBuffer
     /// <summary>[rows] int32 ids the kernel writes.</summary>
     public DeviceBuffer<int> Ids { get; } = null!;
 
+    /// <summary>u64 words of one row's allowed ids.</summary>
+    public int MaskWords => TokenChoice.MaskWords(Vocab);
+
+    /// <summary>[rows, <see cref="MaskWords"/>] the allowed ids of the rows that have them, in row order (a row's TokenChoiceRow.AllowedRow).</summary>
+    public DeviceBuffer<ulong> Allowed { get; } = null!;
+
+    /// <summary>[rows, <see cref="MaskWords"/>] pinned: the allowed ids written by the host.</summary>
+    public PinnedBuffer<ulong> HostAllowed { get; } = null!;
+
     /// <summary>[rows] pinned: the settings written by the host.</summary>
     public PinnedBuffer<TokenChoiceRow> HostChoices { get; } = null!;
 
@@ -190,8 +204,10 @@ internal sealed class CudaTokenChoices : TokenChoiceBuffer
     {
         Choices?.Dispose();
         Ids?.Dispose();
+        Allowed?.Dispose();
         HostChoices?.Dispose();
         HostIds?.Dispose();
+        HostAllowed?.Dispose();
     }
 }
 

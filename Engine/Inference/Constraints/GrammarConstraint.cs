@@ -86,6 +86,34 @@ public sealed class GrammarConstraint : ITokenConstraint
     }
 
     /// <inheritdoc />
+    /// <remarks>Always writes them: the state's cached mask, or, before the grammar starts, every id but those that would start it wrongly.</remarks>
+    /// <exception cref="InvalidOperationException">The generation already ended.</exception>
+    public bool TryWriteAllowed(Span<ulong> allowed)
+    {
+        if (_state is null)
+        {
+            allowed.Fill(ulong.MaxValue);
+            foreach (var id in _grammar.BlockedBeforeStart(_marker!, _matched))
+            {
+                if (id < allowed.Length * 64L)
+                {
+                    allowed[id >> 6] &= ~(1UL << (id & 63));
+                }
+            }
+
+            return true;
+        }
+
+        if (_ended)
+        {
+            throw new InvalidOperationException("the generation already ended with the end-of-sentence id");
+        }
+
+        _grammar.MaskFor(_state).CopyTo(allowed);
+        return true;
+    }
+
+    /// <inheritdoc />
     /// <exception cref="InvalidOperationException"><paramref name="tokenId"/> is not one the mask allowed.</exception>
     public void Advance(int tokenId)
     {

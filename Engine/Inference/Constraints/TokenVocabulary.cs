@@ -317,6 +317,14 @@ internal sealed class TokenMask(int size)
         return this;
     }
 
+    /// <summary>Writes the mask as <see cref="ITokenConstraint.TryWriteAllowed"/> does: bit i of the words set when id i is allowed; ids past <see cref="Size"/> are not.</summary>
+    public void CopyTo(Span<ulong> allowed)
+    {
+        var n = Math.Min(allowed.Length, _bits.Length);
+        _bits.AsSpan(0, n).CopyTo(allowed);
+        allowed[n..].Clear();
+    }
+
     /// <summary>Sets every disallowed logit to -infinity, in place.</summary>
     public void Apply(Span<float> logits)
     {

@@ -1,4 +1,5 @@
 using System.Text.Json;
+using DeepSeekCuda.Backends;
 using DeepSeekCuda.Inference.Constraints;
 using DeepSeekCuda.Tests.Text;
 
@@ -188,6 +189,43 @@ public sealed class DeepSeekMaskTests
         c.Mask(logits);
         Assert.IsFalse(float.IsNegativeInfinity(logits[tokenizer.EncodeLiteral("{")[0]]));
         Assert.IsTrue(float.IsNegativeInfinity(logits[tokenizer.EosId!.Value]));
+    }
+
+    /// <summary>
+    /// The allowed ids a constraint writes for the GPU's token choice are exactly the ids its mask leaves, at every step of an R1
+    /// answer on the real vocabulary, over the model's padded width (129,280 ids): thinking before "&lt;/think&gt;" (every id but
+    /// those that would end the marker wrongly, the padding included), then the document's JSON, then the end of sentence.
+    /// </summary>
+    [TestMethod]
+    public void TheAllowedIdsWrittenAreTheIdsTheMaskLeaves()
+    {
+        const int modelVocab = 129_280;
+        var tokenizer = TokenizerFixtures.DeepSeek;
+        Assert.IsLessThan(modelVocab, tokenizer.VocabSize, "the model's vocabulary is padded past the tokenizer's");
+        using var doc = JsonDocument.Parse(Schema);
+        var c = new GrammarConstraint(Grammar.JsonSchema(doc.RootElement), Vocabularies.DeepSeek, startAfter: "</think>");
+        int[] ids = [.. tokenizer.EncodeLiteral("Okay, they want JSON. </th"), .. tokenizer.EncodeLiteral("ink>"), .. tokenizer.EncodeLiteral(Document.Trim()), tokenizer.EosId!.Value];
+        var allowed = new ulong[TokenChoice.MaskWords(modelVocab)];
+        var logits = new float[modelVocab];
+        var (thinking, answering) = (0, 0);
+        foreach (var id in ids)
+        {
+            Array.Fill(allowed, 0x5A5A5A5A5A5A5A5AUL); // every word is written
+            Assert.IsTrue(c.TryWriteAllowed(allowed));
+            Array.Clear(logits);
+            c.Mask(logits);
+            var differ = Enumerable.Range(0, modelVocab).Where(t => TokenChoice.IsAllowed(allowed, t) == float.IsNegativeInfinity(logits[t])).ToArray();
+            var text = JsonSerializer.Serialize(tokenizer.Decode([id]));
+            Assert.IsEmpty(differ, $"before {text} ({(c.IsStarted ? "answering" : "thinking")}): ids {string.Join(", ", differ.Take(5))} differ");
+            Assert.IsTrue(TokenChoice.IsAllowed(allowed, id), $"the answer's own token {text}");
+            Assert.AreEqual(!c.IsStarted, TokenChoice.IsAllowed(allowed, modelVocab - 1), "the padding is allowed while thinking only (the limit removes it)");
+            _ = c.IsStarted ? answering++ : thinking++;
+            c.Advance(id);
+        }
+
+        Assert.IsGreaterThan(5, thinking);
+        Assert.IsGreaterThan(30, answering);
+        Assert.ThrowsExactly<InvalidOperationException>(() => c.TryWriteAllowed(allowed), "after the end of sentence");
     }
 
     [TestMethod]

@@ -167,7 +167,7 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
     public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights) =>
         inner.DownloadRouting(routing, scores, indices, weights);
 
-    public TokenChoiceBuffer AllocateTokenChoices(int rows) => Op(null, () => inner.AllocateTokenChoices(rows));
+    public TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab) => Op(null, () => inner.AllocateTokenChoices(rows, vocab));
 
     public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens) =>
         inner.ChooseTokens(logits, choices, buffer, tokens);
