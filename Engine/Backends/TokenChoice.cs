@@ -65,15 +65,15 @@ internal static class TokenSampling
             return NotChosen;
         }
 
+        if (choice.MaskProblem() is { } problem)
+        {
+            throw new ArgumentException(problem, nameof(choice));
+        }
+
         var real = row[..Math.Min(choice.VocabLimit, row.Length)];
         if (!IsSampleable(real, out _, out _))
         {
             return NotChosen;
-        }
-
-        if (choice.MaskProblem() is { } problem)
-        {
-            throw new ArgumentException(problem, nameof(choice));
         }
 
         var u = Uniform(choice.Seed, choice.Draw);

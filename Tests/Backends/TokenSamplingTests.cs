@@ -115,6 +115,8 @@ public sealed class TokenSamplingTests
         Assert.AreEqual(TokenSampling.NotChosen, TokenSampling.Choose(broken, greedy), "a mask never hides broken numerics");
         broken[1] = float.PositiveInfinity;
         Assert.AreEqual(TokenSampling.NotChosen, TokenSampling.Choose(broken, greedy));
+        var shortMask = Assert.ThrowsExactly<ArgumentException>(() => TokenSampling.Choose(broken, greedy with { Allowed = [ulong.MaxValue] }));
+        StringAssert.Contains(shortMask.Message, "1 words (64 ids), fewer than the vocabulary limit 70 needs (2)", "refused before the row is read");
     }
 
     [TestMethod]
