@@ -663,6 +663,7 @@ public sealed class CudaBackend : IBackend
 
         // The masks of the rows that have one, packed in row order: only they cross.
         var rows = b.HostChoices.Span;
+        var hostMasks = b.HostAllowed.Span;
         var masks = 0;
         for (var r = 0; r < n; r++)
         {
@@ -671,7 +672,7 @@ public sealed class CudaBackend : IBackend
             if (c.Allowed is { } allowed && c.OnDevice)
             {
                 var words = TokenChoice.MaskWords(c.VocabLimit);
-                allowed.AsSpan(0, words).CopyTo(b.HostAllowed.Span.Slice(masks * b.MaskWords, words));
+                allowed.AsSpan(0, words).CopyTo(hostMasks.Slice(masks * b.MaskWords, words));
                 rows[r].AllowedRow = masks++;
             }
         }

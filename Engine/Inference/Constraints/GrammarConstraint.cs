@@ -77,11 +77,7 @@ public sealed class GrammarConstraint : ITokenConstraint
             return;
         }
 
-        if (_ended)
-        {
-            throw new InvalidOperationException("the generation already ended with the end-of-sentence id");
-        }
-
+        ThrowIfEnded();
         _grammar.MaskFor(_state).Apply(logits);
     }
 
@@ -104,11 +100,7 @@ public sealed class GrammarConstraint : ITokenConstraint
             return true;
         }
 
-        if (_ended)
-        {
-            throw new InvalidOperationException("the generation already ended with the end-of-sentence id");
-        }
-
+        ThrowIfEnded();
         _grammar.MaskFor(_state).CopyTo(allowed);
         return true;
     }
@@ -136,11 +128,7 @@ public sealed class GrammarConstraint : ITokenConstraint
             return;
         }
 
-        if (_ended)
-        {
-            throw new InvalidOperationException("the generation already ended with the end-of-sentence id");
-        }
-
+        ThrowIfEnded();
         if (tokenId == _vocabulary.EosId && (_state.IsComplete || _state.HasFreeText))
         {
             _ended = true;
@@ -149,6 +137,14 @@ public sealed class GrammarConstraint : ITokenConstraint
 
         var next = _vocabulary.IsAdded(tokenId) ? _state.StepAdded(tokenId, _expander) : _state.Step(bytes, _expander);
         _state = next ?? throw Refused(tokenId);
+    }
+
+    private void ThrowIfEnded()
+    {
+        if (_ended)
+        {
+            throw new InvalidOperationException("the generation already ended with the end-of-sentence id");
+        }
     }
 
     private static InvalidOperationException Refused(int tokenId) =>
