@@ -2,9 +2,9 @@
 // (Engine/Backends/Cuda/CudaBackend.cs keeps activations as f32 holding bf16-rounded values):
 //   glue_round_kernel      out[i] = bf16(out[i])                 (the CPU emulation's Store)
 //   glue_convert_kernel    out[i] = x[i] between f32 and bf16    (bf16 operands of the MLA kernels)
-//   glue_copy_kernel       out[r, c] = x[r, c] with row strides  (CopyRows, ConcatColumns)
+//   glue_copy_kernel       out[r, c] = x[r, c] with row strides, f32 or bf16 elements  (CopyRows, ConcatColumns)
 //   glue_dequant_kernel    out bf16 [rows, cols] = e4m3(x) * scale[r/128, c/128]  (kv_b for the absorbed MLA)
-//   glue_ring_kernel       f32 rows between a tensor and a ring of ring_rows rows per slot, step row r at ring row
+//   glue_ring_kernel       f32 or bf16 rows between a tensor and a ring of ring_rows rows per slot, step row r at ring row
 //                          slots[r] * ring_rows + positions[r] % ring_rows: gathered (out[r] = x[ring row]) or, with
 //                          SCATTER, scattered (out[ring row] = x[r])
 #pragma once
@@ -43,14 +43,15 @@ __global__ void __launch_bounds__(BLOCK) glue_convert_kernel(const __grid_consta
         store_f32<TOut>((TOut*)p.out, i, load_f32<TIn>((const TIn*)p.x, i));
 }
 
-template <int BLOCK>
+template <int BLOCK, int BF16>
 __global__ void __launch_bounds__(BLOCK) glue_copy_kernel(const __grid_constant__ BackendGlueParams p)
 {
+    typedef typename ElemOf<BF16>::type T;
     const i64 total = (i64)p.rows * p.cols;
     for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < total; i += (i64)gridDim.x * BLOCK)
     {
         const i64 r = i / p.cols, c = i % p.cols;
-        ((float*)p.out)[r * p.out_stride + c] = ((const float*)p.x)[r * p.x_stride + c];
+        ((T*)p.out)[r * p.out_stride + c] = ((const T*)p.x)[r * p.x_stride + c];
     }
 }
 
@@ -68,17 +69,18 @@ __global__ void __launch_bounds__(BLOCK) glue_dequant_kernel(const __grid_consta
     }
 }
 
-template <int BLOCK, int SCATTER>
+template <int BLOCK, int SCATTER, int BF16>
 __global__ void __launch_bounds__(BLOCK) glue_ring_kernel(const __grid_constant__ BackendGlueParams p)
 {
+    typedef typename ElemOf<BF16>::type T;
     const i64 total = (i64)p.rows * p.cols;
     for (i64 i = (i64)blockIdx.x * BLOCK + threadIdx.x; i < total; i += (i64)gridDim.x * BLOCK)
     {
         const i64 r = i / p.cols, c = i % p.cols;
         const i64 g = (i64)p.slots[r] * p.ring_rows + p.positions[r] % p.ring_rows;
         if (SCATTER)
-            ((float*)p.out)[g * p.cols + c] = ((const float*)p.x)[r * p.cols + c];
+            ((T*)p.out)[g * p.cols + c] = ((const T*)p.x)[r * p.cols + c];
         else
-            ((float*)p.out)[r * p.cols + c] = ((const float*)p.x)[g * p.cols + c];
+            ((T*)p.out)[r * p.cols + c] = ((const T*)p.x)[g * p.cols + c];
     }
 }

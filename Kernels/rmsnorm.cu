@@ -1,6 +1,7 @@
 // RMSNorm over the last dimension, fp32 math (MODEL.md 9): y = x * (1 / sqrt(mean(x^2) + eps)) * w.
-// Fused variant: h += x (the residual add) first, h written back in fp32, then y = norm(h).
-// ROUND (f32 storage holding bf16 values, the CPU GpuEmulation): the fused h is rounded to bf16 after the add,
+// Fused variant: h += x (the residual add) first, h written back in x's storage type, then y = norm(h). A bf16 h is
+// rounded by its store, and the norm reads the stored value (CpuBackend.AddRmsNorm in GpuEmulation).
+// ROUND (f32 storage holding bf16 values, the CPU GpuEmulation): an f32 h is rounded to bf16 after the add,
 // before the norm reads it, and y is rounded to bf16 values (CpuBackend.AddRmsNorm and RmsNorm's Store).
 // One block per row; the row is read twice (sum of squares, then scale) because at the model's widths
 // (<= 7168 floats) the second read hits L1/L2.
@@ -10,7 +11,7 @@
 struct RmsNormParams
 {
     const void* x;        // [rows, x_stride] input (IN_BF16 ? bf16 : f32); fused: the update added to h
-    float* residual;      // [rows, residual_stride] fp32 residual stream h (fused only, else null)
+    void* residual;       // [rows, residual_stride] residual stream h, of x's type (fused only, else null)
     const u16* weight;    // [dim] bf16
     void* y;              // [rows, y_stride] output (OUT_BF16 ? bf16 : f32)
     i64 x_stride;         // elements between rows
@@ -32,7 +33,7 @@ __global__ void __launch_bounds__(BLOCK) rmsnorm_kernel(const __grid_constant__ 
     if (row >= p.rows) return;
     const TIn* x = (const TIn*)p.x + row * p.x_stride;
     TOut* y = (TOut*)p.y + row * p.y_stride;
-    float* h = FUSE_RESIDUAL ? p.residual + row * p.residual_stride : nullptr;
+    TIn* h = FUSE_RESIDUAL ? (TIn*)p.residual + row * p.residual_stride : nullptr;
 
     float ss = 0.0f;
     for (int i = threadIdx.x; i < p.dim; i += BLOCK)
@@ -40,9 +41,9 @@ __global__ void __launch_bounds__(BLOCK) rmsnorm_kernel(const __grid_constant__ 
         float v = load_f32<TIn>(x, i);
         if (FUSE_RESIDUAL)
         {
-            v = __fadd_rn(h[i], v);
-            if (ROUND) v = bf16_round(v);
-            h[i] = v; // the same thread reads it back below: no barrier needed
+            v = __fadd_rn(load_f32<TIn>(h, i), v);
+            if (ROUND || IN_BF16) v = bf16_round(v); // what a bf16 h stores
+            store_f32<TIn>(h, i, v); // the same thread reads it back below: no barrier needed
         }
         ss = fmaf(v, v, ss);
     }
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(BLOCK) rmsnorm_kernel(const __grid_constant__ 
     const float inv = 1.0f / sqrtf(ss / (float)p.dim + p.eps);
     for (int i = threadIdx.x; i < p.dim; i += BLOCK)
     {
-        float v = FUSE_RESIDUAL ? h[i] : load_f32<TIn>(x, i);
+        float v = load_f32<TIn>(FUSE_RESIDUAL ? h : x, i);
         store_rounded<TOut, ROUND>(y, i, v * inv * bf16_to_float(p.weight[i]));
     }
 }

@@ -28,20 +28,40 @@ public abstract class BackendResource : IDisposable
     }
 }
 
+/// <summary>What a <see cref="Tensor"/> holds, which decides how a backend stores it.</summary>
+public enum TensorKind
+{
+    /// <summary>
+    /// Values between the forward pass's operations: BF16 values (DESIGN.md), stored as BF16 on a GPU backend (or as f32
+    /// holding BF16 values) and rounded to BF16 where they are written, uploads included, by every backend but the CPU
+    /// backend's float32 reference.
+    /// </summary>
+    Activation,
+
+    /// <summary>Fp32 values never rounded: what <see cref="IBackend.Logits"/> writes and <see cref="IBackend.ChooseTokens"/> reads.</summary>
+    Logits,
+}
+
 /// <summary>
-/// An activation matrix owned by a backend: <see cref="Rows"/> tokens (or other rows) of
-/// <see cref="Cols"/> values, row-major. Host code never sees its storage; it moves data with
-/// <see cref="IBackend.Upload"/> and <see cref="IBackend.Download"/>.
+/// A matrix owned by a backend: <see cref="Rows"/> tokens (or other rows) of <see cref="Cols"/> values, row-major, of a
+/// <see cref="Kind"/>. Host code never sees its storage; it moves data with <see cref="IBackend.Upload"/> and
+/// <see cref="IBackend.Download"/> (as f32 values).
 /// </summary>
 public abstract class Tensor : BackendResource
 {
     /// <summary>Creates the shape part of a handle.</summary>
-    protected Tensor(int rows, int cols)
+    protected Tensor(int rows, int cols, TensorKind kind = TensorKind.Activation)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(rows);
         ArgumentOutOfRangeException.ThrowIfNegative(cols);
+        if (!Enum.IsDefined(kind))
+        {
+            throw new ArgumentOutOfRangeException(nameof(kind), kind, "not a tensor kind");
+        }
+
         Rows = rows;
         Cols = cols;
+        Kind = kind;
     }
 
     /// <summary>Rows (tokens).</summary>
@@ -50,11 +70,14 @@ public abstract class Tensor : BackendResource
     /// <summary>Values per row.</summary>
     public int Cols { get; }
 
+    /// <summary>What the tensor holds.</summary>
+    public TensorKind Kind { get; }
+
     /// <summary>Rows × cols.</summary>
     public long Length => (long)Rows * Cols;
 
     /// <inheritdoc />
-    public override string ToString() => $"[{Rows}, {Cols}]";
+    public override string ToString() => Kind == TensorKind.Activation ? $"[{Rows}, {Cols}]" : $"{Kind.ToString().ToLowerInvariant()} [{Rows}, {Cols}]";
 }
 
 /// <summary>A linear weight W [Out, In] (<c>y = x·Wᵀ</c>) in the backend's storage format.</summary>

@@ -16,13 +16,17 @@ public interface IBackend : IDisposable
 
     // ---- memory ----
 
-    /// <summary>A new zero-filled activation tensor.</summary>
-    Tensor Allocate(int rows, int cols);
+    /// <summary>A new zero-filled tensor of <paramref name="kind"/> (an activation unless said).</summary>
+    Tensor Allocate(int rows, int cols, TensorKind kind = TensorKind.Activation);
 
-    /// <summary>A new tensor holding <paramref name="values"/> (row-major, rows × cols).</summary>
-    Tensor Upload(ReadOnlySpan<float> values, int rows, int cols);
+    /// <summary>
+    /// A new tensor of <paramref name="kind"/> holding <paramref name="values"/> (row-major, rows × cols): an activation's
+    /// values as the backend stores them (BF16, rounded to nearest even, on every backend but the CPU backend's float32
+    /// reference), logits as given.
+    /// </summary>
+    Tensor Upload(ReadOnlySpan<float> values, int rows, int cols, TensorKind kind = TensorKind.Activation);
 
-    /// <summary>Copies a tensor to the host (row-major).</summary>
+    /// <summary>Copies a tensor's values to the host as f32 (row-major).</summary>
     void Download(Tensor tensor, Span<float> destination);
 
     /// <summary>
@@ -129,7 +133,7 @@ public interface IBackend : IDisposable
     /// <summary>
     /// Chooses, where the logits are, one token per row of <paramref name="logits"/> [rows ≥ choices, V] under
     /// <paramref name="choices"/> (<see cref="TokenSampling"/>'s rule, among a row's allowed ids when it has them), and waits
-    /// for the ids: only they come back.
+    /// for the ids: only they come back. <paramref name="logits"/> is a <see cref="TensorKind.Logits"/> tensor.
     /// <paramref name="tokens"/>[r] is <see cref="TokenSampling.NotChosen"/> (−1) for a row not chosen there (a
     /// <c>default</c> choice) or one that cannot be sampled (a NaN or +infinite logit below the limit, or nothing it allows
     /// above −infinity): the caller reads that row's logits.
@@ -172,7 +176,7 @@ public interface IBackend : IDisposable
     /// <summary>y = x·Wᵀ. x [T, In], y [T, Out].</summary>
     void Linear(Tensor x, LinearWeight weight, Tensor y);
 
-    /// <summary>logits = x·Headᵀ in fp32, never rounded. x [T, D], logits [T, V].</summary>
+    /// <summary>logits = x·Headᵀ in fp32, never rounded. x [T, D], logits [T, V] of <see cref="TensorKind.Logits"/>.</summary>
     void Logits(Tensor x, LinearWeight head, Tensor logits);
 
     /// <summary>output = silu(gate) ⊙ up, elementwise.</summary>

@@ -93,6 +93,7 @@ internal static class ShapeCheck
     /// <summary>The contract of <see cref="IBackend.ChooseTokens"/>.</summary>
     public static void Choices(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
     {
+        Kind(logits, TensorKind.Logits, "the rows tokens are chosen from");
         Require(choices.Length <= logits.Rows, $"{choices.Length} choices for the {logits.Rows} rows of logits {logits}");
         if (choices.Length > buffer.Rows)
         {
@@ -121,6 +122,36 @@ internal static class ShapeCheck
                 }
             }
         }
+    }
+
+    /// <summary>Throws unless <paramref name="tensor"/> is of <paramref name="kind"/> (<paramref name="role"/> says what it is for).</summary>
+    public static void Kind(Tensor tensor, TensorKind kind, string role)
+    {
+        if (tensor.Kind != kind)
+        {
+            throw new ArgumentException($"{role} must be a {kind.ToString().ToLowerInvariant()} tensor; {tensor} is {Article(tensor.Kind)}");
+        }
+
+        static string Article(TensorKind k) => k == TensorKind.Activation ? "an activation" : $"a {k.ToString().ToLowerInvariant()} tensor";
+    }
+
+    /// <summary>The contract of <see cref="IBackend.Logits"/>: x [T, In] of an activation, logits [T, Out] of <see cref="TensorKind.Logits"/>.</summary>
+    public static void Logits(Tensor x, LinearWeight head, Tensor logits)
+    {
+        Require(x.Cols == head.In && logits.Cols == head.Out && x.Rows == logits.Rows, $"logits {x} · [{head.Out}, {head.In}]ᵀ → {logits}");
+        Kind(logits, TensorKind.Logits, "the output of the head");
+    }
+
+    /// <summary>The contract of <see cref="IBackend.CopyRows"/>.</summary>
+    public static void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count)
+    {
+        if (source.Cols != destination.Cols || sourceRow < 0 || destinationRow < 0 || count < 0 || (long)sourceRow + count > source.Rows ||
+            (long)destinationRow + count > destination.Rows)
+        {
+            throw new ArgumentException($"cannot copy {count} rows from {source} at {sourceRow} to {destination} at {destinationRow}");
+        }
+
+        Kind(destination, source.Kind, $"a copy of {source}");
     }
 
     /// <summary>The contract of <see cref="IBackend.View"/>.</summary>

@@ -8,9 +8,10 @@ namespace DeepSeekCuda.Distributed;
 
 /// <summary>
 /// <see cref="ICommunicator"/> over a <see cref="DeviceMesh"/> and one <see cref="CudaBackend"/> per rank (rank r's
-/// backend on rank r's GPU; several ranks may share one GPU as logical ranks). Activations are the backends' f32
-/// tensors, so the all-reduce is the mesh's float32 one (<see cref="AllReduceKernel"/> where every pair is a peer and
-/// N is 2, 4 or 8, else staged through the host), summed in rank order exactly as <see cref="HostCommunicator"/> does.
+/// backend on rank r's GPU; several ranks may share one GPU as logical ranks). The all-reduce is the mesh's, of the
+/// tensors' storage type (<see cref="AllReduceKernel"/> where every pair is a peer and N is 2, 4 or 8, else staged
+/// through the host), summed in fp32 in rank order exactly as <see cref="HostCommunicator"/> does; an activation's sum
+/// is stored as BF16 values (BF16 storage, or f32 storage rounded after the sum), logits as summed.
 /// <para>
 /// Ordering is kept on the GPU: when a backend queues on its rank's mesh stream (as <see cref="CudaParallel"/> builds
 /// them) nothing is needed; otherwise events join the backend's stream to the mesh stream and back around each
@@ -109,8 +110,10 @@ internal sealed class CudaCommunicator : ICommunicator
         ObjectDisposedException.ThrowIf(_disposed, this);
         CommunicatorArguments.CheckAllReduce(tensors, _devices.Length, (t, r) => _devices[r].Holds(t));
         var count = tensors[0].Length;
+        var type = StorageType(tensors);
+        var bytes = count * CudaTensor.SizeOf(type);
         _allReduces++;
-        _allReduceBytes += count * sizeof(float);
+        _allReduceBytes += bytes;
         if (_devices.Length == 1 || count == 0)
         {
             return;
@@ -123,16 +126,18 @@ internal sealed class CudaCommunicator : ICommunicator
             var input = Input(r, count);
             ToMesh(r);
             var stream = _mesh.Stream(r);
-            outputs[r] = CudaBackend.PointerOf(tensors[r]);
+            outputs[r] = CudaBackend.StorageOf(tensors[r]).Pointer;
             inputs[r] = input.Pointer;
             _mesh.Device(r).MakeCurrent();
-            CudaCheck.Driver(CuDriver.cuMemcpyDtoDAsync(inputs[r], outputs[r], (nuint)(count * sizeof(float)), stream.Handle), _mesh.Device(r).Ordinal);
+            CudaCheck.Driver(CuDriver.cuMemcpyDtoDAsync(inputs[r], outputs[r], (nuint)bytes, stream.Handle), _mesh.Device(r).Ordinal);
         }
 
-        _mesh.AllReduce(inputs, outputs, count, ElementType.F32);
+        _mesh.AllReduce(inputs, outputs, count, type);
         for (var r = 0; r < _devices.Length; r++)
         {
             FromMesh(r);
+            // An f32 sum of activations in f32 storage holds BF16 values again (BF16 storage rounded as it stored).
+            _devices[r].RoundActivation(tensors[r]);
         }
     }
 
@@ -146,7 +151,14 @@ internal sealed class CudaCommunicator : ICommunicator
             return;
         }
 
-        var bytes = source.Length * sizeof(float);
+        var (src, type) = CudaBackend.StorageOf(source);
+        var (dst, destinationType) = CudaBackend.StorageOf(destination);
+        if (type != destinationType)
+        {
+            throw new ArgumentException($"copy of {source} ({type}) into {destination} ({destinationType}): storage types differ", nameof(destination));
+        }
+
+        var bytes = source.Length * CudaTensor.SizeOf(type);
         _copies++;
         _copyBytes += bytes;
         if (bytes == 0)
@@ -154,7 +166,6 @@ internal sealed class CudaCommunicator : ICommunicator
             return;
         }
 
-        ulong src = CudaBackend.PointerOf(source), dst = CudaBackend.PointerOf(destination);
         CudaBackend from = _devices[sourceDevice], to = _devices[destinationDevice];
         if (sourceDevice != destinationDevice && !_mesh.CanAccess(destinationDevice, sourceDevice))
         {
@@ -237,7 +248,23 @@ internal sealed class CudaCommunicator : ICommunicator
         }
     }
 
-    /// <summary>Rank r's all-reduce input buffer with room for <paramref name="count"/> floats.</summary>
+    /// <summary>The storage type the tensors of one all-reduce share (devices created with other activation storage are refused).</summary>
+    private static ElementType StorageType(IReadOnlyList<Tensor> tensors)
+    {
+        var type = CudaBackend.StorageOf(tensors[0]).Type;
+        for (var r = 1; r < tensors.Count; r++)
+        {
+            if (CudaBackend.StorageOf(tensors[r]).Type != type)
+            {
+                throw new ArgumentException(
+                    $"all-reduce of {tensors[0]} in {type} on device 0 and {tensors[r]} in another storage type on device {r}", nameof(tensors));
+            }
+        }
+
+        return type;
+    }
+
+    /// <summary>Rank r's all-reduce input buffer with room for <paramref name="count"/> elements of either storage type (f32 at most).</summary>
     private DeviceBuffer<float> Input(int r, long count)
     {
         if (_inputs[r] is { } b && b.Length >= count)

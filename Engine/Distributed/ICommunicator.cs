@@ -40,7 +40,8 @@ public readonly record struct CommunicatorStats(long AllReduces, long AllReduceB
 /// <summary>
 /// <see cref="ICommunicator"/> over simulated devices (any <see cref="IBackend"/>s, typically one
 /// <c>CpuBackend</c> per device): data moves through host memory with <see cref="IBackend.Download"/> and
-/// <see cref="IBackend.Upload"/>. The reference semantics of the GPU all-reduce: fp32 sum in device order.
+/// <see cref="IBackend.Upload"/>. The reference semantics of the GPU all-reduce: fp32 sum in device order, stored as the
+/// backend stores the tensor's kind (an activation as BF16 values, on every backend but the CPU backend's float32 reference).
 /// </summary>
 public sealed class HostCommunicator : ICommunicator
 {
@@ -133,7 +134,7 @@ public sealed class HostCommunicator : ICommunicator
     private void Write(int device, float[] values, Tensor destination)
     {
         var b = _devices[device];
-        using var staged = b.Upload(values, destination.Rows, destination.Cols);
+        using var staged = b.Upload(values, destination.Rows, destination.Cols, destination.Kind);
         b.CopyRows(staged, 0, destination, 0, destination.Rows);
     }
 

@@ -59,7 +59,7 @@ public sealed class ParallelSession : IModelSession
             var w = _model.Devices[_model.Plan.HeadDevice];
             using var last = b.Allocate(1, _model.Config.HiddenSize);
             b.CopyRows(normed, normed.Rows - 1, last, 0, 1);
-            using var logits = b.Allocate(1, _model.VocabSize);
+            using var logits = b.Allocate(1, _model.VocabSize, TensorKind.Logits);
             b.Logits(last, w.Head!, logits);
             b.Download(logits, lastLogits[.._model.VocabSize]);
             _comm.Barrier();
@@ -73,7 +73,7 @@ public sealed class ParallelSession : IModelSession
         using (normed)
         {
             var w = _model.Devices[_model.Plan.HeadDevice];
-            using var logits = b.Allocate(normed.Rows, _model.VocabSize);
+            using var logits = b.Allocate(normed.Rows, _model.VocabSize, TensorKind.Logits);
             b.Logits(normed, w.Head!, logits);
             var result = new float[logits.Length];
             b.Download(logits, result);

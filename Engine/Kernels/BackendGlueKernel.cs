@@ -24,7 +24,8 @@ internal struct BackendGlueParams
 /// <summary>
 /// The small elementwise kernels of <c>CudaBackend</c> (Kernels/backend_glue.cu) where a launcher's contract does
 /// not fit <c>IBackend</c>: BF16 rounding of f32 storage, f32↔bf16 conversion, strided row copies, FP8 block
-/// dequantization to BF16, and step rows gathered from or scattered into a per-slot ring.
+/// dequantization to BF16, and step rows gathered from or scattered into a per-slot ring (copies and rings of f32 or
+/// bf16 elements).
 /// </summary>
 internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -40,19 +41,26 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
     private const long MaxGrid = 65535;
 
     private static readonly KernelInstance RoundInstance = new($"glue_round_kernel<{Block}>", ParamsType);
-    private static readonly KernelInstance CopyInstance = new($"glue_copy_kernel<{Block}>", ParamsType);
     private static readonly KernelInstance DequantInstance = new($"glue_dequant_kernel<{Block}>", ParamsType);
-    private static readonly KernelInstance GatherInstance = new($"glue_ring_kernel<{Block}, 0>", ParamsType);
-    private static readonly KernelInstance ScatterInstance = new($"glue_ring_kernel<{Block}, 1>", ParamsType);
 
     /// <summary>The conversion between storage types.</summary>
     public static KernelInstance ConvertInstance(ElementType input, ElementType output) =>
         new($"glue_convert_kernel<{Block}, {Flag(input)}, {Flag(output)}>", ParamsType);
 
+    /// <summary>The strided row copy of one storage type.</summary>
+    public static KernelInstance CopyInstance(ElementType type) => new($"glue_copy_kernel<{Block}, {Flag(type)}>", ParamsType);
+
+    /// <summary>The ring gather or scatter of one storage type.</summary>
+    public static KernelInstance RingInstance(bool scatter, ElementType type) =>
+        new($"glue_ring_kernel<{Block}, {(scatter ? 1 : 0)}, {Flag(type)}>", ParamsType);
+
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() =>
-        [RoundInstance, CopyInstance, DequantInstance, GatherInstance, ScatterInstance,
-            ConvertInstance(ElementType.F32, ElementType.BF16), ConvertInstance(ElementType.BF16, ElementType.F32)];
+    [
+        RoundInstance, DequantInstance, ConvertInstance(ElementType.F32, ElementType.BF16), ConvertInstance(ElementType.BF16, ElementType.F32),
+        .. from t in Enum.GetValues<ElementType>() select CopyInstance(t),
+        .. from t in Enum.GetValues<ElementType>() from scatter in new[] { false, true } select RingInstance(scatter, t),
+    ];
 
     /// <summary>values[i] = bf16(values[i]) for <paramref name="n"/> f32 values, in place.</summary>
     public void Round(CudaStream stream, ulong values, long n) => Run(stream, RoundInstance, n, new BackendGlueParams { Out = values, N = n });
@@ -68,9 +76,10 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
         Run(stream, ConvertInstance(inType, outType), n, new BackendGlueParams { X = input, Out = output, N = n });
     }
 
-    /// <summary>output[r·outStride + c] = input[r·inStride + c] for f32 rows × cols.</summary>
-    public void Copy(CudaStream stream, ulong input, long inStride, ulong output, long outStride, int rows, int cols) =>
-        Run(stream, CopyInstance, (long)rows * cols, new BackendGlueParams { X = input, XStride = inStride, Out = output, OutStride = outStride, Rows = rows, Cols = cols });
+    /// <summary>output[r·outStride + c] = input[r·inStride + c] for rows × cols elements of <paramref name="type"/>.</summary>
+    public void Copy(CudaStream stream, ElementType type, ulong input, long inStride, ulong output, long outStride, int rows, int cols) =>
+        Run(stream, CopyInstance(type), (long)rows * cols,
+            new BackendGlueParams { X = input, XStride = inStride, Out = output, OutStride = outStride, Rows = rows, Cols = cols });
 
     /// <summary>output bf16 [rows, cols] = e4m3(codes) × scales[r/128, c/128] (scales f32 [⌈rows/128⌉, ⌈cols/128⌉]).</summary>
     public void Dequantize(CudaStream stream, ulong codes, ulong scales, int rows, int cols, ulong output) =>
@@ -80,12 +89,13 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
         });
 
     /// <summary>
-    /// f32 <paramref name="count"/> × cols between <paramref name="rows"/> and <paramref name="ring"/>, row r (device int32
-    /// <paramref name="slots"/>, <paramref name="positions"/>) at ring row slots[r]·ringRows + positions[r] mod ringRows:
-    /// gathered from the ring into rows, or with <paramref name="scatter"/> scattered from rows into the ring.
+    /// <paramref name="count"/> × cols elements of <paramref name="type"/> between <paramref name="rows"/> and <paramref name="ring"/>,
+    /// row r (device int32 <paramref name="slots"/>, <paramref name="positions"/>) at ring row slots[r]·ringRows + positions[r] mod
+    /// ringRows: gathered from the ring into rows, or with <paramref name="scatter"/> scattered from rows into the ring.
     /// </summary>
-    public void Ring(CudaStream stream, bool scatter, ulong ring, ulong rows, ulong slots, ulong positions, int count, int cols, int ringRows) =>
-        Run(stream, scatter ? ScatterInstance : GatherInstance, (long)count * cols, new BackendGlueParams
+    public void Ring(CudaStream stream, bool scatter, ElementType type, ulong ring, ulong rows, ulong slots, ulong positions, int count, int cols,
+        int ringRows) =>
+        Run(stream, RingInstance(scatter, type), (long)count * cols, new BackendGlueParams
         {
             X = scatter ? rows : ring, Out = scatter ? ring : rows, Slots = slots, Positions = positions, Rows = count, Cols = cols, RingRows = ringRows,
         });

@@ -22,8 +22,9 @@ internal struct RmsNormParams
 
 /// <summary>
 /// RMSNorm, fp32 math, bf16 weight: <c>y = x / sqrt(mean(x²) + eps) · w</c>; the fused form adds the
-/// update into the fp32 residual stream first (<c>h += x; y = norm(h)</c>). One block per row. Rounded (f32 in and out
-/// only: f32 storage holding bf16 values, as <c>CpuBackend</c>'s GpuEmulation): h rounded to bf16 after the add, y to bf16 values.
+/// update into the residual stream first (<c>h += x; y = norm(h)</c>), h of x's storage type (a bf16 h holds the rounded
+/// sum, and the norm reads it). One block per row. Rounded (f32 in and out only: f32 storage holding bf16 values, as
+/// <c>CpuBackend</c>'s GpuEmulation): h rounded to bf16 after the add, y to bf16 values.
 /// </summary>
 internal sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
@@ -55,7 +56,9 @@ internal sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) :
         long xStride = -1, long yStride = -1, bool round = false) =>
         Run(stream, fused: false, x, xType, 0, weight, y, yType, rows, dim, eps, xStride, 0, yStride, round);
 
-    /// <summary>h[r] += x[r] (fp32 residual, written back; rounded: bf16(h[r] + x[r])), then y[r] = RMSNorm(h[r]) · w.</summary>
+    /// <summary>
+    /// h[r] += x[r] (h of <paramref name="xType"/>, written back; bf16 or rounded: bf16(h[r] + x[r])), then y[r] = RMSNorm(h[r]) · w.
+    /// </summary>
     public void LaunchFused(CudaStream stream, ulong residual, ulong x, ElementType xType, ulong weight, ulong y, ElementType yType, int rows, int dim,
         float eps, long xStride = -1, long residualStride = -1, long yStride = -1, bool round = false) =>
         Run(stream, fused: true, x, xType, residual, weight, y, yType, rows, dim, eps, xStride, residualStride, yStride, round);

@@ -84,12 +84,15 @@ internal abstract class Activations
 
     /// <summary>A routing buffer for at least <paramref name="tokens"/> tokens.</summary>
     public abstract Taken<Routing> TakeRouting(int tokens, int experts, int topK);
+
+    /// <summary>The kind of tensor <paramref name="which"/> is: the logits stay fp32, everything else is an activation.</summary>
+    protected static TensorKind KindOf(Activation which) => which == Activation.Logits ? TensorKind.Logits : TensorKind.Activation;
 }
 
 /// <summary>Allocates every intermediate when it is taken (a single sequence's session).</summary>
 internal sealed class FreshActivations(IBackend backend) : Activations
 {
-    public override Tensor Take(Activation which, int rows, int cols) => backend.Allocate(rows, cols);
+    public override Tensor Take(Activation which, int rows, int cols) => backend.Allocate(rows, cols, KindOf(which));
 
     public override Taken<Routing> TakeRouting(int tokens, int experts, int topK) => new(backend.AllocateRouting(tokens, experts, topK), owned: true);
 }
@@ -175,7 +178,7 @@ internal sealed class ActivationArena : Activations, IDisposable
         {
             foreach (var key in plan.Tensors)
             {
-                _tensors[key] = backend.Allocate(maxRows, key.Cols);
+                _tensors[key] = backend.Allocate(maxRows, key.Cols, KindOf(key.Which));
             }
 
             foreach (var key in plan.Routings)

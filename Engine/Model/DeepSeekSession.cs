@@ -55,7 +55,7 @@ public sealed class DeepSeekSession : IModelSession
         using var normed = RunLayers(tokens, null);
         using var last = _b.Allocate(1, _model.Config.HiddenSize);
         _b.CopyRows(normed, normed.Rows - 1, last, 0, 1);
-        using var logits = _b.Allocate(1, _model.VocabSize);
+        using var logits = _b.Allocate(1, _model.VocabSize, TensorKind.Logits);
         _b.Logits(last, _model.Head, logits);
         _b.Download(logits, lastLogits[.._model.VocabSize]);
     }
@@ -68,7 +68,7 @@ public sealed class DeepSeekSession : IModelSession
     public float[] ForwardAll(ReadOnlySpan<int> tokens, Action<Intermediate>? observer = null)
     {
         using var normed = RunLayers(tokens, observer);
-        using var logits = _b.Allocate(normed.Rows, _model.VocabSize);
+        using var logits = _b.Allocate(normed.Rows, _model.VocabSize, TensorKind.Logits);
         _b.Logits(normed, _model.Head, logits);
         var result = new float[logits.Length];
         _b.Download(logits, result);
@@ -99,7 +99,7 @@ public sealed class DeepSeekSession : IModelSession
 
         using var tail = _b.Allocate(logitRows, d);
         _b.CopyRows(normed, normed.Rows - logitRows, tail, 0, logitRows);
-        using var logits = _b.Allocate(logitRows, _model.VocabSize);
+        using var logits = _b.Allocate(logitRows, _model.VocabSize, TensorKind.Logits);
         _b.Logits(tail, _model.Head, logits);
         var result = new float[logits.Length];
         _b.Download(logits, result);
@@ -168,7 +168,7 @@ public sealed class DeepSeekSession : IModelSession
         using var normed = _b.Allocate(n, c.HiddenSize);
         LayerSteps.Mtp(_context, mtp, _model.Embed, h, nextTokens, new LayerRows(new[] { new Segment(_mtpCache!, startPosition, 0, n) }), _activations, normed, observer);
         MtpLength = startPosition + n;
-        using var logits = _b.Allocate(n, _model.VocabSize);
+        using var logits = _b.Allocate(n, _model.VocabSize, TensorKind.Logits);
         _b.Logits(normed, _model.Head, logits);
         var result = new float[logits.Length];
         _b.Download(logits, result);

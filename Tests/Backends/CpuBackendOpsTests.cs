@@ -56,6 +56,51 @@ public sealed class CpuBackendOpsTests
         Tolerance.AssertClose(got, expected, 1e-6, 1e-6, "interleaved rope");
     }
 
+    /// <summary>
+    /// A tensor's kind: the emulation's upload stores an activation's values as a GPU does, rounded to BF16 (to nearest, ties
+    /// to even; NaN and infinity kept), and keeps logits exact; the float32 reference keeps both. Views keep the kind; the head
+    /// writes only logits, tokens are chosen only from logits and a copy keeps its kind, each refusal naming the tensor.
+    /// </summary>
+    [TestMethod]
+    public void ActivationsHoldBf16ValuesInTheEmulationAndLogitsStayExact()
+    {
+        float[] values = [1 + 1f / 256, 1 + 3f / 256, 1 / 3f, -2.7182817f, float.NaN, float.PositiveInfinity];
+        // By hand: a tie to the even 1, a tie up to the even 1 + 2/128, 1/3 and e to their nearest of 8 significant bits.
+        float[] bf16 = [1f, 1.015625f, 0.333984375f, -2.71875f, float.NaN, float.PositiveInfinity];
+        float[] Stored(CpuBackend b, TensorKind kind)
+        {
+            using var t = b.Upload(values, 2, 3, kind);
+            Assert.AreEqual(kind, t.Kind);
+            using var view = b.View(t, 1, 1);
+            Assert.AreEqual(kind, view.Kind, "a view keeps its tensor's kind");
+            var got = new float[6];
+            b.Download(t, got);
+            return got;
+        }
+
+        using var emulation = new CpuBackend(CpuNumerics.GpuEmulation);
+        using var reference = new CpuBackend();
+        CollectionAssert.AreEqual(bf16, Stored(emulation, TensorKind.Activation), "emulation: an activation holds bf16 values");
+        CollectionAssert.AreEqual(values, Stored(emulation, TensorKind.Logits), "emulation: logits as given");
+        CollectionAssert.AreEqual(values, Stored(reference, TensorKind.Activation), "float32: an activation as given");
+        CollectionAssert.AreEqual(values, Stored(reference, TensorKind.Logits), "float32: logits as given");
+
+        using var x = emulation.Upload(values, 2, 3);
+        using var activation = emulation.Allocate(2, 4);
+        using var logits = emulation.Allocate(2, 4, TensorKind.Logits);
+        Assert.AreEqual("logits [2, 4]", logits.ToString());
+        using var head = new CpuLinearWeight(4, 3, false, Random(12, 5));
+        var notLogits = Assert.ThrowsExactly<ArgumentException>(() => emulation.Logits(x, head, activation));
+        Assert.AreEqual("the output of the head must be a logits tensor; [2, 4] is an activation", notLogits.Message);
+        emulation.Logits(x, head, logits);
+        using var buffer = emulation.AllocateTokenChoices(2, 4);
+        var notChosen = Assert.ThrowsExactly<ArgumentException>(() => emulation.ChooseTokens(activation, [TokenChoice.Greedy(4)], buffer, new int[1]));
+        Assert.AreEqual("the rows tokens are chosen from must be a logits tensor; [2, 4] is an activation", notChosen.Message);
+        var notCopied = Assert.ThrowsExactly<ArgumentException>(() => emulation.CopyRows(logits, 0, activation, 1, 1));
+        Assert.AreEqual("a copy of logits [2, 4] must be a logits tensor; [2, 4] is an activation", notCopied.Message);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => emulation.Allocate(1, 1, (TensorKind)7));
+    }
+
     [TestMethod]
     public void AddRmsNormAccumulatesTheResidualAndNormalizes()
     {

@@ -58,7 +58,7 @@ public sealed class TokenSamplingTests
         var values = Enumerable.Range(0, 4 * v).Select(_ => (float)(rng.NextDouble() * 8 - 4)).ToArray();
         values[2 * v + 17] = float.NaN;
         var cpu = new CpuBackend();
-        using var logits = cpu.Upload(values, 4, v);
+        using var logits = cpu.Upload(values, 4, v, TensorKind.Logits);
         using var buffer = cpu.AllocateTokenChoices(4, v);
         TokenChoice[] choices = [TokenChoice.Greedy(v), new(200, 0.7f, 30, 0.9f, 11, 4), new(v, 1, 0, 1, 11, 5), default];
         var tokens = new int[4];
@@ -126,7 +126,7 @@ public sealed class TokenSamplingTests
         var rng = new Random(5);
         var values = Enumerable.Range(0, 2 * v).Select(_ => (float)(rng.NextDouble() * 8 - 4)).ToArray();
         var cpu = new CpuBackend();
-        using var logits = cpu.Upload(values, 2, v);
+        using var logits = cpu.Upload(values, 2, v, TensorKind.Logits);
         using var buffer = cpu.AllocateTokenChoices(2, v);
         var odd = new ulong[TokenChoice.MaskWords(v)];
         Array.Fill(odd, 0xAAAAAAAAAAAAAAAAUL);

@@ -21,7 +21,7 @@ namespace DeepSeekCuda.Tests.Cuda;
 /// </summary>
 [TestClass]
 [TestCategory("Gpu")]
-public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
+public class CudaBackendGpuTests : TinyABackendsGpuTests
 {
     private int QLora => Config.QLoraRank ?? throw new InvalidOperationException("tiny-a has q_lora_rank");
 
@@ -46,7 +46,8 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         public Tensor In(float[] values, int rows, int cols) => Own(backend.Upload(values, rows, cols));
 
         /// <summary>An output poisoned with NaN, so an element the backend does not write cannot pass.</summary>
-        public Tensor Out(int rows, int cols) => Own(backend.Upload(Enumerable.Repeat(float.NaN, rows * cols).ToArray(), rows, cols));
+        public Tensor Out(int rows, int cols, TensorKind kind = TensorKind.Activation) =>
+            Own(backend.Upload(Enumerable.Repeat(float.NaN, rows * cols).ToArray(), rows, cols, kind));
 
         public float[] Read(Tensor t)
         {
@@ -124,7 +125,7 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         ];
         int[] Run(IBackend b)
         {
-            using var all = b.Upload(values, rows + 2, v);
+            using var all = b.Upload(values, rows + 2, v, TensorKind.Logits);
             using var logits = b.View(all, 1, rows);
             using var buffer = b.AllocateTokenChoices(rows, v);
             var tokens = new int[rows];
@@ -162,7 +163,7 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         ];
         int[] Run(IBackend b)
         {
-            using var logits = b.Upload(values, rows, v);
+            using var logits = b.Upload(values, rows, v, TensorKind.Logits);
             using var buffer = b.AllocateTokenChoices(rows, v);
             var tokens = new int[rows];
             b.ChooseTokens(logits, choices, buffer, tokens);
@@ -315,7 +316,7 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
             var head = s.Own(s.B.UploadHead(Checkpoint, "lm_head.weight", vocab, d));
             Assert.IsFalse(head.Fp8);
             var xt = s.In(x, rows, d);
-            var logits = s.Out(rows, vocab);
+            var logits = s.Out(rows, vocab, TensorKind.Logits);
             s.B.Logits(xt, head, logits);
             var y = s.Out(rows, vocab);
             s.B.Linear(xt, head, y);
@@ -497,7 +498,7 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
                 return (Rows: s.Own(b.AllocateStepRows(Rows)), Pool: s.Own(b.AllocateLatentPool(Rows * MaxBlocks, dims.KvLora, dims.QkRope)), Table: table,
                     H: s.Out(Rows, d), A: s.Out(Rows, d), Cq: s.Out(Rows, QLora), Q: s.Out(Rows, dims.Heads * dims.QkHead),
                     Kv: s.Out(Rows, dims.KvLora + dims.QkRope), Attn: s.Out(Rows, dims.Heads * dims.V), Out: s.Out(Rows, d),
-                    Routing: s.Own(b.AllocateRouting(Rows, e, k)), Ffn: s.Out(Rows, d), Logits: s.Out(Rows, vocab));
+                    Routing: s.Own(b.AllocateRouting(Rows, e, k)), Ffn: s.Out(Rows, d), Logits: s.Out(Rows, vocab, TensorKind.Logits));
             }).ToArray();
             void Run(int m)
             {
@@ -612,4 +613,15 @@ public sealed class CudaBackendGpuTests : TinyABackendsGpuTests
         Close("routing weights", weights[0], weights[1], 1e-6, 1e-5);
         Close($"moe x{tokens}", got[0], want[0], 0.01, 2 * Bf16Step, rmsRel: 5e-3);
     }
+}
+
+/// <summary>
+/// <see cref="CudaBackendGpuTests"/> again with activations in BF16 storage (<see cref="CudaBackendOptions.Bf16Activations"/>):
+/// the same values against the same reference, with no rounding pass and no conversion copy.
+/// </summary>
+[TestClass]
+[TestCategory("Gpu")]
+public sealed class CudaBackendBf16ActivationsGpuTests : CudaBackendGpuTests
+{
+    private protected override CudaBackendOptions CudaOptions => new() { Bf16Activations = true };
 }

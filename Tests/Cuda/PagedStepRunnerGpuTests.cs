@@ -86,13 +86,14 @@ public sealed class PagedStepRunnerGpuTests
     }
 
     [TestMethod]
-    [DataRow(1)]
-    [DataRow(8)]
-    [DataRow(64)]
-    public void ConcurrentGreedyRequestsEqualEachAloneAndTheEmulation(int count)
+    [DataRow(1, false)]
+    [DataRow(8, false)]
+    [DataRow(64, false)]
+    [DataRow(8, true)]
+    public void ConcurrentGreedyRequestsEqualEachAloneAndTheEmulation(int count, bool bf16Activations)
     {
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
-        using var cuda = new CudaBackend();
+        using var cuda = new CudaBackend(new CudaBackendOptions { Bf16Activations = bf16Activations });
         using var cpu = new CpuBackend(CpuNumerics.GpuEmulation);
         var options = new ModelOptions { MaxSequenceLength = MaxLength };
         using var model = DeepSeekModel.Load(checkpoint, cuda, options);
@@ -119,15 +120,17 @@ public sealed class PagedStepRunnerGpuTests
     /// <summary>
     /// The eight requests with decode steps as CUDA graphs (each bucket's first step run eagerly and captured, later
     /// ones replayed after the rows' upload, steps padded to their row bucket): the ids of eager steps. With speculative
-    /// decoding the graphs run the verify steps (each drafting entry a token and its draft) and the MTP passes follow them.
+    /// decoding the graphs run the verify steps (each drafting entry a token and its draft) and the MTP passes follow them; and so with
+    /// activations in BF16 storage.
     /// </summary>
     [TestMethod]
-    [DataRow(false)]
-    [DataRow(true)]
-    public void DecodeGraphStepsGiveTheIdsOfEagerSteps(bool speculative)
+    [DataRow(false, false)]
+    [DataRow(true, false)]
+    [DataRow(true, true)]
+    public void DecodeGraphStepsGiveTheIdsOfEagerSteps(bool speculative, bool bf16Activations)
     {
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
-        using var cuda = new CudaBackend();
+        using var cuda = new CudaBackend(new CudaBackendOptions { Bf16Activations = bf16Activations });
         using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
         var prompts = SyntheticPrompts.Staggered(model.VocabSize, 8);
         var eager = Run(model, prompts, "eager", speculative: speculative);

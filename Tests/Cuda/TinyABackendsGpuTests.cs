@@ -29,11 +29,14 @@ public abstract class TinyABackendsGpuTests : GpuTestBase
 
     private protected ModelConfig Config => Checkpoint.Config;
 
+    /// <summary>The options the CUDA backend under test is opened with.</summary>
+    private protected virtual CudaBackendOptions CudaOptions => new();
+
     [TestInitialize]
     public void OpenBackends()
     {
         Checkpoint = Checkpoint.Open(SharedData.TinyAModel);
-        Cuda = new CudaBackend();
+        Cuda = new CudaBackend(CudaOptions);
         Cpu = new CpuBackend(CpuNumerics.GpuEmulation);
         Seed = Environment.TickCount;
         TestContext.WriteLine($"seed {Seed}");

@@ -4,6 +4,7 @@ using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
@@ -21,12 +22,13 @@ namespace DeepSeekCuda.Tests.Distributed;
 /// fall on the FP8 128x128 scale grid (N = 1..4 for both plans; pipelines also 3 and 8 ranks). A pipeline runs the very same kernels on the same values in the same order (the
 /// kernels are deterministic; copies between ranks are exact), so its logits are bit-identical. Tensor/expert
 /// parallelism rounds each rank's o_proj, MLP and MoE partial to BF16 (CudaBackend's linear/MoE outputs) before the
-/// float32 all-reduce, where one device rounds the whole sum once, and quantizes o_proj's and down_proj's input to FP8
+/// float32 all-reduce (whose sum is stored as BF16 values again), where one device rounds the whole sum once, and quantizes o_proj's and down_proj's input to FP8
 /// per 128 channels of the shard instead of the whole row: the same kind of difference as CUDA vs the CPU emulation
 /// (occasional one-step BF16 flips, FP8 codes moving), so the same bound, logits within rms_rel 0.05
 /// (<c>CudaModelGpuTests.EmulationRmsRel</c>), and greedy ids identical (teacher-forced on the random-weight synthetic model,
 /// whose top-2 logits are often closer than that). Also the communicator's own collectives
-/// (exact sums in rank order, exact copies, also with backends on streams of their own) and device memory returned.
+/// (exact sums in rank order, exact copies, also with backends on streams of their own and with activations in BF16
+/// storage) and device memory returned.
 /// </summary>
 [TestClass]
 [TestCategory("Gpu")]
@@ -249,14 +251,16 @@ public sealed class CudaParallelGpuTests
     }
 
     [TestMethod]
-    [DataRow(1)]
-    [DataRow(2)]
-    [DataRow(3)] // not a compiled rank count: the mesh stages through the host, same order and bits
-    [DataRow(4)]
-    [DataRow(8)]
-    public void AllReduceAndCopyAreExactOnMeshStreams(int n)
+    [DataRow(1, false)]
+    [DataRow(2, false)]
+    [DataRow(3, false)] // not a compiled rank count: the mesh stages through the host, same order and bits
+    [DataRow(4, false)]
+    [DataRow(8, false)]
+    [DataRow(2, true)]
+    [DataRow(3, true)]
+    public void AllReduceAndCopyAreExactOnMeshStreams(int n, bool bf16Activations)
     {
-        using var gpus = CudaParallel.Logical(n);
+        using var gpus = CudaParallel.Logical(n, new CudaBackendOptions { Bf16Activations = bf16Activations });
         CheckCollectives(gpus.Communicator, Enumerable.Range(0, n).Select(gpus.Communicator.Backend).ToArray(), seed: n);
     }
 
@@ -299,17 +303,27 @@ public sealed class CudaParallelGpuTests
     /// <summary>
     /// Sums of fresh random tensors (several sizes: decode rows, a one-shot message, a two-step one) against the host sum
     /// in rank order (exact), twice per size (the flags reused with the next epoch); then copies into NaN-poisoned tensors.
+    /// Logits are summed and copied as given; activations hold BF16 values (their upload rounds them), and so does their sum.
     /// </summary>
     private void CheckCollectives(CudaCommunicator comm, CudaBackend[] backends, int seed)
     {
+        foreach (var kind in new[] { TensorKind.Logits, TensorKind.Activation })
+        {
+            CheckCollectives(comm, backends, seed, kind);
+        }
+    }
+
+    private void CheckCollectives(CudaCommunicator comm, CudaBackend[] backends, int seed, TensorKind kind)
+    {
         var n = backends.Length;
         var rng = new Random(seed);
+        float Stored(float v) => kind == TensorKind.Activation ? BFloat16.Round(v) : v;
         foreach (var (rows, cols) in new[] { (1, 7168), (4, 7168), (67, 4099), (300, 2048) })
         {
             for (var call = 0; call < 2; call++)
             {
                 var values = Enumerable.Range(0, n).Select(_ => Enumerable.Range(0, rows * cols).Select(_ => (float)(rng.NextDouble() * 8 - 4)).ToArray()).ToArray();
-                var tensors = Enumerable.Range(0, n).Select(r => backends[r].Upload(values[r], rows, cols)).ToArray();
+                var tensors = Enumerable.Range(0, n).Select(r => backends[r].Upload(values[r], rows, cols, kind)).ToArray();
                 try
                 {
                     comm.AllReduceSum(tensors);
@@ -319,15 +333,15 @@ public sealed class CudaParallelGpuTests
                         backends[r].Download(tensors[r], got);
                         for (var i = 0; i < got.Length; i++)
                         {
-                            var sum = values[0][i];
+                            var sum = Stored(values[0][i]);
                             for (var d = 1; d < n; d++)
                             {
-                                sum += values[d][i];
+                                sum += Stored(values[d][i]);
                             }
 
-                            if (got[i] != sum)
+                            if (got[i] != Stored(sum))
                             {
-                                Assert.Fail($"[{rows}, {cols}] call {call}: rank {r} element {i}: {got[i]}, host sum in rank order {sum}");
+                                Assert.Fail($"{kind} [{rows}, {cols}] call {call}: rank {r} element {i}: {got[i]}, host sum in rank order {Stored(sum)}");
                             }
                         }
                     }
@@ -348,12 +362,12 @@ public sealed class CudaParallelGpuTests
         for (var from = 0; from < n; from++)
         {
             var to = (from + 1) % n;
-            using var s = backends[from].Upload(source, 3, 4099);
-            using var d = backends[to].Upload(poison, 3, 4099);
+            using var s = backends[from].Upload(source, 3, 4099, kind);
+            using var d = backends[to].Upload(poison, 3, 4099, kind);
             comm.Copy(s, from, d, to);
             var got = new float[source.Length];
             backends[to].Download(d, got);
-            CollectionAssert.AreEqual(source, got, $"copy rank {from} → rank {to}");
+            CollectionAssert.AreEqual(source.Select(Stored).ToArray(), got, $"{kind}: copy rank {from} → rank {to}");
         }
 
         comm.Barrier();

@@ -82,8 +82,9 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
         return resource is Tensor ? resource : Named(resource);
     }
 
-    public Tensor Allocate(int rows, int cols) => Counted(inner.Allocate(rows, cols));
-    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols) => Counted(inner.Upload(values, rows, cols));
+    public Tensor Allocate(int rows, int cols, TensorKind kind = TensorKind.Activation) => Counted(inner.Allocate(rows, cols, kind));
+    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols, TensorKind kind = TensorKind.Activation) =>
+        Counted(inner.Upload(values, rows, cols, kind));
     public void Download(Tensor tensor, Span<float> destination)
     {
         DownloadedValues += tensor.Length;

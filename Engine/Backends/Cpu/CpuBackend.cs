@@ -118,23 +118,29 @@ public sealed class CpuBackend : IBackend
     // ---------------------------------------------------------------- memory
 
     /// <inheritdoc />
-    public Tensor Allocate(int rows, int cols)
+    public Tensor Allocate(int rows, int cols, TensorKind kind = TensorKind.Activation)
     {
         NotCapturing();
-        return new CpuTensor(rows, cols);
+        return new CpuTensor(rows, cols, kind);
     }
 
     /// <inheritdoc />
-    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols)
+    /// <remarks>In <see cref="CpuNumerics.GpuEmulation"/> an activation's values are rounded to BF16, as a GPU stores them.</remarks>
+    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols, TensorKind kind = TensorKind.Activation)
     {
         NotCapturing();
-        var t = new CpuTensor(rows, cols);
+        var t = new CpuTensor(rows, cols, kind);
         if (values.Length != t.Data.Length)
         {
             throw new ArgumentException($"{values.Length} values for a [{rows}, {cols}] tensor", nameof(values));
         }
 
         values.CopyTo(t.Data);
+        if (kind == TensorKind.Activation)
+        {
+            Store(t.Data);
+        }
+
         return t;
     }
 
@@ -154,11 +160,7 @@ public sealed class CpuBackend : IBackend
         }
 
         CpuTensor s = T(source), d = T(destination);
-        if (s.Cols != d.Cols || sourceRow < 0 || destinationRow < 0 || count < 0 || sourceRow + count > s.Rows || destinationRow + count > d.Rows)
-        {
-            throw new ArgumentException($"cannot copy {count} rows from {s} at {sourceRow} to {d} at {destinationRow}");
-        }
-
+        ShapeCheck.CopyRows(s, sourceRow, d, destinationRow, count);
         s.Data.Slice(sourceRow * s.Cols, count * s.Cols).CopyTo(d.Data[(destinationRow * d.Cols)..]);
     }
 
@@ -536,7 +538,7 @@ public sealed class CpuBackend : IBackend
 
         CpuTensor a = T(x), o = T(logits);
         var w = (CpuLinearWeight)head;
-        ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
+        ShapeCheck.Logits(a, w, o);
         Gemm(a.Memory, a.Rows, w, o.Memory, parallel: true);
     }
 

@@ -5,13 +5,13 @@ namespace DeepSeekCuda.Backends.Cpu;
 /// <summary>An activation: rows × cols floats of a managed array, from <see cref="Offset"/> (a view shares its owner's array).</summary>
 internal sealed class CpuTensor : Tensor
 {
-    public CpuTensor(int rows, int cols)
-        : this(new float[checked(rows * cols)], 0, rows, cols)
+    public CpuTensor(int rows, int cols, TensorKind kind = TensorKind.Activation)
+        : this(new float[checked(rows * cols)], 0, rows, cols, kind)
     {
     }
 
-    private CpuTensor(float[] buffer, int offset, int rows, int cols)
-        : base(rows, cols)
+    private CpuTensor(float[] buffer, int offset, int rows, int cols, TensorKind kind)
+        : base(rows, cols, kind)
     {
         Buffer = buffer;
         Offset = offset;
@@ -32,7 +32,7 @@ internal sealed class CpuTensor : Tensor
     public Span<float> Row(int row) => Buffer.AsSpan(Offset + row * Cols, Cols);
 
     /// <summary>Rows <paramref name="firstRow"/> .. + <paramref name="rows"/> − 1, sharing the array.</summary>
-    public CpuTensor View(int firstRow, int rows) => new(Buffer, Offset + firstRow * Cols, rows, Cols);
+    public CpuTensor View(int firstRow, int rows) => new(Buffer, Offset + firstRow * Cols, rows, Cols, Kind);
 }
 
 internal sealed class CpuLinearWeight(int outFeatures, int inFeatures, bool fp8, float[] data) : LinearWeight(outFeatures, inFeatures, fp8)

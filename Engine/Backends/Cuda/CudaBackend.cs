@@ -1,7 +1,9 @@
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Kernels;
 using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Loading;
 using CudaRt = DeepSeekCuda.Cuda.Cuda;
 
@@ -35,6 +37,14 @@ public sealed record CudaBackendOptions
     /// CUDA-core kernels.
     /// </summary>
     public bool TensorCoreBf16Gemm { get; init; }
+
+    /// <summary>
+    /// Store activations as BF16, as DESIGN.md says, instead of f32 storage holding BF16 values: half the activation traffic,
+    /// and no rounding passes (every kernel writes its BF16 output itself, and the MLA prefill kernel reads and writes the
+    /// activations in place of converted copies). The values are the same either way. Logits stay f32. Off by default: no
+    /// GPU has yet confirmed it against the CPU reference.
+    /// </summary>
+    public bool Bf16Activations { get; init; }
 }
 
 /// <summary>
@@ -42,12 +52,13 @@ public sealed record CudaBackendOptions
 /// <c>Engine/Kernels</c>. Numerics are those of <see cref="Cpu.CpuBackend"/> in
 /// <see cref="Cpu.CpuNumerics.GpuEmulation"/>, its tight reference:
 /// <list type="bullet">
-/// <item><b>Activations</b>: every <see cref="Tensor"/> is <b>f32 storage</b> on the device, and every operation
-/// rounds its output to BF16 values exactly where the CPU emulation does (its <c>Store</c>: embedding, norms, linears,
-/// SiLU·up, RoPE, attention outputs, MoE output, the residual), so a tensor holds the same BF16 values it would in
-/// BF16 storage; logits and routing stay fp32 and are never rounded; <see cref="Upload"/> keeps values as given
-/// (as the CPU backend). Internal operands of the MLA kernels (q and the attention output of the prefill kernel,
-/// q_abs, the gathered latents, decompressed k/v, the paged cache) are BF16 scratch.</item>
+/// <item><b>Activations</b> hold BF16 values: in <b>BF16 storage</b> with <see cref="CudaBackendOptions.Bf16Activations"/>,
+/// else in <b>f32 storage</b>, where every operation rounds its output to BF16 values exactly where the CPU emulation does
+/// (its <c>Store</c>: embedding, norms, linears, SiLU·up, RoPE, attention outputs, MoE output, the residual). Either way
+/// <see cref="Upload"/> rounds an activation's values to BF16 (as the emulation's upload), and logits
+/// (<see cref="TensorKind.Logits"/>) and routing stay fp32 and are never rounded. Internal operands of the MLA kernels
+/// (q_abs, the gathered latents, decompressed k/v, the paged cache; in f32 storage also q and the attention output of
+/// the prefill kernel) are BF16 scratch.</item>
 /// <item><b>Weights</b>: FP8 linears stay e4m3 codes + fp32 128x128 block scales (raw checkpoint bytes); their
 /// GEMM quantizes the activation per token per 128 channels (<see cref="ActQuantKernel"/>, fp32 scales) as the
 /// emulation does. BF16 linears (lm_head, BF16 checkpoints) run through <see cref="Bf16GemmKernel"/> (fp32
@@ -184,7 +195,8 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
-    public string Name => $"cuda:{_device.Ordinal} {_device.Name} (f32 storage of bf16 values, fp8 activations)";
+    public string Name =>
+        $"cuda:{_device.Ordinal} {_device.Name} ({(_options.Bf16Activations ? "bf16 activations" : "f32 storage of bf16 values")}, fp8 activations)";
 
     /// <summary>The device.</summary>
     internal CudaDevice Device => _device;
@@ -192,11 +204,25 @@ public sealed class CudaBackend : IBackend
     /// <summary>The stream every operation is queued on.</summary>
     internal CudaStream Stream => _stream;
 
-    /// <summary>Whether <paramref name="tensor"/> is an activation of this backend (allocated on its device).</summary>
+    /// <summary>Whether <paramref name="tensor"/> is a tensor of this backend (allocated on its device).</summary>
     internal bool Holds(Tensor tensor) => tensor is CudaTensor t && t.Buffer.Device == _device;
 
-    /// <summary>The device address of an activation's f32 storage (for collectives on the tensor's own device).</summary>
-    internal static ulong PointerOf(Tensor tensor) => T(tensor).Pointer;
+    /// <summary>The device address of a tensor's storage and its element type (for collectives on the tensor's own device).</summary>
+    internal static (ulong Pointer, ElementType Type) StorageOf(Tensor tensor)
+    {
+        var t = T(tensor);
+        return (t.Pointer, t.Type);
+    }
+
+    /// <summary>
+    /// Rounds an activation in f32 storage to BF16 values after work that wrote it unrounded (a collective's f32 sum), queued on
+    /// the stream; nothing for BF16 storage or logits.
+    /// </summary>
+    internal void RoundActivation(Tensor tensor)
+    {
+        using var scope = Enter(recordable: true);
+        RoundStored(T(tensor));
+    }
 
     /// <summary>Waits for the queued work.</summary>
     public void Synchronize()
@@ -277,20 +303,20 @@ public sealed class CudaBackend : IBackend
     // ---------------------------------------------------------------- memory
 
     /// <inheritdoc />
-    public Tensor Allocate(int rows, int cols)
+    public Tensor Allocate(int rows, int cols, TensorKind kind = TensorKind.Activation)
     {
         using var scope = Enter();
-        var t = new CudaTensor(_device, rows, cols);
+        var t = NewTensor(rows, cols, kind);
         if (t.Length > 0)
         {
-            t.Buffer.Fill32(0, _stream);
+            t.Buffer.Fill8(0, _stream);
         }
 
         return t;
     }
 
     /// <inheritdoc />
-    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols)
+    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols, TensorKind kind = TensorKind.Activation)
     {
         using var scope = Enter();
         if (values.Length != (long)rows * cols)
@@ -298,8 +324,28 @@ public sealed class CudaBackend : IBackend
             throw new ArgumentException($"{values.Length} values for a [{rows}, {cols}] tensor", nameof(values));
         }
 
-        var t = new CudaTensor(_device, rows, cols);
-        t.Buffer.Upload(values, _stream);
+        var t = NewTensor(rows, cols, kind);
+        if (t.Type == ElementType.BF16)
+        {
+            var bits = new ushort[values.Length];
+            for (var i = 0; i < bits.Length; i++)
+            {
+                bits[i] = BFloat16.FromFloat(values[i]);
+            }
+
+            t.Buffer.Upload(MemoryMarshal.AsBytes(bits.AsSpan()), _stream);
+        }
+        else if (kind == TensorKind.Activation)
+        {
+            var rounded = values.ToArray();
+            BFloat16.Round(rounded);
+            t.Buffer.Upload(MemoryMarshal.AsBytes(rounded.AsSpan()), _stream);
+        }
+        else
+        {
+            t.Buffer.Upload(MemoryMarshal.AsBytes(values), _stream);
+        }
+
         return t;
     }
 
@@ -313,20 +359,29 @@ public sealed class CudaBackend : IBackend
             throw new ArgumentException($"destination holds {destination.Length} values; {t} has {t.Length}", nameof(destination));
         }
 
-        t.Buffer.Download(destination[..(int)t.Length], _stream);
+        if (t.Type == ElementType.BF16)
+        {
+            var bits = new ushort[t.Length];
+            t.Buffer.Download(MemoryMarshal.AsBytes(bits.AsSpan()), _stream);
+            BFloat16.Decode(bits, destination);
+        }
+        else
+        {
+            t.Buffer.Download(MemoryMarshal.AsBytes(destination[..(int)t.Length]), _stream);
+        }
     }
+
+    /// <summary>A tensor of <paramref name="kind"/> in its storage type: logits f32; activations BF16 or f32 as the options say.</summary>
+    private CudaTensor NewTensor(int rows, int cols, TensorKind kind) =>
+        new(_device, rows, cols, kind, kind == TensorKind.Activation && _options.Bf16Activations ? ElementType.BF16 : ElementType.F32);
 
     /// <inheritdoc />
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count)
     {
         using var scope = Enter(recordable: true);
         CudaTensor s = T(source), d = T(destination);
-        if (s.Cols != d.Cols || sourceRow < 0 || destinationRow < 0 || count < 0 || sourceRow + count > s.Rows || destinationRow + count > d.Rows)
-        {
-            throw new ArgumentException($"cannot copy {count} rows from {s} at {sourceRow} to {d} at {destinationRow}");
-        }
-
-        _glue.Copy(_stream, s.Row(sourceRow), s.Cols, d.Row(destinationRow), d.Cols, count, s.Cols);
+        ShapeCheck.CopyRows(s, sourceRow, d, destinationRow, count);
+        _glue.Copy(_stream, s.Type, s.Row(sourceRow), s.Cols, d.Row(destinationRow), d.Cols, count, s.Cols);
     }
 
     /// <inheritdoc />
@@ -342,7 +397,8 @@ public sealed class CudaBackend : IBackend
         ShapeCheck.Ring(ring, ringRows, rows, other);
         var s = (CudaStepRows)rows;
         CudaTensor g = T(ring), x = T(other);
-        _glue.Ring(_stream, scatter, g.Pointer, x.Pointer, s.SlotsPointer, s.PositionsPointer, x.Rows, x.Cols, ringRows);
+        SameType(g, x, "a ring and its rows");
+        _glue.Ring(_stream, scatter, x.Type, g.Pointer, x.Pointer, s.SlotsPointer, s.PositionsPointer, x.Rows, x.Cols, ringRows);
     }
 
     /// <inheritdoc />
@@ -787,7 +843,7 @@ public sealed class CudaBackend : IBackend
         var w = (CudaEmbeddingWeight)table;
         var o = T(output);
         ShapeCheck.Embedding(w, ids, o);
-        _embedding.Launch(_stream, UploadInts(ids), w.Data.Pointer, w.Rows, w.Width, o.Pointer, ElementType.F32, ids.Length);
+        _embedding.Launch(_stream, UploadInts(ids), w.Data.Pointer, w.Rows, w.Width, o.Pointer, o.Type, ids.Length);
     }
 
     /// <inheritdoc />
@@ -797,7 +853,7 @@ public sealed class CudaBackend : IBackend
         var w = (CudaEmbeddingWeight)table;
         var o = T(output);
         ShapeCheck.EmbeddingRows(w, rows, o);
-        _embedding.Launch(_stream, ((CudaStepRows)rows).TokensPointer, w.Data.Pointer, w.Rows, w.Width, o.Pointer, ElementType.F32, o.Rows);
+        _embedding.Launch(_stream, ((CudaStepRows)rows).TokensPointer, w.Data.Pointer, w.Rows, w.Width, o.Pointer, o.Type, o.Rows);
     }
 
     /// <inheritdoc />
@@ -811,7 +867,7 @@ public sealed class CudaBackend : IBackend
     }
 
     private void Norm(CudaTensor a, CudaNormWeight w, CudaTensor o) =>
-        _norm.Launch(_stream, a.Pointer, ElementType.F32, w.Data.Pointer, o.Pointer, ElementType.F32, a.Rows, a.Cols, w.Epsilon, round: true);
+        _norm.Launch(_stream, a.Pointer, a.Type, w.Data.Pointer, o.Pointer, o.Type, a.Rows, a.Cols, w.Epsilon, round: NeedsRounding(o));
 
     /// <inheritdoc />
     public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
@@ -821,9 +877,9 @@ public sealed class CudaBackend : IBackend
         var w = (CudaNormWeight)weight;
         ShapeCheck.Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
         ShapeCheck.Require(r.Cols == w.Width && o.Cols == w.Width && r.Rows == o.Rows, "rmsnorm shapes");
-        // The fused form, rounded: residual = bf16(residual + delta), then its norm, in one pass over each row.
-        _norm.LaunchFused(_stream, r.Pointer, d.Pointer, ElementType.F32, w.Data.Pointer, o.Pointer, ElementType.F32, r.Rows, r.Cols, w.Epsilon,
-            round: true);
+        SameType(r, d, "the residual and its update");
+        // The fused form: residual = bf16(residual + delta) (stored bf16, or rounded in f32 storage), then its norm, in one pass over each row.
+        _norm.LaunchFused(_stream, r.Pointer, d.Pointer, d.Type, w.Data.Pointer, o.Pointer, o.Type, r.Rows, r.Cols, w.Epsilon, round: NeedsRounding(o));
     }
 
     /// <inheritdoc />
@@ -837,12 +893,13 @@ public sealed class CudaBackend : IBackend
             return;
         }
 
+        SameType(g, u, "gate and up");
         // As one row of all elements in slices (the kernel's grid.x), so any shape and row count fits.
         const int slice = 1 << 24;
         for (long first = 0; first < o.Length; first += slice)
         {
             var n = (int)Math.Min(slice, o.Length - first);
-            _siluMul.Launch(_stream, g.Buffer.At(first), u.Buffer.At(first), ElementType.F32, o.Buffer.At(first), ElementType.F32, 1, n, round: true);
+            _siluMul.Launch(_stream, g.At(first), u.At(first), g.Type, o.At(first), o.Type, 1, n, round: NeedsRounding(o));
         }
     }
 
@@ -852,8 +909,10 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter(recordable: true);
         CudaTensor x = T(a), y = T(b), o = T(output);
         ShapeCheck.Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
-        _glue.Copy(_stream, x.Pointer, x.Cols, o.Pointer, o.Cols, o.Rows, x.Cols);
-        _glue.Copy(_stream, y.Pointer, y.Cols, o.Buffer.At(x.Cols), o.Cols, o.Rows, y.Cols);
+        SameType(x, o, "a concatenation's first part and output");
+        SameType(y, o, "a concatenation's second part and output");
+        _glue.Copy(_stream, o.Type, x.Pointer, x.Cols, o.Pointer, o.Cols, o.Rows, x.Cols);
+        _glue.Copy(_stream, o.Type, y.Pointer, y.Cols, o.At(x.Cols), o.Cols, o.Rows, y.Cols);
     }
 
     // ---------------------------------------------------------------- GEMM
@@ -865,8 +924,8 @@ public sealed class CudaBackend : IBackend
         CudaTensor a = T(x), o = T(y);
         var w = (CudaLinearWeight)weight;
         ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
-        Gemm(a.Pointer, ElementType.F32, a.Rows, w, o.Pointer, ElementType.F32);
-        _glue.Round(_stream, o.Pointer, o.Length);
+        Gemm(a.Pointer, a.Type, a.Rows, w, o.Pointer, o.Type);
+        RoundStored(o);
     }
 
     /// <inheritdoc />
@@ -875,14 +934,14 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter(recordable: true);
         CudaTensor a = T(x), o = T(logits);
         var w = (CudaLinearWeight)head;
-        ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, "logits shapes");
+        ShapeCheck.Logits(a, w, o);
         if (w.Fp8)
         {
             // The CPU backend multiplies an FP8 head unquantized; the FP8 GEMM would quantize the activation.
             throw new NotSupportedException("an FP8 output head (lm_head is BF16 in every supported checkpoint)");
         }
 
-        _bf16.Launch(_stream, a.Pointer, ElementType.F32, w.Bf16!.Pointer, o.Pointer, ElementType.F32, a.Rows, w.Out, w.In);
+        _bf16.Launch(_stream, a.Pointer, a.Type, w.Bf16!.Pointer, o.Pointer, o.Type, a.Rows, w.Out, w.In);
     }
 
     /// <summary>y = x·Wᵀ for <paramref name="m"/> rows: FP8 weights through act quant + the FP8 GEMM, BF16 weights through the BF16 GEMM.</summary>
@@ -922,11 +981,11 @@ public sealed class CudaBackend : IBackend
         Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, 0, ((CudaStepRows)rows).PositionsPointer);
     }
 
-    /// <summary>The rotation of rows at start + t, or at positions[t] (a device array) when given, rounded to bf16 values.</summary>
+    /// <summary>The rotation of rows at start + t, or at positions[t] (a device array) when given, to bf16 values.</summary>
     private void Rope(CudaTensor a, CudaRopeTable r, int headStride, int ropeOffset, int start, ulong positions)
     {
         ShapeCheck.Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
-        _rope.Launch(_stream, a.Pointer, ElementType.F32, round: true, a.Cols, a.Rows, new RopeLayout(a.Cols / headStride, headStride, ropeOffset), r.View,
+        _rope.Launch(_stream, a.Pointer, a.Type, round: NeedsRounding(a), a.Cols, a.Rows, new RopeLayout(a.Cols / headStride, headStride, ropeOffset), r.View,
             positions, start);
     }
 
@@ -962,7 +1021,7 @@ public sealed class CudaBackend : IBackend
         ulong cache)
     {
         ShapeCheck.Require(a.Cols == shape.RowWidth && norm.Width == shape.Latent && shape.Rope == 2 * r.Pairs, "latent append shapes");
-        _cache.Append(_stream, shape, a.Pointer, ElementType.F32, a.Cols, norm.Data.Pointer, norm.Epsilon, r.View, requests, positions, a.Rows, table,
+        _cache.Append(_stream, shape, a.Pointer, a.Type, a.Cols, norm.Data.Pointer, norm.Epsilon, r.View, requests, positions, a.Rows, table,
             maxBlocks, cache);
     }
 
@@ -1033,7 +1092,7 @@ public sealed class CudaBackend : IBackend
         int tokens = qt.Rows, heads = dims.Heads, qTokens = tokens / batch;
         var kvB16 = Bf16Of(w);
         var qAbs = _qAbs.Get((long)tokens * heads * shape.RowWidth * 2);
-        _decode.Fold(_stream, shape, qt.Pointer, ElementType.F32, kvB16, tokens, heads, dims.QkNope, dims.V, qAbs);
+        _decode.Fold(_stream, shape, qt.Pointer, qt.Type, kvB16, tokens, heads, dims.QkNope, dims.V, qAbs);
         var splits = _decode.DefaultSplits(shape, batch, heads, qTokens, context);
         var bytes = MlaDecodeKernel.WorkspaceBytes(shape, batch, heads, qTokens, splits);
         var workspace = bytes > 0 ? _workspace.Get(bytes) : 0;
@@ -1041,8 +1100,8 @@ public sealed class CudaBackend : IBackend
         var lse = _lse.Get((long)tokens * heads * 4);
         _decode.Decode(_stream, shape, qAbs, ElementType.BF16, cache, table, lengths, batch, heads, qTokens, maxBlocks, scale, latent, lse, splits, workspace,
             requests);
-        _decode.Unfold(_stream, shape, latent, kvB16, tokens, heads, dims.QkNope, dims.V, o.Pointer, ElementType.F32);
-        _glue.Round(_stream, o.Pointer, o.Length);
+        _decode.Unfold(_stream, shape, latent, kvB16, tokens, heads, dims.QkNope, dims.V, o.Pointer, o.Type);
+        RoundStored(o);
     }
 
     /// <summary>The naive form through the prefill kernels: gather latents, kv_b GEMM to BF16 k_nope|v, causal flash attention.</summary>
@@ -1061,11 +1120,19 @@ public sealed class CudaBackend : IBackend
         _prefill.Gather(_stream, shape, c.CachePointer, c.TablePointer, c.MaxBlocks, cuKv, 1, context, latent);
         var kv = _kv.Get((long)context * w.Out * 2);
         Gemm(latent, ElementType.BF16, context, w, kv, ElementType.BF16, _kvCodes, _kvScales);
-        var q16 = _qBf16.Get(qt.Length * 2);
-        _glue.Convert(_stream, qt.Pointer, ElementType.F32, q16, ElementType.BF16, qt.Length);
-        var out16 = _outBf16.Get(o.Length * 2);
+        // The kernel reads q and writes its output in BF16: f32 storage goes through BF16 copies.
+        var q16 = qt.Type == ElementType.BF16 ? qt.Pointer : _qBf16.Get(qt.Length * 2);
+        if (qt.Type != ElementType.BF16)
+        {
+            _glue.Convert(_stream, qt.Pointer, qt.Type, q16, ElementType.BF16, qt.Length);
+        }
+
+        var out16 = o.Type == ElementType.BF16 ? o.Pointer : _outBf16.Get(o.Length * 2);
         _prefill.Attention(_stream, shape, dims.Heads, q16, c.CachePointer, c.TablePointer, c.MaxBlocks, cuQ, cuKv, kv, 1, tokens, scale, out16);
-        _glue.Convert(_stream, out16, ElementType.BF16, o.Pointer, ElementType.F32, o.Length);
+        if (o.Type != ElementType.BF16)
+        {
+            _glue.Convert(_stream, out16, ElementType.BF16, o.Pointer, o.Type, o.Length);
+        }
     }
 
     /// <summary>kv_b as BF16 [H·(nope + v), latent]: the weight itself, or (once) its FP8 codes dequantized.</summary>
@@ -1105,7 +1172,7 @@ public sealed class CudaBackend : IBackend
         ShapeCheck.Require(a.Cols == g.Width, "gate input width");
         ShapeCheck.Routing(r, a.Rows, opt.Experts, opt.TopK);
         var bytes = _gate.WorkspaceBytes(g.Shape, a.Rows);
-        _gate.Launch(_stream, g.Shape, a.Pointer, ElementType.F32, g.Weight.Pointer, g.Bias.Pointer, a.Rows, r.Indices.Pointer, r.Weights.Pointer,
+        _gate.Launch(_stream, g.Shape, a.Pointer, a.Type, g.Weight.Pointer, g.Bias.Pointer, a.Rows, r.Indices.Pointer, r.Weights.Pointer,
             opt.Normalize, opt.ScalingFactor, r.Scores.Pointer, workspace: bytes > 0 ? _logits.Get(bytes) : 0);
     }
 
@@ -1132,14 +1199,38 @@ public sealed class CudaBackend : IBackend
         for (var first = 0; first < tokens; first += layer.MaxTokens)
         {
             var n = Math.Min(layer.MaxTokens, tokens - first);
-            layer.Experts(_stream, a.Row(first), ElementType.F32, n, r.Indices.At((long)first * k), r.Weights.At((long)first * k), ew.Stack, ew.Shared,
-                o.Row(first), ElementType.F32);
+            layer.Experts(_stream, a.Row(first), a.Type, n, r.Indices.At((long)first * k), r.Weights.At((long)first * k), ew.Stack, ew.Shared,
+                o.Row(first), o.Type);
         }
 
-        _glue.Round(_stream, o.Pointer, o.Length);
+        RoundStored(o);
     }
 
     // ---------------------------------------------------------------- helpers
+
+    /// <summary>
+    /// Whether what is written to <paramref name="output"/> must be rounded to BF16 values (by the kernel itself, or after it):
+    /// an activation in f32 storage. BF16 storage rounds as it stores; logits are never rounded.
+    /// </summary>
+    private static bool NeedsRounding(CudaTensor output) => output.Type == ElementType.F32 && output.Kind == TensorKind.Activation;
+
+    /// <summary>Rounds <paramref name="output"/> to BF16 values after a kernel that writes f32 unrounded, where its storage needs it.</summary>
+    private void RoundStored(CudaTensor output)
+    {
+        if (NeedsRounding(output))
+        {
+            _glue.Round(_stream, output.Pointer, output.Length);
+        }
+    }
+
+    /// <summary>Throws unless two tensors an operation reads and writes together share their storage type.</summary>
+    private static void SameType(CudaTensor a, CudaTensor b, string what)
+    {
+        if (a.Type != b.Type)
+        {
+            throw new ArgumentException($"{what} must share a storage type: {a} is {a.Type}, {b} is {b.Type}");
+        }
+    }
 
     /// <summary>
     /// Serializes callers (the scratch buffers and staged arguments are shared; the stream orders the device work) and

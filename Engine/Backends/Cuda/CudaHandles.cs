@@ -30,30 +30,47 @@ internal sealed class DeviceOwnership : IDisposable
     public void Dispose() => Free();
 }
 
-/// <summary>An activation: f32 storage on the device (values BF16-rounded wherever CpuBackend's GpuEmulation rounds).</summary>
+/// <summary>
+/// A tensor on the device in <see cref="Type"/> storage: logits f32; activations BF16, or f32 holding BF16 values (rounded
+/// wherever CpuBackend's GpuEmulation rounds) when the backend keeps f32 storage.
+/// </summary>
 internal sealed class CudaTensor : Tensor
 {
-    public CudaTensor(CudaDevice device, int rows, int cols)
-        : this(DeviceBuffer<float>.Allocate(device, (long)rows * cols), rows, cols)
+    public CudaTensor(CudaDevice device, int rows, int cols, TensorKind kind, ElementType type)
+        : this(DeviceBuffer<byte>.Allocate(device, (long)rows * cols * SizeOf(type)), rows, cols, kind, type)
     {
     }
 
-    private CudaTensor(DeviceBuffer<float> buffer, int rows, int cols)
-        : base(rows, cols)
+    private CudaTensor(DeviceBuffer<byte> buffer, int rows, int cols, TensorKind kind, ElementType type)
+        : base(rows, cols, kind)
     {
         Buffer = buffer;
+        Type = type;
     }
 
-    public DeviceBuffer<float> Buffer { get; }
+    /// <summary>The storage, in bytes.</summary>
+    public DeviceBuffer<byte> Buffer { get; }
+
+    /// <summary>The element type of the storage.</summary>
+    public ElementType Type { get; }
+
+    /// <summary>Bytes per element.</summary>
+    public int ElementBytes => SizeOf(Type);
 
     public ulong Pointer => Buffer.Pointer;
 
+    /// <summary>Address of element <paramref name="index"/> (row-major).</summary>
+    public ulong At(long index) => Buffer.At(index * ElementBytes);
+
     /// <summary>Address of row <paramref name="row"/>.</summary>
-    public ulong Row(long row) => Buffer.At(row * Cols);
+    public ulong Row(long row) => At(row * Cols);
 
     /// <summary>Rows <paramref name="firstRow"/> .. + <paramref name="rows"/> − 1 over the same memory (disposing the view frees nothing).</summary>
     public CudaTensor View(int firstRow, int rows) =>
-        new(DeviceBuffer<float>.View(Buffer.Device, Row(firstRow), (long)rows * Cols), rows, Cols);
+        new(DeviceBuffer<byte>.View(Buffer.Device, Row(firstRow), (long)rows * Cols * ElementBytes), rows, Cols, Kind, Type);
+
+    /// <summary>Bytes of one element of <paramref name="type"/>.</summary>
+    public static int SizeOf(ElementType type) => type == ElementType.F32 ? sizeof(float) : sizeof(ushort);
 
     protected override void Dispose(bool disposing) => Buffer.Dispose();
 }

@@ -110,12 +110,12 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
         return weight;
     }
 
-    public Tensor Allocate(int rows, int cols) => Op(null, () => inner.Allocate(rows, cols));
+    public Tensor Allocate(int rows, int cols, TensorKind kind = TensorKind.Activation) => Op(null, () => inner.Allocate(rows, cols, kind));
 
-    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols)
+    public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols, TensorKind kind = TensorKind.Activation)
     {
         var copy = values.ToArray();
-        return Op(null, () => inner.Upload(copy, rows, cols));
+        return Op(null, () => inner.Upload(copy, rows, cols, kind));
     }
 
     public void Download(Tensor tensor, Span<float> destination)
