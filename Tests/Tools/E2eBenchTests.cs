@@ -10,10 +10,10 @@ using DeepSeekCuda.Tests.Support;
 namespace DeepSeekCuda.Tests.Tools;
 
 /// <summary>
-/// The CPU-checkable pieces of <c>run-bench e2e</c> (the bench itself needs a GPU): the pool a slot needs, which
-/// (batch, context) combinations are measured and why the others are skipped, and how the slots are prefilled in
-/// steps of at most one chunk, and the bench's slots driven on the CPU backend: a batched decode step gives each
-/// slot the logits a session gives it alone, and rewinding makes every run the same.
+/// The CPU-checkable pieces of <c>run-bench e2e</c> (the bench itself needs a GPU): the activation storage asked for,
+/// the pool a slot needs, which (batch, context) combinations are measured and why the others are skipped, and how the
+/// slots are prefilled in steps of at most one chunk, and the bench's slots driven on the CPU backend: a batched decode
+/// step gives each slot the logits a session gives it alone, and rewinding makes every run the same.
 /// </summary>
 [TestClass]
 public sealed class E2eBenchTests
@@ -26,6 +26,17 @@ public sealed class E2eBenchTests
         Assert.AreEqual(257L * 64 * 576 * 2 * 2, E2eBench.SlotCacheBytes(slice, 16384));
         Assert.AreEqual(17L * 64 * 576 * 2 * 2, E2eBench.SlotCacheBytes(slice, 1024));
         Assert.AreEqual(1L * 64 * 576 * 2 * 4, E2eBench.SlotCacheBytes(ModelPresets.DeepSeekV3Slice(4), 10));
+    }
+
+    [TestMethod]
+    public void TheActivationStorageIsF32UnlessBf16IsAskedForAndAnythingElseIsRefused()
+    {
+        Assert.IsFalse(E2eBench.Bf16Activations(null));
+        Assert.IsFalse(E2eBench.Bf16Activations(""));
+        Assert.IsFalse(E2eBench.Bf16Activations("f32"));
+        Assert.IsTrue(E2eBench.Bf16Activations("bf16"));
+        var e = Assert.ThrowsExactly<ArgumentException>(() => E2eBench.Bf16Activations("BF16x"));
+        Assert.AreEqual("DSCUDA_E2E_ACTIVATIONS=BF16x: expected f32 or bf16", e.Message);
     }
 
     [TestMethod]

@@ -16,13 +16,15 @@ namespace DeepSeekCuda.Bench.Benches;
 /// End to end on <see cref="CudaBackend"/> through <see cref="DeepSeekModel"/> and a <see cref="PagedStepRunner"/> (the
 /// scheduler's runner, driven here without a scheduler): the <c>tiny</c> preset (random fill) and a full-width
 /// DeepSeek-V3 slice (<see cref="ModelPresets.DeepSeekV3Slice"/>: layer 0 dense, the rest MoE; 2 layers by default,
-/// <c>$DSCUDA_E2E_LAYERS</c> to change; weights written with <see cref="SyntheticFill.Pattern"/> into a folder under
-/// <c>$DSCUDA_E2E_DIR</c> or the current directory, deleted right after loading; quick: 32 routed experts and a
-/// 16384-token vocabulary, about 2.5 GB instead of 16 GB). Per context (1K and 16K; quick: 1K; clamped below the
-/// preset's max positions) one runner is attached whose latent pool (one per layer) holds the largest batch that fits:
-/// B slots of context + 1 tokens in whole 64-token blocks (<see cref="SlotCacheBytes"/>). A batch is skipped, with the
-/// reason printed, when its cache would take more than half the free device memory, or when prefilling its slots,
-/// estimated as B times one slot's measured prefill, would take more than 60 s (quick: 15 s) (<see cref="FitBatches"/>).
+/// <c>$DSCUDA_E2E_LAYERS</c> to change; activations in f32 storage, or in BF16 with <c>$DSCUDA_E2E_ACTIVATIONS=bf16</c>
+/// (<see cref="CudaBackendOptions.Bf16Activations"/>; every row's shape says which); weights written with
+/// <see cref="SyntheticFill.Pattern"/> into a folder under <c>$DSCUDA_E2E_DIR</c> or the current directory, deleted right
+/// after loading; quick: 32 routed experts and a 16384-token vocabulary, about 2.5 GB instead of 16 GB). Per context
+/// (1K and 16K; quick: 1K; clamped below the preset's max positions) one runner is attached whose latent pool (one per
+/// layer) holds the largest batch that fits: B slots of context + 1 tokens in whole 64-token blocks
+/// (<see cref="SlotCacheBytes"/>). A batch is skipped, with the reason printed, when its cache would take more than half
+/// the free device memory, or when prefilling its slots, estimated as B times one slot's measured prefill, would take
+/// more than 60 s (quick: 15 s) (<see cref="FitBatches"/>).
 /// <list type="bullet">
 /// <item><c>e2e_prefill</c>: prefill of the whole context into one empty slot (steps of at most 4096 tokens), host
 /// wall time with the last logits downloaded; tflops from <see cref="StepCost.PrefillFlops"/>; baseline <c>floor</c> =
@@ -61,10 +63,22 @@ internal static class E2eBench
 
     private const double QuickPrefillBudgetSeconds = 15;
 
+    /// <summary>Activations in BF16 storage (<c>$DSCUDA_E2E_ACTIVATIONS=bf16</c>) rather than f32.</summary>
+    private static bool s_bf16Activations;
+
+    /// <summary>Whether <c>$DSCUDA_E2E_ACTIVATIONS</c> asks for BF16 storage: f32 (or unset) or bf16, anything else refused by name.</summary>
+    internal static bool Bf16Activations(string? setting) => setting switch
+    {
+        null or "" or "f32" => false,
+        "bf16" => true,
+        _ => throw new ArgumentException($"DSCUDA_E2E_ACTIVATIONS={setting}: expected f32 or bf16"),
+    };
+
     public static void Run(GpuBench gpu, bool quick, BenchReport report)
     {
         var layers = Environment.GetEnvironmentVariable("DSCUDA_E2E_LAYERS") is { Length: > 0 } l ? int.Parse(l, CultureInfo.InvariantCulture) : 2;
         var allReduceUs = Environment.GetEnvironmentVariable("DSCUDA_E2E_ALLREDUCE_US") is { Length: > 0 } a ? double.Parse(a, CultureInfo.InvariantCulture) : 20;
+        s_bf16Activations = Bf16Activations(Environment.GetEnvironmentVariable("DSCUDA_E2E_ACTIVATIONS"));
         int[] contexts = quick ? [1024] : [1024, 16384];
         int[] batches = quick ? [1, 8] : [1, 8, 32, 128];
         Console.WriteLine("note: decode at batch B is one batched, paged step of B sequences through PagedStepRunner (runner=paged); the slots are prefilled to the context first");
@@ -97,7 +111,7 @@ internal static class E2eBench
             SyntheticCheckpoint.Write(dir, config, seed: 1, shards: fill == SyntheticFill.Pattern ? 4 : 1, fill: fill);
             var written = clock.Elapsed.TotalSeconds;
             clock.Restart();
-            backend = new OpTimingBackend(new CudaBackend(new CudaBackendOptions { Device = gpu.Device.Ordinal }));
+            backend = new OpTimingBackend(new CudaBackend(new CudaBackendOptions { Device = gpu.Device.Ordinal, Bf16Activations = s_bf16Activations }));
             using (var checkpoint = Checkpoint.Open(dir))
             {
                 model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = capacity, LoadMtp = false });
@@ -533,6 +547,7 @@ internal static class E2eBench
             ["layers"] = plan.DenseLayers + plan.MoeLayers,
             ["gpus"] = plan.Gpus,
             ["from_layers"] = slice.NumHiddenLayers,
+            ["activations"] = s_bf16Activations ? "bf16" : "f32",
             ["from_experts"] = slice.NRoutedExperts,
             ["allreduce_us"] = plan.AllReduceUs,
         };
@@ -547,5 +562,6 @@ internal static class E2eBench
         ["layers"] = config.NumHiddenLayers,
         ["experts"] = config.NRoutedExperts,
         ["runner"] = "paged",
+        ["activations"] = s_bf16Activations ? "bf16" : "f32",
     };
 }
