@@ -307,9 +307,17 @@ public sealed class CudaBackend : IBackend
     {
         using var scope = Enter();
         var t = NewTensor(rows, cols, kind);
-        if (t.Length > 0)
+        try
         {
-            t.Buffer.Fill8(0, _stream);
+            if (t.Length > 0)
+            {
+                t.Buffer.Fill8(0, _stream);
+            }
+        }
+        catch
+        {
+            t.Dispose();
+            throw;
         }
 
         return t;
@@ -325,25 +333,33 @@ public sealed class CudaBackend : IBackend
         }
 
         var t = NewTensor(rows, cols, kind);
-        if (t.Type == ElementType.BF16)
+        try
         {
-            var bits = new ushort[values.Length];
-            for (var i = 0; i < bits.Length; i++)
+            if (t.Type == ElementType.BF16)
             {
-                bits[i] = BFloat16.FromFloat(values[i]);
-            }
+                var bits = new ushort[values.Length];
+                for (var i = 0; i < bits.Length; i++)
+                {
+                    bits[i] = BFloat16.FromFloat(values[i]);
+                }
 
-            t.Buffer.Upload(MemoryMarshal.AsBytes(bits.AsSpan()), _stream);
+                t.Buffer.Upload(MemoryMarshal.AsBytes(bits.AsSpan()), _stream);
+            }
+            else if (kind == TensorKind.Activation)
+            {
+                var rounded = values.ToArray();
+                BFloat16.Round(rounded);
+                t.Buffer.Upload(MemoryMarshal.AsBytes(rounded.AsSpan()), _stream);
+            }
+            else
+            {
+                t.Buffer.Upload(MemoryMarshal.AsBytes(values), _stream);
+            }
         }
-        else if (kind == TensorKind.Activation)
+        catch
         {
-            var rounded = values.ToArray();
-            BFloat16.Round(rounded);
-            t.Buffer.Upload(MemoryMarshal.AsBytes(rounded.AsSpan()), _stream);
-        }
-        else
-        {
-            t.Buffer.Upload(MemoryMarshal.AsBytes(values), _stream);
+            t.Dispose();
+            throw;
         }
 
         return t;

@@ -37,7 +37,7 @@ internal sealed class DeviceOwnership : IDisposable
 internal sealed class CudaTensor : Tensor
 {
     public CudaTensor(CudaDevice device, int rows, int cols, TensorKind kind, ElementType type)
-        : this(DeviceBuffer<byte>.Allocate(device, (long)rows * cols * SizeOf(type)), rows, cols, kind, type)
+        : this(DeviceBuffer<byte>.Allocate(device, Bytes(rows, cols, kind, type)), rows, cols, kind, type)
     {
     }
 
@@ -71,6 +71,19 @@ internal sealed class CudaTensor : Tensor
 
     /// <summary>Bytes of one element of <paramref name="type"/>.</summary>
     public static int SizeOf(ElementType type) => type == ElementType.F32 ? sizeof(float) : sizeof(ushort);
+
+    /// <summary>The storage of a tensor, its arguments checked before anything is allocated (nothing leaks when they are wrong).</summary>
+    private static long Bytes(int rows, int cols, TensorKind kind, ElementType type)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        ArgumentOutOfRangeException.ThrowIfNegative(cols);
+        if (!Enum.IsDefined(kind))
+        {
+            throw new ArgumentOutOfRangeException(nameof(kind), kind, "not a tensor kind");
+        }
+
+        return (long)rows * cols * SizeOf(type);
+    }
 
     protected override void Dispose(bool disposing) => Buffer.Dispose();
 }
