@@ -129,10 +129,10 @@ internal static class ShapeCheck
     {
         if (tensor.Kind != kind)
         {
-            throw new ArgumentException($"{role} must be a {kind.ToString().ToLowerInvariant()} tensor; {tensor} is {Article(tensor.Kind)}");
+            throw new ArgumentException($"{role} must be {Described(kind)}; {tensor} is {Described(tensor.Kind)}");
         }
 
-        static string Article(TensorKind k) => k == TensorKind.Activation ? "an activation" : $"a {k.ToString().ToLowerInvariant()} tensor";
+        static string Described(TensorKind k) => k == TensorKind.Activation ? "an activation" : $"a {k.ToString().ToLowerInvariant()} tensor";
     }
 
     /// <summary>The contract of <see cref="IBackend.Logits"/>: x [T, In] of an activation, logits [T, Out] of <see cref="TensorKind.Logits"/>.</summary>

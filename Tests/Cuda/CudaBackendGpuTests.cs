@@ -1,6 +1,7 @@
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Backends.Cuda;
+using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Model;
@@ -219,6 +220,36 @@ public class CudaBackendGpuTests : TinyABackendsGpuTests
             using var s = new Scope(Cuda);
             s.B.Embedding(s.Own(s.B.UploadEmbedding(Checkpoint, "model.embed_tokens.weight", vocab, d)), [vocab], s.Out(1, d));
         });
+    }
+
+    /// <summary>
+    /// Values round trip as each kind stores them (an activation rounded to BF16 as the emulation's upload, logits exact, both
+    /// from f32 or BF16 storage), a kind that is none is refused before any device memory is asked for, and a copy between
+    /// kinds is refused by name.
+    /// </summary>
+    [TestMethod]
+    public void EachKindStoresItsValuesAndABadKindAllocatesNothing()
+    {
+        var values = Enumerable.Range(0, 3 * 50).Select(_ => (float)(Random.NextDouble() * 6 - 3)).ToArray();
+        values[7] = float.NaN;
+        values[8] = float.NegativeInfinity;
+        var (got, want) = Both(s =>
+        {
+            var activation = s.Own(s.B.Upload(values, 3, 50));
+            var logits = s.Own(s.B.Upload(values, 3, 50, TensorKind.Logits));
+            var copy = s.Own(s.B.Allocate(3, 50, TensorKind.Logits));
+            s.B.CopyRows(logits, 0, copy, 0, 3);
+            var refused = Assert.ThrowsExactly<ArgumentException>(() => s.B.CopyRows(activation, 0, copy, 0, 1));
+            Assert.AreEqual("a copy of [3, 50] must be an activation; logits [3, 50] is a logits tensor", refused.Message);
+            return [s.Read(activation), s.Read(logits), s.Read(copy)];
+        });
+        Exact("an activation (bf16 values)", got[0], want[0]);
+        Exact("logits", got[1], values);
+        Exact("logits copied", got[2], values);
+        var before = DriverAllocations.Snapshot();
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => Cuda.Allocate(2, 2, (TensorKind)7));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => Cuda.Upload(new float[4], 2, 2, (TensorKind)7));
+        Assert.AreEqual(before, DriverAllocations.Snapshot(), "device allocations for a kind that is none");
     }
 
     [TestMethod]
