@@ -28,11 +28,11 @@ PASSED = {"Passed"}
 FAILED = {"Failed", "Error", "Timeout", "Aborted"}
 # Classes that need the most of the device or many ranks run last, in this order; every other class runs first in the
 # order of FIRST (a class named in neither runs after FIRST's, by name). A fault late in the run then costs least, so
-# the kernels no GPU has confirmed yet (the tensor-core BF16 GEMM, the Hopper GEMMs) come at the very end.
+# what no GPU has confirmed yet (BF16 activation storage, the tensor-core BF16 GEMM, the Hopper GEMMs) comes at the very end.
 FIRST = ["KernelGpuTests", "Bf16GemmGpuTests", "Fp8GemmGpuTests", "MoeGateGpuTests", "MoeDispatchGpuTests",
          "MoeGroupedGemmGpuTests", "MlaGpuTests", "MlaPrefillGpuTests", "CublasGpuTests", "WeightUploadGpuTests"]
 LAST = ["CudaBackendGpuTests", "AllReduceGpuTests", "CudaModelGpuTests", "PagedStepRunnerGpuTests", "CudaParallelGpuTests",
-        "LocalModelDevicesGpuTests",
+        "LocalModelDevicesGpuTests", "CudaBackendBf16ActivationsGpuTests",
         "Bf16MmaGpuTests", "MoeGateTensorCoreGpuTests", "Fp8WgmmaGpuTests", "MoeWgmmaGpuTests"]
 EXIT_OK, EXIT_FAILED, EXIT_NO_DEVICE = 0, 1, 3
 
