@@ -52,13 +52,7 @@ public abstract class Tensor : BackendResource
     /// <summary>Creates the shape part of a handle.</summary>
     protected Tensor(int rows, int cols, TensorKind kind = TensorKind.Activation)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(rows);
-        ArgumentOutOfRangeException.ThrowIfNegative(cols);
-        if (!Enum.IsDefined(kind))
-        {
-            throw new ArgumentOutOfRangeException(nameof(kind), kind, "not a tensor kind");
-        }
-
+        Check(rows, cols, kind);
         Rows = rows;
         Cols = cols;
         Kind = kind;
@@ -78,6 +72,17 @@ public abstract class Tensor : BackendResource
 
     /// <inheritdoc />
     public override string ToString() => Kind == TensorKind.Activation ? $"[{Rows}, {Cols}]" : $"{Kind.ToString().ToLowerInvariant()} [{Rows}, {Cols}]";
+
+    /// <summary>Throws unless rows and cols are not negative and <paramref name="kind"/> is a kind (a backend may check before it allocates).</summary>
+    private protected static void Check(int rows, int cols, TensorKind kind)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        ArgumentOutOfRangeException.ThrowIfNegative(cols);
+        if (!Enum.IsDefined(kind))
+        {
+            throw new ArgumentOutOfRangeException(nameof(kind), kind, "not a tensor kind");
+        }
+    }
 }
 
 /// <summary>A linear weight W [Out, In] (<c>y = x·Wᵀ</c>) in the backend's storage format.</summary>

@@ -78,6 +78,15 @@ internal abstract class KernelLauncher : IDisposable
     /// <summary>0/1 template flag of an element type.</summary>
     protected static int Flag(ElementType t) => t == ElementType.BF16 ? 1 : 0;
 
+    /// <summary>Throws unless a launch that rounds to bf16 values (<paramref name="round"/>) reads and writes f32: f32 storage holding bf16 values.</summary>
+    protected static void RequireF32IfRounded(bool round, ElementType input, ElementType output, string what)
+    {
+        if (round && (input != ElementType.F32 || output != ElementType.F32))
+        {
+            throw new ArgumentException($"a rounded {what} reads and writes f32 (f32 storage holding bf16 values)", nameof(round));
+        }
+    }
+
     /// <inheritdoc />
     public virtual void Dispose()
     {

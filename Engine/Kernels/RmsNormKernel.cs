@@ -68,10 +68,7 @@ internal sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) :
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dim);
         ArgumentOutOfRangeException.ThrowIfNegative(rows);
-        if (round && (xType != ElementType.F32 || yType != ElementType.F32))
-        {
-            throw new ArgumentException("a rounded RMSNorm reads and writes f32 (f32 storage holding bf16 values)", nameof(round));
-        }
+        RequireF32IfRounded(round, xType, yType, "RMSNorm");
 
         if (rows == 0)
         {

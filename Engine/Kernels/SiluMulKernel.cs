@@ -44,10 +44,7 @@ internal sealed class SiluMulKernel(CudaDevice device, NvrtcCompiler compiler) :
     public void Launch(CudaStream stream, ulong gate, ulong up, ElementType inType, ulong output, ElementType outType, int rows, int cols,
         long gateStride = -1, long upStride = -1, long outStride = -1, bool round = false)
     {
-        if (round && (inType != ElementType.F32 || outType != ElementType.F32))
-        {
-            throw new ArgumentException("a rounded SiLU·up reads and writes f32 (f32 storage holding bf16 values)", nameof(round));
-        }
+        RequireF32IfRounded(round, inType, outType, "SiLU·up");
 
         if (rows <= 0 || cols <= 0)
         {

@@ -54,6 +54,20 @@ public sealed class PagedStepRunnerTests
         return DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
     }
 
+    /// <summary>A scheduler over <paramref name="runner"/> with 4 slots in 40 blocks and 32 tokens a step, drafting or not.</summary>
+    private static BatchScheduler Scheduler(PagedStepRunner runner, DeepSeekModel model, SpeculativeDecodingMode drafts) =>
+        new(runner, new KvBlockManager(40, 4, KvBlockManager.BlocksFor(MaxLength)),
+            new SchedulerOptions { MaxTokensPerStep = 32, EosId = model.Config.EosTokenId, SpeculativeDecoding = drafts });
+
+    /// <summary>Steps <paramref name="scheduler"/> until each of <paramref name="requests"/> is complete.</summary>
+    private static void StepUntilDone(BatchScheduler scheduler, params ScheduledRequest[] requests)
+    {
+        while (requests.Any(r => !r.Completion.IsCompleted))
+        {
+            scheduler.Step();
+        }
+    }
+
     /// <summary>
     /// tiny-a's three reference prompts in one batch, two tokens per entry per step with both logit rows: every
     /// position's logits against the official reference (tolerance (i)); then their greedy continuations decoded
@@ -311,16 +325,12 @@ public sealed class PagedStepRunnerTests
     {
         using var model = CountingModel(out var counting);
         var v = model.VocabSize;
-        var blocks = new KvBlockManager(40, 4, KvBlockManager.BlocksFor(MaxLength));
         using var runner = new PagedStepRunner(model);
-        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 32, EosId = model.Config.EosTokenId, SpeculativeDecoding = SpeculativeDecodingMode.On });
+        using var scheduler = Scheduler(runner, model, SpeculativeDecodingMode.On);
         var prompts = new[] { 20, 7, 33 }.Select((n, i) => SyntheticPrompts.Make(v, n, 400 + i)).ToArray();
         SamplingOptions[] sampling = [SamplingOptions.Greedy with { MaxTokens = 12 }, new() { Temperature = 0.9f, TopK = 20, TopP = 0.9f, Seed = 5, MaxTokens = 12 }];
         var free = new[] { scheduler.Submit(prompts[0], sampling[0]), scheduler.Submit(prompts[1], sampling[1]) };
-        while (free.Any(r => !r.Completion.IsCompleted))
-        {
-            scheduler.Step();
-        }
+        StepUntilDone(scheduler, free);
 
         Assert.AreEqual(0L, counting.DownloadedValues, "no logits came back for unconstrained requests, drafts included");
         Assert.IsGreaterThan(0L, scheduler.Counters.Drafted);
@@ -334,10 +344,7 @@ public sealed class PagedStepRunnerTests
         var (downloaded, choices) = (counting.DownloadedValues, counting.Choices);
         var constrained = scheduler.Submit(prompts[2], sampling[1], new AllowAll());
         var alongside = scheduler.Submit(prompts[0], sampling[0]);
-        while (!constrained.Completion.IsCompleted || !alongside.Completion.IsCompleted)
-        {
-            scheduler.Step();
-        }
+        StepUntilDone(scheduler, constrained, alongside);
 
         var hostRows = counting.Choices.Rows - choices.Rows - (counting.Choices.Chosen - choices.Chosen);
         Assert.AreEqual(hostRows * v, counting.DownloadedValues - downloaded, "exactly the rows not chosen on the backend came back");
@@ -365,17 +372,13 @@ public sealed class PagedStepRunnerTests
     {
         using var model = CountingModel(out var counting);
         var v = model.VocabSize;
-        var blocks = new KvBlockManager(40, 4, KvBlockManager.BlocksFor(MaxLength));
         using var runner = new PagedStepRunner(model);
-        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 32, EosId = model.Config.EosTokenId, SpeculativeDecoding = SpeculativeDecodingMode.Off });
+        using var scheduler = Scheduler(runner, model, SpeculativeDecodingMode.Off);
         var prompts = new[] { 20, 7, 33 }.Select((n, i) => SyntheticPrompts.Make(v, n, 700 + i)).ToArray();
         SamplingOptions[] sampling = [SamplingOptions.Greedy with { MaxTokens = 12 }, new() { Temperature = 0.9f, TopK = 20, TopP = 0.9f, Seed = 5, MaxTokens = 12 }, SamplingOptions.Greedy with { MaxTokens = 12 }];
         var constraints = new[] { new EveryThirdId(v - 5), new EveryThirdId(v - 5), null };
         var requests = Enumerable.Range(0, 3).Select(i => scheduler.Submit(prompts[i], sampling[i], constraints[i])).ToArray();
-        while (requests.Any(r => !r.Completion.IsCompleted))
-        {
-            scheduler.Step();
-        }
+        StepUntilDone(scheduler, requests);
 
         Assert.AreEqual(0L, counting.DownloadedValues, "no logits came back, the constrained requests' included");
         Assert.AreEqual(counting.Choices.Rows, counting.Choices.Chosen, "every row was chosen on the backend");

@@ -75,13 +75,7 @@ internal sealed class CudaTensor : Tensor
     /// <summary>The storage of a tensor, its arguments checked before anything is allocated (nothing leaks when they are wrong).</summary>
     private static long Bytes(int rows, int cols, TensorKind kind, ElementType type)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(rows);
-        ArgumentOutOfRangeException.ThrowIfNegative(cols);
-        if (!Enum.IsDefined(kind))
-        {
-            throw new ArgumentOutOfRangeException(nameof(kind), kind, "not a tensor kind");
-        }
-
+        Check(rows, cols, kind);
         return (long)rows * cols * SizeOf(type);
     }
 
