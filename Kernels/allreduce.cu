@@ -13,8 +13,13 @@
 //                      rank: about 2 x (RANKS-1)/RANKS x message.
 //
 // Synchronization without the host: per-block flags. Each rank owns a flag array
-// u32 flags[AR_MAX_BLOCKS][3][8] (zeroed once at setup). At barrier `phase` block b of rank r writes this
-// call's epoch (1, 2, 3, ... from the host, never 0) into flags_of_rank_t[b][phase][r] for every rank t,
+// u32 flags[AR_MAX_BLOCKS][3][8] followed by u32 epochs[AR_MAX_BLOCKS] (all zeroed once at setup). At the
+// start of a call block b of rank r takes this call's epoch from its own counter, epochs[b] + 1 (0 skipped
+// when it wraps), and stores it back; every rank runs the same calls with the same grids in the same order,
+// so block b's counters agree on every rank without the host counting. (A host-given epoch would be frozen
+// into a CUDA graph and repeat at every replay; a counter on the device goes on counting.) Only block b of
+// rank r touches epochs[b], and calls on one stream run in order, so the counter needs no atomics.
+// At barrier `phase` block b of rank r writes the epoch into flags_of_rank_t[b][phase][r] for every rank t,
 // after a system-scope fence that publishes everything it wrote before; then it waits until its own
 // flags[b][phase][t] equal the epoch for every t, and fences again before reading. Block b of every
 // rank touches the same element ranges, so a per-block barrier orders exactly the accesses that conflict:
@@ -37,20 +42,20 @@
 #define AR_MAX_RANKS 8
 #define AR_MAX_BLOCKS 64
 #define AR_PHASES 3
+#define AR_FLAG_WORDS (AR_MAX_BLOCKS * AR_PHASES * AR_MAX_RANKS) // then AR_MAX_BLOCKS epoch counters
 
 struct AllReduceParams
 {
     u64 inputs[AR_MAX_RANKS];   // each rank's input [count] (f32 or bf16), rank order
     u64 outputs[AR_MAX_RANKS];  // each rank's output [count]; this rank writes outputs[rank]
-    u64 flags[AR_MAX_RANKS];    // each rank's u32 flags [AR_MAX_BLOCKS][AR_PHASES][AR_MAX_RANKS]
+    u64 flags[AR_MAX_RANKS];    // each rank's u32 flags [AR_MAX_BLOCKS][AR_PHASES][AR_MAX_RANKS], then epochs [AR_MAX_BLOCKS]
     i32* error;                 // this rank's error word: 1 when a barrier timed out
     i64 count;                  // elements; 0 = load the kernel and return (no barrier)
     i64 timeout_cycles;         // barrier wait limit in clock64 cycles
-    u32 epoch;                  // call number, >= 1, the same on every rank
     i32 rank;
 };
 DSC_STATIC_ASSERT_OFFSET(AllReduceParams, outputs, 64);
-DSC_STATIC_ASSERT_OFFSET(AllReduceParams, rank, 220);
+DSC_STATIC_ASSERT_OFFSET(AllReduceParams, rank, 216);
 
 DSC_DEVICE float ld_cg(const float* p, i64 i)
 {
@@ -75,9 +80,26 @@ DSC_DEVICE void ld_copy(const u16* src, u16* dst, i64 i)
     dst[i] = v;
 }
 
+// This call's epoch for this block (see the header), the same in every thread of the block.
+DSC_DEVICE u32 ar_next_epoch(const AllReduceParams& p)
+{
+    __shared__ u32 epoch;
+    if (threadIdx.x == 0)
+    {
+        volatile u32* counter = (volatile u32*)p.flags[p.rank] + AR_FLAG_WORDS + blockIdx.x;
+        u32 e = *counter + 1;
+        if (e == 0) e = 1; // 0 is what the flags start as
+        *counter = e;
+        epoch = e;
+    }
+
+    __syncthreads();
+    return epoch;
+}
+
 // Block-wide barrier with the same block of every rank (see the header). Returns false on timeout.
 template <int RANKS>
-DSC_DEVICE bool ar_barrier(const AllReduceParams& p, int phase)
+DSC_DEVICE bool ar_barrier(const AllReduceParams& p, u32 epoch, int phase)
 {
     __syncthreads();
     int ok = 1;
@@ -87,10 +109,10 @@ DSC_DEVICE bool ar_barrier(const AllReduceParams& p, int phase)
         const int slot = (blockIdx.x * AR_PHASES + phase) * AR_MAX_RANKS;
         __threadfence_system();
         volatile u32* theirs = (volatile u32*)p.flags[t] + slot + p.rank;
-        *theirs = p.epoch;
+        *theirs = epoch;
         volatile u32* mine = (volatile u32*)p.flags[p.rank] + slot + t;
         const long long start = clock64();
-        while (*mine != p.epoch)
+        while (*mine != epoch)
         {
             if (clock64() - start > p.timeout_cycles)
             {
@@ -136,11 +158,12 @@ __global__ void __launch_bounds__(BLOCK) allreduce_oneshot(const __grid_constant
     static_assert(RANKS >= 2 && RANKS <= AR_MAX_RANKS && BLOCK % 32 == 0, "ranks 2..8, whole warps");
     typedef typename ElemOf<BF16>::type T;
     if (p.count == 0) return;
-    if (!ar_barrier<RANKS>(p, 0)) return;
+    const u32 epoch = ar_next_epoch(p);
+    if (!ar_barrier<RANKS>(p, epoch, 0)) return;
     i64 begin, end;
     ar_block_range(0, p.count, &begin, &end);
     ar_reduce_range<RANKS, T, BLOCK>(p, begin, end);
-    ar_barrier<RANKS>(p, 2);
+    ar_barrier<RANKS>(p, epoch, 2);
 }
 
 template <int RANKS, int BF16, int BLOCK>
@@ -149,7 +172,8 @@ __global__ void __launch_bounds__(BLOCK) allreduce_twostep(const __grid_constant
     static_assert(RANKS >= 2 && RANKS <= AR_MAX_RANKS, "ranks 2..8");
     typedef typename ElemOf<BF16>::type T;
     if (p.count == 0) return;
-    if (!ar_barrier<RANKS>(p, 0)) return;
+    const u32 epoch = ar_next_epoch(p);
+    if (!ar_barrier<RANKS>(p, epoch, 0)) return;
     const i64 chunk = (p.count + RANKS - 1) / RANKS;
 
     // Reduce-scatter: this rank's chunk, from every input, in rank order.
@@ -161,7 +185,7 @@ __global__ void __launch_bounds__(BLOCK) allreduce_twostep(const __grid_constant
         ar_reduce_range<RANKS, T, BLOCK>(p, begin, end);
     }
 
-    if (!ar_barrier<RANKS>(p, 1)) return;
+    if (!ar_barrier<RANKS>(p, epoch, 1)) return;
 
     // All-gather: every other chunk from the rank that reduced it (bits copied, not re-rounded).
     T* out = (T*)p.outputs[p.rank];
@@ -177,5 +201,5 @@ __global__ void __launch_bounds__(BLOCK) allreduce_twostep(const __grid_constant
         for (i64 i = begin + threadIdx.x; i < end; i += BLOCK) ld_copy(src, out, i);
     }
 
-    ar_barrier<RANKS>(p, 2);
+    ar_barrier<RANKS>(p, epoch, 2);
 }

@@ -26,6 +26,20 @@ internal sealed unsafe class CudaStream : IDisposable
     /// <summary>Waits for the work queued so far.</summary>
     public void Synchronize() => CudaCheck.Driver(CuDriver.cuStreamSynchronize(Handle), Device.Ordinal);
 
+    /// <summary>
+    /// Whether the stream is being captured into a graph (its own capture, or another stream's it joined through an event),
+    /// so that work queued now is recorded, not run, and waiting on the stream is an error.
+    /// </summary>
+    public bool IsCapturing
+    {
+        get
+        {
+            int status; // CUstreamCaptureStatus: 0 none, 1 active, 2 invalidated (still capturing until it ends)
+            CudaCheck.Driver(CuDriver.cuStreamIsCapturing(Handle, &status), Device.Ordinal);
+            return status != 0;
+        }
+    }
+
     /// <summary>Makes work queued on this stream after this call wait until <paramref name="evt"/> (as last recorded) has happened; the host does not wait.</summary>
     public void Wait(CudaEvent evt) => CudaCheck.Driver(CuDriver.cuStreamWaitEvent(Handle, evt.Handle, 0), Device.Ordinal);
 
@@ -124,6 +138,7 @@ internal sealed unsafe class CudaGraph : IDisposable
         catch
         {
             // End the capture so the stream is usable again, then report the original failure.
+            stream.Device.MakeCurrent();
             IntPtr broken;
             if (CuDriver.cuStreamEndCapture(stream.Handle, &broken) == CuResult.Success && broken != IntPtr.Zero)
             {
@@ -133,6 +148,7 @@ internal sealed unsafe class CudaGraph : IDisposable
             throw;
         }
 
+        stream.Device.MakeCurrent(); // the recorded work may have made another device current
         CudaCheck.Driver(CuDriver.cuStreamEndCapture(stream.Handle, &graph), ordinal);
         IntPtr exec;
         var r = CuDriver.cuGraphInstantiateWithFlags(&exec, graph, 0);

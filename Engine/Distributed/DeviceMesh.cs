@@ -19,7 +19,6 @@ internal sealed class DeviceMesh : IDisposable
     private readonly Rank[] _ranks;
     private readonly bool[,] _peer;
     private readonly Dictionary<CudaDevice, AllReduceKernel> _kernels = [];
-    private uint _epoch;
 
     private sealed record Rank(CudaDevice Device, CudaStream Stream, DeviceBuffer<uint> Flags, DeviceBuffer<int> Error);
 
@@ -135,6 +134,11 @@ internal sealed class DeviceMesh : IDisposable
     /// <summary>Whether an all-reduce of this mesh runs the P2P kernels (else it is staged through the host).</summary>
     public bool UsesKernels => Ranks > 1 && AllPeers && AllReduceKernel.RankCounts.Contains(Ranks);
 
+    /// <summary>Why an all-reduce of several ranks is staged through the host (when <see cref="UsesKernels"/> is false).</summary>
+    private string StagingReason => AllPeers
+        ? $"the kernels are compiled for {string.Join(", ", AllReduceKernel.RankCounts)} ranks"
+        : "not every pair of GPUs is a peer";
+
     /// <summary>
     /// outputs[r] ← Σ_d inputs[d] (float32, rank order) for every rank r, queued on the ranks' streams.
     /// inputs[r] and outputs[r] are distinct device buffers of rank r holding <paramref name="count"/> elements.
@@ -163,8 +167,15 @@ internal sealed class DeviceMesh : IDisposable
             return;
         }
 
+        var capturing = _ranks[0].Stream.IsCapturing; // a graph over the ranks' streams (see CudaCommunicator.CaptureGraph)
         if (!UsesKernels)
         {
+            if (capturing)
+            {
+                throw new InvalidOperationException(
+                    $"an all-reduce over these {Ranks} ranks is staged through host memory ({StagingReason}) and cannot be part of a graph");
+            }
+
             StagedAllReduce(inputs, outputs, count, type);
             return;
         }
@@ -175,17 +186,12 @@ internal sealed class DeviceMesh : IDisposable
         foreach (var r in _ranks)
         {
             r.Device.MakeCurrent();
-            _kernels[r.Device].Prepare(instance, r.Stream);
+            _kernels[r.Device].Prepare(instance, r.Stream, capturing);
         }
 
         var ranksPerGpu = _ranks.GroupBy(r => r.Device).Max(g => g.Count());
         var grid = _ranks.Min(r => AllReduceKernel.Grid(r.Device.MultiprocessorCount, ranksPerGpu, count));
-        var p = new AllReduceParams { Count = count, TimeoutCycles = TimeoutCycles, Epoch = ++_epoch };
-        if (_epoch == 0)
-        {
-            throw new InvalidOperationException("all-reduce epoch wrapped; flags would be ambiguous");
-        }
-
+        var p = new AllReduceParams { Count = count, TimeoutCycles = TimeoutCycles };
         unsafe
         {
             for (var d = 0; d < Ranks; d++)
@@ -217,6 +223,11 @@ internal sealed class DeviceMesh : IDisposable
 
         Rank from = _ranks[fromRank], to = _ranks[toRank];
         to.Device.MakeCurrent();
+        if (to.Stream.IsCapturing || from.Stream.IsCapturing)
+        {
+            throw new InvalidOperationException($"a copy from rank {fromRank} to rank {toRank} waits on the host and cannot be part of a graph");
+        }
+
         if (from.Device == to.Device)
         {
             // Logical ranks: order after the source rank's queued work, then a plain device copy.

@@ -14,7 +14,7 @@ internal unsafe struct AllReduceParams
     /// <summary>Each rank's output pointer.</summary>
     public fixed ulong Outputs[AllReduceKernel.MaxRanks];
 
-    /// <summary>Each rank's flag array (u32 [MaxBlocks][3][MaxRanks], zeroed once).</summary>
+    /// <summary>Each rank's flag array (u32 [MaxBlocks][3][MaxRanks], then u32 [MaxBlocks] epoch counters; zeroed once).</summary>
     public fixed ulong Flags[AllReduceKernel.MaxRanks];
 
     /// <summary>This rank's int32 error word.</summary>
@@ -25,9 +25,6 @@ internal unsafe struct AllReduceParams
 
     /// <summary>Barrier wait limit in clock64 cycles.</summary>
     public long TimeoutCycles;
-
-    /// <summary>Call number, at least 1, equal on every rank.</summary>
-    public uint Epoch;
 
     /// <summary>This rank.</summary>
     public int Rank;
@@ -45,7 +42,8 @@ internal enum AllReduceAlgorithm
 
 /// <summary>
 /// Launcher of Kernels/allreduce.cu (see its header for the flag protocol). One launch per rank, each on
-/// that rank's stream with the same grid and epoch; <see cref="Distributed.DeviceMesh"/> drives it. The sum is float32
+/// that rank's stream with the same grid; <see cref="Distributed.DeviceMesh"/> drives it. The call numbers the barriers
+/// match on are counted on the device, so a launch captured in a CUDA graph is replayed correctly. The sum is float32
 /// in rank order, so every rank's output is bit-identical and equals the host reference summed the same way.
 /// </summary>
 internal sealed class AllReduceKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
@@ -67,8 +65,8 @@ internal sealed class AllReduceKernel(CudaDevice device, NvrtcCompiler compiler)
     /// <summary>Barriers per call (entry, mid, exit).</summary>
     public const int Phases = 3;
 
-    /// <summary>Bytes of one rank's flag array.</summary>
-    public const int FlagBytes = MaxBlocks * Phases * MaxRanks * sizeof(uint);
+    /// <summary>Bytes of one rank's flag array: the barrier flags, then one epoch counter per block.</summary>
+    public const int FlagBytes = (MaxBlocks * Phases * MaxRanks + MaxBlocks) * sizeof(uint);
 
     /// <summary>Threads per block.</summary>
     public const int Block = 512;
@@ -110,13 +108,20 @@ internal sealed class AllReduceKernel(CudaDevice device, NvrtcCompiler compiler)
 
     /// <summary>
     /// Loads the specialization on this device by launching it empty (count 0 returns before any barrier)
-    /// and waiting: a lazily loaded kernel must not be loaded while a peer rank's kernel spins.
+    /// and waiting: a lazily loaded kernel must not be loaded while a peer rank's kernel spins. While
+    /// <paramref name="capturing"/> a graph, the specialization must already be loaded (nothing can wait then).
     /// </summary>
-    public void Prepare(KernelInstance instance, CudaStream stream)
+    public void Prepare(KernelInstance instance, CudaStream stream, bool capturing = false)
     {
         if (_warm.ContainsKey(instance.NameExpression))
         {
             return;
+        }
+
+        if (capturing)
+        {
+            throw new InvalidOperationException(
+                $"the all-reduce kernel {instance.NameExpression} has not run before the graph capture (its first run loads it and waits): run the captured work once before capturing it");
         }
 
         var p = default(AllReduceParams);

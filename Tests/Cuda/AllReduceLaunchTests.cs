@@ -1,3 +1,4 @@
+using DeepSeekCuda.Cuda;
 using DeepSeekCuda.Kernels;
 
 namespace DeepSeekCuda.Tests.Cuda;
@@ -24,5 +25,25 @@ public sealed class AllReduceLaunchTests
         Assert.AreEqual(AllReduceAlgorithm.TwoStep, AllReduceKernel.Choose(7168 * 4096 * 2)); // a 4096-token prefill chunk
         Assert.AreEqual(12, AllReduceKernel.AllInstances().Count);
         Assert.AreEqual("allreduce_twostep<8, 1, 512>", AllReduceKernel.Instance(AllReduceAlgorithm.TwoStep, 8, ElementType.BF16).NameExpression);
+    }
+
+    /// <summary>
+    /// The flag buffer the mesh allocates per rank against the kernel source (NVRTC evaluates the static_asserts, no GPU):
+    /// the barrier flags [blocks][phases][ranks] and then one epoch counter per block, where the kernels count their calls
+    /// (so a launch replayed from a CUDA graph takes a fresh call number). A buffer one counter short fails the compile.
+    /// </summary>
+    [TestMethod]
+    public void TheFlagBufferHoldsTheBarrierFlagsAndAnEpochCounterPerBlock()
+    {
+        NvrtcSupport.RequireNvrtc();
+        string Source(int words) =>
+            $"#include \"{AllReduceKernel.FamilyName}.cu\"\n" +
+            $"static_assert(AR_MAX_BLOCKS == {AllReduceKernel.MaxBlocks} && AR_PHASES == {AllReduceKernel.Phases} && AR_MAX_RANKS == {AllReduceKernel.MaxRanks}, \"limits differ from C#\");\n" +
+            $"static_assert((AR_FLAG_WORDS + AR_MAX_BLOCKS) * 4 == {words * 4}, \"flag buffer differs from C#\");\n";
+        var target = new KernelTarget("compute_90");
+        Assert.IsNotEmpty(new NvrtcCompiler().CompileSource(AllReduceKernel.FamilyName, Source(AllReduceKernel.FlagBytes / 4), [], target).Image);
+        var e = Assert.ThrowsExactly<KernelCompileException>(() =>
+            new NvrtcCompiler().CompileSource(AllReduceKernel.FamilyName, Source(AllReduceKernel.FlagBytes / 4 - 1), [], target));
+        StringAssert.Contains(e.Log, "flag buffer differs from C#");
     }
 }

@@ -121,6 +121,7 @@ internal static unsafe partial class CuDriver
     [LibraryImport(Lib)] public static partial CuResult cuStreamWaitEvent(IntPtr stream, IntPtr evt, uint flags);
     [LibraryImport(Lib, EntryPoint = "cuStreamBeginCapture_v2")] public static partial CuResult cuStreamBeginCapture(IntPtr stream, int mode);
     [LibraryImport(Lib)] public static partial CuResult cuStreamEndCapture(IntPtr stream, IntPtr* graph);
+    [LibraryImport(Lib)] public static partial CuResult cuStreamIsCapturing(IntPtr stream, int* status);
 
     [LibraryImport(Lib)] public static partial CuResult cuEventCreate(IntPtr* evt, uint flags);
     [LibraryImport(Lib)] public static partial CuResult cuEventRecord(IntPtr evt, IntPtr stream);
