@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Cuda;
@@ -24,6 +25,11 @@ namespace DeepSeekCuda.Distributed;
 /// A source tensor may be disposed right after <see cref="Copy"/> returns (as <see cref="ParallelSession"/> does): its
 /// memory, if reused, is next written on the source's or the destination's stream, both ordered after the copy.
 /// </para>
+/// <para>
+/// <see cref="CaptureGraph"/> captures every rank's stream at once (one graph per rank) when the all-reduces run the
+/// kernels: they count their barriers' calls on the device, so a replay meets its peers as a fresh call would. The input
+/// buffers a live graph points into are kept until the last graph is disposed.
+/// </para>
 /// With logical ranks on one GPU every rank's stream needs its own hardware queue, or a spinning all-reduce block
 /// can wait behind a peer that never starts (it then times out, see <see cref="DeviceMesh.TimeoutCycles"/>): set
 /// <c>CUDA_DEVICE_MAX_CONNECTIONS</c> to at least the streams in use (32 is the maximum) before CUDA initializes
@@ -35,7 +41,10 @@ internal sealed class CudaCommunicator : ICommunicator
     private readonly CudaBackend[] _devices;
     private readonly DeviceBuffer<float>?[] _inputs;
     private readonly CudaEvent[] _events;
+    private readonly List<DeviceBuffer<float>> _retired = []; // inputs replaced while graphs that point into them live
     private long _allReduces, _allReduceBytes, _copies, _copyBytes;
+    private bool _capturing;
+    private int _liveGraphs;
     private bool _disposed;
 
     /// <summary>A communicator over <paramref name="mesh"/> with <paramref name="devices"/>[r] as rank r (neither owned).</summary>
@@ -151,6 +160,7 @@ internal sealed class CudaCommunicator : ICommunicator
             return;
         }
 
+        NotCapturing();
         var (src, type) = CudaBackend.StorageOf(source);
         var (dst, destinationType) = CudaBackend.StorageOf(destination);
         if (type != destinationType)
@@ -193,6 +203,7 @@ internal sealed class CudaCommunicator : ICommunicator
     public void Barrier()
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
+        NotCapturing();
         foreach (var b in _devices)
         {
             b.Synchronize();
@@ -201,10 +212,112 @@ internal sealed class CudaCommunicator : ICommunicator
         _mesh.Synchronize();
     }
 
+    /// <inheritdoc />
+    /// <remarks>One rank, or all-reduces that run the kernels (every pair a peer, 2, 4 or 8 ranks).</remarks>
+    public bool CanCaptureGraphs => _devices.Length == 1 || _mesh.UsesKernels;
+
+    /// <inheritdoc />
+    /// <remarks>
+    /// Each rank's backend captures its stream (<see cref="CudaBackend.CaptureGraph"/>), rank 0's outermost, all at once;
+    /// the all-reduces (and their copies into the ranks' input buffers) join the ranks' graphs. Traffic is counted when a
+    /// graph is replayed, not when it is captured.
+    /// </remarks>
+    public StepGraph CaptureGraph(Action record)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ArgumentNullException.ThrowIfNull(record);
+        NotCapturing();
+        if (!CanCaptureGraphs)
+        {
+            throw new NotSupportedException(
+                $"the all-reduces of these {_devices.Length} ranks are staged through host memory, which a graph cannot hold (the kernels need every pair of GPUs to be peers and 2, 4 or 8 ranks)");
+        }
+
+        var graphs = new StepGraph[_devices.Length];
+        var (before, traffic) = (Stats, default(CommunicatorStats));
+        _capturing = true;
+        try
+        {
+            Capture(0);
+        }
+        catch
+        {
+            foreach (var g in graphs)
+            {
+                g?.Dispose();
+            }
+
+            throw;
+        }
+        finally
+        {
+            _capturing = false;
+            traffic = Delta(Stats, before);
+            Count(Delta(before, Stats)); // a capture moves nothing: its calls count at each replay
+        }
+
+        _liveGraphs++;
+        return new CudaParallelGraph(this, graphs, traffic);
+
+        void Capture(int r)
+        {
+            if (r == graphs.Length)
+            {
+                record();
+                return;
+            }
+
+            graphs[r] = _devices[r].CaptureGraph(() => Capture(r + 1));
+        }
+    }
+
+    /// <inheritdoc />
+    public void ReplayGraph(StepGraph graph)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        NotCapturing();
+        var g = graph as CudaParallelGraph is { } p && p.Owner == this ? p : throw new ArgumentException("the graph does not belong to this communicator", nameof(graph));
+        ObjectDisposedException.ThrowIf(g.IsDisposed, g);
+        for (var r = 0; r < _devices.Length; r++)
+        {
+            _devices[r].ReplayGraph(g.Graphs[r]);
+        }
+
+        Count(g.Traffic);
+    }
+
+    /// <summary>A graph of this communicator is gone (its ranks' graphs disposed); once none lives, frees the retired input buffers.</summary>
+    internal void Release()
+    {
+        if (--_liveGraphs > 0 || _disposed)
+        {
+            return;
+        }
+
+        for (var r = 0; r < _devices.Length; r++)
+        {
+            _mesh.Device(r).MakeCurrent();
+            _mesh.Stream(r).Synchronize();
+        }
+
+        foreach (var b in _retired)
+        {
+            b.Dispose();
+        }
+
+        _retired.Clear();
+    }
+
     /// <summary>Frees the all-reduce input buffers (they grow again on demand); waits for the ranks' queues first.</summary>
+    /// <exception cref="InvalidOperationException">A graph of this communicator lives (it points into the buffers).</exception>
     public void Trim()
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_liveGraphs > 0)
+        {
+            throw new InvalidOperationException($"{_liveGraphs} graphs of this communicator point into its all-reduce buffers: dispose them before trimming");
+        }
+
         Barrier();
         FreeInputs();
     }
@@ -246,6 +359,28 @@ internal sealed class CudaCommunicator : ICommunicator
             _inputs[r]?.Dispose();
             _inputs[r] = null;
         }
+
+        foreach (var b in _retired)
+        {
+            b.Dispose();
+        }
+
+        _retired.Clear();
+    }
+
+    private void Count(CommunicatorStats t) =>
+        (_allReduces, _allReduceBytes, _copies, _copyBytes) = (_allReduces + t.AllReduces, _allReduceBytes + t.AllReduceBytes, _copies + t.Copies, _copyBytes + t.CopyBytes);
+
+    private static CommunicatorStats Delta(CommunicatorStats after, CommunicatorStats before) =>
+        new(after.AllReduces - before.AllReduces, after.AllReduceBytes - before.AllReduceBytes, after.Copies - before.Copies, after.CopyBytes - before.CopyBytes);
+
+    /// <summary>Refuses <paramref name="call"/> during <see cref="CaptureGraph"/>.</summary>
+    private void NotCapturing([CallerMemberName] string call = "")
+    {
+        if (_capturing)
+        {
+            throw new InvalidOperationException($"{call} cannot be part of a graph (a communicator's graph holds only the devices' operations and all-reduces: ICommunicator.CaptureGraph)");
+        }
     }
 
     /// <summary>The storage type the tensors of one all-reduce share (devices created with other activation storage are refused).</summary>
@@ -272,12 +407,26 @@ internal sealed class CudaCommunicator : ICommunicator
             return b;
         }
 
+        if (_capturing)
+        {
+            throw new InvalidOperationException(
+                $"the all-reduce input of rank {r} would grow to {count} elements during a graph capture: run the captured work once before capturing it");
+        }
+
         if (_inputs[r] is { } old)
         {
-            // The previous call may still read it on the device.
-            _mesh.Device(r).MakeCurrent();
-            _mesh.Stream(r).Synchronize();
-            old.Dispose();
+            if (_liveGraphs > 0)
+            {
+                _retired.Add(old); // a live graph points into it
+            }
+            else
+            {
+                // The previous call may still read it on the device.
+                _mesh.Device(r).MakeCurrent();
+                _mesh.Stream(r).Synchronize();
+                old.Dispose();
+            }
+
             _inputs[r] = null;
         }
 
@@ -368,5 +517,28 @@ internal static class CommunicatorArguments
         {
             throw new ArgumentException($"the copy destination {destination} does not live on device {destinationDevice}", nameof(destination));
         }
+    }
+}
+
+/// <summary>A <see cref="CudaCommunicator"/>'s graph: each rank's captured stream, and the traffic one replay moves.</summary>
+internal sealed class CudaParallelGraph(CudaCommunicator owner, StepGraph[] graphs, CommunicatorStats traffic) : StepGraph
+{
+    public CudaCommunicator Owner { get; } = owner;
+
+    /// <summary>[rank] the rank's graph (its backend's).</summary>
+    public StepGraph[] Graphs { get; } = graphs;
+
+    public CommunicatorStats Traffic { get; } = traffic;
+
+    public override int Operations => Graphs.Sum(g => g.Operations);
+
+    protected override void Dispose(bool disposing)
+    {
+        foreach (var g in Graphs)
+        {
+            g.Dispose();
+        }
+
+        Owner.Release();
     }
 }

@@ -1,4 +1,6 @@
+using System.Runtime.CompilerServices;
 using DeepSeekCuda.Backends;
+using DeepSeekCuda.Backends.Cpu;
 
 namespace DeepSeekCuda.Distributed;
 
@@ -28,6 +30,22 @@ public interface ICommunicator : IDisposable
 
     /// <summary>Waits until every operation enqueued so far on every device has finished.</summary>
     void Barrier();
+
+    /// <summary>Whether <see cref="CaptureGraph"/> can record this communicator's devices and all-reduces.</summary>
+    bool CanCaptureGraphs { get; }
+
+    /// <summary>
+    /// Records, without running them, the operations <paramref name="record"/> calls from this thread on every device's
+    /// backend and the all-reduces it calls here, as one graph over all the devices that <see cref="ReplayGraph"/> runs (on
+    /// GPUs, a CUDA graph per device whose all-reduces meet on the devices). What <see cref="IBackend.CaptureGraph"/> allows
+    /// and refuses holds on every device; <see cref="Copy"/> and <see cref="Barrier"/> are refused while capturing. Run the
+    /// recorded work once before capturing it: first runs compile kernels and size buffers.
+    /// </summary>
+    /// <exception cref="NotSupportedException"><see cref="CanCaptureGraphs"/> is false.</exception>
+    StepGraph CaptureGraph(Action record);
+
+    /// <summary>Runs <paramref name="graph"/> (captured by <see cref="CaptureGraph"/>) on every device, after the work queued before.</summary>
+    void ReplayGraph(StepGraph graph);
 }
 
 /// <summary>Traffic counted by a communicator (tests and diagnostics).</summary>
@@ -47,6 +65,7 @@ public sealed class HostCommunicator : ICommunicator
 {
     private readonly IBackend[] _devices;
     private long _allReduces, _allReduceBytes, _copies, _copyBytes;
+    private CpuGraphRecording? _recording; // the graph being captured
 
     /// <summary>Creates a communicator over <paramref name="devices"/> (not owned).</summary>
     public HostCommunicator(IReadOnlyList<IBackend> devices)
@@ -87,6 +106,16 @@ public sealed class HostCommunicator : ICommunicator
             }
         }
 
+        Tensor[] all = [.. tensors];
+        if (_recording?.Add(() => Sum(all)) != true)
+        {
+            Sum(all);
+        }
+    }
+
+    private void Sum(Tensor[] tensors)
+    {
+        var first = tensors[0];
         var sum = new float[first.Length];
         var part = new float[first.Length];
         _devices[0].Download(tensors[0], sum);
@@ -118,6 +147,7 @@ public sealed class HostCommunicator : ICommunicator
             throw new ArgumentException($"copy of {source} into {destination}");
         }
 
+        NotCapturing();
         var values = new float[source.Length];
         _devices[sourceDevice].Download(source, values);
         Write(destinationDevice, values, destination);
@@ -127,8 +157,53 @@ public sealed class HostCommunicator : ICommunicator
 
     /// <inheritdoc />
     /// <remarks>Host backends run every call to completion, so there is nothing to wait for.</remarks>
-    public void Barrier()
+    public void Barrier() => NotCapturing();
+
+    /// <inheritdoc />
+    /// <remarks>When every device is a <see cref="CpuBackend"/>.</remarks>
+    public bool CanCaptureGraphs => _devices.All(d => d is CpuBackend);
+
+    /// <inheritdoc />
+    /// <remarks>
+    /// One list of recorded calls in call order, the devices' operations and the all-reduces interleaved as they were made,
+    /// made again at each replay (as <see cref="CpuBackend.CaptureGraph"/> records one device).
+    /// </remarks>
+    public StepGraph CaptureGraph(Action record)
     {
+        ArgumentNullException.ThrowIfNull(record);
+        var backends = new CpuBackend[_devices.Length];
+        for (var d = 0; d < backends.Length; d++)
+        {
+            backends[d] = _devices[d] as CpuBackend ?? throw new NotSupportedException(
+                $"device {d} is a {_devices[d].GetType().Name}; a host communicator records graphs over CPU backends only");
+        }
+
+        NotCapturing();
+        _recording = new CpuGraphRecording();
+        try
+        {
+            return new CpuStepGraph(this, CpuBackend.Record(backends, _recording, record));
+        }
+        finally
+        {
+            _recording = null;
+        }
+    }
+
+    /// <inheritdoc />
+    public void ReplayGraph(StepGraph graph)
+    {
+        NotCapturing();
+        CpuStepGraph.Of(graph, this).Replay();
+    }
+
+    /// <summary>Refuses <paramref name="call"/> while this thread captures a graph (<see cref="CaptureGraph"/>).</summary>
+    private void NotCapturing([CallerMemberName] string call = "")
+    {
+        if (_recording?.OnThisThread == true)
+        {
+            throw new InvalidOperationException($"{call} cannot be part of a graph (a communicator's graph holds only the devices' operations and all-reduces: ICommunicator.CaptureGraph)");
+        }
     }
 
     private void Write(int device, float[] values, Tensor destination)

@@ -23,7 +23,8 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
         MaxSequenceLength = maxLength;
         Devices = devices;
         Layout = new DeviceLayout(plan.Config, maxLength, devices, plan.HeadDevice,
-            new Collectives(communicator.AllReduceSum, communicator.Copy, communicator.Barrier), mtp: null);
+            new Collectives(communicator.AllReduceSum, communicator.Copy, communicator.Barrier,
+                communicator.CanCaptureGraphs ? communicator.CaptureGraph : null, communicator.ReplayGraph), mtp: null);
     }
 
     /// <summary>The placement.</summary>

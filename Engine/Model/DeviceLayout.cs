@@ -55,7 +55,10 @@ internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
 /// <param name="AllReduceSum">tensors[r] ← Σ tensors, in device order, on every device (tensor r on device r).</param>
 /// <param name="Copy">Copies a tensor from one device into a same-shaped tensor on another.</param>
 /// <param name="Barrier">Waits for every device's queued work (a failed collective surfaces here).</param>
-internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, Action<Tensor, int, Tensor, int> Copy, Action Barrier);
+/// <param name="CaptureGraph">Records what an action calls on every device and the all-reduces it calls, as one graph over the devices; null where the collectives cannot be recorded.</param>
+/// <param name="ReplayGraph">Runs such a graph on every device.</param>
+internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, Action<Tensor, int, Tensor, int> Copy, Action Barrier,
+    Func<Action, StepGraph>? CaptureGraph = null, Action<StepGraph>? ReplayGraph = null);
 
 /// <summary>
 /// A model's weights over its devices, as a forward pass walks them (<see cref="ModelPass"/>): which devices run each layer (one pipeline stage,
@@ -88,6 +91,7 @@ internal sealed class DeviceLayout
             }
         }
 
+        OneStage = Runners.All(r => r.AsSpan().SequenceEqual(Runners[0]));
         var head = devices[headDevice];
         if (head.Head is null || head.FinalNorm is null || !Runners[^1].Contains(headDevice))
         {
@@ -116,6 +120,9 @@ internal sealed class DeviceLayout
 
     /// <summary>[layer] → the devices that run it, ascending.</summary>
     public int[][] Runners { get; }
+
+    /// <summary>Whether every layer runs on the same devices (no pipeline boundary hands the stream from one device to another).</summary>
+    public bool OneStage { get; }
 }
 
 /// <summary>A model a <c>PagedStepRunner</c> can run: its weights laid out over one device or several.</summary>

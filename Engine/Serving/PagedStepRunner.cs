@@ -28,13 +28,15 @@ namespace DeepSeekCuda.Serving;
 /// reads them in place.</para>
 /// <para>Tokens are chosen on the head's device (<see cref="IBackend.ChooseTokens"/>): a step sends each logit row's settings
 /// and brings back its id, and the logits of only the rows the host must see (a constrained request's, or a broken row).</para>
-/// <para>Decode graphs (<see cref="DecodeGraphs"/>, off until a GPU has run them): a one-device decode or verify step (entries
+/// <para>Decode graphs (<see cref="DecodeGraphs"/>, off until a GPU has run them): a decode or verify step (entries
 /// of one token, or of a token and the draft it verifies, with logits for each) is padded to its row bucket
 /// (<see cref="DecodeBuckets"/>) with rows of a padding slot whose one block no sequence reads, and replays the bucket's
 /// graph of the main pass (and the ring's writes) and the head after the rows' upload; token choice runs after it as
-/// usual. A draft likewise replays the graph of its bucket of MTP rows (the gather, the MTP layer and the head). Still
-/// eager: the MTP layer's catch-up over positions left pending by a step without a draft, and prompt chunks.
-/// Still to come: BF16 activations.</para>
+/// usual. On several devices the graph spans them all (<see cref="Collectives.CaptureGraph"/>: a graph per device whose
+/// all-reduces meet on the devices), where every layer runs on every device (tensor/expert parallel; a pipeline's hand-over
+/// between devices stays eager). A draft likewise replays the graph of its bucket of MTP rows (the gather, the MTP layer
+/// and the head). Still eager: the MTP layer's catch-up over positions left pending by a step without a draft, and prompt
+/// chunks.</para>
 /// </remarks>
 public sealed class PagedStepRunner : IStepRunner
 {
@@ -105,10 +107,11 @@ public sealed class PagedStepRunner : IStepRunner
     public bool CanDraft => _layout.Mtp is not null;
 
     /// <summary>
-    /// Whether a one-device decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> absorbed tokens,
+    /// Whether a decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> absorbed tokens,
     /// the logits of each asked for), and a draft, runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>),
-    /// the bucket's first step run eagerly and then captured (<see cref="IBackend.CaptureGraph"/>), later steps replaying it
-    /// after the rows' upload. Off until a GPU has run it. May change between steps (a bench times both): graphs already
+    /// the bucket's first step run eagerly and then captured (<see cref="IBackend.CaptureGraph"/>, over several devices
+    /// <see cref="Collectives.CaptureGraph"/> where every layer runs on all of them), later steps replaying it after the rows'
+    /// upload. Off until a GPU has run it. May change between steps (a bench times both): graphs already
     /// captured are kept.
     /// </summary>
     internal bool DecodeGraphs { get; set; }
@@ -434,7 +437,10 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>The bucket a pass of <paramref name="rows"/> rows that all attend by their step rows runs as a graph in, or 0 when it runs eagerly.</summary>
     private int GraphBucket(int rows) =>
-        DecodeGraphs && _devices.Length == 1 && _head.W.Context.Attention != AttentionForm.Naive ? DecodeBuckets.For(rows, _bucketLimit) : 0;
+        DecodeGraphs && CanCapture && _head.W.Context.Attention != AttentionForm.Naive ? DecodeBuckets.For(rows, _bucketLimit) : 0;
+
+    /// <summary>Whether the main pass can be captured: on one device, or on devices that each run every layer and whose collectives can be recorded.</summary>
+    private bool CanCapture => _devices.Length == 1 || _layout is { OneStage: true, Collectives.CaptureGraph: not null };
 
     /// <summary>
     /// Replays the bucket's graph over the rows just uploaded; on the bucket's first step, runs the step eagerly (its first
@@ -444,7 +450,7 @@ public sealed class PagedStepRunner : IStepRunner
     private DecodeGraph Graph(int bucket)
     {
         var b = _head.W.Backend;
-        return Replay(_graphs, bucket, () =>
+        return Replay(_graphs, bucket, allDevices: true, () =>
         {
             var normed = ModelPass.Run(_layout, _stream.AsSpan(0, bucket), _arenas, _rowsOf, null);
             if (CanDraft)
@@ -460,7 +466,7 @@ public sealed class PagedStepRunner : IStepRunner
     /// The draft graph of a bucket of MTP rows (see <see cref="Graph"/>): the MTP pass over the rows just uploaded, its inputs
     /// gathered from the ring, and the head's logits of every row.
     /// </summary>
-    private DecodeGraph DraftGraph(int bucket) => Replay(_draftGraphs, bucket, () =>
+    private DecodeGraph DraftGraph(int bucket) => Replay(_draftGraphs, bucket, allDevices: false, () =>
     {
         var output = DraftPass(bucket, 0);
         return (output, Logits(output));
@@ -476,19 +482,30 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>
     /// Replays <paramref name="graphs"/>' graph of <paramref name="bucket"/>, or runs <paramref name="pass"/> eagerly and
-    /// captures it as that graph; a pass returns where it leaves its output and logits.
+    /// captures it as that graph; a pass returns where it leaves its output and logits. The graph spans every device when
+    /// <paramref name="allDevices"/> and there are several, else the head's.
     /// </summary>
-    private DecodeGraph Replay(Dictionary<int, DecodeGraph> graphs, int bucket, Func<(Tensor Output, Tensor Logits)> pass)
+    private DecodeGraph Replay(Dictionary<int, DecodeGraph> graphs, int bucket, bool allDevices, Func<(Tensor Output, Tensor Logits)> pass)
     {
         var b = _head.W.Backend;
+        var all = allDevices && _devices.Length > 1 ? _layout.Collectives! : null;
         if (graphs.TryGetValue(bucket, out var known))
         {
-            b.ReplayGraph(known.Graph);
+            if (all is null)
+            {
+                b.ReplayGraph(known.Graph);
+            }
+            else
+            {
+                all.ReplayGraph!(known.Graph);
+            }
+
             return known;
         }
 
         var (output, logits) = pass();
-        var graph = Own(b.CaptureGraph(() => (output, logits) = pass()));
+        void Record() => (output, logits) = pass();
+        var graph = Own(all is null ? b.CaptureGraph(Record) : all.CaptureGraph!(Record));
         return graphs[bucket] = new DecodeGraph(graph, output, logits);
     }
 

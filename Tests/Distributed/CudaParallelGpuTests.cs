@@ -288,6 +288,152 @@ public sealed class CudaParallelGpuTests
         }
     }
 
+    /// <summary>
+    /// One graph over every rank (<see cref="CudaCommunicator.CaptureGraph"/>): per rank its source copied into x, the
+    /// all-reduce of every x (a one-shot message and a two-step one), x copied into y. Captured after one eager run, then
+    /// replayed four times over fresh sources, with eager all-reduces between replays: every y holds the host sum in rank
+    /// order each time. The barriers' call numbers are counted on the device, so a replay meets its peers as a fresh call
+    /// does; a number frozen into the graph would let the second replay pass its barriers early (stale sums) or time out.
+    /// </summary>
+    [TestMethod]
+    [DataRow(2, false)]
+    [DataRow(4, false)]
+    [DataRow(8, false)]
+    [DataRow(2, true)]
+    public void AllReducesInAGraphOverEveryRankMeetAtEachReplay(int n, bool bf16Activations)
+    {
+        using var gpus = CudaParallel.Logical(n, new CudaBackendOptions { Bf16Activations = bf16Activations });
+        var comm = gpus.Communicator;
+        var b = Enumerable.Range(0, n).Select(comm.Backend).ToArray();
+        Assert.IsTrue(comm.CanCaptureGraphs);
+        var rng = new Random(40 + n);
+        var shapes = new[] { (4, 7168), (300, 2048) }; // one-shot, two-step (f32)
+        var all = new List<Tensor>();
+        Tensor[] Make(int rows, int cols) => [.. b.Select(d => { var t = d.Allocate(rows, cols); all.Add(t); return t; })];
+        var parts = shapes.Select(sh => (Rows: sh.Item1, Cols: sh.Item2, Source: Make(sh.Item1, sh.Item2), X: Make(sh.Item1, sh.Item2), Y: Make(sh.Item1, sh.Item2))).ToArray();
+        try
+        {
+            void Pass()
+            {
+                foreach (var p in parts)
+                {
+                    for (var r = 0; r < n; r++)
+                    {
+                        b[r].CopyRows(p.Source[r], 0, p.X[r], 0, p.Rows);
+                    }
+
+                    comm.AllReduceSum(p.X);
+                    for (var r = 0; r < n; r++)
+                    {
+                        b[r].CopyRows(p.X[r], 0, p.Y[r], 0, p.Rows);
+                    }
+                }
+            }
+
+            Pass(); // loads the kernels and sizes the input buffers
+            using var graph = comm.CaptureGraph(Pass);
+            var before = comm.Stats.AllReduces;
+            for (var replay = 0; replay < 4; replay++)
+            {
+                var expected = parts.Select(p => Fill(p.Source, p.Rows, p.Cols)).ToArray();
+                comm.ReplayGraph(graph);
+                if (replay % 2 == 1)
+                {
+                    var extra = Make(4, 7168);
+                    comm.AllReduceSum(extra); // an eager call between replays: block counters stay in step on every rank
+                }
+
+                for (var k = 0; k < parts.Length; k++)
+                {
+                    for (var r = 0; r < n; r++)
+                    {
+                        var got = new float[parts[k].Rows * parts[k].Cols];
+                        b[r].Download(parts[k].Y[r], got);
+                        CollectionAssert.AreEqual(expected[k], got, $"replay {replay}: [{parts[k].Rows}, {parts[k].Cols}] on rank {r}");
+                    }
+                }
+            }
+
+            comm.Barrier(); // surfaces a barrier that timed out
+            Assert.AreEqual(before + 4 * parts.Length + 2, comm.Stats.AllReduces, "each replay counts its all-reduces");
+            var refused = Assert.ThrowsExactly<InvalidOperationException>(() => comm.CaptureGraph(() => comm.Copy(parts[0].X[0], 0, parts[0].X[1], 1)));
+            StringAssert.StartsWith(refused.Message, "Copy cannot be part of a graph");
+        }
+        finally
+        {
+            foreach (var t in all)
+            {
+                t.Dispose();
+            }
+        }
+
+        // Fresh random sources on every rank; returns the host sum in rank order (activations hold BF16 values, so does the sum).
+        float[] Fill(Tensor[] source, int rows, int cols)
+        {
+            var sum = new float[rows * cols];
+            for (var r = 0; r < n; r++)
+            {
+                var values = Enumerable.Range(0, rows * cols).Select(_ => BFloat16.Round((float)(rng.NextDouble() * 8 - 4))).ToArray();
+                using var staged = b[r].Upload(values, rows, cols);
+                b[r].CopyRows(staged, 0, source[r], 0, rows);
+                for (var i = 0; i < sum.Length; i++)
+                {
+                    sum[i] += values[i];
+                }
+            }
+
+            return [.. sum.Select(BFloat16.Round)];
+        }
+    }
+
+    /// <summary>Three ranks' all-reduces are staged through host memory (no kernel for 3): a graph over them is refused, saying why.</summary>
+    [TestMethod]
+    public void AGraphOverRanksWhoseAllReducesAreStagedIsRefused()
+    {
+        using var gpus = CudaParallel.Logical(3);
+        Assert.IsFalse(gpus.Communicator.CanCaptureGraphs);
+        var e = Assert.ThrowsExactly<NotSupportedException>(() => gpus.Communicator.CaptureGraph(() => { }));
+        StringAssert.Contains(e.Message, "staged through host memory");
+    }
+
+    /// <summary>
+    /// The parallel model's decode steps as graphs over every rank (<see cref="PagedStepRunner.DecodeGraphs"/>) against its
+    /// eager steps on the same script (<see cref="SideBySide"/>, teacher-forced on the eager tokens): logits within the
+    /// tensor-parallel bound (padding to a bucket may change a GEMM's row tiling), greedy tokens equal, the bucket graphs
+    /// captured, and the all-reduces of every replay counted.
+    /// </summary>
+    [TestMethod]
+    [DataRow("tiny-a", 2)]
+    [DataRow("tiny-a", 4)]
+    [DataRow("wide8", 4)]
+    public void DecodeGraphsOverEveryRankGiveTheStepsOfEagerOnes(string model, int n)
+    {
+        var checkpoint = s_models[model];
+        using var gpus = CudaParallel.Logical(n);
+        using var parallel = gpus.Load(checkpoint, Plan(checkpoint, PlacementKind.TensorExpertParallel, n), Options);
+        SideBySide.Trace eager;
+        long eagerAllReduces;
+        using (var runner = new PagedStepRunner(parallel.Layout))
+        {
+            eager = SideBySide.Run(runner);
+            eagerAllReduces = gpus.Communicator.Stats.AllReduces;
+        }
+
+        using var graphed = new PagedStepRunner(parallel.Layout) { DecodeGraphs = true };
+        var trace = SideBySide.Run(graphed, follow: eager);
+        var identical = 0;
+        SideBySide.Compare(eager, trace, (want, got, step) =>
+        {
+            Assert.IsTrue(got.All(float.IsFinite), $"{model} N={n} {step}: non-finite logits");
+            identical += want.AsSpan().SequenceEqual(got) ? 1 : 0;
+            Tolerance.AssertRmsRel(got, want, TensorParallelRmsRel, $"{model} N={n} {step}: graph vs eager");
+        });
+        TestContext.WriteLine($"{model} N={n}: {identical}/{trace.Steps.Count} steps bit-identical to eager; {graphed.CapturedGraphs} graphs");
+        Assert.AreEqual(2, graphed.CapturedGraphs, "the buckets of one row (the last prefill step) and of four (the decode steps)");
+        gpus.Communicator.Barrier();
+        Assert.AreEqual(2 * eagerAllReduces, gpus.Communicator.Stats.AllReduces, "each replay makes its steps' all-reduces");
+    }
+
     [TestMethod]
     public void ATensorOfAnotherRankIsRefusedByName()
     {
@@ -373,9 +519,7 @@ public sealed class CudaParallelGpuTests
         comm.Barrier();
     }
 
-    private static PlacementPlan Plan(Checkpoint checkpoint, PlacementKind kind, int n) => kind == PlacementKind.Pipeline
-        ? PlacementPlan.Pipeline(checkpoint.Config, n)
-        : PlacementPlan.TensorExpertParallel(checkpoint.Config, n);
+    private static PlacementPlan Plan(Checkpoint checkpoint, PlacementKind kind, int n) => SimulatedDevices.PlanOf(checkpoint.Config, kind, n);
 
     /// <summary>
     /// The prompt as one prefill, then single-token steps (the decode kernels): feeding back its own argmax, or the

@@ -64,7 +64,7 @@ public sealed class ParallelLoadOrderTests
         };
         var devices = Enumerable.Range(0, n).Select(_ => new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2))).ToArray();
         var comm = new HostCommunicator(devices);
-        var plan = kind == PlacementKind.Pipeline ? PlacementPlan.Pipeline(checkpoint.Config, n) : PlacementPlan.TensorExpertParallel(checkpoint.Config, n);
+        var plan = SimulatedDevices.PlanOf(checkpoint.Config, kind, n);
         ParallelModel? parallel = null;
         try
         {

@@ -96,6 +96,51 @@ public sealed class ParallelPagedStepsTests
     }
 
     /// <summary>
+    /// Decode steps as graphs over every device (<see cref="ICommunicator.CaptureGraph"/>, the devices plain CPU backends of a
+    /// host communicator): the script's decode steps (three rows, padded to the bucket of four) and its last prefill step (one
+    /// row) give the logits of eager steps bit for bit, teacher-forced on the eager run's tokens, with the first step of a
+    /// bucket run eagerly and captured and the others replayed, each replay doing its all-reduces. A pipeline hands the stream from one device to another, which a graph does
+    /// not hold: its steps stay eager.
+    /// </summary>
+    [TestMethod]
+    [DataRow("tiny-a", PlacementKind.TensorExpertParallel, 2)]
+    [DataRow("wide8", PlacementKind.TensorExpertParallel, 4)]
+    [DataRow("wide8", PlacementKind.Pipeline, 2)]
+    public void DecodeGraphsOverEveryDeviceGiveTheLogitsOfEagerSteps(string model, PlacementKind kind, int n)
+    {
+        var (checkpoint, _) = s_models[model];
+        var devices = Enumerable.Range(0, n).Select(_ => new CpuBackend(maxDegreeOfParallelism: 2)).ToArray();
+        try
+        {
+            using var comm = new HostCommunicator(devices);
+            using var parallel = ParallelModel.Load(checkpoint, SimulatedDevices.PlanOf(checkpoint.Config, kind, n), comm, Options);
+            SideBySide.Trace eager;
+            CommunicatorStats eagerTraffic;
+            using (var runner = new PagedStepRunner(parallel.Layout))
+            {
+                eager = SideBySide.Run(runner);
+                eagerTraffic = comm.Stats;
+            }
+
+            using var graphed = new PagedStepRunner(parallel.Layout) { DecodeGraphs = true };
+            var trace = SideBySide.Run(graphed, follow: eager);
+            SideBySide.Compare(eager, trace, (want, got, step) => CollectionAssert.AreEqual(want, got, $"{model} {kind} N={n} {step}: graph vs eager logits"));
+            // The last prefill step (one prompt's last token) runs in the bucket of one row, the decode steps in that of four.
+            var graphs = kind == PlacementKind.TensorExpertParallel ? 2 : 0;
+            Assert.AreEqual(graphs, graphed.CapturedGraphs, "graphs captured: buckets 1 and 4, on a single stage only");
+            Assert.AreEqual(eagerTraffic.AllReduces * 2, comm.Stats.AllReduces, "each replay makes its steps' all-reduces");
+            Assert.AreEqual(eagerTraffic.Copies * 2, comm.Stats.Copies);
+        }
+        finally
+        {
+            foreach (var d in devices)
+            {
+                d.Dispose();
+            }
+        }
+    }
+
+    /// <summary>
     /// Greedy and seeded-sampling requests arriving while others prefill in chunks or decode, on a pool too small for all of
     /// them (growth preempts): each output equals its request alone on a session of the same parallel model, and every block
     /// and slot comes back.

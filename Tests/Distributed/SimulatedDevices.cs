@@ -24,9 +24,13 @@ internal sealed class SimulatedDevices : IDisposable
         var devices = inner.Select(b => new RecordingBackend(b)).ToArray();
         var host = new HostCommunicator(uncountedCollectives ? inner : devices);
         ICommunicator comm = uncountedCollectives ? new SeenThrough(devices, host) : host;
-        var plan = kind == PlacementKind.Pipeline ? PlacementPlan.Pipeline(checkpoint.Config, n) : PlacementPlan.TensorExpertParallel(checkpoint.Config, n);
+        var plan = PlanOf(checkpoint.Config, kind, n);
         return new SimulatedDevices { Devices = devices, Communicator = host, Plan = plan, Model = ParallelModel.Load(checkpoint, plan, comm, options) };
     }
+
+    /// <summary>The plan of <paramref name="kind"/> over <paramref name="n"/> devices.</summary>
+    public static PlacementPlan PlanOf(ModelConfig config, PlacementKind kind, int n) =>
+        kind == PlacementKind.Pipeline ? PlacementPlan.Pipeline(config, n) : PlacementPlan.TensorExpertParallel(config, n);
 
     public void Dispose()
     {
@@ -46,6 +50,9 @@ internal sealed class SimulatedDevices : IDisposable
         public void AllReduceSum(IReadOnlyList<Tensor> tensors) => collectives.AllReduceSum(tensors);
         public void Copy(Tensor source, int sourceDevice, Tensor destination, int destinationDevice) => collectives.Copy(source, sourceDevice, destination, destinationDevice);
         public void Barrier() => collectives.Barrier();
+        public bool CanCaptureGraphs => false; // the recording devices are not CPU backends a host communicator can record
+        public StepGraph CaptureGraph(Action record) => throw new NotSupportedException();
+        public void ReplayGraph(StepGraph graph) => throw new NotSupportedException();
 
         public void Dispose()
         {

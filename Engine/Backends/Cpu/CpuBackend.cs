@@ -59,57 +59,59 @@ public sealed class CpuBackend : IBackend
 
     // ---------------------------------------------------------------- graphs
 
-    private List<Action>? _recording;   // the operations of the graph being captured
-    private int _recorder;              // the capturing thread
+    private CpuGraphRecording? _recording; // the graph being captured (by one thread)
 
     /// <inheritdoc />
     /// <remarks>Each recorded operation is the call itself, made again at every replay (its checks run then).</remarks>
-    public StepGraph CaptureGraph(Action record)
+    public StepGraph CaptureGraph(Action record) => new CpuStepGraph(this, Record([this], new CpuGraphRecording(), record));
+
+    /// <summary>
+    /// Records into <paramref name="recording"/>, in call order, the operations <paramref name="record"/> calls on any of
+    /// <paramref name="backends"/> from this thread (<see cref="CaptureGraph"/> over several backends at once, as a host
+    /// communicator's graph needs: its collectives join the same list); returns them.
+    /// </summary>
+    internal static Action[] Record(IReadOnlyList<CpuBackend> backends, CpuGraphRecording recording, Action record)
     {
         ArgumentNullException.ThrowIfNull(record);
-        NotCapturing();
-        var operations = new List<Action>();
-        (_recording, _recorder) = (operations, Environment.CurrentManagedThreadId);
+        foreach (var b in backends)
+        {
+            b.NotCapturing(nameof(CaptureGraph));
+        }
+
+        foreach (var b in backends)
+        {
+            b._recording = recording;
+        }
+
         try
         {
             record();
         }
         finally
         {
-            _recording = null;
+            foreach (var b in backends)
+            {
+                b._recording = null;
+            }
         }
 
-        return new CpuStepGraph(this, [.. operations]);
+        return [.. recording.Operations];
     }
 
     /// <inheritdoc />
     public void ReplayGraph(StepGraph graph)
     {
         NotCapturing();
-        var g = graph as CpuStepGraph is { } cpu && cpu.Owner == this ? cpu : throw new ArgumentException($"the graph does not belong to this backend", nameof(graph));
-        ObjectDisposedException.ThrowIf(g.IsDisposed, g);
-        foreach (var operation in g.Recorded)
-        {
-            operation();
-        }
+        CpuStepGraph.Of(graph, this).Replay();
     }
 
     /// <summary>While this thread captures a graph: keeps <paramref name="operation"/> (the call being made) for its replays, and says so.</summary>
-    private bool Recorded(Action operation)
-    {
-        if (_recording is null || Environment.CurrentManagedThreadId != _recorder)
-        {
-            return false;
-        }
-
-        _recording.Add(operation);
-        return true;
-    }
+    private bool Recorded(Action operation) => _recording?.Add(operation) == true;
 
     /// <summary>Refuses <paramref name="call"/> while this thread captures a graph (<see cref="CaptureGraph"/>).</summary>
     private void NotCapturing([CallerMemberName] string call = "")
     {
-        if (_recording is not null && Environment.CurrentManagedThreadId == _recorder)
+        if (_recording?.OnThisThread == true)
         {
             throw new InvalidOperationException($"{call} cannot be part of a graph (a graph holds only operations over backend memory: IBackend.CaptureGraph)");
         }

@@ -90,13 +90,53 @@ internal sealed class CpuRouting(int tokens, int experts, int topK) : Routing(to
 internal sealed class CpuTokenChoices(int rows, int vocab) : TokenChoiceBuffer(rows, vocab);
 
 /// <summary>A CPU graph: the calls recorded, made again in order at each replay.</summary>
-internal sealed class CpuStepGraph(CpuBackend owner, Action[] recorded) : StepGraph
+/// <summary>Recorded calls, made again in their order at each replay; owned by the backend (or host communicator) that captured them.</summary>
+internal sealed class CpuStepGraph(object owner, Action[] recorded) : StepGraph
 {
-    public CpuBackend Owner { get; } = owner;
+    public object Owner { get; } = owner;
 
     public Action[] Recorded { get; } = recorded;
 
     public override int Operations => Recorded.Length;
+
+    /// <summary><paramref name="graph"/>, when <paramref name="owner"/> captured it.</summary>
+    /// <exception cref="ArgumentException">Another backend or communicator captured it.</exception>
+    public static CpuStepGraph Of(StepGraph graph, object owner) =>
+        graph is CpuStepGraph g && ReferenceEquals(g.Owner, owner) ? g : throw new ArgumentException($"the graph does not belong to this {(owner is IBackend ? "backend" : "communicator")}", nameof(graph));
+
+    /// <summary>Makes the recorded calls again.</summary>
+    public void Replay()
+    {
+        ObjectDisposedException.ThrowIf(IsDisposed, this);
+        foreach (var operation in Recorded)
+        {
+            operation();
+        }
+    }
+}
+
+/// <summary>The operations of a graph being captured on the CPU, by one thread, from one or several backends (and a host communicator's collectives).</summary>
+internal sealed class CpuGraphRecording
+{
+    private readonly List<Action> _operations = [];
+    private readonly int _thread = Environment.CurrentManagedThreadId;
+
+    /// <summary>Whether the capturing thread is the calling one.</summary>
+    public bool OnThisThread => Environment.CurrentManagedThreadId == _thread;
+
+    public IReadOnlyList<Action> Operations => _operations;
+
+    /// <summary>Keeps <paramref name="operation"/> when called on the capturing thread; says whether it did.</summary>
+    public bool Add(Action operation)
+    {
+        if (!OnThisThread)
+        {
+            return false;
+        }
+
+        _operations.Add(operation);
+        return true;
+    }
 }
 
 /// <summary>Step rows: the host copy <see cref="StepRows"/> keeps is all the CPU backend needs.</summary>
