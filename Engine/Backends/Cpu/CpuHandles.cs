@@ -89,8 +89,7 @@ internal sealed class CpuRouting(int tokens, int experts, int topK) : Routing(to
 /// <summary>The CPU chooses in place: nothing to hold.</summary>
 internal sealed class CpuTokenChoices(int rows, int vocab) : TokenChoiceBuffer(rows, vocab);
 
-/// <summary>A CPU graph: the calls recorded, made again in order at each replay.</summary>
-/// <summary>Recorded calls, made again in their order at each replay; owned by the backend (or host communicator) that captured them.</summary>
+/// <summary>A CPU graph: the calls recorded, made again in order at each replay; owned by the backend (or host communicator) that captured them.</summary>
 internal sealed class CpuStepGraph(object owner, Action[] recorded) : StepGraph
 {
     public object Owner { get; } = owner;
