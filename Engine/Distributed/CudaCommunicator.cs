@@ -42,7 +42,7 @@ internal sealed class CudaCommunicator : ICommunicator
     private readonly DeviceBuffer<float>?[] _inputs;
     private readonly CudaEvent[] _events;
     private readonly List<DeviceBuffer<float>> _retired = []; // inputs replaced while graphs that point into them live
-    private long _allReduces, _allReduceBytes, _copies, _copyBytes;
+    private CommunicatorStats _stats;
     private bool _capturing;
     private int _liveGraphs;
     private bool _disposed;
@@ -97,7 +97,7 @@ internal sealed class CudaCommunicator : ICommunicator
     public DeviceMesh Mesh => _mesh;
 
     /// <summary>Traffic so far (all-reduce bytes are float32 per device, as <see cref="HostCommunicator"/> counts them).</summary>
-    public CommunicatorStats Stats => new(_allReduces, _allReduceBytes, _copies, _copyBytes);
+    public CommunicatorStats Stats => _stats;
 
     /// <inheritdoc />
     public IBackend Device(int device) => Backend(device);
@@ -121,8 +121,7 @@ internal sealed class CudaCommunicator : ICommunicator
         var count = tensors[0].Length;
         var type = StorageType(tensors);
         var bytes = count * CudaTensor.SizeOf(type);
-        _allReduces++;
-        _allReduceBytes += bytes;
+        _stats = _stats with { AllReduces = _stats.AllReduces + 1, AllReduceBytes = _stats.AllReduceBytes + bytes };
         if (_devices.Length == 1 || count == 0)
         {
             return;
@@ -169,8 +168,7 @@ internal sealed class CudaCommunicator : ICommunicator
         }
 
         var bytes = source.Length * CudaTensor.SizeOf(type);
-        _copies++;
-        _copyBytes += bytes;
+        _stats = _stats with { Copies = _stats.Copies + 1, CopyBytes = _stats.CopyBytes + bytes };
         if (bytes == 0)
         {
             return;
@@ -234,7 +232,8 @@ internal sealed class CudaCommunicator : ICommunicator
         }
 
         var graphs = new StepGraph[_devices.Length];
-        var (before, traffic) = (Stats, default(CommunicatorStats));
+        var before = _stats;
+        CommunicatorStats traffic;
         _capturing = true;
         try
         {
@@ -251,9 +250,10 @@ internal sealed class CudaCommunicator : ICommunicator
         }
         finally
         {
+            // A capture moves nothing: its all-reduces (copies are refused) count at each replay.
             _capturing = false;
-            traffic = Delta(Stats, before);
-            Count(Delta(before, Stats)); // a capture moves nothing: its calls count at each replay
+            traffic = new CommunicatorStats(_stats.AllReduces - before.AllReduces, _stats.AllReduceBytes - before.AllReduceBytes, 0, 0);
+            _stats = before;
         }
 
         _liveGraphs++;
@@ -283,13 +283,13 @@ internal sealed class CudaCommunicator : ICommunicator
             _devices[r].ReplayGraph(g.Graphs[r]);
         }
 
-        Count(g.Traffic);
+        _stats = _stats with { AllReduces = _stats.AllReduces + g.Traffic.AllReduces, AllReduceBytes = _stats.AllReduceBytes + g.Traffic.AllReduceBytes };
     }
 
     /// <summary>A graph of this communicator is gone (its ranks' graphs disposed); once none lives, frees the retired input buffers.</summary>
     internal void Release()
     {
-        if (--_liveGraphs > 0 || _disposed)
+        if (--_liveGraphs > 0 || _disposed || _retired.Count == 0)
         {
             return;
         }
@@ -297,15 +297,10 @@ internal sealed class CudaCommunicator : ICommunicator
         for (var r = 0; r < _devices.Length; r++)
         {
             _mesh.Device(r).MakeCurrent();
-            _mesh.Stream(r).Synchronize();
+            _mesh.Stream(r).Synchronize(); // a replay queued there may still read them
         }
 
-        foreach (var b in _retired)
-        {
-            b.Dispose();
-        }
-
-        _retired.Clear();
+        FreeRetired();
     }
 
     /// <summary>Frees the all-reduce input buffers (they grow again on demand); waits for the ranks' queues first.</summary>
@@ -360,6 +355,11 @@ internal sealed class CudaCommunicator : ICommunicator
             _inputs[r] = null;
         }
 
+        FreeRetired();
+    }
+
+    private void FreeRetired()
+    {
         foreach (var b in _retired)
         {
             b.Dispose();
@@ -367,12 +367,6 @@ internal sealed class CudaCommunicator : ICommunicator
 
         _retired.Clear();
     }
-
-    private void Count(CommunicatorStats t) =>
-        (_allReduces, _allReduceBytes, _copies, _copyBytes) = (_allReduces + t.AllReduces, _allReduceBytes + t.AllReduceBytes, _copies + t.Copies, _copyBytes + t.CopyBytes);
-
-    private static CommunicatorStats Delta(CommunicatorStats after, CommunicatorStats before) =>
-        new(after.AllReduces - before.AllReduces, after.AllReduceBytes - before.AllReduceBytes, after.Copies - before.Copies, after.CopyBytes - before.CopyBytes);
 
     /// <summary>Refuses <paramref name="call"/> during <see cref="CaptureGraph"/>.</summary>
     private void NotCapturing([CallerMemberName] string call = "")

@@ -324,11 +324,7 @@ internal sealed class DeviceMesh : IDisposable
             }
             else
             {
-                var bits = MemoryMarshal.Cast<byte, ushort>(result.Span);
-                for (var i = 0; i < count; i++)
-                {
-                    bits[i] = BFloat16.FromFloat(sum[i]);
-                }
+                BFloat16.Encode(sum, MemoryMarshal.Cast<byte, ushort>(result.Span));
             }
 
             for (var d = 0; d < Ranks; d++)

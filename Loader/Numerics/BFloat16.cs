@@ -36,6 +36,20 @@ internal static class BFloat16
         }
     }
 
+    /// <summary>Rounds <paramref name="source"/> to bfloat16 bits in <paramref name="destination"/> (<see cref="FromFloat"/> each).</summary>
+    public static void Encode(ReadOnlySpan<float> source, Span<ushort> destination)
+    {
+        if (destination.Length < source.Length)
+        {
+            throw new ArgumentException("destination is shorter than the source", nameof(destination));
+        }
+
+        for (var i = 0; i < source.Length; i++)
+        {
+            destination[i] = FromFloat(source[i]);
+        }
+    }
+
     /// <summary>Widens <paramref name="source"/> into <paramref name="destination"/>.</summary>
     public static void Decode(ReadOnlySpan<ushort> source, Span<float> destination)
     {

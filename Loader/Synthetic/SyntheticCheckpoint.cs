@@ -480,11 +480,7 @@ internal static class SyntheticCheckpoint
                 return (MemoryMarshal.AsBytes(values.AsSpan()).ToArray(), null);
             case DType.BF16:
                 var halves = new ushort[values.Length];
-                for (var i = 0; i < values.Length; i++)
-                {
-                    halves[i] = BFloat16.FromFloat(values[i]);
-                }
-
+                BFloat16.Encode(values, halves);
                 return (MemoryMarshal.AsBytes(halves.AsSpan()).ToArray(), null);
         }
 

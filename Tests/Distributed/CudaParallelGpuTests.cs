@@ -261,7 +261,7 @@ public sealed class CudaParallelGpuTests
     public void AllReduceAndCopyAreExactOnMeshStreams(int n, bool bf16Activations)
     {
         using var gpus = CudaParallel.Logical(n, new CudaBackendOptions { Bf16Activations = bf16Activations });
-        CheckCollectives(gpus.Communicator, Enumerable.Range(0, n).Select(gpus.Communicator.Backend).ToArray(), seed: n);
+        CheckCollectives(gpus.Communicator, [.. gpus.Backends], seed: n);
     }
 
     [TestMethod]
@@ -303,8 +303,7 @@ public sealed class CudaParallelGpuTests
     public void AllReducesInAGraphOverEveryRankMeetAtEachReplay(int n, bool bf16Activations)
     {
         using var gpus = CudaParallel.Logical(n, new CudaBackendOptions { Bf16Activations = bf16Activations });
-        var comm = gpus.Communicator;
-        var b = Enumerable.Range(0, n).Select(comm.Backend).ToArray();
+        var (comm, b) = (gpus.Communicator, gpus.Backends);
         Assert.IsTrue(comm.CanCaptureGraphs);
         var rng = new Random(40 + n);
         var shapes = new[] { (4, 7168), (300, 2048) }; // one-shot, two-step (f32)

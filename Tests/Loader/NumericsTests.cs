@@ -128,6 +128,19 @@ public sealed class NumericsTests
         Assert.IsTrue(float.IsNaN(BFloat16.ToFloat(BFloat16.FromFloat(float.NaN))));
     }
 
+    [TestMethod]
+    public void Bf16EncodeRoundsEveryElementAndDecodeWidensIt()
+    {
+        float[] values = [1f, 1f + 1f / 256, 1f + 3f / 256, 1f / 3, -2.5e-40f, float.NegativeInfinity, 3.4e38f];
+        var bits = new ushort[values.Length];
+        BFloat16.Encode(values, bits);
+        CollectionAssert.AreEqual(values.Select(ReferenceBf16).ToArray(), bits);
+        var widened = new float[values.Length];
+        BFloat16.Decode(bits, widened);
+        CollectionAssert.AreEqual(values.Select(BFloat16.Round).ToArray(), widened);
+        Assert.ThrowsExactly<ArgumentException>(() => BFloat16.Encode(values, new ushort[values.Length - 1]));
+    }
+
     /// <summary>Round to nearest even by value: the two neighbouring bf16 values and their exact distances in double.</summary>
     private static ushort ReferenceBf16(float v)
     {

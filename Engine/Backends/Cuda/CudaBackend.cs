@@ -338,11 +338,7 @@ public sealed class CudaBackend : IBackend
             if (t.Type == ElementType.BF16)
             {
                 var bits = new ushort[values.Length];
-                for (var i = 0; i < bits.Length; i++)
-                {
-                    bits[i] = BFloat16.FromFloat(values[i]);
-                }
-
+                BFloat16.Encode(values, bits);
                 t.Buffer.Upload(MemoryMarshal.AsBytes(bits.AsSpan()), _stream);
             }
             else if (kind == TensorKind.Activation)
