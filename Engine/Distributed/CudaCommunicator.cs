@@ -120,7 +120,7 @@ internal sealed class CudaCommunicator : ICommunicator
         CommunicatorArguments.CheckAllReduce(tensors, _devices.Length, (t, r) => _devices[r].Holds(t));
         var count = tensors[0].Length;
         var type = StorageType(tensors);
-        var bytes = count * CudaTensor.SizeOf(type);
+        var bytes = count * type.Bytes();
         _stats = _stats with { AllReduces = _stats.AllReduces + 1, AllReduceBytes = _stats.AllReduceBytes + bytes };
         if (_devices.Length == 1 || count == 0)
         {
@@ -167,7 +167,7 @@ internal sealed class CudaCommunicator : ICommunicator
             throw new ArgumentException($"copy of {source} ({type}) into {destination} ({destinationType}): storage types differ", nameof(destination));
         }
 
-        var bytes = source.Length * CudaTensor.SizeOf(type);
+        var bytes = source.Length * type.Bytes();
         _stats = _stats with { Copies = _stats.Copies + 1, CopyBytes = _stats.CopyBytes + bytes };
         if (bytes == 0)
         {

@@ -49,23 +49,31 @@ internal sealed class ActQuantKernel(CudaDevice device, NvrtcCompiler compiler) 
     public static IReadOnlyList<KernelInstance> AllInstances() =>
         [.. from i in Enum.GetValues<ElementType>() from u in new[] { false, true } select Instance(i, u)];
 
-    /// <summary>Quantizes [rows, cols] into e4m3 codes [rows, cols] and fp32 scales [rows, ceil(cols/128)].</summary>
-    public void Launch(CudaStream stream, ulong x, ElementType xType, ulong codes, ulong scales, int rows, int cols, bool ue8m0 = false,
-        long xStride = -1, long codesStride = -1, long scalesStride = -1)
+    /// <summary>Quantizes every row of <paramref name="x"/> into <paramref name="output"/>'s e4m3 codes and fp32 scales.</summary>
+    public void Launch(CudaStream stream, DeviceRows x, Fp8Rows output, bool ue8m0 = false)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(cols);
-        if (rows <= 0)
+        var p = Params(x, output);
+        if (p.Rows == 0)
         {
             return;
         }
 
-        var groups = GroupsFor(cols);
-        var p = new ActQuantParams
+        Get(Instance(x.Type, ue8m0)).Launch(new Dim3(Blocks((long)p.Rows * p.Groups, Warps)), Warps * 32, 0, stream, in p);
+    }
+
+    /// <summary>The kernel's arguments for one call, the views checked against each other.</summary>
+    public static ActQuantParams Params(DeviceRows x, Fp8Rows output)
+    {
+        if (output.Rows != x.Rows || output.Cols != x.Cols)
         {
-            X = x, Codes = codes, Scales = scales,
-            XStride = xStride < 0 ? cols : xStride, CodesStride = codesStride < 0 ? cols : codesStride, ScalesStride = scalesStride < 0 ? groups : scalesStride,
-            Rows = rows, Cols = cols, Groups = groups,
+            throw new ArgumentException($"activation quantization: output is [{output.Rows}, {output.Cols}], expected [{x.Rows}, {x.Cols}]", nameof(output));
+        }
+
+        return new ActQuantParams
+        {
+            X = x.Pointer, Codes = output.Codes, Scales = output.Scales,
+            XStride = x.Stride, CodesStride = output.CodesStride, ScalesStride = output.ScalesStride,
+            Rows = x.Rows, Cols = x.Cols, Groups = output.Groups,
         };
-        Get(Instance(xType, ue8m0)).Launch(new Dim3(Blocks((long)rows * groups, Warps)), Warps * 32, 0, stream, in p);
     }
 }

@@ -65,21 +65,33 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
     /// <summary>values[i] = bf16(values[i]) for <paramref name="n"/> f32 values, in place.</summary>
     public void Round(CudaStream stream, ulong values, long n) => Run(stream, RoundInstance, n, new BackendGlueParams { Out = values, N = n });
 
-    /// <summary>output[i] = input[i] for <paramref name="n"/> values, converting f32 → bf16 (round to nearest even) or bf16 → f32.</summary>
-    public void Convert(CudaStream stream, ulong input, ElementType inType, ulong output, ElementType outType, long n)
+    /// <summary>output[i] = input[i] for every element of two dense views of one shape, converting f32 → bf16 (round to nearest even) or bf16 → f32.</summary>
+    public void Convert(CudaStream stream, DeviceRows input, DeviceRows output)
     {
-        if (inType == outType)
+        const string what = "a conversion";
+        if (input.Type == output.Type)
         {
-            throw new ArgumentException("a conversion needs two different types");
+            throw new ArgumentException($"{what} needs two different types; both are {input.Type}", nameof(output));
         }
 
-        Run(stream, ConvertInstance(inType, outType), n, new BackendGlueParams { X = input, Out = output, N = n });
+        ViewCheck.Shape(output, input.Rows, input.Cols, what, nameof(output));
+        ViewCheck.Dense(input, what, nameof(input));
+        ViewCheck.Dense(output, what, nameof(output));
+        Run(stream, ConvertInstance(input.Type, output.Type), (long)input.Rows * input.Cols, new BackendGlueParams { X = input.Pointer, Out = output.Pointer, N = (long)input.Rows * input.Cols });
     }
 
-    /// <summary>output[r·outStride + c] = input[r·inStride + c] for rows × cols elements of <paramref name="type"/>.</summary>
-    public void Copy(CudaStream stream, ElementType type, ulong input, long inStride, ulong output, long outStride, int rows, int cols) =>
-        Run(stream, CopyInstance(type), (long)rows * cols,
-            new BackendGlueParams { X = input, XStride = inStride, Out = output, OutStride = outStride, Rows = rows, Cols = cols });
+    /// <summary>output[r, c] = input[r, c] for two views of one shape and type (strided rows).</summary>
+    public void Copy(CudaStream stream, DeviceRows input, DeviceRows output) =>
+        Run(stream, CopyInstance(input.Type), (long)input.Rows * input.Cols, CopyParams(input, output));
+
+    /// <summary>The copy kernel's arguments, the views checked against each other.</summary>
+    public static BackendGlueParams CopyParams(DeviceRows input, DeviceRows output)
+    {
+        const string what = "a row copy";
+        ViewCheck.Shape(output, input.Rows, input.Cols, what, nameof(output));
+        ViewCheck.Type(output, input.Type, what, nameof(output));
+        return new BackendGlueParams { X = input.Pointer, XStride = input.Stride, Out = output.Pointer, OutStride = output.Stride, Rows = input.Rows, Cols = input.Cols };
+    }
 
     /// <summary>output bf16 [rows, cols] = e4m3(codes) × scales[r/128, c/128] (scales f32 [⌈rows/128⌉, ⌈cols/128⌉]).</summary>
     public void Dequantize(CudaStream stream, ulong codes, ulong scales, int rows, int cols, ulong output) =>

@@ -54,37 +54,43 @@ internal sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler, 
     /// <summary>Whether a call of <paramref name="p"/>.M rows goes to the tensor cores when a tensor-core launcher is given.</summary>
     public static bool TakesTensorCores(in Bf16MmaProblem p) => p.M >= TensorCoreMinRows && Bf16MmaKernel.Runs(p);
 
-    /// <summary>y[m, n] = Σ_k x[m, k]·w[n, k] for m &lt; <paramref name="m"/>. Strides in elements; -1 means dense.</summary>
-    public void Launch(CudaStream stream, ulong x, ElementType xType, ulong w, ulong y, ElementType yType, int m, int n, int k,
-        long xStride = -1, long yStride = -1)
+    /// <summary>y[m, n] = Σ_k x[m, k]·w[n, k] for every row of <paramref name="x"/>; <paramref name="w"/> bf16 [N, K], dense.</summary>
+    public void Launch(CudaStream stream, DeviceRows x, DeviceRows w, DeviceRows y)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(n);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
-        if (m <= 0)
+        var p = Params(x, w, y);
+        if (p.M == 0)
         {
             return;
         }
 
         // TakesTensorCores' rule, with the operands checked once (by TryLaunch).
-        if (tensorCores is not null && m >= TensorCoreMinRows
-            && tensorCores.TryLaunch(stream, new Bf16MmaProblem(x, xType, xStride < 0 ? k : xStride, w, false, k, y, yType, yStride < 0 ? n : yStride, m, n, k)))
+        if (tensorCores is not null && p.M >= TensorCoreMinRows
+            && tensorCores.TryLaunch(stream, new Bf16MmaProblem(x.Pointer, x.Type, x.Stride, w.Pointer, false, p.K, y.Pointer, y.Type, y.Stride, p.M, p.N, p.K)))
         {
             return;
         }
 
-        var tile = m == 1 ? 1 : 4;
-        var p = new Bf16GemmParams { X = x, W = w, Y = y, XStride = xStride < 0 ? k : xStride, YStride = yStride < 0 ? n : yStride, M = m, N = n, K = k };
-        var rowBlocks = Blocks(m, tile);
+        var tile = p.M == 1 ? 1 : 4;
+        var rowBlocks = Blocks(p.M, tile);
         // grid.y holds at most 65535 row blocks: larger M runs in slices.
         for (long first = 0; first < rowBlocks; first += 65535)
         {
             var blocks = (uint)Math.Min(65535, rowBlocks - first);
-            var slice = p;
             var row = first * tile;
-            slice.X = x + (ulong)(row * p.XStride * (xType == ElementType.BF16 ? 2 : 4));
-            slice.Y = y + (ulong)(row * p.YStride * (yType == ElementType.BF16 ? 2 : 4));
-            slice.M = (int)Math.Min(m - row, (long)blocks * tile);
-            Get(Instance(tile, xType, yType)).Launch(new Dim3(Blocks(n, Warps), blocks), Warps * 32, 0, stream, in slice);
+            var slice = p;
+            slice.X = x.Row(row);
+            slice.Y = y.Row(row);
+            slice.M = (int)Math.Min(p.M - row, (long)blocks * tile);
+            Get(Instance(tile, x.Type, y.Type)).Launch(new Dim3(Blocks(p.N, Warps), blocks), Warps * 32, 0, stream, in slice);
         }
+    }
+
+    /// <summary>The kernel's arguments for one call, the views checked against each other.</summary>
+    public static Bf16GemmParams Params(DeviceRows x, DeviceRows w, DeviceRows y)
+    {
+        const string what = "BF16 GEMM";
+        ViewCheck.Bf16Weight(w, w.Rows, x.Cols, what, nameof(w));
+        ViewCheck.Shape(y, x.Rows, w.Rows, what, nameof(y));
+        return new Bf16GemmParams { X = x.Pointer, W = w.Pointer, Y = y.Pointer, XStride = x.Stride, YStride = y.Stride, M = x.Rows, N = w.Rows, K = x.Cols };
     }
 }

@@ -35,16 +35,28 @@ internal sealed class EmbeddingKernel(CudaDevice device, NvrtcCompiler compiler)
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() => [Instance(ElementType.F32), Instance(ElementType.BF16)];
 
-    /// <summary>out[t] = table[ids[t]] for <paramref name="tokens"/> ids.</summary>
-    public void Launch(CudaStream stream, ulong ids, ulong table, int vocab, int dim, ulong output, ElementType outType, int tokens, long outStride = -1)
+    /// <summary>out[t] = table[ids[t]] for every id; <paramref name="table"/> bf16 [vocab, dim], dense.</summary>
+    public void Launch(CudaStream stream, DeviceInts ids, DeviceRows table, DeviceRows output)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dim);
-        if (tokens <= 0)
+        var p = Params(ids, table, output);
+        if (p.Tokens == 0)
         {
             return;
         }
 
-        var p = new EmbeddingParams { Ids = ids, Table = table, Out = output, OutStride = outStride < 0 ? dim : outStride, Tokens = tokens, Dim = dim, Vocab = vocab };
-        Get(Instance(outType)).Launch(new Dim3((uint)tokens, Blocks(dim, Block * 2)), Block, 0, stream, in p);
+        Get(Instance(output.Type)).Launch(new Dim3((uint)p.Tokens, Blocks(p.Dim, Block * 2)), Block, 0, stream, in p);
+    }
+
+    /// <summary>The kernel's arguments for one call, the views checked against each other.</summary>
+    public static EmbeddingParams Params(DeviceInts ids, DeviceRows table, DeviceRows output)
+    {
+        const string what = "embedding";
+        ViewCheck.Bf16Weight(table, table.Rows, table.Cols, what, nameof(table));
+        ViewCheck.Shape(output, ids.Length, table.Cols, what, nameof(output));
+        return new EmbeddingParams
+        {
+            Ids = ids.Pointer, Table = table.Pointer, Out = output.Pointer, OutStride = output.Stride,
+            Tokens = ids.Length, Dim = table.Cols, Vocab = table.Rows,
+        };
     }
 }

@@ -312,35 +312,22 @@ internal sealed class Fp8GemmKernel : IDisposable
     }
 
     /// <summary>
-    /// y[m, n] = Σ_kb sa[m,kb]·sb[n/128,kb]·Σ e4m3(xq)·e4m3(w) (+ residual[m, n]) for m &lt; <paramref name="m"/>.
-    /// Strides are in elements; -1 means dense. <paramref name="residual"/> 0: none; it may equal <paramref name="y"/>.
-    /// Pointers to codes and weights must be 16-byte aligned (device allocations are).
+    /// y[m, n] = Σ_kb sa[m,kb]·sb[n/128,kb]·Σ e4m3(xq)·e4m3(w) (+ residual[m, n]) for every row of <paramref name="x"/>.
+    /// <paramref name="residual"/> has y's shape and type and may be y itself. Codes and weights must be 16-byte aligned
+    /// (device allocations are).
     /// </summary>
-    public void Launch(CudaStream stream, ulong xCodes, ulong xScales, ulong w, ulong wScales, ulong y, ElementType yType, int m, int n, int k,
-        ulong residual = 0, Fp8GemmPath path = Fp8GemmPath.Auto, long xStride = -1, long xScalesStride = -1, long yStride = -1, long residualStride = -1)
+    public void Launch(CudaStream stream, Fp8Rows x, Fp8Linear w, DeviceRows y, DeviceRows? residual = null, Fp8GemmPath path = Fp8GemmPath.Auto)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(n);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
-        if (m <= 0)
+        var p = Params(x, w, y, residual);
+        int m = p.M, n = w.Out, k = w.In;
+        if (m == 0)
         {
             return;
         }
 
-        if ((w & 15) != 0)
-        {
-            throw new ArgumentException("FP8 weights must be 16-byte aligned", nameof(w));
-        }
-
-        var p = new Fp8GemmParams
-        {
-            XCodes = xCodes, XScales = xScales, W = w, WScales = wScales, Y = y, Residual = residual,
-            XStride = xStride < 0 ? k : xStride, XScalesStride = xScalesStride < 0 ? BlocksFor(k) : xScalesStride,
-            YStride = yStride < 0 ? n : yStride, ResidualStride = residualStride < 0 ? n : residualStride,
-            M = m, OutBf16 = yType == ElementType.BF16 ? 1 : 0, Splits = 1, SplitK = RoundUp(k, GemvStep),
-        };
         if (path == Fp8GemmPath.Auto)
         {
-            path = Choose(m, PreferWgmma && WgmmaRuns(Device.Target, k, p.XStride, xCodes));
+            path = Choose(m, PreferWgmma && WgmmaRuns(Device.Target, k, p.XStride, p.XCodes));
         }
 
         if (path == Fp8GemmPath.Mma)
@@ -351,9 +338,9 @@ internal sealed class Fp8GemmKernel : IDisposable
 
         if (path == Fp8GemmPath.Wgmma)
         {
-            if (!WgmmaRuns(Device.Target, k, p.XStride, xCodes))
+            if (!WgmmaRuns(Device.Target, k, p.XStride, p.XCodes))
             {
-                throw new ArgumentException($"FP8 GEMM M={m} N={n} K={k}: the wgmma kernel cannot run it: {WgmmaRefusal(Device.Target, k, p.XStride, xCodes)}", nameof(path));
+                throw new ArgumentException($"FP8 GEMM M={m} N={n} K={k}: the wgmma kernel cannot run it: {WgmmaRefusal(Device.Target, k, p.XStride, p.XCodes)}", nameof(path));
             }
 
             if (!WgmmaDecodes(m))
@@ -385,6 +372,37 @@ internal sealed class Fp8GemmKernel : IDisposable
 
         p.Partial = Workspace(p.Splits, m, n);
         _gemv.Run(stream, in p, n, k, tile);
+    }
+
+    /// <summary>The kernels' arguments for one call without a split, the views checked against each other.</summary>
+    public static Fp8GemmParams Params(Fp8Rows x, Fp8Linear w, DeviceRows y, DeviceRows? residual)
+    {
+        const string what = "FP8 GEMM";
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(w.Out);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(w.In);
+        if (x.Cols != w.In)
+        {
+            throw new ArgumentException($"{what}: x has {x.Cols} channels, the weight [{w.Out}, {w.In}] takes {w.In}", nameof(x));
+        }
+
+        if ((w.W & 15) != 0)
+        {
+            throw new ArgumentException($"{what}: the weight codes at 0x{w.W:x} are not 16-byte aligned", nameof(w));
+        }
+
+        ViewCheck.Shape(y, x.Rows, w.Out, what, nameof(y));
+        if (residual is { } r)
+        {
+            ViewCheck.Shape(r, y.Rows, y.Cols, what, nameof(residual));
+            ViewCheck.Type(r, y.Type, what, nameof(residual));
+        }
+
+        return new Fp8GemmParams
+        {
+            XCodes = x.Codes, XScales = x.Scales, W = w.W, WScales = w.Scales, Y = y.Pointer, Residual = residual?.Pointer ?? 0,
+            XStride = x.CodesStride, XScalesStride = x.ScalesStride, YStride = y.Stride, ResidualStride = residual?.Stride ?? y.Stride,
+            M = x.Rows, OutBf16 = y.Type == ElementType.BF16 ? 1 : 0, Splits = 1, SplitK = RoundUp(w.In, GemvStep),
+        };
     }
 
     /// <summary>

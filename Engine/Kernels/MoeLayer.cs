@@ -2,13 +2,6 @@ using DeepSeekCuda.Cuda;
 
 namespace DeepSeekCuda.Kernels;
 
-/// <summary>One FP8 e4m3 linear weight on the device: codes [Out, In] and fp32 weight_scale_inv [⌈Out/128⌉, ⌈In/128⌉].</summary>
-/// <param name="W">Codes.</param>
-/// <param name="Scales">Block scales.</param>
-/// <param name="Out">Output features (rows).</param>
-/// <param name="In">Input features (columns).</param>
-internal readonly record struct Fp8Linear(ulong W, ulong Scales, int Out, int In);
-
 /// <summary>The shared expert's SwiGLU MLP: gate and up [Is, H], down [H, Is] (Is = n_shared_experts · moe_intermediate_size).</summary>
 /// <param name="Gate">gate_proj.</param>
 /// <param name="Up">up_proj.</param>
@@ -185,7 +178,8 @@ internal sealed class MoeLayer : IDisposable
         _dispatch.Launch(stream, topkIdx, tokens, MaxTokens, k, e, MoeGroupedGemmKernel.Tile, _counts.Pointer, _offsets.Pointer, _perm.Pointer,
             _inv.Pointer, _hist.Pointer, expertMap: experts.ExpertMap, mapExperts: experts.MapExperts, localIdx: _localIdx.Pointer);
         var localIdx = experts.ExpertMap != 0 ? _localIdx.Pointer : topkIdx;
-        _quant.Launch(stream, x, xType, _xCodes.Pointer, _xScales.Pointer, tokens, h);
+        var xq = new Fp8Rows(_xCodes.Pointer, _xScales.Pointer, tokens, h);
+        _quant.Launch(stream, new DeviceRows(x, xType, tokens, h), xq);
 
         int rows, capacity;
         ulong gather, inv;
@@ -213,18 +207,21 @@ internal sealed class MoeLayer : IDisposable
         }
 
         _grouped.GateUp(stream, experts, mode, _xCodes.Pointer, _xScales.Pointer, _h.Pointer, _counts.Pointer, _offsets.Pointer, gather, k, rows, capacity);
-        _quant.Launch(stream, _h.Pointer, ElementType.BF16, _hCodes.Pointer, _hScales.Pointer, rows, Inter);
+        _quant.Launch(stream, new DeviceRows(_h.Pointer, ElementType.BF16, rows, Inter), new Fp8Rows(_hCodes.Pointer, _hScales.Pointer, rows, Inter));
         _grouped.Down(stream, experts, mode, _hCodes.Pointer, _hScales.Pointer, _expertOut.Pointer, _counts.Pointer, _offsets.Pointer, rows, capacity);
 
         ulong sharedOut = 0;
         if (shared is not null)
         {
             var si = SharedInter;
-            _gemm.Launch(stream, _xCodes.Pointer, _xScales.Pointer, shared.Gate.W, shared.Gate.Scales, _sGate!.Pointer, ElementType.BF16, tokens, si, h);
-            _gemm.Launch(stream, _xCodes.Pointer, _xScales.Pointer, shared.Up.W, shared.Up.Scales, _sUp!.Pointer, ElementType.BF16, tokens, si, h);
-            _siluMul.Launch(stream, _sGate.Pointer, _sUp.Pointer, ElementType.BF16, _sH!.Pointer, ElementType.BF16, tokens, si);
-            _quant.Launch(stream, _sH.Pointer, ElementType.BF16, _sHCodes!.Pointer, _sHScales!.Pointer, tokens, si);
-            _gemm.Launch(stream, _sHCodes.Pointer, _sHScales.Pointer, shared.Down.W, shared.Down.Scales, _sOut!.Pointer, ElementType.BF16, tokens, h, si);
+            DeviceRows gate = new(_sGate!.Pointer, ElementType.BF16, tokens, si), up = new(_sUp!.Pointer, ElementType.BF16, tokens, si),
+                act = new(_sH!.Pointer, ElementType.BF16, tokens, si);
+            var actQ = new Fp8Rows(_sHCodes!.Pointer, _sHScales!.Pointer, tokens, si);
+            _gemm.Launch(stream, xq, shared.Gate, gate);
+            _gemm.Launch(stream, xq, shared.Up, up);
+            _siluMul.Launch(stream, gate, up, act);
+            _quant.Launch(stream, act, actQ);
+            _gemm.Launch(stream, actQ, shared.Down, new DeviceRows(_sOut!.Pointer, ElementType.BF16, tokens, h));
             sharedOut = _sOut.Pointer;
         }
 

@@ -51,37 +51,45 @@ internal sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) :
         .. from b in BlockSizes from f in new[] { false, true } select Instance(b, f, ElementType.F32, ElementType.F32, round: true),
     ];
 
-    /// <summary>y[r] = RMSNorm(x[r]) · w for <paramref name="rows"/> rows of <paramref name="dim"/>.</summary>
-    public void Launch(CudaStream stream, ulong x, ElementType xType, ulong weight, ulong y, ElementType yType, int rows, int dim, float eps,
-        long xStride = -1, long yStride = -1, bool round = false) =>
-        Run(stream, fused: false, x, xType, 0, weight, y, yType, rows, dim, eps, xStride, 0, yStride, round);
+    /// <summary>y[r] = RMSNorm(x[r]) · w for every row of <paramref name="x"/>; <paramref name="weight"/> bf16 [1, dim].</summary>
+    public void Launch(CudaStream stream, DeviceRows x, DeviceRows weight, DeviceRows y, float eps, bool round = false) =>
+        Run(stream, fused: false, Params(null, x, weight, y, eps, round), x.Type, y.Type, round);
 
     /// <summary>
-    /// h[r] += x[r] (h of <paramref name="xType"/>, written back; bf16 or rounded: bf16(h[r] + x[r])), then y[r] = RMSNorm(h[r]) · w.
+    /// h[r] += x[r] (h of x's type, written back; bf16 or rounded: bf16(h[r] + x[r])), then y[r] = RMSNorm(h[r]) · w.
     /// </summary>
-    public void LaunchFused(CudaStream stream, ulong residual, ulong x, ElementType xType, ulong weight, ulong y, ElementType yType, int rows, int dim,
-        float eps, long xStride = -1, long residualStride = -1, long yStride = -1, bool round = false) =>
-        Run(stream, fused: true, x, xType, residual, weight, y, yType, rows, dim, eps, xStride, residualStride, yStride, round);
+    public void LaunchFused(CudaStream stream, DeviceRows residual, DeviceRows x, DeviceRows weight, DeviceRows y, float eps, bool round = false) =>
+        Run(stream, fused: true, Params(residual, x, weight, y, eps, round), x.Type, y.Type, round);
 
-    private void Run(CudaStream stream, bool fused, ulong x, ElementType xType, ulong residual, ulong weight, ulong y, ElementType yType,
-        int rows, int dim, float eps, long xStride, long residualStride, long yStride, bool round)
+    /// <summary>The kernel's arguments for one call, the views checked against each other (a null residual: the plain norm).</summary>
+    public static RmsNormParams Params(DeviceRows? residual, DeviceRows x, DeviceRows weight, DeviceRows y, float eps, bool round)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dim);
-        ArgumentOutOfRangeException.ThrowIfNegative(rows);
-        RequireF32IfRounded(round, xType, yType, "RMSNorm");
+        const string what = "RMSNorm";
+        RequireF32IfRounded(round, x.Type, y.Type, what);
+        ViewCheck.Bf16Weight(weight, 1, x.Cols, what, nameof(weight));
+        ViewCheck.Shape(y, x.Rows, x.Cols, what, nameof(y));
+        if (residual is { } h)
+        {
+            ViewCheck.Shape(h, x.Rows, x.Cols, what, nameof(residual));
+            ViewCheck.Type(h, x.Type, what, nameof(residual));
+        }
 
-        if (rows == 0)
+        return new RmsNormParams
+        {
+            X = x.Pointer, Residual = residual?.Pointer ?? 0, Weight = weight.Pointer, Y = y.Pointer,
+            XStride = x.Stride, ResidualStride = residual?.Stride ?? 0, YStride = y.Stride,
+            Rows = x.Rows, Dim = x.Cols, Eps = eps,
+        };
+    }
+
+    private void Run(CudaStream stream, bool fused, in RmsNormParams p, ElementType xType, ElementType yType, bool round)
+    {
+        if (p.Rows == 0)
         {
             return;
         }
 
-        var p = new RmsNormParams
-        {
-            X = x, Residual = residual, Weight = weight, Y = y,
-            XStride = xStride < 0 ? dim : xStride, ResidualStride = residualStride < 0 ? dim : residualStride, YStride = yStride < 0 ? dim : yStride,
-            Rows = rows, Dim = dim, Eps = eps,
-        };
-        var block = BlockFor(dim);
-        Get(Instance(block, fused, xType, yType, round)).Launch(new Dim3((uint)rows), block, 0, stream, in p);
+        var block = BlockFor(p.Dim);
+        Get(Instance(block, fused, xType, yType, round)).Launch(new Dim3((uint)p.Rows), block, 0, stream, in p);
     }
 }

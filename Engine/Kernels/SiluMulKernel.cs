@@ -38,30 +38,38 @@ internal sealed class SiluMulKernel(CudaDevice device, NvrtcCompiler compiler) :
         [.. from i in Enum.GetValues<ElementType>() from o in Enum.GetValues<ElementType>() select Instance(i, o), Instance(ElementType.F32, ElementType.F32, round: true)];
 
     /// <summary>
-    /// out[r, c] = silu(gate[r, c]) · up[r, c]. For a fused [rows, 2·cols] gate|up tensor pass
-    /// <c>up = gate + cols</c> elements and both strides 2·cols. <paramref name="round"/> (f32 in and out): out rounded to bf16 values.
+    /// out[r, c] = silu(gate[r, c]) · up[r, c]. For a fused [rows, 2·cols] gate|up tensor pass its two column halves
+    /// (<see cref="DeviceRows.Columns"/>). <paramref name="round"/> (f32 in and out): out rounded to bf16 values.
     /// </summary>
-    public void Launch(CudaStream stream, ulong gate, ulong up, ElementType inType, ulong output, ElementType outType, int rows, int cols,
-        long gateStride = -1, long upStride = -1, long outStride = -1, bool round = false)
+    public void Launch(CudaStream stream, DeviceRows gate, DeviceRows up, DeviceRows output, bool round = false)
     {
-        RequireF32IfRounded(round, inType, outType, "SiLU·up");
-
-        if (rows <= 0 || cols <= 0)
+        var p = Params(gate, up, output, round);
+        if (p.Rows == 0)
         {
             return;
         }
 
-        if (rows > 65535)
+        Get(Instance(gate.Type, output.Type, round)).Launch(new Dim3(Blocks(p.Cols, Block), (uint)p.Rows), Block, 0, stream, in p);
+    }
+
+    /// <summary>The kernel's arguments for one call, the views checked against each other.</summary>
+    public static SiluMulParams Params(DeviceRows gate, DeviceRows up, DeviceRows output, bool round)
+    {
+        const string what = "SiLU·up";
+        RequireF32IfRounded(round, gate.Type, output.Type, what);
+        ViewCheck.Shape(up, gate.Rows, gate.Cols, what, nameof(up));
+        ViewCheck.Type(up, gate.Type, what, nameof(up));
+        ViewCheck.Shape(output, gate.Rows, gate.Cols, what, nameof(output));
+        if (gate.Rows > 65535)
         {
-            throw new ArgumentOutOfRangeException(nameof(rows), "grid.y holds at most 65535 rows; split the call");
+            throw new ArgumentOutOfRangeException(nameof(gate), gate.Rows, "grid.y holds at most 65535 rows; split the call");
         }
 
-        var p = new SiluMulParams
+        return new SiluMulParams
         {
-            Gate = gate, Up = up, Out = output,
-            GateStride = gateStride < 0 ? cols : gateStride, UpStride = upStride < 0 ? cols : upStride, OutStride = outStride < 0 ? cols : outStride,
-            Rows = rows, Cols = cols,
+            Gate = gate.Pointer, Up = up.Pointer, Out = output.Pointer,
+            GateStride = gate.Stride, UpStride = up.Stride, OutStride = output.Stride,
+            Rows = gate.Rows, Cols = gate.Cols,
         };
-        Get(Instance(inType, outType, round)).Launch(new Dim3(Blocks(cols, Block), (uint)rows), Block, 0, stream, in p);
     }
 }

@@ -33,7 +33,7 @@ public sealed class Bf16GemmGpuTests : GpuTestBase
                     using var xd = Upload(x, inType);
                     using var wd = Upload(w, ElementType.BF16);
                     using var yd = Poisoned((long)m * n, outType);
-                    gemm.Launch(Stream, xd.Pointer, inType, wd.Pointer, yd.Pointer, outType, m, n, k);
+                    gemm.Launch(Stream, Rows(xd, inType, m, k), Rows(wd, ElementType.BF16, n, k), Rows(yd, outType, m, n));
                     var y = Read(yd, outType, Stream);
                     for (var r = 0; r < m; r++)
                     {
@@ -75,7 +75,7 @@ public sealed class Bf16GemmGpuTests : GpuTestBase
         using var xd = Upload(x, ElementType.F32);
         using var wd = Upload(w, ElementType.BF16);
         using var yd = Poisoned(1, ElementType.BF16);
-        gemm.Launch(Stream, xd.Pointer, ElementType.F32, wd.Pointer, yd.Pointer, ElementType.BF16, 1, 1, 8);
+        gemm.Launch(Stream, Rows(xd, ElementType.F32, 1, 8), Rows(wd, ElementType.BF16, 1, 8), Rows(yd, ElementType.BF16, 1, 1));
         var expected = BFloat16.ToFloat(BFloat16.FromFloat(0.5f + 0.5f + 3f - 4f + 10f + 8f));
         Assert.AreEqual(expected, Read(yd, ElementType.BF16, Stream)[0]);
     }

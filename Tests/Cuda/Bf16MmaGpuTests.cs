@@ -151,7 +151,7 @@ public sealed class Bf16MmaGpuTests : GpuTestBase
             using var xd = Upload(x, ElementType.F32);
             using var wd = Upload(w, ElementType.BF16);
             using var yd = Poisoned((long)m * n, ElementType.F32);
-            gemm.Launch(Stream, xd.Pointer, ElementType.F32, wd.Pointer, yd.Pointer, ElementType.F32, m, n, k);
+            gemm.Launch(Stream, Rows(xd, ElementType.F32, m, k), Rows(wd, ElementType.BF16, n, k), Rows(yd, ElementType.F32, m, n));
             var y = Read(yd, ElementType.F32, Stream);
             var (sum, mag) = Bf16MmaReference.Run(new Bf16MmaProblem(0, ElementType.F32, k, 0, false, k, 0, ElementType.F32, n, m, n, k), x, w);
             for (var i = 0; i < y.Length; i++)

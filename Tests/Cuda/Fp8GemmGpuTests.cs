@@ -78,7 +78,9 @@ public abstract class Fp8GemmGpuChecks : GpuTestBase
         using var sbd = DeviceBuffer<float>.From(Device, sb);
         using var xqd = DeviceBuffer<byte>.Allocate(Device, (long)m * k);
         using var sad = DeviceBuffer<float>.Allocate(Device, (long)m * kb);
-        quant.Launch(Stream, xd.Pointer, ElementType.BF16, xqd.Pointer, sad.Pointer, m, k);
+        var quantized = new Fp8Rows(xqd.Pointer, sad.Pointer, m, k);
+        quant.Launch(Stream, Rows(xd, ElementType.BF16, m, k), quantized);
+        var weight = new Fp8Linear(wd.Pointer, sbd.Pointer, n, k);
 
         foreach (var path in paths)
         {
@@ -86,13 +88,13 @@ public abstract class Fp8GemmGpuChecks : GpuTestBase
             var f32 = path == Fp8GemmPath.Wgmma ? WgmmaF32RmsRel : F32RmsRel;
             using (var y = Poisoned((long)m * n, ElementType.F32))
             {
-                gemm.Launch(Stream, xqd.Pointer, sad.Pointer, wd.Pointer, sbd.Pointer, y.Pointer, ElementType.F32, m, n, k, path: path);
+                gemm.Launch(Stream, quantized, weight, Rows(y, ElementType.F32, m, n), path: path);
                 Tolerance.AssertRmsRel(Read(y, ElementType.F32, Stream), exact, f32, what + " f32");
             }
 
             using (var y = Poisoned((long)m * n, ElementType.BF16))
             {
-                gemm.Launch(Stream, xqd.Pointer, sad.Pointer, wd.Pointer, sbd.Pointer, y.Pointer, ElementType.BF16, m, n, k, path: path);
+                gemm.Launch(Stream, quantized, weight, Rows(y, ElementType.BF16, m, n), path: path);
                 var bf16 = Read(y, ElementType.BF16, Stream);
                 if (path == Fp8GemmPath.Wgmma)
                 {
@@ -108,7 +110,7 @@ public abstract class Fp8GemmGpuChecks : GpuTestBase
             var res = (float[])residual.Clone();
             using (var y = Upload(res, ElementType.F32))
             {
-                gemm.Launch(Stream, xqd.Pointer, sad.Pointer, wd.Pointer, sbd.Pointer, y.Pointer, ElementType.F32, m, n, k, residual: y.Pointer, path: path);
+                gemm.Launch(Stream, quantized, weight, Rows(y, ElementType.F32, m, n), residual: Rows(y, ElementType.F32, m, n), path: path);
                 var expected = exact.Select((v, i) => v + res[i]).ToArray();
                 Tolerance.AssertRmsRel(Read(y, ElementType.F32, Stream), expected, f32, what + " residual");
             }
@@ -181,7 +183,7 @@ public sealed class Fp8WgmmaGpuTests : Fp8GemmGpuChecks
     public void RefusesWhatItCannotRun()
     {
         using var gemm = new Fp8GemmKernel(Device, Compiler);
-        var e = Assert.ThrowsExactly<ArgumentException>(() => gemm.Launch(Stream, 0, 0, 0, 0, 0, ElementType.F32, 130, 300, 200, path: Fp8GemmPath.Wgmma));
+        var e = Assert.ThrowsExactly<ArgumentException>(() => gemm.Launch(Stream, new Fp8Rows(0, 0, 130, 200), new Fp8Linear(0, 0, 300, 200), new DeviceRows(0, ElementType.F32, 130, 300), path: Fp8GemmPath.Wgmma));
         StringAssert.Contains(e.Message, Fp8GemmKernel.HasWgmma(Device.Target) ? "K = 200 is not a multiple of 16" : "needs sm_90a");
     }
 

@@ -86,9 +86,13 @@ public abstract class GpuTestBase
         return d;
     }
 
+    /// <summary><paramref name="rows"/> × <paramref name="cols"/> elements of <paramref name="type"/> in <paramref name="b"/> as a launcher takes them.</summary>
+    private protected static DeviceRows Rows(DeviceBuffer<byte> b, ElementType type, int rows, int cols, long stride = -1) =>
+        new(b.Pointer, type, rows, cols, stride);
+
     private protected DeviceBuffer<byte> Poisoned(long elements, ElementType type)
     {
-        var b = DeviceBuffer<byte>.Allocate(Device, elements * (type == ElementType.F32 ? 4 : 2));
+        var b = DeviceBuffer<byte>.Allocate(Device, elements * type.Bytes());
         // bf16 NaN 0x7FC0 twice is the same 32-bit pattern as f32 0x7FC07FC0: NaN either way.
         b.Fill32(type == ElementType.F32 ? NaNPattern : 0x7FC07FC0u, Stream);
         return b;

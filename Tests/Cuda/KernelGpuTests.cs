@@ -65,7 +65,7 @@ public sealed class KernelGpuTests : GpuTestBase
             var yRef = cpu.Allocate(rows, dim);
             if (fused)
             {
-                k.LaunchFused(Stream, hd.Pointer, xd.Pointer, inT, wd.Pointer, yd.Pointer, outT, rows, dim, 1e-6f, round: round);
+                k.LaunchFused(Stream, Rows(hd, inT, rows, dim), Rows(xd, inT, rows, dim), Rows(wd, ElementType.BF16, 1, dim), Rows(yd, outT, rows, dim), 1e-6f, round: round);
                 var hRef = cpu.Upload(h, rows, dim);
                 cpu.AddRmsNorm(hRef, cpu.Upload(x, rows, dim), weight, yRef);
                 var hExp = new float[rows * dim];
@@ -74,7 +74,7 @@ public sealed class KernelGpuTests : GpuTestBase
             }
             else
             {
-                k.Launch(Stream, xd.Pointer, inT, wd.Pointer, yd.Pointer, outT, rows, dim, 1e-6f, round: round);
+                k.Launch(Stream, Rows(xd, inT, rows, dim), Rows(wd, ElementType.BF16, 1, dim), Rows(yd, outT, rows, dim), 1e-6f, round: round);
                 cpu.RmsNorm(cpu.Upload(x, rows, dim), weight, yRef);
             }
 
@@ -123,7 +123,7 @@ public sealed class KernelGpuTests : GpuTestBase
                 using var sd = DeviceBuffer<float>.Allocate(Device, (long)rows * groups);
                 qd.Fill8(0x7F, Stream);
                 sd.Fill32(NaNPattern, Stream);
-                k.Launch(Stream, xd.Pointer, inT, qd.Pointer, sd.Pointer, rows, cols, ue8m0);
+                k.Launch(Stream, Rows(xd, inT, rows, cols), new Fp8Rows(qd.Pointer, sd.Pointer, rows, cols), ue8m0);
                 AssertQuant(x, rows, cols, ue8m0, qd.ToArray(Stream), sd.ToArray(Stream), $"{rows}x{cols} {inT} ue8m0 {ue8m0}");
             }
         }
@@ -166,7 +166,7 @@ public sealed class KernelGpuTests : GpuTestBase
             using var sd = DeviceBuffer<float>.Allocate(Device, rows * groups);
             qd.Fill8(0x7F, Stream);
             sd.Fill32(NaNPattern, Stream);
-            k.Launch(Stream, xd.Pointer, ElementType.F32, qd.Pointer, sd.Pointer, rows, cols, ue8m0);
+            k.Launch(Stream, Rows(xd, ElementType.F32, rows, cols), new Fp8Rows(qd.Pointer, sd.Pointer, rows, cols), ue8m0);
             var q = qd.ToArray(Stream);
             var s = sd.ToArray(Stream);
             for (var i = 0; i < s.Length; i++)
@@ -262,7 +262,7 @@ public sealed class KernelGpuTests : GpuTestBase
             using var gd = Upload(g, inT);
             using var ud = Upload(u, inT);
             using var od = Poisoned((long)rows * cols, outT);
-            k.Launch(Stream, gd.Pointer, ud.Pointer, inT, od.Pointer, outT, rows, cols, round: round);
+            k.Launch(Stream, Rows(gd, inT, rows, cols), Rows(ud, inT, rows, cols), Rows(od, outT, rows, cols), round: round);
             var o = cpu.Allocate(rows, cols);
             cpu.SiluMul(cpu.Upload(g, rows, cols), cpu.Upload(u, rows, cols), o);
             var expected = new float[rows * cols];
@@ -289,7 +289,7 @@ public sealed class KernelGpuTests : GpuTestBase
         foreach (var outT in Types)
         {
             using var od = Poisoned((long)ids.Length * dim, outT);
-            k.Launch(Stream, idd.Pointer, td.Pointer, vocab, dim, od.Pointer, outT, ids.Length);
+            k.Launch(Stream, new DeviceInts(idd.Pointer, ids.Length), Rows(td, ElementType.BF16, vocab, dim), Rows(od, outT, ids.Length, dim));
             var o = Read(od, outT, Stream);
             for (var t = 0; t < ids.Length; t++)
             {
@@ -507,9 +507,10 @@ public sealed class KernelGpuTests : GpuTestBase
         var x = Normal(Rng(3), 1000);
         a.Upload(x);
         using var k = new SiluMulKernel(Device, Compiler);
-        k.Launch(Stream, a.Pointer, a.Pointer, ElementType.F32, b.Pointer, ElementType.F32, 1, 1000); // compile and load outside capture
+        DeviceRows input = new(a.Pointer, ElementType.F32, 1, 1000), output = new(b.Pointer, ElementType.F32, 1, 1000);
+        k.Launch(Stream, input, input, output); // compile and load outside capture
         b.Fill32(NaNPattern, Stream);
-        using var graph = CudaGraph.Capture(Stream, s => k.Launch(s, a.Pointer, a.Pointer, ElementType.F32, b.Pointer, ElementType.F32, 1, 1000));
+        using var graph = CudaGraph.Capture(Stream, s => k.Launch(s, input, input, output));
         Assert.IsTrue(float.IsNaN(b.ToArray(Stream)[0]), "capture does not run the work");
         graph.Launch(Stream);
         var y = b.ToArray(Stream);

@@ -166,9 +166,10 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
 
         using var xq = DeviceBuffer<byte>.Allocate(Device, (long)totalKv * lora);
         using var xs = DeviceBuffer<float>.Allocate(Device, (long)totalKv * kb);
-        quant.Launch(Stream, latentD.Pointer, ElementType.BF16, xq.Pointer, xs.Pointer, totalKv, lora);
+        var latentQ = new Fp8Rows(xq.Pointer, xs.Pointer, totalKv, lora);
+        quant.Launch(Stream, Rows(latentD, ElementType.BF16, totalKv, lora), latentQ);
         using var kvD = Poisoned((long)totalKv * n, ElementType.BF16);
-        gemm.Launch(Stream, xq.Pointer, xs.Pointer, codesD.Pointer, sbD.Pointer, kvD.Pointer, ElementType.BF16, totalKv, n, lora);
+        gemm.Launch(Stream, latentQ, new Fp8Linear(codesD.Pointer, sbD.Pointer, n, lora), Rows(kvD, ElementType.BF16, totalKv, n));
 
         var outElems = cuQ[nReq] * heads * dv;
         using var outD = Poisoned(outElems, ElementType.BF16);

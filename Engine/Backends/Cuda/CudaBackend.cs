@@ -393,7 +393,7 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter(recordable: true);
         CudaTensor s = T(source), d = T(destination);
         ShapeCheck.CopyRows(s, sourceRow, d, destinationRow, count);
-        _glue.Copy(_stream, s.Type, s.Row(sourceRow), s.Cols, d.Row(destinationRow), d.Cols, count, s.Cols);
+        _glue.Copy(_stream, s.Matrix.Slice(sourceRow, count), d.Matrix.Slice(destinationRow, count));
     }
 
     /// <inheritdoc />
@@ -855,7 +855,7 @@ public sealed class CudaBackend : IBackend
         var w = (CudaEmbeddingWeight)table;
         var o = T(output);
         ShapeCheck.Embedding(w, ids, o);
-        _embedding.Launch(_stream, UploadInts(ids), w.Data.Pointer, w.Rows, w.Width, o.Pointer, o.Type, ids.Length);
+        _embedding.Launch(_stream, new DeviceInts(UploadInts(ids), ids.Length), w.Table, o.Matrix);
     }
 
     /// <inheritdoc />
@@ -865,7 +865,7 @@ public sealed class CudaBackend : IBackend
         var w = (CudaEmbeddingWeight)table;
         var o = T(output);
         ShapeCheck.EmbeddingRows(w, rows, o);
-        _embedding.Launch(_stream, ((CudaStepRows)rows).TokensPointer, w.Data.Pointer, w.Rows, w.Width, o.Pointer, o.Type, o.Rows);
+        _embedding.Launch(_stream, new DeviceInts(((CudaStepRows)rows).TokensPointer, o.Rows), w.Table, o.Matrix);
     }
 
     /// <inheritdoc />
@@ -879,7 +879,7 @@ public sealed class CudaBackend : IBackend
     }
 
     private void Norm(CudaTensor a, CudaNormWeight w, CudaTensor o) =>
-        _norm.Launch(_stream, a.Pointer, a.Type, w.Data.Pointer, o.Pointer, o.Type, a.Rows, a.Cols, w.Epsilon, round: NeedsRounding(o));
+        _norm.Launch(_stream, a.Matrix, w.Vector, o.Matrix, w.Epsilon, round: NeedsRounding(o));
 
     /// <inheritdoc />
     public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed)
@@ -891,7 +891,7 @@ public sealed class CudaBackend : IBackend
         ShapeCheck.Require(r.Cols == w.Width && o.Cols == w.Width && r.Rows == o.Rows, "rmsnorm shapes");
         SameType(r, d, "the residual and its update");
         // The fused form: residual = bf16(residual + delta) (stored bf16, or rounded in f32 storage), then its norm, in one pass over each row.
-        _norm.LaunchFused(_stream, r.Pointer, d.Pointer, d.Type, w.Data.Pointer, o.Pointer, o.Type, r.Rows, r.Cols, w.Epsilon, round: NeedsRounding(o));
+        _norm.LaunchFused(_stream, r.Matrix, d.Matrix, w.Vector, o.Matrix, w.Epsilon, round: NeedsRounding(o));
     }
 
     /// <inheritdoc />
@@ -911,7 +911,8 @@ public sealed class CudaBackend : IBackend
         for (long first = 0; first < o.Length; first += slice)
         {
             var n = (int)Math.Min(slice, o.Length - first);
-            _siluMul.Launch(_stream, g.At(first), u.At(first), g.Type, o.At(first), o.Type, 1, n, round: NeedsRounding(o));
+            _siluMul.Launch(_stream, new DeviceRows(g.At(first), g.Type, 1, n), new DeviceRows(u.At(first), u.Type, 1, n), new DeviceRows(o.At(first), o.Type, 1, n),
+                round: NeedsRounding(o));
         }
     }
 
@@ -923,8 +924,8 @@ public sealed class CudaBackend : IBackend
         ShapeCheck.Require(x.Rows == y.Rows && o.Rows == x.Rows && o.Cols == x.Cols + y.Cols, "concat shapes");
         SameType(x, o, "a concatenation's first part and output");
         SameType(y, o, "a concatenation's second part and output");
-        _glue.Copy(_stream, o.Type, x.Pointer, x.Cols, o.Pointer, o.Cols, o.Rows, x.Cols);
-        _glue.Copy(_stream, o.Type, y.Pointer, y.Cols, o.At(x.Cols), o.Cols, o.Rows, y.Cols);
+        _glue.Copy(_stream, x.Matrix, o.Matrix.Columns(0, x.Cols));
+        _glue.Copy(_stream, y.Matrix, o.Matrix.Columns(x.Cols, y.Cols));
     }
 
     // ---------------------------------------------------------------- GEMM
@@ -936,7 +937,7 @@ public sealed class CudaBackend : IBackend
         CudaTensor a = T(x), o = T(y);
         var w = (CudaLinearWeight)weight;
         ShapeCheck.Require(a.Cols == w.In && o.Cols == w.Out && a.Rows == o.Rows, $"linear {a} · [{w.Out}, {w.In}]ᵀ → {o}");
-        Gemm(a.Pointer, a.Type, a.Rows, w, o.Pointer, o.Type);
+        Gemm(a.Matrix, w, o.Matrix);
         RoundStored(o);
     }
 
@@ -953,27 +954,27 @@ public sealed class CudaBackend : IBackend
             throw new NotSupportedException("an FP8 output head (lm_head is BF16 in every supported checkpoint)");
         }
 
-        _bf16.Launch(_stream, a.Pointer, a.Type, w.Bf16!.Pointer, o.Pointer, o.Type, a.Rows, w.Out, w.In);
+        _bf16.Launch(_stream, a.Matrix, w.Bf16Matrix, o.Matrix);
     }
 
-    /// <summary>y = x·Wᵀ for <paramref name="m"/> rows: FP8 weights through act quant + the FP8 GEMM, BF16 weights through the BF16 GEMM.</summary>
-    private void Gemm(ulong x, ElementType xType, int m, CudaLinearWeight w, ulong y, ElementType yType, Scratch? codes = null, Scratch? scales = null)
+    /// <summary>y = x·Wᵀ for every row of x: FP8 weights through act quant + the FP8 GEMM, BF16 weights through the BF16 GEMM.</summary>
+    private void Gemm(DeviceRows x, CudaLinearWeight w, DeviceRows y, Scratch? codes = null, Scratch? scales = null)
     {
-        if (m == 0)
+        if (x.Rows == 0)
         {
             return;
         }
 
         if (!w.Fp8)
         {
-            _bf16.Launch(_stream, x, xType, w.Bf16!.Pointer, y, yType, m, w.Out, w.In);
+            _bf16.Launch(_stream, x, w.Bf16Matrix, y);
             return;
         }
 
-        var c = (codes ?? _codes).Get((long)m * w.In);
-        var s = (scales ?? _scales).Get((long)m * ActQuantKernel.GroupsFor(w.In) * 4);
-        _quant.Launch(_stream, x, xType, c, s, m, w.In);
-        _fp8.Launch(_stream, c, s, w.Codes!.Pointer, w.Scales!.Pointer, y, yType, m, w.Out, w.In);
+        long m = x.Rows;
+        var q = new Fp8Rows((codes ?? _codes).Get(m * w.In), (scales ?? _scales).Get(m * ActQuantKernel.GroupsFor(w.In) * sizeof(float)), x.Rows, w.In);
+        _quant.Launch(_stream, x, q);
+        _fp8.Launch(_stream, q, w.Fp8Linear, y);
     }
 
     // ---------------------------------------------------------------- RoPE and the latent cache
@@ -1131,19 +1132,19 @@ public sealed class CudaBackend : IBackend
         var latent = _latent.Get((long)context * dims.KvLora * 2);
         _prefill.Gather(_stream, shape, c.CachePointer, c.TablePointer, c.MaxBlocks, cuKv, 1, context, latent);
         var kv = _kv.Get((long)context * w.Out * 2);
-        Gemm(latent, ElementType.BF16, context, w, kv, ElementType.BF16, _kvCodes, _kvScales);
+        Gemm(new DeviceRows(latent, ElementType.BF16, context, dims.KvLora), w, new DeviceRows(kv, ElementType.BF16, context, w.Out), _kvCodes, _kvScales);
         // The kernel reads q and writes its output in BF16: f32 storage goes through BF16 copies.
         var q16 = qt.Type == ElementType.BF16 ? qt.Pointer : _qBf16.Get(qt.Length * 2);
         if (qt.Type != ElementType.BF16)
         {
-            _glue.Convert(_stream, qt.Pointer, qt.Type, q16, ElementType.BF16, qt.Length);
+            _glue.Convert(_stream, qt.Matrix, new DeviceRows(q16, ElementType.BF16, qt.Rows, qt.Cols));
         }
 
         var out16 = o.Type == ElementType.BF16 ? o.Pointer : _outBf16.Get(o.Length * 2);
         _prefill.Attention(_stream, shape, dims.Heads, q16, c.CachePointer, c.TablePointer, c.MaxBlocks, cuQ, cuKv, kv, 1, tokens, scale, out16);
         if (o.Type != ElementType.BF16)
         {
-            _glue.Convert(_stream, out16, ElementType.BF16, o.Pointer, o.Type, o.Length);
+            _glue.Convert(_stream, new DeviceRows(out16, ElementType.BF16, o.Rows, o.Cols), o.Matrix);
         }
     }
 

@@ -55,9 +55,12 @@ internal sealed class CudaTensor : Tensor
     public ElementType Type { get; }
 
     /// <summary>Bytes per element.</summary>
-    public int ElementBytes => SizeOf(Type);
+    public int ElementBytes => Type.Bytes();
 
     public ulong Pointer => Buffer.Pointer;
+
+    /// <summary>The tensor as the launchers take it: dense rows of its storage type.</summary>
+    public DeviceRows Matrix => new(Pointer, Type, Rows, Cols);
 
     /// <summary>Address of element <paramref name="index"/> (row-major).</summary>
     public ulong At(long index) => Buffer.At(index * ElementBytes);
@@ -69,14 +72,11 @@ internal sealed class CudaTensor : Tensor
     public CudaTensor View(int firstRow, int rows) =>
         new(DeviceBuffer<byte>.View(Buffer.Device, Row(firstRow), (long)rows * Cols * ElementBytes), rows, Cols, Kind, Type);
 
-    /// <summary>Bytes of one element of <paramref name="type"/>.</summary>
-    public static int SizeOf(ElementType type) => type == ElementType.F32 ? sizeof(float) : sizeof(ushort);
-
     /// <summary>The storage of a tensor, its arguments checked before anything is allocated (nothing leaks when they are wrong).</summary>
     private static long Bytes(int rows, int cols, TensorKind kind, ElementType type)
     {
         Check(rows, cols, kind);
-        return (long)rows * cols * SizeOf(type);
+        return (long)rows * cols * type.Bytes();
     }
 
     protected override void Dispose(bool disposing) => Buffer.Dispose();
@@ -99,6 +99,12 @@ internal sealed class CudaLinearWeight(int outFeatures, int inFeatures, bool fp8
     /// <summary>The BF16 weight, or the dequantized copy of an FP8 one once made.</summary>
     public DeviceBuffer<ushort>? Bf16 { get; set; }
 
+    /// <summary>The BF16 weight [Out, In] as the launchers take it.</summary>
+    public DeviceRows Bf16Matrix => new(Bf16!.Pointer, ElementType.BF16, Out, In);
+
+    /// <summary>The FP8 codes and block scales as the launchers take them.</summary>
+    public Fp8Linear Fp8Linear => new(Codes!.Pointer, Scales!.Pointer, Out, In);
+
     protected override void Dispose(bool disposing) => Owned.Free();
 }
 
@@ -107,6 +113,9 @@ internal sealed class CudaNormWeight(int width, float epsilon, DeviceBuffer<usho
     /// <summary>BF16 [Width].</summary>
     public DeviceBuffer<ushort> Data { get; } = data;
 
+    /// <summary>The weight as the norm launcher takes it: one bf16 row.</summary>
+    public DeviceRows Vector => DeviceRows.Bf16Vector(Data.Pointer, Width);
+
     protected override void Dispose(bool disposing) => Data.Dispose();
 }
 
@@ -114,6 +123,9 @@ internal sealed class CudaEmbeddingWeight(int rows, int width, DeviceBuffer<usho
 {
     /// <summary>BF16 [Rows, Width].</summary>
     public DeviceBuffer<ushort> Data { get; } = data;
+
+    /// <summary>The table as the embedding launcher takes it.</summary>
+    public DeviceRows Table => new(Data.Pointer, ElementType.BF16, Rows, Width);
 
     protected override void Dispose(bool disposing) => Data.Dispose();
 }

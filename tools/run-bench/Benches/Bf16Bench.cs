@@ -77,7 +77,8 @@ internal static class Bf16Bench
             var flops = 2.0 * m * HeadN * Hidden;
             (string, double)[] extra = blas is not null && GemmBench.Baseline("cublas_bf16", m, HeadN, Hidden,
                 () => GemmBench.TimeCublasBf16(gpu, blas, m, HeadN, Hidden)) is { } cublasUs ? [("cublas_bf16", cublasUs)] : [];
-            cases.Add(("bf16_gemm", s, bytes, flops, () => warp.Launch(stream, x.Pointer, ElementType.F32, head.Pointer, logits.Pointer, ElementType.F32, m, HeadN, Hidden), false, extra));
+            cases.Add(("bf16_gemm", s, bytes, flops, () => warp.Launch(stream, new DeviceRows(x.Pointer, ElementType.F32, m, Hidden),
+                new DeviceRows(head.Pointer, ElementType.BF16, HeadN, Hidden), new DeviceRows(logits.Pointer, ElementType.F32, m, HeadN)), false, extra));
             var p = new Bf16MmaProblem(x.Pointer, ElementType.F32, Hidden, head.Pointer, false, Hidden, logits.Pointer, ElementType.F32, HeadN, m, HeadN, Hidden);
             cases.Add(("bf16_gemm_mma", s, bytes, flops, () => mma.Launch(stream, p), true, extra));
         }

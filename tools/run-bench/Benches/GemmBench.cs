@@ -71,7 +71,8 @@ internal static class GemmBench
                         baselines[(m, n, k)] = timed;
                     }
 
-                    var us = gpu.Measure(i => gemm.Launch(gpu.Stream, inputs.X(i), inputs.XScales, inputs.W(i), inputs.WScales, inputs.Y, ElementType.BF16, m, n, k, path: path));
+                    var us = gpu.Measure(i => gemm.Launch(gpu.Stream, new Fp8Rows(inputs.X(i), inputs.XScales, m, k), new Fp8Linear(inputs.W(i), inputs.WScales, n, k),
+                        new DeviceRows(inputs.Y, ElementType.BF16, m, n), path: path));
                     foreach (var (baseline, baselineUs) in timed)
                     {
                         report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, baseline, baselineUs));

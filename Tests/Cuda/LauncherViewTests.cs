@@ -1,0 +1,240 @@
+using DeepSeekCuda.Kernels;
+
+namespace DeepSeekCuda.Tests.Cuda;
+
+/// <summary>
+/// The launchers' typed device views, without a GPU: the arithmetic of <see cref="DeviceRows"/> (rows, slices, column
+/// ranges), the params each launcher packs from its views (what the kernel will read), and the refusals of views that
+/// disagree, each naming the argument, before anything is launched. Copies are also run through a host model of the
+/// copy kernel's indexing over a host array standing for device memory, so the addresses the views give land where the
+/// tensors' elements are.
+/// </summary>
+[TestClass]
+public sealed class LauncherViewTests
+{
+    private const ulong Base = 0x7f00_0000_0000;
+
+    [TestMethod]
+    [DataRow(false, 4)]
+    [DataRow(true, 2)]
+    public void RowsSlicesAndColumnRangesAddressTheElementsOfTheMatrix(bool bf16, int bytes)
+    {
+        var type = bf16 ? ElementType.BF16 : ElementType.F32;
+        var m = new DeviceRows(Base, type, 10, 6);
+        Assert.AreEqual(6L, m.Stride, "dense by default");
+        Assert.IsTrue(m.IsDense);
+        Assert.AreEqual(Base + (ulong)(3 * 6 * bytes), m.Row(3));
+
+        var s = m.Slice(2, 5);
+        Assert.AreEqual((m.Row(2), 5, 6, 6L, type), (s.Pointer, s.Rows, s.Cols, s.Stride, s.Type));
+
+        var c = m.Columns(4, 2);
+        Assert.AreEqual((Base + (ulong)(4 * bytes), 10, 2, 6L), (c.Pointer, c.Rows, c.Cols, c.Stride));
+        Assert.IsFalse(c.IsDense, "a column range keeps the whole rows' stride");
+        Assert.AreEqual(Base + (ulong)((7 * 6 + 4) * bytes), c.Row(7), "row 7, column 4 of the matrix");
+        Assert.AreEqual(c.Row(3), c.Slice(3, 2).Pointer, "a slice of a column range starts at its row");
+    }
+
+    [TestMethod]
+    public void ViewsThatCannotBeAreRefused()
+    {
+        var overlap = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new DeviceRows(Base, ElementType.F32, 2, 8, stride: 7));
+        Assert.AreEqual("stride", overlap.ParamName);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new DeviceRows(Base, ElementType.F32, -1, 8));
+        var m = new DeviceRows(Base, ElementType.F32, 4, 8);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => m.Slice(2, 3));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => m.Slice(-1, 1));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => m.Columns(6, 3));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new Fp8Rows(Base, Base, 2, 256, codesStride: 255));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new Fp8Rows(Base, Base, 2, 256, scalesStride: 1));
+        Assert.AreEqual(3, new Fp8Rows(Base, Base, 2, 257).Groups, "one scale per 128 channels, the last group narrower");
+    }
+
+    [TestMethod]
+    public void RmsNormPacksItsViewsAndRefusesThoseThatDisagree()
+    {
+        DeviceRows x = new(Base, ElementType.BF16, 5, 300, stride: 1024), w = DeviceRows.Bf16Vector(Base + 0x10000, 300),
+            y = new(Base + 0x20000, ElementType.F32, 5, 300), h = new(Base + 0x30000, ElementType.BF16, 5, 300, stride: 512);
+        var p = RmsNormKernel.Params(h, x, w, y, 1e-6f, round: false);
+        Assert.AreEqual((x.Pointer, h.Pointer, w.Pointer, y.Pointer), (p.X, p.Residual, p.Weight, p.Y));
+        Assert.AreEqual((1024L, 512L, 300L, 5, 300, 1e-6f), (p.XStride, p.ResidualStride, p.YStride, p.Rows, p.Dim, p.Eps));
+        var plain = RmsNormKernel.Params(null, x, w, y, 1e-6f, round: false);
+        Assert.AreEqual((0UL, 0L), (plain.Residual, plain.ResidualStride), "the plain norm has no residual");
+
+        AssertRefused("y", () => RmsNormKernel.Params(null, x, w, y.Slice(0, 4), 1e-6f, false), "[4, 300], expected [5, 300]");
+        AssertRefused("weight", () => RmsNormKernel.Params(null, x, DeviceRows.Bf16Vector(w.Pointer, 299), y, 1e-6f, false), "[1, 299]");
+        AssertRefused("weight", () => RmsNormKernel.Params(null, x, new DeviceRows(w.Pointer, ElementType.F32, 1, 300), y, 1e-6f, false), "F32, expected BF16");
+        AssertRefused("residual", () => RmsNormKernel.Params(new DeviceRows(h.Pointer, ElementType.F32, 5, 300), x, w, y, 1e-6f, false), "F32, expected BF16");
+        AssertRefused("round", () => RmsNormKernel.Params(null, x, w, y, 1e-6f, round: true), "reads and writes f32");
+    }
+
+    [TestMethod]
+    public void SiluMulTakesTheHalvesOfAFusedGateUpTensor()
+    {
+        const int rows = 3, cols = 1536;
+        var gateUp = new DeviceRows(Base, ElementType.BF16, rows, 2 * cols);
+        var output = new DeviceRows(Base + 0x100000, ElementType.BF16, rows, cols);
+        var p = SiluMulKernel.Params(gateUp.Columns(0, cols), gateUp.Columns(cols, cols), output, round: false);
+        Assert.AreEqual((Base, Base + cols * 2UL, output.Pointer), (p.Gate, p.Up, p.Out));
+        Assert.AreEqual((2L * cols, 2L * cols, (long)cols, rows, cols), (p.GateStride, p.UpStride, p.OutStride, p.Rows, p.Cols));
+
+        AssertRefused("up", () => SiluMulKernel.Params(gateUp.Columns(0, cols), new DeviceRows(Base, ElementType.F32, rows, cols), output, false), "F32, expected BF16");
+        AssertRefused("output", () => SiluMulKernel.Params(gateUp.Columns(0, cols), gateUp.Columns(cols, cols), output.Columns(0, cols - 1), false), "[3, 1535]");
+        var tall = new DeviceRows(Base, ElementType.F32, 65536, 8);
+        Assert.AreEqual("gate", Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => SiluMulKernel.Params(tall, tall, tall, false)).ParamName);
+    }
+
+    [TestMethod]
+    public void EmbeddingTakesItsVocabularyAndWidthFromTheTable()
+    {
+        var table = new DeviceRows(Base, ElementType.BF16, 129280, 7168);
+        var output = new DeviceRows(Base + 0x1000_0000, ElementType.F32, 7, 7168);
+        var p = EmbeddingKernel.Params(new DeviceInts(Base + 0x2000_0000, 7), table, output);
+        Assert.AreEqual((Base + 0x2000_0000, Base, output.Pointer, 7168L, 7, 7168, 129280), (p.Ids, p.Table, p.Out, p.OutStride, p.Tokens, p.Dim, p.Vocab));
+
+        AssertRefused("output", () => EmbeddingKernel.Params(new DeviceInts(Base, 6), table, output), "[7, 7168], expected [6, 7168]");
+        AssertRefused("table", () => EmbeddingKernel.Params(new DeviceInts(Base, 7), new DeviceRows(Base, ElementType.BF16, 100, 7168, stride: 8192), output), "must be dense");
+        AssertRefused("table", () => EmbeddingKernel.Params(new DeviceInts(Base, 7), new DeviceRows(Base, ElementType.F32, 100, 7168), output), "F32, expected BF16");
+    }
+
+    [TestMethod]
+    public void Bf16GemmTakesMNAndKFromItsViews()
+    {
+        DeviceRows x = new(Base, ElementType.F32, 17, 7168), w = new(Base + 0x1000_0000, ElementType.BF16, 129280, 7168),
+            y = new(Base + 0x4000_0000, ElementType.F32, 17, 129280);
+        var p = Bf16GemmKernel.Params(x, w, y);
+        Assert.AreEqual((x.Pointer, w.Pointer, y.Pointer, 7168L, 129280L), (p.X, p.W, p.Y, p.XStride, p.YStride));
+        Assert.AreEqual((17, 129280, 7168), (p.M, p.N, p.K));
+
+        AssertRefused("w", () => Bf16GemmKernel.Params(x, new DeviceRows(w.Pointer, ElementType.BF16, 129280, 7167), y), "[129280, 7167], expected [129280, 7168]");
+        AssertRefused("y", () => Bf16GemmKernel.Params(x, w, new DeviceRows(y.Pointer, ElementType.F32, 16, 129280)), "[16, 129280], expected [17, 129280]");
+        AssertRefused("w", () => Bf16GemmKernel.Params(new DeviceRows(Base, ElementType.F32, 1, 0), new DeviceRows(w.Pointer, ElementType.BF16, 4, 0), new DeviceRows(Base, ElementType.F32, 1, 4)), "no columns");
+    }
+
+    [TestMethod]
+    public void ActQuantWritesCodesAndScalesAtTheirOwnStrides()
+    {
+        var x = new DeviceRows(Base, ElementType.BF16, 4, 300, stride: 512);
+        var q = new Fp8Rows(Base + 0x10000, Base + 0x20000, 4, 300, codesStride: 320, scalesStride: 4);
+        var p = ActQuantKernel.Params(x, q);
+        Assert.AreEqual((x.Pointer, q.Codes, q.Scales), (p.X, p.Codes, p.Scales));
+        Assert.AreEqual((512L, 320L, 4L, 4, 300, 3), (p.XStride, p.CodesStride, p.ScalesStride, p.Rows, p.Cols, p.Groups));
+        AssertRefused("output", () => ActQuantKernel.Params(x, new Fp8Rows(q.Codes, q.Scales, 4, 256)), "[4, 256], expected [4, 300]");
+    }
+
+    [TestMethod]
+    public void Fp8GemmPacksActivationsWeightOutputAndResidual()
+    {
+        var x = new Fp8Rows(Base, Base + 0x10_0000, 64, 7168);
+        var w = new Fp8Linear(Base + 0x100_0000, Base + 0x200_0000, 1536, 7168);
+        var y = new DeviceRows(Base + 0x300_0000, ElementType.BF16, 64, 1536, stride: 2048);
+        var residual = new DeviceRows(Base + 0x400_0000, ElementType.BF16, 64, 1536);
+        var p = Fp8GemmKernel.Params(x, w, y, residual);
+        Assert.AreEqual((x.Codes, x.Scales, w.W, w.Scales, y.Pointer, residual.Pointer), (p.XCodes, p.XScales, p.W, p.WScales, p.Y, p.Residual));
+        Assert.AreEqual((7168L, 56L, 2048L, 1536L), (p.XStride, p.XScalesStride, p.YStride, p.ResidualStride));
+        Assert.AreEqual(y.Pointer, Fp8GemmKernel.Params(x, w, y, residual: y).Residual, "in place: y += X·Wᵀ");
+        Assert.AreEqual((64, 1, 1, 0UL), (p.M, p.OutBf16, p.Splits, p.Partial));
+        Assert.AreEqual(7168, p.SplitK, "one split of all of K (14 gemv steps of 512)");
+        var ragged = Fp8GemmKernel.Params(new Fp8Rows(Base, Base, 3, 1040), w with { In = 1040 }, new DeviceRows(Base, ElementType.F32, 3, 1536), null);
+        Assert.AreEqual((1536, 1040L, 9L), (ragged.SplitK, ragged.XStride, ragged.XScalesStride), "K = 1040: one split rounded up to 3 gemv steps");
+        var f32 = Fp8GemmKernel.Params(x, w, new DeviceRows(y.Pointer, ElementType.F32, 64, 1536), residual: null);
+        Assert.AreEqual((0, 0UL), (f32.OutBf16, f32.Residual));
+
+        AssertRefused("x", () => Fp8GemmKernel.Params(new Fp8Rows(Base, Base, 64, 7040), w, y, null), "x has 7040 channels");
+        AssertRefused("w", () => Fp8GemmKernel.Params(x, w with { W = w.W + 8 }, y, null), "not 16-byte aligned");
+        AssertRefused("y", () => Fp8GemmKernel.Params(x, w, y.Columns(0, 1535), null), "[64, 1535], expected [64, 1536]");
+        AssertRefused("residual", () => Fp8GemmKernel.Params(x, w, y, new DeviceRows(y.Pointer, ElementType.F32, 64, 1536)), "F32, expected BF16");
+    }
+
+    [TestMethod]
+    [DataRow(false)]
+    [DataRow(true)]
+    public void ConcatenatedColumnsLandBesideEachOtherInTheOutputRows(bool bf16)
+    {
+        var type = bf16 ? ElementType.BF16 : ElementType.F32;
+        // CudaBackend.ConcatColumns: a [3, 4] and b [3, 2] copied into the column ranges of o [3, 6].
+        var memory = new HostMemory(type);
+        var a = memory.Matrix(3, 4, (r, c) => 10 * r + c);
+        var b = memory.Matrix(3, 2, (r, c) => 100 + 10 * r + c);
+        var o = memory.Matrix(3, 6, (_, _) => float.NaN);
+        memory.Copy(BackendGlueKernel.CopyParams(a, o.Columns(0, a.Cols)));
+        memory.Copy(BackendGlueKernel.CopyParams(b, o.Columns(a.Cols, b.Cols)));
+        for (var r = 0; r < 3; r++)
+        {
+            for (var c = 0; c < 6; c++)
+            {
+                Assert.AreEqual(c < 4 ? 10 * r + c : 100 + 10 * r + c - 4, memory.At(o, r, c), $"o[{r}, {c}]");
+            }
+        }
+
+        AssertRefused("output", () => BackendGlueKernel.CopyParams(a, o.Columns(0, 3)), "[3, 3], expected [3, 4]");
+        var other = type == ElementType.F32 ? ElementType.BF16 : ElementType.F32;
+        AssertRefused("output", () => BackendGlueKernel.CopyParams(a, new DeviceRows(o.Pointer, other, 3, 4)), $"{other}, expected {type}");
+    }
+
+    [TestMethod]
+    public void CopiedRowsComeFromTheSourceSliceAndLandInTheDestinationSlice()
+    {
+        // CudaBackend.CopyRows: rows 1..2 of s [4, 5] into rows 3..4 of d [6, 5].
+        var memory = new HostMemory(ElementType.F32);
+        var s = memory.Matrix(4, 5, (r, c) => 10 * r + c);
+        var d = memory.Matrix(6, 5, (_, _) => -1);
+        memory.Copy(BackendGlueKernel.CopyParams(s.Slice(1, 2), d.Slice(3, 2)));
+        for (var r = 0; r < 6; r++)
+        {
+            for (var c = 0; c < 5; c++)
+            {
+                Assert.AreEqual(r is 3 or 4 ? 10 * (r - 2) + c : -1, memory.At(d, r, c), $"d[{r}, {c}]");
+            }
+        }
+    }
+
+    private static void AssertRefused(string parameter, Action call, string message)
+    {
+        var e = Assert.ThrowsExactly<ArgumentException>(call);
+        Assert.AreEqual(parameter, e.ParamName, e.Message);
+        StringAssert.Contains(e.Message, message);
+    }
+
+    /// <summary>Device memory stood for by a host array of one element type, matrices laid out one after another from <see cref="Base"/>.</summary>
+    private sealed class HostMemory(ElementType type)
+    {
+        private readonly List<float> _elements = [];
+
+        public DeviceRows Matrix(int rows, int cols, Func<int, int, float> value)
+        {
+            var view = new DeviceRows(Base + (ulong)(_elements.Count * type.Bytes()), type, rows, cols);
+            for (var r = 0; r < rows; r++)
+            {
+                for (var c = 0; c < cols; c++)
+                {
+                    _elements.Add(value(r, c));
+                }
+            }
+
+            return view;
+        }
+
+        public float At(DeviceRows m, int row, int col) => _elements[Index(m.Pointer) + (int)(row * m.Stride) + col];
+
+        /// <summary>glue_copy_kernel's indexing: out[r·out_stride + c] = x[r·x_stride + c] for r &lt; rows, c &lt; cols.</summary>
+        public void Copy(in BackendGlueParams p)
+        {
+            int x = Index(p.X), o = Index(p.Out);
+            for (var r = 0; r < p.Rows; r++)
+            {
+                for (var c = 0; c < p.Cols; c++)
+                {
+                    _elements[o + (int)(r * p.OutStride) + c] = _elements[x + (int)(r * p.XStride) + c];
+                }
+            }
+        }
+
+        private int Index(ulong address)
+        {
+            var offset = address - Base;
+            Assert.AreEqual(0UL, offset % (ulong)type.Bytes(), $"0x{address:x} is not an element boundary");
+            return (int)(offset / (ulong)type.Bytes());
+        }
+    }
+}
