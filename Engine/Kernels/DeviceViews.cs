@@ -147,6 +147,39 @@ internal readonly record struct Fp8Linear(ulong W, ulong Scales, int Out, int In
 /// <param name="Length">Values.</param>
 internal readonly record struct DeviceInts(ulong Pointer, int Length);
 
+/// <summary>
+/// A routing on the device: for each of <paramref name="Tokens"/> tokens, <paramref name="K"/> expert ids int32 [Tokens, K]
+/// (best first) and their weights f32 [Tokens, K].
+/// </summary>
+/// <param name="Indices">Address of the expert ids.</param>
+/// <param name="Weights">Address of the weights.</param>
+/// <param name="Tokens">Tokens.</param>
+/// <param name="K">Experts per token.</param>
+internal readonly record struct DeviceRouting(ulong Indices, ulong Weights, int Tokens, int K)
+{
+    /// <summary>Tokens <paramref name="first"/> .. + <paramref name="tokens"/> − 1 of this routing.</summary>
+    public DeviceRouting Slice(int first, int tokens)
+    {
+        if (first < 0 || tokens < 0 || first + tokens > Tokens)
+        {
+            throw new ArgumentOutOfRangeException(nameof(tokens), $"tokens {first}..{first + tokens - 1} of a routing of {Tokens}");
+        }
+
+        var offset = (ulong)((long)first * K * sizeof(int));
+        return new DeviceRouting(Indices + offset, Weights + offset, tokens, K);
+    }
+}
+
+/// <summary>
+/// The paged latent cache as the MLA kernels address it (<see cref="PagedLatentCache"/>): bf16 rows in blocks of
+/// <see cref="PagedLatentCache.BlockSize"/> at <paramref name="Cache"/>, and the block table int32 [requests,
+/// <paramref name="MaxBlocks"/>] at <paramref name="BlockTable"/> mapping a request's block index to a cache block.
+/// </summary>
+/// <param name="Cache">Address of block 0.</param>
+/// <param name="BlockTable">Address of the block table.</param>
+/// <param name="MaxBlocks">Entries per request in the block table.</param>
+internal readonly record struct LatentPages(ulong Cache, ulong BlockTable, int MaxBlocks);
+
 /// <summary>The checks launchers make of the views of one call, each naming the argument that disagrees.</summary>
 internal static class ViewCheck
 {

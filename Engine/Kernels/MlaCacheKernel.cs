@@ -47,34 +47,48 @@ internal sealed class MlaCacheKernel(CudaDevice device, NvrtcCompiler compiler) 
         [.. from s in LatentShape.Known from t in Enum.GetValues<ElementType>() select Instance(s, t)];
 
     /// <summary>
-    /// Appends <paramref name="tokens"/> rows of kv ([tokens, kvStride], latent then rope; the kv_a_proj output).
-    /// Token t goes to request <c>requests[t]</c> at position <c>positions[t]</c> (device int32 arrays; a negative
-    /// request marks padding, e.g. in a captured graph with fewer live tokens). rope: the table of rope/2 pairs
-    /// (<c>YarnRope.Table</c>); normWeight: [latent] BF16. Tokens whose position lies outside the table or the
-    /// block table are skipped.
+    /// Appends every row of kv (latent then rope; the kv_a_proj output) to the paged cache. Row t goes to request
+    /// <c>requests[t]</c> at position <c>positions[t]</c> (device int32 arrays; a negative request marks padding, e.g. in a
+    /// captured graph with fewer live tokens). rope: the table of rope/2 pairs (<c>YarnRope.Table</c>); normWeight: bf16
+    /// [1, latent]. Rows whose position lies outside the table or the block table are skipped.
     /// </summary>
-    public void Append(CudaStream stream, LatentShape shape, ulong kv, ElementType kvType, long kvStride, ulong normWeight, float eps,
-        RopeTableView rope, ulong requests, ulong positions, int tokens, ulong blockTable, int maxBlocks, ulong cache)
+    public void Append(CudaStream stream, LatentShape shape, DeviceRows kv, DeviceRows normWeight, float eps, RopeTableView rope, DeviceInts requests,
+        DeviceInts positions, LatentPages pages)
     {
-        shape.Validate();
-        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxBlocks);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(rope.Positions);
-        if (2 * rope.Pairs != shape.Rope)
-        {
-            throw new ArgumentException($"a rotary table of {rope.Pairs} pairs for a latent row with {shape.Rope} rope values", nameof(rope));
-        }
-        ArgumentOutOfRangeException.ThrowIfLessThan(kvStride, shape.RowWidth);
-        if (tokens == 0)
+        var p = Params(shape, kv, normWeight, eps, rope, requests, positions, pages);
+        if (p.Tokens == 0)
         {
             return;
         }
 
-        var p = new MlaCacheParams
+        Get(Instance(shape, kv.Type)).Launch(new Dim3((uint)p.Tokens), Block, 0, stream, in p);
+    }
+
+    /// <summary>The kernel's arguments for one call, the views checked against the row shape and each other.</summary>
+    public static MlaCacheParams Params(LatentShape shape, DeviceRows kv, DeviceRows normWeight, float eps, RopeTableView rope, DeviceInts requests,
+        DeviceInts positions, LatentPages pages)
+    {
+        const string what = "latent append";
+        shape.Validate();
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(pages.MaxBlocks);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(rope.Positions);
+        if (2 * rope.Pairs != shape.Rope)
         {
-            Kv = kv, NormWeight = normWeight, Cos = rope.Cos, Sin = rope.Sin, Requests = requests, Positions = positions, BlockTable = blockTable,
-            Cache = cache, KvStride = kvStride, Eps = eps, Tokens = tokens, MaxBlocks = maxBlocks, TablePositions = rope.Positions,
+            throw new ArgumentException($"{what}: a rotary table of {rope.Pairs} pairs for a latent row with {shape.Rope} rope values", nameof(rope));
+        }
+
+        ViewCheck.Shape(kv, kv.Rows, shape.RowWidth, what, nameof(kv));
+        ViewCheck.Bf16Weight(normWeight, 1, shape.Latent, what, nameof(normWeight));
+        if (requests.Length != kv.Rows || positions.Length != kv.Rows)
+        {
+            throw new ArgumentException($"{what}: {requests.Length} requests and {positions.Length} positions for {kv.Rows} rows", nameof(requests));
+        }
+
+        return new MlaCacheParams
+        {
+            Kv = kv.Pointer, NormWeight = normWeight.Pointer, Cos = rope.Cos, Sin = rope.Sin, Requests = requests.Pointer, Positions = positions.Pointer,
+            BlockTable = pages.BlockTable, Cache = pages.Cache, KvStride = kv.Stride, Eps = eps, Tokens = kv.Rows, MaxBlocks = pages.MaxBlocks,
+            TablePositions = rope.Positions,
         };
-        Get(Instance(shape, kvType)).Launch(new Dim3((uint)tokens), Block, 0, stream, in p);
     }
 }

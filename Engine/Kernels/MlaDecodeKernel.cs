@@ -37,6 +37,12 @@ internal struct MlaProjParams
     public int V;
 }
 
+/// <summary>The heads of the absorbed MLA projections: <paramref name="Heads"/> heads of <paramref name="Nope"/> (qk_nope_head_dim) query-key and <paramref name="V"/> (v_head_dim) value widths.</summary>
+/// <param name="Heads">Attention heads (on this device).</param>
+/// <param name="Nope">qk_nope_head_dim.</param>
+/// <param name="V">v_head_dim.</param>
+internal readonly record struct MlaHeadDims(int Heads, int Nope, int V);
+
 /// <summary>The decode kernel's tiling: <see cref="Rows"/> query rows per block in <see cref="ColumnWarps"/> column groups.</summary>
 internal readonly record struct MlaDecodeTiling(int Rows, int ColumnWarps)
 {
@@ -210,123 +216,171 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
     }
 
     /// <summary>
-    /// q_abs [tokens, heads, latent + rope] (BF16) from q [tokens, heads, nope + rope] (the rope part already
-    /// rotated): the latent part is q_nope · W_UK[h], the rope part is copied. kvB: [heads·(nope + v), latent] BF16.
+    /// q_abs [tokens, heads·(latent + rope)] (bf16) from q [tokens, heads·(nope + rope)] (the rope part already rotated): the
+    /// latent part is q_nope · W_UK[h], the rope part is copied. kvB: bf16 [heads·(nope + v), latent]. All three dense.
     /// </summary>
-    public void Fold(CudaStream stream, LatentShape shape, ulong q, ElementType qType, ulong kvB, int tokens, int heads, int nope, int v, ulong qAbs)
+    public void Fold(CudaStream stream, LatentShape shape, MlaHeadDims dims, DeviceRows q, DeviceRows kvB, DeviceRows qAbs)
     {
-        shape.Validate();
-        CheckProj(tokens, heads, nope, v);
-        if (tokens == 0)
+        var p = FoldParams(shape, dims, q, kvB, qAbs);
+        if (p.Tokens == 0)
         {
             return;
         }
 
-        var p = new MlaProjParams { X = q, W = kvB, Y = qAbs, Tokens = tokens, Heads = heads, Nope = nope, V = v };
-        if (tensorCores?.TryLaunch(stream, FoldProblem(shape, q, qType, kvB, tokens, heads, nope, v, qAbs)) == true)
+        if (tensorCores?.TryLaunch(stream, FoldProblem(shape, dims, q, kvB, qAbs)) == true)
         {
-            var copies = (long)tokens * heads * shape.Rope;
-            Get(FoldRopeInstance(shape, qType)).Launch(new Dim3((uint)Math.Min(Blocks(copies, ProjBlock), 4096)), ProjBlock, 0, stream, in p);
+            var copies = (long)p.Tokens * dims.Heads * shape.Rope;
+            Get(FoldRopeInstance(shape, q.Type)).Launch(new Dim3((uint)Math.Min(Blocks(copies, ProjBlock), 4096)), ProjBlock, 0, stream, in p);
             return;
         }
 
-        Get(FoldInstance(shape, qType)).Launch(new Dim3((uint)heads, Blocks(tokens, ProjTokens)), ProjBlock, 0, stream, in p);
+        Get(FoldInstance(shape, q.Type)).Launch(new Dim3((uint)dims.Heads, Blocks(p.Tokens, ProjTokens)), ProjBlock, 0, stream, in p);
+    }
+
+    /// <summary>The fold kernels' arguments, the views checked against the shapes.</summary>
+    public static MlaProjParams FoldParams(LatentShape shape, MlaHeadDims dims, DeviceRows q, DeviceRows kvB, DeviceRows qAbs)
+    {
+        const string what = "MLA fold";
+        CheckProj(shape, dims, kvB, what);
+        CheckDense(q, q.Rows, dims.Heads * (dims.Nope + shape.Rope), what, nameof(q));
+        ViewCheck.Type(qAbs, ElementType.BF16, what, nameof(qAbs));
+        CheckDense(qAbs, q.Rows, dims.Heads * shape.RowWidth, what, nameof(qAbs));
+        return new MlaProjParams { X = q.Pointer, W = kvB.Pointer, Y = qAbs.Pointer, Tokens = q.Rows, Heads = dims.Heads, Nope = dims.Nope, V = dims.V };
     }
 
     /// <summary>
     /// The fold's latent half as one GEMM per head (batch = heads): q_nope [tokens, nope] (row stride heads·(nope + rope))
     /// times W_UK[h] [nope, latent] (kv_b's rows h·(nope + v) ..), into q_abs's first latent columns.
     /// </summary>
-    public static Bf16MmaProblem FoldProblem(LatentShape shape, ulong q, ElementType qType, ulong kvB, int tokens, int heads, int nope, int v, ulong qAbs)
+    public static Bf16MmaProblem FoldProblem(LatentShape shape, MlaHeadDims dims, DeviceRows q, DeviceRows kvB, DeviceRows qAbs)
     {
-        var qw = nope + shape.Rope;
-        return new Bf16MmaProblem(q, qType, (long)heads * qw, kvB, true, shape.Latent, qAbs, ElementType.BF16, (long)heads * shape.RowWidth,
-            tokens, shape.Latent, nope) { Batch = heads, ABatch = qw, BBatch = (long)(nope + v) * shape.Latent, YBatch = shape.RowWidth };
+        var qw = dims.Nope + shape.Rope;
+        return new Bf16MmaProblem(q.Pointer, q.Type, (long)dims.Heads * qw, kvB.Pointer, true, shape.Latent, qAbs.Pointer, ElementType.BF16,
+            (long)dims.Heads * shape.RowWidth, q.Rows, shape.Latent, dims.Nope)
+        { Batch = dims.Heads, ABatch = qw, BBatch = (long)(dims.Nope + dims.V) * shape.Latent, YBatch = shape.RowWidth };
     }
 
     /// <summary>
     /// The unfold as one GEMM per head: latent [tokens, latent] (row stride heads·latent, fp32) times W_UV[h]ᵀ, W_UV[h]
-    /// [v, latent] being kv_b's rows h·(nope + v) + nope ..; into output [tokens, heads, v].
+    /// [v, latent] being kv_b's rows h·(nope + v) + nope ..; into output [tokens, heads·v].
     /// </summary>
-    public static Bf16MmaProblem UnfoldProblem(LatentShape shape, ulong latent, ulong kvB, int tokens, int heads, int nope, int v, ulong output, ElementType outType) =>
-        new(latent, ElementType.F32, (long)heads * shape.Latent, kvB + (ulong)((long)nope * shape.Latent * 2), false, shape.Latent, output, outType,
-            (long)heads * v, tokens, v, shape.Latent) { Batch = heads, ABatch = shape.Latent, BBatch = (long)(nope + v) * shape.Latent, YBatch = v };
+    public static Bf16MmaProblem UnfoldProblem(LatentShape shape, MlaHeadDims dims, DeviceRows latent, DeviceRows kvB, DeviceRows output) =>
+        new(latent.Pointer, ElementType.F32, (long)dims.Heads * shape.Latent, kvB.Pointer + (ulong)((long)dims.Nope * shape.Latent * 2), false, shape.Latent,
+            output.Pointer, output.Type, (long)dims.Heads * dims.V, latent.Rows, dims.V, shape.Latent)
+        { Batch = dims.Heads, ABatch = shape.Latent, BBatch = (long)(dims.Nope + dims.V) * shape.Latent, YBatch = dims.V };
 
-    /// <summary>output [tokens, heads, v] = W_UV[h] · latent[tokens, heads, latent] (fp32 input, F32 or BF16 output).</summary>
-    public void Unfold(CudaStream stream, LatentShape shape, ulong latent, ulong kvB, int tokens, int heads, int nope, int v, ulong output, ElementType outType)
+    /// <summary>output [tokens, heads·v] = W_UV[h] · latent [tokens, heads·latent] (fp32 input, F32 or BF16 output), all dense.</summary>
+    public void Unfold(CudaStream stream, LatentShape shape, MlaHeadDims dims, DeviceRows latent, DeviceRows kvB, DeviceRows output)
     {
-        shape.Validate();
-        CheckProj(tokens, heads, nope, v);
-        if (tokens == 0)
+        var p = UnfoldParams(shape, dims, latent, kvB, output);
+        if (p.Tokens == 0)
         {
             return;
         }
 
-        if (tensorCores?.TryLaunch(stream, UnfoldProblem(shape, latent, kvB, tokens, heads, nope, v, output, outType)) == true)
+        if (tensorCores?.TryLaunch(stream, UnfoldProblem(shape, dims, latent, kvB, output)) == true)
         {
             return;
         }
 
-        var p = new MlaProjParams { X = latent, W = kvB, Y = output, Tokens = tokens, Heads = heads, Nope = nope, V = v };
-        Get(UnfoldInstance(shape, outType)).Launch(new Dim3((uint)heads, Blocks(tokens, ProjTokens)), ProjBlock, 0, stream, in p);
+        Get(UnfoldInstance(shape, output.Type)).Launch(new Dim3((uint)dims.Heads, Blocks(p.Tokens, ProjTokens)), ProjBlock, 0, stream, in p);
+    }
+
+    /// <summary>The unfold kernel's arguments, the views checked against the shapes.</summary>
+    public static MlaProjParams UnfoldParams(LatentShape shape, MlaHeadDims dims, DeviceRows latent, DeviceRows kvB, DeviceRows output)
+    {
+        const string what = "MLA unfold";
+        CheckProj(shape, dims, kvB, what);
+        ViewCheck.Type(latent, ElementType.F32, what, nameof(latent));
+        CheckDense(latent, latent.Rows, dims.Heads * shape.Latent, what, nameof(latent));
+        CheckDense(output, latent.Rows, dims.Heads * dims.V, what, nameof(output));
+        return new MlaProjParams { X = latent.Pointer, W = kvB.Pointer, Y = output.Pointer, Tokens = latent.Rows, Heads = dims.Heads, Nope = dims.Nope, V = dims.V };
     }
 
     /// <summary>
-    /// Attention of <paramref name="batch"/> requests' absorbed queries qAbs [batch, qTokens, heads, latent + rope]
-    /// (16-byte aligned) over the paged cache: outLatent [batch, qTokens, heads, latent] fp32 and lse [batch,
-    /// qTokens, heads] fp32 (natural log of Σ exp(scale·score)). Device lengths must be ≥ qTokens (this step's
-    /// tokens are already appended); query i of request r sits at position len_r − qTokens + i. Request r reads row
-    /// <c>requests[r]</c> of the block table (a device int32 [batch]; 0: row r). With
+    /// Attention of the requests' absorbed queries qAbs [batch·qTokens, heads·(latent + rope)] (one or two queries per request,
+    /// 16-byte aligned) over the paged cache: outLatent f32 [batch·qTokens, heads·latent] and lse f32 [batch·qTokens, heads]
+    /// (natural log of Σ exp(scale·score)), batch being the number of device <paramref name="lengths"/>. Lengths must be ≥
+    /// qTokens (this step's tokens are already appended); query i of request r sits at position len_r − qTokens + i. Request
+    /// r reads row <c>requests[r]</c> of the block table, or row r without <paramref name="requests"/>. With
     /// <paramref name="splits"/> &gt; 1, <paramref name="workspace"/> must hold <see cref="WorkspaceBytes"/>.
     /// </summary>
-    public void Decode(CudaStream stream, LatentShape shape, ulong qAbs, ElementType qType, ulong cache, ulong blockTable, ulong lengths,
-        int batch, int heads, int qTokens, int maxBlocks, float scale, ulong outLatent, ulong lse, int splits = 1, ulong workspace = 0, ulong requests = 0)
+    public void Decode(CudaStream stream, LatentShape shape, int heads, DeviceRows qAbs, LatentPages pages, DeviceInts lengths, DeviceInts? requests,
+        float scale, DeviceRows outLatent, DeviceRows lse, int splits = 1, ulong workspace = 0)
     {
-        shape.Validate();
-        ArgumentOutOfRangeException.ThrowIfNegative(batch);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(heads);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxBlocks);
-        ArgumentOutOfRangeException.ThrowIfLessThan(qTokens, 1);
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(qTokens, 2);
-        ArgumentOutOfRangeException.ThrowIfLessThan(splits, 1);
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(splits, MaxSplits);
-        if (qAbs % 16 != 0 || cache % 16 != 0)
-        {
-            throw new ArgumentException("q_abs and the cache must be 16-byte aligned (the kernel moves rows in 16-byte pieces)");
-        }
-
-        if (splits > 1 && workspace == 0)
-        {
-            throw new ArgumentException($"{splits} splits need a workspace of {WorkspaceBytes(shape, batch, heads, qTokens, splits)} bytes", nameof(workspace));
-        }
-
-        if (batch == 0)
+        var p = DecodeParams(shape, heads, qAbs, pages, lengths, requests, scale, outLatent, lse, splits, workspace);
+        if (p.Batch == 0)
         {
             return;
         }
 
-        var t = TilingFor(shape, heads, qTokens, Device.SharedMemoryPerBlockOptin);
-        var partials = (long)splits * batch * heads * qTokens * shape.Latent * 4;
-        var p = new MlaDecodeParams
-        {
-            Q = qAbs, Cache = cache, BlockTable = blockTable, Requests = requests, Lengths = lengths, Out = outLatent, Lse = lse,
-            OPartial = splits > 1 ? workspace : 0, LsePartial = splits > 1 ? workspace + (ulong)partials : 0,
-            Scale = scale, Batch = batch, Heads = heads, QTokens = qTokens, MaxBlocks = maxBlocks, Splits = splits,
-        };
-        var instance = DecodeInstance(shape, t, qType);
-        Get(instance).Launch(new Dim3((uint)RowGroups(heads, qTokens, t), (uint)splits, (uint)batch), t.Threads, (uint)instance.DynamicSharedBytes, stream, in p);
+        var t = TilingFor(shape, heads, p.QTokens, Device.SharedMemoryPerBlockOptin);
+        var instance = DecodeInstance(shape, t, qAbs.Type);
+        Get(instance).Launch(new Dim3((uint)RowGroups(heads, p.QTokens, t), (uint)splits, (uint)p.Batch), t.Threads, (uint)instance.DynamicSharedBytes, stream, in p);
         if (splits > 1)
         {
-            Get(CombineInstance(shape)).Launch(new Dim3((uint)(heads * qTokens), (uint)batch), CombineBlock, 0, stream, in p);
+            Get(CombineInstance(shape)).Launch(new Dim3((uint)(heads * p.QTokens), (uint)p.Batch), CombineBlock, 0, stream, in p);
         }
     }
 
-    private static void CheckProj(int tokens, int heads, int nope, int v)
+    /// <summary>The decode and combine kernels' arguments, the views checked against the shape and each other.</summary>
+    public static MlaDecodeParams DecodeParams(LatentShape shape, int heads, DeviceRows qAbs, LatentPages pages, DeviceInts lengths, DeviceInts? requests,
+        float scale, DeviceRows outLatent, DeviceRows lse, int splits, ulong workspace)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        const string what = "MLA decode";
+        shape.Validate();
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(heads);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(nope);
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(nope, MaxNope);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(v);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(pages.MaxBlocks);
+        ArgumentOutOfRangeException.ThrowIfLessThan(splits, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(splits, MaxSplits);
+        int batch = lengths.Length, qTokens = batch == 0 ? 1 : qAbs.Rows / batch;
+        if (qAbs.Rows != batch * qTokens || qTokens is < 1 or > 2)
+        {
+            throw new ArgumentException($"{what}: {qAbs.Rows} queries for {batch} requests (one or two each)", nameof(qAbs));
+        }
+
+        CheckDense(qAbs, qAbs.Rows, heads * shape.RowWidth, what, nameof(qAbs));
+        if (qAbs.Pointer % 16 != 0 || pages.Cache % 16 != 0)
+        {
+            throw new ArgumentException($"{what}: q_abs and the cache must be 16-byte aligned (the kernel moves rows in 16-byte pieces)", nameof(qAbs));
+        }
+
+        if (requests is { } r && r.Length != batch)
+        {
+            throw new ArgumentException($"{what}: {r.Length} block-table rows for {batch} requests", nameof(requests));
+        }
+
+        ViewCheck.Type(outLatent, ElementType.F32, what, nameof(outLatent));
+        CheckDense(outLatent, qAbs.Rows, heads * shape.Latent, what, nameof(outLatent));
+        ViewCheck.Type(lse, ElementType.F32, what, nameof(lse));
+        CheckDense(lse, qAbs.Rows, heads, what, nameof(lse));
+        if (splits > 1 && workspace == 0)
+        {
+            throw new ArgumentException($"{what}: {splits} splits need a workspace of {WorkspaceBytes(shape, batch, heads, qTokens, splits)} bytes", nameof(workspace));
+        }
+
+        var partials = (long)splits * qAbs.Rows * heads * shape.Latent * 4;
+        return new MlaDecodeParams
+        {
+            Q = qAbs.Pointer, Cache = pages.Cache, BlockTable = pages.BlockTable, Requests = requests?.Pointer ?? 0, Lengths = lengths.Pointer,
+            Out = outLatent.Pointer, Lse = lse.Pointer, OPartial = splits > 1 ? workspace : 0, LsePartial = splits > 1 ? workspace + (ulong)partials : 0,
+            Scale = scale, Batch = batch, Heads = heads, QTokens = qTokens, MaxBlocks = pages.MaxBlocks, Splits = splits,
+        };
+    }
+
+    private static void CheckProj(LatentShape shape, MlaHeadDims dims, DeviceRows kvB, string what)
+    {
+        shape.Validate();
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dims.Heads);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dims.Nope);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(dims.Nope, MaxNope);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dims.V);
+        ViewCheck.Bf16Weight(kvB, dims.Heads * (dims.Nope + dims.V), shape.Latent, what, nameof(kvB));
+    }
+
+    private static void CheckDense(in DeviceRows view, int rows, int cols, string what, string name)
+    {
+        ViewCheck.Shape(view, rows, cols, what, name);
+        ViewCheck.Dense(view, what, name);
     }
 }

@@ -46,26 +46,51 @@ internal sealed class MoeCombineKernel(CudaDevice device, NvrtcCompiler compiler
     public static IReadOnlyList<KernelInstance> AllInstances() => [.. Enum.GetValues<ElementType>().Select(Instance)];
 
     /// <summary>
-    /// Combines <paramref name="tokens"/> tokens: inv [tokens·k] slot → grouped row (negative: skipped), weights f32 [tokens, k],
-    /// expertOut bf16 [rows, hidden], shared 0 or bf16 [tokens, hidden], residual 0 or [tokens, hidden] of <paramref name="yType"/>.
+    /// Combines every row of y: <paramref name="inv"/> [tokens·k] slot → grouped row of <paramref name="expertOut"/> (bf16;
+    /// negative: skipped), the routing's weights, <paramref name="shared"/> bf16 [tokens, hidden] and
+    /// <paramref name="residual"/> (y's shape and type; may be y itself) when given.
     /// </summary>
-    public void Launch(CudaStream stream, ulong expertOut, ulong inv, ulong weights, ulong shared, ulong residual, ulong y, ElementType yType,
-        int tokens, int k, int hidden, long expertStride = -1, long sharedStride = -1, long residualStride = -1, long yStride = -1)
+    public void Launch(CudaStream stream, DeviceRows expertOut, DeviceInts inv, DeviceRouting routing, DeviceRows? shared, DeviceRows? residual, DeviceRows y)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(hidden);
-        if (tokens <= 0)
+        var p = Params(expertOut, inv, routing, shared, residual, y);
+        if (p.Tokens == 0)
         {
             return;
         }
 
-        var p = new MoeCombineParams
+        Get(Instance(y.Type)).Launch(new Dim3((uint)p.Tokens, Blocks(p.Hidden, Block)), Block, 0, stream, in p);
+    }
+
+    /// <summary>The kernel's arguments for one call, the views checked against each other.</summary>
+    public static MoeCombineParams Params(DeviceRows expertOut, DeviceInts inv, DeviceRouting routing, DeviceRows? shared, DeviceRows? residual, DeviceRows y)
+    {
+        const string what = "MoE combine";
+        ViewCheck.Wide(y, what, nameof(y));
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(routing.K);
+        ViewCheck.Type(expertOut, ElementType.BF16, what, nameof(expertOut));
+        ViewCheck.Shape(expertOut, expertOut.Rows, y.Cols, what, nameof(expertOut));
+        if (routing.Tokens != y.Rows || inv.Length != (long)y.Rows * routing.K)
         {
-            ExpertOut = expertOut, Inv = inv, Weights = weights, Shared = shared, Residual = residual, Y = y,
-            ExpertStride = expertStride < 0 ? hidden : expertStride, SharedStride = sharedStride < 0 ? hidden : sharedStride,
-            ResidualStride = residualStride < 0 ? hidden : residualStride, YStride = yStride < 0 ? hidden : yStride,
-            Tokens = tokens, K = k, Hidden = hidden,
+            throw new ArgumentException($"{what}: a routing of {routing.Tokens} tokens x {routing.K} and {inv.Length} slots for {y.Rows} rows", nameof(routing));
+        }
+
+        if (shared is { } s)
+        {
+            ViewCheck.Type(s, ElementType.BF16, what, nameof(shared));
+            ViewCheck.Shape(s, y.Rows, y.Cols, what, nameof(shared));
+        }
+
+        if (residual is { } r)
+        {
+            ViewCheck.Type(r, y.Type, what, nameof(residual));
+            ViewCheck.Shape(r, y.Rows, y.Cols, what, nameof(residual));
+        }
+
+        return new MoeCombineParams
+        {
+            ExpertOut = expertOut.Pointer, Inv = inv.Pointer, Weights = routing.Weights, Shared = shared?.Pointer ?? 0, Residual = residual?.Pointer ?? 0,
+            Y = y.Pointer, ExpertStride = expertOut.Stride, SharedStride = shared?.Stride ?? y.Cols, ResidualStride = residual?.Stride ?? y.Cols,
+            YStride = y.Stride, Tokens = y.Rows, K = routing.K, Hidden = y.Cols,
         };
-        Get(Instance(yType)).Launch(new Dim3((uint)tokens, Blocks(hidden, Block)), Block, 0, stream, in p);
     }
 }

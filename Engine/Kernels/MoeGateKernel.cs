@@ -98,35 +98,26 @@ internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler, B
         tensorCores is null || tokens <= 0 ? 0 : (long)LogitSplits(shape, tokens) * tokens * shape.Experts * 4;
 
     /// <summary>
-    /// Routes <paramref name="tokens"/> rows of x: topkIdx [tokens, k] int32 (best first), topkWeight [tokens, k] f32,
-    /// and, when <paramref name="scores"/> is not 0, the unbiased sigmoid scores [tokens, E] f32. With tensor cores and a
-    /// <paramref name="workspace"/> of <see cref="WorkspaceBytes"/>, the logits come from the tensor-core GEMM when it can
-    /// run the operands (else, and without a workspace, from the one-block-per-token kernel).
+    /// Routes every row of x into <paramref name="routing"/> (expert ids best first, weights) with the gate's
+    /// <paramref name="weight"/> (bf16 [E, D]) and <paramref name="bias"/> (f32 [1, E]), and, when <paramref name="scores"/>
+    /// is not 0, writes the unbiased sigmoid scores [tokens, E] f32. With tensor cores and a <paramref name="workspace"/> of
+    /// <see cref="WorkspaceBytes"/>, the logits come from the tensor-core GEMM when it can run the operands (else, and
+    /// without a workspace, from the one-block-per-token kernel).
     /// </summary>
-    public void Launch(CudaStream stream, MoeGateShape shape, ulong x, ElementType xType, ulong weight, ulong bias, int tokens,
-        ulong topkIdx, ulong topkWeight, bool normalize, float scaling, ulong scores = 0, long xStride = -1, ulong workspace = 0)
+    public void Launch(CudaStream stream, MoeGateShape shape, DeviceRows x, DeviceRows weight, DeviceRows bias, DeviceRouting routing, bool normalize,
+        float scaling, ulong scores = 0, ulong workspace = 0)
     {
-        shape.Validate();
-        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        var p = Params(shape, x, weight, bias, routing, normalize, scaling, scores);
+        int tokens = p.Tokens;
         if (tokens == 0)
         {
             return;
         }
 
-        if (shape.Width % 8 == 0 && weight % 16 != 0)
-        {
-            throw new ArgumentException("the gate weight must be 16-byte aligned", nameof(weight));
-        }
-
-        var p = new MoeGateParams
-        {
-            X = x, Weight = weight, Bias = bias, TopkIdx = topkIdx, TopkWeight = topkWeight, Scores = scores,
-            XStride = xStride < 0 ? shape.Width : xStride, Tokens = tokens, Normalize = normalize ? 1 : 0, Scaling = scaling,
-        };
         if (tensorCores is not null && workspace != 0)
         {
             var splits = LogitSplits(shape, tokens);
-            var logits = new Bf16MmaProblem(x, xType, p.XStride, weight, false, shape.Width, workspace, ElementType.F32, shape.Experts,
+            var logits = new Bf16MmaProblem(x.Pointer, x.Type, x.Stride, weight.Pointer, false, shape.Width, workspace, ElementType.F32, shape.Experts,
                 tokens, shape.Experts, shape.Width) { Splits = splits, YSplit = (long)tokens * shape.Experts };
             if (tensorCores.TryLaunch(stream, logits))
             {
@@ -137,6 +128,33 @@ internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler, B
         }
 
         var block = BlockFor(shape);
-        Get(Instance(shape, xType)).Launch(new Dim3((uint)tokens), block, 0, stream, in p);
+        Get(Instance(shape, x.Type)).Launch(new Dim3((uint)tokens), block, 0, stream, in p);
+    }
+
+    /// <summary>The one-block-per-token kernel's arguments for one call, the views checked against the gate's shape.</summary>
+    public static MoeGateParams Params(MoeGateShape shape, DeviceRows x, DeviceRows weight, DeviceRows bias, DeviceRouting routing, bool normalize,
+        float scaling, ulong scores)
+    {
+        const string what = "MoE gate";
+        shape.Validate();
+        ViewCheck.Shape(x, x.Rows, shape.Width, what, nameof(x));
+        ViewCheck.Bf16Weight(weight, shape.Experts, shape.Width, what, nameof(weight));
+        if (shape.Width % 8 == 0 && weight.Pointer % 16 != 0)
+        {
+            throw new ArgumentException($"{what}: the weight at 0x{weight.Pointer:x} must be 16-byte aligned", nameof(weight));
+        }
+
+        ViewCheck.Type(bias, ElementType.F32, what, nameof(bias));
+        ViewCheck.Shape(bias, 1, shape.Experts, what, nameof(bias));
+        if (routing.Tokens != x.Rows || routing.K != shape.TopK)
+        {
+            throw new ArgumentException($"{what}: a routing of {routing.Tokens} tokens x {routing.K} for {x.Rows} tokens x {shape.TopK}", nameof(routing));
+        }
+
+        return new MoeGateParams
+        {
+            X = x.Pointer, Weight = weight.Pointer, Bias = bias.Pointer, TopkIdx = routing.Indices, TopkWeight = routing.Weights, Scores = scores,
+            XStride = x.Stride, Tokens = x.Rows, Normalize = normalize ? 1 : 0, Scaling = scaling,
+        };
     }
 }

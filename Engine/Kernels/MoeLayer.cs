@@ -128,68 +128,54 @@ internal sealed class MoeLayer : IDisposable
     public static MoeGroupedLayout Choose(int tokens, MoeGroupedLayout? layout) =>
         layout ?? (tokens <= MaskedMaxTokens ? MoeGroupedLayout.Masked : MoeGroupedLayout.Contiguous);
 
+    /// <summary>The routing <see cref="Forward"/> writes for <paramref name="tokens"/> tokens: <see cref="TopkIdx"/> and <see cref="TopkWeight"/>.</summary>
+    public DeviceRouting RoutingOf(int tokens) => new(TopkIdx.Pointer, TopkWeight.Pointer, tokens, Shape.TopK);
+
     /// <summary>
-    /// The whole layer for <paramref name="tokens"/> rows of x [tokens, H] (bf16 or f32): routes with the gate
-    /// (weight bf16 [E, H], bias f32 [E]) into <see cref="TopkIdx"/>/<see cref="TopkWeight"/>, then <see cref="Experts"/>.
+    /// The whole layer for every row of x [tokens, H] (bf16 or f32): routes with the gate (weight bf16 [E, H], bias f32
+    /// [1, E]) into <see cref="RoutingOf"/>, then <see cref="Experts"/>.
     /// </summary>
-    public void Forward(CudaStream stream, ulong x, ElementType xType, int tokens, ulong gateWeight, ulong gateBias, bool normalize, float scaling,
-        MoeExpertStack experts, MoeSharedExpert? shared, ulong y, ElementType yType, ulong residual = 0, MoeGroupedLayout? layout = null)
+    public void Forward(CudaStream stream, DeviceRows x, DeviceRows gateWeight, DeviceRows gateBias, bool normalize, float scaling,
+        MoeExpertStack experts, MoeSharedExpert? shared, DeviceRows y, DeviceRows? residual = null, MoeGroupedLayout? layout = null)
     {
-        CheckTokens(tokens);
-        _gate.Launch(stream, Shape, x, xType, gateWeight, gateBias, tokens, TopkIdx.Pointer, TopkWeight.Pointer, normalize, scaling);
-        Experts(stream, x, xType, tokens, TopkIdx.Pointer, TopkWeight.Pointer, experts, shared, y, yType, residual, layout);
+        var routing = RoutingOf(x.Rows);
+        Check(x, routing, experts, shared, y);
+        _gate.Launch(stream, Shape, x, gateWeight, gateBias, routing, normalize, scaling);
+        Experts(stream, x, routing, experts, shared, y, residual, layout);
     }
 
     /// <summary>
-    /// The experts for a given routing (topkIdx int32 [tokens, k], topkWeight f32 [tokens, k]): y [tokens, H] =
-    /// Σ_j w·expert_j(x) (+ shared(x)) (+ residual), bf16 or f32; residual has y's type and may equal y. With an expert
-    /// map on <paramref name="experts"/> the sum runs over the routed experts this device holds; the others' share comes
-    /// from their devices (the all-reduce after the layer).
+    /// The experts for a given routing: y [tokens, H] = Σ_j w·expert_j(x) (+ shared(x)) (+ residual), bf16 or f32; residual
+    /// has y's shape and type and may be y itself. With an expert map on <paramref name="experts"/> the sum runs over the
+    /// routed experts this device holds; the others' share comes from their devices (the all-reduce after the layer).
     /// </summary>
-    public void Experts(CudaStream stream, ulong x, ElementType xType, int tokens, ulong topkIdx, ulong topkWeight, MoeExpertStack experts,
-        MoeSharedExpert? shared, ulong y, ElementType yType, ulong residual = 0, MoeGroupedLayout? layout = null)
+    public void Experts(CudaStream stream, DeviceRows x, DeviceRouting routing, MoeExpertStack experts, MoeSharedExpert? shared, DeviceRows y,
+        DeviceRows? residual = null, MoeGroupedLayout? layout = null)
     {
-        CheckTokens(tokens);
+        Check(x, routing, experts, shared, y);
+        var tokens = x.Rows;
         if (tokens == 0)
         {
             return;
         }
 
         int e = Slots, k = Shape.TopK, h = Shape.Width;
-        if (experts.Experts != e || experts.Hidden != h || experts.Inter != Inter)
-        {
-            throw new ArgumentException($"expert stack [{experts.Experts} x ({experts.Hidden}, {experts.Inter})] does not match the layer [{e} x ({h}, {Inter})]", nameof(experts));
-        }
-
-        if (experts.RoutedExperts != Shape.Experts)
-        {
-            throw new ArgumentException(experts.ExpertMap != 0
-                ? $"the stack's expert map covers {experts.MapExperts} experts; the layer routes over {Shape.Experts}"
-                : $"a stack of {e} of the layer's {Shape.Experts} experts needs an expert map", nameof(experts));
-        }
-
-        if ((shared is null) != (SharedInter == 0) || (shared is not null && (shared.Gate.Out != SharedInter || shared.Gate.In != h || shared.Up.Out != SharedInter
-            || shared.Up.In != h || shared.Down.Out != h || shared.Down.In != SharedInter)))
-        {
-            throw new ArgumentException($"shared expert does not match the layer's width {SharedInter}", nameof(shared));
-        }
-
         var mode = Choose(tokens, layout);
-        _dispatch.Launch(stream, topkIdx, tokens, MaxTokens, k, e, MoeGroupedGemmKernel.Tile, _counts.Pointer, _offsets.Pointer, _perm.Pointer,
+        if (mode == MoeGroupedLayout.Masked && tokens > Math.Min(MaxTokens, MaskedMaxTokens))
+        {
+            throw new ArgumentOutOfRangeException(nameof(x), tokens, $"the masked layout's buffers hold at most {Math.Min(MaxTokens, MaskedMaxTokens)} tokens (capacity = tokens)");
+        }
+
+        _dispatch.Launch(stream, routing.Indices, tokens, MaxTokens, k, e, MoeGroupedGemmKernel.Tile, _counts.Pointer, _offsets.Pointer, _perm.Pointer,
             _inv.Pointer, _hist.Pointer, expertMap: experts.ExpertMap, mapExperts: experts.MapExperts, localIdx: _localIdx.Pointer);
-        var localIdx = experts.ExpertMap != 0 ? _localIdx.Pointer : topkIdx;
+        var localIdx = experts.ExpertMap != 0 ? _localIdx.Pointer : routing.Indices;
         var xq = new Fp8Rows(_xCodes.Pointer, _xScales.Pointer, tokens, h);
-        _quant.Launch(stream, new DeviceRows(x, xType, tokens, h), xq);
+        _quant.Launch(stream, x, xq);
 
         int rows, capacity;
         ulong gather, inv;
         if (mode == MoeGroupedLayout.Masked)
         {
-            if (tokens > Math.Min(MaxTokens, MaskedMaxTokens))
-            {
-                throw new ArgumentOutOfRangeException(nameof(tokens), tokens, $"the masked layout's buffers hold at most {Math.Min(MaxTokens, MaskedMaxTokens)} tokens (capacity = tokens)");
-            }
-
             capacity = tokens;
             MoeGroupedGemmKernel.CheckCapacity(capacity, tokens);
             rows = e * capacity;
@@ -210,7 +196,7 @@ internal sealed class MoeLayer : IDisposable
         _quant.Launch(stream, new DeviceRows(_h.Pointer, ElementType.BF16, rows, Inter), new Fp8Rows(_hCodes.Pointer, _hScales.Pointer, rows, Inter));
         _grouped.Down(stream, experts, mode, _hCodes.Pointer, _hScales.Pointer, _expertOut.Pointer, _counts.Pointer, _offsets.Pointer, rows, capacity);
 
-        ulong sharedOut = 0;
+        DeviceRows? sharedOut = null;
         if (shared is not null)
         {
             var si = SharedInter;
@@ -221,19 +207,46 @@ internal sealed class MoeLayer : IDisposable
             _gemm.Launch(stream, xq, shared.Up, up);
             _siluMul.Launch(stream, gate, up, act);
             _quant.Launch(stream, act, actQ);
-            _gemm.Launch(stream, actQ, shared.Down, new DeviceRows(_sOut!.Pointer, ElementType.BF16, tokens, h));
-            sharedOut = _sOut.Pointer;
+            sharedOut = new DeviceRows(_sOut!.Pointer, ElementType.BF16, tokens, h);
+            _gemm.Launch(stream, actQ, shared.Down, sharedOut.Value);
         }
 
-        _combine.Launch(stream, _expertOut.Pointer, inv, topkWeight, sharedOut, residual, y, yType, tokens, k, h);
+        _combine.Launch(stream, new DeviceRows(_expertOut.Pointer, ElementType.BF16, rows, h), new DeviceInts(inv, tokens * k), routing, sharedOut, residual, y);
     }
 
-    private void CheckTokens(int tokens)
+    /// <summary>Throws unless a call's views, stacks and token count fit the layer (before anything is launched).</summary>
+    private void Check(DeviceRows x, DeviceRouting routing, MoeExpertStack experts, MoeSharedExpert? shared, DeviceRows y)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
-        if (tokens > MaxTokens)
+        const string what = "MoE layer";
+        int e = Slots, h = Shape.Width;
+        if (x.Rows > MaxTokens)
         {
-            throw new ArgumentOutOfRangeException(nameof(tokens), tokens, $"the layer's buffers hold at most {MaxTokens} tokens (maxTokens)");
+            throw new ArgumentOutOfRangeException(nameof(x), x.Rows, $"the layer's buffers hold at most {MaxTokens} tokens (maxTokens)");
+        }
+
+        ViewCheck.Shape(x, x.Rows, h, what, nameof(x));
+        ViewCheck.Shape(y, x.Rows, h, what, nameof(y));
+        if (routing.Tokens != x.Rows || routing.K != Shape.TopK)
+        {
+            throw new ArgumentException($"{what}: a routing of {routing.Tokens} tokens x {routing.K} for {x.Rows} tokens x {Shape.TopK}", nameof(routing));
+        }
+
+        if (experts.Experts != e || experts.Hidden != h || experts.Inter != Inter)
+        {
+            throw new ArgumentException($"expert stack [{experts.Experts} x ({experts.Hidden}, {experts.Inter})] does not match the layer [{e} x ({h}, {Inter})]", nameof(experts));
+        }
+
+        if (experts.RoutedExperts != Shape.Experts)
+        {
+            throw new ArgumentException(experts.ExpertMap != 0
+                ? $"the stack's expert map covers {experts.MapExperts} experts; the layer routes over {Shape.Experts}"
+                : $"a stack of {e} of the layer's {Shape.Experts} experts needs an expert map", nameof(experts));
+        }
+
+        if ((shared is null) != (SharedInter == 0) || (shared is not null && (shared.Gate.Out != SharedInter || shared.Gate.In != h || shared.Up.Out != SharedInter
+            || shared.Up.In != h || shared.Down.Out != h || shared.Down.In != SharedInter)))
+        {
+            throw new ArgumentException($"shared expert does not match the layer's width {SharedInter}", nameof(shared));
         }
     }
 

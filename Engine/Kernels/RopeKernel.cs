@@ -56,38 +56,53 @@ internal sealed class RopeKernel(CudaDevice device, NvrtcCompiler compiler) : Ke
         [Instance(ElementType.F32, round: false), Instance(ElementType.F32, round: true), Instance(ElementType.BF16, round: false)];
 
     /// <summary>
-    /// Rotates the rope slices of <paramref name="tokens"/> rows of x (row stride <paramref name="tokenStride"/>) in place, row t
-    /// at position positions[t] (a device int32 [tokens]) or, with <paramref name="positions"/> 0, at start + t. q: heads = H,
-    /// headStride = qk_head_dim, ropeOffset = nope. On the device a position outside the table leaves its row as it is; the
-    /// host's <paramref name="start"/> form is checked here.
+    /// Rotates the rope slices of every row of <paramref name="x"/> in place, row t at position positions[t] (a device int32
+    /// per row) or, without <paramref name="positions"/>, at start + t. q: heads = H, headStride = qk_head_dim, ropeOffset =
+    /// nope. On the device a position outside the table leaves its row as it is; the host's <paramref name="start"/> form is
+    /// checked here.
     /// </summary>
-    public void Launch(CudaStream stream, ulong x, ElementType type, bool round, long tokenStride, int tokens, RopeLayout layout, RopeTableView table,
-        ulong positions, int start = 0)
+    public void Launch(CudaStream stream, DeviceRows x, bool round, RopeLayout layout, RopeTableView table, DeviceInts? positions = null, int start = 0)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(table.Pairs);
-        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
-        if (layout.Heads <= 0 || layout.RopeOffset < 0 || layout.RopeOffset + 2 * table.Pairs > layout.HeadStride ||
-            tokenStride < (layout.Heads - 1) * layout.HeadStride + layout.RopeOffset + 2 * table.Pairs)
-        {
-            throw new ArgumentException($"rope layout {layout} with {table.Pairs} pairs does not fit rows of stride {tokenStride}", nameof(layout));
-        }
-
-        if (positions == 0 && (start < 0 || start + tokens > table.Positions))
-        {
-            throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + tokens - 1} exceed the rotary table (0..{table.Positions - 1})");
-        }
-
-        if (tokens == 0)
+        var p = Params(x, layout, table, positions, start);
+        if (p.Tokens == 0)
         {
             return;
         }
 
-        var p = new RopeParams
+        var work = (long)p.Tokens * layout.Heads * table.Pairs;
+        Get(Instance(x.Type, round)).Launch(new Dim3((uint)Math.Min(MaxGrid, Blocks(work, Block))), Block, 0, stream, in p);
+    }
+
+    /// <summary>The kernel's arguments for one call, the layout checked against the rows and the positions against the table.</summary>
+    public static RopeParams Params(DeviceRows x, RopeLayout layout, RopeTableView table, DeviceInts? positions, int start)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(table.Pairs);
+        if (layout.Heads <= 0 || layout.RopeOffset < 0 || layout.RopeOffset + 2 * table.Pairs > layout.HeadStride ||
+            x.Cols < (layout.Heads - 1) * layout.HeadStride + layout.RopeOffset + 2 * table.Pairs)
         {
-            X = x, Cos = table.Cos, Sin = table.Sin, Positions = positions, TokenStride = tokenStride, HeadStride = layout.HeadStride, Tokens = tokens,
-            Heads = layout.Heads, RopeOffset = layout.RopeOffset, Pairs = table.Pairs, Start = start, TablePositions = table.Positions,
+            throw new ArgumentException($"RoPE: layout {layout} with {table.Pairs} pairs does not fit rows of {x.Cols}", nameof(layout));
+        }
+
+        if (positions is { } device && device.Length != x.Rows)
+        {
+            throw new ArgumentException($"RoPE: {device.Length} positions for {x.Rows} rows", nameof(positions));
+        }
+
+        if (positions is not null && start != 0)
+        {
+            throw new ArgumentException($"RoPE: a start ({start}) with device positions, which say where every row is", nameof(start));
+        }
+
+        if (positions is null && (start < 0 || start + x.Rows > table.Positions))
+        {
+            throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + x.Rows - 1} exceed the rotary table (0..{table.Positions - 1})");
+        }
+
+        return new RopeParams
+        {
+            X = x.Pointer, Cos = table.Cos, Sin = table.Sin, Positions = positions?.Pointer ?? 0, TokenStride = x.Stride, HeadStride = layout.HeadStride,
+            Tokens = x.Rows, Heads = layout.Heads, RopeOffset = layout.RopeOffset, Pairs = table.Pairs, Start = start,
+            TablePositions = table.Positions,
         };
-        var work = (long)tokens * layout.Heads * table.Pairs;
-        Get(Instance(type, round)).Launch(new Dim3((uint)Math.Min(MaxGrid, Blocks(work, Block))), Block, 0, stream, in p);
     }
 }

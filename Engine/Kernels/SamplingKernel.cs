@@ -58,23 +58,38 @@ internal sealed class SamplingKernel(CudaDevice device, NvrtcCompiler compiler) 
     public static IReadOnlyList<KernelInstance> AllInstances() => [Choose];
 
     /// <summary>
-    /// Chooses one id per row of logits [rows, <paramref name="logitsStride"/>] under <paramref name="choices"/> [rows] into
-    /// <paramref name="outIds"/> [rows]; a row whose <see cref="TokenChoiceRow.AllowedRow"/> is m ≥ 0 chooses among the ids
-    /// set in row m of <paramref name="allowed"/> [masks, <paramref name="allowedWords"/> u64 words] (0 when no row has one).
+    /// Chooses one id per row of <paramref name="logits"/> (f32) under <paramref name="choices"/> (a device
+    /// <see cref="TokenChoiceRow"/> per row) into <paramref name="ids"/>; a row whose <see cref="TokenChoiceRow.AllowedRow"/> is
+    /// m ≥ 0 chooses among the ids set in row m of <paramref name="allowed"/> [masks, <paramref name="allowedWords"/> u64 words]
+    /// (0 when no row has one).
     /// </summary>
-    public void Launch(CudaStream stream, ulong logits, long logitsStride, ulong choices, int rows, ulong outIds, ulong allowed = 0, long allowedWords = 0)
+    public void Launch(CudaStream stream, DeviceRows logits, ulong choices, DeviceInts ids, ulong allowed = 0, long allowedWords = 0)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(logitsStride);
-        ArgumentOutOfRangeException.ThrowIfNegative(allowedWords);
-        if (rows <= 0)
+        var p = Params(logits, choices, ids, allowed, allowedWords);
+        if (p.Rows == 0)
         {
             return;
         }
 
-        var p = new SamplingParams
+        Get(Choose).Launch(new Dim3((uint)p.Rows), Block, 0, stream, in p);
+    }
+
+    /// <summary>The kernel's arguments for one call, the views checked against each other.</summary>
+    public static SamplingParams Params(DeviceRows logits, ulong choices, DeviceInts ids, ulong allowed, long allowedWords)
+    {
+        const string what = "token choice";
+        ViewCheck.Type(logits, ElementType.F32, what, nameof(logits));
+        ViewCheck.Wide(logits, what, nameof(logits));
+        ArgumentOutOfRangeException.ThrowIfNegative(allowedWords);
+        if (ids.Length != logits.Rows)
         {
-            Logits = logits, Choices = choices, Allowed = allowed, OutIds = outIds, LogitsStride = logitsStride, AllowedStride = 2 * allowedWords, Rows = rows,
+            throw new ArgumentException($"{what}: {ids.Length} ids for {logits.Rows} rows of logits", nameof(ids));
+        }
+
+        return new SamplingParams
+        {
+            Logits = logits.Pointer, Choices = choices, Allowed = allowed, OutIds = ids.Pointer, LogitsStride = logits.Stride, AllowedStride = 2 * allowedWords,
+            Rows = logits.Rows,
         };
-        Get(Choose).Launch(new Dim3((uint)rows), Block, 0, stream, in p);
     }
 }

@@ -174,13 +174,16 @@ public sealed class Bf16MmaGpuTests : GpuTestBase
         using var dec = new MlaDecodeKernel(Device, Compiler, mma);
         var kvB = Normal(rng, heads * (nope + v) * latent, 1f / MathF.Sqrt(nope));
         using var wD = Upload(kvB, ElementType.BF16);
+        var dims = new MlaHeadDims(heads, nope, v);
+        var weight = Rows(wD, ElementType.BF16, heads * (nope + v), latent);
         foreach (var qType in Enum.GetValues<ElementType>())
         {
             var q = Normal(rng, tokens * heads * (nope + rope));
             using var qD = Upload(q, qType);
             using var qAbs = Poisoned((long)tokens * heads * shape.RowWidth, ElementType.BF16);
-            Assert.IsTrue(Bf16MmaKernel.Runs(MlaDecodeKernel.FoldProblem(shape, qD.Pointer, qType, wD.Pointer, tokens, heads, nope, v, qAbs.Pointer)));
-            dec.Fold(Stream, shape, qD.Pointer, qType, wD.Pointer, tokens, heads, nope, v, qAbs.Pointer);
+            DeviceRows qRows = Rows(qD, qType, tokens, heads * (nope + rope)), qAbsRows = Rows(qAbs, ElementType.BF16, tokens, heads * shape.RowWidth);
+            Assert.IsTrue(Bf16MmaKernel.Runs(MlaDecodeKernel.FoldProblem(shape, dims, qRows, weight, qAbsRows)));
+            dec.Fold(Stream, shape, dims, qRows, weight, qAbsRows);
             MlaGpuTests.AssertFold(q, kvB, Read(qAbs, ElementType.BF16, Stream), heads, nope, v, shape, $"tensor cores {qType} tokens {tokens}");
         }
 
@@ -189,9 +192,11 @@ public sealed class Bf16MmaGpuTests : GpuTestBase
         {
             using var latD = Upload(lat, ElementType.F32);
             using var outD = Poisoned((long)tokens * heads * v, outType);
-            dec.Unfold(Stream, shape, latD.Pointer, wD.Pointer, tokens, heads, nope, v, outD.Pointer, outType);
+            DeviceRows latRows = Rows(latD, ElementType.F32, tokens, heads * latent), outRows = Rows(outD, outType, tokens, heads * v);
+            dec.Unfold(Stream, shape, dims, latRows, weight, outRows);
             var got = Read(outD, outType, Stream);
-            var problem = MlaDecodeKernel.UnfoldProblem(shape, 0, 0, tokens, heads, nope, v, 0, outType);
+            var problem = MlaDecodeKernel.UnfoldProblem(shape, dims, new DeviceRows(0, ElementType.F32, tokens, heads * latent),
+                new DeviceRows(0, ElementType.BF16, heads * (nope + v), latent), new DeviceRows(0, outType, tokens, heads * v));
             Assert.IsTrue(Bf16MmaKernel.Runs(problem with { A = latD.Pointer, B = wD.Pointer + (ulong)(nope * latent * 2), Y = outD.Pointer }));
             var (sum, mag) = Bf16MmaReference.Run(problem, lat, kvB);
             for (var h = 0; h < heads; h++)

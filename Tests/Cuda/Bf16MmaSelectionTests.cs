@@ -109,11 +109,15 @@ public sealed class Bf16MmaSelectionTests
         float[] Values(long n) => [.. Enumerable.Range(0, (int)n).Select(_ => (float)Math.Round(r.NextDouble() * 8 - 4))];
         var q = Values((long)tokens * heads * (nope + rope));
         var kvB = Values((long)heads * (nope + v) * latent);
-        var fold = MlaDecodeKernel.FoldProblem(shape, 0, ElementType.F32, 0, tokens, heads, nope, v, 0);
+        var dims = new MlaHeadDims(heads, nope, v);
+        var weight = new DeviceRows(0, ElementType.BF16, heads * (nope + v), latent);
+        var fold = MlaDecodeKernel.FoldProblem(shape, dims, new DeviceRows(0, ElementType.F32, tokens, heads * (nope + rope)), weight,
+            new DeviceRows(0, ElementType.BF16, tokens, heads * shape.RowWidth));
         Assert.IsNull(Bf16MmaKernel.Refusal(fold));
         var (foldSum, _) = Bf16MmaReference.Run(fold, q, kvB);
         var unfoldIn = Values((long)tokens * heads * latent);
-        var unfold = MlaDecodeKernel.UnfoldProblem(shape, 0, 0, tokens, heads, nope, v, 0, ElementType.F32);
+        var unfold = MlaDecodeKernel.UnfoldProblem(shape, dims, new DeviceRows(0, ElementType.F32, tokens, heads * latent), weight,
+            new DeviceRows(0, ElementType.F32, tokens, heads * v));
         Assert.IsNull(Bf16MmaKernel.Refusal(unfold));
         var (unfoldSum, _) = Bf16MmaReference.Run(unfold, unfoldIn, kvB);
         for (var t = 0; t < tokens; t++)

@@ -218,7 +218,7 @@ public sealed class KernelGpuTests : GpuTestBase
             {
                 var what = $"rope {tokens}x{heads} {(byPosition ? "at device positions" : $"from {start}")} {type} rounded {round}";
                 using var xd = Upload(x, type);
-                k.Launch(Stream, xd.Pointer, type, round, width, tokens, layout, table, byPosition ? posD.Pointer : 0, byPosition ? 0 : start);
+                k.Launch(Stream, Rows(xd, type, tokens, width), round, layout, table, byPosition ? new DeviceInts(posD.Pointer, tokens) : null, byPosition ? 0 : start);
                 var expected = (float[])x.Clone();
                 for (var t = 0; t < tokens; t++)
                 {
@@ -236,9 +236,9 @@ public sealed class KernelGpuTests : GpuTestBase
         }
 
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() =>
-            k.Launch(Stream, 0, ElementType.F32, false, width, tokens, layout, table, positions: 0, start: start + 1));
+            k.Launch(Stream, new DeviceRows(0, ElementType.F32, tokens, width), false, layout, table, positions: null, start: start + 1));
         Assert.ThrowsExactly<ArgumentException>(() =>
-            k.Launch(Stream, 0, ElementType.F32, false, width - 1, tokens, layout, table, positions: 0, start: start));
+            k.Launch(Stream, new DeviceRows(0, ElementType.F32, tokens, width - 1), false, layout, table, positions: null, start: start));
     }
 
     public static IEnumerable<object[]> SiluShapes => [[1, 128], [7, 2048], [3, 1000], [65, 129]];
@@ -314,7 +314,8 @@ public sealed class KernelGpuTests : GpuTestBase
         using var md = DeviceBuffer<ulong>.From(Device, masks ?? [0UL]);
         using var ids = DeviceBuffer<int>.Allocate(Device, choices.Length);
         ids.Fill32(0xDEADBEEF, Stream);
-        k.Launch(Stream, ld.Pointer, vocab, cd.Pointer, choices.Length, ids.Pointer, md.Pointer, TokenChoice.MaskWords(vocab));
+        k.Launch(Stream, new DeviceRows(ld.Pointer, ElementType.F32, choices.Length, vocab), cd.Pointer, new DeviceInts(ids.Pointer, choices.Length), md.Pointer,
+            TokenChoice.MaskWords(vocab));
         return ids.ToArray(Stream);
     }
 

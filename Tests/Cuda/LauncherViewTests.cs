@@ -189,6 +189,155 @@ public sealed class LauncherViewTests
         }
     }
 
+    [TestMethod]
+    public void RopeRotatesTheRowsOfItsViewFromAStartOrAtDevicePositions()
+    {
+        var x = new DeviceRows(Base, ElementType.BF16, 5, 3 * 192, stride: 1000);
+        var layout = new RopeLayout(3, 192, 128);
+        var table = new RopeTableView(Base + 0x10000, Base + 0x20000, 100, 32);
+        var fromStart = RopeKernel.Params(x, layout, table, positions: null, start: 7);
+        Assert.AreEqual((x.Pointer, table.Cos, table.Sin, 0UL, 1000L, 192L), (fromStart.X, fromStart.Cos, fromStart.Sin, fromStart.Positions, fromStart.TokenStride, fromStart.HeadStride));
+        Assert.AreEqual((5, 3, 128, 32, 7, 100), (fromStart.Tokens, fromStart.Heads, fromStart.RopeOffset, fromStart.Pairs, fromStart.Start, fromStart.TablePositions));
+        var atPositions = RopeKernel.Params(x, layout, table, new DeviceInts(Base + 0x30000, 5), start: 0);
+        Assert.AreEqual((Base + 0x30000, 0), (atPositions.Positions, atPositions.Start));
+
+        AssertRefused("positions", () => RopeKernel.Params(x, layout, table, new DeviceInts(Base, 4), 0), "4 positions for 5 rows");
+        AssertRefused("start", () => RopeKernel.Params(x, layout, table, new DeviceInts(Base, 5), 3), "a start (3) with device positions");
+        Assert.AreEqual("start", Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => RopeKernel.Params(x, layout, table, null, 96)).ParamName);
+        AssertRefused("layout", () => RopeKernel.Params(x.Columns(0, 3 * 192 - 1), layout, table, null, 0), "does not fit rows of 575");
+    }
+
+    [TestMethod]
+    public void LatentAppendWritesEveryRowOfKvThroughTheBlockTable()
+    {
+        var shape = LatentShape.V3;
+        var kv = new DeviceRows(Base, ElementType.BF16, 6, 576, stride: 2112); // the kv_a columns of a fused q_a|kv_a output
+        var norm = DeviceRows.Bf16Vector(Base + 0x10000, 512);
+        var rope = new RopeTableView(Base + 0x20000, Base + 0x30000, 4096, 32);
+        DeviceInts requests = new(Base + 0x40000, 6), positions = new(Base + 0x50000, 6);
+        var pages = new LatentPages(Base + 0x100_0000, Base + 0x60000, 64);
+        var p = MlaCacheKernel.Params(shape, kv, norm, 1e-6f, rope, requests, positions, pages);
+        Assert.AreEqual((kv.Pointer, norm.Pointer, rope.Cos, rope.Sin, requests.Pointer, positions.Pointer), (p.Kv, p.NormWeight, p.Cos, p.Sin, p.Requests, p.Positions));
+        Assert.AreEqual((pages.BlockTable, pages.Cache, 2112L, 1e-6f, 6, 64, 4096), (p.BlockTable, p.Cache, p.KvStride, p.Eps, p.Tokens, p.MaxBlocks, p.TablePositions));
+
+        AssertRefused("kv", () => MlaCacheKernel.Params(shape, kv.Columns(0, 512), norm, 1e-6f, rope, requests, positions, pages), "[6, 512], expected [6, 576]");
+        AssertRefused("normWeight", () => MlaCacheKernel.Params(shape, kv, DeviceRows.Bf16Vector(norm.Pointer, 576), 1e-6f, rope, requests, positions, pages), "[1, 576]");
+        AssertRefused("requests", () => MlaCacheKernel.Params(shape, kv, norm, 1e-6f, rope, requests, new DeviceInts(positions.Pointer, 5), pages), "5 positions for 6 rows");
+        AssertRefused("rope", () => MlaCacheKernel.Params(shape, kv, norm, 1e-6f, rope with { Pairs = 16 }, requests, positions, pages), "16 pairs");
+    }
+
+    [TestMethod]
+    public void TokenChoiceReadsStridedLogitRowsAndWritesOneIdPerRow()
+    {
+        var logits = new DeviceRows(Base, ElementType.F32, 8, 129280).Slice(2, 3);
+        var p = SamplingKernel.Params(logits, Base + 0x100_0000, new DeviceInts(Base + 0x200_0000, 3), Base + 0x300_0000, 2020);
+        Assert.AreEqual((Base + 2 * 129280 * 4UL, Base + 0x100_0000, Base + 0x200_0000, Base + 0x300_0000), (p.Logits, p.Choices, p.OutIds, p.Allowed));
+        Assert.AreEqual((129280L, 4040L, 3), (p.LogitsStride, p.AllowedStride, p.Rows), "the mask stride in u32 words: two per u64");
+
+        AssertRefused("ids", () => SamplingKernel.Params(logits, Base, new DeviceInts(Base, 2), 0, 0), "2 ids for 3 rows");
+        AssertRefused("logits", () => SamplingKernel.Params(new DeviceRows(Base, ElementType.BF16, 3, 100), Base, new DeviceInts(Base, 3), 0, 0), "BF16, expected F32");
+    }
+
+    [TestMethod]
+    public void MoeGateRoutesEveryRowIntoARoutingOfItsTopK()
+    {
+        var shape = MoeGateShape.V3;
+        var x = new DeviceRows(Base, ElementType.F32, 7, 7168);
+        var weight = new DeviceRows(Base + 0x100_0000, ElementType.BF16, 256, 7168);
+        var bias = new DeviceRows(Base + 0x200_0000, ElementType.F32, 1, 256);
+        var routing = new DeviceRouting(Base + 0x300_0000, Base + 0x400_0000, 7, 8);
+        var p = MoeGateKernel.Params(shape, x, weight, bias, routing, normalize: true, scaling: 2.5f, scores: Base + 0x500_0000);
+        Assert.AreEqual((x.Pointer, weight.Pointer, bias.Pointer, routing.Indices, routing.Weights, Base + 0x500_0000), (p.X, p.Weight, p.Bias, p.TopkIdx, p.TopkWeight, p.Scores));
+        Assert.AreEqual((7168L, 7, 1, 2.5f, 0), (p.XStride, p.Tokens, p.Normalize, p.Scaling, p.LogitSplits));
+
+        AssertRefused("weight", () => MoeGateKernel.Params(shape, x, new DeviceRows(weight.Pointer + 8, ElementType.BF16, 256, 7168), bias, routing, true, 2.5f, 0), "16-byte aligned");
+        AssertRefused("weight", () => MoeGateKernel.Params(shape, x, new DeviceRows(weight.Pointer, ElementType.BF16, 255, 7168), bias, routing, true, 2.5f, 0), "[255, 7168]");
+        AssertRefused("bias", () => MoeGateKernel.Params(shape, x, weight, new DeviceRows(bias.Pointer, ElementType.BF16, 1, 256), routing, true, 2.5f, 0), "BF16, expected F32");
+        AssertRefused("routing", () => MoeGateKernel.Params(shape, x, weight, bias, routing with { K = 4 }, true, 2.5f, 0), "7 tokens x 4");
+        AssertRefused("x", () => MoeGateKernel.Params(shape, x.Columns(0, 7000), weight, bias, routing, true, 2.5f, 0), "[7, 7000], expected [7, 7168]");
+    }
+
+    [TestMethod]
+    public void MoeCombineSumsTheRoutedRowsSharedExpertAndResidualIntoY()
+    {
+        var expertOut = new DeviceRows(Base, ElementType.BF16, 64, 7168);
+        var routing = new DeviceRouting(Base + 0x100_0000, Base + 0x200_0000, 4, 8);
+        var inv = new DeviceInts(Base + 0x300_0000, 32);
+        var shared = new DeviceRows(Base + 0x400_0000, ElementType.BF16, 4, 7168);
+        var y = new DeviceRows(Base + 0x500_0000, ElementType.F32, 4, 7168, stride: 8192);
+        var residual = new DeviceRows(Base + 0x600_0000, ElementType.F32, 4, 7168);
+        var p = MoeCombineKernel.Params(expertOut, inv, routing, shared, residual, y);
+        Assert.AreEqual((expertOut.Pointer, inv.Pointer, routing.Weights, shared.Pointer, residual.Pointer, y.Pointer), (p.ExpertOut, p.Inv, p.Weights, p.Shared, p.Residual, p.Y));
+        Assert.AreEqual((7168L, 7168L, 7168L, 8192L, 4, 8, 7168), (p.ExpertStride, p.SharedStride, p.ResidualStride, p.YStride, p.Tokens, p.K, p.Hidden));
+        var bare = MoeCombineKernel.Params(expertOut, inv, routing, null, null, y);
+        Assert.AreEqual((0UL, 0UL), (bare.Shared, bare.Residual));
+
+        AssertRefused("routing", () => MoeCombineKernel.Params(expertOut, new DeviceInts(inv.Pointer, 31), routing, shared, residual, y), "31 slots for 4 rows");
+        AssertRefused("expertOut", () => MoeCombineKernel.Params(new DeviceRows(Base, ElementType.F32, 64, 7168), inv, routing, shared, residual, y), "F32, expected BF16");
+        AssertRefused("residual", () => MoeCombineKernel.Params(expertOut, inv, routing, shared, new DeviceRows(residual.Pointer, ElementType.BF16, 4, 7168), y), "BF16, expected F32");
+        AssertRefused("shared", () => MoeCombineKernel.Params(expertOut, inv, routing, shared.Slice(0, 3), residual, y), "[3, 7168], expected [4, 7168]");
+    }
+
+    [TestMethod]
+    public void RoutingSlicesStartAtTheirFirstToken()
+    {
+        var routing = new DeviceRouting(Base, Base + 0x10000, 100, 8);
+        var s = routing.Slice(10, 5);
+        Assert.AreEqual((Base + 10 * 8 * 4, Base + 0x10000 + 10 * 8 * 4, 5, 8), (s.Indices, s.Weights, s.Tokens, s.K));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => routing.Slice(96, 5));
+    }
+
+    [TestMethod]
+    public void MlaFoldAndUnfoldTakeDenseHeadsOfTheLatentShape()
+    {
+        var shape = LatentShape.V3;
+        var dims = new MlaHeadDims(16, 128, 128);
+        var q = new DeviceRows(Base, ElementType.BF16, 3, 16 * 192);
+        var kvB = new DeviceRows(Base + 0x100_0000, ElementType.BF16, 16 * 256, 512);
+        var qAbs = new DeviceRows(Base + 0x200_0000, ElementType.BF16, 3, 16 * 576);
+        var fold = MlaDecodeKernel.FoldParams(shape, dims, q, kvB, qAbs);
+        Assert.AreEqual((q.Pointer, kvB.Pointer, qAbs.Pointer, 3, 16, 128, 128), (fold.X, fold.W, fold.Y, fold.Tokens, fold.Heads, fold.Nope, fold.V));
+        var latent = new DeviceRows(Base + 0x300_0000, ElementType.F32, 3, 16 * 512);
+        var output = new DeviceRows(Base + 0x400_0000, ElementType.BF16, 3, 16 * 128);
+        var unfold = MlaDecodeKernel.UnfoldParams(shape, dims, latent, kvB, output);
+        Assert.AreEqual((latent.Pointer, kvB.Pointer, output.Pointer, 3), (unfold.X, unfold.W, unfold.Y, unfold.Tokens));
+
+        AssertRefused("q", () => MlaDecodeKernel.FoldParams(shape, dims, new DeviceRows(Base, ElementType.BF16, 3, 16 * 192, stride: 4096), kvB, qAbs), "must be dense");
+        AssertRefused("kvB", () => MlaDecodeKernel.FoldParams(shape, dims, q, kvB.Slice(0, 16 * 256 - 1), qAbs), "[4095, 512], expected [4096, 512]");
+        AssertRefused("qAbs", () => MlaDecodeKernel.FoldParams(shape, dims, q, kvB, new DeviceRows(qAbs.Pointer, ElementType.F32, 3, 16 * 576)), "F32, expected BF16");
+        AssertRefused("latent", () => MlaDecodeKernel.UnfoldParams(shape, dims, new DeviceRows(latent.Pointer, ElementType.BF16, 3, 16 * 512), kvB, output), "BF16, expected F32");
+        AssertRefused("output", () => MlaDecodeKernel.UnfoldParams(shape, dims, latent, kvB, output.Slice(0, 2)), "[2, 2048], expected [3, 2048]");
+    }
+
+    [TestMethod]
+    public void MlaDecodeTakesOneOrTwoQueriesPerRequestAndSplitsItsWorkspace()
+    {
+        var shape = LatentShape.V3;
+        const int heads = 16, batch = 3, qTokens = 2, splits = 4, rows = batch * qTokens;
+        var qAbs = new DeviceRows(Base, ElementType.BF16, rows, heads * 576);
+        var pages = new LatentPages(Base + 0x100_0000, Base + 0x200_0000, 40);
+        var lengths = new DeviceInts(Base + 0x300_0000, batch);
+        var requests = new DeviceInts(Base + 0x300_1000, batch);
+        var outLatent = new DeviceRows(Base + 0x400_0000, ElementType.F32, rows, heads * 512);
+        var lse = new DeviceRows(Base + 0x500_0000, ElementType.F32, rows, heads);
+        const ulong workspace = Base + 0x600_0000;
+        var p = MlaDecodeKernel.DecodeParams(shape, heads, qAbs, pages, lengths, requests, 0.1f, outLatent, lse, splits, workspace);
+        Assert.AreEqual((qAbs.Pointer, pages.Cache, pages.BlockTable, requests.Pointer, lengths.Pointer, outLatent.Pointer, lse.Pointer), (p.Q, p.Cache, p.BlockTable, p.Requests, p.Lengths, p.Out, p.Lse));
+        Assert.AreEqual((0.1f, batch, heads, qTokens, 40, splits), (p.Scale, p.Batch, p.Heads, p.QTokens, p.MaxBlocks, p.Splits));
+        Assert.AreEqual(workspace, p.OPartial);
+        var lsePartials = (long)splits * rows * heads * sizeof(float);
+        Assert.AreEqual(MlaDecodeKernel.WorkspaceBytes(shape, batch, heads, qTokens, splits), (long)(p.LsePartial - p.OPartial) + lsePartials,
+            "the latent partials, then the lse partials, fill the workspace the launcher asks for");
+        var one = MlaDecodeKernel.DecodeParams(shape, heads, qAbs, pages, new DeviceInts(lengths.Pointer, rows), null, 0.1f, outLatent, lse, 1, 0);
+        Assert.AreEqual((rows, 1, 0UL, 0UL, 0UL), (one.Batch, one.QTokens, one.Requests, one.OPartial, one.LsePartial));
+
+        AssertRefused("qAbs", () => MlaDecodeKernel.DecodeParams(shape, heads, qAbs, pages, new DeviceInts(lengths.Pointer, 2), null, 0.1f, outLatent, lse, 1, 0), "6 queries for 2 requests");
+        AssertRefused("qAbs", () => MlaDecodeKernel.DecodeParams(shape, heads, new DeviceRows(Base + 8, ElementType.BF16, rows, heads * 576), pages, lengths, null, 0.1f, outLatent, lse, 1, 0), "16-byte aligned");
+        AssertRefused("requests", () => MlaDecodeKernel.DecodeParams(shape, heads, qAbs, pages, lengths, new DeviceInts(requests.Pointer, 2), 0.1f, outLatent, lse, 1, 0), "2 block-table rows for 3 requests");
+        AssertRefused("lse", () => MlaDecodeKernel.DecodeParams(shape, heads, qAbs, pages, lengths, null, 0.1f, outLatent, lse.Columns(0, 15), 1, 0), "[6, 15], expected [6, 16]");
+        AssertRefused("workspace", () => MlaDecodeKernel.DecodeParams(shape, heads, qAbs, pages, lengths, null, 0.1f, outLatent, lse, splits, 0), "4 splits need a workspace");
+    }
+
     private static void AssertRefused(string parameter, Action call, string message)
     {
         var e = Assert.ThrowsExactly<ArgumentException>(call);

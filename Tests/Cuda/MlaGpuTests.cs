@@ -95,8 +95,9 @@ public sealed class MlaGpuTests : GpuTestBase
         // NaN everywhere first: rows the append must write, and unused rows (block tails, spare blocks) that the decode
         // kernel must never read.
         using var cache = Poisoned((long)numBlocks * PagedLatentCache.BlockSize * d, ElementType.BF16);
-        cacheK.Append(Stream, shape, kvD.Pointer, type, d, normD.Pointer, (float)config.RmsNormEps, new RopeTableView(cosD.Pointer, sinD.Pointer, maxLen, rope / 2),
-            reqD.Pointer, posD.Pointer, tokens.Length, tableD.Pointer, maxBlocks, cache.Pointer);
+        cacheK.Append(Stream, shape, Rows(kvD, type, tokens.Length, d), Rows(normD, ElementType.BF16, 1, lora), (float)config.RmsNormEps,
+            new RopeTableView(cosD.Pointer, sinD.Pointer, maxLen, rope / 2), new DeviceInts(reqD.Pointer, tokens.Length), new DeviceInts(posD.Pointer, tokens.Length),
+            new LatentPages(cache.Pointer, tableD.Pointer, maxBlocks));
         var paged = MemoryMarshal.Cast<byte, ushort>(cache.ToArray(Stream)).ToArray();
 
         var cpu = new CpuBackend();
@@ -155,7 +156,13 @@ public sealed class MlaGpuTests : GpuTestBase
         using var qD = Upload(qv, type);
         using var wD = Upload(wkvb, ElementType.BF16);
         using var qAbs = Poisoned((long)rowsTotal * d, ElementType.BF16);
-        dec.Fold(Stream, shape, qD.Pointer, type, wD.Pointer, batch * qTokens, heads, nope, v, qAbs.Pointer);
+        int queries = batch * qTokens;
+        var projections = new MlaHeadDims(heads, nope, v);
+        var weight = Rows(wD, ElementType.BF16, heads * (nope + v), lora);
+        var pages = new LatentPages(cache.Pointer, tableD.Pointer, maxBlocks);
+        var lengthsView = new DeviceInts(lengthsD.Pointer, batch);
+        var qAbsRows = Rows(qAbs, ElementType.BF16, queries, heads * d);
+        dec.Fold(Stream, shape, projections, Rows(qD, type, queries, heads * (nope + rope)), weight, qAbsRows);
         var qAbsHost = Read(qAbs, ElementType.BF16, Stream);
         AssertFold(qv, wkvb, qAbsHost, heads, nope, v, shape, what);
 
@@ -199,9 +206,10 @@ public sealed class MlaGpuTests : GpuTestBase
             using var outV = Poisoned((long)rowsTotal * v, ElementType.F32);
             using var workspace = DeviceBuffer<byte>.Allocate(Device, Math.Max(4, MlaDecodeKernel.WorkspaceBytes(shape, batch, heads, qTokens, splits)));
             workspace.Fill32(NaNPattern, Stream);
-            dec.Decode(Stream, shape, qAbs.Pointer, ElementType.BF16, cache.Pointer, tableD.Pointer, lengthsD.Pointer, batch, heads, qTokens, maxBlocks,
-                scale, latent.Pointer, lse.Pointer, splits, workspace.Pointer);
-            dec.Unfold(Stream, shape, latent.Pointer, wD.Pointer, batch * qTokens, heads, nope, v, outV.Pointer, ElementType.F32);
+            var latentRows = Rows(latent, ElementType.F32, queries, heads * lora);
+            dec.Decode(Stream, shape, heads, qAbsRows, pages, lengthsView, null, scale, latentRows, Rows(lse, ElementType.F32, queries, heads), splits,
+                workspace.Pointer);
+            dec.Unfold(Stream, shape, projections, latentRows, weight, Rows(outV, ElementType.F32, queries, heads * v));
 
             // Against an fp64 softmax over the same BF16 q_abs and cache values: the kernel differs by P rounded to
             // BF16 before P·V (2^-9 relative per weight) and fp32 accumulation.
@@ -230,16 +238,16 @@ public sealed class MlaGpuTests : GpuTestBase
         using var latentB = Poisoned((long)rowsTotal * lora, ElementType.F32);
         using var lseB = Poisoned(rowsTotal, ElementType.F32);
         using var outB = Poisoned((long)rowsTotal * v, ElementType.BF16);
-        dec.Decode(Stream, shape, qAbs.Pointer, ElementType.BF16, cache.Pointer, tableD.Pointer, lengthsD.Pointer, batch, heads, qTokens, maxBlocks,
-            scale, latentB.Pointer, lseB.Pointer);
-        dec.Unfold(Stream, shape, latentB.Pointer, wD.Pointer, batch * qTokens, heads, nope, v, outB.Pointer, ElementType.BF16);
+        var lseRows = Rows(lseB, ElementType.F32, queries, heads);
+        dec.Decode(Stream, shape, heads, qAbsRows, pages, lengthsView, null, scale, Rows(latentB, ElementType.F32, queries, heads * lora), lseRows);
+        dec.Unfold(Stream, shape, projections, Rows(latentB, ElementType.F32, queries, heads * lora), weight, Rows(outB, ElementType.BF16, queries, heads * v));
         Tolerance.AssertRmsRel(Read(outB, ElementType.BF16, Stream), refOut, 1.2e-2, $"attention output bf16 {what}");
 
         // The decode kernel also takes F32 queries (rounded to BF16 on load): same q_abs values, same result.
         using var qAbsF = Upload(qAbsHost, ElementType.F32);
         using var latentF = Poisoned((long)rowsTotal * lora, ElementType.F32);
-        dec.Decode(Stream, shape, qAbsF.Pointer, ElementType.F32, cache.Pointer, tableD.Pointer, lengthsD.Pointer, batch, heads, qTokens, maxBlocks,
-            scale, latentF.Pointer, lseB.Pointer);
+        dec.Decode(Stream, shape, heads, Rows(qAbsF, ElementType.F32, queries, heads * d), pages, lengthsView, null, scale,
+            Rows(latentF, ElementType.F32, queries, heads * lora), lseRows);
         Tolerance.AssertClose(Read(latentF, ElementType.F32, Stream), Read(latentB, ElementType.F32, Stream), 0, 0, $"f32 queries {what}");
     }
 

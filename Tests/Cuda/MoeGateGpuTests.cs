@@ -79,8 +79,8 @@ public abstract class MoeGateGpuChecks : GpuTestBase
         idxD.Fill32(NaNPattern, Stream);
         using var wOut = Poisoned(tokens * k, ElementType.F32);
         using var scoresD = Poisoned((long)tokens * experts, ElementType.F32);
-        kernel.Launch(Stream, shape, xd.Pointer, input, wd.Pointer, bd.Pointer, tokens, idxD.Pointer, wOut.Pointer, true, 2.5f, scoresD.Pointer,
-            workspace: TensorCores ? workspace.Pointer : 0);
+        kernel.Launch(Stream, shape, Rows(xd, input, tokens, width), Rows(wd, ElementType.BF16, experts, width), Rows(bd, ElementType.F32, 1, experts),
+            new DeviceRouting(idxD.Pointer, wOut.Pointer, tokens, k), true, 2.5f, scoresD.Pointer, workspace: TensorCores ? workspace.Pointer : 0);
         var idx = idxD.ToArray(Stream);
         var weights = Read(wOut, ElementType.F32, Stream);
         var scores = Read(scoresD, ElementType.F32, Stream);
@@ -164,8 +164,9 @@ public abstract class MoeGateGpuChecks : GpuTestBase
             idxD.Fill32(NaNPattern, Stream);
             using var wOut = Poisoned(tokens * shape.TopK, ElementType.F32);
             using var scoresD = Poisoned((long)tokens * shape.Experts, ElementType.F32);
-            kernel.Launch(Stream, shape, xd.Pointer, ElementType.F32, wd.Pointer, bd.Pointer, tokens, idxD.Pointer, wOut.Pointer,
-                c.NormTopkProb, (float)c.RoutedScalingFactor, scoresD.Pointer, workspace: TensorCores ? workspace.Pointer : 0);
+            kernel.Launch(Stream, shape, Rows(xd, ElementType.F32, tokens, shape.Width), Rows(wd, ElementType.BF16, shape.Experts, shape.Width),
+                Rows(bd, ElementType.F32, 1, shape.Experts), new DeviceRouting(idxD.Pointer, wOut.Pointer, tokens, shape.TopK), c.NormTopkProb,
+                (float)c.RoutedScalingFactor, scoresD.Pointer, workspace: TensorCores ? workspace.Pointer : 0);
             Tolerance.AssertClose(Read(scoresD, ElementType.F32, Stream), reference.F32($"p1.layer{i}.gate_scores"), 1e-5, 0, $"layer{i}.gate_scores");
             RoutingAssert.SameExpertsAndWeights(idxD.ToArray(Stream), Read(wOut, ElementType.F32, Stream), reference.I64($"p1.layer{i}.topk_idx"),
                 reference.F32($"p1.layer{i}.topk_weight"), shape.TopK, 1e-4, $"GPU gate layer{i}");

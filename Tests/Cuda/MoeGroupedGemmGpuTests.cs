@@ -109,8 +109,8 @@ public abstract class MoeExpertGpuChecks : GpuTestBase
         using var bias = DeviceBuffer<float>.From(Device, Normal(r, gate.Experts, 0.01f), Stream);
         using var layer = new MoeLayer(Device, Compiler, gate, inter, sharedInter, tokens, Hopper);
         using var y = Poisoned((long)tokens * gate.Width, ElementType.F32);
-        layer.Forward(Stream, xd.Pointer, ElementType.BF16, tokens, gwd.Pointer, bias.Pointer, normalize: true, scaling: 2.5f, set.Stack, set.Shared,
-            y.Pointer, ElementType.F32);
+        layer.Forward(Stream, Rows(xd, ElementType.BF16, tokens, gate.Width), Rows(gwd, ElementType.BF16, gate.Experts, gate.Width),
+            new DeviceRows(bias.Pointer, ElementType.F32, 1, gate.Experts), normalize: true, scaling: 2.5f, set.Stack, set.Shared, Rows(y, ElementType.F32, tokens, gate.Width));
         var idx = layer.TopkIdx.ToArray(Stream);
         var w = layer.TopkWeight.ToArray(Stream);
         var expected = CpuExperts(set, x, tokens, gate, idx, w);
@@ -141,6 +141,8 @@ public abstract class MoeExpertGpuChecks : GpuTestBase
         var residual = Normal(r, tokens * h);
         // Capacity above the count: the device routing is sized for t_max.
         using var layer = new MoeLayer(Device, Compiler, gate, inter, sharedInter, tokens + 3, Hopper, slots: set.Stack.Experts);
+        var input = Rows(xd, ElementType.BF16, tokens, h);
+        var routing = new DeviceRouting(idxd.Pointer, wd.Pointer, tokens, k);
 
         float[]? first = null;
         var layouts = tokens <= MoeLayer.MaskedMaxTokens ? new[] { MoeGroupedLayout.Contiguous, MoeGroupedLayout.Masked } : [MoeGroupedLayout.Contiguous];
@@ -149,7 +151,7 @@ public abstract class MoeExpertGpuChecks : GpuTestBase
             var where = $"{what} {layout}";
             using (var y = Poisoned((long)tokens * h, ElementType.BF16))
             {
-                layer.Experts(Stream, xd.Pointer, ElementType.BF16, tokens, idxd.Pointer, wd.Pointer, set.Stack, set.Shared, y.Pointer, ElementType.BF16, layout: layout);
+                layer.Experts(Stream, input, routing, set.Stack, set.Shared, Rows(y, ElementType.BF16, tokens, h), layout: layout);
                 var got = Read(y, ElementType.BF16, Stream);
                 AssertMatches(got, AsStored(expected, ElementType.BF16), where + " bf16");
 
@@ -165,15 +167,15 @@ public abstract class MoeExpertGpuChecks : GpuTestBase
                 }
 
                 y.Fill32(0x7FC07FC0u, Stream);
-                layer.Experts(Stream, xd.Pointer, ElementType.BF16, tokens, idxd.Pointer, wd.Pointer, set.Stack, set.Shared, y.Pointer, ElementType.BF16, layout: layout);
+                layer.Experts(Stream, input, routing, set.Stack, set.Shared, Rows(y, ElementType.BF16, tokens, h), layout: layout);
                 CollectionAssert.AreEqual(Bits(got), Bits(Read(y, ElementType.BF16, Stream)), where + ": not deterministic");
             }
 
             // f32 output with the residual fused, in place (y = residual + moe).
             using (var y = Upload((float[])residual.Clone(), ElementType.F32))
             {
-                layer.Experts(Stream, xd.Pointer, ElementType.BF16, tokens, idxd.Pointer, wd.Pointer, set.Stack, set.Shared, y.Pointer, ElementType.F32,
-                    residual: y.Pointer, layout: layout);
+                layer.Experts(Stream, input, routing, set.Stack, set.Shared, Rows(y, ElementType.F32, tokens, h), residual: Rows(y, ElementType.F32, tokens, h),
+                    layout: layout);
                 AssertMatches(Read(y, ElementType.F32, Stream), expected.Select((v, i) => v + residual[i]).ToArray(), where + " f32 + residual");
             }
         }

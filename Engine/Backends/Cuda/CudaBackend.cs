@@ -751,7 +751,7 @@ public sealed class CudaBackend : IBackend
             b.HostAllowed.CopyTo(b.Allowed, _stream, count: (long)masks * b.MaskWords);
         }
 
-        _sampling.Launch(_stream, l.Pointer, l.Cols, b.Choices.Pointer, n, b.Ids.Pointer, b.Allowed.Pointer, b.MaskWords);
+        _sampling.Launch(_stream, l.Matrix.Slice(0, n), b.Choices.Pointer, new DeviceInts(b.Ids.Pointer, n), b.Allowed.Pointer, b.MaskWords);
         b.HostIds.CopyFrom(b.Ids, _stream, count: n);
         _stream.Synchronize();
         b.HostIds.Span[..n].CopyTo(tokens);
@@ -983,7 +983,7 @@ public sealed class CudaBackend : IBackend
     public void ApplyRope(Tensor x, RopeTable rope, int startPosition, int headStride, int ropeOffset)
     {
         using var scope = Enter();
-        Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, startPosition, 0); // the launcher checks the positions against the table
+        Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, startPosition, null); // the launcher checks the positions against the table
     }
 
     /// <inheritdoc />
@@ -991,15 +991,14 @@ public sealed class CudaBackend : IBackend
     {
         using var scope = Enter(recordable: true);
         ShapeCheck.StepRows(rows, x.Rows, null, rope);
-        Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, 0, ((CudaStepRows)rows).PositionsPointer);
+        Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, 0, new DeviceInts(((CudaStepRows)rows).PositionsPointer, x.Rows));
     }
 
     /// <summary>The rotation of rows at start + t, or at positions[t] (a device array) when given, to bf16 values.</summary>
-    private void Rope(CudaTensor a, CudaRopeTable r, int headStride, int ropeOffset, int start, ulong positions)
+    private void Rope(CudaTensor a, CudaRopeTable r, int headStride, int ropeOffset, int start, DeviceInts? positions)
     {
         ShapeCheck.Require(headStride > 0 && a.Cols % headStride == 0 && ropeOffset + 2 * r.Pairs <= headStride, "rope layout");
-        _rope.Launch(_stream, a.Pointer, a.Type, round: NeedsRounding(a), a.Cols, a.Rows, new RopeLayout(a.Cols / headStride, headStride, ropeOffset), r.View,
-            positions, start);
+        _rope.Launch(_stream, a.Matrix, round: NeedsRounding(a), new RopeLayout(a.Cols / headStride, headStride, ropeOffset), r.View, positions, start);
     }
 
     /// <inheritdoc />
@@ -1016,7 +1015,7 @@ public sealed class CudaBackend : IBackend
 
         CheckPositions(r, startPosition, a.Rows);
         var args = a.Rows > 0 ? UploadInts(CudaBackendLayout.AppendArguments(startPosition, a.Rows)) : 0;
-        Append(a, (CudaNormWeight)latentNorm, r, c.Shape, args, args + (ulong)(4 * a.Rows), c.TablePointer, c.MaxBlocks, c.CachePointer);
+        Append(a, (CudaNormWeight)latentNorm, r, c.Shape, new DeviceInts(args, a.Rows), new DeviceInts(args + (ulong)(4 * a.Rows), a.Rows), c.Pages);
     }
 
     /// <inheritdoc />
@@ -1025,17 +1024,15 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter(recordable: true);
         ShapeCheck.StepRows(rows, kv.Rows, table, rope);
         var (p, t, s) = ((CudaLatentPool)pool, (CudaBlockTable)table, (CudaStepRows)rows);
-        Append(T(kv), (CudaNormWeight)latentNorm, (CudaRopeTable)rope, p.Shape, s.SlotsPointer, s.PositionsPointer, t.Entries.Pointer, t.MaxBlocksPerRequest,
-            p.Cache.Pointer);
+        Append(T(kv), (CudaNormWeight)latentNorm, (CudaRopeTable)rope, p.Shape, new DeviceInts(s.SlotsPointer, kv.Rows), new DeviceInts(s.PositionsPointer, kv.Rows),
+            new LatentPages(p.Cache.Pointer, t.Entries.Pointer, t.MaxBlocksPerRequest));
     }
 
     /// <summary>Row t of kv to position positions[t] of block-table row requests[t] (device arrays).</summary>
-    private void Append(CudaTensor a, CudaNormWeight norm, CudaRopeTable r, LatentShape shape, ulong requests, ulong positions, ulong table, int maxBlocks,
-        ulong cache)
+    private void Append(CudaTensor a, CudaNormWeight norm, CudaRopeTable r, LatentShape shape, DeviceInts requests, DeviceInts positions, LatentPages pages)
     {
         ShapeCheck.Require(a.Cols == shape.RowWidth && norm.Width == shape.Latent && shape.Rope == 2 * r.Pairs, "latent append shapes");
-        _cache.Append(_stream, shape, a.Pointer, a.Type, a.Cols, norm.Data.Pointer, norm.Epsilon, r.View, requests, positions, a.Rows, table,
-            maxBlocks, cache);
+        _cache.Append(_stream, shape, a.Matrix, norm.Vector, norm.Epsilon, r.View, requests, positions, pages);
     }
 
     private static void CheckPositions(CudaRopeTable r, int start, int count)
@@ -1071,7 +1068,7 @@ public sealed class CudaBackend : IBackend
         if (qt.Rows > 0)
         {
             var context = startPosition + qt.Rows;
-            Absorbed(qt, c.Shape, c.CachePointer, c.TablePointer, c.MaxBlocks, UploadInts([context]), 0, 1, context, w, dims, scale, o);
+            Absorbed(qt, c.Shape, c.Pages, new DeviceInts(UploadInts([context]), 1), null, context, w, dims, scale, o);
         }
     }
 
@@ -1089,31 +1086,31 @@ public sealed class CudaBackend : IBackend
         var (p, t, s) = ((CudaLatentPool)pool, (CudaBlockTable)table, (CudaStepRows)rows);
         if (q.Rows > 0)
         {
-            Absorbed(T(q), p.Shape, p.Cache.Pointer, t.Entries.Pointer, t.MaxBlocksPerRequest, s.LengthsPointer, s.SlotsPointer, q.Rows, t.Positions,
-                (CudaLinearWeight)kvB, dims, scale, T(output));
+            Absorbed(T(q), p.Shape, new LatentPages(p.Cache.Pointer, t.Entries.Pointer, t.MaxBlocksPerRequest), new DeviceInts(s.LengthsPointer, q.Rows),
+                new DeviceInts(s.SlotsPointer, q.Rows), t.Positions, (CudaLinearWeight)kvB, dims, scale, T(output));
         }
     }
 
     /// <summary>
-    /// The absorbed form through the decode kernels: fold, attention of <paramref name="batch"/> requests of qt.Rows / batch
-    /// queries each (device lengths; block-table rows from <paramref name="requests"/>, or row r), unfold, BF16 rounding.
+    /// The absorbed form through the decode kernels: fold, attention of one request per device length, qt.Rows / requests
+    /// queries each (block-table rows from <paramref name="requests"/>, or row r), unfold, BF16 rounding.
     /// <paramref name="context"/>, the longest request, sizes the KV splits.
     /// </summary>
-    private void Absorbed(CudaTensor qt, LatentShape shape, ulong cache, ulong table, int maxBlocks, ulong lengths, ulong requests, int batch, int context,
-        CudaLinearWeight w, MlaDims dims, float scale, CudaTensor o)
+    private void Absorbed(CudaTensor qt, LatentShape shape, LatentPages pages, DeviceInts lengths, DeviceInts? requests, int context, CudaLinearWeight w,
+        MlaDims dims, float scale, CudaTensor o)
     {
-        int tokens = qt.Rows, heads = dims.Heads, qTokens = tokens / batch;
+        int tokens = qt.Rows, batch = lengths.Length, heads = dims.Heads, qTokens = tokens / batch;
+        var projections = new MlaHeadDims(heads, dims.QkNope, dims.V);
         var kvB16 = Bf16Of(w);
-        var qAbs = _qAbs.Get((long)tokens * heads * shape.RowWidth * 2);
-        _decode.Fold(_stream, shape, qt.Pointer, qt.Type, kvB16, tokens, heads, dims.QkNope, dims.V, qAbs);
+        var qAbs = new DeviceRows(_qAbs.Get((long)tokens * heads * shape.RowWidth * 2), ElementType.BF16, tokens, heads * shape.RowWidth);
+        _decode.Fold(_stream, shape, projections, qt.Matrix, kvB16, qAbs);
         var splits = _decode.DefaultSplits(shape, batch, heads, qTokens, context);
         var bytes = MlaDecodeKernel.WorkspaceBytes(shape, batch, heads, qTokens, splits);
         var workspace = bytes > 0 ? _workspace.Get(bytes) : 0;
-        var latent = _outLatent.Get((long)tokens * heads * shape.Latent * 4);
-        var lse = _lse.Get((long)tokens * heads * 4);
-        _decode.Decode(_stream, shape, qAbs, ElementType.BF16, cache, table, lengths, batch, heads, qTokens, maxBlocks, scale, latent, lse, splits, workspace,
-            requests);
-        _decode.Unfold(_stream, shape, latent, kvB16, tokens, heads, dims.QkNope, dims.V, o.Pointer, o.Type);
+        var latent = new DeviceRows(_outLatent.Get((long)tokens * heads * shape.Latent * 4), ElementType.F32, tokens, heads * shape.Latent);
+        var lse = new DeviceRows(_lse.Get((long)tokens * heads * 4), ElementType.F32, tokens, heads);
+        _decode.Decode(_stream, shape, heads, qAbs, pages, lengths, requests, scale, latent, lse, splits, workspace);
+        _decode.Unfold(_stream, shape, projections, latent, kvB16, o.Matrix);
         RoundStored(o);
     }
 
@@ -1149,7 +1146,7 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <summary>kv_b as BF16 [H·(nope + v), latent]: the weight itself, or (once) its FP8 codes dequantized.</summary>
-    private ulong Bf16Of(CudaLinearWeight w)
+    private DeviceRows Bf16Of(CudaLinearWeight w)
     {
         if (w.Bf16 is null)
         {
@@ -1159,7 +1156,7 @@ public sealed class CudaBackend : IBackend
             w.Bf16 = b;
         }
 
-        return w.Bf16.Pointer;
+        return w.Bf16Matrix;
     }
 
     private static (CudaTensor Q, CudaLatentCache Cache, CudaLinearWeight KvB, CudaTensor Output) CheckAttention(
@@ -1185,8 +1182,8 @@ public sealed class CudaBackend : IBackend
         ShapeCheck.Require(a.Cols == g.Width, "gate input width");
         ShapeCheck.Routing(r, a.Rows, opt.Experts, opt.TopK);
         var bytes = _gate.WorkspaceBytes(g.Shape, a.Rows);
-        _gate.Launch(_stream, g.Shape, a.Pointer, a.Type, g.Weight.Pointer, g.Bias.Pointer, a.Rows, r.Indices.Pointer, r.Weights.Pointer,
-            opt.Normalize, opt.ScalingFactor, r.Scores.Pointer, workspace: bytes > 0 ? _logits.Get(bytes) : 0);
+        _gate.Launch(_stream, g.Shape, a.Matrix, g.WeightMatrix, g.BiasRow, r.View.Slice(0, a.Rows), opt.Normalize, opt.ScalingFactor, r.Scores.Pointer,
+            workspace: bytes > 0 ? _logits.Get(bytes) : 0);
     }
 
     /// <inheritdoc />
@@ -1212,8 +1209,7 @@ public sealed class CudaBackend : IBackend
         for (var first = 0; first < tokens; first += layer.MaxTokens)
         {
             var n = Math.Min(layer.MaxTokens, tokens - first);
-            layer.Experts(_stream, a.Row(first), a.Type, n, r.Indices.At((long)first * k), r.Weights.At((long)first * k), ew.Stack, ew.Shared,
-                o.Row(first), o.Type);
+            layer.Experts(_stream, a.Matrix.Slice(first, n), r.View.Slice(first, n), ew.Stack, ew.Shared, o.Matrix.Slice(first, n));
         }
 
         RoundStored(o);

@@ -141,6 +141,12 @@ internal sealed class CudaGateWeight(int width, GateOptions options, MoeGateShap
     /// <summary>F32 [E].</summary>
     public DeviceBuffer<float> Bias { get; } = bias;
 
+    /// <summary>The weight as the gate launcher takes it: bf16 [E, D].</summary>
+    public DeviceRows WeightMatrix => new(Weight.Pointer, ElementType.BF16, Shape.Experts, Width);
+
+    /// <summary>The bias as the gate launcher takes it: one f32 row of E.</summary>
+    public DeviceRows BiasRow => new(Bias.Pointer, ElementType.F32, 1, Shape.Experts);
+
     protected override void Dispose(bool disposing)
     {
         Weight.Dispose();
@@ -181,6 +187,9 @@ internal sealed class CudaRouting : Routing
 
     /// <summary>[T, k] f32.</summary>
     public DeviceBuffer<float> Weights { get; }
+
+    /// <summary>The expert ids and weights as the MoE launchers take them.</summary>
+    public DeviceRouting View => new(Indices.Pointer, Weights.Pointer, Tokens, TopK);
 
     protected override void Dispose(bool disposing)
     {
@@ -393,6 +402,9 @@ internal sealed class CudaLatentCache : LatentCache
 
     /// <summary>The request's row of the block table: int32 [MaxBlocks].</summary>
     public ulong TablePointer { get; }
+
+    /// <summary>The pool under the request's block-table row, as the MLA kernels address it.</summary>
+    public LatentPages Pages => new(CachePointer, TablePointer, MaxBlocks);
 
     protected override void Dispose(bool disposing)
     {

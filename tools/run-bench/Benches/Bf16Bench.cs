@@ -88,12 +88,15 @@ internal static class Bf16Bench
             var s = new Dictionary<string, object> { ["tokens"] = t, ["E"] = gate.Experts, ["D"] = Hidden, ["op"] = "router" };
             var bytes = 2.0 * gate.Experts * Hidden + 4.0 * t * Hidden + 8.0 * t * gate.TopK;
             var flops = 2.0 * t * gate.Experts * Hidden;
-            void Gate(MoeGateKernel k, ulong work) => k.Launch(stream, gate, x.Pointer, ElementType.F32, gateW.Pointer, gateB.Pointer, t, idx.Pointer, wts.Pointer,
-                normalize: true, scaling: 2.5f, workspace: work);
+            void Gate(MoeGateKernel k, ulong work) => k.Launch(stream, gate, new DeviceRows(x.Pointer, ElementType.F32, t, Hidden),
+                new DeviceRows(gateW.Pointer, ElementType.BF16, gate.Experts, Hidden), new DeviceRows(gateB.Pointer, ElementType.F32, 1, gate.Experts),
+                new DeviceRouting(idx.Pointer, wts.Pointer, t, gate.TopK), normalize: true, scaling: 2.5f, workspace: work);
             cases.Add(("moe_gate", s, bytes, flops, () => Gate(gatePlain, 0), false, []));
             cases.Add(("moe_gate_mma", s, bytes, flops, () => Gate(gateMma, gateWork.Pointer), true, []));
         }
 
+        var heads = new MlaHeadDims(Heads, Nope, V);
+        var kvBRows = new DeviceRows(kvB.Pointer, ElementType.BF16, Heads * (Nope + V), shape.Latent);
         foreach (var t in quick ? [1, 64] : MlaTokens)
         {
             var s = new Dictionary<string, object> { ["tokens"] = t, ["heads"] = Heads, ["latent"] = shape.Latent };
@@ -104,9 +107,11 @@ internal static class Bf16Bench
             foreach (var (k, suffix, tc) in new[] { (mlaPlain, "", false), (mlaMma, "_mma", true) })
             {
                 cases.Add(("mla_fold" + suffix, s, foldBytes, flops,
-                    () => k.Fold(stream, shape, q.Pointer, ElementType.F32, kvB.Pointer, t, Heads, Nope, V, qAbs.Pointer), tc, []));
+                    () => k.Fold(stream, shape, heads, new DeviceRows(q.Pointer, ElementType.F32, t, Heads * (Nope + shape.Rope)), kvBRows,
+                        new DeviceRows(qAbs.Pointer, ElementType.BF16, t, Heads * shape.RowWidth)), tc, []));
                 cases.Add(("mla_unfold" + suffix, s, unfoldBytes, flops,
-                    () => k.Unfold(stream, shape, latent.Pointer, kvB.Pointer, t, Heads, Nope, V, outV.Pointer, ElementType.F32), tc, []));
+                    () => k.Unfold(stream, shape, heads, new DeviceRows(latent.Pointer, ElementType.F32, t, Heads * shape.Latent), kvBRows,
+                        new DeviceRows(outV.Pointer, ElementType.F32, t, Heads * V)), tc, []));
             }
         }
 

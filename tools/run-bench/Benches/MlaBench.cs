@@ -75,7 +75,10 @@ internal static class MlaBench
         using var workspace = DeviceBuffer<byte>.Allocate(gpu.Device, Math.Max(4, MlaDecodeKernel.WorkspaceBytes(shape, Batch, heads, qTokens, splits)));
         cache.Fill32(0x3C003C00u, stream); // bf16 2^-7 pairs: finite, unremarkable scores
         q.Fill32(0x3C003C00u, stream);
-        return gpu.Measure(_ => dec.Decode(stream, shape, q.Pointer, ElementType.BF16, cache.Pointer, tableD.Pointer, lengthsD.Pointer,
-            Batch, heads, qTokens, maxBlocks, 0.1352338f, output.Pointer, lse.Pointer, splits, workspace.Pointer));
+        var queries = Batch * qTokens;
+        return gpu.Measure(_ => dec.Decode(stream, shape, heads, new DeviceRows(q.Pointer, ElementType.BF16, queries, heads * shape.RowWidth),
+            new LatentPages(cache.Pointer, tableD.Pointer, maxBlocks), new DeviceInts(lengthsD.Pointer, Batch), null, 0.1352338f,
+            new DeviceRows(output.Pointer, ElementType.F32, queries, heads * shape.Latent), new DeviceRows(lse.Pointer, ElementType.F32, queries, heads),
+            splits, workspace.Pointer));
     }
 }

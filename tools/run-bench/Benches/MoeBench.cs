@@ -107,10 +107,12 @@ internal static class MoeBench
 
                     var us = gpu.Measure(_ =>
                     {
-                        gateKernel.Launch(stream, gate, x.Pointer, ElementType.BF16, gateW.Pointer, gateB.Pointer, tokens, scratchIdx.Pointer, scratchW.Pointer,
+                        var input = new DeviceRows(x.Pointer, ElementType.BF16, tokens, Hidden);
+                        gateKernel.Launch(stream, gate, input, new DeviceRows(gateW.Pointer, ElementType.BF16, Experts, Hidden),
+                            new DeviceRows(gateB.Pointer, ElementType.F32, 1, Experts), new DeviceRouting(scratchIdx.Pointer, scratchW.Pointer, tokens, TopK),
                             normalize: true, scaling: 2.5f);
-                        l.Experts(stream, x.Pointer, ElementType.BF16, tokens, idxD.Pointer, wD.Pointer, s, sh, y.Pointer, ElementType.BF16,
-                            residual: x.Pointer);
+                        l.Experts(stream, input, new DeviceRouting(idxD.Pointer, wD.Pointer, tokens, TopK), s, sh, new DeviceRows(y.Pointer, ElementType.BF16, tokens, Hidden),
+                            residual: input);
                     });
                     report.Add(new BenchResult(name, shape, us, flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, "copy", b.Copy));
                     if (b.Cublas is { } cublasUs)
