@@ -62,8 +62,21 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
         .. from t in Enum.GetValues<ElementType>() from scatter in new[] { false, true } select RingInstance(scatter, t),
     ];
 
-    /// <summary>values[i] = bf16(values[i]) for <paramref name="n"/> f32 values, in place.</summary>
-    public void Round(CudaStream stream, ulong values, long n) => Run(stream, RoundInstance, n, new BackendGlueParams { Out = values, N = n });
+    /// <summary>values[i] = bf16(values[i]) for every element of a dense f32 view, in place.</summary>
+    public void Round(CudaStream stream, DeviceRows values)
+    {
+        var p = RoundParams(values);
+        Run(stream, RoundInstance, p.N, p);
+    }
+
+    /// <summary>The rounding kernel's arguments: a dense f32 view.</summary>
+    public static BackendGlueParams RoundParams(DeviceRows values)
+    {
+        const string what = "bf16 rounding";
+        ViewCheck.Type(values, ElementType.F32, what, nameof(values));
+        ViewCheck.Dense(values, what, nameof(values));
+        return new BackendGlueParams { Out = values.Pointer, N = (long)values.Rows * values.Cols };
+    }
 
     /// <summary>output[i] = input[i] for every element of two dense views of one shape, converting f32 → bf16 (round to nearest even) or bf16 → f32.</summary>
     public void Convert(CudaStream stream, DeviceRows input, DeviceRows output)
@@ -93,24 +106,55 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
         return new BackendGlueParams { X = input.Pointer, XStride = input.Stride, Out = output.Pointer, OutStride = output.Stride, Rows = input.Rows, Cols = input.Cols };
     }
 
-    /// <summary>output bf16 [rows, cols] = e4m3(codes) × scales[r/128, c/128] (scales f32 [⌈rows/128⌉, ⌈cols/128⌉]).</summary>
-    public void Dequantize(CudaStream stream, ulong codes, ulong scales, int rows, int cols, ulong output) =>
-        Run(stream, DequantInstance, (long)rows * cols, new BackendGlueParams
+    /// <summary>output bf16 [Out, In] (dense) = e4m3(codes) × scales[r/128, c/128] of an FP8 weight.</summary>
+    public void Dequantize(CudaStream stream, Fp8Linear weight, DeviceRows output) =>
+        Run(stream, DequantInstance, (long)weight.Out * weight.In, DequantizeParams(weight, output));
+
+    /// <summary>The dequantization kernel's arguments: the weight's codes and scales into a dense bf16 view of its shape.</summary>
+    public static BackendGlueParams DequantizeParams(Fp8Linear weight, DeviceRows output)
+    {
+        const string what = "FP8 dequantization";
+        ViewCheck.Type(output, ElementType.BF16, what, nameof(output));
+        ViewCheck.Shape(output, weight.Out, weight.In, what, nameof(output));
+        ViewCheck.Dense(output, what, nameof(output));
+        return new BackendGlueParams
         {
-            X = codes, Y = scales, Out = output, Rows = rows, Cols = cols, ScaleCols = (cols + 127) / 128,
-        });
+            X = weight.W, Y = weight.Scales, Out = output.Pointer, Rows = weight.Out, Cols = weight.In, ScaleCols = Fp8GemmKernel.BlocksFor(weight.In),
+        };
+    }
 
     /// <summary>
-    /// <paramref name="count"/> × cols elements of <paramref name="type"/> between <paramref name="rows"/> and <paramref name="ring"/>,
+    /// The rows of <paramref name="rows"/> and their places in <paramref name="ring"/> (<paramref name="ringRows"/> rows per slot):
     /// row r (device int32 <paramref name="slots"/>, <paramref name="positions"/>) at ring row slots[r]·ringRows + positions[r] mod
-    /// ringRows: gathered from the ring into rows, or with <paramref name="scatter"/> scattered from rows into the ring.
+    /// ringRows, gathered from the ring into rows, or with <paramref name="scatter"/> scattered from rows into the ring.
     /// </summary>
-    public void Ring(CudaStream stream, bool scatter, ElementType type, ulong ring, ulong rows, ulong slots, ulong positions, int count, int cols,
-        int ringRows) =>
-        Run(stream, RingInstance(scatter, type), (long)count * cols, new BackendGlueParams
+    public void Ring(CudaStream stream, bool scatter, DeviceRows ring, int ringRows, DeviceRows rows, DeviceInts slots, DeviceInts positions) =>
+        Run(stream, RingInstance(scatter, rows.Type), (long)rows.Rows * rows.Cols, RingParams(scatter, ring, ringRows, rows, slots, positions));
+
+    /// <summary>The ring kernel's arguments, the views checked against each other.</summary>
+    public static BackendGlueParams RingParams(bool scatter, DeviceRows ring, int ringRows, DeviceRows rows, DeviceInts slots, DeviceInts positions)
+    {
+        const string what = "a ring's rows";
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(ringRows);
+        ViewCheck.Type(ring, rows.Type, what, nameof(ring));
+        ViewCheck.Dense(ring, what, nameof(ring));
+        ViewCheck.Dense(rows, what, nameof(rows));
+        if (ring.Cols != rows.Cols || ring.Rows < ringRows)
         {
-            X = scatter ? rows : ring, Out = scatter ? ring : rows, Slots = slots, Positions = positions, Rows = count, Cols = cols, RingRows = ringRows,
-        });
+            throw new ArgumentException($"{what}: a ring [{ring.Rows}, {ring.Cols}] of {ringRows} rows per slot for rows of {rows.Cols}", nameof(ring));
+        }
+
+        if (slots.Length != rows.Rows || positions.Length != rows.Rows)
+        {
+            throw new ArgumentException($"{what}: {slots.Length} slots and {positions.Length} positions for {rows.Rows} rows", nameof(slots));
+        }
+
+        return new BackendGlueParams
+        {
+            X = scatter ? rows.Pointer : ring.Pointer, Out = scatter ? ring.Pointer : rows.Pointer, Slots = slots.Pointer, Positions = positions.Pointer,
+            Rows = rows.Rows, Cols = rows.Cols, RingRows = ringRows,
+        };
+    }
 
     private void Run(CudaStream stream, KernelInstance instance, long work, in BackendGlueParams p)
     {

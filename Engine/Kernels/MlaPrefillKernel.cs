@@ -130,55 +130,87 @@ internal sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler
         [.. MlaPrefillShape.Known.SelectMany(s => new[] { AttentionInstance(s), GatherInstance(s) })];
 
     /// <summary>
-    /// Copies the latent part of each request's context rows (positions 0 .. cuKv[r+1] − cuKv[r] − 1) from the
-    /// paged cache into <paramref name="latent"/> [cuKv[R], KvLora] bf16. <paramref name="maxContext"/> bounds
-    /// the longest context (host value; rows beyond a request's own context are skipped on the device).
+    /// Copies the latent part of each request's context rows (positions 0 .. cuKv[r+1] − cuKv[r] − 1) from the paged cache
+    /// into <paramref name="latent"/> (bf16 [cuKv[R], KvLora], dense), R = cuKv.Length − 1 requests, request r reading row r of
+    /// the block table. <paramref name="maxContext"/> bounds the longest context (host value; rows beyond a request's own
+    /// context are skipped on the device).
     /// </summary>
-    public void Gather(CudaStream stream, MlaPrefillShape shape, ulong cache, ulong blockTable, int maxBlocks, ulong cuKv,
-        int requests, int maxContext, ulong latent)
+    public void Gather(CudaStream stream, MlaPrefillShape shape, LatentPages pages, DeviceInts cuKv, int maxContext, DeviceRows latent)
     {
-        shape.Validate();
-        ArgumentOutOfRangeException.ThrowIfNegative(requests);
-        ArgumentOutOfRangeException.ThrowIfNegative(maxContext);
-        if (requests == 0 || maxContext == 0)
+        var p = GatherParams(shape, pages, cuKv, maxContext, latent);
+        if (p.Requests == 0 || maxContext == 0)
         {
             return;
         }
 
-        CheckBlocks(maxBlocks, maxContext);
-        var p = new MlaPrefillParams
+        Get(GatherInstance(shape)).Launch(new Dim3((uint)Math.Min(maxContext, 65535), checked((uint)p.Requests)), Threads, 0, stream, in p);
+    }
+
+    /// <summary>The gather kernel's arguments, the views checked against the shape.</summary>
+    public static MlaPrefillParams GatherParams(MlaPrefillShape shape, LatentPages pages, DeviceInts cuKv, int maxContext, DeviceRows latent)
+    {
+        const string what = "MLA prefill gather";
+        shape.Validate();
+        var requests = Requests(cuKv, nameof(cuKv));
+        ArgumentOutOfRangeException.ThrowIfNegative(maxContext);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(maxContext, latent.Rows);
+        CheckBf16(latent, latent.Rows, shape.KvLora, what, nameof(latent));
+        if (maxContext > 0)
         {
-            Cache = cache, BlockTable = blockTable, CuKv = cuKv, Latent = latent, Requests = requests, MaxBlocks = maxBlocks,
+            CheckBlocks(pages.MaxBlocks, maxContext);
+        }
+
+        return new MlaPrefillParams
+        {
+            Cache = pages.Cache, BlockTable = pages.BlockTable, CuKv = cuKv.Pointer, Latent = latent.Pointer, Requests = requests, MaxBlocks = pages.MaxBlocks,
         };
-        Get(GatherInstance(shape)).Launch(new Dim3((uint)Math.Min(maxContext, 65535), checked((uint)requests)), Threads, 0, stream, in p);
     }
 
     /// <summary>
-    /// Causal attention of every request's chunk: <paramref name="q"/> [cuQ[R], heads, QkNope + QkRope] bf16
-    /// (rotated q_pe), <paramref name="kv"/> [cuKv[R], heads, QkNope + V] bf16 = kv_b(latent),
-    /// k_pe from the paged <paramref name="cache"/>; writes <paramref name="output"/> [cuQ[R], heads, V] bf16.
-    /// <paramref name="scale"/> is the model's softmax scale (qk_head_dim^−½ · YaRN mscale²).
-    /// <paramref name="maxChunk"/> bounds the longest chunk (host value). Request r's chunk length must not
-    /// exceed its context length (cuKv[r+1] − cuKv[r] ≥ cuQ[r+1] − cuQ[r]); that holds on the device and is not checked here.
+    /// Causal attention of every request's chunk: <paramref name="q"/> bf16 [cuQ[R], heads·(QkNope + QkRope)] (rotated q_pe),
+    /// <paramref name="kv"/> bf16 [cuKv[R], heads·(QkNope + V)] = kv_b(latent), k_pe from the paged cache; writes
+    /// <paramref name="output"/> bf16 [cuQ[R], heads·V]; all dense, R = cuQ.Length − 1 requests. <paramref name="scale"/> is the
+    /// model's softmax scale (qk_head_dim^−½ · YaRN mscale²). <paramref name="maxChunk"/> bounds the longest chunk (host
+    /// value). Request r's chunk length must not exceed its context length (cuKv[r+1] − cuKv[r] ≥ cuQ[r+1] − cuQ[r]); that
+    /// holds on the device and is not checked here.
     /// </summary>
-    public void Attention(CudaStream stream, MlaPrefillShape shape, int heads, ulong q, ulong cache, ulong blockTable, int maxBlocks,
-        ulong cuQ, ulong cuKv, ulong kv, int requests, int maxChunk, float scale, ulong output)
+    public void Attention(CudaStream stream, MlaPrefillShape shape, int heads, DeviceRows q, LatentPages pages, DeviceInts cuQ, DeviceInts cuKv,
+        DeviceRows kv, int maxChunk, float scale, DeviceRows output)
     {
-        shape.Validate();
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(heads);
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(heads, 65535);
-        ArgumentOutOfRangeException.ThrowIfNegative(requests);
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(requests, 65535);
-        ArgumentOutOfRangeException.ThrowIfNegative(maxChunk);
-        if (requests == 0 || maxChunk == 0)
+        var p = AttentionParams(shape, heads, q, pages, cuQ, cuKv, kv, maxChunk, scale, output);
+        if (p.Requests == 0 || maxChunk == 0)
         {
             return;
         }
 
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxBlocks);
-        if ((q | cache | kv | output) % 16 != 0)
+        var grid = new Dim3(Blocks(maxChunk, QueryTile), (uint)heads, (uint)p.Requests);
+        Get(AttentionInstance(shape)).Launch(grid, Threads, 0, stream, in p);
+    }
+
+    /// <summary>The attention kernel's arguments, the views checked against the shape and each other.</summary>
+    public static MlaPrefillParams AttentionParams(MlaPrefillShape shape, int heads, DeviceRows q, LatentPages pages, DeviceInts cuQ, DeviceInts cuKv,
+        DeviceRows kv, int maxChunk, float scale, DeviceRows output)
+    {
+        const string what = "MLA prefill attention";
+        shape.Validate();
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(heads);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(heads, 65535);
+        var requests = Requests(cuQ, nameof(cuQ));
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(requests, 65535, nameof(cuQ));
+        if (cuKv.Length != cuQ.Length)
         {
-            throw new ArgumentException("q, cache, kv and output must be 16-byte aligned (the kernel loads 8 bf16 at a time)");
+            throw new ArgumentException($"{what}: {cuKv.Length} KV offsets for {cuQ.Length} query offsets", nameof(cuKv));
+        }
+
+        ArgumentOutOfRangeException.ThrowIfNegative(maxChunk);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(maxChunk, q.Rows);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(pages.MaxBlocks);
+        CheckBf16(q, q.Rows, heads * shape.QkHead, what, nameof(q));
+        CheckBf16(kv, kv.Rows, heads * shape.KvHead, what, nameof(kv));
+        CheckBf16(output, q.Rows, heads * shape.V, what, nameof(output));
+        if ((q.Pointer | pages.Cache | kv.Pointer | output.Pointer) % 16 != 0)
+        {
+            throw new ArgumentException($"{what}: q, cache, kv and output must be 16-byte aligned (the kernel loads 8 bf16 at a time)", nameof(q));
         }
 
         if (!float.IsFinite(scale) || scale <= 0)
@@ -186,13 +218,22 @@ internal sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler
             throw new ArgumentOutOfRangeException(nameof(scale), scale, "the softmax scale must be positive and finite");
         }
 
-        var p = new MlaPrefillParams
+        return new MlaPrefillParams
         {
-            Q = q, Cache = cache, BlockTable = blockTable, CuQ = cuQ, CuKv = cuKv, Kv = kv, Out = output,
-            Scale = scale, Requests = requests, MaxBlocks = maxBlocks, Heads = heads,
+            Q = q.Pointer, Cache = pages.Cache, BlockTable = pages.BlockTable, CuQ = cuQ.Pointer, CuKv = cuKv.Pointer, Kv = kv.Pointer, Out = output.Pointer,
+            Scale = scale, Requests = requests, MaxBlocks = pages.MaxBlocks, Heads = heads,
         };
-        var grid = new Dim3(Blocks(maxChunk, QueryTile), (uint)heads, (uint)requests);
-        Get(AttentionInstance(shape)).Launch(grid, Threads, 0, stream, in p);
+    }
+
+    /// <summary>Requests of a varlen offset array: one fewer than its entries (cu[0] = 0, cu[r + 1] − cu[r] rows each).</summary>
+    private static int Requests(DeviceInts offsets, string name) =>
+        offsets.Length >= 1 ? offsets.Length - 1 : throw new ArgumentException("a varlen offset array holds at least its leading 0", name);
+
+    private static void CheckBf16(in DeviceRows view, int rows, int cols, string what, string name)
+    {
+        ViewCheck.Type(view, ElementType.BF16, what, name);
+        ViewCheck.Shape(view, rows, cols, what, name);
+        ViewCheck.Dense(view, what, name);
     }
 
     private static void CheckBlocks(int maxBlocks, int maxContext)

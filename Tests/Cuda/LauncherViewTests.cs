@@ -338,6 +338,80 @@ public sealed class LauncherViewTests
         AssertRefused("workspace", () => MlaDecodeKernel.DecodeParams(shape, heads, qAbs, pages, lengths, null, 0.1f, outLatent, lse, splits, 0), "4 splits need a workspace");
     }
 
+    [TestMethod]
+    public void RingRowsAreScatteredToTheirSlotsAndPositionsAndGatheredBack()
+    {
+        // CudaBackend.ScatterRows / GatherRows: 3 slots of 4 ring rows; row r at slots[r]·4 + positions[r] mod 4.
+        var memory = new HostMemory(ElementType.F32);
+        var ring = memory.Matrix(12, 2, (_, _) => -1);
+        var rows = memory.Matrix(3, 2, (r, c) => 10 * r + c);
+        int[] slots = [2, 0, 2], positions = [5, 1, 2];
+        DeviceInts slotsView = new(Base + 0x100_0000, 3), positionsView = new(Base + 0x200_0000, 3);
+        var scatter = BackendGlueKernel.RingParams(scatter: true, ring, 4, rows, slotsView, positionsView);
+        Assert.AreEqual((rows.Pointer, ring.Pointer, slotsView.Pointer, positionsView.Pointer, 3, 2, 4), (scatter.X, scatter.Out, scatter.Slots, scatter.Positions, scatter.Rows, scatter.Cols, scatter.RingRows));
+        memory.Ring(scatter, scatter: true, slots, positions);
+        for (var g = 0; g < 12; g++)
+        {
+            var from = g switch { 9 => 0, 1 => 1, 10 => 2, _ => -1 };
+            Assert.AreEqual(from < 0 ? -1 : 10 * from, memory.At(ring, g, 0), $"ring row {g}");
+            Assert.AreEqual(from < 0 ? -1 : 10 * from + 1, memory.At(ring, g, 1), $"ring row {g}");
+        }
+
+        var back = memory.Matrix(3, 2, (_, _) => float.NaN);
+        var gather = BackendGlueKernel.RingParams(scatter: false, ring, 4, back, slotsView, positionsView);
+        Assert.AreEqual((ring.Pointer, back.Pointer), (gather.X, gather.Out));
+        memory.Ring(gather, scatter: false, slots, positions);
+        for (var r = 0; r < 3; r++)
+        {
+            Assert.AreEqual((memory.At(rows, r, 0), memory.At(rows, r, 1)), (memory.At(back, r, 0), memory.At(back, r, 1)), $"row {r} comes back");
+        }
+
+        AssertRefused("slots", () => BackendGlueKernel.RingParams(true, ring, 4, rows, new DeviceInts(Base, 2), positionsView), "2 slots and 3 positions for 3 rows");
+        AssertRefused("ring", () => BackendGlueKernel.RingParams(true, new DeviceRows(ring.Pointer, ElementType.BF16, 12, 2), 4, rows, slotsView, positionsView), "BF16, expected F32");
+        AssertRefused("ring", () => BackendGlueKernel.RingParams(true, new DeviceRows(ring.Pointer, ElementType.F32, 12, 3), 4, rows, slotsView, positionsView), "for rows of 2");
+    }
+
+    [TestMethod]
+    public void RoundingAndDequantizationTakeWholeDenseViews()
+    {
+        var round = BackendGlueKernel.RoundParams(new DeviceRows(Base, ElementType.F32, 3, 7168));
+        Assert.AreEqual((Base, 3L * 7168), (round.Out, round.N));
+        AssertRefused("values", () => BackendGlueKernel.RoundParams(new DeviceRows(Base, ElementType.BF16, 3, 7168)), "BF16, expected F32");
+        AssertRefused("values", () => BackendGlueKernel.RoundParams(new DeviceRows(Base, ElementType.F32, 3, 7168).Columns(0, 100)), "must be dense");
+
+        var w = new Fp8Linear(Base, Base + 0x100_0000, 32768, 512);
+        var dq = BackendGlueKernel.DequantizeParams(w, new DeviceRows(Base + 0x200_0000, ElementType.BF16, 32768, 512));
+        Assert.AreEqual((w.W, w.Scales, Base + 0x200_0000, 32768, 512, 4), (dq.X, dq.Y, dq.Out, dq.Rows, dq.Cols, dq.ScaleCols));
+        AssertRefused("output", () => BackendGlueKernel.DequantizeParams(w, new DeviceRows(Base, ElementType.BF16, 512, 32768)), "[512, 32768], expected [32768, 512]");
+    }
+
+    [TestMethod]
+    public void MlaPrefillTakesVarlenOffsetsAndDenseBf16Heads()
+    {
+        var shape = MlaPrefillShape.V3;
+        var pages = new LatentPages(Base, Base + 0x100_0000, 8);
+        DeviceInts cuQ = new(Base + 0x200_0000, 3), cuKv = new(Base + 0x200_1000, 3);
+        var latent = new DeviceRows(Base + 0x300_0000, ElementType.BF16, 600, 512);
+        var gather = MlaPrefillKernel.GatherParams(shape, pages, cuKv, 500, latent);
+        Assert.AreEqual((pages.Cache, pages.BlockTable, cuKv.Pointer, latent.Pointer, 2, 8), (gather.Cache, gather.BlockTable, gather.CuKv, gather.Latent, gather.Requests, gather.MaxBlocks));
+        Assert.AreEqual("maxBlocks", Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MlaPrefillKernel.GatherParams(shape, pages, cuKv, 513, latent.Slice(0, 600))).ParamName,
+            "8 blocks of 64 rows hold 512 tokens");
+        AssertRefused("latent", () => MlaPrefillKernel.GatherParams(shape, pages, cuKv, 500, new DeviceRows(latent.Pointer, ElementType.BF16, 600, 576)), "[600, 576], expected [600, 512]");
+
+        const int heads = 16, rows = 40;
+        DeviceRows q = new(Base + 0x400_0000, ElementType.BF16, rows, heads * 192), kv = new(Base + 0x500_0000, ElementType.BF16, 600, heads * 256),
+            output = new(Base + 0x600_0000, ElementType.BF16, rows, heads * 128);
+        var p = MlaPrefillKernel.AttentionParams(shape, heads, q, pages, cuQ, cuKv, kv, 30, 0.1f, output);
+        Assert.AreEqual((q.Pointer, cuQ.Pointer, cuKv.Pointer, kv.Pointer, output.Pointer), (p.Q, p.CuQ, p.CuKv, p.Kv, p.Out));
+        Assert.AreEqual((0.1f, 2, 8, heads), (p.Scale, p.Requests, p.MaxBlocks, p.Heads));
+
+        AssertRefused("cuKv", () => MlaPrefillKernel.AttentionParams(shape, heads, q, pages, cuQ, new DeviceInts(cuKv.Pointer, 2), kv, 30, 0.1f, output), "2 KV offsets for 3 query offsets");
+        AssertRefused("kv", () => MlaPrefillKernel.AttentionParams(shape, heads, q, pages, cuQ, cuKv, kv.Columns(0, heads * 192), 30, 0.1f, output), "[600, 3072], expected [600, 4096]");
+        AssertRefused("output", () => MlaPrefillKernel.AttentionParams(shape, heads, q, pages, cuQ, cuKv, kv, 30, 0.1f, output.Slice(0, 39)), "[39, 2048], expected [40, 2048]");
+        AssertRefused("q", () => MlaPrefillKernel.AttentionParams(shape, heads, new DeviceRows(q.Pointer + 2, ElementType.BF16, rows, heads * 192), pages, cuQ, cuKv, kv, 30, 0.1f, output), "16-byte aligned");
+        Assert.AreEqual("scale", Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MlaPrefillKernel.AttentionParams(shape, heads, q, pages, cuQ, cuKv, kv, 30, float.NaN, output)).ParamName);
+    }
+
     private static void AssertRefused(string parameter, Action call, string message)
     {
         var e = Assert.ThrowsExactly<ArgumentException>(call);
@@ -375,6 +449,27 @@ public sealed class LauncherViewTests
                 for (var c = 0; c < p.Cols; c++)
                 {
                     _elements[o + (int)(r * p.OutStride) + c] = _elements[x + (int)(r * p.XStride) + c];
+                }
+            }
+        }
+
+        /// <summary>glue_ring_kernel's indexing: ring row g = slots[r]·ring_rows + positions[r] mod ring_rows for step row r.</summary>
+        public void Ring(in BackendGlueParams p, bool scatter, int[] slots, int[] positions)
+        {
+            int x = Index(p.X), o = Index(p.Out);
+            for (var r = 0; r < p.Rows; r++)
+            {
+                var g = (slots[r] * p.RingRows) + (positions[r] % p.RingRows);
+                for (var c = 0; c < p.Cols; c++)
+                {
+                    if (scatter)
+                    {
+                        _elements[o + (g * p.Cols) + c] = _elements[x + (r * p.Cols) + c];
+                    }
+                    else
+                    {
+                        _elements[o + (r * p.Cols) + c] = _elements[x + (g * p.Cols) + c];
+                    }
                 }
             }
         }

@@ -151,7 +151,8 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
 
         var totalKv = cuKv[nReq];
         using var latentD = Poisoned((long)totalKv * lora, ElementType.BF16);
-        kernel.Gather(Stream, shape, cacheD.Pointer, tableD.Pointer, maxBlocks, cuKvD.Pointer, nReq, ctx.Max(), latentD.Pointer);
+        var pages = new LatentPages(cacheD.Pointer, tableD.Pointer, maxBlocks);
+        kernel.Gather(Stream, shape, pages, new DeviceInts(cuKvD.Pointer, nReq + 1), ctx.Max(), Rows(latentD, ElementType.BF16, totalKv, lora));
         var latent = Read(latentD, ElementType.BF16, Stream);
         var expectLatent = new float[(long)totalKv * lora];
         for (var i = 0; i < nReq; i++)
@@ -173,8 +174,8 @@ public sealed class MlaPrefillGpuTests : GpuTestBase
 
         var outElems = cuQ[nReq] * heads * dv;
         using var outD = Poisoned(outElems, ElementType.BF16);
-        kernel.Attention(Stream, shape, heads, qD.Pointer, cacheD.Pointer, tableD.Pointer, maxBlocks, cuQD.Pointer, cuKvD.Pointer,
-            kvD.Pointer, nReq, requests.Max(x => x.Len), scale, outD.Pointer);
+        kernel.Attention(Stream, shape, heads, Rows(qD, ElementType.BF16, cuQ[nReq], heads * shape.QkHead), pages, new DeviceInts(cuQD.Pointer, nReq + 1),
+            new DeviceInts(cuKvD.Pointer, nReq + 1), Rows(kvD, ElementType.BF16, totalKv, n), requests.Max(x => x.Len), scale, Rows(outD, ElementType.BF16, cuQ[nReq], heads * dv));
         var got = Read(outD, ElementType.BF16, Stream);
 
         // ---- CPU reference per request over the gathered contiguous cache.

@@ -409,8 +409,7 @@ public sealed class CudaBackend : IBackend
         ShapeCheck.Ring(ring, ringRows, rows, other);
         var s = (CudaStepRows)rows;
         CudaTensor g = T(ring), x = T(other);
-        SameType(g, x, "a ring and its rows");
-        _glue.Ring(_stream, scatter, x.Type, g.Pointer, x.Pointer, s.SlotsPointer, s.PositionsPointer, x.Rows, x.Cols, ringRows);
+        _glue.Ring(_stream, scatter, g.Matrix, ringRows, x.Matrix, new DeviceInts(s.SlotsPointer, x.Rows), new DeviceInts(s.PositionsPointer, x.Rows));
     }
 
     /// <inheritdoc />
@@ -889,7 +888,6 @@ public sealed class CudaBackend : IBackend
         var w = (CudaNormWeight)weight;
         ShapeCheck.Require(r.Rows == d.Rows && r.Cols == d.Cols, "residual and delta shapes");
         ShapeCheck.Require(r.Cols == w.Width && o.Cols == w.Width && r.Rows == o.Rows, "rmsnorm shapes");
-        SameType(r, d, "the residual and its update");
         // The fused form: residual = bf16(residual + delta) (stored bf16, or rounded in f32 storage), then its norm, in one pass over each row.
         _norm.LaunchFused(_stream, r.Matrix, d.Matrix, w.Vector, o.Matrix, w.Epsilon, round: NeedsRounding(o));
     }
@@ -905,7 +903,6 @@ public sealed class CudaBackend : IBackend
             return;
         }
 
-        SameType(g, u, "gate and up");
         // As one row of all elements in slices (the kernel's grid.x), so any shape and row count fits.
         const int slice = 1 << 24;
         for (long first = 0; first < o.Length; first += slice)
@@ -1125,23 +1122,23 @@ public sealed class CudaBackend : IBackend
 
         var shape = CudaBackendLayout.PrefillShape(dims);
         var cu = UploadInts([0, tokens, 0, context]);
-        ulong cuQ = cu, cuKv = cu + 8;
-        var latent = _latent.Get((long)context * dims.KvLora * 2);
-        _prefill.Gather(_stream, shape, c.CachePointer, c.TablePointer, c.MaxBlocks, cuKv, 1, context, latent);
-        var kv = _kv.Get((long)context * w.Out * 2);
-        Gemm(new DeviceRows(latent, ElementType.BF16, context, dims.KvLora), w, new DeviceRows(kv, ElementType.BF16, context, w.Out), _kvCodes, _kvScales);
+        DeviceInts cuQ = new(cu, 2), cuKv = new(cu + 8, 2);
+        var latent = new DeviceRows(_latent.Get((long)context * dims.KvLora * 2), ElementType.BF16, context, dims.KvLora);
+        _prefill.Gather(_stream, shape, c.Pages, cuKv, context, latent);
+        var kv = new DeviceRows(_kv.Get((long)context * w.Out * 2), ElementType.BF16, context, w.Out);
+        Gemm(latent, w, kv, _kvCodes, _kvScales);
         // The kernel reads q and writes its output in BF16: f32 storage goes through BF16 copies.
-        var q16 = qt.Type == ElementType.BF16 ? qt.Pointer : _qBf16.Get(qt.Length * 2);
+        var q16 = qt.Type == ElementType.BF16 ? qt.Matrix : new DeviceRows(_qBf16.Get(qt.Length * 2), ElementType.BF16, qt.Rows, qt.Cols);
         if (qt.Type != ElementType.BF16)
         {
-            _glue.Convert(_stream, qt.Matrix, new DeviceRows(q16, ElementType.BF16, qt.Rows, qt.Cols));
+            _glue.Convert(_stream, qt.Matrix, q16);
         }
 
-        var out16 = o.Type == ElementType.BF16 ? o.Pointer : _outBf16.Get(o.Length * 2);
-        _prefill.Attention(_stream, shape, dims.Heads, q16, c.CachePointer, c.TablePointer, c.MaxBlocks, cuQ, cuKv, kv, 1, tokens, scale, out16);
+        var out16 = o.Type == ElementType.BF16 ? o.Matrix : new DeviceRows(_outBf16.Get(o.Length * 2), ElementType.BF16, o.Rows, o.Cols);
+        _prefill.Attention(_stream, shape, dims.Heads, q16, c.Pages, cuQ, cuKv, kv, tokens, scale, out16);
         if (o.Type != ElementType.BF16)
         {
-            _glue.Convert(_stream, new DeviceRows(out16, ElementType.BF16, o.Rows, o.Cols), o.Matrix);
+            _glue.Convert(_stream, out16, o.Matrix);
         }
     }
 
@@ -1152,7 +1149,7 @@ public sealed class CudaBackend : IBackend
         {
             FirstRunNotCaptured("absorbed attention with this kv_b");
             var b = w.Owned.Own(DeviceBuffer<ushort>.Allocate(_device, (long)w.Out * w.In));
-            _glue.Dequantize(_stream, w.Codes!.Pointer, w.Scales!.Pointer, w.Out, w.In, b.Pointer);
+            _glue.Dequantize(_stream, w.Fp8Linear, new DeviceRows(b.Pointer, ElementType.BF16, w.Out, w.In));
             w.Bf16 = b;
         }
 
@@ -1228,7 +1225,7 @@ public sealed class CudaBackend : IBackend
     {
         if (NeedsRounding(output))
         {
-            _glue.Round(_stream, output.Pointer, output.Length);
+            _glue.Round(_stream, output.Matrix);
         }
     }
 

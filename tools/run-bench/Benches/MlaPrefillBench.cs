@@ -63,7 +63,10 @@ internal static class MlaPrefillBench
         cache.Fill32(0x3C003C00, stream);
         q.Fill32(0x3F003F00, stream);
         kv.Fill32(0x3C003C00, stream);
-        return gpu.Measure(_ => kernel.Attention(stream, s, Heads, q.Pointer, cache.Pointer, tableD.Pointer, blocksPer,
-            cuD.Pointer, cuD.Pointer, kv.Pointer, batch, len, (float)ModelPresets.DeepSeekV3.SoftmaxScale, output.Pointer));
+        var rows = (int)tokens;
+        var offsets = new DeviceInts(cuD.Pointer, batch + 1);
+        return gpu.Measure(_ => kernel.Attention(stream, s, Heads, new DeviceRows(q.Pointer, ElementType.BF16, rows, Heads * s.QkHead),
+            new LatentPages(cache.Pointer, tableD.Pointer, blocksPer), offsets, offsets, new DeviceRows(kv.Pointer, ElementType.BF16, rows, Heads * s.KvHead), len,
+            (float)ModelPresets.DeepSeekV3.SoftmaxScale, new DeviceRows(output.Pointer, ElementType.BF16, rows, Heads * s.V)));
     }
 }
