@@ -145,7 +145,19 @@ internal readonly record struct Fp8Linear(ulong W, ulong Scales, int Out, int In
 /// <summary>A device array of <paramref name="Length"/> int32 values (token ids, positions, expert indices).</summary>
 /// <param name="Pointer">Address of the first value.</param>
 /// <param name="Length">Values.</param>
-internal readonly record struct DeviceInts(ulong Pointer, int Length);
+internal readonly record struct DeviceInts(ulong Pointer, int Length)
+{
+    /// <summary>Values <paramref name="first"/> .. + <paramref name="length"/> − 1 of this array.</summary>
+    public DeviceInts Slice(int first, int length)
+    {
+        if (first < 0 || length < 0 || first + length > Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(length), $"values {first}..{first + length - 1} of an array of {Length}");
+        }
+
+        return new DeviceInts(Pointer + (ulong)((long)first * sizeof(int)), length);
+    }
+}
 
 /// <summary>
 /// A routing on the device: for each of <paramref name="Tokens"/> tokens, <paramref name="K"/> expert ids int32 [Tokens, K]

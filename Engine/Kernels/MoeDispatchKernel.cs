@@ -26,6 +26,27 @@ internal struct MoeDispatchParams
     public int Pad0;
 }
 
+/// <summary>
+/// The device buffers the dispatch writes for up to <paramref name="TMax"/> tokens of <paramref name="K"/> slots over
+/// <paramref name="Experts"/> expert slots in tiles of <paramref name="Tile"/> rows (int32 each): counts [E], offsets [E + 1],
+/// perm [<see cref="RowsMax"/>], inv [TMax · K], and its workspace [<see cref="MoeDispatchKernel.WorkspaceInts"/>]. The host
+/// mirror of what they hold is <see cref="MoeDispatchLayout"/>.
+/// </summary>
+internal readonly record struct MoeDispatchBuffers(ulong Counts, ulong Offsets, ulong Perm, ulong Inv, ulong Workspace, int TMax, int K, int Experts, int Tile)
+{
+    /// <summary>Rows of perm: the bound for any routing.</summary>
+    public int RowsMax => MoeDispatch.RowsMax(TMax, K, Experts, Tile);
+}
+
+/// <summary>
+/// Expert parallelism's translation on the device: <paramref name="Map"/> int32 [<paramref name="Experts"/>] from the model's
+/// routed experts to this device's slots or −1 (<see cref="MoeDispatch.ExpertMap"/>), and where the localized ids go.
+/// </summary>
+/// <param name="Map">Address of the map.</param>
+/// <param name="Experts">The model's routed experts (the map's length).</param>
+/// <param name="LocalIdx">int32 [TMax · K] for the localized ids.</param>
+internal readonly record struct DeviceExpertMap(ulong Map, int Experts, DeviceInts LocalIdx);
+
 /// <summary>The expert-contiguous layout of one batch's routed token slots (see <see cref="MoeDispatch"/>).</summary>
 /// <param name="Counts">[E] slots per expert.</param>
 /// <param name="Offsets">[E + 1] padded exclusive offsets; Offsets[E] is the number of rows in use.</param>
@@ -179,40 +200,48 @@ internal sealed class MoeDispatchKernel(CudaDevice device, NvrtcCompiler compile
     public static long WorkspaceInts(int tMax, int k, int experts) => (long)Chunks(tMax, k) * experts;
 
     /// <summary>
-    /// Builds the layout for <paramref name="tokens"/> tokens of topkIdx [tMax, k] (or for the int32 count at
-    /// <paramref name="numTokens"/> when it is not 0, clamped to tMax). Buffers (int32): counts [E], offsets [E + 1],
-    /// perm [<see cref="MoeDispatch.RowsMax"/>], inv [tMax · k], workspace [<see cref="WorkspaceInts"/>]; E is the
-    /// device's expert slots. With <paramref name="expertMap"/> (int32 [<paramref name="mapExperts"/>], global expert →
-    /// slot or −1, <see cref="MoeDispatch.ExpertMap"/>) topkIdx holds global ids and the live slots' local experts are
-    /// written to <paramref name="localIdx"/> (int32 [tMax · k], <see cref="MoeDispatch.Localize"/>), which the layout
-    /// then follows: what the masked layout must read in place of topkIdx.
+    /// Builds the layout for <paramref name="tokens"/> tokens of topkIdx [TMax, K] (or for the int32 count at
+    /// <paramref name="numTokens"/> when it is not 0, clamped to TMax) into <paramref name="buffers"/>. With an expert
+    /// <paramref name="map"/> topkIdx holds global ids and the live slots' local experts are written to the map's LocalIdx
+    /// (<see cref="MoeDispatch.Localize"/>), which the layout then follows: what the masked layout must read in place of topkIdx.
     /// </summary>
-    public void Launch(CudaStream stream, ulong topkIdx, int tokens, int tMax, int k, int experts, int tile,
-        ulong counts, ulong offsets, ulong perm, ulong inv, ulong workspace, ulong numTokens = 0, ulong expertMap = 0, int mapExperts = 0,
-        ulong localIdx = 0)
+    public void Launch(CudaStream stream, DeviceInts topkIdx, int tokens, MoeDispatchBuffers buffers, ulong numTokens = 0, DeviceExpertMap? map = null)
     {
-        if (expertMap != 0 && (mapExperts <= 0 || localIdx == 0))
-        {
-            throw new ArgumentException($"an expert map needs its length (mapExperts, {mapExperts}) and a localIdx buffer", nameof(expertMap));
-        }
-
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(tMax);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(experts);
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(experts, 1024); // the scatter's [warps][E] table and running bases fit in 48 KiB of shared memory
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(tile);
-        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(tokens, tMax);
-        var p = new MoeDispatchParams
-        {
-            TopkIdx = topkIdx, NumTokens = numTokens, Counts = counts, Offsets = offsets, Perm = perm, Inv = inv, Hist = workspace,
-            ExpertMap = expertMap, LocalIdx = expertMap != 0 ? localIdx : 0, MapExperts = expertMap != 0 ? mapExperts : 0,
-            Tokens = tokens, TMax = tMax, K = k, Tile = tile, RowsMax = MoeDispatch.RowsMax(tMax, k, experts, tile), Chunks = Chunks(tMax, k),
-        };
-        var (count, scan, scatter) = Instances(experts);
+        var p = Params(topkIdx, tokens, buffers, numTokens, map);
+        var (count, scan, scatter) = Instances(buffers.Experts);
         var grid = new Dim3((uint)p.Chunks);
         Get(count).Launch(grid, Block, 0, stream, in p);
         Get(scan).Launch(new Dim3(1), Block, 0, stream, in p);
         Get(scatter).Launch(grid, Block, 0, stream, in p);
+    }
+
+    /// <summary>The three kernels' arguments, the ids and map checked against the buffers' sizes.</summary>
+    public static MoeDispatchParams Params(DeviceInts topkIdx, int tokens, MoeDispatchBuffers buffers, ulong numTokens, DeviceExpertMap? map)
+    {
+        const string what = "MoE dispatch";
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(buffers.TMax, nameof(buffers));
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(buffers.K, nameof(buffers));
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(buffers.Experts, nameof(buffers));
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(buffers.Experts, 1024, nameof(buffers)); // the scatter's [warps][E] table and running bases fit in 48 KiB of shared memory
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(buffers.Tile, nameof(buffers));
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(tokens, buffers.TMax);
+        var read = (long)(numTokens != 0 ? buffers.TMax : tokens) * buffers.K;
+        if (topkIdx.Length < read)
+        {
+            throw new ArgumentException($"{what}: {topkIdx.Length} expert ids where the dispatch may read {read}", nameof(topkIdx));
+        }
+
+        if (map is { } m && (m.Experts <= 0 || m.LocalIdx.Length < (long)buffers.TMax * buffers.K))
+        {
+            throw new ArgumentException($"{what}: an expert map of {m.Experts} experts with {m.LocalIdx.Length} local ids for {buffers.TMax} x {buffers.K} slots", nameof(map));
+        }
+
+        return new MoeDispatchParams
+        {
+            TopkIdx = topkIdx.Pointer, NumTokens = numTokens, Counts = buffers.Counts, Offsets = buffers.Offsets, Perm = buffers.Perm, Inv = buffers.Inv,
+            Hist = buffers.Workspace, ExpertMap = map?.Map ?? 0, LocalIdx = map?.LocalIdx.Pointer ?? 0, MapExperts = map?.Experts ?? 0,
+            Tokens = tokens, TMax = buffers.TMax, K = buffers.K, Tile = buffers.Tile, RowsMax = buffers.RowsMax, Chunks = Chunks(buffers.TMax, buffers.K),
+        };
     }
 }

@@ -50,6 +50,20 @@ internal struct MoeMaskedLayoutParams
     public int Pad0;
 }
 
+/// <summary>
+/// Where the grouped expert GEMM finds each expert's rows (device int32 arrays from the dispatch): counts [E], the contiguous
+/// layout's padded offsets [E + 1], and the gather map (grouped row → slot, activation row = slot / <paramref name="GatherDiv"/>;
+/// 0: the activation row is the grouped row).
+/// </summary>
+/// <param name="Layout">Contiguous (prefill) or masked (decode).</param>
+/// <param name="Counts">Slots per expert.</param>
+/// <param name="Offsets">The dispatch's padded offsets (the contiguous layout finds each tile's expert in them).</param>
+/// <param name="Gather">Grouped row → slot, or 0.</param>
+/// <param name="GatherDiv">Slots per activation row (k when gathering token slots).</param>
+/// <param name="Rows">Contiguous: the bound of rows launched (<see cref="MoeGroupedGemmKernel.RowsBound"/>).</param>
+/// <param name="Capacity">Masked: rows per expert.</param>
+internal readonly record struct GroupedRows(MoeGroupedLayout Layout, ulong Counts, ulong Offsets, ulong Gather, int GatherDiv, int Rows, int Capacity);
+
 /// <summary>How the grouped expert GEMM finds each expert's rows.</summary>
 internal enum MoeGroupedLayout
 {
@@ -314,98 +328,127 @@ internal sealed class MoeGroupedGemmKernel : KernelLauncher
     }
 
     /// <summary>
-    /// h = SiLU(x·gateᵀ)·(x·upᵀ) per expert, bf16 [rows, I] at the grouped rows. <paramref name="gather"/> 0: activation row =
-    /// grouped row; otherwise the dispatch perm (row → slot, activation row = slot / <paramref name="gatherDiv"/>).
-    /// Contiguous: <paramref name="rows"/> bounds the tiles launched (<see cref="RowsBound"/>), offsets [E + 1] padded to
-    /// <see cref="Tile"/>. Masked: rows of expert e at e·capacity, <paramref name="rows"/> ignored.
+    /// h = SiLU(x·gateᵀ)·(x·upᵀ) per expert, bf16 at the grouped rows of <paramref name="rows"/> (its gather: activation row =
+    /// slot / GatherDiv, or the grouped row itself without one).
     /// </summary>
-    public void GateUp(CudaStream stream, MoeExpertStack w, MoeGroupedLayout layout, ulong xCodes, ulong xScales, ulong h,
-        ulong counts, ulong offsets, ulong gather, int gatherDiv, int rows, int capacity, long xStride = -1, long xScalesStride = -1) =>
-        Run(stream, swiglu: true, w.Hidden, w.Inter, layout, w.Experts, w.W13, w.W13Scales, xCodes, xScales, h, counts, offsets, gather,
-            gatherDiv, rows, capacity, xStride < 0 ? w.Hidden : xStride, xScalesStride < 0 ? Fp8GemmKernel.BlocksFor(w.Hidden) : xScalesStride, w.Inter);
+    public void GateUp(CudaStream stream, MoeExpertStack w, GroupedRows rows, Fp8Rows x, DeviceRows h) => Run(stream, swiglu: true, w, rows, x, h);
+
+    /// <summary>y = hq·downᵀ per expert, bf16 at the grouped rows, from h's FP8 codes (activation row = grouped row: no gather).</summary>
+    public void Down(CudaStream stream, MoeExpertStack w, GroupedRows rows, Fp8Rows h, DeviceRows y) =>
+        Run(stream, swiglu: false, w, rows with { Gather = 0, GatherDiv = 1 }, h, y);
 
     /// <summary>
-    /// y = hq·downᵀ per expert, bf16 [rows, H] at the grouped rows, from h's FP8 codes [rows, I] (activation row = grouped row).
+    /// Masked layout from a contiguous dispatch of <paramref name="topkIdx"/> (the ids it dispatched; read only at routed
+    /// slots): gather
+    /// [E·capacity] (masked row → slot, −1 empty) and minv [TMax·K] (slot → masked row, −1 when not routed). Needs capacity ≥
+    /// the live token count (see <see cref="CheckCapacity"/>).
     /// </summary>
-    public void Down(CudaStream stream, MoeExpertStack w, MoeGroupedLayout layout, ulong hCodes, ulong hScales, ulong y,
-        ulong counts, ulong offsets, int rows, int capacity) =>
-        Run(stream, swiglu: false, w.Hidden, w.Inter, layout, w.Experts, w.W2, w.W2Scales, hCodes, hScales, y, counts, offsets, 0, 1,
-            rows, capacity, w.Inter, Fp8GemmKernel.BlocksFor(w.Inter), w.Hidden);
-
-    /// <summary>
-    /// Masked layout from a contiguous dispatch: gather [E·capacity] (masked row → slot, −1 empty) and minv [tMax·k]
-    /// (slot → masked row, −1 when not routed). Needs capacity ≥ the live token count (see <see cref="CheckCapacity"/>).
-    /// </summary>
-    public void MaskedLayout(CudaStream stream, ulong topkIdx, ulong counts, ulong offsets, ulong perm, ulong inv, int experts, int capacity,
-        int tMax, int k, ulong gather, ulong minv)
+    public void MaskedLayout(CudaStream stream, DeviceInts topkIdx, MoeDispatchBuffers dispatch, int capacity, DeviceInts gather, DeviceInts minv)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(capacity);
-        var p = new MoeMaskedLayoutParams
-        {
-            TopkIdx = topkIdx, Counts = counts, Offsets = offsets, Perm = perm, Inv = inv, Gather = gather, Minv = minv,
-            Experts = experts, Capacity = capacity, Slots = checked(tMax * k),
-        };
-        Get(MaskedLayoutInstance).Launch(new Dim3(Blocks(Math.Max((long)experts * capacity, p.Slots), 256)), 256, 0, stream, in p);
+        var p = MaskedLayoutParams(topkIdx, dispatch, capacity, gather, minv);
+        Get(MaskedLayoutInstance).Launch(new Dim3(Blocks(Math.Max((long)p.Experts * capacity, p.Slots), 256)), 256, 0, stream, in p);
     }
 
-    private void Run(CudaStream stream, bool swiglu, int hidden, int inter, MoeGroupedLayout layout, int experts, ulong w, ulong wScales, ulong xCodes,
-        ulong xScales, ulong y, ulong counts, ulong offsets, ulong gather, int gatherDiv, int rows, int capacity,
-        long xStride, long xScalesStride, long yStride)
+    /// <summary>The masked-layout kernel's arguments, the arrays checked against the dispatch's sizes.</summary>
+    public static MoeMaskedLayoutParams MaskedLayoutParams(DeviceInts topkIdx, MoeDispatchBuffers dispatch, int capacity, DeviceInts gather, DeviceInts minv)
     {
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(experts);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(gatherDiv);
-        if ((w & 15) != 0)
+        const string what = "masked MoE layout";
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(capacity);
+        var slots = checked(dispatch.TMax * dispatch.K);
+        if (minv.Length < slots || gather.Length < (long)dispatch.Experts * capacity)
         {
-            throw new ArgumentException("FP8 weights must be 16-byte aligned", nameof(w));
+            throw new ArgumentException($"{what}: {minv.Length} inverse slots and {gather.Length} gather rows for {slots} slots and {dispatch.Experts} experts of {capacity}",
+                nameof(gather));
         }
 
+        return new MoeMaskedLayoutParams
+        {
+            TopkIdx = topkIdx.Pointer, Counts = dispatch.Counts, Offsets = dispatch.Offsets, Perm = dispatch.Perm, Inv = dispatch.Inv, Gather = gather.Pointer,
+            Minv = minv.Pointer, Experts = dispatch.Experts, Capacity = capacity, Slots = slots,
+        };
+    }
+
+    /// <summary>
+    /// The kernels' arguments for the gate/up (<paramref name="swiglu"/>) or down pass of <paramref name="w"/>, the activations
+    /// and output checked against the stack's widths and the grouped rows.
+    /// </summary>
+    public static MoeGroupedGemmParams Params(bool swiglu, MoeExpertStack w, GroupedRows rows, Fp8Rows x, DeviceRows y)
+    {
+        var what = swiglu ? "grouped gate/up" : "grouped down";
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(w.Experts);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(rows.GatherDiv);
+        if ((w.W13 & 15) != 0 || (w.W2 & 15) != 0)
+        {
+            throw new ArgumentException($"{what}: FP8 weights must be 16-byte aligned", nameof(w));
+        }
+
+        int k = swiglu ? w.Hidden : w.Inter, n = swiglu ? w.Inter : w.Hidden;
+        if (x.Cols != k)
+        {
+            throw new ArgumentException($"{what}: x has {x.Cols} channels, the experts take {k}", nameof(x));
+        }
+
+        ViewCheck.Type(y, ElementType.BF16, what, nameof(y));
+        ViewCheck.Shape(y, y.Rows, n, what, nameof(y));
+        var needed = rows.Layout == MoeGroupedLayout.Masked ? (long)w.Experts * rows.Capacity : rows.Rows;
+        if (y.Rows < needed)
+        {
+            throw new ArgumentException($"{what}: y holds {y.Rows} rows, the grouped rows need {needed}", nameof(y));
+        }
+
+        if (rows.Layout == MoeGroupedLayout.Contiguous && rows.Offsets == 0)
+        {
+            throw new ArgumentException($"{what}: the contiguous layout needs the dispatch offsets", nameof(rows));
+        }
+
+        return new MoeGroupedGemmParams
+        {
+            XCodes = x.Codes, XScales = x.Scales, W = swiglu ? w.W13 : w.W2, WScales = swiglu ? w.W13Scales : w.W2Scales, Y = y.Pointer, Counts = rows.Counts,
+            Offsets = rows.Offsets, Gather = rows.Gather, XStride = x.CodesStride, XScalesStride = x.ScalesStride, YStride = y.Stride, Experts = w.Experts,
+            Capacity = rows.Layout == MoeGroupedLayout.Masked ? rows.Capacity : 0, GatherDiv = rows.GatherDiv,
+        };
+    }
+
+    private void Run(CudaStream stream, bool swiglu, MoeExpertStack w, GroupedRows rows, Fp8Rows x, DeviceRows y)
+    {
+        var p = Params(swiglu, w, rows, x, y);
         uint rowTiles;
         uint z = 1;
-        if (layout == MoeGroupedLayout.Masked)
+        if (rows.Layout == MoeGroupedLayout.Masked)
         {
-            ArgumentOutOfRangeException.ThrowIfNegativeOrZero(capacity);
-            rowTiles = Blocks(capacity, Tile);
-            z = (uint)experts;
+            ArgumentOutOfRangeException.ThrowIfNegativeOrZero(rows.Capacity, nameof(rows));
+            rowTiles = Blocks(rows.Capacity, Tile);
+            z = (uint)w.Experts;
             if (z > 65535)
             {
-                throw new ArgumentOutOfRangeException(nameof(experts), experts, "the masked layout puts experts on grid.z: at most 65535");
+                throw new ArgumentOutOfRangeException(nameof(w), w.Experts, "the masked layout puts experts on grid.z: at most 65535");
             }
         }
         else
         {
-            if (offsets == 0)
-            {
-                throw new ArgumentException("the contiguous layout needs the dispatch offsets", nameof(offsets));
-            }
-
-            if (rows <= 0)
+            if (rows.Rows <= 0)
             {
                 return;
             }
 
-            rowTiles = Blocks(rows, Tile);
+            rowTiles = Blocks(rows.Rows, Tile);
         }
 
         if (rowTiles > 65535)
         {
-            throw new ArgumentOutOfRangeException(nameof(rows), rows, $"grid.y holds at most 65535 row tiles of {Tile} rows");
+            throw new ArgumentOutOfRangeException(nameof(rows), rows.Rows, $"grid.y holds at most 65535 row tiles of {Tile} rows");
         }
 
-        var p = new MoeGroupedGemmParams
-        {
-            XCodes = xCodes, XScales = xScales, W = w, WScales = wScales, Y = y, Counts = counts, Offsets = offsets, Gather = gather,
-            XStride = xStride, XScalesStride = xScalesStride, YStride = yStride, Experts = experts, Capacity = capacity, GatherDiv = gatherDiv,
-        };
-        int n = swiglu ? 2 * inter : hidden, k = swiglu ? hidden : inter;
-        if (UsesWgmma(PreferWgmma, Device.Target, k, xStride, xCodes))
+        int hidden = w.Hidden, inter = w.Inter, n = swiglu ? 2 * inter : hidden, k = swiglu ? hidden : inter;
+        if (UsesWgmma(PreferWgmma, Device.Target, k, p.XStride, p.XCodes))
         {
             var columns = Blocks(swiglu ? inter : hidden, swiglu ? WgmmaSwigluColumns : WgmmaDownColumns);
-            _wgmma!.Run(stream, swiglu ? WgmmaGateUpInstance(hidden, inter, layout) : WgmmaDownInstance(hidden, inter, layout),
+            _wgmma!.Run(stream, swiglu ? WgmmaGateUpInstance(hidden, inter, rows.Layout) : WgmmaDownInstance(hidden, inter, rows.Layout),
                 new Dim3(columns, rowTiles, z), in p, n, k);
             return;
         }
 
-        var instance = swiglu ? GateUpInstance(hidden, inter, layout) : DownInstance(hidden, inter, layout);
+        var instance = swiglu ? GateUpInstance(hidden, inter, rows.Layout) : DownInstance(hidden, inter, rows.Layout);
         var columnBlocks = swiglu ? Blocks(inter, SwigluColumns) : Blocks(hidden, DownColumns);
         Get(instance).Launch(new Dim3(columnBlocks, rowTiles, z), 128, 0, stream, in p);
     }

@@ -166,35 +166,35 @@ internal sealed class MoeLayer : IDisposable
             throw new ArgumentOutOfRangeException(nameof(x), tokens, $"the masked layout's buffers hold at most {Math.Min(MaxTokens, MaskedMaxTokens)} tokens (capacity = tokens)");
         }
 
-        _dispatch.Launch(stream, routing.Indices, tokens, MaxTokens, k, e, MoeGroupedGemmKernel.Tile, _counts.Pointer, _offsets.Pointer, _perm.Pointer,
-            _inv.Pointer, _hist.Pointer, expertMap: experts.ExpertMap, mapExperts: experts.MapExperts, localIdx: _localIdx.Pointer);
-        var localIdx = experts.ExpertMap != 0 ? _localIdx.Pointer : routing.Indices;
+        var dispatch = new MoeDispatchBuffers(_counts.Pointer, _offsets.Pointer, _perm.Pointer, _inv.Pointer, _hist.Pointer, MaxTokens, k, e, MoeGroupedGemmKernel.Tile);
+        var ids = new DeviceInts(routing.Indices, tokens * k);
+        var localIdx = new DeviceInts(_localIdx.Pointer, MaxTokens * k);
+        _dispatch.Launch(stream, ids, tokens, dispatch, map: experts.ExpertMap != 0 ? new DeviceExpertMap(experts.ExpertMap, experts.MapExperts, localIdx) : null);
         var xq = new Fp8Rows(_xCodes.Pointer, _xScales.Pointer, tokens, h);
         _quant.Launch(stream, x, xq);
 
-        int rows, capacity;
-        ulong gather, inv;
+        GroupedRows grouped;
+        ulong inv;
         if (mode == MoeGroupedLayout.Masked)
         {
-            capacity = tokens;
-            MoeGroupedGemmKernel.CheckCapacity(capacity, tokens);
-            rows = e * capacity;
-            _grouped.MaskedLayout(stream, localIdx, _counts.Pointer, _offsets.Pointer, _perm.Pointer, _inv.Pointer, e, capacity, MaxTokens, k,
-                _maskedGather.Pointer, _maskedInv.Pointer);
-            gather = _maskedGather.Pointer;
+            MoeGroupedGemmKernel.CheckCapacity(tokens, tokens);
+            var gather = new DeviceInts(_maskedGather.Pointer, e * tokens);
+            _grouped.MaskedLayout(stream, experts.ExpertMap != 0 ? localIdx : ids, dispatch, tokens, gather, new DeviceInts(_maskedInv.Pointer, MaxTokens * k));
+            grouped = new GroupedRows(mode, _counts.Pointer, _offsets.Pointer, gather.Pointer, k, e * tokens, tokens);
             inv = _maskedInv.Pointer;
         }
         else
         {
-            capacity = 0;
-            rows = MoeGroupedGemmKernel.RowsBound(tokens, k, e);
-            gather = _perm.Pointer;
+            grouped = new GroupedRows(mode, _counts.Pointer, _offsets.Pointer, _perm.Pointer, k, MoeGroupedGemmKernel.RowsBound(tokens, k, e), 0);
             inv = _inv.Pointer;
         }
 
-        _grouped.GateUp(stream, experts, mode, _xCodes.Pointer, _xScales.Pointer, _h.Pointer, _counts.Pointer, _offsets.Pointer, gather, k, rows, capacity);
-        _quant.Launch(stream, new DeviceRows(_h.Pointer, ElementType.BF16, rows, Inter), new Fp8Rows(_hCodes.Pointer, _hScales.Pointer, rows, Inter));
-        _grouped.Down(stream, experts, mode, _hCodes.Pointer, _hScales.Pointer, _expertOut.Pointer, _counts.Pointer, _offsets.Pointer, rows, capacity);
+        var rows = grouped.Rows;
+        var hidden = new DeviceRows(_h.Pointer, ElementType.BF16, rows, Inter);
+        var hiddenQ = new Fp8Rows(_hCodes.Pointer, _hScales.Pointer, rows, Inter);
+        _grouped.GateUp(stream, experts, grouped, xq, hidden);
+        _quant.Launch(stream, hidden, hiddenQ);
+        _grouped.Down(stream, experts, grouped, hiddenQ, new DeviceRows(_expertOut.Pointer, ElementType.BF16, rows, h));
 
         DeviceRows? sharedOut = null;
         if (shared is not null)

@@ -412,11 +412,69 @@ public sealed class LauncherViewTests
         Assert.AreEqual("scale", Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MlaPrefillKernel.AttentionParams(shape, heads, q, pages, cuQ, cuKv, kv, 30, float.NaN, output)).ParamName);
     }
 
-    private static void AssertRefused(string parameter, Action call, string message)
+    [TestMethod]
+    public void MoeDispatchSizesItsArraysFromItsBuffersAndReadsOnlyTheIdsItMay()
     {
-        var e = Assert.ThrowsExactly<ArgumentException>(call);
+        var buffers = new MoeDispatchBuffers(Base, Base + 0x1000, Base + 0x2000, Base + 0x3000, Base + 0x4000, TMax: 10, K: 8, Experts: 32, Tile: 64);
+        var ids = new DeviceInts(Base + 0x10000, 80);
+        var map = new DeviceExpertMap(Base + 0x20000, 256, new DeviceInts(Base + 0x30000, 80));
+        var p = MoeDispatchKernel.Params(ids.Slice(0, 7 * 8), 7, buffers, numTokens: 0, map);
+        Assert.AreEqual((ids.Pointer, buffers.Counts, buffers.Offsets, buffers.Perm, buffers.Inv, buffers.Workspace), (p.TopkIdx, p.Counts, p.Offsets, p.Perm, p.Inv, p.Hist));
+        Assert.AreEqual((map.Map, map.LocalIdx.Pointer, 256, 0UL), (p.ExpertMap, p.LocalIdx, p.MapExperts, p.NumTokens));
+        Assert.AreEqual((7, 10, 8, 64, 10 * 8 + 32 * 63), (p.Tokens, p.TMax, p.K, p.Tile, p.RowsMax));
+        var unmapped = MoeDispatchKernel.Params(ids, 0, buffers, numTokens: Base + 0x40000, map: null);
+        Assert.AreEqual((0UL, 0UL, 0, Base + 0x40000), (unmapped.ExpertMap, unmapped.LocalIdx, unmapped.MapExperts, unmapped.NumTokens));
+
+        Assert.AreEqual("tokens", Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MoeDispatchKernel.Params(ids, 11, buffers, 0, null)).ParamName);
+        AssertRefused("topkIdx", () => MoeDispatchKernel.Params(ids.Slice(0, 55), 7, buffers, 0, null), "55 expert ids where the dispatch may read 56");
+        AssertRefused("topkIdx", () => MoeDispatchKernel.Params(ids.Slice(0, 56), 7, buffers, Base + 0x40000, null), "may read 80", "a count on the device: up to TMax tokens");
+        AssertRefused("map", () => MoeDispatchKernel.Params(ids, 7, buffers, 0, map with { LocalIdx = new DeviceInts(Base, 79) }), "79 local ids");
+    }
+
+    [TestMethod]
+    public void GroupedExpertGemmsReadTheirStacksHalfAndWriteTheGroupedRows()
+    {
+        var stack = new MoeExpertStack(Base, Base + 0x100_0000, Base + 0x200_0000, Base + 0x300_0000, Experts: 32, Hidden: 7168, Inter: 2048);
+        var contiguous = new GroupedRows(MoeGroupedLayout.Contiguous, Base + 0x400_0000, Base + 0x400_1000, Base + 0x400_2000, GatherDiv: 8, Rows: 2176, Capacity: 0);
+        var x = new Fp8Rows(Base + 0x500_0000, Base + 0x600_0000, 16, 7168);
+        var h = new DeviceRows(Base + 0x700_0000, ElementType.BF16, 2176, 2048);
+        var gateUp = MoeGroupedGemmKernel.Params(swiglu: true, stack, contiguous, x, h);
+        Assert.AreEqual((x.Codes, x.Scales, stack.W13, stack.W13Scales, h.Pointer), (gateUp.XCodes, gateUp.XScales, gateUp.W, gateUp.WScales, gateUp.Y));
+        Assert.AreEqual((contiguous.Counts, contiguous.Offsets, contiguous.Gather, 8), (gateUp.Counts, gateUp.Offsets, gateUp.Gather, gateUp.GatherDiv));
+        Assert.AreEqual((7168L, 56L, 2048L, 32, 0), (gateUp.XStride, gateUp.XScalesStride, gateUp.YStride, gateUp.Experts, gateUp.Capacity));
+
+        var masked = new GroupedRows(MoeGroupedLayout.Masked, Base + 0x400_0000, Base + 0x400_1000, 0, GatherDiv: 1, Rows: 32 * 4, Capacity: 4);
+        var hq = new Fp8Rows(Base + 0x800_0000, Base + 0x900_0000, 32 * 4, 2048);
+        var y = new DeviceRows(Base + 0xA00_0000, ElementType.BF16, 32 * 4, 7168);
+        var down = MoeGroupedGemmKernel.Params(swiglu: false, stack, masked, hq, y);
+        Assert.AreEqual((stack.W2, stack.W2Scales, 2048L, 16L, 7168L, 4), (down.W, down.WScales, down.XStride, down.XScalesStride, down.YStride, down.Capacity));
+
+        AssertRefused("x", () => MoeGroupedGemmKernel.Params(true, stack, contiguous, hq, h), "x has 2048 channels, the experts take 7168");
+        AssertRefused("y", () => MoeGroupedGemmKernel.Params(true, stack, contiguous, x, h.Slice(0, 2175)), "y holds 2175 rows, the grouped rows need 2176");
+        AssertRefused("y", () => MoeGroupedGemmKernel.Params(false, stack, masked, hq, y.Slice(0, 127)), "need 128");
+        AssertRefused("y", () => MoeGroupedGemmKernel.Params(true, stack, contiguous, x, new DeviceRows(h.Pointer, ElementType.F32, 2176, 2048)), "F32, expected BF16");
+        AssertRefused("rows", () => MoeGroupedGemmKernel.Params(true, stack, contiguous with { Offsets = 0 }, x, h), "needs the dispatch offsets");
+        AssertRefused("w", () => MoeGroupedGemmKernel.Params(true, stack with { W2 = stack.W2 + 4 }, contiguous, x, h), "16-byte aligned");
+    }
+
+    [TestMethod]
+    public void TheMaskedLayoutFillsEveryExpertsCapacityFromTheDispatch()
+    {
+        var dispatch = new MoeDispatchBuffers(Base, Base + 0x1000, Base + 0x2000, Base + 0x3000, Base + 0x4000, TMax: 16, K: 8, Experts: 32, Tile: 64);
+        DeviceInts ids = new(Base + 0x10000, 24), gather = new(Base + 0x20000, 32 * 3), minv = new(Base + 0x30000, 128);
+        var p = MoeGroupedGemmKernel.MaskedLayoutParams(ids, dispatch, 3, gather, minv);
+        Assert.AreEqual((ids.Pointer, dispatch.Counts, dispatch.Offsets, dispatch.Perm, dispatch.Inv, gather.Pointer, minv.Pointer), (p.TopkIdx, p.Counts, p.Offsets, p.Perm, p.Inv, p.Gather, p.Minv));
+        Assert.AreEqual((32, 3, 128), (p.Experts, p.Capacity, p.Slots), "every slot of TMax tokens gets its masked row (−1 past the live count)");
+
+        AssertRefused("gather", () => MoeGroupedGemmKernel.MaskedLayoutParams(ids, dispatch, 3, gather.Slice(0, 95), minv), "95 gather rows");
+        AssertRefused("gather", () => MoeGroupedGemmKernel.MaskedLayoutParams(ids, dispatch, 3, gather, minv.Slice(0, 127)), "127 inverse slots");
+    }
+
+    private static void AssertRefused(string parameter, Action call, string message, string why = "")
+    {
+        var e = Assert.ThrowsExactly<ArgumentException>(call, why);
         Assert.AreEqual(parameter, e.ParamName, e.Message);
-        StringAssert.Contains(e.Message, message);
+        StringAssert.Contains(e.Message, message, why);
     }
 
     /// <summary>Device memory stood for by a host array of one element type, matrices laid out one after another from <see cref="Base"/>.</summary>

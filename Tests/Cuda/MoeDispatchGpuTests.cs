@@ -33,8 +33,8 @@ public sealed class MoeDispatchGpuTests : GpuTestBase
             using var perm = Poison(MoeDispatch.RowsMax(tMax, k, experts, tile));
             using var inv = Poison(tMax * k);
             using var work = Poison(MoeDispatchKernel.WorkspaceInts(tMax, k, experts));
-            kernel.Launch(Stream, idxD.Pointer, deviceCount ? 0 : tokens, tMax, k, experts, tile, counts.Pointer, offsets.Pointer, perm.Pointer,
-                inv.Pointer, work.Pointer, deviceCount ? countD.Pointer : 0);
+            kernel.Launch(Stream, new DeviceInts(idxD.Pointer, tMax * k), deviceCount ? 0 : tokens,
+                new MoeDispatchBuffers(counts.Pointer, offsets.Pointer, perm.Pointer, inv.Pointer, work.Pointer, tMax, k, experts, tile), deviceCount ? countD.Pointer : 0);
 
             CollectionAssert.AreEqual(expected.Counts, counts.ToArray(Stream), $"{what}: counts");
             CollectionAssert.AreEqual(expected.Offsets, offsets.ToArray(Stream), $"{what}: offsets");
@@ -55,7 +55,7 @@ public sealed class MoeDispatchGpuTests : GpuTestBase
         using var perm = Poison(MoeDispatch.RowsMax(3, 2, 16, 4));
         using var inv = Poison(6);
         using var work = Poison(MoeDispatchKernel.WorkspaceInts(3, 2, 16));
-        kernel.Launch(Stream, idxD.Pointer, 3, 3, 2, 16, 4, counts.Pointer, offsets.Pointer, perm.Pointer, inv.Pointer, work.Pointer);
+        kernel.Launch(Stream, new DeviceInts(idxD.Pointer, 6), 3, new MoeDispatchBuffers(counts.Pointer, offsets.Pointer, perm.Pointer, inv.Pointer, work.Pointer, 3, 2, 16, 4));
         CollectionAssert.AreEqual(expected.Counts, counts.ToArray(Stream));
         CollectionAssert.AreEqual(expected.Offsets, offsets.ToArray(Stream));
         CollectionAssert.AreEqual(expected.Perm, perm.ToArray(Stream));
@@ -96,8 +96,9 @@ public sealed class MoeDispatchGpuTests : GpuTestBase
                 using var perm = Poison(MoeDispatch.RowsMax(tMax, k, held.Length, tile));
                 using var inv = Poison(tMax * k);
                 using var work = Poison(MoeDispatchKernel.WorkspaceInts(tMax, k, held.Length));
-                kernel.Launch(Stream, idxD.Pointer, deviceCount ? 0 : tokens, tMax, k, held.Length, tile, counts.Pointer, offsets.Pointer, perm.Pointer,
-                    inv.Pointer, work.Pointer, deviceCount ? countD.Pointer : 0, expertMap: mapD.Pointer, mapExperts: experts, localIdx: localD.Pointer);
+                kernel.Launch(Stream, new DeviceInts(idxD.Pointer, tMax * k), deviceCount ? 0 : tokens,
+                    new MoeDispatchBuffers(counts.Pointer, offsets.Pointer, perm.Pointer, inv.Pointer, work.Pointer, tMax, k, held.Length, tile),
+                    deviceCount ? countD.Pointer : 0, new DeviceExpertMap(mapD.Pointer, experts, new DeviceInts(localD.Pointer, tMax * k)));
 
                 CollectionAssert.AreEqual(local, localD.ToArray(Stream)[..(tokens * k)], $"{what}: local ids");
                 CollectionAssert.AreEqual(expected.Counts, counts.ToArray(Stream), $"{what}: counts");
