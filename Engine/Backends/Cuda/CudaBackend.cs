@@ -409,7 +409,7 @@ public sealed class CudaBackend : IBackend
         ShapeCheck.Ring(ring, ringRows, rows, other);
         var s = (CudaStepRows)rows;
         CudaTensor g = T(ring), x = T(other);
-        _glue.Ring(_stream, scatter, g.Matrix, ringRows, x.Matrix, new DeviceInts(s.SlotsPointer, x.Rows), new DeviceInts(s.PositionsPointer, x.Rows));
+        _glue.Ring(_stream, scatter, g.Matrix, ringRows, x.Matrix, s.DeviceSlots(x.Rows), s.DevicePositions(x.Rows));
     }
 
     /// <inheritdoc />
@@ -864,7 +864,7 @@ public sealed class CudaBackend : IBackend
         var w = (CudaEmbeddingWeight)table;
         var o = T(output);
         ShapeCheck.EmbeddingRows(w, rows, o);
-        _embedding.Launch(_stream, new DeviceInts(((CudaStepRows)rows).TokensPointer, o.Rows), w.Table, o.Matrix);
+        _embedding.Launch(_stream, ((CudaStepRows)rows).DeviceTokens(o.Rows), w.Table, o.Matrix);
     }
 
     /// <inheritdoc />
@@ -988,7 +988,7 @@ public sealed class CudaBackend : IBackend
     {
         using var scope = Enter(recordable: true);
         ShapeCheck.StepRows(rows, x.Rows, null, rope);
-        Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, 0, new DeviceInts(((CudaStepRows)rows).PositionsPointer, x.Rows));
+        Rope(T(x), (CudaRopeTable)rope, headStride, ropeOffset, 0, ((CudaStepRows)rows).DevicePositions(x.Rows));
     }
 
     /// <summary>The rotation of rows at start + t, or at positions[t] (a device array) when given, to bf16 values.</summary>
@@ -1021,8 +1021,7 @@ public sealed class CudaBackend : IBackend
         using var scope = Enter(recordable: true);
         ShapeCheck.StepRows(rows, kv.Rows, table, rope);
         var (p, t, s) = ((CudaLatentPool)pool, (CudaBlockTable)table, (CudaStepRows)rows);
-        Append(T(kv), (CudaNormWeight)latentNorm, (CudaRopeTable)rope, p.Shape, new DeviceInts(s.SlotsPointer, kv.Rows), new DeviceInts(s.PositionsPointer, kv.Rows),
-            new LatentPages(p.Cache.Pointer, t.Entries.Pointer, t.MaxBlocksPerRequest));
+        Append(T(kv), (CudaNormWeight)latentNorm, (CudaRopeTable)rope, p.Shape, s.DeviceSlots(kv.Rows), s.DevicePositions(kv.Rows), t.Over(p));
     }
 
     /// <summary>Row t of kv to position positions[t] of block-table row requests[t] (device arrays).</summary>
@@ -1083,8 +1082,7 @@ public sealed class CudaBackend : IBackend
         var (p, t, s) = ((CudaLatentPool)pool, (CudaBlockTable)table, (CudaStepRows)rows);
         if (q.Rows > 0)
         {
-            Absorbed(T(q), p.Shape, new LatentPages(p.Cache.Pointer, t.Entries.Pointer, t.MaxBlocksPerRequest), new DeviceInts(s.LengthsPointer, q.Rows),
-                new DeviceInts(s.SlotsPointer, q.Rows), t.Positions, (CudaLinearWeight)kvB, dims, scale, T(output));
+            Absorbed(T(q), p.Shape, t.Over(p), s.DeviceLengths(q.Rows), s.DeviceSlots(q.Rows), t.Positions, (CudaLinearWeight)kvB, dims, scale, T(output));
         }
     }
 

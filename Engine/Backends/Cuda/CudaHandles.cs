@@ -275,13 +275,23 @@ internal sealed class CudaStepRows : StepRows
     /// <summary>[4, capacity]: slots, positions, lengths, tokens.</summary>
     public DeviceBuffer<int> Data { get; }
 
-    public ulong SlotsPointer => Data.Pointer;
+    /// <summary>The first <paramref name="rows"/> rows' slots.</summary>
+    public DeviceInts DeviceSlots(int rows) => Part(0, rows);
 
-    public ulong PositionsPointer => Data.At(Capacity);
+    /// <summary>The first <paramref name="rows"/> rows' positions.</summary>
+    public DeviceInts DevicePositions(int rows) => Part(1, rows);
 
-    public ulong LengthsPointer => Data.At(2L * Capacity);
+    /// <summary>The first <paramref name="rows"/> rows' lengths (position + 1: the cached tokens each row attends to).</summary>
+    public DeviceInts DeviceLengths(int rows) => Part(2, rows);
 
-    public ulong TokensPointer => Data.At(3L * Capacity);
+    /// <summary>The first <paramref name="rows"/> rows' tokens.</summary>
+    public DeviceInts DeviceTokens(int rows) => Part(3, rows);
+
+    private DeviceInts Part(int part, int rows)
+    {
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(rows, Capacity);
+        return new DeviceInts(Data.At((long)part * Capacity), rows);
+    }
 
     /// <summary>Keeps the rows on the host (checked) and queues their copy.</summary>
     public void Upload(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, CudaStream stream)
@@ -357,12 +367,16 @@ internal sealed class CudaBlockTable : BlockTable
 
     public DeviceBuffer<int> Entries { get; }
 
+    /// <summary><paramref name="pool"/> under the table's rows from <paramref name="firstRequest"/> on, as the MLA kernels address it.</summary>
+    public LatentPages Over(CudaLatentPool pool, int firstRequest = 0) =>
+        new(pool.Cache.Pointer, Entries.At((long)firstRequest * MaxBlocksPerRequest), MaxBlocksPerRequest);
+
     protected override void Dispose(bool disposing) => Entries.Dispose();
 }
 
 /// <summary>
 /// One request's latent cache of one layer in the paged layout (<see cref="PagedLatentCache"/>): the kernels see a
-/// one-request block table (<see cref="TablePointer"/>, <see cref="MaxBlocks"/> entries) over a pool. A cache of its own
+/// one-request block table over a pool (<see cref="Pages"/>). A cache of its own
 /// owns a pool of ⌈capacity / 64⌉ blocks and the identity table; a paged view owns nothing.
 /// </summary>
 internal sealed class CudaLatentCache : LatentCache
@@ -377,9 +391,7 @@ internal sealed class CudaLatentCache : LatentCache
         var tableBuffer = DeviceBuffer<int>.From(device, table, stream);
         _owned = [pool, tableBuffer];
         Shape = pool.Shape;
-        MaxBlocks = table.Length;
-        CachePointer = pool.Cache.Pointer;
-        TablePointer = tableBuffer.Pointer;
+        Pages = new LatentPages(pool.Cache.Pointer, tableBuffer.Pointer, table.Length);
     }
 
     public CudaLatentCache(CudaLatentPool pool, CudaBlockTable table, int request)
@@ -387,24 +399,16 @@ internal sealed class CudaLatentCache : LatentCache
     {
         _owned = [];
         Shape = pool.Shape;
-        MaxBlocks = table.MaxBlocksPerRequest;
-        CachePointer = pool.Cache.Pointer;
-        TablePointer = table.Entries.At((long)request * table.MaxBlocksPerRequest);
+        Pages = table.Over(pool, request);
     }
 
     public LatentShape Shape { get; }
 
-    /// <summary>Entries of the request's block-table row.</summary>
-    public int MaxBlocks { get; }
-
-    /// <summary>The pool: BF16 [blocks, 64, latent + rope].</summary>
-    public ulong CachePointer { get; }
-
-    /// <summary>The request's row of the block table: int32 [MaxBlocks].</summary>
-    public ulong TablePointer { get; }
-
-    /// <summary>The pool under the request's block-table row, as the MLA kernels address it.</summary>
-    public LatentPages Pages => new(CachePointer, TablePointer, MaxBlocks);
+    /// <summary>
+    /// The pool (bf16 [blocks, 64, latent + rope]) under the request's block-table row (int32 [MaxBlocks]), as the MLA kernels
+    /// address it.
+    /// </summary>
+    public LatentPages Pages { get; }
 
     protected override void Dispose(bool disposing)
     {
