@@ -87,9 +87,8 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
             throw new ArgumentException($"{what} needs two different types; both are {input.Type}", nameof(output));
         }
 
-        ViewCheck.Shape(output, input.Rows, input.Cols, what, nameof(output));
+        ViewCheck.Is(output, input.Rows, input.Cols, what, nameof(output), dense: true);
         ViewCheck.Dense(input, what, nameof(input));
-        ViewCheck.Dense(output, what, nameof(output));
         Run(stream, ConvertInstance(input.Type, output.Type), (long)input.Rows * input.Cols, new BackendGlueParams { X = input.Pointer, Out = output.Pointer, N = (long)input.Rows * input.Cols });
     }
 
@@ -101,8 +100,7 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
     public static BackendGlueParams CopyParams(DeviceRows input, DeviceRows output)
     {
         const string what = "a row copy";
-        ViewCheck.Shape(output, input.Rows, input.Cols, what, nameof(output));
-        ViewCheck.Type(output, input.Type, what, nameof(output));
+        ViewCheck.Is(output, input.Rows, input.Cols, what, nameof(output), input.Type);
         return new BackendGlueParams { X = input.Pointer, XStride = input.Stride, Out = output.Pointer, OutStride = output.Stride, Rows = input.Rows, Cols = input.Cols };
     }
 
@@ -114,9 +112,7 @@ internal sealed class BackendGlueKernel(CudaDevice device, NvrtcCompiler compile
     public static BackendGlueParams DequantizeParams(Fp8Linear weight, DeviceRows output)
     {
         const string what = "FP8 dequantization";
-        ViewCheck.Type(output, ElementType.BF16, what, nameof(output));
-        ViewCheck.Shape(output, weight.Out, weight.In, what, nameof(output));
-        ViewCheck.Dense(output, what, nameof(output));
+        ViewCheck.Is(output, weight.Out, weight.In, what, nameof(output), ElementType.BF16, dense: true);
         return new BackendGlueParams
         {
             X = weight.W, Y = weight.Scales, Out = output.Pointer, Rows = weight.Out, Cols = weight.In, ScaleCols = Fp8GemmKernel.BlocksFor(weight.In),

@@ -90,7 +90,7 @@ internal sealed class Bf16GemmKernel(CudaDevice device, NvrtcCompiler compiler, 
     {
         const string what = "BF16 GEMM";
         ViewCheck.Bf16Weight(w, w.Rows, x.Cols, what, nameof(w));
-        ViewCheck.Shape(y, x.Rows, w.Rows, what, nameof(y));
+        ViewCheck.Is(y, x.Rows, w.Rows, what, nameof(y));
         return new Bf16GemmParams { X = x.Pointer, W = w.Pointer, Y = y.Pointer, XStride = x.Stride, YStride = y.Stride, M = x.Rows, N = w.Rows, K = x.Cols };
     }
 }

@@ -195,12 +195,25 @@ internal readonly record struct LatentPages(ulong Cache, ulong BlockTable, int M
 /// <summary>The checks launchers make of the views of one call, each naming the argument that disagrees.</summary>
 internal static class ViewCheck
 {
-    /// <summary>Throws unless <paramref name="view"/> has <paramref name="rows"/> rows of <paramref name="cols"/> elements.</summary>
-    public static void Shape(in DeviceRows view, int rows, int cols, string what, string name)
+    /// <summary>
+    /// Throws unless <paramref name="view"/> is of <paramref name="type"/> (when given), has <paramref name="rows"/> rows of
+    /// <paramref name="cols"/> elements, and (when <paramref name="dense"/>) has dense rows; checked in that order.
+    /// </summary>
+    public static void Is(in DeviceRows view, int rows, int cols, string what, string name, ElementType? type = null, bool dense = false)
     {
+        if (type is { } t)
+        {
+            Type(view, t, what, name);
+        }
+
         if (view.Rows != rows || view.Cols != cols)
         {
             throw new ArgumentException($"{what}: {name} is [{view.Rows}, {view.Cols}], expected [{rows}, {cols}]", name);
+        }
+
+        if (dense)
+        {
+            Dense(view, what, name);
         }
     }
 
@@ -222,6 +235,15 @@ internal static class ViewCheck
         }
     }
 
+    /// <summary>Throws unless <paramref name="routing"/> holds <paramref name="tokens"/> tokens of <paramref name="k"/> experts each.</summary>
+    public static void Routing(in DeviceRouting routing, int tokens, int k, string what)
+    {
+        if (routing.Tokens != tokens || routing.K != k)
+        {
+            throw new ArgumentException($"{what}: a routing of {routing.Tokens} tokens x {routing.K} for {tokens} tokens x {k}", nameof(routing));
+        }
+    }
+
     /// <summary>Throws unless <paramref name="view"/> has columns (the kernels' width is never 0).</summary>
     public static void Wide(in DeviceRows view, string what, string name)
     {
@@ -234,8 +256,7 @@ internal static class ViewCheck
     /// <summary>A bf16 weight of <paramref name="rows"/> × <paramref name="cols"/>, dense, not empty.</summary>
     public static void Bf16Weight(in DeviceRows view, int rows, int cols, string what, string name)
     {
-        Type(view, ElementType.BF16, what, name);
-        Shape(view, rows, cols, what, name);
+        Is(view, rows, cols, what, name, ElementType.BF16);
         Wide(view, what, name);
         Dense(view, what, name);
         if (view.Rows == 0)

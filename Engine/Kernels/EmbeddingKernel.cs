@@ -52,7 +52,7 @@ internal sealed class EmbeddingKernel(CudaDevice device, NvrtcCompiler compiler)
     {
         const string what = "embedding";
         ViewCheck.Bf16Weight(table, table.Rows, table.Cols, what, nameof(table));
-        ViewCheck.Shape(output, ids.Length, table.Cols, what, nameof(output));
+        ViewCheck.Is(output, ids.Length, table.Cols, what, nameof(output));
         return new EmbeddingParams
         {
             Ids = ids.Pointer, Table = table.Pointer, Out = output.Pointer, OutStride = output.Stride,

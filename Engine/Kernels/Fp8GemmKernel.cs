@@ -390,11 +390,10 @@ internal sealed class Fp8GemmKernel : IDisposable
             throw new ArgumentException($"{what}: the weight codes at 0x{w.W:x} are not 16-byte aligned", nameof(w));
         }
 
-        ViewCheck.Shape(y, x.Rows, w.Out, what, nameof(y));
+        ViewCheck.Is(y, x.Rows, w.Out, what, nameof(y));
         if (residual is { } r)
         {
-            ViewCheck.Shape(r, y.Rows, y.Cols, what, nameof(residual));
-            ViewCheck.Type(r, y.Type, what, nameof(residual));
+            ViewCheck.Is(r, y.Rows, y.Cols, what, nameof(residual), y.Type);
         }
 
         return new Fp8GemmParams

@@ -77,7 +77,7 @@ internal sealed class MlaCacheKernel(CudaDevice device, NvrtcCompiler compiler) 
             throw new ArgumentException($"{what}: a rotary table of {rope.Pairs} pairs for a latent row with {shape.Rope} rope values", nameof(rope));
         }
 
-        ViewCheck.Shape(kv, kv.Rows, shape.RowWidth, what, nameof(kv));
+        ViewCheck.Is(kv, kv.Rows, shape.RowWidth, what, nameof(kv));
         ViewCheck.Bf16Weight(normWeight, 1, shape.Latent, what, nameof(normWeight));
         if (requests.Length != kv.Rows || positions.Length != kv.Rows)
         {

@@ -242,9 +242,8 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
     {
         const string what = "MLA fold";
         CheckProj(shape, dims, kvB, what);
-        CheckDense(q, q.Rows, dims.Heads * (dims.Nope + shape.Rope), what, nameof(q));
-        ViewCheck.Type(qAbs, ElementType.BF16, what, nameof(qAbs));
-        CheckDense(qAbs, q.Rows, dims.Heads * shape.RowWidth, what, nameof(qAbs));
+        ViewCheck.Is(q, q.Rows, dims.Heads * (dims.Nope + shape.Rope), what, nameof(q), dense: true);
+        ViewCheck.Is(qAbs, q.Rows, dims.Heads * shape.RowWidth, what, nameof(qAbs), ElementType.BF16, dense: true);
         return new MlaProjParams { X = q.Pointer, W = kvB.Pointer, Y = qAbs.Pointer, Tokens = q.Rows, Heads = dims.Heads, Nope = dims.Nope, V = dims.V };
     }
 
@@ -291,9 +290,8 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
     {
         const string what = "MLA unfold";
         CheckProj(shape, dims, kvB, what);
-        ViewCheck.Type(latent, ElementType.F32, what, nameof(latent));
-        CheckDense(latent, latent.Rows, dims.Heads * shape.Latent, what, nameof(latent));
-        CheckDense(output, latent.Rows, dims.Heads * dims.V, what, nameof(output));
+        ViewCheck.Is(latent, latent.Rows, dims.Heads * shape.Latent, what, nameof(latent), ElementType.F32, dense: true);
+        ViewCheck.Is(output, latent.Rows, dims.Heads * dims.V, what, nameof(output), dense: true);
         return new MlaProjParams { X = latent.Pointer, W = kvB.Pointer, Y = output.Pointer, Tokens = latent.Rows, Heads = dims.Heads, Nope = dims.Nope, V = dims.V };
     }
 
@@ -339,7 +337,7 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
             throw new ArgumentException($"{what}: {qAbs.Rows} queries for {batch} requests (one or two each)", nameof(qAbs));
         }
 
-        CheckDense(qAbs, qAbs.Rows, heads * shape.RowWidth, what, nameof(qAbs));
+        ViewCheck.Is(qAbs, qAbs.Rows, heads * shape.RowWidth, what, nameof(qAbs), dense: true);
         if (qAbs.Pointer % 16 != 0 || pages.Cache % 16 != 0)
         {
             throw new ArgumentException($"{what}: q_abs and the cache must be 16-byte aligned (the kernel moves rows in 16-byte pieces)", nameof(qAbs));
@@ -350,10 +348,8 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
             throw new ArgumentException($"{what}: {r.Length} block-table rows for {batch} requests", nameof(requests));
         }
 
-        ViewCheck.Type(outLatent, ElementType.F32, what, nameof(outLatent));
-        CheckDense(outLatent, qAbs.Rows, heads * shape.Latent, what, nameof(outLatent));
-        ViewCheck.Type(lse, ElementType.F32, what, nameof(lse));
-        CheckDense(lse, qAbs.Rows, heads, what, nameof(lse));
+        ViewCheck.Is(outLatent, qAbs.Rows, heads * shape.Latent, what, nameof(outLatent), ElementType.F32, dense: true);
+        ViewCheck.Is(lse, qAbs.Rows, heads, what, nameof(lse), ElementType.F32, dense: true);
         if (splits > 1 && workspace == 0)
         {
             throw new ArgumentException($"{what}: {splits} splits need a workspace of {WorkspaceBytes(shape, batch, heads, qTokens, splits)} bytes", nameof(workspace));
@@ -376,11 +372,5 @@ internal sealed class MlaDecodeKernel(CudaDevice device, NvrtcCompiler compiler,
         ArgumentOutOfRangeException.ThrowIfGreaterThan(dims.Nope, MaxNope);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dims.V);
         ViewCheck.Bf16Weight(kvB, dims.Heads * (dims.Nope + dims.V), shape.Latent, what, nameof(kvB));
-    }
-
-    private static void CheckDense(in DeviceRows view, int rows, int cols, string what, string name)
-    {
-        ViewCheck.Shape(view, rows, cols, what, name);
-        ViewCheck.Dense(view, what, name);
     }
 }

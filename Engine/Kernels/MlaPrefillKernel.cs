@@ -154,7 +154,7 @@ internal sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler
         var requests = Requests(cuKv, nameof(cuKv));
         ArgumentOutOfRangeException.ThrowIfNegative(maxContext);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(maxContext, latent.Rows);
-        CheckBf16(latent, latent.Rows, shape.KvLora, what, nameof(latent));
+        ViewCheck.Is(latent, latent.Rows, shape.KvLora, what, nameof(latent), ElementType.BF16, dense: true);
         if (maxContext > 0)
         {
             CheckBlocks(pages.MaxBlocks, maxContext);
@@ -205,9 +205,9 @@ internal sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler
         ArgumentOutOfRangeException.ThrowIfNegative(maxChunk);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(maxChunk, q.Rows);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(pages.MaxBlocks);
-        CheckBf16(q, q.Rows, heads * shape.QkHead, what, nameof(q));
-        CheckBf16(kv, kv.Rows, heads * shape.KvHead, what, nameof(kv));
-        CheckBf16(output, q.Rows, heads * shape.V, what, nameof(output));
+        ViewCheck.Is(q, q.Rows, heads * shape.QkHead, what, nameof(q), ElementType.BF16, dense: true);
+        ViewCheck.Is(kv, kv.Rows, heads * shape.KvHead, what, nameof(kv), ElementType.BF16, dense: true);
+        ViewCheck.Is(output, q.Rows, heads * shape.V, what, nameof(output), ElementType.BF16, dense: true);
         if ((q.Pointer | pages.Cache | kv.Pointer | output.Pointer) % 16 != 0)
         {
             throw new ArgumentException($"{what}: q, cache, kv and output must be 16-byte aligned (the kernel loads 8 bf16 at a time)", nameof(q));
@@ -228,13 +228,6 @@ internal sealed class MlaPrefillKernel(CudaDevice device, NvrtcCompiler compiler
     /// <summary>Requests of a varlen offset array: one fewer than its entries (cu[0] = 0, cu[r + 1] − cu[r] rows each).</summary>
     private static int Requests(DeviceInts offsets, string name) =>
         offsets.Length >= 1 ? offsets.Length - 1 : throw new ArgumentException("a varlen offset array holds at least its leading 0", name);
-
-    private static void CheckBf16(in DeviceRows view, int rows, int cols, string what, string name)
-    {
-        ViewCheck.Type(view, ElementType.BF16, what, name);
-        ViewCheck.Shape(view, rows, cols, what, name);
-        ViewCheck.Dense(view, what, name);
-    }
 
     private static void CheckBlocks(int maxBlocks, int maxContext)
     {

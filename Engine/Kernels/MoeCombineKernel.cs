@@ -67,8 +67,7 @@ internal sealed class MoeCombineKernel(CudaDevice device, NvrtcCompiler compiler
         const string what = "MoE combine";
         ViewCheck.Wide(y, what, nameof(y));
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(routing.K);
-        ViewCheck.Type(expertOut, ElementType.BF16, what, nameof(expertOut));
-        ViewCheck.Shape(expertOut, expertOut.Rows, y.Cols, what, nameof(expertOut));
+        ViewCheck.Is(expertOut, expertOut.Rows, y.Cols, what, nameof(expertOut), ElementType.BF16);
         if (routing.Tokens != y.Rows || inv.Length != (long)y.Rows * routing.K)
         {
             throw new ArgumentException($"{what}: a routing of {routing.Tokens} tokens x {routing.K} and {inv.Length} slots for {y.Rows} rows", nameof(routing));
@@ -76,14 +75,12 @@ internal sealed class MoeCombineKernel(CudaDevice device, NvrtcCompiler compiler
 
         if (shared is { } s)
         {
-            ViewCheck.Type(s, ElementType.BF16, what, nameof(shared));
-            ViewCheck.Shape(s, y.Rows, y.Cols, what, nameof(shared));
+            ViewCheck.Is(s, y.Rows, y.Cols, what, nameof(shared), ElementType.BF16);
         }
 
         if (residual is { } r)
         {
-            ViewCheck.Type(r, y.Type, what, nameof(residual));
-            ViewCheck.Shape(r, y.Rows, y.Cols, what, nameof(residual));
+            ViewCheck.Is(r, y.Rows, y.Cols, what, nameof(residual), y.Type);
         }
 
         return new MoeCombineParams

@@ -137,19 +137,15 @@ internal sealed class MoeGateKernel(CudaDevice device, NvrtcCompiler compiler, B
     {
         const string what = "MoE gate";
         shape.Validate();
-        ViewCheck.Shape(x, x.Rows, shape.Width, what, nameof(x));
+        ViewCheck.Is(x, x.Rows, shape.Width, what, nameof(x));
         ViewCheck.Bf16Weight(weight, shape.Experts, shape.Width, what, nameof(weight));
         if (shape.Width % 8 == 0 && weight.Pointer % 16 != 0)
         {
             throw new ArgumentException($"{what}: the weight at 0x{weight.Pointer:x} must be 16-byte aligned", nameof(weight));
         }
 
-        ViewCheck.Type(bias, ElementType.F32, what, nameof(bias));
-        ViewCheck.Shape(bias, 1, shape.Experts, what, nameof(bias));
-        if (routing.Tokens != x.Rows || routing.K != shape.TopK)
-        {
-            throw new ArgumentException($"{what}: a routing of {routing.Tokens} tokens x {routing.K} for {x.Rows} tokens x {shape.TopK}", nameof(routing));
-        }
+        ViewCheck.Is(bias, 1, shape.Experts, what, nameof(bias), ElementType.F32);
+        ViewCheck.Routing(routing, x.Rows, shape.TopK, what);
 
         return new MoeGateParams
         {

@@ -388,8 +388,7 @@ internal sealed class MoeGroupedGemmKernel : KernelLauncher
             throw new ArgumentException($"{what}: x has {x.Cols} channels, the experts take {k}", nameof(x));
         }
 
-        ViewCheck.Type(y, ElementType.BF16, what, nameof(y));
-        ViewCheck.Shape(y, y.Rows, n, what, nameof(y));
+        ViewCheck.Is(y, y.Rows, n, what, nameof(y), ElementType.BF16);
         var needed = rows.Layout == MoeGroupedLayout.Masked ? (long)w.Experts * rows.Capacity : rows.Rows;
         if (y.Rows < needed)
         {

@@ -139,9 +139,9 @@ internal sealed class MoeLayer : IDisposable
         MoeExpertStack experts, MoeSharedExpert? shared, DeviceRows y, DeviceRows? residual = null, MoeGroupedLayout? layout = null)
     {
         var routing = RoutingOf(x.Rows);
-        Check(x, routing, experts, shared, y);
+        var mode = Check(x, routing, experts, shared, y, layout);
         _gate.Launch(stream, Shape, x, gateWeight, gateBias, routing, normalize, scaling);
-        Experts(stream, x, routing, experts, shared, y, residual, layout);
+        Run(stream, x, routing, experts, shared, y, residual, mode);
     }
 
     /// <summary>
@@ -150,9 +150,13 @@ internal sealed class MoeLayer : IDisposable
     /// routed experts this device holds; the others' share comes from their devices (the all-reduce after the layer).
     /// </summary>
     public void Experts(CudaStream stream, DeviceRows x, DeviceRouting routing, MoeExpertStack experts, MoeSharedExpert? shared, DeviceRows y,
-        DeviceRows? residual = null, MoeGroupedLayout? layout = null)
+        DeviceRows? residual = null, MoeGroupedLayout? layout = null) =>
+        Run(stream, x, routing, experts, shared, y, residual, Check(x, routing, experts, shared, y, layout));
+
+    /// <summary><see cref="Experts"/> once <see cref="Check"/> has passed the call and chosen its layout.</summary>
+    private void Run(CudaStream stream, DeviceRows x, DeviceRouting routing, MoeExpertStack experts, MoeSharedExpert? shared, DeviceRows y,
+        DeviceRows? residual, MoeGroupedLayout mode)
     {
-        Check(x, routing, experts, shared, y);
         var tokens = x.Rows;
         if (tokens == 0)
         {
@@ -160,11 +164,6 @@ internal sealed class MoeLayer : IDisposable
         }
 
         int e = Slots, k = Shape.TopK, h = Shape.Width;
-        var mode = Choose(tokens, layout);
-        if (mode == MoeGroupedLayout.Masked && tokens > Math.Min(MaxTokens, MaskedMaxTokens))
-        {
-            throw new ArgumentOutOfRangeException(nameof(x), tokens, $"the masked layout's buffers hold at most {Math.Min(MaxTokens, MaskedMaxTokens)} tokens (capacity = tokens)");
-        }
 
         var dispatch = new MoeDispatchBuffers(_counts.Pointer, _offsets.Pointer, _perm.Pointer, _inv.Pointer, _hist.Pointer, MaxTokens, k, e, MoeGroupedGemmKernel.Tile);
         var ids = new DeviceInts(routing.Indices, tokens * k);
@@ -214,8 +213,12 @@ internal sealed class MoeLayer : IDisposable
         _combine.Launch(stream, new DeviceRows(_expertOut.Pointer, ElementType.BF16, rows, h), new DeviceInts(inv, tokens * k), routing, sharedOut, residual, y);
     }
 
-    /// <summary>Throws unless a call's views, stacks and token count fit the layer (before anything is launched).</summary>
-    private void Check(DeviceRows x, DeviceRouting routing, MoeExpertStack experts, MoeSharedExpert? shared, DeviceRows y)
+    /// <summary>
+    /// The layout <paramref name="layout"/> resolves to for the call, after throwing unless its views, stacks and token count
+    /// fit the layer and that layout's buffers (before anything is launched).
+    /// </summary>
+    private MoeGroupedLayout Check(DeviceRows x, DeviceRouting routing, MoeExpertStack experts, MoeSharedExpert? shared, DeviceRows y,
+        MoeGroupedLayout? layout)
     {
         const string what = "MoE layer";
         int e = Slots, h = Shape.Width;
@@ -224,12 +227,9 @@ internal sealed class MoeLayer : IDisposable
             throw new ArgumentOutOfRangeException(nameof(x), x.Rows, $"the layer's buffers hold at most {MaxTokens} tokens (maxTokens)");
         }
 
-        ViewCheck.Shape(x, x.Rows, h, what, nameof(x));
-        ViewCheck.Shape(y, x.Rows, h, what, nameof(y));
-        if (routing.Tokens != x.Rows || routing.K != Shape.TopK)
-        {
-            throw new ArgumentException($"{what}: a routing of {routing.Tokens} tokens x {routing.K} for {x.Rows} tokens x {Shape.TopK}", nameof(routing));
-        }
+        ViewCheck.Is(x, x.Rows, h, what, nameof(x));
+        ViewCheck.Is(y, x.Rows, h, what, nameof(y));
+        ViewCheck.Routing(routing, x.Rows, Shape.TopK, what);
 
         if (experts.Experts != e || experts.Hidden != h || experts.Inter != Inter)
         {
@@ -248,6 +248,14 @@ internal sealed class MoeLayer : IDisposable
         {
             throw new ArgumentException($"shared expert does not match the layer's width {SharedInter}", nameof(shared));
         }
+
+        var mode = Choose(x.Rows, layout);
+        if (mode == MoeGroupedLayout.Masked && x.Rows > Math.Min(MaxTokens, MaskedMaxTokens))
+        {
+            throw new ArgumentOutOfRangeException(nameof(x), x.Rows, $"the masked layout's buffers hold at most {Math.Min(MaxTokens, MaskedMaxTokens)} tokens (capacity = tokens)");
+        }
+
+        return mode;
     }
 
     private DeviceBuffer<T> Own<T>(DeviceBuffer<T> b)

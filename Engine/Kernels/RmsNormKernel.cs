@@ -67,11 +67,10 @@ internal sealed class RmsNormKernel(CudaDevice device, NvrtcCompiler compiler) :
         const string what = "RMSNorm";
         RequireF32IfRounded(round, x.Type, y.Type, what);
         ViewCheck.Bf16Weight(weight, 1, x.Cols, what, nameof(weight));
-        ViewCheck.Shape(y, x.Rows, x.Cols, what, nameof(y));
+        ViewCheck.Is(y, x.Rows, x.Cols, what, nameof(y));
         if (residual is { } h)
         {
-            ViewCheck.Shape(h, x.Rows, x.Cols, what, nameof(residual));
-            ViewCheck.Type(h, x.Type, what, nameof(residual));
+            ViewCheck.Is(h, x.Rows, x.Cols, what, nameof(residual), x.Type);
         }
 
         return new RmsNormParams

@@ -57,9 +57,8 @@ internal sealed class SiluMulKernel(CudaDevice device, NvrtcCompiler compiler) :
     {
         const string what = "SiLU·up";
         RequireF32IfRounded(round, gate.Type, output.Type, what);
-        ViewCheck.Shape(up, gate.Rows, gate.Cols, what, nameof(up));
-        ViewCheck.Type(up, gate.Type, what, nameof(up));
-        ViewCheck.Shape(output, gate.Rows, gate.Cols, what, nameof(output));
+        ViewCheck.Is(up, gate.Rows, gate.Cols, what, nameof(up), gate.Type);
+        ViewCheck.Is(output, gate.Rows, gate.Cols, what, nameof(output));
         if (gate.Rows > 65535)
         {
             throw new ArgumentOutOfRangeException(nameof(gate), gate.Rows, "grid.y holds at most 65535 rows; split the call");

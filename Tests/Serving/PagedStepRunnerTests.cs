@@ -48,6 +48,10 @@ public sealed class PagedStepRunnerTests
     }
 
     /// <summary>The synthetic model on a backend that counts its calls (<see cref="RecordingBackend"/> over a CPU backend of its own).</summary>
+    // The constrained-request tests' two kinds of request: greedy, and a seeded draw.
+    private static readonly SamplingOptions Greedy12 = SamplingOptions.Greedy with { MaxTokens = 12 };
+    private static readonly SamplingOptions Seeded12 = new() { Temperature = 0.9f, TopK = 20, TopP = 0.9f, Seed = 5, MaxTokens = 12 };
+
     private static DeepSeekModel CountingModel(out RecordingBackend counting)
     {
         counting = new RecordingBackend(new CpuBackend());
@@ -328,7 +332,7 @@ public sealed class PagedStepRunnerTests
         using var runner = new PagedStepRunner(model);
         using var scheduler = Scheduler(runner, model, SpeculativeDecodingMode.On);
         var prompts = new[] { 20, 7, 33 }.Select((n, i) => SyntheticPrompts.Make(v, n, 400 + i)).ToArray();
-        SamplingOptions[] sampling = [SamplingOptions.Greedy with { MaxTokens = 12 }, new() { Temperature = 0.9f, TopK = 20, TopP = 0.9f, Seed = 5, MaxTokens = 12 }];
+        SamplingOptions[] sampling = [Greedy12, Seeded12];
         var free = new[] { scheduler.Submit(prompts[0], sampling[0]), scheduler.Submit(prompts[1], sampling[1]) };
         StepUntilDone(scheduler, free);
 
@@ -375,7 +379,7 @@ public sealed class PagedStepRunnerTests
         using var runner = new PagedStepRunner(model);
         using var scheduler = Scheduler(runner, model, SpeculativeDecodingMode.Off);
         var prompts = new[] { 20, 7, 33 }.Select((n, i) => SyntheticPrompts.Make(v, n, 700 + i)).ToArray();
-        SamplingOptions[] sampling = [SamplingOptions.Greedy with { MaxTokens = 12 }, new() { Temperature = 0.9f, TopK = 20, TopP = 0.9f, Seed = 5, MaxTokens = 12 }, SamplingOptions.Greedy with { MaxTokens = 12 }];
+        SamplingOptions[] sampling = [Greedy12, Seeded12, Greedy12];
         var constraints = new[] { new EveryThirdId(v - 5), new EveryThirdId(v - 5), null };
         var requests = Enumerable.Range(0, 3).Select(i => scheduler.Submit(prompts[i], sampling[i], constraints[i])).ToArray();
         StepUntilDone(scheduler, requests);
