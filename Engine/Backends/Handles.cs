@@ -38,7 +38,7 @@ public enum TensorKind
     /// </summary>
     Activation,
 
-    /// <summary>Fp32 values never rounded: what <see cref="IBackend.Logits"/> writes and <see cref="IBackend.ChooseTokens"/> reads.</summary>
+    /// <summary>Fp32 values never rounded: what <see cref="IBackend.Logits"/> writes and <see cref="IBackend.ChooseTokenRows"/> reads.</summary>
     Logits,
 }
 
@@ -166,13 +166,17 @@ public abstract class Routing(int tokens, int experts, int topK) : BackendResour
     public int TopK { get; } = topK;
 }
 
-/// <summary>Room to choose tokens from up to <see cref="Rows"/> logit rows (<see cref="IBackend.ChooseTokens"/>), each row's allowed ids over up to <see cref="Vocab"/> ids.</summary>
+/// <summary>
+/// Room to choose tokens from up to <see cref="Rows"/> logit rows (<see cref="IBackend.SetTokenChoices"/>,
+/// <see cref="IBackend.ChooseTokenRows"/>, <see cref="IBackend.ReadTokenChoices"/>): the rows' settings and allowed ids over up
+/// to <see cref="Vocab"/> ids, and their chosen ids.
+/// </summary>
 public abstract class TokenChoiceBuffer(int rows, int vocab) : BackendResource
 {
     /// <summary>Most rows one call chooses from.</summary>
     public int Rows { get; } = rows;
 
-    /// <summary>The widest vocabulary limit of a row with allowed ids (<see cref="TokenChoice.Allowed"/>).</summary>
+    /// <summary>The widest vocabulary limit of a row (<see cref="TokenChoice.VocabLimit"/>): the logits chosen from are at least this wide.</summary>
     public int Vocab { get; } = vocab;
 }
 

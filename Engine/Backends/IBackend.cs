@@ -125,20 +125,37 @@ public interface IBackend : IDisposable
     void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights);
 
     /// <summary>
-    /// Room to choose tokens from up to <paramref name="rows"/> logit rows at once (<see cref="ChooseTokens"/>): the rows' settings
-    /// and allowed ids (<see cref="TokenChoice.Allowed"/>, each over up to <paramref name="vocab"/> ids) in, their ids out.
+    /// Room to choose tokens from up to <paramref name="rows"/> logit rows at once: the rows' settings and allowed ids
+    /// (<see cref="TokenChoice.Allowed"/>) in, their ids out. <paramref name="vocab"/> is the widest vocabulary limit a row may
+    /// have (<see cref="TokenChoice.VocabLimit"/>), so the logits it chooses from are at least that wide.
     /// </summary>
     TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab);
 
     /// <summary>
-    /// Chooses, where the logits are, one token per row of <paramref name="logits"/> [rows ≥ choices, V] under
-    /// <paramref name="choices"/> (<see cref="TokenSampling"/>'s rule, among a row's allowed ids when it has them), and waits
-    /// for the ids: only they come back. <paramref name="logits"/> is a <see cref="TensorKind.Logits"/> tensor.
-    /// <paramref name="tokens"/>[r] is <see cref="TokenSampling.NotChosen"/> (−1) for a row not chosen there (a
-    /// <c>default</c> choice) or one that cannot be sampled (a NaN or +infinite logit below the limit, or nothing it allows
-    /// above −infinity): the caller reads that row's logits.
+    /// Copies <paramref name="choices"/> (row r's settings, and its allowed ids when it has them) into
+    /// <paramref name="buffer"/>; every row past them is not chosen (as a <c>default</c> choice). <see cref="ChooseTokenRows"/>
+    /// queued later reads them: a captured choice is given its settings before each replay. Refuses more rows than the buffer
+    /// holds, a vocabulary limit past its <see cref="TokenChoiceBuffer.Vocab"/>, NaN settings and a mask too short for its
+    /// limit, and then keeps what it held.
     /// </summary>
-    void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens);
+    void SetTokenChoices(ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer);
+
+    /// <summary>
+    /// Chooses, where the logits are, one token per row of <paramref name="logits"/> (a <see cref="TensorKind.Logits"/> tensor
+    /// of at most the buffer's rows, at least its <see cref="TokenChoiceBuffer.Vocab"/> wide) under the settings the buffer
+    /// holds (<see cref="TokenSampling"/>'s rule, among a row's allowed ids when it has them), into the buffer; on a GPU the
+    /// ids are then copied to the buffer's pinned host end. A recordable operation (<see cref="CaptureGraph"/>).
+    /// <see cref="ReadTokenChoices"/> brings the ids back.
+    /// </summary>
+    void ChooseTokenRows(Tensor logits, TokenChoiceBuffer buffer);
+
+    /// <summary>
+    /// Waits for the queued work and copies the first <paramref name="tokens"/>.Length ids the last
+    /// <see cref="ChooseTokenRows"/> wrote: row r's token, or <see cref="TokenSampling.NotChosen"/> (−1) for a row not chosen
+    /// there (a <c>default</c> choice) or one that cannot be sampled (a NaN or +infinite logit below the limit, or nothing it
+    /// allows above −infinity): the caller reads that row's logits.
+    /// </summary>
+    void ReadTokenChoices(TokenChoiceBuffer buffer, Span<int> tokens);
 
     // ---- graphs ----
 
@@ -148,9 +165,9 @@ public interface IBackend : IDisposable
     /// memory the operations name as it is then (upload a step's rows, then replay), while their host values (shapes, row
     /// offsets, weights) are the capture's. Only operations over backend memory are recorded: <see cref="CopyRows"/>,
     /// <see cref="EmbeddingRows"/>, the norms, <see cref="Linear"/>, <see cref="Logits"/>, <see cref="SiluMul"/>,
-    /// <see cref="ConcatColumns"/>, the row operations and MoE; <see cref="View"/> and <see cref="PagedCache"/> make views
-    /// as usual. Anything else (allocation, uploads and downloads, the block table and step rows, routing downloads, token
-    /// choices, <see cref="Embedding"/> of host ids, the per-sequence cache operations, a capture or replay) is refused while
+    /// <see cref="ConcatColumns"/>, the row operations, MoE and <see cref="ChooseTokenRows"/>; <see cref="View"/> and <see cref="PagedCache"/> make views
+    /// as usual. Anything else (allocation, uploads and downloads, the block table and step rows, routing downloads, setting and
+    /// reading token choices, <see cref="Embedding"/> of host ids, the per-sequence cache operations, a capture or replay) is refused while
     /// capturing, with an <see cref="InvalidOperationException"/> naming the call, and the capture is abandoned. Run the
     /// recorded work once before capturing it: the first run of a shape may compile kernels or size scratch memory.
     /// </summary>

@@ -90,37 +90,55 @@ internal static class ShapeCheck
         }
     }
 
-    /// <summary>The contract of <see cref="IBackend.ChooseTokens"/>.</summary>
-    public static void Choices(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
+    /// <summary>The contract of <see cref="TokenChoices.ChooseTokens"/>: <paramref name="rows"/> choices over the first rows of <paramref name="logits"/>, a token slot for each.</summary>
+    public static void Choices(Tensor logits, int rows, int tokens)
     {
         Kind(logits, TensorKind.Logits, "the rows tokens are chosen from");
-        Require(choices.Length <= logits.Rows, $"{choices.Length} choices for the {logits.Rows} rows of logits {logits}");
+        Require(rows <= logits.Rows, $"{rows} choices for the {logits.Rows} rows of logits {logits}");
+        Require(tokens >= rows, $"{tokens} token slots for {rows} rows");
+    }
+
+    /// <summary>The contract of <see cref="IBackend.SetTokenChoices"/>.</summary>
+    public static void SetChoices(ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer)
+    {
         if (choices.Length > buffer.Rows)
         {
             throw new ArgumentOutOfRangeException(nameof(choices), choices.Length, $"the token choice buffer holds {buffer.Rows} rows");
         }
 
-        Require(tokens.Length >= choices.Length, $"{tokens.Length} token slots for {choices.Length} rows");
         for (var r = 0; r < choices.Length; r++)
         {
             var c = choices[r];
-            if (c.VocabLimit < 0 || c.VocabLimit > logits.Cols || float.IsNaN(c.Temperature) || float.IsNaN(c.TopP))
+            if (c.VocabLimit < 0 || c.VocabLimit > buffer.Vocab || float.IsNaN(c.Temperature) || float.IsNaN(c.TopP))
             {
-                throw new ArgumentOutOfRangeException(nameof(choices), c, $"row {r}: the vocabulary limit must be 0..{logits.Cols}, temperature and top-p numbers");
+                throw new ArgumentOutOfRangeException(nameof(choices), c, $"row {r}: the vocabulary limit must be 0..{buffer.Vocab} (the token choice buffer's), temperature and top-p numbers");
             }
 
-            if (c.Allowed is not null && c.OnDevice)
+            if (c.Allowed is not null && c.OnDevice && c.MaskProblem() is { } problem)
             {
-                if (c.MaskProblem() is { } problem)
-                {
-                    throw new ArgumentException($"row {r}: {problem}", nameof(choices));
-                }
-
-                if (c.VocabLimit > buffer.Vocab)
-                {
-                    throw new ArgumentOutOfRangeException(nameof(choices), c, $"row {r}: the token choice buffer holds masks of {buffer.Vocab} ids, not {c.VocabLimit}");
-                }
+                throw new ArgumentException($"row {r}: {problem}", nameof(choices));
             }
+        }
+    }
+
+    /// <summary>The contract of <see cref="IBackend.ChooseTokenRows"/>: logits the buffer's rows and vocabulary fit.</summary>
+    public static void ChooseRows(Tensor logits, TokenChoiceBuffer buffer)
+    {
+        Kind(logits, TensorKind.Logits, "the rows tokens are chosen from");
+        if (logits.Rows > buffer.Rows)
+        {
+            throw new ArgumentOutOfRangeException(nameof(logits), logits.Rows, $"{logits.Rows} rows of logits; the token choice buffer holds {buffer.Rows}");
+        }
+
+        Require(logits.Cols >= buffer.Vocab, $"logits {logits} are narrower than the token choice buffer's vocabulary limit {buffer.Vocab}");
+    }
+
+    /// <summary>The contract of <see cref="IBackend.ReadTokenChoices"/>.</summary>
+    public static void ReadChoices(TokenChoiceBuffer buffer, Span<int> tokens)
+    {
+        if (tokens.Length > buffer.Rows)
+        {
+            throw new ArgumentOutOfRangeException(nameof(tokens), tokens.Length, $"{tokens.Length} ids asked for; the token choice buffer holds {buffer.Rows}");
         }
     }
 

@@ -3,7 +3,7 @@ using System.Buffers;
 namespace DeepSeekCuda.Backends;
 
 /// <summary>
-/// How one row of logits becomes a token where the logits are (<see cref="IBackend.ChooseTokens"/>): greedy, or a seeded
+/// How one row of logits becomes a token where the logits are (<see cref="TokenChoices.ChooseTokens"/>): greedy, or a seeded
 /// draw under temperature, top-k and top-p. <c>default</c> is a row not chosen there (its logits go to the host).
 /// </summary>
 /// <param name="VocabLimit">Ids at and past it are never chosen (a model vocabulary padded past the tokenizer's); 0: not chosen on the device.</param>
@@ -38,9 +38,33 @@ public readonly record struct TokenChoice(int VocabLimit, float Temperature, int
     public static TokenChoice Greedy(int vocabLimit) => new(vocabLimit, 0, 0, 1, 0, 0);
 }
 
+/// <summary>Token choice in one call, where the logits are.</summary>
+public static class TokenChoices
+{
+    /// <summary>
+    /// Chooses a token for each of the first <paramref name="choices"/>.Length rows of <paramref name="logits"/> and waits for
+    /// the ids: <see cref="IBackend.SetTokenChoices"/>, <see cref="IBackend.ChooseTokenRows"/> over those rows, then
+    /// <see cref="IBackend.ReadTokenChoices"/> into <paramref name="tokens"/> (−1 for a row not chosen there).
+    /// </summary>
+    public static void ChooseTokens(this IBackend backend, Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
+    {
+        ArgumentNullException.ThrowIfNull(backend);
+        ShapeCheck.Choices(logits, choices.Length, tokens.Length);
+        backend.SetTokenChoices(choices, buffer);
+        if (choices.IsEmpty)
+        {
+            return;
+        }
+
+        using var rows = backend.View(logits, 0, choices.Length);
+        backend.ChooseTokenRows(rows, buffer);
+        backend.ReadTokenChoices(buffer, tokens[..choices.Length]);
+    }
+}
+
 /// <summary>
 /// The rule of token choice: the executable specification of <c>Kernels/sampling.cu</c>, used by the CPU backend's
-/// <see cref="IBackend.ChooseTokens"/> and by the host sampler, so a token drawn on a GPU, on the CPU backend or on the
+/// <see cref="TokenChoices.ChooseTokens"/> and by the host sampler, so a token drawn on a GPU, on the CPU backend or on the
 /// host follows one definition (a GPU sums weights in another order: a draw within rounding of a boundary may differ).
 /// </summary>
 /// <remarks>

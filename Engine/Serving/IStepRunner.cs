@@ -34,7 +34,8 @@ public readonly record struct DraftSequence(int Slot, int NextToken);
 /// before a step when <see cref="KvBlockManager.Version"/> moved. The scheduler has already reserved blocks for every position a step writes.</item>
 /// <item><see cref="ForwardAndChoose"/> flattens the batch into one token stream [Σ tokens] with per-token
 /// (slot, position) metadata, runs every layer once over it, computes logits only for the requested
-/// rows, and chooses their tokens on the device (only ids come back). (Still to come on the GPU: a decode-only batch of a size seen before replays a captured CUDA graph.)</item>
+/// rows, and chooses their tokens on the device (only ids come back). With <see cref="PagedStepRunner.DecodeGraphs"/>, a decode
+/// or verify batch of a row bucket seen before replays that bucket's captured graph, the choice inside (not yet run on a GPU).</item>
 /// <item>A runner that drafts keeps the final hidden state of each position whose MTP input is not yet
 /// certain on the device until <see cref="Draft"/> has consumed it; <see cref="Truncate"/> discards those of
 /// dropped positions.</item>

@@ -26,16 +26,18 @@ namespace DeepSeekCuda.Serving;
 /// addressed by position (<see cref="IBackend.ScatterRows"/> writes a step's decode rows there in one call,
 /// <see cref="IBackend.GatherRows"/> reads a draft's inputs). A draft's rows put each slot's last row first, so the head
 /// reads them in place.</para>
-/// <para>Tokens are chosen on the head's device (<see cref="IBackend.ChooseTokens"/>): a step sends each logit row's settings
-/// and brings back its id, and the logits of only the rows the host must see (a constrained request's, or a broken row).</para>
+/// <para>Tokens are chosen on the head's device: a step sets each logit row's settings before it runs
+/// (<see cref="IBackend.SetTokenChoices"/>), chooses after the head (<see cref="IBackend.ChooseTokenRows"/>) and brings back
+/// the ids (<see cref="IBackend.ReadTokenChoices"/>, the step's one wait), and the logits of only the rows the host must see
+/// (a constrained request's, or a broken row).</para>
 /// <para>Decode graphs (<see cref="DecodeGraphs"/>, off until a GPU has run them): a decode or verify step (entries
 /// of one token, or of a token and the draft it verifies, with logits for each) is padded to its row bucket
 /// (<see cref="DecodeBuckets"/>) with rows of a padding slot whose one block no sequence reads, and replays the bucket's
-/// graph of the main pass (and the ring's writes) and the head after the rows' upload; token choice runs after it as
-/// usual. On several devices the graph spans them all (<see cref="Collectives.CaptureGraph"/>: a graph per device whose
+/// graph of the main pass (and the ring's writes), the head and the token choice after the upload of the rows and
+/// their settings: a replayed step queues one operation. On several devices the graph spans them all (<see cref="Collectives.CaptureGraph"/>: a graph per device whose
 /// all-reduces meet on the devices), where every layer runs on every device (tensor/expert parallel; a pipeline's hand-over
-/// between devices stays eager). A draft likewise replays the graph of its bucket of MTP rows (the gather, the MTP layer
-/// and the head). Still eager: the MTP layer's catch-up over positions left pending by a step without a draft, and prompt
+/// between devices stays eager). A draft likewise replays the graph of its bucket of MTP rows (the gather, the MTP layer,
+/// the head and the choice). Still eager: the MTP layer's catch-up over positions left pending by a step without a draft, and prompt
 /// chunks.</para>
 /// </remarks>
 public sealed class PagedStepRunner : IStepRunner
@@ -290,7 +292,7 @@ public sealed class PagedStepRunner : IStepRunner
     public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits) => Run(batch, false, default, default, logits);
 
     /// <inheritdoc />
-    /// <remarks>The head's device chooses (<see cref="IBackend.ChooseTokens"/>): the ids come back, and the logits of only the rows it did not choose.</remarks>
+    /// <remarks>The head's device chooses (<see cref="IBackend.ChooseTokenRows"/>): the ids come back, and the logits of only the rows it did not choose.</remarks>
     public void ForwardAndChoose(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits) =>
         Run(batch, true, choices, tokens, logits);
 
@@ -314,6 +316,9 @@ public sealed class PagedStepRunner : IStepRunner
         {
             return;
         }
+
+        // The rows' settings before anything runs (it refuses bad ones): a graph chooses inside, a row past them not chosen.
+        _head.W.Backend.SetTokenChoices(choose ? choices : [], _choices!);
 
         // The token stream, decode entries first (absorbed rows, at most two per entry: they attend in one call), and each
         // entry's rows of it.
@@ -366,7 +371,7 @@ public sealed class PagedStepRunner : IStepRunner
             if (graph is not null)
             {
                 using var result = _head.W.Backend.View(graph.Logits, 0, logitRows);
-                Deliver(result, choose, choices, chosen, logits);
+                Deliver(result, choose, chosen, logits);
             }
             else if (logitRows > 0)
             {
@@ -377,7 +382,8 @@ public sealed class PagedStepRunner : IStepRunner
                 }
 
                 using var headIn = HeadInput(normed, batch.Length, logitRows);
-                Head(headIn, choose, choices, chosen, logits);
+                using var result = Logits(headIn, choose);
+                Deliver(result, choose, chosen, logits);
             }
         }
         finally
@@ -445,7 +451,7 @@ public sealed class PagedStepRunner : IStepRunner
     /// <summary>
     /// Replays the bucket's graph over the rows just uploaded; on the bucket's first step, runs the step eagerly (its first
     /// run compiles kernels and sizes scratch memory) and then captures it. The graph is the main pass, with a drafting
-    /// model every row's final hidden into the ring, and the head's logits of every row (padding too).
+    /// model every row's final hidden into the ring, and the head's logits of every row (padding too) and their choice.
     /// </summary>
     private DecodeGraph Graph(int bucket)
     {
@@ -458,25 +464,34 @@ public sealed class PagedStepRunner : IStepRunner
                 b.ScatterRows(normed, _head.Rows, RingRows, _pending!);
             }
 
-            return (normed, Logits(normed));
+            return (normed, Logits(normed, choose: true));
         });
     }
 
     /// <summary>
     /// The draft graph of a bucket of MTP rows (see <see cref="Graph"/>): the MTP pass over the rows just uploaded, its inputs
-    /// gathered from the ring, and the head's logits of every row.
+    /// gathered from the ring, and the head's logits of every row and their choice.
     /// </summary>
     private DecodeGraph DraftGraph(int bucket) => Replay(_draftGraphs, bucket, allDevices: false, () =>
     {
         var output = DraftPass(bucket, 0);
-        return (output, Logits(output));
+        return (output, Logits(output, choose: true));
     });
 
-    /// <summary>The head's logits of every row of <paramref name="normed"/>, in the head's buffer (the caller disposes the view).</summary>
-    private Tensor Logits(Tensor normed)
+    /// <summary>
+    /// The head's logits of every row of <paramref name="normed"/>, in the head's buffer (the caller disposes the view), and with
+    /// <paramref name="choose"/> their tokens chosen under the settings set (<see cref="IBackend.ChooseTokenRows"/>).
+    /// </summary>
+    private Tensor Logits(Tensor normed, bool choose)
     {
+        var b = _head.W.Backend;
         var logits = _headArena.Take(Activation.Logits, normed.Rows, VocabSize);
-        _head.W.Backend.Logits(normed, _head.W.Head!, logits);
+        b.Logits(normed, _head.W.Head!, logits);
+        if (choose)
+        {
+            b.ChooseTokenRows(logits, _choices!);
+        }
+
         return logits;
     }
 
@@ -513,7 +528,7 @@ public sealed class PagedStepRunner : IStepRunner
     public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => RunDraft(batch, false, default, default, logits);
 
     /// <inheritdoc />
-    /// <remarks>The head's device chooses each draft (<see cref="IBackend.ChooseTokens"/>): only ids come back, and the logits of a row it did not choose.</remarks>
+    /// <remarks>The head's device chooses each draft (<see cref="IBackend.ChooseTokenRows"/>): only ids come back, and the logits of a row it did not choose.</remarks>
     public void DraftAndChoose(ReadOnlySpan<DraftSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits) =>
         RunDraft(batch, true, choices, tokens, logits);
 
@@ -563,6 +578,7 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         var b = _head.W.Backend;
+        b.SetTokenChoices(choose ? choices : [], _choices!);
         UploadTable(blocks);
 
         // Pending position MtpLength + p is fed with the token after it: the next pending one's, or next. Where the rows attend
@@ -599,13 +615,14 @@ public sealed class PagedStepRunner : IStepRunner
         if (bucket > 0)
         {
             using var result = b.View(DraftGraph(bucket).Logits, 0, batch.Length);
-            Deliver(result, choose, choices, chosen, logits);
+            Deliver(result, choose, chosen, logits);
         }
         else
         {
             using var output = DraftPass(rows, headFirst ? 0 : batch.Length);
             using var headIn = headFirst ? b.View(output, 0, batch.Length) : HeadInput(output, batch.Length, batch.Length);
-            Head(headIn, choose, choices, chosen, logits);
+            using var result = Logits(headIn, choose);
+            Deliver(result, choose, chosen, logits);
         }
 
         foreach (var (slot, _) in batch)
@@ -876,34 +893,27 @@ public sealed class PagedStepRunner : IStepRunner
     }
 
     /// <summary>
-    /// Logits of <paramref name="headIn"/>'s rows: downloaded into <paramref name="logits"/>, or, with <paramref name="choose"/>,
-    /// chosen on the head device into <paramref name="chosen"/> with only the rows not chosen there downloaded (a run of
-    /// such rows in one copy). Then, over
-    /// several devices, the collectives' barrier (the host waits for the step anyway), so a collective that failed on a
-    /// device surfaces in this step.
+    /// The logit rows <paramref name="result"/> to the host: downloaded into <paramref name="logits"/>, or, with
+    /// <paramref name="choose"/>, the ids chosen on the head device read into <paramref name="chosen"/> with only the rows not
+    /// chosen there downloaded (a run of such rows in one copy). Then, over several devices, the collectives' barrier (the
+    /// host waits for the step anyway), so a collective that failed on a device surfaces in this step.
     /// </summary>
-    private void Head(Tensor headIn, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
-    {
-        using var result = Logits(headIn);
-        Deliver(result, choose, choices, chosen, logits);
-    }
-
-    /// <summary>The logit rows <paramref name="result"/> to the host: downloaded, or chosen on the head device with only the rows not chosen there downloaded (see <see cref="Head"/>).</summary>
-    private void Deliver(Tensor result, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
+    private void Deliver(Tensor result, bool choose, Span<int> chosen, Span<float> logits)
     {
         var b = _head.W.Backend;
         var v = VocabSize;
+        var n = result.Rows;
         if (!choose)
         {
             b.Download(result, logits[..(int)result.Length]);
         }
         else
         {
-            b.ChooseTokens(result, choices, _choices!, chosen);
-            for (var r = 0; r < choices.Length;)
+            b.ReadTokenChoices(_choices!, chosen[..n]);
+            for (var r = 0; r < n;)
             {
                 var end = r;
-                while (end < choices.Length && chosen[end] == TokenSampling.NotChosen)
+                while (end < n && chosen[end] == TokenSampling.NotChosen)
                 {
                     end++;
                 }

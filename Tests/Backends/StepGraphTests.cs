@@ -197,7 +197,8 @@ public sealed class StepGraphTests
             ("UploadStepRows", () => b.UploadStepRows([0], [0], [0], rows)),
             ("UploadBlockTable", () => b.UploadBlockTable([0], table)),
             ("DownloadRouting", () => b.DownloadRouting(routing, [], new int[2], [])),
-            ("ChooseTokens", () => b.ChooseTokens(x, [TokenChoice.Greedy(4)], choices, new int[1])),
+            ("SetTokenChoices", () => b.SetTokenChoices([TokenChoice.Greedy(4)], choices)),
+            ("ReadTokenChoices", () => b.ReadTokenChoices(choices, new int[1])),
             ("Embedding", () => b.Embedding(new CpuEmbeddingWeight(2, 4, new float[8]), [1], y)),
             ("ApplyRope", () => b.ApplyRope(q, rope, 0, Dims.QkHead, Dims.QkNope)),
             ("AppendLatent", () => b.AppendLatent(kv, kvNorm, rope, cache, 0)),
@@ -242,5 +243,85 @@ public sealed class StepGraphTests
         Assert.IsTrue(Read(b, y).All(v => v == 0), "the recorded call did not run");
         b.ReplayGraph(graph);
         Tolerance.AssertClose(Read(b, y), expected, 0, 1e-6, "the replay ran it");
+    }
+
+    /// <summary>
+    /// Token choice inside a graph: each replay chooses under the settings set before it (a mask as it was when set, later
+    /// changes to the caller's array unseen), a row past the last settings is not chosen, and the capture itself chooses
+    /// nothing. Greedy rows against the largest logit worked out here, seeded rows against the rule.
+    /// </summary>
+    [TestMethod]
+    public void AGraphsTokenChoiceFollowsTheSettingsSetBeforeEachReplay()
+    {
+        const int rows = 4, v = 300;
+        var values = RandomLogits(rows, v, new Random(11));
+        var settings = ChoiceSettings(v);
+        using var b = new CpuBackend();
+        var ids = ChoicesAcrossReplays(b, values, rows, v, settings);
+
+        int Largest(int row, Func<int, bool> allowed) => Enumerable.Range(0, v).Where(allowed).MaxBy(i => values[(row * v) + i]);
+        int Rule(int row, TokenChoice c) => TokenSampling.Choose(values.AsSpan(row * v, v), c);
+        CollectionAssert.AreEqual(new[] { Largest(0, _ => true), -1, Rule(2, settings[0][2]), -1 }, ids[0], "eager: three rows set, the fourth not chosen");
+        CollectionAssert.AreEqual(ids[0], ids[1], "the capture chose nothing");
+        CollectionAssert.AreEqual(new[] { Rule(0, settings[1][0]), Largest(1, i => i % 2 == 1), Largest(2, i => i < v - 7), Rule(3, settings[1][3]) }, ids[2], "the first replay");
+        Assert.AreEqual(1, ids[2][3] % 2, "the seeded masked row draws an odd id");
+        CollectionAssert.AreEqual(new[] { Largest(0, i => i % 2 == 1), -1, -1, -1 }, ids[3], "one row set: the rows past it are not chosen");
+    }
+
+    /// <summary><paramref name="rows"/> rows of <paramref name="v"/> logits uniform in [−4, 4).</summary>
+    internal static float[] RandomLogits(int rows, int v, Random rng) => [.. Enumerable.Range(0, rows * v).Select(_ => (float)(rng.NextDouble() * 8 - 4))];
+
+    /// <summary>
+    /// The settings of <see cref="ChoicesAcrossReplays"/>: three rows of four (greedy, not chosen, seeded), then four (seeded,
+    /// greedy among odd ids, greedy under a smaller limit, seeded among odd ids), then one (greedy among odd ids).
+    /// </summary>
+    internal static TokenChoice[][] ChoiceSettings(int v)
+    {
+        ulong[] Odd() => Enumerable.Repeat(0xAAAAAAAAAAAAAAAAUL, TokenChoice.MaskWords(v)).ToArray();
+        return
+        [
+            [TokenChoice.Greedy(v), default, new(v, 0.8f, 20, 0.9f, 3, 1)],
+            [new(v, 1.1f, 0, 1, 3, 2), TokenChoice.Greedy(v) with { Allowed = Odd() }, TokenChoice.Greedy(v - 7), new(v, 0.9f, 0, 0.95f, 8, 5, Odd())],
+            [TokenChoice.Greedy(v) with { Allowed = Odd() }],
+        ];
+    }
+
+    /// <summary>
+    /// On <paramref name="b"/>: the first settings and one eager choice over every row of the logits, then a graph of that
+    /// choice captured and each later settings set (a copy of its masks, cleared once set) before a replay. Returns the ids
+    /// read after the eager choice, after the capture, and after each replay.
+    /// </summary>
+    internal static List<int[]> ChoicesAcrossReplays(IBackend b, float[] values, int rows, int v, TokenChoice[][] settings)
+    {
+        using var logits = b.Upload(values, rows, v, TensorKind.Logits);
+        using var buffer = b.AllocateTokenChoices(rows, v);
+        var ids = new List<int[]>();
+        void Read()
+        {
+            var read = new int[rows];
+            b.ReadTokenChoices(buffer, read);
+            ids.Add(read);
+        }
+
+        b.SetTokenChoices(settings[0], buffer);
+        b.ChooseTokenRows(logits, buffer);
+        Read();
+        b.SetTokenChoices(settings[1], buffer);
+        using var graph = b.CaptureGraph(() => b.ChooseTokenRows(logits, buffer));
+        Read();
+        foreach (var set in settings.Skip(1))
+        {
+            TokenChoice[] copies = [.. set.Select(c => c with { Allowed = (ulong[]?)c.Allowed?.Clone() })];
+            b.SetTokenChoices(copies, buffer);
+            foreach (var c in copies)
+            {
+                Array.Clear(c.Allowed ?? []);
+            }
+
+            b.ReplayGraph(graph);
+            Read();
+        }
+
+        return ids;
     }
 }

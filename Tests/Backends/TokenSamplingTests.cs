@@ -3,7 +3,7 @@ using DeepSeekCuda.Backends.Cpu;
 
 namespace DeepSeekCuda.Tests.Backends;
 
-/// <summary>The rule of token choice (<see cref="TokenSampling"/>) and the CPU backend's <see cref="IBackend.ChooseTokens"/>, on values worked out by hand.</summary>
+/// <summary>The rule of token choice (<see cref="TokenSampling"/>) and the CPU backend's token choice (<see cref="TokenChoices.ChooseTokens"/>), on values worked out by hand.</summary>
 [TestClass]
 public sealed class TokenSamplingTests
 {
@@ -140,8 +140,11 @@ public sealed class TokenSamplingTests
         var shortMask = Assert.ThrowsExactly<ArgumentException>(() => cpu.ChooseTokens(logits, [TokenChoice.Greedy(v) with { Allowed = new ulong[4] }], buffer, tokens));
         StringAssert.Contains(shortMask.Message, "row 0: the allowed ids hold 4 words (256 ids), fewer than the vocabulary limit 300 needs (5)");
         using var narrow = cpu.AllocateTokenChoices(2, 100);
-        var wide = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => cpu.ChooseTokens(logits, [TokenChoice.Greedy(v), choices[1]], narrow, tokens));
-        StringAssert.Contains(wide.Message, "row 1: the token choice buffer holds masks of 100 ids, not 300");
+        var wide = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => cpu.ChooseTokens(logits, [TokenChoice.Greedy(100), choices[1]], narrow, tokens));
+        StringAssert.Contains(wide.Message, "row 1: the vocabulary limit must be 0..100 (the token choice buffer's)");
+        using var narrowLogits = cpu.Upload(values[..200], 2, 100, TensorKind.Logits);
+        var narrower = Assert.ThrowsExactly<ArgumentException>(() => cpu.ChooseTokenRows(narrowLogits, buffer));
+        StringAssert.Contains(narrower.Message, "narrower than the token choice buffer's vocabulary limit 300");
         cpu.ChooseTokens(logits, [TokenChoice.Greedy(100) with { Allowed = odd }], narrow, tokens);
         Assert.AreEqual(1, tokens[0] % 2, "a mask within the buffer's width");
     }

@@ -37,7 +37,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// <summary>
     /// Every operation so far, in call order, as its name and host arguments: a tensor as its shape, a weight, pool, table,
     /// step rows or other handle this backend returned as <c>#n</c> (its n-th), integers and token ids as their values.
-    /// Memory calls (allocations, uploads, downloads, views) are not operations; <see cref="ChooseTokens"/> is, with its row count.
+    /// Memory calls (allocations, uploads, downloads, views, setting and reading token choices) are not operations; <see cref="ChooseTokenRows"/> is.
     /// A graph's operations are logged as it is captured, and each replay as <see cref="ReplayGraph"/>.
     /// </summary>
     public IReadOnlyList<string> Operations => _operations;
@@ -94,23 +94,28 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// <summary>Values copied to the host by <see cref="Download"/> so far.</summary>
     public long DownloadedValues { get; private set; }
 
-    /// <summary>Rows <see cref="ChooseTokens"/> chose from so far, and how many of them it gave a token.</summary>
+    /// <summary>Ids <see cref="ReadTokenChoices"/> brought back so far, and how many of them were tokens (not <see cref="TokenSampling.NotChosen"/>).</summary>
     public (long Rows, long Chosen) Choices { get; private set; }
 
     public TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab) => Counted(inner.AllocateTokenChoices(rows, vocab));
 
-    public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
+    public void SetTokenChoices(ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer) => inner.SetTokenChoices(choices, buffer);
+
+    public void ChooseTokenRows(Tensor logits, TokenChoiceBuffer buffer) =>
+        Run(nameof(ChooseTokenRows), () => inner.ChooseTokenRows(logits, buffer), logits, buffer);
+
+    public void ReadTokenChoices(TokenChoiceBuffer buffer, Span<int> tokens)
     {
-        Op(nameof(ChooseTokens), logits, choices.Length, buffer);
-        inner.ChooseTokens(logits, choices, buffer, tokens);
+        inner.ReadTokenChoices(buffer, tokens);
         var chosen = 0;
-        foreach (var t in tokens[..choices.Length])
+        foreach (var t in tokens)
         {
             chosen += t >= 0 ? 1 : 0;
         }
 
-        Choices = (Choices.Rows + choices.Length, Choices.Chosen + chosen);
+        Choices = (Choices.Rows + tokens.Length, Choices.Chosen + chosen);
     }
+
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
         Run(nameof(CopyRows), () => inner.CopyRows(source, sourceRow, destination, destinationRow, count), source, sourceRow, destination, destinationRow, count);
 

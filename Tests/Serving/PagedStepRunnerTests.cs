@@ -369,14 +369,17 @@ public sealed class PagedStepRunnerTests
 
     /// <summary>
     /// A constrained request whose constraint writes its allowed ids is chosen on the backend among them, like a free one:
-    /// without drafts no logits come back at all, and its tokens equal the request alone with each row masked on the host.
+    /// without drafts no logits come back at all, and its tokens equal the request alone with each row masked on the host;
+    /// so they do where decode steps replay graphs (the masks set before each replay, the choice inside it).
     /// </summary>
     [TestMethod]
-    public void AConstraintsAllowedIdsAreChosenOnTheBackendAndOnlyIdsComeBack()
+    [DataRow(false)]
+    [DataRow(true)]
+    public void AConstraintsAllowedIdsAreChosenOnTheBackendAndOnlyIdsComeBack(bool graphs)
     {
         using var model = CountingModel(out var counting);
         var v = model.VocabSize;
-        using var runner = new PagedStepRunner(model);
+        using var runner = new PagedStepRunner(model) { DecodeGraphs = graphs };
         using var scheduler = Scheduler(runner, model, SpeculativeDecodingMode.Off);
         var prompts = new[] { 20, 7, 33 }.Select((n, i) => SyntheticPrompts.Make(v, n, 700 + i)).ToArray();
         SamplingOptions[] sampling = [Greedy12, Seeded12, Greedy12];
@@ -387,6 +390,7 @@ public sealed class PagedStepRunnerTests
         Assert.AreEqual(0L, counting.DownloadedValues, "no logits came back, the constrained requests' included");
         Assert.AreEqual(counting.Choices.Rows, counting.Choices.Chosen, "every row was chosen on the backend");
         Assert.AreEqual(0, constraints[0]!.Masks + constraints[1]!.Masks, "no row was masked on the host");
+        Assert.AreEqual(graphs, counting.Operations.Any(o => o.StartsWith("ReplayGraph(", StringComparison.Ordinal)), "decode steps replayed graphs");
         for (var i = 0; i < requests.Length; i++)
         {
             var hostMasked = constraints[i] is null ? null : new EveryThirdId(v - 5, hostOnly: true);
@@ -758,13 +762,13 @@ public sealed class PagedStepRunnerTests
     }
 
     /// <summary>
-    /// A replayed decode step queues the graph and the choice, nothing else, and allocates nothing: the first step of a bucket
+    /// A replayed decode step queues its graph (the token choice inside), nothing else, and allocates nothing: the first step of a bucket
     /// runs eagerly and captures (the step-rows embedding among its operations), a later one of the same bucket in another
     /// order replays, a smaller bucket captures a graph of its own, and the first bucket replays again; so do verify steps
     /// (an entry of a token and its draft) of those row counts.
     /// </summary>
     [TestMethod]
-    public void ReplayedDecodeStepsQueueOnlyTheGraphAndTheChoice()
+    public void ReplayedDecodeStepsQueueOnlyTheirGraph()
     {
         using var model = CountingModel(out var counting);
         var v = model.VocabSize;
@@ -804,13 +808,13 @@ public sealed class PagedStepRunnerTests
     }
 
     /// <summary>
-    /// With drafting slots, a replayed verify step queues its graph (the main pass, the ring's writes and the logits) and the
-    /// choice, and a replayed draft its own graph (the gather from the ring, the MTP layer and the logits) and the choice,
+    /// With drafting slots, a replayed verify step queues its graph (the main pass, the ring's writes, the logits and the
+    /// choice), and a replayed draft its own graph (the gather from the ring, the MTP layer, the logits and the choice),
     /// nothing else, and nothing is allocated after the captures: drafts of 3 rows (one pending row per slot), 6 (two) and
     /// 5 (after a rollback) rows, verify steps of 6 rows and a decode step of 3.
     /// </summary>
     [TestMethod]
-    public void ReplayedSpeculativeStepsQueueOnlyTheirGraphsAndTheChoices()
+    public void ReplayedSpeculativeStepsQueueOnlyTheirGraphs()
     {
         using var model = CountingModel(out var counting);
         var v = model.VocabSize;
@@ -875,12 +879,11 @@ public sealed class PagedStepRunnerTests
         return runner;
     }
 
-    /// <summary>What a replayed step or draft queues: its graph, then the choice.</summary>
+    /// <summary>What a replayed step or draft queues: its graph, the choice inside.</summary>
     private static void Replayed(string[] ops, string what)
     {
-        Assert.HasCount(2, ops, $"{what}: {string.Join(" ", ops)}");
+        Assert.HasCount(1, ops, $"{what}: {string.Join(" ", ops)}");
         StringAssert.StartsWith(ops[0], "ReplayGraph(#", what);
-        StringAssert.StartsWith(ops[1], "ChooseTokens(", what);
     }
 
     /// <summary>A refused step names what is wrong and changes nothing: the same slot then runs as if it had not come.</summary>

@@ -372,15 +372,37 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
-    public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
+    /// <remarks>The settings are kept, each mask copied, as a device copies them.</remarks>
+    public void SetTokenChoices(ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer)
     {
         NotCapturing();
-        ShapeCheck.Choices(logits, choices, buffer, tokens);
-        var l = T(logits);
-        for (var r = 0; r < choices.Length; r++)
+        ShapeCheck.SetChoices(choices, buffer);
+        ((CpuTokenChoices)buffer).Set(choices);
+    }
+
+    /// <inheritdoc />
+    public void ChooseTokenRows(Tensor logits, TokenChoiceBuffer buffer)
+    {
+        if (Recorded(() => ChooseTokenRows(logits, buffer)))
         {
-            tokens[r] = TokenSampling.Choose(l.Row(r), choices[r]);
+            return;
         }
+
+        ShapeCheck.ChooseRows(logits, buffer);
+        var l = T(logits);
+        var b = (CpuTokenChoices)buffer;
+        for (var r = 0; r < l.Rows; r++)
+        {
+            b.Ids[r] = TokenSampling.Choose(l.Row(r), b.Choices[r]);
+        }
+    }
+
+    /// <inheritdoc />
+    public void ReadTokenChoices(TokenChoiceBuffer buffer, Span<int> tokens)
+    {
+        NotCapturing();
+        ShapeCheck.ReadChoices(buffer, tokens);
+        ((CpuTokenChoices)buffer).Ids.AsSpan(0, tokens.Length).CopyTo(tokens);
     }
 
     private static CpuLinearWeight LoadLinear(Checkpoint checkpoint, LinearSpec spec) =>

@@ -86,8 +86,37 @@ internal sealed class CpuRouting(int tokens, int experts, int topK) : Routing(to
     public float[] Weights { get; } = new float[tokens * topK];
 }
 
-/// <summary>The CPU chooses in place: nothing to hold.</summary>
-internal sealed class CpuTokenChoices(int rows, int vocab) : TokenChoiceBuffer(rows, vocab);
+/// <summary>A token choice buffer in host memory: the rows' settings (their masks copied), and the ids chosen.</summary>
+internal sealed class CpuTokenChoices(int rows, int vocab) : TokenChoiceBuffer(rows, vocab)
+{
+    private readonly ulong[][] _masks = new ulong[rows][];
+
+    /// <summary>[rows] the settings; a row past the last <see cref="Set"/>'s is <c>default</c> (not chosen).</summary>
+    public TokenChoice[] Choices { get; } = new TokenChoice[rows];
+
+    /// <summary>[rows] the ids the last choice wrote.</summary>
+    public int[] Ids { get; } = new int[rows];
+
+    /// <summary>Holds <paramref name="choices"/> (checked), each mask copied into the row's own words, and clears the rows past them.</summary>
+    public void Set(ReadOnlySpan<TokenChoice> choices)
+    {
+        for (var r = 0; r < choices.Length; r++)
+        {
+            var c = choices[r];
+            if (c.Allowed is { } allowed && c.OnDevice)
+            {
+                var words = TokenChoice.MaskWords(c.VocabLimit);
+                var mask = _masks[r] ??= new ulong[TokenChoice.MaskWords(Vocab)];
+                allowed.AsSpan(0, words).CopyTo(mask);
+                c = c with { Allowed = mask };
+            }
+
+            Choices[r] = c;
+        }
+
+        Choices.AsSpan(choices.Length).Clear();
+    }
+}
 
 /// <summary>A CPU graph: the calls recorded, made again in order at each replay; owned by the backend (or host communicator) that captured them.</summary>
 internal sealed class CpuStepGraph(object owner, Action[] recorded) : StepGraph

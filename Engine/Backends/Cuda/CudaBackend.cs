@@ -716,19 +716,18 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
-    public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens)
+    /// <remarks>
+    /// The settings of the rows, and of the rows a previous call set past them (now not chosen), go out through the buffer's
+    /// pinned end in one copy, and the masks of the rows that have one, packed in row order, in another. The pinned end is
+    /// written once the previous set's copies have run (a step that reads no ids does not wait for its work).
+    /// </remarks>
+    public void SetTokenChoices(ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer)
     {
-        ShapeCheck.Choices(logits, choices, buffer, tokens);
+        ShapeCheck.SetChoices(choices, buffer);
         using var scope = Enter();
-        var l = T(logits);
         var b = (CudaTokenChoices)buffer;
+        b.Sent.Synchronize();
         var n = choices.Length;
-        if (n == 0)
-        {
-            return;
-        }
-
-        // The masks of the rows that have one, packed in row order: only they cross.
         var rows = b.HostChoices.Span;
         var hostMasks = b.HostAllowed.Span;
         var masks = 0;
@@ -744,16 +743,44 @@ public sealed class CudaBackend : IBackend
             }
         }
 
-        b.HostChoices.CopyTo(b.Choices, _stream, count: n);
+        var copied = Math.Max(n, b.SetRows);
+        rows[n..copied].Fill(KernelRow(default)); // not chosen
+        if (copied > 0)
+        {
+            b.HostChoices.CopyTo(b.Choices, _stream, count: copied);
+        }
+
         if (masks > 0)
         {
             b.HostAllowed.CopyTo(b.Allowed, _stream, count: (long)masks * b.MaskWords);
         }
 
-        _sampling.Launch(_stream, l.Matrix.Slice(0, n), b.Choices.Pointer, new DeviceInts(b.Ids.Pointer, n), b.Allowed.Pointer, b.MaskWords);
-        b.HostIds.CopyFrom(b.Ids, _stream, count: n);
+        b.Sent.Record(_stream);
+        b.SetRows = n;
+    }
+
+    /// <inheritdoc />
+    /// <remarks>One kernel, then the ids' copy to the buffer's pinned end (a memcpy node in a graph).</remarks>
+    public void ChooseTokenRows(Tensor logits, TokenChoiceBuffer buffer)
+    {
+        ShapeCheck.ChooseRows(logits, buffer);
+        using var scope = Enter(recordable: true);
+        var b = (CudaTokenChoices)buffer;
+        var n = logits.Rows;
+        _sampling.Launch(_stream, T(logits).Matrix, b.Choices.Pointer, new DeviceInts(b.Ids.Pointer, n), b.Allowed.Pointer, b.MaskWords);
+        if (n > 0)
+        {
+            b.HostIds.CopyFrom(b.Ids, _stream, count: n);
+        }
+    }
+
+    /// <inheritdoc />
+    public void ReadTokenChoices(TokenChoiceBuffer buffer, Span<int> tokens)
+    {
+        ShapeCheck.ReadChoices(buffer, tokens);
+        using var scope = Enter();
         _stream.Synchronize();
-        b.HostIds.Span[..n].CopyTo(tokens);
+        ((CudaTokenChoices)buffer).HostIds.Span[..tokens.Length].CopyTo(tokens);
     }
 
     /// <summary>A row's settings as the sampling kernel reads them.</summary>

@@ -201,7 +201,7 @@ internal sealed class CudaRouting : Routing
 
 /// <summary>
 /// A token choice buffer: the rows' settings, their allowed ids and the chosen ids on the device, and their pinned host ends
-/// (the settings and the masks of the rows that have one go out, the ids come back: at most two copies out and one back per call).
+/// (the settings and the masks of the rows that have one go out, at most two copies per set; the ids come back, one copy per choice).
 /// </summary>
 internal sealed class CudaTokenChoices : TokenChoiceBuffer
 {
@@ -216,6 +216,8 @@ internal sealed class CudaTokenChoices : TokenChoiceBuffer
             HostChoices = new PinnedBuffer<TokenChoiceRow>(device, rows);
             HostIds = new PinnedBuffer<int>(device, rows);
             HostAllowed = new PinnedBuffer<ulong>(device, (long)rows * MaskWords);
+            Sent = new CudaEvent(device, timing: false);
+            SetRows = rows; // the device rows hold whatever was there: the first set makes them all not chosen
         }
         catch
         {
@@ -223,6 +225,12 @@ internal sealed class CudaTokenChoices : TokenChoiceBuffer
             throw;
         }
     }
+
+    /// <summary>Rows the last set gave settings (the rows past them on the device are not chosen), or every row before the first.</summary>
+    public int SetRows { get; set; }
+
+    /// <summary>Recorded after a set's copies: the next set writes the pinned ends once they have run.</summary>
+    public CudaEvent Sent { get; } = null!;
 
     /// <summary>[rows] the settings the kernel reads.</summary>
     public DeviceBuffer<TokenChoiceRow> Choices { get; } = null!;
@@ -253,6 +261,7 @@ internal sealed class CudaTokenChoices : TokenChoiceBuffer
         HostChoices?.Dispose();
         HostIds?.Dispose();
         HostAllowed?.Dispose();
+        Sent?.Dispose();
     }
 }
 

@@ -169,8 +169,11 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
 
     public TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab) => Op(null, () => inner.AllocateTokenChoices(rows, vocab));
 
-    public void ChooseTokens(Tensor logits, ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer, Span<int> tokens) =>
-        inner.ChooseTokens(logits, choices, buffer, tokens);
+    public void SetTokenChoices(ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer) => inner.SetTokenChoices(choices, buffer);
+
+    public void ChooseTokenRows(Tensor logits, TokenChoiceBuffer buffer) => Op(null, () => inner.ChooseTokenRows(logits, buffer));
+
+    public void ReadTokenChoices(TokenChoiceBuffer buffer, Span<int> tokens) => inner.ReadTokenChoices(buffer, tokens);
 
     public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output)
     {
