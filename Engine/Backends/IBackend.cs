@@ -165,10 +165,11 @@ public interface IBackend : IDisposable
     /// memory the operations name as it is then (upload a step's rows, then replay), while their host values (shapes, row
     /// offsets, weights) are the capture's. Only operations over backend memory are recorded: <see cref="CopyRows"/>,
     /// <see cref="EmbeddingRows"/>, the norms, <see cref="Linear"/>, <see cref="Logits"/>, <see cref="SiluMul"/>,
-    /// <see cref="ConcatColumns"/>, the row operations, MoE and <see cref="ChooseTokenRows"/>; <see cref="View"/> and <see cref="PagedCache"/> make views
-    /// as usual. Anything else (allocation, uploads and downloads, the block table and step rows, routing downloads, setting and
-    /// reading token choices, <see cref="Embedding"/> of host ids, the per-sequence cache operations, a capture or replay) is refused while
-    /// capturing, with an <see cref="InvalidOperationException"/> naming the call, and the capture is abandoned. Run the
+    /// <see cref="ConcatColumns"/>, the row operations, MoE and <see cref="ChooseTokenRows"/>; <see cref="View"/> and
+    /// <see cref="PagedCache"/> make views as usual. Anything else (allocation, uploads and downloads, the block table and step
+    /// rows, routing downloads, setting and reading token choices, <see cref="Embedding"/> of host ids, the per-sequence cache
+    /// operations, a capture or replay) is refused while capturing, with an <see cref="InvalidOperationException"/> naming the
+    /// call, and the capture is abandoned. Run the
     /// recorded work once before capturing it: the first run of a shape may compile kernels or size scratch memory.
     /// </summary>
     StepGraph CaptureGraph(Action record);

@@ -34,11 +34,11 @@ namespace DeepSeekCuda.Serving;
 /// of one token, or of a token and the draft it verifies, with logits for each) is padded to its row bucket
 /// (<see cref="DecodeBuckets"/>) with rows of a padding slot whose one block no sequence reads, and replays the bucket's
 /// graph of the main pass (and the ring's writes), the head and the token choice after the upload of the rows and
-/// their settings: a replayed step queues one operation. On several devices the graph spans them all (<see cref="Collectives.CaptureGraph"/>: a graph per device whose
-/// all-reduces meet on the devices), where every layer runs on every device (tensor/expert parallel; a pipeline's hand-over
-/// between devices stays eager). A draft likewise replays the graph of its bucket of MTP rows (the gather, the MTP layer,
-/// the head and the choice). Still eager: the MTP layer's catch-up over positions left pending by a step without a draft, and prompt
-/// chunks.</para>
+/// their settings: a replayed step queues one operation. On several devices the graph spans them all
+/// (<see cref="Collectives.CaptureGraph"/>: a graph per device whose all-reduces meet on the devices), where every layer
+/// runs on every device (tensor/expert parallel; a pipeline's hand-over between devices stays eager). A draft likewise
+/// replays the graph of its bucket of MTP rows (the gather, the MTP layer, the head and the choice). Still eager: the MTP
+/// layer's catch-up over positions left pending by a step without a draft, and prompt chunks.</para>
 /// </remarks>
 public sealed class PagedStepRunner : IStepRunner
 {

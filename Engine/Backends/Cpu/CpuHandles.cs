@@ -94,8 +94,8 @@ internal sealed class CpuTokenChoices(int rows, int vocab) : TokenChoiceBuffer(r
     /// <summary>[rows] the settings; a row past the last <see cref="Set"/>'s is <c>default</c> (not chosen).</summary>
     public TokenChoice[] Choices { get; } = new TokenChoice[rows];
 
-    /// <summary>[rows] the ids the last choice wrote.</summary>
-    public int[] Ids { get; } = new int[rows];
+    /// <summary>[rows] the ids the last choice wrote (before the first, none: <see cref="TokenSampling.NotChosen"/>).</summary>
+    public int[] Ids { get; } = Enumerable.Repeat(TokenSampling.NotChosen, rows).ToArray();
 
     /// <summary>Holds <paramref name="choices"/> (checked), each mask copied into the row's own words, and clears the rows past them.</summary>
     public void Set(ReadOnlySpan<TokenChoice> choices)
