@@ -318,7 +318,11 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         // The rows' settings before anything runs (it refuses bad ones): a graph chooses inside, a row past them not chosen.
-        _head.W.Backend.SetTokenChoices(choose ? choices : [], _choices!);
+        // A step that reads no ids sets none (a graph's choice then writes ids nobody reads).
+        if (choose && logitRows > 0)
+        {
+            _head.W.Backend.SetTokenChoices(choices, _choices!);
+        }
 
         // The token stream, decode entries first (absorbed rows, at most two per entry: they attend in one call), and each
         // entry's rows of it.
@@ -578,7 +582,11 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         var b = _head.W.Backend;
-        b.SetTokenChoices(choose ? choices : [], _choices!);
+        if (choose)
+        {
+            b.SetTokenChoices(choices, _choices!);
+        }
+
         UploadTable(blocks);
 
         // Pending position MtpLength + p is fed with the token after it: the next pending one's, or next. Where the rows attend
