@@ -164,7 +164,7 @@ public interface IBackend : IDisposable
     /// <see cref="StepGraph"/> that <see cref="ReplayGraph"/> runs (a CUDA graph on the GPU). A replay reads and writes the
     /// memory the operations name as it is then (upload a step's rows, then replay), while their host values (shapes, row
     /// offsets, weights) are the capture's. Only operations over backend memory are recorded: <see cref="CopyRows"/>,
-    /// <see cref="EmbeddingRows"/>, the norms, <see cref="Linear"/>, <see cref="Logits"/>, <see cref="SiluMul"/>,
+    /// <see cref="EmbeddingRows"/>, <see cref="EmbeddingChosenRows"/>, the norms, <see cref="Linear"/>, <see cref="Logits"/>, <see cref="SiluMul"/>,
     /// <see cref="ConcatColumns"/>, the row operations, MoE and <see cref="ChooseTokenRows"/>; <see cref="View"/> and
     /// <see cref="PagedCache"/> make views as usual. Anything else (allocation, uploads and downloads, the block table and step
     /// rows, routing downloads, setting and reading token choices, <see cref="Embedding"/> of host ids, the per-sequence cache
@@ -184,6 +184,16 @@ public interface IBackend : IDisposable
 
     /// <summary><see cref="Embedding"/> of the tokens of <paramref name="rows"/>: output[t] = table[Tokens[t]] for the output's rows, read where it runs.</summary>
     void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output);
+
+    /// <summary>
+    /// <see cref="EmbeddingRows"/> of tokens chosen where they were chosen: row t's token is the id the last
+    /// <see cref="ChooseTokenRows"/> into <paramref name="chosen"/> wrote for its row Tokens[t] (the step rows' tokens name
+    /// rows of the buffer), or token 0 where that row was not chosen (−1). So a pass after a choice (an MTP draft after the
+    /// step that chose its tokens) embeds them with no trip to the host; a row of token 0 stands in for one the host must
+    /// choose, and what it yields is for the caller to discard. Refuses a token past the buffer's rows and a buffer whose
+    /// <see cref="TokenChoiceBuffer.Vocab"/> is wider than the table.
+    /// </summary>
+    void EmbeddingChosenRows(EmbeddingWeight table, StepRows rows, TokenChoiceBuffer chosen, Tensor output);
 
     /// <summary>output = x · rsqrt(mean(x²) + eps) ⊙ w, per row (fp32).</summary>
     void RmsNorm(Tensor x, NormWeight weight, Tensor output);

@@ -90,6 +90,22 @@ internal static class ShapeCheck
         }
     }
 
+    /// <summary>The contract of <see cref="IBackend.EmbeddingChosenRows"/>: <see cref="EmbeddingRows"/>'s, the tokens rows of <paramref name="chosen"/> whose ids are rows of the table.</summary>
+    public static void EmbeddingChosenRows(EmbeddingWeight table, StepRows rows, TokenChoiceBuffer chosen, Tensor output)
+    {
+        StepRows(rows, output.Rows, null, null);
+        Require(output.Cols == table.Width, $"embedding output {output} is not [T, {table.Width}]");
+        if (rows.MaxToken >= chosen.Rows)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxToken, $"token {rows.MaxToken} names no row of the token choice buffer (0..{chosen.Rows - 1})");
+        }
+
+        if (chosen.Vocab > table.Rows)
+        {
+            throw new ArgumentOutOfRangeException(nameof(chosen), chosen.Vocab, $"the token choice buffer chooses ids below {chosen.Vocab}; the embedding table has {table.Rows} rows");
+        }
+    }
+
     /// <summary>The contract of <see cref="TokenChoices.ChooseTokens"/>: <paramref name="rows"/> choices over the first rows of <paramref name="logits"/>, a token slot for each.</summary>
     public static void Choices(Tensor logits, int rows, int tokens)
     {

@@ -14,10 +14,14 @@ internal struct EmbeddingParams
     public int Tokens;
     public int Dim;
     public int Vocab;
-    public int Pad0;
+    public int ChosenRows;
+    public ulong Chosen;
 }
 
-/// <summary>Gathers bf16 embedding rows for int32 token ids; an out-of-range id gives a NaN row.</summary>
+/// <summary>
+/// Gathers bf16 embedding rows for int32 token ids, or for the ids chosen in the rows of a token choice buffer that the ids
+/// name (token 0 where a row was not chosen); an out-of-range id or row gives a NaN row.
+/// </summary>
 internal sealed class EmbeddingKernel(CudaDevice device, NvrtcCompiler compiler) : KernelLauncher(device, compiler, FamilyName)
 {
     /// <summary>Kernels/embedding.cu.</summary>
@@ -35,10 +39,13 @@ internal sealed class EmbeddingKernel(CudaDevice device, NvrtcCompiler compiler)
     /// <summary>Every specialization the launcher can request.</summary>
     public static IReadOnlyList<KernelInstance> AllInstances() => [Instance(ElementType.F32), Instance(ElementType.BF16)];
 
-    /// <summary>out[t] = table[ids[t]] for every id; <paramref name="table"/> bf16 [vocab, dim], dense.</summary>
-    public void Launch(CudaStream stream, DeviceInts ids, DeviceRows table, DeviceRows output)
+    /// <summary>
+    /// out[t] = table[ids[t]] for every id, or with <paramref name="chosen"/> table[max(chosen[ids[t]], 0)];
+    /// <paramref name="table"/> bf16 [vocab, dim], dense.
+    /// </summary>
+    public void Launch(CudaStream stream, DeviceInts ids, DeviceRows table, DeviceRows output, DeviceInts? chosen = null)
     {
-        var p = Params(ids, table, output);
+        var p = Params(ids, table, output, chosen);
         if (p.Tokens == 0)
         {
             return;
@@ -48,7 +55,7 @@ internal sealed class EmbeddingKernel(CudaDevice device, NvrtcCompiler compiler)
     }
 
     /// <summary>The kernel's arguments for one call, the views checked against each other.</summary>
-    public static EmbeddingParams Params(DeviceInts ids, DeviceRows table, DeviceRows output)
+    public static EmbeddingParams Params(DeviceInts ids, DeviceRows table, DeviceRows output, DeviceInts? chosen = null)
     {
         const string what = "embedding";
         ViewCheck.Bf16Weight(table, table.Rows, table.Cols, what, nameof(table));
@@ -57,6 +64,7 @@ internal sealed class EmbeddingKernel(CudaDevice device, NvrtcCompiler compiler)
         {
             Ids = ids.Pointer, Table = table.Pointer, Out = output.Pointer, OutStride = output.Stride,
             Tokens = ids.Length, Dim = table.Cols, Vocab = table.Rows,
+            Chosen = chosen?.Pointer ?? 0, ChosenRows = chosen?.Length ?? 0,
         };
     }
 }

@@ -268,6 +268,87 @@ public sealed class StepGraphTests
         CollectionAssert.AreEqual(new[] { Largest(0, i => i % 2 == 1), -1, -1, -1 }, ids[3], "one row set: the rows past it are not chosen");
     }
 
+    /// <summary>
+    /// Step rows whose tokens name rows of a token choice buffer embed the ids chosen there, eagerly and in a graph that holds
+    /// the choice and the embedding (replayed over new logits): each row the table's row of the largest logit of the choice
+    /// row it names, worked out here, and of token 0 where that row was not chosen. A token past the buffer's rows, and a
+    /// buffer that chooses ids the table does not have, are refused by name.
+    /// </summary>
+    [TestMethod]
+    public void ChosenTokensAreEmbeddedWhereTheyWereChosen()
+    {
+        using var b = new CpuBackend();
+        var rng = new Random(13);
+        var tableValues = Normal(rng, Vocab * Width);
+        BFloat16.Round(tableValues); // a checkpoint's table is BF16
+        using var table = new CpuEmbeddingWeight(Vocab, Width, tableValues);
+        var logits = new[] { RandomLogits(ChosenRows, Vocab, rng), RandomLogits(ChosenRows, Vocab, rng) };
+        var got = ChosenEmbeddingsAcrossReplays(b, table, logits, Vocab);
+        for (var k = 0; k < logits.Length; k++)
+        {
+            var tokens = ChosenRowsOfTokens.Select(row => row == NotChosenRow ? 0 : Enumerable.Range(0, Vocab).MaxBy(i => logits[k][(row * Vocab) + i])).ToArray();
+            CollectionAssert.AreEqual(tokens.SelectMany(t => tableValues.AsSpan(t * Width, Width).ToArray()).ToArray(), got[k], $"{(k == 0 ? "eager" : "replayed")}: tokens {string.Join(", ", tokens)}");
+        }
+
+        using var rows = b.AllocateStepRows(2);
+        using var buffer = b.AllocateTokenChoices(ChosenRows, Vocab);
+        using var output = b.Allocate(2, Width);
+        b.UploadStepRows([1, ChosenRows], [0, 0], [0, 1], rows);
+        var past = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.EmbeddingChosenRows(table, rows, buffer, output));
+        StringAssert.Contains(past.Message, $"token {ChosenRows} names no row of the token choice buffer (0..{ChosenRows - 1})");
+        using var wide = b.AllocateTokenChoices(ChosenRows + 1, Vocab + 1);
+        var vocab = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.EmbeddingChosenRows(table, rows, wide, output));
+        StringAssert.Contains(vocab.Message, $"chooses ids below {Vocab + 1}; the embedding table has {Vocab} rows");
+    }
+
+    /// <summary>Rows of the token choice buffer of <see cref="ChosenEmbeddingsAcrossReplays"/>, the one among them not chosen, and the rows the step rows' tokens name.</summary>
+    private const int ChosenRows = 4, NotChosenRow = 2;
+
+    private static readonly int[] ChosenRowsOfTokens = [2, 0, 3, 1, 2, 0];
+
+    /// <summary>
+    /// On <paramref name="b"/>: step rows whose tokens name rows of a choice buffer (<see cref="ChosenRowsOfTokens"/>), every
+    /// row greedy but <see cref="NotChosenRow"/>; the choice over <paramref name="logits"/>[0] and the embedding of the chosen
+    /// tokens run eagerly, then captured as a graph, the logits overwritten by each later set and the graph replayed. Returns
+    /// the embedded rows after the eager run and after each replay.
+    /// </summary>
+    internal static List<float[]> ChosenEmbeddingsAcrossReplays(IBackend b, EmbeddingWeight table, float[][] logits, int v)
+    {
+        var n = ChosenRowsOfTokens.Length;
+        using var scores = b.Upload(logits[0], ChosenRows, v, TensorKind.Logits);
+        using var buffer = b.AllocateTokenChoices(ChosenRows, v);
+        using var rows = b.AllocateStepRows(n);
+        using var output = b.Allocate(n, table.Width);
+        b.UploadStepRows(ChosenRowsOfTokens, new int[n], [.. Enumerable.Range(0, n)], rows);
+        b.SetTokenChoices([.. Enumerable.Range(0, ChosenRows).Select(r => r == NotChosenRow ? default : TokenChoice.Greedy(v))], buffer);
+        var embedded = new List<float[]>();
+        void Run()
+        {
+            b.ChooseTokenRows(scores, buffer);
+            b.EmbeddingChosenRows(table, rows, buffer, output);
+        }
+
+        void Read()
+        {
+            var values = new float[output.Length];
+            b.Download(output, values);
+            embedded.Add(values);
+        }
+
+        Run();
+        Read();
+        using var graph = b.CaptureGraph(Run);
+        foreach (var next in logits.Skip(1))
+        {
+            using var fresh = b.Upload(next, ChosenRows, v, TensorKind.Logits);
+            b.CopyRows(fresh, 0, scores, 0, ChosenRows);
+            b.ReplayGraph(graph);
+            Read();
+        }
+
+        return embedded;
+    }
+
     /// <summary><paramref name="rows"/> rows of <paramref name="v"/> logits uniform in [−4, 4).</summary>
     internal static float[] RandomLogits(int rows, int v, Random rng) => [.. Enumerable.Range(0, rows * v).Select(_ => (float)(rng.NextDouble() * 8 - 4))];
 

@@ -181,6 +181,26 @@ public class CudaBackendGpuTests : TinyABackendsGpuTests
     }
 
     [TestMethod]
+    public void ChosenTokensAreEmbeddedWhereTheyWereChosen()
+    {
+        // The embedding of step rows whose tokens name rows of a choice buffer (the ids chosen on the device, token 0 where a
+        // row was not chosen), eagerly and in a CUDA graph with the choice, over tiny-a's table: bitwise the CPU's (greedy
+        // choices, a BF16 table widened exactly).
+        var v = Config.VocabSize;
+        float[][] logits = [Backends.StepGraphTests.RandomLogits(4, v, Random), Backends.StepGraphTests.RandomLogits(4, v, Random)];
+        List<float[]> Run(IBackend b)
+        {
+            using var table = b.UploadEmbedding(Checkpoint, "model.embed_tokens.weight", v, Config.HiddenSize);
+            return Backends.StepGraphTests.ChosenEmbeddingsAcrossReplays(b, table, logits, v);
+        }
+
+        var got = Run(Cuda);
+        var want = Run(Cpu);
+        Exact("eager", got[0], want[0]);
+        Exact("replayed over new logits", got[1], want[1]);
+    }
+
+    [TestMethod]
     public void MaskedRowsAreChosenAmongTheirAllowedIds()
     {
         // Masked rows between unmasked ones (the masks packed in row order as they cross), a mask under a smaller limit, a row

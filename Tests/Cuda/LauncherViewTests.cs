@@ -91,6 +91,9 @@ public sealed class LauncherViewTests
         var output = new DeviceRows(Base + 0x1000_0000, ElementType.F32, 7, 7168);
         var p = EmbeddingKernel.Params(new DeviceInts(Base + 0x2000_0000, 7), table, output);
         Assert.AreEqual((Base + 0x2000_0000, Base, output.Pointer, 7168L, 7, 7168, 129280), (p.Ids, p.Table, p.Out, p.OutStride, p.Tokens, p.Dim, p.Vocab));
+        Assert.AreEqual((0UL, 0), (p.Chosen, p.ChosenRows), "ids are tokens");
+        var chosen = EmbeddingKernel.Params(new DeviceInts(Base + 0x2000_0000, 7), table, output, new DeviceInts(Base + 0x3000_0000, 16));
+        Assert.AreEqual((Base + 0x3000_0000, 16, 7), (chosen.Chosen, chosen.ChosenRows, chosen.Tokens), "ids name rows of the chosen ids");
 
         AssertRefused("output", () => EmbeddingKernel.Params(new DeviceInts(Base, 6), table, output), "[7, 7168], expected [6, 7168]");
         AssertRefused("table", () => EmbeddingKernel.Params(new DeviceInts(Base, 7), new DeviceRows(Base, ElementType.BF16, 100, 7168, stride: 8192), output), "must be dense");

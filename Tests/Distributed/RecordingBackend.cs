@@ -194,6 +194,9 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output) =>
         Run(nameof(EmbeddingRows), () => inner.EmbeddingRows(table, rows, output), table, rows, output);
 
+    public void EmbeddingChosenRows(EmbeddingWeight table, StepRows rows, TokenChoiceBuffer chosen, Tensor output) =>
+        Run(nameof(EmbeddingChosenRows), () => inner.EmbeddingChosenRows(table, rows, chosen, output), table, rows, chosen, output);
+
     public void RmsNorm(Tensor x, NormWeight weight, Tensor output) =>
         Run(nameof(RmsNorm), () => inner.RmsNorm(x, weight, output), x, weight, output);
 

@@ -452,6 +452,26 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
+    public void EmbeddingChosenRows(EmbeddingWeight table, StepRows rows, TokenChoiceBuffer chosen, Tensor output)
+    {
+        if (Recorded(() => EmbeddingChosenRows(table, rows, chosen, output)))
+        {
+            return;
+        }
+
+        ShapeCheck.EmbeddingChosenRows(table, rows, chosen, output);
+        var ids = ((CpuTokenChoices)chosen).Ids;
+        var tokens = rows.Tokens[..output.Rows];
+        Span<int> taken = tokens.Length <= 256 ? stackalloc int[tokens.Length] : new int[tokens.Length];
+        for (var t = 0; t < tokens.Length; t++)
+        {
+            taken[t] = Math.Max(ids[tokens[t]], 0);
+        }
+
+        Gather((CpuEmbeddingWeight)table, taken, T(output));
+    }
+
+    /// <inheritdoc />
     public void RmsNorm(Tensor x, NormWeight weight, Tensor output)
     {
         if (Recorded(() => RmsNorm(x, weight, output)))

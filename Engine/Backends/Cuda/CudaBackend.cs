@@ -895,6 +895,17 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
+    public void EmbeddingChosenRows(EmbeddingWeight table, StepRows rows, TokenChoiceBuffer chosen, Tensor output)
+    {
+        using var scope = Enter(recordable: true);
+        var w = (CudaEmbeddingWeight)table;
+        var o = T(output);
+        ShapeCheck.EmbeddingChosenRows(w, rows, chosen, o);
+        var c = (CudaTokenChoices)chosen;
+        _embedding.Launch(_stream, ((CudaStepRows)rows).DeviceTokens(o.Rows), w.Table, o.Matrix, new DeviceInts(c.Ids.Pointer, c.Rows));
+    }
+
+    /// <inheritdoc />
     public void RmsNorm(Tensor x, NormWeight weight, Tensor output)
     {
         using var scope = Enter(recordable: true);

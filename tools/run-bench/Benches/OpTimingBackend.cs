@@ -183,6 +183,9 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
 
     public void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output) => Op(table, () => inner.EmbeddingRows(table, rows, output));
 
+    public void EmbeddingChosenRows(EmbeddingWeight table, StepRows rows, TokenChoiceBuffer chosen, Tensor output) =>
+        Op(table, () => inner.EmbeddingChosenRows(table, rows, chosen, output));
+
     public void RmsNorm(Tensor x, NormWeight weight, Tensor output) => Op(null, () => inner.RmsNorm(x, weight, output));
 
     public void AddRmsNorm(Tensor residual, Tensor delta, NormWeight weight, Tensor normed) => Op(null, () => inner.AddRmsNorm(residual, delta, weight, normed));
