@@ -24,7 +24,11 @@ internal readonly record struct Segment(LatentCache Cache, int Start, int FirstR
 /// <param name="Table">The block table that addresses it.</param>
 /// <param name="Rows">The stream's rows, uploaded for this pass.</param>
 /// <param name="DecodeRows">Leading rows that are decode queries.</param>
-internal readonly record struct PagedRows(LatentPool Pool, BlockTable Table, StepRows Rows, int DecodeRows);
+/// <param name="Chosen">
+/// Where the rows' tokens were chosen, when they were (an MTP draft after the step that chose them): the rows' tokens name
+/// rows of this buffer, and the pass embeds the ids chosen there (<see cref="IBackend.EmbeddingChosenRows"/>).
+/// </param>
+internal readonly record struct PagedRows(LatentPool Pool, BlockTable Table, StepRows Rows, int DecodeRows, TokenChoiceBuffer? Chosen = null);
 
 /// <summary>How a pass's rows reach a layer's caches: each sequence's <see cref="Segment"/>, and in a paged step the rows on the device.</summary>
 /// <param name="Segments">Each sequence's rows of the stream over its cache of the layer.</param>
@@ -48,6 +52,7 @@ internal enum Activation
     MlpUp,
     HeadInput,
     Logits,
+    DraftLogits,
     MtpInput,
     MtpEmbedding,
     MtpHidden,
@@ -85,8 +90,8 @@ internal abstract class Activations
     /// <summary>A routing buffer for at least <paramref name="tokens"/> tokens.</summary>
     public abstract Taken<Routing> TakeRouting(int tokens, int experts, int topK);
 
-    /// <summary>The kind of tensor <paramref name="which"/> is: the logits stay fp32, everything else is an activation.</summary>
-    protected static TensorKind KindOf(Activation which) => which == Activation.Logits ? TensorKind.Logits : TensorKind.Activation;
+    /// <summary>The kind of tensor <paramref name="which"/> is: the logits (a step's and its drafts') stay fp32, everything else is an activation.</summary>
+    protected static TensorKind KindOf(Activation which) => which is Activation.Logits or Activation.DraftLogits ? TensorKind.Logits : TensorKind.Activation;
 }
 
 /// <summary>Allocates every intermediate when it is taken (a single sequence's session).</summary>
@@ -122,9 +127,12 @@ internal sealed record ArenaPlan(IReadOnlyList<(Activation Which, int Cols)> Ten
             [Layer(config, config.IsMoeLayer(config.NumHiddenLayers), null)]);
     }
 
-    /// <summary>The head: the rows whose logits are wanted and their fp32 logits.</summary>
-    public static ArenaPlan Head(ModelConfig config) =>
-        new([(Activation.HeadInput, config.HiddenSize), (Activation.Logits, config.VocabSize)], []);
+    /// <summary>
+    /// The head: the rows whose logits are wanted and their fp32 logits; with <paramref name="drafts"/>, the fp32 logits of
+    /// the MTP drafts too, apart, so a step's drafts leave its logits for the host to read.
+    /// </summary>
+    public static ArenaPlan Head(ModelConfig config, bool drafts = false) =>
+        new([(Activation.HeadInput, config.HiddenSize), (Activation.Logits, config.VocabSize), .. drafts ? [(Activation.DraftLogits, config.VocabSize)] : Array.Empty<(Activation, int)>()], []);
 
     /// <summary>One decoder layer: MLA, then the dense MLP or the MoE; a shard's heads and dense MLP columns only.</summary>
     private static ArenaPlan Layer(ModelConfig c, bool moe, LayerShard? shard)

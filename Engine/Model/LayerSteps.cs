@@ -233,11 +233,15 @@ internal static class LayerSteps
 
     /// <summary>
     /// The embedding of a pass's tokens into <paramref name="output"/>: in a paged pass read from its step rows where the
-    /// backend runs (the host passes no ids), else from <paramref name="tokens"/>.
+    /// backend runs (the host passes no ids), or where they were chosen (<see cref="PagedRows.Chosen"/>), else from <paramref name="tokens"/>.
     /// </summary>
     public static void Embed(IBackend b, EmbeddingWeight table, ReadOnlySpan<int> tokens, PagedRows? paged, Tensor output)
     {
-        if (paged is { } p)
+        if (paged is { Chosen: { } chosen } c)
+        {
+            b.EmbeddingChosenRows(table, c.Rows, chosen, output);
+        }
+        else if (paged is { } p)
         {
             b.EmbeddingRows(table, p.Rows, output);
         }

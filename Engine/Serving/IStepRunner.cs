@@ -37,8 +37,8 @@ public readonly record struct DraftSequence(int Slot, int NextToken);
 /// rows, and chooses their tokens on the device (only ids come back). With <see cref="PagedStepRunner.DecodeGraphs"/>, a decode
 /// or verify batch of a row bucket seen before replays that bucket's captured graph, the choice inside (not yet run on a GPU).</item>
 /// <item>A runner that drafts keeps the final hidden state of each position whose MTP input is not yet
-/// certain on the device until <see cref="Draft"/> has consumed it; <see cref="Truncate"/> discards those of
-/// dropped positions.</item>
+/// certain on the device until <see cref="Draft"/>, or a step's own drafts (<see cref="ForwardChooseAndDraft"/>), has
+/// consumed it; <see cref="Truncate"/> discards those of dropped positions.</item>
 /// </list>
 /// Calls come from one thread at a time.
 /// </remarks>
@@ -113,6 +113,53 @@ public interface IStepRunner : IDisposable
         {
             tokens[r] = TokenSampling.Choose(logits.Slice(r * v, v), choices[r]);
         }
+    }
+
+    /// <summary>
+    /// <see cref="ForwardAndChoose"/>, and in the same step the MTP drafts after the logit rows of the entries
+    /// <paramref name="drafting"/> marks (one flag per entry; a marked entry's slot drafts, and the entry asks for logits):
+    /// <paramref name="drafts"/>[r] receives the token drafted under <paramref name="draftChoice"/> for the position after logit
+    /// row r, fed there with tokens[r]. That is the draft to verify next when tokens[r] is the last token the request keeps
+    /// from this step: the last row of its entry, or the first row of a verify entry whose draft was rejected (then
+    /// <see cref="Truncate"/> drops the position after it, the MTP state with it). An entry's drafts are made when each of its
+    /// rows and each of its drafts was chosen where the logits are; then the slot has drafted (<see cref="Draft"/> has nothing
+    /// new to draft from). Otherwise each of its drafts is −1 and the slot drafts with <see cref="Draft"/> as after
+    /// <see cref="ForwardAndChoose"/>; so is each draft of an entry not marked.
+    /// </summary>
+    /// <remarks>This body drafts nothing in the step: it runs <see cref="ForwardAndChoose"/>, and every draft is −1.</remarks>
+    void ForwardChooseAndDraft(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits,
+        ReadOnlySpan<bool> drafting, TokenChoice draftChoice, Span<int> drafts)
+    {
+        var rows = CheckDrafting(batch, drafting, drafts);
+        ForwardAndChoose(batch, choices, tokens, logits);
+        drafts[..rows].Fill(TokenSampling.NotChosen);
+    }
+
+    /// <summary>The contract of <see cref="ForwardChooseAndDraft"/>'s drafts: a flag per entry, a marked entry asks for logits, a draft slot per logit row; returns the logit rows.</summary>
+    internal static int CheckDrafting(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<bool> drafting, Span<int> drafts)
+    {
+        if (drafting.Length != batch.Length)
+        {
+            throw new ArgumentException($"{drafting.Length} drafting flags for {batch.Length} entries", nameof(drafting));
+        }
+
+        var rows = 0;
+        for (var i = 0; i < batch.Length; i++)
+        {
+            if (drafting[i] && batch[i].LogitRows == 0)
+            {
+                throw new ArgumentException($"slot {batch[i].Slot}: nothing to draft after (the entry asks for no logit rows)", nameof(drafting));
+            }
+
+            rows += batch[i].LogitRows;
+        }
+
+        if (drafts.Length < rows)
+        {
+            throw new ArgumentException($"{drafts.Length} draft slots for {rows} logit rows", nameof(drafts));
+        }
+
+        return rows;
     }
 
     /// <summary>

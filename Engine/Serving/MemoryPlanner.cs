@@ -317,8 +317,8 @@ public static class MemoryPlanner
     }
 
     /// <summary>
-    /// The activation arena of one device: <c>tokens·ActivationBytesPerToken + logitRows·V·4·2</c> (fp32
-    /// logits and the sampler's probabilities) <c>+ decodeRows·H·splits·(kv_lora + 2)·4</c> (split-KV partial
+    /// The activation arena of one device: <c>tokens·ActivationBytesPerToken + logitRows·V·4·2</c> (the fp32
+    /// logits of a step's rows and, apart, of its MTP drafts) <c>+ decodeRows·H·splits·(kv_lora + 2)·4</c> (split-KV partial
     /// outputs with their max and sum), rounded up to 2 MiB.
     /// </summary>
     /// <param name="config">The model.</param>

@@ -25,7 +25,12 @@ namespace DeepSeekCuda.Serving;
 /// that may be rejected), wait on the device for <see cref="Draft"/> or the next step, in a ring of rows per slot
 /// addressed by position (<see cref="IBackend.ScatterRows"/> writes a step's decode rows there in one call,
 /// <see cref="IBackend.GatherRows"/> reads a draft's inputs). A draft's rows put each slot's last row first, so the head
-/// reads them in place.</para>
+/// reads them in place. A step drafts itself (<see cref="ForwardChooseAndDraft"/>): after its choice, the MTP layer runs over
+/// each marked entry's logit rows, each fed the token chosen at it without a trip to the host
+/// (<see cref="IBackend.EmbeddingChosenRows"/>), and the head and the drafts' choice over every one of them (their logits and
+/// ids apart from the step's, which the host may still read); the host keeps the draft after the token a request keeps. Its
+/// MTP positions are made with tokens the step chose, so a rejected draft's rollback drops the position after the one kept
+/// from the MTP cache too, and the slot's next step must feed the token assumed there.</para>
 /// <para>Tokens are chosen on the head's device: a step sets each logit row's settings before it runs
 /// (<see cref="IBackend.SetTokenChoices"/>), chooses after the head (<see cref="IBackend.ChooseTokenRows"/>) and brings back
 /// the ids (<see cref="IBackend.ReadTokenChoices"/>, the step's one wait), and the logits of only the rows the host must see
@@ -37,7 +42,8 @@ namespace DeepSeekCuda.Serving;
 /// their settings: a replayed step queues one operation. On several devices the graph spans them all
 /// (<see cref="Collectives.CaptureGraph"/>: a graph per device whose all-reduces meet on the devices), where every layer
 /// runs on every device (tensor/expert parallel; a pipeline's hand-over between devices stays eager). A draft likewise
-/// replays the graph of its bucket of MTP rows (the gather, the MTP layer, the head and the choice). Still eager: the MTP
+/// replays the graph of its bucket of MTP rows (the gather, the MTP layer, the head and the choice), and a step's drafts
+/// the graph of theirs: a replayed step that drafts queues two operations. Still eager: the MTP
 /// layer's catch-up over positions left pending by a step without a draft, and prompt chunks.</para>
 /// </remarks>
 public sealed class PagedStepRunner : IStepRunner
@@ -64,6 +70,9 @@ public sealed class PagedStepRunner : IStepRunner
     private ActivationArena _mtpArena = null!;
     private ActivationArena _headArena = null!;
     private TokenChoiceBuffer? _choices;    // the head device's: settings in, ids out
+    private TokenChoiceBuffer? _draftChoices; // the drafts' (a step's drafts leave its ids for the host to read)
+    private TokenChoice[] _draftSettings = []; // [row] a step's drafts' settings
+    private int[] _draftIds = [];            // [row] a step's drafts' ids
     private Tensor? _pending;               // [(slots + 1) · RingRows, D] the ring, the padding slot's rows last
     private SlotState?[] _slots = [];
     private int[] _stream = [];
@@ -83,7 +92,7 @@ public sealed class PagedStepRunner : IStepRunner
     private int _padSlot;                   // the block-table row of a graph step's padding rows (one block of its own)
     private int _bucketLimit;               // the largest decode bucket
     private readonly Dictionary<int, DecodeGraph> _graphs = []; // [bucket]
-    private readonly Dictionary<int, DecodeGraph> _draftGraphs = []; // [bucket]
+    private readonly Dictionary<(int Bucket, bool Chosen), DecodeGraph> _draftGraphs = []; // [bucket, tokens chosen in the step]
 
     /// <summary>Creates a runner over <paramref name="model"/> (not owned: the caller disposes it). Nothing is allocated before <see cref="Attach"/>.</summary>
     public PagedStepRunner(DeepSeekModel model)
@@ -121,7 +130,7 @@ public sealed class PagedStepRunner : IStepRunner
     /// <summary>Graphs of the main pass captured so far (one per decode bucket used).</summary>
     internal int CapturedGraphs => _graphs.Count;
 
-    /// <summary>Graphs of the draft pass captured so far (one per bucket of MTP rows used).</summary>
+    /// <summary>Graphs of the draft pass captured so far (one per bucket of MTP rows used, apart for a step's drafts and for <see cref="Draft"/>'s).</summary>
     internal int CapturedDraftGraphs => _draftGraphs.Count;
 
     /// <summary>The most tokens one step may feed (0 before <see cref="Attach"/>).</summary>
@@ -182,8 +191,9 @@ public sealed class PagedStepRunner : IStepRunner
             }
 
             _mtpArena = Own(new ActivationArena(hb, drafts ? maxTokensPerStep + slots * PendingRows : 0, drafts ? ArenaPlan.Mtp(c) : new ArenaPlan([], [])));
-            _headArena = Own(new ActivationArena(hb, slots * PendingRows, ArenaPlan.Head(c)));
+            _headArena = Own(new ActivationArena(hb, slots * PendingRows, ArenaPlan.Head(c, drafts)));
             _choices = Own(hb.AllocateTokenChoices(slots * PendingRows, VocabSize));
+            _draftChoices = drafts ? Own(hb.AllocateTokenChoices(slots * PendingRows, VocabSize)) : null;
         }
         catch
         {
@@ -197,6 +207,8 @@ public sealed class PagedStepRunner : IStepRunner
         _rowSlots = new int[_mtpTokens.Length];
         _rowPositions = new int[_mtpTokens.Length];
         _mtpSegments = new Segment[slots];
+        _draftSettings = new TokenChoice[slots * PendingRows];
+        _draftIds = new int[slots * PendingRows];
         _arenas = [.. _devices.Select(d => d.Arena)];
         _entries = new (int, int, int, int, int)[slots];
         _headRows = new (int, int)[slots];
@@ -278,8 +290,14 @@ public sealed class PagedStepRunner : IStepRunner
         {
             if (length < state.MtpLength)
             {
-                // The MTP cache would need inputs already consumed; rollback is at most one draft.
-                throw new InvalidOperationException($"cannot truncate slot {slot} to {length}: the MTP cache already holds {state.MtpLength} positions");
+                // The MTP cache drops the positions too: its last one kept must have been made with a token it assumed
+                // after it (a step's draft after the row a rejected draft leaves last), fed next. Earlier inputs are consumed.
+                if (state.AssumedAt(length) < 0)
+                {
+                    throw new InvalidOperationException($"cannot truncate slot {slot} to {length}: the MTP cache already holds {state.MtpLength} positions");
+                }
+
+                state.MtpLength = length;
             }
 
             state.PendingCount = Math.Min(state.PendingCount, length - state.MtpLength);
@@ -296,11 +314,43 @@ public sealed class PagedStepRunner : IStepRunner
     public void ForwardAndChoose(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits) =>
         Run(batch, true, choices, tokens, logits);
 
-    /// <summary>One step; <paramref name="choose"/>: the rows are chosen on the head device, else every logit row is downloaded.</summary>
-    private void Run(ReadOnlySpan<StepSequence> batch, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits)
+    /// <inheritdoc />
+    /// <remarks>
+    /// The drafts run on the head device after the step's choice, in the same step: the MTP layer over each marked entry's
+    /// logit rows (a position's final hidden from the ring, its next token the id chosen there, <see cref="IBackend.EmbeddingChosenRows"/>),
+    /// the head over each of them and the drafts' choice; the step's one wait brings back the ids of both. With
+    /// <see cref="DecodeGraphs"/>, the drafts of a bucket of rows seen before replay its graph.
+    /// </remarks>
+    public void ForwardChooseAndDraft(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits,
+        ReadOnlySpan<bool> drafting, TokenChoice draftChoice, Span<int> drafts)
+    {
+        IStepRunner.CheckDrafting(batch, drafting, drafts);
+        Run(batch, true, choices, tokens, logits, drafting, draftChoice, drafts);
+    }
+
+    /// <summary>
+    /// One step; <paramref name="choose"/>: the rows are chosen on the head device, else every logit row is downloaded; and the
+    /// drafts after the logit rows of the entries <paramref name="drafting"/> marks (checked by <see cref="IStepRunner.CheckDrafting"/>).
+    /// </summary>
+    private void Run(ReadOnlySpan<StepSequence> batch, bool choose, ReadOnlySpan<TokenChoice> choices, Span<int> chosen, Span<float> logits,
+        ReadOnlySpan<bool> drafting = default, TokenChoice draftChoice = default, Span<int> drafts = default)
     {
         var blocks = Attached();
         var (tokens, logitRows) = CheckBatch(batch, blocks);
+        var draftRows = 0;
+        for (var i = 0; i < drafting.Length; i++)
+        {
+            if (drafting[i])
+            {
+                if (!_slots[batch[i].Slot]!.Drafts)
+                {
+                    throw new InvalidOperationException($"slot {batch[i].Slot} was opened without drafting");
+                }
+
+                draftRows += batch[i].LogitRows;
+            }
+        }
+
         var v = VocabSize;
         if (logits.Length < (long)logitRows * v)
         {
@@ -322,6 +372,12 @@ public sealed class PagedStepRunner : IStepRunner
         if (choose && logitRows > 0)
         {
             _head.W.Backend.SetTokenChoices(choices, _choices!);
+        }
+
+        if (draftRows > 0)
+        {
+            _draftSettings.AsSpan(0, draftRows).Fill(draftChoice);
+            _head.W.Backend.SetTokenChoices(_draftSettings.AsSpan(0, draftRows), _draftChoices!);
         }
 
         // The token stream, decode entries first (absorbed rows, at most two per entry: they attend in one call), and each
@@ -375,6 +431,7 @@ public sealed class PagedStepRunner : IStepRunner
             if (graph is not null)
             {
                 using var result = _head.W.Backend.View(graph.Logits, 0, logitRows);
+                QueueDrafts(batch, drafting, draftRows);
                 Deliver(result, choose, chosen, logits);
             }
             else if (logitRows > 0)
@@ -387,6 +444,7 @@ public sealed class PagedStepRunner : IStepRunner
 
                 using var headIn = HeadInput(normed, batch.Length, logitRows);
                 using var result = Logits(headIn, choose);
+                QueueDrafts(batch, drafting, draftRows);
                 Deliver(result, choose, chosen, logits);
             }
         }
@@ -400,7 +458,99 @@ public sealed class PagedStepRunner : IStepRunner
 
         foreach (var e in batch)
         {
-            _slots[e.Slot]!.Length += e.Tokens.Length;
+            var state = _slots[e.Slot]!;
+            state.Length += e.Tokens.Length;
+            state.AssumedCount = 0; // fed: what a draft assumed is known now
+        }
+
+        if (draftRows > 0)
+        {
+            TakeDrafts(batch, drafting, chosen, drafts, draftRows);
+        }
+        else if (!drafting.IsEmpty)
+        {
+            drafts[..logitRows].Fill(TokenSampling.NotChosen);
+        }
+    }
+
+    /// <summary>
+    /// Queues the drafts after the logit rows of the entries <paramref name="drafting"/> marks (<paramref name="rows"/> in all,
+    /// their settings set): the MTP rows in logit-row order, each a pending position of its slot (exactly the entry's logit
+    /// rows, after <see cref="AdvanceMtp"/>) whose token is the one chosen at its logit row, then the MTP pass, the head over
+    /// every row and the drafts' choice; eagerly, or as the graph of the rows' bucket.
+    /// </summary>
+    private void QueueDrafts(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<bool> drafting, int rows)
+    {
+        if (rows == 0)
+        {
+            return;
+        }
+
+        var headFirst = _head.W.Context.Attention != AttentionForm.Naive;
+        int row = 0, logitRow = 0, segments = 0;
+        for (var i = 0; i < batch.Length; i++)
+        {
+            var e = batch[i];
+            if (drafting[i])
+            {
+                var state = _slots[e.Slot]!;
+                for (var j = 0; j < e.LogitRows; j++)
+                {
+                    _mtpTokens[row + j] = logitRow + j; // the choice row whose id is the token
+                }
+
+                SetRows(row, e.Slot, state.MtpLength, e.LogitRows);
+                if (!headFirst)
+                {
+                    _mtpSegments[segments++] = new Segment(_mtpCaches[e.Slot], state.MtpLength, row, e.LogitRows);
+                }
+
+                row += e.LogitRows;
+            }
+
+            logitRow += e.LogitRows;
+        }
+
+        var bucket = headFirst ? GraphBucket(rows) : 0;
+        Pad(_mtpTokens, rows, Math.Max(rows, bucket));
+        UploadMtpRows(Math.Max(rows, bucket));
+        if (bucket > 0)
+        {
+            DraftGraph(bucket, chosen: true);
+        }
+        else
+        {
+            using var output = DraftPass(rows, segments, chosen: true);
+            using var result = Logits(output, choose: true, draft: true);
+        }
+    }
+
+    /// <summary>
+    /// After the step's wait: the drafts' ids into <paramref name="drafts"/> (by logit row) for each marked entry whose rows
+    /// and drafts were all chosen, its slot's pending positions then in the MTP cache (made with the tokens chosen after them);
+    /// −1 for every other row, a marked entry's slot keeping its pending positions for <see cref="Draft"/>.
+    /// </summary>
+    private void TakeDrafts(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<bool> drafting, ReadOnlySpan<int> chosen, Span<int> drafts, int rows)
+    {
+        var ids = _draftIds.AsSpan(0, rows);
+        _head.W.Backend.ReadTokenChoices(_draftChoices!, ids);
+        int row = 0, logitRow = 0;
+        for (var i = 0; i < batch.Length; i++)
+        {
+            var n = batch[i].LogitRows;
+            var made = drafting[i] && !chosen.Slice(logitRow, n).Contains(TokenSampling.NotChosen) && !ids.Slice(row, n).Contains(TokenSampling.NotChosen);
+            if (made)
+            {
+                ids.Slice(row, n).CopyTo(drafts[logitRow..]);
+                _slots[batch[i].Slot]!.Drafted(chosen.Slice(logitRow, n));
+            }
+            else
+            {
+                drafts.Slice(logitRow, n).Fill(TokenSampling.NotChosen);
+            }
+
+            row += drafting[i] ? n : 0;
+            logitRow += n;
         }
     }
 
@@ -474,26 +624,28 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>
     /// The draft graph of a bucket of MTP rows (see <see cref="Graph"/>): the MTP pass over the rows just uploaded, its inputs
-    /// gathered from the ring, and the head's logits of every row and their choice.
+    /// gathered from the ring (with <paramref name="chosen"/>, their tokens the ids the step chose), and the head's logits of
+    /// every row and the drafts' choice.
     /// </summary>
-    private DecodeGraph DraftGraph(int bucket) => Replay(_draftGraphs, bucket, allDevices: false, () =>
+    private DecodeGraph DraftGraph(int bucket, bool chosen) => Replay(_draftGraphs, (bucket, chosen), allDevices: false, () =>
     {
-        var output = DraftPass(bucket, 0);
-        return (output, Logits(output, choose: true));
+        var output = DraftPass(bucket, 0, chosen);
+        return (output, Logits(output, choose: true, draft: true));
     });
 
     /// <summary>
     /// The head's logits of every row of <paramref name="normed"/>, in the head's buffer (the caller disposes the view), and with
-    /// <paramref name="choose"/> their tokens chosen under the settings set (<see cref="IBackend.ChooseTokenRows"/>).
+    /// <paramref name="choose"/> their tokens chosen under the settings set (<see cref="IBackend.ChooseTokenRows"/>); a
+    /// <paramref name="draft"/>'s apart from the step's, so that a step's drafts leave its logits and ids.
     /// </summary>
-    private Tensor Logits(Tensor normed, bool choose)
+    private Tensor Logits(Tensor normed, bool choose, bool draft = false)
     {
         var b = _head.W.Backend;
-        var logits = _headArena.Take(Activation.Logits, normed.Rows, VocabSize);
+        var logits = _headArena.Take(draft ? Activation.DraftLogits : Activation.Logits, normed.Rows, VocabSize);
         b.Logits(normed, _head.W.Head!, logits);
         if (choose)
         {
-            b.ChooseTokenRows(logits, _choices!);
+            b.ChooseTokenRows(logits, draft ? _draftChoices! : _choices!);
         }
 
         return logits;
@@ -504,7 +656,8 @@ public sealed class PagedStepRunner : IStepRunner
     /// captures it as that graph; a pass returns where it leaves its output and logits. The graph spans every device when
     /// <paramref name="allDevices"/> and there are several, else the head's.
     /// </summary>
-    private DecodeGraph Replay(Dictionary<int, DecodeGraph> graphs, int bucket, bool allDevices, Func<(Tensor Output, Tensor Logits)> pass)
+    private DecodeGraph Replay<TKey>(Dictionary<TKey, DecodeGraph> graphs, TKey bucket, bool allDevices, Func<(Tensor Output, Tensor Logits)> pass)
+        where TKey : notnull
     {
         var b = _head.W.Backend;
         var all = allDevices && _devices.Length > 1 ? _layout.Collectives! : null;
@@ -584,7 +737,7 @@ public sealed class PagedStepRunner : IStepRunner
         var b = _head.W.Backend;
         if (choose)
         {
-            b.SetTokenChoices(choices, _choices!);
+            b.SetTokenChoices(choices, _draftChoices!);
         }
 
         UploadTable(blocks);
@@ -622,22 +775,26 @@ public sealed class PagedStepRunner : IStepRunner
         UploadMtpRows(total);
         if (bucket > 0)
         {
-            using var result = b.View(DraftGraph(bucket).Logits, 0, batch.Length);
-            Deliver(result, choose, chosen, logits);
+            using var result = b.View(DraftGraph(bucket, chosen: false).Logits, 0, batch.Length);
+            Deliver(result, choose, chosen, logits, _draftChoices);
         }
         else
         {
-            using var output = DraftPass(rows, headFirst ? 0 : batch.Length);
+            using var output = DraftPass(rows, headFirst ? 0 : batch.Length, chosen: false);
             using var headIn = headFirst ? b.View(output, 0, batch.Length) : HeadInput(output, batch.Length, batch.Length);
-            using var result = Logits(headIn, choose);
-            Deliver(result, choose, chosen, logits);
+            using var result = Logits(headIn, choose, draft: true);
+            Deliver(result, choose, chosen, logits, _draftChoices);
         }
 
-        foreach (var (slot, _) in batch)
+        // Each pending position was made with the token after it: the next pending one's, or next.
+        Span<int> after = stackalloc int[PendingRows];
+        foreach (var (slot, next) in batch)
         {
             var state = _slots[slot]!;
-            state.MtpLength += state.PendingCount;
-            state.PendingCount = 0;
+            var c = state.PendingCount;
+            state.PendingTokens.AsSpan(1, c - 1).CopyTo(after);
+            after[c - 1] = next;
+            state.Drafted(after[..c]);
         }
     }
 
@@ -646,14 +803,14 @@ public sealed class PagedStepRunner : IStepRunner
     /// output [rows, D] (the caller disposes it). <paramref name="segments"/>: entries of <see cref="_mtpSegments"/> (0 where
     /// every row attends by its step row).
     /// </summary>
-    private Tensor DraftPass(int rows, int segments)
+    private Tensor DraftPass(int rows, int segments, bool chosen)
     {
         var b = _head.W.Backend;
         var d = _layout.Config.HiddenSize;
         using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
         b.GatherRows(_pending!, RingRows, _mtpRows, input);
         var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
-        LayerSteps.Mtp(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, rows), _mtpArena, output, null);
+        LayerSteps.Mtp(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, rows, chosen ? _choices : null), _mtpArena, output, null);
         return output;
     }
 
@@ -708,6 +865,11 @@ public sealed class PagedStepRunner : IStepRunner
             }
 
             LayerSteps.CheckStep(e.Tokens.Span, e.Position, MaxSequenceLength, VocabSize);
+            if (state.Drafts && n > 0 && e.Position == state.MtpLength && state.AssumedAt(e.Position) is var assumed and >= 0 && e.Tokens.Span[0] != assumed)
+            {
+                throw new InvalidOperationException($"slot {e.Slot}: the MTP cache was made with token {assumed} at position {e.Position}; the step feeds {e.Tokens.Span[0]}");
+            }
+
             if (blocks.Capacity(e.Slot) < e.Position + n)
             {
                 throw new InvalidOperationException($"slot {e.Slot} has cache blocks for {blocks.Capacity(e.Slot)} tokens; the step writes up to position {e.Position + n - 1}");
@@ -763,10 +925,10 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>
     /// An MTP pass's rows over the uploaded MTP rows: <paramref name="segments"/> entries of <see cref="_mtpSegments"/>, the
-    /// first <paramref name="decodeRows"/> rows decode rows.
+    /// first <paramref name="decodeRows"/> rows decode rows, their tokens rows of <paramref name="chosen"/> when given.
     /// </summary>
-    private LayerRows MtpRows(int segments, int decodeRows) =>
-        new(_mtpSegments.AsMemory(0, segments), new PagedRows(_mtpPool, _head.Table, _mtpRows, decodeRows));
+    private LayerRows MtpRows(int segments, int decodeRows, TokenChoiceBuffer? chosen = null) =>
+        new(_mtpSegments.AsMemory(0, segments), new PagedRows(_mtpPool, _head.Table, _mtpRows, decodeRows, chosen));
 
     /// <summary>
     /// Runs the MTP layer over every drafting slot's positions whose next token this step made certain (the rows
@@ -906,7 +1068,7 @@ public sealed class PagedStepRunner : IStepRunner
     /// chosen there downloaded (a run of such rows in one copy). Then, over several devices, the collectives' barrier (the
     /// host waits for the step anyway), so a collective that failed on a device surfaces in this step.
     /// </summary>
-    private void Deliver(Tensor result, bool choose, Span<int> chosen, Span<float> logits)
+    private void Deliver(Tensor result, bool choose, Span<int> chosen, Span<float> logits, TokenChoiceBuffer? buffer = null)
     {
         var b = _head.W.Backend;
         var v = VocabSize;
@@ -917,7 +1079,7 @@ public sealed class PagedStepRunner : IStepRunner
         }
         else
         {
-            b.ReadTokenChoices(_choices!, chosen[..n]);
+            b.ReadTokenChoices(buffer ?? _choices!, chosen[..n]);
             for (var r = 0; r < n;)
             {
                 var end = r;
@@ -981,6 +1143,33 @@ public sealed class PagedStepRunner : IStepRunner
 
         /// <summary>The tokens fed at the pending positions.</summary>
         public int[] PendingTokens { get; } = new int[PendingRows];
+
+        /// <summary>
+        /// The tokens the last draft's MTP positions were made with, until the slot's next step: the token after each
+        /// (<see cref="AssumedCount"/> of them, from position <see cref="AssumedFrom"/>), which the slot must be fed there.
+        /// </summary>
+        public int[] Assumed { get; } = new int[PendingRows];
+
+        public int AssumedFrom { get; set; }
+
+        public int AssumedCount { get; set; }
+
+        /// <summary>The token the last draft assumed at <paramref name="position"/>, or −1.</summary>
+        public int AssumedAt(int position) =>
+            position >= AssumedFrom && position < AssumedFrom + AssumedCount ? Assumed[position - AssumedFrom] : -1;
+
+        /// <summary>
+        /// The pending positions went into the MTP cache, each made with the token in <paramref name="after"/> after it (one
+        /// per pending position): a draft.
+        /// </summary>
+        public void Drafted(ReadOnlySpan<int> after)
+        {
+            after.CopyTo(Assumed);
+            AssumedFrom = MtpLength + 1;
+            AssumedCount = after.Length;
+            MtpLength += PendingCount;
+            PendingCount = 0;
+        }
 
         /// <summary>The last batch check that saw the slot (duplicate entries).</summary>
         public int Stamp { get; set; }

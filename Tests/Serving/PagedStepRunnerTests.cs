@@ -829,7 +829,7 @@ public sealed class PagedStepRunnerTests
             return [.. counting.Operations.Skip(first)];
         }
 
-        string[] Draft() => Ops(t => runner.DraftAndChoose([.. slots.Select((s, i) => new DraftSequence(s, 5 + i))], [.. slots.Select(_ => TokenChoice.Greedy(v))],
+        string[] Draft() => Ops(t => runner.DraftAndChoose([.. slots.Select((s, i) => new DraftSequence(s, 7 + i))], [.. slots.Select(_ => TokenChoice.Greedy(v))],
             t, new float[slots.Length * v]), slots.Length);
         string[] Step(int tokens)
         {
@@ -963,6 +963,7 @@ public sealed class PagedStepRunnerTests
         }, Names(ArenaPlan.Mtp(c)));
 
         CollectionAssert.AreEqual(new[] { "HeadInput 7168", "Logits 129280" }, Names(ArenaPlan.Head(c)));
+        CollectionAssert.AreEqual(new[] { "DraftLogits 129280", "HeadInput 7168", "Logits 129280" }, Names(ArenaPlan.Head(c, drafts: true)), "a drafting model's drafts' logits apart");
     }
 
     [TestMethod]

@@ -1,0 +1,289 @@
+using DeepSeekCuda.Backends;
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Inference;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Distributed;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Serving;
+
+/// <summary>
+/// MTP drafts made in the step that chose their tokens (<see cref="IStepRunner.ForwardChooseAndDraft"/>) on the CPU backend:
+/// the drafts a request keeps equal those made apart after the step (<see cref="IStepRunner.DraftAndChoose"/>, the path
+/// tested against the reference before), eagerly and in graphs; rows the host chooses fall back to drafting apart; the
+/// scheduler drafts in its steps and its requests' tokens and draft counts are those of drafting apart; what a step's
+/// drafts assume is checked when the slot is fed next.
+/// </summary>
+[TestClass]
+public sealed class StepDraftTests
+{
+    private const int MaxLength = 256;
+    private static string s_root = null!;
+    private static Checkpoint s_checkpoint = null!;
+    private static CpuBackend s_backend = null!;
+    private static DeepSeekModel s_tiny = null!;
+
+    public TestContext TestContext { get; set; } = null!;
+
+    [ClassInitialize]
+    public static void Init(TestContext _)
+    {
+        s_root = TempFolder.NewPath("dscuda-step-drafts");
+        SyntheticCheckpoint.Write(s_root, ModelPresets.Tiny, seed: 29);
+        s_checkpoint = Checkpoint.Open(s_root);
+        s_backend = new CpuBackend();
+        s_tiny = DeepSeekModel.Load(s_checkpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
+    }
+
+    [ClassCleanup]
+    public static void Cleanup()
+    {
+        s_tiny.Dispose();
+        s_checkpoint.Dispose();
+        s_backend.Dispose();
+        TempFolder.DeleteBestEffort(s_root);
+    }
+
+    /// <summary>
+    /// Five requests (four drafting, one not) through a prefill and eleven steps of changing membership, on three runners:
+    /// one that drafts apart after each step, one that drafts in the step, and one that drafts in the step with graphs. Each
+    /// verify entry's draft is the main model's next token on even steps (worked out on a fourth runner before the step) and
+    /// another token on odd ones, so drafts are accepted and rejected as the scheduler would find them; one request's first
+    /// row is chosen on the host on odd steps, and one request verifies nothing every fifth step. The chosen ids are equal on
+    /// every runner; the draft after the token each request keeps equals the one made apart; a request whose row the host
+    /// chose got no draft in the step (every draft of its rows −1) and drafts apart as before.
+    /// </summary>
+    [TestMethod]
+    public void DraftsMadeInTheStepEqualDraftsMadeApart()
+    {
+        var model = s_tiny;
+        var v = model.VocabSize;
+        PagedStepRunner[] runners = [new(model), new(model), new(model) { DecodeGraphs = true }];
+        var oracle = new PagedStepRunner(model);
+        try
+        {
+            PagedStepRunner[] all = [.. runners, oracle];
+            var managers = all.Select(r =>
+            {
+                var m = new KvBlockManager(48, 6, KvBlockManager.BlocksFor(MaxLength));
+                r.Attach(m, 192);
+                return m;
+            }).ToArray();
+            int[] lengths = [5, 30, 63, 12, 70];
+            bool[] drafting = [true, true, false, true, true];
+            const int HostChosen = 3, SometimesPlain = 1;
+            var prompts = lengths.Select((n, i) => SyntheticPrompts.Make(v, n, 500 + i)).ToArray();
+            var slots = new int[lengths.Length];
+            for (var i = 0; i < lengths.Length; i++)
+            {
+                slots[i] = managers[0].Admit(lengths[i] + 40);
+                for (var m = 1; m < managers.Length; m++)
+                {
+                    Assert.AreEqual(slots[i], managers[m].Admit(lengths[i] + 40));
+                }
+
+                foreach (var r in runners)
+                {
+                    r.Open(slots[i], drafting[i]);
+                }
+
+                oracle.Open(slots[i], drafts: false);
+            }
+
+            var fed = new int[lengths.Length];
+            var next = new int[lengths.Length];
+            var draft = new int?[lengths.Length];
+            int[][] steps = [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 3], [1, 2, 4], [4, 3, 2, 1, 0], [3, 4], [0, 1, 2, 3, 4], [2, 1, 0], [1, 3, 4], [0, 1, 2, 3, 4], [4, 1], [0, 1, 2, 3, 4]];
+            int made = 0, apart = 0, accepted = 0, rejected = 0;
+            for (var k = 0; k < steps.Length; k++)
+            {
+                var who = steps[k];
+                var what = $"step {k} (entries {string.Join(",", who)})";
+
+                // Row j of entry i: greedy for even i, else a seeded draw; the host's on odd steps for the first row of HostChosen.
+                TokenChoice Choice(int i, int j) =>
+                    i == HostChosen && j == 0 && k % 2 == 1 ? default
+                    : i % 2 == 0 ? TokenChoice.Greedy(v) : new TokenChoice(v, 0.8f, 20, 0.9f, (ulong)(i + 1), (ulong)((k * 4) + j));
+
+                // A verify entry's draft: the main model's choice after next (found on the oracle, which then forgets it) or another token.
+                if (k > 0)
+                {
+                    if (k % 5 == 0)
+                    {
+                        draft[SometimesPlain] = null; // verifies nothing this step, as when the pool has no block for the draft
+                    }
+
+                    var probed = who.Where(i => draft[i] is not null).ToArray();
+                    var probe = new int[probed.Length];
+                    oracle.ForwardAndChoose([.. probed.Select(i => new StepSequence(slots[i], fed[i], new[] { next[i] }, 1))], [.. probed.Select(i => Choice(i, 0))], probe, new float[probed.Length * v]);
+                    for (var j = 0; j < probed.Length; j++)
+                    {
+                        var i = probed[j];
+                        oracle.Truncate(slots[i], fed[i]);
+                        var right = probe[j] >= 0 ? probe[j] : Sampler.ArgMax(OracleLogits(oracle, slots[i], fed[i], next[i], v));
+                        draft[i] = k % 2 == 0 ? right : (right + 1) % v;
+                    }
+                }
+
+                int[][] tokens = [.. who.Select(i => k == 0 ? prompts[i] : draft[i] is { } d ? new[] { next[i], d } : new[] { next[i] })];
+                StepSequence[] batch = [.. who.Select((i, j) => new StepSequence(slots[i], fed[i], tokens[j], k == 0 ? 1 : tokens[j].Length))];
+                var rows = batch.Sum(e => e.LogitRows);
+                TokenChoice[] choices = [.. who.SelectMany((i, j) => Enumerable.Range(0, batch[j].LogitRows).Select(r => Choice(i, r)))];
+                bool[] marks = [.. who.Select(i => drafting[i])];
+                for (var j = 0; j < who.Length; j++)
+                {
+                    foreach (var m in managers)
+                    {
+                        m.Reserve(slots[who[j]], fed[who[j]] + tokens[j].Length);
+                    }
+                }
+
+                // Each runner's step: its ids (a row the host chooses: the largest logit) and, where drafted in the step, the drafts.
+                var ids = new int[runners.Length][];
+                var stepDrafts = new int[runners.Length][];
+                for (var r = 0; r < runners.Length; r++)
+                {
+                    var logits = new float[rows * v];
+                    ids[r] = new int[rows];
+                    stepDrafts[r] = Enumerable.Repeat(-7, rows).ToArray();
+                    if (r == 0)
+                    {
+                        runners[r].ForwardAndChoose(batch, choices, ids[r], logits);
+                    }
+                    else
+                    {
+                        runners[r].ForwardChooseAndDraft(batch, choices, ids[r], logits, marks, TokenChoice.Greedy(v), stepDrafts[r]);
+                    }
+
+                    for (var row = 0; row < rows; row++)
+                    {
+                        Assert.AreEqual(choices[row].OnDevice, ids[r][row] >= 0, $"{what}, runner {r}: row {row} chosen where its settings say");
+                        ids[r][row] = ids[r][row] >= 0 ? ids[r][row] : Sampler.ArgMax(logits.AsSpan(row * v, v));
+                    }
+
+                    CollectionAssert.AreEqual(ids[0], ids[r], $"{what}: runner {r}'s ids");
+                }
+
+                {
+                    var oracleIds = new int[rows];
+                    oracle.ForwardAndChoose(batch, choices, oracleIds, new float[rows * v]);
+                }
+
+                // The scheduler's rule: a draft is kept when the main model chose it; a rejected one is dropped with its position.
+                var keptRows = new int[who.Length];
+                var row0 = 0;
+                for (var j = 0; j < who.Length; j++)
+                {
+                    var i = who[j];
+                    var n = batch[j].LogitRows;
+                    var keep = n == 1 || ids[0][row0] == tokens[j][1];
+                    if (n == 2)
+                    {
+                        accepted += keep ? 1 : 0;
+                        rejected += keep ? 0 : 1;
+                        if (!keep)
+                        {
+                            foreach (var r in all)
+                            {
+                                r.Truncate(slots[i], fed[i] + 1);
+                            }
+                        }
+                    }
+
+                    keptRows[j] = row0 + (keep ? n - 1 : 0);
+                    next[i] = ids[0][keptRows[j]];
+                    fed[i] += keep ? tokens[j].Length : 1;
+                    row0 += n;
+                }
+
+                // Drafts apart on the first runner: the reference for the others' drafts of the token each request keeps.
+                var draftingNow = who.Select((i, j) => (i, j)).Where(x => drafting[x.i]).ToArray();
+                var reference = Draft(runners[0], draftingNow.Select(x => new DraftSequence(slots[x.i], next[x.i])).ToArray(), v);
+                for (var r = 1; r < runners.Length; r++)
+                {
+                    var fallback = new List<(int I, int J)>();
+                    foreach (var (i, j) in draftingNow)
+                    {
+                        var entryRows = Enumerable.Range(RowOf(batch, j), batch[j].LogitRows).ToArray();
+                        var hostChosen = entryRows.Any(row => !choices[row].OnDevice);
+                        Assert.AreEqual(hostChosen, stepDrafts[r][keptRows[j]] < 0, $"{what}, runner {r}: request {i} drafted in the step unless the host chose a row");
+                        if (hostChosen)
+                        {
+                            CollectionAssert.AreEqual(Enumerable.Repeat(-1, entryRows.Length).ToArray(), entryRows.Select(row => stepDrafts[r][row]).ToArray(), $"{what}, runner {r}: no draft of request {i}'s rows");
+                            fallback.Add((i, j));
+                        }
+                        else
+                        {
+                            Assert.AreEqual(reference[Array.IndexOf(draftingNow, (i, j))], stepDrafts[r][keptRows[j]], $"{what}, runner {r}: request {i}'s draft");
+                            made += r == 1 ? 1 : 0;
+                        }
+                    }
+
+                    var late = Draft(runners[r], [.. fallback.Select(x => new DraftSequence(slots[x.I], next[x.I]))], v);
+                    for (var f = 0; f < fallback.Count; f++)
+                    {
+                        Assert.AreEqual(reference[Array.IndexOf(draftingNow, fallback[f])], late[f], $"{what}, runner {r}: request {fallback[f].I}'s draft made apart");
+                        apart += r == 1 ? 1 : 0;
+                    }
+
+                    for (var row = 0; row < rows; row++)
+                    {
+                        if (!draftingNow.Any(x => RowOf(batch, x.j) <= row && row < RowOf(batch, x.j) + batch[x.j].LogitRows))
+                        {
+                            Assert.AreEqual(-1, stepDrafts[r][row], $"{what}, runner {r}: row {row} of a request that does not draft");
+                        }
+                    }
+                }
+
+                foreach (var (i, j) in draftingNow)
+                {
+                    draft[i] = reference[Array.IndexOf(draftingNow, (i, j))];
+                }
+            }
+
+            TestContext.WriteLine($"drafts in the step {made}, apart {apart}; verified drafts accepted {accepted}, rejected {rejected}; draft graphs {runners[2].CapturedDraftGraphs}");
+            Assert.IsGreaterThan(20, made, "drafts made in the step");
+            Assert.AreEqual(steps.Where((w, k) => k % 2 == 1 && w.Contains(HostChosen)).Count(), apart, "only the request whose row the host chose drafts apart, on odd steps");
+            Assert.IsGreaterThan(5, accepted);
+            Assert.IsGreaterThan(5, rejected);
+            Assert.IsGreaterThan(0, runners[2].CapturedDraftGraphs, "graphs of drafts made in the step");
+        }
+        finally
+        {
+            foreach (var r in runners)
+            {
+                r.Dispose();
+            }
+
+            oracle.Dispose();
+        }
+    }
+
+    /// <summary>The first logit row of entry <paramref name="j"/>.</summary>
+    private static int RowOf(StepSequence[] batch, int j) => batch.Take(j).Sum(e => e.LogitRows);
+
+    /// <summary>Drafts apart on <paramref name="runner"/>, greedy; a row it could not choose gives its largest logit, as the scheduler does.</summary>
+    private static int[] Draft(PagedStepRunner runner, DraftSequence[] batch, int v)
+    {
+        var ids = new int[batch.Length];
+        var logits = new float[batch.Length * v];
+        if (batch.Length > 0)
+        {
+            runner.DraftAndChoose(batch, [.. batch.Select(_ => TokenChoice.Greedy(v))], ids, logits);
+        }
+
+        return [.. ids.Select((id, i) => id >= 0 ? id : Sampler.ArgMax(logits.AsSpan(i * v, v)))];
+    }
+
+    /// <summary>The oracle's logits of <paramref name="token"/> fed at <paramref name="position"/> of <paramref name="slot"/>, forgotten again.</summary>
+    private static float[] OracleLogits(PagedStepRunner oracle, int slot, int position, int token, int v)
+    {
+        var logits = new float[v];
+        oracle.Forward([new StepSequence(slot, position, new[] { token }, 1)], logits);
+        oracle.Truncate(slot, position);
+        return logits;
+    }
+}
