@@ -262,6 +262,78 @@ public sealed class StepDraftTests
         }
     }
 
+    /// <summary>
+    /// A step's drafts refuse, by name and before anything runs, flags that do not match the batch, a mark on a slot opened
+    /// without drafting or on an entry that asks for no logits, and too few draft slots; after a step drafted, the slot's next
+    /// step must feed the token the draft assumed, a rollback may drop only the position after the row the step chose, and
+    /// the slot then runs on as if nothing had been refused.
+    /// </summary>
+    [TestMethod]
+    public void RefusedDraftsNameTheProblemAndChangeNothing()
+    {
+        var model = s_tiny;
+        var v = model.VocabSize;
+        using var runner = new PagedStepRunner(model);
+        var blocks = new KvBlockManager(8, 2, 4);
+        runner.Attach(blocks, 32);
+        var a = blocks.Admit(40);
+        var b = blocks.Admit(20);
+        runner.Open(a, drafts: true);
+        runner.Open(b, drafts: false);
+        var prompt = SyntheticPrompts.Make(v, 12, 77);
+        StepSequence[] batch = [new(a, 0, prompt, 1), new(b, 0, prompt[..6], 1)];
+        var tokens = new int[2];
+        var drafts = new int[2];
+        var logits = new float[2 * v];
+        TokenChoice[] greedy = [TokenChoice.Greedy(v), TokenChoice.Greedy(v)];
+        void Refused<T>(string expected, StepSequence[] steps, bool[] marks, int draftSlots = 2)
+            where T : Exception
+        {
+            var e = Assert.ThrowsExactly<T>(() => runner.ForwardChooseAndDraft(steps, greedy.AsSpan(0, steps.Sum(s => s.LogitRows)), tokens, logits, marks, TokenChoice.Greedy(v), new int[draftSlots]));
+            StringAssert.Contains(e.Message, expected);
+        }
+
+        Refused<ArgumentException>("1 drafting flags for 2 entries", batch, [true]);
+        Refused<InvalidOperationException>($"slot {b} was opened without drafting", batch, [true, true]);
+        Refused<ArgumentException>($"slot {a}: nothing to draft after", [batch[0] with { LogitRows = 0 }, batch[1]], [true, false]);
+        Refused<ArgumentException>("1 draft slots for 2 logit rows", batch, [true, false], draftSlots: 1);
+
+        runner.ForwardChooseAndDraft(batch, greedy, tokens, logits, [true, false], TokenChoice.Greedy(v), drafts);
+        Assert.IsTrue(drafts[0] >= 0, "slot a drafted in the step");
+        Assert.AreEqual(-1, drafts[1], "slot b does not draft");
+        var wrong = (tokens[0] + 1) % v;
+        var fed = Assert.ThrowsExactly<InvalidOperationException>(() => runner.Forward([new StepSequence(a, 12, new[] { wrong, drafts[0] }, 2)], logits));
+        StringAssert.Contains(fed.Message, $"slot {a}: the MTP cache was made with token {tokens[0]} at position 12; the step feeds {wrong}");
+
+        // The token chosen and its draft, verified: keep the first token only (a rejected draft), then a rollback past it is refused.
+        int[] verify = [tokens[0], drafts[0]];
+        runner.ForwardChooseAndDraft([new StepSequence(a, 12, verify, 2)], greedy, tokens, logits, [true], TokenChoice.Greedy(v), drafts);
+        var second = tokens[0];
+        runner.Truncate(a, 13);
+        var below = Assert.ThrowsExactly<InvalidOperationException>(() => runner.Truncate(a, 12));
+        StringAssert.Contains(below.Message, $"cannot truncate slot {a} to 12: the MTP cache already holds 13 positions");
+        var after = Assert.ThrowsExactly<InvalidOperationException>(() => runner.Forward([new StepSequence(a, 13, new[] { drafts[1] == second ? (second + 1) % v : drafts[1] }, 1)], logits));
+        StringAssert.Contains(after.Message, $"made with token {second} at position 13");
+
+        // The slot runs on from the token the draft assumed: its token and draft equal those of a runner fed the same steps
+        // that drafts apart.
+        runner.ForwardChooseAndDraft([new StepSequence(a, 13, new[] { second }, 1)], greedy.AsSpan(0, 1), tokens, logits, [true], TokenChoice.Greedy(v), drafts);
+        using var apart = new PagedStepRunner(model);
+        var twin = new KvBlockManager(8, 2, 4);
+        apart.Attach(twin, 32);
+        Assert.AreEqual(a, twin.Admit(40));
+        apart.Open(a, drafts: true);
+        var ids = new int[2];
+        apart.ForwardAndChoose([new StepSequence(a, 0, prompt, 1)], greedy.AsSpan(0, 1), ids, logits);
+        Assert.AreEqual(verify[0], ids[0], "the prompt's token");
+        apart.ForwardAndChoose([new StepSequence(a, 12, verify, 2)], greedy, ids, logits);
+        Assert.AreEqual(second, ids[0], "the verify step's first token");
+        apart.Truncate(a, 13);
+        apart.ForwardAndChoose([new StepSequence(a, 13, new[] { second }, 1)], greedy.AsSpan(0, 1), ids, logits);
+        Assert.AreEqual(ids[0], tokens[0], "the step's token");
+        Assert.AreEqual(Draft(apart, [new DraftSequence(a, ids[0])], v)[0], drafts[0], "the draft after it");
+    }
+
     /// <summary>The first logit row of entry <paramref name="j"/>.</summary>
     private static int RowOf(StepSequence[] batch, int j) => batch.Take(j).Sum(e => e.LogitRows);
 
