@@ -164,6 +164,9 @@ public sealed class ScheduledRequest
 
     internal int? Draft { get; set; }
 
+    /// <summary>The draft the step just run made after the last token it chose for the request, or −1 (see <see cref="IStepRunner.ForwardChooseAndDraft"/>).</summary>
+    internal int NextDraft { get; set; } = -1;
+
     internal long Steps { get; set; }
 
     internal long Drafted { get; set; }
@@ -228,6 +231,8 @@ public sealed class BatchScheduler : IDisposable
     private float[] _logits = [];
     private TokenChoice[] _choices = [];
     private int[] _chosen = [];
+    private int[] _draftsAfter = [];  // [logit row] the step's drafts
+    private bool[] _draftMarks = [];  // [entry] whether the step drafts after its rows
     private long _nextId;
     private long _steps, _generated, _drafted, _accepted, _preemptions;
     private bool _disposed;
@@ -421,9 +426,13 @@ public sealed class BatchScheduler : IDisposable
                 }
             }
 
+            // The drafts for the next step are made in this one, after each row, where every row of a request that may draft next
+            // is chosen on the device (DraftNext keeps the draft after the token the request keeps, and drafts the others apart).
+            var marks = Marks(batch, owners, refused);
             try
             {
-                _runner.ForwardAndChoose(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(batch), _choices.AsSpan(0, rows), _chosen.AsSpan(0, rows), _logits);
+                _runner.ForwardChooseAndDraft(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(batch), _choices.AsSpan(0, rows), _chosen.AsSpan(0, rows), _logits,
+                    marks, TokenChoice.Greedy(limit), _draftsAfter);
             }
             catch (Exception e)
             {
@@ -475,8 +484,43 @@ public sealed class BatchScheduler : IDisposable
             }
 
             DraftNext();
+            foreach (var r in owners)
+            {
+                r.NextDraft = -1;
+            }
+
             return true;
         }
+    }
+
+    /// <summary>
+    /// Which entries of the step draft after their rows: a drafting request's entry with logit rows, each chosen on the device,
+    /// that may still draft after the step (<see cref="DraftNext"/>'s bounds with one token more: a step yields at least one).
+    /// </summary>
+    private ReadOnlySpan<bool> Marks(List<StepSequence> batch, List<ScheduledRequest> owners, Exception?[]? refused)
+    {
+        if (_draftMarks.Length < batch.Count)
+        {
+            _draftMarks = new bool[batch.Count];
+        }
+
+        var row = 0;
+        for (var i = 0; i < batch.Count; i++)
+        {
+            var r = owners[i];
+            var n = batch[i].LogitRows;
+            var onDevice = true;
+            foreach (var c in _choices.AsSpan(row, n))
+            {
+                onDevice &= c.OnDevice;
+            }
+
+            _draftMarks[i] = _drafting && r.Speculative && n > 0 && onDevice && refused?[i] is null
+                && r.Generated + 3 <= r.MaxTokens && r.Tokens.Count + 2 <= ContextLimit;
+            row += n;
+        }
+
+        return _draftMarks.AsSpan(0, batch.Count);
     }
 
     internal void Wake()
@@ -674,6 +718,7 @@ public sealed class BatchScheduler : IDisposable
     private int Choose(ScheduledRequest r, int row, int v)
     {
         var id = _chosen[row];
+        r.NextDraft = _draftsAfter[row];
         return id != TokenSampling.NotChosen ? r.Sampler.Accept(id) : r.Sampler.SampleModelRow(_logits.AsSpan(row * v, v), _options.SamplingVocabSize ?? v);
     }
 
@@ -747,6 +792,13 @@ public sealed class BatchScheduler : IDisposable
         var drafting = _running.Where(r => r.Speculative && r.Slot >= 0 && r.Tokens.Count - r.Fed == 1
             // A verify step feeds two tokens and yields up to two: pointless when one more is all that is allowed.
             && r.Generated + 2 <= r.MaxTokens && r.Tokens.Count + 1 <= ContextLimit).ToList();
+        // Those the step drafted for take that draft; the others draft apart.
+        foreach (var r in drafting.Where(r => r.NextDraft >= 0))
+        {
+            r.Draft = r.NextDraft;
+        }
+
+        drafting.RemoveAll(r => r.NextDraft >= 0);
         if (drafting.Count == 0)
         {
             return;
@@ -794,6 +846,7 @@ public sealed class BatchScheduler : IDisposable
             _logits = new float[rows * v];
             _choices = new TokenChoice[rows];
             _chosen = new int[rows];
+            _draftsAfter = new int[rows];
         }
     }
 

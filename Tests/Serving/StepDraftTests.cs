@@ -334,6 +334,200 @@ public sealed class StepDraftTests
         Assert.AreEqual(Draft(apart, [new DraftSequence(a, ids[0])], v)[0], drafts[0], "the draft after it");
     }
 
+    /// <summary>
+    /// The scheduler drafts in its steps: greedy requests, one of them chosen on the host (a constraint that only masks), run
+    /// twice, drafting in the step and drafting apart after it (a runner that drafts nothing in the step). The synthetic MTP
+    /// layer almost never guesses right, so at two of three positions each draft is replaced by the main model's greedy
+    /// token (worked out alone), in either run, and drafts are accepted. Every request's tokens equal its request alone both
+    /// times, and each request's drafts and acceptances are the same (the draft after the token kept, the same draft);
+    /// drafting in the step, only the request the host chooses for drafts apart.
+    /// </summary>
+    [TestMethod]
+    public void TheSchedulerDraftsInItsStepsAsItDidApart()
+    {
+        var model = s_tiny;
+        var v = model.VocabSize;
+        var prompts = new[] { 20, 7, 33, 50 }.Select((n, i) => SyntheticPrompts.Make(v, n, 900 + i)).ToArray();
+        var greedy = SamplingOptions.Greedy with { MaxTokens = 20 };
+        const int Constrained = 3;
+        (ScheduledResult[] Results, WatchedRunner Runner) Run(bool inStep)
+        {
+            var runner = new WatchedRunner(new PagedStepRunner(model), model, inStep, length => length % 3 != 0);
+            using var scheduler = new BatchScheduler(runner, new KvBlockManager(40, 4, KvBlockManager.BlocksFor(MaxLength)),
+                new SchedulerOptions { MaxTokensPerStep = 32, EosId = model.Config.EosTokenId, SpeculativeDecoding = SpeculativeDecodingMode.On });
+            var requests = prompts.Select((p, i) => scheduler.Submit(p, greedy, i == Constrained ? new AllowAll() : null)).ToArray();
+            scheduler.Step();
+            runner.HostChosenSlot = requests[Constrained].Slot;
+            while (requests.Any(r => !r.Completion.IsCompleted))
+            {
+                scheduler.Step();
+            }
+
+            return ([.. requests.Select(r => r.Completion.Result)], runner);
+        }
+
+        var (inStep, inStepRunner) = Run(true);
+        var (apart, apartRunner) = Run(false);
+        using (inStepRunner)
+        using (apartRunner)
+        {
+            for (var i = 0; i < prompts.Length; i++)
+            {
+                var alone = Alone.Run(model, prompts[i], greedy);
+                CollectionAssert.AreEqual(alone, inStep[i].Tokens.ToArray(), $"request {i}, drafting in the step");
+                CollectionAssert.AreEqual(alone, apart[i].Tokens.ToArray(), $"request {i}, drafting apart");
+                Assert.AreEqual((apart[i].Counters.Drafted, apart[i].Counters.Accepted), (inStep[i].Counters.Drafted, inStep[i].Counters.Accepted), $"request {i}: drafts and acceptances");
+                Assert.IsGreaterThan(0L, inStep[i].Counters.Accepted, $"request {i} had drafts accepted");
+                Assert.IsLessThan(inStep[i].Counters.Drafted, inStep[i].Counters.Accepted, $"request {i} had drafts rejected");
+            }
+
+            TestContext.WriteLine($"in the step: {inStepRunner.DraftedInStep} drafts made in steps, {inStepRunner.DraftedApart} apart; apart: {apartRunner.DraftedApart}");
+            Assert.IsGreaterThan(0, inStepRunner.DraftedInStep, "drafts made in the step");
+            Assert.IsGreaterThan(0, inStepRunner.DraftedApart, "the request whose rows the host chooses drafts apart");
+            Assert.AreEqual(0, inStepRunner.OthersDraftedApart, "no other request drafts apart");
+            Assert.AreEqual(0, apartRunner.DraftedInStep);
+        }
+    }
+
+    /// <summary>A constraint that masks on the host only: its request's rows are chosen there.</summary>
+    private sealed class AllowAll : ITokenConstraint
+    {
+        public void Mask(Span<float> logits)
+        {
+        }
+
+        public void Advance(int tokenId)
+        {
+        }
+    }
+
+    /// <summary>
+    /// A paged runner that counts drafts made in the step (ids ≥ 0 out of <see cref="IStepRunner.ForwardChooseAndDraft"/>) and
+    /// apart (<see cref="IStepRunner.DraftAndChoose"/>'s entries, and those of any slot but <see cref="HostChosenSlot"/>), and
+    /// replaces each draft after a history of a length <paramref name="right"/> picks by the main model's greedy token after
+    /// it, worked out alone; without <paramref name="inStep"/> it drafts nothing in the step, as the interface's body.
+    /// </summary>
+    private sealed class WatchedRunner(PagedStepRunner inner, DeepSeekModel model, bool inStep, Func<int, bool> right) : IStepRunner
+    {
+        private readonly Dictionary<int, List<int>> _fed = [];
+
+        public int DraftedInStep { get; private set; }
+
+        public int DraftedApart { get; private set; }
+
+        public int OthersDraftedApart { get; private set; }
+
+        public int HostChosenSlot { get; set; } = -1;
+
+        public int VocabSize => inner.VocabSize;
+
+        public int MaxSequenceLength => inner.MaxSequenceLength;
+
+        public bool CanDraft => inner.CanDraft;
+
+        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
+
+        public void Open(int slot, bool drafts)
+        {
+            inner.Open(slot, drafts);
+            _fed[slot] = [];
+        }
+
+        public void StopDrafting(int slot) => inner.StopDrafting(slot);
+
+        public void Close(int slot)
+        {
+            inner.Close(slot);
+            _fed.Remove(slot);
+        }
+
+        public void Truncate(int slot, int length)
+        {
+            inner.Truncate(slot, length);
+            _fed[slot].RemoveRange(length, _fed[slot].Count - length);
+        }
+
+        public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+        {
+            inner.Forward(batch, logits);
+            Fed(batch);
+        }
+
+        public void ForwardAndChoose(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits)
+        {
+            inner.ForwardAndChoose(batch, choices, tokens, logits);
+            Fed(batch);
+        }
+
+        public void ForwardChooseAndDraft(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits,
+            ReadOnlySpan<bool> drafting, TokenChoice draftChoice, Span<int> drafts)
+        {
+            var rows = IStepRunner.CheckDrafting(batch, drafting, drafts);
+            if (!inStep)
+            {
+                ForwardAndChoose(batch, choices, tokens, logits);
+                drafts[..rows].Fill(TokenSampling.NotChosen);
+                return;
+            }
+
+            inner.ForwardChooseAndDraft(batch, choices, tokens, logits, drafting, draftChoice, drafts);
+            Fed(batch);
+            var row = 0;
+            foreach (var e in batch)
+            {
+                for (var j = 0; j < e.LogitRows; j++, row++)
+                {
+                    if (drafts[row] >= 0)
+                    {
+                        // Logit row j is the entry's token at position p; its draft follows the history through p and the token chosen.
+                        var p = e.Position + e.Tokens.Length - e.LogitRows + j;
+                        DraftedInStep++;
+                        drafts[row] = Forced([.. _fed[e.Slot].Take(p + 1), tokens[row]], drafts[row]);
+                    }
+                }
+            }
+        }
+
+        public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => inner.Draft(batch, logits);
+
+        public void DraftAndChoose(ReadOnlySpan<DraftSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits)
+        {
+            inner.DraftAndChoose(batch, choices, tokens, logits);
+            for (var i = 0; i < batch.Length; i++)
+            {
+                var e = batch[i];
+                DraftedApart++;
+                OthersDraftedApart += e.Slot == HostChosenSlot ? 0 : 1;
+                Assert.IsGreaterThanOrEqualTo(0, tokens[i], "the tiny model's drafts are chosen where the logits are");
+                tokens[i] = Forced([.. _fed[e.Slot], e.NextToken], tokens[i]);
+            }
+        }
+
+        public void Dispose() => inner.Dispose();
+
+        private void Fed(ReadOnlySpan<StepSequence> batch)
+        {
+            foreach (var e in batch)
+            {
+                _fed[e.Slot].AddRange(e.Tokens.ToArray());
+            }
+        }
+
+        /// <summary>The main model's greedy token after <paramref name="history"/> where <c>right</c> picks its length, else <paramref name="draft"/>.</summary>
+        private int Forced(int[] history, int draft)
+        {
+            if (!right(history.Length))
+            {
+                return draft;
+            }
+
+            using var session = model.CreateSession();
+            var logits = new float[model.VocabSize];
+            session.Forward(history, logits);
+            return Sampler.ArgMax(logits);
+        }
+    }
+
     /// <summary>The first logit row of entry <paramref name="j"/>.</summary>
     private static int RowOf(StepSequence[] batch, int j) => batch.Take(j).Sum(e => e.LogitRows);
 
