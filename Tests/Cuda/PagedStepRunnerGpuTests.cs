@@ -143,6 +143,54 @@ public sealed class PagedStepRunnerGpuTests
     }
 
     /// <summary>
+    /// Drafts made in the step on CUDA (the MTP pass after the step's choice, fed the ids chosen on the device, eagerly and
+    /// in graphs) are the drafts made apart after it: the eight requests, speculative, through a runner that drafts in its
+    /// steps and through one that drafts apart (<see cref="WatchedRunner"/> without drafts in the step) give the same ids and
+    /// the same drafts and acceptances per request, and the same ids as plain decoding.
+    /// </summary>
+    [TestMethod]
+    [DataRow(false)]
+    [DataRow(true)]
+    public void DraftsMadeInTheStepAreTheDraftsMadeApart(bool graphs)
+    {
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var cuda = new CudaBackend();
+        using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
+        var prompts = SyntheticPrompts.Staggered(model.VocabSize, 8);
+        var plain = Run(model, prompts, "plain");
+        ScheduledResult[] Speculative(bool inStep)
+        {
+            var blocks = new KvBlockManager(8 * KvBlockManager.BlocksFor(MaxLength), 8, KvBlockManager.BlocksFor(MaxLength));
+            var runner = new WatchedRunner(new PagedStepRunner(model) { DecodeGraphs = graphs }, model, inStep, _ => false);
+            using (runner)
+            using (var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
+            {
+                MaxTokensPerStep = StepBudget, EosId = model.Config.EosTokenId, SpeculativeDecoding = SpeculativeDecodingMode.On,
+            }))
+            {
+                var requests = prompts.Select(p => scheduler.Submit(p, SamplingOptions.Greedy with { MaxTokens = MaxTokens })).ToList();
+                while (requests.Any(r => !r.Completion.IsCompleted))
+                {
+                    scheduler.Step();
+                }
+
+                Assert.AreEqual(inStep, runner.DraftedInStep > 0, $"{runner.DraftedInStep} drafts made in steps, {runner.DraftedApart} apart");
+                return [.. requests.Select(r => r.Completion.Result)];
+            }
+        }
+
+        var inStep = Speculative(true);
+        var apart = Speculative(false);
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            TestContext.WriteLine($"request {i}: in the step {inStep[i].Counters}, apart {apart[i].Counters}");
+            CollectionAssert.AreEqual(plain[i], inStep[i].Tokens.ToArray(), $"request {i}: drafting in the step vs plain decoding");
+            CollectionAssert.AreEqual(apart[i].Tokens.ToArray(), inStep[i].Tokens.ToArray(), $"request {i}: drafting in the step vs apart");
+            Assert.AreEqual((apart[i].Counters.Drafted, apart[i].Counters.Accepted), (inStep[i].Counters.Drafted, inStep[i].Counters.Accepted), $"request {i}: the same drafts");
+        }
+    }
+
+    /// <summary>
     /// A warm runner asks the driver for no memory: the eight requests run once through a runner (every kernel loaded, every
     /// scratch buffer grown, every graph bucket captured), then again through the same runner and scheduler, with decode
     /// positions running on past two 64-position blocks; not one <c>cuMemAlloc</c> or <c>cuMemHostAlloc</c> happens in the

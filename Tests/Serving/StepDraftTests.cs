@@ -402,129 +402,111 @@ public sealed class StepDraftTests
     }
 
     /// <summary>
-    /// A paged runner that counts drafts made in the step (ids ≥ 0 out of <see cref="IStepRunner.ForwardChooseAndDraft"/>) and
-    /// apart (<see cref="IStepRunner.DraftAndChoose"/>'s entries, and those of any slot but <see cref="HostChosenSlot"/>), and
-    /// replaces each draft after a history of a length <paramref name="right"/> picks by the main model's greedy token after
-    /// it, worked out alone; without <paramref name="inStep"/> it drafts nothing in the step, as the interface's body.
+    /// With decode graphs, a verify step that drafts runs eagerly and is captured (the main pass and, apart, its drafts, whose
+    /// tokens are the ids chosen in it), and later verify steps of the same buckets queue two operations, the main graph
+    /// and the drafts' graph, and allocate nothing, as each request keeps the draft after the token it keeps (a rejected
+    /// draft's rollback included); the drafts replayed equal those of the eager step.
     /// </summary>
-    private sealed class WatchedRunner(PagedStepRunner inner, DeepSeekModel model, bool inStep, Func<int, bool> right) : IStepRunner
+    [TestMethod]
+    public void ReplayedStepsThatDraftQueueTwoGraphs()
     {
-        private readonly Dictionary<int, List<int>> _fed = [];
-
-        public int DraftedInStep { get; private set; }
-
-        public int DraftedApart { get; private set; }
-
-        public int OthersDraftedApart { get; private set; }
-
-        public int HostChosenSlot { get; set; } = -1;
-
-        public int VocabSize => inner.VocabSize;
-
-        public int MaxSequenceLength => inner.MaxSequenceLength;
-
-        public bool CanDraft => inner.CanDraft;
-
-        public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
-
-        public void Open(int slot, bool drafts)
+        var counting = new RecordingBackend(new CpuBackend());
+        using var model = DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+        var v = model.VocabSize;
+        PagedStepRunner[] runners = [new(model) { DecodeGraphs = true }, new(model)];
+        try
         {
-            inner.Open(slot, drafts);
-            _fed[slot] = [];
-        }
-
-        public void StopDrafting(int slot) => inner.StopDrafting(slot);
-
-        public void Close(int slot)
-        {
-            inner.Close(slot);
-            _fed.Remove(slot);
-        }
-
-        public void Truncate(int slot, int length)
-        {
-            inner.Truncate(slot, length);
-            _fed[slot].RemoveRange(length, _fed[slot].Count - length);
-        }
-
-        public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
-        {
-            inner.Forward(batch, logits);
-            Fed(batch);
-        }
-
-        public void ForwardAndChoose(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits)
-        {
-            inner.ForwardAndChoose(batch, choices, tokens, logits);
-            Fed(batch);
-        }
-
-        public void ForwardChooseAndDraft(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits,
-            ReadOnlySpan<bool> drafting, TokenChoice draftChoice, Span<int> drafts)
-        {
-            var rows = IStepRunner.CheckDrafting(batch, drafting, drafts);
-            if (!inStep)
+            var managers = runners.Select(r =>
             {
-                ForwardAndChoose(batch, choices, tokens, logits);
-                drafts[..rows].Fill(TokenSampling.NotChosen);
-                return;
-            }
-
-            inner.ForwardChooseAndDraft(batch, choices, tokens, logits, drafting, draftChoice, drafts);
-            Fed(batch);
-            var row = 0;
-            foreach (var e in batch)
+                var m = new KvBlockManager(16, 4, KvBlockManager.BlocksFor(MaxLength));
+                r.Attach(m, 64);
+                return m;
+            }).ToArray();
+            int[] lengths = [4, 9, 20];
+            var slots = lengths.Select(n => managers.Select(m => m.Admit(n + 20)).Distinct().Single()).ToArray();
+            foreach (var r in runners)
             {
-                for (var j = 0; j < e.LogitRows; j++, row++)
+                foreach (var slot in slots)
                 {
-                    if (drafts[row] >= 0)
-                    {
-                        // Logit row j is the entry's token at position p; its draft follows the history through p and the token chosen.
-                        var p = e.Position + e.Tokens.Length - e.LogitRows + j;
-                        DraftedInStep++;
-                        drafts[row] = Forced([.. _fed[e.Slot].Take(p + 1), tokens[row]], drafts[row]);
-                    }
+                    r.Open(slot, drafts: true);
                 }
             }
-        }
 
-        public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => inner.Draft(batch, logits);
+            var fed = new int[lengths.Length];
+            var next = new int[lengths.Length];
+            var draft = new int[lengths.Length];
+            var rejected = 0;
 
-        public void DraftAndChoose(ReadOnlySpan<DraftSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits)
-        {
-            inner.DraftAndChoose(batch, choices, tokens, logits);
-            for (var i = 0; i < batch.Length; i++)
+            // One step on both runners (graphs, eager): ids and drafts equal; then the scheduler's rule; returns the graph runner's operations.
+            string[] Step(StepSequence[] batch)
             {
-                var e = batch[i];
-                DraftedApart++;
-                OthersDraftedApart += e.Slot == HostChosenSlot ? 0 : 1;
-                Assert.IsGreaterThanOrEqualTo(0, tokens[i], "the tiny model's drafts are chosen where the logits are");
-                tokens[i] = Forced([.. _fed[e.Slot], e.NextToken], tokens[i]);
+                var rows = batch.Sum(e => e.LogitRows);
+                TokenChoice[] choices = [.. Enumerable.Repeat(TokenChoice.Greedy(v), rows)];
+                var ids = new int[2][];
+                var drafts = new int[2][];
+                string[] ops = [];
+                for (var r = 0; r < runners.Length; r++)
+                {
+                    foreach (var (e, m) in batch.Select(e => (e, managers[r])))
+                    {
+                        m.Reserve(e.Slot, e.Position + e.Tokens.Length);
+                    }
+
+                    var first = counting.Operations.Count;
+                    (ids[r], drafts[r]) = (new int[rows], new int[rows]);
+                    runners[r].ForwardChooseAndDraft(batch, choices, ids[r], new float[rows * v], [.. batch.Select(_ => true)], TokenChoice.Greedy(v), drafts[r]);
+                    ops = r == 0 ? [.. counting.Operations.Skip(first)] : ops;
+                }
+
+                CollectionAssert.AreEqual(ids[1], ids[0], "ids");
+                CollectionAssert.AreEqual(drafts[1], drafts[0], "drafts");
+                var row = 0;
+                for (var i = 0; i < batch.Length; i++)
+                {
+                    var n = batch[i].LogitRows;
+                    var keep = n == 1 || ids[0][row] == batch[i].Tokens.Span[1];
+                    if (!keep)
+                    {
+                        rejected++;
+                        foreach (var r in runners)
+                        {
+                            r.Truncate(slots[i], fed[i] + 1);
+                        }
+                    }
+
+                    var kept = row + (keep ? n - 1 : 0);
+                    (next[i], draft[i]) = (ids[0][kept], drafts[0][kept]);
+                    Assert.IsGreaterThanOrEqualTo(0, draft[i], $"entry {i} drafted in the step");
+                    fed[i] += keep ? n : 1;
+                    row += n;
+                }
+
+                return ops;
             }
-        }
 
-        public void Dispose() => inner.Dispose();
-
-        private void Fed(ReadOnlySpan<StepSequence> batch)
-        {
-            foreach (var e in batch)
+            Step([.. slots.Select((s, i) => new StepSequence(s, 0, SyntheticPrompts.Make(v, lengths[i], 60 + i), 1))]);
+            fed = [.. lengths];
+            StepSequence[] Verify() => [.. slots.Select((s, i) => new StepSequence(s, fed[i], new[] { next[i], draft[i] }, 2))];
+            var captured = Step(Verify());
+            Assert.AreEqual((1, 2), (runners[0].CapturedGraphs, runners[0].CapturedDraftGraphs), "graphs of the verify step's 6 rows (bucket 8), of the prefill's 3 drafts (bucket 4) and of its 6 (bucket 8)");
+            Assert.IsTrue(captured.Any(o => o.StartsWith("EmbeddingChosenRows(", StringComparison.Ordinal)), "its drafts embed the ids chosen in the step");
+            var allocations = counting.Allocations;
+            for (var k = 0; k < 4; k++)
             {
-                _fed[e.Slot].AddRange(e.Tokens.ToArray());
+                var ops = Step(Verify());
+                Assert.HasCount(2, ops, $"verify step {k}: {string.Join(" ", ops)}");
+                Assert.IsTrue(ops.All(o => o.StartsWith("ReplayGraph(#", StringComparison.Ordinal)), $"verify step {k}: the main graph and the drafts' graph");
             }
+
+            Assert.AreEqual(allocations, counting.Allocations, "no allocation after the captures");
+            Assert.IsGreaterThan(0, rejected, "rejected drafts rolled back between replays");
         }
-
-        /// <summary>The main model's greedy token after <paramref name="history"/> where <c>right</c> picks its length, else <paramref name="draft"/>.</summary>
-        private int Forced(int[] history, int draft)
+        finally
         {
-            if (!right(history.Length))
+            foreach (var r in runners)
             {
-                return draft;
+                r.Dispose();
             }
-
-            using var session = model.CreateSession();
-            var logits = new float[model.VocabSize];
-            session.Forward(history, logits);
-            return Sampler.ArgMax(logits);
         }
     }
 
@@ -551,5 +533,132 @@ public sealed class StepDraftTests
         oracle.Forward([new StepSequence(slot, position, new[] { token }, 1)], logits);
         oracle.Truncate(slot, position);
         return logits;
+    }
+}
+
+/// <summary>
+/// A paged runner that counts drafts made in the step (ids ≥ 0 out of <see cref="IStepRunner.ForwardChooseAndDraft"/>) and
+/// apart (<see cref="IStepRunner.DraftAndChoose"/>'s entries, and those of any slot but <see cref="HostChosenSlot"/>), and
+/// replaces each draft after a history of a length <paramref name="right"/> picks by the main model's greedy token after
+/// it, worked out alone; without <paramref name="inStep"/> it drafts nothing in the step, as the interface's body.
+/// </summary>
+internal sealed class WatchedRunner(PagedStepRunner inner, DeepSeekModel model, bool inStep, Func<int, bool> right) : IStepRunner
+{
+    private readonly Dictionary<int, List<int>> _fed = [];
+
+    public int DraftedInStep { get; private set; }
+
+    public int DraftedApart { get; private set; }
+
+    public int OthersDraftedApart { get; private set; }
+
+    public int HostChosenSlot { get; set; } = -1;
+
+    public int VocabSize => inner.VocabSize;
+
+    public int MaxSequenceLength => inner.MaxSequenceLength;
+
+    public bool CanDraft => inner.CanDraft;
+
+    public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
+
+    public void Open(int slot, bool drafts)
+    {
+        inner.Open(slot, drafts);
+        _fed[slot] = [];
+    }
+
+    public void StopDrafting(int slot) => inner.StopDrafting(slot);
+
+    public void Close(int slot)
+    {
+        inner.Close(slot);
+        _fed.Remove(slot);
+    }
+
+    public void Truncate(int slot, int length)
+    {
+        inner.Truncate(slot, length);
+        _fed[slot].RemoveRange(length, _fed[slot].Count - length);
+    }
+
+    public void Forward(ReadOnlySpan<StepSequence> batch, Span<float> logits)
+    {
+        inner.Forward(batch, logits);
+        Fed(batch);
+    }
+
+    public void ForwardAndChoose(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits)
+    {
+        inner.ForwardAndChoose(batch, choices, tokens, logits);
+        Fed(batch);
+    }
+
+    public void ForwardChooseAndDraft(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits,
+        ReadOnlySpan<bool> drafting, TokenChoice draftChoice, Span<int> drafts)
+    {
+        var rows = IStepRunner.CheckDrafting(batch, drafting, drafts);
+        if (!inStep)
+        {
+            ForwardAndChoose(batch, choices, tokens, logits);
+            drafts[..rows].Fill(TokenSampling.NotChosen);
+            return;
+        }
+
+        inner.ForwardChooseAndDraft(batch, choices, tokens, logits, drafting, draftChoice, drafts);
+        Fed(batch);
+        var row = 0;
+        foreach (var e in batch)
+        {
+            for (var j = 0; j < e.LogitRows; j++, row++)
+            {
+                if (drafts[row] >= 0)
+                {
+                    // Logit row j is the entry's token at position p; its draft follows the history through p and the token chosen.
+                    var p = e.Position + e.Tokens.Length - e.LogitRows + j;
+                    DraftedInStep++;
+                    drafts[row] = Forced([.. _fed[e.Slot].Take(p + 1), tokens[row]], drafts[row]);
+                }
+            }
+        }
+    }
+
+    public void Draft(ReadOnlySpan<DraftSequence> batch, Span<float> logits) => inner.Draft(batch, logits);
+
+    public void DraftAndChoose(ReadOnlySpan<DraftSequence> batch, ReadOnlySpan<TokenChoice> choices, Span<int> tokens, Span<float> logits)
+    {
+        inner.DraftAndChoose(batch, choices, tokens, logits);
+        for (var i = 0; i < batch.Length; i++)
+        {
+            var e = batch[i];
+            DraftedApart++;
+            OthersDraftedApart += e.Slot == HostChosenSlot ? 0 : 1;
+            Assert.IsGreaterThanOrEqualTo(0, tokens[i], "the tiny model's drafts are chosen where the logits are");
+            tokens[i] = Forced([.. _fed[e.Slot], e.NextToken], tokens[i]);
+        }
+    }
+
+    public void Dispose() => inner.Dispose();
+
+    private void Fed(ReadOnlySpan<StepSequence> batch)
+    {
+        foreach (var e in batch)
+        {
+            _fed[e.Slot].AddRange(e.Tokens.ToArray());
+        }
+    }
+
+    /// <summary>The main model's greedy token after <paramref name="history"/> where <c>right</c> picks its length, else <paramref name="draft"/>.</summary>
+    private int Forced(int[] history, int draft)
+    {
+        if (!right(history.Length))
+        {
+            return draft;
+        }
+
+        using var session = model.CreateSession();
+        var logits = new float[model.VocabSize];
+        session.Forward(history, logits);
+        return Sampler.ArgMax(logits);
     }
 }
