@@ -1,7 +1,6 @@
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
-using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Support;
@@ -18,9 +17,7 @@ namespace DeepSeekCuda.Tests.Serving;
 public sealed class ModelSchedulingTests
 {
     private const int MaxLength = 256;
-    private static readonly CpuBackend s_backend = new();
-    private static string s_root = null!;
-    private static Checkpoint s_tinyCheckpoint = null!;
+    private static SyntheticModel s_fixture = null!;
     private static DeepSeekModel s_tiny = null!;
     private static DeepSeekModel s_tinyNoMtp = null!;
 
@@ -29,21 +26,16 @@ public sealed class ModelSchedulingTests
     [ClassInitialize]
     public static void Init(TestContext _)
     {
-        s_root = TempFolder.NewPath("dscuda-serving");
-        SyntheticCheckpoint.Write(s_root, ModelPresets.Tiny, seed: 23);
-        s_tinyCheckpoint = Checkpoint.Open(s_root);
-        s_tiny = DeepSeekModel.Load(s_tinyCheckpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
-        s_tinyNoMtp = DeepSeekModel.Load(s_tinyCheckpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength, LoadMtp = false });
+        s_fixture = SyntheticModel.Tiny("dscuda-serving", seed: 23, MaxLength);
+        s_tiny = s_fixture.Model;
+        s_tinyNoMtp = s_fixture.Load(s_fixture.Backend, o => o with { LoadMtp = false });
     }
 
     [ClassCleanup]
     public static void Cleanup()
     {
-        s_tiny.Dispose();
         s_tinyNoMtp.Dispose();
-        s_tinyCheckpoint.Dispose();
-        s_backend.Dispose();
-        TempFolder.DeleteBestEffort(s_root);
+        s_fixture.Dispose();
     }
 
     /// <summary>A runner of the kind named: "session" or "paged".</summary>
@@ -359,7 +351,7 @@ public sealed class ModelSchedulingTests
     {
         // The fixture model's MTP layer is the reference's own; acceptance depends on its random weights.
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
-        using var model = DeepSeekModel.Load(checkpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
+        using var model = DeepSeekModel.Load(checkpoint, s_fixture.Backend, new ModelOptions { MaxSequenceLength = MaxLength });
         Assert.IsTrue(model.HasMtp);
         int[][] prompts = [.. new[] { 12, 33, 5 }.Select((n, i) => SyntheticPrompts.Make(model.VocabSize, n, 40 + i))];
         var results = RunStaggered(kind, model, true, prompts, maxTokens: 20, maxTokensPerStep: 64, out var scheduler, out _);

@@ -21,9 +21,7 @@ namespace DeepSeekCuda.Tests.Serving;
 public sealed class PagedStepRunnerTests
 {
     private const int MaxLength = 256;
-    private static string s_root = null!;
-    private static Checkpoint s_checkpoint = null!;
-    private static CpuBackend s_backend = null!;
+    private static SyntheticModel s_fixture = null!;
     private static DeepSeekModel s_tiny = null!;
 
     public TestContext TestContext { get; set; } = null!;
@@ -31,21 +29,12 @@ public sealed class PagedStepRunnerTests
     [ClassInitialize]
     public static void Init(TestContext _)
     {
-        s_root = TempFolder.NewPath("dscuda-paged");
-        SyntheticCheckpoint.Write(s_root, ModelPresets.Tiny, seed: 29);
-        s_checkpoint = Checkpoint.Open(s_root);
-        s_backend = new CpuBackend();
-        s_tiny = DeepSeekModel.Load(s_checkpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
+        s_fixture = SyntheticModel.Tiny("dscuda-paged", seed: 29, MaxLength);
+        s_tiny = s_fixture.Model;
     }
 
     [ClassCleanup]
-    public static void Cleanup()
-    {
-        s_tiny.Dispose();
-        s_checkpoint.Dispose();
-        s_backend.Dispose();
-        TempFolder.DeleteBestEffort(s_root);
-    }
+    public static void Cleanup() => s_fixture.Dispose();
 
     /// <summary>The synthetic model on a backend that counts its calls (<see cref="RecordingBackend"/> over a CPU backend of its own).</summary>
     // The constrained-request tests' two kinds of request: greedy, and a seeded draw.
@@ -55,7 +44,7 @@ public sealed class PagedStepRunnerTests
     private static DeepSeekModel CountingModel(out RecordingBackend counting)
     {
         counting = new RecordingBackend(new CpuBackend());
-        return DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+        return s_fixture.Load(counting);
     }
 
     /// <summary>A scheduler over <paramref name="runner"/> with 4 slots in 40 blocks and 32 tokens a step, drafting or not.</summary>

@@ -1,8 +1,6 @@
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Inference;
-using DeepSeekCuda.Loader;
-using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Distributed;
@@ -21,9 +19,7 @@ namespace DeepSeekCuda.Tests.Serving;
 public sealed class StepDraftTests
 {
     private const int MaxLength = 256;
-    private static string s_root = null!;
-    private static Checkpoint s_checkpoint = null!;
-    private static CpuBackend s_backend = null!;
+    private static SyntheticModel s_fixture = null!;
     private static DeepSeekModel s_tiny = null!;
 
     public TestContext TestContext { get; set; } = null!;
@@ -31,21 +27,12 @@ public sealed class StepDraftTests
     [ClassInitialize]
     public static void Init(TestContext _)
     {
-        s_root = TempFolder.NewPath("dscuda-step-drafts");
-        SyntheticCheckpoint.Write(s_root, ModelPresets.Tiny, seed: 29);
-        s_checkpoint = Checkpoint.Open(s_root);
-        s_backend = new CpuBackend();
-        s_tiny = DeepSeekModel.Load(s_checkpoint, s_backend, new ModelOptions { MaxSequenceLength = MaxLength });
+        s_fixture = SyntheticModel.Tiny("dscuda-step-drafts", seed: 29, MaxLength);
+        s_tiny = s_fixture.Model;
     }
 
     [ClassCleanup]
-    public static void Cleanup()
-    {
-        s_tiny.Dispose();
-        s_checkpoint.Dispose();
-        s_backend.Dispose();
-        TempFolder.DeleteBestEffort(s_root);
-    }
+    public static void Cleanup() => s_fixture.Dispose();
 
     /// <summary>
     /// Five requests (four drafting, one not) through a prefill and eleven steps of changing membership, on three runners:
@@ -411,7 +398,7 @@ public sealed class StepDraftTests
     public void ReplayedStepsThatDraftQueueTwoGraphs()
     {
         var counting = new RecordingBackend(new CpuBackend());
-        using var model = DeepSeekModel.Load(s_checkpoint, counting, new ModelOptions { MaxSequenceLength = MaxLength });
+        using var model = s_fixture.Load(counting);
         var v = model.VocabSize;
         PagedStepRunner[] runners = [new(model) { DecodeGraphs = true }, new(model)];
         try
