@@ -486,7 +486,7 @@ public sealed class PagedStepRunner : IStepRunner
             return;
         }
 
-        var headFirst = _head.W.Context.Attention != AttentionForm.Naive;
+        var byStepRows = _head.W.Context.Attention != AttentionForm.Naive; // else each slot's rows attend as a segment of its cache
         int row = 0, logitRow = 0, segments = 0;
         for (var i = 0; i < batch.Length; i++)
         {
@@ -500,7 +500,7 @@ public sealed class PagedStepRunner : IStepRunner
                 }
 
                 SetRows(row, e.Slot, state.MtpLength, e.LogitRows);
-                if (!headFirst)
+                if (!byStepRows)
                 {
                     _mtpSegments[segments++] = new Segment(_mtpCaches[e.Slot], state.MtpLength, row, e.LogitRows);
                 }
@@ -511,7 +511,7 @@ public sealed class PagedStepRunner : IStepRunner
             logitRow += e.LogitRows;
         }
 
-        var bucket = headFirst ? GraphBucket(rows) : 0;
+        var bucket = byStepRows ? GraphBucket(rows) : 0;
         Pad(_mtpTokens, rows, Math.Max(rows, bucket));
         UploadMtpRows(Math.Max(rows, bucket));
         if (bucket > 0)
