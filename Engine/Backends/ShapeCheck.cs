@@ -82,19 +82,24 @@ internal static class ShapeCheck
     /// <summary>The contract of <see cref="IBackend.EmbeddingRows"/>: the output's rows uploaded, [rows, width], and every uploaded token a row of the table.</summary>
     public static void EmbeddingRows(EmbeddingWeight table, StepRows rows, Tensor output)
     {
-        StepRows(rows, output.Rows, null, null);
-        Require(output.Cols == table.Width, $"embedding output {output} is not [T, {table.Width}]");
+        EmbeddedRows(table, rows, output);
         if (rows.MaxToken >= table.Rows)
         {
             throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxToken, $"token id {rows.MaxToken} is not a row of the embedding table (0..{table.Rows - 1})");
         }
     }
 
-    /// <summary>The contract of <see cref="IBackend.EmbeddingChosenRows"/>: <see cref="EmbeddingRows"/>'s, the tokens rows of <paramref name="chosen"/> whose ids are rows of the table.</summary>
-    public static void EmbeddingChosenRows(EmbeddingWeight table, StepRows rows, TokenChoiceBuffer chosen, Tensor output)
+    /// <summary>What both step-row embeddings need: the output's rows uploaded, and the output [rows, width].</summary>
+    private static void EmbeddedRows(EmbeddingWeight table, StepRows rows, Tensor output)
     {
         StepRows(rows, output.Rows, null, null);
         Require(output.Cols == table.Width, $"embedding output {output} is not [T, {table.Width}]");
+    }
+
+    /// <summary>The contract of <see cref="IBackend.EmbeddingChosenRows"/>: <see cref="EmbeddingRows"/>'s, the tokens rows of <paramref name="chosen"/> whose ids are rows of the table.</summary>
+    public static void EmbeddingChosenRows(EmbeddingWeight table, StepRows rows, TokenChoiceBuffer chosen, Tensor output)
+    {
+        EmbeddedRows(table, rows, output);
         if (rows.MaxToken >= chosen.Rows)
         {
             throw new ArgumentOutOfRangeException(nameof(rows), rows.MaxToken, $"token {rows.MaxToken} names no row of the token choice buffer (0..{chosen.Rows - 1})");

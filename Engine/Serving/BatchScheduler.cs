@@ -515,8 +515,7 @@ public sealed class BatchScheduler : IDisposable
                 onDevice &= c.OnDevice;
             }
 
-            _draftMarks[i] = _drafting && r.Speculative && n > 0 && onDevice && refused?[i] is null
-                && r.Generated + 3 <= r.MaxTokens && r.Tokens.Count + 2 <= ContextLimit;
+            _draftMarks[i] = _drafting && n > 0 && onDevice && refused?[i] is null && MayDraft(r, ahead: 1);
             row += n;
         }
 
@@ -769,6 +768,13 @@ public sealed class BatchScheduler : IDisposable
         _windowAccepted = 0;
     }
 
+    /// <summary>
+    /// Whether <paramref name="r"/> drafts once it holds <paramref name="ahead"/> more tokens: a drafting request with room
+    /// for a verify step (it feeds two tokens and yields up to two: pointless when one more is all that is allowed).
+    /// </summary>
+    private bool MayDraft(ScheduledRequest r, int ahead) =>
+        r.Speculative && r.Generated + ahead + 2 <= r.MaxTokens && r.Tokens.Count + ahead + 1 <= ContextLimit;
+
     private void DraftNext()
     {
         if (_stopDraftingSlots)
@@ -789,9 +795,7 @@ public sealed class BatchScheduler : IDisposable
             return;
         }
 
-        var drafting = _running.Where(r => r.Speculative && r.Slot >= 0 && r.Tokens.Count - r.Fed == 1
-            // A verify step feeds two tokens and yields up to two: pointless when one more is all that is allowed.
-            && r.Generated + 2 <= r.MaxTokens && r.Tokens.Count + 1 <= ContextLimit).ToList();
+        var drafting = _running.Where(r => r.Slot >= 0 && r.Tokens.Count - r.Fed == 1 && MayDraft(r, ahead: 0)).ToList();
         // Those the step drafted for take that draft; the others draft apart.
         foreach (var r in drafting.Where(r => r.NextDraft >= 0))
         {

@@ -463,13 +463,10 @@ public sealed class PagedStepRunner : IStepRunner
             state.AssumedCount = 0; // fed: what a draft assumed is known now
         }
 
-        if (draftRows > 0)
-        {
-            TakeDrafts(batch, drafting, chosen, drafts, draftRows);
-        }
-        else if (!drafting.IsEmpty)
+        if (!drafting.IsEmpty)
         {
             drafts[..logitRows].Fill(TokenSampling.NotChosen);
+            TakeDrafts(batch, drafting, chosen, drafts, draftRows);
         }
     }
 
@@ -526,12 +523,17 @@ public sealed class PagedStepRunner : IStepRunner
     }
 
     /// <summary>
-    /// After the step's wait: the drafts' ids into <paramref name="drafts"/> (by logit row) for each marked entry whose rows
-    /// and drafts were all chosen, its slot's pending positions then in the MTP cache (made with the tokens chosen after them);
-    /// −1 for every other row, a marked entry's slot keeping its pending positions for <see cref="Draft"/>.
+    /// After the step's wait: the drafts' ids into <paramref name="drafts"/> (by logit row, −1 there before) for each marked
+    /// entry whose rows and drafts were all chosen, its slot's pending positions then in the MTP cache (made with the tokens
+    /// chosen after them); any other marked entry's slot keeps its pending positions for <see cref="Draft"/>.
     /// </summary>
     private void TakeDrafts(ReadOnlySpan<StepSequence> batch, ReadOnlySpan<bool> drafting, ReadOnlySpan<int> chosen, Span<int> drafts, int rows)
     {
+        if (rows == 0)
+        {
+            return;
+        }
+
         var ids = _draftIds.AsSpan(0, rows);
         _head.W.Backend.ReadTokenChoices(_draftChoices!, ids);
         int row = 0, logitRow = 0;
@@ -543,10 +545,6 @@ public sealed class PagedStepRunner : IStepRunner
             {
                 ids.Slice(row, n).CopyTo(drafts[logitRow..]);
                 _slots[batch[i].Slot]!.Drafted(chosen.Slice(logitRow, n));
-            }
-            else
-            {
-                drafts.Slice(logitRow, n).Fill(TokenSampling.NotChosen);
             }
 
             row += drafting[i] ? n : 0;
