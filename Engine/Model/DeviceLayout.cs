@@ -91,7 +91,26 @@ internal sealed class DeviceLayout
             }
         }
 
-        OneStage = Runners.All(r => r.AsSpan().SequenceEqual(Runners[0]));
+        var stages = new List<PassStage>();
+        for (int first = 0, i = 1; i <= Runners.Length; i++)
+        {
+            if (i < Runners.Length && Runners[i].AsSpan().SequenceEqual(Runners[first]))
+            {
+                continue;
+            }
+
+            if (i < Runners.Length && (Runners[first].Length != 1 || Runners[i].Length != 1))
+            {
+                throw new ArgumentException(
+                    $"layer {i} changes from devices [{string.Join(",", Runners[first])}] to [{string.Join(",", Runners[i])}]: a pipeline hands the stream from one device to one device",
+                    nameof(devices));
+            }
+
+            stages.Add(new PassStage(first, i, Runners[first]));
+            first = i;
+        }
+
+        Stages = stages;
         var head = devices[headDevice];
         if (head.Head is null || head.FinalNorm is null || !Runners[^1].Contains(headDevice))
         {
@@ -121,9 +140,15 @@ internal sealed class DeviceLayout
     /// <summary>[layer] → the devices that run it, ascending.</summary>
     public int[][] Runners { get; }
 
-    /// <summary>Whether every layer runs on the same devices (no pipeline boundary hands the stream from one device to another).</summary>
-    public bool OneStage { get; }
+    /// <summary>
+    /// The pass's stages in layer order: one where every layer runs on the same devices, else a pipeline's, each on one
+    /// device, whose boundaries hand the stream from one device to the next (<see cref="ModelPass.HandOver"/>).
+    /// </summary>
+    public IReadOnlyList<PassStage> Stages { get; }
 }
+
+/// <summary>A stage of a forward pass: layers <paramref name="First"/> .. <paramref name="End"/> − 1, run on <paramref name="Devices"/> (ascending).</summary>
+internal sealed record PassStage(int First, int End, int[] Devices);
 
 /// <summary>A model a <c>PagedStepRunner</c> can run: its weights laid out over one device or several.</summary>
 internal interface IPagedModel

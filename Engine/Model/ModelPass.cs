@@ -20,7 +20,39 @@ internal static class ModelPass
     /// disposes it). <paramref name="ws"/>[r] gives device r's intermediates; <paramref name="observer"/>, when given, hears
     /// embed, each layer's attn_out, ffn_out and out (see <see cref="LayerSteps"/>), and final_norm.
     /// </summary>
-    public static Tensor Run(DeviceLayout layout, ReadOnlySpan<int> tokens, IReadOnlyList<Activations> ws, LayerRowsOf rows, Action<Intermediate>? observer)
+    public static Tensor Run(DeviceLayout layout, ReadOnlySpan<int> tokens, IReadOnlyList<Activations> ws, LayerRowsOf rows, Action<Intermediate>? observer) =>
+        Run(layout, 0, layout.Config.NumHiddenLayers, tokens, ws, rows, observer)!;
+
+    /// <summary>
+    /// Runs one stage of the pass (<see cref="DeviceLayout.Stages"/>) on its devices alone, as a graph of that stage can be
+    /// captured: from the embedding for the first stage, else from the stream <see cref="HandOver"/> left in the stage's
+    /// step buffers; returns the final-normed stream for the last stage, else null (the stream stays in the step buffers
+    /// for the next stage's hand-over). <paramref name="ws"/> must be step arenas: a take gives the same buffer each time.
+    /// </summary>
+    public static Tensor? RunStage(DeviceLayout layout, PassStage stage, ReadOnlySpan<int> tokens, IReadOnlyList<Activations> ws, LayerRowsOf rows) =>
+        Run(layout, stage.First, stage.End, tokens, ws, rows, null);
+
+    /// <summary>
+    /// The pipeline boundary before layer <paramref name="layer"/> between stages run apart (<see cref="RunStage"/>): the
+    /// stream of <paramref name="rows"/> rows and its normed copy, from the step buffers of the device that ran the layer
+    /// before into those of the device that runs it.
+    /// </summary>
+    public static void HandOver(DeviceLayout layout, int layer, int rows, IReadOnlyList<Activations> ws)
+    {
+        var from = layout.Runners[layer - 1][0];
+        var (h, normed) = Stream(ws[from], layer, rows, layout.Config.HiddenSize);
+        using (h)
+        using (normed)
+        {
+            var (to, toNormed) = Receive(layout, layer, ws, h, normed);
+            to.Dispose();
+            toNormed.Dispose();
+        }
+    }
+
+    /// <summary>Layers <paramref name="first"/> .. <paramref name="end"/> − 1 (see <see cref="Run(DeviceLayout, ReadOnlySpan{int}, IReadOnlyList{Activations}, LayerRowsOf, Action{Intermediate}?)"/>, <see cref="RunStage"/>).</summary>
+    private static Tensor? Run(DeviceLayout layout, int first, int end, ReadOnlySpan<int> tokens, IReadOnlyList<Activations> ws, LayerRowsOf rows,
+        Action<Intermediate>? observer)
     {
         var c = layout.Config;
         var devices = layout.Devices;
@@ -30,23 +62,31 @@ internal static class ModelPass
         var all = new LayerPart[devices.Count];   // each layer's parts: its first run.Length
         try
         {
-            var active = layout.Runners[0];
+            var active = layout.Runners[first];
             foreach (var r in active)
             {
-                var w = devices[r];
-                h[r] = ws[r].Take(Activation.Residual, t, d);
-                LayerSteps.Embed(w.Backend, w.Embed!, tokens, rows(r, 0).Paged, h[r]!);
-                normed[r] = ws[r].Take(Activation.NormedEven, t, d);
-                w.Backend.RmsNorm(h[r]!, w.Layers[0]!.InputNorm, normed[r]!);
+                (h[r], normed[r]) = Stream(ws[r], first, t, d);
+                if (first == 0)
+                {
+                    var w = devices[r];
+                    LayerSteps.Embed(w.Backend, w.Embed!, tokens, rows(r, 0).Paged, h[r]!);
+                    w.Backend.RmsNorm(h[r]!, w.Layers[0]!.InputNorm, normed[r]!);
+                }
             }
 
-            LayerSteps.Observe(devices[active[0]].Backend, observer, "embed", h[active[0]]!);
-            for (var i = 0; i < c.NumHiddenLayers; i++)
+            if (first == 0)
+            {
+                LayerSteps.Observe(devices[active[0]].Backend, observer, "embed", h[active[0]]!);
+            }
+
+            for (var i = first; i < end; i++)
             {
                 var run = layout.Runners[i];
                 if (!run.AsSpan().SequenceEqual(active))
                 {
-                    HandOver(layout, ws, i, active, run, h, normed);
+                    int from = active[0], to = run[0];
+                    (h[to], normed[to]) = Receive(layout, i, ws, h[from]!, normed[from]!);
+                    Release(h, normed, from);
                     active = run;
                 }
 
@@ -74,6 +114,11 @@ internal static class ModelPass
                 }
             }
 
+            if (end < c.NumHiddenLayers)
+            {
+                return null;
+            }
+
             var head = layout.HeadDevice;
             var result = normed[head] ?? throw new InvalidOperationException($"the head device {head} does not run the last layer");
             normed[head] = null;
@@ -89,22 +134,19 @@ internal static class ModelPass
         }
     }
 
-    /// <summary>A pipeline boundary before layer <paramref name="i"/>: one stage hands the residual stream and its normed copy to the next.</summary>
-    private static void HandOver(DeviceLayout layout, IReadOnlyList<Activations> ws, int i, int[] active, int[] run, Tensor?[] h, Tensor?[] normed)
-    {
-        if (active.Length != 1 || run.Length != 1)
-        {
-            throw new InvalidOperationException($"layer {i} changes from devices [{string.Join(",", active)}] to [{string.Join(",", run)}]");
-        }
+    /// <summary>Where layer <paramref name="layer"/>'s input is on a device: the residual stream and its input_layernorm (the two normed buffers alternate by layer).</summary>
+    private static (Tensor H, Tensor Normed) Stream(Activations ws, int layer, int rows, int cols) =>
+        (ws.Take(Activation.Residual, rows, cols), ws.Take(layer % 2 == 0 ? Activation.NormedEven : Activation.NormedOdd, rows, cols));
 
-        int from = active[0], to = run[0];
-        var source = h[from]!;
-        h[to] = ws[to].Take(Activation.Residual, source.Rows, source.Cols);
-        normed[to] = ws[to].Take(i % 2 == 0 ? Activation.NormedEven : Activation.NormedOdd, source.Rows, source.Cols);
+    /// <summary>A pipeline boundary before layer <paramref name="layer"/>: copies the stream <paramref name="h"/> and its normed copy into the next stage's device; returns them there.</summary>
+    private static (Tensor H, Tensor Normed) Receive(DeviceLayout layout, int layer, IReadOnlyList<Activations> ws, Tensor h, Tensor normed)
+    {
+        int from = layout.Runners[layer - 1][0], to = layout.Runners[layer][0];
+        var received = Stream(ws[to], layer, h.Rows, h.Cols);
         var copy = layout.Collectives!.Copy;
-        copy(source, from, h[to]!, to);
-        copy(normed[from]!, from, normed[to]!, to);
-        Release(h, normed, from);
+        copy(h, from, received.H, to);
+        copy(normed, from, received.Normed, to);
+        return received;
     }
 
     private static void Release(Tensor?[] h, Tensor?[] normed, int r)

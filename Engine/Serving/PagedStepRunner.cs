@@ -39,9 +39,11 @@ namespace DeepSeekCuda.Serving;
 /// of one token, or of a token and the draft it verifies, with logits for each) is padded to its row bucket
 /// (<see cref="DecodeBuckets"/>) with rows of a padding slot whose one block no sequence reads, and replays the bucket's
 /// graph of the main pass (and the ring's writes), the head and the token choice after the upload of the rows and
-/// their settings: a replayed step queues one operation. On several devices the graph spans them all
-/// (<see cref="Collectives.CaptureGraph"/>: a graph per device whose all-reduces meet on the devices), where every layer
-/// runs on every device (tensor/expert parallel; a pipeline's hand-over between devices stays eager). A draft likewise
+/// their settings: a replayed step queues one operation. Where every layer runs on several devices (tensor/expert
+/// parallel) the graph spans them all (<see cref="Collectives.CaptureGraph"/>: a graph per device whose all-reduces meet
+/// on the devices); a pipeline has a graph per stage (<see cref="DeviceLayout.Stages"/>), each on its device, replayed in
+/// stage order with the hand-overs' copies between them (<see cref="ModelPass.HandOver"/>, eager): a replayed step queues
+/// one operation on each device and two copies per hand-over. A draft likewise
 /// replays the graph of its bucket of MTP rows (the gather, the MTP layer, the head and the choice), and a step's drafts
 /// the graph of theirs: a replayed step that drafts queues two operations. Still eager: the MTP
 /// layer's catch-up over positions left pending by a step without a draft, and prompt chunks.</para>
@@ -93,6 +95,8 @@ public sealed class PagedStepRunner : IStepRunner
     private int _bucketLimit;               // the largest decode bucket
     private readonly Dictionary<int, DecodeGraph> _graphs = []; // [bucket]
     private readonly Dictionary<(int Bucket, bool Chosen), DecodeGraph> _draftGraphs = []; // [bucket, tokens chosen in the step]
+    private readonly PassStage[] _draftStages;  // a draft pass's one stage: the MTP layer and the head, on the head device
+    private readonly bool _canCapture;          // each stage of the main pass on one device, or its devices' collectives recordable
 
     /// <summary>Creates a runner over <paramref name="model"/> (not owned: the caller disposes it). Nothing is allocated before <see cref="Attach"/>.</summary>
     public PagedStepRunner(DeepSeekModel model)
@@ -105,6 +109,8 @@ public sealed class PagedStepRunner : IStepRunner
         _layout = layout;
         _devices = [.. layout.Devices.Select(w => new Device(w))];
         _head = _devices[layout.HeadDevice];
+        _draftStages = [new PassStage(0, 0, [layout.HeadDevice])];
+        _canCapture = layout.Stages.All(s => s.Devices.Length == 1 || layout.Collectives?.CaptureGraph is not null);
         _rowsOf = RowsOf;
     }
 
@@ -121,8 +127,8 @@ public sealed class PagedStepRunner : IStepRunner
     /// Whether a decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> absorbed tokens,
     /// the logits of each asked for), and a draft, runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>),
     /// the bucket's first step run eagerly and then captured (<see cref="IBackend.CaptureGraph"/>, over several devices
-    /// <see cref="Collectives.CaptureGraph"/> where every layer runs on all of them), later steps replaying it after the rows'
-    /// upload. Off until a GPU has run it. May change between steps (a bench times both): graphs already
+    /// <see cref="Collectives.CaptureGraph"/> where every layer runs on all of them, a graph per stage of a pipeline), later
+    /// steps replaying it after the rows' upload. Off until a GPU has run it. May change between steps (a bench times both): graphs already
     /// captured are kept.
     /// </summary>
     internal bool DecodeGraphs { get; set; }
@@ -595,22 +601,24 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>The bucket a pass of <paramref name="rows"/> rows that all attend by their step rows runs as a graph in, or 0 when it runs eagerly.</summary>
     private int GraphBucket(int rows) =>
-        DecodeGraphs && CanCapture && _head.W.Context.Attention != AttentionForm.Naive ? DecodeBuckets.For(rows, _bucketLimit) : 0;
-
-    /// <summary>Whether the main pass can be captured: on one device, or on devices that each run every layer and whose collectives can be recorded.</summary>
-    private bool CanCapture => _devices.Length == 1 || _layout is { OneStage: true, Collectives.CaptureGraph: not null };
+        DecodeGraphs && _canCapture && _head.W.Context.Attention != AttentionForm.Naive ? DecodeBuckets.For(rows, _bucketLimit) : 0;
 
     /// <summary>
     /// Replays the bucket's graph over the rows just uploaded; on the bucket's first step, runs the step eagerly (its first
     /// run compiles kernels and sizes scratch memory) and then captures it. The graph is the main pass, with a drafting
-    /// model every row's final hidden into the ring, and the head's logits of every row (padding too) and their choice.
+    /// model every row's final hidden into the ring, and the head's logits of every row (padding too) and their choice: one
+    /// graph per stage of the pass, the last stage's ending with the head.
     /// </summary>
     private DecodeGraph Graph(int bucket)
     {
         var b = _head.W.Backend;
-        return Replay(_graphs, bucket, allDevices: true, () =>
+        return Replay(_graphs, bucket, _layout.Stages, bucket, stage =>
         {
-            var normed = ModelPass.Run(_layout, _stream.AsSpan(0, bucket), _arenas, _rowsOf, null);
+            if (ModelPass.RunStage(_layout, stage, _stream.AsSpan(0, bucket), _arenas, _rowsOf) is not { } normed)
+            {
+                return default;
+            }
+
             if (CanDraft)
             {
                 b.ScatterRows(normed, _head.Rows, RingRows, _pending!);
@@ -625,7 +633,7 @@ public sealed class PagedStepRunner : IStepRunner
     /// gathered from the ring (with <paramref name="chosen"/>, their tokens the ids the step chose), and the head's logits of
     /// every row and the drafts' choice.
     /// </summary>
-    private DecodeGraph DraftGraph(int bucket, bool chosen) => Replay(_draftGraphs, (bucket, chosen), allDevices: false, () =>
+    private DecodeGraph DraftGraph(int bucket, bool chosen) => Replay(_draftGraphs, (bucket, chosen), _draftStages, bucket, _ =>
     {
         var output = DraftPass(bucket, 0, chosen);
         return (output, Logits(output, choose: true, draft: true));
@@ -650,33 +658,58 @@ public sealed class PagedStepRunner : IStepRunner
     }
 
     /// <summary>
-    /// Replays <paramref name="graphs"/>' graph of <paramref name="bucket"/>, or runs <paramref name="pass"/> eagerly and
-    /// captures it as that graph; a pass returns where it leaves its output and logits. The graph spans every device when
-    /// <paramref name="allDevices"/> and there are several, else the head's.
+    /// Replays <paramref name="graphs"/>' graphs of <paramref name="bucket"/>, one per stage of <paramref name="stages"/> with
+    /// the pipeline's hand-overs of the <paramref name="rows"/> rows between them (eager), or runs each stage eagerly
+    /// (<paramref name="stage"/>, the last returning where it leaves its output and logits) and captures it as that stage's
+    /// graph: on the stage's device, or over every device (<see cref="Collectives.CaptureGraph"/>) when the stage runs on several.
     /// </summary>
-    private DecodeGraph Replay<TKey>(Dictionary<TKey, DecodeGraph> graphs, TKey bucket, bool allDevices, Func<(Tensor Output, Tensor Logits)> pass)
+    private DecodeGraph Replay<TKey>(Dictionary<TKey, DecodeGraph> graphs, TKey bucket, IReadOnlyList<PassStage> stages, int rows,
+        Func<PassStage, (Tensor? Output, Tensor? Logits)> stage)
         where TKey : notnull
     {
-        var b = _head.W.Backend;
-        var all = allDevices && _devices.Length > 1 ? _layout.Collectives! : null;
         if (graphs.TryGetValue(bucket, out var known))
         {
-            if (all is null)
+            for (var s = 0; s < stages.Count; s++)
             {
-                b.ReplayGraph(known.Graph);
-            }
-            else
-            {
-                all.ReplayGraph!(known.Graph);
+                HandOverTo(stages[s], rows);
+                if (stages[s].Devices is [var r])
+                {
+                    _devices[r].W.Backend.ReplayGraph(known.Graphs[s]);
+                }
+                else
+                {
+                    _layout.Collectives!.ReplayGraph!(known.Graphs[s]);
+                }
             }
 
             return known;
         }
 
-        var (output, logits) = pass();
-        void Record() => (output, logits) = pass();
-        var graph = Own(all is null ? b.CaptureGraph(Record) : all.CaptureGraph!(Record));
-        return graphs[bucket] = new DecodeGraph(graph, output, logits);
+        (Tensor? Output, Tensor? Logits) last = default;
+        foreach (var s in stages)
+        {
+            HandOverTo(s, rows);
+            last = stage(s);
+        }
+
+        var captured = new StepGraph[stages.Count];
+        for (var s = 0; s < stages.Count; s++)
+        {
+            var part = stages[s];
+            void Record() => last = stage(part);
+            captured[s] = Own(part.Devices is [var r] ? _devices[r].W.Backend.CaptureGraph(Record) : _layout.Collectives!.CaptureGraph!(Record));
+        }
+
+        return graphs[bucket] = new DecodeGraph(captured, last.Output!, last.Logits!);
+    }
+
+    /// <summary>Before a pipeline stage past the first: the stream of <paramref name="rows"/> rows handed to its device (<see cref="ModelPass.HandOver"/>).</summary>
+    private void HandOverTo(PassStage stage, int rows)
+    {
+        if (stage.First > 0)
+        {
+            ModelPass.HandOver(_layout, stage.First, rows, _arenas);
+        }
     }
 
     /// <inheritdoc />
@@ -1123,8 +1156,8 @@ public sealed class PagedStepRunner : IStepRunner
         _owned.Clear();
     }
 
-    /// <summary>A bucket's captured pass, and where its replays leave the final-normed rows (main or MTP) and their logits.</summary>
-    private sealed record DecodeGraph(StepGraph Graph, Tensor Output, Tensor Logits);
+    /// <summary>A bucket's captured pass (a graph per stage), and where its replays leave the final-normed rows (main or MTP) and their logits.</summary>
+    private sealed record DecodeGraph(StepGraph[] Graphs, Tensor Output, Tensor Logits);
 
     private sealed class SlotState
     {

@@ -396,26 +396,28 @@ public sealed class CudaParallelGpuTests
     }
 
     /// <summary>
-    /// The parallel model's decode steps as graphs over every rank (<see cref="PagedStepRunner.DecodeGraphs"/>) against its
-    /// eager steps on the same script (<see cref="SideBySide"/>, teacher-forced on the eager tokens): logits within the
-    /// tensor-parallel bound (padding to a bucket may change a GEMM's row tiling), greedy tokens equal, the bucket graphs
-    /// captured, and the all-reduces of every replay counted.
+    /// The parallel model's decode steps as graphs over every rank (<see cref="PagedStepRunner.DecodeGraphs"/>; a pipeline's,
+    /// a graph per stage on its rank with the hand-overs' copies between, on 3 ranks whose all-reduces could not be
+    /// recorded) against its eager steps on the same script (<see cref="SideBySide"/>, teacher-forced on the eager tokens):
+    /// logits within the tensor-parallel bound (padding to a bucket may change a GEMM's row tiling), greedy tokens equal,
+    /// the bucket graphs captured, and the all-reduces and copies of every replay counted.
     /// </summary>
     [TestMethod]
-    [DataRow("tiny-a", 2)]
-    [DataRow("tiny-a", 4)]
-    [DataRow("wide8", 4)]
-    public void DecodeGraphsOverEveryRankGiveTheStepsOfEagerOnes(string model, int n)
+    [DataRow("tiny-a", PlacementKind.TensorExpertParallel, 2)]
+    [DataRow("tiny-a", PlacementKind.TensorExpertParallel, 4)]
+    [DataRow("wide8", PlacementKind.TensorExpertParallel, 4)]
+    [DataRow("tiny-a", PlacementKind.Pipeline, 3)]
+    public void DecodeGraphsOverEveryRankGiveTheStepsOfEagerOnes(string model, PlacementKind kind, int n)
     {
         var checkpoint = s_models[model];
         using var gpus = CudaParallel.Logical(n);
-        using var parallel = gpus.Load(checkpoint, Plan(checkpoint, PlacementKind.TensorExpertParallel, n), Options);
+        using var parallel = gpus.Load(checkpoint, Plan(checkpoint, kind, n), Options);
         SideBySide.Trace eager;
-        long eagerAllReduces;
+        CommunicatorStats eagerTraffic;
         using (var runner = new PagedStepRunner(parallel.Layout))
         {
             eager = SideBySide.Run(runner);
-            eagerAllReduces = gpus.Communicator.Stats.AllReduces;
+            eagerTraffic = gpus.Communicator.Stats;
         }
 
         using var graphed = new PagedStepRunner(parallel.Layout) { DecodeGraphs = true };
@@ -423,14 +425,15 @@ public sealed class CudaParallelGpuTests
         var identical = 0;
         SideBySide.Compare(eager, trace, (want, got, step) =>
         {
-            Assert.IsTrue(got.All(float.IsFinite), $"{model} N={n} {step}: non-finite logits");
+            Assert.IsTrue(got.All(float.IsFinite), $"{model} {kind} N={n} {step}: non-finite logits");
             identical += want.AsSpan().SequenceEqual(got) ? 1 : 0;
-            Tolerance.AssertRmsRel(got, want, TensorParallelRmsRel, $"{model} N={n} {step}: graph vs eager");
+            Tolerance.AssertRmsRel(got, want, TensorParallelRmsRel, $"{model} {kind} N={n} {step}: graph vs eager");
         });
-        TestContext.WriteLine($"{model} N={n}: {identical}/{trace.Steps.Count} steps bit-identical to eager; {graphed.CapturedGraphs} graphs");
+        TestContext.WriteLine($"{model} {kind} N={n}: {identical}/{trace.Steps.Count} steps bit-identical to eager; {graphed.CapturedGraphs} graphs");
         Assert.AreEqual(2, graphed.CapturedGraphs, "the buckets of one row (the last prefill step) and of four (the decode steps)");
         gpus.Communicator.Barrier();
-        Assert.AreEqual(2 * eagerAllReduces, gpus.Communicator.Stats.AllReduces, "each replay makes its steps' all-reduces");
+        Assert.AreEqual(2 * eagerTraffic.AllReduces, gpus.Communicator.Stats.AllReduces, "each replay makes its steps' all-reduces");
+        Assert.AreEqual(2 * eagerTraffic.Copies, gpus.Communicator.Stats.Copies, "each replay makes its steps' hand-overs");
     }
 
     [TestMethod]

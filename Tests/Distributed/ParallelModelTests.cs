@@ -123,6 +123,60 @@ public sealed class ParallelModelTests
         static string Key(string tensor, TensorSlice? slice) => slice is null ? tensor : $"{tensor} {slice}";
     }
 
+    /// <summary>
+    /// The layout's stages are the plan's: a pipeline's, one per device in device order with the plan's layers; tensor/expert
+    /// parallelism's, one over every layer on every device.
+    /// </summary>
+    [TestMethod]
+    [DynamicData(nameof(Cases))]
+    public void TheLayoutsStagesAreThePlans(string model, PlacementKind kind, int n)
+    {
+        var (checkpoint, _) = s_models[model];
+        using var run = SimulatedDevices.Load(checkpoint, kind, n, Options);
+        var layers = checkpoint.Config.NumHiddenLayers;
+        var expected = kind == PlacementKind.Pipeline
+            ? run.Plan.Stages.Select((s, d) => $"{s.Start}..{s.Start + s.Count} on [{d}]")
+            : [$"0..{layers} on [{string.Join(",", Enumerable.Range(0, n))}]"];
+        var actual = ((IPagedModel)run.Model).Layout.Stages.Select(s => $"{s.First}..{s.End} on [{string.Join(",", s.Devices)}]");
+        CollectionAssert.AreEqual(expected.ToArray(), actual.ToArray(), $"{model} {kind} N={n}");
+    }
+
+    /// <summary>
+    /// A layout whose layers change from two devices to a third is refused by name when it is made: a pipeline hands the
+    /// stream from one device to one device (the devices here hold a 2-way tensor-parallel model's first layer and the
+    /// single-device model's others, none of them owned).
+    /// </summary>
+    [TestMethod]
+    public void ALayoutThatHandsTheStreamFromTwoDevicesToOneIsRefused()
+    {
+        var (checkpoint, single) = s_models["wide8"];
+        using var run = SimulatedDevices.Load(checkpoint, PlacementKind.TensorExpertParallel, 2, Options);
+        var sharded = ((IPagedModel)run.Model).Layout;
+        var whole = ((IPagedModel)single).Layout.Devices[0];
+        var layers = checkpoint.Config.NumHiddenLayers;
+        var devices = new DeviceWeights[3];
+        for (var d = 0; d < 3; d++)
+        {
+            var from = d < 2 ? sharded.Devices[d] : whole;
+            devices[d] = new DeviceWeights(from.Backend, layers) { Rope = from.Rope, Context = from.Context, Shard = from.Shard };
+        }
+
+        for (var d = 0; d < 2; d++)
+        {
+            devices[d].Layers[0] = sharded.Devices[d].Layers[0];
+        }
+
+        for (var i = 1; i < layers; i++)
+        {
+            devices[2].Layers[i] = whole.Layers[i];
+        }
+
+        devices[2].FinalNorm = whole.FinalNorm;
+        devices[2].Head = whole.Head;
+        var e = Assert.ThrowsExactly<ArgumentException>(() => new DeviceLayout(checkpoint.Config, 64, devices, 2, sharded.Collectives, null));
+        StringAssert.Contains(e.Message, "layer 1 changes from devices [0,1] to [2]");
+    }
+
     [TestMethod]
     public void ChunkedPrefillAndTruncateFollowTheSingleDeviceSession()
     {

@@ -97,10 +97,10 @@ public sealed class ParallelPagedStepsTests
 
     /// <summary>
     /// Decode steps as graphs over every device (<see cref="ICommunicator.CaptureGraph"/>, the devices plain CPU backends of a
-    /// host communicator): the script's decode steps (three rows, padded to the bucket of four) and its last prefill step (one
-    /// row) give the logits of eager steps bit for bit, teacher-forced on the eager run's tokens, with the first step of a
-    /// bucket run eagerly and captured and the others replayed, each replay doing its all-reduces. A pipeline hands the stream from one device to another, which a graph does
-    /// not hold: its steps stay eager.
+    /// host communicator; a pipeline's, a graph per stage on its device with the hand-overs between): the script's decode
+    /// steps (three rows, padded to the bucket of four) and its last prefill step (one row) give the logits of eager steps
+    /// bit for bit, teacher-forced on the eager run's tokens, with the first step of a bucket run eagerly and captured and
+    /// the others replayed, each replay doing its all-reduces or its hand-overs' copies.
     /// </summary>
     [TestMethod]
     [DataRow("tiny-a", PlacementKind.TensorExpertParallel, 2)]
@@ -126,8 +126,7 @@ public sealed class ParallelPagedStepsTests
             var trace = SideBySide.Run(graphed, follow: eager);
             SideBySide.Compare(eager, trace, (want, got, step) => CollectionAssert.AreEqual(want, got, $"{model} {kind} N={n} {step}: graph vs eager logits"));
             // The last prefill step (one prompt's last token) runs in the bucket of one row, the decode steps in that of four.
-            var graphs = kind == PlacementKind.TensorExpertParallel ? 2 : 0;
-            Assert.AreEqual(graphs, graphed.CapturedGraphs, "graphs captured: buckets 1 and 4, on a single stage only");
+            Assert.AreEqual(2, graphed.CapturedGraphs, "graphs captured: buckets 1 and 4");
             Assert.AreEqual(eagerTraffic.AllReduces * 2, comm.Stats.AllReduces, "each replay makes its steps' all-reduces");
             Assert.AreEqual(eagerTraffic.Copies * 2, comm.Stats.Copies);
         }
@@ -138,6 +137,61 @@ public sealed class ParallelPagedStepsTests
                 d.Dispose();
             }
         }
+    }
+
+    /// <summary>
+    /// A pipeline's decode steps as graphs on devices whose communicator cannot record collectives (recording devices, which a
+    /// host communicator's graph cannot hold; a pipeline needs none): each stage is a graph on its device, so a replayed
+    /// decode step queues exactly one operation on each device, its stage's graph, and the communicator makes the two
+    /// copies of each hand-over between them; nothing is allocated after the captures, and the logits are the eager
+    /// steps' bit for bit.
+    /// </summary>
+    [TestMethod]
+    [DataRow("wide8", 4)]
+    [DataRow("tiny-a", 3)]
+    public void APipelinesReplayedStepQueuesEachStagesGraphAndItsHandOvers(string model, int n)
+    {
+        var (checkpoint, _) = s_models[model];
+        using var run = SimulatedDevices.Load(checkpoint, PlacementKind.Pipeline, n, Options, uncountedCollectives: true);
+        var layout = ((IPagedModel)run.Model).Layout;
+        Assert.IsNull(layout.Collectives!.CaptureGraph, "the collectives cannot be recorded");
+        SideBySide.Trace eager;
+        using (var runner = new PagedStepRunner(layout))
+        {
+            eager = SideBySide.Run(runner);
+        }
+
+        using var graphed = new PagedStepRunner(layout) { DecodeGraphs = true };
+        var ops = run.Devices.Select(d => d.Operations.Count).ToArray();
+        var copies = run.Communicator.Stats.Copies;
+        var allocations = new int[n];
+        var replayed = 0;
+        var trace = SideBySide.Run(graphed, follow: eager, stepped: step =>
+        {
+            var queued = run.Devices.Select((d, r) => d.Operations.Skip(ops[r]).ToArray()).ToArray();
+            var copied = run.Communicator.Stats.Copies - copies;
+            ops = [.. run.Devices.Select(d => d.Operations.Count)];
+            copies = run.Communicator.Stats.Copies;
+            if (step == "decode step 0")
+            {
+                Assert.IsTrue(queued[0].Any(o => o.StartsWith("EmbeddingRows(", StringComparison.Ordinal)), "bucket 4's first step runs eagerly, then is captured");
+                allocations = [.. run.Devices.Select(d => d.Allocations)];
+            }
+            else if (step.StartsWith("decode step", StringComparison.Ordinal))
+            {
+                replayed++;
+                for (var r = 0; r < n; r++)
+                {
+                    CollectionAssert.AreEqual(new[] { "ReplayGraph" }, queued[r].Select(o => o[..o.IndexOf('(')]).ToArray(), $"{step}: device {r} queues its stage's graph only");
+                    Assert.AreEqual(allocations[r], run.Devices[r].Allocations, $"{step}: device {r} allocated");
+                }
+
+                Assert.AreEqual(2L * (n - 1), copied, $"{step}: two copies per hand-over");
+            }
+        });
+        SideBySide.Compare(eager, trace, (want, got, step) => CollectionAssert.AreEqual(want, got, $"{model} pipeline N={n} {step}: graph vs eager logits"));
+        Assert.AreEqual(5, replayed);
+        Assert.AreEqual(2, graphed.CapturedGraphs, "buckets 1 and 4");
     }
 
     /// <summary>

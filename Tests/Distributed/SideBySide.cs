@@ -17,8 +17,11 @@ internal static class SideBySide
     /// <summary>What one run gave: each step's name and logits, and the tokens fed at each decode step.</summary>
     public sealed record Trace(List<(string Step, float[] Logits)> Steps, List<int[]> Decoded, int Vocab);
 
-    /// <summary>Plays the script on <paramref name="runner"/> (attached here), feeding <paramref name="follow"/>'s decode tokens when given.</summary>
-    public static Trace Run(IStepRunner runner, Trace? follow = null)
+    /// <summary>
+    /// Plays the script on <paramref name="runner"/> (attached here), feeding <paramref name="follow"/>'s decode tokens when
+    /// given; <paramref name="stepped"/>, when given, hears each step's name after it ran.
+    /// </summary>
+    public static Trace Run(IStepRunner runner, Trace? follow = null, Action<string>? stepped = null)
     {
         var v = runner.VocabSize;
         var blocks = new KvBlockManager(12, 4, KvBlockManager.BlocksFor(64));
@@ -71,6 +74,7 @@ internal static class SideBySide
             var rows = batch.Sum(e => e.LogitRows);
             runner.Forward(batch.ToArray(), logits);
             trace.Steps.Add((name, logits.AsSpan(0, rows * v).ToArray()));
+            stepped?.Invoke(name);
 
             // Each entry's last row gives its request's next greedy token (the last prefill step's rows end every prompt).
             var row = 0;
