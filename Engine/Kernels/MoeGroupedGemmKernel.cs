@@ -315,19 +315,6 @@ internal sealed class MoeGroupedGemmKernel : KernelLauncher
     }
 
     /// <summary>
-    /// Throws unless a masked capacity holds every token: a token routes to an expert at most once, so capacity ≥ tokens
-    /// never drops a slot.
-    /// </summary>
-    public static void CheckCapacity(int capacity, int tokens)
-    {
-        if (capacity < tokens)
-        {
-            throw new ArgumentOutOfRangeException(nameof(capacity), capacity,
-                $"masked MoE capacity {capacity} is below the token count {tokens}: an expert chosen by every token would drop slots");
-        }
-    }
-
-    /// <summary>
     /// h = SiLU(x·gateᵀ)·(x·upᵀ) per expert, bf16 at the grouped rows of <paramref name="rows"/> (its gather: activation row =
     /// slot / GatherDiv, or the grouped row itself without one).
     /// </summary>
@@ -341,7 +328,8 @@ internal sealed class MoeGroupedGemmKernel : KernelLauncher
     /// Masked layout from a contiguous dispatch of <paramref name="topkIdx"/> (the ids it dispatched; read only at routed
     /// slots): gather
     /// [E·capacity] (masked row → slot, −1 empty) and minv [TMax·K] (slot → masked row, −1 when not routed). Needs capacity ≥
-    /// the live token count (see <see cref="CheckCapacity"/>).
+    /// the live token count, as <see cref="MoeLayer"/> passes it: a token routes to an expert at most once, so no expert then
+    /// drops a slot.
     /// </summary>
     public void MaskedLayout(CudaStream stream, DeviceInts topkIdx, MoeDispatchBuffers dispatch, int capacity, DeviceInts gather, DeviceInts minv)
     {

@@ -176,7 +176,6 @@ internal sealed class MoeLayer : IDisposable
         ulong inv;
         if (mode == MoeGroupedLayout.Masked)
         {
-            MoeGroupedGemmKernel.CheckCapacity(tokens, tokens);
             var gather = new DeviceInts(_maskedGather.Pointer, e * tokens);
             _grouped.MaskedLayout(stream, experts.ExpertMap != 0 ? localIdx : ids, dispatch, tokens, gather, new DeviceInts(_maskedInv.Pointer, MaxTokens * k));
             grouped = new GroupedRows(mode, _counts.Pointer, _offsets.Pointer, gather.Pointer, k, e * tokens, tokens);
