@@ -94,16 +94,19 @@ internal sealed class DeviceLayout
         var stages = new List<PassStage>();
         for (int first = 0, i = 1; i <= Runners.Length; i++)
         {
-            if (i < Runners.Length && Runners[i].AsSpan().SequenceEqual(Runners[first]))
+            if (i < Runners.Length)
             {
-                continue;
-            }
+                if (Runners[i].AsSpan().SequenceEqual(Runners[first]))
+                {
+                    continue;
+                }
 
-            if (i < Runners.Length && (Runners[first].Length != 1 || Runners[i].Length != 1))
-            {
-                throw new ArgumentException(
-                    $"layer {i} changes from devices [{string.Join(",", Runners[first])}] to [{string.Join(",", Runners[i])}]: a pipeline hands the stream from one device to one device",
-                    nameof(devices));
+                if (Runners[first].Length != 1 || Runners[i].Length != 1)
+                {
+                    throw new ArgumentException(
+                        $"layer {i} changes from devices [{string.Join(",", Runners[first])}] to [{string.Join(",", Runners[i])}]: a pipeline hands the stream from one device to one device",
+                        nameof(devices));
+                }
             }
 
             stages.Add(new PassStage(first, i, Runners[first]));

@@ -137,7 +137,7 @@ public sealed class ParallelModelTests
         var expected = kind == PlacementKind.Pipeline
             ? run.Plan.Stages.Select((s, d) => $"{s.Start}..{s.Start + s.Count} on [{d}]")
             : [$"0..{layers} on [{string.Join(",", Enumerable.Range(0, n))}]"];
-        var actual = ((IPagedModel)run.Model).Layout.Stages.Select(s => $"{s.First}..{s.End} on [{string.Join(",", s.Devices)}]");
+        var actual = run.Model.Layout.Stages.Select(s => $"{s.First}..{s.End} on [{string.Join(",", s.Devices)}]");
         CollectionAssert.AreEqual(expected.ToArray(), actual.ToArray(), $"{model} {kind} N={n}");
     }
 
@@ -151,7 +151,7 @@ public sealed class ParallelModelTests
     {
         var (checkpoint, single) = s_models["wide8"];
         using var run = SimulatedDevices.Load(checkpoint, PlacementKind.TensorExpertParallel, 2, Options);
-        var sharded = ((IPagedModel)run.Model).Layout;
+        var sharded = run.Model.Layout;
         var whole = ((IPagedModel)single).Layout.Devices[0];
         var layers = checkpoint.Config.NumHiddenLayers;
         var devices = new DeviceWeights[3];

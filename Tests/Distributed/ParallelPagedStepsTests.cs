@@ -153,7 +153,7 @@ public sealed class ParallelPagedStepsTests
     {
         var (checkpoint, _) = s_models[model];
         using var run = SimulatedDevices.Load(checkpoint, PlacementKind.Pipeline, n, Options, uncountedCollectives: true);
-        var layout = ((IPagedModel)run.Model).Layout;
+        var layout = run.Model.Layout;
         Assert.IsNull(layout.Collectives!.CaptureGraph, "the collectives cannot be recorded");
         SideBySide.Trace eager;
         using (var runner = new PagedStepRunner(layout))
