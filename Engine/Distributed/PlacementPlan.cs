@@ -55,8 +55,12 @@ public sealed class PlacementException(string message) : InvalidOperationExcepti
 /// last all-reduce).</item>
 /// <item>Pipeline: each device holds whole layers; a stage also holds the next stage's first
 /// input_layernorm (it computes that norm in its last fused residual step).</item>
-/// <item>MTP: placed only when asked (like a last layer); its copies of the embedding and head are never
-/// loaded (the main ones serve, README_WEIGHTS: shared parameters).</item>
+/// <item>MTP: placed only when asked, whole, on the head device (the one that holds lm_head), where the step runner
+/// drafts: a pipeline's last stage, which then also holds the main embedding (the MTP layer embeds the token after each
+/// position), or device 0 under tensor/expert parallelism, which holds a replica of it. Its own copies of the embedding
+/// and head are never loaded (the main ones serve, README_WEIGHTS: shared parameters). Whole rather than sharded: the
+/// drafts need no collectives, at the price of one device holding the layer's bytes (about 11.5 GB for DeepSeek-V3, which
+/// the memory planner counts there) and running its step alone.</item>
 /// </list>
 /// </summary>
 public sealed class PlacementPlan
@@ -87,7 +91,7 @@ public sealed class PlacementPlan
     /// <summary>Devices N.</summary>
     public int DeviceCount { get; }
 
-    /// <summary>Whether the MTP layer is placed.</summary>
+    /// <summary>Whether the MTP layer is placed (asked for, and the model has one).</summary>
     public bool IncludesMtp { get; }
 
     /// <summary>Main layers each device runs (start, count): disjoint ranges for a pipeline, all layers on every device otherwise.</summary>
@@ -99,11 +103,8 @@ public sealed class PlacementPlan
     /// <summary>Checkpoint tensors placed nowhere, with the reason.</summary>
     public IReadOnlyDictionary<string, string> Skipped { get; }
 
-    /// <summary>The device that holds lm_head and produces logits.</summary>
+    /// <summary>The device that holds lm_head and produces logits, and the MTP layer when it is placed.</summary>
     public int HeadDevice => Kind == PlacementKind.Pipeline ? DeviceCount - 1 : 0;
-
-    /// <summary>The device that holds the MTP layer under a pipeline (the last one).</summary>
-    public int MtpDevice => DeviceCount - 1;
 
     /// <summary>The part of every layer <paramref name="device"/> holds under tensor/expert parallelism; null for a pipeline (whole layers).</summary>
     public LayerShard? Shard(int device) => _shards[device];
@@ -139,8 +140,9 @@ public sealed class PlacementPlan
     /// <param name="devices">Devices N (1..8 on one server; any positive count is planned).</param>
     /// <param name="deviceMemoryBytes">Memory of each device.</param>
     /// <param name="weightFraction">Share of each device's memory the weights may take (the rest: KV cache, activations, workspace).</param>
+    /// <param name="includeMtp">Place the MTP layer too (on the head device; see the class remarks).</param>
     /// <exception cref="PlacementException">No plan fits; the message gives the bytes per device each plan needs.</exception>
-    public static PlacementPlan Choose(ModelConfig config, int devices, long deviceMemoryBytes, double weightFraction = 0.9)
+    public static PlacementPlan Choose(ModelConfig config, int devices, long deviceMemoryBytes, double weightFraction = 0.9, bool includeMtp = false)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentOutOfRangeException.ThrowIfLessThan(devices, 1);
@@ -156,7 +158,7 @@ public sealed class PlacementPlan
         {
             try
             {
-                var tp = TensorExpertParallel(config, devices);
+                var tp = TensorExpertParallel(config, devices, includeMtp: includeMtp);
                 var need = Enumerable.Range(0, devices).Max(tp.BytesOn);
                 if (need <= budget)
                 {
@@ -173,7 +175,7 @@ public sealed class PlacementPlan
 
         try
         {
-            var pp = Pipeline(config, devices);
+            var pp = Pipeline(config, devices, includeMtp);
             var need = Enumerable.Range(0, devices).Max(pp.BytesOn);
             if (need <= budget)
             {
@@ -191,7 +193,10 @@ public sealed class PlacementPlan
             $"no placement of the model on {devices} device(s) of {deviceMemoryBytes} bytes fits in the weight budget of {budget} bytes ({weightFraction:P0}): {string.Join("; ", reasons)}");
     }
 
-    /// <summary>A pipeline: contiguous layer ranges balanced by stored bytes (the embedding counts with the first layer, norm and lm_head with the last).</summary>
+    /// <summary>
+    /// A pipeline: contiguous layer ranges balanced by stored bytes (the embedding counts with the first layer; the final
+    /// norm and lm_head, and with <paramref name="includeMtp"/> the MTP layer and its embedding, with the last).
+    /// </summary>
     /// <exception cref="PlacementException">Fewer main layers than devices.</exception>
     public static PlacementPlan Pipeline(ModelConfig config, int devices, bool includeMtp = false)
     {
@@ -203,6 +208,7 @@ public sealed class PlacementPlan
             throw new PlacementException($"a pipeline over {devices} devices needs at least {devices} layers; the model has {layers}");
         }
 
+        includeMtp &= config.NumNextNPredictLayers > 0;
         var b = new Builder(config, includeMtp);
         var weight = new long[layers];
         for (var i = 0; i < layers; i++)
@@ -210,10 +216,13 @@ public sealed class PlacementPlan
             weight[i] = b.Expected.Values.Where(t => t.Layer == i).Sum(Builder.StoredBytes);
         }
 
-        weight[0] += Builder.StoredBytes(b.Expected[CheckpointLayout.Embedding]);
+        var embedding = Builder.StoredBytes(b.Expected[CheckpointLayout.Embedding]);
+        // The MTP layer embeds on the last device too: a second copy of the embedding unless that device is the first.
+        var mtpEmbedding = includeMtp && devices > 1;
+        weight[0] += embedding;
         weight[layers - 1] += Builder.StoredBytes(b.Expected[CheckpointLayout.FinalNorm])
                               + (config.TieWordEmbeddings ? 0 : Builder.StoredBytes(b.Expected[CheckpointLayout.LmHead]))
-                              + (includeMtp ? b.MtpBytes() : 0);
+                              + (includeMtp ? b.MtpBytes() : 0) + (mtpEmbedding ? embedding : 0);
         var stages = Partition(weight, devices);
 
         b.Whole(CheckpointLayout.Embedding, 0);
@@ -247,6 +256,11 @@ public sealed class PlacementPlan
             foreach (var i in b.MtpLayers())
             {
                 b.WholeLayer(i, devices - 1);
+            }
+
+            if (mtpEmbedding)
+            {
+                b.Whole(CheckpointLayout.Embedding, devices - 1);
             }
         }
 
@@ -293,6 +307,7 @@ public sealed class PlacementPlan
                 config.NSharedExperts > 0 ? Split(config.SharedIntermediateSize, devices, d) : (0, 0));
         }
 
+        includeMtp &= config.NumNextNPredictLayers > 0;
         var b = new Builder(config, includeMtp);
         for (var d = 0; d < devices; d++)
         {
@@ -302,13 +317,14 @@ public sealed class PlacementPlan
             {
                 b.ShardedLayer(i, d, shards[d]!);
             }
+        }
 
-            if (includeMtp)
+        if (includeMtp)
+        {
+            // Whole on the head device (see the class remarks), which holds a replica of the embedding.
+            foreach (var i in b.MtpLayers())
             {
-                foreach (var i in b.MtpLayers())
-                {
-                    b.ShardedLayer(i, d, shards[d]!);
-                }
+                b.WholeLayer(i, 0);
             }
         }
 

@@ -200,7 +200,8 @@ public static class MemoryPlanner
                 weights += d == 0 && config.TieWordEmbeddings ? tailBytes - embedBytes : tailBytes;
                 if (mtp)
                 {
-                    weights += layerBytes[config.NumHiddenLayers]; // the MTP layer, less its embedding/head copies
+                    // The MTP layer, less its embedding/head copies; it embeds with the main table, a second copy past device 0.
+                    weights += layerBytes[config.NumHiddenLayers] + (d > 0 ? embedBytes : 0);
                     cacheLayers++;
                 }
             }

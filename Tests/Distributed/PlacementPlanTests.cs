@@ -123,6 +123,55 @@ public sealed class PlacementPlanTests
         CollectionAssert.AreEquivalent(new[] { mtp.MtpEmbedding, mtp.MtpHead }, plan.Skipped.Keys.ToArray());
     }
 
+    /// <summary>
+    /// Asked for, DeepSeek-V3's MTP layer is placed whole on the head device (where the step runner drafts): each of its
+    /// tensors once, unsliced, but its copies of the embedding and head, which stay skipped; a pipeline over several devices
+    /// also places the main embedding on its last device. The head device gains exactly those bytes in all; a config
+    /// without an MTP layer places nothing more.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.Pipeline, 1)]
+    [DataRow(PlacementKind.Pipeline, 8)]
+    [DataRow(PlacementKind.TensorExpertParallel, 1)]
+    [DataRow(PlacementKind.TensorExpertParallel, 8)]
+    public void TheMtpLayerIsPlacedWholeOnTheHeadDevice(PlacementKind kind, int n)
+    {
+        var v3 = ModelPresets.DeepSeekV3;
+        var with = SimulatedDevices.PlanOf(v3, kind, n, mtp: true);
+        var without = SimulatedDevices.PlanOf(v3, kind, n);
+        Assert.IsTrue(with.IncludesMtp);
+        Assert.IsFalse(without.IncludesMtp);
+        AssertEveryTensorPlaced(with);
+        Assert.AreEqual(kind == PlacementKind.Pipeline ? n - 1 : 0, with.HeadDevice);
+
+        var index = v3.NumHiddenLayers;
+        var names = CheckpointLayout.Layer(v3, index);
+        var layer = CheckpointLayout.Expected(v3).Where(t => t.Layer == index && t.Name != names.MtpEmbedding && t.Name != names.MtpHead).ToList();
+        var placed = with.Placements.Where(p => p.Tensor.StartsWith(CheckpointLayout.LayerPrefix(index), StringComparison.Ordinal)).ToList();
+        CollectionAssert.AreEquivalent(layer.Select(t => t.Name).ToList(), placed.Select(p => p.Tensor).ToList(), "the MTP layer's tensors, each once");
+        Assert.IsTrue(placed.All(p => p.Device == with.HeadDevice && p.Slice is null), "whole, on the head device");
+        CollectionAssert.AreEquivalent(new[] { names.MtpEmbedding, names.MtpHead }, with.Skipped.Keys.ToArray());
+
+        var layerBytes = layer.Sum(t => t.Shape.Aggregate(1L, (a, d) => a * d) * DTypes.SizeOf(t.DType));
+        var embedding = 2L * v3.VocabSize * v3.HiddenSize;
+        var secondEmbedding = kind == PlacementKind.Pipeline && n > 1;
+        Assert.AreEqual(secondEmbedding ? 2 : n, with.Placements.Count(p => p.Tensor == CheckpointLayout.Embedding), "embedding placements");
+        Assert.IsTrue(with.On(with.HeadDevice).Any(p => p.Tensor == CheckpointLayout.Embedding), "the head device embeds the MTP layer's tokens");
+        var total = Enumerable.Range(0, n).Sum(with.BytesOn) - Enumerable.Range(0, n).Sum(without.BytesOn);
+        Assert.AreEqual(layerBytes + (secondEmbedding ? embedding : 0), total);
+        if (kind == PlacementKind.TensorExpertParallel)
+        {
+            for (var d = 0; d < n; d++)
+            {
+                Assert.AreEqual(d == 0 ? layerBytes : 0, with.BytesOn(d) - without.BytesOn(d), $"device {d}");
+            }
+        }
+
+        var none = DistributedModels.Wide8;
+        Assert.IsFalse(SimulatedDevices.PlanOf(none, kind, n, mtp: true).IncludesMtp, "a config without an MTP layer");
+        CollectionAssert.AreEqual(SimulatedDevices.PlanOf(none, kind, n).Placements.ToList(), SimulatedDevices.PlanOf(none, kind, n, mtp: true).Placements.ToList());
+    }
+
     [TestMethod]
     public void ImpossiblePlansNameTheNumbers()
     {

@@ -9,7 +9,8 @@ namespace DeepSeekCuda.Tests.Distributed;
 /// <summary>
 /// N recording CPU devices (float32 <see cref="CpuBackend"/>s), their host communicator, a plan of the kind asked for and the
 /// <see cref="ParallelModel"/> loaded over them. With <c>uncountedCollectives</c> the collectives stage through host memory
-/// on the devices' inner backends, so the recording devices count only what the model and its runner allocate.
+/// on the devices' inner backends, so the recording devices count only what the model and its runner allocate; with
+/// <c>mtp</c> the plan places the MTP layer (and the options say whether it loads).
 /// </summary>
 internal sealed class SimulatedDevices : IDisposable
 {
@@ -18,19 +19,19 @@ internal sealed class SimulatedDevices : IDisposable
     public required PlacementPlan Plan { get; init; }
     public required ParallelModel Model { get; init; }
 
-    public static SimulatedDevices Load(Checkpoint checkpoint, PlacementKind kind, int n, ModelOptions options, bool uncountedCollectives = false)
+    public static SimulatedDevices Load(Checkpoint checkpoint, PlacementKind kind, int n, ModelOptions options, bool uncountedCollectives = false, bool mtp = false)
     {
         var inner = Enumerable.Range(0, n).Select(_ => (IBackend)new CpuBackend(maxDegreeOfParallelism: 2)).ToArray();
         var devices = inner.Select(b => new RecordingBackend(b)).ToArray();
         var host = new HostCommunicator(uncountedCollectives ? inner : devices);
         ICommunicator comm = uncountedCollectives ? new SeenThrough(devices, host) : host;
-        var plan = PlanOf(checkpoint.Config, kind, n);
+        var plan = PlanOf(checkpoint.Config, kind, n, mtp);
         return new SimulatedDevices { Devices = devices, Communicator = host, Plan = plan, Model = ParallelModel.Load(checkpoint, plan, comm, options) };
     }
 
-    /// <summary>The plan of <paramref name="kind"/> over <paramref name="n"/> devices.</summary>
-    public static PlacementPlan PlanOf(ModelConfig config, PlacementKind kind, int n) =>
-        kind == PlacementKind.Pipeline ? PlacementPlan.Pipeline(config, n) : PlacementPlan.TensorExpertParallel(config, n);
+    /// <summary>The plan of <paramref name="kind"/> over <paramref name="n"/> devices, with the MTP layer when <paramref name="mtp"/>.</summary>
+    public static PlacementPlan PlanOf(ModelConfig config, PlacementKind kind, int n, bool mtp = false) =>
+        kind == PlacementKind.Pipeline ? PlacementPlan.Pipeline(config, n, mtp) : PlacementPlan.TensorExpertParallel(config, n, includeMtp: mtp);
 
     public void Dispose()
     {

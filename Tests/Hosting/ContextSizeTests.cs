@@ -136,6 +136,28 @@ public sealed class ContextSizeTests
         Assert.ThrowsExactly<ArgumentException>(() => ContextSize.ChooseForDevices(tp, free[..4], 16));
     }
 
+    /// <summary>
+    /// With the MTP layer placed (tensor/expert parallel over 8: whole on device 0), device 0 holds its weights and its cache
+    /// beside every main layer's, and each request a draft row: the length is the largest that the planner fits every session
+    /// in with those shares, device 0 is the tightest, and it is shorter than without the MTP layer.
+    /// </summary>
+    [TestMethod]
+    public void TheMtpLayerOnTheHeadDeviceCountsItsWeightsCacheAndDraftRows()
+    {
+        var v3 = ModelPresets.DeepSeekV3;
+        var tp = PlacementPlan.TensorExpertParallel(v3, 8, includeMtp: true);
+        var free = Enumerable.Repeat(139L << 30, 8).ToArray();
+        var choice = ContextSize.ChooseForDevices(tp, free, sessions: 16);
+        var shares = Enumerable.Range(0, 8).Select(d => new DeviceShare(free[d], tp.BytesOn(d), 0, 61, d == 0 ? 62 : 61, d == 0)).ToArray();
+        int FullLengthRequests(int tokens) => MemoryPlanner.Plan(v3, shares,
+            new MemoryPlanOptions { MaxBatch = 16, MaxSequenceLength = tokens, MaxTokensPerStep = 512, DraftTokens = 1 }).FullLengthRequests;
+        Assert.IsGreaterThanOrEqualTo(16, FullLengthRequests(choice.Tokens));
+        Assert.IsLessThan(16, FullLengthRequests(choice.Tokens + KvBlockManager.BlockTokens));
+        StringAssert.Contains(choice.Reason, "the tightest, device 0");
+        StringAssert.Contains(choice.Reason, "62 layers' caches");
+        Assert.IsLessThan(ContextSize.ChooseForDevices(PlacementPlan.TensorExpertParallel(v3, 8), free, sessions: 16).Tokens, choice.Tokens);
+    }
+
     [TestMethod]
     public void GpuWithoutRoomForTheWeightsIsThePlannersError()
     {
