@@ -11,7 +11,8 @@ namespace DeepSeekCuda.Distributed;
 /// and the forward pass runs the same layer steps as <see cref="DeepSeekModel"/> on each device, with a
 /// copy of the hidden state between pipeline stages or an all-reduce after o_proj and after the FFN under
 /// tensor/expert parallelism. A chat client or scheduler serves it batched and paged through <see cref="Serving.PagedStepRunner"/>
-/// (<see cref="Serving.StepRunners.For"/>); its sessions run one sequence. The MTP module is not run here (yet).
+/// (<see cref="Serving.StepRunners.For"/>), drafting with the MTP module when the plan places it (whole, on the head device);
+/// its sessions run one sequence and do not draft.
 /// </summary>
 public sealed class ParallelModel : ILanguageModel, IPagedModel
 {
@@ -24,7 +25,7 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
         Devices = devices;
         Layout = new DeviceLayout(plan.Config, maxLength, devices, plan.HeadDevice,
             new Collectives(communicator.AllReduceSum, communicator.Copy, communicator.Barrier,
-                communicator.CanCaptureGraphs ? communicator.CaptureGraph : null, communicator.ReplayGraph), mtp: null);
+                communicator.CanCaptureGraphs ? communicator.CaptureGraph : null, communicator.ReplayGraph));
     }
 
     /// <summary>The placement.</summary>
@@ -36,8 +37,11 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
     /// <summary>The model's config.</summary>
     public ModelConfig Config => Plan.Config;
 
-    /// <summary>The options it was loaded with (MTP is never loaded).</summary>
+    /// <summary>The options it was loaded with.</summary>
     public ModelOptions Options { get; }
+
+    /// <summary>Whether the MTP module was loaded (the plan places it and the options asked for it): a step runner over the model drafts.</summary>
+    public bool HasMtp => Layout.Mtp is not null;
 
     /// <inheritdoc />
     public int VocabSize => Config.VocabSize;
@@ -64,7 +68,8 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
     /// <param name="checkpoint">The opened, validated checkpoint.</param>
     /// <param name="plan">What goes where.</param>
     /// <param name="communicator">The devices (owned by the caller).</param>
-    /// <param name="options">Attention form, context length (MTP is never loaded here).</param>
+    /// <param name="options">Attention form, context length, and whether to load the MTP layer where the plan places it
+    /// (<see cref="PlacementPlan.IncludesMtp"/>; a plan without it loads none, whatever <see cref="ModelOptions.LoadMtp"/> says).</param>
     /// <param name="progress">Receives the fraction of the placed weight bytes uploaded, from 0 to 1.</param>
     /// <param name="cancellationToken">Checked before each upload (a layer, or the embedding, norm or head, on one device); a cancelled load disposes what it loaded.</param>
     /// <exception cref="ArgumentException">The plan is for another config or device count.</exception>
@@ -101,6 +106,7 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
         var d = config.HiddenSize;
         var dims = new MlaDims(config.NumAttentionHeads, config.QkNopeHeadDim, config.QkRopeHeadDim, config.VHeadDim, config.KvLoraRank);
         var devices = new DeviceWeights[plan.DeviceCount];
+        var mtp = options.LoadMtp && plan.IncludesMtp;
         try
         {
             var uploads = new List<(int Device, string Unit, Action Upload)>();
@@ -118,8 +124,8 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
                         options.Attention),
                     Shard = shard,
                 };
-                var holdsEmbedding = shard is not null || start == 0;
                 var holdsHead = r == plan.HeadDevice;
+                var holdsEmbedding = shard is not null || start == 0 || (holdsHead && mtp); // the MTP layer embeds too
                 if (holdsEmbedding)
                 {
                     uploads.Add((r, CheckpointLayout.Embedding, () => w.Embed = b.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, d)));
@@ -140,6 +146,12 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
                 {
                     var layer = i;
                     uploads.Add((r, CheckpointLayout.LayerPrefix(layer), () => w.Layers[layer] = DecoderLayer.Load(checkpoint, b, config, layer, shard)));
+                }
+
+                if (holdsHead && mtp)
+                {
+                    var index = config.NumHiddenLayers; // only the first MTP layer, as on one device
+                    uploads.Add((r, CheckpointLayout.LayerPrefix(index), () => w.Mtp = MtpWeights.Load(checkpoint, b, config, index)));
                 }
 
                 if (shard is null && start + count < config.NumHiddenLayers)

@@ -63,9 +63,10 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
             Embed = Embed,
             FinalNorm = FinalNorm,
             Head = Head,
+            Mtp = Mtp,
         };
         Layers.CopyTo(device.Layers, 0);
-        return new DeviceLayout(Config, MaxSequenceLength, [device], headDevice: 0, collectives: null, Mtp);
+        return new DeviceLayout(Config, MaxSequenceLength, [device], headDevice: 0, collectives: null);
     }
 
     /// <summary>

@@ -25,6 +25,9 @@ internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
     /// <summary>The next stage's first input_layernorm (pipeline stages but the last).</summary>
     public NormWeight? NextStageNorm { get; set; }
 
+    /// <summary>The MTP module, whole, on the head device when it is loaded.</summary>
+    public MtpWeights? Mtp { get; set; }
+
     /// <summary>Layers by index; null where another device runs the layer.</summary>
     public DecoderLayer?[] Layers { get; } = new DecoderLayer?[layers];
 
@@ -40,6 +43,8 @@ internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
         {
             r?.Dispose();
         }
+
+        Mtp?.Dispose();
 
         foreach (var layer in Layers)
         {
@@ -63,12 +68,11 @@ internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, A
 /// <summary>
 /// A model's weights over its devices, as a forward pass walks them (<see cref="ModelPass"/>): which devices run each layer (one pipeline stage,
 /// or every device of a tensor/expert-parallel plan, whose partial outputs the collectives all-reduce), which device
-/// computes the logits, and the MTP module when it is loaded (on the head device). One device is a layout of one.
+/// computes the logits, and the MTP module when it is loaded (whole, on the head device). One device is a layout of one.
 /// </summary>
 internal sealed class DeviceLayout
 {
-    public DeviceLayout(ModelConfig config, int maxSequenceLength, IReadOnlyList<DeviceWeights> devices, int headDevice, Collectives? collectives,
-        MtpWeights? mtp)
+    public DeviceLayout(ModelConfig config, int maxSequenceLength, IReadOnlyList<DeviceWeights> devices, int headDevice, Collectives? collectives)
     {
         if (devices.Count > 1 && collectives is null)
         {
@@ -80,7 +84,6 @@ internal sealed class DeviceLayout
         Devices = devices;
         HeadDevice = headDevice;
         Collectives = collectives;
-        Mtp = mtp;
         Runners = new int[config.NumHiddenLayers][];
         for (var i = 0; i < Runners.Length; i++)
         {
@@ -120,10 +123,18 @@ internal sealed class DeviceLayout
             throw new ArgumentException($"device {headDevice} does not run the last layer and hold the final norm and lm_head", nameof(headDevice));
         }
 
-        if (mtp is not null && head.Embed is null)
+        if (head.Mtp is not null && head.Embed is null)
         {
-            throw new ArgumentException($"the MTP module needs the embedding on the head device {headDevice}", nameof(mtp));
+            throw new ArgumentException($"the MTP module needs the embedding on the head device {headDevice}", nameof(devices));
         }
+
+        if (devices.Where((d, r) => r != headDevice && d.Mtp is not null).Any())
+        {
+            throw new ArgumentException($"the MTP module must be on the head device {headDevice}", nameof(devices));
+        }
+
+        // The MTP layer is whole: its steps see every head, also where the head device holds a shard of the main layers.
+        MtpContext = head.Mtp is null ? null : head.Context with { Dims = head.Context.Dims with { Heads = config.NumAttentionHeads } };
     }
 
     public ModelConfig Config { get; }
@@ -138,7 +149,11 @@ internal sealed class DeviceLayout
     /// <summary>Null for one device.</summary>
     public Collectives? Collectives { get; }
 
-    public MtpWeights? Mtp { get; }
+    /// <summary>The MTP module, on the head device; null when it is not loaded.</summary>
+    public MtpWeights? Mtp => Devices[HeadDevice].Mtp;
+
+    /// <summary>The MTP layer's context on the head device (every head); null without the module.</summary>
+    public LayerContext? MtpContext { get; }
 
     /// <summary>[layer] → the devices that run it, ascending.</summary>
     public int[][] Runners { get; }

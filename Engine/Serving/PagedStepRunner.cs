@@ -19,7 +19,8 @@ namespace DeepSeekCuda.Serving;
 /// the most tokens a step feeds: a step allocates nothing on a backend. Logits are computed only for the rows asked for.
 /// </summary>
 /// <remarks>
-/// <para>MTP (a one-device model): a position's draft input is its final hidden state and the token after it. Where that token is already
+/// <para>MTP (whole on the head device, also of a model spread over several, <see cref="DeviceLayout.MtpContext"/>; its passes make no
+/// traffic between devices): a position's draft input is its final hidden state and the token after it. Where that token is already
 /// fed and certain (a prompt token, or a sampled one), the MTP layer runs over the position in the same step, which
 /// fills its cache; the last position of an entry, and both positions of a verify entry (its second token is a draft
 /// that may be rejected), wait on the device for <see cref="Draft"/> or the next step, in a ring of rows per slot
@@ -62,7 +63,7 @@ public sealed class PagedStepRunner : IStepRunner
 
     private readonly DeviceLayout _layout;
     private readonly Device[] _devices;
-    private readonly Device _head;          // lm_head and the MTP module
+    private readonly Device _head;          // lm_head and the MTP module (whole)
     private readonly LayerRowsOf _rowsOf;
     private readonly List<IDisposable> _owned = [];
     private KvBlockManager? _blocks;
@@ -841,7 +842,7 @@ public sealed class PagedStepRunner : IStepRunner
         using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
         b.GatherRows(_pending!, RingRows, _mtpRows, input);
         var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
-        LayerSteps.Mtp(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, rows, chosen ? _choices : null), _mtpArena, output, null);
+        LayerSteps.Mtp(_layout.MtpContext!, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, rows, chosen ? _choices : null), _mtpArena, output, null);
         return output;
     }
 
@@ -1040,7 +1041,7 @@ public sealed class PagedStepRunner : IStepRunner
         {
             // These positions' drafts are never asked for: only their rows of the MTP layer's cache are needed.
             UploadMtpRows(rows);
-            LayerSteps.MtpAppend(_head.W.Context, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, 0), _mtpArena);
+            LayerSteps.MtpAppend(_layout.MtpContext!, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, 0), _mtpArena);
         }
     }
 

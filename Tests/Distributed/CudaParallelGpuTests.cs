@@ -436,6 +436,57 @@ public sealed class CudaParallelGpuTests
         Assert.AreEqual(2 * eagerTraffic.Copies, gpus.Communicator.Stats.Copies, "each replay makes its steps' hand-overs");
     }
 
+    /// <summary>
+    /// MTP drafting over ranks (the MTP layer whole on the head rank, <see cref="ParallelDraftTests"/> on the CPU) against the
+    /// single GPU's runner on the same drafting script (<see cref="DraftSideBySide"/>, teacher-forced on its tokens and
+    /// decisions): every verify step's ids and in-step drafts equal; logits (prefill rows, drafts apart, a decode step) finite
+    /// and a pipeline's eager steps bit for bit, else within the tensor-parallel bound; with decode graphs, the main and draft
+    /// graphs captured.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.Pipeline, 3, false)]
+    [DataRow(PlacementKind.TensorExpertParallel, 2, false)]
+    [DataRow(PlacementKind.TensorExpertParallel, 2, true)]
+    [DataRow(PlacementKind.Pipeline, 3, true)]
+    public void DraftsOverRanksAreTheSingleGpusDrafts(PlacementKind kind, int n, bool graphs)
+    {
+        var checkpoint = s_models["tiny-a"];
+        var options = Options with { LoadMtp = true };
+        DraftSideBySide.Trace expected;
+        using (var cuda = new CudaBackend())
+        using (var single = DeepSeekModel.Load(checkpoint, cuda, options))
+        using (var alone = new PagedStepRunner(single))
+        {
+            expected = DraftSideBySide.Run(alone, oracle: single);
+        }
+
+        using var gpus = CudaParallel.Logical(n);
+        using var parallel = gpus.Load(checkpoint, SimulatedDevices.PlanOf(checkpoint.Config, kind, n, mtp: true), options);
+        Assert.IsTrue(parallel.HasMtp);
+        using var runner = new PagedStepRunner(parallel.Layout) { DecodeGraphs = graphs };
+        var actual = DraftSideBySide.Run(runner, follow: expected);
+        var what = $"{kind} N={n}{(graphs ? " graphs" : "")}";
+        DraftSideBySide.Compare(expected, actual, (want, got, step) =>
+        {
+            Assert.IsTrue(got.All(float.IsFinite), $"{what} {step}: non-finite logits");
+            if (kind == PlacementKind.Pipeline && !graphs)
+            {
+                CollectionAssert.AreEqual(want, got, $"{what} {step}: logits differ");
+            }
+            else
+            {
+                var c = Tolerance.AssertRmsRel(got, want, TensorParallelRmsRel, $"{what} {step}");
+                TestContext.WriteLine(Tolerance.Describe($"{what} {step}", c));
+            }
+        });
+        TestContext.WriteLine($"{what}: {expected.Accepted} drafts kept; graphs {runner.CapturedGraphs} main, {runner.CapturedDraftGraphs} draft");
+        if (graphs)
+        {
+            Assert.IsGreaterThan(0, runner.CapturedGraphs);
+            Assert.IsGreaterThan(0, runner.CapturedDraftGraphs);
+        }
+    }
+
     [TestMethod]
     public void ATensorOfAnotherRankIsRefusedByName()
     {

@@ -109,14 +109,54 @@ public sealed class ParallelModelTests
     {
         var (checkpoint, _) = s_models[model];
         using var run = SimulatedDevices.Load(checkpoint, kind, n, Options);
-        for (var d = 0; d < n; d++)
+        AssertEachDeviceReceivedItsPlacements(run, $"{model} {kind}");
+    }
+
+    /// <summary>
+    /// A plan that places the MTP layer loads it whole on the head device, with the embedding there (each device receives
+    /// exactly its placements), and the layout's MTP context there sees every head; with <see cref="ModelOptions.LoadMtp"/>
+    /// off, or a plan without it, no device receives any of the MTP layer.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.Pipeline, 1)]
+    [DataRow(PlacementKind.Pipeline, 3)]
+    [DataRow(PlacementKind.TensorExpertParallel, 2)]
+    [DataRow(PlacementKind.TensorExpertParallel, 4)]
+    public void TheMtpModuleLoadsWholeOnTheHeadDeviceAsPlanned(PlacementKind kind, int n)
+    {
+        var (checkpoint, _) = s_models["tiny-a"];
+        var c = checkpoint.Config;
+        var mtpPrefix = CheckpointLayout.LayerPrefix(c.NumHiddenLayers);
+        using (var run = SimulatedDevices.Load(checkpoint, kind, n, Options with { LoadMtp = true }, mtp: true))
+        {
+            Assert.IsTrue(run.Model.HasMtp);
+            AssertEachDeviceReceivedItsPlacements(run, $"{kind} with MTP");
+            var head = run.Plan.HeadDevice;
+            Assert.IsTrue(run.Devices[head].Received.Any(r => r.Tensor.StartsWith(mtpPrefix, StringComparison.Ordinal)), "the head device holds the MTP layer");
+            var context = run.Model.Layout.MtpContext!;
+            Assert.AreSame(run.Devices[head], context.Backend);
+            Assert.AreEqual(c.NumAttentionHeads, context.Dims.Heads, "the MTP layer is whole");
+        }
+
+        foreach (var (loadMtp, placed) in new[] { (false, true), (true, false) })
+        {
+            using var run = SimulatedDevices.Load(checkpoint, kind, n, Options with { LoadMtp = loadMtp }, mtp: placed);
+            Assert.IsFalse(run.Model.HasMtp, $"LoadMtp {loadMtp}, placed {placed}");
+            Assert.IsNull(run.Model.Layout.MtpContext);
+            Assert.IsFalse(run.Devices.Any(d => d.Received.Any(r => r.Tensor.StartsWith(mtpPrefix, StringComparison.Ordinal))), $"LoadMtp {loadMtp}, placed {placed}");
+        }
+    }
+
+    private static void AssertEachDeviceReceivedItsPlacements(SimulatedDevices run, string what)
+    {
+        for (var d = 0; d < run.Devices.Length; d++)
         {
             // The CPU backend dequantizes FP8 with the scale grid as it reads the weight, so scale placements
             // arrive with their weight and are not recorded separately.
             var planned = run.Plan.On(d).Where(p => !p.Tensor.EndsWith("_scale_inv", StringComparison.Ordinal))
                 .Select(p => Key(p.Tensor, p.Slice)).Order().ToArray();
             var received = run.Devices[d].Received.Select(r => Key(r.Tensor, r.Slice)).Order().ToArray();
-            CollectionAssert.AreEqual(planned, received, $"{model} {kind} device {d}: planned {planned.Length}, received {received.Length}: "
+            CollectionAssert.AreEqual(planned, received, $"{what} device {d}: planned {planned.Length}, received {received.Length}: "
                 + string.Join(", ", planned.Except(received).Concat(received.Except(planned).Select(x => "+" + x)).Take(5)));
         }
 
@@ -173,7 +213,7 @@ public sealed class ParallelModelTests
 
         devices[2].FinalNorm = whole.FinalNorm;
         devices[2].Head = whole.Head;
-        var e = Assert.ThrowsExactly<ArgumentException>(() => new DeviceLayout(checkpoint.Config, 64, devices, 2, sharded.Collectives, null));
+        var e = Assert.ThrowsExactly<ArgumentException>(() => new DeviceLayout(checkpoint.Config, 64, devices, 2, sharded.Collectives));
         StringAssert.Contains(e.Message, "layer 1 changes from devices [0,1] to [2]");
     }
 

@@ -24,16 +24,7 @@ internal static class SideBySide
     public static Trace Run(IStepRunner runner, Trace? follow = null, Action<string>? stepped = null)
     {
         var v = runner.VocabSize;
-        var blocks = new KvBlockManager(12, 4, KvBlockManager.BlocksFor(64));
-        runner.Attach(blocks, 16);
-        blocks.Admit(1); // slot 0 stays empty
-        int[][] prompts = [SyntheticPrompts.Make(v, 13, 1), SyntheticPrompts.Make(v, 5, 2), SyntheticPrompts.Make(v, 9, 3)];
-        var slots = prompts.Select(_ => blocks.Admit(1)).ToArray();
-        foreach (var s in slots)
-        {
-            runner.Open(s, drafts: false);
-        }
-
+        var (blocks, prompts, slots) = Open(runner, drafts: false);
         var trace = new Trace([], [], v);
         var fed = new int[prompts.Length];
         var logits = new float[8 * v];
@@ -84,6 +75,27 @@ internal static class SideBySide
                 last[Array.IndexOf(slots, e.Slot)] = Sampler.ArgMax(logits.AsSpan((row - 1) * v, v));
             }
         }
+    }
+
+    /// <summary>
+    /// The requests of a script: attaches <paramref name="runner"/> to a block manager of 12 blocks for 4 requests of up to 64
+    /// tokens (16 per step), and opens three requests on slots 1..3 (slot 0 stays empty, so their blocks interleave) whose
+    /// prompts of 13, 5 and 9 tokens are returned.
+    /// </summary>
+    public static (KvBlockManager Blocks, int[][] Prompts, int[] Slots) Open(IStepRunner runner, bool drafts)
+    {
+        var v = runner.VocabSize;
+        var blocks = new KvBlockManager(12, 4, KvBlockManager.BlocksFor(64));
+        runner.Attach(blocks, 16);
+        blocks.Admit(1);
+        int[][] prompts = [SyntheticPrompts.Make(v, 13, 1), SyntheticPrompts.Make(v, 5, 2), SyntheticPrompts.Make(v, 9, 3)];
+        var slots = prompts.Select(_ => blocks.Admit(1)).ToArray();
+        foreach (var s in slots)
+        {
+            runner.Open(s, drafts);
+        }
+
+        return (blocks, prompts, slots);
     }
 
     /// <summary>

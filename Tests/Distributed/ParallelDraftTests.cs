@@ -1,0 +1,126 @@
+using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Distributed;
+using DeepSeekCuda.Loader;
+using DeepSeekCuda.Model;
+using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Support;
+
+namespace DeepSeekCuda.Tests.Distributed;
+
+/// <summary>
+/// MTP drafting on a model spread over devices: the plan places the MTP layer whole on the head device (a pipeline's last
+/// stage, which also gets the embedding; device 0 under tensor/expert parallelism, whose main layers are sharded), and the
+/// step runner drafts there as on one device. tiny-a (its official MTP layer) on N simulated devices against the same
+/// checkpoint on one CPU backend, through the same steps (<see cref="DraftSideBySide"/>). A pipeline gives the single device's
+/// logits and drafts bit for bit; tensor/expert parallelism its ids and drafts, with logits within the max_rel
+/// <see cref="ParallelModelTests"/> holds it to. The drafts add no traffic between devices.
+/// </summary>
+[TestClass]
+public sealed class ParallelDraftTests
+{
+    private const double TensorParallelMaxRel = 1e-5;
+    private static Checkpoint s_checkpoint = null!;
+    private static CpuBackend s_backend = null!;
+    private static DeepSeekModel s_single = null!;
+
+    [ClassInitialize]
+    public static void Init(TestContext _)
+    {
+        s_checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        s_backend = new CpuBackend();
+        s_single = DeepSeekModel.Load(s_checkpoint, s_backend, Options);
+        Assert.IsTrue(s_single.HasMtp, "tiny-a has an MTP layer");
+    }
+
+    [ClassCleanup]
+    public static void Cleanup()
+    {
+        s_single.Dispose();
+        s_backend.Dispose();
+        s_checkpoint.Dispose();
+    }
+
+    public TestContext TestContext { get; set; } = null!;
+
+    private static ModelOptions Options => new() { MaxSequenceLength = DraftSideBySide.MaxLength };
+
+    /// <summary>
+    /// The parallel model's runner drafts as the single device's does: each step's logits (prefill rows, drafts apart, the
+    /// plain decode step) equal or within tolerance, the ids chosen and the drafts made in each verify step equal,
+    /// teacher-forced on the single device's tokens; the communicator makes exactly the main passes' traffic (two copies per
+    /// stage boundary or two all-reduces per layer, per pass), so the MTP layer ran on the head device alone.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.Pipeline, 3)]
+    [DataRow(PlacementKind.TensorExpertParallel, 2)]
+    [DataRow(PlacementKind.TensorExpertParallel, 4)]
+    public void DraftsOverTheDevicesAreTheSingleDevicesDrafts(PlacementKind kind, int n)
+    {
+        using var run = SimulatedDevices.Load(s_checkpoint, kind, n, Options, mtp: true);
+        Assert.IsTrue(run.Model.HasMtp);
+        using var parallel = StepRunners.For(run.Model);
+        Assert.IsTrue(parallel.CanDraft);
+        using var alone = new PagedStepRunner(s_single);
+        var expected = DraftSideBySide.Run(alone, oracle: s_single);
+        var actual = DraftSideBySide.Run(parallel, follow: expected);
+        Compare(expected, actual, kind == PlacementKind.Pipeline ? 0 : TensorParallelMaxRel, $"{kind} N={n}");
+        TestContext.WriteLine($"{kind} N={n}: {expected.Accepted} of {DraftSideBySide.VerifySteps * DraftSideBySide.Requests} drafts accepted");
+        Assert.IsGreaterThan(0, expected.Accepted, "drafts kept");
+        Assert.IsLessThan(DraftSideBySide.VerifySteps * DraftSideBySide.Requests, expected.Accepted, "drafts rolled back");
+
+        var traffic = run.Communicator.Stats;
+        var passes = actual.Passes;
+        var layers = s_checkpoint.Config.NumHiddenLayers;
+        Assert.AreEqual(kind == PlacementKind.Pipeline ? 2L * (n - 1) * passes : 0, traffic.Copies, "copies: the main passes' hand-overs only");
+        Assert.AreEqual(kind == PlacementKind.TensorExpertParallel ? 2L * layers * passes : 0, traffic.AllReduces, "all-reduces: the main passes' only");
+    }
+
+    /// <summary>
+    /// The same steps with decode graphs over plain CPU devices (a host communicator that records the collectives): the verify
+    /// steps replay the main pass's graph (over every device, or a graph per pipeline stage) and the drafts' graph on the head
+    /// device, and give the eager steps' logits, ids and drafts bit for bit.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.Pipeline, 3)]
+    [DataRow(PlacementKind.TensorExpertParallel, 2)]
+    public void DraftGraphsOverTheDevicesGiveTheEagerDrafts(PlacementKind kind, int n)
+    {
+        var devices = Enumerable.Range(0, n).Select(_ => new CpuBackend(maxDegreeOfParallelism: 2)).ToArray();
+        try
+        {
+            using var comm = new HostCommunicator(devices);
+            using var model = ParallelModel.Load(s_checkpoint, SimulatedDevices.PlanOf(s_checkpoint.Config, kind, n, mtp: true), comm, Options);
+            DraftSideBySide.Trace eager;
+            using (var runner = new PagedStepRunner(model.Layout))
+            {
+                eager = DraftSideBySide.Run(runner, oracle: s_single);
+            }
+
+            using var graphed = new PagedStepRunner(model.Layout) { DecodeGraphs = true };
+            var trace = DraftSideBySide.Run(graphed, follow: eager);
+            Compare(eager, trace, 0, $"{kind} N={n} graphs");
+            Assert.IsGreaterThan(0, graphed.CapturedGraphs, "main graphs");
+            Assert.IsGreaterThan(0, graphed.CapturedDraftGraphs, "draft graphs");
+        }
+        finally
+        {
+            foreach (var d in devices)
+            {
+                d.Dispose();
+            }
+        }
+    }
+
+    private static void Compare(DraftSideBySide.Trace expected, DraftSideBySide.Trace actual, double maxRel, string what) =>
+        DraftSideBySide.Compare(expected, actual, (want, got, step) =>
+        {
+            if (maxRel == 0)
+            {
+                CollectionAssert.AreEqual(want, got, $"{what} {step}: logits differ");
+            }
+            else
+            {
+                Tolerance.AssertMaxRel(got, want, maxRel, $"{what} {step}");
+            }
+        });
+}
