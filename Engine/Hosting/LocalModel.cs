@@ -184,7 +184,8 @@ public sealed class LocalModel : ILanguageModel
 
     /// <summary>
     /// The load over several devices: the CUDA ranks (or the test factory's devices), a placement that fits their free
-    /// memory, the context their memory leaves, then <see cref="ParallelModel.Load"/>. A failure disposes the devices.
+    /// memory (with the MTP layer on the head device when the checkpoint has one, so the chat client drafts as on one
+    /// device), the context their memory leaves, then <see cref="ParallelModel.Load"/>. A failure disposes the devices.
     /// </summary>
     private static LocalModel LoadSpread(Checkpoint checkpoint, BpeTokenizer tokenizer, string tokenizerDirectory, LocalModelOptions options, int count,
         IProgress<double>? progress, ILogger logger, Stopwatch started, CancellationToken cancellationToken)
@@ -194,11 +195,12 @@ public sealed class LocalModel : ILanguageModel
         {
             Log.DevicesOpened(logger, count, group.Description);
             var config = checkpoint.Config;
+            var mtp = config.NumNextNPredictLayers > 0; // placed on the head device, as one device loads it
             var plan = options.Placement switch
             {
-                PlacementKind.Pipeline => PlacementPlan.Pipeline(config, count),
-                PlacementKind.TensorExpertParallel => PlacementPlan.TensorExpertParallel(config, count),
-                _ => PlacementPlan.Choose(config, count, group.FreeBytes.Min()),
+                PlacementKind.Pipeline => PlacementPlan.Pipeline(config, count, mtp),
+                PlacementKind.TensorExpertParallel => PlacementPlan.TensorExpertParallel(config, count, includeMtp: mtp),
+                _ => PlacementPlan.Choose(config, count, group.FreeBytes.Min(), includeMtp: mtp),
             };
             Log.PlacementChosen(logger, ContextSize.PlacementName(plan.Kind), count, options.Placement is null ? "auto" : "requested",
                 string.Join(", ", Enumerable.Range(0, count).Select(d => ContextSize.Gib(plan.BytesOn(d)))));

@@ -1,7 +1,6 @@
 using DeepSeekCuda.Backends.Cuda;
 using DeepSeekCuda.Cli;
 using DeepSeekCuda.Hosting;
-using DeepSeekCuda.Serving;
 
 namespace DeepSeekCuda.Tests.Cli;
 
@@ -71,16 +70,6 @@ public sealed class GpuOptionTests
             StringAssert.Contains(r.Error, "; leave --gpus out to run on the CPU");
             Assert.DoesNotContain("listening on", r.Output, "serve refuses before it binds");
         }
-    }
-
-    [TestMethod]
-    public void MtpOnIsRefusedOnSeveralGpusWhereNoModuleLoads()
-    {
-        StringAssert.StartsWith(ModelArguments.MtpOnSeveralGpus(SpeculativeDecodingMode.On, [0, 1]),
-            "--mtp on: a model spread over 2 GPUs does not load the MTP module yet");
-        Assert.IsNull(ModelArguments.MtpOnSeveralGpus(SpeculativeDecodingMode.On, [3]));
-        Assert.IsNull(ModelArguments.MtpOnSeveralGpus(SpeculativeDecodingMode.On, null));
-        Assert.IsNull(ModelArguments.MtpOnSeveralGpus(SpeculativeDecodingMode.Auto, [0, 1]));
     }
 
     [TestMethod]

@@ -107,6 +107,14 @@ public sealed class LocalModelDevicesTests
 
             Assert.IsInstanceOfType<ParallelModel>(local.Model);
             Assert.AreEqual(kind, local.Placement!.Kind);
+            // The demo has an MTP layer: placed and loaded on the head device, so the chat client drafts as on one device.
+            Assert.IsTrue(local.Placement.IncludesMtp);
+            Assert.IsTrue(((ParallelModel)local.Model).HasMtp);
+            using (var runner = local.CreateStepRunner())
+            {
+                Assert.IsTrue(runner.CanDraft);
+            }
+
             Assert.AreEqual(n, local.Placement.DeviceCount);
             Assert.IsGreaterThan(20, s_single.Length, "the one-device answer: 20 tokens of text");
             Assert.AreEqual(s_single, Answer(local));

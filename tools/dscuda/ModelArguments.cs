@@ -118,11 +118,6 @@ internal sealed class ModelArguments
             ConcurrentSessions = concurrentRequests,
             TokenizerDirectory = tokenizer,
         };
-        if (MtpOnSeveralGpus(mtp, gpus) is { } problem)
-        {
-            throw new UserErrorException(problem);
-        }
-
         if (mtp == SpeculativeDecodingMode.On)
         {
             // Before the weights are read (minutes for a real checkpoint): opening reads config and headers only.
@@ -158,15 +153,6 @@ internal sealed class ModelArguments
 
         return local!;
     }
-
-    /// <summary>
-    /// Why <c>--mtp on</c> cannot run on <paramref name="gpus"/>, or null: a model spread over several GPUs does not load
-    /// the MTP module yet, so it cannot draft (auto then decodes without drafts).
-    /// </summary>
-    internal static string? MtpOnSeveralGpus(SpeculativeDecodingMode mtp, IReadOnlyList<int>? gpus) =>
-        mtp == SpeculativeDecodingMode.On && gpus is { Count: > 1 }
-            ? $"--mtp on: a model spread over {gpus.Count} GPUs does not load the MTP module yet, so it cannot draft; use --mtp auto or off, or one GPU"
-            : null;
 
     /// <summary>The chat client settings these options imply for <paramref name="local"/> (its chat format and name, --mtp).</summary>
     public DeepSeekChatClientOptions ChatClientOptions(ParseResult parse, LocalModel local) => new()
