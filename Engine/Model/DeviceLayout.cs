@@ -25,7 +25,7 @@ internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
     /// <summary>The next stage's first input_layernorm (pipeline stages but the last).</summary>
     public NormWeight? NextStageNorm { get; set; }
 
-    /// <summary>The MTP module, whole, on the head device when it is loaded.</summary>
+    /// <summary>The MTP module, whole, when it is loaded (the layout reads it on the head device only).</summary>
     public MtpWeights? Mtp { get; set; }
 
     /// <summary>Layers by index; null where another device runs the layer.</summary>
@@ -126,11 +126,6 @@ internal sealed class DeviceLayout
         if (head.Mtp is not null && head.Embed is null)
         {
             throw new ArgumentException($"the MTP module needs the embedding on the head device {headDevice}", nameof(devices));
-        }
-
-        if (devices.Where((d, r) => r != headDevice && d.Mtp is not null).Any())
-        {
-            throw new ArgumentException($"the MTP module must be on the head device {headDevice}", nameof(devices));
         }
 
         // The MTP layer is whole: its steps see every head, also where the head device holds a shard of the main layers.

@@ -32,7 +32,7 @@ public sealed record ModelOptions
     /// </summary>
     public int? MaxSequenceLength { get; init; }
 
-    /// <summary>Load the MTP layer when the checkpoint has one (needs its weights' memory).</summary>
+    /// <summary>Load the MTP layer when the checkpoint has one (needs its weights' memory); a model spread over devices loads it where its plan places it, if it does.</summary>
     public bool LoadMtp { get; init; } = true;
 }
 

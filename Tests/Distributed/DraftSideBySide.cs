@@ -47,98 +47,103 @@ internal static class DraftSideBySide
         var draft = new int[Requests];
         var logits = new float[8 * v];
         var alone = prompts.Select(_ => oracle?.CreateSession()).ToArray();
-        while (fed.Select((f, i) => f < prompts[i].Length).Any(x => x))
+        try
         {
-            var batch = new List<StepSequence>();
-            for (var i = 0; i < Requests; i++)
+            while (fed.Select((f, i) => f < prompts[i].Length).Any(x => x))
             {
-                var count = Math.Min(4, prompts[i].Length - fed[i]);
-                if (count > 0)
+                var batch = new List<StepSequence>();
+                for (var i = 0; i < Requests; i++)
                 {
-                    blocks.Reserve(slots[i], fed[i] + count);
-                    batch.Add(new StepSequence(slots[i], fed[i], prompts[i][fed[i]..(fed[i] + count)], 1));
-                    fed[i] += count;
+                    var count = Math.Min(4, prompts[i].Length - fed[i]);
+                    if (count > 0)
+                    {
+                        blocks.Reserve(slots[i], fed[i] + count);
+                        batch.Add(new StepSequence(slots[i], fed[i], prompts[i][fed[i]..(fed[i] + count)], 1));
+                        fed[i] += count;
+                    }
+                }
+
+                runner.Forward([.. batch], logits);
+                trace.Passes++;
+                Record($"prefill step {trace.Logits.Count}", batch.Count);
+                for (var k = 0; k < batch.Count; k++)
+                {
+                    next[Array.IndexOf(slots, batch[k].Slot)] = Decide(Sampler.ArgMax(logits.AsSpan(k * v, v)));
                 }
             }
 
-            runner.Forward([.. batch], logits);
+            DraftApart("draft after the prompts");
+            for (var i = 0; i < Requests; i++)
+            {
+                alone[i]?.Forward(prompts[i], logits);
+            }
+
+            for (var j = 0; j < VerifySteps; j++)
+            {
+                var batch = new StepSequence[Requests];
+                for (var i = 0; i < Requests; i++)
+                {
+                    if (j % 2 == 0)
+                    {
+                        draft[i] = Decide(alone[i] is { } session ? Peek(session, next[i]) : draft[i]);
+                    }
+
+                    blocks.Reserve(slots[i], fed[i] + 2);
+                    batch[i] = new StepSequence(slots[i], fed[i], new[] { next[i], draft[i] }, 2);
+                }
+
+                var rows = 2 * Requests;
+                var (ids, drafts) = (new int[rows], new int[rows]);
+                runner.ForwardChooseAndDraft(batch, [.. Enumerable.Repeat(TokenChoice.Greedy(v), rows)], ids, logits,
+                    [.. batch.Select(_ => true)], TokenChoice.Greedy(v), drafts);
+                trace.Passes++;
+                trace.Ids.Add(ids);
+                trace.Drafts.Add(drafts);
+                for (var i = 0; i < Requests; i++)
+                {
+                    // Row 2i chose the token after next; the draft fed at row 2i + 1 is kept when it is that token.
+                    var kept = 2 * i + Decide(ids[2 * i] == draft[i] ? 1 : 0);
+                    Assert.IsGreaterThanOrEqualTo(0, drafts[kept], $"verify step {j}, request {i}: drafted in the step");
+                    if (kept == 2 * i)
+                    {
+                        runner.Truncate(slots[i], fed[i] + 1);
+                    }
+                    else
+                    {
+                        trace.Accepted++;
+                    }
+
+                    fed[i] += kept - 2 * i + 1;
+                    alone[i]?.Forward(batch[i].Tokens.Span[..(kept - 2 * i + 1)], logits);
+                    (next[i], draft[i]) = (Decide(ids[kept]), Decide(drafts[kept]));
+                }
+            }
+
+            var decode = new StepSequence[Requests];
+            for (var i = 0; i < Requests; i++)
+            {
+                blocks.Reserve(slots[i], fed[i] + 1);
+                decode[i] = new StepSequence(slots[i], fed[i]++, new[] { next[i] }, 1);
+            }
+
+            runner.Forward(decode, logits);
             trace.Passes++;
-            Record($"prefill step {trace.Logits.Count}", batch.Count);
-            for (var k = 0; k < batch.Count; k++)
-            {
-                next[Array.IndexOf(slots, batch[k].Slot)] = Decide(Sampler.ArgMax(logits.AsSpan(k * v, v)));
-            }
-        }
-
-        DraftApart("draft after the prompts");
-        for (var i = 0; i < Requests; i++)
-        {
-            alone[i]?.Forward(prompts[i], logits);
-        }
-
-        for (var j = 0; j < VerifySteps; j++)
-        {
-            var batch = new StepSequence[Requests];
+            Record("decode step", Requests);
             for (var i = 0; i < Requests; i++)
             {
-                if (j % 2 == 0)
-                {
-                    draft[i] = Decide(alone[i] is { } session ? Peek(session, next[i]) : draft[i]);
-                }
-
-                blocks.Reserve(slots[i], fed[i] + 2);
-                batch[i] = new StepSequence(slots[i], fed[i], new[] { next[i], draft[i] }, 2);
+                next[i] = Decide(Sampler.ArgMax(logits.AsSpan(i * v, v)));
             }
 
-            var rows = 2 * Requests;
-            var (ids, drafts) = (new int[rows], new int[rows]);
-            runner.ForwardChooseAndDraft(batch, [.. Enumerable.Repeat(TokenChoice.Greedy(v), rows)], ids, logits,
-                [.. batch.Select(_ => true)], TokenChoice.Greedy(v), drafts);
-            trace.Passes++;
-            trace.Ids.Add(ids);
-            trace.Drafts.Add(drafts);
-            for (var i = 0; i < Requests; i++)
+            DraftApart("draft after the decode step");
+            return trace;
+        }
+        finally
+        {
+            foreach (var session in alone)
             {
-                // Row 2i chose the token after next; the draft fed at row 2i + 1 is kept when it is that token.
-                var kept = 2 * i + Decide(ids[2 * i] == draft[i] ? 1 : 0);
-                Assert.IsGreaterThanOrEqualTo(0, drafts[kept], $"verify step {j}, request {i}: drafted in the step");
-                if (kept == 2 * i)
-                {
-                    runner.Truncate(slots[i], fed[i] + 1);
-                }
-                else
-                {
-                    trace.Accepted++;
-                }
-
-                fed[i] += kept - 2 * i + 1;
-                alone[i]?.Forward(batch[i].Tokens.Span[..(kept - 2 * i + 1)], logits);
-                (next[i], draft[i]) = (Decide(ids[kept]), Decide(drafts[kept]));
+                session?.Dispose();
             }
         }
-
-        var decode = new StepSequence[Requests];
-        for (var i = 0; i < Requests; i++)
-        {
-            blocks.Reserve(slots[i], fed[i] + 1);
-            decode[i] = new StepSequence(slots[i], fed[i]++, new[] { next[i] }, 1);
-        }
-
-        runner.Forward(decode, logits);
-        trace.Passes++;
-        Record("decode step", Requests);
-        for (var i = 0; i < Requests; i++)
-        {
-            next[i] = Decide(Sampler.ArgMax(logits.AsSpan(i * v, v)));
-        }
-
-        DraftApart("draft after the decode step");
-        foreach (var session in alone)
-        {
-            session?.Dispose();
-        }
-
-        return trace;
 
         int Decide(int own)
         {
