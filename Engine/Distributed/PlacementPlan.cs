@@ -208,7 +208,6 @@ public sealed class PlacementPlan
             throw new PlacementException($"a pipeline over {devices} devices needs at least {devices} layers; the model has {layers}");
         }
 
-        includeMtp &= config.NumNextNPredictLayers > 0;
         var b = new Builder(config, includeMtp);
         var weight = new long[layers];
         for (var i = 0; i < layers; i++)
@@ -218,11 +217,11 @@ public sealed class PlacementPlan
 
         var embedding = Builder.StoredBytes(b.Expected[CheckpointLayout.Embedding]);
         // The MTP layer embeds on the last device too: a second copy of the embedding unless that device is the first.
-        var mtpEmbedding = includeMtp && devices > 1;
+        var mtpEmbedding = b.Mtp && devices > 1;
         weight[0] += embedding;
         weight[layers - 1] += Builder.StoredBytes(b.Expected[CheckpointLayout.FinalNorm])
                               + (config.TieWordEmbeddings ? 0 : Builder.StoredBytes(b.Expected[CheckpointLayout.LmHead]))
-                              + (includeMtp ? b.MtpBytes() : 0) + (mtpEmbedding ? embedding : 0);
+                              + (b.Mtp ? b.MtpBytes() : 0) + (mtpEmbedding ? embedding : 0);
         var stages = Partition(weight, devices);
 
         b.Whole(CheckpointLayout.Embedding, 0);
@@ -251,7 +250,7 @@ public sealed class PlacementPlan
             b.Whole(CheckpointLayout.Embedding, devices - 1);
         }
 
-        if (includeMtp)
+        if (b.Mtp)
         {
             foreach (var i in b.MtpLayers())
             {
@@ -307,7 +306,6 @@ public sealed class PlacementPlan
                 config.NSharedExperts > 0 ? Split(config.SharedIntermediateSize, devices, d) : (0, 0));
         }
 
-        includeMtp &= config.NumNextNPredictLayers > 0;
         var b = new Builder(config, includeMtp);
         for (var d = 0; d < devices; d++)
         {
@@ -319,7 +317,7 @@ public sealed class PlacementPlan
             }
         }
 
-        if (includeMtp)
+        if (b.Mtp)
         {
             // Whole on the head device (see the class remarks), which holds a replica of the embedding.
             foreach (var i in b.MtpLayers())
@@ -399,17 +397,19 @@ public sealed class PlacementPlan
     private sealed class Builder
     {
         private readonly ModelConfig _c;
-        private readonly bool _mtp;
         private readonly List<TensorPlacement> _placements = [];
 
         public Builder(ModelConfig config, bool includeMtp)
         {
             _c = config;
-            _mtp = includeMtp;
+            Mtp = includeMtp && config.NumNextNPredictLayers > 0;
             Expected = CheckpointLayout.Expected(config).ToDictionary(t => t.Name);
         }
 
         public Dictionary<string, ExpectedTensor> Expected { get; }
+
+        /// <summary>Whether the MTP layer is placed: asked for, and the model has one.</summary>
+        public bool Mtp { get; }
 
         public static long StoredBytes(ExpectedTensor t) => t.Shape.Aggregate(1L, (a, s) => a * s) * DTypes.SizeOf(t.DType);
 
@@ -516,11 +516,11 @@ public sealed class PlacementPlan
             {
                 var t = Expected[name];
                 skipped[name] = t.Layer >= _c.NumHiddenLayers
-                    ? _mtp ? "MTP copy of the main embedding/head (the main one serves)" : "MTP layer not placed"
+                    ? Mtp ? "MTP copy of the main embedding/head (the main one serves)" : "MTP layer not placed"
                     : throw new InvalidOperationException($"placement plan left '{name}' on no device");
             }
 
-            return new PlacementPlan(_c, kind, devices, _mtp, stages, shards, _placements, skipped);
+            return new PlacementPlan(_c, kind, devices, Mtp, stages, shards, _placements, skipped);
         }
     }
 }

@@ -49,20 +49,8 @@ internal static class DraftSideBySide
         var alone = prompts.Select(_ => oracle?.CreateSession()).ToArray();
         try
         {
-            while (fed.Select((f, i) => f < prompts[i].Length).Any(x => x))
+            while (SideBySide.NextChunks(blocks, prompts, slots, fed, _ => 1) is { Count: > 0 } batch)
             {
-                var batch = new List<StepSequence>();
-                for (var i = 0; i < Requests; i++)
-                {
-                    var count = Math.Min(4, prompts[i].Length - fed[i]);
-                    if (count > 0)
-                    {
-                        blocks.Reserve(slots[i], fed[i] + count);
-                        batch.Add(new StepSequence(slots[i], fed[i], prompts[i][fed[i]..(fed[i] + count)], 1));
-                        fed[i] += count;
-                    }
-                }
-
                 runner.Forward([.. batch], logits);
                 trace.Passes++;
                 Record($"prefill step {trace.Logits.Count}", batch.Count);

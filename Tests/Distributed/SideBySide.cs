@@ -29,20 +29,8 @@ internal static class SideBySide
         var fed = new int[prompts.Length];
         var logits = new float[8 * v];
         var last = new int[prompts.Length];
-        while (fed.Select((f, i) => f < prompts[i].Length).Any(x => x))
+        while (NextChunks(blocks, prompts, slots, fed, count => Math.Min(2, count)) is { Count: > 0 } batch)
         {
-            var batch = new List<StepSequence>();
-            for (var i = 0; i < prompts.Length; i++)
-            {
-                var count = Math.Min(4, prompts[i].Length - fed[i]);
-                if (count > 0)
-                {
-                    blocks.Reserve(slots[i], fed[i] + count);
-                    batch.Add(new StepSequence(slots[i], fed[i], prompts[i][fed[i]..(fed[i] + count)], Math.Min(2, count)));
-                    fed[i] += count;
-                }
-            }
-
             Step(batch, $"prefill step {trace.Steps.Count}");
         }
 
@@ -96,6 +84,28 @@ internal static class SideBySide
         }
 
         return (blocks, prompts, slots);
+    }
+
+    /// <summary>
+    /// A script's next prefill step: up to 4 more tokens of each prompt not yet fed (<paramref name="fed"/> advanced, their
+    /// blocks reserved), each entry asking for the logits of its last <paramref name="logitRows"/>(tokens) rows; empty once
+    /// every prompt is fed.
+    /// </summary>
+    public static List<StepSequence> NextChunks(KvBlockManager blocks, int[][] prompts, int[] slots, int[] fed, Func<int, int> logitRows)
+    {
+        var batch = new List<StepSequence>();
+        for (var i = 0; i < prompts.Length; i++)
+        {
+            var count = Math.Min(4, prompts[i].Length - fed[i]);
+            if (count > 0)
+            {
+                blocks.Reserve(slots[i], fed[i] + count);
+                batch.Add(new StepSequence(slots[i], fed[i], prompts[i][fed[i]..(fed[i] + count)], logitRows(count)));
+                fed[i] += count;
+            }
+        }
+
+        return batch;
     }
 
     /// <summary>
