@@ -22,7 +22,7 @@ namespace DeepSeekCuda.Distributed;
 /// copies between non-peer GPUs and all-reduces the kernels do not cover (staged through pinned host memory by the
 /// mesh), growing the all-reduce input buffer (the old one is freed after its rank's queue drains), and
 /// <see cref="Barrier"/>, which also surfaces an all-reduce that timed out at a device-side barrier.
-/// A source tensor may be disposed right after <see cref="Copy"/> returns (as <see cref="ParallelSession"/> does): its
+/// A source tensor may be disposed right after <see cref="Copy"/> returns (as <c>ModelPass</c> does at a pipeline boundary): its
 /// memory, if reused, is next written on the source's or the destination's stream, both ordered after the copy.
 /// </para>
 /// <para>

@@ -12,7 +12,7 @@ namespace DeepSeekCuda.Distributed;
 /// copy of the hidden state between pipeline stages or an all-reduce after o_proj and after the FFN under
 /// tensor/expert parallelism. A chat client or scheduler serves it batched and paged through <see cref="Serving.PagedStepRunner"/>
 /// (<see cref="Serving.StepRunners.For"/>), drafting with the MTP module when the plan places it (whole, on the head device);
-/// its sessions run one sequence and do not draft.
+/// its sessions (<see cref="DeepSeekSession"/>, as a single device's) run one sequence each, and the MTP module on the head device.
 /// </summary>
 public sealed class ParallelModel : ILanguageModel, IPagedModel
 {
@@ -240,8 +240,8 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
         return rank;
     }
 
-    /// <summary>Starts an empty session (latent caches on the devices that run each layer).</summary>
-    public ParallelSession CreateSession() => new(this);
+    /// <summary>Starts an empty session (latent caches on the devices that run each layer, and the MTP layer's on the head device).</summary>
+    public DeepSeekSession CreateSession() => new(Layout);
 
     IModelSession ILanguageModel.CreateSession() => CreateSession();
 

@@ -11,16 +11,15 @@ namespace DeepSeekCuda.Model;
 /// </summary>
 public sealed class DeepSeekModel : ILanguageModel, IPagedModel
 {
-    private DeviceLayout? _layout;
+    private readonly DeviceWeights _weights;
 
-    private DeepSeekModel(IBackend backend, ModelConfig config, ModelOptions options, int maxSequenceLength)
+    private DeepSeekModel(DeviceWeights weights, ModelConfig config, ModelOptions options, int maxSequenceLength)
     {
-        Backend = backend;
+        _weights = weights;
         Config = config;
         Options = options;
         MaxSequenceLength = maxSequenceLength;
-        Dims = new MlaDims(config.NumAttentionHeads, config.QkNopeHeadDim, config.QkRopeHeadDim, config.VHeadDim, config.KvLoraRank);
-        Scale = (float)config.SoftmaxScale;
+        Layout = new DeviceLayout(config, maxSequenceLength, [weights], headDevice: 0, collectives: null);
     }
 
     /// <summary>The model's config.</summary>
@@ -30,7 +29,7 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     public ModelOptions Options { get; }
 
     /// <summary>The backend that holds the weights and runs the operations (owned by the caller).</summary>
-    public IBackend Backend { get; }
+    public IBackend Backend => _weights.Backend;
 
     /// <inheritdoc />
     public int VocabSize => Config.VocabSize;
@@ -38,36 +37,13 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     /// <inheritdoc />
     public int MaxSequenceLength { get; }
 
-    /// <summary>Whether the MTP module was loaded (<c>DeepSeekSession.MtpForward</c> works).</summary>
-    public bool HasMtp => Mtp is not null;
+    /// <summary>Whether the MTP module was loaded (<see cref="DeepSeekSession.MtpForward(ReadOnlySpan{float}, ReadOnlySpan{int}, int, Action{Intermediate}?)"/> works).</summary>
+    public bool HasMtp => _weights.Mtp is not null;
 
-    internal MlaDims Dims { get; }
-    internal float Scale { get; }
-    internal EmbeddingWeight Embed { get; private init; } = null!;
-    internal NormWeight FinalNorm { get; private init; } = null!;
-    internal LinearWeight Head { get; private init; } = null!;
-    internal RopeTable Rope { get; private init; } = null!;
-    internal DecoderLayer[] Layers { get; private init; } = [];
-    internal MtpWeights? Mtp { get; private init; }
+    /// <summary>The model's weights as a layout of one device.</summary>
+    internal DeviceLayout Layout { get; }
 
-    /// <inheritdoc />
-    /// <remarks>A view of this model's weights as a layout of one device (disposing the model disposes them; the layout owns nothing).</remarks>
-    DeviceLayout IPagedModel.Layout => _layout ??= OneDevice();
-
-    private DeviceLayout OneDevice()
-    {
-        var device = new DeviceWeights(Backend, Layers.Length)
-        {
-            Rope = Rope,
-            Context = new LayerContext(Backend, Config, Rope, Dims, Scale, Options.Attention),
-            Embed = Embed,
-            FinalNorm = FinalNorm,
-            Head = Head,
-            Mtp = Mtp,
-        };
-        Layers.CopyTo(device.Layers, 0);
-        return new DeviceLayout(Config, MaxSequenceLength, [device], headDevice: 0, collectives: null);
-    }
+    DeviceLayout IPagedModel.Layout => Layout;
 
     /// <summary>
     /// Uploads every weight of <paramref name="checkpoint"/> to <paramref name="backend"/> (each read once)
@@ -129,15 +105,18 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
             var rope = Track(loaded, backend.UploadRope(cos, sin, maxLength, config.QkRopeHeadDim / 2));
             cancellationToken.ThrowIfCancellationRequested();
             progress?.Report(1.0);
-            return new DeepSeekModel(backend, config, options, maxLength)
+            var dims = new MlaDims(config.NumAttentionHeads, config.QkNopeHeadDim, config.QkRopeHeadDim, config.VHeadDim, config.KvLoraRank);
+            var weights = new DeviceWeights(backend, layers.Length)
             {
-                Embed = embed,
-                Head = head,
-                FinalNorm = finalNorm,
                 Rope = rope,
-                Layers = layers,
+                Context = new LayerContext(backend, config, rope, dims, (float)config.SoftmaxScale, options.Attention),
+                Embed = embed,
+                FinalNorm = finalNorm,
+                Head = head,
                 Mtp = mtp,
             };
+            layers.CopyTo(weights.Layers, 0);
+            return new DeepSeekModel(weights, config, options, maxLength);
         }
         catch
         {
@@ -175,7 +154,7 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     }
 
     /// <summary>Starts an empty session with its own latent caches (main layers and MTP).</summary>
-    public DeepSeekSession CreateSession() => new(this);
+    public DeepSeekSession CreateSession() => new(Layout);
 
     IModelSession ILanguageModel.CreateSession() => CreateSession();
 
@@ -190,19 +169,7 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     }
 
     /// <summary>Releases the weights held by the backend (the backend itself belongs to the caller).</summary>
-    public void Dispose()
-    {
-        Embed.Dispose();
-        Head.Dispose();
-        FinalNorm.Dispose();
-        Rope.Dispose();
-        foreach (var layer in Layers)
-        {
-            layer.Dispose();
-        }
-
-        Mtp?.Dispose();
-    }
+    public void Dispose() => _weights.Dispose();
 }
 
 /// <summary>The MTP module's weights (MODEL.md §6): norms, eh_proj, a full decoder layer, the head norm.</summary>

@@ -4,38 +4,53 @@ using DeepSeekCuda.Inference;
 namespace DeepSeekCuda.Model;
 
 /// <summary>
-/// One sequence of a <see cref="DeepSeekModel"/>: a latent cache per layer (and one for the MTP layer),
-/// its length, and the last token's hidden state after the final norm (the MTP module's input).
-/// Multi-token calls may start at any position (chunked prefill); a query at position p sees keys ≤ p.
+/// One sequence of a DeepSeek model, on one device (<see cref="DeepSeekModel"/>) or spread over several
+/// (<c>ParallelModel</c>; one device is a layout of one): a latent cache per layer on each device that runs it, one for the MTP
+/// layer on the head device when the model has one, its length, and the last token's hidden state after the final norm
+/// (the MTP module's input). Every pass is <see cref="ModelPass"/>'s. Multi-token calls may start at any position (chunked
+/// prefill); a query at position p sees keys ≤ p. Over several devices each call ends with the collectives' barrier after the
+/// host has read its result (the host waits for it anyway), so a collective that failed on a device surfaces in that call.
 /// Not thread-safe; sessions are independent of each other.
 /// </summary>
 public sealed class DeepSeekSession : IModelSession
 {
-    private readonly DeepSeekModel _model;
-    private readonly IBackend _b;
-    private readonly LatentCache[] _caches;
-    private readonly LatentCache? _mtpCache;
-    private readonly Tensor _lastHidden;
     private readonly DeviceLayout _layout;
-    private readonly LayerContext _context;
-    private readonly FreshActivations _activations;
+    private readonly DeviceWeights _head;            // lm_head and the MTP module
+    private readonly IBackend _b;                    // the head device's backend
+    private readonly LatentCache?[][] _caches = [];  // [device][layer]; null where the device does not run the layer
+    private readonly LatentCache? _mtpCache;         // on the head device
+    private readonly Tensor _lastHidden = null!;     // [1, D] on the head device
+    private readonly FreshActivations[] _activations; // [device]
 
-    internal DeepSeekSession(DeepSeekModel model)
+    internal DeepSeekSession(DeviceLayout layout)
     {
-        _model = model;
-        _b = model.Backend;
-        var c = model.Config;
-        _caches = new LatentCache[model.Layers.Length];
-        for (var i = 0; i < _caches.Length; i++)
+        _layout = layout;
+        _head = layout.Devices[layout.HeadDevice];
+        _b = _head.Backend;
+        _activations = [.. layout.Devices.Select(w => new FreshActivations(w.Backend))];
+        var c = layout.Config;
+        try
         {
-            _caches[i] = _b.AllocateLatentCache(model.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim);
+            _caches = [.. layout.Devices.Select(_ => new LatentCache?[c.NumHiddenLayers])];
+            for (var i = 0; i < c.NumHiddenLayers; i++)
+            {
+                foreach (var r in layout.Runners[i])
+                {
+                    // Every device running a layer keeps that layer's whole latent cache (see PlacementPlan).
+                    _caches[r][i] = Allocate(layout.Devices[r].Backend);
+                }
+            }
+
+            _mtpCache = layout.Mtp is null ? null : Allocate(_b);
+            _lastHidden = _b.Allocate(1, c.HiddenSize);
+        }
+        catch
+        {
+            Dispose();
+            throw;
         }
 
-        _mtpCache = model.HasMtp ? _b.AllocateLatentCache(model.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim) : null;
-        _lastHidden = _b.Allocate(1, c.HiddenSize);
-        _layout = ((IPagedModel)model).Layout;
-        _context = _layout.Devices[0].Context;
-        _activations = new FreshActivations(_b);
+        LatentCache Allocate(IBackend b) => b.AllocateLatentCache(layout.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim);
     }
 
     /// <inheritdoc />
@@ -44,20 +59,19 @@ public sealed class DeepSeekSession : IModelSession
     /// <summary>Positions held by the MTP layer's cache (fed in order through <c>MtpForward</c>).</summary>
     public int MtpLength { get; private set; }
 
+    private int VocabSize => _layout.Config.VocabSize;
+
     /// <inheritdoc />
     public void Forward(ReadOnlySpan<int> tokens, Span<float> lastLogits)
     {
-        if (lastLogits.Length < _model.VocabSize)
+        if (lastLogits.Length < VocabSize)
         {
-            throw new ArgumentException($"lastLogits holds {lastLogits.Length} values; the vocabulary has {_model.VocabSize}", nameof(lastLogits));
+            throw new ArgumentException($"lastLogits holds {lastLogits.Length} values; the vocabulary has {VocabSize}", nameof(lastLogits));
         }
 
         using var normed = RunLayers(tokens, null);
-        using var last = _b.Allocate(1, _model.Config.HiddenSize);
-        _b.CopyRows(normed, normed.Rows - 1, last, 0, 1);
-        using var logits = _b.Allocate(1, _model.VocabSize, TensorKind.Logits);
-        _b.Logits(last, _model.Head, logits);
-        _b.Download(logits, lastLogits[.._model.VocabSize]);
+        using var last = _b.View(normed, normed.Rows - 1, 1);
+        Download(Logits(last), lastLogits[..VocabSize]);
     }
 
     /// <summary>
@@ -68,11 +82,7 @@ public sealed class DeepSeekSession : IModelSession
     public float[] ForwardAll(ReadOnlySpan<int> tokens, Action<Intermediate>? observer = null)
     {
         using var normed = RunLayers(tokens, observer);
-        using var logits = _b.Allocate(normed.Rows, _model.VocabSize, TensorKind.Logits);
-        _b.Logits(normed, _model.Head, logits);
-        var result = new float[logits.Length];
-        _b.Download(logits, result);
-        return result;
+        return Download(Logits(normed));
     }
 
     /// <summary>
@@ -85,7 +95,7 @@ public sealed class DeepSeekSession : IModelSession
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(logitRows, 1);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(logitRows, tokens.Length);
-        var d = _model.Config.HiddenSize;
+        var d = _layout.Config.HiddenSize;
         if (!hiddens.IsEmpty && hiddens.Length != tokens.Length * d)
         {
             throw new ArgumentException($"hiddens holds {hiddens.Length} values; {tokens.Length} tokens need {tokens.Length * d}", nameof(hiddens));
@@ -97,13 +107,8 @@ public sealed class DeepSeekSession : IModelSession
             _b.Download(normed, hiddens);
         }
 
-        using var tail = _b.Allocate(logitRows, d);
-        _b.CopyRows(normed, normed.Rows - logitRows, tail, 0, logitRows);
-        using var logits = _b.Allocate(logitRows, _model.VocabSize, TensorKind.Logits);
-        _b.Logits(tail, _model.Head, logits);
-        var result = new float[logits.Length];
-        _b.Download(logits, result);
-        return result;
+        using var tail = _b.View(normed, normed.Rows - logitRows, logitRows);
+        return Download(Logits(tail));
     }
 
     /// <summary>The last processed token's hidden state after the final norm, [hidden_size] (the MTP module's h_i).</summary>
@@ -114,7 +119,7 @@ public sealed class DeepSeekSession : IModelSession
             throw new InvalidOperationException("the session is empty");
         }
 
-        var h = new float[_model.Config.HiddenSize];
+        var h = new float[_layout.Config.HiddenSize];
         _b.Download(_lastHidden, h);
         return h;
     }
@@ -146,56 +151,81 @@ public sealed class DeepSeekSession : IModelSession
     /// position with its own latent cache, so positions must be fed in order (start ≤ <see cref="MtpLength"/>;
     /// a smaller start overwrites, as after a rollback). vLLM's zeroing of the embedding at position 0 is
     /// not applied: it is a serving convention, not part of the module (MODEL.md §6, UNCONFIRMED items).
+    /// A model spread over several devices runs the module whole on its head device.
     /// </summary>
     public float[] MtpForward(ReadOnlySpan<float> hiddens, ReadOnlySpan<int> nextTokens, int startPosition, Action<Intermediate>? observer = null)
     {
-        var mtp = _model.Mtp ?? throw new InvalidOperationException("the model was loaded without an MTP layer");
-        var c = _model.Config;
+        var mtp = _layout.Mtp ?? throw new InvalidOperationException("the model was loaded without an MTP layer");
+        var c = _layout.Config;
         var n = nextTokens.Length;
         if (n == 0 || hiddens.Length != n * c.HiddenSize)
         {
             throw new ArgumentException($"need one hidden of {c.HiddenSize} values per next token ({n} tokens, {hiddens.Length} values)");
         }
 
-        if (startPosition < 0 || startPosition > MtpLength || startPosition + n > _model.MaxSequenceLength)
+        if (startPosition < 0 || startPosition > MtpLength || startPosition + n > _layout.MaxSequenceLength)
         {
             throw new ArgumentOutOfRangeException(nameof(startPosition), startPosition,
-                $"MTP positions must continue its cache (length {MtpLength}) within {_model.MaxSequenceLength}");
+                $"MTP positions must continue its cache (length {MtpLength}) within {_layout.MaxSequenceLength}");
         }
 
-        LayerSteps.CheckIds(nextTokens, _model.VocabSize);
+        LayerSteps.CheckIds(nextTokens, VocabSize);
         using var h = _b.Upload(hiddens, n, c.HiddenSize);
         using var normed = _b.Allocate(n, c.HiddenSize);
-        LayerSteps.Mtp(_context, mtp, _model.Embed, h, nextTokens, new LayerRows(new[] { new Segment(_mtpCache!, startPosition, 0, n) }), _activations, normed, observer);
+        var rows = new LayerRows(new[] { new Segment(_mtpCache!, startPosition, 0, n) });
+        LayerSteps.Mtp(_layout.MtpContext!, mtp, _head.Embed!, h, nextTokens, rows, _activations[_layout.HeadDevice], normed, observer);
         MtpLength = startPosition + n;
-        using var logits = _b.Allocate(n, _model.VocabSize, TensorKind.Logits);
-        _b.Logits(normed, _model.Head, logits);
-        var result = new float[logits.Length];
-        _b.Download(logits, result);
-        return result;
+        return Download(Logits(normed));
     }
 
-    /// <summary>Embedding, every layer and the final norm (<see cref="ModelPass"/>); returns the normed hidden [T, D] and advances <see cref="Length"/>.</summary>
+    /// <summary>Embedding, every layer and the final norm (<see cref="ModelPass"/>); returns the head device's normed hidden [T, D] and advances <see cref="Length"/>.</summary>
     private Tensor RunLayers(ReadOnlySpan<int> tokens, Action<Intermediate>? observer)
     {
         var count = tokens.Length;
-        LayerSteps.CheckStep(tokens, Length, _model.MaxSequenceLength, _model.VocabSize);
+        LayerSteps.CheckStep(tokens, Length, _layout.MaxSequenceLength, VocabSize);
         var start = Length;
-        var normed = ModelPass.Run(_layout, tokens, [_activations], (_, i) => new LayerRows(new[] { new Segment(_caches[i], start, 0, count) }), observer);
+        var normed = ModelPass.Run(_layout, tokens, _activations, (r, i) => new LayerRows(new[] { new Segment(_caches[r][i]!, start, 0, count) }), observer);
         _b.CopyRows(normed, count - 1, _lastHidden, 0, 1);
         Length = start + count;
         return normed;
     }
 
-    /// <summary>Releases the session's caches.</summary>
+    /// <summary>lm_head over <paramref name="normed"/> (on the head device): [rows, vocab], disposed by the caller (<see cref="Download(Tensor)"/>).</summary>
+    private Tensor Logits(Tensor normed)
+    {
+        var logits = _b.Allocate(normed.Rows, VocabSize, TensorKind.Logits);
+        _b.Logits(normed, _head.Head!, logits);
+        return logits;
+    }
+
+    /// <summary>Downloads and disposes <paramref name="logits"/>.</summary>
+    private float[] Download(Tensor logits)
+    {
+        var result = new float[logits.Length];
+        Download(logits, result);
+        return result;
+    }
+
+    /// <summary>Downloads and disposes <paramref name="logits"/>, then the collectives' barrier (a failed collective surfaces here).</summary>
+    private void Download(Tensor logits, Span<float> into)
+    {
+        using (logits)
+        {
+            _b.Download(logits, into);
+        }
+
+        _layout.Collectives?.Barrier();
+    }
+
+    /// <summary>Releases the session's caches on every device.</summary>
     public void Dispose()
     {
-        foreach (var cache in _caches)
+        foreach (var cache in _caches.SelectMany(c => c))
         {
-            cache.Dispose();
+            cache?.Dispose();
         }
 
         _mtpCache?.Dispose();
-        _lastHidden.Dispose();
+        _lastHidden?.Dispose();
     }
 }

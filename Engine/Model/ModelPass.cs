@@ -10,7 +10,7 @@ internal delegate LayerRows LayerRowsOf(int device, int layer);
 /// embedding and first input norm on the devices that run the first layer, each layer on the devices that run it
 /// (<see cref="LayerSteps.Layer(ReadOnlySpan{LayerPart}, Action{IReadOnlyList{Tensor}}?, Action{Intermediate}?, string)"/>,
 /// all-reduced where sharded), the stream and its normed copy handed from one pipeline stage to the next, and the final
-/// norm. The one skeleton of <see cref="DeepSeekSession"/>, <c>ParallelSession</c> and <c>PagedStepRunner</c>, which differ
+/// norm. The one skeleton of <see cref="DeepSeekSession"/> (one device or several) and <c>PagedStepRunner</c>, which differ
 /// only in where intermediates come from (fresh tensors, or a step's arena) and which caches the rows attend over.
 /// </summary>
 internal static class ModelPass

@@ -101,7 +101,7 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>Creates a runner over <paramref name="model"/> (not owned: the caller disposes it). Nothing is allocated before <see cref="Attach"/>.</summary>
     public PagedStepRunner(DeepSeekModel model)
-        : this(((IPagedModel)(model ?? throw new ArgumentNullException(nameof(model)))).Layout)
+        : this((model ?? throw new ArgumentNullException(nameof(model))).Layout)
     {
     }
 

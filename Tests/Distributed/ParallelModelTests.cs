@@ -192,7 +192,7 @@ public sealed class ParallelModelTests
         var (checkpoint, single) = s_models["wide8"];
         using var run = SimulatedDevices.Load(checkpoint, PlacementKind.TensorExpertParallel, 2, Options);
         var sharded = run.Model.Layout;
-        var whole = ((IPagedModel)single).Layout.Devices[0];
+        var whole = single.Layout.Devices[0];
         var layers = checkpoint.Config.NumHiddenLayers;
         var devices = new DeviceWeights[3];
         for (var d = 0; d < 3; d++)
@@ -264,6 +264,122 @@ public sealed class ParallelModelTests
             }
 
             tensors[d].Dispose();
+        }
+    }
+
+    /// <summary>
+    /// A spread model's session runs the MTP module whole on its head device: fed the same hiddens and next tokens, its drafts
+    /// are the single device's bit for bit (also under tensor/expert parallelism, whose main pass only comes within a
+    /// tolerance), in two calls and again after a rollback, and they make no traffic between the devices.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.Pipeline, 3)]
+    [DataRow(PlacementKind.TensorExpertParallel, 2)]
+    [DataRow(PlacementKind.TensorExpertParallel, 4)]
+    public void ASpreadSessionDraftsOnItsHeadDeviceAsOneDeviceDoes(PlacementKind kind, int n)
+    {
+        var (checkpoint, _) = s_models["tiny-a"];
+        var options = Options with { LoadMtp = true };
+        using var single = DeepSeekModel.Load(checkpoint, new CpuBackend(), options);
+        using var run = SimulatedDevices.Load(checkpoint, kind, n, options, mtp: true);
+        Assert.IsTrue(run.Model.HasMtp);
+        using var a = single.CreateSession();
+        using var b = run.Model.CreateSession();
+        var (t, d) = (s_prompt.Length, checkpoint.Config.HiddenSize);
+        var (ha, hb) = (new float[t * d], new float[t * d]);
+        var la = a.Forward(s_prompt, 2, ha);
+        var lb = b.Forward(s_prompt, 2, hb);
+        AssertLikeOneDevice(kind, lb, la, "verify logits");
+        AssertLikeOneDevice(kind, hb, ha, "final hiddens");
+        CollectionAssert.AreEqual(hb[^d..], b.GetLastHidden(), "the last hidden");
+        var traffic = run.Communicator.Stats;
+
+        int[] next = s_prompt[1..];
+        float[] Drafts(DeepSeekSession s, int from, int to) => s.MtpForward(ha.AsSpan(from * d, (to - from) * d), next.AsSpan(from, to - from), from);
+        CollectionAssert.AreEqual(Drafts(a, 0, 5), Drafts(b, 0, 5), $"{kind} N={n}: drafts of positions 0..4");
+        CollectionAssert.AreEqual(Drafts(a, 5, t - 1), Drafts(b, 5, t - 1), $"{kind} N={n}: drafts of positions 5..");
+        Assert.AreEqual(t - 1, b.MtpLength);
+        a.Truncate(3);
+        b.Truncate(3);
+        Assert.AreEqual(3, b.MtpLength);
+        CollectionAssert.AreEqual(Drafts(a, 3, t - 1), Drafts(b, 3, t - 1), $"{kind} N={n}: drafts after the rollback");
+        Assert.AreEqual(traffic, run.Communicator.Stats, "the MTP module ran on the head device alone");
+    }
+
+    /// <summary>
+    /// A session that cannot allocate part way (on any device, at any of its allocations) throws and releases what it had
+    /// allocated on every device, and the next session runs as before. A session allocates a latent cache for each layer on
+    /// each device that runs it, and on the head device the MTP layer's cache and the last hidden.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.Pipeline, 0)] // DeepSeekModel on one device
+    [DataRow(PlacementKind.Pipeline, 3)]
+    [DataRow(PlacementKind.TensorExpertParallel, 2)]
+    public void ASessionThatCannotAllocateReleasesWhatItHad(PlacementKind kind, int n)
+    {
+        var (checkpoint, _) = s_models["tiny-a"];
+        var options = Options with { LoadMtp = true };
+        using var one = n == 0 ? new RecordingBackend(new CpuBackend()) : null;
+        using var single = one is null ? null : DeepSeekModel.Load(checkpoint, one, options);
+        using var run = n == 0 ? null : SimulatedDevices.Load(checkpoint, kind, n, options, mtp: true);
+        var devices = run?.Devices ?? [one!];
+        Func<DeepSeekSession> create = single is null ? run!.Model.CreateSession : single.CreateSession;
+        var layout = single?.Layout ?? run!.Model.Layout;
+        float[] Logits()
+        {
+            using var s = create();
+            return s.ForwardAll(s_prompt);
+        }
+
+        var expected = Logits();
+        var before = devices.Select(x => x.Allocations).ToArray();
+        create().Dispose();
+        var made = devices.Select((x, r) => x.Allocations - before[r]).ToArray();
+        for (var r = 0; r < devices.Length; r++)
+        {
+            var layers = layout.Runners.Count(runners => runners.Contains(r));
+            Assert.AreEqual(layers + (r == layout.HeadDevice ? 2 : 0), made[r], $"device {r}: allocations of a session");
+            for (var k = 1; k <= made[r]; k++)
+            {
+                var allocated = new List<BackendResource>();
+                foreach (var x in devices)
+                {
+                    x.Allocated = allocated;
+                }
+
+                devices[r].FailAtAllocation = devices[r].Allocations + k;
+                try
+                {
+                    var e = Assert.ThrowsExactly<InvalidOperationException>(() => create());
+                    StringAssert.Contains(e.Message, "simulated out of memory");
+                }
+                finally
+                {
+                    foreach (var x in devices)
+                    {
+                        x.Allocated = null;
+                        x.FailAtAllocation = 0;
+                    }
+                }
+
+                Assert.IsGreaterThanOrEqualTo(k - 1, allocated.Count, $"device {r}, allocation {k}: what came before was seen");
+                var kept = allocated.Where(x => !x.IsDisposed).ToList();
+                Assert.IsEmpty(kept, $"device {r}, allocation {k} failed: {kept.Count} of {allocated.Count} allocations kept");
+            }
+        }
+
+        CollectionAssert.AreEqual(expected, Logits(), "a session after the failures");
+    }
+
+    private static void AssertLikeOneDevice(PlacementKind kind, float[] actual, float[] expected, string what)
+    {
+        if (kind == PlacementKind.Pipeline)
+        {
+            CollectionAssert.AreEqual(expected, actual, what);
+        }
+        else
+        {
+            Tolerance.AssertMaxRel(actual, expected, TensorParallelMaxRel, what);
         }
     }
 

@@ -15,7 +15,7 @@ namespace DeepSeekCuda.Tests.Distributed;
 /// same <see cref="PagedStepRunner"/> as one device, run here on N simulated devices (one float32 <see cref="CpuBackend"/>
 /// each). Its step logits are held to the single-device runner's on the same steps (a pipeline bit for bit; tensor/expert
 /// parallelism within max_rel 1e-5, as <see cref="ParallelModelTests"/> explains), each step makes exactly one pass's
-/// traffic, scheduled requests equal each request alone on a <see cref="ParallelSession"/>, and no step allocates on any device.
+/// traffic, scheduled requests equal each request alone on a session of the spread model, and no step allocates on any device.
 /// </summary>
 [TestClass]
 public sealed class ParallelPagedStepsTests

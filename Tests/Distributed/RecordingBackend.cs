@@ -75,10 +75,22 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
         return Named(weight);
     }
 
+    /// <summary>The allocation (counted as <see cref="Allocations"/> counts) that fails as an out-of-memory would, nothing allocated; 0: none.</summary>
+    public int FailAtAllocation { get; set; }
+
+    /// <summary>When set, receives every allocation from then on (tests check that a failure part way released them all).</summary>
+    public List<BackendResource>? Allocated { get; set; }
+
     private T Counted<T>(T resource)
         where T : BackendResource
     {
-        _allocations++;
+        if (++_allocations == FailAtAllocation)
+        {
+            resource.Dispose();
+            throw new InvalidOperationException($"{Name}: simulated out of memory at allocation {_allocations}");
+        }
+
+        Allocated?.Add(resource);
         return resource is Tensor ? resource : Named(resource);
     }
 
