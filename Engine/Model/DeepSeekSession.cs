@@ -8,8 +8,8 @@ namespace DeepSeekCuda.Model;
 /// (<c>ParallelModel</c>; one device is a layout of one): a latent cache per layer on each device that runs it, one for the MTP
 /// layer on the head device when the model has one, its length, and the last token's hidden state after the final norm
 /// (the MTP module's input). Every pass is <see cref="ModelPass"/>'s. Multi-token calls may start at any position (chunked
-/// prefill); a query at position p sees keys ≤ p. Over several devices each call ends with the collectives' barrier after the
-/// host has read its result (the host waits for it anyway), so a collective that failed on a device surfaces in that call.
+/// prefill); a query at position p sees keys ≤ p. Over several devices each call that returns logits ends with the collectives'
+/// barrier after the host has read them (the host waits for them anyway), so a collective that failed on a device surfaces in that call.
 /// Not thread-safe; sessions are independent of each other.
 /// </summary>
 public sealed class DeepSeekSession : IModelSession

@@ -6,7 +6,8 @@ namespace DeepSeekCuda.Tests.Distributed;
 /// <summary>
 /// A simulated device: forwards every call to an inner backend and records which checkpoint tensors (and
 /// which slices of them) the device received, so tests can hold loading to the placement plan; counts
-/// the calls that allocate backend memory (a step runner's steps must make none after warm-up); and logs every operation
+/// the calls that allocate backend memory (a step runner's steps must make none after warm-up) and can fail one as an
+/// out-of-memory would (<see cref="FailAtAllocation"/>); and logs every operation
 /// with the host values it was given (<see cref="Operations"/>: what a CUDA graph of the call would bake in).
 /// </summary>
 internal sealed class RecordingBackend(IBackend inner) : IBackend
