@@ -1,10 +1,14 @@
 using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Distributed;
 
-/// <summary>The synthetic configurations the multi-device tests split: heads and experts divisible by N = 1, 2, 4, 8.</summary>
+/// <summary>
+/// The synthetic configurations the multi-device tests split (heads and experts divisible by N = 1, 2, 4, 8), and what
+/// those tests hold a spread model to: its values against one device's, and its traffic.
+/// </summary>
 internal static class DistributedModels
 {
     /// <summary>8 heads, 16 experts in 4 groups, 8 layers (one dense): every N of 1, 2, 4, 8 divides.</summary>
@@ -40,6 +44,29 @@ internal static class DistributedModels
         QkNopeHeadDim = 64,
         VHeadDim = 64,
     }).Validate();
+
+    /// <summary>
+    /// How far a spread model's float32 values may move from one device's under tensor/expert parallelism: it regroups the
+    /// sums of o_proj, the dense/shared MLP's down projection and the expert combine into per-device partials added in
+    /// device order, a few ulps per layer (measured about 1e-7 … 1e-6).
+    /// </summary>
+    public const double TensorParallelMaxRel = 1e-5;
+
+    /// <summary>
+    /// A spread model's values against one device's: equal where <paramref name="exact"/> (a pipeline performs the same
+    /// operations in the same order, and copies between devices are exact), else within <see cref="TensorParallelMaxRel"/>.
+    /// </summary>
+    public static void AssertLikeOneDevice(bool exact, float[] actual, float[] expected, string what)
+    {
+        if (exact)
+        {
+            CollectionAssert.AreEqual(expected, actual, $"{what} differ");
+        }
+        else
+        {
+            Console.WriteLine(Tolerance.Describe(what, Tolerance.AssertMaxRel(actual, expected, TensorParallelMaxRel, what)));
+        }
+    }
 
     /// <summary>
     /// The traffic one forward pass of <paramref name="layers"/> layers must cause: a pipeline copies the residual and

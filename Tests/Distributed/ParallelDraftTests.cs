@@ -18,7 +18,6 @@ namespace DeepSeekCuda.Tests.Distributed;
 [TestClass]
 public sealed class ParallelDraftTests
 {
-    private const double TensorParallelMaxRel = 1e-5;
     private static Checkpoint s_checkpoint = null!;
     private static CpuBackend s_backend = null!;
     private static DeepSeekModel s_single = null!;
@@ -63,7 +62,7 @@ public sealed class ParallelDraftTests
         using var alone = new PagedStepRunner(s_single);
         var expected = DraftSideBySide.Run(alone, oracle: s_single);
         var actual = DraftSideBySide.Run(parallel, follow: expected);
-        Compare(expected, actual, kind == PlacementKind.Pipeline ? 0 : TensorParallelMaxRel, $"{kind} N={n}");
+        Compare(expected, actual, kind == PlacementKind.Pipeline, $"{kind} N={n}");
         TestContext.WriteLine($"{kind} N={n}: {expected.Accepted} of {DraftSideBySide.VerifySteps * DraftSideBySide.Requests} drafts accepted");
         Assert.IsGreaterThan(0, expected.Accepted, "drafts kept");
         Assert.IsLessThan(DraftSideBySide.VerifySteps * DraftSideBySide.Requests, expected.Accepted, "drafts rolled back");
@@ -98,7 +97,7 @@ public sealed class ParallelDraftTests
 
             using var graphed = new PagedStepRunner(model.Layout) { DecodeGraphs = true };
             var trace = DraftSideBySide.Run(graphed, follow: eager);
-            Compare(eager, trace, 0, $"{kind} N={n} graphs");
+            Compare(eager, trace, exact: true, $"{kind} N={n} graphs");
             Assert.IsGreaterThan(0, graphed.CapturedGraphs, "main graphs");
             Assert.IsGreaterThan(0, graphed.CapturedDraftGraphs, "draft graphs");
         }
@@ -111,16 +110,6 @@ public sealed class ParallelDraftTests
         }
     }
 
-    private static void Compare(DraftSideBySide.Trace expected, DraftSideBySide.Trace actual, double maxRel, string what) =>
-        DraftSideBySide.Compare(expected, actual, (want, got, step) =>
-        {
-            if (maxRel == 0)
-            {
-                CollectionAssert.AreEqual(want, got, $"{what} {step}: logits differ");
-            }
-            else
-            {
-                Tolerance.AssertMaxRel(got, want, maxRel, $"{what} {step}");
-            }
-        });
+    private static void Compare(DraftSideBySide.Trace expected, DraftSideBySide.Trace actual, bool exact, string what) =>
+        DraftSideBySide.Compare(expected, actual, (want, got, step) => DistributedModels.AssertLikeOneDevice(exact, got, want, $"{what} {step} logits"));
 }

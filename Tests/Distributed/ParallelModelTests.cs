@@ -19,7 +19,6 @@ namespace DeepSeekCuda.Tests.Distributed;
 [TestClass]
 public sealed class ParallelModelTests
 {
-    private const double TensorParallelMaxRel = 1e-5;
     private static readonly int[] s_prompt = [0, 17, 42, 99, 7, 230, 5, 11];
     private static readonly Dictionary<string, (Checkpoint Checkpoint, DeepSeekModel Single)> s_models = [];
     private static string s_root = null!;
@@ -66,16 +65,7 @@ public sealed class ParallelModelTests
         using var run = SimulatedDevices.Load(checkpoint, kind, n, Options);
         var expected = single.ComputeLogits(s_prompt);
         var actual = run.Model.ComputeLogits(s_prompt);
-        if (kind == PlacementKind.Pipeline || n == 1)
-        {
-            // Same operations on the same values in the same order; copies between devices are exact.
-            CollectionAssert.AreEqual(expected, actual, $"{model} {kind} N={n}: logits differ");
-        }
-        else
-        {
-            var c = Tolerance.AssertMaxRel(actual, expected, TensorParallelMaxRel, $"{model} {kind} N={n} logits");
-            Console.WriteLine(Tolerance.Describe($"{model} {kind} N={n}", c));
-        }
+        DistributedModels.AssertLikeOneDevice(kind == PlacementKind.Pipeline || n == 1, actual, expected, $"{model} {kind} N={n} logits");
 
         DistributedModels.AssertTraffic(run.Communicator.Stats, kind, n, checkpoint.Config.NumHiddenLayers);
     }
@@ -226,12 +216,12 @@ public sealed class ParallelModelTests
         b.ForwardAll(s_prompt.AsSpan(0, 3));
         var rest = b.ForwardAll(s_prompt.AsSpan(3));
         var all = single.ComputeLogits(s_prompt);
-        Tolerance.AssertMaxRel(rest, all.AsSpan(3 * single.VocabSize).ToArray(), TensorParallelMaxRel, "chunked prefill");
+        Tolerance.AssertMaxRel(rest, all.AsSpan(3 * single.VocabSize).ToArray(), DistributedModels.TensorParallelMaxRel, "chunked prefill");
 
         b.Truncate(5);
         var again = b.ForwardAll(s_prompt.AsSpan(5));
         // Not bit-identical: an expert GEMM over one token takes another dot-product path than over several.
-        Tolerance.AssertMaxRel(again, rest.AsSpan(2 * single.VocabSize).ToArray(), TensorParallelMaxRel, "after truncation");
+        Tolerance.AssertMaxRel(again, rest.AsSpan(2 * single.VocabSize).ToArray(), DistributedModels.TensorParallelMaxRel, "after truncation");
     }
 
     [TestMethod]
@@ -289,8 +279,9 @@ public sealed class ParallelModelTests
         var (ha, hb) = (new float[t * d], new float[t * d]);
         var la = a.Forward(s_prompt, 2, ha);
         var lb = b.Forward(s_prompt, 2, hb);
-        AssertLikeOneDevice(kind, lb, la, "verify logits");
-        AssertLikeOneDevice(kind, hb, ha, "final hiddens");
+        var exact = kind == PlacementKind.Pipeline;
+        DistributedModels.AssertLikeOneDevice(exact, lb, la, "verify logits");
+        DistributedModels.AssertLikeOneDevice(exact, hb, ha, "final hiddens");
         CollectionAssert.AreEqual(hb[^d..], b.GetLastHidden(), "the last hidden");
         var traffic = run.Communicator.Stats;
 
@@ -369,18 +360,6 @@ public sealed class ParallelModelTests
         }
 
         CollectionAssert.AreEqual(expected, Logits(), "a session after the failures");
-    }
-
-    private static void AssertLikeOneDevice(PlacementKind kind, float[] actual, float[] expected, string what)
-    {
-        if (kind == PlacementKind.Pipeline)
-        {
-            CollectionAssert.AreEqual(expected, actual, what);
-        }
-        else
-        {
-            Tolerance.AssertMaxRel(actual, expected, TensorParallelMaxRel, what);
-        }
     }
 
     private static int ArgMax(float[] x)

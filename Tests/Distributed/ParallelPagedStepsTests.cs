@@ -21,7 +21,6 @@ namespace DeepSeekCuda.Tests.Distributed;
 public sealed class ParallelPagedStepsTests
 {
     private const int MaxLength = 160;
-    private const double TensorParallelMaxRel = 1e-5;
     private static readonly Dictionary<string, (Checkpoint Checkpoint, DeepSeekModel Single)> s_models = [];
     private static readonly CpuBackend s_backend = new();
     private static string s_root = null!;
@@ -78,16 +77,7 @@ public sealed class ParallelPagedStepsTests
         var expected = SideBySide.Run(alone);
         var actual = SideBySide.Run(parallel, follow: expected);
         SideBySide.Compare(expected, actual, (want, got, what) =>
-        {
-            if (kind == PlacementKind.Pipeline)
-            {
-                CollectionAssert.AreEqual(want, got, $"{model} {kind} N={n} {what}: logits differ");
-            }
-            else
-            {
-                Tolerance.AssertMaxRel(got, want, TensorParallelMaxRel, $"{model} {kind} N={n} {what}");
-            }
-        });
+            DistributedModels.AssertLikeOneDevice(kind == PlacementKind.Pipeline, got, want, $"{model} {kind} N={n} {what} logits"));
 
         var stats = run.Communicator.Stats;
         var steps = actual.Steps.Count;
