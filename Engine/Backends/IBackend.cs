@@ -39,6 +39,9 @@ public interface IBackend : IDisposable
     /// <summary>Copies <paramref name="count"/> rows of <paramref name="source"/> from <paramref name="sourceRow"/> into <paramref name="destination"/> at <paramref name="destinationRow"/>.</summary>
     void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count);
 
+    /// <summary>Sets every value of <paramref name="tensor"/> (a whole tensor or a view of its rows) to 0.</summary>
+    void Zero(Tensor tensor);
+
     /// <summary>
     /// Row r of <paramref name="output"/> ← the row of <paramref name="ring"/> that holds slot s = <paramref name="rows"/>.Slots[r]
     /// at position p = <paramref name="rows"/>.Positions[r] (the first output.Rows rows of the last upload): row

@@ -101,6 +101,25 @@ public sealed class CpuBackendOpsTests
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => emulation.Allocate(1, 1, (TensorKind)7));
     }
 
+    /// <summary>Zero clears exactly the rows of the view it is given, in the storage's tensor.</summary>
+    [TestMethod]
+    public void ZeroClearsTheRowsOfAView()
+    {
+        using var backend = new CpuBackend();
+        var values = Random(5 * 7, 4, 1);
+        using var x = backend.Upload(values, 5, 7);
+        using (var middle = backend.View(x, 1, 3))
+        {
+            backend.Zero(middle);
+        }
+
+        var got = new float[values.Length];
+        backend.Download(x, got);
+        var want = values.ToArray();
+        Array.Clear(want, 7, 21);
+        CollectionAssert.AreEqual(want, got);
+    }
+
     [TestMethod]
     public void AddRmsNormAccumulatesTheResidualAndNormalizes()
     {

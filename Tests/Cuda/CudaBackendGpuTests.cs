@@ -262,12 +262,20 @@ public class CudaBackendGpuTests : TinyABackendsGpuTests
             var cat = s.Out(7, 128);
             s.B.ConcatColumns(src, s.In(b, 7, 28), cat);
             var zero = s.Own(s.B.Allocate(3, 5));
-            return [s.Read(e), s.Read(dst), s.Read(cat), s.Read(zero)];
+            var zeroed = s.In(a, 7, 100);
+            using (var middle = s.B.View(zeroed, 2, 3))
+            {
+                s.B.Zero(middle);
+            }
+
+            return [s.Read(e), s.Read(dst), s.Read(cat), s.Read(zero), s.Read(zeroed)];
         });
         Exact("embedding", got[0], want[0]);
         Exact("copy rows (untouched rows stay NaN)", got[1], want[1]);
         Exact("concat", got[2], want[2]);
         Exact("allocate zero-fills", got[3], want[3]);
+        Exact("zero rows 2..4 of a view", got[4], want[4]);
+        Assert.IsTrue(got[4].AsSpan(200, 300).ToArray().All(v => v == 0) && got[4].AsSpan(0, 200).ToArray().Any(v => v != 0), "the view's rows zeroed, the rows before kept");
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() =>
         {
             using var s = new Scope(Cuda);

@@ -132,6 +132,8 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
         Run(nameof(CopyRows), () => inner.CopyRows(source, sourceRow, destination, destinationRow, count), source, sourceRow, destination, destinationRow, count);
 
+    public void Zero(Tensor tensor) => Run(nameof(Zero), () => inner.Zero(tensor), tensor);
+
     public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output) =>
         Run(nameof(GatherRows), () => inner.GatherRows(ring, ringRows, rows, output), ring, ringRows, rows, output);
 

@@ -167,6 +167,15 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
+    public void Zero(Tensor tensor)
+    {
+        if (!Recorded(() => Zero(tensor)))
+        {
+            T(tensor).Data.Clear();
+        }
+    }
+
+    /// <inheritdoc />
     public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output)
     {
         if (!Recorded(() => GatherRows(ring, ringRows, rows, output)))

@@ -397,6 +397,13 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
+    public void Zero(Tensor tensor)
+    {
+        using var scope = Enter(recordable: true);
+        T(tensor).Buffer.Fill8(0, _stream);
+    }
+
+    /// <inheritdoc />
     public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output) => Ring(scatter: false, ring, ringRows, rows, output);
 
     /// <inheritdoc />

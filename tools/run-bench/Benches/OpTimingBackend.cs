@@ -127,6 +127,8 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
     public void CopyRows(Tensor source, int sourceRow, Tensor destination, int destinationRow, int count) =>
         Op(null, () => inner.CopyRows(source, sourceRow, destination, destinationRow, count));
 
+    public void Zero(Tensor tensor) => Op(null, () => inner.Zero(tensor));
+
     public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output) =>
         Op(null, () => inner.GatherRows(ring, ringRows, rows, output));
 
