@@ -11,8 +11,9 @@ namespace DeepSeekCuda.Distributed;
 /// and the forward pass runs the same layer steps as <see cref="DeepSeekModel"/> on each device, with a
 /// copy of the hidden state between pipeline stages or an all-reduce after o_proj and after the FFN under
 /// tensor/expert parallelism. A chat client or scheduler serves it batched and paged through <see cref="Serving.PagedStepRunner"/>
-/// (<see cref="Serving.StepRunners.For"/>), drafting with the MTP module when the plan places it (whole, on the head device);
-/// its sessions (<see cref="DeepSeekSession"/>, as a single device's) run one sequence each, and the MTP module on the head device.
+/// (<see cref="Serving.StepRunners.For"/>), drafting with the MTP module when the plan places it (where the last layer runs:
+/// the head device of a pipeline, sharded over every device under tensor/expert parallelism); its sessions
+/// (<see cref="DeepSeekSession"/>, as a single device's) run one sequence each, and the MTP module where the step runner does.
 /// </summary>
 public sealed class ParallelModel : ILanguageModel, IPagedModel
 {
@@ -148,10 +149,10 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
                     uploads.Add((r, CheckpointLayout.LayerPrefix(layer), () => w.Layers[layer] = DecoderLayer.Load(checkpoint, b, config, layer, shard)));
                 }
 
-                if (holdsHead && mtp)
+                if (mtp && plan.MtpDevices.Contains(r))
                 {
                     var index = config.NumHiddenLayers; // only the first MTP layer, as on one device
-                    uploads.Add((r, CheckpointLayout.LayerPrefix(index), () => w.Mtp = MtpWeights.Load(checkpoint, b, config, index)));
+                    uploads.Add((r, CheckpointLayout.LayerPrefix(index), () => w.Mtp = MtpWeights.Load(checkpoint, b, config, index, shard, input: holdsHead)));
                 }
 
                 if (shard is null && start + count < config.NumHiddenLayers)
@@ -240,7 +241,7 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
         return rank;
     }
 
-    /// <summary>Starts an empty session (latent caches on the devices that run each layer, and the MTP layer's on the head device).</summary>
+    /// <summary>Starts an empty session (latent caches on the devices that run each layer, the MTP layer's included).</summary>
     public DeepSeekSession CreateSession() => new(Layout);
 
     IModelSession ILanguageModel.CreateSession() => CreateSession();

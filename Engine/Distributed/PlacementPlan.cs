@@ -55,12 +55,13 @@ public sealed class PlacementException(string message) : InvalidOperationExcepti
 /// last all-reduce).</item>
 /// <item>Pipeline: each device holds whole layers; a stage also holds the next stage's first
 /// input_layernorm (it computes that norm in its last fused residual step).</item>
-/// <item>MTP: placed only when asked, whole, on the head device (the one that holds lm_head), where the step runner
-/// drafts: a pipeline's last stage, which then also holds the main embedding (the MTP layer embeds the token after each
-/// position), or device 0 under tensor/expert parallelism, which holds a replica of it. Its own copies of the embedding
-/// and head are never loaded (the main ones serve, README_WEIGHTS: shared parameters). Whole rather than sharded: the
-/// drafts need no collectives, at the price of one device holding the layer's bytes (about 11.5 GB for DeepSeek-V3, which
-/// the memory planner counts there) and running its step alone.</item>
+/// <item>MTP: placed only when asked, where the last main layer runs, as a main layer is: whole on a pipeline's last
+/// stage, which then also holds the main embedding (the MTP layer embeds the token after each position); sharded over
+/// every device under tensor/expert parallelism, so that no device holds the whole layer (about 11.5 GB for DeepSeek-V3)
+/// and the shared latent pool is not sized by one device's extra bytes. Its input side (enorm, hnorm, eh_proj) is on the
+/// head device alone, which embeds with its replica of the embedding and broadcasts the layer's input to the others (one
+/// all-reduce in which they add zeros). Its own copies of the embedding and head are never loaded (the main ones serve,
+/// README_WEIGHTS: shared parameters).</item>
 /// </list>
 /// </summary>
 public sealed class PlacementPlan
@@ -103,8 +104,14 @@ public sealed class PlacementPlan
     /// <summary>Checkpoint tensors placed nowhere, with the reason.</summary>
     public IReadOnlyDictionary<string, string> Skipped { get; }
 
-    /// <summary>The device that holds lm_head and produces logits, and the MTP layer when it is placed.</summary>
+    /// <summary>The device that holds lm_head and produces logits, and the MTP layer's input side when it is placed.</summary>
     public int HeadDevice => Kind == PlacementKind.Pipeline ? DeviceCount - 1 : 0;
+
+    /// <summary>
+    /// The devices that hold (a shard of) the MTP layer and its latent cache: the head device of a pipeline, every device
+    /// under tensor/expert parallelism; none when it is not placed.
+    /// </summary>
+    public IReadOnlyList<int> MtpDevices => !IncludesMtp ? [] : Kind == PlacementKind.Pipeline ? [HeadDevice] : [.. Enumerable.Range(0, DeviceCount)];
 
     /// <summary>The part of every layer <paramref name="device"/> holds under tensor/expert parallelism; null for a pipeline (whole layers).</summary>
     public LayerShard? Shard(int device) => _shards[device];
@@ -140,7 +147,7 @@ public sealed class PlacementPlan
     /// <param name="devices">Devices N (1..8 on one server; any positive count is planned).</param>
     /// <param name="deviceMemoryBytes">Memory of each device.</param>
     /// <param name="weightFraction">Share of each device's memory the weights may take (the rest: KV cache, activations, workspace).</param>
-    /// <param name="includeMtp">Place the MTP layer too (on the head device; see the class remarks).</param>
+    /// <param name="includeMtp">Place the MTP layer too (where the last layer runs; see the class remarks).</param>
     /// <exception cref="PlacementException">No plan fits; the message gives the bytes per device each plan needs.</exception>
     public static PlacementPlan Choose(ModelConfig config, int devices, long deviceMemoryBytes, double weightFraction = 0.9, bool includeMtp = false)
     {
@@ -279,13 +286,15 @@ public sealed class PlacementPlan
             throw new PlacementException($"{heads} attention heads do not divide across {devices} devices (tensor parallel attention splits heads evenly)");
         }
 
-        var moe = Enumerable.Range(0, config.NumHiddenLayers).Any(config.IsMoeLayer);
+        // The layers sharded: the main ones, and the MTP layer when it is placed.
+        var sharded = Enumerable.Range(0, config.NumHiddenLayers + (includeMtp ? config.NumNextNPredictLayers : 0)).ToArray();
+        var moe = sharded.Any(config.IsMoeLayer);
         if (moe && config.NRoutedExperts < devices)
         {
             throw new PlacementException($"{config.NRoutedExperts} routed experts cannot be spread over {devices} devices (expert parallelism needs at least one per device)");
         }
 
-        var dense = Enumerable.Range(0, config.NumHiddenLayers).Any(i => !config.IsMoeLayer(i));
+        var dense = sharded.Any(i => !config.IsMoeLayer(i));
         if (dense && config.IntermediateSize < devices)
         {
             throw new PlacementException($"the dense MLP's {config.IntermediateSize} columns cannot be split over {devices} devices");
@@ -319,10 +328,13 @@ public sealed class PlacementPlan
 
         if (b.Mtp)
         {
-            // Whole on the head device (see the class remarks), which holds a replica of the embedding.
+            // Sharded as the main layers, the input side on the head device (see the class remarks).
             foreach (var i in b.MtpLayers())
             {
-                b.WholeLayer(i, 0);
+                for (var d = 0; d < devices; d++)
+                {
+                    b.ShardedLayer(i, d, shards[d]!, mtpInput: d == 0);
+                }
             }
         }
 
@@ -440,7 +452,11 @@ public sealed class PlacementPlan
             }
         }
 
-        public void ShardedLayer(int layer, int device, LayerShard shard)
+        /// <summary>
+        /// <paramref name="shard"/>'s part of <paramref name="layer"/> on <paramref name="device"/>, the rest replicated; of an
+        /// MTP layer, its input side (enorm, hnorm, eh_proj) only with <paramref name="mtpInput"/>.
+        /// </summary>
+        public void ShardedLayer(int layer, int device, LayerShard shard, bool mtpInput = false)
         {
             var n = CheckpointLayout.Layer(_c, layer);
             var sliced = new List<LinearSpec>();
@@ -471,13 +487,17 @@ public sealed class PlacementPlan
                 Linear(spec, device);
             }
 
-            // Replicated: everything of the layer that is neither sliced nor a routed expert.
+            // Replicated: everything of the layer that is neither sliced nor a routed expert (nor an MTP copy, nor its input side elsewhere).
             var taken = new HashSet<string>(sliced.SelectMany(s => new[] { s.Weight, s.Scale }));
+            if (n.IsMtp)
+            {
+                taken.UnionWith(mtpInput ? [n.MtpEmbedding, n.MtpHead] : [n.MtpEmbedding, n.MtpHead, n.MtpEnorm, n.MtpHnorm, n.MtpEhProj]);
+            }
+
             var expertPrefix = CheckpointLayout.LayerPrefix(layer) + "mlp.experts.";
             foreach (var t in Expected.Values.Where(t => t.Layer == layer))
             {
-                if (taken.Contains(t.Name) || t.Name.StartsWith(expertPrefix, StringComparison.Ordinal)
-                    || (n.IsMtp && (t.Name == n.MtpEmbedding || t.Name == n.MtpHead)))
+                if (taken.Contains(t.Name) || t.Name.StartsWith(expertPrefix, StringComparison.Ordinal))
                 {
                     continue;
                 }

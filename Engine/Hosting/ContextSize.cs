@@ -95,7 +95,7 @@ public static class ContextSize
     /// The context for a model spread over several devices by <paramref name="plan"/>, with <paramref name="freeBytes"/>
     /// free on each before loading, for <paramref name="sessions"/> requests at once: <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{DeviceShare}, MemoryPlanOptions?)"/>
     /// over each device's share (its weights; the latent caches of the layers it runs, every layer under tensor parallelism;
-    /// the logits where lm_head runs; with the MTP layer placed, its cache on the head device and a draft row per request).
+    /// the logits where lm_head runs; with the MTP layer placed, its cache on each device that holds it and a draft row per request).
     /// </summary>
     /// <param name="plan">The placement (and the model's config).</param>
     /// <param name="freeBytes">Free bytes per device, in the plan's device order.</param>
@@ -114,7 +114,7 @@ public static class ContextSize
         }
 
         var shares = Enumerable.Range(0, plan.DeviceCount).Select(d => new DeviceShare(freeBytes[d], plan.BytesOn(d),
-            plan.Stages[d].Start, plan.Stages[d].Count, plan.Stages[d].Count + (plan.IncludesMtp && d == plan.HeadDevice ? 1 : 0), d == plan.HeadDevice)).ToArray();
+            plan.Stages[d].Start, plan.Stages[d].Count, plan.Stages[d].Count + (plan.MtpDevices.Contains(d) ? 1 : 0), d == plan.HeadDevice)).ToArray();
         var config = plan.Config;
         var memory = MemoryPlanner.Plan(config, shares, GpuPlanOptions(sessions, plan.IncludesMtp));
         var fit = (long)memory.KvBlocks / sessions * KvBlockManager.BlockTokens;

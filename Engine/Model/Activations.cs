@@ -117,14 +117,17 @@ internal sealed record ArenaPlan(IReadOnlyList<(Activation Which, int Cols)> Ten
         return Combine([(Activation.Residual, d), (Activation.NormedEven, d), (Activation.NormedOdd, d)], [.. kinds.Select(moe => Layer(config, moe, shard))]);
     }
 
-    /// <summary>The MTP stream: the module's inputs (<see cref="LayerSteps.Mtp"/>) and its decoder layer's buffers.</summary>
-    public static ArenaPlan Mtp(ModelConfig config)
+    /// <summary>
+    /// The MTP stream on a device that runs the layer, whole or as <paramref name="shard"/>: the layer's input and output and
+    /// its decoder layer's buffers; with <paramref name="input"/>, the buffers of the module's input side
+    /// (<see cref="LayerSteps.Mtp"/>) too.
+    /// </summary>
+    public static ArenaPlan Mtp(ModelConfig config, LayerShard? shard = null, bool input = true)
     {
         var d = config.HiddenSize;
-        return Combine(
-            [(Activation.MtpInput, d), (Activation.MtpEmbedding, d), (Activation.MtpHidden, d), (Activation.MtpConcat, 2 * d),
-                (Activation.MtpResidual, d), (Activation.MtpNormed, d), (Activation.MtpOutput, d)],
-            [Layer(config, config.IsMoeLayer(config.NumHiddenLayers), null)]);
+        (Activation, int)[] inputs = input ? [(Activation.MtpInput, d), (Activation.MtpEmbedding, d), (Activation.MtpHidden, d), (Activation.MtpConcat, 2 * d)] : [];
+        return Combine([.. inputs, (Activation.MtpResidual, d), (Activation.MtpNormed, d), (Activation.MtpOutput, d)],
+            [Layer(config, config.IsMoeLayer(config.NumHiddenLayers), shard)]);
     }
 
     /// <summary>

@@ -120,19 +120,25 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
         }
         catch
         {
-            for (var i = loaded.Count - 1; i >= 0; i--)
-            {
-                loaded[i].Dispose();
-            }
-
+            Release(loaded);
             throw;
         }
     }
 
-    private static T Track<T>(List<IDisposable> loaded, T item) where T : IDisposable
+    /// <summary>Adds <paramref name="item"/> to what a load has uploaded so far (<see cref="Release"/> on failure).</summary>
+    internal static T Track<T>(List<IDisposable> loaded, T item) where T : IDisposable
     {
         loaded.Add(item);
         return item;
+    }
+
+    /// <summary>Disposes what a failed load had uploaded, last first.</summary>
+    internal static void Release(List<IDisposable> loaded)
+    {
+        for (var i = loaded.Count - 1; i >= 0; i--)
+        {
+            loaded[i].Dispose();
+        }
     }
 
     internal static void CheckSupported(ModelConfig config)
@@ -172,37 +178,63 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     public void Dispose() => _weights.Dispose();
 }
 
-/// <summary>The MTP module's weights (MODEL.md §6): norms, eh_proj, a full decoder layer, the head norm.</summary>
+/// <summary>
+/// The MTP module's weights (MODEL.md §6) on one device: its decoder layer (whole, or the device's shard of it under
+/// tensor/expert parallelism) and the head norm on every device that runs the layer; the input side (the two norms and
+/// eh_proj) on the head device alone, which computes the layer's input for all of them (<see cref="LayerSteps.Mtp"/>).
+/// </summary>
 internal sealed class MtpWeights : IDisposable
 {
-    public required NormWeight ENorm { get; init; }
-    public required NormWeight HNorm { get; init; }
-    public required LinearWeight EhProj { get; init; }
+    /// <summary>enorm, on the head device; null elsewhere.</summary>
+    public NormWeight? ENorm { get; private init; }
+
+    /// <summary>hnorm, on the head device; null elsewhere.</summary>
+    public NormWeight? HNorm { get; private init; }
+
+    /// <summary>eh_proj, on the head device; null elsewhere.</summary>
+    public LinearWeight? EhProj { get; private init; }
+
     public required DecoderLayer Layer { get; init; }
     public required NormWeight HeadNorm { get; init; }
 
-    public static MtpWeights Load(Checkpoint checkpoint, IBackend backend, ModelConfig config, int index)
+    /// <summary>Whether this device computes the layer's input (holds enorm, hnorm and eh_proj).</summary>
+    public bool HasInput => EhProj is not null;
+
+    /// <summary>
+    /// Uploads MTP layer <paramref name="index"/>: the whole layer, or <paramref name="shard"/>'s part of it; with
+    /// <paramref name="input"/>, the input side too. A failed upload releases what it had uploaded.
+    /// </summary>
+    public static MtpWeights Load(Checkpoint checkpoint, IBackend backend, ModelConfig config, int index, LayerShard? shard = null, bool input = true)
     {
         var n = CheckpointLayout.Layer(config, index);
         var eps = (float)config.RmsNormEps;
         var d = config.HiddenSize;
         // The MTP embedding and head are copies of the main model's (README_WEIGHTS: shared parameters);
         // the main ones are used instead of holding two more [V, D] tables.
-        return new MtpWeights
+        var loaded = new List<IDisposable>();
+        try
         {
-            ENorm = backend.UploadNorm(checkpoint, n.MtpEnorm, d, eps),
-            HNorm = backend.UploadNorm(checkpoint, n.MtpHnorm, d, eps),
-            EhProj = backend.UploadLinear(checkpoint, new LinearSpec(n.MtpEhProj, d, 2 * d, Quantized: false)),
-            Layer = DecoderLayer.Load(checkpoint, backend, config, index),
-            HeadNorm = backend.UploadNorm(checkpoint, n.MtpHeadNorm, d, eps),
-        };
+            return new MtpWeights
+            {
+                ENorm = input ? DeepSeekModel.Track(loaded, backend.UploadNorm(checkpoint, n.MtpEnorm, d, eps)) : null,
+                HNorm = input ? DeepSeekModel.Track(loaded, backend.UploadNorm(checkpoint, n.MtpHnorm, d, eps)) : null,
+                EhProj = input ? DeepSeekModel.Track(loaded, backend.UploadLinear(checkpoint, new LinearSpec(n.MtpEhProj, d, 2 * d, Quantized: false))) : null,
+                Layer = DeepSeekModel.Track(loaded, DecoderLayer.Load(checkpoint, backend, config, index, shard)),
+                HeadNorm = DeepSeekModel.Track(loaded, backend.UploadNorm(checkpoint, n.MtpHeadNorm, d, eps)),
+            };
+        }
+        catch
+        {
+            DeepSeekModel.Release(loaded);
+            throw;
+        }
     }
 
     public void Dispose()
     {
-        ENorm.Dispose();
-        HNorm.Dispose();
-        EhProj.Dispose();
+        ENorm?.Dispose();
+        HNorm?.Dispose();
+        EhProj?.Dispose();
         Layer.Dispose();
         HeadNorm.Dispose();
     }

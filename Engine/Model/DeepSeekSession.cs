@@ -6,7 +6,7 @@ namespace DeepSeekCuda.Model;
 /// <summary>
 /// One sequence of a DeepSeek model, on one device (<see cref="DeepSeekModel"/>) or spread over several
 /// (<c>ParallelModel</c>; one device is a layout of one): a latent cache per layer on each device that runs it, one for the MTP
-/// layer on the head device when the model has one, its length, and the last token's hidden state after the final norm
+/// layer on each device that runs that layer when the model has one, its length, and the last token's hidden state after the final norm
 /// (the MTP module's input). Every pass is <see cref="ModelPass"/>'s. Multi-token calls may start at any position (chunked
 /// prefill); a query at position p sees keys ≤ p. Over several devices each call that returns logits ends with the collectives'
 /// barrier after the host has read them (the host waits for them anyway), so a collective that failed on a device surfaces in that call.
@@ -18,7 +18,7 @@ public sealed class DeepSeekSession : IModelSession
     private readonly DeviceWeights _head;            // lm_head and the MTP module
     private readonly IBackend _b;                    // the head device's backend
     private readonly LatentCache?[][] _caches = [];  // [device][layer]; null where the device does not run the layer
-    private readonly LatentCache? _mtpCache;         // on the head device
+    private readonly LatentCache?[] _mtpCaches = []; // [device]; null where the device does not run the MTP layer
     private readonly Tensor _lastHidden = null!;     // [1, D] on the head device
     private readonly FreshActivations[] _activations; // [device]
 
@@ -41,7 +41,12 @@ public sealed class DeepSeekSession : IModelSession
                 }
             }
 
-            _mtpCache = layout.Mtp is null ? null : Allocate(_b);
+            _mtpCaches = new LatentCache?[layout.Devices.Count];
+            foreach (var r in layout.MtpRunners)
+            {
+                _mtpCaches[r] = Allocate(layout.Devices[r].Backend);
+            }
+
             _lastHidden = _b.Allocate(1, c.HiddenSize);
         }
         catch
@@ -151,11 +156,15 @@ public sealed class DeepSeekSession : IModelSession
     /// position with its own latent cache, so positions must be fed in order (start ≤ <see cref="MtpLength"/>;
     /// a smaller start overwrites, as after a rollback). vLLM's zeroing of the embedding at position 0 is
     /// not applied: it is a serving convention, not part of the module (MODEL.md §6, UNCONFIRMED items).
-    /// A model spread over several devices runs the module whole on its head device.
+    /// A model spread over several devices runs the layer where its last layer runs (sharded under tensor/expert parallelism).
     /// </summary>
     public float[] MtpForward(ReadOnlySpan<float> hiddens, ReadOnlySpan<int> nextTokens, int startPosition, Action<Intermediate>? observer = null)
     {
-        var mtp = _layout.Mtp ?? throw new InvalidOperationException("the model was loaded without an MTP layer");
+        if (_layout.Mtp is null)
+        {
+            throw new InvalidOperationException("the model was loaded without an MTP layer");
+        }
+
         var c = _layout.Config;
         var n = nextTokens.Length;
         if (n == 0 || hiddens.Length != n * c.HiddenSize)
@@ -171,11 +180,29 @@ public sealed class DeepSeekSession : IModelSession
 
         LayerSteps.CheckIds(nextTokens, VocabSize);
         using var h = _b.Upload(hiddens, n, c.HiddenSize);
-        using var normed = _b.Allocate(n, c.HiddenSize);
-        var rows = new LayerRows(new[] { new Segment(_mtpCache!, startPosition, 0, n) });
-        LayerSteps.Mtp(_layout.MtpContext!, mtp, _head.Embed!, h, nextTokens, rows, _activations[_layout.HeadDevice], normed, observer);
-        MtpLength = startPosition + n;
-        return Download(Logits(normed));
+        var runners = _layout.MtpRunners;
+        var parts = new MtpPart[runners.Length];
+        try
+        {
+            for (var k = 0; k < runners.Length; k++)
+            {
+                var r = runners[k];
+                var w = _layout.Devices[r];
+                parts[k] = new MtpPart(w.Context, w.Mtp!, new LayerRows(new[] { new Segment(_mtpCaches[r]!, startPosition, 0, n) }), _activations[r],
+                    w.Backend.Allocate(n, c.HiddenSize));
+            }
+
+            LayerSteps.Mtp(parts, _head.Embed!, h, nextTokens, _layout.Collectives?.AllReduceSum, observer);
+            MtpLength = startPosition + n;
+            return Download(Logits(parts[Array.IndexOf(runners, _layout.HeadDevice)].Normed!));
+        }
+        finally
+        {
+            foreach (var p in parts)
+            {
+                p.Normed?.Dispose();
+            }
+        }
     }
 
     /// <summary>Embedding, every layer and the final norm (<see cref="ModelPass"/>); returns the head device's normed hidden [T, D] and advances <see cref="Length"/>.</summary>
@@ -225,7 +252,11 @@ public sealed class DeepSeekSession : IModelSession
             cache?.Dispose();
         }
 
-        _mtpCache?.Dispose();
+        foreach (var cache in _mtpCaches)
+        {
+            cache?.Dispose();
+        }
+
         _lastHidden?.Dispose();
     }
 }

@@ -25,7 +25,7 @@ internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
     /// <summary>The next stage's first input_layernorm (pipeline stages but the last).</summary>
     public NormWeight? NextStageNorm { get; set; }
 
-    /// <summary>The MTP module, whole, when it is loaded (the layout reads it on the head device only).</summary>
+    /// <summary>The MTP module where the device runs its layer (see <see cref="MtpWeights"/>); null elsewhere or when it is not loaded.</summary>
     public MtpWeights? Mtp { get; set; }
 
     /// <summary>Layers by index; null where another device runs the layer.</summary>
@@ -68,7 +68,8 @@ internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, A
 /// <summary>
 /// A model's weights over its devices, as a forward pass walks them (<see cref="ModelPass"/>): which devices run each layer (one pipeline stage,
 /// or every device of a tensor/expert-parallel plan, whose partial outputs the collectives all-reduce), which device
-/// computes the logits, and the MTP module when it is loaded (whole, on the head device). One device is a layout of one.
+/// computes the logits, and the MTP module when it is loaded (on the devices that run the last layer, its input side on the
+/// head device). One device is a layout of one.
 /// </summary>
 internal sealed class DeviceLayout
 {
@@ -123,13 +124,24 @@ internal sealed class DeviceLayout
             throw new ArgumentException($"device {headDevice} does not run the last layer and hold the final norm and lm_head", nameof(headDevice));
         }
 
-        if (head.Mtp is not null && head.Embed is null)
+        MtpRunners = [.. Enumerable.Range(0, devices.Count).Where(r => devices[r].Mtp is not null)];
+        if (MtpRunners.Length > 0)
         {
-            throw new ArgumentException($"the MTP module needs the embedding on the head device {headDevice}", nameof(devices));
-        }
+            if (!MtpRunners.AsSpan().SequenceEqual(Runners[^1]))
+            {
+                throw new ArgumentException(
+                    $"the MTP layer is on devices [{string.Join(",", MtpRunners)}]; it runs where the last layer runs, [{string.Join(",", Runners[^1])}]",
+                    nameof(devices));
+            }
 
-        // The MTP layer is whole: its steps see every head, also where the head device holds a shard of the main layers.
-        MtpContext = head.Mtp is null ? null : head.Context with { Dims = head.Context.Dims with { Heads = config.NumAttentionHeads } };
+            var inputs = MtpRunners.Where(r => devices[r].Mtp!.HasInput).ToArray();
+            if (inputs is not [var input] || input != headDevice || head.Embed is null)
+            {
+                throw new ArgumentException(
+                    $"the MTP module's input side (enorm, hnorm, eh_proj) and the embedding must be on the head device {headDevice} alone; the input side is on [{string.Join(",", inputs)}]",
+                    nameof(devices));
+            }
+        }
     }
 
     public ModelConfig Config { get; }
@@ -144,11 +156,14 @@ internal sealed class DeviceLayout
     /// <summary>Null for one device.</summary>
     public Collectives? Collectives { get; }
 
-    /// <summary>The MTP module, on the head device; null when it is not loaded.</summary>
+    /// <summary>The MTP module's weights on the head device (its input side, and the layer or the head's shard of it); null when it is not loaded.</summary>
     public MtpWeights? Mtp => Devices[HeadDevice].Mtp;
 
-    /// <summary>The MTP layer's context on the head device (every head); null without the module.</summary>
-    public LayerContext? MtpContext { get; }
+    /// <summary>
+    /// The devices that run the MTP layer, ascending: those that run the last main layer (the head device alone, or every
+    /// device of a tensor/expert-parallel plan, each with its shard of the layer); empty without the module.
+    /// </summary>
+    public int[] MtpRunners { get; }
 
     /// <summary>[layer] → the devices that run it, ascending.</summary>
     public int[][] Runners { get; }

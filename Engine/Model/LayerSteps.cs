@@ -12,6 +12,14 @@ namespace DeepSeekCuda.Model;
 /// <param name="Attention">Attention form option.</param>
 internal sealed record LayerContext(IBackend Backend, ModelConfig Config, RopeTable Rope, MlaDims Dims, float Scale, AttentionForm Attention);
 
+/// <summary>What one device runs of the MTP layer (<see cref="LayerSteps.Mtp"/>, <see cref="LayerSteps.MtpAppend"/>).</summary>
+/// <param name="X">The device's context (its heads: the MTP layer is sharded as the main layers are).</param>
+/// <param name="Mtp">The module's weights on the device (the layer or its shard; the input side on one device).</param>
+/// <param name="Rows">How the stream's rows reach the device's MTP cache.</param>
+/// <param name="Ws">Where the device's intermediates come from.</param>
+/// <param name="Normed">Receives the head-normed output [T, D] (<see cref="LayerSteps.Mtp"/>; null for <see cref="LayerSteps.MtpAppend"/>).</param>
+internal readonly record struct MtpPart(LayerContext X, MtpWeights Mtp, LayerRows Rows, Activations Ws, Tensor? Normed);
+
 /// <summary>What one device runs of a decoder layer (<see cref="LayerSteps.Layer(ReadOnlySpan{LayerPart}, Action{IReadOnlyList{Tensor}}?, Action{Intermediate}?, string)"/>).</summary>
 /// <param name="X">The device's context.</param>
 /// <param name="Layer">The layer's weights on the device (the whole layer, or its shard).</param>
@@ -308,37 +316,137 @@ internal static class LayerSteps
     }
 
     /// <summary>
-    /// The MTP module (MODEL.md §6) over a token stream: for each row the main model's hidden after the final norm
-    /// (<paramref name="hiddens"/> [T, D]) and the token that follows it; writes the head-normed output [T, D] to
-    /// <paramref name="normed"/>, each sequence's rows running at their positions over its MTP cache.
+    /// The MTP module (MODEL.md §6) over a token stream, on every device that runs its layer: for each row the main model's
+    /// hidden after the final norm (<paramref name="hiddens"/> [T, D], on the device that holds the module's input side) and
+    /// the token that follows it; writes the head-normed output [T, D] to each part's <see cref="MtpPart.Normed"/>, each
+    /// sequence's rows running at their positions over its MTP cache. Where several devices each hold a shard of the layer,
+    /// the input device's layer input is broadcast to them first (<see cref="MtpLayerInputs"/>) and the layer runs as a
+    /// main layer does (<see cref="Layer(ReadOnlySpan{LayerPart}, Action{IReadOnlyList{Tensor}}?, Action{Intermediate}?, string)"/>).
     /// </summary>
-    public static void Mtp(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
-        LayerRows rows, Activations ws, Tensor normed, Action<Intermediate>? observer)
+    public static void Mtp(ReadOnlySpan<MtpPart> parts, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
+        Action<IReadOnlyList<Tensor>>? allReduceSum, Action<Intermediate>? observer)
     {
-        var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, rows.Paged, ws);
-        using (z)
-        using (a)
+        var (z, a) = MtpLayerInputs(parts, embed, hiddens, nextTokens, allReduceSum);
+        try
         {
-            Layer(x, mtp.Layer, z, a, rows, ws, mtp.HeadNorm, normed, observer, "mtp.");
+            var layer = new LayerPart[parts.Length];
+            for (var k = 0; k < parts.Length; k++)
+            {
+                var p = parts[k];
+                layer[k] = new LayerPart(p.X, p.Mtp.Layer, z[k], a[k], p.Rows, p.Ws, p.Mtp.HeadNorm,
+                    p.Normed ?? throw new ArgumentException($"MTP part {k} has no output", nameof(parts)));
+            }
+
+            Layer(layer, allReduceSum, observer, "mtp.");
+        }
+        finally
+        {
+            Release(z, a);
         }
     }
 
     /// <summary>
-    /// Only the MTP layer's cache rows of <see cref="Mtp"/>'s inputs: what later positions attend over, for positions
-    /// whose own draft is never asked for (the layer's attention, MoE and head are skipped).
+    /// Only the MTP layer's cache rows of <see cref="Mtp"/>'s inputs, on every device that runs the layer: what later
+    /// positions attend over, for positions whose own draft is never asked for (the layer's attention, MoE and head are skipped).
     /// </summary>
-    public static void MtpAppend(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
-        LayerRows rows, Activations ws)
+    public static void MtpAppend(ReadOnlySpan<MtpPart> parts, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
+        Action<IReadOnlyList<Tensor>>? allReduceSum)
     {
-        var (z, a) = MtpLayerInput(x, mtp, embed, hiddens, nextTokens, rows.Paged, ws);
-        using (z)
-        using (a)
+        var (z, a) = MtpLayerInputs(parts, embed, hiddens, nextTokens, allReduceSum);
+        try
         {
-            AppendLatents(x, mtp.Layer, a, rows, ws);
+            for (var k = 0; k < parts.Length; k++)
+            {
+                var p = parts[k];
+                AppendLatents(p.X, p.Mtp.Layer, a[k], p.Rows, p.Ws);
+            }
+        }
+        finally
+        {
+            Release(z, a);
         }
     }
 
-    /// <summary>The MTP layer's residual input z = eh_proj([norm(embed(next)) ; norm(hidden)]) and its input norm a.</summary>
+    /// <summary>
+    /// The MTP layer's residual input z = eh_proj([norm(embed(next)) ; norm(hidden)]) and its input norm a on each part's
+    /// device: computed where the module's input side is (one part), and over several devices broadcast from there by an
+    /// all-reduce in which the others contribute zeros (exact: z + 0 + … = z), each of them then norming its copy.
+    /// </summary>
+    private static (Tensor[] Z, Tensor[] A) MtpLayerInputs(ReadOnlySpan<MtpPart> parts, EmbeddingWeight embed, Tensor hiddens,
+        ReadOnlySpan<int> nextTokens, Action<IReadOnlyList<Tensor>>? allReduceSum)
+    {
+        var count = parts.Length;
+        if (count > 1 && allReduceSum is null)
+        {
+            throw new ArgumentException($"{count} devices run the MTP layer and there is no all-reduce", nameof(allReduceSum));
+        }
+
+        var source = -1;
+        for (var k = 0; k < count; k++)
+        {
+            if (parts[k].Mtp.HasInput)
+            {
+                source = source < 0 ? k : throw new ArgumentException($"MTP parts {source} and {k} both hold the input side", nameof(parts));
+            }
+        }
+
+        if (source < 0)
+        {
+            throw new ArgumentException("no MTP part holds the input side (enorm, hnorm, eh_proj)", nameof(parts));
+        }
+
+        var n = nextTokens.Length;
+        var z = new Tensor[count];
+        var a = new Tensor[count];
+        try
+        {
+            for (var k = 0; k < count; k++)
+            {
+                var p = parts[k];
+                var d = p.X.Config.HiddenSize;
+                if (k == source)
+                {
+                    (z[k], a[k]) = MtpLayerInput(p.X, p.Mtp, embed, hiddens, nextTokens, p.Rows.Paged, p.Ws);
+                }
+                else
+                {
+                    z[k] = p.Ws.Take(Activation.MtpResidual, n, d);
+                    a[k] = p.Ws.Take(Activation.MtpNormed, n, d);
+                    p.X.Backend.Zero(z[k]);
+                }
+            }
+
+            if (count > 1)
+            {
+                allReduceSum!(z);
+                for (var k = 0; k < count; k++)
+                {
+                    if (k != source)
+                    {
+                        parts[k].X.Backend.RmsNorm(z[k], parts[k].Mtp.Layer.InputNorm, a[k]);
+                    }
+                }
+            }
+
+            return (z, a);
+        }
+        catch
+        {
+            Release(z, a);
+            throw;
+        }
+    }
+
+    private static void Release(Tensor?[] z, Tensor?[] a)
+    {
+        for (var k = z.Length - 1; k >= 0; k--)
+        {
+            a[k]?.Dispose();
+            z[k]?.Dispose();
+        }
+    }
+
+    /// <summary>The MTP layer's residual input z = eh_proj([norm(embed(next)) ; norm(hidden)]) and its input norm a, on the device that holds the input side.</summary>
     private static (Tensor Z, Tensor A) MtpLayerInput(LayerContext x, MtpWeights mtp, EmbeddingWeight embed, Tensor hiddens, ReadOnlySpan<int> nextTokens,
         PagedRows? paged, Activations ws)
     {
@@ -347,13 +455,13 @@ internal static class LayerSteps
         var d = x.Config.HiddenSize;
         using var e = ws.Take(Activation.MtpEmbedding, n, d);
         Embed(b, embed, nextTokens, paged, e);
-        b.RmsNorm(e, mtp.ENorm, e);
+        b.RmsNorm(e, mtp.ENorm!, e);
         using var h = ws.Take(Activation.MtpHidden, n, d);
-        b.RmsNorm(hiddens, mtp.HNorm, h);
+        b.RmsNorm(hiddens, mtp.HNorm!, h);
         using var eh = ws.Take(Activation.MtpConcat, n, 2 * d);
         b.ConcatColumns(e, h, eh);
         var z = ws.Take(Activation.MtpResidual, n, d);
-        b.Linear(eh, mtp.EhProj, z);
+        b.Linear(eh, mtp.EhProj!, z);
         var a = ws.Take(Activation.MtpNormed, n, d);
         b.RmsNorm(z, mtp.Layer.InputNorm, a);
         return (z, a);

@@ -19,8 +19,10 @@ namespace DeepSeekCuda.Serving;
 /// the most tokens a step feeds: a step allocates nothing on a backend. Logits are computed only for the rows asked for.
 /// </summary>
 /// <remarks>
-/// <para>MTP (whole on the head device, also of a model spread over several, <see cref="DeviceLayout.MtpContext"/>; its passes make no
-/// traffic between devices): a position's draft input is its final hidden state and the token after it. Where that token is already
+/// <para>MTP (on the devices that run the last layer, <see cref="DeviceLayout.MtpRunners"/>: the head device alone, or sharded over
+/// every device of a tensor/expert-parallel model, whose MTP passes then broadcast the layer's input from the head device and
+/// all-reduce as a main layer does; the ring, the input side and the choices stay on the head device): a position's draft
+/// input is its final hidden state and the token after it. Where that token is already
 /// fed and certain (a prompt token, or a sampled one), the MTP layer runs over the position in the same step, which
 /// fills its cache; the last position of an entry, and both positions of a verify entry (its second token is a draft
 /// that may be rejected), wait on the device for <see cref="Draft"/> or the next step, in a ring of rows per slot
@@ -45,7 +47,8 @@ namespace DeepSeekCuda.Serving;
 /// on the devices); a pipeline has a graph per stage (<see cref="DeviceLayout.Stages"/>), each on its device, replayed in
 /// stage order with the hand-overs' copies between them (<see cref="ModelPass.HandOver"/>, eager): a replayed step queues
 /// one operation on each device and two copies per hand-over. A draft likewise
-/// replays the graph of its bucket of MTP rows (the gather, the MTP layer, the head and the choice), and a step's drafts
+/// replays the graph of its bucket of MTP rows (the gather, the MTP layer, the head and the choice; over every device where the
+/// layer is sharded), and a step's drafts
 /// the graph of theirs: a replayed step that drafts queues two operations. Still eager: the MTP
 /// layer's catch-up over positions left pending by a step without a draft, and prompt chunks.</para>
 /// </remarks>
@@ -63,14 +66,13 @@ public sealed class PagedStepRunner : IStepRunner
 
     private readonly DeviceLayout _layout;
     private readonly Device[] _devices;
-    private readonly Device _head;          // lm_head and the MTP module (whole)
+    private readonly Device _head;          // lm_head, the token choices, the MTP module's input side and the ring
+    private readonly Device[] _mtpDevices;  // those that run the MTP layer (the head alone, or all under tensor/expert parallelism)
+    private readonly int _mtpHead;          // the head device's index in _mtpDevices
+    private readonly MtpPart[] _mtpParts;   // [_mtpDevices] an MTP pass's parts
     private readonly LayerRowsOf _rowsOf;
     private readonly List<IDisposable> _owned = [];
     private KvBlockManager? _blocks;
-    private LatentCache[] _mtpCaches = [];  // [slot]
-    private LatentPool _mtpPool = null!;
-    private StepRows _mtpRows = null!;      // the head device's rows of an MTP pass
-    private ActivationArena _mtpArena = null!;
     private ActivationArena _headArena = null!;
     private TokenChoiceBuffer? _choices;    // the head device's: settings in, ids out
     private TokenChoiceBuffer? _draftChoices; // the drafts' (a step's drafts leave its ids for the host to read)
@@ -82,7 +84,6 @@ public sealed class PagedStepRunner : IStepRunner
     private int[] _rowSlots = [];           // [row] the slot and position of each row of the pass being set up
     private int[] _rowPositions = [];
     private int[] _mtpTokens = [];
-    private Segment[] _mtpSegments = [];
     private Activations[] _arenas = [];     // [device]: the main stream's step buffers
     private (int Slot, int Position, int FirstRow, int Rows, int Naive)[] _entries = []; // the running step's entries (Naive: leading rows that attend naive)
     private (int From, int Rows)[] _headRows = []; // [entry] the rows the head reads, merged into runs in place
@@ -96,7 +97,7 @@ public sealed class PagedStepRunner : IStepRunner
     private int _bucketLimit;               // the largest decode bucket
     private readonly Dictionary<int, DecodeGraph> _graphs = []; // [bucket]
     private readonly Dictionary<(int Bucket, bool Chosen), DecodeGraph> _draftGraphs = []; // [bucket, tokens chosen in the step]
-    private readonly PassStage[] _draftStages;  // a draft pass's one stage: the MTP layer and the head, on the head device
+    private readonly PassStage[] _draftStages;  // a draft pass's one stage: the MTP layer where it runs, and the head
     private readonly bool _canCapture;          // each stage of the main pass on one device, or its devices' collectives recordable
 
     /// <summary>Creates a runner over <paramref name="model"/> (not owned: the caller disposes it). Nothing is allocated before <see cref="Attach"/>.</summary>
@@ -110,7 +111,10 @@ public sealed class PagedStepRunner : IStepRunner
         _layout = layout;
         _devices = [.. layout.Devices.Select(w => new Device(w))];
         _head = _devices[layout.HeadDevice];
-        _draftStages = [new PassStage(0, 0, [layout.HeadDevice])];
+        _mtpDevices = [.. layout.MtpRunners.Select(r => _devices[r])];
+        _mtpHead = Array.IndexOf(_mtpDevices, _head);
+        _mtpParts = new MtpPart[_mtpDevices.Length];
+        _draftStages = [new PassStage(0, 0, layout.MtpRunners)];
         _canCapture = layout.Stages.All(s => s.Devices.Length == 1 || layout.Collectives?.CaptureGraph is not null);
         _rowsOf = RowsOf;
     }
@@ -145,7 +149,7 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>Step buffers no step has used yet (tests: the plan holds nothing that steps do not use).</summary>
     internal IEnumerable<string> UnusedStepBuffers =>
-        _blocks is null ? [] : _devices.SelectMany((d, r) => d.Arena.Unused.Select(u => $"device {r}: {u}")).Concat(_mtpArena.Unused).Concat(_headArena.Unused);
+        _blocks is null ? [] : _devices.SelectMany((d, r) => d.Arena.Unused.Concat(d.MtpArena?.Unused ?? []).Select(u => $"device {r}: {u}")).Concat(_headArena.Unused);
 
     /// <inheritdoc />
     /// <remarks>
@@ -189,15 +193,22 @@ public sealed class PagedStepRunner : IStepRunner
             }
 
             var hb = _head.W.Backend;
+            var mtpRows = maxTokensPerStep + slots * PendingRows;
+            foreach (var d in _mtpDevices)
+            {
+                var b = d.W.Backend;
+                d.MtpPool = Own(b.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
+                d.MtpCaches = Views(d, d.MtpPool, slots);
+                d.MtpRows = Own(b.AllocateStepRows(mtpRows));
+                d.MtpArena = Own(new ActivationArena(b, mtpRows, ArenaPlan.Mtp(c, d.W.Shard, input: d == _head)));
+                d.MtpSegments = new Segment[slots];
+            }
+
             if (drafts)
             {
-                _mtpPool = Own(hb.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
-                _mtpCaches = Views(_head, _mtpPool, slots);
-                _mtpRows = Own(hb.AllocateStepRows(maxTokensPerStep + slots * PendingRows));
                 _pending = Own(hb.Allocate((slots + 1) * RingRows, c.HiddenSize));
             }
 
-            _mtpArena = Own(new ActivationArena(hb, drafts ? maxTokensPerStep + slots * PendingRows : 0, drafts ? ArenaPlan.Mtp(c) : new ArenaPlan([], [])));
             _headArena = Own(new ActivationArena(hb, slots * PendingRows, ArenaPlan.Head(c, drafts)));
             _choices = Own(hb.AllocateTokenChoices(slots * PendingRows, VocabSize));
             _draftChoices = drafts ? Own(hb.AllocateTokenChoices(slots * PendingRows, VocabSize)) : null;
@@ -213,7 +224,6 @@ public sealed class PagedStepRunner : IStepRunner
         _mtpTokens = new int[maxTokensPerStep + slots * PendingRows];
         _rowSlots = new int[_mtpTokens.Length];
         _rowPositions = new int[_mtpTokens.Length];
-        _mtpSegments = new Segment[slots];
         _draftSettings = new TokenChoice[slots * PendingRows];
         _draftIds = new int[slots * PendingRows];
         _arenas = [.. _devices.Select(d => d.Arena)];
@@ -420,10 +430,7 @@ public sealed class PagedStepRunner : IStepRunner
         _decodeRows += rows - tokens;
         _batch = batch.Length;
         UploadTable(blocks);
-        foreach (var d in _devices)
-        {
-            d.W.Backend.UploadStepRows(_stream.AsSpan(0, rows), _rowSlots.AsSpan(0, rows), _rowPositions.AsSpan(0, rows), d.Rows);
-        }
+        UploadRows(_devices, _stream, rows, d => d.Rows);
 
         // Every row's hidden after the final norm, on the head device.
         var graph = bucket > 0 ? Graph(bucket) : null;
@@ -506,7 +513,7 @@ public sealed class PagedStepRunner : IStepRunner
                 SetRows(row, e.Slot, state.MtpLength, e.LogitRows);
                 if (!byStepRows)
                 {
-                    _mtpSegments[segments++] = new Segment(_mtpCaches[e.Slot], state.MtpLength, row, e.LogitRows);
+                    SetMtpSegment(segments++, e.Slot, state.MtpLength, row, e.LogitRows);
                 }
 
                 row += e.LogitRows;
@@ -796,7 +803,7 @@ public sealed class PagedStepRunner : IStepRunner
 
             if (!headFirst)
             {
-                _mtpSegments[i] = new Segment(_mtpCaches[slot], state.MtpLength, row, c);
+                SetMtpSegment(i, slot, state.MtpLength, row, c);
                 _headRows[i] = (row + c - 1, 1);
             }
 
@@ -832,18 +839,33 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <summary>
     /// The MTP layer over the first <paramref name="rows"/> uploaded MTP rows, its inputs gathered from the ring; returns its
-    /// output [rows, D] (the caller disposes it). <paramref name="segments"/>: entries of <see cref="_mtpSegments"/> (0 where
+    /// output [rows, D] on the head device (the caller disposes it). <paramref name="segments"/>: entries of each device's
+    /// MTP segments (<see cref="SetMtpSegment"/>; 0 where
     /// every row attends by its step row).
     /// </summary>
     private Tensor DraftPass(int rows, int segments, bool chosen)
     {
         var b = _head.W.Backend;
         var d = _layout.Config.HiddenSize;
-        using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
-        b.GatherRows(_pending!, RingRows, _mtpRows, input);
-        var output = _mtpArena.Take(Activation.MtpOutput, rows, d);
-        LayerSteps.Mtp(_layout.MtpContext!, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, rows, chosen ? _choices : null), _mtpArena, output, null);
-        return output;
+        using var input = _head.MtpArena.Take(Activation.MtpInput, rows, d);
+        b.GatherRows(_pending!, RingRows, _head.MtpRows, input);
+        var parts = MtpParts(segments, rows, chosen, outputRows: rows);
+        try
+        {
+            LayerSteps.Mtp(parts, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _layout.Collectives?.AllReduceSum, null);
+        }
+        finally
+        {
+            for (var k = 0; k < parts.Length; k++)
+            {
+                if (k != _mtpHead)
+                {
+                    parts[k].Normed!.Dispose();
+                }
+            }
+        }
+
+        return parts[_mtpHead].Normed!;
     }
 
     /// <summary>Copies the block table to the backend when it changed since the last copy.</summary>
@@ -951,16 +973,47 @@ public sealed class PagedStepRunner : IStepRunner
         return new LayerRows(d.Segments.AsMemory(0, segments), new PagedRows(d.Pools[layer]!, d.Table, d.Rows, _decodeRows));
     }
 
-    /// <summary>Copies <paramref name="rows"/> rows of <see cref="_mtpTokens"/>/<see cref="_rowSlots"/>/<see cref="_rowPositions"/> to the MTP rows.</summary>
+    /// <summary>Copies <paramref name="rows"/> rows of <see cref="_mtpTokens"/>/<see cref="_rowSlots"/>/<see cref="_rowPositions"/> to the MTP rows of each device that runs the layer.</summary>
     private void UploadMtpRows(int rows) =>
-        _head.W.Backend.UploadStepRows(_mtpTokens.AsSpan(0, rows), _rowSlots.AsSpan(0, rows), _rowPositions.AsSpan(0, rows), _mtpRows);
+        UploadRows(_mtpDevices, _mtpTokens, rows, d => d.MtpRows);
+
+    /// <summary>Copies <paramref name="rows"/> rows of <paramref name="tokens"/>/<see cref="_rowSlots"/>/<see cref="_rowPositions"/> to each device's <paramref name="target"/> rows.</summary>
+    private void UploadRows(Device[] devices, int[] tokens, int rows, Func<Device, StepRows> target)
+    {
+        foreach (var d in devices)
+        {
+            d.W.Backend.UploadStepRows(tokens.AsSpan(0, rows), _rowSlots.AsSpan(0, rows), _rowPositions.AsSpan(0, rows), target(d));
+        }
+    }
+
+    /// <summary>Entry <paramref name="index"/> of each MTP device's segments: <paramref name="count"/> rows from <paramref name="row"/> at <paramref name="slot"/>'s MTP cache from <paramref name="position"/>.</summary>
+    private void SetMtpSegment(int index, int slot, int position, int row, int count)
+    {
+        foreach (var d in _mtpDevices)
+        {
+            d.MtpSegments[index] = new Segment(d.MtpCaches[slot], position, row, count);
+        }
+    }
 
     /// <summary>
-    /// An MTP pass's rows over the uploaded MTP rows: <paramref name="segments"/> entries of <see cref="_mtpSegments"/>, the
-    /// first <paramref name="decodeRows"/> rows decode rows, their tokens rows of <paramref name="chosen"/> when given.
+    /// An MTP pass's parts over the uploaded MTP rows, one per device that runs the layer: <paramref name="segments"/> entries
+    /// of its MTP segments, the first <paramref name="decodeRows"/> rows decode rows (on the head device, with
+    /// <paramref name="chosen"/>, their tokens the ids the step chose), and with <paramref name="outputRows"/> &gt; 0 each
+    /// device's output buffer (the caller disposes the views).
     /// </summary>
-    private LayerRows MtpRows(int segments, int decodeRows, TokenChoiceBuffer? chosen = null) =>
-        new(_mtpSegments.AsMemory(0, segments), new PagedRows(_mtpPool, _head.Table, _mtpRows, decodeRows, chosen));
+    private MtpPart[] MtpParts(int segments, int decodeRows, bool chosen, int outputRows)
+    {
+        var d = _layout.Config.HiddenSize;
+        for (var k = 0; k < _mtpDevices.Length; k++)
+        {
+            var m = _mtpDevices[k];
+            var rows = new LayerRows(m.MtpSegments.AsMemory(0, segments),
+                new PagedRows(m.MtpPool, m.Table, m.MtpRows, decodeRows, chosen && m == _head ? _choices : null));
+            _mtpParts[k] = new MtpPart(m.W.Context, m.W.Mtp!, rows, m.MtpArena, outputRows > 0 ? m.MtpArena.Take(Activation.MtpOutput, outputRows, d) : null);
+        }
+
+        return _mtpParts;
+    }
 
     /// <summary>
     /// Runs the MTP layer over every drafting slot's positions whose next token this step made certain (the rows
@@ -987,7 +1040,7 @@ public sealed class PagedStepRunner : IStepRunner
         }
 
         var d = _layout.Config.HiddenSize;
-        using var input = _mtpArena.Take(Activation.MtpInput, rows, d);
+        using var input = _head.MtpArena.Take(Activation.MtpInput, rows, d);
         var row = 0;
         var segments = 0;
         for (var i = 0; i < batch.Length; i++)
@@ -1017,7 +1070,7 @@ public sealed class PagedStepRunner : IStepRunner
                         _mtpTokens[row + r] = fed < c ? state.PendingTokens[fed] : tokens[fed - c];
                     }
 
-                    _mtpSegments[segments++] = new Segment(_mtpCaches[e.Slot], state.MtpLength, row, count);
+                    SetMtpSegment(segments++, e.Slot, state.MtpLength, row, count);
                     SetRows(row, e.Slot, state.MtpLength, count);
                     row += count;
                     state.MtpLength += count;
@@ -1041,7 +1094,7 @@ public sealed class PagedStepRunner : IStepRunner
         {
             // These positions' drafts are never asked for: only their rows of the MTP layer's cache are needed.
             UploadMtpRows(rows);
-            LayerSteps.MtpAppend(_layout.MtpContext!, _layout.Mtp!, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), MtpRows(segments, 0), _mtpArena);
+            LayerSteps.MtpAppend(MtpParts(segments, 0, chosen: false, outputRows: 0), _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _layout.Collectives?.AllReduceSum);
         }
     }
 
@@ -1224,5 +1277,13 @@ public sealed class PagedStepRunner : IStepRunner
 
         public ActivationArena Arena { get; set; } = null!;
         public Segment[] Segments { get; set; } = [];
+
+        /// <summary>Where the device runs the MTP layer: its pool, the slots' views of it, the rows of an MTP pass, its buffers and segments.</summary>
+        public LatentPool MtpPool { get; set; } = null!;
+
+        public LatentCache[] MtpCaches { get; set; } = [];
+        public StepRows MtpRows { get; set; } = null!;
+        public ActivationArena MtpArena { get; set; } = null!;
+        public Segment[] MtpSegments { get; set; } = [];
     }
 }

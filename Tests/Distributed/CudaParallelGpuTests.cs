@@ -437,7 +437,8 @@ public sealed class CudaParallelGpuTests
     }
 
     /// <summary>
-    /// MTP drafting over ranks (the MTP layer whole on the head rank, <see cref="ParallelDraftTests"/> on the CPU) against the
+    /// MTP drafting over ranks (the MTP layer whole on a pipeline's head rank, sharded over the ranks under tensor/expert
+    /// parallelism with its input broadcast from rank 0; <see cref="ParallelDraftTests"/> on the CPU) against the
     /// single GPU's runner on the same drafting script (<see cref="DraftSideBySide"/>, teacher-forced on its tokens and
     /// decisions): every verify step's ids and in-step drafts equal; logits (prefill rows, drafts apart, a decode step) finite
     /// and a pipeline's eager steps bit for bit, else within the tensor-parallel bound; with decode graphs, the main and draft

@@ -8,12 +8,12 @@ using DeepSeekCuda.Tests.Support;
 namespace DeepSeekCuda.Tests.Distributed;
 
 /// <summary>
-/// MTP drafting on a model spread over devices: the plan places the MTP layer whole on the head device (a pipeline's last
-/// stage, which also gets the embedding; device 0 under tensor/expert parallelism, whose main layers are sharded), and the
-/// step runner drafts there as on one device. tiny-a (its official MTP layer) on N simulated devices against the same
+/// MTP drafting on a model spread over devices: the plan places the MTP layer where the last layer runs (whole on a pipeline's
+/// last stage, which also gets the embedding; sharded over every device under tensor/expert parallelism, its input side on
+/// device 0), and the step runner drafts there. tiny-a (its official MTP layer) on N simulated devices against the same
 /// checkpoint on one CPU backend, through the same steps (<see cref="DraftSideBySide"/>). A pipeline gives the single device's
-/// logits and drafts bit for bit; tensor/expert parallelism its ids and drafts, with logits within the max_rel
-/// <see cref="ParallelModelTests"/> holds it to. The drafts add no traffic between devices.
+/// logits and drafts bit for bit, with no traffic for the drafts; tensor/expert parallelism its ids and drafts, with logits
+/// within the max_rel <see cref="ParallelModelTests"/> holds it to, and the MTP passes' all-reduces.
 /// </summary>
 [TestClass]
 public sealed class ParallelDraftTests
@@ -47,7 +47,11 @@ public sealed class ParallelDraftTests
     /// The parallel model's runner drafts as the single device's does: each step's logits (prefill rows, drafts apart, the
     /// plain decode step) equal or within tolerance, the ids chosen and the drafts made in each verify step equal,
     /// teacher-forced on the single device's tokens; the communicator makes exactly the main passes' traffic (two copies per
-    /// stage boundary or two all-reduces per layer, per pass), so the MTP layer ran on the head device alone.
+    /// stage boundary or two all-reduces per layer, per pass) and, under tensor/expert parallelism, the MTP passes': three
+    /// all-reduces per draft pass (the layer input's broadcast and the sharded layer's two), one per pass that only appends
+    /// to the MTP cache (the broadcast). The script drafts 2 + <see cref="DraftSideBySide.VerifySteps"/> times (apart after the
+    /// prompts and after the decode step, and in each verify step), and each prefill step appends (every chunk after the
+    /// first of a request makes its pending position certain); verify and decode steps leave only pending positions.
     /// </summary>
     [TestMethod]
     [DataRow(PlacementKind.Pipeline, 3)]
@@ -71,13 +75,15 @@ public sealed class ParallelDraftTests
         var passes = actual.Passes;
         var layers = s_checkpoint.Config.NumHiddenLayers;
         Assert.AreEqual(kind == PlacementKind.Pipeline ? 2L * (n - 1) * passes : 0, traffic.Copies, "copies: the main passes' hand-overs only");
-        Assert.AreEqual(kind == PlacementKind.TensorExpertParallel ? 2L * layers * passes : 0, traffic.AllReduces, "all-reduces: the main passes' only");
+        var prefills = passes - DraftSideBySide.VerifySteps - 1;
+        var mtp = 3L * (2 + DraftSideBySide.VerifySteps) + prefills;
+        Assert.AreEqual(kind == PlacementKind.TensorExpertParallel ? 2L * layers * passes + mtp : 0, traffic.AllReduces, "all-reduces: the main and MTP passes'");
     }
 
     /// <summary>
     /// The same steps with decode graphs over plain CPU devices (a host communicator that records the collectives): the verify
-    /// steps replay the main pass's graph (over every device, or a graph per pipeline stage) and the drafts' graph on the head
-    /// device, and give the eager steps' logits, ids and drafts bit for bit.
+    /// steps replay the main pass's graph (over every device, or a graph per pipeline stage) and the drafts' graph (over every
+    /// device, or on the pipeline's last), and give the eager steps' logits, ids and drafts bit for bit.
     /// </summary>
     [TestMethod]
     [DataRow(PlacementKind.Pipeline, 3)]

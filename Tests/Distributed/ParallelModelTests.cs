@@ -103,16 +103,17 @@ public sealed class ParallelModelTests
     }
 
     /// <summary>
-    /// A plan that places the MTP layer loads it whole on the head device, with the embedding there (each device receives
-    /// exactly its placements), and the layout's MTP context there sees every head; with <see cref="ModelOptions.LoadMtp"/>
-    /// off, or a plan without it, no device receives any of the MTP layer.
+    /// A plan that places the MTP layer loads it where the last layer runs (each device receives exactly its placements): whole
+    /// on a pipeline's last device, with the embedding there, or a shard of it on every device under tensor/expert
+    /// parallelism, the input side (enorm, hnorm, eh_proj) on the head device alone; the layout runs it on those devices. With
+    /// <see cref="ModelOptions.LoadMtp"/> off, or a plan without it, no device receives any of the MTP layer.
     /// </summary>
     [TestMethod]
     [DataRow(PlacementKind.Pipeline, 1)]
     [DataRow(PlacementKind.Pipeline, 3)]
     [DataRow(PlacementKind.TensorExpertParallel, 2)]
     [DataRow(PlacementKind.TensorExpertParallel, 4)]
-    public void TheMtpModuleLoadsWholeOnTheHeadDeviceAsPlanned(PlacementKind kind, int n)
+    public void TheMtpModuleLoadsWhereTheLastLayerRunsAsPlanned(PlacementKind kind, int n)
     {
         var (checkpoint, _) = s_models["tiny-a"];
         var c = checkpoint.Config;
@@ -122,17 +123,26 @@ public sealed class ParallelModelTests
             Assert.IsTrue(run.Model.HasMtp);
             AssertEachDeviceReceivedItsPlacements(run, $"{kind} with MTP");
             var head = run.Plan.HeadDevice;
-            Assert.IsTrue(run.Devices[head].Received.Any(r => r.Tensor.StartsWith(mtpPrefix, StringComparison.Ordinal)), "the head device holds the MTP layer");
-            var context = run.Model.Layout.MtpContext!;
-            Assert.AreSame(run.Devices[head], context.Backend);
-            Assert.AreEqual(c.NumAttentionHeads, context.Dims.Heads, "the MTP layer is whole");
+            var layout = run.Model.Layout;
+            var expected = kind == PlacementKind.Pipeline ? new[] { head } : [.. Enumerable.Range(0, n)];
+            CollectionAssert.AreEqual(expected, run.Plan.MtpDevices.ToArray(), "the plan's MTP devices");
+            CollectionAssert.AreEqual(expected, layout.MtpRunners, "the layout's MTP runners");
+            var names = CheckpointLayout.Layer(c, c.NumHiddenLayers);
+            for (var r = 0; r < n; r++)
+            {
+                var received = run.Devices[r].Received.Where(x => x.Tensor.StartsWith(mtpPrefix, StringComparison.Ordinal)).Select(x => x.Tensor).ToList();
+                Assert.AreEqual(expected.Contains(r), received.Count > 0, $"device {r} holds (a shard of) the MTP layer");
+                Assert.AreEqual(r == head, received.Contains(names.MtpEhProj), $"device {r}: eh_proj on the head device alone");
+                Assert.AreEqual(r == head, layout.Devices[r].Mtp?.HasInput ?? false, $"device {r}: the input side");
+                Assert.AreEqual(expected.Contains(r), layout.Devices[r].Mtp is not null, $"device {r}: the MTP weights");
+            }
         }
 
         foreach (var (loadMtp, placed) in new[] { (false, true), (true, false) })
         {
             using var run = SimulatedDevices.Load(checkpoint, kind, n, Options with { LoadMtp = loadMtp }, mtp: placed);
             Assert.IsFalse(run.Model.HasMtp, $"LoadMtp {loadMtp}, placed {placed}");
-            Assert.IsNull(run.Model.Layout.MtpContext);
+            Assert.IsEmpty(run.Model.Layout.MtpRunners);
             Assert.IsFalse(run.Devices.Any(d => d.Received.Any(r => r.Tensor.StartsWith(mtpPrefix, StringComparison.Ordinal))), $"LoadMtp {loadMtp}, placed {placed}");
         }
     }
@@ -207,6 +217,47 @@ public sealed class ParallelModelTests
         StringAssert.Contains(e.Message, "layer 1 changes from devices [0,1] to [2]");
     }
 
+    /// <summary>
+    /// A layout whose MTP layer does not run where its last layer runs, or whose MTP input side is not on the head device
+    /// alone, is refused by name when it is made (devices copied from a 2-way tensor-parallel model with its MTP shards, and
+    /// the single-device model's whole MTP module, none of them owned).
+    /// </summary>
+    [TestMethod]
+    public void ALayoutWithTheMtpLayerElsewhereOrItsInputTwiceIsRefused()
+    {
+        var (checkpoint, _) = s_models["tiny-a"];
+        var options = Options with { LoadMtp = true };
+        using var single = DeepSeekModel.Load(checkpoint, new CpuBackend(), options);
+        using var run = SimulatedDevices.Load(checkpoint, PlacementKind.TensorExpertParallel, 2, options, mtp: true);
+        var sharded = run.Model.Layout;
+        var whole = single.Layout.Devices[0].Mtp!;
+        DeviceLayout With(MtpWeights? on0, MtpWeights? on1)
+        {
+            var devices = new DeviceWeights[2];
+            for (var d = 0; d < 2; d++)
+            {
+                var from = sharded.Devices[d];
+                devices[d] = new DeviceWeights(from.Backend, from.Layers.Length)
+                {
+                    Rope = from.Rope, Context = from.Context, Shard = from.Shard, Embed = from.Embed, FinalNorm = from.FinalNorm, Head = from.Head,
+                    Mtp = d == 0 ? on0 : on1,
+                };
+                from.Layers.CopyTo(devices[d].Layers, 0);
+            }
+
+            return new DeviceLayout(checkpoint.Config, 64, devices, 0, sharded.Collectives);
+        }
+
+        var (head, other) = (sharded.Devices[0].Mtp!, sharded.Devices[1].Mtp!);
+        CollectionAssert.AreEqual(new[] { 0, 1 }, With(head, other).MtpRunners, "as loaded");
+        var alone = Assert.ThrowsExactly<ArgumentException>(() => With(whole, null));
+        StringAssert.Contains(alone.Message, "the MTP layer is on devices [0]; it runs where the last layer runs, [0,1]");
+        var twice = Assert.ThrowsExactly<ArgumentException>(() => With(head, whole));
+        StringAssert.Contains(twice.Message, "must be on the head device 0 alone; the input side is on [0,1]");
+        var elsewhere = Assert.ThrowsExactly<ArgumentException>(() => With(other, whole));
+        StringAssert.Contains(elsewhere.Message, "the input side is on [1]");
+    }
+
     [TestMethod]
     public void ChunkedPrefillAndTruncateFollowTheSingleDeviceSession()
     {
@@ -258,15 +309,16 @@ public sealed class ParallelModelTests
     }
 
     /// <summary>
-    /// A spread model's session runs the MTP module whole on its head device: fed the same hiddens and next tokens, its drafts
-    /// are the single device's bit for bit (also under tensor/expert parallelism, whose main pass only comes within a
-    /// tolerance), in two calls and again after a rollback, and they make no traffic between the devices.
+    /// A spread model's session runs the MTP module where its last layer runs: fed the same hiddens and next tokens, in two
+    /// calls and again after a rollback, its drafts are the single device's, bit for bit on a pipeline's last device (with no
+    /// traffic between the devices) and within the main pass's tolerance under tensor/expert parallelism, where each call
+    /// makes three all-reduces: the layer input's broadcast from the head device, and the sharded layer's two.
     /// </summary>
     [TestMethod]
     [DataRow(PlacementKind.Pipeline, 3)]
     [DataRow(PlacementKind.TensorExpertParallel, 2)]
     [DataRow(PlacementKind.TensorExpertParallel, 4)]
-    public void ASpreadSessionDraftsOnItsHeadDeviceAsOneDeviceDoes(PlacementKind kind, int n)
+    public void ASpreadSessionDraftsAsOneDeviceDoes(PlacementKind kind, int n)
     {
         var (checkpoint, _) = s_models["tiny-a"];
         var options = Options with { LoadMtp = true };
@@ -287,20 +339,22 @@ public sealed class ParallelModelTests
 
         int[] next = s_prompt[1..];
         float[] Drafts(DeepSeekSession s, int from, int to) => s.MtpForward(ha.AsSpan(from * d, (to - from) * d), next.AsSpan(from, to - from), from);
-        CollectionAssert.AreEqual(Drafts(a, 0, 5), Drafts(b, 0, 5), $"{kind} N={n}: drafts of positions 0..4");
-        CollectionAssert.AreEqual(Drafts(a, 5, t - 1), Drafts(b, 5, t - 1), $"{kind} N={n}: drafts of positions 5..");
+        DistributedModels.AssertLikeOneDevice(exact, Drafts(b, 0, 5), Drafts(a, 0, 5), $"{kind} N={n}: drafts of positions 0..4");
+        DistributedModels.AssertLikeOneDevice(exact, Drafts(b, 5, t - 1), Drafts(a, 5, t - 1), $"{kind} N={n}: drafts of positions 5..");
         Assert.AreEqual(t - 1, b.MtpLength);
         a.Truncate(3);
         b.Truncate(3);
         Assert.AreEqual(3, b.MtpLength);
-        CollectionAssert.AreEqual(Drafts(a, 3, t - 1), Drafts(b, 3, t - 1), $"{kind} N={n}: drafts after the rollback");
-        Assert.AreEqual(traffic, run.Communicator.Stats, "the MTP module ran on the head device alone");
+        DistributedModels.AssertLikeOneDevice(exact, Drafts(b, 3, t - 1), Drafts(a, 3, t - 1), $"{kind} N={n}: drafts after the rollback");
+        var mtp = run.Communicator.Stats;
+        Assert.AreEqual(traffic.Copies, mtp.Copies, "the MTP calls copy nothing");
+        Assert.AreEqual(traffic.AllReduces + (exact ? 0 : 3 * 3), mtp.AllReduces, "all-reduces of three MTP calls");
     }
 
     /// <summary>
     /// A session that cannot allocate part way (on any device, at any of its allocations) throws and releases what it had
     /// allocated on every device, and the next session runs as before. A session allocates a latent cache for each layer on
-    /// each device that runs it, and on the head device the MTP layer's cache and the last hidden.
+    /// each device that runs it (the MTP layer's included), and on the head device the last hidden.
     /// </summary>
     [TestMethod]
     [DataRow(PlacementKind.Pipeline, 0)] // DeepSeekModel on one device
@@ -329,7 +383,7 @@ public sealed class ParallelModelTests
         for (var r = 0; r < devices.Length; r++)
         {
             var layers = layout.Runners.Count(runners => runners.Contains(r));
-            Assert.AreEqual(layers + (r == layout.HeadDevice ? 2 : 0), made[r], $"device {r}: allocations of a session");
+            Assert.AreEqual(layers + (layout.MtpRunners.Contains(r) ? 1 : 0) + (r == layout.HeadDevice ? 1 : 0), made[r], $"device {r}: allocations of a session");
             for (var k = 1; k <= made[r]; k++)
             {
                 var allocated = new List<BackendResource>();

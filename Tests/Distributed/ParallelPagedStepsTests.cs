@@ -229,19 +229,27 @@ public sealed class ParallelPagedStepsTests
 
     /// <summary>
     /// Once attached, no step allocates on any device: the step buffers planned per device (its layers, its shard's heads
-    /// and MLP columns) are exactly those the steps use, and each device's block table is copied only when it changed.
-    /// The simulated all-reduce and copies stage through host memory on the devices' inner backends, outside the count.
+    /// and MLP columns; with MTP drafting, the MTP layer's where it runs, its input side's on the head device) are exactly
+    /// those the steps use, and each device's block table is copied only when it changed. The simulated all-reduce and
+    /// copies stage through host memory on the devices' inner backends, outside the count.
     /// </summary>
     [TestMethod]
-    [DataRow(PlacementKind.TensorExpertParallel, 4)]
-    [DataRow(PlacementKind.Pipeline, 3)]
-    public void StepsAllocateNothingOnAnyDevice(PlacementKind kind, int n)
+    [DataRow(PlacementKind.TensorExpertParallel, 4, "wide8", false)]
+    [DataRow(PlacementKind.Pipeline, 3, "wide8", false)]
+    [DataRow(PlacementKind.TensorExpertParallel, 2, "tiny-a", true)]
+    [DataRow(PlacementKind.Pipeline, 3, "tiny-a", true)]
+    public void StepsAllocateNothingOnAnyDevice(PlacementKind kind, int n, string model, bool mtp)
     {
-        var (checkpoint, _) = s_models["wide8"];
-        using var run = SimulatedDevices.Load(checkpoint, kind, n, Options, uncountedCollectives: true);
+        var (checkpoint, _) = s_models[model];
+        using var run = SimulatedDevices.Load(checkpoint, kind, n, Options with { LoadMtp = mtp }, uncountedCollectives: true, mtp: mtp);
         var blocks = new KvBlockManager(5, 4, KvBlockManager.BlocksFor(MaxLength));
         using var runner = StepRunners.For(run.Model);
-        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions { MaxTokensPerStep = 24, EosId = checkpoint.Config.EosTokenId });
+        Assert.AreEqual(mtp, runner.CanDraft);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
+        {
+            MaxTokensPerStep = 24, EosId = checkpoint.Config.EosTokenId,
+            SpeculativeDecoding = mtp ? SpeculativeDecodingMode.On : SpeculativeDecodingMode.Off,
+        });
         var attached = run.Devices.Select(d => d.Allocations).ToArray();
         var requests = new[] { 50, 3, 33, 70, 17 }.Select((len, i) =>
             scheduler.Submit(SyntheticPrompts.Make(run.Model.VocabSize, len, 500 + i), SamplingOptions.Greedy with { MaxTokens = 30 })).ToList();
@@ -257,6 +265,7 @@ public sealed class ParallelPagedStepsTests
         }
 
         CollectionAssert.AreEqual(Array.Empty<string>(), ((PagedStepRunner)runner).UnusedStepBuffers.ToArray(), "planned step buffers that no step used");
+        Assert.AreEqual(mtp, scheduler.Counters.Drafted > 0, "drafted");
         for (var d = 0; d < n; d++)
         {
             Assert.IsLessThan(steps, run.Devices[d].TableUploads, $"device {d}: steps whose table did not change do not copy it");

@@ -124,17 +124,19 @@ public sealed class PlacementPlanTests
     }
 
     /// <summary>
-    /// Asked for, DeepSeek-V3's MTP layer is placed whole on the head device (where the step runner drafts): each of its
-    /// tensors once, unsliced, but its copies of the embedding and head, which stay skipped; a pipeline over several devices
-    /// also places the main embedding on its last device. The head device gains exactly those bytes in all; a config
-    /// without an MTP layer places nothing more.
+    /// Asked for, DeepSeek-V3's MTP layer is placed where the last main layer runs, but for its copies of the embedding and
+    /// head, which stay skipped. On a pipeline's last device it is whole (each tensor once, unsliced), with a second copy of
+    /// the main embedding when that device is not the first: the head device gains exactly those bytes. Under tensor/expert
+    /// parallelism it is sharded as the main layer before it is (each of its decoder tensors on the same devices, the same
+    /// slices), its input side (enorm, hnorm, eh_proj) on the head device alone, so that at N = 8 no device gains more than
+    /// a sixth of the layer where it used to gain all of it. A config without an MTP layer places nothing more.
     /// </summary>
     [TestMethod]
     [DataRow(PlacementKind.Pipeline, 1)]
     [DataRow(PlacementKind.Pipeline, 8)]
     [DataRow(PlacementKind.TensorExpertParallel, 1)]
     [DataRow(PlacementKind.TensorExpertParallel, 8)]
-    public void TheMtpLayerIsPlacedWholeOnTheHeadDevice(PlacementKind kind, int n)
+    public void TheMtpLayerIsPlacedWhereTheLastLayerRuns(PlacementKind kind, int n)
     {
         var v3 = ModelPresets.DeepSeekV3;
         var with = SimulatedDevices.PlanOf(v3, kind, n, mtp: true);
@@ -143,28 +145,59 @@ public sealed class PlacementPlanTests
         Assert.IsFalse(without.IncludesMtp);
         AssertEveryTensorPlaced(with);
         Assert.AreEqual(kind == PlacementKind.Pipeline ? n - 1 : 0, with.HeadDevice);
+        var devices = kind == PlacementKind.Pipeline ? new[] { n - 1 } : [.. Enumerable.Range(0, n)];
+        CollectionAssert.AreEqual(devices, with.MtpDevices.ToArray());
+        Assert.IsEmpty(without.MtpDevices);
 
         var index = v3.NumHiddenLayers;
         var names = CheckpointLayout.Layer(v3, index);
         var layer = CheckpointLayout.Expected(v3).Where(t => t.Layer == index && t.Name != names.MtpEmbedding && t.Name != names.MtpHead).ToList();
-        var placed = with.Placements.Where(p => p.Tensor.StartsWith(CheckpointLayout.LayerPrefix(index), StringComparison.Ordinal)).ToList();
-        CollectionAssert.AreEquivalent(layer.Select(t => t.Name).ToList(), placed.Select(p => p.Tensor).ToList(), "the MTP layer's tensors, each once");
-        Assert.IsTrue(placed.All(p => p.Device == with.HeadDevice && p.Slice is null), "whole, on the head device");
+        var prefix = CheckpointLayout.LayerPrefix(index);
+        var placed = with.Placements.Where(p => p.Tensor.StartsWith(prefix, StringComparison.Ordinal)).ToList();
+        CollectionAssert.AreEquivalent(layer.Select(t => t.Name).ToList(), placed.Select(p => p.Tensor).Distinct().ToList(), "the MTP layer's tensors, each placed");
         CollectionAssert.AreEquivalent(new[] { names.MtpEmbedding, names.MtpHead }, with.Skipped.Keys.ToArray());
+        string[] input = [names.MtpEnorm, names.MtpHnorm, names.MtpEhProj];
+        foreach (var name in input)
+        {
+            CollectionAssert.AreEqual(new[] { (with.HeadDevice, (TensorSlice?)null) }, placed.Where(p => p.Tensor == name).Select(p => (p.Device, p.Slice)).ToArray(),
+                $"{name}: whole, on the head device alone");
+        }
 
         var layerBytes = layer.Sum(t => t.Shape.Aggregate(1L, (a, d) => a * d) * DTypes.SizeOf(t.DType));
         var embedding = 2L * v3.VocabSize * v3.HiddenSize;
-        var secondEmbedding = kind == PlacementKind.Pipeline && n > 1;
-        Assert.AreEqual(secondEmbedding ? 2 : n, with.Placements.Count(p => p.Tensor == CheckpointLayout.Embedding), "embedding placements");
+        var gained = Enumerable.Range(0, n).Select(d => with.BytesOn(d) - without.BytesOn(d)).ToArray();
         Assert.IsTrue(with.On(with.HeadDevice).Any(p => p.Tensor == CheckpointLayout.Embedding), "the head device embeds the MTP layer's tokens");
-        var total = Enumerable.Range(0, n).Sum(with.BytesOn) - Enumerable.Range(0, n).Sum(without.BytesOn);
-        Assert.AreEqual(layerBytes + (secondEmbedding ? embedding : 0), total);
-        if (kind == PlacementKind.TensorExpertParallel)
+        if (kind == PlacementKind.Pipeline)
         {
-            for (var d = 0; d < n; d++)
+            Assert.IsTrue(placed.All(p => p.Device == with.HeadDevice && p.Slice is null), "whole, on the head device");
+            Assert.AreEqual(placed.Count, placed.Select(p => p.Tensor).Distinct().Count(), "each tensor once");
+            var secondEmbedding = n > 1;
+            Assert.AreEqual(secondEmbedding ? 2 : 1, with.Placements.Count(p => p.Tensor == CheckpointLayout.Embedding), "embedding placements");
+            Assert.AreEqual(layerBytes + (secondEmbedding ? embedding : 0), gained.Sum());
+            Assert.AreEqual(gained.Sum(), gained[with.HeadDevice]);
+        }
+        else
+        {
+            // Each decoder tensor where the main layer before keeps its counterpart: the same devices, the same slices.
+            var last = CheckpointLayout.LayerPrefix(index - 1);
+            foreach (var group in placed.Where(p => !input.Contains(p.Tensor) && p.Tensor != names.MtpHeadNorm).GroupBy(p => p.Tensor))
             {
-                Assert.AreEqual(d == 0 ? layerBytes : 0, with.BytesOn(d) - without.BytesOn(d), $"device {d}");
+                var main = last + group.Key[prefix.Length..];
+                CollectionAssert.AreEqual(with.Placements.Where(p => p.Tensor == main).Select(p => (p.Device, p.Slice)).ToArray(),
+                    group.Select(p => (p.Device, p.Slice)).ToArray(), $"{group.Key} is placed as {main}");
             }
+
+            CollectionAssert.AreEqual(devices, placed.Where(p => p.Tensor == names.MtpHeadNorm).Select(p => p.Device).ToArray(), "the head norm on every device");
+            Assert.AreEqual(n, with.Placements.Count(p => p.Tensor == CheckpointLayout.Embedding), "embedding placements");
+            var inputBytes = layer.Where(t => input.Contains(t.Name)).Sum(t => t.Shape.Aggregate(1L, (a, d) => a * d) * DTypes.SizeOf(t.DType));
+            for (var d = 1; d < n; d++)
+            {
+                Assert.AreEqual(gained[0] - inputBytes, gained[d], $"device {d} gains the head device's shard less the input side");
+            }
+
+            Console.WriteLine($"N={n}: the MTP layer's {layerBytes} bytes place [{string.Join(", ", gained)}] bytes on the devices");
+            Assert.IsLessThan(layerBytes / (n == 1 ? 1 : 6) + 1, gained.Max(), $"the most one device gains, of {layerBytes} bytes");
+            Assert.IsGreaterThanOrEqualTo(layerBytes, gained.Sum(), "replicated norms and projections come on top of the layer's bytes");
         }
 
         var none = DistributedModels.Wide8;

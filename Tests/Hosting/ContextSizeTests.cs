@@ -11,6 +11,8 @@ namespace DeepSeekCuda.Tests.Hosting;
 [TestClass]
 public sealed class ContextSizeTests
 {
+    public TestContext TestContext { get; set; } = null!;
+
     // The demo's shape (3 layers + 1 MTP layer, kv_lora_rank 80 + qk_rope_head_dim 16) with R1's 163840 positions.
     private static readonly ModelConfig Long = DemoModel.Config with { MaxPositionEmbeddings = 163840 };
 
@@ -137,25 +139,38 @@ public sealed class ContextSizeTests
     }
 
     /// <summary>
-    /// With the MTP layer placed (tensor/expert parallel over 8: whole on device 0), device 0 holds its weights and its cache
-    /// beside every main layer's, and each request a draft row: the length is the largest that the planner fits every session
-    /// in with those shares, device 0 is the tightest, and it is shorter than without the MTP layer.
+    /// With the MTP layer placed (tensor/expert parallel over 8: a shard of it on every device, its input side on device 0),
+    /// every device holds its shard's weights and the layer's cache beside every main layer's, and each request a draft row:
+    /// the length is the largest that the planner fits every session in with those shares, device 0 (lm_head, eh_proj) is
+    /// the tightest, and it is shorter than without the MTP layer but longer than with the whole layer on device 0 (as it
+    /// was placed before: about 11.5 GB more there, which sized the shared pool).
     /// </summary>
     [TestMethod]
-    public void TheMtpLayerOnTheHeadDeviceCountsItsWeightsCacheAndDraftRows()
+    public void TheShardedMtpLayerCountsItsWeightsCacheAndDraftRowsOnEveryDevice()
     {
         var v3 = ModelPresets.DeepSeekV3;
         var tp = PlacementPlan.TensorExpertParallel(v3, 8, includeMtp: true);
+        var plain = PlacementPlan.TensorExpertParallel(v3, 8);
         var free = Enumerable.Repeat(139L << 30, 8).ToArray();
         var choice = ContextSize.ChooseForDevices(tp, free, sessions: 16);
-        var shares = Enumerable.Range(0, 8).Select(d => new DeviceShare(free[d], tp.BytesOn(d), 0, 61, d == 0 ? 62 : 61, d == 0)).ToArray();
-        int FullLengthRequests(int tokens) => MemoryPlanner.Plan(v3, shares,
-            new MemoryPlanOptions { MaxBatch = 16, MaxSequenceLength = tokens, MaxTokensPerStep = 512, DraftTokens = 1 }).FullLengthRequests;
-        Assert.IsGreaterThanOrEqualTo(16, FullLengthRequests(choice.Tokens));
-        Assert.IsLessThan(16, FullLengthRequests(choice.Tokens + KvBlockManager.BlockTokens));
+        var shares = Enumerable.Range(0, 8).Select(d => new DeviceShare(free[d], tp.BytesOn(d), 0, 61, 62, d == 0)).ToArray();
+        var options = new MemoryPlanOptions { MaxBatch = 16, MaxTokensPerStep = 512, DraftTokens = 1 };
+        int FullLengthRequests(DeviceShare[] s, int tokens) => MemoryPlanner.Plan(v3, s, options with { MaxSequenceLength = tokens }).FullLengthRequests;
+        Assert.IsGreaterThanOrEqualTo(16, FullLengthRequests(shares, choice.Tokens));
+        Assert.IsLessThan(16, FullLengthRequests(shares, choice.Tokens + KvBlockManager.BlockTokens));
         StringAssert.Contains(choice.Reason, "the tightest, device 0");
         StringAssert.Contains(choice.Reason, "62 layers' caches");
-        Assert.IsLessThan(ContextSize.ChooseForDevices(PlacementPlan.TensorExpertParallel(v3, 8), free, sessions: 16).Tokens, choice.Tokens);
+        Assert.IsLessThan(ContextSize.ChooseForDevices(plain, free, sessions: 16).Tokens, choice.Tokens);
+
+        var index = v3.NumHiddenLayers;
+        var names = CheckpointLayout.Layer(v3, index);
+        var whole = CheckpointLayout.Expected(v3).Where(t => t.Layer == index && t.Name != names.MtpEmbedding && t.Name != names.MtpHead)
+            .Sum(t => t.Shape.Aggregate(1L, (a, d) => a * d) * DTypes.SizeOf(t.DType));
+        var before = Enumerable.Range(0, 8).Select(d => new DeviceShare(free[d], plain.BytesOn(d) + (d == 0 ? whole : 0), 0, 61, d == 0 ? 62 : 61, d == 0)).ToArray();
+        var planned = MemoryPlanner.Plan(v3, shares, options with { MaxSequenceLength = KvBlockManager.BlockTokens * 16 });
+        var wholeOnDevice0 = MemoryPlanner.Plan(v3, before, options with { MaxSequenceLength = KvBlockManager.BlockTokens * 16 });
+        Assert.IsGreaterThan(wholeOnDevice0.KvBlocks, planned.KvBlocks, "cache blocks: sharded, against the whole layer on device 0");
+        TestContext.WriteLine($"cache blocks: {planned.KvBlocks} sharded, {wholeOnDevice0.KvBlocks} with the whole MTP layer on device 0");
     }
 
     [TestMethod]
