@@ -24,18 +24,32 @@ internal sealed class DecoderLayer : IDisposable
     public required GateWeight? Gate { get; init; }
     public required ExpertWeights? Experts { get; init; }
 
-    /// <summary>Uploads layer <paramref name="index"/>, or only <paramref name="shard"/>'s part of it (tensor/expert parallelism).</summary>
+    /// <summary>
+    /// Uploads layer <paramref name="index"/>, or only <paramref name="shard"/>'s part of it (tensor/expert parallelism); a
+    /// failed upload releases what it had uploaded.
+    /// </summary>
     public static DecoderLayer Load(Checkpoint checkpoint, IBackend backend, ModelConfig config, int index, LayerShard? shard = null)
     {
         var n = CheckpointLayout.Layer(config, index);
         var eps = (float)config.RmsNormEps;
-        NormWeight Norm(string name, int width) => backend.UploadNorm(checkpoint, name, width, eps);
-        LinearWeight Lin(LinearSpec spec) => backend.UploadLinear(checkpoint, spec);
+        var loaded = new List<IDisposable>();
+        NormWeight Norm(string name, int width) => DeepSeekModel.Track(loaded, backend.UploadNorm(checkpoint, name, width, eps));
+        LinearWeight Lin(LinearSpec spec) => DeepSeekModel.Track(loaded, backend.UploadLinear(checkpoint, spec));
 
         var attention = shard is null ? (n.QB, n.KvB, n.O) : shard.Attention(config, n);
         var gateOptions = new GateOptions(config.NRoutedExperts, config.NGroup, config.TopkGroup, config.NumExpertsPerTok,
             config.NormTopkProb, (float)config.RoutedScalingFactor);
-        return new DecoderLayer
+        try
+        {
+            return Upload();
+        }
+        catch
+        {
+            DeepSeekModel.Release(loaded);
+            throw;
+        }
+
+        DecoderLayer Upload() => new()
         {
             Index = index,
             InputNorm = Norm(n.InputNorm, config.HiddenSize),
@@ -48,13 +62,13 @@ internal sealed class DecoderLayer : IDisposable
             KvB = Lin(attention.KvB),
             O = Lin(attention.O),
             Dense = n.IsMoe ? null : [.. (shard is null ? n.DenseMlp : LayerShard.SliceMlp(n.DenseMlp, shard.Dense)).Select(Lin)],
-            Gate = n.IsMoe ? backend.UploadGate(checkpoint, n.Gate, n.GateBias, config.HiddenSize, gateOptions) : null,
+            Gate = n.IsMoe ? DeepSeekModel.Track(loaded, backend.UploadGate(checkpoint, n.Gate, n.GateBias, config.HiddenSize, gateOptions)) : null,
             Experts = n.IsMoe
-                ? backend.UploadExperts(checkpoint,
+                ? DeepSeekModel.Track(loaded, backend.UploadExperts(checkpoint,
                     [.. Enumerable.Range(0, config.NRoutedExperts).Select(e => shard is null || shard.HoldsExpert(e) ? n.Expert(e) : [])],
                     config.NSharedExperts == 0 ? null
                     : shard is null ? n.SharedExpert
-                    : shard.Shared.Count > 0 ? LayerShard.SliceMlp(n.SharedExpert, shard.Shared) : null)
+                    : shard.Shared.Count > 0 ? LayerShard.SliceMlp(n.SharedExpert, shard.Shared) : null))
                 : null,
         };
     }

@@ -352,6 +352,84 @@ public sealed class ParallelModelTests
     }
 
     /// <summary>
+    /// A load that fails part way (on any device, at any of its weight uploads: inside a main layer, inside the MTP layer or
+    /// its input side, the embedding, norms, head and rotary table) throws and leaves no weight uploaded on any device:
+    /// <see cref="DeepSeekModel"/> on one device, and <see cref="ParallelModel"/> over a pipeline and tensor/expert parallel
+    /// devices, where the MTP layer is on each device that runs the last layer and eh_proj on the head device alone.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.Pipeline, 0)] // DeepSeekModel on one device
+    [DataRow(PlacementKind.Pipeline, 3)]
+    [DataRow(PlacementKind.TensorExpertParallel, 2)]
+    public void ALoadThatFailsAtAnyWeightReleasesEveryWeight(PlacementKind kind, int n)
+    {
+        var (checkpoint, _) = s_models["tiny-a"];
+        var c = checkpoint.Config;
+        var options = Options with { LoadMtp = true };
+        var plan = n == 0 ? null : SimulatedDevices.PlanOf(c, kind, n, mtp: true);
+        var count = Math.Max(1, n);
+        IDisposable Load(RecordingBackend[] devices)
+        {
+            if (plan is null)
+            {
+                return DeepSeekModel.Load(checkpoint, devices[0], options);
+            }
+
+            var comm = new HostCommunicator(devices);
+            try
+            {
+                return ParallelModel.Load(checkpoint, plan, comm, options);
+            }
+            finally
+            {
+                comm.Dispose(); // the model does not own it, and the recording devices outlive it here
+            }
+        }
+
+        RecordingBackend[] Devices() => [.. Enumerable.Range(0, count).Select(_ => new RecordingBackend(new CpuBackend()))];
+        void Dispose(RecordingBackend[] devices)
+        {
+            foreach (var d in devices)
+            {
+                d.Dispose();
+            }
+        }
+
+        var good = Devices();
+        var mtpLayer = CheckpointLayout.Layer(c, c.NumHiddenLayers);
+        var prefix = CheckpointLayout.LayerPrefix(c.NumHiddenLayers);
+        Load(good).Dispose();
+        var uploads = good.Select(d => d.Weights.Count).ToArray();
+        for (var r = 0; r < count; r++)
+        {
+            var mtp = good[r].WeightNames.Where(x => x.StartsWith(prefix, StringComparison.Ordinal)).ToList();
+            Assert.AreEqual(plan?.MtpDevices.Contains(r) ?? true, mtp.Count > 0, $"device {r} uploads the MTP layer");
+            Assert.AreEqual(r == (plan?.HeadDevice ?? 0), mtp.Contains(mtpLayer.MtpEhProj), $"device {r}: eh_proj");
+        }
+
+        Dispose(good);
+        for (var r = 0; r < count; r++)
+        {
+            for (var k = 1; k <= uploads[r]; k++)
+            {
+                var devices = Devices();
+                try
+                {
+                    devices[r].FailAtWeight = k;
+                    var e = Assert.ThrowsExactly<InvalidOperationException>(() => Load(devices));
+                    StringAssert.Contains(e.Message, "simulated out of memory");
+                    var kept = devices.SelectMany(d => d.Weights.Zip(d.WeightNames)).Where(w => !w.First.IsDisposed).Select(w => w.Second).ToList();
+                    Assert.IsEmpty(kept, $"device {r}, weight {k} failed; kept: {string.Join(", ", kept)}");
+                }
+                finally
+                {
+                    Dispose(devices);
+                }
+            }
+        }
+    }
+
+    /// <summary>
     /// A session that cannot allocate part way (on any device, at any of its allocations) throws and releases what it had
     /// allocated on every device, and the next session runs as before. A session allocates a latent cache for each layer on
     /// each device that runs it (the MTP layer's included), and on the head device the last hidden.

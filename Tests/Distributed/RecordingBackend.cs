@@ -18,6 +18,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public IReadOnlyList<(string Tensor, TensorSlice? Slice)> Received => _received;
 
     private readonly List<BackendResource> _weights = [];
+    private readonly List<string> _weightNames = [];
 
     /// <summary>Every weight handle this device returned, in upload order (tests check that a cancelled load disposed them all).</summary>
     public IReadOnlyList<BackendResource> Weights => _weights;
@@ -69,12 +70,25 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
         return resource;
     }
 
-    private T Kept<T>(T weight)
+    private T Kept<T>(T weight, string name)
         where T : BackendResource
     {
+        if (_weights.Count + 1 == FailAtWeight)
+        {
+            weight.Dispose();
+            throw new InvalidOperationException($"{Name}: simulated out of memory at weight {FailAtWeight} ({name})");
+        }
+
         _weights.Add(weight);
+        _weightNames.Add(name);
         return Named(weight);
     }
+
+    /// <summary>The weight upload (counted as <see cref="Weights"/> counts, from 1) that fails as an out-of-memory would, nothing kept; 0: none.</summary>
+    public int FailAtWeight { get; set; }
+
+    /// <summary>The checkpoint tensor each of <see cref="Weights"/> was uploaded from (its first, for a gate or an expert stack; "rope" for the rotary table).</summary>
+    public IReadOnlyList<string> WeightNames => _weightNames;
 
     /// <summary>The allocation (counted as <see cref="Allocations"/> counts) that fails as an out-of-memory would, nothing allocated; 0: none.</summary>
     public int FailAtAllocation { get; set; }
@@ -145,32 +159,32 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public LinearWeight UploadLinear(Checkpoint checkpoint, LinearSpec spec)
     {
         Record(spec);
-        return Kept(inner.UploadLinear(checkpoint, spec));
+        return Kept(inner.UploadLinear(checkpoint, spec), spec.Weight);
     }
 
     public NormWeight UploadNorm(Checkpoint checkpoint, string name, int width, float epsilon)
     {
         _received.Add((name, null));
-        return Kept(inner.UploadNorm(checkpoint, name, width, epsilon));
+        return Kept(inner.UploadNorm(checkpoint, name, width, epsilon), name);
     }
 
     public EmbeddingWeight UploadEmbedding(Checkpoint checkpoint, string name, int rows, int width)
     {
         _received.Add((name, null));
-        return Kept(inner.UploadEmbedding(checkpoint, name, rows, width));
+        return Kept(inner.UploadEmbedding(checkpoint, name, rows, width), name);
     }
 
     public LinearWeight UploadHead(Checkpoint checkpoint, string name, int vocab, int width)
     {
         _received.Add((name, null));
-        return Kept(inner.UploadHead(checkpoint, name, vocab, width));
+        return Kept(inner.UploadHead(checkpoint, name, vocab, width), name);
     }
 
     public GateWeight UploadGate(Checkpoint checkpoint, string weight, string bias, int width, GateOptions options)
     {
         _received.Add((weight, null));
         _received.Add((bias, null));
-        return Kept(inner.UploadGate(checkpoint, weight, bias, width, options));
+        return Kept(inner.UploadGate(checkpoint, weight, bias, width, options), weight);
     }
 
     public ExpertWeights UploadExperts(Checkpoint checkpoint, IReadOnlyList<LinearSpec[]> experts, LinearSpec[]? shared)
@@ -180,10 +194,10 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
             Record(spec);
         }
 
-        return Kept(inner.UploadExperts(checkpoint, experts, shared));
+        return Kept(inner.UploadExperts(checkpoint, experts, shared), experts.SelectMany(e => e).Concat(shared ?? []).FirstOrDefault()?.Weight ?? "experts");
     }
 
-    public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs) => Kept(inner.UploadRope(cos, sin, positions, pairs));
+    public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs) => Kept(inner.UploadRope(cos, sin, positions, pairs), "rope");
     public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => Counted(inner.AllocateLatentCache(capacity, latentDim, ropeDim));
 
     public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) => Counted(inner.AllocateLatentPool(blocks, latentDim, ropeDim));
