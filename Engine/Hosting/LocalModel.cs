@@ -184,7 +184,7 @@ public sealed class LocalModel : ILanguageModel
 
     /// <summary>
     /// The load over several devices: the CUDA ranks (or the test factory's devices), a placement that fits their free
-    /// memory (with the MTP layer on the head device when the checkpoint has one, so the chat client drafts as on one
+    /// memory (with the MTP layer where the last layer runs when the checkpoint has one, so the chat client drafts as on one
     /// device), the context their memory leaves, then <see cref="ParallelModel.Load"/>. A failure disposes the devices.
     /// </summary>
     private static LocalModel LoadSpread(Checkpoint checkpoint, BpeTokenizer tokenizer, string tokenizerDirectory, LocalModelOptions options, int count,
@@ -195,7 +195,7 @@ public sealed class LocalModel : ILanguageModel
         {
             Log.DevicesOpened(logger, count, group.Description);
             var config = checkpoint.Config;
-            var mtp = config.NumNextNPredictLayers > 0; // placed on the head device, as one device loads it
+            var mtp = config.NumNextNPredictLayers > 0; // placed where the last layer runs, as one device loads it
             var plan = options.Placement switch
             {
                 PlacementKind.Pipeline => PlacementPlan.Pipeline(config, count, mtp),

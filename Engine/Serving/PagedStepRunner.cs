@@ -333,7 +333,7 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <inheritdoc />
     /// <remarks>
-    /// The drafts run on the head device after the step's choice, in the same step: the MTP layer over each marked entry's
+    /// The drafts run after the step's choice, in the same step (where the MTP layer runs; the head and the choice on the head device): the MTP layer over each marked entry's
     /// logit rows (a position's final hidden from the ring, its next token the id chosen there, <see cref="IBackend.EmbeddingChosenRows"/>),
     /// the head over each of them and the drafts' choice; the step's one wait brings back the ids of both. With
     /// <see cref="DecodeGraphs"/>, the drafts of a bucket of rows seen before replay its graph.
