@@ -351,6 +351,9 @@ public sealed class ParallelModelTests
         Assert.AreEqual(traffic.AllReduces + (exact ? 0 : 3 * 3), mtp.AllReduces, "all-reduces of three MTP calls");
     }
 
+    /// <summary>The layouts whose failures part way are tested: <see cref="DeepSeekModel"/> on one device (N = 0), a pipeline over 3, tensor/expert parallelism over 2.</summary>
+    public static IEnumerable<object[]> FailureCases => [[PlacementKind.Pipeline, 0], [PlacementKind.Pipeline, 3], [PlacementKind.TensorExpertParallel, 2]];
+
     /// <summary>
     /// A load that fails part way (on any device, at any of its weight uploads: inside a main layer, inside the MTP layer or
     /// its input side, the embedding, norms, head and rotary table) throws and leaves no weight uploaded on any device:
@@ -358,9 +361,7 @@ public sealed class ParallelModelTests
     /// devices, where the MTP layer is on each device that runs the last layer and eh_proj on the head device alone.
     /// </summary>
     [TestMethod]
-    [DataRow(PlacementKind.Pipeline, 0)] // DeepSeekModel on one device
-    [DataRow(PlacementKind.Pipeline, 3)]
-    [DataRow(PlacementKind.TensorExpertParallel, 2)]
+    [DynamicData(nameof(FailureCases))]
     public void ALoadThatFailsAtAnyWeightReleasesEveryWeight(PlacementKind kind, int n)
     {
         var (checkpoint, _) = s_models["tiny-a"];
@@ -435,9 +436,7 @@ public sealed class ParallelModelTests
     /// each device that runs it (the MTP layer's included), and on the head device the last hidden.
     /// </summary>
     [TestMethod]
-    [DataRow(PlacementKind.Pipeline, 0)] // DeepSeekModel on one device
-    [DataRow(PlacementKind.Pipeline, 3)]
-    [DataRow(PlacementKind.TensorExpertParallel, 2)]
+    [DynamicData(nameof(FailureCases))]
     public void ASessionThatCannotAllocateReleasesWhatItHad(PlacementKind kind, int n)
     {
         var (checkpoint, _) = s_models["tiny-a"];
