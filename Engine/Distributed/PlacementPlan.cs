@@ -427,28 +427,26 @@ public sealed class PlacementPlan
 
         public IEnumerable<int> MtpLayers() => Enumerable.Range(_c.NumHiddenLayers, _c.NumNextNPredictLayers);
 
-        public long MtpBytes() => MtpLayers().Sum(i => MtpLayerTensors(i).Sum(n => StoredBytes(Expected[n])));
+        public long MtpBytes() => MtpLayers().Sum(i => LayerTensors(i).Sum(n => StoredBytes(Expected[n])));
 
-        /// <summary>The MTP layer's own tensors: everything stored under its prefix but its embedding and head copies.</summary>
-        private IEnumerable<string> MtpLayerTensors(int i)
+        /// <summary>
+        /// The tensors stored under layer <paramref name="layer"/>'s prefix that a device holding it places: of an MTP layer, all
+        /// but its copies of the embedding and head, and its input side (enorm, hnorm, eh_proj) only with <paramref name="mtpInput"/>.
+        /// </summary>
+        private IEnumerable<string> LayerTensors(int layer, bool mtpInput = true)
         {
-            var n = CheckpointLayout.Layer(_c, i);
-            return Expected.Values.Where(t => t.Layer == i && t.Name != n.MtpEmbedding && t.Name != n.MtpHead).Select(t => t.Name);
+            var n = CheckpointLayout.Layer(_c, layer);
+            string[] left = !n.IsMtp ? [] : mtpInput ? [n.MtpEmbedding, n.MtpHead] : [n.MtpEmbedding, n.MtpHead, n.MtpEnorm, n.MtpHnorm, n.MtpEhProj];
+            return Expected.Values.Where(t => t.Layer == layer && !left.Contains(t.Name)).Select(t => t.Name);
         }
 
         public void Whole(string name, int device) => _placements.Add(new TensorPlacement(name, device, null, StoredBytes(Expected[name])));
 
         public void WholeLayer(int layer, int device)
         {
-            var n = CheckpointLayout.Layer(_c, layer);
-            foreach (var t in Expected.Values.Where(t => t.Layer == layer))
+            foreach (var name in LayerTensors(layer))
             {
-                if (n.IsMtp && (t.Name == n.MtpEmbedding || t.Name == n.MtpHead))
-                {
-                    continue;
-                }
-
-                Whole(t.Name, device);
+                Whole(name, device);
             }
         }
 
@@ -456,7 +454,7 @@ public sealed class PlacementPlan
         /// <paramref name="shard"/>'s part of <paramref name="layer"/> on <paramref name="device"/>, the rest replicated; of an
         /// MTP layer, its input side (enorm, hnorm, eh_proj) only with <paramref name="mtpInput"/>.
         /// </summary>
-        public void ShardedLayer(int layer, int device, LayerShard shard, bool mtpInput = false)
+        public void ShardedLayer(int layer, int device, LayerShard shard, bool mtpInput = true)
         {
             var n = CheckpointLayout.Layer(_c, layer);
             var sliced = new List<LinearSpec>();
@@ -487,22 +485,17 @@ public sealed class PlacementPlan
                 Linear(spec, device);
             }
 
-            // Replicated: everything of the layer that is neither sliced nor a routed expert (nor an MTP copy, nor its input side elsewhere).
+            // Replicated: everything the device places of the layer that is neither sliced nor a routed expert.
             var taken = new HashSet<string>(sliced.SelectMany(s => new[] { s.Weight, s.Scale }));
-            if (n.IsMtp)
-            {
-                taken.UnionWith(mtpInput ? [n.MtpEmbedding, n.MtpHead] : [n.MtpEmbedding, n.MtpHead, n.MtpEnorm, n.MtpHnorm, n.MtpEhProj]);
-            }
-
             var expertPrefix = CheckpointLayout.LayerPrefix(layer) + "mlp.experts.";
-            foreach (var t in Expected.Values.Where(t => t.Layer == layer))
+            foreach (var name in LayerTensors(layer, mtpInput))
             {
-                if (taken.Contains(t.Name) || t.Name.StartsWith(expertPrefix, StringComparison.Ordinal))
+                if (taken.Contains(name) || name.StartsWith(expertPrefix, StringComparison.Ordinal))
                 {
                     continue;
                 }
 
-                Whole(t.Name, device);
+                Whole(name, device);
             }
         }
 

@@ -33,8 +33,8 @@ internal sealed class DecoderLayer : IDisposable
         var n = CheckpointLayout.Layer(config, index);
         var eps = (float)config.RmsNormEps;
         var loaded = new List<IDisposable>();
-        NormWeight Norm(string name, int width) => DeepSeekModel.Track(loaded, backend.UploadNorm(checkpoint, name, width, eps));
-        LinearWeight Lin(LinearSpec spec) => DeepSeekModel.Track(loaded, backend.UploadLinear(checkpoint, spec));
+        NormWeight Norm(string name, int width) => loaded.Track(backend.UploadNorm(checkpoint, name, width, eps));
+        LinearWeight Lin(LinearSpec spec) => loaded.Track(backend.UploadLinear(checkpoint, spec));
 
         var attention = shard is null ? (n.QB, n.KvB, n.O) : shard.Attention(config, n);
         var gateOptions = new GateOptions(config.NRoutedExperts, config.NGroup, config.TopkGroup, config.NumExpertsPerTok,
@@ -45,7 +45,7 @@ internal sealed class DecoderLayer : IDisposable
         }
         catch
         {
-            DeepSeekModel.Release(loaded);
+            loaded.Release();
             throw;
         }
 
@@ -62,9 +62,9 @@ internal sealed class DecoderLayer : IDisposable
             KvB = Lin(attention.KvB),
             O = Lin(attention.O),
             Dense = n.IsMoe ? null : [.. (shard is null ? n.DenseMlp : LayerShard.SliceMlp(n.DenseMlp, shard.Dense)).Select(Lin)],
-            Gate = n.IsMoe ? DeepSeekModel.Track(loaded, backend.UploadGate(checkpoint, n.Gate, n.GateBias, config.HiddenSize, gateOptions)) : null,
+            Gate = n.IsMoe ? loaded.Track(backend.UploadGate(checkpoint, n.Gate, n.GateBias, config.HiddenSize, gateOptions)) : null,
             Experts = n.IsMoe
-                ? DeepSeekModel.Track(loaded, backend.UploadExperts(checkpoint,
+                ? loaded.Track(backend.UploadExperts(checkpoint,
                     [.. Enumerable.Range(0, config.NRoutedExperts).Select(e => shard is null || shard.HoldsExpert(e) ? n.Expert(e) : [])],
                     config.NSharedExperts == 0 ? null
                     : shard is null ? n.SharedExpert

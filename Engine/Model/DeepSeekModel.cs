@@ -76,19 +76,18 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
 
         cancellationToken.ThrowIfCancellationRequested();
         var (cos, sin) = YarnRope.Table(config, maxLength);
-        // Everything uploaded so far, disposed in reverse if the load is cancelled or fails part way
-        // (a GPU backend would otherwise keep the memory until the backend itself goes).
+        // Everything uploaded so far, released if the load is cancelled or fails part way (Uploads).
         try
         {
-            var embed = Track(loaded, backend.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, config.HiddenSize));
-            var head = Track(loaded, backend.UploadHead(checkpoint, config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead,
+            var embed = loaded.Track(backend.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, config.HiddenSize));
+            var head = loaded.Track(backend.UploadHead(checkpoint, config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead,
                 config.VocabSize, config.HiddenSize));
             var eps = (float)config.RmsNormEps;
             var layers = new DecoderLayer[config.NumHiddenLayers];
             for (var i = 0; i < layers.Length; i++)
             {
                 cancellationToken.ThrowIfCancellationRequested();
-                layers[i] = Track(loaded, DecoderLayer.Load(checkpoint, backend, config, i));
+                layers[i] = loaded.Track(DecoderLayer.Load(checkpoint, backend, config, i));
                 // Layers hold nearly all the bytes; the MTP layer counts as one more.
                 progress?.Report((i + 1.0) / (layers.Length + 1));
             }
@@ -98,11 +97,11 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
             {
                 cancellationToken.ThrowIfCancellationRequested();
                 // Only the first MTP layer: V3/R1 ship one, and one draft token is what speculative decoding uses.
-                mtp = Track(loaded, MtpWeights.Load(checkpoint, backend, config, config.NumHiddenLayers));
+                mtp = loaded.Track(MtpWeights.Load(checkpoint, backend, config, config.NumHiddenLayers));
             }
 
-            var finalNorm = Track(loaded, backend.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, config.HiddenSize, eps));
-            var rope = Track(loaded, backend.UploadRope(cos, sin, maxLength, config.QkRopeHeadDim / 2));
+            var finalNorm = loaded.Track(backend.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, config.HiddenSize, eps));
+            var rope = loaded.Track(backend.UploadRope(cos, sin, maxLength, config.QkRopeHeadDim / 2));
             cancellationToken.ThrowIfCancellationRequested();
             progress?.Report(1.0);
             var dims = new MlaDims(config.NumAttentionHeads, config.QkNopeHeadDim, config.QkRopeHeadDim, config.VHeadDim, config.KvLoraRank);
@@ -120,24 +119,8 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
         }
         catch
         {
-            Release(loaded);
+            loaded.Release();
             throw;
-        }
-    }
-
-    /// <summary>Adds <paramref name="item"/> to what a load has uploaded so far (<see cref="Release"/> on failure).</summary>
-    internal static T Track<T>(List<IDisposable> loaded, T item) where T : IDisposable
-    {
-        loaded.Add(item);
-        return item;
-    }
-
-    /// <summary>Disposes what a failed load had uploaded, last first.</summary>
-    internal static void Release(List<IDisposable> loaded)
-    {
-        for (var i = loaded.Count - 1; i >= 0; i--)
-        {
-            loaded[i].Dispose();
         }
     }
 
@@ -216,16 +199,16 @@ internal sealed class MtpWeights : IDisposable
         {
             return new MtpWeights
             {
-                ENorm = input ? DeepSeekModel.Track(loaded, backend.UploadNorm(checkpoint, n.MtpEnorm, d, eps)) : null,
-                HNorm = input ? DeepSeekModel.Track(loaded, backend.UploadNorm(checkpoint, n.MtpHnorm, d, eps)) : null,
-                EhProj = input ? DeepSeekModel.Track(loaded, backend.UploadLinear(checkpoint, new LinearSpec(n.MtpEhProj, d, 2 * d, Quantized: false))) : null,
-                Layer = DeepSeekModel.Track(loaded, DecoderLayer.Load(checkpoint, backend, config, index, shard)),
-                HeadNorm = DeepSeekModel.Track(loaded, backend.UploadNorm(checkpoint, n.MtpHeadNorm, d, eps)),
+                ENorm = input ? loaded.Track(backend.UploadNorm(checkpoint, n.MtpEnorm, d, eps)) : null,
+                HNorm = input ? loaded.Track(backend.UploadNorm(checkpoint, n.MtpHnorm, d, eps)) : null,
+                EhProj = input ? loaded.Track(backend.UploadLinear(checkpoint, new LinearSpec(n.MtpEhProj, d, 2 * d, Quantized: false))) : null,
+                Layer = loaded.Track(DecoderLayer.Load(checkpoint, backend, config, index, shard)),
+                HeadNorm = loaded.Track(backend.UploadNorm(checkpoint, n.MtpHeadNorm, d, eps)),
             };
         }
         catch
         {
-            DeepSeekModel.Release(loaded);
+            loaded.Release();
             throw;
         }
     }

@@ -381,18 +381,11 @@ internal static class LayerSteps
             throw new ArgumentException($"{count} devices run the MTP layer and there is no all-reduce", nameof(allReduceSum));
         }
 
-        var source = -1;
-        for (var k = 0; k < count; k++)
+        // The one part that holds the input side (DeviceLayout checks there is exactly one: the head device's).
+        var source = 0;
+        while (!parts[source].Mtp.HasInput)
         {
-            if (parts[k].Mtp.HasInput)
-            {
-                source = source < 0 ? k : throw new ArgumentException($"MTP parts {source} and {k} both hold the input side", nameof(parts));
-            }
-        }
-
-        if (source < 0)
-        {
-            throw new ArgumentException("no MTP part holds the input side (enorm, hnorm, eh_proj)", nameof(parts));
+            source++;
         }
 
         var n = nextTokens.Length;

@@ -25,6 +25,17 @@ internal static class DistributedModels
         MaxPositionEmbeddings = 256,
     }).Validate();
 
+    /// <summary>Bytes <paramref name="tensors"/> are stored in (checkpoint dtype).</summary>
+    public static long StoredBytes(IEnumerable<ExpectedTensor> tensors) => tensors.Sum(t => t.Shape.Aggregate(1L, (a, d) => a * d) * DTypes.SizeOf(t.DType));
+
+    /// <summary>The first MTP layer's own tensors: everything stored under its prefix but its copies of the embedding and head.</summary>
+    public static List<ExpectedTensor> MtpLayerTensors(ModelConfig config)
+    {
+        var index = config.NumHiddenLayers;
+        var names = CheckpointLayout.Layer(config, index);
+        return [.. CheckpointLayout.Expected(config).Where(t => t.Layer == index && t.Name != names.MtpEmbedding && t.Name != names.MtpHead)];
+    }
+
     /// <summary><see cref="Wide8"/> with the output head tied to the embedding.</summary>
     public static ModelConfig Tied8 { get; } = (Wide8 with { TieWordEmbeddings = true }).Validate();
 

@@ -151,7 +151,7 @@ public sealed class PlacementPlanTests
 
         var index = v3.NumHiddenLayers;
         var names = CheckpointLayout.Layer(v3, index);
-        var layer = CheckpointLayout.Expected(v3).Where(t => t.Layer == index && t.Name != names.MtpEmbedding && t.Name != names.MtpHead).ToList();
+        var layer = DistributedModels.MtpLayerTensors(v3);
         var prefix = CheckpointLayout.LayerPrefix(index);
         var placed = with.Placements.Where(p => p.Tensor.StartsWith(prefix, StringComparison.Ordinal)).ToList();
         CollectionAssert.AreEquivalent(layer.Select(t => t.Name).ToList(), placed.Select(p => p.Tensor).Distinct().ToList(), "the MTP layer's tensors, each placed");
@@ -163,7 +163,7 @@ public sealed class PlacementPlanTests
                 $"{name}: whole, on the head device alone");
         }
 
-        var layerBytes = layer.Sum(t => t.Shape.Aggregate(1L, (a, d) => a * d) * DTypes.SizeOf(t.DType));
+        var layerBytes = DistributedModels.StoredBytes(layer);
         var embedding = 2L * v3.VocabSize * v3.HiddenSize;
         var gained = Enumerable.Range(0, n).Select(d => with.BytesOn(d) - without.BytesOn(d)).ToArray();
         Assert.IsTrue(with.On(with.HeadDevice).Any(p => p.Tensor == CheckpointLayout.Embedding), "the head device embeds the MTP layer's tokens");
@@ -189,7 +189,7 @@ public sealed class PlacementPlanTests
 
             CollectionAssert.AreEqual(devices, placed.Where(p => p.Tensor == names.MtpHeadNorm).Select(p => p.Device).ToArray(), "the head norm on every device");
             Assert.AreEqual(n, with.Placements.Count(p => p.Tensor == CheckpointLayout.Embedding), "embedding placements");
-            var inputBytes = layer.Where(t => input.Contains(t.Name)).Sum(t => t.Shape.Aggregate(1L, (a, d) => a * d) * DTypes.SizeOf(t.DType));
+            var inputBytes = DistributedModels.StoredBytes(layer.Where(t => input.Contains(t.Name)));
             for (var d = 1; d < n; d++)
             {
                 Assert.AreEqual(gained[0] - inputBytes, gained[d], $"device {d} gains the head device's shard less the input side");
@@ -337,5 +337,5 @@ public sealed class PlacementPlanTests
     }
 
     private static long LayerBytes(ModelConfig config, int layer) =>
-        CheckpointLayout.Expected(config).Where(t => t.Layer == layer).Sum(t => t.Shape.Aggregate(1L, (a, s) => a * s) * DTypes.SizeOf(t.DType));
+        DistributedModels.StoredBytes(CheckpointLayout.Expected(config).Where(t => t.Layer == layer));
 }

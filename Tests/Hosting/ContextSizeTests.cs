@@ -3,6 +3,7 @@ using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Distributed;
 using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Hosting;
@@ -162,10 +163,7 @@ public sealed class ContextSizeTests
         StringAssert.Contains(choice.Reason, "62 layers' caches");
         Assert.IsLessThan(ContextSize.ChooseForDevices(plain, free, sessions: 16).Tokens, choice.Tokens);
 
-        var index = v3.NumHiddenLayers;
-        var names = CheckpointLayout.Layer(v3, index);
-        var whole = CheckpointLayout.Expected(v3).Where(t => t.Layer == index && t.Name != names.MtpEmbedding && t.Name != names.MtpHead)
-            .Sum(t => t.Shape.Aggregate(1L, (a, d) => a * d) * DTypes.SizeOf(t.DType));
+        var whole = DistributedModels.StoredBytes(DistributedModels.MtpLayerTensors(v3));
         var before = Enumerable.Range(0, 8).Select(d => new DeviceShare(free[d], plain.BytesOn(d) + (d == 0 ? whole : 0), 0, 61, d == 0 ? 62 : 61, d == 0)).ToArray();
         var planned = MemoryPlanner.Plan(v3, shares, options with { MaxSequenceLength = KvBlockManager.BlockTokens * 16 });
         var wholeOnDevice0 = MemoryPlanner.Plan(v3, before, options with { MaxSequenceLength = KvBlockManager.BlockTokens * 16 });
