@@ -1,5 +1,5 @@
 using System.Globalization;
-using DeepSeekCuda.Distributed;
+using DeepSeekCuda.Model;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Serving;
 

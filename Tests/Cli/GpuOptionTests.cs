@@ -76,8 +76,8 @@ public sealed class GpuOptionTests
     public void PlacementTakesAutoTensorOrPipeline()
     {
         Assert.IsNull(GpuOption.Placement("auto"));
-        Assert.AreEqual(DeepSeekCuda.Distributed.PlacementKind.TensorExpertParallel, GpuOption.Placement("tensor"));
-        Assert.AreEqual(DeepSeekCuda.Distributed.PlacementKind.Pipeline, GpuOption.Placement("pipeline"));
+        Assert.AreEqual(DeepSeekCuda.Model.PlacementKind.TensorExpertParallel, GpuOption.Placement("tensor"));
+        Assert.AreEqual(DeepSeekCuda.Model.PlacementKind.Pipeline, GpuOption.Placement("pipeline"));
         var r = CliRunner.Run("generate", "--model", s_dir, "--prompt", "x", "--placement", "sideways");
         Assert.AreEqual(1, r.ExitCode);
         StringAssert.Contains(r.Error, "sideways");

@@ -1,6 +1,7 @@
 using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Model;
 using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Distributed;

@@ -1,5 +1,5 @@
 using DeepSeekCuda.Backends.Cuda;
-using DeepSeekCuda.Distributed;
+using DeepSeekCuda.Model;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 

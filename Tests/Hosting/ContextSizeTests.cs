@@ -1,4 +1,4 @@
-using DeepSeekCuda.Distributed;
+using DeepSeekCuda.Model;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;

@@ -1,5 +1,6 @@
 using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Hosting;
+using DeepSeekCuda.Model;
 using DeepSeekCuda.Tests.Cuda;
 using CudaRt = DeepSeekCuda.Cuda.Cuda;
 

@@ -2,6 +2,7 @@ using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Hosting;
+using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Distributed;
 using DeepSeekCuda.Tests.Support;

@@ -86,7 +86,7 @@ public static class CliApp
             or UnauthorizedAccessException or FormatException or InvalidDataException or ArgumentException
             or IOException or DeepSeekCuda.Inference.NonFiniteLogitsException
             // The model does not fit the hardware: the message says what each device needs and has.
-            or DeepSeekCuda.Serving.InsufficientDeviceMemoryException or DeepSeekCuda.Distributed.PlacementException;
+            or DeepSeekCuda.Serving.InsufficientDeviceMemoryException or DeepSeekCuda.Model.PlacementException;
 
     // A mismatch report lists many tensors over several lines; keep them, but indent so the first line
     // still reads as the error.

@@ -1,7 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using DeepSeekCuda.Backends.Cuda;
-using DeepSeekCuda.Distributed;
+using DeepSeekCuda.Model;
 using CudaRt = DeepSeekCuda.Cuda.Cuda;
 
 namespace DeepSeekCuda.Cli;

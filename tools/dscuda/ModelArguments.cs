@@ -1,5 +1,5 @@
 using System.CommandLine;
-using DeepSeekCuda.Distributed;
+using DeepSeekCuda.Model;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Serving;

@@ -1,7 +1,6 @@
 using DeepSeekCuda.Loader;
-using DeepSeekCuda.Model;
 
-namespace DeepSeekCuda.Distributed;
+namespace DeepSeekCuda.Model;
 
 /// <summary>How a model is split across devices.</summary>
 public enum PlacementKind
