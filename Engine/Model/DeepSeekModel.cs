@@ -46,100 +46,26 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     DeviceLayout IPagedModel.Layout => Layout;
 
     /// <summary>
-    /// Uploads every weight of <paramref name="checkpoint"/> to <paramref name="backend"/> (each read once)
-    /// and builds the rotary table. The checkpoint may be disposed afterwards.
+    /// Uploads every weight of <paramref name="checkpoint"/> to <paramref name="backend"/> (each read once, in file order) and
+    /// builds the rotary table: the load of a one-device plan (<see cref="PlacementPlan.Pipeline"/> over one device), as a model
+    /// spread over several devices loads each device's part. The checkpoint may be disposed afterwards.
     /// </summary>
     /// <param name="checkpoint">The opened, validated checkpoint.</param>
     /// <param name="backend">Where the weights go.</param>
     /// <param name="options">Attention form, context length, MTP.</param>
-    /// <param name="progress">Receives the fraction of layers loaded, from 0 to 1.</param>
-    /// <param name="cancellationToken">Checked between tensor groups (embedding, each layer, the MTP layer); a cancelled load disposes what it loaded.</param>
+    /// <param name="progress">Receives the fraction of the weight bytes uploaded, from 0 to 1.</param>
+    /// <param name="cancellationToken">Checked before each upload (a layer, the MTP layer, the embedding, final norm or head); a cancelled load disposes what it loaded.</param>
     /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> fired; nothing stays allocated.</exception>
     /// <exception cref="NotSupportedException">The config asks for something this engine does not implement.</exception>
     /// <exception cref="CheckpointException">A tensor is missing or has the wrong shape.</exception>
-    public static DeepSeekModel Load(Checkpoint checkpoint, IBackend backend, ModelOptions? options = null, IProgress<double>? progress = null, CancellationToken cancellationToken = default) =>
-        LoadTracked(checkpoint, backend, options, progress, [], cancellationToken);
-
-    /// <summary><see cref="Load(Checkpoint, IBackend, ModelOptions?, IProgress{double}?, CancellationToken)"/>, keeping in <paramref name="loaded"/> what it uploads (tests check a cancelled load disposed all of it).</summary>
-    internal static DeepSeekModel LoadTracked(Checkpoint checkpoint, IBackend backend, ModelOptions? options, IProgress<double>? progress, List<IDisposable> loaded, CancellationToken cancellationToken)
+    public static DeepSeekModel Load(Checkpoint checkpoint, IBackend backend, ModelOptions? options = null, IProgress<double>? progress = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(checkpoint);
         ArgumentNullException.ThrowIfNull(backend);
         options ??= new ModelOptions();
-        var config = checkpoint.Config;
-        CheckSupported(config);
-        var maxLength = options.MaxSequenceLength ?? Math.Min(config.MaxPositionEmbeddings, ModelOptions.DefaultMaxSequenceLength);
-        if (maxLength < 1 || maxLength > config.MaxPositionEmbeddings)
-        {
-            throw new ArgumentOutOfRangeException(nameof(options), maxLength, $"MaxSequenceLength must be within 1..max_position_embeddings ({config.MaxPositionEmbeddings})");
-        }
-
-        cancellationToken.ThrowIfCancellationRequested();
-        var (cos, sin) = YarnRope.Table(config, maxLength);
-        // Everything uploaded so far, released if the load is cancelled or fails part way (Uploads).
-        try
-        {
-            var embed = loaded.Track(backend.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, config.HiddenSize));
-            var head = loaded.Track(backend.UploadHead(checkpoint, config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead,
-                config.VocabSize, config.HiddenSize));
-            var eps = (float)config.RmsNormEps;
-            var layers = new DecoderLayer[config.NumHiddenLayers];
-            for (var i = 0; i < layers.Length; i++)
-            {
-                cancellationToken.ThrowIfCancellationRequested();
-                layers[i] = loaded.Track(DecoderLayer.Load(checkpoint, backend, config, i));
-                // Layers hold nearly all the bytes; the MTP layer counts as one more.
-                progress?.Report((i + 1.0) / (layers.Length + 1));
-            }
-
-            MtpWeights? mtp = null;
-            if (options.LoadMtp && config.NumNextNPredictLayers > 0)
-            {
-                cancellationToken.ThrowIfCancellationRequested();
-                // Only the first MTP layer: V3/R1 ship one, and one draft token is what speculative decoding uses.
-                mtp = loaded.Track(MtpWeights.Load(checkpoint, backend, config, config.NumHiddenLayers));
-            }
-
-            var finalNorm = loaded.Track(backend.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, config.HiddenSize, eps));
-            var rope = loaded.Track(backend.UploadRope(cos, sin, maxLength, config.QkRopeHeadDim / 2));
-            cancellationToken.ThrowIfCancellationRequested();
-            progress?.Report(1.0);
-            var dims = new MlaDims(config.NumAttentionHeads, config.QkNopeHeadDim, config.QkRopeHeadDim, config.VHeadDim, config.KvLoraRank);
-            var weights = new DeviceWeights(backend, layers.Length)
-            {
-                Rope = rope,
-                Context = new LayerContext(backend, config, rope, dims, (float)config.SoftmaxScale, options.Attention),
-                Embed = embed,
-                FinalNorm = finalNorm,
-                Head = head,
-                Mtp = mtp,
-            };
-            layers.CopyTo(weights.Layers, 0);
-            return new DeepSeekModel(weights, config, options, maxLength);
-        }
-        catch
-        {
-            loaded.Release();
-            throw;
-        }
-    }
-
-    internal static void CheckSupported(ModelConfig config)
-    {
-        if (config.NRoutedExperts % config.NGroup != 0)
-        {
-            throw new NotSupportedException($"n_group {config.NGroup} does not divide n_routed_experts {config.NRoutedExperts}");
-        }
-
-        if (config.QkRopeHeadDim % 2 != 0)
-        {
-            throw new NotSupportedException($"qk_rope_head_dim {config.QkRopeHeadDim} is odd; RoPE rotates pairs");
-        }
-
-        if (config.Quantization is { } q && (q.BlockRows <= 0 || q.BlockCols <= 0))
-        {
-            throw new NotSupportedException($"weight_block_size [{q.BlockRows}, {q.BlockCols}] is not supported");
-        }
+        var plan = PlacementPlan.Pipeline(checkpoint.Config, 1, options.LoadMtp);
+        var (weights, maxLength) = PlannedLoad.Load(checkpoint, plan, [backend], options, progress, cancellationToken);
+        return new DeepSeekModel(weights[0], checkpoint.Config, options, maxLength);
     }
 
     /// <summary>Starts an empty session with its own latent caches (main layers and MTP).</summary>

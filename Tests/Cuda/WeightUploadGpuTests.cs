@@ -3,6 +3,7 @@ using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
 using DeepSeekCuda.Loading;
 using DeepSeekCuda.Tests.Loader;
+using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Cuda;
 
@@ -84,10 +85,5 @@ public sealed class WeightUploadGpuTests : GpuTestBase
         // an error; the device is still usable and a fresh upload completes.
         var report = WeightUploader.Upload(Device, checkpoint, targets);
         Assert.AreEqual(checkpoint.TotalTensorBytes, report.Bytes);
-    }
-
-    private sealed class SyncProgress(Action<double> report) : IProgress<double>
-    {
-        public void Report(double value) => report(value);
     }
 }

@@ -8,12 +8,14 @@ using DeepSeekCuda.Tests.Support;
 namespace DeepSeekCuda.Tests.Distributed;
 
 /// <summary>
-/// <see cref="ParallelModel.Load"/> follows <see cref="PlacementPlan.LoadOrder"/>: every read of checkpoint bytes
+/// <see cref="ParallelModel.Load"/> and <see cref="DeepSeekModel.Load"/> (N = 0 below: one device, through the same planned
+/// load as a pipeline of one) follow <see cref="PlacementPlan.LoadOrder"/>: every read of checkpoint bytes
 /// (recorded by <see cref="Checkpoint.ReadObserver"/>, the scale grid of an FP8 weight included) is attributed to its
 /// load unit (a layer, or the embedding, final norm, lm_head), and the trace must visit each unit in one contiguous
 /// run (all its devices back to back: a re-read of a tensor by another device comes right after the first read, so
 /// from the page cache), units in shard order and file order of their first tensor, and every tensor the plan places
-/// must be read. Logits must match the single-device model as in <see cref="ParallelModelTests"/>.
+/// must be read. Progress rises with the bytes uploaded to exactly 1. Logits must match the single-device model as in
+/// <see cref="ParallelModelTests"/>.
 /// Models: tiny-a (2 shards, 3 layers) and a synthetic 4-shard model with 8 layers and a tied head.
 /// </summary>
 [TestClass]
@@ -25,9 +27,9 @@ public sealed class ParallelLoadOrderTests
 
     public static IEnumerable<object[]> Cases =>
     [
-        ["tiny-a", PlacementKind.Pipeline, 1], ["tiny-a", PlacementKind.Pipeline, 2], ["tiny-a", PlacementKind.Pipeline, 3],
+        ["tiny-a", PlacementKind.Pipeline, 0], ["tiny-a", PlacementKind.Pipeline, 1], ["tiny-a", PlacementKind.Pipeline, 2], ["tiny-a", PlacementKind.Pipeline, 3],
         ["tiny-a", PlacementKind.TensorExpertParallel, 1], ["tiny-a", PlacementKind.TensorExpertParallel, 2], ["tiny-a", PlacementKind.TensorExpertParallel, 4],
-        ["tied8x4", PlacementKind.Pipeline, 1], ["tied8x4", PlacementKind.Pipeline, 2], ["tied8x4", PlacementKind.Pipeline, 4],
+        ["tied8x4", PlacementKind.Pipeline, 0], ["tied8x4", PlacementKind.Pipeline, 1], ["tied8x4", PlacementKind.Pipeline, 2], ["tied8x4", PlacementKind.Pipeline, 4],
         ["tied8x4", PlacementKind.TensorExpertParallel, 1], ["tied8x4", PlacementKind.TensorExpertParallel, 2], ["tied8x4", PlacementKind.TensorExpertParallel, 4],
     ];
 
@@ -62,21 +64,34 @@ public sealed class ParallelLoadOrderTests
                 reads.Add((t, start, length));
             }
         };
-        var devices = Enumerable.Range(0, n).Select(_ => new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2))).ToArray();
+        var devices = Enumerable.Range(0, Math.Max(1, n)).Select(_ => new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2))).ToArray();
         var comm = new HostCommunicator(devices);
-        var plan = SimulatedDevices.PlanOf(checkpoint.Config, kind, n);
-        ParallelModel? parallel = null;
+        var plan = SimulatedDevices.PlanOf(checkpoint.Config, kind, Math.Max(1, n));
+        var progress = new List<double>();
+        var report = new SyncProgress(progress.Add);
+        IDisposable? loaded = null;
         try
         {
-            parallel = ParallelModel.Load(checkpoint, plan, comm, Options);
+            Func<int[], float[]> logits;
+            if (n == 0)
+            {
+                var one = DeepSeekModel.Load(checkpoint, devices[0], Options, report);
+                (loaded, logits) = (one, t => one.ComputeLogits(t));
+            }
+            else
+            {
+                var parallel = ParallelModel.Load(checkpoint, plan, comm, Options, report);
+                (loaded, logits) = (parallel, t => parallel.ComputeLogits(t));
+            }
+
             checkpoint.ReadObserver = null;
-            var what = $"{model} {kind} N={n}";
+            var what = n == 0 ? $"{model} DeepSeekModel" : $"{model} {kind} N={n}";
 
             // Runs of consecutive reads of one unit: each unit exactly once.
             var runs = new List<(string Unit, List<TensorInfo> Tensors)>();
             foreach (var (t, _, _) in reads)
             {
-                var unit = ParallelModel.LoadUnit(t.Name);
+                var unit = PlannedLoad.LoadUnit(t.Name);
                 if (runs.Count == 0 || runs[^1].Unit != unit)
                 {
                     runs.Add((unit, []));
@@ -109,7 +124,7 @@ public sealed class ParallelLoadOrderTests
             // Each device received exactly its placements (as ParallelModelTests checks for the old order). As sets:
             // with a tied head the head device receives the embedding twice (as table and as head), which the
             // pipeline plan lists twice and the tensor/expert parallel plan once.
-            for (var d = 0; d < n; d++)
+            for (var d = 0; d < devices.Length; d++)
             {
                 var planned = plan.On(d).Where(p => !p.Tensor.EndsWith("_scale_inv", StringComparison.Ordinal))
                     .Select(p => p.Slice is null ? p.Tensor : $"{p.Tensor} {p.Slice}").Distinct().Order().ToArray();
@@ -124,16 +139,26 @@ public sealed class ParallelLoadOrderTests
             Console.WriteLine($"{what}: {runs.Count} units over {shardsVisited.Length} shards; {reads.Sum(r => r.Length)} bytes handed out, "
                 + $"{distinct} distinct; largest unit {window} bytes");
 
+            // Progress: a report after each upload (a unit on a device; at least one per unit read) and a last one, rising with
+            // the bytes uploaded to exactly 1.
+            Assert.IsGreaterThanOrEqualTo(runs.Count + 1, progress.Count, $"{what}: progress reports");
+            Assert.IsGreaterThan(0.0, progress[0], $"{what}: the first report");
+            Assert.AreEqual(1.0, progress[^1], $"{what}: the last report");
+            for (var k = 1; k < progress.Count - 1; k++)
+            {
+                Assert.IsGreaterThan(progress[k - 1], progress[k], $"{what}: report {k}");
+            }
+
             // Logits as before: the single-device model, exact for a pipeline (same operations in the same
             // order), within DistributedModels.TensorParallelMaxRel for tensor/expert parallelism (regrouped partial sums).
             using var single = DeepSeekModel.Load(checkpoint, new CpuBackend(), Options);
             var expected = single.ComputeLogits(s_prompt);
-            var actual = parallel.ComputeLogits(s_prompt);
+            var actual = logits(s_prompt);
             DistributedModels.AssertLikeOneDevice(kind == PlacementKind.Pipeline || n == 1, actual, expected, $"{what} logits");
         }
         finally
         {
-            parallel?.Dispose();
+            loaded?.Dispose();
             comm.Dispose();
             foreach (var d in devices)
             {

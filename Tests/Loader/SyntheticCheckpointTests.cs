@@ -2,6 +2,7 @@ using System.Security.Cryptography;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Numerics;
 using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Loader;
 
@@ -238,11 +239,5 @@ public sealed class SyntheticCheckpointTests
         var e = Assert.ThrowsExactly<ModelConfigException>(() => SyntheticCheckpoint.Write(dir.Path, ModelPresets.Tiny with { NGroup = 5 }, Seed));
         Assert.AreEqual("n_group", e.Field);
         Assert.IsEmpty(Directory.GetFileSystemEntries(dir.Path));
-    }
-
-    /// <summary>Progress&lt;T&gt; posts to the thread pool; tests need the calls in order and complete.</summary>
-    private sealed class SyncProgress(Action<double> report) : IProgress<double>
-    {
-        public void Report(double value) => report(value);
     }
 }
