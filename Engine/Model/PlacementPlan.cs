@@ -216,9 +216,9 @@ public sealed class PlacementPlan
 
         var b = new Builder(config, includeMtp);
         var weight = new long[layers];
-        for (var i = 0; i < layers; i++)
+        foreach (var t in b.Expected.Values.Where(t => t.Layer >= 0 && t.Layer < layers))
         {
-            weight[i] = b.Expected.Values.Where(t => t.Layer == i).Sum(Builder.StoredBytes);
+            weight[t.Layer] += Builder.StoredBytes(t);
         }
 
         var embedding = Builder.StoredBytes(b.Expected[CheckpointLayout.Embedding]);
