@@ -52,6 +52,9 @@ public sealed class PlacementException(string message) : InvalidOperationExcepti
 /// sums completed by the same all-reduce as the routed experts'. Norms, q_a, kv_a, the router and the
 /// embedding are replicated; lm_head lives on device 0 (every device has the same hidden state after the
 /// last all-reduce).</item>
+/// <item>A head tied to the embedding is placed as a second copy of the embedding where lm_head would go: the backends
+/// hold the table and the head apart (<c>UploadEmbedding</c>, <c>UploadHead</c>), so <see cref="BytesOn"/> counts what a
+/// device holds.</item>
 /// <item>Pipeline: each device holds whole layers; a stage also holds the next stage's first
 /// input_layernorm (it computes that norm in its last fused residual step).</item>
 /// <item>MTP: placed only when asked, where the last main layer runs, as a main layer is: whole on a pipeline's last
@@ -225,8 +228,9 @@ public sealed class PlacementPlan
         // The MTP layer embeds on the last device too: a second copy of the embedding unless that device is the first.
         var mtpEmbedding = b.Mtp && devices > 1;
         weight[0] += embedding;
+        // A tied head is a second copy of the table on the last device (the backends hold the embedding and the head apart).
         weight[layers - 1] += Builder.StoredBytes(b.Expected[CheckpointLayout.FinalNorm])
-                              + (config.TieWordEmbeddings ? 0 : Builder.StoredBytes(b.Expected[CheckpointLayout.LmHead]))
+                              + (config.TieWordEmbeddings ? embedding : Builder.StoredBytes(b.Expected[CheckpointLayout.LmHead]))
                               + (b.Mtp ? b.MtpBytes() : 0) + (mtpEmbedding ? embedding : 0);
         var stages = Partition(weight, devices);
 
@@ -247,14 +251,7 @@ public sealed class PlacementPlan
         }
 
         b.Whole(CheckpointLayout.FinalNorm, devices - 1);
-        if (!config.TieWordEmbeddings)
-        {
-            b.Whole(CheckpointLayout.LmHead, devices - 1);
-        }
-        else
-        {
-            b.Whole(CheckpointLayout.Embedding, devices - 1);
-        }
+        b.Whole(config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead, devices - 1);
 
         if (b.Mtp)
         {
@@ -337,11 +334,8 @@ public sealed class PlacementPlan
             }
         }
 
-        if (!config.TieWordEmbeddings)
-        {
-            b.Whole(CheckpointLayout.LmHead, 0);
-        }
-
+        // lm_head on device 0; a tied head is a second copy of the table there, as on a pipeline's last device.
+        b.Whole(config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead, 0);
         var all = Enumerable.Repeat((0, config.NumHiddenLayers), devices).ToArray();
         return b.Build(PlacementKind.TensorExpertParallel, devices, all, shards);
     }

@@ -46,6 +46,46 @@ public sealed class PlacementPlanTests
         Assert.AreEqual(n - 1, plan.HeadDevice);
     }
 
+    /// <summary>
+    /// A pipeline's largest device holds no more than the best contiguous split of what the devices really hold: the
+    /// embedding on the first, each stage's next input norm, the final norm and the head on the last (with a tied head, a
+    /// second copy of the table there, as the backends upload it), found by trying every split (the stages' balance ignores
+    /// the boundary norms: one norm of slack). A vocabulary of 8,000 makes the table and the head weigh about three layers each.
+    /// </summary>
+    [TestMethod]
+    [DataRow(false, 2)]
+    [DataRow(false, 4)]
+    [DataRow(true, 2)]
+    [DataRow(true, 4)]
+    public void PipelineStagesAreTheBestSplitOfWhatEachDeviceHolds(bool tied, int n)
+    {
+        var config = ((tied ? DistributedModels.Tied8 : DistributedModels.Wide8) with { VocabSize = 8000 }).Validate();
+        var plan = PlacementPlan.Pipeline(config, n);
+        long table = 2L * config.VocabSize * config.HiddenSize, norm = 2L * config.HiddenSize;
+        var layers = Enumerable.Range(0, config.NumHiddenLayers).Select(i => LayerBytes(config, i)).ToArray();
+        long Held(int start, int count, int device) => layers.Skip(start).Take(count).Sum() + (device == 0 ? table : 0)
+            + (device == n - 1 ? norm + table : norm);
+        for (var d = 0; d < n; d++)
+        {
+            Assert.AreEqual(Held(plan.Stages[d].Start, plan.Stages[d].Count, d), plan.BytesOn(d), $"device {d}");
+        }
+
+        // Every split of the layers into n non-empty contiguous stages: cuts after layers c1 < c2 < ... < c(n-1).
+        var best = long.MaxValue;
+        foreach (var cuts in Cuts(config.NumHiddenLayers, n - 1, 1))
+        {
+            int[] bounds = [0, .. cuts, config.NumHiddenLayers];
+            best = Math.Min(best, Enumerable.Range(0, n).Max(d => Held(bounds[d], bounds[d + 1] - bounds[d], d)));
+        }
+
+        Assert.IsLessThanOrEqualTo(best + norm, Enumerable.Range(0, n).Max(plan.BytesOn),
+            $"stages {string.Join(", ", plan.Stages)}: {string.Join(", ", Enumerable.Range(0, n).Select(plan.BytesOn))}; best split's largest {best}");
+
+        static IEnumerable<int[]> Cuts(int layers, int count, int from) => count == 0
+            ? [[]]
+            : Enumerable.Range(from, layers - from).SelectMany(c => Cuts(layers, count - 1, c + 1).Select(rest => (int[])[c, .. rest]));
+    }
+
     [TestMethod]
     [DynamicData(nameof(DeviceCounts))]
     public void TensorExpertParallelSlicesTileEachTensorAndBalanceBytes(int n)
