@@ -20,10 +20,10 @@ public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason);
 /// weights are held as float32 (4 bytes per parameter, an upper bound for what the CPU backend keeps);
 /// <see cref="CpuCacheFraction"/> of what the available host memory has left beside them goes to the
 /// caches of <c>sessions</c> concurrent requests. The rest is for activations, the runtime and the machine.</item>
-/// <item>CUDA: <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{long}, MemoryPlanOptions?)"/> on the device's free memory (weights, activation arena,
-/// reserve, then BF16 cache blocks); the blocks left are shared by <c>sessions</c> full-length requests.</item>
-/// <item>Several devices: the same planner over each device's share of the placement (<see cref="ChooseForDevices"/>);
-/// one block index addresses a block on every device, so the device with the least room bounds the pool.</item>
+/// <item>CUDA, one device or several (<see cref="ChooseForDevices"/>): <see cref="MemoryPlanner.Plan(PlacementPlan, IReadOnlyList{long}, MemoryPlanOptions?)"/>
+/// on each device's free memory and its share of the placement (weights, activation arena, reserve, then BF16 cache blocks;
+/// one device is the pipeline of one); one block index addresses a block on every device, so the device with the least room
+/// bounds the pool, and the blocks are shared by <c>sessions</c> full-length requests.</item>
 /// </list>
 /// The result is a whole number of 64-token cache blocks, at most <c>max_position_embeddings</c>, and never
 /// below <see cref="MinimumTokens"/> (or the model's maximum when that is smaller).
@@ -75,27 +75,11 @@ public static class ContextSize
     }
 
     /// <summary>
-    /// The context for the CUDA backend with <paramref name="freeDeviceBytes"/> free on the device, for
-    /// <paramref name="sessions"/> requests at once, as <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{long}, MemoryPlanOptions?)"/> lays the memory out.
-    /// </summary>
-    /// <exception cref="InsufficientDeviceMemoryException">The weights, arena and reserve do not fit with even one cache block per request.</exception>
-    /// <exception cref="ArgumentOutOfRangeException"><paramref name="requested"/> is above the limit (ParamName <c>MaxSequenceLength</c>).</exception>
-    public static ContextSizeChoice ChooseForGpu(ModelConfig config, long freeDeviceBytes, int sessions, bool mtp, int? requested = null)
-    {
-        ArgumentNullException.ThrowIfNull(config);
-        ArgumentOutOfRangeException.ThrowIfLessThan(sessions, 1);
-        var plan = MemoryPlanner.Plan(config, [freeDeviceBytes], GpuPlanOptions(sessions, mtp));
-        var fit = (long)plan.KvBlocks / sessions * KvBlockManager.BlockTokens;
-        var why = string.Create(CultureInfo.InvariantCulture,
-            $"{sessions} concurrent session(s) sharing {plan.KvBlocks} cache blocks of 64 tokens that the memory planner fits in {Gib(freeDeviceBytes)} GiB free on the device beside {Gib(plan.Devices[0].WeightBytes)} GiB of weights");
-        return Decide(config, fit, why, requested);
-    }
-
-    /// <summary>
-    /// The context for a model spread over several devices by <paramref name="plan"/>, with <paramref name="freeBytes"/>
-    /// free on each before loading, for <paramref name="sessions"/> requests at once: <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{DeviceShare}, MemoryPlanOptions?)"/>
-    /// over each device's share (its weights; the latent caches of the layers it runs, every layer under tensor parallelism;
-    /// the logits where lm_head runs; with the MTP layer placed, its cache on each device that holds it and a draft row per request).
+    /// The context for a model on the devices of <paramref name="plan"/> (one device: <see cref="PlacementPlan.Pipeline"/> over
+    /// 1), with <paramref name="freeBytes"/> free on each before loading, for <paramref name="sessions"/> requests at once:
+    /// <see cref="MemoryPlanner.Plan(PlacementPlan, IReadOnlyList{long}, MemoryPlanOptions?)"/> over each device's share (its
+    /// weights; the latent caches of the layers it runs, every layer under tensor parallelism; the logits where lm_head runs;
+    /// with the MTP layer placed, its cache on each device that holds it and a draft row per request).
     /// </summary>
     /// <param name="plan">The placement (and the model's config).</param>
     /// <param name="freeBytes">Free bytes per device, in the plan's device order.</param>
@@ -103,25 +87,30 @@ public static class ContextSize
     /// <param name="requested">An explicit length: checked against the limit instead of chosen; null to choose.</param>
     /// <exception cref="InsufficientDeviceMemoryException">Some device cannot hold its weights, arena and reserve with one cache block per request.</exception>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="requested"/> is above the limit (ParamName <c>MaxSequenceLength</c>).</exception>
+    /// <exception cref="ArgumentException">Not one free-byte count per device of the plan.</exception>
     public static ContextSizeChoice ChooseForDevices(PlacementPlan plan, IReadOnlyList<long> freeBytes, int sessions, int? requested = null)
     {
         ArgumentNullException.ThrowIfNull(plan);
         ArgumentNullException.ThrowIfNull(freeBytes);
         ArgumentOutOfRangeException.ThrowIfLessThan(sessions, 1);
-        if (freeBytes.Count != plan.DeviceCount)
+        var config = plan.Config;
+        var memory = MemoryPlanner.Plan(plan, freeBytes, GpuPlanOptions(sessions, plan.IncludesMtp));
+        var fit = (long)memory.KvBlocks / sessions * KvBlockManager.BlockTokens;
+        string why;
+        if (plan.DeviceCount == 1)
         {
-            throw new ArgumentException($"{freeBytes.Count} free-byte counts for a plan of {plan.DeviceCount} devices", nameof(freeBytes));
+            var device = memory.Devices[0];
+            why = string.Create(CultureInfo.InvariantCulture,
+                $"{sessions} concurrent session(s) sharing {memory.KvBlocks} cache blocks of 64 tokens that the memory planner fits in {Gib(device.FreeBytes)} GiB free on the device beside {Gib(device.WeightBytes)} GiB of weights");
+        }
+        else
+        {
+            // The device that bounds the pool: the fewest blocks in what it has left.
+            var tightest = memory.Devices.MinBy(d => (d.FreeBytes - d.WeightBytes - d.ActivationBytes - d.ReserveBytes) / Math.Max(1, d.CacheLayers))!;
+            why = string.Create(CultureInfo.InvariantCulture,
+                $"{sessions} concurrent session(s) sharing {memory.KvBlocks} cache blocks of 64 tokens that the memory planner fits on each of {plan.DeviceCount} devices ({PlacementName(plan.Kind)}); the tightest, device {tightest.Device}, has {Gib(tightest.FreeBytes)} GiB free beside {Gib(tightest.WeightBytes)} GiB of weights and {tightest.CacheLayers} layers' caches");
         }
 
-        var shares = Enumerable.Range(0, plan.DeviceCount).Select(d => new DeviceShare(freeBytes[d], plan.BytesOn(d),
-            plan.Stages[d].Start, plan.Stages[d].Count, plan.Stages[d].Count + (plan.MtpDevices.Contains(d) ? 1 : 0), d == plan.HeadDevice)).ToArray();
-        var config = plan.Config;
-        var memory = MemoryPlanner.Plan(config, shares, GpuPlanOptions(sessions, plan.IncludesMtp));
-        var fit = (long)memory.KvBlocks / sessions * KvBlockManager.BlockTokens;
-        // The device that bounds the pool: the fewest blocks in what it has left.
-        var tightest = memory.Devices.MinBy(d => (d.FreeBytes - d.WeightBytes - d.ActivationBytes - d.ReserveBytes) / Math.Max(1, d.CacheLayers))!;
-        var why = string.Create(CultureInfo.InvariantCulture,
-            $"{sessions} concurrent session(s) sharing {memory.KvBlocks} cache blocks of 64 tokens that the memory planner fits on each of {plan.DeviceCount} devices ({PlacementName(plan.Kind)}); the tightest, device {tightest.Device}, has {Gib(tightest.FreeBytes)} GiB free beside {Gib(tightest.WeightBytes)} GiB of weights and {tightest.CacheLayers} layers' caches");
         return Decide(config, fit, why, requested);
     }
 
@@ -164,7 +153,6 @@ public static class ContextSize
         MaxSequenceLength = KvBlockManager.BlockTokens * sessions, // the planner's minimum: one block per request
         MaxTokensPerStep = 512,
         DraftTokens = mtp ? 1 : 0,
-        IncludeMtp = mtp,
     };
 
     private static ContextSizeChoice Decide(ModelConfig config, long fit, string why, int? requested)

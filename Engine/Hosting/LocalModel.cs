@@ -169,7 +169,8 @@ public sealed class LocalModel : ILanguageModel
         {
             var mtp = checkpoint.Config.NumNextNPredictLayers > 0;
             var context = backend is CudaBackend cuda
-                ? ContextSize.ChooseForGpu(checkpoint.Config, cuda.Device.MemoryInfo().Free, options.ConcurrentSessions, mtp, options.MaxSequenceLength)
+                ? ContextSize.ChooseForDevices(PlacementPlan.Pipeline(checkpoint.Config, 1, mtp), [cuda.Device.MemoryInfo().Free], options.ConcurrentSessions,
+                    options.MaxSequenceLength)
                 : ContextSize.ChooseForCpu(checkpoint.Config, ContextSize.AvailableHostBytes(), options.ConcurrentSessions, mtp, options.MaxSequenceLength);
             Log.ContextChosen(logger, context.Tokens, context.Reason);
             var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);

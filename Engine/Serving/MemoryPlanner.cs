@@ -1,5 +1,6 @@
 using System.Globalization;
 using DeepSeekCuda.Loader;
+using DeepSeekCuda.Model;
 
 namespace DeepSeekCuda.Serving;
 
@@ -18,9 +19,6 @@ public sealed record MemoryPlanOptions
     /// <summary>Draft tokens verified per request per decode step (1 with MTP speculative decoding, else 0).</summary>
     public int DraftTokens { get; init; }
 
-    /// <summary>Place the MTP layer (weights and its own latent cache) on the last device.</summary>
-    public bool IncludeMtp { get; init; }
-
     /// <summary>
     /// Split-KV partitions the decode attention may use per (request, head); each keeps an fp32 partial
     /// output and its log-sum-exp until the combine kernel. The MLA decode launcher owns the real number.
@@ -33,10 +31,7 @@ public sealed record MemoryPlanOptions
     /// <summary>Lower bound of the reserve in bytes.</summary>
     public long MinReserveBytes { get; init; } = 512L << 20;
 
-    /// <summary>Main layers per device, in order (pipeline placement); null: as even as possible, earlier devices taking the remainder.</summary>
-    public IReadOnlyList<int>? LayersPerDevice { get; init; }
-
-    internal void Validate(int layers, int devices)
+    internal void Validate()
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(MaxBatch, 1, nameof(MaxBatch));
         ArgumentOutOfRangeException.ThrowIfLessThan(MaxSequenceLength, 1, nameof(MaxSequenceLength));
@@ -49,12 +44,6 @@ public sealed record MemoryPlanOptions
         }
 
         ArgumentOutOfRangeException.ThrowIfNegative(MinReserveBytes, nameof(MinReserveBytes));
-        if (LayersPerDevice is { } split && (split.Count != devices || split.Any(n => n < 1) || split.Sum() != layers))
-        {
-            throw new ArgumentException(
-                $"LayersPerDevice [{string.Join(", ", split)}] must give each of the {devices} devices at least one layer and sum to {layers}",
-                nameof(LayersPerDevice));
-        }
     }
 }
 
@@ -84,7 +73,7 @@ public sealed record DeviceMemoryPlan(int Device, int FirstLayer, int Layers, in
     public long PlannedBytes => WeightBytes + ActivationBytes + ReserveBytes + KvBytes;
 }
 
-/// <summary>The outcome of <see cref="MemoryPlanner.Plan(ModelConfig, IReadOnlyList{long}, MemoryPlanOptions?)"/>.</summary>
+/// <summary>The outcome of <see cref="MemoryPlanner.Plan(PlacementPlan, IReadOnlyList{long}, MemoryPlanOptions?)"/>.</summary>
 /// <param name="Devices">Per device.</param>
 /// <param name="TokensPerStep">Rows of the activation arena: max(MaxTokensPerStep, MaxBatch·(1 + DraftTokens)).</param>
 /// <param name="LogitRows">Rows of the fp32 logits buffer: MaxBatch·(1 + DraftTokens).</param>
@@ -146,26 +135,30 @@ public sealed record DeviceMemoryShortfall(int Device, long NeededBytes, long Fr
 
 /// <summary>
 /// Sizes a serving engine's device memory before the first step (pure arithmetic; no device needed):
-/// weights by pipeline placement, the activation arena for the worst step, a safety reserve, and the
+/// the weights a placement puts on each device, the activation arena for the worst step, a safety reserve, and the
 /// paged latent cache from what is left, as whole blocks every device can hold.
 /// </summary>
 public static class MemoryPlanner
 {
     /// <summary>
-    /// Plans <paramref name="config"/> over devices with <paramref name="freeBytes"/> free each (main layers
-    /// split in order; the embedding on the first device; final norm, lm_head and the MTP layer on the last).
+    /// Plans the devices of <paramref name="placement"/> with <paramref name="freeBytes"/> free on each: every device's
+    /// weights are what the placement puts there (<see cref="PlacementPlan.BytesOn"/>: what the load uploads, a tied head as
+    /// a second table included), its latent caches those of the layers it runs (every layer under tensor/expert parallelism)
+    /// and of the MTP layer where it is placed, and the logits are computed on the head device. One device is the pipeline
+    /// of one (<see cref="PlacementPlan.Pipeline"/> over 1).
     /// </summary>
+    /// <param name="placement">What goes where (and the model's config).</param>
+    /// <param name="freeBytes">Free bytes per device before loading, in the placement's device order.</param>
+    /// <param name="options">Batch, lengths, drafts and reserve.</param>
     /// <exception cref="InsufficientDeviceMemoryException">Some device cannot hold its weights, the arena, the reserve and the cache of one full-length request.</exception>
-    /// <exception cref="ArgumentException">Bad options, no devices, or more devices than layers.</exception>
-    public static MemoryPlan Plan(ModelConfig config, IReadOnlyList<long> freeBytes, MemoryPlanOptions? options = null)
+    /// <exception cref="ArgumentException">Not one free-byte count per device, a negative one, or bad options.</exception>
+    public static MemoryPlan Plan(PlacementPlan placement, IReadOnlyList<long> freeBytes, MemoryPlanOptions? options = null)
     {
-        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(placement);
         ArgumentNullException.ThrowIfNull(freeBytes);
-        options ??= new MemoryPlanOptions();
-        var devices = freeBytes.Count;
-        if (devices == 0 || devices > config.NumHiddenLayers)
+        if (freeBytes.Count != placement.DeviceCount)
         {
-            throw new ArgumentException($"need 1..{config.NumHiddenLayers} devices (one layer each at least), got {devices}", nameof(freeBytes));
+            throw new ArgumentException($"{freeBytes.Count} free-byte counts for a placement over {placement.DeviceCount} devices", nameof(freeBytes));
         }
 
         if (freeBytes.Any(b => b < 0))
@@ -173,51 +166,18 @@ public static class MemoryPlanner
             throw new ArgumentOutOfRangeException(nameof(freeBytes), "free bytes must be >= 0");
         }
 
-        options.Validate(config.NumHiddenLayers, devices);
-        var split = options.LayersPerDevice ?? EvenSplit(config.NumHiddenLayers, devices);
-        var mtp = options.IncludeMtp && config.NumNextNPredictLayers > 0;
-        var layerBytes = LayerWeightBytes(config, out var embedBytes, out var tailBytes);
-        var shares = new DeviceShare[devices];
-        var first = 0;
-        for (var d = 0; d < devices; d++)
+        var shares = Enumerable.Range(0, placement.DeviceCount).Select(d =>
         {
-            var last = d == devices - 1;
-            long weights = 0;
-            for (var i = first; i < first + split[d]; i++)
-            {
-                weights += layerBytes[i];
-            }
-
-            if (d == 0)
-            {
-                weights += embedBytes;
-            }
-
-            var cacheLayers = split[d];
-            if (last)
-            {
-                // A tied head is the embedding table itself when one device holds both.
-                weights += d == 0 && config.TieWordEmbeddings ? tailBytes - embedBytes : tailBytes;
-                if (mtp)
-                {
-                    // The MTP layer, less its embedding/head copies; it embeds with the main table, a second copy past device 0.
-                    weights += layerBytes[config.NumHiddenLayers] + (d > 0 ? embedBytes : 0);
-                    cacheLayers++;
-                }
-            }
-
-            shares[d] = new DeviceShare(freeBytes[d], weights, first, split[d], cacheLayers, ComputesLogits: last);
-            first += split[d];
-        }
-
-        return PlanShares(config, shares, options);
+            var (first, layers) = placement.Stages[d];
+            return new DeviceShare(freeBytes[d], placement.BytesOn(d), first, layers, layers + (placement.MtpDevices.Contains(d) ? 1 : 0), d == placement.HeadDevice);
+        }).ToArray();
+        return Plan(placement.Config, shares, options);
     }
 
     /// <summary>
     /// Plans devices whose weights are already placed (any placement: a pipeline, or tensor/expert parallel shards that
     /// each hold every layer's latent cache): per device the activation arena, the reserve and the latent cache from what
     /// is left beside its <see cref="DeviceShare.WeightBytes"/>, as whole blocks every device can hold.
-    /// <see cref="MemoryPlanOptions.LayersPerDevice"/> and <see cref="MemoryPlanOptions.IncludeMtp"/> are the shares' business and ignored here.
     /// </summary>
     /// <exception cref="InsufficientDeviceMemoryException">Some device cannot hold its weights, the arena, the reserve and the cache of one full-length request.</exception>
     /// <exception cref="ArgumentException">Bad options, no devices, or a share with negative bytes or layers.</exception>
@@ -236,13 +196,7 @@ public static class MemoryPlanner
             throw new ArgumentOutOfRangeException(nameof(devices), "free bytes, weight bytes and layer counts must be >= 0");
         }
 
-        (options with { LayersPerDevice = null }).Validate(config.NumHiddenLayers, devices.Count);
-        return PlanShares(config, devices, options);
-    }
-
-    /// <summary>The plan over validated shares and options (both overloads' common part).</summary>
-    private static MemoryPlan PlanShares(ModelConfig config, IReadOnlyList<DeviceShare> devices, MemoryPlanOptions options)
-    {
+        options.Validate();
         var logitRows = checked(options.MaxBatch * (1 + options.DraftTokens));
         var tokens = Math.Max(options.MaxTokensPerStep, logitRows);
         var kvPerTokenLayer = KvBytesPerTokenPerLayer(config);
@@ -335,52 +289,6 @@ public static class MemoryPlanner
             + (long)decodeRows * config.NumAttentionHeads * attentionSplits * (config.KvLoraRank + 2) * 4;
         const long granule = 2L << 20;
         return (bytes + granule - 1) / granule * granule;
-    }
-
-    /// <summary>Main layers per device, as even as possible; earlier devices take the remainder.</summary>
-    public static int[] EvenSplit(int layers, int devices) =>
-        [.. Enumerable.Range(0, devices).Select(d => layers / devices + (d < layers % devices ? 1 : 0))];
-
-    /// <summary>
-    /// Stored bytes of each stored layer (main then MTP; an MTP layer's embedding and head copies left out:
-    /// the model uses the main ones), of the embedding, and of the final norm plus lm_head.
-    /// </summary>
-    internal static long[] LayerWeightBytes(ModelConfig config, out long embedBytes, out long tailBytes)
-    {
-        var layers = new long[config.StoredLayerCount];
-        embedBytes = 0;
-        tailBytes = 0;
-        foreach (var t in CheckpointLayout.Expected(config))
-        {
-            var size = t.Shape.Aggregate(1L, (a, b) => a * b) * DTypes.SizeOf(t.DType);
-            if (t.Layer < 0)
-            {
-                if (t.Name == CheckpointLayout.Embedding)
-                {
-                    embedBytes += size;
-                    if (config.TieWordEmbeddings)
-                    {
-                        tailBytes += size; // the last device needs the table as its head too
-                    }
-                }
-                else
-                {
-                    tailBytes += size;
-                }
-
-                continue;
-            }
-
-            var names = CheckpointLayout.Layer(config, t.Layer);
-            if (names.IsMtp && (t.Name == names.MtpEmbedding || t.Name == names.MtpHead))
-            {
-                continue;
-            }
-
-            layers[t.Layer] += size;
-        }
-
-        return layers;
     }
 
     internal static string Format(long bytes) => string.Create(CultureInfo.InvariantCulture, $"{bytes / 1e9:F2} GB");

@@ -84,16 +84,17 @@ public sealed class ContextSizeTests
     [DataRow(700L << 20, 7)]
     public void GpuChoiceIsTheLargestTheMemoryPlannerFitsForEverySession(long free, int sessions)
     {
-        var choice = ContextSize.ChooseForGpu(Long, free, sessions, mtp: true);
+        var one = PlacementPlan.Pipeline(Long, 1, includeMtp: true);
+        var choice = ContextSize.ChooseForDevices(one, [free], sessions);
         Assert.AreEqual(0, choice.Tokens % KvBlockManager.BlockTokens);
         Assert.IsLessThan(Long.MaxPositionEmbeddings, choice.Tokens, "memory, not the positions, bounds these");
         int FullLengthRequests(int tokens)
         {
             try
             {
-                return MemoryPlanner.Plan(Long, [free], new MemoryPlanOptions
+                return MemoryPlanner.Plan(one, [free], new MemoryPlanOptions
                 {
-                    MaxBatch = sessions, MaxSequenceLength = tokens, MaxTokensPerStep = 512, DraftTokens = 1, IncludeMtp = true,
+                    MaxBatch = sessions, MaxSequenceLength = tokens, MaxTokensPerStep = 512, DraftTokens = 1,
                 }).FullLengthRequests;
             }
             catch (InsufficientDeviceMemoryException)
@@ -104,6 +105,7 @@ public sealed class ContextSizeTests
 
         Assert.IsGreaterThanOrEqualTo(sessions, FullLengthRequests(choice.Tokens));
         Assert.IsLessThan(sessions, FullLengthRequests(choice.Tokens + KvBlockManager.BlockTokens));
+        StringAssert.Contains(choice.Reason, $"fits in {ContextSize.Gib(free)} GiB free on the device beside {ContextSize.Gib(one.BytesOn(0))} GiB of weights");
     }
 
     /// <summary>Over several devices the planner runs on each device's share of the placement, and the tightest device bounds the pool.</summary>
@@ -174,7 +176,7 @@ public sealed class ContextSizeTests
     [TestMethod]
     public void GpuWithoutRoomForTheWeightsIsThePlannersError()
     {
-        Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => ContextSize.ChooseForGpu(DemoModel.Config, 1L << 10, 1, true));
+        Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => ContextSize.ChooseForDevices(PlacementPlan.Pipeline(DemoModel.Config, 1, includeMtp: true), [1L << 10], 1));
     }
 
     [TestMethod]

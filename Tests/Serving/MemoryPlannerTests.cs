@@ -1,9 +1,15 @@
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Loader.Synthetic;
+using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Distributed;
 
 namespace DeepSeekCuda.Tests.Serving;
 
+/// <summary>
+/// <see cref="MemoryPlanner"/> over placements (<see cref="PlacementPlan"/>: one device is the pipeline of one) and over
+/// hand-made shares; weight bytes are checked against <see cref="CheckpointStats"/>, the rest against the documented arithmetic.
+/// </summary>
 [TestClass]
 public sealed class MemoryPlannerTests
 {
@@ -12,6 +18,9 @@ public sealed class MemoryPlannerTests
     private const long H200Free = 139L * 1024 * 1024 * 1024;
 
     public TestContext TestContext { get; set; } = null!;
+
+    private static MemoryPlan OnOne(ModelConfig config, long free, MemoryPlanOptions? options = null, bool mtp = false) =>
+        MemoryPlanner.Plan(PlacementPlan.Pipeline(config, 1, mtp), [free], options);
 
     [TestMethod]
     public void KvCacheIs576Bf16ValuesPerTokenPerLayer()
@@ -34,7 +43,7 @@ public sealed class MemoryPlannerTests
     [TestMethod]
     public void FullV3DoesNotFitOne80GbGpu()
     {
-        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => MemoryPlanner.Plan(ModelPresets.DeepSeekV3, [H100Free]));
+        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => OnOne(ModelPresets.DeepSeekV3, H100Free));
         TestContext.WriteLine(e.Message);
         var s = e.Shortfalls.Single();
         Assert.AreEqual(0, s.Device);
@@ -49,29 +58,35 @@ public sealed class MemoryPlannerTests
     [TestMethod]
     public void FullV3DoesNotFitEight80GbGpusButFitsEightH200()
     {
-        // 671B FP8 is about 690 GB with scales: more than 8 x 80 GB, well within 8 x 141 GB.
-        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => MemoryPlanner.Plan(ModelPresets.DeepSeekV3, Enumerable.Repeat(H100Free, 8).ToArray()));
-        // Device 0 holds the three small dense layers and just fits; every other one is short of weights.
-        CollectionAssert.AreEqual(new[] { 1, 2, 3, 4, 5, 6, 7 }, e.Shortfalls.Select(s => s.Device).ToArray(), e.Message);
+        // 671B FP8 is about 673 GB with scales: with each device's arena and reserve, more than 8 x 80 GB hold, well within
+        // 8 x 141 GB. The pipeline balances stored bytes (about 92 GB a stage), so the stages are short of weights on 80 GB
+        // but for the last (the remainder, with lm_head).
+        var v3 = ModelPresets.DeepSeekV3;
+        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => MemoryPlanner.Plan(PlacementPlan.Pipeline(v3, 8), Enumerable.Repeat(H100Free, 8).ToArray()));
+        CollectionAssert.AreEqual(Enumerable.Range(0, 7).ToArray(), e.Shortfalls.Select(s => s.Device).ToArray(), e.Message);
         Assert.IsTrue(e.Shortfalls.All(s => s.Dominant == "weights"));
 
-        var plan = MemoryPlanner.Plan(ModelPresets.DeepSeekV3, Enumerable.Repeat(H200Free, 8).ToArray(), new MemoryPlanOptions { IncludeMtp = true, DraftTokens = 1 });
-        CollectionAssert.AreEqual(new[] { 8, 8, 8, 8, 8, 7, 7, 7 }, plan.Devices.Select(d => d.Layers).ToArray());
-        CollectionAssert.AreEqual(new[] { 8, 8, 8, 8, 8, 7, 7, 8 }, plan.Devices.Select(d => d.CacheLayers).ToArray(), "the MTP layer's cache on the last device");
-        var stats = CheckpointStats.Compute(ModelPresets.DeepSeekV3);
-        var v3 = ModelPresets.DeepSeekV3;
+        var placement = PlacementPlan.Pipeline(v3, 8, includeMtp: true);
+        var plan = MemoryPlanner.Plan(placement, Enumerable.Repeat(H200Free, 8).ToArray(), new MemoryPlanOptions { DraftTokens = 1 });
+        Assert.AreEqual(61, plan.Devices.Sum(d => d.Layers));
+        CollectionAssert.AreEqual(plan.Devices.Select(d => d.Layers + (d.Device == 7 ? 1 : 0)).ToArray(), plan.Devices.Select(d => d.CacheLayers).ToArray(),
+            "the MTP layer's cache on the last device");
+        CollectionAssert.AreEqual(plan.Devices.Select(d => d.FirstLayer).ToArray(), plan.Devices.Select(d => plan.Devices.Take(d.Device).Sum(p => p.Layers)).ToArray());
+        var stats = CheckpointStats.Compute(v3);
         // The MTP layer's head copy is not loaded; its embedding copy is not either, but the last device holds a second
-        // copy of the main embedding, as many bytes, to embed the MTP layer's tokens.
+        // copy of the main embedding, as many bytes, to embed the MTP layer's tokens. Each stage but the last also holds the
+        // next stage's first input norm (BF16).
         var headCopy = 1L * v3.VocabSize * v3.HiddenSize * 2;
-        Assert.AreEqual(stats.WeightBytes - headCopy, plan.Devices.Sum(d => d.WeightBytes));
+        Assert.AreEqual(stats.WeightBytes - headCopy + 7L * v3.HiddenSize * 2, plan.Devices.Sum(d => d.WeightBytes));
         Assert.AreEqual(128, plan.LogitRows);
         Assert.IsGreaterThanOrEqualTo(plan.BlocksPerRequest, plan.KvBlocks);
         foreach (var d in plan.Devices)
         {
             Assert.IsLessThanOrEqualTo(d.FreeBytes, d.PlannedBytes, $"device {d.Device}");
+            Assert.AreEqual(MemoryPlanner.ActivationArenaBytes(v3, 2048, d.Device == 7 ? 128 : 0, 128, 16), d.ActivationBytes, "logits only on the last device");
         }
 
-        TestContext.WriteLine($"8 x H200: {plan.KvBlocks} blocks ({plan.KvTokens} tokens, {plan.FullLengthRequests} requests of 4096)");
+        TestContext.WriteLine($"8 x H200: layers [{string.Join(", ", plan.Devices.Select(d => d.Layers))}], {plan.KvBlocks} blocks ({plan.KvTokens} tokens, {plan.FullLengthRequests} requests of 4096)");
     }
 
     [TestMethod]
@@ -82,7 +97,7 @@ public sealed class MemoryPlannerTests
     {
         var config = ModelPresets.DeepSeekV3Slice(layers);
         var options = new MemoryPlanOptions { MaxBatch = 32, MaxSequenceLength = 8192, MaxTokensPerStep = 1024 };
-        var plan = MemoryPlanner.Plan(config, [H100Free], options);
+        var plan = OnOne(config, H100Free, options);
         var d = plan.Devices.Single();
         Assert.AreEqual(CheckpointStats.Compute(config).MainWeightBytes, d.WeightBytes);
         Assert.AreEqual(layers, d.CacheLayers);
@@ -102,7 +117,7 @@ public sealed class MemoryPlannerTests
     [TestMethod]
     public void AllSixtyOneLayersAtFullWidthDoNotFitOneGpu()
     {
-        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => MemoryPlanner.Plan(ModelPresets.DeepSeekV3Slice(61), [H100Free]));
+        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => OnOne(ModelPresets.DeepSeekV3Slice(61), H100Free));
         Assert.AreEqual("weights", e.Shortfalls[0].Dominant);
     }
 
@@ -111,8 +126,8 @@ public sealed class MemoryPlannerTests
     {
         var config = ModelPresets.Tiny;
         const long free = 64L << 20;
-        var options = new MemoryPlanOptions { MaxBatch = 4, MaxSequenceLength = 1000, MaxTokensPerStep = 100, MinReserveBytes = 0, ReserveFraction = 0.25, IncludeMtp = true };
-        var plan = MemoryPlanner.Plan(config, [free], options);
+        var options = new MemoryPlanOptions { MaxBatch = 4, MaxSequenceLength = 1000, MaxTokensPerStep = 100, MinReserveBytes = 0, ReserveFraction = 0.25 };
+        var plan = OnOne(config, free, options, mtp: true);
         var d = plan.Devices.Single();
         var stats = CheckpointStats.Compute(config);
         Assert.AreEqual(stats.WeightBytes - 2L * config.VocabSize * config.HiddenSize * 2, d.WeightBytes);
@@ -126,7 +141,7 @@ public sealed class MemoryPlannerTests
     [TestMethod]
     public void DecodeRowsSetTheArenaWhenTheyExceedThePrefillBudget()
     {
-        var plan = MemoryPlanner.Plan(ModelPresets.Tiny, [1L << 30], new MemoryPlanOptions { MaxBatch = 300, DraftTokens = 1, MaxTokensPerStep = 256 });
+        var plan = OnOne(ModelPresets.Tiny, 1L << 30, new MemoryPlanOptions { MaxBatch = 300, DraftTokens = 1, MaxTokensPerStep = 256 });
         Assert.AreEqual(600, plan.TokensPerStep);
         Assert.AreEqual(600, plan.LogitRows);
     }
@@ -135,7 +150,7 @@ public sealed class MemoryPlannerTests
     public void KvCacheCanDominateAShortfall()
     {
         // Weights of a few MB, but one request of a million tokens needs 3 layers x 192 B x 1M.
-        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => MemoryPlanner.Plan(ModelPresets.Tiny, [256L << 20],
+        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => OnOne(ModelPresets.Tiny, 256L << 20,
             new MemoryPlanOptions { MaxSequenceLength = 1 << 20, MinReserveBytes = 0, ReserveFraction = 0 }));
         var s = e.Shortfalls.Single();
         Assert.AreEqual("kv-cache", s.Dominant);
@@ -147,38 +162,66 @@ public sealed class MemoryPlannerTests
     {
         var config = ModelPresets.Tiny;
         var options = new MemoryPlanOptions { MaxSequenceLength = 640, MinReserveBytes = 0, ReserveFraction = 0 };
-        var big = MemoryPlanner.Plan(config, [1L << 30], options).Devices[0];
+        var big = OnOne(config, 1L << 30, options).Devices[0];
         var exact = big.WeightBytes + big.ActivationBytes + 10L * 64 * 192 * 3;
-        var plan = MemoryPlanner.Plan(config, [exact], options);
+        var plan = OnOne(config, exact, options);
         Assert.AreEqual(10, plan.KvBlocks);
         Assert.AreEqual(1, plan.FullLengthRequests);
-        Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => MemoryPlanner.Plan(config, [exact - 1], options));
+        Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => OnOne(config, exact - 1, options));
     }
 
     [TestMethod]
-    public void PipelineSplitPutsEmbeddingFirstAndHeadLast()
+    public void PipelineStagesHoldTheirLayersTheEmbeddingFirstAndTheHeadLast()
     {
         var config = ModelPresets.DeepSeekV3Slice(4);
-        var plan = MemoryPlanner.Plan(config, [H100Free, H100Free], new MemoryPlanOptions { LayersPerDevice = [1, 3] });
-        long table = (long)config.VocabSize * config.HiddenSize * 2;
-        var layers = MemoryPlanner.LayerWeightBytes(config, out var embed, out var tail);
-        Assert.AreEqual(table, embed);
-        Assert.AreEqual(table + config.HiddenSize * 2, tail, "lm_head and the final norm");
-        Assert.AreEqual(embed + layers[0], plan.Devices[0].WeightBytes);
-        Assert.AreEqual(layers[1] + layers[2] + layers[3] + tail, plan.Devices[1].WeightBytes);
-        Assert.AreEqual(1, plan.Devices[1].FirstLayer);
+        var placement = PlacementPlan.Pipeline(config, 2);
+        var plan = MemoryPlanner.Plan(placement, [H100Free, H100Free]);
+        long table = (long)config.VocabSize * config.HiddenSize * 2, norm = config.HiddenSize * 2L;
+        var layer = LayerBytes(config);
+        var (first, count) = placement.Stages[1];
+        Assert.AreEqual(4, first + count);
+        Assert.AreEqual(table + layer.Take(first).Sum() + norm, plan.Devices[0].WeightBytes, "the embedding, its layers and the next stage's input norm");
+        Assert.AreEqual(layer.Skip(first).Sum() + norm + table, plan.Devices[1].WeightBytes, "its layers, the final norm and lm_head");
+        Assert.AreEqual(CheckpointStats.Compute(config).MainWeightBytes + norm, plan.Devices.Sum(d => d.WeightBytes));
+        Assert.AreEqual(first, plan.Devices[1].FirstLayer);
+        Assert.AreEqual(first, plan.Devices[0].CacheLayers);
+        Assert.AreEqual(count, plan.Devices[1].CacheLayers);
         Assert.AreEqual(0, plan.Devices[0].ActivationBytes - MemoryPlanner.ActivationArenaBytes(config, 2048, 0, 64, 16), "no logits before the last device");
         // The pool is limited by the device with the most cache per block that has the least room.
-        Assert.AreEqual(Math.Min((H100Free - plan.Devices[0].WeightBytes - plan.Devices[0].ActivationBytes - plan.Devices[0].ReserveBytes) / (64L * 1152),
-            (H100Free - plan.Devices[1].WeightBytes - plan.Devices[1].ActivationBytes - plan.Devices[1].ReserveBytes) / (64L * 1152 * 3)), plan.KvBlocks);
+        Assert.AreEqual(Math.Min((H100Free - plan.Devices[0].WeightBytes - plan.Devices[0].ActivationBytes - plan.Devices[0].ReserveBytes) / (64L * 1152 * first),
+            (H100Free - plan.Devices[1].WeightBytes - plan.Devices[1].ActivationBytes - plan.Devices[1].ReserveBytes) / (64L * 1152 * count)), plan.KvBlocks);
     }
 
+    /// <summary>
+    /// A head tied to the embedding is held as a second table where lm_head runs (the backends upload the embedding and the
+    /// head apart), on one device and on a tensor/expert parallel device 0: the plan counts both copies.
+    /// </summary>
     [TestMethod]
-    public void TiedHeadIsCountedOnceOnOneDevice()
+    public void TiedHeadCountsAsTheSecondTableTheDeviceHolds()
     {
-        var config = ModelPresets.Tiny with { TieWordEmbeddings = true, NumNextNPredictLayers = 0 };
-        var plan = MemoryPlanner.Plan(config, [1L << 30]);
-        Assert.AreEqual(CheckpointStats.Compute(config).MainWeightBytes, plan.Devices[0].WeightBytes);
+        var config = DistributedModels.Tied8;
+        var table = (long)config.VocabSize * config.HiddenSize * 2;
+        var main = CheckpointStats.Compute(config).MainWeightBytes; // one table: a tied checkpoint stores no lm_head
+        Assert.AreEqual(main + table, OnOne(config, 1L << 30).Devices[0].WeightBytes);
+
+        var untied = DistributedModels.Wide8;
+        var tp = MemoryPlanner.Plan(PlacementPlan.TensorExpertParallel(config, 2), [1L << 30, 1L << 30]);
+        var tpUntied = MemoryPlanner.Plan(PlacementPlan.TensorExpertParallel(untied, 2), [1L << 30, 1L << 30]);
+        Assert.AreEqual(tpUntied.Devices[0].WeightBytes, tp.Devices[0].WeightBytes, "device 0: the tied head as many bytes as lm_head");
+        Assert.AreEqual(tpUntied.Devices[1].WeightBytes, tp.Devices[1].WeightBytes, "device 1: no head");
+        Assert.AreEqual(table, tp.Devices[0].WeightBytes - tp.Devices[1].WeightBytes);
+    }
+
+    /// <summary>Stored bytes of each main layer of <paramref name="config"/> (from the checkpoint's expected tensors).</summary>
+    private static long[] LayerBytes(ModelConfig config)
+    {
+        var bytes = new long[config.NumHiddenLayers];
+        foreach (var t in CheckpointLayout.Expected(config).Where(t => t.Layer >= 0 && t.Layer < config.NumHiddenLayers))
+        {
+            bytes[t.Layer] += t.Shape.Aggregate(1L, (a, b) => a * b) * DTypes.SizeOf(t.DType);
+        }
+
+        return bytes;
     }
 
     [TestMethod]
@@ -199,9 +242,9 @@ public sealed class MemoryPlannerTests
         Assert.AreEqual(Arena(0), plan.Devices[1].ActivationBytes);
         Assert.IsTrue(plan.Devices.All(d => d.CacheLayers == 3 && d.KvBytes == 3 * block * plan.KvBlocks));
 
-        // The pipeline overload is this one over the shares its split implies.
-        var split = MemoryPlanner.Plan(config, [free, free], options with { LayersPerDevice = [1, 2] });
-        Assert.AreEqual(split.KvBlocks, MemoryPlanner.Plan(config, [.. split.Devices.Select((d, i) =>
+        // The placement overload is this one over the shares the placement implies.
+        var placed = MemoryPlanner.Plan(PlacementPlan.Pipeline(config, 2), [free, free], options);
+        Assert.AreEqual(placed.KvBlocks, MemoryPlanner.Plan(config, [.. placed.Devices.Select((d, i) =>
             new DeviceShare(d.FreeBytes, d.WeightBytes, d.FirstLayer, d.Layers, d.CacheLayers, ComputesLogits: i == 1))], options).KvBlocks);
 
         var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() =>
@@ -213,22 +256,15 @@ public sealed class MemoryPlannerTests
     [TestMethod]
     public void BadArgumentsAreRejected()
     {
-        var tiny = ModelPresets.Tiny;
-        Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(tiny, Array.Empty<long>()));
-        Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(tiny, [1L << 30, 1L << 30, 1L << 30, 1L << 30]), "more devices than layers");
-        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MemoryPlanner.Plan(tiny, [-1]));
-        Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(tiny, [1L << 30, 1L << 30], new MemoryPlanOptions { LayersPerDevice = [1, 1] }));
-        Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(tiny, [1L << 30, 1L << 30], new MemoryPlanOptions { LayersPerDevice = [3, 0] }));
-        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MemoryPlanner.Plan(tiny, [1L << 30], new MemoryPlanOptions { ReserveFraction = 1 }));
-        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MemoryPlanner.Plan(tiny, [1L << 30], new MemoryPlanOptions { MaxBatch = 0 }));
-        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MemoryPlanner.Plan(tiny, [1L << 30], new MemoryPlanOptions { MaxSequenceLength = 0 }));
-        Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => MemoryPlanner.Plan(tiny, [0]));
-    }
-
-    [TestMethod]
-    public void EvenSplitGivesTheRemainderToEarlierDevices()
-    {
-        CollectionAssert.AreEqual(new[] { 8, 8, 8, 8, 8, 7, 7, 7 }, MemoryPlanner.EvenSplit(61, 8));
-        CollectionAssert.AreEqual(new[] { 3 }, MemoryPlanner.EvenSplit(3, 1));
+        var one = PlacementPlan.Pipeline(ModelPresets.Tiny, 1);
+        var e = Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(one, Array.Empty<long>()));
+        StringAssert.Contains(e.Message, "0 free-byte counts for a placement over 1 devices");
+        Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(one, [1L << 30, 1L << 30]));
+        Assert.AreEqual("freeBytes", Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MemoryPlanner.Plan(one, [-1])).ParamName);
+        Assert.ThrowsExactly<ArgumentException>(() => MemoryPlanner.Plan(ModelPresets.Tiny, Array.Empty<DeviceShare>()));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MemoryPlanner.Plan(one, [1L << 30], new MemoryPlanOptions { ReserveFraction = 1 }));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MemoryPlanner.Plan(one, [1L << 30], new MemoryPlanOptions { MaxBatch = 0 }));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => MemoryPlanner.Plan(one, [1L << 30], new MemoryPlanOptions { MaxSequenceLength = 0 }));
+        Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() => MemoryPlanner.Plan(one, [0]));
     }
 }
