@@ -215,13 +215,8 @@ public sealed class MemoryPlannerTests
     /// <summary>Stored bytes of each main layer of <paramref name="config"/> (from the checkpoint's expected tensors).</summary>
     private static long[] LayerBytes(ModelConfig config)
     {
-        var bytes = new long[config.NumHiddenLayers];
-        foreach (var t in CheckpointLayout.Expected(config).Where(t => t.Layer >= 0 && t.Layer < config.NumHiddenLayers))
-        {
-            bytes[t.Layer] += t.Shape.Aggregate(1L, (a, b) => a * b) * DTypes.SizeOf(t.DType);
-        }
-
-        return bytes;
+        var expected = CheckpointLayout.Expected(config);
+        return [.. Enumerable.Range(0, config.NumHiddenLayers).Select(i => DistributedModels.StoredBytes(expected.Where(t => t.Layer == i)))];
     }
 
     [TestMethod]
