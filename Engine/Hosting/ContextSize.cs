@@ -96,19 +96,19 @@ public static class ContextSize
         var config = plan.Config;
         var memory = MemoryPlanner.Plan(plan, freeBytes, GpuPlanOptions(sessions, plan.IncludesMtp));
         var fit = (long)memory.KvBlocks / sessions * KvBlockManager.BlockTokens;
+        var shared = string.Create(CultureInfo.InvariantCulture, $"{sessions} concurrent session(s) sharing {memory.KvBlocks} cache blocks of 64 tokens that the memory planner fits");
         string why;
         if (plan.DeviceCount == 1)
         {
             var device = memory.Devices[0];
-            why = string.Create(CultureInfo.InvariantCulture,
-                $"{sessions} concurrent session(s) sharing {memory.KvBlocks} cache blocks of 64 tokens that the memory planner fits in {Gib(device.FreeBytes)} GiB free on the device beside {Gib(device.WeightBytes)} GiB of weights");
+            why = string.Create(CultureInfo.InvariantCulture, $"{shared} in {Gib(device.FreeBytes)} GiB free on the device beside {Gib(device.WeightBytes)} GiB of weights");
         }
         else
         {
             // The device that bounds the pool: the fewest blocks in what it has left.
             var tightest = memory.Devices.MinBy(d => (d.FreeBytes - d.WeightBytes - d.ActivationBytes - d.ReserveBytes) / Math.Max(1, d.CacheLayers))!;
             why = string.Create(CultureInfo.InvariantCulture,
-                $"{sessions} concurrent session(s) sharing {memory.KvBlocks} cache blocks of 64 tokens that the memory planner fits on each of {plan.DeviceCount} devices ({PlacementName(plan.Kind)}); the tightest, device {tightest.Device}, has {Gib(tightest.FreeBytes)} GiB free beside {Gib(tightest.WeightBytes)} GiB of weights and {tightest.CacheLayers} layers' caches");
+                $"{shared} on each of {plan.DeviceCount} devices ({PlacementName(plan.Kind)}); the tightest, device {tightest.Device}, has {Gib(tightest.FreeBytes)} GiB free beside {Gib(tightest.WeightBytes)} GiB of weights and {tightest.CacheLayers} layers' caches");
         }
 
         return Decide(config, fit, why, requested);

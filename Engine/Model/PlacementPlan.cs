@@ -163,43 +163,32 @@ public sealed class PlacementPlan
 
         var budget = (long)(deviceMemoryBytes * weightFraction);
         var reasons = new List<string>();
-        if (devices > 1)
+        return (devices > 1 ? Fits("tensor/expert parallel", () => TensorExpertParallel(config, devices, includeMtp: includeMtp)) : null)
+               ?? Fits("pipeline", () => Pipeline(config, devices, includeMtp))
+               ?? throw new PlacementException(
+                   $"no placement of the model on {devices} device(s) of {deviceMemoryBytes} bytes fits in the weight budget of {budget} bytes ({weightFraction:P0}): {string.Join("; ", reasons)}");
+
+        // The plan when its largest device fits the budget; else null, with why in reasons.
+        PlacementPlan? Fits(string kind, Func<PlacementPlan> make)
         {
             try
             {
-                var tp = TensorExpertParallel(config, devices, includeMtp: includeMtp);
-                var need = Enumerable.Range(0, devices).Max(tp.BytesOn);
+                var candidate = make();
+                var need = Enumerable.Range(0, devices).Max(candidate.BytesOn);
                 if (need <= budget)
                 {
-                    return tp;
+                    return candidate;
                 }
 
-                reasons.Add($"tensor/expert parallel needs {need} bytes on a device");
+                reasons.Add($"{kind} needs {need} bytes on a device");
             }
             catch (PlacementException e)
             {
-                reasons.Add("tensor/expert parallel: " + e.Message);
-            }
-        }
-
-        try
-        {
-            var pp = Pipeline(config, devices, includeMtp);
-            var need = Enumerable.Range(0, devices).Max(pp.BytesOn);
-            if (need <= budget)
-            {
-                return pp;
+                reasons.Add($"{kind}: {e.Message}");
             }
 
-            reasons.Add($"pipeline needs {need} bytes on a device");
+            return null;
         }
-        catch (PlacementException e)
-        {
-            reasons.Add("pipeline: " + e.Message);
-        }
-
-        throw new PlacementException(
-            $"no placement of the model on {devices} device(s) of {deviceMemoryBytes} bytes fits in the weight budget of {budget} bytes ({weightFraction:P0}): {string.Join("; ", reasons)}");
     }
 
     /// <summary>

@@ -65,6 +65,25 @@ internal static class DistributedModels
     public const double TensorParallelMaxRel = 1e-5;
 
     /// <summary>
+    /// Each device received exactly what <paramref name="plan"/> places on it, as many times as the plan lists it (a tied head:
+    /// the embedding twice where lm_head runs). The CPU backend dequantizes FP8 with the scale grid as it reads the weight, so
+    /// scale placements arrive with their weight and are not recorded separately.
+    /// </summary>
+    public static void AssertEachDeviceReceivedItsPlacements(PlacementPlan plan, IReadOnlyList<RecordingBackend> devices, string what)
+    {
+        for (var d = 0; d < devices.Count; d++)
+        {
+            var planned = plan.On(d).Where(p => !p.Tensor.EndsWith("_scale_inv", StringComparison.Ordinal))
+                .Select(p => Key(p.Tensor, p.Slice)).Order().ToArray();
+            var received = devices[d].Received.Select(r => Key(r.Tensor, r.Slice)).Order().ToArray();
+            CollectionAssert.AreEqual(planned, received, $"{what} device {d}: planned {planned.Length}, received {received.Length}: "
+                + string.Join(", ", planned.Except(received).Concat(received.Except(planned).Select(x => "+" + x)).Take(5)));
+        }
+
+        static string Key(string tensor, TensorSlice? slice) => slice is null ? tensor : $"{tensor} {slice}";
+    }
+
+    /// <summary>
     /// A spread model's values against one device's: equal where <paramref name="exact"/> (a pipeline performs the same
     /// operations in the same order, and copies between devices are exact), else within <see cref="TensorParallelMaxRel"/>.
     /// </summary>

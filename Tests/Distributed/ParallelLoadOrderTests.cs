@@ -122,15 +122,8 @@ public sealed class ParallelLoadOrderTests
                 $"{what}: placed but not read: {string.Join(", ", placed.Except(read).Take(5))}; read but not placed: {string.Join(", ", read.Except(placed).Take(5))}");
 
             // Each device received exactly its placements, as many times as the plan lists them (as ParallelModelTests checks
-            // for the old order): with a tied head the head device receives the embedding twice (as table and as head), and
-            // every plan lists it twice there, so the plan's bytes per device are what the device holds.
-            for (var d = 0; d < devices.Length; d++)
-            {
-                var planned = plan.On(d).Where(p => !p.Tensor.EndsWith("_scale_inv", StringComparison.Ordinal))
-                    .Select(p => p.Slice is null ? p.Tensor : $"{p.Tensor} {p.Slice}").Order().ToArray();
-                var received = devices[d].Received.Select(r => r.Slice is null ? r.Tensor : $"{r.Tensor} {r.Slice}").Order().ToArray();
-                CollectionAssert.AreEqual(planned, received, $"{what}: device {d}");
-            }
+            // for the old order), so the plan's bytes per device are what the device holds.
+            DistributedModels.AssertEachDeviceReceivedItsPlacements(plan, devices, what);
 
             // What a byte read once means here: re-reads by other devices stay inside the unit's run. Report the
             // page-cache window this needs (the largest unit) against the bytes handed out.

@@ -99,7 +99,7 @@ public sealed class ParallelModelTests
     {
         var (checkpoint, _) = s_models[model];
         using var run = SimulatedDevices.Load(checkpoint, kind, n, Options);
-        AssertEachDeviceReceivedItsPlacements(run, $"{model} {kind}");
+        DistributedModels.AssertEachDeviceReceivedItsPlacements(run.Plan, run.Devices, $"{model} {kind}");
     }
 
     /// <summary>
@@ -121,7 +121,7 @@ public sealed class ParallelModelTests
         using (var run = SimulatedDevices.Load(checkpoint, kind, n, Options with { LoadMtp = true }, mtp: true))
         {
             Assert.IsTrue(run.Model.HasMtp);
-            AssertEachDeviceReceivedItsPlacements(run, $"{kind} with MTP");
+            DistributedModels.AssertEachDeviceReceivedItsPlacements(run.Plan, run.Devices, $"{kind} with MTP");
             var head = run.Plan.HeadDevice;
             var layout = run.Model.Layout;
             var expected = kind == PlacementKind.Pipeline ? new[] { head } : [.. Enumerable.Range(0, n)];
@@ -145,22 +145,6 @@ public sealed class ParallelModelTests
             Assert.IsEmpty(run.Model.Layout.MtpRunners);
             Assert.IsFalse(run.Devices.Any(d => d.Received.Any(r => r.Tensor.StartsWith(mtpPrefix, StringComparison.Ordinal))), $"LoadMtp {loadMtp}, placed {placed}");
         }
-    }
-
-    private static void AssertEachDeviceReceivedItsPlacements(SimulatedDevices run, string what)
-    {
-        for (var d = 0; d < run.Devices.Length; d++)
-        {
-            // The CPU backend dequantizes FP8 with the scale grid as it reads the weight, so scale placements
-            // arrive with their weight and are not recorded separately.
-            var planned = run.Plan.On(d).Where(p => !p.Tensor.EndsWith("_scale_inv", StringComparison.Ordinal))
-                .Select(p => Key(p.Tensor, p.Slice)).Order().ToArray();
-            var received = run.Devices[d].Received.Select(r => Key(r.Tensor, r.Slice)).Order().ToArray();
-            CollectionAssert.AreEqual(planned, received, $"{what} device {d}: planned {planned.Length}, received {received.Length}: "
-                + string.Join(", ", planned.Except(received).Concat(received.Except(planned).Select(x => "+" + x)).Take(5)));
-        }
-
-        static string Key(string tensor, TensorSlice? slice) => slice is null ? tensor : $"{tensor} {slice}";
     }
 
     /// <summary>
