@@ -9,7 +9,11 @@ namespace DeepSeekCuda.Hosting;
 /// <param name="Tokens">Longest request: prompt and output together.</param>
 /// <param name="Limit">The most the model and the memory allow (Tokens is at most this).</param>
 /// <param name="Reason">One sentence: which bound decided and the numbers behind it.</param>
-public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason);
+/// <param name="CacheBlocks">
+/// On devices, the blocks of the shared cache pool the memory planner fits (<see cref="ModelOptions.CacheBlocks"/>); null on
+/// the CPU backend, where the rule counts a full-length cache per session.
+/// </param>
+public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason, int? CacheBlocks = null);
 
 /// <summary>
 /// Sizes the context length from the model's <c>max_position_embeddings</c> and the memory left for the
@@ -21,9 +25,12 @@ public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason);
 /// <see cref="CpuCacheFraction"/> of what the available host memory has left beside them goes to the
 /// caches of <c>sessions</c> concurrent requests. The rest is for activations, the runtime and the machine.</item>
 /// <item>CUDA, one device or several (<see cref="ChooseForDevices"/>): <see cref="MemoryPlanner.Plan(PlacementPlan, IReadOnlyList{long}, MemoryPlanOptions?)"/>
-/// on each device's free memory and its share of the placement (weights, activation arena, reserve, then BF16 cache blocks;
-/// one device is the pipeline of one); one block index addresses a block on every device, so the device with the least room
-/// bounds the pool, and the blocks are shared by <c>sessions</c> full-length requests.</item>
+/// on each device's free memory and its share of the placement (weights, the activation arena for <c>sessions</c> requests,
+/// reserve, then BF16 cache blocks; one device is the pipeline of one); one block index addresses a block on every device, so
+/// the device with the least room bounds the pool. The <c>sessions</c> requests share the pool (a chat client's default pool,
+/// <see cref="ContextSizeChoice.CacheBlocks"/>), and one request may fill it, as in vLLM: the context is what the pool holds,
+/// at most <c>max_position_embeddings</c>. When running requests together outgrow the pool, the newest is preempted and
+/// re-prefilled later (its output does not change).</item>
 /// </list>
 /// The result is a whole number of 64-token cache blocks, at most <c>max_position_embeddings</c>, and never
 /// below <see cref="MinimumTokens"/> (or the model's maximum when that is smaller).
@@ -79,13 +86,18 @@ public static class ContextSize
     /// 1), with <paramref name="freeBytes"/> free on each before loading, for <paramref name="sessions"/> requests at once:
     /// <see cref="MemoryPlanner.Plan(PlacementPlan, IReadOnlyList{long}, MemoryPlanOptions?)"/> over each device's share (its
     /// weights; the latent caches of the layers it runs, every layer under tensor parallelism; the logits where lm_head runs;
-    /// with the MTP layer placed, its cache on each device that holds it and a draft row per request).
+    /// with the MTP layer placed, its cache on each device that holds it and a draft row per request) gives the pool the
+    /// requests share (<see cref="ContextSizeChoice.CacheBlocks"/>), and the context is what the pool holds, at most
+    /// <c>max_position_embeddings</c>.
     /// </summary>
     /// <param name="plan">The placement (and the model's config).</param>
     /// <param name="freeBytes">Free bytes per device, in the plan's device order.</param>
     /// <param name="sessions">Requests holding a session at once.</param>
     /// <param name="requested">An explicit length: checked against the limit instead of chosen; null to choose.</param>
-    /// <exception cref="InsufficientDeviceMemoryException">Some device cannot hold its weights, arena and reserve with one cache block per request.</exception>
+    /// <exception cref="InsufficientDeviceMemoryException">
+    /// Some device cannot hold its weights, arena and reserve with a pool for one request of <see cref="MinimumTokens"/> (with
+    /// <paramref name="requested"/>: of one block).
+    /// </exception>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="requested"/> is above the limit (ParamName <c>MaxSequenceLength</c>).</exception>
     /// <exception cref="ArgumentException">Not one free-byte count per device of the plan.</exception>
     public static ContextSizeChoice ChooseForDevices(PlacementPlan plan, IReadOnlyList<long> freeBytes, int sessions, int? requested = null)
@@ -94,9 +106,11 @@ public static class ContextSize
         ArgumentNullException.ThrowIfNull(freeBytes);
         ArgumentOutOfRangeException.ThrowIfLessThan(sessions, 1);
         var config = plan.Config;
-        var memory = MemoryPlanner.Plan(plan, freeBytes, GpuPlanOptions(sessions, plan.IncludesMtp));
-        var fit = (long)memory.KvBlocks / sessions * KvBlockManager.BlockTokens;
-        var shared = string.Create(CultureInfo.InvariantCulture, $"{sessions} concurrent session(s) sharing {memory.KvBlocks} cache blocks of 64 tokens that the memory planner fits");
+        // The pool holds one request of the minimum; a requested length is checked against the pool below, naming the limit.
+        var shortest = requested is null ? Math.Min(config.MaxPositionEmbeddings, MinimumTokens) : 1;
+        var memory = MemoryPlanner.Plan(plan, freeBytes, GpuPlanOptions(sessions, plan.IncludesMtp, shortest));
+        var shared = string.Create(CultureInfo.InvariantCulture,
+            $"one request may fill the {memory.KvBlocks} cache blocks of 64 tokens that {sessions} concurrent session(s) share, which the memory planner fits");
         string why;
         if (plan.DeviceCount == 1)
         {
@@ -111,7 +125,7 @@ public static class ContextSize
                 $"{shared} on each of {plan.DeviceCount} devices ({PlacementName(plan.Kind)}); the tightest, device {tightest.Device}, has {Gib(tightest.FreeBytes)} GiB free beside {Gib(tightest.WeightBytes)} GiB of weights and {tightest.CacheLayers} layers' caches");
         }
 
-        return Decide(config, fit, why, requested);
+        return Decide(config, memory.KvTokens, why, requested) with { CacheBlocks = memory.KvBlocks };
     }
 
     /// <summary>How a placement kind reads in log lines and messages.</summary>
@@ -147,10 +161,11 @@ public static class ContextSize
         return available;
     }
 
-    private static MemoryPlanOptions GpuPlanOptions(int sessions, bool mtp) => new()
+    /// <summary>The planner's options for <paramref name="sessions"/> requests, with a pool that holds at least one of <paramref name="shortest"/> tokens.</summary>
+    private static MemoryPlanOptions GpuPlanOptions(int sessions, bool mtp, int shortest) => new()
     {
         MaxBatch = sessions,
-        MaxSequenceLength = KvBlockManager.BlockTokens * sessions, // the planner's minimum: one block per request
+        MaxSequenceLength = shortest,
         MaxTokensPerStep = 512,
         DraftTokens = mtp ? 1 : 0,
     };

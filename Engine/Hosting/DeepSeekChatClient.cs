@@ -82,10 +82,10 @@ public sealed class DeepSeekChatClient : IChatClient
         _runner = stepRunner ?? StepRunners.For(model);
         try
         {
-            // Sized so that MaxBatch full-length requests fit unless the options say otherwise (the context
-            // size was chosen for that many); a paged runner allocates the pool when the scheduler attaches it.
+            // A paged runner allocates the pool when the scheduler attaches it.
             var blocksPerRequest = KvBlockManager.BlocksFor(_runner.MaxSequenceLength);
-            var blocks = new KvBlockManager(_options.KvCacheBlocks ?? checked(_options.MaxBatch * blocksPerRequest), _options.MaxBatch, blocksPerRequest);
+            var blocks = new KvBlockManager(_options.KvCacheBlocks ?? PoolBlocks(_runner.CacheBlocks, _options.MaxBatch, blocksPerRequest), _options.MaxBatch,
+                blocksPerRequest);
             _scheduler = new BatchScheduler(_runner, blocks, TextGenerator.SchedulerOptionsFor(tokenizer, new SchedulerOptions
             {
                 MaxBatch = _options.MaxBatch,
@@ -113,6 +113,14 @@ public sealed class DeepSeekChatClient : IChatClient
         Metadata = new ChatClientMetadata(ProviderName, providerUri: null, defaultModelId: _options.ModelId);
         _ = _scheduler.RunAsync(_stopScheduler.Token); // ends at ReleaseResources; a failed step is logged and fails only its requests
     }
+
+    /// <summary>
+    /// The pool's default size: what the model's memory plan left room for (<paramref name="planned"/>), but no more blocks than
+    /// <paramref name="maxBatch"/> requests of <paramref name="blocksPerRequest"/> can hold at once (the rest could never be
+    /// used); room for exactly that many where nothing was planned.
+    /// </summary>
+    internal static int PoolBlocks(int? planned, int maxBatch, int blocksPerRequest) =>
+        checked((int)Math.Min((long)maxBatch * blocksPerRequest, planned ?? long.MaxValue));
 
     /// <summary>Provider "DeepSeekCuda" and the configured model id.</summary>
     public ChatClientMetadata Metadata { get; }

@@ -23,8 +23,8 @@ public sealed class DeepSeekChatClientOptions
     public bool ParseReasoning { get; set; } = true;
 
     /// <summary>
-    /// Most requests decoding together (continuous batching: the rest wait for a slot). Default 16. Each
-    /// running request holds its own cache; on the CPU backend that is a full-length session per request.
+    /// Most requests decoding together (continuous batching: the rest wait for a slot). Default 16. The running
+    /// requests share the cache pool (<see cref="KvCacheBlocks"/>).
     /// </summary>
     public int MaxBatch { get; set; } = 16;
 
@@ -50,10 +50,12 @@ public sealed class DeepSeekChatClientOptions
     public double SpeculativeAutoMinAcceptanceRate { get; set; } = 0.3;
 
     /// <summary>
-    /// Cache blocks (64 tokens each) shared by all requests. Null (default): enough for
-    /// <see cref="MaxBatch"/> requests of the model's full context, so no request is ever preempted. With
-    /// fewer, a request that cannot grow preempts the newest one, which is re-prefilled later (its output
-    /// does not change).
+    /// Cache blocks (64 tokens each) shared by all requests. Null (default): what the model's memory plan left room
+    /// for (a <see cref="LocalModel"/> on CUDA: the devices' memory beside the weights and step buffers,
+    /// <see cref="Model.ModelOptions.CacheBlocks"/>), at most enough for <see cref="MaxBatch"/> requests of the model's full
+    /// context; exactly that many where nothing was planned (the CPU backend, other models). With fewer blocks than
+    /// <see cref="MaxBatch"/> full-length requests need, a request that cannot grow preempts the newest one, which is
+    /// re-prefilled later (its output does not change).
     /// </summary>
     public int? KvCacheBlocks { get; set; }
 

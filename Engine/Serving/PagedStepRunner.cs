@@ -128,6 +128,9 @@ public sealed class PagedStepRunner : IStepRunner
     /// <inheritdoc />
     public bool CanDraft => _layout.Mtp is not null;
 
+    /// <inheritdoc />
+    public int? CacheBlocks => _layout.CacheBlocks;
+
     /// <summary>
     /// Whether a decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> absorbed tokens,
     /// the logits of each asked for), and a draft, runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>),

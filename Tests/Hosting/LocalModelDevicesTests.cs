@@ -114,6 +114,13 @@ public sealed class LocalModelDevicesTests
             using (var runner = local.CreateStepRunner())
             {
                 Assert.IsTrue(runner.CanDraft);
+                // The cache pool the memory planner fits on the devices' declared memory, which the chat client takes up to what
+                // its 16 requests can use (the demo's 1024 positions: 16 blocks each).
+                var planned = ContextSize.ChooseForDevices(local.Placement!, Enumerable.Repeat(FreeBytes, n).ToArray(), sessions: 16).CacheBlocks;
+                Assert.IsNotNull(planned);
+                Assert.AreEqual(planned, runner.CacheBlocks);
+                using var client = local.CreateChatClient();
+                Assert.AreEqual(Math.Min(planned.Value, 16 * 16), client.Scheduler.Blocks.TotalBlocks);
             }
 
             Assert.AreEqual(n, local.Placement.DeviceCount);

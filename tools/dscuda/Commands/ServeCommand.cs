@@ -21,7 +21,7 @@ internal static class ServeCommand
         var model = new ModelArguments();
         var maxBatch = new Option<int>("--max-batch")
         {
-            Description = "Most requests decoding together (the rest wait for a slot); the default context is sized for this many",
+            Description = "Most requests decoding together (the rest wait for a slot), sharing the cache pool; the default context and pool are sized for this many at once",
             DefaultValueFactory = _ => new DeepSeekChatClientOptions().MaxBatch,
         };
         var host = new Option<string>("--host") { Description = "Address to bind (an IP address or localhost)", DefaultValueFactory = _ => "127.0.0.1" };
@@ -90,7 +90,7 @@ internal static class ServeCommand
     }
 
     /// <summary>Loads the model (with the CLI's progress bar) and creates the server's one chat client over it.</summary>
-    /// <remarks>The default context is sized for <paramref name="maxBatch"/> full-length requests; the load stops between layers when the server stops.</remarks>
+    /// <remarks>The default context and cache pool are sized for <paramref name="maxBatch"/> requests at once (<see cref="ContextSize"/>); the load stops between layers when the server stops.</remarks>
     private static IChatClient LoadClient(ModelArguments model, ParseResult parse, int maxBatch, string? modelId, ILoggerFactory loggers, CancellationToken cancellationToken, out LocalModel? local)
     {
         local = model.Load(parse, parse.InvocationConfiguration.Error, loggers, maxBatch, cancellationToken);
