@@ -4,6 +4,7 @@ using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Distributed;
+using DeepSeekCuda.Tests.Support;
 using DeepSeekCuda.Text;
 using Microsoft.Extensions.AI;
 
@@ -87,10 +88,6 @@ public sealed class ChatClientPoolTests
         Assert.IsEmpty(backend.Weights);
     }
 
-    private static string Text(ChatResponse response) => string.Concat(response.Messages.SelectMany(m => m.Contents).Select(c => c switch
-    {
-        TextReasoningContent r => "[r]" + r.Text,
-        TextContent t => "[a]" + t.Text,
-        _ => "",
-    })) + $" ({response.Usage?.OutputTokenCount} tokens)";
+    private static string Text(ChatResponse response) =>
+        ChatText.Marked(response.Messages.SelectMany(m => m.Contents)) + $" ({response.Usage?.OutputTokenCount} tokens)";
 }

@@ -1,5 +1,6 @@
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Tests.Support;
 using DeepSeekCuda.Text;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.DependencyInjection;
@@ -33,15 +34,7 @@ public sealed class LocalModelChatTests
         var text = new System.Text.StringBuilder();
         await foreach (var update in client.GetStreamingResponseAsync([new ChatMessage(ChatRole.User, "Why is the sky blue?")], options))
         {
-            foreach (var content in update.Contents)
-            {
-                text.Append(content switch
-                {
-                    TextReasoningContent r => "[r]" + r.Text,
-                    TextContent t => "[a]" + t.Text,
-                    _ => "",
-                });
-            }
+            text.Append(ChatText.Marked(update.Contents));
         }
 
         return text.ToString();

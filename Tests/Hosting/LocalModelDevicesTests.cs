@@ -45,12 +45,7 @@ public sealed class LocalModelDevicesTests
         using var client = local.CreateChatClient();
         var response = client.GetResponseAsync([new ChatMessage(ChatRole.User, "Why is the sky blue?")],
             new ChatOptions { Temperature = 0, MaxOutputTokens = maxTokens }).GetAwaiter().GetResult();
-        var text = string.Concat(response.Messages.SelectMany(m => m.Contents).Select(c => c switch
-        {
-            TextReasoningContent r => "[r]" + r.Text,
-            TextContent t => "[a]" + t.Text,
-            _ => "",
-        }));
+        var text = ChatText.Marked(response.Messages.SelectMany(m => m.Contents));
         return (text, (int)(response.Usage?.OutputTokenCount ?? 0));
     }
 
