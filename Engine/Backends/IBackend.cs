@@ -43,6 +43,12 @@ public interface IBackend : IDisposable
     void Zero(Tensor tensor);
 
     /// <summary>
+    /// The device's memory now, for sizing an allocation from what is left (a step runner's cache pool); null where the
+    /// backend's memory is not a device's to measure (the CPU backend: host memory, sized otherwise).
+    /// </summary>
+    DeviceMemory? Memory();
+
+    /// <summary>
     /// Row r of <paramref name="output"/> ← the row of <paramref name="ring"/> that holds slot s = <paramref name="rows"/>.Slots[r]
     /// at position p = <paramref name="rows"/>.Positions[r] (the first output.Rows rows of the last upload): row
     /// s·<paramref name="ringRows"/> + p mod <paramref name="ringRows"/>. A ring keeps each slot's last
@@ -270,3 +276,9 @@ public interface IBackend : IDisposable
     /// <summary>y = Σ_j w_j·Expert_j(x) + Shared(x), accumulated in fp32, with the first T tokens of <paramref name="routing"/>. x, y [T, D].</summary>
     void MoeExperts(Tensor x, Routing routing, ExpertWeights experts, Tensor y);
 }
+
+/// <summary>A device's memory at one moment (<see cref="IBackend.Memory"/>).</summary>
+/// <param name="FreeBytes">Bytes free on the device.</param>
+/// <param name="TotalBytes">The device's memory.</param>
+/// <param name="Device">Which memory: backends that report the same name share it (logical ranks on one GPU: <c>cuda:0</c>).</param>
+public readonly record struct DeviceMemory(long FreeBytes, long TotalBytes, string Device);

@@ -26,7 +26,7 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
         Devices = devices;
         Layout = new DeviceLayout(plan.Config, maxLength, devices, plan.HeadDevice,
             new Collectives(communicator.AllReduceSum, communicator.Copy, communicator.Barrier,
-                communicator.CanCaptureGraphs ? communicator.CaptureGraph : null, communicator.ReplayGraph), options.CacheBlocks);
+                communicator.CanCaptureGraphs ? communicator.CaptureGraph : null, communicator.ReplayGraph));
     }
 
     /// <summary>The placement.</summary>
@@ -68,7 +68,7 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
     /// <param name="checkpoint">The opened, validated checkpoint.</param>
     /// <param name="plan">What goes where.</param>
     /// <param name="communicator">The devices (owned by the caller).</param>
-    /// <param name="options">Attention form, context length, the planned cache pool, and whether to load the MTP layer where the plan places it
+    /// <param name="options">Attention form, context length, and whether to load the MTP layer where the plan places it
     /// (<see cref="PlacementPlan.IncludesMtp"/>; a plan without it loads none, whatever <see cref="ModelOptions.LoadMtp"/> says).</param>
     /// <param name="progress">Receives the fraction of the placed weight bytes uploaded, from 0 to 1.</param>
     /// <param name="cancellationToken">Checked before each upload (a layer, or the embedding, norm or head, on one device); a cancelled load disposes what it loaded.</param>

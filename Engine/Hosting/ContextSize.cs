@@ -10,8 +10,9 @@ namespace DeepSeekCuda.Hosting;
 /// <param name="Limit">The most the model and the memory allow (Tokens is at most this).</param>
 /// <param name="Reason">One sentence: which bound decided and the numbers behind it.</param>
 /// <param name="CacheBlocks">
-/// On devices, the blocks of the shared cache pool the memory planner fits (<see cref="ModelOptions.CacheBlocks"/>); null on
-/// the CPU backend, where the rule counts a full-length cache per session.
+/// On devices, the blocks of the shared cache pool the memory planner predicts, before the load; the chat client's pool is
+/// what the devices hold when it is created, measured (<see cref="PagedStepRunner.Attach"/>). Null on the CPU backend, where
+/// the rule counts a full-length cache per session.
 /// </param>
 public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason, int? CacheBlocks = null);
 
@@ -27,8 +28,8 @@ public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason, int
 /// <item>CUDA, one device or several (<see cref="ChooseForDevices"/>): <see cref="MemoryPlanner.Plan(PlacementPlan, IReadOnlyList{long}, MemoryPlanOptions?)"/>
 /// on each device's free memory and its share of the placement (weights, the activation arena for <c>sessions</c> requests,
 /// reserve, then BF16 cache blocks; one device is the pipeline of one); one block index addresses a block on every device, so
-/// the device with the least room bounds the pool. The <c>sessions</c> requests share the pool (a chat client's default pool,
-/// <see cref="ContextSizeChoice.CacheBlocks"/>), and one request may fill it, as in vLLM: the context is what the pool holds,
+/// the device with the least room bounds the pool. The <c>sessions</c> requests share the pool (a chat client's default pool
+/// is sized the same way after the load, from the memory then left), and one request may fill it, as in vLLM: the context is what the pool holds,
 /// at most <c>max_position_embeddings</c>. When running requests together outgrow the pool, the newest is preempted and
 /// re-prefilled later (its output does not change).</item>
 /// </list>

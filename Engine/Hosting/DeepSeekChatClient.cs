@@ -72,6 +72,7 @@ public sealed class DeepSeekChatClient : IChatClient
     /// Null: <see cref="StepRunners.For"/> <paramref name="model"/>.
     /// </param>
     /// <exception cref="ArgumentException">Speculative decoding is On but the runner cannot draft.</exception>
+    /// <exception cref="InsufficientDeviceMemoryException">The devices cannot hold the cache pool (see <see cref="DeepSeekChatClientOptions.KvCacheBlocks"/>); nothing stays allocated.</exception>
     public DeepSeekChatClient(ILanguageModel model, ITokenizer tokenizer, DeepSeekChatClientOptions? options = null, ILogger<DeepSeekChatClient>? logger = null, IMeterFactory? meterFactory = null, bool disposeModel = false, IStepRunner? stepRunner = null)
     {
         ArgumentNullException.ThrowIfNull(model);
@@ -82,10 +83,12 @@ public sealed class DeepSeekChatClient : IChatClient
         _runner = stepRunner ?? StepRunners.For(model);
         try
         {
-            // A paged runner allocates the pool when the scheduler attaches it.
+            // A paged runner allocates the pool when the scheduler attaches it: by default, what its devices hold then, at most
+            // what MaxBatch full-length requests use (the rest could never be used).
             var blocksPerRequest = KvBlockManager.BlocksFor(_runner.MaxSequenceLength);
-            var blocks = new KvBlockManager(_options.KvCacheBlocks ?? PoolBlocks(_runner.CacheBlocks, _options.MaxBatch, blocksPerRequest), _options.MaxBatch,
-                blocksPerRequest);
+            var blocks = _options.KvCacheBlocks is { } given
+                ? new KvBlockManager(given, _options.MaxBatch, blocksPerRequest)
+                : new KvBlockManager(checked(_options.MaxBatch * blocksPerRequest), _options.MaxBatch, blocksPerRequest) { ShrinkToFit = true };
             _scheduler = new BatchScheduler(_runner, blocks, TextGenerator.SchedulerOptionsFor(tokenizer, new SchedulerOptions
             {
                 MaxBatch = _options.MaxBatch,
@@ -113,14 +116,6 @@ public sealed class DeepSeekChatClient : IChatClient
         Metadata = new ChatClientMetadata(ProviderName, providerUri: null, defaultModelId: _options.ModelId);
         _ = _scheduler.RunAsync(_stopScheduler.Token); // ends at ReleaseResources; a failed step is logged and fails only its requests
     }
-
-    /// <summary>
-    /// The pool's default size: what the model's memory plan left room for (<paramref name="planned"/>), but no more blocks than
-    /// <paramref name="maxBatch"/> requests of <paramref name="blocksPerRequest"/> can hold at once (the rest could never be
-    /// used); room for exactly that many where nothing was planned.
-    /// </summary>
-    internal static int PoolBlocks(int? planned, int maxBatch, int blocksPerRequest) =>
-        checked((int)Math.Min((long)maxBatch * blocksPerRequest, planned ?? long.MaxValue));
 
     /// <summary>Provider "DeepSeekCuda" and the configured model id.</summary>
     public ChatClientMetadata Metadata { get; }

@@ -50,12 +50,13 @@ public sealed class DeepSeekChatClientOptions
     public double SpeculativeAutoMinAcceptanceRate { get; set; } = 0.3;
 
     /// <summary>
-    /// Cache blocks (64 tokens each) shared by all requests. Null (default): what the model's memory plan left room
-    /// for (a <see cref="LocalModel"/> on CUDA: the devices' memory beside the weights and step buffers,
-    /// <see cref="Model.ModelOptions.CacheBlocks"/>), at most enough for <see cref="MaxBatch"/> requests of the model's full
-    /// context; exactly that many where nothing was planned (the CPU backend, other models). With fewer blocks than
-    /// <see cref="MaxBatch"/> full-length requests need, a request that cannot grow preempts the newest one, which is
-    /// re-prefilled later (its output does not change).
+    /// Cache blocks (64 tokens each) shared by all requests. Null (default): on CUDA, what the devices' memory holds when the
+    /// client is created, beside the weights, the step buffers and a reserve (measured: <see cref="Serving.PagedStepRunner.Attach"/>),
+    /// at most enough for <see cref="MaxBatch"/> requests of the model's full context; on the CPU backend exactly that many.
+    /// With fewer blocks than <see cref="MaxBatch"/> full-length requests need, a request that cannot grow preempts the newest
+    /// one, which is re-prefilled later (its output does not change). A pool set here that the devices cannot hold, or a
+    /// default one shorter than one full-length request, is refused when the client is created
+    /// (<see cref="Serving.InsufficientDeviceMemoryException"/>, naming the device and its bytes).
     /// </summary>
     public int? KvCacheBlocks { get; set; }
 

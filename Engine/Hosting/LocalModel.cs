@@ -35,8 +35,8 @@ public sealed record LocalModelOptions
     /// <summary>
     /// Requests expected to run at once: a chat client's <see cref="DeepSeekChatClientOptions.MaxBatch"/> (default 16, the
     /// same). A tool that runs one request at a time says 1. On CUDA it sizes the step buffers the memory plan sets aside
-    /// before the cache pool (<see cref="ModelOptions.CacheBlocks"/>, the chat client's default pool); on the CPU backend,
-    /// the default context (each session holds a full-length cache).
+    /// before the cache pool it predicts (the chat client sizes the real pool from the memory left when it is created); on
+    /// the CPU backend, the default context (each session holds a full-length cache).
     /// </summary>
     public int ConcurrentSessions { get; init; } = 16;
 
@@ -176,7 +176,7 @@ public sealed class LocalModel : ILanguageModel
                     options.MaxSequenceLength)
                 : ContextSize.ChooseForCpu(checkpoint.Config, ContextSize.AvailableHostBytes(), options.ConcurrentSessions, mtp, options.MaxSequenceLength);
             Log.ContextChosen(logger, context.Tokens, context.Reason);
-            var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = context.Tokens, CacheBlocks = context.CacheBlocks }, progress, cancellationToken);
+            var model = DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);
             return Loaded(checkpoint, model, placement: null, tokenizer, tokenizerDirectory, options, new Owned(model, backend), logger, started);
         }
         catch
@@ -210,7 +210,7 @@ public sealed class LocalModel : ILanguageModel
                 string.Join(", ", Enumerable.Range(0, count).Select(d => ContextSize.Gib(plan.BytesOn(d)))));
             var context = ContextSize.ChooseForDevices(plan, group.FreeBytes, options.ConcurrentSessions, options.MaxSequenceLength);
             Log.ContextChosen(logger, context.Tokens, context.Reason);
-            var model = ParallelModel.Load(checkpoint, plan, group.Communicator, new ModelOptions { MaxSequenceLength = context.Tokens, CacheBlocks = context.CacheBlocks }, progress, cancellationToken);
+            var model = ParallelModel.Load(checkpoint, plan, group.Communicator, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);
             return Loaded(checkpoint, model, plan, tokenizer, tokenizerDirectory, options, new Owned(model, group.Owner), logger, started);
         }
         catch

@@ -19,7 +19,7 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
         Config = config;
         Options = options;
         MaxSequenceLength = maxSequenceLength;
-        Layout = new DeviceLayout(config, maxSequenceLength, [weights], headDevice: 0, collectives: null, options.CacheBlocks);
+        Layout = new DeviceLayout(config, maxSequenceLength, [weights], headDevice: 0, collectives: null);
     }
 
     /// <summary>The model's config.</summary>
@@ -52,7 +52,7 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     /// </summary>
     /// <param name="checkpoint">The opened, validated checkpoint.</param>
     /// <param name="backend">Where the weights go.</param>
-    /// <param name="options">Attention form, context length, the planned cache pool, MTP.</param>
+    /// <param name="options">Attention form, context length, MTP.</param>
     /// <param name="progress">Receives the fraction of the weight bytes uploaded, from 0 to 1.</param>
     /// <param name="cancellationToken">Checked before each upload (a layer, the MTP layer, the embedding, final norm or head); a cancelled load disposes what it loaded.</param>
     /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> fired; nothing stays allocated.</exception>

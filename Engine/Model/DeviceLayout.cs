@@ -73,8 +73,7 @@ internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, A
 /// </summary>
 internal sealed class DeviceLayout
 {
-    public DeviceLayout(ModelConfig config, int maxSequenceLength, IReadOnlyList<DeviceWeights> devices, int headDevice, Collectives? collectives,
-        int? cacheBlocks = null)
+    public DeviceLayout(ModelConfig config, int maxSequenceLength, IReadOnlyList<DeviceWeights> devices, int headDevice, Collectives? collectives)
     {
         if (devices.Count > 1 && collectives is null)
         {
@@ -83,7 +82,6 @@ internal sealed class DeviceLayout
 
         Config = config;
         MaxSequenceLength = maxSequenceLength;
-        CacheBlocks = cacheBlocks;
         Devices = devices;
         HeadDevice = headDevice;
         Collectives = collectives;
@@ -149,9 +147,6 @@ internal sealed class DeviceLayout
     public ModelConfig Config { get; }
 
     public int MaxSequenceLength { get; }
-
-    /// <summary>The paged pool's blocks the memory plan left room for (<see cref="ModelOptions.CacheBlocks"/>); null: not planned.</summary>
-    public int? CacheBlocks { get; }
 
     public IReadOnlyList<DeviceWeights> Devices { get; }
 

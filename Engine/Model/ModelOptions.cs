@@ -32,15 +32,6 @@ public sealed record ModelOptions
     /// </summary>
     public int? MaxSequenceLength { get; init; }
 
-    /// <summary>
-    /// Blocks of <see cref="Kernels.PagedLatentCache.BlockSize"/> tokens in the paged latent pool (one pool per layer, on every
-    /// device that runs the layer) that the memory left beside the weights holds: what a step runner over this model asks
-    /// its scheduler's pool to be (<c>IStepRunner.CacheBlocks</c>). <c>LocalModel</c> sets it on CUDA from the
-    /// memory planner. At least one request of <see cref="MaxSequenceLength"/>. Null (default): not planned (a chat client
-    /// then gives its pool room for MaxBatch requests of full length).
-    /// </summary>
-    public int? CacheBlocks { get; init; }
-
     /// <summary>Load the MTP layer when the checkpoint has one (needs its weights' memory); a model spread over devices loads it where its plan places it, if it does.</summary>
     public bool LoadMtp { get; init; } = true;
 }

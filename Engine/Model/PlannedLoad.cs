@@ -26,7 +26,7 @@ internal static class PlannedLoad
     /// <param name="cancellationToken">Checked before each upload (a unit on one device).</param>
     /// <returns>Each device's weights, and the context length the rotary table covers.</returns>
     /// <exception cref="NotSupportedException">The config asks for something the engine does not implement.</exception>
-    /// <exception cref="ArgumentOutOfRangeException">The context length is outside 1..max_position_embeddings, or the planned cache pool cannot hold one request of it.</exception>
+    /// <exception cref="ArgumentOutOfRangeException">The context length is outside 1..max_position_embeddings.</exception>
     public static (DeviceWeights[] Devices, int MaxLength) Load(Checkpoint checkpoint, PlacementPlan plan, IReadOnlyList<IBackend> devices,
         ModelOptions options, IProgress<double>? progress, CancellationToken cancellationToken)
     {
@@ -36,13 +36,6 @@ internal static class PlannedLoad
         if (maxLength < 1 || maxLength > config.MaxPositionEmbeddings)
         {
             throw new ArgumentOutOfRangeException(nameof(options), maxLength, $"MaxSequenceLength must be within 1..max_position_embeddings ({config.MaxPositionEmbeddings})");
-        }
-
-        var blocksPerRequest = Kernels.PagedLatentCache.BlocksFor(maxLength);
-        if (options.CacheBlocks is { } pool && pool < blocksPerRequest)
-        {
-            throw new ArgumentOutOfRangeException(nameof(options), pool,
-                $"CacheBlocks {pool} hold fewer tokens than one request of MaxSequenceLength {maxLength} ({blocksPerRequest} blocks of {Kernels.PagedLatentCache.BlockSize})");
         }
 
         cancellationToken.ThrowIfCancellationRequested();

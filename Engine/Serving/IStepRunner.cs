@@ -54,13 +54,6 @@ public interface IStepRunner : IDisposable
     bool CanDraft { get; }
 
     /// <summary>
-    /// Blocks the cache pool should have, where the model's memory was planned (<see cref="Model.ModelOptions.CacheBlocks"/>:
-    /// what the devices hold beside the weights and the step buffers); null where nothing was planned, and whoever makes the
-    /// scheduler's <see cref="KvBlockManager"/> sizes the pool. No default body: a runner that wraps another passes it on.
-    /// </summary>
-    int? CacheBlocks { get; }
-
-    /// <summary>
     /// Called once by the scheduler before any other call: the block manager whose table addresses the cache
     /// (the scheduler changes it between steps; a paged runner uploads it before each step and sizes its pools
     /// to <see cref="KvBlockManager.TotalBlocks"/>), and the most tokens one <see cref="Forward"/> will feed,

@@ -41,8 +41,15 @@ public sealed class KvBlockManager
         _freeSlots = new Stack<int>(Enumerable.Range(0, maxRequests).Reverse());
     }
 
-    /// <summary>Blocks in the pool.</summary>
-    public int TotalBlocks { get; }
+    /// <summary>Blocks in the pool (after the runner's attach, what <see cref="ShrinkToFit"/> left).</summary>
+    public int TotalBlocks { get; private set; }
+
+    /// <summary>
+    /// Whether <see cref="TotalBlocks"/> is an upper bound a paged runner lowers, when the scheduler attaches it, to what its
+    /// devices' memory holds beside the weights and the step buffers (<see cref="PagedStepRunner.Attach"/>). False (default):
+    /// the pool is exactly <see cref="TotalBlocks"/>, and a runner that measures its devices refuses one that does not fit.
+    /// </summary>
+    public bool ShrinkToFit { get; init; }
 
     /// <summary>Rows of the block table.</summary>
     public int MaxRequests { get; }
@@ -64,6 +71,27 @@ public sealed class KvBlockManager
 
     /// <summary>Changes of <see cref="Table"/> so far: a runner copies the table only when this moved.</summary>
     public long Version { get; private set; }
+
+    /// <summary>
+    /// Lowers the pool to <paramref name="totalBlocks"/> (a runner's attach, <see cref="ShrinkToFit"/>), before any block is
+    /// handed out.
+    /// </summary>
+    internal void ShrinkTo(int totalBlocks)
+    {
+        if (!ShrinkToFit || _freeBlocks.Count != TotalBlocks || _freeSlots.Count != MaxRequests)
+        {
+            throw new InvalidOperationException("only a pool made to shrink to fit, with nothing handed out, can shrink");
+        }
+
+        ArgumentOutOfRangeException.ThrowIfNegative(totalBlocks);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(totalBlocks, TotalBlocks);
+        TotalBlocks = totalBlocks;
+        _freeBlocks.Clear();
+        for (var b = totalBlocks - 1; b >= 0; b--)
+        {
+            _freeBlocks.Push(b);
+        }
+    }
 
     /// <summary>Blocks needed to hold <paramref name="tokens"/> tokens.</summary>
     public static int BlocksFor(int tokens) => (int)(((long)tokens + BlockTokens - 1) / BlockTokens);

@@ -25,11 +25,18 @@ public sealed record MemoryPlanOptions
     /// </summary>
     public int AttentionSplits { get; init; } = 16;
 
-    /// <summary>Fraction of each device's free bytes left untouched (allocator fragmentation, cuBLAS/graph workspaces, driver growth).</summary>
+    /// <summary>
+    /// Fraction of each device's free bytes left untouched (allocator fragmentation, cuBLAS/graph workspaces, driver growth);
+    /// a paged runner sizing its pool after the load leaves the same fraction of the device's total memory
+    /// (<see cref="PagedStepRunner.Attach"/>).
+    /// </summary>
     public double ReserveFraction { get; init; } = 0.05;
 
     /// <summary>Lower bound of the reserve in bytes.</summary>
     public long MinReserveBytes { get; init; } = 512L << 20;
+
+    /// <summary>The reserve of a device of <paramref name="bytes"/>: <see cref="ReserveFraction"/> of them, at least <see cref="MinReserveBytes"/>.</summary>
+    internal long ReserveOf(long bytes) => Math.Max(MinReserveBytes, (long)(bytes * ReserveFraction));
 
     internal void Validate()
     {
@@ -100,7 +107,14 @@ public sealed class InsufficientDeviceMemoryException : Exception
         Shortfalls = shortfalls;
     }
 
-    /// <summary>The devices that fall short.</summary>
+    /// <summary>A shortfall found after the load, by measuring (a runner's cache pool): <paramref name="message"/> names the device and the bytes.</summary>
+    internal InsufficientDeviceMemoryException(string message)
+        : base(message)
+    {
+        Shortfalls = [];
+    }
+
+    /// <summary>The devices that fall short of the plan (empty for a shortfall measured after the load).</summary>
     public IReadOnlyList<DeviceMemoryShortfall> Shortfalls { get; }
 
     private static string Describe(IReadOnlyList<DeviceMemoryShortfall> shortfalls) =>
@@ -210,7 +224,7 @@ public static class MemoryPlanner
         {
             var share = devices[d];
             var arena = ActivationArenaBytes(config, tokens, share.ComputesLogits ? logitRows : 0, logitRows, options.AttentionSplits);
-            var reserve = Math.Max(options.MinReserveBytes, (long)(share.FreeBytes * options.ReserveFraction));
+            var reserve = options.ReserveOf(share.FreeBytes);
             var perBlock = blockBytesPerLayer * share.CacheLayers;
             var minKv = perBlock * blocksPerRequest;
             var left = share.FreeBytes - share.WeightBytes - arena - reserve;

@@ -1,3 +1,4 @@
+using System.Globalization;
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Model;
@@ -128,9 +129,6 @@ public sealed class PagedStepRunner : IStepRunner
     /// <inheritdoc />
     public bool CanDraft => _layout.Mtp is not null;
 
-    /// <inheritdoc />
-    public int? CacheBlocks => _layout.CacheBlocks;
-
     /// <summary>
     /// Whether a decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> absorbed tokens,
     /// the logits of each asked for), and a draft, runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>),
@@ -156,12 +154,19 @@ public sealed class PagedStepRunner : IStepRunner
 
     /// <inheritdoc />
     /// <remarks>
-    /// Allocates everything the runner will use: one latent pool per layer (and one for the MTP layer) of
-    /// <see cref="KvBlockManager.TotalBlocks"/> blocks and one more for the padding rows of graph steps; the block table,
-    /// with a row more for the padding slot; the ring of pending MTP inputs; and the step buffers for
-    /// <paramref name="maxTokensPerStep"/> rows. (The padding block, 64 positions per layer, comes out of
-    /// <see cref="MemoryPlanner"/>'s reserve.)
+    /// Allocates everything the runner will use: first the step buffers for <paramref name="maxTokensPerStep"/> rows, the
+    /// ring of pending MTP inputs and the block table (with a row more for the padding slot); then, from what the devices
+    /// have left (<see cref="IBackend.Memory"/>, measured then), one latent pool per layer (and one for the MTP layer) of
+    /// <see cref="KvBlockManager.TotalBlocks"/> blocks and one more for the padding rows of graph steps. A pool made to shrink to
+    /// fit (<see cref="KvBlockManager.ShrinkToFit"/>) is first lowered to the blocks every device holds on each of its pools
+    /// beside a reserve (<see cref="MemoryPlanOptions.ReserveFraction"/> of its memory, at least
+    /// <see cref="MemoryPlanOptions.MinReserveBytes"/>, for the workspaces and graphs that come later); devices that report
+    /// no memory (the CPU backend) bound nothing.
     /// </remarks>
+    /// <exception cref="InsufficientDeviceMemoryException">
+    /// A device holds fewer blocks than one request of <see cref="KvBlockManager.MaxTokensPerRequest"/> (a pool that shrinks to
+    /// fit) or than <see cref="KvBlockManager.TotalBlocks"/> (one of a set size); nothing stays allocated.
+    /// </exception>
     public void Attach(KvBlockManager blocks, int maxTokensPerStep)
     {
         ArgumentNullException.ThrowIfNull(blocks);
@@ -180,18 +185,8 @@ public sealed class PagedStepRunner : IStepRunner
             {
                 var b = d.W.Backend;
                 d.Table = Own(b.AllocateBlockTable(slots + 1, blocks.MaxBlocksPerRequest));
-                d.Caches = new LatentCache[]?[c.NumHiddenLayers];
-                d.Pools = new LatentPool?[c.NumHiddenLayers];
-                var held = Enumerable.Range(0, c.NumHiddenLayers).Where(i => d.W.Layers[i] is not null).ToArray();
-                foreach (var i in held)
-                {
-                    d.Pools[i] = Own(b.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
-                    d.Caches[i] = Views(d, d.Pools[i]!, slots);
-                }
-
                 d.Rows = Own(b.AllocateStepRows(maxTokensPerStep));
-
-                d.Arena = Own(new ActivationArena(b, maxTokensPerStep, ArenaPlan.Main(c, held, d.W.Shard)));
+                d.Arena = Own(new ActivationArena(b, maxTokensPerStep, ArenaPlan.Main(c, d.Held, d.W.Shard)));
                 d.Segments = new Segment[2 * slots]; // an entry's naive rows and its absorbed rows
             }
 
@@ -200,8 +195,6 @@ public sealed class PagedStepRunner : IStepRunner
             foreach (var d in _mtpDevices)
             {
                 var b = d.W.Backend;
-                d.MtpPool = Own(b.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
-                d.MtpCaches = Views(d, d.MtpPool, slots);
                 d.MtpRows = Own(b.AllocateStepRows(mtpRows));
                 d.MtpArena = Own(new ActivationArena(b, mtpRows, ArenaPlan.Mtp(c, d.W.Shard, input: d == _head)));
                 d.MtpSegments = new Segment[slots];
@@ -215,6 +208,24 @@ public sealed class PagedStepRunner : IStepRunner
             _headArena = Own(new ActivationArena(hb, slots * PendingRows, ArenaPlan.Head(c, drafts)));
             _choices = Own(hb.AllocateTokenChoices(slots * PendingRows, VocabSize));
             _draftChoices = drafts ? Own(hb.AllocateTokenChoices(slots * PendingRows, VocabSize)) : null;
+
+            FitPool(blocks);
+            foreach (var d in _devices)
+            {
+                d.Caches = new LatentCache[]?[c.NumHiddenLayers];
+                d.Pools = new LatentPool?[c.NumHiddenLayers];
+                foreach (var i in d.Held)
+                {
+                    d.Pools[i] = Own(d.W.Backend.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
+                    d.Caches[i] = Views(d, d.Pools[i]!, slots);
+                }
+            }
+
+            foreach (var d in _mtpDevices)
+            {
+                d.MtpPool = Own(d.W.Backend.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
+                d.MtpCaches = Views(d, d.MtpPool, slots);
+            }
         }
         catch
         {
@@ -238,6 +249,67 @@ public sealed class PagedStepRunner : IStepRunner
         _bucketLimit = Math.Min(maxTokensPerStep, _headArena.MaxRows);
         _maxTokens = maxTokensPerStep;
         _blocks = blocks;
+    }
+
+    /// <summary>
+    /// Sizes the pool to the devices' memory, measured with everything but the pools allocated (see <see cref="Attach"/>): each
+    /// memory that its devices report (one GPU, shared by the logical ranks on it) holds (free − reserve) / (block bytes × the
+    /// pools of its devices) blocks, less the padding block.
+    /// </summary>
+    private void FitPool(KvBlockManager blocks)
+    {
+        var c = _layout.Config;
+        var blockBytes = Kernels.PagedLatentCache.Bytes(1, new Kernels.LatentShape(c.KvLoraRank, c.QkRopeHeadDim));
+        var rule = new MemoryPlanOptions();
+        var measured = new List<(int Rank, int Pools, DeviceMemory Memory)>();
+        for (var r = 0; r < _devices.Length; r++)
+        {
+            var d = _devices[r];
+            var pools = d.Held.Length + (_mtpDevices.Contains(d) ? 1 : 0);
+            if (pools > 0 && d.W.Backend.Memory() is { } memory)
+            {
+                measured.Add((r, pools, memory));
+            }
+        }
+
+        (int Blocks, string Why)? tightest = null;
+        foreach (var shared in measured.GroupBy(m => m.Memory.Device))
+        {
+            var memory = shared.First().Memory;
+            var pools = shared.Sum(m => m.Pools);
+            var reserve = rule.ReserveOf(memory.TotalBytes);
+            var perBlock = blockBytes * pools;
+            var holds = (int)Math.Clamp((memory.FreeBytes - reserve) / perBlock - 1, 0, int.MaxValue);
+            if (tightest is null || holds < tightest.Value.Blocks)
+            {
+                var who = shared.Count() == 1
+                    ? $"device {shared.First().Rank} ({memory.Device}) holds"
+                    : $"devices {string.Join(", ", shared.Select(m => m.Rank))} (sharing {memory.Device}) hold";
+                var free = MemoryPlanner.Format(memory.FreeBytes);
+                var total = MemoryPlanner.Format(memory.TotalBytes);
+                tightest = (holds, string.Create(CultureInfo.InvariantCulture,
+                    $"{who} {holds} cache blocks beside the weights and the step buffers: {free} free of {total}, less a reserve of {MemoryPlanner.Format(reserve)}, at {perBlock} bytes a block over {pools} layers' pools, one block kept for padding"));
+            }
+        }
+
+        if (tightest is not { } t)
+        {
+            return;
+        }
+
+        var need = blocks.ShrinkToFit ? blocks.MaxBlocksPerRequest : blocks.TotalBlocks;
+        if (t.Blocks < need)
+        {
+            var what = blocks.ShrinkToFit
+                ? $"one request of {blocks.MaxTokensPerRequest} tokens needs {need}"
+                : $"the pool asked for is {need} blocks";
+            throw new InsufficientDeviceMemoryException($"not enough device memory for the cache pool: {t.Why}; {what}");
+        }
+
+        if (blocks.ShrinkToFit && t.Blocks < blocks.TotalBlocks)
+        {
+            blocks.ShrinkTo(t.Blocks);
+        }
     }
 
     private static LatentCache[] Views(Device d, LatentPool pool, int slots)
@@ -1267,6 +1339,10 @@ public sealed class PagedStepRunner : IStepRunner
     private sealed class Device(DeviceWeights weights)
     {
         public DeviceWeights W { get; } = weights;
+
+        /// <summary>The main layers the device runs (a pool each).</summary>
+        public int[] Held { get; } = [.. Enumerable.Range(0, weights.Layers.Length).Where(i => weights.Layers[i] is not null)];
+
         public BlockTable Table { get; set; } = null!;
 
         /// <summary>[layer][slot]; null for a layer the device does not run.</summary>

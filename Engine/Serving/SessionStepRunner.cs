@@ -31,10 +31,6 @@ public sealed class SessionStepRunner : IStepRunner
     public bool CanDraft => false;
 
     /// <inheritdoc />
-    /// <remarks>Null: each session holds its own cache, outside any pool.</remarks>
-    public int? CacheBlocks => null;
-
-    /// <inheritdoc />
     /// <remarks>Each session holds its own cache: the block table is bookkeeping only here.</remarks>
     public void Attach(KvBlockManager blocks, int maxTokensPerStep) => ArgumentNullException.ThrowIfNull(blocks);
 

@@ -227,4 +227,41 @@ public sealed class PagedStepRunnerGpuTests
             }
         }
     }
+
+    /// <summary>
+    /// A pool made to shrink to fit (a chat client's default) takes what the GPU has left beside the weights and the step
+    /// buffers, down to the reserve: after the attach the device's free memory covers the reserve, and one block more on every
+    /// pool would not have (up to the driver's 2 MiB granularity, per pool); requests then run in it, the kernel modules and
+    /// workspaces they load coming out of the reserve.
+    /// </summary>
+    [TestMethod]
+    public void APoolThatShrinksToFitFillsTheGpuDownToTheReserve()
+    {
+        const int Cap = 10_000_000;
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var cuda = new CudaBackend();
+        using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
+        var c = model.Config;
+        var pools = c.NumHiddenLayers + (model.HasMtp ? 1 : 0);
+        var perBlock = 64L * (c.KvLoraRank + c.QkRopeHeadDim) * 2 * pools;
+        var total = cuda.Device.MemoryInfo().Total;
+        var reserve = Math.Max(512L << 20, total / 20);
+        var blocks = new KvBlockManager(Cap, 8, KvBlockManager.BlocksFor(MaxLength)) { ShrinkToFit = true };
+        using var runner = new PagedStepRunner(model);
+        using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions
+        {
+            MaxTokensPerStep = StepBudget,
+            EosId = c.EosTokenId,
+            SpeculativeDecoding = SpeculativeDecodingMode.Off,
+        });
+        cuda.Synchronize();
+        var free = cuda.Device.MemoryInfo().Free;
+        TestContext.WriteLine($"pool {blocks.TotalBlocks} blocks of {perBlock} bytes over {pools} pools; free {free} of {total}, reserve {reserve}");
+        Assert.IsLessThan(Cap, blocks.TotalBlocks, "the pool shrank to the device");
+        Assert.IsGreaterThanOrEqualTo(reserve, free, "the reserve is left");
+        Assert.IsLessThan(reserve + perBlock + pools * (2L << 20), free, "no block more would have fit");
+        var prompts = SyntheticPrompts.Staggered(model.VocabSize, 8);
+        var ids = Drain(scheduler, blocks, prompts, "in the fitted pool");
+        Assert.IsTrue(ids.All(i => i.Length > 0), "every request decodes");
+    }
 }

@@ -96,7 +96,15 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// <summary>When set, receives every allocation from then on (tests check that a failure part way released them all).</summary>
     public List<BackendResource>? Allocated { get; set; }
 
-    private T Counted<T>(T resource)
+    /// <summary>
+    /// The simulated GPU this device is (or, shared with other devices, is a logical rank on): every allocation from then on
+    /// takes from it, and <see cref="Memory"/> reports it. Null (default): the inner backend's <see cref="Memory"/>.
+    /// </summary>
+    public SimulatedGpu? Gpu { get; set; }
+
+    public DeviceMemory? Memory() => Gpu?.Memory ?? inner.Memory();
+
+    private T Counted<T>(T resource, long bytes)
         where T : BackendResource
     {
         if (++_allocations == FailAtAllocation)
@@ -105,13 +113,16 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
             throw new InvalidOperationException($"{Name}: simulated out of memory at allocation {_allocations}");
         }
 
+        Gpu?.Take(bytes);
         Allocated?.Add(resource);
         return resource is Tensor ? resource : Named(resource);
     }
 
-    public Tensor Allocate(int rows, int cols, TensorKind kind = TensorKind.Activation) => Counted(inner.Allocate(rows, cols, kind));
+    private static long TensorBytes(int rows, int cols, TensorKind kind) => (long)rows * cols * (kind == TensorKind.Logits ? 4 : 2);
+
+    public Tensor Allocate(int rows, int cols, TensorKind kind = TensorKind.Activation) => Counted(inner.Allocate(rows, cols, kind), TensorBytes(rows, cols, kind));
     public Tensor Upload(ReadOnlySpan<float> values, int rows, int cols, TensorKind kind = TensorKind.Activation) =>
-        Counted(inner.Upload(values, rows, cols, kind));
+        Counted(inner.Upload(values, rows, cols, kind), TensorBytes(rows, cols, kind));
     public void Download(Tensor tensor, Span<float> destination)
     {
         DownloadedValues += tensor.Length;
@@ -124,7 +135,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     /// <summary>Ids <see cref="ReadTokenChoices"/> brought back so far, and how many of them were tokens (not <see cref="TokenSampling.NotChosen"/>).</summary>
     public (long Rows, long Chosen) Choices { get; private set; }
 
-    public TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab) => Counted(inner.AllocateTokenChoices(rows, vocab));
+    public TokenChoiceBuffer AllocateTokenChoices(int rows, int vocab) => Counted(inner.AllocateTokenChoices(rows, vocab), rows * 16L);
 
     public void SetTokenChoices(ReadOnlySpan<TokenChoice> choices, TokenChoiceBuffer buffer) => inner.SetTokenChoices(choices, buffer);
 
@@ -198,11 +209,14 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     }
 
     public RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs) => Kept(inner.UploadRope(cos, sin, positions, pairs), "rope");
-    public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => Counted(inner.AllocateLatentCache(capacity, latentDim, ropeDim));
+    public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) =>
+        Counted(inner.AllocateLatentCache(capacity, latentDim, ropeDim), (long)capacity * (latentDim + ropeDim) * 2);
 
-    public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) => Counted(inner.AllocateLatentPool(blocks, latentDim, ropeDim));
+    public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) =>
+        Counted(inner.AllocateLatentPool(blocks, latentDim, ropeDim), (long)blocks * 64 * (latentDim + ropeDim) * 2);
 
-    public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest) => Counted(inner.AllocateBlockTable(requests, maxBlocksPerRequest));
+    public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest) =>
+        Counted(inner.AllocateBlockTable(requests, maxBlocksPerRequest), (long)requests * maxBlocksPerRequest * 4);
 
     public void UploadBlockTable(ReadOnlySpan<int> entries, BlockTable table)
     {
@@ -211,7 +225,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     }
 
     public LatentCache PagedCache(LatentPool pool, BlockTable table, int request) => inner.PagedCache(pool, table, request);
-    public Routing AllocateRouting(int tokens, int experts, int topK) => Counted(inner.AllocateRouting(tokens, experts, topK));
+    public Routing AllocateRouting(int tokens, int experts, int topK) => Counted(inner.AllocateRouting(tokens, experts, topK), (long)tokens * (experts * 4 + topK * 8));
     public void DownloadRouting(Routing routing, Span<float> scores, Span<int> indices, Span<float> weights) =>
         inner.DownloadRouting(routing, scores, indices, weights);
     public void Embedding(EmbeddingWeight table, ReadOnlySpan<int> ids, Tensor output)
@@ -249,7 +263,7 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public void ReplayGraph(StepGraph graph) =>
         Run(nameof(ReplayGraph), () => inner.ReplayGraph(graph), graph);
 
-    public StepRows AllocateStepRows(int capacity) => Counted(inner.AllocateStepRows(capacity));
+    public StepRows AllocateStepRows(int capacity) => Counted(inner.AllocateStepRows(capacity), capacity * 12L);
 
     public void UploadStepRows(ReadOnlySpan<int> tokens, ReadOnlySpan<int> slots, ReadOnlySpan<int> positions, StepRows rows) =>
         inner.UploadStepRows(tokens, slots, positions, rows);
@@ -285,3 +299,19 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 
     private void Record(LinearSpec spec) => _received.Add((spec.Weight, spec.Slice is { IsWhole: false } s ? s : null));
 }
+
+/// <summary>
+/// A GPU's memory for <see cref="RecordingBackend.Gpu"/>: <paramref name="freeBytes"/> free when made, of
+/// <paramref name="totalBytes"/>. Each allocation of a device on it takes what a GPU would hold for it (BF16 activations and
+/// cache rows, fp32 logits, int32 tables and step rows); frees give nothing back.
+/// </summary>
+internal sealed class SimulatedGpu(string name, long totalBytes, long freeBytes)
+{
+    /// <summary>Bytes its devices allocated since it was made.</summary>
+    public long AllocatedBytes { get; private set; }
+
+    public DeviceMemory Memory => new(freeBytes - AllocatedBytes, totalBytes, name);
+
+    public void Take(long bytes) => AllocatedBytes += bytes;
+}
+

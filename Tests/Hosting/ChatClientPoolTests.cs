@@ -1,3 +1,4 @@
+using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Hosting;
 using DeepSeekCuda.Loader;
@@ -11,13 +12,17 @@ using Microsoft.Extensions.AI;
 namespace DeepSeekCuda.Tests.Hosting;
 
 /// <summary>
-/// The chat client's cache pool by default is the one the model's memory plan left room for (<see cref="ModelOptions.CacheBlocks"/>),
-/// never more than its requests can use, and requests that outgrow it together still answer as alone.
+/// The chat client's cache pool by default is what the device holds when the client is created (measured after the weights
+/// and the step buffers, beside a reserve), never more than its requests can use; a pool that does not fit is refused with
+/// nothing left allocated, and requests that outgrow the pool together still answer as alone. The device is the demo
+/// checkpoint on a recording CPU backend that simulates a GPU's memory.
 /// </summary>
 [TestClass]
 public sealed class ChatClientPoolTests
 {
     private const int Context = 256; // 4 blocks per request
+    private const int MaxBatch = 4;
+    private const long Total = 16L << 30;
 
     private static string s_dir = null!;
     private static BpeTokenizer s_tokenizer = null!;
@@ -29,63 +34,119 @@ public sealed class ChatClientPoolTests
         s_tokenizer = BpeTokenizer.Load(s_dir);
     }
 
-    private static DeepSeekModel Load(CpuBackend backend, int? planned)
+    /// <summary>The reserve left on a device of <see cref="Total"/> bytes: 5% of them (above the 512 MiB minimum).</summary>
+    private static long Reserve => Total / 20;
+
+    private static DeepSeekModel Load(IBackend backend)
     {
         using var checkpoint = Checkpoint.Open(s_dir);
-        return DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = Context, CacheBlocks = planned });
+        return DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = Context });
     }
 
-    [TestMethod]
-    [DataRow(null, null, 16, DisplayName = "nothing planned: 4 full-length requests")]
-    [DataRow(9, null, 9, DisplayName = "planned below 4 full-length requests: the plan")]
-    [DataRow(40, null, 16, DisplayName = "planned above what 4 requests can use: what they can use")]
-    [DataRow(9, 30, 30, DisplayName = "KvCacheBlocks given: that")]
-    public void DefaultPoolIsThePlannedOneAtMostWhatMaxBatchRequestsUse(int? planned, int? given, int expected)
+    /// <summary>Bytes of one cache block over every pool of the one device (a BF16 row of latent and rotated key per position, per layer and MTP layer).</summary>
+    private static long BlockBytes(DeepSeekModel model) =>
+        64L * (model.Config.KvLoraRank + model.Config.QkRopeHeadDim) * 2 * (model.Config.NumHiddenLayers + (model.HasMtp ? 1 : 0));
+
+    /// <summary>
+    /// A GPU with room for exactly <paramref name="blocks"/> blocks (and the padding block) beside the step buffers of a client of
+    /// <paramref name="maxBatch"/> requests and the reserve: the step buffers measured by a client with a pool of one.
+    /// </summary>
+    private static SimulatedGpu Holding(RecordingBackend device, DeepSeekModel model, int blocks, int maxBatch = MaxBatch)
     {
-        using var backend = new CpuBackend(maxDegreeOfParallelism: 2);
-        using var model = Load(backend, planned);
-        using var client = new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = 4, KvCacheBlocks = given });
-        Assert.AreEqual(expected, client.Scheduler.Blocks.TotalBlocks);
-        Assert.AreEqual(Context / KvBlockManager.BlockTokens, client.Scheduler.Blocks.MaxBlocksPerRequest);
+        device.Gpu = new SimulatedGpu("gpu:0", Total, Total);
+        using (new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = maxBatch, KvCacheBlocks = 1 }))
+        {
+        }
+
+        var steps = device.Gpu.AllocatedBytes - 2 * BlockBytes(model);
+        return new SimulatedGpu("gpu:0", Total, Reserve + steps + (blocks + 1) * BlockBytes(model) + BlockBytes(model) / 2);
     }
 
-    /// <summary>Three greedy requests at once in a planned pool of five blocks (less than they hold together) answer as each alone, in a pool of its own.</summary>
     [TestMethod]
-    public async Task RequestsThatOutgrowThePlannedPoolTogetherAnswerAsAlone()
+    [DataRow(null, null, 16, DisplayName = "memory not measured (the CPU backend): 4 full-length requests")]
+    [DataRow(9, null, 9, DisplayName = "the device holds fewer than 4 full-length requests: what it holds")]
+    [DataRow(40, null, 16, DisplayName = "the device holds more than 4 requests can use: what they can use")]
+    [DataRow(40, 30, 30, DisplayName = "KvCacheBlocks given: that")]
+    public void DefaultPoolIsWhatTheDeviceHoldsAtMostWhatMaxBatchRequestsUse(int? holds, int? given, int expected)
+    {
+        using var device = new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2));
+        using var model = Load(device);
+        if (holds is { } n)
+        {
+            device.Gpu = Holding(device, model, n);
+        }
+
+        using var client = new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = MaxBatch, KvCacheBlocks = given });
+        Assert.AreEqual(expected, client.Scheduler.Blocks.TotalBlocks);
+        Assert.AreEqual(expected, client.Scheduler.Blocks.FreeBlocks);
+        Assert.AreEqual(Context / KvBlockManager.BlockTokens, client.Scheduler.Blocks.MaxBlocksPerRequest);
+        if (device.Memory() is { } left)
+        {
+            // What is left covers the reserve; where the device bounded the pool, one block more would not have.
+            Assert.IsGreaterThanOrEqualTo(Reserve, left.FreeBytes);
+            if (expected == holds)
+            {
+                Assert.IsLessThan(Reserve + BlockBytes(model), left.FreeBytes);
+            }
+        }
+    }
+
+    [TestMethod]
+    public void APoolTheDeviceCannotHoldIsRefusedNamingTheDeviceWithNothingLeftAllocated()
+    {
+        using var device = new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2));
+        using var model = Load(device);
+        var memory = Holding(device, model, 9);
+
+        device.Gpu = memory;
+        device.Allocated = [];
+        var e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() =>
+            new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = MaxBatch, KvCacheBlocks = 10 }));
+        StringAssert.Contains(e.Message, "device 0 (gpu:0) holds 9 cache blocks beside the weights and the step buffers");
+        StringAssert.Contains(e.Message, "the pool asked for is 10 blocks");
+        Assert.IsNotEmpty(device.Allocated);
+        Assert.IsTrue(device.Allocated.All(r => r.IsDisposed), "the step buffers and the table are freed");
+
+        // A default pool shorter than one full-length request (4 blocks).
+        device.Gpu = Holding(device, model, 3);
+        device.Allocated = [];
+        e = Assert.ThrowsExactly<InsufficientDeviceMemoryException>(() =>
+            new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = MaxBatch }));
+        StringAssert.Contains(e.Message, "device 0 (gpu:0) holds 3 cache blocks");
+        StringAssert.Contains(e.Message, "one request of 256 tokens needs 4");
+        Assert.IsTrue(device.Allocated.All(r => r.IsDisposed));
+
+        // The same device with the room for exactly one request more than that.
+        device.Gpu = Holding(device, model, 4);
+        using var client = new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = MaxBatch });
+        Assert.AreEqual(4, client.Scheduler.Blocks.TotalBlocks);
+    }
+
+    /// <summary>Three greedy requests at once on a device that holds five blocks (less than they hold together) answer as each alone, in a pool of its own.</summary>
+    [TestMethod]
+    public async Task RequestsThatOutgrowTheDevicesPoolTogetherAnswerAsAlone()
     {
         string[] questions = ["Why is the sky blue?", "Name three colours.", "What is two plus two?"];
         var options = new ChatOptions { Temperature = 0, MaxOutputTokens = 90 };
-        using var backend = new CpuBackend(maxDegreeOfParallelism: 2);
+        using var device = new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2));
+        using var model = Load(device);
         var alone = new List<string>();
-        using (var model = Load(backend, planned: null))
+        using (var client = new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = 1 }))
         {
-            using var client = new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = 1 });
             foreach (var q in questions)
             {
                 alone.Add(Text(await client.GetResponseAsync([new ChatMessage(ChatRole.User, q)], options)));
             }
         }
 
-        using (var model = Load(backend, planned: 5))
+        device.Gpu = Holding(device, model, 5, maxBatch: 3);
+        using (var client = new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = 3 }))
         {
-            using var client = new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = 3 });
             Assert.AreEqual(5, client.Scheduler.Blocks.TotalBlocks);
             var together = await Task.WhenAll(questions.Select(q => client.GetResponseAsync([new ChatMessage(ChatRole.User, q)], options)));
             CollectionAssert.AreEqual(alone, together.Select(Text).ToList());
             Assert.IsGreaterThan(0L, client.Scheduler.Preemptions, "the pool was too small for the three together");
         }
-    }
-
-    [TestMethod]
-    public void APlannedPoolShorterThanOneRequestIsRefusedBeforeAnyUpload()
-    {
-        using var checkpoint = Checkpoint.Open(s_dir);
-        using var backend = new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2));
-        var e = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() =>
-            DeepSeekModel.Load(checkpoint, backend, new ModelOptions { MaxSequenceLength = Context, CacheBlocks = 3 }));
-        StringAssert.Contains(e.Message, "CacheBlocks 3 hold fewer tokens than one request of MaxSequenceLength 256 (4 blocks of 64)");
-        Assert.IsEmpty(backend.Received);
-        Assert.IsEmpty(backend.Weights);
     }
 
     private static string Text(ChatResponse response) =>

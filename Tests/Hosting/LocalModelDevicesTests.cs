@@ -109,13 +109,55 @@ public sealed class LocalModelDevicesTests
             using (var runner = local.CreateStepRunner())
             {
                 Assert.IsTrue(runner.CanDraft);
-                // The cache pool the memory planner fits on the devices' declared memory, which the chat client takes up to what
-                // its 16 requests can use (the demo's 1024 positions: 16 blocks each).
-                var planned = ContextSize.ChooseForDevices(local.Placement!, Enumerable.Repeat(FreeBytes, n).ToArray(), sessions: 16).CacheBlocks;
-                Assert.IsNotNull(planned);
-                Assert.AreEqual(planned, runner.CacheBlocks);
-                using var client = local.CreateChatClient();
-                Assert.AreEqual(Math.Min(planned.Value, 16 * 16), client.Scheduler.Blocks.TotalBlocks);
+            }
+
+            // The chat client's pool is what the tightest device holds after the load (one block index addresses a block of every
+            // pool on every device): device d is given room for 30 + 7·((d + 1) mod n) blocks, so the last one bounds it at 30.
+            var made = devices.Made[0];
+            var blockBytes = Enumerable.Range(0, n).Select(d => 64L * (local.Placement.Config.KvLoraRank + local.Placement.Config.QkRopeHeadDim) * 2
+                * (local.Placement.Stages[d].Count + (local.Placement.MtpDevices.Contains(d) ? 1 : 0))).ToArray();
+            const long total = 16L << 30, reserve = total / 20;
+            var steps = new long[n];
+            for (var d = 0; d < n; d++)
+            {
+                made[d].Gpu = new SimulatedGpu($"gpu:{d}", total, total);
+            }
+
+            using (local.CreateChatClient(new DeepSeekChatClientOptions { KvCacheBlocks = 1 }))
+            {
+                for (var d = 0; d < n; d++)
+                {
+                    steps[d] = made[d].Gpu!.AllocatedBytes - 2 * blockBytes[d];
+                }
+            }
+
+            for (var d = 0; d < n; d++)
+            {
+                made[d].Gpu = new SimulatedGpu($"gpu:{d}", total, reserve + steps[d] + (30 + 7 * ((d + 1) % n) + 1) * blockBytes[d] + blockBytes[d] / 2);
+            }
+
+            using (var client = local.CreateChatClient())
+            {
+                Assert.AreEqual(30, client.Scheduler.Blocks.TotalBlocks);
+                Assert.IsTrue(made.All(d => d.Memory()!.Value.FreeBytes >= reserve), "every device keeps its reserve");
+                Assert.IsLessThan(reserve + blockBytes[n - 1], made[n - 1].Memory()!.Value.FreeBytes, "the last device holds no block more");
+            }
+
+            // Logical ranks on one GPU share its memory: the pool is what it holds over all their pools.
+            var one = new SimulatedGpu("gpu:0", total, reserve + steps.Sum() + (40 + 1) * blockBytes.Sum() + blockBytes.Sum() / 2);
+            foreach (var d in made)
+            {
+                d.Gpu = one;
+            }
+
+            using (var client = local.CreateChatClient())
+            {
+                Assert.AreEqual(40, client.Scheduler.Blocks.TotalBlocks);
+            }
+
+            foreach (var d in made)
+            {
+                d.Gpu = null;
             }
 
             Assert.AreEqual(n, local.Placement.DeviceCount);

@@ -30,6 +30,26 @@ public sealed class KvBlockManagerTests
     }
 
     [TestMethod]
+    public void APoolMadeToShrinkToFitShrinksOnlyBeforeAnythingIsHandedOut()
+    {
+        var fixedSize = new KvBlockManager(10, 2, 4);
+        Assert.ThrowsExactly<InvalidOperationException>(() => fixedSize.ShrinkTo(5), "a pool of a set size keeps it");
+
+        var m = new KvBlockManager(10, 2, 4) { ShrinkToFit = true };
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => m.ShrinkTo(11), "shrinking never grows");
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => m.ShrinkTo(-1));
+        m.ShrinkTo(5);
+        Assert.AreEqual(5, m.TotalBlocks);
+        Assert.AreEqual(5, m.FreeBlocks);
+        var a = m.Admit(4 * 64);
+        CollectionAssert.AreEqual(new[] { 0, 1, 2, 3 }, m.Blocks(a).ToArray(), "the lowest ids first, as in any pool");
+        Assert.IsFalse(m.CanAdmit(2 * 64), "one block is left of the five");
+        Assert.ThrowsExactly<InvalidOperationException>(() => m.ShrinkTo(4), "blocks are handed out");
+        m.Free(a);
+        Assert.AreEqual(5, m.FreeBlocks);
+    }
+
+    [TestMethod]
     public void GrowthTakesABlockOnlyAtABoundary()
     {
         var m = new KvBlockManager(4, 1, 4);

@@ -21,8 +21,6 @@ internal sealed class OracleStepRunner(FakeModel model, KvBlockManager blocks, F
 
     public bool CanDraft => true;
 
-    public int? CacheBlocks => null;
-
     public int LargestBatch { get; private set; }
 
     public int Truncations { get; private set; }
@@ -111,8 +109,6 @@ internal abstract class DelegatingStepRunner(IStepRunner inner) : IStepRunner
     public virtual int MaxSequenceLength => inner.MaxSequenceLength;
 
     public virtual bool CanDraft => inner.CanDraft;
-
-    public int? CacheBlocks => inner.CacheBlocks;
 
     public virtual void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
 

@@ -551,8 +551,6 @@ internal sealed class WatchedRunner(PagedStepRunner inner, DeepSeekModel model, 
 
     public bool CanDraft => inner.CanDraft;
 
-    public int? CacheBlocks => inner.CacheBlocks;
-
     public void Attach(KvBlockManager blocks, int maxTokensPerStep) => inner.Attach(blocks, maxTokensPerStep);
 
     public void Open(int slot, bool drafts)

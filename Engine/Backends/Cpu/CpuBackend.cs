@@ -167,6 +167,10 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
+    /// <remarks>Null: host memory is not sized from what a step runner measures.</remarks>
+    public DeviceMemory? Memory() => null;
+
+    /// <inheritdoc />
     public void Zero(Tensor tensor)
     {
         if (!Recorded(() => Zero(tensor)))

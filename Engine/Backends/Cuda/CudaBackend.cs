@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using DeepSeekCuda.Cuda;
@@ -394,6 +395,15 @@ public sealed class CudaBackend : IBackend
         CudaTensor s = T(source), d = T(destination);
         ShapeCheck.CopyRows(s, sourceRow, d, destinationRow, count);
         _glue.Copy(_stream, s.Matrix.Slice(sourceRow, count), d.Matrix.Slice(destinationRow, count));
+    }
+
+    /// <inheritdoc />
+    /// <remarks>cuMemGetInfo on the backend's device: what every allocation on it so far, of this process or another, left free.</remarks>
+    public DeviceMemory? Memory()
+    {
+        using var scope = Enter();
+        var (free, total) = _device.MemoryInfo();
+        return new DeviceMemory(free, total, "cuda:" + _device.Ordinal.ToString(CultureInfo.InvariantCulture));
     }
 
     /// <inheritdoc />

@@ -129,6 +129,8 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
 
     public void Zero(Tensor tensor) => Op(null, () => inner.Zero(tensor));
 
+    public DeviceMemory? Memory() => inner.Memory();
+
     public void GatherRows(Tensor ring, int ringRows, StepRows rows, Tensor output) =>
         Op(null, () => inner.GatherRows(ring, ringRows, rows, output));
 
