@@ -97,6 +97,11 @@ public sealed class DeepSeekChatClient : IChatClient
                 AutoWindow = _options.SpeculativeAutoWindow,
                 AutoMinAcceptanceRate = _options.SpeculativeAutoMinAcceptanceRate,
             }), _logger);
+            var pool = blocks.TotalBlocks;
+            var why = _options.KvCacheBlocks is not null ? "KvCacheBlocks"
+                : pool < _options.MaxBatch * blocksPerRequest ? "what the devices hold beside the weights, the step buffers and a reserve"
+                : $"room for {_options.MaxBatch} full-length requests";
+            Log.CachePool(_logger, pool, (long)pool * KvBlockManager.BlockTokens, _options.MaxBatch, blocks.MaxTokensPerRequest, why);
         }
         catch
         {

@@ -24,4 +24,7 @@ internal static partial class Log
 
     [LoggerMessage(EventId = 7, Level = LogLevel.Information, Message = "Placement {Placement} over {Count} devices ({Why}): {GibPerDevice} GiB of weights per device")]
     public static partial void PlacementChosen(ILogger logger, string placement, int count, string why, string gibPerDevice);
+
+    [LoggerMessage(EventId = 8, Level = LogLevel.Information, Message = "Cache pool: {Blocks} blocks ({Tokens} tokens) shared by up to {MaxBatch} requests of at most {MaxTokensPerRequest} tokens: {Why}")]
+    public static partial void CachePool(ILogger logger, int blocks, long tokens, int maxBatch, int maxTokensPerRequest, string why);
 }

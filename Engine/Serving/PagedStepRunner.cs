@@ -301,7 +301,7 @@ public sealed class PagedStepRunner : IStepRunner
         if (t.Blocks < need)
         {
             var what = blocks.ShrinkToFit
-                ? $"one request of {blocks.MaxTokensPerRequest} tokens needs {need}"
+                ? $"one request of {blocks.MaxTokensPerRequest} tokens needs {need} (a shorter context, or fewer requests at once, needs less)"
                 : $"the pool asked for is {need} blocks";
             throw new InsufficientDeviceMemoryException($"not enough device memory for the cache pool: {t.Why}; {what}");
         }

@@ -63,11 +63,12 @@ public sealed class ChatClientPoolTests
     }
 
     [TestMethod]
-    [DataRow(null, null, 16, DisplayName = "memory not measured (the CPU backend): 4 full-length requests")]
-    [DataRow(9, null, 9, DisplayName = "the device holds fewer than 4 full-length requests: what it holds")]
-    [DataRow(40, null, 16, DisplayName = "the device holds more than 4 requests can use: what they can use")]
-    [DataRow(40, 30, 30, DisplayName = "KvCacheBlocks given: that")]
-    public void DefaultPoolIsWhatTheDeviceHoldsAtMostWhatMaxBatchRequestsUse(int? holds, int? given, int expected)
+    [DataRow(null, null, 16, "room for 4 full-length requests", DisplayName = "memory not measured (the CPU backend): 4 full-length requests")]
+    [DataRow(9, null, 9, "what the devices hold beside the weights, the step buffers and a reserve",
+        DisplayName = "the device holds fewer than 4 full-length requests: what it holds")]
+    [DataRow(40, null, 16, "room for 4 full-length requests", DisplayName = "the device holds more than 4 requests can use: what they can use")]
+    [DataRow(40, 30, 30, "KvCacheBlocks", DisplayName = "KvCacheBlocks given: that")]
+    public void DefaultPoolIsWhatTheDeviceHoldsAtMostWhatMaxBatchRequestsUse(int? holds, int? given, int expected, string why)
     {
         using var device = new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2));
         using var model = Load(device);
@@ -76,8 +77,12 @@ public sealed class ChatClientPoolTests
             device.Gpu = Holding(device, model, n);
         }
 
-        using var client = new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = MaxBatch, KvCacheBlocks = given });
+        var log = new ListLogger();
+        using var client = new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = MaxBatch, KvCacheBlocks = given },
+            new ListLogger<DeepSeekChatClient>(log));
         Assert.AreEqual(expected, client.Scheduler.Blocks.TotalBlocks);
+        CollectionAssert.Contains(log.Entries.Select(e => e.Message).ToList(),
+            $"Cache pool: {expected} blocks ({expected * 64} tokens) shared by up to 4 requests of at most 256 tokens: {why}");
         Assert.AreEqual(expected, client.Scheduler.Blocks.FreeBlocks);
         Assert.AreEqual(Context / KvBlockManager.BlockTokens, client.Scheduler.Blocks.MaxBlocksPerRequest);
         if (device.Memory() is { } left)
