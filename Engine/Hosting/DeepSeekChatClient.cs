@@ -86,9 +86,10 @@ public sealed class DeepSeekChatClient : IChatClient
             // A paged runner allocates the pool when the scheduler attaches it: by default, what its devices hold then, at most
             // what MaxBatch full-length requests use (the rest could never be used).
             var blocksPerRequest = KvBlockManager.BlocksFor(_runner.MaxSequenceLength);
+            var cap = checked(_options.MaxBatch * blocksPerRequest);
             var blocks = _options.KvCacheBlocks is { } given
                 ? new KvBlockManager(given, _options.MaxBatch, blocksPerRequest)
-                : new KvBlockManager(checked(_options.MaxBatch * blocksPerRequest), _options.MaxBatch, blocksPerRequest) { ShrinkToFit = true };
+                : new KvBlockManager(cap, _options.MaxBatch, blocksPerRequest) { ShrinkToFit = true };
             _scheduler = new BatchScheduler(_runner, blocks, TextGenerator.SchedulerOptionsFor(tokenizer, new SchedulerOptions
             {
                 MaxBatch = _options.MaxBatch,
@@ -99,7 +100,7 @@ public sealed class DeepSeekChatClient : IChatClient
             }), _logger);
             var pool = blocks.TotalBlocks;
             var why = _options.KvCacheBlocks is not null ? "KvCacheBlocks"
-                : pool < _options.MaxBatch * blocksPerRequest ? "what the devices hold beside the weights, the step buffers and a reserve"
+                : pool < cap ? "what the devices hold beside the weights, the step buffers and a reserve"
                 : $"room for {_options.MaxBatch} full-length requests";
             Log.CachePool(_logger, pool, (long)pool * KvBlockManager.BlockTokens, _options.MaxBatch, blocks.MaxTokensPerRequest, why);
         }

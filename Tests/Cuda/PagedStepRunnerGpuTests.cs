@@ -6,6 +6,7 @@ using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
+using DeepSeekCuda.Tests.Distributed;
 using DeepSeekCuda.Tests.Serving;
 using DeepSeekCuda.Tests.Support;
 
@@ -243,9 +244,9 @@ public sealed class PagedStepRunnerGpuTests
         using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
         var c = model.Config;
         var pools = c.NumHiddenLayers + (model.HasMtp ? 1 : 0);
-        var perBlock = 64L * (c.KvLoraRank + c.QkRopeHeadDim) * 2 * pools;
+        var perBlock = SimulatedGpu.BlockBytes(c, pools);
         var total = cuda.Device.MemoryInfo().Total;
-        var reserve = Math.Max(512L << 20, total / 20);
+        var reserve = SimulatedGpu.Reserve(total);
         var blocks = new KvBlockManager(Cap, 8, KvBlockManager.BlocksFor(MaxLength)) { ShrinkToFit = true };
         using var runner = new PagedStepRunner(model);
         using var scheduler = new BatchScheduler(runner, blocks, new SchedulerOptions

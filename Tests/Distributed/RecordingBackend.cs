@@ -307,6 +307,38 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
 /// </summary>
 internal sealed class SimulatedGpu(string name, long totalBytes, long freeBytes)
 {
+    /// <summary>The memory of the simulated GPUs the pool tests make: 16 GiB.</summary>
+    public const long Total = 16L << 30;
+
+    /// <summary>What a step runner leaves untouched on a GPU of <paramref name="total"/> bytes: 5% of them, at least 512 MiB.</summary>
+    public static long Reserve(long total = Total) => Math.Max(512L << 20, total / 20);
+
+    /// <summary>One cache block over <paramref name="pools"/> layers' pools: 64 positions of a BF16 latent and rotated key each.</summary>
+    public static long BlockBytes(ModelConfig config, int pools) => 64L * (config.KvLoraRank + config.QkRopeHeadDim) * 2 * pools;
+
+    /// <summary>
+    /// What a client's step buffers and block table take on each of <paramref name="devices"/> (cache blocks of
+    /// <paramref name="blockBytes"/> there): each is made a GPU of <see cref="Total"/> bytes, and <paramref name="poolOfOne"/> makes a
+    /// client whose pool is one block (two with the padding block), at once disposed.
+    /// </summary>
+    public static long[] StepBytes(IReadOnlyList<RecordingBackend> devices, IReadOnlyList<long> blockBytes, Func<IDisposable> poolOfOne)
+    {
+        for (var d = 0; d < devices.Count; d++)
+        {
+            devices[d].Gpu = new SimulatedGpu($"gpu:{d}", Total, Total);
+        }
+
+        using (poolOfOne())
+        {
+        }
+
+        return [.. devices.Select((device, d) => device.Gpu!.AllocatedBytes - 2 * blockBytes[d])];
+    }
+
+    /// <summary>GPU <paramref name="name"/> with room for exactly <paramref name="blocks"/> blocks of <paramref name="blockBytes"/> (and the padding block) beside <paramref name="steps"/> bytes and the reserve.</summary>
+    public static SimulatedGpu Holding(string name, int blocks, long blockBytes, long steps) =>
+        new(name, Total, Reserve() + steps + (blocks + 1) * blockBytes + blockBytes / 2);
+
     /// <summary>Bytes its devices allocated since it was made.</summary>
     public long AllocatedBytes { get; private set; }
 

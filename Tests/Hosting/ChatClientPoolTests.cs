@@ -22,7 +22,6 @@ public sealed class ChatClientPoolTests
 {
     private const int Context = 256; // 4 blocks per request
     private const int MaxBatch = 4;
-    private const long Total = 16L << 30;
 
     private static string s_dir = null!;
     private static BpeTokenizer s_tokenizer = null!;
@@ -34,8 +33,8 @@ public sealed class ChatClientPoolTests
         s_tokenizer = BpeTokenizer.Load(s_dir);
     }
 
-    /// <summary>The reserve left on a device of <see cref="Total"/> bytes: 5% of them (above the 512 MiB minimum).</summary>
-    private static long Reserve => Total / 20;
+    /// <summary>The reserve left on a simulated GPU: 5% of its 16 GiB (above the 512 MiB minimum).</summary>
+    private static long Reserve => SimulatedGpu.Reserve();
 
     private static DeepSeekModel Load(IBackend backend)
     {
@@ -44,8 +43,7 @@ public sealed class ChatClientPoolTests
     }
 
     /// <summary>Bytes of one cache block over every pool of the one device (a BF16 row of latent and rotated key per position, per layer and MTP layer).</summary>
-    private static long BlockBytes(DeepSeekModel model) =>
-        64L * (model.Config.KvLoraRank + model.Config.QkRopeHeadDim) * 2 * (model.Config.NumHiddenLayers + (model.HasMtp ? 1 : 0));
+    private static long BlockBytes(DeepSeekModel model) => SimulatedGpu.BlockBytes(model.Config, model.Config.NumHiddenLayers + (model.HasMtp ? 1 : 0));
 
     /// <summary>
     /// A GPU with room for exactly <paramref name="blocks"/> blocks (and the padding block) beside the step buffers of a client of
@@ -53,13 +51,9 @@ public sealed class ChatClientPoolTests
     /// </summary>
     private static SimulatedGpu Holding(RecordingBackend device, DeepSeekModel model, int blocks, int maxBatch = MaxBatch)
     {
-        device.Gpu = new SimulatedGpu("gpu:0", Total, Total);
-        using (new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = maxBatch, KvCacheBlocks = 1 }))
-        {
-        }
-
-        var steps = device.Gpu.AllocatedBytes - 2 * BlockBytes(model);
-        return new SimulatedGpu("gpu:0", Total, Reserve + steps + (blocks + 1) * BlockBytes(model) + BlockBytes(model) / 2);
+        var steps = SimulatedGpu.StepBytes([device], [BlockBytes(model)],
+            () => new DeepSeekChatClient(model, s_tokenizer, new DeepSeekChatClientOptions { MaxBatch = maxBatch, KvCacheBlocks = 1 }));
+        return SimulatedGpu.Holding("gpu:0", blocks, BlockBytes(model), steps[0]);
     }
 
     [TestMethod]

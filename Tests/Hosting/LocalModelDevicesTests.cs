@@ -114,26 +114,13 @@ public sealed class LocalModelDevicesTests
             // The chat client's pool is what the tightest device holds after the load (one block index addresses a block of every
             // pool on every device): device d is given room for 30 + 7·((d + 1) mod n) blocks, so the last one bounds it at 30.
             var made = devices.Made[0];
-            var blockBytes = Enumerable.Range(0, n).Select(d => 64L * (local.Placement.Config.KvLoraRank + local.Placement.Config.QkRopeHeadDim) * 2
-                * (local.Placement.Stages[d].Count + (local.Placement.MtpDevices.Contains(d) ? 1 : 0))).ToArray();
-            const long total = 16L << 30, reserve = total / 20;
-            var steps = new long[n];
+            var blockBytes = Enumerable.Range(0, n).Select(d => SimulatedGpu.BlockBytes(local.Placement.Config,
+                local.Placement.Stages[d].Count + (local.Placement.MtpDevices.Contains(d) ? 1 : 0))).ToArray();
+            var reserve = SimulatedGpu.Reserve();
+            var steps = SimulatedGpu.StepBytes(made, blockBytes, () => local.CreateChatClient(new DeepSeekChatClientOptions { KvCacheBlocks = 1 }));
             for (var d = 0; d < n; d++)
             {
-                made[d].Gpu = new SimulatedGpu($"gpu:{d}", total, total);
-            }
-
-            using (local.CreateChatClient(new DeepSeekChatClientOptions { KvCacheBlocks = 1 }))
-            {
-                for (var d = 0; d < n; d++)
-                {
-                    steps[d] = made[d].Gpu!.AllocatedBytes - 2 * blockBytes[d];
-                }
-            }
-
-            for (var d = 0; d < n; d++)
-            {
-                made[d].Gpu = new SimulatedGpu($"gpu:{d}", total, reserve + steps[d] + (30 + 7 * ((d + 1) % n) + 1) * blockBytes[d] + blockBytes[d] / 2);
+                made[d].Gpu = SimulatedGpu.Holding($"gpu:{d}", 30 + 7 * ((d + 1) % n), blockBytes[d], steps[d]);
             }
 
             using (var client = local.CreateChatClient())
@@ -144,7 +131,7 @@ public sealed class LocalModelDevicesTests
             }
 
             // Logical ranks on one GPU share its memory: the pool is what it holds over all their pools.
-            var one = new SimulatedGpu("gpu:0", total, reserve + steps.Sum() + (40 + 1) * blockBytes.Sum() + blockBytes.Sum() / 2);
+            var one = SimulatedGpu.Holding("gpu:0", 40, blockBytes.Sum(), steps.Sum());
             foreach (var d in made)
             {
                 d.Gpu = one;
