@@ -205,6 +205,9 @@ public abstract class LatentCache(int capacity, int latentDim, int ropeDim) : Ba
 
     /// <summary>Rotated key width (qk_rope_head_dim).</summary>
     public int RopeDim { get; } = ropeDim;
+
+    /// <summary>Whether it is one request's rows of a shared pool (<see cref="IBackend.PagedCache"/>), not a cache of its own.</summary>
+    internal bool IsView { get; init; }
 }
 
 /// <summary>

@@ -93,8 +93,16 @@ public interface IBackend : IDisposable
     /// <summary>Uploads a rotary table: <paramref name="cos"/> and <paramref name="sin"/> [positions, pairs].</summary>
     RopeTable UploadRope(ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int positions, int pairs);
 
-    /// <summary>An empty latent cache for one layer of one sequence.</summary>
+    /// <summary>An empty latent cache for one layer of one sequence, holding positions 0 .. <paramref name="capacity"/> − 1.</summary>
     LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim);
+
+    /// <summary>
+    /// Copies positions 0 .. <paramref name="positions"/> − 1 of <paramref name="source"/> into the same positions of
+    /// <paramref name="destination"/> (a sequence moving to a longer cache); operations queued later see them. Both are caches of
+    /// their own (<see cref="AllocateLatentCache"/>, not <see cref="PagedCache"/> views) with the same widths, and each holds
+    /// <paramref name="positions"/>; every position copied was written.
+    /// </summary>
+    void CopyLatentCache(LatentCache source, LatentCache destination, int positions);
 
     /// <summary>One layer's shared paged latent pool of <paramref name="blocks"/> blocks of 64 positions.</summary>
     LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim);

@@ -233,6 +233,26 @@ internal static class ShapeCheck
         }
     }
 
+    /// <summary>The contract of <see cref="IBackend.CopyLatentCache"/>.</summary>
+    public static void CopyLatentCache(LatentCache source, LatentCache destination, int positions)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        ArgumentNullException.ThrowIfNull(destination);
+        if (source.IsView || destination.IsView)
+        {
+            throw new ArgumentException("a paged view of a shared pool is neither copied nor copied into: both caches must be caches of their own",
+                source.IsView ? nameof(source) : nameof(destination));
+        }
+
+        Require(source.LatentDim == destination.LatentDim && source.RopeDim == destination.RopeDim,
+            $"a cache of widths {source.LatentDim} + {source.RopeDim} copied into one of {destination.LatentDim} + {destination.RopeDim}");
+        if (positions < 0 || positions > Math.Min(source.Capacity, destination.Capacity))
+        {
+            throw new ArgumentOutOfRangeException(nameof(positions), positions,
+                $"{positions} positions copied from a cache of {source.Capacity} into one of {destination.Capacity}");
+        }
+    }
+
     /// <summary>The routing contract of <see cref="IBackend.MoeGate"/> and <see cref="IBackend.MoeExperts"/>: room for the T tokens, the layer's E and k.</summary>
     public static void Routing(Routing routing, int tokens, int experts, int topK) =>
         Require(routing.Tokens >= tokens && routing.Experts == experts && routing.TopK == topK,

@@ -128,17 +128,20 @@ internal sealed unsafe class DeviceBuffer<T> : IDisposable
         CudaCheck.Driver(CuDriver.cuMemsetD8Async(Pointer, value, (nuint)Bytes, stream?.Handle ?? IntPtr.Zero), Device.Ordinal);
     }
 
-    /// <summary>Device-to-device copy of the whole of <paramref name="source"/> into this buffer.</summary>
-    public void CopyFrom(DeviceBuffer<T> source, CudaStream stream)
+    /// <summary>Device-to-device copy of the first <paramref name="count"/> elements (−1: the whole) of <paramref name="source"/> into the start of this buffer.</summary>
+    public void CopyFrom(DeviceBuffer<T> source, CudaStream stream, long count = -1)
     {
-        CheckRange(0, source.Length);
+        count = count < 0 ? source.Length : count;
+        source.CheckRange(0, count);
+        CheckRange(0, count);
+        var bytes = (nuint)(count * sizeof(T));
         if (source.Device == Device)
         {
-            CudaCheck.Driver(CuDriver.cuMemcpyDtoDAsync(Pointer, source.Pointer, (nuint)source.Bytes, stream.Handle), Device.Ordinal);
+            CudaCheck.Driver(CuDriver.cuMemcpyDtoDAsync(Pointer, source.Pointer, bytes, stream.Handle), Device.Ordinal);
         }
         else
         {
-            CudaCheck.Driver(CuDriver.cuMemcpyPeerAsync(Pointer, Device.Context, source.Pointer, source.Device.Context, (nuint)source.Bytes, stream.Handle), Device.Ordinal);
+            CudaCheck.Driver(CuDriver.cuMemcpyPeerAsync(Pointer, Device.Context, source.Pointer, source.Device.Context, bytes, stream.Handle), Device.Ordinal);
         }
     }
 

@@ -471,6 +471,78 @@ public sealed class PagedCacheTests
         b.AppendLatentRows(kv, kvNorm, ropeTable, pool, table, rows);
     }
 
+    /// <summary>
+    /// A cache copied into a longer one (a session growing, <see cref="IBackend.CopyLatentCache"/>) attends, by both forms, bit
+    /// for bit as its source; a copy of 30 positions takes the first block and no other (reading position 64 of it fails until
+    /// the rest is appended, and then it attends as the source); what cannot be copied is refused.
+    /// </summary>
+    [TestMethod]
+    [DataRow(CpuNumerics.Float32)]
+    [DataRow(CpuNumerics.GpuEmulation)]
+    public void ACopiedCacheAttendsAsItsSource(CpuNumerics numerics)
+    {
+        using var b = new CpuBackend(numerics);
+        var r = new Random(20261206);
+        int lora = Dims.KvLora, rope = Dims.QkRope, row = lora + rope, qWidth = Dims.Heads * Dims.QkHead, oWidth = Dims.Heads * Dims.V;
+        var (ropeTable, kvNorm, kvB) = AttentionWeights(b, r, 200);
+        using var _ = ropeTable;
+        var scale = 1f / MathF.Sqrt(Dims.QkHead);
+        var kvValues = Normal(r, 70 * row, 2f);
+        using var source = b.AllocateLatentCache(100, lora, rope);
+        using (var kv = b.Upload(kvValues, 70, row))
+        {
+            b.AppendLatent(kv, kvNorm, ropeTable, source, 0);
+        }
+
+        using var q = b.Upload(Normal(r, qWidth), 1, qWidth);
+        float[] Attend(LatentCache cache, bool absorbed)
+        {
+            using var o = b.Allocate(1, oWidth);
+            if (absorbed)
+            {
+                b.MlaAttentionAbsorbed(q, cache, kvB, Dims, 69, scale, o);
+            }
+            else
+            {
+                b.MlaAttentionNaive(q, cache, kvB, Dims, 69, scale, o);
+            }
+
+            return Read(b, o);
+        }
+
+        using var whole = b.AllocateLatentCache(200, lora, rope);
+        b.CopyLatentCache(source, whole, 70);
+        using var part = b.AllocateLatentCache(128, lora, rope);
+        b.CopyLatentCache(source, part, 30);
+        Assert.ThrowsExactly<InvalidOperationException>(() => Attend(part, absorbed: true), "position 64 was not copied");
+        using (var kv = b.Upload(kvValues.AsSpan(30 * row).ToArray(), 40, row))
+        {
+            b.AppendLatent(kv, kvNorm, ropeTable, part, 30);
+        }
+
+        foreach (var absorbed in new[] { false, true })
+        {
+            var want = Attend(source, absorbed);
+            CollectionAssert.AreEqual(want, Attend(whole, absorbed), $"{numerics}, absorbed {absorbed}: the whole copy");
+            CollectionAssert.AreEqual(want, Attend(part, absorbed), $"{numerics}, absorbed {absorbed}: 30 copied, 40 appended");
+        }
+
+        using var empty = b.AllocateLatentCache(200, lora, rope);
+        Assert.ThrowsExactly<InvalidOperationException>(() => b.CopyLatentCache(empty, whole, 1), "a position never written");
+        var over = Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.CopyLatentCache(source, whole, 101), "more than the source holds");
+        StringAssert.Contains(over.Message, "101 positions copied from a cache of 100 into one of 200");
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.CopyLatentCache(whole, part, 129), "more than the destination holds");
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => b.CopyLatentCache(source, whole, -1));
+        using var narrow = b.AllocateLatentCache(200, lora, rope + 2);
+        Assert.ThrowsExactly<ArgumentException>(() => b.CopyLatentCache(source, narrow, 10), "other widths");
+        using var pool = b.AllocateLatentPool(4, lora, rope);
+        using var table = b.AllocateBlockTable(1, 4);
+        using var view = b.PagedCache(pool, table, 0);
+        var e = Assert.ThrowsExactly<ArgumentException>(() => b.CopyLatentCache(source, view, 10));
+        StringAssert.Contains(e.Message, "paged view");
+        Assert.ThrowsExactly<ArgumentException>(() => b.CopyLatentCache(view, whole, 0));
+    }
+
     [TestMethod]
     public void PagedCacheRefusesARequestOutsideTheTable()
     {

@@ -54,6 +54,88 @@ public sealed class PagedCacheGpuTests : TinyABackendsGpuTests
     private sealed record Chunk(int Request, int Start, int Rows, float[] Kv, float[] Q);
 
     /// <summary>
+    /// <see cref="IBackend.CopyLatentCache"/> on the device (a session growing its caches): a copy of 70 positions holds, bit
+    /// for bit, the source's first two blocks and zeros after them; a copy of 30 takes the first block alone (zeros in the
+    /// second until the rest is appended, then the source's rows 0..69); and the copy attends as the source, both forms,
+    /// within the device's own tolerance against the CPU emulation over the source.
+    /// </summary>
+    [TestMethod]
+    public void ACopiedCacheHoldsItsSourcesRowsAndNoOthers()
+    {
+        var dims = Dims;
+        int lora = dims.KvLora, rope = dims.QkRope, row = lora + rope, qWidth = dims.Heads * dims.QkHead, oWidth = dims.Heads * dims.V;
+        const int Length = 70;
+        var (cos, sin) = YarnRope.Table(Config, 200);
+        var scale = (float)Config.SoftmaxScale;
+        var kv = Bf16Normal(Length * row);
+        var q = Bf16Normal(qWidth);
+        var width = new LatentShape(lora, rope).RowWidth;
+        var block = PagedLatentCache.BlockSize * width;
+
+        using var norm = LatentNorm(Cuda);
+        using var kvB = KvB(Cuda);
+        using var ropeTable = Cuda.UploadRope(cos, sin, 200, rope / 2);
+        using var source = Cuda.AllocateLatentCache(100, lora, rope);
+        using (var kvt = Cuda.Upload(kv, Length, row))
+        {
+            Cuda.AppendLatent(kvt, norm, ropeTable, source, 0);
+        }
+
+        using var whole = Cuda.AllocateLatentCache(200, lora, rope);
+        Cuda.CopyLatentCache(source, whole, Length);
+        using var part = Cuda.AllocateLatentCache(128, lora, rope);
+        Cuda.CopyLatentCache(source, part, 30);
+        static ushort[] Raw(LatentCache c) => ((CudaLatentCache)c).Pool!.Cache.ToArray();
+        var src = Raw(source);
+        var copied = Raw(whole);
+        var partial = Raw(part);
+        CollectionAssert.AreEqual(src[..(2 * block)], copied[..(2 * block)], "the source's two blocks");
+        Assert.IsTrue(copied[(2 * block)..].All(x => x == 0), "nothing after them");
+        Assert.IsTrue(src[..(Length * width)].Any(x => x != 0), "the source holds rows");
+        CollectionAssert.AreEqual(src[..block], partial[..block], "30 positions copied: the first block");
+        Assert.IsTrue(partial[block..].All(x => x == 0), "30 positions copied: nothing in the second block");
+        using (var rest = Cuda.Upload(kv.AsSpan(30 * row).ToArray(), Length - 30, row))
+        {
+            Cuda.AppendLatent(rest, norm, ropeTable, part, 30);
+        }
+
+        CollectionAssert.AreEqual(src[..(Length * width)], Raw(part)[..(Length * width)], "30 copied and 40 appended: the source's rows");
+
+        using var qt = Cuda.Upload(q, 1, qWidth);
+        var got = new List<float[]>();
+        foreach (var cache in new[] { whole, part })
+        {
+            using var naive = Poisoned(Cuda, 1, oWidth);
+            using var absorbed = Poisoned(Cuda, 1, oWidth);
+            Cuda.MlaAttentionNaive(qt, cache, kvB, dims, Length - 1, scale, naive);
+            Cuda.MlaAttentionAbsorbed(qt, cache, kvB, dims, Length - 1, scale, absorbed);
+            got.Add(Read(Cuda, naive));
+            got.Add(Read(Cuda, absorbed));
+        }
+
+        using var cpuNorm = LatentNorm(Cpu);
+        using var cpuKvB = KvB(Cpu);
+        using var cpuRope = Cpu.UploadRope(cos, sin, 200, rope / 2);
+        using var cpuCache = Cpu.AllocateLatentCache(Length, lora, rope);
+        using (var kvt = Cpu.Upload(kv, Length, row))
+        {
+            Cpu.AppendLatent(kvt, cpuNorm, cpuRope, cpuCache, 0);
+        }
+
+        using var cq = Cpu.Upload(q, 1, qWidth);
+        using var wantNaive = Cpu.Allocate(1, oWidth);
+        using var wantAbsorbed = Cpu.Allocate(1, oWidth);
+        Cpu.MlaAttentionNaive(cq, cpuCache, cpuKvB, dims, Length - 1, scale, wantNaive);
+        Cpu.MlaAttentionAbsorbed(cq, cpuCache, cpuKvB, dims, Length - 1, scale, wantAbsorbed);
+        float[][] want = [Read(Cpu, wantNaive), Read(Cpu, wantAbsorbed)];
+        string[] names = ["whole copy naive", "whole copy absorbed", "30 copied naive", "30 copied absorbed"];
+        for (var i = 0; i < names.Length; i++)
+        {
+            Close(names[i], got[i], want[i % 2], 0.03, 0.05, rmsRel: 0.02);
+        }
+    }
+
+    /// <summary>
     /// Request lengths 70 and 130 cross block boundaries, 23 does not; chunks of 1 and 2 rows take the absorbed decode
     /// kernel, longer ones the prefill kernel over a cached prefix. Requests take turns, so their blocks interleave in
     /// the pool; each request's new blocks come from a permuted free list, and the whole table is uploaded (without a

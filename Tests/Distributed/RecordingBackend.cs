@@ -212,6 +212,9 @@ internal sealed class RecordingBackend(IBackend inner) : IBackend
     public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) =>
         Counted(inner.AllocateLatentCache(capacity, latentDim, ropeDim), (long)capacity * (latentDim + ropeDim) * 2);
 
+    public void CopyLatentCache(LatentCache source, LatentCache destination, int positions) =>
+        Run(nameof(CopyLatentCache), () => inner.CopyLatentCache(source, destination, positions), source, destination, positions);
+
     public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) =>
         Counted(inner.AllocateLatentPool(blocks, latentDim, ropeDim), (long)blocks * 64 * (latentDim + ropeDim) * 2);
 

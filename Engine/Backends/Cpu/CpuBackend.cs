@@ -296,6 +296,14 @@ public sealed class CpuBackend : IBackend
     }
 
     /// <inheritdoc />
+    public void CopyLatentCache(LatentCache source, LatentCache destination, int positions)
+    {
+        NotCapturing();
+        ShapeCheck.CopyLatentCache(source, destination, positions);
+        ((CpuLatentCache)destination).CopyFrom((CpuLatentCache)source, positions);
+    }
+
+    /// <inheritdoc />
     public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim)
     {
         NotCapturing();

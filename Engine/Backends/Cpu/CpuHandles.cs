@@ -245,6 +245,7 @@ internal sealed class CpuLatentCache : LatentCache
     public CpuLatentCache(CpuLatentPool pool, CpuBlockTable table, int request)
         : base(table.Positions, pool.LatentDim, pool.RopeDim)
     {
+        IsView = true;
         _pool = pool;
         _table = table.Entries;
         _row = request * table.MaxBlocksPerRequest;
@@ -255,6 +256,15 @@ internal sealed class CpuLatentCache : LatentCache
 
     /// <summary>The rotated shared key of position <paramref name="position"/> [rope].</summary>
     public Span<float> Rope(int position, bool write = false) => RowOf(position, write)[LatentDim..];
+
+    /// <summary>Copies positions 0 .. <paramref name="positions"/> − 1 of <paramref name="source"/> into the same positions here.</summary>
+    public void CopyFrom(CpuLatentCache source, int positions)
+    {
+        for (var p = 0; p < positions; p++)
+        {
+            source.RowOf(p, write: false).CopyTo(RowOf(p, write: true));
+        }
+    }
 
     /// <summary>Throws unless positions 0 .. <paramref name="count"/> − 1 lie in written blocks (checked before threads read them).</summary>
     public void CheckReadable(int count)

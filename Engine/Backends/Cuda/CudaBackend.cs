@@ -640,6 +640,18 @@ public sealed class CudaBackend : IBackend
     }
 
     /// <inheritdoc />
+    /// <remarks>A cache of its own holds positions in order (block b of its pool holds positions 64·b ..), so the copy is one
+    /// device-to-device copy of the source pool's first ⌈positions / 64⌉ blocks.</remarks>
+    public void CopyLatentCache(LatentCache source, LatentCache destination, int positions)
+    {
+        ShapeCheck.CopyLatentCache(source, destination, positions);
+        using var scope = Enter();
+        var from = ((CudaLatentCache)source).Pool!;
+        var to = ((CudaLatentCache)destination).Pool!;
+        to.Cache.CopyFrom(from.Cache, _stream, PagedLatentCache.Bytes(PagedLatentCache.BlocksFor(positions), from.Shape) / sizeof(ushort));
+    }
+
+    /// <inheritdoc />
     public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(blocks);

@@ -397,21 +397,34 @@ internal sealed class CudaLatentCache : LatentCache
     {
         var table = CudaBackendLayout.IdentityBlockTable(capacity);
         var pool = new CudaLatentPool(device, stream, table.Length, latentDim, ropeDim);
-        var tableBuffer = DeviceBuffer<int>.From(device, table, stream);
-        _owned = [pool, tableBuffer];
-        Shape = pool.Shape;
-        Pages = new LatentPages(pool.Cache.Pointer, tableBuffer.Pointer, table.Length);
+        try
+        {
+            var tableBuffer = DeviceBuffer<int>.From(device, table, stream);
+            _owned = [pool, tableBuffer];
+            Pool = pool;
+            Shape = pool.Shape;
+            Pages = new LatentPages(pool.Cache.Pointer, tableBuffer.Pointer, table.Length);
+        }
+        catch
+        {
+            pool.Dispose();
+            throw;
+        }
     }
 
     public CudaLatentCache(CudaLatentPool pool, CudaBlockTable table, int request)
         : base(table.Positions, pool.LatentDim, pool.RopeDim)
     {
         _owned = [];
+        IsView = true;
         Shape = pool.Shape;
         Pages = table.Over(pool, request);
     }
 
     public LatentShape Shape { get; }
+
+    /// <summary>A cache of its own's pool, whose blocks hold positions in order (the identity table); null for a paged view.</summary>
+    public CudaLatentPool? Pool { get; }
 
     /// <summary>
     /// The pool (bf16 [blocks, 64, latent + rope]) under the request's block-table row (int32 [MaxBlocks]), as the MLA kernels

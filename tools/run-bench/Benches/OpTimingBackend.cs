@@ -158,6 +158,8 @@ internal sealed class OpTimingBackend(CudaBackend inner) : IBackend
 
     public LatentCache AllocateLatentCache(int capacity, int latentDim, int ropeDim) => inner.AllocateLatentCache(capacity, latentDim, ropeDim);
 
+    public void CopyLatentCache(LatentCache source, LatentCache destination, int positions) => inner.CopyLatentCache(source, destination, positions);
+
     public LatentPool AllocateLatentPool(int blocks, int latentDim, int ropeDim) => inner.AllocateLatentPool(blocks, latentDim, ropeDim);
 
     public BlockTable AllocateBlockTable(int requests, int maxBlocksPerRequest) => inner.AllocateBlockTable(requests, maxBlocksPerRequest);
