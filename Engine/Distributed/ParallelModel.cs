@@ -99,7 +99,7 @@ public sealed class ParallelModel : ILanguageModel, IPagedModel
         return new ParallelModel(plan, communicator, options, maxLength, devices);
     }
 
-    /// <summary>Starts an empty session (latent caches on the devices that run each layer, the MTP layer's included).</summary>
+    /// <summary>Starts an empty session (latent caches on the devices that run each layer, the MTP layer's included, allocated as it grows).</summary>
     public DeepSeekSession CreateSession() => new(Layout);
 
     IModelSession ILanguageModel.CreateSession() => CreateSession();

@@ -20,8 +20,8 @@ public sealed record ContextSizeChoice(int Tokens, int Limit, string Reason, int
 /// Sizes the context length from the model's <c>max_position_embeddings</c> and the memory left for the
 /// latent caches of the requests that run at once. The rule, per backend:
 /// <list type="bullet">
-/// <item>CPU: each session allocates a full-length float32 latent cache per layer (and one for the MTP
-/// layer) up front, <c>(layers + mtp) × (kv_lora_rank + qk_rope_head_dim) × 4</c> bytes per token. The
+/// <item>CPU: each request's float32 latent cache per layer (and the MTP layer's) may grow to the full length,
+/// <c>(layers + mtp) × (kv_lora_rank + qk_rope_head_dim) × 4</c> bytes per token, and the rule counts that for each. The
 /// weights are held as float32 (4 bytes per parameter, an upper bound for what the CPU backend keeps);
 /// <see cref="CpuCacheFraction"/> of what the available host memory has left beside them goes to the
 /// caches of <c>sessions</c> concurrent requests. The rest is for activations, the runtime and the machine.</item>

@@ -27,7 +27,7 @@ public sealed record LocalModelOptions
     /// <summary>
     /// Longest session (prompt and output). Null (default): sized by <see cref="ContextSize"/> from
     /// max_position_embeddings and the memory left for the caches (on CUDA, the pool <see cref="ConcurrentSessions"/>
-    /// requests share; on the CPU backend, a full-length cache for each of them).
+    /// requests share; on the CPU backend, room for a full-length cache for each of them).
     /// A value above either limit is refused (an <see cref="ArgumentOutOfRangeException"/> naming the limit).
     /// </summary>
     public int? MaxSequenceLength { get; init; }
@@ -36,7 +36,7 @@ public sealed record LocalModelOptions
     /// Requests expected to run at once: a chat client's <see cref="DeepSeekChatClientOptions.MaxBatch"/> (default 16, the
     /// same). A tool that runs one request at a time says 1. On CUDA it sizes the step buffers the memory plan sets aside
     /// before the cache pool it predicts (the chat client sizes the real pool from the memory left when it is created); on
-    /// the CPU backend, the default context (each session holds a full-length cache).
+    /// the CPU backend, the default context (room for a full-length cache for each).
     /// </summary>
     public int ConcurrentSessions { get; init; } = 16;
 

@@ -68,7 +68,7 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
         return new DeepSeekModel(weights[0], checkpoint.Config, options, maxLength);
     }
 
-    /// <summary>Starts an empty session with its own latent caches (main layers and MTP).</summary>
+    /// <summary>Starts an empty session with latent caches of its own (main layers and MTP), allocated as it grows.</summary>
     public DeepSeekSession CreateSession() => new(Layout);
 
     IModelSession ILanguageModel.CreateSession() => CreateSession();

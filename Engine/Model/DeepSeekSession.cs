@@ -7,7 +7,9 @@ namespace DeepSeekCuda.Model;
 /// One sequence of a DeepSeek model, on one device (<see cref="DeepSeekModel"/>) or spread over several
 /// (<c>ParallelModel</c>; one device is a layout of one): a latent cache per layer on each device that runs it, one for the MTP
 /// layer on each device that runs that layer when the model has one, its length, and the last token's hidden state after the final norm
-/// (the MTP module's input). Every pass is <see cref="ModelPass"/>'s. Multi-token calls may start at any position (chunked
+/// (the MTP module's input). The caches hold what the session has used, not the model's whole length: a new session holds none,
+/// and a call that needs more positions moves them to caches at least twice as long (<see cref="SessionCaches"/>); an allocation that
+/// fails there leaves the session as it was. Every pass is <see cref="ModelPass"/>'s. Multi-token calls may start at any position (chunked
 /// prefill); a query at position p sees keys ≤ p. Over several devices each call that returns logits ends with the collectives'
 /// barrier after the host has read them (the host waits for them anyway), so a collective that failed on a device surfaces in that call.
 /// Not thread-safe; sessions are independent of each other.
@@ -17,9 +19,9 @@ public sealed class DeepSeekSession : IModelSession
     private readonly DeviceLayout _layout;
     private readonly DeviceWeights _head;            // lm_head and the MTP module
     private readonly IBackend _b;                    // the head device's backend
-    private readonly LatentCache?[][] _caches = [];  // [device][layer]; null where the device does not run the layer
-    private readonly LatentCache?[] _mtpCaches = []; // [device]; null where the device does not run the MTP layer
-    private readonly Tensor _lastHidden = null!;     // [1, D] on the head device
+    private readonly SessionCaches _caches;          // [device][layer]: every device running a layer keeps that layer's whole latent cache (see PlacementPlan)
+    private readonly SessionCaches _mtpCaches;       // [device][0]: the MTP layer's, where it runs
+    private readonly Tensor _lastHidden;             // [1, D] on the head device
     private readonly FreshActivations[] _activations; // [device]
 
     internal DeepSeekSession(DeviceLayout layout)
@@ -29,33 +31,13 @@ public sealed class DeepSeekSession : IModelSession
         _b = _head.Backend;
         _activations = [.. layout.Devices.Select(w => new FreshActivations(w.Backend))];
         var c = layout.Config;
-        try
-        {
-            _caches = [.. layout.Devices.Select(_ => new LatentCache?[c.NumHiddenLayers])];
-            for (var i = 0; i < c.NumHiddenLayers; i++)
-            {
-                foreach (var r in layout.Runners[i])
-                {
-                    // Every device running a layer keeps that layer's whole latent cache (see PlacementPlan).
-                    _caches[r][i] = Allocate(layout.Devices[r].Backend);
-                }
-            }
-
-            _mtpCaches = new LatentCache?[layout.Devices.Count];
-            foreach (var r in layout.MtpRunners)
-            {
-                _mtpCaches[r] = Allocate(layout.Devices[r].Backend);
-            }
-
-            _lastHidden = _b.Allocate(1, c.HiddenSize);
-        }
-        catch
-        {
-            Dispose();
-            throw;
-        }
-
-        LatentCache Allocate(IBackend b) => b.AllocateLatentCache(layout.MaxSequenceLength, c.KvLoraRank, c.QkRopeHeadDim);
+        var backends = layout.Devices.Select(w => w.Backend).ToArray();
+        _caches = new SessionCaches(backends,
+            [.. Enumerable.Range(0, backends.Length).Select(r => Enumerable.Range(0, c.NumHiddenLayers).Select(i => layout.Runners[i].Contains(r)).ToArray())],
+            c, layout.MaxSequenceLength);
+        _mtpCaches = new SessionCaches(backends, [.. Enumerable.Range(0, backends.Length).Select(r => new[] { layout.MtpRunners.Contains(r) })],
+            c, layout.MaxSequenceLength);
+        _lastHidden = _b.Allocate(1, c.HiddenSize);
     }
 
     /// <inheritdoc />
@@ -179,6 +161,7 @@ public sealed class DeepSeekSession : IModelSession
         }
 
         LayerSteps.CheckIds(nextTokens, VocabSize);
+        _mtpCaches.Reserve(startPosition + n, kept: startPosition);
         using var h = _b.Upload(hiddens, n, c.HiddenSize);
         var runners = _layout.MtpRunners;
         var parts = new MtpPart[runners.Length];
@@ -188,7 +171,7 @@ public sealed class DeepSeekSession : IModelSession
             {
                 var r = runners[k];
                 var w = _layout.Devices[r];
-                parts[k] = new MtpPart(w.Context, w.Mtp!, new LayerRows(new[] { new Segment(_mtpCaches[r]!, startPosition, 0, n) }), _activations[r],
+                parts[k] = new MtpPart(w.Context, w.Mtp!, new LayerRows(new[] { new Segment(_mtpCaches[r, 0], startPosition, 0, n) }), _activations[r],
                     w.Backend.Allocate(n, c.HiddenSize));
             }
 
@@ -211,7 +194,8 @@ public sealed class DeepSeekSession : IModelSession
         var count = tokens.Length;
         LayerSteps.CheckStep(tokens, Length, _layout.MaxSequenceLength, VocabSize);
         var start = Length;
-        var normed = ModelPass.Run(_layout, tokens, _activations, (r, i) => new LayerRows(new[] { new Segment(_caches[r][i]!, start, 0, count) }), observer);
+        _caches.Reserve(start + count, kept: start);
+        var normed = ModelPass.Run(_layout, tokens, _activations, (r, i) => new LayerRows(new[] { new Segment(_caches[r, i], start, 0, count) }), observer);
         _b.CopyRows(normed, count - 1, _lastHidden, 0, 1);
         Length = start + count;
         return normed;
@@ -247,16 +231,8 @@ public sealed class DeepSeekSession : IModelSession
     /// <summary>Releases the session's caches on every device.</summary>
     public void Dispose()
     {
-        foreach (var cache in _caches.SelectMany(c => c))
-        {
-            cache?.Dispose();
-        }
-
-        foreach (var cache in _mtpCaches)
-        {
-            cache?.Dispose();
-        }
-
-        _lastHidden?.Dispose();
+        _caches.Dispose();
+        _mtpCaches.Dispose();
+        _lastHidden.Dispose();
     }
 }

@@ -20,7 +20,7 @@ public enum AttentionForm
 /// <summary>Options of <see cref="DeepSeekModel.Load"/>.</summary>
 public sealed record ModelOptions
 {
-    /// <summary>Default cap of <see cref="MaxSequenceLength"/>: the latent cache is allocated per session up front.</summary>
+    /// <summary>Default cap of <see cref="MaxSequenceLength"/> (<c>LocalModel</c> chooses the length from the memory instead).</summary>
     public const int DefaultMaxSequenceLength = 4096;
 
     /// <summary>MLA formulation.</summary>
@@ -28,7 +28,7 @@ public sealed record ModelOptions
 
     /// <summary>
     /// Longest session (prompt plus generated); null for min(max_position_embeddings,
-    /// <see cref="DefaultMaxSequenceLength"/>). Sizes the rotary table and every session's caches.
+    /// <see cref="DefaultMaxSequenceLength"/>). Sizes the rotary table; a session's caches grow up to it as the session does.
     /// </summary>
     public int? MaxSequenceLength { get; init; }
 

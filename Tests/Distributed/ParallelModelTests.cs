@@ -415,66 +415,112 @@ public sealed class ParallelModelTests
     }
 
     /// <summary>
-    /// A session that cannot allocate part way (on any device, at any of its allocations) throws and releases what it had
-    /// allocated on every device, and the next session runs as before. A session allocates a latent cache for each layer on
-    /// each device that runs it (the MTP layer's included), and on the head device the last hidden.
+    /// A session holds caches for what it has used: creating one allocates the last hidden on the head device and no cache;
+    /// its first call a latent cache of whole blocks for each layer on each device that runs it (its first MTP call, the MTP
+    /// layer's, where that runs); a call past them grows every cache to twice its length at least, the positions held copied.
+    /// A growth that cannot allocate part way (on any device, at any of its allocations) throws, releases what it had
+    /// allocated on every device and leaves the session as it was: the same call then gives what it gives in a session where
+    /// nothing failed, bit for bit.
     /// </summary>
     [TestMethod]
     [DynamicData(nameof(FailureCases))]
-    public void ASessionThatCannotAllocateReleasesWhatItHad(PlacementKind kind, int n)
+    public void ASessionThatCannotGrowItsCachesStaysAsItWas(PlacementKind kind, int n)
     {
         var (checkpoint, _) = s_models["tiny-a"];
-        var options = Options with { LoadMtp = true };
+        var options = Options with { LoadMtp = true, MaxSequenceLength = 256 };
         using var one = n == 0 ? new RecordingBackend(new CpuBackend()) : null;
         using var single = one is null ? null : DeepSeekModel.Load(checkpoint, one, options);
         using var run = n == 0 ? null : SimulatedDevices.Load(checkpoint, kind, n, options, mtp: true);
         var devices = run?.Devices ?? [one!];
         Func<DeepSeekSession> create = single is null ? run!.Model.CreateSession : single.CreateSession;
         var layout = single?.Layout ?? run!.Model.Layout;
-        float[] Logits()
+        var prompt = Enumerable.Range(0, 100).Select(i => i * 37 % checkpoint.Config.VocabSize).ToArray();
+        var d = checkpoint.Config.HiddenSize;
+        var hiddens = Enumerable.Range(0, 100 * d).Select(i => MathF.Sin(i * 0.37f)).ToArray();
+        var next = prompt[1..].Append(3).ToArray();
+        const int First = 30; // one block; the rest of the prompt grows the caches to two
+
+        float[] Rest(DeepSeekSession s) => s.ForwardAll(prompt.AsSpan(First));
+        float[] MtpRest(DeepSeekSession s) => s.MtpForward(hiddens.AsSpan(First * d), next.AsSpan(First), First);
+        float[] expected, expectedMtp;
+        using (var s = create())
         {
-            using var s = create();
-            return s.ForwardAll(s_prompt);
+            s.ForwardAll(prompt.AsSpan(0, First));
+            s.MtpForward(hiddens.AsSpan(0, First * d), next.AsSpan(0, First), 0);
+            expected = Rest(s);
+            expectedMtp = MtpRest(s);
         }
 
-        var expected = Logits();
-        var before = devices.Select(x => x.Allocations).ToArray();
-        create().Dispose();
-        var made = devices.Select((x, r) => x.Allocations - before[r]).ToArray();
-        for (var r = 0; r < devices.Length; r++)
+        var allocated = devices.Select(_ => new List<BackendResource>()).ToArray();
+        int[] Caches() => [.. allocated.Select(a => a.OfType<LatentCache>().Count())];
+        int[] Layers(bool mtp) => [.. devices.Select((_, r) => mtp ? (layout.MtpRunners.Contains(r) ? 1 : 0) : layout.Runners.Count(runners => runners.Contains(r)))];
+        void Clear()
         {
-            var layers = layout.Runners.Count(runners => runners.Contains(r));
-            Assert.AreEqual(layers + (layout.MtpRunners.Contains(r) ? 1 : 0) + (r == layout.HeadDevice ? 1 : 0), made[r], $"device {r}: allocations of a session");
-            for (var k = 1; k <= made[r]; k++)
+            foreach (var a in allocated)
             {
-                var allocated = new List<BackendResource>();
-                foreach (var x in devices)
-                {
-                    x.Allocated = allocated;
-                }
-
-                devices[r].FailAtAllocation = devices[r].Allocations + k;
-                try
-                {
-                    var e = Assert.ThrowsExactly<InvalidOperationException>(() => create());
-                    StringAssert.Contains(e.Message, "simulated out of memory");
-                }
-                finally
-                {
-                    foreach (var x in devices)
-                    {
-                        x.Allocated = null;
-                        x.FailAtAllocation = 0;
-                    }
-                }
-
-                Assert.IsGreaterThanOrEqualTo(k - 1, allocated.Count, $"device {r}, allocation {k}: what came before was seen");
-                var kept = allocated.Where(x => !x.IsDisposed).ToList();
-                Assert.IsEmpty(kept, $"device {r}, allocation {k} failed: {kept.Count} of {allocated.Count} allocations kept");
+                a.Clear();
             }
         }
 
-        CollectionAssert.AreEqual(expected, Logits(), "a session after the failures");
+        for (var r = 0; r < devices.Length; r++)
+        {
+            devices[r].Allocated = allocated[r];
+        }
+
+        try
+        {
+            using var session = create();
+            CollectionAssert.AreEqual(devices.Select((_, r) => r == layout.HeadDevice ? 1 : 0).ToArray(), allocated.Select(a => a.Count).ToArray(),
+                "a new session: the last hidden, no cache");
+            Clear();
+            session.ForwardAll(prompt.AsSpan(0, First));
+            CollectionAssert.AreEqual(Layers(false), Caches(), "the first call: a cache per layer");
+            Assert.IsTrue(allocated.SelectMany(a => a).OfType<LatentCache>().All(c => c.Capacity == 64), "the first caches hold one block");
+            Clear();
+            session.MtpForward(hiddens.AsSpan(0, First * d), next.AsSpan(0, First), 0);
+            CollectionAssert.AreEqual(Layers(true), Caches(), "the first MTP call: the MTP layer's cache");
+            Assert.IsTrue(allocated.SelectMany(a => a).OfType<LatentCache>().All(c => c.Capacity == 64), "the first MTP cache holds one block");
+
+            foreach (var (mtp, call, want) in new[] { (false, (Func<DeepSeekSession, float[]>)Rest, expected), (true, MtpRest, expectedMtp) })
+            {
+                var layers = Layers(mtp);
+                for (var r = 0; r < devices.Length; r++)
+                {
+                    for (var k = 1; k <= layers[r]; k++)
+                    {
+                        Clear();
+                        devices[r].FailAtAllocation = devices[r].Allocations + k;
+                        try
+                        {
+                            var e = Assert.ThrowsExactly<InvalidOperationException>(() => call(session));
+                            StringAssert.Contains(e.Message, "simulated out of memory");
+                        }
+                        finally
+                        {
+                            devices[r].FailAtAllocation = 0;
+                        }
+
+                        var all = allocated.SelectMany(a => a).ToList();
+                        Assert.AreEqual(layers.Take(r).Sum() + k - 1, all.Count, $"device {r}, allocation {k}: the caches allocated before it");
+                        var kept = all.Where(x => !x.IsDisposed).ToList();
+                        Assert.IsEmpty(kept, $"device {r}, allocation {k} failed: {kept.Count} of {all.Count} allocations kept");
+                        Assert.AreEqual(First, mtp ? session.MtpLength : session.Length, "the session's length");
+                    }
+                }
+
+                Clear();
+                CollectionAssert.AreEqual(want, call(session), $"{(mtp ? "the MTP layer" : "the layers")} after the failures");
+                CollectionAssert.AreEqual(layers, Caches(), "the growth: a cache per layer");
+                Assert.IsTrue(allocated.SelectMany(a => a).OfType<LatentCache>().All(c => c.Capacity == 128 && !c.IsDisposed), "grown to two blocks");
+            }
+        }
+        finally
+        {
+            foreach (var x in devices)
+            {
+                x.Allocated = null;
+            }
+        }
     }
 
     private static int ArgMax(float[] x)

@@ -161,7 +161,8 @@ public sealed class CudaModelGpuTests
                 s.Forward(ids, once);
             }
 
-            // Chunks of 7, 2, 1 (decode kernel) and the rest (prefill kernel over a cached prefix).
+            // Chunks of 7, 2, 1 (decode kernel) and the rest (prefill kernel over a cached prefix); p2's rest grows the
+            // session's caches from one block to three, the 10 positions held copied on the device.
             var chunked = new float[v];
             using (var s = model.CreateSession())
             {

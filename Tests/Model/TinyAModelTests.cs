@@ -1,7 +1,9 @@
 using System.Diagnostics;
+using DeepSeekCuda.Backends;
 using DeepSeekCuda.Backends.Cpu;
 using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
+using DeepSeekCuda.Tests.Distributed;
 using DeepSeekCuda.Tests.Support;
 
 namespace DeepSeekCuda.Tests.Model;
@@ -170,6 +172,46 @@ public sealed class TinyAModelTests
         Tolerance.AssertMaxRel([.. first, .. second], s_ref.F32("p2.logits"), MaxRel, $"p2.logits in chunks {firstChunk}+{ids.Length - firstChunk} ({form})");
     }
 
+    /// <summary>
+    /// A session's caches hold what it has used. Fed p2 one token at a time and then its greedy continuation, every
+    /// position's logits match the reference; each layer's cache is made at the first token with one block, and grown to two
+    /// blocks at position 64 and four at 128, the positions held copied each time and the old caches released.
+    /// </summary>
+    [TestMethod]
+    public void ASessionGrowsItsCachesAsItGoesAndMatchesTheReference()
+    {
+        using var device = new RecordingBackend(new CpuBackend());
+        using var model = DeepSeekModel.Load(s_checkpoint, device, new ModelOptions { LoadMtp = false });
+        var allocated = new List<BackendResource>();
+        device.Allocated = allocated;
+        var ids = s_ref.Ids("p2");
+        var greedy = s_ref.Greedy("p2");
+        var reference = s_ref.F32("p2.logits");
+        var steps = s_ref.F32("p2.step_logits");
+        var v = model.VocabSize;
+        var layers = s_checkpoint.Config.NumHiddenLayers;
+        var made = new List<(int Position, int Capacity)>();
+        using var session = model.CreateSession();
+        var fed = ids.Concat(greedy[..^1]).ToArray();
+        for (var t = 0; t < fed.Length; t++)
+        {
+            var row = session.ForwardAll(fed.AsSpan(t, 1));
+            var step = t - (ids.Length - 1); // the prompt's last position gives the first step's logits
+            var want = step < 0 ? reference.AsSpan(t * v, v) : steps.AsSpan(step * v, v);
+            Tolerance.AssertMaxRel(row, want, MaxRel, step < 0 ? $"p2.logits[{t}] one token at a time" : $"p2.step_logits[{step}]");
+            allocated.RemoveAll(a => a is not LatentCache);
+            made.AddRange(allocated.Skip(made.Count).Select(c => (t, ((LatentCache)c).Capacity)));
+        }
+
+        (int, int)[] expected = [.. new[] { (0, 64), (64, 128), (128, 256) }.SelectMany(x => Enumerable.Repeat(x, layers))];
+        CollectionAssert.AreEqual(expected, made, "caches made: (position, capacity)");
+        var copies = device.Operations.Where(o => o.StartsWith("CopyLatentCache(", StringComparison.Ordinal)).Select(o => o[(o.LastIndexOf(' ') + 1)..^1]).ToArray();
+        CollectionAssert.AreEqual(new[] { "64", "128" }.SelectMany(p => Enumerable.Repeat(p, layers)).ToArray(), copies, "positions copied at each growth");
+        var caches = allocated.OfType<LatentCache>().ToList();
+        Assert.AreEqual(2 * layers, caches.Take(2 * layers).Count(c => c.IsDisposed), "the outgrown caches are released");
+        Assert.IsFalse(caches.Skip(2 * layers).Any(c => c.IsDisposed), "the session's caches are held");
+    }
+
     [TestMethod]
     public void LastHiddenIsTheFinalNormOfTheLastToken()
     {
@@ -213,6 +255,29 @@ public sealed class TinyAModelTests
         {
             var row = one.MtpForward(hiddens.AsSpan(i * d, d), next.AsSpan(i, 1), i);
             Tolerance.AssertMaxRel(row, together.AsSpan(i * v, v), MaxRel, $"MTP position {i}");
+        }
+    }
+
+    /// <summary>
+    /// The MTP layer's cache grows as the main layers' do: fed p2's 129 positions in three calls (one block, then two, then
+    /// three), each row's draft logits are the ones of a session fed them in one call.
+    /// </summary>
+    [TestMethod]
+    public void MtpCacheGrowsWithThePositionsItHolds()
+    {
+        var ids = s_ref.Ids("p2");
+        var stages = new Dictionary<string, Intermediate>();
+        s_auto.ComputeLogits(ids, x => stages[x.Name] = x);
+        var hiddens = stages["final_norm"].Values!;
+        int d = s_auto.Config.HiddenSize, v = s_auto.VocabSize, n = ids.Length - 1;
+        var next = ids.AsSpan(1).ToArray();
+        using var all = s_auto.CreateSession();
+        var together = all.MtpForward(hiddens.AsSpan(0, n * d), next, 0);
+        using var grown = s_auto.CreateSession();
+        foreach (var (start, end) in new[] { (0, 50), (50, 100), (100, n) })
+        {
+            var rows = grown.MtpForward(hiddens.AsSpan(start * d, (end - start) * d), next.AsSpan(start, end - start), start);
+            Tolerance.AssertMaxRel(rows, together.AsSpan(start * v, (end - start) * v), MaxRel, $"MTP positions {start}..{end - 1}");
         }
     }
 
