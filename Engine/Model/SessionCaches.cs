@@ -7,8 +7,8 @@ namespace DeepSeekCuda.Model;
 /// The latent caches of one session's layers (or of its MTP layer) on the devices that run them, [device][layer], holding what
 /// the session has used rather than its longest possible length: none until the first call, then whole 64-position blocks
 /// for what that call needs; a call that needs more replaces every cache with one at least twice as long (at most the model's
-/// length) and copies the positions held so far into it (<see cref="IBackend.CopyLatentCache"/>), so growing to n positions
-/// copies fewer than n positions per layer in all.
+/// length) and copies the positions held so far into it (<see cref="IBackend.CopyLatentCache"/>), so a session of n positions
+/// holds fewer than 2n + 64 per layer and has copied fewer than 2n.
 /// </summary>
 internal sealed class SessionCaches : IDisposable
 {
