@@ -31,12 +31,8 @@ public sealed class DeepSeekSession : IModelSession
         _b = _head.Backend;
         _activations = [.. layout.Devices.Select(w => new FreshActivations(w.Backend))];
         var c = layout.Config;
-        var backends = layout.Devices.Select(w => w.Backend).ToArray();
-        _caches = new SessionCaches(backends,
-            [.. Enumerable.Range(0, backends.Length).Select(r => Enumerable.Range(0, c.NumHiddenLayers).Select(i => layout.Runners[i].Contains(r)).ToArray())],
-            c, layout.MaxSequenceLength);
-        _mtpCaches = new SessionCaches(backends, [.. Enumerable.Range(0, backends.Length).Select(r => new[] { layout.MtpRunners.Contains(r) })],
-            c, layout.MaxSequenceLength);
+        _caches = new SessionCaches(layout.Devices, [.. layout.Devices.Select(w => w.Layers.Select(l => l is not null).ToArray())], c, layout.MaxSequenceLength);
+        _mtpCaches = new SessionCaches(layout.Devices, [.. layout.Devices.Select(w => new[] { w.Mtp is not null })], c, layout.MaxSequenceLength);
         _lastHidden = _b.Allocate(1, c.HiddenSize);
     }
 

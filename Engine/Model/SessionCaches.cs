@@ -12,13 +12,13 @@ namespace DeepSeekCuda.Model;
 /// </summary>
 internal sealed class SessionCaches : IDisposable
 {
-    private readonly IReadOnlyList<IBackend> _devices;
+    private readonly IReadOnlyList<DeviceWeights> _devices;
     private readonly bool[][] _runs;            // [device][layer]: whether the device holds the layer's cache
     private LatentCache?[][] _caches;           // [device][layer]; null where the device does not run the layer or before the first call
     private readonly int _latentDim, _ropeDim, _maxPositions;
 
-    /// <summary>Caches for layer i on each device d where <paramref name="runs"/>[d][i], of latent and rope widths the config's.</summary>
-    public SessionCaches(IReadOnlyList<IBackend> devices, bool[][] runs, ModelConfig config, int maxPositions)
+    /// <summary>Caches for layer i on each device d where <paramref name="runs"/>[d][i] (it holds the layer's weights), of the config's latent and rope widths.</summary>
+    public SessionCaches(IReadOnlyList<DeviceWeights> devices, bool[][] runs, ModelConfig config, int maxPositions)
     {
         _devices = devices;
         _runs = runs;
@@ -57,10 +57,11 @@ internal sealed class SessionCaches : IDisposable
                 {
                     if (_runs[d][i])
                     {
-                        grown[d][i] = _devices[d].AllocateLatentCache(capacity, _latentDim, _ropeDim);
+                        var b = _devices[d].Backend;
+                        grown[d][i] = b.AllocateLatentCache(capacity, _latentDim, _ropeDim);
                         if (kept > 0)
                         {
-                            _devices[d].CopyLatentCache(_caches[d][i]!, grown[d][i]!, kept);
+                            b.CopyLatentCache(_caches[d][i]!, grown[d][i]!, kept);
                         }
                     }
                 }

@@ -210,20 +210,21 @@ public sealed class PagedStepRunner : IStepRunner
             _draftChoices = drafts ? Own(hb.AllocateTokenChoices(slots * PendingRows, VocabSize)) : null;
 
             FitPool(blocks);
+            LatentPool Pool(Device d) => Own(d.W.Backend.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim)); // + the padding block
             foreach (var d in _devices)
             {
                 d.Caches = new LatentCache[]?[c.NumHiddenLayers];
                 d.Pools = new LatentPool?[c.NumHiddenLayers];
                 foreach (var i in d.Held)
                 {
-                    d.Pools[i] = Own(d.W.Backend.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
+                    d.Pools[i] = Pool(d);
                     d.Caches[i] = Views(d, d.Pools[i]!, slots);
                 }
             }
 
             foreach (var d in _mtpDevices)
             {
-                d.MtpPool = Own(d.W.Backend.AllocateLatentPool(blocks.TotalBlocks + 1, c.KvLoraRank, c.QkRopeHeadDim));
+                d.MtpPool = Pool(d);
                 d.MtpCaches = Views(d, d.MtpPool, slots);
             }
         }
