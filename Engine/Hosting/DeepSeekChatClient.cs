@@ -132,6 +132,19 @@ public sealed class DeepSeekChatClient : IChatClient
     /// <summary>The scheduler every request of this client runs on: its counters, running requests and block pool.</summary>
     public BatchScheduler Scheduler => _scheduler;
 
+    /// <summary>
+    /// Opens a session (logits of tokens the caller feeds: scoring, perplexity, a caller's own decoding) whose calls run in this
+    /// client's steps, in its cache pool, beside its requests (<see cref="BatchScheduler.CreateSession"/>): on a GPU whose memory
+    /// the pool has taken, the way to run one. It holds a slot of <see cref="DeepSeekChatClientOptions.MaxBatch"/> and its blocks
+    /// until disposed; disposing the client ends it.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">The client was disposed.</exception>
+    public IModelSession CreateSession()
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed), this);
+        return _scheduler.CreateSession();
+    }
+
     /// <inheritdoc/>
     public async Task<ChatResponse> GetResponseAsync(IEnumerable<ChatMessage> messages, ChatOptions? options = null, CancellationToken cancellationToken = default)
     {

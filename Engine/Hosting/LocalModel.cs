@@ -235,7 +235,11 @@ public sealed class LocalModel : ILanguageModel
     /// <inheritdoc />
     public int MaxSequenceLength => Model.MaxSequenceLength;
 
-    /// <inheritdoc />
+    /// <summary>
+    /// Starts an empty session with latent caches of its own, which grow with it, outside any chat client's pool. Beside a
+    /// chat client, whose pool takes the memory the devices have left, open one with <see cref="DeepSeekChatClient.CreateSession"/>
+    /// instead: its calls run in the client's steps and pool.
+    /// </summary>
     public IModelSession CreateSession() => Model.CreateSession();
 
     /// <summary>A chat client over this model (it does not own the model: dispose this object when done).</summary>

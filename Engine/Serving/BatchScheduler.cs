@@ -2,6 +2,7 @@ using System.Collections.Concurrent;
 using System.Threading.Channels;
 using DeepSeekCuda.Backends;
 using DeepSeekCuda.Inference;
+using DeepSeekCuda.Model;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 
@@ -116,6 +117,7 @@ public sealed class ScheduledRequest
         _owner = owner;
         Id = id;
         PromptLength = prompt.Length;
+        PromptEnd = prompt.Length;
         Tokens = [.. prompt];
         Sampler = new Sampler(sampling, constraint);
         MaxTokens = sampling.MaxTokens ?? int.MaxValue;
@@ -148,6 +150,16 @@ public sealed class ScheduledRequest
     }
 
     internal bool CancelRequested => _cancelRequested;
+
+    /// <summary>The session this participant runs the calls of (<see cref="BatchScheduler.CreateSession"/>); null for a generation request.</summary>
+    internal SchedulerSession? Session { get; init; }
+
+    /// <summary>
+    /// Positions below it attend as a prompt's (<see cref="StepSequence.PromptLength"/>): a request's prompt length; a
+    /// session's running call's end when the call feeds more than <see cref="Model.LayerSteps.AbsorbedRows"/> tokens, else 0,
+    /// so the call's rows attend as one forward call over them would, however the steps cut it.
+    /// </summary>
+    internal int PromptEnd { get; set; }
 
     internal List<int> Tokens { get; }
 
@@ -187,8 +199,15 @@ public sealed class ScheduledRequest
         _done.TrySetResult(new ScheduledResult(Tokens[PromptLength..], reason, Counters));
     }
 
+    /// <summary>Ends the request: its stream completes with <paramref name="error"/> (null: cancelled); a session's participant ends its session (<see cref="SchedulerSession.End"/>).</summary>
     internal void Abort(Exception? error)
     {
+        if (Session is { } session)
+        {
+            session.End(error);
+            return;
+        }
+
         _output.Writer.TryComplete(error ?? new OperationCanceledException($"request {Id} was cancelled"));
         if (error is null)
         {
@@ -208,11 +227,12 @@ public sealed class ScheduledRequest
 /// the prompt's cache blocks from the <see cref="KvBlockManager"/>; decode growth takes one more block at
 /// each 64-token boundary; when the pool runs dry the newest running request is preempted (its blocks
 /// freed, its tokens so far re-prefilled later, so its output does not change). Sampling is per request.
+/// Sessions (<see cref="CreateSession"/>) run their calls in the same steps, on the same pool.
 /// </summary>
 /// <remarks>
 /// <see cref="Step"/> runs one step on the caller's thread (tests drive it directly); <see cref="RunAsync"/>
-/// loops on a worker thread, sleeping while idle. <see cref="Submit"/> and <see cref="ScheduledRequest.Cancel"/>
-/// may be called from any thread.
+/// loops on a worker thread, sleeping while idle. <see cref="Submit"/>, <see cref="ScheduledRequest.Cancel"/> and
+/// <see cref="CreateSession"/> may be called from any thread.
 /// </remarks>
 public sealed class BatchScheduler : IDisposable
 {
@@ -224,6 +244,7 @@ public sealed class BatchScheduler : IDisposable
     private bool _stopDraftingSlots;
     private long _windowDrafted, _windowAccepted;
     private readonly ConcurrentQueue<ScheduledRequest> _submitted = new();
+    private readonly ConcurrentQueue<(SchedulerSession Session, SessionCall Call)> _sessionCalls = new();
     private readonly LinkedList<ScheduledRequest> _waiting = new();
     private readonly List<ScheduledRequest> _running = [];
     private readonly Lock _stepLock = new();
@@ -339,6 +360,41 @@ public sealed class BatchScheduler : IDisposable
         return request;
     }
 
+    /// <summary>
+    /// Opens a session on this scheduler: a sequence fed by its caller, as <see cref="IModelSession.Forward"/> says, whose
+    /// calls run as entries of this scheduler's steps, beside its requests, in the shared block pool, so a model served here
+    /// needs no cache of its own for it. A call's tokens are fed in the next steps (a prompt chunk, or a decode row when it
+    /// is one token; cut by <see cref="SchedulerOptions.MaxTokensPerStep"/> like a prompt) and attend as one forward call
+    /// over them would, and the last one's logits come back to the host; the call waits for that, so the scheduler must be
+    /// running (<see cref="RunAsync"/>, or another thread calling <see cref="Step"/>). The session takes a slot and the blocks
+    /// of its first call when that call is admitted (in turn with the requests), and more blocks as later calls need them,
+    /// preempting running requests for them (newest first) as a request's growth does; it keeps them until it is disposed:
+    /// a session is never preempted (its numbers would change if re-fed), and counts among <see cref="RunningCount"/>.
+    /// A call that cannot get its blocks because open sessions hold the rest fails with <see cref="KvCacheFullException"/> and
+    /// leaves the session as it was; so does a request (a new one, or one preempted) that no running request will make room for. A step that fails ends the sessions in it (their caches are unknown), as it ends its
+    /// requests: their next call throws <see cref="InvalidOperationException"/>.
+    /// </summary>
+    public IModelSession CreateSession()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        return new SchedulerSession(this, Interlocked.Increment(ref _nextId));
+    }
+
+    /// <summary>The runner's vocabulary (a session's logits).</summary>
+    internal int VocabSize => _runner.VocabSize;
+
+    /// <summary>Queues <paramref name="call"/> of <paramref name="session"/> for the next step; a disposed scheduler fails it at once.</summary>
+    internal void Feed(SchedulerSession session, SessionCall call)
+    {
+        _sessionCalls.Enqueue((session, call));
+        if (Volatile.Read(ref _disposed))
+        {
+            call.Fail(new ObjectDisposedException(nameof(BatchScheduler))); // raced with Dispose, which may have drained the queue already
+        }
+
+        Wake();
+    }
+
     /// <summary>Runs <see cref="Step"/> until <paramref name="cancellationToken"/> fires, waiting while there is nothing to do.</summary>
     public Task RunAsync(CancellationToken cancellationToken) => Task.Factory.StartNew(() =>
     {
@@ -415,7 +471,8 @@ public sealed class BatchScheduler : IDisposable
                 {
                     try
                     {
-                        _choices[row] = owners[i].Sampler.Choice(limit, k);
+                        // A session's row comes back as logits: default chooses nothing where they are.
+                        _choices[row] = owners[i].Session is null ? owners[i].Sampler.Choice(limit, k) : default;
                     }
                     catch (Exception e)
                     {
@@ -456,6 +513,13 @@ public sealed class BatchScheduler : IDisposable
                 {
                     Log.RequestFailed(_logger, r.Id, error);
                     finished.Add((r, null, error));
+                }
+                else if (r.Session is { } session)
+                {
+                    if (entry.LogitRows > 0)
+                    {
+                        session.Answer(_logits.AsSpan(row * v, v)); // the call's last token: it returns, the session keeps its slot
+                    }
                 }
                 else if (entry.LogitRows > 0)
                 {
@@ -553,6 +617,11 @@ public sealed class BatchScheduler : IDisposable
 
     private void Admit()
     {
+        while (_sessionCalls.TryDequeue(out var call))
+        {
+            TakeCall(call.Session, call.Call);
+        }
+
         while (_submitted.TryDequeue(out var r))
         {
             if (r.CancelRequested)
@@ -565,16 +634,29 @@ public sealed class BatchScheduler : IDisposable
         }
 
         // First come, first served: a request that does not fit blocks the ones behind it (no starvation).
-        while (_waiting.First is { } node && _running.Count < _options.MaxBatch)
+        while (_waiting.First is { } node)
         {
             var r = node.Value;
-            if (!_blocks.TryAdmit(r.Tokens.Count, out var slot))
+            var slot = -1;
+            if (_running.Count >= _options.MaxBatch || !_blocks.TryAdmit(r.Tokens.Count, out slot))
             {
-                if (_running.Count == 0)
+                var sessions = _running.Count(o => o.Session is not null);
+                if (sessions == _running.Count)
                 {
-                    // Nothing will ever free blocks for it.
+                    // Nothing will ever free blocks or a slot for it: no request runs, and sessions keep theirs until disposed.
                     _waiting.RemoveFirst();
-                    r.Abort(new KvCacheFullException($"request {r.Id} needs {KvBlockManager.BlocksFor(r.Tokens.Count)} blocks; the pool has {_blocks.FreeBlocks}"));
+                    var held = sessions == 0 ? "" : $"; {sessions} open sessions hold the rest until disposed";
+                    var full = new KvCacheFullException(
+                        $"{(r.Session is null ? "request" : "session")} {r.Id} needs {KvBlockManager.BlocksFor(r.Tokens.Count)} blocks and a slot; the pool has {_blocks.FreeBlocks} blocks and {Math.Min(_blocks.FreeSlots, _options.MaxBatch - _running.Count)} slots free{held}");
+                    if (r.Session is { } s)
+                    {
+                        s.Refuse(full);
+                    }
+                    else
+                    {
+                        r.Abort(full);
+                    }
+
                     continue;
                 }
 
@@ -614,7 +696,7 @@ public sealed class BatchScheduler : IDisposable
                     r.Draft = null; // verify nothing rather than preempt someone for a draft
                     count = 1;
                 }
-                else if (_running.LastOrDefault(o => o != r && !inStep.Contains(o)) is { } victim)
+                else if (Victim(except: r, inStep) is { } victim)
                 {
                     Preempt(victim);
                 }
@@ -635,7 +717,7 @@ public sealed class BatchScheduler : IDisposable
             }
 
             int[] tokens = r.Draft is { } d ? [r.Tokens[^1], d] : [r.Tokens[^1]];
-            batch.Add(new StepSequence(r.Slot, r.Fed, tokens, count, r.PromptLength));
+            batch.Add(new StepSequence(r.Slot, r.Fed, tokens, count, r.PromptEnd));
             owners.Add(r);
             budget -= count;
         }
@@ -655,12 +737,58 @@ public sealed class BatchScheduler : IDisposable
             }
 
             var chunk = Math.Min(left, budget);
-            batch.Add(new StepSequence(r.Slot, r.Fed, r.Tokens.GetRange(r.Fed, chunk).ToArray(), chunk == left ? 1 : 0, r.PromptLength));
+            batch.Add(new StepSequence(r.Slot, r.Fed, r.Tokens.GetRange(r.Fed, chunk).ToArray(), chunk == left ? 1 : 0, r.PromptEnd));
             owners.Add(r);
             budget -= chunk;
         }
 
         return batch;
+    }
+
+    /// <summary>The newest running request (never a session) other than <paramref name="except"/> and those in <paramref name="inStep"/>: whom growth preempts.</summary>
+    private ScheduledRequest? Victim(ScheduledRequest except, List<ScheduledRequest>? inStep) =>
+        _running.LastOrDefault(o => o != except && o.Session is null && inStep?.Contains(o) != true);
+
+    /// <summary>
+    /// Takes <paramref name="call"/> of <paramref name="session"/>: its tokens to feed, and the blocks they need (a session
+    /// holding a slot grows now, preempting requests as growth does; a new one waits for admission in turn). A call that
+    /// cannot get its blocks fails and leaves the session as it was.
+    /// </summary>
+    private void TakeCall(SchedulerSession session, SessionCall call)
+    {
+        var r = session.Participant;
+        if (r.CancelRequested)
+        {
+            call.Fail(new ObjectDisposedException(nameof(IModelSession), $"session {r.Id} was disposed"));
+            return;
+        }
+
+        var end = r.Tokens.Count + call.Tokens.Length;
+        if (r.Slot >= 0)
+        {
+            // Preempt only when the requests' blocks are enough: else the call fails and they go on.
+            var need = KvBlockManager.BlocksFor(end) - _blocks.Blocks(r.Slot).Length;
+            var requests = _running.Where(o => o.Session is null).Sum(o => _blocks.Blocks(o.Slot).Length);
+            if (need > _blocks.FreeBlocks + requests)
+            {
+                call.Fail(new KvCacheFullException(
+                    $"session {r.Id} cannot grow to {end} tokens: it needs {need} more blocks; {_blocks.FreeBlocks} of {_blocks.TotalBlocks} are free, {requests} held by running requests and the rest by open sessions"));
+                return;
+            }
+
+            while (!_blocks.TryReserve(r.Slot, end))
+            {
+                Preempt(Victim(except: r, inStep: null)!);
+            }
+        }
+        else
+        {
+            _waiting.AddLast(r);
+        }
+
+        r.PromptEnd = call.Tokens.Length > LayerSteps.AbsorbedRows ? end : 0;
+        r.Tokens.AddRange(call.Tokens);
+        session.Call = call;
     }
 
     /// <summary>Frees <paramref name="victim"/>'s slot and blocks and queues it first, to be prefilled again with its tokens so far.</summary>
@@ -899,6 +1027,11 @@ public sealed class BatchScheduler : IDisposable
             foreach (var r in _waiting.Concat(_submitted))
             {
                 r.Abort(null);
+            }
+
+            while (_sessionCalls.TryDequeue(out var call))
+            {
+                call.Call.Fail(new ObjectDisposedException(nameof(BatchScheduler)));
             }
 
             _waiting.Clear();
