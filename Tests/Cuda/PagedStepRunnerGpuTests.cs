@@ -7,6 +7,7 @@ using DeepSeekCuda.Loader;
 using DeepSeekCuda.Model;
 using DeepSeekCuda.Serving;
 using DeepSeekCuda.Tests.Distributed;
+using DeepSeekCuda.Tests.Model;
 using DeepSeekCuda.Tests.Serving;
 using DeepSeekCuda.Tests.Support;
 
@@ -226,6 +227,56 @@ public sealed class PagedStepRunnerGpuTests
                 Assert.IsGreaterThan(MaxTokens, second[i].Length, $"request {i} decodes past its first block");
                 CollectionAssert.AreEqual(first[i], second[i], $"request {i}: the warm run gives the warm-up run's ids");
             }
+        }
+    }
+
+    /// <summary>
+    /// A scheduler's session on CUDA (<see cref="BatchScheduler.CreateSession"/>), its calls (25 tokens, 1, 2, 40 cut by the
+    /// step budget, 1) run in the pool beside eight greedy requests decoding: each call's last logits against a CUDA session of
+    /// its own fed the same calls (rms_rel 0.02, the chunked-prefill bound, and the same argmax); the requests give the ids they
+    /// give alone; disposed, the session returns its blocks.
+    /// </summary>
+    [TestMethod]
+    public void ASchedulerSessionGivesTheLogitsOfASessionOfItsOwn()
+    {
+        using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
+        using var cuda = new CudaBackend();
+        using var model = DeepSeekModel.Load(checkpoint, cuda, new ModelOptions { MaxSequenceLength = MaxLength });
+        var v = model.VocabSize;
+        var prompts = SyntheticPrompts.Staggered(v, 8);
+        var alone = prompts.Select((p, i) => Run(model, [p], $"alone {i}")[0]).ToArray();
+        var (runner, scheduler, blocks) = Serve(model, prompts.Length, graphs: false, speculative: false);
+        using (runner)
+        using (scheduler)
+        using (var stop = new CancellationTokenSource())
+        {
+            var loop = scheduler.RunAsync(stop.Token);
+            var requests = prompts.Select(p => scheduler.Submit(p, SamplingOptions.Greedy with { MaxTokens = MaxTokens })).ToArray();
+            using var own = model.CreateSession();
+            var session = scheduler.CreateSession();
+            foreach (var (n, salt) in new[] { (25, 50), (1, 51), (2, 52), (40, 53), (1, 54) })
+            {
+                var tokens = SyntheticPrompts.Make(v, n, salt);
+                var expected = new float[v];
+                own.Forward(tokens, expected);
+                var got = new float[v];
+                session.Forward(tokens, got);
+                var c = Tolerance.AssertRmsRel(got, expected, 0.02, $"the call of {n} tokens ending at {session.Length}: scheduler session vs a session of its own");
+                TestContext.WriteLine(Tolerance.Describe($"call of {n} ending at {session.Length}", c));
+                Assert.AreEqual(TinyAReference.ArgMax(expected), TinyAReference.ArgMax(got), $"the call of {n} tokens ending at {session.Length}: next token");
+            }
+
+            Task.WaitAll([.. requests.Select(r => r.Completion)], TestContext.CancellationToken);
+            for (var i = 0; i < prompts.Length; i++)
+            {
+                CollectionAssert.AreEqual(alone[i], requests[i].Completion.Result.Tokens.ToArray(), $"request {i} beside the session vs alone");
+            }
+
+            session.Dispose();
+            Assert.IsTrue(SpinWait.SpinUntil(() => scheduler.RunningCount == 0, 10_000), "the disposed session kept its slot");
+            stop.Cancel();
+            loop.Wait(TestContext.CancellationToken);
+            Assert.AreEqual(blocks.TotalBlocks, blocks.FreeBlocks, "every block is back");
         }
     }
 
