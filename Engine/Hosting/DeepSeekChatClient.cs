@@ -139,7 +139,7 @@ public sealed class DeepSeekChatClient : IChatClient
     /// until disposed; disposing the client ends it.
     /// </summary>
     /// <exception cref="ObjectDisposedException">The client was disposed.</exception>
-    public IModelSession CreateSession()
+    public ScheduledSession CreateSession()
     {
         ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed), this);
         return _scheduler.CreateSession();

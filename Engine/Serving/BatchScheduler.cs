@@ -152,7 +152,7 @@ public sealed class ScheduledRequest
     internal bool CancelRequested => _cancelRequested;
 
     /// <summary>The session this participant runs the calls of (<see cref="BatchScheduler.CreateSession"/>); null for a generation request.</summary>
-    internal SchedulerSession? Session { get; init; }
+    internal ScheduledSession? Session { get; init; }
 
     /// <summary>
     /// Positions below it attend as a prompt's (<see cref="StepSequence.PromptLength"/>): a request's prompt length; a
@@ -199,7 +199,7 @@ public sealed class ScheduledRequest
         _done.TrySetResult(new ScheduledResult(Tokens[PromptLength..], reason, Counters));
     }
 
-    /// <summary>Ends the request: its stream completes with <paramref name="error"/> (null: cancelled); a session's participant ends its session (<see cref="SchedulerSession.End"/>).</summary>
+    /// <summary>Ends the request: its stream completes with <paramref name="error"/> (null: cancelled); a session's participant ends its session (<see cref="ScheduledSession.End"/>).</summary>
     internal void Abort(Exception? error)
     {
         if (Session is { } session)
@@ -244,7 +244,7 @@ public sealed class BatchScheduler : IDisposable
     private bool _stopDraftingSlots;
     private long _windowDrafted, _windowAccepted;
     private readonly ConcurrentQueue<ScheduledRequest> _submitted = new();
-    private readonly ConcurrentQueue<(SchedulerSession Session, SessionCall Call)> _sessionCalls = new();
+    private readonly ConcurrentQueue<(ScheduledSession Session, SessionCall Call)> _sessionCalls = new();
     private readonly LinkedList<ScheduledRequest> _waiting = new();
     private readonly List<ScheduledRequest> _running = [];
     private readonly Lock _stepLock = new();
@@ -374,17 +374,17 @@ public sealed class BatchScheduler : IDisposable
     /// leaves the session as it was; so does a request (a new one, or one preempted) that no running request will make room for. A step that fails ends the sessions in it (their caches are unknown), as it ends its
     /// requests: their next call throws <see cref="InvalidOperationException"/>.
     /// </summary>
-    public IModelSession CreateSession()
+    public ScheduledSession CreateSession()
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
-        return new SchedulerSession(this, Interlocked.Increment(ref _nextId));
+        return new ScheduledSession(this, Interlocked.Increment(ref _nextId));
     }
 
     /// <summary>The runner's vocabulary (a session's logits).</summary>
     internal int VocabSize => _runner.VocabSize;
 
     /// <summary>Queues <paramref name="call"/> of <paramref name="session"/> for the next step; a disposed scheduler fails it at once.</summary>
-    internal void Feed(SchedulerSession session, SessionCall call)
+    internal void Feed(ScheduledSession session, SessionCall call)
     {
         _sessionCalls.Enqueue((session, call));
         if (Volatile.Read(ref _disposed))
@@ -605,6 +605,11 @@ public sealed class BatchScheduler : IDisposable
                 node.Value.Abort(null);
                 _waiting.Remove(node);
             }
+            else if (node.Value.Session is { Call.CancelRequested: true } session)
+            {
+                _waiting.Remove(node); // a session's first call, not admitted yet: nothing was fed
+                session.Refuse(new OperationCanceledException($"session {session.Id}'s call was cancelled", session.Call.CancellationToken));
+            }
 
             node = next;
         }
@@ -613,6 +618,39 @@ public sealed class BatchScheduler : IDisposable
         {
             Retire(r, null, null);
         }
+
+        foreach (var r in _running.Where(r => r.Session?.Call?.CancelRequested == true).ToList())
+        {
+            DropCall(r, r.Session!);
+        }
+    }
+
+    /// <summary>
+    /// Removes the cancelled call of <paramref name="session"/> (running as <paramref name="r"/>): what the steps fed of it leaves
+    /// the cache (<see cref="IStepRunner.Truncate"/>) and the blocks reserved for it go back; the session is as before the call.
+    /// A runner that cannot drop positions (<see cref="SessionStepRunner"/>) loses the session when part of the call was fed.
+    /// </summary>
+    private void DropCall(ScheduledRequest r, ScheduledSession session)
+    {
+        var call = session.Call!;
+        var kept = r.Tokens.Count - call.Tokens.Length;
+        if (r.Fed > kept)
+        {
+            try
+            {
+                _runner.Truncate(r.Slot, kept);
+            }
+            catch (NotSupportedException e)
+            {
+                Retire(r, null, new InvalidOperationException($"session {r.Id}'s call was cancelled after part of it was fed, and the runner cannot drop positions", e));
+                return;
+            }
+
+            r.Fed = kept;
+        }
+
+        _blocks.Truncate(r.Slot, kept);
+        session.Refuse(new OperationCanceledException($"session {r.Id}'s call was cancelled", call.CancellationToken));
     }
 
     private void Admit()
@@ -754,12 +792,12 @@ public sealed class BatchScheduler : IDisposable
     /// holding a slot grows now, preempting requests as growth does; a new one waits for admission in turn). A call that
     /// cannot get its blocks fails and leaves the session as it was.
     /// </summary>
-    private void TakeCall(SchedulerSession session, SessionCall call)
+    private void TakeCall(ScheduledSession session, SessionCall call)
     {
         var r = session.Participant;
         if (r.CancelRequested)
         {
-            call.Fail(new ObjectDisposedException(nameof(IModelSession), $"session {r.Id} was disposed"));
+            call.Fail(new ObjectDisposedException(nameof(ScheduledSession), $"session {r.Id} was disposed"));
             return;
         }
 

@@ -237,7 +237,7 @@ public sealed class PagedStepRunnerGpuTests
     /// give alone; disposed, the session returns its blocks.
     /// </summary>
     [TestMethod]
-    public void ASchedulerSessionGivesTheLogitsOfASessionOfItsOwn()
+    public void AScheduledSessionGivesTheLogitsOfASessionOfItsOwn()
     {
         using var checkpoint = Checkpoint.Open(SharedData.TinyAModel);
         using var cuda = new CudaBackend();

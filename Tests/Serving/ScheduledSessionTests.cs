@@ -18,7 +18,7 @@ namespace DeepSeekCuda.Tests.Serving;
 /// was, or say it is lost.
 /// </summary>
 [TestClass]
-public sealed class SchedulerSessionTests
+public sealed class ScheduledSessionTests
 {
     private const int MaxLength = 256;
 
@@ -59,10 +59,10 @@ public sealed class SchedulerSessionTests
     /// Runs <paramref name="call"/> of <paramref name="session"/> on another thread and, once it is under way, steps
     /// <paramref name="scheduler"/> here until it returns (or throws).
     /// </summary>
-    private static void StepThrough(BatchScheduler scheduler, IModelSession session, Action call)
+    private static void StepThrough(BatchScheduler scheduler, ScheduledSession session, Action call)
     {
         var task = Task.Run(call);
-        SpinWait.SpinUntil(() => ((SchedulerSession)session).IsRunningCall || task.IsCompleted);
+        SpinWait.SpinUntil(() => session.IsRunningCall || task.IsCompleted);
         var time = System.Diagnostics.Stopwatch.StartNew();
         while (!task.IsCompleted)
         {
@@ -77,8 +77,17 @@ public sealed class SchedulerSessionTests
     private static Exception Failure(Task call)
     {
         Task.WhenAny(call, Task.Delay(TimeSpan.FromMinutes(1))).Wait();
-        Assert.IsTrue(call.IsFaulted, $"the call did not fail: {call.Status}");
-        return call.Exception!.InnerException!;
+        Assert.IsTrue(call.IsFaulted || call.IsCanceled, $"the call did not fail: {call.Status}");
+        try
+        {
+            call.GetAwaiter().GetResult();
+        }
+        catch (Exception e)
+        {
+            return e;
+        }
+
+        throw new AssertFailedException("unreachable: a failed task rethrows");
     }
 
     /// <summary>Asserts that <paramref name="got"/> equals <paramref name="expected"/> bit for bit.</summary>
@@ -113,7 +122,7 @@ public sealed class SchedulerSessionTests
 
         using var alone = model.CreateSession();
         var session = scheduler.CreateSession();
-        mixed.SessionSlot = () => session is SchedulerSession s ? s.Participant.Slot : -1;
+        mixed.SessionSlot = () => session.Participant.Slot;
         var fed = 0;
         foreach (var (n, salt) in new[] { (25, 10), (1, 11), (2, 12), (40, 13), (3, 14), (1, 15) })
         {
@@ -203,7 +212,7 @@ public sealed class SchedulerSessionTests
         using var alone = model.CreateSession();
         using var first = scheduler.CreateSession();
         var logits = new float[v];
-        void Call(IModelSession session, IModelSession? reference, int n, int salt)
+        void Call(ScheduledSession session, IModelSession? reference, int n, int salt)
         {
             var tokens = SyntheticPrompts.Make(v, n, salt);
             StepThrough(scheduler, session, () => session.Forward(tokens, logits));
@@ -266,7 +275,7 @@ public sealed class SchedulerSessionTests
 
         // No thread steps the scheduler: the first call waits, and a second one is refused meanwhile.
         var pending = Task.Run(() => session.Forward([2, 3, 4], new float[v]));
-        Assert.IsTrue(SpinWait.SpinUntil(() => ((SchedulerSession)session).IsRunningCall, 10_000));
+        Assert.IsTrue(SpinWait.SpinUntil(() => session.IsRunningCall, 10_000));
         StringAssert.Contains(Assert.ThrowsExactly<InvalidOperationException>(() => session.Forward([5], logits)).Message, "one call at a time");
         scheduler.Dispose();
         Assert.IsInstanceOfType<ObjectDisposedException>(Failure(pending));
@@ -279,7 +288,7 @@ public sealed class SchedulerSessionTests
         using var busy = Scheduler(new PagedStepRunner(model), model, blocks: 8, maxBatch: 1);
         var request = busy.Submit(SyntheticPrompts.Make(v, 10, 40), SamplingOptions.Greedy with { MaxTokens = 8 });
         busy.Step();
-        var waiting = (SchedulerSession)busy.CreateSession();
+        var waiting = busy.CreateSession();
         var call = Task.Run(() => waiting.Forward([2, 3], new float[v]));
         while (waiting.Participant.Tokens.Count == 0)
         {
@@ -297,6 +306,83 @@ public sealed class SchedulerSessionTests
         }
 
         CollectionAssert.AreEqual(Alone.Run(model, SyntheticPrompts.Make(v, 10, 40), SamplingOptions.Greedy with { MaxTokens = 8 }), request.Completion.Result.Tokens.ToList());
+    }
+
+    /// <summary>
+    /// A call cancelled part way (200 tokens under a 32-token budget, cancelled after two steps fed 64 of them): its task ends
+    /// cancelled, the session keeps its length, its fed positions and the blocks of them, and its next call is exact. A call
+    /// cancelled before it starts, and a session's first call cancelled while it waits for a slot, change nothing. On a runner
+    /// that cannot drop positions, a call cancelled part way loses the session.
+    /// </summary>
+    [TestMethod]
+    public async Task ACancelledCallLeavesTheSessionAsItWas()
+    {
+        var model = Model(CpuNumerics.GpuEmulation);
+        var v = model.VocabSize;
+        using var scheduler = Scheduler(new PagedStepRunner(model), model, blocks: 8, maxBatch: 2);
+        using var alone = model.CreateSession();
+        using var session = scheduler.CreateSession();
+        var logits = new float[v];
+        var first = SyntheticPrompts.Make(v, 10, 60);
+        alone.Forward(first, new float[v]);
+        StepThrough(scheduler, session, () => session.Forward(first, logits));
+
+        using (var cancel = new CancellationTokenSource())
+        {
+            var call = session.ForwardAsync(SyntheticPrompts.Make(v, 200, 61), logits, cancel.Token);
+            scheduler.Step();
+            scheduler.Step();
+            Assert.AreEqual(74, session.Participant.Fed, "two steps fed 64 of the call's tokens");
+            Assert.AreEqual(8 - KvBlockManager.BlocksFor(210), scheduler.Blocks.FreeBlocks, "the call's blocks are reserved");
+            cancel.Cancel();
+            scheduler.Step();
+            Assert.IsInstanceOfType<OperationCanceledException>(Failure(call));
+        }
+
+        Assert.AreEqual((10, 10, 10), (session.Length, session.Participant.Fed, session.Participant.Tokens.Count));
+        Assert.AreEqual(7, scheduler.Blocks.FreeBlocks, "the cancelled call's blocks went back");
+        var next = SyntheticPrompts.Make(v, 5, 62);
+        var expected = new float[v];
+        alone.Forward(next, expected);
+        StepThrough(scheduler, session, () => session.Forward(next, logits));
+        AssertBits(expected, logits, "the call after the cancelled one");
+
+        await Assert.ThrowsAsync<OperationCanceledException>(() => session.ForwardAsync(next, logits, new CancellationToken(canceled: true)));
+        Assert.AreEqual(15, session.Length);
+
+        var request = scheduler.Submit(SyntheticPrompts.Make(v, 10, 63), SamplingOptions.Greedy with { MaxTokens = 50 });
+        scheduler.Step();
+        using var second = scheduler.CreateSession();
+        using (var cancel = new CancellationTokenSource())
+        {
+            var waiting = second.ForwardAsync(next, new float[v], cancel.Token);
+            scheduler.Step(); // the call waits: the session and the request hold both slots
+            Assert.AreEqual(5, second.Participant.Tokens.Count);
+            cancel.Cancel();
+            scheduler.Step();
+            Assert.IsInstanceOfType<OperationCanceledException>(Failure(waiting));
+        }
+
+        Assert.AreEqual((0, 0), (second.Length, second.Participant.Tokens.Count));
+        request.Cancel();
+        scheduler.Step();
+
+        // A runner without Truncate: the session is lost, and says so.
+        var bigram = FakeModel.Bigram(seed: 4);
+        using var sessions = new BatchScheduler(new SessionStepRunner(bigram), new KvBlockManager(8, 2, 4), new SchedulerOptions { MaxTokensPerStep = 16 });
+        using var fake = sessions.CreateSession();
+        using (var cancel = new CancellationTokenSource())
+        {
+            var call = fake.ForwardAsync(Enumerable.Range(65, 40).ToArray(), new float[bigram.VocabSize], cancel.Token);
+            sessions.Step();
+            cancel.Cancel();
+            sessions.Step();
+            var lost = Failure(call);
+            Assert.IsInstanceOfType<InvalidOperationException>(lost);
+            StringAssert.Contains(lost.Message, "cannot drop positions");
+        }
+
+        StringAssert.Contains(Assert.ThrowsExactly<InvalidOperationException>(() => fake.Forward([65], new float[bigram.VocabSize])).Message, "lost its cache");
     }
 
     /// <summary>A step that fails ends its session's call with the failure; the session's next call says its cache is lost.</summary>
@@ -337,11 +423,11 @@ public sealed class SchedulerSessionTests
     }
 
     /// <summary>
-    /// A chat client's session runs in its scheduler's pool: its logits equal the model's own session's, it holds a slot and
-    /// the blocks of its length until disposed; disposing the client ends it.
+    /// A chat client's session runs in its scheduler's pool (awaited, on the client's running scheduler): its logits equal the
+    /// model's own session's, it holds a slot and the blocks of its length until disposed; disposing the client ends it.
     /// </summary>
     [TestMethod]
-    public void AChatClientsSessionRunsInItsPool()
+    public async Task AChatClientsSessionRunsInItsPool()
     {
         var model = FakeModel.Bigram(seed: 3);
         var client = new DeepSeekChatClient(model, new FakeTokenizer(), new DeepSeekChatClientOptions { ModelId = "fake", MaxBatch = 2, KvCacheBlocks = 8 });
@@ -351,7 +437,7 @@ public sealed class SchedulerSessionTests
         var expected = new float[model.VocabSize];
         alone.Forward(tokens, expected);
         var got = new float[model.VocabSize];
-        session.Forward(tokens, got);
+        await session.ForwardAsync(tokens, got, TestContext.CancellationToken);
         CollectionAssert.AreEqual(expected, got);
         Assert.AreEqual(1, client.Scheduler.RunningCount);
         Assert.AreEqual(6, client.Scheduler.Blocks.FreeBlocks, "70 tokens hold 2 blocks");
