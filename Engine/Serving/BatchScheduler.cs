@@ -361,19 +361,23 @@ public sealed class BatchScheduler : IDisposable
     }
 
     /// <summary>
-    /// Opens a session on this scheduler: a sequence fed by its caller, as <see cref="IModelSession.Forward"/> says, whose
-    /// calls run as entries of this scheduler's steps, beside its requests, in the shared block pool, so a model served here
-    /// needs no cache of its own for it. A call's tokens are fed in the next steps (a prompt chunk, or a decode row when it
-    /// is one token; cut by <see cref="SchedulerOptions.MaxTokensPerStep"/> like a prompt) and attend as one forward call
-    /// over them would, and the last one's logits come back to the host; the call waits for that, so the scheduler must be
-    /// running (<see cref="RunAsync"/>, or another thread calling <see cref="Step"/>). The session takes a slot and the blocks
-    /// of its first call when that call is admitted (in turn with the requests), and more blocks as later calls need them,
-    /// preempting running requests for them (newest first) as a request's growth does; it keeps them until it is disposed:
-    /// a session is never preempted (its numbers would change if re-fed), and counts among <see cref="RunningCount"/>.
-    /// A call that cannot get its blocks because open sessions hold the rest fails with <see cref="KvCacheFullException"/> and
-    /// leaves the session as it was; so does a request (a new one, or one preempted) that no running request will make room for. A step that fails ends the sessions in it (their caches are unknown), as it ends its
-    /// requests: their next call throws <see cref="InvalidOperationException"/>.
+    /// Opens a session on this scheduler: a sequence fed by its caller (<see cref="ScheduledSession.Forward"/>,
+    /// <see cref="ScheduledSession.ForwardAsync"/>) whose calls run as entries of this scheduler's steps, beside its requests,
+    /// in the shared block pool, so a model served here needs no cache of its own for it. A call's tokens are fed in the next
+    /// steps (a prompt chunk, or a decode row when it is one token; cut by <see cref="SchedulerOptions.MaxTokensPerStep"/> like
+    /// a prompt) and attend as one forward call over them would; the last one's logits come back to the host. The call waits
+    /// for that, so the scheduler must be running (<see cref="RunAsync"/>, or another thread calling <see cref="Step"/>).
     /// </summary>
+    /// <remarks>
+    /// The session takes a slot and the blocks of its first call when that call is admitted (in turn with the requests), and
+    /// more blocks as later calls need them, preempting running requests for them (newest first) as a request's growth does.
+    /// It keeps them until it is disposed: a session is never preempted (its numbers would change if re-fed), and counts among
+    /// <see cref="RunningCount"/>. A call that cannot get its blocks because open sessions hold the rest fails with
+    /// <see cref="KvCacheFullException"/> and leaves the session as it was; so does a request (new, or preempted) that no
+    /// running request will make room for. A step that fails ends the sessions in it (their caches are unknown), as it ends
+    /// its requests: their next call throws <see cref="InvalidOperationException"/>.
+    /// </remarks>
+    /// <exception cref="ObjectDisposedException">The scheduler was disposed.</exception>
     public ScheduledSession CreateSession()
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
