@@ -618,14 +618,16 @@ public sealed class BatchScheduler : IDisposable
             node = next;
         }
 
-        foreach (var r in _running.Where(r => r.CancelRequested).ToList())
+        foreach (var r in _running.Where(r => r.CancelRequested || r.Session?.Call?.CancelRequested == true).ToList())
         {
-            Retire(r, null, null);
-        }
-
-        foreach (var r in _running.Where(r => r.Session?.Call?.CancelRequested == true).ToList())
-        {
-            DropCall(r, r.Session!);
+            if (r.CancelRequested)
+            {
+                Retire(r, null, null);
+            }
+            else
+            {
+                DropCall(r, r.Session!);
+            }
         }
     }
 

@@ -131,7 +131,6 @@ public sealed class ScheduledSession : IModelSession
         var call = Call!;
         Call = null;
         Participant.Tokens.RemoveRange(Participant.Tokens.Count - call.Tokens.Length, call.Tokens.Length);
-        Participant.PromptEnd = 0;
         call.Fail(error);
     }
 

@@ -53,7 +53,7 @@ public sealed class PagedStepRunnerTests
             new SchedulerOptions { MaxTokensPerStep = 32, EosId = model.Config.EosTokenId, SpeculativeDecoding = drafts });
 
     /// <summary>Steps <paramref name="scheduler"/> until each of <paramref name="requests"/> is complete.</summary>
-    private static void StepUntilDone(BatchScheduler scheduler, params ScheduledRequest[] requests)
+    internal static void StepUntilDone(BatchScheduler scheduler, params ScheduledRequest[] requests)
     {
         while (requests.Any(r => !r.Completion.IsCompleted))
         {

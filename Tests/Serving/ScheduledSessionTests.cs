@@ -185,10 +185,7 @@ public sealed class ScheduledSessionTests
 
         Assert.AreEqual(1L, scheduler.Preemptions, "the session's growth preempted one request");
         Assert.IsFalse(requests[0].Completion.IsCompleted, "the older request ran on");
-        while (requests.Any(r => !r.Completion.IsCompleted))
-        {
-            scheduler.Step();
-        }
+        PagedStepRunnerTests.StepUntilDone(scheduler, requests);
 
         for (var i = 0; i < prompts.Length; i++)
         {
@@ -226,10 +223,7 @@ public sealed class ScheduledSessionTests
 
         Call(first, alone, 100, 30);
         var request = scheduler.Submit(SyntheticPrompts.Make(v, 60, 31), SamplingOptions.Greedy with { MaxTokens = 10 });
-        while (!request.Completion.IsCompleted)
-        {
-            scheduler.Step();
-        }
+        PagedStepRunnerTests.StepUntilDone(scheduler, request);
 
         var full = Assert.ThrowsExactly<AggregateException>(() => request.Completion.Wait(TestContext.CancellationToken)).InnerException;
         Assert.IsInstanceOfType<KvCacheFullException>(full, "the request could not grow into the session's blocks");
@@ -300,10 +294,7 @@ public sealed class ScheduledSessionTests
         var disposed = Failure(call);
         Assert.IsInstanceOfType<ObjectDisposedException>(disposed);
         StringAssert.Contains(disposed.Message, "was disposed");
-        while (!request.Completion.IsCompleted)
-        {
-            busy.Step();
-        }
+        PagedStepRunnerTests.StepUntilDone(busy, request);
 
         CollectionAssert.AreEqual(Alone.Run(model, SyntheticPrompts.Make(v, 10, 40), SamplingOptions.Greedy with { MaxTokens = 8 }), request.Completion.Result.Tokens.ToList());
     }
