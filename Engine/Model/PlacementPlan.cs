@@ -35,6 +35,61 @@ public enum ExpertAssignment
 /// <param name="Bytes">Stored bytes of what the device holds (checkpoint dtype).</param>
 public sealed record TensorPlacement(string Tensor, int Device, TensorSlice? Slice, long Bytes);
 
+/// <summary>Which weight of a device an upload of a planned load fills (<see cref="PlannedUpload"/>).</summary>
+internal enum UploadKind
+{
+    /// <summary>The embedding table, on the devices that run the first layer (every device under tensor/expert parallelism).</summary>
+    Embedding,
+
+    /// <summary>A copy of the embedding on a pipeline's last device for the MTP layer, which embeds too (when that device is not the first).</summary>
+    MtpEmbedding,
+
+    /// <summary>The final norm.</summary>
+    FinalNorm,
+
+    /// <summary>lm_head, or the embedding as a tied head: a second copy of the table (the backends hold the embedding and the head apart).</summary>
+    Head,
+
+    /// <summary>Main decoder layer <see cref="PlannedUpload.Layer"/>, whole or the device's shard.</summary>
+    Layer,
+
+    /// <summary>On a pipeline stage but the last, the next stage's first input_layernorm (layer <see cref="PlannedUpload.Layer"/>'s), which the stage's last fused residual step computes.</summary>
+    NextStageNorm,
+
+    /// <summary>The MTP layer <see cref="PlannedUpload.Layer"/>, whole or the device's shard, with its input side (enorm, hnorm, eh_proj) where <see cref="PlannedUpload.MtpInput"/>.</summary>
+    Mtp,
+}
+
+/// <summary>
+/// One upload of a planned load: a weight of one device (<see cref="Kind"/>) and the placements it reads. The plan is made of
+/// these, so the load uploads what the plan counts and nothing else, and its progress counts each placement once.
+/// </summary>
+internal sealed class PlannedUpload(int device, UploadKind kind, int layer = -1, bool mtpInput = false)
+{
+    private readonly List<TensorPlacement> _placements = [];
+
+    public int Device { get; } = device;
+
+    public UploadKind Kind { get; } = kind;
+
+    /// <summary>The layer of a <see cref="UploadKind.Layer"/>, <see cref="UploadKind.NextStageNorm"/> or <see cref="UploadKind.Mtp"/> upload; −1 otherwise.</summary>
+    public int Layer { get; } = layer;
+
+    /// <summary>Whether an <see cref="UploadKind.Mtp"/> upload includes the layer's input side (on the head device alone).</summary>
+    public bool MtpInput { get; } = mtpInput;
+
+    /// <summary>The tensors (or slices) it reads, in placement order.</summary>
+    public IReadOnlyList<TensorPlacement> Placements => _placements;
+
+    /// <summary>Stored bytes of what it puts on the device.</summary>
+    public long Bytes => _placements.Sum(p => p.Bytes);
+
+    /// <summary>Whether it exists only for the MTP module (skipped by a load that does not load it).</summary>
+    public bool ForMtp => Kind is UploadKind.Mtp or UploadKind.MtpEmbedding;
+
+    internal void Add(TensorPlacement placement) => _placements.Add(placement);
+}
+
 /// <summary>A plan that cannot work for the model and device count (the message names the numbers).</summary>
 public sealed class PlacementException(string message) : InvalidOperationException(message);
 
@@ -57,7 +112,7 @@ public sealed class PlacementException(string message) : InvalidOperationExcepti
 /// device holds.</item>
 /// <item>Pipeline: each device holds whole layers; a stage also holds the next stage's first
 /// input_layernorm (it computes that norm in its last fused residual step).</item>
-/// <item>MTP: placed only when asked, where the last main layer runs, as a main layer is: whole on a pipeline's last
+/// <item>MTP: the first MTP layer (V3/R1 ship one; one draft token is what the engine uses), placed only when asked, where the last main layer runs, as a main layer is: whole on a pipeline's last
 /// stage, which then also holds the main embedding (the MTP layer embeds the token after each position); sharded over
 /// every device under tensor/expert parallelism, so that no device holds the whole layer (about 11.5 GB for DeepSeek-V3)
 /// and the shared latent pool is not sized by one device's extra bytes. Its input side (enorm, hnorm, eh_proj) is on the
@@ -72,8 +127,9 @@ public sealed class PlacementPlan
     private readonly List<TensorPlacement>[] _byDevice;
 
     private PlacementPlan(ModelConfig config, PlacementKind kind, int devices, bool includeMtp, (int Start, int Count)[] stages,
-        LayerShard?[] shards, List<TensorPlacement> placements, Dictionary<string, string> skipped)
+        LayerShard?[] shards, List<PlannedUpload> uploads, Dictionary<string, string> skipped)
     {
+        var placements = uploads.SelectMany(u => u.Placements).ToList();
         Config = config;
         Kind = kind;
         DeviceCount = devices;
@@ -81,6 +137,7 @@ public sealed class PlacementPlan
         Stages = stages;
         _shards = shards;
         Placements = placements;
+        Uploads = uploads;
         Skipped = skipped;
         _byDevice = [.. Enumerable.Range(0, devices).Select(d => placements.Where(p => p.Device == d).ToList())];
     }
@@ -102,6 +159,12 @@ public sealed class PlacementPlan
 
     /// <summary>Every placement, in layer order.</summary>
     public IReadOnlyList<TensorPlacement> Placements { get; }
+
+    /// <summary>
+    /// What a load uploads, one weight of one device each, in layer order: every placement is in exactly one
+    /// (<see cref="PlannedLoad"/> uploads these and nothing else).
+    /// </summary>
+    internal IReadOnlyList<PlannedUpload> Uploads { get; }
 
     /// <summary>Checkpoint tensors placed nowhere, with the reason.</summary>
     public IReadOnlyDictionary<string, string> Skipped { get; }
@@ -223,35 +286,33 @@ public sealed class PlacementPlan
                               + (b.Mtp ? b.MtpBytes() : 0) + (mtpEmbedding ? embedding : 0);
         var stages = Partition(weight, devices);
 
-        b.Whole(CheckpointLayout.Embedding, 0);
+        var last = devices - 1;
+        b.Whole(b.Upload(0, UploadKind.Embedding), CheckpointLayout.Embedding);
         for (var d = 0; d < devices; d++)
         {
             var (start, count) = stages[d];
             for (var i = start; i < start + count; i++)
             {
-                b.WholeLayer(i, d);
+                b.WholeLayer(b.Upload(d, UploadKind.Layer, i));
             }
 
-            if (d + 1 < devices)
+            if (d < last)
             {
                 // The stage's last fused residual step computes the next stage's first input norm.
-                b.Whole(CheckpointLayout.Layer(config, start + count).InputNorm, d);
+                var next = start + count;
+                b.Whole(b.Upload(d, UploadKind.NextStageNorm, next), CheckpointLayout.Layer(config, next).InputNorm);
             }
         }
 
-        b.Whole(CheckpointLayout.FinalNorm, devices - 1);
-        b.Whole(config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead, devices - 1);
+        b.Whole(b.Upload(last, UploadKind.FinalNorm), CheckpointLayout.FinalNorm);
+        b.Whole(b.Upload(last, UploadKind.Head), config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead);
 
         if (b.Mtp)
         {
-            foreach (var i in b.MtpLayers())
-            {
-                b.WholeLayer(i, devices - 1);
-            }
-
+            b.WholeLayer(b.Upload(last, UploadKind.Mtp, b.MtpLayer, mtpInput: true));
             if (mtpEmbedding)
             {
-                b.Whole(CheckpointLayout.Embedding, devices - 1);
+                b.Whole(b.Upload(last, UploadKind.MtpEmbedding), CheckpointLayout.Embedding);
             }
         }
 
@@ -271,8 +332,8 @@ public sealed class PlacementPlan
             throw new PlacementException($"{heads} attention heads do not divide across {devices} devices (tensor parallel attention splits heads evenly)");
         }
 
-        // The layers sharded: the main ones, and the MTP layer when it is placed.
-        var sharded = Enumerable.Range(0, config.NumHiddenLayers + (includeMtp ? config.NumNextNPredictLayers : 0)).ToArray();
+        // The layers sharded: the main ones, and the (first) MTP layer when it is placed.
+        var sharded = Enumerable.Range(0, config.NumHiddenLayers + (includeMtp && config.NumNextNPredictLayers > 0 ? 1 : 0)).ToArray();
         var moe = sharded.Any(config.IsMoeLayer);
         if (moe && config.NRoutedExperts < devices)
         {
@@ -303,28 +364,25 @@ public sealed class PlacementPlan
         var b = new Builder(config, includeMtp);
         for (var d = 0; d < devices; d++)
         {
-            b.Whole(CheckpointLayout.Embedding, d);
-            b.Whole(CheckpointLayout.FinalNorm, d);
+            b.Whole(b.Upload(d, UploadKind.Embedding), CheckpointLayout.Embedding);
+            b.Whole(b.Upload(d, UploadKind.FinalNorm), CheckpointLayout.FinalNorm);
             for (var i = 0; i < config.NumHiddenLayers; i++)
             {
-                b.ShardedLayer(i, d, shards[d]!);
+                b.ShardedLayer(b.Upload(d, UploadKind.Layer, i), shards[d]!);
             }
         }
 
         if (b.Mtp)
         {
             // Sharded as the main layers, the input side on the head device (see the class remarks).
-            foreach (var i in b.MtpLayers())
+            for (var d = 0; d < devices; d++)
             {
-                for (var d = 0; d < devices; d++)
-                {
-                    b.ShardedLayer(i, d, shards[d]!, mtpInput: d == 0);
-                }
+                b.ShardedLayer(b.Upload(d, UploadKind.Mtp, b.MtpLayer, mtpInput: d == 0), shards[d]!);
             }
         }
 
         // lm_head on device 0; a tied head is a second copy of the table there, as on a pipeline's last device.
-        b.Whole(config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead, 0);
+        b.Whole(b.Upload(0, UploadKind.Head), config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead);
         var all = Enumerable.Repeat((0, config.NumHiddenLayers), devices).ToArray();
         return b.Build(PlacementKind.TensorExpertParallel, devices, all, shards);
     }
@@ -391,7 +449,7 @@ public sealed class PlacementPlan
     private sealed class Builder
     {
         private readonly ModelConfig _c;
-        private readonly List<TensorPlacement> _placements = [];
+        private readonly List<PlannedUpload> _uploads = [];
 
         public Builder(ModelConfig config, bool includeMtp)
         {
@@ -407,9 +465,20 @@ public sealed class PlacementPlan
 
         public static long StoredBytes(ExpectedTensor t) => t.Shape.Aggregate(1L, (a, s) => a * s) * DTypes.SizeOf(t.DType);
 
-        public IEnumerable<int> MtpLayers() => Enumerable.Range(_c.NumHiddenLayers, _c.NumNextNPredictLayers);
+        /// <summary>
+        /// The MTP layer placed: the first (V3/R1 ship one; the engine drafts one token, with it). Any later one is skipped.
+        /// </summary>
+        public int MtpLayer => _c.NumHiddenLayers;
 
-        public long MtpBytes() => MtpLayers().Sum(i => LayerTensors(i).Sum(n => StoredBytes(Expected[n])));
+        public long MtpBytes() => LayerTensors(MtpLayer).Sum(n => StoredBytes(Expected[n]));
+
+        /// <summary>Starts upload <paramref name="kind"/> on <paramref name="device"/>; what is placed into it next is what it reads.</summary>
+        public PlannedUpload Upload(int device, UploadKind kind, int layer = -1, bool mtpInput = false)
+        {
+            var upload = new PlannedUpload(device, kind, layer, mtpInput);
+            _uploads.Add(upload);
+            return upload;
+        }
 
         /// <summary>
         /// The tensors stored under layer <paramref name="layer"/>'s prefix that a device holding it places: of an MTP layer, all
@@ -422,22 +491,24 @@ public sealed class PlacementPlan
             return Expected.Values.Where(t => t.Layer == layer && !left.Contains(t.Name)).Select(t => t.Name);
         }
 
-        public void Whole(string name, int device) => _placements.Add(new TensorPlacement(name, device, null, StoredBytes(Expected[name])));
+        public void Whole(PlannedUpload upload, string name) => upload.Add(new TensorPlacement(name, upload.Device, null, StoredBytes(Expected[name])));
 
-        public void WholeLayer(int layer, int device)
+        /// <summary>Every tensor of the upload's layer that a device holding it places.</summary>
+        public void WholeLayer(PlannedUpload upload)
         {
-            foreach (var name in LayerTensors(layer))
+            foreach (var name in LayerTensors(upload.Layer, upload.MtpInput))
             {
-                Whole(name, device);
+                Whole(upload, name);
             }
         }
 
         /// <summary>
-        /// <paramref name="shard"/>'s part of <paramref name="layer"/> on <paramref name="device"/>, the rest replicated; of an
-        /// MTP layer, its input side (enorm, hnorm, eh_proj) only with <paramref name="mtpInput"/>.
+        /// <paramref name="shard"/>'s part of the upload's layer, the rest replicated; of an MTP layer, its input side (enorm,
+        /// hnorm, eh_proj) only where the upload has it.
         /// </summary>
-        public void ShardedLayer(int layer, int device, LayerShard shard, bool mtpInput = true)
+        public void ShardedLayer(PlannedUpload upload, LayerShard shard)
         {
+            var layer = upload.Layer;
             var n = CheckpointLayout.Layer(_c, layer);
             var sliced = new List<LinearSpec>();
             var (qb, kvb, o) = shard.Attention(_c, n);
@@ -448,7 +519,7 @@ public sealed class PlacementPlan
                 {
                     foreach (var spec in n.Expert(e))
                     {
-                        Linear(spec, device);
+                        Linear(upload, spec);
                     }
                 }
 
@@ -464,58 +535,60 @@ public sealed class PlacementPlan
 
             foreach (var spec in sliced)
             {
-                Linear(spec, device);
+                Linear(upload, spec);
             }
 
             // Replicated: everything the device places of the layer that is neither sliced nor a routed expert.
             var taken = new HashSet<string>(sliced.SelectMany(s => new[] { s.Weight, s.Scale }));
             var expertPrefix = CheckpointLayout.LayerPrefix(layer) + "mlp.experts.";
-            foreach (var name in LayerTensors(layer, mtpInput))
+            foreach (var name in LayerTensors(layer, upload.MtpInput))
             {
                 if (taken.Contains(name) || name.StartsWith(expertPrefix, StringComparison.Ordinal))
                 {
                     continue;
                 }
 
-                Whole(name, device);
+                Whole(upload, name);
             }
         }
 
         /// <summary>A linear weight (whole or slice) and, when FP8, the block rows/columns of its scale grid that cover the slice.</summary>
-        private void Linear(LinearSpec spec, int device)
+        private void Linear(PlannedUpload upload, LinearSpec spec)
         {
+            var device = upload.Device;
             var w = Expected[spec.Weight];
             var s = spec.Slice;
             var size = DTypes.SizeOf(w.DType);
-            _placements.Add(new TensorPlacement(spec.Weight, device, s is { IsWhole: false } ? s : null, (long)spec.Out * spec.In * size));
+            upload.Add(new TensorPlacement(spec.Weight, device, s is { IsWhole: false } ? s : null, (long)spec.Out * spec.In * size));
             if (Expected.TryGetValue(spec.Scale, out var scale) && _c.Quantization is { } q)
             {
                 if (s is null or { IsWhole: true })
                 {
-                    Whole(spec.Scale, device);
+                    Whole(upload, spec.Scale);
                     return;
                 }
 
                 int r0 = s.RowStart / q.BlockRows, r1 = CheckpointLayout.CeilDiv(s.RowStart + s.Rows, q.BlockRows);
                 int c0 = s.ColStart / q.BlockCols, c1 = CheckpointLayout.CeilDiv(s.ColStart + s.Cols, q.BlockCols);
                 var grid = new TensorSlice((int)scale.Shape[0], (int)scale.Shape[1], r0, r1 - r0, c0, c1 - c0);
-                _placements.Add(new TensorPlacement(spec.Scale, device, grid.IsWhole ? null : grid, (long)grid.Rows * grid.Cols * DTypes.SizeOf(scale.DType)));
+                upload.Add(new TensorPlacement(spec.Scale, device, grid.IsWhole ? null : grid, (long)grid.Rows * grid.Cols * DTypes.SizeOf(scale.DType)));
             }
         }
 
         public PlacementPlan Build(PlacementKind kind, int devices, (int Start, int Count)[] stages, LayerShard?[] shards)
         {
-            var placed = _placements.Select(p => p.Tensor).ToHashSet();
+            var placed = _uploads.SelectMany(u => u.Placements).Select(p => p.Tensor).ToHashSet();
             var skipped = new Dictionary<string, string>();
             foreach (var name in Expected.Keys.Where(n => !placed.Contains(n)))
             {
                 var t = Expected[name];
-                skipped[name] = t.Layer >= _c.NumHiddenLayers
-                    ? Mtp ? "MTP copy of the main embedding/head (the main one serves)" : "MTP layer not placed"
-                    : throw new InvalidOperationException($"placement plan left '{name}' on no device");
+                skipped[name] = t.Layer < _c.NumHiddenLayers ? throw new InvalidOperationException($"placement plan left '{name}' on no device")
+                    : !Mtp ? "MTP layer not placed"
+                    : t.Layer > MtpLayer ? "MTP layer after the first (the engine drafts one token, with the first)"
+                    : "MTP copy of the main embedding/head (the main one serves)";
             }
 
-            return new PlacementPlan(_c, kind, devices, Mtp, stages, shards, _placements, skipped);
+            return new PlacementPlan(_c, kind, devices, Mtp, stages, shards, _uploads, skipped);
         }
     }
 }

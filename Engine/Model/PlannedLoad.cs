@@ -5,7 +5,9 @@ namespace DeepSeekCuda.Model;
 
 /// <summary>
 /// The one way weights reach devices: what a <see cref="PlacementPlan"/> places on each device is uploaded to that device's
-/// backend, for <see cref="DeepSeekModel"/> (a pipeline of one device) and for a model spread over several. Load units (a
+/// backend, for <see cref="DeepSeekModel"/> (a pipeline of one device) and for a model spread over several. The plan's uploads
+/// (<see cref="PlacementPlan.Uploads"/>: which weight of which device, and the placements it reads) are what is loaded; which
+/// device holds the embedding, the head or a norm is decided by the plan alone, not again here. Load units (a
 /// layer, or the embedding, final norm or lm_head; see <see cref="LoadUnit"/>) go in shard order and file order of their first
 /// tensor (<see cref="PlacementPlan.LoadOrder"/>), each unit to all its devices back to back, so the mapped shards are walked
 /// forward once at unit granularity, and a tensor several devices need is read from disk once and from the page cache for the
@@ -22,7 +24,8 @@ internal static class PlannedLoad
     /// <param name="devices">One backend per planned device (the caller checks the count).</param>
     /// <param name="options">Attention form, context length, and whether to load the MTP layer where the plan places it (a plan
     /// without it loads none, whatever <see cref="ModelOptions.LoadMtp"/> says).</param>
-    /// <param name="progress">Receives the fraction of the placed weight bytes uploaded, from 0 to 1.</param>
+    /// <param name="progress">Receives the fraction of the bytes to load uploaded, from 0 to 1, after each upload: each placement counts
+    /// its bytes once (the MTP module's are left out of both when it is not loaded).</param>
     /// <param name="cancellationToken">Checked before each upload (a unit on one device).</param>
     /// <returns>Each device's weights, and the context length the rotary table covers.</returns>
     /// <exception cref="NotSupportedException">The config asks for something the engine does not implement.</exception>
@@ -40,78 +43,36 @@ internal static class PlannedLoad
 
         cancellationToken.ThrowIfCancellationRequested();
         var (cos, sin) = YarnRope.Table(config, maxLength);
-        var eps = (float)config.RmsNormEps;
-        var d = config.HiddenSize;
         var dims = new MlaDims(config.NumAttentionHeads, config.QkNopeHeadDim, config.QkRopeHeadDim, config.VHeadDim, config.KvLoraRank);
         var weights = new DeviceWeights[plan.DeviceCount];
         var mtp = options.LoadMtp && plan.IncludesMtp;
         try
         {
-            var uploads = new List<(int Device, string Unit, Action Upload)>();
             for (var r = 0; r < weights.Length; r++)
             {
                 cancellationToken.ThrowIfCancellationRequested();
                 var b = devices[r];
                 var shard = plan.Shard(r);
-                var (start, count) = plan.Stages[r];
                 var rope = b.UploadRope(cos, sin, maxLength, config.QkRopeHeadDim / 2);
-                var w = weights[r] = new DeviceWeights(b, config.NumHiddenLayers)
+                weights[r] = new DeviceWeights(b, config.NumHiddenLayers)
                 {
                     Rope = rope,
                     Context = new LayerContext(b, config, rope, shard is null ? dims : dims with { Heads = shard.Heads }, (float)config.SoftmaxScale,
                         options.Attention),
                     Shard = shard,
                 };
-                var holdsHead = r == plan.HeadDevice;
-                var holdsEmbedding = shard is not null || start == 0 || (holdsHead && mtp); // the MTP layer embeds too
-                if (holdsEmbedding)
-                {
-                    uploads.Add((r, CheckpointLayout.Embedding, () => w.Embed = b.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, d)));
-                }
-
-                if (shard is not null || holdsHead)
-                {
-                    uploads.Add((r, CheckpointLayout.FinalNorm, () => w.FinalNorm = b.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, d, eps)));
-                }
-
-                if (holdsHead)
-                {
-                    var head = config.TieWordEmbeddings ? CheckpointLayout.Embedding : CheckpointLayout.LmHead;
-                    uploads.Add((r, head, () => w.Head = b.UploadHead(checkpoint, head, config.VocabSize, d)));
-                }
-
-                for (var i = start; i < start + count; i++)
-                {
-                    var layer = i;
-                    uploads.Add((r, CheckpointLayout.LayerPrefix(layer), () => w.Layers[layer] = DecoderLayer.Load(checkpoint, b, config, layer, shard)));
-                }
-
-                if (mtp && plan.MtpDevices.Contains(r))
-                {
-                    // Only the first MTP layer: V3/R1 ship one, and one draft token is what speculative decoding uses.
-                    var index = config.NumHiddenLayers;
-                    uploads.Add((r, CheckpointLayout.LayerPrefix(index), () => w.Mtp = MtpWeights.Load(checkpoint, b, config, index, shard, input: holdsHead)));
-                }
-
-                if (shard is null && start + count < config.NumHiddenLayers)
-                {
-                    var next = start + count;
-                    uploads.Add((r, CheckpointLayout.LayerPrefix(next),
-                        () => w.NextStageNorm = b.UploadNorm(checkpoint, CheckpointLayout.Layer(config, next).InputNorm, d, eps)));
-                }
             }
 
-            // Unit-major, device-minor (see LoadUnit): OrderBy is stable, so a unit's uploads keep device order.
+            // Unit-major, device-minor (see LoadUnit): OrderBy is stable, so a unit's uploads keep the plan's (device) order.
             var rank = UnitRanks(checkpoint, plan);
-            var ordered = uploads.OrderBy(u => rank.GetValueOrDefault(u.Unit, int.MaxValue)).ToList();
-            var bytes = UnitBytes(plan);
-            var total = Math.Max(1, ordered.Sum(u => bytes.GetValueOrDefault((u.Device, u.Unit))));
+            var uploads = plan.Uploads.Where(u => mtp || !u.ForMtp).OrderBy(u => rank[LoadUnit(u.Placements[0].Tensor)]).ToList();
+            var total = Math.Max(1, uploads.Sum(u => u.Bytes));
             long done = 0;
-            foreach (var (device, unit, upload) in ordered)
+            foreach (var upload in uploads)
             {
                 cancellationToken.ThrowIfCancellationRequested();
-                upload();
-                done += bytes.GetValueOrDefault((device, unit));
+                Upload(checkpoint, weights[upload.Device], upload);
+                done += upload.Bytes;
                 progress?.Report((double)done / total);
             }
 
@@ -127,6 +88,39 @@ internal static class PlannedLoad
             }
 
             throw;
+        }
+    }
+
+    /// <summary>Uploads <paramref name="upload"/> to its device and puts it where its kind says.</summary>
+    private static void Upload(Checkpoint checkpoint, DeviceWeights w, PlannedUpload upload)
+    {
+        var config = checkpoint.Config;
+        var b = w.Backend;
+        var eps = (float)config.RmsNormEps;
+        var d = config.HiddenSize;
+        switch (upload.Kind)
+        {
+            case UploadKind.Embedding or UploadKind.MtpEmbedding:
+                w.Embed = b.UploadEmbedding(checkpoint, CheckpointLayout.Embedding, config.VocabSize, d);
+                break;
+            case UploadKind.FinalNorm:
+                w.FinalNorm = b.UploadNorm(checkpoint, CheckpointLayout.FinalNorm, d, eps);
+                break;
+            case UploadKind.Head:
+                // lm_head, or the embedding as a tied head (the plan names which).
+                w.Head = b.UploadHead(checkpoint, upload.Placements[0].Tensor, config.VocabSize, d);
+                break;
+            case UploadKind.Layer:
+                w.Layers[upload.Layer] = DecoderLayer.Load(checkpoint, b, config, upload.Layer, w.Shard);
+                break;
+            case UploadKind.NextStageNorm:
+                w.NextStageNorm = b.UploadNorm(checkpoint, CheckpointLayout.Layer(config, upload.Layer).InputNorm, d, eps);
+                break;
+            case UploadKind.Mtp:
+                w.Mtp = MtpWeights.Load(checkpoint, b, config, upload.Layer, w.Shard, upload.MtpInput);
+                break;
+            default:
+                throw new InvalidOperationException($"upload kind {upload.Kind} has no weight");
         }
     }
 
@@ -168,19 +162,6 @@ internal static class PlannedLoad
 
         var dot = tensor.IndexOf('.', layers.Length);
         return dot < 0 ? tensor : tensor[..(dot + 1)];
-    }
-
-    /// <summary>Placed bytes per (device, load unit): what each upload adds to the load's progress.</summary>
-    private static Dictionary<(int Device, string Unit), long> UnitBytes(PlacementPlan plan)
-    {
-        var bytes = new Dictionary<(int, string), long>();
-        foreach (var p in plan.Placements)
-        {
-            var key = (p.Device, LoadUnit(p.Tensor));
-            bytes[key] = bytes.GetValueOrDefault(key) + p.Bytes;
-        }
-
-        return bytes;
     }
 
     /// <summary>Each load unit's position: where its first tensor comes in <see cref="PlacementPlan.LoadOrder"/> (shard order, then file order).</summary>

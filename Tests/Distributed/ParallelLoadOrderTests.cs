@@ -14,9 +14,11 @@ namespace DeepSeekCuda.Tests.Distributed;
 /// load unit (a layer, or the embedding, final norm, lm_head), and the trace must visit each unit in one contiguous
 /// run (all its devices back to back: a re-read of a tensor by another device comes right after the first read, so
 /// from the page cache), units in shard order and file order of their first tensor, and every tensor the plan places
-/// must be read. Progress rises with the bytes uploaded to exactly 1. Logits must match the single-device model as in
+/// must be read, and nothing else. Progress after each upload is the bytes the devices have received over the bytes the plan
+/// places, each placement counted once, ending at exactly 1. Logits must match the single-device model as in
 /// <see cref="ParallelModelTests"/>.
-/// Models: tiny-a (2 shards, 3 layers) and a synthetic 4-shard model with 8 layers and a tied head.
+/// Models: tiny-a (2 shards, 3 layers, one MTP layer), a synthetic 4-shard model with 8 layers and a tied head, and the same
+/// with two MTP layers (the plan places and the load reads the first alone), loaded with and without the MTP module.
 /// </summary>
 [TestClass]
 public sealed class ParallelLoadOrderTests
@@ -31,6 +33,8 @@ public sealed class ParallelLoadOrderTests
         ["tiny-a", PlacementKind.TensorExpertParallel, 1], ["tiny-a", PlacementKind.TensorExpertParallel, 2], ["tiny-a", PlacementKind.TensorExpertParallel, 4],
         ["tied8x4", PlacementKind.Pipeline, 0], ["tied8x4", PlacementKind.Pipeline, 1], ["tied8x4", PlacementKind.Pipeline, 2], ["tied8x4", PlacementKind.Pipeline, 4],
         ["tied8x4", PlacementKind.TensorExpertParallel, 1], ["tied8x4", PlacementKind.TensorExpertParallel, 2], ["tied8x4", PlacementKind.TensorExpertParallel, 4],
+        ["tiny-a+mtp", PlacementKind.Pipeline, 0], ["tiny-a+mtp", PlacementKind.Pipeline, 2], ["tiny-a+mtp", PlacementKind.TensorExpertParallel, 2],
+        ["tied8x4+mtp2", PlacementKind.Pipeline, 0], ["tied8x4+mtp2", PlacementKind.Pipeline, 2], ["tied8x4+mtp2", PlacementKind.TensorExpertParallel, 4],
     ];
 
     [ClassInitialize]
@@ -38,8 +42,10 @@ public sealed class ParallelLoadOrderTests
     {
         s_root = Path.Combine(Path.GetTempPath(), "dscuda-loadorder-" + Guid.NewGuid().ToString("N"));
         SyntheticCheckpoint.Write(Path.Combine(s_root, "tied8x4"), DistributedModels.Tied8, 23, shards: 4);
-        s_dirs["tiny-a"] = SharedData.TinyAModel;
+        SyntheticCheckpoint.Write(Path.Combine(s_root, "tied8x4+mtp2"), DistributedModels.Tied8 with { NumNextNPredictLayers = 2 }, 29, shards: 4);
+        s_dirs["tiny-a"] = s_dirs["tiny-a+mtp"] = SharedData.TinyAModel;
         s_dirs["tied8x4"] = Path.Combine(s_root, "tied8x4");
+        s_dirs["tied8x4+mtp2"] = Path.Combine(s_root, "tied8x4+mtp2");
     }
 
     [ClassCleanup]
@@ -53,8 +59,10 @@ public sealed class ParallelLoadOrderTests
     {
         // A checkpoint of its own: the observer must see this load's reads only.
         using var checkpoint = Checkpoint.Open(s_dirs[model]);
+        var mtp = model.EndsWith("mtp", StringComparison.Ordinal) || model.EndsWith("mtp2", StringComparison.Ordinal);
+        var options = Options with { LoadMtp = mtp };
         var shardIndex = checkpoint.ShardFiles.Select((f, i) => (f, i)).ToDictionary(x => x.f, x => x.i);
-        Assert.AreEqual(model == "tiny-a" ? 2 : 4, shardIndex.Count, "shards");
+        Assert.AreEqual(model.StartsWith("tiny-a", StringComparison.Ordinal) ? 2 : 4, shardIndex.Count, "shards");
         var reads = new List<(TensorInfo Tensor, long Start, long Length)>();
         checkpoint.ReadObserver = (t, start, length) =>
         {
@@ -66,26 +74,40 @@ public sealed class ParallelLoadOrderTests
         };
         var devices = Enumerable.Range(0, Math.Max(1, n)).Select(_ => new RecordingBackend(new CpuBackend(maxDegreeOfParallelism: 2))).ToArray();
         var comm = new HostCommunicator(devices);
-        var plan = SimulatedDevices.PlanOf(checkpoint.Config, kind, Math.Max(1, n));
+        var plan = SimulatedDevices.PlanOf(checkpoint.Config, kind, Math.Max(1, n), mtp);
+        Assert.AreEqual(mtp, plan.IncludesMtp, "the plan places the MTP layer");
+
+        // What a device holds after receiving a weight: its placement's bytes, with its scale grid's (which comes with it).
+        var onDevice = Enumerable.Range(0, plan.DeviceCount).Select(d => plan.On(d).ToLookup(p => (p.Tensor, p.Slice))).ToArray();
+        long Held(int device, string tensor, TensorSlice? slice) =>
+            onDevice[device][(tensor, slice)].First().Bytes + onDevice[device].Where(g => g.Key.Tensor == tensor + "_scale_inv").Sum(g => g.First().Bytes);
+        var planned = Enumerable.Range(0, plan.DeviceCount).Sum(plan.BytesOn);
         var progress = new List<double>();
-        var report = new SyncProgress(progress.Add);
+        var received = new List<double>();
+        var report = new SyncProgress(fraction =>
+        {
+            progress.Add(fraction);
+            received.Add((double)Enumerable.Range(0, devices.Length).Sum(d => devices[d].Received.Sum(r => Held(d, r.Tensor, r.Slice))) / planned);
+        });
         IDisposable? loaded = null;
         try
         {
             Func<int[], float[]> logits;
+            bool hasMtp;
             if (n == 0)
             {
-                var one = DeepSeekModel.Load(checkpoint, devices[0], Options, report);
-                (loaded, logits) = (one, t => one.ComputeLogits(t));
+                var one = DeepSeekModel.Load(checkpoint, devices[0], options, report);
+                (loaded, logits, hasMtp) = (one, t => one.ComputeLogits(t), one.HasMtp);
             }
             else
             {
-                var parallel = ParallelModel.Load(checkpoint, plan, comm, Options, report);
-                (loaded, logits) = (parallel, t => parallel.ComputeLogits(t));
+                var parallel = ParallelModel.Load(checkpoint, plan, comm, options, report);
+                (loaded, logits, hasMtp) = (parallel, t => parallel.ComputeLogits(t), parallel.HasMtp);
             }
 
             checkpoint.ReadObserver = null;
             var what = n == 0 ? $"{model} DeepSeekModel" : $"{model} {kind} N={n}";
+            Assert.AreEqual(mtp, hasMtp, $"{what}: the MTP module loaded");
 
             // Runs of consecutive reads of one unit: each unit exactly once.
             var runs = new List<(string Unit, List<TensorInfo> Tensors)>();
@@ -140,6 +162,13 @@ public sealed class ParallelLoadOrderTests
             for (var k = 1; k < progress.Count - 1; k++)
             {
                 Assert.IsGreaterThan(progress[k - 1], progress[k], $"{what}: report {k}");
+            }
+
+            // Each report is what the devices had received by then over what the plan places (a tied head's copy of the table
+            // is one upload, counted once).
+            for (var k = 0; k < progress.Count; k++)
+            {
+                Assert.AreEqual(received[k], progress[k], 1e-12, $"{what}: report {k} against the bytes received");
             }
 
             // Logits as before: the single-device model, exact for a pipeline (same operations in the same

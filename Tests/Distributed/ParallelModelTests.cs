@@ -144,6 +144,13 @@ public sealed class ParallelModelTests
             Assert.IsFalse(run.Model.HasMtp, $"LoadMtp {loadMtp}, placed {placed}");
             Assert.IsEmpty(run.Model.Layout.MtpRunners);
             Assert.IsFalse(run.Devices.Any(d => d.Received.Any(r => r.Tensor.StartsWith(mtpPrefix, StringComparison.Ordinal))), $"LoadMtp {loadMtp}, placed {placed}");
+            for (var r = 0; r < n; r++)
+            {
+                // The embedding where the first layer runs (every device under tensor/expert parallelism), not the copy a
+                // pipeline's last device holds for the MTP layer alone.
+                var embeddings = (kind == PlacementKind.TensorExpertParallel || r == 0 ? 1 : 0) + (c.TieWordEmbeddings && r == run.Plan.HeadDevice ? 1 : 0);
+                Assert.AreEqual(embeddings, run.Devices[r].Received.Count(x => x.Tensor == CheckpointLayout.Embedding), $"LoadMtp {loadMtp}, placed {placed}: embeddings on device {r}");
+            }
         }
     }
 

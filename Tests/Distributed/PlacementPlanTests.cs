@@ -245,6 +245,30 @@ public sealed class PlacementPlanTests
         CollectionAssert.AreEqual(SimulatedDevices.PlanOf(none, kind, n).Placements.ToList(), SimulatedDevices.PlanOf(none, kind, n, mtp: true).Placements.ToList());
     }
 
+    /// <summary>
+    /// A checkpoint with a second MTP layer: the plan places the first alone (the engine drafts one token, with it), exactly
+    /// as for a config with one, and skips every tensor of the second, saying why.
+    /// </summary>
+    [TestMethod]
+    [DataRow(PlacementKind.Pipeline, 1)]
+    [DataRow(PlacementKind.Pipeline, 8)]
+    [DataRow(PlacementKind.TensorExpertParallel, 8)]
+    public void OnlyTheFirstMtpLayerIsPlaced(PlacementKind kind, int n)
+    {
+        var one = ModelPresets.DeepSeekV3;
+        var two = (one with { NumNextNPredictLayers = 2 }).Validate();
+        var plan = SimulatedDevices.PlanOf(two, kind, n, mtp: true);
+        AssertEveryTensorPlaced(plan);
+        CollectionAssert.AreEqual(SimulatedDevices.PlanOf(one, kind, n, mtp: true).Placements.ToList(), plan.Placements.ToList(), "as with one MTP layer");
+        var second = CheckpointLayout.Expected(two).Where(t => t.Layer == one.NumHiddenLayers + 1).Select(t => t.Name).ToList();
+        Assert.IsNotEmpty(second);
+        foreach (var name in second)
+        {
+            Assert.IsTrue(plan.Skipped.TryGetValue(name, out var why), $"{name} skipped");
+            StringAssert.Contains(why, "after the first");
+        }
+    }
+
     [TestMethod]
     public void ImpossiblePlansNameTheNumbers()
     {
