@@ -21,10 +21,10 @@ public enum ConnectionSetting
 }
 
 /// <summary>
-/// N CUDA devices ready for <see cref="ParallelModel"/>: a <see cref="DeviceMesh"/>, one <see cref="CudaBackend"/> per rank
+/// N CUDA devices ready for a <see cref="DeepSeekModel"/> spread over them: a <see cref="DeviceMesh"/>, one <see cref="CudaBackend"/> per rank
 /// queued on that rank's mesh stream (so compute and collectives of a rank share one in-order queue) and their
 /// <see cref="CudaCommunicator"/>. <c>using var gpus = CudaParallel.Logical(4); using var model = gpus.Load(checkpoint, plan);</c>
-/// or <c>ParallelModel.Load(checkpoint, plan, gpus.Communicator)</c>. Owns everything it creates.
+/// Owns everything it creates.
 /// </summary>
 public sealed class CudaParallel : IDisposable
 {
@@ -51,7 +51,7 @@ public sealed class CudaParallel : IDisposable
     /// <summary>Rank r's backend.</summary>
     public IReadOnlyList<CudaBackend> Backends => _backends;
 
-    /// <summary>The communicator to pass to <see cref="ParallelModel.Load"/>.</summary>
+    /// <summary>The ranks' communicator, which <see cref="Load"/> passes to <see cref="DeepSeekModel.Load(Checkpoint, PlacementPlan, DeepSeekCuda.Backends.ICommunicator, ModelOptions?, IProgress{double}?, CancellationToken)"/>.</summary>
     internal CudaCommunicator Communicator { get; }
 
     /// <summary>
@@ -163,10 +163,10 @@ public sealed class CudaParallel : IDisposable
         }
     }
 
-    /// <summary>Loads <paramref name="checkpoint"/> over these ranks as <paramref name="plan"/> places it (<see cref="ParallelModel.Load"/>).</summary>
-    public ParallelModel Load(Checkpoint checkpoint, PlacementPlan plan, ModelOptions? options = null, IProgress<double>? progress = null,
+    /// <summary>Loads <paramref name="checkpoint"/> over these ranks as <paramref name="plan"/> places it (<see cref="DeepSeekModel.Load(Checkpoint, PlacementPlan, DeepSeekCuda.Backends.ICommunicator, ModelOptions?, IProgress{double}?, CancellationToken)"/>).</summary>
+    public DeepSeekModel Load(Checkpoint checkpoint, PlacementPlan plan, ModelOptions? options = null, IProgress<double>? progress = null,
         CancellationToken cancellationToken = default) =>
-        ParallelModel.Load(checkpoint, plan, Communicator, options, progress, cancellationToken);
+        DeepSeekModel.Load(checkpoint, plan, Communicator, options, progress, cancellationToken);
 
     /// <summary>Waits for every rank, then frees the backends' scratch and the communicator's buffers (they grow again on demand).</summary>
     public void Trim()

@@ -43,7 +43,7 @@ public sealed record LocalModelOptions
     /// <summary>
     /// The GPUs (CUDA device ordinals) to run on. Null (default): GPU 0 when the CUDA backend runs. One ordinal: that GPU.
     /// Several (at most 8, each listed once): the model is spread over them, one rank per GPU, as <see cref="Placement"/>
-    /// says (<see cref="ParallelModel"/>), which is how a model larger than one GPU (DeepSeek-V3/R1) runs. Needs the CUDA
+    /// says (one <see cref="DeepSeekModel"/> over them), which is how a model larger than one GPU (DeepSeek-V3/R1) runs. Needs the CUDA
     /// backend: refused with <see cref="ComputeDevice.Cpu"/>, and <see cref="ComputeDevice.Auto"/> then requires CUDA.
     /// </summary>
     public IReadOnlyList<int>? Gpus { get; init; }
@@ -113,7 +113,7 @@ public sealed class LocalModel : ILanguageModel
     /// <summary>The checkpoint folder.</summary>
     public string Directory { get; }
 
-    /// <summary>The model: a <see cref="DeepSeekModel"/> on one device, a <see cref="ParallelModel"/> over several.</summary>
+    /// <summary>The model: a <see cref="DeepSeekModel"/> (on one device or spread over several), or the demo model.</summary>
     public ILanguageModel Model { get; }
 
     /// <summary>Where the weights went over several devices; null on one.</summary>
@@ -189,7 +189,7 @@ public sealed class LocalModel : ILanguageModel
     /// <summary>
     /// The load over several devices: the CUDA ranks (or the test factory's devices), a placement that fits their free
     /// memory (with the MTP layer where the last layer runs when the checkpoint has one, so the chat client drafts as on one
-    /// device), the context their memory leaves, then <see cref="ParallelModel.Load"/>. A failure disposes the devices.
+    /// device), the context their memory leaves, then the model's load over them. A failure disposes the devices.
     /// </summary>
     private static LocalModel LoadSpread(Checkpoint checkpoint, BpeTokenizer tokenizer, string tokenizerDirectory, LocalModelOptions options, int count,
         IProgress<double>? progress, ILogger logger, Stopwatch started, CancellationToken cancellationToken)
@@ -210,7 +210,7 @@ public sealed class LocalModel : ILanguageModel
                 string.Join(", ", Enumerable.Range(0, count).Select(d => ContextSize.Gib(plan.BytesOn(d)))));
             var context = ContextSize.ChooseForDevices(plan, group.FreeBytes, options.ConcurrentSessions, options.MaxSequenceLength);
             Log.ContextChosen(logger, context.Tokens, context.Reason);
-            var model = ParallelModel.Load(checkpoint, plan, group.Communicator, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);
+            var model = DeepSeekModel.Load(checkpoint, plan, group.Communicator, new ModelOptions { MaxSequenceLength = context.Tokens }, progress, cancellationToken);
             return Loaded(checkpoint, model, plan, tokenizer, tokenizerDirectory, options, new Owned(model, group.Owner), logger, started);
         }
         catch

@@ -5,31 +5,42 @@ using DeepSeekCuda.Loader;
 namespace DeepSeekCuda.Model;
 
 /// <summary>
-/// The DeepSeek-V3/R1 forward pass (MODEL.md §3–§6) over any <see cref="IBackend"/>: embedding, MLA with a
-/// latent KV cache, dense MLP or group-limited MoE, final norm and lm_head, plus the MTP module.
-/// Weights live in the backend; this class only sequences backend operations.
+/// The DeepSeek-V3/R1 forward pass (MODEL.md §3–§6) over one <see cref="IBackend"/> or several: embedding, MLA with a latent
+/// KV cache, dense MLP or group-limited MoE, final norm and lm_head, plus the MTP module. Weights live in the backends, each
+/// holding what a <see cref="PlacementPlan"/> gives it; this class only sequences backend operations. Over several devices
+/// (an <see cref="ICommunicator"/>'s), every device runs the same layer steps on its part, with a copy of the hidden state
+/// between pipeline stages or an all-reduce after o_proj and after the FFN under tensor/expert parallelism; one device is a
+/// plan of one. A chat client or scheduler serves it batched and paged through <c>PagedStepRunner</c> (<c>StepRunners.For</c>),
+/// drafting with the MTP module when it is loaded; its sessions (<see cref="DeepSeekSession"/>) run one sequence each.
 /// </summary>
 public sealed class DeepSeekModel : ILanguageModel, IPagedModel
 {
-    private readonly DeviceWeights _weights;
+    private readonly DeviceWeights[] _devices;
 
-    private DeepSeekModel(DeviceWeights weights, ModelConfig config, ModelOptions options, int maxSequenceLength)
+    private DeepSeekModel(PlacementPlan plan, ICommunicator? communicator, ModelOptions options, int maxSequenceLength, DeviceWeights[] devices)
     {
-        _weights = weights;
-        Config = config;
+        Plan = plan;
+        Communicator = communicator;
         Options = options;
         MaxSequenceLength = maxSequenceLength;
-        Layout = new DeviceLayout(config, maxSequenceLength, [weights], headDevice: 0, collectives: null);
+        _devices = devices;
+        Layout = new DeviceLayout(plan.Config, maxSequenceLength, devices, plan.HeadDevice, communicator);
     }
 
     /// <summary>The model's config.</summary>
-    public ModelConfig Config { get; }
+    public ModelConfig Config => Plan.Config;
+
+    /// <summary>What each device holds: a pipeline of one device for a model loaded on one backend.</summary>
+    public PlacementPlan Plan { get; }
+
+    /// <summary>The devices and their collectives (owned by the caller); null for a model loaded on one backend.</summary>
+    public ICommunicator? Communicator { get; }
 
     /// <summary>The options it was loaded with.</summary>
     public ModelOptions Options { get; }
 
-    /// <summary>The backend that holds the weights and runs the operations (owned by the caller).</summary>
-    public IBackend Backend => _weights.Backend;
+    /// <summary>The backend of the head device, which computes the logits: the model's one backend when it was loaded on one (owned by the caller).</summary>
+    public IBackend Backend => _devices[Plan.HeadDevice].Backend;
 
     /// <inheritdoc />
     public int VocabSize => Config.VocabSize;
@@ -37,10 +48,13 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     /// <inheritdoc />
     public int MaxSequenceLength { get; }
 
-    /// <summary>Whether the MTP module was loaded (<see cref="DeepSeekSession.MtpForward(ReadOnlySpan{float}, ReadOnlySpan{int}, int, Action{Intermediate}?)"/> works).</summary>
-    public bool HasMtp => _weights.Mtp is not null;
+    /// <summary>
+    /// Whether the MTP module was loaded (the options asked for it and the plan places it): <see cref="DeepSeekSession.MtpForward(ReadOnlySpan{float}, ReadOnlySpan{int}, int, Action{Intermediate}?)"/>
+    /// works, and a step runner over the model drafts.
+    /// </summary>
+    public bool HasMtp => Layout.Mtp is not null;
 
-    /// <summary>The model's weights as a layout of one device.</summary>
+    /// <summary>The devices' weights as the layer steps walk them (which devices run each layer).</summary>
     internal DeviceLayout Layout { get; }
 
     DeviceLayout IPagedModel.Layout => Layout;
@@ -65,10 +79,51 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
         options ??= new ModelOptions();
         var plan = PlacementPlan.Pipeline(checkpoint.Config, 1, options.LoadMtp);
         var (weights, maxLength) = PlannedLoad.Load(checkpoint, plan, [backend], options, progress, cancellationToken);
-        return new DeepSeekModel(weights[0], checkpoint.Config, options, maxLength);
+        return new DeepSeekModel(plan, null, options, maxLength, weights);
     }
 
-    /// <summary>Starts an empty session with latent caches of its own (main layers and MTP), allocated as it grows.</summary>
+    /// <summary>
+    /// Uploads to each device of <paramref name="communicator"/> what <paramref name="plan"/> places on it, as the one-device
+    /// <see cref="Load(Checkpoint, IBackend, ModelOptions?, IProgress{double}?, CancellationToken)"/> does: load unit by load unit
+    /// (a layer, or the embedding, final norm or lm_head) in the order of <see cref="PlacementPlan.LoadOrder"/>, each unit to all
+    /// its devices back to back, so the mapped shards are walked forward once and a tensor several devices need is read from disk
+    /// once and from the page cache for the others (each device's backend still reads and converts its own copy; there is no
+    /// device-to-device fan-out here).
+    /// </summary>
+    /// <param name="checkpoint">The opened, validated checkpoint.</param>
+    /// <param name="plan">What goes where.</param>
+    /// <param name="communicator">The devices (owned by the caller).</param>
+    /// <param name="options">Attention form, context length, and whether to load the MTP layer where the plan places it
+    /// (<see cref="PlacementPlan.IncludesMtp"/>; a plan without it loads none, whatever <see cref="ModelOptions.LoadMtp"/> says).</param>
+    /// <param name="progress">Receives the fraction of the placed weight bytes uploaded, from 0 to 1.</param>
+    /// <param name="cancellationToken">Checked before each upload (a layer, or the embedding, norm or head, on one device); a cancelled load disposes what it loaded.</param>
+    /// <exception cref="ArgumentException">The plan is for another config or device count.</exception>
+    /// <exception cref="NotSupportedException">The config asks for something the engine does not implement.</exception>
+    /// <exception cref="CheckpointException">A tensor is missing or has the wrong shape.</exception>
+    /// <exception cref="OperationCanceledException"><paramref name="cancellationToken"/> fired; nothing stays allocated.</exception>
+    public static DeepSeekModel Load(Checkpoint checkpoint, PlacementPlan plan, ICommunicator communicator, ModelOptions? options = null,
+        IProgress<double>? progress = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(checkpoint);
+        ArgumentNullException.ThrowIfNull(plan);
+        ArgumentNullException.ThrowIfNull(communicator);
+        options ??= new ModelOptions();
+        if (plan.Config != checkpoint.Config)
+        {
+            throw new ArgumentException("the plan was made for another config", nameof(plan));
+        }
+
+        if (plan.DeviceCount != communicator.DeviceCount)
+        {
+            throw new ArgumentException($"the plan is for {plan.DeviceCount} devices, the communicator has {communicator.DeviceCount}", nameof(plan));
+        }
+
+        var (weights, maxLength) = PlannedLoad.Load(checkpoint, plan, [.. Enumerable.Range(0, plan.DeviceCount).Select(communicator.Device)], options,
+            progress, cancellationToken);
+        return new DeepSeekModel(plan, communicator, options, maxLength, weights);
+    }
+
+    /// <summary>Starts an empty session with latent caches of its own (main layers and MTP, on the devices that run each), allocated as it grows.</summary>
     public DeepSeekSession CreateSession() => new(Layout);
 
     IModelSession ILanguageModel.CreateSession() => CreateSession();
@@ -83,8 +138,14 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
         return session.ForwardAll(tokens, observer);
     }
 
-    /// <summary>Releases the weights held by the backend (the backend itself belongs to the caller).</summary>
-    public void Dispose() => _weights.Dispose();
+    /// <summary>Releases the weights on every device (the backends and the communicator belong to the caller).</summary>
+    public void Dispose()
+    {
+        foreach (var w in _devices)
+        {
+            w.Dispose();
+        }
+    }
 }
 
 /// <summary>

@@ -4,8 +4,7 @@ using DeepSeekCuda.Inference;
 namespace DeepSeekCuda.Model;
 
 /// <summary>
-/// One sequence of a DeepSeek model, on one device (<see cref="DeepSeekModel"/>) or spread over several
-/// (<c>ParallelModel</c>; one device is a layout of one): a latent cache per layer on each device that runs it, one for the MTP
+/// One sequence of a <see cref="DeepSeekModel"/>, on one device or spread over several (one device is a layout of one): a latent cache per layer on each device that runs it, one for the MTP
 /// layer on each device that runs that layer when the model has one, its length, and the last token's hidden state after the final norm
 /// (the MTP module's input). The caches hold what the session has used, not the model's whole length: a new session holds none,
 /// and a call that needs more positions moves them to caches at least twice as long (<see cref="SessionCaches"/>); an allocation that
@@ -171,7 +170,7 @@ public sealed class DeepSeekSession : IModelSession
                     w.Backend.Allocate(n, c.HiddenSize));
             }
 
-            LayerSteps.Mtp(parts, _head.Embed!, h, nextTokens, _layout.Collectives?.AllReduceSum, observer);
+            LayerSteps.Mtp(parts, _head.Embed!, h, nextTokens, _layout.AllReduce, observer);
             MtpLength = startPosition + n;
             return Download(Logits(parts[Array.IndexOf(runners, _layout.HeadDevice)].Normed!));
         }
@@ -221,7 +220,7 @@ public sealed class DeepSeekSession : IModelSession
             _b.Download(logits, into);
         }
 
-        _layout.Collectives?.Barrier();
+        _layout.Communicator?.Barrier();
     }
 
     /// <summary>Releases the session's caches on every device.</summary>

@@ -54,18 +54,6 @@ internal sealed class DeviceWeights(IBackend backend, int layers) : IDisposable
 }
 
 /// <summary>
-/// The collectives a model spread over devices needs between its layer steps (a communicator's, for
-/// <see cref="DeviceLayout"/>; the Model layer does not know the communicator itself).
-/// </summary>
-/// <param name="AllReduceSum">tensors[r] ← Σ tensors, in device order, on every device (tensor r on device r).</param>
-/// <param name="Copy">Copies a tensor from one device into a same-shaped tensor on another.</param>
-/// <param name="Barrier">Waits for every device's queued work (a failed collective surfaces here).</param>
-/// <param name="CaptureGraph">Records what an action calls on every device and the all-reduces it calls, as one graph over the devices; null where the collectives cannot be recorded.</param>
-/// <param name="ReplayGraph">Runs such a graph on every device.</param>
-internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, Action<Tensor, int, Tensor, int> Copy, Action Barrier,
-    Func<Action, StepGraph>? CaptureGraph = null, Action<StepGraph>? ReplayGraph = null);
-
-/// <summary>
 /// A model's weights over its devices, as a forward pass walks them (<see cref="ModelPass"/>): which devices run each layer (one pipeline stage,
 /// or every device of a tensor/expert-parallel plan, whose partial outputs the collectives all-reduce), which device
 /// computes the logits, and the MTP module when it is loaded (on the devices that run the last layer, its input side on the
@@ -73,18 +61,19 @@ internal sealed record Collectives(Action<IReadOnlyList<Tensor>> AllReduceSum, A
 /// </summary>
 internal sealed class DeviceLayout
 {
-    public DeviceLayout(ModelConfig config, int maxSequenceLength, IReadOnlyList<DeviceWeights> devices, int headDevice, Collectives? collectives)
+    public DeviceLayout(ModelConfig config, int maxSequenceLength, IReadOnlyList<DeviceWeights> devices, int headDevice, ICommunicator? communicator)
     {
-        if (devices.Count > 1 && collectives is null)
+        if (devices.Count > 1 && communicator is null)
         {
-            throw new ArgumentException($"{devices.Count} devices and no collectives", nameof(collectives));
+            throw new ArgumentException($"{devices.Count} devices and no communicator", nameof(communicator));
         }
 
         Config = config;
         MaxSequenceLength = maxSequenceLength;
         Devices = devices;
         HeadDevice = headDevice;
-        Collectives = collectives;
+        Communicator = communicator;
+        AllReduce = communicator is null ? null : communicator.AllReduceSum;
         Runners = new int[config.NumHiddenLayers][];
         for (var i = 0; i < Runners.Length; i++)
         {
@@ -153,8 +142,11 @@ internal sealed class DeviceLayout
     /// <summary>The device that holds lm_head (and the MTP module).</summary>
     public int HeadDevice { get; }
 
-    /// <summary>Null for one device.</summary>
-    public Collectives? Collectives { get; }
+    /// <summary>The devices' collectives (all-reduce, copies, barrier, graphs over every device); null for one device.</summary>
+    public ICommunicator? Communicator { get; }
+
+    /// <summary><see cref="Communicator"/>'s all-reduce, as the layer steps take it; null for one device.</summary>
+    public Action<IReadOnlyList<Tensor>>? AllReduce { get; }
 
     /// <summary>The MTP module's weights on the head device (its input side, and the layer or the head's shard of it); null when it is not loaded.</summary>
     public MtpWeights? Mtp => Devices[HeadDevice].Mtp;

@@ -17,7 +17,7 @@ public enum AttentionForm
     Absorbed,
 }
 
-/// <summary>Options of <see cref="DeepSeekModel.Load"/>.</summary>
+/// <summary>Options of a <see cref="DeepSeekModel"/>'s load.</summary>
 public sealed record ModelOptions
 {
     /// <summary>Default cap of <see cref="MaxSequenceLength"/> (<c>LocalModel</c> chooses the length from the memory instead).</summary>

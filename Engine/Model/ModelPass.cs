@@ -101,7 +101,7 @@ internal static class ModelPass
 
                 try
                 {
-                    LayerSteps.Layer(parts, layout.Collectives?.AllReduceSum, observer, "");
+                    LayerSteps.Layer(parts, layout.AllReduce, observer, "");
                 }
                 finally
                 {
@@ -143,9 +143,9 @@ internal static class ModelPass
     {
         int from = layout.Runners[layer - 1][0], to = layout.Runners[layer][0];
         var received = Stream(ws[to], layer, h.Rows, h.Cols);
-        var copy = layout.Collectives!.Copy;
-        copy(h, from, received.H, to);
-        copy(normed, from, received.Normed, to);
+        var communicator = layout.Communicator!;
+        communicator.Copy(h, from, received.H, to);
+        communicator.Copy(normed, from, received.Normed, to);
         return received;
     }
 

@@ -44,7 +44,7 @@ namespace DeepSeekCuda.Serving;
 /// (<see cref="DecodeBuckets"/>) with rows of a padding slot whose one block no sequence reads, and replays the bucket's
 /// graph of the main pass (and the ring's writes), the head and the token choice after the upload of the rows and
 /// their settings: a replayed step queues one operation. Where every layer runs on several devices (tensor/expert
-/// parallel) the graph spans them all (<see cref="Collectives.CaptureGraph"/>: a graph per device whose all-reduces meet
+/// parallel) the graph spans them all (<see cref="ICommunicator.CaptureGraph"/>: a graph per device whose all-reduces meet
 /// on the devices); a pipeline has a graph per stage (<see cref="DeviceLayout.Stages"/>), each on its device, replayed in
 /// stage order with the hand-overs' copies between them (<see cref="ModelPass.HandOver"/>, eager): a replayed step queues
 /// one operation on each device and two copies per hand-over. A draft likewise
@@ -116,7 +116,7 @@ public sealed class PagedStepRunner : IStepRunner
         _mtpHead = Array.IndexOf(_mtpDevices, _head);
         _mtpParts = new MtpPart[_mtpDevices.Length];
         _draftStages = [new PassStage(0, 0, layout.MtpRunners)];
-        _canCapture = layout.Stages.All(s => s.Devices.Length == 1 || layout.Collectives?.CaptureGraph is not null);
+        _canCapture = layout.Stages.All(s => s.Devices.Length == 1 || layout.Communicator?.CanCaptureGraphs == true);
         _rowsOf = RowsOf;
     }
 
@@ -133,7 +133,7 @@ public sealed class PagedStepRunner : IStepRunner
     /// Whether a decode or verify step (every entry at most <see cref="LayerSteps.AbsorbedRows"/> absorbed tokens,
     /// the logits of each asked for), and a draft, runs as a graph: its rows padded to their bucket (<see cref="DecodeBuckets"/>),
     /// the bucket's first step run eagerly and then captured (<see cref="IBackend.CaptureGraph"/>, over several devices
-    /// <see cref="Collectives.CaptureGraph"/> where every layer runs on all of them, a graph per stage of a pipeline), later
+    /// <see cref="ICommunicator.CaptureGraph"/> where every layer runs on all of them, a graph per stage of a pipeline), later
     /// steps replaying it after the rows' upload. Off until a GPU has run it. May change between steps (a bench times both): graphs already
     /// captured are kept.
     /// </summary>
@@ -745,7 +745,7 @@ public sealed class PagedStepRunner : IStepRunner
     /// Replays <paramref name="graphs"/>' graphs of <paramref name="bucket"/>, one per stage of <paramref name="stages"/> with
     /// the pipeline's hand-overs of the <paramref name="rows"/> rows between them (eager), or runs each stage eagerly
     /// (<paramref name="stage"/>, the last returning where it leaves its output and logits) and captures it as that stage's
-    /// graph: on the stage's device, or over every device (<see cref="Collectives.CaptureGraph"/>) when the stage runs on several.
+    /// graph: on the stage's device, or over every device (<see cref="ICommunicator.CaptureGraph"/>) when the stage runs on several.
     /// </summary>
     private DecodeGraph Replay<TKey>(Dictionary<TKey, DecodeGraph> graphs, TKey bucket, IReadOnlyList<PassStage> stages, int rows,
         Func<PassStage, (Tensor? Output, Tensor? Logits)> stage)
@@ -762,7 +762,7 @@ public sealed class PagedStepRunner : IStepRunner
                 }
                 else
                 {
-                    _layout.Collectives!.ReplayGraph!(known.Graphs[s]);
+                    _layout.Communicator!.ReplayGraph(known.Graphs[s]);
                 }
             }
 
@@ -781,7 +781,7 @@ public sealed class PagedStepRunner : IStepRunner
         {
             var part = stages[s];
             void Record() => last = stage(part);
-            captured[s] = Own(part.Devices is [var r] ? _devices[r].W.Backend.CaptureGraph(Record) : _layout.Collectives!.CaptureGraph!(Record));
+            captured[s] = Own(part.Devices is [var r] ? _devices[r].W.Backend.CaptureGraph(Record) : _layout.Communicator!.CaptureGraph(Record));
         }
 
         return graphs[bucket] = new DecodeGraph(captured, last.Output!, last.Logits!);
@@ -928,7 +928,7 @@ public sealed class PagedStepRunner : IStepRunner
         var parts = MtpParts(segments, rows, chosen, outputRows: rows);
         try
         {
-            LayerSteps.Mtp(parts, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _layout.Collectives?.AllReduceSum, null);
+            LayerSteps.Mtp(parts, _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _layout.AllReduce, null);
         }
         finally
         {
@@ -1170,7 +1170,7 @@ public sealed class PagedStepRunner : IStepRunner
         {
             // These positions' drafts are never asked for: only their rows of the MTP layer's cache are needed.
             UploadMtpRows(rows);
-            LayerSteps.MtpAppend(MtpParts(segments, 0, chosen: false, outputRows: 0), _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _layout.Collectives?.AllReduceSum);
+            LayerSteps.MtpAppend(MtpParts(segments, 0, chosen: false, outputRows: 0), _head.W.Embed!, input, _mtpTokens.AsSpan(0, rows), _layout.AllReduce);
         }
     }
 
@@ -1259,7 +1259,7 @@ public sealed class PagedStepRunner : IStepRunner
             }
         }
 
-        _layout.Collectives?.Barrier();
+        _layout.Communicator?.Barrier();
     }
 
     private KvBlockManager Attached() =>

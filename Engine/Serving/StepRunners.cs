@@ -7,8 +7,8 @@ namespace DeepSeekCuda.Serving;
 public static class StepRunners
 {
     /// <summary>
-    /// A <see cref="PagedStepRunner"/> for a DeepSeek model: a <see cref="DeepSeekModel"/> (one device, any backend) or the
-    /// multi-device model (<c>ParallelModel</c>); a <see cref="SessionStepRunner"/> for any other model (test models). The model is not owned.
+    /// A <see cref="PagedStepRunner"/> for a <see cref="DeepSeekModel"/> (one device of any backend, or several); a
+    /// <see cref="SessionStepRunner"/> for any other model (test models). The model is not owned.
     /// </summary>
     public static IStepRunner For(ILanguageModel model)
     {

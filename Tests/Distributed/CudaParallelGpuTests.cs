@@ -16,7 +16,7 @@ using CudaRt = DeepSeekCuda.Cuda.Cuda;
 namespace DeepSeekCuda.Tests.Distributed;
 
 /// <summary>
-/// <see cref="ParallelModel"/> on N logical CUDA devices of one GPU (<see cref="CudaParallel.Logical"/>: one
+/// <see cref="DeepSeekModel"/> on N logical CUDA devices of one GPU (<see cref="CudaParallel.Logical"/>: one
 /// <see cref="CudaBackend"/> per rank on the rank's mesh stream, <see cref="CudaCommunicator"/>) against the single-device
 /// <see cref="CudaBackend"/> <see cref="DeepSeekModel"/>, on tiny-a and on a synthetic 8-head, 8-layer model whose shards
 /// fall on the FP8 128x128 scale grid (N = 1..4 for both plans; pipelines also 3 and 8 ranks). A pipeline runs the very same kernels on the same values in the same order (the
@@ -239,7 +239,7 @@ public sealed class CudaParallelGpuTests
             Assert.IsGreaterThanOrEqualTo(before, Free(gpus), "Trim returns the scratch and the all-reduce inputs");
         }
 
-        static void Decode(ParallelModel m)
+        static void Decode(DeepSeekModel m)
         {
             using var s = m.CreateSession();
             var logits = new float[m.VocabSize];

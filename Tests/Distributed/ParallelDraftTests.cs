@@ -94,7 +94,7 @@ public sealed class ParallelDraftTests
         try
         {
             using var comm = new HostCommunicator(devices);
-            using var model = ParallelModel.Load(s_checkpoint, SimulatedDevices.PlanOf(s_checkpoint.Config, kind, n, mtp: true), comm, Options);
+            using var model = DeepSeekModel.Load(s_checkpoint, SimulatedDevices.PlanOf(s_checkpoint.Config, kind, n, mtp: true), comm, Options);
             DraftSideBySide.Trace eager;
             using (var runner = new PagedStepRunner(model.Layout))
             {

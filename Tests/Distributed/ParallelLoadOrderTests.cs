@@ -8,7 +8,7 @@ using DeepSeekCuda.Tests.Support;
 namespace DeepSeekCuda.Tests.Distributed;
 
 /// <summary>
-/// <see cref="ParallelModel.Load"/> and <see cref="DeepSeekModel.Load"/> (N = 0 below: one device, through the same planned
+/// A <see cref="DeepSeekModel"/>'s load over several devices and over one (N = 0 below: through the same planned
 /// load as a pipeline of one) follow <see cref="PlacementPlan.LoadOrder"/>: every read of checkpoint bytes
 /// (recorded by <see cref="Checkpoint.ReadObserver"/>, the scale grid of an FP8 weight included) is attributed to its
 /// load unit (a layer, or the embedding, final norm, lm_head), and the trace must visit each unit in one contiguous
@@ -98,11 +98,17 @@ public sealed class ParallelLoadOrderTests
             {
                 var one = DeepSeekModel.Load(checkpoint, devices[0], options, report);
                 (loaded, logits, hasMtp) = (one, t => one.ComputeLogits(t), one.HasMtp);
+                Assert.AreEqual((PlacementKind.Pipeline, 1), (one.Plan.Kind, one.Plan.DeviceCount), "one device: a pipeline of one");
+                Assert.IsNull(one.Communicator);
+                Assert.AreSame(devices[0], one.Backend);
             }
             else
             {
-                var parallel = ParallelModel.Load(checkpoint, plan, comm, options, report);
+                var parallel = DeepSeekModel.Load(checkpoint, plan, comm, options, report);
                 (loaded, logits, hasMtp) = (parallel, t => parallel.ComputeLogits(t), parallel.HasMtp);
+                Assert.AreSame(plan, parallel.Plan);
+                Assert.AreSame(comm, parallel.Communicator);
+                Assert.AreSame(devices[plan.HeadDevice], parallel.Backend, "the head device's backend");
             }
 
             checkpoint.ReadObserver = null;

@@ -204,7 +204,7 @@ public sealed class ParallelModelTests
 
         devices[2].FinalNorm = whole.FinalNorm;
         devices[2].Head = whole.Head;
-        var e = Assert.ThrowsExactly<ArgumentException>(() => new DeviceLayout(checkpoint.Config, 64, devices, 2, sharded.Collectives));
+        var e = Assert.ThrowsExactly<ArgumentException>(() => new DeviceLayout(checkpoint.Config, 64, devices, 2, sharded.Communicator));
         StringAssert.Contains(e.Message, "layer 1 changes from devices [0,1] to [2]");
     }
 
@@ -236,7 +236,7 @@ public sealed class ParallelModelTests
                 from.Layers.CopyTo(devices[d].Layers, 0);
             }
 
-            return new DeviceLayout(checkpoint.Config, 64, devices, 0, sharded.Collectives);
+            return new DeviceLayout(checkpoint.Config, 64, devices, 0, sharded.Communicator);
         }
 
         var (head, other) = (sharded.Devices[0].Mtp!, sharded.Devices[1].Mtp!);
@@ -273,7 +273,7 @@ public sealed class ParallelModelTests
         var devices = Enumerable.Range(0, 2).Select(_ => (IBackend)new CpuBackend()).ToArray();
         using var comm = new HostCommunicator(devices);
         var plan = PlacementPlan.Pipeline(checkpoint.Config, 3);
-        var e = Assert.ThrowsExactly<ArgumentException>(() => ParallelModel.Load(checkpoint, plan, comm, Options));
+        var e = Assert.ThrowsExactly<ArgumentException>(() => DeepSeekModel.Load(checkpoint, plan, comm, Options));
         StringAssert.Contains(e.Message, "3 devices");
     }
 
@@ -348,7 +348,7 @@ public sealed class ParallelModelTests
     /// <summary>
     /// A load that fails part way (on any device, at any of its weight uploads: inside a main layer, inside the MTP layer or
     /// its input side, the embedding, norms, head and rotary table) throws and leaves no weight uploaded on any device:
-    /// <see cref="DeepSeekModel"/> on one device, and <see cref="ParallelModel"/> over a pipeline and tensor/expert parallel
+    /// a <see cref="DeepSeekModel"/> on one device, and over a pipeline's and tensor/expert parallel
     /// devices, where the MTP layer is on each device that runs the last layer and eh_proj on the head device alone.
     /// </summary>
     [TestMethod]
@@ -370,7 +370,7 @@ public sealed class ParallelModelTests
             var comm = new HostCommunicator(devices);
             try
             {
-                return ParallelModel.Load(checkpoint, plan, comm, options);
+                return DeepSeekModel.Load(checkpoint, plan, comm, options);
             }
             finally
             {

@@ -1,4 +1,5 @@
 using DeepSeekCuda.Backends.Cpu;
+using DeepSeekCuda.Backends;
 using DeepSeekCuda.Distributed;
 using DeepSeekCuda.Inference;
 using DeepSeekCuda.Loader;
@@ -11,7 +12,7 @@ using DeepSeekCuda.Tests.Support;
 namespace DeepSeekCuda.Tests.Distributed;
 
 /// <summary>
-/// The multi-device model served batched and paged: <see cref="StepRunners.For"/> gives a <see cref="ParallelModel"/> the
+/// The multi-device model served batched and paged: <see cref="StepRunners.For"/> gives a <see cref="DeepSeekModel"/> the
 /// same <see cref="PagedStepRunner"/> as one device, run here on N simulated devices (one float32 <see cref="CpuBackend"/>
 /// each). Its step logits are held to the single-device runner's on the same steps (a pipeline bit for bit; tensor/expert
 /// parallelism within max_rel 1e-5, as <see cref="ParallelModelTests"/> explains), each step makes exactly one pass's
@@ -103,7 +104,7 @@ public sealed class ParallelPagedStepsTests
         try
         {
             using var comm = new HostCommunicator(devices);
-            using var parallel = ParallelModel.Load(checkpoint, SimulatedDevices.PlanOf(checkpoint.Config, kind, n), comm, Options);
+            using var parallel = DeepSeekModel.Load(checkpoint, SimulatedDevices.PlanOf(checkpoint.Config, kind, n), comm, Options);
             SideBySide.Trace eager;
             CommunicatorStats eagerTraffic;
             using (var runner = new PagedStepRunner(parallel.Layout))
@@ -144,7 +145,7 @@ public sealed class ParallelPagedStepsTests
         var (checkpoint, _) = s_models[model];
         using var run = SimulatedDevices.Load(checkpoint, PlacementKind.Pipeline, n, Options, uncountedCollectives: true);
         var layout = run.Model.Layout;
-        Assert.IsNull(layout.Collectives!.CaptureGraph, "the collectives cannot be recorded");
+        Assert.IsFalse(layout.Communicator!.CanCaptureGraphs, "the collectives cannot be recorded");
         SideBySide.Trace eager;
         using (var runner = new PagedStepRunner(layout))
         {

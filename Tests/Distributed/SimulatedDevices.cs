@@ -8,7 +8,7 @@ namespace DeepSeekCuda.Tests.Distributed;
 
 /// <summary>
 /// N recording CPU devices (float32 <see cref="CpuBackend"/>s), their host communicator, a plan of the kind asked for and the
-/// <see cref="ParallelModel"/> loaded over them. With <c>uncountedCollectives</c> the collectives stage through host memory
+/// <see cref="DeepSeekModel"/> loaded over them. With <c>uncountedCollectives</c> the collectives stage through host memory
 /// on the devices' inner backends, so the recording devices count only what the model and its runner allocate; with
 /// <c>mtp</c> the plan places the MTP layer (and the options say whether it loads).
 /// </summary>
@@ -17,7 +17,7 @@ internal sealed class SimulatedDevices : IDisposable
     public required RecordingBackend[] Devices { get; init; }
     public required HostCommunicator Communicator { get; init; }
     public required PlacementPlan Plan { get; init; }
-    public required ParallelModel Model { get; init; }
+    public required DeepSeekModel Model { get; init; }
 
     public static SimulatedDevices Load(Checkpoint checkpoint, PlacementKind kind, int n, ModelOptions options, bool uncountedCollectives = false, bool mtp = false)
     {
@@ -26,7 +26,7 @@ internal sealed class SimulatedDevices : IDisposable
         var host = new HostCommunicator(uncountedCollectives ? inner : devices);
         ICommunicator comm = uncountedCollectives ? new SeenThrough(devices, host) : host;
         var plan = PlanOf(checkpoint.Config, kind, n, mtp);
-        return new SimulatedDevices { Devices = devices, Communicator = host, Plan = plan, Model = ParallelModel.Load(checkpoint, plan, comm, options) };
+        return new SimulatedDevices { Devices = devices, Communicator = host, Plan = plan, Model = DeepSeekModel.Load(checkpoint, plan, comm, options) };
     }
 
     /// <summary>The plan of <paramref name="kind"/> over <paramref name="n"/> devices, with the MTP layer when <paramref name="mtp"/>.</summary>

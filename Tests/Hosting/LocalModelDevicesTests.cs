@@ -101,11 +101,13 @@ public sealed class LocalModelDevicesTests
             Assert.IsTrue(progress[0] is > 0 and < 0.5, string.Join(", ", progress));
             Assert.AreEqual(1.0, progress[^1]);
 
-            Assert.IsInstanceOfType<ParallelModel>(local.Model);
+            var model = Assert.IsInstanceOfType<DeepSeekModel>(local.Model);
+            Assert.AreSame(local.Placement, model.Plan, "the model is loaded as the placement says");
+            Assert.AreEqual(n, model.Communicator!.DeviceCount);
             Assert.AreEqual(kind, local.Placement!.Kind);
             // The demo has an MTP layer: placed and loaded on the head device, so the chat client drafts as on one device.
             Assert.IsTrue(local.Placement.IncludesMtp);
-            Assert.IsTrue(((ParallelModel)local.Model).HasMtp);
+            Assert.IsTrue(model.HasMtp);
             using (var runner = local.CreateStepRunner())
             {
                 Assert.IsTrue(runner.CanDraft);

@@ -13,7 +13,7 @@ namespace DeepSeekCuda.Bench.Benches;
 /// stream's completion (median of the runs; launches of all N kernels included, as in the decode loop).
 /// Bytes = what all ranks read and write together; baseline = the same run's device copy of those bytes.
 /// On one GPU every rank shares its HBM, so the ratio says how close the kernels come to memory speed;
-/// NVLink numbers need a multi-GPU server. Rows with algorithm "communicator-f32" time the path ParallelModel takes
+/// NVLink numbers need a multi-GPU server. Rows with algorithm "communicator-f32" time the path a DeepSeekModel spread over GPUs takes
 /// (<see cref="CudaCommunicator.AllReduceSum"/> over <see cref="CudaParallel.Logical"/>: f32 tensors reduced in place
 /// after a copy into the input buffer, algorithm by size) at decode sizes; their bytes add that copy.
 /// </summary>
@@ -43,7 +43,7 @@ internal static class AllReduceBench
             }
         }
 
-        // The path ParallelModel takes on CUDA (CudaCommunicator.AllReduceSum): f32 activations reduced in place, so each
+        // The path a DeepSeekModel spread over GPUs takes on CUDA (CudaCommunicator.AllReduceSum): f32 activations reduced in place, so each
         // rank first copies its tensor into the communicator's input buffer; the algorithm is chosen by size. Decode sizes.
         foreach (var ranks in quick ? [2] : new[] { 2, 4, 8 })
         {
