@@ -49,8 +49,8 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     public int MaxSequenceLength { get; }
 
     /// <summary>
-    /// Whether the MTP module was loaded (the options asked for it and the plan places it): <see cref="DeepSeekSession.MtpForward(ReadOnlySpan{float}, ReadOnlySpan{int}, int, Action{Intermediate}?)"/>
-    /// works, and a step runner over the model drafts.
+    /// Whether the MTP module was loaded (the options asked for it and the plan places it): a step runner over the model drafts,
+    /// and <see cref="DeepSeekSession.MtpForward(ReadOnlySpan{float}, ReadOnlySpan{int}, int, Action{Intermediate}?)"/> works.
     /// </summary>
     public bool HasMtp => Layout.Mtp is not null;
 

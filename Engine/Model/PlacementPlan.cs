@@ -53,10 +53,16 @@ internal enum UploadKind
     /// <summary>Main decoder layer <see cref="PlannedUpload.Layer"/>, whole or the device's shard.</summary>
     Layer,
 
-    /// <summary>On a pipeline stage but the last, the next stage's first input_layernorm (layer <see cref="PlannedUpload.Layer"/>'s), which the stage's last fused residual step computes.</summary>
+    /// <summary>
+    /// On a pipeline stage but the last, the next stage's first input_layernorm (layer <see cref="PlannedUpload.Layer"/>'s),
+    /// which the stage's last fused residual step computes.
+    /// </summary>
     NextStageNorm,
 
-    /// <summary>The MTP layer <see cref="PlannedUpload.Layer"/>, whole or the device's shard, with its input side (enorm, hnorm, eh_proj) where <see cref="PlannedUpload.MtpInput"/>.</summary>
+    /// <summary>
+    /// The MTP layer <see cref="PlannedUpload.Layer"/>, whole or the device's shard, with its input side (enorm, hnorm, eh_proj)
+    /// where <see cref="PlannedUpload.MtpInput"/>.
+    /// </summary>
     Mtp,
 }
 
@@ -72,7 +78,10 @@ internal sealed class PlannedUpload(int device, UploadKind kind, int layer = -1,
 
     public UploadKind Kind { get; } = kind;
 
-    /// <summary>The layer of a <see cref="UploadKind.Layer"/>, <see cref="UploadKind.NextStageNorm"/> or <see cref="UploadKind.Mtp"/> upload; −1 otherwise.</summary>
+    /// <summary>
+    /// The layer of a <see cref="UploadKind.Layer"/>, <see cref="UploadKind.NextStageNorm"/> or <see cref="UploadKind.Mtp"/>
+    /// upload; −1 otherwise.
+    /// </summary>
     public int Layer { get; } = layer;
 
     /// <summary>Whether an <see cref="UploadKind.Mtp"/> upload includes the layer's input side (on the head device alone).</summary>
@@ -112,9 +121,9 @@ public sealed class PlacementException(string message) : InvalidOperationExcepti
 /// device holds.</item>
 /// <item>Pipeline: each device holds whole layers; a stage also holds the next stage's first
 /// input_layernorm (it computes that norm in its last fused residual step).</item>
-/// <item>MTP: the first MTP layer (V3/R1 ship one; one draft token is what the engine uses), placed only when asked, where the last main layer runs, as a main layer is: whole on a pipeline's last
-/// stage, which then also holds the main embedding (the MTP layer embeds the token after each position); sharded over
-/// every device under tensor/expert parallelism, so that no device holds the whole layer (about 11.5 GB for DeepSeek-V3)
+/// <item>MTP: the first MTP layer (V3/R1 ship one; one draft token is what the engine uses), placed only when asked,
+/// where the last main layer runs, as a main layer is: whole on a pipeline's last stage, which then also holds the main
+/// embedding (the MTP layer embeds the token after each position); sharded over every device under tensor/expert parallelism, so that no device holds the whole layer (about 11.5 GB for DeepSeek-V3)
 /// and the shared latent pool is not sized by one device's extra bytes. Its input side (enorm, hnorm, eh_proj) is on the
 /// head device alone, which embeds with its replica of the embedding and broadcasts the layer's input to the others (one
 /// all-reduce in which they add zeros). Its own copies of the embedding and head are never loaded (the main ones serve,
