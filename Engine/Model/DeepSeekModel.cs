@@ -15,15 +15,12 @@ namespace DeepSeekCuda.Model;
 /// </summary>
 public sealed class DeepSeekModel : ILanguageModel, IPagedModel
 {
-    private readonly DeviceWeights[] _devices;
-
     private DeepSeekModel(PlacementPlan plan, ICommunicator? communicator, ModelOptions options, int maxSequenceLength, DeviceWeights[] devices)
     {
         Plan = plan;
         Communicator = communicator;
         Options = options;
         MaxSequenceLength = maxSequenceLength;
-        _devices = devices;
         Layout = new DeviceLayout(plan.Config, maxSequenceLength, devices, plan.HeadDevice, communicator);
     }
 
@@ -40,7 +37,7 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     public ModelOptions Options { get; }
 
     /// <summary>The backend of the head device, which computes the logits: the model's one backend when it was loaded on one (owned by the caller).</summary>
-    public IBackend Backend => _devices[Plan.HeadDevice].Backend;
+    public IBackend Backend => Layout.Devices[Layout.HeadDevice].Backend;
 
     /// <inheritdoc />
     public int VocabSize => Config.VocabSize;
@@ -141,7 +138,7 @@ public sealed class DeepSeekModel : ILanguageModel, IPagedModel
     /// <summary>Releases the weights on every device (the backends and the communicator belong to the caller).</summary>
     public void Dispose()
     {
-        foreach (var w in _devices)
+        foreach (var w in Layout.Devices)
         {
             w.Dispose();
         }
